@@ -1,0 +1,240 @@
+//! Stable error codes shared by every service and adapter, and the ledger's domain errors.
+//!
+//! The string form ([`ErrorCode::as_str`]) is the contract: it is what the proto enum names
+//! (without its `ERROR_CODE_` prefix), what metrics are labelled with and what runbooks quote.
+
+use crate::money::MoneyError;
+use uuid::Uuid;
+
+/// How a code maps onto transport status families (gRPC code, HTTP status).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Caller error in the request itself.
+    InvalidArgument,
+    /// A referenced object does not exist (or belongs to another tenant).
+    NotFound,
+    /// The request is well formed but the state forbids it.
+    FailedPrecondition,
+    /// Transient: retry later.
+    Unavailable,
+    /// A bug.
+    Internal,
+}
+
+macro_rules! error_codes {
+    ($($variant:ident = $name:literal => $class:ident,)*) => {
+        /// Stable error codes (see `proto/spendguard/ledger/v1/ledger.proto`).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum ErrorCode { $(
+            #[doc = $name]
+            $variant,
+        )* }
+
+        impl ErrorCode {
+            /// Every code, for exhaustive tests and docs.
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$variant),*];
+
+            /// The stable string form.
+            pub const fn as_str(self) -> &'static str {
+                match self { $(ErrorCode::$variant => $name,)* }
+            }
+
+            /// The transport family.
+            pub const fn class(self) -> ErrorClass {
+                match self { $(ErrorCode::$variant => ErrorClass::$class,)* }
+            }
+        }
+    };
+}
+
+error_codes! {
+    InvalidArgument = "INVALID_ARGUMENT" => InvalidArgument,
+    IdMalformed = "ID_MALFORMED" => InvalidArgument,
+    AmountInvalid = "AMOUNT_INVALID" => InvalidArgument,
+    TtlInvalid = "TTL_INVALID" => InvalidArgument,
+    RequestTooLarge = "REQUEST_TOO_LARGE" => InvalidArgument,
+    FencingEpochMissing = "FENCING_EPOCH_MISSING" => InvalidArgument,
+    BudgetInvalid = "BUDGET_INVALID" => InvalidArgument,
+    TenantNotFound = "TENANT_NOT_FOUND" => NotFound,
+    BudgetNotFound = "BUDGET_NOT_FOUND" => NotFound,
+    ReservationNotFound = "RESERVATION_NOT_FOUND" => NotFound,
+    FencingScopeNotFound = "FENCING_SCOPE_NOT_FOUND" => NotFound,
+    FencingEpochStale = "FENCING_EPOCH_STALE" => FailedPrecondition,
+    FencingLeaseHeld = "FENCING_LEASE_HELD" => FailedPrecondition,
+    FencingLeaseExpired = "FENCING_LEASE_EXPIRED" => FailedPrecondition,
+    IdempotencyConflict = "IDEMPOTENCY_CONFLICT" => FailedPrecondition,
+    ReservationAlreadyResolved = "RESERVATION_ALREADY_RESOLVED" => FailedPrecondition,
+    ReservationExpired = "RESERVATION_EXPIRED" => FailedPrecondition,
+    BudgetExhausted = "BUDGET_EXHAUSTED" => FailedPrecondition,
+    ProducerInstanceConflict = "PRODUCER_INSTANCE_CONFLICT" => Unavailable,
+    Overloaded = "OVERLOADED" => Unavailable,
+    DependencyUnavailable = "DEPENDENCY_UNAVAILABLE" => Unavailable,
+    ShuttingDown = "SHUTTING_DOWN" => Unavailable,
+    Internal = "INTERNAL" => Internal,
+}
+
+/// A request refused by validation or by the ledger's state. Nothing was written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LedgerError {
+    /// A required field is missing or malformed.
+    #[error("{field}: {reason}")]
+    InvalidArgument {
+        /// The request field.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An id does not match its grammar.
+    #[error("{field}: malformed id: {reason}")]
+    IdMalformed {
+        /// The request field.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An amount is out of range.
+    #[error("{field}: {source}")]
+    AmountInvalid {
+        /// The request field.
+        field: &'static str,
+        /// The bound it broke.
+        source: MoneyError,
+    },
+    /// A TTL is out of range.
+    #[error("{field}: {value} ms is outside {min}..={max} ms")]
+    TtlInvalid {
+        /// The request field.
+        field: &'static str,
+        /// The value given.
+        value: u64,
+        /// Lowest allowed.
+        min: u64,
+        /// Highest allowed.
+        max: u64,
+    },
+    /// A list or string is too long.
+    #[error("{field}: {len} exceeds the maximum of {max}")]
+    RequestTooLarge {
+        /// The request field.
+        field: &'static str,
+        /// Its length.
+        len: usize,
+        /// The maximum.
+        max: usize,
+    },
+    /// Fencing token absent or epoch 0.
+    #[error("fencing token with a non-zero epoch is required")]
+    FencingEpochMissing,
+    /// A budget definition is inconsistent.
+    #[error("budget invalid: {0}")]
+    BudgetInvalid(String),
+    /// Unknown tenant.
+    #[error("tenant {0} not found")]
+    TenantNotFound(String),
+    /// Unknown budget (or one of another tenant).
+    #[error("budget {budget_id} not found in tenant {tenant_id}")]
+    BudgetNotFound {
+        /// Tenant asked.
+        tenant_id: String,
+        /// Budget asked.
+        budget_id: String,
+    },
+    /// Unknown reservation (or one of another tenant).
+    #[error("reservation {0} not found")]
+    ReservationNotFound(Uuid),
+    /// Unknown fencing scope (or one of another tenant).
+    #[error("fencing scope {0} not found")]
+    FencingScopeNotFound(String),
+    /// The presented epoch is not current.
+    #[error("fencing epoch {presented} for scope {scope_id} is stale (current {current})")]
+    FencingEpochStale {
+        /// Scope.
+        scope_id: String,
+        /// Epoch presented.
+        presented: u64,
+        /// Current epoch.
+        current: u64,
+    },
+    /// Another owner holds an unexpired lease.
+    #[error("fencing scope {scope_id} is held by {owner} until its lease expires")]
+    FencingLeaseHeld {
+        /// Scope.
+        scope_id: String,
+        /// Current owner.
+        owner: String,
+    },
+    /// The caller's own lease expired.
+    #[error("fencing lease on scope {0} expired; renew it first")]
+    FencingLeaseExpired(String),
+    /// Idempotency key reused with different fields.
+    #[error("idempotency key {0} was used with different fields")]
+    IdempotencyConflict(String),
+    /// The reservation was resolved another way.
+    #[error("reservation {id} is already {state}")]
+    ReservationAlreadyResolved {
+        /// Reservation.
+        id: Uuid,
+        /// Its final state.
+        state: &'static str,
+    },
+    /// The reservation's TTL passed.
+    #[error("reservation {0} expired")]
+    ReservationExpired(Uuid),
+}
+
+impl LedgerError {
+    /// The stable code.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::InvalidArgument { .. } => ErrorCode::InvalidArgument,
+            Self::IdMalformed { .. } => ErrorCode::IdMalformed,
+            Self::AmountInvalid { .. } => ErrorCode::AmountInvalid,
+            Self::TtlInvalid { .. } => ErrorCode::TtlInvalid,
+            Self::RequestTooLarge { .. } => ErrorCode::RequestTooLarge,
+            Self::FencingEpochMissing => ErrorCode::FencingEpochMissing,
+            Self::BudgetInvalid(_) => ErrorCode::BudgetInvalid,
+            Self::TenantNotFound(_) => ErrorCode::TenantNotFound,
+            Self::BudgetNotFound { .. } => ErrorCode::BudgetNotFound,
+            Self::ReservationNotFound(_) => ErrorCode::ReservationNotFound,
+            Self::FencingScopeNotFound(_) => ErrorCode::FencingScopeNotFound,
+            Self::FencingEpochStale { .. } => ErrorCode::FencingEpochStale,
+            Self::FencingLeaseHeld { .. } => ErrorCode::FencingLeaseHeld,
+            Self::FencingLeaseExpired(_) => ErrorCode::FencingLeaseExpired,
+            Self::IdempotencyConflict(_) => ErrorCode::IdempotencyConflict,
+            Self::ReservationAlreadyResolved { .. } => ErrorCode::ReservationAlreadyResolved,
+            Self::ReservationExpired(_) => ErrorCode::ReservationExpired,
+        }
+    }
+
+    /// The request field at fault, when there is one.
+    pub fn field(&self) -> &'static str {
+        match self {
+            Self::InvalidArgument { field, .. }
+            | Self::IdMalformed { field, .. }
+            | Self::AmountInvalid { field, .. }
+            | Self::TtlInvalid { field, .. }
+            | Self::RequestTooLarge { field, .. } => field,
+            Self::FencingEpochMissing => "fencing",
+            _ => "",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn codes_are_unique_upper_snake_case() {
+        let mut seen = HashSet::new();
+        for code in ErrorCode::ALL {
+            let name = code.as_str();
+            assert!(seen.insert(name), "duplicate code {name}");
+            assert!(
+                name.chars().all(|c| c.is_ascii_uppercase() || c == '_'),
+                "{name}"
+            );
+        }
+    }
+}

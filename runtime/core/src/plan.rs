@@ -1,0 +1,1165 @@
+//! The ledger's batch planner: given the rows a batch locked and its commands in arrival order,
+//! decide every command's outcome and the writes that make them durable.
+//!
+//! Group commit: the ledger runs many commands in one database transaction. The store locks every
+//! row the batch touches (in a fixed order, so batches cannot deadlock), this module decides each
+//! command against the in-memory copy sequentially — exactly as if they ran one by one — and the
+//! store writes the [`Effects`] in a handful of set-based statements. Database constraints re-check
+//! the money invariants on the result, so a bug here fails the batch instead of overspending.
+//!
+//! # Guarantees
+//! - After every command, for every window: `reserved >= 0` and `committed + reserved <= limit`.
+//! - A reservation is reserved once and resolved (committed, released or expired) at most once.
+//! - Every state change emits exactly one audit event draft; a refused or replayed command emits
+//!   nothing and writes nothing.
+
+use crate::audit::{EventDraft, format_time};
+use crate::error::LedgerError;
+use crate::lease::{AcquireLease, LeaseGrant, LeaseState, check_fencing};
+use crate::money::{MoneyError, NanoUsd};
+use crate::window::BudgetWindow;
+use chrono::{DateTime, Duration, Utc};
+use serde::Serialize;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet};
+use uuid::Uuid;
+
+/// Most budgets one ReserveSet may span.
+pub const RESERVE_SET_BUDGETS_MAX: usize = 8;
+
+// === Commands ===
+
+/// A fencing token presented with a mutation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Fencing {
+    /// Scope.
+    pub scope_id: String,
+    /// Epoch, >= 1 (validated before planning).
+    pub epoch: u64,
+}
+
+/// The pricing snapshot a reservation was priced with.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PricingRef {
+    /// Version name.
+    pub version: String,
+    /// Lowercase hex sha256 of the snapshot.
+    pub sha256_hex: String,
+}
+
+/// Why the caller reserved.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DecisionContext {
+    /// Agent run.
+    pub run_id: String,
+    /// Workflow.
+    pub workflow_id: String,
+    /// LLM call.
+    pub call_id: String,
+    /// Provider.
+    pub provider: String,
+    /// Model.
+    pub model: String,
+    /// Contract version that decided.
+    pub contract_version: String,
+}
+
+/// Reserve `amount` against every budget in `budget_ids`, all or nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReserveSet {
+    /// Tenant.
+    pub tenant_id: String,
+    /// Idempotency key, unique per tenant.
+    pub idempotency_key: String,
+    /// Distinct budgets, 1..=8, in request order.
+    pub budget_ids: Vec<String>,
+    /// Amount reserved against each budget.
+    pub amount: NanoUsd,
+    /// Fencing token.
+    pub fencing: Fencing,
+    /// Lifetime of the reservation.
+    pub ttl_ms: u32,
+    /// Pricing snapshot.
+    pub pricing: PricingRef,
+    /// Decision context.
+    pub context: DecisionContext,
+    /// Id given to the reservation if this command creates one (not part of the fingerprint).
+    #[serde(skip)]
+    pub new_reservation_id: Uuid,
+}
+
+impl ReserveSet {
+    /// sha256 over the canonical JSON of every request field: the idempotency fingerprint.
+    pub fn fingerprint(&self) -> String {
+        let bytes = serde_json_canonicalizer::to_vec(self).unwrap_or_default();
+        hex::encode(Sha256::digest(bytes))
+    }
+}
+
+/// Commit actual usage against a reservation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Commit {
+    /// Tenant.
+    pub tenant_id: String,
+    /// Reservation.
+    pub reservation_id: Uuid,
+    /// Provider-reported cost.
+    pub actual: NanoUsd,
+    /// Fencing token.
+    pub fencing: Fencing,
+}
+
+/// Release a reservation unspent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Release {
+    /// Tenant.
+    pub tenant_id: String,
+    /// Reservation.
+    pub reservation_id: Uuid,
+    /// Fencing token.
+    pub fencing: Fencing,
+    /// Short reason for the audit trail.
+    pub reason: String,
+}
+
+/// Create or update a tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpsertTenant {
+    /// Tenant.
+    pub tenant_id: String,
+    /// Human name.
+    pub display_name: String,
+}
+
+/// Create or update a budget.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpsertBudget {
+    /// Tenant.
+    pub tenant_id: String,
+    /// Budget.
+    pub budget_id: String,
+    /// The budget's definition.
+    pub definition: BudgetRow,
+}
+
+/// One mutation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// See [`ReserveSet`].
+    ReserveSet(ReserveSet),
+    /// See [`Commit`].
+    Commit(Commit),
+    /// See [`Release`].
+    Release(Release),
+    /// Expire up to this many reservations whose TTL passed.
+    SweepExpired(u32),
+    /// See [`AcquireLease`].
+    AcquireLease(AcquireLease),
+    /// See [`UpsertTenant`].
+    UpsertTenant(UpsertTenant),
+    /// See [`UpsertBudget`].
+    UpsertBudget(UpsertBudget),
+}
+
+// === Rows ===
+
+/// A budget's identity.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BudgetKey {
+    /// Tenant.
+    pub tenant_id: String,
+    /// Budget.
+    pub budget_id: String,
+}
+
+/// One window of one budget.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct WindowKey {
+    /// Budget.
+    pub budget: BudgetKey,
+    /// Window start.
+    pub start: DateTime<Utc>,
+}
+
+/// A budget's definition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetRow {
+    /// Hard cap per window.
+    pub limit: NanoUsd,
+    /// Approval threshold, if any (<= limit).
+    pub soft_cap: Option<NanoUsd>,
+    /// Renewal.
+    pub window: BudgetWindow,
+}
+
+/// Money of one budget window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WindowRow {
+    /// Effective limit of this window.
+    pub limit: NanoUsd,
+    /// Open reservations.
+    pub reserved: NanoUsd,
+    /// Committed usage covered by reservations.
+    pub committed: NanoUsd,
+    /// Usage above reservations.
+    pub overrun: NanoUsd,
+}
+
+impl WindowRow {
+    /// What a new reservation may still take.
+    pub fn remaining(&self) -> NanoUsd {
+        self.limit
+            .saturating_sub(self.committed)
+            .saturating_sub(self.reserved)
+            .saturating_sub(self.overrun)
+    }
+}
+
+/// Lifecycle of a reservation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReservationState {
+    /// Open.
+    Reserved,
+    /// Resolved by Commit.
+    Committed,
+    /// Resolved by Release.
+    Released,
+    /// Resolved by the TTL sweep.
+    Expired,
+}
+
+impl ReservationState {
+    /// Database name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Reserved => "reserved",
+            Self::Committed => "committed",
+            Self::Released => "released",
+            Self::Expired => "expired",
+        }
+    }
+
+    /// Parses the database name.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "reserved" => Some(Self::Reserved),
+            "committed" => Some(Self::Committed),
+            "released" => Some(Self::Released),
+            "expired" => Some(Self::Expired),
+            _ => None,
+        }
+    }
+}
+
+/// How a reservation was resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resolution {
+    /// Final state.
+    pub state: ReservationState,
+    /// Actual usage (Commit only).
+    pub actual: NanoUsd,
+    /// Part covered by the reservation.
+    pub committed: NanoUsd,
+    /// Part returned to the budgets.
+    pub released: NanoUsd,
+    /// Part above the reservation.
+    pub overrun: NanoUsd,
+    /// Fencing epoch of the resolving call (0 for the TTL sweep).
+    pub epoch: u64,
+}
+
+/// A reservation as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReservationRow {
+    /// Id.
+    pub id: Uuid,
+    /// Tenant.
+    pub tenant_id: String,
+    /// Idempotency key.
+    pub idempotency_key: String,
+    /// Request fingerprint.
+    pub fingerprint: String,
+    /// Windows charged, in request order.
+    pub windows: Vec<WindowKey>,
+    /// Amount per window.
+    pub amount: NanoUsd,
+    /// Scope that reserved.
+    pub fencing_scope_id: String,
+    /// Epoch that reserved.
+    pub fencing_epoch: u64,
+    /// When it lapses.
+    pub expires_at: DateTime<Utc>,
+    /// Resolution, once resolved.
+    pub resolution: Option<Resolution>,
+}
+
+impl ReservationRow {
+    /// Current state.
+    pub fn state(&self) -> ReservationState {
+        self.resolution
+            .map_or(ReservationState::Reserved, |r| r.state)
+    }
+}
+
+/// Everything a batch locked, as of the transaction's database time `now`.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Database time of the transaction.
+    pub now: DateTime<Utc>,
+    /// Tenants referenced, with display names.
+    pub tenants: BTreeMap<String, String>,
+    /// Budgets referenced.
+    pub budgets: BTreeMap<BudgetKey, BudgetRow>,
+    /// Windows referenced that exist.
+    pub windows: BTreeMap<WindowKey, WindowRow>,
+    /// Fencing scopes referenced that exist.
+    pub scopes: BTreeMap<String, LeaseState>,
+    /// Reservations referenced by id or idempotency key, and sweep candidates.
+    pub reservations: BTreeMap<Uuid, ReservationRow>,
+    /// Open reservations past their TTL, oldest first (locked for the sweep).
+    pub expired_candidates: Vec<Uuid>,
+}
+
+/// What the store must load for a batch, derived from its commands.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Needs {
+    /// Tenants.
+    pub tenant_ids: BTreeSet<String>,
+    /// Budgets.
+    pub budgets: BTreeSet<BudgetKey>,
+    /// Scopes.
+    pub scope_ids: BTreeSet<String>,
+    /// Reservations by id.
+    pub reservation_ids: BTreeSet<Uuid>,
+    /// Reservations by (tenant, idempotency key).
+    pub idempotency_keys: BTreeSet<(String, String)>,
+    /// Sweep candidates to lock.
+    pub sweep_max: u32,
+}
+
+impl Needs {
+    /// Collects the keys `commands` reference.
+    pub fn of(commands: &[Command]) -> Self {
+        let mut needs = Self::default();
+        for command in commands {
+            match command {
+                Command::ReserveSet(r) => {
+                    needs.tenant_ids.insert(r.tenant_id.clone());
+                    needs.scope_ids.insert(r.fencing.scope_id.clone());
+                    needs
+                        .idempotency_keys
+                        .insert((r.tenant_id.clone(), r.idempotency_key.clone()));
+                    for budget_id in &r.budget_ids {
+                        needs.budgets.insert(BudgetKey {
+                            tenant_id: r.tenant_id.clone(),
+                            budget_id: budget_id.clone(),
+                        });
+                    }
+                }
+                Command::Commit(c) => {
+                    needs.scope_ids.insert(c.fencing.scope_id.clone());
+                    needs.reservation_ids.insert(c.reservation_id);
+                }
+                Command::Release(r) => {
+                    needs.scope_ids.insert(r.fencing.scope_id.clone());
+                    needs.reservation_ids.insert(r.reservation_id);
+                }
+                Command::SweepExpired(max) => {
+                    needs.sweep_max = needs.sweep_max.saturating_add(*max);
+                }
+                Command::AcquireLease(a) => {
+                    needs.tenant_ids.insert(a.tenant_id.clone());
+                    needs.scope_ids.insert(a.scope_id.clone());
+                }
+                Command::UpsertTenant(t) => {
+                    needs.tenant_ids.insert(t.tenant_id.clone());
+                }
+                Command::UpsertBudget(b) => {
+                    needs.tenant_ids.insert(b.tenant_id.clone());
+                    needs.budgets.insert(BudgetKey {
+                        tenant_id: b.tenant_id.clone(),
+                        budget_id: b.budget_id.clone(),
+                    });
+                }
+            }
+        }
+        needs
+    }
+}
+
+/// The windows a batch may touch, once budgets and reservations are loaded: the current window of
+/// every referenced budget (under its stored and, for upserts, its new window kind) and every
+/// window of every loaded reservation.
+pub fn windows_needed(commands: &[Command], snapshot: &Snapshot) -> BTreeSet<WindowKey> {
+    let now = snapshot.now;
+    let mut keys = BTreeSet::new();
+    for (key, budget) in &snapshot.budgets {
+        keys.insert(WindowKey {
+            budget: key.clone(),
+            start: budget.window.start_containing(now),
+        });
+    }
+    for command in commands {
+        if let Command::UpsertBudget(b) = command {
+            let budget = BudgetKey {
+                tenant_id: b.tenant_id.clone(),
+                budget_id: b.budget_id.clone(),
+            };
+            keys.insert(WindowKey {
+                budget,
+                start: b.definition.window.start_containing(now),
+            });
+        }
+    }
+    for reservation in snapshot.reservations.values() {
+        keys.extend(reservation.windows.iter().cloned());
+    }
+    keys
+}
+
+// === Outcomes and effects ===
+
+/// Balance of one budget's window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Balance {
+    /// Budget.
+    pub budget_id: String,
+    /// Renewal kind.
+    pub window: BudgetWindow,
+    /// Window start.
+    pub window_start: DateTime<Utc>,
+    /// Budget soft cap.
+    pub soft_cap: Option<NanoUsd>,
+    /// Money.
+    pub money: WindowRow,
+}
+
+/// The result of one command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// ReserveSet succeeded (or replayed).
+    Reserved {
+        /// Id.
+        reservation_id: Uuid,
+        /// Amount per budget.
+        amount: NanoUsd,
+        /// Expiry.
+        expires_at: DateTime<Utc>,
+        /// Balances after the reservation, in request order.
+        balances: Vec<Balance>,
+        /// A retry of an earlier identical request.
+        replayed: bool,
+    },
+    /// ReserveSet refused for lack of headroom; nothing written.
+    Denied {
+        /// First budget in request order without headroom.
+        budget_id: String,
+        /// Its remaining headroom.
+        remaining: NanoUsd,
+    },
+    /// Commit succeeded (or replayed).
+    Committed {
+        /// Id.
+        reservation_id: Uuid,
+        /// Its resolution.
+        resolution: Resolution,
+        /// Replay.
+        replayed: bool,
+    },
+    /// Release succeeded (or replayed).
+    Released {
+        /// Id.
+        reservation_id: Uuid,
+        /// Amount returned.
+        released: NanoUsd,
+        /// Replay.
+        replayed: bool,
+    },
+    /// Sweep expired this many reservations.
+    Swept(u32),
+    /// Lease granted.
+    Lease(LeaseGrant),
+    /// Tenant upserted.
+    TenantUpserted {
+        /// Newly created.
+        created: bool,
+    },
+    /// Budget upserted.
+    BudgetUpserted {
+        /// Newly created.
+        created: bool,
+        /// Current window after the change.
+        balance: Balance,
+    },
+}
+
+/// Kinds of journal entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    /// A window opened with its limit.
+    WindowOpen,
+    /// A limit change.
+    LimitSet,
+    /// Money reserved.
+    Reserve,
+    /// A reservation committed.
+    Commit,
+    /// Usage above a reservation (flagged; never dropped).
+    Overrun,
+    /// A reservation released.
+    Release,
+    /// A reservation expired.
+    Expire,
+}
+
+impl EntryKind {
+    /// Database name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::WindowOpen => "window_open",
+            Self::LimitSet => "limit_set",
+            Self::Reserve => "reserve",
+            Self::Commit => "commit",
+            Self::Overrun => "overrun",
+            Self::Release => "release",
+            Self::Expire => "expire",
+        }
+    }
+}
+
+/// One append-only journal entry. Window balances are the sums of their entries' deltas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalEntry {
+    /// Window.
+    pub window: WindowKey,
+    /// Reservation, when the entry moves reserved money.
+    pub reservation_id: Option<Uuid>,
+    /// Kind.
+    pub kind: EntryKind,
+    /// Change of limit.
+    pub limit_delta: i64,
+    /// Change of reserved.
+    pub reserved_delta: i64,
+    /// Change of committed.
+    pub committed_delta: i64,
+    /// Change of overrun.
+    pub overrun_delta: i64,
+}
+
+/// A fencing transition for the scope history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseEvent {
+    /// Scope.
+    pub scope_id: String,
+    /// Grant.
+    pub grant: LeaseGrant,
+}
+
+/// Writes that make a batch's outcomes durable, in the order the store applies them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Effects {
+    /// Tenants to insert or update.
+    pub tenants: BTreeMap<String, String>,
+    /// Budgets to insert or update.
+    pub budgets: BTreeMap<BudgetKey, BudgetRow>,
+    /// Windows to create (with zero money; their limit arrives as a WindowOpen entry).
+    pub new_windows: BTreeSet<WindowKey>,
+    /// Final lease state of every changed scope.
+    pub leases: BTreeMap<String, LeaseState>,
+    /// Scope history rows.
+    pub lease_events: Vec<LeaseEvent>,
+    /// Reservations to insert (their resolution, if any, is written as an update after).
+    pub new_reservations: Vec<ReservationRow>,
+    /// Reservations resolved.
+    pub resolutions: Vec<(Uuid, Resolution)>,
+    /// Journal entries.
+    pub entries: Vec<JournalEntry>,
+    /// Audit events, one per state change.
+    pub events: Vec<EventDraft>,
+}
+
+impl Effects {
+    /// Whether the batch writes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+}
+
+// === Planning ===
+
+/// Decides every command in order against `snapshot`.
+///
+/// # Assumptions
+/// The store loaded every row [`Needs::of`] and [`windows_needed`] name, locked, in one
+/// transaction whose clock reads `snapshot.now`.
+pub fn plan_batch(
+    snapshot: Snapshot,
+    commands: &[Command],
+) -> (Vec<Result<Outcome, LedgerError>>, Effects) {
+    let mut planner = Planner {
+        state: snapshot,
+        effects: Effects::default(),
+        by_key: BTreeMap::new(),
+    };
+    for reservation in planner.state.reservations.values() {
+        planner.by_key.insert(
+            (
+                reservation.tenant_id.clone(),
+                reservation.idempotency_key.clone(),
+            ),
+            reservation.id,
+        );
+    }
+    let outcomes = commands.iter().map(|c| planner.apply(c)).collect();
+    (outcomes, planner.effects)
+}
+
+struct Planner {
+    state: Snapshot,
+    effects: Effects,
+    by_key: BTreeMap<(String, String), Uuid>,
+}
+
+fn money_error(field: &'static str) -> impl Fn(MoneyError) -> LedgerError {
+    move |source| LedgerError::AmountInvalid { field, source }
+}
+
+fn delta(amount: NanoUsd) -> i64 {
+    amount.get()
+}
+
+fn negative(amount: NanoUsd) -> i64 {
+    // Amounts are bounded by AMOUNT_MAX_NANO_USD, so negation cannot overflow.
+    amount.get().saturating_neg()
+}
+
+impl Planner {
+    fn apply(&mut self, command: &Command) -> Result<Outcome, LedgerError> {
+        match command {
+            Command::ReserveSet(r) => self.reserve_set(r),
+            Command::Commit(c) => self.commit(c),
+            Command::Release(r) => self.release(r),
+            Command::SweepExpired(max) => Ok(self.sweep(*max)),
+            Command::AcquireLease(a) => self.acquire_lease(a),
+            Command::UpsertTenant(t) => Ok(self.upsert_tenant(t)),
+            Command::UpsertBudget(b) => self.upsert_budget(b),
+        }
+    }
+
+    fn require_tenant(&self, tenant_id: &str) -> Result<(), LedgerError> {
+        if self.state.tenants.contains_key(tenant_id) {
+            Ok(())
+        } else {
+            Err(LedgerError::TenantNotFound(tenant_id.to_owned()))
+        }
+    }
+
+    /// The window's money, or a fresh window at the budget's limit if it does not exist yet.
+    fn window(&self, key: &WindowKey) -> WindowRow {
+        self.state
+            .windows
+            .get(key)
+            .copied()
+            .unwrap_or_else(|| WindowRow {
+                limit: self
+                    .state
+                    .budgets
+                    .get(&key.budget)
+                    .map_or(NanoUsd::ZERO, |b| b.limit),
+                ..WindowRow::default()
+            })
+    }
+
+    /// Creates the window (journaling its limit) if this batch is its first use.
+    fn open_window(&mut self, key: &WindowKey) {
+        if self.state.windows.contains_key(key) {
+            return;
+        }
+        let row = self.window(key);
+        self.state.windows.insert(key.clone(), row);
+        self.effects.new_windows.insert(key.clone());
+        self.journal(
+            key,
+            None,
+            EntryKind::WindowOpen,
+            [delta(row.limit), 0, 0, 0],
+        );
+    }
+
+    /// Appends an entry and applies its deltas `[limit, reserved, committed, overrun]`.
+    fn journal(
+        &mut self,
+        key: &WindowKey,
+        reservation_id: Option<Uuid>,
+        kind: EntryKind,
+        d: [i64; 4],
+    ) {
+        self.effects.entries.push(JournalEntry {
+            window: key.clone(),
+            reservation_id,
+            kind,
+            limit_delta: d[0],
+            reserved_delta: d[1],
+            committed_delta: d[2],
+            overrun_delta: d[3],
+        });
+        if kind == EntryKind::WindowOpen {
+            return; // The row already holds its limit.
+        }
+        let row = self.state.windows.entry(key.clone()).or_default();
+        let apply = |v: NanoUsd, d: i64| NanoUsd::new(v.get().saturating_add(d)).unwrap_or(v);
+        row.limit = apply(row.limit, d[0]);
+        row.reserved = apply(row.reserved, d[1]);
+        row.committed = apply(row.committed, d[2]);
+        row.overrun = apply(row.overrun, d[3]);
+        debug_assert!(row.committed.get().saturating_add(row.reserved.get()) <= row.limit.get());
+    }
+
+    fn balance(&self, key: &WindowKey) -> Balance {
+        let budget = self.state.budgets.get(&key.budget);
+        Balance {
+            budget_id: key.budget.budget_id.clone(),
+            window: budget.map_or(BudgetWindow::Lifetime, |b| b.window),
+            window_start: key.start,
+            soft_cap: budget.and_then(|b| b.soft_cap),
+            money: self.window(key),
+        }
+    }
+
+    fn event(&mut self, tenant_id: &str, event_type: &'static str, data: serde_json::Value) {
+        self.effects.events.push(EventDraft {
+            tenant_id: tenant_id.to_owned(),
+            event_type,
+            data,
+        });
+    }
+
+    fn reserve_set(&mut self, r: &ReserveSet) -> Result<Outcome, LedgerError> {
+        self.require_tenant(&r.tenant_id)?;
+        let scope = self.state.scopes.get(&r.fencing.scope_id);
+        check_fencing(
+            &r.fencing.scope_id,
+            &r.tenant_id,
+            r.fencing.epoch,
+            scope,
+            Some(self.state.now),
+        )?;
+        let fingerprint = r.fingerprint();
+        if let Some(id) = self
+            .by_key
+            .get(&(r.tenant_id.clone(), r.idempotency_key.clone()))
+        {
+            let existing = &self.state.reservations[id];
+            if existing.fingerprint != fingerprint {
+                return Err(LedgerError::IdempotencyConflict(r.idempotency_key.clone()));
+            }
+            return Ok(Outcome::Reserved {
+                reservation_id: existing.id,
+                amount: existing.amount,
+                expires_at: existing.expires_at,
+                balances: existing.windows.iter().map(|w| self.balance(w)).collect(),
+                replayed: true,
+            });
+        }
+        let mut windows = Vec::with_capacity(r.budget_ids.len());
+        for budget_id in &r.budget_ids {
+            let budget = BudgetKey {
+                tenant_id: r.tenant_id.clone(),
+                budget_id: budget_id.clone(),
+            };
+            let Some(definition) = self.state.budgets.get(&budget) else {
+                return Err(LedgerError::BudgetNotFound {
+                    tenant_id: r.tenant_id.clone(),
+                    budget_id: budget_id.clone(),
+                });
+            };
+            let start = definition.window.start_containing(self.state.now);
+            windows.push(WindowKey { budget, start });
+        }
+        for key in &windows {
+            let remaining = self.window(key).remaining();
+            if r.amount > remaining {
+                return Ok(Outcome::Denied {
+                    budget_id: key.budget.budget_id.clone(),
+                    remaining,
+                });
+            }
+        }
+        let expires_at = self.state.now + Duration::milliseconds(i64::from(r.ttl_ms));
+        for key in &windows {
+            self.open_window(key);
+            self.journal(
+                key,
+                Some(r.new_reservation_id),
+                EntryKind::Reserve,
+                [0, delta(r.amount), 0, 0],
+            );
+        }
+        let row = ReservationRow {
+            id: r.new_reservation_id,
+            tenant_id: r.tenant_id.clone(),
+            idempotency_key: r.idempotency_key.clone(),
+            fingerprint,
+            windows: windows.clone(),
+            amount: r.amount,
+            fencing_scope_id: r.fencing.scope_id.clone(),
+            fencing_epoch: r.fencing.epoch,
+            expires_at,
+            resolution: None,
+        };
+        self.by_key
+            .insert((r.tenant_id.clone(), r.idempotency_key.clone()), row.id);
+        self.state.reservations.insert(row.id, row.clone());
+        self.effects.new_reservations.push(row);
+        let window_data: Vec<_> = windows
+            .iter()
+            .map(|w| json!({"budget_id": w.budget.budget_id, "window_start": format_time(w.start)}))
+            .collect();
+        self.event(
+            &r.tenant_id,
+            "reservation.reserved",
+            json!({
+                "reservation_id": r.new_reservation_id.to_string(),
+                "idempotency_key": r.idempotency_key,
+                "amount_nano_usd": r.amount.get().to_string(),
+                "windows": window_data,
+                "fencing": {"scope_id": r.fencing.scope_id, "epoch": r.fencing.epoch},
+                "expires_at": format_time(expires_at),
+                "pricing": r.pricing,
+                "context": r.context,
+            }),
+        );
+        Ok(Outcome::Reserved {
+            reservation_id: r.new_reservation_id,
+            amount: r.amount,
+            expires_at,
+            balances: windows.iter().map(|w| self.balance(w)).collect(),
+            replayed: false,
+        })
+    }
+
+    /// Finds a reservation of `tenant_id` presented with `fencing`.
+    fn reservation(
+        &self,
+        tenant_id: &str,
+        id: Uuid,
+        fencing: &Fencing,
+    ) -> Result<&ReservationRow, LedgerError> {
+        let row = self
+            .state
+            .reservations
+            .get(&id)
+            .filter(|r| r.tenant_id == tenant_id)
+            .ok_or(LedgerError::ReservationNotFound(id))?;
+        if row.fencing_scope_id != fencing.scope_id {
+            return Err(LedgerError::InvalidArgument {
+                field: "fencing.scope_id",
+                reason: "the reservation belongs to another fencing scope".to_owned(),
+            });
+        }
+        Ok(row)
+    }
+
+    /// Fencing and expiry checks shared by Commit and Release, after replays were answered.
+    fn check_settle(
+        &self,
+        row: &ReservationRow,
+        tenant_id: &str,
+        fencing: &Fencing,
+    ) -> Result<(), LedgerError> {
+        let scope = self.state.scopes.get(&fencing.scope_id);
+        check_fencing(&fencing.scope_id, tenant_id, fencing.epoch, scope, None)?;
+        if row.expires_at <= self.state.now {
+            return Err(LedgerError::ReservationExpired(row.id));
+        }
+        Ok(())
+    }
+
+    fn resolve(&mut self, id: Uuid, resolution: Resolution) {
+        if let Some(row) = self.state.reservations.get_mut(&id) {
+            row.resolution = Some(resolution);
+        }
+        self.effects.resolutions.push((id, resolution));
+    }
+
+    fn commit(&mut self, c: &Commit) -> Result<Outcome, LedgerError> {
+        let row = self.reservation(&c.tenant_id, c.reservation_id, &c.fencing)?;
+        match row.resolution {
+            Some(done) if done.state == ReservationState::Committed => {
+                if done.actual != c.actual {
+                    return Err(LedgerError::IdempotencyConflict(
+                        c.reservation_id.to_string(),
+                    ));
+                }
+                return Ok(Outcome::Committed {
+                    reservation_id: row.id,
+                    resolution: done,
+                    replayed: true,
+                });
+            }
+            Some(done) => {
+                return Err(LedgerError::ReservationAlreadyResolved {
+                    id: row.id,
+                    state: done.state.as_str(),
+                });
+            }
+            None => {}
+        }
+        self.check_settle(row, &c.tenant_id, &c.fencing)?;
+        let amount = row.amount;
+        let windows = row.windows.clone();
+        let committed = c.actual.min(amount);
+        let released = amount.saturating_sub(committed);
+        let overrun = c.actual.saturating_sub(amount);
+        for key in &windows {
+            let current = self.window(key).overrun;
+            current
+                .checked_add(overrun)
+                .map_err(money_error("actual_nano_usd"))?;
+        }
+        let resolution = Resolution {
+            state: ReservationState::Committed,
+            actual: c.actual,
+            committed,
+            released,
+            overrun,
+            epoch: c.fencing.epoch,
+        };
+        for key in &windows {
+            self.journal(
+                key,
+                Some(c.reservation_id),
+                EntryKind::Commit,
+                [0, negative(amount), delta(committed), 0],
+            );
+            if !overrun.is_zero() {
+                self.journal(
+                    key,
+                    Some(c.reservation_id),
+                    EntryKind::Overrun,
+                    [0, 0, 0, delta(overrun)],
+                );
+            }
+        }
+        self.resolve(c.reservation_id, resolution);
+        self.event(
+            &c.tenant_id,
+            "reservation.committed",
+            json!({
+                "reservation_id": c.reservation_id.to_string(),
+                "actual_nano_usd": c.actual.get().to_string(),
+                "committed_nano_usd": committed.get().to_string(),
+                "released_nano_usd": released.get().to_string(),
+                "overrun_nano_usd": overrun.get().to_string(),
+                "overrun": !overrun.is_zero(),
+                "fencing": {"scope_id": c.fencing.scope_id, "epoch": c.fencing.epoch},
+            }),
+        );
+        Ok(Outcome::Committed {
+            reservation_id: c.reservation_id,
+            resolution,
+            replayed: false,
+        })
+    }
+
+    fn release(&mut self, r: &Release) -> Result<Outcome, LedgerError> {
+        let row = self.reservation(&r.tenant_id, r.reservation_id, &r.fencing)?;
+        match row.resolution {
+            Some(done) if done.state == ReservationState::Released => {
+                return Ok(Outcome::Released {
+                    reservation_id: row.id,
+                    released: done.released,
+                    replayed: true,
+                });
+            }
+            Some(done) => {
+                return Err(LedgerError::ReservationAlreadyResolved {
+                    id: row.id,
+                    state: done.state.as_str(),
+                });
+            }
+            None => {}
+        }
+        self.check_settle(row, &r.tenant_id, &r.fencing)?;
+        let amount = row.amount;
+        let windows = row.windows.clone();
+        for key in &windows {
+            self.journal(
+                key,
+                Some(r.reservation_id),
+                EntryKind::Release,
+                [0, negative(amount), 0, 0],
+            );
+        }
+        let resolution = Resolution {
+            state: ReservationState::Released,
+            actual: NanoUsd::ZERO,
+            committed: NanoUsd::ZERO,
+            released: amount,
+            overrun: NanoUsd::ZERO,
+            epoch: r.fencing.epoch,
+        };
+        self.resolve(r.reservation_id, resolution);
+        self.event(
+            &r.tenant_id,
+            "reservation.released",
+            json!({
+                "reservation_id": r.reservation_id.to_string(),
+                "released_nano_usd": amount.get().to_string(),
+                "reason": r.reason,
+                "fencing": {"scope_id": r.fencing.scope_id, "epoch": r.fencing.epoch},
+            }),
+        );
+        Ok(Outcome::Released {
+            reservation_id: r.reservation_id,
+            released: amount,
+            replayed: false,
+        })
+    }
+
+    fn sweep(&mut self, max: u32) -> Outcome {
+        let mut expired = 0u32;
+        let candidates = self.state.expired_candidates.clone();
+        for id in candidates {
+            if expired >= max {
+                break;
+            }
+            let Some(row) = self.state.reservations.get(&id) else {
+                continue;
+            };
+            if row.resolution.is_some() || row.expires_at > self.state.now {
+                continue;
+            }
+            let (amount, windows, tenant_id) =
+                (row.amount, row.windows.clone(), row.tenant_id.clone());
+            for key in &windows {
+                self.journal(
+                    key,
+                    Some(id),
+                    EntryKind::Expire,
+                    [0, negative(amount), 0, 0],
+                );
+            }
+            let resolution = Resolution {
+                state: ReservationState::Expired,
+                actual: NanoUsd::ZERO,
+                committed: NanoUsd::ZERO,
+                released: amount,
+                overrun: NanoUsd::ZERO,
+                epoch: 0,
+            };
+            self.resolve(id, resolution);
+            self.event(
+                &tenant_id,
+                "reservation.expired",
+                json!({"reservation_id": id.to_string(), "released_nano_usd": amount.get().to_string()}),
+            );
+            expired = expired.saturating_add(1);
+        }
+        Outcome::Swept(expired)
+    }
+
+    fn acquire_lease(&mut self, a: &AcquireLease) -> Result<Outcome, LedgerError> {
+        self.require_tenant(&a.tenant_id)?;
+        let grant = a.decide(self.state.scopes.get(&a.scope_id), self.state.now)?;
+        self.state
+            .scopes
+            .insert(a.scope_id.clone(), grant.state.clone());
+        self.effects
+            .leases
+            .insert(a.scope_id.clone(), grant.state.clone());
+        self.effects.lease_events.push(LeaseEvent {
+            scope_id: a.scope_id.clone(),
+            grant: grant.clone(),
+        });
+        self.event(
+            &a.tenant_id,
+            "fencing.lease_acquired",
+            json!({
+                "scope_id": a.scope_id,
+                "workload_instance_id": a.workload_instance_id,
+                "outcome": grant.outcome.as_str(),
+                "previous_epoch": grant.previous_epoch,
+                "epoch": grant.state.epoch,
+                "expires_at": format_time(grant.state.expires_at),
+                "forced": a.force,
+            }),
+        );
+        Ok(Outcome::Lease(grant))
+    }
+
+    fn upsert_tenant(&mut self, t: &UpsertTenant) -> Outcome {
+        let previous = self.state.tenants.get(&t.tenant_id);
+        if previous == Some(&t.display_name) {
+            return Outcome::TenantUpserted { created: false };
+        }
+        let created = previous.is_none();
+        self.state
+            .tenants
+            .insert(t.tenant_id.clone(), t.display_name.clone());
+        self.effects
+            .tenants
+            .insert(t.tenant_id.clone(), t.display_name.clone());
+        self.event(
+            &t.tenant_id,
+            "tenant.upserted",
+            json!({"display_name": t.display_name, "created": created}),
+        );
+        Outcome::TenantUpserted { created }
+    }
+
+    fn upsert_budget(&mut self, b: &UpsertBudget) -> Result<Outcome, LedgerError> {
+        self.require_tenant(&b.tenant_id)?;
+        let key = BudgetKey {
+            tenant_id: b.tenant_id.clone(),
+            budget_id: b.budget_id.clone(),
+        };
+        let window_key = WindowKey {
+            budget: key.clone(),
+            start: b.definition.window.start_containing(self.state.now),
+        };
+        let previous = self.state.budgets.get(&key);
+        if previous == Some(&b.definition) {
+            return Ok(Outcome::BudgetUpserted {
+                created: false,
+                balance: self.balance(&window_key),
+            });
+        }
+        let created = previous.is_none();
+        self.state.budgets.insert(key.clone(), b.definition.clone());
+        self.effects.budgets.insert(key, b.definition.clone());
+        // The current window takes the new limit at once, but never below what it already holds:
+        // lowering a limit under current usage stops new reservations without rewriting history.
+        if let Some(row) = self.state.windows.get(&window_key).copied() {
+            let floor = row
+                .committed
+                .checked_add(row.reserved)
+                .map_err(money_error("limit_nano_usd"))?;
+            let target = if b.definition.limit < floor {
+                floor
+            } else {
+                b.definition.limit
+            };
+            let change = target.get().saturating_sub(row.limit.get());
+            if change != 0 {
+                self.journal(&window_key, None, EntryKind::LimitSet, [change, 0, 0, 0]);
+            }
+        }
+        self.event(
+            &b.tenant_id,
+            "budget.upserted",
+            json!({
+                "budget_id": b.budget_id,
+                "limit_nano_usd": b.definition.limit.get().to_string(),
+                "soft_cap_nano_usd": b.definition.soft_cap.map(|s| s.get().to_string()),
+                "window": b.definition.window.as_str(),
+                "created": created,
+            }),
+        );
+        Ok(Outcome::BudgetUpserted {
+            created,
+            balance: self.balance(&window_key),
+        })
+    }
+}

@@ -1,0 +1,367 @@
+//! Wire (proto) ⇄ domain conversion. Every request is validated here, before it can reach the
+//! writer queue or SQL, so bad input changes nothing.
+
+use spendguard_core::ids::{check_idempotency_key, check_name, check_text, parse_reservation_id};
+use spendguard_core::lease::{AcquireLease, LEASE_TTL_MS_MAX, LEASE_TTL_MS_MIN, LeaseOutcome};
+use spendguard_core::plan::{
+    Balance, BudgetRow, Commit, DecisionContext, Fencing, PricingRef, RESERVE_SET_BUDGETS_MAX,
+    Release, ReserveSet, UpsertBudget, UpsertTenant,
+};
+use spendguard_core::window::BudgetWindow;
+use spendguard_core::{ErrorCode, LedgerError, NanoUsd};
+use spendguard_proto::ledger::v1 as pb;
+use std::collections::BTreeSet;
+use uuid::Uuid;
+
+/// Shortest reservation TTL.
+pub const RESERVATION_TTL_MS_MIN: u32 = 1_000;
+/// Longest reservation TTL: an hour covers the slowest streamed completion.
+pub const RESERVATION_TTL_MS_MAX: u32 = 3_600_000;
+/// Most reservations one sweep call expires.
+pub const SWEEP_MAX: u32 = 10_000;
+/// Most budgets one GetBalances call reads.
+pub const BALANCES_BUDGETS_MAX: usize = 256;
+/// Longest free-text field (context values, display names).
+const TEXT_LEN_MAX: usize = 256;
+
+type Result<T> = std::result::Result<T, LedgerError>;
+
+fn amount(field: &'static str, value: i64, positive: bool) -> Result<NanoUsd> {
+    let parsed = if positive {
+        NanoUsd::positive(value)
+    } else {
+        NanoUsd::new(value)
+    };
+    parsed.map_err(|source| LedgerError::AmountInvalid { field, source })
+}
+
+fn ttl(field: &'static str, value: u32, min: u32, max: u32) -> Result<u32> {
+    if (min..=max).contains(&value) {
+        Ok(value)
+    } else {
+        Err(LedgerError::TtlInvalid {
+            field,
+            value: value.into(),
+            min: min.into(),
+            max: max.into(),
+        })
+    }
+}
+
+fn fencing(token: Option<&pb::FencingToken>) -> Result<Fencing> {
+    let token = token.ok_or(LedgerError::FencingEpochMissing)?;
+    check_name("fencing.scope_id", &token.scope_id)?;
+    if token.epoch == 0 {
+        return Err(LedgerError::FencingEpochMissing);
+    }
+    Ok(Fencing {
+        scope_id: token.scope_id.clone(),
+        epoch: token.epoch,
+    })
+}
+
+fn budget_ids(field: &'static str, ids: &[String], max: usize) -> Result<Vec<String>> {
+    if ids.is_empty() {
+        return Err(LedgerError::InvalidArgument {
+            field,
+            reason: "at least one budget is required".into(),
+        });
+    }
+    if ids.len() > max {
+        return Err(LedgerError::RequestTooLarge {
+            field,
+            len: ids.len(),
+            max,
+        });
+    }
+    let mut seen = BTreeSet::new();
+    for id in ids {
+        check_name(field, id)?;
+        if !seen.insert(id) {
+            return Err(LedgerError::InvalidArgument {
+                field,
+                reason: format!("budget {id} appears twice"),
+            });
+        }
+    }
+    Ok(ids.to_vec())
+}
+
+fn pricing(value: Option<&pb::PricingRef>) -> Result<PricingRef> {
+    let value = value.ok_or(LedgerError::InvalidArgument {
+        field: "pricing",
+        reason: "required".into(),
+    })?;
+    if value.version.is_empty() {
+        return Err(LedgerError::InvalidArgument {
+            field: "pricing.version",
+            reason: "required".into(),
+        });
+    }
+    check_text("pricing.version", &value.version, TEXT_LEN_MAX)?;
+    let hex_ok = value.sha256_hex.len() == 64
+        && value
+            .sha256_hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if !hex_ok {
+        return Err(LedgerError::InvalidArgument {
+            field: "pricing.sha256_hex",
+            reason: "must be 64 lowercase hex characters".into(),
+        });
+    }
+    Ok(PricingRef {
+        version: value.version.clone(),
+        sha256_hex: value.sha256_hex.clone(),
+    })
+}
+
+fn context(value: Option<&pb::DecisionContext>) -> Result<DecisionContext> {
+    let value = value.cloned().unwrap_or_default();
+    for (field, text) in [
+        ("context.run_id", &value.run_id),
+        ("context.workflow_id", &value.workflow_id),
+        ("context.call_id", &value.call_id),
+        ("context.provider", &value.provider),
+        ("context.model", &value.model),
+        ("context.contract_version", &value.contract_version),
+    ] {
+        check_text(field, text, TEXT_LEN_MAX)?;
+    }
+    Ok(DecisionContext {
+        run_id: value.run_id,
+        workflow_id: value.workflow_id,
+        call_id: value.call_id,
+        provider: value.provider,
+        model: value.model,
+        contract_version: value.contract_version,
+    })
+}
+
+/// Validates a ReserveSet request.
+///
+/// # Errors
+/// The first invalid field.
+pub fn reserve_set(r: &pb::ReserveSetRequest) -> Result<ReserveSet> {
+    check_name("tenant_id", &r.tenant_id)?;
+    check_idempotency_key("idempotency_key", &r.idempotency_key)?;
+    Ok(ReserveSet {
+        tenant_id: r.tenant_id.clone(),
+        idempotency_key: r.idempotency_key.clone(),
+        budget_ids: budget_ids("budget_ids", &r.budget_ids, RESERVE_SET_BUDGETS_MAX)?,
+        amount: amount("amount_nano_usd", r.amount_nano_usd, true)?,
+        fencing: fencing(r.fencing.as_ref())?,
+        ttl_ms: ttl(
+            "ttl_ms",
+            r.ttl_ms,
+            RESERVATION_TTL_MS_MIN,
+            RESERVATION_TTL_MS_MAX,
+        )?,
+        pricing: pricing(r.pricing.as_ref())?,
+        context: context(r.context.as_ref())?,
+        new_reservation_id: Uuid::new_v4(),
+    })
+}
+
+/// Validates a Commit request.
+///
+/// # Errors
+/// The first invalid field.
+pub fn commit(r: &pb::CommitRequest) -> Result<Commit> {
+    check_name("tenant_id", &r.tenant_id)?;
+    Ok(Commit {
+        tenant_id: r.tenant_id.clone(),
+        reservation_id: parse_reservation_id("reservation_id", &r.reservation_id)?,
+        actual: amount("actual_nano_usd", r.actual_nano_usd, false)?,
+        fencing: fencing(r.fencing.as_ref())?,
+    })
+}
+
+/// Validates a Release request.
+///
+/// # Errors
+/// The first invalid field.
+pub fn release(r: &pb::ReleaseRequest) -> Result<Release> {
+    check_name("tenant_id", &r.tenant_id)?;
+    check_text("reason", &r.reason, TEXT_LEN_MAX)?;
+    Ok(Release {
+        tenant_id: r.tenant_id.clone(),
+        reservation_id: parse_reservation_id("reservation_id", &r.reservation_id)?,
+        fencing: fencing(r.fencing.as_ref())?,
+        reason: r.reason.clone(),
+    })
+}
+
+/// Validates a SweepExpired request.
+///
+/// # Errors
+/// When the count is 0 or above [`SWEEP_MAX`].
+pub fn sweep(r: &pb::SweepExpiredRequest) -> Result<u32> {
+    match r.max_reservations {
+        0 => Err(LedgerError::InvalidArgument {
+            field: "max_reservations",
+            reason: "must be positive".into(),
+        }),
+        n if n > SWEEP_MAX => Err(LedgerError::RequestTooLarge {
+            field: "max_reservations",
+            len: n as usize,
+            max: SWEEP_MAX as usize,
+        }),
+        n => Ok(n),
+    }
+}
+
+/// Validates an AcquireFencingLease request.
+///
+/// # Errors
+/// The first invalid field.
+pub fn acquire_lease(r: &pb::AcquireFencingLeaseRequest) -> Result<AcquireLease> {
+    check_name("scope_id", &r.scope_id)?;
+    check_name("tenant_id", &r.tenant_id)?;
+    check_name("workload_instance_id", &r.workload_instance_id)?;
+    Ok(AcquireLease {
+        scope_id: r.scope_id.clone(),
+        tenant_id: r.tenant_id.clone(),
+        workload_instance_id: r.workload_instance_id.clone(),
+        ttl_ms: ttl("ttl_ms", r.ttl_ms, LEASE_TTL_MS_MIN, LEASE_TTL_MS_MAX)?,
+        expected_epoch: r.expected_epoch,
+        force: r.force,
+    })
+}
+
+/// Validates an UpsertTenant request.
+///
+/// # Errors
+/// The first invalid field.
+pub fn upsert_tenant(r: &pb::UpsertTenantRequest) -> Result<UpsertTenant> {
+    check_name("tenant_id", &r.tenant_id)?;
+    check_text("display_name", &r.display_name, TEXT_LEN_MAX)?;
+    Ok(UpsertTenant {
+        tenant_id: r.tenant_id.clone(),
+        display_name: r.display_name.clone(),
+    })
+}
+
+/// Validates an UpsertBudget request.
+///
+/// # Errors
+/// The first invalid field.
+pub fn upsert_budget(r: &pb::UpsertBudgetRequest) -> Result<UpsertBudget> {
+    check_name("tenant_id", &r.tenant_id)?;
+    check_name("budget_id", &r.budget_id)?;
+    let limit = amount("limit_nano_usd", r.limit_nano_usd, false)?;
+    let soft_cap = match amount("soft_cap_nano_usd", r.soft_cap_nano_usd, false)? {
+        cap if cap.is_zero() => None,
+        cap if cap > limit => {
+            return Err(LedgerError::BudgetInvalid(format!(
+                "soft cap {cap} exceeds limit {limit}"
+            )));
+        }
+        cap => Some(cap),
+    };
+    let window = match pb::BudgetWindow::try_from(r.window) {
+        Ok(pb::BudgetWindow::Lifetime) => BudgetWindow::Lifetime,
+        Ok(pb::BudgetWindow::CalendarDayUtc) => BudgetWindow::CalendarDayUtc,
+        Ok(pb::BudgetWindow::CalendarMonthUtc) => BudgetWindow::CalendarMonthUtc,
+        Ok(pb::BudgetWindow::Unspecified) | Err(_) => {
+            return Err(LedgerError::BudgetInvalid(
+                "window must be LIFETIME, CALENDAR_DAY_UTC or CALENDAR_MONTH_UTC".into(),
+            ));
+        }
+    };
+    Ok(UpsertBudget {
+        tenant_id: r.tenant_id.clone(),
+        budget_id: r.budget_id.clone(),
+        definition: BudgetRow {
+            limit,
+            soft_cap,
+            window,
+        },
+    })
+}
+
+/// Validates a GetBalances request.
+///
+/// # Errors
+/// The first invalid field.
+pub fn balances_request(r: &pb::GetBalancesRequest) -> Result<Vec<String>> {
+    check_name("tenant_id", &r.tenant_id)?;
+    budget_ids("budget_ids", &r.budget_ids, BALANCES_BUDGETS_MAX)
+}
+
+/// Wire form of a window kind.
+pub fn window_to_proto(window: BudgetWindow) -> pb::BudgetWindow {
+    match window {
+        BudgetWindow::Lifetime => pb::BudgetWindow::Lifetime,
+        BudgetWindow::CalendarDayUtc => pb::BudgetWindow::CalendarDayUtc,
+        BudgetWindow::CalendarMonthUtc => pb::BudgetWindow::CalendarMonthUtc,
+    }
+}
+
+/// Wire form of a balance.
+pub fn balance_to_proto(b: &Balance) -> pb::BudgetBalance {
+    pb::BudgetBalance {
+        budget_id: b.budget_id.clone(),
+        window: window_to_proto(b.window).into(),
+        window_start_unix_ms: b.window_start.timestamp_millis(),
+        limit_nano_usd: b.money.limit.get(),
+        soft_cap_nano_usd: b.soft_cap.map_or(0, NanoUsd::get),
+        reserved_nano_usd: b.money.reserved.get(),
+        committed_nano_usd: b.money.committed.get(),
+        overrun_nano_usd: b.money.overrun.get(),
+        remaining_nano_usd: b.money.remaining().get(),
+    }
+}
+
+/// Wire form of a lease transition.
+pub fn lease_outcome_to_proto(outcome: LeaseOutcome) -> pb::LeaseOutcome {
+    match outcome {
+        LeaseOutcome::Acquired => pb::LeaseOutcome::Acquired,
+        LeaseOutcome::Renewed => pb::LeaseOutcome::Renewed,
+        LeaseOutcome::Restarted => pb::LeaseOutcome::Restarted,
+        LeaseOutcome::TakenOver => pb::LeaseOutcome::TakenOver,
+        LeaseOutcome::Forced => pb::LeaseOutcome::Forced,
+    }
+}
+
+/// Wire form of an error code.
+pub fn error_code_to_proto(code: ErrorCode) -> pb::ErrorCode {
+    match code {
+        ErrorCode::InvalidArgument => pb::ErrorCode::InvalidArgument,
+        ErrorCode::IdMalformed => pb::ErrorCode::IdMalformed,
+        ErrorCode::AmountInvalid => pb::ErrorCode::AmountInvalid,
+        ErrorCode::TtlInvalid => pb::ErrorCode::TtlInvalid,
+        ErrorCode::RequestTooLarge => pb::ErrorCode::RequestTooLarge,
+        ErrorCode::FencingEpochMissing => pb::ErrorCode::FencingEpochMissing,
+        ErrorCode::BudgetInvalid => pb::ErrorCode::BudgetInvalid,
+        ErrorCode::TenantNotFound => pb::ErrorCode::TenantNotFound,
+        ErrorCode::BudgetNotFound => pb::ErrorCode::BudgetNotFound,
+        ErrorCode::ReservationNotFound => pb::ErrorCode::ReservationNotFound,
+        ErrorCode::FencingScopeNotFound => pb::ErrorCode::FencingScopeNotFound,
+        ErrorCode::FencingEpochStale => pb::ErrorCode::FencingEpochStale,
+        ErrorCode::FencingLeaseHeld => pb::ErrorCode::FencingLeaseHeld,
+        ErrorCode::FencingLeaseExpired => pb::ErrorCode::FencingLeaseExpired,
+        ErrorCode::IdempotencyConflict => pb::ErrorCode::IdempotencyConflict,
+        ErrorCode::ReservationAlreadyResolved => pb::ErrorCode::ReservationAlreadyResolved,
+        ErrorCode::ReservationExpired => pb::ErrorCode::ReservationExpired,
+        ErrorCode::BudgetExhausted => pb::ErrorCode::BudgetExhausted,
+        ErrorCode::ProducerInstanceConflict => pb::ErrorCode::ProducerInstanceConflict,
+        ErrorCode::Overloaded => pb::ErrorCode::Overloaded,
+        ErrorCode::DependencyUnavailable => pb::ErrorCode::DependencyUnavailable,
+        ErrorCode::ShuttingDown => pb::ErrorCode::ShuttingDown,
+        ErrorCode::Internal => pb::ErrorCode::Internal,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_has_the_same_name_on_the_wire() {
+        for code in ErrorCode::ALL {
+            let wire = error_code_to_proto(*code).as_str_name();
+            assert_eq!(wire.strip_prefix("ERROR_CODE_"), Some(code.as_str()));
+        }
+    }
+}

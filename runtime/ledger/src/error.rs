@@ -1,0 +1,76 @@
+//! The ledger service's errors, each with a stable [`ErrorCode`].
+
+use spendguard_core::{ErrorCode, LedgerError};
+
+/// Everything that can go wrong serving a ledger request.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// The request was refused by validation or by the ledger's state; nothing was written.
+    #[error(transparent)]
+    Refused(#[from] LedgerError),
+    /// Another live process claims this ledger's producer instance id (S2): fail closed.
+    #[error("producer instance id {0} is claimed by another live process")]
+    ProducerInstanceConflict(String),
+    /// The write queue is full.
+    #[error("the ledger write queue is full")]
+    Overloaded,
+    /// The ledger is shutting down.
+    #[error("the ledger is shutting down")]
+    ShuttingDown,
+    /// The database failed or is unreachable; the transaction rolled back.
+    #[error("database unavailable: {0}")]
+    Database(String),
+    /// A database invariant fired: a bug, caught before anything was written.
+    #[error("ledger invariant violated: {0}")]
+    Invariant(String),
+    /// Configuration or startup failed.
+    #[error("startup failed: {0}")]
+    Startup(String),
+    /// Applying migrations failed.
+    #[error("migration failed: {0}")]
+    Migration(String),
+}
+
+/// Result alias.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<sqlx::Error> for Error {
+    fn from(error: sqlx::Error) -> Self {
+        // SQLSTATE class 23 (integrity) and P0001 (raise) come from our constraints and triggers.
+        let integrity = error
+            .as_database_error()
+            .and_then(|e| e.code())
+            .is_some_and(|code| code.starts_with("23") || code == "P0001");
+        if integrity {
+            Self::Invariant(error.to_string())
+        } else {
+            Self::Database(error.to_string())
+        }
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for Error {
+    fn from(error: sqlx::migrate::MigrateError) -> Self {
+        Self::Migration(error.to_string())
+    }
+}
+
+impl Error {
+    /// The stable code.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::Refused(e) => e.code(),
+            Self::ProducerInstanceConflict(_) => ErrorCode::ProducerInstanceConflict,
+            Self::Overloaded => ErrorCode::Overloaded,
+            Self::ShuttingDown => ErrorCode::ShuttingDown,
+            Self::Database(_) => ErrorCode::DependencyUnavailable,
+            Self::Invariant(_) | Self::Migration(_) | Self::Startup(_) => ErrorCode::Internal,
+        }
+    }
+
+    /// Whether a batch that failed with this error should be retried command by command, so one
+    /// bad command (or a lost race with another replica) cannot fail its neighbours.
+    pub(crate) fn is_isolatable(&self) -> bool {
+        matches!(self, Self::Invariant(_))
+    }
+}

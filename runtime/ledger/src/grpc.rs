@@ -1,0 +1,282 @@
+//! The tonic adapter: the only module that sees gRPC types. It validates (via [`crate::convert`]),
+//! submits to the writer or reads from the store, and maps errors to statuses carrying the stable
+//! code in `details` (an encoded `ErrorDetail`) and in the `spendguard-error-code` header.
+
+use crate::convert;
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::store::Store;
+use crate::writer::Writer;
+use prost::Message;
+use spendguard_core::ErrorClass;
+use spendguard_core::plan::{Command, Outcome};
+use spendguard_proto::ledger::v1 as pb;
+use tokio::time::Instant;
+use tonic::{Request, Response, Status};
+use tracing::{instrument, warn};
+
+/// Header carrying the stable error code of a failed RPC.
+pub const ERROR_CODE_HEADER: &str = "spendguard-error-code";
+
+/// The Ledger gRPC service.
+#[derive(Clone)]
+pub struct LedgerGrpc {
+    writer: Writer,
+    store: Store,
+    metrics: Metrics,
+}
+
+impl LedgerGrpc {
+    /// Wires the service.
+    pub fn new(writer: Writer, store: Store, metrics: Metrics) -> Self {
+        Self {
+            writer,
+            store,
+            metrics,
+        }
+    }
+
+    /// The tonic server wrapper with the message size limit applied.
+    pub fn into_server(self, max_message_bytes: usize) -> pb::ledger_server::LedgerServer<Self> {
+        pb::ledger_server::LedgerServer::new(self).max_decoding_message_size(max_message_bytes)
+    }
+
+    async fn run<T>(
+        &self,
+        rpc: &'static str,
+        call: impl Future<Output = Result<T, Error>>,
+    ) -> Result<Response<T>, Status> {
+        let started = Instant::now();
+        let result = call.await;
+        let code = result.as_ref().err().map(|e| e.code().as_str());
+        self.metrics.observe_rpc(rpc, started.elapsed(), code);
+        result.map(Response::new).map_err(|e| {
+            if matches!(
+                e.code().class(),
+                ErrorClass::Internal | ErrorClass::Unavailable
+            ) {
+                warn!(rpc, error = %e, "ledger rpc failed");
+            }
+            status(&e)
+        })
+    }
+
+    async fn submit(&self, command: Command) -> Result<Outcome, Error> {
+        self.writer.submit(command).await
+    }
+}
+
+/// Converts an error into a status with the stable code attached.
+pub fn status(error: &Error) -> Status {
+    let code = error.code();
+    let grpc = match code.class() {
+        ErrorClass::InvalidArgument => tonic::Code::InvalidArgument,
+        ErrorClass::NotFound => tonic::Code::NotFound,
+        ErrorClass::FailedPrecondition => tonic::Code::FailedPrecondition,
+        ErrorClass::Unavailable => tonic::Code::Unavailable,
+        ErrorClass::Internal => tonic::Code::Internal,
+    };
+    let field = match error {
+        Error::Refused(e) => e.field(),
+        _ => "",
+    };
+    let message = format!("{}: {error}", code.as_str());
+    let detail = pb::ErrorDetail {
+        code: convert::error_code_to_proto(code).into(),
+        message: message.clone(),
+        field: field.to_owned(),
+    };
+    let mut status = Status::with_details(grpc, message, detail.encode_to_vec().into());
+    if let Ok(value) = code.as_str().parse() {
+        status.metadata_mut().insert(ERROR_CODE_HEADER, value);
+    }
+    status
+}
+
+/// Reads the stable error code from a status (clients and tests).
+pub fn error_code_of(status: &Status) -> Option<pb::ErrorCode> {
+    let detail = pb::ErrorDetail::decode(status.details()).ok()?;
+    pb::ErrorCode::try_from(detail.code).ok()
+}
+
+fn unexpected(outcome: Outcome) -> Error {
+    Error::Invariant(format!("unexpected outcome {outcome:?}"))
+}
+
+#[tonic::async_trait]
+impl pb::ledger_server::Ledger for LedgerGrpc {
+    #[instrument(skip_all, fields(tenant_id = %request.get_ref().tenant_id, idempotency_key = %request.get_ref().idempotency_key))]
+    async fn reserve_set(
+        &self,
+        request: Request<pb::ReserveSetRequest>,
+    ) -> Result<Response<pb::ReserveSetResponse>, Status> {
+        self.run("ReserveSet", async {
+            let command = convert::reserve_set(request.get_ref())?;
+            match self.submit(Command::ReserveSet(command)).await? {
+                Outcome::Reserved {
+                    reservation_id,
+                    amount,
+                    expires_at,
+                    balances,
+                    replayed,
+                } => Ok(pb::ReserveSetResponse {
+                    outcome: Some(pb::reserve_set_response::Outcome::Reserved(
+                        pb::Reservation {
+                            reservation_id: reservation_id.to_string(),
+                            amount_nano_usd: amount.get(),
+                            expires_at_unix_ms: expires_at.timestamp_millis(),
+                            balances: balances.iter().map(convert::balance_to_proto).collect(),
+                        },
+                    )),
+                    replayed,
+                }),
+                Outcome::Denied {
+                    budget_id,
+                    remaining,
+                } => Ok(pb::ReserveSetResponse {
+                    outcome: Some(pb::reserve_set_response::Outcome::Denied(pb::Denial {
+                        code: pb::ErrorCode::BudgetExhausted.into(),
+                        budget_id,
+                        remaining_nano_usd: remaining.get(),
+                    })),
+                    replayed: false,
+                }),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
+    #[instrument(skip_all, fields(tenant_id = %request.get_ref().tenant_id, reservation_id = %request.get_ref().reservation_id))]
+    async fn commit(
+        &self,
+        request: Request<pb::CommitRequest>,
+    ) -> Result<Response<pb::CommitResponse>, Status> {
+        self.run("Commit", async {
+            let command = convert::commit(request.get_ref())?;
+            match self.submit(Command::Commit(command)).await? {
+                Outcome::Committed {
+                    reservation_id,
+                    resolution,
+                    replayed,
+                } => Ok(pb::CommitResponse {
+                    reservation_id: reservation_id.to_string(),
+                    committed_nano_usd: resolution.committed.get(),
+                    released_nano_usd: resolution.released.get(),
+                    overrun_nano_usd: resolution.overrun.get(),
+                    replayed,
+                }),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
+    #[instrument(skip_all, fields(tenant_id = %request.get_ref().tenant_id, reservation_id = %request.get_ref().reservation_id))]
+    async fn release(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        self.run("Release", async {
+            let command = convert::release(request.get_ref())?;
+            match self.submit(Command::Release(command)).await? {
+                Outcome::Released {
+                    reservation_id,
+                    released,
+                    replayed,
+                } => Ok(pb::ReleaseResponse {
+                    reservation_id: reservation_id.to_string(),
+                    released_nano_usd: released.get(),
+                    replayed,
+                }),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
+    #[instrument(skip_all)]
+    async fn sweep_expired(
+        &self,
+        request: Request<pb::SweepExpiredRequest>,
+    ) -> Result<Response<pb::SweepExpiredResponse>, Status> {
+        self.run("SweepExpired", async {
+            let max = convert::sweep(request.get_ref())?;
+            match self.submit(Command::SweepExpired(max)).await? {
+                Outcome::Swept(expired) => Ok(pb::SweepExpiredResponse { expired }),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
+    #[instrument(skip_all, fields(tenant_id = %request.get_ref().tenant_id, scope_id = %request.get_ref().scope_id))]
+    async fn acquire_fencing_lease(
+        &self,
+        request: Request<pb::AcquireFencingLeaseRequest>,
+    ) -> Result<Response<pb::AcquireFencingLeaseResponse>, Status> {
+        self.run("AcquireFencingLease", async {
+            let command = convert::acquire_lease(request.get_ref())?;
+            match self.submit(Command::AcquireLease(command)).await? {
+                Outcome::Lease(grant) => Ok(pb::AcquireFencingLeaseResponse {
+                    epoch: grant.state.epoch,
+                    expires_at_unix_ms: grant.state.expires_at.timestamp_millis(),
+                    outcome: convert::lease_outcome_to_proto(grant.outcome).into(),
+                }),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
+    #[instrument(skip_all, fields(tenant_id = %request.get_ref().tenant_id))]
+    async fn upsert_tenant(
+        &self,
+        request: Request<pb::UpsertTenantRequest>,
+    ) -> Result<Response<pb::UpsertTenantResponse>, Status> {
+        self.run("UpsertTenant", async {
+            let command = convert::upsert_tenant(request.get_ref())?;
+            match self.submit(Command::UpsertTenant(command)).await? {
+                Outcome::TenantUpserted { created } => Ok(pb::UpsertTenantResponse { created }),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
+    #[instrument(skip_all, fields(tenant_id = %request.get_ref().tenant_id, budget_id = %request.get_ref().budget_id))]
+    async fn upsert_budget(
+        &self,
+        request: Request<pb::UpsertBudgetRequest>,
+    ) -> Result<Response<pb::UpsertBudgetResponse>, Status> {
+        self.run("UpsertBudget", async {
+            let command = convert::upsert_budget(request.get_ref())?;
+            match self.submit(Command::UpsertBudget(command)).await? {
+                Outcome::BudgetUpserted { created, balance } => Ok(pb::UpsertBudgetResponse {
+                    created,
+                    balance: Some(convert::balance_to_proto(&balance)),
+                }),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
+    #[instrument(skip_all, fields(tenant_id = %request.get_ref().tenant_id))]
+    async fn get_balances(
+        &self,
+        request: Request<pb::GetBalancesRequest>,
+    ) -> Result<Response<pb::GetBalancesResponse>, Status> {
+        self.run("GetBalances", async {
+            let budget_ids = convert::balances_request(request.get_ref())?;
+            let balances = self
+                .store
+                .balances(&request.get_ref().tenant_id, &budget_ids)
+                .await?;
+            Ok(pb::GetBalancesResponse {
+                balances: balances.iter().map(convert::balance_to_proto).collect(),
+            })
+        })
+        .await
+    }
+}

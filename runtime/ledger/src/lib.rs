@@ -1,0 +1,336 @@
+//! The SpendGuard ledger: the only authority over money, fencing epochs and the audit outbox.
+//!
+//! ```text
+//! gRPC ─► grpc.rs (validate via convert.rs) ─► writer.rs (group commit queue)
+//!                                                  └─► store.rs: one transaction per batch
+//!                                                        lock rows ─► core::plan ─► write + outbox
+//! ```
+//!
+//! Every mutation — reserve, commit, release, expiry, lease acquisition, tenant and budget upsert —
+//! goes through the single writer task, so this process's audit producer sequence is allocated in
+//! order and contiguously, inside the transaction that makes the change.
+
+pub mod convert;
+pub mod error;
+pub mod grpc;
+pub mod metrics;
+pub mod store;
+pub mod writer;
+
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::store::{ProducerClaim, Store};
+use crate::writer::Writer;
+use clap::Args;
+use prometheus_client::registry::Registry;
+use spendguard_platform::{AdminServer, CommonArgs, Readiness};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::{error, info, warn};
+
+/// How often the producer claim's session is checked; a lost session stops writes within this.
+const PRODUCER_PING_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the open-reservations gauge is refreshed.
+const GAUGE_REFRESH_INTERVAL: Duration = Duration::from_secs(10);
+
+/// `spendguard ledger` flags.
+#[derive(Debug, Clone, Args)]
+pub struct LedgerArgs {
+    /// Shared flags.
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// gRPC listen address.
+    #[arg(
+        long,
+        env = "SPENDGUARD_LEDGER_LISTEN_ADDR",
+        default_value = "127.0.0.1:7100"
+    )]
+    pub listen_addr: SocketAddr,
+    /// PostgreSQL URL. Prefer --database-url-file in production so it stays out of the env.
+    #[arg(
+        long,
+        env = "SPENDGUARD_LEDGER_DATABASE_URL",
+        hide_env_values = true,
+        required_unless_present = "database_url_file"
+    )]
+    pub database_url: Option<String>,
+    /// File holding the PostgreSQL URL (e.g. a mounted Secret).
+    #[arg(long, env = "SPENDGUARD_LEDGER_DATABASE_URL_FILE")]
+    pub database_url_file: Option<std::path::PathBuf>,
+    /// Stable, unique producer instance id of this replica (the pod name). Two live processes
+    /// with the same id are refused (S2).
+    #[arg(long, env = "SPENDGUARD_LEDGER_INSTANCE_ID")]
+    pub instance_id: String,
+    #[command(flatten)]
+    pub tuning: LedgerTuning,
+}
+
+/// Limits and sizes, each with its reason.
+#[derive(Debug, Clone, Args)]
+pub struct LedgerTuning {
+    /// Database connections: the writer uses one at a time, reads and the claim the rest.
+    #[arg(long, env = "SPENDGUARD_LEDGER_DB_POOL_SIZE", default_value_t = 8)]
+    pub db_pool_size: u32,
+    /// Commands that may wait for the writer; beyond this callers get OVERLOADED at once.
+    #[arg(long, env = "SPENDGUARD_LEDGER_QUEUE_CAPACITY", default_value_t = 8192)]
+    pub queue_capacity: usize,
+    /// Largest accepted gRPC message; valid requests are far smaller.
+    #[arg(
+        long,
+        env = "SPENDGUARD_LEDGER_MAX_MESSAGE_BYTES",
+        default_value_t = 65_536
+    )]
+    pub max_message_bytes: usize,
+    /// Apply migrations at startup (under the migrator's advisory lock).
+    #[arg(long, env = "SPENDGUARD_LEDGER_MIGRATE_ON_START", default_value_t = true, action = clap::ArgAction::Set)]
+    pub migrate_on_start: bool,
+    /// How long shutdown waits for in-flight RPCs.
+    #[arg(
+        long,
+        env = "SPENDGUARD_LEDGER_SHUTDOWN_GRACE_MS",
+        default_value_t = 10_000
+    )]
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for LedgerTuning {
+    fn default() -> Self {
+        Self {
+            db_pool_size: 8,
+            queue_capacity: 8192,
+            max_message_bytes: 65_536,
+            migrate_on_start: true,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+/// A running ledger.
+pub struct RunningLedger {
+    /// Bound gRPC address.
+    pub addr: SocketAddr,
+    /// The store (tests inspect the database through it).
+    pub store: Store,
+    claim: watch::Receiver<Option<ProducerClaim>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+    writer: JoinHandle<()>,
+    background: Vec<JoinHandle<()>>,
+}
+
+impl RunningLedger {
+    /// Readiness: the database answers, migrations are applied and the producer id is claimed.
+    pub fn readiness(&self) -> Readiness {
+        let store = self.store.clone();
+        let claim = self.claim.clone();
+        Arc::new(move || {
+            let store = store.clone();
+            let claimed = claim.borrow().is_some();
+            Box::pin(async move {
+                if !claimed {
+                    return Err("producer instance id not claimed".to_owned());
+                }
+                if store.ready().await {
+                    Ok(())
+                } else {
+                    Err("database unreachable or migrations pending".to_owned())
+                }
+            })
+        })
+    }
+
+    /// Stops accepting RPCs, lets in-flight ones finish, drains the writer and frees the
+    /// producer id.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.server.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "grpc server ended with an error"),
+            Err(e) => warn!(error = %e, "grpc server task failed"),
+        }
+        // The server owned the last writer handles; the writer ends once its queue is drained.
+        if let Err(e) = self.writer.await {
+            warn!(error = %e, "writer task failed");
+        }
+        for task in self.background {
+            task.abort();
+        }
+    }
+}
+
+/// Starts the ledger on `listener`: migrate (optionally), claim the producer id, start the writer
+/// and serve gRPC.
+///
+/// # Errors
+/// [`Error::Database`], [`Error::Migration`] or [`Error::ProducerInstanceConflict`].
+pub async fn start(
+    database_url: &str,
+    instance_id: &str,
+    tuning: &LedgerTuning,
+    listener: TcpListener,
+    registry: &mut Registry,
+) -> Result<RunningLedger> {
+    spendguard_core::ids::check_name("instance_id", instance_id)?;
+    let store = Store::connect(database_url, tuning.db_pool_size).await?;
+    if tuning.migrate_on_start {
+        store.migrate().await?;
+    }
+    let (claim, lock) = store.claim_producer(database_url, instance_id).await?;
+    info!(
+        producer_instance_id = instance_id,
+        "producer instance id claimed"
+    );
+    let (claim_tx, claim_rx) = watch::channel(Some(claim));
+    let metrics = Metrics::register(registry);
+    let (writer, writer_task) = Writer::spawn(
+        store.clone(),
+        claim_rx.clone(),
+        tuning.queue_capacity,
+        metrics.clone(),
+    );
+    let service = grpc::LedgerGrpc::new(writer, store.clone(), metrics.clone());
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::Startup(format!("listener: {e}")))?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let max_message_bytes = tuning.max_message_bytes;
+    let server = tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stopped.await;
+            info!("ledger draining in-flight requests");
+        };
+        let serve = tonic::transport::Server::builder()
+            .add_service(service.into_server(max_message_bytes))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+        serve.await
+    });
+    let background = vec![
+        tokio::spawn(watch_producer_claim(
+            store.clone(),
+            database_url.to_owned(),
+            instance_id.to_owned(),
+            lock,
+            claim_tx,
+        )),
+        tokio::spawn(refresh_gauge(store.clone(), metrics)),
+    ];
+    Ok(RunningLedger {
+        addr,
+        store,
+        claim: claim_rx,
+        stop: Some(stop),
+        server,
+        writer: writer_task,
+        background,
+    })
+}
+
+/// Keeps the producer claim alive; on a lost session, stops writes (fail closed) and re-claims.
+async fn watch_producer_claim(
+    store: Store,
+    database_url: String,
+    instance_id: String,
+    mut lock: store::ProducerLock,
+    claim: watch::Sender<Option<ProducerClaim>>,
+) {
+    loop {
+        tokio::time::sleep(PRODUCER_PING_INTERVAL).await;
+        if lock.ping().await.is_ok() {
+            continue;
+        }
+        warn!(producer_instance_id = %instance_id, "producer claim session lost; writes stopped until re-claimed");
+        claim.send_replace(None);
+        loop {
+            tokio::time::sleep(PRODUCER_PING_INTERVAL).await;
+            match store.claim_producer(&database_url, &instance_id).await {
+                Ok((fresh, fresh_lock)) => {
+                    lock = fresh_lock;
+                    claim.send_replace(Some(fresh));
+                    info!(producer_instance_id = %instance_id, "producer instance id re-claimed");
+                    break;
+                }
+                Err(e) => warn!(error = %e, "re-claiming producer instance id failed"),
+            }
+        }
+    }
+}
+
+async fn refresh_gauge(store: Store, metrics: Metrics) {
+    loop {
+        match store.open_reservations().await {
+            Ok(open) => {
+                metrics.open_reservations.set(open);
+            }
+            Err(e) => warn!(error = %e, "counting open reservations failed"),
+        }
+        tokio::time::sleep(GAUGE_REFRESH_INTERVAL).await;
+    }
+}
+
+impl LedgerArgs {
+    /// Runs `spendguard ledger` until SIGTERM/SIGINT.
+    ///
+    /// # Errors
+    /// Startup failures (bad config, database, producer conflict, bind).
+    pub async fn run(self) -> Result<()> {
+        let Self {
+            common,
+            listen_addr,
+            database_url,
+            database_url_file,
+            instance_id,
+            tuning,
+        } = self;
+        common
+            .init_tracing()
+            .map_err(|e| Error::Startup(e.to_string()))?;
+        let database_url = match (database_url, database_url_file) {
+            (_, Some(path)) => std::fs::read_to_string(&path)
+                .map_err(|e| Error::Startup(format!("reading {}: {e}", path.display())))?
+                .trim()
+                .to_owned(),
+            (Some(url), None) => url,
+            (None, None) => return Err(Error::Startup("a database URL is required".into())),
+        };
+        info!(%listen_addr, admin_addr = %common.admin_addr, %instance_id, ?tuning, "starting ledger");
+        let listener = TcpListener::bind(listen_addr)
+            .await
+            .map_err(|e| Error::Startup(format!("binding {listen_addr}: {e}")))?;
+        let mut registry = Registry::default();
+        let ledger = start(
+            &database_url,
+            &instance_id,
+            &tuning,
+            listener,
+            &mut registry,
+        )
+        .await?;
+        let admin = AdminServer::bind(common.admin_addr, registry, ledger.readiness())
+            .await
+            .map_err(|e| Error::Startup(format!("binding admin {}: {e}", common.admin_addr)))?;
+        let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+        let admin_task = tokio::spawn(admin.serve(async move {
+            let _ = admin_stopped.await;
+        }));
+        info!(addr = %ledger.addr, "ledger serving");
+        spendguard_platform::shutdown::signalled().await;
+        let grace = Duration::from_millis(tuning.shutdown_grace_ms);
+        if tokio::time::timeout(grace, ledger.shutdown())
+            .await
+            .is_err()
+        {
+            error!("shutdown grace period elapsed; exiting with requests in flight");
+        }
+        let _ = admin_stop.send(());
+        let _ = admin_task.await;
+        info!("ledger stopped");
+        Ok(())
+    }
+}

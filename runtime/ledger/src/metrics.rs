@@ -1,0 +1,109 @@
+//! The ledger's Prometheus metrics. Labels are RPC names and error codes only: tenant, budget and
+//! reservation ids belong in spans, never in labels.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::time::Duration;
+
+/// Labels of per-RPC metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcLabels {
+    /// RPC name.
+    pub rpc: &'static str,
+}
+
+/// Labels of the error counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    /// RPC name.
+    pub rpc: &'static str,
+    /// Stable error code.
+    pub code: &'static str,
+}
+
+/// Ledger metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    rpc_duration: Family<RpcLabels, Histogram>,
+    rpc_errors: Family<ErrorLabels, Counter>,
+    batch_commands: Histogram,
+    batch_duration: Histogram,
+    /// Open reservations, refreshed periodically.
+    pub open_reservations: Gauge,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs .. ~3.3 s.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.0001, 2.0, 16,
+    ))
+}
+
+impl Metrics {
+    /// Registers every metric under the `spendguard_ledger` prefix.
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            rpc_duration: Family::new_with_constructor(latency_histogram),
+            rpc_errors: Family::default(),
+            batch_commands: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(1.0, 2.0, 10),
+            ),
+            batch_duration: latency_histogram(),
+            open_reservations: Gauge::default(),
+        };
+        let registry = registry.sub_registry_with_prefix("spendguard_ledger");
+        registry.register(
+            "rpc_duration_seconds",
+            "Latency of ledger RPCs",
+            metrics.rpc_duration.clone(),
+        );
+        registry.register(
+            "rpc_errors",
+            "Failed ledger RPCs by stable error code",
+            metrics.rpc_errors.clone(),
+        );
+        registry.register(
+            "batch_commands",
+            "Commands per group-commit transaction",
+            metrics.batch_commands.clone(),
+        );
+        registry.register(
+            "batch_duration_seconds",
+            "Duration of group-commit transactions",
+            metrics.batch_duration.clone(),
+        );
+        registry.register(
+            "open_reservations",
+            "Reservations not yet committed, released or expired",
+            metrics.open_reservations.clone(),
+        );
+        metrics
+    }
+
+    /// Records one RPC.
+    pub fn observe_rpc(
+        &self,
+        rpc: &'static str,
+        elapsed: Duration,
+        error_code: Option<&'static str>,
+    ) {
+        self.rpc_duration
+            .get_or_create(&RpcLabels { rpc })
+            .observe(elapsed.as_secs_f64());
+        if let Some(code) = error_code {
+            self.rpc_errors
+                .get_or_create(&ErrorLabels { rpc, code })
+                .inc();
+        }
+    }
+
+    /// Records one batch.
+    pub fn observe_batch(&self, commands: usize, elapsed: Duration) {
+        self.batch_commands.observe(commands as f64);
+        self.batch_duration.observe(elapsed.as_secs_f64());
+    }
+}

@@ -1,0 +1,826 @@
+//! PostgreSQL persistence: the only module that speaks SQL.
+//!
+//! One batch is one transaction:
+//!
+//! ```text
+//! BEGIN ─► now() ─► lock scopes ─► lock sweep candidates (SKIP LOCKED) ─► lock reservations
+//!       ─► read tenants ─► lock budgets ─► lock windows ─► plan_batch (pure)
+//!       ─► write tenants, budgets, windows, scopes, reservations, journal ─► allocate
+//!          producer sequences (claim-token checked) ─► outbox ─► COMMIT
+//! ```
+//!
+//! Locks are always taken in that order, each set sorted by key, so concurrent batches (also from
+//! other ledger replicas) cannot deadlock. Window money is changed only by the journal trigger, and
+//! the schema's constraints re-check every invariant on the result.
+
+use crate::error::{Error, Result};
+use chrono::{DateTime, Utc};
+use spendguard_core::audit::{ProducerStamp, format_time};
+use spendguard_core::lease::LeaseState;
+use spendguard_core::plan::{
+    Balance, BudgetKey, BudgetRow, Command, Effects, Needs, Outcome, ReservationRow,
+    ReservationState, Resolution, Snapshot, WindowKey, WindowRow, plan_batch, windows_needed,
+};
+use spendguard_core::window::BudgetWindow;
+use spendguard_core::{LedgerError, NanoUsd};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgConnection, PgPool, Postgres, Row, Transaction};
+use std::collections::{BTreeMap, BTreeSet};
+use std::str::FromStr;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// Embedded migrations (`migrations/` at the repository root).
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+
+/// How long one statement may run before the batch fails (and rolls back).
+const STATEMENT_TIMEOUT_MS: u64 = 5_000;
+/// How long a batch waits for a row lock held by another transaction.
+const LOCK_TIMEOUT_MS: u64 = 2_000;
+
+/// A connection pool plus this process's producer identity.
+#[derive(Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+/// This process's claim on its producer instance id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProducerClaim {
+    /// Stable id (S2).
+    pub producer_instance_id: String,
+    /// Token rewritten by every claim; writes carrying an older token are refused.
+    pub claim_token: Uuid,
+}
+
+/// Holds the session-level advisory lock that makes a producer id exclusive. Dropping it (or the
+/// process dying) closes the session and frees the id at once.
+pub struct ProducerLock {
+    connection: PgConnection,
+}
+
+impl ProducerLock {
+    /// Checks the lock's session is alive.
+    ///
+    /// # Errors
+    /// [`Error::Database`] when the session is gone: the claim must be treated as lost.
+    pub async fn ping(&mut self) -> Result<()> {
+        self.connection.ping().await.map_err(Error::from)
+    }
+}
+
+fn options(database_url: &str) -> Result<PgConnectOptions> {
+    let options = PgConnectOptions::from_str(database_url).map_err(Error::from)?;
+    Ok(options.application_name("spendguard-ledger").options([
+        ("statement_timeout", STATEMENT_TIMEOUT_MS.to_string()),
+        ("lock_timeout", LOCK_TIMEOUT_MS.to_string()),
+    ]))
+}
+
+impl Store {
+    /// Connects a pool of `max_connections`.
+    ///
+    /// # Errors
+    /// [`Error::Database`] when the URL is invalid or the database unreachable.
+    pub async fn connect(database_url: &str, max_connections: u32) -> Result<Self> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options(database_url)?)
+            .await
+            .map_err(Error::from)?;
+        Ok(Self { pool })
+    }
+
+    /// The pool (tests inspect tables through it).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies pending migrations under the migrator's advisory lock (safe with many replicas).
+    ///
+    /// # Errors
+    /// [`Error::Migration`].
+    pub async fn migrate(&self) -> Result<()> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Whether the database answers and every embedded migration is applied.
+    pub async fn ready(&self) -> bool {
+        let applied: Result<Vec<i64>, sqlx::Error> =
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(&self.pool)
+                .await;
+        match applied {
+            Ok(applied) => MIGRATOR
+                .iter()
+                .all(|m| m.migration_type.is_down_migration() || applied.contains(&m.version)),
+            Err(_) => false,
+        }
+    }
+
+    /// Claims `producer_instance_id` for this process (S2): takes a session advisory lock on a
+    /// dedicated connection, then rewrites the claim token that every write checks.
+    ///
+    /// # Errors
+    /// [`Error::ProducerInstanceConflict`] when another live session holds the id.
+    pub async fn claim_producer(
+        &self,
+        database_url: &str,
+        producer_instance_id: &str,
+    ) -> Result<(ProducerClaim, ProducerLock)> {
+        let mut connection = PgConnection::connect_with(&options(database_url)?)
+            .await
+            .map_err(Error::from)?;
+        let locked: bool = sqlx::query_scalar(
+            "SELECT pg_try_advisory_lock(hashtextextended('spendguard.producer:' || $1, 0))",
+        )
+        .bind(producer_instance_id)
+        .fetch_one(&mut connection)
+        .await?;
+        if !locked {
+            return Err(Error::ProducerInstanceConflict(
+                producer_instance_id.to_owned(),
+            ));
+        }
+        let claim_token = Uuid::new_v4();
+        sqlx::query(
+            "INSERT INTO audit_producers (producer_instance_id, claim_token) VALUES ($1, $2)
+             ON CONFLICT (producer_instance_id)
+             DO UPDATE SET claim_token = EXCLUDED.claim_token, claimed_at = now()",
+        )
+        .bind(producer_instance_id)
+        .bind(claim_token)
+        .execute(&mut connection)
+        .await?;
+        let claim = ProducerClaim {
+            producer_instance_id: producer_instance_id.to_owned(),
+            claim_token,
+        };
+        Ok((claim, ProducerLock { connection }))
+    }
+
+    /// Runs `commands` in one transaction and returns one result per command.
+    ///
+    /// # Errors
+    /// When the transaction fails as a whole (database unavailable, producer claim lost, an
+    /// invariant fired); then nothing was written.
+    pub async fn run_batch(
+        &self,
+        claim: &ProducerClaim,
+        commands: &[Command],
+    ) -> Result<Vec<Result<Outcome, LedgerError>>> {
+        let mut tx = self.pool.begin().await?;
+        let (snapshot, existing_scopes) = load(&mut tx, commands).await?;
+        let now = snapshot.now;
+        let (outcomes, effects) = plan_batch(snapshot, commands);
+        if !effects.is_empty() {
+            write(&mut tx, claim, now, &existing_scopes, &effects).await?;
+        }
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+
+    /// Current-window balances of `budget_ids` (all must exist in `tenant_id`).
+    ///
+    /// # Errors
+    /// [`LedgerError::BudgetNotFound`] for the first unknown budget.
+    pub async fn balances(&self, tenant_id: &str, budget_ids: &[String]) -> Result<Vec<Balance>> {
+        let mut tx = self.pool.begin().await?;
+        let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
+            .fetch_one(&mut *tx)
+            .await?;
+        let keys: BTreeSet<BudgetKey> = budget_ids
+            .iter()
+            .map(|b| BudgetKey {
+                tenant_id: tenant_id.to_owned(),
+                budget_id: b.clone(),
+            })
+            .collect();
+        let budgets = load_budgets(&mut tx, &keys, "").await?;
+        let mut windows = BTreeSet::new();
+        for (key, budget) in &budgets {
+            windows.insert(WindowKey {
+                budget: key.clone(),
+                start: budget.window.start_containing(now),
+            });
+        }
+        let rows = load_windows(&mut tx, &windows, "").await?;
+        tx.commit().await?;
+        budget_ids
+            .iter()
+            .map(|budget_id| {
+                let key = BudgetKey {
+                    tenant_id: tenant_id.to_owned(),
+                    budget_id: budget_id.clone(),
+                };
+                let budget = budgets
+                    .get(&key)
+                    .ok_or_else(|| LedgerError::BudgetNotFound {
+                        tenant_id: tenant_id.to_owned(),
+                        budget_id: budget_id.clone(),
+                    })?;
+                let start = budget.window.start_containing(now);
+                let money = rows
+                    .get(&WindowKey { budget: key, start })
+                    .copied()
+                    .unwrap_or(WindowRow {
+                        limit: budget.limit,
+                        ..WindowRow::default()
+                    });
+                Ok(Balance {
+                    budget_id: budget_id.clone(),
+                    window: budget.window,
+                    window_start: start,
+                    soft_cap: budget.soft_cap,
+                    money,
+                })
+            })
+            .collect()
+    }
+
+    /// Number of open reservations (for the gauge).
+    ///
+    /// # Errors
+    /// [`Error::Database`].
+    pub async fn open_reservations(&self) -> Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT count(*) FROM reservations WHERE state = 'reserved'")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+}
+
+// === Loading ===
+
+fn money(value: i64) -> Result<NanoUsd> {
+    NanoUsd::new(value).map_err(|e| Error::Invariant(format!("stored amount out of range: {e}")))
+}
+
+fn epoch(value: i64) -> Result<u64> {
+    u64::try_from(value).map_err(|_| Error::Invariant(format!("stored epoch {value} is negative")))
+}
+
+fn to_i64(value: u64) -> Result<i64> {
+    i64::try_from(value).map_err(|_| Error::Invariant(format!("value {value} exceeds i64")))
+}
+
+async fn load(
+    tx: &mut Transaction<'_, Postgres>,
+    commands: &[Command],
+) -> Result<(Snapshot, BTreeSet<String>)> {
+    let needs = Needs::of(commands);
+    let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&mut **tx)
+        .await?;
+    let mut snapshot = Snapshot {
+        now,
+        ..Snapshot::default()
+    };
+
+    let scope_ids: Vec<String> = needs.scope_ids.iter().cloned().collect();
+    if !scope_ids.is_empty() {
+        let rows = sqlx::query(
+            "SELECT scope_id, tenant_id, owner_workload_id, epoch, expires_at FROM fencing_scopes
+             WHERE scope_id = ANY($1) ORDER BY scope_id FOR UPDATE",
+        )
+        .bind(&scope_ids)
+        .fetch_all(&mut **tx)
+        .await?;
+        for row in rows {
+            snapshot.scopes.insert(
+                row.try_get("scope_id")?,
+                LeaseState {
+                    tenant_id: row.try_get("tenant_id")?,
+                    owner: row.try_get("owner_workload_id")?,
+                    epoch: epoch(row.try_get("epoch")?)?,
+                    expires_at: row.try_get("expires_at")?,
+                },
+            );
+        }
+    }
+    let existing_scopes = snapshot.scopes.keys().cloned().collect();
+
+    if needs.sweep_max > 0 {
+        snapshot.expired_candidates = sqlx::query_scalar(
+            "SELECT reservation_id FROM reservations WHERE state = 'reserved' AND expires_at <= $1
+             ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(now)
+        .bind(i64::from(needs.sweep_max))
+        .fetch_all(&mut **tx)
+        .await?;
+    }
+
+    let mut ids: Vec<Uuid> = needs.reservation_ids.iter().copied().collect();
+    ids.extend(snapshot.expired_candidates.iter().copied());
+    let (key_tenants, keys): (Vec<String>, Vec<String>) =
+        needs.idempotency_keys.iter().cloned().unzip();
+    if !ids.is_empty() || !keys.is_empty() {
+        let rows = sqlx::query(
+            "SELECT reservation_id, tenant_id, idempotency_key, request_sha256, budget_ids, window_starts,
+                    amount_nano_usd, fencing_scope_id, fencing_epoch, expires_at, state, resolved_epoch,
+                    actual_nano_usd, committed_nano_usd, released_nano_usd, overrun_nano_usd
+               FROM reservations
+              WHERE reservation_id = ANY($1)
+                 OR (tenant_id, idempotency_key) IN (SELECT * FROM unnest($2::text[], $3::text[]))
+              ORDER BY reservation_id FOR UPDATE",
+        )
+        .bind(&ids)
+        .bind(&key_tenants)
+        .bind(&keys)
+        .fetch_all(&mut **tx)
+        .await?;
+        for row in rows {
+            let reservation = reservation_from_row(&row)?;
+            snapshot.reservations.insert(reservation.id, reservation);
+        }
+    }
+
+    let tenant_ids: Vec<String> = needs.tenant_ids.iter().cloned().collect();
+    if !tenant_ids.is_empty() {
+        let rows =
+            sqlx::query("SELECT tenant_id, display_name FROM tenants WHERE tenant_id = ANY($1)")
+                .bind(&tenant_ids)
+                .fetch_all(&mut **tx)
+                .await?;
+        for row in rows {
+            snapshot
+                .tenants
+                .insert(row.try_get("tenant_id")?, row.try_get("display_name")?);
+        }
+    }
+
+    let upserting = commands
+        .iter()
+        .any(|c| matches!(c, Command::UpsertBudget(_)));
+    let lock = if upserting { "FOR UPDATE" } else { "FOR SHARE" };
+    snapshot.budgets = load_budgets(tx, &needs.budgets, lock).await?;
+    let window_keys = windows_needed(commands, &snapshot);
+    snapshot.windows = load_windows(tx, &window_keys, "FOR UPDATE").await?;
+    Ok((snapshot, existing_scopes))
+}
+
+fn reservation_from_row(row: &sqlx::postgres::PgRow) -> Result<ReservationRow> {
+    let tenant_id: String = row.try_get("tenant_id")?;
+    let budget_ids: Vec<String> = row.try_get("budget_ids")?;
+    let starts: Vec<DateTime<Utc>> = row.try_get("window_starts")?;
+    let windows = budget_ids
+        .into_iter()
+        .zip(starts)
+        .map(|(budget_id, start)| WindowKey {
+            budget: BudgetKey {
+                tenant_id: tenant_id.clone(),
+                budget_id,
+            },
+            start,
+        })
+        .collect();
+    let state_name: String = row.try_get("state")?;
+    let state = ReservationState::parse(&state_name)
+        .ok_or_else(|| Error::Invariant(format!("unknown reservation state {state_name}")))?;
+    let opt_money = |column: &str| -> Result<NanoUsd> {
+        let value: Option<i64> = row.try_get(column)?;
+        money(value.unwrap_or(0))
+    };
+    let resolution = match state {
+        ReservationState::Reserved => None,
+        state => Some(Resolution {
+            state,
+            actual: opt_money("actual_nano_usd")?,
+            committed: opt_money("committed_nano_usd")?,
+            released: opt_money("released_nano_usd")?,
+            overrun: opt_money("overrun_nano_usd")?,
+            epoch: epoch(
+                row.try_get::<Option<i64>, _>("resolved_epoch")?
+                    .unwrap_or(0),
+            )?,
+        }),
+    };
+    Ok(ReservationRow {
+        id: row.try_get("reservation_id")?,
+        tenant_id,
+        idempotency_key: row.try_get("idempotency_key")?,
+        fingerprint: row.try_get("request_sha256")?,
+        windows,
+        amount: money(row.try_get("amount_nano_usd")?)?,
+        fencing_scope_id: row.try_get("fencing_scope_id")?,
+        fencing_epoch: epoch(row.try_get("fencing_epoch")?)?,
+        expires_at: row.try_get("expires_at")?,
+        resolution,
+    })
+}
+
+async fn load_budgets(
+    tx: &mut Transaction<'_, Postgres>,
+    keys: &BTreeSet<BudgetKey>,
+    lock: &str,
+) -> Result<BTreeMap<BudgetKey, BudgetRow>> {
+    let mut budgets = BTreeMap::new();
+    if keys.is_empty() {
+        return Ok(budgets);
+    }
+    let (tenants, ids): (Vec<String>, Vec<String>) = keys
+        .iter()
+        .map(|k| (k.tenant_id.clone(), k.budget_id.clone()))
+        .unzip();
+    let sql = format!(
+        "SELECT tenant_id, budget_id, limit_nano_usd, soft_cap_nano_usd, window_kind FROM budgets
+          WHERE (tenant_id, budget_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+          ORDER BY tenant_id, budget_id {lock}"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(&tenants)
+        .bind(&ids)
+        .fetch_all(&mut **tx)
+        .await?;
+    for row in rows {
+        let window_name: String = row.try_get("window_kind")?;
+        let window = BudgetWindow::parse(&window_name)
+            .ok_or_else(|| Error::Invariant(format!("unknown window kind {window_name}")))?;
+        let soft_cap: Option<i64> = row.try_get("soft_cap_nano_usd")?;
+        budgets.insert(
+            BudgetKey {
+                tenant_id: row.try_get("tenant_id")?,
+                budget_id: row.try_get("budget_id")?,
+            },
+            BudgetRow {
+                limit: money(row.try_get("limit_nano_usd")?)?,
+                soft_cap: soft_cap.map(money).transpose()?,
+                window,
+            },
+        );
+    }
+    Ok(budgets)
+}
+
+async fn load_windows(
+    tx: &mut Transaction<'_, Postgres>,
+    keys: &BTreeSet<WindowKey>,
+    lock: &str,
+) -> Result<BTreeMap<WindowKey, WindowRow>> {
+    let mut windows = BTreeMap::new();
+    if keys.is_empty() {
+        return Ok(windows);
+    }
+    let mut tenants = Vec::with_capacity(keys.len());
+    let mut ids = Vec::with_capacity(keys.len());
+    let mut starts = Vec::with_capacity(keys.len());
+    for key in keys {
+        tenants.push(key.budget.tenant_id.clone());
+        ids.push(key.budget.budget_id.clone());
+        starts.push(key.start);
+    }
+    let sql = format!(
+        "SELECT tenant_id, budget_id, window_start, limit_nano_usd, reserved_nano_usd,
+                committed_nano_usd, overrun_nano_usd
+           FROM budget_windows
+          WHERE (tenant_id, budget_id, window_start)
+                IN (SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[]))
+          ORDER BY tenant_id, budget_id, window_start {lock}"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(&tenants)
+        .bind(&ids)
+        .bind(&starts)
+        .fetch_all(&mut **tx)
+        .await?;
+    for row in rows {
+        let key = WindowKey {
+            budget: BudgetKey {
+                tenant_id: row.try_get("tenant_id")?,
+                budget_id: row.try_get("budget_id")?,
+            },
+            start: row.try_get("window_start")?,
+        };
+        windows.insert(
+            key,
+            WindowRow {
+                limit: money(row.try_get("limit_nano_usd")?)?,
+                reserved: money(row.try_get("reserved_nano_usd")?)?,
+                committed: money(row.try_get("committed_nano_usd")?)?,
+                overrun: money(row.try_get("overrun_nano_usd")?)?,
+            },
+        );
+    }
+    Ok(windows)
+}
+
+// === Writing ===
+
+async fn write(
+    tx: &mut Transaction<'_, Postgres>,
+    claim: &ProducerClaim,
+    now: DateTime<Utc>,
+    existing_scopes: &BTreeSet<String>,
+    effects: &Effects,
+) -> Result<()> {
+    write_tenants_and_budgets(tx, effects).await?;
+    write_leases(tx, existing_scopes, effects).await?;
+    write_reservations(tx, now, effects).await?;
+    write_journal(tx, effects).await?;
+    write_outbox(tx, claim, now, effects).await
+}
+
+async fn write_tenants_and_budgets(
+    tx: &mut Transaction<'_, Postgres>,
+    effects: &Effects,
+) -> Result<()> {
+    if !effects.tenants.is_empty() {
+        let (ids, names): (Vec<String>, Vec<String>) = effects
+            .tenants
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .unzip();
+        sqlx::query(
+            "INSERT INTO tenants (tenant_id, display_name) SELECT * FROM unnest($1::text[], $2::text[])
+             ON CONFLICT (tenant_id) DO UPDATE SET display_name = EXCLUDED.display_name, updated_at = now()",
+        )
+        .bind(&ids)
+        .bind(&names)
+        .execute(&mut **tx)
+        .await?;
+    }
+    if !effects.budgets.is_empty() {
+        let mut tenants = Vec::new();
+        let mut ids = Vec::new();
+        let mut limits = Vec::new();
+        let mut soft_caps: Vec<Option<i64>> = Vec::new();
+        let mut kinds = Vec::new();
+        for (key, budget) in &effects.budgets {
+            tenants.push(key.tenant_id.clone());
+            ids.push(key.budget_id.clone());
+            limits.push(budget.limit.get());
+            soft_caps.push(budget.soft_cap.map(NanoUsd::get));
+            kinds.push(budget.window.as_str().to_owned());
+        }
+        sqlx::query(
+            "INSERT INTO budgets (tenant_id, budget_id, limit_nano_usd, soft_cap_nano_usd, window_kind)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[])
+             ON CONFLICT (tenant_id, budget_id) DO UPDATE
+                SET limit_nano_usd = EXCLUDED.limit_nano_usd, soft_cap_nano_usd = EXCLUDED.soft_cap_nano_usd,
+                    window_kind = EXCLUDED.window_kind, updated_at = now()",
+        )
+        .bind(&tenants)
+        .bind(&ids)
+        .bind(&limits)
+        .bind(&soft_caps)
+        .bind(&kinds)
+        .execute(&mut **tx)
+        .await?;
+    }
+    if !effects.new_windows.is_empty() {
+        let mut tenants = Vec::new();
+        let mut ids = Vec::new();
+        let mut starts = Vec::new();
+        for key in &effects.new_windows {
+            tenants.push(key.budget.tenant_id.clone());
+            ids.push(key.budget.budget_id.clone());
+            starts.push(key.start);
+        }
+        // A plain INSERT: if another replica opened the same window first, the unique key fails
+        // this batch (and its commands are retried singly) instead of silently sharing the row.
+        sqlx::query(
+            "INSERT INTO budget_windows (tenant_id, budget_id, window_start)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[])",
+        )
+        .bind(&tenants)
+        .bind(&ids)
+        .bind(&starts)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+async fn write_leases(
+    tx: &mut Transaction<'_, Postgres>,
+    existing_scopes: &BTreeSet<String>,
+    effects: &Effects,
+) -> Result<()> {
+    for (scope_id, lease) in &effects.leases {
+        let sql = if existing_scopes.contains(scope_id) {
+            "UPDATE fencing_scopes SET owner_workload_id = $3, epoch = $4, expires_at = $5, updated_at = now()
+              WHERE scope_id = $1 AND tenant_id = $2"
+        } else {
+            "INSERT INTO fencing_scopes (scope_id, tenant_id, owner_workload_id, epoch, expires_at)
+             VALUES ($1, $2, $3, $4, $5)"
+        };
+        sqlx::query(sql)
+            .bind(scope_id)
+            .bind(&lease.tenant_id)
+            .bind(&lease.owner)
+            .bind(to_i64(lease.epoch)?)
+            .bind(lease.expires_at)
+            .execute(&mut **tx)
+            .await?;
+    }
+    for event in &effects.lease_events {
+        let grant = &event.grant;
+        sqlx::query(
+            "INSERT INTO fencing_scope_events
+                (scope_id, tenant_id, workload_instance_id, outcome, previous_epoch, epoch, expires_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&event.scope_id)
+        .bind(&grant.state.tenant_id)
+        .bind(&grant.state.owner)
+        .bind(grant.outcome.as_str())
+        .bind(to_i64(grant.previous_epoch)?)
+        .bind(to_i64(grant.state.epoch)?)
+        .bind(grant.state.expires_at)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+async fn write_reservations(
+    tx: &mut Transaction<'_, Postgres>,
+    now: DateTime<Utc>,
+    effects: &Effects,
+) -> Result<()> {
+    if !effects.new_reservations.is_empty() {
+        let rows: Vec<serde_json::Value> = effects
+            .new_reservations
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "reservation_id": r.id,
+                    "tenant_id": r.tenant_id,
+                    "idempotency_key": r.idempotency_key,
+                    "request_sha256": r.fingerprint,
+                    "budget_ids": r.windows.iter().map(|w| &w.budget.budget_id).collect::<Vec<_>>(),
+                    "window_starts": r.windows.iter().map(|w| format_time(w.start)).collect::<Vec<_>>(),
+                    "amount_nano_usd": r.amount.get(),
+                    "fencing_scope_id": r.fencing_scope_id,
+                    "fencing_epoch": r.fencing_epoch,
+                    "expires_at": format_time(r.expires_at),
+                })
+            })
+            .collect();
+        sqlx::query(
+            "INSERT INTO reservations (reservation_id, tenant_id, idempotency_key, request_sha256, budget_ids,
+                                       window_starts, amount_nano_usd, fencing_scope_id, fencing_epoch,
+                                       created_at, expires_at)
+             SELECT reservation_id, tenant_id, idempotency_key, request_sha256, budget_ids, window_starts,
+                    amount_nano_usd, fencing_scope_id, fencing_epoch, $2, expires_at
+               FROM jsonb_to_recordset($1) AS x(reservation_id uuid, tenant_id text, idempotency_key text,
+                    request_sha256 text, budget_ids text[], window_starts timestamptz[], amount_nano_usd bigint,
+                    fencing_scope_id text, fencing_epoch bigint, expires_at timestamptz)",
+        )
+        .bind(serde_json::Value::Array(rows))
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    }
+    if !effects.resolutions.is_empty() {
+        let mut ids = Vec::new();
+        let mut states = Vec::new();
+        let mut epochs: Vec<Option<i64>> = Vec::new();
+        let mut actual = Vec::new();
+        let mut committed = Vec::new();
+        let mut released = Vec::new();
+        let mut overrun = Vec::new();
+        for (id, r) in &effects.resolutions {
+            ids.push(*id);
+            states.push(r.state.as_str().to_owned());
+            epochs.push(if r.epoch == 0 {
+                None
+            } else {
+                Some(to_i64(r.epoch)?)
+            });
+            actual.push(r.actual.get());
+            committed.push(r.committed.get());
+            released.push(r.released.get());
+            overrun.push(r.overrun.get());
+        }
+        sqlx::query(
+            "UPDATE reservations r
+                SET state = u.state, resolved_at = $8, resolved_epoch = u.epoch, actual_nano_usd = u.actual,
+                    committed_nano_usd = u.committed, released_nano_usd = u.released, overrun_nano_usd = u.overrun
+               FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[])
+                    AS u(id, state, epoch, actual, committed, released, overrun)
+              WHERE r.reservation_id = u.id",
+        )
+        .bind(&ids)
+        .bind(&states)
+        .bind(&epochs)
+        .bind(&actual)
+        .bind(&committed)
+        .bind(&released)
+        .bind(&overrun)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+async fn write_journal(tx: &mut Transaction<'_, Postgres>, effects: &Effects) -> Result<()> {
+    if effects.entries.is_empty() {
+        return Ok(());
+    }
+    let n = effects.entries.len();
+    let mut tenants = Vec::with_capacity(n);
+    let mut budgets = Vec::with_capacity(n);
+    let mut starts = Vec::with_capacity(n);
+    let mut reservations: Vec<Option<Uuid>> = Vec::with_capacity(n);
+    let mut kinds = Vec::with_capacity(n);
+    let mut limit = Vec::with_capacity(n);
+    let mut reserved = Vec::with_capacity(n);
+    let mut committed = Vec::with_capacity(n);
+    let mut overrun = Vec::with_capacity(n);
+    for e in &effects.entries {
+        tenants.push(e.window.budget.tenant_id.as_str());
+        budgets.push(e.window.budget.budget_id.as_str());
+        starts.push(e.window.start);
+        reservations.push(e.reservation_id);
+        kinds.push(e.kind.as_str());
+        limit.push(e.limit_delta);
+        reserved.push(e.reserved_delta);
+        committed.push(e.committed_delta);
+        overrun.push(e.overrun_delta);
+    }
+    sqlx::query(
+        "INSERT INTO ledger_entries (tenant_id, budget_id, window_start, reservation_id, kind,
+                                     limit_delta, reserved_delta, committed_delta, overrun_delta)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::uuid[], $5::text[],
+                              $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[])",
+    )
+    .bind(&tenants)
+    .bind(&budgets)
+    .bind(&starts)
+    .bind(&reservations)
+    .bind(&kinds)
+    .bind(&limit)
+    .bind(&reserved)
+    .bind(&committed)
+    .bind(&overrun)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn write_outbox(
+    tx: &mut Transaction<'_, Postgres>,
+    claim: &ProducerClaim,
+    now: DateTime<Utc>,
+    effects: &Effects,
+) -> Result<()> {
+    let count = i64::try_from(effects.events.len())
+        .map_err(|_| Error::Invariant("too many events".into()))?;
+    // Allocating in the same transaction keeps sequences contiguous: a rollback returns them.
+    let first: Option<i64> = sqlx::query_scalar(
+        "UPDATE audit_producers SET next_sequence = next_sequence + $3
+          WHERE producer_instance_id = $1 AND claim_token = $2
+          RETURNING next_sequence - $3",
+    )
+    .bind(&claim.producer_instance_id)
+    .bind(claim.claim_token)
+    .bind(count)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let first =
+        first.ok_or_else(|| Error::ProducerInstanceConflict(claim.producer_instance_id.clone()))?;
+    let first = epoch(first)?;
+    let mut sequences = Vec::with_capacity(effects.events.len());
+    let mut tenants = Vec::with_capacity(effects.events.len());
+    let mut types = Vec::with_capacity(effects.events.len());
+    let mut bytes = Vec::with_capacity(effects.events.len());
+    let mut hashes = Vec::with_capacity(effects.events.len());
+    for (offset, draft) in (0u64..).zip(&effects.events) {
+        let sequence = first.saturating_add(offset);
+        let stamp = ProducerStamp {
+            producer_instance_id: claim.producer_instance_id.clone(),
+            producer_sequence: sequence,
+            occurred_at: now,
+        };
+        let event = draft
+            .stamp(&stamp)
+            .map_err(|e| Error::Invariant(format!("event not canonical: {e}")))?;
+        sequences.push(to_i64(sequence)?);
+        tenants.push(draft.tenant_id.as_str());
+        types.push(draft.event_type);
+        bytes.push(event.bytes);
+        hashes.push(event.sha256.to_vec());
+    }
+    sqlx::query(
+        "INSERT INTO audit_outbox (producer_instance_id, producer_sequence, tenant_id, event_type, occurred_at,
+                                   canonical_event, event_sha256)
+         SELECT $1, s, t, e, $2, b, h FROM unnest($3::bigint[], $4::text[], $5::text[], $6::bytea[], $7::bytea[])
+                AS u(s, t, e, b, h)",
+    )
+    .bind(&claim.producer_instance_id)
+    .bind(now)
+    .bind(&sequences)
+    .bind(&tenants)
+    .bind(&types)
+    .bind(&bytes)
+    .bind(&hashes)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}

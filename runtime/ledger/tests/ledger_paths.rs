@@ -1,0 +1,1027 @@
+//! Every reserve/commit/release/expire path, idempotent retries, and every error code, against the
+//! real ledger on a real PostgreSQL database. After each test the database invariants are checked.
+
+use spendguard_ledger::grpc::error_code_of;
+use spendguard_proto::ledger::v1 as pb;
+use spendguard_testkit::ledger::reserve_request;
+use spendguard_testkit::{TestLedger, invariants};
+
+const T: &str = "tenant-a";
+
+async fn setup() -> (TestLedger, pb::FencingToken) {
+    let mut ledger = TestLedger::start().await.unwrap();
+    let fencing = ledger.tenant_with_lease(T).await.unwrap();
+    ledger.budget(T, "run", 1_000).await.unwrap();
+    ledger.budget(T, "tenant", 10_000).await.unwrap();
+    (ledger, fencing)
+}
+
+fn code(status: &tonic::Status) -> pb::ErrorCode {
+    error_code_of(status).unwrap_or_else(|| panic!("status without error detail: {status:?}"))
+}
+
+fn reserved(response: pb::ReserveSetResponse) -> pb::Reservation {
+    match response.outcome {
+        Some(pb::reserve_set_response::Outcome::Reserved(r)) => r,
+        other => panic!("expected a reservation, got {other:?}"),
+    }
+}
+
+async fn balance(ledger: &mut TestLedger, budget: &str) -> pb::BudgetBalance {
+    let response = ledger
+        .client
+        .get_balances(pb::GetBalancesRequest {
+            tenant_id: T.into(),
+            budget_ids: vec![budget.into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    response.balances.into_iter().next().unwrap()
+}
+
+async fn outbox_count(ledger: &TestLedger) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM audit_outbox")
+        .fetch_one(ledger.store().pool())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn reserve_then_commit_releases_the_rest_on_every_budget() {
+    let (mut ledger, fencing) = setup().await;
+    let r = reserved(
+        ledger
+            .client
+            .reserve_set(reserve_request(T, "k1", &["run", "tenant"], 300, &fencing))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!(r.balances.len(), 2);
+    assert_eq!(
+        (
+            r.balances[0].reserved_nano_usd,
+            r.balances[0].remaining_nano_usd
+        ),
+        (300, 700)
+    );
+    assert_eq!(r.balances[1].remaining_nano_usd, 9_700);
+
+    let c = ledger
+        .client
+        .commit(pb::CommitRequest {
+            tenant_id: T.into(),
+            reservation_id: r.reservation_id.clone(),
+            actual_nano_usd: 120,
+            fencing: Some(fencing.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            c.committed_nano_usd,
+            c.released_nano_usd,
+            c.overrun_nano_usd,
+            c.replayed
+        ),
+        (120, 180, 0, false)
+    );
+    for (budget, limit) in [("run", 1_000), ("tenant", 10_000)] {
+        let b = balance(&mut ledger, budget).await;
+        assert_eq!(
+            (
+                b.reserved_nano_usd,
+                b.committed_nano_usd,
+                b.remaining_nano_usd
+            ),
+            (0, 120, limit - 120)
+        );
+    }
+    invariants::check(ledger.store().pool()).await.unwrap();
+}
+
+#[tokio::test]
+async fn commit_above_the_reservation_is_a_flagged_overrun_never_dropped() {
+    let (mut ledger, fencing) = setup().await;
+    let r = reserved(
+        ledger
+            .client
+            .reserve_set(reserve_request(T, "k1", &["run"], 100, &fencing))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let c = ledger
+        .client
+        .commit(pb::CommitRequest {
+            tenant_id: T.into(),
+            reservation_id: r.reservation_id,
+            actual_nano_usd: 150,
+            fencing: Some(fencing),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            c.committed_nano_usd,
+            c.released_nano_usd,
+            c.overrun_nano_usd
+        ),
+        (100, 0, 50)
+    );
+    let b = balance(&mut ledger, "run").await;
+    assert_eq!(
+        (
+            b.committed_nano_usd,
+            b.overrun_nano_usd,
+            b.remaining_nano_usd
+        ),
+        (100, 50, 850)
+    );
+    let flagged: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM ledger_entries WHERE kind = 'overrun' AND overrun_delta = 50",
+    )
+    .fetch_one(ledger.store().pool())
+    .await
+    .unwrap();
+    assert_eq!(flagged, 1);
+    let event: Vec<u8> = sqlx::query_scalar(
+        "SELECT canonical_event FROM audit_outbox WHERE event_type = 'reservation.committed'",
+    )
+    .fetch_one(ledger.store().pool())
+    .await
+    .unwrap();
+    assert!(
+        String::from_utf8(event)
+            .unwrap()
+            .contains(r#""overrun":true"#)
+    );
+    invariants::check(ledger.store().pool()).await.unwrap();
+}
+
+#[tokio::test]
+async fn release_returns_everything_and_retries_replay() {
+    let (mut ledger, fencing) = setup().await;
+    let r = reserved(
+        ledger
+            .client
+            .reserve_set(reserve_request(T, "k1", &["run"], 400, &fencing))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let release = pb::ReleaseRequest {
+        tenant_id: T.into(),
+        reservation_id: r.reservation_id.clone(),
+        fencing: Some(fencing.clone()),
+        reason: "client_disconnect".into(),
+    };
+    let first = ledger
+        .client
+        .release(release.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((first.released_nano_usd, first.replayed), (400, false));
+    let events = outbox_count(&ledger).await;
+    let again = ledger.client.release(release).await.unwrap().into_inner();
+    assert_eq!((again.released_nano_usd, again.replayed), (400, true));
+    assert_eq!(
+        outbox_count(&ledger).await,
+        events,
+        "a replay writes nothing"
+    );
+    assert_eq!(balance(&mut ledger, "run").await.remaining_nano_usd, 1_000);
+    // Resolved one way, it cannot be resolved another.
+    let err = ledger
+        .client
+        .commit(pb::CommitRequest {
+            tenant_id: T.into(),
+            reservation_id: r.reservation_id,
+            actual_nano_usd: 1,
+            fencing: Some(fencing),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), pb::ErrorCode::ReservationAlreadyResolved);
+    invariants::check(ledger.store().pool()).await.unwrap();
+}
+
+#[tokio::test]
+async fn idempotent_reserve_and_commit() {
+    let (mut ledger, fencing) = setup().await;
+    let request = reserve_request(T, "same-key", &["run"], 250, &fencing);
+    let first = ledger
+        .client
+        .reserve_set(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let events = outbox_count(&ledger).await;
+    let second = ledger
+        .client
+        .reserve_set(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!first.replayed && second.replayed);
+    assert_eq!(
+        reserved(first.clone()).reservation_id,
+        reserved(second).reservation_id
+    );
+    assert_eq!(outbox_count(&ledger).await, events);
+    assert_eq!(
+        balance(&mut ledger, "run").await.reserved_nano_usd,
+        250,
+        "reserved once"
+    );
+
+    let mut different = request;
+    different.amount_nano_usd = 251;
+    let err = ledger.client.reserve_set(different).await.unwrap_err();
+    assert_eq!(code(&err), pb::ErrorCode::IdempotencyConflict);
+
+    let id = reserved(first).reservation_id;
+    let commit = pb::CommitRequest {
+        tenant_id: T.into(),
+        reservation_id: id,
+        actual_nano_usd: 100,
+        fencing: Some(fencing),
+    };
+    assert!(
+        !ledger
+            .client
+            .commit(commit.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .replayed
+    );
+    assert!(
+        ledger
+            .client
+            .commit(commit.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .replayed
+    );
+    let mut other_actual = commit;
+    other_actual.actual_nano_usd = 101;
+    assert_eq!(
+        code(&ledger.client.commit(other_actual).await.unwrap_err()),
+        pb::ErrorCode::IdempotencyConflict
+    );
+    assert_eq!(balance(&mut ledger, "run").await.committed_nano_usd, 100);
+    invariants::check(ledger.store().pool()).await.unwrap();
+}
+
+#[tokio::test]
+async fn denial_names_the_budget_and_reserves_nothing_anywhere() {
+    let (mut ledger, fencing) = setup().await;
+    let response = ledger
+        .client
+        .reserve_set(reserve_request(
+            T,
+            "big",
+            &["tenant", "run"],
+            1_001,
+            &fencing,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    match response.outcome {
+        Some(pb::reserve_set_response::Outcome::Denied(d)) => {
+            assert_eq!((d.budget_id.as_str(), d.remaining_nano_usd), ("run", 1_000));
+            assert_eq!(d.code, pb::ErrorCode::BudgetExhausted as i32);
+        }
+        other => panic!("expected denial, got {other:?}"),
+    }
+    assert_eq!(
+        balance(&mut ledger, "tenant").await.reserved_nano_usd,
+        0,
+        "all or nothing"
+    );
+    // Exactly the remaining headroom fits.
+    reserved(
+        ledger
+            .client
+            .reserve_set(reserve_request(
+                T,
+                "fits",
+                &["tenant", "run"],
+                1_000,
+                &fencing,
+            ))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    invariants::check(ledger.store().pool()).await.unwrap();
+}
+
+#[tokio::test]
+async fn expiry_runs_on_the_database_clock_and_late_settlement_is_refused() {
+    let (mut ledger, fencing) = setup().await;
+    let mut request = reserve_request(T, "short", &["run", "tenant"], 500, &fencing);
+    request.ttl_ms = 1_000;
+    let r = reserved(
+        ledger
+            .client
+            .reserve_set(request)
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let keep = reserved(
+        ledger
+            .client
+            .reserve_set(reserve_request(T, "long", &["run"], 100, &fencing))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    // Not yet expired: the sweep leaves it alone.
+    let swept = ledger
+        .client
+        .sweep_expired(pb::SweepExpiredRequest {
+            max_reservations: 100,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(swept.expired, 0);
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    let err = ledger
+        .client
+        .commit(pb::CommitRequest {
+            tenant_id: T.into(),
+            reservation_id: r.reservation_id.clone(),
+            actual_nano_usd: 1,
+            fencing: Some(fencing.clone()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), pb::ErrorCode::ReservationExpired);
+    let swept = ledger
+        .client
+        .sweep_expired(pb::SweepExpiredRequest {
+            max_reservations: 100,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(swept.expired, 1);
+    let b = balance(&mut ledger, "run").await;
+    assert_eq!((b.reserved_nano_usd, b.committed_nano_usd), (100, 0));
+    let release = pb::ReleaseRequest {
+        tenant_id: T.into(),
+        reservation_id: r.reservation_id,
+        fencing: Some(fencing.clone()),
+        reason: String::new(),
+    };
+    assert_eq!(
+        code(&ledger.client.release(release).await.unwrap_err()),
+        pb::ErrorCode::ReservationAlreadyResolved
+    );
+    let again = ledger
+        .client
+        .sweep_expired(pb::SweepExpiredRequest {
+            max_reservations: 100,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.expired, 0, "an expired reservation expires once");
+    ledger
+        .client
+        .commit(pb::CommitRequest {
+            tenant_id: T.into(),
+            reservation_id: keep.reservation_id,
+            actual_nano_usd: 100,
+            fencing: Some(fencing),
+        })
+        .await
+        .unwrap();
+    invariants::check(ledger.store().pool()).await.unwrap();
+}
+
+#[tokio::test]
+async fn calendar_windows_start_at_utc_boundaries() {
+    let (mut ledger, fencing) = setup().await;
+    ledger
+        .client
+        .upsert_budget(pb::UpsertBudgetRequest {
+            tenant_id: T.into(),
+            budget_id: "daily".into(),
+            limit_nano_usd: 500,
+            soft_cap_nano_usd: 400,
+            window: pb::BudgetWindow::CalendarDayUtc.into(),
+        })
+        .await
+        .unwrap();
+    let r = reserved(
+        ledger
+            .client
+            .reserve_set(reserve_request(T, "d1", &["daily"], 100, &fencing))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let b = &r.balances[0];
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    assert_eq!(
+        b.window_start_unix_ms % 86_400_000,
+        0,
+        "day windows start at 00:00 UTC"
+    );
+    assert!(now_ms - b.window_start_unix_ms < 86_400_000 + 60_000);
+    assert_eq!(
+        (b.soft_cap_nano_usd, b.window),
+        (400, pb::BudgetWindow::CalendarDayUtc as i32)
+    );
+    invariants::check(ledger.store().pool()).await.unwrap();
+}
+
+#[tokio::test]
+async fn lowering_a_limit_below_usage_clamps_the_current_window_and_stops_spending() {
+    let (mut ledger, fencing) = setup().await;
+    reserved(
+        ledger
+            .client
+            .reserve_set(reserve_request(T, "k", &["run"], 600, &fencing))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let response = ledger
+        .client
+        .upsert_budget(pb::UpsertBudgetRequest {
+            tenant_id: T.into(),
+            budget_id: "run".into(),
+            limit_nano_usd: 100,
+            soft_cap_nano_usd: 0,
+            window: pb::BudgetWindow::Lifetime.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let b = response.balance.unwrap();
+    assert_eq!((b.limit_nano_usd, b.remaining_nano_usd), (600, 0));
+    let denied = ledger
+        .client
+        .reserve_set(reserve_request(T, "k2", &["run"], 1, &fencing))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        denied.outcome,
+        Some(pb::reserve_set_response::Outcome::Denied(_))
+    ));
+    // Raising it again takes effect at once.
+    ledger
+        .client
+        .upsert_budget(pb::UpsertBudgetRequest {
+            tenant_id: T.into(),
+            budget_id: "run".into(),
+            limit_nano_usd: 2_000,
+            soft_cap_nano_usd: 0,
+            window: pb::BudgetWindow::Lifetime.into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(balance(&mut ledger, "run").await.remaining_nano_usd, 1_400);
+    invariants::check(ledger.store().pool()).await.unwrap();
+}
+
+#[tokio::test]
+async fn upserts_are_idempotent() {
+    let (mut ledger, _) = setup().await;
+    let events = outbox_count(&ledger).await;
+    let t = ledger
+        .client
+        .upsert_tenant(pb::UpsertTenantRequest {
+            tenant_id: T.into(),
+            display_name: T.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!t.created);
+    ledger.budget(T, "run", 1_000).await.unwrap();
+    assert_eq!(
+        outbox_count(&ledger).await,
+        events,
+        "an unchanged upsert writes nothing"
+    );
+}
+
+#[tokio::test]
+async fn bad_input_gets_its_stable_code_and_writes_nothing() {
+    let (mut ledger, fencing) = setup().await;
+    let before = outbox_count(&ledger).await;
+    let ok = reserve_request(T, "k", &["run"], 10, &fencing);
+    let cases: Vec<(&str, pb::ReserveSetRequest, pb::ErrorCode)> = vec![
+        (
+            "negative amount",
+            pb::ReserveSetRequest {
+                amount_nano_usd: -1,
+                ..ok.clone()
+            },
+            pb::ErrorCode::AmountInvalid,
+        ),
+        (
+            "zero amount",
+            pb::ReserveSetRequest {
+                amount_nano_usd: 0,
+                ..ok.clone()
+            },
+            pb::ErrorCode::AmountInvalid,
+        ),
+        (
+            "overflowing amount",
+            pb::ReserveSetRequest {
+                amount_nano_usd: i64::MAX,
+                ..ok.clone()
+            },
+            pb::ErrorCode::AmountInvalid,
+        ),
+        (
+            "unknown budget",
+            pb::ReserveSetRequest {
+                budget_ids: vec!["nope".into()],
+                ..ok.clone()
+            },
+            pb::ErrorCode::BudgetNotFound,
+        ),
+        (
+            "unknown tenant",
+            pb::ReserveSetRequest {
+                tenant_id: "tenant-z".into(),
+                ..ok.clone()
+            },
+            pb::ErrorCode::TenantNotFound,
+        ),
+        (
+            "malformed tenant",
+            pb::ReserveSetRequest {
+                tenant_id: "Tenant A".into(),
+                ..ok.clone()
+            },
+            pb::ErrorCode::IdMalformed,
+        ),
+        (
+            "malformed key",
+            pb::ReserveSetRequest {
+                idempotency_key: "has space".into(),
+                ..ok.clone()
+            },
+            pb::ErrorCode::IdMalformed,
+        ),
+        (
+            "missing fencing",
+            pb::ReserveSetRequest {
+                fencing: None,
+                ..ok.clone()
+            },
+            pb::ErrorCode::FencingEpochMissing,
+        ),
+        (
+            "epoch zero",
+            pb::ReserveSetRequest {
+                fencing: Some(pb::FencingToken {
+                    epoch: 0,
+                    ..fencing.clone()
+                }),
+                ..ok.clone()
+            },
+            pb::ErrorCode::FencingEpochMissing,
+        ),
+        (
+            "stale epoch",
+            pb::ReserveSetRequest {
+                fencing: Some(pb::FencingToken {
+                    epoch: fencing.epoch + 1,
+                    ..fencing.clone()
+                }),
+                ..ok.clone()
+            },
+            pb::ErrorCode::FencingEpochStale,
+        ),
+        (
+            "unknown scope",
+            pb::ReserveSetRequest {
+                fencing: Some(pb::FencingToken {
+                    scope_id: "nope".into(),
+                    ..fencing.clone()
+                }),
+                ..ok.clone()
+            },
+            pb::ErrorCode::FencingScopeNotFound,
+        ),
+        (
+            "ttl too short",
+            pb::ReserveSetRequest {
+                ttl_ms: 999,
+                ..ok.clone()
+            },
+            pb::ErrorCode::TtlInvalid,
+        ),
+        (
+            "too many budgets",
+            pb::ReserveSetRequest {
+                budget_ids: (0..9).map(|i| format!("b{i}")).collect(),
+                ..ok.clone()
+            },
+            pb::ErrorCode::RequestTooLarge,
+        ),
+        (
+            "duplicate budget",
+            pb::ReserveSetRequest {
+                budget_ids: vec!["run".into(), "run".into()],
+                ..ok.clone()
+            },
+            pb::ErrorCode::InvalidArgument,
+        ),
+        (
+            "no budgets",
+            pb::ReserveSetRequest {
+                budget_ids: vec![],
+                ..ok.clone()
+            },
+            pb::ErrorCode::InvalidArgument,
+        ),
+        (
+            "oversized context",
+            pb::ReserveSetRequest {
+                context: Some(pb::DecisionContext {
+                    run_id: "r".repeat(257),
+                    ..Default::default()
+                }),
+                ..ok.clone()
+            },
+            pb::ErrorCode::RequestTooLarge,
+        ),
+        (
+            "missing pricing",
+            pb::ReserveSetRequest {
+                pricing: None,
+                ..ok.clone()
+            },
+            pb::ErrorCode::InvalidArgument,
+        ),
+    ];
+    for (name, request, expected) in cases {
+        let err = ledger.client.reserve_set(request).await.expect_err(name);
+        assert_eq!(code(&err), expected, "{name}: {err:?}");
+        assert_eq!(
+            err.metadata()
+                .get("spendguard-error-code")
+                .and_then(|v| v.to_str().ok()),
+            expected.as_str_name().strip_prefix("ERROR_CODE_"),
+            "{name}"
+        );
+    }
+    // A request beyond the transport limit is refused before parsing.
+    let huge = pb::ReserveSetRequest {
+        idempotency_key: "k".repeat(70_000),
+        ..ok.clone()
+    };
+    assert_eq!(
+        ledger.client.reserve_set(huge).await.unwrap_err().code(),
+        tonic::Code::OutOfRange
+    );
+
+    let commit_cases: Vec<(pb::CommitRequest, pb::ErrorCode)> = vec![
+        (
+            pb::CommitRequest {
+                tenant_id: T.into(),
+                reservation_id: "not-a-uuid".into(),
+                actual_nano_usd: 1,
+                fencing: Some(fencing.clone()),
+            },
+            pb::ErrorCode::IdMalformed,
+        ),
+        (
+            pb::CommitRequest {
+                tenant_id: T.into(),
+                reservation_id: uuid::Uuid::new_v4().to_string(),
+                actual_nano_usd: 1,
+                fencing: Some(fencing.clone()),
+            },
+            pb::ErrorCode::ReservationNotFound,
+        ),
+        (
+            pb::CommitRequest {
+                tenant_id: T.into(),
+                reservation_id: uuid::Uuid::new_v4().to_string(),
+                actual_nano_usd: -5,
+                fencing: Some(fencing.clone()),
+            },
+            pb::ErrorCode::AmountInvalid,
+        ),
+    ];
+    for (request, expected) in commit_cases {
+        assert_eq!(
+            code(&ledger.client.commit(request).await.unwrap_err()),
+            expected
+        );
+    }
+    let bad_budget = pb::UpsertBudgetRequest {
+        tenant_id: T.into(),
+        budget_id: "b".into(),
+        limit_nano_usd: 10,
+        soft_cap_nano_usd: 11,
+        window: pb::BudgetWindow::Lifetime.into(),
+    };
+    assert_eq!(
+        code(
+            &ledger
+                .client
+                .upsert_budget(bad_budget.clone())
+                .await
+                .unwrap_err()
+        ),
+        pb::ErrorCode::BudgetInvalid
+    );
+    let no_window = pb::UpsertBudgetRequest {
+        soft_cap_nano_usd: 0,
+        window: 0,
+        ..bad_budget
+    };
+    assert_eq!(
+        code(&ledger.client.upsert_budget(no_window).await.unwrap_err()),
+        pb::ErrorCode::BudgetInvalid
+    );
+    assert_eq!(
+        code(
+            &ledger
+                .client
+                .sweep_expired(pb::SweepExpiredRequest {
+                    max_reservations: 0
+                })
+                .await
+                .unwrap_err()
+        ),
+        pb::ErrorCode::InvalidArgument
+    );
+    assert_eq!(
+        outbox_count(&ledger).await,
+        before,
+        "refused requests write nothing"
+    );
+    let reservations: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations")
+        .fetch_one(ledger.store().pool())
+        .await
+        .unwrap();
+    assert_eq!(reservations, 0);
+}
+
+#[tokio::test]
+async fn tenants_cannot_touch_each_other() {
+    let (mut ledger, fencing_a) = setup().await;
+    let fencing_b = ledger.tenant_with_lease("tenant-b").await.unwrap();
+    ledger.budget("tenant-b", "run", 1_000).await.unwrap();
+    let r = reserved(
+        ledger
+            .client
+            .reserve_set(reserve_request(T, "k", &["run"], 10, &fencing_a))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    // Tenant B cannot settle A's reservation, nor use A's scope, nor reserve on A's budget.
+    let err = ledger
+        .client
+        .release(pb::ReleaseRequest {
+            tenant_id: "tenant-b".into(),
+            reservation_id: r.reservation_id,
+            fencing: Some(fencing_b.clone()),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), pb::ErrorCode::ReservationNotFound);
+    let err = ledger
+        .client
+        .reserve_set(reserve_request("tenant-b", "k", &["run"], 10, &fencing_a))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), pb::ErrorCode::FencingScopeNotFound);
+    let err = ledger
+        .client
+        .get_balances(pb::GetBalancesRequest {
+            tenant_id: "tenant-b".into(),
+            budget_ids: vec!["tenant".into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), pb::ErrorCode::BudgetNotFound);
+    invariants::check(ledger.store().pool()).await.unwrap();
+}
+
+#[tokio::test]
+async fn leases_renew_take_over_and_fence_stale_writers() {
+    let (mut ledger, fencing) = setup().await;
+    let acquire = |owner: &str, expected_epoch: u64, force: bool, ttl_ms: u32| {
+        pb::AcquireFencingLeaseRequest {
+            scope_id: fencing.scope_id.clone(),
+            tenant_id: T.into(),
+            workload_instance_id: owner.into(),
+            ttl_ms,
+            expected_epoch,
+            force,
+        }
+    };
+    let renewed = ledger
+        .client
+        .acquire_fencing_lease(acquire("tenant-a-w", fencing.epoch, false, 1_000))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (renewed.epoch, renewed.outcome),
+        (fencing.epoch, pb::LeaseOutcome::Renewed as i32)
+    );
+    let held = ledger
+        .client
+        .acquire_fencing_lease(acquire("other", 0, false, 10_000))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&held), pb::ErrorCode::FencingLeaseHeld);
+    // A reservation made under the old epoch…
+    let r = reserved(
+        ledger
+            .client
+            .reserve_set(reserve_request(T, "old", &["run"], 50, &fencing))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    let expired = ledger
+        .client
+        .reserve_set(reserve_request(T, "late", &["run"], 50, &fencing))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&expired), pb::ErrorCode::FencingLeaseExpired);
+    let taken = ledger
+        .client
+        .acquire_fencing_lease(acquire("other", 0, false, 60_000))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (taken.epoch, taken.outcome),
+        (fencing.epoch + 1, pb::LeaseOutcome::TakenOver as i32)
+    );
+    // …cannot be settled by the pre-takeover writer, but can by the new holder.
+    let stale = ledger
+        .client
+        .release(pb::ReleaseRequest {
+            tenant_id: T.into(),
+            reservation_id: r.reservation_id.clone(),
+            fencing: Some(fencing.clone()),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(code(&stale), pb::ErrorCode::FencingEpochStale);
+    let fresh = pb::FencingToken {
+        scope_id: fencing.scope_id.clone(),
+        epoch: taken.epoch,
+    };
+    ledger
+        .client
+        .release(pb::ReleaseRequest {
+            tenant_id: T.into(),
+            reservation_id: r.reservation_id,
+            fencing: Some(fresh),
+            reason: "takeover".into(),
+        })
+        .await
+        .unwrap();
+    let forced = ledger
+        .client
+        .acquire_fencing_lease(acquire("admin", 0, true, 60_000))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (forced.epoch, forced.outcome),
+        (fencing.epoch + 2, pb::LeaseOutcome::Forced as i32)
+    );
+    let minted = ledger
+        .client
+        .acquire_fencing_lease(acquire("admin", 99, false, 60_000))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&minted), pb::ErrorCode::FencingEpochStale);
+    let history: Vec<String> =
+        sqlx::query_scalar("SELECT outcome FROM fencing_scope_events ORDER BY event_id")
+            .fetch_all(ledger.store().pool())
+            .await
+            .unwrap();
+    assert_eq!(history, ["acquired", "renewed", "taken_over", "forced"]);
+    invariants::check(ledger.store().pool()).await.unwrap();
+}
+
+#[tokio::test]
+async fn outbox_events_are_canonical_and_sequenced() {
+    let (mut ledger, fencing) = setup().await;
+    reserved(
+        ledger
+            .client
+            .reserve_set(reserve_request(T, "k", &["run"], 10, &fencing))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let rows: Vec<(i64, Vec<u8>, Vec<u8>)> = sqlx::query_as(
+        "SELECT producer_sequence, canonical_event, event_sha256 FROM audit_outbox ORDER BY 1",
+    )
+    .fetch_all(ledger.store().pool())
+    .await
+    .unwrap();
+    for (i, (sequence, bytes, sha)) in rows.iter().enumerate() {
+        assert_eq!(*sequence, i64::try_from(i).unwrap() + 1);
+        let value: serde_json::Value = serde_json::from_slice(bytes).unwrap();
+        assert_eq!(
+            &serde_json_canonicalizer::to_vec(&value).unwrap(),
+            bytes,
+            "stored bytes are RFC 8785 canonical"
+        );
+        assert_eq!(value["producer_sequence"], *sequence);
+        assert_eq!(value["producer_instance_id"], "ledger-0");
+        use sha2::Digest;
+        assert_eq!(sha2::Sha256::digest(bytes).to_vec(), *sha);
+    }
+    let types: Vec<String> =
+        sqlx::query_scalar("SELECT event_type FROM audit_outbox ORDER BY producer_sequence")
+            .fetch_all(ledger.store().pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        types,
+        [
+            "tenant.upserted",
+            "fencing.lease_acquired",
+            "budget.upserted",
+            "budget.upserted",
+            "reservation.reserved"
+        ]
+    );
+    invariants::check(ledger.store().pool()).await.unwrap();
+}
+
+#[tokio::test]
+async fn database_constraints_hold_even_if_application_code_is_wrong() {
+    let (mut ledger, fencing) = setup().await;
+    let r = reserved(
+        ledger
+            .client
+            .reserve_set(reserve_request(T, "k", &["run"], 10, &fencing))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let pool = ledger.store().pool().clone();
+    let id = uuid::Uuid::parse_str(&r.reservation_id).unwrap();
+    let attempts = [
+        // Money moved without a journal entry.
+        "UPDATE budget_windows SET committed_nano_usd = committed_nano_usd + 1".to_owned(),
+        // A journal entry that would overspend.
+        format!("INSERT INTO ledger_entries (tenant_id, budget_id, window_start, reservation_id, kind, reserved_delta) SELECT tenant_id, budget_id, window_start, '{}', 'commit', 5000 FROM budget_windows WHERE budget_id = 'run'", uuid::Uuid::new_v4()),
+        // Negative reserved.
+        format!("INSERT INTO ledger_entries (tenant_id, budget_id, window_start, reservation_id, kind, reserved_delta) SELECT tenant_id, budget_id, window_start, '{id}', 'release', -11 FROM budget_windows WHERE budget_id = 'run'"),
+        // History rewritten.
+        "DELETE FROM ledger_entries".to_owned(),
+        "UPDATE audit_outbox SET event_type = 'x'".to_owned(),
+        // An epoch minted out of thin air.
+        "UPDATE fencing_scopes SET epoch = epoch + 5".to_owned(),
+        // A sequence nobody allocated.
+        "INSERT INTO audit_outbox SELECT producer_instance_id, producer_sequence + 1000, tenant_id, event_type, occurred_at, canonical_event, event_sha256 FROM audit_outbox LIMIT 1".to_owned(),
+    ];
+    for sql in attempts {
+        let result = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+            .execute(&pool)
+            .await;
+        assert!(result.is_err(), "the database accepted: {sql}");
+    }
+    // Resolving twice is refused by the trigger.
+    sqlx::query("UPDATE reservations SET state = 'released', resolved_at = now(), committed_nano_usd = 0, released_nano_usd = amount_nano_usd WHERE reservation_id = $1")
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let twice =
+        sqlx::query("UPDATE reservations SET state = 'committed' WHERE reservation_id = $1")
+            .bind(id)
+            .execute(&pool)
+            .await;
+    assert!(twice.is_err());
+}

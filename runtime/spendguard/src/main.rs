@@ -1,0 +1,49 @@
+//! The one SpendGuard binary. Each subcommand is a component; later issues add `operator`,
+//! `sidecar`, `worker …`, `doctor` and `crdgen`.
+
+use clap::{Parser, Subcommand};
+use spendguard_ledger::LedgerArgs;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "spendguard",
+    version,
+    about = "Runtime spend guard for LLM agents"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Component,
+}
+
+#[derive(Debug, Subcommand)]
+enum Component {
+    /// Serve the ledger gRPC API.
+    Ledger(Box<LedgerArgs>),
+    /// Apply database migrations and exit.
+    Migrate {
+        /// PostgreSQL URL.
+        #[arg(long, env = "SPENDGUARD_LEDGER_DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Component::Ledger(args) => args
+                .run()
+                .await
+                .map_err(|e| anyhow::anyhow!("{}: {e}", e.code().as_str())),
+            Component::Migrate { database_url } => {
+                let store = spendguard_ledger::store::Store::connect(&database_url, 1).await?;
+                store.migrate().await?;
+                println!("migrations applied");
+                Ok(())
+            }
+        }
+    })
+}

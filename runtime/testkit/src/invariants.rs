@@ -1,0 +1,89 @@
+//! Checks every ledger invariant on the database itself, after a test has done its worst.
+
+use anyhow::{Result, ensure};
+use sqlx::{PgPool, Row};
+
+/// Asserts: journal sums equal window balances; window reserved equals the open reservations'
+/// amounts; no window overspent; every resolved reservation has exactly one resolution entry per
+/// budget; producer sequences are contiguous from 1 with the counter just past the last.
+///
+/// # Errors
+/// A description of the first broken invariant.
+pub async fn check(pool: &PgPool) -> Result<()> {
+    let mismatched: Vec<String> = sqlx::query_scalar(
+        "SELECT w.tenant_id || '/' || w.budget_id || '@' || w.window_start
+           FROM budget_windows w
+           LEFT JOIN (SELECT tenant_id, budget_id, window_start,
+                             sum(limit_delta) l, sum(reserved_delta) r, sum(committed_delta) c, sum(overrun_delta) o
+                        FROM ledger_entries GROUP BY 1, 2, 3) e
+                  USING (tenant_id, budget_id, window_start)
+          WHERE (w.limit_nano_usd, w.reserved_nano_usd, w.committed_nano_usd, w.overrun_nano_usd)
+                IS DISTINCT FROM (coalesce(e.l, 0), coalesce(e.r, 0), coalesce(e.c, 0), coalesce(e.o, 0))",
+    )
+    .fetch_all(pool)
+    .await?;
+    ensure!(
+        mismatched.is_empty(),
+        "journal does not sum to balances for {mismatched:?}"
+    );
+
+    let reserved_mismatch: Vec<String> = sqlx::query_scalar(
+        "SELECT w.budget_id FROM budget_windows w
+           LEFT JOIN (SELECT r.tenant_id, b.budget_id, b.window_start, sum(r.amount_nano_usd) open
+                        FROM reservations r, unnest(r.budget_ids, r.window_starts) AS b(budget_id, window_start)
+                       WHERE r.state = 'reserved' GROUP BY 1, 2, 3) o
+                  USING (tenant_id, budget_id, window_start)
+          WHERE w.reserved_nano_usd <> coalesce(o.open, 0)",
+    )
+    .fetch_all(pool)
+    .await?;
+    ensure!(
+        reserved_mismatch.is_empty(),
+        "reserved differs from open reservations for {reserved_mismatch:?}"
+    );
+
+    let overspent: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM budget_windows WHERE committed_nano_usd + reserved_nano_usd > limit_nano_usd
+            OR reserved_nano_usd < 0",
+    )
+    .fetch_one(pool)
+    .await?;
+    ensure!(overspent == 0, "{overspent} windows overspent");
+
+    let resolution_counts: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM reservations r
+          WHERE (SELECT count(*) FROM ledger_entries e
+                  WHERE e.reservation_id = r.reservation_id AND e.kind IN ('commit', 'release', 'expire'))
+                <> CASE WHEN r.state = 'reserved' THEN 0 ELSE cardinality(r.budget_ids) END
+             OR (SELECT count(*) FROM ledger_entries e
+                  WHERE e.reservation_id = r.reservation_id AND e.kind = 'reserve') <> cardinality(r.budget_ids)",
+    )
+    .fetch_one(pool)
+    .await?;
+    ensure!(
+        resolution_counts == 0,
+        "{resolution_counts} reservations with wrong reserve/resolution entries"
+    );
+
+    let rows = sqlx::query(
+        "SELECT p.producer_instance_id, p.next_sequence, count(o.producer_sequence) n,
+                coalesce(max(o.producer_sequence), 0) mx
+           FROM audit_producers p LEFT JOIN audit_outbox o USING (producer_instance_id)
+          GROUP BY 1, 2",
+    )
+    .fetch_all(pool)
+    .await?;
+    for row in rows {
+        let (id, next, n, max): (String, i64, i64, i64) = (
+            row.try_get(0)?,
+            row.try_get(1)?,
+            row.try_get(2)?,
+            row.try_get(3)?,
+        );
+        ensure!(
+            n == max && next == max + 1,
+            "producer {id}: {n} events, max sequence {max}, next {next}: not contiguous"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,169 @@
+//! An in-process ledger on a fresh database of a shared throwaway cluster, with a connected
+//! client and helpers to set up tenants, budgets and leases.
+
+use crate::postgres::PgCluster;
+use anyhow::Result;
+use spendguard_ledger::store::Store;
+use spendguard_ledger::{LedgerTuning, RunningLedger};
+use spendguard_proto::ledger::v1 as pb;
+use std::sync::OnceLock;
+use tonic::transport::Channel;
+
+/// The gRPC client type.
+pub type LedgerClient = pb::ledger_client::LedgerClient<Channel>;
+
+/// One cluster per test binary; each test gets its own database.
+pub fn shared_cluster() -> &'static PgCluster {
+    static CLUSTER: OnceLock<PgCluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        // fsync off: tests check logic, not durability (the crash test and benchmarks run with it on).
+        PgCluster::start(&[("fsync", "off"), ("max_connections", "400")])
+            .expect("start the test PostgreSQL cluster")
+    })
+}
+
+/// A ledger serving on a loopback port.
+pub struct TestLedger {
+    /// Database URL.
+    pub database_url: String,
+    /// The running ledger.
+    pub ledger: Option<RunningLedger>,
+    /// A connected client.
+    pub client: LedgerClient,
+}
+
+impl TestLedger {
+    /// Starts a ledger with instance id `ledger-0` on a fresh database.
+    ///
+    /// # Errors
+    /// When the database or server cannot start.
+    pub async fn start() -> Result<Self> {
+        let database_url = shared_cluster().create_database().await?;
+        Self::start_on(&database_url, "ledger-0").await
+    }
+
+    /// Starts a ledger on an existing database.
+    ///
+    /// # Errors
+    /// When the server cannot start.
+    pub async fn start_on(database_url: &str, instance_id: &str) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let mut registry = prometheus_client_registry();
+        let ledger = spendguard_ledger::start(
+            database_url,
+            instance_id,
+            &LedgerTuning::default(),
+            listener,
+            &mut registry,
+        )
+        .await?;
+        let client = connect(ledger.addr).await?;
+        Ok(Self {
+            database_url: database_url.to_owned(),
+            ledger: Some(ledger),
+            client,
+        })
+    }
+
+    /// The store of the running ledger.
+    ///
+    /// # Panics
+    /// After [`TestLedger::stop`].
+    pub fn store(&self) -> &Store {
+        &self.ledger.as_ref().expect("ledger running").store
+    }
+
+    /// Graceful shutdown.
+    pub async fn stop(&mut self) {
+        if let Some(ledger) = self.ledger.take() {
+            ledger.shutdown().await;
+        }
+    }
+
+    /// Creates tenant `tenant_id`, a lease on scope `<tenant>-scope` for `<tenant>-w`, and returns
+    /// the fencing token.
+    ///
+    /// # Errors
+    /// RPC failures.
+    pub async fn tenant_with_lease(&mut self, tenant_id: &str) -> Result<pb::FencingToken> {
+        self.client
+            .upsert_tenant(pb::UpsertTenantRequest {
+                tenant_id: tenant_id.into(),
+                display_name: tenant_id.into(),
+            })
+            .await?;
+        let scope_id = format!("{tenant_id}-scope");
+        let lease = self
+            .client
+            .acquire_fencing_lease(pb::AcquireFencingLeaseRequest {
+                scope_id: scope_id.clone(),
+                tenant_id: tenant_id.into(),
+                workload_instance_id: format!("{tenant_id}-w"),
+                ttl_ms: 600_000,
+                expected_epoch: 0,
+                force: false,
+            })
+            .await?
+            .into_inner();
+        Ok(pb::FencingToken {
+            scope_id,
+            epoch: lease.epoch,
+        })
+    }
+
+    /// Creates a lifetime budget.
+    ///
+    /// # Errors
+    /// RPC failures.
+    pub async fn budget(&mut self, tenant_id: &str, budget_id: &str, limit: i64) -> Result<()> {
+        self.client
+            .upsert_budget(pb::UpsertBudgetRequest {
+                tenant_id: tenant_id.into(),
+                budget_id: budget_id.into(),
+                limit_nano_usd: limit,
+                soft_cap_nano_usd: 0,
+                window: pb::BudgetWindow::Lifetime.into(),
+            })
+            .await?;
+        Ok(())
+    }
+}
+
+fn prometheus_client_registry() -> prometheus_client::registry::Registry {
+    prometheus_client::registry::Registry::default()
+}
+
+/// Connects a client to `addr`.
+///
+/// # Errors
+/// When the connection fails.
+pub async fn connect(addr: std::net::SocketAddr) -> Result<LedgerClient> {
+    Ok(pb::ledger_client::LedgerClient::connect(format!("http://{addr}")).await?)
+}
+
+/// A valid ReserveSet request for tests and benchmarks.
+pub fn reserve_request(
+    tenant_id: &str,
+    key: &str,
+    budget_ids: &[&str],
+    amount: i64,
+    fencing: &pb::FencingToken,
+) -> pb::ReserveSetRequest {
+    pb::ReserveSetRequest {
+        tenant_id: tenant_id.into(),
+        idempotency_key: key.into(),
+        budget_ids: budget_ids.iter().map(|b| (*b).to_owned()).collect(),
+        amount_nano_usd: amount,
+        fencing: Some(fencing.clone()),
+        ttl_ms: 60_000,
+        pricing: Some(pb::PricingRef {
+            version: "test-v1".into(),
+            sha256_hex: "ab".repeat(32),
+        }),
+        context: Some(pb::DecisionContext {
+            run_id: "run-1".into(),
+            model: "gpt-test".into(),
+            ..Default::default()
+        }),
+    }
+}

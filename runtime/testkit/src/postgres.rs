@@ -1,0 +1,236 @@
+//! A throwaway PostgreSQL 15 cluster: initdb + pg_ctl on a free loopback port in a temporary
+//! directory, removed when dropped — and, should the test process die first, by a watchdog that
+//! stops the cluster as soon as the process is gone. Nothing depends on a server that happens to
+//! be running.
+//!
+//! PostgreSQL refuses to run as root; as root the harness runs its binaries as `postgres` through
+//! `runuser`. Binaries come from `SPENDGUARD_PG_BIN` or `/usr/lib/postgresql/15/bin` (`make deps`
+//! installs them).
+
+use anyhow::{Context, Result, bail};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+const DEFAULT_PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// A running cluster.
+pub struct PgCluster {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    port: u16,
+    as_postgres_user: bool,
+    databases: AtomicU32,
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+}
+
+impl PgCluster {
+    /// Starts a cluster with PostgreSQL's defaults plus `settings` (e.g. `("fsync", "off")`).
+    ///
+    /// # Errors
+    /// When the binaries are missing (with the fix in the message) or the cluster fails to start.
+    pub fn start(settings: &[(&str, &str)]) -> Result<Self> {
+        let bin = std::env::var_os("SPENDGUARD_PG_BIN")
+            .map_or_else(|| PathBuf::from(DEFAULT_PG_BIN), PathBuf::from);
+        if !bin.join("initdb").exists() {
+            bail!(
+                "PostgreSQL 15 binaries not found in {} (set SPENDGUARD_PG_BIN, or run `make deps`)",
+                bin.display()
+            );
+        }
+        let as_postgres_user = is_root();
+        let dir = tempfile::Builder::new()
+            .prefix("spendguard-pg-")
+            .tempdir()?;
+        if as_postgres_user {
+            run(Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path()))?;
+        }
+        let port = crate::free_port();
+        let cluster = Self {
+            dir,
+            bin,
+            port,
+            as_postgres_user,
+            databases: AtomicU32::new(0),
+        };
+        let data = cluster.data_dir();
+        run(cluster
+            .pg("initdb")
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--locale=C",
+                "-D",
+            ])
+            .arg(&data))?;
+        let mut options = format!(
+            "-p {port} -c listen_addresses=127.0.0.1 -k {}",
+            cluster.dir.path().display()
+        );
+        for (name, value) in settings {
+            options.push_str(&format!(" -c {name}={value}"));
+        }
+        run(cluster
+            .pg("pg_ctl")
+            .args(["-w", "-t", "60", "-D"])
+            .arg(&data)
+            .arg("-l")
+            .arg(cluster.dir.path().join("postgres.log"))
+            .args(["-o", &options, "start"]))?;
+        cluster.spawn_watchdog()?;
+        Ok(cluster)
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn pg(&self, program: &str) -> Command {
+        let path = self.bin.join(program);
+        if self.as_postgres_user {
+            let mut command = Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(path);
+            command
+        } else {
+            Command::new(path)
+        }
+    }
+
+    /// Stops the cluster and removes its directory once this process has exited, however it
+    /// exits (a panic, SIGKILL of the test binary, a cancelled CI job).
+    fn spawn_watchdog(&self) -> Result<()> {
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop} -D {data} -m immediate stop >/dev/null 2>&1; rm -rf {dir}",
+            pid = std::process::id(),
+            stop = if self.as_postgres_user {
+                format!(
+                    "runuser -u postgres -- {}",
+                    self.bin.join("pg_ctl").display()
+                )
+            } else {
+                self.bin.join("pg_ctl").display().to_string()
+            },
+            data = self.data_dir().display(),
+            dir = self.dir.path().display(),
+        );
+        use std::os::unix::process::CommandExt;
+        Command::new("sh")
+            .args(["-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .context("spawning the cluster watchdog")?;
+        Ok(())
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// URL of database `name`.
+    pub fn url(&self, name: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// Creates a new, empty database and returns its URL.
+    ///
+    /// # Errors
+    /// When the server refuses.
+    pub async fn create_database(&self) -> Result<String> {
+        let n = self.databases.fetch_add(1, Ordering::Relaxed);
+        let name = format!("test_{n}");
+        let admin = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&self.url("postgres"))
+            .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&admin)
+            .await?;
+        admin.close().await;
+        Ok(self.url(&name))
+    }
+
+    /// The server log, for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
+    }
+
+    /// Kills the postmaster at once (crash drills).
+    ///
+    /// # Errors
+    /// When pg_ctl fails.
+    pub fn stop_immediately(&self) -> Result<()> {
+        run(self
+            .pg("pg_ctl")
+            .arg("-D")
+            .arg(self.data_dir())
+            .args(["-m", "immediate", "stop"]))
+    }
+
+    /// Starts the stopped cluster again on the same port.
+    ///
+    /// # Errors
+    /// When pg_ctl fails.
+    pub fn restart(&self) -> Result<()> {
+        let options = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -k {}",
+            self.port,
+            self.dir.path().display()
+        );
+        run(self
+            .pg("pg_ctl")
+            .args(["-w", "-t", "60", "-D"])
+            .arg(self.data_dir())
+            .arg("-l")
+            .arg(self.dir.path().join("postgres.log"))
+            .args(["-o", &options, "start"]))
+    }
+
+    /// Path of the cluster directory.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let _ = self
+            .pg("pg_ctl")
+            .arg("-D")
+            .arg(self.data_dir())
+            .args(["-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn run(command: &mut Command) -> Result<()> {
+    let output = command
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
+    if !output.status.success() {
+        bail!(
+            "{command:?} failed ({}): {}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
