@@ -1,0 +1,45 @@
+# SpendGuard. `make demo` runs the main job on a local stack; `make test` runs every test.
+# Both install what they need. Heavy builds are cached outside the clone.
+
+SHELL := /bin/bash
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/spendguard/target
+PG_BIN ?= /usr/lib/postgresql/15/bin
+export SPENDGUARD_PG_BIN ?= $(PG_BIN)
+CARGO ?= cargo
+
+.PHONY: deps test check fmt clippy bench demo demo-down
+
+## deps: install PostgreSQL 15 and protoc from Debian when missing.
+deps:
+	@missing=""; \
+	[ -x "$(PG_BIN)/initdb" ] || missing="$$missing postgresql-15"; \
+	command -v protoc >/dev/null || missing="$$missing protobuf-compiler"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@id postgres >/dev/null 2>&1 || (echo "no postgres user; install postgresql-15" && exit 1)
+
+## test: every test (unit, integration on real PostgreSQL, crash drill, proto drift).
+test: deps
+	$(CARGO) test --workspace --locked --no-fail-fast
+
+## check: formatting and lints, as CI runs them.
+check:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+## bench: ledger reserve+commit throughput and latency (prints figures; see docs/benchmarks.md).
+bench: deps
+	$(CARGO) run --release --locked -p spendguard-bench -- ledger $(BENCH_ARGS)
+
+## demo: start PostgreSQL and the ledger, run a small budget scenario, print balances, clean up.
+demo: deps
+	$(CARGO) build --release --locked -p spendguard -p spendguard-bench
+	$(CARGO_TARGET_DIR)/release/spendguard-bench demo --spendguard-bin $(CARGO_TARGET_DIR)/release/spendguard
+
+demo-down:
+	@pkill -f 'spendguard ledger' || true

@@ -1,0 +1,150 @@
+//! Concurrency: no overspend under contention, exactly one winner per expired scope, stale writers
+//! fenced, and one producer id per live process.
+
+use spendguard_ledger::error::Error;
+use spendguard_proto::ledger::v1 as pb;
+use spendguard_testkit::ledger::{connect, reserve_request};
+use spendguard_testkit::{TestLedger, invariants};
+
+const T: &str = "tenant-a";
+
+#[tokio::test]
+async fn two_hundred_concurrent_reserves_against_room_for_fifty() {
+    // Goal: exactly 50 of 200 concurrent ReserveSets fit a budget of 50 × amount, across two
+    // budgets of the same set, and balances and journal agree afterwards.
+    let mut ledger = TestLedger::start().await.unwrap();
+    let fencing = ledger.tenant_with_lease(T).await.unwrap();
+    ledger.budget(T, "hot", 50 * 7).await.unwrap();
+    ledger.budget(T, "roomy", 1_000_000).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let mut client = ledger.client.clone();
+        let request = reserve_request(T, &format!("k{i}"), &["roomy", "hot"], 7, &fencing);
+        tasks.push(tokio::spawn(async move { client.reserve_set(request).await.unwrap().into_inner() }));
+    }
+    let mut granted = 0;
+    for task in tasks {
+        match task.await.unwrap().outcome {
+            Some(pb::reserve_set_response::Outcome::Reserved(_)) => granted += 1,
+            Some(pb::reserve_set_response::Outcome::Denied(d)) => assert_eq!(d.budget_id, "hot"),
+            None => panic!("no outcome"),
+        }
+    }
+    assert_eq!(granted, 50);
+    let balances = ledger
+        .client
+        .get_balances(pb::GetBalancesRequest { tenant_id: T.into(), budget_ids: vec!["hot".into(), "roomy".into()] })
+        .await
+        .unwrap()
+        .into_inner()
+        .balances;
+    assert_eq!((balances[0].reserved_nano_usd, balances[0].remaining_nano_usd), (350, 0));
+    assert_eq!(balances[1].reserved_nano_usd, 350, "all or nothing across the set");
+    invariants::check(ledger.store().pool()).await.unwrap();
+}
+
+#[tokio::test]
+async fn two_ledger_replicas_cannot_overspend_one_budget() {
+    // Goal: two ledger processes (distinct producer ids) on one database share a hot budget;
+    // row locks, not process memory, bound the spend.
+    let mut a = TestLedger::start().await.unwrap();
+    let fencing = a.tenant_with_lease(T).await.unwrap();
+    a.budget(T, "hot", 100).await.unwrap();
+    let b = TestLedger::start_on(&a.database_url, "ledger-1").await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..120 {
+        let mut client = if i % 2 == 0 { a.client.clone() } else { b.client.clone() };
+        let request = reserve_request(T, &format!("k{i}"), &["hot"], 1, &fencing);
+        let fencing = fencing.clone();
+        tasks.push(tokio::spawn(async move {
+            let reservation = match client.reserve_set(request).await.unwrap().into_inner().outcome {
+                Some(pb::reserve_set_response::Outcome::Reserved(r)) => r,
+                _ => return 0,
+            };
+            client
+                .commit(pb::CommitRequest { tenant_id: T.into(), reservation_id: reservation.reservation_id, actual_nano_usd: 1, fencing: Some(fencing) })
+                .await
+                .unwrap();
+            1
+        }));
+    }
+    let mut committed = 0;
+    for task in tasks {
+        committed += task.await.unwrap();
+    }
+    assert_eq!(committed, 100);
+    invariants::check(a.store().pool()).await.unwrap();
+}
+
+#[tokio::test]
+async fn two_contenders_for_one_expired_scope_exactly_one_wins() {
+    let mut ledger = TestLedger::start().await.unwrap();
+    let first = ledger.tenant_with_lease(T).await.unwrap();
+    // Shorten the lease by renewing with the minimum TTL, then let it lapse.
+    ledger
+        .client
+        .acquire_fencing_lease(pb::AcquireFencingLeaseRequest { scope_id: first.scope_id.clone(), tenant_id: T.into(), workload_instance_id: format!("{T}-w"), ttl_ms: 1_000, expected_epoch: first.epoch, force: false })
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    let mut tasks = Vec::new();
+    for contender in ["pod-x", "pod-y", "pod-z"] {
+        let mut client = ledger.client.clone();
+        let scope_id = first.scope_id.clone();
+        tasks.push(tokio::spawn(async move {
+            client
+                .acquire_fencing_lease(pb::AcquireFencingLeaseRequest { scope_id, tenant_id: T.into(), workload_instance_id: contender.into(), ttl_ms: 60_000, expected_epoch: 0, force: false })
+                .await
+        }));
+    }
+    let mut winners = Vec::new();
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(lease) => winners.push(lease.into_inner()),
+            Err(status) => assert_eq!(spendguard_ledger::grpc::error_code_of(&status), Some(pb::ErrorCode::FencingLeaseHeld)),
+        }
+    }
+    assert_eq!(winners.len(), 1);
+    assert_eq!(winners[0].epoch, first.epoch + 1, "the epoch rises by exactly one");
+    // The pre-takeover writer is refused.
+    ledger.budget(T, "b", 100).await.unwrap();
+    let err = ledger.client.reserve_set(reserve_request(T, "stale", &["b"], 1, &first)).await.unwrap_err();
+    assert_eq!(spendguard_ledger::grpc::error_code_of(&err), Some(pb::ErrorCode::FencingEpochStale));
+    invariants::check(ledger.store().pool()).await.unwrap();
+}
+
+#[tokio::test]
+async fn two_processes_claiming_one_producer_id_fail_closed() {
+    let ledger = TestLedger::start().await.unwrap();
+    let second = TestLedger::start_on(&ledger.database_url, "ledger-0").await;
+    match second {
+        Err(e) => {
+            let error = e.downcast_ref::<Error>().expect("a ledger error");
+            assert_eq!(error.code(), spendguard_core::ErrorCode::ProducerInstanceConflict, "{error}");
+        }
+        Ok(_) => panic!("a second process claimed a live producer id"),
+    }
+    // Once the first stops, the id is free at once (restart without waiting for a TTL).
+    let mut ledger = ledger;
+    let url = ledger.database_url.clone();
+    ledger.stop().await;
+    let mut restarted = TestLedger::start_on(&url, "ledger-0").await.unwrap();
+    let fencing = restarted.tenant_with_lease(T).await.unwrap();
+    assert_eq!(fencing.epoch, 1);
+    invariants::check(restarted.store().pool()).await.unwrap();
+    let _ = connect(restarted.ledger.as_ref().unwrap().addr).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_stolen_producer_claim_stops_writes() {
+    // Goal: if another process rewrites this producer's claim token (it took the id over after
+    // our session died), our next write fails closed instead of interleaving sequences.
+    let mut ledger = TestLedger::start().await.unwrap();
+    let fencing = ledger.tenant_with_lease(T).await.unwrap();
+    ledger.budget(T, "b", 100).await.unwrap();
+    sqlx::query("UPDATE audit_producers SET claim_token = gen_random_uuid()").execute(ledger.store().pool()).await.unwrap();
+    let err = ledger.client.reserve_set(reserve_request(T, "k", &["b"], 1, &fencing)).await.unwrap_err();
+    assert_eq!(spendguard_ledger::grpc::error_code_of(&err), Some(pb::ErrorCode::ProducerInstanceConflict));
+    let reservations: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations").fetch_one(ledger.store().pool()).await.unwrap();
+    assert_eq!(reservations, 0);
+}
