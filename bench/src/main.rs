@@ -1,1 +1,244 @@
-fn main() {}
+//! Benchmarks and the demo driver. Prints figures; asserts nothing about speed.
+//!
+//! `spendguard-bench ledger`: reserve+commit pairs per second and p50/p99 pair latency against an
+//! in-process ledger on a throwaway PostgreSQL cluster with durable settings (fsync and
+//! synchronous_commit on), for one hot budget and for 100 budgets, at several client counts, plus a
+//! paced run at a fixed offered rate.
+//!
+//! `spendguard-bench demo`: starts PostgreSQL and the `spendguard ledger` binary, creates a tenant
+//! and budgets, spends until the hard cap stops it, and prints balances before and after.
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use spendguard_proto::ledger::v1 as pb;
+use spendguard_testkit::PgCluster;
+use spendguard_testkit::ledger::{LedgerClient, TestLedger, connect, reserve_request};
+use std::time::Duration;
+use tokio::time::Instant;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Mode,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// Ledger reserve+commit benchmark.
+    Ledger {
+        /// Seconds per measured scenario.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Client counts to measure.
+        #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+        clients: Vec<usize>,
+        /// Offered rate (pairs/s) of the paced scenario.
+        #[arg(long, default_value_t = 1_000)]
+        paced_rate: u64,
+    },
+    /// The `make demo` scenario.
+    Demo {
+        /// Path of the spendguard binary.
+        #[arg(long)]
+        spendguard_bin: std::path::PathBuf,
+    },
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    match Cli::parse().command {
+        Mode::Ledger { seconds, clients, paced_rate } => bench_ledger(Duration::from_secs(seconds), &clients, paced_rate).await,
+        Mode::Demo { spendguard_bin } => demo(&spendguard_bin).await,
+    }
+}
+
+const T: &str = "bench";
+
+async fn pair(client: &mut LedgerClient, fencing: &pb::FencingToken, key: &str, budget: &str) -> Result<()> {
+    let response = client.reserve_set(reserve_request(T, key, &[budget], 1_000, fencing)).await?.into_inner();
+    let Some(pb::reserve_set_response::Outcome::Reserved(r)) = response.outcome else { bail!("denied: {response:?}") };
+    client
+        .commit(pb::CommitRequest { tenant_id: T.into(), reservation_id: r.reservation_id, actual_nano_usd: 700, fencing: Some(fencing.clone()) })
+        .await?;
+    Ok(())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+fn report(name: &str, clients: usize, elapsed: Duration, mut latencies: Vec<Duration>) {
+    latencies.sort();
+    let pairs = latencies.len();
+    println!(
+        "{name:<22} clients={clients:<3} pairs={pairs:<7} pairs/s={:<8.0} p50={:>7.2}ms p99={:>7.2}ms",
+        pairs as f64 / elapsed.as_secs_f64(),
+        percentile(&latencies, 0.50).as_secs_f64() * 1e3,
+        percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+    );
+}
+
+async fn bench_ledger(duration: Duration, client_counts: &[usize], paced_rate: u64) -> Result<()> {
+    // Durable settings: PostgreSQL defaults (fsync on, synchronous_commit on).
+    let cluster = PgCluster::start(&[("max_connections", "200"), ("shared_buffers", "256MB")])?;
+    let url = cluster.create_database().await?;
+    let mut ledger = TestLedger::start_on(&url, "bench-ledger").await?;
+    let fencing = ledger.tenant_with_lease(T).await?;
+    ledger.budget(T, "hot", 1_000_000_000_000_000).await?;
+    for i in 0..100 {
+        ledger.budget(T, &format!("b{i}"), 1_000_000_000_000_000).await?;
+    }
+    println!("ledger benchmark: {}s per scenario, PostgreSQL 15 local, fsync=on synchronous_commit=on", duration.as_secs());
+    for (name, spread) in [("hot budget", false), ("100 budgets", true)] {
+        for &clients in client_counts {
+            let deadline = Instant::now() + duration;
+            let started = Instant::now();
+            let mut tasks = Vec::new();
+            for c in 0..clients {
+                let mut client = ledger.client.clone();
+                let fencing = fencing.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut latencies = Vec::new();
+                    let mut n = 0u64;
+                    while Instant::now() < deadline {
+                        let budget = if spread { format!("b{}", (c as u64 + n) % 100) } else { "hot".to_owned() };
+                        let key = format!("{name}-{clients}-{c}-{n}");
+                        let t = Instant::now();
+                        pair(&mut client, &fencing, &key, &budget).await?;
+                        latencies.push(t.elapsed());
+                        n += 1;
+                    }
+                    anyhow::Ok(latencies)
+                }));
+            }
+            let mut all = Vec::new();
+            for task in tasks {
+                all.extend(task.await??);
+            }
+            report(name, clients, started.elapsed(), all);
+        }
+    }
+    // Paced: a fixed offered rate on the hot budget, latency measured from each pair's start.
+    let interval = Duration::from_secs_f64(1.0 / paced_rate as f64);
+    let count = (paced_rate * duration.as_secs()) as usize;
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(count);
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    for n in 0..count {
+        ticker.tick().await;
+        let mut client = ledger.client.clone();
+        let fencing = fencing.clone();
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            pair(&mut client, &fencing, &format!("paced-{n}"), "hot").await?;
+            anyhow::Ok(t.elapsed())
+        }));
+    }
+    let mut latencies = Vec::with_capacity(count);
+    for task in tasks {
+        latencies.push(task.await??);
+    }
+    report(&format!("paced {paced_rate}/s hot"), 0, started.elapsed(), latencies);
+    ledger.stop().await;
+    Ok(())
+}
+
+async fn show(client: &mut LedgerClient, title: &str) -> Result<()> {
+    let balances = client
+        .get_balances(pb::GetBalancesRequest { tenant_id: "demo".into(), budget_ids: vec!["run-42".into(), "team".into()] })
+        .await?
+        .into_inner()
+        .balances;
+    println!("\n{title}");
+    println!("{:<8} {:>14} {:>14} {:>14} {:>14}", "BUDGET", "LIMIT_USD", "RESERVED_USD", "COMMITTED_USD", "REMAINING_USD");
+    for b in balances {
+        let usd = |n: i64| n as f64 / 1e9;
+        println!(
+            "{:<8} {:>14.6} {:>14.6} {:>14.6} {:>14.6}",
+            b.budget_id,
+            usd(b.limit_nano_usd),
+            usd(b.reserved_nano_usd),
+            usd(b.committed_nano_usd),
+            usd(b.remaining_nano_usd)
+        );
+    }
+    Ok(())
+}
+
+async fn demo(spendguard_bin: &std::path::Path) -> Result<()> {
+    let cluster = PgCluster::start(&[])?;
+    let url = cluster.create_database().await?;
+    let port = spendguard_testkit::free_port();
+    let admin_port = spendguard_testkit::free_port();
+    println!("PostgreSQL on 127.0.0.1:{}; starting `spendguard ledger` on 127.0.0.1:{port}", cluster.port());
+    let mut child = tokio::process::Command::new(spendguard_bin)
+        .arg("ledger")
+        .env("SPENDGUARD_LEDGER_DATABASE_URL", &url)
+        .env("SPENDGUARD_LEDGER_INSTANCE_ID", "demo-ledger")
+        .env("SPENDGUARD_LEDGER_LISTEN_ADDR", format!("127.0.0.1:{port}"))
+        .env("SPENDGUARD_ADMIN_ADDR", format!("127.0.0.1:{admin_port}"))
+        .env("SPENDGUARD_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting spendguard ledger")?;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let mut client = None;
+    for _ in 0..100 {
+        if let Ok(c) = connect(addr).await {
+            client = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut client = client.context("ledger did not come up")?;
+    client.upsert_tenant(pb::UpsertTenantRequest { tenant_id: "demo".into(), display_name: "Demo Inc".into() }).await?;
+    for (budget, usd) in [("run-42", 2), ("team", 100)] {
+        client
+            .upsert_budget(pb::UpsertBudgetRequest {
+                tenant_id: "demo".into(),
+                budget_id: budget.into(),
+                limit_nano_usd: usd * 1_000_000_000,
+                soft_cap_nano_usd: 0,
+                window: pb::BudgetWindow::CalendarMonthUtc.into(),
+            })
+            .await?;
+    }
+    let lease = client
+        .acquire_fencing_lease(pb::AcquireFencingLeaseRequest { scope_id: "demo/agent-pod".into(), tenant_id: "demo".into(), workload_instance_id: "agent-pod".into(), ttl_ms: 30_000, expected_epoch: 0, force: false })
+        .await?
+        .into_inner();
+    let fencing = pb::FencingToken { scope_id: "demo/agent-pod".into(), epoch: lease.epoch };
+    println!("fencing lease acquired: epoch {}", lease.epoch);
+    show(&mut client, "balances before").await?;
+    // Each call reserves its worst case ($0.45) and commits its real cost ($0.30).
+    for call in 1.. {
+        let mut request = reserve_request("demo", &format!("call-{call}"), &["run-42", "team"], 450_000_000, &fencing);
+        request.tenant_id = "demo".into();
+        match client.reserve_set(request).await?.into_inner().outcome {
+            Some(pb::reserve_set_response::Outcome::Reserved(r)) => {
+                client
+                    .commit(pb::CommitRequest { tenant_id: "demo".into(), reservation_id: r.reservation_id, actual_nano_usd: 300_000_000, fencing: Some(fencing.clone()) })
+                    .await?;
+                println!("call {call}: CONTINUE  reserved $0.45, committed $0.30");
+            }
+            Some(pb::reserve_set_response::Outcome::Denied(d)) => {
+                println!("call {call}: STOP      BUDGET_EXHAUSTED on {} (remaining ${:.2})", d.budget_id, d.remaining_nano_usd as f64 / 1e9);
+                break;
+            }
+            None => bail!("no outcome"),
+        }
+    }
+    show(&mut client, "balances after").await?;
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_outbox")
+        .fetch_one(&sqlx::PgPool::connect(&url).await?)
+        .await?;
+    println!("\naudit outbox: {events} canonical events written in the same transactions");
+    child.start_kill()?;
+    child.wait().await?;
+    Ok(())
+}
