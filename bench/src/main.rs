@@ -106,7 +106,7 @@ async fn bench_ledger(duration: Duration, client_counts: &[usize], paced_rate: u
                     let mut n = 0u64;
                     while Instant::now() < deadline {
                         let budget = if spread { format!("b{}", (c as u64 + n) % 100) } else { "hot".to_owned() };
-                        let key = format!("{name}-{clients}-{c}-{n}");
+                        let key = format!("{}-{clients}-{c}-{n}", name.replace(' ', "_"));
                         let t = Instant::now();
                         pair(&mut client, &fencing, &key, &budget).await?;
                         latencies.push(t.elapsed());
