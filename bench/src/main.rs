@@ -47,18 +47,37 @@ enum Mode {
 #[tokio::main]
 async fn main() -> Result<()> {
     match Cli::parse().command {
-        Mode::Ledger { seconds, clients, paced_rate } => bench_ledger(Duration::from_secs(seconds), &clients, paced_rate).await,
+        Mode::Ledger {
+            seconds,
+            clients,
+            paced_rate,
+        } => bench_ledger(Duration::from_secs(seconds), &clients, paced_rate).await,
         Mode::Demo { spendguard_bin } => demo(&spendguard_bin).await,
     }
 }
 
 const T: &str = "bench";
 
-async fn pair(client: &mut LedgerClient, fencing: &pb::FencingToken, key: &str, budget: &str) -> Result<()> {
-    let response = client.reserve_set(reserve_request(T, key, &[budget], 1_000, fencing)).await?.into_inner();
-    let Some(pb::reserve_set_response::Outcome::Reserved(r)) = response.outcome else { bail!("denied: {response:?}") };
+async fn pair(
+    client: &mut LedgerClient,
+    fencing: &pb::FencingToken,
+    key: &str,
+    budget: &str,
+) -> Result<()> {
+    let response = client
+        .reserve_set(reserve_request(T, key, &[budget], 1_000, fencing))
+        .await?
+        .into_inner();
+    let Some(pb::reserve_set_response::Outcome::Reserved(r)) = response.outcome else {
+        bail!("denied: {response:?}")
+    };
     client
-        .commit(pb::CommitRequest { tenant_id: T.into(), reservation_id: r.reservation_id, actual_nano_usd: 700, fencing: Some(fencing.clone()) })
+        .commit(pb::CommitRequest {
+            tenant_id: T.into(),
+            reservation_id: r.reservation_id,
+            actual_nano_usd: 700,
+            fencing: Some(fencing.clone()),
+        })
         .await?;
     Ok(())
 }
@@ -90,9 +109,14 @@ async fn bench_ledger(duration: Duration, client_counts: &[usize], paced_rate: u
     let fencing = ledger.tenant_with_lease(T).await?;
     ledger.budget(T, "hot", 1_000_000_000_000_000).await?;
     for i in 0..100 {
-        ledger.budget(T, &format!("b{i}"), 1_000_000_000_000_000).await?;
+        ledger
+            .budget(T, &format!("b{i}"), 1_000_000_000_000_000)
+            .await?;
     }
-    println!("ledger benchmark: {}s per scenario, PostgreSQL 15 local, fsync=on synchronous_commit=on", duration.as_secs());
+    println!(
+        "ledger benchmark: {}s per scenario, PostgreSQL 15 local, fsync=on synchronous_commit=on",
+        duration.as_secs()
+    );
     for (name, spread) in [("hot budget", false), ("100 budgets", true)] {
         for &clients in client_counts {
             let deadline = Instant::now() + duration;
@@ -105,7 +129,11 @@ async fn bench_ledger(duration: Duration, client_counts: &[usize], paced_rate: u
                     let mut latencies = Vec::new();
                     let mut n = 0u64;
                     while Instant::now() < deadline {
-                        let budget = if spread { format!("b{}", (c as u64 + n) % 100) } else { "hot".to_owned() };
+                        let budget = if spread {
+                            format!("b{}", (c as u64 + n) % 100)
+                        } else {
+                            "hot".to_owned()
+                        };
                         let key = format!("{}-{clients}-{c}-{n}", name.replace(' ', "_"));
                         let t = Instant::now();
                         pair(&mut client, &fencing, &key, &budget).await?;
@@ -143,19 +171,30 @@ async fn bench_ledger(duration: Duration, client_counts: &[usize], paced_rate: u
     for task in tasks {
         latencies.push(task.await??);
     }
-    report(&format!("paced {paced_rate}/s hot"), 0, started.elapsed(), latencies);
+    report(
+        &format!("paced {paced_rate}/s hot"),
+        0,
+        started.elapsed(),
+        latencies,
+    );
     ledger.stop().await;
     Ok(())
 }
 
 async fn show(client: &mut LedgerClient, title: &str) -> Result<()> {
     let balances = client
-        .get_balances(pb::GetBalancesRequest { tenant_id: "demo".into(), budget_ids: vec!["run-42".into(), "team".into()] })
+        .get_balances(pb::GetBalancesRequest {
+            tenant_id: "demo".into(),
+            budget_ids: vec!["run-42".into(), "team".into()],
+        })
         .await?
         .into_inner()
         .balances;
     println!("\n{title}");
-    println!("{:<8} {:>14} {:>14} {:>14} {:>14}", "BUDGET", "LIMIT_USD", "RESERVED_USD", "COMMITTED_USD", "REMAINING_USD");
+    println!(
+        "{:<8} {:>14} {:>14} {:>14} {:>14}",
+        "BUDGET", "LIMIT_USD", "RESERVED_USD", "COMMITTED_USD", "REMAINING_USD"
+    );
     for b in balances {
         let usd = |n: i64| n as f64 / 1e9;
         println!(
@@ -175,7 +214,10 @@ async fn demo(spendguard_bin: &std::path::Path) -> Result<()> {
     let url = cluster.create_database().await?;
     let port = spendguard_testkit::free_port();
     let admin_port = spendguard_testkit::free_port();
-    println!("PostgreSQL on 127.0.0.1:{}; starting `spendguard ledger` on 127.0.0.1:{port}", cluster.port());
+    println!(
+        "PostgreSQL on 127.0.0.1:{}; starting `spendguard ledger` on 127.0.0.1:{port}",
+        cluster.port()
+    );
     let mut child = tokio::process::Command::new(spendguard_bin)
         .arg("ledger")
         .env("SPENDGUARD_LEDGER_DATABASE_URL", &url)
@@ -196,7 +238,12 @@ async fn demo(spendguard_bin: &std::path::Path) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let mut client = client.context("ledger did not come up")?;
-    client.upsert_tenant(pb::UpsertTenantRequest { tenant_id: "demo".into(), display_name: "Demo Inc".into() }).await?;
+    client
+        .upsert_tenant(pb::UpsertTenantRequest {
+            tenant_id: "demo".into(),
+            display_name: "Demo Inc".into(),
+        })
+        .await?;
     for (budget, usd) in [("run-42", 2), ("team", 100)] {
         client
             .upsert_budget(pb::UpsertBudgetRequest {
@@ -209,25 +256,50 @@ async fn demo(spendguard_bin: &std::path::Path) -> Result<()> {
             .await?;
     }
     let lease = client
-        .acquire_fencing_lease(pb::AcquireFencingLeaseRequest { scope_id: "demo/agent-pod".into(), tenant_id: "demo".into(), workload_instance_id: "agent-pod".into(), ttl_ms: 30_000, expected_epoch: 0, force: false })
+        .acquire_fencing_lease(pb::AcquireFencingLeaseRequest {
+            scope_id: "demo/agent-pod".into(),
+            tenant_id: "demo".into(),
+            workload_instance_id: "agent-pod".into(),
+            ttl_ms: 30_000,
+            expected_epoch: 0,
+            force: false,
+        })
         .await?
         .into_inner();
-    let fencing = pb::FencingToken { scope_id: "demo/agent-pod".into(), epoch: lease.epoch };
+    let fencing = pb::FencingToken {
+        scope_id: "demo/agent-pod".into(),
+        epoch: lease.epoch,
+    };
     println!("fencing lease acquired: epoch {}", lease.epoch);
     show(&mut client, "balances before").await?;
     // Each call reserves its worst case ($0.45) and commits its real cost ($0.30).
     for call in 1.. {
-        let mut request = reserve_request("demo", &format!("call-{call}"), &["run-42", "team"], 450_000_000, &fencing);
+        let mut request = reserve_request(
+            "demo",
+            &format!("call-{call}"),
+            &["run-42", "team"],
+            450_000_000,
+            &fencing,
+        );
         request.tenant_id = "demo".into();
         match client.reserve_set(request).await?.into_inner().outcome {
             Some(pb::reserve_set_response::Outcome::Reserved(r)) => {
                 client
-                    .commit(pb::CommitRequest { tenant_id: "demo".into(), reservation_id: r.reservation_id, actual_nano_usd: 300_000_000, fencing: Some(fencing.clone()) })
+                    .commit(pb::CommitRequest {
+                        tenant_id: "demo".into(),
+                        reservation_id: r.reservation_id,
+                        actual_nano_usd: 300_000_000,
+                        fencing: Some(fencing.clone()),
+                    })
                     .await?;
                 println!("call {call}: CONTINUE  reserved $0.45, committed $0.30");
             }
             Some(pb::reserve_set_response::Outcome::Denied(d)) => {
-                println!("call {call}: STOP      BUDGET_EXHAUSTED on {} (remaining ${:.2})", d.budget_id, d.remaining_nano_usd as f64 / 1e9);
+                println!(
+                    "call {call}: STOP      BUDGET_EXHAUSTED on {} (remaining ${:.2})",
+                    d.budget_id,
+                    d.remaining_nano_usd as f64 / 1e9
+                );
                 break;
             }
             None => bail!("no outcome"),

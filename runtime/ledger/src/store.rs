@@ -319,23 +319,42 @@ async fn load(
     let (key_tenants, keys): (Vec<String>, Vec<String>) =
         needs.idempotency_keys.iter().cloned().unzip();
     if !ids.is_empty() || !keys.is_empty() {
-        let rows = sqlx::query(
-            "SELECT reservation_id, tenant_id, idempotency_key, request_sha256, budget_ids, window_starts,
-                    amount_nano_usd, fencing_scope_id, fencing_epoch, expires_at, state, resolved_epoch,
-                    actual_nano_usd, committed_nano_usd, released_nano_usd, overrun_nano_usd
-               FROM reservations
-              WHERE reservation_id = ANY($1)
-                 OR (tenant_id, idempotency_key) IN (SELECT * FROM unnest($2::text[], $3::text[]))
-              ORDER BY reservation_id FOR UPDATE",
+        // Find the ids with index-friendly predicates (a row-value IN over unnest would scan the
+        // table; the key lookup may over-fetch across tenants × keys and is filtered here), then
+        // lock and read exactly those rows in id order.
+        let found = sqlx::query(
+            "SELECT reservation_id, tenant_id, idempotency_key FROM reservations WHERE reservation_id = ANY($1)
+              UNION
+             SELECT reservation_id, tenant_id, idempotency_key FROM reservations
+              WHERE tenant_id = ANY($2) AND idempotency_key = ANY($3)",
         )
         .bind(&ids)
         .bind(&key_tenants)
         .bind(&keys)
         .fetch_all(&mut **tx)
         .await?;
-        for row in rows {
-            let reservation = reservation_from_row(&row)?;
-            snapshot.reservations.insert(reservation.id, reservation);
+        let mut wanted: Vec<Uuid> = Vec::new();
+        for row in found {
+            let id: Uuid = row.try_get("reservation_id")?;
+            let key = (row.try_get("tenant_id")?, row.try_get("idempotency_key")?);
+            if ids.contains(&id) || needs.idempotency_keys.contains(&key) {
+                wanted.push(id);
+            }
+        }
+        if !wanted.is_empty() {
+            let rows = sqlx::query(
+                "SELECT reservation_id, tenant_id, idempotency_key, request_sha256, budget_ids, window_starts,
+                        amount_nano_usd, fencing_scope_id, fencing_epoch, expires_at, state, resolved_epoch,
+                        actual_nano_usd, committed_nano_usd, released_nano_usd, overrun_nano_usd
+                   FROM reservations WHERE reservation_id = ANY($1) ORDER BY reservation_id FOR UPDATE",
+            )
+            .bind(&wanted)
+            .fetch_all(&mut **tx)
+            .await?;
+            for row in rows {
+                let reservation = reservation_from_row(&row)?;
+                snapshot.reservations.insert(reservation.id, reservation);
+            }
         }
     }
 
@@ -428,7 +447,7 @@ async fn load_budgets(
         .unzip();
     let sql = format!(
         "SELECT tenant_id, budget_id, limit_nano_usd, soft_cap_nano_usd, window_kind FROM budgets
-          WHERE (tenant_id, budget_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+          WHERE tenant_id = ANY($1) AND budget_id = ANY($2)
           ORDER BY tenant_id, budget_id {lock}"
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -477,8 +496,7 @@ async fn load_windows(
         "SELECT tenant_id, budget_id, window_start, limit_nano_usd, reserved_nano_usd,
                 committed_nano_usd, overrun_nano_usd
            FROM budget_windows
-          WHERE (tenant_id, budget_id, window_start)
-                IN (SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[]))
+          WHERE tenant_id = ANY($1) AND budget_id = ANY($2) AND window_start = ANY($3)
           ORDER BY tenant_id, budget_id, window_start {lock}"
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -495,6 +513,9 @@ async fn load_windows(
             },
             start: row.try_get("window_start")?,
         };
+        if !keys.contains(&key) {
+            continue; // Over-fetched by the per-column ANY predicates.
+        }
         windows.insert(
             key,
             WindowRow {

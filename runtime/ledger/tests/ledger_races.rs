@@ -20,7 +20,9 @@ async fn two_hundred_concurrent_reserves_against_room_for_fifty() {
     for i in 0..200 {
         let mut client = ledger.client.clone();
         let request = reserve_request(T, &format!("k{i}"), &["roomy", "hot"], 7, &fencing);
-        tasks.push(tokio::spawn(async move { client.reserve_set(request).await.unwrap().into_inner() }));
+        tasks.push(tokio::spawn(async move {
+            client.reserve_set(request).await.unwrap().into_inner()
+        }));
     }
     let mut granted = 0;
     for task in tasks {
@@ -33,13 +35,25 @@ async fn two_hundred_concurrent_reserves_against_room_for_fifty() {
     assert_eq!(granted, 50);
     let balances = ledger
         .client
-        .get_balances(pb::GetBalancesRequest { tenant_id: T.into(), budget_ids: vec!["hot".into(), "roomy".into()] })
+        .get_balances(pb::GetBalancesRequest {
+            tenant_id: T.into(),
+            budget_ids: vec!["hot".into(), "roomy".into()],
+        })
         .await
         .unwrap()
         .into_inner()
         .balances;
-    assert_eq!((balances[0].reserved_nano_usd, balances[0].remaining_nano_usd), (350, 0));
-    assert_eq!(balances[1].reserved_nano_usd, 350, "all or nothing across the set");
+    assert_eq!(
+        (
+            balances[0].reserved_nano_usd,
+            balances[0].remaining_nano_usd
+        ),
+        (350, 0)
+    );
+    assert_eq!(
+        balances[1].reserved_nano_usd, 350,
+        "all or nothing across the set"
+    );
     invariants::check(ledger.store().pool()).await.unwrap();
 }
 
@@ -50,19 +64,36 @@ async fn two_ledger_replicas_cannot_overspend_one_budget() {
     let mut a = TestLedger::start().await.unwrap();
     let fencing = a.tenant_with_lease(T).await.unwrap();
     a.budget(T, "hot", 100).await.unwrap();
-    let b = TestLedger::start_on(&a.database_url, "ledger-1").await.unwrap();
+    let b = TestLedger::start_on(&a.database_url, "ledger-1")
+        .await
+        .unwrap();
     let mut tasks = Vec::new();
     for i in 0..120 {
-        let mut client = if i % 2 == 0 { a.client.clone() } else { b.client.clone() };
+        let mut client = if i % 2 == 0 {
+            a.client.clone()
+        } else {
+            b.client.clone()
+        };
         let request = reserve_request(T, &format!("k{i}"), &["hot"], 1, &fencing);
         let fencing = fencing.clone();
         tasks.push(tokio::spawn(async move {
-            let reservation = match client.reserve_set(request).await.unwrap().into_inner().outcome {
+            let reservation = match client
+                .reserve_set(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .outcome
+            {
                 Some(pb::reserve_set_response::Outcome::Reserved(r)) => r,
                 _ => return 0,
             };
             client
-                .commit(pb::CommitRequest { tenant_id: T.into(), reservation_id: reservation.reservation_id, actual_nano_usd: 1, fencing: Some(fencing) })
+                .commit(pb::CommitRequest {
+                    tenant_id: T.into(),
+                    reservation_id: reservation.reservation_id,
+                    actual_nano_usd: 1,
+                    fencing: Some(fencing),
+                })
                 .await
                 .unwrap();
             1
@@ -83,7 +114,14 @@ async fn two_contenders_for_one_expired_scope_exactly_one_wins() {
     // Shorten the lease by renewing with the minimum TTL, then let it lapse.
     ledger
         .client
-        .acquire_fencing_lease(pb::AcquireFencingLeaseRequest { scope_id: first.scope_id.clone(), tenant_id: T.into(), workload_instance_id: format!("{T}-w"), ttl_ms: 1_000, expected_epoch: first.epoch, force: false })
+        .acquire_fencing_lease(pb::AcquireFencingLeaseRequest {
+            scope_id: first.scope_id.clone(),
+            tenant_id: T.into(),
+            workload_instance_id: format!("{T}-w"),
+            ttl_ms: 1_000,
+            expected_epoch: first.epoch,
+            force: false,
+        })
         .await
         .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
@@ -93,7 +131,14 @@ async fn two_contenders_for_one_expired_scope_exactly_one_wins() {
         let scope_id = first.scope_id.clone();
         tasks.push(tokio::spawn(async move {
             client
-                .acquire_fencing_lease(pb::AcquireFencingLeaseRequest { scope_id, tenant_id: T.into(), workload_instance_id: contender.into(), ttl_ms: 60_000, expected_epoch: 0, force: false })
+                .acquire_fencing_lease(pb::AcquireFencingLeaseRequest {
+                    scope_id,
+                    tenant_id: T.into(),
+                    workload_instance_id: contender.into(),
+                    ttl_ms: 60_000,
+                    expected_epoch: 0,
+                    force: false,
+                })
                 .await
         }));
     }
@@ -101,15 +146,29 @@ async fn two_contenders_for_one_expired_scope_exactly_one_wins() {
     for task in tasks {
         match task.await.unwrap() {
             Ok(lease) => winners.push(lease.into_inner()),
-            Err(status) => assert_eq!(spendguard_ledger::grpc::error_code_of(&status), Some(pb::ErrorCode::FencingLeaseHeld)),
+            Err(status) => assert_eq!(
+                spendguard_ledger::grpc::error_code_of(&status),
+                Some(pb::ErrorCode::FencingLeaseHeld)
+            ),
         }
     }
     assert_eq!(winners.len(), 1);
-    assert_eq!(winners[0].epoch, first.epoch + 1, "the epoch rises by exactly one");
+    assert_eq!(
+        winners[0].epoch,
+        first.epoch + 1,
+        "the epoch rises by exactly one"
+    );
     // The pre-takeover writer is refused.
     ledger.budget(T, "b", 100).await.unwrap();
-    let err = ledger.client.reserve_set(reserve_request(T, "stale", &["b"], 1, &first)).await.unwrap_err();
-    assert_eq!(spendguard_ledger::grpc::error_code_of(&err), Some(pb::ErrorCode::FencingEpochStale));
+    let err = ledger
+        .client
+        .reserve_set(reserve_request(T, "stale", &["b"], 1, &first))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        spendguard_ledger::grpc::error_code_of(&err),
+        Some(pb::ErrorCode::FencingEpochStale)
+    );
     invariants::check(ledger.store().pool()).await.unwrap();
 }
 
@@ -120,7 +179,11 @@ async fn two_processes_claiming_one_producer_id_fail_closed() {
     match second {
         Err(e) => {
             let error = e.downcast_ref::<Error>().expect("a ledger error");
-            assert_eq!(error.code(), spendguard_core::ErrorCode::ProducerInstanceConflict, "{error}");
+            assert_eq!(
+                error.code(),
+                spendguard_core::ErrorCode::ProducerInstanceConflict,
+                "{error}"
+            );
         }
         Ok(_) => panic!("a second process claimed a live producer id"),
     }
@@ -132,7 +195,9 @@ async fn two_processes_claiming_one_producer_id_fail_closed() {
     let fencing = restarted.tenant_with_lease(T).await.unwrap();
     assert_eq!(fencing.epoch, 1);
     invariants::check(restarted.store().pool()).await.unwrap();
-    let _ = connect(restarted.ledger.as_ref().unwrap().addr).await.unwrap();
+    let _ = connect(restarted.ledger.as_ref().unwrap().addr)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -142,9 +207,22 @@ async fn a_stolen_producer_claim_stops_writes() {
     let mut ledger = TestLedger::start().await.unwrap();
     let fencing = ledger.tenant_with_lease(T).await.unwrap();
     ledger.budget(T, "b", 100).await.unwrap();
-    sqlx::query("UPDATE audit_producers SET claim_token = gen_random_uuid()").execute(ledger.store().pool()).await.unwrap();
-    let err = ledger.client.reserve_set(reserve_request(T, "k", &["b"], 1, &fencing)).await.unwrap_err();
-    assert_eq!(spendguard_ledger::grpc::error_code_of(&err), Some(pb::ErrorCode::ProducerInstanceConflict));
-    let reservations: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations").fetch_one(ledger.store().pool()).await.unwrap();
+    sqlx::query("UPDATE audit_producers SET claim_token = gen_random_uuid()")
+        .execute(ledger.store().pool())
+        .await
+        .unwrap();
+    let err = ledger
+        .client
+        .reserve_set(reserve_request(T, "k", &["b"], 1, &fencing))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        spendguard_ledger::grpc::error_code_of(&err),
+        Some(pb::ErrorCode::ProducerInstanceConflict)
+    );
+    let reservations: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations")
+        .fetch_one(ledger.store().pool())
+        .await
+        .unwrap();
     assert_eq!(reservations, 0);
 }

@@ -18,7 +18,10 @@ fn spawn_ledger(url: &str, port: u16) -> Child {
         .env("SPENDGUARD_LEDGER_DATABASE_URL", url)
         .env("SPENDGUARD_LEDGER_INSTANCE_ID", "ledger-crash")
         .env("SPENDGUARD_LEDGER_LISTEN_ADDR", format!("127.0.0.1:{port}"))
-        .env("SPENDGUARD_ADMIN_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env(
+            "SPENDGUARD_ADMIN_ADDR",
+            format!("127.0.0.1:{}", free_port()),
+        )
         .env("SPENDGUARD_LOG", "warn")
         .kill_on_drop(true)
         .spawn()
@@ -30,7 +33,13 @@ async fn wait_for(port: u16) -> LedgerClient {
     for _ in 0..200 {
         if let Ok(mut client) = connect(addr).await {
             // Connected is not serving: the producer claim may still be held by the dead session.
-            if client.sweep_expired(pb::SweepExpiredRequest { max_reservations: 1 }).await.is_ok() {
+            if client
+                .sweep_expired(pb::SweepExpiredRequest {
+                    max_reservations: 1,
+                })
+                .await
+                .is_ok()
+            {
                 return client;
             }
         }
@@ -51,17 +60,39 @@ async fn kill_dash_nine_under_load_loses_nothing() {
     let port = free_port();
     let mut ledger = spawn_ledger(&url, port);
     let mut client = wait_for(port).await;
-    client.upsert_tenant(pb::UpsertTenantRequest { tenant_id: T.into(), display_name: T.into() }).await.unwrap();
     client
-        .upsert_budget(pb::UpsertBudgetRequest { tenant_id: T.into(), budget_id: "b".into(), limit_nano_usd: 1_000_000_000, soft_cap_nano_usd: 0, window: pb::BudgetWindow::Lifetime.into() })
+        .upsert_tenant(pb::UpsertTenantRequest {
+            tenant_id: T.into(),
+            display_name: T.into(),
+        })
+        .await
+        .unwrap();
+    client
+        .upsert_budget(pb::UpsertBudgetRequest {
+            tenant_id: T.into(),
+            budget_id: "b".into(),
+            limit_nano_usd: 1_000_000_000,
+            soft_cap_nano_usd: 0,
+            window: pb::BudgetWindow::Lifetime.into(),
+        })
         .await
         .unwrap();
     let lease = client
-        .acquire_fencing_lease(pb::AcquireFencingLeaseRequest { scope_id: "crash-scope".into(), tenant_id: T.into(), workload_instance_id: "w".into(), ttl_ms: 600_000, expected_epoch: 0, force: false })
+        .acquire_fencing_lease(pb::AcquireFencingLeaseRequest {
+            scope_id: "crash-scope".into(),
+            tenant_id: T.into(),
+            workload_instance_id: "w".into(),
+            ttl_ms: 600_000,
+            expected_epoch: 0,
+            force: false,
+        })
         .await
         .unwrap()
         .into_inner();
-    let fencing = pb::FencingToken { scope_id: "crash-scope".into(), epoch: lease.epoch };
+    let fencing = pb::FencingToken {
+        scope_id: "crash-scope".into(),
+        epoch: lease.epoch,
+    };
 
     let acked = Arc::new(Mutex::new(Acked::default()));
     let mut load = Vec::new();
@@ -69,10 +100,34 @@ async fn kill_dash_nine_under_load_loses_nothing() {
         let (mut client, fencing, acked) = (client.clone(), fencing.clone(), acked.clone());
         load.push(tokio::spawn(async move {
             for n in 0.. {
-                let Ok(response) = client.reserve_set(reserve_request(T, &format!("w{worker}-{n}"), &["b"], 10, &fencing)).await else { return };
-                let Some(pb::reserve_set_response::Outcome::Reserved(r)) = response.into_inner().outcome else { return };
-                acked.lock().unwrap().reserved.insert(r.reservation_id.clone());
-                let commit = pb::CommitRequest { tenant_id: T.into(), reservation_id: r.reservation_id.clone(), actual_nano_usd: 7, fencing: Some(fencing.clone()) };
+                let Ok(response) = client
+                    .reserve_set(reserve_request(
+                        T,
+                        &format!("w{worker}-{n}"),
+                        &["b"],
+                        10,
+                        &fencing,
+                    ))
+                    .await
+                else {
+                    return;
+                };
+                let Some(pb::reserve_set_response::Outcome::Reserved(r)) =
+                    response.into_inner().outcome
+                else {
+                    return;
+                };
+                acked
+                    .lock()
+                    .unwrap()
+                    .reserved
+                    .insert(r.reservation_id.clone());
+                let commit = pb::CommitRequest {
+                    tenant_id: T.into(),
+                    reservation_id: r.reservation_id.clone(),
+                    actual_nano_usd: 7,
+                    fencing: Some(fencing.clone()),
+                };
                 if client.commit(commit).await.is_err() {
                     return;
                 }
@@ -87,29 +142,45 @@ async fn kill_dash_nine_under_load_loses_nothing() {
         task.await.unwrap();
     }
     let acked = Arc::try_unwrap(acked).ok().unwrap().into_inner().unwrap();
-    assert!(acked.committed.len() > 10, "the load ran ({} commits)", acked.committed.len());
+    assert!(
+        acked.committed.len() > 10,
+        "the load ran ({} commits)",
+        acked.committed.len()
+    );
 
     let mut ledger = spawn_ledger(&url, port);
     let mut client = wait_for(port).await;
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
     for id in &acked.reserved {
-        let state: String = sqlx::query_scalar("SELECT state FROM reservations WHERE reservation_id = $1::uuid")
-            .bind(id)
-            .fetch_one(&pool)
-            .await
-            .unwrap_or_else(|e| panic!("acknowledged reservation {id} lost: {e}"));
+        let state: String =
+            sqlx::query_scalar("SELECT state FROM reservations WHERE reservation_id = $1::uuid")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap_or_else(|e| panic!("acknowledged reservation {id} lost: {e}"));
         if acked.committed.contains(id) {
             assert_eq!(state, "committed", "{id}");
         }
     }
     // Every reservation that was reserved but not committed can still be settled exactly once.
     for id in acked.reserved.difference(&acked.committed) {
-        let commit = pb::CommitRequest { tenant_id: T.into(), reservation_id: id.clone(), actual_nano_usd: 7, fencing: Some(fencing.clone()) };
+        let commit = pb::CommitRequest {
+            tenant_id: T.into(),
+            reservation_id: id.clone(),
+            actual_nano_usd: 7,
+            fencing: Some(fencing.clone()),
+        };
         let first = client.commit(commit.clone()).await.unwrap().into_inner();
-        assert!(client.commit(commit).await.unwrap().into_inner().replayed, "{first:?}");
+        assert!(
+            client.commit(commit).await.unwrap().into_inner().replayed,
+            "{first:?}"
+        );
     }
     // The restarted process continues the same producer's sequence with no gap.
-    client.reserve_set(reserve_request(T, "after-restart", &["b"], 10, &fencing)).await.unwrap();
+    client
+        .reserve_set(reserve_request(T, "after-restart", &["b"], 10, &fencing))
+        .await
+        .unwrap();
     invariants::check(&pool).await.unwrap();
     ledger.start_kill().unwrap();
     ledger.wait().await.unwrap();

@@ -1,0 +1,188 @@
+//! Property test: random sequences of reserve, commit, release and replay against the real
+//! ledger and a tiny model. Outcomes match the model, and afterwards every database invariant
+//! holds (journal sums to balances, no overspend, resolve-once, contiguous producer sequences).
+
+use proptest::prelude::*;
+use spendguard_proto::ledger::v1 as pb;
+use spendguard_testkit::ledger::reserve_request;
+use spendguard_testkit::{TestLedger, invariants};
+
+const T: &str = "tenant-p";
+const BUDGETS: [&str; 3] = ["run", "workflow", "tenant"];
+const LIMITS: [i64; 3] = [300, 600, 1_000];
+
+#[derive(Debug, Clone)]
+enum Op {
+    Reserve { mask: u8, amount: i64 },
+    Commit { pick: usize, actual: i64 },
+    Release { pick: usize },
+    Replay { pick: usize },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (1u8..8, 1i64..250).prop_map(|(mask, amount)| Op::Reserve { mask, amount }),
+        2 => (0usize..64, 0i64..300).prop_map(|(pick, actual)| Op::Commit { pick, actual }),
+        1 => (0usize..64).prop_map(|pick| Op::Release { pick }),
+        1 => (0usize..64).prop_map(|pick| Op::Replay { pick }),
+    ]
+}
+
+struct Open {
+    id: String,
+    key: String,
+    mask: u8,
+    amount: i64,
+    resolved: bool,
+}
+
+/// Model of one budget: spent (committed + overrun) and reserved.
+#[derive(Default, Clone, Copy)]
+struct Model {
+    used: i64,
+    reserved: i64,
+}
+
+async fn run(ops: Vec<Op>) {
+    let mut ledger = TestLedger::start().await.unwrap();
+    let fencing = ledger.tenant_with_lease(T).await.unwrap();
+    for (budget, limit) in BUDGETS.iter().zip(LIMITS) {
+        ledger.budget(T, budget, limit).await.unwrap();
+    }
+    let mut model = [Model::default(); 3];
+    let mut open: Vec<Open> = Vec::new();
+    for (n, op) in ops.into_iter().enumerate() {
+        match op {
+            Op::Reserve { mask, amount } => {
+                let chosen: Vec<usize> = (0..3).filter(|i| mask & (1 << i) != 0).collect();
+                let names: Vec<&str> = chosen.iter().map(|&i| BUDGETS[i]).collect();
+                let fits = chosen
+                    .iter()
+                    .all(|&i| model[i].used + model[i].reserved + amount <= LIMITS[i]);
+                let key = format!("k{n}");
+                let response = ledger
+                    .client
+                    .reserve_set(reserve_request(T, &key, &names, amount, &fencing))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                match response.outcome {
+                    Some(pb::reserve_set_response::Outcome::Reserved(r)) => {
+                        assert!(fits, "reserved {amount} on {names:?} beyond the model");
+                        for &i in &chosen {
+                            model[i].reserved += amount;
+                        }
+                        open.push(Open {
+                            id: r.reservation_id,
+                            key,
+                            mask,
+                            amount,
+                            resolved: false,
+                        });
+                    }
+                    Some(pb::reserve_set_response::Outcome::Denied(_)) => {
+                        assert!(!fits, "denied {amount} on {names:?} that fits")
+                    }
+                    None => panic!("no outcome"),
+                }
+            }
+            Op::Commit { pick, actual } => {
+                if open.is_empty() {
+                    continue;
+                }
+                let len = open.len();
+                let o = &mut open[pick % len];
+                let result = ledger
+                    .client
+                    .commit(pb::CommitRequest {
+                        tenant_id: T.into(),
+                        reservation_id: o.id.clone(),
+                        actual_nano_usd: actual,
+                        fencing: Some(fencing.clone()),
+                    })
+                    .await;
+                if o.resolved {
+                    assert!(result.is_err() || result.unwrap().into_inner().replayed);
+                    continue;
+                }
+                let c = result.unwrap().into_inner();
+                assert_eq!(c.committed_nano_usd + c.overrun_nano_usd, actual);
+                for i in (0..3).filter(|i| o.mask & (1 << i) != 0) {
+                    model[i].reserved -= o.amount;
+                    model[i].used += actual;
+                }
+                o.resolved = true;
+            }
+            Op::Release { pick } => {
+                if open.is_empty() {
+                    continue;
+                }
+                let len = open.len();
+                let o = &mut open[pick % len];
+                let result = ledger
+                    .client
+                    .release(pb::ReleaseRequest {
+                        tenant_id: T.into(),
+                        reservation_id: o.id.clone(),
+                        fencing: Some(fencing.clone()),
+                        reason: "p".into(),
+                    })
+                    .await;
+                if o.resolved {
+                    assert!(result.is_err() || result.unwrap().into_inner().replayed);
+                    continue;
+                }
+                result.unwrap();
+                for i in (0..3).filter(|i| o.mask & (1 << i) != 0) {
+                    model[i].reserved -= o.amount;
+                }
+                o.resolved = true;
+            }
+            Op::Replay { pick } => {
+                let Some(o) = (!open.is_empty()).then(|| &open[pick % open.len()]) else {
+                    continue;
+                };
+                let names: Vec<&str> = (0..3)
+                    .filter(|i| o.mask & (1 << i) != 0)
+                    .map(|i| BUDGETS[i])
+                    .collect();
+                let response = ledger
+                    .client
+                    .reserve_set(reserve_request(T, &o.key, &names, o.amount, &fencing))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert!(response.replayed);
+            }
+        }
+    }
+    let balances = ledger
+        .client
+        .get_balances(pb::GetBalancesRequest {
+            tenant_id: T.into(),
+            budget_ids: BUDGETS.iter().map(|b| (*b).to_owned()).collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .balances;
+    for (i, b) in balances.iter().enumerate() {
+        assert_eq!(b.reserved_nano_usd, model[i].reserved, "{}", b.budget_id);
+        assert_eq!(
+            b.committed_nano_usd + b.overrun_nano_usd,
+            model[i].used,
+            "{}",
+            b.budget_id
+        );
+    }
+    invariants::check(ledger.store().pool()).await.unwrap();
+    ledger.stop().await;
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #[test]
+    fn random_sequences_keep_every_invariant(ops in proptest::collection::vec(op(), 1..40)) {
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap().block_on(run(ops));
+    }
+}
