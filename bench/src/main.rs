@@ -82,6 +82,7 @@ async fn pair(
     Ok(())
 }
 
+#[allow(clippy::cast_possible_truncation)] // An index into a vector of at most millions.
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -152,7 +153,7 @@ async fn bench_ledger(duration: Duration, client_counts: &[usize], paced_rate: u
     }
     // Paced: a fixed offered rate on the hot budget, latency measured from each pair's start.
     let interval = Duration::from_secs_f64(1.0 / paced_rate as f64);
-    let count = (paced_rate * duration.as_secs()) as usize;
+    let count = usize::try_from(paced_rate * duration.as_secs())?;
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(count);
     let mut ticker = tokio::time::interval(interval);

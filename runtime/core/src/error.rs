@@ -221,6 +221,7 @@ impl LedgerError {
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
     use std::collections::HashSet;

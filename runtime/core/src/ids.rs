@@ -88,6 +88,7 @@ pub fn check_text(field: &'static str, value: &str, max: usize) -> Result<(), Le
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
 

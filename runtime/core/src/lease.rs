@@ -96,7 +96,9 @@ impl AcquireLease {
         current: Option<&LeaseState>,
         now: DateTime<Utc>,
     ) -> Result<LeaseGrant, LedgerError> {
-        let expires_at = now + Duration::milliseconds(i64::from(self.ttl_ms));
+        let expires_at = now
+            .checked_add_signed(Duration::milliseconds(i64::from(self.ttl_ms)))
+            .unwrap_or(now);
         let grant = |outcome, epoch, previous_epoch| LeaseGrant {
             outcome,
             previous_epoch,
@@ -179,6 +181,7 @@ pub fn check_fencing(
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
     use crate::ErrorCode;

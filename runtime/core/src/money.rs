@@ -150,6 +150,7 @@ impl fmt::Display for NanoUsd {
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

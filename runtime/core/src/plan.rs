@@ -145,6 +145,7 @@ pub struct UpsertBudget {
 
 /// One mutation.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)] // Commands live briefly in a bounded queue; boxing buys nothing.
 pub enum Command {
     /// See [`ReserveSet`].
     ReserveSet(ReserveSet),
@@ -786,7 +787,11 @@ impl Planner {
                 });
             }
         }
-        let expires_at = self.state.now + Duration::milliseconds(i64::from(r.ttl_ms));
+        let expires_at = self
+            .state
+            .now
+            .checked_add_signed(Duration::milliseconds(i64::from(r.ttl_ms)))
+            .unwrap_or(self.state.now);
         for key in &windows {
             self.open_window(key);
             self.journal(

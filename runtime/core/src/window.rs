@@ -51,6 +51,7 @@ impl BudgetWindow {
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
 

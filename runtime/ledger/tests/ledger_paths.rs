@@ -1,5 +1,6 @@
 //! Every reserve/commit/release/expire path, idempotent retries, and every error code, against the
 //! real ledger on a real PostgreSQL database. After each test the database invariants are checked.
+#![allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
 
 use spendguard_ledger::grpc::error_code_of;
 use spendguard_proto::ledger::v1 as pb;

@@ -1,6 +1,7 @@
 //! Property test: random sequences of reserve, commit, release and replay against the real
 //! ledger and a tiny model. Outcomes match the model, and afterwards every database invariant
 //! holds (journal sums to balances, no overspend, resolve-once, contiguous producer sequences).
+#![allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
 
 use proptest::prelude::*;
 use spendguard_proto::ledger::v1 as pb;

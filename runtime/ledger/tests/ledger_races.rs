@@ -1,5 +1,6 @@
 //! Concurrency: no overspend under contention, exactly one winner per expired scope, stale writers
 //! fenced, and one producer id per live process.
+#![allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
 
 use spendguard_ledger::error::Error;
 use spendguard_proto::ledger::v1 as pb;
@@ -77,15 +78,10 @@ async fn two_ledger_replicas_cannot_overspend_one_budget() {
         let request = reserve_request(T, &format!("k{i}"), &["hot"], 1, &fencing);
         let fencing = fencing.clone();
         tasks.push(tokio::spawn(async move {
-            let reservation = match client
-                .reserve_set(request)
-                .await
-                .unwrap()
-                .into_inner()
-                .outcome
-            {
-                Some(pb::reserve_set_response::Outcome::Reserved(r)) => r,
-                _ => return 0,
+            let response = client.reserve_set(request).await.unwrap().into_inner();
+            let Some(pb::reserve_set_response::Outcome::Reserved(reservation)) = response.outcome
+            else {
+                return 0;
             };
             client
                 .commit(pb::CommitRequest {

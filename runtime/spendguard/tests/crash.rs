@@ -1,6 +1,7 @@
 //! Crash drill: kill -9 the `spendguard ledger` process under load and restart it. No
 //! acknowledged reservation or commit is lost, none is resolved twice, no outbox row is lost and
 //! producer sequences stay contiguous.
+#![allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
 
 use spendguard_proto::ledger::v1 as pb;
 use spendguard_testkit::ledger::{LedgerClient, connect, reserve_request, shared_cluster};
