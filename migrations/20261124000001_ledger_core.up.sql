@@ -43,7 +43,10 @@ CREATE TABLE budget_windows (
 
 CREATE TABLE reservations (
     reservation_id      uuid PRIMARY KEY,
-    tenant_id           text NOT NULL REFERENCES tenants (tenant_id),
+    -- No per-row foreign keys on the hot tables (reservations, ledger_entries, audit_outbox): each
+    -- would run a locking lookup per row. Statement-level triggers below check the same references
+    -- once per INSERT, and the referenced rows are never deleted.
+    tenant_id           text NOT NULL,
     idempotency_key     text NOT NULL,
     request_sha256      text NOT NULL,
     budget_ids          text[] NOT NULL CHECK (cardinality(budget_ids) BETWEEN 1 AND 8),
@@ -99,7 +102,7 @@ CREATE TABLE ledger_entries (
     tenant_id            text NOT NULL,
     budget_id            text NOT NULL,
     window_start         timestamptz NOT NULL,
-    reservation_id       uuid REFERENCES reservations (reservation_id),
+    reservation_id       uuid,
     kind                 text NOT NULL CHECK (kind IN ('window_open', 'limit_set', 'reserve', 'commit',
                                                        'overrun', 'release', 'expire')),
     limit_delta          bigint NOT NULL DEFAULT 0,
@@ -107,8 +110,6 @@ CREATE TABLE ledger_entries (
     committed_delta      bigint NOT NULL DEFAULT 0,
     overrun_delta        bigint NOT NULL DEFAULT 0,
     created_at           timestamptz NOT NULL DEFAULT now(),
-    FOREIGN KEY (tenant_id, budget_id, window_start)
-        REFERENCES budget_windows (tenant_id, budget_id, window_start),
     CHECK ((reservation_id IS NULL) = (kind IN ('window_open', 'limit_set')))
 );
 -- Per reservation and budget: one reserve entry, one resolution (commit, release or expire) and
@@ -118,9 +119,25 @@ CREATE UNIQUE INDEX ledger_entries_once ON ledger_entries (
     (CASE kind WHEN 'reserve' THEN 0 WHEN 'overrun' THEN 2 ELSE 1 END)
 ) WHERE reservation_id IS NOT NULL;
 
--- Window balances are the sums of their entries: the only path that changes them.
+-- Window balances are the sums of their entries: the only path that changes them. Also checks,
+-- once per statement, that every entry names an existing window and reservation of its tenant.
 CREATE FUNCTION ledger_entries_apply() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    wanted integer;
+    updated integer;
+    ids uuid[];
+    found integer;
 BEGIN
+    -- `= ANY(array)` keeps these lookups on the primary key: a join against the transition table
+    -- (which has no statistics) can be planned as a scan of the whole table.
+    ids := ARRAY(SELECT DISTINCT reservation_id FROM inserted WHERE reservation_id IS NOT NULL);
+    SELECT count(*) INTO found FROM reservations r
+     WHERE r.reservation_id = ANY(ids)
+       AND r.tenant_id = ALL (SELECT i.tenant_id FROM inserted i WHERE i.reservation_id = r.reservation_id);
+    IF found <> cardinality(ids) THEN
+        RAISE EXCEPTION 'journal entry for an unknown reservation' USING ERRCODE = 'foreign_key_violation';
+    END IF;
+    SELECT count(DISTINCT (tenant_id, budget_id, window_start)) INTO wanted FROM inserted;
     UPDATE budget_windows w
        SET limit_nano_usd     = w.limit_nano_usd + d.limit_delta,
            reserved_nano_usd  = w.reserved_nano_usd + d.reserved_delta,
@@ -132,7 +149,13 @@ BEGIN
                    sum(committed_delta)::bigint AS committed_delta,
                    sum(overrun_delta)::bigint AS overrun_delta
               FROM inserted GROUP BY tenant_id, budget_id, window_start) d
-     WHERE w.tenant_id = d.tenant_id AND w.budget_id = d.budget_id AND w.window_start = d.window_start;
+     WHERE w.tenant_id = d.tenant_id AND w.budget_id = d.budget_id AND w.window_start = d.window_start
+       AND w.tenant_id = ANY(ARRAY(SELECT DISTINCT tenant_id FROM inserted))
+       AND w.budget_id = ANY(ARRAY(SELECT DISTINCT budget_id FROM inserted));
+    GET DIAGNOSTICS updated = ROW_COUNT;
+    IF updated <> wanted THEN
+        RAISE EXCEPTION 'journal entry for an unknown budget window' USING ERRCODE = 'foreign_key_violation';
+    END IF;
     RETURN NULL;
 END $$;
 CREATE TRIGGER ledger_entries_apply AFTER INSERT ON ledger_entries
@@ -212,7 +235,7 @@ CREATE TABLE audit_producers (
 );
 
 CREATE TABLE audit_outbox (
-    producer_instance_id  text NOT NULL REFERENCES audit_producers (producer_instance_id),
+    producer_instance_id  text NOT NULL,
     producer_sequence     bigint NOT NULL CHECK (producer_sequence >= 1),
     tenant_id             text NOT NULL,
     event_type            text NOT NULL,
@@ -224,25 +247,35 @@ CREATE TABLE audit_outbox (
 );
 CREATE INDEX audit_outbox_by_tenant ON audit_outbox (tenant_id, occurred_at);
 
--- A sequence must have been allocated from the producer's counter in this transaction.
+-- Every sequence must have been allocated from its producer's counter (checked per statement).
 CREATE FUNCTION audit_outbox_sequence_allocated() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-    next bigint;
 BEGIN
-    SELECT next_sequence INTO next FROM audit_producers WHERE producer_instance_id = NEW.producer_instance_id;
-    IF NEW.producer_sequence >= next THEN
-        RAISE EXCEPTION 'producer sequence % of % was not allocated', NEW.producer_sequence, NEW.producer_instance_id
+    IF EXISTS (SELECT 1 FROM inserted i LEFT JOIN audit_producers p USING (producer_instance_id)
+                WHERE p.producer_instance_id IS NULL OR i.producer_sequence >= p.next_sequence) THEN
+        RAISE EXCEPTION 'audit outbox sequence was not allocated from its producer'
             USING ERRCODE = 'integrity_constraint_violation';
     END IF;
-    RETURN NEW;
+    RETURN NULL;
 END $$;
-CREATE TRIGGER audit_outbox_sequence_allocated BEFORE INSERT ON audit_outbox
-    FOR EACH ROW EXECUTE FUNCTION audit_outbox_sequence_allocated();
+CREATE TRIGGER audit_outbox_sequence_allocated AFTER INSERT ON audit_outbox
+    REFERENCING NEW TABLE AS inserted FOR EACH STATEMENT EXECUTE FUNCTION audit_outbox_sequence_allocated();
+
+CREATE FUNCTION reservations_tenant_exists() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM inserted i WHERE NOT EXISTS (SELECT 1 FROM tenants t WHERE t.tenant_id = i.tenant_id)) THEN
+        RAISE EXCEPTION 'reservation for an unknown tenant' USING ERRCODE = 'foreign_key_violation';
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER reservations_tenant_exists AFTER INSERT ON reservations
+    REFERENCING NEW TABLE AS inserted FOR EACH STATEMENT EXECUTE FUNCTION reservations_tenant_exists();
 
 CREATE FUNCTION append_only() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     RAISE EXCEPTION '% is append-only', TG_TABLE_NAME USING ERRCODE = 'integrity_constraint_violation';
 END $$;
+CREATE TRIGGER tenants_never_deleted BEFORE DELETE ON tenants
+    FOR EACH ROW EXECUTE FUNCTION append_only();
 CREATE TRIGGER ledger_entries_append_only BEFORE UPDATE OR DELETE ON ledger_entries
     FOR EACH ROW EXECUTE FUNCTION append_only();
 CREATE TRIGGER fencing_scope_events_append_only BEFORE UPDATE OR DELETE ON fencing_scope_events

@@ -35,6 +35,9 @@ enum Mode {
         /// Offered rate (pairs/s) of the paced scenario.
         #[arg(long, default_value_t = 1_000)]
         paced_rate: u64,
+        /// Extra PostgreSQL settings, NAME=VALUE (e.g. to compare with synchronous_commit=off).
+        #[arg(long = "pg-setting")]
+        pg_settings: Vec<String>,
     },
     /// The `make demo` scenario.
     Demo {
@@ -51,7 +54,16 @@ async fn main() -> Result<()> {
             seconds,
             clients,
             paced_rate,
-        } => bench_ledger(Duration::from_secs(seconds), &clients, paced_rate).await,
+            pg_settings,
+        } => {
+            bench_ledger(
+                Duration::from_secs(seconds),
+                &clients,
+                paced_rate,
+                &pg_settings,
+            )
+            .await
+        }
         Mode::Demo { spendguard_bin } => demo(&spendguard_bin).await,
     }
 }
@@ -102,9 +114,25 @@ fn report(name: &str, clients: usize, elapsed: Duration, mut latencies: Vec<Dura
     );
 }
 
-async fn bench_ledger(duration: Duration, client_counts: &[usize], paced_rate: u64) -> Result<()> {
-    // Durable settings: PostgreSQL defaults (fsync on, synchronous_commit on).
-    let cluster = PgCluster::start(&[("max_connections", "200"), ("shared_buffers", "256MB")])?;
+async fn bench_ledger(
+    duration: Duration,
+    client_counts: &[usize],
+    paced_rate: u64,
+    extra: &[String],
+) -> Result<()> {
+    // Durable settings: PostgreSQL defaults (fsync on, synchronous_commit on) unless overridden.
+    let mut settings = vec![
+        ("max_connections", "200"),
+        ("shared_buffers", "256MB"),
+        ("shared_preload_libraries", "pg_stat_statements"),
+    ];
+    for setting in extra {
+        let (name, value) = setting
+            .split_once('=')
+            .context("--pg-setting takes NAME=VALUE")?;
+        settings.push((name, value));
+    }
+    let cluster = PgCluster::start(&settings)?;
     let url = cluster.create_database().await?;
     let mut ledger = TestLedger::start_on(&url, "bench-ledger").await?;
     let fencing = ledger.tenant_with_lease(T).await?;
@@ -115,7 +143,7 @@ async fn bench_ledger(duration: Duration, client_counts: &[usize], paced_rate: u
             .await?;
     }
     println!(
-        "ledger benchmark: {}s per scenario, PostgreSQL 15 local, fsync=on synchronous_commit=on",
+        "ledger benchmark: {}s per scenario, PostgreSQL 15 local (defaults: fsync=on synchronous_commit=on), extra settings {extra:?}",
         duration.as_secs()
     );
     for (name, spread) in [("hot budget", false), ("100 budgets", true)] {
@@ -178,7 +206,47 @@ async fn bench_ledger(duration: Duration, client_counts: &[usize], paced_rate: u
         started.elapsed(),
         latencies,
     );
+    let metrics = ledger.metrics_text();
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    let batches = value("spendguard_ledger_batch_commands_count ");
+    println!(
+        "\nwriter: {batches:.0} batches, {:.1} commands/batch, {:.2} ms/batch",
+        value("spendguard_ledger_batch_commands_sum ") / batches.max(1.0),
+        value("spendguard_ledger_batch_duration_seconds_sum ") * 1e3 / batches.max(1.0)
+    );
+    for phase in ["load", "plan", "write", "commit"] {
+        let sum = value(&format!(
+            "spendguard_ledger_batch_phase_seconds_sum{{phase=\"{phase}\"}} "
+        ));
+        println!("  {phase:<7} {:.3} ms/batch", sum * 1e3 / batches.max(1.0));
+    }
+    report_statements(&url).await?;
     ledger.stop().await;
+    Ok(())
+}
+
+/// The statements that took the most database time, so a slow run says where it went.
+async fn report_statements(url: &str) -> Result<()> {
+    let pool = sqlx::PgPool::connect(url).await?;
+    sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .execute(&pool)
+        .await?;
+    let rows: Vec<(i64, f64, f64, String)> = sqlx::query_as(
+        "SELECT calls, total_exec_time, mean_exec_time, left(regexp_replace(query, '\\s+', ' ', 'g'), 90)
+           FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 12",
+    )
+    .fetch_all(&pool)
+    .await?;
+    println!("\ntop statements by database time:");
+    for (calls, total, mean, query) in rows {
+        println!("{calls:>9} calls {total:>9.0} ms total {mean:>7.3} ms mean  {query}");
+    }
     Ok(())
 }
 

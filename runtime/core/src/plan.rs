@@ -84,12 +84,19 @@ pub struct ReserveSet {
     pub pricing: PricingRef,
     /// Decision context.
     pub context: DecisionContext,
-    /// Id given to the reservation if this command creates one (not part of the fingerprint).
-    #[serde(skip)]
-    pub new_reservation_id: Uuid,
 }
 
+/// Namespace of reservation ids (UUIDv5 over tenant and idempotency key).
+const RESERVATION_ID_NAMESPACE: Uuid = Uuid::from_u128(0x5b7e_2a4c_9d61_4f0e_8c3a_0d1e_6f2b_7a91);
+
 impl ReserveSet {
+    /// The reservation's id, derived from `(tenant_id, idempotency_key)`: a retry finds its
+    /// reservation by primary key, with no second index lookup.
+    pub fn reservation_id(&self) -> Uuid {
+        let name = format!("{}\n{}", self.tenant_id, self.idempotency_key);
+        Uuid::new_v5(&RESERVATION_ID_NAMESPACE, name.as_bytes())
+    }
+
     /// sha256 over the canonical JSON of every request field: the idempotency fingerprint.
     pub fn fingerprint(&self) -> String {
         let bytes = serde_json_canonicalizer::to_vec(self).unwrap_or_default();
@@ -331,10 +338,8 @@ pub struct Needs {
     pub budgets: BTreeSet<BudgetKey>,
     /// Scopes.
     pub scope_ids: BTreeSet<String>,
-    /// Reservations by id.
+    /// Reservations by id (a ReserveSet's id is derived from its idempotency key).
     pub reservation_ids: BTreeSet<Uuid>,
-    /// Reservations by (tenant, idempotency key).
-    pub idempotency_keys: BTreeSet<(String, String)>,
     /// Sweep candidates to lock.
     pub sweep_max: u32,
 }
@@ -348,9 +353,7 @@ impl Needs {
                 Command::ReserveSet(r) => {
                     needs.tenant_ids.insert(r.tenant_id.clone());
                     needs.scope_ids.insert(r.fencing.scope_id.clone());
-                    needs
-                        .idempotency_keys
-                        .insert((r.tenant_id.clone(), r.idempotency_key.clone()));
+                    needs.reservation_ids.insert(r.reservation_id());
                     for budget_id in &r.budget_ids {
                         needs.budgets.insert(BudgetKey {
                             tenant_id: r.tenant_id.clone(),
@@ -601,17 +604,7 @@ pub fn plan_batch(
     let mut planner = Planner {
         state: snapshot,
         effects: Effects::default(),
-        by_key: BTreeMap::new(),
     };
-    for reservation in planner.state.reservations.values() {
-        planner.by_key.insert(
-            (
-                reservation.tenant_id.clone(),
-                reservation.idempotency_key.clone(),
-            ),
-            reservation.id,
-        );
-    }
     let outcomes = commands.iter().map(|c| planner.apply(c)).collect();
     (outcomes, planner.effects)
 }
@@ -619,7 +612,6 @@ pub fn plan_batch(
 struct Planner {
     state: Snapshot,
     effects: Effects,
-    by_key: BTreeMap<(String, String), Uuid>,
 }
 
 fn money_error(field: &'static str) -> impl Fn(MoneyError) -> LedgerError {
@@ -747,11 +739,12 @@ impl Planner {
             Some(self.state.now),
         )?;
         let fingerprint = r.fingerprint();
-        if let Some(id) = self
-            .by_key
-            .get(&(r.tenant_id.clone(), r.idempotency_key.clone()))
-        {
-            let existing = &self.state.reservations[id];
+        let reservation_id = r.reservation_id();
+        if let Some(existing) = self.state.reservations.get(&reservation_id) {
+            if existing.tenant_id != r.tenant_id || existing.idempotency_key != r.idempotency_key {
+                // A UUIDv5 collision: astronomically unlikely, refused rather than merged.
+                return Err(LedgerError::IdempotencyConflict(r.idempotency_key.clone()));
+            }
             if existing.fingerprint != fingerprint {
                 return Err(LedgerError::IdempotencyConflict(r.idempotency_key.clone()));
             }
@@ -796,13 +789,13 @@ impl Planner {
             self.open_window(key);
             self.journal(
                 key,
-                Some(r.new_reservation_id),
+                Some(reservation_id),
                 EntryKind::Reserve,
                 [0, delta(r.amount), 0, 0],
             );
         }
         let row = ReservationRow {
-            id: r.new_reservation_id,
+            id: reservation_id,
             tenant_id: r.tenant_id.clone(),
             idempotency_key: r.idempotency_key.clone(),
             fingerprint,
@@ -813,8 +806,6 @@ impl Planner {
             expires_at,
             resolution: None,
         };
-        self.by_key
-            .insert((r.tenant_id.clone(), r.idempotency_key.clone()), row.id);
         self.state.reservations.insert(row.id, row.clone());
         self.effects.new_reservations.push(row);
         let window_data: Vec<_> = windows
@@ -825,7 +816,7 @@ impl Planner {
             &r.tenant_id,
             "reservation.reserved",
             json!({
-                "reservation_id": r.new_reservation_id.to_string(),
+                "reservation_id": reservation_id.to_string(),
                 "idempotency_key": r.idempotency_key,
                 "amount_nano_usd": r.amount.get().to_string(),
                 "windows": window_data,
@@ -836,7 +827,7 @@ impl Planner {
             }),
         );
         Ok(Outcome::Reserved {
-            reservation_id: r.new_reservation_id,
+            reservation_id: reservation_id,
             amount: r.amount,
             expires_at,
             balances: windows.iter().map(|w| self.balance(w)).collect(),

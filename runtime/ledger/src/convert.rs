@@ -11,7 +11,6 @@ use spendguard_core::window::BudgetWindow;
 use spendguard_core::{ErrorCode, LedgerError, NanoUsd};
 use spendguard_proto::ledger::v1 as pb;
 use std::collections::BTreeSet;
-use uuid::Uuid;
 
 /// Shortest reservation TTL.
 pub const RESERVATION_TTL_MS_MIN: u32 = 1_000;
@@ -159,7 +158,6 @@ pub fn reserve_set(r: &pb::ReserveSetRequest) -> Result<ReserveSet> {
         )?,
         pricing: pricing(r.pricing.as_ref())?,
         context: context(r.context.as_ref())?,
-        new_reservation_id: Uuid::new_v4(),
     })
 }
 

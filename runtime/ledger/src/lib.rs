@@ -30,7 +30,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{error, info, warn};
 
 /// How often the producer claim's session is checked; a lost session stops writes within this.
@@ -208,7 +207,12 @@ pub async fn start(
         };
         let serve = tonic::transport::Server::builder()
             .add_service(service.into_server(max_message_bytes))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+            .serve_with_incoming_shutdown(
+                // Without TCP_NODELAY, Nagle's algorithm and delayed ACKs stall small replies by
+                // tens of milliseconds.
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                shutdown,
+            );
         serve.await
     });
     let background = vec![

@@ -1,6 +1,7 @@
 //! The ledger's Prometheus metrics. Labels are RPC names and error codes only: tenant, budget and
 //! reservation ids belong in spans, never in labels.
 
+use crate::store::BatchTimings;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -25,6 +26,13 @@ pub struct ErrorLabels {
     pub code: &'static str,
 }
 
+/// Labels of the batch phase histogram.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    /// load | plan | write | commit.
+    pub phase: &'static str,
+}
+
 /// Ledger metrics.
 #[derive(Clone)]
 pub struct Metrics {
@@ -32,6 +40,7 @@ pub struct Metrics {
     rpc_errors: Family<ErrorLabels, Counter>,
     batch_commands: Histogram,
     batch_duration: Histogram,
+    batch_phase: Family<PhaseLabels, Histogram>,
     /// Open reservations, refreshed periodically.
     pub open_reservations: Gauge,
 }
@@ -53,6 +62,7 @@ impl Metrics {
                 prometheus_client::metrics::histogram::exponential_buckets(1.0, 2.0, 10),
             ),
             batch_duration: latency_histogram(),
+            batch_phase: Family::new_with_constructor(latency_histogram),
             open_reservations: Gauge::default(),
         };
         let registry = registry.sub_registry_with_prefix("spendguard_ledger");
@@ -75,6 +85,11 @@ impl Metrics {
             "batch_duration_seconds",
             "Duration of group-commit transactions",
             metrics.batch_duration.clone(),
+        );
+        registry.register(
+            "batch_phase_seconds",
+            "Time of each phase of a group-commit transaction",
+            metrics.batch_phase.clone(),
         );
         registry.register(
             "open_reservations",
@@ -102,8 +117,20 @@ impl Metrics {
     }
 
     /// Records one batch.
-    pub fn observe_batch(&self, commands: usize, elapsed: Duration) {
+    pub fn observe_batch(&self, commands: usize, elapsed: Duration, timings: Option<BatchTimings>) {
         self.batch_commands.observe(commands as f64);
         self.batch_duration.observe(elapsed.as_secs_f64());
+        if let Some(t) = timings {
+            for (phase, d) in [
+                ("load", t.load),
+                ("plan", t.plan),
+                ("write", t.write),
+                ("commit", t.commit),
+            ] {
+                self.batch_phase
+                    .get_or_create(&PhaseLabels { phase })
+                    .observe(d.as_secs_f64());
+            }
+        }
     }
 }

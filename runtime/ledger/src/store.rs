@@ -28,6 +28,7 @@ use sqlx::{Connection, PgConnection, PgPool, Postgres, Row, Transaction};
 use std::collections::{BTreeMap, BTreeSet};
 use std::str::FromStr;
 use std::time::Duration;
+use tokio::time::Instant;
 use uuid::Uuid;
 
 /// Embedded migrations (`migrations/` at the repository root).
@@ -42,6 +43,19 @@ const LOCK_TIMEOUT_MS: u64 = 2_000;
 #[derive(Clone)]
 pub struct Store {
     pool: PgPool,
+}
+
+/// Where one batch spent its time (exported as metrics, so a slow ledger says why).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BatchTimings {
+    /// Begin, lock and read rows.
+    pub load: Duration,
+    /// Decide every command (pure).
+    pub plan: Duration,
+    /// Write effects and outbox.
+    pub write: Duration,
+    /// Commit (WAL flush).
+    pub commit: Duration,
 }
 
 /// This process's claim on its producer instance id.
@@ -170,16 +184,26 @@ impl Store {
         &self,
         claim: &ProducerClaim,
         commands: &[Command],
-    ) -> Result<Vec<Result<Outcome, LedgerError>>> {
+    ) -> Result<(Vec<Result<Outcome, LedgerError>>, BatchTimings)> {
+        let started = Instant::now();
         let mut tx = self.pool.begin().await?;
         let (snapshot, existing_scopes) = load(&mut tx, commands).await?;
+        let loaded = Instant::now();
         let now = snapshot.now;
         let (outcomes, effects) = plan_batch(snapshot, commands);
+        let planned = Instant::now();
         if !effects.is_empty() {
             write(&mut tx, claim, now, &existing_scopes, &effects).await?;
         }
+        let written = Instant::now();
         tx.commit().await?;
-        Ok(outcomes)
+        let timings = BatchTimings {
+            load: loaded - started,
+            plan: planned - loaded,
+            write: written - planned,
+            commit: written.elapsed(),
+        };
+        Ok((outcomes, timings))
     }
 
     /// Current-window balances of `budget_ids` (all must exist in `tenant_id`).
@@ -314,47 +338,22 @@ async fn load(
         .await?;
     }
 
-    let mut ids: Vec<Uuid> = needs.reservation_ids.iter().copied().collect();
+    let mut ids: BTreeSet<Uuid> = needs.reservation_ids.clone();
     ids.extend(snapshot.expired_candidates.iter().copied());
-    let (key_tenants, keys): (Vec<String>, Vec<String>) =
-        needs.idempotency_keys.iter().cloned().unzip();
-    if !ids.is_empty() || !keys.is_empty() {
-        // Find the ids with index-friendly predicates (a row-value IN over unnest would scan the
-        // table; the key lookup may over-fetch across tenants × keys and is filtered here), then
-        // lock and read exactly those rows in id order.
-        let found = sqlx::query(
-            "SELECT reservation_id, tenant_id, idempotency_key FROM reservations WHERE reservation_id = ANY($1)
-              UNION
-             SELECT reservation_id, tenant_id, idempotency_key FROM reservations
-              WHERE tenant_id = ANY($2) AND idempotency_key = ANY($3)",
+    if !ids.is_empty() {
+        let ids: Vec<Uuid> = ids.into_iter().collect();
+        let rows = sqlx::query(
+            "SELECT reservation_id, tenant_id, idempotency_key, request_sha256, budget_ids, window_starts,
+                    amount_nano_usd, fencing_scope_id, fencing_epoch, expires_at, state, resolved_epoch,
+                    actual_nano_usd, committed_nano_usd, released_nano_usd, overrun_nano_usd
+               FROM reservations WHERE reservation_id = ANY($1) ORDER BY reservation_id FOR UPDATE",
         )
         .bind(&ids)
-        .bind(&key_tenants)
-        .bind(&keys)
         .fetch_all(&mut **tx)
         .await?;
-        let mut wanted: Vec<Uuid> = Vec::new();
-        for row in found {
-            let id: Uuid = row.try_get("reservation_id")?;
-            let key = (row.try_get("tenant_id")?, row.try_get("idempotency_key")?);
-            if ids.contains(&id) || needs.idempotency_keys.contains(&key) {
-                wanted.push(id);
-            }
-        }
-        if !wanted.is_empty() {
-            let rows = sqlx::query(
-                "SELECT reservation_id, tenant_id, idempotency_key, request_sha256, budget_ids, window_starts,
-                        amount_nano_usd, fencing_scope_id, fencing_epoch, expires_at, state, resolved_epoch,
-                        actual_nano_usd, committed_nano_usd, released_nano_usd, overrun_nano_usd
-                   FROM reservations WHERE reservation_id = ANY($1) ORDER BY reservation_id FOR UPDATE",
-            )
-            .bind(&wanted)
-            .fetch_all(&mut **tx)
-            .await?;
-            for row in rows {
-                let reservation = reservation_from_row(&row)?;
-                snapshot.reservations.insert(reservation.id, reservation);
-            }
+        for row in rows {
+            let reservation = reservation_from_row(&row)?;
+            snapshot.reservations.insert(reservation.id, reservation);
         }
     }
 

@@ -8,7 +8,7 @@
 
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use crate::store::{ProducerClaim, Store};
+use crate::store::{BatchTimings, ProducerClaim, Store};
 use spendguard_core::plan::{Command, Outcome};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -67,10 +67,10 @@ async fn run(
         let size = commands.len();
         let started = Instant::now();
         let span = info_span!("ledger_batch", commands = size);
-        let results = execute(&store, current.as_ref(), &commands)
+        let (results, timings) = execute(&store, current.as_ref(), &commands)
             .instrument(span)
             .await;
-        metrics.observe_batch(size, started.elapsed());
+        metrics.observe_batch(size, started.elapsed(), timings);
         for (reply, result) in replies.into_iter().zip(results) {
             // The caller may have gone away (deadline); its command is durable either way.
             let _ = reply.send(result);
@@ -83,24 +83,27 @@ async fn execute(
     store: &Store,
     claim: Option<&ProducerClaim>,
     commands: &[Command],
-) -> Vec<Result<Outcome>> {
+) -> (Vec<Result<Outcome>>, Option<BatchTimings>) {
     let Some(claim) = claim else {
-        return commands
+        let refused = commands
             .iter()
-            .map(|_| Err(Error::ProducerInstanceConflict("unclaimed".into())))
-            .collect();
+            .map(|_| Err(Error::ProducerInstanceConflict("unclaimed".into())));
+        return (refused.collect(), None);
     };
     match store.run_batch(claim, commands).await {
-        Ok(outcomes) => outcomes
-            .into_iter()
-            .map(|o| o.map_err(Error::from))
-            .collect(),
+        Ok((outcomes, timings)) => (
+            outcomes
+                .into_iter()
+                .map(|o| o.map_err(Error::from))
+                .collect(),
+            Some(timings),
+        ),
         Err(e) if e.is_isolatable() && commands.len() > 1 => {
             debug!(error = %e, commands = commands.len(), "batch failed; retrying commands singly");
             let mut results = Vec::with_capacity(commands.len());
             for command in commands {
                 let result = match store.run_batch(claim, std::slice::from_ref(command)).await {
-                    Ok(mut outcomes) => outcomes.pop().map_or_else(
+                    Ok((mut outcomes, _)) => outcomes.pop().map_or_else(
                         || Err(Error::Invariant("no outcome".into())),
                         |o| o.map_err(Error::from),
                     ),
@@ -111,13 +114,13 @@ async fn execute(
                 }
                 results.push(result);
             }
-            results
+            (results, None)
         }
         Err(e) => {
             if let Error::Invariant(reason) = &e {
                 error!(%reason, "ledger invariant violated; batch refused");
             }
-            commands.iter().map(|_| Err(e.clone())).collect()
+            (commands.iter().map(|_| Err(e.clone())).collect(), None)
         }
     }
 }

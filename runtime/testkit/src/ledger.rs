@@ -30,6 +30,7 @@ pub struct TestLedger {
     pub ledger: Option<RunningLedger>,
     /// A connected client.
     pub client: LedgerClient,
+    registry: prometheus_client::registry::Registry,
 }
 
 impl TestLedger {
@@ -48,7 +49,7 @@ impl TestLedger {
     /// When the server cannot start.
     pub async fn start_on(database_url: &str, instance_id: &str) -> Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let mut registry = prometheus_client_registry();
+        let mut registry = prometheus_client::registry::Registry::default();
         let ledger = spendguard_ledger::start(
             database_url,
             instance_id,
@@ -62,6 +63,7 @@ impl TestLedger {
             database_url: database_url.to_owned(),
             ledger: Some(ledger),
             client,
+            registry,
         })
     }
 
@@ -71,6 +73,13 @@ impl TestLedger {
     /// After [`TestLedger::stop`].
     pub fn store(&self) -> &Store {
         &self.ledger.as_ref().expect("ledger running").store
+    }
+
+    /// The ledger's metrics in the Prometheus text format.
+    pub fn metrics_text(&self) -> String {
+        let mut text = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
     }
 
     /// Graceful shutdown.
@@ -127,10 +136,6 @@ impl TestLedger {
             .await?;
         Ok(())
     }
-}
-
-fn prometheus_client_registry() -> prometheus_client::registry::Registry {
-    prometheus_client::registry::Registry::default()
 }
 
 /// Connects a client to `addr`.
