@@ -1,0 +1,130 @@
+//! Operations of the `spendguard ledger` binary: liveness and readiness differ when the database
+//! goes away, metrics carry RPC latency and error codes, and SIGTERM shuts down cleanly.
+#![allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
+
+use spendguard_proto::ledger::v1 as pb;
+use spendguard_testkit::ledger::connect;
+use spendguard_testkit::{PgCluster, free_port};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
+
+/// A minimal HTTP/1.1 GET: status code and body.
+async fn get(port: u16, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test]
+async fn health_readiness_metrics_and_graceful_shutdown() {
+    let cluster = PgCluster::start(&[("fsync", "off")]).unwrap();
+    let url = cluster.create_database().await.unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let mut ledger = Command::new(env!("CARGO_BIN_EXE_spendguard"))
+        .arg("ledger")
+        .env("SPENDGUARD_LEDGER_DATABASE_URL", &url)
+        .env("SPENDGUARD_LEDGER_INSTANCE_ID", "ledger-ops")
+        .env("SPENDGUARD_LEDGER_LISTEN_ADDR", format!("127.0.0.1:{port}"))
+        .env("SPENDGUARD_ADMIN_ADDR", format!("127.0.0.1:{admin}"))
+        .env("SPENDGUARD_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut ready = false;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", admin))
+            .await
+            .is_ok()
+            && get(admin, "/readyz").await.0 == 200
+        {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ready, "ledger never became ready");
+    assert_eq!(get(admin, "/healthz").await.0, 200);
+
+    let mut client = connect(format!("127.0.0.1:{port}").parse().unwrap())
+        .await
+        .unwrap();
+    client
+        .upsert_tenant(pb::UpsertTenantRequest {
+            tenant_id: "t".into(),
+            display_name: "t".into(),
+        })
+        .await
+        .unwrap();
+    let refused = client
+        .get_balances(pb::GetBalancesRequest {
+            tenant_id: "t".into(),
+            budget_ids: vec!["missing".into()],
+        })
+        .await;
+    assert!(refused.is_err());
+    let (status, metrics) = get(admin, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains(r#"spendguard_ledger_rpc_duration_seconds_count{rpc="UpsertTenant"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            r#"spendguard_ledger_rpc_errors_total{rpc="GetBalances",code="BUDGET_NOT_FOUND"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("spendguard_ledger_open_reservations"),
+        "{metrics}"
+    );
+
+    // Database gone: not ready, still alive.
+    cluster.stop_immediately().unwrap();
+    let (status, body) = get(admin, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(get(admin, "/healthz").await.0, 200);
+    cluster.restart().unwrap();
+    let mut back = false;
+    for _ in 0..100 {
+        if get(admin, "/readyz").await.0 == 200 {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        back,
+        "ledger did not become ready again after the database returned"
+    );
+
+    // SIGTERM: drains and exits successfully.
+    let pid = ledger.id().unwrap();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = tokio::time::timeout(Duration::from_secs(15), ledger.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}
