@@ -35,6 +35,9 @@ enum Mode {
         /// Offered rate (pairs/s) of the paced scenario.
         #[arg(long, default_value_t = 1_000)]
         paced_rate: u64,
+        /// Keep the database up this many seconds after the run (to inspect it with psql).
+        #[arg(long, default_value_t = 0)]
+        hold_seconds: u64,
         /// Extra PostgreSQL settings, NAME=VALUE (e.g. to compare with synchronous_commit=off).
         #[arg(long = "pg-setting")]
         pg_settings: Vec<String>,
@@ -54,6 +57,7 @@ async fn main() -> Result<()> {
             seconds,
             clients,
             paced_rate,
+            hold_seconds,
             pg_settings,
         } => {
             bench_ledger(
@@ -61,6 +65,7 @@ async fn main() -> Result<()> {
                 &clients,
                 paced_rate,
                 &pg_settings,
+                hold_seconds,
             )
             .await
         }
@@ -119,6 +124,7 @@ async fn bench_ledger(
     client_counts: &[usize],
     paced_rate: u64,
     extra: &[String],
+    hold_seconds: u64,
 ) -> Result<()> {
     // Durable settings: PostgreSQL defaults (fsync on, synchronous_commit on) unless overridden.
     let mut settings = vec![
@@ -228,6 +234,10 @@ async fn bench_ledger(
     }
     report_statements(&url).await?;
     ledger.stop().await;
+    if hold_seconds > 0 {
+        println!("holding {url} for {hold_seconds}s");
+        tokio::time::sleep(Duration::from_secs(hold_seconds)).await;
+    }
     Ok(())
 }
 
