@@ -573,9 +573,9 @@ pub struct Effects {
     pub leases: BTreeMap<String, LeaseState>,
     /// Scope history rows.
     pub lease_events: Vec<LeaseEvent>,
-    /// Reservations to insert (their resolution, if any, is written as an update after).
+    /// Reservations to insert, already resolved if this batch resolved them.
     pub new_reservations: Vec<ReservationRow>,
-    /// Reservations resolved.
+    /// Existing reservations resolved.
     pub resolutions: Vec<(Uuid, Resolution)>,
     /// Journal entries.
     pub entries: Vec<JournalEntry>,
@@ -872,11 +872,21 @@ impl Planner {
         Ok(())
     }
 
+    /// Records a resolution. A reservation created in this same batch is written once, already
+    /// resolved, so the store never has to update a row it inserts in the same statement.
     fn resolve(&mut self, id: Uuid, resolution: Resolution) {
         if let Some(row) = self.state.reservations.get_mut(&id) {
             row.resolution = Some(resolution);
         }
-        self.effects.resolutions.push((id, resolution));
+        match self
+            .effects
+            .new_reservations
+            .iter_mut()
+            .find(|r| r.id == id)
+        {
+            Some(new) => new.resolution = Some(resolution),
+            None => self.effects.resolutions.push((id, resolution)),
+        }
     }
 
     fn commit(&mut self, c: &Commit) -> Result<Outcome, LedgerError> {

@@ -78,6 +78,14 @@ pub struct LedgerTuning {
     /// Commands that may wait for the writer; beyond this callers get OVERLOADED at once.
     #[arg(long, env = "SPENDGUARD_LEDGER_QUEUE_CAPACITY", default_value_t = 8192)]
     pub queue_capacity: usize,
+    /// Longest a batch waits for stragglers when the previous batch was larger (microseconds).
+    /// Trades up to this much latency under load for far fewer transactions.
+    #[arg(
+        long,
+        env = "SPENDGUARD_LEDGER_BATCH_LINGER_US",
+        default_value_t = 1_000
+    )]
+    pub batch_linger_us: u64,
     /// Largest accepted gRPC message; valid requests are far smaller.
     #[arg(
         long,
@@ -102,6 +110,7 @@ impl Default for LedgerTuning {
         Self {
             db_pool_size: 8,
             queue_capacity: 8192,
+            batch_linger_us: 1_000,
             max_message_bytes: 65_536,
             migrate_on_start: true,
             shutdown_grace_ms: 10_000,
@@ -192,6 +201,7 @@ pub async fn start(
         store.clone(),
         claim_rx.clone(),
         tuning.queue_capacity,
+        Duration::from_micros(tuning.batch_linger_us),
         metrics.clone(),
     );
     let service = grpc::LedgerGrpc::new(writer, store.clone(), metrics.clone());

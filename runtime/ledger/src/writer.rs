@@ -8,7 +8,7 @@
 
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use crate::store::{BatchTimings, ProducerClaim, Store};
+use crate::store::{BatchTimings, ProducerClaim, ProducerCursor, Store};
 use spendguard_core::plan::{Command, Outcome};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -32,10 +32,11 @@ impl Writer {
         store: Store,
         claim: watch::Receiver<Option<ProducerClaim>>,
         queue_capacity: usize,
+        linger_for: std::time::Duration,
         metrics: Metrics,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (queue, receiver) = mpsc::channel(queue_capacity);
-        let task = tokio::spawn(run(store, claim, receiver, metrics));
+        let task = tokio::spawn(run(store, claim, receiver, linger_for, metrics));
         (Self { queue }, task)
     }
 
@@ -58,16 +59,21 @@ async fn run(
     store: Store,
     claim: watch::Receiver<Option<ProducerClaim>>,
     mut receiver: mpsc::Receiver<(Command, Reply)>,
+    linger_for: std::time::Duration,
     metrics: Metrics,
 ) {
     let mut batch = Vec::with_capacity(BATCH_COMMANDS_MAX);
+    let mut cursor: Option<ProducerCursor> = None;
+    let mut previous_size = 1;
     while receiver.recv_many(&mut batch, BATCH_COMMANDS_MAX).await > 0 {
+        linger(&mut receiver, &mut batch, previous_size, linger_for).await;
+        previous_size = batch.len();
         let (commands, replies): (Vec<Command>, Vec<Reply>) = batch.drain(..).unzip();
         let current = claim.borrow().clone();
         let size = commands.len();
         let started = Instant::now();
         let span = info_span!("ledger_batch", commands = size);
-        let (results, timings) = execute(&store, current.as_ref(), &commands)
+        let (results, timings) = execute(&store, current.as_ref(), &mut cursor, &commands)
             .instrument(span)
             .await;
         metrics.observe_batch(size, started.elapsed(), timings);
@@ -79,18 +85,52 @@ async fn run(
     debug!("ledger writer stopped");
 }
 
+/// Under load, callers that were answered by the previous batch send their next command a moment
+/// later; starting a transaction for the first few arrivals would split one large batch into many
+/// small ones, each paying the fixed cost of a transaction. So when the previous batch was larger
+/// than what is queued, wait up to `linger_for` for as many commands to arrive. An idle or lightly
+/// loaded ledger (previous batch of one) never waits.
+async fn linger(
+    receiver: &mut mpsc::Receiver<(Command, Reply)>,
+    batch: &mut Vec<(Command, Reply)>,
+    previous_size: usize,
+    linger_for: std::time::Duration,
+) {
+    let target = previous_size.min(BATCH_COMMANDS_MAX);
+    if batch.len() >= target || linger_for.is_zero() {
+        return;
+    }
+    let deadline = Instant::now() + linger_for;
+    while batch.len() < target {
+        let room = BATCH_COMMANDS_MAX - batch.len();
+        match tokio::time::timeout_at(deadline, receiver.recv_many(batch, room)).await {
+            Ok(received) if received > 0 => {}
+            _ => return,
+        }
+    }
+}
+
 async fn execute(
     store: &Store,
     claim: Option<&ProducerClaim>,
+    cursor: &mut Option<ProducerCursor>,
     commands: &[Command],
 ) -> (Vec<Result<Outcome>>, Option<BatchTimings>) {
+    let refuse_all = |e: Error| (commands.iter().map(|_| Err(e.clone())).collect(), None);
     let Some(claim) = claim else {
-        let refused = commands
-            .iter()
-            .map(|_| Err(Error::ProducerInstanceConflict("unclaimed".into())));
-        return (refused.collect(), None);
+        return refuse_all(Error::ProducerInstanceConflict("unclaimed".into()));
     };
-    match store.run_batch(claim, commands).await {
+    // (Re)read the sequence after a (re)claim or after a batch whose outcome left it uncertain.
+    if cursor.as_ref().is_none_or(|c| c.claim != *claim) {
+        match store.producer_cursor(claim).await {
+            Ok(fresh) => *cursor = Some(fresh),
+            Err(e) => return refuse_all(e),
+        }
+    }
+    let Some(current) = cursor.as_mut() else {
+        return refuse_all(Error::Invariant("no producer cursor".into()));
+    };
+    match store.run_batch(current, commands).await {
         Ok((outcomes, timings)) => (
             outcomes
                 .into_iter()
@@ -102,7 +142,10 @@ async fn execute(
             debug!(error = %e, commands = commands.len(), "batch failed; retrying commands singly");
             let mut results = Vec::with_capacity(commands.len());
             for command in commands {
-                let result = match store.run_batch(claim, std::slice::from_ref(command)).await {
+                let result = match store
+                    .run_batch(current, std::slice::from_ref(command))
+                    .await
+                {
                     Ok((mut outcomes, _)) => outcomes.pop().map_or_else(
                         || Err(Error::Invariant("no outcome".into())),
                         |o| o.map_err(Error::from),
@@ -120,7 +163,9 @@ async fn execute(
             if let Error::Invariant(reason) = &e {
                 error!(%reason, "ledger invariant violated; batch refused");
             }
-            (commands.iter().map(|_| Err(e.clone())).collect(), None)
+            // The commit may or may not have happened: read the sequence again before writing.
+            *cursor = None;
+            refuse_all(e)
         }
     }
 }

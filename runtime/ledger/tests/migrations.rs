@@ -35,3 +35,21 @@ async fn up_down_up() {
     assert_eq!(tables(&store).await, created);
     assert!(store.ready().await);
 }
+
+#[tokio::test]
+async fn ledger_sessions_carry_their_timeouts_and_plan_mode() {
+    let url = shared_cluster().create_database().await.unwrap();
+    let store = Store::connect(&url, 1).await.unwrap();
+    let show = |name: &'static str| {
+        let pool = store.pool().clone();
+        async move {
+            sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(format!("SHOW {name}")))
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(show("statement_timeout").await, "5s");
+    assert_eq!(show("lock_timeout").await, "2s");
+    assert_eq!(show("plan_cache_mode").await, "force_custom_plan");
+}

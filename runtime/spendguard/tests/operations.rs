@@ -41,7 +41,7 @@ async fn health_readiness_metrics_and_graceful_shutdown() {
         .env("SPENDGUARD_LEDGER_INSTANCE_ID", "ledger-ops")
         .env("SPENDGUARD_LEDGER_LISTEN_ADDR", format!("127.0.0.1:{port}"))
         .env("SPENDGUARD_ADMIN_ADDR", format!("127.0.0.1:{admin}"))
-        .env("SPENDGUARD_LOG", "warn")
+        .env("SPENDGUARD_LOG", "error")
         .kill_on_drop(true)
         .spawn()
         .unwrap();
