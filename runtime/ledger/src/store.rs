@@ -24,6 +24,7 @@ use spendguard_core::plan::{
 use spendguard_core::window::BudgetWindow;
 use spendguard_core::{LedgerError, NanoUsd};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::types::Json;
 use sqlx::{Connection, PgConnection, PgPool, Postgres, Row, Transaction};
 use std::collections::{BTreeMap, BTreeSet};
 use std::str::FromStr;
@@ -329,142 +330,187 @@ fn to_i64(value: u64) -> Result<i64> {
     i64::try_from(value).map_err(|_| Error::Invariant(format!("value {value} exceeds i64")))
 }
 
+/// A fencing scope as `load_batch.sql` returns it.
+#[derive(serde::Deserialize)]
+struct ScopeJson {
+    scope_id: String,
+    tenant_id: String,
+    owner_workload_id: String,
+    epoch: i64,
+    expires_at: DateTime<Utc>,
+}
+
+/// A reservation as `load_batch.sql` returns it.
+#[derive(serde::Deserialize)]
+struct ReservationJson {
+    reservation_id: Uuid,
+    tenant_id: String,
+    idempotency_key: String,
+    request_sha256: String,
+    budget_ids: Vec<String>,
+    window_starts: Vec<DateTime<Utc>>,
+    amount_nano_usd: i64,
+    fencing_scope_id: String,
+    fencing_epoch: i64,
+    expires_at: DateTime<Utc>,
+    state: String,
+    resolved_epoch: Option<i64>,
+    actual_nano_usd: Option<i64>,
+    committed_nano_usd: Option<i64>,
+    released_nano_usd: Option<i64>,
+    overrun_nano_usd: Option<i64>,
+}
+
+/// A tenant as `load_batch.sql` returns it.
+#[derive(serde::Deserialize)]
+struct TenantJson {
+    tenant_id: String,
+    display_name: String,
+}
+
+/// A budget as `load_batch.sql` returns it.
+#[derive(serde::Deserialize)]
+struct BudgetJson {
+    tenant_id: String,
+    budget_id: String,
+    limit_nano_usd: i64,
+    soft_cap_nano_usd: Option<i64>,
+    window_kind: String,
+}
+
 async fn load(
     tx: &mut Transaction<'_, Postgres>,
     commands: &[Command],
 ) -> Result<(Snapshot, BTreeSet<String>)> {
     let needs = Needs::of(commands);
-    let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
-        .fetch_one(&mut **tx)
-        .await?;
-    let mut snapshot = Snapshot {
-        now,
-        ..Snapshot::default()
-    };
-
-    let scope_ids: Vec<String> = needs.scope_ids.iter().cloned().collect();
-    if !scope_ids.is_empty() {
-        let rows = sqlx::query(
-            "SELECT scope_id, tenant_id, owner_workload_id, epoch, expires_at FROM fencing_scopes
-             WHERE scope_id = ANY($1) ORDER BY scope_id FOR UPDATE",
-        )
-        .bind(&scope_ids)
-        .fetch_all(&mut **tx)
-        .await?;
-        for row in rows {
-            snapshot.scopes.insert(
-                row.try_get("scope_id")?,
-                LeaseState {
-                    tenant_id: row.try_get("tenant_id")?,
-                    owner: row.try_get("owner_workload_id")?,
-                    epoch: epoch(row.try_get("epoch")?)?,
-                    expires_at: row.try_get("expires_at")?,
-                },
-            );
-        }
-    }
-    let existing_scopes = snapshot.scopes.keys().cloned().collect();
-
+    let mut reservation_ids: BTreeSet<Uuid> = needs.reservation_ids.clone();
+    let mut expired_candidates = Vec::new();
     if needs.sweep_max > 0 {
-        snapshot.expired_candidates = sqlx::query_scalar(
-            "SELECT reservation_id FROM reservations WHERE state = 'reserved' AND expires_at <= $1
-             ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+        // SKIP LOCKED never waits, so taking these first cannot break the lock order.
+        expired_candidates = sqlx::query_scalar(
+            "SELECT reservation_id FROM reservations WHERE state = 'reserved' AND expires_at <= now()
+             ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED",
         )
-        .bind(now)
         .bind(i64::from(needs.sweep_max))
         .fetch_all(&mut **tx)
         .await?;
+        reservation_ids.extend(expired_candidates.iter().copied());
     }
-
-    let mut ids: BTreeSet<Uuid> = needs.reservation_ids.clone();
-    ids.extend(snapshot.expired_candidates.iter().copied());
-    if !ids.is_empty() {
-        let ids: Vec<Uuid> = ids.into_iter().collect();
-        let rows = sqlx::query(
-            "SELECT reservation_id, tenant_id, idempotency_key, request_sha256, budget_ids, window_starts,
-                    amount_nano_usd, fencing_scope_id, fencing_epoch, expires_at, state, resolved_epoch,
-                    actual_nano_usd, committed_nano_usd, released_nano_usd, overrun_nano_usd
-               FROM reservations WHERE reservation_id = ANY($1) ORDER BY reservation_id FOR UPDATE",
-        )
-        .bind(&ids)
-        .fetch_all(&mut **tx)
-        .await?;
-        for row in rows {
-            let reservation = reservation_from_row(&row)?;
-            snapshot.reservations.insert(reservation.id, reservation);
-        }
-    }
-
-    let tenant_ids: Vec<String> = needs.tenant_ids.iter().cloned().collect();
-    if !tenant_ids.is_empty() {
-        let rows =
-            sqlx::query("SELECT tenant_id, display_name FROM tenants WHERE tenant_id = ANY($1)")
-                .bind(&tenant_ids)
-                .fetch_all(&mut **tx)
-                .await?;
-        for row in rows {
-            snapshot
-                .tenants
-                .insert(row.try_get("tenant_id")?, row.try_get("display_name")?);
-        }
-    }
-
     let upserting = commands
         .iter()
         .any(|c| matches!(c, Command::UpsertBudget(_)));
-    let lock = if upserting { "FOR UPDATE" } else { "FOR SHARE" };
-    snapshot.budgets = load_budgets(tx, &needs.budgets, lock).await?;
+    let sql = if upserting {
+        &*LOAD_BATCH_FOR_UPDATE
+    } else {
+        &*LOAD_BATCH_FOR_SHARE
+    };
+    let scope_ids: Vec<&str> = needs.scope_ids.iter().map(String::as_str).collect();
+    let reservation_ids: Vec<Uuid> = reservation_ids.into_iter().collect();
+    let tenant_ids: Vec<&str> = needs.tenant_ids.iter().map(String::as_str).collect();
+    let budget_tenants: Vec<&str> = needs.budgets.iter().map(|k| k.tenant_id.as_str()).collect();
+    let budget_ids: Vec<&str> = needs.budgets.iter().map(|k| k.budget_id.as_str()).collect();
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
+        .bind(&scope_ids)
+        .bind(&reservation_ids)
+        .bind(&tenant_ids)
+        .bind(&budget_tenants)
+        .bind(&budget_ids)
+        .fetch_one(&mut **tx)
+        .await?;
+    let mut snapshot = Snapshot {
+        now: row.try_get("now")?,
+        expired_candidates,
+        ..Snapshot::default()
+    };
+    let Json(scopes): Json<Vec<ScopeJson>> = row.try_get("scopes")?;
+    for s in scopes {
+        let state = LeaseState {
+            tenant_id: s.tenant_id,
+            owner: s.owner_workload_id,
+            epoch: epoch(s.epoch)?,
+            expires_at: s.expires_at,
+        };
+        snapshot.scopes.insert(s.scope_id, state);
+    }
+    let existing_scopes = snapshot.scopes.keys().cloned().collect();
+    let Json(reservations): Json<Vec<ReservationJson>> = row.try_get("reservations")?;
+    for r in reservations {
+        let reservation = reservation_from_json(r)?;
+        snapshot.reservations.insert(reservation.id, reservation);
+    }
+    let Json(tenants): Json<Vec<TenantJson>> = row.try_get("tenants")?;
+    for t in tenants {
+        snapshot.tenants.insert(t.tenant_id, t.display_name);
+    }
+    let Json(budgets): Json<Vec<BudgetJson>> = row.try_get("budgets")?;
+    for b in budgets {
+        let key = BudgetKey {
+            tenant_id: b.tenant_id,
+            budget_id: b.budget_id,
+        };
+        if !needs.budgets.contains(&key) {
+            continue; // Over-fetched by the per-column ANY predicates.
+        }
+        let window = BudgetWindow::parse(&b.window_kind)
+            .ok_or_else(|| Error::Invariant(format!("unknown window kind {}", b.window_kind)))?;
+        let soft_cap = b.soft_cap_nano_usd.map(money).transpose()?;
+        snapshot.budgets.insert(
+            key,
+            BudgetRow {
+                limit: money(b.limit_nano_usd)?,
+                soft_cap,
+                window,
+            },
+        );
+    }
     let window_keys = windows_needed(commands, &snapshot);
     snapshot.windows = load_windows(tx, &window_keys, "FOR UPDATE").await?;
     Ok((snapshot, existing_scopes))
 }
 
-fn reservation_from_row(row: &sqlx::postgres::PgRow) -> Result<ReservationRow> {
-    let tenant_id: String = row.try_get("tenant_id")?;
-    let budget_ids: Vec<String> = row.try_get("budget_ids")?;
-    let starts: Vec<DateTime<Utc>> = row.try_get("window_starts")?;
-    let windows = budget_ids
+static LOAD_BATCH_FOR_SHARE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    include_str!("store/load_batch.sql").replace("{budget_lock}", "FOR SHARE")
+});
+static LOAD_BATCH_FOR_UPDATE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    include_str!("store/load_batch.sql").replace("{budget_lock}", "FOR UPDATE")
+});
+
+fn reservation_from_json(r: ReservationJson) -> Result<ReservationRow> {
+    let windows = r
+        .budget_ids
         .into_iter()
-        .zip(starts)
+        .zip(r.window_starts)
         .map(|(budget_id, start)| WindowKey {
             budget: BudgetKey {
-                tenant_id: tenant_id.clone(),
+                tenant_id: r.tenant_id.clone(),
                 budget_id,
             },
             start,
         })
         .collect();
-    let state_name: String = row.try_get("state")?;
-    let state = ReservationState::parse(&state_name)
-        .ok_or_else(|| Error::Invariant(format!("unknown reservation state {state_name}")))?;
-    let opt_money = |column: &str| -> Result<NanoUsd> {
-        let value: Option<i64> = row.try_get(column)?;
-        money(value.unwrap_or(0))
-    };
+    let state = ReservationState::parse(&r.state)
+        .ok_or_else(|| Error::Invariant(format!("unknown reservation state {}", r.state)))?;
     let resolution = match state {
         ReservationState::Reserved => None,
         state => Some(Resolution {
             state,
-            actual: opt_money("actual_nano_usd")?,
-            committed: opt_money("committed_nano_usd")?,
-            released: opt_money("released_nano_usd")?,
-            overrun: opt_money("overrun_nano_usd")?,
-            epoch: epoch(
-                row.try_get::<Option<i64>, _>("resolved_epoch")?
-                    .unwrap_or(0),
-            )?,
+            actual: money(r.actual_nano_usd.unwrap_or(0))?,
+            committed: money(r.committed_nano_usd.unwrap_or(0))?,
+            released: money(r.released_nano_usd.unwrap_or(0))?,
+            overrun: money(r.overrun_nano_usd.unwrap_or(0))?,
+            epoch: epoch(r.resolved_epoch.unwrap_or(0))?,
         }),
     };
     Ok(ReservationRow {
-        id: row.try_get("reservation_id")?,
-        tenant_id,
-        idempotency_key: row.try_get("idempotency_key")?,
-        fingerprint: row.try_get("request_sha256")?,
+        id: r.reservation_id,
+        tenant_id: r.tenant_id,
+        idempotency_key: r.idempotency_key,
+        fingerprint: r.request_sha256,
         windows,
-        amount: money(row.try_get("amount_nano_usd")?)?,
-        fencing_scope_id: row.try_get("fencing_scope_id")?,
-        fencing_epoch: epoch(row.try_get("fencing_epoch")?)?,
-        expires_at: row.try_get("expires_at")?,
+        amount: money(r.amount_nano_usd)?,
+        fencing_scope_id: r.fencing_scope_id,
+        fencing_epoch: epoch(r.fencing_epoch)?,
+        expires_at: r.expires_at,
         resolution,
     })
 }
