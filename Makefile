@@ -34,7 +34,8 @@ fmt:
 
 ## bench: ledger reserve+commit throughput and latency (prints figures; see docs/benchmarks.md).
 bench: deps
-	$(CARGO) run --release --locked -p spendguard-bench -- ledger $(BENCH_ARGS)
+	$(CARGO) build --release --locked -p spendguard -p spendguard-bench
+	$(CARGO_TARGET_DIR)/release/spendguard-bench ledger --spendguard-bin $(CARGO_TARGET_DIR)/release/spendguard $(BENCH_ARGS)
 
 ## demo: start PostgreSQL and the ledger, run a small budget scenario, print balances, clean up.
 demo: deps

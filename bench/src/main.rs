@@ -12,7 +12,9 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use spendguard_proto::ledger::v1 as pb;
 use spendguard_testkit::PgCluster;
-use spendguard_testkit::ledger::{LedgerClient, TestLedger, connect, reserve_request};
+use spendguard_testkit::ledger::{
+    LedgerClient, budget, connect, http_get, reserve_request, tenant_with_lease,
+};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -35,6 +37,9 @@ enum Mode {
         /// Offered rate (pairs/s) of the paced scenario.
         #[arg(long, default_value_t = 1_000)]
         paced_rate: u64,
+        /// Path of the spendguard binary (the ledger runs as its own process, as in production).
+        #[arg(long)]
+        spendguard_bin: std::path::PathBuf,
         /// Keep the database up this many seconds after the run (to inspect it with psql).
         #[arg(long, default_value_t = 0)]
         hold_seconds: u64,
@@ -59,6 +64,7 @@ async fn main() -> Result<()> {
             paced_rate,
             hold_seconds,
             pg_settings,
+            spendguard_bin,
         } => {
             bench_ledger(
                 Duration::from_secs(seconds),
@@ -66,6 +72,7 @@ async fn main() -> Result<()> {
                 paced_rate,
                 &pg_settings,
                 hold_seconds,
+                &spendguard_bin,
             )
             .await
         }
@@ -125,6 +132,7 @@ async fn bench_ledger(
     paced_rate: u64,
     extra: &[String],
     hold_seconds: u64,
+    spendguard_bin: &std::path::Path,
 ) -> Result<()> {
     // Durable settings: PostgreSQL defaults (fsync on, synchronous_commit on) unless overridden.
     let mut settings = vec![
@@ -140,13 +148,18 @@ async fn bench_ledger(
     }
     let cluster = PgCluster::start(&settings)?;
     let url = cluster.create_database().await?;
-    let mut ledger = TestLedger::start_on(&url, "bench-ledger").await?;
-    let fencing = ledger.tenant_with_lease(T).await?;
-    ledger.budget(T, "hot", 1_000_000_000_000_000).await?;
+    let mut process = LedgerProcess::spawn(spendguard_bin, &url, "bench-ledger").await?;
+    let base = process.client.clone();
+    let fencing = tenant_with_lease(&mut process.client, T).await?;
+    budget(&mut process.client, T, "hot", 1_000_000_000_000_000).await?;
     for i in 0..100 {
-        ledger
-            .budget(T, &format!("b{i}"), 1_000_000_000_000_000)
-            .await?;
+        budget(
+            &mut process.client,
+            T,
+            &format!("b{i}"),
+            1_000_000_000_000_000,
+        )
+        .await?;
     }
     println!(
         "ledger benchmark: {}s per scenario, PostgreSQL 15 local (defaults: fsync=on synchronous_commit=on), extra settings {extra:?}",
@@ -158,7 +171,7 @@ async fn bench_ledger(
             let started = Instant::now();
             let mut tasks = Vec::new();
             for c in 0..clients {
-                let mut client = ledger.client.clone();
+                let mut client = base.clone();
                 let fencing = fencing.clone();
                 tasks.push(tokio::spawn(async move {
                     let mut latencies = Vec::new();
@@ -194,7 +207,7 @@ async fn bench_ledger(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     for n in 0..count {
         ticker.tick().await;
-        let mut client = ledger.client.clone();
+        let mut client = base.clone();
         let fencing = fencing.clone();
         tasks.push(tokio::spawn(async move {
             let t = Instant::now();
@@ -212,7 +225,7 @@ async fn bench_ledger(
         started.elapsed(),
         latencies,
     );
-    let metrics = ledger.metrics_text();
+    let (_, metrics) = http_get(process.admin_port, "/metrics").await?;
     let value = |name: &str| -> f64 {
         metrics
             .lines()
@@ -233,7 +246,8 @@ async fn bench_ledger(
         println!("  {phase:<7} {:.3} ms/batch", sum * 1e3 / batches.max(1.0));
     }
     report_statements(&url).await?;
-    ledger.stop().await;
+    process.child.start_kill()?;
+    process.child.wait().await?;
     if hold_seconds > 0 {
         println!("holding {url} for {hold_seconds}s");
         tokio::time::sleep(Duration::from_secs(hold_seconds)).await;
@@ -288,35 +302,54 @@ async fn show(client: &mut LedgerClient, title: &str) -> Result<()> {
     Ok(())
 }
 
+/// `spendguard ledger` running as its own process, as in production.
+struct LedgerProcess {
+    child: tokio::process::Child,
+    client: LedgerClient,
+    admin_port: u16,
+}
+
+impl LedgerProcess {
+    async fn spawn(spendguard_bin: &std::path::Path, url: &str, instance_id: &str) -> Result<Self> {
+        let port = spendguard_testkit::free_port();
+        let admin_port = spendguard_testkit::free_port();
+        let child = tokio::process::Command::new(spendguard_bin)
+            .arg("ledger")
+            .env("SPENDGUARD_LEDGER_DATABASE_URL", url)
+            .env("SPENDGUARD_LEDGER_INSTANCE_ID", instance_id)
+            .env("SPENDGUARD_LEDGER_LISTEN_ADDR", format!("127.0.0.1:{port}"))
+            .env("SPENDGUARD_ADMIN_ADDR", format!("127.0.0.1:{admin_port}"))
+            .env("SPENDGUARD_LOG", "warn")
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting spendguard ledger")?;
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        for _ in 0..100 {
+            if let Ok(client) = connect(addr).await {
+                return Ok(Self {
+                    child,
+                    client,
+                    admin_port,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("ledger did not come up")
+    }
+}
+
 async fn demo(spendguard_bin: &std::path::Path) -> Result<()> {
     let cluster = PgCluster::start(&[])?;
     let url = cluster.create_database().await?;
-    let port = spendguard_testkit::free_port();
-    let admin_port = spendguard_testkit::free_port();
     println!(
-        "PostgreSQL on 127.0.0.1:{}; starting `spendguard ledger` on 127.0.0.1:{port}",
+        "PostgreSQL on 127.0.0.1:{}; starting `spendguard ledger`",
         cluster.port()
     );
-    let mut child = tokio::process::Command::new(spendguard_bin)
-        .arg("ledger")
-        .env("SPENDGUARD_LEDGER_DATABASE_URL", &url)
-        .env("SPENDGUARD_LEDGER_INSTANCE_ID", "demo-ledger")
-        .env("SPENDGUARD_LEDGER_LISTEN_ADDR", format!("127.0.0.1:{port}"))
-        .env("SPENDGUARD_ADMIN_ADDR", format!("127.0.0.1:{admin_port}"))
-        .env("SPENDGUARD_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting spendguard ledger")?;
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let mut client = None;
-    for _ in 0..100 {
-        if let Ok(c) = connect(addr).await {
-            client = Some(c);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let mut client = client.context("ledger did not come up")?;
+    let LedgerProcess {
+        mut child,
+        mut client,
+        ..
+    } = LedgerProcess::spawn(spendguard_bin, &url, "demo-ledger").await?;
     client
         .upsert_tenant(pb::UpsertTenantRequest {
             tenant_id: "demo".into(),

@@ -827,7 +827,7 @@ impl Planner {
             }),
         );
         Ok(Outcome::Reserved {
-            reservation_id: reservation_id,
+            reservation_id,
             amount: r.amount,
             expires_at,
             balances: windows.iter().map(|w| self.balance(w)).collect(),

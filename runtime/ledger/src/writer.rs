@@ -89,7 +89,8 @@ async fn run(
 /// later; starting a transaction for the first few arrivals would split one large batch into many
 /// small ones, each paying the fixed cost of a transaction. So when the previous batch was larger
 /// than what is queued, wait up to `linger_for` for as many commands to arrive. An idle or lightly
-/// loaded ledger (previous batch of one) never waits.
+/// loaded ledger (previous batch of one) never waits. Tokio timers tick in milliseconds, so the
+/// wait is rounded up to the next millisecond.
 async fn linger(
     receiver: &mut mpsc::Receiver<(Command, Reply)>,
     batch: &mut Vec<(Command, Reply)>,
@@ -167,5 +168,46 @@ async fn execute(
             *cursor = None;
             refuse_all(e)
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn command() -> (Command, Reply) {
+        (Command::SweepExpired(1), oneshot::channel().0)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn linger_waits_for_stragglers_only_after_a_larger_batch() {
+        let (sender, mut receiver) = mpsc::channel(16);
+        let mut batch = vec![command()];
+        // Previous batch of one: never waits.
+        let started = Instant::now();
+        linger(&mut receiver, &mut batch, 1, Duration::from_millis(1)).await;
+        assert_eq!((batch.len(), started.elapsed()), (1, Duration::ZERO));
+
+        // Previous batch of four: collects stragglers that arrive within the window…
+        let feeder = sender.clone();
+        tokio::spawn(async move {
+            for _ in 0..3 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                feeder.send(command()).await.unwrap();
+            }
+        });
+        linger(&mut receiver, &mut batch, 4, Duration::from_millis(10)).await;
+        assert_eq!(batch.len(), 4);
+
+        // …and gives up at the deadline when they do not come.
+        batch.truncate(1);
+        let started = Instant::now();
+        linger(&mut receiver, &mut batch, 8, Duration::from_millis(10)).await;
+        assert_eq!(
+            (batch.len(), started.elapsed()),
+            (1, Duration::from_millis(10))
+        );
     }
 }

@@ -89,53 +89,99 @@ impl TestLedger {
         }
     }
 
-    /// Creates tenant `tenant_id`, a lease on scope `<tenant>-scope` for `<tenant>-w`, and returns
-    /// the fencing token.
+    /// See [`tenant_with_lease`].
     ///
     /// # Errors
     /// RPC failures.
     pub async fn tenant_with_lease(&mut self, tenant_id: &str) -> Result<pb::FencingToken> {
-        self.client
-            .upsert_tenant(pb::UpsertTenantRequest {
-                tenant_id: tenant_id.into(),
-                display_name: tenant_id.into(),
-            })
-            .await?;
-        let scope_id = format!("{tenant_id}-scope");
-        let lease = self
-            .client
-            .acquire_fencing_lease(pb::AcquireFencingLeaseRequest {
-                scope_id: scope_id.clone(),
-                tenant_id: tenant_id.into(),
-                workload_instance_id: format!("{tenant_id}-w"),
-                ttl_ms: 600_000,
-                expected_epoch: 0,
-                force: false,
-            })
-            .await?
-            .into_inner();
-        Ok(pb::FencingToken {
-            scope_id,
-            epoch: lease.epoch,
-        })
+        tenant_with_lease(&mut self.client, tenant_id).await
     }
 
-    /// Creates a lifetime budget.
+    /// See [`budget`].
     ///
     /// # Errors
     /// RPC failures.
     pub async fn budget(&mut self, tenant_id: &str, budget_id: &str, limit: i64) -> Result<()> {
-        self.client
-            .upsert_budget(pb::UpsertBudgetRequest {
-                tenant_id: tenant_id.into(),
-                budget_id: budget_id.into(),
-                limit_nano_usd: limit,
-                soft_cap_nano_usd: 0,
-                window: pb::BudgetWindow::Lifetime.into(),
-            })
-            .await?;
-        Ok(())
+        budget(&mut self.client, tenant_id, budget_id, limit).await
     }
+}
+
+/// Creates tenant `tenant_id`, a lease on scope `<tenant>-scope` for `<tenant>-w`, and returns
+/// the fencing token.
+///
+/// # Errors
+/// RPC failures.
+pub async fn tenant_with_lease(
+    client: &mut LedgerClient,
+    tenant_id: &str,
+) -> Result<pb::FencingToken> {
+    client
+        .upsert_tenant(pb::UpsertTenantRequest {
+            tenant_id: tenant_id.into(),
+            display_name: tenant_id.into(),
+        })
+        .await?;
+    let scope_id = format!("{tenant_id}-scope");
+    let lease = client
+        .acquire_fencing_lease(pb::AcquireFencingLeaseRequest {
+            scope_id: scope_id.clone(),
+            tenant_id: tenant_id.into(),
+            workload_instance_id: format!("{tenant_id}-w"),
+            ttl_ms: 600_000,
+            expected_epoch: 0,
+            force: false,
+        })
+        .await?
+        .into_inner();
+    Ok(pb::FencingToken {
+        scope_id,
+        epoch: lease.epoch,
+    })
+}
+
+/// Creates a lifetime budget.
+///
+/// # Errors
+/// RPC failures.
+pub async fn budget(
+    client: &mut LedgerClient,
+    tenant_id: &str,
+    budget_id: &str,
+    limit: i64,
+) -> Result<()> {
+    client
+        .upsert_budget(pb::UpsertBudgetRequest {
+            tenant_id: tenant_id.into(),
+            budget_id: budget_id.into(),
+            limit_nano_usd: limit,
+            soft_cap_nano_usd: 0,
+            window: pb::BudgetWindow::Lifetime.into(),
+        })
+        .await?;
+    Ok(())
+}
+
+/// A minimal HTTP/1.1 GET against a loopback port: status code and body (admin endpoints).
+///
+/// # Errors
+/// When the connection fails.
+pub async fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
 }
 
 /// Connects a client to `addr`.
