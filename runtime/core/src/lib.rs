@@ -16,6 +16,7 @@ pub mod ids;
 pub mod lease;
 pub mod money;
 pub mod plan;
+pub mod pricing;
 pub mod window;
 
 pub use error::{ErrorClass, ErrorCode, LedgerError};

@@ -1,7 +1,8 @@
 //! Money as integer nano-USD (1 USD = 10^9 nano-USD). Never floats.
 //!
-//! Why nano-USD: per-token list prices go down to fractions of a micro-USD (0.15 USD per million
-//! tokens is 150 nano-USD per thousand tokens), and i64 nano-USD still holds 9.2 billion USD.
+//! Why nano-USD: per-token list prices go down to fractions of a micro-USD ($0.15 per million
+//! tokens is 150 nano-USD per token), and i64 nano-USD still holds 9.2 billion USD. Prices are
+//! kept per million tokens (see `pricing`), so cheaper prices stay exact too.
 //! Costs computed from rational prices round *up* ([`NanoUsd::from_ratio_ceil`]), so a reserve can
 //! never undercount.
 
