@@ -11,6 +11,7 @@
 #![warn(clippy::arithmetic_side_effects)]
 
 pub mod audit;
+pub mod contract;
 pub mod error;
 pub mod ids;
 pub mod lease;

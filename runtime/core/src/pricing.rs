@@ -161,29 +161,52 @@ impl Pricing {
         let mut index = BTreeMap::new();
         for (i, entry) in snapshot.entries.iter().enumerate() {
             let p = entry.price;
-            let prices = [p.input, p.cached_input, p.cache_write, p.output, p.cache_write_1h.unwrap_or(0), p.reasoning.unwrap_or(0)];
+            let prices = [
+                p.input,
+                p.cached_input,
+                p.cache_write,
+                p.output,
+                p.cache_write_1h.unwrap_or(0),
+                p.reasoning.unwrap_or(0),
+            ];
             if prices.iter().any(|&v| v < 0) {
-                return Err(PricingError::NegativePrice { model: entry.model.clone() });
+                return Err(PricingError::NegativePrice {
+                    model: entry.model.clone(),
+                });
             }
             for name in std::iter::once(&entry.model).chain(&entry.aliases) {
                 if index.insert((entry.provider, name.clone()), i).is_some() {
-                    return Err(PricingError::DuplicateModel { provider: entry.provider.as_str(), name: name.clone() });
+                    return Err(PricingError::DuplicateModel {
+                        provider: entry.provider.as_str(),
+                        name: name.clone(),
+                    });
                 }
             }
         }
-        let bytes = serde_json_canonicalizer::to_vec(&snapshot).map_err(|e| PricingError::Malformed(e.to_string()))?;
+        let bytes = serde_json_canonicalizer::to_vec(&snapshot)
+            .map_err(|e| PricingError::Malformed(e.to_string()))?;
         let sha256_hex = hex::encode(Sha256::digest(&bytes));
-        Ok(Self { snapshot, sha256_hex, index })
+        Ok(Self {
+            snapshot,
+            sha256_hex,
+            index,
+        })
     }
 
     /// Like [`Pricing::from_json`], and refuses a snapshot whose hash is not `expected_sha256_hex`.
     ///
     /// # Errors
     /// [`PricingError::HashMismatch`] or any parse error.
-    pub fn from_json_verified(json: &[u8], expected_sha256_hex: &str) -> Result<Self, PricingError> {
+    pub fn from_json_verified(
+        json: &[u8],
+        expected_sha256_hex: &str,
+    ) -> Result<Self, PricingError> {
         let pricing = Self::from_json(json)?;
         if pricing.sha256_hex != expected_sha256_hex {
-            return Err(PricingError::HashMismatch { expected: expected_sha256_hex.to_owned(), actual: pricing.sha256_hex });
+            return Err(PricingError::HashMismatch {
+                expected: expected_sha256_hex.to_owned(),
+                actual: pricing.sha256_hex,
+            });
         }
         Ok(pricing)
     }
@@ -206,7 +229,10 @@ impl Pricing {
         self.index
             .get(&(provider, model.to_owned()))
             .map(|&i| &self.snapshot.entries[i].price)
-            .ok_or_else(|| PricingError::UnknownModel { provider: provider.as_str(), model: model.to_owned() })
+            .ok_or_else(|| PricingError::UnknownModel {
+                provider: provider.as_str(),
+                model: model.to_owned(),
+            })
     }
 }
 
@@ -317,21 +343,39 @@ pub struct AnthropicOutputDetails {
 }
 
 fn split(total: u64, parts: &[u64], what: &'static str) -> Result<u64, PricingError> {
-    let sum = parts.iter().try_fold(0u64, |acc, &p| acc.checked_add(p)).ok_or(PricingError::InconsistentUsage(what))?;
-    total.checked_sub(sum).ok_or(PricingError::InconsistentUsage(what))
+    let sum = parts
+        .iter()
+        .try_fold(0u64, |acc, &p| acc.checked_add(p))
+        .ok_or(PricingError::InconsistentUsage(what))?;
+    total
+        .checked_sub(sum)
+        .ok_or(PricingError::InconsistentUsage(what))
 }
 
-fn openai(input: u64, output: u64, inputs: Option<OpenAiInputDetails>, outputs: Option<OpenAiOutputDetails>) -> Result<TokenUsage, PricingError> {
+fn openai(
+    input: u64,
+    output: u64,
+    inputs: Option<OpenAiInputDetails>,
+    outputs: Option<OpenAiOutputDetails>,
+) -> Result<TokenUsage, PricingError> {
     let inputs = inputs.unwrap_or_default();
     let cached_input = inputs.cached_tokens.unwrap_or(0);
     let cache_write = inputs.cache_write_tokens.unwrap_or(0);
     let reasoning = outputs.unwrap_or_default().reasoning_tokens.unwrap_or(0);
     Ok(TokenUsage {
-        uncached_input: split(input, &[cached_input, cache_write], "cached and cache-write tokens exceed input tokens")?,
+        uncached_input: split(
+            input,
+            &[cached_input, cache_write],
+            "cached and cache-write tokens exceed input tokens",
+        )?,
         cached_input,
         cache_write,
         cache_write_1h: 0,
-        output: split(output, &[reasoning], "reasoning tokens exceed output tokens")?,
+        output: split(
+            output,
+            &[reasoning],
+            "reasoning tokens exceed output tokens",
+        )?,
         reasoning,
     })
 }
@@ -342,7 +386,12 @@ impl TokenUsage {
     /// # Errors
     /// [`PricingError::InconsistentUsage`] when a subset exceeds its total.
     pub fn from_openai_chat(u: &OpenAiChatUsage) -> Result<Self, PricingError> {
-        openai(u.prompt_tokens, u.completion_tokens, u.prompt_tokens_details, u.completion_tokens_details)
+        openai(
+            u.prompt_tokens,
+            u.completion_tokens,
+            u.prompt_tokens_details,
+            u.completion_tokens_details,
+        )
     }
 
     /// From OpenAI Responses usage.
@@ -350,7 +399,12 @@ impl TokenUsage {
     /// # Errors
     /// [`PricingError::InconsistentUsage`] when a subset exceeds its total.
     pub fn from_openai_responses(u: &OpenAiResponsesUsage) -> Result<Self, PricingError> {
-        openai(u.input_tokens, u.output_tokens, u.input_tokens_details, u.output_tokens_details)
+        openai(
+            u.input_tokens,
+            u.output_tokens,
+            u.input_tokens_details,
+            u.output_tokens_details,
+        )
     }
 
     /// From Anthropic Messages usage (input excludes cache reads and writes; output includes
@@ -363,13 +417,25 @@ impl TokenUsage {
         let writes = u.cache_creation_input_tokens.unwrap_or(0);
         let by_ttl = u.cache_creation.unwrap_or_default();
         let write_1h = by_ttl.ephemeral_1h_input_tokens.unwrap_or(0);
-        let thinking = u.output_tokens_details.unwrap_or_default().thinking_tokens.unwrap_or(0);
+        let thinking = u
+            .output_tokens_details
+            .unwrap_or_default()
+            .thinking_tokens
+            .unwrap_or(0);
         Ok(Self {
             uncached_input: u.input_tokens,
             cached_input: u.cache_read_input_tokens.unwrap_or(0),
-            cache_write: split(writes, &[write_1h], "1-hour cache writes exceed cache writes")?,
+            cache_write: split(
+                writes,
+                &[write_1h],
+                "1-hour cache writes exceed cache writes",
+            )?,
             cache_write_1h: write_1h,
-            output: split(u.output_tokens, &[thinking], "thinking tokens exceed output tokens")?,
+            output: split(
+                u.output_tokens,
+                &[thinking],
+                "thinking tokens exceed output tokens",
+            )?,
             reasoning: thinking,
         })
     }
@@ -384,13 +450,21 @@ impl TokenUsage {
             (self.uncached_input, rate(price.input)),
             (self.cached_input, rate(price.cached_input)),
             (self.cache_write, rate(price.cache_write)),
-            (self.cache_write_1h, rate(price.cache_write_1h.unwrap_or(price.cache_write))),
+            (
+                self.cache_write_1h,
+                rate(price.cache_write_1h.unwrap_or(price.cache_write)),
+            ),
             (self.output, rate(price.output)),
-            (self.reasoning, rate(price.reasoning.unwrap_or(price.output))),
+            (
+                self.reasoning,
+                rate(price.reasoning.unwrap_or(price.output)),
+            ),
         ];
         let numerator = terms
             .iter()
-            .try_fold(0u128, |acc, &(tokens, rate)| acc.checked_add(u128::from(tokens).checked_mul(rate)?))
+            .try_fold(0u128, |acc, &(tokens, rate)| {
+                acc.checked_add(u128::from(tokens).checked_mul(rate)?)
+            })
             .ok_or(PricingError::Money(MoneyError::TooLarge))?;
         Ok(NanoUsd::from_ratio_ceil(numerator, TOKENS_PER_PRICE_UNIT)?)
     }
@@ -402,14 +476,34 @@ impl TokenUsage {
 ///
 /// # Errors
 /// [`PricingError::Money`] when the bound exceeds the money bounds.
-pub fn worst_case_cost(price: &ModelPrice, input_tokens: u64, max_output_tokens: u64) -> Result<NanoUsd, PricingError> {
-    let input_rate = [price.input, price.cached_input, price.cache_write, price.cache_write_1h.unwrap_or(0)]
-        .into_iter()
-        .max()
-        .unwrap_or(0);
+pub fn worst_case_cost(
+    price: &ModelPrice,
+    input_tokens: u64,
+    max_output_tokens: u64,
+) -> Result<NanoUsd, PricingError> {
+    let input_rate = [
+        price.input,
+        price.cached_input,
+        price.cache_write,
+        price.cache_write_1h.unwrap_or(0),
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or(0);
     let output_rate = price.output.max(price.reasoning.unwrap_or(0));
-    let usage = TokenUsage { uncached_input: input_tokens, output: max_output_tokens, ..TokenUsage::default() };
-    usage.cost(&ModelPrice { input: input_rate, output: output_rate, cached_input: 0, cache_write: 0, cache_write_1h: None, reasoning: None })
+    let usage = TokenUsage {
+        uncached_input: input_tokens,
+        output: max_output_tokens,
+        ..TokenUsage::default()
+    };
+    usage.cost(&ModelPrice {
+        input: input_rate,
+        output: output_rate,
+        cached_input: 0,
+        cache_write: 0,
+        cache_write_1h: None,
+        reasoning: None,
+    })
 }
 
 #[cfg(test)]
@@ -437,11 +531,15 @@ mod tests {
         let a = pricing();
         // Whitespace and key order do not change the identity; a price does.
         let reordered: serde_json::Value = serde_json::from_str(SNAPSHOT).unwrap();
-        let b = Pricing::from_json(serde_json::to_string_pretty(&reordered).unwrap().as_bytes()).unwrap();
+        let b = Pricing::from_json(serde_json::to_string_pretty(&reordered).unwrap().as_bytes())
+            .unwrap();
         assert_eq!(a.sha256_hex(), b.sha256_hex());
         assert_eq!(a.sha256_hex().len(), 64);
         let changed = SNAPSHOT.replace("10000000000", "10000000001");
-        assert_ne!(Pricing::from_json(changed.as_bytes()).unwrap().sha256_hex(), a.sha256_hex());
+        assert_ne!(
+            Pricing::from_json(changed.as_bytes()).unwrap().sha256_hex(),
+            a.sha256_hex()
+        );
         assert!(Pricing::from_json_verified(SNAPSHOT.as_bytes(), a.sha256_hex()).is_ok());
         let err = Pricing::from_json_verified(changed.as_bytes(), a.sha256_hex()).unwrap_err();
         assert!(matches!(err, PricingError::HashMismatch { .. }));
@@ -449,21 +547,45 @@ mod tests {
 
     #[test]
     fn malformed_snapshots_are_refused() {
-        let unknown_field = SNAPSHOT.replace(r#""cached_input": 125000000"#, r#""cached_input": 125000000, "surprise": 1"#);
-        assert!(matches!(Pricing::from_json(unknown_field.as_bytes()), Err(PricingError::Malformed(_))));
+        let unknown_field = SNAPSHOT.replace(
+            r#""cached_input": 125000000"#,
+            r#""cached_input": 125000000, "surprise": 1"#,
+        );
+        assert!(matches!(
+            Pricing::from_json(unknown_field.as_bytes()),
+            Err(PricingError::Malformed(_))
+        ));
         let float = SNAPSHOT.replace("1250000000,", "1.25e9,");
-        assert!(matches!(Pricing::from_json(float.as_bytes()), Err(PricingError::Malformed(_))));
+        assert!(matches!(
+            Pricing::from_json(float.as_bytes()),
+            Err(PricingError::Malformed(_))
+        ));
         let negative = SNAPSHOT.replace("125000000,", "-1,");
-        assert!(matches!(Pricing::from_json(negative.as_bytes()), Err(PricingError::NegativePrice { .. })));
-        let duplicate = SNAPSHOT.replace(r#""aliases": ["gpt-5-2025-08-07"]"#, r#""aliases": ["gpt-5"]"#);
-        assert!(matches!(Pricing::from_json(duplicate.as_bytes()), Err(PricingError::DuplicateModel { .. })));
+        assert!(matches!(
+            Pricing::from_json(negative.as_bytes()),
+            Err(PricingError::NegativePrice { .. })
+        ));
+        let duplicate = SNAPSHOT.replace(
+            r#""aliases": ["gpt-5-2025-08-07"]"#,
+            r#""aliases": ["gpt-5"]"#,
+        );
+        assert!(matches!(
+            Pricing::from_json(duplicate.as_bytes()),
+            Err(PricingError::DuplicateModel { .. })
+        ));
     }
 
     #[test]
     fn aliases_resolve_and_unknown_models_fail_closed() {
         let p = pricing();
-        assert_eq!(p.price(Provider::Openai, "gpt-5-2025-08-07").unwrap(), p.price(Provider::Openai, "gpt-5").unwrap());
-        assert!(matches!(p.price(Provider::Openai, "gpt-9"), Err(PricingError::UnknownModel { .. })));
+        assert_eq!(
+            p.price(Provider::Openai, "gpt-5-2025-08-07").unwrap(),
+            p.price(Provider::Openai, "gpt-5").unwrap()
+        );
+        assert!(matches!(
+            p.price(Provider::Openai, "gpt-9"),
+            Err(PricingError::UnknownModel { .. })
+        ));
         // Names are per provider.
         assert!(p.price(Provider::Anthropic, "gpt-5").is_err());
     }
@@ -479,8 +601,18 @@ mod tests {
         )
         .unwrap();
         let tokens = TokenUsage::from_openai_chat(&usage).unwrap();
-        assert_eq!((tokens.uncached_input, tokens.cached_input, tokens.output, tokens.reasoning), (176, 1024, 150, 200));
-        let cost = tokens.cost(pricing().price(Provider::Openai, "gpt-5").unwrap()).unwrap();
+        assert_eq!(
+            (
+                tokens.uncached_input,
+                tokens.cached_input,
+                tokens.output,
+                tokens.reasoning
+            ),
+            (176, 1024, 150, 200)
+        );
+        let cost = tokens
+            .cost(pricing().price(Provider::Openai, "gpt-5").unwrap())
+            .unwrap();
         // 176×1.25 + 1024×0.125 + 350×10 USD per M tokens = 220 + 128 + 3500 = 3848 nano-USD ×1000.
         assert_eq!(cost.get(), 3_848_000);
     }
@@ -493,8 +625,17 @@ mod tests {
         )
         .unwrap();
         let tokens = TokenUsage::from_openai_responses(&usage).unwrap();
-        assert_eq!((tokens.uncached_input, tokens.cached_input, tokens.cache_write), (500, 400, 100));
-        let cost = tokens.cost(pricing().price(Provider::Openai, "gpt-5").unwrap()).unwrap();
+        assert_eq!(
+            (
+                tokens.uncached_input,
+                tokens.cached_input,
+                tokens.cache_write
+            ),
+            (500, 400, 100)
+        );
+        let cost = tokens
+            .cost(pricing().price(Provider::Openai, "gpt-5").unwrap())
+            .unwrap();
         // 500×1.25 + 400×0.125 + 100×1.25 + 500×10 = 625 + 50 + 125 + 5000 = 5800 (×1000 nano-USD).
         assert_eq!(cost.get(), 5_800_000);
     }
@@ -508,8 +649,22 @@ mod tests {
         )
         .unwrap();
         let tokens = TokenUsage::from_anthropic(&usage).unwrap();
-        assert_eq!((tokens.uncached_input, tokens.cached_input, tokens.cache_write, tokens.cache_write_1h), (42, 12000, 1500, 300));
-        let cost = tokens.cost(pricing().price(Provider::Anthropic, "claude-sonnet-4-5").unwrap()).unwrap();
+        assert_eq!(
+            (
+                tokens.uncached_input,
+                tokens.cached_input,
+                tokens.cache_write,
+                tokens.cache_write_1h
+            ),
+            (42, 12000, 1500, 300)
+        );
+        let cost = tokens
+            .cost(
+                pricing()
+                    .price(Provider::Anthropic, "claude-sonnet-4-5")
+                    .unwrap(),
+            )
+            .unwrap();
         // 42×3 + 12000×0.3 + 1500×3.75 + 300×6 + 512×15 = 126 + 3600 + 5625 + 1800 + 7680 = 18831.
         assert_eq!(cost.get(), 18_831_000);
     }
@@ -517,13 +672,32 @@ mod tests {
     #[test]
     fn cost_rounds_up_once_over_the_sum() {
         // $0.15/M is 150 nano-USD per token: exact, no rounding.
-        let list = ModelPrice { input: 150_000_000, cached_input: 0, cache_write: 0, cache_write_1h: None, output: 600_000_000, reasoning: None };
-        let one_each = TokenUsage { uncached_input: 1, output: 1, ..TokenUsage::default() };
+        let list = ModelPrice {
+            input: 150_000_000,
+            cached_input: 0,
+            cache_write: 0,
+            cache_write_1h: None,
+            output: 600_000_000,
+            reasoning: None,
+        };
+        let one_each = TokenUsage {
+            uncached_input: 1,
+            output: 1,
+            ..TokenUsage::default()
+        };
         assert_eq!(one_each.cost(&list).unwrap().get(), 750);
         // 1000 × 333/10^6 + 2000 × 333/10^6 = 0.333 + 0.666 = 0.999 → 1 (rounding each term
         // separately would charge 2).
-        let tiny = ModelPrice { input: 333, output: 333, ..list };
-        let usage = TokenUsage { uncached_input: 1000, output: 2000, ..TokenUsage::default() };
+        let tiny = ModelPrice {
+            input: 333,
+            output: 333,
+            ..list
+        };
+        let usage = TokenUsage {
+            uncached_input: 1000,
+            output: 2000,
+            ..TokenUsage::default()
+        };
         assert_eq!(usage.cost(&tiny).unwrap().get(), 1);
         assert_eq!(TokenUsage::default().cost(&list).unwrap(), NanoUsd::ZERO);
     }
@@ -533,17 +707,28 @@ mod tests {
         let usage = OpenAiChatUsage {
             prompt_tokens: 10,
             completion_tokens: 5,
-            prompt_tokens_details: Some(OpenAiInputDetails { cached_tokens: Some(11), cache_write_tokens: None }),
+            prompt_tokens_details: Some(OpenAiInputDetails {
+                cached_tokens: Some(11),
+                cache_write_tokens: None,
+            }),
             completion_tokens_details: None,
         };
-        assert!(matches!(TokenUsage::from_openai_chat(&usage), Err(PricingError::InconsistentUsage(_))));
+        assert!(matches!(
+            TokenUsage::from_openai_chat(&usage),
+            Err(PricingError::InconsistentUsage(_))
+        ));
         let usage = AnthropicUsage {
             input_tokens: 1,
             output_tokens: 5,
-            output_tokens_details: Some(AnthropicOutputDetails { thinking_tokens: Some(6) }),
+            output_tokens_details: Some(AnthropicOutputDetails {
+                thinking_tokens: Some(6),
+            }),
             ..AnthropicUsage::default()
         };
-        assert!(matches!(TokenUsage::from_anthropic(&usage), Err(PricingError::InconsistentUsage(_))));
+        assert!(matches!(
+            TokenUsage::from_anthropic(&usage),
+            Err(PricingError::InconsistentUsage(_))
+        ));
     }
 
     #[test]
@@ -552,9 +737,22 @@ mod tests {
         let price = p.price(Provider::Anthropic, "claude-sonnet-4-5").unwrap();
         let bound = worst_case_cost(price, 1_000, 500).unwrap();
         // Any split of at most 1000 input and 500 output tokens costs no more.
-        for (uncached, cached, write, write_1h) in [(1000, 0, 0, 0), (0, 1000, 0, 0), (0, 0, 1000, 0), (0, 0, 0, 1000), (250, 250, 250, 250)] {
+        for (uncached, cached, write, write_1h) in [
+            (1000, 0, 0, 0),
+            (0, 1000, 0, 0),
+            (0, 0, 1000, 0),
+            (0, 0, 0, 1000),
+            (250, 250, 250, 250),
+        ] {
             for reasoning in [0, 250, 500] {
-                let usage = TokenUsage { uncached_input: uncached, cached_input: cached, cache_write: write, cache_write_1h: write_1h, output: 500 - reasoning, reasoning };
+                let usage = TokenUsage {
+                    uncached_input: uncached,
+                    cached_input: cached,
+                    cache_write: write,
+                    cache_write_1h: write_1h,
+                    output: 500 - reasoning,
+                    reasoning,
+                };
                 assert!(usage.cost(price).unwrap() <= bound);
             }
         }

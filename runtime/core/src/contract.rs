@@ -1,0 +1,400 @@
+//! Contract evaluation: pure decisions for one LLM call (the sidecar's policy, issue 3).
+//!
+//! ```text
+//! call ─► evaluate_call ─► Stop(reason)                       (nothing reserved)
+//!                      └─► Planned { reserve, max_output }  ─► ledger ReserveSet
+//!                                                               ├─ denied ─► Stop(BUDGET_EXHAUSTED)
+//!                                                               └─ balances ─► evaluate_balances
+//!                                                                   ├─► Continue
+//!                                                                   └─► RequireApproval(SOFT_CAP_REACHED)
+//! ```
+//!
+//! Every decision carries a stable reason code; the caller records it with the contract and
+//! pricing versions.
+
+use crate::money::NanoUsd;
+use crate::pricing::{Pricing, PricingError, Provider, worst_case_cost};
+use serde::{Deserialize, Serialize};
+
+/// What a contract does with a model that has no price in the snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "policy", deny_unknown_fields)]
+pub enum UnknownModelPolicy {
+    /// Refuse the call (the default: fail closed).
+    Stop,
+    /// Reserve this fixed ceiling instead of a priced worst case (explicit opt-in).
+    ReserveCeiling {
+        /// The amount reserved per call.
+        ceiling_nano_usd: NanoUsd,
+    },
+}
+
+/// What happens when the ledger cannot be reached (S22).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailPolicy {
+    /// Refuse the call (the default).
+    Closed,
+    /// Let the call through and mark its evidence `fail_open` (explicit opt-in).
+    Open,
+}
+
+/// A workflow's spending contract, as authored in a ContractBundle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Contract {
+    /// Version name recorded with every decision.
+    pub version: String,
+    /// Models allowed (empty: every priced model).
+    #[serde(default)]
+    pub allow_models: Vec<String>,
+    /// Models refused, checked before the allow list.
+    #[serde(default)]
+    pub deny_models: Vec<String>,
+    /// Largest worst-case cost of a single call.
+    #[serde(default)]
+    pub max_cost_per_call_nano_usd: Option<NanoUsd>,
+    /// Output-token cap: set on calls that name none; calls asking for more are refused.
+    pub max_output_tokens: u32,
+    /// Require approval when a reservation would take a budget past its soft cap.
+    #[serde(default = "default_true")]
+    pub approval_above_soft_cap: bool,
+    /// Unknown-model handling.
+    #[serde(default = "default_unknown_model")]
+    pub unknown_model: UnknownModelPolicy,
+    /// Ledger-unavailable handling.
+    #[serde(default = "default_fail_policy")]
+    pub fail_policy: FailPolicy,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_unknown_model() -> UnknownModelPolicy {
+    UnknownModelPolicy::Stop
+}
+
+fn default_fail_policy() -> FailPolicy {
+    FailPolicy::Closed
+}
+
+/// Stable reason codes of decisions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ReasonCode {
+    /// Within every limit.
+    WithinBudget,
+    /// The model is on the deny list.
+    ModelDenied,
+    /// The model is not on a non-empty allow list.
+    ModelNotAllowed,
+    /// The model has no price and the contract does not allow a ceiling.
+    ModelPriceUnknown,
+    /// The call asks for more output tokens than the contract allows.
+    MaxOutputTokensAboveCap,
+    /// The call's worst case exceeds the per-call cap.
+    PerCallCapExceeded,
+    /// A budget's hard cap would be exceeded (from the ledger).
+    BudgetExhausted,
+    /// A budget's soft cap would be crossed: a human must approve.
+    SoftCapReached,
+}
+
+impl ReasonCode {
+    /// The stable string form.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::WithinBudget => "WITHIN_BUDGET",
+            Self::ModelDenied => "MODEL_DENIED",
+            Self::ModelNotAllowed => "MODEL_NOT_ALLOWED",
+            Self::ModelPriceUnknown => "MODEL_PRICE_UNKNOWN",
+            Self::MaxOutputTokensAboveCap => "MAX_OUTPUT_TOKENS_ABOVE_CAP",
+            Self::PerCallCapExceeded => "PER_CALL_CAP_EXCEEDED",
+            Self::BudgetExhausted => "BUDGET_EXHAUSTED",
+            Self::SoftCapReached => "SOFT_CAP_REACHED",
+        }
+    }
+}
+
+/// A call as the sidecar sees it before forwarding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Call {
+    /// Provider.
+    pub provider: Provider,
+    /// Model as requested.
+    pub model: String,
+    /// An input token count that cannot undercount the real one.
+    pub input_tokens_upper_bound: u64,
+    /// The client's output-token limit, if it set one.
+    pub max_output_tokens: Option<u32>,
+}
+
+/// A call that may proceed to the ledger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Planned {
+    /// Worst case to reserve.
+    pub reserve: NanoUsd,
+    /// Output-token limit to enforce on the upstream request.
+    pub max_output_tokens: u32,
+}
+
+/// A refusal before anything is reserved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stop {
+    /// Why.
+    pub reason: ReasonCode,
+    /// Human detail.
+    pub detail: String,
+}
+
+/// Decides whether `call` may be reserved under `contract`, and for how much.
+///
+/// # Errors
+/// A [`Stop`] with its reason; nothing is reserved.
+pub fn evaluate_call(contract: &Contract, pricing: &Pricing, call: &Call) -> Result<Planned, Stop> {
+    let stop = |reason, detail: String| Stop { reason, detail };
+    if contract.deny_models.contains(&call.model) {
+        return Err(stop(
+            ReasonCode::ModelDenied,
+            format!(
+                "model {} is denied by contract {}",
+                call.model, contract.version
+            ),
+        ));
+    }
+    if !contract.allow_models.is_empty() && !contract.allow_models.contains(&call.model) {
+        return Err(stop(
+            ReasonCode::ModelNotAllowed,
+            format!(
+                "model {} is not allowed by contract {}",
+                call.model, contract.version
+            ),
+        ));
+    }
+    let max_output_tokens = match call.max_output_tokens {
+        None => contract.max_output_tokens,
+        Some(asked) if asked <= contract.max_output_tokens => asked,
+        Some(asked) => {
+            return Err(stop(
+                ReasonCode::MaxOutputTokensAboveCap,
+                format!(
+                    "max output tokens {asked} exceeds the contract cap of {}",
+                    contract.max_output_tokens
+                ),
+            ));
+        }
+    };
+    let reserve = match pricing.price(call.provider, &call.model) {
+        Ok(price) => worst_case_cost(
+            price,
+            call.input_tokens_upper_bound,
+            u64::from(max_output_tokens),
+        )
+        .map_err(|e| stop(ReasonCode::PerCallCapExceeded, e.to_string()))?,
+        Err(PricingError::UnknownModel { .. }) => match contract.unknown_model {
+            UnknownModelPolicy::Stop => {
+                return Err(stop(
+                    ReasonCode::ModelPriceUnknown,
+                    format!(
+                        "no price for {} in pricing {}",
+                        call.model,
+                        pricing.version()
+                    ),
+                ));
+            }
+            UnknownModelPolicy::ReserveCeiling { ceiling_nano_usd } => ceiling_nano_usd,
+        },
+        Err(e) => return Err(stop(ReasonCode::ModelPriceUnknown, e.to_string())),
+    };
+    if let Some(cap) = contract.max_cost_per_call_nano_usd
+        && reserve > cap
+    {
+        return Err(stop(
+            ReasonCode::PerCallCapExceeded,
+            format!("worst case {reserve} exceeds the per-call cap of {cap}"),
+        ));
+    }
+    Ok(Planned {
+        reserve,
+        max_output_tokens,
+    })
+}
+
+/// One budget's state right after the reservation, as the ledger reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetAfterReserve {
+    /// Budget.
+    pub budget_id: String,
+    /// Soft cap, if any.
+    pub soft_cap: Option<NanoUsd>,
+    /// committed + reserved + overrun, this reservation included.
+    pub used_and_reserved: NanoUsd,
+}
+
+/// After a successful reservation: continue, or require approval because a soft cap was crossed
+/// (the caller then releases the reservation and opens an approval).
+pub fn evaluate_balances(
+    contract: &Contract,
+    budgets: &[BudgetAfterReserve],
+) -> (ReasonCode, Option<String>) {
+    if contract.approval_above_soft_cap {
+        for b in budgets {
+            if let Some(cap) = b.soft_cap
+                && b.used_and_reserved > cap
+            {
+                return (ReasonCode::SoftCapReached, Some(b.budget_id.clone()));
+            }
+        }
+    }
+    (ReasonCode::WithinBudget, None)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn pricing() -> Pricing {
+        Pricing::from_json(
+            br#"{"version":"p1","entries":[{"provider":"openai","model":"gpt-5",
+                 "price":{"input":1000000000,"cached_input":100000000,"cache_write":1000000000,"output":10000000000}}]}"#,
+        )
+        .unwrap()
+    }
+
+    fn contract() -> Contract {
+        serde_json::from_str(r#"{"version":"c1","max_output_tokens":1000}"#).unwrap()
+    }
+
+    fn call(model: &str, max_output_tokens: Option<u32>) -> Call {
+        Call {
+            provider: Provider::Openai,
+            model: model.into(),
+            input_tokens_upper_bound: 1_000,
+            max_output_tokens,
+        }
+    }
+
+    fn reason(result: Result<Planned, Stop>) -> ReasonCode {
+        result.unwrap_err().reason
+    }
+
+    #[test]
+    fn defaults_fail_closed() {
+        let c = contract();
+        assert_eq!(
+            (c.unknown_model, c.fail_policy, c.approval_above_soft_cap),
+            (UnknownModelPolicy::Stop, FailPolicy::Closed, true)
+        );
+        assert!(
+            serde_json::from_str::<Contract>(r#"{"version":"c","max_output_tokens":1,"typo":1}"#)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn worst_case_uses_the_contract_cap_when_the_client_sets_none() {
+        let planned = evaluate_call(&contract(), &pricing(), &call("gpt-5", None)).unwrap();
+        // 1000 input × $1/M + 1000 output × $10/M = 1000 + 10000 (×1000 nano-USD).
+        assert_eq!(
+            (planned.reserve.get(), planned.max_output_tokens),
+            (11_000_000, 1_000)
+        );
+        let smaller = evaluate_call(&contract(), &pricing(), &call("gpt-5", Some(100))).unwrap();
+        assert_eq!(
+            (smaller.reserve.get(), smaller.max_output_tokens),
+            (2_000_000, 100)
+        );
+        assert_eq!(
+            reason(evaluate_call(
+                &contract(),
+                &pricing(),
+                &call("gpt-5", Some(1_001))
+            )),
+            ReasonCode::MaxOutputTokensAboveCap
+        );
+    }
+
+    #[test]
+    fn model_lists() {
+        let mut c = contract();
+        c.deny_models = vec!["gpt-5".into()];
+        c.allow_models = vec!["gpt-5".into()];
+        assert_eq!(
+            reason(evaluate_call(&c, &pricing(), &call("gpt-5", None))),
+            ReasonCode::ModelDenied
+        );
+        c.deny_models.clear();
+        assert!(evaluate_call(&c, &pricing(), &call("gpt-5", None)).is_ok());
+        assert_eq!(
+            reason(evaluate_call(&c, &pricing(), &call("gpt-4o", None))),
+            ReasonCode::ModelNotAllowed
+        );
+    }
+
+    #[test]
+    fn unknown_models_stop_unless_a_ceiling_is_configured() {
+        let mut c = contract();
+        assert_eq!(
+            reason(evaluate_call(&c, &pricing(), &call("mystery", None))),
+            ReasonCode::ModelPriceUnknown
+        );
+        c.unknown_model = UnknownModelPolicy::ReserveCeiling {
+            ceiling_nano_usd: NanoUsd::new(5_000_000_000).unwrap(),
+        };
+        assert_eq!(
+            evaluate_call(&c, &pricing(), &call("mystery", None))
+                .unwrap()
+                .reserve
+                .get(),
+            5_000_000_000
+        );
+    }
+
+    #[test]
+    fn per_call_cap() {
+        let mut c = contract();
+        c.max_cost_per_call_nano_usd = Some(NanoUsd::new(10_999_999).unwrap());
+        assert_eq!(
+            reason(evaluate_call(&c, &pricing(), &call("gpt-5", None))),
+            ReasonCode::PerCallCapExceeded
+        );
+        c.max_cost_per_call_nano_usd = Some(NanoUsd::new(11_000_000).unwrap());
+        assert!(evaluate_call(&c, &pricing(), &call("gpt-5", None)).is_ok());
+    }
+
+    #[test]
+    fn soft_cap_requires_approval_once_crossed() {
+        let budget = |used| BudgetAfterReserve {
+            budget_id: "team".into(),
+            soft_cap: Some(NanoUsd::new(100).unwrap()),
+            used_and_reserved: NanoUsd::new(used).unwrap(),
+        };
+        assert_eq!(
+            evaluate_balances(&contract(), &[budget(100)]),
+            (ReasonCode::WithinBudget, None)
+        );
+        assert_eq!(
+            evaluate_balances(&contract(), &[budget(101)]),
+            (ReasonCode::SoftCapReached, Some("team".into()))
+        );
+        let mut c = contract();
+        c.approval_above_soft_cap = false;
+        assert_eq!(
+            evaluate_balances(&c, &[budget(101)]).0,
+            ReasonCode::WithinBudget
+        );
+    }
+
+    #[test]
+    fn reason_codes_serialize_as_their_stable_names() {
+        for code in [
+            ReasonCode::WithinBudget,
+            ReasonCode::ModelPriceUnknown,
+            ReasonCode::SoftCapReached,
+        ] {
+            assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
+        }
+    }
+}
