@@ -13,8 +13,9 @@
 //! pricing versions.
 
 use crate::money::NanoUsd;
-use crate::pricing::{Pricing, PricingError, Provider, worst_case_cost};
+use crate::pricing::{Pricing, PricingError, PricingSnapshot, Provider, worst_case_cost};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 /// What a contract does with a model that has no price in the snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -250,6 +251,72 @@ pub fn evaluate_balances(
     (ReasonCode::WithinBudget, None)
 }
 
+/// What a sidecar loads: a contract and its pricing snapshot, identified together by the sha256
+/// of their RFC 8785 canonical JSON (the operator compiles it into a ConfigMap, issue 4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bundle {
+    /// The contract.
+    pub contract: Contract,
+    /// The validated pricing.
+    pub pricing: Pricing,
+    /// sha256 of the canonical bundle bytes.
+    pub sha256_hex: String,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BundleJson {
+    contract: Contract,
+    pricing: PricingSnapshot,
+}
+
+impl Bundle {
+    /// Parses a bundle and refuses it unless its canonical hash is `expected_sha256_hex`.
+    ///
+    /// # Errors
+    /// [`PricingError::Malformed`] (unknown fields included), [`PricingError::HashMismatch`], or a
+    /// pricing validation error.
+    pub fn from_json_verified(
+        json: &[u8],
+        expected_sha256_hex: &str,
+    ) -> Result<Self, PricingError> {
+        let parsed: BundleJson =
+            serde_json::from_slice(json).map_err(|e| PricingError::Malformed(e.to_string()))?;
+        let bytes = serde_json_canonicalizer::to_vec(&parsed)
+            .map_err(|e| PricingError::Malformed(e.to_string()))?;
+        let sha256_hex = hex::encode(Sha256::digest(&bytes));
+        if sha256_hex != expected_sha256_hex {
+            return Err(PricingError::HashMismatch {
+                expected: expected_sha256_hex.to_owned(),
+                actual: sha256_hex,
+            });
+        }
+        Ok(Self {
+            contract: parsed.contract,
+            pricing: Pricing::new(parsed.pricing)?,
+            sha256_hex,
+        })
+    }
+
+    /// The canonical bytes and id of a contract and snapshot (what the operator writes).
+    ///
+    /// # Errors
+    /// [`PricingError::Malformed`] when the values cannot be canonicalized.
+    pub fn canonical(
+        contract: &Contract,
+        pricing: &PricingSnapshot,
+    ) -> Result<(Vec<u8>, String), PricingError> {
+        let bundle = BundleJson {
+            contract: contract.clone(),
+            pricing: pricing.clone(),
+        };
+        let bytes = serde_json_canonicalizer::to_vec(&bundle)
+            .map_err(|e| PricingError::Malformed(e.to_string()))?;
+        let id = hex::encode(Sha256::digest(&bytes));
+        Ok((bytes, id))
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -385,6 +452,35 @@ mod tests {
             evaluate_balances(&c, &[budget(101)]).0,
             ReasonCode::WithinBudget
         );
+    }
+
+    #[test]
+    fn bundles_load_only_with_their_hash() {
+        let snapshot: PricingSnapshot = serde_json::from_str(
+            r#"{"version":"p1","entries":[{"provider":"openai","model":"gpt-5",
+                 "price":{"input":1,"cached_input":1,"cache_write":1,"output":1}}]}"#,
+        )
+        .unwrap();
+        let (bytes, id) = Bundle::canonical(&contract(), &snapshot).unwrap();
+        let bundle = Bundle::from_json_verified(&bytes, &id).unwrap();
+        assert_eq!(
+            (bundle.contract.version.as_str(), bundle.pricing.version()),
+            ("c1", "p1")
+        );
+        let tampered = String::from_utf8(bytes.clone())
+            .unwrap()
+            .replace(r#""output":1"#, r#""output":0"#);
+        assert!(matches!(
+            Bundle::from_json_verified(tampered.as_bytes(), &id),
+            Err(PricingError::HashMismatch { .. })
+        ));
+        let extra = String::from_utf8(bytes)
+            .unwrap()
+            .replacen('{', r#"{"extra":true,"#, 1);
+        assert!(matches!(
+            Bundle::from_json_verified(extra.as_bytes(), &id),
+            Err(PricingError::Malformed(_))
+        ));
     }
 
     #[test]
