@@ -1,0 +1,258 @@
+//! The sidecar's fencing lease (S4): acquired before any decision, renewed in the background,
+//! and the only source of the epoch a decision may carry.
+//!
+//! # Guarantees
+//! - No epoch is handed out before an acquire succeeded, and never epoch 0.
+//! - A handed-out epoch is one the ledger confirmed within the last TTL, measured on this
+//!   process's monotonic clock from *before* the confirming request was sent, minus a safety
+//!   margin. A stale cached epoch cannot be used: the ledger refuses it anyway (FENCING_EPOCH_STALE),
+//!   and locally it expires.
+//! - When renewals keep failing past the grace window, new decisions are refused (draining,
+//!   fail closed) while the process stays alive to recover.
+//! - A restart acquires afresh (`expected_epoch = 0`), so the ledger bumps the epoch: no reuse.
+
+use spendguard_proto::ledger::v1 as pb;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+use tracing::{info, warn};
+
+type LedgerClient = pb::ledger_client::LedgerClient<Channel>;
+
+/// Lease settings.
+#[derive(Debug, Clone)]
+pub struct LeaseConfig {
+    /// Fencing scope.
+    pub scope_id: String,
+    /// Tenant of the scope.
+    pub tenant_id: String,
+    /// This pod's stable id (downward API pod name).
+    pub workload_instance_id: String,
+    /// Lease length requested from the ledger.
+    pub ttl: Duration,
+    /// How long renewals may fail before new decisions are refused. Must be below `ttl`.
+    pub grace: Duration,
+    /// Subtracted from the locally computed validity to absorb scheduling delays.
+    pub safety_margin: Duration,
+}
+
+/// Why a decision cannot get an epoch.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LeaseError {
+    /// Not acquired yet.
+    #[error("fencing lease not acquired yet")]
+    NotAcquired,
+    /// Renewals failed past the grace window, or shutdown began.
+    #[error("fencing lease is draining; new decisions are refused")]
+    Draining,
+    /// Another holder took the scope over; this process no longer decides.
+    #[error("fencing lease was taken over by another holder")]
+    Lost,
+    /// The configuration is unsafe.
+    #[error("invalid lease configuration: {0}")]
+    Config(&'static str),
+}
+
+/// The lease as decisions see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseState {
+    /// Before the first successful acquire.
+    Acquiring,
+    /// Held: decisions may use `epoch` until `valid_until`.
+    Held {
+        /// Epoch minted by the ledger.
+        epoch: u64,
+        /// Local monotonic deadline.
+        valid_until: Instant,
+        /// Last successful renewal (local).
+        renewed_at: Instant,
+    },
+    /// New decisions refused (renewal failing past grace, or shutting down).
+    Draining,
+    /// Taken over by another holder.
+    Lost,
+}
+
+/// A cheap, cloneable view of the lease.
+#[derive(Clone)]
+pub struct Lease {
+    state: watch::Receiver<LeaseState>,
+}
+
+impl Lease {
+    /// The epoch a new decision must carry.
+    ///
+    /// # Errors
+    /// [`LeaseError`] unless the lease is held and locally valid.
+    pub fn epoch_for_decision(&self) -> Result<u64, LeaseError> {
+        match *self.state.borrow() {
+            LeaseState::Held {
+                epoch, valid_until, ..
+            } if Instant::now() < valid_until => Ok(epoch),
+            LeaseState::Held { .. } | LeaseState::Draining => Err(LeaseError::Draining),
+            LeaseState::Acquiring => Err(LeaseError::NotAcquired),
+            LeaseState::Lost => Err(LeaseError::Lost),
+        }
+    }
+
+    /// Readiness: a valid lease. Liveness does not depend on it.
+    pub fn is_ready(&self) -> bool {
+        self.epoch_for_decision().is_ok()
+    }
+
+    /// The current state.
+    pub fn state(&self) -> LeaseState {
+        *self.state.borrow()
+    }
+
+    /// Waits until the state satisfies `predicate`.
+    pub async fn wait_for(&mut self, predicate: impl FnMut(&LeaseState) -> bool) -> LeaseState {
+        let waited = self.state.wait_for(predicate).await.map(|state| *state);
+        waited.unwrap_or_else(|_| *self.state.borrow())
+    }
+}
+
+/// Owns the lease: acquires, renews, and drains on shutdown.
+pub struct LeaseKeeper {
+    client: LedgerClient,
+    config: LeaseConfig,
+    state: watch::Sender<LeaseState>,
+}
+
+fn error_code(status: &tonic::Status) -> Option<pb::ErrorCode> {
+    use prost::Message;
+    let detail = pb::ErrorDetail::decode(status.details()).ok()?;
+    pb::ErrorCode::try_from(detail.code).ok()
+}
+
+impl LeaseKeeper {
+    /// Creates the keeper and the view decisions use.
+    ///
+    /// # Errors
+    /// [`LeaseError::Config`] when `grace + safety_margin >= ttl` (the lease could lapse on the
+    /// ledger while decisions still use it) or the TTL is below one second.
+    pub fn new(client: LedgerClient, config: LeaseConfig) -> Result<(Self, Lease), LeaseError> {
+        if config.ttl < Duration::from_secs(1) {
+            return Err(LeaseError::Config("ttl must be at least 1 s"));
+        }
+        if config.grace + config.safety_margin >= config.ttl {
+            return Err(LeaseError::Config(
+                "grace + safety margin must be below the ttl",
+            ));
+        }
+        let (state, receiver) = watch::channel(LeaseState::Acquiring);
+        Ok((
+            Self {
+                client,
+                config,
+                state,
+            },
+            Lease { state: receiver },
+        ))
+    }
+
+    fn ttl_ms(&self) -> u32 {
+        u32::try_from(self.config.ttl.as_millis()).unwrap_or(u32::MAX)
+    }
+
+    /// One acquire or renewal. Returns the new state, or `None` when the ledger did not answer
+    /// (the caller keeps the current state until the grace window runs out).
+    async fn attempt(&mut self, expected_epoch: u64) -> Option<LeaseState> {
+        let sent_at = Instant::now();
+        let request = pb::AcquireFencingLeaseRequest {
+            scope_id: self.config.scope_id.clone(),
+            tenant_id: self.config.tenant_id.clone(),
+            workload_instance_id: self.config.workload_instance_id.clone(),
+            ttl_ms: self.ttl_ms(),
+            expected_epoch,
+            force: false,
+        };
+        let mut request = tonic::Request::new(request);
+        request.set_timeout(self.config.ttl / 3);
+        match self.client.acquire_fencing_lease(request).await {
+            Ok(response) => {
+                let epoch = response.into_inner().epoch;
+                if epoch == 0 {
+                    warn!("ledger returned epoch 0; refusing it");
+                    return None;
+                }
+                Some(LeaseState::Held {
+                    epoch,
+                    valid_until: sent_at
+                        + self.config.ttl.saturating_sub(self.config.safety_margin),
+                    renewed_at: sent_at,
+                })
+            }
+            Err(status) => match error_code(&status) {
+                Some(pb::ErrorCode::FencingEpochStale) => Some(LeaseState::Lost),
+                Some(pb::ErrorCode::FencingLeaseHeld) if expected_epoch == 0 => {
+                    Some(LeaseState::Acquiring)
+                }
+                _ => {
+                    warn!(error = %status.message(), "fencing lease request failed");
+                    None
+                }
+            },
+        }
+    }
+
+    /// Runs until `shutdown` resolves, then drains: new decisions are refused and the keeper
+    /// returns, so the caller can wait for in-flight calls before exiting. The lease is not
+    /// released early: it lapses after its TTL, so a successor cannot overlap in-flight commits.
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let renew_every = self.config.ttl / 3;
+        loop {
+            let current = *self.state.borrow();
+            let expected_epoch = match current {
+                LeaseState::Held { epoch, .. } => epoch,
+                // A fresh acquire: the ledger bumps the epoch for a restart or takeover.
+                LeaseState::Acquiring | LeaseState::Draining => 0,
+                // Someone else holds the scope now — possibly a newer incarnation of this pod.
+                // Re-acquiring would fight it, so this process stops deciding for good; it stays
+                // alive (not ready) until it is replaced.
+                LeaseState::Lost => {
+                    shutdown.await;
+                    return;
+                }
+            };
+            let next = self.attempt(expected_epoch).await;
+            let now = Instant::now();
+            let new_state = match (next, current) {
+                (Some(state @ LeaseState::Held { epoch, .. }), _) => {
+                    if !matches!(current, LeaseState::Held { epoch: e, .. } if e == epoch) {
+                        info!(epoch, scope_id = %self.config.scope_id, "fencing lease acquired");
+                    }
+                    state
+                }
+                (Some(LeaseState::Lost), _) => {
+                    warn!(scope_id = %self.config.scope_id, "fencing lease taken over; decisions refused");
+                    LeaseState::Lost
+                }
+                (Some(other), _) => other,
+                // No answer: keep serving within the grace window, then drain.
+                (None, LeaseState::Held { renewed_at, .. })
+                    if now.duration_since(renewed_at) > self.config.grace =>
+                {
+                    warn!(scope_id = %self.config.scope_id, "fencing lease renewal failing past the grace window; draining");
+                    LeaseState::Draining
+                }
+                (None, state) => state,
+            };
+            self.state.send_replace(new_state);
+            let wait = match new_state {
+                LeaseState::Held { .. } => renew_every,
+                _ => Duration::from_millis(250),
+            };
+            tokio::select! {
+                () = &mut shutdown => {
+                    self.state.send_replace(LeaseState::Draining);
+                    info!("sidecar draining: new decisions refused");
+                    return;
+                }
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! S4 against the real ledger: no decision before acquire, renewal keeps the epoch, a restart
+//! bumps it (no reuse), a takeover or forced epoch makes the old holder fail closed, an unreachable
+//! ledger drains after the grace window, and shutdown drains at once.
+#![allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
+
+use spendguard_proto::ledger::v1 as pb;
+use spendguard_sidecar::lease::{Lease, LeaseConfig, LeaseError, LeaseKeeper, LeaseState};
+use spendguard_testkit::TestLedger;
+use spendguard_testkit::ledger::reserve_request;
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+const T: &str = "tenant-s4";
+
+fn config(workload: &str) -> LeaseConfig {
+    LeaseConfig {
+        scope_id: "tenant-s4/pod-a".into(),
+        tenant_id: T.into(),
+        workload_instance_id: workload.into(),
+        ttl: Duration::from_millis(1_500),
+        grace: Duration::from_millis(900),
+        safety_margin: Duration::from_millis(100),
+    }
+}
+
+struct Running {
+    lease: Lease,
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn start(ledger: &TestLedger, workload: &str) -> Running {
+    let (keeper, lease) = LeaseKeeper::new(ledger.client.clone(), config(workload)).unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(keeper.run(async move {
+        let _ = stopped.await;
+    }));
+    Running { lease, stop, task }
+}
+
+async fn held_epoch(lease: &mut Lease) -> u64 {
+    let state = tokio::time::timeout(
+        Duration::from_secs(10),
+        lease.wait_for(|s| matches!(s, LeaseState::Held { .. })),
+    )
+    .await
+    .unwrap();
+    match state {
+        LeaseState::Held { epoch, .. } => epoch,
+        other => panic!("not held: {other:?}"),
+    }
+}
+
+async fn setup() -> TestLedger {
+    let mut ledger = TestLedger::start().await.unwrap();
+    ledger
+        .client
+        .upsert_tenant(pb::UpsertTenantRequest {
+            tenant_id: T.into(),
+            display_name: T.into(),
+        })
+        .await
+        .unwrap();
+    ledger.budget(T, "b", 1_000).await.unwrap();
+    ledger
+}
+
+#[tokio::test]
+async fn acquire_renew_restart_and_takeover() {
+    let ledger = setup().await;
+    let mut first = start(&ledger, "pod-a");
+    let epoch = held_epoch(&mut first.lease).await;
+    assert!(epoch >= 1);
+    assert_eq!(first.lease.epoch_for_decision(), Ok(epoch));
+    assert!(first.lease.is_ready());
+
+    // Renewals (every ttl/3) keep the epoch.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    assert_eq!(first.lease.epoch_for_decision(), Ok(epoch));
+
+    // A decision with the lease's epoch is accepted by the ledger.
+    let fencing = pb::FencingToken {
+        scope_id: "tenant-s4/pod-a".into(),
+        epoch,
+    };
+    let mut client = ledger.client.clone();
+    client
+        .reserve_set(reserve_request(T, "ok", &["b"], 1, &fencing))
+        .await
+        .unwrap();
+
+    // The same pod restarting acquires afresh: the ledger bumps the epoch (no reuse)…
+    let mut second = start(&ledger, "pod-a");
+    let bumped = held_epoch(&mut second.lease).await;
+    assert_eq!(bumped, epoch + 1);
+    // …and the old incarnation fails closed at its next renewal.
+    let lost = tokio::time::timeout(
+        Duration::from_secs(5),
+        first.lease.wait_for(|s| *s == LeaseState::Lost),
+    )
+    .await
+    .unwrap();
+    assert_eq!(lost, LeaseState::Lost);
+    assert_eq!(first.lease.epoch_for_decision(), Err(LeaseError::Lost));
+    assert!(!first.lease.is_ready());
+    // The old incarnation does not fight back: the new one keeps its epoch through renewals.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    assert_eq!(second.lease.epoch_for_decision(), Ok(bumped));
+    assert_eq!(first.lease.state(), LeaseState::Lost);
+    // The ledger refuses the old epoch regardless of what the old process believes.
+    let stale = client
+        .reserve_set(reserve_request(T, "stale", &["b"], 1, &fencing))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        spendguard_ledger::grpc::error_code_of(&stale),
+        Some(pb::ErrorCode::FencingEpochStale)
+    );
+
+    // An administrator forcing the epoch forward in the ledger makes the holder fail closed too.
+    client
+        .acquire_fencing_lease(pb::AcquireFencingLeaseRequest {
+            scope_id: "tenant-s4/pod-a".into(),
+            tenant_id: T.into(),
+            workload_instance_id: "admin".into(),
+            ttl_ms: 60_000,
+            expected_epoch: 0,
+            force: true,
+        })
+        .await
+        .unwrap();
+    let lost = tokio::time::timeout(
+        Duration::from_secs(5),
+        second.lease.wait_for(|s| *s == LeaseState::Lost),
+    )
+    .await
+    .unwrap();
+    assert_eq!(lost, LeaseState::Lost);
+
+    for running in [first, second] {
+        let _ = running.stop.send(());
+        running.task.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn unreachable_ledger_drains_after_grace_and_shutdown_drains_at_once() {
+    let mut ledger = setup().await;
+    let mut running = start(&ledger, "pod-a");
+    let epoch = held_epoch(&mut running.lease).await;
+    ledger.stop().await;
+    // Within the grace window decisions may continue; past it, they are refused.
+    let draining = tokio::time::timeout(
+        Duration::from_secs(5),
+        running.lease.wait_for(|s| *s == LeaseState::Draining),
+    )
+    .await
+    .unwrap();
+    assert_eq!(draining, LeaseState::Draining);
+    assert_eq!(
+        running.lease.epoch_for_decision(),
+        Err(LeaseError::Draining)
+    );
+    assert!(epoch >= 1);
+    let _ = running.stop.send(());
+    running.task.await.unwrap();
+
+    // Shutdown drains immediately, even with a healthy ledger.
+    let ledger = setup().await;
+    let mut running = start(&ledger, "pod-b");
+    held_epoch(&mut running.lease).await;
+    let _ = running.stop.send(());
+    running.task.await.unwrap();
+    assert_eq!(running.lease.state(), LeaseState::Draining);
+    assert_eq!(
+        running.lease.epoch_for_decision(),
+        Err(LeaseError::Draining)
+    );
+}
+
+#[test]
+fn unsafe_configurations_are_refused() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let channel = tonic::transport::Channel::from_static("http://127.0.0.1:1").connect_lazy();
+        let client = pb::ledger_client::LedgerClient::new(channel);
+        let mut bad = config("pod");
+        bad.grace = bad.ttl;
+        assert!(matches!(
+            LeaseKeeper::new(client.clone(), bad),
+            Err(LeaseError::Config(_))
+        ));
+        let mut short = config("pod");
+        short.ttl = Duration::from_millis(500);
+        assert!(matches!(
+            LeaseKeeper::new(client, short),
+            Err(LeaseError::Config(_))
+        ));
+    });
+}
