@@ -7,21 +7,27 @@ PG_BIN ?= /usr/lib/postgresql/15/bin
 export SPENDGUARD_PG_BIN ?= $(PG_BIN)
 CARGO ?= cargo
 
-.PHONY: deps test check fmt clippy bench demo demo-down
+.PHONY: deps control-plane test check fmt clippy bench demo demo-down
 
 ## deps: install PostgreSQL 15 and protoc from Debian when missing.
 deps:
 	@missing=""; \
 	[ -x "$(PG_BIN)/initdb" ] || missing="$$missing postgresql-15"; \
 	command -v protoc >/dev/null || missing="$$missing protobuf-compiler"; \
+	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 	@id postgres >/dev/null 2>&1 || (echo "no postgres user; install postgresql-15" && exit 1)
 
-## test: every test (unit, integration on real PostgreSQL, crash drill, proto drift).
-test: deps
+## control-plane: build kube-apiserver, etcd, kubectl and helm from Go modules (cached in
+## ~/.cache/spendguard/control-plane; about 7 minutes cold on 2 cores, instant when cached).
+control-plane:
+	bash e2e/build-control-plane.sh
+
+## test: every test (unit, integration on real PostgreSQL, crash drill, proto drift, real apiserver).
+test: deps control-plane
 	$(CARGO) test --workspace --locked --no-fail-fast
 
 ## check: formatting and lints, as CI runs them.

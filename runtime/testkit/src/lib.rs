@@ -1,6 +1,7 @@
 //! Test harnesses over real parts. Nothing here fakes the ledger: tests that talk to it run the
 //! real ledger on a real, throwaway PostgreSQL cluster.
 
+pub mod control_plane;
 pub mod invariants;
 pub mod ledger;
 pub mod postgres;

@@ -1,0 +1,307 @@
+//! A real Kubernetes control plane for tests: etcd and kube-apiserver built from Go modules by
+//! `e2e/build-control-plane.sh`, started on free loopback ports in a temporary directory, with
+//! RBAC on and a static token file holding several users. Stopped (and removed) when dropped;
+//! a watchdog cleans up if the test process dies first.
+//!
+//! No controller-manager, scheduler or kubelet run: pods stay Pending, which is enough to assert
+//! admission, RBAC, CRDs, status subresources and leases.
+
+use anyhow::{Context, Result, bail};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Kubernetes version the harness expects (keep in step with e2e/build-control-plane.sh).
+pub const K8S_VERSION: &str = "1.36.3";
+
+/// A test identity in the token file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum User {
+    /// `system:masters`.
+    Admin,
+    /// Will be allowed to approve ApprovalRequests.
+    Approver,
+    /// Read-only once bound to `view`.
+    Viewer,
+    /// No permissions at all.
+    Outsider,
+}
+
+impl User {
+    /// Every user.
+    pub const ALL: [User; 4] = [User::Admin, User::Approver, User::Viewer, User::Outsider];
+
+    /// User name as the apiserver sees it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Admin => "admin",
+            Self::Approver => "approver",
+            Self::Viewer => "viewer",
+            Self::Outsider => "outsider",
+        }
+    }
+
+    fn groups(self) -> &'static str {
+        match self {
+            Self::Admin => "system:masters",
+            Self::Approver => "spendguard:approvers",
+            Self::Viewer => "spendguard:viewers",
+            Self::Outsider => "",
+        }
+    }
+
+    /// Bearer token (fixed per run; the apiserver only listens on loopback).
+    pub fn token(self) -> String {
+        format!("spendguard-test-token-{}", self.name())
+    }
+}
+
+/// A running etcd + kube-apiserver.
+pub struct ControlPlane {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    etcd: Child,
+    apiserver: Child,
+    port: u16,
+}
+
+/// Where the binaries are: `SPENDGUARD_CONTROL_PLANE_BIN`, else the build script's cache.
+pub fn binaries_dir() -> PathBuf {
+    std::env::var_os("SPENDGUARD_CONTROL_PLANE_BIN").map_or_else(
+        || {
+            let home =
+                std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
+            home.join(format!(".cache/spendguard/control-plane/k8s-{K8S_VERSION}"))
+        },
+        PathBuf::from,
+    )
+}
+
+fn run(command: &mut Command) -> Result<()> {
+    let output = command
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
+    if !output.status.success() {
+        bail!(
+            "{command:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
+
+impl ControlPlane {
+    /// Starts etcd and kube-apiserver and waits until `/readyz` answers 200.
+    ///
+    /// # Errors
+    /// When the binaries are missing (with the command that builds them), or either process
+    /// fails to start in time (with its log).
+    pub fn start() -> Result<Self> {
+        let bin = binaries_dir();
+        for name in ["etcd", "kube-apiserver", "kubectl"] {
+            if !bin.join(name).exists() {
+                bail!(
+                    "{} not found in {}: run `make control-plane` (or e2e/build-control-plane.sh) first",
+                    name,
+                    bin.display()
+                );
+            }
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("spendguard-k8s-")
+            .tempdir()?;
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("pki"))?;
+        run(Command::new("openssl")
+            .args([
+                "ecparam",
+                "-name",
+                "prime256v1",
+                "-genkey",
+                "-noout",
+                "-out",
+            ])
+            .arg(d.join("pki/sa.key")))?;
+        run(Command::new("openssl")
+            .args(["ec", "-pubout", "-in"])
+            .arg(d.join("pki/sa.key"))
+            .arg("-out")
+            .arg(d.join("pki/sa.pub")))?;
+        let tokens: String = User::ALL
+            .iter()
+            .map(|u| {
+                format!(
+                    "{},{},{},\"{}\"\n",
+                    u.token(),
+                    u.name(),
+                    u.name(),
+                    u.groups()
+                )
+            })
+            .collect();
+        std::fs::write(d.join("tokens.csv"), tokens)?;
+
+        let (client_port, peer_port, port) =
+            (crate::free_port(), crate::free_port(), crate::free_port());
+        let etcd = Command::new(bin.join("etcd"))
+            .arg(format!("--data-dir={}", d.join("etcd").display()))
+            .arg(format!(
+                "--listen-client-urls=http://127.0.0.1:{client_port}"
+            ))
+            .arg(format!(
+                "--advertise-client-urls=http://127.0.0.1:{client_port}"
+            ))
+            .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"))
+            .arg(format!(
+                "--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"
+            ))
+            .arg(format!(
+                "--initial-cluster=default=http://127.0.0.1:{peer_port}"
+            ))
+            .arg("--unsafe-no-fsync=true")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(d.join("etcd.log"))?)
+            .spawn()
+            .context("starting etcd")?;
+        let apiserver = Command::new(bin.join("kube-apiserver"))
+            .arg(format!("--etcd-servers=http://127.0.0.1:{client_port}"))
+            .arg(format!("--cert-dir={}", d.join("pki").display()))
+            .arg(format!("--secure-port={port}"))
+            .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
+            .args([
+                "--service-cluster-ip-range=10.0.0.0/24",
+                "--allow-privileged=true",
+            ])
+            .args([
+                "--authorization-mode=RBAC",
+                "--disable-admission-plugins=ServiceAccount",
+            ])
+            .arg(format!(
+                "--token-auth-file={}",
+                d.join("tokens.csv").display()
+            ))
+            .arg(format!(
+                "--service-account-issuer=https://127.0.0.1:{port}/"
+            ))
+            .arg(format!(
+                "--service-account-key-file={}",
+                d.join("pki/sa.pub").display()
+            ))
+            .arg(format!(
+                "--service-account-signing-key-file={}",
+                d.join("pki/sa.key").display()
+            ))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(d.join("apiserver.log"))?)
+            .spawn()
+            .context("starting kube-apiserver")?;
+        let plane = Self {
+            dir,
+            bin,
+            etcd,
+            apiserver,
+            port,
+        };
+        plane.spawn_watchdog()?;
+        for user in User::ALL {
+            plane.write_kubeconfig(user)?;
+        }
+        plane.wait_ready(Duration::from_secs(60))?;
+        Ok(plane)
+    }
+
+    fn spawn_watchdog(&self) -> Result<()> {
+        use std::os::unix::process::CommandExt;
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; kill -9 {a} {e} 2>/dev/null; rm -rf {dir}",
+            pid = std::process::id(),
+            a = self.apiserver.id(),
+            e = self.etcd.id(),
+            dir = self.dir.path().display(),
+        );
+        Command::new("sh")
+            .args(["-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .context("spawning the control-plane watchdog")?;
+        Ok(())
+    }
+
+    fn write_kubeconfig(&self, user: User) -> Result<()> {
+        let config = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n    insecure-skip-tls-verify: true\nusers:\n- name: {name}\n  user:\n    token: {token}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: {name}\ncurrent-context: test\n",
+            self.url(),
+            name = user.name(),
+            token = user.token(),
+        );
+        std::fs::write(self.kubeconfig(user), config)?;
+        Ok(())
+    }
+
+    fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        let started = Instant::now();
+        while started.elapsed() < timeout {
+            let ok = self
+                .kubectl(User::Admin)
+                .args(["get", "--raw", "/readyz"])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if ok {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        bail!(
+            "kube-apiserver not ready after {timeout:?}; log:\n{}",
+            self.log()
+        )
+    }
+
+    /// The apiserver URL.
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// Path of a kubeconfig for `user`.
+    pub fn kubeconfig(&self, user: User) -> PathBuf {
+        self.dir.path().join(format!("kubeconfig-{}", user.name()))
+    }
+
+    /// A kubectl command (the version built with the apiserver) acting as `user`.
+    pub fn kubectl(&self, user: User) -> Command {
+        let mut command = Command::new(self.bin.join("kubectl"));
+        command.arg("--kubeconfig").arg(self.kubeconfig(user));
+        command
+    }
+
+    /// The tail of the apiserver log, for failure messages.
+    pub fn log(&self) -> String {
+        let log =
+            std::fs::read_to_string(self.dir.path().join("apiserver.log")).unwrap_or_default();
+        log.lines()
+            .rev()
+            .take(40)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The temporary directory of this control plane.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let _ = self.apiserver.kill();
+        let _ = self.apiserver.wait();
+        let _ = self.etcd.kill();
+        let _ = self.etcd.wait();
+    }
+}
