@@ -3,31 +3,13 @@
 #![allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
 
 use spendguard_proto::ledger::v1 as pb;
-use spendguard_testkit::ledger::connect;
+use spendguard_testkit::ledger::{connect, http_get};
 use spendguard_testkit::{PgCluster, free_port};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
-/// A minimal HTTP/1.1 GET: status code and body.
 async fn get(port: u16, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    http_get(port, path).await.unwrap()
 }
 
 #[tokio::test]

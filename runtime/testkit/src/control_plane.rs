@@ -6,6 +6,7 @@
 //! No controller-manager, scheduler or kubelet run: pods stay Pending, which is enough to assert
 //! admission, RBAC, CRDs, status subresources and leases.
 
+use crate::process::{cleanup_after_exit, run};
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -75,19 +76,6 @@ pub fn binaries_dir() -> PathBuf {
         },
         PathBuf::from,
     )
-}
-
-fn run(command: &mut Command) -> Result<()> {
-    let output = command
-        .output()
-        .with_context(|| format!("running {command:?}"))?;
-    if !output.status.success() {
-        bail!(
-            "{command:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    Ok(())
 }
 
 impl ControlPlane {
@@ -211,23 +199,12 @@ impl ControlPlane {
     }
 
     fn spawn_watchdog(&self) -> Result<()> {
-        use std::os::unix::process::CommandExt;
-        let script = format!(
-            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; kill -9 {a} {e} 2>/dev/null; rm -rf {dir}",
-            pid = std::process::id(),
+        cleanup_after_exit(&format!(
+            "kill -9 {a} {e} 2>/dev/null; rm -rf {dir}",
             a = self.apiserver.id(),
             e = self.etcd.id(),
             dir = self.dir.path().display(),
-        );
-        Command::new("sh")
-            .args(["-c", &script])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .context("spawning the control-plane watchdog")?;
-        Ok(())
+        ))
     }
 
     fn write_kubeconfig(&self, user: User) -> Result<()> {

@@ -5,6 +5,7 @@ pub mod control_plane;
 pub mod invariants;
 pub mod ledger;
 pub mod postgres;
+mod process;
 
 pub use ledger::TestLedger;
 pub use postgres::PgCluster;

@@ -7,7 +7,8 @@
 //! `runuser`. Binaries come from `SPENDGUARD_PG_BIN` or `/usr/lib/postgresql/15/bin` (`make deps`
 //! installs them).
 
-use anyhow::{Context, Result, bail};
+use crate::process::{cleanup_after_exit, run};
+use anyhow::{Result, bail};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -111,30 +112,17 @@ impl PgCluster {
     /// Stops the cluster and removes its directory once this process has exited, however it
     /// exits (a panic, SIGKILL of the test binary, a cancelled CI job).
     fn spawn_watchdog(&self) -> Result<()> {
-        let script = format!(
-            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {stop} -D {data} -m immediate stop >/dev/null 2>&1; rm -rf {dir}",
-            pid = std::process::id(),
-            stop = if self.as_postgres_user {
-                format!(
-                    "runuser -u postgres -- {}",
-                    self.bin.join("pg_ctl").display()
-                )
-            } else {
-                self.bin.join("pg_ctl").display().to_string()
-            },
+        let pg_ctl = self.bin.join("pg_ctl").display().to_string();
+        let stop = if self.as_postgres_user {
+            format!("runuser -u postgres -- {pg_ctl}")
+        } else {
+            pg_ctl
+        };
+        cleanup_after_exit(&format!(
+            "{stop} -D {data} -m immediate stop >/dev/null 2>&1; rm -rf {dir}",
             data = self.data_dir().display(),
             dir = self.dir.path().display(),
-        );
-        use std::os::unix::process::CommandExt;
-        Command::new("sh")
-            .args(["-c", &script])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .context("spawning the cluster watchdog")?;
-        Ok(())
+        ))
     }
 
     /// The port.
@@ -218,19 +206,4 @@ impl Drop for PgCluster {
             .stderr(Stdio::null())
             .status();
     }
-}
-
-fn run(command: &mut Command) -> Result<()> {
-    let output = command
-        .output()
-        .with_context(|| format!("running {command:?}"))?;
-    if !output.status.success() {
-        bail!(
-            "{command:?} failed ({}): {}{}",
-            output.status,
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    Ok(())
 }
