@@ -30,6 +30,18 @@ impl JsonSchema for Usd {
 }
 
 impl Usd {
+    /// Formats nano-USD exactly, without trailing zeros (`12500000000` → `"12.5"`).
+    pub fn from_nano_usd(nano_usd: i64) -> Self {
+        let sign = if nano_usd < 0 { "-" } else { "" };
+        let magnitude = nano_usd.unsigned_abs();
+        let (whole, fraction) = (magnitude / 1_000_000_000, magnitude % 1_000_000_000);
+        if fraction == 0 {
+            return Self(format!("{sign}{whole}"));
+        }
+        let fraction = format!("{fraction:09}");
+        Self(format!("{sign}{whole}.{}", fraction.trim_end_matches('0')))
+    }
+
     /// The amount in nano-USD, computed without floats.
     ///
     /// # Errors
@@ -69,6 +81,21 @@ impl Usd {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn formatting_round_trips() {
+        for nano in [
+            0,
+            1,
+            12_500_000_000,
+            999_999_999_999_999_999,
+            100_000_000_000,
+        ] {
+            assert_eq!(Usd::from_nano_usd(nano).nano_usd().unwrap(), nano);
+        }
+        assert_eq!(Usd::from_nano_usd(12_500_000_000).0, "12.5");
+        assert_eq!(Usd::from_nano_usd(1).0, "0.000000001");
+    }
 
     #[test]
     fn exact_conversion() {

@@ -19,6 +19,8 @@ struct Cli {
 enum Component {
     /// Serve the ledger gRPC API.
     Ledger(Box<LedgerArgs>),
+    /// Run the Kubernetes operator (so far: the Budget controller).
+    Operator(Box<spendguard_operator::OperatorArgs>),
     /// Apply database migrations and exit.
     Migrate {
         /// PostgreSQL URL.
@@ -38,6 +40,7 @@ fn main() -> anyhow::Result<()> {
                 .run()
                 .await
                 .map_err(|e| anyhow::anyhow!("{}: {e}", e.code().as_str())),
+            Component::Operator(args) => args.run().await.map_err(|e| anyhow::anyhow!("{e}")),
             Component::Migrate { database_url } => {
                 let store = spendguard_ledger::store::Store::connect(&database_url, 1).await?;
                 store.migrate().await?;

@@ -1,0 +1,2 @@
+//! One controller per kind.
+pub mod budget;

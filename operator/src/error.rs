@@ -1,0 +1,57 @@
+//! Reconcile errors. Each becomes a status condition reason and a metric label, never a crash.
+
+/// What can go wrong reconciling.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The Kubernetes API failed.
+    #[error("kubernetes api: {0}")]
+    Kube(#[source] kube::Error),
+    /// The ledger refused or failed; `code` is its stable error code.
+    #[error("ledger {code}: {message}")]
+    Ledger {
+        /// Stable ledger error code, e.g. `BUDGET_INVALID` or `DEPENDENCY_UNAVAILABLE`.
+        code: String,
+        /// Detail.
+        message: String,
+    },
+    /// The spec cannot be used as is (the CRD schema should have caught it).
+    #[error("invalid spec: {0}")]
+    InvalidSpec(String),
+    /// Startup failed.
+    #[error("startup: {0}")]
+    Startup(String),
+}
+
+impl Error {
+    /// CamelCase reason for the Ready condition.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Kube(_) => "KubernetesApiError",
+            Self::Ledger { code, .. }
+                if code == "DEPENDENCY_UNAVAILABLE" || code == "UNAVAILABLE" =>
+            {
+                "LedgerUnavailable"
+            }
+            Self::Ledger { .. } => "LedgerRefused",
+            Self::InvalidSpec(_) => "InvalidSpec",
+            Self::Startup(_) => "Startup",
+        }
+    }
+
+    /// From a ledger gRPC status.
+    pub fn ledger(status: &tonic::Status) -> Self {
+        use prost::Message;
+        use spendguard_proto::ledger::v1 as pb;
+        let code = pb::ErrorDetail::decode(status.details())
+            .ok()
+            .and_then(|d| pb::ErrorCode::try_from(d.code).ok())
+            .map_or_else(
+                || "UNAVAILABLE".to_owned(),
+                |c| c.as_str_name().trim_start_matches("ERROR_CODE_").to_owned(),
+            );
+        Self::Ledger {
+            code,
+            message: status.message().to_owned(),
+        }
+    }
+}
