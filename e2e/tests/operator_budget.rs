@@ -181,3 +181,85 @@ async fn budget_cr_reconciles_into_the_ledger() {
 
     operator.abort();
 }
+
+#[tokio::test]
+async fn ledger_outage_shows_as_ready_false_and_recovers() {
+    let plane = ControlPlane::start().expect("control plane");
+    kubectl(
+        &plane,
+        &[
+            "apply",
+            "-f",
+            &format!("{ROOT}/crds/generated/spendguard.io.yaml"),
+        ],
+        None,
+    );
+    kubectl(
+        &plane,
+        &[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "--all",
+            "crd",
+        ],
+        None,
+    );
+    let mut ledger = TestLedger::start().await.unwrap();
+    let database_url = ledger.database_url.clone();
+    let addr = ledger.ledger.as_ref().unwrap().addr;
+    // The operator keeps one lazily reconnecting channel to the ledger's address.
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
+    let kubeconfig = kube::config::Kubeconfig::read_from(plane.kubeconfig(User::Admin)).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(
+        kubeconfig,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await
+    .unwrap();
+    let context = Context {
+        kube: kube::Client::try_from(config).unwrap(),
+        ledger: pb::ledger_client::LedgerClient::new(channel),
+    };
+    // Ledger down before the Budget arrives.
+    ledger.stop().await;
+    let operator = tokio::spawn(controller::budget::run(context));
+    let budget = std::fs::read_to_string(format!("{ROOT}/config/examples/budget.yaml")).unwrap();
+    kubectl(&plane, &["apply", "-f", "-"], Some(&budget));
+    wait_for(
+        &plane,
+        "{.status.conditions[?(@.type==\"Ready\")].reason}",
+        "LedgerUnavailable",
+    )
+    .await;
+    wait_for(
+        &plane,
+        "{.status.conditions[?(@.type==\"Ready\")].status}",
+        "False",
+    )
+    .await;
+
+    // The ledger comes back on the same address: the retry reconciles.
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let mut registry = Default::default();
+    let restarted = spendguard_ledger::start(
+        &database_url,
+        "ledger-0",
+        &Default::default(),
+        listener,
+        &mut registry,
+    )
+    .await
+    .unwrap();
+    wait_for(
+        &plane,
+        "{.status.conditions[?(@.type==\"Ready\")].status}",
+        "True",
+    )
+    .await;
+    wait_for(&plane, "{.status.limit}", "100").await;
+    operator.abort();
+    restarted.shutdown().await;
+}

@@ -38,17 +38,25 @@ impl Error {
         }
     }
 
-    /// From a ledger gRPC status.
+    /// From a ledger gRPC status. Statuses without a SpendGuard error detail come from the
+    /// transport (connection refused, deadline) and count as the ledger being unavailable.
     pub fn ledger(status: &tonic::Status) -> Self {
         use prost::Message;
         use spendguard_proto::ledger::v1 as pb;
-        let code = pb::ErrorDetail::decode(status.details())
+        let detail = pb::ErrorDetail::decode(status.details())
             .ok()
             .and_then(|d| pb::ErrorCode::try_from(d.code).ok())
-            .map_or_else(
-                || "UNAVAILABLE".to_owned(),
-                |c| c.as_str_name().trim_start_matches("ERROR_CODE_").to_owned(),
-            );
+            .filter(|c| *c != pb::ErrorCode::Unspecified);
+        let code = match detail {
+            Some(c) => c.as_str_name().trim_start_matches("ERROR_CODE_").to_owned(),
+            None => match status.code() {
+                tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Cancelled
+                | tonic::Code::Unknown => "UNAVAILABLE".to_owned(),
+                other => format!("GRPC_{other:?}").to_uppercase(),
+            },
+        };
         Self::Ledger {
             code,
             message: status.message().to_owned(),
