@@ -44,7 +44,7 @@ bench: deps
 	$(CARGO_TARGET_DIR)/release/spendguard-bench ledger --spendguard-bin $(CARGO_TARGET_DIR)/release/spendguard $(BENCH_ARGS)
 
 ## demo: start PostgreSQL and the ledger, run a small budget scenario, print balances, clean up.
-demo: deps
+demo: deps control-plane
 	$(CARGO) build --release --locked -p spendguard -p spendguard-bench
 	$(CARGO_TARGET_DIR)/release/spendguard-bench demo --spendguard-bin $(CARGO_TARGET_DIR)/release/spendguard
 

@@ -12,6 +12,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use spendguard_proto::ledger::v1 as pb;
 use spendguard_testkit::PgCluster;
+use spendguard_testkit::control_plane::{ControlPlane, User};
 use spendguard_testkit::ledger::{
     LedgerClient, budget, connect, http_get, reserve_request, tenant_with_lease,
 };
@@ -274,38 +275,11 @@ async fn report_statements(url: &str) -> Result<()> {
     Ok(())
 }
 
-async fn show(client: &mut LedgerClient, title: &str) -> Result<()> {
-    let balances = client
-        .get_balances(pb::GetBalancesRequest {
-            tenant_id: "demo".into(),
-            budget_ids: vec!["run-42".into(), "team".into()],
-        })
-        .await?
-        .into_inner()
-        .balances;
-    println!("\n{title}");
-    println!(
-        "{:<8} {:>14} {:>14} {:>14} {:>14}",
-        "BUDGET", "LIMIT_USD", "RESERVED_USD", "COMMITTED_USD", "REMAINING_USD"
-    );
-    for b in balances {
-        let usd = |n: i64| n as f64 / 1e9;
-        println!(
-            "{:<8} {:>14.6} {:>14.6} {:>14.6} {:>14.6}",
-            b.budget_id,
-            usd(b.limit_nano_usd),
-            usd(b.reserved_nano_usd),
-            usd(b.committed_nano_usd),
-            usd(b.remaining_nano_usd)
-        );
-    }
-    Ok(())
-}
-
 /// `spendguard ledger` running as its own process, as in production.
 struct LedgerProcess {
     child: tokio::process::Child,
     client: LedgerClient,
+    port: u16,
     admin_port: u16,
 }
 
@@ -329,6 +303,7 @@ impl LedgerProcess {
                 return Ok(Self {
                     child,
                     client,
+                    port,
                     admin_port,
                 });
             }
@@ -338,35 +313,123 @@ impl LedgerProcess {
     }
 }
 
+fn kubectl(plane: &ControlPlane, args: &[&str], stdin: Option<&str>) -> Result<String> {
+    use std::io::Write;
+    let mut command = plane.kubectl(User::Admin);
+    command
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = command.spawn()?;
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .context("kubectl stdin")?
+            .write_all(input.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        bail!("kubectl {args:?} failed: {text}");
+    }
+    Ok(text)
+}
+
+const DEMO_BUDGET: &str = "apiVersion: spendguard.io/v1alpha1
+kind: Budget
+metadata: {name: run-42, namespace: default}
+spec: {tenant: demo, limit: \"2.00\", window: CalendarMonthUTC}
+";
+
+/// Waits until the operator has reconciled the demo budget (Ready=True and `field` = `value`).
+async fn wait_budget(plane: &ControlPlane, field: &str, value: &str) -> Result<()> {
+    for _ in 0..150 {
+        let path =
+            format!("jsonpath={{.status.conditions[?(@.type==\"Ready\")].status}}/{{{field}}}");
+        let got = kubectl(
+            plane,
+            &["get", "budget", "run-42", "-n", "default", "-o", &path],
+            None,
+        )?;
+        if got == format!("True/{value}") {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bail!("the operator did not reconcile budget run-42")
+}
+
 async fn demo(spendguard_bin: &std::path::Path) -> Result<()> {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
     let cluster = PgCluster::start(&[])?;
     let url = cluster.create_database().await?;
+    let plane = ControlPlane::start()?;
     println!(
-        "PostgreSQL on 127.0.0.1:{}; starting `spendguard ledger`",
-        cluster.port()
+        "PostgreSQL on 127.0.0.1:{}; kube-apiserver at {}",
+        cluster.port(),
+        plane.url()
     );
     let LedgerProcess {
-        mut child,
+        child: mut ledger,
         mut client,
+        port,
         ..
     } = LedgerProcess::spawn(spendguard_bin, &url, "demo-ledger").await?;
-    client
-        .upsert_tenant(pb::UpsertTenantRequest {
-            tenant_id: "demo".into(),
-            display_name: "Demo Inc".into(),
-        })
-        .await?;
-    for (budget, usd) in [("run-42", 2), ("team", 100)] {
-        client
-            .upsert_budget(pb::UpsertBudgetRequest {
-                tenant_id: "demo".into(),
-                budget_id: budget.into(),
-                limit_nano_usd: usd * 1_000_000_000,
-                soft_cap_nano_usd: 0,
-                window: pb::BudgetWindow::CalendarMonthUtc.into(),
-            })
-            .await?;
-    }
+    println!("`spendguard ledger` on 127.0.0.1:{port}\n");
+
+    println!("$ kubectl apply -f crds/generated/spendguard.io.yaml");
+    kubectl(
+        &plane,
+        &[
+            "apply",
+            "-f",
+            &format!("{root}/crds/generated/spendguard.io.yaml"),
+        ],
+        None,
+    )?;
+    kubectl(
+        &plane,
+        &[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "--all",
+            "crd",
+        ],
+        None,
+    )?;
+    let mut operator = tokio::process::Command::new(spendguard_bin)
+        .arg("operator")
+        .env("KUBECONFIG", plane.kubeconfig(User::Admin))
+        .env(
+            "SPENDGUARD_OPERATOR_LEDGER_ADDR",
+            format!("http://127.0.0.1:{port}"),
+        )
+        .env(
+            "SPENDGUARD_ADMIN_ADDR",
+            format!("127.0.0.1:{}", spendguard_testkit::free_port()),
+        )
+        .env("SPENDGUARD_LOG", "error")
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting spendguard operator")?;
+    println!("`spendguard operator` watching Budgets");
+    println!("$ kubectl apply -f - <<EOF\n{DEMO_BUDGET}EOF");
+    kubectl(&plane, &["apply", "-f", "-"], Some(DEMO_BUDGET))?;
+    wait_budget(&plane, ".status.remaining", "2").await?;
+    println!(
+        "\n$ kubectl get budgets\n{}",
+        kubectl(&plane, &["get", "budgets", "-n", "default"], None)?
+    );
+
+    // The agent's sidecar holds a fencing lease; each call reserves its worst case ($0.45) on the
+    // budget the operator created, then commits its real cost ($0.30).
     let lease = client
         .acquire_fencing_lease(pb::AcquireFencingLeaseRequest {
             scope_id: "demo/agent-pod".into(),
@@ -383,17 +446,14 @@ async fn demo(spendguard_bin: &std::path::Path) -> Result<()> {
         epoch: lease.epoch,
     };
     println!("fencing lease acquired: epoch {}", lease.epoch);
-    show(&mut client, "balances before").await?;
-    // Each call reserves its worst case ($0.45) and commits its real cost ($0.30).
     for call in 1.. {
-        let mut request = reserve_request(
+        let request = reserve_request(
             "demo",
             &format!("call-{call}"),
-            &["run-42", "team"],
+            &["default/run-42"],
             450_000_000,
             &fencing,
         );
-        request.tenant_id = "demo".into();
         match client.reserve_set(request).await?.into_inner().outcome {
             Some(pb::reserve_set_response::Outcome::Reserved(r)) => {
                 client
@@ -417,12 +477,34 @@ async fn demo(spendguard_bin: &std::path::Path) -> Result<()> {
             None => bail!("no outcome"),
         }
     }
-    show(&mut client, "balances after").await?;
+    // Ask the operator to refresh now rather than at its next periodic reconcile.
+    kubectl(
+        &plane,
+        &[
+            "annotate",
+            "--overwrite",
+            "budget",
+            "run-42",
+            "-n",
+            "default",
+            "demo/refresh=1",
+        ],
+        None,
+    )?;
+    wait_budget(&plane, ".status.remaining", "0.2").await?;
+    println!(
+        "\n$ kubectl get budgets\n{}",
+        kubectl(&plane, &["get", "budgets", "-n", "default"], None)?
+    );
     let events: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_outbox")
         .fetch_one(&sqlx::PgPool::connect(&url).await?)
         .await?;
-    println!("\naudit outbox: {events} canonical events written in the same transactions");
-    child.start_kill()?;
-    child.wait().await?;
+    println!(
+        "audit outbox: {events} canonical events, each written in the transaction that moved the money"
+    );
+    operator.start_kill()?;
+    operator.wait().await?;
+    ledger.start_kill()?;
+    ledger.wait().await?;
     Ok(())
 }
