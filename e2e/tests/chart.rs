@@ -28,10 +28,24 @@ fn helm(args: &[&str]) -> (bool, String) {
 fn values_are_validated() {
     let (ok, text) = helm(&["lint", CHART]);
     assert!(ok, "{text}");
-    let (ok, text) = helm(&["template", "sg", CHART, "--set", "operator.replicas=2"]);
+    let disabled_two = [
+        "template",
+        "sg",
+        CHART,
+        "--set",
+        "operator.replicas=2",
+        "--set",
+        "leaderElection.mode=disabled",
+    ];
+    let (ok, text) = helm(&disabled_two);
     assert!(
         !ok && text.contains("/operator/replicas") && text.contains("maximum"),
         "{text}"
+    );
+    let (ok, text) = helm(&["template", "sg", CHART, "--set", "operator.replicas=2"]);
+    assert!(
+        ok && text.contains("replicas: 2"),
+        "two replicas with k8s leader election: {text}"
     );
     let (ok, text) = helm(&[
         "template",
@@ -45,8 +59,16 @@ fn values_are_validated() {
     assert!(!ok && text.contains("ttlMs must be greater"), "{text}");
     let (ok, text) = helm(&["template", "sg", CHART, "--set", "ledger.typo=1"]);
     assert!(!ok && text.contains("typo"), "{text}");
-    let (ok, text) = helm(&["template", "sg", CHART, "--set", "leaderElection.mode=k8s"]);
+    let (ok, text) = helm(&[
+        "template",
+        "sg",
+        CHART,
+        "--set",
+        "leaderElection.mode=postgres",
+    ]);
     assert!(!ok && text.contains("not implemented yet"), "{text}");
+    let (ok, text) = helm(&["template", "sg", CHART, "--set", "leaderElection.mode=etcd"]);
+    assert!(!ok && text.contains("mode"), "{text}");
 }
 
 #[test]

@@ -40,6 +40,56 @@ pub struct OperatorArgs {
         default_value = "http://127.0.0.1:7100"
     )]
     pub ledger_addr: String,
+    /// Leader election (S1).
+    #[command(flatten)]
+    pub leader: LeaderArgs,
+}
+
+/// `SPENDGUARD_LEADER_*` settings.
+#[derive(Debug, Clone, Args)]
+pub struct LeaderArgs {
+    /// `k8s` (a coordination.k8s.io Lease) or `disabled` (exactly one replica only).
+    #[arg(
+        long = "leader-election-mode",
+        env = "SPENDGUARD_LEADER_ELECTION_MODE",
+        default_value = "k8s"
+    )]
+    pub mode: String,
+    /// Lease name.
+    #[arg(
+        long = "leader-lease-name",
+        env = "SPENDGUARD_LEADER_LEASE_NAME",
+        default_value = "spendguard-operator"
+    )]
+    pub lease_name: String,
+    /// Namespace of the Lease (the pod's namespace).
+    #[arg(
+        long = "leader-lease-namespace",
+        env = "POD_NAMESPACE",
+        default_value = "default"
+    )]
+    pub namespace: String,
+    /// This candidate's identity (the pod name).
+    #[arg(
+        long = "leader-identity",
+        env = "POD_NAME",
+        default_value = "spendguard-operator"
+    )]
+    pub identity: String,
+    /// Renew interval.
+    #[arg(
+        long = "leader-renew-interval-ms",
+        env = "SPENDGUARD_LEADER_RENEW_INTERVAL_MS",
+        default_value_t = 2_000
+    )]
+    pub renew_interval_ms: u64,
+    /// Lease TTL: a dead leader is replaced after about this long.
+    #[arg(
+        long = "leader-ttl-ms",
+        env = "SPENDGUARD_LEADER_TTL_MS",
+        default_value_t = 15_000
+    )]
+    pub ttl_ms: u64,
 }
 
 impl OperatorArgs {
@@ -52,7 +102,10 @@ impl OperatorArgs {
         let Self {
             common,
             ledger_addr,
+            leader,
         } = self;
+        let mode = spendguard_leader::Mode::parse(&leader.mode)
+            .map_err(|e| error::Error::Startup(e.to_string()))?;
         common
             .init_tracing()
             .map_err(|e| error::Error::Startup(e.to_string()))?;
@@ -64,11 +117,51 @@ impl OperatorArgs {
             .map_err(|e| {
                 error::Error::Startup(format!("connecting to the ledger at {ledger_addr}: {e}"))
             })?;
+        let handle = match mode {
+            spendguard_leader::Mode::Disabled => spendguard_leader::LeaderHandle::always(),
+            spendguard_leader::Mode::K8s => {
+                let config = spendguard_leader::LeaderConfig {
+                    namespace: leader.namespace,
+                    lease_name: leader.lease_name,
+                    identity: leader.identity,
+                    renew_interval: std::time::Duration::from_millis(leader.renew_interval_ms),
+                    ttl: std::time::Duration::from_millis(leader.ttl_ms),
+                };
+                let (elector, handle) = spendguard_leader::Elector::new(kube.clone(), config)
+                    .map_err(|e| error::Error::Startup(e.to_string()))?;
+                tokio::spawn(elector.run());
+                handle
+            }
+        };
         let context = Context { kube, ledger };
         tokio::select! {
-            () = controller::budget::run(context) => {}
-            () = spendguard_platform::shutdown::signalled() => {}
+            result = lead(handle, context) => result,
+            () = spendguard_platform::shutdown::signalled() => Ok(()),
         }
-        Ok(())
+    }
+}
+
+/// How often a standby checks whether it became leader, and a leader whether it still is.
+const LEADERSHIP_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Waits for leadership, then runs the controllers until it is lost. Losing it ends the process
+/// (client-go's rule): a restarted pod rejoins as a standby, and no controller keeps a stale
+/// cache or half-finished work.
+async fn lead(
+    handle: spendguard_leader::LeaderHandle,
+    context: Context,
+) -> Result<(), error::Error> {
+    while !handle.is_leader() {
+        tokio::time::sleep(LEADERSHIP_POLL).await;
+    }
+    tracing::info!("leading: controllers started");
+    let lost = async {
+        while handle.is_leader() {
+            tokio::time::sleep(LEADERSHIP_POLL).await;
+        }
+    };
+    tokio::select! {
+        () = controller::budget::run(context) => Ok(()),
+        () = lost => Err(error::Error::Startup("lost leadership; exiting so a standby can take over".into())),
     }
 }

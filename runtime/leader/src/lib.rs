@@ -1,0 +1,265 @@
+//! Leader election for singleton work (spec S1): the operator, and later the outbox forwarder,
+//! TTL sweeper and pollers, do work only while they hold a lease.
+//!
+//! ```text
+//! Standby ──lease free or expired (observed unchanged for a TTL)──► Leader ──renew every interval──► Leader
+//!    ▲                                                                 │ renew failing past TTL − margin
+//!    └──────────────── another holder renews ◄─────────────────────────┴──► Unknown (stop new work)
+//! ```
+//!
+//! # Guarantees
+//! - `is_leader()` is true only within a TTL (minus a margin) of a renewal the apiserver accepted,
+//!   measured on this process's monotonic clock from before the request: a lost lease stops new
+//!   work before the next poll.
+//! - Takeover needs the previous holder's record to stay unchanged for a whole TTL as *observed
+//!   locally* (client-go's rule), so clock skew between holders cannot shorten a lease.
+//! - Writes use the Lease's resourceVersion, so two candidates cannot both win one round.
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use kube::Api;
+use kube::api::PostParams;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+/// `SPENDGUARD_LEADER_ELECTION_MODE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// A coordination.k8s.io Lease.
+    K8s,
+    /// No election: allowed only with exactly one replica (the chart enforces it).
+    Disabled,
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// Unknown mode name.
+    #[error("unknown leader election mode {0:?} (k8s | disabled; postgres is not implemented yet)")]
+    UnknownMode(String),
+    /// TTL not above the renew interval.
+    #[error("leader ttl must exceed the renew interval")]
+    TtlNotAboveRenew,
+}
+
+impl Mode {
+    /// Parses `k8s` or `disabled`.
+    ///
+    /// # Errors
+    /// [`ConfigError::UnknownMode`], never a silent default.
+    pub fn parse(name: &str) -> Result<Self, ConfigError> {
+        match name {
+            "k8s" => Ok(Self::K8s),
+            "disabled" => Ok(Self::Disabled),
+            other => Err(ConfigError::UnknownMode(other.to_owned())),
+        }
+    }
+}
+
+/// Lease settings (`SPENDGUARD_LEADER_*`).
+#[derive(Debug, Clone)]
+pub struct LeaderConfig {
+    /// Namespace of the Lease.
+    pub namespace: String,
+    /// Lease name (`SPENDGUARD_LEADER_LEASE_NAME`).
+    pub lease_name: String,
+    /// This candidate's identity (pod name).
+    pub identity: String,
+    /// `SPENDGUARD_LEADER_RENEW_INTERVAL_MS`.
+    pub renew_interval: Duration,
+    /// `SPENDGUARD_LEADER_TTL_MS`.
+    pub ttl: Duration,
+}
+
+/// Leadership as work sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leadership {
+    /// May do work until `valid_until`.
+    Leader {
+        /// Local monotonic deadline.
+        valid_until: Instant,
+    },
+    /// Another candidate leads.
+    Standby,
+    /// Not known (startup, or the apiserver is unreachable): no work.
+    Unknown,
+}
+
+/// A cheap view of leadership.
+#[derive(Clone)]
+pub struct LeaderHandle {
+    state: watch::Receiver<Leadership>,
+}
+
+impl LeaderHandle {
+    /// A handle that always leads (mode `disabled`, one replica).
+    pub fn always() -> Self {
+        let far = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
+        let (tx, state) = watch::channel(Leadership::Leader { valid_until: far });
+        std::mem::forget(tx); // Keep the value forever.
+        Self { state }
+    }
+
+    /// Whether work may start now.
+    pub fn is_leader(&self) -> bool {
+        matches!(*self.state.borrow(), Leadership::Leader { valid_until } if Instant::now() < valid_until)
+    }
+
+    /// The current state.
+    pub fn state(&self) -> Leadership {
+        *self.state.borrow()
+    }
+}
+
+/// What the candidate last saw of the Lease, and when.
+struct Observation {
+    record: (Option<String>, Option<MicroTime>),
+    at: Instant,
+}
+
+/// Runs one candidate until the task is dropped.
+pub struct Elector {
+    api: Api<Lease>,
+    config: LeaderConfig,
+    state: watch::Sender<Leadership>,
+    observed: Option<Observation>,
+}
+
+impl Elector {
+    /// Creates a candidate and its handle.
+    ///
+    /// # Errors
+    /// [`ConfigError::TtlNotAboveRenew`].
+    pub fn new(
+        client: kube::Client,
+        config: LeaderConfig,
+    ) -> Result<(Self, LeaderHandle), ConfigError> {
+        if config.ttl <= config.renew_interval {
+            return Err(ConfigError::TtlNotAboveRenew);
+        }
+        let api = Api::namespaced(client, &config.namespace);
+        let (state, rx) = watch::channel(Leadership::Unknown);
+        Ok((
+            Self {
+                api,
+                config,
+                state,
+                observed: None,
+            },
+            LeaderHandle { state: rx },
+        ))
+    }
+
+    fn lease_seconds(&self) -> i32 {
+        i32::try_from(self.config.ttl.as_secs().max(1)).unwrap_or(i32::MAX)
+    }
+
+    /// One round: returns the new state, or `None` when the apiserver did not answer.
+    async fn round(&mut self) -> Option<Leadership> {
+        let sent_at = Instant::now();
+        let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
+        let me = self.config.identity.clone();
+        let leader = |sent_at: Instant| Leadership::Leader {
+            valid_until: sent_at + self.config.ttl - self.config.renew_interval / 2,
+        };
+        let existing = match self.api.get_opt(&self.config.lease_name).await {
+            Ok(lease) => lease,
+            Err(e) => {
+                warn!(error = %e, "reading the leader lease failed");
+                return None;
+            }
+        };
+        let Some(mut lease) = existing else {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(self.config.lease_name.clone()),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(LeaseSpec {
+                    holder_identity: Some(me),
+                    lease_duration_seconds: Some(self.lease_seconds()),
+                    acquire_time: Some(now.clone()),
+                    renew_time: Some(now),
+                    lease_transitions: Some(0),
+                    ..LeaseSpec::default()
+                }),
+            };
+            return match self.api.create(&PostParams::default(), &lease).await {
+                Ok(_) => Some(leader(sent_at)),
+                Err(kube::Error::Api(e)) if e.code == 409 => Some(Leadership::Standby),
+                Err(e) => {
+                    warn!(error = %e, "creating the leader lease failed");
+                    None
+                }
+            };
+        };
+        let spec = lease.spec.clone().unwrap_or_default();
+        let record = (spec.holder_identity.clone(), spec.renew_time.clone());
+        let observed_at = match &self.observed {
+            Some(o) if o.record == record => o.at,
+            _ => Instant::now(),
+        };
+        self.observed = Some(Observation {
+            record,
+            at: observed_at,
+        });
+        let mine = spec.holder_identity.as_deref() == Some(me.as_str());
+        let expired = observed_at.elapsed() >= self.config.ttl || spec.holder_identity.is_none();
+        if !mine && !expired {
+            return Some(Leadership::Standby);
+        }
+        let mut new_spec = spec.clone();
+        new_spec.holder_identity = Some(me);
+        new_spec.lease_duration_seconds = Some(self.lease_seconds());
+        new_spec.renew_time = Some(now.clone());
+        if !mine {
+            new_spec.acquire_time = Some(now);
+            new_spec.lease_transitions =
+                Some(spec.lease_transitions.unwrap_or(0).saturating_add(1));
+        }
+        lease.spec = Some(new_spec);
+        // replace() carries the resourceVersion we read: a concurrent writer makes this a 409.
+        match self
+            .api
+            .replace(&self.config.lease_name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => {
+                if !mine {
+                    info!(identity = %self.config.identity, lease = %self.config.lease_name, "became leader");
+                }
+                Some(leader(sent_at))
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => Some(Leadership::Standby),
+            Err(e) => {
+                warn!(error = %e, "renewing the leader lease failed");
+                None
+            }
+        }
+    }
+
+    /// Runs rounds forever (drop the task to stop; the lease then lapses after its TTL).
+    pub async fn run(mut self) {
+        loop {
+            let next = self.round().await;
+            let current = *self.state.borrow();
+            let new_state = match (next, current) {
+                (Some(state), _) => state,
+                // No answer: a leader keeps its local deadline, then stops; others stay unknown.
+                (None, Leadership::Leader { valid_until }) if Instant::now() < valid_until => {
+                    current
+                }
+                (None, _) => Leadership::Unknown,
+            };
+            if matches!(current, Leadership::Leader { .. })
+                && !matches!(new_state, Leadership::Leader { .. })
+            {
+                warn!(identity = %self.config.identity, "lost leadership; new work stops");
+            }
+            self.state.send_replace(new_state);
+            tokio::time::sleep(self.config.renew_interval).await;
+        }
+    }
+}
