@@ -7,7 +7,7 @@
 //!        └──── status (SSA, field manager "spendguard-operator") ◄──── balances ─────┘
 //! ```
 //!
-//! Built so far: the Budget controller. Leader election, the other controllers, finalizers and
+//! Built so far: the Budget and PricingVersion controllers. Leader election, the other controllers, finalizers and
 //! the admission webhooks arrive with the rest of issue 4.
 
 pub mod controller;
@@ -160,8 +160,14 @@ async fn lead(
             tokio::time::sleep(LEADERSHIP_POLL).await;
         }
     };
+    let controllers = async {
+        tokio::join!(
+            controller::budget::run(context.clone()),
+            controller::pricing_version::run(context)
+        );
+    };
     tokio::select! {
-        () = controller::budget::run(context) => Ok(()),
+        () = controllers => Ok(()),
         () = lost => Err(error::Error::Startup("lost leadership; exiting so a standby can take over".into())),
     }
 }

@@ -1,2 +1,3 @@
 //! One controller per kind.
 pub mod budget;
+pub mod pricing_version;
