@@ -163,3 +163,142 @@ async fn pricing_versions_publish_their_identity() {
     );
     operator.abort();
 }
+
+#[tokio::test]
+async fn contract_bundles_compile_into_verifiable_config_maps() {
+    let plane = ControlPlane::start().expect("control plane");
+    kubectl(
+        &plane,
+        &[
+            "apply",
+            "-f",
+            &format!("{ROOT}/crds/generated/spendguard.io.yaml"),
+        ],
+        None,
+    );
+    kubectl(
+        &plane,
+        &[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "--all",
+            "crd",
+        ],
+        None,
+    );
+    let ledger = TestLedger::start().await.unwrap();
+    let kubeconfig = kube::config::Kubeconfig::read_from(plane.kubeconfig(User::Admin)).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(
+        kubeconfig,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await
+    .unwrap();
+    let kube = kube::Client::try_from(config).unwrap();
+    let operator = tokio::spawn(controller::contract_bundle::run(Context {
+        kube,
+        ledger: ledger.client.clone(),
+    }));
+
+    // The bundle arrives before its pricing: reported, then compiled once the pricing exists.
+    let contract =
+        std::fs::read_to_string(format!("{ROOT}/config/examples/contract-bundle.yaml")).unwrap();
+    kubectl(&plane, &["apply", "-f", "-"], Some(&contract));
+    let reason = |plane: &ControlPlane| {
+        kubectl(
+            plane,
+            &[
+                "get",
+                "contractbundle",
+                "research-agent",
+                "-n",
+                "default",
+                "-o",
+                "jsonpath={.status.conditions[0].reason}",
+            ],
+            None,
+        )
+    };
+    let mut last = String::new();
+    for _ in 0..100 {
+        last = reason(&plane);
+        if last == "PricingVersionNotFound" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(last, "PricingVersionNotFound");
+    let pricing =
+        std::fs::read_to_string(format!("{ROOT}/config/examples/pricing-version.yaml")).unwrap();
+    kubectl(&plane, &["apply", "-f", "-"], Some(&pricing));
+    for _ in 0..150 {
+        last = reason(&plane);
+        if last == "Compiled" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(last, "Compiled");
+
+    // The ConfigMap holds bytes that verify against the published hash, as a sidecar checks.
+    let sha = kubectl(
+        &plane,
+        &[
+            "get",
+            "contractbundle",
+            "research-agent",
+            "-n",
+            "default",
+            "-o",
+            "jsonpath={.status.bundleSha256}",
+        ],
+        None,
+    );
+    let bytes = kubectl(
+        &plane,
+        &[
+            "get",
+            "configmap",
+            "spendguard-bundle-research-agent",
+            "-n",
+            "default",
+            "-o",
+            "jsonpath={.data.bundle\\.json}",
+        ],
+        None,
+    );
+    let bundle =
+        spendguard_core::contract::Bundle::from_json_verified(bytes.as_bytes(), &sha).unwrap();
+    assert_eq!(bundle.contract.max_output_tokens, 4096);
+    assert_eq!(
+        bundle.contract.max_cost_per_call_nano_usd.map(|n| n.get()),
+        Some(2_000_000_000)
+    );
+    assert_eq!(bundle.pricing.version(), "pricing-2026-11-01");
+    assert!(
+        bundle
+            .contract
+            .version
+            .starts_with("default/research-agent@")
+    );
+    let budgets = kubectl(
+        &plane,
+        &[
+            "get",
+            "configmap",
+            "spendguard-bundle-research-agent",
+            "-n",
+            "default",
+            "-o",
+            "jsonpath={.data.budgets}",
+        ],
+        None,
+    );
+    assert_eq!(budgets, "default/team-research");
+    let tampered = bytes.replace("4096", "4097");
+    assert!(
+        spendguard_core::contract::Bundle::from_json_verified(tampered.as_bytes(), &sha).is_err()
+    );
+    operator.abort();
+}

@@ -7,7 +7,7 @@
 //!        └──── status (SSA, field manager "spendguard-operator") ◄──── balances ─────┘
 //! ```
 //!
-//! Built so far: the Budget and PricingVersion controllers. Leader election, the other controllers, finalizers and
+//! Built so far: the Budget, PricingVersion and ContractBundle controllers. Leader election, the other controllers, finalizers and
 //! the admission webhooks arrive with the rest of issue 4.
 
 pub mod controller;
