@@ -1,51 +1,28 @@
 //! `kubectl apply` of a Budget drives the ledger: the operator creates the tenant and budget with
-//! the exact limit, reports balances and Ready in status, follows spec changes, and shows spend
-//! that happened in the ledger. Real apiserver, real ledger, real PostgreSQL.
+//! the exact limit, reports balances and Ready in status, follows spec changes, shows spend that
+//! happened in the ledger, and reports a ledger outage. Real apiserver, ledger and PostgreSQL.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly on purpose.
 
 use spendguard_operator::{Context, controller};
 use spendguard_proto::ledger::v1 as pb;
 use spendguard_testkit::TestLedger;
 use spendguard_testkit::control_plane::{ControlPlane, User};
-use spendguard_testkit::ledger::reserve_request;
-use std::io::Write;
-use std::process::Stdio;
-use std::time::Duration;
+use spendguard_testkit::ledger::{LedgerClient, reserve_request};
+use std::path::Path;
 
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 
-fn kubectl(plane: &ControlPlane, args: &[&str], stdin: Option<&str>) -> String {
-    let mut command = plane.kubectl(User::Admin);
-    command
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = command.spawn().unwrap();
-    if let Some(input) = stdin {
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "kubectl {args:?}: {text}");
-    text
+async fn plane_with_crds() -> ControlPlane {
+    let plane = ControlPlane::start().expect("control plane");
+    plane.install_crds(&Path::new(ROOT).join("crds/generated/spendguard.io.yaml"));
+    plane
 }
 
-/// Polls `jsonpath` of the Budget until it equals `expected`.
+/// Polls a jsonpath of the example Budget until it equals `expected`.
 async fn wait_for(plane: &ControlPlane, jsonpath: &str, expected: &str) {
-    let mut last = String::new();
-    for _ in 0..100 {
-        last = kubectl(
-            plane,
+    let path = format!("jsonpath={jsonpath}");
+    plane
+        .poll(
             &[
                 "get",
                 "budget",
@@ -53,58 +30,44 @@ async fn wait_for(plane: &ControlPlane, jsonpath: &str, expected: &str) {
                 "-n",
                 "default",
                 "-o",
-                &format!("jsonpath={jsonpath}"),
+                &path,
             ],
-            None,
-        );
-        if last == expected {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{jsonpath} stayed {last:?}, expected {expected:?}");
+            |t| t == expected,
+        )
+        .await;
+}
+
+async fn balance(client: &LedgerClient) -> pb::BudgetBalance {
+    let request = pb::GetBalancesRequest {
+        tenant_id: "acme".into(),
+        budget_ids: vec!["default/team-research".into()],
+    };
+    client
+        .clone()
+        .get_balances(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .balances
+        .remove(0)
+}
+
+fn example_budget() -> String {
+    std::fs::read_to_string(format!("{ROOT}/config/examples/budget.yaml")).unwrap()
 }
 
 #[tokio::test]
 async fn budget_cr_reconciles_into_the_ledger() {
-    let plane = ControlPlane::start().expect("control plane");
-    kubectl(
-        &plane,
-        &[
-            "apply",
-            "-f",
-            &format!("{ROOT}/crds/generated/spendguard.io.yaml"),
-        ],
-        None,
-    );
-    kubectl(
-        &plane,
-        &[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "--all",
-            "crd",
-        ],
-        None,
-    );
+    let plane = plane_with_crds().await;
     let mut ledger = TestLedger::start().await.unwrap();
-
-    let kubeconfig = kube::config::Kubeconfig::read_from(plane.kubeconfig(User::Admin)).unwrap();
-    let config = kube::Config::from_custom_kubeconfig(
-        kubeconfig,
-        &kube::config::KubeConfigOptions::default(),
-    )
-    .await
-    .unwrap();
     let context = Context {
-        kube: kube::Client::try_from(config).unwrap(),
+        kube: plane.client(User::Admin).await.unwrap(),
         ledger: ledger.client.clone(),
     };
     let operator = tokio::spawn(controller::budget::run(context));
 
-    let budget = std::fs::read_to_string(format!("{ROOT}/config/examples/budget.yaml")).unwrap();
-    kubectl(&plane, &["apply", "-f", "-"], Some(&budget));
+    let budget = example_budget();
+    plane.admin(&["apply", "-f", "-"], Some(&budget));
     wait_for(
         &plane,
         "{.status.conditions[?(@.type==\"Ready\")].status}",
@@ -112,23 +75,7 @@ async fn budget_cr_reconciles_into_the_ledger() {
     )
     .await;
     wait_for(&plane, "{.status.remaining}", "100").await;
-
-    let balances = |client: &mut spendguard_testkit::ledger::LedgerClient| {
-        let mut client = client.clone();
-        async move {
-            client
-                .get_balances(pb::GetBalancesRequest {
-                    tenant_id: "acme".into(),
-                    budget_ids: vec!["default/team-research".into()],
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .balances
-                .remove(0)
-        }
-    };
-    let b = balances(&mut ledger.client).await;
+    let b = balance(&ledger.client).await;
     assert_eq!(
         (b.limit_nano_usd, b.soft_cap_nano_usd),
         (100_000_000_000, 80_000_000_000)
@@ -136,18 +83,17 @@ async fn budget_cr_reconciles_into_the_ledger() {
     assert_eq!(b.window, pb::BudgetWindow::CalendarMonthUtc as i32);
 
     // A spec change flows to the ledger.
-    kubectl(
-        &plane,
+    plane.admin(
         &["apply", "-f", "-"],
         Some(&budget.replace("limit: \"100.00\"", "limit: \"150.25\"")),
     );
     wait_for(&plane, "{.status.limit}", "150.25").await;
     assert_eq!(
-        balances(&mut ledger.client).await.limit_nano_usd,
+        balance(&ledger.client).await.limit_nano_usd,
         150_250_000_000
     );
 
-    // Spend in the ledger shows in status after the next reconcile (a spec touch triggers one).
+    // Spend in the ledger shows in status after the next reconcile (a metadata touch triggers one).
     let fencing = ledger.tenant_with_lease("acme").await.unwrap();
     ledger
         .client
@@ -160,8 +106,7 @@ async fn budget_cr_reconciles_into_the_ledger() {
         ))
         .await
         .unwrap();
-    kubectl(
-        &plane,
+    plane.admin(
         &[
             "annotate",
             "budget",
@@ -173,38 +118,17 @@ async fn budget_cr_reconciles_into_the_ledger() {
         None,
     );
     wait_for(&plane, "{.status.reserved}", "0.25").await;
-    let table = kubectl(&plane, &["get", "budgets", "-n", "default"], None);
+    let table = plane.admin(&["get", "budgets", "-n", "default"], None);
     assert!(
-        table.contains("150.25") && table.contains("150") && table.contains("True"),
+        table.contains("150.25") && table.contains("True"),
         "{table}"
     );
-
     operator.abort();
 }
 
 #[tokio::test]
 async fn ledger_outage_shows_as_ready_false_and_recovers() {
-    let plane = ControlPlane::start().expect("control plane");
-    kubectl(
-        &plane,
-        &[
-            "apply",
-            "-f",
-            &format!("{ROOT}/crds/generated/spendguard.io.yaml"),
-        ],
-        None,
-    );
-    kubectl(
-        &plane,
-        &[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "--all",
-            "crd",
-        ],
-        None,
-    );
+    let plane = plane_with_crds().await;
     let mut ledger = TestLedger::start().await.unwrap();
     let database_url = ledger.database_url.clone();
     let addr = ledger.ledger.as_ref().unwrap().addr;
@@ -212,22 +136,14 @@ async fn ledger_outage_shows_as_ready_false_and_recovers() {
     let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect_lazy();
-    let kubeconfig = kube::config::Kubeconfig::read_from(plane.kubeconfig(User::Admin)).unwrap();
-    let config = kube::Config::from_custom_kubeconfig(
-        kubeconfig,
-        &kube::config::KubeConfigOptions::default(),
-    )
-    .await
-    .unwrap();
     let context = Context {
-        kube: kube::Client::try_from(config).unwrap(),
+        kube: plane.client(User::Admin).await.unwrap(),
         ledger: pb::ledger_client::LedgerClient::new(channel),
     };
     // Ledger down before the Budget arrives.
     ledger.stop().await;
     let operator = tokio::spawn(controller::budget::run(context));
-    let budget = std::fs::read_to_string(format!("{ROOT}/config/examples/budget.yaml")).unwrap();
-    kubectl(&plane, &["apply", "-f", "-"], Some(&budget));
+    plane.admin(&["apply", "-f", "-"], Some(&example_budget()));
     wait_for(
         &plane,
         "{.status.conditions[?(@.type==\"Ready\")].reason}",

@@ -8,11 +8,10 @@
 use crate::Context;
 use crate::error::Error;
 use futures::StreamExt;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
-use serde_json::json;
 use spendguard_crds::budget::{Budget, BudgetStatus, BudgetWindow};
 use spendguard_crds::condition::Condition;
 use spendguard_crds::money::Usd;
@@ -21,8 +20,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tracing::{info, instrument, warn};
 
-/// Field manager of every status write.
-pub const FIELD_MANAGER: &str = "spendguard-operator";
 /// How often balances in status are refreshed.
 const REFRESH_INTERVAL: Duration = Duration::from_secs(30);
 /// Retry delay after a failed reconcile.
@@ -45,38 +42,19 @@ fn window(window: BudgetWindow) -> pb::BudgetWindow {
     }
 }
 
-/// The Ready condition, keeping its transition time when the status did not change.
 fn ready(budget: &Budget, status: &str, reason: &str, message: String) -> Condition {
     let previous = budget
         .status
         .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
-    let last_transition_time = match previous {
-        Some(c) if c.status == status => c.last_transition_time.clone(),
-        _ => chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-    };
-    Condition {
-        type_: "Ready".into(),
-        status: status.into(),
-        reason: reason.into(),
-        message,
-        last_transition_time,
-        observed_generation: budget.meta().generation.unwrap_or(0),
-    }
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    super::ready(budget, previous, status, reason, message)
 }
 
 async fn write_status(ctx: &Context, budget: &Budget, status: BudgetStatus) -> Result<(), Error> {
     let api: Api<Budget> =
         Api::namespaced(ctx.kube.clone(), &budget.namespace().unwrap_or_default());
-    let patch = json!({"apiVersion": "spendguard.io/v1alpha1", "kind": "Budget", "status": status});
-    api.patch_status(
-        &budget.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(Error::Kube)?;
-    Ok(())
+    super::patch_status(&api, budget, &status).await
 }
 
 /// Applies one Budget to the ledger and reports its balances.

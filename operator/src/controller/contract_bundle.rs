@@ -24,8 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tracing::{instrument, warn};
 
-/// Field manager of every write.
-const FIELD_MANAGER: &str = "spendguard-operator";
+use super::FIELD_MANAGER;
 /// Retry while the referenced PricingVersion is missing or invalid.
 const WAIT_FOR_PRICING: Duration = Duration::from_secs(10);
 
@@ -84,19 +83,9 @@ fn ready(bundle: &ContractBundle, status: &str, reason: &str, message: String) -
     let previous = bundle
         .status
         .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
-    let last_transition_time = match previous {
-        Some(c) if c.status == status => c.last_transition_time.clone(),
-        _ => chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-    };
-    Condition {
-        type_: "Ready".into(),
-        status: status.into(),
-        reason: reason.into(),
-        message,
-        last_transition_time,
-        observed_generation: bundle.meta().generation.unwrap_or(0),
-    }
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    super::ready(bundle, previous, status, reason, message)
 }
 
 async fn write_status(
@@ -106,16 +95,7 @@ async fn write_status(
 ) -> Result<(), Error> {
     let api: Api<ContractBundle> =
         Api::namespaced(ctx.kube.clone(), &bundle.namespace().unwrap_or_default());
-    let patch =
-        json!({"apiVersion": "spendguard.io/v1alpha1", "kind": "ContractBundle", "status": status});
-    api.patch_status(
-        &bundle.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(Error::Kube)?;
-    Ok(())
+    super::patch_status(&api, bundle, &status).await
 }
 
 /// Compiles the bundle into its ConfigMap and reports its identity.

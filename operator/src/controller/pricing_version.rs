@@ -4,20 +4,16 @@
 use crate::Context;
 use crate::error::Error;
 use futures::StreamExt;
-use kube::api::{Api, Patch, PatchParams};
+use kube::ResourceExt;
+use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
-use kube::{Resource, ResourceExt};
-use serde_json::json;
 use spendguard_core::pricing::{ModelPrice, PriceEntry, Pricing, PricingSnapshot, Provider};
 use spendguard_crds::condition::Condition;
 use spendguard_crds::pricing_version::{self as crd, PricingVersion, PricingVersionStatus};
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::{instrument, warn};
-
-/// Field manager of every status write.
-const FIELD_MANAGER: &str = "spendguard-operator";
 
 /// The snapshot a PricingVersion stands for; its `version` is the object's name.
 pub fn snapshot(pricing: &PricingVersion) -> PricingSnapshot {
@@ -51,19 +47,9 @@ fn condition(pricing: &PricingVersion, status: &str, reason: &str, message: Stri
     let previous = pricing
         .status
         .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
-    let last_transition_time = match previous {
-        Some(c) if c.status == status => c.last_transition_time.clone(),
-        _ => chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-    };
-    Condition {
-        type_: "Ready".into(),
-        status: status.into(),
-        reason: reason.into(),
-        message,
-        last_transition_time,
-        observed_generation: pricing.meta().generation.unwrap_or(0),
-    }
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    super::ready(pricing, previous, status, reason, message)
 }
 
 /// Validates the prices and writes identity and Ready to status.
@@ -95,15 +81,7 @@ pub async fn reconcile(pricing: Arc<PricingVersion>, ctx: Arc<Context>) -> Resul
         },
     };
     let api: Api<PricingVersion> = Api::all(ctx.kube.clone());
-    let patch =
-        json!({"apiVersion": "spendguard.io/v1alpha1", "kind": "PricingVersion", "status": status});
-    api.patch_status(
-        &pricing.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(Error::Kube)?;
+    super::patch_status(&api, pricing.as_ref(), &status).await?;
     // The spec is immutable: nothing changes until the object does.
     Ok(Action::await_change())
 }

@@ -4,39 +4,9 @@
 
 use spendguard_testkit::control_plane::{ControlPlane, User};
 use spendguard_testkit::{TestLedger, free_port};
-use std::io::Write;
-use std::process::Stdio;
-use std::time::Duration;
 use tokio::process::{Child, Command};
 
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
-
-fn kubectl(plane: &ControlPlane, args: &[&str], stdin: Option<&str>) -> (bool, String) {
-    let mut command = plane.kubectl(User::Admin);
-    command
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = command.spawn().unwrap();
-    if let Some(input) = stdin {
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
 
 fn operator(plane: &ControlPlane, ledger_port: u16, name: &str) -> Child {
     Command::new(env!("CARGO_BIN_EXE_spendguard"))
@@ -61,50 +31,17 @@ fn operator(plane: &ControlPlane, ledger_port: u16, name: &str) -> Child {
         .unwrap()
 }
 
-async fn poll(plane: &ControlPlane, args: &[&str], want: impl Fn(&str) -> bool) -> String {
-    let mut last = String::new();
-    for _ in 0..150 {
-        let (ok, text) = kubectl(plane, args, None);
-        if ok && want(&text) {
-            return text;
-        }
-        last = text;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("kubectl {args:?} never satisfied the condition; last: {last}");
-}
-
 #[tokio::test]
 async fn standby_takes_over_when_the_leader_is_killed() {
     let plane = ControlPlane::start().expect("control plane");
-    kubectl(
-        &plane,
-        &[
-            "apply",
-            "-f",
-            &format!("{ROOT}/crds/generated/spendguard.io.yaml"),
-        ],
-        None,
-    );
-    kubectl(
-        &plane,
-        &[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "--all",
-            "crd",
-        ],
-        None,
-    );
+    plane.install_crds(&std::path::Path::new(ROOT).join("crds/generated/spendguard.io.yaml"));
     let ledger = TestLedger::start().await.unwrap();
     let port = ledger.ledger.as_ref().unwrap().addr.port();
     let mut a = operator(&plane, port, "op-a");
     let mut b = operator(&plane, port, "op-b");
 
     let budget = std::fs::read_to_string(format!("{ROOT}/config/examples/budget.yaml")).unwrap();
-    let (ok, text) = kubectl(&plane, &["apply", "-f", "-"], Some(&budget));
-    assert!(ok, "{text}");
+    plane.admin(&["apply", "-f", "-"], Some(&budget));
     let ready = [
         "get",
         "budget",
@@ -114,7 +51,7 @@ async fn standby_takes_over_when_the_leader_is_killed() {
         "-o",
         "jsonpath={.status.conditions[0].status}/{.status.limit}",
     ];
-    poll(&plane, &ready, |t| t == "True/100").await;
+    plane.poll(&ready, |t| t == "True/100").await;
     let holder_of = [
         "get",
         "lease",
@@ -124,7 +61,7 @@ async fn standby_takes_over_when_the_leader_is_killed() {
         "-o",
         "jsonpath={.spec.holderIdentity}",
     ];
-    let leader = poll(&plane, &holder_of, |t| t == "op-a" || t == "op-b").await;
+    let leader = plane.poll(&holder_of, |t| t == "op-a" || t == "op-b").await;
 
     // kill -9 the leader: its lease is not released; the standby takes over after the TTL.
     let (dead, survivor) = if leader == "op-a" {
@@ -134,16 +71,14 @@ async fn standby_takes_over_when_the_leader_is_killed() {
     };
     dead.start_kill().unwrap();
     dead.wait().await.unwrap();
-    poll(&plane, &holder_of, |t| t == survivor).await;
+    plane.poll(&holder_of, |t| t == survivor).await;
 
     // The new leader reconciles changes.
-    let (ok, text) = kubectl(
-        &plane,
+    plane.admin(
         &["apply", "-f", "-"],
         Some(&budget.replace("\"100.00\"", "\"120.00\"")),
     );
-    assert!(ok, "{text}");
-    poll(&plane, &ready, |t| t == "True/120").await;
+    plane.poll(&ready, |t| t == "True/120").await;
 
     // No duplicate ledger writes: one tenant event, one budget event per spec change.
     let counts: Vec<(String, i64)> = sqlx::query_as(

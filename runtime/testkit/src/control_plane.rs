@@ -254,6 +254,93 @@ impl ControlPlane {
         command
     }
 
+    /// Runs kubectl as `user` with optional stdin: success and combined output.
+    ///
+    /// # Panics
+    /// When kubectl cannot be started.
+    pub fn run_kubectl(&self, user: User, args: &[&str], stdin: Option<&str>) -> (bool, String) {
+        use std::io::Write;
+        let mut command = self.kubectl(user);
+        command
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("start kubectl");
+        if let Some(input) = stdin
+            && let Some(mut pipe) = child.stdin.take()
+        {
+            pipe.write_all(input.as_bytes())
+                .expect("write kubectl stdin");
+        }
+        let out = child.wait_with_output().expect("wait for kubectl");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
+    /// Runs kubectl as admin and returns its output.
+    ///
+    /// # Panics
+    /// When kubectl fails (tests fail loudly).
+    pub fn admin(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let (ok, text) = self.run_kubectl(User::Admin, args, stdin);
+        assert!(ok, "kubectl {args:?}: {text}");
+        text
+    }
+
+    /// Applies a CRD file and waits until every CRD is Established.
+    ///
+    /// # Panics
+    /// When applying or waiting fails.
+    pub fn install_crds(&self, path: &Path) {
+        self.admin(&["apply", "-f", &path.display().to_string()], None);
+        self.admin(
+            &[
+                "wait",
+                "--for=condition=Established",
+                "--timeout=60s",
+                "--all",
+                "crd",
+            ],
+            None,
+        );
+    }
+
+    /// Polls kubectl `args` (as admin) until `want` accepts the output; returns it.
+    ///
+    /// # Panics
+    /// After about 15 s without success.
+    pub async fn poll(&self, args: &[&str], want: impl Fn(&str) -> bool) -> String {
+        let mut last = String::new();
+        for _ in 0..150 {
+            let (ok, text) = self.run_kubectl(User::Admin, args, None);
+            if ok && want(&text) {
+                return text;
+            }
+            last = text;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("kubectl {args:?} never satisfied the condition; last output: {last}");
+    }
+
+    /// A kube client acting as `user`.
+    ///
+    /// # Errors
+    /// When the kubeconfig cannot be read.
+    pub async fn client(&self, user: User) -> Result<kube::Client> {
+        let kubeconfig = kube::config::Kubeconfig::read_from(self.kubeconfig(user))?;
+        let config = kube::Config::from_custom_kubeconfig(
+            kubeconfig,
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await?;
+        Ok(kube::Client::try_from(config)?)
+    }
+
     /// The tail of the apiserver log, for failure messages.
     pub fn log(&self) -> String {
         let log =
