@@ -314,31 +314,10 @@ impl LedgerProcess {
 }
 
 fn kubectl(plane: &ControlPlane, args: &[&str], stdin: Option<&str>) -> Result<String> {
-    use std::io::Write;
-    let mut command = plane.kubectl(User::Admin);
-    command
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = command.spawn()?;
-    if let Some(input) = stdin {
-        child
-            .stdin
-            .take()
-            .context("kubectl stdin")?
-            .write_all(input.as_bytes())?;
+    match plane.run_kubectl(User::Admin, args, stdin) {
+        (true, text) => Ok(text),
+        (false, text) => bail!("kubectl {args:?} failed: {text}"),
     }
-    let out = child.wait_with_output()?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if !out.status.success() {
-        bail!("kubectl {args:?} failed: {text}");
-    }
-    Ok(text)
 }
 
 const DEMO_BUDGET: &str = "apiVersion: spendguard.io/v1alpha1
