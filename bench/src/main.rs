@@ -363,26 +363,7 @@ async fn demo(spendguard_bin: &std::path::Path) -> Result<()> {
     println!("`spendguard ledger` on 127.0.0.1:{port}\n");
 
     println!("$ kubectl apply -f crds/generated/spendguard.io.yaml");
-    kubectl(
-        &plane,
-        &[
-            "apply",
-            "-f",
-            &format!("{root}/crds/generated/spendguard.io.yaml"),
-        ],
-        None,
-    )?;
-    kubectl(
-        &plane,
-        &[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "--all",
-            "crd",
-        ],
-        None,
-    )?;
+    plane.install_crds(&std::path::Path::new(root).join("crds/generated/spendguard.io.yaml"));
     let mut operator = tokio::process::Command::new(spendguard_bin)
         .arg("operator")
         .env("KUBECONFIG", plane.kubeconfig(User::Admin))

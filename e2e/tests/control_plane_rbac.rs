@@ -4,22 +4,10 @@
 
 use spendguard_testkit::control_plane::{ControlPlane, K8S_VERSION, User};
 
-fn output(mut command: std::process::Command) -> (bool, String) {
-    let out = command.output().expect("run kubectl");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
 #[test]
 fn apiserver_runs_with_rbac_and_token_users() {
     let plane = ControlPlane::start().expect("start the control plane");
-    let mut version = plane.kubectl(User::Admin);
-    version.args(["version", "-o", "json"]);
-    let (ok, text) = output(version);
+    let (ok, text) = plane.run_kubectl(User::Admin, &["version", "-o", "json"], None);
     assert!(ok, "{text}");
     assert!(
         text.contains(&format!("\"gitVersion\": \"v{K8S_VERSION}\"")),
@@ -28,33 +16,35 @@ fn apiserver_runs_with_rbac_and_token_users() {
 
     // Aggregated roles such as `view` get their rules from kube-controller-manager, which this
     // harness does not run; tests define the roles they need.
-    let mut role = plane.kubectl(User::Admin);
-    role.args([
-        "create",
-        "clusterrole",
-        "configmap-reader",
-        "--verb=get,list,watch",
-        "--resource=configmaps",
-    ]);
-    let (ok, text) = output(role);
+    let (ok, text) = plane.run_kubectl(
+        User::Admin,
+        &[
+            "create",
+            "clusterrole",
+            "configmap-reader",
+            "--verb=get,list,watch",
+            "--resource=configmaps",
+        ],
+        None,
+    );
     assert!(ok, "{text}");
-    let mut bind = plane.kubectl(User::Admin);
-    bind.args([
-        "create",
-        "clusterrolebinding",
-        "viewers",
-        "--clusterrole=configmap-reader",
-        "--group=spendguard:viewers",
-    ]);
-    let (ok, text) = output(bind);
+    let (ok, text) = plane.run_kubectl(
+        User::Admin,
+        &[
+            "create",
+            "clusterrolebinding",
+            "viewers",
+            "--clusterrole=configmap-reader",
+            "--group=spendguard:viewers",
+        ],
+        None,
+    );
     assert!(ok, "{text}");
 
     // The RBAC authorizer learns of new bindings through a watch: allow it a moment.
     let mut result = (false, String::new());
     for _ in 0..50 {
-        let mut read = plane.kubectl(User::Viewer);
-        read.args(["get", "configmaps", "-n", "default"]);
-        result = output(read);
+        result = plane.run_kubectl(User::Viewer, &["get", "configmaps", "-n", "default"], None);
         if result.0 {
             break;
         }
@@ -62,24 +52,30 @@ fn apiserver_runs_with_rbac_and_token_users() {
     }
     assert!(result.0, "viewer can read: {}", result.1);
 
-    let mut write = plane.kubectl(User::Viewer);
-    write.args(["create", "configmap", "nope", "-n", "default"]);
-    let (ok, text) = output(write);
+    let (ok, text) = plane.run_kubectl(
+        User::Viewer,
+        &["create", "configmap", "nope", "-n", "default"],
+        None,
+    );
     assert!(
         !ok && text.contains("forbidden"),
         "viewer cannot write: {text}"
     );
 
-    let mut outsider = plane.kubectl(User::Outsider);
-    outsider.args(["get", "configmaps", "-n", "default"]);
-    let (ok, text) = output(outsider);
+    let (ok, text) = plane.run_kubectl(
+        User::Outsider,
+        &["get", "configmaps", "-n", "default"],
+        None,
+    );
     assert!(
         !ok && text.contains("forbidden"),
         "outsider cannot read: {text}"
     );
 
-    let mut admin_write = plane.kubectl(User::Admin);
-    admin_write.args(["create", "configmap", "yes", "-n", "default"]);
-    let (ok, text) = output(admin_write);
+    let (ok, text) = plane.run_kubectl(
+        User::Admin,
+        &["create", "configmap", "yes", "-n", "default"],
+        None,
+    );
     assert!(ok, "admin can write: {text}");
 }

@@ -3,38 +3,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly on purpose.
 
 use spendguard_testkit::control_plane::{ControlPlane, User};
-use std::io::Write;
-use std::process::{Command, Stdio};
-
-fn run(mut command: Command, stdin: Option<&str>) -> (bool, String) {
-    command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = command.spawn().expect("run kubectl");
-    if let Some(input) = stdin {
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
 
 fn apply(plane: &ControlPlane, yaml: &str) -> (bool, String) {
-    let mut command = plane.kubectl(User::Admin);
-    command.args(["apply", "-f", "-"]);
-    run(command, Some(yaml))
+    plane.run_kubectl(User::Admin, &["apply", "-f", "-"], Some(yaml))
 }
 
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
@@ -46,16 +17,16 @@ fn crds_install_accept_examples_and_enforce_rules() {
         std::fs::read_to_string(format!("{ROOT}/crds/generated/spendguard.io.yaml")).unwrap();
     let (ok, text) = apply(&plane, &crds);
     assert!(ok, "{text}");
-    let mut wait_all = plane.kubectl(User::Admin);
-    wait_all.args([
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "--all",
-        "crd",
-    ]);
-    let (ok, text) = run(wait_all, None);
-    assert!(ok, "{text}");
+    let text = plane.admin(
+        &[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "--all",
+            "crd",
+        ],
+        None,
+    );
     for kind in [
         "budgets",
         "contractbundles",
@@ -83,13 +54,8 @@ fn crds_install_accept_examples_and_enforce_rules() {
         let (ok, text) = apply(&plane, &yaml);
         assert!(ok, "{example}: {text}");
     }
-    let mut get = plane.kubectl(User::Admin);
-    get.args(["get", "sgbudget", "-n", "default"]);
-    let (ok, text) = run(get, None);
-    assert!(
-        ok && text.contains("LIMIT") && text.contains("100.00"),
-        "{text}"
-    );
+    let text = plane.admin(&["get", "sgbudget", "-n", "default"], None);
+    assert!(text.contains("LIMIT") && text.contains("100.00"), "{text}");
 
     let budget = |limit: &str, soft_cap: &str| {
         format!(
@@ -115,8 +81,8 @@ fn crds_install_accept_examples_and_enforce_rules() {
 
     // A decided approval cannot change its decision.
     let status = |phase: &str| {
-        let mut patch = plane.kubectl(User::Admin);
-        patch.args([
+        let patch = format!("{{\"status\":{{\"phase\":\"{phase}\"}}}}");
+        let args = [
             "patch",
             "approvalrequest",
             "research-agent-call-7f3a",
@@ -125,9 +91,9 @@ fn crds_install_accept_examples_and_enforce_rules() {
             "--subresource=status",
             "--type=merge",
             "-p",
-            &format!("{{\"status\":{{\"phase\":\"{phase}\"}}}}"),
-        ]);
-        run(patch, None)
+            &patch,
+        ];
+        plane.run_kubectl(User::Admin, &args, None)
     };
     let (ok, text) = status("Approved");
     assert!(ok, "{text}");
@@ -135,8 +101,6 @@ fn crds_install_accept_examples_and_enforce_rules() {
     assert!(!ok && text.contains("cannot change its decision"), "{text}");
 
     // RBAC applies to the new kinds like any other: the outsider sees nothing.
-    let mut outsider = plane.kubectl(User::Outsider);
-    outsider.args(["get", "budgets", "-n", "default"]);
-    let (ok, text) = run(outsider, None);
+    let (ok, text) = plane.run_kubectl(User::Outsider, &["get", "budgets", "-n", "default"], None);
     assert!(!ok && text.contains("forbidden"), "{text}");
 }

@@ -41,12 +41,8 @@ impl Error {
     /// From a ledger gRPC status. Statuses without a SpendGuard error detail come from the
     /// transport (connection refused, deadline) and count as the ledger being unavailable.
     pub fn ledger(status: &tonic::Status) -> Self {
-        use prost::Message;
-        use spendguard_proto::ledger::v1 as pb;
-        let detail = pb::ErrorDetail::decode(status.details())
-            .ok()
-            .and_then(|d| pb::ErrorCode::try_from(d.code).ok())
-            .filter(|c| *c != pb::ErrorCode::Unspecified);
+        use spendguard_proto::ledger::error_code;
+        let detail = error_code(status);
         let code = match detail {
             Some(c) => c.as_str_name().trim_start_matches("ERROR_CODE_").to_owned(),
             None => match status.code() {

@@ -10,4 +10,14 @@ pub mod ledger {
     pub mod v1 {
         include!("gen/spendguard.ledger.v1.rs");
     }
+
+    /// The stable SpendGuard error code of a failed ledger RPC, from the `ErrorDetail` the ledger
+    /// encodes in the status details. `None` for statuses without one (transport failures).
+    pub fn error_code(status: &tonic::Status) -> Option<v1::ErrorCode> {
+        use prost::Message;
+        let detail = v1::ErrorDetail::decode(status.details()).ok()?;
+        v1::ErrorCode::try_from(detail.code)
+            .ok()
+            .filter(|code| *code != v1::ErrorCode::Unspecified)
+    }
 }

@@ -97,8 +97,8 @@ impl LeaderHandle {
     /// A handle that always leads (mode `disabled`, one replica).
     pub fn always() -> Self {
         let far = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
-        let (tx, state) = watch::channel(Leadership::Leader { valid_until: far });
-        std::mem::forget(tx); // Keep the value forever.
+        // A receiver keeps the last value after its sender is gone.
+        let (_, state) = watch::channel(Leadership::Leader { valid_until: far });
         Self { state }
     }
 

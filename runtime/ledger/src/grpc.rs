@@ -93,12 +93,6 @@ pub fn status(error: &Error) -> Status {
     status
 }
 
-/// Reads the stable error code from a status (clients and tests).
-pub fn error_code_of(status: &Status) -> Option<pb::ErrorCode> {
-    let detail = pb::ErrorDetail::decode(status.details()).ok()?;
-    pb::ErrorCode::try_from(detail.code).ok()
-}
-
 fn unexpected(outcome: Outcome) -> Error {
     Error::Invariant(format!("unexpected outcome {outcome:?}"))
 }

@@ -261,7 +261,7 @@ impl Store {
                 budget_id: b.clone(),
             })
             .collect();
-        let budgets = load_budgets(&mut tx, &keys, "").await?;
+        let budgets = load_budgets(&mut tx, &keys).await?;
         let mut windows = BTreeSet::new();
         for (key, budget) in &budgets {
             windows.insert(WindowKey {
@@ -518,7 +518,6 @@ fn reservation_from_json(r: ReservationJson) -> Result<ReservationRow> {
 async fn load_budgets(
     tx: &mut Transaction<'_, Postgres>,
     keys: &BTreeSet<BudgetKey>,
-    lock: &str,
 ) -> Result<BTreeMap<BudgetKey, BudgetRow>> {
     let mut budgets = BTreeMap::new();
     if keys.is_empty() {
@@ -528,16 +527,15 @@ async fn load_budgets(
         .iter()
         .map(|k| (k.tenant_id.clone(), k.budget_id.clone()))
         .unzip();
-    let sql = format!(
+    // Read-only (GetBalances); batches read budgets under lock in load_batch.sql.
+    let rows = sqlx::query(
         "SELECT tenant_id, budget_id, limit_nano_usd, soft_cap_nano_usd, window_kind FROM budgets
-          WHERE tenant_id = ANY($1) AND budget_id = ANY($2)
-          ORDER BY tenant_id, budget_id {lock}"
-    );
-    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(&tenants)
-        .bind(&ids)
-        .fetch_all(&mut **tx)
-        .await?;
+          WHERE tenant_id = ANY($1) AND budget_id = ANY($2)",
+    )
+    .bind(&tenants)
+    .bind(&ids)
+    .fetch_all(&mut **tx)
+    .await?;
     for row in rows {
         let window_name: String = row.try_get("window_kind")?;
         let window = BudgetWindow::parse(&window_name)

@@ -2,7 +2,7 @@
 //! real ledger on a real PostgreSQL database. After each test the database invariants are checked.
 #![allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
 
-use spendguard_ledger::grpc::error_code_of;
+use spendguard_proto::ledger::error_code;
 use spendguard_proto::ledger::v1 as pb;
 use spendguard_testkit::ledger::reserve_request;
 use spendguard_testkit::{TestLedger, invariants};
@@ -18,7 +18,7 @@ async fn setup() -> (TestLedger, pb::FencingToken) {
 }
 
 fn code(status: &tonic::Status) -> pb::ErrorCode {
-    error_code_of(status).unwrap_or_else(|| panic!("status without error detail: {status:?}"))
+    error_code(status).unwrap_or_else(|| panic!("status without error detail: {status:?}"))
 }
 
 fn reserved(response: pb::ReserveSetResponse) -> pb::Reservation {

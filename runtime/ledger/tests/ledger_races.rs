@@ -143,7 +143,7 @@ async fn two_contenders_for_one_expired_scope_exactly_one_wins() {
         match task.await.unwrap() {
             Ok(lease) => winners.push(lease.into_inner()),
             Err(status) => assert_eq!(
-                spendguard_ledger::grpc::error_code_of(&status),
+                spendguard_proto::ledger::error_code(&status),
                 Some(pb::ErrorCode::FencingLeaseHeld)
             ),
         }
@@ -162,7 +162,7 @@ async fn two_contenders_for_one_expired_scope_exactly_one_wins() {
         .await
         .unwrap_err();
     assert_eq!(
-        spendguard_ledger::grpc::error_code_of(&err),
+        spendguard_proto::ledger::error_code(&err),
         Some(pb::ErrorCode::FencingEpochStale)
     );
     invariants::check(ledger.store().pool()).await.unwrap();
@@ -213,7 +213,7 @@ async fn a_stolen_producer_claim_stops_writes() {
         .await
         .unwrap_err();
     assert_eq!(
-        spendguard_ledger::grpc::error_code_of(&err),
+        spendguard_proto::ledger::error_code(&err),
         Some(pb::ErrorCode::ProducerInstanceConflict)
     );
     let reservations: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations")

@@ -120,12 +120,6 @@ pub struct LeaseKeeper {
     state: watch::Sender<LeaseState>,
 }
 
-fn error_code(status: &tonic::Status) -> Option<pb::ErrorCode> {
-    use prost::Message;
-    let detail = pb::ErrorDetail::decode(status.details()).ok()?;
-    pb::ErrorCode::try_from(detail.code).ok()
-}
-
 impl LeaseKeeper {
     /// Creates the keeper and the view decisions use.
     ///
@@ -184,7 +178,7 @@ impl LeaseKeeper {
                     renewed_at: sent_at,
                 })
             }
-            Err(status) => match error_code(&status) {
+            Err(status) => match spendguard_proto::ledger::error_code(&status) {
                 Some(pb::ErrorCode::FencingEpochStale) => Some(LeaseState::Lost),
                 Some(pb::ErrorCode::FencingLeaseHeld) if expected_epoch == 0 => {
                     Some(LeaseState::Acquiring)

@@ -113,7 +113,7 @@ async fn acquire_renew_restart_and_takeover() {
         .await
         .unwrap_err();
     assert_eq!(
-        spendguard_ledger::grpc::error_code_of(&stale),
+        spendguard_proto::ledger::error_code(&stale),
         Some(pb::ErrorCode::FencingEpochStale)
     );
 
