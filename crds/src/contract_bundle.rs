@@ -88,6 +88,10 @@ pub struct ContractBundleSpec {
     /// Largest worst-case cost of one call, in USD.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_cost_per_call: Option<Usd>,
+    /// Limit of each run's own budget, in USD: calls carrying a run id (the
+    /// `x-spendguard-run-id` header or the SDK's run_id) also reserve against it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_run_limit: Option<Usd>,
     /// Output-token cap.
     #[schemars(range(min = 1, max = 1_000_000))]
     pub max_output_tokens: i64,

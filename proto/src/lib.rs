@@ -21,3 +21,12 @@ pub mod ledger {
             .filter(|code| *code != v1::ErrorCode::Unspecified)
     }
 }
+
+/// `spendguard.sidecar.v1`: the sidecar's decision API.
+pub mod sidecar {
+    /// Version 1 of the decision API.
+    #[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
+    pub mod v1 {
+        include!("gen/spendguard.sidecar.v1.rs");
+    }
+}

@@ -6,7 +6,10 @@
 
 use std::path::{Path, PathBuf};
 
-const PROTOS: &[&str] = &["spendguard/ledger/v1/ledger.proto"];
+const PROTOS: &[&str] = &[
+    "spendguard/ledger/v1/ledger.proto",
+    "spendguard/sidecar/v1/sidecar.proto",
+];
 
 #[test]
 fn generated_code_is_up_to_date() {

@@ -68,6 +68,7 @@ pub fn contract(bundle: &ContractBundle) -> Result<Contract, Error> {
         allow_models: spec.allow_models.clone(),
         deny_models: spec.deny_models.clone(),
         max_cost_per_call_nano_usd: spec.max_cost_per_call.as_ref().map(nano).transpose()?,
+        per_run_limit_nano_usd: spec.per_run_limit.as_ref().map(nano).transpose()?,
         max_output_tokens: u32::try_from(spec.max_output_tokens)
             .map_err(|_| Error::InvalidSpec("maxOutputTokens out of range".into()))?,
         approval_above_soft_cap: spec.approval_above_soft_cap,

@@ -55,6 +55,9 @@ pub struct Contract {
     /// Largest worst-case cost of a single call.
     #[serde(default)]
     pub max_cost_per_call_nano_usd: Option<NanoUsd>,
+    /// Limit of each run's own budget: calls with a run id also reserve against it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_run_limit_nano_usd: Option<NanoUsd>,
     /// Output-token cap: set on calls that name none; calls asking for more are refused.
     pub max_output_tokens: u32,
     /// Require approval when a reservation would take a budget past its soft cap.

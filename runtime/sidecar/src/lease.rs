@@ -68,8 +68,12 @@ pub enum LeaseState {
         /// Last successful renewal (local).
         renewed_at: Instant,
     },
-    /// New decisions refused (renewal failing past grace, or shutting down).
-    Draining,
+    /// New decisions refused (renewal failing past grace, or shutting down). In-flight calls may
+    /// still settle with the last epoch; the ledger judges whether it is still current.
+    Draining {
+        /// The last epoch held, if any.
+        epoch: Option<u64>,
+    },
     /// Taken over by another holder.
     Lost,
 }
@@ -90,7 +94,23 @@ impl Lease {
             LeaseState::Held {
                 epoch, valid_until, ..
             } if Instant::now() < valid_until => Ok(epoch),
-            LeaseState::Held { .. } | LeaseState::Draining => Err(LeaseError::Draining),
+            LeaseState::Held { .. } | LeaseState::Draining { .. } => Err(LeaseError::Draining),
+            LeaseState::Acquiring => Err(LeaseError::NotAcquired),
+            LeaseState::Lost => Err(LeaseError::Lost),
+        }
+    }
+
+    /// The epoch an in-flight call settles (commits or releases) with: also while draining, so
+    /// shutdown can finish in-flight calls before the lease lapses.
+    ///
+    /// # Errors
+    /// [`LeaseError`] when no epoch was ever held, or the scope was taken over.
+    pub fn epoch_for_settlement(&self) -> Result<u64, LeaseError> {
+        match *self.state.borrow() {
+            LeaseState::Held { epoch, .. } | LeaseState::Draining { epoch: Some(epoch) } => {
+                Ok(epoch)
+            }
+            LeaseState::Draining { epoch: None } => Err(LeaseError::Draining),
             LeaseState::Acquiring => Err(LeaseError::NotAcquired),
             LeaseState::Lost => Err(LeaseError::Lost),
         }
@@ -202,7 +222,7 @@ impl LeaseKeeper {
             let expected_epoch = match current {
                 LeaseState::Held { epoch, .. } => epoch,
                 // A fresh acquire: the ledger bumps the epoch for a restart or takeover.
-                LeaseState::Acquiring | LeaseState::Draining => 0,
+                LeaseState::Acquiring | LeaseState::Draining { .. } => 0,
                 // Someone else holds the scope now — possibly a newer incarnation of this pod.
                 // Re-acquiring would fight it, so this process stops deciding for good; it stays
                 // alive (not ready) until it is replaced.
@@ -230,7 +250,7 @@ impl LeaseKeeper {
                     if now.duration_since(renewed_at) > self.config.grace =>
                 {
                     warn!(scope_id = %self.config.scope_id, "fencing lease renewal failing past the grace window; draining");
-                    LeaseState::Draining
+                    draining(current)
                 }
                 (None, state) => state,
             };
@@ -241,7 +261,8 @@ impl LeaseKeeper {
             };
             tokio::select! {
                 () = &mut shutdown => {
-                    self.state.send_replace(LeaseState::Draining);
+                    let current = *self.state.borrow();
+                    self.state.send_replace(draining(current));
                     info!("sidecar draining: new decisions refused");
                     return;
                 }
@@ -249,4 +270,14 @@ impl LeaseKeeper {
             }
         }
     }
+}
+
+/// The draining state that follows `current`, keeping its epoch for in-flight settlements.
+fn draining(current: LeaseState) -> LeaseState {
+    let epoch = match current {
+        LeaseState::Held { epoch, .. } => Some(epoch),
+        LeaseState::Draining { epoch } => epoch,
+        LeaseState::Acquiring | LeaseState::Lost => None,
+    };
+    LeaseState::Draining { epoch }
 }

@@ -1,11 +1,366 @@
-//! The SpendGuard sidecar. Built so far: the fencing lease lifecycle (spec S4). The decision
-//! API, contract evaluation wiring and the provider proxy arrive with issue 3.
+//! The SpendGuard sidecar: every guarded LLM call passes through it.
 //!
 //! ```text
-//! start ─► acquire (expected_epoch 0) ─► Held ─► renew every ttl/3 ─► Held …
-//!                                          │ renew fails past the grace window ─► Draining
-//!                                          │ epoch taken over (stale)            ─► Lost (for good)
-//!                                          └ shutdown ─► Draining ─► in-flight done ─► Stopped
+//! app ──HTTP──► proxy (/v1/chat/completions, /v1/responses, /v1/messages) ─┐
+//! SDK ──HTTP/gRPC──► decision API (/v1/spendguard/*, spendguard.sidecar.v1) ┤
+//!                                                                            ▼
+//!                    decider: contract + frozen pricing ─► ledger ReserveSet/Commit/Release
+//!                                                        ▲
+//!                    lease keeper: fencing epoch ────────┘  Acquiring ─► Held ─┬ renew fails past grace ─► Draining
+//!                                                                             └ shutdown ─► Draining ─► in-flight done ─► Stopped
 //! ```
+//!
+//! Startup: load and verify the bundle, then acquire the fencing lease, and only then serve.
+//! Shutdown (SIGTERM): refuse new decisions, finish in-flight calls and their settlements with the
+//! last epoch, exit; the lease lapses on the ledger after its TTL, so a successor never overlaps.
 
+pub mod api;
+pub mod bundle;
+pub mod decider;
+pub mod error;
 pub mod lease;
+pub mod metrics;
+pub mod proxy;
+
+use crate::decider::{Decider, Identity};
+use crate::error::SidecarError;
+use crate::lease::{Lease, LeaseConfig, LeaseKeeper, LeaseState};
+use crate::metrics::Metrics;
+use crate::proxy::upstream::{Upstream, UpstreamConfig};
+use prometheus_client::registry::Registry;
+use spendguard_platform::{AdminServer, CommonArgs, Readiness};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+/// `spendguard sidecar` settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SidecarArgs {
+    /// Logging and admin server.
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Proxy and HTTP decision API address.
+    #[arg(
+        long,
+        env = "SPENDGUARD_SIDECAR_LISTEN",
+        default_value = "127.0.0.1:8787"
+    )]
+    pub listen_addr: SocketAddr,
+    /// gRPC decision API address.
+    #[arg(
+        long,
+        env = "SPENDGUARD_SIDECAR_GRPC_LISTEN",
+        default_value = "127.0.0.1:8788"
+    )]
+    pub grpc_listen_addr: SocketAddr,
+    /// Ledger gRPC URL, e.g. `http://spendguard-ledger:7070`.
+    #[arg(long, env = "SPENDGUARD_LEDGER_URL")]
+    pub ledger_url: String,
+    /// Directory of the compiled bundle (the operator's ConfigMap): `bundle.json`,
+    /// `bundle.sha256`, `tenant`, `budgets`.
+    #[arg(long, env = "SPENDGUARD_BUNDLE_DIR")]
+    pub bundle_dir: PathBuf,
+    /// This workload instance (the pod name, from the downward API).
+    #[arg(long, env = "SPENDGUARD_WORKLOAD_INSTANCE_ID")]
+    pub workload_instance_id: String,
+    /// Everything else.
+    #[command(flatten)]
+    pub tuning: SidecarTuning,
+}
+
+/// Settings with safe defaults.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SidecarTuning {
+    /// OpenAI origin (without `/v1`).
+    #[arg(
+        long,
+        env = "SPENDGUARD_OPENAI_BASE_URL",
+        default_value = "https://api.openai.com"
+    )]
+    pub openai_base_url: String,
+    /// Anthropic origin.
+    #[arg(
+        long,
+        env = "SPENDGUARD_ANTHROPIC_BASE_URL",
+        default_value = "https://api.anthropic.com"
+    )]
+    pub anthropic_base_url: String,
+    /// File holding an OpenAI key that replaces the app's own (default: pass the app's through).
+    #[arg(long, env = "SPENDGUARD_OPENAI_API_KEY_FILE")]
+    pub openai_api_key_file: Option<PathBuf>,
+    /// File holding an Anthropic key that replaces the app's own.
+    #[arg(long, env = "SPENDGUARD_ANTHROPIC_API_KEY_FILE")]
+    pub anthropic_api_key_file: Option<PathBuf>,
+    /// Time allowed until upstream response headers, and between stream chunks.
+    #[arg(
+        long,
+        env = "SPENDGUARD_UPSTREAM_TIMEOUT_MS",
+        default_value_t = 600_000
+    )]
+    pub upstream_timeout_ms: u64,
+    /// Largest request body accepted by the proxy.
+    #[arg(long, env = "SPENDGUARD_MAX_BODY_BYTES", default_value_t = 4 << 20)]
+    pub max_body_bytes: usize,
+    /// How long a reservation lives on the ledger: must cover the longest call.
+    #[arg(long, env = "SPENDGUARD_RESERVATION_TTL_MS", default_value_t = 900_000)]
+    pub reservation_ttl_ms: u64,
+    /// Fencing lease length.
+    #[arg(long, env = "SPENDGUARD_LEASE_TTL_MS", default_value_t = 15_000)]
+    pub lease_ttl_ms: u64,
+    /// How long renewals may fail before new decisions are refused.
+    #[arg(long, env = "SPENDGUARD_LEASE_GRACE_MS", default_value_t = 9_000)]
+    pub lease_grace_ms: u64,
+    /// Margin subtracted from the lease's local validity.
+    #[arg(
+        long,
+        env = "SPENDGUARD_LEASE_SAFETY_MARGIN_MS",
+        default_value_t = 1_000
+    )]
+    pub lease_safety_margin_ms: u64,
+    /// How long shutdown waits for in-flight calls and their settlements.
+    #[arg(long, env = "SPENDGUARD_SHUTDOWN_GRACE_MS", default_value_t = 30_000)]
+    pub shutdown_grace_ms: u64,
+}
+
+/// A running sidecar.
+pub struct RunningSidecar {
+    /// Proxy and HTTP decision API.
+    pub http_addr: SocketAddr,
+    /// gRPC decision API.
+    pub grpc_addr: SocketAddr,
+    /// The lease (readiness, tests).
+    pub lease: Lease,
+    /// The decider (tests inspect open reservations).
+    pub decider: Arc<Decider>,
+    stop: watch::Sender<bool>,
+    servers: Vec<JoinHandle<()>>,
+    lease_task: JoinHandle<()>,
+    settlements: TaskTracker,
+    grace: Duration,
+}
+
+impl RunningSidecar {
+    /// Readiness: a valid fencing lease.
+    pub fn readiness(&self) -> Readiness {
+        let lease = self.lease.clone();
+        Arc::new(move || {
+            let state = lease.state();
+            Box::pin(async move {
+                match state {
+                    LeaseState::Held { .. } => Ok(()),
+                    other => Err(format!("no valid fencing lease ({other:?})")),
+                }
+            })
+        })
+    }
+
+    /// Drains: new decisions are refused at once, in-flight calls finish and settle (within the
+    /// grace period), then the servers stop.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.lease_task.await;
+        let drain = async {
+            for server in self.servers {
+                let _ = server.await;
+            }
+            self.settlements.close();
+            self.settlements.wait().await;
+        };
+        if tokio::time::timeout(self.grace, drain).await.is_err() {
+            warn!(
+                open = self.decider.open_reservations(),
+                "shutdown grace elapsed with calls in flight; the ledger's TTL sweep releases them"
+            );
+        }
+    }
+}
+
+/// Loads the bundle, connects to the ledger, starts the lease keeper, and serves on the given
+/// listeners once the lease is held.
+///
+/// # Errors
+/// [`SidecarError`] for an invalid bundle, configuration or ledger URL.
+pub async fn start(
+    args: &SidecarArgs,
+    http_listener: TcpListener,
+    grpc_listener: TcpListener,
+    registry: &mut Registry,
+) -> Result<RunningSidecar, SidecarError> {
+    let loaded = bundle::load(&args.bundle_dir)?;
+    let tuning = &args.tuning;
+    spendguard_core::ids::check_name("workload_instance_id", &args.workload_instance_id)
+        .map_err(|e| SidecarError::invalid("workload_instance_id", e.to_string()))?;
+    let identity = Identity {
+        scope_id: format!("{}/{}", loaded.tenant_id, args.workload_instance_id),
+        tenant_id: loaded.tenant_id.clone(),
+        budget_ids: loaded.budget_ids.clone(),
+    };
+    let channel = tonic::transport::Endpoint::from_shared(args.ledger_url.clone())
+        .map_err(|e| SidecarError::invalid("ledger_url", e.to_string()))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .connect_lazy();
+    let ledger = spendguard_proto::ledger::v1::ledger_client::LedgerClient::new(channel);
+    let (keeper, lease) = LeaseKeeper::new(
+        ledger.clone(),
+        LeaseConfig {
+            scope_id: identity.scope_id.clone(),
+            tenant_id: identity.tenant_id.clone(),
+            workload_instance_id: args.workload_instance_id.clone(),
+            ttl: Duration::from_millis(tuning.lease_ttl_ms),
+            grace: Duration::from_millis(tuning.lease_grace_ms),
+            safety_margin: Duration::from_millis(tuning.lease_safety_margin_ms),
+        },
+    )
+    .map_err(|e| SidecarError::invalid("lease", e.to_string()))?;
+    let (stop, stopped) = watch::channel(false);
+    let lease_task = tokio::spawn(keeper.run(wait_true(stopped.clone())));
+
+    let reservation_ttl = Duration::from_millis(tuning.reservation_ttl_ms);
+    let decider = Arc::new(Decider::new(
+        ledger,
+        lease.clone(),
+        Arc::new(loaded.bundle),
+        identity,
+        reservation_ttl,
+    ));
+    let metrics = Metrics::register(registry);
+    let upstream = Upstream::new(UpstreamConfig {
+        openai_base_url: tuning.openai_base_url.clone(),
+        anthropic_base_url: tuning.anthropic_base_url.clone(),
+        openai_api_key: read_key(tuning.openai_api_key_file.as_ref())?,
+        anthropic_api_key: read_key(tuning.anthropic_api_key_file.as_ref())?,
+        timeout: Duration::from_millis(tuning.upstream_timeout_ms),
+    })?;
+    let settlements = TaskTracker::new();
+    let proxy = proxy::Proxy {
+        decider: decider.clone(),
+        upstream,
+        body_limit_bytes: tuning.max_body_bytes,
+        settlements: settlements.clone(),
+        metrics: metrics.clone(),
+    };
+    let router = proxy::routes(proxy).merge(api::http::routes(decider.clone(), metrics));
+    let http_addr = local_addr(&http_listener)?;
+    let grpc_addr = local_addr(&grpc_listener)?;
+
+    // Serve only once the lease is held: before that every decision would fail closed anyway.
+    let mut first_lease = lease.clone();
+    let serving = async move {
+        first_lease
+            .wait_for(|s| !matches!(s, LeaseState::Acquiring))
+            .await;
+    };
+    let gate = tokio::spawn(serving);
+    let http_stopped = stopped.clone();
+    let http = tokio::spawn(async move {
+        let _ = gate.await;
+        let served = axum::serve(http_listener, router)
+            .with_graceful_shutdown(wait_true(http_stopped))
+            .await;
+        if let Err(e) = served {
+            warn!(error = %e, "http server failed");
+        }
+    });
+    let grpc_service = api::grpc::SidecarService::new(decider.clone());
+    let grpc_stopped = stopped.clone();
+    let grpc = tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+        let served = tonic::transport::Server::builder()
+            .add_service(grpc_service)
+            .serve_with_incoming_shutdown(incoming, wait_true(grpc_stopped))
+            .await;
+        if let Err(e) = served {
+            warn!(error = %e, "grpc server failed");
+        }
+    });
+    let forget = {
+        let decider = decider.clone();
+        let mut stopped = stopped;
+        // Calls older than their reservation's TTL are settled or expired on the ledger.
+        let age = reservation_ttl + Duration::from_secs(300);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stopped.wait_for(|s| *s) => return,
+                    () = tokio::time::sleep(Duration::from_secs(60)) => {}
+                }
+                decider.forget_older_than(age);
+            }
+        })
+    };
+    info!(%http_addr, %grpc_addr, bundle_sha256 = %decider.bundle().sha256_hex,
+          contract_version = %decider.bundle().contract.version, "sidecar starting");
+    Ok(RunningSidecar {
+        http_addr,
+        grpc_addr,
+        lease,
+        decider,
+        stop,
+        servers: vec![http, grpc, forget],
+        lease_task,
+        settlements,
+        grace: Duration::from_millis(tuning.shutdown_grace_ms),
+    })
+}
+
+async fn wait_true(mut receiver: watch::Receiver<bool>) {
+    let _ = receiver.wait_for(|stop| *stop).await;
+}
+
+fn local_addr(listener: &TcpListener) -> Result<SocketAddr, SidecarError> {
+    listener
+        .local_addr()
+        .map_err(|e| SidecarError::Internal(e.to_string()))
+}
+
+fn read_key(path: Option<&PathBuf>) -> Result<Option<String>, SidecarError> {
+    path.map(|p| {
+        std::fs::read_to_string(p)
+            .map(|k| k.trim().to_owned())
+            // The path is named; the content never is.
+            .map_err(|e| SidecarError::invalid("api_key_file", format!("{}: {e}", p.display())))
+    })
+    .transpose()
+}
+
+impl SidecarArgs {
+    /// Runs `spendguard sidecar` until SIGTERM/SIGINT, then drains.
+    ///
+    /// # Errors
+    /// Startup failures (bundle, configuration, bind).
+    pub async fn run(self) -> anyhow::Result<()> {
+        self.common.init_tracing()?;
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))
+        };
+        let http = bind(self.listen_addr).await?;
+        let grpc = bind(self.grpc_listen_addr).await?;
+        let mut registry = Registry::default();
+        let sidecar = start(&self, http, grpc, &mut registry)
+            .await
+            .map_err(|e| anyhow::anyhow!("{}: {e}", e.code()))?;
+        let admin = AdminServer::bind(self.common.admin_addr, registry, sidecar.readiness())
+            .await
+            .map_err(|e| anyhow::anyhow!("binding admin {}: {e}", self.common.admin_addr))?;
+        let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+        let admin_task = tokio::spawn(admin.serve(async move {
+            let _ = admin_stopped.await;
+        }));
+        spendguard_platform::shutdown::signalled().await;
+        sidecar.shutdown().await;
+        let _ = admin_stop.send(());
+        let _ = admin_task.await;
+        info!("sidecar stopped");
+        Ok(())
+    }
+}

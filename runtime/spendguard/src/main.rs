@@ -19,6 +19,8 @@ struct Cli {
 enum Component {
     /// Serve the ledger gRPC API.
     Ledger(Box<LedgerArgs>),
+    /// Run the sidecar: decision API and OpenAI/Anthropic-compatible proxy.
+    Sidecar(Box<spendguard_sidecar::SidecarArgs>),
     /// Run the Kubernetes operator (so far: the Budget controller).
     Operator(Box<spendguard_operator::OperatorArgs>),
     /// Apply database migrations and exit.
@@ -40,6 +42,7 @@ fn main() -> anyhow::Result<()> {
                 .run()
                 .await
                 .map_err(|e| anyhow::anyhow!("{}: {e}", e.code().as_str())),
+            Component::Sidecar(args) => args.run().await,
             Component::Operator(args) => args.run().await.map_err(|e| anyhow::anyhow!("{e}")),
             Component::Migrate { database_url } => {
                 let store = spendguard_ledger::store::Store::connect(&database_url, 1).await?;

@@ -48,7 +48,20 @@ impl TestLedger {
     /// # Errors
     /// When the server cannot start.
     pub async fn start_on(database_url: &str, instance_id: &str) -> Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_at(database_url, instance_id, "127.0.0.1:0".parse()?).await
+    }
+
+    /// Starts a ledger on an existing database at `addr` (a restart on the address clients
+    /// already use).
+    ///
+    /// # Errors
+    /// When the server cannot start or bind.
+    pub async fn start_at(
+        database_url: &str,
+        instance_id: &str,
+        addr: std::net::SocketAddr,
+    ) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
         let mut registry = prometheus_client::registry::Registry::default();
         let ledger = spendguard_ledger::start(
             database_url,

@@ -1,0 +1,778 @@
+//! Decisions and their settlement.
+//!
+//! ```text
+//! decide: contract ─► worst case ─► lease epoch ─► ledger ReserveSet ─► CONTINUE
+//!            │                          │                 ├─ denied ─► STOP (BUDGET_EXHAUSTED)
+//!            └─ STOP (reason)           │                 └─ soft cap crossed ─► release ─► REQUIRE_APPROVAL
+//!                                       └─ unavailable ─► 503 (fail closed) | CONTINUE fail_open (S22)
+//! settle: commit(usage priced at the decision's snapshot) | release(reason), exactly once
+//! ```
+//!
+//! The ledger is the authority over money; this table of the sidecar's own calls exists so a
+//! settlement is priced with the provider and model that were decided, and so retries of a decide,
+//! commit or release get the original answer (`replayed`) instead of a second effect.
+
+use crate::error::SidecarError;
+use crate::lease::Lease;
+use serde::Serialize;
+use spendguard_core::contract::{
+    BudgetAfterReserve, Bundle, Call, FailPolicy, ReasonCode, evaluate_balances, evaluate_call,
+};
+use spendguard_core::money::NanoUsd;
+use spendguard_core::pricing::{PricingError, Provider, TokenUsage};
+use spendguard_proto::ledger::error_code;
+use spendguard_proto::ledger::v1 as pb;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+use tracing::warn;
+
+type LedgerClient = pb::ledger_client::LedgerClient<Channel>;
+
+/// Longest call id.
+pub const CALL_ID_LEN_MAX: usize = 128;
+
+/// Who this sidecar reserves for.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// Tenant.
+    pub tenant_id: String,
+    /// Budgets every call reserves against (in this order).
+    pub budget_ids: Vec<String>,
+    /// Fencing scope (tenant + workload instance).
+    pub scope_id: String,
+}
+
+/// What a decision is asked about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecideInput {
+    /// Caller-chosen idempotency key.
+    pub call_id: String,
+    /// Provider.
+    pub provider: Provider,
+    /// Model as requested.
+    pub model: String,
+    /// An input token count that cannot undercount.
+    pub input_tokens_upper_bound: u64,
+    /// The call's output-token limit, if it set one.
+    pub max_output_tokens: Option<u32>,
+    /// The run whose per-run budget applies.
+    pub run_id: Option<String>,
+    /// Workflow, for the audit trail.
+    pub workflow_id: Option<String>,
+}
+
+/// The three outcomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Verdict {
+    /// Go ahead within the reservation.
+    Continue,
+    /// Refused.
+    Stop,
+    /// A human must approve first.
+    RequireApproval,
+}
+
+impl Verdict {
+    /// The stable string form.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Continue => "CONTINUE",
+            Self::Stop => "STOP",
+            Self::RequireApproval => "REQUIRE_APPROVAL",
+        }
+    }
+}
+
+/// A decision, as the decision API and the proxy report it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    /// Outcome.
+    pub decision: Verdict,
+    /// Stable reason code.
+    pub reason: &'static str,
+    /// Human detail.
+    pub detail: String,
+    /// The call.
+    pub call_id: String,
+    /// The ledger reservation (CONTINUE, unless fail-open).
+    pub reservation_id: Option<String>,
+    /// Amount reserved.
+    pub reserved_nano_usd: i64,
+    /// Output-token limit the call must respect (CONTINUE).
+    pub max_output_tokens: Option<u32>,
+    /// Budget that stopped the call or crossed its soft cap.
+    pub budget_id: Option<String>,
+    /// Approval to wait for (REQUIRE_APPROVAL, once approvals exist).
+    pub approval_id: Option<String>,
+    /// Contract version that decided.
+    pub contract_version: String,
+    /// Pricing snapshot version.
+    pub pricing_version: String,
+    /// Pricing snapshot hash.
+    pub pricing_sha256: String,
+    /// Bundle hash.
+    pub bundle_sha256: String,
+    /// CONTINUE without a reservation: ledger unreachable under an explicit fail-open policy.
+    pub fail_open: bool,
+    /// Answers a retry.
+    pub replayed: bool,
+}
+
+/// The result of a commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Committed {
+    /// Usage priced at the decision's snapshot.
+    pub actual_nano_usd: i64,
+    /// Part covered by the reservation.
+    pub committed_nano_usd: i64,
+    /// Part of the reservation returned.
+    pub released_nano_usd: i64,
+    /// Part above the reservation (flagged overrun).
+    pub overrun_nano_usd: i64,
+    /// Answers a retry.
+    pub replayed: bool,
+}
+
+/// The result of a release.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Released {
+    /// Amount returned to the budgets.
+    pub released_nano_usd: i64,
+    /// Answers a retry.
+    pub replayed: bool,
+}
+
+/// What a settlement spends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spend {
+    /// Provider-reported usage.
+    Usage(TokenUsage),
+    /// The provider may have billed but reported nothing (a stream cut short): the whole
+    /// reservation is committed, since it is the only amount that cannot undercount.
+    Unreported,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settlement {
+    Committed(Committed),
+    Released(Released),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Fingerprint {
+    provider: Provider,
+    model: String,
+    input_tokens_upper_bound: u64,
+    max_output_tokens: Option<u32>,
+    run_id: Option<String>,
+    workflow_id: Option<String>,
+}
+
+#[derive(Debug)]
+struct CallEntry {
+    fingerprint: Fingerprint,
+    decision: Decision,
+    settlement: Option<Settlement>,
+    decided_at: Instant,
+}
+
+/// Decides and settles calls for one tenant and workload.
+pub struct Decider {
+    ledger: LedgerClient,
+    lease: Lease,
+    bundle: Arc<Bundle>,
+    identity: Identity,
+    reservation_ttl: Duration,
+    calls: Mutex<HashMap<String, CallEntry>>,
+    run_budgets: Mutex<HashSet<String>>,
+}
+
+impl Decider {
+    /// Creates a decider.
+    pub fn new(
+        ledger: LedgerClient,
+        lease: Lease,
+        bundle: Arc<Bundle>,
+        identity: Identity,
+        reservation_ttl: Duration,
+    ) -> Self {
+        Self {
+            ledger,
+            lease,
+            bundle,
+            identity,
+            reservation_ttl,
+            calls: Mutex::new(HashMap::new()),
+            run_budgets: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// The loaded bundle.
+    pub fn bundle(&self) -> &Bundle {
+        &self.bundle
+    }
+
+    /// The fencing lease.
+    pub fn lease(&self) -> &Lease {
+        &self.lease
+    }
+
+    /// Decides `input`: STOP and REQUIRE_APPROVAL reserve nothing; CONTINUE holds a reservation
+    /// (or is marked fail-open). A retry with the same call id and fields returns the original
+    /// decision with `replayed`.
+    ///
+    /// # Errors
+    /// [`SidecarError`] when the input is malformed, the call id was used with other fields, or
+    /// the ledger or lease is unavailable under a fail-closed contract.
+    pub async fn decide(&self, input: DecideInput) -> Result<Decision, SidecarError> {
+        check_call_id(&input.call_id)?;
+        if let Some(run_id) = &input.run_id {
+            spendguard_core::ids::check_name("run_id", run_id)
+                .map_err(|e| SidecarError::invalid("run_id", e.to_string()))?;
+        }
+        if input.max_output_tokens == Some(0) {
+            return Err(SidecarError::invalid(
+                "max_output_tokens",
+                "must be at least 1",
+            ));
+        }
+        let fingerprint = Fingerprint {
+            provider: input.provider,
+            model: input.model.clone(),
+            input_tokens_upper_bound: input.input_tokens_upper_bound,
+            max_output_tokens: input.max_output_tokens,
+            run_id: input.run_id.clone(),
+            workflow_id: input.workflow_id.clone(),
+        };
+        if let Some(replay) = self.replay(&input.call_id, &fingerprint)? {
+            return Ok(replay);
+        }
+        let decision = self.decide_fresh(&input).await?;
+        Ok(self.record(&input.call_id, fingerprint, decision))
+    }
+
+    fn replay(
+        &self,
+        call_id: &str,
+        fingerprint: &Fingerprint,
+    ) -> Result<Option<Decision>, SidecarError> {
+        let calls = lock(&self.calls);
+        let Some(entry) = calls.get(call_id) else {
+            return Ok(None);
+        };
+        if &entry.fingerprint != fingerprint {
+            return Err(SidecarError::IdempotencyConflict(call_id.to_owned()));
+        }
+        let mut decision = entry.decision.clone();
+        decision.replayed = true;
+        Ok(Some(decision))
+    }
+
+    /// Stores a fresh decision; a concurrent decide of the same call id that finished first wins,
+    /// and this one is answered as its replay (the ledger made both the same reservation).
+    fn record(&self, call_id: &str, fingerprint: Fingerprint, decision: Decision) -> Decision {
+        let mut calls = lock(&self.calls);
+        if let Some(existing) = calls.get(call_id) {
+            let mut replay = existing.decision.clone();
+            replay.replayed = true;
+            return replay;
+        }
+        calls.insert(
+            call_id.to_owned(),
+            CallEntry {
+                fingerprint,
+                decision: decision.clone(),
+                settlement: None,
+                decided_at: Instant::now(),
+            },
+        );
+        decision
+    }
+
+    async fn decide_fresh(&self, input: &DecideInput) -> Result<Decision, SidecarError> {
+        let contract = &self.bundle.contract;
+        let call = Call {
+            provider: input.provider,
+            model: input.model.clone(),
+            input_tokens_upper_bound: input.input_tokens_upper_bound,
+            max_output_tokens: input.max_output_tokens,
+        };
+        let planned = match evaluate_call(contract, &self.bundle.pricing, &call) {
+            Ok(planned) => planned,
+            Err(stop) => {
+                return Ok(self.decision(input, Verdict::Stop, stop.reason.as_str(), stop.detail));
+            }
+        };
+        let epoch = match self.lease.epoch_for_decision() {
+            Ok(epoch) => epoch,
+            Err(e) => return Err(SidecarError::LeaseUnavailable(e.to_string())),
+        };
+        let mut budget_ids = self.identity.budget_ids.clone();
+        if let (Some(run_id), Some(limit)) = (&input.run_id, contract.per_run_limit_nano_usd) {
+            let run_budget = format!("runs/{run_id}");
+            if let Err(e) = self.ensure_run_budget(&run_budget, limit).await {
+                return self.unavailable(input, planned.max_output_tokens, e);
+            }
+            budget_ids.push(run_budget);
+        }
+        let request = pb::ReserveSetRequest {
+            tenant_id: self.identity.tenant_id.clone(),
+            idempotency_key: input.call_id.clone(),
+            budget_ids,
+            amount_nano_usd: planned.reserve.get(),
+            fencing: Some(self.fencing(epoch)),
+            ttl_ms: u32::try_from(self.reservation_ttl.as_millis()).unwrap_or(u32::MAX),
+            pricing: Some(pb::PricingRef {
+                version: self.bundle.pricing.version().to_owned(),
+                sha256_hex: self.bundle.pricing.sha256_hex().to_owned(),
+            }),
+            context: Some(pb::DecisionContext {
+                run_id: input.run_id.clone().unwrap_or_default(),
+                workflow_id: input.workflow_id.clone().unwrap_or_default(),
+                call_id: input.call_id.clone(),
+                provider: input.provider.as_str().to_owned(),
+                model: input.model.clone(),
+                contract_version: contract.version.clone(),
+            }),
+        };
+        let response = match self.ledger.clone().reserve_set(request).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                let error = ledger_error(&status);
+                return self.unavailable(input, planned.max_output_tokens, error);
+            }
+        };
+        let replayed = response.replayed;
+        let mut decision = match response.outcome {
+            Some(pb::reserve_set_response::Outcome::Denied(denied)) => {
+                let mut decision = self.decision(
+                    input,
+                    Verdict::Stop,
+                    ReasonCode::BudgetExhausted.as_str(),
+                    format!(
+                        "budget {} has {} nano-USD left; the call's worst case is {}",
+                        denied.budget_id,
+                        denied.remaining_nano_usd,
+                        planned.reserve.get()
+                    ),
+                );
+                decision.budget_id = Some(denied.budget_id);
+                decision
+            }
+            Some(pb::reserve_set_response::Outcome::Reserved(reserved)) => {
+                let after: Vec<BudgetAfterReserve> =
+                    reserved.balances.iter().map(budget_after).collect();
+                let (reason, crossed) = evaluate_balances(contract, &after);
+                if reason == ReasonCode::SoftCapReached {
+                    // Approval comes before any spend: the reservation goes back at once.
+                    self.release_reservation(&reserved.reservation_id, "approval_required")
+                        .await?;
+                    let mut decision = self.decision(
+                        input,
+                        Verdict::RequireApproval,
+                        reason.as_str(),
+                        "the call would take a budget past its soft cap".to_owned(),
+                    );
+                    decision.budget_id = crossed;
+                    decision
+                } else {
+                    let mut decision =
+                        self.decision(input, Verdict::Continue, reason.as_str(), String::new());
+                    decision.reservation_id = Some(reserved.reservation_id);
+                    decision.reserved_nano_usd = reserved.amount_nano_usd;
+                    decision.max_output_tokens = Some(planned.max_output_tokens);
+                    decision
+                }
+            }
+            None => return Err(SidecarError::Internal("ledger sent no outcome".into())),
+        };
+        decision.replayed = replayed;
+        Ok(decision)
+    }
+
+    /// The ledger could not answer: fail closed, unless the contract is explicitly fail-open and
+    /// the ledger is merely unreachable (never for fencing or configuration errors).
+    fn unavailable(
+        &self,
+        input: &DecideInput,
+        max_output_tokens: u32,
+        error: SidecarError,
+    ) -> Result<Decision, SidecarError> {
+        let open = self.bundle.contract.fail_policy == FailPolicy::Open
+            && matches!(error, SidecarError::DependencyUnavailable(_));
+        if !open {
+            return Err(error);
+        }
+        warn!(call_id = %input.call_id, model = %input.model, error = %error,
+              "ledger unavailable; fail-open contract lets the call through (evidence marked fail_open)");
+        let mut decision = self.decision(
+            input,
+            Verdict::Continue,
+            "FAIL_OPEN",
+            format!("ledger unavailable ({error}); contract fail policy is open"),
+        );
+        decision.fail_open = true;
+        decision.max_output_tokens = Some(max_output_tokens);
+        Ok(decision)
+    }
+
+    fn decision(
+        &self,
+        input: &DecideInput,
+        verdict: Verdict,
+        reason: &'static str,
+        detail: String,
+    ) -> Decision {
+        Decision {
+            decision: verdict,
+            reason,
+            detail,
+            call_id: input.call_id.clone(),
+            reservation_id: None,
+            reserved_nano_usd: 0,
+            max_output_tokens: None,
+            budget_id: None,
+            approval_id: None,
+            contract_version: self.bundle.contract.version.clone(),
+            pricing_version: self.bundle.pricing.version().to_owned(),
+            pricing_sha256: self.bundle.pricing.sha256_hex().to_owned(),
+            bundle_sha256: self.bundle.sha256_hex.clone(),
+            fail_open: false,
+            replayed: false,
+        }
+    }
+
+    async fn ensure_run_budget(&self, budget_id: &str, limit: NanoUsd) -> Result<(), SidecarError> {
+        if lock(&self.run_budgets).contains(budget_id) {
+            return Ok(());
+        }
+        self.ledger
+            .clone()
+            .upsert_budget(pb::UpsertBudgetRequest {
+                tenant_id: self.identity.tenant_id.clone(),
+                budget_id: budget_id.to_owned(),
+                limit_nano_usd: limit.get(),
+                soft_cap_nano_usd: 0,
+                window: pb::BudgetWindow::Lifetime.into(),
+            })
+            .await
+            .map_err(|status| ledger_error(&status))?;
+        lock(&self.run_budgets).insert(budget_id.to_owned());
+        Ok(())
+    }
+
+    /// Commits `spend` for a CONTINUE decision, priced at the decision's frozen snapshot.
+    /// A retry after success returns the original amounts with `replayed`.
+    ///
+    /// # Errors
+    /// [`SidecarError`] when the call is unknown, holds no reservation, was released or expired,
+    /// or the ledger is unavailable (retry later; the reservation's TTL bounds the wait).
+    pub async fn commit(&self, call_id: &str, spend: Spend) -> Result<Committed, SidecarError> {
+        let (decision, settled) = self.open_call(call_id)?;
+        let actual = self.price(&decision, call_id, spend)?;
+        match settled {
+            Some(Settlement::Committed(c)) if c.actual_nano_usd == actual.get() => {
+                return Ok(Committed {
+                    replayed: true,
+                    ..c
+                });
+            }
+            Some(_) => return Err(SidecarError::CallAlreadyResolved(call_id.to_owned())),
+            None => {}
+        }
+        if decision.fail_open {
+            warn!(
+                call_id,
+                actual_nano_usd = actual.get(),
+                "fail-open call settled without a reservation (evidence marked fail_open)"
+            );
+            let committed = Committed {
+                actual_nano_usd: actual.get(),
+                committed_nano_usd: 0,
+                released_nano_usd: 0,
+                overrun_nano_usd: actual.get(),
+                replayed: false,
+            };
+            return Ok(self.settle(call_id, Settlement::Committed(committed)));
+        }
+        let reservation_id = decision
+            .reservation_id
+            .ok_or_else(|| SidecarError::NoReservation(call_id.to_owned()))?;
+        let epoch = self
+            .lease
+            .epoch_for_settlement()
+            .map_err(|e| SidecarError::LeaseUnavailable(e.to_string()))?;
+        let response = self
+            .ledger
+            .clone()
+            .commit(pb::CommitRequest {
+                tenant_id: self.identity.tenant_id.clone(),
+                reservation_id,
+                actual_nano_usd: actual.get(),
+                fencing: Some(self.fencing(epoch)),
+            })
+            .await
+            .map_err(|status| settle_error(call_id, &status))?
+            .into_inner();
+        let committed = Committed {
+            actual_nano_usd: actual.get(),
+            committed_nano_usd: response.committed_nano_usd,
+            released_nano_usd: response.released_nano_usd,
+            overrun_nano_usd: response.overrun_nano_usd,
+            replayed: false,
+        };
+        Ok(self.settle(call_id, Settlement::Committed(committed)))
+    }
+
+    /// Releases a CONTINUE decision's reservation. A retry returns the original amount with
+    /// `replayed`.
+    ///
+    /// # Errors
+    /// As [`Decider::commit`].
+    pub async fn release(&self, call_id: &str, reason: &str) -> Result<Released, SidecarError> {
+        spendguard_core::ids::check_text("reason", reason, 64)
+            .map_err(|e| SidecarError::invalid("reason", e.to_string()))?;
+        let (decision, settled) = self.open_call(call_id)?;
+        match settled {
+            Some(Settlement::Released(r)) => {
+                return Ok(Released {
+                    replayed: true,
+                    ..r
+                });
+            }
+            Some(Settlement::Committed(_)) => {
+                return Err(SidecarError::CallAlreadyResolved(call_id.to_owned()));
+            }
+            None => {}
+        }
+        if decision.fail_open {
+            let released = Released {
+                released_nano_usd: 0,
+                replayed: false,
+            };
+            return Ok(self.settle(call_id, Settlement::Released(released)));
+        }
+        let reservation_id = decision
+            .reservation_id
+            .ok_or_else(|| SidecarError::NoReservation(call_id.to_owned()))?;
+        let released_nano_usd = self.release_reservation(&reservation_id, reason).await?;
+        let released = Released {
+            released_nano_usd,
+            replayed: false,
+        };
+        Ok(self.settle(call_id, Settlement::Released(released)))
+    }
+
+    async fn release_reservation(
+        &self,
+        reservation_id: &str,
+        reason: &str,
+    ) -> Result<i64, SidecarError> {
+        let epoch = self
+            .lease
+            .epoch_for_settlement()
+            .map_err(|e| SidecarError::LeaseUnavailable(e.to_string()))?;
+        let response = self
+            .ledger
+            .clone()
+            .release(pb::ReleaseRequest {
+                tenant_id: self.identity.tenant_id.clone(),
+                reservation_id: reservation_id.to_owned(),
+                fencing: Some(self.fencing(epoch)),
+                reason: reason.to_owned(),
+            })
+            .await
+            .map_err(|status| settle_error(reservation_id, &status))?;
+        Ok(response.into_inner().released_nano_usd)
+    }
+
+    fn open_call(&self, call_id: &str) -> Result<(Decision, Option<Settlement>), SidecarError> {
+        check_call_id(call_id)?;
+        let calls = lock(&self.calls);
+        let entry = calls
+            .get(call_id)
+            .ok_or_else(|| SidecarError::CallNotFound(call_id.to_owned()))?;
+        if entry.decision.decision != Verdict::Continue {
+            return Err(SidecarError::NoReservation(call_id.to_owned()));
+        }
+        Ok((entry.decision.clone(), entry.settlement))
+    }
+
+    fn settle<T>(&self, call_id: &str, settlement: Settlement) -> T
+    where
+        T: From<Settlement>,
+    {
+        let mut calls = lock(&self.calls);
+        let stored = match calls.get_mut(call_id) {
+            Some(entry) => *entry.settlement.get_or_insert(settlement),
+            None => settlement,
+        };
+        T::from(stored)
+    }
+
+    fn price(
+        &self,
+        decision: &Decision,
+        call_id: &str,
+        spend: Spend,
+    ) -> Result<NanoUsd, SidecarError> {
+        let reserved = NanoUsd::new(decision.reserved_nano_usd)
+            .map_err(|e| SidecarError::Internal(e.to_string()))?;
+        let usage = match spend {
+            Spend::Usage(usage) => usage,
+            Spend::Unreported => return Ok(reserved),
+        };
+        let entry_model = {
+            let calls = lock(&self.calls);
+            calls
+                .get(call_id)
+                .map(|e| (e.fingerprint.provider, e.fingerprint.model.clone()))
+        };
+        let (provider, model) =
+            entry_model.ok_or_else(|| SidecarError::CallNotFound(call_id.to_owned()))?;
+        match self.bundle.pricing.price(provider, &model) {
+            Ok(price) => usage
+                .cost(price)
+                .map_err(|e| SidecarError::UsageInvalid(e.to_string())),
+            // Admitted under an explicit ceiling: the ceiling is what it costs.
+            Err(PricingError::UnknownModel { .. }) => Ok(reserved),
+            Err(e) => Err(SidecarError::Internal(e.to_string())),
+        }
+    }
+
+    fn fencing(&self, epoch: u64) -> pb::FencingToken {
+        pb::FencingToken {
+            scope_id: self.identity.scope_id.clone(),
+            epoch,
+        }
+    }
+
+    /// Forgets calls decided more than `age` ago (their reservations expired on the ledger by
+    /// then). Returns how many were dropped.
+    pub fn forget_older_than(&self, age: Duration) -> usize {
+        let mut calls = lock(&self.calls);
+        let before = calls.len();
+        let now = Instant::now();
+        calls.retain(|_, entry| now.duration_since(entry.decided_at) < age);
+        before - calls.len()
+    }
+
+    /// Calls holding a reservation that is not settled yet.
+    pub fn open_reservations(&self) -> usize {
+        lock(&self.calls)
+            .values()
+            .filter(|e| e.decision.reservation_id.is_some() && e.settlement.is_none())
+            .count()
+    }
+
+    /// How long a reservation lives on the ledger.
+    pub fn reservation_ttl(&self) -> Duration {
+        self.reservation_ttl
+    }
+}
+
+impl From<Settlement> for Committed {
+    fn from(s: Settlement) -> Self {
+        match s {
+            Settlement::Committed(c) => c,
+            Settlement::Released(r) => Self {
+                actual_nano_usd: 0,
+                committed_nano_usd: 0,
+                released_nano_usd: r.released_nano_usd,
+                overrun_nano_usd: 0,
+                replayed: true,
+            },
+        }
+    }
+}
+
+impl From<Settlement> for Released {
+    fn from(s: Settlement) -> Self {
+        match s {
+            Settlement::Released(r) => r,
+            Settlement::Committed(c) => Self {
+                released_nano_usd: c.released_nano_usd,
+                replayed: true,
+            },
+        }
+    }
+}
+
+fn budget_after(balance: &pb::BudgetBalance) -> BudgetAfterReserve {
+    let used = balance
+        .committed_nano_usd
+        .saturating_add(balance.reserved_nano_usd)
+        .saturating_add(balance.overrun_nano_usd);
+    BudgetAfterReserve {
+        budget_id: balance.budget_id.clone(),
+        soft_cap: (balance.soft_cap_nano_usd > 0)
+            .then(|| NanoUsd::new(balance.soft_cap_nano_usd).ok())
+            .flatten(),
+        used_and_reserved: NanoUsd::new(used).unwrap_or(NanoUsd::ZERO),
+    }
+}
+
+/// Checks a call id: 1 to 128 of `[A-Za-z0-9._:-]`.
+///
+/// # Errors
+/// [`SidecarError::InvalidArgument`] naming `call_id`.
+pub fn check_call_id(call_id: &str) -> Result<(), SidecarError> {
+    let ok = !call_id.is_empty()
+        && call_id.len() <= CALL_ID_LEN_MAX
+        && call_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-_:".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(SidecarError::invalid(
+            "call_id",
+            "must be 1 to 128 of A-Z a-z 0-9 . _ : -",
+        ))
+    }
+}
+
+/// Maps a failed ledger RPC of a decision.
+fn ledger_error(status: &tonic::Status) -> SidecarError {
+    use pb::ErrorCode as C;
+    let message = status.message().to_owned();
+    match error_code(status) {
+        Some(C::FencingEpochStale | C::FencingLeaseHeld | C::FencingLeaseExpired)
+        | Some(C::FencingScopeNotFound | C::FencingEpochMissing) => {
+            SidecarError::LeaseUnavailable(message)
+        }
+        Some(C::IdempotencyConflict) => SidecarError::IdempotencyConflict(message),
+        Some(C::TenantNotFound | C::BudgetNotFound | C::BudgetInvalid) => {
+            SidecarError::Misconfigured(message)
+        }
+        Some(C::Overloaded | C::DependencyUnavailable | C::ShuttingDown) => {
+            SidecarError::DependencyUnavailable(message)
+        }
+        Some(_) => SidecarError::Internal(message),
+        // No ErrorDetail: a transport failure (connection refused, timeout).
+        None => SidecarError::DependencyUnavailable(format!("{:?}: {message}", status.code())),
+    }
+}
+
+/// Maps a failed ledger RPC of a settlement.
+fn settle_error(call_id: &str, status: &tonic::Status) -> SidecarError {
+    use pb::ErrorCode as C;
+    match error_code(status) {
+        Some(C::ReservationExpired) => SidecarError::ReservationExpired(call_id.to_owned()),
+        Some(C::ReservationAlreadyResolved) => {
+            SidecarError::CallAlreadyResolved(call_id.to_owned())
+        }
+        _ => ledger_error(status),
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding the lock leaves plain data intact; keep serving.
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}

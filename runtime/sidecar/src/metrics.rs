@@ -1,0 +1,82 @@
+//! The sidecar's Prometheus metrics. Labels are decisions, reason codes and error codes only:
+//! tenants, runs and call ids belong in spans.
+
+use crate::decider::Verdict;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    decision: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabels {
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SettlementLabels {
+    outcome: &'static str,
+}
+
+/// Sidecar metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    decisions: Family<DecisionLabels, Counter>,
+    errors: Family<CodeLabels, Counter>,
+    settlements: Family<SettlementLabels, Counter>,
+}
+
+impl Metrics {
+    /// Registers every metric under the `spendguard_sidecar` prefix.
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            decisions: Family::default(),
+            errors: Family::default(),
+            settlements: Family::default(),
+        };
+        let registry = registry.sub_registry_with_prefix("spendguard_sidecar");
+        registry.register(
+            "decisions",
+            "Decisions by outcome and reason code",
+            metrics.decisions.clone(),
+        );
+        registry.register(
+            "errors",
+            "Requests refused without a decision, by stable code",
+            metrics.errors.clone(),
+        );
+        registry.register(
+            "settlements",
+            "Proxy settlements by outcome (commit, release, failed)",
+            metrics.settlements.clone(),
+        );
+        metrics
+    }
+
+    /// Counts a decision.
+    pub fn decision(&self, verdict: Verdict, reason: &'static str) {
+        self.decisions
+            .get_or_create(&DecisionLabels {
+                decision: verdict.as_str(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// Counts a refusal without a decision.
+    pub fn proxy_error(&self, code: &'static str) {
+        self.errors.get_or_create(&CodeLabels { code }).inc();
+    }
+
+    /// Counts a settlement.
+    pub fn settlement(&self, outcome: &'static str) {
+        self.settlements
+            .get_or_create(&SettlementLabels { outcome })
+            .inc();
+    }
+}

@@ -1,0 +1,399 @@
+//! The OpenAI/Anthropic-compatible proxy: decide, forward with the output limit enforced, pass
+//! the response through (streams chunk by chunk), then settle exactly once.
+//!
+//! Settlement, whatever happens:
+//! - the provider reported usage ─► commit it (the rest of the reservation is released);
+//! - the provider answered with an error status, or could not be reached ─► release;
+//! - the stream was cut short or the client went away after the request was sent ─► commit the
+//!   whole reservation (the provider may have billed; nothing smaller is safe). Provider usage
+//!   reconciliation (S10–S12) refines these later.
+//!
+//! Settlements run in the background (they only lower what the reservation already holds) and
+//! are retried while the ledger is unreachable, within the reservation's TTL.
+
+pub mod refusal;
+pub mod request;
+pub mod upstream;
+pub mod usage;
+
+use crate::decider::{DecideInput, Decider, Spend, Verdict};
+use crate::error::SidecarError;
+use crate::metrics::Metrics;
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use http_body_util::BodyExt;
+use hyper::body::Body as _;
+use hyper::body::Incoming;
+use refusal::{CALL_ID_HEADER, DECISION_HEADER, RESERVATION_HEADER, set_header};
+use request::{Api, ProviderRequest};
+use std::future::Future as _;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::{Instant, Sleep};
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+use upstream::Upstream;
+use usage::StreamUsage;
+
+/// Largest upstream response body read whole (non-streaming).
+const RESPONSE_BODY_MAX: usize = 64 << 20;
+
+/// What the proxy needs.
+#[derive(Clone)]
+pub struct Proxy {
+    /// Decisions.
+    pub decider: Arc<Decider>,
+    /// Upstream client.
+    pub upstream: Upstream,
+    /// Largest accepted request body.
+    pub body_limit_bytes: usize,
+    /// Background settlements (shutdown waits for them).
+    pub settlements: TaskTracker,
+    /// Metrics.
+    pub metrics: Metrics,
+}
+
+/// The provider-compatible routes.
+pub fn routes(proxy: Proxy) -> Router {
+    Router::new()
+        .route(Api::OpenAiChat.path(), post(openai_chat))
+        .route(Api::OpenAiResponses.path(), post(openai_responses))
+        .route(Api::AnthropicMessages.path(), post(anthropic_messages))
+        .with_state(proxy)
+}
+
+async fn openai_chat(
+    State(proxy): State<Proxy>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    proxy.handle(Api::OpenAiChat, query, headers, body).await
+}
+
+async fn openai_responses(
+    State(proxy): State<Proxy>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    proxy
+        .handle(Api::OpenAiResponses, query, headers, body)
+        .await
+}
+
+async fn anthropic_messages(
+    State(proxy): State<Proxy>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    proxy
+        .handle(Api::AnthropicMessages, query, headers, body)
+        .await
+}
+
+fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned)
+}
+
+impl Proxy {
+    async fn handle(
+        &self,
+        api: Api,
+        query: Option<String>,
+        headers: HeaderMap,
+        body: Body,
+    ) -> Response {
+        match self.guarded(api, query, headers, body).await {
+            Ok(response) => response,
+            Err(error) => {
+                self.metrics.proxy_error(error.code());
+                refusal::error(api, &error)
+            }
+        }
+    }
+
+    async fn guarded(
+        &self,
+        api: Api,
+        query: Option<String>,
+        headers: HeaderMap,
+        body: Body,
+    ) -> Result<Response, SidecarError> {
+        let bytes = axum::body::to_bytes(body, self.body_limit_bytes)
+            .await
+            .map_err(|_| SidecarError::RequestTooLarge {
+                limit_bytes: self.body_limit_bytes,
+            })?;
+        let request = ProviderRequest::parse(api, &bytes)?;
+        let call_id = match header_text(&headers, CALL_ID_HEADER) {
+            Some(id) => id,
+            None => uuid::Uuid::new_v4().to_string(),
+        };
+        let decision = self
+            .decider
+            .decide(DecideInput {
+                call_id: call_id.clone(),
+                provider: api.provider(),
+                model: request.model.clone(),
+                input_tokens_upper_bound: request.input_tokens_upper_bound,
+                max_output_tokens: request.max_output_tokens,
+                run_id: header_text(&headers, "x-spendguard-run-id"),
+                workflow_id: header_text(&headers, "x-spendguard-workflow-id"),
+            })
+            .await?;
+        self.metrics.decision(decision.decision, decision.reason);
+        if decision.replayed {
+            // The proxy forwards a call id once: a retry must not spend twice.
+            return Err(SidecarError::CallIdReused(call_id));
+        }
+        if decision.decision != Verdict::Continue {
+            return Ok(refusal::decision(api, &decision));
+        }
+        let settlement = Settlement {
+            proxy: self.clone(),
+            call_id: call_id.clone(),
+            armed: true,
+        };
+        let max_output_tokens = decision
+            .max_output_tokens
+            .ok_or_else(|| SidecarError::Internal("CONTINUE without an output limit".into()))?;
+        let upstream_body = match request.into_upstream_body(max_output_tokens) {
+            Ok(body) => body,
+            Err(e) => {
+                settlement.finish(Outcome::Release("guard_error"));
+                return Err(e);
+            }
+        };
+        let response = match self
+            .upstream
+            .send(api, query.as_deref(), &headers, upstream_body)
+            .await
+        {
+            Ok(response) => response,
+            Err(e) => {
+                settlement.finish(Outcome::Release("upstream_unavailable"));
+                return Err(e);
+            }
+        };
+        let status = response.status();
+        let (parts, upstream_body) = response.into_parts();
+        let mut out_headers = upstream::response_headers(&parts.headers);
+        let is_stream = parts
+            .headers
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let body = if status.is_success() && is_stream {
+            Body::from_stream(MeteredStream {
+                inner: upstream_body,
+                watcher: StreamUsage::new(api),
+                settlement: Some(settlement),
+                idle: Box::pin(tokio::time::sleep(self.upstream.timeout())),
+                idle_timeout: self.upstream.timeout(),
+            })
+        } else {
+            let read = tokio::time::timeout(
+                self.upstream.timeout(),
+                http_body_util::Limited::new(upstream_body, RESPONSE_BODY_MAX).collect(),
+            )
+            .await;
+            let bytes = match read {
+                Ok(Ok(collected)) => collected.to_bytes(),
+                _ => {
+                    let outcome = if status.is_success() {
+                        Outcome::Commit(Spend::Unreported)
+                    } else {
+                        Outcome::Release("upstream_error")
+                    };
+                    settlement.finish(outcome);
+                    return Err(SidecarError::UpstreamUnavailable(
+                        "response body could not be read".into(),
+                    ));
+                }
+            };
+            settlement.finish(settle_body(api, status, &bytes));
+            out_headers.remove(axum::http::header::CONTENT_LENGTH);
+            Body::from(bytes)
+        };
+        let mut response = (status, out_headers, body).into_response();
+        set_header(&mut response, DECISION_HEADER, decision.decision.as_str());
+        set_header(&mut response, CALL_ID_HEADER, &call_id);
+        if let Some(reservation) = &decision.reservation_id {
+            set_header(&mut response, RESERVATION_HEADER, reservation);
+        }
+        Ok(response)
+    }
+}
+
+/// Settlement of a whole (non-streaming) response.
+fn settle_body(api: Api, status: StatusCode, body: &Bytes) -> Outcome {
+    if !status.is_success() {
+        // Providers do not bill requests they refused or failed.
+        return Outcome::Release("upstream_error");
+    }
+    match usage::from_body(api, body) {
+        Some(Ok(usage)) => Outcome::Commit(Spend::Usage(usage)),
+        Some(Err(e)) => {
+            warn!(error = %e, "upstream usage did not parse; committing the reservation");
+            Outcome::Commit(Spend::Unreported)
+        }
+        None => Outcome::Commit(Spend::Unreported),
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Outcome {
+    Commit(Spend),
+    Release(&'static str),
+}
+
+/// Resolves a forwarded call exactly once. Dropped unfinished (the client went away while the
+/// request was in flight): commits the whole reservation.
+struct Settlement {
+    proxy: Proxy,
+    call_id: String,
+    armed: bool,
+}
+
+impl Settlement {
+    fn finish(mut self, outcome: Outcome) {
+        self.armed = false;
+        self.spawn(outcome);
+    }
+
+    fn spawn(&self, outcome: Outcome) {
+        let decider = self.proxy.decider.clone();
+        let metrics = self.proxy.metrics.clone();
+        let call_id = self.call_id.clone();
+        self.proxy
+            .settlements
+            .spawn(settle_with_retries(decider, metrics, call_id, outcome));
+    }
+}
+
+impl Drop for Settlement {
+    fn drop(&mut self) {
+        if self.armed {
+            self.spawn(Outcome::Commit(Spend::Unreported));
+        }
+    }
+}
+
+async fn settle_with_retries(
+    decider: Arc<Decider>,
+    metrics: Metrics,
+    call_id: String,
+    outcome: Outcome,
+) {
+    let deadline = Instant::now() + decider.reservation_ttl();
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let result = match outcome {
+            Outcome::Commit(spend) => decider.commit(&call_id, spend).await.map(|_| "commit"),
+            Outcome::Release(reason) => decider.release(&call_id, reason).await.map(|_| "release"),
+        };
+        match result {
+            Ok(kind) => {
+                metrics.settlement(kind);
+                debug!(call_id, kind, "settled");
+                return;
+            }
+            Err(
+                e @ (SidecarError::DependencyUnavailable(_) | SidecarError::LeaseUnavailable(_)),
+            ) if Instant::now() + backoff < deadline => {
+                debug!(call_id, error = %e, "settlement retry");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => {
+                metrics.settlement("failed");
+                warn!(call_id, code = e.code(), error = %e,
+                      "settlement failed; the ledger's TTL sweep releases the reservation");
+                return;
+            }
+        }
+    }
+}
+
+/// Passes an upstream SSE body through chunk by chunk while watching for usage; settles when
+/// the stream ends, fails, idles past the timeout, or is dropped (client disconnect).
+struct MeteredStream {
+    inner: Incoming,
+    watcher: StreamUsage,
+    settlement: Option<Settlement>,
+    idle: Pin<Box<Sleep>>,
+    idle_timeout: Duration,
+}
+
+impl MeteredStream {
+    fn settle(&mut self) {
+        if let Some(settlement) = self.settlement.take() {
+            let spend = match self.watcher.usage() {
+                Some(Ok(usage)) if self.watcher.is_complete() => Spend::Usage(usage),
+                _ => Spend::Unreported,
+            };
+            settlement.finish(Outcome::Commit(spend));
+        }
+    }
+}
+
+impl futures_core::Stream for MeteredStream {
+    type Item = Result<Bytes, SidecarError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.settlement.is_none() {
+            return Poll::Ready(None);
+        }
+        loop {
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        this.watcher.feed(&data);
+                        let next = Instant::now() + this.idle_timeout;
+                        this.idle.as_mut().reset(next);
+                        return Poll::Ready(Some(Ok(data)));
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    this.settle();
+                    return Poll::Ready(Some(Err(SidecarError::UpstreamUnavailable(
+                        e.to_string(),
+                    ))));
+                }
+                Poll::Ready(None) => {
+                    this.settle();
+                    return Poll::Ready(None);
+                }
+                Poll::Pending => {
+                    if this.idle.as_mut().poll(cx).is_ready() {
+                        this.settle();
+                        return Poll::Ready(Some(Err(SidecarError::UpstreamUnavailable(
+                            "stream idle past the upstream timeout".into(),
+                        ))));
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for MeteredStream {
+    fn drop(&mut self) {
+        self.settle();
+    }
+}

@@ -1,0 +1,168 @@
+//! The upstream providers: one pooled HTTP client (HTTPS with the system's roots, or plain HTTP
+//! for local endpoints), base URLs and optional keys from configuration.
+//!
+//! The app's own credentials pass through unless a key is configured for the provider; neither
+//! is ever logged.
+
+use super::request::Api;
+use crate::error::SidecarError;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, Uri, header};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use std::time::Duration;
+
+type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Where each provider lives.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// OpenAI origin, e.g. `https://api.openai.com` (no `/v1`).
+    pub openai_base_url: String,
+    /// Anthropic origin, e.g. `https://api.anthropic.com`.
+    pub anthropic_base_url: String,
+    /// Replaces the app's `Authorization` for OpenAI when set.
+    pub openai_api_key: Option<String>,
+    /// Replaces the app's `x-api-key` for Anthropic when set.
+    pub anthropic_api_key: Option<String>,
+    /// Time allowed until response headers, and between stream chunks.
+    pub timeout: Duration,
+}
+
+/// The upstream client.
+#[derive(Clone)]
+pub struct Upstream {
+    client: HttpsClient,
+    config: std::sync::Arc<UpstreamConfig>,
+}
+
+/// Headers that belong to one hop, or that the guard owns.
+fn is_forwardable(name: &HeaderName) -> bool {
+    !matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+            | "content-length"
+            | "accept-encoding"
+    ) && !name.as_str().starts_with("x-spendguard-")
+}
+
+impl Upstream {
+    /// Builds the client.
+    ///
+    /// # Errors
+    /// [`SidecarError::Internal`] when the system's root certificates cannot be loaded, or a base
+    /// URL does not parse.
+    pub fn new(config: UpstreamConfig) -> Result<Self, SidecarError> {
+        for base in [&config.openai_base_url, &config.anthropic_base_url] {
+            base.parse::<Uri>()
+                .map_err(|e| SidecarError::Internal(format!("upstream base URL {base}: {e}")))?;
+        }
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_native_roots()
+            .map_err(|e| SidecarError::Internal(format!("root certificates: {e}")))?
+            .https_or_http()
+            .enable_http1()
+            .build();
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector);
+        Ok(Self {
+            client,
+            config: std::sync::Arc::new(config),
+        })
+    }
+
+    /// The configured timeout.
+    pub fn timeout(&self) -> Duration {
+        self.config.timeout
+    }
+
+    /// Sends `body` to the provider of `api`, with the client's headers (minus hop-by-hop ones)
+    /// and uncompressed responses (usage must be readable).
+    ///
+    /// # Errors
+    /// [`SidecarError::UpstreamUnavailable`] on connection failure or timeout.
+    pub async fn send(
+        &self,
+        api: Api,
+        query: Option<&str>,
+        client_headers: &HeaderMap,
+        body: Vec<u8>,
+    ) -> Result<hyper::Response<Incoming>, SidecarError> {
+        let base = match api {
+            Api::OpenAiChat | Api::OpenAiResponses => &self.config.openai_base_url,
+            Api::AnthropicMessages => &self.config.anthropic_base_url,
+        };
+        let mut uri = format!("{}{}", base.trim_end_matches('/'), api.path());
+        if let Some(query) = query {
+            uri.push('?');
+            uri.push_str(query);
+        }
+        let mut request = Request::post(uri)
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| SidecarError::Internal(e.to_string()))?;
+        let headers = request.headers_mut();
+        for (name, value) in client_headers {
+            if is_forwardable(name) {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        headers.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        match api {
+            Api::OpenAiChat | Api::OpenAiResponses => {
+                if let Some(key) = &self.config.openai_api_key {
+                    let value = HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
+                        SidecarError::Internal("OpenAI key is not a header value".into())
+                    })?;
+                    headers.insert(header::AUTHORIZATION, value);
+                }
+            }
+            Api::AnthropicMessages => {
+                if let Some(key) = &self.config.anthropic_api_key {
+                    let value = HeaderValue::from_str(key).map_err(|_| {
+                        SidecarError::Internal("Anthropic key is not a header value".into())
+                    })?;
+                    headers.insert("x-api-key", value);
+                }
+            }
+        }
+        match tokio::time::timeout(self.config.timeout, self.client.request(request)).await {
+            Ok(Ok(response)) => Ok(response),
+            // The error's Display never includes headers, so credentials cannot leak here.
+            Ok(Err(e)) => Err(SidecarError::UpstreamUnavailable(e.to_string())),
+            Err(_) => Err(SidecarError::UpstreamUnavailable(format!(
+                "no response within {:?}",
+                self.config.timeout
+            ))),
+        }
+    }
+}
+
+/// Response headers passed back to the client.
+pub fn response_headers(upstream: &HeaderMap) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for (name, value) in upstream {
+        if is_forwardable(name) && name != header::CONTENT_ENCODING {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    headers
+}

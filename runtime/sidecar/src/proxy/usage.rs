@@ -1,0 +1,244 @@
+//! Provider-reported usage, from a whole response body or watched in a server-sent event stream
+//! as it passes through (chunks are forwarded untouched; this only reads them).
+
+use super::request::Api;
+use serde_json::{Map, Value};
+use spendguard_core::pricing::{
+    AnthropicUsage, OpenAiChatUsage, OpenAiResponsesUsage, PricingError, TokenUsage,
+};
+
+/// Longest SSE line inspected; longer lines (large content deltas) cannot carry usage we need
+/// and are skipped without buffering them whole.
+const LINE_LEN_MAX: usize = 1 << 20;
+
+/// Usage from a non-streaming response body. `None` when the body has no `usage` object.
+pub fn from_body(api: Api, body: &[u8]) -> Option<Result<TokenUsage, PricingError>> {
+    let value: Value = serde_json::from_slice(body).ok()?;
+    let usage = value.get("usage")?.as_object()?;
+    Some(to_tokens(api, usage))
+}
+
+/// Converts a provider `usage` object.
+///
+/// # Errors
+/// [`PricingError`] when the object does not have the provider's shape or is inconsistent.
+pub fn to_tokens(api: Api, usage: &Map<String, Value>) -> Result<TokenUsage, PricingError> {
+    let value = Value::Object(usage.clone());
+    let malformed = |e: serde_json::Error| PricingError::Malformed(e.to_string());
+    match api {
+        Api::OpenAiChat => TokenUsage::from_openai_chat(
+            &serde_json::from_value::<OpenAiChatUsage>(value).map_err(malformed)?,
+        ),
+        Api::OpenAiResponses => TokenUsage::from_openai_responses(
+            &serde_json::from_value::<OpenAiResponsesUsage>(value).map_err(malformed)?,
+        ),
+        Api::AnthropicMessages => TokenUsage::from_anthropic(
+            &serde_json::from_value::<AnthropicUsage>(value).map_err(malformed)?,
+        ),
+    }
+}
+
+/// Watches an SSE stream for usage.
+///
+/// - OpenAI chat: the final chunk's `usage` (present because the guard sets
+///   `stream_options.include_usage`).
+/// - OpenAI responses: `response.usage` of the terminal `response.completed`,
+///   `response.incomplete` or `response.failed` event.
+/// - Anthropic: `message.usage` of `message_start`, updated by the cumulative `usage` of each
+///   `message_delta`.
+#[derive(Debug)]
+pub struct StreamUsage {
+    api: Api,
+    line: Vec<u8>,
+    skipping_long_line: bool,
+    usage: Option<Map<String, Value>>,
+    complete: bool,
+}
+
+impl StreamUsage {
+    /// A watcher for `api`.
+    pub fn new(api: Api) -> Self {
+        Self {
+            api,
+            line: Vec::new(),
+            skipping_long_line: false,
+            usage: None,
+            complete: false,
+        }
+    }
+
+    /// Feeds the next bytes of the stream.
+    pub fn feed(&mut self, mut bytes: &[u8]) {
+        while let Some(newline) = bytes.iter().position(|b| *b == b'\n') {
+            if !self.skipping_long_line {
+                self.line.extend_from_slice(&bytes[..newline]);
+                let line = std::mem::take(&mut self.line);
+                self.on_line(&line);
+            }
+            self.skipping_long_line = false;
+            bytes = &bytes[newline + 1..];
+        }
+        if !self.skipping_long_line {
+            self.line.extend_from_slice(bytes);
+            if self.line.len() > LINE_LEN_MAX {
+                self.line.clear();
+                self.skipping_long_line = true;
+            }
+        }
+    }
+
+    /// The usage seen so far, if any.
+    pub fn usage(&self) -> Option<Result<TokenUsage, PricingError>> {
+        self.usage.as_ref().map(|u| to_tokens(self.api, u))
+    }
+
+    /// Whether the stream reported its final usage (the terminal event was seen).
+    pub fn is_complete(&self) -> bool {
+        self.complete
+    }
+
+    fn on_line(&mut self, line: &[u8]) {
+        let Some(data) = line.strip_prefix(b"data:") else {
+            return;
+        };
+        let data = data.trim_ascii();
+        // Cheap filter: only events that can carry usage are parsed.
+        if data == b"[DONE]" || !contains(data, b"usage") {
+            return;
+        }
+        let Ok(Value::Object(event)) = serde_json::from_slice::<Value>(data) else {
+            return;
+        };
+        match self.api {
+            Api::OpenAiChat => {
+                if let Some(Value::Object(usage)) = event.get("usage") {
+                    self.usage = Some(usage.clone());
+                    self.complete = true;
+                }
+            }
+            Api::OpenAiResponses => {
+                let terminal = matches!(
+                    event.get("type").and_then(Value::as_str),
+                    Some("response.completed" | "response.incomplete" | "response.failed")
+                );
+                if let (true, Some(Value::Object(usage))) =
+                    (terminal, event.get("response").and_then(|r| r.get("usage")))
+                {
+                    self.usage = Some(usage.clone());
+                    self.complete = true;
+                }
+            }
+            Api::AnthropicMessages => match event.get("type").and_then(Value::as_str) {
+                Some("message_start") => {
+                    if let Some(Value::Object(usage)) =
+                        event.get("message").and_then(|m| m.get("usage"))
+                    {
+                        self.usage = Some(usage.clone());
+                    }
+                }
+                Some("message_delta") => {
+                    if let (Some(base), Some(Value::Object(delta))) =
+                        (self.usage.as_mut(), event.get("usage"))
+                    {
+                        for (key, value) in delta {
+                            if !value.is_null() {
+                                base.insert(key.clone(), value.clone());
+                            }
+                        }
+                        self.complete = true;
+                    }
+                }
+                _ => {}
+            },
+        }
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openai_chat_stream_usage_split_across_chunks() {
+        let stream = concat!(
+            "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":5,",
+            "\"prompt_tokens_details\":{\"cached_tokens\":4}}}\n\n",
+            "data: [DONE]\n\n"
+        );
+        let mut watcher = StreamUsage::new(Api::OpenAiChat);
+        for chunk in stream.as_bytes().chunks(7) {
+            watcher.feed(chunk);
+        }
+        let usage = watcher.usage().unwrap().unwrap();
+        assert_eq!(usage.uncached_input, 8);
+        assert_eq!(usage.cached_input, 4);
+        assert_eq!(usage.output, 5);
+        assert!(watcher.is_complete());
+    }
+
+    #[test]
+    fn anthropic_stream_merges_start_and_delta() {
+        let stream = concat!(
+            "event: message_start\r\n",
+            "data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":20,\"cache_read_input_tokens\":3,\"output_tokens\":1}}}\r\n\r\n",
+            "event: message_delta\n",
+            "data: {\"type\":\"message_delta\",\"delta\":{},\"usage\":{\"output_tokens\":42}}\n\n",
+        );
+        let mut watcher = StreamUsage::new(Api::AnthropicMessages);
+        watcher.feed(stream.as_bytes());
+        let usage = watcher.usage().unwrap().unwrap();
+        assert_eq!(usage.uncached_input, 20);
+        assert_eq!(usage.cached_input, 3);
+        assert_eq!(usage.output, 42);
+        assert!(watcher.is_complete());
+    }
+
+    #[test]
+    fn anthropic_stream_cut_after_start_is_partial() {
+        let mut watcher = StreamUsage::new(Api::AnthropicMessages);
+        watcher.feed(b"data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":20,\"output_tokens\":1}}}\n");
+        assert!(!watcher.is_complete());
+        assert_eq!(watcher.usage().unwrap().unwrap().uncached_input, 20);
+    }
+
+    #[test]
+    fn responses_terminal_event_only() {
+        let mut watcher = StreamUsage::new(Api::OpenAiResponses);
+        watcher.feed(b"data: {\"type\":\"response.created\",\"response\":{\"usage\":null}}\n");
+        assert!(watcher.usage().is_none());
+        watcher.feed(b"data: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":9,\"output_tokens\":4,\"output_tokens_details\":{\"reasoning_tokens\":2}}}}\n");
+        let usage = watcher.usage().unwrap().unwrap();
+        assert_eq!(
+            (usage.uncached_input, usage.output, usage.reasoning),
+            (9, 2, 2)
+        );
+    }
+
+    #[test]
+    fn long_lines_are_skipped_not_buffered() {
+        let mut watcher = StreamUsage::new(Api::OpenAiChat);
+        watcher.feed(b"data: ");
+        watcher.feed(&vec![b'x'; LINE_LEN_MAX + 10]);
+        assert!(watcher.line.is_empty());
+        watcher.feed(b"tail\ndata: {\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1}}\n");
+        assert!(watcher.usage().is_some());
+    }
+
+    #[test]
+    fn body_usage() {
+        let usage = from_body(
+            Api::AnthropicMessages,
+            br#"{"type":"message","usage":{"input_tokens":5,"output_tokens":6}}"#,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((usage.uncached_input, usage.output), (5, 6));
+        assert!(from_body(Api::OpenAiChat, br#"{"id":"x"}"#).is_none());
+    }
+}

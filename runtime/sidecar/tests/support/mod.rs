@@ -1,0 +1,265 @@
+//! A whole data path for tests: a real ledger on throwaway PostgreSQL, the mock provider, and
+//! the sidecar in-process, plus a small HTTP client.
+#![allow(dead_code, clippy::unwrap_used, unreachable_pub)]
+
+use bytes::Bytes;
+use clap::Parser;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+use spendguard_core::contract::{Bundle, Contract};
+use spendguard_core::pricing::PricingSnapshot;
+use spendguard_mock_provider::{MockConfig, MockProvider};
+use spendguard_proto::ledger::v1 as pb;
+use spendguard_sidecar::{RunningSidecar, SidecarArgs};
+use spendguard_testkit::TestLedger;
+use std::time::Duration;
+
+pub const TENANT: &str = "acme";
+pub const BUDGET: &str = "team/llm";
+pub const WORKLOAD: &str = "agent-0";
+
+/// $0.15 / $0.60 per million tokens (gpt-4o-mini-like) and $3 / $15 (Claude Sonnet-like).
+pub fn pricing() -> PricingSnapshot {
+    serde_json::from_value(json!({
+        "version": "test-2026-11",
+        "entries": [
+            {"provider": "openai", "model": "gpt-4o-mini",
+             "price": {"input": 150_000_000, "cached_input": 75_000_000, "cache_write": 150_000_000, "output": 600_000_000}},
+            {"provider": "anthropic", "model": "claude-sonnet-4-5",
+             "price": {"input": 3_000_000_000_i64, "cached_input": 300_000_000, "cache_write": 3_750_000_000_i64,
+                       "cache_write_1h": 6_000_000_000_i64, "output": 15_000_000_000_i64}}
+        ]
+    }))
+    .unwrap()
+}
+
+pub fn contract(extra: Value) -> Contract {
+    let mut base = json!({"version": "test-contract", "deny_models": ["gpt-4-denied"], "max_output_tokens": 4096});
+    if let (Some(base), Value::Object(extra)) = (base.as_object_mut(), extra) {
+        base.extend(extra);
+    }
+    serde_json::from_value(base).unwrap()
+}
+
+pub struct Options {
+    pub limit: i64,
+    pub soft_cap: i64,
+    pub contract: Value,
+    pub mock: MockConfig,
+    pub flags: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            limit: 100_000_000_000,
+            soft_cap: 0,
+            contract: json!({}),
+            mock: MockConfig::default(),
+            flags: Vec::new(),
+        }
+    }
+}
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    args: SidecarArgs,
+}
+
+pub struct Stack {
+    pub ledger: TestLedger,
+    pub ledger_addr: std::net::SocketAddr,
+    pub mock: MockProvider,
+    pub mock_url: String,
+    pub sidecar: Option<RunningSidecar>,
+    pub base: String,
+    pub dir: tempfile::TempDir,
+    args: SidecarArgs,
+}
+
+impl Stack {
+    pub async fn start(options: Options) -> Self {
+        let mut ledger = TestLedger::start().await.unwrap();
+        let ledger_addr = ledger.ledger.as_ref().unwrap().addr;
+        ledger
+            .client
+            .upsert_tenant(pb::UpsertTenantRequest {
+                tenant_id: TENANT.into(),
+                display_name: TENANT.into(),
+            })
+            .await
+            .unwrap();
+        ledger
+            .client
+            .upsert_budget(pb::UpsertBudgetRequest {
+                tenant_id: TENANT.into(),
+                budget_id: BUDGET.into(),
+                limit_nano_usd: options.limit,
+                soft_cap_nano_usd: options.soft_cap,
+                window: pb::BudgetWindow::Lifetime.into(),
+            })
+            .await
+            .unwrap();
+        let mock = MockProvider::new(options.mock);
+        let mock_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mock_addr = mock_listener.local_addr().unwrap();
+        mock.spawn(mock_listener);
+
+        let dir = tempfile::tempdir().unwrap();
+        let (bytes, sha) = Bundle::canonical(&contract(options.contract), &pricing()).unwrap();
+        spendguard_sidecar::bundle::write(dir.path(), &bytes, &sha, TENANT, &[BUDGET]).unwrap();
+        let mut argv: Vec<String> = vec![
+            "sidecar".into(),
+            format!("--ledger-url=http://{ledger_addr}"),
+            format!("--bundle-dir={}", dir.path().display()),
+            format!("--workload-instance-id={WORKLOAD}"),
+            format!("--openai-base-url=http://{mock_addr}"),
+            format!("--anthropic-base-url=http://{mock_addr}"),
+            "--lease-ttl-ms=3000".into(),
+            "--lease-grace-ms=1500".into(),
+            "--lease-safety-margin-ms=200".into(),
+            "--upstream-timeout-ms=5000".into(),
+            "--shutdown-grace-ms=5000".into(),
+        ];
+        argv.extend(options.flags);
+        let args = Cli::parse_from(argv).args;
+        let mut stack = Self {
+            ledger,
+            ledger_addr,
+            mock,
+            mock_url: format!("http://{mock_addr}"),
+            sidecar: None,
+            base: String::new(),
+            dir,
+            args,
+        };
+        stack.start_sidecar().await;
+        stack
+    }
+
+    /// Starts (or restarts) the sidecar and waits until it holds its lease.
+    pub async fn start_sidecar(&mut self) {
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut registry = prometheus_client::registry::Registry::default();
+        let sidecar = spendguard_sidecar::start(&self.args, http, grpc, &mut registry)
+            .await
+            .unwrap();
+        let mut lease = sidecar.lease.clone();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            lease.wait_for(|s| matches!(s, spendguard_sidecar::lease::LeaseState::Held { .. })),
+        )
+        .await
+        .expect("sidecar acquires its lease");
+        self.base = format!("http://{}", sidecar.http_addr);
+        self.sidecar = Some(sidecar);
+    }
+
+    pub async fn stop_sidecar(&mut self) {
+        if let Some(sidecar) = self.sidecar.take() {
+            sidecar.shutdown().await;
+        }
+    }
+
+    pub fn sidecar(&self) -> &RunningSidecar {
+        self.sidecar.as_ref().unwrap()
+    }
+
+    pub async fn balance(&mut self) -> pb::BudgetBalance {
+        self.ledger
+            .client
+            .get_balances(pb::GetBalancesRequest {
+                tenant_id: TENANT.into(),
+                budget_ids: vec![BUDGET.into()],
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .balances
+            .remove(0)
+    }
+
+    /// Waits until no reservation of this sidecar is open, then returns the balance.
+    pub async fn settled_balance(&mut self) -> pb::BudgetBalance {
+        for _ in 0..200 {
+            let balance = self.balance().await;
+            if balance.reserved_nano_usd == 0 {
+                return balance;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("reservations still open: {:?}", self.balance().await);
+    }
+
+    pub fn upstream_requests(&self) -> Vec<Value> {
+        self.mock.requests()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub fn request(url: &str, headers: &[(&str, &str)], body: Vec<u8>) -> hyper::Request<Full<Bytes>> {
+    let mut builder = hyper::Request::post(url).header("content-type", "application/json");
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
+    }
+    builder.body(Full::new(Bytes::from(body))).unwrap()
+}
+
+/// POSTs and reads the whole response.
+pub async fn post(url: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
+    let response = client()
+        .request(request(url, headers, body.to_vec()))
+        .await
+        .unwrap();
+    let (parts, body) = response.into_parts();
+    Reply {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+    }
+}
+
+pub async fn post_json(url: &str, headers: &[(&str, &str)], body: &Value) -> Reply {
+    post(url, headers, &serde_json::to_vec(body).unwrap()).await
+}
+
+pub const OPENAI_KEY: (&str, &str) = ("authorization", "Bearer sk-app-test");
+pub const ANTHROPIC_KEY: (&str, &str) = ("x-api-key", "sk-ant-app-test");
+
+pub fn chat_body(model: &str, stream: bool) -> Value {
+    json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "Say hello in one word."}]})
+}
+
+pub fn messages_body(stream: bool) -> Value {
+    json!({"model": "claude-sonnet-4-5", "max_tokens": 256, "stream": stream,
+           "messages": [{"role": "user", "content": "Say hello."}]})
+}
