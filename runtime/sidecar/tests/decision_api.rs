@@ -1,0 +1,170 @@
+//! The decision API over gRPC and HTTP/JSON: decide, commit, release, replays and stable codes.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use serde_json::json;
+use spendguard_proto::sidecar::v1 as pb;
+use support::*;
+
+fn code(status: &tonic::Status) -> &str {
+    status
+        .metadata()
+        .get("spendguard-error-code")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+fn decide(call_id: &str, max_output_tokens: u32) -> pb::DecideRequest {
+    pb::DecideRequest {
+        call_id: call_id.into(),
+        provider: "openai".into(),
+        model: "gpt-4o-mini".into(),
+        input_tokens_upper_bound: 1_000,
+        max_output_tokens: Some(max_output_tokens),
+        run_id: String::new(),
+        workflow_id: "wf-1".into(),
+    }
+}
+
+#[tokio::test]
+async fn grpc_decide_commit_release_and_replays() {
+    let mut stack = Stack::start(Options::default()).await;
+    let addr = stack.sidecar().grpc_addr;
+    let mut client = pb::sidecar_client::SidecarClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+
+    let d = client
+        .decide(decide("g-1", 500))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.decision(), pb::Decision::Continue);
+    assert_eq!(d.reason, "WITHIN_BUDGET");
+    // 1000 input tokens at 150 + 500 output tokens at 600 nano-USD.
+    assert_eq!(d.reserved_nano_usd, 150_000 + 300_000);
+    assert_eq!(d.max_output_tokens, 500);
+    assert_eq!(d.contract_version, "test-contract");
+    assert_eq!(d.pricing_version, "test-2026-11");
+    assert_eq!(stack.balance().await.reserved_nano_usd, 450_000);
+
+    let again = client
+        .decide(decide("g-1", 500))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.replayed);
+    assert_eq!(again.reservation_id, d.reservation_id);
+    let conflict = client.decide(decide("g-1", 501)).await.unwrap_err();
+    assert_eq!(code(&conflict), "IDEMPOTENCY_CONFLICT");
+
+    let usage = r#"{"prompt_tokens": 800, "completion_tokens": 100, "prompt_tokens_details": {"cached_tokens": 200}}"#;
+    let commit = pb::CommitRequest {
+        call_id: "g-1".into(),
+        usage_format: "openai_chat".into(),
+        usage_json: usage.into(),
+    };
+    let c = client.commit(commit.clone()).await.unwrap().into_inner();
+    // 600 uncached at 150 + 200 cached at 75 + 100 output at 600.
+    assert_eq!(c.actual_nano_usd, 90_000 + 15_000 + 60_000);
+    assert_eq!(c.committed_nano_usd, 165_000);
+    assert_eq!(c.released_nano_usd, 450_000 - 165_000);
+    assert!(!c.replayed);
+    let replay = client.commit(commit).await.unwrap().into_inner();
+    assert!(replay.replayed);
+    assert_eq!(replay.committed_nano_usd, 165_000);
+    let late = client
+        .release(pb::ReleaseRequest {
+            call_id: "g-1".into(),
+            reason: "late".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(code(&late), "CALL_ALREADY_RESOLVED");
+    let balance = stack.balance().await;
+    assert_eq!(
+        (balance.reserved_nano_usd, balance.committed_nano_usd),
+        (0, 165_000)
+    );
+
+    client.decide(decide("g-2", 10)).await.unwrap();
+    let released = client
+        .release(pb::ReleaseRequest {
+            call_id: "g-2".into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(released.released_nano_usd, 150_000 + 6_000);
+
+    let unknown = client
+        .release(pb::ReleaseRequest {
+            call_id: "nope".into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+    assert_eq!(code(&unknown), "CALL_NOT_FOUND");
+    let mut bad = decide("g-3", 10);
+    bad.provider = "cohere".into();
+    let bad = client.decide(bad).await.unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    let bad_usage = client
+        .commit(pb::CommitRequest {
+            call_id: "g-2".into(),
+            usage_format: "openai_chat".into(),
+            usage_json: "{".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(code(&bad_usage), "USAGE_INVALID");
+}
+
+#[tokio::test]
+async fn http_errors_have_stable_codes_and_change_nothing() {
+    let mut stack = Stack::start(Options::default()).await;
+    let decide = stack.url("/v1/spendguard/decide");
+    let cases = [
+        (
+            json!({"call_id": "h 1", "provider": "openai", "model": "gpt-4o-mini", "input_tokens_upper_bound": 1}),
+            400,
+            "INVALID_ARGUMENT",
+        ),
+        (
+            json!({"call_id": "h-1", "provider": "openai", "model": "gpt-4o-mini", "input_tokens_upper_bound": 1, "max_output_tokens": -1}),
+            400,
+            "INVALID_ARGUMENT",
+        ),
+        (
+            json!({"call_id": "h-1", "provider": "openai", "model": "gpt-4o-mini", "input_tokens_upper_bound": -1}),
+            400,
+            "INVALID_JSON",
+        ),
+        (
+            json!({"call_id": "h-1", "provider": "openai", "model": "gpt-4o-mini", "input_tokens_upper_bound": 1, "extra": 1}),
+            400,
+            "INVALID_JSON",
+        ),
+    ];
+    for (body, status, code) in cases {
+        let reply = post_json(&decide, &[], &body).await;
+        assert_eq!(reply.status, status, "{body}");
+        assert_eq!(reply.json()["error"]["code"], code, "{body}");
+    }
+    let reply = post_json(
+        &stack.url("/v1/spendguard/commit"),
+        &[],
+        &json!({"call_id": "missing", "usage_format": "anthropic", "usage": {"input_tokens": 1, "output_tokens": 1}}),
+    )
+    .await;
+    assert_eq!(reply.status, 404);
+    assert_eq!(reply.json()["error"]["code"], "CALL_NOT_FOUND");
+    let balance = stack.balance().await;
+    assert_eq!(
+        (balance.reserved_nano_usd, balance.committed_nano_usd),
+        (0, 0)
+    );
+}

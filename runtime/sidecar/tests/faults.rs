@@ -1,0 +1,187 @@
+//! Faults on the data path: the ledger going away, the epoch forced forward, a restart, an
+//! explicit fail-open contract, and a drain on shutdown.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use serde_json::json;
+use spendguard_proto::ledger::v1 as pb;
+use spendguard_testkit::TestLedger;
+use std::time::Duration;
+use support::*;
+
+#[tokio::test]
+async fn ledger_down_fails_closed_and_in_flight_calls_settle_once_after_it_returns() {
+    let mut stack = Stack::start(Options::default()).await;
+    let chat = stack.url("/v1/chat/completions");
+    // A slow stream is in flight when the ledger goes away.
+    let in_flight = tokio::spawn({
+        let chat = chat.clone();
+        async move {
+            post_json(
+                &chat,
+                &[OPENAI_KEY, ("x-mock-chunk-delay-ms", "150")],
+                &chat_body("gpt-4o-mini", true),
+            )
+            .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let held = stack.balance().await.reserved_nano_usd;
+    assert!(held > 0);
+    let database_url = stack.ledger.database_url.clone();
+    stack.ledger.stop().await;
+
+    // New calls fail closed with the stable code; nothing reaches the provider.
+    let before = stack.upstream_requests().len();
+    let refused = post_json(&chat, &[OPENAI_KEY], &chat_body("gpt-4o-mini", false)).await;
+    assert_eq!(
+        refused.status,
+        503,
+        "{}",
+        String::from_utf8_lossy(&refused.body)
+    );
+    assert_eq!(refused.json()["error"]["code"], "DEPENDENCY_UNAVAILABLE");
+    assert_eq!(refused.json()["error"]["type"], "spendguard_unavailable");
+    assert_eq!(stack.upstream_requests().len(), before);
+
+    // The in-flight stream finishes for the client; its commit waits for the ledger.
+    let reply = in_flight.await.unwrap();
+    assert_eq!(reply.status, 200);
+    assert!(String::from_utf8_lossy(&reply.body).contains("[DONE]"));
+
+    stack.ledger = TestLedger::start_at(&database_url, "ledger-0", stack.ledger_addr)
+        .await
+        .unwrap();
+    let balance = stack.settled_balance().await;
+    // Exactly one commit of the reported usage (9 input + 16 output tokens).
+    assert_eq!(balance.committed_nano_usd, 10_950);
+    spendguard_testkit::invariants::check(stack.ledger.store().pool())
+        .await
+        .unwrap();
+    let commits: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM reservations WHERE tenant_id = $1 AND state = 'committed'",
+    )
+    .bind(TENANT)
+    .fetch_one(stack.ledger.store().pool())
+    .await
+    .unwrap();
+    assert_eq!(commits, 1);
+
+    // Once the lease is held again (readiness), new calls go through again.
+    let mut lease = stack.sidecar().lease.clone();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        lease.wait_for(|s| matches!(s, spendguard_sidecar::lease::LeaseState::Held { .. })),
+    )
+    .await
+    .unwrap();
+    let ok = post_json(&chat, &[OPENAI_KEY], &chat_body("gpt-4o-mini", false)).await;
+    assert_eq!(ok.status, 200);
+}
+
+#[tokio::test]
+async fn epoch_forced_forward_fails_the_next_decision_closed() {
+    let mut stack = Stack::start(Options::default()).await;
+    let chat = stack.url("/v1/chat/completions");
+    assert_eq!(
+        post_json(&chat, &[OPENAI_KEY], &chat_body("gpt-4o-mini", false))
+            .await
+            .status,
+        200
+    );
+    stack
+        .ledger
+        .client
+        .acquire_fencing_lease(pb::AcquireFencingLeaseRequest {
+            scope_id: format!("{TENANT}/{WORKLOAD}"),
+            tenant_id: TENANT.into(),
+            workload_instance_id: "admin".into(),
+            ttl_ms: 60_000,
+            expected_epoch: 0,
+            force: true,
+        })
+        .await
+        .unwrap();
+    let refused = post_json(&chat, &[OPENAI_KEY], &chat_body("gpt-4o-mini", false)).await;
+    assert_eq!(refused.status, 503);
+    assert_eq!(refused.json()["error"]["code"], "LEASE_UNAVAILABLE");
+    assert_eq!(stack.upstream_requests().len(), 1);
+}
+
+#[tokio::test]
+async fn a_restart_acquires_a_new_epoch_and_keeps_deciding() {
+    let mut stack = Stack::start(Options::default()).await;
+    let first = stack.sidecar().lease.epoch_for_decision().unwrap();
+    stack.stop_sidecar().await;
+    stack.start_sidecar().await;
+    let second = stack.sidecar().lease.epoch_for_decision().unwrap();
+    assert_eq!(second, first + 1, "a restart never reuses an epoch");
+    let ok = post_json(
+        &stack.url("/v1/chat/completions"),
+        &[OPENAI_KEY],
+        &chat_body("gpt-4o-mini", false),
+    )
+    .await;
+    assert_eq!(ok.status, 200);
+}
+
+#[tokio::test]
+async fn shutdown_drains_in_flight_streams_before_exiting() {
+    let mut stack = Stack::start(Options::default()).await;
+    let chat = stack.url("/v1/chat/completions");
+    let in_flight = tokio::spawn(async move {
+        post_json(
+            &chat,
+            &[OPENAI_KEY, ("x-mock-chunk-delay-ms", "100")],
+            &chat_body("gpt-4o-mini", true),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stack.stop_sidecar().await;
+    let reply = in_flight.await.unwrap();
+    assert_eq!(reply.status, 200);
+    assert!(String::from_utf8_lossy(&reply.body).contains("[DONE]"));
+    // Settled with the last epoch while draining.
+    let balance = stack.settled_balance().await;
+    assert_eq!(balance.committed_nano_usd, 10_950);
+}
+
+#[tokio::test]
+async fn an_explicit_fail_open_contract_lets_calls_through_marked_fail_open() {
+    let mut stack = Stack::start(Options {
+        contract: json!({"fail_policy": "open"}),
+        ..Options::default()
+    })
+    .await;
+    stack.ledger.stop().await;
+    let decide = post_json(
+        &stack.url("/v1/spendguard/decide"),
+        &[],
+        &json!({"call_id": "c-open", "provider": "openai", "model": "gpt-4o-mini",
+                "input_tokens_upper_bound": 100, "max_output_tokens": 10}),
+    )
+    .await;
+    assert_eq!(decide.status, 200);
+    let decision = decide.json();
+    assert_eq!(decision["decision"], "CONTINUE");
+    assert_eq!(decision["fail_open"], true);
+    assert_eq!(decision["reason"], "FAIL_OPEN");
+    assert!(decision["reservation_id"].is_null());
+    let proxied = post_json(
+        &stack.url("/v1/chat/completions"),
+        &[OPENAI_KEY],
+        &chat_body("gpt-4o-mini", false),
+    )
+    .await;
+    assert_eq!(proxied.status, 200);
+    // Never for a denied model: contract refusals do not depend on the ledger.
+    let denied = post_json(
+        &stack.url("/v1/chat/completions"),
+        &[OPENAI_KEY],
+        &chat_body("gpt-4-denied", false),
+    )
+    .await;
+    assert_eq!(denied.status, 402);
+}
