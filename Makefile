@@ -7,7 +7,7 @@ PG_BIN ?= /usr/lib/postgresql/15/bin
 export SPENDGUARD_PG_BIN ?= $(PG_BIN)
 CARGO ?= cargo
 
-.PHONY: deps control-plane test check fmt clippy bench demo demo-down
+.PHONY: deps control-plane sdk-venv moto-venv test check fmt clippy bench demo demo-down
 
 ## deps: install PostgreSQL 15 and protoc from Debian when missing.
 deps:
@@ -26,8 +26,9 @@ deps:
 control-plane:
 	bash e2e/build-control-plane.sh
 
-## test: every test (unit, integration on real PostgreSQL, crash drill, proto drift, real apiserver).
-test: deps control-plane
+## test: every test (unit, integration on real PostgreSQL, crash drill, proto drift, real apiserver,
+## the Python SDK with the real openai/anthropic/LangChain/Pydantic-AI clients).
+test: deps control-plane sdk-venv moto-venv
 	$(CARGO) test --workspace --locked --no-fail-fast
 
 ## check: formatting and lints, as CI runs them.
@@ -38,15 +39,26 @@ check:
 fmt:
 	$(CARGO) fmt --all
 
-## bench: ledger reserve+commit throughput and latency (prints figures; see docs/benchmarks.md).
+## bench: ledger and proxy benchmarks (print figures; see docs/benchmarks.md).
 bench: deps
-	$(CARGO) build --release --locked -p spendguard -p spendguard-bench
+	$(CARGO) build --release --locked -p spendguard -p spendguard-bench -p spendguard-mock-provider
 	$(CARGO_TARGET_DIR)/release/spendguard-bench ledger --spendguard-bin $(CARGO_TARGET_DIR)/release/spendguard $(BENCH_ARGS)
+	$(CARGO_TARGET_DIR)/release/spendguard-bench proxy --spendguard-bin $(CARGO_TARGET_DIR)/release/spendguard $(PROXY_BENCH_ARGS)
 
-## demo: start PostgreSQL and the ledger, run a small budget scenario, print balances, clean up.
-demo: deps control-plane
-	$(CARGO) build --release --locked -p spendguard -p spendguard-bench
+## sdk-venv: the Python SDK's test venv (cached in ~/.cache/spendguard/venv).
+sdk-venv:
+	bash sdk/python/scripts/venv.sh >/dev/null
+
+## moto-venv: moto's server mode, standing in for AWS KMS/S3 in tests (cached likewise).
+moto-venv:
+	bash runtime/evidence/tests/moto-venv.sh >/dev/null
+
+## demo: PostgreSQL, control plane, ledger, operator, mock provider and a sidecar; a small agent on
+## the real openai client runs until the hard cap says STOP; `kubectl get budgets` before and after.
+demo: deps control-plane sdk-venv
+	$(CARGO) build --release --locked -p spendguard -p spendguard-bench -p spendguard-mock-provider
 	$(CARGO_TARGET_DIR)/release/spendguard-bench demo --spendguard-bin $(CARGO_TARGET_DIR)/release/spendguard
 
 demo-down:
-	@pkill -f 'spendguard ledger' || true
+	@pkill -f 'spendguard (ledger|operator|sidecar)' || true
+	@pkill -f 'spendguard-mock-provider' || true

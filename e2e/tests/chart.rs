@@ -66,9 +66,31 @@ fn values_are_validated() {
         "--set",
         "leaderElection.mode=postgres",
     ]);
-    assert!(!ok && text.contains("not implemented yet"), "{text}");
+    assert!(!ok && text.contains("outside Kubernetes"), "{text}");
     let (ok, text) = helm(&["template", "sg", CHART, "--set", "leaderElection.mode=etcd"]);
     assert!(!ok && text.contains("mode"), "{text}");
+    // Webhooks: on by default with the sidecar image defaulting to the chart's image; off
+    // removes the configurations and tells the operator not to serve.
+    let (ok, text) = helm(&["template", "sg", CHART, "--namespace", "sg-system"]);
+    assert!(
+        ok && text.contains("kind: MutatingWebhookConfiguration")
+            && text.contains("values: [\"sg-system\"]")
+            && text.contains("value: \"ghcr.io/spendguard/spendguard:0.1.0\""),
+        "{text}"
+    );
+    let (ok, text) = helm(&["template", "sg", CHART, "--set", "webhook.enabled=false"]);
+    assert!(
+        ok && !text.contains("WebhookConfiguration") && text.contains("value: \"false\""),
+        "{text}"
+    );
+    let (ok, text) = helm(&[
+        "template",
+        "sg",
+        CHART,
+        "--set",
+        "webhook.injectionFailurePolicy=Maybe",
+    ]);
+    assert!(!ok && text.contains("injectionFailurePolicy"), "{text}");
 }
 
 #[test]
@@ -120,6 +142,10 @@ fn rendered_chart_passes_server_side_dry_run() {
         "deployment.apps/spendguard-ledger created (server dry run)",
         "deployment.apps/spendguard-operator created (server dry run)",
         "clusterrole.rbac.authorization.k8s.io/spendguard-operator created (server dry run)",
+        "service/spendguard-webhook created (server dry run)",
+        "mutatingwebhookconfiguration.admissionregistration.k8s.io/spendguard-injector created (server dry run)",
+        "validatingwebhookconfiguration.admissionregistration.k8s.io/spendguard-validator created (server dry run)",
+        "role.rbac.authorization.k8s.io/spendguard-operator-webhook created (server dry run)",
     ] {
         assert!(text.contains(object), "missing {object:?} in:\n{text}");
     }

@@ -7,11 +7,13 @@
 //!        └──── status (SSA, field manager "spendguard-operator") ◄──── balances ─────┘
 //! ```
 //!
-//! Built so far: the Budget, PricingVersion and ContractBundle controllers. Leader election, the other controllers, finalizers and
-//! the admission webhooks arrive with the rest of issue 4.
+//! Built so far: the Budget, PricingVersion and ContractBundle controllers under leader
+//! election, and the admission webhooks (`webhook`: sidecar injection and validation), which
+//! every replica serves. The other controllers and finalizers arrive with the rest of issue 4.
 
 pub mod controller;
 pub mod error;
+pub mod webhook;
 
 use clap::Args;
 use spendguard_platform::CommonArgs;
@@ -43,12 +45,16 @@ pub struct OperatorArgs {
     /// Leader election (S1).
     #[command(flatten)]
     pub leader: LeaderArgs,
+    /// Admission webhooks and sidecar injection.
+    #[command(flatten)]
+    pub webhook: webhook::WebhookArgs,
 }
 
 /// `SPENDGUARD_LEADER_*` settings.
 #[derive(Debug, Clone, Args)]
 pub struct LeaderArgs {
-    /// `k8s` (a coordination.k8s.io Lease) or `disabled` (exactly one replica only).
+    /// `k8s` (a coordination.k8s.io Lease), `postgres` (a row in `leader_leases`, for runs
+    /// outside Kubernetes) or `disabled` (exactly one replica only).
     #[arg(
         long = "leader-election-mode",
         env = "SPENDGUARD_LEADER_ELECTION_MODE",
@@ -90,6 +96,13 @@ pub struct LeaderArgs {
         default_value_t = 15_000
     )]
     pub ttl_ms: u64,
+    /// PostgreSQL URL of the lease table (mode `postgres` only).
+    #[arg(
+        long = "leader-database-url",
+        env = "SPENDGUARD_LEADER_DATABASE_URL",
+        hide_env_values = true
+    )]
+    pub database_url: Option<String>,
 }
 
 impl OperatorArgs {
@@ -103,32 +116,73 @@ impl OperatorArgs {
             common,
             ledger_addr,
             leader,
+            webhook,
         } = self;
         let mode = spendguard_leader::Mode::parse(&leader.mode)
             .map_err(|e| error::Error::Startup(e.to_string()))?;
+        let webhook_config = webhook
+            .config(&leader.namespace, &ledger_addr)
+            .map_err(|e| error::Error::Startup(format!("{}: {e}", e.code())))?;
         common
             .init_tracing()
             .map_err(|e| error::Error::Startup(e.to_string()))?;
         let kube = kube::Client::try_default()
             .await
             .map_err(error::Error::Kube)?;
-        let ledger = LedgerClient::connect(ledger_addr.clone())
-            .await
-            .map_err(|e| {
-                error::Error::Startup(format!("connecting to the ledger at {ledger_addr}: {e}"))
-            })?;
+        // Every replica serves the webhooks (they are stateless); only the leader reconciles.
+        let webhooks = match webhook_config {
+            Some(config) => {
+                let running = webhook::start(config, kube.clone())
+                    .await
+                    .map_err(|e| error::Error::Startup(format!("{}: {e}", e.code())))?;
+                Some(running.task)
+            }
+            None => None,
+        };
+        let serving = async {
+            match webhooks {
+                Some(task) => match task.await {
+                    Ok(Ok(())) => Err(error::Error::Startup("webhook server ended".into())),
+                    Ok(Err(e)) => Err(error::Error::Startup(format!("{}: {e}", e.code()))),
+                    Err(e) => Err(error::Error::Startup(format!("webhook server: {e}"))),
+                },
+                None => std::future::pending().await,
+            }
+        };
+        // Lazy: a ledger that is down at startup is reported per object (LedgerUnavailable) and
+        // retried, instead of taking the webhooks down with the process.
+        let ledger = tonic::transport::Endpoint::from_shared(ledger_addr.clone())
+            .map_err(|e| error::Error::Startup(format!("ledger address {ledger_addr}: {e}")))?
+            .connect_lazy();
+        let ledger = LedgerClient::new(ledger);
+        let config = spendguard_leader::LeaderConfig {
+            namespace: leader.namespace,
+            lease_name: leader.lease_name,
+            identity: leader.identity,
+            renew_interval: std::time::Duration::from_millis(leader.renew_interval_ms),
+            ttl: std::time::Duration::from_millis(leader.ttl_ms),
+        };
+        let startup = |e: spendguard_leader::ConfigError| error::Error::Startup(e.to_string());
         let handle = match mode {
             spendguard_leader::Mode::Disabled => spendguard_leader::LeaderHandle::always(),
             spendguard_leader::Mode::K8s => {
-                let config = spendguard_leader::LeaderConfig {
-                    namespace: leader.namespace,
-                    lease_name: leader.lease_name,
-                    identity: leader.identity,
-                    renew_interval: std::time::Duration::from_millis(leader.renew_interval_ms),
-                    ttl: std::time::Duration::from_millis(leader.ttl_ms),
-                };
-                let (elector, handle) = spendguard_leader::Elector::new(kube.clone(), config)
-                    .map_err(|e| error::Error::Startup(e.to_string()))?;
+                let (elector, handle) =
+                    spendguard_leader::Elector::new(kube.clone(), config).map_err(startup)?;
+                tokio::spawn(elector.run());
+                handle
+            }
+            spendguard_leader::Mode::Postgres => {
+                let url = leader.database_url.ok_or_else(|| {
+                    error::Error::Startup(
+                        "leader election mode postgres needs SPENDGUARD_LEADER_DATABASE_URL".into(),
+                    )
+                })?;
+                let pool = sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(2)
+                    .connect_lazy(&url)
+                    .map_err(|e| error::Error::Startup(format!("leader database: {e}")))?;
+                let (elector, handle) =
+                    spendguard_leader::PgElector::new(pool, config).map_err(startup)?;
                 tokio::spawn(elector.run());
                 handle
             }
@@ -136,6 +190,7 @@ impl OperatorArgs {
         let context = Context { kube, ledger };
         tokio::select! {
             result = lead(handle, context) => result,
+            result = serving => result,
             () = spendguard_platform::shutdown::signalled() => Ok(()),
         }
     }
@@ -163,7 +218,8 @@ async fn lead(
     let controllers = async {
         tokio::join!(
             controller::budget::run(context.clone()),
-            controller::pricing_version::run(context)
+            controller::pricing_version::run(context.clone()),
+            controller::contract_bundle::run(context)
         );
     };
     tokio::select! {

@@ -19,6 +19,7 @@ use spendguard_crds::condition::Condition;
 use spendguard_crds::contract_bundle::{self as crd, ContractBundle, ContractBundleStatus};
 use spendguard_crds::money::Usd;
 use spendguard_crds::pricing_version::PricingVersion;
+use spendguard_proto::ledger::v1 as pb;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -136,6 +137,7 @@ pub async fn reconcile(bundle: Arc<ContractBundle>, ctx: Arc<Context>) -> Result
         return Ok(Action::requeue(WAIT_FOR_PRICING));
     }
     let contract = contract(&bundle)?;
+    register_pricing(&ctx, &bundle.spec.tenant, &snapshot).await?;
     let (bytes, sha256) =
         Bundle::canonical(&contract, &snapshot).map_err(|e| Error::InvalidSpec(e.to_string()))?;
     let budgets: Vec<String> = bundle
@@ -185,6 +187,35 @@ pub async fn reconcile(bundle: Arc<ContractBundle>, ctx: Arc<Context>) -> Result
     };
     write_status(&ctx, &bundle, status).await?;
     Ok(Action::await_change())
+}
+
+/// Registers the snapshot for the bundle's tenant, so the ledger accepts reservations priced
+/// with it and refuses any other version or hash (PRICING_UNKNOWN). Idempotent.
+async fn register_pricing(
+    ctx: &Context,
+    tenant: &str,
+    snapshot: &spendguard_core::pricing::PricingSnapshot,
+) -> Result<(), Error> {
+    let pricing = Pricing::new(snapshot.clone()).map_err(|e| Error::InvalidSpec(e.to_string()))?;
+    let mut ledger = ctx.ledger.clone();
+    ledger
+        .upsert_tenant(pb::UpsertTenantRequest {
+            tenant_id: tenant.to_owned(),
+            display_name: tenant.to_owned(),
+        })
+        .await
+        .map_err(|s| Error::ledger(&s))?;
+    ledger
+        .register_pricing(pb::RegisterPricingRequest {
+            tenant_id: tenant.to_owned(),
+            pricing: Some(pb::PricingRef {
+                version: pricing.version().to_owned(),
+                sha256_hex: pricing.sha256_hex().to_owned(),
+            }),
+        })
+        .await
+        .map_err(|s| Error::ledger(&s))?;
+    Ok(())
 }
 
 /// Reports the failure and retries.

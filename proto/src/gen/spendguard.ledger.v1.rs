@@ -272,6 +272,20 @@ pub struct UpsertBudgetResponse {
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RegisterPricingRequest {
+    #[prost(string, tag = "1")]
+    pub tenant_id: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "2")]
+    pub pricing: ::core::option::Option<PricingRef>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RegisterPricingResponse {
+    #[prost(bool, tag = "1")]
+    pub created: bool,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct GetBalancesRequest {
     #[prost(string, tag = "1")]
     pub tenant_id: ::prost::alloc::string::String,
@@ -329,6 +343,10 @@ pub enum ErrorCode {
     BudgetExhausted = 46,
     /// \[UNAVAILABLE\] Another live process claims this ledger's producer instance id.
     ProducerInstanceConflict = 47,
+    /// \[FAILED_PRECONDITION\] The reservation's pricing version and hash are not registered for the tenant.
+    PricingUnknown = 48,
+    /// \[FAILED_PRECONDITION\] The pricing version is registered with another hash (snapshots are immutable).
+    PricingConflict = 49,
     /// \[UNAVAILABLE\] The ledger's write queue is full; retry with backoff.
     Overloaded = 60,
     /// \[UNAVAILABLE\] The database is unreachable or failed; nothing was written.
@@ -365,6 +383,8 @@ impl ErrorCode {
             Self::ReservationExpired => "ERROR_CODE_RESERVATION_EXPIRED",
             Self::BudgetExhausted => "ERROR_CODE_BUDGET_EXHAUSTED",
             Self::ProducerInstanceConflict => "ERROR_CODE_PRODUCER_INSTANCE_CONFLICT",
+            Self::PricingUnknown => "ERROR_CODE_PRICING_UNKNOWN",
+            Self::PricingConflict => "ERROR_CODE_PRICING_CONFLICT",
             Self::Overloaded => "ERROR_CODE_OVERLOADED",
             Self::DependencyUnavailable => "ERROR_CODE_DEPENDENCY_UNAVAILABLE",
             Self::ShuttingDown => "ERROR_CODE_SHUTTING_DOWN",
@@ -398,6 +418,8 @@ impl ErrorCode {
             "ERROR_CODE_PRODUCER_INSTANCE_CONFLICT" => {
                 Some(Self::ProducerInstanceConflict)
             }
+            "ERROR_CODE_PRICING_UNKNOWN" => Some(Self::PricingUnknown),
+            "ERROR_CODE_PRICING_CONFLICT" => Some(Self::PricingConflict),
             "ERROR_CODE_OVERLOADED" => Some(Self::Overloaded),
             "ERROR_CODE_DEPENDENCY_UNAVAILABLE" => Some(Self::DependencyUnavailable),
             "ERROR_CODE_SHUTTING_DOWN" => Some(Self::ShuttingDown),
@@ -751,6 +773,34 @@ pub mod ledger_client {
                 .insert(GrpcMethod::new("spendguard.ledger.v1.Ledger", "UpsertBudget"));
             self.inner.unary(req, path, codec).await
         }
+        /// Admin: register a pricing snapshot (version and hash) for a tenant (called by the operator).
+        /// ReserveSet refuses pricing that is not registered (PRICING_UNKNOWN).
+        pub async fn register_pricing(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RegisterPricingRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RegisterPricingResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/spendguard.ledger.v1.Ledger/RegisterPricing",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("spendguard.ledger.v1.Ledger", "RegisterPricing"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
         /// Balances of the current window of each budget.
         pub async fn get_balances(
             &mut self,
@@ -840,6 +890,15 @@ pub mod ledger_server {
             request: tonic::Request<super::UpsertBudgetRequest>,
         ) -> std::result::Result<
             tonic::Response<super::UpsertBudgetResponse>,
+            tonic::Status,
+        >;
+        /// Admin: register a pricing snapshot (version and hash) for a tenant (called by the operator).
+        /// ReserveSet refuses pricing that is not registered (PRICING_UNKNOWN).
+        async fn register_pricing(
+            &self,
+            request: tonic::Request<super::RegisterPricingRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RegisterPricingResponse>,
             tonic::Status,
         >;
         /// Balances of the current window of each budget.
@@ -1221,6 +1280,51 @@ pub mod ledger_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = UpsertBudgetSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/spendguard.ledger.v1.Ledger/RegisterPricing" => {
+                    #[allow(non_camel_case_types)]
+                    struct RegisterPricingSvc<T: Ledger>(pub Arc<T>);
+                    impl<
+                        T: Ledger,
+                    > tonic::server::UnaryService<super::RegisterPricingRequest>
+                    for RegisterPricingSvc<T> {
+                        type Response = super::RegisterPricingResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RegisterPricingRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Ledger>::register_pricing(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RegisterPricingSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

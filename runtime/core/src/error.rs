@@ -66,6 +66,8 @@ error_codes! {
     ReservationAlreadyResolved = "RESERVATION_ALREADY_RESOLVED" => FailedPrecondition,
     ReservationExpired = "RESERVATION_EXPIRED" => FailedPrecondition,
     BudgetExhausted = "BUDGET_EXHAUSTED" => FailedPrecondition,
+    PricingUnknown = "PRICING_UNKNOWN" => FailedPrecondition,
+    PricingConflict = "PRICING_CONFLICT" => FailedPrecondition,
     ProducerInstanceConflict = "PRODUCER_INSTANCE_CONFLICT" => Unavailable,
     Overloaded = "OVERLOADED" => Unavailable,
     DependencyUnavailable = "DEPENDENCY_UNAVAILABLE" => Unavailable,
@@ -180,6 +182,22 @@ pub enum LedgerError {
     /// The reservation's TTL passed.
     #[error("reservation {0} expired")]
     ReservationExpired(Uuid),
+    /// The pricing snapshot (version and hash) is not registered for the tenant.
+    #[error("pricing {version} ({sha256_hex}) is not registered for tenant {tenant_id}")]
+    PricingUnknown {
+        /// Tenant.
+        tenant_id: String,
+        /// Version presented.
+        version: String,
+        /// Hash presented.
+        sha256_hex: String,
+    },
+    /// The version is registered with another hash: snapshots are immutable.
+    #[error("pricing {version} is already registered with another hash")]
+    PricingConflict {
+        /// Version.
+        version: String,
+    },
 }
 
 impl LedgerError {
@@ -203,6 +221,8 @@ impl LedgerError {
             Self::IdempotencyConflict(_) => ErrorCode::IdempotencyConflict,
             Self::ReservationAlreadyResolved { .. } => ErrorCode::ReservationAlreadyResolved,
             Self::ReservationExpired(_) => ErrorCode::ReservationExpired,
+            Self::PricingUnknown { .. } => ErrorCode::PricingUnknown,
+            Self::PricingConflict { .. } => ErrorCode::PricingConflict,
         }
     }
 

@@ -150,6 +150,19 @@ pub struct UpsertBudget {
     pub definition: BudgetRow,
 }
 
+/// Register a pricing snapshot for a tenant: reservations must name a registered version and
+/// hash (the operator registers each ContractBundle's PricingVersion).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegisterPricing {
+    /// Tenant.
+    pub tenant_id: String,
+    /// Version and hash.
+    pub pricing: PricingRef,
+}
+
+/// A (tenant, pricing version) pair.
+pub type PricingKey = (String, String);
+
 /// One mutation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[allow(clippy::large_enum_variant)] // Commands live briefly in a bounded queue; boxing buys nothing.
@@ -168,6 +181,8 @@ pub enum Command {
     UpsertTenant(UpsertTenant),
     /// See [`UpsertBudget`].
     UpsertBudget(UpsertBudget),
+    /// See [`RegisterPricing`].
+    RegisterPricing(RegisterPricing),
 }
 
 // === Rows ===
@@ -327,6 +342,8 @@ pub struct Snapshot {
     pub reservations: BTreeMap<Uuid, ReservationRow>,
     /// Open reservations past their TTL, oldest first (locked for the sweep).
     pub expired_candidates: Vec<Uuid>,
+    /// Registered pricing hashes referenced.
+    pub pricing: BTreeMap<PricingKey, String>,
 }
 
 /// What the store must load for a batch, derived from its commands.
@@ -342,6 +359,8 @@ pub struct Needs {
     pub reservation_ids: BTreeSet<Uuid>,
     /// Sweep candidates to lock.
     pub sweep_max: u32,
+    /// Pricing registrations.
+    pub pricing: BTreeSet<PricingKey>,
 }
 
 impl Needs {
@@ -352,6 +371,9 @@ impl Needs {
             match command {
                 Command::ReserveSet(r) => {
                     needs.tenant_ids.insert(r.tenant_id.clone());
+                    needs
+                        .pricing
+                        .insert((r.tenant_id.clone(), r.pricing.version.clone()));
                     needs.scope_ids.insert(r.fencing.scope_id.clone());
                     needs.reservation_ids.insert(r.reservation_id());
                     for budget_id in &r.budget_ids {
@@ -378,6 +400,12 @@ impl Needs {
                 }
                 Command::UpsertTenant(t) => {
                     needs.tenant_ids.insert(t.tenant_id.clone());
+                }
+                Command::RegisterPricing(p) => {
+                    needs.tenant_ids.insert(p.tenant_id.clone());
+                    needs
+                        .pricing
+                        .insert((p.tenant_id.clone(), p.pricing.version.clone()));
                 }
                 Command::UpsertBudget(b) => {
                     needs.tenant_ids.insert(b.tenant_id.clone());
@@ -489,6 +517,11 @@ pub enum Outcome {
         /// Newly created.
         created: bool,
     },
+    /// Pricing registered.
+    PricingRegistered {
+        /// Newly registered.
+        created: bool,
+    },
     /// Budget upserted.
     BudgetUpserted {
         /// Newly created.
@@ -567,6 +600,8 @@ pub struct Effects {
     pub tenants: BTreeMap<String, String>,
     /// Budgets to insert or update.
     pub budgets: BTreeMap<BudgetKey, BudgetRow>,
+    /// Pricing registrations to insert.
+    pub pricing: BTreeMap<PricingKey, String>,
     /// Windows to create (with zero money; their limit arrives as a WindowOpen entry).
     pub new_windows: BTreeSet<WindowKey>,
     /// Final lease state of every changed scope.
@@ -637,6 +672,7 @@ impl Planner {
             Command::AcquireLease(a) => self.acquire_lease(a),
             Command::UpsertTenant(t) => Ok(self.upsert_tenant(t)),
             Command::UpsertBudget(b) => self.upsert_budget(b),
+            Command::RegisterPricing(p) => self.register_pricing(p),
         }
     }
 
@@ -754,6 +790,17 @@ impl Planner {
                 expires_at: existing.expires_at,
                 balances: existing.windows.iter().map(|w| self.balance(w)).collect(),
                 replayed: true,
+            });
+        }
+        let registered = self
+            .state
+            .pricing
+            .get(&(r.tenant_id.clone(), r.pricing.version.clone()));
+        if registered != Some(&r.pricing.sha256_hex) {
+            return Err(LedgerError::PricingUnknown {
+                tenant_id: r.tenant_id.clone(),
+                version: r.pricing.version.clone(),
+                sha256_hex: r.pricing.sha256_hex.clone(),
             });
         }
         let mut windows = Vec::with_capacity(r.budget_ids.len());
@@ -1113,6 +1160,34 @@ impl Planner {
             json!({"display_name": t.display_name, "created": created}),
         );
         Outcome::TenantUpserted { created }
+    }
+
+    fn register_pricing(&mut self, p: &RegisterPricing) -> Result<Outcome, LedgerError> {
+        self.require_tenant(&p.tenant_id)?;
+        let key = (p.tenant_id.clone(), p.pricing.version.clone());
+        match self.state.pricing.get(&key) {
+            Some(sha) if *sha == p.pricing.sha256_hex => {
+                return Ok(Outcome::PricingRegistered { created: false });
+            }
+            Some(_) => {
+                return Err(LedgerError::PricingConflict {
+                    version: p.pricing.version.clone(),
+                });
+            }
+            None => {}
+        }
+        self.state
+            .pricing
+            .insert(key.clone(), p.pricing.sha256_hex.clone());
+        self.effects
+            .pricing
+            .insert(key, p.pricing.sha256_hex.clone());
+        self.event(
+            &p.tenant_id,
+            "pricing.registered",
+            json!({"version": p.pricing.version, "sha256_hex": p.pricing.sha256_hex}),
+        );
+        Ok(Outcome::PricingRegistered { created: true })
     }
 
     fn upsert_budget(&mut self, b: &UpsertBudget) -> Result<Outcome, LedgerError> {

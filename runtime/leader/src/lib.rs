@@ -15,6 +15,10 @@
 //!   locally* (client-go's rule), so clock skew between holders cannot shorten a lease.
 //! - Writes use the Lease's resourceVersion, so two candidates cannot both win one round.
 
+mod postgres;
+
+pub use postgres::PgElector;
+
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::Api;
@@ -29,6 +33,8 @@ use tracing::{info, warn};
 pub enum Mode {
     /// A coordination.k8s.io Lease.
     K8s,
+    /// A row in PostgreSQL's `leader_leases` (outside Kubernetes).
+    Postgres,
     /// No election: allowed only with exactly one replica (the chart enforces it).
     Disabled,
 }
@@ -37,7 +43,7 @@ pub enum Mode {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
     /// Unknown mode name.
-    #[error("unknown leader election mode {0:?} (k8s | disabled; postgres is not implemented yet)")]
+    #[error("unknown leader election mode {0:?} (k8s | postgres | disabled)")]
     UnknownMode(String),
     /// TTL not above the renew interval.
     #[error("leader ttl must exceed the renew interval")]
@@ -45,13 +51,14 @@ pub enum ConfigError {
 }
 
 impl Mode {
-    /// Parses `k8s` or `disabled`.
+    /// Parses `k8s`, `postgres` or `disabled`.
     ///
     /// # Errors
     /// [`ConfigError::UnknownMode`], never a silent default.
     pub fn parse(name: &str) -> Result<Self, ConfigError> {
         match name {
             "k8s" => Ok(Self::K8s),
+            "postgres" => Ok(Self::Postgres),
             "disabled" => Ok(Self::Disabled),
             other => Err(ConfigError::UnknownMode(other.to_owned())),
         }
@@ -245,14 +252,7 @@ impl Elector {
         loop {
             let next = self.round().await;
             let current = *self.state.borrow();
-            let new_state = match (next, current) {
-                (Some(state), _) => state,
-                // No answer: a leader keeps its local deadline, then stops; others stay unknown.
-                (None, Leadership::Leader { valid_until }) if Instant::now() < valid_until => {
-                    current
-                }
-                (None, _) => Leadership::Unknown,
-            };
+            let new_state = next_state(next, current);
             if matches!(current, Leadership::Leader { .. })
                 && !matches!(new_state, Leadership::Leader { .. })
             {
@@ -261,5 +261,15 @@ impl Elector {
             self.state.send_replace(new_state);
             tokio::time::sleep(self.config.renew_interval).await;
         }
+    }
+}
+
+/// The state after a round: its answer, or with no answer, a leader keeps its local deadline and
+/// then stops; others stay unknown.
+fn next_state(next: Option<Leadership>, current: Leadership) -> Leadership {
+    match (next, current) {
+        (Some(state), _) => state,
+        (None, Leadership::Leader { valid_until }) if Instant::now() < valid_until => current,
+        (None, _) => Leadership::Unknown,
     }
 }

@@ -76,10 +76,54 @@ async fn one_leader_and_takeover_after_ttl() {
 fn modes_and_configuration() {
     assert_eq!(Mode::parse("k8s"), Ok(Mode::K8s));
     assert_eq!(Mode::parse("disabled"), Ok(Mode::Disabled));
-    assert!(
-        Mode::parse("postgres").is_err(),
-        "not implemented yet: refused, not defaulted"
-    );
+    assert_eq!(Mode::parse("postgres"), Ok(Mode::Postgres));
+    assert!(Mode::parse("etcd").is_err(), "refused, not defaulted");
     assert!(Mode::parse("K8S").is_err());
     assert!(LeaderHandle::always().is_leader());
+}
+
+/// Mode `postgres`: the same guarantees with the lease in a PostgreSQL row.
+#[tokio::test]
+async fn postgres_one_leader_and_takeover_after_ttl() {
+    let database_url = spendguard_testkit::ledger::shared_cluster()
+        .create_database()
+        .await
+        .unwrap();
+    let pool = sqlx::PgPool::connect(&database_url).await.unwrap();
+    sqlx::migrate!("../../migrations").run(&pool).await.unwrap();
+    let (a, handle_a) = spendguard_leader::PgElector::new(pool.clone(), config("pod-a")).unwrap();
+    let (b, handle_b) = spendguard_leader::PgElector::new(pool.clone(), config("pod-b")).unwrap();
+    assert!(
+        !handle_a.is_leader() && !handle_b.is_leader(),
+        "no work before a lease"
+    );
+    let task_a = tokio::spawn(a.run());
+    let task_b = tokio::spawn(b.run());
+
+    let (a_leads, b_leads) = watch_exclusive(&handle_a, &handle_b, Duration::from_secs(2)).await;
+    assert!(a_leads ^ b_leads, "exactly one leader after settling");
+    let (dead, survivor) = if a_leads {
+        (task_a, &handle_b)
+    } else {
+        (task_b, &handle_a)
+    };
+    dead.abort();
+    let (a_leads, b_leads) = watch_exclusive(&handle_a, &handle_b, Duration::from_secs(4)).await;
+    assert!(
+        survivor.is_leader(),
+        "standby took over ({a_leads}, {b_leads})"
+    );
+    let (holder, transitions): (String, i64) =
+        sqlx::query_as("SELECT holder, transitions FROM leader_leases WHERE lease_name = $1")
+            .bind("spendguard-test")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(transitions, 1);
+    assert_eq!(holder, if a_leads { "pod-a" } else { "pod-b" });
+
+    // A database that stops answering ends leadership at the local deadline.
+    pool.close().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!handle_a.is_leader() && !handle_b.is_leader());
 }

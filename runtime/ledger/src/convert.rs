@@ -5,7 +5,7 @@ use spendguard_core::ids::{check_idempotency_key, check_name, check_text, parse_
 use spendguard_core::lease::{AcquireLease, LEASE_TTL_MS_MAX, LEASE_TTL_MS_MIN, LeaseOutcome};
 use spendguard_core::plan::{
     Balance, BudgetRow, Commit, DecisionContext, Fencing, PricingRef, RESERVE_SET_BUDGETS_MAX,
-    Release, ReserveSet, UpsertBudget, UpsertTenant,
+    RegisterPricing, Release, ReserveSet, UpsertBudget, UpsertTenant,
 };
 use spendguard_core::window::BudgetWindow;
 use spendguard_core::{ErrorCode, LedgerError, NanoUsd};
@@ -227,6 +227,18 @@ pub fn acquire_lease(r: &pb::AcquireFencingLeaseRequest) -> Result<AcquireLease>
     })
 }
 
+/// Validates a RegisterPricing request.
+///
+/// # Errors
+/// The first invalid field.
+pub fn register_pricing(r: &pb::RegisterPricingRequest) -> Result<RegisterPricing> {
+    check_name("tenant_id", &r.tenant_id)?;
+    Ok(RegisterPricing {
+        tenant_id: r.tenant_id.clone(),
+        pricing: pricing(r.pricing.as_ref())?,
+    })
+}
+
 /// Validates an UpsertTenant request.
 ///
 /// # Errors
@@ -343,6 +355,8 @@ pub fn error_code_to_proto(code: ErrorCode) -> pb::ErrorCode {
         ErrorCode::ReservationAlreadyResolved => pb::ErrorCode::ReservationAlreadyResolved,
         ErrorCode::ReservationExpired => pb::ErrorCode::ReservationExpired,
         ErrorCode::BudgetExhausted => pb::ErrorCode::BudgetExhausted,
+        ErrorCode::PricingUnknown => pb::ErrorCode::PricingUnknown,
+        ErrorCode::PricingConflict => pb::ErrorCode::PricingConflict,
         ErrorCode::ProducerInstanceConflict => pb::ErrorCode::ProducerInstanceConflict,
         ErrorCode::Overloaded => pb::ErrorCode::Overloaded,
         ErrorCode::DependencyUnavailable => pb::ErrorCode::DependencyUnavailable,

@@ -257,6 +257,23 @@ impl pb::ledger_server::Ledger for LedgerGrpc {
     }
 
     #[instrument(skip_all, fields(tenant_id = %request.get_ref().tenant_id))]
+    async fn register_pricing(
+        &self,
+        request: Request<pb::RegisterPricingRequest>,
+    ) -> Result<Response<pb::RegisterPricingResponse>, Status> {
+        self.run("RegisterPricing", async {
+            let command = convert::register_pricing(request.get_ref())?;
+            match self.submit(Command::RegisterPricing(command)).await? {
+                Outcome::PricingRegistered { created } => {
+                    Ok(pb::RegisterPricingResponse { created })
+                }
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
+    #[instrument(skip_all, fields(tenant_id = %request.get_ref().tenant_id))]
     async fn get_balances(
         &self,
         request: Request<pb::GetBalancesRequest>,

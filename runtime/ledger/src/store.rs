@@ -368,6 +368,14 @@ struct TenantJson {
     display_name: String,
 }
 
+/// A pricing registration as `load_batch.sql` returns it.
+#[derive(serde::Deserialize)]
+struct PricingJson {
+    tenant_id: String,
+    version: String,
+    sha256_hex: String,
+}
+
 /// A budget as `load_batch.sql` returns it.
 #[derive(serde::Deserialize)]
 struct BudgetJson {
@@ -409,12 +417,16 @@ async fn load(
     let tenant_ids: Vec<&str> = needs.tenant_ids.iter().map(String::as_str).collect();
     let budget_tenants: Vec<&str> = needs.budgets.iter().map(|k| k.tenant_id.as_str()).collect();
     let budget_ids: Vec<&str> = needs.budgets.iter().map(|k| k.budget_id.as_str()).collect();
+    let pricing_tenants: Vec<&str> = needs.pricing.iter().map(|(t, _)| t.as_str()).collect();
+    let pricing_versions: Vec<&str> = needs.pricing.iter().map(|(_, v)| v.as_str()).collect();
     let row = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
         .bind(&scope_ids)
         .bind(&reservation_ids)
         .bind(&tenant_ids)
         .bind(&budget_tenants)
         .bind(&budget_ids)
+        .bind(&pricing_tenants)
+        .bind(&pricing_versions)
         .fetch_one(&mut **tx)
         .await?;
     let mut snapshot = Snapshot {
@@ -462,6 +474,13 @@ async fn load(
                 window,
             },
         );
+    }
+    let Json(pricing): Json<Vec<PricingJson>> = row.try_get("pricing")?;
+    for p in pricing {
+        let key = (p.tenant_id, p.version);
+        if needs.pricing.contains(&key) {
+            snapshot.pricing.insert(key, p.sha256_hex);
+        }
     }
     let window_keys = windows_needed(commands, &snapshot);
     snapshot.windows = load_windows(tx, &window_keys, "FOR UPDATE").await?;
@@ -643,6 +662,25 @@ async fn write_tenants_and_budgets(
         )
         .bind(&ids)
         .bind(&names)
+        .execute(&mut **tx)
+        .await?;
+    }
+    if !effects.pricing.is_empty() {
+        let mut tenants = Vec::new();
+        let mut versions = Vec::new();
+        let mut hashes = Vec::new();
+        for ((tenant, version), sha) in &effects.pricing {
+            tenants.push(tenant.as_str());
+            versions.push(version.as_str());
+            hashes.push(sha.as_str());
+        }
+        sqlx::query(
+            "INSERT INTO pricing_registrations (tenant_id, version, sha256_hex)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[])",
+        )
+        .bind(&tenants)
+        .bind(&versions)
+        .bind(&hashes)
         .execute(&mut **tx)
         .await?;
     }

@@ -18,9 +18,10 @@ fn reserve(key: &str, amount: i64, fencing: &Fencing) -> ReserveSet {
         amount: NanoUsd::new(amount).unwrap(),
         fencing: fencing.clone(),
         ttl_ms: 60_000,
+        // Registered by `tenant_with_lease`.
         pricing: PricingRef {
-            version: "v1".into(),
-            sha256_hex: "cd".repeat(32),
+            version: "test-v1".into(),
+            sha256_hex: "ab".repeat(32),
         },
         context: DecisionContext::default(),
     }

@@ -500,6 +500,95 @@ async fn lowering_a_limit_below_usage_clamps_the_current_window_and_stops_spendi
 }
 
 #[tokio::test]
+async fn reservations_need_registered_pricing_and_registrations_are_immutable() {
+    let (mut ledger, fencing) = setup().await;
+    let before = outbox_count(&ledger).await;
+    let mut unknown = reserve_request(T, "p-1", &["run"], 10, &fencing);
+    unknown.pricing = Some(pb::PricingRef {
+        version: "never-registered".into(),
+        sha256_hex: "ab".repeat(32),
+    });
+    let err = ledger.client.reserve_set(unknown).await.unwrap_err();
+    assert_eq!(code(&err), pb::ErrorCode::PricingUnknown);
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    let mut wrong_hash = reserve_request(T, "p-2", &["run"], 10, &fencing);
+    wrong_hash.pricing = Some(pb::PricingRef {
+        version: spendguard_testkit::ledger::test_pricing().version,
+        sha256_hex: "cd".repeat(32),
+    });
+    let err = ledger.client.reserve_set(wrong_hash).await.unwrap_err();
+    assert_eq!(code(&err), pb::ErrorCode::PricingUnknown);
+    assert_eq!(balance(&mut ledger, "run").await.reserved_nano_usd, 0);
+    assert_eq!(
+        outbox_count(&ledger).await,
+        before,
+        "refusals write nothing"
+    );
+
+    // Registering the same snapshot again is a no-op; another hash for the version is refused.
+    let again = ledger
+        .client
+        .register_pricing(pb::RegisterPricingRequest {
+            tenant_id: T.into(),
+            pricing: Some(spendguard_testkit::ledger::test_pricing()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!again.created);
+    let conflict = ledger
+        .client
+        .register_pricing(pb::RegisterPricingRequest {
+            tenant_id: T.into(),
+            pricing: Some(pb::PricingRef {
+                version: "test-v1".into(),
+                sha256_hex: "cd".repeat(32),
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(code(&conflict), pb::ErrorCode::PricingConflict);
+    assert_eq!(outbox_count(&ledger).await, before);
+
+    // A new version for this tenant only: another tenant cannot use it.
+    let v2 = pb::PricingRef {
+        version: "test-v2".into(),
+        sha256_hex: "ef".repeat(32),
+    };
+    let created = ledger
+        .client
+        .register_pricing(pb::RegisterPricingRequest {
+            tenant_id: T.into(),
+            pricing: Some(v2.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(created.created);
+    let mut ok = reserve_request(T, "p-3", &["run"], 10, &fencing);
+    ok.pricing = Some(v2);
+    reserved(ledger.client.reserve_set(ok).await.unwrap().into_inner());
+    let unregistered_tenant = ledger
+        .client
+        .register_pricing(pb::RegisterPricingRequest {
+            tenant_id: "nobody".into(),
+            pricing: Some(spendguard_testkit::ledger::test_pricing()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(code(&unregistered_tenant), pb::ErrorCode::TenantNotFound);
+
+    // The database refuses to rewrite a registration even if application code tried.
+    let rewrite =
+        sqlx::query("UPDATE pricing_registrations SET sha256_hex = $1 WHERE tenant_id = $2")
+            .bind("00".repeat(32))
+            .bind(T)
+            .execute(ledger.store().pool())
+            .await;
+    assert!(rewrite.is_err());
+}
+
+#[tokio::test]
 async fn upserts_are_idempotent() {
     let (mut ledger, _) = setup().await;
     let events = outbox_count(&ledger).await;
@@ -970,6 +1059,7 @@ async fn outbox_events_are_canonical_and_sequenced() {
         types,
         [
             "tenant.upserted",
+            "pricing.registered",
             "fencing.lease_acquired",
             "budget.upserted",
             "budget.upserted",

@@ -150,13 +150,8 @@ impl RunningSidecar {
     pub fn readiness(&self) -> Readiness {
         let lease = self.lease.clone();
         Arc::new(move || {
-            let state = lease.state();
-            Box::pin(async move {
-                match state {
-                    LeaseState::Held { .. } => Ok(()),
-                    other => Err(format!("no valid fencing lease ({other:?})")),
-                }
-            })
+            let ready = lease.epoch_for_decision().map(|_| ());
+            Box::pin(async move { ready.map_err(|e| format!("no valid fencing lease: {e}")) })
         })
     }
 

@@ -58,7 +58,7 @@ async fn five_hundred_streams_against_a_budget_for_one_hundred() {
     assert!(balance.committed_nano_usd <= limit);
     assert_eq!(balance.committed_nano_usd, continued * 10_950);
     assert_eq!(balance.overrun_nano_usd, 0);
-    assert_eq!(stack.sidecar().decider.open_reservations(), 0);
+    stack.wait_no_open_calls().await;
     spendguard_testkit::invariants::check(stack.ledger.store().pool())
         .await
         .unwrap();

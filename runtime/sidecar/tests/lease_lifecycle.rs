@@ -62,6 +62,13 @@ async fn setup() -> TestLedger {
         .await
         .unwrap();
     ledger.budget(T, "b", 1_000).await.unwrap();
+    spendguard_testkit::ledger::register_pricing(
+        &mut ledger.client,
+        T,
+        spendguard_testkit::ledger::test_pricing(),
+    )
+    .await
+    .unwrap();
     ledger
 }
 

@@ -324,7 +324,7 @@ async fn client_disconnect_mid_stream_resolves_the_reservation() {
     let balance = stack.settled_balance().await;
     assert_eq!(balance.reserved_nano_usd, 0);
     assert_eq!(balance.committed_nano_usd, held);
-    assert_eq!(stack.sidecar().decider.open_reservations(), 0);
+    stack.wait_no_open_calls().await;
 }
 
 #[tokio::test]
@@ -369,6 +369,7 @@ async fn per_run_budgets_stop_a_run_without_stopping_others() {
     }
     // Commits release the unused part, so every call fits: spend per call is tiny.
     assert_eq!(statuses, vec![200, 200, 200, 200]);
+    stack.settled_balance().await; // settlements run in the background
     let run = stack
         .ledger
         .client

@@ -68,6 +68,13 @@ async fn kill_dash_nine_under_load_loses_nothing() {
         })
         .await
         .unwrap();
+    spendguard_testkit::ledger::register_pricing(
+        &mut client,
+        T,
+        spendguard_testkit::ledger::test_pricing(),
+    )
+    .await
+    .unwrap();
     client
         .upsert_budget(pb::UpsertBudgetRequest {
             tenant_id: T.into(),

@@ -85,6 +85,20 @@ impl ControlPlane {
     /// When the binaries are missing (with the command that builds them), or either process
     /// fails to start in time (with its log).
     pub fn start() -> Result<Self> {
+        // Free ports are found by binding and releasing them, so a parallel test can take one
+        // before etcd or the apiserver binds it: start again on fresh ports.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::start_once() {
+                Ok(plane) => return Ok(plane),
+                Err(e) if attempt < 4 && format!("{e:#}").contains("address already in use") => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn start_once() -> Result<Self> {
         let bin = binaries_dir();
         for name in ["etcd", "kube-apiserver", "kubectl"] {
             if !bin.join(name).exists() {
@@ -183,7 +197,7 @@ impl ControlPlane {
             .stderr(std::fs::File::create(d.join("apiserver.log"))?)
             .spawn()
             .context("starting kube-apiserver")?;
-        let plane = Self {
+        let mut plane = Self {
             dir,
             bin,
             etcd,
@@ -218,9 +232,17 @@ impl ControlPlane {
         Ok(())
     }
 
-    fn wait_ready(&self, timeout: Duration) -> Result<()> {
+    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
         let started = Instant::now();
         while started.elapsed() < timeout {
+            let exited = self.apiserver.try_wait()?.is_some() || self.etcd.try_wait()?.is_some();
+            if exited {
+                bail!(
+                    "kube-apiserver or etcd exited during startup; log:\n{}\n{}",
+                    self.log(),
+                    std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
+                );
+            }
             let ok = self
                 .kubectl(User::Admin)
                 .args(["get", "--raw", "/readyz"])

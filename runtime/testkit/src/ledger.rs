@@ -119,8 +119,8 @@ impl TestLedger {
     }
 }
 
-/// Creates tenant `tenant_id`, a lease on scope `<tenant>-scope` for `<tenant>-w`, and returns
-/// the fencing token.
+/// Creates tenant `tenant_id` with [`test_pricing`] registered, a lease on scope `<tenant>-scope`
+/// for `<tenant>-w`, and returns the fencing token.
 ///
 /// # Errors
 /// RPC failures.
@@ -134,6 +134,7 @@ pub async fn tenant_with_lease(
             display_name: tenant_id.into(),
         })
         .await?;
+    register_pricing(client, tenant_id, test_pricing()).await?;
     let scope_id = format!("{tenant_id}-scope");
     let lease = client
         .acquire_fencing_lease(pb::AcquireFencingLeaseRequest {
@@ -205,6 +206,32 @@ pub async fn connect(addr: std::net::SocketAddr) -> Result<LedgerClient> {
     Ok(pb::ledger_client::LedgerClient::connect(format!("http://{addr}")).await?)
 }
 
+/// The pricing snapshot [`reserve_request`] names; [`tenant_with_lease`] registers it.
+pub fn test_pricing() -> pb::PricingRef {
+    pb::PricingRef {
+        version: "test-v1".into(),
+        sha256_hex: "ab".repeat(32),
+    }
+}
+
+/// Registers `pricing` for `tenant_id` (what the operator does for each ContractBundle).
+///
+/// # Errors
+/// RPC failures.
+pub async fn register_pricing(
+    client: &mut LedgerClient,
+    tenant_id: &str,
+    pricing: pb::PricingRef,
+) -> Result<()> {
+    client
+        .register_pricing(pb::RegisterPricingRequest {
+            tenant_id: tenant_id.into(),
+            pricing: Some(pricing),
+        })
+        .await?;
+    Ok(())
+}
+
 /// A valid ReserveSet request for tests and benchmarks.
 pub fn reserve_request(
     tenant_id: &str,
@@ -220,10 +247,7 @@ pub fn reserve_request(
         amount_nano_usd: amount,
         fencing: Some(fencing.clone()),
         ttl_ms: 60_000,
-        pricing: Some(pb::PricingRef {
-            version: "test-v1".into(),
-            sha256_hex: "ab".repeat(32),
-        }),
+        pricing: Some(test_pricing()),
         context: Some(pb::DecisionContext {
             run_id: "run-1".into(),
             model: "gpt-test".into(),

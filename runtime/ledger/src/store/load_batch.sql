@@ -15,4 +15,7 @@ SELECT now() AS now,
        (SELECT coalesce(json_agg(b), '[]'::json) FROM (
             SELECT tenant_id, budget_id, limit_nano_usd, soft_cap_nano_usd, window_kind
               FROM budgets WHERE tenant_id = ANY($4) AND budget_id = ANY($5)
-             ORDER BY tenant_id, budget_id {budget_lock}) b) AS budgets
+             ORDER BY tenant_id, budget_id {budget_lock}) b) AS budgets,
+       (SELECT coalesce(json_agg(p), '[]'::json) FROM (
+            SELECT tenant_id, version, sha256_hex FROM pricing_registrations
+             WHERE tenant_id = ANY($6) AND version = ANY($7)) p) AS pricing

@@ -104,6 +104,18 @@ impl Stack {
             })
             .await
             .unwrap();
+        // What the operator does for each ContractBundle: register its pricing for the tenant.
+        let snapshot = spendguard_core::pricing::Pricing::new(pricing()).unwrap();
+        spendguard_testkit::ledger::register_pricing(
+            &mut ledger.client,
+            TENANT,
+            pb::PricingRef {
+                version: snapshot.version().into(),
+                sha256_hex: snapshot.sha256_hex().into(),
+            },
+        )
+        .await
+        .unwrap();
         let mock = MockProvider::new(options.mock);
         let mock_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mock_addr = mock_listener.local_addr().unwrap();
@@ -194,6 +206,21 @@ impl Stack {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         panic!("reservations still open: {:?}", self.balance().await);
+    }
+
+    /// Waits until the sidecar holds no unsettled call (its table is updated right after the
+    /// ledger answers a settlement, so it can trail the ledger's balance by a moment).
+    pub async fn wait_no_open_calls(&self) {
+        for _ in 0..200 {
+            if self.sidecar().decider.open_reservations() == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!(
+            "{} calls still open in the sidecar",
+            self.sidecar().decider.open_reservations()
+        );
     }
 
     pub fn upstream_requests(&self) -> Vec<Value> {

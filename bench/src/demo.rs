@@ -1,0 +1,232 @@
+//! `spendguard-bench demo` (the `make demo` scenario): PostgreSQL, the control plane, the ledger,
+//! the operator, the mock provider and a sidecar on the bundle the operator compiled; then a small
+//! agent on the real `openai` client runs until the hard cap stops it.
+
+use crate::processes::{Child, LedgerProcess, spawn_mock, spawn_sidecar};
+use anyhow::{Context, Result, bail};
+use spendguard_testkit::PgCluster;
+use spendguard_testkit::control_plane::{ControlPlane, User};
+use std::path::Path;
+use std::time::Duration;
+
+fn kubectl(plane: &ControlPlane, args: &[&str], stdin: Option<&str>) -> Result<String> {
+    match plane.run_kubectl(User::Admin, args, stdin) {
+        (true, text) => Ok(text),
+        (false, text) => bail!("kubectl {args:?} failed: {text}"),
+    }
+}
+
+const DEMO_RESOURCES: &str = "apiVersion: spendguard.io/v1alpha1
+kind: Budget
+metadata: {name: demo-agent, namespace: default}
+spec: {tenant: demo, limit: \"0.20\", window: CalendarMonthUTC}
+---
+apiVersion: spendguard.io/v1alpha1
+kind: ContractBundle
+metadata: {name: demo-agent, namespace: default}
+spec:
+  tenant: demo
+  pricingVersion: pricing-2026-11-01
+  budgets: [demo-agent]
+  allowModels: [gpt-5]
+  maxOutputTokens: 4096
+  failPolicy: Closed
+";
+
+/// Waits until the operator has reconciled the demo budget (Ready=True and `field` = `value`).
+async fn wait_budget(plane: &ControlPlane, field: &str, value: &str) -> Result<()> {
+    for _ in 0..150 {
+        let path =
+            format!("jsonpath={{.status.conditions[?(@.type==\"Ready\")].status}}/{{{field}}}");
+        let got = kubectl(
+            plane,
+            &["get", "budget", "demo-agent", "-n", "default", "-o", &path],
+            None,
+        )?;
+        if got == format!("True/{value}") {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bail!("the operator did not reconcile budget demo-agent")
+}
+
+/// Copies the compiled bundle ConfigMap into `dir`, as the kubelet would mount it.
+async fn mount_bundle(plane: &ControlPlane, dir: &Path) -> Result<()> {
+    for _ in 0..150 {
+        let (found, json) = plane.run_kubectl(
+            User::Admin,
+            &[
+                "get",
+                "configmap",
+                "spendguard-bundle-demo-agent",
+                "-n",
+                "default",
+                "-o",
+                "json",
+            ],
+            None,
+        );
+        if found {
+            let map: serde_json::Value = serde_json::from_str(&json)?;
+            std::fs::create_dir_all(dir)?;
+            for key in ["bundle.json", "bundle.sha256", "tenant", "budgets"] {
+                let value = map["data"][key].as_str().context("bundle ConfigMap key")?;
+                std::fs::write(dir.join(key), value)?;
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bail!("the operator did not compile ContractBundle demo-agent")
+}
+
+fn venv_python(root: &Path) -> Result<String> {
+    let out = std::process::Command::new("bash")
+        .arg(root.join("sdk/python/scripts/venv.sh"))
+        .output()?;
+    if !out.status.success() {
+        bail!("sdk venv: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8(out.stdout)?
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .trim()
+        .to_owned())
+}
+
+pub(crate) async fn demo(spendguard_bin: &Path) -> Result<()> {
+    let root = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    let python = venv_python(root)?;
+    let cluster = PgCluster::start(&[])?;
+    let url = cluster.create_database().await?;
+    let plane = ControlPlane::start()?;
+    println!(
+        "PostgreSQL on 127.0.0.1:{}; kube-apiserver at {}",
+        cluster.port(),
+        plane.url()
+    );
+    let LedgerProcess {
+        child: ledger,
+        port,
+        ..
+    } = LedgerProcess::spawn(spendguard_bin, &url, "demo-ledger").await?;
+    let ledger = Child(ledger);
+    println!("`spendguard ledger` on 127.0.0.1:{port}");
+
+    plane.install_crds(&root.join("crds/generated/spendguard.io.yaml"));
+    let operator = Child(
+        tokio::process::Command::new(spendguard_bin)
+            .arg("operator")
+            .env("KUBECONFIG", plane.kubeconfig(User::Admin))
+            .env(
+                "SPENDGUARD_OPERATOR_LEDGER_ADDR",
+                format!("http://127.0.0.1:{port}"),
+            )
+            .env(
+                "SPENDGUARD_ADMIN_ADDR",
+                format!("127.0.0.1:{}", spendguard_testkit::free_port()),
+            )
+            .env("SPENDGUARD_LOG", "error")
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting spendguard operator")?,
+    );
+    println!("`spendguard operator` reconciling SpendGuard resources\n");
+    println!("$ kubectl apply -f config/examples/pricing-version.yaml");
+    kubectl(
+        &plane,
+        &[
+            "apply",
+            "-f",
+            &root
+                .join("config/examples/pricing-version.yaml")
+                .display()
+                .to_string(),
+        ],
+        None,
+    )?;
+    println!("$ kubectl apply -f - <<EOF\n{DEMO_RESOURCES}EOF");
+    kubectl(&plane, &["apply", "-f", "-"], Some(DEMO_RESOURCES))?;
+    wait_budget(&plane, ".status.remaining", "0.2").await?;
+    println!(
+        "\n$ kubectl get budgets\n{}",
+        kubectl(&plane, &["get", "budgets", "-n", "default"], None)?
+    );
+
+    let bundle_dir = tempfile::tempdir()?;
+    mount_bundle(&plane, bundle_dir.path()).await?;
+    let sha = std::fs::read_to_string(bundle_dir.path().join("bundle.sha256"))?;
+    println!("compiled bundle {} mounted for the sidecar", &sha[..12]);
+    // Each reply reports 3000 output tokens of gpt-5 ($10 per million): $0.03 per call.
+    let (mock, mock_port) = spawn_mock(spendguard_bin, 3_000).await?;
+    let (sidecar, sidecar_port) = spawn_sidecar(
+        spendguard_bin,
+        port,
+        bundle_dir.path(),
+        mock_port,
+        "agent-pod",
+    )
+    .await?;
+    println!(
+        "`spendguard sidecar` on 127.0.0.1:{sidecar_port} (fencing lease held), upstream: mock provider\n"
+    );
+    println!("$ python sdk/python/examples/agent.py");
+    let status = tokio::process::Command::new(&python)
+        .arg(root.join("sdk/python/examples/agent.py"))
+        .env("SPENDGUARD_URL", format!("http://127.0.0.1:{sidecar_port}"))
+        .status()
+        .await?;
+    if !status.success() {
+        bail!("the demo agent failed");
+    }
+    // Ask the operator to refresh now rather than at its next periodic reconcile.
+    kubectl(
+        &plane,
+        &[
+            "annotate",
+            "--overwrite",
+            "budget",
+            "demo-agent",
+            "-n",
+            "default",
+            "demo/refresh=1",
+        ],
+        None,
+    )?;
+    for _ in 0..50 {
+        let remaining = kubectl(
+            &plane,
+            &[
+                "get",
+                "budget",
+                "demo-agent",
+                "-n",
+                "default",
+                "-o",
+                "jsonpath={.status.remaining}",
+            ],
+            None,
+        )?;
+        if remaining != "0.2" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "\n$ kubectl get budgets\n{}",
+        kubectl(&plane, &["get", "budgets", "-n", "default"], None)?
+    );
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_outbox")
+        .fetch_one(&sqlx::PgPool::connect(&url).await?)
+        .await?;
+    println!(
+        "audit outbox: {events} canonical events, each written in the transaction that moved the money"
+    );
+    sidecar.stop().await?;
+    mock.stop().await?;
+    operator.stop().await?;
+    ledger.stop().await?;
+    Ok(())
+}

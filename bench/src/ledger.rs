@@ -1,0 +1,189 @@
+//! `spendguard-bench ledger`: reserve+commit pairs per second and p50/p99 pair latency against the
+//! `spendguard ledger` process on a throwaway PostgreSQL cluster with durable settings (fsync and
+//! synchronous_commit on), for one hot budget and for 100 budgets, at several client counts, plus a
+//! paced run at a fixed offered rate.
+
+use crate::processes::LedgerProcess;
+use crate::stats::report;
+use anyhow::{Context, Result, bail};
+use spendguard_proto::ledger::v1 as pb;
+use spendguard_testkit::PgCluster;
+use spendguard_testkit::ledger::{
+    LedgerClient, budget, http_get, reserve_request, tenant_with_lease,
+};
+use std::time::Duration;
+use tokio::time::Instant;
+
+const T: &str = "bench";
+
+async fn pair(
+    client: &mut LedgerClient,
+    fencing: &pb::FencingToken,
+    key: &str,
+    budget: &str,
+) -> Result<()> {
+    let response = client
+        .reserve_set(reserve_request(T, key, &[budget], 1_000, fencing))
+        .await?
+        .into_inner();
+    let Some(pb::reserve_set_response::Outcome::Reserved(r)) = response.outcome else {
+        bail!("denied: {response:?}")
+    };
+    client
+        .commit(pb::CommitRequest {
+            tenant_id: T.into(),
+            reservation_id: r.reservation_id,
+            actual_nano_usd: 700,
+            fencing: Some(fencing.clone()),
+        })
+        .await?;
+    Ok(())
+}
+
+pub(crate) async fn bench_ledger(
+    duration: Duration,
+    client_counts: &[usize],
+    paced_rate: u64,
+    extra: &[String],
+    hold_seconds: u64,
+    spendguard_bin: &std::path::Path,
+) -> Result<()> {
+    // Durable settings: PostgreSQL defaults (fsync on, synchronous_commit on) unless overridden.
+    let mut settings = vec![
+        ("max_connections", "200"),
+        ("shared_buffers", "256MB"),
+        ("shared_preload_libraries", "pg_stat_statements"),
+    ];
+    for setting in extra {
+        let (name, value) = setting
+            .split_once('=')
+            .context("--pg-setting takes NAME=VALUE")?;
+        settings.push((name, value));
+    }
+    let cluster = PgCluster::start(&settings)?;
+    let url = cluster.create_database().await?;
+    let mut process = LedgerProcess::spawn(spendguard_bin, &url, "bench-ledger").await?;
+    let base = process.client.clone();
+    let fencing = tenant_with_lease(&mut process.client, T).await?;
+    budget(&mut process.client, T, "hot", 1_000_000_000_000_000).await?;
+    for i in 0..100 {
+        budget(
+            &mut process.client,
+            T,
+            &format!("b{i}"),
+            1_000_000_000_000_000,
+        )
+        .await?;
+    }
+    println!(
+        "ledger benchmark: {}s per scenario, PostgreSQL 15 local (defaults: fsync=on synchronous_commit=on), extra settings {extra:?}",
+        duration.as_secs()
+    );
+    for (name, spread) in [("hot budget", false), ("100 budgets", true)] {
+        for &clients in client_counts {
+            let deadline = Instant::now() + duration;
+            let started = Instant::now();
+            let mut tasks = Vec::new();
+            for c in 0..clients {
+                let mut client = base.clone();
+                let fencing = fencing.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut latencies = Vec::new();
+                    let mut n = 0u64;
+                    while Instant::now() < deadline {
+                        let budget = if spread {
+                            format!("b{}", (c as u64 + n) % 100)
+                        } else {
+                            "hot".to_owned()
+                        };
+                        let key = format!("{}-{clients}-{c}-{n}", name.replace(' ', "_"));
+                        let t = Instant::now();
+                        pair(&mut client, &fencing, &key, &budget).await?;
+                        latencies.push(t.elapsed());
+                        n += 1;
+                    }
+                    anyhow::Ok(latencies)
+                }));
+            }
+            let mut all = Vec::new();
+            for task in tasks {
+                all.extend(task.await??);
+            }
+            report(name, clients, started.elapsed(), all);
+        }
+    }
+    // Paced: a fixed offered rate on the hot budget, latency measured from each pair's start.
+    let interval = Duration::from_secs_f64(1.0 / paced_rate as f64);
+    let count = usize::try_from(paced_rate * duration.as_secs())?;
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(count);
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    for n in 0..count {
+        ticker.tick().await;
+        let mut client = base.clone();
+        let fencing = fencing.clone();
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            pair(&mut client, &fencing, &format!("paced-{n}"), "hot").await?;
+            anyhow::Ok(t.elapsed())
+        }));
+    }
+    let mut latencies = Vec::with_capacity(count);
+    for task in tasks {
+        latencies.push(task.await??);
+    }
+    report(
+        &format!("paced {paced_rate}/s hot"),
+        0,
+        started.elapsed(),
+        latencies,
+    );
+    let (_, metrics) = http_get(process.admin_port, "/metrics").await?;
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    let batches = value("spendguard_ledger_batch_commands_count ");
+    println!(
+        "\nwriter: {batches:.0} batches, {:.1} commands/batch, {:.2} ms/batch",
+        value("spendguard_ledger_batch_commands_sum ") / batches.max(1.0),
+        value("spendguard_ledger_batch_duration_seconds_sum ") * 1e3 / batches.max(1.0)
+    );
+    for phase in ["load", "plan", "write", "commit"] {
+        let sum = value(&format!(
+            "spendguard_ledger_batch_phase_seconds_sum{{phase=\"{phase}\"}} "
+        ));
+        println!("  {phase:<7} {:.3} ms/batch", sum * 1e3 / batches.max(1.0));
+    }
+    report_statements(&url).await?;
+    process.child.start_kill()?;
+    process.child.wait().await?;
+    if hold_seconds > 0 {
+        println!("holding {url} for {hold_seconds}s");
+        tokio::time::sleep(Duration::from_secs(hold_seconds)).await;
+    }
+    Ok(())
+}
+
+/// The statements that took the most database time, so a slow run says where it went.
+async fn report_statements(url: &str) -> Result<()> {
+    let pool = sqlx::PgPool::connect(url).await?;
+    sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .execute(&pool)
+        .await?;
+    let rows: Vec<(i64, f64, f64, String)> = sqlx::query_as(
+        "SELECT calls, total_exec_time, mean_exec_time, left(regexp_replace(query, '\\s+', ' ', 'g'), 90)
+           FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 12",
+    )
+    .fetch_all(&pool)
+    .await?;
+    println!("\ntop statements by database time:");
+    for (calls, total, mean, query) in rows {
+        println!("{calls:>9} calls {total:>9.0} ms total {mean:>7.3} ms mean  {query}");
+    }
+    Ok(())
+}

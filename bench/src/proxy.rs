@@ -1,0 +1,197 @@
+//! `spendguard-bench proxy`: the latency the sidecar adds over calling the mock upstream
+//! directly, at fixed offered rates, and the maximum sustained calls/s through it.
+//!
+//! Every component is its own process (PostgreSQL with durable settings, `spendguard ledger`,
+//! `spendguard-mock-provider`, `spendguard sidecar`); this process only generates load. Each call
+//! is a non-streaming OpenAI chat completion: through the sidecar it is decided (one ReserveSet),
+//! forwarded, and settled (one Commit, in the background).
+
+use crate::processes::{LedgerProcess, spawn_mock, spawn_sidecar};
+use crate::stats::percentile;
+use anyhow::{Result, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::json;
+use spendguard_core::contract::{Bundle, Contract};
+use spendguard_proto::ledger::v1 as pb;
+use spendguard_testkit::PgCluster;
+use std::time::Duration;
+use tokio::time::Instant;
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+const BODY: &str = r#"{"model":"gpt-4o-mini","max_tokens":64,"messages":[{"role":"user","content":"Summarise the quarterly report in three bullet points."}]}"#;
+
+async fn call(client: &HttpClient, url: &str) -> Result<()> {
+    let request = hyper::Request::post(url)
+        .header("content-type", "application/json")
+        .header("authorization", "Bearer sk-bench")
+        .body(Full::new(Bytes::from_static(BODY.as_bytes())))?;
+    let response = client.request(request).await?;
+    let status = response.status();
+    let _ = response.into_body().collect().await?;
+    if status != 200 {
+        bail!("status {status}");
+    }
+    Ok(())
+}
+
+/// Offers `rate` calls/s for `duration`; latency is measured from each call's scheduled start.
+async fn paced(
+    client: &HttpClient,
+    url: &str,
+    rate: u64,
+    duration: Duration,
+) -> Result<Vec<Duration>> {
+    let count = usize::try_from(rate * duration.as_secs())?;
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(count);
+    for n in 0..count {
+        let scheduled = started + interval.mul_f64(n as f64);
+        tokio::time::sleep_until(scheduled).await;
+        let (client, url) = (client.clone(), url.to_owned());
+        tasks.push(tokio::spawn(async move {
+            call(&client, &url).await?;
+            anyhow::Ok(scheduled.elapsed())
+        }));
+    }
+    let mut latencies = Vec::with_capacity(count);
+    for task in tasks {
+        latencies.push(task.await??);
+    }
+    latencies.sort();
+    Ok(latencies)
+}
+
+/// `clients` closed loops for `duration`: completed calls per second.
+async fn sustained(
+    client: &HttpClient,
+    url: &str,
+    clients: usize,
+    duration: Duration,
+) -> Result<f64> {
+    let deadline = Instant::now() + duration;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (client, url) = (client.clone(), url.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                call(&client, &url).await?;
+                n += 1;
+            }
+            anyhow::Ok(n)
+        }));
+    }
+    let mut total = 0;
+    for task in tasks {
+        total += task.await??;
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+pub(crate) async fn bench_proxy(
+    spendguard_bin: &std::path::Path,
+    rates: &[u64],
+    duration: Duration,
+    clients: usize,
+) -> Result<()> {
+    let cluster = PgCluster::start(&[("max_connections", "200"), ("shared_buffers", "256MB")])?;
+    let url = cluster.create_database().await?;
+    let mut ledger = LedgerProcess::spawn(spendguard_bin, &url, "bench-ledger").await?;
+    ledger
+        .client
+        .upsert_tenant(pb::UpsertTenantRequest {
+            tenant_id: "bench".into(),
+            display_name: "bench".into(),
+        })
+        .await?;
+    spendguard_testkit::ledger::budget(
+        &mut ledger.client,
+        "bench",
+        "bench/llm",
+        1_000_000_000_000_000,
+    )
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let contract: Contract =
+        serde_json::from_value(json!({"version": "bench", "max_output_tokens": 4096}))?;
+    let pricing: spendguard_core::pricing::PricingSnapshot = serde_json::from_value(
+        json!({"version": "bench", "entries": [
+        {"provider": "openai", "model": "gpt-4o-mini",
+         "price": {"input": 150_000_000, "cached_input": 75_000_000, "cache_write": 150_000_000, "output": 600_000_000}}]}),
+    )?;
+    let snapshot = spendguard_core::pricing::Pricing::new(pricing.clone())?;
+    spendguard_testkit::ledger::register_pricing(
+        &mut ledger.client,
+        "bench",
+        pb::PricingRef {
+            version: snapshot.version().into(),
+            sha256_hex: snapshot.sha256_hex().into(),
+        },
+    )
+    .await?;
+    let (bytes, sha) = Bundle::canonical(&contract, &pricing)?;
+    spendguard_sidecar::bundle::write(dir.path(), &bytes, &sha, "bench", &["bench/llm"])?;
+    let (mock, mock_port) = spawn_mock(spendguard_bin, 16).await?;
+    let (sidecar, sidecar_port) = spawn_sidecar(
+        spendguard_bin,
+        ledger.port,
+        dir.path(),
+        mock_port,
+        "bench-pod",
+    )
+    .await?;
+    let direct = format!("http://127.0.0.1:{mock_port}/v1/chat/completions");
+    let guarded = format!("http://127.0.0.1:{sidecar_port}/v1/chat/completions");
+    let client: HttpClient = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(1024)
+        .build_http();
+    // Warm connection pools on both paths.
+    paced(&client, &direct, 200, Duration::from_secs(1)).await?;
+    paced(&client, &guarded, 200, Duration::from_secs(1)).await?;
+
+    println!(
+        "proxy benchmark: non-streaming chat calls, {}s per rate; PostgreSQL 15 local (fsync=on synchronous_commit=on); every component its own process",
+        duration.as_secs()
+    );
+    println!(
+        "{:<12} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12}",
+        "rate", "direct p50", "direct p99", "guard p50", "guard p99", "added p50", "added p99"
+    );
+    for &rate in rates {
+        let d = paced(&client, &direct, rate, duration).await?;
+        let g = paced(&client, &guarded, rate, duration).await?;
+        let (d50, d99) = (percentile(&d, 0.50), percentile(&d, 0.99));
+        let (g50, g99) = (percentile(&g, 0.50), percentile(&g, 0.99));
+        println!(
+            "{:<12} {:>8.2}ms {:>8.2}ms {:>8.2}ms {:>8.2}ms {:>10.2}ms {:>10.2}ms",
+            format!("{rate}/s"),
+            ms(d50),
+            ms(d99),
+            ms(g50),
+            ms(g99),
+            ms(g50) - ms(d50),
+            ms(g99) - ms(d99),
+        );
+    }
+    let max_direct = sustained(&client, &direct, clients, duration).await?;
+    let max_guarded = sustained(&client, &guarded, clients, duration).await?;
+    println!(
+        "max sustained ({clients} closed-loop clients): direct {max_direct:.0} calls/s, through the sidecar {max_guarded:.0} calls/s"
+    );
+    sidecar.stop().await?;
+    mock.stop().await?;
+    ledger.child.start_kill()?;
+    ledger.child.wait().await?;
+    Ok(())
+}

@@ -1,0 +1,2 @@
+DROP TABLE pricing_registrations;
+DROP FUNCTION pricing_registrations_immutable();

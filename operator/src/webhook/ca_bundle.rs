@@ -1,0 +1,119 @@
+//! Puts the CA into the webhook configurations the chart creates, so the apiserver trusts our
+//! serving certificates. Every replica does it with the same CA, so they never fight; a write is
+//! made only when some webhook's `caBundle` differs (a fresh install, or a Helm upgrade that
+//! recreated the configuration).
+
+use super::WebhookError;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::json;
+
+/// Field manager of the caBundle writes.
+const FIELD_MANAGER: &str = "spendguard-operator-webhook";
+
+/// The configurations to keep trusting our CA.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Configurations {
+    /// MutatingWebhookConfiguration name (injection); `None` to leave alone.
+    pub mutating: Option<String>,
+    /// ValidatingWebhookConfiguration name; `None` to leave alone.
+    pub validating: Option<String>,
+}
+
+/// Patches `ca_pem` into every webhook of both configurations. Returns how many webhooks were
+/// changed (0 when all already trusted it).
+///
+/// # Errors
+/// [`WebhookError::CaBundle`] when a configuration is missing or cannot be patched.
+pub async fn patch(
+    client: &kube::Client,
+    configurations: &Configurations,
+    ca_pem: &str,
+) -> Result<usize, WebhookError> {
+    let mut changed = 0;
+    if let Some(name) = &configurations.mutating {
+        let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+        let current = get(&api, name).await?;
+        let stale: Vec<String> = current
+            .webhooks
+            .iter()
+            .flatten()
+            .filter(|w| {
+                w.client_config.ca_bundle.as_ref().map(|b| &b.0[..]) != Some(ca_pem.as_bytes())
+            })
+            .map(|w| w.name.clone())
+            .collect();
+        changed += apply(&api, name, &stale, ca_pem).await?;
+    }
+    if let Some(name) = &configurations.validating {
+        let api: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
+        let current = get(&api, name).await?;
+        let stale: Vec<String> = current
+            .webhooks
+            .iter()
+            .flatten()
+            .filter(|w| {
+                w.client_config.ca_bundle.as_ref().map(|b| &b.0[..]) != Some(ca_pem.as_bytes())
+            })
+            .map(|w| w.name.clone())
+            .collect();
+        changed += apply(&api, name, &stale, ca_pem).await?;
+    }
+    Ok(changed)
+}
+
+async fn get<K>(api: &Api<K>, name: &str) -> Result<K, WebhookError>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    api.get_opt(name)
+        .await
+        .map_err(|e| WebhookError::CaBundle {
+            configuration: name.to_owned(),
+            detail: e.to_string(),
+        })?
+        .ok_or_else(|| WebhookError::CaBundle {
+            configuration: name.to_owned(),
+            detail: "not found (the chart creates it)".into(),
+        })
+}
+
+/// A strategic merge patch: `webhooks` merges by `name`, so only `caBundle` of the named
+/// webhooks changes and the rest of the chart's configuration stays as Helm wrote it.
+async fn apply<K>(
+    api: &Api<K>,
+    name: &str,
+    webhooks: &[String],
+    ca_pem: &str,
+) -> Result<usize, WebhookError>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    if webhooks.is_empty() {
+        return Ok(0);
+    }
+    let bundle = ByteString(ca_pem.as_bytes().to_vec());
+    let patch = json!({
+        "webhooks": webhooks
+            .iter()
+            .map(|w| json!({"name": w, "clientConfig": {"caBundle": bundle}}))
+            .collect::<Vec<_>>(),
+    });
+    api.patch(
+        name,
+        &PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..PatchParams::default()
+        },
+        &Patch::Strategic(&patch),
+    )
+    .await
+    .map_err(|e| WebhookError::CaBundle {
+        configuration: name.to_owned(),
+        detail: e.to_string(),
+    })?;
+    Ok(webhooks.len())
+}
