@@ -3,11 +3,14 @@
 
 SHELL := /bin/bash
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/spendguard/target
+# Incremental caches only help interactive rebuilds; in the shared target dir they grow by
+# gigabytes per checkout path.
+export CARGO_INCREMENTAL ?= 0
 PG_BIN ?= /usr/lib/postgresql/15/bin
 export SPENDGUARD_PG_BIN ?= $(PG_BIN)
 CARGO ?= cargo
 
-.PHONY: deps control-plane sdk-venv moto-venv test check fmt clippy bench demo demo-down
+.PHONY: deps control-plane sdk-venv moto-venv prune-target test check fmt clippy bench demo demo-down
 
 ## deps: install PostgreSQL 15 and protoc from Debian when missing.
 deps:
@@ -28,8 +31,15 @@ control-plane:
 
 ## test: every test (unit, integration on real PostgreSQL, crash drill, proto drift, real apiserver,
 ## the Python SDK with the real openai/anthropic/LangChain/Pydantic-AI clients).
-test: deps control-plane sdk-venv moto-venv
+test: deps control-plane sdk-venv moto-venv prune-target
 	$(CARGO) test --workspace --locked --no-fail-fast
+
+## prune-target: every clone path leaves its own copies of the workspace's test binaries in the
+## shared target dir; drop build outputs untouched for three days (rebuilt when needed).
+prune-target:
+	@if [ -d "$(CARGO_TARGET_DIR)/debug/deps" ]; then \
+	  find "$(CARGO_TARGET_DIR)/debug/deps" "$(CARGO_TARGET_DIR)/debug/build" -mindepth 1 -maxdepth 1 -mtime +3 -exec rm -rf {} + ; \
+	fi
 
 ## check: formatting and lints, as CI runs them.
 check:

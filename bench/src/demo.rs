@@ -218,11 +218,12 @@ pub(crate) async fn demo(spendguard_bin: &Path) -> Result<()> {
         "\n$ kubectl get budgets\n{}",
         kubectl(&plane, &["get", "budgets", "-n", "default"], None)?
     );
-    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_outbox")
-        .fetch_one(&sqlx::PgPool::connect(&url).await?)
-        .await?;
+    let (events, signed): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(signature) FROM audit_outbox")
+            .fetch_one(&sqlx::PgPool::connect(&url).await?)
+            .await?;
     println!(
-        "audit outbox: {events} canonical events, each written in the transaction that moved the money"
+        "audit outbox: {events} canonical events ({signed} signed with the ledger's Ed25519 key), each written in the transaction that moved the money"
     );
     sidecar.stop().await?;
     mock.stop().await?;

@@ -24,6 +24,7 @@ impl LedgerProcess {
             .arg("ledger")
             .env("SPENDGUARD_LEDGER_DATABASE_URL", url)
             .env("SPENDGUARD_LEDGER_INSTANCE_ID", instance_id)
+            .envs(spendguard_testkit::signing::ledger_env()?)
             .env("SPENDGUARD_LEDGER_LISTEN_ADDR", format!("127.0.0.1:{port}"))
             .env("SPENDGUARD_ADMIN_ADDR", format!("127.0.0.1:{admin_port}"))
             .env("SPENDGUARD_LOG", "warn")

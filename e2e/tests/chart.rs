@@ -42,6 +42,31 @@ fn values_are_validated() {
         !ok && text.contains("/operator/replicas") && text.contains("maximum"),
         "{text}"
     );
+    // The singleton workers follow the same rule: standbys need leader election (S5).
+    let (ok, text) = helm(&[
+        "template",
+        "sg",
+        CHART,
+        "--set",
+        "leaderElection.mode=disabled",
+        "--set",
+        "workers.replicas=2",
+    ]);
+    assert!(!ok && text.contains("/workers/replicas"), "{text}");
+    let (ok, text) = helm(&[
+        "template",
+        "sg",
+        CHART,
+        "--set",
+        "leaderElection.mode=disabled",
+        "--set",
+        "workers.replicas=1",
+    ]);
+    assert!(
+        ok && text.contains("spendguard-outbox-forwarder")
+            && text.contains("spendguard-ttl-sweeper"),
+        "{text}"
+    );
     let (ok, text) = helm(&["template", "sg", CHART, "--set", "operator.replicas=2"]);
     assert!(
         ok && text.contains("replicas: 2"),
@@ -67,6 +92,17 @@ fn values_are_validated() {
         "leaderElection.mode=postgres",
     ]);
     assert!(!ok && text.contains("outside Kubernetes"), "{text}");
+    // Evidence signing cannot be switched off through the chart, and kms needs its key.
+    let (ok, text) = helm(&[
+        "template",
+        "sg",
+        CHART,
+        "--set",
+        "ledger.signing.mode=disabled",
+    ]);
+    assert!(!ok && text.contains("mode"), "{text}");
+    let (ok, text) = helm(&["template", "sg", CHART, "--set", "ledger.signing.mode=kms"]);
+    assert!(!ok && text.contains("kmsKey"), "{text}");
     let (ok, text) = helm(&["template", "sg", CHART, "--set", "leaderElection.mode=etcd"]);
     assert!(!ok && text.contains("mode"), "{text}");
     // Webhooks: on by default with the sidecar image defaulting to the chart's image; off

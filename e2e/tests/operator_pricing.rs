@@ -5,6 +5,7 @@
 
 use spendguard_core::contract::Bundle;
 use spendguard_core::pricing::Pricing;
+use spendguard_operator::metrics::Metrics;
 use spendguard_operator::{Context, controller};
 use spendguard_testkit::TestLedger;
 use spendguard_testkit::control_plane::{ControlPlane, User};
@@ -16,14 +17,39 @@ fn example(name: &str) -> String {
     std::fs::read_to_string(format!("{ROOT}/config/examples/{name}.yaml")).unwrap()
 }
 
+/// Polls until `object` has an Event with `reason` in `namespace`, and returns its type.
+async fn wait_for_event(
+    plane: &ControlPlane,
+    namespace: &str,
+    object: &str,
+    reason: &str,
+) -> String {
+    let selector = format!("involvedObject.name={object},reason={reason}");
+    plane
+        .poll(
+            &[
+                "get",
+                "events",
+                "-n",
+                namespace,
+                "--field-selector",
+                &selector,
+                "-o",
+                "jsonpath={.items[*].type}",
+            ],
+            |t| !t.is_empty(),
+        )
+        .await
+}
+
 async fn setup() -> (ControlPlane, Context, TestLedger) {
     let plane = ControlPlane::start().expect("control plane");
     plane.install_crds(&Path::new(ROOT).join("crds/generated/spendguard.io.yaml"));
     let ledger = TestLedger::start().await.unwrap();
-    let context = Context {
-        kube: plane.client(User::Admin).await.unwrap(),
-        ledger: ledger.client.clone(),
-    };
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = std::sync::Arc::new(Metrics::register(&mut registry));
+    let kube = plane.client(User::Admin).await.unwrap();
+    let context = Context::new(kube, ledger.client.clone(), metrics, "e2e-operator");
     (plane, context, ledger)
 }
 
@@ -50,6 +76,11 @@ async fn pricing_versions_publish_their_identity() {
     let object = api.get("pricing-2026-11-01").await.unwrap();
     let expected = Pricing::new(controller::pricing_version::snapshot(&object)).unwrap();
     assert_eq!(sha, expected.sha256_hex());
+    // Cluster-scoped objects get their Events in `default`.
+    assert_eq!(
+        wait_for_event(&plane, "default", "pricing-2026-11-01", "Valid").await,
+        "Normal"
+    );
     assert_eq!(
         plane.admin(
             &[
@@ -83,6 +114,10 @@ async fn pricing_versions_publish_their_identity() {
         )
         .await;
     assert_eq!(
+        wait_for_event(&plane, "default", "pricing-broken", "InvalidPricing").await,
+        "Warning"
+    );
+    assert_eq!(
         plane.admin(
             &[
                 "get",
@@ -115,8 +150,17 @@ async fn contract_bundles_compile_into_verifiable_config_maps() {
     // The bundle arrives before its pricing: reported, then compiled once the pricing exists.
     plane.admin(&["apply", "-f", "-"], Some(&example("contract-bundle")));
     plane.poll(&reason, |r| r == "PricingVersionNotFound").await;
+    let bundle = "research-agent";
+    assert_eq!(
+        wait_for_event(&plane, "default", bundle, "PricingVersionNotFound").await,
+        "Warning"
+    );
     plane.admin(&["apply", "-f", "-"], Some(&example("pricing-version")));
     plane.poll(&reason, |r| r == "Compiled").await;
+    assert_eq!(
+        wait_for_event(&plane, "default", bundle, "Compiled").await,
+        "Normal"
+    );
 
     let sha = plane.admin(
         &[

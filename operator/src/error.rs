@@ -1,4 +1,5 @@
-//! Reconcile errors. Each becomes a status condition reason and a metric label, never a crash.
+//! Reconcile errors. Each becomes a status condition reason, a Warning Event and a metric label,
+//! never a crash.
 
 /// What can go wrong reconciling.
 #[derive(Debug, thiserror::Error)]
@@ -17,6 +18,17 @@ pub enum Error {
     /// The spec cannot be used as is (the CRD schema should have caught it).
     #[error("invalid spec: {0}")]
     InvalidSpec(String),
+    /// A ContractBundle names a PricingVersion that does not exist (yet).
+    #[error("PricingVersion {0} does not exist")]
+    PricingVersionNotFound(String),
+    /// A ContractBundle names a PricingVersion whose prices core::pricing refuses.
+    #[error("PricingVersion {name} is invalid: {message}")]
+    PricingVersionInvalid {
+        /// The PricingVersion's name.
+        name: String,
+        /// Why it was refused.
+        message: String,
+    },
     /// Startup failed.
     #[error("startup: {0}")]
     Startup(String),
@@ -34,6 +46,8 @@ impl Error {
             }
             Self::Ledger { .. } => "LedgerRefused",
             Self::InvalidSpec(_) => "InvalidSpec",
+            Self::PricingVersionNotFound(_) => "PricingVersionNotFound",
+            Self::PricingVersionInvalid { .. } => "PricingVersionInvalid",
             Self::Startup(_) => "Startup",
         }
     }
@@ -56,6 +70,20 @@ impl Error {
         Self::Ledger {
             code,
             message: status.message().to_owned(),
+        }
+    }
+}
+
+impl From<kube::runtime::finalizer::Error<Error>> for Error {
+    /// Unwraps the reconciler's own error, so the condition, Event and metric carry its
+    /// stable reason rather than the finalizer's wrapper.
+    fn from(error: kube::runtime::finalizer::Error<Error>) -> Self {
+        use kube::runtime::finalizer::Error as Finalizer;
+        match error {
+            Finalizer::ApplyFailed(e) | Finalizer::CleanupFailed(e) => e,
+            Finalizer::AddFinalizer(e) | Finalizer::RemoveFinalizer(e) => Self::Kube(e),
+            Finalizer::UnnamedObject => Self::InvalidSpec("object has no name".into()),
+            Finalizer::InvalidFinalizer => Self::InvalidSpec("invalid finalizer name".into()),
         }
     }
 }

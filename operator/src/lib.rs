@@ -7,17 +7,29 @@
 //!        └──── status (SSA, field manager "spendguard-operator") ◄──── balances ─────┘
 //! ```
 //!
-//! Built so far: the Budget, PricingVersion and ContractBundle controllers under leader
-//! election, and the admission webhooks (`webhook`: sidecar injection and validation), which
-//! every replica serves. The other controllers and finalizers arrive with the rest of issue 4.
+//! Built so far: the Budget (with its ledger-cleanup finalizer), PricingVersion and
+//! ContractBundle controllers under leader election, Events on condition transitions
+//! (`events`), per-object retry backoff (`backoff`), metrics (`metrics`) on the admin server
+//! (`admin`), and the admission webhooks (`webhook`: sidecar injection and validation), which
+//! every replica serves. `mock_apiserver` is the tower-test harness of the reconciler tests.
+//! The SigningKey, RetentionPolicy and ApprovalRequest controllers arrive with the rest of
+//! issue 4.
 
+pub mod admin;
+pub mod backoff;
 pub mod controller;
 pub mod error;
+pub mod events;
+pub mod metrics;
+#[cfg(any(test, feature = "mock-apiserver"))]
+pub mod mock_apiserver;
 pub mod webhook;
 
 use clap::Args;
-use spendguard_platform::CommonArgs;
+use prometheus_client::registry::Registry;
+use spendguard_platform::{AdminServer, CommonArgs};
 use spendguard_proto::ledger::v1::ledger_client::LedgerClient;
+use std::sync::Arc;
 use tonic::transport::Channel;
 
 /// Shared state of every reconciler.
@@ -27,6 +39,30 @@ pub struct Context {
     pub kube: kube::Client,
     /// Ledger admin client.
     pub ledger: LedgerClient<Channel>,
+    /// Event publisher.
+    pub events: events::Events,
+    /// Reconcile metrics.
+    pub metrics: Arc<metrics::Metrics>,
+    /// Per-object retry backoff.
+    pub backoff: Arc<backoff::Backoff>,
+}
+
+impl Context {
+    /// A context whose Events report `instance` (the pod name) as their source.
+    pub fn new(
+        kube: kube::Client,
+        ledger: LedgerClient<Channel>,
+        metrics: Arc<metrics::Metrics>,
+        instance: &str,
+    ) -> Self {
+        Self {
+            events: events::Events::new(kube.clone(), instance),
+            kube,
+            ledger,
+            metrics,
+            backoff: Arc::default(),
+        }
+    }
 }
 
 /// `spendguard operator` flags.
@@ -129,6 +165,9 @@ impl OperatorArgs {
         let kube = kube::Client::try_default()
             .await
             .map_err(error::Error::Kube)?;
+        let mut registry = Registry::default();
+        let metrics = Arc::new(metrics::Metrics::register(&mut registry));
+        let running = admin::ControllersRunning::default();
         // Every replica serves the webhooks (they are stateless); only the leader reconciles.
         let webhooks = match webhook_config {
             Some(config) => {
@@ -158,7 +197,7 @@ impl OperatorArgs {
         let config = spendguard_leader::LeaderConfig {
             namespace: leader.namespace,
             lease_name: leader.lease_name,
-            identity: leader.identity,
+            identity: leader.identity.clone(),
             renew_interval: std::time::Duration::from_millis(leader.renew_interval_ms),
             ttl: std::time::Duration::from_millis(leader.ttl_ms),
         };
@@ -187,9 +226,20 @@ impl OperatorArgs {
                 handle
             }
         };
-        let context = Context { kube, ledger };
+        let readiness = admin::readiness(kube.clone(), handle.clone(), running.clone());
+        let admin = AdminServer::bind(common.admin_addr, registry, readiness)
+            .await
+            .map_err(|e| {
+                error::Error::Startup(format!("binding admin {}: {e}", common.admin_addr))
+            })?;
+        let admin = admin.serve(std::future::pending());
+        let context = Context::new(kube, ledger, metrics, &leader.identity);
         tokio::select! {
-            result = lead(handle, context) => result,
+            result = lead(handle, context, running) => result,
+            result = admin => Err(error::Error::Startup(match result {
+                Ok(()) => "admin server ended".to_owned(),
+                Err(e) => format!("admin server: {e}"),
+            })),
             result = serving => result,
             () = spendguard_platform::shutdown::signalled() => Ok(()),
         }
@@ -205,22 +255,29 @@ const LEADERSHIP_POLL: std::time::Duration = std::time::Duration::from_millis(10
 async fn lead(
     handle: spendguard_leader::LeaderHandle,
     context: Context,
+    running: admin::ControllersRunning,
 ) -> Result<(), error::Error> {
+    context.metrics.set_leader(false);
     while !handle.is_leader() {
         tokio::time::sleep(LEADERSHIP_POLL).await;
     }
     tracing::info!("leading: controllers started");
+    context.metrics.set_leader(true);
+    running.set(true);
     let lost = async {
         while handle.is_leader() {
             tokio::time::sleep(LEADERSHIP_POLL).await;
         }
+        context.metrics.set_leader(false);
+        running.set(false);
     };
     let controllers = async {
         tokio::join!(
             controller::budget::run(context.clone()),
             controller::pricing_version::run(context.clone()),
-            controller::contract_bundle::run(context)
+            controller::contract_bundle::run(context.clone())
         );
+        running.set(false);
     };
     tokio::select! {
         () = controllers => Ok(()),

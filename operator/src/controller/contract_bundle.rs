@@ -22,12 +22,9 @@ use spendguard_crds::pricing_version::PricingVersion;
 use spendguard_proto::ledger::v1 as pb;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 use tracing::{instrument, warn};
 
 use super::FIELD_MANAGER;
-/// Retry while the referenced PricingVersion is missing or invalid.
-const WAIT_FOR_PRICING: Duration = Duration::from_secs(10);
 
 /// Name of the ConfigMap holding a bundle.
 pub fn config_map_name(bundle: &ContractBundle) -> String {
@@ -81,13 +78,16 @@ pub fn contract(bundle: &ContractBundle) -> Result<Contract, Error> {
     })
 }
 
-fn ready(bundle: &ContractBundle, status: &str, reason: &str, message: String) -> Condition {
-    let previous = bundle
+fn conditions(bundle: &ContractBundle) -> &[Condition] {
+    bundle
         .status
         .as_ref()
         .map(|s| s.conditions.as_slice())
-        .unwrap_or_default();
-    super::ready(bundle, previous, status, reason, message)
+        .unwrap_or_default()
+}
+
+fn ready(bundle: &ContractBundle, status: &str, reason: &str, message: String) -> Condition {
+    super::ready(bundle, conditions(bundle), status, reason, message)
 }
 
 async fn write_status(
@@ -103,41 +103,29 @@ async fn write_status(
 /// Compiles the bundle into its ConfigMap and reports its identity.
 ///
 /// # Errors
-/// Kubernetes API failures and invalid specs; a missing or invalid PricingVersion is reported
-/// as `Ready=False` and retried.
+/// Kubernetes API failures, invalid specs, and a missing or invalid PricingVersion; the error
+/// policy reports each as `Ready=False` and retries (a PricingVersion change also requeues).
 #[instrument(skip_all, fields(object = %bundle.name_any(), namespace = ?bundle.namespace()))]
 pub async fn reconcile(bundle: Arc<ContractBundle>, ctx: Arc<Context>) -> Result<Action, Error> {
+    super::observed(&ctx, bundle.as_ref(), compile(&bundle, &ctx)).await
+}
+
+async fn compile(bundle: &ContractBundle, ctx: &Context) -> Result<Action, Error> {
     let namespace = bundle.namespace().unwrap_or_default();
     let pricing_api: Api<PricingVersion> = Api::all(ctx.kube.clone());
-    let waiting = |reason: &str, message: String| ContractBundleStatus {
-        conditions: vec![ready(&bundle, "False", reason, message)],
-        observed_generation: bundle.meta().generation.unwrap_or(0),
-        ..ContractBundleStatus::default()
-    };
-    let Some(pricing) = pricing_api
-        .get_opt(&bundle.spec.pricing_version)
-        .await
-        .map_err(Error::Kube)?
-    else {
-        let message = format!(
-            "PricingVersion {} does not exist",
-            bundle.spec.pricing_version
-        );
-        write_status(&ctx, &bundle, waiting("PricingVersionNotFound", message)).await?;
-        return Ok(Action::requeue(WAIT_FOR_PRICING));
+    let name = &bundle.spec.pricing_version;
+    let Some(pricing) = pricing_api.get_opt(name).await.map_err(Error::Kube)? else {
+        return Err(Error::PricingVersionNotFound(name.clone()));
     };
     let snapshot = snapshot(&pricing);
     if let Err(e) = Pricing::new(snapshot.clone()) {
-        write_status(
-            &ctx,
-            &bundle,
-            waiting("PricingVersionInvalid", e.to_string()),
-        )
-        .await?;
-        return Ok(Action::requeue(WAIT_FOR_PRICING));
+        return Err(Error::PricingVersionInvalid {
+            name: name.clone(),
+            message: e.to_string(),
+        });
     }
-    let contract = contract(&bundle)?;
-    register_pricing(&ctx, &bundle.spec.tenant, &snapshot).await?;
+    let contract = contract(bundle)?;
+    register_pricing(ctx, &bundle.spec.tenant, &snapshot).await?;
     let (bytes, sha256) =
         Bundle::canonical(&contract, &snapshot).map_err(|e| Error::InvalidSpec(e.to_string()))?;
     let budgets: Vec<String> = bundle
@@ -158,7 +146,7 @@ pub async fn reconcile(bundle: Arc<ContractBundle>, ctx: Arc<Context>) -> Result
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {
-            "name": config_map_name(&bundle),
+            "name": config_map_name(bundle),
             "namespace": namespace,
             "labels": {"app.kubernetes.io/part-of": "spendguard", "spendguard.io/contract-bundle": bundle.name_any()},
             "ownerReferences": bundle.controller_owner_ref(&()).map(|o| vec![o]).unwrap_or_default(),
@@ -168,24 +156,28 @@ pub async fn reconcile(bundle: Arc<ContractBundle>, ctx: Arc<Context>) -> Result
     let config_maps: Api<ConfigMap> = Api::namespaced(ctx.kube.clone(), &namespace);
     config_maps
         .patch(
-            &config_map_name(&bundle),
+            &config_map_name(bundle),
             &PatchParams::apply(FIELD_MANAGER).force(),
             &Patch::Apply(&config_map),
         )
         .await
         .map_err(Error::Kube)?;
+    let condition = ready(
+        bundle,
+        "True",
+        "Compiled",
+        "bundle compiled into its ConfigMap".into(),
+    );
     let status = ContractBundleStatus {
         bundle_sha256: sha256,
-        config_map: config_map_name(&bundle),
+        config_map: config_map_name(bundle),
         observed_generation: bundle.meta().generation.unwrap_or(0),
-        conditions: vec![ready(
-            &bundle,
-            "True",
-            "Compiled",
-            "bundle compiled into its ConfigMap".into(),
-        )],
+        conditions: vec![condition.clone()],
     };
-    write_status(&ctx, &bundle, status).await?;
+    write_status(ctx, bundle, status).await?;
+    ctx.events
+        .on_transition(bundle, conditions(bundle), &condition)
+        .await;
     Ok(Action::await_change())
 }
 
@@ -218,19 +210,21 @@ async fn register_pricing(
     Ok(())
 }
 
-/// Reports the failure and retries.
+/// Reports the failure as `Ready=False` (and a Warning Event when that changes the condition)
+/// and retries with a per-object backoff. The last compiled ConfigMap and its hash stay in
+/// status: sidecars keep using them until a new bundle compiles.
 pub fn error_policy(bundle: Arc<ContractBundle>, error: &Error, ctx: Arc<Context>) -> Action {
     warn!(object = %bundle.name_any(), %error, "contract bundle reconcile failed");
+    let condition = ready(&bundle, "False", error.reason(), error.to_string());
+    let previous = conditions(&bundle).to_vec();
     let status = ContractBundleStatus {
-        conditions: vec![ready(&bundle, "False", error.reason(), error.to_string())],
+        conditions: vec![condition.clone()],
         ..bundle.status.clone().unwrap_or_default()
     };
-    tokio::spawn(async move {
-        if let Err(e) = write_status(&ctx, &bundle, status).await {
-            warn!(error = %e, "writing failure condition failed");
-        }
-    });
-    Action::requeue(Duration::from_secs(5))
+    let delay = ctx.backoff.failed(&super::object_key(bundle.as_ref()));
+    let api = Api::namespaced(ctx.kube.clone(), &bundle.namespace().unwrap_or_default());
+    super::report_failure(&ctx, api, bundle, previous, condition, status);
+    Action::requeue(delay)
 }
 
 /// Runs the ContractBundle controller until its watch ends. A PricingVersion change requeues
@@ -261,4 +255,150 @@ pub async fn run(ctx: Context) {
             }
         })
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mock_apiserver::{self, ApiServer, ready_condition};
+    use http::Method;
+    use serde_json::{Value, json};
+    use std::time::Duration;
+
+    const PRICING_PATH: &str = "/apis/spendguard.io/v1alpha1/pricingversions/p1";
+    const STATUS_PATH: &str =
+        "/apis/spendguard.io/v1alpha1/namespaces/team/contractbundles/agent/status";
+
+    fn bundle(extra_spec: Value) -> Value {
+        let mut object = json!({
+            "apiVersion": "spendguard.io/v1alpha1",
+            "kind": "ContractBundle",
+            "metadata": {"name": "agent", "namespace": "team", "uid": "u-2", "generation": 3},
+            "spec": {"tenant": "acme", "pricingVersion": "p1", "budgets": ["b1"],
+                "maxOutputTokens": 4096},
+        });
+        for (key, value) in extra_spec.as_object().unwrap() {
+            object["spec"][key] = value.clone();
+        }
+        object
+    }
+
+    fn pricing(aliases: &[&str]) -> Value {
+        json!({
+            "apiVersion": "spendguard.io/v1alpha1",
+            "kind": "PricingVersion",
+            "metadata": {"name": "p1", "uid": "u-1"},
+            "spec": {"entries": [{"provider": "openai", "model": "gpt-5", "aliases": aliases,
+                "price": {"input": 1, "cachedInput": 1, "cacheWrite": 1, "output": 2}}]},
+        })
+    }
+
+    fn parse(object: &Value) -> Arc<ContractBundle> {
+        Arc::new(serde_json::from_value(object.clone()).unwrap())
+    }
+
+    /// Runs the error policy for `error` and asserts its status patch (Ready=False with the
+    /// error's reason) and Warning Event.
+    async fn assert_reported(
+        api: &mut ApiServer,
+        object: &Value,
+        ctx: Arc<Context>,
+        error: &Error,
+    ) {
+        let action = error_policy(parse(object), error, ctx);
+        assert_eq!(action, Action::requeue(Duration::from_secs(1)));
+        let body = api.expect_apply(STATUS_PATH, object).await;
+        let ready = ready_condition(&body);
+        assert_eq!(
+            (&ready["status"], &ready["reason"]),
+            (&json!("False"), &json!(error.reason()))
+        );
+        assert_eq!(ready["observedGeneration"], 3);
+        assert_eq!(ready["message"], error.to_string());
+        let event = api.expect_event("team").await;
+        assert_eq!(
+            (&event["type"], &event["reason"]),
+            (&json!("Warning"), &json!(error.reason()))
+        );
+        assert_eq!(
+            (&event["regarding"]["kind"], &event["regarding"]["name"]),
+            (&json!("ContractBundle"), &json!("agent"))
+        );
+    }
+
+    // Goal: a bundle whose PricingVersion does not exist asks for it once, then reports
+    // Ready=False PricingVersionNotFound with a Warning Event and retries with backoff.
+    // Method: the mock answers the GET with 404.
+    #[tokio::test]
+    async fn a_missing_pricing_version_is_reported_and_retried() {
+        let (ctx, mut api, _registry) =
+            mock_apiserver::context(mock_apiserver::unreachable_ledger());
+        let object = bundle(json!({}));
+        let task = tokio::spawn(reconcile(parse(&object), ctx.clone()));
+        api.expect(Method::GET, PRICING_PATH).await.not_found();
+        let error = task.await.unwrap().unwrap_err();
+        assert!(matches!(&error, Error::PricingVersionNotFound(name) if name == "p1"));
+        assert_reported(&mut api, &object, ctx.clone(), &error).await;
+        // The next failure waits longer.
+        let again = error_policy(parse(&object), &error, ctx);
+        assert_eq!(again, Action::requeue(Duration::from_secs(2)));
+    }
+
+    // Goal: a PricingVersion core::pricing refuses is never compiled into a bundle.
+    // Method: the GET returns prices with a duplicate name; nothing but status and the Event
+    // follow (no ConfigMap, no ledger call).
+    #[tokio::test]
+    async fn an_invalid_pricing_version_is_reported() {
+        let (ctx, mut api, _registry) =
+            mock_apiserver::context(mock_apiserver::unreachable_ledger());
+        let object = bundle(json!({}));
+        let task = tokio::spawn(reconcile(parse(&object), ctx.clone()));
+        api.expect(Method::GET, PRICING_PATH)
+            .await
+            .respond(http::StatusCode::OK, &pricing(&["gpt-5"]));
+        let error = task.await.unwrap().unwrap_err();
+        assert_eq!(error.reason(), "PricingVersionInvalid");
+        api.expect_no_request().await;
+        assert_reported(&mut api, &object, ctx, &error).await;
+    }
+
+    // Goal: a spec the CRD schema lets through but the contract cannot use (ReserveCeiling
+    // without a ceiling) is InvalidSpec, found before the ledger or a ConfigMap is touched.
+    #[tokio::test]
+    async fn an_unusable_spec_is_invalid_spec() {
+        let (ctx, mut api, _registry) =
+            mock_apiserver::context(mock_apiserver::unreachable_ledger());
+        let object = bundle(json!({"unknownModel": "ReserveCeiling"}));
+        let task = tokio::spawn(reconcile(parse(&object), ctx.clone()));
+        api.expect(Method::GET, PRICING_PATH)
+            .await
+            .respond(http::StatusCode::OK, &pricing(&[]));
+        let error = task.await.unwrap().unwrap_err();
+        assert_eq!(error.reason(), "InvalidSpec");
+        api.expect_no_request().await;
+        assert_reported(&mut api, &object, ctx, &error).await;
+    }
+
+    // Goal: a failure keeps the last compiled hash and ConfigMap in status (sidecars still use
+    // them) and, when the condition already says so, publishes no second Event.
+    #[tokio::test]
+    async fn a_repeated_failure_keeps_the_compiled_bundle_and_stays_quiet() {
+        let (ctx, mut api, _registry) =
+            mock_apiserver::context(mock_apiserver::unreachable_ledger());
+        let mut object = bundle(json!({}));
+        object["status"] = json!({"bundleSha256": "abc", "configMap": "spendguard-bundle-agent",
+            "observedGeneration": 2, "conditions": [{"type": "Ready", "status": "False",
+            "reason": "PricingVersionNotFound", "message": "m",
+            "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 2}]});
+        let error = Error::PricingVersionNotFound("p1".into());
+        error_policy(parse(&object), &error, ctx);
+        let body = api.expect_apply(STATUS_PATH, &object).await;
+        assert_eq!(body["status"]["bundleSha256"], "abc");
+        assert_eq!(body["status"]["configMap"], "spendguard-bundle-agent");
+        assert_eq!(
+            ready_condition(&body)["lastTransitionTime"],
+            "2026-01-01T00:00:00Z"
+        );
+        api.expect_no_request().await;
+    }
 }

@@ -4,12 +4,15 @@ pub mod budget;
 pub mod contract_bundle;
 pub mod pricing_version;
 
+use crate::Context;
 use crate::error::Error;
 use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde_json::json;
 use spendguard_crds::condition::Condition;
+use std::future::Future;
 
 /// Field manager of every write the operator makes.
 pub const FIELD_MANAGER: &str = "spendguard-operator";
@@ -59,4 +62,77 @@ where
     .await
     .map_err(Error::Kube)?;
     Ok(())
+}
+
+/// The backoff key of `object`: `kind/namespace/name`.
+pub fn object_key<K: Resource<DynamicType = ()>>(object: &K) -> String {
+    format!(
+        "{}/{}/{}",
+        K::kind(&()),
+        object.meta().namespace.as_deref().unwrap_or_default(),
+        object.meta().name.as_deref().unwrap_or_default()
+    )
+}
+
+/// Runs one reconcile of `object`, recording its outcome and duration in the metrics and
+/// clearing its backoff on success.
+///
+/// # Errors
+/// Whatever `reconcile` returns.
+pub async fn observed<K, F>(ctx: &Context, object: &K, reconcile: F) -> Result<Action, Error>
+where
+    K: Resource<DynamicType = ()>,
+    F: Future<Output = Result<Action, Error>>,
+{
+    let started = tokio::time::Instant::now();
+    let result = reconcile.await;
+    let kind = kind_label(&K::kind(&()));
+    let seconds = started.elapsed().as_secs_f64();
+    ctx.metrics
+        .reconciled(kind, seconds, result.as_ref().err().map(Error::reason));
+    if result.is_ok() {
+        ctx.backoff.succeeded(&object_key(object));
+    }
+    result
+}
+
+/// The metric label of a kind: a `&'static str` from a fixed set, so cardinality stays bounded.
+fn kind_label(kind: &str) -> &'static str {
+    match kind {
+        "Budget" => "Budget",
+        "ContractBundle" => "ContractBundle",
+        "PricingVersion" => "PricingVersion",
+        _ => "Other",
+    }
+}
+
+/// Writes status and then publishes the Event for its Ready transition (if any), off the
+/// controller's path: error policies are synchronous, and the next reconcile retries anyway.
+pub fn report_failure<K, S>(
+    ctx: &Context,
+    api: Api<K>,
+    object: std::sync::Arc<K>,
+    previous: Vec<Condition>,
+    next: Condition,
+    status: S,
+) where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    S: Serialize + Send + Sync + 'static,
+{
+    let events = ctx.events.clone();
+    tokio::spawn(async move {
+        if let Err(error) = patch_status(&api, object.as_ref(), &status).await {
+            tracing::warn!(%error, "writing failure condition failed");
+            return;
+        }
+        events
+            .on_transition(object.as_ref(), &previous, &next)
+            .await;
+    });
 }

@@ -23,6 +23,7 @@ use crate::store::{ProducerClaim, Store};
 use crate::writer::Writer;
 use clap::Args;
 use prometheus_client::registry::Registry;
+use spendguard_evidence::{Signer, Signing, SigningArgs};
 use spendguard_platform::{AdminServer, CommonArgs, Readiness};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -65,6 +66,9 @@ pub struct LedgerArgs {
     /// with the same id are refused (S2).
     #[arg(long, env = "SPENDGUARD_LEDGER_INSTANCE_ID")]
     pub instance_id: String,
+    /// Evidence signing (S6): `SPENDGUARD_SIGNING_MODE`, keys, profile.
+    #[command(flatten)]
+    pub signing: SigningArgs,
     #[command(flatten)]
     pub tuning: LedgerTuning,
 }
@@ -173,22 +177,40 @@ impl RunningLedger {
     }
 }
 
-/// Starts the ledger on `listener`: migrate (optionally), claim the producer id, start the writer
-/// and serve gRPC.
+/// Starts the ledger on `listener`: migrate (optionally), publish the signing key, claim the
+/// producer id, start the writer and serve gRPC. Every audit event is signed with `signing`
+/// (unsigned only when it is [`Signing::Disabled`], which the demo profile alone can build).
 ///
 /// # Errors
-/// [`Error::Database`], [`Error::Migration`] or [`Error::ProducerInstanceConflict`].
+/// [`Error::Database`], [`Error::Migration`], [`Error::ProducerInstanceConflict`], or
+/// [`Error::Startup`] for a signing key id already bound to another key.
 pub async fn start(
     database_url: &str,
     instance_id: &str,
     tuning: &LedgerTuning,
+    signing: Signing,
     listener: TcpListener,
     registry: &mut Registry,
 ) -> Result<RunningLedger> {
     spendguard_core::ids::check_name("instance_id", instance_id)?;
-    let store = Store::connect(database_url, tuning.db_pool_size).await?;
+    let mut store = Store::connect(database_url, tuning.db_pool_size).await?;
     if tuning.migrate_on_start {
         store.migrate().await?;
+    }
+    match signing {
+        Signing::Enabled(signer) => {
+            let record = signer
+                // Whole milliseconds, like signing times, so the first signature is in the window.
+                .key_record(
+                    spendguard_evidence::envelope::truncate_to_ms(chrono::Utc::now()),
+                    None,
+                )
+                .map_err(|e| Error::Startup(format!("signing key: {e}")))?;
+            store.register_signing_key(&record).await?;
+            info!(key_id = %record.key_id, algorithm = record.algorithm().as_str(), "audit events are signed");
+            store = store.with_signer(Arc::new(signer));
+        }
+        Signing::Disabled => warn!("audit events are NOT signed (demo profile)"),
     }
     let (claim, lock) = store.claim_producer(database_url, instance_id).await?;
     info!(
@@ -300,11 +322,16 @@ impl LedgerArgs {
             database_url,
             database_url_file,
             instance_id,
+            signing,
             tuning,
         } = self;
         common
             .init_tracing()
             .map_err(|e| Error::Startup(e.to_string()))?;
+        let signing = signing
+            .build(&instance_id)
+            .await
+            .map_err(|e| Error::Startup(format!("{}: {e}", e.code().as_str())))?;
         let database_url = match (database_url, database_url_file) {
             (_, Some(path)) => std::fs::read_to_string(&path)
                 .map_err(|e| Error::Startup(format!("reading {}: {e}", path.display())))?
@@ -322,6 +349,7 @@ impl LedgerArgs {
             &database_url,
             &instance_id,
             &tuning,
+            signing,
             listener,
             &mut registry,
         )

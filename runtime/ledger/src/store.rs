@@ -23,11 +23,13 @@ use spendguard_core::plan::{
 };
 use spendguard_core::window::BudgetWindow;
 use spendguard_core::{LedgerError, NanoUsd};
+use spendguard_evidence::{KeyRecord, ProducerSigner, Signer};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::types::Json;
 use sqlx::{Connection, PgConnection, PgPool, Postgres, Row, Transaction};
 use std::collections::{BTreeMap, BTreeSet};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -44,6 +46,8 @@ const LOCK_TIMEOUT_MS: u64 = 2_000;
 #[derive(Clone)]
 pub struct Store {
     pool: PgPool,
+    /// Signs every audit event (S6); `None` only under the demo profile.
+    signer: Option<Arc<ProducerSigner>>,
 }
 
 /// Where one batch spent its time (exported as metrics, so a slow ledger says why).
@@ -119,7 +123,48 @@ impl Store {
             .connect_with(options(database_url)?)
             .await
             .map_err(Error::from)?;
-        Ok(Self { pool })
+        Ok(Self { pool, signer: None })
+    }
+
+    /// Signs every audit event this store writes with `signer`.
+    #[must_use]
+    pub fn with_signer(mut self, signer: Arc<ProducerSigner>) -> Self {
+        self.signer = Some(signer);
+        self
+    }
+
+    /// Publishes `record` in the key registry (`signing_keys`). Additive: a key id that exists
+    /// with the same key is left alone; one with another key is refused.
+    ///
+    /// # Errors
+    /// [`Error::Startup`] for a key id already bound to another key, [`Error::Database`].
+    pub async fn register_signing_key(&self, record: &KeyRecord) -> Result<()> {
+        let inserted = sqlx::query(
+            "INSERT INTO signing_keys (key_id, algorithm, public_key, valid_from, valid_until)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (key_id) DO NOTHING",
+        )
+        .bind(&record.key_id)
+        .bind(record.algorithm().as_str())
+        .bind(record.public_key.to_bytes())
+        .bind(record.valid_from)
+        .bind(record.valid_until)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            let existing: Vec<u8> =
+                sqlx::query_scalar("SELECT public_key FROM signing_keys WHERE key_id = $1")
+                    .bind(&record.key_id)
+                    .fetch_one(&self.pool)
+                    .await?;
+            if existing != record.public_key.to_bytes() {
+                return Err(Error::Startup(format!(
+                    "signing key id {} is registered with another public key",
+                    record.key_id
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The pool (tests inspect tables through it).
@@ -231,7 +276,8 @@ impl Store {
         let planned = Instant::now();
         let mut next_sequence = cursor.next_sequence;
         if !effects.is_empty() {
-            next_sequence = write(&mut tx, cursor, now, &existing_scopes, &effects).await?;
+            let signer = self.signer.as_deref();
+            next_sequence = write(&mut tx, cursor, now, &existing_scopes, &effects, signer).await?;
         }
         let written = Instant::now();
         tx.commit().await?;
@@ -638,12 +684,13 @@ async fn write(
     now: DateTime<Utc>,
     existing_scopes: &BTreeSet<String>,
     effects: &Effects,
+    signer: Option<&ProducerSigner>,
 ) -> Result<u64> {
     // Rare paths (admin, leases, first use of a window) get their own statements...
     write_tenants_and_budgets(tx, effects).await?;
     write_leases(tx, existing_scopes, effects).await?;
     // ...the hot path is one statement.
-    write_money_and_outbox(tx, cursor, now, effects).await
+    write_money_and_outbox(tx, cursor, now, effects, signer).await
 }
 
 async fn write_tenants_and_budgets(
@@ -785,6 +832,7 @@ async fn write_money_and_outbox(
     cursor: &ProducerCursor,
     now: DateTime<Utc>,
     effects: &Effects,
+    signer: Option<&ProducerSigner>,
 ) -> Result<u64> {
     let new_reservations: Vec<serde_json::Value> = effects
         .new_reservations
@@ -867,6 +915,10 @@ async fn write_money_and_outbox(
     let mut o_types = Vec::with_capacity(effects.events.len());
     let mut o_bytes = Vec::with_capacity(effects.events.len());
     let mut o_hashes = Vec::with_capacity(effects.events.len());
+    let mut s_keys: Vec<Option<String>> = Vec::with_capacity(effects.events.len());
+    let mut s_algorithms: Vec<Option<&'static str>> = Vec::with_capacity(effects.events.len());
+    let mut s_times: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(effects.events.len());
+    let mut s_signatures: Vec<Option<Vec<u8>>> = Vec::with_capacity(effects.events.len());
     for (sequence, draft) in (first..).zip(&effects.events) {
         let stamp = ProducerStamp {
             producer_instance_id: cursor.claim.producer_instance_id.clone(),
@@ -876,6 +928,26 @@ async fn write_money_and_outbox(
         let event = draft
             .stamp(&stamp)
             .map_err(|e| Error::Invariant(format!("event not canonical: {e}")))?;
+        // The signature covers the exact stored bytes; a signing failure fails the batch (no
+        // effect without evidence).
+        match signer {
+            Some(signer) => {
+                let signed = signer
+                    .sign(&event.bytes)
+                    .await
+                    .map_err(|e| Error::Database(format!("signing audit event: {e}")))?;
+                s_keys.push(Some(signed.key_id));
+                s_algorithms.push(Some(signed.algorithm.as_str()));
+                s_times.push(Some(signed.signed_at));
+                s_signatures.push(Some(signed.signature));
+            }
+            None => {
+                s_keys.push(None);
+                s_algorithms.push(None);
+                s_times.push(None);
+                s_signatures.push(None);
+            }
+        }
         sequences.push(to_i64(sequence)?);
         o_tenants.push(draft.tenant_id.as_str());
         o_types.push(draft.event_type);
@@ -913,6 +985,10 @@ async fn write_money_and_outbox(
         .bind(&o_types)
         .bind(&o_bytes)
         .bind(&o_hashes)
+        .bind(&s_keys)
+        .bind(&s_algorithms)
+        .bind(&s_times)
+        .bind(&s_signatures)
         .fetch_one(&mut **tx)
         .await?;
     if allocated != 1 {

@@ -589,6 +589,80 @@ async fn reservations_need_registered_pricing_and_registrations_are_immutable() 
 }
 
 #[tokio::test]
+async fn every_audit_event_is_signed_by_a_registered_key() {
+    use spendguard_evidence::{Algorithm, KeyRecord, KeyRegistry, Signed};
+    let (mut ledger, fencing) = setup().await;
+    let r = reserved(
+        ledger
+            .client
+            .reserve_set(reserve_request(T, "signed-1", &["run"], 40, &fencing))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    ledger
+        .client
+        .commit(pb::CommitRequest {
+            tenant_id: T.into(),
+            reservation_id: r.reservation_id,
+            actual_nano_usd: 30,
+            fencing: Some(fencing.clone()),
+        })
+        .await
+        .unwrap();
+    let pool = ledger.store().pool();
+    let keys: Vec<(String, String, Vec<u8>, chrono::DateTime<chrono::Utc>)> =
+        sqlx::query_as("SELECT key_id, algorithm, public_key, valid_from FROM signing_keys")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    assert_eq!(keys.len(), 1, "the ledger published its key at startup");
+    let mut registry = KeyRegistry::new();
+    for (id, algorithm, public_key, from) in keys {
+        let algorithm: Algorithm = algorithm.parse().unwrap();
+        registry
+            .upsert(KeyRecord::new(id, algorithm, &public_key, from, None).unwrap())
+            .unwrap();
+    }
+    type Row = (
+        Vec<u8>,
+        String,
+        Option<String>,
+        Option<String>,
+        Option<chrono::DateTime<chrono::Utc>>,
+        Option<Vec<u8>>,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT canonical_event, producer_instance_id, signing_key_id, signing_algorithm, signed_at,
+                signature FROM audit_outbox ORDER BY producer_sequence",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert!(rows.len() >= 5);
+    for (bytes, producer, key_id, algorithm, signed_at, signature) in rows {
+        let signed = Signed {
+            key_id: key_id.expect("signed"),
+            algorithm: algorithm.expect("signed").parse().unwrap(),
+            signed_at: signed_at.expect("signed"),
+            producer_id: producer,
+            signature: signature.expect("signed"),
+        };
+        registry.verify(&signed, &bytes).unwrap();
+        let mut tampered = bytes.clone();
+        tampered[bytes.len() / 2] ^= 1;
+        assert!(registry.verify(&signed, &tampered).is_err());
+    }
+    // A half-signed row is refused by the database itself.
+    let half = sqlx::query(
+        "UPDATE audit_outbox SET signature = NULL WHERE producer_sequence = (SELECT min(producer_sequence) FROM audit_outbox)",
+    )
+    .execute(pool)
+    .await;
+    assert!(half.is_err());
+}
+
+#[tokio::test]
 async fn upserts_are_idempotent() {
     let (mut ledger, _) = setup().await;
     let events = outbox_count(&ledger).await;

@@ -19,6 +19,11 @@ struct Cli {
 enum Component {
     /// Serve the ledger gRPC API.
     Ledger(Box<LedgerArgs>),
+    /// Run a singleton worker under a leader lease.
+    Worker {
+        #[command(subcommand)]
+        kind: Box<spendguard_workers::WorkerCommand>,
+    },
     /// Run the sidecar: decision API and OpenAI/Anthropic-compatible proxy.
     Sidecar(Box<spendguard_sidecar::SidecarArgs>),
     /// Run the Kubernetes operator (so far: the Budget controller).
@@ -43,6 +48,7 @@ fn main() -> anyhow::Result<()> {
                 .await
                 .map_err(|e| anyhow::anyhow!("{}: {e}", e.code().as_str())),
             Component::Sidecar(args) => args.run().await,
+            Component::Worker { kind } => kind.run().await,
             Component::Operator(args) => args.run().await.map_err(|e| anyhow::anyhow!("{e}")),
             Component::Migrate { database_url } => {
                 let store = spendguard_ledger::store::Store::connect(&database_url, 1).await?;

@@ -18,6 +18,7 @@ fn spawn_ledger(url: &str, port: u16) -> Child {
         .arg("ledger")
         .env("SPENDGUARD_LEDGER_DATABASE_URL", url)
         .env("SPENDGUARD_LEDGER_INSTANCE_ID", "ledger-crash")
+        .envs(spendguard_testkit::signing::ledger_env().expect("signing key"))
         .env("SPENDGUARD_LEDGER_LISTEN_ADDR", format!("127.0.0.1:{port}"))
         .env(
             "SPENDGUARD_ADMIN_ADDR",

@@ -21,6 +21,7 @@ async fn health_readiness_metrics_and_graceful_shutdown() {
         .arg("ledger")
         .env("SPENDGUARD_LEDGER_DATABASE_URL", &url)
         .env("SPENDGUARD_LEDGER_INSTANCE_ID", "ledger-ops")
+        .envs(spendguard_testkit::signing::ledger_env().unwrap())
         .env("SPENDGUARD_LEDGER_LISTEN_ADDR", format!("127.0.0.1:{port}"))
         .env("SPENDGUARD_ADMIN_ADDR", format!("127.0.0.1:{admin}"))
         .env("SPENDGUARD_LOG", "error")

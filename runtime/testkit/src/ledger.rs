@@ -67,6 +67,7 @@ impl TestLedger {
             database_url,
             instance_id,
             &LedgerTuning::default(),
+            crate::signing::test_signing(instance_id),
             listener,
             &mut registry,
         )

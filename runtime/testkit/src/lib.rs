@@ -6,6 +6,7 @@ pub mod invariants;
 pub mod ledger;
 pub mod postgres;
 mod process;
+pub mod signing;
 
 pub use ledger::TestLedger;
 pub use postgres::PgCluster;

@@ -1,0 +1,212 @@
+//! Singleton workers (spec S1, S2, S8), each doing work only while it holds a leader lease:
+//!
+//! - `spendguard worker outbox-forwarder`: canonical ingest: outbox rows → verified → per-tenant
+//!   hash chain, or quarantine ([`forwarder`], [`chain`]);
+//! - `spendguard worker ttl-sweeper`: expires reservations past their TTL ([`sweeper`]).
+
+pub mod chain;
+pub mod forwarder;
+pub mod sweeper;
+
+use clap::{Args, Subcommand};
+use prometheus_client::registry::Registry;
+use spendguard_leader::{LeaderConfig, LeaderHandle, Mode};
+use spendguard_platform::{AdminServer, CommonArgs};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// `spendguard worker …`.
+#[derive(Debug, Subcommand)]
+pub enum WorkerCommand {
+    /// Canonical ingest: verify outbox rows and append them to per-tenant hash chains.
+    OutboxForwarder(ForwarderArgs),
+    /// Expire reservations whose TTL passed.
+    TtlSweeper(SweeperArgs),
+}
+
+/// Lease settings shared by the workers (`SPENDGUARD_LEADER_*`, S1).
+#[derive(Debug, Clone, Args)]
+pub struct LeaseArgs {
+    /// `k8s`, `postgres` or `disabled` (exactly one replica only).
+    #[arg(long, env = "SPENDGUARD_LEADER_ELECTION_MODE", default_value = "k8s")]
+    pub leader_election_mode: String,
+    /// Lease name (one per worker kind).
+    #[arg(long, env = "SPENDGUARD_LEADER_LEASE_NAME")]
+    pub leader_lease_name: Option<String>,
+    /// Namespace of the Lease (k8s mode).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub leader_lease_namespace: String,
+    /// This candidate (the pod name).
+    #[arg(long, env = "POD_NAME", default_value = "spendguard-worker")]
+    pub leader_identity: String,
+    /// Renew interval.
+    #[arg(
+        long,
+        env = "SPENDGUARD_LEADER_RENEW_INTERVAL_MS",
+        default_value_t = 2_000
+    )]
+    pub leader_renew_interval_ms: u64,
+    /// Lease TTL.
+    #[arg(long, env = "SPENDGUARD_LEADER_TTL_MS", default_value_t = 15_000)]
+    pub leader_ttl_ms: u64,
+}
+
+impl LeaseArgs {
+    /// Starts the elector for `default_lease` (postgres mode uses `pool`).
+    ///
+    /// # Errors
+    /// Unknown mode, bad timings, or no Kubernetes client in k8s mode.
+    pub async fn leader(
+        &self,
+        default_lease: &str,
+        pool: Option<sqlx::PgPool>,
+    ) -> anyhow::Result<LeaderHandle> {
+        let config = LeaderConfig {
+            namespace: self.leader_lease_namespace.clone(),
+            lease_name: self
+                .leader_lease_name
+                .clone()
+                .unwrap_or_else(|| default_lease.to_owned()),
+            identity: self.leader_identity.clone(),
+            renew_interval: Duration::from_millis(self.leader_renew_interval_ms),
+            ttl: Duration::from_millis(self.leader_ttl_ms),
+        };
+        Ok(match Mode::parse(&self.leader_election_mode)? {
+            Mode::Disabled => LeaderHandle::always(),
+            Mode::K8s => {
+                let client = kube::Client::try_default().await?;
+                let (elector, handle) = spendguard_leader::Elector::new(client, config)?;
+                tokio::spawn(elector.run());
+                handle
+            }
+            Mode::Postgres => {
+                let pool = pool.ok_or_else(|| {
+                    anyhow::anyhow!("leader election mode postgres needs a database URL")
+                })?;
+                let (elector, handle) = spendguard_leader::PgElector::new(pool, config)?;
+                tokio::spawn(elector.run());
+                handle
+            }
+        })
+    }
+}
+
+/// `spendguard worker outbox-forwarder` settings.
+#[derive(Debug, Args)]
+pub struct ForwarderArgs {
+    /// Logging and admin server.
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Lease.
+    #[command(flatten)]
+    pub lease: LeaseArgs,
+    /// The ledger database (outbox, key registry, chains).
+    #[arg(long, env = "SPENDGUARD_LEDGER_DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    /// `production` (strict: unsigned events are quarantined) or `demo`.
+    #[arg(long, env = "SPENDGUARD_PROFILE", default_value = "production")]
+    pub profile: String,
+    /// Rows per producer per pass.
+    #[arg(long, env = "SPENDGUARD_FORWARDER_BATCH", default_value_t = 1_000)]
+    pub batch: i64,
+    /// Pause between passes.
+    #[arg(long, env = "SPENDGUARD_FORWARDER_POLL_MS", default_value_t = 500)]
+    pub poll_ms: u64,
+}
+
+/// `spendguard worker ttl-sweeper` settings.
+#[derive(Debug, Args)]
+pub struct SweeperArgs {
+    /// Logging and admin server.
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Lease.
+    #[command(flatten)]
+    pub lease: LeaseArgs,
+    /// Ledger gRPC URL.
+    #[arg(long, env = "SPENDGUARD_LEDGER_URL")]
+    pub ledger_url: String,
+    /// Database for the lease in postgres mode.
+    #[arg(long, env = "SPENDGUARD_LEADER_DATABASE_URL", hide_env_values = true)]
+    pub leader_database_url: Option<String>,
+    /// Pause between sweeps.
+    #[arg(long, env = "SPENDGUARD_SWEEP_INTERVAL_MS", default_value_t = 1_000)]
+    pub interval_ms: u64,
+}
+
+/// `/healthz`, `/readyz` and `/metrics`. A standby is ready too: it is healthy, just waiting.
+async fn serve_admin(
+    common: &CommonArgs,
+    registry: Registry,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let readiness: spendguard_platform::Readiness =
+        Arc::new(|| Box::pin(async { Ok::<(), String>(()) }));
+    let admin = AdminServer::bind(common.admin_addr, registry, readiness).await?;
+    Ok(tokio::spawn(async move {
+        let _ = admin.serve(std::future::pending()).await;
+    }))
+}
+
+impl WorkerCommand {
+    /// Runs the worker until SIGTERM/SIGINT.
+    ///
+    /// # Errors
+    /// Startup failures.
+    pub async fn run(self) -> anyhow::Result<()> {
+        match self {
+            Self::OutboxForwarder(args) => {
+                args.common.init_tracing()?;
+                let pool = sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(4)
+                    .connect(&args.database_url)
+                    .await?;
+                let leader = args
+                    .lease
+                    .leader("spendguard-outbox-forwarder", Some(pool.clone()))
+                    .await?;
+                let strict = match args.profile.as_str() {
+                    "production" => true,
+                    "demo" => false,
+                    other => anyhow::bail!("unknown profile {other:?} (production | demo)"),
+                };
+                let mut registry = Registry::default();
+                let metrics = forwarder::ForwarderMetrics::register(&mut registry);
+                let _admin = serve_admin(&args.common, registry).await?;
+                let forwarder = forwarder::Forwarder::new(pool, strict, args.batch, metrics);
+                forwarder
+                    .run(
+                        leader,
+                        Duration::from_millis(args.poll_ms),
+                        spendguard_platform::shutdown::signalled(),
+                    )
+                    .await;
+                Ok(())
+            }
+            Self::TtlSweeper(args) => {
+                args.common.init_tracing()?;
+                let pool = match &args.leader_database_url {
+                    Some(url) => Some(
+                        sqlx::postgres::PgPoolOptions::new()
+                            .max_connections(2)
+                            .connect_lazy(url)?,
+                    ),
+                    None => None,
+                };
+                let leader = args.lease.leader("spendguard-ttl-sweeper", pool).await?;
+                let channel = tonic::transport::Endpoint::from_shared(args.ledger_url.clone())?
+                    .connect_lazy();
+                let ledger =
+                    spendguard_proto::ledger::v1::ledger_client::LedgerClient::new(channel);
+                let _admin = serve_admin(&args.common, Registry::default()).await?;
+                sweeper::run(
+                    ledger,
+                    leader,
+                    Duration::from_millis(args.interval_ms),
+                    spendguard_platform::shutdown::signalled(),
+                )
+                .await;
+                Ok(())
+            }
+        }
+    }
+}
