@@ -26,6 +26,11 @@ enum Component {
     },
     /// Run the sidecar: decision API and OpenAI/Anthropic-compatible proxy.
     Sidecar(Box<spendguard_sidecar::SidecarArgs>),
+    /// Export a tenant's audit chain, or verify an export offline.
+    Audit {
+        #[command(subcommand)]
+        kind: Box<spendguard_workers::audit::AuditCommand>,
+    },
     /// Run the Kubernetes operator (so far: the Budget controller).
     Operator(Box<spendguard_operator::OperatorArgs>),
     /// Apply database migrations and exit.
@@ -49,6 +54,10 @@ fn main() -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("{}: {e}", e.code().as_str())),
             Component::Sidecar(args) => args.run().await,
             Component::Worker { kind } => kind.run().await,
+            Component::Audit { kind } => {
+                println!("{}", kind.run().await?);
+                Ok(())
+            }
             Component::Operator(args) => args.run().await.map_err(|e| anyhow::anyhow!("{e}")),
             Component::Migrate { database_url } => {
                 let store = spendguard_ledger::store::Store::connect(&database_url, 1).await?;

@@ -3,7 +3,10 @@
 //! - `spendguard worker outbox-forwarder`: canonical ingest: outbox rows → verified → per-tenant
 //!   hash chain, or quarantine ([`forwarder`], [`chain`]);
 //! - `spendguard worker ttl-sweeper`: expires reservations past their TTL ([`sweeper`]).
+//!
+//! It also holds `spendguard audit export|verify` (spec S9, [`audit`]), which reads the chains.
 
+pub mod audit;
 pub mod chain;
 pub mod forwarder;
 pub mod sweeper;
