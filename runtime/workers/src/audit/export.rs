@@ -134,14 +134,19 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ExportError + '_ {
     }
 }
 
-/// A small pool whose sessions are read-only in the database itself
-/// (`default_transaction_read_only`), so the exporter cannot write evidence even by mistake.
+/// A one-connection pool whose sessions are read-only in the database itself
+/// (`default_transaction_read_only`), so the exporter cannot write evidence even by mistake, and
+/// whose statements are bounded (`statement_timeout`), so it cannot load the ledger's database
+/// for long.
 ///
 /// # Errors
 /// A bad URL or an unreachable database.
 pub async fn connect_read_only(database_url: &str) -> Result<PgPool, ExportError> {
     let options = PgConnectOptions::from_str(database_url)?
-        .options([("default_transaction_read_only", "on")])
+        .options([
+            ("default_transaction_read_only", "on"),
+            ("statement_timeout", "30s"),
+        ])
         .application_name("spendguard-audit-export");
     Ok(PgPoolOptions::new()
         .max_connections(1)
@@ -185,7 +190,9 @@ pub async fn export(
     if let (Some(from), Some(to)) = (options.range.from, options.range.to)
         && from >= to
     {
-        return Err(ExportError::RangeInvalid("--from must be before --to".into()));
+        return Err(ExportError::RangeInvalid(
+            "--from must be before --to".into(),
+        ));
     }
     let mut manifest = prepare(dir, options)?;
     let tenant = manifest.tenant_id.clone();
@@ -215,7 +222,23 @@ pub async fn export(
         },
     };
     let end = last.unwrap_or(0);
+    if let Some(cursor) = &manifest.cursor
+        && cursor.chain_seq > end
+    {
+        // The segment's end only grows (the chain is append-only), so an end behind the cursor
+        // means lost evidence or the wrong database, never "nothing new".
+        return Err(inconsistent(
+            &tenant,
+            end + 1,
+            "chain is shorter than the export",
+        ));
+    }
     let mut key_ids: BTreeSet<String> = read_key_ids(dir)?;
+    if !dir.join(MANIFEST_FILE).exists() {
+        // An empty manifest first, so a crash inside the first batch still leaves a resumable
+        // export rather than a directory that `--resume` must refuse as foreign.
+        commit(pool, dir, &mut manifest, &key_ids).await?;
+    }
     let mut report = ExportReport {
         batches: 0,
         events: 0,
@@ -355,8 +378,9 @@ fn to_line(
     expected: i64,
     prev: &mut Option<[u8; 32]>,
 ) -> Result<EventLine, ExportError> {
-    let (seq, producer, producer_seq, event_type, occurred_at, bytes, sha, key_id, algorithm) =
-        (row.0, row.1, row.2, row.3, row.4, row.5, row.6, row.7, row.8);
+    let (seq, producer, producer_seq, event_type, occurred_at, bytes, sha, key_id, algorithm) = (
+        row.0, row.1, row.2, row.3, row.4, row.5, row.6, row.7, row.8,
+    );
     let (signed_at, signature, prev_hash, chain_hash) = (row.9, row.10, row.11, row.12);
     if seq != expected {
         return Err(inconsistent(tenant, expected, "missing"));
@@ -408,10 +432,11 @@ fn read_key_ids(dir: &Path) -> Result<BTreeSet<String>, ExportError> {
         return Ok(BTreeSet::new());
     }
     let bytes = std::fs::read(&path).map_err(io(&path))?;
-    let keys: KeysFile = serde_json::from_slice(&bytes).map_err(|e| ExportError::ManifestInvalid {
-        path: path.clone(),
-        reason: e.to_string(),
-    })?;
+    let keys: KeysFile =
+        serde_json::from_slice(&bytes).map_err(|e| ExportError::ManifestInvalid {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
     Ok(keys.keys.into_iter().map(|k| k.key_id).collect())
 }
 
@@ -445,16 +470,16 @@ async fn commit(
         format: FORMAT.into(),
         keys: rows
             .into_iter()
-            .map(|(key_id, algorithm, public_key, valid_from, valid_until, revoked_at)| {
-                KeyEntry {
+            .map(
+                |(key_id, algorithm, public_key, valid_from, valid_until, revoked_at)| KeyEntry {
                     key_id,
                     algorithm,
                     public_key: BASE64.encode(public_key),
                     valid_from,
                     valid_until,
                     revoked_at,
-                }
-            })
+                },
+            )
             .collect(),
     };
     let keys_bytes = to_pretty(&keys);

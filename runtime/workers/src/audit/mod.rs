@@ -101,7 +101,9 @@ impl AuditCommand {
                     options.tenant_id,
                     report.batches,
                     report.events,
-                    report.cursor.map_or_else(|| "none".into(), |c| c.to_string()),
+                    report
+                        .cursor
+                        .map_or_else(|| "none".into(), |c| c.to_string()),
                     report.complete
                 ))
             }

@@ -264,7 +264,10 @@ pub fn verify(dir: &Path, options: &VerifyOptions) -> Result<VerifyReport, Verif
         tenant_id: manifest.tenant_id.clone(),
         batches: manifest.batches.len(),
         events: chain.events,
-        span: manifest.first_chain_seq.zip(last).filter(|_| chain.events > 0),
+        span: manifest
+            .first_chain_seq
+            .zip(last)
+            .filter(|_| chain.events > 0),
         keys: registry.len(),
     })
 }
@@ -310,7 +313,9 @@ fn registry(bytes: &[u8]) -> Result<KeyRegistry, VerifyFailure> {
         if registry.get(&key.key_id).is_some() {
             return Err(invalid(format!("{} is listed twice", key.key_id)));
         }
-        registry.upsert(record).map_err(|e| invalid(e.to_string()))?;
+        registry
+            .upsert(record)
+            .map_err(|e| invalid(e.to_string()))?;
     }
     Ok(registry)
 }
@@ -402,10 +407,13 @@ fn verify_event(
         Some(meta) => {
             let signed = Signed {
                 key_id: meta.key_id.clone(),
-                algorithm: meta.algorithm.parse().map_err(|_| VerifyFailure::Signature {
-                    chain_seq: seq,
-                    source: VerifyError::Malformed("algorithm"),
-                })?,
+                algorithm: meta
+                    .algorithm
+                    .parse()
+                    .map_err(|_| VerifyFailure::Signature {
+                        chain_seq: seq,
+                        source: VerifyError::Malformed("algorithm"),
+                    })?,
                 signed_at: meta.signed_at,
                 producer_id: line.producer_instance_id.clone(),
                 signature: BASE64
@@ -451,7 +459,7 @@ fn check_canonical(line: &EventLine, bytes: &[u8], tenant_id: &str) -> Result<()
     };
     let event: Value = serde_json::from_slice(bytes).map_err(|_| differs("canonical_event"))?;
     let field = |name: &str| event.get(name).cloned().unwrap_or(Value::Null);
-    if field("tenant_id") != Value::from(tenant_id) {
+    if field("tenant_id") != tenant_id {
         return Err(VerifyFailure::TenantMismatch {
             chain_seq: seq,
             expected: tenant_id.to_owned(),
