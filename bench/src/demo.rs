@@ -268,7 +268,9 @@ async fn audit_trail(spendguard_bin: &Path, url: &str, events: i64) -> Result<()
     let out = dir.path().join("demo-audit");
     let run = |args: Vec<String>| {
         let mut command = std::process::Command::new(spendguard_bin);
-        command.args(&args).env("SPENDGUARD_LEDGER_DATABASE_URL", url);
+        command
+            .args(&args)
+            .env("SPENDGUARD_LEDGER_DATABASE_URL", url);
         command
     };
     println!("$ spendguard audit export --tenant demo --out demo-audit");
@@ -286,7 +288,12 @@ async fn audit_trail(spendguard_bin: &Path, url: &str, events: i64) -> Result<()
         bail!("export failed: {}", String::from_utf8_lossy(&export.stderr));
     }
     println!("$ spendguard audit verify demo-audit   # offline: no database");
-    let verify = run(vec!["audit".into(), "verify".into(), out.display().to_string()]).output()?;
+    let verify = run(vec![
+        "audit".into(),
+        "verify".into(),
+        out.display().to_string(),
+    ])
+    .output()?;
     print!("{}", String::from_utf8_lossy(&verify.stdout));
     if !verify.status.success() {
         bail!("verify failed: {}", String::from_utf8_lossy(&verify.stderr));
