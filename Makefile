@@ -4,7 +4,8 @@
 SHELL := /bin/bash
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/spendguard/target
 # Incremental caches only help interactive rebuilds; in the shared target dir they grow by
-# gigabytes per checkout path.
+# gigabytes. Never build two checkouts into the target dir at once: workspace artifacts are keyed
+# by package, not by checkout path, so concurrent builds overwrite each other's outputs.
 export CARGO_INCREMENTAL ?= 0
 PG_BIN ?= /usr/lib/postgresql/15/bin
 export SPENDGUARD_PG_BIN ?= $(PG_BIN)
@@ -34,8 +35,8 @@ control-plane:
 test: deps control-plane sdk-venv moto-venv prune-target
 	$(CARGO) test --workspace --locked --no-fail-fast
 
-## prune-target: every clone path leaves its own copies of the workspace's test binaries in the
-## shared target dir; drop build outputs untouched for three days (rebuilt when needed).
+## prune-target: old versions and per-feature-set variants of every crate pile up in the shared
+## target dir; drop build outputs untouched for three days (rebuilt when needed).
 prune-target:
 	@if [ -d "$(CARGO_TARGET_DIR)/debug/deps" ]; then \
 	  find "$(CARGO_TARGET_DIR)/debug/deps" "$(CARGO_TARGET_DIR)/debug/build" -mindepth 1 -maxdepth 1 -mtime +3 -exec rm -rf {} + ; \

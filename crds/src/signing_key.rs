@@ -56,6 +56,11 @@ pub struct SigningKeyStatus {
     /// Key id derived from the public key.
     #[serde(default)]
     pub key_id: String,
+    /// When the operator first saw `revoked: true` (RFC 3339). Stamped once, under its own field
+    /// manager, before the ledger is told, and reused on every later reconcile: a revocation
+    /// never moves later (the ledger refuses that).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<String>,
     /// Conditions, keyed by type.
     #[serde(default)]
     #[schemars(schema_with = "conditions_schema")]

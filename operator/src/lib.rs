@@ -7,13 +7,12 @@
 //!        └──── status (SSA, field manager "spendguard-operator") ◄──── balances ─────┘
 //! ```
 //!
-//! Built so far: the Budget (with its ledger-cleanup finalizer), PricingVersion and
-//! ContractBundle controllers under leader election, Events on condition transitions
+//! Built so far: the Budget (with its ledger-cleanup finalizer), PricingVersion,
+//! ContractBundle and SigningKey (evidence key registry feed) controllers under leader election, Events on condition transitions
 //! (`events`), per-object retry backoff (`backoff`), metrics (`metrics`) on the admin server
 //! (`admin`), and the admission webhooks (`webhook`: sidecar injection and validation), which
 //! every replica serves. `mock_apiserver` is the tower-test harness of the reconciler tests.
-//! The SigningKey, RetentionPolicy and ApprovalRequest controllers arrive with the rest of
-//! issue 4.
+//! The RetentionPolicy and ApprovalRequest controllers arrive with the rest of issue 4.
 
 pub mod admin;
 pub mod backoff;
@@ -275,7 +274,8 @@ async fn lead(
         tokio::join!(
             controller::budget::run(context.clone()),
             controller::pricing_version::run(context.clone()),
-            controller::contract_bundle::run(context.clone())
+            controller::contract_bundle::run(context.clone()),
+            controller::signing_key::run(context.clone())
         );
         running.set(false);
     };

@@ -3,6 +3,7 @@
 pub mod budget;
 pub mod contract_bundle;
 pub mod pricing_version;
+pub mod signing_key;
 
 use crate::Context;
 use crate::error::Error;
@@ -102,6 +103,7 @@ fn kind_label(kind: &str) -> &'static str {
         "Budget" => "Budget",
         "ContractBundle" => "ContractBundle",
         "PricingVersion" => "PricingVersion",
+        "SigningKey" => "SigningKey",
         _ => "Other",
     }
 }

@@ -286,6 +286,38 @@ pub struct RegisterPricingResponse {
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RegisterSigningKeyRequest {
+    /// 1 to 128 characters of the id grammar, e.g. `ed25519:3f1c0a9b7e2d4c51`.
+    #[prost(string, tag = "1")]
+    pub key_id: ::prost::alloc::string::String,
+    /// `ed25519` or `ecdsa-p256-sha256`.
+    #[prost(string, tag = "2")]
+    pub algorithm: ::prost::alloc::string::String,
+    /// Ed25519: 32 raw bytes or DER SPKI; P-256: DER SPKI or SEC1 point. Stored in canonical form.
+    #[prost(bytes = "vec", tag = "3")]
+    pub public_key: ::prost::alloc::vec::Vec<u8>,
+    /// Start of validity (Unix ms, required).
+    #[prost(int64, tag = "4")]
+    pub valid_from_unix_ms: i64,
+    /// End of validity (Unix ms); 0 = open-ended.
+    #[prost(int64, tag = "5")]
+    pub valid_until_unix_ms: i64,
+    /// Revocation time (Unix ms); 0 = not revoked.
+    #[prost(int64, tag = "6")]
+    pub revoked_at_unix_ms: i64,
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RegisterSigningKeyResponse {
+    /// The key id was not registered before.
+    #[prost(bool, tag = "1")]
+    pub created: bool,
+    /// Something was written (created, window changed or revoked).
+    #[prost(bool, tag = "2")]
+    pub changed: bool,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct GetBalancesRequest {
     #[prost(string, tag = "1")]
     pub tenant_id: ::prost::alloc::string::String,
@@ -347,6 +379,10 @@ pub enum ErrorCode {
     PricingUnknown = 48,
     /// \[FAILED_PRECONDITION\] The pricing version is registered with another hash (snapshots are immutable).
     PricingConflict = 49,
+    /// \[FAILED_PRECONDITION\] The signing key id is registered with another algorithm, public key or start.
+    SigningKeyConflict = 50,
+    /// \[FAILED_PRECONDITION\] The request would clear or postpone a signing key's revocation.
+    SigningKeyRevocationIrreversible = 51,
     /// \[UNAVAILABLE\] The ledger's write queue is full; retry with backoff.
     Overloaded = 60,
     /// \[UNAVAILABLE\] The database is unreachable or failed; nothing was written.
@@ -385,6 +421,10 @@ impl ErrorCode {
             Self::ProducerInstanceConflict => "ERROR_CODE_PRODUCER_INSTANCE_CONFLICT",
             Self::PricingUnknown => "ERROR_CODE_PRICING_UNKNOWN",
             Self::PricingConflict => "ERROR_CODE_PRICING_CONFLICT",
+            Self::SigningKeyConflict => "ERROR_CODE_SIGNING_KEY_CONFLICT",
+            Self::SigningKeyRevocationIrreversible => {
+                "ERROR_CODE_SIGNING_KEY_REVOCATION_IRREVERSIBLE"
+            }
             Self::Overloaded => "ERROR_CODE_OVERLOADED",
             Self::DependencyUnavailable => "ERROR_CODE_DEPENDENCY_UNAVAILABLE",
             Self::ShuttingDown => "ERROR_CODE_SHUTTING_DOWN",
@@ -420,6 +460,10 @@ impl ErrorCode {
             }
             "ERROR_CODE_PRICING_UNKNOWN" => Some(Self::PricingUnknown),
             "ERROR_CODE_PRICING_CONFLICT" => Some(Self::PricingConflict),
+            "ERROR_CODE_SIGNING_KEY_CONFLICT" => Some(Self::SigningKeyConflict),
+            "ERROR_CODE_SIGNING_KEY_REVOCATION_IRREVERSIBLE" => {
+                Some(Self::SigningKeyRevocationIrreversible)
+            }
             "ERROR_CODE_OVERLOADED" => Some(Self::Overloaded),
             "ERROR_CODE_DEPENDENCY_UNAVAILABLE" => Some(Self::DependencyUnavailable),
             "ERROR_CODE_SHUTTING_DOWN" => Some(Self::ShuttingDown),
@@ -801,6 +845,37 @@ pub mod ledger_client {
                 );
             self.inner.unary(req, path, codec).await
         }
+        /// Admin: publish a producer public key in the evidence key registry (`signing_keys`, S7), or
+        /// change its validity end or revocation (called by the operator for SigningKey CRs). A key id
+        /// keeps its algorithm, public key and start forever (SIGNING_KEY_CONFLICT); a revocation can
+        /// only be set or moved earlier (SIGNING_KEY_REVOCATION_IRREVERSIBLE). Every change writes an
+        /// audit event under the reserved tenant `spendguard-system`; an identical repeat writes nothing.
+        pub async fn register_signing_key(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RegisterSigningKeyRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RegisterSigningKeyResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/spendguard.ledger.v1.Ledger/RegisterSigningKey",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("spendguard.ledger.v1.Ledger", "RegisterSigningKey"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
         /// Balances of the current window of each budget.
         pub async fn get_balances(
             &mut self,
@@ -899,6 +974,18 @@ pub mod ledger_server {
             request: tonic::Request<super::RegisterPricingRequest>,
         ) -> std::result::Result<
             tonic::Response<super::RegisterPricingResponse>,
+            tonic::Status,
+        >;
+        /// Admin: publish a producer public key in the evidence key registry (`signing_keys`, S7), or
+        /// change its validity end or revocation (called by the operator for SigningKey CRs). A key id
+        /// keeps its algorithm, public key and start forever (SIGNING_KEY_CONFLICT); a revocation can
+        /// only be set or moved earlier (SIGNING_KEY_REVOCATION_IRREVERSIBLE). Every change writes an
+        /// audit event under the reserved tenant `spendguard-system`; an identical repeat writes nothing.
+        async fn register_signing_key(
+            &self,
+            request: tonic::Request<super::RegisterSigningKeyRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RegisterSigningKeyResponse>,
             tonic::Status,
         >;
         /// Balances of the current window of each budget.
@@ -1325,6 +1412,51 @@ pub mod ledger_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = RegisterPricingSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/spendguard.ledger.v1.Ledger/RegisterSigningKey" => {
+                    #[allow(non_camel_case_types)]
+                    struct RegisterSigningKeySvc<T: Ledger>(pub Arc<T>);
+                    impl<
+                        T: Ledger,
+                    > tonic::server::UnaryService<super::RegisterSigningKeyRequest>
+                    for RegisterSigningKeySvc<T> {
+                        type Response = super::RegisterSigningKeyResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RegisterSigningKeyRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Ledger>::register_signing_key(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RegisterSigningKeySvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

@@ -68,6 +68,8 @@ error_codes! {
     BudgetExhausted = "BUDGET_EXHAUSTED" => FailedPrecondition,
     PricingUnknown = "PRICING_UNKNOWN" => FailedPrecondition,
     PricingConflict = "PRICING_CONFLICT" => FailedPrecondition,
+    SigningKeyConflict = "SIGNING_KEY_CONFLICT" => FailedPrecondition,
+    SigningKeyRevocationIrreversible = "SIGNING_KEY_REVOCATION_IRREVERSIBLE" => FailedPrecondition,
     ProducerInstanceConflict = "PRODUCER_INSTANCE_CONFLICT" => Unavailable,
     Overloaded = "OVERLOADED" => Unavailable,
     DependencyUnavailable = "DEPENDENCY_UNAVAILABLE" => Unavailable,
@@ -198,6 +200,20 @@ pub enum LedgerError {
         /// Version.
         version: String,
     },
+    /// The key id is registered with another algorithm, public key or start.
+    #[error(
+        "signing key {key_id} is already registered with another algorithm, public key or start"
+    )]
+    SigningKeyConflict {
+        /// Key id.
+        key_id: String,
+    },
+    /// The request would clear or postpone the key's revocation.
+    #[error("signing key {key_id} is revoked; a revocation can only be moved earlier")]
+    SigningKeyRevocationIrreversible {
+        /// Key id.
+        key_id: String,
+    },
 }
 
 impl LedgerError {
@@ -223,6 +239,10 @@ impl LedgerError {
             Self::ReservationExpired(_) => ErrorCode::ReservationExpired,
             Self::PricingUnknown { .. } => ErrorCode::PricingUnknown,
             Self::PricingConflict { .. } => ErrorCode::PricingConflict,
+            Self::SigningKeyConflict { .. } => ErrorCode::SigningKeyConflict,
+            Self::SigningKeyRevocationIrreversible { .. } => {
+                ErrorCode::SigningKeyRevocationIrreversible
+            }
         }
     }
 

@@ -163,6 +163,35 @@ pub struct RegisterPricing {
 /// A (tenant, pricing version) pair.
 pub type PricingKey = (String, String);
 
+/// Reserved tenant id under which the ledger writes audit events that belong to no customer
+/// tenant (the evidence key registry, S7). UpsertTenant refuses this id, and no `tenants` row is
+/// needed: `audit_outbox` (and the export chain) key events by tenant id without a foreign key.
+pub const SYSTEM_TENANT_ID: &str = "spendguard-system";
+
+/// A key of the evidence key registry (`signing_keys`), as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SigningKeyRow {
+    /// Algorithm name (`ed25519`, `ecdsa-p256-sha256`), validated before planning.
+    pub algorithm: String,
+    /// Canonical public key bytes, validated before planning.
+    pub public_key: Vec<u8>,
+    /// Start of validity.
+    pub valid_from: DateTime<Utc>,
+    /// End of validity; `None` is open-ended.
+    pub valid_until: Option<DateTime<Utc>>,
+    /// Revocation; set once, then only moved earlier.
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// Register a producer public key, or change its validity end or revocation (S7).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegisterSigningKey {
+    /// Key id.
+    pub key_id: String,
+    /// The desired row.
+    pub key: SigningKeyRow,
+}
+
 /// One mutation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[allow(clippy::large_enum_variant)] // Commands live briefly in a bounded queue; boxing buys nothing.
@@ -183,6 +212,8 @@ pub enum Command {
     UpsertBudget(UpsertBudget),
     /// See [`RegisterPricing`].
     RegisterPricing(RegisterPricing),
+    /// See [`RegisterSigningKey`].
+    RegisterSigningKey(RegisterSigningKey),
 }
 
 // === Rows ===
@@ -344,6 +375,8 @@ pub struct Snapshot {
     pub expired_candidates: Vec<Uuid>,
     /// Registered pricing hashes referenced.
     pub pricing: BTreeMap<PricingKey, String>,
+    /// Signing keys referenced that exist.
+    pub signing_keys: BTreeMap<String, SigningKeyRow>,
 }
 
 /// What the store must load for a batch, derived from its commands.
@@ -361,6 +394,8 @@ pub struct Needs {
     pub sweep_max: u32,
     /// Pricing registrations.
     pub pricing: BTreeSet<PricingKey>,
+    /// Signing keys.
+    pub signing_key_ids: BTreeSet<String>,
 }
 
 impl Needs {
@@ -406,6 +441,9 @@ impl Needs {
                     needs
                         .pricing
                         .insert((p.tenant_id.clone(), p.pricing.version.clone()));
+                }
+                Command::RegisterSigningKey(k) => {
+                    needs.signing_key_ids.insert(k.key_id.clone());
                 }
                 Command::UpsertBudget(b) => {
                     needs.tenant_ids.insert(b.tenant_id.clone());
@@ -522,6 +560,13 @@ pub enum Outcome {
         /// Newly registered.
         created: bool,
     },
+    /// Signing key registered or updated.
+    SigningKeyRegistered {
+        /// Newly registered.
+        created: bool,
+        /// Anything written (false for an identical repeat).
+        changed: bool,
+    },
     /// Budget upserted.
     BudgetUpserted {
         /// Newly created.
@@ -602,6 +647,8 @@ pub struct Effects {
     pub budgets: BTreeMap<BudgetKey, BudgetRow>,
     /// Pricing registrations to insert.
     pub pricing: BTreeMap<PricingKey, String>,
+    /// Signing keys to insert or update (final state).
+    pub signing_keys: BTreeMap<String, SigningKeyRow>,
     /// Windows to create (with zero money; their limit arrives as a WindowOpen entry).
     pub new_windows: BTreeSet<WindowKey>,
     /// Final lease state of every changed scope.
@@ -673,6 +720,7 @@ impl Planner {
             Command::UpsertTenant(t) => Ok(self.upsert_tenant(t)),
             Command::UpsertBudget(b) => self.upsert_budget(b),
             Command::RegisterPricing(p) => self.register_pricing(p),
+            Command::RegisterSigningKey(k) => self.register_signing_key(k),
         }
     }
 
@@ -1188,6 +1236,89 @@ impl Planner {
             json!({"version": p.pricing.version, "sha256_hex": p.pricing.sha256_hex}),
         );
         Ok(Outcome::PricingRegistered { created: true })
+    }
+
+    fn register_signing_key(&mut self, k: &RegisterSigningKey) -> Result<Outcome, LedgerError> {
+        let new = &k.key;
+        let time = |t: Option<DateTime<Utc>>| t.map(format_time);
+        let Some(old) = self.state.signing_keys.get(&k.key_id).cloned() else {
+            self.state
+                .signing_keys
+                .insert(k.key_id.clone(), new.clone());
+            self.effects
+                .signing_keys
+                .insert(k.key_id.clone(), new.clone());
+            self.event(
+                SYSTEM_TENANT_ID,
+                "signing_key.registered",
+                json!({
+                    "key_id": k.key_id,
+                    "algorithm": new.algorithm,
+                    "public_key_sha256": hex::encode(Sha256::digest(&new.public_key)),
+                    "valid_from": format_time(new.valid_from),
+                    "valid_until": time(new.valid_until),
+                    "revoked_at": time(new.revoked_at),
+                }),
+            );
+            return Ok(Outcome::SigningKeyRegistered {
+                created: true,
+                changed: true,
+            });
+        };
+        if old.algorithm != new.algorithm
+            || old.public_key != new.public_key
+            || old.valid_from != new.valid_from
+        {
+            return Err(LedgerError::SigningKeyConflict {
+                key_id: k.key_id.clone(),
+            });
+        }
+        if let Some(old_revoked) = old.revoked_at
+            && new.revoked_at.is_none_or(|r| r > old_revoked)
+        {
+            return Err(LedgerError::SigningKeyRevocationIrreversible {
+                key_id: k.key_id.clone(),
+            });
+        }
+        if old == *new {
+            return Ok(Outcome::SigningKeyRegistered {
+                created: false,
+                changed: false,
+            });
+        }
+        if old.valid_until != new.valid_until {
+            self.event(
+                SYSTEM_TENANT_ID,
+                "signing_key.window_changed",
+                json!({
+                    "key_id": k.key_id,
+                    "valid_from": format_time(new.valid_from),
+                    "previous_valid_until": time(old.valid_until),
+                    "valid_until": time(new.valid_until),
+                }),
+            );
+        }
+        if old.revoked_at != new.revoked_at {
+            self.event(
+                SYSTEM_TENANT_ID,
+                "signing_key.revoked",
+                json!({
+                    "key_id": k.key_id,
+                    "previous_revoked_at": time(old.revoked_at),
+                    "revoked_at": time(new.revoked_at),
+                }),
+            );
+        }
+        self.state
+            .signing_keys
+            .insert(k.key_id.clone(), new.clone());
+        self.effects
+            .signing_keys
+            .insert(k.key_id.clone(), new.clone());
+        Ok(Outcome::SigningKeyRegistered {
+            created: false,
+            changed: true,
+        })
     }
 
     fn upsert_budget(&mut self, b: &UpsertBudget) -> Result<Outcome, LedgerError> {

@@ -5,7 +5,8 @@ use spendguard_core::ids::{check_idempotency_key, check_name, check_text, parse_
 use spendguard_core::lease::{AcquireLease, LEASE_TTL_MS_MAX, LEASE_TTL_MS_MIN, LeaseOutcome};
 use spendguard_core::plan::{
     Balance, BudgetRow, Commit, DecisionContext, Fencing, PricingRef, RESERVE_SET_BUDGETS_MAX,
-    RegisterPricing, Release, ReserveSet, UpsertBudget, UpsertTenant,
+    RegisterPricing, RegisterSigningKey, Release, ReserveSet, SYSTEM_TENANT_ID, SigningKeyRow,
+    UpsertBudget, UpsertTenant,
 };
 use spendguard_core::window::BudgetWindow;
 use spendguard_core::{ErrorCode, LedgerError, NanoUsd};
@@ -239,12 +240,92 @@ pub fn register_pricing(r: &pb::RegisterPricingRequest) -> Result<RegisterPricin
     })
 }
 
+/// Longest signing key id (the `signing_keys.key_id` check).
+pub const SIGNING_KEY_ID_LEN_MAX: usize = 128;
+
+fn time_ms(field: &'static str, value: i64) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
+    if value == 0 {
+        return Ok(None);
+    }
+    if value < 0 {
+        return Err(LedgerError::InvalidArgument {
+            field,
+            reason: "must be a positive Unix time in milliseconds (0 = unset)".into(),
+        });
+    }
+    chrono::DateTime::from_timestamp_millis(value)
+        .map(Some)
+        .ok_or(LedgerError::InvalidArgument {
+            field,
+            reason: "out of range".into(),
+        })
+}
+
+/// Validates a RegisterSigningKey request: key id grammar, a known algorithm, a public key valid
+/// for it (stored in canonical form, so raw and SPKI encodings of one key are the same key) and
+/// a consistent window.
+///
+/// # Errors
+/// The first invalid field.
+pub fn register_signing_key(r: &pb::RegisterSigningKeyRequest) -> Result<RegisterSigningKey> {
+    check_name("key_id", &r.key_id)?;
+    if r.key_id.len() > SIGNING_KEY_ID_LEN_MAX {
+        return Err(LedgerError::IdMalformed {
+            field: "key_id",
+            reason: format!("longer than {SIGNING_KEY_ID_LEN_MAX} characters"),
+        });
+    }
+    let algorithm: spendguard_evidence::Algorithm =
+        r.algorithm
+            .parse()
+            .map_err(|_| LedgerError::InvalidArgument {
+                field: "algorithm",
+                reason: "must be ed25519 or ecdsa-p256-sha256".into(),
+            })?;
+    let public_key =
+        spendguard_evidence::PublicKey::from_bytes(algorithm, &r.public_key).map_err(|e| {
+            LedgerError::InvalidArgument {
+                field: "public_key",
+                reason: e.to_string(),
+            }
+        })?;
+    let valid_from = time_ms("valid_from_unix_ms", r.valid_from_unix_ms)?.ok_or(
+        LedgerError::InvalidArgument {
+            field: "valid_from_unix_ms",
+            reason: "required".into(),
+        },
+    )?;
+    let valid_until = time_ms("valid_until_unix_ms", r.valid_until_unix_ms)?;
+    if valid_until.is_some_and(|until| until <= valid_from) {
+        return Err(LedgerError::InvalidArgument {
+            field: "valid_until_unix_ms",
+            reason: "must be after valid_from_unix_ms".into(),
+        });
+    }
+    Ok(RegisterSigningKey {
+        key_id: r.key_id.clone(),
+        key: SigningKeyRow {
+            algorithm: algorithm.as_str().to_owned(),
+            public_key: public_key.to_bytes(),
+            valid_from,
+            valid_until,
+            revoked_at: time_ms("revoked_at_unix_ms", r.revoked_at_unix_ms)?,
+        },
+    })
+}
+
 /// Validates an UpsertTenant request.
 ///
 /// # Errors
 /// The first invalid field.
 pub fn upsert_tenant(r: &pb::UpsertTenantRequest) -> Result<UpsertTenant> {
     check_name("tenant_id", &r.tenant_id)?;
+    if r.tenant_id == SYSTEM_TENANT_ID {
+        return Err(LedgerError::IdMalformed {
+            field: "tenant_id",
+            reason: format!("{SYSTEM_TENANT_ID} is reserved for the ledger's own audit events"),
+        });
+    }
     check_text("display_name", &r.display_name, TEXT_LEN_MAX)?;
     Ok(UpsertTenant {
         tenant_id: r.tenant_id.clone(),
@@ -357,6 +438,10 @@ pub fn error_code_to_proto(code: ErrorCode) -> pb::ErrorCode {
         ErrorCode::BudgetExhausted => pb::ErrorCode::BudgetExhausted,
         ErrorCode::PricingUnknown => pb::ErrorCode::PricingUnknown,
         ErrorCode::PricingConflict => pb::ErrorCode::PricingConflict,
+        ErrorCode::SigningKeyConflict => pb::ErrorCode::SigningKeyConflict,
+        ErrorCode::SigningKeyRevocationIrreversible => {
+            pb::ErrorCode::SigningKeyRevocationIrreversible
+        }
         ErrorCode::ProducerInstanceConflict => pb::ErrorCode::ProducerInstanceConflict,
         ErrorCode::Overloaded => pb::ErrorCode::Overloaded,
         ErrorCode::DependencyUnavailable => pb::ErrorCode::DependencyUnavailable,

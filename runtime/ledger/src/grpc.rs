@@ -273,6 +273,23 @@ impl pb::ledger_server::Ledger for LedgerGrpc {
         .await
     }
 
+    #[instrument(skip_all, fields(key_id = %request.get_ref().key_id))]
+    async fn register_signing_key(
+        &self,
+        request: Request<pb::RegisterSigningKeyRequest>,
+    ) -> Result<Response<pb::RegisterSigningKeyResponse>, Status> {
+        self.run("RegisterSigningKey", async {
+            let command = convert::register_signing_key(request.get_ref())?;
+            match self.submit(Command::RegisterSigningKey(command)).await? {
+                Outcome::SigningKeyRegistered { created, changed } => {
+                    Ok(pb::RegisterSigningKeyResponse { created, changed })
+                }
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
     #[instrument(skip_all, fields(tenant_id = %request.get_ref().tenant_id))]
     async fn get_balances(
         &self,

@@ -19,7 +19,8 @@ use spendguard_core::audit::{ProducerStamp, format_time};
 use spendguard_core::lease::LeaseState;
 use spendguard_core::plan::{
     Balance, BudgetKey, BudgetRow, Command, Effects, Needs, Outcome, ReservationRow,
-    ReservationState, Resolution, Snapshot, WindowKey, WindowRow, plan_batch, windows_needed,
+    ReservationState, Resolution, SigningKeyRow, Snapshot, WindowKey, WindowRow, plan_batch,
+    windows_needed,
 };
 use spendguard_core::window::BudgetWindow;
 use spendguard_core::{LedgerError, NanoUsd};
@@ -272,12 +273,17 @@ impl Store {
         let (snapshot, existing_scopes) = load(&mut tx, commands).await?;
         let loaded = Instant::now();
         let now = snapshot.now;
+        let existing_keys: BTreeSet<String> = snapshot.signing_keys.keys().cloned().collect();
         let (outcomes, effects) = plan_batch(snapshot, commands);
         let planned = Instant::now();
         let mut next_sequence = cursor.next_sequence;
         if !effects.is_empty() {
             let signer = self.signer.as_deref();
-            next_sequence = write(&mut tx, cursor, now, &existing_scopes, &effects, signer).await?;
+            let existing = Existing {
+                scopes: &existing_scopes,
+                signing_keys: &existing_keys,
+            };
+            next_sequence = write(&mut tx, cursor, now, &existing, &effects, signer).await?;
         }
         let written = Instant::now();
         tx.commit().await?;
@@ -422,6 +428,17 @@ struct PricingJson {
     sha256_hex: String,
 }
 
+/// A signing key as `load_batch.sql` returns it.
+#[derive(serde::Deserialize)]
+struct SigningKeyJson {
+    key_id: String,
+    algorithm: String,
+    public_key_hex: String,
+    valid_from: DateTime<Utc>,
+    valid_until: Option<DateTime<Utc>>,
+    revoked_at: Option<DateTime<Utc>>,
+}
+
 /// A budget as `load_batch.sql` returns it.
 #[derive(serde::Deserialize)]
 struct BudgetJson {
@@ -465,6 +482,7 @@ async fn load(
     let budget_ids: Vec<&str> = needs.budgets.iter().map(|k| k.budget_id.as_str()).collect();
     let pricing_tenants: Vec<&str> = needs.pricing.iter().map(|(t, _)| t.as_str()).collect();
     let pricing_versions: Vec<&str> = needs.pricing.iter().map(|(_, v)| v.as_str()).collect();
+    let signing_key_ids: Vec<&str> = needs.signing_key_ids.iter().map(String::as_str).collect();
     let row = sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
         .bind(&scope_ids)
         .bind(&reservation_ids)
@@ -473,6 +491,7 @@ async fn load(
         .bind(&budget_ids)
         .bind(&pricing_tenants)
         .bind(&pricing_versions)
+        .bind(&signing_key_ids)
         .fetch_one(&mut **tx)
         .await?;
     let mut snapshot = Snapshot {
@@ -527,6 +546,21 @@ async fn load(
         if needs.pricing.contains(&key) {
             snapshot.pricing.insert(key, p.sha256_hex);
         }
+    }
+    let Json(signing_keys): Json<Vec<SigningKeyJson>> = row.try_get("signing_keys")?;
+    for k in signing_keys {
+        let public_key = hex::decode(&k.public_key_hex)
+            .map_err(|e| Error::Invariant(format!("signing key {}: {e}", k.key_id)))?;
+        snapshot.signing_keys.insert(
+            k.key_id,
+            SigningKeyRow {
+                algorithm: k.algorithm,
+                public_key,
+                valid_from: k.valid_from,
+                valid_until: k.valid_until,
+                revoked_at: k.revoked_at,
+            },
+        );
     }
     let window_keys = windows_needed(commands, &snapshot);
     snapshot.windows = load_windows(tx, &window_keys, "FOR UPDATE").await?;
@@ -677,24 +711,31 @@ async fn load_windows(
 
 // === Writing ===
 
+/// Rows of the batch that existed when it loaded (updated, not inserted).
+struct Existing<'a> {
+    scopes: &'a BTreeSet<String>,
+    signing_keys: &'a BTreeSet<String>,
+}
+
 /// Writes the batch and returns the producer's next sequence after it.
 async fn write(
     tx: &mut Transaction<'_, Postgres>,
     cursor: &ProducerCursor,
     now: DateTime<Utc>,
-    existing_scopes: &BTreeSet<String>,
+    existing: &Existing<'_>,
     effects: &Effects,
     signer: Option<&ProducerSigner>,
 ) -> Result<u64> {
     // Rare paths (admin, leases, first use of a window) get their own statements...
-    write_tenants_and_budgets(tx, effects).await?;
-    write_leases(tx, existing_scopes, effects).await?;
+    write_tenants_and_budgets(tx, existing.signing_keys, effects).await?;
+    write_leases(tx, existing.scopes, effects).await?;
     // ...the hot path is one statement.
     write_money_and_outbox(tx, cursor, now, effects, signer).await
 }
 
 async fn write_tenants_and_budgets(
     tx: &mut Transaction<'_, Postgres>,
+    existing_keys: &BTreeSet<String>,
     effects: &Effects,
 ) -> Result<()> {
     if !effects.tenants.is_empty() {
@@ -730,6 +771,27 @@ async fn write_tenants_and_budgets(
         .bind(&hashes)
         .execute(&mut **tx)
         .await?;
+    }
+    for (key_id, key) in &effects.signing_keys {
+        // A plain INSERT for a new key: if another replica registered it first, the primary key
+        // fails this batch instead of recording a second `signing_key.registered`. Updates are
+        // re-checked by the table's trigger (only the end and an earlier revocation change).
+        let sql = if existing_keys.contains(key_id) {
+            "UPDATE signing_keys SET valid_until = $5, revoked_at = $6
+              WHERE key_id = $1 AND algorithm = $2 AND public_key = $3 AND valid_from = $4"
+        } else {
+            "INSERT INTO signing_keys (key_id, algorithm, public_key, valid_from, valid_until, revoked_at)
+             VALUES ($1, $2, $3, $4, $5, $6)"
+        };
+        sqlx::query(sql)
+            .bind(key_id)
+            .bind(&key.algorithm)
+            .bind(&key.public_key)
+            .bind(key.valid_from)
+            .bind(key.valid_until)
+            .bind(key.revoked_at)
+            .execute(&mut **tx)
+            .await?;
     }
     if !effects.budgets.is_empty() {
         let mut tenants = Vec::new();

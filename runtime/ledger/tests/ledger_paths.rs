@@ -1190,3 +1190,192 @@ async fn database_constraints_hold_even_if_application_code_is_wrong() {
             .await;
     assert!(twice.is_err());
 }
+
+/// RFC 8032 test vector public keys (valid, not small-order).
+const ED25519_KEY_1: &str = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a";
+const ED25519_KEY_2: &str = "3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c";
+
+fn signing_key_request(key_id: &str, public_key_hex: &str) -> pb::RegisterSigningKeyRequest {
+    pb::RegisterSigningKeyRequest {
+        key_id: key_id.into(),
+        algorithm: "ed25519".into(),
+        public_key: hex::decode(public_key_hex).unwrap(),
+        valid_from_unix_ms: 1_767_225_600_000,
+        valid_until_unix_ms: 1_798_761_600_000,
+        revoked_at_unix_ms: 0,
+    }
+}
+
+async fn signing_key_events(ledger: &TestLedger) -> Vec<(String, String)> {
+    sqlx::query_as(
+        "SELECT tenant_id, event_type FROM audit_outbox
+          WHERE event_type LIKE 'signing_key.%' ORDER BY producer_sequence",
+    )
+    .fetch_all(ledger.store().pool())
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn signing_keys_register_revoke_and_never_un_revoke() {
+    let (mut ledger, _fencing) = setup().await;
+    let key_id = "ed25519:feed0000cafe0001";
+    let request = signing_key_request(key_id, ED25519_KEY_1);
+
+    // Register: a row, one audit event under the system tenant.
+    let first = ledger
+        .client
+        .register_signing_key(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.created && first.changed);
+    let row: (String, Vec<u8>, Option<chrono::DateTime<chrono::Utc>>) = sqlx::query_as(
+        "SELECT algorithm, public_key, revoked_at FROM signing_keys WHERE key_id = $1",
+    )
+    .bind(key_id)
+    .fetch_one(ledger.store().pool())
+    .await
+    .unwrap();
+    assert_eq!(row.0, "ed25519");
+    assert_eq!(row.1, hex::decode(ED25519_KEY_1).unwrap());
+    assert!(row.2.is_none());
+    assert_eq!(
+        signing_key_events(&ledger).await,
+        vec![("spendguard-system".into(), "signing_key.registered".into())]
+    );
+
+    // An identical repeat writes nothing.
+    let before = outbox_count(&ledger).await;
+    let again = ledger
+        .client
+        .register_signing_key(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!again.created && !again.changed);
+    assert_eq!(outbox_count(&ledger).await, before);
+
+    // Another key, algorithm or start under the same id is refused.
+    let other_key = signing_key_request(key_id, ED25519_KEY_2);
+    let err = ledger
+        .client
+        .register_signing_key(other_key)
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), pb::ErrorCode::SigningKeyConflict);
+    let mut other_start = request.clone();
+    other_start.valid_from_unix_ms += 1;
+    let err = ledger
+        .client
+        .register_signing_key(other_start)
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), pb::ErrorCode::SigningKeyConflict);
+    assert_eq!(outbox_count(&ledger).await, before);
+
+    // Invalid input is refused before the writer.
+    let mut bad_key = signing_key_request("ed25519:bad", ED25519_KEY_1);
+    bad_key.public_key.truncate(31);
+    let err = ledger
+        .client
+        .register_signing_key(bad_key)
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), pb::ErrorCode::InvalidArgument);
+    let mut bad_algorithm = signing_key_request("ed25519:bad", ED25519_KEY_1);
+    bad_algorithm.algorithm = "rsa".into();
+    let err = ledger
+        .client
+        .register_signing_key(bad_algorithm)
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), pb::ErrorCode::InvalidArgument);
+    let err = ledger
+        .client
+        .register_signing_key(signing_key_request(&"k".repeat(129), ED25519_KEY_1))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), pb::ErrorCode::IdMalformed);
+
+    // Shortening the window is audited.
+    let mut shorter = request.clone();
+    shorter.valid_until_unix_ms -= 1_000;
+    let changed = ledger
+        .client
+        .register_signing_key(shorter.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!changed.created && changed.changed);
+
+    // Revoke, then move the revocation earlier; both audited.
+    let mut revoked = shorter.clone();
+    revoked.revoked_at_unix_ms = 1_780_000_000_000;
+    assert!(
+        ledger
+            .client
+            .register_signing_key(revoked.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .changed
+    );
+    let mut earlier = revoked.clone();
+    earlier.revoked_at_unix_ms -= 60_000;
+    assert!(
+        ledger
+            .client
+            .register_signing_key(earlier.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .changed
+    );
+
+    // Clearing or postponing the revocation is refused and writes nothing.
+    let before = outbox_count(&ledger).await;
+    for revoked_at in [0, earlier.revoked_at_unix_ms + 1] {
+        let mut undo = earlier.clone();
+        undo.revoked_at_unix_ms = revoked_at;
+        let err = ledger.client.register_signing_key(undo).await.unwrap_err();
+        assert_eq!(code(&err), pb::ErrorCode::SigningKeyRevocationIrreversible);
+    }
+    assert_eq!(outbox_count(&ledger).await, before);
+    let revoked_at: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT revoked_at FROM signing_keys WHERE key_id = $1")
+            .bind(key_id)
+            .fetch_one(ledger.store().pool())
+            .await
+            .unwrap();
+    assert_eq!(revoked_at.timestamp_millis(), earlier.revoked_at_unix_ms);
+
+    let types: Vec<String> = signing_key_events(&ledger)
+        .await
+        .into_iter()
+        .map(|(tenant, event_type)| {
+            assert_eq!(tenant, "spendguard-system");
+            event_type
+        })
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "signing_key.registered",
+            "signing_key.window_changed",
+            "signing_key.revoked",
+            "signing_key.revoked"
+        ]
+    );
+
+    // The system tenant id cannot be created as a customer tenant.
+    let err = ledger
+        .client
+        .upsert_tenant(pb::UpsertTenantRequest {
+            tenant_id: "spendguard-system".into(),
+            display_name: "x".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), pb::ErrorCode::IdMalformed);
+}

@@ -18,4 +18,8 @@ SELECT now() AS now,
              ORDER BY tenant_id, budget_id {budget_lock}) b) AS budgets,
        (SELECT coalesce(json_agg(p), '[]'::json) FROM (
             SELECT tenant_id, version, sha256_hex FROM pricing_registrations
-             WHERE tenant_id = ANY($6) AND version = ANY($7)) p) AS pricing
+             WHERE tenant_id = ANY($6) AND version = ANY($7)) p) AS pricing,
+       (SELECT coalesce(json_agg(k), '[]'::json) FROM (
+            SELECT key_id, algorithm, encode(public_key, 'hex') AS public_key_hex, valid_from, valid_until,
+                   revoked_at
+              FROM signing_keys WHERE key_id = ANY($8) ORDER BY key_id FOR UPDATE) k) AS signing_keys
