@@ -234,11 +234,30 @@ pub(crate) async fn demo(spendguard_bin: &Path) -> Result<()> {
 
 /// Canonical ingest, export and offline verification of the demo tenant's evidence.
 async fn audit_trail(spendguard_bin: &Path, url: &str, events: i64) -> Result<()> {
+    // The forwarder's checkpoint key (production profile requires one) and its public half.
+    let key_dir = tempfile::tempdir()?;
+    let checkpoint_key = key_dir.path().join("checkpoint.pem");
+    let checkpoint_pub = key_dir.path().join("checkpoint.pub.pem");
+    let openssl = |args: &[&str]| -> Result<()> {
+        let status = std::process::Command::new("openssl")
+            .args(args)
+            .status()
+            .context("running openssl")?;
+        anyhow::ensure!(status.success(), "openssl {args:?} failed");
+        Ok(())
+    };
+    let (key_arg, pub_arg) = (
+        checkpoint_key.display().to_string(),
+        checkpoint_pub.display().to_string(),
+    );
+    openssl(&["genpkey", "-algorithm", "ed25519", "-out", &key_arg])?;
+    openssl(&["pkey", "-in", &key_arg, "-pubout", "-out", &pub_arg])?;
     let forwarder = Child(
         tokio::process::Command::new(spendguard_bin)
             .args(["worker", "outbox-forwarder"])
             .env("SPENDGUARD_LEDGER_DATABASE_URL", url)
             .env("SPENDGUARD_LEADER_ELECTION_MODE", "disabled")
+            .env("SPENDGUARD_CHECKPOINT_KEY_FILE", &checkpoint_key)
             .env(
                 "SPENDGUARD_ADMIN_ADDR",
                 format!("127.0.0.1:{}", spendguard_testkit::free_port()),
@@ -287,11 +306,15 @@ async fn audit_trail(spendguard_bin: &Path, url: &str, events: i64) -> Result<()
     if !export.status.success() {
         bail!("export failed: {}", String::from_utf8_lossy(&export.stderr));
     }
-    println!("$ spendguard audit verify demo-audit   # offline: no database");
+    println!(
+        "$ spendguard audit verify demo-audit --checkpoint-key checkpoint.pub.pem   # offline: no database"
+    );
     let verify = run(vec![
         "audit".into(),
         "verify".into(),
         out.display().to_string(),
+        "--checkpoint-key".into(),
+        pub_arg.clone(),
     ])
     .output()?;
     print!("{}", String::from_utf8_lossy(&verify.stdout));

@@ -109,6 +109,18 @@ impl LocalEd25519Signer {
     }
 }
 
+impl LocalEd25519Signer {
+    /// A raw Ed25519 signature over `message`, with no envelope, key id or signed time.
+    ///
+    /// For C2SP signed notes (audit chain checkpoints) only: there the signed bytes are the note
+    /// body and the key is named by the note's own key hash. Audit events must be signed through
+    /// [`Signer::sign_at`], whose signing input binds key id, algorithm, time and producer.
+    pub fn sign_raw(&self, message: &[u8]) -> [u8; 64] {
+        use ed25519_dalek::Signer as _;
+        self.key.sign(message).to_bytes()
+    }
+}
+
 impl Signer for LocalEd25519Signer {
     fn key_id(&self) -> &str {
         &self.key_id

@@ -10,8 +10,13 @@
 //! 2. `UNSIGNED`: no signature, under strict mode (the default outside the demo profile).
 //! 3. The key registry's verdict on the signature and its signed time: `KEY_UNKNOWN`,
 //!    `SIGNATURE_INVALID`, `KEY_REVOKED`, `KEY_OUTSIDE_WINDOW`, …
+//!
+//! With a checkpoint signer ([`Forwarder::with_checkpoint_signer`]) each pass that appended to a
+//! tenant's chain also writes a signed checkpoint of the new head to `audit_checkpoints`, in the
+//! same transaction.
 
 use crate::chain::{GENESIS, link};
+use crate::checkpoint;
 use chrono::{DateTime, Utc};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -20,9 +25,10 @@ use prometheus_client::registry::Registry;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use spendguard_core::audit::EVENT_SCHEMA;
-use spendguard_evidence::{Algorithm, KeyRecord, KeyRegistry, Signed};
+use spendguard_evidence::{Algorithm, KeyRecord, KeyRegistry, LocalEd25519Signer, Signed};
 use sqlx::{PgPool, Postgres, Transaction};
 use std::collections::HashMap;
+use std::sync::Arc;
 use tracing::{info, warn};
 
 /// Why a pass failed (nothing was forwarded by it).
@@ -39,6 +45,9 @@ pub enum ForwardError {
         /// Why.
         reason: String,
     },
+    /// A checkpoint could not be signed (the pass rolled back).
+    #[error("checkpoint: {0}")]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
     /// The database failed.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
@@ -50,6 +59,7 @@ impl ForwardError {
         match self {
             Self::CursorConflict(_) => "FORWARDER_CURSOR_CONFLICT",
             Self::KeyInvalid { .. } => "SIGNING_KEY_INVALID",
+            Self::Checkpoint(_) => "CHECKPOINT_INVALID",
             Self::Database(_) => "DEPENDENCY_UNAVAILABLE",
         }
     }
@@ -102,6 +112,7 @@ pub struct Forwarder {
     strict: bool,
     batch: i64,
     metrics: ForwarderMetrics,
+    checkpoints: Option<(Arc<LocalEd25519Signer>, String)>,
 }
 
 struct OutboxRow {
@@ -126,7 +137,24 @@ impl Forwarder {
             strict,
             batch,
             metrics,
+            checkpoints: None,
         }
+    }
+
+    /// Signs a checkpoint ([`crate::checkpoint`]) for each tenant whose chain a pass appended
+    /// to, under `key_name`, in the pass's transaction.
+    ///
+    /// # Errors
+    /// [`crate::checkpoint::CheckpointError::KeyName`] for an invalid key name.
+    pub fn with_checkpoint_signer(
+        mut self,
+        signer: Arc<LocalEd25519Signer>,
+        key_name: &str,
+    ) -> Result<Self, crate::checkpoint::CheckpointError> {
+        // Validate the name now rather than on the first pass.
+        checkpoint::sign(&signer, key_name, "probe", 1, &GENESIS)?;
+        self.checkpoints = Some((signer, key_name.to_owned()));
+        Ok(self)
     }
 
     /// Forwards up to `batch` rows per producer in one transaction.
@@ -179,6 +207,21 @@ impl Forwarder {
             .bind(hash.to_vec())
             .execute(&mut *tx)
             .await?;
+            if let Some((signer, key_name)) = &self.checkpoints {
+                let size = u64::try_from(*seq).unwrap_or(0);
+                let note = checkpoint::sign(signer, key_name, tenant, size, hash)?;
+                sqlx::query(
+                    "INSERT INTO audit_checkpoints (tenant_id, tree_size, root_hash, note, key_name)
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant_id, tree_size) DO NOTHING",
+                )
+                .bind(tenant)
+                .bind(seq)
+                .bind(hash.to_vec())
+                .bind(note)
+                .bind(key_name)
+                .execute(&mut *tx)
+                .await?;
+            }
         }
         tx.commit().await?;
         self.metrics.accepted.inc_by(report.accepted);

@@ -8,6 +8,7 @@
 
 pub mod audit;
 pub mod chain;
+pub mod checkpoint;
 pub mod forwarder;
 pub mod sweeper;
 
@@ -115,6 +116,16 @@ pub struct ForwarderArgs {
     /// Pause between passes.
     #[arg(long, env = "SPENDGUARD_FORWARDER_POLL_MS", default_value_t = 500)]
     pub poll_ms: u64,
+    /// Ed25519 PKCS#8 PEM key signing the per-tenant chain checkpoints (required in production).
+    #[arg(long, env = "SPENDGUARD_CHECKPOINT_KEY_FILE")]
+    pub checkpoint_key_file: Option<std::path::PathBuf>,
+    /// Key name in the checkpoints' signature lines.
+    #[arg(
+        long,
+        env = "SPENDGUARD_CHECKPOINT_KEY_NAME",
+        default_value = checkpoint::DEFAULT_KEY_NAME
+    )]
+    pub checkpoint_key_name: String,
 }
 
 /// `spendguard worker ttl-sweeper` settings.
@@ -135,6 +146,28 @@ pub struct SweeperArgs {
     /// Pause between sweeps.
     #[arg(long, env = "SPENDGUARD_SWEEP_INTERVAL_MS", default_value_t = 1_000)]
     pub interval_ms: u64,
+}
+
+/// The forwarder's checkpoint signer: required under the production profile (`strict`),
+/// optional under the demo profile.
+fn checkpoint_signer(
+    args: &ForwarderArgs,
+    strict: bool,
+) -> anyhow::Result<Option<Arc<spendguard_evidence::LocalEd25519Signer>>> {
+    match &args.checkpoint_key_file {
+        Some(path) => Ok(Some(Arc::new(
+            spendguard_evidence::LocalEd25519Signer::from_pem_file(
+                path,
+                None,
+                "spendguard-forwarder",
+            )?,
+        ))),
+        None if strict => anyhow::bail!(
+            "the production profile requires a checkpoint signing key \
+             (--checkpoint-key-file / SPENDGUARD_CHECKPOINT_KEY_FILE)"
+        ),
+        None => Ok(None),
+    }
 }
 
 /// `/healthz`, `/readyz` and `/metrics`. A standby is ready too: it is healthy, just waiting.
@@ -159,6 +192,12 @@ impl WorkerCommand {
         match self {
             Self::OutboxForwarder(args) => {
                 args.common.init_tracing()?;
+                let strict = match args.profile.as_str() {
+                    "production" => true,
+                    "demo" => false,
+                    other => anyhow::bail!("unknown profile {other:?} (production | demo)"),
+                };
+                let checkpoint_signer = checkpoint_signer(&args, strict)?;
                 let pool = sqlx::postgres::PgPoolOptions::new()
                     .max_connections(4)
                     .connect(&args.database_url)
@@ -167,15 +206,14 @@ impl WorkerCommand {
                     .lease
                     .leader("spendguard-outbox-forwarder", Some(pool.clone()))
                     .await?;
-                let strict = match args.profile.as_str() {
-                    "production" => true,
-                    "demo" => false,
-                    other => anyhow::bail!("unknown profile {other:?} (production | demo)"),
-                };
                 let mut registry = Registry::default();
                 let metrics = forwarder::ForwarderMetrics::register(&mut registry);
                 let _admin = serve_admin(&args.common, registry).await?;
-                let forwarder = forwarder::Forwarder::new(pool, strict, args.batch, metrics);
+                let mut forwarder = forwarder::Forwarder::new(pool, strict, args.batch, metrics);
+                if let Some(signer) = checkpoint_signer {
+                    forwarder =
+                        forwarder.with_checkpoint_signer(signer, &args.checkpoint_key_name)?;
+                }
                 forwarder
                     .run(
                         leader,
@@ -211,5 +249,68 @@ impl WorkerCommand {
                 Ok(())
             }
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        worker: WorkerCommand,
+    }
+
+    fn forwarder_args(extra: &[&str]) -> ForwarderArgs {
+        let base = [
+            "spendguard-worker",
+            "outbox-forwarder",
+            "--database-url",
+            "postgres://unused",
+        ];
+        match Cli::try_parse_from(base.iter().chain(extra))
+            .unwrap()
+            .worker
+        {
+            WorkerCommand::OutboxForwarder(args) => args,
+            WorkerCommand::TtlSweeper(_) => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn production_requires_a_checkpoint_key_and_demo_does_not() {
+        let args = forwarder_args(&[]);
+        assert_eq!(args.checkpoint_key_name, checkpoint::DEFAULT_KEY_NAME);
+        let error = checkpoint_signer(&args, true).unwrap_err().to_string();
+        assert!(error.contains("SPENDGUARD_CHECKPOINT_KEY_FILE"), "{error}");
+        assert!(checkpoint_signer(&args, false).unwrap().is_none());
+
+        let missing = forwarder_args(&["--checkpoint-key-file", "/nonexistent/key.pem"]);
+        assert!(checkpoint_signer(&missing, true).is_err());
+        assert!(
+            checkpoint_signer(&missing, false).is_err(),
+            "a given key must load"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key.pem");
+        let pem = {
+            use ed25519_dalek::pkcs8::EncodePrivateKey as _;
+            ed25519_dalek::SigningKey::from_bytes(&[5; 32])
+                .to_pkcs8_pem(Default::default())
+                .unwrap()
+        };
+        std::fs::write(&path, pem.as_bytes()).unwrap();
+        let args = forwarder_args(&[
+            "--checkpoint-key-file",
+            path.to_str().unwrap(),
+            "--checkpoint-key-name",
+            "sg-prod",
+        ]);
+        assert!(checkpoint_signer(&args, true).unwrap().is_some());
+        assert_eq!(args.checkpoint_key_name, "sg-prod");
     }
 }

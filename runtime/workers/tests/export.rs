@@ -747,3 +747,109 @@ async fn the_cli_exports_resumes_and_verifies_with_stable_codes() {
             .is_err()
     );
 }
+
+#[tokio::test]
+async fn a_checkpoint_catches_a_cut_tail_with_a_rewritten_manifest() {
+    let mut ledger = TestLedger::start().await.unwrap();
+    tenant_activity(&mut ledger, "acme", 4, "a").await;
+    let pool = ledger.store().pool().clone();
+    let key = std::sync::Arc::new(
+        spendguard_evidence::LocalEd25519Signer::from_signing_key(
+            ed25519_dalek::SigningKey::from_bytes(&[21; 32]),
+            None,
+            "forwarder",
+        )
+        .unwrap(),
+    );
+    let public = spendguard_evidence::Signer::public_key(key.as_ref()).to_bytes();
+    let report = Forwarder::new(pool.clone(), true, 1_000, ForwarderMetrics::default())
+        .with_checkpoint_signer(key, "sg-audit")
+        .unwrap()
+        .pass()
+        .await
+        .unwrap();
+    assert!(report.quarantined.is_empty());
+    let len = chain_len(&pool, "acme").await;
+
+    let reader = connect_read_only(&ledger.database_url).await.unwrap();
+    let original = tempfile::tempdir().unwrap();
+    export(&reader, original.path(), &options("acme", 100))
+        .await
+        .unwrap();
+    let note = std::fs::read_to_string(original.path().join("checkpoint.txt")).unwrap();
+    assert!(note.starts_with(&format!("spendguard.io/audit/acme\n{len}\n")));
+    let with_checkpoint = VerifyOptions {
+        checkpoint: Some(("sg-audit".into(), public.clone())),
+        ..VerifyOptions::default()
+    };
+    let verified = verify(original.path(), &with_checkpoint).unwrap();
+    assert_eq!(verified.checkpoint, Some(u64::try_from(len).unwrap()));
+
+    let code = |dir: &Path, options: &VerifyOptions| match verify(dir, options) {
+        Ok(report) => panic!("verified: {report}"),
+        Err(e) => e.code(),
+    };
+    // Cut the tail and rewrite the manifest: the chain alone still verifies, the checkpoint not.
+    let cut = copy(original.path());
+    edit_lines(cut.path(), |lines| lines.truncate(lines.len() - 2));
+    verify(cut.path(), &VerifyOptions::default()).unwrap();
+    assert_eq!(code(cut.path(), &with_checkpoint), "CHECKPOINT_MISMATCH");
+
+    // Re-rooting the note at the cut end breaks its signature.
+    let m = manifest(cut.path());
+    let cursor = m.cursor.unwrap();
+    let root = hex::decode(&cursor.chain_hash).unwrap();
+    let body = format!(
+        "spendguard.io/audit/acme\n{}\n{}\n",
+        cursor.chain_seq,
+        BASE64.encode(&root)
+    );
+    let (_, sig) = note.split_once("\n\n").unwrap();
+    std::fs::write(cut.path().join("checkpoint.txt"), format!("{body}\n{sig}")).unwrap();
+    assert_eq!(code(cut.path(), &with_checkpoint), "CHECKPOINT_INVALID");
+
+    // A removed checkpoint, another key, or a note for another tenant.
+    let dir = copy(original.path());
+    std::fs::remove_file(dir.path().join("checkpoint.txt")).unwrap();
+    assert_eq!(code(dir.path(), &with_checkpoint), "CHECKPOINT_MISSING");
+    let other_key = ed25519_dalek::SigningKey::from_bytes(&[22; 32])
+        .verifying_key()
+        .to_bytes()
+        .to_vec();
+    let wrong = VerifyOptions {
+        checkpoint: Some(("sg-audit".into(), other_key)),
+        ..VerifyOptions::default()
+    };
+    assert_eq!(code(original.path(), &wrong), "CHECKPOINT_INVALID");
+
+    // The CLI takes the key as base64 or as a file.
+    let key_b64 = BASE64.encode(&public);
+    let dir_arg = original.path().to_str().unwrap();
+    let out = run_cli(&[
+        "verify",
+        dir_arg,
+        "--checkpoint-key",
+        &key_b64,
+        "--checkpoint-key-name",
+        "sg-audit",
+    ])
+    .await
+    .unwrap();
+    assert!(out.contains(&format!("checkpoint={len}")), "{out}");
+    let key_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(key_file.path(), format!("{key_b64}\n")).unwrap();
+    let error = run_cli(&[
+        "verify",
+        cut.path().to_str().unwrap(),
+        "--checkpoint-key",
+        key_file.path().to_str().unwrap(),
+        "--checkpoint-key-name",
+        "sg-audit",
+    ])
+    .await
+    .unwrap_err();
+    assert!(
+        error.to_string().starts_with("CHECKPOINT_INVALID"),
+        "{error}"
+    );
+}

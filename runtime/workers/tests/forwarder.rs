@@ -306,3 +306,136 @@ async fn overlapping_forwarders_never_forward_a_row_twice() {
         .unwrap();
     assert_eq!(chained, outbox);
 }
+
+#[tokio::test]
+async fn signed_checkpoints_are_written_per_tenant_and_verify() {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD as B64;
+    use ed25519_dalek::Verifier as _;
+    use sha2::{Digest, Sha256};
+    use spendguard_workers::checkpoint;
+
+    let mut ledger = TestLedger::start().await.unwrap();
+    tenant_activity(&mut ledger, "acme", 2).await;
+    tenant_activity(&mut ledger, "globex", 1).await;
+    let pool = ledger.store().pool().clone();
+    let key = std::sync::Arc::new(signer(11));
+    let public = key.public_key().to_bytes();
+    let f = forwarder(&pool)
+        .with_checkpoint_signer(key.clone(), "sg-test")
+        .unwrap();
+    assert!(f.pass().await.unwrap().accepted > 0);
+
+    let latest = |tenant: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_as::<_, (i64, Vec<u8>, String, String)>(
+                "SELECT tree_size, root_hash, note, key_name FROM audit_checkpoints
+                  WHERE tenant_id = $1 ORDER BY tree_size DESC LIMIT 1",
+            )
+            .bind(tenant)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let mut acme_note = String::new();
+    for tenant in ["acme", "globex"] {
+        let length = verify_chain(&pool, tenant).await.unwrap();
+        let (size, root, note, key_name) = latest(tenant).await;
+        assert_eq!((size, key_name.as_str()), (length, "sg-test"));
+        let head: Vec<u8> = sqlx::query_scalar(
+            "SELECT chain_hash FROM audit_chain WHERE tenant_id = $1 AND chain_seq = $2",
+        )
+        .bind(tenant)
+        .bind(length)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(root, head);
+        let cp = checkpoint::verify(&note, "sg-test", &public).unwrap();
+        assert_eq!(cp.origin, format!("spendguard.io/audit/{tenant}"));
+        assert_eq!(cp.size, u64::try_from(length).unwrap());
+        assert_eq!(cp.root.to_vec(), head);
+
+        // The exact C2SP text, checked independently of the crate's parser.
+        let lines: Vec<&str> = note.split_inclusive('\n').collect();
+        assert_eq!(lines.len(), 5, "{note:?}");
+        assert_eq!(lines[0], format!("spendguard.io/audit/{tenant}\n"));
+        assert_eq!(lines[1], format!("{length}\n"));
+        assert_eq!(lines[2], format!("{}\n", B64.encode(&head)));
+        assert_eq!(lines[3], "\n");
+        let sig_line = lines[4]
+            .strip_prefix("\u{2014} sg-test ")
+            .and_then(|l| l.strip_suffix('\n'))
+            .unwrap();
+        let blob = B64.decode(sig_line).unwrap();
+        assert_eq!(blob.len(), 4 + 64);
+        let mut h = Sha256::new();
+        h.update(b"sg-test\n\x01");
+        h.update(&public);
+        assert_eq!(blob[..4], h.finalize()[..4]);
+        let body = lines[..3].concat();
+        let vk =
+            ed25519_dalek::VerifyingKey::from_bytes(&public.clone().try_into().unwrap()).unwrap();
+        vk.verify(
+            body.as_bytes(),
+            &ed25519_dalek::Signature::from_slice(&blob[4..]).unwrap(),
+        )
+        .unwrap();
+        if tenant == "acme" {
+            acme_note = note;
+        }
+    }
+
+    // Tampering with the size, the root or a signature byte fails verification.
+    let (size, root, _, _) = latest("acme").await;
+    let cut = acme_note.replacen(&format!("\n{size}\n"), &format!("\n{}\n", size - 1), 1);
+    assert!(checkpoint::verify(&cut, "sg-test", &public).is_err());
+    let mut other_root = root.clone();
+    other_root[0] ^= 1;
+    let rerooted = acme_note.replacen(&B64.encode(&root), &B64.encode(&other_root), 1);
+    assert_ne!(rerooted, acme_note);
+    assert!(checkpoint::verify(&rerooted, "sg-test", &public).is_err());
+    let (body, sig) = acme_note.split_once("\u{2014} sg-test ").unwrap();
+    let mut blob = B64.decode(sig.trim_end()).unwrap();
+    blob[20] ^= 1;
+    let resigned = format!("{body}\u{2014} sg-test {}\n", B64.encode(&blob));
+    assert!(matches!(
+        checkpoint::verify(&resigned, "sg-test", &public),
+        Err(checkpoint::CheckpointError::BadSignature(_))
+    ));
+    let wrong_key = signer(12).public_key().to_bytes();
+    assert!(checkpoint::verify(&acme_note, "sg-test", &wrong_key).is_err());
+
+    // An idle pass writes nothing; new activity checkpoints only the tenant that grew.
+    let total = |pool: PgPool| async move {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM audit_checkpoints")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    let before = total(pool.clone()).await;
+    assert_eq!(f.pass().await.unwrap().accepted, 0);
+    assert_eq!(total(pool.clone()).await, before);
+    let fencing = ledger.tenant_with_lease("acme").await.unwrap();
+    ledger
+        .client
+        .reserve_set(reserve_request("acme", "later", &["b"], 5, &fencing))
+        .await
+        .unwrap();
+    assert!(f.pass().await.unwrap().accepted >= 1);
+    assert_eq!(total(pool.clone()).await, before + 1);
+    let (new_size, _, note, _) = latest("acme").await;
+    assert!(new_size > size);
+    assert_eq!(
+        checkpoint::verify(&note, "sg-test", &public).unwrap().size,
+        u64::try_from(verify_chain(&pool, "acme").await.unwrap()).unwrap()
+    );
+
+    // Checkpoints are append-only.
+    let edit = sqlx::query("UPDATE audit_checkpoints SET note = 'x' WHERE tenant_id = 'acme'")
+        .execute(&pool)
+        .await;
+    assert!(edit.is_err());
+}

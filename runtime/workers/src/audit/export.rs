@@ -10,8 +10,9 @@
 //! `--resume` overwrites.
 
 use super::format::{
-    BatchEntry, Cursor, EventLine, FORMAT, KEYS_FILE, KeyEntry, KeysFile, MANIFEST_FILE, Manifest,
-    Range, SignatureMeta, batch_file_name, sha256_hex, to_pretty, write_atomic,
+    BatchEntry, CHECKPOINT_FILE, Cursor, EventLine, FORMAT, KEYS_FILE, KeyEntry, KeysFile,
+    MANIFEST_FILE, Manifest, Range, SignatureMeta, batch_file_name, sha256_hex, to_pretty,
+    write_atomic,
 };
 use crate::chain::{GENESIS, link};
 use base64::Engine as _;
@@ -301,8 +302,36 @@ pub async fn export(
         // Also repairs keys.json after a crash between it and the manifest.
         commit(pool, dir, &mut manifest, &key_ids).await?;
     }
+    write_checkpoint(pool, dir, &manifest).await?;
     report.complete = next > end;
     Ok(report)
+}
+
+/// Writes the newest checkpoint whose tree size lies in the exported span to
+/// [`CHECKPOINT_FILE`] (nothing when there is none, e.g. no checkpoint signer configured).
+async fn write_checkpoint(
+    pool: &PgPool,
+    dir: &Path,
+    manifest: &Manifest,
+) -> Result<(), ExportError> {
+    let (Some(first), Some(cursor)) = (manifest.first_chain_seq, &manifest.cursor) else {
+        return Ok(());
+    };
+    let note: Option<String> = sqlx::query_scalar(
+        "SELECT note FROM audit_checkpoints
+          WHERE tenant_id = $1 AND tree_size >= $2 AND tree_size <= $3
+          ORDER BY tree_size DESC LIMIT 1",
+    )
+    .bind(&manifest.tenant_id)
+    .bind(first)
+    .bind(cursor.chain_seq)
+    .fetch_optional(pool)
+    .await?;
+    match note {
+        Some(note) => write_atomic(dir, CHECKPOINT_FILE, note.as_bytes())
+            .map_err(io(&dir.join(CHECKPOINT_FILE))),
+        None => Ok(()),
+    }
 }
 
 /// The manifest to continue: the directory's on `--resume`, otherwise a new one.

@@ -8,6 +8,8 @@
 //!   keys.json            public keys that signed exported events, with windows and revocations
 //!   batch-000001.jsonl   one EventLine per line, in chain order
 //!   batch-000002.jsonl   …
+//!   checkpoint.txt       the newest signed checkpoint (C2SP signed note, see
+//!                        `crate::checkpoint`) whose tree size lies in the exported span, if any
 //! ```
 
 use chrono::{DateTime, Utc};
@@ -22,6 +24,8 @@ pub const FORMAT: &str = "spendguard.audit-export.v1";
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// The keys file's name.
 pub const KEYS_FILE: &str = "keys.json";
+/// The checkpoint note's file name. Not listed in the manifest: the note is signed on its own.
+pub const CHECKPOINT_FILE: &str = "checkpoint.txt";
 
 /// The name of the `n`th batch (1-based). The verifier accepts only these names, in order, so a
 /// manifest can never point outside the export directory.

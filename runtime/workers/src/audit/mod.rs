@@ -63,6 +63,40 @@ pub struct VerifyArgs {
     /// Accept unsigned events (demo-profile installations only).
     #[arg(long)]
     pub allow_unsigned: bool,
+    /// Require checkpoint.txt signed by this Ed25519 public key: base64 of the raw 32 bytes, or a
+    /// file holding that or a PEM `PUBLIC KEY` (`openssl pkey -pubout`).
+    #[arg(long)]
+    pub checkpoint_key: Option<String>,
+    /// Key name of the checkpoint signature line.
+    #[arg(long, default_value = crate::checkpoint::DEFAULT_KEY_NAME)]
+    pub checkpoint_key_name: String,
+}
+
+/// The raw Ed25519 public key from `--checkpoint-key`.
+fn checkpoint_key(value: &str) -> anyhow::Result<Vec<u8>> {
+    use base64::Engine as _;
+    use ed25519_dalek::pkcs8::DecodePublicKey as _;
+    let path = std::path::Path::new(value);
+    let text = if path.is_file() {
+        std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("CHECKPOINT_KEY_INVALID: {}: {e}", path.display()))?
+    } else {
+        value.to_owned()
+    };
+    let text = text.trim();
+    let key = if text.starts_with("-----BEGIN") {
+        ed25519_dalek::VerifyingKey::from_public_key_pem(text)
+            .map(|k| k.to_bytes().to_vec())
+            .map_err(|_| anyhow::anyhow!("CHECKPOINT_KEY_INVALID: not an Ed25519 PUBLIC KEY PEM"))?
+    } else {
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(|_| anyhow::anyhow!("CHECKPOINT_KEY_INVALID: not base64 or a key file"))?
+    };
+    if key.len() != 32 {
+        anyhow::bail!("CHECKPOINT_KEY_INVALID: an Ed25519 public key has 32 bytes");
+    }
+    Ok(key)
 }
 
 fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
@@ -111,6 +145,10 @@ impl AuditCommand {
                 let options = verify::VerifyOptions {
                     keys: args.keys,
                     allow_unsigned: args.allow_unsigned,
+                    checkpoint: match &args.checkpoint_key {
+                        Some(key) => Some((args.checkpoint_key_name.clone(), checkpoint_key(key)?)),
+                        None => None,
+                    },
                 };
                 verify::verify(&args.dir, &options)
                     .map(|report| report.to_string())

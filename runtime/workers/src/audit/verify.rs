@@ -13,14 +13,23 @@
 //!      revoked): `UNSIGNED`, `KEY_UNKNOWN`, `SIGNATURE_INVALID`, `KEY_REVOKED`, …;
 //!    - the link: `prev_chain_hash` continues the previous event and
 //!      `chain_hash = chain::link(prev, event_sha256)` (`CHAIN_BROKEN`);
-//! 4. the manifest's cursor names the last event (`MANIFEST_MISMATCH`).
+//! 4. the manifest's cursor names the last event (`MANIFEST_MISMATCH`);
+//! 5. with a checkpoint key ([`VerifyOptions::checkpoint`]): checkpoint.txt exists
+//!    (`CHECKPOINT_MISSING`), its signed note verifies under that key name and key
+//!    (`CHECKPOINT_INVALID`), its origin is the export's tenant, its tree size is a position of the
+//!    export and its root equals that event's `chain_hash` (`CHECKPOINT_MISMATCH`).
 //!
-//! Not covered until signed checkpoints exist: an export whose tail was cut *and* whose manifest
-//! was rewritten to match verifies as a shorter export, and a mid-chain anchor is taken as given.
+//! The checkpoint closes the "cut the tail and rewrite the manifest" gap for everything up to the
+//! checkpoint's size: a cut below it leaves the checkpointed position outside the export, and
+//! the signed root vouches for every link back to the manifest's anchor (so a mid-chain anchor is
+//! no longer taken as given either). Events after the checkpoint's size are covered only by the
+//! chain links and the manifest, and an attacker holding an *older* valid checkpoint can still
+//! present a consistently truncated export at that older size: only a verifier that knows a newer
+//! size (from an independently obtained checkpoint) can tell.
 
 use super::format::{
-    BatchEntry, EventLine, FORMAT, KEYS_FILE, KeysFile, MANIFEST_FILE, Manifest, batch_file_name,
-    sha256_hex,
+    BatchEntry, CHECKPOINT_FILE, EventLine, FORMAT, KEYS_FILE, KeysFile, MANIFEST_FILE, Manifest,
+    batch_file_name, sha256_hex,
 };
 use crate::chain::{GENESIS, link};
 use base64::Engine as _;
@@ -39,6 +48,8 @@ pub struct VerifyOptions {
     pub keys: Option<PathBuf>,
     /// Accept unsigned events (exports of a demo-profile installation only).
     pub allow_unsigned: bool,
+    /// Require checkpoint.txt signed by this key (name, raw 32-byte Ed25519 public key).
+    pub checkpoint: Option<(String, Vec<u8>)>,
 }
 
 /// A verified export.
@@ -54,6 +65,8 @@ pub struct VerifyReport {
     pub span: Option<(i64, i64)>,
     /// Keys in the registry used.
     pub keys: usize,
+    /// Tree size of the verified checkpoint, when one was required.
+    pub checkpoint: Option<u64>,
 }
 
 impl std::fmt::Display for VerifyReport {
@@ -63,8 +76,11 @@ impl std::fmt::Display for VerifyReport {
             "OK tenant={} batches={} events={} keys={}",
             self.tenant_id, self.batches, self.events, self.keys
         )?;
-        match self.span {
-            Some((first, last)) => write!(f, " chain_seq={first}..={last}"),
+        if let Some((first, last)) = self.span {
+            write!(f, " chain_seq={first}..={last}")?;
+        }
+        match self.checkpoint {
+            Some(size) => write!(f, " checkpoint={size}"),
             None => Ok(()),
         }
     }
@@ -151,6 +167,15 @@ pub enum VerifyFailure {
         /// The registry's verdict.
         source: VerifyError,
     },
+    /// A checkpoint was required and checkpoint.txt is absent.
+    #[error("checkpoint.txt is missing")]
+    CheckpointMissing,
+    /// checkpoint.txt does not verify under the given key.
+    #[error("checkpoint: {0}")]
+    CheckpointInvalid(crate::checkpoint::CheckpointError),
+    /// The checkpoint does not match the export.
+    #[error("checkpoint does not match the export: {0}")]
+    CheckpointMismatch(&'static str),
     /// A link does not continue the previous one or does not recompute.
     #[error("event {chain_seq}: {what} breaks the chain")]
     ChainBroken {
@@ -177,6 +202,9 @@ impl VerifyFailure {
             Self::Unsigned { .. } => "UNSIGNED",
             Self::Signature { source, .. } => source.code().as_str(),
             Self::ChainBroken { .. } => "CHAIN_BROKEN",
+            Self::CheckpointMissing => "CHECKPOINT_MISSING",
+            Self::CheckpointInvalid(_) => "CHECKPOINT_INVALID",
+            Self::CheckpointMismatch(_) => "CHECKPOINT_MISMATCH",
         }
     }
 }
@@ -212,6 +240,28 @@ pub fn verify(dir: &Path, options: &VerifyOptions) -> Result<VerifyReport, Verif
         }
     };
     let registry = registry(&keys_bytes)?;
+    let checkpoint = match &options.checkpoint {
+        Some((name, key)) => {
+            let path = dir.join(CHECKPOINT_FILE);
+            if !path.exists() {
+                return Err(VerifyFailure::CheckpointMissing);
+            }
+            let note = String::from_utf8(read(&path)?).map_err(|_| {
+                VerifyFailure::CheckpointInvalid(crate::checkpoint::CheckpointError::Malformed(
+                    "not UTF-8",
+                ))
+            })?;
+            let cp = crate::checkpoint::verify(&note, name, key)
+                .map_err(VerifyFailure::CheckpointInvalid)?;
+            if cp.origin != crate::checkpoint::origin(&manifest.tenant_id) {
+                return Err(VerifyFailure::CheckpointMismatch(
+                    "origin is another tenant",
+                ));
+            }
+            Some(cp)
+        }
+        None => None,
+    };
     if !manifest.batches.is_empty()
         && (manifest.first_chain_seq.is_none() || manifest.anchor_prev_chain_hash.is_none())
     {
@@ -232,6 +282,10 @@ pub fn verify(dir: &Path, options: &VerifyOptions) -> Result<VerifyReport, Verif
             None => None,
         },
         events: 0,
+        checkpoint_at: checkpoint
+            .as_ref()
+            .map(|cp| i64::try_from(cp.size).unwrap_or(i64::MAX)),
+        checkpoint_hash: None,
     };
     if chain.next_seq == Some(1) && chain.prev != Some(GENESIS) {
         return Err(VerifyFailure::ChainBroken {
@@ -260,6 +314,21 @@ pub fn verify(dir: &Path, options: &VerifyOptions) -> Result<VerifyReport, Verif
     if !cursor_ok {
         return Err(mismatch(MANIFEST_FILE, "cursor"));
     }
+    if let Some(cp) = &checkpoint {
+        match chain.checkpoint_hash {
+            None => {
+                return Err(VerifyFailure::CheckpointMismatch(
+                    "its tree size is not a position of the export (truncated?)",
+                ));
+            }
+            Some(hash) if hash != cp.root => {
+                return Err(VerifyFailure::CheckpointMismatch(
+                    "root differs from the chain hash at its tree size",
+                ));
+            }
+            Some(_) => {}
+        }
+    }
     Ok(VerifyReport {
         tenant_id: manifest.tenant_id.clone(),
         batches: manifest.batches.len(),
@@ -269,6 +338,7 @@ pub fn verify(dir: &Path, options: &VerifyOptions) -> Result<VerifyReport, Verif
             .zip(last)
             .filter(|_| chain.events > 0),
         keys: registry.len(),
+        checkpoint: checkpoint.map(|cp| cp.size),
     })
 }
 
@@ -328,6 +398,9 @@ struct ChainState<'a> {
     next_seq: Option<i64>,
     prev: Option<[u8; 32]>,
     events: u64,
+    /// Position a checkpoint names, and the verified chain hash found there.
+    checkpoint_at: Option<i64>,
+    checkpoint_hash: Option<[u8; 32]>,
 }
 
 fn verify_batch(
@@ -445,6 +518,9 @@ fn verify_event(
         });
     }
     chain.prev = Some(next);
+    if chain.checkpoint_at == Some(seq) {
+        chain.checkpoint_hash = Some(next);
+    }
     chain.next_seq = Some(seq + 1);
     chain.events += 1;
     Ok(())
