@@ -1,0 +1,5 @@
+//! `sqlx::migrate!` embeds the migrations at compile time but does not tell cargo to watch the
+//! directory, so a new migration file alone would not rebuild the ledger.
+fn main() {
+    println!("cargo:rerun-if-changed=../../migrations");
+}
