@@ -3,6 +3,8 @@
 //! case is first shown to verify untampered, then to fail with its own code.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use chrono::{DateTime, Utc};
@@ -10,9 +12,7 @@ use clap::Parser as _;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use spendguard_core::audit::{EventDraft, ProducerStamp};
-use spendguard_proto::ledger::v1 as pb;
 use spendguard_testkit::TestLedger;
-use spendguard_testkit::ledger::reserve_request;
 use spendguard_workers::audit::AuditCommand;
 use spendguard_workers::audit::export::{ExportOptions, connect_read_only, export};
 use spendguard_workers::audit::format::{Manifest, Range, sha256_hex};
@@ -21,6 +21,7 @@ use spendguard_workers::chain::link;
 use spendguard_workers::forwarder::{Forwarder, ForwarderMetrics};
 use sqlx::PgPool;
 use std::path::Path;
+use support::tenant_activity;
 
 async fn forward(pool: &PgPool) {
     let report = Forwarder::new(pool.clone(), true, 1_000, ForwarderMetrics::default())
@@ -28,38 +29,6 @@ async fn forward(pool: &PgPool) {
         .await
         .unwrap();
     assert!(report.quarantined.is_empty(), "{:?}", report.quarantined);
-}
-
-async fn tenant_activity(ledger: &mut TestLedger, tenant: &str, calls: usize, tag: &str) {
-    let fencing = ledger.tenant_with_lease(tenant).await.unwrap();
-    ledger.budget(tenant, "b", 1_000_000).await.unwrap();
-    for i in 0..calls {
-        let r = ledger
-            .client
-            .reserve_set(reserve_request(
-                tenant,
-                &format!("{tag}{i}"),
-                &["b"],
-                100,
-                &fencing,
-            ))
-            .await
-            .unwrap()
-            .into_inner();
-        let Some(pb::reserve_set_response::Outcome::Reserved(r)) = r.outcome else {
-            panic!("denied")
-        };
-        ledger
-            .client
-            .commit(pb::CommitRequest {
-                tenant_id: tenant.into(),
-                reservation_id: r.reservation_id,
-                actual_nano_usd: 60,
-                fencing: Some(fencing.clone()),
-            })
-            .await
-            .unwrap();
-    }
 }
 
 fn options(tenant: &str, batch_size: usize) -> ExportOptions {

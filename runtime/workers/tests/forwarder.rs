@@ -3,50 +3,20 @@
 //! overlapping forwarders cannot forward a row twice.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use chrono::Utc;
 use spendguard_core::audit::{EventDraft, ProducerStamp};
 use spendguard_evidence::{LocalEd25519Signer, Signer};
-use spendguard_proto::ledger::v1 as pb;
 use spendguard_testkit::TestLedger;
 use spendguard_testkit::ledger::reserve_request;
 use spendguard_workers::chain::verify_chain;
 use spendguard_workers::forwarder::{Forwarder, ForwarderMetrics};
 use sqlx::PgPool;
+use support::tenant_activity;
 
 fn forwarder(pool: &PgPool) -> Forwarder {
     Forwarder::new(pool.clone(), true, 1_000, ForwarderMetrics::default())
-}
-
-async fn tenant_activity(ledger: &mut TestLedger, tenant: &str, calls: usize) {
-    let fencing = ledger.tenant_with_lease(tenant).await.unwrap();
-    ledger.budget(tenant, "b", 1_000_000).await.unwrap();
-    for i in 0..calls {
-        let r = ledger
-            .client
-            .reserve_set(reserve_request(
-                tenant,
-                &format!("k{i}"),
-                &["b"],
-                100,
-                &fencing,
-            ))
-            .await
-            .unwrap()
-            .into_inner();
-        let Some(pb::reserve_set_response::Outcome::Reserved(r)) = r.outcome else {
-            panic!("denied")
-        };
-        ledger
-            .client
-            .commit(pb::CommitRequest {
-                tenant_id: tenant.into(),
-                reservation_id: r.reservation_id,
-                actual_nano_usd: 60,
-                fencing: Some(fencing.clone()),
-            })
-            .await
-            .unwrap();
-    }
 }
 
 async fn count(pool: &PgPool, sql: &'static str, tenant: &str) -> i64 {
@@ -60,8 +30,8 @@ async fn count(pool: &PgPool, sql: &'static str, tenant: &str) -> i64 {
 #[tokio::test]
 async fn signed_events_are_chained_per_tenant_exactly_once() {
     let mut ledger = TestLedger::start().await.unwrap();
-    tenant_activity(&mut ledger, "acme", 3).await;
-    tenant_activity(&mut ledger, "globex", 2).await;
+    tenant_activity(&mut ledger, "acme", 3, "k").await;
+    tenant_activity(&mut ledger, "globex", 2, "k").await;
     let pool = ledger.store().pool().clone();
     let f = forwarder(&pool);
     let first = f.pass().await.unwrap();
@@ -95,7 +65,7 @@ async fn signed_events_are_chained_per_tenant_exactly_once() {
     );
 
     // New activity extends the chain from its head.
-    tenant_activity(&mut ledger, "acme-2", 1).await;
+    tenant_activity(&mut ledger, "acme-2", 1, "k").await;
     let fencing = ledger.tenant_with_lease("acme").await.unwrap();
     ledger
         .client
@@ -181,7 +151,7 @@ fn signer(seed: u8) -> LocalEd25519Signer {
 #[tokio::test]
 async fn invalid_events_are_quarantined_with_their_reason_and_never_chained() {
     let mut ledger = TestLedger::start().await.unwrap();
-    tenant_activity(&mut ledger, "acme", 1).await;
+    tenant_activity(&mut ledger, "acme", 1, "k").await;
     let pool = ledger.store().pool().clone();
     let registered = signer(7);
     let record = registered
@@ -283,7 +253,7 @@ async fn overlapping_forwarders_never_forward_a_row_twice() {
             })
         })
         .collect();
-    tenant_activity(&mut ledger, "acme", 20).await;
+    tenant_activity(&mut ledger, "acme", 20, "k").await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for racer in racers {
         racer.await.unwrap();
@@ -316,8 +286,8 @@ async fn signed_checkpoints_are_written_per_tenant_and_verify() {
     use spendguard_workers::checkpoint;
 
     let mut ledger = TestLedger::start().await.unwrap();
-    tenant_activity(&mut ledger, "acme", 2).await;
-    tenant_activity(&mut ledger, "globex", 1).await;
+    tenant_activity(&mut ledger, "acme", 2, "k").await;
+    tenant_activity(&mut ledger, "globex", 1, "k").await;
     let pool = ledger.store().pool().clone();
     let key = std::sync::Arc::new(signer(11));
     let public = key.public_key().to_bytes();
