@@ -472,8 +472,8 @@ impl Decider {
     /// [`SidecarError`] when the call is unknown, holds no reservation, was released or expired,
     /// or the ledger is unavailable (retry later; the reservation's TTL bounds the wait).
     pub async fn commit(&self, call_id: &str, spend: Spend) -> Result<Committed, SidecarError> {
-        let (decision, settled) = self.open_call(call_id)?;
-        let actual = self.price(&decision, call_id, spend)?;
+        let (decision, settled, fingerprint) = self.open_call(call_id)?;
+        let actual = self.price(&decision, &fingerprint, spend)?;
         match settled {
             Some(Settlement::Committed(c)) if c.actual_nano_usd == actual.get() => {
                 return Ok(Committed {
@@ -536,7 +536,7 @@ impl Decider {
     pub async fn release(&self, call_id: &str, reason: &str) -> Result<Released, SidecarError> {
         spendguard_core::ids::check_text("reason", reason, 64)
             .map_err(|e| SidecarError::invalid("reason", e.to_string()))?;
-        let (decision, settled) = self.open_call(call_id)?;
+        let (decision, settled, _) = self.open_call(call_id)?;
         match settled {
             Some(Settlement::Released(r)) => {
                 return Ok(Released {
@@ -590,7 +590,11 @@ impl Decider {
         Ok(response.into_inner().released_nano_usd)
     }
 
-    fn open_call(&self, call_id: &str) -> Result<(Decision, Option<Settlement>), SidecarError> {
+    /// The call's decision, its settlement so far, and what was decided on (for pricing).
+    fn open_call(
+        &self,
+        call_id: &str,
+    ) -> Result<(Decision, Option<Settlement>, Fingerprint), SidecarError> {
         check_call_id(call_id)?;
         let calls = lock(&self.calls);
         let entry = calls
@@ -599,7 +603,11 @@ impl Decider {
         if entry.decision.decision != Verdict::Continue {
             return Err(SidecarError::NoReservation(call_id.to_owned()));
         }
-        Ok((entry.decision.clone(), entry.settlement))
+        Ok((
+            entry.decision.clone(),
+            entry.settlement,
+            entry.fingerprint.clone(),
+        ))
     }
 
     fn settle<T>(&self, call_id: &str, settlement: Settlement) -> T
@@ -617,7 +625,7 @@ impl Decider {
     fn price(
         &self,
         decision: &Decision,
-        call_id: &str,
+        fingerprint: &Fingerprint,
         spend: Spend,
     ) -> Result<NanoUsd, SidecarError> {
         let reserved = NanoUsd::new(decision.reserved_nano_usd)
@@ -626,15 +634,11 @@ impl Decider {
             Spend::Usage(usage) => usage,
             Spend::Unreported => return Ok(reserved),
         };
-        let entry_model = {
-            let calls = lock(&self.calls);
-            calls
-                .get(call_id)
-                .map(|e| (e.fingerprint.provider, e.fingerprint.model.clone()))
-        };
-        let (provider, model) =
-            entry_model.ok_or_else(|| SidecarError::CallNotFound(call_id.to_owned()))?;
-        match self.bundle.pricing.price(provider, &model) {
+        match self
+            .bundle
+            .pricing
+            .price(fingerprint.provider, &fingerprint.model)
+        {
             Ok(price) => usage
                 .cost(price)
                 .map_err(|e| SidecarError::UsageInvalid(e.to_string())),
