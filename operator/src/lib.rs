@@ -200,31 +200,18 @@ impl OperatorArgs {
             renew_interval: std::time::Duration::from_millis(leader.renew_interval_ms),
             ttl: std::time::Duration::from_millis(leader.ttl_ms),
         };
-        let startup = |e: spendguard_leader::ConfigError| error::Error::Startup(e.to_string());
-        let handle = match mode {
-            spendguard_leader::Mode::Disabled => spendguard_leader::LeaderHandle::always(),
-            spendguard_leader::Mode::K8s => {
-                let (elector, handle) =
-                    spendguard_leader::Elector::new(kube.clone(), config).map_err(startup)?;
-                tokio::spawn(elector.run());
-                handle
-            }
-            spendguard_leader::Mode::Postgres => {
-                let url = leader.database_url.ok_or_else(|| {
-                    error::Error::Startup(
-                        "leader election mode postgres needs SPENDGUARD_LEADER_DATABASE_URL".into(),
-                    )
-                })?;
-                let pool = sqlx::postgres::PgPoolOptions::new()
+        let pool = leader
+            .database_url
+            .as_deref()
+            .map(|url| {
+                sqlx::postgres::PgPoolOptions::new()
                     .max_connections(2)
-                    .connect_lazy(&url)
-                    .map_err(|e| error::Error::Startup(format!("leader database: {e}")))?;
-                let (elector, handle) =
-                    spendguard_leader::PgElector::new(pool, config).map_err(startup)?;
-                tokio::spawn(elector.run());
-                handle
-            }
-        };
+                    .connect_lazy(url)
+            })
+            .transpose()
+            .map_err(|e| error::Error::Startup(format!("leader database: {e}")))?;
+        let handle = spendguard_leader::start(mode, config, Some(kube.clone()), pool)
+            .map_err(|e| error::Error::Startup(e.to_string()))?;
         let readiness = admin::readiness(kube.clone(), handle.clone(), running.clone());
         let admin = AdminServer::bind(common.admin_addr, registry, readiness)
             .await

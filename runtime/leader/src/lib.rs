@@ -264,6 +264,47 @@ impl Elector {
     }
 }
 
+/// Why an elector could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Bad timings.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Mode `k8s` without a Kubernetes client.
+    #[error("leader election mode k8s needs a Kubernetes client")]
+    KubeMissing,
+    /// Mode `postgres` without a database.
+    #[error("leader election mode postgres needs a database URL (SPENDGUARD_LEADER_DATABASE_URL)")]
+    DatabaseMissing,
+}
+
+/// Starts the elector `mode` names (in the background) and returns its handle; `disabled`
+/// always leads. Every singleton (operator, workers) starts its lease here.
+///
+/// # Errors
+/// [`StartError`] for bad timings or the missing client of the mode.
+pub fn start(
+    mode: Mode,
+    config: LeaderConfig,
+    kube: Option<kube::Client>,
+    pool: Option<sqlx::PgPool>,
+) -> Result<LeaderHandle, StartError> {
+    Ok(match mode {
+        Mode::Disabled => LeaderHandle::always(),
+        Mode::K8s => {
+            let (elector, handle) = Elector::new(kube.ok_or(StartError::KubeMissing)?, config)?;
+            tokio::spawn(elector.run());
+            handle
+        }
+        Mode::Postgres => {
+            let pool = pool.ok_or(StartError::DatabaseMissing)?;
+            let (elector, handle) = PgElector::new(pool, config)?;
+            tokio::spawn(elector.run());
+            handle
+        }
+    })
+}
+
 /// The state after a round: its answer, or with no answer, a leader keeps its local deadline and
 /// then stops; others stay unknown.
 fn next_state(next: Option<Leadership>, current: Leadership) -> Leadership {

@@ -75,23 +75,12 @@ impl LeaseArgs {
             renew_interval: Duration::from_millis(self.leader_renew_interval_ms),
             ttl: Duration::from_millis(self.leader_ttl_ms),
         };
-        Ok(match Mode::parse(&self.leader_election_mode)? {
-            Mode::Disabled => LeaderHandle::always(),
-            Mode::K8s => {
-                let client = kube::Client::try_default().await?;
-                let (elector, handle) = spendguard_leader::Elector::new(client, config)?;
-                tokio::spawn(elector.run());
-                handle
-            }
-            Mode::Postgres => {
-                let pool = pool.ok_or_else(|| {
-                    anyhow::anyhow!("leader election mode postgres needs a database URL")
-                })?;
-                let (elector, handle) = spendguard_leader::PgElector::new(pool, config)?;
-                tokio::spawn(elector.run());
-                handle
-            }
-        })
+        let mode = Mode::parse(&self.leader_election_mode)?;
+        let kube = match mode {
+            Mode::K8s => Some(kube::Client::try_default().await?),
+            Mode::Postgres | Mode::Disabled => None,
+        };
+        Ok(spendguard_leader::start(mode, config, kube, pool)?)
     }
 }
 
