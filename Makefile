@@ -62,7 +62,7 @@ sdk-venv:
 
 ## moto-venv: moto's server mode, standing in for AWS KMS/S3 in tests (cached likewise).
 moto-venv:
-	bash runtime/evidence/tests/moto-venv.sh >/dev/null
+	bash runtime/testkit/moto/moto-venv.sh >/dev/null
 
 ## demo: PostgreSQL, control plane, ledger, operator, mock provider and a sidecar; a small agent on
 ## the real openai client runs until the hard cap says STOP; `kubectl get budgets` before and after.

@@ -1,5 +1,6 @@
 //! KMS signing against moto's server mode (the PyPI package `moto[server]`, pinned in
-//! tests/moto-requirements.txt, installed into a cached venv by tests/moto-venv.sh).
+//! runtime/testkit/moto/moto-requirements.txt, installed into a cached venv by
+//! runtime/testkit/moto/moto-venv.sh and started by `spendguard_testkit::moto`).
 //!
 //! moto's KMS gaps (shared/research/ledger-audit-providers.md §5) and what these tests do about
 //! them: DIGEST is hashed again (the signer only sends RAW); GetPublicKey has no KeySpec (the
@@ -18,7 +19,7 @@ use spendguard_evidence::{
     Signer,
 };
 use std::process::Command;
-use support::{MotoServer, audit_event, create_signing_key, public_key_spki};
+use support::{KmsClient as _, MotoServer, audit_event, create_signing_key, public_key_spki};
 
 fn t(ms: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(ms).unwrap()

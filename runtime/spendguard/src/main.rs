@@ -26,7 +26,8 @@ enum Component {
     },
     /// Run the sidecar: decision API and OpenAI/Anthropic-compatible proxy.
     Sidecar(Box<spendguard_sidecar::SidecarArgs>),
-    /// Export a tenant's audit chain, or verify an export offline.
+    /// Export a tenant's audit chain (directory or S3), verify an export offline, or publish
+    /// the newest signed checkpoints.
     Audit {
         #[command(subcommand)]
         kind: Box<spendguard_workers::audit::AuditCommand>,

@@ -1,9 +1,10 @@
-//! Test harnesses over real parts. Nothing here fakes the ledger: tests that talk to it run the
+//! Test harnesses over real parts (PostgreSQL, the control plane, moto for the AWS APIs). Nothing here fakes the ledger: tests that talk to it run the
 //! real ledger on a real, throwaway PostgreSQL cluster.
 
 pub mod control_plane;
 pub mod invariants;
 pub mod ledger;
+pub mod moto;
 pub mod postgres;
 mod process;
 pub mod signing;

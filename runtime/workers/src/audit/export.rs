@@ -5,15 +5,16 @@
 //! have occurred just outside the range; they are kept, because dropping them would leave gaps
 //! that no verifier could tell from deletions.
 //!
-//! Every batch commits in this order: batch file, keys.json, manifest (each written atomically).
-//! The manifest is the commit point; a crash leaves at most an unlisted batch file, which the next
-//! `--resume` overwrites.
+//! Every batch commits in this order: batch file, keys.json, manifest (each written whole or not
+//! at all, through a [`Sink`]: a directory or an S3 prefix). The manifest is the commit point; a
+//! crash leaves at most an unlisted batch file, which the next `--resume` overwrites (directory)
+//! or must find byte-identical (S3, where batch objects are never overwritten).
 
 use super::format::{
     BatchEntry, CHECKPOINT_FILE, Cursor, EventLine, FORMAT, KEYS_FILE, KeyEntry, KeysFile,
     MANIFEST_FILE, Manifest, Range, SignatureMeta, batch_file_name, sha256_hex, to_pretty,
-    write_atomic,
 };
+use super::sink::{Sink, SinkError};
 use crate::chain::{GENESIS, link};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -22,7 +23,7 @@ use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::str::FromStr as _;
 
 /// Largest accepted batch size; bounds the memory of one batch.
@@ -59,14 +60,14 @@ pub struct ExportReport {
 /// Why an export stopped. Nothing listed in the manifest is ever lost or changed by an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
-    /// Without `--resume`, the output must be a new or empty directory.
+    /// Without `--resume`, the output must be a new or empty directory or S3 prefix.
     #[error("{0} is not empty; use --resume to continue an export")]
-    DirNotEmpty(PathBuf),
+    DirNotEmpty(String),
     /// The existing manifest cannot be read.
-    #[error("manifest {path}: {reason}")]
+    #[error("manifest {object}: {reason}")]
     ManifestInvalid {
-        /// File.
-        path: PathBuf,
+        /// File or object.
+        object: String,
         /// Why.
         reason: String,
     },
@@ -98,13 +99,41 @@ pub enum ExportError {
     /// An exported event names a key that `signing_keys` does not hold.
     #[error("signing key {0} of an exported event is not in signing_keys")]
     KeyMissing(String),
-    /// Writing the export failed.
-    #[error("{path}: {source}")]
-    Io {
-        /// File.
-        path: PathBuf,
-        /// Cause.
-        source: std::io::Error,
+    /// Reading or writing the export location failed (directory or S3), with the sink's code.
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    /// The newest checkpoint in the database is older than the one already published there:
+    /// the database was restored from an older backup, or points at another installation.
+    #[error(
+        "tenant {tenant_id}: the published checkpoint has tree size {published}, the database's \
+         newest only {newest}; refusing to move the published checkpoint back"
+    )]
+    CheckpointRollback {
+        /// Tenant.
+        tenant_id: String,
+        /// Tree size already published.
+        published: u64,
+        /// Newest tree size in the database.
+        newest: u64,
+    },
+    /// A published `latest` checkpoint is not a checkpoint note of this tenant.
+    #[error("{object}: {reason}")]
+    PublishedCheckpointInvalid {
+        /// Object.
+        object: String,
+        /// Why.
+        reason: &'static str,
+    },
+    /// The database's chain no longer has the root that an earlier publication recorded at that
+    /// tree size: history was rewritten, or this is another chain.
+    #[error(
+        "tenant {tenant_id}: the chain hash at {tree_size} differs from the published checkpoint's root"
+    )]
+    CheckpointFork {
+        /// Tenant.
+        tenant_id: String,
+        /// Tree size of the published checkpoint.
+        tree_size: u64,
     },
     /// The database failed.
     #[error("database: {0}")]
@@ -122,16 +151,12 @@ impl ExportError {
             Self::BatchSizeInvalid => "EXPORT_BATCH_SIZE_INVALID",
             Self::ChainInconsistent { .. } => "EXPORT_CHAIN_INCONSISTENT",
             Self::KeyMissing(_) => "KEY_UNKNOWN",
-            Self::Io { .. } => "EXPORT_IO",
+            Self::Sink(error) => error.code(),
+            Self::CheckpointRollback { .. } => "EXPORT_CHECKPOINT_ROLLBACK",
+            Self::CheckpointFork { .. } => "EXPORT_CHECKPOINT_FORK",
+            Self::PublishedCheckpointInvalid { .. } => "EXPORT_PUBLISHED_CHECKPOINT_INVALID",
             Self::Database(_) => "DEPENDENCY_UNAVAILABLE",
         }
-    }
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ExportError + '_ {
-    move |source| ExportError::Io {
-        path: path.to_owned(),
-        source,
     }
 }
 
@@ -171,7 +196,19 @@ type ChainRow = (
     Vec<u8>,
 );
 
-/// Exports `options.tenant_id` into `dir`.
+/// Exports `options.tenant_id` into the directory `dir` ([`export_to`] a [`Sink::Directory`]).
+///
+/// # Errors
+/// As [`export_to`].
+pub async fn export(
+    pool: &PgPool,
+    dir: &Path,
+    options: &ExportOptions,
+) -> Result<ExportReport, ExportError> {
+    export_to(pool, &Sink::Directory(dir.to_owned()), options).await
+}
+
+/// Exports `options.tenant_id` into `sink`.
 ///
 /// # Errors
 /// [`ExportError`]; batches committed before the error stay valid and `--resume` continues.
@@ -179,10 +216,11 @@ type ChainRow = (
 /// # Guarantees
 /// Every query is scoped by `tenant_id = $1`; each row is checked to continue the chain from the
 /// cursor (contiguous position, linked hash) before it is written, so a resumed export has no
-/// duplicate and no gap.
-pub async fn export(
+/// duplicate and no gap. The manifest is written last in every commit, so whatever the sink holds
+/// after an error claims only the batches that were written whole.
+pub async fn export_to(
     pool: &PgPool,
-    dir: &Path,
+    sink: &Sink,
     options: &ExportOptions,
 ) -> Result<ExportReport, ExportError> {
     if options.batch_size == 0 || options.batch_size > BATCH_SIZE_MAX {
@@ -195,7 +233,7 @@ pub async fn export(
             "--from must be before --to".into(),
         ));
     }
-    let mut manifest = prepare(dir, options)?;
+    let (mut manifest, manifest_exists) = prepare(sink, options).await?;
     let tenant = manifest.tenant_id.clone();
     let range = manifest.range;
 
@@ -215,7 +253,7 @@ pub async fn export(
     let (mut next, mut prev) = match &manifest.cursor {
         Some(cursor) => (
             cursor.chain_seq + 1,
-            Some(parse_hash(&cursor.chain_hash, dir)?),
+            Some(parse_hash(&cursor.chain_hash, sink)?),
         ),
         None => match first {
             Some(first) if first > 1 => (first, None),
@@ -234,11 +272,11 @@ pub async fn export(
             "chain is shorter than the export",
         ));
     }
-    let mut key_ids: BTreeSet<String> = read_key_ids(dir)?;
-    if !dir.join(MANIFEST_FILE).exists() {
+    let mut key_ids: BTreeSet<String> = read_key_ids(sink).await?;
+    if !manifest_exists {
         // An empty manifest first, so a crash inside the first batch still leaves a resumable
-        // export rather than a directory that `--resume` must refuse as foreign.
-        commit(pool, dir, &mut manifest, &key_ids).await?;
+        // export rather than a location that `--resume` must refuse as foreign.
+        commit(pool, sink, &mut manifest, &key_ids).await?;
     }
     let mut report = ExportReport {
         batches: 0,
@@ -284,7 +322,7 @@ pub async fn export(
             next += 1;
         }
         let file = batch_file_name(manifest.batches.len() + 1);
-        write_atomic(dir, &file, &body).map_err(io(&dir.join(&file)))?;
+        sink.write_batch(&file, &body).await?;
         let events = u64::try_from(next - first_seq).unwrap_or(0);
         manifest.batches.push(BatchEntry {
             file,
@@ -293,16 +331,16 @@ pub async fn export(
             last_chain_seq: next - 1,
             sha256: sha256_hex(&body),
         });
-        commit(pool, dir, &mut manifest, &key_ids).await?;
+        commit(pool, sink, &mut manifest, &key_ids).await?;
         report.batches += 1;
         report.events += events;
         report.cursor = Some(next - 1);
     }
     if report.batches == 0 {
         // Also repairs keys.json after a crash between it and the manifest.
-        commit(pool, dir, &mut manifest, &key_ids).await?;
+        commit(pool, sink, &mut manifest, &key_ids).await?;
     }
-    write_checkpoint(pool, dir, &manifest).await?;
+    write_checkpoint(pool, sink, &manifest).await?;
     report.complete = next > end;
     Ok(report)
 }
@@ -311,7 +349,7 @@ pub async fn export(
 /// [`CHECKPOINT_FILE`] (nothing when there is none, e.g. no checkpoint signer configured).
 async fn write_checkpoint(
     pool: &PgPool,
-    dir: &Path,
+    sink: &Sink,
     manifest: &Manifest,
 ) -> Result<(), ExportError> {
     let (Some(first), Some(cursor)) = (manifest.first_chain_seq, &manifest.cursor) else {
@@ -327,17 +365,17 @@ async fn write_checkpoint(
     .bind(cursor.chain_seq)
     .fetch_optional(pool)
     .await?;
-    match note {
-        Some(note) => write_atomic(dir, CHECKPOINT_FILE, note.as_bytes())
-            .map_err(io(&dir.join(CHECKPOINT_FILE))),
-        None => Ok(()),
+    if let Some(note) = note {
+        sink.replace(CHECKPOINT_FILE, note.as_bytes()).await?;
     }
+    Ok(())
 }
 
-/// The manifest to continue: the directory's on `--resume`, otherwise a new one.
-fn prepare(dir: &Path, options: &ExportOptions) -> Result<Manifest, ExportError> {
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let manifest_path = dir.join(MANIFEST_FILE);
+/// The manifest to continue: the location's on `--resume`, otherwise a new one; and whether the
+/// location already holds it.
+async fn prepare(sink: &Sink, options: &ExportOptions) -> Result<(Manifest, bool), ExportError> {
+    // Read even without --resume: an S3 sink then writes the first manifest only if still absent.
+    let existing = sink.read(MANIFEST_FILE).await?;
     let fresh = Manifest {
         format: FORMAT.into(),
         tenant_id: options.tenant_id.clone(),
@@ -348,19 +386,20 @@ fn prepare(dir: &Path, options: &ExportOptions) -> Result<Manifest, ExportError>
         keys_sha256: String::new(),
         cursor: None,
     };
-    if !options.resume || !manifest_path.exists() {
-        let empty = std::fs::read_dir(dir).map_err(io(dir))?.next().is_none();
-        return if empty {
-            Ok(fresh)
-        } else {
-            Err(ExportError::DirNotEmpty(dir.to_owned()))
-        };
-    }
+    let bytes = match existing {
+        Some(bytes) if options.resume => bytes,
+        _ => {
+            return if sink.is_empty().await? {
+                Ok((fresh, false))
+            } else {
+                Err(ExportError::DirNotEmpty(sink.describe()))
+            };
+        }
+    };
     let invalid = |reason: String| ExportError::ManifestInvalid {
-        path: manifest_path.clone(),
+        object: format!("{}/{MANIFEST_FILE}", sink.describe().trim_end_matches('/')),
         reason,
     };
-    let bytes = std::fs::read(&manifest_path).map_err(io(&manifest_path))?;
     let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
     if manifest.format != FORMAT {
         return Err(invalid(format!("unknown format {:?}", manifest.format)));
@@ -379,7 +418,7 @@ fn prepare(dir: &Path, options: &ExportOptions) -> Result<Manifest, ExportError>
             "--from/--to differ from the manifest's range; a resumed export keeps its range".into(),
         ));
     }
-    Ok(manifest)
+    Ok((manifest, true))
 }
 
 fn inconsistent(tenant: &str, chain_seq: i64, what: &'static str) -> ExportError {
@@ -390,12 +429,12 @@ fn inconsistent(tenant: &str, chain_seq: i64, what: &'static str) -> ExportError
     }
 }
 
-fn parse_hash(hex_hash: &str, dir: &Path) -> Result<[u8; 32], ExportError> {
+fn parse_hash(hex_hash: &str, sink: &Sink) -> Result<[u8; 32], ExportError> {
     hex::decode(hex_hash)
         .ok()
         .and_then(|b| <[u8; 32]>::try_from(b).ok())
         .ok_or_else(|| ExportError::ManifestInvalid {
-            path: dir.join(MANIFEST_FILE),
+            object: format!("{}/{MANIFEST_FILE}", sink.describe().trim_end_matches('/')),
             reason: "cursor chain_hash is not 32 hex bytes".into(),
         })
 }
@@ -455,15 +494,13 @@ fn to_line(
 }
 
 /// Key ids already in keys.json (resume keeps them).
-fn read_key_ids(dir: &Path) -> Result<BTreeSet<String>, ExportError> {
-    let path = dir.join(KEYS_FILE);
-    if !path.exists() {
+async fn read_key_ids(sink: &Sink) -> Result<BTreeSet<String>, ExportError> {
+    let Some(bytes) = sink.read(KEYS_FILE).await? else {
         return Ok(BTreeSet::new());
-    }
-    let bytes = std::fs::read(&path).map_err(io(&path))?;
+    };
     let keys: KeysFile =
         serde_json::from_slice(&bytes).map_err(|e| ExportError::ManifestInvalid {
-            path: path.clone(),
+            object: format!("{}/{KEYS_FILE}", sink.describe().trim_end_matches('/')),
             reason: e.to_string(),
         })?;
     Ok(keys.keys.into_iter().map(|k| k.key_id).collect())
@@ -472,7 +509,7 @@ fn read_key_ids(dir: &Path) -> Result<BTreeSet<String>, ExportError> {
 /// Rewrites keys.json (current windows and revocations of every key used) and then the manifest.
 async fn commit(
     pool: &PgPool,
-    dir: &Path,
+    sink: &Sink,
     manifest: &mut Manifest,
     key_ids: &BTreeSet<String>,
 ) -> Result<(), ExportError> {
@@ -512,7 +549,8 @@ async fn commit(
             .collect(),
     };
     let keys_bytes = to_pretty(&keys);
-    write_atomic(dir, KEYS_FILE, &keys_bytes).map_err(io(&dir.join(KEYS_FILE)))?;
+    sink.replace(KEYS_FILE, &keys_bytes).await?;
     manifest.keys_sha256 = sha256_hex(&keys_bytes);
-    write_atomic(dir, MANIFEST_FILE, &to_pretty(manifest)).map_err(io(&dir.join(MANIFEST_FILE)))
+    sink.replace(MANIFEST_FILE, &to_pretty(manifest)).await?;
+    Ok(())
 }

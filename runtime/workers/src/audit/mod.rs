@@ -1,26 +1,65 @@
 //! Audit export and offline verification (spec S9): `spendguard audit export` writes one tenant's
-//! chain segment to a directory as hashed batches with a manifest and the signing keys;
-//! `spendguard audit verify` checks such a directory without a database. See
-//! docs/design/audit-export.md.
+//! chain segment to a directory or an S3 prefix as hashed batches with a manifest and the
+//! signing keys; `spendguard audit verify` checks such an export without a database;
+//! `spendguard audit publish-checkpoints` copies each tenant's newest signed checkpoint out of the
+//! database for auditors. See docs/design/audit-export.md.
+//!
+//! ```text
+//! audit_chain, signing_keys, audit_checkpoints ──read-only──► export / publish ──► Sink
+//!                                                                   Directory | S3 (aws-sdk-s3)
+//! Sink ──(S3: download to a temp dir)──► verify (offline, one code path)
+//! ```
 //!
 //! The exporter is a separate, read-only process: it never shares a transaction, a lock or a
 //! connection pool with the ledger, so an export failure cannot reach the decision path.
 
 pub mod export;
 pub mod format;
+pub mod publish;
+pub mod sink;
 pub mod verify;
 
 use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand};
+use sink::{Location, S3Settings, Sink};
 use std::path::PathBuf;
 
 /// `spendguard audit …`.
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// Export one tenant's audit chain (optionally an occurrence range) to a directory.
+    /// Export one tenant's audit chain (optionally an occurrence range) to a directory or an
+    /// S3 prefix.
     Export(ExportArgs),
-    /// Verify an exported directory offline: manifest, event hashes, signatures, chain links.
+    /// Verify an export offline: manifest, event hashes, signatures, chain links, checkpoint.
     Verify(VerifyArgs),
+    /// Publish each tenant's newest signed checkpoint to a directory or an S3 prefix.
+    PublishCheckpoints(PublishArgs),
+}
+
+/// Where S3 is; credentials come from the standard AWS chain (AWS_ACCESS_KEY_ID, profiles,
+/// web identity, ECS, IMDS), never from flags.
+#[derive(Debug, Clone, Args)]
+pub struct S3Args {
+    /// Endpoint of an S3-compatible store (MinIO, Ceph, a VPC endpoint); path-style addressing
+    /// is used when set. Default: the AWS regional endpoint.
+    #[arg(long, env = "SPENDGUARD_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// Region of the bucket. Default: from the AWS chain (AWS_REGION, profile).
+    #[arg(long, env = "SPENDGUARD_S3_REGION")]
+    pub s3_region: Option<String>,
+}
+
+impl S3Args {
+    fn settings(&self) -> S3Settings {
+        let Self {
+            s3_endpoint,
+            s3_region,
+        } = self;
+        S3Settings {
+            endpoint_url: s3_endpoint.clone(),
+            region: s3_region.clone(),
+        }
+    }
 }
 
 /// `spendguard audit export` settings.
@@ -38,9 +77,9 @@ pub struct ExportArgs {
     /// Exclusive end of the occurrence range (RFC 3339).
     #[arg(long, value_parser = parse_time)]
     pub to: Option<DateTime<Utc>>,
-    /// Output directory (new or empty, unless --resume).
+    /// Output directory or `s3://bucket/prefix` (new or empty, unless --resume).
     #[arg(long)]
-    pub out: PathBuf,
+    pub out: Location,
     /// Events per batch file.
     #[arg(long, default_value_t = 1_000)]
     pub batch_size: usize,
@@ -50,13 +89,34 @@ pub struct ExportArgs {
     /// Stop after this many new batches (resume later).
     #[arg(long)]
     pub max_batches: Option<usize>,
+    /// S3 settings (only for an `s3://` --out).
+    #[command(flatten)]
+    pub s3: S3Args,
+}
+
+/// `spendguard audit publish-checkpoints` settings.
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// The ledger database; sessions are opened read-only.
+    #[arg(long, env = "SPENDGUARD_LEDGER_DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    /// Directory or `s3://bucket/prefix` that receives `checkpoints/<tenant>/…`.
+    #[arg(long)]
+    pub out: Location,
+    /// Publish only these tenants (repeatable). Default: every tenant with a checkpoint.
+    #[arg(long)]
+    pub tenant: Vec<String>,
+    /// S3 settings (only for an `s3://` --out).
+    #[command(flatten)]
+    pub s3: S3Args,
 }
 
 /// `spendguard audit verify` settings.
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
-    /// The export directory.
-    pub dir: PathBuf,
+    /// The export: a directory or `s3://bucket/prefix`.
+    #[arg(value_name = "DIR_OR_S3_URL")]
+    pub source: Location,
     /// Trusted keys file (keys.json format) to use instead of the export's own keys.json.
     #[arg(long)]
     pub keys: Option<PathBuf>,
@@ -70,6 +130,14 @@ pub struct VerifyArgs {
     /// Key name of the checkpoint signature line.
     #[arg(long, default_value = crate::checkpoint::DEFAULT_KEY_NAME)]
     pub checkpoint_key_name: String,
+    /// Check this independently obtained checkpoint note instead of the export's checkpoint.txt:
+    /// a file, or the object `s3://bucket/<prefix>checkpoints/<tenant>/latest` written by
+    /// `publish-checkpoints`. Requires --checkpoint-key.
+    #[arg(long, requires = "checkpoint_key")]
+    pub checkpoint_note: Option<String>,
+    /// S3 settings (for an `s3://` export or checkpoint note).
+    #[command(flatten)]
+    pub s3: S3Args,
 }
 
 /// The raw Ed25519 public key from `--checkpoint-key`.
@@ -97,6 +165,33 @@ fn checkpoint_key(value: &str) -> anyhow::Result<Vec<u8>> {
         anyhow::bail!("CHECKPOINT_KEY_INVALID: an Ed25519 public key has 32 bytes");
     }
     Ok(key)
+}
+
+/// The bytes of `--checkpoint-note`: a local file or one S3 object (the exact key given).
+async fn read_note(value: &str, settings: &S3Settings) -> Result<Vec<u8>, verify::VerifyFailure> {
+    match Location::parse(value).map_err(verify::VerifyFailure::Source)? {
+        Location::Directory(path) => {
+            std::fs::read(&path).map_err(|e| verify::VerifyFailure::Unreadable {
+                path,
+                reason: e.to_string(),
+            })
+        }
+        Location::S3 { bucket, prefix } => {
+            let store = sink::S3Store::connect(&bucket, "", settings)
+                .await
+                .map_err(verify::VerifyFailure::Source)?;
+            // Location normalised the key to end in '/'; the note is the object itself.
+            let key = prefix.trim_end_matches('/');
+            store
+                .get_key(key)
+                .await
+                .map_err(verify::VerifyFailure::Source)?
+                .ok_or_else(|| verify::VerifyFailure::Unreadable {
+                    path: PathBuf::from(value),
+                    reason: "no such object".into(),
+                })
+        }
+    }
 }
 
 fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
@@ -127,7 +222,10 @@ impl AuditCommand {
                     resume: args.resume,
                     max_batches: args.max_batches,
                 };
-                let report = export::export(&pool, &args.out, &options)
+                let sink = Sink::open(&args.out, &args.s3.settings())
+                    .await
+                    .map_err(|e| fail(e.code(), &e))?;
+                let report = export::export_to(&pool, &sink, &options)
                     .await
                     .map_err(|e| fail(e.code(), &e))?;
                 Ok(format!(
@@ -142,6 +240,12 @@ impl AuditCommand {
                 ))
             }
             Self::Verify(args) => {
+                let fail = |e: verify::VerifyFailure| anyhow::anyhow!("{}: {e}", e.code());
+                let settings = args.s3.settings();
+                let checkpoint_note = match &args.checkpoint_note {
+                    Some(note) => Some(read_note(note, &settings).await.map_err(fail)?),
+                    None => None,
+                };
                 let options = verify::VerifyOptions {
                     keys: args.keys,
                     allow_unsigned: args.allow_unsigned,
@@ -149,10 +253,40 @@ impl AuditCommand {
                         Some(key) => Some((args.checkpoint_key_name.clone(), checkpoint_key(key)?)),
                         None => None,
                     },
+                    checkpoint_note,
                 };
-                verify::verify(&args.dir, &options)
-                    .map(|report| report.to_string())
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", e.code()))
+                let report = match &args.source {
+                    Location::Directory(dir) => verify::verify(dir, &options),
+                    Location::S3 { bucket, prefix } => {
+                        let store = sink::S3Store::connect(bucket, prefix, &settings)
+                            .await
+                            .map_err(|e| fail(verify::VerifyFailure::Source(e)))?;
+                        verify::verify_s3(&store, &args.source.to_string(), &options).await
+                    }
+                };
+                report.map(|report| report.to_string()).map_err(fail)
+            }
+            Self::PublishCheckpoints(args) => {
+                let fail = |e: export::ExportError| anyhow::anyhow!("{}: {e}", e.code());
+                let pool = export::connect_read_only(&args.database_url)
+                    .await
+                    .map_err(fail)?;
+                let sink = Sink::open(&args.out, &args.s3.settings())
+                    .await
+                    .map_err(|e| fail(e.into()))?;
+                let published = publish::publish_checkpoints(&pool, &sink, &args.tenant)
+                    .await
+                    .map_err(fail)?;
+                let tenants: Vec<String> = published
+                    .iter()
+                    .map(|p| format!("{}@{}", p.tenant_id, p.tree_size))
+                    .collect();
+                Ok(format!(
+                    "published tenants={} advanced={} [{}]",
+                    published.len(),
+                    published.iter().filter(|p| p.advanced).count(),
+                    tenants.join(" ")
+                ))
             }
         }
     }

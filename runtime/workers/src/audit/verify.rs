@@ -1,4 +1,6 @@
-//! `spendguard audit verify DIR`: offline verification of an export, without a database.
+//! `spendguard audit verify DIR | s3://bucket/prefix`: offline verification of an export, without
+//! a database. An S3 export is first copied to a temporary directory ([`verify_s3`]); the checks
+//! are the same code either way.
 //!
 //! Checks, in order; the first failure is reported with its stable code:
 //! 1. manifest and keys: parse, format, keys.json's sha256 (`MANIFEST_INVALID`,
@@ -31,6 +33,7 @@ use super::format::{
     BatchEntry, CHECKPOINT_FILE, EventLine, FORMAT, KEYS_FILE, KeysFile, MANIFEST_FILE, Manifest,
     batch_file_name, sha256_hex,
 };
+use super::sink::{S3Store, SinkError};
 use crate::chain::{GENESIS, link};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -50,6 +53,10 @@ pub struct VerifyOptions {
     pub allow_unsigned: bool,
     /// Require checkpoint.txt signed by this key (name, raw 32-byte Ed25519 public key).
     pub checkpoint: Option<(String, Vec<u8>)>,
+    /// A checkpoint note obtained independently of the export (e.g. published with
+    /// `spendguard audit publish-checkpoints`), checked under [`VerifyOptions::checkpoint`]
+    /// instead of the export's own checkpoint.txt.
+    pub checkpoint_note: Option<Vec<u8>>,
 }
 
 /// A verified export.
@@ -176,6 +183,9 @@ pub enum VerifyFailure {
     /// The checkpoint does not match the export.
     #[error("checkpoint does not match the export: {0}")]
     CheckpointMismatch(&'static str),
+    /// The export's location (an S3 prefix) cannot be read.
+    #[error(transparent)]
+    Source(SinkError),
     /// A link does not continue the previous one or does not recompute.
     #[error("event {chain_seq}: {what} breaks the chain")]
     ChainBroken {
@@ -205,6 +215,7 @@ impl VerifyFailure {
             Self::CheckpointMissing => "CHECKPOINT_MISSING",
             Self::CheckpointInvalid(_) => "CHECKPOINT_INVALID",
             Self::CheckpointMismatch(_) => "CHECKPOINT_MISMATCH",
+            Self::Source(error) => error.code(),
         }
     }
 }
@@ -242,11 +253,17 @@ pub fn verify(dir: &Path, options: &VerifyOptions) -> Result<VerifyReport, Verif
     let registry = registry(&keys_bytes)?;
     let checkpoint = match &options.checkpoint {
         Some((name, key)) => {
-            let path = dir.join(CHECKPOINT_FILE);
-            if !path.exists() {
-                return Err(VerifyFailure::CheckpointMissing);
-            }
-            let note = String::from_utf8(read(&path)?).map_err(|_| {
+            let note = match &options.checkpoint_note {
+                Some(note) => note.clone(),
+                None => {
+                    let path = dir.join(CHECKPOINT_FILE);
+                    if !path.exists() {
+                        return Err(VerifyFailure::CheckpointMissing);
+                    }
+                    read(&path)?
+                }
+            };
+            let note = String::from_utf8(note).map_err(|_| {
                 VerifyFailure::CheckpointInvalid(crate::checkpoint::CheckpointError::Malformed(
                     "not UTF-8",
                 ))
@@ -339,6 +356,40 @@ pub fn verify(dir: &Path, options: &VerifyOptions) -> Result<VerifyReport, Verif
             .filter(|_| chain.events > 0),
         keys: registry.len(),
         checkpoint: checkpoint.map(|cp| cp.size),
+    })
+}
+
+/// Verifies the export under an S3 prefix: copies it into a temporary directory
+/// ([`S3Store::download_export`]) and runs [`verify`] there.
+///
+/// # Errors
+/// [`VerifyFailure::Source`] when the store cannot be read; otherwise the first failure of
+/// [`verify`], with file paths shown as the objects' URLs.
+pub async fn verify_s3(
+    store: &S3Store,
+    url: &str,
+    options: &VerifyOptions,
+) -> Result<VerifyReport, VerifyFailure> {
+    let dir = tempfile::tempdir().map_err(|e| VerifyFailure::Unreadable {
+        path: std::env::temp_dir(),
+        reason: e.to_string(),
+    })?;
+    store
+        .download_export(dir.path())
+        .await
+        .map_err(VerifyFailure::Source)?;
+    verify(dir.path(), options).map_err(|failure| match failure {
+        VerifyFailure::Unreadable { path, reason } => {
+            let name = path.strip_prefix(dir.path()).map_or_else(
+                |_| path.display().to_string(),
+                |name| format!("{}/{}", url.trim_end_matches('/'), name.display()),
+            );
+            VerifyFailure::Unreadable {
+                path: PathBuf::from(name),
+                reason,
+            }
+        }
+        other => other,
     })
 }
 

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Create (once) and print the path of a moto_server that the evidence tests start as fake KMS.
+# Create (once) and print the path of a moto_server, which tests start (through
+# spendguard_testkit::moto) to stand in for AWS KMS (runtime/evidence) and S3 (runtime/workers).
 #
 # Same scheme as sdk/python/scripts/venv.sh: the venv lives outside the clone, at
 # ~/.cache/spendguard/venv/moto-<key>, where <key> hashes moto-requirements.txt and the Python
 # version, so a changed pin or interpreter gets a fresh venv and an unchanged one is reused at
 # once. The last line of stdout is the moto_server path; everything else goes to stderr.
 #
-#   MOTO=$(runtime/evidence/tests/moto-venv.sh | tail -n1) && "$MOTO" -H 127.0.0.1 -p 5123
+#   MOTO=$(runtime/testkit/moto/moto-venv.sh | tail -n1) && "$MOTO" -H 127.0.0.1 -p 5123
 #
 # Env: PYTHON (interpreter to build from; default python3.11, else python3),
 #      SPENDGUARD_VENV_ROOT (default ~/.cache/spendguard/venv).
