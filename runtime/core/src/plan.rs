@@ -683,12 +683,22 @@ pub fn plan_batch(
     snapshot: Snapshot,
     commands: &[Command],
 ) -> (Vec<Result<Outcome, LedgerError>>, Effects) {
+    let (outcomes, effects, _) = plan_batch_keeping_state(snapshot, commands);
+    (outcomes, effects)
+}
+
+/// [`plan_batch`], also returning the state after the batch: what the rows will hold once its
+/// effects are committed (the ledger caches it to plan the next batch without reading them).
+pub fn plan_batch_keeping_state(
+    snapshot: Snapshot,
+    commands: &[Command],
+) -> (Vec<Result<Outcome, LedgerError>>, Effects, Snapshot) {
     let mut planner = Planner {
         state: snapshot,
         effects: Effects::default(),
     };
     let outcomes = commands.iter().map(|c| planner.apply(c)).collect();
-    (outcomes, planner.effects)
+    (outcomes, planner.effects, planner.state)
 }
 
 struct Planner {

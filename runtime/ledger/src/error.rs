@@ -29,6 +29,10 @@ pub enum Error {
     /// Applying migrations failed.
     #[error("migration failed: {0}")]
     Migration(String),
+    /// A batch planned on the writer's cache found a row changed: nothing was written, and the
+    /// writer runs it again on the load path. Never reaches a caller.
+    #[error("cached rows were stale")]
+    Stale,
 }
 
 /// Result alias.
@@ -64,7 +68,9 @@ impl Error {
             Self::Overloaded => ErrorCode::Overloaded,
             Self::ShuttingDown => ErrorCode::ShuttingDown,
             Self::Database(_) => ErrorCode::DependencyUnavailable,
-            Self::Invariant(_) | Self::Migration(_) | Self::Startup(_) => ErrorCode::Internal,
+            Self::Invariant(_) | Self::Migration(_) | Self::Startup(_) | Self::Stale => {
+                ErrorCode::Internal
+            }
         }
     }
 

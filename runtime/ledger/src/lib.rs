@@ -10,6 +10,7 @@
 //! goes through the single writer task, so this process's audit producer sequence is allocated in
 //! order and contiguously, inside the transaction that makes the change.
 
+pub mod cache;
 pub mod convert;
 pub mod error;
 pub mod grpc;

@@ -33,9 +33,28 @@ pub struct PhaseLabels {
     pub phase: &'static str,
 }
 
+/// Which path a batch took (see cache.rs).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum BatchPath {
+    /// Planned on the writer's cache and written by one guarded statement.
+    Cached,
+    /// Planned on the cache, refused by its guard (or failed), then run on the load path.
+    CachedStale,
+    /// Loaded and locked rows in a transaction.
+    Loaded,
+}
+
+/// Labels of the batch path counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PathLabels {
+    /// cached | cached_stale | loaded.
+    pub path: &'static str,
+}
+
 /// Ledger metrics.
 #[derive(Clone)]
 pub struct Metrics {
+    batch_path: Family<PathLabels, Counter>,
     rpc_duration: Family<RpcLabels, Histogram>,
     rpc_errors: Family<ErrorLabels, Counter>,
     batch_commands: Histogram,
@@ -58,6 +77,7 @@ impl Metrics {
         let metrics = Self {
             rpc_duration: Family::new_with_constructor(latency_histogram),
             rpc_errors: Family::default(),
+            batch_path: Family::default(),
             batch_commands: Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(1.0, 2.0, 10),
             ),
@@ -75,6 +95,11 @@ impl Metrics {
             "rpc_errors",
             "Failed ledger RPCs by stable error code",
             metrics.rpc_errors.clone(),
+        );
+        registry.register(
+            "batches",
+            "Group-commit batches by path: cached, cached_stale (refused by the guard, then loaded), loaded",
+            metrics.batch_path.clone(),
         );
         registry.register(
             "batch_commands",
@@ -114,6 +139,17 @@ impl Metrics {
                 .get_or_create(&ErrorLabels { rpc, code })
                 .inc();
         }
+    }
+
+    /// Counts a batch's path. A high `cached_stale` rate means another writer (a second
+    /// replica, an operator) keeps changing the rows this writer caches.
+    pub fn observe_path(&self, path: BatchPath) {
+        let path = match path {
+            BatchPath::Cached => "cached",
+            BatchPath::CachedStale => "cached_stale",
+            BatchPath::Loaded => "loaded",
+        };
+        self.batch_path.get_or_create(&PathLabels { path }).inc();
     }
 
     /// Records one batch.

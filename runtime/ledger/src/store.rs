@@ -13,14 +13,15 @@
 //! other ledger replicas) cannot deadlock. Window money is changed only by the journal trigger, and
 //! the schema's constraints re-check every invariant on the result.
 
+use crate::cache::{CLOCK_TOLERANCE, Expected};
 use crate::error::{Error, Result};
 use chrono::{DateTime, Utc};
 use spendguard_core::audit::{ProducerStamp, format_time};
 use spendguard_core::lease::LeaseState;
 use spendguard_core::plan::{
     Balance, BudgetKey, BudgetRow, Command, Effects, Needs, Outcome, ReservationRow,
-    ReservationState, Resolution, SigningKeyRow, Snapshot, WindowKey, WindowRow, plan_batch,
-    windows_needed,
+    ReservationState, Resolution, SigningKeyRow, Snapshot, WindowKey, WindowRow,
+    plan_batch_keeping_state, windows_needed,
 };
 use spendguard_core::window::BudgetWindow;
 use spendguard_core::{LedgerError, NanoUsd};
@@ -63,6 +64,22 @@ pub struct BatchTimings {
     /// Commit (WAL flush).
     pub commit: Duration,
 }
+
+/// A committed batch.
+#[derive(Debug)]
+pub struct Committed {
+    /// One result per command.
+    pub outcomes: Vec<Result<Outcome, LedgerError>>,
+    /// Where the time went.
+    pub timings: BatchTimings,
+    /// Every row the batch read or wrote, as committed (for the writer's cache).
+    pub state: Snapshot,
+    /// The database clock read by a load, and this host's clock just before it.
+    pub clock: Option<(DateTime<Utc>, DateTime<Utc>)>,
+}
+
+/// SQLSTATE raised by `spendguard_require_fresh` when a cached batch found a row changed.
+const STALE_SQLSTATE: &str = "SG001";
 
 /// This process's claim on its producer instance id.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -257,7 +274,7 @@ impl Store {
         })
     }
 
-    /// Runs `commands` in one transaction and returns one result per command.
+    /// Runs `commands` in one transaction: locks and loads every row they need, plans, writes.
     ///
     /// # Errors
     /// When the transaction fails as a whole (database unavailable, producer claim lost, an
@@ -267,14 +284,15 @@ impl Store {
         &self,
         cursor: &mut ProducerCursor,
         commands: &[Command],
-    ) -> Result<(Vec<Result<Outcome, LedgerError>>, BatchTimings)> {
+    ) -> Result<Committed> {
         let started = Instant::now();
+        let local_before = Utc::now();
         let mut tx = self.pool.begin().await?;
         let (snapshot, existing_scopes) = load(&mut tx, commands).await?;
         let loaded = Instant::now();
         let now = snapshot.now;
         let existing_keys: BTreeSet<String> = snapshot.signing_keys.keys().cloned().collect();
-        let (outcomes, effects) = plan_batch(snapshot, commands);
+        let (outcomes, effects, state) = plan_batch_keeping_state(snapshot, commands);
         let planned = Instant::now();
         let mut next_sequence = cursor.next_sequence;
         if !effects.is_empty() {
@@ -288,13 +306,83 @@ impl Store {
         let written = Instant::now();
         tx.commit().await?;
         cursor.next_sequence = next_sequence;
-        let timings = BatchTimings {
-            load: loaded - started,
-            plan: planned - loaded,
-            write: written - planned,
-            commit: written.elapsed(),
-        };
-        Ok((outcomes, timings))
+        Ok(Committed {
+            outcomes,
+            timings: BatchTimings {
+                load: loaded - started,
+                plan: planned - loaded,
+                write: written - planned,
+                commit: written.elapsed(),
+            },
+            state,
+            clock: Some((now, local_before)),
+        })
+    }
+
+    /// Runs hot `commands` (reserve, commit, release) planned on `snapshot`, the writer's cached
+    /// rows, as one self-validating statement: no load, no separate BEGIN and COMMIT.
+    ///
+    /// # Errors
+    /// [`Error::Stale`] when a row the plan read changed (or the clock estimate is off); any
+    /// other error as [`Store::run_batch`]. Either way nothing of the batch was written, except
+    /// that a connection lost after sending leaves the outcome unknown, as for any commit.
+    pub async fn run_cached_batch(
+        &self,
+        cursor: &mut ProducerCursor,
+        snapshot: Snapshot,
+        expected: &Expected,
+        commands: &[Command],
+    ) -> Result<Committed> {
+        let started = Instant::now();
+        let now = snapshot.now;
+        let (outcomes, effects, state) = plan_batch_keeping_state(snapshot, commands);
+        let planned = Instant::now();
+        let writes_only_money = effects.tenants.is_empty()
+            && effects.budgets.is_empty()
+            && effects.pricing.is_empty()
+            && effects.signing_keys.is_empty()
+            && effects.new_windows.is_empty()
+            && effects.leases.is_empty()
+            && effects.lease_events.is_empty();
+        // A batch that writes nothing (denials, replays) has no statement to carry the guard: the
+        // load path answers it from locked rows.
+        if !writes_only_money || effects.is_empty() {
+            return Err(Error::Stale);
+        }
+        let next_sequence;
+        {
+            let params = EffectParams::of(cursor, now, &effects, self.signer.as_deref()).await?;
+            let guard = GuardParams::of(expected);
+            let query = params.bind(sqlx::query_scalar::<_, bool>(sqlx::AssertSqlSafe(
+                CACHED_BATCH.as_str(),
+            )));
+            guard
+                .bind(query)
+                .bind(CLOCK_TOLERANCE.num_milliseconds() as f64)
+                .bind(&expected.absent_reservations)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(|e| match &e {
+                    sqlx::Error::Database(db) if db.code().as_deref() == Some(STALE_SQLSTATE) => {
+                        Error::Stale
+                    }
+                    _ => Error::from(e),
+                })?;
+            next_sequence = params.next_sequence;
+        }
+        let written = Instant::now();
+        cursor.next_sequence = next_sequence;
+        Ok(Committed {
+            outcomes,
+            timings: BatchTimings {
+                load: Duration::ZERO,
+                plan: planned - started,
+                write: written - planned,
+                commit: Duration::ZERO,
+            },
+            state,
+            clock: None,
+        })
     }
 
     /// Current-window balances of `budget_ids` (all must exist in `tenant_id`).
@@ -896,161 +984,11 @@ async fn write_money_and_outbox(
     effects: &Effects,
     signer: Option<&ProducerSigner>,
 ) -> Result<u64> {
-    let new_reservations: Vec<serde_json::Value> = effects
-        .new_reservations
-        .iter()
-        .map(|r| {
-            let resolution = r.resolution;
-            serde_json::json!({
-                "reservation_id": r.id,
-                "tenant_id": r.tenant_id,
-                "idempotency_key": r.idempotency_key,
-                "request_sha256": r.fingerprint,
-                "budget_ids": r.windows.iter().map(|w| &w.budget.budget_id).collect::<Vec<_>>(),
-                "window_starts": r.windows.iter().map(|w| format_time(w.start)).collect::<Vec<_>>(),
-                "amount_nano_usd": r.amount.get(),
-                "fencing_scope_id": r.fencing_scope_id,
-                "fencing_epoch": r.fencing_epoch,
-                "expires_at": format_time(r.expires_at),
-                "state": r.state().as_str(),
-                "resolved_epoch": resolution.and_then(|x| (x.epoch != 0).then_some(x.epoch)),
-                "actual": resolution.map(|x| x.actual.get()),
-                "committed": resolution.map(|x| x.committed.get()),
-                "released": resolution.map(|x| x.released.get()),
-                "overrun": resolution.map(|x| x.overrun.get()),
-            })
-        })
-        .collect();
-
-    let mut resolved_ids = Vec::new();
-    let mut resolved_states = Vec::new();
-    let mut resolved_epochs: Vec<Option<i64>> = Vec::new();
-    let mut resolved_money: [Vec<i64>; 4] = Default::default();
-    for (id, r) in &effects.resolutions {
-        resolved_ids.push(*id);
-        resolved_states.push(r.state.as_str());
-        resolved_epochs.push(if r.epoch == 0 {
-            None
-        } else {
-            Some(to_i64(r.epoch)?)
-        });
-        for (column, amount) in
-            resolved_money
-                .iter_mut()
-                .zip([r.actual, r.committed, r.released, r.overrun])
-        {
-            column.push(amount.get());
-        }
-    }
-
-    let n = effects.entries.len();
-    let mut e_tenants = Vec::with_capacity(n);
-    let mut e_budgets = Vec::with_capacity(n);
-    let mut e_starts = Vec::with_capacity(n);
-    let mut e_reservations: Vec<Option<Uuid>> = Vec::with_capacity(n);
-    let mut e_kinds = Vec::with_capacity(n);
-    let mut e_deltas: [Vec<i64>; 4] = Default::default();
-    for e in &effects.entries {
-        e_tenants.push(e.window.budget.tenant_id.as_str());
-        e_budgets.push(e.window.budget.budget_id.as_str());
-        e_starts.push(e.window.start);
-        e_reservations.push(e.reservation_id);
-        e_kinds.push(e.kind.as_str());
-        for (column, delta) in e_deltas.iter_mut().zip([
-            e.limit_delta,
-            e.reserved_delta,
-            e.committed_delta,
-            e.overrun_delta,
-        ]) {
-            column.push(delta);
-        }
-    }
-
-    let first = cursor.next_sequence;
-    let count = u64::try_from(effects.events.len())
-        .map_err(|_| Error::Invariant("too many events".into()))?;
-    let next = first
-        .checked_add(count)
-        .ok_or_else(|| Error::Invariant("producer sequence overflow".into()))?;
-    let mut sequences = Vec::with_capacity(effects.events.len());
-    let mut o_tenants = Vec::with_capacity(effects.events.len());
-    let mut o_types = Vec::with_capacity(effects.events.len());
-    let mut o_bytes = Vec::with_capacity(effects.events.len());
-    let mut o_hashes = Vec::with_capacity(effects.events.len());
-    let mut s_keys: Vec<Option<String>> = Vec::with_capacity(effects.events.len());
-    let mut s_algorithms: Vec<Option<&'static str>> = Vec::with_capacity(effects.events.len());
-    let mut s_times: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(effects.events.len());
-    let mut s_signatures: Vec<Option<Vec<u8>>> = Vec::with_capacity(effects.events.len());
-    for (sequence, draft) in (first..).zip(&effects.events) {
-        let stamp = ProducerStamp {
-            producer_instance_id: cursor.claim.producer_instance_id.clone(),
-            producer_sequence: sequence,
-            occurred_at: now,
-        };
-        let event = draft
-            .stamp(&stamp)
-            .map_err(|e| Error::Invariant(format!("event not canonical: {e}")))?;
-        // The signature covers the exact stored bytes; a signing failure fails the batch (no
-        // effect without evidence).
-        match signer {
-            Some(signer) => {
-                let signed = signer
-                    .sign(&event.bytes)
-                    .await
-                    .map_err(|e| Error::Database(format!("signing audit event: {e}")))?;
-                s_keys.push(Some(signed.key_id));
-                s_algorithms.push(Some(signed.algorithm.as_str()));
-                s_times.push(Some(signed.signed_at));
-                s_signatures.push(Some(signed.signature));
-            }
-            None => {
-                s_keys.push(None);
-                s_algorithms.push(None);
-                s_times.push(None);
-                s_signatures.push(None);
-            }
-        }
-        sequences.push(to_i64(sequence)?);
-        o_tenants.push(draft.tenant_id.as_str());
-        o_types.push(draft.event_type);
-        o_bytes.push(event.bytes);
-        o_hashes.push(event.sha256.to_vec());
-    }
-
-    let [r_actual, r_committed, r_released, r_overrun] = resolved_money;
-    let [d_limit, d_reserved, d_committed, d_overrun] = e_deltas;
-    let allocated: i64 = sqlx::query_scalar(include_str!("store/write_batch.sql"))
-        .bind(serde_json::Value::Array(new_reservations))
-        .bind(now)
-        .bind(&resolved_ids)
-        .bind(&resolved_states)
-        .bind(&resolved_epochs)
-        .bind(&r_actual)
-        .bind(&r_committed)
-        .bind(&r_released)
-        .bind(&r_overrun)
-        .bind(&e_tenants)
-        .bind(&e_budgets)
-        .bind(&e_starts)
-        .bind(&e_reservations)
-        .bind(&e_kinds)
-        .bind(&d_limit)
-        .bind(&d_reserved)
-        .bind(&d_committed)
-        .bind(&d_overrun)
-        .bind(&cursor.claim.producer_instance_id)
-        .bind(cursor.claim.claim_token)
-        .bind(to_i64(first)?)
-        .bind(to_i64(next)?)
-        .bind(&sequences)
-        .bind(&o_tenants)
-        .bind(&o_types)
-        .bind(&o_bytes)
-        .bind(&o_hashes)
-        .bind(&s_keys)
-        .bind(&s_algorithms)
-        .bind(&s_times)
-        .bind(&s_signatures)
+    let params = EffectParams::of(cursor, now, effects, signer).await?;
+    let allocated: i64 = params
+        .bind(sqlx::query_scalar(sqlx::AssertSqlSafe(
+            WRITE_BATCH.as_str(),
+        )))
         .fetch_one(&mut **tx)
         .await?;
     if allocated != 1 {
@@ -1059,5 +997,352 @@ async fn write_money_and_outbox(
             cursor.claim.producer_instance_id.clone(),
         ));
     }
-    Ok(next)
+    Ok(params.next_sequence)
+}
+
+/// The write path's statement: the effects and the producer check.
+static WRITE_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH {}\nSELECT count(*) FROM allocated",
+        include_str!("store/write_effects.sql")
+    )
+});
+
+/// The cached path's statement: the guard, the effects, and one check of everything, which fails
+/// the statement (so nothing of the batch is written) unless the batch was planned on fresh rows.
+static CACHED_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH {},\n{}\nSELECT spendguard_require_fresh(
+            (SELECT count(*) FROM guard_scopes) = cardinality($32::text[])
+            AND (SELECT count(*) FROM guard_budgets) = cardinality($37::text[])
+            AND (SELECT count(*) FROM guard_windows) = cardinality($42::text[])
+            AND (SELECT count(*) FROM resolutions) = cardinality($3::uuid[])
+            AND (SELECT count(*) FROM allocated) = 1
+            AND NOT EXISTS (SELECT 1 FROM reservations WHERE reservation_id = ANY($50::uuid[]))
+            AND abs(extract(epoch FROM now() - $2::timestamptz)) * 1000 < $49)",
+        include_str!("store/fast_guard.sql"),
+        include_str!("store/write_effects.sql")
+    )
+});
+
+type ScalarQuery<'q, O> = sqlx::query::QueryScalar<'q, Postgres, O, sqlx::postgres::PgArguments>;
+
+/// The bound parameters ($1–$31) of `write_effects.sql` for one batch, with every event signed.
+struct EffectParams<'a> {
+    now: DateTime<Utc>,
+    new_reservations: serde_json::Value,
+    resolved_ids: Vec<Uuid>,
+    resolved_states: Vec<&'static str>,
+    resolved_epochs: Vec<Option<i64>>,
+    resolved_money: [Vec<i64>; 4],
+    e_tenants: Vec<&'a str>,
+    e_budgets: Vec<&'a str>,
+    e_starts: Vec<DateTime<Utc>>,
+    e_reservations: Vec<Option<Uuid>>,
+    e_kinds: Vec<&'static str>,
+    e_deltas: [Vec<i64>; 4],
+    producer_instance_id: String,
+    claim_token: Uuid,
+    first_sequence: i64,
+    next_sequence: u64,
+    sequences: Vec<i64>,
+    o_tenants: Vec<&'a str>,
+    o_types: Vec<&'static str>,
+    o_bytes: Vec<Vec<u8>>,
+    o_hashes: Vec<Vec<u8>>,
+    s_keys: Vec<Option<String>>,
+    s_algorithms: Vec<Option<&'static str>>,
+    s_times: Vec<Option<DateTime<Utc>>>,
+    s_signatures: Vec<Option<Vec<u8>>>,
+}
+
+impl<'a> EffectParams<'a> {
+    async fn of(
+        cursor: &ProducerCursor,
+        now: DateTime<Utc>,
+        effects: &'a Effects,
+        signer: Option<&ProducerSigner>,
+    ) -> Result<Self> {
+        let new_reservations: Vec<serde_json::Value> = effects
+            .new_reservations
+            .iter()
+            .map(|r| {
+                let resolution = r.resolution;
+                serde_json::json!({
+                    "reservation_id": r.id,
+                    "tenant_id": r.tenant_id,
+                    "idempotency_key": r.idempotency_key,
+                    "request_sha256": r.fingerprint,
+                    "budget_ids": r.windows.iter().map(|w| &w.budget.budget_id).collect::<Vec<_>>(),
+                    "window_starts": r.windows.iter().map(|w| format_time(w.start)).collect::<Vec<_>>(),
+                    "amount_nano_usd": r.amount.get(),
+                    "fencing_scope_id": r.fencing_scope_id,
+                    "fencing_epoch": r.fencing_epoch,
+                    "expires_at": format_time(r.expires_at),
+                    "state": r.state().as_str(),
+                    "resolved_epoch": resolution.and_then(|x| (x.epoch != 0).then_some(x.epoch)),
+                    "actual": resolution.map(|x| x.actual.get()),
+                    "committed": resolution.map(|x| x.committed.get()),
+                    "released": resolution.map(|x| x.released.get()),
+                    "overrun": resolution.map(|x| x.overrun.get()),
+                })
+            })
+            .collect();
+
+        let mut resolved_ids = Vec::new();
+        let mut resolved_states = Vec::new();
+        let mut resolved_epochs: Vec<Option<i64>> = Vec::new();
+        let mut resolved_money: [Vec<i64>; 4] = Default::default();
+        for (id, r) in &effects.resolutions {
+            resolved_ids.push(*id);
+            resolved_states.push(r.state.as_str());
+            resolved_epochs.push(if r.epoch == 0 {
+                None
+            } else {
+                Some(to_i64(r.epoch)?)
+            });
+            for (column, amount) in
+                resolved_money
+                    .iter_mut()
+                    .zip([r.actual, r.committed, r.released, r.overrun])
+            {
+                column.push(amount.get());
+            }
+        }
+
+        let n = effects.entries.len();
+        let mut e_tenants = Vec::with_capacity(n);
+        let mut e_budgets = Vec::with_capacity(n);
+        let mut e_starts = Vec::with_capacity(n);
+        let mut e_reservations: Vec<Option<Uuid>> = Vec::with_capacity(n);
+        let mut e_kinds = Vec::with_capacity(n);
+        let mut e_deltas: [Vec<i64>; 4] = Default::default();
+        for e in &effects.entries {
+            e_tenants.push(e.window.budget.tenant_id.as_str());
+            e_budgets.push(e.window.budget.budget_id.as_str());
+            e_starts.push(e.window.start);
+            e_reservations.push(e.reservation_id);
+            e_kinds.push(e.kind.as_str());
+            for (column, delta) in e_deltas.iter_mut().zip([
+                e.limit_delta,
+                e.reserved_delta,
+                e.committed_delta,
+                e.overrun_delta,
+            ]) {
+                column.push(delta);
+            }
+        }
+
+        let first = cursor.next_sequence;
+        let count = u64::try_from(effects.events.len())
+            .map_err(|_| Error::Invariant("too many events".into()))?;
+        let next = first
+            .checked_add(count)
+            .ok_or_else(|| Error::Invariant("producer sequence overflow".into()))?;
+        let mut sequences = Vec::with_capacity(effects.events.len());
+        let mut o_tenants = Vec::with_capacity(effects.events.len());
+        let mut o_types = Vec::with_capacity(effects.events.len());
+        let mut o_bytes = Vec::with_capacity(effects.events.len());
+        let mut o_hashes = Vec::with_capacity(effects.events.len());
+        let mut s_keys: Vec<Option<String>> = Vec::with_capacity(effects.events.len());
+        let mut s_algorithms: Vec<Option<&'static str>> = Vec::with_capacity(effects.events.len());
+        let mut s_times: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(effects.events.len());
+        let mut s_signatures: Vec<Option<Vec<u8>>> = Vec::with_capacity(effects.events.len());
+        for (sequence, draft) in (first..).zip(&effects.events) {
+            let stamp = ProducerStamp {
+                producer_instance_id: cursor.claim.producer_instance_id.clone(),
+                producer_sequence: sequence,
+                occurred_at: now,
+            };
+            let event = draft
+                .stamp(&stamp)
+                .map_err(|e| Error::Invariant(format!("event not canonical: {e}")))?;
+            // The signature covers the exact stored bytes; a signing failure fails the batch (no
+            // effect without evidence).
+            match signer {
+                Some(signer) => {
+                    let signed = signer
+                        .sign(&event.bytes)
+                        .await
+                        .map_err(|e| Error::Database(format!("signing audit event: {e}")))?;
+                    s_keys.push(Some(signed.key_id));
+                    s_algorithms.push(Some(signed.algorithm.as_str()));
+                    s_times.push(Some(signed.signed_at));
+                    s_signatures.push(Some(signed.signature));
+                }
+                None => {
+                    s_keys.push(None);
+                    s_algorithms.push(None);
+                    s_times.push(None);
+                    s_signatures.push(None);
+                }
+            }
+            sequences.push(to_i64(sequence)?);
+            o_tenants.push(draft.tenant_id.as_str());
+            o_types.push(draft.event_type);
+            o_bytes.push(event.bytes);
+            o_hashes.push(event.sha256.to_vec());
+        }
+
+        Ok(Self {
+            now,
+            new_reservations: serde_json::Value::Array(new_reservations),
+            resolved_ids,
+            resolved_states,
+            resolved_epochs,
+            resolved_money,
+            e_tenants,
+            e_budgets,
+            e_starts,
+            e_reservations,
+            e_kinds,
+            e_deltas,
+            producer_instance_id: cursor.claim.producer_instance_id.clone(),
+            claim_token: cursor.claim.claim_token,
+            first_sequence: to_i64(first)?,
+            next_sequence: next,
+            sequences,
+            o_tenants,
+            o_types,
+            o_bytes,
+            o_hashes,
+            s_keys,
+            s_algorithms,
+            s_times,
+            s_signatures,
+        })
+    }
+
+    /// Binds $1–$31.
+    fn bind<'q, O>(&'q self, query: ScalarQuery<'q, O>) -> ScalarQuery<'q, O> {
+        let [r_actual, r_committed, r_released, r_overrun] = &self.resolved_money;
+        let [d_limit, d_reserved, d_committed, d_overrun] = &self.e_deltas;
+        query
+            .bind(&self.new_reservations)
+            .bind(self.now)
+            .bind(&self.resolved_ids)
+            .bind(&self.resolved_states)
+            .bind(&self.resolved_epochs)
+            .bind(r_actual)
+            .bind(r_committed)
+            .bind(r_released)
+            .bind(r_overrun)
+            .bind(&self.e_tenants)
+            .bind(&self.e_budgets)
+            .bind(&self.e_starts)
+            .bind(&self.e_reservations)
+            .bind(&self.e_kinds)
+            .bind(d_limit)
+            .bind(d_reserved)
+            .bind(d_committed)
+            .bind(d_overrun)
+            .bind(&self.producer_instance_id)
+            .bind(self.claim_token)
+            .bind(self.first_sequence)
+            .bind(to_i64(self.next_sequence).unwrap_or(i64::MAX))
+            .bind(&self.sequences)
+            .bind(&self.o_tenants)
+            .bind(&self.o_types)
+            .bind(&self.o_bytes)
+            .bind(&self.o_hashes)
+            .bind(&self.s_keys)
+            .bind(&self.s_algorithms)
+            .bind(&self.s_times)
+            .bind(&self.s_signatures)
+    }
+}
+
+/// The guard's parameters ($32–$48): the rows a cached batch was planned on.
+struct GuardParams<'a> {
+    scope_ids: Vec<&'a str>,
+    scope_tenants: Vec<&'a str>,
+    scope_owners: Vec<&'a str>,
+    scope_epochs: Vec<i64>,
+    scope_expiries: Vec<DateTime<Utc>>,
+    budget_tenants: Vec<&'a str>,
+    budget_ids: Vec<&'a str>,
+    budget_limits: Vec<i64>,
+    budget_soft_caps: Vec<Option<i64>>,
+    budget_windows: Vec<&'static str>,
+    window_tenants: Vec<&'a str>,
+    window_budgets: Vec<&'a str>,
+    window_starts: Vec<DateTime<Utc>>,
+    window_money: [Vec<i64>; 4],
+}
+
+impl<'a> GuardParams<'a> {
+    fn of(expected: &'a Expected) -> Self {
+        let mut guard = Self {
+            scope_ids: Vec::new(),
+            scope_tenants: Vec::new(),
+            scope_owners: Vec::new(),
+            scope_epochs: Vec::new(),
+            scope_expiries: Vec::new(),
+            budget_tenants: Vec::new(),
+            budget_ids: Vec::new(),
+            budget_limits: Vec::new(),
+            budget_soft_caps: Vec::new(),
+            budget_windows: Vec::new(),
+            window_tenants: Vec::new(),
+            window_budgets: Vec::new(),
+            window_starts: Vec::new(),
+            window_money: Default::default(),
+        };
+        for (scope_id, lease) in &expected.scopes {
+            guard.scope_ids.push(scope_id);
+            guard.scope_tenants.push(&lease.tenant_id);
+            guard.scope_owners.push(&lease.owner);
+            // Epochs are minted by the ledger from 1 upwards; i64::MAX never matches a row.
+            guard
+                .scope_epochs
+                .push(i64::try_from(lease.epoch).unwrap_or(i64::MAX));
+            guard.scope_expiries.push(lease.expires_at);
+        }
+        for (key, budget) in &expected.budgets {
+            guard.budget_tenants.push(&key.tenant_id);
+            guard.budget_ids.push(&key.budget_id);
+            guard.budget_limits.push(budget.limit.get());
+            guard
+                .budget_soft_caps
+                .push(budget.soft_cap.map(NanoUsd::get));
+            guard.budget_windows.push(budget.window.as_str());
+        }
+        for (key, row) in &expected.windows {
+            guard.window_tenants.push(&key.budget.tenant_id);
+            guard.window_budgets.push(&key.budget.budget_id);
+            guard.window_starts.push(key.start);
+            for (column, amount) in guard.window_money.iter_mut().zip([
+                row.limit,
+                row.reserved,
+                row.committed,
+                row.overrun,
+            ]) {
+                column.push(amount.get());
+            }
+        }
+        guard
+    }
+
+    /// Binds $32–$48.
+    fn bind<'q, O>(&'q self, query: ScalarQuery<'q, O>) -> ScalarQuery<'q, O> {
+        let [limit, reserved, committed, overrun] = &self.window_money;
+        query
+            .bind(&self.scope_ids)
+            .bind(&self.scope_tenants)
+            .bind(&self.scope_owners)
+            .bind(&self.scope_epochs)
+            .bind(&self.scope_expiries)
+            .bind(&self.budget_tenants)
+            .bind(&self.budget_ids)
+            .bind(&self.budget_limits)
+            .bind(&self.budget_soft_caps)
+            .bind(&self.budget_windows)
+            .bind(&self.window_tenants)
+            .bind(&self.window_budgets)
+            .bind(&self.window_starts)
+            .bind(limit)
+            .bind(reserved)
+            .bind(committed)
+            .bind(overrun)
+    }
 }

@@ -6,9 +6,11 @@
 //! so no batch can overspend. A batch that fails on a database invariant is retried command by
 //! command, so one bad command cannot fail its neighbours.
 
+use crate::cache::HotCache;
 use crate::error::{Error, Result};
+use crate::metrics::BatchPath;
 use crate::metrics::Metrics;
-use crate::store::{BatchTimings, ProducerClaim, ProducerCursor, Store};
+use crate::store::{BatchTimings, Committed, ProducerClaim, ProducerCursor, Store};
 use spendguard_core::plan::{Command, Outcome};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -64,6 +66,7 @@ async fn run(
 ) {
     let mut batch = Vec::with_capacity(BATCH_COMMANDS_MAX);
     let mut cursor: Option<ProducerCursor> = None;
+    let mut cache = HotCache::default();
     let mut previous_size = 1;
     while receiver.recv_many(&mut batch, BATCH_COMMANDS_MAX).await > 0 {
         linger(&mut receiver, &mut batch, previous_size, linger_for).await;
@@ -73,9 +76,16 @@ async fn run(
         let size = commands.len();
         let started = Instant::now();
         let span = info_span!("ledger_batch", commands = size);
-        let (results, timings) = execute(&store, current.as_ref(), &mut cursor, &commands)
-            .instrument(span)
-            .await;
+        let (results, timings) = execute(
+            &store,
+            current.as_ref(),
+            &mut cursor,
+            &mut cache,
+            &commands,
+            &metrics,
+        )
+        .instrument(span)
+        .await;
         metrics.observe_batch(size, started.elapsed(), timings);
         for (reply, result) in replies.into_iter().zip(results) {
             // The caller may have gone away (deadline); its command is durable either way.
@@ -115,14 +125,18 @@ async fn execute(
     store: &Store,
     claim: Option<&ProducerClaim>,
     cursor: &mut Option<ProducerCursor>,
+    cache: &mut HotCache,
     commands: &[Command],
+    metrics: &Metrics,
 ) -> (Vec<Result<Outcome>>, Option<BatchTimings>) {
     let refuse_all = |e: Error| (commands.iter().map(|_| Err(e.clone())).collect(), None);
     let Some(claim) = claim else {
+        cache.clear();
         return refuse_all(Error::ProducerInstanceConflict("unclaimed".into()));
     };
     // (Re)read the sequence after a (re)claim or after a batch whose outcome left it uncertain.
     if cursor.as_ref().is_none_or(|c| c.claim != *claim) {
+        cache.clear();
         match store.producer_cursor(claim).await {
             Ok(fresh) => *cursor = Some(fresh),
             Err(e) => return refuse_all(e),
@@ -131,23 +145,44 @@ async fn execute(
     let Some(current) = cursor.as_mut() else {
         return refuse_all(Error::Invariant("no producer cursor".into()));
     };
+    if let Some((snapshot, expected)) = cache.snapshot_for(commands) {
+        match store
+            .run_cached_batch(current, snapshot, &expected, commands)
+            .await
+        {
+            Ok(committed) => {
+                metrics.observe_path(BatchPath::Cached);
+                return finish(committed, cache);
+            }
+            Err(e) => {
+                // Nothing was written (or, if the connection broke, nobody knows): forget the
+                // cache and the sequence, and run the batch on the load path.
+                metrics.observe_path(BatchPath::CachedStale);
+                debug!(error = %e, "cached batch refused; loading");
+                cache.clear();
+                match store.producer_cursor(claim).await {
+                    Ok(fresh) => *current = fresh,
+                    Err(e) => {
+                        *cursor = None;
+                        return refuse_all(e);
+                    }
+                }
+            }
+        }
+    }
+    metrics.observe_path(BatchPath::Loaded);
     match store.run_batch(current, commands).await {
-        Ok((outcomes, timings)) => (
-            outcomes
-                .into_iter()
-                .map(|o| o.map_err(Error::from))
-                .collect(),
-            Some(timings),
-        ),
+        Ok(committed) => finish(committed, cache),
         Err(e) if e.is_isolatable() && commands.len() > 1 => {
             debug!(error = %e, commands = commands.len(), "batch failed; retrying commands singly");
+            cache.clear();
             let mut results = Vec::with_capacity(commands.len());
             for command in commands {
                 let result = match store
                     .run_batch(current, std::slice::from_ref(command))
                     .await
                 {
-                    Ok((mut outcomes, _)) => outcomes.pop().map_or_else(
+                    Ok(committed) => committed.outcomes.into_iter().next().map_or_else(
                         || Err(Error::Invariant("no outcome".into())),
                         |o| o.map_err(Error::from),
                     ),
@@ -166,9 +201,27 @@ async fn execute(
             }
             // The commit may or may not have happened: read the sequence again before writing.
             *cursor = None;
+            cache.clear();
             refuse_all(e)
         }
     }
+}
+
+/// Remembers a committed batch's rows and answers its commands.
+fn finish(
+    committed: Committed,
+    cache: &mut HotCache,
+) -> (Vec<Result<Outcome>>, Option<BatchTimings>) {
+    if let Some((db_now, local_before)) = committed.clock {
+        cache.observe_clock(db_now, local_before);
+    }
+    cache.absorb(committed.state);
+    let outcomes = committed
+        .outcomes
+        .into_iter()
+        .map(|o| o.map_err(Error::from))
+        .collect();
+    (outcomes, Some(committed.timings))
 }
 
 #[cfg(test)]

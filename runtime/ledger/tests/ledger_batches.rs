@@ -78,7 +78,11 @@ async fn one_batch_equals_sequential_execution() {
         }),
     ];
     let before = cursor.next_sequence;
-    let (outcomes, _) = store.run_batch(&mut cursor, &commands).await.unwrap();
+    let outcomes = store
+        .run_batch(&mut cursor, &commands)
+        .await
+        .unwrap()
+        .outcomes;
     let kinds: Vec<&str> = outcomes
         .iter()
         .map(|o| match o.as_ref().unwrap() {

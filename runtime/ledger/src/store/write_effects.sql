@@ -1,7 +1,8 @@
--- The hot path of one batch in one statement. Data-modifying CTEs all run; the outbox insert
--- happens only if the producer compare-and-set succeeded, and the caller rolls the whole
--- transaction back when it did not (the result is then 0).
-WITH new_reservations AS (
+-- The effects of one batch as data-modifying CTEs (no leading WITH, no final SELECT): the load
+-- path runs them as `write_batch`, the cached path after the guard of `fast_guard.sql`.
+-- Data-modifying CTEs all run; the outbox insert happens only if the producer compare-and-set
+-- succeeded (the caller, or the fast path's final check, fails the batch when it did not).
+new_reservations AS (
     INSERT INTO reservations (reservation_id, tenant_id, idempotency_key, request_sha256, budget_ids,
                               window_starts, amount_nano_usd, fencing_scope_id, fencing_epoch, created_at,
                               expires_at, state, resolved_at, resolved_epoch, actual_nano_usd,
@@ -44,4 +45,3 @@ WITH new_reservations AS (
      WHERE EXISTS (SELECT 1 FROM allocated)
     RETURNING 1
 )
-SELECT count(*) FROM allocated

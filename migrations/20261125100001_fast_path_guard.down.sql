@@ -1,0 +1,1 @@
+DROP FUNCTION spendguard_require_fresh(boolean);

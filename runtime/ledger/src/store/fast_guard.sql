@@ -1,0 +1,36 @@
+-- The guard of a batch planned on the writer's cache (see cache.rs): lock every row the plan read
+-- and keep those that still hold the values it was planned on. The final SELECT (store.rs) fails
+-- the whole statement unless every row was found unchanged, every resolution found its open
+-- reservation, the producer compare-and-set succeeded and the estimated clock ($2) is close to
+-- now(). Budget windows change only through the journal trigger, which fires after this guard
+-- ran (AFTER ... FOR EACH STATEMENT), so the guard sees the rows as they were before the batch.
+guard_scopes AS (
+    SELECT 1 FROM fencing_scopes f
+      JOIN unnest($32::text[], $33::text[], $34::text[], $35::bigint[], $36::timestamptz[])
+           AS g(scope_id, tenant_id, owner, epoch, expires_at) ON f.scope_id = g.scope_id
+     WHERE f.tenant_id = g.tenant_id AND f.owner_workload_id = g.owner AND f.epoch = g.epoch
+       AND f.expires_at = g.expires_at
+     ORDER BY f.scope_id
+       FOR SHARE OF f
+), guard_budgets AS (
+    SELECT 1 FROM budgets b
+      JOIN unnest($37::text[], $38::text[], $39::bigint[], $40::bigint[], $41::text[])
+           AS g(tenant_id, budget_id, limit_nano_usd, soft_cap_nano_usd, window_kind)
+        ON b.tenant_id = g.tenant_id AND b.budget_id = g.budget_id
+     WHERE b.limit_nano_usd = g.limit_nano_usd
+       AND b.soft_cap_nano_usd IS NOT DISTINCT FROM g.soft_cap_nano_usd
+       AND b.window_kind = g.window_kind
+     ORDER BY b.tenant_id, b.budget_id
+       FOR SHARE OF b
+), guard_windows AS (
+    SELECT 1 FROM budget_windows w
+      JOIN unnest($42::text[], $43::text[], $44::timestamptz[], $45::bigint[], $46::bigint[],
+                  $47::bigint[], $48::bigint[])
+           AS g(tenant_id, budget_id, window_start, limit_nano_usd, reserved_nano_usd,
+                committed_nano_usd, overrun_nano_usd)
+        ON w.tenant_id = g.tenant_id AND w.budget_id = g.budget_id AND w.window_start = g.window_start
+     WHERE w.limit_nano_usd = g.limit_nano_usd AND w.reserved_nano_usd = g.reserved_nano_usd
+       AND w.committed_nano_usd = g.committed_nano_usd AND w.overrun_nano_usd = g.overrun_nano_usd
+     ORDER BY w.tenant_id, w.budget_id, w.window_start
+       FOR UPDATE OF w
+)
