@@ -201,8 +201,12 @@ pub struct SweepExpiredRequest {
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct SweepExpiredResponse {
+    /// Reservations expired.
     #[prost(uint32, tag = "1")]
     pub expired: u32,
+    /// Pending approvals expired (up to max_reservations of them, in the same transaction).
+    #[prost(uint32, tag = "2")]
+    pub approvals_expired: u32,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -331,6 +335,193 @@ pub struct GetBalancesResponse {
     #[prost(message, repeated, tag = "1")]
     pub balances: ::prost::alloc::vec::Vec<BudgetBalance>,
 }
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CreateApprovalRequest {
+    #[prost(string, tag = "1")]
+    pub tenant_id: ::prost::alloc::string::String,
+    /// The sidecar uses the call id (the same key as the call's ReserveSet; the ids differ).
+    #[prost(string, tag = "2")]
+    pub idempotency_key: ::prost::alloc::string::String,
+    /// 1 to 8 distinct budgets of the tenant the call reserves against.
+    #[prost(string, repeated, tag = "3")]
+    pub budget_ids: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// The budget whose soft cap the call would cross; one of budget_ids.
+    #[prost(string, tag = "4")]
+    pub budget_id: ::prost::alloc::string::String,
+    /// The call's worst-case amount.
+    #[prost(int64, tag = "5")]
+    pub amount_nano_usd: i64,
+    #[prost(message, optional, tag = "6")]
+    pub fencing: ::core::option::Option<FencingToken>,
+    /// How long a human has to decide: 1_000 to 604_800_000 (7 days).
+    #[prost(uint32, tag = "7")]
+    pub ttl_ms: u32,
+    /// Stable reason code of the decision, e.g. SOFT_CAP_REACHED.
+    #[prost(string, tag = "8")]
+    pub reason_code: ::prost::alloc::string::String,
+    /// Workload that asked (the sidecar's workload instance).
+    #[prost(string, tag = "9")]
+    pub requested_by: ::prost::alloc::string::String,
+    /// Pricing snapshot the call was priced with.
+    #[prost(message, optional, tag = "10")]
+    pub pricing: ::core::option::Option<PricingRef>,
+    /// Lowercase hex sha256 of the contract bundle that decided; may be empty.
+    #[prost(string, tag = "11")]
+    pub bundle_sha256_hex: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "12")]
+    pub context: ::core::option::Option<DecisionContext>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Approval {
+    #[prost(string, tag = "1")]
+    pub approval_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub tenant_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub idempotency_key: ::prost::alloc::string::String,
+    #[prost(string, repeated, tag = "4")]
+    pub budget_ids: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(string, tag = "5")]
+    pub budget_id: ::prost::alloc::string::String,
+    #[prost(int64, tag = "6")]
+    pub amount_nano_usd: i64,
+    #[prost(enumeration = "ApprovalState", tag = "7")]
+    pub state: i32,
+    #[prost(string, tag = "8")]
+    pub reason_code: ::prost::alloc::string::String,
+    #[prost(string, tag = "9")]
+    pub requested_by: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "10")]
+    pub pricing: ::core::option::Option<PricingRef>,
+    #[prost(string, tag = "11")]
+    pub bundle_sha256_hex: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "12")]
+    pub context: ::core::option::Option<DecisionContext>,
+    #[prost(int64, tag = "13")]
+    pub created_at_unix_ms: i64,
+    #[prost(int64, tag = "14")]
+    pub expires_at_unix_ms: i64,
+    /// Set once resolved: the approver (approved/denied), or empty for an expiry.
+    #[prost(string, tag = "15")]
+    pub resolved_by: ::prost::alloc::string::String,
+    #[prost(int64, tag = "16")]
+    pub resolved_at_unix_ms: i64,
+    #[prost(string, tag = "17")]
+    pub resolution_reason: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CreateApprovalResponse {
+    #[prost(message, optional, tag = "1")]
+    pub approval: ::core::option::Option<Approval>,
+    /// True when this answers a retry of an earlier identical request.
+    #[prost(bool, tag = "2")]
+    pub replayed: bool,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ResolveApprovalRequest {
+    #[prost(string, tag = "1")]
+    pub tenant_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub approval_id: ::prost::alloc::string::String,
+    #[prost(enumeration = "ApprovalDecision", tag = "3")]
+    pub decision: i32,
+    /// Approver identity (e.g. the Kubernetes username the webhook stamped); required, \<= 256.
+    #[prost(string, tag = "4")]
+    pub approver: ::prost::alloc::string::String,
+    /// Free text for the audit trail, \<= 256.
+    #[prost(string, tag = "5")]
+    pub reason: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ResolveApprovalResponse {
+    #[prost(message, optional, tag = "1")]
+    pub approval: ::core::option::Option<Approval>,
+    /// True when the approval already had this decision.
+    #[prost(bool, tag = "2")]
+    pub replayed: bool,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListApprovalsRequest {
+    /// Empty lists every tenant's approvals.
+    #[prost(string, tag = "1")]
+    pub tenant_id: ::prost::alloc::string::String,
+    /// UNSPECIFIED lists every state.
+    #[prost(enumeration = "ApprovalState", tag = "2")]
+    pub state: i32,
+    /// 1 to 500; 0 means 100.
+    #[prost(uint32, tag = "3")]
+    pub page_size: u32,
+    /// next_page_token of the previous page; empty for the first.
+    #[prost(string, tag = "4")]
+    pub page_token: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListApprovalsResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub approvals: ::prost::alloc::vec::Vec<Approval>,
+    /// Empty on the last page.
+    #[prost(string, tag = "2")]
+    pub next_page_token: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RetentionPolicy {
+    #[prost(string, tag = "1")]
+    pub tenant_id: ::prost::alloc::string::String,
+    /// Days audit evidence is kept: 1 to 3650.
+    #[prost(uint32, tag = "2")]
+    pub audit_retention_days: u32,
+    /// Days after which prompt/response payloads are redacted: 0 to audit_retention_days; unset
+    /// means never redacted before the evidence itself is dropped.
+    #[prost(uint32, optional, tag = "3")]
+    pub redact_payloads_after_days: ::core::option::Option<u32>,
+    #[prost(int64, tag = "4")]
+    pub updated_at_unix_ms: i64,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct UpsertRetentionPolicyRequest {
+    #[prost(string, tag = "1")]
+    pub tenant_id: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "2")]
+    pub audit_retention_days: u32,
+    #[prost(uint32, optional, tag = "3")]
+    pub redact_payloads_after_days: ::core::option::Option<u32>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct UpsertRetentionPolicyResponse {
+    /// The tenant had no policy before.
+    #[prost(bool, tag = "1")]
+    pub created: bool,
+    /// Something was written (false for an identical repeat).
+    #[prost(bool, tag = "2")]
+    pub changed: bool,
+    #[prost(message, optional, tag = "3")]
+    pub policy: ::core::option::Option<RetentionPolicy>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GetRetentionPolicyRequest {
+    #[prost(string, tag = "1")]
+    pub tenant_id: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GetRetentionPolicyResponse {
+    /// False when the tenant (or its policy) does not exist; `policy` is then unset.
+    #[prost(bool, tag = "1")]
+    pub found: bool,
+    #[prost(message, optional, tag = "2")]
+    pub policy: ::core::option::Option<RetentionPolicy>,
+}
 /// Stable error codes. The gRPC status code for each is given in brackets.
 #[allow(clippy::all)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
@@ -351,6 +542,8 @@ pub enum ErrorCode {
     FencingEpochMissing = 6,
     /// \[INVALID_ARGUMENT\] A budget's soft cap exceeds its limit, or its window is unknown.
     BudgetInvalid = 7,
+    /// \[INVALID_ARGUMENT\] ResolveApproval without an approver identity.
+    ApproverRequired = 8,
     /// \[NOT_FOUND\]
     TenantNotFound = 20,
     /// \[NOT_FOUND\] Also returned for a budget of another tenant.
@@ -359,6 +552,8 @@ pub enum ErrorCode {
     ReservationNotFound = 22,
     /// \[NOT_FOUND\] Also returned for a scope of another tenant.
     FencingScopeNotFound = 23,
+    /// \[NOT_FOUND\] Also returned for an approval of another tenant.
+    ApprovalNotFound = 24,
     /// \[FAILED_PRECONDITION\] The presented epoch is not the scope's current epoch.
     FencingEpochStale = 40,
     /// \[FAILED_PRECONDITION\] Another owner holds an unexpired lease (acquire without force).
@@ -383,6 +578,10 @@ pub enum ErrorCode {
     SigningKeyConflict = 50,
     /// \[FAILED_PRECONDITION\] The request would clear or postpone a signing key's revocation.
     SigningKeyRevocationIrreversible = 51,
+    /// \[FAILED_PRECONDITION\] The approval was already resolved with another decision (or cancelled).
+    ApprovalAlreadyResolved = 52,
+    /// \[FAILED_PRECONDITION\] The approval expired before it was resolved.
+    ApprovalExpired = 53,
     /// \[UNAVAILABLE\] The ledger's write queue is full; retry with backoff.
     Overloaded = 60,
     /// \[UNAVAILABLE\] The database is unreachable or failed; nothing was written.
@@ -407,10 +606,12 @@ impl ErrorCode {
             Self::RequestTooLarge => "ERROR_CODE_REQUEST_TOO_LARGE",
             Self::FencingEpochMissing => "ERROR_CODE_FENCING_EPOCH_MISSING",
             Self::BudgetInvalid => "ERROR_CODE_BUDGET_INVALID",
+            Self::ApproverRequired => "ERROR_CODE_APPROVER_REQUIRED",
             Self::TenantNotFound => "ERROR_CODE_TENANT_NOT_FOUND",
             Self::BudgetNotFound => "ERROR_CODE_BUDGET_NOT_FOUND",
             Self::ReservationNotFound => "ERROR_CODE_RESERVATION_NOT_FOUND",
             Self::FencingScopeNotFound => "ERROR_CODE_FENCING_SCOPE_NOT_FOUND",
+            Self::ApprovalNotFound => "ERROR_CODE_APPROVAL_NOT_FOUND",
             Self::FencingEpochStale => "ERROR_CODE_FENCING_EPOCH_STALE",
             Self::FencingLeaseHeld => "ERROR_CODE_FENCING_LEASE_HELD",
             Self::FencingLeaseExpired => "ERROR_CODE_FENCING_LEASE_EXPIRED",
@@ -425,6 +626,8 @@ impl ErrorCode {
             Self::SigningKeyRevocationIrreversible => {
                 "ERROR_CODE_SIGNING_KEY_REVOCATION_IRREVERSIBLE"
             }
+            Self::ApprovalAlreadyResolved => "ERROR_CODE_APPROVAL_ALREADY_RESOLVED",
+            Self::ApprovalExpired => "ERROR_CODE_APPROVAL_EXPIRED",
             Self::Overloaded => "ERROR_CODE_OVERLOADED",
             Self::DependencyUnavailable => "ERROR_CODE_DEPENDENCY_UNAVAILABLE",
             Self::ShuttingDown => "ERROR_CODE_SHUTTING_DOWN",
@@ -442,10 +645,12 @@ impl ErrorCode {
             "ERROR_CODE_REQUEST_TOO_LARGE" => Some(Self::RequestTooLarge),
             "ERROR_CODE_FENCING_EPOCH_MISSING" => Some(Self::FencingEpochMissing),
             "ERROR_CODE_BUDGET_INVALID" => Some(Self::BudgetInvalid),
+            "ERROR_CODE_APPROVER_REQUIRED" => Some(Self::ApproverRequired),
             "ERROR_CODE_TENANT_NOT_FOUND" => Some(Self::TenantNotFound),
             "ERROR_CODE_BUDGET_NOT_FOUND" => Some(Self::BudgetNotFound),
             "ERROR_CODE_RESERVATION_NOT_FOUND" => Some(Self::ReservationNotFound),
             "ERROR_CODE_FENCING_SCOPE_NOT_FOUND" => Some(Self::FencingScopeNotFound),
+            "ERROR_CODE_APPROVAL_NOT_FOUND" => Some(Self::ApprovalNotFound),
             "ERROR_CODE_FENCING_EPOCH_STALE" => Some(Self::FencingEpochStale),
             "ERROR_CODE_FENCING_LEASE_HELD" => Some(Self::FencingLeaseHeld),
             "ERROR_CODE_FENCING_LEASE_EXPIRED" => Some(Self::FencingLeaseExpired),
@@ -464,6 +669,8 @@ impl ErrorCode {
             "ERROR_CODE_SIGNING_KEY_REVOCATION_IRREVERSIBLE" => {
                 Some(Self::SigningKeyRevocationIrreversible)
             }
+            "ERROR_CODE_APPROVAL_ALREADY_RESOLVED" => Some(Self::ApprovalAlreadyResolved),
+            "ERROR_CODE_APPROVAL_EXPIRED" => Some(Self::ApprovalExpired),
             "ERROR_CODE_OVERLOADED" => Some(Self::Overloaded),
             "ERROR_CODE_DEPENDENCY_UNAVAILABLE" => Some(Self::DependencyUnavailable),
             "ERROR_CODE_SHUTTING_DOWN" => Some(Self::ShuttingDown),
@@ -547,6 +754,77 @@ impl BudgetWindow {
             "BUDGET_WINDOW_LIFETIME" => Some(Self::Lifetime),
             "BUDGET_WINDOW_CALENDAR_DAY_UTC" => Some(Self::CalendarDayUtc),
             "BUDGET_WINDOW_CALENDAR_MONTH_UTC" => Some(Self::CalendarMonthUtc),
+            _ => None,
+        }
+    }
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum ApprovalState {
+    Unspecified = 0,
+    Pending = 1,
+    Approved = 2,
+    Denied = 3,
+    /// Nobody decided before expires_at (database clock).
+    Expired = 4,
+    /// Reserved for a future cancel path; no RPC sets it yet.
+    Cancelled = 5,
+}
+impl ApprovalState {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "APPROVAL_STATE_UNSPECIFIED",
+            Self::Pending => "APPROVAL_STATE_PENDING",
+            Self::Approved => "APPROVAL_STATE_APPROVED",
+            Self::Denied => "APPROVAL_STATE_DENIED",
+            Self::Expired => "APPROVAL_STATE_EXPIRED",
+            Self::Cancelled => "APPROVAL_STATE_CANCELLED",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "APPROVAL_STATE_UNSPECIFIED" => Some(Self::Unspecified),
+            "APPROVAL_STATE_PENDING" => Some(Self::Pending),
+            "APPROVAL_STATE_APPROVED" => Some(Self::Approved),
+            "APPROVAL_STATE_DENIED" => Some(Self::Denied),
+            "APPROVAL_STATE_EXPIRED" => Some(Self::Expired),
+            "APPROVAL_STATE_CANCELLED" => Some(Self::Cancelled),
+            _ => None,
+        }
+    }
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum ApprovalDecision {
+    Unspecified = 0,
+    Approve = 1,
+    Deny = 2,
+}
+impl ApprovalDecision {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "APPROVAL_DECISION_UNSPECIFIED",
+            Self::Approve => "APPROVAL_DECISION_APPROVE",
+            Self::Deny => "APPROVAL_DECISION_DENY",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "APPROVAL_DECISION_UNSPECIFIED" => Some(Self::Unspecified),
+            "APPROVAL_DECISION_APPROVE" => Some(Self::Approve),
+            "APPROVAL_DECISION_DENY" => Some(Self::Deny),
             _ => None,
         }
     }
@@ -901,6 +1179,149 @@ pub mod ledger_client {
                 .insert(GrpcMethod::new("spendguard.ledger.v1.Ledger", "GetBalances"));
             self.inner.unary(req, path, codec).await
         }
+        /// Open a pending approval for a call that would cross a soft cap (S14). Fenced like
+        /// ReserveSet (the sidecar calls it). Idempotent by (tenant_id, idempotency_key): same fields →
+        /// the same approval, `replayed`; different fields → IDEMPOTENCY_CONFLICT. Reserves no money.
+        pub async fn create_approval(
+            &mut self,
+            request: impl tonic::IntoRequest<super::CreateApprovalRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::CreateApprovalResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/spendguard.ledger.v1.Ledger/CreateApproval",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("spendguard.ledger.v1.Ledger", "CreateApproval"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        /// Approve or deny a pending approval with the approver's identity (the operator calls it with
+        /// the identity the admission webhook stamped). The same decision again → `replayed`; another
+        /// decision → APPROVAL_ALREADY_RESOLVED; past its expiry → APPROVAL_EXPIRED (and the record
+        /// becomes expired, once). Approving reserves nothing: the resumed call makes a fresh ReserveSet.
+        pub async fn resolve_approval(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ResolveApprovalRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ResolveApprovalResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/spendguard.ledger.v1.Ledger/ResolveApproval",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("spendguard.ledger.v1.Ledger", "ResolveApproval"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        /// Read-only page of approvals, by tenant (or all tenants) and state, ordered by approval id
+        /// (the operator's mirror of pending approvals).
+        pub async fn list_approvals(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListApprovalsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListApprovalsResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/spendguard.ledger.v1.Ledger/ListApprovals",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("spendguard.ledger.v1.Ledger", "ListApprovals"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Admin: set a tenant's retention policy (the operator mirrors RetentionPolicy CRs). Audited as
+        /// `retention_policy.upserted`; an identical repeat writes nothing.
+        pub async fn upsert_retention_policy(
+            &mut self,
+            request: impl tonic::IntoRequest<super::UpsertRetentionPolicyRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::UpsertRetentionPolicyResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/spendguard.ledger.v1.Ledger/UpsertRetentionPolicy",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "spendguard.ledger.v1.Ledger",
+                        "UpsertRetentionPolicy",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        /// A tenant's retention policy, if one was set (read-only).
+        pub async fn get_retention_policy(
+            &mut self,
+            request: impl tonic::IntoRequest<super::GetRetentionPolicyRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::GetRetentionPolicyResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/spendguard.ledger.v1.Ledger/GetRetentionPolicy",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("spendguard.ledger.v1.Ledger", "GetRetentionPolicy"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -994,6 +1415,53 @@ pub mod ledger_server {
             request: tonic::Request<super::GetBalancesRequest>,
         ) -> std::result::Result<
             tonic::Response<super::GetBalancesResponse>,
+            tonic::Status,
+        >;
+        /// Open a pending approval for a call that would cross a soft cap (S14). Fenced like
+        /// ReserveSet (the sidecar calls it). Idempotent by (tenant_id, idempotency_key): same fields →
+        /// the same approval, `replayed`; different fields → IDEMPOTENCY_CONFLICT. Reserves no money.
+        async fn create_approval(
+            &self,
+            request: tonic::Request<super::CreateApprovalRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::CreateApprovalResponse>,
+            tonic::Status,
+        >;
+        /// Approve or deny a pending approval with the approver's identity (the operator calls it with
+        /// the identity the admission webhook stamped). The same decision again → `replayed`; another
+        /// decision → APPROVAL_ALREADY_RESOLVED; past its expiry → APPROVAL_EXPIRED (and the record
+        /// becomes expired, once). Approving reserves nothing: the resumed call makes a fresh ReserveSet.
+        async fn resolve_approval(
+            &self,
+            request: tonic::Request<super::ResolveApprovalRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ResolveApprovalResponse>,
+            tonic::Status,
+        >;
+        /// Read-only page of approvals, by tenant (or all tenants) and state, ordered by approval id
+        /// (the operator's mirror of pending approvals).
+        async fn list_approvals(
+            &self,
+            request: tonic::Request<super::ListApprovalsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListApprovalsResponse>,
+            tonic::Status,
+        >;
+        /// Admin: set a tenant's retention policy (the operator mirrors RetentionPolicy CRs). Audited as
+        /// `retention_policy.upserted`; an identical repeat writes nothing.
+        async fn upsert_retention_policy(
+            &self,
+            request: tonic::Request<super::UpsertRetentionPolicyRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::UpsertRetentionPolicyResponse>,
+            tonic::Status,
+        >;
+        /// A tenant's retention policy, if one was set (read-only).
+        async fn get_retention_policy(
+            &self,
+            request: tonic::Request<super::GetRetentionPolicyRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::GetRetentionPolicyResponse>,
             tonic::Status,
         >;
     }
@@ -1502,6 +1970,232 @@ pub mod ledger_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = GetBalancesSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/spendguard.ledger.v1.Ledger/CreateApproval" => {
+                    #[allow(non_camel_case_types)]
+                    struct CreateApprovalSvc<T: Ledger>(pub Arc<T>);
+                    impl<
+                        T: Ledger,
+                    > tonic::server::UnaryService<super::CreateApprovalRequest>
+                    for CreateApprovalSvc<T> {
+                        type Response = super::CreateApprovalResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::CreateApprovalRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Ledger>::create_approval(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = CreateApprovalSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/spendguard.ledger.v1.Ledger/ResolveApproval" => {
+                    #[allow(non_camel_case_types)]
+                    struct ResolveApprovalSvc<T: Ledger>(pub Arc<T>);
+                    impl<
+                        T: Ledger,
+                    > tonic::server::UnaryService<super::ResolveApprovalRequest>
+                    for ResolveApprovalSvc<T> {
+                        type Response = super::ResolveApprovalResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ResolveApprovalRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Ledger>::resolve_approval(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ResolveApprovalSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/spendguard.ledger.v1.Ledger/ListApprovals" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListApprovalsSvc<T: Ledger>(pub Arc<T>);
+                    impl<
+                        T: Ledger,
+                    > tonic::server::UnaryService<super::ListApprovalsRequest>
+                    for ListApprovalsSvc<T> {
+                        type Response = super::ListApprovalsResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListApprovalsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Ledger>::list_approvals(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListApprovalsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/spendguard.ledger.v1.Ledger/UpsertRetentionPolicy" => {
+                    #[allow(non_camel_case_types)]
+                    struct UpsertRetentionPolicySvc<T: Ledger>(pub Arc<T>);
+                    impl<
+                        T: Ledger,
+                    > tonic::server::UnaryService<super::UpsertRetentionPolicyRequest>
+                    for UpsertRetentionPolicySvc<T> {
+                        type Response = super::UpsertRetentionPolicyResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::UpsertRetentionPolicyRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Ledger>::upsert_retention_policy(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = UpsertRetentionPolicySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/spendguard.ledger.v1.Ledger/GetRetentionPolicy" => {
+                    #[allow(non_camel_case_types)]
+                    struct GetRetentionPolicySvc<T: Ledger>(pub Arc<T>);
+                    impl<
+                        T: Ledger,
+                    > tonic::server::UnaryService<super::GetRetentionPolicyRequest>
+                    for GetRetentionPolicySvc<T> {
+                        type Response = super::GetRetentionPolicyResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::GetRetentionPolicyRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Ledger>::get_retention_policy(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = GetRetentionPolicySvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

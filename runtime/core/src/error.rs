@@ -55,10 +55,12 @@ error_codes! {
     RequestTooLarge = "REQUEST_TOO_LARGE" => InvalidArgument,
     FencingEpochMissing = "FENCING_EPOCH_MISSING" => InvalidArgument,
     BudgetInvalid = "BUDGET_INVALID" => InvalidArgument,
+    ApproverRequired = "APPROVER_REQUIRED" => InvalidArgument,
     TenantNotFound = "TENANT_NOT_FOUND" => NotFound,
     BudgetNotFound = "BUDGET_NOT_FOUND" => NotFound,
     ReservationNotFound = "RESERVATION_NOT_FOUND" => NotFound,
     FencingScopeNotFound = "FENCING_SCOPE_NOT_FOUND" => NotFound,
+    ApprovalNotFound = "APPROVAL_NOT_FOUND" => NotFound,
     FencingEpochStale = "FENCING_EPOCH_STALE" => FailedPrecondition,
     FencingLeaseHeld = "FENCING_LEASE_HELD" => FailedPrecondition,
     FencingLeaseExpired = "FENCING_LEASE_EXPIRED" => FailedPrecondition,
@@ -70,6 +72,8 @@ error_codes! {
     PricingConflict = "PRICING_CONFLICT" => FailedPrecondition,
     SigningKeyConflict = "SIGNING_KEY_CONFLICT" => FailedPrecondition,
     SigningKeyRevocationIrreversible = "SIGNING_KEY_REVOCATION_IRREVERSIBLE" => FailedPrecondition,
+    ApprovalAlreadyResolved = "APPROVAL_ALREADY_RESOLVED" => FailedPrecondition,
+    ApprovalExpired = "APPROVAL_EXPIRED" => FailedPrecondition,
     ProducerInstanceConflict = "PRODUCER_INSTANCE_CONFLICT" => Unavailable,
     Overloaded = "OVERLOADED" => Unavailable,
     DependencyUnavailable = "DEPENDENCY_UNAVAILABLE" => Unavailable,
@@ -214,6 +218,23 @@ pub enum LedgerError {
         /// Key id.
         key_id: String,
     },
+    /// ResolveApproval without an approver identity.
+    #[error("an approver identity is required")]
+    ApproverRequired,
+    /// Unknown approval (or one of another tenant).
+    #[error("approval {0} not found")]
+    ApprovalNotFound(Uuid),
+    /// The approval was resolved with another decision.
+    #[error("approval {id} is already {state}")]
+    ApprovalAlreadyResolved {
+        /// Approval.
+        id: Uuid,
+        /// Its final state.
+        state: &'static str,
+    },
+    /// The approval expired before it was resolved.
+    #[error("approval {0} expired")]
+    ApprovalExpired(Uuid),
 }
 
 impl LedgerError {
@@ -243,6 +264,10 @@ impl LedgerError {
             Self::SigningKeyRevocationIrreversible { .. } => {
                 ErrorCode::SigningKeyRevocationIrreversible
             }
+            Self::ApproverRequired => ErrorCode::ApproverRequired,
+            Self::ApprovalNotFound(_) => ErrorCode::ApprovalNotFound,
+            Self::ApprovalAlreadyResolved { .. } => ErrorCode::ApprovalAlreadyResolved,
+            Self::ApprovalExpired(_) => ErrorCode::ApprovalExpired,
         }
     }
 
@@ -255,6 +280,7 @@ impl LedgerError {
             | Self::TtlInvalid { field, .. }
             | Self::RequestTooLarge { field, .. } => field,
             Self::FencingEpochMissing => "fencing",
+            Self::ApproverRequired => "approver",
             _ => "",
         }
     }

@@ -11,7 +11,9 @@
 //! - After every command, for every window: `reserved >= 0` and `committed + reserved <= limit`.
 //! - A reservation is reserved once and resolved (committed, released or expired) at most once.
 //! - Every state change emits exactly one audit event draft; a refused or replayed command emits
-//!   nothing and writes nothing.
+//!   nothing and writes nothing, with one exception: a ResolveApproval that finds its approval
+//!   pending past its expiry is refused (`APPROVAL_EXPIRED`) and expires it in the same batch.
+//! - An approval leaves `pending` at most once and moves no money.
 
 use crate::audit::{EventDraft, format_time};
 use crate::error::LedgerError;
@@ -19,7 +21,7 @@ use crate::lease::{AcquireLease, LeaseGrant, LeaseState, check_fencing};
 use crate::money::{MoneyError, NanoUsd};
 use crate::window::BudgetWindow;
 use chrono::{DateTime, Duration, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
@@ -40,7 +42,7 @@ pub struct Fencing {
 }
 
 /// The pricing snapshot a reservation was priced with.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PricingRef {
     /// Version name.
     pub version: String,
@@ -49,7 +51,7 @@ pub struct PricingRef {
 }
 
 /// Why the caller reserved.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DecisionContext {
     /// Agent run.
     pub run_id: String,
@@ -163,6 +165,199 @@ pub struct RegisterPricing {
 /// A (tenant, pricing version) pair.
 pub type PricingKey = (String, String);
 
+/// Longest time a human has to decide an approval: a week.
+pub const APPROVAL_TTL_MS_MAX: u32 = 604_800_000;
+/// Shortest approval TTL.
+pub const APPROVAL_TTL_MS_MIN: u32 = 1_000;
+
+/// The immutable decision context of an approval, stored as canonical JSON.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalContext {
+    /// Stable reason code of the decision (e.g. `SOFT_CAP_REACHED`).
+    pub reason_code: String,
+    /// Workload that asked.
+    pub requested_by: String,
+    /// Pricing snapshot the call was priced with.
+    pub pricing: PricingRef,
+    /// Hash of the contract bundle that decided (may be empty).
+    pub bundle_sha256_hex: String,
+    /// Call, run, workflow, provider, model and contract version.
+    pub decision: DecisionContext,
+}
+
+/// Open a pending approval for a call that would cross a soft cap (S14).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CreateApproval {
+    /// Tenant.
+    pub tenant_id: String,
+    /// Idempotency key, unique per tenant (the sidecar's call id).
+    pub idempotency_key: String,
+    /// Budgets the call reserves against, 1..=8, distinct.
+    pub budget_ids: Vec<String>,
+    /// The budget whose soft cap would be crossed (one of `budget_ids`).
+    pub budget_id: String,
+    /// The call's worst-case amount.
+    pub amount: NanoUsd,
+    /// Fencing token. Not part of the fingerprint: it authorises the request, it is not what is
+    /// asked, so a retry after the sidecar re-acquired its lease replays instead of conflicting.
+    #[serde(skip)]
+    pub fencing: Fencing,
+    /// Time a human has to decide.
+    pub ttl_ms: u32,
+    /// Immutable decision context.
+    pub context: ApprovalContext,
+}
+
+/// Namespace of approval ids (UUIDv5 over tenant and idempotency key); distinct from the
+/// reservations' so one call id yields different reservation and approval ids.
+const APPROVAL_ID_NAMESPACE: Uuid = Uuid::from_u128(0x9c41_7d2e_3b58_4a06_b1f9_62e0_d84c_15a3);
+
+impl CreateApproval {
+    /// The approval's id, derived from `(tenant_id, idempotency_key)`.
+    pub fn approval_id(&self) -> Uuid {
+        let name = format!("{}\n{}", self.tenant_id, self.idempotency_key);
+        Uuid::new_v5(&APPROVAL_ID_NAMESPACE, name.as_bytes())
+    }
+
+    /// sha256 over the canonical JSON of every request field but the fencing token.
+    pub fn fingerprint(&self) -> String {
+        let bytes = serde_json_canonicalizer::to_vec(self).unwrap_or_default();
+        hex::encode(Sha256::digest(bytes))
+    }
+}
+
+/// A human's decision on an approval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApprovalDecision {
+    /// Let the call be retried (it makes a fresh ReserveSet).
+    Approve,
+    /// Refuse it.
+    Deny,
+}
+
+impl ApprovalDecision {
+    /// The state the decision leads to.
+    pub const fn state(self) -> ApprovalState {
+        match self {
+            Self::Approve => ApprovalState::Approved,
+            Self::Deny => ApprovalState::Denied,
+        }
+    }
+}
+
+/// Approve or deny a pending approval.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolveApproval {
+    /// Tenant.
+    pub tenant_id: String,
+    /// Approval.
+    pub approval_id: Uuid,
+    /// Decision.
+    pub decision: ApprovalDecision,
+    /// Approver identity (non-empty, validated before planning).
+    pub approver: String,
+    /// Free text for the audit trail.
+    pub reason: String,
+}
+
+/// Lifecycle of an approval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApprovalState {
+    /// Waiting for a human.
+    Pending,
+    /// Approved by a named approver.
+    Approved,
+    /// Denied by a named approver.
+    Denied,
+    /// Nobody decided in time (database clock).
+    Expired,
+    /// Withdrawn (no command sets this yet; the schema allows it).
+    Cancelled,
+}
+
+impl ApprovalState {
+    /// Database name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Approved => "approved",
+            Self::Denied => "denied",
+            Self::Expired => "expired",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    /// Parses the database name.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "pending" => Some(Self::Pending),
+            "approved" => Some(Self::Approved),
+            "denied" => Some(Self::Denied),
+            "expired" => Some(Self::Expired),
+            "cancelled" => Some(Self::Cancelled),
+            _ => None,
+        }
+    }
+}
+
+/// An approval as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalRow {
+    /// Id.
+    pub id: Uuid,
+    /// Tenant.
+    pub tenant_id: String,
+    /// Idempotency key.
+    pub idempotency_key: String,
+    /// Request fingerprint.
+    pub fingerprint: String,
+    /// Budgets of the call, in request order.
+    pub budget_ids: Vec<String>,
+    /// The budget whose soft cap would be crossed.
+    pub budget_id: String,
+    /// The call's worst-case amount.
+    pub amount: NanoUsd,
+    /// Immutable decision context.
+    pub context: ApprovalContext,
+    /// Scope that asked.
+    pub fencing_scope_id: String,
+    /// Epoch that asked.
+    pub fencing_epoch: u64,
+    /// Database time of creation.
+    pub created_at: DateTime<Utc>,
+    /// When it expires unless resolved.
+    pub expires_at: DateTime<Utc>,
+    /// Current state.
+    pub state: ApprovalState,
+    /// Approver (approved/denied).
+    pub resolved_by: Option<String>,
+    /// When it left `pending`.
+    pub resolved_at: Option<DateTime<Utc>>,
+    /// Approver's reason.
+    pub resolution_reason: Option<String>,
+}
+
+/// Longest audit retention (the RetentionPolicy CRD's bound): ten years.
+pub const RETENTION_DAYS_MAX: u32 = 3_650;
+
+/// A tenant's retention policy (S19).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionPolicy {
+    /// Days audit evidence is kept, 1..=[`RETENTION_DAYS_MAX`].
+    pub audit_retention_days: u32,
+    /// Days after which payloads are redacted, `<= audit_retention_days`; `None` = never earlier.
+    pub redact_payloads_after_days: Option<u32>,
+}
+
+/// Set a tenant's retention policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpsertRetentionPolicy {
+    /// Tenant.
+    pub tenant_id: String,
+    /// The policy (validated before planning).
+    pub policy: RetentionPolicy,
+}
+
 /// Reserved tenant id under which the ledger writes audit events that belong to no customer
 /// tenant (the evidence key registry, S7). UpsertTenant refuses this id, and no `tenants` row is
 /// needed: `audit_outbox` (and the export chain) key events by tenant id without a foreign key.
@@ -214,6 +409,12 @@ pub enum Command {
     RegisterPricing(RegisterPricing),
     /// See [`RegisterSigningKey`].
     RegisterSigningKey(RegisterSigningKey),
+    /// See [`CreateApproval`].
+    CreateApproval(CreateApproval),
+    /// See [`ResolveApproval`].
+    ResolveApproval(ResolveApproval),
+    /// See [`UpsertRetentionPolicy`].
+    UpsertRetentionPolicy(UpsertRetentionPolicy),
 }
 
 // === Rows ===
@@ -377,6 +578,12 @@ pub struct Snapshot {
     pub pricing: BTreeMap<PricingKey, String>,
     /// Signing keys referenced that exist.
     pub signing_keys: BTreeMap<String, SigningKeyRow>,
+    /// Approvals referenced by id, and sweep candidates.
+    pub approvals: BTreeMap<Uuid, ApprovalRow>,
+    /// Pending approvals past their expiry, oldest first (locked for the sweep).
+    pub expired_approval_candidates: Vec<Uuid>,
+    /// Retention policies referenced that exist, with their last update.
+    pub retention_policies: BTreeMap<String, (RetentionPolicy, DateTime<Utc>)>,
 }
 
 /// What the store must load for a batch, derived from its commands.
@@ -396,6 +603,10 @@ pub struct Needs {
     pub pricing: BTreeSet<PricingKey>,
     /// Signing keys.
     pub signing_key_ids: BTreeSet<String>,
+    /// Approvals by id (a CreateApproval's id is derived from its idempotency key).
+    pub approval_ids: BTreeSet<Uuid>,
+    /// Tenants whose retention policy a command sets.
+    pub retention_tenant_ids: BTreeSet<String>,
 }
 
 impl Needs {
@@ -444,6 +655,24 @@ impl Needs {
                 }
                 Command::RegisterSigningKey(k) => {
                     needs.signing_key_ids.insert(k.key_id.clone());
+                }
+                Command::CreateApproval(a) => {
+                    needs.tenant_ids.insert(a.tenant_id.clone());
+                    needs.scope_ids.insert(a.fencing.scope_id.clone());
+                    needs.approval_ids.insert(a.approval_id());
+                    for budget_id in &a.budget_ids {
+                        needs.budgets.insert(BudgetKey {
+                            tenant_id: a.tenant_id.clone(),
+                            budget_id: budget_id.clone(),
+                        });
+                    }
+                }
+                Command::ResolveApproval(r) => {
+                    needs.approval_ids.insert(r.approval_id);
+                }
+                Command::UpsertRetentionPolicy(p) => {
+                    needs.tenant_ids.insert(p.tenant_id.clone());
+                    needs.retention_tenant_ids.insert(p.tenant_id.clone());
                 }
                 Command::UpsertBudget(b) => {
                     needs.tenant_ids.insert(b.tenant_id.clone());
@@ -546,8 +775,31 @@ pub enum Outcome {
         /// Replay.
         replayed: bool,
     },
-    /// Sweep expired this many reservations.
-    Swept(u32),
+    /// Sweep expired this many reservations and approvals.
+    Swept {
+        /// Reservations expired.
+        reservations: u32,
+        /// Pending approvals expired.
+        approvals: u32,
+    },
+    /// Retention policy set (or already identical).
+    RetentionPolicyUpserted {
+        /// The tenant had no policy before.
+        created: bool,
+        /// Anything written.
+        changed: bool,
+        /// The policy now.
+        policy: RetentionPolicy,
+        /// When it was last changed.
+        updated_at: DateTime<Utc>,
+    },
+    /// CreateApproval or ResolveApproval succeeded (or replayed).
+    Approval {
+        /// The approval after the command (boxed: the largest outcome by far).
+        approval: Box<ApprovalRow>,
+        /// A retry of an earlier identical request (or the same decision again).
+        replayed: bool,
+    },
     /// Lease granted.
     Lease(LeaseGrant),
     /// Tenant upserted.
@@ -661,6 +913,12 @@ pub struct Effects {
     pub resolutions: Vec<(Uuid, Resolution)>,
     /// Journal entries.
     pub entries: Vec<JournalEntry>,
+    /// Approvals to insert (ids), a subset of `approvals`.
+    pub new_approval_ids: BTreeSet<Uuid>,
+    /// Final state of every approval created or resolved by the batch.
+    pub approvals: BTreeMap<Uuid, ApprovalRow>,
+    /// Retention policies to insert or update (final state).
+    pub retention_policies: BTreeMap<String, RetentionPolicy>,
     /// Audit events, one per state change.
     pub events: Vec<EventDraft>,
 }
@@ -669,6 +927,37 @@ impl Effects {
     /// Whether the batch writes nothing.
     pub fn is_empty(&self) -> bool {
         self.events.is_empty()
+    }
+
+    /// Whether the batch only moves money: reservations, resolutions, journal and events (what
+    /// the ledger's cached path writes). Destructured so that a new kind of effect must decide.
+    pub fn only_moves_money(&self) -> bool {
+        let Self {
+            tenants,
+            budgets,
+            pricing,
+            signing_keys,
+            new_windows,
+            leases,
+            lease_events,
+            new_reservations: _,
+            resolutions: _,
+            entries: _,
+            new_approval_ids,
+            approvals,
+            retention_policies,
+            events: _,
+        } = self;
+        tenants.is_empty()
+            && budgets.is_empty()
+            && pricing.is_empty()
+            && signing_keys.is_empty()
+            && new_windows.is_empty()
+            && leases.is_empty()
+            && lease_events.is_empty()
+            && new_approval_ids.is_empty()
+            && approvals.is_empty()
+            && retention_policies.is_empty()
     }
 }
 
@@ -726,6 +1015,9 @@ impl Planner {
             Command::Commit(c) => self.commit(c),
             Command::Release(r) => self.release(r),
             Command::SweepExpired(max) => Ok(self.sweep(*max)),
+            Command::CreateApproval(a) => self.create_approval(a),
+            Command::ResolveApproval(r) => self.resolve_approval(r),
+            Command::UpsertRetentionPolicy(p) => self.upsert_retention_policy(p),
             Command::AcquireLease(a) => self.acquire_lease(a),
             Command::UpsertTenant(t) => Ok(self.upsert_tenant(t)),
             Command::UpsertBudget(b) => self.upsert_budget(b),
@@ -1168,7 +1460,236 @@ impl Planner {
             );
             expired = expired.saturating_add(1);
         }
-        Outcome::Swept(expired)
+        let mut approvals = 0u32;
+        for id in self.state.expired_approval_candidates.clone() {
+            if approvals >= max {
+                break;
+            }
+            let Some(row) = self.state.approvals.get(&id) else {
+                continue;
+            };
+            if row.state != ApprovalState::Pending || row.expires_at > self.state.now {
+                continue;
+            }
+            self.expire_approval(id);
+            approvals = approvals.saturating_add(1);
+        }
+        Outcome::Swept {
+            reservations: expired,
+            approvals,
+        }
+    }
+
+    fn upsert_retention_policy(
+        &mut self,
+        p: &UpsertRetentionPolicy,
+    ) -> Result<Outcome, LedgerError> {
+        self.require_tenant(&p.tenant_id)?;
+        let previous = self.state.retention_policies.get(&p.tenant_id).copied();
+        if let Some((old, updated_at)) = previous
+            && old == p.policy
+        {
+            return Ok(Outcome::RetentionPolicyUpserted {
+                created: false,
+                changed: false,
+                policy: old,
+                updated_at,
+            });
+        }
+        let now = self.state.now;
+        self.state
+            .retention_policies
+            .insert(p.tenant_id.clone(), (p.policy, now));
+        self.effects
+            .retention_policies
+            .insert(p.tenant_id.clone(), p.policy);
+        let days = |policy: Option<RetentionPolicy>| {
+            policy.map(|x| {
+                json!({
+                    "audit_retention_days": x.audit_retention_days,
+                    "redact_payloads_after_days": x.redact_payloads_after_days,
+                })
+            })
+        };
+        self.event(
+            &p.tenant_id,
+            "retention_policy.upserted",
+            json!({
+                "previous": days(previous.map(|(old, _)| old)),
+                "policy": days(Some(p.policy)),
+            }),
+        );
+        Ok(Outcome::RetentionPolicyUpserted {
+            created: previous.is_none(),
+            changed: true,
+            policy: p.policy,
+            updated_at: now,
+        })
+    }
+
+    /// Records the final state of an approval (inserted if this batch created it).
+    fn put_approval(&mut self, row: ApprovalRow) {
+        self.state.approvals.insert(row.id, row.clone());
+        self.effects.approvals.insert(row.id, row);
+    }
+
+    /// Expires a pending approval: state, `resolved_at` and the `approval.expired` event.
+    fn expire_approval(&mut self, id: Uuid) {
+        let Some(mut row) = self.state.approvals.get(&id).cloned() else {
+            return;
+        };
+        debug_assert_eq!(row.state, ApprovalState::Pending);
+        row.state = ApprovalState::Expired;
+        row.resolved_at = Some(self.state.now);
+        self.event(
+            &row.tenant_id,
+            "approval.expired",
+            json!({
+                "approval_id": id.to_string(),
+                "budget_id": row.budget_id,
+                "amount_nano_usd": row.amount.get().to_string(),
+                "expires_at": format_time(row.expires_at),
+            }),
+        );
+        self.put_approval(row);
+    }
+
+    fn create_approval(&mut self, a: &CreateApproval) -> Result<Outcome, LedgerError> {
+        self.require_tenant(&a.tenant_id)?;
+        let scope = self.state.scopes.get(&a.fencing.scope_id);
+        check_fencing(
+            &a.fencing.scope_id,
+            &a.tenant_id,
+            a.fencing.epoch,
+            scope,
+            Some(self.state.now),
+        )?;
+        let approval_id = a.approval_id();
+        let fingerprint = a.fingerprint();
+        if let Some(existing) = self.state.approvals.get(&approval_id) {
+            // A different tenant or key would be a UUIDv5 collision: refused, never merged.
+            if existing.tenant_id != a.tenant_id
+                || existing.idempotency_key != a.idempotency_key
+                || existing.fingerprint != fingerprint
+            {
+                return Err(LedgerError::IdempotencyConflict(a.idempotency_key.clone()));
+            }
+            return Ok(Outcome::Approval {
+                approval: Box::new(existing.clone()),
+                replayed: true,
+            });
+        }
+        for budget_id in &a.budget_ids {
+            let key = BudgetKey {
+                tenant_id: a.tenant_id.clone(),
+                budget_id: budget_id.clone(),
+            };
+            if !self.state.budgets.contains_key(&key) {
+                return Err(LedgerError::BudgetNotFound {
+                    tenant_id: a.tenant_id.clone(),
+                    budget_id: budget_id.clone(),
+                });
+            }
+        }
+        let expires_at = self
+            .state
+            .now
+            .checked_add_signed(Duration::milliseconds(i64::from(a.ttl_ms)))
+            .unwrap_or(self.state.now);
+        let row = ApprovalRow {
+            id: approval_id,
+            tenant_id: a.tenant_id.clone(),
+            idempotency_key: a.idempotency_key.clone(),
+            fingerprint,
+            budget_ids: a.budget_ids.clone(),
+            budget_id: a.budget_id.clone(),
+            amount: a.amount,
+            context: a.context.clone(),
+            fencing_scope_id: a.fencing.scope_id.clone(),
+            fencing_epoch: a.fencing.epoch,
+            created_at: self.state.now,
+            expires_at,
+            state: ApprovalState::Pending,
+            resolved_by: None,
+            resolved_at: None,
+            resolution_reason: None,
+        };
+        self.event(
+            &a.tenant_id,
+            "approval.created",
+            json!({
+                "approval_id": approval_id.to_string(),
+                "idempotency_key": a.idempotency_key,
+                "budget_ids": a.budget_ids,
+                "budget_id": a.budget_id,
+                "amount_nano_usd": a.amount.get().to_string(),
+                "expires_at": format_time(expires_at),
+                "fencing": {"scope_id": a.fencing.scope_id, "epoch": a.fencing.epoch},
+                "context": a.context,
+            }),
+        );
+        self.effects.new_approval_ids.insert(approval_id);
+        self.put_approval(row.clone());
+        Ok(Outcome::Approval {
+            approval: Box::new(row),
+            replayed: false,
+        })
+    }
+
+    fn resolve_approval(&mut self, r: &ResolveApproval) -> Result<Outcome, LedgerError> {
+        let mut row = self
+            .state
+            .approvals
+            .get(&r.approval_id)
+            .filter(|a| a.tenant_id == r.tenant_id)
+            .cloned()
+            .ok_or(LedgerError::ApprovalNotFound(r.approval_id))?;
+        let wanted = r.decision.state();
+        match row.state {
+            ApprovalState::Pending => {}
+            state if state == wanted => {
+                return Ok(Outcome::Approval {
+                    approval: Box::new(row),
+                    replayed: true,
+                });
+            }
+            ApprovalState::Expired => return Err(LedgerError::ApprovalExpired(r.approval_id)),
+            state => {
+                return Err(LedgerError::ApprovalAlreadyResolved {
+                    id: r.approval_id,
+                    state: state.as_str(),
+                });
+            }
+        }
+        if row.expires_at <= self.state.now {
+            // Too late: the record expires now, exactly once (the sweep skips non-pending rows).
+            self.expire_approval(r.approval_id);
+            return Err(LedgerError::ApprovalExpired(r.approval_id));
+        }
+        row.state = wanted;
+        row.resolved_by = Some(r.approver.clone());
+        row.resolved_at = Some(self.state.now);
+        row.resolution_reason = (!r.reason.is_empty()).then(|| r.reason.clone());
+        let event_type = match r.decision {
+            ApprovalDecision::Approve => "approval.approved",
+            ApprovalDecision::Deny => "approval.denied",
+        };
+        self.event(
+            &r.tenant_id,
+            event_type,
+            json!({
+                "approval_id": r.approval_id.to_string(),
+                "budget_id": row.budget_id,
+                "amount_nano_usd": row.amount.get().to_string(),
+                "approver": r.approver,
+                "reason": r.reason,
+            }),
+        );
+        self.put_approval(row.clone());
+        Ok(Outcome::Approval {
+            approval: Box::new(row),
+            replayed: false,
+        })
     }
 
     fn acquire_lease(&mut self, a: &AcquireLease) -> Result<Outcome, LedgerError> {

@@ -4,9 +4,11 @@
 use spendguard_core::ids::{check_idempotency_key, check_name, check_text, parse_reservation_id};
 use spendguard_core::lease::{AcquireLease, LEASE_TTL_MS_MAX, LEASE_TTL_MS_MIN, LeaseOutcome};
 use spendguard_core::plan::{
-    Balance, BudgetRow, Commit, DecisionContext, Fencing, PricingRef, RESERVE_SET_BUDGETS_MAX,
-    RegisterPricing, RegisterSigningKey, Release, ReserveSet, SYSTEM_TENANT_ID, SigningKeyRow,
-    UpsertBudget, UpsertTenant,
+    APPROVAL_TTL_MS_MAX, APPROVAL_TTL_MS_MIN, ApprovalContext, ApprovalDecision, ApprovalRow,
+    ApprovalState, Balance, BudgetRow, Commit, CreateApproval, DecisionContext, Fencing,
+    PricingRef, RESERVE_SET_BUDGETS_MAX, RETENTION_DAYS_MAX, RegisterPricing, RegisterSigningKey,
+    Release, ReserveSet, ResolveApproval, RetentionPolicy, SYSTEM_TENANT_ID, SigningKeyRow,
+    UpsertBudget, UpsertRetentionPolicy, UpsertTenant,
 };
 use spendguard_core::window::BudgetWindow;
 use spendguard_core::{ErrorCode, LedgerError, NanoUsd};
@@ -380,6 +382,262 @@ pub fn balances_request(r: &pb::GetBalancesRequest) -> Result<Vec<String>> {
     budget_ids("budget_ids", &r.budget_ids, BALANCES_BUDGETS_MAX)
 }
 
+/// Most approvals one ListApprovals page returns.
+pub const APPROVALS_PAGE_MAX: u32 = 500;
+/// Page size when the request leaves it 0.
+pub const APPROVALS_PAGE_DEFAULT: u32 = 100;
+
+fn sha256_hex_or_empty(field: &'static str, value: &str) -> Result<()> {
+    let ok = value.is_empty()
+        || (value.len() == 64
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+    if ok {
+        Ok(())
+    } else {
+        Err(LedgerError::InvalidArgument {
+            field,
+            reason: "must be empty or 64 lowercase hex characters".into(),
+        })
+    }
+}
+
+/// Validates a CreateApproval request.
+///
+/// # Errors
+/// The first invalid field.
+pub fn create_approval(r: &pb::CreateApprovalRequest) -> Result<CreateApproval> {
+    check_name("tenant_id", &r.tenant_id)?;
+    check_idempotency_key("idempotency_key", &r.idempotency_key)?;
+    let budgets = budget_ids("budget_ids", &r.budget_ids, RESERVE_SET_BUDGETS_MAX)?;
+    check_name("budget_id", &r.budget_id)?;
+    if !budgets.contains(&r.budget_id) {
+        return Err(LedgerError::InvalidArgument {
+            field: "budget_id",
+            reason: "must be one of budget_ids".into(),
+        });
+    }
+    let amount = amount("amount_nano_usd", r.amount_nano_usd, true)?;
+    let fencing = fencing(r.fencing.as_ref())?;
+    let ttl_ms = ttl("ttl_ms", r.ttl_ms, APPROVAL_TTL_MS_MIN, APPROVAL_TTL_MS_MAX)?;
+    if r.reason_code.is_empty() {
+        return Err(LedgerError::InvalidArgument {
+            field: "reason_code",
+            reason: "required".into(),
+        });
+    }
+    check_text("reason_code", &r.reason_code, TEXT_LEN_MAX)?;
+    check_text("requested_by", &r.requested_by, TEXT_LEN_MAX)?;
+    sha256_hex_or_empty("bundle_sha256_hex", &r.bundle_sha256_hex)?;
+    Ok(CreateApproval {
+        tenant_id: r.tenant_id.clone(),
+        idempotency_key: r.idempotency_key.clone(),
+        budget_ids: budgets,
+        budget_id: r.budget_id.clone(),
+        amount,
+        fencing,
+        ttl_ms,
+        context: ApprovalContext {
+            reason_code: r.reason_code.clone(),
+            requested_by: r.requested_by.clone(),
+            pricing: pricing(r.pricing.as_ref())?,
+            bundle_sha256_hex: r.bundle_sha256_hex.clone(),
+            decision: context(r.context.as_ref())?,
+        },
+    })
+}
+
+/// Validates a ResolveApproval request.
+///
+/// # Errors
+/// The first invalid field; [`LedgerError::ApproverRequired`] without an approver.
+pub fn resolve_approval(r: &pb::ResolveApprovalRequest) -> Result<ResolveApproval> {
+    check_name("tenant_id", &r.tenant_id)?;
+    let approval_id = parse_reservation_id("approval_id", &r.approval_id)?;
+    let decision = match pb::ApprovalDecision::try_from(r.decision) {
+        Ok(pb::ApprovalDecision::Approve) => ApprovalDecision::Approve,
+        Ok(pb::ApprovalDecision::Deny) => ApprovalDecision::Deny,
+        Ok(pb::ApprovalDecision::Unspecified) | Err(_) => {
+            return Err(LedgerError::InvalidArgument {
+                field: "decision",
+                reason: "must be APPROVE or DENY".into(),
+            });
+        }
+    };
+    if r.approver.trim().is_empty() {
+        return Err(LedgerError::ApproverRequired);
+    }
+    check_text("approver", &r.approver, TEXT_LEN_MAX)?;
+    check_text("reason", &r.reason, TEXT_LEN_MAX)?;
+    Ok(ResolveApproval {
+        tenant_id: r.tenant_id.clone(),
+        approval_id,
+        decision,
+        approver: r.approver.clone(),
+        reason: r.reason.clone(),
+    })
+}
+
+/// A validated ListApprovals request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListApprovals {
+    /// Only this tenant's approvals, or every tenant's.
+    pub tenant_id: Option<String>,
+    /// Only this state, or every state.
+    pub state: Option<ApprovalState>,
+    /// Page size, 1..=[`APPROVALS_PAGE_MAX`].
+    pub page_size: u32,
+    /// Approvals after this id.
+    pub after: Option<uuid::Uuid>,
+}
+
+/// Validates a ListApprovals request.
+///
+/// # Errors
+/// The first invalid field.
+pub fn list_approvals(r: &pb::ListApprovalsRequest) -> Result<ListApprovals> {
+    let tenant_id = if r.tenant_id.is_empty() {
+        None
+    } else {
+        check_name("tenant_id", &r.tenant_id)?;
+        Some(r.tenant_id.clone())
+    };
+    let state = match pb::ApprovalState::try_from(r.state) {
+        Ok(pb::ApprovalState::Unspecified) => None,
+        Ok(state) => Some(approval_state_from_proto(state)),
+        Err(_) => {
+            return Err(LedgerError::InvalidArgument {
+                field: "state",
+                reason: "unknown approval state".into(),
+            });
+        }
+    };
+    let page_size = match r.page_size {
+        0 => APPROVALS_PAGE_DEFAULT,
+        n if n > APPROVALS_PAGE_MAX => {
+            return Err(LedgerError::RequestTooLarge {
+                field: "page_size",
+                len: n as usize,
+                max: APPROVALS_PAGE_MAX as usize,
+            });
+        }
+        n => n,
+    };
+    let after = if r.page_token.is_empty() {
+        None
+    } else {
+        Some(parse_reservation_id("page_token", &r.page_token)?)
+    };
+    Ok(ListApprovals {
+        tenant_id,
+        state,
+        page_size,
+        after,
+    })
+}
+
+fn approval_state_from_proto(state: pb::ApprovalState) -> ApprovalState {
+    match state {
+        pb::ApprovalState::Pending | pb::ApprovalState::Unspecified => ApprovalState::Pending,
+        pb::ApprovalState::Approved => ApprovalState::Approved,
+        pb::ApprovalState::Denied => ApprovalState::Denied,
+        pb::ApprovalState::Expired => ApprovalState::Expired,
+        pb::ApprovalState::Cancelled => ApprovalState::Cancelled,
+    }
+}
+
+/// Wire form of an approval state.
+pub fn approval_state_to_proto(state: ApprovalState) -> pb::ApprovalState {
+    match state {
+        ApprovalState::Pending => pb::ApprovalState::Pending,
+        ApprovalState::Approved => pb::ApprovalState::Approved,
+        ApprovalState::Denied => pb::ApprovalState::Denied,
+        ApprovalState::Expired => pb::ApprovalState::Expired,
+        ApprovalState::Cancelled => pb::ApprovalState::Cancelled,
+    }
+}
+
+/// Wire form of an approval.
+pub fn approval_to_proto(a: &ApprovalRow) -> pb::Approval {
+    let d = &a.context.decision;
+    pb::Approval {
+        approval_id: a.id.to_string(),
+        tenant_id: a.tenant_id.clone(),
+        idempotency_key: a.idempotency_key.clone(),
+        budget_ids: a.budget_ids.clone(),
+        budget_id: a.budget_id.clone(),
+        amount_nano_usd: a.amount.get(),
+        state: approval_state_to_proto(a.state).into(),
+        reason_code: a.context.reason_code.clone(),
+        requested_by: a.context.requested_by.clone(),
+        pricing: Some(pb::PricingRef {
+            version: a.context.pricing.version.clone(),
+            sha256_hex: a.context.pricing.sha256_hex.clone(),
+        }),
+        bundle_sha256_hex: a.context.bundle_sha256_hex.clone(),
+        context: Some(pb::DecisionContext {
+            run_id: d.run_id.clone(),
+            workflow_id: d.workflow_id.clone(),
+            call_id: d.call_id.clone(),
+            provider: d.provider.clone(),
+            model: d.model.clone(),
+            contract_version: d.contract_version.clone(),
+        }),
+        created_at_unix_ms: a.created_at.timestamp_millis(),
+        expires_at_unix_ms: a.expires_at.timestamp_millis(),
+        resolved_by: a.resolved_by.clone().unwrap_or_default(),
+        resolved_at_unix_ms: a.resolved_at.map_or(0, |t| t.timestamp_millis()),
+        resolution_reason: a.resolution_reason.clone().unwrap_or_default(),
+    }
+}
+
+/// Validates an UpsertRetentionPolicy request: retention 1..=3650 days, redaction (when set)
+/// 0..=retention days.
+///
+/// # Errors
+/// The first invalid field.
+pub fn upsert_retention_policy(
+    r: &pb::UpsertRetentionPolicyRequest,
+) -> Result<UpsertRetentionPolicy> {
+    check_name("tenant_id", &r.tenant_id)?;
+    if !(1..=RETENTION_DAYS_MAX).contains(&r.audit_retention_days) {
+        return Err(LedgerError::InvalidArgument {
+            field: "audit_retention_days",
+            reason: format!("must be 1 to {RETENTION_DAYS_MAX}"),
+        });
+    }
+    if let Some(redact) = r.redact_payloads_after_days
+        && redact > r.audit_retention_days
+    {
+        return Err(LedgerError::InvalidArgument {
+            field: "redact_payloads_after_days",
+            reason: "payloads cannot outlive the audit records they belong to".into(),
+        });
+    }
+    Ok(UpsertRetentionPolicy {
+        tenant_id: r.tenant_id.clone(),
+        policy: RetentionPolicy {
+            audit_retention_days: r.audit_retention_days,
+            redact_payloads_after_days: r.redact_payloads_after_days,
+        },
+    })
+}
+
+/// Wire form of a retention policy.
+pub fn retention_policy_to_proto(
+    tenant_id: &str,
+    policy: RetentionPolicy,
+    updated_at: chrono::DateTime<chrono::Utc>,
+) -> pb::RetentionPolicy {
+    pb::RetentionPolicy {
+        tenant_id: tenant_id.to_owned(),
+        audit_retention_days: policy.audit_retention_days,
+        redact_payloads_after_days: policy.redact_payloads_after_days,
+        updated_at_unix_ms: updated_at.timestamp_millis(),
+    }
+}
+
 /// Wire form of a window kind.
 pub fn window_to_proto(window: BudgetWindow) -> pb::BudgetWindow {
     match window {
@@ -447,6 +705,10 @@ pub fn error_code_to_proto(code: ErrorCode) -> pb::ErrorCode {
         ErrorCode::DependencyUnavailable => pb::ErrorCode::DependencyUnavailable,
         ErrorCode::ShuttingDown => pb::ErrorCode::ShuttingDown,
         ErrorCode::Internal => pb::ErrorCode::Internal,
+        ErrorCode::ApproverRequired => pb::ErrorCode::ApproverRequired,
+        ErrorCode::ApprovalNotFound => pb::ErrorCode::ApprovalNotFound,
+        ErrorCode::ApprovalAlreadyResolved => pb::ErrorCode::ApprovalAlreadyResolved,
+        ErrorCode::ApprovalExpired => pb::ErrorCode::ApprovalExpired,
     }
 }
 

@@ -197,7 +197,13 @@ impl pb::ledger_server::Ledger for LedgerGrpc {
         self.run("SweepExpired", async {
             let max = convert::sweep(request.get_ref())?;
             match self.submit(Command::SweepExpired(max)).await? {
-                Outcome::Swept(expired) => Ok(pb::SweepExpiredResponse { expired }),
+                Outcome::Swept {
+                    reservations,
+                    approvals,
+                } => Ok(pb::SweepExpiredResponse {
+                    expired: reservations,
+                    approvals_expired: approvals,
+                }),
                 other => Err(unexpected(other)),
             }
         })
@@ -286,6 +292,116 @@ impl pb::ledger_server::Ledger for LedgerGrpc {
                 }
                 other => Err(unexpected(other)),
             }
+        })
+        .await
+    }
+
+    #[instrument(skip_all, fields(tenant_id = %request.get_ref().tenant_id, idempotency_key = %request.get_ref().idempotency_key))]
+    async fn create_approval(
+        &self,
+        request: Request<pb::CreateApprovalRequest>,
+    ) -> Result<Response<pb::CreateApprovalResponse>, Status> {
+        self.run("CreateApproval", async {
+            let command = convert::create_approval(request.get_ref())?;
+            match self.submit(Command::CreateApproval(command)).await? {
+                Outcome::Approval { approval, replayed } => Ok(pb::CreateApprovalResponse {
+                    approval: Some(convert::approval_to_proto(&approval)),
+                    replayed,
+                }),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
+    #[instrument(skip_all, fields(tenant_id = %request.get_ref().tenant_id, approval_id = %request.get_ref().approval_id))]
+    async fn resolve_approval(
+        &self,
+        request: Request<pb::ResolveApprovalRequest>,
+    ) -> Result<Response<pb::ResolveApprovalResponse>, Status> {
+        self.run("ResolveApproval", async {
+            let command = convert::resolve_approval(request.get_ref())?;
+            match self.submit(Command::ResolveApproval(command)).await? {
+                Outcome::Approval { approval, replayed } => Ok(pb::ResolveApprovalResponse {
+                    approval: Some(convert::approval_to_proto(&approval)),
+                    replayed,
+                }),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
+    #[instrument(skip_all, fields(tenant_id = %request.get_ref().tenant_id))]
+    async fn list_approvals(
+        &self,
+        request: Request<pb::ListApprovalsRequest>,
+    ) -> Result<Response<pb::ListApprovalsResponse>, Status> {
+        self.run("ListApprovals", async {
+            let query = convert::list_approvals(request.get_ref())?;
+            let (approvals, more) = self
+                .store
+                .list_approvals(
+                    query.tenant_id.as_deref(),
+                    query.state,
+                    query.after,
+                    query.page_size,
+                )
+                .await?;
+            let next_page_token = match approvals.last() {
+                Some(last) if more => last.id.to_string(),
+                _ => String::new(),
+            };
+            Ok(pb::ListApprovalsResponse {
+                approvals: approvals.iter().map(convert::approval_to_proto).collect(),
+                next_page_token,
+            })
+        })
+        .await
+    }
+
+    #[instrument(skip_all, fields(tenant_id = %request.get_ref().tenant_id))]
+    async fn upsert_retention_policy(
+        &self,
+        request: Request<pb::UpsertRetentionPolicyRequest>,
+    ) -> Result<Response<pb::UpsertRetentionPolicyResponse>, Status> {
+        self.run("UpsertRetentionPolicy", async {
+            let command = convert::upsert_retention_policy(request.get_ref())?;
+            let tenant_id = command.tenant_id.clone();
+            match self.submit(Command::UpsertRetentionPolicy(command)).await? {
+                Outcome::RetentionPolicyUpserted {
+                    created,
+                    changed,
+                    policy,
+                    updated_at,
+                } => Ok(pb::UpsertRetentionPolicyResponse {
+                    created,
+                    changed,
+                    policy: Some(convert::retention_policy_to_proto(
+                        &tenant_id, policy, updated_at,
+                    )),
+                }),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
+    #[instrument(skip_all, fields(tenant_id = %request.get_ref().tenant_id))]
+    async fn get_retention_policy(
+        &self,
+        request: Request<pb::GetRetentionPolicyRequest>,
+    ) -> Result<Response<pb::GetRetentionPolicyResponse>, Status> {
+        self.run("GetRetentionPolicy", async {
+            let tenant_id = &request.get_ref().tenant_id;
+            spendguard_core::ids::check_name("tenant_id", tenant_id)?;
+            let policy = self.store.retention_policy(tenant_id).await?;
+            Ok(pb::GetRetentionPolicyResponse {
+                found: policy.is_some(),
+                policy: policy.map(|(policy, updated_at)| {
+                    convert::retention_policy_to_proto(tenant_id, policy, updated_at)
+                }),
+            })
         })
         .await
     }

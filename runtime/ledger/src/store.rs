@@ -19,14 +19,14 @@ use chrono::{DateTime, Utc};
 use spendguard_core::audit::{ProducerStamp, format_time};
 use spendguard_core::lease::LeaseState;
 use spendguard_core::plan::{
-    Balance, BudgetKey, BudgetRow, Command, Effects, Needs, Outcome, ReservationRow,
-    ReservationState, Resolution, SigningKeyRow, Snapshot, WindowKey, WindowRow,
-    plan_batch_keeping_state, windows_needed,
+    ApprovalContext, ApprovalRow, ApprovalState, Balance, BudgetKey, BudgetRow, Command, Effects,
+    Needs, Outcome, ReservationRow, ReservationState, Resolution, RetentionPolicy, SigningKeyRow,
+    Snapshot, WindowKey, WindowRow, plan_batch_keeping_state, windows_needed,
 };
 use spendguard_core::window::BudgetWindow;
 use spendguard_core::{LedgerError, NanoUsd};
 use spendguard_evidence::{KeyRecord, ProducerSigner, Signer};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::types::Json;
 use sqlx::{Connection, PgConnection, PgPool, Postgres, Row, Transaction};
 use std::collections::{BTreeMap, BTreeSet};
@@ -337,16 +337,9 @@ impl Store {
         let now = snapshot.now;
         let (outcomes, effects, state) = plan_batch_keeping_state(snapshot, commands);
         let planned = Instant::now();
-        let writes_only_money = effects.tenants.is_empty()
-            && effects.budgets.is_empty()
-            && effects.pricing.is_empty()
-            && effects.signing_keys.is_empty()
-            && effects.new_windows.is_empty()
-            && effects.leases.is_empty()
-            && effects.lease_events.is_empty();
         // A batch that writes nothing (denials, replays) has no statement to carry the guard: the
         // load path answers it from locked rows.
-        if !writes_only_money || effects.is_empty() {
+        if !effects.only_moves_money() || effects.is_empty() {
             return Err(Error::Stale);
         }
         let next_sequence;
@@ -441,6 +434,64 @@ impl Store {
                 })
             })
             .collect()
+    }
+
+    /// One page of approvals ordered by id, after `after`, optionally of one tenant and one
+    /// state (read-only; the operator mirrors pending approvals from it). Returns the page and
+    /// whether more rows follow.
+    ///
+    /// # Errors
+    /// [`Error::Database`].
+    pub async fn list_approvals(
+        &self,
+        tenant_id: Option<&str>,
+        state: Option<ApprovalState>,
+        after: Option<Uuid>,
+        page_size: u32,
+    ) -> Result<(Vec<ApprovalRow>, bool)> {
+        let limit = i64::from(page_size).saturating_add(1);
+        let rows = sqlx::query(
+            "SELECT approval_id, tenant_id, idempotency_key, request_sha256, budget_ids, budget_id,
+                    amount_nano_usd, context, fencing_scope_id, fencing_epoch, created_at, expires_at,
+                    state, resolved_by, resolved_at, resolution_reason
+               FROM approvals
+              WHERE ($1::text IS NULL OR tenant_id = $1)
+                AND ($2::text IS NULL OR state = $2)
+                AND ($3::uuid IS NULL OR approval_id > $3)
+              ORDER BY approval_id
+              LIMIT $4",
+        )
+        .bind(tenant_id)
+        .bind(state.map(ApprovalState::as_str))
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let more = rows.len() > page_size as usize;
+        let approvals = rows
+            .iter()
+            .take(page_size as usize)
+            .map(approval_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        Ok((approvals, more))
+    }
+
+    /// A tenant's retention policy and its last update, if one was set (read-only).
+    ///
+    /// # Errors
+    /// [`Error::Database`], or [`Error::Invariant`] for a stored value out of range.
+    pub async fn retention_policy(
+        &self,
+        tenant_id: &str,
+    ) -> Result<Option<(RetentionPolicy, DateTime<Utc>)>> {
+        let row = sqlx::query(
+            "SELECT audit_retention_days, redact_payloads_after_days, updated_at
+               FROM retention_policies WHERE tenant_id = $1",
+        )
+        .bind(tenant_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(retention_from_row).transpose()
     }
 
     /// Number of open reservations (for the gauge).
@@ -652,7 +703,118 @@ async fn load(
     }
     let window_keys = windows_needed(commands, &snapshot);
     snapshot.windows = load_windows(tx, &window_keys, "FOR UPDATE").await?;
+    load_approvals(tx, &needs, &mut snapshot).await?;
+    load_retention_policies(tx, &needs, &mut snapshot).await?;
     Ok((snapshot, existing_scopes))
+}
+
+/// Retention policies the batch sets (an admin path with its own query), locked last.
+async fn load_retention_policies(
+    tx: &mut Transaction<'_, Postgres>,
+    needs: &Needs,
+    snapshot: &mut Snapshot,
+) -> Result<()> {
+    if needs.retention_tenant_ids.is_empty() {
+        return Ok(());
+    }
+    let tenants: Vec<&str> = needs
+        .retention_tenant_ids
+        .iter()
+        .map(String::as_str)
+        .collect();
+    let rows = sqlx::query(
+        "SELECT tenant_id, audit_retention_days, redact_payloads_after_days, updated_at
+           FROM retention_policies WHERE tenant_id = ANY($1) ORDER BY tenant_id FOR UPDATE",
+    )
+    .bind(&tenants)
+    .fetch_all(&mut **tx)
+    .await?;
+    for row in &rows {
+        let tenant_id: String = row.try_get("tenant_id")?;
+        snapshot
+            .retention_policies
+            .insert(tenant_id, retention_from_row(row)?);
+    }
+    Ok(())
+}
+
+fn retention_from_row(row: &PgRow) -> Result<(RetentionPolicy, DateTime<Utc>)> {
+    let days = |value: i32| {
+        u32::try_from(value)
+            .map_err(|_| Error::Invariant(format!("stored retention days {value} are negative")))
+    };
+    let redact: Option<i32> = row.try_get("redact_payloads_after_days")?;
+    Ok((
+        RetentionPolicy {
+            audit_retention_days: days(row.try_get("audit_retention_days")?)?,
+            redact_payloads_after_days: redact.map(days).transpose()?,
+        },
+        row.try_get("updated_at")?,
+    ))
+}
+
+/// Approvals the batch names, and pending ones past their expiry when it sweeps: a separate
+/// query (approvals are rare; the hot path's load statement stays as it is), locked last in the
+/// lock order, sorted by id. Sweep candidates are taken with SKIP LOCKED, which never waits.
+async fn load_approvals(
+    tx: &mut Transaction<'_, Postgres>,
+    needs: &Needs,
+    snapshot: &mut Snapshot,
+) -> Result<()> {
+    let mut ids: BTreeSet<Uuid> = needs.approval_ids.clone();
+    if needs.sweep_max > 0 {
+        snapshot.expired_approval_candidates = sqlx::query_scalar(
+            "SELECT approval_id FROM approvals WHERE state = 'pending' AND expires_at <= now()
+             ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(i64::from(needs.sweep_max))
+        .fetch_all(&mut **tx)
+        .await?;
+        ids.extend(snapshot.expired_approval_candidates.iter().copied());
+    }
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = ids.into_iter().collect();
+    let rows = sqlx::query(
+        "SELECT approval_id, tenant_id, idempotency_key, request_sha256, budget_ids, budget_id,
+                amount_nano_usd, context, fencing_scope_id, fencing_epoch, created_at, expires_at,
+                state, resolved_by, resolved_at, resolution_reason
+           FROM approvals WHERE approval_id = ANY($1) ORDER BY approval_id FOR UPDATE",
+    )
+    .bind(&ids)
+    .fetch_all(&mut **tx)
+    .await?;
+    for row in &rows {
+        let approval = approval_from_row(row)?;
+        snapshot.approvals.insert(approval.id, approval);
+    }
+    Ok(())
+}
+
+fn approval_from_row(row: &PgRow) -> Result<ApprovalRow> {
+    let state: String = row.try_get("state")?;
+    let state = ApprovalState::parse(&state)
+        .ok_or_else(|| Error::Invariant(format!("unknown approval state {state}")))?;
+    let Json(context): Json<ApprovalContext> = row.try_get("context")?;
+    Ok(ApprovalRow {
+        id: row.try_get("approval_id")?,
+        tenant_id: row.try_get("tenant_id")?,
+        idempotency_key: row.try_get("idempotency_key")?,
+        fingerprint: row.try_get("request_sha256")?,
+        budget_ids: row.try_get("budget_ids")?,
+        budget_id: row.try_get("budget_id")?,
+        amount: money(row.try_get("amount_nano_usd")?)?,
+        context,
+        fencing_scope_id: row.try_get("fencing_scope_id")?,
+        fencing_epoch: epoch(row.try_get("fencing_epoch")?)?,
+        created_at: row.try_get("created_at")?,
+        expires_at: row.try_get("expires_at")?,
+        state,
+        resolved_by: row.try_get("resolved_by")?,
+        resolved_at: row.try_get("resolved_at")?,
+        resolution_reason: row.try_get("resolution_reason")?,
+    })
 }
 
 static LOAD_BATCH_FOR_SHARE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
@@ -817,6 +979,8 @@ async fn write(
     // Rare paths (admin, leases, first use of a window) get their own statements...
     write_tenants_and_budgets(tx, existing.signing_keys, effects).await?;
     write_leases(tx, existing.scopes, effects).await?;
+    write_approvals(tx, effects).await?;
+    write_retention_policies(tx, effects).await?;
     // ...the hot path is one statement.
     write_money_and_outbox(tx, cursor, now, effects, signer).await
 }
@@ -971,6 +1135,88 @@ async fn write_leases(
         .bind(grant.state.expires_at)
         .execute(&mut **tx)
         .await?;
+    }
+    Ok(())
+}
+
+async fn write_retention_policies(
+    tx: &mut Transaction<'_, Postgres>,
+    effects: &Effects,
+) -> Result<()> {
+    let days = |value: u32| {
+        i32::try_from(value).map_err(|_| Error::Invariant(format!("{value} days exceed i32")))
+    };
+    for (tenant_id, policy) in &effects.retention_policies {
+        sqlx::query(
+            "INSERT INTO retention_policies (tenant_id, audit_retention_days, redact_payloads_after_days)
+             VALUES ($1, $2, $3)
+             ON CONFLICT (tenant_id) DO UPDATE
+                SET audit_retention_days = EXCLUDED.audit_retention_days,
+                    redact_payloads_after_days = EXCLUDED.redact_payloads_after_days,
+                    updated_at = now()",
+        )
+        .bind(tenant_id)
+        .bind(days(policy.audit_retention_days)?)
+        .bind(policy.redact_payloads_after_days.map(days).transpose()?)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Approvals created or resolved by the batch, one statement each (a rare path, so the hot
+/// statement is untouched). A plain INSERT for a new approval: if another replica created it
+/// first, the primary key fails this batch instead of writing a second `approval.created`.
+/// The table's trigger re-checks that a resolution leaves `pending` once and changes nothing else.
+async fn write_approvals(tx: &mut Transaction<'_, Postgres>, effects: &Effects) -> Result<()> {
+    for (id, a) in &effects.approvals {
+        if effects.new_approval_ids.contains(id) {
+            let context = serde_json::to_value(&a.context)
+                .map_err(|e| Error::Invariant(format!("approval context: {e}")))?;
+            sqlx::query(
+                "INSERT INTO approvals (approval_id, tenant_id, idempotency_key, request_sha256,
+                     budget_ids, budget_id, amount_nano_usd, context, fencing_scope_id, fencing_epoch,
+                     created_at, expires_at, state, resolved_by, resolved_at, resolution_reason)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+            )
+            .bind(id)
+            .bind(&a.tenant_id)
+            .bind(&a.idempotency_key)
+            .bind(&a.fingerprint)
+            .bind(&a.budget_ids)
+            .bind(&a.budget_id)
+            .bind(a.amount.get())
+            .bind(Json(context))
+            .bind(&a.fencing_scope_id)
+            .bind(to_i64(a.fencing_epoch)?)
+            .bind(a.created_at)
+            .bind(a.expires_at)
+            .bind(a.state.as_str())
+            .bind(&a.resolved_by)
+            .bind(a.resolved_at)
+            .bind(&a.resolution_reason)
+            .execute(&mut **tx)
+            .await?;
+        } else {
+            let updated = sqlx::query(
+                "UPDATE approvals SET state = $2, resolved_by = $3, resolved_at = $4,
+                        resolution_reason = $5
+                  WHERE approval_id = $1 AND state = 'pending'",
+            )
+            .bind(id)
+            .bind(a.state.as_str())
+            .bind(&a.resolved_by)
+            .bind(a.resolved_at)
+            .bind(&a.resolution_reason)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
+            if updated != 1 {
+                return Err(Error::Invariant(format!(
+                    "approval {id} was not pending when resolved"
+                )));
+            }
+        }
     }
     Ok(())
 }

@@ -3,8 +3,11 @@
 //! ```text
 //! decide: contract ─► worst case ─► lease epoch ─► ledger ReserveSet ─► CONTINUE
 //!            │                          │                 ├─ denied ─► STOP (BUDGET_EXHAUSTED)
-//!            └─ STOP (reason)           │                 └─ soft cap crossed ─► release ─► REQUIRE_APPROVAL
+//!            └─ STOP (reason)           │                 └─ soft cap crossed ─► CreateApproval ─► release
+//!                                       │                                   ─► REQUIRE_APPROVAL (approval_id)
 //!                                       └─ unavailable ─► 503 (fail closed) | CONTINUE fail_open (S22)
+//!                                          (a failed CreateApproval is always 503: never an id that
+//!                                          does not exist, never fail-open past a soft cap)
 //! settle: commit(usage priced at the decision's snapshot) | release(reason), exactly once
 //! ```
 //!
@@ -33,6 +36,11 @@ type LedgerClient = pb::ledger_client::LedgerClient<Channel>;
 
 /// Longest call id.
 pub const CALL_ID_LEN_MAX: usize = 128;
+
+/// How long a human has to decide a REQUIRE_APPROVAL before the ledger expires it: long enough
+/// for a person to notice, short enough that a stale request does not linger (the ledger allows
+/// up to 7 days).
+pub const APPROVAL_TTL_MS: u32 = 3_600_000;
 
 /// Who this sidecar reserves for.
 #[derive(Debug, Clone)]
@@ -106,7 +114,7 @@ pub struct Decision {
     pub max_output_tokens: Option<u32>,
     /// Budget that stopped the call or crossed its soft cap.
     pub budget_id: Option<String>,
-    /// Approval to wait for (REQUIRE_APPROVAL, once approvals exist).
+    /// The ledger approval to wait for (REQUIRE_APPROVAL): it exists, pending, in the ledger.
     pub approval_id: Option<String>,
     /// Contract version that decided.
     pub contract_version: String,
@@ -322,7 +330,7 @@ impl Decider {
         let request = pb::ReserveSetRequest {
             tenant_id: self.identity.tenant_id.clone(),
             idempotency_key: input.call_id.clone(),
-            budget_ids,
+            budget_ids: budget_ids.clone(),
             amount_nano_usd: planned.reserve.get(),
             fencing: Some(self.fencing(epoch)),
             ttl_ms: u32::try_from(self.reservation_ttl.as_millis()).unwrap_or(u32::MAX),
@@ -368,6 +376,23 @@ impl Decider {
                     reserved.balances.iter().map(budget_after).collect();
                 let (reason, crossed) = evaluate_balances(contract, &after);
                 if reason == ReasonCode::SoftCapReached {
+                    let crossed = crossed
+                        .or_else(|| budget_ids.first().cloned())
+                        .unwrap_or_default();
+                    // The approval is recorded before the reservation goes back: if recording
+                    // fails (503, whatever the fail policy), the reservation stays held until its
+                    // TTL, so a retry of the call replays the same reservation, crosses the same
+                    // soft cap and opens the approval then.
+                    let approval_id = self
+                        .open_approval(
+                            input,
+                            epoch,
+                            budget_ids,
+                            &crossed,
+                            reserved.amount_nano_usd,
+                            reason,
+                        )
+                        .await?;
                     // Approval comes before any spend: the reservation goes back at once.
                     self.release_reservation(&reserved.reservation_id, "approval_required")
                         .await?;
@@ -375,9 +400,12 @@ impl Decider {
                         input,
                         Verdict::RequireApproval,
                         reason.as_str(),
-                        "the call would take a budget past its soft cap".to_owned(),
+                        format!(
+                            "the call would take a budget past its soft cap; approval {approval_id} is pending"
+                        ),
                     );
-                    decision.budget_id = crossed;
+                    decision.budget_id = Some(crossed);
+                    decision.approval_id = Some(approval_id);
                     decision
                 } else {
                     let mut decision =
@@ -392,6 +420,59 @@ impl Decider {
         };
         decision.replayed = replayed;
         Ok(decision)
+    }
+
+    /// Records a pending approval in the ledger (CreateApproval, keyed by the call id) and
+    /// returns its id.
+    ///
+    /// # Errors
+    /// Always fail closed, whatever the contract's fail policy: an approval the ledger did not
+    /// record cannot be resolved, and a soft cap is no reason to let a call through unrecorded.
+    async fn open_approval(
+        &self,
+        input: &DecideInput,
+        epoch: u64,
+        budget_ids: Vec<String>,
+        crossed: &str,
+        amount_nano_usd: i64,
+        reason: ReasonCode,
+    ) -> Result<String, SidecarError> {
+        let request = pb::CreateApprovalRequest {
+            tenant_id: self.identity.tenant_id.clone(),
+            idempotency_key: input.call_id.clone(),
+            budget_ids,
+            budget_id: crossed.to_owned(),
+            amount_nano_usd,
+            fencing: Some(self.fencing(epoch)),
+            ttl_ms: APPROVAL_TTL_MS,
+            reason_code: reason.as_str().to_owned(),
+            requested_by: self.identity.scope_id.clone(),
+            pricing: Some(pb::PricingRef {
+                version: self.bundle.pricing.version().to_owned(),
+                sha256_hex: self.bundle.pricing.sha256_hex().to_owned(),
+            }),
+            bundle_sha256_hex: self.bundle.sha256_hex.clone(),
+            context: Some(pb::DecisionContext {
+                run_id: input.run_id.clone().unwrap_or_default(),
+                workflow_id: input.workflow_id.clone().unwrap_or_default(),
+                call_id: input.call_id.clone(),
+                provider: input.provider.as_str().to_owned(),
+                model: input.model.clone(),
+                contract_version: self.bundle.contract.version.clone(),
+            }),
+        };
+        let created = self
+            .ledger
+            .clone()
+            .create_approval(request)
+            .await
+            .map_err(|status| ledger_error(&status))?
+            .into_inner();
+        created
+            .approval
+            .map(|a| a.approval_id)
+            .filter(|id| !id.is_empty())
+            .ok_or_else(|| SidecarError::Internal("ledger sent no approval".into()))
     }
 
     /// The ledger could not answer: fail closed, unless the contract is explicitly fail-open and

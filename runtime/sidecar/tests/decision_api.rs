@@ -168,3 +168,55 @@ async fn http_errors_have_stable_codes_and_change_nothing() {
         (0, 0)
     );
 }
+
+#[tokio::test]
+async fn grpc_soft_cap_decision_names_a_pending_ledger_approval() {
+    // Goal: REQUIRE_APPROVAL carries the id of an approval the ledger holds as pending, a replay
+    // names the same one, and nothing stays reserved. Method: a soft cap below every worst case.
+    use spendguard_proto::ledger::v1 as ledger_pb;
+    let mut stack = Stack::start(Options {
+        limit: 100_000_000,
+        soft_cap: 100_000,
+        ..Options::default()
+    })
+    .await;
+    let addr = stack.sidecar().grpc_addr;
+    let mut client = pb::sidecar_client::SidecarClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let d = client
+        .decide(decide("a-1", 500))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.decision(), pb::Decision::RequireApproval);
+    assert_eq!(d.reason, "SOFT_CAP_REACHED");
+    assert!(!d.approval_id.is_empty());
+    assert!(d.reservation_id.is_empty());
+    let again = client
+        .decide(decide("a-1", 500))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.replayed);
+    assert_eq!(again.approval_id, d.approval_id);
+
+    let pending = stack
+        .ledger
+        .client
+        .list_approvals(ledger_pb::ListApprovalsRequest {
+            tenant_id: TENANT.into(),
+            state: ledger_pb::ApprovalState::Pending.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .approvals;
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].approval_id, d.approval_id);
+    assert_eq!(pending[0].amount_nano_usd, 150_000 + 300_000);
+    assert_eq!(pending[0].context.as_ref().unwrap().call_id, "a-1");
+    assert_eq!(pending[0].context.as_ref().unwrap().workflow_id, "wf-1");
+    assert_eq!(stack.balance().await.reserved_nano_usd, 0);
+}

@@ -185,3 +185,89 @@ async fn an_explicit_fail_open_contract_lets_calls_through_marked_fail_open() {
     .await;
     assert_eq!(denied.status, 402);
 }
+
+#[tokio::test]
+async fn an_approval_the_ledger_cannot_record_fails_closed_even_under_fail_open() {
+    // Goal: REQUIRE_APPROVAL never names an approval that does not exist, and a soft cap never
+    // fails open. Method: a trigger makes every insert into the approvals table fail the way a
+    // lock timeout does, so CreateApproval gets DEPENDENCY_UNAVAILABLE while ReserveSet still
+    // works; the decision must be a 503 with the reservation still held, and a retry once the
+    // fault is gone must replay the same reservation and open the approval.
+    let mut stack = Stack::start(Options {
+        limit: 100_000_000_000,
+        soft_cap: 1_000,
+        contract: json!({"fail_policy": "open"}),
+        ..Options::default()
+    })
+    .await;
+    let decide_url = stack.url("/v1/spendguard/decide");
+    let body = json!({"call_id": "c-approval", "provider": "openai", "model": "gpt-4o-mini",
+                      "input_tokens_upper_bound": 100, "max_output_tokens": 10});
+    let pool = stack.ledger.store().pool().clone();
+    for sql in [
+        "CREATE FUNCTION test_approvals_unavailable() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'simulated lock timeout' USING ERRCODE = 'lock_not_available'; END $$",
+        "CREATE TRIGGER test_approvals_unavailable BEFORE INSERT ON approvals
+         FOR EACH ROW EXECUTE FUNCTION test_approvals_unavailable()",
+    ] {
+        sqlx::query(sql).execute(&pool).await.unwrap();
+    }
+    let refused = post_json(&decide_url, &[], &body).await;
+    assert_eq!(
+        refused.status,
+        503,
+        "{}",
+        String::from_utf8_lossy(&refused.body)
+    );
+    assert_eq!(refused.json()["error"]["code"], "DEPENDENCY_UNAVAILABLE");
+    assert!(
+        stack.balance().await.reserved_nano_usd > 0,
+        "the reservation stays held until the approval is recorded"
+    );
+    let approvals: i64 = sqlx::query_scalar("SELECT count(*) FROM approvals")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(approvals, 0);
+    sqlx::query("DROP TRIGGER test_approvals_unavailable ON approvals")
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    // A lease renewal batched with the failed CreateApproval failed with it; should that have
+    // made the lease drain, wait for it to be renewed.
+    let mut retried = post_json(&decide_url, &[], &body).await;
+    for _ in 0..100 {
+        if retried.status != 503 || retried.json()["error"]["code"] != "LEASE_UNAVAILABLE" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        retried = post_json(&decide_url, &[], &body).await;
+    }
+    assert_eq!(
+        retried.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&retried.body)
+    );
+    let decision = retried.json();
+    assert_eq!(decision["decision"], "REQUIRE_APPROVAL");
+    let approval_id = decision["approval_id"].as_str().unwrap().to_owned();
+    let pending = stack
+        .ledger
+        .client
+        .list_approvals(pb::ListApprovalsRequest {
+            state: pb::ApprovalState::Pending.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .approvals;
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].approval_id, approval_id);
+    assert_eq!(stack.balance().await.reserved_nano_usd, 0);
+    spendguard_testkit::invariants::check(stack.ledger.store().pool())
+        .await
+        .unwrap();
+}

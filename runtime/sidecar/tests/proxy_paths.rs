@@ -6,6 +6,7 @@
 mod support;
 
 use serde_json::{Value, json};
+use spendguard_proto::ledger::v1 as pb;
 use support::*;
 
 /// 9 prompt tokens (22 bytes of text / 4, rounded up, + 3 for the message) at $0.15/M and
@@ -177,6 +178,31 @@ async fn soft_cap_requires_approval_and_returns_the_reservation() {
         reply.header("x-spendguard-decision"),
         Some("REQUIRE_APPROVAL")
     );
+    // The 402 names an approval that exists in the ledger, pending, for this call's budget.
+    let approval_id = error["approval_id"]
+        .as_str()
+        .expect("approval id in the 402")
+        .to_owned();
+    let pending = stack
+        .ledger
+        .client
+        .list_approvals(pb::ListApprovalsRequest {
+            tenant_id: TENANT.into(),
+            state: pb::ApprovalState::Pending.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .approvals;
+    assert_eq!(pending.len(), 1, "{pending:?}");
+    let approval = &pending[0];
+    assert_eq!(approval.approval_id, approval_id);
+    assert_eq!(approval.budget_id, BUDGET);
+    assert_eq!(approval.reason_code, "SOFT_CAP_REACHED");
+    assert!(approval.amount_nano_usd > 0);
+    assert_eq!(approval.context.as_ref().unwrap().model, "gpt-4o-mini");
+    assert_eq!(approval.requested_by, format!("{TENANT}/{WORKLOAD}"));
     let balance = stack.balance().await;
     assert_eq!(
         (balance.reserved_nano_usd, balance.committed_nano_usd),

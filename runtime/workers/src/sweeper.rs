@@ -1,15 +1,16 @@
 //! `spendguard worker ttl-sweeper`: under a leader lease, asks the ledger to expire reservations
-//! whose TTL passed (SweepExpired runs on the database clock), until none are left, then waits.
+//! whose TTL passed and pending approvals past their expiry (SweepExpired runs on the database
+//! clock), until none are left, then waits.
 
 use spendguard_proto::ledger::v1 as pb;
 use std::time::Duration;
 use tonic::transport::Channel;
 use tracing::{info, warn};
 
-/// Reservations expired per call.
+/// Reservations (and, separately, approvals) expired per call.
 pub const SWEEP_BATCH: u32 = 1_000;
 
-/// Expires everything that is due now; returns how many were expired.
+/// Expires everything that is due now; returns how many reservations and approvals were expired.
 ///
 /// # Errors
 /// The ledger's status.
@@ -23,10 +24,9 @@ pub async fn sweep_due(
                 max_reservations: SWEEP_BATCH,
             })
             .await?
-            .into_inner()
-            .expired;
-        total += u64::from(swept);
-        if swept < SWEEP_BATCH {
+            .into_inner();
+        total += u64::from(swept.expired) + u64::from(swept.approvals_expired);
+        if swept.expired < SWEEP_BATCH && swept.approvals_expired < SWEEP_BATCH {
             return Ok(total);
         }
     }
@@ -44,7 +44,7 @@ pub async fn run(
         if leader.is_leader() {
             match sweep_due(&mut ledger).await {
                 Ok(0) => {}
-                Ok(expired) => info!(expired, "expired reservations swept"),
+                Ok(expired) => info!(expired, "expired reservations and approvals swept"),
                 Err(e) => warn!(error = %e, "sweep failed; retrying at the next interval"),
             }
         }

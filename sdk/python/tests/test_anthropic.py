@@ -111,6 +111,7 @@ def test_soft_cap_raises_approval_required(stack: Stack, mock: MockUpstream, mar
         )
     assert info.value.reason == "SOFT_CAP_REACHED"
     assert info.value.decision == "REQUIRE_APPROVAL"
+    assert info.value.approval_id is not None and len(info.value.approval_id) == 36
     mock.assert_never_saw(marker)
 
 

@@ -167,6 +167,8 @@ def test_soft_cap_requires_approval(stack: Stack, call_id: str) -> None:
     soft.close()
     assert info.value.decision == "REQUIRE_APPROVAL"
     assert info.value.reason == "SOFT_CAP_REACHED"
+    # The ledger holds a pending approval under this id (a UUID).
+    assert info.value.approval_id is not None and len(info.value.approval_id) == 36
 
 
 def test_denied_model_stops(sg: spendguard.SpendGuard, call_id: str) -> None:

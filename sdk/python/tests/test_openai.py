@@ -156,6 +156,7 @@ def test_soft_cap_raises_approval_required(stack: Stack, mock: MockUpstream, mar
     assert info.value.decision == "REQUIRE_APPROVAL"
     assert isinstance(info.value, openai.APIStatusError)
     assert info.value.type == "spendguard_approval_required"
+    assert info.value.approval_id is not None and len(info.value.approval_id) == 36
     mock.assert_never_saw(marker)
 
 

@@ -1,0 +1,3 @@
+DROP TABLE approvals;
+DROP FUNCTION approvals_resolve_once();
+DROP FUNCTION approvals_tenant_exists();
