@@ -35,7 +35,12 @@ pub enum ApprovalPhase {
     printcolumn(name = "Tenant", type_ = "string", json_path = ".spec.tenant"),
     printcolumn(name = "Amount", type_ = "string", json_path = ".spec.amount"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "DecidedBy", type_ = "string", json_path = ".status.decidedBy")
+    printcolumn(name = "DecidedBy", type_ = "string", json_path = ".status.decidedBy"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
@@ -74,9 +79,14 @@ pub struct ApprovalRequestStatus {
     /// Approver identity, stamped by the admission webhook from the request's userInfo.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decided_by: Option<String>,
-    /// When it was decided (RFC 3339).
+    /// When it was decided (RFC 3339), stamped by the admission webhook.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decided_at: Option<String>,
+    /// Why the approver decided as they did (`kubectl spendguard approve --reason`). Set only
+    /// together with the decision; immutable afterwards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub decision_reason: Option<String>,
     /// Conditions, keyed by type.
     #[serde(default)]
     #[schemars(schema_with = "conditions_schema")]

@@ -127,6 +127,37 @@ fn values_are_validated() {
         "webhook.injectionFailurePolicy=Maybe",
     ]);
     assert!(!ok && text.contains("injectionFailurePolicy"), "{text}");
+
+    // Approvers: the ClusterRole always, a cluster-wide binding only for listed groups.
+    let (ok, text) = helm(&["template", "sg", CHART]);
+    assert!(
+        ok && text.contains("name: spendguard-approver")
+            && text.contains(r#"verbs: ["get", "list", "watch", "approve"]"#)
+            && !text.contains("kind: ClusterRoleBinding\nmetadata:\n  name: spendguard-approver"),
+        "{text}"
+    );
+    let (ok, text) = helm(&[
+        "template",
+        "sg",
+        CHART,
+        "--set",
+        "approvals.approverGroups={finance,sre}",
+    ]);
+    assert!(
+        ok && text.contains("kind: ClusterRoleBinding\nmetadata:\n  name: spendguard-approver")
+            && text
+                .contains(r#"{apiGroup: rbac.authorization.k8s.io, kind: Group, name: "finance"}"#)
+            && text.contains(r#"{apiGroup: rbac.authorization.k8s.io, kind: Group, name: "sre"}"#),
+        "{text}"
+    );
+    let (ok, text) = helm(&[
+        "template",
+        "sg",
+        CHART,
+        "--set",
+        "approvals.approverGroups[0]=",
+    ]);
+    assert!(!ok && text.contains("approverGroups"), "{text}");
 }
 
 #[test]
@@ -138,6 +169,8 @@ fn rendered_chart_passes_server_side_dry_run() {
         "--namespace",
         "spendguard-system",
         "--include-crds",
+        "--set",
+        "approvals.approverGroups={spendguard:approvers}",
     ]);
     assert!(ok, "{rendered}");
     let plane = ControlPlane::start().expect("control plane");
@@ -181,6 +214,9 @@ fn rendered_chart_passes_server_side_dry_run() {
         "service/spendguard-webhook created (server dry run)",
         "mutatingwebhookconfiguration.admissionregistration.k8s.io/spendguard-injector created (server dry run)",
         "validatingwebhookconfiguration.admissionregistration.k8s.io/spendguard-validator created (server dry run)",
+        "mutatingwebhookconfiguration.admissionregistration.k8s.io/spendguard-approvals created (server dry run)",
+        "clusterrole.rbac.authorization.k8s.io/spendguard-approver created (server dry run)",
+        "clusterrolebinding.rbac.authorization.k8s.io/spendguard-approver created (server dry run)",
         "role.rbac.authorization.k8s.io/spendguard-operator-webhook created (server dry run)",
     ] {
         assert!(text.contains(object), "missing {object:?} in:\n{text}");

@@ -6,7 +6,9 @@
 
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::Value;
-use spendguard_operator::webhook::{self, RunningWebhook, WebhookConfig, ca_bundle, certs, inject};
+use spendguard_operator::webhook::{
+    self, RunningWebhook, WebhookConfig, approve, ca_bundle, certs, inject,
+};
 use spendguard_testkit::control_plane::{ControlPlane, User};
 use spendguard_testkit::free_port;
 use std::path::Path;
@@ -26,11 +28,17 @@ fn config() -> WebhookConfig {
         configurations: ca_bundle::Configurations {
             mutating: Some("spendguard-injector".into()),
             validating: Some("spendguard-validator".into()),
+            approvals: None,
         },
         inject: inject::InjectConfig {
             image: IMAGE.into(),
             ledger_url: LEDGER_URL.into(),
             operator_namespace: OPERATOR_NAMESPACE.into(),
+        },
+        approvals: approve::ApprovalConfig {
+            operator_username: format!(
+                "system:serviceaccount:{OPERATOR_NAMESPACE}:spendguard-operator"
+            ),
         },
         // Fast, so that a replaced CA is picked up within the test.
         upkeep_interval: Duration::from_millis(200),

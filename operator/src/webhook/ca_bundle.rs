@@ -21,9 +21,11 @@ pub struct Configurations {
     pub mutating: Option<String>,
     /// ValidatingWebhookConfiguration name; `None` to leave alone.
     pub validating: Option<String>,
+    /// MutatingWebhookConfiguration of the approvals webhook; `None` to leave alone.
+    pub approvals: Option<String>,
 }
 
-/// Patches `ca_pem` into every webhook of both configurations. Returns how many webhooks were
+/// Patches `ca_pem` into every webhook of every named configuration. Returns how many webhooks were
 /// changed (0 when all already trusted it).
 ///
 /// # Errors
@@ -34,7 +36,8 @@ pub async fn patch(
     ca_pem: &str,
 ) -> Result<usize, WebhookError> {
     let mut changed = 0;
-    if let Some(name) = &configurations.mutating {
+    let mutating = [&configurations.mutating, &configurations.approvals];
+    for name in mutating.into_iter().flatten() {
         let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
         let current = get(&api, name).await?;
         let stale: Vec<String> = current

@@ -3,15 +3,18 @@
 //!
 //! - `POST /inject` (mutating, pods, CREATE): injects the sidecar into opted-in pods (`inject`).
 //! - `POST /validate` (validating, SpendGuard CRs): rules CEL cannot express (`validate`).
+//! - `POST /approve` (mutating, `approvalrequests/status`, UPDATE): checks that the user may
+//!   approve (SubjectAccessReview) and stamps the approver identity (`approve`).
 //!
 //! ```text
 //! startup and every minute: CA Secret (create-if-absent, shared)
 //!   ─► serving cert (per replica; re-issued daily or when the Secret's CA changes)
-//!   ─► caBundle of both webhook configurations (same bytes from every replica)
+//!   ─► caBundle of the three webhook configurations (same bytes from every replica)
 //! ```
 //!
 //! See docs/design/admission-webhooks.md.
 
+pub mod approve;
 pub mod ca_bundle;
 pub mod certs;
 pub mod inject;
@@ -146,6 +149,21 @@ pub struct WebhookArgs {
         default_value = "spendguard-validator"
     )]
     pub validating_configuration: String,
+    /// MutatingWebhookConfiguration of the approvals webhook whose caBundle to keep (empty:
+    /// none).
+    #[arg(
+        long = "approval-webhook-configuration",
+        env = "SPENDGUARD_APPROVAL_WEBHOOK_CONFIGURATION",
+        default_value = "spendguard-approvals"
+    )]
+    pub approval_configuration: String,
+    /// The operator's own username, the only one that may expire ApprovalRequests (and one that
+    /// never approves). Default: `system:serviceaccount:<POD_NAMESPACE>:spendguard-operator`.
+    #[arg(
+        long = "webhook-operator-username",
+        env = "SPENDGUARD_WEBHOOK_OPERATOR_USERNAME"
+    )]
+    pub operator_username: Option<String>,
     /// Image of the injected sidecar (required while the webhooks are enabled).
     #[arg(long = "sidecar-image", env = "SPENDGUARD_SIDECAR_IMAGE")]
     pub sidecar_image: Option<String>,
@@ -169,6 +187,8 @@ pub struct WebhookConfig {
     pub configurations: ca_bundle::Configurations,
     /// Injection settings.
     pub inject: inject::InjectConfig,
+    /// Approvals webhook settings.
+    pub approvals: approve::ApprovalConfig,
     /// How often the CA Secret is re-read and caBundle re-asserted.
     pub upkeep_interval: Duration,
 }
@@ -215,6 +235,7 @@ impl WebhookArgs {
             configurations: ca_bundle::Configurations {
                 mutating: non_empty(&self.mutating_configuration),
                 validating: non_empty(&self.validating_configuration),
+                approvals: non_empty(&self.approval_configuration),
             },
             inject: inject::InjectConfig {
                 image,
@@ -224,6 +245,15 @@ impl WebhookArgs {
                     .filter(|u| !u.is_empty())
                     .unwrap_or_else(|| operator_ledger_addr.to_owned()),
                 operator_namespace: namespace.to_owned(),
+            },
+            approvals: approve::ApprovalConfig {
+                operator_username: self
+                    .operator_username
+                    .clone()
+                    .filter(|u| !u.is_empty())
+                    .unwrap_or_else(|| {
+                        format!("system:serviceaccount:{namespace}:spendguard-operator")
+                    }),
             },
             upkeep_interval: UPKEEP_INTERVAL,
         }))
@@ -235,6 +265,7 @@ pub fn router(state: review::WebhookState) -> Router {
     Router::new()
         .route("/inject", post(review::inject))
         .route("/validate", post(review::validate))
+        .route("/approve", post(review::approve))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_REVIEW_BYTES))
         .with_state(state)
 }
@@ -279,6 +310,7 @@ pub async fn start(
     let ca_pem = ca.cert_pem().to_owned();
     let app = router(review::WebhookState {
         inject: Arc::new(config.inject.clone()),
+        approvals: Arc::new(config.approvals.clone()),
         kube: kube.clone(),
     });
     info!(%addr, "admission webhooks serving");
@@ -423,7 +455,12 @@ mod tests {
             ca_bundle::Configurations {
                 mutating: Some("spendguard-injector".into()),
                 validating: None,
+                approvals: Some("spendguard-approvals".into()),
             }
+        );
+        assert_eq!(
+            config.approvals.operator_username,
+            "system:serviceaccount:spendguard-system:spendguard-operator"
         );
         assert_eq!(config.inject.image, "img:1");
         // Sidecars default to the ledger the operator uses.

@@ -1,6 +1,7 @@
-//! HTTP handlers: AdmissionReview in, AdmissionReview out. The decisions live in `inject` and
-//! `validate`; this file only translates.
+//! HTTP handlers: AdmissionReview in, AdmissionReview out. The decisions live in `inject`,
+//! `validate` and `approve`; this file only translates.
 
+use super::approve::{self, ApprovalConfig};
 use super::inject::{self, InjectConfig};
 use super::validate::{self, Code, Finding, Verdict};
 use axum::Json;
@@ -17,7 +18,9 @@ use tracing::{info, warn};
 pub struct WebhookState {
     /// Injection settings.
     pub inject: Arc<InjectConfig>,
-    /// For reference lookups during validation.
+    /// Approvals settings.
+    pub approvals: Arc<ApprovalConfig>,
+    /// For reference lookups during validation and SubjectAccessReviews.
     pub kube: kube::Client,
 }
 
@@ -137,4 +140,18 @@ async fn verdict(
             Verdict::default()
         }
     }
+}
+
+/// `POST /approve`: the mutating webhook for `approvalrequests/status`.
+pub async fn approve(
+    State(state): State<WebhookState>,
+    Json(review): Review<DynamicObject>,
+) -> Reply {
+    let request: AdmissionRequest<DynamicObject> = match review.try_into() {
+        Ok(request) => request,
+        Err(e) => return Json(AdmissionResponse::invalid(e).into_review()),
+    };
+    let response =
+        approve::admit(&state.kube, &state.approvals, &request, chrono::Utc::now()).await;
+    Json(response.into_review())
 }
