@@ -50,14 +50,18 @@ impl Events {
     where
         K: Resource<DynamicType = ()>,
     {
-        let event = Event {
-            type_: EventType::Normal,
-            reason: reason.to_owned(),
-            note: Some(note[..note.floor_char_boundary(NOTE_BYTES_MAX)].to_owned()),
-            action: ACTION.to_owned(),
-            secondary: None,
-        };
-        self.publish(object, &event).await;
+        self.publish(object, &outcome(EventType::Normal, reason, note))
+            .await;
+    }
+
+    /// Publishes a `Warning` Event for an outcome that is not the Ready condition (e.g. a
+    /// decision the ledger did not take).
+    pub async fn warning<K>(&self, object: &K, reason: &str, note: &str)
+    where
+        K: Resource<DynamicType = ()>,
+    {
+        self.publish(object, &outcome(EventType::Warning, reason, note))
+            .await;
     }
 
     /// A failure to publish is logged, not returned: it must not fail the reconcile.
@@ -69,6 +73,17 @@ impl Events {
         if let Err(error) = self.recorder.publish(event, &reference).await {
             warn!(%error, reason = %event.reason, "publishing event failed");
         }
+    }
+}
+
+/// An Event of `type_` with `reason`, its note cut to the API limit on a char boundary.
+fn outcome(type_: EventType, reason: &str, note: &str) -> Event {
+    Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note[..note.floor_char_boundary(NOTE_BYTES_MAX)].to_owned()),
+        action: ACTION.to_owned(),
+        secondary: None,
     }
 }
 

@@ -10,9 +10,12 @@
 //! Built so far: the Budget (with its ledger-cleanup finalizer), PricingVersion,
 //! ContractBundle and SigningKey (evidence key registry feed) controllers under leader election, Events on condition transitions
 //! (`events`), per-object retry backoff (`backoff`), metrics (`metrics`) on the admin server
-//! (`admin`), and the admission webhooks (`webhook`: sidecar injection and validation), which
+//! (`admin`), and the admission webhooks (`webhook`: sidecar injection, validation, and the
+//! approver identity on ApprovalRequest decisions), which
 //! every replica serves. `mock_apiserver` is the tower-test harness of the reconciler tests.
-//! The RetentionPolicy and ApprovalRequest controllers arrive with the rest of issue 4.
+//! RetentionPolicies are recorded in the ledger (`controller/retention_policy.rs`), and
+//! pending ledger approvals are mirrored as ApprovalRequests whose stamped decisions resolve
+//! them (`controller/approval_request.rs`).
 
 pub mod admin;
 pub mod backoff;
@@ -83,6 +86,9 @@ pub struct OperatorArgs {
     /// Admission webhooks and sidecar injection.
     #[command(flatten)]
     pub webhook: webhook::WebhookArgs,
+    /// ApprovalRequest mirror and resolution.
+    #[command(flatten)]
+    pub approvals: controller::approval_request::ApprovalArgs,
 }
 
 /// `SPENDGUARD_LEADER_*` settings.
@@ -152,9 +158,11 @@ impl OperatorArgs {
             ledger_addr,
             leader,
             webhook,
+            approvals,
         } = self;
         let mode = spendguard_leader::Mode::parse(&leader.mode)
             .map_err(|e| error::Error::Startup(e.to_string()))?;
+        let approvals = approvals.settings(&leader.namespace)?;
         let webhook_config = webhook
             .config(&leader.namespace, &ledger_addr)
             .map_err(|e| error::Error::Startup(format!("{}: {e}", e.code())))?;
@@ -221,7 +229,7 @@ impl OperatorArgs {
         let admin = admin.serve(std::future::pending());
         let context = Context::new(kube, ledger, metrics, &leader.identity);
         tokio::select! {
-            result = lead(handle, context, running) => result,
+            result = lead(handle, context, running, approvals) => result,
             result = admin => Err(error::Error::Startup(match result {
                 Ok(()) => "admin server ended".to_owned(),
                 Err(e) => format!("admin server: {e}"),
@@ -242,6 +250,7 @@ async fn lead(
     handle: spendguard_leader::LeaderHandle,
     context: Context,
     running: admin::ControllersRunning,
+    approvals: controller::approval_request::Settings,
 ) -> Result<(), error::Error> {
     context.metrics.set_leader(false);
     while !handle.is_leader() {
@@ -262,7 +271,9 @@ async fn lead(
             controller::budget::run(context.clone()),
             controller::pricing_version::run(context.clone()),
             controller::contract_bundle::run(context.clone()),
-            controller::signing_key::run(context.clone())
+            controller::signing_key::run(context.clone()),
+            controller::retention_policy::run(context.clone()),
+            controller::approval_request::run(context.clone(), approvals)
         );
         running.set(false);
     };

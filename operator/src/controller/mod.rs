@@ -1,8 +1,10 @@
 //! One controller per kind, plus the status plumbing they share.
 
+pub mod approval_request;
 pub mod budget;
 pub mod contract_bundle;
 pub mod pricing_version;
+pub mod retention_policy;
 pub mod signing_key;
 
 use crate::Context;
@@ -104,6 +106,8 @@ fn kind_label(kind: &str) -> &'static str {
         "ContractBundle" => "ContractBundle",
         "PricingVersion" => "PricingVersion",
         "SigningKey" => "SigningKey",
+        "ApprovalRequest" => "ApprovalRequest",
+        "RetentionPolicy" => "RetentionPolicy",
         _ => "Other",
     }
 }

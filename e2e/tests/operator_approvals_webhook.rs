@@ -1,0 +1,218 @@
+//! The whole approval path with the approvals webhook in front of the ApprovalRequest
+//! controller, on a real kube-apiserver and a real ledger: the operator mirrors a pending
+//! approval (its own status writes pass the webhook), an approver decides with their own token
+//! while claiming someone else's name, the webhook stamps the real identity, and the ledger
+//! records that identity; an expiry set by the operator is admitted and stamped as the
+//! operator. Both the webhook and the controller run in-process as the chart's ServiceAccount
+//! (impersonated) with the chart's RBAC.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly on purpose.
+
+mod operator_support;
+
+use operator_support::{TENANT, ledger_record, open};
+
+use spendguard_operator::Context;
+use spendguard_operator::controller::approval_request::{self, Settings};
+use spendguard_operator::metrics::Metrics;
+use spendguard_operator::webhook::{self, WebhookConfig, approve, ca_bundle, inject};
+use spendguard_proto::ledger::v1 as pb;
+use spendguard_testkit::TestLedger;
+use spendguard_testkit::control_plane::{ControlPlane, User};
+use spendguard_testkit::free_port;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+/// The release namespace: the operator's, and (as the chart sets it) the approvals namespace.
+const NAMESPACE: &str = "spendguard-system";
+const OPERATOR: &str = "system:serviceaccount:spendguard-system:spendguard-operator";
+
+/// The approvals webhook configuration as the chart writes it, except that clientConfig is a
+/// URL (the server runs in this process) and caBundle is left for the operator to fill.
+fn configuration(port: u16) -> String {
+    format!(
+        r#"
+apiVersion: admissionregistration.k8s.io/v1
+kind: MutatingWebhookConfiguration
+metadata: {{name: spendguard-approvals}}
+webhooks:
+  - name: approve.spendguard.io
+    clientConfig: {{url: "https://127.0.0.1:{port}/approve"}}
+    rules:
+      - apiGroups: ["spendguard.io"]
+        apiVersions: ["v1alpha1"]
+        operations: ["UPDATE"]
+        resources: ["approvalrequests/status"]
+        scope: Namespaced
+    failurePolicy: Fail
+    matchPolicy: Equivalent
+    sideEffects: None
+    admissionReviewVersions: ["v1"]
+    timeoutSeconds: 10
+"#
+    )
+}
+
+/// Starts the approvals webhook as the chart's ServiceAccount; waits until it is trusted.
+async fn start_webhook(plane: &ControlPlane, port: u16) -> webhook::RunningWebhook {
+    let config = WebhookConfig {
+        addr: format!("127.0.0.1:{port}").parse().unwrap(),
+        namespace: NAMESPACE.into(),
+        sans: vec!["127.0.0.1".into()],
+        ca_secret: "spendguard-webhook-ca".into(),
+        configurations: ca_bundle::Configurations {
+            mutating: None,
+            validating: None,
+            approvals: Some("spendguard-approvals".into()),
+        },
+        inject: inject::InjectConfig {
+            image: "ghcr.io/spendguard/spendguard:0.1.0".into(),
+            ledger_url: "http://spendguard-ledger.spendguard-system.svc:7100".into(),
+            operator_namespace: NAMESPACE.into(),
+        },
+        approvals: approve::ApprovalConfig {
+            operator_username: OPERATOR.into(),
+        },
+        upkeep_interval: Duration::from_millis(200),
+    };
+    let running = webhook::start(
+        config,
+        operator_support::service_account_client(plane, NAMESPACE).await,
+    )
+    .await
+    .unwrap();
+    plane
+        .poll(
+            &[
+                "get",
+                "mutatingwebhookconfiguration/spendguard-approvals",
+                "-o",
+                "jsonpath={.webhooks[0].clientConfig.caBundle}",
+            ],
+            |bundle| !bundle.is_empty(),
+        )
+        .await;
+    running
+}
+
+async fn wait_for(plane: &ControlPlane, approval: &pb::Approval, jsonpath: &str, want: &str) {
+    let name = format!("apr-{}", approval.approval_id);
+    let path = format!("jsonpath={jsonpath}");
+    plane
+        .poll(
+            &[
+                "get",
+                "approvalrequest",
+                &name,
+                "-n",
+                NAMESPACE,
+                "-o",
+                &path,
+            ],
+            |t| t == want,
+        )
+        .await;
+}
+
+const RESOLVED: &str = "{.status.conditions[?(@.type==\"Resolved\")].reason}";
+
+// Multi-threaded: kubectl runs blocking on one thread while the in-process webhook answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stamped_approver_is_the_one_the_ledger_records() {
+    // Goal: the identity in the ledger is the caller's, never the client's claim, and the
+    // operator's own writes (Pending, conditions, Expired) pass the webhook. Method: chart RBAC,
+    // the approver bound to the chart's `spendguard-approver` ClusterRole, the webhook and the
+    // controller in-process, decisions with the approver's token.
+    let port = free_port();
+    let plane = ControlPlane::start().expect("control plane");
+    plane.install_crds(&Path::new(ROOT).join("crds/generated/spendguard.io.yaml"));
+    plane.admin(&["create", "namespace", NAMESPACE], None);
+    plane.admin(
+        &["apply", "-f", "-"],
+        Some(&operator_support::chart_rbac(NAMESPACE)),
+    );
+    plane.admin(
+        &[
+            "create",
+            "rolebinding",
+            "approvers",
+            "-n",
+            NAMESPACE,
+            "--clusterrole=spendguard-approver",
+            "--user=approver",
+        ],
+        None,
+    );
+    plane.admin(&["apply", "-f", "-"], Some(&configuration(port)));
+    let _webhook = start_webhook(&plane, port).await;
+
+    let mut ledger = TestLedger::start().await.unwrap();
+    let fencing = ledger.tenant_with_lease(TENANT).await.unwrap();
+    ledger
+        .budget(TENANT, "team", 1_000_000_000_000)
+        .await
+        .unwrap();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Arc::new(Metrics::register(&mut registry));
+    let kube = operator_support::service_account_client(&plane, NAMESPACE).await;
+    let context = Context::new(kube, ledger.client.clone(), metrics, "e2e-operator");
+    let settings = Settings {
+        namespace: NAMESPACE.into(),
+        poll_interval: Duration::from_millis(200),
+    };
+    let operator = tokio::spawn(approval_request::run(context, settings));
+
+    let approved = open(
+        &mut ledger,
+        &fencing,
+        "call-approved",
+        2_500_000_000,
+        600_000,
+    )
+    .await;
+    let expiring = open(&mut ledger, &fencing, "call-expiring", 2_500_000_000, 1_000).await;
+    wait_for(&plane, &approved, "{.status.phase}", "Pending").await;
+    wait_for(&plane, &approved, RESOLVED, "AwaitingDecision").await;
+    wait_for(&plane, &expiring, "{.status.phase}", "Pending").await;
+
+    // The approver claims to be someone else; the webhook stamps who they are.
+    let name = format!("apr-{}", approved.approval_id);
+    let (ok, out) = plane.run_kubectl(
+        User::Approver,
+        &[
+            "patch",
+            "approvalrequest",
+            &name,
+            "-n",
+            NAMESPACE,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"phase":"Approved","decidedBy":"mallory","decisionReason":"ok"}}"#,
+        ],
+        None,
+    );
+    assert!(ok, "{out}");
+    wait_for(&plane, &approved, "{.status.decidedBy}", "approver").await;
+    wait_for(&plane, &approved, RESOLVED, "LedgerResolved").await;
+    let record = ledger_record(&ledger, &approved).await;
+    assert_eq!(record.state(), pb::ApprovalState::Approved);
+    assert_eq!(record.resolved_by, "approver");
+
+    // Expired by the ledger's sweep: the operator's Expired write is admitted and stamped.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let swept = ledger
+        .client
+        .sweep_expired(pb::SweepExpiredRequest {
+            max_reservations: 100,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(swept.approvals_expired, 1);
+    wait_for(&plane, &expiring, "{.status.phase}", "Expired").await;
+    wait_for(&plane, &expiring, "{.status.decidedBy}", OPERATOR).await;
+    wait_for(&plane, &expiring, RESOLVED, "LedgerExpired").await;
+    operator.abort();
+}
