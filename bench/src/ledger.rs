@@ -153,6 +153,12 @@ pub(crate) async fn bench_ledger(
         value("spendguard_ledger_batch_commands_sum ") / batches.max(1.0),
         value("spendguard_ledger_batch_duration_seconds_sum ") * 1e3 / batches.max(1.0)
     );
+    println!(
+        "  paths: cached {:.0}, cached then refused and loaded {:.0}, loaded {:.0}",
+        value("spendguard_ledger_batches_total{path=\"cached\"} "),
+        value("spendguard_ledger_batches_total{path=\"cached_stale\"} "),
+        value("spendguard_ledger_batches_total{path=\"loaded\"} "),
+    );
     for phase in ["load", "plan", "write", "commit"] {
         let sum = value(&format!(
             "spendguard_ledger_batch_phase_seconds_sum{{phase=\"{phase}\"}} "
