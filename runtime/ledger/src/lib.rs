@@ -2,6 +2,8 @@
 //!
 //! ```text
 //! gRPC ─► grpc.rs (validate via convert.rs) ─► writer.rs (group commit queue)
+//!                                                  ├─► cache.rs hit: core::plan on cached rows ─►
+//!                                                  │     store.rs: one guarded statement
 //!                                                  └─► store.rs: one transaction per batch
 //!                                                        lock rows ─► core::plan ─► write + outbox
 //! ```

@@ -9,8 +9,14 @@
 //!          producer sequences (claim-token checked) ─► outbox ─► COMMIT
 //! ```
 //!
-//! Locks are always taken in that order, each set sorted by key, so concurrent batches (also from
-//! other ledger replicas) cannot deadlock. Window money is changed only by the journal trigger, and
+//! Hot batches whose rows the writer has cached skip the load: they are planned on the cache and
+//! written by one statement outside a transaction whose guard re-checks every row the plan read
+//! ([`Store::run_cached_batch`], `store/fast_guard.sql`, docs/design/ledger-cached-path.md).
+//!
+//! Locks are always taken in that order, each set sorted by key, so concurrent load-path batches
+//! (also from other ledger replicas) cannot deadlock. (A cached statement locks windows before
+//! reservations; against another replica's load path PostgreSQL may detect a deadlock and abort
+//! one batch, which then runs again.) Window money is changed only by the journal trigger, and
 //! the schema's constraints re-check every invariant on the result.
 
 use crate::cache::{CLOCK_TOLERANCE, Expected};
