@@ -1,6 +1,6 @@
 //! The Helm chart: values are validated by its schema and templates (unsafe multi-replica and
-//! lease settings are refused), and the rendered manifests, CRDs included, pass server-side
-//! validation on the real apiserver.
+//! lease settings are refused), the rendered manifests, CRDs included, pass server-side
+//! validation on the real apiserver, and leases are granted only in the release namespace.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly on purpose.
 
 use spendguard_testkit::control_plane::{ControlPlane, User, binaries_dir};
@@ -218,7 +218,92 @@ fn rendered_chart_passes_server_side_dry_run() {
         "clusterrole.rbac.authorization.k8s.io/spendguard-approver created (server dry run)",
         "clusterrolebinding.rbac.authorization.k8s.io/spendguard-approver created (server dry run)",
         "role.rbac.authorization.k8s.io/spendguard-operator-webhook created (server dry run)",
+        "role.rbac.authorization.k8s.io/spendguard-operator-leases created (server dry run)",
+        "rolebinding.rbac.authorization.k8s.io/spendguard-operator-leases created (server dry run)",
     ] {
         assert!(text.contains(object), "missing {object:?} in:\n{text}");
+    }
+    leases_are_granted_only_in_the_release_namespace(&plane, &rendered);
+}
+
+/// Whether an RBAC rule grants access to coordination.k8s.io leases (wildcards included).
+fn grants_leases(rule: &serde_json::Value) -> bool {
+    let has = |key: &str, wanted: &str| {
+        rule[key]
+            .as_array()
+            .is_some_and(|values| values.iter().any(|v| v == wanted || v == "*"))
+    };
+    has("apiGroups", "coordination.k8s.io") && has("resources", "leases")
+}
+
+/// Least privilege for leader election: leases live only in the release namespace, so no
+/// ClusterRole may grant them, and the operator's and the workers' Roles there do. Method: the
+/// objects as the apiserver would store them (server dry run, JSON), rule by rule.
+fn leases_are_granted_only_in_the_release_namespace(plane: &ControlPlane, rendered: &str) {
+    let mut apply = plane.kubectl(User::Admin);
+    apply
+        .args(["apply", "--dry-run=server", "-o", "json", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = apply.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(rendered.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let items = list["items"]
+        .as_array()
+        .expect("a List of the applied objects");
+    let of_kind = |kind: &str| -> Vec<&serde_json::Value> {
+        items.iter().filter(|item| item["kind"] == kind).collect()
+    };
+    let cluster_roles = of_kind("ClusterRole");
+    assert!(
+        cluster_roles.len() >= 3,
+        "operator, webhook and approver ClusterRoles expected, got {}",
+        cluster_roles.len()
+    );
+    for role in cluster_roles {
+        let rules = role["rules"].as_array().cloned().unwrap_or_default();
+        assert!(
+            !rules.iter().any(grants_leases),
+            "ClusterRole {} grants leases: {rules:?}",
+            role["metadata"]["name"]
+        );
+    }
+    // Each lease holder's grant: a Role in the release namespace, bound to its ServiceAccount.
+    for (role_name, account) in [
+        ("spendguard-operator-leases", "spendguard-operator"),
+        ("spendguard-workers", "spendguard-workers"),
+    ] {
+        let role = of_kind("Role")
+            .into_iter()
+            .find(|r| r["metadata"]["name"] == role_name)
+            .unwrap_or_else(|| panic!("no Role {role_name}"));
+        assert_eq!(role["metadata"]["namespace"], "spendguard-system");
+        let rules = role["rules"].as_array().unwrap();
+        assert!(rules.iter().any(grants_leases), "{role_name}: {rules:?}");
+        let bound = of_kind("RoleBinding").into_iter().any(|b| {
+            b["metadata"]["namespace"] == "spendguard-system"
+                && b["roleRef"]["kind"] == "Role"
+                && b["roleRef"]["name"] == role_name
+                && b["subjects"].as_array().is_some_and(|subjects| {
+                    subjects.iter().any(|s| {
+                        s["kind"] == "ServiceAccount"
+                            && s["name"] == account
+                            && s["namespace"] == "spendguard-system"
+                    })
+                })
+        });
+        assert!(bound, "no RoleBinding of {role_name} to {account}");
     }
 }

@@ -1,7 +1,8 @@
 //! The ApprovalRequest controller on a real kube-apiserver and a real ledger (PostgreSQL):
 //! pending ledger approvals appear as ApprovalRequests with the ledger's spec; a decision with
 //! a stamped approver resolves the ledger approval with that approver; a decision without one
-//! is not forwarded; a ledger that decided otherwise, or expired the approval, is reflected.
+//! is not forwarded; a ledger that decided otherwise, or expired the approval, is reflected;
+//! a request naming an approval the ledger does not hold for its tenant is refused.
 //! The operator runs as the chart's ServiceAccount (impersonated), so the chart's RBAC is
 //! exercised too. The approvals webhook is not running here: an admin's status patch that sets
 //! `decidedBy` stands in for the identity the webhook stamps (webhook_approvals.rs tests that
@@ -304,6 +305,94 @@ async fn ledger_expiry_turns_requests_expired_and_late_decisions_have_no_effect(
         wait_for_event(&plane, &swept, "LedgerExpired").await,
         "Normal"
     );
+    operator.abort();
+}
+
+/// An ApprovalRequest made by hand (not by the mirror) in the approvals namespace.
+fn hand_made(name: &str, tenant: &str, approval_id: &str) -> String {
+    format!(
+        r#"apiVersion: spendguard.io/v1alpha1
+kind: ApprovalRequest
+metadata:
+  name: {name}
+  namespace: {NAMESPACE}
+spec:
+  tenant: {tenant}
+  budget: team
+  amount: "1"
+  approvalId: {approval_id}
+  reason: SOFT_CAP_REACHED
+  requestedBy: someone
+  expiresAt: "2099-01-01T00:00:00.000Z"
+"#
+    )
+}
+
+#[tokio::test]
+async fn requests_the_ledger_does_not_hold_for_their_tenant_are_refused() {
+    // Goal: the controller reads one approval with GetApproval scoped to the request's tenant:
+    // an unknown id, and another tenant's approval, both read as APPROVAL_NOT_FOUND (Ready=False
+    // LedgerRefused), never as that other tenant's record. Method: a real approval of TENANT,
+    // then two hand-made requests: one with an id the ledger never issued, one naming the real
+    // approval's id under another (existing) tenant.
+    let (plane, mut ledger, fencing, operator) = setup().await;
+    ledger.tenant_with_lease("other").await.unwrap();
+    let known = open(&mut ledger, &fencing, "call-known", 3, 600_000).await;
+    wait_for_resolved(&plane, &known, "AwaitingDecision").await;
+    plane.admin(
+        &["apply", "-f", "-"],
+        Some(&hand_made(
+            "hand-unknown",
+            TENANT,
+            "00000000-0000-4000-8000-000000000001",
+        )),
+    );
+    plane.admin(
+        &["apply", "-f", "-"],
+        Some(&hand_made("hand-foreign", "other", &known.approval_id)),
+    );
+    for name in ["hand-unknown", "hand-foreign"] {
+        let ready = plane
+            .poll(
+                &[
+                    "get",
+                    "approvalrequest",
+                    name,
+                    "-n",
+                    NAMESPACE,
+                    "-o",
+                    "jsonpath={.status.conditions[?(@.type==\"Ready\")].reason}: \
+                     {.status.conditions[?(@.type==\"Ready\")].message}",
+                ],
+                |t| t.starts_with("LedgerRefused:"),
+            )
+            .await;
+        assert!(ready.contains("APPROVAL_NOT_FOUND"), "{name}: {ready}");
+    }
+    // The other tenant's request learned nothing about the real approval, and changed nothing.
+    let resolved = plane
+        .poll(
+            &[
+                "get",
+                "approvalrequest",
+                "hand-foreign",
+                "-n",
+                NAMESPACE,
+                "-o",
+                "jsonpath={.status.phase}/{.status.conditions[?(@.type==\"Resolved\")].reason}",
+            ],
+            |t| t.starts_with("Pending/"),
+        )
+        .await;
+    assert_eq!(
+        resolved, "Pending/",
+        "no Resolved condition from a foreign record"
+    );
+    assert_eq!(
+        ledger_record(&ledger, &known).await.state(),
+        pb::ApprovalState::Pending
+    );
+    wait_for_resolved(&plane, &known, "AwaitingDecision").await;
     operator.abort();
 }
 

@@ -1,9 +1,11 @@
 //! The chart's RBAC is enough for everything the controllers do: the operator runs as the
 //! chart's ServiceAccount (impersonated) and reconciles a Budget, a PricingVersion and a
 //! ContractBundle (status, finalizer, ConfigMap, Events), then runs the Budget finalizer.
+//! Leader election works with the chart's lease Role in the release namespace, and only there.
 //! Real apiserver with RBAC on, real ledger and PostgreSQL.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly on purpose.
 
+use spendguard_leader::{Elector, LeaderConfig, LeaderHandle, Leadership};
 use spendguard_operator::metrics::Metrics;
 use spendguard_operator::{Context, controller};
 use spendguard_testkit::TestLedger;
@@ -11,6 +13,7 @@ use spendguard_testkit::control_plane::{ControlPlane, User, binaries_dir};
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
+use std::time::Duration;
 
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 const NAMESPACE: &str = "spendguard";
@@ -19,7 +22,7 @@ fn example(name: &str) -> String {
     std::fs::read_to_string(format!("{ROOT}/config/examples/{name}.yaml")).unwrap()
 }
 
-/// The chart's operator manifests (ServiceAccount, ClusterRole, binding, Deployment).
+/// The chart's operator manifests (ServiceAccount, ClusterRole, lease Role, bindings, Deployment).
 fn rendered_operator() -> String {
     let out = Command::new(binaries_dir().join("helm"))
         .args([
@@ -77,6 +80,67 @@ async fn wait_for_event(plane: &ControlPlane, object: &str, reason: &str) -> Str
         .await
 }
 
+/// The operator's elector, as the chart's ServiceAccount, in `namespace` (short timings).
+fn elect(kube: &kube::Client, namespace: &str) -> (tokio::task::JoinHandle<()>, LeaderHandle) {
+    let config = LeaderConfig {
+        namespace: namespace.into(),
+        lease_name: "spendguard-operator".into(),
+        identity: "rbac-test".into(),
+        renew_interval: Duration::from_millis(200),
+        ttl: Duration::from_millis(1_000),
+    };
+    let (elector, handle) = Elector::new(kube.clone(), config).unwrap();
+    (tokio::spawn(elector.run()), handle)
+}
+
+/// Leader election needs only the chart's lease Role: in the release namespace the elector
+/// creates the Lease and keeps renewing it (an update every round); in any other namespace it
+/// never leads. Method: the real elector with a 1 s TTL, checked across several TTLs.
+async fn leader_election_works_in_the_release_namespace_only(
+    plane: &ControlPlane,
+    kube: &kube::Client,
+) {
+    let (release, release_handle) = elect(kube, NAMESPACE);
+    let (other, other_handle) = elect(kube, "default");
+    let holder = plane
+        .poll(
+            &[
+                "get",
+                "lease",
+                "spendguard-operator",
+                "-n",
+                NAMESPACE,
+                "-o",
+                "jsonpath={.spec.holderIdentity}",
+            ],
+            |t| t == "rbac-test",
+        )
+        .await;
+    assert_eq!(holder, "rbac-test");
+    // Leadership lapses within the TTL unless renewals (updates) succeed.
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(release_handle.is_leader(), "renewal in {NAMESPACE} failed");
+        assert_eq!(other_handle.state(), Leadership::Unknown, "led in default");
+    }
+    let (_, text) = plane.run_kubectl(
+        User::Admin,
+        &[
+            "get",
+            "lease",
+            "spendguard-operator",
+            "-n",
+            "default",
+            "-o",
+            "name",
+        ],
+        None,
+    );
+    assert!(text.contains("NotFound"), "a lease in default: {text}");
+    release.abort();
+    other.abort();
+}
+
 #[tokio::test]
 async fn the_chart_rbac_covers_every_controller_write() {
     let plane = ControlPlane::start().expect("control plane");
@@ -97,8 +161,32 @@ async fn the_chart_rbac_covers_every_controller_write() {
     plane.admin(&["apply", "-f", "-"], Some(&rendered_operator()));
     assert_eq!(can_i("events.events.k8s.io"), "yes");
     assert_eq!(can_i("events"), "yes");
-    let ledger = TestLedger::start().await.unwrap();
+    // Leader election: the Lease verbs in the release namespace only (a Role, not the
+    // ClusterRole).
+    let can_i_lease = |verb: &str, namespace: &str| {
+        let (_, answer) = plane.run_kubectl(
+            User::Admin,
+            &[
+                "auth",
+                "can-i",
+                verb,
+                "leases.coordination.k8s.io",
+                "-n",
+                namespace,
+                &account,
+            ],
+            None,
+        );
+        answer.trim().to_owned()
+    };
+    for verb in ["get", "create", "update"] {
+        assert_eq!(can_i_lease(verb, NAMESPACE), "yes", "{verb} in {NAMESPACE}");
+        assert_eq!(can_i_lease(verb, "default"), "no", "{verb} in default");
+    }
+    assert_eq!(can_i_lease("delete", NAMESPACE), "no");
     let kube = service_account_client(&plane).await;
+    leader_election_works_in_the_release_namespace_only(&plane, &kube).await;
+    let ledger = TestLedger::start().await.unwrap();
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Arc::new(Metrics::register(&mut registry));
     let context = Context::new(kube, ledger.client.clone(), metrics, "rbac-test");

@@ -115,22 +115,18 @@ pub(crate) async fn open(
         .expect("approval in the answer")
 }
 
-/// The ledger's record of `approval` now (ListApprovals of [`TENANT`], any state).
+/// The ledger's record of `approval` now (GetApproval of [`TENANT`], any state).
 pub(crate) async fn ledger_record(ledger: &TestLedger, approval: &pb::Approval) -> pb::Approval {
     ledger
         .client
         .clone()
-        .list_approvals(pb::ListApprovalsRequest {
+        .get_approval(pb::GetApprovalRequest {
             tenant_id: TENANT.into(),
-            state: pb::ApprovalState::Unspecified.into(),
-            page_size: 500,
-            page_token: String::new(),
+            approval_id: approval.approval_id.clone(),
         })
         .await
-        .expect("ListApprovals")
+        .expect("GetApproval")
         .into_inner()
-        .approvals
-        .into_iter()
-        .find(|a| a.approval_id == approval.approval_id)
-        .expect("approval listed")
+        .approval
+        .expect("approval in the answer")
 }

@@ -19,9 +19,8 @@
 //! patch of `phase` therefore takes the field over without a conflict, and no condition write
 //! can remove or reset a decision.
 //!
-//! Reading one ledger approval: the ledger has no GetApproval RPC yet, so [`lookup`] asks
-//! ListApprovals for one approval of the tenant (any state) starting right after the id's
-//! predecessor, and checks that the id it got back is the one asked for.
+//! Reading one ledger approval: [`lookup`] calls GetApproval for the request's tenant and id
+//! (any state); an unknown id and another tenant's approval both read as not found.
 
 use super::FIELD_MANAGER;
 use crate::Context;
@@ -282,61 +281,54 @@ async fn create(api: &Api<ApprovalRequest>, object: &ApprovalRequest) -> Result<
     }
 }
 
-/// The page token that makes ListApprovals start at `approval_id`: the id just before it
-/// (keyset pagination is `approval_id > token`, in UUID byte order, which is the order of the
-/// 128-bit number). `None` for an id that is not a UUID.
-fn predecessor_token(approval_id: &str) -> Option<String> {
-    if !is_ledger_uuid(approval_id) {
-        return None;
-    }
-    let hex: String = approval_id.chars().filter(|c| *c != '-').collect();
-    let value = u128::from_str_radix(&hex, 16).ok()?;
-    let Some(previous) = value.checked_sub(1) else {
-        return Some(String::new()); // The nil UUID's predecessor: start from the beginning.
-    };
-    let h = format!("{previous:032x}");
-    Some(format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    ))
-}
-
 /// The ledger's record of `approval_id` for `tenant`, in any state, or `None` when the ledger
-/// has no such approval for that tenant.
+/// has no such approval for that tenant (GetApproval answers `APPROVAL_NOT_FOUND` for an
+/// unknown id and for another tenant's approval alike).
 ///
 /// # Errors
-/// A malformed id ([`Error::InvalidSpec`]) or a ledger failure.
+/// A malformed id ([`Error::InvalidSpec`], checked before any call), a ledger failure, or a
+/// ledger answer that is not the record asked for ([`Error::Ledger`] with code `INTERNAL`).
 pub async fn lookup(
     ctx: &Context,
     tenant: &str,
     approval_id: &str,
 ) -> Result<Option<pb::Approval>, Error> {
-    let page_token = predecessor_token(approval_id).ok_or_else(|| {
-        Error::InvalidSpec(format!(
+    if !is_ledger_uuid(approval_id) {
+        return Err(Error::InvalidSpec(format!(
             "approvalId {approval_id:?} is not a lowercase UUID"
-        ))
-    })?;
-    let page = ctx
+        )));
+    }
+    let response = ctx
         .ledger
         .clone()
-        .list_approvals(pb::ListApprovalsRequest {
+        .get_approval(pb::GetApprovalRequest {
             tenant_id: tenant.to_owned(),
-            state: pb::ApprovalState::Unspecified.into(),
-            page_size: 1,
-            page_token,
+            approval_id: approval_id.to_owned(),
         })
-        .await
-        .map_err(|s| Error::ledger(&s))?
-        .into_inner();
-    Ok(page
-        .approvals
-        .into_iter()
-        .next()
-        .filter(|a| a.approval_id == approval_id))
+        .await;
+    let approval = match response {
+        Ok(response) => response.into_inner().approval,
+        Err(status) => {
+            return match Error::ledger(&status) {
+                Error::Ledger { code, .. } if code == "APPROVAL_NOT_FOUND" => Ok(None),
+                error => Err(error),
+            };
+        }
+    };
+    // The record must be the one asked for: acting on another approval's state would forward
+    // or mark the wrong thing.
+    match approval {
+        Some(record) if record.approval_id == approval_id && record.tenant_id == tenant => {
+            Ok(Some(record))
+        }
+        other => Err(Error::Ledger {
+            code: "INTERNAL".into(),
+            message: format!(
+                "GetApproval for {approval_id} of tenant {tenant} answered {:?}",
+                other.map(|r| (r.approval_id, r.tenant_id))
+            ),
+        }),
+    }
 }
 
 fn conditions(request: &ApprovalRequest) -> &[Condition] {
@@ -885,27 +877,6 @@ mod tests {
         upper.approval_id = ID.to_uppercase();
         assert!(spec_from_ledger(&upper).is_err());
         assert!(object_name("../x").is_err());
-    }
-
-    // Goal: the lookup token starts the ledger's keyset page exactly at the id. Method: borrows
-    // across hyphen groups, the nil UUID, and the order of the result.
-    #[test]
-    fn the_predecessor_token_is_the_id_just_before() {
-        assert_eq!(
-            predecessor_token("00000000-0000-0000-0000-000000000100").unwrap(),
-            "00000000-0000-0000-0000-0000000000ff"
-        );
-        assert_eq!(
-            predecessor_token("00000001-0000-0000-0000-000000000000").unwrap(),
-            "00000000-ffff-ffff-ffff-ffffffffffff"
-        );
-        assert_eq!(
-            predecessor_token("00000000-0000-0000-0000-000000000000").unwrap(),
-            ""
-        );
-        let token = predecessor_token(ID).unwrap();
-        assert!(token.as_str() < ID && is_ledger_uuid(&token));
-        assert_eq!(predecessor_token("not-a-uuid"), None);
     }
 
     // Goal: the approver's reason fits the ledger's rules: no control characters, at most 256

@@ -472,6 +472,20 @@ pub struct ListApprovalsResponse {
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GetApprovalRequest {
+    #[prost(string, tag = "1")]
+    pub tenant_id: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub approval_id: ::prost::alloc::string::String,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GetApprovalResponse {
+    #[prost(message, optional, tag = "1")]
+    pub approval: ::core::option::Option<Approval>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RetentionPolicy {
     #[prost(string, tag = "1")]
     pub tenant_id: ::prost::alloc::string::String,
@@ -1264,6 +1278,33 @@ pub mod ledger_client {
                 .insert(GrpcMethod::new("spendguard.ledger.v1.Ledger", "ListApprovals"));
             self.inner.unary(req, path, codec).await
         }
+        /// Read-only: one approval of a tenant, in any state (the operator's ApprovalRequest controller
+        /// reads the ledger's record). APPROVAL_NOT_FOUND for an unknown id and for another tenant's
+        /// approval; ID_MALFORMED for an id that is not a UUID.
+        pub async fn get_approval(
+            &mut self,
+            request: impl tonic::IntoRequest<super::GetApprovalRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::GetApprovalResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/spendguard.ledger.v1.Ledger/GetApproval",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("spendguard.ledger.v1.Ledger", "GetApproval"));
+            self.inner.unary(req, path, codec).await
+        }
         /// Admin: set a tenant's retention policy (the operator mirrors RetentionPolicy CRs). Audited as
         /// `retention_policy.upserted`; an identical repeat writes nothing.
         pub async fn upsert_retention_policy(
@@ -1445,6 +1486,16 @@ pub mod ledger_server {
             request: tonic::Request<super::ListApprovalsRequest>,
         ) -> std::result::Result<
             tonic::Response<super::ListApprovalsResponse>,
+            tonic::Status,
+        >;
+        /// Read-only: one approval of a tenant, in any state (the operator's ApprovalRequest controller
+        /// reads the ledger's record). APPROVAL_NOT_FOUND for an unknown id and for another tenant's
+        /// approval; ID_MALFORMED for an id that is not a UUID.
+        async fn get_approval(
+            &self,
+            request: tonic::Request<super::GetApprovalRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::GetApprovalResponse>,
             tonic::Status,
         >;
         /// Admin: set a tenant's retention policy (the operator mirrors RetentionPolicy CRs). Audited as
@@ -2105,6 +2156,51 @@ pub mod ledger_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ListApprovalsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/spendguard.ledger.v1.Ledger/GetApproval" => {
+                    #[allow(non_camel_case_types)]
+                    struct GetApprovalSvc<T: Ledger>(pub Arc<T>);
+                    impl<
+                        T: Ledger,
+                    > tonic::server::UnaryService<super::GetApprovalRequest>
+                    for GetApprovalSvc<T> {
+                        type Response = super::GetApprovalResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::GetApprovalRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Ledger>::get_approval(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = GetApprovalSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

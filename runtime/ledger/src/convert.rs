@@ -479,6 +479,17 @@ pub fn resolve_approval(r: &pb::ResolveApprovalRequest) -> Result<ResolveApprova
     })
 }
 
+/// Validates a GetApproval request: the tenant and the approval id, the same grammar as
+/// ResolveApproval's.
+///
+/// # Errors
+/// [`LedgerError::IdMalformed`] for a malformed tenant or approval id.
+pub fn get_approval(r: &pb::GetApprovalRequest) -> Result<(String, uuid::Uuid)> {
+    check_name("tenant_id", &r.tenant_id)?;
+    let approval_id = parse_reservation_id("approval_id", &r.approval_id)?;
+    Ok((r.tenant_id.clone(), approval_id))
+}
+
 /// A validated ListApprovals request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListApprovals {

@@ -8,8 +8,8 @@ use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::writer::Writer;
 use prost::Message;
-use spendguard_core::ErrorClass;
 use spendguard_core::plan::{Command, Outcome};
+use spendguard_core::{ErrorClass, LedgerError};
 use spendguard_proto::ledger::v1 as pb;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
@@ -355,6 +355,26 @@ impl pb::ledger_server::Ledger for LedgerGrpc {
             Ok(pb::ListApprovalsResponse {
                 approvals: approvals.iter().map(convert::approval_to_proto).collect(),
                 next_page_token,
+            })
+        })
+        .await
+    }
+
+    #[instrument(skip_all, fields(tenant_id = %request.get_ref().tenant_id, approval_id = %request.get_ref().approval_id))]
+    async fn get_approval(
+        &self,
+        request: Request<pb::GetApprovalRequest>,
+    ) -> Result<Response<pb::GetApprovalResponse>, Status> {
+        self.run("GetApproval", async {
+            let (tenant_id, approval_id) = convert::get_approval(request.get_ref())?;
+            // Another tenant's approval reads as unknown: no cross-tenant existence leak.
+            let approval = self
+                .store
+                .approval(&tenant_id, approval_id)
+                .await?
+                .ok_or(LedgerError::ApprovalNotFound(approval_id))?;
+            Ok(pb::GetApprovalResponse {
+                approval: Some(convert::approval_to_proto(&approval)),
             })
         })
         .await

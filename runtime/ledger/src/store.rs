@@ -482,6 +482,36 @@ impl Store {
         Ok((approvals, more))
     }
 
+    /// One approval of `tenant_id`, in any state, or `None` when the id is unknown or names
+    /// another tenant's approval (read-only; callers answer both as not found, so the
+    /// existence of another tenant's approval never leaks).
+    ///
+    /// # Errors
+    /// [`Error::Database`], or [`Error::Invariant`] for a stored row out of range.
+    pub async fn approval(
+        &self,
+        tenant_id: &str,
+        approval_id: Uuid,
+    ) -> Result<Option<ApprovalRow>> {
+        let row = sqlx::query(
+            "SELECT approval_id, tenant_id, idempotency_key, request_sha256, budget_ids, budget_id,
+                    amount_nano_usd, context, fencing_scope_id, fencing_epoch, created_at, expires_at,
+                    state, resolved_by, resolved_at, resolution_reason
+               FROM approvals
+              WHERE approval_id = $1 AND tenant_id = $2",
+        )
+        .bind(approval_id)
+        .bind(tenant_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let approval = row.as_ref().map(approval_from_row).transpose()?;
+        if let Some(approval) = &approval {
+            debug_assert_eq!(approval.id, approval_id);
+            debug_assert_eq!(approval.tenant_id, tenant_id);
+        }
+        Ok(approval)
+    }
+
     /// A tenant's retention policy and its last update, if one was set (read-only).
     ///
     /// # Errors

@@ -1,7 +1,7 @@
 //! Approvals (S14) against the real ledger on a real PostgreSQL database: create, approve, deny,
 //! idempotent retries, conflicting decisions, expiry exactly once on the database clock,
 //! immutability enforced by the database, audit events in the outbox, bad input refused with
-//! stable codes and nothing written, and the operator's paged listing. After each test the
+//! stable codes and nothing written, the operator's paged listing and its single-approval read. After each test the
 //! ledger's invariants (including contiguous producer sequences) are checked.
 #![allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
 
@@ -638,6 +638,166 @@ async fn list_pages_by_tenant_and_state() {
         .await
         .unwrap_err();
     assert_eq!(code(&err), pb::ErrorCode::RequestTooLarge);
+    invariants::check(ledger.store().pool()).await.unwrap();
+}
+
+fn get_request(tenant_id: &str, approval_id: &str) -> pb::GetApprovalRequest {
+    pb::GetApprovalRequest {
+        tenant_id: tenant_id.into(),
+        approval_id: approval_id.into(),
+    }
+}
+
+async fn get(ledger: &mut TestLedger, tenant_id: &str, approval_id: &str) -> pb::Approval {
+    let response = ledger
+        .client
+        .get_approval(get_request(tenant_id, approval_id))
+        .await
+        .unwrap()
+        .into_inner();
+    response.approval.unwrap()
+}
+
+#[tokio::test]
+async fn get_reads_one_approval_of_its_tenant_in_every_state() {
+    // Goal: GetApproval returns exactly the record the writing RPCs returned, pending, decided
+    // or expired. Method: read after create, after approve, after deny and after the sweep
+    // expired one; compare with the RPC responses field by field (whole messages).
+    let (mut ledger, fencing) = setup().await;
+    let pending = create(&mut ledger, create_request("pending", &fencing)).await;
+    assert_eq!(get(&mut ledger, T, &pending.approval_id).await, pending);
+
+    let approved = create(&mut ledger, create_request("approved", &fencing)).await;
+    let approved = ledger
+        .client
+        .resolve_approval(resolve_request(
+            &approved.approval_id,
+            pb::ApprovalDecision::Approve,
+            "alice",
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .approval
+        .unwrap();
+    let read = get(&mut ledger, T, &approved.approval_id).await;
+    assert_eq!(read.state(), pb::ApprovalState::Approved);
+    assert_eq!(read.resolved_by, "alice");
+    assert_eq!(read, approved);
+
+    let denied = create(&mut ledger, create_request("denied", &fencing)).await;
+    let denied = ledger
+        .client
+        .resolve_approval(resolve_request(
+            &denied.approval_id,
+            pb::ApprovalDecision::Deny,
+            "bob",
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .approval
+        .unwrap();
+    assert_eq!(get(&mut ledger, T, &denied.approval_id).await, denied);
+
+    let mut short = create_request("expired", &fencing);
+    short.ttl_ms = 1_000;
+    let expired = create(&mut ledger, short).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    assert_eq!(
+        get(&mut ledger, T, &expired.approval_id).await.state(),
+        pb::ApprovalState::Pending,
+        "a read never expires a record: the sweep or a resolve does"
+    );
+    assert_eq!(sweep(&mut ledger).await.approvals_expired, 1);
+    let read = get(&mut ledger, T, &expired.approval_id).await;
+    assert_eq!(read.state(), pb::ApprovalState::Expired);
+    assert!(read.resolved_by.is_empty());
+    assert!(read.resolved_at_unix_ms >= read.expires_at_unix_ms);
+    assert_eq!(
+        pb::Approval {
+            state: expired.state,
+            resolved_at_unix_ms: expired.resolved_at_unix_ms,
+            ..read
+        },
+        expired,
+        "expiry changes only the state and the resolution time"
+    );
+    // The uppercase form of an id is the same UUID (as for ResolveApproval).
+    assert_eq!(
+        get(&mut ledger, T, &pending.approval_id.to_uppercase()).await,
+        pending
+    );
+    invariants::check(ledger.store().pool()).await.unwrap();
+}
+
+#[tokio::test]
+async fn get_refuses_unknown_foreign_and_malformed_ids_and_writes_nothing() {
+    // Goal: another tenant's approval is as unknown as a missing one (no cross-tenant existence
+    // leak), a malformed id gets ID_MALFORMED naming its field, and a read writes nothing.
+    // Method: one approval per tenant, then each bad request; the outbox must not grow.
+    let (mut ledger, fencing) = setup().await;
+    let other = ledger.tenant_with_lease("tenant-b").await.unwrap();
+    ledger.budget("tenant-b", "team", 1_000).await.unwrap();
+    let mine = create(&mut ledger, create_request("mine", &fencing)).await;
+    let mut b = create_request("theirs", &other);
+    b.tenant_id = "tenant-b".into();
+    b.budget_ids = vec!["team".into()];
+    let theirs = create(&mut ledger, b).await;
+    assert_eq!(
+        get(&mut ledger, "tenant-b", &theirs.approval_id).await,
+        theirs
+    );
+    let before = events(&ledger).await.len();
+
+    let not_found = [
+        (
+            "another tenant's approval",
+            get_request(T, &theirs.approval_id),
+        ),
+        (
+            "mine asked as another tenant",
+            get_request("tenant-b", &mine.approval_id),
+        ),
+        ("unknown tenant", get_request("tenant-z", &mine.approval_id)),
+        (
+            "unknown id",
+            get_request(T, "00000000-0000-4000-8000-000000000000"),
+        ),
+    ];
+    for (case, request) in not_found {
+        let err = ledger.client.get_approval(request).await.unwrap_err();
+        assert_eq!(code(&err), pb::ErrorCode::ApprovalNotFound, "{case}");
+        assert_eq!(err.code(), tonic::Code::NotFound, "{case}");
+    }
+
+    let malformed = [
+        ("empty id", get_request(T, ""), "approval_id"),
+        ("not a uuid", get_request(T, "apr-1"), "approval_id"),
+        (
+            "uuid with a trailing byte",
+            get_request(T, &format!("{}0", mine.approval_id)),
+            "approval_id",
+        ),
+        (
+            "empty tenant",
+            get_request("", &mine.approval_id),
+            "tenant_id",
+        ),
+        (
+            "uppercase tenant",
+            get_request("Tenant-A", &mine.approval_id),
+            "tenant_id",
+        ),
+    ];
+    for (case, request, field) in malformed {
+        let err = ledger.client.get_approval(request).await.unwrap_err();
+        assert_eq!(code(&err), pb::ErrorCode::IdMalformed, "{case}");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{case}");
+        let detail = <pb::ErrorDetail as prost::Message>::decode(err.details()).unwrap();
+        assert_eq!(detail.field, field, "{case}");
+    }
+    assert_eq!(events(&ledger).await.len(), before, "reads write nothing");
     invariants::check(ledger.store().pool()).await.unwrap();
 }
 
