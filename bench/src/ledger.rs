@@ -4,7 +4,7 @@
 //! paced run at a fixed offered rate.
 
 use crate::processes::LedgerProcess;
-use crate::stats::report;
+use crate::stats::{report, report_calls};
 use anyhow::{Context, Result, bail};
 use spendguard_proto::ledger::v1 as pb;
 use spendguard_testkit::PgCluster;
@@ -16,19 +16,23 @@ use tokio::time::Instant;
 
 const T: &str = "bench";
 
+/// One reserve+commit pair; returns how long each RPC took.
 async fn pair(
     client: &mut LedgerClient,
     fencing: &pb::FencingToken,
     key: &str,
     budget: &str,
-) -> Result<()> {
+) -> Result<(Duration, Duration)> {
+    let started = Instant::now();
     let response = client
         .reserve_set(reserve_request(T, key, &[budget], 1_000, fencing))
         .await?
         .into_inner();
+    let reserved = started.elapsed();
     let Some(pb::reserve_set_response::Outcome::Reserved(r)) = response.outcome else {
         bail!("denied: {response:?}")
     };
+    let committing = Instant::now();
     client
         .commit(pb::CommitRequest {
             tenant_id: T.into(),
@@ -37,7 +41,7 @@ async fn pair(
             fencing: Some(fencing.clone()),
         })
         .await?;
-    Ok(())
+    Ok((reserved, committing.elapsed()))
 }
 
 pub(crate) async fn bench_ledger(
@@ -125,13 +129,17 @@ pub(crate) async fn bench_ledger(
         let fencing = fencing.clone();
         tasks.push(tokio::spawn(async move {
             let t = Instant::now();
-            pair(&mut client, &fencing, &format!("paced-{n}"), "hot").await?;
-            anyhow::Ok(t.elapsed())
+            let rpcs = pair(&mut client, &fencing, &format!("paced-{n}"), "hot").await?;
+            anyhow::Ok((t.elapsed(), rpcs))
         }));
     }
     let mut latencies = Vec::with_capacity(count);
+    let (mut reserves, mut commits) = (Vec::with_capacity(count), Vec::with_capacity(count));
     for task in tasks {
-        latencies.push(task.await??);
+        let (total, (reserve, commit)) = task.await??;
+        latencies.push(total);
+        reserves.push(reserve);
+        commits.push(commit);
     }
     report(
         &format!("paced {paced_rate}/s hot"),
@@ -139,6 +147,8 @@ pub(crate) async fn bench_ledger(
         started.elapsed(),
         latencies,
     );
+    report_calls("  of which ReserveSet", reserves);
+    report_calls("  of which Commit", commits);
     let (_, metrics) = http_get(process.admin_port, "/metrics").await?;
     let value = |name: &str| -> f64 {
         metrics

@@ -11,6 +11,17 @@ pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[index.min(sorted.len() - 1)]
 }
 
+/// Prints p50/p99 of single RPCs (one side of each pair).
+pub(crate) fn report_calls(name: &str, mut latencies: Vec<Duration>) {
+    latencies.sort();
+    println!(
+        "{name:<34} calls={:<7} p50={:>7.2}ms p99={:>7.2}ms",
+        latencies.len(),
+        percentile(&latencies, 0.50).as_secs_f64() * 1e3,
+        percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+    );
+}
+
 pub(crate) fn report(name: &str, clients: usize, elapsed: Duration, mut latencies: Vec<Duration>) {
     latencies.sort();
     let pairs = latencies.len();
