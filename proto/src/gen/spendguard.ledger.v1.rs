@@ -536,6 +536,58 @@ pub struct GetRetentionPolicyResponse {
     #[prost(message, optional, tag = "2")]
     pub policy: ::core::option::Option<RetentionPolicy>,
 }
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RecordFailOpenRequest {
+    #[prost(string, tag = "1")]
+    pub tenant_id: ::prost::alloc::string::String,
+    /// The call id the sidecar decided; the idempotency key (the record id is UUIDv5 over tenant and
+    /// call id, in a namespace of its own).
+    #[prost(string, tag = "2")]
+    pub call_id: ::prost::alloc::string::String,
+    /// 1 to 8 distinct budgets of the tenant the call would have reserved against.
+    #[prost(string, repeated, tag = "3")]
+    pub budget_ids: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Provider-reported usage priced from `pricing`; 0 when the call failed. 0 to 10^18.
+    #[prost(int64, tag = "4")]
+    pub actual_nano_usd: i64,
+    /// The scope and epoch that were current in the sidecar when it decided. Recorded as presented:
+    /// an epoch older than the scope's current one is accepted and flagged `epoch_stale`.
+    #[prost(message, optional, tag = "5")]
+    pub fencing: ::core::option::Option<FencingToken>,
+    /// Pricing snapshot the cost was computed with (must be registered for the tenant).
+    #[prost(message, optional, tag = "6")]
+    pub pricing: ::core::option::Option<PricingRef>,
+    /// Lowercase hex sha256 of the contract bundle that decided; may be empty.
+    #[prost(string, tag = "7")]
+    pub contract_sha256_hex: ::prost::alloc::string::String,
+    /// When the sidecar decided (its clock), Unix ms, > 0.
+    #[prost(int64, tag = "8")]
+    pub decided_at_unix_ms: i64,
+    /// Run, workflow, provider, model, contract version. `call_id` in here must be empty or equal
+    /// to the request's `call_id`.
+    #[prost(message, optional, tag = "9")]
+    pub context: ::core::option::Option<DecisionContext>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RecordFailOpenResponse {
+    /// UUIDv5 over (tenant_id, call_id).
+    #[prost(string, tag = "1")]
+    pub record_id: ::prost::alloc::string::String,
+    /// A retry of an earlier identical request: nothing written.
+    #[prost(bool, tag = "2")]
+    pub replayed: bool,
+    /// The presented epoch was older than the scope's current epoch when first recorded.
+    #[prost(bool, tag = "3")]
+    pub epoch_stale: bool,
+    /// The scope's epoch when the record was first written.
+    #[prost(uint64, tag = "4")]
+    pub epoch_current: u64,
+    /// Current-window balances of the budgets, in request order, after the record.
+    #[prost(message, repeated, tag = "5")]
+    pub balances: ::prost::alloc::vec::Vec<BudgetBalance>,
+}
 /// Stable error codes. The gRPC status code for each is given in brackets.
 #[allow(clippy::all)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
@@ -1363,6 +1415,38 @@ pub mod ledger_client {
                 );
             self.inner.unary(req, path, codec).await
         }
+        /// Records, after the fact, a call the sidecar let through fail-open while the ledger was
+        /// unreachable (S22): its decision context and actual cost, booked as a flagged overrun on every
+        /// budget (nothing was reserved), plus the audit event `decision.fail_open`, in one transaction.
+        /// Idempotent by (tenant_id, call_id): same fields → the same record, `replayed`; different
+        /// fields → IDEMPOTENCY_CONFLICT. The fencing epoch is recorded as presented and is NOT required
+        /// to be current (the lease may have moved on while the ledger was down).
+        pub async fn record_fail_open(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RecordFailOpenRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RecordFailOpenResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/spendguard.ledger.v1.Ledger/RecordFailOpen",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("spendguard.ledger.v1.Ledger", "RecordFailOpen"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1513,6 +1597,19 @@ pub mod ledger_server {
             request: tonic::Request<super::GetRetentionPolicyRequest>,
         ) -> std::result::Result<
             tonic::Response<super::GetRetentionPolicyResponse>,
+            tonic::Status,
+        >;
+        /// Records, after the fact, a call the sidecar let through fail-open while the ledger was
+        /// unreachable (S22): its decision context and actual cost, booked as a flagged overrun on every
+        /// budget (nothing was reserved), plus the audit event `decision.fail_open`, in one transaction.
+        /// Idempotent by (tenant_id, call_id): same fields → the same record, `replayed`; different
+        /// fields → IDEMPOTENCY_CONFLICT. The fencing epoch is recorded as presented and is NOT required
+        /// to be current (the lease may have moved on while the ledger was down).
+        async fn record_fail_open(
+            &self,
+            request: tonic::Request<super::RecordFailOpenRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RecordFailOpenResponse>,
             tonic::Status,
         >;
     }
@@ -2292,6 +2389,51 @@ pub mod ledger_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = GetRetentionPolicySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/spendguard.ledger.v1.Ledger/RecordFailOpen" => {
+                    #[allow(non_camel_case_types)]
+                    struct RecordFailOpenSvc<T: Ledger>(pub Arc<T>);
+                    impl<
+                        T: Ledger,
+                    > tonic::server::UnaryService<super::RecordFailOpenRequest>
+                    for RecordFailOpenSvc<T> {
+                        type Response = super::RecordFailOpenResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RecordFailOpenRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Ledger>::record_fail_open(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RecordFailOpenSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

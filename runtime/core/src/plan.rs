@@ -387,6 +387,85 @@ pub struct RegisterSigningKey {
     pub key: SigningKeyRow,
 }
 
+/// Record, after the fact, a call the sidecar let through fail-open while the ledger was
+/// unreachable (S22): its decision context and actual cost. The cost is booked as a flagged
+/// overrun on the current window of every budget (nothing was reserved), so balances show it
+/// and later reservations see less room.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RecordFailOpen {
+    /// Tenant.
+    pub tenant_id: String,
+    /// The decided call; the idempotency key.
+    pub call_id: String,
+    /// Budgets the call would have reserved against, 1..=8, distinct, in request order.
+    pub budget_ids: Vec<String>,
+    /// Provider-reported cost priced from `pricing`; zero when the call failed.
+    pub actual: NanoUsd,
+    /// Scope and epoch current in the sidecar when it decided. Part of the fingerprint (it is
+    /// what is recorded), and never required to be current.
+    pub fencing: Fencing,
+    /// Pricing snapshot the cost was computed with.
+    pub pricing: PricingRef,
+    /// Hash of the contract bundle that decided (may be empty).
+    pub contract_sha256_hex: String,
+    /// When the sidecar decided (its clock).
+    pub decided_at: DateTime<Utc>,
+    /// Run, workflow, call, provider, model and contract version.
+    pub context: DecisionContext,
+}
+
+/// Namespace of fail-open record ids (UUIDv5 over tenant and call id); distinct from the
+/// reservations' and approvals', so a call's fail-open record never collides with either.
+const FAIL_OPEN_ID_NAMESPACE: Uuid = Uuid::from_u128(0x2f8d_61c4_0a7b_4e93_9d15_c3e8_74b0_5a6f);
+
+impl RecordFailOpen {
+    /// The record's id, derived from `(tenant_id, call_id)`.
+    pub fn record_id(&self) -> Uuid {
+        let name = format!("{}\n{}", self.tenant_id, self.call_id);
+        Uuid::new_v5(&FAIL_OPEN_ID_NAMESPACE, name.as_bytes())
+    }
+
+    /// sha256 over the canonical JSON of every request field: the idempotency fingerprint.
+    pub fn fingerprint(&self) -> String {
+        let bytes = serde_json_canonicalizer::to_vec(self).unwrap_or_default();
+        hex::encode(Sha256::digest(bytes))
+    }
+}
+
+/// A fail-open record as stored (immutable once written).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailOpenRow {
+    /// Id.
+    pub id: Uuid,
+    /// Tenant.
+    pub tenant_id: String,
+    /// Call id.
+    pub call_id: String,
+    /// Request fingerprint.
+    pub fingerprint: String,
+    /// Windows charged (current window of each budget when recorded), in request order.
+    pub windows: Vec<WindowKey>,
+    /// Actual cost, booked as overrun on every window.
+    pub actual: NanoUsd,
+    /// Scope presented.
+    pub fencing_scope_id: String,
+    /// Epoch presented.
+    pub fencing_epoch: u64,
+    /// The scope's epoch when recorded.
+    pub epoch_current: u64,
+    /// Sidecar time of the decision.
+    pub decided_at: DateTime<Utc>,
+    /// Database time of the record.
+    pub recorded_at: DateTime<Utc>,
+}
+
+impl FailOpenRow {
+    /// Whether the presented epoch was older than the scope's when recorded.
+    pub fn epoch_stale(&self) -> bool {
+        self.fencing_epoch < self.epoch_current
+    }
+}
+
 /// One mutation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[allow(clippy::large_enum_variant)] // Commands live briefly in a bounded queue; boxing buys nothing.
@@ -415,6 +494,8 @@ pub enum Command {
     ResolveApproval(ResolveApproval),
     /// See [`UpsertRetentionPolicy`].
     UpsertRetentionPolicy(UpsertRetentionPolicy),
+    /// See [`RecordFailOpen`].
+    RecordFailOpen(RecordFailOpen),
 }
 
 // === Rows ===
@@ -584,6 +665,8 @@ pub struct Snapshot {
     pub expired_approval_candidates: Vec<Uuid>,
     /// Retention policies referenced that exist, with their last update.
     pub retention_policies: BTreeMap<String, (RetentionPolicy, DateTime<Utc>)>,
+    /// Fail-open records referenced by id that exist.
+    pub fail_open_records: BTreeMap<Uuid, FailOpenRow>,
 }
 
 /// What the store must load for a batch, derived from its commands.
@@ -607,6 +690,8 @@ pub struct Needs {
     pub approval_ids: BTreeSet<Uuid>,
     /// Tenants whose retention policy a command sets.
     pub retention_tenant_ids: BTreeSet<String>,
+    /// Fail-open records by id (derived from tenant and call id).
+    pub fail_open_ids: BTreeSet<Uuid>,
 }
 
 impl Needs {
@@ -673,6 +758,20 @@ impl Needs {
                 Command::UpsertRetentionPolicy(p) => {
                     needs.tenant_ids.insert(p.tenant_id.clone());
                     needs.retention_tenant_ids.insert(p.tenant_id.clone());
+                }
+                Command::RecordFailOpen(f) => {
+                    needs.tenant_ids.insert(f.tenant_id.clone());
+                    needs
+                        .pricing
+                        .insert((f.tenant_id.clone(), f.pricing.version.clone()));
+                    needs.scope_ids.insert(f.fencing.scope_id.clone());
+                    needs.fail_open_ids.insert(f.record_id());
+                    for budget_id in &f.budget_ids {
+                        needs.budgets.insert(BudgetKey {
+                            tenant_id: f.tenant_id.clone(),
+                            budget_id: budget_id.clone(),
+                        });
+                    }
                 }
                 Command::UpsertBudget(b) => {
                     needs.tenant_ids.insert(b.tenant_id.clone());
@@ -800,6 +899,15 @@ pub enum Outcome {
         /// A retry of an earlier identical request (or the same decision again).
         replayed: bool,
     },
+    /// RecordFailOpen succeeded (or replayed).
+    FailOpenRecorded {
+        /// The record (as first written, for a replay).
+        record: Box<FailOpenRow>,
+        /// Current-window balances of its budgets, in request order.
+        balances: Vec<Balance>,
+        /// A retry of an earlier identical request.
+        replayed: bool,
+    },
     /// Lease granted.
     Lease(LeaseGrant),
     /// Tenant upserted.
@@ -919,6 +1027,8 @@ pub struct Effects {
     pub approvals: BTreeMap<Uuid, ApprovalRow>,
     /// Retention policies to insert or update (final state).
     pub retention_policies: BTreeMap<String, RetentionPolicy>,
+    /// Fail-open records to insert (written before the journal entries that name them).
+    pub fail_open_records: Vec<FailOpenRow>,
     /// Audit events, one per state change.
     pub events: Vec<EventDraft>,
 }
@@ -946,6 +1056,7 @@ impl Effects {
             new_approval_ids,
             approvals,
             retention_policies,
+            fail_open_records,
             events: _,
         } = self;
         tenants.is_empty()
@@ -958,6 +1069,7 @@ impl Effects {
             && new_approval_ids.is_empty()
             && approvals.is_empty()
             && retention_policies.is_empty()
+            && fail_open_records.is_empty()
     }
 }
 
@@ -1018,6 +1130,7 @@ impl Planner {
             Command::CreateApproval(a) => self.create_approval(a),
             Command::ResolveApproval(r) => self.resolve_approval(r),
             Command::UpsertRetentionPolicy(p) => self.upsert_retention_policy(p),
+            Command::RecordFailOpen(f) => self.record_fail_open(f),
             Command::AcquireLease(a) => self.acquire_lease(a),
             Command::UpsertTenant(t) => Ok(self.upsert_tenant(t)),
             Command::UpsertBudget(b) => self.upsert_budget(b),
@@ -1525,6 +1638,147 @@ impl Planner {
             policy: p.policy,
             updated_at: now,
         })
+    }
+
+    fn record_fail_open(&mut self, f: &RecordFailOpen) -> Result<Outcome, LedgerError> {
+        self.require_tenant(&f.tenant_id)?;
+        // The scope must be the tenant's, but its epoch is not checked: the lease may have moved
+        // on while the ledger was down, and the record keeps what the sidecar presented.
+        let epoch_current = self
+            .state
+            .scopes
+            .get(&f.fencing.scope_id)
+            .filter(|s| s.tenant_id == f.tenant_id)
+            .map(|s| s.epoch)
+            .ok_or_else(|| LedgerError::FencingScopeNotFound(f.fencing.scope_id.clone()))?;
+        let record_id = f.record_id();
+        let fingerprint = f.fingerprint();
+        if let Some(existing) = self.state.fail_open_records.get(&record_id) {
+            // A different tenant or call would be a UUIDv5 collision: refused, never merged.
+            if existing.tenant_id != f.tenant_id
+                || existing.call_id != f.call_id
+                || existing.fingerprint != fingerprint
+            {
+                return Err(LedgerError::IdempotencyConflict(f.call_id.clone()));
+            }
+            let record = existing.clone();
+            let balances = self.current_balances(&f.tenant_id, &f.budget_ids);
+            return Ok(Outcome::FailOpenRecorded {
+                record: Box::new(record),
+                balances,
+                replayed: true,
+            });
+        }
+        let registered = self
+            .state
+            .pricing
+            .get(&(f.tenant_id.clone(), f.pricing.version.clone()));
+        if registered != Some(&f.pricing.sha256_hex) {
+            return Err(LedgerError::PricingUnknown {
+                tenant_id: f.tenant_id.clone(),
+                version: f.pricing.version.clone(),
+                sha256_hex: f.pricing.sha256_hex.clone(),
+            });
+        }
+        let mut windows = Vec::with_capacity(f.budget_ids.len());
+        for budget_id in &f.budget_ids {
+            let budget = BudgetKey {
+                tenant_id: f.tenant_id.clone(),
+                budget_id: budget_id.clone(),
+            };
+            let definition =
+                self.state
+                    .budgets
+                    .get(&budget)
+                    .ok_or_else(|| LedgerError::BudgetNotFound {
+                        tenant_id: f.tenant_id.clone(),
+                        budget_id: budget_id.clone(),
+                    })?;
+            let start = definition.window.start_containing(self.state.now);
+            let key = WindowKey { budget, start };
+            // The overrun column must not overflow; check every window before writing any.
+            self.window(&key)
+                .overrun
+                .checked_add(f.actual)
+                .map_err(money_error("actual_nano_usd"))?;
+            windows.push(key);
+        }
+        let row = FailOpenRow {
+            id: record_id,
+            tenant_id: f.tenant_id.clone(),
+            call_id: f.call_id.clone(),
+            fingerprint,
+            windows: windows.clone(),
+            actual: f.actual,
+            fencing_scope_id: f.fencing.scope_id.clone(),
+            fencing_epoch: f.fencing.epoch,
+            epoch_current,
+            decided_at: f.decided_at,
+            recorded_at: self.state.now,
+        };
+        for key in &windows {
+            self.open_window(key);
+            if !f.actual.is_zero() {
+                // Spend past any reservation: the existing overrun mechanism, reserved = 0.
+                self.journal(
+                    key,
+                    Some(record_id),
+                    EntryKind::Overrun,
+                    [0, 0, 0, delta(f.actual)],
+                );
+            }
+        }
+        self.event(
+            &f.tenant_id,
+            "decision.fail_open",
+            json!({
+                "record_id": record_id.to_string(),
+                "call_id": f.call_id,
+                "budget_ids": f.budget_ids,
+                "window_starts": windows.iter().map(|w| format_time(w.start)).collect::<Vec<_>>(),
+                "actual_nano_usd": f.actual.get().to_string(),
+                "overrun_nano_usd": f.actual.get().to_string(),
+                "overrun": !f.actual.is_zero(),
+                "decided_at": format_time(f.decided_at),
+                "fencing": {
+                    "scope_id": f.fencing.scope_id,
+                    "epoch": f.fencing.epoch,
+                    "epoch_current": epoch_current,
+                    "epoch_stale": row.epoch_stale(),
+                },
+                "pricing": f.pricing,
+                "contract_sha256_hex": f.contract_sha256_hex,
+                "context": f.context,
+            }),
+        );
+        self.state.fail_open_records.insert(record_id, row.clone());
+        self.effects.fail_open_records.push(row.clone());
+        let balances = windows.iter().map(|key| self.balance(key)).collect();
+        Ok(Outcome::FailOpenRecorded {
+            record: Box::new(row),
+            balances,
+            replayed: false,
+        })
+    }
+
+    /// Balances of the current windows of `budget_ids` (budgets that are not loaded are skipped).
+    fn current_balances(&self, tenant_id: &str, budget_ids: &[String]) -> Vec<Balance> {
+        budget_ids
+            .iter()
+            .filter_map(|budget_id| {
+                let budget = BudgetKey {
+                    tenant_id: tenant_id.to_owned(),
+                    budget_id: budget_id.clone(),
+                };
+                let start = self
+                    .state
+                    .budgets
+                    .get(&budget)?
+                    .window
+                    .start_containing(self.state.now);
+                Some(self.balance(&WindowKey { budget, start }))
+            })
+            .collect()
     }
 
     /// Records the final state of an approval (inserted if this batch created it).

@@ -6,9 +6,9 @@ use spendguard_core::lease::{AcquireLease, LEASE_TTL_MS_MAX, LEASE_TTL_MS_MIN, L
 use spendguard_core::plan::{
     APPROVAL_TTL_MS_MAX, APPROVAL_TTL_MS_MIN, ApprovalContext, ApprovalDecision, ApprovalRow,
     ApprovalState, Balance, BudgetRow, Commit, CreateApproval, DecisionContext, Fencing,
-    PricingRef, RESERVE_SET_BUDGETS_MAX, RETENTION_DAYS_MAX, RegisterPricing, RegisterSigningKey,
-    Release, ReserveSet, ResolveApproval, RetentionPolicy, SYSTEM_TENANT_ID, SigningKeyRow,
-    UpsertBudget, UpsertRetentionPolicy, UpsertTenant,
+    PricingRef, RESERVE_SET_BUDGETS_MAX, RETENTION_DAYS_MAX, RecordFailOpen, RegisterPricing,
+    RegisterSigningKey, Release, ReserveSet, ResolveApproval, RetentionPolicy, SYSTEM_TENANT_ID,
+    SigningKeyRow, UpsertBudget, UpsertRetentionPolicy, UpsertTenant,
 };
 use spendguard_core::window::BudgetWindow;
 use spendguard_core::{ErrorCode, LedgerError, NanoUsd};
@@ -445,6 +445,48 @@ pub fn create_approval(r: &pb::CreateApprovalRequest) -> Result<CreateApproval> 
             bundle_sha256_hex: r.bundle_sha256_hex.clone(),
             decision: context(r.context.as_ref())?,
         },
+    })
+}
+
+/// Validates a RecordFailOpen request. The fencing epoch must be >= 1 but is not compared
+/// with the scope's (that happens, and is recorded, in the planner).
+///
+/// # Errors
+/// The first invalid field.
+pub fn record_fail_open(r: &pb::RecordFailOpenRequest) -> Result<RecordFailOpen> {
+    check_name("tenant_id", &r.tenant_id)?;
+    check_idempotency_key("call_id", &r.call_id)?;
+    let budgets = budget_ids("budget_ids", &r.budget_ids, RESERVE_SET_BUDGETS_MAX)?;
+    let actual = amount("actual_nano_usd", r.actual_nano_usd, false)?;
+    let fencing = fencing(r.fencing.as_ref())?;
+    let pricing = pricing(r.pricing.as_ref())?;
+    sha256_hex_or_empty("contract_sha256_hex", &r.contract_sha256_hex)?;
+    let decided_at = (r.decided_at_unix_ms > 0)
+        .then(|| chrono::DateTime::from_timestamp_millis(r.decided_at_unix_ms))
+        .flatten()
+        .ok_or_else(|| LedgerError::InvalidArgument {
+            field: "decided_at_unix_ms",
+            reason: "required: a positive Unix time in milliseconds".into(),
+        })?;
+    let mut context = context(r.context.as_ref())?;
+    if context.call_id.is_empty() {
+        context.call_id = r.call_id.clone();
+    } else if context.call_id != r.call_id {
+        return Err(LedgerError::InvalidArgument {
+            field: "context.call_id",
+            reason: "must be empty or equal to call_id".into(),
+        });
+    }
+    Ok(RecordFailOpen {
+        tenant_id: r.tenant_id.clone(),
+        call_id: r.call_id.clone(),
+        budget_ids: budgets,
+        actual,
+        fencing,
+        pricing,
+        contract_sha256_hex: r.contract_sha256_hex.clone(),
+        decided_at,
+        context,
     })
 }
 

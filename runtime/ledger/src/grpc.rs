@@ -314,6 +314,31 @@ impl pb::ledger_server::Ledger for LedgerGrpc {
         .await
     }
 
+    #[instrument(skip_all, fields(tenant_id = %request.get_ref().tenant_id, call_id = %request.get_ref().call_id))]
+    async fn record_fail_open(
+        &self,
+        request: Request<pb::RecordFailOpenRequest>,
+    ) -> Result<Response<pb::RecordFailOpenResponse>, Status> {
+        self.run("RecordFailOpen", async {
+            let command = convert::record_fail_open(request.get_ref())?;
+            match self.submit(Command::RecordFailOpen(command)).await? {
+                Outcome::FailOpenRecorded {
+                    record,
+                    balances,
+                    replayed,
+                } => Ok(pb::RecordFailOpenResponse {
+                    record_id: record.id.to_string(),
+                    replayed,
+                    epoch_stale: record.epoch_stale(),
+                    epoch_current: record.epoch_current,
+                    balances: balances.iter().map(convert::balance_to_proto).collect(),
+                }),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
     #[instrument(skip_all, fields(tenant_id = %request.get_ref().tenant_id, approval_id = %request.get_ref().approval_id))]
     async fn resolve_approval(
         &self,

@@ -26,8 +26,8 @@ use spendguard_core::audit::{ProducerStamp, format_time};
 use spendguard_core::lease::LeaseState;
 use spendguard_core::plan::{
     ApprovalContext, ApprovalRow, ApprovalState, Balance, BudgetKey, BudgetRow, Command, Effects,
-    Needs, Outcome, ReservationRow, ReservationState, Resolution, RetentionPolicy, SigningKeyRow,
-    Snapshot, WindowKey, WindowRow, plan_batch_keeping_state, windows_needed,
+    FailOpenRow, Needs, Outcome, ReservationRow, ReservationState, Resolution, RetentionPolicy,
+    SigningKeyRow, Snapshot, WindowKey, WindowRow, plan_batch_keeping_state, windows_needed,
 };
 use spendguard_core::window::BudgetWindow;
 use spendguard_core::{LedgerError, NanoUsd};
@@ -740,6 +740,7 @@ async fn load(
     let window_keys = windows_needed(commands, &snapshot);
     snapshot.windows = load_windows(tx, &window_keys, "FOR UPDATE").await?;
     load_approvals(tx, &needs, &mut snapshot).await?;
+    load_fail_open_records(tx, &needs, &mut snapshot).await?;
     load_retention_policies(tx, &needs, &mut snapshot).await?;
     Ok((snapshot, existing_scopes))
 }
@@ -826,6 +827,67 @@ async fn load_approvals(
         snapshot.approvals.insert(approval.id, approval);
     }
     Ok(())
+}
+
+/// Fail-open records the batch names (a rare path with its own query), locked last, by id.
+async fn load_fail_open_records(
+    tx: &mut Transaction<'_, Postgres>,
+    needs: &Needs,
+    snapshot: &mut Snapshot,
+) -> Result<()> {
+    if needs.fail_open_ids.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = needs.fail_open_ids.iter().copied().collect();
+    let rows = sqlx::query(
+        "SELECT record_id, tenant_id, call_id, request_sha256, budget_ids, window_starts,
+                actual_nano_usd, fencing_scope_id, fencing_epoch, epoch_current, decided_at,
+                recorded_at
+           FROM fail_open_records WHERE record_id = ANY($1) ORDER BY record_id FOR UPDATE",
+    )
+    .bind(&ids)
+    .fetch_all(&mut **tx)
+    .await?;
+    for row in &rows {
+        let record = fail_open_from_row(row)?;
+        snapshot.fail_open_records.insert(record.id, record);
+    }
+    Ok(())
+}
+
+fn fail_open_from_row(row: &PgRow) -> Result<FailOpenRow> {
+    let tenant_id: String = row.try_get("tenant_id")?;
+    let budget_ids: Vec<String> = row.try_get("budget_ids")?;
+    let starts: Vec<DateTime<Utc>> = row.try_get("window_starts")?;
+    if budget_ids.len() != starts.len() {
+        return Err(Error::Invariant(
+            "fail-open record windows do not match its budgets".into(),
+        ));
+    }
+    let windows = budget_ids
+        .into_iter()
+        .zip(starts)
+        .map(|(budget_id, start)| WindowKey {
+            budget: BudgetKey {
+                tenant_id: tenant_id.clone(),
+                budget_id,
+            },
+            start,
+        })
+        .collect();
+    Ok(FailOpenRow {
+        id: row.try_get("record_id")?,
+        tenant_id,
+        call_id: row.try_get("call_id")?,
+        fingerprint: row.try_get("request_sha256")?,
+        windows,
+        actual: money(row.try_get("actual_nano_usd")?)?,
+        fencing_scope_id: row.try_get("fencing_scope_id")?,
+        fencing_epoch: epoch(row.try_get("fencing_epoch")?)?,
+        epoch_current: epoch(row.try_get("epoch_current")?)?,
+        decided_at: row.try_get("decided_at")?,
+        recorded_at: row.try_get("recorded_at")?,
+    })
 }
 
 fn approval_from_row(row: &PgRow) -> Result<ApprovalRow> {
@@ -1017,6 +1079,8 @@ async fn write(
     write_leases(tx, existing.scopes, effects).await?;
     write_approvals(tx, effects).await?;
     write_retention_policies(tx, effects).await?;
+    // Before the journal: the overrun entries name these records.
+    write_fail_open_records(tx, effects).await?;
     // ...the hot path is one statement.
     write_money_and_outbox(tx, cursor, now, effects, signer).await
 }
@@ -1253,6 +1317,43 @@ async fn write_approvals(tx: &mut Transaction<'_, Postgres>, effects: &Effects) 
                 )));
             }
         }
+    }
+    Ok(())
+}
+
+/// Fail-open records, one plain INSERT each (a rare path): if another replica recorded the same
+/// call first, the primary key fails this batch instead of writing a second `decision.fail_open`.
+async fn write_fail_open_records(
+    tx: &mut Transaction<'_, Postgres>,
+    effects: &Effects,
+) -> Result<()> {
+    for f in &effects.fail_open_records {
+        let budget_ids: Vec<&str> = f
+            .windows
+            .iter()
+            .map(|w| w.budget.budget_id.as_str())
+            .collect();
+        let starts: Vec<DateTime<Utc>> = f.windows.iter().map(|w| w.start).collect();
+        sqlx::query(
+            "INSERT INTO fail_open_records (record_id, tenant_id, call_id, request_sha256,
+                 budget_ids, window_starts, actual_nano_usd, fencing_scope_id, fencing_epoch,
+                 epoch_current, decided_at, recorded_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        )
+        .bind(f.id)
+        .bind(&f.tenant_id)
+        .bind(&f.call_id)
+        .bind(&f.fingerprint)
+        .bind(&budget_ids)
+        .bind(&starts)
+        .bind(f.actual.get())
+        .bind(&f.fencing_scope_id)
+        .bind(to_i64(f.fencing_epoch)?)
+        .bind(to_i64(f.epoch_current)?)
+        .bind(f.decided_at)
+        .bind(f.recorded_at)
+        .execute(&mut **tx)
+        .await?;
     }
     Ok(())
 }

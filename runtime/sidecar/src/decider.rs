@@ -5,7 +5,9 @@
 //!            │                          │                 ├─ denied ─► STOP (BUDGET_EXHAUSTED)
 //!            └─ STOP (reason)           │                 └─ soft cap crossed ─► CreateApproval ─► release
 //!                                       │                                   ─► REQUIRE_APPROVAL (approval_id)
-//!                                       └─ unavailable ─► 503 (fail closed) | CONTINUE fail_open (S22)
+//!                                       └─ unavailable ─► 503 (fail closed) | CONTINUE fail_open (S22,
+//!                                          only once its record is queued for RecordFailOpen;
+//!                                          a full evidence queue is 503: see fail_open.rs)
 //!                                          (a failed CreateApproval is always 503: never an id that
 //!                                          does not exist, never fail-open past a soft cap)
 //! settle: commit(usage priced at the decision's snapshot) | release(reason), exactly once
@@ -16,6 +18,7 @@
 //! commit or release get the original answer (`replayed`) instead of a second effect.
 
 use crate::error::SidecarError;
+use crate::fail_open::{FailOpenQueue, SendFailure};
 use crate::lease::Lease;
 use serde::Serialize;
 use spendguard_core::contract::{
@@ -30,7 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 use tonic::transport::Channel;
-use tracing::warn;
+use tracing::{error, warn};
 
 type LedgerClient = pb::ledger_client::LedgerClient<Channel>;
 
@@ -197,6 +200,7 @@ pub struct Decider {
     reservation_ttl: Duration,
     calls: Mutex<HashMap<String, CallEntry>>,
     run_budgets: Mutex<HashSet<String>>,
+    fail_open: Arc<FailOpenQueue>,
 }
 
 impl Decider {
@@ -207,6 +211,7 @@ impl Decider {
         bundle: Arc<Bundle>,
         identity: Identity,
         reservation_ttl: Duration,
+        fail_open: Arc<FailOpenQueue>,
     ) -> Self {
         Self {
             ledger,
@@ -216,7 +221,13 @@ impl Decider {
             reservation_ttl,
             calls: Mutex::new(HashMap::new()),
             run_budgets: Mutex::new(HashSet::new()),
+            fail_open,
         }
+    }
+
+    /// The queue of fail-open records waiting for the ledger.
+    pub fn fail_open_queue(&self) -> &FailOpenQueue {
+        &self.fail_open
     }
 
     /// The loaded bundle.
@@ -287,6 +298,10 @@ impl Decider {
         if let Some(existing) = calls.get(call_id) {
             let mut replay = existing.decision.clone();
             replay.replayed = true;
+            if decision.fail_open && !replay.fail_open {
+                // This decision is discarded and nothing goes through under it.
+                self.fail_open.withdraw(call_id);
+            }
             return replay;
         }
         calls.insert(
@@ -320,12 +335,20 @@ impl Decider {
             Err(e) => return Err(SidecarError::LeaseUnavailable(e.to_string())),
         };
         let mut budget_ids = self.identity.budget_ids.clone();
+        let mut run_budget_limit = None;
         if let (Some(run_id), Some(limit)) = (&input.run_id, contract.per_run_limit_nano_usd) {
             let run_budget = format!("runs/{run_id}");
+            budget_ids.push(run_budget.clone());
+            run_budget_limit = Some((run_budget.clone(), limit.get()));
             if let Err(e) = self.ensure_run_budget(&run_budget, limit).await {
-                return self.unavailable(input, planned.max_output_tokens, e);
+                let fail_open = FailOpenContext {
+                    epoch,
+                    budget_ids,
+                    run_budget: run_budget_limit,
+                    worst_case_nano_usd: planned.reserve.get(),
+                };
+                return self.unavailable(input, planned.max_output_tokens, e, fail_open);
             }
-            budget_ids.push(run_budget);
         }
         let request = pb::ReserveSetRequest {
             tenant_id: self.identity.tenant_id.clone(),
@@ -351,7 +374,13 @@ impl Decider {
             Ok(response) => response.into_inner(),
             Err(status) => {
                 let error = ledger_error(&status);
-                return self.unavailable(input, planned.max_output_tokens, error);
+                let fail_open = FailOpenContext {
+                    epoch,
+                    budget_ids,
+                    run_budget: run_budget_limit,
+                    worst_case_nano_usd: planned.reserve.get(),
+                };
+                return self.unavailable(input, planned.max_output_tokens, error, fail_open);
             }
         };
         let replayed = response.replayed;
@@ -476,20 +505,25 @@ impl Decider {
     }
 
     /// The ledger could not answer: fail closed, unless the contract is explicitly fail-open and
-    /// the ledger is merely unreachable (never for fencing or configuration errors).
+    /// the ledger is merely unreachable (never for fencing or configuration errors), and the
+    /// decision's evidence record could be queued (a full queue fails closed).
     fn unavailable(
         &self,
         input: &DecideInput,
         max_output_tokens: u32,
         error: SidecarError,
+        context: FailOpenContext,
     ) -> Result<Decision, SidecarError> {
         let open = self.bundle.contract.fail_policy == FailPolicy::Open
             && matches!(error, SidecarError::DependencyUnavailable(_));
         if !open {
             return Err(error);
         }
+        let request = self.fail_open_request(input, &context);
+        self.fail_open
+            .admit(request, context.worst_case_nano_usd, context.run_budget)?;
         warn!(call_id = %input.call_id, model = %input.model, error = %error,
-              "ledger unavailable; fail-open contract lets the call through (evidence marked fail_open)");
+              "ledger unavailable; fail-open contract lets the call through (record queued for the ledger)");
         let mut decision = self.decision(
             input,
             Verdict::Continue,
@@ -499,6 +533,93 @@ impl Decider {
         decision.fail_open = true;
         decision.max_output_tokens = Some(max_output_tokens);
         Ok(decision)
+    }
+
+    /// The evidence of a fail-open decision, as RecordFailOpen will send it (the actual cost is
+    /// attached at settlement).
+    fn fail_open_request(
+        &self,
+        input: &DecideInput,
+        context: &FailOpenContext,
+    ) -> pb::RecordFailOpenRequest {
+        let decided_at_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        pb::RecordFailOpenRequest {
+            tenant_id: self.identity.tenant_id.clone(),
+            call_id: input.call_id.clone(),
+            budget_ids: context.budget_ids.clone(),
+            actual_nano_usd: 0,
+            fencing: Some(self.fencing(context.epoch)),
+            pricing: Some(pb::PricingRef {
+                version: self.bundle.pricing.version().to_owned(),
+                sha256_hex: self.bundle.pricing.sha256_hex().to_owned(),
+            }),
+            contract_sha256_hex: self.bundle.sha256_hex.clone(),
+            decided_at_unix_ms,
+            context: Some(pb::DecisionContext {
+                run_id: input.run_id.clone().unwrap_or_default(),
+                workflow_id: input.workflow_id.clone().unwrap_or_default(),
+                call_id: input.call_id.clone(),
+                provider: input.provider.as_str().to_owned(),
+                model: input.model.clone(),
+                contract_version: self.bundle.contract.version.clone(),
+            }),
+        }
+    }
+
+    /// Sends the fail-open records that are ready (settled, or past the settle deadline, or
+    /// all when `force`) to the ledger, one RecordFailOpen each. Returns how many are still
+    /// queued because the ledger did not answer (the caller backs off and calls again).
+    pub async fn record_fail_open_batch(&self, force: bool) -> usize {
+        let ready = self.fail_open.ready(force);
+        let total = ready.len();
+        for (sent, ready) in ready.into_iter().enumerate() {
+            let call_id = ready.request.call_id.clone();
+            match self.send_fail_open(ready).await {
+                Ok(()) => self.fail_open.recorded(&call_id),
+                Err(SendFailure::Unavailable(reason)) => {
+                    // The ledger is still away: stop this pass, so one pass costs at most one
+                    // RPC timeout however many records wait (shutdown stays bounded).
+                    tracing::debug!(call_id = %call_id, %reason, "fail-open records wait for the ledger");
+                    return total - sent;
+                }
+                Err(SendFailure::Refused(reason)) => {
+                    if self.fail_open.refused(&call_id) {
+                        error!(call_id = %call_id, %reason,
+                               "ledger refused a fail-open record too often; dropped: its evidence and spend are missing from the ledger");
+                    } else {
+                        warn!(call_id = %call_id, %reason, "ledger refused a fail-open record; will retry");
+                    }
+                }
+            }
+        }
+        0
+    }
+
+    async fn send_fail_open(&self, ready: crate::fail_open::Ready) -> Result<(), SendFailure> {
+        let classify = |e: SidecarError| match e {
+            SidecarError::DependencyUnavailable(m) => SendFailure::Unavailable(m),
+            other => SendFailure::Refused(other.to_string()),
+        };
+        if let Some((budget_id, limit)) = &ready.run_budget {
+            let limit = NanoUsd::new(*limit).map_err(|e| SendFailure::Refused(e.to_string()))?;
+            self.ensure_run_budget(budget_id, limit)
+                .await
+                .map_err(classify)?;
+        }
+        let response = self
+            .ledger
+            .clone()
+            .record_fail_open(ready.request)
+            .await
+            .map_err(|status| classify(ledger_error(&status)))?
+            .into_inner();
+        if response.epoch_stale {
+            warn!(record_id = %response.record_id, epoch_current = response.epoch_current,
+                  "fail-open record carries an epoch the lease has since moved past");
+        }
+        Ok(())
     }
 
     fn decision(
@@ -569,8 +690,9 @@ impl Decider {
             warn!(
                 call_id,
                 actual_nano_usd = actual.get(),
-                "fail-open call settled without a reservation (evidence marked fail_open)"
+                "fail-open call settled without a reservation; its cost goes to the ledger with its record"
             );
+            self.fail_open.settle(call_id, actual.get());
             let committed = Committed {
                 actual_nano_usd: actual.get(),
                 committed_nano_usd: 0,
@@ -631,6 +753,8 @@ impl Decider {
             None => {}
         }
         if decision.fail_open {
+            // Nothing was spent (or the caller says so): the record still goes to the ledger.
+            self.fail_open.settle(call_id, 0);
             let released = Released {
                 released_nano_usd: 0,
                 replayed: false,
@@ -709,8 +833,16 @@ impl Decider {
         fingerprint: &Fingerprint,
         spend: Spend,
     ) -> Result<NanoUsd, SidecarError> {
-        let reserved = NanoUsd::new(decision.reserved_nano_usd)
-            .map_err(|e| SidecarError::Internal(e.to_string()))?;
+        // What cannot undercount when the usage is unknown: the reservation, or for a fail-open
+        // call (which reserved nothing) the worst case it was admitted with.
+        let floor = if decision.fail_open {
+            self.fail_open
+                .worst_case(&decision.call_id)
+                .unwrap_or(decision.reserved_nano_usd)
+        } else {
+            decision.reserved_nano_usd
+        };
+        let reserved = NanoUsd::new(floor).map_err(|e| SidecarError::Internal(e.to_string()))?;
         let usage = match spend {
             Spend::Usage(usage) => usage,
             Spend::Unreported => return Ok(reserved),
@@ -758,6 +890,14 @@ impl Decider {
     pub fn reservation_ttl(&self) -> Duration {
         self.reservation_ttl
     }
+}
+
+/// What a fail-open decision's record needs from the decision in progress.
+struct FailOpenContext {
+    epoch: u64,
+    budget_ids: Vec<String>,
+    run_budget: Option<(String, i64)>,
+    worst_case_nano_usd: i64,
 }
 
 impl From<Settlement> for Committed {

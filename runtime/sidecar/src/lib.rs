@@ -18,12 +18,14 @@ pub mod api;
 pub mod bundle;
 pub mod decider;
 pub mod error;
+pub mod fail_open;
 pub mod lease;
 pub mod metrics;
 pub mod proxy;
 
 use crate::decider::{Decider, Identity};
 use crate::error::SidecarError;
+use crate::fail_open::FailOpenQueue;
 use crate::lease::{Lease, LeaseConfig, LeaseKeeper, LeaseState};
 use crate::metrics::Metrics;
 use crate::proxy::upstream::{Upstream, UpstreamConfig};
@@ -37,7 +39,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 /// `spendguard sidecar` settings.
 #[derive(Debug, Clone, clap::Args)]
@@ -126,6 +128,20 @@ pub struct SidecarTuning {
     /// How long shutdown waits for in-flight calls and their settlements.
     #[arg(long, env = "SPENDGUARD_SHUTDOWN_GRACE_MS", default_value_t = 30_000)]
     pub shutdown_grace_ms: u64,
+    /// Fail-open records kept in memory until the ledger records them (S22). When full, new
+    /// fail-open decisions fail closed (503 DEPENDENCY_UNAVAILABLE). In memory only: a crash
+    /// while the ledger is down loses the queued records.
+    #[arg(
+        long,
+        env = "SPENDGUARD_FAIL_OPEN_QUEUE_RECORDS",
+        default_value_t = fail_open::FAIL_OPEN_QUEUE_RECORDS_DEFAULT,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000)
+    )]
+    pub fail_open_queue_records: usize,
+    /// On shutdown, how long to keep sending queued fail-open records after in-flight calls
+    /// settled; what is left is logged at ERROR and lost.
+    #[arg(long, env = "SPENDGUARD_FAIL_OPEN_DRAIN_MS", default_value_t = 10_000)]
+    pub fail_open_drain_ms: u64,
 }
 
 /// A running sidecar.
@@ -143,6 +159,8 @@ pub struct RunningSidecar {
     lease_task: JoinHandle<()>,
     settlements: TaskTracker,
     grace: Duration,
+    fail_open_task: JoinHandle<()>,
+    fail_open_drain: Duration,
 }
 
 impl RunningSidecar {
@@ -173,6 +191,15 @@ impl RunningSidecar {
                 "shutdown grace elapsed with calls in flight; the ledger's TTL sweep releases them"
             );
         }
+        // The loop stops at its next wait; a pass in progress ends within one RPC timeout.
+        let mut fail_open_task = self.fail_open_task;
+        if tokio::time::timeout(self.fail_open_drain, &mut fail_open_task)
+            .await
+            .is_err()
+        {
+            fail_open_task.abort();
+        }
+        drain_fail_open(&self.decider, self.fail_open_drain).await;
     }
 }
 
@@ -219,12 +246,20 @@ pub async fn start(
     let lease_task = tokio::spawn(keeper.run(wait_true(stopped.clone())));
 
     let reservation_ttl = Duration::from_millis(tuning.reservation_ttl_ms);
+    // A fail-open call settles within the reservation TTL like any other; past it, its record is
+    // sent at its worst case.
+    let fail_open = Arc::new(FailOpenQueue::new(
+        tuning.fail_open_queue_records,
+        reservation_ttl,
+    ));
+    fail_open.register(registry);
     let decider = Arc::new(Decider::new(
         ledger,
         lease.clone(),
         Arc::new(loaded.bundle),
         identity,
         reservation_ttl,
+        fail_open,
     ));
     let metrics = Metrics::register(registry);
     let upstream = Upstream::new(UpstreamConfig {
@@ -276,6 +311,7 @@ pub async fn start(
             warn!(error = %e, "grpc server failed");
         }
     });
+    let fail_open_task = tokio::spawn(record_fail_open_loop(decider.clone(), stopped.clone()));
     let forget = {
         let decider = decider.clone();
         let mut stopped = stopped;
@@ -303,7 +339,68 @@ pub async fn start(
         lease_task,
         settlements,
         grace: Duration::from_millis(tuning.shutdown_grace_ms),
+        fail_open_task,
+        fail_open_drain: Duration::from_millis(tuning.fail_open_drain_ms),
     })
+}
+
+/// Sends fail-open records to the ledger until `stopped`: at once when a settlement makes one
+/// ready, every second for records past their settle deadline, and with a capped exponential
+/// backoff while the ledger does not answer.
+async fn record_fail_open_loop(decider: Arc<Decider>, mut stopped: watch::Receiver<bool>) {
+    let queue_poll = Duration::from_secs(1);
+    let mut backoff = Duration::ZERO;
+    loop {
+        let wait = if backoff.is_zero() {
+            queue_poll
+        } else {
+            backoff
+        };
+        tokio::select! {
+            _ = stopped.wait_for(|s| *s) => return,
+            () = decider.fail_open_queue().notified(), if backoff.is_zero() => {}
+            () = tokio::time::sleep(wait) => {}
+        }
+        let waiting = decider.record_fail_open_batch(false).await;
+        backoff = if waiting == 0 {
+            Duration::ZERO
+        } else {
+            fail_open::next_backoff(backoff)
+        };
+    }
+}
+
+/// Shutdown: sends every queued fail-open record (unsettled ones at their worst case) until the
+/// queue is empty or `deadline` passes, then logs at ERROR each record that could not be sent.
+async fn drain_fail_open(decider: &Decider, deadline: Duration) {
+    let queue = decider.fail_open_queue();
+    if queue.is_empty() {
+        return;
+    }
+    let drained = tokio::time::timeout(deadline, async {
+        let mut backoff = Duration::ZERO;
+        while !queue.is_empty() {
+            if decider.record_fail_open_batch(true).await > 0 {
+                backoff = fail_open::next_backoff(backoff);
+                tokio::time::sleep(backoff).await;
+            }
+        }
+    })
+    .await;
+    if drained.is_ok() {
+        info!("every fail-open record was recorded in the ledger before shutdown");
+        return;
+    }
+    let lost = queue.abandon();
+    for record in &lost {
+        error!(call_id = %record.call_id, tenant_id = %record.tenant_id,
+               actual_nano_usd = record.actual_nano_usd, budget_ids = ?record.budget_ids,
+               "fail-open record NOT recorded in the ledger before shutdown: its evidence and spend are lost");
+    }
+    error!(
+        lost = lost.len(),
+        "shutdown deadline passed with fail-open records unrecorded; reconcile them from these logs"
+    );
 }
 
 async fn wait_true(mut receiver: watch::Receiver<bool>) {

@@ -271,3 +271,183 @@ async fn an_approval_the_ledger_cannot_record_fails_closed_even_under_fail_open(
         .await
         .unwrap();
 }
+
+/// Each recorded call id with its `decision.fail_open` event count, and the sum of their costs.
+async fn fail_open_events(stack: &Stack) -> (Vec<(String, i64)>, i64) {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT (convert_from(canonical_event, 'UTF8')::jsonb) #>> '{data,call_id}', count(*)
+           FROM audit_outbox WHERE event_type = 'decision.fail_open' GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(stack.ledger.store().pool())
+    .await
+    .unwrap();
+    let total: Option<i64> = sqlx::query_scalar(
+        "SELECT sum(((convert_from(canonical_event, 'UTF8')::jsonb) #>> '{data,actual_nano_usd}')::bigint)::bigint
+           FROM audit_outbox WHERE event_type = 'decision.fail_open'",
+    )
+    .fetch_one(stack.ledger.store().pool())
+    .await
+    .unwrap();
+    (rows, total.unwrap_or(0))
+}
+
+#[tokio::test]
+async fn fail_open_calls_reach_the_evidence_chain_and_the_budget_once_the_ledger_returns() {
+    // Goal: a call let through fail-open is not lost: once the ledger answers again, each one
+    // has exactly one `decision.fail_open` event and its cost shows in the budget as overrun.
+    // Method: fail-open contract, stop the ledger, make three proxied calls (CONTINUE, 200),
+    // restart the ledger on the same database and wait for the sidecar's drain task.
+    let mut stack = Stack::start(Options {
+        contract: json!({"fail_policy": "open"}),
+        ..Options::default()
+    })
+    .await;
+    let chat = stack.url("/v1/chat/completions");
+    let database_url = stack.ledger.database_url.clone();
+    stack.ledger.stop().await;
+    let mut call_ids = Vec::new();
+    for _ in 0..3 {
+        let reply = post_json(&chat, &[OPENAI_KEY], &chat_body("gpt-4o-mini", false)).await;
+        assert_eq!(
+            reply.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        call_ids.push(reply.header("x-spendguard-call-id").unwrap().to_owned());
+    }
+    assert_eq!(stack.upstream_requests().len(), 3);
+    assert_eq!(stack.sidecar().decider.fail_open_queue().len(), 3);
+
+    stack.ledger = TestLedger::start_at(&database_url, "ledger-0", stack.ledger_addr)
+        .await
+        .unwrap();
+    for _ in 0..400 {
+        if stack.sidecar().decider.fail_open_queue().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        stack.sidecar().decider.fail_open_queue().is_empty(),
+        "the drain task records every fail-open call once the ledger answers"
+    );
+    let (events, total) = fail_open_events(&stack).await;
+    call_ids.sort();
+    let expected: Vec<(String, i64)> = call_ids.iter().map(|c| (c.clone(), 1)).collect();
+    assert_eq!(events, expected, "one decision.fail_open per call");
+    // Each call reported 9 input + 16 output tokens: 10_950 nano-USD.
+    assert_eq!(total, 3 * 10_950);
+    let balance = stack.balance().await;
+    assert_eq!(balance.overrun_nano_usd, 3 * 10_950);
+    assert_eq!(balance.reserved_nano_usd, 0);
+    assert_eq!(balance.committed_nano_usd, 0);
+    spendguard_testkit::invariants::check(stack.ledger.store().pool())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_full_fail_open_queue_fails_the_next_call_closed() {
+    // Goal: fail-open is only allowed while its evidence can be kept. Method: a queue of one
+    // record; with the ledger down the first call goes through and fills it, the second gets
+    // 503 DEPENDENCY_UNAVAILABLE and never reaches the provider; once the ledger is back the
+    // queued record is recorded and calls go through again.
+    let mut stack = Stack::start(Options {
+        contract: json!({"fail_policy": "open"}),
+        flags: vec!["--fail-open-queue-records=1".into()],
+        ..Options::default()
+    })
+    .await;
+    let chat = stack.url("/v1/chat/completions");
+    let database_url = stack.ledger.database_url.clone();
+    stack.ledger.stop().await;
+    let first = post_json(&chat, &[OPENAI_KEY], &chat_body("gpt-4o-mini", false)).await;
+    assert_eq!(first.status, 200);
+    let refused = post_json(&chat, &[OPENAI_KEY], &chat_body("gpt-4o-mini", false)).await;
+    assert_eq!(
+        refused.status,
+        503,
+        "{}",
+        String::from_utf8_lossy(&refused.body)
+    );
+    assert_eq!(refused.json()["error"]["code"], "DEPENDENCY_UNAVAILABLE");
+    assert_eq!(
+        stack.upstream_requests().len(),
+        1,
+        "the refused call never left"
+    );
+
+    stack.ledger = TestLedger::start_at(&database_url, "ledger-0", stack.ledger_addr)
+        .await
+        .unwrap();
+    for _ in 0..400 {
+        if stack.sidecar().decider.fail_open_queue().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (events, total) = fail_open_events(&stack).await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(total, 10_950);
+    assert_eq!(stack.balance().await.overrun_nano_usd, 10_950);
+}
+
+#[tokio::test]
+async fn shutdown_sends_queued_fail_open_records_within_its_deadline() {
+    // Goal: on SIGTERM the queued records are sent if the ledger answers, and shutdown does not
+    // hang on a ledger that stays away: past the deadline the records are given up (logged at
+    // ERROR). Method: two sidecar lifetimes on one database. First, one fail-open call with the
+    // ledger down, then stop the sidecar with the ledger still down: shutdown ends within the
+    // drain deadline and the queue is empty (abandoned). Second, one fail-open call, restart the
+    // ledger and stop the sidecar at once: the record is in the outbox exactly once.
+    let mut stack = Stack::start(Options {
+        contract: json!({"fail_policy": "open"}),
+        flags: vec!["--fail-open-drain-ms=1000".into()],
+        ..Options::default()
+    })
+    .await;
+    let database_url = stack.ledger.database_url.clone();
+    stack.ledger.stop().await;
+    let lost = post_json(
+        &stack.url("/v1/chat/completions"),
+        &[OPENAI_KEY],
+        &chat_body("gpt-4o-mini", false),
+    )
+    .await;
+    assert_eq!(lost.status, 200);
+    let decider = stack.sidecar().decider.clone();
+    assert_eq!(decider.fail_open_queue().len(), 1);
+    let started = tokio::time::Instant::now();
+    stack.stop_sidecar().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "shutdown is bounded by the drain deadline"
+    );
+    assert!(
+        decider.fail_open_queue().is_empty(),
+        "unsent records are given up"
+    );
+
+    stack.ledger = TestLedger::start_at(&database_url, "ledger-0", stack.ledger_addr)
+        .await
+        .unwrap();
+    stack.start_sidecar().await;
+    stack.ledger.stop().await;
+    let kept = post_json(
+        &stack.url("/v1/chat/completions"),
+        &[OPENAI_KEY],
+        &chat_body("gpt-4o-mini", false),
+    )
+    .await;
+    assert_eq!(kept.status, 200);
+    let kept_call_id = kept.header("x-spendguard-call-id").unwrap().to_owned();
+    stack.ledger = TestLedger::start_at(&database_url, "ledger-0", stack.ledger_addr)
+        .await
+        .unwrap();
+    stack.stop_sidecar().await;
+    let (events, total) = fail_open_events(&stack).await;
+    assert_eq!(events, vec![(kept_call_id, 1)]);
+    assert_eq!(total, 10_950);
+    assert_eq!(stack.balance().await.overrun_nano_usd, 10_950);
+}

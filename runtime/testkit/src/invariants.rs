@@ -5,7 +5,8 @@ use sqlx::{PgPool, Row};
 
 /// Asserts: journal sums equal window balances; window reserved equals the open reservations'
 /// amounts; no window overspent; every resolved reservation has exactly one resolution entry per
-/// budget; producer sequences are contiguous from 1 with the counter just past the last.
+/// budget; every fail-open record has one overrun entry of its cost per budget; producer
+/// sequences are contiguous from 1 with the counter just past the last.
 ///
 /// # Errors
 /// A description of the first broken invariant.
@@ -63,6 +64,24 @@ pub async fn check(pool: &PgPool) -> Result<()> {
     ensure!(
         resolution_counts == 0,
         "{resolution_counts} reservations with wrong reserve/resolution entries"
+    );
+
+    // A fail-open record (S22) carries its cost as exactly one overrun entry per budget (none
+    // when the cost is 0), each of the recorded amount, and nothing else.
+    let fail_open_mismatch: Vec<String> = sqlx::query_scalar(
+        "SELECT f.call_id FROM fail_open_records f
+          WHERE (SELECT count(*) FROM ledger_entries e WHERE e.reservation_id = f.record_id)
+                <> CASE WHEN f.actual_nano_usd = 0 THEN 0 ELSE cardinality(f.budget_ids) END
+             OR EXISTS (SELECT 1 FROM ledger_entries e
+                         WHERE e.reservation_id = f.record_id
+                           AND (e.kind <> 'overrun' OR e.overrun_delta <> f.actual_nano_usd
+                                OR e.budget_id <> ALL (f.budget_ids)))",
+    )
+    .fetch_all(pool)
+    .await?;
+    ensure!(
+        fail_open_mismatch.is_empty(),
+        "fail-open records with wrong journal entries: {fail_open_mismatch:?}"
     );
 
     let rows = sqlx::query(
