@@ -54,6 +54,9 @@ pub struct Expected {
     /// Reservation ids the plan took as new: a denial writes nothing, so the guard must see that
     /// no reservation holds the id (else the request is a replay the load path answers).
     pub absent_reservations: Vec<Uuid>,
+    /// Reservation ids the plan took as open: another replica may have settled one (and the
+    /// windows may have come back to the same values), so the guard checks they still are.
+    pub open_reservations: Vec<Uuid>,
 }
 
 impl HotCache {
@@ -194,6 +197,7 @@ impl HotCache {
                 .insert(window.budget.clone(), budget.clone());
         }
         snapshot.reservations.insert(row.id, row.clone());
+        expected.open_reservations.push(row.id);
         Some(())
     }
 

@@ -387,6 +387,7 @@ impl Store {
                 .bind(query)
                 .bind(CLOCK_TOLERANCE.num_milliseconds() as f64)
                 .bind(&expected.absent_reservations)
+                .bind(&expected.open_reservations)
                 .fetch_one(&self.cached_path)
                 .await
                 .map_err(|e| match &e {
@@ -1430,6 +1431,9 @@ static CACHED_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
             AND (SELECT count(*) FROM resolutions) = cardinality($3::uuid[])
             AND (SELECT count(*) FROM allocated) = 1
             AND NOT EXISTS (SELECT 1 FROM reservations WHERE reservation_id = ANY($50::uuid[]))
+            AND (SELECT count(*) FROM reservations
+                  WHERE reservation_id = ANY($51::uuid[]) AND state = 'reserved')
+                = cardinality(ARRAY(SELECT DISTINCT unnest($51::uuid[])))
             AND abs(extract(epoch FROM now() - $2::timestamptz)) * 1000 < $49)",
         include_str!("store/fast_guard.sql"),
         include_str!("store/write_effects.sql")
