@@ -584,6 +584,9 @@ impl Decider {
                     tracing::debug!(call_id = %call_id, %reason, "fail-open records wait for the ledger");
                     return total - sent;
                 }
+                Err(SendFailure::Retry(reason)) => {
+                    warn!(call_id = %call_id, %reason, "ledger could not record a fail-open record yet; will retry");
+                }
                 Err(SendFailure::Refused(reason)) => {
                     if self.fail_open.refused(&call_id) {
                         error!(call_id = %call_id, %reason,
@@ -600,7 +603,8 @@ impl Decider {
     async fn send_fail_open(&self, ready: crate::fail_open::Ready) -> Result<(), SendFailure> {
         let classify = |e: SidecarError| match e {
             SidecarError::DependencyUnavailable(m) => SendFailure::Unavailable(m),
-            other => SendFailure::Refused(other.to_string()),
+            SidecarError::IdempotencyConflict(m) => SendFailure::Refused(m),
+            other => SendFailure::Retry(other.to_string()),
         };
         if let Some((budget_id, limit)) = &ready.run_budget {
             let limit = NanoUsd::new(*limit).map_err(|e| SendFailure::Refused(e.to_string()))?;
@@ -613,7 +617,7 @@ impl Decider {
             .clone()
             .record_fail_open(ready.request)
             .await
-            .map_err(|status| classify(ledger_error(&status)))?
+            .map_err(|status| fail_open_failure(&status))?
             .into_inner();
         if response.epoch_stale {
             warn!(record_id = %response.record_id, epoch_current = response.epoch_current,
@@ -983,6 +987,22 @@ fn ledger_error(status: &tonic::Status) -> SidecarError {
     }
 }
 
+/// Classifies a failed RecordFailOpen. Only an answer that can never change (a malformed
+/// record, or its call id bound to other fields) is a refusal; anything else keeps the record,
+/// because dropping it loses the call's spend and its evidence.
+fn fail_open_failure(status: &tonic::Status) -> SendFailure {
+    use pb::ErrorCode as C;
+    let message = status.message().to_owned();
+    match error_code(status) {
+        None | Some(C::Overloaded | C::DependencyUnavailable | C::ShuttingDown) => {
+            SendFailure::Unavailable(format!("{:?}: {message}", status.code()))
+        }
+        Some(C::IdempotencyConflict) => SendFailure::Refused(message),
+        Some(_) if status.code() == tonic::Code::InvalidArgument => SendFailure::Refused(message),
+        Some(_) => SendFailure::Retry(message),
+    }
+}
+
 /// Maps a failed ledger RPC of a settlement.
 fn settle_error(call_id: &str, status: &tonic::Status) -> SidecarError {
     use pb::ErrorCode as C;
@@ -1000,4 +1020,64 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spendguard_core::LedgerError;
+    use spendguard_ledger::error::Error as LedgerServiceError;
+    use spendguard_ledger::grpc::status;
+
+    fn failure(error: LedgerServiceError) -> SendFailure {
+        fail_open_failure(&status(&error))
+    }
+
+    #[test]
+    fn only_answers_that_cannot_change_drop_a_fail_open_record() {
+        // Transport failures and an overloaded or unreachable database: wait for the ledger.
+        assert!(matches!(
+            fail_open_failure(&tonic::Status::unavailable("connection refused")),
+            SendFailure::Unavailable(_)
+        ));
+        assert!(matches!(
+            failure(LedgerServiceError::Overloaded),
+            SendFailure::Unavailable(_)
+        ));
+        assert!(matches!(
+            failure(LedgerServiceError::Database("down".into())),
+            SendFailure::Unavailable(_)
+        ));
+        // The ledger answered, but the answer can pass: keep the record, without a limit.
+        assert!(matches!(
+            failure(LedgerServiceError::ProducerInstanceConflict(
+                "ledger-0".into()
+            )),
+            SendFailure::Retry(_)
+        ));
+        assert!(matches!(
+            failure(LedgerServiceError::Invariant("x".into())),
+            SendFailure::Retry(_)
+        ));
+        assert!(matches!(
+            failure(LedgerServiceError::Refused(LedgerError::TenantNotFound(
+                "t".into()
+            ))),
+            SendFailure::Retry(_)
+        ));
+        // Only a record that can never be recorded counts towards dropping it.
+        assert!(matches!(
+            failure(LedgerServiceError::Refused(
+                LedgerError::IdempotencyConflict("call-1".into())
+            )),
+            SendFailure::Refused(_)
+        ));
+        assert!(matches!(
+            failure(LedgerServiceError::Refused(LedgerError::InvalidArgument {
+                field: "call_id",
+                reason: "empty".into(),
+            })),
+            SendFailure::Refused(_)
+        ));
+    }
 }

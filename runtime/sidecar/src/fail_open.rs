@@ -53,7 +53,13 @@ pub const DRAIN_BACKOFF_MIN: Duration = Duration::from_millis(100);
 pub enum SendFailure {
     /// The ledger did not answer (or was overloaded): keep the record and retry.
     Unavailable(String),
-    /// The ledger refused the record: counts against [`RECORD_ATTEMPTS_MAX`].
+    /// The ledger answered with an error that can pass (its producer id being re-claimed after
+    /// an outage, a pricing version or budget not registered yet, an internal error): keep the
+    /// record, with no attempt limit, and go on with the next one. The queue's bound, not a
+    /// count, limits how long: a full queue fails new fail-open calls closed.
+    Retry(String),
+    /// The ledger refused the record for good (malformed, or the call id names other fields):
+    /// counts against [`RECORD_ATTEMPTS_MAX`].
     Refused(String),
 }
 
