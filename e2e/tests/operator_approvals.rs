@@ -369,6 +369,41 @@ async fn requests_the_ledger_does_not_hold_for_their_tenant_are_refused() {
             .await;
         assert!(ready.contains("APPROVAL_NOT_FOUND"), "{name}: {ready}");
     }
+    // A request showing a misleading spec under the real approval's id: an approver's decision
+    // on it is not forwarded, and the ledger's approval stays pending.
+    plane.admin(
+        &["apply", "-f", "-"],
+        Some(&hand_made("hand-forged", TENANT, &known.approval_id)),
+    );
+    plane.admin(
+        &[
+            "patch",
+            "approvalrequest",
+            "hand-forged",
+            "-n",
+            NAMESPACE,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"phase":"Approved","decidedBy":"approver"}}"#,
+        ],
+        None,
+    );
+    let forged = plane
+        .poll(
+            &[
+                "get",
+                "approvalrequest",
+                "hand-forged",
+                "-n",
+                NAMESPACE,
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"Resolved\")].reason}",
+            ],
+            |t| t == "SpecMismatch",
+        )
+        .await;
+    assert_eq!(forged, "SpecMismatch");
     // The other tenant's request learned nothing about the real approval, and changed nothing.
     let resolved = plane
         .poll(

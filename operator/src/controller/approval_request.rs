@@ -403,6 +403,8 @@ pub mod reason {
     pub const LEDGER_DECIDED_OTHERWISE: &str = "LedgerDecidedOtherwise";
     /// The decision has no `decidedBy` stamped by the webhook, so it is not forwarded.
     pub const APPROVER_IDENTITY_MISSING: &str = "ApproverIdentityMissing";
+    /// The spec is not the ledger's record of that approval, so the decision is not forwarded.
+    pub const SPEC_MISMATCH: &str = "SpecMismatch";
 }
 
 fn state_name(state: pb::ApprovalState) -> &'static str {
@@ -577,6 +579,19 @@ async fn decided(
         _ => pb::ApprovalDecision::Deny,
     };
     let spec = &request.spec;
+    // The approver decided on what this object shows. Anyone who may create ApprovalRequests
+    // could show a misleading spec under a real approval id, so the decision is forwarded only
+    // if the spec is exactly the ledger's record (an unknown id is left to the ledger's answer).
+    if let Some(record) = lookup(ctx, &spec.tenant, &spec.approval_id).await?
+        && spec_from_ledger(&record)? != *spec
+    {
+        let message = format!(
+            "this ApprovalRequest's spec differs from the ledger's approval ({}), so the decision \
+             was not sent: nobody approves what they did not see",
+            describe(&record)
+        );
+        return Ok(Outcome::new(false, reason::SPEC_MISMATCH, message, true));
+    }
     let answer = ctx
         .ledger
         .clone()
