@@ -239,3 +239,102 @@ async fn replaying_a_settled_reservation_is_answered_as_a_replay() {
     }
     invariants::check(ledger.store().pool()).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_reservation_settled_behind_the_cache_fails_the_guard_though_the_window_looks_unchanged()
+{
+    // A-B-A: R is cached open. Behind the cache (as another replica would), R is released and the
+    // same amount reserved under another key, so the window holds exactly the remembered values.
+    // A cached batch that reads R as open — a commit with a stale epoch, which writes nothing for
+    // R — next to a write must be refused: the load path would answer that R is settled.
+    use spendguard_core::NanoUsd;
+    use spendguard_core::plan::{Command, Commit, Fencing, PricingRef, Release, ReserveSet};
+    use spendguard_ledger::cache::HotCache;
+    use spendguard_ledger::error::Error;
+    use spendguard_ledger::store::ProducerClaim;
+
+    let mut ledger = TestLedger::start().await.unwrap();
+    let token = ledger.tenant_with_lease(T).await.unwrap();
+    ledger.budget(T, "hot", 1_000).await.unwrap();
+    let fencing = Fencing {
+        scope_id: token.scope_id.clone(),
+        epoch: token.epoch,
+    };
+    let reserve = |key: &str, amount: i64| {
+        Command::ReserveSet(ReserveSet {
+            tenant_id: T.into(),
+            idempotency_key: key.into(),
+            budget_ids: vec!["hot".into()],
+            amount: NanoUsd::new(amount).unwrap(),
+            fencing: fencing.clone(),
+            ttl_ms: 60_000,
+            pricing: PricingRef {
+                version: "test-v1".into(),
+                sha256_hex: "ab".repeat(32),
+            },
+            context: Default::default(),
+        })
+    };
+    let store = ledger.store().clone();
+    let (producer_instance_id, claim_token): (String, uuid::Uuid) =
+        sqlx::query_as("SELECT producer_instance_id, claim_token FROM audit_producers")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    let claim = ProducerClaim {
+        producer_instance_id,
+        claim_token,
+    };
+    let mut cursor = store.producer_cursor(&claim).await.unwrap();
+    let mut cache = HotCache::default();
+
+    let r = reserve("r", 10);
+    let Command::ReserveSet(ref r_set) = r else {
+        unreachable!()
+    };
+    let r_id = r_set.reservation_id();
+    let committed = store
+        .run_batch(&mut cursor, std::slice::from_ref(&r))
+        .await
+        .unwrap();
+    let (db_now, local_before) = committed.clock.unwrap();
+    cache.observe_clock(db_now, local_before);
+    cache.absorb(committed.state);
+
+    // Behind the cache: release R, reserve 10 again. The window is back to reserved = 10.
+    store
+        .run_batch(
+            &mut cursor,
+            &[
+                Command::Release(Release {
+                    tenant_id: T.into(),
+                    reservation_id: r_id,
+                    fencing: fencing.clone(),
+                    reason: "behind the cache".into(),
+                }),
+                reserve("r2", 10),
+            ],
+        )
+        .await
+        .unwrap();
+
+    let stale = Fencing {
+        epoch: fencing.epoch + 1,
+        ..fencing.clone()
+    };
+    let commands = [
+        Command::Commit(Commit {
+            tenant_id: T.into(),
+            reservation_id: r_id,
+            actual: NanoUsd::new(5).unwrap(),
+            fencing: stale,
+        }),
+        reserve("r3", 1),
+    ];
+    let (snapshot, expected) = cache.snapshot_for(&commands).expect("every row is cached");
+    let result = store
+        .run_cached_batch(&mut cursor, snapshot, &expected, &commands)
+        .await;
+    assert!(matches!(result, Err(Error::Stale)), "{result:?}");
+    invariants::check(store.pool()).await.unwrap();
+}
