@@ -88,6 +88,18 @@ pub struct ReserveSet {
     pub context: DecisionContext,
 }
 
+/// The UUIDv5 of `(tenant_id, key)` in `namespace`: a retry finds its row by primary key, with no
+/// second index lookup, and each kind of row has a namespace of its own.
+fn keyed_id(namespace: &Uuid, tenant_id: &str, key: &str) -> Uuid {
+    Uuid::new_v5(namespace, format!("{tenant_id}\n{key}").as_bytes())
+}
+
+/// sha256 over the canonical (RFC 8785) JSON of a request: an idempotency fingerprint.
+fn canonical_sha256<T: serde::Serialize>(request: &T) -> String {
+    let bytes = serde_json_canonicalizer::to_vec(request).unwrap_or_default();
+    hex::encode(Sha256::digest(bytes))
+}
+
 /// Namespace of reservation ids (UUIDv5 over tenant and idempotency key).
 const RESERVATION_ID_NAMESPACE: Uuid = Uuid::from_u128(0x5b7e_2a4c_9d61_4f0e_8c3a_0d1e_6f2b_7a91);
 
@@ -95,14 +107,16 @@ impl ReserveSet {
     /// The reservation's id, derived from `(tenant_id, idempotency_key)`: a retry finds its
     /// reservation by primary key, with no second index lookup.
     pub fn reservation_id(&self) -> Uuid {
-        let name = format!("{}\n{}", self.tenant_id, self.idempotency_key);
-        Uuid::new_v5(&RESERVATION_ID_NAMESPACE, name.as_bytes())
+        keyed_id(
+            &RESERVATION_ID_NAMESPACE,
+            &self.tenant_id,
+            &self.idempotency_key,
+        )
     }
 
     /// sha256 over the canonical JSON of every request field: the idempotency fingerprint.
     pub fn fingerprint(&self) -> String {
-        let bytes = serde_json_canonicalizer::to_vec(self).unwrap_or_default();
-        hex::encode(Sha256::digest(bytes))
+        canonical_sha256(self)
     }
 }
 
@@ -215,14 +229,16 @@ const APPROVAL_ID_NAMESPACE: Uuid = Uuid::from_u128(0x9c41_7d2e_3b58_4a06_b1f9_6
 impl CreateApproval {
     /// The approval's id, derived from `(tenant_id, idempotency_key)`.
     pub fn approval_id(&self) -> Uuid {
-        let name = format!("{}\n{}", self.tenant_id, self.idempotency_key);
-        Uuid::new_v5(&APPROVAL_ID_NAMESPACE, name.as_bytes())
+        keyed_id(
+            &APPROVAL_ID_NAMESPACE,
+            &self.tenant_id,
+            &self.idempotency_key,
+        )
     }
 
     /// sha256 over the canonical JSON of every request field but the fencing token.
     pub fn fingerprint(&self) -> String {
-        let bytes = serde_json_canonicalizer::to_vec(self).unwrap_or_default();
-        hex::encode(Sha256::digest(bytes))
+        canonical_sha256(self)
     }
 }
 
@@ -421,14 +437,12 @@ const FAIL_OPEN_ID_NAMESPACE: Uuid = Uuid::from_u128(0x2f8d_61c4_0a7b_4e93_9d15_
 impl RecordFailOpen {
     /// The record's id, derived from `(tenant_id, call_id)`.
     pub fn record_id(&self) -> Uuid {
-        let name = format!("{}\n{}", self.tenant_id, self.call_id);
-        Uuid::new_v5(&FAIL_OPEN_ID_NAMESPACE, name.as_bytes())
+        keyed_id(&FAIL_OPEN_ID_NAMESPACE, &self.tenant_id, &self.call_id)
     }
 
     /// sha256 over the canonical JSON of every request field: the idempotency fingerprint.
     pub fn fingerprint(&self) -> String {
-        let bytes = serde_json_canonicalizer::to_vec(self).unwrap_or_default();
-        hex::encode(Sha256::digest(bytes))
+        canonical_sha256(self)
     }
 }
 
