@@ -42,6 +42,41 @@ fn reserved_id(outcome: pb::reserve_set_response::Outcome) -> String {
     }
 }
 
+/// The `hot` budget's balance.
+async fn balance(ledger: &mut TestLedger) -> pb::BudgetBalance {
+    ledger
+        .client
+        .get_balances(pb::GetBalancesRequest {
+            tenant_id: T.into(),
+            budget_ids: vec!["hot".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .balances
+        .remove(0)
+}
+
+/// Replica A reserves `a_amounts` on a `hot` budget of `limit` (so its cache holds the window),
+/// then replica B, on the same database, reserves `b_amount` behind A's back.
+async fn spent_behind_the_cache(
+    limit: i64,
+    a_amounts: &[i64],
+    b_amount: i64,
+) -> (TestLedger, TestLedger, pb::FencingToken) {
+    let mut a = TestLedger::start().await.unwrap();
+    let fencing = a.tenant_with_lease(T).await.unwrap();
+    a.budget(T, "hot", limit).await.unwrap();
+    for (i, amount) in a_amounts.iter().enumerate() {
+        reserved_id(reserve(&mut a, &format!("a-{}", i + 1), *amount, &fencing).await);
+    }
+    let mut b = TestLedger::start_on(&a.database_url, "ledger-1")
+        .await
+        .unwrap();
+    reserved_id(reserve(&mut b, "b-1", b_amount, &fencing).await);
+    (a, b, fencing)
+}
+
 #[tokio::test]
 async fn hot_reserves_and_commits_take_the_cached_path_and_stay_exact() {
     let mut ledger = TestLedger::start().await.unwrap();
@@ -67,17 +102,7 @@ async fn hot_reserves_and_commits_take_the_cached_path_and_stay_exact() {
         ledger.metrics_text()
     );
     assert_eq!(batches(&ledger, "cached_stale"), 0);
-    let balance = ledger
-        .client
-        .get_balances(pb::GetBalancesRequest {
-            tenant_id: T.into(),
-            budget_ids: vec!["hot".into()],
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .balances
-        .remove(0);
+    let balance = balance(&mut ledger).await;
     assert_eq!(
         (balance.committed_nano_usd, balance.reserved_nano_usd),
         (140, 0)
@@ -90,31 +115,17 @@ async fn spend_by_another_replica_fails_the_guard_and_the_answer_is_exact() {
     // Replica A caches the budget with room for 59; replica B takes 50 of it. A's cache still
     // says 59 fit, so a reserve of 40 planned on it would be granted: the guard must refuse the
     // cached plan and the load path must deny.
-    let mut a = TestLedger::start().await.unwrap();
-    let fencing = a.tenant_with_lease(T).await.unwrap();
-    a.budget(T, "hot", 100).await.unwrap();
-    reserved_id(reserve(&mut a, "a-1", 40, &fencing).await);
-    reserved_id(reserve(&mut a, "a-2", 1, &fencing).await);
-    let mut b = TestLedger::start_on(&a.database_url, "ledger-1")
-        .await
-        .unwrap();
-    reserved_id(reserve(&mut b, "b-1", 50, &fencing).await);
-
-    let stale_before = batches(&a, "cached_stale");
+    let (mut a, _b, fencing) = spent_behind_the_cache(100, &[40, 1], 50).await;
     match reserve(&mut a, "a-3", 40, &fencing).await {
         pb::reserve_set_response::Outcome::Denied(d) => assert_eq!(d.remaining_nano_usd, 9),
         other => panic!("A granted from a stale cache: {other:?}"),
     }
-    // The denial was answered by the load path after the guard refused the cached plan, or by
-    // the load path directly (a batch that writes nothing carries no guard).
-    assert!(batches(&a, "loaded") > 0);
     // A reserve that fits is then cached again and exact.
     reserved_id(reserve(&mut a, "a-4", 9, &fencing).await);
     match reserve(&mut a, "a-5", 1, &fencing).await {
         pb::reserve_set_response::Outcome::Denied(d) => assert_eq!(d.remaining_nano_usd, 0),
         other => panic!("A granted past the limit: {other:?}"),
     }
-    assert!(batches(&a, "cached_stale") >= stale_before);
     invariants::check(a.store().pool()).await.unwrap();
 }
 
@@ -122,31 +133,13 @@ async fn spend_by_another_replica_fails_the_guard_and_the_answer_is_exact() {
 async fn a_cached_plan_on_changed_rows_is_refused_and_run_again_on_locked_rows() {
     // B spends behind A's back; A's next reserve is planned on its cache, refused by the guard
     // (the window's money changed) and granted by the load path, exactly once.
-    let mut a = TestLedger::start().await.unwrap();
-    let fencing = a.tenant_with_lease(T).await.unwrap();
-    a.budget(T, "hot", 100).await.unwrap();
-    reserved_id(reserve(&mut a, "a-1", 10, &fencing).await);
-    reserved_id(reserve(&mut a, "a-2", 10, &fencing).await);
-    let mut b = TestLedger::start_on(&a.database_url, "ledger-1")
-        .await
-        .unwrap();
-    reserved_id(reserve(&mut b, "b-1", 5, &fencing).await);
+    let (mut a, _b, fencing) = spent_behind_the_cache(100, &[10, 10], 5).await;
     // 75 fits A's cached view (80 left) and the truth (75 left): granted, exactly once, by the
     // load path after the guard saw the changed window.
     let stale_before = batches(&a, "cached_stale");
     reserved_id(reserve(&mut a, "a-3", 75, &fencing).await);
     assert_eq!(batches(&a, "cached_stale"), stale_before + 1);
-    let balance = a
-        .client
-        .get_balances(pb::GetBalancesRequest {
-            tenant_id: T.into(),
-            budget_ids: vec!["hot".into()],
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .balances
-        .remove(0);
+    let balance = balance(&mut a).await;
     assert_eq!(balance.reserved_nano_usd, 100);
     invariants::check(a.store().pool()).await.unwrap();
 }
