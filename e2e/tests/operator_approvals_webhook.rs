@@ -14,7 +14,6 @@ use operator_support::{TENANT, ledger_record, open};
 use spendguard_operator::Context;
 use spendguard_operator::controller::approval_request::{self, Settings};
 use spendguard_operator::metrics::Metrics;
-use spendguard_operator::webhook::{self, WebhookConfig, approve, ca_bundle, inject};
 use spendguard_proto::ledger::v1 as pb;
 use spendguard_testkit::TestLedger;
 use spendguard_testkit::control_plane::{ControlPlane, User};
@@ -27,74 +26,6 @@ const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 /// The release namespace: the operator's, and (as the chart sets it) the approvals namespace.
 const NAMESPACE: &str = "spendguard-system";
 const OPERATOR: &str = "system:serviceaccount:spendguard-system:spendguard-operator";
-
-/// The approvals webhook configuration as the chart writes it, except that clientConfig is a
-/// URL (the server runs in this process) and caBundle is left for the operator to fill.
-fn configuration(port: u16) -> String {
-    format!(
-        r#"
-apiVersion: admissionregistration.k8s.io/v1
-kind: MutatingWebhookConfiguration
-metadata: {{name: spendguard-approvals}}
-webhooks:
-  - name: approve.spendguard.io
-    clientConfig: {{url: "https://127.0.0.1:{port}/approve"}}
-    rules:
-      - apiGroups: ["spendguard.io"]
-        apiVersions: ["v1alpha1"]
-        operations: ["UPDATE"]
-        resources: ["approvalrequests/status"]
-        scope: Namespaced
-    failurePolicy: Fail
-    matchPolicy: Equivalent
-    sideEffects: None
-    admissionReviewVersions: ["v1"]
-    timeoutSeconds: 10
-"#
-    )
-}
-
-/// Starts the approvals webhook as the chart's ServiceAccount; waits until it is trusted.
-async fn start_webhook(plane: &ControlPlane, port: u16) -> webhook::RunningWebhook {
-    let config = WebhookConfig {
-        addr: format!("127.0.0.1:{port}").parse().unwrap(),
-        namespace: NAMESPACE.into(),
-        sans: vec!["127.0.0.1".into()],
-        ca_secret: "spendguard-webhook-ca".into(),
-        configurations: ca_bundle::Configurations {
-            mutating: None,
-            validating: None,
-            approvals: Some("spendguard-approvals".into()),
-        },
-        inject: inject::InjectConfig {
-            image: "ghcr.io/spendguard/spendguard:0.1.0".into(),
-            ledger_url: "http://spendguard-ledger.spendguard-system.svc:7100".into(),
-            operator_namespace: NAMESPACE.into(),
-        },
-        approvals: approve::ApprovalConfig {
-            operator_username: OPERATOR.into(),
-        },
-        upkeep_interval: Duration::from_millis(200),
-    };
-    let running = webhook::start(
-        config,
-        operator_support::service_account_client(plane, NAMESPACE).await,
-    )
-    .await
-    .unwrap();
-    plane
-        .poll(
-            &[
-                "get",
-                "mutatingwebhookconfiguration/spendguard-approvals",
-                "-o",
-                "jsonpath={.webhooks[0].clientConfig.caBundle}",
-            ],
-            |bundle| !bundle.is_empty(),
-        )
-        .await;
-    running
-}
 
 async fn wait_for(plane: &ControlPlane, approval: &pb::Approval, jsonpath: &str, want: &str) {
     let name = format!("apr-{}", approval.approval_id);
@@ -144,8 +75,11 @@ async fn the_stamped_approver_is_the_one_the_ledger_records() {
         ],
         None,
     );
-    plane.admin(&["apply", "-f", "-"], Some(&configuration(port)));
-    let _webhook = start_webhook(&plane, port).await;
+    plane.admin(
+        &["apply", "-f", "-"],
+        Some(&operator_support::approvals_webhook_configuration(port)),
+    );
+    let _webhook = operator_support::start_approvals_webhook(&plane, NAMESPACE, port).await;
 
     let mut ledger = TestLedger::start().await.unwrap();
     let fencing = ledger.tenant_with_lease(TENANT).await.unwrap();

@@ -6,10 +6,9 @@
 //! run through kubectl's own plugin dispatch with the approver's, viewer's and outsider's tokens.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly on purpose.
 
+mod operator_support;
+
 use serde_json::Value;
-use spendguard_operator::webhook::{
-    self, RunningWebhook, WebhookConfig, approve, ca_bundle, inject,
-};
 use spendguard_testkit::control_plane::{ControlPlane, User, binaries_dir};
 use spendguard_testkit::free_port;
 use std::path::Path;
@@ -23,34 +22,6 @@ const OPERATOR: &str = "system:serviceaccount:spendguard-system:spendguard-opera
 const TEAM: &str = "team";
 /// ... and the chart's ClusterRole `spendguard-approver` through a RoleBinding here.
 const OPS: &str = "ops";
-const CONFIGURATION: &str = "mutatingwebhookconfiguration/spendguard-approvals";
-
-/// The approvals configuration as the chart writes it, except that clientConfig is a URL (the
-/// server runs in this process) and caBundle is left for the operator to fill.
-fn configuration(port: u16) -> String {
-    format!(
-        r#"
-apiVersion: admissionregistration.k8s.io/v1
-kind: MutatingWebhookConfiguration
-metadata: {{name: spendguard-approvals}}
-webhooks:
-  - name: approve.spendguard.io
-    clientConfig: {{url: "https://127.0.0.1:{port}/approve"}}
-    rules:
-      - apiGroups: ["spendguard.io"]
-        apiVersions: ["v1alpha1"]
-        operations: ["UPDATE"]
-        resources: ["approvalrequests/status"]
-        scope: Namespaced
-    failurePolicy: Fail
-    matchPolicy: Equivalent
-    sideEffects: None
-    admissionReviewVersions: ["v1"]
-    timeoutSeconds: 10
-    reinvocationPolicy: IfNeeded
-"#
-    )
-}
 
 /// The RBAC objects of the chart's `templates` (ServiceAccount, roles and bindings only: the
 /// Deployments and configurations are replaced by this process).
@@ -82,21 +53,6 @@ fn chart_rbac(templates: &[&str]) -> String {
         .filter(|document| kinds.iter().any(|kind| document.contains(kind)))
         .collect::<Vec<_>>()
         .join("\n---\n")
-}
-
-/// A client acting as the chart's ServiceAccount.
-async fn service_account_client(plane: &ControlPlane) -> kube::Client {
-    let kubeconfig = kube::config::Kubeconfig::read_from(plane.kubeconfig(User::Admin)).unwrap();
-    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-        .await
-        .unwrap();
-    config.auth_info.impersonate = Some(OPERATOR.into());
-    config.auth_info.impersonate_groups = Some(vec![
-        "system:serviceaccounts".into(),
-        format!("system:serviceaccounts:{OPERATOR_NAMESPACE}"),
-        "system:authenticated".into(),
-    ]);
-    kube::Client::try_from(config).unwrap()
 }
 
 /// A control plane with the CRDs, namespaces, the chart's RBAC, approvers bound in both team
@@ -160,47 +116,11 @@ fn setup(port: u16, requests: &[(&str, &str)]) -> ControlPlane {
     for (namespace, name) in requests {
         pending_request(&plane, namespace, name);
     }
-    plane.admin(&["apply", "-f", "-"], Some(&configuration(port)));
+    plane.admin(
+        &["apply", "-f", "-"],
+        Some(&operator_support::approvals_webhook_configuration(port)),
+    );
     plane
-}
-
-/// Starts the webhook as the chart's ServiceAccount and waits until the apiserver trusts it.
-async fn start_webhook(plane: &ControlPlane, port: u16) -> RunningWebhook {
-    let config = WebhookConfig {
-        addr: format!("127.0.0.1:{port}").parse().unwrap(),
-        namespace: OPERATOR_NAMESPACE.into(),
-        sans: vec!["127.0.0.1".into()],
-        ca_secret: "spendguard-webhook-ca".into(),
-        configurations: ca_bundle::Configurations {
-            mutating: None,
-            validating: None,
-            approvals: Some("spendguard-approvals".into()),
-        },
-        inject: inject::InjectConfig {
-            image: "ghcr.io/spendguard/spendguard:0.1.0".into(),
-            ledger_url: "http://spendguard-ledger.spendguard-system.svc:7100".into(),
-            operator_namespace: OPERATOR_NAMESPACE.into(),
-        },
-        approvals: approve::ApprovalConfig {
-            operator_username: OPERATOR.into(),
-        },
-        upkeep_interval: Duration::from_millis(200),
-    };
-    let running = webhook::start(config, service_account_client(plane).await)
-        .await
-        .unwrap();
-    plane
-        .poll(
-            &[
-                "get",
-                CONFIGURATION,
-                "-o",
-                "jsonpath={.webhooks[0].clientConfig.caBundle}",
-            ],
-            |bundle| !bundle.is_empty(),
-        )
-        .await;
-    running
 }
 
 /// An ApprovalRequest as the operator mirrors it: created, then status Pending.
@@ -294,7 +214,8 @@ async fn decisions_need_the_approve_verb_and_carry_the_callers_identity() {
     assert!(refused.contains("failed calling webhook"), "{refused}");
     assert_pending(&plane, TEAM, "a");
 
-    let _webhook = start_webhook(&plane, port).await;
+    let _webhook =
+        operator_support::start_approvals_webhook(&plane, OPERATOR_NAMESPACE, port).await;
 
     // The viewer may patch status (RBAC) but not approve: the webhook refuses, nothing changes.
     for phase in ["Approved", "Denied"] {
@@ -510,7 +431,8 @@ async fn the_kubectl_plugin_approves_denies_and_explains_refusals() {
     // through kubectl's plugin dispatch against the real apiserver and webhook.
     let port = free_port();
     let plane = setup(port, &[(TEAM, "p1"), (TEAM, "p2"), (TEAM, "p3")]);
-    let _webhook = start_webhook(&plane, port).await;
+    let _webhook =
+        operator_support::start_approvals_webhook(&plane, OPERATOR_NAMESPACE, port).await;
 
     let (ok, text) = plugin(&plane, User::Approver, &["list", "-n", TEAM]);
     assert!(ok, "{text}");

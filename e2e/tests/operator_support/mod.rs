@@ -1,13 +1,16 @@
-//! Shared by the operator_approvals*, operator_retention tests: the chart's RBAC and a client
-//! acting as the chart's ServiceAccount, so the controllers run with exactly the permissions
-//! the chart grants; opening and reading ledger approvals of tenant [`TENANT`].
+//! Shared by the operator_approvals*, operator_retention and webhook_approvals tests: the chart's
+//! RBAC and a client acting as the chart's ServiceAccount, so the controllers and webhooks run
+//! with exactly the permissions the chart grants; the approvals webhook started in-process;
+//! opening and reading ledger approvals of tenant [`TENANT`].
 #![allow(dead_code, reason = "each test binary uses a part of this module")]
 
+use spendguard_operator::webhook::{self, WebhookConfig, approve, ca_bundle, inject};
 use spendguard_proto::ledger::v1 as pb;
 use spendguard_testkit::TestLedger;
 use spendguard_testkit::control_plane::{ControlPlane, User, binaries_dir};
 use spendguard_testkit::ledger::test_pricing;
 use std::process::Command;
+use std::time::Duration;
 
 /// Tenant of the approvals these tests open (budget `team`).
 pub(crate) const TENANT: &str = "acme";
@@ -129,4 +132,76 @@ pub(crate) async fn ledger_record(ledger: &TestLedger, approval: &pb::Approval) 
         .into_inner()
         .approval
         .expect("approval in the answer")
+}
+
+/// The approvals webhook configuration as the chart writes it (templates/webhook.yaml), except
+/// that clientConfig is a URL (the server runs in this process) and caBundle is left for the
+/// operator to fill.
+pub(crate) fn approvals_webhook_configuration(port: u16) -> String {
+    format!(
+        r#"
+apiVersion: admissionregistration.k8s.io/v1
+kind: MutatingWebhookConfiguration
+metadata: {{name: spendguard-approvals}}
+webhooks:
+  - name: approve.spendguard.io
+    clientConfig: {{url: "https://127.0.0.1:{port}/approve"}}
+    rules:
+      - apiGroups: ["spendguard.io"]
+        apiVersions: ["v1alpha1"]
+        operations: ["UPDATE"]
+        resources: ["approvalrequests/status"]
+        scope: Namespaced
+    failurePolicy: Fail
+    matchPolicy: Equivalent
+    sideEffects: None
+    admissionReviewVersions: ["v1"]
+    timeoutSeconds: 10
+    reinvocationPolicy: IfNeeded
+"#
+    )
+}
+
+/// Starts the approvals webhook on `port` as the chart's operator ServiceAccount in `namespace`,
+/// and waits until it has patched its CA into the configuration (so the apiserver trusts it).
+pub(crate) async fn start_approvals_webhook(
+    plane: &ControlPlane,
+    namespace: &str,
+    port: u16,
+) -> webhook::RunningWebhook {
+    let config = WebhookConfig {
+        addr: format!("127.0.0.1:{port}").parse().expect("address"),
+        namespace: namespace.into(),
+        sans: vec!["127.0.0.1".into()],
+        ca_secret: "spendguard-webhook-ca".into(),
+        configurations: ca_bundle::Configurations {
+            mutating: None,
+            validating: None,
+            approvals: Some("spendguard-approvals".into()),
+        },
+        inject: inject::InjectConfig {
+            image: "ghcr.io/spendguard/spendguard:0.1.0".into(),
+            ledger_url: "http://spendguard-ledger.spendguard-system.svc:7100".into(),
+            operator_namespace: namespace.into(),
+        },
+        approvals: approve::ApprovalConfig {
+            operator_username: operator_username(namespace),
+        },
+        upkeep_interval: Duration::from_millis(200),
+    };
+    let running = webhook::start(config, service_account_client(plane, namespace).await)
+        .await
+        .expect("approvals webhook");
+    plane
+        .poll(
+            &[
+                "get",
+                "mutatingwebhookconfiguration/spendguard-approvals",
+                "-o",
+                "jsonpath={.webhooks[0].clientConfig.caBundle}",
+            ],
+            |bundle| !bundle.is_empty(),
+        )
+        .await;
+    running
 }
