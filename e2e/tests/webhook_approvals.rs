@@ -23,38 +23,6 @@ const TEAM: &str = "team";
 /// ... and the chart's ClusterRole `spendguard-approver` through a RoleBinding here.
 const OPS: &str = "ops";
 
-/// The RBAC objects of the chart's `templates` (ServiceAccount, roles and bindings only: the
-/// Deployments and configurations are replaced by this process).
-fn chart_rbac(templates: &[&str]) -> String {
-    let chart = format!("{ROOT}/charts/spendguard");
-    let mut args = vec!["template", "sg", &chart, "--namespace", OPERATOR_NAMESPACE];
-    for template in templates {
-        args.extend(["--show-only", template]);
-    }
-    let out = Command::new(binaries_dir().join("helm"))
-        .args(&args)
-        .output()
-        .expect("run helm (make control-plane builds it)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rendered = String::from_utf8(out.stdout).unwrap();
-    let kinds = [
-        "kind: ServiceAccount",
-        "kind: Role\n",
-        "kind: ClusterRole\n",
-        "kind: RoleBinding",
-        "kind: ClusterRoleBinding",
-    ];
-    rendered
-        .split("\n---")
-        .filter(|document| kinds.iter().any(|kind| document.contains(kind)))
-        .collect::<Vec<_>>()
-        .join("\n---\n")
-}
-
 /// A control plane with the CRDs, namespaces, the chart's RBAC, approvers bound in both team
 /// namespaces, a viewer in `team` who may patch status but not `approve`, and the approvals
 /// webhook configuration (no caBundle yet). `requests` are created Pending first: once the
@@ -65,11 +33,7 @@ fn setup(port: u16, requests: &[(&str, &str)]) -> ControlPlane {
     for namespace in [OPERATOR_NAMESPACE, TEAM, OPS] {
         plane.admin(&["create", "namespace", namespace], None);
     }
-    let rbac = chart_rbac(&[
-        "templates/operator.yaml",
-        "templates/webhook.yaml",
-        "templates/approvals.yaml",
-    ]);
+    let rbac = operator_support::chart_rbac(OPERATOR_NAMESPACE);
     plane.admin(&["apply", "-f", "-"], Some(&rbac));
     let example =
         std::fs::read_to_string(format!("{ROOT}/config/examples/approver-rbac.yaml")).unwrap();
