@@ -305,33 +305,8 @@ async fn deleting_a_budget_closes_its_ledger_budget_and_keeps_history() {
         .await
         .unwrap();
 
-    // Not `--wait`: kubectl runs synchronously on the test's runtime thread, which the
-    // operator task needs to run the finalizer.
-    plane.admin(
-        &[
-            "delete",
-            "budget",
-            "team-research",
-            "-n",
-            "default",
-            "--wait=false",
-        ],
-        None,
-    );
     plane
-        .poll(
-            &[
-                "get",
-                "budget",
-                "team-research",
-                "-n",
-                "default",
-                "--ignore-not-found",
-                "-o",
-                "name",
-            ],
-            str::is_empty,
-        )
+        .delete_and_wait_gone("budget", "team-research", "default")
         .await;
     // The definition's limit is 0; the current window clamps at its usage (the ledger's rule
     // for lowering a limit below usage), so nothing remains and the spend is kept.

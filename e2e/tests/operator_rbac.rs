@@ -244,31 +244,8 @@ async fn the_chart_rbac_covers_every_controller_write() {
     );
 
     // The finalizer (a patch of the Budget itself) also runs under the chart's role.
-    plane.admin(
-        &[
-            "delete",
-            "budget",
-            "team-research",
-            "-n",
-            "default",
-            "--wait=false",
-        ],
-        None,
-    );
     plane
-        .poll(
-            &[
-                "get",
-                "budget",
-                "team-research",
-                "-n",
-                "default",
-                "--ignore-not-found",
-                "-o",
-                "name",
-            ],
-            str::is_empty,
-        )
+        .delete_and_wait_gone("budget", "team-research", "default")
         .await;
     assert_eq!(
         wait_for_event(&plane, "team-research", "LedgerBudgetClosed").await,

@@ -349,6 +349,33 @@ impl ControlPlane {
         panic!("kubectl {args:?} never satisfied the condition; last output: {last}");
     }
 
+    /// Deletes `kind/name` in `namespace` (as admin) and waits until it is gone, e.g. once an
+    /// in-process operator ran its finalizer. Not `kubectl --wait`: kubectl runs synchronously
+    /// on the test's runtime thread, which the operator task needs to make progress.
+    ///
+    /// # Panics
+    /// As [`ControlPlane::poll`].
+    pub async fn delete_and_wait_gone(&self, kind: &str, name: &str, namespace: &str) {
+        self.admin(
+            &["delete", kind, name, "-n", namespace, "--wait=false"],
+            None,
+        );
+        self.poll(
+            &[
+                "get",
+                kind,
+                name,
+                "-n",
+                namespace,
+                "--ignore-not-found",
+                "-o",
+                "name",
+            ],
+            str::is_empty,
+        )
+        .await;
+    }
+
     /// A kube client acting as `user`.
     ///
     /// # Errors
