@@ -19,6 +19,10 @@
 //! one batch, which then runs again.) Window money is changed only by the journal trigger, and
 //! the schema's constraints re-check every invariant on the result.
 
+mod pipeline;
+
+pub use pipeline::Sent;
+
 use crate::cache::{CLOCK_TOLERANCE, Expected};
 use crate::error::{Error, Result};
 use chrono::{DateTime, Utc};
@@ -40,6 +44,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
+use tokio_postgres::types::{ToSql, Type as PgType};
 use uuid::Uuid;
 
 /// Embedded migrations (`migrations/` at the repository root).
@@ -55,7 +60,7 @@ const LOCK_TIMEOUT_MS: u64 = 2_000;
 pub struct Store {
     pool: PgPool,
     /// The cached path's session (see [`cached_path_options`]).
-    cached_path: PgPool,
+    cached_path: Arc<tokio::sync::Mutex<pipeline::Pipeline>>,
     /// Signs every audit event (S6); `None` only under the demo profile.
     signer: Option<Arc<ProducerSigner>>,
 }
@@ -86,8 +91,22 @@ pub struct Committed {
     pub clock: Option<(DateTime<Utc>, DateTime<Utc>)>,
 }
 
-/// SQLSTATE raised by `spendguard_require_fresh` when a cached batch found a row changed.
-const STALE_SQLSTATE: &str = "SG001";
+/// A cached batch planned and signed, not yet sent ([`Store::prepare_cached`]).
+pub struct PreparedBatch {
+    /// One result per command; they stand only if the statement commits.
+    pub outcomes: Vec<Result<Outcome, LedgerError>>,
+    /// Every row the batch read or wrote, as it leaves them.
+    pub state: Snapshot,
+    /// The producer sequence after this batch.
+    pub next_sequence: u64,
+    /// Time spent planning and signing.
+    pub plan: Duration,
+    /// What [`Store::send_cached`] sends.
+    pub statement: CachedStatement,
+}
+
+/// The cached statement's parameters, bound and signed (opaque outside this module).
+pub struct CachedStatement(CachedParams);
 
 /// This process's claim on its producer instance id.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,21 +156,21 @@ fn options(database_url: &str) -> Result<PgConnectOptions> {
     ]))
 }
 
-/// Sessions of the cached path: its one statement touches a handful of rows by key, so it is
+/// The cached path's session: its one statement touches a handful of rows by key, so it is
 /// planned once per session (a generic plan) with scans other than index lookups disabled, so
 /// that plan cannot turn into a table scan as tables grow. Saves planning the statement on
 /// every batch.
-fn cached_path_options(database_url: &str) -> Result<PgConnectOptions> {
-    let options = PgConnectOptions::from_str(database_url).map_err(Error::from)?;
-    Ok(options.application_name("spendguard-ledger").options([
-        ("statement_timeout", STATEMENT_TIMEOUT_MS.to_string()),
-        ("lock_timeout", LOCK_TIMEOUT_MS.to_string()),
-        ("plan_cache_mode", "force_generic_plan".to_owned()),
-        ("enable_seqscan", "off".to_owned()),
-        ("enable_hashjoin", "off".to_owned()),
-        ("enable_mergejoin", "off".to_owned()),
-        ("enable_bitmapscan", "off".to_owned()),
-    ]))
+fn cached_path_config(database_url: &str) -> Result<tokio_postgres::Config> {
+    let mut config = tokio_postgres::Config::from_str(database_url)
+        .map_err(|e| Error::Startup(format!("database URL: {e}")))?;
+    config
+        .application_name("spendguard-ledger")
+        .options(format!(
+            "-c statement_timeout={STATEMENT_TIMEOUT_MS} -c lock_timeout={LOCK_TIMEOUT_MS} \
+         -c plan_cache_mode=force_generic_plan -c enable_seqscan=off -c enable_hashjoin=off \
+         -c enable_mergejoin=off -c enable_bitmapscan=off"
+        ));
+    Ok(config)
 }
 
 impl Store {
@@ -166,11 +185,11 @@ impl Store {
             .connect_with(options(database_url)?)
             .await
             .map_err(Error::from)?;
-        let cached_path = PgPoolOptions::new()
-            .max_connections(1)
-            .min_connections(0)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_lazy_with(cached_path_options(database_url)?);
+        let cached_path = Arc::new(tokio::sync::Mutex::new(pipeline::Pipeline::new(
+            cached_path_config(database_url)?,
+            CACHED_BATCH.as_str(),
+            CACHED_BATCH_TYPES,
+        )));
         Ok(Self {
             pool,
             cached_path,
@@ -353,13 +372,61 @@ impl Store {
         })
     }
 
-    /// Runs hot `commands` (reserve, commit, release) planned on `snapshot`, the writer's cached
-    /// rows, as one self-validating statement: no load, no separate BEGIN and COMMIT.
+    /// Plans hot `commands` (reserve, commit, release) on `snapshot`, the writer's cached rows,
+    /// and signs their events with the sequences after `cursor`: one self-validating statement,
+    /// ready for [`Store::send_cached`]. Nothing is written yet.
     ///
     /// # Errors
-    /// [`Error::Stale`] when a row the plan read changed (or the clock estimate is off); any
-    /// other error as [`Store::run_batch`]. Either way nothing of the batch was written, except
-    /// that a connection lost after sending leaves the outcome unknown, as for any commit.
+    /// [`Error::Stale`] when the batch cannot take the cached path (it writes something other
+    /// than money, or nothing: denials and replays are answered by the load path from locked
+    /// rows); a signing error.
+    pub async fn prepare_cached(
+        &self,
+        cursor: &ProducerCursor,
+        snapshot: Snapshot,
+        expected: &Expected,
+        commands: &[Command],
+    ) -> Result<PreparedBatch> {
+        let started = Instant::now();
+        let now = snapshot.now;
+        let (outcomes, effects, state) = plan_batch_keeping_state(snapshot, commands);
+        if !effects.only_moves_money() || effects.is_empty() {
+            return Err(Error::Stale);
+        }
+        let effects = EffectParams::of(cursor, now, &effects, self.signer.as_deref()).await?;
+        let next_sequence = effects.next_sequence;
+        Ok(PreparedBatch {
+            outcomes,
+            state,
+            next_sequence,
+            plan: started.elapsed(),
+            statement: CachedStatement(CachedParams {
+                effects,
+                guard: GuardParams::of(expected),
+                clock_tolerance_ms: CLOCK_TOLERANCE.num_milliseconds() as f64,
+                absent_reservations: expected.absent_reservations.clone(),
+                open_reservations: expected.open_reservations.clone(),
+            }),
+        })
+    }
+
+    /// Sends a prepared batch on the cached path's session, behind any batch still in flight,
+    /// and returns its answer. It resolves to `Ok` once the batch committed, to [`Error::Stale`]
+    /// when a row the plan read changed (or the clock estimate is off, or an earlier batch in
+    /// flight failed), and to any other error as [`Store::run_batch`]. Only a connection lost
+    /// after sending leaves the outcome unknown, as for any commit.
+    ///
+    /// # Errors
+    /// [`Error::Database`] when the session cannot be opened.
+    pub async fn send_cached(&self, statement: CachedStatement) -> Result<Sent> {
+        self.cached_path.lock().await.send(statement.0).await
+    }
+
+    /// [`Store::prepare_cached`], sent and awaited alone.
+    ///
+    /// # Errors
+    /// As [`Store::prepare_cached`] and the answer of [`Store::send_cached`]; nothing of the
+    /// batch was written unless it returns `Ok`.
     pub async fn run_cached_batch(
         &self,
         cursor: &mut ProducerCursor,
@@ -368,47 +435,20 @@ impl Store {
         commands: &[Command],
     ) -> Result<Committed> {
         let started = Instant::now();
-        let now = snapshot.now;
-        let (outcomes, effects, state) = plan_batch_keeping_state(snapshot, commands);
-        let planned = Instant::now();
-        // A batch that writes nothing (denials, replays) has no statement to carry the guard: the
-        // load path answers it from locked rows.
-        if !effects.only_moves_money() || effects.is_empty() {
-            return Err(Error::Stale);
-        }
-        let next_sequence;
-        {
-            let params = EffectParams::of(cursor, now, &effects, self.signer.as_deref()).await?;
-            let guard = GuardParams::of(expected);
-            let query = params.bind(sqlx::query_scalar::<_, bool>(sqlx::AssertSqlSafe(
-                CACHED_BATCH.as_str(),
-            )));
-            guard
-                .bind(query)
-                .bind(CLOCK_TOLERANCE.num_milliseconds() as f64)
-                .bind(&expected.absent_reservations)
-                .bind(&expected.open_reservations)
-                .fetch_one(&self.cached_path)
-                .await
-                .map_err(|e| match &e {
-                    sqlx::Error::Database(db) if db.code().as_deref() == Some(STALE_SQLSTATE) => {
-                        Error::Stale
-                    }
-                    _ => Error::from(e),
-                })?;
-            next_sequence = params.next_sequence;
-        }
-        let written = Instant::now();
-        cursor.next_sequence = next_sequence;
+        let batch = self
+            .prepare_cached(cursor, snapshot, expected, commands)
+            .await?;
+        self.send_cached(batch.statement).await?.await?;
+        cursor.next_sequence = batch.next_sequence;
         Ok(Committed {
-            outcomes,
+            outcomes: batch.outcomes,
             timings: BatchTimings {
                 load: Duration::ZERO,
-                plan: planned - started,
-                write: written - planned,
+                plan: batch.plan,
+                write: started.elapsed().saturating_sub(batch.plan),
                 commit: Duration::ZERO,
             },
-            state,
+            state: batch.state,
             clock: None,
         })
     }
@@ -1443,15 +1483,15 @@ static CACHED_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 type ScalarQuery<'q, O> = sqlx::query::QueryScalar<'q, Postgres, O, sqlx::postgres::PgArguments>;
 
 /// The bound parameters ($1–$31) of `write_effects.sql` for one batch, with every event signed.
-struct EffectParams<'a> {
+struct EffectParams {
     now: DateTime<Utc>,
     new_reservations: serde_json::Value,
     resolved_ids: Vec<Uuid>,
     resolved_states: Vec<&'static str>,
     resolved_epochs: Vec<Option<i64>>,
     resolved_money: [Vec<i64>; 4],
-    e_tenants: Vec<&'a str>,
-    e_budgets: Vec<&'a str>,
+    e_tenants: Vec<String>,
+    e_budgets: Vec<String>,
     e_starts: Vec<DateTime<Utc>>,
     e_reservations: Vec<Option<Uuid>>,
     e_kinds: Vec<&'static str>,
@@ -1460,8 +1500,10 @@ struct EffectParams<'a> {
     claim_token: Uuid,
     first_sequence: i64,
     next_sequence: u64,
+    /// `next_sequence` as bound ($22).
+    next_sequence_param: i64,
     sequences: Vec<i64>,
-    o_tenants: Vec<&'a str>,
+    o_tenants: Vec<String>,
     o_types: Vec<&'static str>,
     o_bytes: Vec<Vec<u8>>,
     o_hashes: Vec<Vec<u8>>,
@@ -1471,11 +1513,11 @@ struct EffectParams<'a> {
     s_signatures: Vec<Option<Vec<u8>>>,
 }
 
-impl<'a> EffectParams<'a> {
+impl EffectParams {
     async fn of(
         cursor: &ProducerCursor,
         now: DateTime<Utc>,
-        effects: &'a Effects,
+        effects: &Effects,
         signer: Option<&ProducerSigner>,
     ) -> Result<Self> {
         let new_reservations: Vec<serde_json::Value> = effects
@@ -1533,8 +1575,8 @@ impl<'a> EffectParams<'a> {
         let mut e_kinds = Vec::with_capacity(n);
         let mut e_deltas: [Vec<i64>; 4] = Default::default();
         for e in &effects.entries {
-            e_tenants.push(e.window.budget.tenant_id.as_str());
-            e_budgets.push(e.window.budget.budget_id.as_str());
+            e_tenants.push(e.window.budget.tenant_id.clone());
+            e_budgets.push(e.window.budget.budget_id.clone());
             e_starts.push(e.window.start);
             e_reservations.push(e.reservation_id);
             e_kinds.push(e.kind.as_str());
@@ -1593,7 +1635,7 @@ impl<'a> EffectParams<'a> {
                 }
             }
             sequences.push(to_i64(sequence)?);
-            o_tenants.push(draft.tenant_id.as_str());
+            o_tenants.push(draft.tenant_id.clone());
             o_types.push(draft.event_type);
             o_bytes.push(event.bytes);
             o_hashes.push(event.sha256.to_vec());
@@ -1616,6 +1658,7 @@ impl<'a> EffectParams<'a> {
             claim_token: cursor.claim.claim_token,
             first_sequence: to_i64(first)?,
             next_sequence: next,
+            next_sequence_param: to_i64(next)?,
             sequences,
             o_tenants,
             o_types,
@@ -1654,7 +1697,7 @@ impl<'a> EffectParams<'a> {
             .bind(&self.producer_instance_id)
             .bind(self.claim_token)
             .bind(self.first_sequence)
-            .bind(to_i64(self.next_sequence).unwrap_or(i64::MAX))
+            .bind(self.next_sequence_param)
             .bind(&self.sequences)
             .bind(&self.o_tenants)
             .bind(&self.o_types)
@@ -1668,25 +1711,25 @@ impl<'a> EffectParams<'a> {
 }
 
 /// The guard's parameters ($32–$48): the rows a cached batch was planned on.
-struct GuardParams<'a> {
-    scope_ids: Vec<&'a str>,
-    scope_tenants: Vec<&'a str>,
-    scope_owners: Vec<&'a str>,
+struct GuardParams {
+    scope_ids: Vec<String>,
+    scope_tenants: Vec<String>,
+    scope_owners: Vec<String>,
     scope_epochs: Vec<i64>,
     scope_expiries: Vec<DateTime<Utc>>,
-    budget_tenants: Vec<&'a str>,
-    budget_ids: Vec<&'a str>,
+    budget_tenants: Vec<String>,
+    budget_ids: Vec<String>,
     budget_limits: Vec<i64>,
     budget_soft_caps: Vec<Option<i64>>,
     budget_windows: Vec<&'static str>,
-    window_tenants: Vec<&'a str>,
-    window_budgets: Vec<&'a str>,
+    window_tenants: Vec<String>,
+    window_budgets: Vec<String>,
     window_starts: Vec<DateTime<Utc>>,
     window_money: [Vec<i64>; 4],
 }
 
-impl<'a> GuardParams<'a> {
-    fn of(expected: &'a Expected) -> Self {
+impl GuardParams {
+    fn of(expected: &Expected) -> Self {
         let mut guard = Self {
             scope_ids: Vec::new(),
             scope_tenants: Vec::new(),
@@ -1704,9 +1747,9 @@ impl<'a> GuardParams<'a> {
             window_money: Default::default(),
         };
         for (scope_id, lease) in &expected.scopes {
-            guard.scope_ids.push(scope_id);
-            guard.scope_tenants.push(&lease.tenant_id);
-            guard.scope_owners.push(&lease.owner);
+            guard.scope_ids.push(scope_id.clone());
+            guard.scope_tenants.push(lease.tenant_id.clone());
+            guard.scope_owners.push(lease.owner.clone());
             // Epochs are minted by the ledger from 1 upwards; i64::MAX never matches a row.
             guard
                 .scope_epochs
@@ -1714,8 +1757,8 @@ impl<'a> GuardParams<'a> {
             guard.scope_expiries.push(lease.expires_at);
         }
         for (key, budget) in &expected.budgets {
-            guard.budget_tenants.push(&key.tenant_id);
-            guard.budget_ids.push(&key.budget_id);
+            guard.budget_tenants.push(key.tenant_id.clone());
+            guard.budget_ids.push(key.budget_id.clone());
             guard.budget_limits.push(budget.limit.get());
             guard
                 .budget_soft_caps
@@ -1723,8 +1766,8 @@ impl<'a> GuardParams<'a> {
             guard.budget_windows.push(budget.window.as_str());
         }
         for (key, row) in &expected.windows {
-            guard.window_tenants.push(&key.budget.tenant_id);
-            guard.window_budgets.push(&key.budget.budget_id);
+            guard.window_tenants.push(key.budget.tenant_id.clone());
+            guard.window_budgets.push(key.budget.budget_id.clone());
             guard.window_starts.push(key.start);
             for (column, amount) in guard.window_money.iter_mut().zip([
                 row.limit,
@@ -1737,27 +1780,134 @@ impl<'a> GuardParams<'a> {
         }
         guard
     }
+}
 
-    /// Binds $32–$48.
-    fn bind<'q, O>(&'q self, query: ScalarQuery<'q, O>) -> ScalarQuery<'q, O> {
-        let [limit, reserved, committed, overrun] = &self.window_money;
-        query
-            .bind(&self.scope_ids)
-            .bind(&self.scope_tenants)
-            .bind(&self.scope_owners)
-            .bind(&self.scope_epochs)
-            .bind(&self.scope_expiries)
-            .bind(&self.budget_tenants)
-            .bind(&self.budget_ids)
-            .bind(&self.budget_limits)
-            .bind(&self.budget_soft_caps)
-            .bind(&self.budget_windows)
-            .bind(&self.window_tenants)
-            .bind(&self.window_budgets)
-            .bind(&self.window_starts)
-            .bind(limit)
-            .bind(reserved)
-            .bind(committed)
-            .bind(overrun)
+/// Everything the cached statement binds: the batch's effects ($1–$31), the guard ($32–$48),
+/// the clock tolerance ($49) and the reservation ids planned as new ($50) and as open ($51).
+struct CachedParams {
+    effects: EffectParams,
+    guard: GuardParams,
+    clock_tolerance_ms: f64,
+    absent_reservations: Vec<Uuid>,
+    open_reservations: Vec<Uuid>,
+}
+
+/// The cached statement's parameter types, in order; the same types sqlx binds on the load
+/// path for `write_effects.sql`.
+static CACHED_BATCH_TYPES: &[PgType] = &[
+    PgType::JSONB,
+    PgType::TIMESTAMPTZ,
+    PgType::UUID_ARRAY,
+    PgType::TEXT_ARRAY,
+    PgType::INT8_ARRAY,
+    PgType::INT8_ARRAY,
+    PgType::INT8_ARRAY,
+    PgType::INT8_ARRAY,
+    PgType::INT8_ARRAY,
+    PgType::TEXT_ARRAY,
+    PgType::TEXT_ARRAY,
+    PgType::TIMESTAMPTZ_ARRAY,
+    PgType::UUID_ARRAY,
+    PgType::TEXT_ARRAY,
+    PgType::INT8_ARRAY,
+    PgType::INT8_ARRAY,
+    PgType::INT8_ARRAY,
+    PgType::INT8_ARRAY,
+    PgType::TEXT,
+    PgType::UUID,
+    PgType::INT8,
+    PgType::INT8,
+    PgType::INT8_ARRAY,
+    PgType::TEXT_ARRAY,
+    PgType::TEXT_ARRAY,
+    PgType::BYTEA_ARRAY,
+    PgType::BYTEA_ARRAY,
+    PgType::TEXT_ARRAY,
+    PgType::TEXT_ARRAY,
+    PgType::TIMESTAMPTZ_ARRAY,
+    PgType::BYTEA_ARRAY,
+    // The guard.
+    PgType::TEXT_ARRAY,
+    PgType::TEXT_ARRAY,
+    PgType::TEXT_ARRAY,
+    PgType::INT8_ARRAY,
+    PgType::TIMESTAMPTZ_ARRAY,
+    PgType::TEXT_ARRAY,
+    PgType::TEXT_ARRAY,
+    PgType::INT8_ARRAY,
+    PgType::INT8_ARRAY,
+    PgType::TEXT_ARRAY,
+    PgType::TEXT_ARRAY,
+    PgType::TEXT_ARRAY,
+    PgType::TIMESTAMPTZ_ARRAY,
+    PgType::INT8_ARRAY,
+    PgType::INT8_ARRAY,
+    PgType::INT8_ARRAY,
+    PgType::INT8_ARRAY,
+    PgType::FLOAT8,
+    PgType::UUID_ARRAY,
+    PgType::UUID_ARRAY,
+];
+
+impl pipeline::Params for CachedParams {
+    fn refs(&self) -> Vec<&(dyn ToSql + Sync)> {
+        let e = &self.effects;
+        let g = &self.guard;
+        let [r_actual, r_committed, r_released, r_overrun] = &e.resolved_money;
+        let [d_limit, d_reserved, d_committed, d_overrun] = &e.e_deltas;
+        let [w_limit, w_reserved, w_committed, w_overrun] = &g.window_money;
+        vec![
+            &e.new_reservations,
+            &e.now,
+            &e.resolved_ids,
+            &e.resolved_states,
+            &e.resolved_epochs,
+            r_actual,
+            r_committed,
+            r_released,
+            r_overrun,
+            &e.e_tenants,
+            &e.e_budgets,
+            &e.e_starts,
+            &e.e_reservations,
+            &e.e_kinds,
+            d_limit,
+            d_reserved,
+            d_committed,
+            d_overrun,
+            &e.producer_instance_id,
+            &e.claim_token,
+            &e.first_sequence,
+            &e.next_sequence_param,
+            &e.sequences,
+            &e.o_tenants,
+            &e.o_types,
+            &e.o_bytes,
+            &e.o_hashes,
+            &e.s_keys,
+            &e.s_algorithms,
+            &e.s_times,
+            &e.s_signatures,
+            &g.scope_ids,
+            &g.scope_tenants,
+            &g.scope_owners,
+            &g.scope_epochs,
+            &g.scope_expiries,
+            &g.budget_tenants,
+            &g.budget_ids,
+            &g.budget_limits,
+            &g.budget_soft_caps,
+            &g.budget_windows,
+            &g.window_tenants,
+            &g.window_budgets,
+            &g.window_starts,
+            w_limit,
+            w_reserved,
+            w_committed,
+            w_overrun,
+            &self.clock_tolerance_ms,
+            &self.absent_reservations,
+            &self.open_reservations,
+        ]
     }
 }

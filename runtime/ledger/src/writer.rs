@@ -10,8 +10,9 @@ use crate::cache::HotCache;
 use crate::error::{Error, Result};
 use crate::metrics::BatchPath;
 use crate::metrics::Metrics;
-use crate::store::{BatchTimings, Committed, ProducerClaim, ProducerCursor, Store};
+use crate::store::{BatchTimings, Committed, ProducerClaim, ProducerCursor, Sent, Store};
 use spendguard_core::plan::{Command, Outcome};
+use std::collections::VecDeque;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{Instrument, debug, error, info_span};
@@ -57,6 +58,31 @@ impl Writer {
     }
 }
 
+/// Most cached batches sent and not yet answered: the one PostgreSQL is running and the one
+/// queued behind it. More would only lengthen the queue inside PostgreSQL.
+const IN_FLIGHT_MAX: usize = 2;
+
+/// A cached batch sent on the pipeline and not yet answered.
+struct InFlight {
+    commands: Vec<Command>,
+    replies: Vec<Reply>,
+    outcomes: Vec<std::result::Result<Outcome, spendguard_core::LedgerError>>,
+    answer: Sent,
+    started: Instant,
+    sent: Instant,
+    plan: std::time::Duration,
+}
+
+/// The writer's state between batches.
+struct State {
+    store: Store,
+    claim: watch::Receiver<Option<ProducerClaim>>,
+    cursor: Option<ProducerCursor>,
+    cache: HotCache,
+    metrics: Metrics,
+    in_flight: VecDeque<InFlight>,
+}
+
 async fn run(
     store: Store,
     claim: watch::Receiver<Option<ProducerClaim>>,
@@ -64,35 +90,216 @@ async fn run(
     linger_for: std::time::Duration,
     metrics: Metrics,
 ) {
+    let mut state = State {
+        store,
+        claim,
+        cursor: None,
+        cache: HotCache::default(),
+        metrics,
+        in_flight: VecDeque::with_capacity(IN_FLIGHT_MAX),
+    };
     let mut batch = Vec::with_capacity(BATCH_COMMANDS_MAX);
-    let mut cursor: Option<ProducerCursor> = None;
-    let mut cache = HotCache::default();
     let mut previous_size = 1;
-    while receiver.recv_many(&mut batch, BATCH_COMMANDS_MAX).await > 0 {
-        linger(&mut receiver, &mut batch, previous_size, linger_for).await;
+    let mut closed = false;
+    loop {
+        if state.in_flight.len() >= IN_FLIGHT_MAX {
+            state.answer_oldest().await;
+            continue;
+        }
+        if !closed {
+            if state.in_flight.is_empty() {
+                if batch.is_empty() && receiver.recv_many(&mut batch, BATCH_COMMANDS_MAX).await == 0
+                {
+                    closed = true;
+                } else {
+                    linger(&mut receiver, &mut batch, previous_size, linger_for).await;
+                }
+            } else if batch.is_empty() {
+                // A batch is running: whatever arrives meanwhile is sent at once behind it, so
+                // PostgreSQL starts it the moment the running one commits. (Waiting for the
+                // next batch to grow as large was measured: fewer statements, but higher
+                // latency and no more throughput.)
+                let Some(oldest) = state.in_flight.front_mut() else {
+                    continue;
+                };
+                let room = BATCH_COMMANDS_MAX - batch.len();
+                let event = tokio::select! {
+                    biased;
+                    answer = &mut oldest.answer => Err(answer),
+                    received = receiver.recv_many(&mut batch, room) => Ok(received),
+                };
+                match event {
+                    Err(answer) => state.answered(answer).await,
+                    Ok(0) => closed = true,
+                    Ok(_) => {}
+                }
+                continue;
+            }
+        }
+        if batch.is_empty() {
+            if closed {
+                break;
+            }
+            continue;
+        }
         previous_size = batch.len();
         let (commands, replies): (Vec<Command>, Vec<Reply>) = batch.drain(..).unzip();
-        let current = claim.borrow().clone();
-        let size = commands.len();
+        state.start(commands, replies).await;
+    }
+    while !state.in_flight.is_empty() {
+        state.answer_oldest().await;
+    }
+    debug!("ledger writer stopped");
+}
+
+impl State {
+    /// Starts one batch: sent on the cached path if the cache can plan it (its answer is
+    /// collected later), otherwise run on the load path once nothing is in flight.
+    async fn start(&mut self, commands: Vec<Command>, replies: Vec<Reply>) {
         let started = Instant::now();
+        match self.send_cached(&commands).await {
+            Some((prepared_outcomes, plan, answer)) => {
+                self.in_flight.push_back(InFlight {
+                    commands,
+                    replies,
+                    outcomes: prepared_outcomes,
+                    answer,
+                    started,
+                    sent: Instant::now(),
+                    plan,
+                });
+            }
+            None => {
+                while !self.in_flight.is_empty() {
+                    self.answer_oldest().await;
+                }
+                self.run_loaded(commands, replies, started).await;
+            }
+        }
+    }
+
+    /// Plans `commands` on the cache (which already holds the effects of every batch in
+    /// flight) and sends them. `None` when the batch needs the load path.
+    async fn send_cached(
+        &mut self,
+        commands: &[Command],
+    ) -> Option<(
+        Vec<std::result::Result<Outcome, spendguard_core::LedgerError>>,
+        std::time::Duration,
+        Sent,
+    )> {
+        let claim = self.claim.borrow().clone()?;
+        let cursor = self.cursor.as_mut().filter(|c| c.claim == claim)?;
+        let (snapshot, expected) = self.cache.snapshot_for(commands)?;
+        let prepared = match self
+            .store
+            .prepare_cached(cursor, snapshot, &expected, commands)
+            .await
+        {
+            Ok(prepared) => prepared,
+            Err(Error::Stale) => return None,
+            Err(e) => {
+                debug!(error = %e, "cached batch not prepared; loading");
+                return None;
+            }
+        };
+        let answer = match self.store.send_cached(prepared.statement).await {
+            Ok(answer) => answer,
+            Err(e) => {
+                debug!(error = %e, "cached batch not sent; loading");
+                return None;
+            }
+        };
+        // Taken as committed until the answer says otherwise: the next batch is planned on it.
+        cursor.next_sequence = prepared.next_sequence;
+        self.cache.absorb(prepared.state);
+        Some((prepared.outcomes, prepared.plan, answer))
+    }
+
+    async fn answer_oldest(&mut self) {
+        if let Some(oldest) = self.in_flight.front_mut() {
+            let answer = (&mut oldest.answer).await;
+            self.answered(answer).await;
+        }
+    }
+
+    /// Handles the answer of the oldest batch in flight.
+    async fn answered(&mut self, answer: Result<()>) {
+        let Some(batch) = self.in_flight.pop_front() else {
+            return;
+        };
+        if answer.is_ok() {
+            self.metrics.observe_path(BatchPath::Cached);
+            self.metrics.observe_batch(
+                batch.commands.len(),
+                batch.started.elapsed(),
+                Some(BatchTimings {
+                    load: std::time::Duration::ZERO,
+                    plan: batch.plan,
+                    write: batch.sent.elapsed(),
+                    commit: std::time::Duration::ZERO,
+                }),
+            );
+            reply(
+                batch.replies,
+                batch.outcomes.into_iter().map(|o| o.map_err(Error::from)),
+            );
+            return;
+        }
+        if let Err(e) = &answer {
+            debug!(error = %e, "cached batch refused; loading");
+        }
+        // Nothing of it was written (or, if the connection broke, nobody knows), and every later
+        // batch in flight was planned on it: forget the cache and the sequence, collect the later
+        // answers (they fail on the sequence, or stand if they committed), then run every failed
+        // batch again, in order, on the load path.
+        self.cache.clear();
+        self.cursor = None;
+        let mut failed = vec![batch];
+        while let Some(mut later) = self.in_flight.pop_front() {
+            match (&mut later.answer).await {
+                Ok(()) => {
+                    self.metrics.observe_path(BatchPath::Cached);
+                    reply(
+                        later.replies,
+                        later.outcomes.into_iter().map(|o| o.map_err(Error::from)),
+                    );
+                }
+                Err(_) => failed.push(later),
+            }
+        }
+        for batch in failed {
+            self.metrics.observe_path(BatchPath::CachedStale);
+            self.run_loaded(batch.commands, batch.replies, batch.started)
+                .await;
+        }
+    }
+
+    /// Runs `commands` on the load path (nothing may be in flight).
+    async fn run_loaded(&mut self, commands: Vec<Command>, replies: Vec<Reply>, started: Instant) {
+        let current = self.claim.borrow().clone();
+        let size = commands.len();
         let span = info_span!("ledger_batch", commands = size);
-        let (results, timings) = execute(
-            &store,
+        let (results, timings) = execute_loaded(
+            &self.store,
             current.as_ref(),
-            &mut cursor,
-            &mut cache,
+            &mut self.cursor,
+            &mut self.cache,
             &commands,
-            &metrics,
+            &self.metrics,
         )
         .instrument(span)
         .await;
-        metrics.observe_batch(size, started.elapsed(), timings);
-        for (reply, result) in replies.into_iter().zip(results) {
-            // The caller may have gone away (deadline); its command is durable either way.
-            let _ = reply.send(result);
-        }
+        self.metrics.observe_batch(size, started.elapsed(), timings);
+        reply(replies, results.into_iter());
     }
-    debug!("ledger writer stopped");
+}
+
+fn reply(replies: Vec<Reply>, results: impl Iterator<Item = Result<Outcome>>) {
+    for (reply, result) in replies.into_iter().zip(results) {
+        // The caller may have gone away (deadline); its command is durable either way.
+        let _ = reply.send(result);
+    }
 }
 
 /// Under load, callers that were answered by the previous batch send their next command a moment
@@ -121,7 +328,8 @@ async fn linger(
     }
 }
 
-async fn execute(
+/// Runs `commands` on the load path: locked reads, plan, write, commit.
+async fn execute_loaded(
     store: &Store,
     claim: Option<&ProducerClaim>,
     cursor: &mut Option<ProducerCursor>,
@@ -145,31 +353,6 @@ async fn execute(
     let Some(current) = cursor.as_mut() else {
         return refuse_all(Error::Invariant("no producer cursor".into()));
     };
-    if let Some((snapshot, expected)) = cache.snapshot_for(commands) {
-        match store
-            .run_cached_batch(current, snapshot, &expected, commands)
-            .await
-        {
-            Ok(committed) => {
-                metrics.observe_path(BatchPath::Cached);
-                return finish(committed, cache);
-            }
-            Err(e) => {
-                // Nothing was written (or, if the connection broke, nobody knows): forget the
-                // cache and the sequence, and run the batch on the load path.
-                metrics.observe_path(BatchPath::CachedStale);
-                debug!(error = %e, "cached batch refused; loading");
-                cache.clear();
-                match store.producer_cursor(claim).await {
-                    Ok(fresh) => *current = fresh,
-                    Err(e) => {
-                        *cursor = None;
-                        return refuse_all(e);
-                    }
-                }
-            }
-        }
-    }
     metrics.observe_path(BatchPath::Loaded);
     match store.run_batch(current, commands).await {
         Ok(committed) => finish(committed, cache),

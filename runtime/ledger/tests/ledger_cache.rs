@@ -331,3 +331,111 @@ async fn a_reservation_settled_behind_the_cache_fails_the_guard_though_the_windo
     assert!(matches!(result, Err(Error::Stale)), "{result:?}");
     invariants::check(store.pool()).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_batch_sent_behind_a_refused_batch_is_refused_even_if_its_own_rows_are_fresh() {
+    // The writer sends batch N+1 (planned on N's effects) before N is answered. If N's guard
+    // fails, N+1 must not commit: its producer sequences follow N's, so the compare-and-set
+    // refuses it even when every row N+1 read is unchanged.
+    use spendguard_core::NanoUsd;
+    use spendguard_core::plan::{Command, Fencing, PricingRef, ReserveSet};
+    use spendguard_ledger::cache::HotCache;
+    use spendguard_ledger::error::Error;
+    use spendguard_ledger::store::ProducerClaim;
+
+    let mut ledger = TestLedger::start().await.unwrap();
+    let token = ledger.tenant_with_lease(T).await.unwrap();
+    ledger.budget(T, "a", 1_000).await.unwrap();
+    ledger.budget(T, "b", 1_000).await.unwrap();
+    let fencing = Fencing {
+        scope_id: token.scope_id.clone(),
+        epoch: token.epoch,
+    };
+    let reserve = |key: &str, budget: &str| {
+        Command::ReserveSet(ReserveSet {
+            tenant_id: T.into(),
+            idempotency_key: key.into(),
+            budget_ids: vec![budget.into()],
+            amount: NanoUsd::new(10).unwrap(),
+            fencing: fencing.clone(),
+            ttl_ms: 60_000,
+            pricing: PricingRef {
+                version: "test-v1".into(),
+                sha256_hex: "ab".repeat(32),
+            },
+            context: Default::default(),
+        })
+    };
+    let store = ledger.store().clone();
+    let (producer_instance_id, claim_token): (String, uuid::Uuid) =
+        sqlx::query_as("SELECT producer_instance_id, claim_token FROM audit_producers")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    let claim = ProducerClaim {
+        producer_instance_id,
+        claim_token,
+    };
+    let mut cursor = store.producer_cursor(&claim).await.unwrap();
+    let mut cache = HotCache::default();
+    let warm = store
+        .run_batch(
+            &mut cursor,
+            &[reserve("warm-a", "a"), reserve("warm-b", "b")],
+        )
+        .await
+        .unwrap();
+    let (db_now, local_before) = warm.clock.unwrap();
+    cache.observe_clock(db_now, local_before);
+    cache.absorb(warm.state);
+    // Behind the cache: budget a moves; b does not.
+    store
+        .run_batch(&mut cursor, &[reserve("behind", "a")])
+        .await
+        .unwrap();
+
+    // N on a (stale), then N+1 on b planned on N's effects, both sent before either is answered.
+    let n = [reserve("n", "a")];
+    let (snapshot, expected) = cache.snapshot_for(&n).unwrap();
+    let first = store
+        .prepare_cached(&cursor, snapshot, &expected, &n)
+        .await
+        .unwrap();
+    let mut speculative = cursor.clone();
+    speculative.next_sequence = first.next_sequence;
+    cache.absorb(first.state);
+    let next = [reserve("next", "b")];
+    let (snapshot, expected) = cache.snapshot_for(&next).unwrap();
+    let second = store
+        .prepare_cached(&speculative, snapshot, &expected, &next)
+        .await
+        .unwrap();
+    let first_answer = store.send_cached(first.statement).await.unwrap();
+    let second_answer = store.send_cached(second.statement).await.unwrap();
+    assert!(matches!(first_answer.await, Err(Error::Stale)));
+    assert!(matches!(second_answer.await, Err(Error::Stale)));
+    let written: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM reservations WHERE idempotency_key IN ('n', 'next')",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(written, 0);
+
+    // The same N+1, sequenced on what was really committed, passes its guard: only its place
+    // behind N refused it.
+    let mut cache = HotCache::default();
+    let reload = store
+        .run_batch(&mut cursor, &[reserve("reload-b", "b")])
+        .await
+        .unwrap();
+    let (db_now, local_before) = reload.clock.unwrap();
+    cache.observe_clock(db_now, local_before);
+    cache.absorb(reload.state);
+    let (snapshot, expected) = cache.snapshot_for(&next).unwrap();
+    store
+        .run_cached_batch(&mut cursor, snapshot, &expected, &next)
+        .await
+        .unwrap();
+    invariants::check(store.pool()).await.unwrap();
+}

@@ -1,0 +1,122 @@
+//! The cached path's own PostgreSQL session, whose statements are pipelined.
+//!
+//! Why a session of its own, outside sqlx's pool:
+//! - the pool pings a connection when it is acquired and again when it is released, so a
+//!   one-statement batch paid three round trips instead of one;
+//! - sqlx cannot send a statement before the previous one is answered. Here the writer sends
+//!   batch N+1 while batch N is still running: PostgreSQL executes a session's statements in the
+//!   order they were sent, so N+1 (planned on N's effects) starts the moment N commits, instead
+//!   of a round trip and a planning step later. If N fails, N+1's guard fails too (its producer
+//!   compare-and-set expects N's sequences), so nothing is written out of order.
+//!
+//! Each statement is sent with its own Sync, so it is its own implicit transaction.
+
+use crate::error::Error;
+use futures_util::StreamExt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, Config, NoTls, Statement};
+use tracing::warn;
+
+/// The answer to one sent statement: `Ok` once it committed.
+pub type Sent = Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>;
+
+/// Parameters that can be lent to one execution of the statement.
+pub(super) trait Params: Send + Sync + 'static {
+    /// The statement's parameters, in order.
+    fn refs(&self) -> Vec<&(dyn ToSql + Sync)>;
+}
+
+/// One statement, prepared once per session, executed by [`Pipeline::send`].
+pub(super) struct Pipeline {
+    config: Config,
+    sql: &'static str,
+    types: &'static [Type],
+    open: Option<Open>,
+}
+
+struct Open {
+    client: Arc<Client>,
+    statement: Statement,
+}
+
+/// SQLSTATE raised by `spendguard_require_fresh` when a cached batch found a row changed.
+const STALE_SQLSTATE: &str = "SG001";
+
+impl Pipeline {
+    /// A pipeline that connects with `config` on first use and prepares `sql` with `types`.
+    pub(super) fn new(config: Config, sql: &'static str, types: &'static [Type]) -> Self {
+        Self {
+            config,
+            sql,
+            types,
+            open: None,
+        }
+    }
+
+    /// Sends one execution behind any still in flight and returns its answer, to be awaited
+    /// (in sending order) later.
+    ///
+    /// # Errors
+    /// [`Error::Database`] when the session cannot be opened.
+    pub(super) async fn send<P: Params>(&mut self, params: P) -> Result<Sent, Error> {
+        let open = self.open().await?;
+        let client = Arc::clone(&open.client);
+        let statement = open.statement.clone();
+        let mut sent: Sent = Box::pin(async move {
+            let refs = params.refs();
+            let rows = client.query_raw(&statement, refs).await.map_err(classify)?;
+            let mut rows = std::pin::pin!(rows);
+            while let Some(row) = rows.next().await {
+                row.map_err(classify)?;
+            }
+            Ok(())
+        });
+        // The first poll encodes the statement and queues it on the connection; it then waits for
+        // the server. Polling here keeps sending order equal to call order.
+        let first = std::future::poll_fn(|cx| Poll::Ready(sent.as_mut().poll(cx))).await;
+        if let Poll::Ready(result) = first {
+            return Ok(Box::pin(std::future::ready(result)));
+        }
+        Ok(sent)
+    }
+
+    async fn open(&mut self) -> Result<&Open, Error> {
+        if self.open.as_ref().is_some_and(|o| o.client.is_closed()) {
+            self.open = None;
+        }
+        if self.open.is_none() {
+            let (client, connection) = self.config.connect(NoTls).await.map_err(classify)?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    warn!(error = %e, "cached-path session closed");
+                }
+            });
+            let statement = client
+                .prepare_typed(self.sql, self.types)
+                .await
+                .map_err(classify)?;
+            self.open = Some(Open {
+                client: Arc::new(client),
+                statement,
+            });
+        }
+        self.open
+            .as_ref()
+            .ok_or_else(|| Error::Invariant("cached-path session not open".into()))
+    }
+}
+
+/// Maps a driver error as `From<sqlx::Error>` does, plus the guard's own SQLSTATE.
+fn classify(error: tokio_postgres::Error) -> Error {
+    match error.code().map(tokio_postgres::error::SqlState::code) {
+        Some(STALE_SQLSTATE) => Error::Stale,
+        Some(code) if code.starts_with("23") || code == "P0001" => {
+            Error::Invariant(error.to_string())
+        }
+        _ => Error::Database(error.to_string()),
+    }
+}
