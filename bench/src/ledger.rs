@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use spendguard_proto::ledger::v1 as pb;
 use spendguard_testkit::PgCluster;
 use spendguard_testkit::ledger::{
-    LedgerClient, budget, http_get, reserve_request, tenant_with_lease,
+    LedgerClient, budget, connect, http_get, reserve_request, tenant_with_lease,
 };
 use std::time::Duration;
 use tokio::time::Instant;
@@ -47,7 +47,7 @@ async fn pair(
 pub(crate) async fn bench_ledger(
     duration: Duration,
     client_counts: &[usize],
-    paced_rate: u64,
+    (paced_rate, connections): (u64, usize),
     extra: &[String],
     hold_seconds: u64,
     spendguard_bin: &std::path::Path,
@@ -67,7 +67,12 @@ pub(crate) async fn bench_ledger(
     let cluster = PgCluster::start(&settings)?;
     let url = cluster.create_database().await?;
     let mut process = LedgerProcess::spawn(spendguard_bin, &url, "bench-ledger").await?;
-    let base = process.client.clone();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", process.port).parse()?;
+    let mut channels = Vec::with_capacity(connections.max(1));
+    for _ in 0..connections.max(1) {
+        channels.push(connect(addr).await?);
+    }
+    let channel = |i: usize| channels[i % channels.len()].clone();
     let fencing = tenant_with_lease(&mut process.client, T).await?;
     budget(&mut process.client, T, "hot", 1_000_000_000_000_000).await?;
     for i in 0..100 {
@@ -80,8 +85,9 @@ pub(crate) async fn bench_ledger(
         .await?;
     }
     println!(
-        "ledger benchmark: {}s per scenario, PostgreSQL 15 local (defaults: fsync=on synchronous_commit=on), extra settings {extra:?}",
-        duration.as_secs()
+        "ledger benchmark: {}s per scenario, clients spread over {} gRPC connections, PostgreSQL 15 local (defaults: fsync=on synchronous_commit=on), extra settings {extra:?}",
+        duration.as_secs(),
+        channels.len()
     );
     for (name, spread) in [("hot budget", false), ("100 budgets", true)] {
         for &clients in client_counts {
@@ -89,7 +95,7 @@ pub(crate) async fn bench_ledger(
             let started = Instant::now();
             let mut tasks = Vec::new();
             for c in 0..clients {
-                let mut client = base.clone();
+                let mut client = channel(c);
                 let fencing = fencing.clone();
                 tasks.push(tokio::spawn(async move {
                     let mut latencies = Vec::new();
@@ -125,7 +131,7 @@ pub(crate) async fn bench_ledger(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     for n in 0..count {
         ticker.tick().await;
-        let mut client = base.clone();
+        let mut client = channel(n);
         let fencing = fencing.clone();
         tasks.push(tokio::spawn(async move {
             let t = Instant::now();

@@ -20,6 +20,11 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use std::time::Duration;
 
+/// The load generator shares the two cores with what it measures, so it should cost as little
+/// as possible: the same allocator as the `spendguard` binary.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 struct Cli {
     #[command(subcommand)]
@@ -39,6 +44,10 @@ enum Mode {
         /// Offered rate (pairs/s) of the paced scenario.
         #[arg(long, default_value_t = 1_000)]
         paced_rate: u64,
+        /// gRPC connections the clients are spread over, round robin. Each stands for one
+        /// sidecar (a fleet has one per pod); 1 puts every client on one HTTP/2 connection.
+        #[arg(long, default_value_t = 8)]
+        connections: usize,
         /// Path of the spendguard binary (the ledger runs as its own process, as in production).
         #[arg(long)]
         spendguard_bin: std::path::PathBuf,
@@ -79,6 +88,7 @@ async fn main() -> Result<()> {
             seconds,
             clients,
             paced_rate,
+            connections,
             hold_seconds,
             pg_settings,
             spendguard_bin,
@@ -86,7 +96,7 @@ async fn main() -> Result<()> {
             ledger::bench_ledger(
                 Duration::from_secs(seconds),
                 &clients,
-                paced_rate,
+                (paced_rate, connections),
                 &pg_settings,
                 hold_seconds,
                 &spendguard_bin,

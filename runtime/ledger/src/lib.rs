@@ -93,6 +93,11 @@ pub struct LedgerTuning {
         default_value_t = 1_000
     )]
     pub batch_linger_us: u64,
+    /// Cached-path batches sent to PostgreSQL before the oldest is answered (1 to 4). 2 keeps
+    /// the next batch queued behind the running one; 1 waits for each answer before sending.
+    #[arg(long, env = "SPENDGUARD_LEDGER_PIPELINE_DEPTH", default_value_t = 2,
+          value_parser = clap::value_parser!(u8).range(1..=4))]
+    pub pipeline_depth: u8,
     /// Largest accepted gRPC message; valid requests are far smaller.
     #[arg(
         long,
@@ -118,6 +123,7 @@ impl Default for LedgerTuning {
             db_pool_size: 8,
             queue_capacity: 8192,
             batch_linger_us: 1_000,
+            pipeline_depth: 2,
             max_message_bytes: 65_536,
             migrate_on_start: true,
             shutdown_grace_ms: 10_000,
@@ -227,6 +233,7 @@ pub async fn start(
         claim_rx.clone(),
         tuning.queue_capacity,
         Duration::from_micros(tuning.batch_linger_us),
+        usize::from(tuning.pipeline_depth),
         metrics.clone(),
     );
     let service = grpc::LedgerGrpc::new(writer, store.clone(), metrics.clone());

@@ -36,10 +36,17 @@ impl Writer {
         claim: watch::Receiver<Option<ProducerClaim>>,
         queue_capacity: usize,
         linger_for: std::time::Duration,
+        pipeline_depth: usize,
         metrics: Metrics,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (queue, receiver) = mpsc::channel(queue_capacity);
-        let task = tokio::spawn(run(store, claim, receiver, linger_for, metrics));
+        let task = tokio::spawn(run(
+            store,
+            claim,
+            receiver,
+            (linger_for, pipeline_depth.max(1)),
+            metrics,
+        ));
         (Self { queue }, task)
     }
 
@@ -57,10 +64,6 @@ impl Writer {
         outcome.await.map_err(|_| Error::ShuttingDown)?
     }
 }
-
-/// Most cached batches sent and not yet answered: the one PostgreSQL is running and the one
-/// queued behind it. More would only lengthen the queue inside PostgreSQL.
-const IN_FLIGHT_MAX: usize = 2;
 
 /// A cached batch sent on the pipeline and not yet answered.
 struct InFlight {
@@ -87,7 +90,7 @@ async fn run(
     store: Store,
     claim: watch::Receiver<Option<ProducerClaim>>,
     mut receiver: mpsc::Receiver<(Command, Reply)>,
-    linger_for: std::time::Duration,
+    (linger_for, depth): (std::time::Duration, usize),
     metrics: Metrics,
 ) {
     let mut state = State {
@@ -96,13 +99,13 @@ async fn run(
         cursor: None,
         cache: HotCache::default(),
         metrics,
-        in_flight: VecDeque::with_capacity(IN_FLIGHT_MAX),
+        in_flight: VecDeque::with_capacity(depth),
     };
     let mut batch = Vec::with_capacity(BATCH_COMMANDS_MAX);
     let mut previous_size = 1;
     let mut closed = false;
     loop {
-        if state.in_flight.len() >= IN_FLIGHT_MAX {
+        if state.in_flight.len() >= depth {
             state.answer_oldest().await;
             continue;
         }
