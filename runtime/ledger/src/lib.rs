@@ -79,7 +79,8 @@ pub struct LedgerArgs {
 /// Limits and sizes, each with its reason.
 #[derive(Debug, Clone, Args)]
 pub struct LedgerTuning {
-    /// Database connections: the writer uses one at a time, reads and the claim the rest.
+    /// Pooled database connections: load-path batches use one at a time, reads the rest. The
+    /// cached path and the producer claim each hold one more session of their own.
     #[arg(long, env = "SPENDGUARD_LEDGER_DB_POOL_SIZE", default_value_t = 8)]
     pub db_pool_size: u32,
     /// Commands that may wait for the writer; beyond this callers get OVERLOADED at once.

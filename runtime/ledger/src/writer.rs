@@ -5,6 +5,10 @@
 //! the lock over the whole batch, while the planner still decides them one by one in arrival order,
 //! so no batch can overspend. A batch that fails on a database invariant is retried command by
 //! command, so one bad command cannot fail its neighbours.
+//!
+//! Hot batches go out on the cached path (`cache.rs`) and are pipelined: while one runs in
+//! PostgreSQL, the next is planned on its effects and sent behind it on the same session, so the
+//! database never waits for the writer (docs/design/ledger-cached-path.md).
 
 use crate::cache::HotCache;
 use crate::error::{Error, Result};
