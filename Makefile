@@ -38,9 +38,11 @@ test: deps control-plane sdk-venv moto-venv prune-target
 ## prune-target: old versions and per-feature-set variants of every crate pile up in the shared
 ## target dir; drop build outputs untouched for three days (rebuilt when needed).
 prune-target:
-	@if [ -d "$(CARGO_TARGET_DIR)/debug/deps" ]; then \
-	  find "$(CARGO_TARGET_DIR)/debug/deps" "$(CARGO_TARGET_DIR)/debug/build" -mindepth 1 -maxdepth 1 -mtime +3 -exec rm -rf {} + ; \
-	fi
+	@for profile in debug release production; do \
+	  if [ -d "$(CARGO_TARGET_DIR)/$$profile/deps" ]; then \
+	    find "$(CARGO_TARGET_DIR)/$$profile/deps" "$(CARGO_TARGET_DIR)/$$profile/build" -mindepth 1 -maxdepth 1 -mtime +3 -exec rm -rf {} + ; \
+	  fi; \
+	done
 
 ## check: formatting and lints, as CI runs them.
 check:

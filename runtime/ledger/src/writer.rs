@@ -236,21 +236,7 @@ impl State {
             return;
         };
         if answer.is_ok() {
-            self.metrics.observe_path(BatchPath::Cached);
-            self.metrics.observe_batch(
-                batch.commands.len(),
-                batch.started.elapsed(),
-                Some(BatchTimings {
-                    load: std::time::Duration::ZERO,
-                    plan: batch.plan,
-                    write: batch.sent.elapsed(),
-                    commit: std::time::Duration::ZERO,
-                }),
-            );
-            reply(
-                batch.replies,
-                batch.outcomes.into_iter().map(|o| o.map_err(Error::from)),
-            );
+            self.committed(batch);
             return;
         }
         if let Err(e) = &answer {
@@ -265,13 +251,7 @@ impl State {
         let mut failed = vec![batch];
         while let Some(mut later) = self.in_flight.pop_front() {
             match (&mut later.answer).await {
-                Ok(()) => {
-                    self.metrics.observe_path(BatchPath::Cached);
-                    reply(
-                        later.replies,
-                        later.outcomes.into_iter().map(|o| o.map_err(Error::from)),
-                    );
-                }
+                Ok(()) => self.committed(later),
                 Err(_) => failed.push(later),
             }
         }
@@ -280,6 +260,25 @@ impl State {
             self.run_loaded(batch.commands, batch.replies, batch.started)
                 .await;
         }
+    }
+
+    /// Answers a cached batch that committed.
+    fn committed(&self, batch: InFlight) {
+        self.metrics.observe_path(BatchPath::Cached);
+        self.metrics.observe_batch(
+            batch.commands.len(),
+            batch.started.elapsed(),
+            Some(BatchTimings {
+                load: std::time::Duration::ZERO,
+                plan: batch.plan,
+                write: batch.sent.elapsed(),
+                commit: std::time::Duration::ZERO,
+            }),
+        );
+        reply(
+            batch.replies,
+            batch.outcomes.into_iter().map(|o| o.map_err(Error::from)),
+        );
     }
 
     /// Runs `commands` on the load path (nothing may be in flight).
