@@ -36,7 +36,7 @@ use spendguard_core::plan::{
 use spendguard_core::window::BudgetWindow;
 use spendguard_core::{LedgerError, NanoUsd};
 use spendguard_evidence::{KeyRecord, ProducerSigner, Signer};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow, PgSslMode};
 use sqlx::types::Json;
 use sqlx::{Connection, PgConnection, PgPool, Postgres, Row, Transaction};
 use std::collections::{BTreeMap, BTreeSet};
@@ -160,17 +160,59 @@ fn options(database_url: &str) -> Result<PgConnectOptions> {
 /// planned once per session (a generic plan) with scans other than index lookups disabled, so
 /// that plan cannot turn into a table scan as tables grow. Saves planning the statement on
 /// every batch.
+///
+/// It connects as the pool does: host, port, socket, user, database, TLS mode and the URL's own
+/// `options` come from sqlx's reading of the URL and the `PG*` environment (the session's
+/// settings are appended). The password comes from the URL or `PGPASSWORD`; unlike the pool,
+/// the session does not read `~/.pgpass`.
 fn cached_path_config(database_url: &str) -> Result<tokio_postgres::Config> {
-    let mut config = tokio_postgres::Config::from_str(database_url)
-        .map_err(|e| Error::Startup(format!("database URL: {e}")))?;
-    config
-        .application_name("spendguard-ledger")
-        .options(format!(
-            "-c statement_timeout={STATEMENT_TIMEOUT_MS} -c lock_timeout={LOCK_TIMEOUT_MS} \
+    use tokio_postgres::config::SslMode;
+    let url = PgConnectOptions::from_str(database_url).map_err(Error::from)?;
+    let mut config = tokio_postgres::Config::new();
+    match url.get_socket() {
+        Some(directory) => config.host_path(directory),
+        None => config.host(url.get_host()),
+    };
+    config.port(url.get_port()).user(url.get_username());
+    if let Some(database) = url.get_database() {
+        config.dbname(database);
+    }
+    if let Some(password) = url_password(database_url).or_else(|| std::env::var("PGPASSWORD").ok())
+    {
+        config.password(password);
+    }
+    config.ssl_mode(match url.get_ssl_mode() {
+        PgSslMode::Disable => SslMode::Disable,
+        PgSslMode::Allow | PgSslMode::Prefer => SslMode::Prefer,
+        _ => SslMode::Require,
+    });
+    let settings = format!(
+        "-c statement_timeout={STATEMENT_TIMEOUT_MS} -c lock_timeout={LOCK_TIMEOUT_MS} \
          -c plan_cache_mode=force_generic_plan -c enable_seqscan=off -c enable_hashjoin=off \
          -c enable_mergejoin=off -c enable_bitmapscan=off"
-        ));
+    );
+    let options = match url.get_options() {
+        Some(own) if !own.trim().is_empty() => format!("{own} {settings}"),
+        _ => settings,
+    };
+    // A host that stops answering must not hold the writer for the OS's TCP timeouts.
+    config
+        .application_name("spendguard-ledger")
+        .options(options)
+        .connect_timeout(Duration::from_secs(5))
+        .keepalives_idle(Duration::from_secs(10))
+        .tcp_user_timeout(Duration::from_secs(10));
     Ok(config)
+}
+
+/// The password in `database_url`, percent-decoded.
+fn url_password(database_url: &str) -> Option<String> {
+    let url = url::Url::parse(database_url).ok()?;
+    let password = url.password()?;
+    percent_encoding::percent_decode_str(password)
+        .decode_utf8()
+        .ok()
+        .map(std::borrow::Cow::into_owned)
 }
 
 impl Store {
@@ -189,6 +231,9 @@ impl Store {
             cached_path_config(database_url)?,
             CACHED_BATCH.as_str(),
             CACHED_BATCH_TYPES,
+            // Up to four batches in flight (the depth's limit) may each run to the statement
+            // timeout before this one is answered.
+            Duration::from_millis(STATEMENT_TIMEOUT_MS * 5),
         )));
         Ok(Self {
             pool,
@@ -1909,5 +1954,45 @@ impl pipeline::Params for CachedParams {
             &self.absent_reservations,
             &self.open_reservations,
         ]
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use tokio_postgres::config::Host;
+
+    #[test]
+    fn the_cached_session_connects_as_the_pool_does_and_keeps_the_urls_options() {
+        let config = cached_path_config(
+            "postgres://ledger:p%40ss%2Fw@db.example:6543/money?options=-c%20search_path%3Dledger&sslmode=disable",
+        )
+        .unwrap();
+        assert_eq!(config.get_hosts(), [Host::Tcp("db.example".into())]);
+        assert_eq!(config.get_ports(), [6543]);
+        assert_eq!(config.get_user(), Some("ledger"));
+        assert_eq!(config.get_password(), Some(&b"p@ss/w"[..]));
+        assert_eq!(config.get_dbname(), Some("money"));
+        assert_eq!(
+            config.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Disable
+        );
+        let options = config.get_options().unwrap();
+        assert!(options.starts_with("-c search_path=ledger "), "{options}");
+        assert!(
+            options.contains("-c plan_cache_mode=force_generic_plan"),
+            "{options}"
+        );
+        assert_eq!(config.get_connect_timeout(), Some(&Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn a_url_with_sqlx_only_parameters_still_gives_a_session() {
+        let config =
+            cached_path_config("postgres://ledger@localhost/money?statement-cache-capacity=10")
+                .unwrap();
+        assert_eq!(config.get_dbname(), Some("money"));
+        assert_eq!(config.get_user(), Some("ledger"));
     }
 }

@@ -439,3 +439,31 @@ async fn a_batch_sent_behind_a_refused_batch_is_refused_even_if_its_own_rows_are
         .unwrap();
     invariants::check(store.pool()).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_cached_path_session_killed_by_the_server_is_reopened_and_no_call_fails() {
+    let mut ledger = TestLedger::start().await.unwrap();
+    let fencing = ledger.tenant_with_lease(T).await.unwrap();
+    ledger.budget(T, "hot", 1_000_000).await.unwrap();
+    for i in 0..5 {
+        reserved_id(reserve(&mut ledger, &format!("before-{i}"), 1, &fencing).await);
+    }
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+          WHERE query LIKE 'WITH -- The guard%' AND pid <> pg_backend_pid()) AS t",
+    )
+    .fetch_one(ledger.store().pool())
+    .await
+    .unwrap();
+    assert_eq!(killed, 1, "the cached path has one session");
+    let cached_before = batches(&ledger, "cached");
+    for i in 0..5 {
+        reserved_id(reserve(&mut ledger, &format!("after-{i}"), 1, &fencing).await);
+    }
+    assert!(
+        batches(&ledger, "cached") > cached_before,
+        "hot batches take the cached path again on a new session"
+    );
+    assert_eq!(balance(&mut ledger).await.reserved_nano_usd, 10);
+    invariants::check(ledger.store().pool()).await.unwrap();
+}

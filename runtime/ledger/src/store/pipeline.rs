@@ -10,13 +10,19 @@
 //!   compare-and-set expects N's sequences), so nothing is written out of order.
 //!
 //! Each statement is sent with its own Sync, so it is its own implicit transaction.
+//!
+//! A session that broke, or whose answer did not come within the deadline (a half-open
+//! connection), is dropped and reopened for the next batch; a failed open is retried at most
+//! once per [`REOPEN_AFTER`], so meanwhile batches take the load path at once.
 
 use crate::error::Error;
 use futures_util::StreamExt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
+use std::time::{Duration, Instant};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Config, NoTls, Statement};
 use tracing::warn;
@@ -30,30 +36,45 @@ pub(super) trait Params: Send + Sync + 'static {
     fn refs(&self) -> Vec<&(dyn ToSql + Sync)>;
 }
 
+/// How long after a failed open the next batch tries again.
+const REOPEN_AFTER: Duration = Duration::from_secs(1);
+
 /// One statement, prepared once per session, executed by [`Pipeline::send`].
 pub(super) struct Pipeline {
     config: Config,
     sql: &'static str,
     types: &'static [Type],
+    answer_deadline: Duration,
     open: Option<Open>,
+    failed_open_at: Option<Instant>,
 }
 
 struct Open {
     client: Arc<Client>,
     statement: Statement,
+    /// Set by an answer that found the connection broken or never came.
+    broken: Arc<AtomicBool>,
 }
 
 /// SQLSTATE raised by `spendguard_require_fresh` when a cached batch found a row changed.
 const STALE_SQLSTATE: &str = "SG001";
 
 impl Pipeline {
-    /// A pipeline that connects with `config` on first use and prepares `sql` with `types`.
-    pub(super) fn new(config: Config, sql: &'static str, types: &'static [Type]) -> Self {
+    /// A pipeline that connects with `config` on first use and prepares `sql` with `types`; an
+    /// answer that takes longer than `answer_deadline` counts as a broken connection.
+    pub(super) fn new(
+        config: Config,
+        sql: &'static str,
+        types: &'static [Type],
+        answer_deadline: Duration,
+    ) -> Self {
         Self {
             config,
             sql,
             types,
+            answer_deadline,
             open: None,
+            failed_open_at: None,
         }
     }
 
@@ -63,17 +84,37 @@ impl Pipeline {
     /// # Errors
     /// [`Error::Database`] when the session cannot be opened.
     pub(super) async fn send<P: Params>(&mut self, params: P) -> Result<Sent, Error> {
+        let deadline = self.answer_deadline;
         let open = self.open().await?;
         let client = Arc::clone(&open.client);
         let statement = open.statement.clone();
+        let broken = Arc::clone(&open.broken);
         let mut sent: Sent = Box::pin(async move {
-            let refs = params.refs();
-            let rows = client.query_raw(&statement, refs).await.map_err(classify)?;
-            let mut rows = std::pin::pin!(rows);
-            while let Some(row) = rows.next().await {
-                row.map_err(classify)?;
+            let answer = tokio::time::timeout(deadline, async {
+                let refs = params.refs();
+                let rows = client.query_raw(&statement, refs).await?;
+                let mut rows = std::pin::pin!(rows);
+                while let Some(row) = rows.next().await {
+                    row?;
+                }
+                Ok::<(), tokio_postgres::Error>(())
+            })
+            .await;
+            match answer {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => {
+                    if e.as_db_error().is_none() {
+                        broken.store(true, Ordering::Relaxed);
+                    }
+                    Err(classify(e))
+                }
+                Err(_) => {
+                    broken.store(true, Ordering::Relaxed);
+                    Err(Error::Database(format!(
+                        "no answer from the cached-path session within {deadline:?}"
+                    )))
+                }
             }
-            Ok(())
         });
         // The first poll encodes the statement and queues it on the connection; it then waits for
         // the server. Polling here keeps sending order equal to call order.
@@ -85,28 +126,56 @@ impl Pipeline {
     }
 
     async fn open(&mut self) -> Result<&Open, Error> {
-        if self.open.as_ref().is_some_and(|o| o.client.is_closed()) {
+        if self
+            .open
+            .as_ref()
+            .is_some_and(|o| o.client.is_closed() || o.broken.load(Ordering::Relaxed))
+        {
+            // Dropping the client closes a half-open connection too.
             self.open = None;
         }
         if self.open.is_none() {
-            let (client, connection) = self.config.connect(NoTls).await.map_err(classify)?;
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    warn!(error = %e, "cached-path session closed");
+            if self
+                .failed_open_at
+                .is_some_and(|at| at.elapsed() < REOPEN_AFTER)
+            {
+                return Err(Error::Database(
+                    "cached-path session unavailable; retrying shortly".into(),
+                ));
+            }
+            match self.connect().await {
+                Ok(open) => {
+                    self.open = Some(open);
+                    self.failed_open_at = None;
                 }
-            });
-            let statement = client
-                .prepare_typed(self.sql, self.types)
-                .await
-                .map_err(classify)?;
-            self.open = Some(Open {
-                client: Arc::new(client),
-                statement,
-            });
+                Err(e) => {
+                    warn!(error = %e, "cannot open the cached-path session; batches take the load path");
+                    self.failed_open_at = Some(Instant::now());
+                    return Err(e);
+                }
+            }
         }
         self.open
             .as_ref()
             .ok_or_else(|| Error::Invariant("cached-path session not open".into()))
+    }
+
+    async fn connect(&self) -> Result<Open, Error> {
+        let (client, connection) = self.config.connect(NoTls).await.map_err(classify)?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                warn!(error = %e, "cached-path session closed");
+            }
+        });
+        let statement = client
+            .prepare_typed(self.sql, self.types)
+            .await
+            .map_err(classify)?;
+        Ok(Open {
+            client: Arc::new(client),
+            statement,
+            broken: Arc::new(AtomicBool::new(false)),
+        })
     }
 }
 
