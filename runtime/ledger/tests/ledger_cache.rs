@@ -450,7 +450,8 @@ async fn a_cached_path_session_killed_by_the_server_is_reopened_and_no_call_fail
     }
     let killed: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-          WHERE query LIKE 'WITH -- The guard%' AND pid <> pg_backend_pid()) AS t",
+          WHERE query LIKE 'WITH -- The guard%' AND datname = current_database()
+            AND pid <> pg_backend_pid()) AS t",
     )
     .fetch_one(ledger.store().pool())
     .await
