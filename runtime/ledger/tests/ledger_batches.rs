@@ -37,19 +37,7 @@ async fn one_batch_equals_sequential_execution() {
         epoch: token.epoch,
     };
     let store = ledger.store().clone();
-    let claim_id: String = sqlx::query_scalar("SELECT producer_instance_id FROM audit_producers")
-        .fetch_one(store.pool())
-        .await
-        .unwrap();
-    let token_uuid: uuid::Uuid = sqlx::query_scalar("SELECT claim_token FROM audit_producers")
-        .fetch_one(store.pool())
-        .await
-        .unwrap();
-    let claim = spendguard_ledger::store::ProducerClaim {
-        producer_instance_id: claim_id,
-        claim_token: token_uuid,
-    };
-    let mut cursor = store.producer_cursor(&claim).await.unwrap();
+    let mut cursor = ledger.producer_cursor().await.unwrap();
 
     let first = reserve("a", 60, &fencing);
     let a_id = first.reservation_id();

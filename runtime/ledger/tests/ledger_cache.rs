@@ -42,6 +42,29 @@ fn reserved_id(outcome: pb::reserve_set_response::Outcome) -> String {
     }
 }
 
+/// The core command of [`reserve_request`] (store-level tests drive the writer's store directly).
+fn reserve_command(
+    key: &str,
+    budget: &str,
+    amount: i64,
+    fencing: &pb::FencingToken,
+) -> spendguard_core::plan::Command {
+    let request = reserve_request(T, key, &[budget], amount, fencing);
+    spendguard_core::plan::Command::ReserveSet(
+        spendguard_ledger::convert::reserve_set(&request).unwrap(),
+    )
+}
+
+/// Fills `cache` from a load-path batch, as the writer does.
+fn remember(
+    cache: &mut spendguard_ledger::cache::HotCache,
+    committed: spendguard_ledger::store::Committed,
+) {
+    let (db_now, local_before) = committed.clock.unwrap();
+    cache.observe_clock(db_now, local_before);
+    cache.absorb(committed.state);
+}
+
 /// The `hot` budget's balance.
 async fn balance(ledger: &mut TestLedger) -> pb::BudgetBalance {
     ledger
@@ -241,10 +264,9 @@ async fn a_reservation_settled_behind_the_cache_fails_the_guard_though_the_windo
     // A cached batch that reads R as open — a commit with a stale epoch, which writes nothing for
     // R — next to a write must be refused: the load path would answer that R is settled.
     use spendguard_core::NanoUsd;
-    use spendguard_core::plan::{Command, Commit, Fencing, PricingRef, Release, ReserveSet};
+    use spendguard_core::plan::{Command, Commit, Fencing, Release};
     use spendguard_ledger::cache::HotCache;
     use spendguard_ledger::error::Error;
-    use spendguard_ledger::store::ProducerClaim;
 
     let mut ledger = TestLedger::start().await.unwrap();
     let token = ledger.tenant_with_lease(T).await.unwrap();
@@ -253,32 +275,9 @@ async fn a_reservation_settled_behind_the_cache_fails_the_guard_though_the_windo
         scope_id: token.scope_id.clone(),
         epoch: token.epoch,
     };
-    let reserve = |key: &str, amount: i64| {
-        Command::ReserveSet(ReserveSet {
-            tenant_id: T.into(),
-            idempotency_key: key.into(),
-            budget_ids: vec!["hot".into()],
-            amount: NanoUsd::new(amount).unwrap(),
-            fencing: fencing.clone(),
-            ttl_ms: 60_000,
-            pricing: PricingRef {
-                version: "test-v1".into(),
-                sha256_hex: "ab".repeat(32),
-            },
-            context: Default::default(),
-        })
-    };
+    let reserve = |key: &str, amount: i64| reserve_command(key, "hot", amount, &token);
     let store = ledger.store().clone();
-    let (producer_instance_id, claim_token): (String, uuid::Uuid) =
-        sqlx::query_as("SELECT producer_instance_id, claim_token FROM audit_producers")
-            .fetch_one(store.pool())
-            .await
-            .unwrap();
-    let claim = ProducerClaim {
-        producer_instance_id,
-        claim_token,
-    };
-    let mut cursor = store.producer_cursor(&claim).await.unwrap();
+    let mut cursor = ledger.producer_cursor().await.unwrap();
     let mut cache = HotCache::default();
 
     let r = reserve("r", 10);
@@ -290,9 +289,7 @@ async fn a_reservation_settled_behind_the_cache_fails_the_guard_though_the_windo
         .run_batch(&mut cursor, std::slice::from_ref(&r))
         .await
         .unwrap();
-    let (db_now, local_before) = committed.clock.unwrap();
-    cache.observe_clock(db_now, local_before);
-    cache.absorb(committed.state);
+    remember(&mut cache, committed);
 
     // Behind the cache: release R, reserve 10 again. The window is back to reserved = 10.
     store
@@ -337,46 +334,16 @@ async fn a_batch_sent_behind_a_refused_batch_is_refused_even_if_its_own_rows_are
     // The writer sends batch N+1 (planned on N's effects) before N is answered. If N's guard
     // fails, N+1 must not commit: its producer sequences follow N's, so the compare-and-set
     // refuses it even when every row N+1 read is unchanged.
-    use spendguard_core::NanoUsd;
-    use spendguard_core::plan::{Command, Fencing, PricingRef, ReserveSet};
     use spendguard_ledger::cache::HotCache;
     use spendguard_ledger::error::Error;
-    use spendguard_ledger::store::ProducerClaim;
 
     let mut ledger = TestLedger::start().await.unwrap();
     let token = ledger.tenant_with_lease(T).await.unwrap();
     ledger.budget(T, "a", 1_000).await.unwrap();
     ledger.budget(T, "b", 1_000).await.unwrap();
-    let fencing = Fencing {
-        scope_id: token.scope_id.clone(),
-        epoch: token.epoch,
-    };
-    let reserve = |key: &str, budget: &str| {
-        Command::ReserveSet(ReserveSet {
-            tenant_id: T.into(),
-            idempotency_key: key.into(),
-            budget_ids: vec![budget.into()],
-            amount: NanoUsd::new(10).unwrap(),
-            fencing: fencing.clone(),
-            ttl_ms: 60_000,
-            pricing: PricingRef {
-                version: "test-v1".into(),
-                sha256_hex: "ab".repeat(32),
-            },
-            context: Default::default(),
-        })
-    };
+    let reserve = |key: &str, budget: &str| reserve_command(key, budget, 10, &token);
     let store = ledger.store().clone();
-    let (producer_instance_id, claim_token): (String, uuid::Uuid) =
-        sqlx::query_as("SELECT producer_instance_id, claim_token FROM audit_producers")
-            .fetch_one(store.pool())
-            .await
-            .unwrap();
-    let claim = ProducerClaim {
-        producer_instance_id,
-        claim_token,
-    };
-    let mut cursor = store.producer_cursor(&claim).await.unwrap();
+    let mut cursor = ledger.producer_cursor().await.unwrap();
     let mut cache = HotCache::default();
     let warm = store
         .run_batch(
@@ -385,9 +352,7 @@ async fn a_batch_sent_behind_a_refused_batch_is_refused_even_if_its_own_rows_are
         )
         .await
         .unwrap();
-    let (db_now, local_before) = warm.clock.unwrap();
-    cache.observe_clock(db_now, local_before);
-    cache.absorb(warm.state);
+    remember(&mut cache, warm);
     // Behind the cache: budget a moves; b does not.
     store
         .run_batch(&mut cursor, &[reserve("behind", "a")])
@@ -429,9 +394,7 @@ async fn a_batch_sent_behind_a_refused_batch_is_refused_even_if_its_own_rows_are
         .run_batch(&mut cursor, &[reserve("reload-b", "b")])
         .await
         .unwrap();
-    let (db_now, local_before) = reload.clock.unwrap();
-    cache.observe_clock(db_now, local_before);
-    cache.absorb(reload.state);
+    remember(&mut cache, reload);
     let (snapshot, expected) = cache.snapshot_for(&next).unwrap();
     store
         .run_cached_batch(&mut cursor, snapshot, &expected, &next)

@@ -3,7 +3,7 @@
 
 use crate::postgres::PgCluster;
 use anyhow::Result;
-use spendguard_ledger::store::Store;
+use spendguard_ledger::store::{ProducerClaim, ProducerCursor, Store};
 use spendguard_ledger::{LedgerTuning, RunningLedger};
 use spendguard_proto::ledger::v1 as pb;
 use std::sync::OnceLock;
@@ -87,6 +87,27 @@ impl TestLedger {
     /// After [`TestLedger::stop`].
     pub fn store(&self) -> &Store {
         &self.ledger.as_ref().expect("ledger running").store
+    }
+
+    /// A cursor on the running writer's producer claim, as the database holds it: for tests that
+    /// drive the store directly beside the writer (which must then stay idle).
+    ///
+    /// # Errors
+    /// Database failures.
+    ///
+    /// # Panics
+    /// After [`TestLedger::stop`].
+    pub async fn producer_cursor(&self) -> Result<ProducerCursor> {
+        let store = self.store();
+        let (producer_instance_id, claim_token): (String, uuid::Uuid) =
+            sqlx::query_as("SELECT producer_instance_id, claim_token FROM audit_producers")
+                .fetch_one(store.pool())
+                .await?;
+        let claim = ProducerClaim {
+            producer_instance_id,
+            claim_token,
+        };
+        Ok(store.producer_cursor(&claim).await?)
     }
 
     /// The ledger's metrics in the Prometheus text format.
