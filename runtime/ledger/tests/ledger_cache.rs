@@ -67,17 +67,7 @@ fn remember(
 
 /// The `hot` budget's balance.
 async fn balance(ledger: &mut TestLedger) -> pb::BudgetBalance {
-    ledger
-        .client
-        .get_balances(pb::GetBalancesRequest {
-            tenant_id: T.into(),
-            budget_ids: vec!["hot".into()],
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .balances
-        .remove(0)
+    ledger.balance(T, "hot").await.unwrap()
 }
 
 /// Replica A reserves `a_amounts` on a `hot` budget of `limit` (so its cache holds the window),

@@ -60,16 +60,7 @@ async fn record(
 }
 
 async fn balance(ledger: &mut TestLedger, budget: &str) -> pb::BudgetBalance {
-    let response = ledger
-        .client
-        .get_balances(pb::GetBalancesRequest {
-            tenant_id: T.into(),
-            budget_ids: vec![budget.into()],
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    response.balances.into_iter().next().unwrap()
+    ledger.balance(T, budget).await.unwrap()
 }
 
 /// `decision.fail_open` events in the outbox, as parsed canonical JSON.

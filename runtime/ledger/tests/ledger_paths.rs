@@ -29,16 +29,7 @@ fn reserved(response: pb::ReserveSetResponse) -> pb::Reservation {
 }
 
 async fn balance(ledger: &mut TestLedger, budget: &str) -> pb::BudgetBalance {
-    let response = ledger
-        .client
-        .get_balances(pb::GetBalancesRequest {
-            tenant_id: T.into(),
-            budget_ids: vec![budget.into()],
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    response.balances.into_iter().next().unwrap()
+    ledger.balance(T, budget).await.unwrap()
 }
 
 async fn outbox_count(ledger: &TestLedger) -> i64 {

@@ -132,6 +132,26 @@ impl TestLedger {
         tenant_with_lease(&mut self.client, tenant_id).await
     }
 
+    /// The current-window balance of one budget.
+    ///
+    /// # Errors
+    /// RPC failures (an unknown budget among them).
+    pub async fn balance(&mut self, tenant_id: &str, budget_id: &str) -> Result<pb::BudgetBalance> {
+        let response = self
+            .client
+            .get_balances(pb::GetBalancesRequest {
+                tenant_id: tenant_id.into(),
+                budget_ids: vec![budget_id.into()],
+            })
+            .await?
+            .into_inner();
+        response
+            .balances
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("no balance for {budget_id}"))
+    }
+
     /// See [`budget`].
     ///
     /// # Errors
