@@ -38,18 +38,36 @@ pub enum Error {
 /// Result alias.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// SQLSTATE raised by `spendguard_require_fresh` when a cached batch found a row changed.
+pub(crate) const STALE_SQLSTATE: &str = "SG001";
+
+impl Error {
+    /// Classifies a database failure by its SQLSTATE, whichever driver reported it: class 23
+    /// (integrity) and P0001 (raise) come from our constraints and triggers, SG001 from the
+    /// cached path's guard; anything else, a code or none, means the database failed.
+    pub(crate) fn from_sqlstate(code: Option<&str>, message: String) -> Self {
+        match code {
+            Some(STALE_SQLSTATE) => Self::Stale,
+            Some(code) if code.starts_with("23") || code == "P0001" => Self::Invariant(message),
+            _ => Self::Database(message),
+        }
+    }
+}
+
 impl From<sqlx::Error> for Error {
     fn from(error: sqlx::Error) -> Self {
-        // SQLSTATE class 23 (integrity) and P0001 (raise) come from our constraints and triggers.
-        let integrity = error
+        let code = error
             .as_database_error()
             .and_then(|e| e.code())
-            .is_some_and(|code| code.starts_with("23") || code == "P0001");
-        if integrity {
-            Self::Invariant(error.to_string())
-        } else {
-            Self::Database(error.to_string())
-        }
+            .map(|c| c.into_owned());
+        Self::from_sqlstate(code.as_deref(), error.to_string())
+    }
+}
+
+impl From<tokio_postgres::Error> for Error {
+    fn from(error: tokio_postgres::Error) -> Self {
+        let code = error.code().map(tokio_postgres::error::SqlState::code);
+        Self::from_sqlstate(code, error.to_string())
     }
 }
 
@@ -78,5 +96,20 @@ impl Error {
     /// bad command (or a lost race with another replica) cannot fail its neighbours.
     pub(crate) fn is_isolatable(&self) -> bool {
         matches!(self, Self::Invariant(_))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlstates_map_to_the_error_the_writer_acts_on() {
+        let of = |code| Error::from_sqlstate(code, "m".into());
+        assert!(matches!(of(Some("SG001")), Error::Stale));
+        assert!(matches!(of(Some("23514")), Error::Invariant(_)));
+        assert!(matches!(of(Some("P0001")), Error::Invariant(_)));
+        assert!(matches!(of(Some("40P01")), Error::Database(_)));
+        assert!(matches!(of(None), Error::Database(_)));
     }
 }

@@ -56,9 +56,6 @@ struct Open {
     broken: Arc<AtomicBool>,
 }
 
-/// SQLSTATE raised by `spendguard_require_fresh` when a cached batch found a row changed.
-const STALE_SQLSTATE: &str = "SG001";
-
 impl Pipeline {
     /// A pipeline that connects with `config` on first use and prepares `sql` with `types`; an
     /// answer that takes longer than `answer_deadline` counts as a broken connection.
@@ -106,7 +103,7 @@ impl Pipeline {
                     if e.as_db_error().is_none() {
                         broken.store(true, Ordering::Relaxed);
                     }
-                    Err(classify(e))
+                    Err(Error::from(e))
                 }
                 Err(_) => {
                     broken.store(true, Ordering::Relaxed);
@@ -161,7 +158,7 @@ impl Pipeline {
     }
 
     async fn connect(&self) -> Result<Open, Error> {
-        let (client, connection) = self.config.connect(NoTls).await.map_err(classify)?;
+        let (client, connection) = self.config.connect(NoTls).await.map_err(Error::from)?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 warn!(error = %e, "cached-path session closed");
@@ -170,22 +167,11 @@ impl Pipeline {
         let statement = client
             .prepare_typed(self.sql, self.types)
             .await
-            .map_err(classify)?;
+            .map_err(Error::from)?;
         Ok(Open {
             client: Arc::new(client),
             statement,
             broken: Arc::new(AtomicBool::new(false)),
         })
-    }
-}
-
-/// Maps a driver error as `From<sqlx::Error>` does, plus the guard's own SQLSTATE.
-fn classify(error: tokio_postgres::Error) -> Error {
-    match error.code().map(tokio_postgres::error::SqlState::code) {
-        Some(STALE_SQLSTATE) => Error::Stale,
-        Some(code) if code.starts_with("23") || code == "P0001" => {
-            Error::Invariant(error.to_string())
-        }
-        _ => Error::Database(error.to_string()),
     }
 }
