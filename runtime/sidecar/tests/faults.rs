@@ -6,7 +6,6 @@ mod support;
 
 use serde_json::json;
 use spendguard_proto::ledger::v1 as pb;
-use spendguard_testkit::TestLedger;
 use std::time::Duration;
 use support::*;
 
@@ -29,7 +28,6 @@ async fn ledger_down_fails_closed_and_in_flight_calls_settle_once_after_it_retur
     tokio::time::sleep(Duration::from_millis(500)).await;
     let held = stack.balance().await.reserved_nano_usd;
     assert!(held > 0);
-    let database_url = stack.ledger.database_url.clone();
     stack.ledger.stop().await;
 
     // New calls fail closed with the stable code; nothing reaches the provider.
@@ -50,9 +48,7 @@ async fn ledger_down_fails_closed_and_in_flight_calls_settle_once_after_it_retur
     assert_eq!(reply.status, 200);
     assert!(String::from_utf8_lossy(&reply.body).contains("[DONE]"));
 
-    stack.ledger = TestLedger::start_at(&database_url, "ledger-0", stack.ledger_addr)
-        .await
-        .unwrap();
+    stack.restart_ledger().await;
     let balance = stack.settled_balance().await;
     // Exactly one commit of the reported usage (9 input + 16 output tokens).
     assert_eq!(balance.committed_nano_usd, 10_950);
@@ -303,7 +299,6 @@ async fn fail_open_calls_reach_the_evidence_chain_and_the_budget_once_the_ledger
     })
     .await;
     let chat = stack.url("/v1/chat/completions");
-    let database_url = stack.ledger.database_url.clone();
     stack.ledger.stop().await;
     let mut call_ids = Vec::new();
     for _ in 0..3 {
@@ -319,17 +314,9 @@ async fn fail_open_calls_reach_the_evidence_chain_and_the_budget_once_the_ledger
     assert_eq!(stack.upstream_requests().len(), 3);
     assert_eq!(stack.sidecar().decider.fail_open_queue().len(), 3);
 
-    stack.ledger = TestLedger::start_at(&database_url, "ledger-0", stack.ledger_addr)
-        .await
-        .unwrap();
-    for _ in 0..400 {
-        if stack.sidecar().decider.fail_open_queue().is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    stack.restart_ledger().await;
     assert!(
-        stack.sidecar().decider.fail_open_queue().is_empty(),
+        stack.fail_open_drained().await,
         "the drain task records every fail-open call once the ledger answers"
     );
     let (events, total) = fail_open_events(&stack).await;
@@ -360,7 +347,6 @@ async fn a_full_fail_open_queue_fails_the_next_call_closed() {
     })
     .await;
     let chat = stack.url("/v1/chat/completions");
-    let database_url = stack.ledger.database_url.clone();
     stack.ledger.stop().await;
     let first = post_json(&chat, &[OPENAI_KEY], &chat_body("gpt-4o-mini", false)).await;
     assert_eq!(first.status, 200);
@@ -378,15 +364,8 @@ async fn a_full_fail_open_queue_fails_the_next_call_closed() {
         "the refused call never left"
     );
 
-    stack.ledger = TestLedger::start_at(&database_url, "ledger-0", stack.ledger_addr)
-        .await
-        .unwrap();
-    for _ in 0..400 {
-        if stack.sidecar().decider.fail_open_queue().is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    stack.restart_ledger().await;
+    assert!(stack.fail_open_drained().await);
     let (events, total) = fail_open_events(&stack).await;
     assert_eq!(events.len(), 1);
     assert_eq!(total, 10_950);
@@ -407,7 +386,6 @@ async fn shutdown_sends_queued_fail_open_records_within_its_deadline() {
         ..Options::default()
     })
     .await;
-    let database_url = stack.ledger.database_url.clone();
     stack.ledger.stop().await;
     let lost = post_json(
         &stack.url("/v1/chat/completions"),
@@ -429,9 +407,7 @@ async fn shutdown_sends_queued_fail_open_records_within_its_deadline() {
         "unsent records are given up"
     );
 
-    stack.ledger = TestLedger::start_at(&database_url, "ledger-0", stack.ledger_addr)
-        .await
-        .unwrap();
+    stack.restart_ledger().await;
     stack.start_sidecar().await;
     stack.ledger.stop().await;
     let kept = post_json(
@@ -442,9 +418,7 @@ async fn shutdown_sends_queued_fail_open_records_within_its_deadline() {
     .await;
     assert_eq!(kept.status, 200);
     let kept_call_id = kept.header("x-spendguard-call-id").unwrap().to_owned();
-    stack.ledger = TestLedger::start_at(&database_url, "ledger-0", stack.ledger_addr)
-        .await
-        .unwrap();
+    stack.restart_ledger().await;
     stack.stop_sidecar().await;
     let (events, total) = fail_open_events(&stack).await;
     assert_eq!(events, vec![(kept_call_id, 1)]);

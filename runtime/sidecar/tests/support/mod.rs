@@ -183,17 +183,26 @@ impl Stack {
     }
 
     pub async fn balance(&mut self) -> pb::BudgetBalance {
-        self.ledger
-            .client
-            .get_balances(pb::GetBalancesRequest {
-                tenant_id: TENANT.into(),
-                budget_ids: vec![BUDGET.into()],
-            })
+        self.ledger.balance(TENANT, BUDGET).await.unwrap()
+    }
+
+    /// Starts the ledger again (after `self.ledger.stop()`) on the same database and address.
+    pub async fn restart_ledger(&mut self) {
+        let database_url = self.ledger.database_url.clone();
+        self.ledger = TestLedger::start_at(&database_url, "ledger-0", self.ledger_addr)
             .await
-            .unwrap()
-            .into_inner()
-            .balances
-            .remove(0)
+            .unwrap();
+    }
+
+    /// Waits (up to 20 s) for the sidecar's fail-open queue to drain; whether it did.
+    pub async fn fail_open_drained(&self) -> bool {
+        for _ in 0..400 {
+            if self.sidecar().decider.fail_open_queue().is_empty() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.sidecar().decider.fail_open_queue().is_empty()
     }
 
     /// Waits until no reservation of this sidecar is open, then returns the balance.
