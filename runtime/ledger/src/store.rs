@@ -11,7 +11,8 @@
 //!
 //! Hot batches whose rows the writer has cached skip the load: they are planned on the cache and
 //! written by one statement outside a transaction whose guard re-checks every row the plan read
-//! ([`Store::run_cached_batch`], `store/fast_guard.sql`, docs/design/ledger-cached-path.md).
+//! ([`Store::prepare_cached`], [`Store::send_cached`], `store/fast_guard.sql`,
+//! docs/design/ledger-cached-path.md).
 //!
 //! Locks are always taken in that order, each set sorted by key, so concurrent load-path batches
 //! (also from other ledger replicas) cannot deadlock. (A cached statement locks windows before
@@ -465,37 +466,6 @@ impl Store {
     /// [`Error::Database`] when the session cannot be opened.
     pub async fn send_cached(&self, statement: CachedStatement) -> Result<Sent> {
         self.cached_path.lock().await.send(statement.0).await
-    }
-
-    /// [`Store::prepare_cached`], sent and awaited alone.
-    ///
-    /// # Errors
-    /// As [`Store::prepare_cached`] and the answer of [`Store::send_cached`]; nothing of the
-    /// batch was written unless it returns `Ok`.
-    pub async fn run_cached_batch(
-        &self,
-        cursor: &mut ProducerCursor,
-        snapshot: Snapshot,
-        expected: &Expected,
-        commands: &[Command],
-    ) -> Result<Committed> {
-        let started = Instant::now();
-        let batch = self
-            .prepare_cached(cursor, snapshot, expected, commands)
-            .await?;
-        self.send_cached(batch.statement).await?.await?;
-        cursor.next_sequence = batch.next_sequence;
-        Ok(Committed {
-            outcomes: batch.outcomes,
-            timings: BatchTimings {
-                load: Duration::ZERO,
-                plan: batch.plan,
-                write: started.elapsed().saturating_sub(batch.plan),
-                commit: Duration::ZERO,
-            },
-            state: batch.state,
-            clock: None,
-        })
     }
 
     /// Current-window balances of `budget_ids` (all must exist in `tenant_id`).

@@ -55,6 +55,22 @@ fn reserve_command(
     )
 }
 
+/// One cached batch prepared, sent alone and awaited, as the writer does with nothing in flight.
+async fn run_cached(
+    store: &spendguard_ledger::store::Store,
+    cursor: &mut spendguard_ledger::store::ProducerCursor,
+    snapshot: spendguard_core::plan::Snapshot,
+    expected: &spendguard_ledger::cache::Expected,
+    commands: &[spendguard_core::plan::Command],
+) -> Result<(), spendguard_ledger::error::Error> {
+    let batch = store
+        .prepare_cached(cursor, snapshot, expected, commands)
+        .await?;
+    store.send_cached(batch.statement).await?.await?;
+    cursor.next_sequence = batch.next_sequence;
+    Ok(())
+}
+
 /// Fills `cache` from a load-path batch, as the writer does.
 fn remember(
     cache: &mut spendguard_ledger::cache::HotCache,
@@ -312,9 +328,7 @@ async fn a_reservation_settled_behind_the_cache_fails_the_guard_though_the_windo
         reserve("r3", 1),
     ];
     let (snapshot, expected) = cache.snapshot_for(&commands).expect("every row is cached");
-    let result = store
-        .run_cached_batch(&mut cursor, snapshot, &expected, &commands)
-        .await;
+    let result = run_cached(&store, &mut cursor, snapshot, &expected, &commands).await;
     assert!(matches!(result, Err(Error::Stale)), "{result:?}");
     invariants::check(store.pool()).await.unwrap();
 }
@@ -386,8 +400,7 @@ async fn a_batch_sent_behind_a_refused_batch_is_refused_even_if_its_own_rows_are
         .unwrap();
     remember(&mut cache, reload);
     let (snapshot, expected) = cache.snapshot_for(&next).unwrap();
-    store
-        .run_cached_batch(&mut cursor, snapshot, &expected, &next)
+    run_cached(&store, &mut cursor, snapshot, &expected, &next)
         .await
         .unwrap();
     invariants::check(store.pool()).await.unwrap();
