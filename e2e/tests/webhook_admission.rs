@@ -258,6 +258,16 @@ async fn opted_in_pods_get_the_sidecar_exactly_once() {
         volume["configMap"]["name"],
         "spendguard-bundle-research-agent"
     );
+    // The fail-open spool: an emptyDir the apiserver accepted, mounted writable in the sidecar.
+    let spool = injected["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == inject::SPOOL_VOLUME)
+        .unwrap();
+    assert_eq!(spool["emptyDir"]["sizeLimit"], "64Mi");
+    assert_eq!(sidecar["volumeMounts"][1]["mountPath"], inject::SPOOL_DIR);
+    assert!(sidecar["volumeMounts"][1]["readOnly"].is_null());
     assert_eq!(
         injected["metadata"]["annotations"][inject::INJECTED_ANNOTATION],
         IMAGE

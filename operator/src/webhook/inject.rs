@@ -10,9 +10,9 @@
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, PatchOperation};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapVolumeSource, Container, EnvVar, EnvVarSource, HTTPGetAction,
-    ObjectFieldSelector, Pod, Probe, ResourceRequirements, SeccompProfile, SecurityContext, Volume,
-    VolumeMount,
+    Capabilities, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    HTTPGetAction, ObjectFieldSelector, Pod, Probe, ResourceRequirements, SeccompProfile,
+    SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -33,6 +33,12 @@ pub const SIDECAR_NAME: &str = "spendguard-sidecar";
 pub const BUNDLE_VOLUME: &str = "spendguard-bundle";
 /// Where the sidecar reads its bundle.
 pub const BUNDLE_DIR: &str = "/etc/spendguard/bundle";
+/// The sidecar's fail-open spool (an emptyDir: it survives restarts of the sidecar container).
+pub const SPOOL_VOLUME: &str = "spendguard-fail-open";
+/// Where the spool is mounted in the sidecar.
+pub const SPOOL_DIR: &str = "/var/lib/spendguard/fail-open";
+/// Bound of the spool volume: ~1 KiB per record, 10,000 records by default.
+const SPOOL_SIZE_LIMIT: &str = "64Mi";
 /// The proxy and HTTP decision API, loopback only: only the pod's own containers may spend.
 pub const SIDECAR_LISTEN: &str = "127.0.0.1:8787";
 /// The gRPC decision API, loopback only.
@@ -76,8 +82,8 @@ pub enum InjectError {
     )]
     BundleNameInvalid(String),
     /// The pod already uses a name injection needs.
-    #[error("pod already has a volume named {BUNDLE_VOLUME}, which SpendGuard injection reserves")]
-    ReservedName,
+    #[error("pod already has a volume named {0}, which SpendGuard injection reserves")]
+    ReservedName(&'static str),
 }
 
 impl InjectError {
@@ -86,7 +92,7 @@ impl InjectError {
         match self {
             Self::BundleMissing => "SPENDGUARD_BUNDLE_MISSING",
             Self::BundleNameInvalid(_) => "SPENDGUARD_BUNDLE_NAME_INVALID",
-            Self::ReservedName => "SPENDGUARD_RESERVED_NAME",
+            Self::ReservedName(_) => "SPENDGUARD_RESERVED_NAME",
         }
     }
 }
@@ -171,6 +177,7 @@ pub fn sidecar(config: &InjectConfig) -> Container {
         env: Some(vec![
             env("SPENDGUARD_LEDGER_URL", &config.ledger_url),
             env("SPENDGUARD_BUNDLE_DIR", BUNDLE_DIR),
+            env("SPENDGUARD_FAIL_OPEN_SPOOL_DIR", SPOOL_DIR),
             EnvVar {
                 name: "SPENDGUARD_WORKLOAD_INSTANCE_ID".into(),
                 value_from: Some(EnvVarSource {
@@ -211,13 +218,33 @@ pub fn sidecar(config: &InjectConfig) -> Container {
             }),
             ..SecurityContext::default()
         }),
-        volume_mounts: Some(vec![VolumeMount {
-            name: BUNDLE_VOLUME.into(),
-            mount_path: BUNDLE_DIR.into(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        }]),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: BUNDLE_VOLUME.into(),
+                mount_path: BUNDLE_DIR.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: SPOOL_VOLUME.into(),
+                mount_path: SPOOL_DIR.into(),
+                ..VolumeMount::default()
+            },
+        ]),
         ..Container::default()
+    }
+}
+
+/// The fail-open spool volume: node-local, kept across restarts of the sidecar container, gone
+/// with the pod (docs/design/fail-open-evidence.md).
+pub fn spool_volume() -> Volume {
+    Volume {
+        name: SPOOL_VOLUME.into(),
+        empty_dir: Some(EmptyDirVolumeSource {
+            size_limit: Some(Quantity(SPOOL_SIZE_LIMIT.into())),
+            ..EmptyDirVolumeSource::default()
+        }),
+        ..Volume::default()
     }
 }
 
@@ -280,8 +307,10 @@ pub fn patch(
         return Ok(Vec::new());
     };
     let volumes = spec.volumes.as_deref().unwrap_or_default();
-    if volumes.iter().any(|v| v.name == BUNDLE_VOLUME) {
-        return Err(InjectError::ReservedName);
+    for reserved in [BUNDLE_VOLUME, SPOOL_VOLUME] {
+        if volumes.iter().any(|v| v.name == reserved) {
+            return Err(InjectError::ReservedName(reserved));
+        }
     }
 
     let mut ops = Vec::new();
@@ -301,6 +330,12 @@ pub fn patch(
         spec.volumes.is_some(),
         &["spec", "volumes"],
         to_value(&bundle_volume(bundle)),
+    );
+    push(
+        &mut ops,
+        true,
+        &["spec", "volumes"],
+        to_value(&spool_volume()),
     );
     if annotation(pod, SET_BASE_URLS_ANNOTATION) == Some("true") {
         for (index, container) in spec.containers.iter().enumerate() {
@@ -407,13 +442,20 @@ mod tests {
         assert_eq!(security["allowPrivilegeEscalation"], false);
         assert_eq!(security["capabilities"]["drop"], json!(["ALL"]));
         assert!(sidecar["resources"]["limits"]["memory"].is_string());
+        assert_eq!(value("SPENDGUARD_FAIL_OPEN_SPOOL_DIR")["value"], SPOOL_DIR);
         assert_eq!(
             sidecar["volumeMounts"],
-            json!([{"name": BUNDLE_VOLUME, "mountPath": BUNDLE_DIR, "readOnly": true}])
+            json!([
+                {"name": BUNDLE_VOLUME, "mountPath": BUNDLE_DIR, "readOnly": true},
+                {"name": SPOOL_VOLUME, "mountPath": SPOOL_DIR}
+            ])
         );
         assert_eq!(
             patched["spec"]["volumes"],
-            json!([{"name": BUNDLE_VOLUME, "configMap": {"name": "spendguard-bundle-research-agent", "optional": false}}])
+            json!([
+                {"name": BUNDLE_VOLUME, "configMap": {"name": "spendguard-bundle-research-agent", "optional": false}},
+                {"name": SPOOL_VOLUME, "emptyDir": {"sizeLimit": "64Mi"}}
+            ])
         );
         assert_eq!(
             patched["metadata"]["annotations"][INJECTED_ANNOTATION],
@@ -508,11 +550,13 @@ mod tests {
         longest["metadata"]["annotations"][BUNDLE_ANNOTATION] = json!("a".repeat(235));
         assert!(patch(&pod(longest), "team", &config()).is_ok());
 
-        let mut clash = opted_in_pod();
-        clash["spec"]["volumes"] = json!([{"name": BUNDLE_VOLUME, "emptyDir": {}}]);
-        assert_eq!(
-            patch(&pod(clash), "team", &config()).unwrap_err(),
-            InjectError::ReservedName
-        );
+        for reserved in [BUNDLE_VOLUME, SPOOL_VOLUME] {
+            let mut clash = opted_in_pod();
+            clash["spec"]["volumes"] = json!([{"name": reserved, "emptyDir": {}}]);
+            assert_eq!(
+                patch(&pod(clash), "team", &config()).unwrap_err(),
+                InjectError::ReservedName(reserved)
+            );
+        }
     }
 }

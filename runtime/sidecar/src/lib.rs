@@ -128,9 +128,8 @@ pub struct SidecarTuning {
     /// How long shutdown waits for in-flight calls and their settlements.
     #[arg(long, env = "SPENDGUARD_SHUTDOWN_GRACE_MS", default_value_t = 30_000)]
     pub shutdown_grace_ms: u64,
-    /// Fail-open records kept in memory until the ledger records them (S22). When full, new
-    /// fail-open decisions fail closed (503 DEPENDENCY_UNAVAILABLE). In memory only: a crash
-    /// while the ledger is down loses the queued records.
+    /// Fail-open records held until the ledger records them (S22). When full, new fail-open
+    /// decisions fail closed (503 DEPENDENCY_UNAVAILABLE).
     #[arg(
         long,
         env = "SPENDGUARD_FAIL_OPEN_QUEUE_RECORDS",
@@ -138,8 +137,14 @@ pub struct SidecarTuning {
         value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000)
     )]
     pub fail_open_queue_records: usize,
+    /// Directory of the fail-open spool (an emptyDir): each fail-open record is flushed there
+    /// before its call goes through, and records left by a crash or a shutdown during an outage
+    /// are sent by the next start. Unset: records are held in memory only, and a crash while the
+    /// ledger is down loses them.
+    #[arg(long, env = "SPENDGUARD_FAIL_OPEN_SPOOL_DIR")]
+    pub fail_open_spool_dir: Option<PathBuf>,
     /// On shutdown, how long to keep sending queued fail-open records after in-flight calls
-    /// settled; what is left is logged at ERROR and lost.
+    /// settled; what is left stays in the spool (or, without one, is logged at ERROR and lost).
     #[arg(long, env = "SPENDGUARD_FAIL_OPEN_DRAIN_MS", default_value_t = 10_000)]
     pub fail_open_drain_ms: u64,
 }
@@ -248,10 +253,13 @@ pub async fn start(
     let reservation_ttl = Duration::from_millis(tuning.reservation_ttl_ms);
     // A fail-open call settles within the reservation TTL like any other; past it, its record is
     // sent at its worst case.
-    let fail_open = Arc::new(FailOpenQueue::new(
-        tuning.fail_open_queue_records,
-        reservation_ttl,
-    ));
+    let fail_open = Arc::new(match &tuning.fail_open_spool_dir {
+        Some(dir) => {
+            FailOpenQueue::with_spool(tuning.fail_open_queue_records, reservation_ttl, dir)
+                .map_err(|e| SidecarError::invalid("fail_open_spool_dir", e.to_string()))?
+        }
+        None => FailOpenQueue::new(tuning.fail_open_queue_records, reservation_ttl),
+    });
     fail_open.register(registry);
     let decider = Arc::new(Decider::new(
         ledger,
@@ -391,15 +399,22 @@ async fn drain_fail_open(decider: &Decider, deadline: Duration) {
         info!("every fail-open record was recorded in the ledger before shutdown");
         return;
     }
-    let lost = queue.abandon();
-    for record in &lost {
+    let abandoned = queue.abandon();
+    if abandoned.kept {
+        warn!(
+            kept = abandoned.records.len(),
+            "shutdown deadline passed with fail-open records unrecorded; they stay in the spool and the next start sends them"
+        );
+        return;
+    }
+    for record in &abandoned.records {
         error!(call_id = %record.call_id, tenant_id = %record.tenant_id,
                actual_nano_usd = record.actual_nano_usd, budget_ids = ?record.budget_ids,
                "fail-open record NOT recorded in the ledger before shutdown: its evidence and spend are lost");
     }
     error!(
-        lost = lost.len(),
-        "shutdown deadline passed with fail-open records unrecorded; reconcile them from these logs"
+        lost = abandoned.records.len(),
+        "shutdown deadline passed with fail-open records unrecorded and no spool; reconcile them from these logs"
     );
 }
 

@@ -425,3 +425,70 @@ async fn shutdown_sends_queued_fail_open_records_within_its_deadline() {
     assert_eq!(total, 10_950);
     assert_eq!(stack.balance().await.overrun_nano_usd, 10_950);
 }
+
+#[tokio::test]
+async fn a_fail_open_spool_carries_records_across_a_restart_during_an_outage() {
+    // Goal: with a spool, calls let through during an outage keep their evidence even when the
+    // sidecar stops before the ledger returns: the next start sends each record exactly once.
+    // Without a spool the same sequence loses them (previous test). Method: fail-open contract
+    // and a spool directory; ledger down; two calls go through; the sidecar stops (its drain
+    // deadline passes with the ledger still down); the ledger returns; a new sidecar on the same
+    // spool records both calls.
+    let spool = tempfile::tempdir().unwrap();
+    let mut stack = Stack::start(Options {
+        contract: json!({"fail_policy": "open"}),
+        flags: vec![
+            "--fail-open-drain-ms=500".into(),
+            format!("--fail-open-spool-dir={}", spool.path().display()),
+        ],
+        ..Options::default()
+    })
+    .await;
+    stack.ledger.stop().await;
+    let mut call_ids = Vec::new();
+    for _ in 0..2 {
+        let reply = post_json(
+            &stack.url("/v1/chat/completions"),
+            &[OPENAI_KEY],
+            &chat_body("gpt-4o-mini", false),
+        )
+        .await;
+        assert_eq!(reply.status, 200);
+        call_ids.push(reply.header("x-spendguard-call-id").unwrap().to_owned());
+    }
+    stack.wait_no_open_calls().await;
+    stack.stop_sidecar().await;
+    let spooled = std::fs::metadata(
+        spool
+            .path()
+            .join(spendguard_sidecar::fail_open::spool::SPOOL_FILE),
+    )
+    .unwrap()
+    .len();
+    assert!(spooled > 0, "the unsent records stay on disk");
+
+    stack.restart_ledger().await;
+    stack.start_sidecar().await;
+    assert!(
+        stack.fail_open_drained().await,
+        "the new sidecar sends what the spool held"
+    );
+    let (events, total) = fail_open_events(&stack).await;
+    call_ids.sort();
+    let expected: Vec<(String, i64)> = call_ids.iter().map(|c| (c.clone(), 1)).collect();
+    assert_eq!(events, expected, "one decision.fail_open per call");
+    assert_eq!(total, 2 * 10_950, "settled at their reported usage");
+    assert_eq!(stack.balance().await.overrun_nano_usd, 2 * 10_950);
+    stack.stop_sidecar().await;
+    assert_eq!(
+        std::fs::metadata(
+            spool
+                .path()
+                .join(spendguard_sidecar::fail_open::spool::SPOOL_FILE)
+        )
+        .unwrap()
+        .len(),
+        0,
+        "a drained spool is empty"
+    );
+}

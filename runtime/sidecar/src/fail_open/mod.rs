@@ -12,18 +12,22 @@
 //!                                └─ refused ─► retried up to RECORD_ATTEMPTS_MAX, then dropped (ERROR)
 //! ```
 //!
-//! # Caveats
-//! The queue is in memory. A crash of the sidecar while the ledger is down loses the records not
-//! yet sent: those calls went through, and their spend and evidence are missing from the
-//! ledger. A durable spool on an emptyDir is the follow-up (docs/design/fail-open-evidence.md).
-//! Fail-open is only allowed while evidence can be kept: a full queue refuses new fail-open
-//! decisions (503 DEPENDENCY_UNAVAILABLE).
+//! # Durability
+//! With a spool directory ([`spool`], an emptyDir in Kubernetes) every admission is written and
+//! flushed to disk before its call goes through, so a crash or a shutdown during an outage leaves
+//! the records for the next start, which sends them. Without one the queue is in memory only,
+//! and a crash while the ledger is down loses the records not yet sent. Either way fail-open is
+//! only allowed while evidence can be kept: a full queue, or a spool that cannot be written,
+//! refuses new fail-open decisions (503 DEPENDENCY_UNAVAILABLE).
+
+pub mod spool;
 
 use crate::error::SidecarError;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use spendguard_proto::ledger::v1 as pb;
+use spool::{Spool, SpoolError, SpooledRecord};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -77,6 +81,52 @@ struct Record {
     attempts: u32,
 }
 
+impl Record {
+    fn spooled(&self) -> SpooledRecord {
+        SpooledRecord {
+            request: self.request.clone(),
+            worst_case_nano_usd: self.worst_case_nano_usd,
+            run_budget: self.run_budget.clone(),
+            settled: self.settled,
+        }
+    }
+}
+
+/// The records and, when durable, the spool that mirrors them (one lock: the file's order is the
+/// queue's order).
+#[derive(Debug, Default)]
+struct State {
+    records: BTreeMap<String, Record>,
+    spool: Option<Spool>,
+}
+
+impl State {
+    /// Removes `call_id` and notes it done in the spool; an emptied queue truncates the spool,
+    /// and a spool grown far past the queue is rewritten.
+    fn finish(&mut self, call_id: &str) -> bool {
+        let removed = self.records.remove(call_id).is_some();
+        if !removed {
+            return false;
+        }
+        let Some(spool) = self.spool.as_mut() else {
+            return true;
+        };
+        let written = if self.records.is_empty() {
+            spool.rewrite(&[])
+        } else if spool.wants_rewrite(self.records.len()) {
+            let live: Vec<_> = self.records.values().map(Record::spooled).collect();
+            spool.rewrite(&live)
+        } else {
+            spool.done(call_id)
+        };
+        if let Err(e) = written {
+            // The record may be sent again after a restart; the ledger answers it as a replay.
+            tracing::warn!(call_id, code = e.code(), error = %e, "fail-open spool not updated");
+        }
+        true
+    }
+}
+
 /// A record ready to send.
 #[derive(Debug, Clone)]
 pub struct Ready {
@@ -96,10 +146,10 @@ struct QueueMetrics {
     pending: Gauge,
 }
 
-/// The bounded in-memory queue of fail-open records, keyed by call id.
+/// The bounded queue of fail-open records, keyed by call id; durable with a spool.
 #[derive(Debug)]
 pub struct FailOpenQueue {
-    records: Mutex<BTreeMap<String, Record>>,
+    state: Mutex<State>,
     capacity: usize,
     settle_deadline: Duration,
     wake: Notify,
@@ -115,12 +165,59 @@ impl FailOpenQueue {
             "a fail-open queue must hold at least one record"
         );
         Self {
-            records: Mutex::new(BTreeMap::new()),
+            state: Mutex::new(State::default()),
             capacity,
             settle_deadline,
             wake: Notify::new(),
             metrics: QueueMetrics::default(),
         }
+    }
+
+    /// A queue kept durable in the spool in `dir`, holding the records a previous process left
+    /// there. Their calls can no longer settle in this process, so unsettled ones are sent at
+    /// their worst case.
+    ///
+    /// # Errors
+    /// [`SpoolError`] when the spool cannot be read or written.
+    pub fn with_spool(
+        capacity: usize,
+        settle_deadline: Duration,
+        dir: &std::path::Path,
+    ) -> Result<Self, SpoolError> {
+        let (mut spool, replayed) = Spool::open(dir)?;
+        let mut records = BTreeMap::new();
+        for spooled in replayed {
+            let mut request = spooled.request;
+            if !spooled.settled {
+                request.actual_nano_usd = spooled.worst_case_nano_usd;
+            }
+            records.insert(
+                request.call_id.clone(),
+                Record {
+                    request,
+                    worst_case_nano_usd: spooled.worst_case_nano_usd,
+                    run_budget: spooled.run_budget,
+                    settled: true,
+                    queued_at: Instant::now(),
+                    attempts: 0,
+                },
+            );
+        }
+        if !records.is_empty() {
+            let live: Vec<_> = records.values().map(Record::spooled).collect();
+            spool.rewrite(&live)?;
+            tracing::warn!(
+                records = records.len(),
+                "fail-open records left by a previous run were read from the spool; they are sent once the ledger answers"
+            );
+        }
+        let queue = Self::new(capacity, settle_deadline);
+        queue.metrics.pending.set(gauge_value(records.len()));
+        *lock(&queue.state) = State {
+            records,
+            spool: Some(spool),
+        };
+        Ok(queue)
     }
 
     /// Registers the queue's metrics under the `spendguard_sidecar` prefix.
@@ -165,11 +262,11 @@ impl FailOpenQueue {
         run_budget: Option<(String, i64)>,
     ) -> Result<(), SidecarError> {
         debug_assert!(worst_case_nano_usd >= 0);
-        let mut records = lock(&self.records);
-        if records.contains_key(&request.call_id) {
+        let mut state = lock(&self.state);
+        if state.records.contains_key(&request.call_id) {
             return Ok(()); // A concurrent decide of the same call id: one record.
         }
-        if records.len() >= self.capacity {
+        if state.records.len() >= self.capacity {
             self.metrics.refused.inc();
             return Err(SidecarError::DependencyUnavailable(format!(
                 "ledger unavailable and the fail-open evidence queue is full ({} records); \
@@ -177,50 +274,66 @@ impl FailOpenQueue {
                 self.capacity
             )));
         }
-        records.insert(
-            request.call_id.clone(),
-            Record {
-                request,
-                worst_case_nano_usd,
-                run_budget,
-                settled: false,
-                queued_at: Instant::now(),
-                attempts: 0,
-            },
-        );
+        let record = Record {
+            request,
+            worst_case_nano_usd,
+            run_budget,
+            settled: false,
+            queued_at: Instant::now(),
+            attempts: 0,
+        };
+        if let Some(spool) = state.spool.as_mut() {
+            // Flushed before the call goes through. Blocking, under the lock, on purpose: only
+            // calls let through during a ledger outage pay for it, and the file stays in order.
+            spool.admitted(&record.spooled()).map_err(|e| {
+                self.metrics.refused.inc();
+                SidecarError::DependencyUnavailable(format!(
+                    "ledger unavailable and the fail-open evidence could not be kept ({}: {e}); \
+                     failing closed",
+                    e.code()
+                ))
+            })?;
+        }
+        state.records.insert(record.request.call_id.clone(), record);
         self.metrics.queued.inc();
-        self.metrics.pending.set(gauge_value(records.len()));
+        self.metrics.pending.set(gauge_value(state.records.len()));
         Ok(())
     }
 
     /// Withdraws a record admitted for a decision that was not kept (a concurrent decide of the
     /// same call won): nothing went through under it.
     pub fn withdraw(&self, call_id: &str) {
-        let mut records = lock(&self.records);
-        if records.get(call_id).is_some_and(|r| !r.settled) {
-            records.remove(call_id);
+        let mut state = lock(&self.state);
+        if state.records.get(call_id).is_some_and(|r| !r.settled) {
+            state.finish(call_id);
         }
-        self.metrics.pending.set(gauge_value(records.len()));
+        self.metrics.pending.set(gauge_value(state.records.len()));
     }
 
     /// Attaches the call's actual cost (0 for a call that failed or was released). The first
     /// settlement wins; later ones are ignored (the decider answers them as replays).
     pub fn settle(&self, call_id: &str, actual_nano_usd: i64) {
         debug_assert!(actual_nano_usd >= 0);
-        let mut records = lock(&self.records);
+        let mut state = lock(&self.state);
+        let State { records, spool } = &mut *state;
         if let Some(record) = records.get_mut(call_id)
             && !record.settled
         {
             record.request.actual_nano_usd = actual_nano_usd;
             record.settled = true;
+            if let Some(Err(e)) = spool.as_mut().map(|s| s.settled(call_id, actual_nano_usd)) {
+                // After a restart this record would be sent at its worst case instead.
+                tracing::warn!(call_id, code = e.code(), error = %e, "fail-open spool not updated");
+            }
         }
-        drop(records);
+        drop(state);
         self.wake.notify_one();
     }
 
     /// The worst case a queued call was admitted with.
     pub fn worst_case(&self, call_id: &str) -> Option<i64> {
-        lock(&self.records)
+        lock(&self.state)
+            .records
             .get(call_id)
             .map(|r| r.worst_case_nano_usd)
     }
@@ -229,9 +342,9 @@ impl FailOpenQueue {
     /// past the settle deadline (or all, when `force`), which are sent at their worst case.
     pub fn ready(&self, force: bool) -> Vec<Ready> {
         let now = Instant::now();
-        let mut records = lock(&self.records);
+        let mut state = lock(&self.state);
         let mut ready = Vec::new();
-        for (call_id, record) in records.iter_mut() {
+        for (call_id, record) in &mut state.records {
             if ready.len() >= DRAIN_BATCH_RECORDS_MAX {
                 break;
             }
@@ -253,46 +366,55 @@ impl FailOpenQueue {
 
     /// The ledger recorded `call_id` (or replayed it): the record leaves the queue.
     pub fn recorded(&self, call_id: &str) {
-        let mut records = lock(&self.records);
-        if records.remove(call_id).is_some() {
+        let mut state = lock(&self.state);
+        if state.finish(call_id) {
             self.metrics.recorded.inc();
         }
-        self.metrics.pending.set(gauge_value(records.len()));
+        self.metrics.pending.set(gauge_value(state.records.len()));
     }
 
     /// The ledger refused `call_id`; returns true when the record was dropped (attempts
     /// exhausted). The caller logs the drop.
     pub fn refused(&self, call_id: &str) -> bool {
-        let mut records = lock(&self.records);
-        let Some(record) = records.get_mut(call_id) else {
+        let mut state = lock(&self.state);
+        let Some(record) = state.records.get_mut(call_id) else {
             return false;
         };
         record.attempts = record.attempts.saturating_add(1);
         if record.attempts < RECORD_ATTEMPTS_MAX {
             return false;
         }
-        records.remove(call_id);
+        state.finish(call_id);
         self.metrics.dropped.inc();
-        self.metrics.pending.set(gauge_value(records.len()));
+        self.metrics.pending.set(gauge_value(state.records.len()));
         true
     }
 
-    /// Gives up on every record still queued (shutdown past its deadline): returns them, for
-    /// the caller to log loudly.
-    pub fn abandon(&self) -> Vec<pb::RecordFailOpenRequest> {
-        let mut records = lock(&self.records);
-        let abandoned: Vec<_> = std::mem::take(&mut *records)
+    /// Stops holding the records still queued (shutdown past its deadline) and returns them,
+    /// for the caller to log: with a spool they stay on disk for the next start, without one
+    /// they are lost (counted as dropped).
+    pub fn abandon(&self) -> Abandoned {
+        let mut state = lock(&self.state);
+        let records: Vec<_> = std::mem::take(&mut state.records)
             .into_values()
             .map(|r| r.request)
             .collect();
-        self.metrics.dropped.inc_by(abandoned.len() as u64);
+        let kept = state.spool.is_some();
+        if !kept {
+            self.metrics.dropped.inc_by(records.len() as u64);
+        }
         self.metrics.pending.set(0);
-        abandoned
+        Abandoned { records, kept }
+    }
+
+    /// Whether the queue is kept in a spool on disk.
+    pub fn is_durable(&self) -> bool {
+        lock(&self.state).spool.is_some()
     }
 
     /// Records queued (settled or not).
     pub fn len(&self) -> usize {
-        lock(&self.records).len()
+        lock(&self.state).records.len()
     }
 
     /// Whether nothing is queued.
@@ -304,6 +426,15 @@ impl FailOpenQueue {
     pub async fn notified(&self) {
         self.wake.notified().await;
     }
+}
+
+/// What [`FailOpenQueue::abandon`] let go of.
+#[derive(Debug)]
+pub struct Abandoned {
+    /// The records.
+    pub records: Vec<pb::RecordFailOpenRequest>,
+    /// Whether they stay in the spool for the next start (else they are lost).
+    pub kept: bool,
 }
 
 fn gauge_value(len: usize) -> i64 {
@@ -361,6 +492,58 @@ mod tests {
             "worst case when never settled"
         );
         queue.admit(request("c"), 1, None).unwrap();
+    }
+
+    #[test]
+    fn a_spooled_queue_gives_a_new_process_the_records_a_crash_left() {
+        // Goal: with a spool, a crash during an outage loses no evidence: the next process sends
+        // every record not yet recorded, settled ones at their actual cost and unsettled ones at
+        // their worst case, and nothing recorded is sent again. Method: queue A admits three,
+        // settles two and records one, then is dropped (a crash writes nothing more); queue B
+        // opens the same directory.
+        let dir = tempfile::tempdir().unwrap();
+        let a = FailOpenQueue::with_spool(8, Duration::from_secs(60), dir.path()).unwrap();
+        assert!(a.is_durable());
+        a.admit(request("x"), 500, None).unwrap();
+        a.admit(request("y"), 700, Some(("run-1".into(), 9_000)))
+            .unwrap();
+        a.admit(request("z"), 900, None).unwrap();
+        a.settle("x", 100);
+        a.settle("y", 200);
+        a.recorded("x");
+        drop(a);
+
+        let b = FailOpenQueue::with_spool(8, Duration::from_secs(60), dir.path()).unwrap();
+        assert_eq!(b.len(), 2);
+        let ready = b.ready(false);
+        let sent: Vec<_> = ready
+            .iter()
+            .map(|r| (r.request.call_id.as_str(), r.request.actual_nano_usd))
+            .collect();
+        assert_eq!(sent, vec![("y", 200), ("z", 900)]);
+        assert_eq!(ready[0].run_budget, Some(("run-1".into(), 9_000)));
+        b.recorded("y");
+        b.recorded("z");
+        drop(b);
+        let c = FailOpenQueue::with_spool(8, Duration::from_secs(60), dir.path()).unwrap();
+        assert!(c.is_empty(), "recorded records are not sent again");
+    }
+
+    #[test]
+    fn an_abandoned_spooled_queue_keeps_its_records_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = FailOpenQueue::with_spool(8, Duration::from_secs(60), dir.path()).unwrap();
+        a.admit(request("x"), 500, None).unwrap();
+        let abandoned = a.abandon();
+        assert!(abandoned.kept);
+        assert_eq!(abandoned.records.len(), 1);
+        assert!(a.is_empty());
+        let b = FailOpenQueue::with_spool(8, Duration::from_secs(60), dir.path()).unwrap();
+        assert_eq!(b.len(), 1);
+
+        let memory = FailOpenQueue::new(8, Duration::from_secs(60));
+        memory.admit(request("x"), 500, None).unwrap();
+        assert!(!memory.abandon().kept);
     }
 
     #[test]

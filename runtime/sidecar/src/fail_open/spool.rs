@@ -1,0 +1,463 @@
+//! The durable side of the fail-open queue: an append-only file of framed entries in a directory
+//! of its own (an emptyDir in Kubernetes, so it survives a restart of the sidecar container).
+//!
+//! ```text
+//! file   := frame*
+//! frame  := len: u32 LE | crc32(payload): u32 LE | payload (len bytes)
+//! payload:= 1 | worst_case: i64 | settled: u8 | run_budget? | RecordFailOpenRequest (protobuf)
+//!                                                                                   admitted
+//!         | 2 | actual: i64 | call_id (UTF-8)                                     settled
+//!         | 3 | call_id (UTF-8)                                                   done
+//! run_budget? := 0 | 1 | id_len: u32 | id (UTF-8) | limit: i64
+//! ```
+//!
+//! An admission is flushed (fdatasync) before the call it records is let through; settlements and
+//! completions are only written, because losing them is safe: on replay an unsettled record is
+//! sent at its worst case (conservative), and a record sent twice is answered by the ledger as a
+//! replay (RecordFailOpen is idempotent by call id).
+//!
+//! Opening replays the file into the records it describes and rewrites it as a snapshot. A frame
+//! cut short by a crash ends the replay there; anything after a damaged frame is kept in a
+//! `.damaged-<unix ms>` copy for an operator, since it cannot be read.
+
+use prost::Message as _;
+use spendguard_proto::ledger::v1 as pb;
+use std::fs::{File, OpenOptions};
+use std::io::{Read as _, Write as _};
+use std::path::{Path, PathBuf};
+
+/// The spool's file name inside its directory.
+pub const SPOOL_FILE: &str = "fail-open.spool";
+
+/// Largest frame accepted on replay: a record is about 1 KiB, so anything larger is damage.
+const FRAME_MAX_BYTES: u32 = 1 << 20;
+
+/// Frames appended since the last rewrite before the file is rewritten as a snapshot, at least.
+const COMPACT_MIN_FRAMES: usize = 4_096;
+
+const ADMITTED: u8 = 1;
+const SETTLED: u8 = 2;
+const DONE: u8 = 3;
+
+/// Why the spool could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    /// Reading, writing or flushing the spool failed.
+    #[error("fail-open spool {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+impl SpoolError {
+    /// Stable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Io { .. } => "FAIL_OPEN_SPOOL_IO",
+        }
+    }
+}
+
+/// One fail-open record as the spool keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpooledRecord {
+    /// The request, `actual_nano_usd` as last settled.
+    pub request: pb::RecordFailOpenRequest,
+    /// The call's worst case.
+    pub worst_case_nano_usd: i64,
+    /// A per-run budget (id, limit) to upsert before the record.
+    pub run_budget: Option<(String, i64)>,
+    /// Whether `request.actual_nano_usd` is final.
+    pub settled: bool,
+}
+
+/// The open spool file.
+#[derive(Debug)]
+pub struct Spool {
+    dir: PathBuf,
+    path: PathBuf,
+    file: File,
+    frames_since_rewrite: usize,
+}
+
+impl Spool {
+    /// Opens (creating it if absent) the spool in `dir`, returns the records it holds in the
+    /// order they were admitted, and rewrites it as their snapshot.
+    ///
+    /// # Errors
+    /// [`SpoolError::Io`] when the directory or file cannot be read or written.
+    pub fn open(dir: &Path) -> Result<(Self, Vec<SpooledRecord>), SpoolError> {
+        let path = dir.join(SPOOL_FILE);
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| SpoolError::Io { path, source }
+        };
+        let mut bytes = Vec::new();
+        match File::open(&path) {
+            Ok(mut file) => {
+                file.read_to_end(&mut bytes).map_err(io(&path))?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&path)(e)),
+        }
+        let (records, read) = replay(&bytes);
+        if read < bytes.len() {
+            let rest = bytes.len() - read;
+            if rest >= 8 {
+                let damaged = dir.join(format!(
+                    "{SPOOL_FILE}.damaged-{}",
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis())
+                ));
+                std::fs::write(&damaged, &bytes).map_err(io(&damaged))?;
+                tracing::error!(path = %path.display(), offset = read, bytes_unread = rest,
+                                copy = %damaged.display(),
+                                "fail-open spool damaged; records after the damage could not be read");
+            } else {
+                tracing::warn!(path = %path.display(), bytes_unread = rest,
+                               "fail-open spool ends in a partial frame (a write cut short); ignored");
+            }
+        }
+        let file = open_append(&path).map_err(io(&path))?;
+        let mut spool = Self {
+            dir: dir.to_owned(),
+            path,
+            file,
+            frames_since_rewrite: 0,
+        };
+        spool.rewrite(&records)?;
+        Ok((spool, records))
+    }
+
+    /// Appends an admission and flushes it to disk: only then may the call go through.
+    ///
+    /// # Errors
+    /// [`SpoolError::Io`]: the call must fail closed.
+    pub fn admitted(&mut self, record: &SpooledRecord) -> Result<(), SpoolError> {
+        self.append(&admitted_payload(record), true)
+    }
+
+    /// Appends a settlement (not flushed: losing it only makes a replay record the worst case).
+    ///
+    /// # Errors
+    /// [`SpoolError::Io`].
+    pub fn settled(&mut self, call_id: &str, actual_nano_usd: i64) -> Result<(), SpoolError> {
+        let mut payload = vec![SETTLED];
+        payload.extend_from_slice(&actual_nano_usd.to_le_bytes());
+        payload.extend_from_slice(call_id.as_bytes());
+        self.append(&payload, false)
+    }
+
+    /// Appends that a record left the queue (not flushed: losing it only makes a replay send the
+    /// record again, which the ledger answers as a replay).
+    ///
+    /// # Errors
+    /// [`SpoolError::Io`].
+    pub fn done(&mut self, call_id: &str) -> Result<(), SpoolError> {
+        let mut payload = vec![DONE];
+        payload.extend_from_slice(call_id.as_bytes());
+        self.append(&payload, false)
+    }
+
+    /// Whether enough has been appended since the last rewrite to rewrite the file for `live`
+    /// records.
+    pub fn wants_rewrite(&self, live: usize) -> bool {
+        self.frames_since_rewrite >= COMPACT_MIN_FRAMES.max(live.saturating_mul(4))
+    }
+
+    /// Replaces the file with a snapshot of `records`: written to a temporary file, flushed,
+    /// renamed over the spool, and the directory flushed. An empty snapshot truncates instead.
+    ///
+    /// # Errors
+    /// [`SpoolError::Io`]; the old file is left as it was.
+    pub fn rewrite(&mut self, records: &[SpooledRecord]) -> Result<(), SpoolError> {
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| SpoolError::Io { path, source }
+        };
+        if records.is_empty() {
+            self.file.set_len(0).map_err(io(&self.path))?;
+            self.file.sync_data().map_err(io(&self.path))?;
+            self.frames_since_rewrite = 0;
+            return Ok(());
+        }
+        let temporary = self.dir.join(format!("{SPOOL_FILE}.new"));
+        let mut bytes = Vec::new();
+        for record in records {
+            push_frame(&mut bytes, &admitted_payload(record));
+        }
+        let mut file = File::create(&temporary).map_err(io(&temporary))?;
+        file.write_all(&bytes).map_err(io(&temporary))?;
+        file.sync_data().map_err(io(&temporary))?;
+        std::fs::rename(&temporary, &self.path).map_err(io(&self.path))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&self.dir))?;
+        self.file = open_append(&self.path).map_err(io(&self.path))?;
+        self.frames_since_rewrite = 0;
+        Ok(())
+    }
+
+    fn append(&mut self, payload: &[u8], flush: bool) -> Result<(), SpoolError> {
+        let mut frame = Vec::with_capacity(payload.len() + 8);
+        push_frame(&mut frame, payload);
+        let path = &self.path;
+        let io = |source| SpoolError::Io {
+            path: path.clone(),
+            source,
+        };
+        self.file.write_all(&frame).map_err(io)?;
+        if flush {
+            self.file.sync_data().map_err(io)?;
+        }
+        self.frames_since_rewrite = self.frames_since_rewrite.saturating_add(1);
+        Ok(())
+    }
+}
+
+fn open_append(path: &Path) -> std::io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.create(true).append(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)
+}
+
+fn push_frame(out: &mut Vec<u8>, payload: &[u8]) {
+    // Payloads are built here and bounded far below u32::MAX (a record is about 1 KiB).
+    let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// An admission frame; a settled record is written settled (an admission followed by its
+/// settlement), so a snapshot keeps what replay needs.
+fn admitted_payload(record: &SpooledRecord) -> Vec<u8> {
+    let mut payload = vec![ADMITTED];
+    payload.extend_from_slice(&record.worst_case_nano_usd.to_le_bytes());
+    payload.push(u8::from(record.settled));
+    match &record.run_budget {
+        None => payload.push(0),
+        Some((id, limit)) => {
+            payload.push(1);
+            let len = u32::try_from(id.len()).unwrap_or(u32::MAX);
+            payload.extend_from_slice(&len.to_le_bytes());
+            payload.extend_from_slice(id.as_bytes());
+            payload.extend_from_slice(&limit.to_le_bytes());
+        }
+    }
+    record.request.encode(&mut payload).unwrap_or_default();
+    payload
+}
+
+/// Reads frames until the end or the first frame that is cut short or damaged; returns the live
+/// records in admission order and how many bytes were read.
+fn replay(bytes: &[u8]) -> (Vec<SpooledRecord>, usize) {
+    let mut records: Vec<SpooledRecord> = Vec::new();
+    let mut at = 0;
+    while let Some((payload, next)) = frame_at(bytes, at) {
+        let Some(entry) = Entry::parse(payload) else {
+            break;
+        };
+        match entry {
+            Entry::Admitted(record) => {
+                records.retain(|r| r.request.call_id != record.request.call_id);
+                records.push(*record);
+            }
+            Entry::Settled { call_id, actual } => {
+                if let Some(r) = records.iter_mut().find(|r| r.request.call_id == call_id)
+                    && !r.settled
+                {
+                    r.request.actual_nano_usd = actual;
+                    r.settled = true;
+                }
+            }
+            Entry::Done { call_id } => records.retain(|r| r.request.call_id != call_id),
+        }
+        at = next;
+    }
+    (records, at)
+}
+
+fn frame_at(bytes: &[u8], at: usize) -> Option<(&[u8], usize)> {
+    let header = bytes.get(at..at.checked_add(8)?)?;
+    let len = u32::from_le_bytes(header[..4].try_into().ok()?);
+    let crc = u32::from_le_bytes(header[4..].try_into().ok()?);
+    if len > FRAME_MAX_BYTES {
+        return None;
+    }
+    let start = at + 8;
+    let end = start.checked_add(usize::try_from(len).ok()?)?;
+    let payload = bytes.get(start..end)?;
+    (crc32fast::hash(payload) == crc).then_some((payload, end))
+}
+
+enum Entry {
+    Admitted(Box<SpooledRecord>),
+    Settled { call_id: String, actual: i64 },
+    Done { call_id: String },
+}
+
+impl Entry {
+    fn parse(payload: &[u8]) -> Option<Self> {
+        let (&kind, rest) = payload.split_first()?;
+        match kind {
+            ADMITTED => {
+                let worst_case_nano_usd = i64::from_le_bytes(rest.get(..8)?.try_into().ok()?);
+                let settled = *rest.get(8)? == 1;
+                let (run_budget, rest) = match *rest.get(9)? {
+                    0 => (None, rest.get(10..)?),
+                    1 => {
+                        let len = u32::from_le_bytes(rest.get(10..14)?.try_into().ok()?);
+                        let end = 14usize.checked_add(usize::try_from(len).ok()?)?;
+                        let id = std::str::from_utf8(rest.get(14..end)?).ok()?.to_owned();
+                        let limit = i64::from_le_bytes(
+                            rest.get(end..end.checked_add(8)?)?.try_into().ok()?,
+                        );
+                        (Some((id, limit)), rest.get(end + 8..)?)
+                    }
+                    _ => return None,
+                };
+                let request = pb::RecordFailOpenRequest::decode(rest).ok()?;
+                Some(Self::Admitted(Box::new(SpooledRecord {
+                    request,
+                    worst_case_nano_usd,
+                    run_budget,
+                    settled,
+                })))
+            }
+            SETTLED => Some(Self::Settled {
+                actual: i64::from_le_bytes(rest.get(..8)?.try_into().ok()?),
+                call_id: std::str::from_utf8(rest.get(8..)?).ok()?.to_owned(),
+            }),
+            DONE => Some(Self::Done {
+                call_id: std::str::from_utf8(rest).ok()?.to_owned(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn record(call_id: &str, worst_case: i64, run_budget: Option<(&str, i64)>) -> SpooledRecord {
+        SpooledRecord {
+            request: pb::RecordFailOpenRequest {
+                tenant_id: "t".into(),
+                call_id: call_id.into(),
+                budget_ids: vec!["b".into()],
+                decided_at_unix_ms: 1_700_000_000_000,
+                ..Default::default()
+            },
+            worst_case_nano_usd: worst_case,
+            run_budget: run_budget.map(|(id, limit)| (id.to_owned(), limit)),
+            settled: false,
+        }
+    }
+
+    fn file_len(dir: &Path) -> u64 {
+        std::fs::metadata(dir.join(SPOOL_FILE)).unwrap().len()
+    }
+
+    #[test]
+    fn a_reopened_spool_holds_what_was_admitted_settled_and_not_done() {
+        // Goal: what survives a crash is exactly the admitted records not yet done, with their
+        // settlements. Method: admit three, settle two, finish one, drop the spool (a crash
+        // writes nothing more), reopen.
+        let dir = tempfile::tempdir().unwrap();
+        let (mut spool, replayed) = Spool::open(dir.path()).unwrap();
+        assert!(replayed.is_empty());
+        spool.admitted(&record("a", 500, None)).unwrap();
+        spool
+            .admitted(&record("b", 700, Some(("run-1", 9_000))))
+            .unwrap();
+        spool.admitted(&record("c", 900, None)).unwrap();
+        spool.settled("a", 123).unwrap();
+        spool.settled("b", 456).unwrap();
+        spool.settled("b", 999).unwrap(); // The first settlement wins, as in the queue.
+        spool.done("a").unwrap();
+        drop(spool);
+
+        let (_spool, replayed) = Spool::open(dir.path()).unwrap();
+        let mut b = record("b", 700, Some(("run-1", 9_000)));
+        b.request.actual_nano_usd = 456;
+        b.settled = true;
+        assert_eq!(replayed, vec![b, record("c", 900, None)]);
+        // The reopened file is the snapshot: replaying it again gives the same records.
+        let (_spool, again) = Spool::open(dir.path()).unwrap();
+        assert_eq!(again, replayed);
+    }
+
+    #[test]
+    fn a_frame_cut_short_ends_the_replay_and_damage_is_kept_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut spool, _) = Spool::open(dir.path()).unwrap();
+        spool.admitted(&record("a", 1, None)).unwrap();
+        drop(spool);
+        // A crash in the middle of the next frame's header.
+        let mut file = OpenOptions::new()
+            .append(true)
+            .open(dir.path().join(SPOOL_FILE))
+            .unwrap();
+        file.write_all(&[42, 0, 0]).unwrap();
+        drop(file);
+        let (mut spool, replayed) = Spool::open(dir.path()).unwrap();
+        assert_eq!(replayed, vec![record("a", 1, None)]);
+
+        // Damage: a whole frame whose checksum does not match, then a good frame.
+        spool.admitted(&record("b", 2, None)).unwrap();
+        drop(spool);
+        let path = dir.path().join(SPOOL_FILE);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let second_frame = bytes.len() - (8 + admitted_payload(&record("b", 2, None)).len());
+        bytes[second_frame + 9] ^= 0xff;
+        let mut good = Vec::new();
+        push_frame(&mut good, &admitted_payload(&record("c", 3, None)));
+        bytes.extend_from_slice(&good);
+        std::fs::write(&path, &bytes).unwrap();
+        let (_spool, replayed) = Spool::open(dir.path()).unwrap();
+        assert_eq!(replayed, vec![record("a", 1, None)]);
+        let damaged: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.contains(".damaged-"))
+            .collect();
+        assert_eq!(
+            damaged.len(),
+            1,
+            "the unreadable spool is kept for an operator"
+        );
+    }
+
+    #[test]
+    fn an_empty_rewrite_truncates_and_a_large_log_asks_for_a_rewrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut spool, _) = Spool::open(dir.path()).unwrap();
+        spool.admitted(&record("a", 1, None)).unwrap();
+        assert!(file_len(dir.path()) > 0);
+        assert!(!spool.wants_rewrite(1));
+        for _ in 0..COMPACT_MIN_FRAMES {
+            spool.settled("a", 1).unwrap();
+        }
+        assert!(spool.wants_rewrite(1));
+        assert!(
+            !spool.wants_rewrite(COMPACT_MIN_FRAMES),
+            "a rewrite is worth it only when the log is several times the live records"
+        );
+        spool.rewrite(&[]).unwrap();
+        assert_eq!(file_len(dir.path()), 0);
+        assert!(!spool.wants_rewrite(0));
+        spool.admitted(&record("b", 2, None)).unwrap();
+        drop(spool);
+        let (_spool, replayed) = Spool::open(dir.path()).unwrap();
+        assert_eq!(replayed, vec![record("b", 2, None)]);
+    }
+}
