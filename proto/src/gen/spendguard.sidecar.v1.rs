@@ -21,6 +21,10 @@ pub struct DecideRequest {
     pub run_id: ::prost::alloc::string::String,
     #[prost(string, tag = "7")]
     pub workflow_id: ::prost::alloc::string::String,
+    /// Completions asked for (OpenAI chat `n`), 1 to 128; unset: 1. The input is reserved once and
+    /// `max_output_tokens` for each choice.
+    #[prost(uint32, optional, tag = "8")]
+    pub choices: ::core::option::Option<u32>,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

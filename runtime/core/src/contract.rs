@@ -130,16 +130,22 @@ pub struct Call {
     pub model: String,
     /// An input token count that cannot undercount the real one.
     pub input_tokens_upper_bound: u64,
-    /// The client's output-token limit, if it set one.
+    /// The client's output-token limit, if it set one. It applies to each choice.
     pub max_output_tokens: Option<u32>,
+    /// Completions generated for the one input (OpenAI chat `n`), at least 1: the input is billed
+    /// once, the output of every choice.
+    pub choices: u32,
 }
+
+/// Most completions one call may ask for (OpenAI accepts `n` up to 128).
+pub const CHOICES_MAX: u32 = 128;
 
 /// A call that may proceed to the ledger.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Planned {
     /// Worst case to reserve.
     pub reserve: NanoUsd,
-    /// Output-token limit to enforce on the upstream request.
+    /// Output-token limit to enforce on the upstream request (per choice).
     pub max_output_tokens: u32,
 }
 
@@ -189,11 +195,14 @@ pub fn evaluate_call(contract: &Contract, pricing: &Pricing, call: &Call) -> Res
             ));
         }
     };
+    // Callers check the range; a value out of it must not shrink the bound.
+    let choices = call.choices.clamp(1, CHOICES_MAX);
     let reserve = match pricing.price(call.provider, &call.model) {
         Ok(price) => worst_case_cost(
             price,
             call.input_tokens_upper_bound,
-            u64::from(max_output_tokens),
+            // At most 2^32 × 128: no overflow in u64.
+            u64::from(max_output_tokens).saturating_mul(u64::from(choices)),
         )
         .map_err(|e| stop(ReasonCode::PerCallCapExceeded, e.to_string()))?,
         Err(PricingError::UnknownModel { .. }) => match contract.unknown_model {
@@ -207,7 +216,13 @@ pub fn evaluate_call(contract: &Contract, pricing: &Pricing, call: &Call) -> Res
                     ),
                 ));
             }
-            UnknownModelPolicy::ReserveCeiling { ceiling_nano_usd } => ceiling_nano_usd,
+            // The ceiling stands for one completion; each choice is another.
+            UnknownModelPolicy::ReserveCeiling { ceiling_nano_usd } => NanoUsd::from_ratio_ceil(
+                u128::from(ceiling_nano_usd.get().unsigned_abs())
+                    .saturating_mul(u128::from(choices)),
+                1,
+            )
+            .map_err(|e| stop(ReasonCode::PerCallCapExceeded, e.to_string()))?,
         },
         Err(e) => return Err(stop(ReasonCode::ModelPriceUnknown, e.to_string())),
     };
@@ -339,6 +354,7 @@ mod tests {
 
     fn call(model: &str, max_output_tokens: Option<u32>) -> Call {
         Call {
+            choices: 1,
             provider: Provider::Openai,
             model: model.into(),
             input_tokens_upper_bound: 1_000,
@@ -383,6 +399,44 @@ mod tests {
                 &call("gpt-5", Some(1_001))
             )),
             ReasonCode::MaxOutputTokensAboveCap
+        );
+    }
+
+    #[test]
+    fn every_choice_is_reserved_and_the_input_once() {
+        // n = 3 completions of at most 100 tokens each: 1000 input × $1/M + 300 output × $10/M.
+        let three = Call {
+            choices: 3,
+            ..call("gpt-5", Some(100))
+        };
+        let planned = evaluate_call(&contract(), &pricing(), &three).unwrap();
+        assert_eq!(
+            (planned.reserve.get(), planned.max_output_tokens),
+            (4_000_000, 100),
+            "the output limit the upstream enforces stays per choice"
+        );
+        let mut c = contract();
+        c.max_cost_per_call_nano_usd = Some(NanoUsd::new(3_999_999).unwrap());
+        assert_eq!(
+            reason(evaluate_call(&c, &pricing(), &three)),
+            ReasonCode::PerCallCapExceeded,
+            "the per-call cap sees every choice"
+        );
+        c.max_cost_per_call_nano_usd = None;
+        c.unknown_model = UnknownModelPolicy::ReserveCeiling {
+            ceiling_nano_usd: NanoUsd::new(5_000).unwrap(),
+        };
+        let mystery = Call {
+            choices: 3,
+            ..call("mystery", None)
+        };
+        assert_eq!(
+            evaluate_call(&c, &pricing(), &mystery)
+                .unwrap()
+                .reserve
+                .get(),
+            15_000,
+            "a ceiling stands for one completion"
         );
     }
 

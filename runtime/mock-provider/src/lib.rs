@@ -75,7 +75,10 @@ struct Plan {
     stream: bool,
     include_usage: bool,
     input_tokens: u64,
+    /// Output tokens of each choice.
     output_tokens: u32,
+    /// Chat completions asked for (`n`); 1 for the other APIs.
+    choices: u32,
     capped: bool,
     latency: Duration,
     chunk_delay: Duration,
@@ -259,6 +262,21 @@ async fn serve(mock: MockProvider, api: Api, headers: HeaderMap, bytes: Bytes) -
             u32::try_from(v).unwrap_or(u32::MAX)
         });
     let output_tokens = limit.map_or(wanted, |l| wanted.min(u32::try_from(l).unwrap_or(u32::MAX)));
+    // OpenAI accepts `n` from 1 to 128 on chat completions (and bills every choice's output).
+    let choices = match (api, body.get("n")) {
+        (Api::Chat, Some(n)) if !n.is_null() => match n.as_u64() {
+            Some(n @ 1..=128) => u32::try_from(n).unwrap_or(1),
+            _ => {
+                return error(
+                    api,
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    "n: must be an integer from 1 to 128",
+                );
+            }
+        },
+        _ => 1,
+    };
     let failure = headers
         .get("x-mock-fail")
         .and_then(|v| v.to_str().ok())
@@ -280,6 +298,7 @@ async fn serve(mock: MockProvider, api: Api, headers: HeaderMap, bytes: Bytes) -
             .unwrap_or(false),
         input_tokens: input_tokens(api, &body),
         output_tokens,
+        choices,
         capped: output_tokens < wanted,
         latency: Duration::from_millis(
             header_u64(&headers, "x-mock-latency-ms").unwrap_or(mock.config.latency_ms),
@@ -323,7 +342,11 @@ fn text(tokens: u32) -> String {
 }
 
 fn usage(plan: &Plan) -> Value {
-    let (i, o) = (plan.input_tokens, u64::from(plan.output_tokens));
+    // The input is billed once; the output of every choice.
+    let (i, o) = (
+        plan.input_tokens,
+        u64::from(plan.output_tokens) * u64::from(plan.choices),
+    );
     match plan.api {
         Api::Chat => json!({
             "prompt_tokens": i, "completion_tokens": o, "total_tokens": i + o,
@@ -370,8 +393,9 @@ fn whole(plan: &Plan) -> Value {
             "id": format!("chatcmpl-mock-{}", plan.id), "object": "chat.completion",
             "created": 1_764_000_000, "model": plan.model, "system_fingerprint": "fp_mock",
             "service_tier": "default",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": t, "refusal": null, "annotations": []},
-                         "logprobs": null, "finish_reason": if plan.capped { "length" } else { "stop" }}],
+            "choices": (0..plan.choices).map(|index| json!(
+                {"index": index, "message": {"role": "assistant", "content": t, "refusal": null, "annotations": []},
+                 "logprobs": null, "finish_reason": if plan.capped { "length" } else { "stop" }})).collect::<Vec<_>>(),
             "usage": usage(plan)
         }),
         Api::Responses => response_object(plan, "completed", Some(&t)),
@@ -398,32 +422,41 @@ fn events(plan: &Plan) -> Vec<(Option<&'static str>, Value)> {
     match plan.api {
         Api::Chat => {
             let id = format!("chatcmpl-mock-{}", plan.id);
-            let chunk = |delta: Value, finish: Value| {
+            // One choice per chunk, the choices interleaved, as OpenAI streams `n` > 1.
+            let chunk = |index: u32, delta: Value, finish: Value| {
                 let mut c = json!({"id": id, "object": "chat.completion.chunk", "created": 1_764_000_000,
                     "model": plan.model, "system_fingerprint": "fp_mock",
-                    "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]});
+                    "choices": [{"index": index, "delta": delta, "logprobs": null, "finish_reason": finish}]});
                 if plan.include_usage {
                     c["usage"] = Value::Null;
                 }
                 c
             };
-            out.push((
-                None,
-                chunk(
-                    json!({"role": "assistant", "content": "", "refusal": null}),
-                    Value::Null,
-                ),
-            ));
-            for w in &words {
-                out.push((None, chunk(json!({"content": w}), Value::Null)));
+            for index in 0..plan.choices {
+                out.push((
+                    None,
+                    chunk(
+                        index,
+                        json!({"role": "assistant", "content": "", "refusal": null}),
+                        Value::Null,
+                    ),
+                ));
             }
-            out.push((
-                None,
-                chunk(
-                    json!({}),
-                    json!(if plan.capped { "length" } else { "stop" }),
-                ),
-            ));
+            for w in &words {
+                for index in 0..plan.choices {
+                    out.push((None, chunk(index, json!({"content": w}), Value::Null)));
+                }
+            }
+            for index in 0..plan.choices {
+                out.push((
+                    None,
+                    chunk(
+                        index,
+                        json!({}),
+                        json!(if plan.capped { "length" } else { "stop" }),
+                    ),
+                ));
+            }
             if plan.include_usage && !no_usage {
                 out.push((None, json!({"id": id, "object": "chat.completion.chunk", "created": 1_764_000_000,
                     "model": plan.model, "system_fingerprint": "fp_mock", "choices": [], "usage": usage(plan)})));

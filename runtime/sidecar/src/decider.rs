@@ -22,7 +22,8 @@ use crate::fail_open::{FailOpenQueue, SendFailure};
 use crate::lease::Lease;
 use serde::Serialize;
 use spendguard_core::contract::{
-    BudgetAfterReserve, Bundle, Call, FailPolicy, ReasonCode, evaluate_balances, evaluate_call,
+    BudgetAfterReserve, Bundle, CHOICES_MAX, Call, FailPolicy, ReasonCode, evaluate_balances,
+    evaluate_call,
 };
 use spendguard_core::money::NanoUsd;
 use spendguard_core::pricing::{PricingError, Provider, TokenUsage};
@@ -67,8 +68,10 @@ pub struct DecideInput {
     pub model: String,
     /// An input token count that cannot undercount.
     pub input_tokens_upper_bound: u64,
-    /// The call's output-token limit, if it set one.
+    /// The call's output-token limit, if it set one (per choice).
     pub max_output_tokens: Option<u32>,
+    /// Completions asked for (OpenAI chat `n`), 1 to [`CHOICES_MAX`].
+    pub choices: u32,
     /// The run whose per-run budget applies.
     pub run_id: Option<String>,
     /// Workflow, for the audit trail.
@@ -179,6 +182,7 @@ struct Fingerprint {
     model: String,
     input_tokens_upper_bound: u64,
     max_output_tokens: Option<u32>,
+    choices: u32,
     run_id: Option<String>,
     workflow_id: Option<String>,
 }
@@ -259,11 +263,18 @@ impl Decider {
                 "must be at least 1",
             ));
         }
+        if !(1..=CHOICES_MAX).contains(&input.choices) {
+            return Err(SidecarError::invalid(
+                "choices",
+                format!("must be from 1 to {CHOICES_MAX}"),
+            ));
+        }
         let fingerprint = Fingerprint {
             provider: input.provider,
             model: input.model.clone(),
             input_tokens_upper_bound: input.input_tokens_upper_bound,
             max_output_tokens: input.max_output_tokens,
+            choices: input.choices,
             run_id: input.run_id.clone(),
             workflow_id: input.workflow_id.clone(),
         };
@@ -323,6 +334,7 @@ impl Decider {
             model: input.model.clone(),
             input_tokens_upper_bound: input.input_tokens_upper_bound,
             max_output_tokens: input.max_output_tokens,
+            choices: input.choices,
         };
         let planned = match evaluate_call(contract, &self.bundle.pricing, &call) {
             Ok(planned) => planned,

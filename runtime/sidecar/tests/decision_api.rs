@@ -22,6 +22,7 @@ fn decide(call_id: &str, max_output_tokens: u32) -> pb::DecideRequest {
         model: "gpt-4o-mini".into(),
         input_tokens_upper_bound: 1_000,
         max_output_tokens: Some(max_output_tokens),
+        choices: None,
         run_id: String::new(),
         workflow_id: "wf-1".into(),
     }
@@ -135,6 +136,16 @@ async fn http_errors_have_stable_codes_and_change_nothing() {
         ),
         (
             json!({"call_id": "h-1", "provider": "openai", "model": "gpt-4o-mini", "input_tokens_upper_bound": 1, "max_output_tokens": -1}),
+            400,
+            "INVALID_ARGUMENT",
+        ),
+        (
+            json!({"call_id": "h-1", "provider": "openai", "model": "gpt-4o-mini", "input_tokens_upper_bound": 1, "choices": 0}),
+            400,
+            "INVALID_ARGUMENT",
+        ),
+        (
+            json!({"call_id": "h-1", "provider": "openai", "model": "gpt-4o-mini", "input_tokens_upper_bound": 1, "choices": 129}),
             400,
             "INVALID_ARGUMENT",
         ),

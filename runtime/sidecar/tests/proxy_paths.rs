@@ -75,6 +75,61 @@ async fn openai_chat_stream_passes_chunks_through_and_commits_final_usage() {
 }
 
 #[tokio::test]
+async fn several_choices_reserve_every_output_and_commit_their_usage() {
+    // Goal: OpenAI chat `n` is a worst case of n outputs, and the usage of every choice is what
+    // gets committed, streamed or not. Method: n = 1 and n = 3 with the same body length (so the
+    // same input bound) and an explicit limit of 20 tokens per choice; their reservations differ
+    // by exactly 2 × 20 output tokens at $0.60/M. Then a stream with n = 2.
+    let mut stack = Stack::start(Options::default()).await;
+    let chat = stack.url("/v1/chat/completions");
+    let body = |n: u32, stream: bool| {
+        let mut body = chat_body("gpt-4o-mini", stream);
+        body["n"] = json!(n);
+        body["max_completion_tokens"] = json!(20);
+        body
+    };
+    let one = post_json(&chat, &[OPENAI_KEY], &body(1, false)).await;
+    assert_eq!(one.status, 200);
+    let three = post_json(&chat, &[OPENAI_KEY], &body(3, false)).await;
+    assert_eq!(
+        three.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&three.body)
+    );
+    let answer = three.json();
+    assert_eq!(answer["choices"].as_array().unwrap().len(), 3);
+    assert_eq!(answer["usage"]["completion_tokens"], 48);
+    let balance = stack.settled_balance().await;
+    // 9 input tokens once, 16 output tokens per choice: 1_350 + 4 × 16 × 600 nano-USD.
+    assert_eq!(
+        balance.committed_nano_usd,
+        HELLO_CHAT_COST + 1_350 + 3 * 9_600
+    );
+
+    let amounts: Vec<i64> =
+        sqlx::query_scalar("SELECT amount_nano_usd FROM reservations ORDER BY created_at")
+            .fetch_all(stack.ledger.store().pool())
+            .await
+            .unwrap();
+    assert_eq!(amounts.len(), 2);
+    assert_eq!(amounts[1] - amounts[0], 2 * 20 * 600);
+    assert_eq!(stack.upstream_requests()[1]["body"]["n"], 3);
+
+    let streamed = post_json(&chat, &[OPENAI_KEY], &body(2, true)).await;
+    assert_eq!(streamed.status, 200);
+    let text = String::from_utf8(streamed.body.to_vec()).unwrap();
+    let events = text.lines().filter(|l| l.starts_with("data: ")).count();
+    // Per choice: a role chunk, 16 content chunks and a finish chunk; then usage and [DONE].
+    assert_eq!(events, 2 * 18 + 2, "{text}");
+    let balance = stack.settled_balance().await;
+    assert_eq!(
+        balance.committed_nano_usd,
+        HELLO_CHAT_COST + (1_350 + 3 * 9_600) + (1_350 + 2 * 9_600)
+    );
+}
+
+#[tokio::test]
 async fn anthropic_and_responses_streams_commit_their_usage() {
     let mut stack = Stack::start(Options::default()).await;
     let reply = post_json(

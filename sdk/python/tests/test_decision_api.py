@@ -187,6 +187,29 @@ def test_contract_cap_applies_when_no_max_output_tokens(sg: spendguard.SpendGuar
         sg.release(call_id, reason="pytest_done")
 
 
+def test_choices_reserve_each_output(sg: spendguard.SpendGuard, call_id: str) -> None:
+    def reserve(suffix: str, **kwargs: int) -> spendguard.Decision:
+        return sg.decide(
+            provider="openai", model=OPENAI_MODEL, input_tokens_upper_bound=100, call_id=f"{call_id}-{suffix}", **kwargs
+        )
+
+    one = reserve("one", max_output_tokens=50)
+    three = reserve("three", max_output_tokens=50, choices=3)
+    long = reserve("long", max_output_tokens=150)
+    try:
+        # The input is reserved once and 50 output tokens per choice: the same worst case as one
+        # choice of 150 tokens, while the limit the upstream enforces stays 50 per choice.
+        assert three.reserved_nano_usd == long.reserved_nano_usd > one.reserved_nano_usd
+        assert three.max_output_tokens == 50
+    finally:
+        for suffix in ("one", "three", "long"):
+            sg.release(f"{call_id}-{suffix}", reason="pytest_done")
+    with pytest.raises(spendguard.InvalidRequest) as refused:
+        sg.decide(provider="openai", model=OPENAI_MODEL, input_tokens_upper_bound=100, choices=0, call_id=call_id)
+    assert refused.value.code == "INVALID_ARGUMENT"
+    assert refused.value.field == "choices"
+
+
 async def test_async_client_round_trip(stack: Stack, call_id: str) -> None:
     async with spendguard.AsyncSpendGuard(stack.url) as asg:
         decision = await asg.decide(

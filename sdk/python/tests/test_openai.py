@@ -54,6 +54,25 @@ def test_chat_completion_keeps_callers_cap_and_reports_decision(
     assert output_cap(mock.one_with_marker(marker, "/v1/chat/completions")) == 64
 
 
+def test_several_choices(stack: Stack, mock: MockUpstream, marker: str) -> None:
+    client = plain(stack.url)
+    completion = client.chat.completions.create(
+        model=OPENAI_MODEL, messages=[{"role": "user", "content": f"two ways {marker}"}], n=2, max_tokens=8
+    )
+    assert [c.index for c in completion.choices] == [0, 1]
+    assert completion.usage is not None and completion.usage.completion_tokens == 16
+    assert mock.one_with_marker(marker, "/v1/chat/completions")["n"] == 2
+
+    stream = client.chat.completions.create(
+        model=OPENAI_MODEL, messages=[{"role": "user", "content": f"two ways {marker}"}], n=2, stream=True
+    )
+    texts = ["", ""]
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert all(texts)
+
+
 def test_chat_completion_stream(stack: Stack, mock: MockUpstream, marker: str) -> None:
     client = plain(stack.url)
     stream = client.chat.completions.create(

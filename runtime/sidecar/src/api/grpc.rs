@@ -45,6 +45,7 @@ impl pb::sidecar_server::Sidecar for SidecarService {
             model: r.model,
             input_tokens_upper_bound: r.input_tokens_upper_bound,
             max_output_tokens: r.max_output_tokens,
+            choices: r.choices.unwrap_or(1),
             run_id: optional(r.run_id),
             workflow_id: optional(r.workflow_id),
         };

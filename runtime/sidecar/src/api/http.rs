@@ -38,6 +38,9 @@ struct DecideBody {
     input_tokens_upper_bound: u64,
     #[serde(default)]
     max_output_tokens: Option<i64>,
+    /// Completions asked for (OpenAI chat `n`); absent: 1.
+    #[serde(default)]
+    choices: Option<i64>,
     #[serde(default)]
     run_id: Option<String>,
     #[serde(default)]
@@ -114,12 +117,17 @@ async fn decide(
             ))
         })?),
     };
+    // Out of range values (negative, too large) are refused by the decider, with the range.
+    let choices = b
+        .choices
+        .map_or(1, |n| u32::try_from(n).unwrap_or(u32::MAX));
     let input = DecideInput {
         call_id: b.call_id,
         provider: parse_provider(&b.provider).map_err(ApiError)?,
         model: b.model,
         input_tokens_upper_bound: b.input_tokens_upper_bound,
         max_output_tokens,
+        choices,
         run_id: optional_text(b.run_id),
         workflow_id: optional_text(b.workflow_id),
     };

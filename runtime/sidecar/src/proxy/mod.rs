@@ -150,6 +150,7 @@ impl Proxy {
                 model: request.model.clone(),
                 input_tokens_upper_bound: request.input_tokens_upper_bound,
                 max_output_tokens: request.max_output_tokens,
+                choices: request.choices,
                 run_id: header_text(&headers, "x-spendguard-run-id"),
                 workflow_id: header_text(&headers, "x-spendguard-workflow-id"),
             })

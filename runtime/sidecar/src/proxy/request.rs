@@ -9,6 +9,7 @@
 
 use crate::error::SidecarError;
 use serde_json::{Map, Value};
+use spendguard_core::contract::CHOICES_MAX;
 use spendguard_core::pricing::Provider;
 
 /// Tokens allowed per image part: above every documented per-image cost (OpenAI high-detail and
@@ -84,8 +85,10 @@ pub struct ProviderRequest {
     pub model: String,
     /// Server-sent events requested.
     pub stream: bool,
-    /// The client's output limit, if it set one.
+    /// The client's output limit, if it set one (per choice).
     pub max_output_tokens: Option<u32>,
+    /// Completions asked for: OpenAI chat `n` (1 when absent); 1 for the other APIs.
+    pub choices: u32,
     /// Input tokens that cannot undercount.
     pub input_tokens_upper_bound: u64,
     body: Map<String, Value>,
@@ -123,17 +126,23 @@ impl ProviderRequest {
                 max_output_tokens = Some(max_output_tokens.map_or(limit, |m: u32| m.max(limit)));
             }
         }
-        if api == Api::OpenAiChat {
+        let choices = if api == Api::OpenAiChat {
             match body.get("n") {
-                None | Some(Value::Null) => {}
-                Some(n) if n.as_u64() == Some(1) => {}
-                Some(_) => {
-                    return Err(SidecarError::Unsupported(
-                        "n other than 1 (several choices per call)".into(),
-                    ));
-                }
+                None | Some(Value::Null) => 1,
+                Some(n) => n
+                    .as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .filter(|n| (1..=CHOICES_MAX).contains(n))
+                    .ok_or_else(|| {
+                        SidecarError::invalid(
+                            "n",
+                            format!("must be an integer from 1 to {CHOICES_MAX}"),
+                        )
+                    })?,
             }
-        }
+        } else {
+            1
+        };
         for field in api.unbounded_fields() {
             if body.get(*field).is_some_and(|v| !v.is_null()) {
                 return Err(SidecarError::UnboundedInput(format!(
@@ -162,6 +171,7 @@ impl ProviderRequest {
             model,
             stream,
             max_output_tokens,
+            choices,
             input_tokens_upper_bound: bytes_len
                 .saturating_add(allowance.tokens)
                 .saturating_add(BASE_OVERHEAD_TOKENS),
@@ -358,11 +368,22 @@ mod tests {
             );
         }
         assert_eq!(
-            parse(Api::OpenAiChat, r#"{"model":"m","messages":[],"n":2}"#)
-                .unwrap_err()
-                .code(),
-            "UNSUPPORTED"
+            parse(Api::OpenAiChat, r#"{"model":"m","messages":[],"n":3}"#)
+                .unwrap()
+                .choices,
+            3
         );
+        assert_eq!(
+            parse(Api::OpenAiChat, r#"{"model":"m","messages":[]}"#)
+                .unwrap()
+                .choices,
+            1
+        );
+        for n in ["0", "-1", "129", "1.5", "\"2\"", "true"] {
+            let body = format!(r#"{{"model":"m","messages":[],"n":{n}}}"#);
+            let error = parse(Api::OpenAiChat, &body).unwrap_err();
+            assert_eq!(error.code(), "INVALID_ARGUMENT", "n = {n}");
+        }
         assert_eq!(
             parse(Api::AnthropicMessages, r#"{"model":"c","max_tokens":5,"messages":[],"tools":[{"name":"t","input_schema":{}}]}"#)
                 .unwrap()

@@ -64,6 +64,7 @@ def _decide_body(
     model: str,
     input_tokens_upper_bound: int,
     max_output_tokens: int | None,
+    choices: int | None,
     run_id: str | None,
     workflow_id: str | None,
 ) -> dict[str, Any]:
@@ -75,6 +76,7 @@ def _decide_body(
         "model": model,
         "input_tokens_upper_bound": input_tokens_upper_bound,
         "max_output_tokens": max_output_tokens,
+        "choices": choices,
         "run_id": run_id,
         "workflow_id": workflow_id,
     }
@@ -205,18 +207,24 @@ class SpendGuard:
         model: str,
         input_tokens_upper_bound: int,
         max_output_tokens: int | None = None,
+        choices: int | None = None,
         call_id: str | None = None,
         run_id: str | None = None,
         workflow_id: str | None = None,
         check: bool = True,
     ) -> Decision:
-        """Reserve the worst-case cost of one call. Raises on STOP/REQUIRE_APPROVAL unless `check=False`."""
+        """Reserve the worst-case cost of one call. Raises on STOP/REQUIRE_APPROVAL unless `check=False`.
+
+        `choices` is the number of completions asked for (OpenAI chat `n`); `max_output_tokens`
+        applies to each.
+        """
         body = _decide_body(
             call_id=call_id or new_call_id(),
             provider=provider,
             model=model,
             input_tokens_upper_bound=input_tokens_upper_bound,
             max_output_tokens=max_output_tokens,
+            choices=choices,
             run_id=run_id,
             workflow_id=workflow_id,
         )
@@ -240,6 +248,7 @@ class SpendGuard:
         model: str,
         input_tokens_upper_bound: int,
         max_output_tokens: int | None = None,
+        choices: int | None = None,
         call_id: str | None = None,
         run_id: str | None = None,
         workflow_id: str | None = None,
@@ -255,6 +264,7 @@ class SpendGuard:
             model=model,
             input_tokens_upper_bound=input_tokens_upper_bound,
             max_output_tokens=max_output_tokens,
+            choices=choices,
             call_id=call_id,
             run_id=run_id,
             workflow_id=workflow_id,
@@ -351,18 +361,24 @@ class AsyncSpendGuard:
         model: str,
         input_tokens_upper_bound: int,
         max_output_tokens: int | None = None,
+        choices: int | None = None,
         call_id: str | None = None,
         run_id: str | None = None,
         workflow_id: str | None = None,
         check: bool = True,
     ) -> Decision:
-        """Reserve the worst-case cost of one call. Raises on STOP/REQUIRE_APPROVAL unless `check=False`."""
+        """Reserve the worst-case cost of one call. Raises on STOP/REQUIRE_APPROVAL unless `check=False`.
+
+        `choices` is the number of completions asked for (OpenAI chat `n`); `max_output_tokens`
+        applies to each.
+        """
         body = _decide_body(
             call_id=call_id or new_call_id(),
             provider=provider,
             model=model,
             input_tokens_upper_bound=input_tokens_upper_bound,
             max_output_tokens=max_output_tokens,
+            choices=choices,
             run_id=run_id,
             workflow_id=workflow_id,
         )
@@ -384,6 +400,7 @@ class AsyncSpendGuard:
         model: str,
         input_tokens_upper_bound: int,
         max_output_tokens: int | None = None,
+        choices: int | None = None,
         call_id: str | None = None,
         run_id: str | None = None,
         workflow_id: str | None = None,
@@ -394,6 +411,7 @@ class AsyncSpendGuard:
             model=model,
             input_tokens_upper_bound=input_tokens_upper_bound,
             max_output_tokens=max_output_tokens,
+            choices=choices,
             call_id=call_id,
             run_id=run_id,
             workflow_id=workflow_id,
