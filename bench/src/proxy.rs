@@ -153,9 +153,11 @@ pub(crate) async fn bench_proxy(
     .await?;
     let direct = format!("http://127.0.0.1:{mock_port}/v1/chat/completions");
     let guarded = format!("http://127.0.0.1:{sidecar_port}/v1/chat/completions");
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
     let client: HttpClient = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(1024)
-        .build_http();
+        .build(connector);
     // Warm connection pools on both paths.
     paced(&client, &direct, 200, Duration::from_secs(1)).await?;
     paced(&client, &guarded, 200, Duration::from_secs(1)).await?;

@@ -110,7 +110,7 @@ impl MockProvider {
     pub fn spawn(&self, listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<()> {
         let router = self.router();
         tokio::spawn(async move {
-            let _ = axum::serve(listener, router).await;
+            let _ = axum::serve(nodelay(listener), router).await;
         })
     }
 
@@ -594,4 +594,15 @@ fn stream_response(plan: Plan) -> Response {
         body,
     )
         .into_response()
+}
+
+/// `listener` with Nagle's algorithm off on every accepted connection, as a provider's edge has
+/// it: streamed chunks leave as they are written.
+pub fn nodelay(
+    listener: tokio::net::TcpListener,
+) -> impl axum::serve::Listener<Io = tokio::net::TcpStream, Addr = std::net::SocketAddr> {
+    use axum::serve::ListenerExt as _;
+    listener.tap_io(|stream| {
+        let _ = stream.set_nodelay(true);
+    })
 }

@@ -31,6 +31,6 @@ async fn main() -> anyhow::Result<()> {
         chunk_delay_ms: args.chunk_delay_ms,
     });
     println!("mock provider listening on {}", listener.local_addr()?);
-    axum::serve(listener, mock.router()).await?;
+    axum::serve(spendguard_mock_provider::nodelay(listener), mock.router()).await?;
     Ok(())
 }

@@ -29,6 +29,7 @@ use crate::fail_open::FailOpenQueue;
 use crate::lease::{Lease, LeaseConfig, LeaseKeeper, LeaseState};
 use crate::metrics::Metrics;
 use crate::proxy::upstream::{Upstream, UpstreamConfig};
+use axum::serve::ListenerExt as _;
 use prometheus_client::registry::Registry;
 use spendguard_platform::{AdminServer, CommonArgs, Readiness};
 use std::net::SocketAddr;
@@ -300,7 +301,11 @@ pub async fn start(
     let http_stopped = stopped.clone();
     let http = tokio::spawn(async move {
         let _ = gate.await;
-        let served = axum::serve(http_listener, router)
+        // No Nagle delay: SSE chunks and small responses leave as soon as they are written.
+        let listener = http_listener.tap_io(|stream| {
+            let _ = stream.set_nodelay(true);
+        });
+        let served = axum::serve(listener, router)
             .with_graceful_shutdown(wait_true(http_stopped))
             .await;
         if let Err(e) = served {
@@ -310,7 +315,8 @@ pub async fn start(
     let grpc_service = api::grpc::SidecarService::new(decider.clone());
     let grpc_stopped = stopped.clone();
     let grpc = tokio::spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
         let served = tonic::transport::Server::builder()
             .add_service(grpc_service)
             .serve_with_incoming_shutdown(incoming, wait_true(grpc_stopped))

@@ -68,12 +68,16 @@ impl Upstream {
             base.parse::<Uri>()
                 .map_err(|e| SidecarError::Internal(format!("upstream base URL {base}: {e}")))?;
         }
+        let mut tcp = HttpConnector::new();
+        tcp.enforce_http(false);
+        // No Nagle delay on the request path (hyper's default keeps it on).
+        tcp.set_nodelay(true);
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_native_roots()
             .map_err(|e| SidecarError::Internal(format!("root certificates: {e}")))?
             .https_or_http()
             .enable_http1()
-            .build();
+            .wrap_connector(tcp);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .build(connector);
