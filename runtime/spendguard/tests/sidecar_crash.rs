@@ -1,0 +1,200 @@
+//! Crash drill for fail-open evidence (S22): calls let through while the ledger is down survive a
+//! kill -9 of the `spendguard sidecar` process. The next process on the same spool records each
+//! of them exactly once once the ledger is back.
+#![allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
+
+use serde_json::json;
+use spendguard_proto::ledger::v1 as pb;
+use spendguard_testkit::free_port;
+use spendguard_testkit::ledger::{TestLedger, http_get};
+use std::path::Path;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::process::{Child, Command};
+
+const TENANT: &str = "tenant-spool";
+const BUDGET: &str = "spool/llm";
+
+struct Sidecar {
+    child: Child,
+    port: u16,
+}
+
+async fn spawn_sidecar(
+    ledger: std::net::SocketAddr,
+    bundle: &Path,
+    spool: &Path,
+    mock: u16,
+) -> Sidecar {
+    let port = free_port();
+    let admin = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_spendguard"))
+        .arg("sidecar")
+        .env("SPENDGUARD_LEDGER_URL", format!("http://{ledger}"))
+        .env("SPENDGUARD_BUNDLE_DIR", bundle)
+        .env("SPENDGUARD_WORKLOAD_INSTANCE_ID", "agent-crash")
+        .env("SPENDGUARD_SIDECAR_LISTEN", format!("127.0.0.1:{port}"))
+        .env(
+            "SPENDGUARD_SIDECAR_GRPC_LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        )
+        .env("SPENDGUARD_ADMIN_ADDR", format!("127.0.0.1:{admin}"))
+        .env(
+            "SPENDGUARD_OPENAI_BASE_URL",
+            format!("http://127.0.0.1:{mock}"),
+        )
+        .env(
+            "SPENDGUARD_ANTHROPIC_BASE_URL",
+            format!("http://127.0.0.1:{mock}"),
+        )
+        .env("SPENDGUARD_FAIL_OPEN_SPOOL_DIR", spool)
+        .env("SPENDGUARD_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn spendguard sidecar");
+    for _ in 0..200 {
+        if matches!(http_get(admin, "/readyz").await, Ok((200, _))) {
+            return Sidecar { child, port };
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("sidecar did not become ready");
+}
+
+/// A proxied chat call; its HTTP status.
+async fn chat(port: u16) -> u16 {
+    let body = json!({"model": "gpt-4o-mini",
+                      "messages": [{"role": "user", "content": "Say hello in one word."}]})
+    .to_string();
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer sk-app\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Each recorded call: its id, its `decision.fail_open` event count and the cost it recorded.
+async fn fail_open_events(pool: &sqlx::PgPool) -> Vec<(String, i64, i64)> {
+    sqlx::query_as(
+        "SELECT e #>> '{data,call_id}', count(*), max((e #>> '{data,actual_nano_usd}')::bigint)
+           FROM (SELECT convert_from(canonical_event, 'UTF8')::jsonb AS e FROM audit_outbox
+                  WHERE event_type = 'decision.fail_open') x
+          GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn kill_dash_nine_during_an_outage_keeps_fail_open_evidence() {
+    let mut ledger = TestLedger::start().await.unwrap();
+    let addr = ledger.ledger.as_ref().unwrap().addr;
+    let database_url = ledger.database_url.clone();
+    ledger
+        .client
+        .upsert_tenant(pb::UpsertTenantRequest {
+            tenant_id: TENANT.into(),
+            display_name: TENANT.into(),
+        })
+        .await
+        .unwrap();
+    spendguard_testkit::ledger::budget(&mut ledger.client, TENANT, BUDGET, 100_000_000_000)
+        .await
+        .unwrap();
+    let pricing: spendguard_core::pricing::PricingSnapshot = serde_json::from_value(json!({
+        "version": "crash-2026-11",
+        "entries": [{"provider": "openai", "model": "gpt-4o-mini",
+                     "price": {"input": 150_000_000, "cached_input": 75_000_000,
+                               "cache_write": 150_000_000, "output": 600_000_000}}]}))
+    .unwrap();
+    let snapshot = spendguard_core::pricing::Pricing::new(pricing.clone()).unwrap();
+    spendguard_testkit::ledger::register_pricing(
+        &mut ledger.client,
+        TENANT,
+        pb::PricingRef {
+            version: snapshot.version().into(),
+            sha256_hex: snapshot.sha256_hex().into(),
+        },
+    )
+    .await
+    .unwrap();
+    let contract: spendguard_core::contract::Contract = serde_json::from_value(
+        json!({"version": "crash", "max_output_tokens": 64, "fail_policy": "open"}),
+    )
+    .unwrap();
+    let bundle = tempfile::tempdir().unwrap();
+    let (bytes, sha) = spendguard_core::contract::Bundle::canonical(&contract, &pricing).unwrap();
+    spendguard_sidecar::bundle::write(bundle.path(), &bytes, &sha, TENANT, &[BUDGET]).unwrap();
+    let mock = spendguard_mock_provider::MockProvider::new(
+        spendguard_mock_provider::MockConfig::default(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mock_port = listener.local_addr().unwrap().port();
+    mock.spawn(listener);
+    let spool = tempfile::tempdir().unwrap();
+
+    let mut first = spawn_sidecar(addr, bundle.path(), spool.path(), mock_port).await;
+    ledger.stop().await;
+    for _ in 0..3 {
+        assert_eq!(
+            chat(first.port).await,
+            200,
+            "fail-open lets the call through"
+        );
+    }
+    first.child.kill().await.unwrap(); // SIGKILL: nothing is drained or flushed on the way out.
+
+    let mut ledger = TestLedger::start_at(&database_url, "ledger-0", addr)
+        .await
+        .unwrap();
+    let pool = ledger.store().pool().clone();
+    assert!(
+        fail_open_events(&pool).await.is_empty(),
+        "nothing recorded yet"
+    );
+    let _second = spawn_sidecar(addr, bundle.path(), spool.path(), mock_port).await;
+    let mut events = Vec::new();
+    for _ in 0..200 {
+        events = fail_open_events(&pool).await;
+        if events.len() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        events.len(),
+        3,
+        "every call the dead process let through is recorded"
+    );
+    assert!(
+        events.iter().all(|(_, n, _)| *n == 1),
+        "each exactly once: {events:?}"
+    );
+    // A call whose settlement reached the spool before the kill is recorded at its reported
+    // usage (9 input + 16 output tokens); one killed before that, at its worst case (the
+    // reservation it would have held: 151 input tokens bound + 64 output tokens).
+    let (actual, worst_case) = (10_950, 61_050);
+    assert!(
+        events
+            .iter()
+            .all(|(_, _, cost)| *cost == actual || *cost == worst_case),
+        "{events:?}"
+    );
+    let recorded: i64 = events.iter().map(|(_, _, cost)| cost).sum();
+    let balance = ledger.balance(TENANT, BUDGET).await.unwrap();
+    assert_eq!(balance.overrun_nano_usd, recorded);
+    spendguard_testkit::invariants::check(&pool).await.unwrap();
+    ledger.stop().await;
+}
