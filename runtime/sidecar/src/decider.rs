@@ -352,7 +352,11 @@ impl Decider {
             let run_budget = format!("runs/{run_id}");
             budget_ids.push(run_budget.clone());
             run_budget_limit = Some((run_budget.clone(), limit.get()));
-            if let Err(e) = self.ensure_run_budget(&run_budget, limit).await {
+            if let Err(e) = self
+                .ensure_run_budget(&run_budget, limit)
+                .await
+                .map_err(|status| ledger_error(&status))
+            {
                 let fail_open = FailOpenContext {
                     epoch,
                     budget_ids,
@@ -613,16 +617,12 @@ impl Decider {
     }
 
     async fn send_fail_open(&self, ready: crate::fail_open::Ready) -> Result<(), SendFailure> {
-        let classify = |e: SidecarError| match e {
-            SidecarError::DependencyUnavailable(m) => SendFailure::Unavailable(m),
-            SidecarError::IdempotencyConflict(m) => SendFailure::Refused(m),
-            other => SendFailure::Retry(other.to_string()),
-        };
         if let Some((budget_id, limit)) = &ready.run_budget {
             let limit = NanoUsd::new(*limit).map_err(|e| SendFailure::Refused(e.to_string()))?;
+            // One classification for both RPCs of a record: the same answer keeps or drops it.
             self.ensure_run_budget(budget_id, limit)
                 .await
-                .map_err(classify)?;
+                .map_err(|status| fail_open_failure(&status))?;
         }
         let response = self
             .ledger
@@ -664,7 +664,11 @@ impl Decider {
         }
     }
 
-    async fn ensure_run_budget(&self, budget_id: &str, limit: NanoUsd) -> Result<(), SidecarError> {
+    async fn ensure_run_budget(
+        &self,
+        budget_id: &str,
+        limit: NanoUsd,
+    ) -> Result<(), tonic::Status> {
         if lock(&self.run_budgets).contains(budget_id) {
             return Ok(());
         }
@@ -677,8 +681,7 @@ impl Decider {
                 soft_cap_nano_usd: 0,
                 window: pb::BudgetWindow::Lifetime.into(),
             })
-            .await
-            .map_err(|status| ledger_error(&status))?;
+            .await?;
         lock(&self.run_budgets).insert(budget_id.to_owned());
         Ok(())
     }
