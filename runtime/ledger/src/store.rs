@@ -20,6 +20,7 @@
 //! one batch, which then runs again.) Window money is changed only by the journal trigger, and
 //! the schema's constraints re-check every invariant on the result.
 
+mod pgpass;
 mod pipeline;
 
 pub use pipeline::Sent;
@@ -164,8 +165,8 @@ fn options(database_url: &str) -> Result<PgConnectOptions> {
 ///
 /// It connects as the pool does: host, port, socket, user, database, TLS mode and the URL's own
 /// `options` come from sqlx's reading of the URL and the `PG*` environment (the session's
-/// settings are appended). The password comes from the URL or `PGPASSWORD`; unlike the pool,
-/// the session does not read `~/.pgpass`.
+/// settings are appended). The password comes, as for the pool, from the URL, else
+/// `PGPASSWORD`, else the password file (`PGPASSFILE` or `~/.pgpass`).
 fn cached_path_config(database_url: &str) -> Result<tokio_postgres::Config> {
     use tokio_postgres::config::SslMode;
     let url = PgConnectOptions::from_str(database_url).map_err(Error::from)?;
@@ -178,8 +179,17 @@ fn cached_path_config(database_url: &str) -> Result<tokio_postgres::Config> {
     if let Some(database) = url.get_database() {
         config.dbname(database);
     }
-    if let Some(password) = url_password(database_url).or_else(|| std::env::var("PGPASSWORD").ok())
-    {
+    let password = url_password(database_url)
+        .or_else(|| std::env::var("PGPASSWORD").ok())
+        .or_else(|| {
+            pgpass::lookup(
+                url.get_host(),
+                url.get_port(),
+                url.get_database(),
+                url.get_username(),
+            )
+        });
+    if let Some(password) = password {
         config.password(password);
     }
     config.ssl_mode(match url.get_ssl_mode() {
