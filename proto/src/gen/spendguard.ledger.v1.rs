@@ -105,6 +105,11 @@ pub struct Reservation {
     /// Balances right after this reservation (for soft-cap decisions).
     #[prost(message, repeated, tag = "4")]
     pub balances: ::prost::alloc::vec::Vec<BudgetBalance>,
+    /// OPEN for a new reservation. A replay reports where the reservation stands now: once it is
+    /// committed, released or expired, nothing may be spent under it. (UNSPECIFIED from ledgers
+    /// older than this field.)
+    #[prost(enumeration = "ReservationState", tag = "5")]
+    pub state: i32,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -741,6 +746,42 @@ impl ErrorCode {
             "ERROR_CODE_DEPENDENCY_UNAVAILABLE" => Some(Self::DependencyUnavailable),
             "ERROR_CODE_SHUTTING_DOWN" => Some(Self::ShuttingDown),
             "ERROR_CODE_INTERNAL" => Some(Self::Internal),
+            _ => None,
+        }
+    }
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum ReservationState {
+    Unspecified = 0,
+    Open = 1,
+    Committed = 2,
+    Released = 3,
+    Expired = 4,
+}
+impl ReservationState {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "RESERVATION_STATE_UNSPECIFIED",
+            Self::Open => "RESERVATION_STATE_OPEN",
+            Self::Committed => "RESERVATION_STATE_COMMITTED",
+            Self::Released => "RESERVATION_STATE_RELEASED",
+            Self::Expired => "RESERVATION_STATE_EXPIRED",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "RESERVATION_STATE_UNSPECIFIED" => Some(Self::Unspecified),
+            "RESERVATION_STATE_OPEN" => Some(Self::Open),
+            "RESERVATION_STATE_COMMITTED" => Some(Self::Committed),
+            "RESERVATION_STATE_RELEASED" => Some(Self::Released),
+            "RESERVATION_STATE_EXPIRED" => Some(Self::Expired),
             _ => None,
         }
     }

@@ -860,6 +860,9 @@ pub enum Outcome {
         expires_at: DateTime<Utc>,
         /// Balances after the reservation, in request order.
         balances: Vec<Balance>,
+        /// Where the reservation stands now: `Reserved` unless a replay finds it resolved, in
+        /// which case nothing may be spent under it any more.
+        state: ReservationState,
         /// A retry of an earlier identical request.
         replayed: bool,
     },
@@ -1266,6 +1269,7 @@ impl Planner {
                 amount: existing.amount,
                 expires_at: existing.expires_at,
                 balances: existing.windows.iter().map(|w| self.balance(w)).collect(),
+                state: existing.state(),
                 replayed: true,
             });
         }
@@ -1355,6 +1359,7 @@ impl Planner {
             amount: r.amount,
             expires_at,
             balances: windows.iter().map(|w| self.balance(w)).collect(),
+            state: ReservationState::Reserved,
             replayed: false,
         })
     }

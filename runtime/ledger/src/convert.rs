@@ -7,8 +7,8 @@ use spendguard_core::plan::{
     APPROVAL_TTL_MS_MAX, APPROVAL_TTL_MS_MIN, ApprovalContext, ApprovalDecision, ApprovalRow,
     ApprovalState, Balance, BudgetRow, Commit, CreateApproval, DecisionContext, Fencing,
     PricingRef, RESERVE_SET_BUDGETS_MAX, RETENTION_DAYS_MAX, RecordFailOpen, RegisterPricing,
-    RegisterSigningKey, Release, ReserveSet, ResolveApproval, RetentionPolicy, SYSTEM_TENANT_ID,
-    SigningKeyRow, UpsertBudget, UpsertRetentionPolicy, UpsertTenant,
+    RegisterSigningKey, Release, ReservationState, ReserveSet, ResolveApproval, RetentionPolicy,
+    SYSTEM_TENANT_ID, SigningKeyRow, UpsertBudget, UpsertRetentionPolicy, UpsertTenant,
 };
 use spendguard_core::window::BudgetWindow;
 use spendguard_core::{ErrorCode, LedgerError, NanoUsd};
@@ -697,6 +697,16 @@ pub fn window_to_proto(window: BudgetWindow) -> pb::BudgetWindow {
         BudgetWindow::Lifetime => pb::BudgetWindow::Lifetime,
         BudgetWindow::CalendarDayUtc => pb::BudgetWindow::CalendarDayUtc,
         BudgetWindow::CalendarMonthUtc => pb::BudgetWindow::CalendarMonthUtc,
+    }
+}
+
+/// Wire form of a reservation's state.
+pub fn reservation_state(state: ReservationState) -> pb::ReservationState {
+    match state {
+        ReservationState::Reserved => pb::ReservationState::Open,
+        ReservationState::Committed => pb::ReservationState::Committed,
+        ReservationState::Released => pb::ReservationState::Released,
+        ReservationState::Expired => pb::ReservationState::Expired,
     }
 }
 

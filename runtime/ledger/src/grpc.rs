@@ -112,6 +112,7 @@ impl pb::ledger_server::Ledger for LedgerGrpc {
                     amount,
                     expires_at,
                     balances,
+                    state,
                     replayed,
                 } => Ok(pb::ReserveSetResponse {
                     outcome: Some(pb::reserve_set_response::Outcome::Reserved(
@@ -120,6 +121,7 @@ impl pb::ledger_server::Ledger for LedgerGrpc {
                             amount_nano_usd: amount.get(),
                             expires_at_unix_ms: expires_at.timestamp_millis(),
                             balances: balances.iter().map(convert::balance_to_proto).collect(),
+                            state: convert::reservation_state(state).into(),
                         },
                     )),
                     replayed,

@@ -192,13 +192,24 @@ async fn release_returns_everything_and_retries_replay() {
         .client
         .commit(pb::CommitRequest {
             tenant_id: T.into(),
-            reservation_id: r.reservation_id,
+            reservation_id: r.reservation_id.clone(),
             actual_nano_usd: 1,
-            fencing: Some(fencing),
+            fencing: Some(fencing.clone()),
         })
         .await
         .unwrap_err();
     assert_eq!(code(&err), pb::ErrorCode::ReservationAlreadyResolved);
+    // A new reservation is open; its replay says where it stands now: released, so nothing
+    // may be spent under it (the sidecar refuses such a retry).
+    assert_eq!(r.state(), pb::ReservationState::Open);
+    let replay = ledger
+        .client
+        .reserve_set(reserve_request(T, "k1", &["run"], 400, &fencing))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(replay.replayed);
+    assert_eq!(reserved(replay).state(), pb::ReservationState::Released);
     invariants::check(ledger.store().pool()).await.unwrap();
 }
 

@@ -416,6 +416,14 @@ impl Decider {
                 decision.budget_id = Some(denied.budget_id);
                 decision
             }
+            Some(pb::reserve_set_response::Outcome::Reserved(reserved))
+                if replayed && reservation_resolved(reserved.state()) =>
+            {
+                // A retry the sidecar does not remember (it restarted) of a call whose
+                // reservation is already committed, released (REQUIRE_APPROVAL releases at once)
+                // or expired: nothing may be spent under it, whatever the balances say now.
+                return Err(SidecarError::CallAlreadyResolved(input.call_id.clone()));
+            }
             Some(pb::reserve_set_response::Outcome::Reserved(reserved)) => {
                 let after: Vec<BudgetAfterReserve> =
                     reserved.balances.iter().map(budget_after).collect();
@@ -978,6 +986,17 @@ pub fn check_call_id(call_id: &str) -> Result<(), SidecarError> {
             "must be 1 to 128 of A-Z a-z 0-9 . _ : -",
         ))
     }
+}
+
+/// Whether a replayed reservation can no longer be spent under. A ledger older than the state
+/// field sends UNSPECIFIED, read as open (what it meant before the field existed).
+fn reservation_resolved(state: pb::ReservationState) -> bool {
+    matches!(
+        state,
+        pb::ReservationState::Committed
+            | pb::ReservationState::Released
+            | pb::ReservationState::Expired
+    )
 }
 
 /// Maps a failed ledger RPC of a decision.

@@ -231,3 +231,69 @@ async fn grpc_soft_cap_decision_names_a_pending_ledger_approval() {
     assert_eq!(pending[0].context.as_ref().unwrap().workflow_id, "wf-1");
     assert_eq!(stack.balance().await.reserved_nano_usd, 0);
 }
+
+#[tokio::test]
+async fn a_forgotten_call_is_never_continued_under_a_resolved_reservation() {
+    // Goal: a retry the sidecar no longer remembers, of a call whose reservation was already
+    // resolved, is refused; it is never answered CONTINUE under a reservation that holds no
+    // money. A sidecar forgets calls TTL + 5 min after deciding them (or loses them in a
+    // restart). Method: a REQUIRE_APPROVAL (its reservation is released at once) and a committed
+    // CONTINUE; the call table emptied as the forget task does; both call ids again: 409
+    // CALL_ALREADY_RESOLVED, nothing reserved. Before the fix the first answered CONTINUE: the
+    // balances the ledger replays no longer include the released amount, so the soft cap looked
+    // uncrossed. After a restart the new fencing epoch makes the same retries
+    // IDEMPOTENCY_CONFLICT, also a refusal.
+    let mut stack = Stack::start(Options {
+        limit: 100_000_000,
+        soft_cap: 500_000,
+        ..Options::default()
+    })
+    .await;
+    let decide_url = stack.url("/v1/spendguard/decide");
+    let body = |call_id: &str, max_output_tokens: u32| {
+        serde_json::json!({"call_id": call_id, "provider": "openai", "model": "gpt-4o-mini",
+                           "input_tokens_upper_bound": 1_000, "max_output_tokens": max_output_tokens})
+    };
+    // 1,000 input + 500 output tokens: 450,000 nano-USD, under the soft cap.
+    let small = post_json(&decide_url, &[], &body("c-small", 500)).await;
+    assert_eq!(small.json()["decision"], "CONTINUE");
+    let committed = post_json(
+        &stack.url("/v1/spendguard/commit"),
+        &[],
+        &serde_json::json!({"call_id": "c-small", "usage_format": "openai_chat",
+                            "usage": {"prompt_tokens": 10, "completion_tokens": 10}}),
+    )
+    .await;
+    assert_eq!(committed.status, 200);
+    // 1,000 input + 1,000 output tokens: 750,000 nano-USD would cross the soft cap.
+    let big = post_json(&decide_url, &[], &body("c-big", 1_000)).await;
+    assert_eq!(big.json()["decision"], "REQUIRE_APPROVAL");
+
+    assert_eq!(
+        stack
+            .sidecar()
+            .decider
+            .forget_older_than(std::time::Duration::ZERO),
+        2
+    );
+    let retries = [("c-big", 1_000), ("c-small", 500)];
+    for (call_id, max_output_tokens) in retries {
+        let again = post_json(&decide_url, &[], &body(call_id, max_output_tokens)).await;
+        assert_eq!(
+            again.status,
+            409,
+            "{call_id}: {}",
+            String::from_utf8_lossy(&again.body)
+        );
+        assert_eq!(again.json()["error"]["code"], "CALL_ALREADY_RESOLVED");
+    }
+    stack.stop_sidecar().await;
+    stack.start_sidecar().await;
+    let decide_url = stack.url("/v1/spendguard/decide");
+    for (call_id, max_output_tokens) in retries {
+        let again = post_json(&decide_url, &[], &body(call_id, max_output_tokens)).await;
+        assert_eq!(again.status, 409, "{call_id}");
+        assert_eq!(again.json()["error"]["code"], "IDEMPOTENCY_CONFLICT");
+    }
+    assert_eq!(stack.balance().await.reserved_nano_usd, 0);
+}
