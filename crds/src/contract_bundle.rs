@@ -101,7 +101,7 @@ pub struct ContractBundleSpec {
     /// Unknown-model handling.
     #[serde(default = "default_unknown")]
     pub unknown_model: UnknownModelPolicy,
-    /// Ceiling reserved for unknown models, in USD.
+    /// Ceiling reserved for a call to an unknown model, per completion asked for, in USD.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unknown_model_ceiling: Option<Usd>,
     /// Ledger-unavailable handling.

@@ -256,6 +256,10 @@ impl Decider {
         if let Some(run_id) = &input.run_id {
             spendguard_core::ids::check_name("run_id", run_id)
                 .map_err(|e| SidecarError::invalid("run_id", e.to_string()))?;
+            // The run's own budget is `runs/<run id>`, and must itself be a valid budget id.
+            spendguard_core::ids::check_name("run_id", &run_budget_id(run_id)).map_err(|_| {
+                SidecarError::invalid("run_id", format!("at most {RUN_ID_LEN_MAX} characters"))
+            })?;
         }
         if input.max_output_tokens == Some(0) {
             return Err(SidecarError::invalid(
@@ -349,7 +353,7 @@ impl Decider {
         let mut budget_ids = self.identity.budget_ids.clone();
         let mut run_budget_limit = None;
         if let (Some(run_id), Some(limit)) = (&input.run_id, contract.per_run_limit_nano_usd) {
-            let run_budget = format!("runs/{run_id}");
+            let run_budget = run_budget_id(run_id);
             budget_ids.push(run_budget.clone());
             run_budget_limit = Some((run_budget.clone(), limit.get()));
             if let Err(e) = self
@@ -600,8 +604,16 @@ impl Decider {
         let total = ready.len();
         for (sent, ready) in ready.into_iter().enumerate() {
             let call_id = ready.request.call_id.clone();
+            let from_previous_run = ready.from_previous_run;
             match self.send_fail_open(ready).await {
                 Ok(()) => self.fail_open.recorded(&call_id),
+                Err(SendFailure::Conflict(reason)) if from_previous_run => {
+                    // Sent before the restart with its actual cost; this copy lost its
+                    // settlement and carries the worst case. The ledger's record stands.
+                    warn!(call_id = %call_id, %reason,
+                          "fail-open record from a previous run was already recorded with another amount; keeping the ledger's");
+                    self.fail_open.recorded(&call_id);
+                }
                 Err(SendFailure::Unavailable(reason)) => {
                     // The ledger is still away: stop this pass, so one pass costs at most one
                     // RPC timeout however many records wait (shutdown stays bounded).
@@ -611,7 +623,7 @@ impl Decider {
                 Err(SendFailure::Retry(reason)) => {
                     warn!(call_id = %call_id, %reason, "ledger could not record a fail-open record yet; will retry");
                 }
-                Err(SendFailure::Refused(reason)) => {
+                Err(SendFailure::Refused(reason) | SendFailure::Conflict(reason)) => {
                     if self.fail_open.refused(&call_id) {
                         error!(call_id = %call_id, %reason,
                                "ledger refused a fail-open record too often; dropped: its evidence and spend are missing from the ledger");
@@ -988,6 +1000,17 @@ pub fn check_call_id(call_id: &str) -> Result<(), SidecarError> {
     }
 }
 
+/// Prefix of a run's own budget id.
+const RUN_BUDGET_PREFIX: &str = "runs/";
+
+/// Longest run id: its budget id (`runs/<run id>`) must fit a budget id's 253 characters.
+const RUN_ID_LEN_MAX: usize = 253 - RUN_BUDGET_PREFIX.len();
+
+/// The budget a run's per-run limit is kept in.
+fn run_budget_id(run_id: &str) -> String {
+    format!("{RUN_BUDGET_PREFIX}{run_id}")
+}
+
 /// Whether a replayed reservation can no longer be spent under. A ledger older than the state
 /// field sends UNSPECIFIED, read as open (what it meant before the field existed).
 fn reservation_resolved(state: pb::ReservationState) -> bool {
@@ -1031,7 +1054,7 @@ fn fail_open_failure(status: &tonic::Status) -> SendFailure {
         None | Some(C::Overloaded | C::DependencyUnavailable | C::ShuttingDown) => {
             SendFailure::Unavailable(format!("{:?}: {message}", status.code()))
         }
-        Some(C::IdempotencyConflict) => SendFailure::Refused(message),
+        Some(C::IdempotencyConflict) => SendFailure::Conflict(message),
         Some(_) if status.code() == tonic::Code::InvalidArgument => SendFailure::Refused(message),
         Some(_) => SendFailure::Retry(message),
     }
@@ -1099,12 +1122,13 @@ mod tests {
             ))),
             SendFailure::Retry(_)
         ));
-        // Only a record that can never be recorded counts towards dropping it.
+        // Only a record that can never be recorded counts towards dropping it (a conflict is
+        // such a record, unless it comes from a previous run: see record_fail_open_batch).
         assert!(matches!(
             failure(LedgerServiceError::Refused(
                 LedgerError::IdempotencyConflict("call-1".into())
             )),
-            SendFailure::Refused(_)
+            SendFailure::Conflict(_)
         ));
         assert!(matches!(
             failure(LedgerServiceError::Refused(LedgerError::InvalidArgument {

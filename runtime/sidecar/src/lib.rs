@@ -385,7 +385,8 @@ async fn record_fail_open_loop(decider: Arc<Decider>, mut stopped: watch::Receiv
 }
 
 /// Shutdown: sends every queued fail-open record (unsettled ones at their worst case) until the
-/// queue is empty or `deadline` passes, then logs at ERROR each record that could not be sent.
+/// queue is empty or `deadline` passes. What is left stays in the spool for the next start
+/// (without one, each record is logged at ERROR: it is lost).
 async fn drain_fail_open(decider: &Decider, deadline: Duration) {
     let queue = decider.fail_open_queue();
     if queue.is_empty() {

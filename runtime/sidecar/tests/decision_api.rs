@@ -144,6 +144,12 @@ async fn http_errors_have_stable_codes_and_change_nothing() {
             400,
             "INVALID_ARGUMENT",
         ),
+        // A valid name, but too long to prefix with `runs/` as the run's own budget id.
+        (
+            json!({"call_id": "h-1", "provider": "openai", "model": "gpt-4o-mini", "input_tokens_upper_bound": 1, "run_id": "r".repeat(250)}),
+            400,
+            "INVALID_ARGUMENT",
+        ),
         (
             json!({"call_id": "h-1", "provider": "openai", "model": "gpt-4o-mini", "input_tokens_upper_bound": 1, "choices": 129}),
             400,

@@ -108,7 +108,7 @@ async fn several_choices_reserve_every_output_and_commit_their_usage() {
     );
 
     let amounts: Vec<i64> =
-        sqlx::query_scalar("SELECT amount_nano_usd FROM reservations ORDER BY created_at")
+        sqlx::query_scalar("SELECT amount_nano_usd FROM reservations ORDER BY amount_nano_usd")
             .fetch_all(stack.ledger.store().pool())
             .await
             .unwrap();

@@ -62,9 +62,13 @@ pub enum SendFailure {
     /// record, with no attempt limit, and go on with the next one. The queue's bound, not a
     /// count, limits how long: a full queue fails new fail-open calls closed.
     Retry(String),
-    /// The ledger refused the record for good (malformed, or the call id names other fields):
-    /// counts against [`RECORD_ATTEMPTS_MAX`].
+    /// The ledger refused the record for good (malformed): counts against
+    /// [`RECORD_ATTEMPTS_MAX`].
     Refused(String),
+    /// The ledger holds this call id with other fields. For a record from a previous run that
+    /// is the same call recorded at its actual cost before a settlement frame was lost: done.
+    /// Otherwise a refusal.
+    Conflict(String),
 }
 
 /// One queued fail-open call.
@@ -79,6 +83,8 @@ struct Record {
     settled: bool,
     queued_at: Instant,
     attempts: u32,
+    /// Read from the spool a previous process left: its call went through then.
+    from_previous_run: bool,
 }
 
 impl Record {
@@ -98,6 +104,9 @@ impl Record {
 struct State {
     records: BTreeMap<String, Record>,
     spool: Option<Spool>,
+    /// Abandoned at shutdown with a spool: the file keeps the records for the next start, so
+    /// nothing more is admitted or removed from it.
+    closed: bool,
 }
 
 impl State {
@@ -108,7 +117,7 @@ impl State {
         if !removed {
             return false;
         }
-        let Some(spool) = self.spool.as_mut() else {
+        let Some(spool) = self.spool.as_mut().filter(|_| !self.closed) else {
             return true;
         };
         let written = if self.records.is_empty() {
@@ -134,6 +143,9 @@ pub struct Ready {
     pub request: pb::RecordFailOpenRequest,
     /// A per-run budget (id, limit) to upsert first.
     pub run_budget: Option<(String, i64)>,
+    /// Read from a previous process's spool: the ledger may already hold it with its actual
+    /// cost (the settlement's frame was lost), so a conflict means recorded, not refused.
+    pub from_previous_run: bool,
 }
 
 /// Counters of the queue (`spendguard_sidecar_fail_open_*`).
@@ -200,6 +212,7 @@ impl FailOpenQueue {
                     settled: true,
                     queued_at: Instant::now(),
                     attempts: 0,
+                    from_previous_run: true,
                 },
             );
         }
@@ -216,6 +229,7 @@ impl FailOpenQueue {
         *lock(&queue.state) = State {
             records,
             spool: Some(spool),
+            closed: false,
         };
         Ok(queue)
     }
@@ -240,7 +254,7 @@ impl FailOpenQueue {
         );
         registry.register(
             "fail_open_refused",
-            "Fail-open decisions refused (503) because the evidence queue was full",
+            "Fail-open decisions refused (503) because their evidence could not be kept: the queue or the spool was full, or the spool could not be written",
             self.metrics.refused.clone(),
         );
         registry.register(
@@ -263,8 +277,23 @@ impl FailOpenQueue {
     ) -> Result<(), SidecarError> {
         debug_assert!(worst_case_nano_usd >= 0);
         let mut state = lock(&self.state);
-        if state.records.contains_key(&request.call_id) {
-            return Ok(()); // A concurrent decide of the same call id: one record.
+        if state.closed {
+            return Err(SidecarError::DependencyUnavailable(
+                "ledger unavailable and the sidecar is shutting down; failing closed".into(),
+            ));
+        }
+        match state.records.get(&request.call_id) {
+            Some(previous) if previous.from_previous_run => {
+                // That call went through under this id before a restart; its record (and cost)
+                // stand, and a second call under the same id would go unrecorded.
+                return Err(SidecarError::DependencyUnavailable(format!(
+                    "ledger unavailable and call id {} already went through fail-open before \
+                     a restart; its record waits for the ledger; failing closed",
+                    request.call_id
+                )));
+            }
+            Some(_) => return Ok(()), // A concurrent decide of the same call id: one record.
+            None => {}
         }
         if state.records.len() >= self.capacity {
             self.metrics.refused.inc();
@@ -281,11 +310,21 @@ impl FailOpenQueue {
             settled: false,
             queued_at: Instant::now(),
             attempts: 0,
+            from_previous_run: false,
         };
-        if let Some(spool) = state.spool.as_mut() {
+        let State { records, spool, .. } = &mut *state;
+        if let Some(spool) = spool.as_mut() {
             // Flushed before the call goes through. Blocking, under the lock, on purpose: only
             // calls let through during a ledger outage pay for it, and the file stays in order.
-            spool.admitted(&record.spooled()).map_err(|e| {
+            let mut written = spool.admitted(&record.spooled());
+            if matches!(written, Err(SpoolError::Broken)) {
+                // A failed write could not be cut back: rebuild the file from the queue first.
+                let live: Vec<_> = records.values().map(Record::spooled).collect();
+                written = spool
+                    .rewrite(&live)
+                    .and_then(|()| spool.admitted(&record.spooled()));
+            }
+            written.map_err(|e| {
                 self.metrics.refused.inc();
                 SidecarError::DependencyUnavailable(format!(
                     "ledger unavailable and the fail-open evidence could not be kept ({}: {e}); \
@@ -315,7 +354,7 @@ impl FailOpenQueue {
     pub fn settle(&self, call_id: &str, actual_nano_usd: i64) {
         debug_assert!(actual_nano_usd >= 0);
         let mut state = lock(&self.state);
-        let State { records, spool } = &mut *state;
+        let State { records, spool, .. } = &mut *state;
         if let Some(record) = records.get_mut(call_id)
             && !record.settled
         {
@@ -358,6 +397,7 @@ impl FailOpenQueue {
                 ready.push(Ready {
                     request: record.request.clone(),
                     run_budget: record.run_budget.clone(),
+                    from_previous_run: record.from_previous_run,
                 });
             }
         }
@@ -400,6 +440,7 @@ impl FailOpenQueue {
             .map(|r| r.request)
             .collect();
         let kept = state.spool.is_some();
+        state.closed = kept;
         if !kept {
             self.metrics.dropped.inc_by(records.len() as u64);
         }
@@ -515,6 +556,10 @@ mod tests {
 
         let b = FailOpenQueue::with_spool(8, Duration::from_secs(60), dir.path()).unwrap();
         assert_eq!(b.len(), 2);
+        // The same call id again in the new process: it already went through once, and its
+        // record keeps its cost, so a second call under it would go unrecorded.
+        let again = b.admit(request("z"), 900, None).unwrap_err();
+        assert_eq!(again.code(), "DEPENDENCY_UNAVAILABLE");
         let ready = b.ready(false);
         let sent: Vec<_> = ready
             .iter()
@@ -538,6 +583,9 @@ mod tests {
         assert!(abandoned.kept);
         assert_eq!(abandoned.records.len(), 1);
         assert!(a.is_empty());
+        // Nothing more enters a queue given up at shutdown: a record admitted now and then
+        // recorded would empty the queue and truncate the kept ones off the file.
+        assert!(a.admit(request("late"), 1, None).is_err());
         let b = FailOpenQueue::with_spool(8, Duration::from_secs(60), dir.path()).unwrap();
         assert_eq!(b.len(), 1);
 

@@ -17,8 +17,14 @@
 //! replay (RecordFailOpen is idempotent by call id).
 //!
 //! Opening replays the file into the records it describes and rewrites it as a snapshot. A frame
-//! cut short by a crash ends the replay there; anything after a damaged frame is kept in a
-//! `.damaged-<unix ms>` copy for an operator, since it cannot be read.
+//! cut short by a crash ends the replay there. A frame whose checksum fails is skipped (losing
+//! any one frame is no worse than losing its record) and the file is first copied to
+//! `.damaged-<unix ms>` for an operator; a length that cannot be a frame ends the replay.
+//!
+//! A write that fails is cut back off the file, so that no torn frame sits before later ones;
+//! if even that fails, the spool refuses admissions until it has been rewritten. The file is
+//! bounded ([`SPOOL_BYTES_MAX`], below the emptyDir's size limit, whose overflow would evict
+//! the pod): past it, admissions are refused and fail-open decisions fail closed.
 
 use prost::Message as _;
 use spendguard_proto::ledger::v1 as pb;
@@ -35,6 +41,10 @@ const FRAME_MAX_BYTES: u32 = 1 << 20;
 /// Frames appended since the last rewrite before the file is rewritten as a snapshot, at least.
 const COMPACT_MIN_FRAMES: usize = 4_096;
 
+/// Largest spool file that takes new admissions: the injected emptyDir is 64 MiB, and a rewrite
+/// needs room for a second copy of the live records.
+pub const SPOOL_BYTES_MAX: u64 = 24 << 20;
+
 const ADMITTED: u8 = 1;
 const SETTLED: u8 = 2;
 const DONE: u8 = 3;
@@ -50,6 +60,16 @@ pub enum SpoolError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The spool holds [`SPOOL_BYTES_MAX`] already.
+    #[error("fail-open spool is full ({limit_bytes} bytes)")]
+    Full {
+        /// The bound.
+        limit_bytes: u64,
+    },
+    /// A failed write could not be cut back off the file: nothing is appended until the spool
+    /// has been rewritten from the queue.
+    #[error("fail-open spool needs a rewrite after a failed write")]
+    Broken,
 }
 
 impl SpoolError {
@@ -57,6 +77,8 @@ impl SpoolError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::Io { .. } => "FAIL_OPEN_SPOOL_IO",
+            Self::Full { .. } => "FAIL_OPEN_SPOOL_FULL",
+            Self::Broken => "FAIL_OPEN_SPOOL_BROKEN",
         }
     }
 }
@@ -80,7 +102,12 @@ pub struct Spool {
     dir: PathBuf,
     path: PathBuf,
     file: File,
+    /// Length of the file after the last good write.
+    len: u64,
+    /// Bound of the file for admissions ([`SPOOL_BYTES_MAX`]).
+    bytes_max: u64,
     frames_since_rewrite: usize,
+    broken: bool,
 }
 
 impl Spool {
@@ -103,33 +130,37 @@ impl Spool {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io(&path)(e)),
         }
-        let (records, read) = replay(&bytes);
-        if read < bytes.len() {
-            let rest = bytes.len() - read;
-            if rest >= 8 {
-                let damaged = dir.join(format!(
-                    "{SPOOL_FILE}.damaged-{}",
-                    std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_millis())
-                ));
-                std::fs::write(&damaged, &bytes).map_err(io(&damaged))?;
-                tracing::error!(path = %path.display(), offset = read, bytes_unread = rest,
-                                copy = %damaged.display(),
-                                "fail-open spool damaged; records after the damage could not be read");
-            } else {
-                tracing::warn!(path = %path.display(), bytes_unread = rest,
-                               "fail-open spool ends in a partial frame (a write cut short); ignored");
-            }
+        let replayed = replay(&bytes);
+        let unread = bytes.len() - replayed.read;
+        if replayed.damaged == 0 && replayed.torn_tail {
+            tracing::warn!(path = %path.display(), bytes_unread = unread,
+                           "fail-open spool ends in a partial frame (a write cut short); ignored");
+        } else if replayed.damaged > 0 || unread > 0 {
+            let damaged = dir.join(format!(
+                "{SPOOL_FILE}.damaged-{}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis())
+            ));
+            write_durably(&damaged, &bytes).map_err(io(&damaged))?;
+            sync_dir(dir).map_err(io(dir))?;
+            tracing::error!(path = %path.display(), frames_skipped = replayed.damaged,
+                            bytes_unread = unread, copy = %damaged.display(),
+                            "fail-open spool damaged: the records in the damaged frames are lost");
         }
+        let records = replayed.records;
         let file = open_append(&path).map_err(io(&path))?;
         let mut spool = Self {
             dir: dir.to_owned(),
             path,
             file,
+            len: 0,
+            bytes_max: SPOOL_BYTES_MAX,
             frames_since_rewrite: 0,
+            broken: false,
         };
         spool.rewrite(&records)?;
+        sync_dir(dir).map_err(io(dir))?;
         Ok((spool, records))
     }
 
@@ -138,6 +169,11 @@ impl Spool {
     /// # Errors
     /// [`SpoolError::Io`]: the call must fail closed.
     pub fn admitted(&mut self, record: &SpooledRecord) -> Result<(), SpoolError> {
+        if self.len >= self.bytes_max {
+            return Err(SpoolError::Full {
+                limit_bytes: self.bytes_max,
+            });
+        }
         self.append(&admitted_payload(record), true)
     }
 
@@ -169,11 +205,13 @@ impl Spool {
         self.frames_since_rewrite >= COMPACT_MIN_FRAMES.max(live.saturating_mul(4))
     }
 
-    /// Replaces the file with a snapshot of `records`: written to a temporary file, flushed,
-    /// renamed over the spool, and the directory flushed. An empty snapshot truncates instead.
+    /// Replaces the file with a snapshot of `records`: written to a temporary file (mode 0600),
+    /// flushed, renamed over the spool, and the directory flushed; the spool then appends to the
+    /// renamed file. An empty snapshot truncates the file instead. Clears a broken spool.
     ///
     /// # Errors
-    /// [`SpoolError::Io`]; the old file is left as it was.
+    /// [`SpoolError::Io`]: before the rename the old file is left as it was; after it, the new
+    /// one is in use but its name may not be durable yet.
     pub fn rewrite(&mut self, records: &[SpooledRecord]) -> Result<(), SpoolError> {
         let io = |path: &Path| {
             let path = path.to_owned();
@@ -182,7 +220,9 @@ impl Spool {
         if records.is_empty() {
             self.file.set_len(0).map_err(io(&self.path))?;
             self.file.sync_data().map_err(io(&self.path))?;
+            self.len = 0;
             self.frames_since_rewrite = 0;
+            self.broken = false;
             return Ok(());
         }
         let temporary = self.dir.join(format!("{SPOOL_FILE}.new"));
@@ -190,33 +230,60 @@ impl Spool {
         for record in records {
             push_frame(&mut bytes, &admitted_payload(record));
         }
-        let mut file = File::create(&temporary).map_err(io(&temporary))?;
-        file.write_all(&bytes).map_err(io(&temporary))?;
-        file.sync_data().map_err(io(&temporary))?;
+        let file = write_durably(&temporary, &bytes).map_err(io(&temporary))?;
         std::fs::rename(&temporary, &self.path).map_err(io(&self.path))?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(&self.dir))?;
-        self.file = open_append(&self.path).map_err(io(&self.path))?;
+        self.file = file;
+        self.len = bytes.len() as u64;
         self.frames_since_rewrite = 0;
-        Ok(())
+        self.broken = false;
+        sync_dir(&self.dir).map_err(io(&self.dir))
     }
 
     fn append(&mut self, payload: &[u8], flush: bool) -> Result<(), SpoolError> {
+        if self.broken {
+            return Err(SpoolError::Broken);
+        }
         let mut frame = Vec::with_capacity(payload.len() + 8);
         push_frame(&mut frame, payload);
-        let path = &self.path;
-        let io = |source| SpoolError::Io {
-            path: path.clone(),
-            source,
-        };
-        self.file.write_all(&frame).map_err(io)?;
-        if flush {
-            self.file.sync_data().map_err(io)?;
+        let written = self
+            .file
+            .write_all(&frame)
+            .and_then(|()| if flush { self.file.sync_data() } else { Ok(()) });
+        if let Err(source) = written {
+            // Cut the frame back off, so nothing torn sits before later frames and an admission
+            // whose call fails closed is not replayed.
+            if self.file.set_len(self.len).is_err() {
+                self.broken = true;
+            }
+            return Err(SpoolError::Io {
+                path: self.path.clone(),
+                source,
+            });
         }
+        self.len += frame.len() as u64;
         self.frames_since_rewrite = self.frames_since_rewrite.saturating_add(1);
         Ok(())
     }
+}
+
+/// Creates `path` (mode 0600, replacing it), writes `bytes` and flushes them; the handle appends.
+fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<File> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut options = OpenOptions::new();
+    options.create_new(true).append(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path)?;
+    file.write_all(bytes)?;
+    file.sync_data()?;
+    Ok(file)
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir).and_then(|d| d.sync_all())
 }
 
 fn open_append(path: &Path) -> std::io::Result<File> {
@@ -255,14 +322,44 @@ fn admitted_payload(record: &SpooledRecord) -> Vec<u8> {
     payload
 }
 
-/// Reads frames until the end or the first frame that is cut short or damaged; returns the live
-/// records in admission order and how many bytes were read.
-fn replay(bytes: &[u8]) -> (Vec<SpooledRecord>, usize) {
+/// What a replay read.
+struct Replayed {
+    /// Live records, in admission order.
+    records: Vec<SpooledRecord>,
+    /// Bytes read up to the last frame taken or skipped.
+    read: usize,
+    /// Frames skipped for a failed checksum or an unreadable payload.
+    damaged: usize,
+    /// Whether the replay ended in a frame cut short (a header or payload past the end).
+    torn_tail: bool,
+}
+
+/// Reads frames to the end, skipping damaged ones; stops at a frame cut short or a length that
+/// cannot be a frame.
+fn replay(bytes: &[u8]) -> Replayed {
     let mut records: Vec<SpooledRecord> = Vec::new();
     let mut at = 0;
-    while let Some((payload, next)) = frame_at(bytes, at) {
-        let Some(entry) = Entry::parse(payload) else {
-            break;
+    let mut damaged = 0;
+    let torn_tail = loop {
+        let entry = match frame_at(bytes, at) {
+            Frame::End => break false,
+            Frame::Torn => break true,
+            Frame::Unreadable => break false,
+            Frame::Damaged { next } => {
+                damaged += 1;
+                at = next;
+                continue;
+            }
+            Frame::Good { payload, next } => {
+                at = next;
+                match Entry::parse(payload) {
+                    Some(entry) => entry,
+                    None => {
+                        damaged += 1;
+                        continue;
+                    }
+                }
+            }
         };
         match entry {
             Entry::Admitted(record) => {
@@ -279,22 +376,45 @@ fn replay(bytes: &[u8]) -> (Vec<SpooledRecord>, usize) {
             }
             Entry::Done { call_id } => records.retain(|r| r.request.call_id != call_id),
         }
-        at = next;
+    };
+    Replayed {
+        records,
+        read: at,
+        damaged,
+        torn_tail,
     }
-    (records, at)
 }
 
-fn frame_at(bytes: &[u8], at: usize) -> Option<(&[u8], usize)> {
-    let header = bytes.get(at..at.checked_add(8)?)?;
-    let len = u32::from_le_bytes(header[..4].try_into().ok()?);
-    let crc = u32::from_le_bytes(header[4..].try_into().ok()?);
+enum Frame<'a> {
+    End,
+    Good { payload: &'a [u8], next: usize },
+    Damaged { next: usize },
+    Torn,
+    Unreadable,
+}
+
+fn frame_at(bytes: &[u8], at: usize) -> Frame<'_> {
+    if at >= bytes.len() {
+        return Frame::End;
+    }
+    let Some(header) = bytes.get(at..at.saturating_add(8)) else {
+        return Frame::Torn;
+    };
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
     if len > FRAME_MAX_BYTES {
-        return None;
+        return Frame::Unreadable;
     }
     let start = at + 8;
-    let end = start.checked_add(usize::try_from(len).ok()?)?;
-    let payload = bytes.get(start..end)?;
-    (crc32fast::hash(payload) == crc).then_some((payload, end))
+    let next = start + len as usize;
+    let Some(payload) = bytes.get(start..next) else {
+        return Frame::Torn;
+    };
+    if crc32fast::hash(payload) == crc {
+        Frame::Good { payload, next }
+    } else {
+        Frame::Damaged { next }
+    }
 }
 
 enum Entry {
@@ -347,6 +467,7 @@ impl Entry {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
 
     fn record(call_id: &str, worst_case: i64, run_budget: Option<(&str, i64)>) -> SpooledRecord {
         SpooledRecord {
@@ -424,7 +545,11 @@ mod tests {
         bytes.extend_from_slice(&good);
         std::fs::write(&path, &bytes).unwrap();
         let (_spool, replayed) = Spool::open(dir.path()).unwrap();
-        assert_eq!(replayed, vec![record("a", 1, None)]);
+        assert_eq!(
+            replayed,
+            vec![record("a", 1, None), record("c", 3, None)],
+            "the damaged frame is skipped, the good one after it kept"
+        );
         let damaged: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -435,6 +560,41 @@ mod tests {
             1,
             "the unreadable spool is kept for an operator"
         );
+    }
+
+    #[test]
+    fn a_full_spool_refuses_admissions_until_it_shrinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut spool, _) = Spool::open(dir.path()).unwrap();
+        spool.bytes_max = 1_000;
+        let mut admitted = 0;
+        let full = loop {
+            match spool.admitted(&record(&format!("r{admitted}"), 1, None)) {
+                Ok(()) => admitted += 1,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(full.code(), "FAIL_OPEN_SPOOL_FULL");
+        assert!(admitted > 0 && file_len(dir.path()) >= 1_000);
+        spool.rewrite(&[]).unwrap();
+        spool.admitted(&record("again", 1, None)).unwrap();
+    }
+
+    #[test]
+    fn a_rewrite_keeps_the_file_private_and_appends_to_the_new_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut spool, _) = Spool::open(dir.path()).unwrap();
+        spool.admitted(&record("a", 1, None)).unwrap();
+        spool.rewrite(&[record("a", 1, None)]).unwrap();
+        spool.admitted(&record("b", 2, None)).unwrap();
+        let mode = std::fs::metadata(dir.path().join(SPOOL_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "mode {mode:o}");
+        drop(spool);
+        let (_spool, replayed) = Spool::open(dir.path()).unwrap();
+        assert_eq!(replayed, vec![record("a", 1, None), record("b", 2, None)]);
     }
 
     #[test]

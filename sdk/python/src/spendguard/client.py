@@ -69,8 +69,9 @@ def _decide_body(
     workflow_id: str | None,
 ) -> dict[str, Any]:
     # No local range checks: the sidecar is the one authority on what is valid, and a
-    # local check that drifted from it would hide its answer.
-    return {
+    # local check that drifted from it would hide its answer. Unset fields are left out, so a
+    # sidecar older than a field (it refuses unknown ones) still answers calls that do not use it.
+    body = {
         "call_id": call_id,
         "provider": provider,
         "model": model,
@@ -80,6 +81,7 @@ def _decide_body(
         "run_id": run_id,
         "workflow_id": workflow_id,
     }
+    return {key: value for key, value in body.items() if value is not None}
 
 
 def _raise_for_error(response: httpx.Response) -> None:
