@@ -1269,7 +1269,14 @@ impl Planner {
                 amount: existing.amount,
                 expires_at: existing.expires_at,
                 balances: existing.windows.iter().map(|w| self.balance(w)).collect(),
-                state: existing.state(),
+                // Past its expiry it is spent, whether or not the sweep has reached it yet: a
+                // Commit would be refused (RESERVATION_EXPIRED).
+                state: match existing.state() {
+                    ReservationState::Reserved if existing.expires_at <= self.state.now => {
+                        ReservationState::Expired
+                    }
+                    state => state,
+                },
                 replayed: true,
             });
         }

@@ -370,6 +370,12 @@ async fn expiry_runs_on_the_database_clock_and_late_settlement_is_refused() {
         .await
         .unwrap_err();
     assert_eq!(code(&err), pb::ErrorCode::ReservationExpired);
+    // Lapsed but not swept yet: a replay already reports it expired (nothing may be spent).
+    let mut retry = reserve_request(T, "short", &["run", "tenant"], 500, &fencing);
+    retry.ttl_ms = 1_000;
+    let replay = ledger.client.reserve_set(retry).await.unwrap().into_inner();
+    assert!(replay.replayed);
+    assert_eq!(reserved(replay).state(), pb::ReservationState::Expired);
     let swept = ledger
         .client
         .sweep_expired(pb::SweepExpiredRequest {

@@ -421,11 +421,20 @@ impl Decider {
                 decision
             }
             Some(pb::reserve_set_response::Outcome::Reserved(reserved))
-                if replayed && reservation_resolved(reserved.state()) =>
+                if replayed && reservation_resolved(reserved.state) =>
             {
-                // A retry the sidecar does not remember (it restarted) of a call whose
-                // reservation is already committed, released (REQUIRE_APPROVAL releases at once)
-                // or expired: nothing may be spent under it, whatever the balances say now.
+                // A concurrent decide of this call id that finished first: answer as its replay.
+                if let Some(mut decision) = lock(&self.calls)
+                    .get(&input.call_id)
+                    .map(|entry| entry.decision.clone())
+                {
+                    decision.replayed = true;
+                    return Ok(decision);
+                }
+                // A retry the sidecar does not remember (forgotten, or decided before a
+                // restart) of a call whose reservation is already committed, released
+                // (REQUIRE_APPROVAL releases at once) or expired: nothing may be spent under it,
+                // whatever the balances say now.
                 return Err(SidecarError::CallAlreadyResolved(input.call_id.clone()));
             }
             Some(pb::reserve_set_response::Outcome::Reserved(reserved)) => {
@@ -604,10 +613,10 @@ impl Decider {
         let total = ready.len();
         for (sent, ready) in ready.into_iter().enumerate() {
             let call_id = ready.request.call_id.clone();
-            let from_previous_run = ready.from_previous_run;
+            let settlement_lost = ready.settlement_lost;
             match self.send_fail_open(ready).await {
                 Ok(()) => self.fail_open.recorded(&call_id),
-                Err(SendFailure::Conflict(reason)) if from_previous_run => {
+                Err(SendFailure::Conflict(reason)) if settlement_lost => {
                     // Sent before the restart with its actual cost; this copy lost its
                     // settlement and carries the worst case. The ledger's record stands.
                     warn!(call_id = %call_id, %reason,
@@ -640,9 +649,13 @@ impl Decider {
         if let Some((budget_id, limit)) = &ready.run_budget {
             let limit = NanoUsd::new(*limit).map_err(|e| SendFailure::Refused(e.to_string()))?;
             // One classification for both RPCs of a record: the same answer keeps or drops it.
-            self.ensure_run_budget(budget_id, limit)
-                .await
-                .map_err(|status| fail_open_failure(&status))?;
+            self.ensure_run_budget(budget_id, limit).await.map_err(
+                |status| match fail_open_failure(&status) {
+                    // Only RecordFailOpen's own conflict can mean "already recorded".
+                    SendFailure::Conflict(reason) => SendFailure::Refused(reason),
+                    other => other,
+                },
+            )?;
         }
         let response = self
             .ledger
@@ -1011,15 +1024,11 @@ fn run_budget_id(run_id: &str) -> String {
     format!("{RUN_BUDGET_PREFIX}{run_id}")
 }
 
-/// Whether a replayed reservation can no longer be spent under. A ledger older than the state
-/// field sends UNSPECIFIED, read as open (what it meant before the field existed).
-fn reservation_resolved(state: pb::ReservationState) -> bool {
-    matches!(
-        state,
-        pb::ReservationState::Committed
-            | pb::ReservationState::Released
-            | pb::ReservationState::Expired
-    )
+/// Whether a replayed reservation can no longer be spent under: anything but OPEN, or
+/// UNSPECIFIED from a ledger older than the state field (read as open, what it meant then).
+/// A value this sidecar does not know counts as resolved.
+fn reservation_resolved(state: i32) -> bool {
+    state != pb::ReservationState::Open as i32 && state != pb::ReservationState::Unspecified as i32
 }
 
 /// Maps a failed ledger RPC of a decision.

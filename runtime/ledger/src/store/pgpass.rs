@@ -1,16 +1,18 @@
 //! The password a PostgreSQL password file gives a connection, as libpq (and so the sqlx pool)
 //! reads it, for the cached-path session, which does not connect through sqlx.
 //!
-//! The file is `PGPASSFILE`, else `~/.pgpass`. Each line is `host:port:database:user:password`;
-//! `*` in the first four fields matches anything, `\:` and `\\` escape, and a line starting with
-//! `#` is a comment. The first matching line wins. A file that group or others may read is
-//! ignored (with a warning), as libpq does.
+//! The file is `PGPASSFILE` (unless empty), else `~/.pgpass`. Each line is
+//! `host:port:database:user:password`; a bare `*` in the first four fields matches anything,
+//! `\:` and `\\` escape (an escaped `\*` is a literal star), the password ends at the next
+//! unescaped `:`, and a line starting with `#` is a comment. The first matching line wins. A
+//! file that group or others may read is ignored (with a warning), as libpq does.
 
 use std::path::{Path, PathBuf};
 
 /// The password for this connection from the password file, if any.
 pub(crate) fn lookup(host: &str, port: u16, database: Option<&str>, user: &str) -> Option<String> {
     let path = std::env::var_os("PGPASSFILE")
+        .filter(|file| !file.is_empty())
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".pgpass")))?;
     // Without a database the server uses the user's name; match it as libpq does.
@@ -40,29 +42,51 @@ fn from_file(path: &Path, host: &str, port: u16, database: &str, user: &str) -> 
 }
 
 fn find(contents: &str, host: &str, port: &str, database: &str, user: &str) -> Option<String> {
+    let wanted = [host, port, database, user];
     contents
         .lines()
         .filter(|line| !line.starts_with('#'))
         .filter_map(fields)
-        .find(|[h, p, d, u, _]| {
-            let matches = |pattern: &str, value: &str| pattern == "*" || pattern == value;
-            matches(h, host) && matches(p, port) && matches(d, database) && matches(u, user)
+        .find(|fields| {
+            fields[..4]
+                .iter()
+                .zip(wanted)
+                .all(|(field, value)| field.any || field.text == value)
         })
-        .map(|[.., password]| password)
+        .map(|[.., password]| password.text)
 }
 
-/// The five fields of a line, unescaped; `None` for a line with fewer.
-fn fields(line: &str) -> Option<[String; 5]> {
-    let mut fields: Vec<String> = vec![String::new()];
+/// One field of a line: its unescaped text, and whether it was a bare `*`.
+#[derive(Debug, PartialEq)]
+struct Field {
+    text: String,
+    any: bool,
+}
+
+/// The five fields of a line; `None` for a line with fewer. The password ends at the next
+/// unescaped `:`, as in libpq.
+fn fields(line: &str) -> Option<[Field; 5]> {
+    let mut raw: Vec<(String, bool)> = vec![(String::new(), false)];
     let mut chars = line.trim_end_matches('\r').chars();
     while let Some(c) = chars.next() {
         match c {
-            '\\' => fields.last_mut()?.push(chars.next().unwrap_or('\\')),
-            // The password is the rest of the line, colons included.
-            ':' if fields.len() < 5 => fields.push(String::new()),
-            c => fields.last_mut()?.push(c),
+            '\\' => {
+                let (text, escaped) = raw.last_mut()?;
+                text.push(chars.next().unwrap_or('\\'));
+                *escaped = true;
+            }
+            ':' if raw.len() == 5 => break,
+            ':' => raw.push((String::new(), false)),
+            c => raw.last_mut()?.0.push(c),
         }
     }
+    let fields: Vec<Field> = raw
+        .into_iter()
+        .map(|(text, escaped)| Field {
+            any: text == "*" && !escaped,
+            text,
+        })
+        .collect();
     fields.try_into().ok()
 }
 
@@ -74,6 +98,7 @@ mod tests {
     const FILE: &str = "# comment:*:*:*:nope\n\
                         db.internal:5432:ledger:spendguard:first\n\
                         db.internal:*:*:spendguard:second\n\
+                        \\*:*:*:*:literal-star\n\
                         *:*:*:*:any\\:thing\\\\\n\
                         short:line\n";
 
@@ -94,10 +119,16 @@ mod tests {
         );
         assert_eq!(find("# only a comment:*:*:*:x\n", "h", "1", "d", "u"), None);
         assert_eq!(
-            fields("h:p:d:u:pass:with:colons")
-                .map(|[.., p]| p)
+            at("*", "5432", "ledger", "spendguard").as_deref(),
+            Some("literal-star"),
+            "an escaped star is a literal"
+        );
+        assert_eq!(
+            fields("h:p:d:u:pass:extra")
+                .map(|[.., p]| p.text)
                 .as_deref(),
-            Some("pass:with:colons")
+            Some("pass"),
+            "the password ends at an unescaped colon"
         );
         assert_eq!(fields("short:line"), None);
     }

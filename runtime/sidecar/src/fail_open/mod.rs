@@ -85,6 +85,9 @@ struct Record {
     attempts: u32,
     /// Read from the spool a previous process left: its call went through then.
     from_previous_run: bool,
+    /// Read from that spool unsettled, so sent at its worst case: the previous process may have
+    /// recorded it at its actual cost already (its settlement's frame was lost).
+    settlement_lost: bool,
 }
 
 impl Record {
@@ -93,7 +96,8 @@ impl Record {
             request: self.request.clone(),
             worst_case_nano_usd: self.worst_case_nano_usd,
             run_budget: self.run_budget.clone(),
-            settled: self.settled,
+            // Kept unsettled on disk, so every later start knows its settlement was lost.
+            settled: self.settled && !self.settlement_lost,
         }
     }
 }
@@ -104,8 +108,8 @@ impl Record {
 struct State {
     records: BTreeMap<String, Record>,
     spool: Option<Spool>,
-    /// Abandoned at shutdown with a spool: the file keeps the records for the next start, so
-    /// nothing more is admitted or removed from it.
+    /// Abandoned at shutdown: nothing more is admitted, and with a spool nothing more is removed
+    /// from the file, which keeps the records for the next start.
     closed: bool,
 }
 
@@ -143,9 +147,9 @@ pub struct Ready {
     pub request: pb::RecordFailOpenRequest,
     /// A per-run budget (id, limit) to upsert first.
     pub run_budget: Option<(String, i64)>,
-    /// Read from a previous process's spool: the ledger may already hold it with its actual
-    /// cost (the settlement's frame was lost), so a conflict means recorded, not refused.
-    pub from_previous_run: bool,
+    /// Read unsettled from a previous process's spool: the ledger may already hold it with its
+    /// actual cost (the settlement's frame was lost), so a conflict means recorded, not refused.
+    pub settlement_lost: bool,
 }
 
 /// Counters of the queue (`spendguard_sidecar_fail_open_*`).
@@ -196,13 +200,14 @@ impl FailOpenQueue {
         settle_deadline: Duration,
         dir: &std::path::Path,
     ) -> Result<Self, SpoolError> {
-        let (mut spool, replayed) = Spool::open(dir)?;
+        let (spool, replayed) = Spool::open(dir)?;
         let mut records = BTreeMap::new();
         for spooled in replayed {
             let mut request = spooled.request;
             if !spooled.settled {
                 request.actual_nano_usd = spooled.worst_case_nano_usd;
             }
+            let settlement_lost = !spooled.settled;
             records.insert(
                 request.call_id.clone(),
                 Record {
@@ -213,12 +218,11 @@ impl FailOpenQueue {
                     queued_at: Instant::now(),
                     attempts: 0,
                     from_previous_run: true,
+                    settlement_lost,
                 },
             );
         }
         if !records.is_empty() {
-            let live: Vec<_> = records.values().map(Record::spooled).collect();
-            spool.rewrite(&live)?;
             tracing::warn!(
                 records = records.len(),
                 "fail-open records left by a previous run were read from the spool; they are sent once the ledger answers"
@@ -311,6 +315,7 @@ impl FailOpenQueue {
             queued_at: Instant::now(),
             attempts: 0,
             from_previous_run: false,
+            settlement_lost: false,
         };
         let State { records, spool, .. } = &mut *state;
         if let Some(spool) = spool.as_mut() {
@@ -397,7 +402,7 @@ impl FailOpenQueue {
                 ready.push(Ready {
                     request: record.request.clone(),
                     run_budget: record.run_budget.clone(),
-                    from_previous_run: record.from_previous_run,
+                    settlement_lost: record.settlement_lost,
                 });
             }
         }
@@ -440,7 +445,9 @@ impl FailOpenQueue {
             .map(|r| r.request)
             .collect();
         let kept = state.spool.is_some();
-        state.closed = kept;
+        // Nothing more is admitted: nobody would send it (and with a spool, finishing it could
+        // truncate the kept records off the file).
+        state.closed = true;
         if !kept {
             self.metrics.dropped.inc_by(records.len() as u64);
         }
@@ -566,6 +573,9 @@ mod tests {
             .map(|r| (r.request.call_id.as_str(), r.request.actual_nano_usd))
             .collect();
         assert_eq!(sent, vec![("y", 200), ("z", 900)]);
+        // Only the one that never settled may already sit in the ledger at another amount.
+        let lost: Vec<_> = ready.iter().map(|r| r.settlement_lost).collect();
+        assert_eq!(lost, vec![false, true]);
         assert_eq!(ready[0].run_budget, Some(("run-1".into(), 9_000)));
         b.recorded("y");
         b.recorded("z");

@@ -41,9 +41,9 @@ const FRAME_MAX_BYTES: u32 = 1 << 20;
 /// Frames appended since the last rewrite before the file is rewritten as a snapshot, at least.
 const COMPACT_MIN_FRAMES: usize = 4_096;
 
-/// Largest spool file that takes new admissions: the injected emptyDir is 64 MiB, and a rewrite
-/// needs room for a second copy of the live records.
-pub const SPOOL_BYTES_MAX: u64 = 24 << 20;
+/// Largest spool file that takes new admissions: the injected emptyDir is 64 MiB, and it must
+/// also hold a rewrite's second copy and one copy of a damaged file.
+pub const SPOOL_BYTES_MAX: u64 = 16 << 20;
 
 const ADMITTED: u8 = 1;
 const SETTLED: u8 = 2;
@@ -142,6 +142,8 @@ impl Spool {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis())
             ));
+            // One copy is kept (the newest), so repeated damage cannot fill the volume.
+            remove_damaged_copies(dir).map_err(io(dir))?;
             write_durably(&damaged, &bytes).map_err(io(&damaged))?;
             sync_dir(dir).map_err(io(dir))?;
             tracing::error!(path = %path.display(), frames_skipped = replayed.damaged,
@@ -230,8 +232,15 @@ impl Spool {
         for record in records {
             push_frame(&mut bytes, &admitted_payload(record));
         }
-        let file = write_durably(&temporary, &bytes).map_err(io(&temporary))?;
-        std::fs::rename(&temporary, &self.path).map_err(io(&self.path))?;
+        let file = write_durably(&temporary, &bytes)
+            .and_then(|file| std::fs::rename(&temporary, &self.path).map(|()| file))
+            .map_err(|source| {
+                let _ = std::fs::remove_file(&temporary);
+                SpoolError::Io {
+                    path: self.path.clone(),
+                    source,
+                }
+            })?;
         self.file = file;
         self.len = bytes.len() as u64;
         self.frames_since_rewrite = 0;
@@ -245,10 +254,13 @@ impl Spool {
         }
         let mut frame = Vec::with_capacity(payload.len() + 8);
         push_frame(&mut frame, payload);
-        let written = self
-            .file
-            .write_all(&frame)
-            .and_then(|()| if flush { self.file.sync_data() } else { Ok(()) });
+        let mut written = self.file.write_all(&frame);
+        if written.is_ok() && flush {
+            written = self.file.sync_data();
+            // After a failed flush the page cache may no longer match the disk, and a later
+            // flush can report success: the file is rewritten before the next admission.
+            self.broken = written.is_err();
+        }
         if let Err(source) = written {
             // Cut the frame back off, so nothing torn sits before later frames and an admission
             // whose call fails closed is not replayed.
@@ -280,6 +292,20 @@ fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<File> {
     file.write_all(bytes)?;
     file.sync_data()?;
     Ok(file)
+}
+
+fn remove_damaged_copies(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(&format!("{SPOOL_FILE}.damaged-"))
+        {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
@@ -334,8 +360,10 @@ struct Replayed {
     torn_tail: bool,
 }
 
-/// Reads frames to the end, skipping damaged ones; stops at a frame cut short or a length that
-/// cannot be a frame.
+/// Reads frames to the end. After a frame that fails its checksum or cannot be read, it
+/// resynchronises on the next offset where a good frame starts (a damaged length cannot be
+/// trusted), counting the skipped span as damage; a frame cut short with no good frame after it
+/// is a torn tail.
 fn replay(bytes: &[u8]) -> Replayed {
     let mut records: Vec<SpooledRecord> = Vec::new();
     let mut at = 0;
@@ -343,23 +371,28 @@ fn replay(bytes: &[u8]) -> Replayed {
     let torn_tail = loop {
         let entry = match frame_at(bytes, at) {
             Frame::End => break false,
-            Frame::Torn => break true,
-            Frame::Unreadable => break false,
-            Frame::Damaged { next } => {
-                damaged += 1;
-                at = next;
-                continue;
-            }
-            Frame::Good { payload, next } => {
-                at = next;
-                match Entry::parse(payload) {
-                    Some(entry) => entry,
-                    None => {
+            Frame::Good { payload, next } => match Entry::parse(payload) {
+                Some(entry) => {
+                    at = next;
+                    entry
+                }
+                None => match resync(bytes, at + 1) {
+                    Some(good) => {
                         damaged += 1;
+                        at = good;
                         continue;
                     }
+                    None => break false,
+                },
+            },
+            bad => match resync(bytes, at + 1) {
+                Some(good) => {
+                    damaged += 1;
+                    at = good;
+                    continue;
                 }
-            }
+                None => break matches!(bad, Frame::Torn),
+            },
         };
         match entry {
             Entry::Admitted(record) => {
@@ -385,10 +418,17 @@ fn replay(bytes: &[u8]) -> Replayed {
     }
 }
 
+/// The first offset from `from` where a frame with a good checksum and a readable entry starts.
+fn resync(bytes: &[u8], from: usize) -> Option<usize> {
+    (from..bytes.len()).find(|&at| {
+        matches!(frame_at(bytes, at), Frame::Good { payload, .. } if Entry::parse(payload).is_some())
+    })
+}
+
 enum Frame<'a> {
     End,
     Good { payload: &'a [u8], next: usize },
-    Damaged { next: usize },
+    Damaged,
     Torn,
     Unreadable,
 }
@@ -413,7 +453,7 @@ fn frame_at(bytes: &[u8], at: usize) -> Frame<'_> {
     if crc32fast::hash(payload) == crc {
         Frame::Good { payload, next }
     } else {
-        Frame::Damaged { next }
+        Frame::Damaged
     }
 }
 
@@ -560,6 +600,36 @@ mod tests {
             1,
             "the unreadable spool is kept for an operator"
         );
+    }
+
+    #[test]
+    fn a_damaged_length_does_not_hide_the_frames_after_it() {
+        // Goal: one bad length (pointing past the end of the file) is damage, not a torn tail:
+        // the replay finds the good frames after it and the file is copied aside.
+        let dir = tempfile::tempdir().unwrap();
+        let (mut spool, _) = Spool::open(dir.path()).unwrap();
+        for (id, cost) in [("a", 1), ("b", 2), ("c", 3)] {
+            spool.admitted(&record(id, cost, None)).unwrap();
+        }
+        drop(spool);
+        let path = dir.path().join(SPOOL_FILE);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let second_frame = 8 + admitted_payload(&record("a", 1, None)).len();
+        bytes[second_frame..second_frame + 4].copy_from_slice(&60_000u32.to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        let (_spool, replayed) = Spool::open(dir.path()).unwrap();
+        assert_eq!(replayed, vec![record("a", 1, None), record("c", 3, None)]);
+        let copies = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .contains(".damaged-")
+            })
+            .count();
+        assert_eq!(copies, 1);
     }
 
     #[test]
