@@ -367,7 +367,9 @@ impl Decider {
                     run_budget: run_budget_limit,
                     worst_case_nano_usd: planned.reserve.get(),
                 };
-                return self.unavailable(input, planned.max_output_tokens, e, fail_open);
+                return self
+                    .unavailable(input, planned.max_output_tokens, e, fail_open)
+                    .await;
             }
         }
         let request = pb::ReserveSetRequest {
@@ -400,7 +402,9 @@ impl Decider {
                     run_budget: run_budget_limit,
                     worst_case_nano_usd: planned.reserve.get(),
                 };
-                return self.unavailable(input, planned.max_output_tokens, error, fail_open);
+                return self
+                    .unavailable(input, planned.max_output_tokens, error, fail_open)
+                    .await;
             }
         };
         let replayed = response.replayed;
@@ -544,7 +548,7 @@ impl Decider {
     /// The ledger could not answer: fail closed, unless the contract is explicitly fail-open and
     /// the ledger is merely unreachable (never for fencing or configuration errors), and the
     /// decision's evidence record could be queued (a full queue fails closed).
-    fn unavailable(
+    async fn unavailable(
         &self,
         input: &DecideInput,
         max_output_tokens: u32,
@@ -557,8 +561,14 @@ impl Decider {
             return Err(error);
         }
         let request = self.fail_open_request(input, &context);
-        self.fail_open
-            .admit(request, context.worst_case_nano_usd, context.run_budget)?;
+        // The admission flushes the spool: on the blocking pool, so the runtime's workers (one,
+        // under the injected sidecar's CPU limit) keep serving streams meanwhile.
+        let queue = self.fail_open.clone();
+        tokio::task::spawn_blocking(move || {
+            queue.admit(request, context.worst_case_nano_usd, context.run_budget)
+        })
+        .await
+        .map_err(|e| SidecarError::Internal(format!("fail-open admission: {e}")))??;
         warn!(call_id = %input.call_id, model = %input.model, error = %error,
               "ledger unavailable; fail-open contract lets the call through (record queued for the ledger)");
         let mut decision = self.decision(

@@ -319,8 +319,8 @@ impl FailOpenQueue {
         };
         let State { records, spool, .. } = &mut *state;
         if let Some(spool) = spool.as_mut() {
-            // Flushed before the call goes through. Blocking, under the lock, on purpose: only
-            // calls let through during a ledger outage pay for it, and the file stays in order.
+            // Flushed before the call goes through, under the lock so the file stays in the
+            // queue's order (the decider calls this on the blocking pool).
             let mut written = spool.admitted(&record.spooled());
             if matches!(written, Err(SpoolError::Broken)) {
                 // A failed write could not be cut back: rebuild the file from the queue first.
