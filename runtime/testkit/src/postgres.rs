@@ -54,11 +54,10 @@ impl PgCluster {
                 .args(["-R", "postgres:postgres"])
                 .arg(dir.path()))?;
         }
-        let port = crate::free_port();
-        let cluster = Self {
+        let mut cluster = Self {
             dir,
             bin,
-            port,
+            port: crate::free_port(),
             as_postgres_user,
             databases: AtomicU32::new(0),
         };
@@ -76,20 +75,41 @@ impl PgCluster {
                 "-D",
             ])
             .arg(&data))?;
-        let mut options = format!(
-            "-p {port} -c listen_addresses=127.0.0.1 -k {}",
-            cluster.dir.path().display()
-        );
-        for (name, value) in settings {
-            options.push_str(&format!(" -c {name}={value}"));
+        // The port was free when chosen, but another test binary may take it before the
+        // postmaster binds it: then the server exits at once, and a new port is tried.
+        let mut attempt = 1;
+        loop {
+            let mut options = format!(
+                "-p {} -c listen_addresses=127.0.0.1 -k {}",
+                cluster.port,
+                cluster.dir.path().display()
+            );
+            for (name, value) in settings {
+                options.push_str(&format!(" -c {name}={value}"));
+            }
+            let log = cluster.dir.path().join("postgres.log");
+            let started = run(cluster
+                .pg("pg_ctl")
+                .args(["-w", "-t", "60", "-D"])
+                .arg(&data)
+                .arg("-l")
+                .arg(&log)
+                .args(["-o", &options, "start"]));
+            match started {
+                Ok(()) => break,
+                Err(e) => {
+                    let log = std::fs::read_to_string(&log).unwrap_or_default();
+                    if attempt < 5 && log.contains("could not bind") {
+                        attempt += 1;
+                        cluster.port = crate::free_port();
+                        continue;
+                    }
+                    let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                    let tail: Vec<&str> = tail.into_iter().rev().collect();
+                    return Err(e.context(format!("postgres.log:\n{}", tail.join("\n"))));
+                }
+            }
         }
-        run(cluster
-            .pg("pg_ctl")
-            .args(["-w", "-t", "60", "-D"])
-            .arg(&data)
-            .arg("-l")
-            .arg(cluster.dir.path().join("postgres.log"))
-            .args(["-o", &options, "start"]))?;
         cluster.spawn_watchdog()?;
         Ok(cluster)
     }
