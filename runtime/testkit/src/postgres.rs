@@ -75,8 +75,10 @@ impl PgCluster {
                 "-D",
             ])
             .arg(&data))?;
-        // The port was free when chosen, but another test binary may take it before the
-        // postmaster binds it: then the server exits at once, and a new port is tried.
+        // The port was free when chosen, but any process (a client's ephemeral port included)
+        // may take it before the postmaster binds it: then the server exits at once, and a new
+        // port is tried. Chosen after initdb, so that window is short.
+        cluster.port = crate::free_port();
         let mut attempt = 1;
         loop {
             let mut options = format!(
