@@ -134,10 +134,7 @@ pub(crate) async fn bench_proxy(
     spendguard_testkit::ledger::register_pricing(
         &mut ledger.client,
         "bench",
-        pb::PricingRef {
-            version: snapshot.version().into(),
-            sha256_hex: snapshot.sha256_hex().into(),
-        },
+        spendguard_sidecar::bundle::pricing_ref(&snapshot),
     )
     .await?;
     let (bytes, sha) = Bundle::canonical(&contract, &pricing)?;

@@ -5,7 +5,18 @@
 
 use crate::error::SidecarError;
 use spendguard_core::contract::Bundle;
+use spendguard_core::pricing::Pricing;
+use spendguard_proto::ledger::v1 as pb;
 use std::path::Path;
+
+/// How the ledger names `pricing`: the version and hash it was registered under (the operator
+/// registers each bundle's snapshot for its tenant).
+pub fn pricing_ref(pricing: &Pricing) -> pb::PricingRef {
+    pb::PricingRef {
+        version: pricing.version().to_owned(),
+        sha256_hex: pricing.sha256_hex().to_owned(),
+    }
+}
 
 /// A verified bundle and the identity it names.
 #[derive(Debug)]

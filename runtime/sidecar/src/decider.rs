@@ -17,6 +17,7 @@
 //! settlement is priced with the provider and model that were decided, and so retries of a decide,
 //! commit or release get the original answer (`replayed`) instead of a second effect.
 
+use crate::bundle::pricing_ref;
 use crate::error::SidecarError;
 use crate::fail_open::{FailOpenQueue, SendFailure};
 use crate::lease::Lease;
@@ -285,7 +286,14 @@ impl Decider {
         if let Some(replay) = self.replay(&input.call_id, &fingerprint)? {
             return Ok(replay);
         }
-        let decision = self.decide_fresh(&input).await?;
+        let decision = match self.decide_fresh(&input).await {
+            // The ledger found this call's reservation resolved: a concurrent decide of the same
+            // call id may have finished (and settled) first; then this one is its replay.
+            Err(e @ SidecarError::CallAlreadyResolved(_)) => {
+                return self.replay(&input.call_id, &fingerprint)?.ok_or(e);
+            }
+            other => other?,
+        };
         Ok(self.record(&input.call_id, fingerprint, decision))
     }
 
@@ -379,10 +387,7 @@ impl Decider {
             amount_nano_usd: planned.reserve.get(),
             fencing: Some(self.fencing(epoch)),
             ttl_ms: u32::try_from(self.reservation_ttl.as_millis()).unwrap_or(u32::MAX),
-            pricing: Some(pb::PricingRef {
-                version: self.bundle.pricing.version().to_owned(),
-                sha256_hex: self.bundle.pricing.sha256_hex().to_owned(),
-            }),
+            pricing: Some(pricing_ref(&self.bundle.pricing)),
             context: Some(pb::DecisionContext {
                 run_id: input.run_id.clone().unwrap_or_default(),
                 workflow_id: input.workflow_id.clone().unwrap_or_default(),
@@ -427,14 +432,6 @@ impl Decider {
             Some(pb::reserve_set_response::Outcome::Reserved(reserved))
                 if replayed && reservation_resolved(reserved.state) =>
             {
-                // A concurrent decide of this call id that finished first: answer as its replay.
-                if let Some(mut decision) = lock(&self.calls)
-                    .get(&input.call_id)
-                    .map(|entry| entry.decision.clone())
-                {
-                    decision.replayed = true;
-                    return Ok(decision);
-                }
                 // A retry the sidecar does not remember (forgotten, or decided before a
                 // restart) of a call whose reservation is already committed, released
                 // (REQUIRE_APPROVAL releases at once) or expired: nothing may be spent under it,
@@ -517,10 +514,7 @@ impl Decider {
             ttl_ms: APPROVAL_TTL_MS,
             reason_code: reason.as_str().to_owned(),
             requested_by: self.identity.scope_id.clone(),
-            pricing: Some(pb::PricingRef {
-                version: self.bundle.pricing.version().to_owned(),
-                sha256_hex: self.bundle.pricing.sha256_hex().to_owned(),
-            }),
+            pricing: Some(pricing_ref(&self.bundle.pricing)),
             bundle_sha256_hex: self.bundle.sha256_hex.clone(),
             context: Some(pb::DecisionContext {
                 run_id: input.run_id.clone().unwrap_or_default(),
@@ -598,10 +592,7 @@ impl Decider {
             budget_ids: context.budget_ids.clone(),
             actual_nano_usd: 0,
             fencing: Some(self.fencing(context.epoch)),
-            pricing: Some(pb::PricingRef {
-                version: self.bundle.pricing.version().to_owned(),
-                sha256_hex: self.bundle.pricing.sha256_hex().to_owned(),
-            }),
+            pricing: Some(pricing_ref(&self.bundle.pricing)),
             contract_sha256_hex: self.bundle.sha256_hex.clone(),
             decided_at_unix_ms,
             context: Some(pb::DecisionContext {

@@ -161,10 +161,7 @@ async fn kill_dash_nine_during_an_outage_keeps_fail_open_evidence() {
     spendguard_testkit::ledger::register_pricing(
         &mut ledger.client,
         TENANT,
-        pb::PricingRef {
-            version: snapshot.version().into(),
-            sha256_hex: snapshot.sha256_hex().into(),
-        },
+        spendguard_sidecar::bundle::pricing_ref(&snapshot),
     )
     .await
     .unwrap();

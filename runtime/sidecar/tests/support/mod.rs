@@ -109,10 +109,7 @@ impl Stack {
         spendguard_testkit::ledger::register_pricing(
             &mut ledger.client,
             TENANT,
-            pb::PricingRef {
-                version: snapshot.version().into(),
-                sha256_hex: snapshot.sha256_hex().into(),
-            },
+            spendguard_sidecar::bundle::pricing_ref(&snapshot),
         )
         .await
         .unwrap();
