@@ -118,17 +118,13 @@ impl Spool {
     /// [`SpoolError::Io`] when the directory or file cannot be read or written.
     pub fn open(dir: &Path) -> Result<(Self, Vec<SpooledRecord>), SpoolError> {
         let path = dir.join(SPOOL_FILE);
-        let io = |path: &Path| {
-            let path = path.to_owned();
-            move |source| SpoolError::Io { path, source }
-        };
         let mut bytes = Vec::new();
         match File::open(&path) {
             Ok(mut file) => {
-                file.read_to_end(&mut bytes).map_err(io(&path))?;
+                file.read_to_end(&mut bytes).map_err(io_at(&path))?;
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io(&path)(e)),
+            Err(e) => return Err(io_at(&path)(e)),
         }
         let replayed = replay(&bytes);
         let unread = bytes.len() - replayed.read;
@@ -143,15 +139,15 @@ impl Spool {
                     .map_or(0, |d| d.as_millis())
             ));
             // One copy is kept (the newest), so repeated damage cannot fill the volume.
-            remove_damaged_copies(dir).map_err(io(dir))?;
-            write_durably(&damaged, &bytes).map_err(io(&damaged))?;
-            sync_dir(dir).map_err(io(dir))?;
+            remove_damaged_copies(dir).map_err(io_at(dir))?;
+            write_durably(&damaged, &bytes).map_err(io_at(&damaged))?;
+            sync_dir(dir).map_err(io_at(dir))?;
             tracing::error!(path = %path.display(), frames_skipped = replayed.damaged,
                             bytes_unread = unread, copy = %damaged.display(),
                             "fail-open spool damaged: the records in the damaged frames are lost");
         }
         let records = replayed.records;
-        let file = open_append(&path).map_err(io(&path))?;
+        let file = open_append(&path).map_err(io_at(&path))?;
         let mut spool = Self {
             dir: dir.to_owned(),
             path,
@@ -162,7 +158,10 @@ impl Spool {
             broken: false,
         };
         spool.rewrite(&records)?;
-        sync_dir(dir).map_err(io(dir))?;
+        // A new, empty spool's name must be durable too (a non-empty rewrite flushed it already).
+        if records.is_empty() {
+            sync_dir(dir).map_err(io_at(dir))?;
+        }
         Ok((spool, records))
     }
 
@@ -215,13 +214,9 @@ impl Spool {
     /// [`SpoolError::Io`]: before the rename the old file is left as it was; after it, the new
     /// one is in use but its name may not be durable yet.
     pub fn rewrite(&mut self, records: &[SpooledRecord]) -> Result<(), SpoolError> {
-        let io = |path: &Path| {
-            let path = path.to_owned();
-            move |source| SpoolError::Io { path, source }
-        };
         if records.is_empty() {
-            self.file.set_len(0).map_err(io(&self.path))?;
-            self.file.sync_data().map_err(io(&self.path))?;
+            self.file.set_len(0).map_err(io_at(&self.path))?;
+            self.file.sync_data().map_err(io_at(&self.path))?;
             self.len = 0;
             self.frames_since_rewrite = 0;
             self.broken = false;
@@ -236,16 +231,13 @@ impl Spool {
             .and_then(|file| std::fs::rename(&temporary, &self.path).map(|()| file))
             .map_err(|source| {
                 let _ = std::fs::remove_file(&temporary);
-                SpoolError::Io {
-                    path: self.path.clone(),
-                    source,
-                }
+                io_at(&self.path)(source)
             })?;
         self.file = file;
         self.len = bytes.len() as u64;
         self.frames_since_rewrite = 0;
         self.broken = false;
-        sync_dir(&self.dir).map_err(io(&self.dir))
+        sync_dir(&self.dir).map_err(io_at(&self.dir))
     }
 
     fn append(&mut self, payload: &[u8], flush: bool) -> Result<(), SpoolError> {
@@ -267,15 +259,18 @@ impl Spool {
             if self.file.set_len(self.len).is_err() {
                 self.broken = true;
             }
-            return Err(SpoolError::Io {
-                path: self.path.clone(),
-                source,
-            });
+            return Err(io_at(&self.path)(source));
         }
         self.len += frame.len() as u64;
         self.frames_since_rewrite = self.frames_since_rewrite.saturating_add(1);
         Ok(())
     }
+}
+
+/// Maps an OS error on `path` to [`SpoolError::Io`].
+fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + use<> {
+    let path = path.to_owned();
+    move |source| SpoolError::Io { path, source }
 }
 
 /// Creates `path` (mode 0600, replacing it), writes `bytes` and flushes them; the handle appends.
