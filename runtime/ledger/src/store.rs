@@ -108,7 +108,26 @@ pub struct PreparedBatch {
 }
 
 /// The cached statement's parameters, bound and signed (opaque outside this module).
-pub struct CachedStatement(CachedParams);
+pub struct CachedStatement {
+    shape: CachedShape,
+    params: CachedParams,
+}
+
+impl CachedStatement {
+    /// Which of the cached statements carries this batch.
+    #[must_use]
+    pub fn shape(&self) -> CachedShape {
+        self.shape
+    }
+
+    /// The same batch under another statement: only for tests proving that a statement refuses
+    /// a batch with effects it does not carry.
+    #[doc(hidden)]
+    #[must_use]
+    pub fn with_shape(self, shape: CachedShape) -> Self {
+        Self { shape, ..self }
+    }
+}
 
 /// This process's claim on its producer instance id.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -240,7 +259,7 @@ impl Store {
             .map_err(Error::from)?;
         let cached_path = Arc::new(tokio::sync::Mutex::new(pipeline::Pipeline::new(
             cached_path_config(database_url)?,
-            CACHED_BATCH.as_str(),
+            &*CACHED_BATCHES,
             CACHED_BATCH_TYPES,
             // Up to four batches in flight (the depth's limit) may each run to the statement
             // timeout before this one is answered.
@@ -456,13 +475,16 @@ impl Store {
             state,
             next_sequence,
             plan: started.elapsed(),
-            statement: CachedStatement(CachedParams {
-                effects,
-                guard: GuardParams::of(expected),
-                clock_tolerance_ms: CLOCK_TOLERANCE.num_milliseconds() as f64,
-                absent_reservations: expected.absent_reservations.clone(),
-                open_reservations: expected.open_reservations.clone(),
-            }),
+            statement: CachedStatement {
+                shape: CachedShape::of(&effects),
+                params: CachedParams {
+                    effects,
+                    guard: GuardParams::of(expected),
+                    clock_tolerance_ms: CLOCK_TOLERANCE.num_milliseconds() as f64,
+                    absent_reservations: expected.absent_reservations.clone(),
+                    open_reservations: expected.open_reservations.clone(),
+                },
+            },
         })
     }
 
@@ -475,7 +497,11 @@ impl Store {
     /// # Errors
     /// [`Error::Database`] when the session cannot be opened.
     pub async fn send_cached(&self, statement: CachedStatement) -> Result<Sent> {
-        self.cached_path.lock().await.send(statement.0).await
+        self.cached_path
+            .lock()
+            .await
+            .send(statement.shape as usize, statement.params)
+            .await
     }
 
     /// Current-window balances of `budget_ids` (all must exist in `tenant_id`).
@@ -1477,37 +1503,86 @@ async fn write_money_and_outbox(
     Ok(params.next_sequence)
 }
 
+const EFFECTS_NEW_RESERVATIONS: &str = include_str!("store/effects_new_reservations.sql");
+const EFFECTS_RESOLUTIONS: &str = include_str!("store/effects_resolutions.sql");
+const EFFECTS_JOURNAL: &str = include_str!("store/effects_journal.sql");
+
 /// The write path's statement: the effects and the producer check.
 static WRITE_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
-        "WITH {}\nSELECT count(*) FROM allocated",
-        include_str!("store/write_effects.sql")
+        "WITH {EFFECTS_NEW_RESERVATIONS},\n{EFFECTS_RESOLUTIONS},\n{EFFECTS_JOURNAL}\nSELECT count(*) FROM allocated"
     )
 });
 
-/// The cached path's statement: the guard, the effects, and one check of everything, which fails
-/// the statement (so nothing of the batch is written) unless the batch was planned on fresh rows.
-static CACHED_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    format!(
-        "WITH {},\n{}\nSELECT spendguard_require_fresh(
+/// Which of a batch's effects its cached statement carries. A data-modifying CTE costs its
+/// executor set-up (and its table's statement triggers) even when it writes no row, and at
+/// moderate rates most batches are a single reserve or a single commit; a statement without the
+/// part it has nothing for is measurably cheaper. The left-out part's parameters must be empty,
+/// which the statement checks, so a wrong choice fails the batch instead of dropping effects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CachedShape {
+    /// New reservations, no resolutions.
+    Reserves = 0,
+    /// Resolutions, no new reservations.
+    Resolutions = 1,
+    /// Both.
+    Mixed = 2,
+}
+
+impl CachedShape {
+    fn of(effects: &EffectParams) -> Self {
+        let reserves = effects
+            .new_reservations
+            .as_array()
+            .is_some_and(|a| !a.is_empty());
+        match (reserves, effects.resolved_ids.is_empty()) {
+            (true, true) => Self::Reserves,
+            (false, false) => Self::Resolutions,
+            _ => Self::Mixed,
+        }
+    }
+}
+
+/// The cached path's statements, one per [`CachedShape`] in its order: the guard, the effects,
+/// and one check of everything, which fails the statement (so nothing of the batch is written)
+/// unless the batch was planned on fresh rows.
+static CACHED_BATCHES: std::sync::LazyLock<[String; 3]> = std::sync::LazyLock::new(|| {
+    let statement = |effects: String, resolutions_checked: &str| {
+        format!(
+            "WITH {},\n{effects}\nSELECT spendguard_require_fresh(
             (SELECT count(*) FROM guard_scopes) = cardinality($32::text[])
             AND (SELECT count(*) FROM guard_budgets) = cardinality($37::text[])
             AND (SELECT count(*) FROM guard_windows) = cardinality($42::text[])
-            AND (SELECT count(*) FROM resolutions) = cardinality($3::uuid[])
+            AND {resolutions_checked}
             AND (SELECT count(*) FROM allocated) = 1
             AND NOT EXISTS (SELECT 1 FROM reservations WHERE reservation_id = ANY($50::uuid[]))
             AND (SELECT count(*) FROM reservations
                   WHERE reservation_id = ANY($51::uuid[]) AND state = 'reserved')
                 = cardinality(ARRAY(SELECT DISTINCT unnest($51::uuid[])))
             AND abs(extract(epoch FROM now() - $2::timestamptz)) * 1000 < $49)",
-        include_str!("store/fast_guard.sql"),
-        include_str!("store/write_effects.sql")
-    )
+            include_str!("store/fast_guard.sql"),
+        )
+    };
+    let resolved = "(SELECT count(*) FROM resolutions) = cardinality($3::uuid[])";
+    [
+        statement(
+            format!("{EFFECTS_NEW_RESERVATIONS},\n{EFFECTS_JOURNAL}"),
+            "cardinality($3::uuid[]) = 0",
+        ),
+        statement(
+            format!("{EFFECTS_RESOLUTIONS},\n{EFFECTS_JOURNAL}"),
+            &format!("{resolved} AND jsonb_array_length($1::jsonb) = 0"),
+        ),
+        statement(
+            format!("{EFFECTS_NEW_RESERVATIONS},\n{EFFECTS_RESOLUTIONS},\n{EFFECTS_JOURNAL}"),
+            resolved,
+        ),
+    ]
 });
 
 type ScalarQuery<'q, O> = sqlx::query::QueryScalar<'q, Postgres, O, sqlx::postgres::PgArguments>;
 
-/// The bound parameters ($1–$31) of `write_effects.sql` for one batch, with every event signed.
+/// The bound parameters ($1–$31) of a batch's effects (`store/effects_*.sql`), with every event signed.
 struct EffectParams {
     now: DateTime<Utc>,
     new_reservations: serde_json::Value,
@@ -1818,7 +1893,7 @@ struct CachedParams {
 }
 
 /// The cached statement's parameter types, in order; the same types sqlx binds on the load
-/// path for `write_effects.sql`.
+/// path for the effects (`store/effects_*.sql`).
 static CACHED_BATCH_TYPES: &[PgType] = &[
     PgType::JSONB,
     PgType::TIMESTAMPTZ,

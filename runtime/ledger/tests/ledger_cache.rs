@@ -434,3 +434,109 @@ async fn a_cached_path_session_killed_by_the_server_is_reopened_and_no_call_fail
     assert_eq!(balance(&mut ledger).await.reserved_nano_usd, 10);
     invariants::check(ledger.store().pool()).await.unwrap();
 }
+
+#[tokio::test]
+async fn each_batch_takes_the_statement_for_its_effects_and_no_statement_drops_effects() {
+    // A reserve-only batch and a commit-only batch each go by a statement without the other's
+    // part; a batch with both takes the full one. A batch sent under a statement that lacks a
+    // part it needs is refused whole, so a wrong choice can never drop a resolution or a
+    // reservation.
+    use spendguard_core::plan::Command;
+    use spendguard_ledger::cache::HotCache;
+    use spendguard_ledger::error::Error;
+    use spendguard_ledger::store::CachedShape;
+
+    let mut ledger = TestLedger::start().await.unwrap();
+    let token = ledger.tenant_with_lease(T).await.unwrap();
+    ledger.budget(T, "hot", 1_000).await.unwrap();
+    let store = ledger.store().clone();
+    let mut cursor = ledger.producer_cursor().await.unwrap();
+    let mut cache = HotCache::default();
+    let reserve = |key: &str| reserve_command(key, "hot", 10, &token);
+    let commit = |key: &str| {
+        let Command::ReserveSet(r) = reserve(key) else {
+            unreachable!()
+        };
+        Command::Commit(
+            spendguard_ledger::convert::commit(&pb::CommitRequest {
+                tenant_id: T.into(),
+                reservation_id: r.reservation_id().to_string(),
+                actual_nano_usd: 4,
+                fencing: Some(token.clone()),
+            })
+            .unwrap(),
+        )
+    };
+    let warm = store
+        .run_batch(&mut cursor, &[reserve("one"), reserve("two")])
+        .await
+        .unwrap();
+    remember(&mut cache, warm);
+
+    let shape_of = async |commands: &[Command]| {
+        prepared(&store, &cursor, &cache, commands)
+            .await
+            .statement
+            .shape()
+    };
+    assert_eq!(shape_of(&[reserve("three")]).await, CachedShape::Reserves);
+    assert_eq!(shape_of(&[commit("one")]).await, CachedShape::Resolutions);
+    assert_eq!(
+        shape_of(&[commit("one"), reserve("three")]).await,
+        CachedShape::Mixed
+    );
+
+    // Under a statement without a part the batch needs: refused, nothing written.
+    for (commands, wrong) in [
+        (vec![commit("one")], CachedShape::Reserves),
+        (vec![reserve("three")], CachedShape::Resolutions),
+        (vec![commit("one"), reserve("three")], CachedShape::Reserves),
+        (
+            vec![commit("one"), reserve("three")],
+            CachedShape::Resolutions,
+        ),
+    ] {
+        let batch = prepared(&store, &cursor, &cache, &commands).await;
+        let sent = store
+            .send_cached(batch.statement.with_shape(wrong))
+            .await
+            .unwrap();
+        assert!(matches!(sent.await, Err(Error::Stale)), "{wrong:?}");
+    }
+    let hot = balance(&mut ledger).await;
+    assert_eq!((hot.reserved_nano_usd, hot.committed_nano_usd), (20, 0));
+
+    // Under their own statements, each commits.
+    for commands in [
+        vec![commit("one")],
+        vec![reserve("three")],
+        vec![commit("two"), reserve("four")],
+    ] {
+        let batch = prepared(&store, &cursor, &cache, &commands).await;
+        store
+            .send_cached(batch.statement)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        cursor.next_sequence = batch.next_sequence;
+        cache.absorb(batch.state);
+    }
+    let hot = balance(&mut ledger).await;
+    assert_eq!((hot.reserved_nano_usd, hot.committed_nano_usd), (20, 8));
+    invariants::check(store.pool()).await.unwrap();
+}
+
+/// `commands` planned on `cache` and signed after `cursor`, not sent.
+async fn prepared(
+    store: &spendguard_ledger::store::Store,
+    cursor: &spendguard_ledger::store::ProducerCursor,
+    cache: &spendguard_ledger::cache::HotCache,
+    commands: &[spendguard_core::plan::Command],
+) -> spendguard_ledger::store::PreparedBatch {
+    let (snapshot, expected) = cache.snapshot_for(commands).unwrap();
+    store
+        .prepare_cached(cursor, snapshot, &expected, commands)
+        .await
+        .unwrap()
+}

@@ -39,10 +39,12 @@ pub(super) trait Params: Send + Sync + 'static {
 /// How long after a failed open the next batch tries again.
 const REOPEN_AFTER: Duration = Duration::from_secs(1);
 
-/// One statement, prepared once per session, executed by [`Pipeline::send`].
+/// Statements (all with the same parameter types), prepared once per session and executed by
+/// [`Pipeline::send`] on that one session, each behind the ones sent before it.
 pub(super) struct Pipeline {
     config: Config,
-    sql: &'static str,
+    /// The statements, prepared on every session opened; [`Pipeline::send`] names one by index.
+    sqls: &'static [String],
     types: &'static [Type],
     answer_deadline: Duration,
     open: Option<Open>,
@@ -51,23 +53,23 @@ pub(super) struct Pipeline {
 
 struct Open {
     client: Arc<Client>,
-    statement: Statement,
+    statements: Vec<Statement>,
     /// Set by an answer that found the connection broken or never came.
     broken: Arc<AtomicBool>,
 }
 
 impl Pipeline {
-    /// A pipeline that connects with `config` on first use and prepares `sql` with `types`; an
+    /// A pipeline that connects with `config` on first use and prepares `sqls` with `types`; an
     /// answer that takes longer than `answer_deadline` counts as a broken connection.
     pub(super) fn new(
         config: Config,
-        sql: &'static str,
+        sqls: &'static [String],
         types: &'static [Type],
         answer_deadline: Duration,
     ) -> Self {
         Self {
             config,
-            sql,
+            sqls,
             types,
             answer_deadline,
             open: None,
@@ -80,11 +82,19 @@ impl Pipeline {
     ///
     /// # Errors
     /// [`Error::Database`] when the session cannot be opened.
-    pub(super) async fn send<P: Params>(&mut self, params: P) -> Result<Sent, Error> {
+    pub(super) async fn send<P: Params>(
+        &mut self,
+        statement: usize,
+        params: P,
+    ) -> Result<Sent, Error> {
         let deadline = self.answer_deadline;
         let open = self.open().await?;
         let client = Arc::clone(&open.client);
-        let statement = open.statement.clone();
+        let statement = open
+            .statements
+            .get(statement)
+            .ok_or_else(|| Error::Invariant(format!("no cached statement {statement}")))?
+            .clone();
         let broken = Arc::clone(&open.broken);
         let mut sent: Sent = Box::pin(async move {
             let answer = tokio::time::timeout(deadline, async {
@@ -164,13 +174,18 @@ impl Pipeline {
                 warn!(error = %e, "cached-path session closed");
             }
         });
-        let statement = client
-            .prepare_typed(self.sql, self.types)
-            .await
-            .map_err(Error::from)?;
+        let mut statements = Vec::with_capacity(self.sqls.len());
+        for sql in self.sqls {
+            statements.push(
+                client
+                    .prepare_typed(sql, self.types)
+                    .await
+                    .map_err(Error::from)?,
+            );
+        }
         Ok(Open {
             client: Arc::new(client),
-            statement,
+            statements,
             broken: Arc::new(AtomicBool::new(false)),
         })
     }
