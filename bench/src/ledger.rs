@@ -4,6 +4,7 @@
 //! paced run at a fixed offered rate.
 
 use crate::processes::LedgerProcess;
+use crate::quiesce::quiesce;
 use crate::stats::{report, report_calls};
 use anyhow::{Context, Result, bail};
 use spendguard_proto::ledger::v1 as pb;
@@ -91,6 +92,7 @@ pub(crate) async fn bench_ledger(
     );
     for (name, spread) in [("hot budget", false), ("100 budgets", true)] {
         for &clients in client_counts {
+            quiesce(&url).await?;
             let deadline = Instant::now() + duration;
             let started = Instant::now();
             let mut tasks = Vec::new();
@@ -125,6 +127,7 @@ pub(crate) async fn bench_ledger(
     // Paced: a fixed offered rate on the hot budget, latency measured from each pair's start.
     let interval = Duration::from_secs_f64(1.0 / paced_rate as f64);
     let count = usize::try_from(paced_rate * duration.as_secs())?;
+    quiesce(&url).await?;
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(count);
     let mut ticker = tokio::time::interval(interval);
@@ -155,7 +158,21 @@ pub(crate) async fn bench_ledger(
     );
     report_calls("  of which ReserveSet", reserves);
     report_calls("  of which Commit", commits);
-    let (_, metrics) = http_get(process.admin_port, "/metrics").await?;
+    report_writer(process.admin_port).await?;
+    report_statements(&url).await?;
+    process.child.start_kill()?;
+    process.child.wait().await?;
+    if hold_seconds > 0 {
+        println!("holding {url} for {hold_seconds}s");
+        tokio::time::sleep(Duration::from_secs(hold_seconds)).await;
+    }
+    Ok(())
+}
+
+/// The writer's batch statistics, from the ledger's `/metrics`: how many commands shared each
+/// statement, and where a batch's time went.
+pub(crate) async fn report_writer(admin_port: u16) -> Result<()> {
+    let (_, metrics) = http_get(admin_port, "/metrics").await?;
     let value = |name: &str| -> f64 {
         metrics
             .lines()
@@ -180,13 +197,6 @@ pub(crate) async fn bench_ledger(
             "spendguard_ledger_batch_phase_seconds_sum{{phase=\"{phase}\"}} "
         ));
         println!("  {phase:<7} {:.3} ms/batch", sum * 1e3 / batches.max(1.0));
-    }
-    report_statements(&url).await?;
-    process.child.start_kill()?;
-    process.child.wait().await?;
-    if hold_seconds > 0 {
-        println!("holding {url} for {hold_seconds}s");
-        tokio::time::sleep(Duration::from_secs(hold_seconds)).await;
     }
     Ok(())
 }

@@ -14,6 +14,7 @@ mod demo;
 mod ledger;
 mod processes;
 mod proxy;
+mod quiesce;
 mod stats;
 
 use anyhow::Result;

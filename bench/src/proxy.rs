@@ -7,6 +7,7 @@
 //! forwarded, and settled (one Commit, in the background).
 
 use crate::processes::{LedgerProcess, spawn_mock, spawn_sidecar};
+use crate::quiesce::quiesce;
 use crate::stats::percentile;
 use anyhow::{Result, bail};
 use bytes::Bytes;
@@ -168,7 +169,9 @@ pub(crate) async fn bench_proxy(
         "rate", "direct p50", "direct p99", "guard p50", "guard p99", "added p50", "added p99"
     );
     for &rate in rates {
+        quiesce(&url).await?;
         let d = paced(&client, &direct, rate, duration).await?;
+        quiesce(&url).await?;
         let g = paced(&client, &guarded, rate, duration).await?;
         let (d50, d99) = (percentile(&d, 0.50), percentile(&d, 0.99));
         let (g50, g99) = (percentile(&g, 0.50), percentile(&g, 0.99));
@@ -183,11 +186,14 @@ pub(crate) async fn bench_proxy(
             ms(g99) - ms(d99),
         );
     }
+    quiesce(&url).await?;
     let max_direct = sustained(&client, &direct, clients, duration).await?;
+    quiesce(&url).await?;
     let max_guarded = sustained(&client, &guarded, clients, duration).await?;
     println!(
         "max sustained ({clients} closed-loop clients): direct {max_direct:.0} calls/s, through the sidecar {max_guarded:.0} calls/s"
     );
+    crate::ledger::report_writer(ledger.admin_port).await?;
     sidecar.stop().await?;
     mock.stop().await?;
     ledger.child.start_kill()?;
