@@ -435,6 +435,10 @@ async fn a_fail_open_spool_carries_records_across_a_restart_during_an_outage() {
     // deadline passes with the ledger still down); the ledger returns; a new sidecar on the same
     // spool records both calls.
     let spool = tempfile::tempdir().unwrap();
+    let spool_file = spool
+        .path()
+        .join(spendguard_sidecar::fail_open::spool::SPOOL_FILE);
+    let spooled_bytes = || std::fs::metadata(&spool_file).unwrap().len();
     let mut stack = Stack::start(Options {
         contract: json!({"fail_policy": "open"}),
         flags: vec![
@@ -458,14 +462,7 @@ async fn a_fail_open_spool_carries_records_across_a_restart_during_an_outage() {
     }
     stack.wait_no_open_calls().await;
     stack.stop_sidecar().await;
-    let spooled = std::fs::metadata(
-        spool
-            .path()
-            .join(spendguard_sidecar::fail_open::spool::SPOOL_FILE),
-    )
-    .unwrap()
-    .len();
-    assert!(spooled > 0, "the unsent records stay on disk");
+    assert!(spooled_bytes() > 0, "the unsent records stay on disk");
 
     stack.restart_ledger().await;
     stack.start_sidecar().await;
@@ -480,15 +477,5 @@ async fn a_fail_open_spool_carries_records_across_a_restart_during_an_outage() {
     assert_eq!(total, 2 * 10_950, "settled at their reported usage");
     assert_eq!(stack.balance().await.overrun_nano_usd, 2 * 10_950);
     stack.stop_sidecar().await;
-    assert_eq!(
-        std::fs::metadata(
-            spool
-                .path()
-                .join(spendguard_sidecar::fail_open::spool::SPOOL_FILE)
-        )
-        .unwrap()
-        .len(),
-        0,
-        "a drained spool is empty"
-    );
+    assert_eq!(spooled_bytes(), 0, "a drained spool is empty");
 }

@@ -127,8 +127,7 @@ impl State {
         let written = if self.records.is_empty() {
             spool.rewrite(&[])
         } else if spool.wants_rewrite(self.records.len()) {
-            let live: Vec<_> = self.records.values().map(Record::spooled).collect();
-            spool.rewrite(&live)
+            spool.rewrite(&spooled(&self.records))
         } else {
             spool.done(call_id)
         };
@@ -138,6 +137,11 @@ impl State {
         }
         true
     }
+}
+
+/// The queue as its spool snapshot, in the queue's order.
+fn spooled(records: &BTreeMap<String, Record>) -> Vec<SpooledRecord> {
+    records.values().map(Record::spooled).collect()
 }
 
 /// A record ready to send.
@@ -324,9 +328,8 @@ impl FailOpenQueue {
             let mut written = spool.admitted(&record.spooled());
             if matches!(written, Err(SpoolError::Broken)) {
                 // A failed write could not be cut back: rebuild the file from the queue first.
-                let live: Vec<_> = records.values().map(Record::spooled).collect();
                 written = spool
-                    .rewrite(&live)
+                    .rewrite(&spooled(records))
                     .and_then(|()| spool.admitted(&record.spooled()));
             }
             written.map_err(|e| {

@@ -17,9 +17,10 @@
 //! replay (RecordFailOpen is idempotent by call id).
 //!
 //! Opening replays the file into the records it describes and rewrites it as a snapshot. A frame
-//! cut short by a crash ends the replay there. A frame whose checksum fails is skipped (losing
-//! any one frame is no worse than losing its record) and the file is first copied to
-//! `.damaged-<unix ms>` for an operator; a length that cannot be a frame ends the replay.
+//! cut short by a crash, with nothing good after it, ends the replay there. A frame that fails its
+//! checksum or cannot be read is skipped, and the replay resynchronises on the next offset where a
+//! good frame starts (a damaged length cannot be trusted; losing one frame is no worse than losing
+//! its record). The file is then first copied to `.damaged-<unix ms>` for an operator.
 //!
 //! A write that fails is cut back off the file, so that no torn frame sits before later ones;
 //! if even that fails, the spool refuses admissions until it has been rewritten. The file is
@@ -279,11 +280,7 @@ fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<File> {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
-    let mut options = OpenOptions::new();
-    options.create_new(true).append(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(path)?;
+    let mut file = private_append().create_new(true).open(path)?;
     file.write_all(bytes)?;
     file.sync_data()?;
     Ok(file)
@@ -308,11 +305,16 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 fn open_append(path: &Path) -> std::io::Result<File> {
+    private_append().create(true).open(path)
+}
+
+/// Options for a spool file: appended to, readable by its owner only.
+fn private_append() -> OpenOptions {
     let mut options = OpenOptions::new();
-    options.create(true).append(true);
+    options.append(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    options.open(path)
+    options
 }
 
 fn push_frame(out: &mut Vec<u8>, payload: &[u8]) {
@@ -364,31 +366,23 @@ fn replay(bytes: &[u8]) -> Replayed {
     let mut at = 0;
     let mut damaged = 0;
     let torn_tail = loop {
-        let entry = match frame_at(bytes, at) {
+        let frame = frame_at(bytes, at);
+        let parsed = match frame {
             Frame::End => break false,
-            Frame::Good { payload, next } => match Entry::parse(payload) {
-                Some(entry) => {
-                    at = next;
-                    entry
-                }
-                None => match resync(bytes, at + 1) {
-                    Some(good) => {
-                        damaged += 1;
-                        at = good;
-                        continue;
-                    }
-                    None => break false,
-                },
-            },
-            bad => match resync(bytes, at + 1) {
+            Frame::Good { payload, next } => Entry::parse(payload).map(|entry| (entry, next)),
+            Frame::Damaged | Frame::Torn => None,
+        };
+        let Some((entry, next)) = parsed else {
+            match resync(bytes, at + 1) {
                 Some(good) => {
                     damaged += 1;
                     at = good;
                     continue;
                 }
-                None => break matches!(bad, Frame::Torn),
-            },
+                None => break matches!(frame, Frame::Torn),
+            }
         };
+        at = next;
         match entry {
             Entry::Admitted(record) => {
                 records.retain(|r| r.request.call_id != record.request.call_id);
@@ -420,12 +414,17 @@ fn resync(bytes: &[u8], from: usize) -> Option<usize> {
     })
 }
 
+#[derive(Clone, Copy)]
 enum Frame<'a> {
     End,
-    Good { payload: &'a [u8], next: usize },
+    Good {
+        payload: &'a [u8],
+        next: usize,
+    },
+    /// A failed checksum, or a length no frame can have.
     Damaged,
+    /// A header or payload past the end.
     Torn,
-    Unreadable,
 }
 
 fn frame_at(bytes: &[u8], at: usize) -> Frame<'_> {
@@ -438,7 +437,7 @@ fn frame_at(bytes: &[u8], at: usize) -> Frame<'_> {
     let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
     let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
     if len > FRAME_MAX_BYTES {
-        return Frame::Unreadable;
+        return Frame::Damaged;
     }
     let start = at + 8;
     let next = start + len as usize;
