@@ -17,7 +17,6 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::json;
 use spendguard_core::contract::{Bundle, Contract};
-use spendguard_proto::ledger::v1 as pb;
 use spendguard_testkit::PgCluster;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -109,13 +108,7 @@ pub(crate) async fn bench_proxy(
     let cluster = PgCluster::start(&[("max_connections", "200"), ("shared_buffers", "256MB")])?;
     let url = cluster.create_database().await?;
     let mut ledger = LedgerProcess::spawn(spendguard_bin, &url, "bench-ledger").await?;
-    ledger
-        .client
-        .upsert_tenant(pb::UpsertTenantRequest {
-            tenant_id: "bench".into(),
-            display_name: "bench".into(),
-        })
-        .await?;
+    spendguard_testkit::ledger::tenant(&mut ledger.client, "bench").await?;
     spendguard_testkit::ledger::budget(
         &mut ledger.client,
         "bench",

@@ -53,12 +53,7 @@ async fn held_epoch(lease: &mut Lease) -> u64 {
 
 async fn setup() -> TestLedger {
     let mut ledger = TestLedger::start().await.unwrap();
-    ledger
-        .client
-        .upsert_tenant(pb::UpsertTenantRequest {
-            tenant_id: T.into(),
-            display_name: T.into(),
-        })
+    spendguard_testkit::ledger::tenant(&mut ledger.client, T)
         .await
         .unwrap();
     ledger.budget(T, "b", 1_000).await.unwrap();

@@ -62,11 +62,7 @@ async fn kill_dash_nine_under_load_loses_nothing() {
     let port = free_port();
     let mut ledger = spawn_ledger(&url, port);
     let mut client = wait_for(port).await;
-    client
-        .upsert_tenant(pb::UpsertTenantRequest {
-            tenant_id: T.into(),
-            display_name: T.into(),
-        })
+    spendguard_testkit::ledger::tenant(&mut client, T)
         .await
         .unwrap();
     spendguard_testkit::ledger::register_pricing(

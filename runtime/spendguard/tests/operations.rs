@@ -46,11 +46,7 @@ async fn health_readiness_metrics_and_graceful_shutdown() {
     let mut client = connect(format!("127.0.0.1:{port}").parse().unwrap())
         .await
         .unwrap();
-    client
-        .upsert_tenant(pb::UpsertTenantRequest {
-            tenant_id: "t".into(),
-            display_name: "t".into(),
-        })
+    spendguard_testkit::ledger::tenant(&mut client, "t")
         .await
         .unwrap();
     let refused = client

@@ -4,7 +4,6 @@
 #![allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
 
 use serde_json::json;
-use spendguard_proto::ledger::v1 as pb;
 use spendguard_testkit::free_port;
 use spendguard_testkit::ledger::{TestLedger, http_get};
 use std::path::Path;
@@ -140,12 +139,7 @@ async fn kill_dash_nine_during_an_outage_keeps_fail_open_evidence() {
     let mut ledger = TestLedger::start().await.unwrap();
     let addr = ledger.ledger.as_ref().unwrap().addr;
     let database_url = ledger.database_url.clone();
-    ledger
-        .client
-        .upsert_tenant(pb::UpsertTenantRequest {
-            tenant_id: TENANT.into(),
-            display_name: TENANT.into(),
-        })
+    spendguard_testkit::ledger::tenant(&mut ledger.client, TENANT)
         .await
         .unwrap();
     spendguard_testkit::ledger::budget(&mut ledger.client, TENANT, BUDGET, 100_000_000_000)

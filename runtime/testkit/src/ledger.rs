@@ -161,6 +161,20 @@ impl TestLedger {
     }
 }
 
+/// Creates tenant `tenant_id` (named after itself).
+///
+/// # Errors
+/// RPC failures.
+pub async fn tenant(client: &mut LedgerClient, tenant_id: &str) -> Result<()> {
+    client
+        .upsert_tenant(pb::UpsertTenantRequest {
+            tenant_id: tenant_id.into(),
+            display_name: tenant_id.into(),
+        })
+        .await?;
+    Ok(())
+}
+
 /// Creates tenant `tenant_id` with [`test_pricing`] registered, a lease on scope `<tenant>-scope`
 /// for `<tenant>-w`, and returns the fencing token.
 ///
@@ -170,12 +184,7 @@ pub async fn tenant_with_lease(
     client: &mut LedgerClient,
     tenant_id: &str,
 ) -> Result<pb::FencingToken> {
-    client
-        .upsert_tenant(pb::UpsertTenantRequest {
-            tenant_id: tenant_id.into(),
-            display_name: tenant_id.into(),
-        })
-        .await?;
+    tenant(client, tenant_id).await?;
     register_pricing(client, tenant_id, test_pricing()).await?;
     let scope_id = format!("{tenant_id}-scope");
     let lease = client

@@ -85,12 +85,7 @@ impl Stack {
     pub async fn start(options: Options) -> Self {
         let mut ledger = TestLedger::start().await.unwrap();
         let ledger_addr = ledger.ledger.as_ref().unwrap().addr;
-        ledger
-            .client
-            .upsert_tenant(pb::UpsertTenantRequest {
-                tenant_id: TENANT.into(),
-                display_name: TENANT.into(),
-            })
+        spendguard_testkit::ledger::tenant(&mut ledger.client, TENANT)
             .await
             .unwrap();
         ledger
