@@ -50,7 +50,7 @@ pub(crate) async fn bench_ledger(
     client_counts: &[usize],
     (paced_rate, connections): (u64, usize),
     extra: &[String],
-    hold_seconds: u64,
+    (hold_seconds, sweep_interval): (u64, Duration),
     spendguard_bin: &std::path::Path,
 ) -> Result<()> {
     // Durable settings: PostgreSQL defaults (fsync on, synchronous_commit on) unless overridden.
@@ -86,10 +86,12 @@ pub(crate) async fn bench_ledger(
         .await?;
     }
     println!(
-        "ledger benchmark: {}s per scenario, clients spread over {} gRPC connections, PostgreSQL 15 local (defaults: fsync=on synchronous_commit=on), extra settings {extra:?}",
+        "ledger benchmark: {}s per scenario, clients spread over {} gRPC connections, PostgreSQL 15 local (defaults: fsync=on synchronous_commit=on), extra settings {extra:?}, TTL sweep every {sweep_interval:?}",
         duration.as_secs(),
         channels.len()
     );
+    let sweeper =
+        (!sweep_interval.is_zero()).then(|| tokio::spawn(sweep_every(channel(0), sweep_interval)));
     for (name, spread) in [("hot budget", false), ("100 budgets", true)] {
         for &clients in client_counts {
             quiesce(&url).await?;
@@ -158,6 +160,10 @@ pub(crate) async fn bench_ledger(
     );
     report_calls("  of which ReserveSet", reserves);
     report_calls("  of which Commit", commits);
+    if let Some(sweeper) = sweeper {
+        sweeper.abort();
+        report_sweeper(sweeper.await)?;
+    }
     report_writer(process.admin_port).await?;
     report_statements(&url).await?;
     process.child.start_kill()?;
@@ -166,6 +172,33 @@ pub(crate) async fn bench_ledger(
         println!("holding {url} for {hold_seconds}s");
         tokio::time::sleep(Duration::from_secs(hold_seconds)).await;
     }
+    Ok(())
+}
+
+/// What the TTL sweeper does in production, until aborted: sweep everything due, pause.
+async fn sweep_every(mut client: LedgerClient, interval: Duration) -> Result<()> {
+    loop {
+        tokio::time::sleep(interval).await;
+        loop {
+            let swept = client
+                .sweep_expired(pb::SweepExpiredRequest {
+                    max_reservations: 1_000,
+                })
+                .await?
+                .into_inner();
+            if swept.expired < 1_000 {
+                break;
+            }
+        }
+    }
+}
+
+/// Whether the sweeper ran without error.
+fn report_sweeper(ended: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
+    if let Ok(Err(e)) = ended {
+        bail!("the TTL sweeper failed: {e:#}");
+    }
+    println!("TTL sweeper: no errors");
     Ok(())
 }
 

@@ -58,6 +58,10 @@ enum Mode {
         /// Extra PostgreSQL settings, NAME=VALUE (e.g. to compare with synchronous_commit=off).
         #[arg(long = "pg-setting")]
         pg_settings: Vec<String>,
+        /// Pause between TTL sweeps during the run, as `spendguard worker ttl-sweeper` does in
+        /// production (its default); 0 runs no sweeper.
+        #[arg(long, default_value_t = 1_000)]
+        sweep_interval_ms: u64,
     },
     /// Latency the sidecar adds over calling the upstream directly, and its maximum rate.
     Proxy {
@@ -93,13 +97,14 @@ async fn main() -> Result<()> {
             hold_seconds,
             pg_settings,
             spendguard_bin,
+            sweep_interval_ms,
         } => {
             ledger::bench_ledger(
                 Duration::from_secs(seconds),
                 &clients,
                 (paced_rate, connections),
                 &pg_settings,
-                hold_seconds,
+                (hold_seconds, Duration::from_millis(sweep_interval_ms)),
                 &spendguard_bin,
             )
             .await
