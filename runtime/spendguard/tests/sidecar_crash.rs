@@ -20,19 +20,20 @@ struct Sidecar {
     admin: u16,
 }
 
-async fn spawn_sidecar(
+/// The `spendguard sidecar` command of workload `workload`, listening on `port` and `admin`.
+fn sidecar_command(
     ledger: std::net::SocketAddr,
     bundle: &Path,
     spool: &Path,
     mock: u16,
-) -> Sidecar {
-    let port = free_port();
-    let admin = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_spendguard"))
+    (workload, port, admin): (&str, u16, u16),
+) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_spendguard"));
+    command
         .arg("sidecar")
         .env("SPENDGUARD_LEDGER_URL", format!("http://{ledger}"))
         .env("SPENDGUARD_BUNDLE_DIR", bundle)
-        .env("SPENDGUARD_WORKLOAD_INSTANCE_ID", "agent-crash")
+        .env("SPENDGUARD_WORKLOAD_INSTANCE_ID", workload)
         .env("SPENDGUARD_SIDECAR_LISTEN", format!("127.0.0.1:{port}"))
         .env(
             "SPENDGUARD_SIDECAR_GRPC_LISTEN",
@@ -49,7 +50,19 @@ async fn spawn_sidecar(
         )
         .env("SPENDGUARD_FAIL_OPEN_SPOOL_DIR", spool)
         .env("SPENDGUARD_LOG", "warn")
-        .kill_on_drop(true)
+        .kill_on_drop(true);
+    command
+}
+
+async fn spawn_sidecar(
+    ledger: std::net::SocketAddr,
+    bundle: &Path,
+    spool: &Path,
+    mock: u16,
+) -> Sidecar {
+    let port = free_port();
+    let admin = free_port();
+    let child = sidecar_command(ledger, bundle, spool, mock, ("agent-crash", port, admin))
         .spawn()
         .expect("spawn spendguard sidecar");
     for _ in 0..200 {
@@ -175,6 +188,23 @@ async fn kill_dash_nine_during_an_outage_keeps_fail_open_evidence() {
     let spool = tempfile::tempdir().unwrap();
 
     let mut first = spawn_sidecar(addr, bundle.path(), spool.path(), mock_port).await;
+    // A second sidecar given the same spool directory refuses to start: it would replay and
+    // rewrite the first one's records.
+    let intruder = sidecar_command(
+        addr,
+        bundle.path(),
+        spool.path(),
+        mock_port,
+        ("agent-intruder", free_port(), free_port()),
+    )
+    .output();
+    let intruder = tokio::time::timeout(Duration::from_secs(30), intruder)
+        .await
+        .expect("a second sidecar on the spool kept running")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&intruder.stderr);
+    assert!(!intruder.status.success(), "{stderr}");
+    assert!(stderr.contains("held by another process"), "{stderr}");
     ledger.stop().await;
     for _ in 0..3 {
         assert_eq!(

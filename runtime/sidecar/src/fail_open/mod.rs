@@ -440,14 +440,15 @@ impl FailOpenQueue {
 
     /// Stops holding the records still queued (shutdown past its deadline) and returns them,
     /// for the caller to log: with a spool they stay on disk for the next start, without one
-    /// they are lost (counted as dropped).
+    /// they are lost (counted as dropped). The spool is closed, so its directory is free for
+    /// the next holder at once.
     pub fn abandon(&self) -> Abandoned {
         let mut state = lock(&self.state);
         let records: Vec<_> = std::mem::take(&mut state.records)
             .into_values()
             .map(|r| r.request)
             .collect();
-        let kept = state.spool.is_some();
+        let kept = state.spool.take().is_some();
         // Nothing more is admitted: nobody would send it (and with a spool, finishing it could
         // truncate the kept records off the file).
         state.closed = true;

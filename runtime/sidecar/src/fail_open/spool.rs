@@ -36,6 +36,11 @@ use std::path::{Path, PathBuf};
 /// The spool's file name inside its directory.
 pub const SPOOL_FILE: &str = "fail-open.spool";
 
+/// The lock file of a spool's directory (the spool file itself is replaced by every rewrite, so
+/// a lock on it would not hold). A second process on the same directory would interleave its
+/// frames with ours, replay our records as its own and rewrite the file under us.
+pub const LOCK_FILE: &str = "fail-open.lock";
+
 /// Largest frame accepted on replay: a record is about 1 KiB, so anything larger is damage.
 const FRAME_MAX_BYTES: u32 = 1 << 20;
 
@@ -71,6 +76,14 @@ pub enum SpoolError {
     /// has been rewritten from the queue.
     #[error("fail-open spool needs a rewrite after a failed write")]
     Broken,
+    /// Another live process holds the spool's directory (two sidecars given one directory).
+    #[error("fail-open spool directory {} is held by another process (its lock {})", dir.display(), lock.display())]
+    InUse {
+        /// The directory.
+        dir: PathBuf,
+        /// Its lock file.
+        lock: PathBuf,
+    },
 }
 
 impl SpoolError {
@@ -80,6 +93,7 @@ impl SpoolError {
             Self::Io { .. } => "FAIL_OPEN_SPOOL_IO",
             Self::Full { .. } => "FAIL_OPEN_SPOOL_FULL",
             Self::Broken => "FAIL_OPEN_SPOOL_BROKEN",
+            Self::InUse { .. } => "FAIL_OPEN_SPOOL_IN_USE",
         }
     }
 }
@@ -109,6 +123,9 @@ pub struct Spool {
     bytes_max: u64,
     frames_since_rewrite: usize,
     broken: bool,
+    /// Holds the directory's lock ([`LOCK_FILE`]) for as long as the spool is open; the kernel
+    /// lets it go when the process dies, however it dies.
+    _lock: File,
 }
 
 impl Spool {
@@ -116,8 +133,10 @@ impl Spool {
     /// order they were admitted, and rewrites it as their snapshot.
     ///
     /// # Errors
+    /// [`SpoolError::InUse`] when another process has the directory open;
     /// [`SpoolError::Io`] when the directory or file cannot be read or written.
     pub fn open(dir: &Path) -> Result<(Self, Vec<SpooledRecord>), SpoolError> {
+        let lock = lock_dir(dir)?;
         let path = dir.join(SPOOL_FILE);
         let mut bytes = Vec::new();
         match File::open(&path) {
@@ -157,6 +176,7 @@ impl Spool {
             bytes_max: SPOOL_BYTES_MAX,
             frames_since_rewrite: 0,
             broken: false,
+            _lock: lock,
         };
         spool.rewrite(&records)?;
         // A new, empty spool's name must be durable too (a non-empty rewrite flushed it already).
@@ -302,6 +322,21 @@ fn remove_damaged_copies(dir: &Path) -> std::io::Result<()> {
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir).and_then(|d| d.sync_all())
+}
+
+/// Takes the directory's lock without waiting: a spool held by a live process is refused, not
+/// waited for.
+fn lock_dir(dir: &Path) -> Result<File, SpoolError> {
+    let lock = dir.join(LOCK_FILE);
+    let file = open_append(&lock).map_err(io_at(&lock))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(SpoolError::InUse {
+            dir: dir.to_owned(),
+            lock,
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(io_at(&lock)(e)),
+    }
 }
 
 fn open_append(path: &Path) -> std::io::Result<File> {
@@ -541,14 +576,33 @@ mod tests {
         spool.done("a").unwrap();
         drop(spool);
 
-        let (_spool, replayed) = Spool::open(dir.path()).unwrap();
+        let (spool, replayed) = Spool::open(dir.path()).unwrap();
         let mut b = record("b", 700, Some(("run-1", 9_000)));
         b.request.actual_nano_usd = 456;
         b.settled = true;
         assert_eq!(replayed, vec![b, record("c", 900, None)]);
+        drop(spool);
         // The reopened file is the snapshot: replaying it again gives the same records.
         let (_spool, again) = Spool::open(dir.path()).unwrap();
         assert_eq!(again, replayed);
+    }
+
+    #[test]
+    fn one_process_at_a_time_holds_a_spool_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut spool, _) = Spool::open(dir.path()).unwrap();
+        spool.admitted(&record("a", 500, None)).unwrap();
+        // A second open of the directory (as a second process would) is refused and changes
+        // nothing.
+        let err = Spool::open(dir.path()).unwrap_err();
+        assert_eq!(err.code(), "FAIL_OPEN_SPOOL_IN_USE", "{err}");
+        spool.admitted(&record("b", 700, None)).unwrap();
+        drop(spool);
+        let (_spool, replayed) = Spool::open(dir.path()).unwrap();
+        assert_eq!(
+            replayed,
+            vec![record("a", 500, None), record("b", 700, None)]
+        );
     }
 
     #[test]
