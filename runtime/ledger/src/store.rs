@@ -14,11 +14,10 @@
 //! ([`Store::prepare_cached`], [`Store::send_cached`], `store/fast_guard.sql`,
 //! docs/design/ledger-cached-path.md).
 //!
-//! Locks are always taken in that order, each set sorted by key, so concurrent load-path batches
-//! (also from other ledger replicas) cannot deadlock. (A cached statement locks windows before
-//! reservations; against another replica's load path PostgreSQL may detect a deadlock and abort
-//! one batch, which then runs again.) Window money is changed only by the journal trigger, and
-//! the schema's constraints re-check every invariant on the result.
+//! Locks are always taken in that order, each set sorted by key, by the load path and by the
+//! cached statement's guard alike, so concurrent batches (also from other ledger replicas)
+//! cannot deadlock. Window money is changed only by the journal trigger, and the schema's
+//! constraints re-check every invariant on the result.
 
 mod pgpass;
 mod pipeline;
@@ -1551,14 +1550,13 @@ static CACHED_BATCHES: std::sync::LazyLock<[String; 3]> = std::sync::LazyLock::n
         format!(
             "WITH {},\n{effects}\nSELECT spendguard_require_fresh(
             (SELECT count(*) FROM guard_scopes) = cardinality($32::text[])
+            AND (SELECT count(*) FROM guard_reservations)
+                = cardinality(ARRAY(SELECT DISTINCT unnest($51::uuid[])))
             AND (SELECT count(*) FROM guard_budgets) = cardinality($37::text[])
             AND (SELECT count(*) FROM guard_windows) = cardinality($42::text[])
             AND {resolutions_checked}
             AND (SELECT count(*) FROM allocated) = 1
             AND NOT EXISTS (SELECT 1 FROM reservations WHERE reservation_id = ANY($50::uuid[]))
-            AND (SELECT count(*) FROM reservations
-                  WHERE reservation_id = ANY($51::uuid[]) AND state = 'reserved')
-                = cardinality(ARRAY(SELECT DISTINCT unnest($51::uuid[])))
             AND abs(extract(epoch FROM now() - $2::timestamptz)) * 1000 < $49)",
             include_str!("store/fast_guard.sql"),
         )

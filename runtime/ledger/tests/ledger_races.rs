@@ -222,3 +222,85 @@ async fn a_stolen_producer_claim_stops_writes() {
         .unwrap();
     assert_eq!(reservations, 0);
 }
+
+/// The ledger's `batches_total{path}` counter.
+fn batches(ledger: &TestLedger, path: &str) -> u64 {
+    let prefix = format!("spendguard_ledger_batches_total{{path=\"{path}\"}} ");
+    ledger
+        .metrics_text()
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+#[tokio::test]
+async fn a_cached_commit_and_another_replica_holding_its_reservation_do_not_deadlock() {
+    // Goal: a cached statement locks the reservation it resolves before the budget's window, as
+    // the load path does. Another replica's load path (a transaction doing what it does) holds
+    // the reservation and then asks for the window: the cached commit waits for the reservation
+    // while holding nothing, so the other gets the window at once and nobody is aborted. In the
+    // opposite order the two wait for each other until PostgreSQL aborts one.
+    use sqlx::Connection as _;
+    let mut ledger = TestLedger::start().await.unwrap();
+    let fencing = ledger.tenant_with_lease(T).await.unwrap();
+    ledger.budget(T, "hot", 1_000).await.unwrap();
+    let reserve = |key: &str| reserve_request(T, key, &["hot"], 10, &fencing);
+    let commit = |reservation_id: String| pb::CommitRequest {
+        tenant_id: T.into(),
+        reservation_id,
+        actual_nano_usd: 5,
+        fencing: Some(fencing.clone()),
+    };
+    let id = |response: pb::ReserveSetResponse| match response.outcome {
+        Some(pb::reserve_set_response::Outcome::Reserved(r)) => r.reservation_id,
+        other => panic!("expected a reservation, got {other:?}"),
+    };
+    let warm = id(ledger
+        .client
+        .reserve_set(reserve("warm"))
+        .await
+        .unwrap()
+        .into_inner());
+    ledger.client.commit(commit(warm)).await.unwrap();
+    let contended = id(ledger
+        .client
+        .reserve_set(reserve("contended"))
+        .await
+        .unwrap()
+        .into_inner());
+    let (cached, stale) = (batches(&ledger, "cached"), batches(&ledger, "cached_stale"));
+
+    let mut other = sqlx::PgConnection::connect(&ledger.database_url)
+        .await
+        .unwrap();
+    sqlx::query("BEGIN").execute(&mut other).await.unwrap();
+    sqlx::query("SELECT 1 FROM reservations WHERE reservation_id = $1::uuid FOR UPDATE")
+        .bind(&contended)
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let mut client = ledger.client.clone();
+    let request = commit(contended);
+    let committing = tokio::spawn(async move { client.commit(request).await });
+    // Let the cached statement reach the reservation and wait for it.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    sqlx::query(
+        "SELECT 1 FROM budget_windows WHERE tenant_id = $1 AND budget_id = 'hot' FOR UPDATE",
+    )
+    .bind(T)
+    .execute(&mut other)
+    .await
+    .expect("the window is free: the waiting commit holds nothing");
+    sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+    committing.await.unwrap().unwrap();
+    assert_eq!(
+        batches(&ledger, "cached_stale"),
+        stale,
+        "no cached batch was aborted"
+    );
+    assert!(
+        batches(&ledger, "cached") > cached,
+        "the commit took the cached path"
+    );
+    invariants::check(ledger.store().pool()).await.unwrap();
+}

@@ -4,6 +4,9 @@
 -- reservation, the producer compare-and-set succeeded and the estimated clock ($2) is close to
 -- now(). Budget windows change only through the journal trigger, which fires after this guard
 -- ran (AFTER ... FOR EACH STATEMENT), so the guard sees the rows as they were before the batch.
+-- The final SELECT reads the guards in the load path's lock order (scopes, reservations,
+-- budgets, windows; its AND runs left to right), so a cached statement and another replica's
+-- load path wait for each other's rows in one order and cannot deadlock.
 guard_scopes AS (
     SELECT 1 FROM fencing_scopes f
       JOIN unnest($32::text[], $33::text[], $34::text[], $35::bigint[], $36::timestamptz[])
@@ -12,6 +15,12 @@ guard_scopes AS (
        AND f.expires_at = g.expires_at
      ORDER BY f.scope_id
        FOR SHARE OF f
+), guard_reservations AS (
+    -- The open reservations the batch resolves ($51), locked before any budget or window.
+    SELECT 1 FROM reservations
+     WHERE reservation_id = ANY($51::uuid[]) AND state = 'reserved'
+     ORDER BY reservation_id
+       FOR UPDATE
 ), guard_budgets AS (
     SELECT 1 FROM budgets b
       JOIN unnest($37::text[], $38::text[], $39::bigint[], $40::bigint[], $41::text[])
