@@ -217,6 +217,10 @@ impl LeaseKeeper {
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
         let renew_every = self.config.ttl / 3;
+        // After a failed renewal the next one comes sooner, doubling up to the renewal period:
+        // one slow answer (a batch held by a lock, a ledger restart) must not use up the grace
+        // window waiting for the next regular renewal.
+        let mut retry_after = RETRY_FIRST;
         loop {
             let current = *self.state.borrow();
             let expected_epoch = match current {
@@ -255,9 +259,17 @@ impl LeaseKeeper {
                 (None, state) => state,
             };
             self.state.send_replace(new_state);
-            let wait = match new_state {
-                LeaseState::Held { .. } => renew_every,
-                _ => Duration::from_millis(250),
+            let wait = match (next, new_state) {
+                (Some(_), LeaseState::Held { .. }) => {
+                    retry_after = RETRY_FIRST;
+                    renew_every
+                }
+                (None, LeaseState::Held { .. }) => {
+                    let wait = retry_after.min(renew_every);
+                    retry_after = (retry_after * 2).min(renew_every);
+                    wait
+                }
+                _ => RETRY_FIRST,
             };
             tokio::select! {
                 () = &mut shutdown => {
@@ -271,6 +283,9 @@ impl LeaseKeeper {
         }
     }
 }
+
+/// First pause after a failed renewal (and between attempts while not holding the lease).
+const RETRY_FIRST: Duration = Duration::from_millis(250);
 
 /// The draining state that follows `current`, keeping its epoch for in-flight settlements.
 fn draining(current: LeaseState) -> LeaseState {

@@ -208,3 +208,54 @@ fn unsafe_configurations_are_refused() {
         ));
     });
 }
+
+#[tokio::test]
+async fn a_renewal_failed_by_a_slow_ledger_is_retried_before_the_lease_lapses() {
+    // Goal: a renewal that fails late (the ledger's batch waited out its lock timeout on the
+    // scope row) is retried at once, not a full renewal period later, by which time the lease
+    // would have lapsed locally and decisions been refused.
+    use sqlx::Connection as _;
+    let ledger = setup().await;
+    let config = LeaseConfig {
+        ttl: Duration::from_millis(6_000), // renewals every 2 s
+        grace: Duration::from_millis(4_500),
+        ..config("pod-a")
+    };
+    let (keeper, mut lease) = LeaseKeeper::new(ledger.client.clone(), config).unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(keeper.run(async move {
+        let _ = stopped.await;
+    }));
+    held_epoch(&mut lease).await;
+    let acquired = tokio::time::Instant::now();
+
+    // Another transaction holds the scope's row across the first renewal (at ~2 s), longer than
+    // the ledger's 2 s lock timeout, so that renewal fails at ~4 s.
+    let mut holder = sqlx::PgConnection::connect(&ledger.database_url)
+        .await
+        .unwrap();
+    tokio::time::sleep_until(acquired + Duration::from_millis(1_500)).await;
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("SELECT 1 FROM fencing_scopes WHERE scope_id = 'tenant-s4/pod-a' FOR UPDATE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let release = acquired + Duration::from_millis(4_600);
+    let mut refused = Vec::new();
+    let mut released = false;
+    while tokio::time::Instant::now() < acquired + Duration::from_millis(7_500) {
+        if !released && tokio::time::Instant::now() >= release {
+            sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+            released = true;
+        }
+        if let Err(e) = lease.epoch_for_decision() {
+            refused.push((acquired.elapsed(), e));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The renewal at ~2 s cannot succeed while the row is held (it locks the row), and both its
+    // own deadline (ttl / 3) and the ledger's lock timeout end it before the row is let go.
+    assert!(refused.is_empty(), "decisions refused: {refused:?}");
+    let _ = stop.send(());
+    task.await.unwrap();
+}
