@@ -226,14 +226,16 @@ pub struct CreateApproval {
 /// reservations' so one call id yields different reservation and approval ids.
 const APPROVAL_ID_NAMESPACE: Uuid = Uuid::from_u128(0x9c41_7d2e_3b58_4a06_b1f9_62e0_d84c_15a3);
 
+/// The id of the approval a tenant's CreateApproval with `idempotency_key` opens (or opened):
+/// a client that lost the answer can look the approval up by the key it sent.
+pub fn approval_id_for(tenant_id: &str, idempotency_key: &str) -> Uuid {
+    keyed_id(&APPROVAL_ID_NAMESPACE, tenant_id, idempotency_key)
+}
+
 impl CreateApproval {
     /// The approval's id, derived from `(tenant_id, idempotency_key)`.
     pub fn approval_id(&self) -> Uuid {
-        keyed_id(
-            &APPROVAL_ID_NAMESPACE,
-            &self.tenant_id,
-            &self.idempotency_key,
-        )
+        approval_id_for(&self.tenant_id, &self.idempotency_key)
     }
 
     /// sha256 over the canonical JSON of every request field but the fencing token.

@@ -432,11 +432,16 @@ impl Decider {
             Some(pb::reserve_set_response::Outcome::Reserved(reserved))
                 if replayed && reservation_resolved(reserved.state) =>
             {
-                // A retry the sidecar does not remember (forgotten, or decided before a
-                // restart) of a call whose reservation is already committed, released
-                // (REQUIRE_APPROVAL releases at once) or expired: nothing may be spent under it,
-                // whatever the balances say now.
-                return Err(SidecarError::CallAlreadyResolved(input.call_id.clone()));
+                // A retry the sidecar does not remember (forgotten, decided before a restart, or
+                // whose answer was lost) of a call whose reservation is already committed,
+                // released or expired: nothing may be spent under it, whatever the balances say
+                // now. A REQUIRE_APPROVAL released it at once: that decision is answered again,
+                // with its approval; anything else is refused.
+                let released = reserved.state == pb::ReservationState::Released as i32;
+                match self.approval_opened_for(input, released).await? {
+                    Some(decision) => decision,
+                    None => return Err(SidecarError::CallAlreadyResolved(input.call_id.clone())),
+                }
             }
             Some(pb::reserve_set_response::Outcome::Reserved(reserved)) => {
                 let after: Vec<BudgetAfterReserve> =
@@ -487,6 +492,47 @@ impl Decider {
         };
         decision.replayed = replayed;
         Ok(decision)
+    }
+
+    /// The REQUIRE_APPROVAL this call was answered with, if its reservation was `released` and
+    /// the ledger holds an approval opened for the call (keyed by its call id, as
+    /// [`Self::open_approval`] opens it), in whatever state the approval is now.
+    ///
+    /// # Errors
+    /// The ledger's failure (fail closed: the retry may try again).
+    async fn approval_opened_for(
+        &self,
+        input: &DecideInput,
+        released: bool,
+    ) -> Result<Option<Decision>, SidecarError> {
+        if !released {
+            return Ok(None);
+        }
+        let approval_id =
+            spendguard_core::plan::approval_id_for(&self.identity.tenant_id, &input.call_id);
+        let request = pb::GetApprovalRequest {
+            tenant_id: self.identity.tenant_id.clone(),
+            approval_id: approval_id.to_string(),
+        };
+        let approval = match self.ledger.clone().get_approval(request).await {
+            Ok(response) => response.into_inner().approval,
+            Err(status) if error_code(&status) == Some(pb::ErrorCode::ApprovalNotFound) => None,
+            Err(status) => return Err(ledger_error(&status)),
+        };
+        Ok(approval.map(|approval| {
+            let mut decision = self.decision(
+                input,
+                Verdict::RequireApproval,
+                ReasonCode::SoftCapReached.as_str(),
+                format!(
+                    "the call would take a budget past its soft cap; approval {} was opened for it",
+                    approval.approval_id
+                ),
+            );
+            decision.budget_id = Some(approval.budget_id);
+            decision.approval_id = Some(approval.approval_id);
+            decision
+        }))
     }
 
     /// Records a pending approval in the ledger (CreateApproval, keyed by the call id) and

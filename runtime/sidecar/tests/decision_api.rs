@@ -241,13 +241,14 @@ async fn grpc_soft_cap_decision_names_a_pending_ledger_approval() {
 #[tokio::test]
 async fn a_forgotten_call_is_never_continued_under_a_resolved_reservation() {
     // Goal: a retry the sidecar no longer remembers, of a call whose reservation was already
-    // resolved, is refused; it is never answered CONTINUE under a reservation that holds no
-    // money. A sidecar forgets calls TTL + 5 min after deciding them (or loses them in a
-    // restart). Method: a REQUIRE_APPROVAL (its reservation is released at once) and a committed
-    // CONTINUE; the call table emptied as the forget task does; both call ids again: 409
-    // CALL_ALREADY_RESOLVED, nothing reserved. Before the fix the first answered CONTINUE: the
-    // balances the ledger replays no longer include the released amount, so the soft cap looked
-    // uncrossed. After a restart the new fencing epoch makes the same retries
+    // resolved, is never answered CONTINUE under a reservation that holds no money. A sidecar
+    // forgets calls TTL + 5 min after deciding them (or loses them in a restart, or the client
+    // lost the answer). Method: a REQUIRE_APPROVAL (its reservation is released at once) and a
+    // committed CONTINUE; the call table emptied as the forget task does; both call ids again:
+    // the first is answered REQUIRE_APPROVAL again with its approval (found by the call id), the
+    // second 409 CALL_ALREADY_RESOLVED; nothing reserved. Before the fix the first answered
+    // CONTINUE: the balances the ledger replays no longer include the released amount, so the
+    // soft cap looked uncrossed. After a restart the new fencing epoch makes the same retries
     // IDEMPOTENCY_CONFLICT, also a refusal.
     let mut stack = Stack::start(Options {
         limit: 100_000_000,
@@ -274,6 +275,8 @@ async fn a_forgotten_call_is_never_continued_under_a_resolved_reservation() {
     // 1,000 input + 1,000 output tokens: 750,000 nano-USD would cross the soft cap.
     let big = post_json(&decide_url, &[], &body("c-big", 1_000)).await;
     assert_eq!(big.json()["decision"], "REQUIRE_APPROVAL");
+    let approval_id = big.json()["approval_id"].clone();
+    assert!(approval_id.is_string(), "{}", big.json());
 
     assert_eq!(
         stack
@@ -282,17 +285,27 @@ async fn a_forgotten_call_is_never_continued_under_a_resolved_reservation() {
             .forget_older_than(std::time::Duration::ZERO),
         2
     );
+    let again = post_json(&decide_url, &[], &body("c-big", 1_000)).await;
+    assert_eq!(
+        again.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&again.body)
+    );
+    assert_eq!(again.json()["decision"], "REQUIRE_APPROVAL");
+    assert_eq!(again.json()["approval_id"], approval_id);
+    assert_eq!(again.json()["replayed"], true);
+    assert_eq!(again.json()["budget_id"], big.json()["budget_id"]);
+    let again = post_json(&decide_url, &[], &body("c-small", 500)).await;
+    assert_eq!(
+        again.status,
+        409,
+        "{}",
+        String::from_utf8_lossy(&again.body)
+    );
+    assert_eq!(again.json()["error"]["code"], "CALL_ALREADY_RESOLVED");
+    assert_eq!(stack.balance().await.reserved_nano_usd, 0);
     let retries = [("c-big", 1_000), ("c-small", 500)];
-    for (call_id, max_output_tokens) in retries {
-        let again = post_json(&decide_url, &[], &body(call_id, max_output_tokens)).await;
-        assert_eq!(
-            again.status,
-            409,
-            "{call_id}: {}",
-            String::from_utf8_lossy(&again.body)
-        );
-        assert_eq!(again.json()["error"]["code"], "CALL_ALREADY_RESOLVED");
-    }
     stack.stop_sidecar().await;
     stack.start_sidecar().await;
     let decide_url = stack.url("/v1/spendguard/decide");
