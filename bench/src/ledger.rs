@@ -90,8 +90,18 @@ pub(crate) async fn bench_ledger(
         duration.as_secs(),
         channels.len()
     );
-    let sweeper =
-        (!sweep_interval.is_zero()).then(|| tokio::spawn(sweep_every(channel(0), sweep_interval)));
+    // On a connection of its own, as the sweeper worker has.
+    let sweeper = if sweep_interval.is_zero() {
+        None
+    } else {
+        let errors = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let task = tokio::spawn(sweep_every(
+            connect(addr).await?,
+            sweep_interval,
+            errors.clone(),
+        ));
+        Some((task, errors))
+    };
     for (name, spread) in [("hot budget", false), ("100 budgets", true)] {
         for &clients in client_counts {
             quiesce(&url).await?;
@@ -160,9 +170,9 @@ pub(crate) async fn bench_ledger(
     );
     report_calls("  of which ReserveSet", reserves);
     report_calls("  of which Commit", commits);
-    if let Some(sweeper) = sweeper {
-        sweeper.abort();
-        report_sweeper(sweeper.await)?;
+    if let Some((task, errors)) = sweeper {
+        task.abort();
+        report_sweeper(task.await, &errors)?;
     }
     report_writer(process.admin_port).await?;
     report_statements(&url).await?;
@@ -175,28 +185,47 @@ pub(crate) async fn bench_ledger(
     Ok(())
 }
 
-/// What the TTL sweeper does in production, until aborted: sweep everything due, pause.
-async fn sweep_every(mut client: LedgerClient, interval: Duration) -> Result<()> {
+/// What the TTL sweeper does in production, until aborted: sweep everything due, pause; a
+/// failed sweep is counted and retried at the next interval.
+async fn sweep_every(
+    mut client: LedgerClient,
+    interval: Duration,
+    errors: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
     loop {
         tokio::time::sleep(interval).await;
         loop {
-            let swept = client
+            match client
                 .sweep_expired(pb::SweepExpiredRequest {
                     max_reservations: 1_000,
                 })
-                .await?
-                .into_inner();
-            if swept.expired < 1_000 {
-                break;
+                .await
+            {
+                Ok(swept) if swept.get_ref().expired == 1_000 => {}
+                Ok(_) => break,
+                Err(e) => {
+                    eprintln!("TTL sweep failed: {e}");
+                    errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    break;
+                }
             }
         }
     }
 }
 
-/// Whether the sweeper ran without error.
-fn report_sweeper(ended: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
-    if let Ok(Err(e)) = ended {
-        bail!("the TTL sweeper failed: {e:#}");
+/// Fails the run if the sweeper failed or panicked.
+fn report_sweeper(
+    ended: std::result::Result<(), tokio::task::JoinError>,
+    errors: &std::sync::atomic::AtomicU64,
+) -> Result<()> {
+    if let Err(e) = ended
+        && !e.is_cancelled()
+    {
+        bail!("the TTL sweeper stopped: {e}");
+    }
+    let errors = errors.load(std::sync::atomic::Ordering::Relaxed);
+    if errors > 0 {
+        bail!("{errors} TTL sweeps failed");
     }
     println!("TTL sweeper: no errors");
     Ok(())

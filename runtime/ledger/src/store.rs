@@ -16,7 +16,9 @@
 //!
 //! Locks are always taken in that order, each set sorted by key, by the load path and by the
 //! cached statement's guard alike, so concurrent batches (also from other ledger replicas)
-//! cannot deadlock. Window money is changed only by the journal trigger, and the schema's
+//! do not deadlock. One exception: a sweep takes its candidates (SKIP LOCKED, never waiting)
+//! before the scopes, so a sweep that also carries a lease command can still meet a cached
+//! commit of a reservation it took; PostgreSQL then aborts one after 1 s and it runs again. Window money is changed only by the journal trigger, and the schema's
 //! constraints re-check every invariant on the result.
 
 mod pgpass;

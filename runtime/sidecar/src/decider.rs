@@ -438,12 +438,26 @@ impl Decider {
                 // now. A REQUIRE_APPROVAL released it at once: that decision is answered again,
                 // with its approval; anything else is refused.
                 let released = reserved.state == pb::ReservationState::Released as i32;
-                match self.approval_opened_for(input, released).await? {
+                let earlier = if released {
+                    self.approval_opened_for(input).await?
+                } else {
+                    None
+                };
+                match earlier {
                     Some(decision) => decision,
                     None => return Err(SidecarError::CallAlreadyResolved(input.call_id.clone())),
                 }
             }
             Some(pb::reserve_set_response::Outcome::Reserved(reserved)) => {
+                // A replay of a call that already opened an approval, whose reservation is still
+                // open (the release after the approval failed): the call is that REQUIRE_APPROVAL
+                // whatever the balances say now, so an approval always means that answer.
+                if replayed && let Some(mut earlier) = self.approval_opened_for(input).await? {
+                    self.release_reservation(&reserved.reservation_id, "approval_required")
+                        .await?;
+                    earlier.replayed = true;
+                    return Ok(earlier);
+                }
                 let after: Vec<BudgetAfterReserve> =
                     reserved.balances.iter().map(budget_after).collect();
                 let (reason, crossed) = evaluate_balances(contract, &after);
@@ -494,20 +508,17 @@ impl Decider {
         Ok(decision)
     }
 
-    /// The REQUIRE_APPROVAL this call was answered with, if its reservation was `released` and
-    /// the ledger holds an approval opened for the call (keyed by its call id, as
-    /// [`Self::open_approval`] opens it), in whatever state the approval is now.
+    /// The REQUIRE_APPROVAL this call was answered with, if the ledger holds an approval opened
+    /// for the call (keyed by its call id, as [`Self::open_approval`] opens it), in whatever
+    /// state the approval is now. Only a call that crossed a soft cap opens one, and every
+    /// replay of such a call answers this, so a call with an approval has no other answer.
     ///
     /// # Errors
     /// The ledger's failure (fail closed: the retry may try again).
     async fn approval_opened_for(
         &self,
         input: &DecideInput,
-        released: bool,
     ) -> Result<Option<Decision>, SidecarError> {
-        if !released {
-            return Ok(None);
-        }
         let approval_id =
             spendguard_core::plan::approval_id_for(&self.identity.tenant_id, &input.call_id);
         let request = pb::GetApprovalRequest {

@@ -236,6 +236,19 @@ pub async fn start(
         .tcp_nodelay(true)
         .connect_lazy();
     let ledger = spendguard_proto::ledger::v1::ledger_client::LedgerClient::new(channel);
+    let reservation_ttl = Duration::from_millis(tuning.reservation_ttl_ms);
+    // A fail-open call settles within the reservation TTL like any other; past it, its record is
+    // sent at its worst case. Opened before the lease is acquired: a second process refused the
+    // spool's directory must not first take over the lease of the one that holds it.
+    let fail_open = Arc::new(match &tuning.fail_open_spool_dir {
+        Some(dir) => {
+            FailOpenQueue::with_spool(tuning.fail_open_queue_records, reservation_ttl, dir)
+                .map_err(|e| {
+                    SidecarError::invalid("fail_open_spool_dir", format!("{}: {e}", e.code()))
+                })?
+        }
+        None => FailOpenQueue::new(tuning.fail_open_queue_records, reservation_ttl),
+    });
     let (keeper, lease) = LeaseKeeper::new(
         ledger.clone(),
         LeaseConfig {
@@ -251,16 +264,6 @@ pub async fn start(
     let (stop, stopped) = watch::channel(false);
     let lease_task = tokio::spawn(keeper.run(wait_true(stopped.clone())));
 
-    let reservation_ttl = Duration::from_millis(tuning.reservation_ttl_ms);
-    // A fail-open call settles within the reservation TTL like any other; past it, its record is
-    // sent at its worst case.
-    let fail_open = Arc::new(match &tuning.fail_open_spool_dir {
-        Some(dir) => {
-            FailOpenQueue::with_spool(tuning.fail_open_queue_records, reservation_ttl, dir)
-                .map_err(|e| SidecarError::invalid("fail_open_spool_dir", e.to_string()))?
-        }
-        None => FailOpenQueue::new(tuning.fail_open_queue_records, reservation_ttl),
-    });
     fail_open.register(registry);
     let decider = Arc::new(Decider::new(
         ledger,

@@ -316,3 +316,84 @@ async fn a_forgotten_call_is_never_continued_under_a_resolved_reservation() {
     }
     assert_eq!(stack.balance().await.reserved_nano_usd, 0);
 }
+
+#[tokio::test]
+async fn a_call_with_an_approval_is_answered_require_approval_though_its_reservation_stayed_open() {
+    // Goal: once a call has opened an approval, a replay of it answers that REQUIRE_APPROVAL,
+    // whatever the balances say now. Here the approval exists and the call's reservation is
+    // still open, as when the release after opening the approval failed and the sidecar then
+    // forgot the call: the replay releases the reservation and answers REQUIRE_APPROVAL with
+    // the approval, though the call is now far under the soft cap (before: CONTINUE).
+    use spendguard_proto::ledger::v1 as ledger_pb;
+    let mut stack = Stack::start(Options {
+        limit: 100_000_000,
+        soft_cap: 500_000,
+        ..Options::default()
+    })
+    .await;
+    let decide_url = stack.url("/v1/spendguard/decide");
+    let body = json!({"call_id": "c-open", "provider": "openai", "model": "gpt-4o-mini",
+                      "input_tokens_upper_bound": 1_000, "max_output_tokens": 500});
+    let first = post_json(&decide_url, &[], &body).await;
+    assert_eq!(first.json()["decision"], "CONTINUE");
+    assert!(stack.balance().await.reserved_nano_usd > 0);
+
+    // The approval an earlier try of this call opened.
+    let (scope_id, epoch): (String, i64) =
+        sqlx::query_as("SELECT scope_id, epoch FROM fencing_scopes WHERE tenant_id = $1")
+            .bind(TENANT)
+            .fetch_one(stack.ledger.store().pool())
+            .await
+            .unwrap();
+    let snapshot = spendguard_core::pricing::Pricing::new(pricing()).unwrap();
+    let opened = stack
+        .ledger
+        .client
+        .create_approval(ledger_pb::CreateApprovalRequest {
+            tenant_id: TENANT.into(),
+            idempotency_key: "c-open".into(),
+            budget_ids: vec![BUDGET.into()],
+            budget_id: BUDGET.into(),
+            amount_nano_usd: 750_000,
+            fencing: Some(ledger_pb::FencingToken {
+                scope_id: scope_id.clone(),
+                epoch: u64::try_from(epoch).unwrap(),
+            }),
+            ttl_ms: 600_000,
+            reason_code: "SOFT_CAP_REACHED".into(),
+            requested_by: scope_id,
+            pricing: Some(spendguard_sidecar::bundle::pricing_ref(&snapshot)),
+            bundle_sha256_hex: String::new(),
+            context: Some(ledger_pb::DecisionContext {
+                call_id: "c-open".into(),
+                provider: "openai".into(),
+                model: "gpt-4o-mini".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .approval
+        .unwrap();
+
+    stack
+        .sidecar()
+        .decider
+        .forget_older_than(std::time::Duration::ZERO);
+    let again = post_json(&decide_url, &[], &body).await;
+    assert_eq!(
+        again.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&again.body)
+    );
+    assert_eq!(again.json()["decision"], "REQUIRE_APPROVAL");
+    assert_eq!(again.json()["approval_id"], opened.approval_id);
+    assert_eq!(again.json()["replayed"], true);
+    assert_eq!(
+        stack.balance().await.reserved_nano_usd,
+        0,
+        "the reservation went back"
+    );
+}

@@ -188,14 +188,27 @@ async fn kill_dash_nine_during_an_outage_keeps_fail_open_evidence() {
     let spool = tempfile::tempdir().unwrap();
 
     let mut first = spawn_sidecar(addr, bundle.path(), spool.path(), mock_port).await;
-    // A second sidecar given the same spool directory refuses to start: it would replay and
-    // rewrite the first one's records.
+    // A second sidecar given the same spool directory (and, as a second container of the pod
+    // would be, the same workload id) refuses to start: it would replay and rewrite the first
+    // one's records. It refuses before it acquires the lease, which would fence the first.
+    let epoch = || {
+        let pool = ledger.store().pool().clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT epoch FROM fencing_scopes WHERE owner_workload_id = 'agent-crash'",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let epoch_before = epoch().await;
     let intruder = sidecar_command(
         addr,
         bundle.path(),
         spool.path(),
         mock_port,
-        ("agent-intruder", free_port(), free_port()),
+        ("agent-crash", free_port(), free_port()),
     )
     .output();
     let intruder = tokio::time::timeout(Duration::from_secs(30), intruder)
@@ -204,7 +217,12 @@ async fn kill_dash_nine_during_an_outage_keeps_fail_open_evidence() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&intruder.stderr);
     assert!(!intruder.status.success(), "{stderr}");
-    assert!(stderr.contains("held by another process"), "{stderr}");
+    assert!(stderr.contains("FAIL_OPEN_SPOOL_IN_USE"), "{stderr}");
+    assert_eq!(
+        epoch().await,
+        epoch_before,
+        "the first sidecar's lease is untouched"
+    );
     ledger.stop().await;
     for _ in 0..3 {
         assert_eq!(
