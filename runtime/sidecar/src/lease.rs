@@ -265,7 +265,7 @@ impl LeaseKeeper {
                     renew_every
                 }
                 (None, LeaseState::Held { .. }) => {
-                    let wait = retry_after.min(renew_every);
+                    let wait = jittered(retry_after.min(renew_every));
                     retry_after = (retry_after * 2).min(renew_every);
                     wait
                 }
@@ -287,6 +287,16 @@ impl LeaseKeeper {
 /// First pause after a failed renewal (and between attempts while not holding the lease).
 const RETRY_FIRST: Duration = Duration::from_millis(250);
 
+/// Half of `wait` plus a random part of the other half, so that the sidecars whose renewals
+/// failed on the same ledger blip do not all retry at the same instants.
+fn jittered(wait: Duration) -> Duration {
+    use std::hash::BuildHasher as _;
+    // Every RandomState gets fresh keys, so this is a new pseudo-random number on each call.
+    let random = std::collections::hash_map::RandomState::new().hash_one(0u8);
+    let half = wait / 2;
+    half + half.mul_f64((random % 1_000_000) as f64 / 1_000_000.0)
+}
+
 /// The draining state that follows `current`, keeping its epoch for in-flight settlements.
 fn draining(current: LeaseState) -> LeaseState {
     let epoch = match current {
@@ -295,4 +305,29 @@ fn draining(current: LeaseState) -> LeaseState {
         LeaseState::Acquiring | LeaseState::Lost => None,
     };
     LeaseState::Draining { epoch }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_are_spread_over_the_second_half_of_the_wait() {
+        let wait = Duration::from_millis(1_000);
+        let waits: Vec<Duration> = (0..200).map(|_| jittered(wait)).collect();
+        assert!(
+            waits.iter().all(|w| *w >= wait / 2 && *w < wait),
+            "{waits:?}"
+        );
+        let (low, high) = waits
+            .iter()
+            .partition::<Vec<&Duration>, _>(|w| **w < wait * 3 / 4);
+        // 200 fair draws put fewer than 50 on one side of the middle with negligible odds.
+        assert!(
+            low.len() > 50 && high.len() > 50,
+            "{} / {}",
+            low.len(),
+            high.len()
+        );
+    }
 }
