@@ -16,9 +16,8 @@
 //!
 //! Locks are always taken in that order, each set sorted by key, by the load path and by the
 //! cached statement's guard alike, so concurrent batches (also from other ledger replicas)
-//! do not deadlock. One exception: a sweep takes its candidates (SKIP LOCKED, never waiting)
-//! before the scopes, so a sweep that also carries a lease command can still meet a cached
-//! commit of a reservation it took; PostgreSQL then aborts one after 1 s and it runs again. Window money is changed only by the journal trigger, and the schema's
+//! do not deadlock. A sweep locks its batch's scopes before it takes its candidates (SKIP
+//! LOCKED, never waiting), so that holds for sweeps too. Window money is changed only by the journal trigger, and the schema's
 //! constraints re-check every invariant on the result.
 
 mod pgpass;
@@ -753,7 +752,19 @@ async fn load(
     let mut reservation_ids: BTreeSet<Uuid> = needs.reservation_ids.clone();
     let mut expired_candidates = Vec::new();
     if needs.sweep_max > 0 {
-        // SKIP LOCKED never waits, so taking these first cannot break the lock order.
+        // The scopes come first in the lock order, also before the sweep's candidates: a
+        // candidate taken before a scope the batch then waits for could be the reservation a
+        // cached commit on another replica, holding that scope, waits for.
+        if !needs.scope_ids.is_empty() {
+            let scope_ids: Vec<&str> = needs.scope_ids.iter().map(String::as_str).collect();
+            sqlx::query(
+                "SELECT 1 FROM fencing_scopes WHERE scope_id = ANY($1) ORDER BY scope_id FOR UPDATE",
+            )
+            .bind(&scope_ids)
+            .execute(&mut **tx)
+            .await?;
+        }
+        // SKIP LOCKED never waits, so taking these next cannot break the lock order.
         expired_candidates = sqlx::query_scalar(
             "SELECT reservation_id FROM reservations WHERE state = 'reserved' AND expires_at <= now()
              ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED",

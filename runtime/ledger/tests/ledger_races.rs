@@ -304,3 +304,101 @@ async fn a_cached_commit_and_another_replica_holding_its_reservation_do_not_dead
     );
     invariants::check(ledger.store().pool()).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_sweep_batch_locks_its_scopes_before_its_candidates() {
+    // Goal: a sweep batch that also carries a command on a scope locks that scope before it
+    // takes an expired reservation, as every batch does. Another replica's cached commit of
+    // that reservation (a transaction doing what its guard does) holds the scope shared and then
+    // asks for the reservation: it gets it at once, and the sweep waits for the scope holding
+    // nothing. In the opposite order each waits for the other until PostgreSQL aborts one,
+    // which failed the sweep and the lease renewal batched with it.
+    use sqlx::Connection as _;
+    let mut ledger = TestLedger::start().await.unwrap();
+    let fencing = ledger.tenant_with_lease(T).await.unwrap();
+    ledger.budget(T, "hot", 1_000).await.unwrap();
+    ledger.budget(T, "blocker", 1_000).await.unwrap();
+    let mut request = reserve_request(T, "lapses", &["hot"], 10, &fencing);
+    request.ttl_ms = 1_000;
+    let lapsing = match ledger
+        .client
+        .reserve_set(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .outcome
+    {
+        Some(pb::reserve_set_response::Outcome::Reserved(r)) => r.reservation_id,
+        other => panic!("expected a reservation, got {other:?}"),
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    let sleep = |ms| tokio::time::sleep(std::time::Duration::from_millis(ms));
+
+    // Hold the writer in a batch of its own, so that the sweep and the renewal queue behind it
+    // and run as one batch.
+    let mut blocker = sqlx::PgConnection::connect(&ledger.database_url)
+        .await
+        .unwrap();
+    sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
+    sqlx::query("SELECT 1 FROM budgets WHERE tenant_id = $1 AND budget_id = 'blocker' FOR UPDATE")
+        .bind(T)
+        .execute(&mut blocker)
+        .await
+        .unwrap();
+    let mut client = ledger.client.clone();
+    let upsert = tokio::spawn(async move {
+        spendguard_testkit::ledger::budget(&mut client, T, "blocker", 2_000).await
+    });
+    sleep(200).await;
+    let mut client = ledger.client.clone();
+    let sweep = tokio::spawn(async move {
+        client
+            .sweep_expired(pb::SweepExpiredRequest {
+                max_reservations: 100,
+            })
+            .await
+    });
+    let mut client = ledger.client.clone();
+    let scope_id = fencing.scope_id.clone();
+    let epoch = fencing.epoch;
+    let renewal = tokio::spawn(async move {
+        client
+            .acquire_fencing_lease(pb::AcquireFencingLeaseRequest {
+                scope_id,
+                tenant_id: T.into(),
+                workload_instance_id: format!("{T}-w"),
+                ttl_ms: 600_000,
+                expected_epoch: epoch,
+                force: false,
+            })
+            .await
+    });
+    sleep(200).await;
+
+    // The other replica's cached commit: the scope, shared.
+    let mut other = sqlx::PgConnection::connect(&ledger.database_url)
+        .await
+        .unwrap();
+    sqlx::query("BEGIN").execute(&mut other).await.unwrap();
+    sqlx::query("SELECT 1 FROM fencing_scopes WHERE scope_id = $1 FOR SHARE")
+        .bind(&fencing.scope_id)
+        .execute(&mut other)
+        .await
+        .unwrap();
+    sqlx::query("ROLLBACK").execute(&mut blocker).await.unwrap();
+    upsert.await.unwrap().unwrap();
+    // The sweep batch now waits for the scope; then the cached commit asks for the reservation.
+    sleep(300).await;
+    sqlx::query("SELECT 1 FROM reservations WHERE reservation_id = $1::uuid FOR UPDATE")
+        .bind(&lapsing)
+        .execute(&mut other)
+        .await
+        .expect("the reservation is free: the waiting sweep holds no candidate yet");
+    sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+
+    let swept = sweep.await.unwrap().expect("the sweep was not aborted");
+    assert_eq!(swept.into_inner().expired, 1);
+    let renewed = renewal.await.unwrap().expect("the renewal was not aborted");
+    assert_eq!(renewed.into_inner().epoch, epoch);
+    invariants::check(ledger.store().pool()).await.unwrap();
+}

@@ -6,8 +6,7 @@
 -- ran (AFTER ... FOR EACH STATEMENT), so the guard sees the rows as they were before the batch.
 -- The final SELECT reads the guards in the load path's lock order (scopes, reservations,
 -- budgets, windows; its AND runs left to right), so a cached statement and another replica's
--- load path wait for each other's rows in one order and do not deadlock
--- (except against a sweep: see store.rs).
+-- load path wait for each other's rows in one order and do not deadlock.
 guard_scopes AS (
     SELECT 1 FROM fencing_scopes f
       JOIN unnest($32::text[], $33::text[], $34::text[], $35::bigint[], $36::timestamptz[])
