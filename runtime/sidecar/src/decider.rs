@@ -401,17 +401,6 @@ impl Decider {
             Ok(response) => response.into_inner(),
             Err(status) => {
                 let error = ledger_error(&status);
-                // The call id was used with other fields. After a restart of this sidecar that is
-                // every retry (its fencing epoch is new); if the call opened an approval, and
-                // the approval is of this very request, the retry gets that REQUIRE_APPROVAL.
-                if matches!(error, SidecarError::IdempotencyConflict(_))
-                    && let Some(approval) = self.approval_of_call(input).await?
-                    && approval_is_of(&approval, input, planned.reserve.get())
-                {
-                    let mut earlier = self.require_approval_again(input, approval);
-                    earlier.replayed = true;
-                    return Ok(earlier);
-                }
                 let fail_open = FailOpenContext {
                     epoch,
                     budget_ids,
@@ -450,9 +439,7 @@ impl Decider {
                 // with its approval; anything else is refused.
                 let released = reserved.state == pb::ReservationState::Released as i32;
                 let earlier = if released {
-                    self.approval_of_call(input)
-                        .await?
-                        .map(|approval| self.require_approval_again(input, approval))
+                    self.approval_opened_for(input).await?
                 } else {
                     None
                 };
@@ -465,10 +452,9 @@ impl Decider {
                 // A replay of a call that already opened an approval, whose reservation is still
                 // open (the release after the approval failed): the call is that REQUIRE_APPROVAL
                 // whatever the balances say now, so an approval always means that answer.
-                if replayed && let Some(approval) = self.approval_of_call(input).await? {
+                if replayed && let Some(mut earlier) = self.approval_opened_for(input).await? {
                     self.release_reservation(&reserved.reservation_id, "approval_required")
                         .await?;
-                    let mut earlier = self.require_approval_again(input, approval);
                     earlier.replayed = true;
                     return Ok(earlier);
                 }
@@ -522,44 +508,42 @@ impl Decider {
         Ok(decision)
     }
 
-    /// The approval opened for this call, if the ledger holds one (keyed by its call id, as
-    /// [`Self::open_approval`] opens it), in whatever state it is now. Only a call that crossed
-    /// a soft cap opens one, and every replay of such a call answers REQUIRE_APPROVAL with it
-    /// ([`Self::require_approval_again`]), so a call with an approval has no other answer.
+    /// The REQUIRE_APPROVAL this call was answered with, if the ledger holds an approval opened
+    /// for the call (keyed by its call id, as [`Self::open_approval`] opens it), in whatever
+    /// state the approval is now. Only a call that crossed a soft cap opens one, and every
+    /// replay of such a call answers this, so a call with an approval has no other answer.
     ///
     /// # Errors
     /// The ledger's failure (fail closed: the retry may try again).
-    async fn approval_of_call(
+    async fn approval_opened_for(
         &self,
         input: &DecideInput,
-    ) -> Result<Option<pb::Approval>, SidecarError> {
+    ) -> Result<Option<Decision>, SidecarError> {
         let approval_id =
             spendguard_core::plan::approval_id_for(&self.identity.tenant_id, &input.call_id);
         let request = pb::GetApprovalRequest {
             tenant_id: self.identity.tenant_id.clone(),
             approval_id: approval_id.to_string(),
         };
-        match self.ledger.clone().get_approval(request).await {
-            Ok(response) => Ok(response.into_inner().approval),
-            Err(status) if error_code(&status) == Some(pb::ErrorCode::ApprovalNotFound) => Ok(None),
-            Err(status) => Err(ledger_error(&status)),
-        }
-    }
-
-    /// The REQUIRE_APPROVAL a call that opened `approval` was answered with.
-    fn require_approval_again(&self, input: &DecideInput, approval: pb::Approval) -> Decision {
-        let mut decision = self.decision(
-            input,
-            Verdict::RequireApproval,
-            ReasonCode::SoftCapReached.as_str(),
-            format!(
-                "the call would take a budget past its soft cap; approval {} was opened for it",
-                approval.approval_id
-            ),
-        );
-        decision.budget_id = Some(approval.budget_id);
-        decision.approval_id = Some(approval.approval_id);
-        decision
+        let approval = match self.ledger.clone().get_approval(request).await {
+            Ok(response) => response.into_inner().approval,
+            Err(status) if error_code(&status) == Some(pb::ErrorCode::ApprovalNotFound) => None,
+            Err(status) => return Err(ledger_error(&status)),
+        };
+        Ok(approval.map(|approval| {
+            let mut decision = self.decision(
+                input,
+                Verdict::RequireApproval,
+                ReasonCode::SoftCapReached.as_str(),
+                format!(
+                    "the call would take a budget past its soft cap; approval {} was opened for it",
+                    approval.approval_id
+                ),
+            );
+            decision.budget_id = Some(approval.budget_id);
+            decision.approval_id = Some(approval.approval_id);
+            decision
+        }))
     }
 
     /// Records a pending approval in the ledger (CreateApproval, keyed by the call id) and
@@ -1101,20 +1085,6 @@ fn run_budget_id(run_id: &str) -> String {
 /// Whether a replayed reservation can no longer be spent under: anything but OPEN, or
 /// UNSPECIFIED from a ledger older than the state field (read as open, what it meant then).
 /// A value this sidecar does not know counts as resolved.
-/// Whether `approval` was opened by this very request: the same amount (the request's worst
-/// case, priced as now) and the same call context. A call id reused for another request is not.
-fn approval_is_of(approval: &pb::Approval, input: &DecideInput, amount_nano_usd: i64) -> bool {
-    let Some(context) = &approval.context else {
-        return false;
-    };
-    approval.amount_nano_usd == amount_nano_usd
-        && context.call_id == input.call_id
-        && context.provider == input.provider.as_str()
-        && context.model == input.model
-        && context.run_id == input.run_id.clone().unwrap_or_default()
-        && context.workflow_id == input.workflow_id.clone().unwrap_or_default()
-}
-
 fn reservation_resolved(state: i32) -> bool {
     state != pb::ReservationState::Open as i32 && state != pb::ReservationState::Unspecified as i32
 }
