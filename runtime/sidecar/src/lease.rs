@@ -269,7 +269,7 @@ impl LeaseKeeper {
                     retry_after = (retry_after * 2).min(renew_every);
                     wait
                 }
-                _ => RETRY_FIRST,
+                _ => jittered(RETRY_FIRST),
             };
             tokio::select! {
                 () = &mut shutdown => {
@@ -291,7 +291,8 @@ const RETRY_FIRST: Duration = Duration::from_millis(250);
 /// failed on the same ledger blip do not all retry at the same instants.
 fn jittered(wait: Duration) -> Duration {
     use std::hash::BuildHasher as _;
-    // Every RandomState gets fresh keys, so this is a new pseudo-random number on each call.
+    // Each RandomState::new() gets new keys (std seeds them per thread, then increments them),
+    // so this is a new pseudo-random number on each call; good enough to spread retries.
     let random = std::collections::hash_map::RandomState::new().hash_one(0u8);
     let half = wait / 2;
     half + half.mul_f64((random % 1_000_000) as f64 / 1_000_000.0)
