@@ -223,6 +223,28 @@ async fn a_stolen_producer_claim_stops_writes() {
     assert_eq!(reservations, 0);
 }
 
+/// Returns once a ledger session of the database waits for a lock (the step a race test
+/// arranges), so the test does not depend on how fast the machine is.
+async fn until_a_ledger_backend_waits_for_a_lock(database_url: &str) {
+    use sqlx::Connection as _;
+    let mut watcher = sqlx::PgConnection::connect(database_url).await.unwrap();
+    for _ in 0..500 {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND application_name = 'spendguard-ledger'
+                AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&mut watcher)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("no ledger session came to wait for a lock");
+}
+
 /// The ledger's `batches_total{path}` counter.
 fn batches(ledger: &TestLedger, path: &str) -> u64 {
     let prefix = format!("spendguard_ledger_batches_total{{path=\"{path}\"}} ");
@@ -282,8 +304,9 @@ async fn a_cached_commit_and_another_replica_holding_its_reservation_do_not_dead
     let mut client = ledger.client.clone();
     let request = commit(contended);
     let committing = tokio::spawn(async move { client.commit(request).await });
-    // Let the cached statement reach the reservation and wait for it.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Until the cached statement waits (for the reservation, or in the old order for it after
+    // taking the window).
+    until_a_ledger_backend_waits_for_a_lock(&ledger.database_url).await;
     sqlx::query(
         "SELECT 1 FROM budget_windows WHERE tenant_id = $1 AND budget_id = 'hot' FOR UPDATE",
     )
@@ -387,8 +410,8 @@ async fn a_sweep_batch_locks_its_scopes_before_its_candidates() {
         .unwrap();
     sqlx::query("ROLLBACK").execute(&mut blocker).await.unwrap();
     upsert.await.unwrap().unwrap();
-    // The sweep batch now waits for the scope; then the cached commit asks for the reservation.
-    sleep(300).await;
+    // Until the sweep batch waits for the scope; then the cached commit asks for the reservation.
+    until_a_ledger_backend_waits_for_a_lock(&ledger.database_url).await;
     sqlx::query("SELECT 1 FROM reservations WHERE reservation_id = $1::uuid FOR UPDATE")
         .bind(&lapsing)
         .execute(&mut other)
