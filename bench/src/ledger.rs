@@ -185,8 +185,8 @@ pub(crate) async fn bench_ledger(
     Ok(())
 }
 
-/// What the TTL sweeper does in production, until aborted: sweep everything due, pause; a
-/// failed sweep is counted and retried at the next interval.
+/// What the TTL sweeper worker does, until aborted: sweep everything due, pause; a failed sweep
+/// is counted and retried at the next interval.
 async fn sweep_every(
     mut client: LedgerClient,
     interval: Duration,
@@ -194,21 +194,9 @@ async fn sweep_every(
 ) {
     loop {
         tokio::time::sleep(interval).await;
-        loop {
-            match client
-                .sweep_expired(pb::SweepExpiredRequest {
-                    max_reservations: 1_000,
-                })
-                .await
-            {
-                Ok(swept) if swept.get_ref().expired == 1_000 => {}
-                Ok(_) => break,
-                Err(e) => {
-                    eprintln!("TTL sweep failed: {e}");
-                    errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    break;
-                }
-            }
+        if let Err(e) = spendguard_workers::sweeper::sweep_due(&mut client).await {
+            eprintln!("TTL sweep failed: {e}");
+            errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }

@@ -17,8 +17,8 @@
 //! Locks are always taken in that order, each set sorted by key, by the load path and by the
 //! cached statement's guard alike, so concurrent batches (also from other ledger replicas)
 //! do not deadlock. A sweep locks its batch's scopes before it takes its candidates (SKIP
-//! LOCKED, never waiting), so that holds for sweeps too. Window money is changed only by the journal trigger, and the schema's
-//! constraints re-check every invariant on the result.
+//! LOCKED, never waiting), so that holds for sweeps too. Window money is changed only by the
+//! journal trigger, and the schema's constraints re-check every invariant on the result.
 
 mod pgpass;
 mod pipeline;

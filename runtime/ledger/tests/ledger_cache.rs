@@ -9,16 +9,6 @@ use spendguard_testkit::{TestLedger, invariants};
 
 const T: &str = "tenant-a";
 
-/// `spendguard_ledger_batches_total{path="<path>"}`.
-fn batches(ledger: &TestLedger, path: &str) -> u64 {
-    let needle = format!("spendguard_ledger_batches_total{{path=\"{path}\"}} ");
-    ledger
-        .metrics_text()
-        .lines()
-        .find_map(|line| line.strip_prefix(&needle))
-        .map_or(0, |v| v.trim().parse().unwrap())
-}
-
 async fn reserve(
     ledger: &mut TestLedger,
     key: &str,
@@ -125,12 +115,8 @@ async fn hot_reserves_and_commits_take_the_cached_path_and_stay_exact() {
             .unwrap();
     }
     // The first reserve loads the rows; every later command is planned on the cache.
-    assert!(
-        batches(&ledger, "cached") >= 35,
-        "{}",
-        ledger.metrics_text()
-    );
-    assert_eq!(batches(&ledger, "cached_stale"), 0);
+    assert!(ledger.batches("cached") >= 35, "{}", ledger.metrics_text());
+    assert_eq!(ledger.batches("cached_stale"), 0);
     let balance = balance(&mut ledger).await;
     assert_eq!(
         (balance.committed_nano_usd, balance.reserved_nano_usd),
@@ -165,9 +151,9 @@ async fn a_cached_plan_on_changed_rows_is_refused_and_run_again_on_locked_rows()
     let (mut a, _b, fencing) = spent_behind_the_cache(100, &[10, 10], 5).await;
     // 75 fits A's cached view (80 left) and the truth (75 left): granted, exactly once, by the
     // load path after the guard saw the changed window.
-    let stale_before = batches(&a, "cached_stale");
+    let stale_before = a.batches("cached_stale");
     reserved_id(reserve(&mut a, "a-3", 75, &fencing).await);
-    assert_eq!(batches(&a, "cached_stale"), stale_before + 1);
+    assert_eq!(a.batches("cached_stale"), stale_before + 1);
     let balance = balance(&mut a).await;
     assert_eq!(balance.reserved_nano_usd, 100);
     invariants::check(a.store().pool()).await.unwrap();
@@ -423,12 +409,12 @@ async fn a_cached_path_session_killed_by_the_server_is_reopened_and_no_call_fail
     .await
     .unwrap();
     assert_eq!(killed, 1, "the cached path has one session");
-    let cached_before = batches(&ledger, "cached");
+    let cached_before = ledger.batches("cached");
     for i in 0..5 {
         reserved_id(reserve(&mut ledger, &format!("after-{i}"), 1, &fencing).await);
     }
     assert!(
-        batches(&ledger, "cached") > cached_before,
+        ledger.batches("cached") > cached_before,
         "hot batches take the cached path again on a new session"
     );
     assert_eq!(balance(&mut ledger).await.reserved_nano_usd, 10);

@@ -397,16 +397,6 @@ async fn bad_input_is_refused_with_stable_codes_and_nothing_written() {
     invariants::check(ledger.store().pool()).await.unwrap();
 }
 
-/// `spendguard_ledger_batches_total{path="<path>"}`.
-fn batches(ledger: &TestLedger, path: &str) -> u64 {
-    let needle = format!("spendguard_ledger_batches_total{{path=\"{path}\"}} ");
-    ledger
-        .metrics_text()
-        .lines()
-        .find_map(|line| line.strip_prefix(&needle))
-        .map_or(0, |v| v.trim().parse().unwrap())
-}
-
 #[tokio::test]
 async fn records_take_the_load_path_and_the_cache_sees_their_overrun() {
     // Goal: RecordFailOpen never runs on the cached path (it writes a table the cached statement
@@ -422,12 +412,12 @@ async fn records_take_the_load_path_and_the_cache_sees_their_overrun() {
             .await
             .unwrap();
     }
-    let cached_before = batches(&ledger, "cached");
-    let loaded_before = batches(&ledger, "loaded");
+    let cached_before = ledger.batches("cached");
+    let loaded_before = ledger.batches("loaded");
     assert!(cached_before > 0, "the warm-up used the cached path");
     record(&mut ledger, request("call-1", 700, &fencing)).await;
-    assert_eq!(batches(&ledger, "cached"), cached_before);
-    assert_eq!(batches(&ledger, "loaded"), loaded_before + 1);
+    assert_eq!(ledger.batches("cached"), cached_before);
+    assert_eq!(ledger.batches("loaded"), loaded_before + 1);
     let denied = ledger
         .client
         .reserve_set(reserve_request(T, "after-1", &["team"], 101, &fencing))

@@ -223,6 +223,14 @@ async fn a_stolen_producer_claim_stops_writes() {
     assert_eq!(reservations, 0);
 }
 
+/// The id of the reservation a ReserveSet made.
+fn reservation_id(response: pb::ReserveSetResponse) -> String {
+    match response.outcome {
+        Some(pb::reserve_set_response::Outcome::Reserved(r)) => r.reservation_id,
+        other => panic!("expected a reservation, got {other:?}"),
+    }
+}
+
 /// Returns once a ledger session of the database waits for a lock (the step a race test
 /// arranges), so the test does not depend on how fast the machine is.
 async fn until_a_ledger_backend_waits_for_a_lock(database_url: &str) {
@@ -245,16 +253,6 @@ async fn until_a_ledger_backend_waits_for_a_lock(database_url: &str) {
     panic!("no ledger session came to wait for a lock");
 }
 
-/// The ledger's `batches_total{path}` counter.
-fn batches(ledger: &TestLedger, path: &str) -> u64 {
-    let prefix = format!("spendguard_ledger_batches_total{{path=\"{path}\"}} ");
-    ledger
-        .metrics_text()
-        .lines()
-        .find_map(|line| line.strip_prefix(&prefix))
-        .map_or(0, |n| n.trim().parse().unwrap())
-}
-
 #[tokio::test]
 async fn a_cached_commit_and_another_replica_holding_its_reservation_do_not_deadlock() {
     // Goal: a cached statement locks the reservation it resolves before the budget's window, as
@@ -273,24 +271,24 @@ async fn a_cached_commit_and_another_replica_holding_its_reservation_do_not_dead
         actual_nano_usd: 5,
         fencing: Some(fencing.clone()),
     };
-    let id = |response: pb::ReserveSetResponse| match response.outcome {
-        Some(pb::reserve_set_response::Outcome::Reserved(r)) => r.reservation_id,
-        other => panic!("expected a reservation, got {other:?}"),
-    };
-    let warm = id(ledger
-        .client
-        .reserve_set(reserve("warm"))
-        .await
-        .unwrap()
-        .into_inner());
+    let warm = reservation_id(
+        ledger
+            .client
+            .reserve_set(reserve("warm"))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
     ledger.client.commit(commit(warm)).await.unwrap();
-    let contended = id(ledger
-        .client
-        .reserve_set(reserve("contended"))
-        .await
-        .unwrap()
-        .into_inner());
-    let (cached, stale) = (batches(&ledger, "cached"), batches(&ledger, "cached_stale"));
+    let contended = reservation_id(
+        ledger
+            .client
+            .reserve_set(reserve("contended"))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let (cached, stale) = (ledger.batches("cached"), ledger.batches("cached_stale"));
 
     let mut other = sqlx::PgConnection::connect(&ledger.database_url)
         .await
@@ -317,12 +315,12 @@ async fn a_cached_commit_and_another_replica_holding_its_reservation_do_not_dead
     sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
     committing.await.unwrap().unwrap();
     assert_eq!(
-        batches(&ledger, "cached_stale"),
+        ledger.batches("cached_stale"),
         stale,
         "no cached batch was aborted"
     );
     assert!(
-        batches(&ledger, "cached") > cached,
+        ledger.batches("cached") > cached,
         "the commit took the cached path"
     );
     invariants::check(ledger.store().pool()).await.unwrap();
@@ -343,17 +341,14 @@ async fn a_sweep_batch_locks_its_scopes_before_its_candidates() {
     ledger.budget(T, "blocker", 1_000).await.unwrap();
     let mut request = reserve_request(T, "lapses", &["hot"], 10, &fencing);
     request.ttl_ms = 1_000;
-    let lapsing = match ledger
-        .client
-        .reserve_set(request)
-        .await
-        .unwrap()
-        .into_inner()
-        .outcome
-    {
-        Some(pb::reserve_set_response::Outcome::Reserved(r)) => r.reservation_id,
-        other => panic!("expected a reservation, got {other:?}"),
-    };
+    let lapsing = reservation_id(
+        ledger
+            .client
+            .reserve_set(request)
+            .await
+            .unwrap()
+            .into_inner(),
+    );
     tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
     let sleep = |ms| tokio::time::sleep(std::time::Duration::from_millis(ms));
 

@@ -438,14 +438,10 @@ impl Decider {
                 // now. A REQUIRE_APPROVAL released it at once: that decision is answered again,
                 // with its approval; anything else is refused.
                 let released = reserved.state == pb::ReservationState::Released as i32;
-                let earlier = if released {
-                    self.approval_opened_for(input).await?
+                if released && let Some(earlier) = self.approval_opened_for(input).await? {
+                    earlier
                 } else {
-                    None
-                };
-                match earlier {
-                    Some(decision) => decision,
-                    None => return Err(SidecarError::CallAlreadyResolved(input.call_id.clone())),
+                    return Err(SidecarError::CallAlreadyResolved(input.call_id.clone()));
                 }
             }
             Some(pb::reserve_set_response::Outcome::Reserved(reserved)) => {
@@ -482,17 +478,7 @@ impl Decider {
                     // Approval comes before any spend: the reservation goes back at once.
                     self.release_reservation(&reserved.reservation_id, "approval_required")
                         .await?;
-                    let mut decision = self.decision(
-                        input,
-                        Verdict::RequireApproval,
-                        reason.as_str(),
-                        format!(
-                            "the call would take a budget past its soft cap; approval {approval_id} is pending"
-                        ),
-                    );
-                    decision.budget_id = Some(crossed);
-                    decision.approval_id = Some(approval_id);
-                    decision
+                    self.require_approval(input, crossed, approval_id)
                 } else {
                     let mut decision =
                         self.decision(input, Verdict::Continue, reason.as_str(), String::new());
@@ -530,20 +516,28 @@ impl Decider {
             Err(status) if error_code(&status) == Some(pb::ErrorCode::ApprovalNotFound) => None,
             Err(status) => return Err(ledger_error(&status)),
         };
-        Ok(approval.map(|approval| {
-            let mut decision = self.decision(
-                input,
-                Verdict::RequireApproval,
-                ReasonCode::SoftCapReached.as_str(),
-                format!(
-                    "the call would take a budget past its soft cap; approval {} was opened for it",
-                    approval.approval_id
-                ),
-            );
-            decision.budget_id = Some(approval.budget_id);
-            decision.approval_id = Some(approval.approval_id);
-            decision
-        }))
+        Ok(approval.map(|a| self.require_approval(input, a.budget_id, a.approval_id)))
+    }
+
+    /// REQUIRE_APPROVAL: the call would take `crossed` past its soft cap (the only reason an
+    /// approval is opened), and approval `approval_id` decides it.
+    fn require_approval(
+        &self,
+        input: &DecideInput,
+        crossed: String,
+        approval_id: String,
+    ) -> Decision {
+        let mut decision = self.decision(
+            input,
+            Verdict::RequireApproval,
+            ReasonCode::SoftCapReached.as_str(),
+            format!(
+                "the call would take a budget past its soft cap; approval {approval_id} decides it"
+            ),
+        );
+        decision.budget_id = Some(crossed);
+        decision.approval_id = Some(approval_id);
+        decision
     }
 
     /// Records a pending approval in the ledger (CreateApproval, keyed by the call id) and

@@ -238,6 +238,22 @@ async fn grpc_soft_cap_decision_names_a_pending_ledger_approval() {
     assert_eq!(stack.balance().await.reserved_nano_usd, 0);
 }
 
+/// A stack whose budget has a soft cap of 500,000 nano-USD, far under its limit.
+async fn soft_cap_stack() -> Stack {
+    Stack::start(Options {
+        limit: 100_000_000,
+        soft_cap: 500_000,
+        ..Options::default()
+    })
+    .await
+}
+
+/// A decide body of 1,000 input tokens: 150,000 nano-USD, plus 600 per output token.
+fn decide_body(call_id: &str, max_output_tokens: u32) -> serde_json::Value {
+    json!({"call_id": call_id, "provider": "openai", "model": "gpt-4o-mini",
+           "input_tokens_upper_bound": 1_000, "max_output_tokens": max_output_tokens})
+}
+
 #[tokio::test]
 async fn a_forgotten_call_is_never_continued_under_a_resolved_reservation() {
     // Goal: a retry the sidecar no longer remembers, of a call whose reservation was already
@@ -250,19 +266,10 @@ async fn a_forgotten_call_is_never_continued_under_a_resolved_reservation() {
     // CONTINUE: the balances the ledger replays no longer include the released amount, so the
     // soft cap looked uncrossed. After a restart the new fencing epoch makes the same retries
     // IDEMPOTENCY_CONFLICT, also a refusal.
-    let mut stack = Stack::start(Options {
-        limit: 100_000_000,
-        soft_cap: 500_000,
-        ..Options::default()
-    })
-    .await;
+    let mut stack = soft_cap_stack().await;
     let decide_url = stack.url("/v1/spendguard/decide");
-    let body = |call_id: &str, max_output_tokens: u32| {
-        serde_json::json!({"call_id": call_id, "provider": "openai", "model": "gpt-4o-mini",
-                           "input_tokens_upper_bound": 1_000, "max_output_tokens": max_output_tokens})
-    };
     // 1,000 input + 500 output tokens: 450,000 nano-USD, under the soft cap.
-    let small = post_json(&decide_url, &[], &body("c-small", 500)).await;
+    let small = post_json(&decide_url, &[], &decide_body("c-small", 500)).await;
     assert_eq!(small.json()["decision"], "CONTINUE");
     let committed = post_json(
         &stack.url("/v1/spendguard/commit"),
@@ -273,7 +280,7 @@ async fn a_forgotten_call_is_never_continued_under_a_resolved_reservation() {
     .await;
     assert_eq!(committed.status, 200);
     // 1,000 input + 1,000 output tokens: 750,000 nano-USD would cross the soft cap.
-    let big = post_json(&decide_url, &[], &body("c-big", 1_000)).await;
+    let big = post_json(&decide_url, &[], &decide_body("c-big", 1_000)).await;
     assert_eq!(big.json()["decision"], "REQUIRE_APPROVAL");
     let approval_id = big.json()["approval_id"].clone();
     assert!(approval_id.is_string(), "{}", big.json());
@@ -285,7 +292,7 @@ async fn a_forgotten_call_is_never_continued_under_a_resolved_reservation() {
             .forget_older_than(std::time::Duration::ZERO),
         2
     );
-    let again = post_json(&decide_url, &[], &body("c-big", 1_000)).await;
+    let again = post_json(&decide_url, &[], &decide_body("c-big", 1_000)).await;
     assert_eq!(
         again.status,
         200,
@@ -296,7 +303,7 @@ async fn a_forgotten_call_is_never_continued_under_a_resolved_reservation() {
     assert_eq!(again.json()["approval_id"], approval_id);
     assert_eq!(again.json()["replayed"], true);
     assert_eq!(again.json()["budget_id"], big.json()["budget_id"]);
-    let again = post_json(&decide_url, &[], &body("c-small", 500)).await;
+    let again = post_json(&decide_url, &[], &decide_body("c-small", 500)).await;
     assert_eq!(
         again.status,
         409,
@@ -310,7 +317,7 @@ async fn a_forgotten_call_is_never_continued_under_a_resolved_reservation() {
     stack.start_sidecar().await;
     let decide_url = stack.url("/v1/spendguard/decide");
     for (call_id, max_output_tokens) in retries {
-        let again = post_json(&decide_url, &[], &body(call_id, max_output_tokens)).await;
+        let again = post_json(&decide_url, &[], &decide_body(call_id, max_output_tokens)).await;
         assert_eq!(again.status, 409, "{call_id}");
         assert_eq!(again.json()["error"]["code"], "IDEMPOTENCY_CONFLICT");
     }
@@ -325,15 +332,9 @@ async fn a_call_with_an_approval_is_answered_require_approval_though_its_reserva
     // forgot the call: the replay releases the reservation and answers REQUIRE_APPROVAL with
     // the approval, though the call is now far under the soft cap (before: CONTINUE).
     use spendguard_proto::ledger::v1 as ledger_pb;
-    let mut stack = Stack::start(Options {
-        limit: 100_000_000,
-        soft_cap: 500_000,
-        ..Options::default()
-    })
-    .await;
+    let mut stack = soft_cap_stack().await;
     let decide_url = stack.url("/v1/spendguard/decide");
-    let body = json!({"call_id": "c-open", "provider": "openai", "model": "gpt-4o-mini",
-                      "input_tokens_upper_bound": 1_000, "max_output_tokens": 500});
+    let body = decide_body("c-open", 500);
     let first = post_json(&decide_url, &[], &body).await;
     assert_eq!(first.json()["decision"], "CONTINUE");
     assert!(stack.balance().await.reserved_nano_usd > 0);

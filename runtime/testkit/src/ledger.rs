@@ -117,6 +117,19 @@ impl TestLedger {
         text
     }
 
+    /// The writer's `spendguard_ledger_batches_total{path}` counter (0 before the first batch of
+    /// that path).
+    ///
+    /// # Panics
+    /// On a counter that is not a number.
+    pub fn batches(&self, path: &str) -> u64 {
+        let needle = format!("spendguard_ledger_batches_total{{path=\"{path}\"}} ");
+        self.metrics_text()
+            .lines()
+            .find_map(|line| line.strip_prefix(&needle))
+            .map_or(0, |v| v.trim().parse().expect("a counter"))
+    }
+
     /// Graceful shutdown.
     pub async fn stop(&mut self) {
         if let Some(ledger) = self.ledger.take() {
