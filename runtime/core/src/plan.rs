@@ -78,7 +78,12 @@ pub struct ReserveSet {
     pub budget_ids: Vec<String>,
     /// Amount reserved against each budget.
     pub amount: NanoUsd,
-    /// Fencing token.
+    /// Fencing token. Only its scope is part of the fingerprint: the reservation belongs to the
+    /// scope, so another scope's request with the same key conflicts; the epoch authorises the
+    /// request and is not what is asked, so a retry after the sidecar re-acquired its lease (a
+    /// restart) replays the reservation instead of conflicting. A stale epoch is still refused
+    /// before any replay.
+    #[serde(serialize_with = "scope_of")]
     pub fencing: Fencing,
     /// Lifetime of the reservation.
     pub ttl_ms: u32,
@@ -92,6 +97,11 @@ pub struct ReserveSet {
 /// second index lookup, and each kind of row has a namespace of its own.
 fn keyed_id(namespace: &Uuid, tenant_id: &str, key: &str) -> Uuid {
     Uuid::new_v5(namespace, format!("{tenant_id}\n{key}").as_bytes())
+}
+
+/// A fencing token as it enters a fingerprint: its scope only.
+fn scope_of<S: serde::Serializer>(fencing: &Fencing, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&fencing.scope_id)
 }
 
 /// sha256 over the canonical (RFC 8785) JSON of a request: an idempotency fingerprint.
@@ -114,7 +124,8 @@ impl ReserveSet {
         )
     }
 
-    /// sha256 over the canonical JSON of every request field: the idempotency fingerprint.
+    /// sha256 over the canonical JSON of every request field but the fencing epoch: the
+    /// idempotency fingerprint.
     pub fn fingerprint(&self) -> String {
         canonical_sha256(self)
     }

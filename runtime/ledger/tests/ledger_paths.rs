@@ -1387,3 +1387,89 @@ async fn signing_keys_register_revoke_and_never_un_revoke() {
         .unwrap_err();
     assert_eq!(code(&err), pb::ErrorCode::IdMalformed);
 }
+
+#[tokio::test]
+async fn a_reserve_retried_after_a_restart_replays_and_a_stale_or_foreign_retry_does_not() {
+    // Goal: the epoch authorises a ReserveSet but is not part of what it asks, so the sidecar
+    // that restarted (same workload, the scope's next epoch) gets its reservation back; the
+    // pre-restart epoch is still fenced off, and another scope using the key conflicts.
+    let (mut ledger, fencing) = setup().await;
+    let lease = |scope_id: &str, owner: &str| pb::AcquireFencingLeaseRequest {
+        scope_id: scope_id.into(),
+        tenant_id: T.into(),
+        workload_instance_id: owner.into(),
+        ttl_ms: 600_000,
+        expected_epoch: 0,
+        force: false,
+    };
+    let request = reserve_request(T, "restart-key", &["run"], 250, &fencing);
+    let first = reserved(
+        ledger
+            .client
+            .reserve_set(request.clone())
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let restarted = ledger
+        .client
+        .acquire_fencing_lease(lease(&fencing.scope_id, "tenant-a-w"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(restarted.epoch, fencing.epoch + 1);
+    let current = pb::FencingToken {
+        scope_id: fencing.scope_id.clone(),
+        epoch: restarted.epoch,
+    };
+    let events = outbox_count(&ledger).await;
+
+    let mut retry = request.clone();
+    retry.fencing = Some(current.clone());
+    let replay = ledger.client.reserve_set(retry).await.unwrap().into_inner();
+    assert!(replay.replayed);
+    assert_eq!(reserved(replay).reservation_id, first.reservation_id);
+    assert_eq!(
+        outbox_count(&ledger).await,
+        events,
+        "a replay writes nothing"
+    );
+    assert_eq!(balance(&mut ledger, "run").await.reserved_nano_usd, 250);
+
+    let stale = ledger
+        .client
+        .reserve_set(request.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(code(&stale), pb::ErrorCode::FencingEpochStale);
+
+    let other = ledger
+        .client
+        .acquire_fencing_lease(lease("tenant-a-other-scope", "tenant-a-other-w"))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut foreign = request;
+    foreign.fencing = Some(pb::FencingToken {
+        scope_id: "tenant-a-other-scope".into(),
+        epoch: other.epoch,
+    });
+    let events = outbox_count(&ledger).await;
+    let conflict = ledger.client.reserve_set(foreign).await.unwrap_err();
+    assert_eq!(code(&conflict), pb::ErrorCode::IdempotencyConflict);
+    assert_eq!(outbox_count(&ledger).await, events);
+
+    let committed = ledger
+        .client
+        .commit(pb::CommitRequest {
+            tenant_id: T.into(),
+            reservation_id: first.reservation_id,
+            actual_nano_usd: 100,
+            fencing: Some(current),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(committed.committed_nano_usd, 100);
+    invariants::check(ledger.store().pool()).await.unwrap();
+}

@@ -264,8 +264,8 @@ async fn a_forgotten_call_is_never_continued_under_a_resolved_reservation() {
     // the first is answered REQUIRE_APPROVAL again with its approval (found by the call id), the
     // second 409 CALL_ALREADY_RESOLVED; nothing reserved. Before the fix the first answered
     // CONTINUE: the balances the ledger replays no longer include the released amount, so the
-    // soft cap looked uncrossed. After a restart the new fencing epoch makes the same retries
-    // IDEMPOTENCY_CONFLICT, also a refusal.
+    // soft cap looked uncrossed. After a restart (a new fencing epoch, which is not part of
+    // the ledger's idempotency fingerprint) the same retries get the same answers.
     let mut stack = soft_cap_stack().await;
     let decide_url = stack.url("/v1/spendguard/decide");
     // 1,000 input + 500 output tokens: 450,000 nano-USD, under the soft cap.
@@ -312,16 +312,70 @@ async fn a_forgotten_call_is_never_continued_under_a_resolved_reservation() {
     );
     assert_eq!(again.json()["error"]["code"], "CALL_ALREADY_RESOLVED");
     assert_eq!(stack.balance().await.reserved_nano_usd, 0);
-    let retries = [("c-big", 1_000), ("c-small", 500)];
     stack.stop_sidecar().await;
     stack.start_sidecar().await;
     let decide_url = stack.url("/v1/spendguard/decide");
-    for (call_id, max_output_tokens) in retries {
-        let again = post_json(&decide_url, &[], &decide_body(call_id, max_output_tokens)).await;
-        assert_eq!(again.status, 409, "{call_id}");
-        assert_eq!(again.json()["error"]["code"], "IDEMPOTENCY_CONFLICT");
-    }
+    let again = post_json(&decide_url, &[], &decide_body("c-big", 1_000)).await;
+    assert_eq!(
+        again.json()["decision"],
+        "REQUIRE_APPROVAL",
+        "{}",
+        again.json()
+    );
+    assert_eq!(again.json()["approval_id"], approval_id);
+    let again = post_json(&decide_url, &[], &decide_body("c-small", 500)).await;
+    assert_eq!(again.status, 409);
+    assert_eq!(again.json()["error"]["code"], "CALL_ALREADY_RESOLVED");
     assert_eq!(stack.balance().await.reserved_nano_usd, 0);
+}
+
+#[tokio::test]
+async fn a_call_retried_after_a_restart_gets_its_reservation_back_and_settles_it() {
+    // Goal: the sidecar restarted between a CONTINUE and its retry (the client never got the
+    // answer); the retry continues under the same reservation, which the new sidecar settles
+    // with its new epoch. Before, the ledger answered IDEMPOTENCY_CONFLICT (its fingerprint
+    // held the epoch), and the reservation stayed held until its TTL.
+    let mut stack = soft_cap_stack().await;
+    let body = decide_body("c-restart", 500);
+    let first = post_json(&stack.url("/v1/spendguard/decide"), &[], &body).await;
+    assert_eq!(first.json()["decision"], "CONTINUE");
+    let epoch = stack.sidecar().lease.epoch_for_decision().unwrap();
+    stack.stop_sidecar().await;
+    stack.start_sidecar().await;
+    assert_eq!(
+        stack.sidecar().lease.epoch_for_decision().unwrap(),
+        epoch + 1
+    );
+
+    let again = post_json(&stack.url("/v1/spendguard/decide"), &[], &body).await;
+    assert_eq!(
+        again.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&again.body)
+    );
+    assert_eq!(again.json()["decision"], "CONTINUE");
+    assert_eq!(again.json()["replayed"], true);
+    assert_eq!(
+        again.json()["reservation_id"],
+        first.json()["reservation_id"]
+    );
+    let committed = post_json(
+        &stack.url("/v1/spendguard/commit"),
+        &[],
+        &json!({"call_id": "c-restart", "usage_format": "openai_chat",
+                "usage": {"prompt_tokens": 10, "completion_tokens": 10}}),
+    )
+    .await;
+    assert_eq!(
+        committed.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&committed.body)
+    );
+    let balance = stack.balance().await;
+    assert_eq!(balance.reserved_nano_usd, 0);
+    assert!(balance.committed_nano_usd > 0);
 }
 
 #[tokio::test]
