@@ -3,6 +3,7 @@
 //! synchronous_commit on), for one hot budget and for 100 budgets, at several client counts, plus a
 //! paced run at a fixed offered rate.
 
+use crate::cpu;
 use crate::processes::LedgerProcess;
 use crate::quiesce::quiesce;
 use crate::stats::{report, report_calls};
@@ -68,6 +69,7 @@ pub(crate) async fn bench_ledger(
     let cluster = PgCluster::start(&settings)?;
     let url = cluster.create_database().await?;
     let mut process = LedgerProcess::spawn(spendguard_bin, &url, "bench-ledger").await?;
+    let ledger_pid = process.child.id().context("the ledger exited")?;
     let addr: std::net::SocketAddr = format!("127.0.0.1:{}", process.port).parse()?;
     let mut channels = Vec::with_capacity(connections.max(1));
     for _ in 0..connections.max(1) {
@@ -105,6 +107,7 @@ pub(crate) async fn bench_ledger(
     for (name, spread) in [("hot budget", false), ("100 budgets", true)] {
         for &clients in client_counts {
             quiesce(&url).await?;
+            let cpu_before = cpu::sample(ledger_pid)?;
             let deadline = Instant::now() + duration;
             let started = Instant::now();
             let mut tasks = Vec::new();
@@ -133,13 +136,17 @@ pub(crate) async fn bench_ledger(
             for task in tasks {
                 all.extend(task.await??);
             }
+            let cpu_after = cpu::sample(ledger_pid)?;
+            let pairs = all.len();
             report(name, clients, started.elapsed(), all);
+            cpu::report(cpu_before, cpu_after, pairs);
         }
     }
     // Paced: a fixed offered rate on the hot budget, latency measured from each pair's start.
     let interval = Duration::from_secs_f64(1.0 / paced_rate as f64);
     let count = usize::try_from(paced_rate * duration.as_secs())?;
     quiesce(&url).await?;
+    let cpu_before = cpu::sample(ledger_pid)?;
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(count);
     let mut ticker = tokio::time::interval(interval);
@@ -162,6 +169,7 @@ pub(crate) async fn bench_ledger(
         reserves.push(reserve);
         commits.push(commit);
     }
+    let cpu_after = cpu::sample(ledger_pid)?;
     report(
         &format!("paced {paced_rate}/s hot"),
         0,
@@ -170,6 +178,7 @@ pub(crate) async fn bench_ledger(
     );
     report_calls("  of which ReserveSet", reserves);
     report_calls("  of which Commit", commits);
+    cpu::report(cpu_before, cpu_after, count);
     if let Some((task, errors)) = sweeper {
         task.abort();
         report_sweeper(task.await, &errors)?;

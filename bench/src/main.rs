@@ -10,6 +10,7 @@
 //! `spendguard-bench demo`: starts PostgreSQL and the `spendguard ledger` binary, creates a tenant
 //! and budgets, spends until the hard cap stops it, and prints balances before and after.
 
+mod cpu;
 mod demo;
 mod ledger;
 mod processes;
