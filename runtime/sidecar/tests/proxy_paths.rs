@@ -423,6 +423,21 @@ async fn a_call_id_is_forwarded_once() {
         stack.settled_balance().await.committed_nano_usd,
         HELLO_CHAT_COST
     );
+    // Nor after a restart, which forgets the call: the ledger replays its (settled) reservation
+    // to the new epoch, and that is a refusal too.
+    stack.stop_sidecar().await;
+    stack.start_sidecar().await;
+    let after_restart = post_json(&stack.url("/v1/chat/completions"), &headers, &body).await;
+    assert_eq!(after_restart.status, 409);
+    assert_eq!(
+        after_restart.json()["error"]["code"],
+        "CALL_ALREADY_RESOLVED"
+    );
+    assert_eq!(stack.upstream_requests().len(), 1);
+    assert_eq!(
+        stack.settled_balance().await.committed_nano_usd,
+        HELLO_CHAT_COST
+    );
 }
 
 #[tokio::test]
