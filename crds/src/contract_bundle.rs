@@ -25,6 +25,19 @@ pub enum FailPolicy {
     Open,
 }
 
+/// What to do with a call priced from a PricingVersion older than `pricingMaxAgeHours`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum StalePricingPolicy {
+    /// Refuse the call, PRICING_STALE (default).
+    Stop,
+    /// Decide it as usual and mark its evidence pricing_stale.
+    Continue,
+}
+
+fn default_stale() -> StalePricingPolicy {
+    StalePricingPolicy::Stop
+}
+
 fn default_true() -> bool {
     true
 }
@@ -107,6 +120,14 @@ pub struct ContractBundleSpec {
     /// Ledger-unavailable handling.
     #[serde(default = "default_fail")]
     pub fail_policy: FailPolicy,
+    /// The oldest pricing accepted, in hours since the PricingVersion's `publishedAt` (which it
+    /// then must have). Unset: any age.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 87_600))]
+    pub pricing_max_age_hours: Option<i64>,
+    /// What a call priced from older pricing gets.
+    #[serde(default = "default_stale")]
+    pub on_stale_pricing: StalePricingPolicy,
 }
 
 /// What the operator reports.

@@ -80,6 +80,11 @@ pub struct PriceEntry {
     {"rule": "self == oldSelf", "message": "a PricingVersion is immutable; create a new version"}
 ]))]
 pub struct PricingVersionSpec {
+    /// When these prices were captured from the providers (RFC 3339, e.g.
+    /// `2026-11-01T00:00:00Z`). A ContractBundle's `pricingMaxAgeHours` is measured from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = "date-time"))]
+    pub published_at: Option<String>,
     /// Priced models.
     #[schemars(length(min = 1, max = 2000))]
     pub entries: Vec<PriceEntry>,

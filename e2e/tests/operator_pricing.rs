@@ -207,5 +207,46 @@ async fn contract_bundles_compile_into_verifiable_config_maps() {
         "default/team-research"
     );
     assert!(Bundle::from_json_verified(bytes.replace("4096", "4097").as_bytes(), &sha).is_err());
+    assert_eq!(
+        bundle.pricing.published_at().map(|t| t.to_rfc3339()),
+        Some("2026-11-01T00:00:00+00:00".to_owned())
+    );
+    assert_eq!(bundle.contract.pricing_max_age, None);
+
+    // S22: a contract that limits its pricing's age compiles with the limit and its policy, and
+    // one that limits the age of undated pricing is an invalid spec (nothing compiled).
+    let limited = example("contract-bundle").replace(
+        "failPolicy: Closed",
+        "failPolicy: Closed\n  pricingMaxAgeHours: 720\n  onStalePricing: Continue",
+    );
+    plane.admin(&["apply", "-f", "-"], Some(&limited));
+    let max_age = plane
+        .poll(
+            &[&config_map[..], &["jsonpath={.data.bundle\\.json}"]].concat(),
+            |json| json.contains("pricing_max_age"),
+        )
+        .await;
+    let compiled: serde_json::Value = serde_json::from_str(&max_age).unwrap();
+    assert_eq!(
+        compiled["contract"]["pricing_max_age"],
+        serde_json::json!({"hours": 720, "on_stale": "continue"})
+    );
+    let undated = example("pricing-version")
+        .replace("name: pricing-2026-11-01", "name: pricing-undated")
+        .replace("publishedAt: \"2026-11-01T00:00:00Z\"", "");
+    plane.admin(&["apply", "-f", "-"], Some(&undated));
+    plane.admin(
+        &["apply", "-f", "-"],
+        Some(&limited.replace(
+            "pricingVersion: pricing-2026-11-01",
+            "pricingVersion: pricing-undated",
+        )),
+    );
+    plane.poll(&reason, |r| r == "InvalidSpec").await;
+    let message = plane.admin(
+        &[&reason[..6], &["jsonpath={.status.conditions[0].message}"]].concat(),
+        None,
+    );
+    assert!(message.contains("no published_at"), "{message}");
     operator.abort();
 }

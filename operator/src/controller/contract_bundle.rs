@@ -13,7 +13,9 @@ use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use spendguard_core::NanoUsd;
-use spendguard_core::contract::{Bundle, Contract, FailPolicy, UnknownModelPolicy};
+use spendguard_core::contract::{
+    Bundle, Contract, FailPolicy, PricingMaxAge, StalePricingAction, UnknownModelPolicy,
+};
 use spendguard_core::pricing::Pricing;
 use spendguard_crds::condition::Condition;
 use spendguard_crds::contract_bundle::{self as crd, ContractBundle, ContractBundleStatus};
@@ -75,6 +77,20 @@ pub fn contract(bundle: &ContractBundle) -> Result<Contract, Error> {
             crd::FailPolicy::Closed => FailPolicy::Closed,
             crd::FailPolicy::Open => FailPolicy::Open,
         },
+        pricing_max_age: spec
+            .pricing_max_age_hours
+            .map(|hours| {
+                Ok::<_, Error>(PricingMaxAge {
+                    hours: u32::try_from(hours).map_err(|_| {
+                        Error::InvalidSpec("pricingMaxAgeHours out of range".into())
+                    })?,
+                    on_stale: match spec.on_stale_pricing {
+                        crd::StalePricingPolicy::Stop => StalePricingAction::Stop,
+                        crd::StalePricingPolicy::Continue => StalePricingAction::Continue,
+                    },
+                })
+            })
+            .transpose()?,
     })
 }
 
@@ -125,9 +141,11 @@ async fn compile(bundle: &ContractBundle, ctx: &Context) -> Result<Action, Error
         });
     }
     let contract = contract(bundle)?;
-    register_pricing(ctx, &bundle.spec.tenant, &snapshot).await?;
+    // Checked before anything is written: a contract that limits the age of undated pricing is
+    // an invalid spec.
     let (bytes, sha256) =
         Bundle::canonical(&contract, &snapshot).map_err(|e| Error::InvalidSpec(e.to_string()))?;
+    register_pricing(ctx, &bundle.spec.tenant, &snapshot).await?;
     let budgets: Vec<String> = bundle
         .spec
         .budgets

@@ -18,6 +18,7 @@ use tracing::{instrument, warn};
 pub fn snapshot(pricing: &PricingVersion) -> PricingSnapshot {
     PricingSnapshot {
         version: pricing.name_any(),
+        published_at: pricing.spec.published_at.clone(),
         entries: pricing
             .spec
             .entries

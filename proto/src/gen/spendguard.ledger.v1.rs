@@ -45,6 +45,10 @@ pub struct DecisionContext {
     pub model: ::prost::alloc::string::String,
     #[prost(string, tag = "6")]
     pub contract_version: ::prost::alloc::string::String,
+    /// The call was priced from a snapshot older than its contract accepts, and the contract
+    /// continues then (S22): the evidence is marked. Absent from events when false.
+    #[prost(bool, tag = "7")]
+    pub pricing_stale: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

@@ -31,7 +31,8 @@ pub struct DecideRequest {
 pub struct DecideResponse {
     #[prost(enumeration = "Decision", tag = "1")]
     pub decision: i32,
-    /// Stable reason code, e.g. WITHIN_BUDGET, BUDGET_EXHAUSTED, MODEL_DENIED, SOFT_CAP_REACHED.
+    /// Stable reason code, e.g. WITHIN_BUDGET, BUDGET_EXHAUSTED, MODEL_DENIED, SOFT_CAP_REACHED,
+    /// PRICING_STALE.
     #[prost(string, tag = "2")]
     pub reason: ::prost::alloc::string::String,
     #[prost(string, tag = "3")]
@@ -67,6 +68,10 @@ pub struct DecideResponse {
     /// This answers a retry of an earlier identical request.
     #[prost(bool, tag = "15")]
     pub replayed: bool,
+    /// Priced from a snapshot older than the contract accepts, and the contract continues then
+    /// (S22); the ledger's records of the decision are marked too.
+    #[prost(bool, tag = "16")]
+    pub pricing_stale: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

@@ -40,6 +40,35 @@ pub enum FailPolicy {
     Open,
 }
 
+/// What a contract does with a call priced from a snapshot older than it accepts (S22).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StalePricingAction {
+    /// Refuse the call, `PRICING_STALE` (the default: fail closed).
+    Stop,
+    /// Let it be decided as usual, and mark its evidence `pricing_stale` (explicit opt-in).
+    Continue,
+}
+
+/// The oldest pricing a contract accepts (S22: pricing stale beyond a threshold follows the
+/// contract's policy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PricingMaxAge {
+    /// Hours since the snapshot's `published_at`, 1 to [`PRICING_MAX_AGE_HOURS_MAX`].
+    pub hours: u32,
+    /// What happens past it.
+    #[serde(default = "default_stale_action")]
+    pub on_stale: StalePricingAction,
+}
+
+/// Ten years: any longer limit is no limit.
+pub const PRICING_MAX_AGE_HOURS_MAX: u32 = 87_600;
+
+fn default_stale_action() -> StalePricingAction {
+    StalePricingAction::Stop
+}
+
 /// A workflow's spending contract, as authored in a ContractBundle.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -69,6 +98,10 @@ pub struct Contract {
     /// Ledger-unavailable handling.
     #[serde(default = "default_fail_policy")]
     pub fail_policy: FailPolicy,
+    /// The oldest pricing accepted (none: any age). Left out of the canonical JSON when absent,
+    /// so contracts without it keep their bundle hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pricing_max_age: Option<PricingMaxAge>,
 }
 
 fn default_true() -> bool {
@@ -103,6 +136,8 @@ pub enum ReasonCode {
     BudgetExhausted,
     /// A budget's soft cap would be crossed: a human must approve.
     SoftCapReached,
+    /// The pricing snapshot is older than the contract accepts, and the contract stops then.
+    PricingStale,
 }
 
 impl ReasonCode {
@@ -117,6 +152,7 @@ impl ReasonCode {
             Self::PerCallCapExceeded => "PER_CALL_CAP_EXCEEDED",
             Self::BudgetExhausted => "BUDGET_EXHAUSTED",
             Self::SoftCapReached => "SOFT_CAP_REACHED",
+            Self::PricingStale => "PRICING_STALE",
         }
     }
 }
@@ -240,6 +276,52 @@ pub fn evaluate_call(contract: &Contract, pricing: &Pricing, call: &Call) -> Res
     })
 }
 
+/// How old a call's pricing is, against its contract's limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PricingAge {
+    /// Within the limit, or the contract sets none.
+    Fresh,
+    /// Past the limit, and the contract continues: the decision's evidence says so.
+    Stale,
+}
+
+/// Judges the snapshot's age at `now` against the contract's `pricing_max_age` (S22). A
+/// snapshot published after `now` (clock skew) is fresh; one without `published_at` under a
+/// contract that limits the age is stale (bundles are refused at load for that, see
+/// [`Bundle::from_json_verified`]; this is the fail-closed backstop).
+///
+/// # Errors
+/// A [`Stop`] with `PRICING_STALE` when the snapshot is too old and the contract stops then.
+pub fn pricing_age(
+    contract: &Contract,
+    pricing: &Pricing,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<PricingAge, Stop> {
+    let Some(limit) = contract.pricing_max_age else {
+        return Ok(PricingAge::Fresh);
+    };
+    let age_limit = chrono::Duration::hours(i64::from(limit.hours));
+    let stale = pricing
+        .published_at()
+        .is_none_or(|published| now.signed_duration_since(published) > age_limit);
+    match (stale, limit.on_stale) {
+        (false, _) => Ok(PricingAge::Fresh),
+        (true, StalePricingAction::Continue) => Ok(PricingAge::Stale),
+        (true, StalePricingAction::Stop) => Err(Stop {
+            reason: ReasonCode::PricingStale,
+            detail: format!(
+                "pricing {} was published at {} and contract {} accepts pricing at most {} hours old",
+                pricing.version(),
+                pricing
+                    .published_at()
+                    .map_or_else(|| "an unknown time".to_owned(), |t| t.to_rfc3339()),
+                contract.version,
+                limit.hours
+            ),
+        }),
+    }
+}
+
 /// One budget's state right after the reservation, as the ledger reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BudgetAfterReserve {
@@ -309,6 +391,7 @@ impl Bundle {
                 actual: sha256_hex,
             });
         }
+        check_pairing(&parsed.contract, &parsed.pricing)?;
         Ok(Self {
             contract: parsed.contract,
             pricing: Pricing::new(parsed.pricing)?,
@@ -324,6 +407,7 @@ impl Bundle {
         contract: &Contract,
         pricing: &PricingSnapshot,
     ) -> Result<(Vec<u8>, String), PricingError> {
+        check_pairing(contract, pricing)?;
         let bundle = BundleJson {
             contract: contract.clone(),
             pricing: pricing.clone(),
@@ -333,6 +417,26 @@ impl Bundle {
         let id = hex::encode(Sha256::digest(&bytes));
         Ok((bytes, id))
     }
+}
+
+/// Refuses a contract whose pricing age limit is out of range, or that limits the age of a
+/// snapshot that does not say when it was published (every call would be stale).
+fn check_pairing(contract: &Contract, pricing: &PricingSnapshot) -> Result<(), PricingError> {
+    let Some(limit) = contract.pricing_max_age else {
+        return Ok(());
+    };
+    if !(1..=PRICING_MAX_AGE_HOURS_MAX).contains(&limit.hours) {
+        return Err(PricingError::Malformed(format!(
+            "pricing_max_age.hours must be from 1 to {PRICING_MAX_AGE_HOURS_MAX}"
+        )));
+    }
+    if pricing.published_at.is_none() {
+        return Err(PricingError::PublishedAtMissing {
+            contract: contract.version.clone(),
+            pricing: pricing.version.clone(),
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -546,8 +650,137 @@ mod tests {
             ReasonCode::WithinBudget,
             ReasonCode::ModelPriceUnknown,
             ReasonCode::SoftCapReached,
+            ReasonCode::PricingStale,
         ] {
             assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
         }
+    }
+
+    fn published(at: &str) -> Pricing {
+        Pricing::from_json(
+            format!(
+                r#"{{"version":"p2","published_at":"{at}","entries":[{{"provider":"openai",
+                     "model":"gpt-5","price":{{"input":1,"cached_input":1,"cache_write":1,"output":1}}}}]}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap()
+    }
+
+    fn limited(hours: u32, on_stale: StalePricingAction) -> Contract {
+        Contract {
+            pricing_max_age: Some(PricingMaxAge { hours, on_stale }),
+            ..contract()
+        }
+    }
+
+    #[test]
+    fn pricing_older_than_the_contract_accepts_stops_or_is_marked() {
+        let dated = published("2026-11-01T00:00:00Z");
+        let at = |t: &str| {
+            chrono::DateTime::parse_from_rfc3339(t)
+                .unwrap()
+                .with_timezone(&chrono::Utc)
+        };
+        let stop = limited(24, StalePricingAction::Stop);
+        // Exactly 24 hours old is still fresh; a second later it is not.
+        assert_eq!(
+            pricing_age(&stop, &dated, at("2026-11-02T00:00:00Z")),
+            Ok(PricingAge::Fresh)
+        );
+        let refused = pricing_age(&stop, &dated, at("2026-11-02T00:00:01Z")).unwrap_err();
+        assert_eq!(refused.reason, ReasonCode::PricingStale);
+        assert!(refused.detail.contains("p2"), "{}", refused.detail);
+        let marked = limited(24, StalePricingAction::Continue);
+        assert_eq!(
+            pricing_age(&marked, &dated, at("2026-11-02T00:00:01Z")),
+            Ok(PricingAge::Stale)
+        );
+        // Published in the future (clock skew): fresh. No limit: any age is fresh.
+        assert_eq!(
+            pricing_age(&stop, &dated, at("2026-10-01T00:00:00Z")),
+            Ok(PricingAge::Fresh)
+        );
+        assert_eq!(
+            pricing_age(&contract(), &dated, at("2036-01-01T00:00:00Z")),
+            Ok(PricingAge::Fresh)
+        );
+        // No published_at under a limit: stale (the bundle check refuses it earlier).
+        let undated = pricing();
+        assert!(undated.published_at().is_none());
+        assert!(pricing_age(&stop, &undated, at("2026-11-01T00:00:00Z")).is_err());
+    }
+
+    #[test]
+    fn published_at_must_be_rfc3339_and_is_out_of_the_hash_when_absent() {
+        assert!(matches!(
+            Pricing::from_json(br#"{"version":"p","published_at":"yesterday","entries":[]}"#),
+            Err(PricingError::PublishedAtInvalid(_))
+        ));
+        let without = Pricing::from_json(br#"{"version":"p","entries":[]}"#).unwrap();
+        let with = Pricing::from_json(
+            br#"{"version":"p","published_at":"2026-11-01T00:00:00+01:00","entries":[]}"#,
+        )
+        .unwrap();
+        assert_ne!(without.sha256_hex(), with.sha256_hex());
+        assert_eq!(
+            with.published_at().unwrap().to_rfc3339(),
+            "2026-10-31T23:00:00+00:00"
+        );
+        // A snapshot without the field hashes its canonical JSON without it.
+        let canonical = serde_json_canonicalizer::to_vec(&PricingSnapshot {
+            version: "p".into(),
+            published_at: None,
+            entries: vec![],
+        })
+        .unwrap();
+        assert_eq!(canonical, br#"{"entries":[],"version":"p"}"#);
+    }
+
+    #[test]
+    fn a_bundle_limiting_the_age_of_undated_or_with_a_bad_limit_is_refused() {
+        let undated = PricingSnapshot {
+            version: "p".into(),
+            published_at: None,
+            entries: vec![],
+        };
+        assert!(matches!(
+            Bundle::canonical(&limited(24, StalePricingAction::Stop), &undated),
+            Err(PricingError::PublishedAtMissing { .. })
+        ));
+        let dated = PricingSnapshot {
+            published_at: Some("2026-11-01T00:00:00Z".into()),
+            ..undated
+        };
+        assert!(matches!(
+            Bundle::canonical(&limited(0, StalePricingAction::Stop), &dated),
+            Err(PricingError::Malformed(_))
+        ));
+        assert!(matches!(
+            Bundle::canonical(
+                &limited(PRICING_MAX_AGE_HOURS_MAX + 1, StalePricingAction::Stop),
+                &dated
+            ),
+            Err(PricingError::Malformed(_))
+        ));
+        let (bytes, id) =
+            Bundle::canonical(&limited(24, StalePricingAction::Continue), &dated).unwrap();
+        let bundle = Bundle::from_json_verified(&bytes, &id).unwrap();
+        assert_eq!(
+            bundle.contract.pricing_max_age,
+            Some(PricingMaxAge {
+                hours: 24,
+                on_stale: StalePricingAction::Continue
+            })
+        );
+        // The same refusal when a sidecar loads such a bundle written by hand.
+        let undated_bundle = String::from_utf8(bytes)
+            .unwrap()
+            .replace(r#""published_at":"2026-11-01T00:00:00Z","#, "");
+        let undated_id = hex::encode(Sha256::digest(undated_bundle.as_bytes()));
+        assert!(matches!(
+            Bundle::from_json_verified(undated_bundle.as_bytes(), &undated_id),
+            Err(PricingError::PublishedAtMissing { .. })
+        ));
     }
 }

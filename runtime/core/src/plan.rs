@@ -65,6 +65,11 @@ pub struct DecisionContext {
     pub model: String,
     /// Contract version that decided.
     pub contract_version: String,
+    /// Priced from a snapshot older than the contract accepts, which continues then (S22).
+    /// Serialized only when true, so the fingerprints and events of other decisions are as
+    /// they were before the field existed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pricing_stale: bool,
 }
 
 /// Reserve `amount` against every budget in `budget_ids`, all or nothing.

@@ -82,6 +82,11 @@ pub struct PriceEntry {
 pub struct PricingSnapshot {
     /// Human version name, e.g. `2026-11-01`.
     pub version: String,
+    /// When these prices were captured from the providers (RFC 3339). A contract can refuse, or
+    /// mark, decisions priced from a snapshot older than it accepts (S22). Left out of the
+    /// canonical JSON when absent, so snapshots without it keep their hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub published_at: Option<String>,
     /// Priced models.
     pub entries: Vec<PriceEntry>,
 }
@@ -122,6 +127,19 @@ pub enum PricingError {
         /// Model.
         model: String,
     },
+    /// `published_at` is not an RFC 3339 timestamp.
+    #[error("pricing snapshot published_at {0:?} is not an RFC 3339 timestamp")]
+    PublishedAtInvalid(String),
+    /// A contract limits the pricing's age but the snapshot does not say when it was published.
+    #[error(
+        "contract {contract} limits the age of its pricing, but pricing {pricing} has no published_at"
+    )]
+    PublishedAtMissing {
+        /// Contract version.
+        contract: String,
+        /// Pricing version.
+        pricing: String,
+    },
     /// A usage report was internally inconsistent (e.g. more cached than prompt tokens).
     #[error("usage report is inconsistent: {0}")]
     InconsistentUsage(&'static str),
@@ -136,6 +154,7 @@ pub struct Pricing {
     snapshot: PricingSnapshot,
     sha256_hex: String,
     index: BTreeMap<(Provider, String), usize>,
+    published_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl Pricing {
@@ -158,6 +177,15 @@ impl Pricing {
         if snapshot.version.is_empty() {
             return Err(PricingError::Malformed("version is empty".into()));
         }
+        let published_at = snapshot
+            .published_at
+            .as_deref()
+            .map(|t| {
+                chrono::DateTime::parse_from_rfc3339(t)
+                    .map(|t| t.with_timezone(&chrono::Utc))
+                    .map_err(|_| PricingError::PublishedAtInvalid(t.to_owned()))
+            })
+            .transpose()?;
         let mut index = BTreeMap::new();
         for (i, entry) in snapshot.entries.iter().enumerate() {
             let p = entry.price;
@@ -190,6 +218,7 @@ impl Pricing {
             snapshot,
             sha256_hex,
             index,
+            published_at,
         })
     }
 
@@ -214,6 +243,11 @@ impl Pricing {
     /// Version name.
     pub fn version(&self) -> &str {
         &self.snapshot.version
+    }
+
+    /// When the prices were captured, if the snapshot says.
+    pub fn published_at(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.published_at
     }
 
     /// Lowercase hex sha256 of the canonical JSON: the snapshot's identity.

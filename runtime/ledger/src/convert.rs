@@ -137,6 +137,7 @@ fn context(value: Option<&pb::DecisionContext>) -> Result<DecisionContext> {
         provider: value.provider,
         model: value.model,
         contract_version: value.contract_version,
+        pricing_stale: value.pricing_stale,
     })
 }
 
@@ -636,6 +637,7 @@ pub fn approval_to_proto(a: &ApprovalRow) -> pb::Approval {
             provider: d.provider.clone(),
             model: d.model.clone(),
             contract_version: d.contract_version.clone(),
+            pricing_stale: d.pricing_stale,
         }),
         created_at_unix_ms: a.created_at.timestamp_millis(),
         expires_at_unix_ms: a.expires_at.timestamp_millis(),

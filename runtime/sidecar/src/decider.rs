@@ -23,8 +23,8 @@ use crate::fail_open::{FailOpenQueue, SendFailure};
 use crate::lease::Lease;
 use serde::Serialize;
 use spendguard_core::contract::{
-    BudgetAfterReserve, Bundle, CHOICES_MAX, Call, FailPolicy, ReasonCode, evaluate_balances,
-    evaluate_call,
+    BudgetAfterReserve, Bundle, CHOICES_MAX, Call, FailPolicy, Planned, PricingAge, ReasonCode,
+    evaluate_balances, evaluate_call, pricing_age,
 };
 use spendguard_core::money::NanoUsd;
 use spendguard_core::pricing::{PricingError, Provider, TokenUsage};
@@ -133,6 +133,9 @@ pub struct Decision {
     pub bundle_sha256: String,
     /// CONTINUE without a reservation: ledger unreachable under an explicit fail-open policy.
     pub fail_open: bool,
+    /// Priced from a snapshot older than the contract accepts, which continues then (S22); the
+    /// ledger's records of the decision say so too.
+    pub pricing_stale: bool,
     /// Answers a retry.
     pub replayed: bool,
 }
@@ -354,6 +357,26 @@ impl Decider {
                 return Ok(self.decision(input, Verdict::Stop, stop.reason.as_str(), stop.detail));
             }
         };
+        let pricing_stale = match pricing_age(contract, &self.bundle.pricing, chrono::Utc::now()) {
+            Ok(age) => age == PricingAge::Stale,
+            Err(stop) => {
+                return Ok(self.decision(input, Verdict::Stop, stop.reason.as_str(), stop.detail));
+            }
+        };
+        let mut decision = self.decide_planned(input, planned, pricing_stale).await?;
+        decision.pricing_stale = pricing_stale;
+        Ok(decision)
+    }
+
+    /// Reserves a call the contract lets through (and whose pricing it accepts) and decides on
+    /// the ledger's answer. `pricing_stale` marks every record the ledger keeps of it.
+    async fn decide_planned(
+        &self,
+        input: &DecideInput,
+        planned: Planned,
+        pricing_stale: bool,
+    ) -> Result<Decision, SidecarError> {
+        let contract = &self.bundle.contract;
         let epoch = match self.lease.epoch_for_decision() {
             Ok(epoch) => epoch,
             Err(e) => return Err(SidecarError::LeaseUnavailable(e.to_string())),
@@ -374,6 +397,7 @@ impl Decider {
                     budget_ids,
                     run_budget: run_budget_limit,
                     worst_case_nano_usd: planned.reserve.get(),
+                    pricing_stale,
                 };
                 return self
                     .unavailable(input, planned.max_output_tokens, e, fail_open)
@@ -388,14 +412,7 @@ impl Decider {
             fencing: Some(self.fencing(epoch)),
             ttl_ms: u32::try_from(self.reservation_ttl.as_millis()).unwrap_or(u32::MAX),
             pricing: Some(pricing_ref(&self.bundle.pricing)),
-            context: Some(pb::DecisionContext {
-                run_id: input.run_id.clone().unwrap_or_default(),
-                workflow_id: input.workflow_id.clone().unwrap_or_default(),
-                call_id: input.call_id.clone(),
-                provider: input.provider.as_str().to_owned(),
-                model: input.model.clone(),
-                contract_version: contract.version.clone(),
-            }),
+            context: Some(self.ledger_context(input, pricing_stale)),
         };
         let response = match self.ledger.clone().reserve_set(request).await {
             Ok(response) => response.into_inner(),
@@ -406,6 +423,7 @@ impl Decider {
                     budget_ids,
                     run_budget: run_budget_limit,
                     worst_case_nano_usd: planned.reserve.get(),
+                    pricing_stale,
                 };
                 return self
                     .unavailable(input, planned.max_output_tokens, error, fail_open)
@@ -472,7 +490,7 @@ impl Decider {
                             budget_ids,
                             &crossed,
                             reserved.amount_nano_usd,
-                            reason,
+                            (reason, pricing_stale),
                         )
                         .await?;
                     // Approval comes before any spend: the reservation goes back at once.
@@ -553,7 +571,7 @@ impl Decider {
         budget_ids: Vec<String>,
         crossed: &str,
         amount_nano_usd: i64,
-        reason: ReasonCode,
+        (reason, pricing_stale): (ReasonCode, bool),
     ) -> Result<String, SidecarError> {
         let request = pb::CreateApprovalRequest {
             tenant_id: self.identity.tenant_id.clone(),
@@ -567,14 +585,7 @@ impl Decider {
             requested_by: self.identity.scope_id.clone(),
             pricing: Some(pricing_ref(&self.bundle.pricing)),
             bundle_sha256_hex: self.bundle.sha256_hex.clone(),
-            context: Some(pb::DecisionContext {
-                run_id: input.run_id.clone().unwrap_or_default(),
-                workflow_id: input.workflow_id.clone().unwrap_or_default(),
-                call_id: input.call_id.clone(),
-                provider: input.provider.as_str().to_owned(),
-                model: input.model.clone(),
-                contract_version: self.bundle.contract.version.clone(),
-            }),
+            context: Some(self.ledger_context(input, pricing_stale)),
         };
         let created = self
             .ledger
@@ -646,14 +657,21 @@ impl Decider {
             pricing: Some(pricing_ref(&self.bundle.pricing)),
             contract_sha256_hex: self.bundle.sha256_hex.clone(),
             decided_at_unix_ms,
-            context: Some(pb::DecisionContext {
-                run_id: input.run_id.clone().unwrap_or_default(),
-                workflow_id: input.workflow_id.clone().unwrap_or_default(),
-                call_id: input.call_id.clone(),
-                provider: input.provider.as_str().to_owned(),
-                model: input.model.clone(),
-                contract_version: self.bundle.contract.version.clone(),
-            }),
+            context: Some(self.ledger_context(input, context.pricing_stale)),
+        }
+    }
+
+    /// What the ledger records of the call's decision (with its reservation, approval or
+    /// fail-open record).
+    fn ledger_context(&self, input: &DecideInput, pricing_stale: bool) -> pb::DecisionContext {
+        pb::DecisionContext {
+            run_id: input.run_id.clone().unwrap_or_default(),
+            workflow_id: input.workflow_id.clone().unwrap_or_default(),
+            call_id: input.call_id.clone(),
+            provider: input.provider.as_str().to_owned(),
+            model: input.model.clone(),
+            contract_version: self.bundle.contract.version.clone(),
+            pricing_stale,
         }
     }
 
@@ -745,6 +763,7 @@ impl Decider {
             pricing_sha256: self.bundle.pricing.sha256_hex().to_owned(),
             bundle_sha256: self.bundle.sha256_hex.clone(),
             fail_open: false,
+            pricing_stale: false,
             replayed: false,
         }
     }
@@ -1002,6 +1021,7 @@ struct FailOpenContext {
     budget_ids: Vec<String>,
     run_budget: Option<(String, i64)>,
     worst_case_nano_usd: i64,
+    pricing_stale: bool,
 }
 
 impl From<Settlement> for Committed {

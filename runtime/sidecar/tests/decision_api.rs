@@ -452,3 +452,101 @@ async fn a_call_with_an_approval_is_answered_require_approval_though_its_reserva
         "the reservation went back"
     );
 }
+
+#[tokio::test]
+async fn pricing_older_than_the_contract_accepts_stops_the_call_or_marks_its_evidence() {
+    // S22: pricing stale beyond the contract's threshold follows the contract's policy. Stop (the
+    // default) refuses with PRICING_STALE and reserves nothing; continue decides as usual and
+    // marks the decision and the ledger's evidence `pricing_stale`; fresh pricing is unmarked.
+    let stale_at = "2020-01-01T00:00:00Z".to_owned();
+    let mut stopping = Stack::start(Options {
+        contract: json!({"pricing_max_age": {"hours": 24}}),
+        pricing_published_at: Some(stale_at.clone()),
+        ..Options::default()
+    })
+    .await;
+    let stopped = post_json(
+        &stopping.url("/v1/spendguard/decide"),
+        &[],
+        &decide_body("c-stale", 10),
+    )
+    .await;
+    assert_eq!(stopped.status, 200, "{}", stopped.json());
+    assert_eq!(stopped.json()["decision"], "STOP");
+    assert_eq!(stopped.json()["reason"], "PRICING_STALE");
+    assert!(stopped.json()["reservation_id"].is_null());
+    let proxied = post_json(
+        &stopping.url("/v1/chat/completions"),
+        &[OPENAI_KEY],
+        &chat_body("gpt-4o-mini", false),
+    )
+    .await;
+    assert_eq!(proxied.status, 402);
+    assert_eq!(proxied.json()["error"]["code"], "PRICING_STALE");
+    assert!(stopping.upstream_requests().is_empty());
+    assert_eq!(stopping.balance().await.reserved_nano_usd, 0);
+    assert_eq!(reservation_events(&stopping).await.len(), 0);
+
+    let continuing = Stack::start(Options {
+        contract: json!({"pricing_max_age": {"hours": 24, "on_stale": "continue"}}),
+        pricing_published_at: Some(stale_at),
+        ..Options::default()
+    })
+    .await;
+    let marked = post_json(
+        &continuing.url("/v1/spendguard/decide"),
+        &[],
+        &decide_body("c-marked", 10),
+    )
+    .await;
+    assert_eq!(marked.json()["decision"], "CONTINUE", "{}", marked.json());
+    assert_eq!(marked.json()["pricing_stale"], true);
+    let events = reservation_events(&continuing).await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        events[0]["data"]["context"]["pricing_stale"], true,
+        "{}",
+        events[0]
+    );
+
+    let fresh = Stack::start(Options {
+        contract: json!({"pricing_max_age": {"hours": 24}}),
+        pricing_published_at: Some(chrono::Utc::now().to_rfc3339()),
+        ..Options::default()
+    })
+    .await;
+    let unmarked = post_json(
+        &fresh.url("/v1/spendguard/decide"),
+        &[],
+        &decide_body("c-fresh", 10),
+    )
+    .await;
+    assert_eq!(
+        unmarked.json()["decision"],
+        "CONTINUE",
+        "{}",
+        unmarked.json()
+    );
+    assert_eq!(unmarked.json()["pricing_stale"], false);
+    let events = reservation_events(&fresh).await;
+    assert_eq!(events.len(), 1);
+    assert!(
+        events[0]["data"]["context"].get("pricing_stale").is_none(),
+        "{}",
+        events[0]
+    );
+}
+
+/// The `reservation.reserved` events in the ledger's outbox, parsed.
+async fn reservation_events(stack: &Stack) -> Vec<serde_json::Value> {
+    let rows: Vec<Vec<u8>> = sqlx::query_scalar(
+        "SELECT canonical_event FROM audit_outbox WHERE event_type = 'reservation.reserved'
+          ORDER BY producer_sequence",
+    )
+    .fetch_all(stack.ledger.store().pool())
+    .await
+    .unwrap();
+    rows.iter()
+        .map(|bytes| serde_json::from_slice(bytes).unwrap())
+        .collect()
+}

@@ -40,6 +40,7 @@ def assert_continue(decision: spendguard.Decision, call_id: str) -> None:
     assert SHA256.match(decision.bundle_sha256), decision.bundle_sha256
     assert decision.contract_version and decision.pricing_version
     assert decision.fail_open is False
+    assert decision.pricing_stale is False
 
 
 def test_decide_commit_and_replayed_commit(sg: spendguard.SpendGuard, call_id: str) -> None:

@@ -70,6 +70,7 @@ impl pb::sidecar_server::Sidecar for SidecarService {
             pricing_sha256: d.pricing_sha256,
             bundle_sha256: d.bundle_sha256,
             fail_open: d.fail_open,
+            pricing_stale: d.pricing_stale,
             replayed: d.replayed,
         }))
     }

@@ -36,6 +36,14 @@ pub fn pricing() -> PricingSnapshot {
     .unwrap()
 }
 
+/// [`pricing`], published at `published_at` (RFC 3339) when given.
+pub fn pricing_published(published_at: Option<&str>) -> PricingSnapshot {
+    PricingSnapshot {
+        published_at: published_at.map(str::to_owned),
+        ..pricing()
+    }
+}
+
 pub fn contract(extra: Value) -> Contract {
     let mut base = json!({"version": "test-contract", "deny_models": ["gpt-4-denied"], "max_output_tokens": 4096});
     if let (Some(base), Value::Object(extra)) = (base.as_object_mut(), extra) {
@@ -50,6 +58,8 @@ pub struct Options {
     pub contract: Value,
     pub mock: MockConfig,
     pub flags: Vec<String>,
+    /// The pricing snapshot's `published_at` (RFC 3339); none by default.
+    pub pricing_published_at: Option<String>,
 }
 
 impl Default for Options {
@@ -60,6 +70,7 @@ impl Default for Options {
             contract: json!({}),
             mock: MockConfig::default(),
             flags: Vec::new(),
+            pricing_published_at: None,
         }
     }
 }
@@ -100,7 +111,8 @@ impl Stack {
             .await
             .unwrap();
         // What the operator does for each ContractBundle: register its pricing for the tenant.
-        let snapshot = spendguard_core::pricing::Pricing::new(pricing()).unwrap();
+        let pricing = pricing_published(options.pricing_published_at.as_deref());
+        let snapshot = spendguard_core::pricing::Pricing::new(pricing.clone()).unwrap();
         spendguard_testkit::ledger::register_pricing(
             &mut ledger.client,
             TENANT,
@@ -114,7 +126,7 @@ impl Stack {
         mock.spawn(mock_listener);
 
         let dir = tempfile::tempdir().unwrap();
-        let (bytes, sha) = Bundle::canonical(&contract(options.contract), &pricing()).unwrap();
+        let (bytes, sha) = Bundle::canonical(&contract(options.contract), &pricing).unwrap();
         spendguard_sidecar::bundle::write(dir.path(), &bytes, &sha, TENANT, &[BUDGET]).unwrap();
         let mut argv: Vec<String> = vec![
             "sidecar".into(),

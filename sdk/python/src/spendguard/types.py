@@ -82,6 +82,9 @@ class Decision:
     bundle_sha256: str
     fail_open: bool
     replayed: bool
+    # Priced from a snapshot older than the contract accepts, which lets such calls continue
+    # (a contract that stops them answers STOP with reason PRICING_STALE instead).
+    pricing_stale: bool = False
 
     @property
     def allowed(self) -> bool:
@@ -108,6 +111,7 @@ class Decision:
             bundle_sha256=str(data.get("bundle_sha256", "")),
             fail_open=bool(data.get("fail_open", False)),
             replayed=bool(data.get("replayed", False)),
+            pricing_stale=bool(data.get("pricing_stale", False)),
         )
 
 
