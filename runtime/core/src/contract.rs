@@ -62,6 +62,10 @@ pub struct PricingMaxAge {
     pub on_stale: StalePricingAction,
 }
 
+/// How far ahead of the sidecar's clock a snapshot's `published_at` may be and still count as
+/// fresh (clock skew between whoever dated the prices and the sidecar).
+pub const PUBLISHED_AHEAD_TOLERATED: chrono::Duration = chrono::Duration::hours(1);
+
 /// Ten years: any longer limit is no limit.
 pub const PRICING_MAX_AGE_HOURS_MAX: u32 = 87_600;
 
@@ -286,9 +290,11 @@ pub enum PricingAge {
 }
 
 /// Judges the snapshot's age at `now` against the contract's `pricing_max_age` (S22). A
-/// snapshot published after `now` (clock skew) is fresh; one without `published_at` under a
-/// contract that limits the age is stale (bundles are refused at load for that, see
-/// [`Bundle::from_json_verified`]; this is the fail-closed backstop).
+/// snapshot published up to [`PUBLISHED_AHEAD_TOLERATED`] after `now` (clock skew) is fresh;
+/// one dated further ahead is stale, or a typo in its date would switch the limit off for
+/// years. One without `published_at` under a contract that limits the age is stale (bundles
+/// are refused at load for that, see [`Bundle::from_json_verified`]; this is the fail-closed
+/// backstop).
 ///
 /// # Errors
 /// A [`Stop`] with `PRICING_STALE` when the snapshot is too old and the contract stops then.
@@ -301,9 +307,11 @@ pub fn pricing_age(
         return Ok(PricingAge::Fresh);
     };
     let age_limit = chrono::Duration::hours(i64::from(limit.hours));
-    let stale = pricing
-        .published_at()
-        .is_none_or(|published| now.signed_duration_since(published) > age_limit);
+    let stale = pricing.published_at().is_none_or(|published| {
+        let age = now.signed_duration_since(published);
+        let ahead = published.signed_duration_since(now);
+        age > age_limit || ahead > PUBLISHED_AHEAD_TOLERATED
+    });
     match (stale, limit.on_stale) {
         (false, _) => Ok(PricingAge::Fresh),
         (true, StalePricingAction::Continue) => Ok(PricingAge::Stale),
@@ -696,10 +704,16 @@ mod tests {
             pricing_age(&marked, &dated, at("2026-11-02T00:00:01Z")),
             Ok(PricingAge::Stale)
         );
-        // Published in the future (clock skew): fresh. No limit: any age is fresh.
+        // Published up to an hour ahead of the clock (skew): fresh; further ahead (a typo in
+        // the date would otherwise switch the limit off): stale. No limit: any age is fresh.
         assert_eq!(
-            pricing_age(&stop, &dated, at("2026-10-01T00:00:00Z")),
+            pricing_age(&stop, &dated, at("2026-10-31T23:00:00Z")),
             Ok(PricingAge::Fresh)
+        );
+        assert!(pricing_age(&stop, &dated, at("2026-10-31T22:59:59Z")).is_err());
+        assert_eq!(
+            pricing_age(&marked, &dated, at("2026-10-01T00:00:00Z")),
+            Ok(PricingAge::Stale)
         );
         assert_eq!(
             pricing_age(&contract(), &dated, at("2036-01-01T00:00:00Z")),

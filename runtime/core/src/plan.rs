@@ -94,7 +94,10 @@ pub struct ReserveSet {
     pub ttl_ms: u32,
     /// Pricing snapshot.
     pub pricing: PricingRef,
-    /// Decision context.
+    /// Decision context. Its `pricing_stale` marker is recorded but is not part of the
+    /// fingerprint: it depends on when the sidecar decided, so a retry across the contract's
+    /// pricing age limit is the same request.
+    #[serde(serialize_with = "context_of")]
     pub context: DecisionContext,
 }
 
@@ -107,6 +110,33 @@ fn keyed_id(namespace: &Uuid, tenant_id: &str, key: &str) -> Uuid {
 /// A fencing token as it enters a fingerprint: its scope only.
 fn scope_of<S: serde::Serializer>(fencing: &Fencing, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(&fencing.scope_id)
+}
+
+/// A decision context as it enters a fingerprint: without the `pricing_stale` marker.
+fn context_of<S: serde::Serializer>(
+    context: &DecisionContext,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    DecisionContext {
+        pricing_stale: false,
+        ..context.clone()
+    }
+    .serialize(serializer)
+}
+
+/// An approval's context as it enters a fingerprint: without the `pricing_stale` marker.
+fn approval_context_of<S: serde::Serializer>(
+    context: &ApprovalContext,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    ApprovalContext {
+        decision: DecisionContext {
+            pricing_stale: false,
+            ..context.decision.clone()
+        },
+        ..context.clone()
+    }
+    .serialize(serializer)
 }
 
 /// sha256 over the canonical (RFC 8785) JSON of a request: an idempotency fingerprint.
@@ -129,10 +159,41 @@ impl ReserveSet {
         )
     }
 
-    /// sha256 over the canonical JSON of every request field but the fencing epoch: the
-    /// idempotency fingerprint.
+    /// sha256 over the canonical JSON of every request field but the fencing epoch and the
+    /// `pricing_stale` marker: the idempotency fingerprint.
     pub fn fingerprint(&self) -> String {
         canonical_sha256(self)
+    }
+
+    /// The fingerprint as ledgers before 2026-11-26 computed it, with the whole fencing token
+    /// and `epoch` in it: reservations written then hold it, with the epoch they were made
+    /// under. A retry that matches it with that row's epoch is the same request.
+    pub fn fingerprint_before_2026_11_26(&self, epoch: u64) -> String {
+        #[derive(Serialize)]
+        struct WithEpoch<'a> {
+            tenant_id: &'a str,
+            idempotency_key: &'a str,
+            budget_ids: &'a [String],
+            amount: NanoUsd,
+            fencing: Fencing,
+            ttl_ms: u32,
+            pricing: &'a PricingRef,
+            #[serde(serialize_with = "context_of")]
+            context: DecisionContext,
+        }
+        canonical_sha256(&WithEpoch {
+            tenant_id: &self.tenant_id,
+            idempotency_key: &self.idempotency_key,
+            budget_ids: &self.budget_ids,
+            amount: self.amount,
+            fencing: Fencing {
+                scope_id: self.fencing.scope_id.clone(),
+                epoch,
+            },
+            ttl_ms: self.ttl_ms,
+            pricing: &self.pricing,
+            context: self.context.clone(),
+        })
     }
 }
 
@@ -234,7 +295,8 @@ pub struct CreateApproval {
     pub fencing: Fencing,
     /// Time a human has to decide.
     pub ttl_ms: u32,
-    /// Immutable decision context.
+    /// Immutable decision context (its `pricing_stale` marker is not part of the fingerprint).
+    #[serde(serialize_with = "approval_context_of")]
     pub context: ApprovalContext,
 }
 
@@ -1279,7 +1341,9 @@ impl Planner {
                 // A UUIDv5 collision: astronomically unlikely, refused rather than merged.
                 return Err(LedgerError::IdempotencyConflict(r.idempotency_key.clone()));
             }
-            if existing.fingerprint != fingerprint {
+            if existing.fingerprint != fingerprint
+                && existing.fingerprint != r.fingerprint_before_2026_11_26(existing.fencing_epoch)
+            {
                 return Err(LedgerError::IdempotencyConflict(r.idempotency_key.clone()));
             }
             return Ok(Outcome::Reserved {
@@ -2202,5 +2266,108 @@ impl Planner {
             created,
             balance: self.balance(&window_key),
         })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod fingerprint_tests {
+    use super::*;
+
+    fn request() -> ReserveSet {
+        ReserveSet {
+            tenant_id: "t".into(),
+            idempotency_key: "k".into(),
+            budget_ids: vec!["b".into()],
+            amount: NanoUsd::new(5).unwrap(),
+            fencing: Fencing {
+                scope_id: "s".into(),
+                epoch: 3,
+            },
+            ttl_ms: 1_000,
+            pricing: PricingRef {
+                version: "p".into(),
+                sha256_hex: "ab".repeat(32),
+            },
+            context: DecisionContext {
+                call_id: "k".into(),
+                ..DecisionContext::default()
+            },
+        }
+    }
+
+    #[test]
+    fn a_reservations_fingerprint_holds_its_scope_but_not_its_epoch_or_stale_marker() {
+        let a = request();
+        let later_epoch = ReserveSet {
+            fencing: Fencing {
+                epoch: 4,
+                ..a.fencing.clone()
+            },
+            ..a.clone()
+        };
+        let marked = ReserveSet {
+            context: DecisionContext {
+                pricing_stale: true,
+                ..a.context.clone()
+            },
+            ..a.clone()
+        };
+        assert_eq!(a.fingerprint(), later_epoch.fingerprint());
+        assert_eq!(a.fingerprint(), marked.fingerprint());
+        let other_scope = ReserveSet {
+            fencing: Fencing {
+                scope_id: "s2".into(),
+                ..a.fencing.clone()
+            },
+            ..a.clone()
+        };
+        let other_amount = ReserveSet {
+            amount: NanoUsd::new(6).unwrap(),
+            ..a.clone()
+        };
+        assert_ne!(a.fingerprint(), other_scope.fingerprint());
+        assert_ne!(a.fingerprint(), other_amount.fingerprint());
+    }
+
+    #[test]
+    fn the_fingerprint_before_2026_11_26_is_the_whole_request_with_the_rows_epoch() {
+        // What the derived Serialize of ReserveSet produced until then: every field, the fencing
+        // token whole.
+        let old = canonical_sha256(&serde_json::json!({
+            "tenant_id": "t", "idempotency_key": "k", "budget_ids": ["b"], "amount": 5,
+            "fencing": {"scope_id": "s", "epoch": 3}, "ttl_ms": 1000,
+            "pricing": {"version": "p", "sha256_hex": "ab".repeat(32)},
+            "context": {"run_id": "", "workflow_id": "", "call_id": "k", "provider": "",
+                        "model": "", "contract_version": ""}
+        }));
+        let a = request();
+        assert_eq!(a.fingerprint_before_2026_11_26(3), old);
+        assert_ne!(a.fingerprint_before_2026_11_26(4), old);
+        assert_ne!(a.fingerprint(), old);
+    }
+
+    #[test]
+    fn an_approvals_fingerprint_leaves_out_the_stale_marker() {
+        let approval = |pricing_stale| CreateApproval {
+            tenant_id: "t".into(),
+            idempotency_key: "k".into(),
+            budget_ids: vec!["b".into()],
+            budget_id: "b".into(),
+            amount: NanoUsd::new(5).unwrap(),
+            fencing: Fencing {
+                scope_id: "s".into(),
+                epoch: 1,
+            },
+            ttl_ms: 60_000,
+            context: ApprovalContext {
+                decision: DecisionContext {
+                    pricing_stale,
+                    ..DecisionContext::default()
+                },
+                ..ApprovalContext::default()
+            },
+        };
+        assert_eq!(approval(false).fingerprint(), approval(true).fingerprint());
     }
 }

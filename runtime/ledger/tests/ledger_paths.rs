@@ -1473,3 +1473,82 @@ async fn a_reserve_retried_after_a_restart_replays_and_a_stale_or_foreign_retry_
     assert_eq!(committed.committed_nano_usd, 100);
     invariants::check(ledger.store().pool()).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_reservation_written_before_the_fingerprint_change_still_replays() {
+    // Goal: rows written by ledgers before 2026-11-26 hold a fingerprint of the whole request,
+    // fencing epoch included; a retry of such a reservation, under its epoch or the scope's
+    // next one, replays (as for new rows), and another scope's use of the key still conflicts.
+    // Method: reserve, rewrite the row's fingerprint to the old form (with the identity trigger
+    // off for that one statement, as an old ledger would have written it), then retry through a
+    // second ledger on the database, whose cache never saw the row.
+    let (ledger, fencing) = setup().await;
+    let mut client = ledger.client.clone();
+    let request = reserve_request(T, "old-row", &["run"], 250, &fencing);
+    let first = reserved(
+        client
+            .reserve_set(request.clone())
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let old = spendguard_ledger::convert::reserve_set(&request)
+        .unwrap()
+        .fingerprint_before_2026_11_26(fencing.epoch);
+    let mut tx = ledger.store().pool().begin().await.unwrap();
+    sqlx::query("ALTER TABLE reservations DISABLE TRIGGER reservations_resolve_once")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let rewritten =
+        sqlx::query("UPDATE reservations SET request_sha256 = $1 WHERE reservation_id = $2::uuid")
+            .bind(&old)
+            .bind(&first.reservation_id)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    assert_eq!(rewritten.rows_affected(), 1);
+    sqlx::query("ALTER TABLE reservations ENABLE TRIGGER reservations_resolve_once")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let mut other = TestLedger::start_on(&ledger.database_url, "ledger-1")
+        .await
+        .unwrap();
+    let events = outbox_count(&other).await;
+    let same_epoch = other.client.reserve_set(request.clone()).await.unwrap();
+    assert!(same_epoch.get_ref().replayed);
+    assert_eq!(
+        reserved(same_epoch.into_inner()).reservation_id,
+        first.reservation_id
+    );
+    let restarted = other
+        .client
+        .acquire_fencing_lease(pb::AcquireFencingLeaseRequest {
+            scope_id: fencing.scope_id.clone(),
+            tenant_id: T.into(),
+            workload_instance_id: "tenant-a-w".into(),
+            ttl_ms: 600_000,
+            expected_epoch: 0,
+            force: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next_epoch = request.clone();
+    next_epoch.fencing = Some(pb::FencingToken {
+        scope_id: fencing.scope_id.clone(),
+        epoch: restarted.epoch,
+    });
+    let events = events + 1; // the lease's own event
+    let replay = other.client.reserve_set(next_epoch.clone()).await.unwrap();
+    assert!(replay.get_ref().replayed);
+    assert_eq!(outbox_count(&other).await, events, "replays write nothing");
+    let mut changed = next_epoch;
+    changed.amount_nano_usd = 251;
+    let conflict = other.client.reserve_set(changed).await.unwrap_err();
+    assert_eq!(code(&conflict), pb::ErrorCode::IdempotencyConflict);
+    invariants::check(other.store().pool()).await.unwrap();
+}
