@@ -317,6 +317,12 @@ async fn refresh_gauge(store: Store, metrics: Metrics) {
             }
             Err(e) => warn!(error = %e, "counting open reservations failed"),
         }
+        match store.evidence_unforwarded().await {
+            Ok(waiting) => {
+                metrics.evidence_unforwarded.set(waiting);
+            }
+            Err(e) => warn!(error = %e, "counting unforwarded audit events failed"),
+        }
         tokio::time::sleep(GAUGE_REFRESH_INTERVAL).await;
     }
 }

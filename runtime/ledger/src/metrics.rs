@@ -62,6 +62,8 @@ pub struct Metrics {
     batch_phase: Family<PhaseLabels, Histogram>,
     /// Open reservations, refreshed periodically.
     pub open_reservations: Gauge,
+    /// Audit events not yet forwarded into the canonical chain.
+    pub evidence_unforwarded: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -84,6 +86,7 @@ impl Metrics {
             batch_duration: latency_histogram(),
             batch_phase: Family::new_with_constructor(latency_histogram),
             open_reservations: Gauge::default(),
+            evidence_unforwarded: Gauge::default(),
         };
         let registry = registry.sub_registry_with_prefix("spendguard_ledger");
         registry.register(
@@ -120,6 +123,11 @@ impl Metrics {
             "open_reservations",
             "Reservations not yet committed, released or expired",
             metrics.open_reservations.clone(),
+        );
+        registry.register(
+            "evidence_unforwarded",
+            "Audit events in the outbox not yet forwarded into the canonical chain (a lag, not a loss)",
+            metrics.evidence_unforwarded.clone(),
         );
         metrics
     }

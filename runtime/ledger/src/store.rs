@@ -650,6 +650,20 @@ impl Store {
         row.as_ref().map(retention_from_row).transpose()
     }
 
+    /// Audit events in the outbox that the forwarder has not yet moved into the canonical chain
+    /// (for the gauge): a forwarder that is down or behind shows here, not as lost evidence.
+    ///
+    /// # Errors
+    /// [`Error::Database`].
+    pub async fn evidence_unforwarded(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT coalesce(sum(p.next_sequence - coalesce(c.next_sequence, 1)), 0)::bigint
+               FROM audit_producers p LEFT JOIN forwarder_cursors c USING (producer_instance_id)",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     /// Number of open reservations (for the gauge).
     ///
     /// # Errors

@@ -409,3 +409,34 @@ async fn signed_checkpoints_are_written_per_tenant_and_verify() {
         .await;
     assert!(edit.is_err());
 }
+
+#[tokio::test]
+async fn the_ledger_counts_the_events_the_forwarder_has_not_moved_yet() {
+    // Goal: a forwarder that is down or behind shows as a backlog the ledger reports
+    // (`spendguard_ledger_evidence_unforwarded`), which empties as the forwarder catches up.
+    let mut ledger = TestLedger::start().await.unwrap();
+    tenant_activity(&mut ledger, "acme", 3, "k").await;
+    let pool = ledger.store().pool().clone();
+    let outbox = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM audit_outbox")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    let before = outbox().await;
+    assert!(before > 0);
+    assert_eq!(ledger.store().evidence_unforwarded().await.unwrap(), before);
+    forwarder(&pool).pass().await.unwrap();
+    assert_eq!(ledger.store().evidence_unforwarded().await.unwrap(), 0);
+    tenant_activity(&mut ledger, "globex", 1, "k").await;
+    assert_eq!(
+        ledger.store().evidence_unforwarded().await.unwrap(),
+        outbox().await - before
+    );
+    assert!(
+        ledger
+            .metrics_text()
+            .contains("spendguard_ledger_evidence_unforwarded"),
+        "the gauge is registered"
+    );
+}
