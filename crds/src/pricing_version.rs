@@ -82,8 +82,13 @@ pub struct PriceEntry {
 pub struct PricingVersionSpec {
     /// When these prices were captured from the providers (RFC 3339, e.g.
     /// `2026-11-01T00:00:00Z`). A ContractBundle's `pricingMaxAgeHours` is measured from it.
+    /// The pattern keeps to the RFC 3339 subset that the apiserver's `date-time` check and the
+    /// sidecar's parser read alike (upper-case `T` and `Z`, no leap second).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("format" = "date-time"))]
+    #[schemars(
+        extend("format" = "date-time"),
+        regex(pattern = r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$")
+    )]
     pub published_at: Option<String>,
     /// Priced models.
     #[schemars(length(min = 1, max = 2000))]

@@ -78,6 +78,24 @@ fn crds_install_accept_examples_and_enforce_rules() {
         std::fs::read_to_string(format!("{ROOT}/config/examples/pricing-version.yaml")).unwrap();
     let (ok, text) = apply(&plane, &pricing.replace("output: 10000000000", "output: 1"));
     assert!(!ok && text.contains("immutable"), "{text}");
+    // publishedAt: only the RFC 3339 the sidecar's parser reads alike (a lower-case `t`, a leap
+    // second, a date without a time or a time without a zone are refused by the apiserver,
+    // whose `date-time` format alone accepts the lower-case `t`).
+    for published_at in [
+        "2026-11-01t00:00:00Z",
+        "2026-12-31T23:59:60Z",
+        "2026-11-01",
+        "2026-11-01T00:00:00",
+    ] {
+        let other = pricing
+            .replace("name: pricing-2026-11-01", "name: pricing-misdated")
+            .replace("2026-11-01T00:00:00Z", published_at);
+        let (ok, text) = apply(&plane, &other);
+        assert!(
+            !ok && text.contains("spec.publishedAt"),
+            "{published_at}: {text}"
+        );
+    }
 
     // A decided approval cannot change its decision.
     let status = |phase: &str| {

@@ -307,25 +307,31 @@ pub fn pricing_age(
         return Ok(PricingAge::Fresh);
     };
     let age_limit = chrono::Duration::hours(i64::from(limit.hours));
-    let stale = pricing.published_at().is_none_or(|published| {
-        let age = now.signed_duration_since(published);
-        let ahead = published.signed_duration_since(now);
-        age > age_limit || ahead > PUBLISHED_AHEAD_TOLERATED
-    });
-    match (stale, limit.on_stale) {
-        (false, _) => Ok(PricingAge::Fresh),
-        (true, StalePricingAction::Continue) => Ok(PricingAge::Stale),
-        (true, StalePricingAction::Stop) => Err(Stop {
-            reason: ReasonCode::PricingStale,
-            detail: format!(
-                "pricing {} was published at {} and contract {} accepts pricing at most {} hours old",
+    // Why the pricing is stale, if it is.
+    let why = match pricing.published_at() {
+        None => Some(format!("pricing {} has no published_at", pricing.version())),
+        Some(published) if published.signed_duration_since(now) > PUBLISHED_AHEAD_TOLERATED => {
+            Some(format!(
+                "pricing {} is dated {}, more than an hour ahead of this sidecar's clock",
                 pricing.version(),
-                pricing
-                    .published_at()
-                    .map_or_else(|| "an unknown time".to_owned(), |t| t.to_rfc3339()),
-                contract.version,
-                limit.hours
-            ),
+                published.to_rfc3339()
+            ))
+        }
+        Some(published) if now.signed_duration_since(published) > age_limit => Some(format!(
+            "pricing {} was published at {} and contract {} accepts pricing at most {} hours old",
+            pricing.version(),
+            published.to_rfc3339(),
+            contract.version,
+            limit.hours
+        )),
+        Some(_) => None,
+    };
+    match (why, limit.on_stale) {
+        (None, _) => Ok(PricingAge::Fresh),
+        (Some(_), StalePricingAction::Continue) => Ok(PricingAge::Stale),
+        (Some(detail), StalePricingAction::Stop) => Err(Stop {
+            reason: ReasonCode::PricingStale,
+            detail,
         }),
     }
 }
@@ -710,7 +716,12 @@ mod tests {
             pricing_age(&stop, &dated, at("2026-10-31T23:00:00Z")),
             Ok(PricingAge::Fresh)
         );
-        assert!(pricing_age(&stop, &dated, at("2026-10-31T22:59:59Z")).is_err());
+        let ahead = pricing_age(&stop, &dated, at("2026-10-31T22:59:59Z")).unwrap_err();
+        assert!(
+            ahead.detail.contains("ahead of this sidecar's clock"),
+            "{}",
+            ahead.detail
+        );
         assert_eq!(
             pricing_age(&marked, &dated, at("2026-10-01T00:00:00Z")),
             Ok(PricingAge::Stale)
