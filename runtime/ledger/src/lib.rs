@@ -266,7 +266,7 @@ pub async fn start(
             lock,
             claim_tx,
         )),
-        tokio::spawn(refresh_gauge(store.clone(), metrics)),
+        tokio::spawn(refresh_gauges(store.clone(), metrics)),
     ];
     Ok(RunningLedger {
         addr,
@@ -309,7 +309,8 @@ async fn watch_producer_claim(
     }
 }
 
-async fn refresh_gauge(store: Store, metrics: Metrics) {
+/// Keeps the gauges that need a database count (open reservations, unforwarded evidence) fresh.
+async fn refresh_gauges(store: Store, metrics: Metrics) {
     loop {
         match store.open_reservations().await {
             Ok(open) => {
