@@ -265,6 +265,7 @@ pub async fn start(
     let lease_task = tokio::spawn(keeper.run(wait_true(stopped.clone())));
 
     fail_open.register(registry);
+    Metrics::register_pricing(registry, &loaded.bundle);
     let decider = Arc::new(Decider::new(
         ledger,
         lease.clone(),

@@ -5,6 +5,7 @@ use crate::decider::Verdict;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -56,6 +57,33 @@ impl Metrics {
             metrics.settlements.clone(),
         );
         metrics
+    }
+
+    /// Registers the loaded bundle's pricing age gauges (S22), so an alert can fire before
+    /// calls start to stop: `time() - spendguard_sidecar_pricing_published_timestamp_seconds`
+    /// against `spendguard_sidecar_pricing_max_age_seconds`. Both stay 0 when the snapshot is
+    /// undated or the contract sets no limit.
+    pub fn register_pricing(registry: &mut Registry, bundle: &spendguard_core::contract::Bundle) {
+        let registry = registry.sub_registry_with_prefix("spendguard_sidecar");
+        let published: Gauge = Gauge::default();
+        published.set(bundle.pricing.published_at().map_or(0, |t| t.timestamp()));
+        registry.register(
+            "pricing_published_timestamp_seconds",
+            "When the loaded pricing snapshot's prices were captured (Unix time; 0: undated)",
+            published,
+        );
+        let max_age: Gauge = Gauge::default();
+        max_age.set(
+            bundle
+                .contract
+                .pricing_max_age
+                .map_or(0, |limit| i64::from(limit.hours).saturating_mul(3_600)),
+        );
+        registry.register(
+            "pricing_max_age_seconds",
+            "Oldest pricing the loaded contract accepts, in seconds (0: no limit)",
+            max_age,
+        );
     }
 
     /// Counts a decision.

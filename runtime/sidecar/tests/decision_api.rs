@@ -508,6 +508,16 @@ async fn pricing_older_than_the_contract_accepts_stops_the_call_or_marks_its_evi
         "{}",
         events[0]
     );
+    // What an alert compares before calls start to stop: 2020-01-01T00:00:00Z and 24 hours.
+    let metrics = continuing.metrics_text();
+    assert!(
+        metrics.contains("spendguard_sidecar_pricing_published_timestamp_seconds 1577836800"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("spendguard_sidecar_pricing_max_age_seconds 86400"),
+        "{metrics}"
+    );
 
     let fresh = Stack::start(Options {
         contract: json!({"pricing_max_age": {"hours": 24}}),

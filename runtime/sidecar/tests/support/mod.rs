@@ -90,6 +90,7 @@ pub struct Stack {
     pub base: String,
     pub dir: tempfile::TempDir,
     args: SidecarArgs,
+    registry: Option<prometheus_client::registry::Registry>,
 }
 
 impl Stack {
@@ -152,6 +153,7 @@ impl Stack {
             base: String::new(),
             dir,
             args,
+            registry: None,
         };
         stack.start_sidecar().await;
         stack
@@ -174,6 +176,16 @@ impl Stack {
         .expect("sidecar acquires its lease");
         self.base = format!("http://{}", sidecar.http_addr);
         self.sidecar = Some(sidecar);
+        self.registry = Some(registry);
+    }
+
+    /// The running sidecar's metrics, as `/metrics` would show them.
+    pub fn metrics_text(&self) -> String {
+        let mut text = String::new();
+        if let Some(registry) = &self.registry {
+            prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+        }
+        text
     }
 
     pub async fn stop_sidecar(&mut self) {
