@@ -112,28 +112,32 @@ fn scope_of<S: serde::Serializer>(fencing: &Fencing, serializer: S) -> Result<S:
     serializer.serialize_str(&fencing.scope_id)
 }
 
-/// A decision context as it enters a fingerprint: without the `pricing_stale` marker.
+impl DecisionContext {
+    /// This context as it enters an idempotency fingerprint: without the `pricing_stale`
+    /// marker, which depends on when the sidecar decided, not on what it asked.
+    fn without_stale_marker(&self) -> Self {
+        Self {
+            pricing_stale: false,
+            ..self.clone()
+        }
+    }
+}
+
+/// A decision context as it enters a fingerprint.
 fn context_of<S: serde::Serializer>(
     context: &DecisionContext,
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
-    DecisionContext {
-        pricing_stale: false,
-        ..context.clone()
-    }
-    .serialize(serializer)
+    context.without_stale_marker().serialize(serializer)
 }
 
-/// An approval's context as it enters a fingerprint: without the `pricing_stale` marker.
+/// An approval's context as it enters a fingerprint.
 fn approval_context_of<S: serde::Serializer>(
     context: &ApprovalContext,
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
     ApprovalContext {
-        decision: DecisionContext {
-            pricing_stale: false,
-            ..context.decision.clone()
-        },
+        decision: context.decision.without_stale_marker(),
         ..context.clone()
     }
     .serialize(serializer)

@@ -490,7 +490,7 @@ impl Decider {
                             budget_ids,
                             &crossed,
                             reserved.amount_nano_usd,
-                            (reason, pricing_stale),
+                            pricing_stale,
                         )
                         .await?;
                     // Approval comes before any spend: the reservation goes back at once.
@@ -571,7 +571,7 @@ impl Decider {
         budget_ids: Vec<String>,
         crossed: &str,
         amount_nano_usd: i64,
-        (reason, pricing_stale): (ReasonCode, bool),
+        pricing_stale: bool,
     ) -> Result<String, SidecarError> {
         let request = pb::CreateApprovalRequest {
             tenant_id: self.identity.tenant_id.clone(),
@@ -581,7 +581,8 @@ impl Decider {
             amount_nano_usd,
             fencing: Some(self.fencing(epoch)),
             ttl_ms: APPROVAL_TTL_MS,
-            reason_code: reason.as_str().to_owned(),
+            // Crossing a soft cap is the only reason an approval is opened.
+            reason_code: ReasonCode::SoftCapReached.as_str().to_owned(),
             requested_by: self.identity.scope_id.clone(),
             pricing: Some(pricing_ref(&self.bundle.pricing)),
             bundle_sha256_hex: self.bundle.sha256_hex.clone(),
