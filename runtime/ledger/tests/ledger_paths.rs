@@ -21,6 +21,19 @@ fn code(status: &tonic::Status) -> pb::ErrorCode {
     error_code(status).unwrap_or_else(|| panic!("status without error detail: {status:?}"))
 }
 
+/// An acquire of `scope_id` for `owner` (a 10-minute lease, no expected epoch, not forced): a
+/// first acquire, or a restart of the same owner, which takes the scope's next epoch.
+fn lease_for(scope_id: &str, owner: &str) -> pb::AcquireFencingLeaseRequest {
+    pb::AcquireFencingLeaseRequest {
+        scope_id: scope_id.into(),
+        tenant_id: T.into(),
+        workload_instance_id: owner.into(),
+        ttl_ms: 600_000,
+        expected_epoch: 0,
+        force: false,
+    }
+}
+
 fn reserved(response: pb::ReserveSetResponse) -> pb::Reservation {
     match response.outcome {
         Some(pb::reserve_set_response::Outcome::Reserved(r)) => r,
@@ -1394,14 +1407,6 @@ async fn a_reserve_retried_after_a_restart_replays_and_a_stale_or_foreign_retry_
     // that restarted (same workload, the scope's next epoch) gets its reservation back; the
     // pre-restart epoch is still fenced off, and another scope using the key conflicts.
     let (mut ledger, fencing) = setup().await;
-    let lease = |scope_id: &str, owner: &str| pb::AcquireFencingLeaseRequest {
-        scope_id: scope_id.into(),
-        tenant_id: T.into(),
-        workload_instance_id: owner.into(),
-        ttl_ms: 600_000,
-        expected_epoch: 0,
-        force: false,
-    };
     let request = reserve_request(T, "restart-key", &["run"], 250, &fencing);
     let first = reserved(
         ledger
@@ -1413,7 +1418,7 @@ async fn a_reserve_retried_after_a_restart_replays_and_a_stale_or_foreign_retry_
     );
     let restarted = ledger
         .client
-        .acquire_fencing_lease(lease(&fencing.scope_id, "tenant-a-w"))
+        .acquire_fencing_lease(lease_for(&fencing.scope_id, "tenant-a-w"))
         .await
         .unwrap()
         .into_inner();
@@ -1445,7 +1450,7 @@ async fn a_reserve_retried_after_a_restart_replays_and_a_stale_or_foreign_retry_
 
     let other = ledger
         .client
-        .acquire_fencing_lease(lease("tenant-a-other-scope", "tenant-a-other-w"))
+        .acquire_fencing_lease(lease_for("tenant-a-other-scope", "tenant-a-other-w"))
         .await
         .unwrap()
         .into_inner();
@@ -1526,14 +1531,7 @@ async fn a_reservation_written_before_the_fingerprint_change_still_replays() {
     );
     let restarted = other
         .client
-        .acquire_fencing_lease(pb::AcquireFencingLeaseRequest {
-            scope_id: fencing.scope_id.clone(),
-            tenant_id: T.into(),
-            workload_instance_id: "tenant-a-w".into(),
-            ttl_ms: 600_000,
-            expected_epoch: 0,
-            force: false,
-        })
+        .acquire_fencing_lease(lease_for(&fencing.scope_id, "tenant-a-w"))
         .await
         .unwrap()
         .into_inner();

@@ -457,24 +457,14 @@ async fn a_call_with_an_approval_is_answered_require_approval_though_its_reserva
 async fn pricing_older_than_the_contract_accepts_stops_the_call_or_marks_its_evidence() {
     // S22: pricing stale beyond the contract's threshold follows the contract's policy. Stop (the
     // default) refuses with PRICING_STALE and reserves nothing; continue decides as usual and
-    // marks the decision and the ledger's evidence `pricing_stale`; fresh pricing is unmarked.
-    let stale_at = "2020-01-01T00:00:00Z".to_owned();
-    let mut stopping = Stack::start(Options {
-        contract: json!({"pricing_max_age": {"hours": 24}}),
-        pricing_published_at: Some(stale_at.clone()),
-        ..Options::default()
-    })
-    .await;
-    let stopped = post_json(
-        &stopping.url("/v1/spendguard/decide"),
-        &[],
-        &decide_body("c-stale", 10),
-    )
-    .await;
-    assert_eq!(stopped.status, 200, "{}", stopped.json());
-    assert_eq!(stopped.json()["decision"], "STOP");
-    assert_eq!(stopped.json()["reason"], "PRICING_STALE");
-    assert!(stopped.json()["reservation_id"].is_null());
+    // marks the decision and the ledger's evidence `pricing_stale` (the reservation's event and
+    // an approval's context); fresh pricing is unmarked.
+    let stale_at = "2020-01-01T00:00:00Z";
+    let mut stopping = aged_pricing_stack(None, stale_at).await;
+    let stopped = decide_json(&stopping, "c-stale", 10).await;
+    assert_eq!(stopped["decision"], "STOP", "{stopped}");
+    assert_eq!(stopped["reason"], "PRICING_STALE");
+    assert!(stopped["reservation_id"].is_null());
     let proxied = post_json(
         &stopping.url("/v1/chat/completions"),
         &[OPENAI_KEY],
@@ -487,27 +477,23 @@ async fn pricing_older_than_the_contract_accepts_stops_the_call_or_marks_its_evi
     assert_eq!(stopping.balance().await.reserved_nano_usd, 0);
     assert_eq!(reservation_events(&stopping).await.len(), 0);
 
-    let continuing = Stack::start(Options {
-        contract: json!({"pricing_max_age": {"hours": 24, "on_stale": "continue"}}),
-        pricing_published_at: Some(stale_at),
-        ..Options::default()
-    })
-    .await;
-    let marked = post_json(
-        &continuing.url("/v1/spendguard/decide"),
-        &[],
-        &decide_body("c-marked", 10),
-    )
-    .await;
-    assert_eq!(marked.json()["decision"], "CONTINUE", "{}", marked.json());
-    assert_eq!(marked.json()["pricing_stale"], true);
+    let continuing = aged_pricing_stack(Some("continue"), stale_at).await;
+    let marked = decide_json(&continuing, "c-marked", 10).await;
+    assert_eq!(marked["decision"], "CONTINUE", "{marked}");
+    assert_eq!(marked["pricing_stale"], true);
     let events = reservation_events(&continuing).await;
     assert_eq!(events.len(), 1);
-    assert_eq!(
-        events[0]["data"]["context"]["pricing_stale"], true,
-        "{}",
-        events[0]
-    );
+    let context = &events[0]["data"]["context"];
+    assert_eq!(context["pricing_stale"], true, "{}", events[0]);
+    // 1,000 output tokens cross the soft cap: the approval's stored context is marked too.
+    let approval = decide_json(&continuing, "c-approval", 1_000).await;
+    assert_eq!(approval["decision"], "REQUIRE_APPROVAL", "{approval}");
+    assert_eq!(approval["pricing_stale"], true);
+    let stored: serde_json::Value = sqlx::query_scalar("SELECT context FROM approvals")
+        .fetch_one(continuing.ledger.store().pool())
+        .await
+        .unwrap();
+    assert_eq!(stored["decision"]["pricing_stale"], true, "{stored}");
     // What an alert compares before calls start to stop: 2020-01-01T00:00:00Z and 24 hours.
     let metrics = continuing.metrics_text();
     assert!(
@@ -519,25 +505,10 @@ async fn pricing_older_than_the_contract_accepts_stops_the_call_or_marks_its_evi
         "{metrics}"
     );
 
-    let fresh = Stack::start(Options {
-        contract: json!({"pricing_max_age": {"hours": 24}}),
-        pricing_published_at: Some(chrono::Utc::now().to_rfc3339()),
-        ..Options::default()
-    })
-    .await;
-    let unmarked = post_json(
-        &fresh.url("/v1/spendguard/decide"),
-        &[],
-        &decide_body("c-fresh", 10),
-    )
-    .await;
-    assert_eq!(
-        unmarked.json()["decision"],
-        "CONTINUE",
-        "{}",
-        unmarked.json()
-    );
-    assert_eq!(unmarked.json()["pricing_stale"], false);
+    let fresh = aged_pricing_stack(None, &chrono::Utc::now().to_rfc3339()).await;
+    let unmarked = decide_json(&fresh, "c-fresh", 10).await;
+    assert_eq!(unmarked["decision"], "CONTINUE", "{unmarked}");
+    assert_eq!(unmarked["pricing_stale"], false);
     let events = reservation_events(&fresh).await;
     assert_eq!(events.len(), 1);
     assert!(
@@ -545,6 +516,40 @@ async fn pricing_older_than_the_contract_accepts_stops_the_call_or_marks_its_evi
         "{}",
         events[0]
     );
+}
+
+/// A soft-cap stack whose pricing was published at `published_at`, under a contract that accepts
+/// pricing at most a day old and then does `on_stale` (its default when `None`).
+async fn aged_pricing_stack(on_stale: Option<&str>, published_at: &str) -> Stack {
+    let mut max_age = json!({"hours": 24});
+    if let Some(on_stale) = on_stale {
+        max_age["on_stale"] = json!(on_stale);
+    }
+    Stack::start(Options {
+        limit: 100_000_000,
+        soft_cap: 500_000,
+        contract: json!({ "pricing_max_age": max_age }),
+        pricing_published_at: Some(published_at.to_owned()),
+        ..Options::default()
+    })
+    .await
+}
+
+/// The HTTP decide of [`decide_body`], answered 200, as JSON.
+async fn decide_json(stack: &Stack, call_id: &str, max_output_tokens: u32) -> serde_json::Value {
+    let answer = post_json(
+        &stack.url("/v1/spendguard/decide"),
+        &[],
+        &decide_body(call_id, max_output_tokens),
+    )
+    .await;
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    answer.json()
 }
 
 /// The `reservation.reserved` events in the ledger's outbox, parsed.
