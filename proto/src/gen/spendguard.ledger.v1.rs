@@ -578,6 +578,74 @@ pub struct RecordFailOpenRequest {
     #[prost(message, optional, tag = "9")]
     pub context: ::core::option::Option<DecisionContext>,
 }
+/// One STOP decision, or a summary of several the sidecar did not publish one by one.
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct StopRecord {
+    /// A UUID the sidecar chose when it decided: the idempotency key.
+    #[prost(string, tag = "1")]
+    pub record_id: ::prost::alloc::string::String,
+    /// The refused call; empty for a summary.
+    #[prost(string, tag = "2")]
+    pub call_id: ::prost::alloc::string::String,
+    /// The decision's stable reason code (BUDGET_EXHAUSTED, MODEL_DENIED, ...): 1 to 64 of A-Z,
+    /// 0-9 and \_, starting with a letter.
+    #[prost(string, tag = "3")]
+    pub reason: ::prost::alloc::string::String,
+    /// Human detail, at most 1,024 characters.
+    #[prost(string, tag = "4")]
+    pub detail: ::prost::alloc::string::String,
+    /// The budget that stopped the call, when a budget did; empty otherwise.
+    #[prost(string, tag = "5")]
+    pub budget_id: ::prost::alloc::string::String,
+    /// The call's priced worst case; 0 when it was not priced. 0 to 10^18.
+    #[prost(int64, tag = "6")]
+    pub worst_case_nano_usd: i64,
+    /// First and last decision this record stands for (sidecar clock), Unix ms, > 0; equal for one
+    /// call.
+    #[prost(int64, tag = "7")]
+    pub first_decided_at_unix_ms: i64,
+    #[prost(int64, tag = "8")]
+    pub last_decided_at_unix_ms: i64,
+    /// How many STOPs the record stands for: 1 for a call; 1 or more for a summary.
+    #[prost(uint64, tag = "9")]
+    pub count: u64,
+    /// The fencing epoch the sidecar held when it decided; 0 when it held none (a contract STOP
+    /// answered while its lease was lapsed).
+    #[prost(uint64, tag = "10")]
+    pub fencing_epoch: u64,
+    /// Run, workflow, call, provider, model and contract version of the call (empty for a summary).
+    /// `call_id` in here must be empty or equal to the record's `call_id`.
+    #[prost(message, optional, tag = "11")]
+    pub context: ::core::option::Option<DecisionContext>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RecordStopsRequest {
+    #[prost(string, tag = "1")]
+    pub tenant_id: ::prost::alloc::string::String,
+    /// The deciding sidecar's scope (tenant + workload instance); must be the tenant's.
+    #[prost(string, tag = "2")]
+    pub fencing_scope_id: ::prost::alloc::string::String,
+    /// Pricing snapshot and contract bundle the sidecar decided with, recorded as presented.
+    #[prost(message, optional, tag = "3")]
+    pub pricing: ::core::option::Option<PricingRef>,
+    #[prost(string, tag = "4")]
+    pub contract_sha256_hex: ::prost::alloc::string::String,
+    /// 1 to 256 records with distinct ids.
+    #[prost(message, repeated, tag = "5")]
+    pub stops: ::prost::alloc::vec::Vec<StopRecord>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RecordStopsResponse {
+    /// Records written now.
+    #[prost(uint32, tag = "1")]
+    pub recorded: u32,
+    /// Records already written by an earlier identical request: nothing written for them.
+    #[prost(uint32, tag = "2")]
+    pub replayed: u32,
+}
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct RecordFailOpenResponse {
@@ -1492,6 +1560,37 @@ pub mod ledger_client {
                 );
             self.inner.unary(req, path, codec).await
         }
+        /// Records, after the fact, STOP decisions a sidecar answered (S22: every decision outcome is
+        /// auditable or explicitly marked as not published): one immutable `stop_records` row and one
+        /// audit event per record (`decision.stopped` for a call, `decision.stops_unpublished` for a
+        /// summary of STOPs the sidecar could not publish one by one), in one transaction. Moves no
+        /// money. Idempotent by record id: a record already written with the same fields is `replayed`;
+        /// with other fields the whole request is IDEMPOTENCY_CONFLICT and nothing is written. The
+        /// fencing scope must be the tenant's; epochs are recorded as presented.
+        pub async fn record_stops(
+            &mut self,
+            request: impl tonic::IntoRequest<super::RecordStopsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RecordStopsResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/spendguard.ledger.v1.Ledger/RecordStops",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("spendguard.ledger.v1.Ledger", "RecordStops"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1655,6 +1754,20 @@ pub mod ledger_server {
             request: tonic::Request<super::RecordFailOpenRequest>,
         ) -> std::result::Result<
             tonic::Response<super::RecordFailOpenResponse>,
+            tonic::Status,
+        >;
+        /// Records, after the fact, STOP decisions a sidecar answered (S22: every decision outcome is
+        /// auditable or explicitly marked as not published): one immutable `stop_records` row and one
+        /// audit event per record (`decision.stopped` for a call, `decision.stops_unpublished` for a
+        /// summary of STOPs the sidecar could not publish one by one), in one transaction. Moves no
+        /// money. Idempotent by record id: a record already written with the same fields is `replayed`;
+        /// with other fields the whole request is IDEMPOTENCY_CONFLICT and nothing is written. The
+        /// fencing scope must be the tenant's; epochs are recorded as presented.
+        async fn record_stops(
+            &self,
+            request: tonic::Request<super::RecordStopsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::RecordStopsResponse>,
             tonic::Status,
         >;
     }
@@ -2479,6 +2592,51 @@ pub mod ledger_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = RecordFailOpenSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/spendguard.ledger.v1.Ledger/RecordStops" => {
+                    #[allow(non_camel_case_types)]
+                    struct RecordStopsSvc<T: Ledger>(pub Arc<T>);
+                    impl<
+                        T: Ledger,
+                    > tonic::server::UnaryService<super::RecordStopsRequest>
+                    for RecordStopsSvc<T> {
+                        type Response = super::RecordStopsResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::RecordStopsRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Ledger>::record_stops(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RecordStopsSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

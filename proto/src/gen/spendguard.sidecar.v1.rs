@@ -72,6 +72,10 @@ pub struct DecideResponse {
     /// (S22); the ledger's records of the decision are marked too.
     #[prost(bool, tag = "16")]
     pub pricing_stale: bool,
+    /// STOP: the id of the ledger's stop record (`decision.stopped` event) for this decision; the
+    /// sidecar publishes it in the background, within about a second. Empty otherwise.
+    #[prost(string, tag = "17")]
+    pub evidence_id: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

@@ -564,6 +564,91 @@ impl FailOpenRow {
     }
 }
 
+/// Record, after the fact, STOP decisions a sidecar answered (S22: every decision outcome is
+/// auditable or explicitly marked as not published). Moves no money.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RecordStops {
+    /// Tenant.
+    pub tenant_id: String,
+    /// The deciding sidecar's fencing scope (the tenant's).
+    pub fencing_scope_id: String,
+    /// Pricing snapshot the sidecar decided with, recorded as presented.
+    pub pricing: PricingRef,
+    /// Hash of the contract bundle that decided (may be empty).
+    pub contract_sha256_hex: String,
+    /// 1..=[`STOP_RECORDS_MAX`] records with distinct ids.
+    pub stops: Vec<StopRecord>,
+}
+
+/// Most records one RecordStops carries.
+pub const STOP_RECORDS_MAX: usize = 256;
+
+/// One STOP decision, or a summary of several that were not published one by one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StopRecord {
+    /// Chosen by the sidecar when it decided; the idempotency key.
+    pub record_id: Uuid,
+    /// The refused call; `None` for a summary.
+    pub call_id: Option<String>,
+    /// Stable reason code.
+    pub reason: String,
+    /// Human detail.
+    pub detail: String,
+    /// The budget that stopped the call, if a budget did.
+    pub budget_id: Option<String>,
+    /// The call's priced worst case (zero when it was not priced).
+    pub worst_case: NanoUsd,
+    /// First decision this record stands for (sidecar clock).
+    pub first_decided_at: DateTime<Utc>,
+    /// Last decision this record stands for (equal to the first for one call).
+    pub last_decided_at: DateTime<Utc>,
+    /// How many STOPs it stands for (1 for a call).
+    pub count: u64,
+    /// The epoch the sidecar held when it decided, if it held one.
+    pub fencing_epoch: Option<u64>,
+    /// Run, workflow, call, provider, model and contract version (default for a summary).
+    pub context: DecisionContext,
+}
+
+/// A stop record as stored (immutable once written): what a retry is compared with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StopRow {
+    /// Id.
+    pub id: Uuid,
+    /// Tenant.
+    pub tenant_id: String,
+    /// The refused call (`None` for a summary).
+    pub call_id: Option<String>,
+    /// Stable reason code.
+    pub reason: String,
+    /// How many STOPs it stands for.
+    pub count: u64,
+    /// sha256 over the canonical JSON of the record and the request fields it was sent with.
+    pub fingerprint: String,
+}
+
+impl RecordStops {
+    /// The idempotency fingerprint of `stop` as sent in this request: the record with the
+    /// request-level fields it is recorded with.
+    pub fn fingerprint(&self, stop: &StopRecord) -> String {
+        #[derive(Serialize)]
+        struct Fingerprinted<'a> {
+            tenant_id: &'a str,
+            fencing_scope_id: &'a str,
+            pricing: &'a PricingRef,
+            contract_sha256_hex: &'a str,
+            stop: &'a StopRecord,
+        }
+        canonical_sha256(&Fingerprinted {
+            tenant_id: &self.tenant_id,
+            fencing_scope_id: &self.fencing_scope_id,
+            pricing: &self.pricing,
+            contract_sha256_hex: &self.contract_sha256_hex,
+            stop,
+        })
+    }
+}
+
 /// One mutation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[allow(clippy::large_enum_variant)] // Commands live briefly in a bounded queue; boxing buys nothing.
@@ -594,6 +679,8 @@ pub enum Command {
     UpsertRetentionPolicy(UpsertRetentionPolicy),
     /// See [`RecordFailOpen`].
     RecordFailOpen(RecordFailOpen),
+    /// See [`RecordStops`].
+    RecordStops(RecordStops),
 }
 
 // === Rows ===
@@ -765,6 +852,8 @@ pub struct Snapshot {
     pub retention_policies: BTreeMap<String, (RetentionPolicy, DateTime<Utc>)>,
     /// Fail-open records referenced by id that exist.
     pub fail_open_records: BTreeMap<Uuid, FailOpenRow>,
+    /// Stop records referenced by id that exist.
+    pub stop_records: BTreeMap<Uuid, StopRow>,
 }
 
 /// What the store must load for a batch, derived from its commands.
@@ -790,6 +879,8 @@ pub struct Needs {
     pub retention_tenant_ids: BTreeSet<String>,
     /// Fail-open records by id (derived from tenant and call id).
     pub fail_open_ids: BTreeSet<Uuid>,
+    /// Stop records by id.
+    pub stop_ids: BTreeSet<Uuid>,
 }
 
 impl Needs {
@@ -870,6 +961,13 @@ impl Needs {
                             budget_id: budget_id.clone(),
                         });
                     }
+                }
+                Command::RecordStops(r) => {
+                    needs.tenant_ids.insert(r.tenant_id.clone());
+                    needs.scope_ids.insert(r.fencing_scope_id.clone());
+                    needs
+                        .stop_ids
+                        .extend(r.stops.iter().map(|stop| stop.record_id));
                 }
                 Command::UpsertBudget(b) => {
                     needs.tenant_ids.insert(b.tenant_id.clone());
@@ -1009,6 +1107,13 @@ pub enum Outcome {
         /// A retry of an earlier identical request.
         replayed: bool,
     },
+    /// RecordStops succeeded.
+    StopsRecorded {
+        /// Records written now.
+        recorded: u32,
+        /// Records an earlier identical request wrote.
+        replayed: u32,
+    },
     /// Lease granted.
     Lease(LeaseGrant),
     /// Tenant upserted.
@@ -1130,6 +1235,8 @@ pub struct Effects {
     pub retention_policies: BTreeMap<String, RetentionPolicy>,
     /// Fail-open records to insert (written before the journal entries that name them).
     pub fail_open_records: Vec<FailOpenRow>,
+    /// Stop records to insert.
+    pub stop_records: Vec<StopRow>,
     /// Audit events, one per state change.
     pub events: Vec<EventDraft>,
 }
@@ -1158,6 +1265,7 @@ impl Effects {
             approvals,
             retention_policies,
             fail_open_records,
+            stop_records,
             events: _,
         } = self;
         tenants.is_empty()
@@ -1171,6 +1279,7 @@ impl Effects {
             && approvals.is_empty()
             && retention_policies.is_empty()
             && fail_open_records.is_empty()
+            && stop_records.is_empty()
     }
 }
 
@@ -1232,6 +1341,7 @@ impl Planner {
             Command::ResolveApproval(r) => self.resolve_approval(r),
             Command::UpsertRetentionPolicy(p) => self.upsert_retention_policy(p),
             Command::RecordFailOpen(f) => self.record_fail_open(f),
+            Command::RecordStops(r) => self.record_stops(r),
             Command::AcquireLease(a) => self.acquire_lease(a),
             Command::UpsertTenant(t) => Ok(self.upsert_tenant(t)),
             Command::UpsertBudget(b) => self.upsert_budget(b),
@@ -1871,6 +1981,78 @@ impl Planner {
             balances,
             replayed: false,
         })
+    }
+
+    fn record_stops(&mut self, r: &RecordStops) -> Result<Outcome, LedgerError> {
+        self.require_tenant(&r.tenant_id)?;
+        // The scope names the deciding sidecar; its epoch is recorded per record, as presented
+        // (a STOP moves no money, and a sidecar whose lease lapsed still refuses calls).
+        let epoch_current = self
+            .state
+            .scopes
+            .get(&r.fencing_scope_id)
+            .filter(|s| s.tenant_id == r.tenant_id)
+            .map(|s| s.epoch)
+            .ok_or_else(|| LedgerError::FencingScopeNotFound(r.fencing_scope_id.clone()))?;
+        // Every record is checked before any is written: a conflict changes nothing.
+        let mut fresh = Vec::with_capacity(r.stops.len());
+        let mut replayed = 0_u32;
+        for stop in &r.stops {
+            let fingerprint = r.fingerprint(stop);
+            match self.state.stop_records.get(&stop.record_id) {
+                Some(existing)
+                    if existing.tenant_id == r.tenant_id && existing.fingerprint == fingerprint =>
+                {
+                    replayed = replayed.saturating_add(1);
+                }
+                Some(_) => {
+                    return Err(LedgerError::IdempotencyConflict(stop.record_id.to_string()));
+                }
+                None => fresh.push((stop, fingerprint)),
+            }
+        }
+        let recorded = u32::try_from(fresh.len()).unwrap_or(u32::MAX);
+        for (stop, fingerprint) in fresh {
+            let event_type = if stop.call_id.is_some() {
+                "decision.stopped"
+            } else {
+                "decision.stops_unpublished"
+            };
+            self.event(
+                &r.tenant_id,
+                event_type,
+                json!({
+                    "record_id": stop.record_id.to_string(),
+                    "call_id": stop.call_id,
+                    "reason": stop.reason,
+                    "detail": stop.detail,
+                    "budget_id": stop.budget_id,
+                    "worst_case_nano_usd": stop.worst_case.get().to_string(),
+                    "count": stop.count,
+                    "first_decided_at": format_time(stop.first_decided_at),
+                    "last_decided_at": format_time(stop.last_decided_at),
+                    "fencing": {
+                        "scope_id": r.fencing_scope_id,
+                        "epoch": stop.fencing_epoch,
+                        "epoch_current": epoch_current,
+                    },
+                    "pricing": r.pricing,
+                    "contract_sha256_hex": r.contract_sha256_hex,
+                    "context": stop.context,
+                }),
+            );
+            let row = StopRow {
+                id: stop.record_id,
+                tenant_id: r.tenant_id.clone(),
+                call_id: stop.call_id.clone(),
+                reason: stop.reason.clone(),
+                count: stop.count,
+                fingerprint,
+            };
+            self.state.stop_records.insert(row.id, row.clone());
+            self.effects.stop_records.push(row);
+        }
+        Ok(Outcome::StopsRecorded { recorded, replayed })
     }
 
     /// Balances of the current windows of `budget_ids` (budgets that are not loaded are skipped).

@@ -6,9 +6,10 @@ use spendguard_core::lease::{AcquireLease, LEASE_TTL_MS_MAX, LEASE_TTL_MS_MIN, L
 use spendguard_core::plan::{
     APPROVAL_TTL_MS_MAX, APPROVAL_TTL_MS_MIN, ApprovalContext, ApprovalDecision, ApprovalRow,
     ApprovalState, Balance, BudgetRow, Commit, CreateApproval, DecisionContext, Fencing,
-    PricingRef, RESERVE_SET_BUDGETS_MAX, RETENTION_DAYS_MAX, RecordFailOpen, RegisterPricing,
-    RegisterSigningKey, Release, ReservationState, ReserveSet, ResolveApproval, RetentionPolicy,
-    SYSTEM_TENANT_ID, SigningKeyRow, UpsertBudget, UpsertRetentionPolicy, UpsertTenant,
+    PricingRef, RESERVE_SET_BUDGETS_MAX, RETENTION_DAYS_MAX, RecordFailOpen, RecordStops,
+    RegisterPricing, RegisterSigningKey, Release, ReservationState, ReserveSet, ResolveApproval,
+    RetentionPolicy, STOP_RECORDS_MAX, SYSTEM_TENANT_ID, SigningKeyRow, StopRecord, UpsertBudget,
+    UpsertRetentionPolicy, UpsertTenant,
 };
 use spendguard_core::window::BudgetWindow;
 use spendguard_core::{ErrorCode, LedgerError, NanoUsd};
@@ -487,6 +488,144 @@ pub fn record_fail_open(r: &pb::RecordFailOpenRequest) -> Result<RecordFailOpen>
         pricing,
         contract_sha256_hex: r.contract_sha256_hex.clone(),
         decided_at,
+        context,
+    })
+}
+
+/// Longest stop detail.
+const STOP_DETAIL_LEN_MAX: usize = 1_024;
+
+fn unix_ms(field: &'static str, value: i64) -> Result<chrono::DateTime<chrono::Utc>> {
+    (value > 0)
+        .then(|| chrono::DateTime::from_timestamp_millis(value))
+        .flatten()
+        .ok_or_else(|| LedgerError::InvalidArgument {
+            field,
+            reason: "required: a positive Unix time in milliseconds".into(),
+        })
+}
+
+/// Validates a RecordStops request: every record, and distinct record ids.
+///
+/// # Errors
+/// The first invalid field.
+pub fn record_stops(r: &pb::RecordStopsRequest) -> Result<RecordStops> {
+    check_name("tenant_id", &r.tenant_id)?;
+    check_name("fencing_scope_id", &r.fencing_scope_id)?;
+    let pricing = pricing(r.pricing.as_ref())?;
+    sha256_hex_or_empty("contract_sha256_hex", &r.contract_sha256_hex)?;
+    if r.stops.is_empty() {
+        return Err(LedgerError::InvalidArgument {
+            field: "stops",
+            reason: "at least one record is required".into(),
+        });
+    }
+    if r.stops.len() > STOP_RECORDS_MAX {
+        return Err(LedgerError::RequestTooLarge {
+            field: "stops",
+            len: r.stops.len(),
+            max: STOP_RECORDS_MAX,
+        });
+    }
+    let mut seen = BTreeSet::new();
+    let stops = r
+        .stops
+        .iter()
+        .map(|stop| {
+            let record = stop_record(stop)?;
+            if seen.insert(record.record_id) {
+                Ok(record)
+            } else {
+                Err(LedgerError::InvalidArgument {
+                    field: "stops.record_id",
+                    reason: format!("{} appears twice", record.record_id),
+                })
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(RecordStops {
+        tenant_id: r.tenant_id.clone(),
+        fencing_scope_id: r.fencing_scope_id.clone(),
+        pricing,
+        contract_sha256_hex: r.contract_sha256_hex.clone(),
+        stops,
+    })
+}
+
+fn stop_record(s: &pb::StopRecord) -> Result<StopRecord> {
+    let record_id = parse_reservation_id("stops.record_id", &s.record_id)?;
+    let reason_ok = (1..=64).contains(&s.reason.len())
+        && s.reason.starts_with(|c: char| c.is_ascii_uppercase())
+        && s.reason
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+    if !reason_ok {
+        return Err(LedgerError::InvalidArgument {
+            field: "stops.reason",
+            reason: "must be 1 to 64 of A-Z, 0-9 and _, starting with a letter".into(),
+        });
+    }
+    check_text("stops.detail", &s.detail, STOP_DETAIL_LEN_MAX)?;
+    if !s.budget_id.is_empty() {
+        check_name("stops.budget_id", &s.budget_id)?;
+    }
+    let worst_case = amount("stops.worst_case_nano_usd", s.worst_case_nano_usd, false)?;
+    let first = unix_ms("stops.first_decided_at_unix_ms", s.first_decided_at_unix_ms)?;
+    let last = unix_ms("stops.last_decided_at_unix_ms", s.last_decided_at_unix_ms)?;
+    if last < first {
+        return Err(LedgerError::InvalidArgument {
+            field: "stops.last_decided_at_unix_ms",
+            reason: "must not be before first_decided_at_unix_ms".into(),
+        });
+    }
+    let mut context = context(s.context.as_ref())?;
+    let call_id = if s.call_id.is_empty() {
+        if context != DecisionContext::default() {
+            return Err(LedgerError::InvalidArgument {
+                field: "stops.context",
+                reason: "a summary (no call_id) carries no context".into(),
+            });
+        }
+        None
+    } else {
+        check_idempotency_key("stops.call_id", &s.call_id)?;
+        if context.call_id.is_empty() {
+            context.call_id = s.call_id.clone();
+        } else if context.call_id != s.call_id {
+            return Err(LedgerError::InvalidArgument {
+                field: "stops.context.call_id",
+                reason: "must be empty or equal to call_id".into(),
+            });
+        }
+        Some(s.call_id.clone())
+    };
+    let count_ok = match &call_id {
+        Some(_) => s.count == 1,
+        None => (1..=i64::MAX.unsigned_abs()).contains(&s.count),
+    };
+    if !count_ok {
+        return Err(LedgerError::InvalidArgument {
+            field: "stops.count",
+            reason: "must be 1 for a call, and from 1 to 2^63-1 for a summary".into(),
+        });
+    }
+    if call_id.is_some() && first != last {
+        return Err(LedgerError::InvalidArgument {
+            field: "stops.last_decided_at_unix_ms",
+            reason: "must equal first_decided_at_unix_ms for a call".into(),
+        });
+    }
+    Ok(StopRecord {
+        record_id,
+        call_id,
+        reason: s.reason.clone(),
+        detail: s.detail.clone(),
+        budget_id: (!s.budget_id.is_empty()).then(|| s.budget_id.clone()),
+        worst_case,
+        first_decided_at: first,
+        last_decided_at: last,
+        count: s.count,
+        fencing_epoch: (s.fencing_epoch > 0).then_some(s.fencing_epoch),
         context,
     })
 }

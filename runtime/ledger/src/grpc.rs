@@ -341,6 +341,23 @@ impl pb::ledger_server::Ledger for LedgerGrpc {
         .await
     }
 
+    #[instrument(skip_all, fields(tenant_id = %request.get_ref().tenant_id, stops = request.get_ref().stops.len()))]
+    async fn record_stops(
+        &self,
+        request: Request<pb::RecordStopsRequest>,
+    ) -> Result<Response<pb::RecordStopsResponse>, Status> {
+        self.run("RecordStops", async {
+            let command = convert::record_stops(request.get_ref())?;
+            match self.submit(Command::RecordStops(command)).await? {
+                Outcome::StopsRecorded { recorded, replayed } => {
+                    Ok(pb::RecordStopsResponse { recorded, replayed })
+                }
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
     #[instrument(skip_all, fields(tenant_id = %request.get_ref().tenant_id, approval_id = %request.get_ref().approval_id))]
     async fn resolve_approval(
         &self,

@@ -33,7 +33,8 @@ use spendguard_core::lease::LeaseState;
 use spendguard_core::plan::{
     ApprovalContext, ApprovalRow, ApprovalState, Balance, BudgetKey, BudgetRow, Command, Effects,
     FailOpenRow, Needs, Outcome, ReservationRow, ReservationState, Resolution, RetentionPolicy,
-    SigningKeyRow, Snapshot, WindowKey, WindowRow, plan_batch_keeping_state, windows_needed,
+    SigningKeyRow, Snapshot, StopRow, WindowKey, WindowRow, plan_batch_keeping_state,
+    windows_needed,
 };
 use spendguard_core::window::BudgetWindow;
 use spendguard_core::{LedgerError, NanoUsd};
@@ -887,6 +888,7 @@ async fn load(
     snapshot.windows = load_windows(tx, &window_keys, "FOR UPDATE").await?;
     load_approvals(tx, &needs, &mut snapshot).await?;
     load_fail_open_records(tx, &needs, &mut snapshot).await?;
+    load_stop_records(tx, &needs, &mut snapshot).await?;
     load_retention_policies(tx, &needs, &mut snapshot).await?;
     Ok((snapshot, existing_scopes))
 }
@@ -997,6 +999,40 @@ async fn load_fail_open_records(
     for row in &rows {
         let record = fail_open_from_row(row)?;
         snapshot.fail_open_records.insert(record.id, record);
+    }
+    Ok(())
+}
+
+/// Stop records the batch names (a rare path with its own query), by id. Not locked: a row is
+/// immutable, and a concurrent insert of the same id fails this batch on the primary key.
+async fn load_stop_records(
+    tx: &mut Transaction<'_, Postgres>,
+    needs: &Needs,
+    snapshot: &mut Snapshot,
+) -> Result<()> {
+    if needs.stop_ids.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = needs.stop_ids.iter().copied().collect();
+    let rows = sqlx::query(
+        "SELECT record_id, tenant_id, call_id, reason, stop_count, request_sha256
+           FROM stop_records WHERE record_id = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_all(&mut **tx)
+    .await?;
+    for row in &rows {
+        let count: i64 = row.try_get("stop_count")?;
+        let record = StopRow {
+            id: row.try_get("record_id")?,
+            tenant_id: row.try_get("tenant_id")?,
+            call_id: row.try_get("call_id")?,
+            reason: row.try_get("reason")?,
+            count: u64::try_from(count)
+                .map_err(|_| Error::Invariant("negative stop count".into()))?,
+            fingerprint: row.try_get("request_sha256")?,
+        };
+        snapshot.stop_records.insert(record.id, record);
     }
     Ok(())
 }
@@ -1227,6 +1263,7 @@ async fn write(
     write_retention_policies(tx, effects).await?;
     // Before the journal: the overrun entries name these records.
     write_fail_open_records(tx, effects).await?;
+    write_stop_records(tx, now, effects).await?;
     // ...the hot path is one statement.
     write_money_and_outbox(tx, cursor, now, effects, signer).await
 }
@@ -1501,6 +1538,44 @@ async fn write_fail_open_records(
         .execute(&mut **tx)
         .await?;
     }
+    Ok(())
+}
+
+/// Stop records, one statement for the batch. If another replica wrote one of them first, the
+/// primary key fails this batch instead of writing a second event.
+async fn write_stop_records(
+    tx: &mut Transaction<'_, Postgres>,
+    now: DateTime<Utc>,
+    effects: &Effects,
+) -> Result<()> {
+    if effects.stop_records.is_empty() {
+        return Ok(());
+    }
+    let (mut ids, mut tenants, mut fingerprints) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut call_ids, mut reasons, mut counts) = (Vec::new(), Vec::new(), Vec::new());
+    for r in &effects.stop_records {
+        ids.push(r.id);
+        tenants.push(r.tenant_id.as_str());
+        fingerprints.push(r.fingerprint.as_str());
+        call_ids.push(r.call_id.as_deref());
+        reasons.push(r.reason.as_str());
+        counts.push(to_i64(r.count)?);
+    }
+    sqlx::query(
+        "INSERT INTO stop_records (record_id, tenant_id, call_id, reason, stop_count,
+             request_sha256, recorded_at)
+         SELECT *, $7::timestamptz FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[],
+             $5::bigint[], $6::text[])",
+    )
+    .bind(&ids)
+    .bind(&tenants)
+    .bind(&call_ids)
+    .bind(&reasons)
+    .bind(&counts)
+    .bind(&fingerprints)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 

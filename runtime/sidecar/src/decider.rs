@@ -21,6 +21,7 @@ use crate::bundle::pricing_ref;
 use crate::error::SidecarError;
 use crate::fail_open::{FailOpenQueue, SendFailure};
 use crate::lease::Lease;
+use crate::stop_evidence::{STOP_BATCH_MAX, StopEvidence};
 use serde::Serialize;
 use spendguard_core::contract::{
     BudgetAfterReserve, Bundle, CHOICES_MAX, Call, FailPolicy, Planned, PricingAge, ReasonCode,
@@ -36,6 +37,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 use tracing::{error, warn};
+use uuid::Uuid;
 
 type LedgerClient = pb::ledger_client::LedgerClient<Channel>;
 
@@ -138,6 +140,11 @@ pub struct Decision {
     pub pricing_stale: bool,
     /// Answers a retry.
     pub replayed: bool,
+    /// STOP: the id of the ledger's stop record of this decision (published in the background).
+    pub evidence_id: Option<String>,
+    /// The call's priced worst case, when it was priced (what its stop record says).
+    #[serde(skip)]
+    pub worst_case_nano_usd: i64,
 }
 
 /// The result of a commit.
@@ -209,6 +216,7 @@ pub struct Decider {
     calls: Mutex<HashMap<String, CallEntry>>,
     run_budgets: Mutex<HashSet<String>>,
     fail_open: Arc<FailOpenQueue>,
+    stops: Arc<StopEvidence>,
 }
 
 impl Decider {
@@ -220,6 +228,7 @@ impl Decider {
         identity: Identity,
         reservation_ttl: Duration,
         fail_open: Arc<FailOpenQueue>,
+        stops: Arc<StopEvidence>,
     ) -> Self {
         Self {
             ledger,
@@ -230,7 +239,13 @@ impl Decider {
             calls: Mutex::new(HashMap::new()),
             run_budgets: Mutex::new(HashSet::new()),
             fail_open,
+            stops,
         }
+    }
+
+    /// The queue of STOP records waiting for the ledger.
+    pub fn stop_evidence(&self) -> &StopEvidence {
+        &self.stops
     }
 
     /// The queue of fail-open records waiting for the ledger.
@@ -289,7 +304,7 @@ impl Decider {
         if let Some(replay) = self.replay(&input.call_id, &fingerprint)? {
             return Ok(replay);
         }
-        let decision = match self.decide_fresh(&input).await {
+        let mut decision = match self.decide_fresh(&input).await {
             // The ledger found this call's reservation resolved: a concurrent decide of the same
             // call id may have finished (and settled) first; then this one is its replay.
             Err(e @ SidecarError::CallAlreadyResolved(_)) => {
@@ -297,7 +312,101 @@ impl Decider {
             }
             other => other?,
         };
-        Ok(self.record(&input.call_id, fingerprint, decision))
+        if decision.decision == Verdict::Stop {
+            decision.evidence_id = Some(Uuid::new_v4().to_string());
+        }
+        let answered = self.record(&input.call_id, fingerprint, decision);
+        // A STOP answered for the first time is published; its replays point at that record.
+        if answered.decision == Verdict::Stop && !answered.replayed {
+            self.stops.push(self.stop_record(&input, &answered));
+        }
+        Ok(answered)
+    }
+
+    /// The evidence of a STOP, as RecordStops will send it.
+    fn stop_record(&self, input: &DecideInput, decision: &Decision) -> pb::StopRecord {
+        let decided_at = unix_ms_now();
+        pb::StopRecord {
+            record_id: decision.evidence_id.clone().unwrap_or_default(),
+            call_id: input.call_id.clone(),
+            reason: decision.reason.to_owned(),
+            detail: decision.detail.clone(),
+            budget_id: decision.budget_id.clone().unwrap_or_default(),
+            worst_case_nano_usd: decision.worst_case_nano_usd,
+            first_decided_at_unix_ms: decided_at,
+            last_decided_at_unix_ms: decided_at,
+            count: 1,
+            // The epoch held when it decided; a contract STOP is answered without one too.
+            fencing_epoch: self.lease.epoch_for_settlement().unwrap_or(0),
+            context: Some(self.ledger_context(input, decision.pricing_stale)),
+        }
+    }
+
+    /// Sends up to one batch of queued STOP records to the ledger. Returns whether the ledger
+    /// could not take it (the batch is queued again; the caller backs off).
+    pub async fn publish_stops(&self) -> bool {
+        let batch = self.stops.take(STOP_BATCH_MAX);
+        if batch.is_empty() {
+            return false;
+        }
+        match self.send_stops(batch.clone()).await {
+            Ok(()) => {
+                self.stops.published(batch.len());
+                false
+            }
+            // Malformed, or an id bound to other fields: no retry can change the answer. The
+            // request fails as a whole, so each record is tried alone and only the bad ones are
+            // dropped.
+            Err(SendFailure::Refused(reason) | SendFailure::Conflict(reason)) => {
+                if batch.len() == 1 {
+                    self.drop_stops(1, &reason);
+                    return false;
+                }
+                let mut records = batch.into_iter();
+                while let Some(record) = records.next() {
+                    match self.send_stops(vec![record.clone()]).await {
+                        Ok(()) => self.stops.published(1),
+                        Err(SendFailure::Refused(reason) | SendFailure::Conflict(reason)) => {
+                            self.drop_stops(1, &reason);
+                        }
+                        Err(SendFailure::Unavailable(_) | SendFailure::Retry(_)) => {
+                            // Gone again mid-way: this record and the rest wait for the next pass.
+                            self.stops
+                                .put_back(std::iter::once(record).chain(records).collect());
+                            return true;
+                        }
+                    }
+                }
+                false
+            }
+            Err(SendFailure::Unavailable(reason) | SendFailure::Retry(reason)) => {
+                tracing::debug!(records = batch.len(), %reason, "STOP records wait for the ledger");
+                self.stops.put_back(batch);
+                true
+            }
+        }
+    }
+
+    async fn send_stops(&self, stops: Vec<pb::StopRecord>) -> Result<(), SendFailure> {
+        let request = pb::RecordStopsRequest {
+            tenant_id: self.identity.tenant_id.clone(),
+            fencing_scope_id: self.identity.scope_id.clone(),
+            pricing: Some(pricing_ref(&self.bundle.pricing)),
+            contract_sha256_hex: self.bundle.sha256_hex.clone(),
+            stops,
+        };
+        self.ledger
+            .clone()
+            .record_stops(request)
+            .await
+            .map(|_| ())
+            .map_err(|status| fail_open_failure(&status))
+    }
+
+    fn drop_stops(&self, count: usize, reason: &str) {
+        self.stops.dropped(count);
+        error!(records = count, %reason,
+               "ledger refused STOP records; dropped: these STOP decisions are missing from the audit chain");
     }
 
     fn replay(
@@ -360,7 +469,10 @@ impl Decider {
         let pricing_stale = match pricing_age(contract, &self.bundle.pricing, chrono::Utc::now()) {
             Ok(age) => age == PricingAge::Stale,
             Err(stop) => {
-                return Ok(self.decision(input, Verdict::Stop, stop.reason.as_str(), stop.detail));
+                let mut decision =
+                    self.decision(input, Verdict::Stop, stop.reason.as_str(), stop.detail);
+                decision.worst_case_nano_usd = planned.reserve.get();
+                return Ok(decision);
             }
         };
         let mut decision = self.decide_planned(input, planned, pricing_stale).await?;
@@ -445,6 +557,7 @@ impl Decider {
                     ),
                 );
                 decision.budget_id = Some(denied.budget_id);
+                decision.worst_case_nano_usd = planned.reserve.get();
                 decision
             }
             Some(pb::reserve_set_response::Outcome::Reserved(reserved))
@@ -646,9 +759,7 @@ impl Decider {
         input: &DecideInput,
         context: &FailOpenContext,
     ) -> pb::RecordFailOpenRequest {
-        let decided_at_unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let decided_at_unix_ms = unix_ms_now();
         pb::RecordFailOpenRequest {
             tenant_id: self.identity.tenant_id.clone(),
             call_id: input.call_id.clone(),
@@ -766,6 +877,8 @@ impl Decider {
             fail_open: false,
             pricing_stale: false,
             replayed: false,
+            evidence_id: None,
+            worst_case_nano_usd: 0,
         }
     }
 
@@ -1124,6 +1237,14 @@ fn ledger_error(status: &tonic::Status) -> SidecarError {
         // No ErrorDetail: a transport failure (connection refused, timeout).
         None => SidecarError::DependencyUnavailable(format!("{:?}: {message}", status.code())),
     }
+}
+
+/// Now, in Unix milliseconds (at least 1: the ledger refuses 0).
+fn unix_ms_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .max(1)
 }
 
 /// Classifies a failed RecordFailOpen. Only an answer that can never change (a malformed

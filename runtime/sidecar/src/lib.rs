@@ -22,6 +22,7 @@ pub mod fail_open;
 pub mod lease;
 pub mod metrics;
 pub mod proxy;
+pub mod stop_evidence;
 
 use crate::decider::{Decider, Identity};
 use crate::error::SidecarError;
@@ -29,6 +30,7 @@ use crate::fail_open::FailOpenQueue;
 use crate::lease::{Lease, LeaseConfig, LeaseKeeper, LeaseState};
 use crate::metrics::Metrics;
 use crate::proxy::upstream::{Upstream, UpstreamConfig};
+use crate::stop_evidence::StopEvidence;
 use axum::serve::ListenerExt as _;
 use prometheus_client::registry::Registry;
 use spendguard_platform::{AdminServer, CommonArgs, Readiness};
@@ -148,6 +150,16 @@ pub struct SidecarTuning {
     /// settled; what is left stays in the spool (or, without one, is logged at ERROR and lost).
     #[arg(long, env = "SPENDGUARD_FAIL_OPEN_DRAIN_MS", default_value_t = 10_000)]
     pub fail_open_drain_ms: u64,
+    /// STOP records held until the ledger records them (S22). When full, further STOPs are
+    /// counted per reason and published as one summary record each (`decision.stops_unpublished`).
+    /// On shutdown they are sent within the fail-open drain deadline too.
+    #[arg(
+        long,
+        env = "SPENDGUARD_STOP_EVIDENCE_QUEUE_RECORDS",
+        default_value_t = stop_evidence::STOP_EVIDENCE_QUEUE_DEFAULT,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000)
+    )]
+    pub stop_evidence_queue_records: usize,
 }
 
 /// A running sidecar.
@@ -167,6 +179,7 @@ pub struct RunningSidecar {
     grace: Duration,
     fail_open_task: JoinHandle<()>,
     fail_open_drain: Duration,
+    stops_task: JoinHandle<()>,
 }
 
 impl RunningSidecar {
@@ -206,6 +219,10 @@ impl RunningSidecar {
             fail_open_task.abort();
         }
         drain_fail_open(&self.decider, self.fail_open_drain).await;
+        // A publish in progress is never cancelled (its batch would be lost): the loop ends at its
+        // next wait, within one RPC timeout.
+        let _ = self.stops_task.await;
+        drain_stops(&self.decider, self.fail_open_drain).await;
     }
 }
 
@@ -265,6 +282,8 @@ pub async fn start(
     let lease_task = tokio::spawn(keeper.run(wait_true(stopped.clone())));
 
     fail_open.register(registry);
+    let stops = Arc::new(StopEvidence::new(tuning.stop_evidence_queue_records));
+    stops.register(registry);
     Metrics::register_pricing(registry, &loaded.bundle);
     let decider = Arc::new(Decider::new(
         ledger,
@@ -273,6 +292,7 @@ pub async fn start(
         identity,
         reservation_ttl,
         fail_open,
+        stops,
     ));
     let metrics = Metrics::register(registry);
     let upstream = Upstream::new(UpstreamConfig {
@@ -330,6 +350,7 @@ pub async fn start(
         }
     });
     let fail_open_task = tokio::spawn(record_fail_open_loop(decider.clone(), stopped.clone()));
+    let stops_task = tokio::spawn(publish_stops_loop(decider.clone(), stopped.clone()));
     let forget = {
         let decider = decider.clone();
         let mut stopped = stopped;
@@ -359,7 +380,54 @@ pub async fn start(
         grace: Duration::from_millis(tuning.shutdown_grace_ms),
         fail_open_task,
         fail_open_drain: Duration::from_millis(tuning.fail_open_drain_ms),
+        stops_task,
     })
+}
+
+/// Publishes STOP records as they queue: a record queued while a request is in flight goes in
+/// the next, so a burst batches itself. Runs until `stopped` (STOPs are answered until the
+/// servers stop, so [`drain_stops`] sends the rest).
+async fn publish_stops_loop(decider: Arc<Decider>, mut stopped: watch::Receiver<bool>) {
+    let mut backoff = Duration::ZERO;
+    loop {
+        let work = async {
+            if decider.stop_evidence().is_empty() {
+                decider.stop_evidence().notified().await;
+            }
+            tokio::time::sleep(backoff).await;
+        };
+        tokio::select! {
+            _ = stopped.wait_for(|s| *s) => return,
+            () = work => {}
+        }
+        // Outside the select: a publish in progress is never cancelled.
+        backoff = if decider.publish_stops().await {
+            fail_open::next_backoff(backoff)
+        } else {
+            Duration::ZERO
+        };
+    }
+}
+
+/// Shutdown: sends the queued STOP records until none is left or `deadline` passes; what is
+/// left is logged at ERROR (those STOPs are not in the audit chain).
+async fn drain_stops(decider: &Decider, deadline: Duration) {
+    let evidence = decider.stop_evidence();
+    let drained = tokio::time::timeout(deadline, async {
+        let mut backoff = Duration::ZERO;
+        while !evidence.is_empty() {
+            if decider.publish_stops().await {
+                backoff = fail_open::next_backoff(backoff);
+                tokio::time::sleep(backoff).await;
+            }
+        }
+    })
+    .await;
+    let left = evidence.abandon();
+    if drained.is_err() && !left.is_empty() {
+        error!(records = left.records, unpublished_by_reason = ?left.overflow,
+               "shutdown deadline passed with STOP records unpublished: these STOP decisions are not in the audit chain");
+    }
 }
 
 /// Sends fail-open records to the ledger until `stopped`: at once when a settlement makes one

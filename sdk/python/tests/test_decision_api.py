@@ -149,6 +149,9 @@ def test_tight_budget_stops(stack: Stack, call_id: str) -> None:
     assert err.decision_response is not None
     assert err.decision_response.reservation_id is None
     assert err.decision_response.reserved_nano_usd == 0
+    # The refusal's signed evidence is published under this id (a UUID).
+    evidence_id = err.decision_response.evidence_id
+    assert evidence_id is not None and len(evidence_id) == 36
 
 
 def test_tight_budget_unchecked_returns_stop(stack: Stack, call_id: str) -> None:
@@ -159,6 +162,7 @@ def test_tight_budget_unchecked_returns_stop(stack: Stack, call_id: str) -> None
     assert decision.decision == "STOP"
     assert decision.reason == "BUDGET_EXHAUSTED"
     assert not decision.allowed
+    assert decision.evidence_id is not None
 
 
 def test_soft_cap_requires_approval(stack: Stack, call_id: str) -> None:

@@ -72,6 +72,7 @@ impl pb::sidecar_server::Sidecar for SidecarService {
             fail_open: d.fail_open,
             pricing_stale: d.pricing_stale,
             replayed: d.replayed,
+            evidence_id: d.evidence_id.unwrap_or_default(),
         }))
     }
 

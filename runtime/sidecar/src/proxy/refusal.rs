@@ -44,6 +44,7 @@ pub fn decision(api: Api, decision: &Decision) -> Response {
     extra.insert("decision".into(), decision.decision.as_str().into());
     extra.insert("approval_id".into(), json!(decision.approval_id));
     extra.insert("budget_id".into(), json!(decision.budget_id));
+    extra.insert("evidence_id".into(), json!(decision.evidence_id));
     extra.insert(
         "contract_version".into(),
         decision.contract_version.clone().into(),

@@ -85,6 +85,9 @@ class Decision:
     # Priced from a snapshot older than the contract accepts, which lets such calls continue
     # (a contract that stops them answers STOP with reason PRICING_STALE instead).
     pricing_stale: bool = False
+    # STOP: the id of the ledger's signed record of this refusal (`decision.stopped`), which the
+    # sidecar publishes in the background; None for other decisions.
+    evidence_id: str | None = None
 
     @property
     def allowed(self) -> bool:
@@ -112,6 +115,7 @@ class Decision:
             fail_open=bool(data.get("fail_open", False)),
             replayed=bool(data.get("replayed", False)),
             pricing_stale=bool(data.get("pricing_stale", False)),
+            evidence_id=_opt_str(data, "evidence_id"),
         )
 
 
