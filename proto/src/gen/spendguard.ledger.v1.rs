@@ -733,6 +733,11 @@ pub enum ErrorCode {
     ShuttingDown = 62,
     /// \[INTERNAL\] A bug; nothing was written.
     Internal = 63,
+    /// \[UNAVAILABLE\] The ledger is configured with a bound on how long audit evidence may wait
+    /// outside the canonical chain (SPENDGUARD_LEDGER_MAX_EVIDENCE_LAG_SECONDS), and the oldest
+    /// unforwarded event is older: ReserveSet and CreateApproval are refused until the forwarder
+    /// catches up; settlements, leases and evidence records go on. Nothing was written.
+    EvidenceBacklog = 64,
 }
 impl ErrorCode {
     /// String value of the enum field names used in the ProtoBuf definition.
@@ -775,6 +780,7 @@ impl ErrorCode {
             Self::DependencyUnavailable => "ERROR_CODE_DEPENDENCY_UNAVAILABLE",
             Self::ShuttingDown => "ERROR_CODE_SHUTTING_DOWN",
             Self::Internal => "ERROR_CODE_INTERNAL",
+            Self::EvidenceBacklog => "ERROR_CODE_EVIDENCE_BACKLOG",
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -818,6 +824,7 @@ impl ErrorCode {
             "ERROR_CODE_DEPENDENCY_UNAVAILABLE" => Some(Self::DependencyUnavailable),
             "ERROR_CODE_SHUTTING_DOWN" => Some(Self::ShuttingDown),
             "ERROR_CODE_INTERNAL" => Some(Self::Internal),
+            "ERROR_CODE_EVIDENCE_BACKLOG" => Some(Self::EvidenceBacklog),
             _ => None,
         }
     }

@@ -78,6 +78,7 @@ error_codes! {
     Overloaded = "OVERLOADED" => Unavailable,
     DependencyUnavailable = "DEPENDENCY_UNAVAILABLE" => Unavailable,
     ShuttingDown = "SHUTTING_DOWN" => Unavailable,
+    EvidenceBacklog = "EVIDENCE_BACKLOG" => Unavailable,
     Internal = "INTERNAL" => Internal,
 }
 

@@ -908,6 +908,7 @@ pub fn error_code_to_proto(code: ErrorCode) -> pb::ErrorCode {
         ErrorCode::Overloaded => pb::ErrorCode::Overloaded,
         ErrorCode::DependencyUnavailable => pb::ErrorCode::DependencyUnavailable,
         ErrorCode::ShuttingDown => pb::ErrorCode::ShuttingDown,
+        ErrorCode::EvidenceBacklog => pb::ErrorCode::EvidenceBacklog,
         ErrorCode::Internal => pb::ErrorCode::Internal,
         ErrorCode::ApproverRequired => pb::ErrorCode::ApproverRequired,
         ErrorCode::ApprovalNotFound => pb::ErrorCode::ApprovalNotFound,

@@ -17,6 +17,17 @@ pub enum Error {
     /// The ledger is shutting down.
     #[error("the ledger is shutting down")]
     ShuttingDown,
+    /// New spend is refused while audit evidence waits outside the canonical chain longer than
+    /// the configured bound (S22's durability policy).
+    #[error(
+        "audit evidence has waited {age_ms} ms for the canonical chain, past the configured {limit_ms} ms: new reservations are refused until the forwarder catches up"
+    )]
+    EvidenceBacklog {
+        /// Age of the oldest unforwarded event.
+        age_ms: i64,
+        /// The configured bound.
+        limit_ms: i64,
+    },
     /// The database failed or is unreachable; the transaction rolled back.
     #[error("database unavailable: {0}")]
     Database(String),
@@ -85,6 +96,7 @@ impl Error {
             Self::ProducerInstanceConflict(_) => ErrorCode::ProducerInstanceConflict,
             Self::Overloaded => ErrorCode::Overloaded,
             Self::ShuttingDown => ErrorCode::ShuttingDown,
+            Self::EvidenceBacklog { .. } => ErrorCode::EvidenceBacklog,
             Self::Database(_) => ErrorCode::DependencyUnavailable,
             Self::Invariant(_) | Self::Migration(_) | Self::Startup(_) | Self::Stale => {
                 ErrorCode::Internal

@@ -4,6 +4,7 @@
 
 use crate::convert;
 use crate::error::Error;
+use crate::evidence_gate::EvidenceGate;
 use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::writer::Writer;
@@ -11,6 +12,7 @@ use prost::Message;
 use spendguard_core::plan::{Command, Outcome};
 use spendguard_core::{ErrorClass, LedgerError};
 use spendguard_proto::ledger::v1 as pb;
+use std::sync::Arc;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 use tracing::{instrument, warn};
@@ -24,15 +26,22 @@ pub struct LedgerGrpc {
     writer: Writer,
     store: Store,
     metrics: Metrics,
+    evidence_gate: Arc<EvidenceGate>,
 }
 
 impl LedgerGrpc {
     /// Wires the service.
-    pub fn new(writer: Writer, store: Store, metrics: Metrics) -> Self {
+    pub fn new(
+        writer: Writer,
+        store: Store,
+        metrics: Metrics,
+        evidence_gate: Arc<EvidenceGate>,
+    ) -> Self {
         Self {
             writer,
             store,
             metrics,
+            evidence_gate,
         }
     }
 
@@ -106,6 +115,7 @@ impl pb::ledger_server::Ledger for LedgerGrpc {
     ) -> Result<Response<pb::ReserveSetResponse>, Status> {
         self.run("ReserveSet", async {
             let command = convert::reserve_set(request.get_ref())?;
+            self.evidence_gate.admit()?;
             match self.submit(Command::ReserveSet(command)).await? {
                 Outcome::Reserved {
                     reservation_id,
@@ -305,6 +315,7 @@ impl pb::ledger_server::Ledger for LedgerGrpc {
     ) -> Result<Response<pb::CreateApprovalResponse>, Status> {
         self.run("CreateApproval", async {
             let command = convert::create_approval(request.get_ref())?;
+            self.evidence_gate.admit()?;
             match self.submit(Command::CreateApproval(command)).await? {
                 Outcome::Approval { approval, replayed } => Ok(pb::CreateApprovalResponse {
                     approval: Some(convert::approval_to_proto(&approval)),

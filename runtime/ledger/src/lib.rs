@@ -15,12 +15,14 @@
 pub mod cache;
 pub mod convert;
 pub mod error;
+pub mod evidence_gate;
 pub mod grpc;
 pub mod metrics;
 pub mod store;
 pub mod writer;
 
 use crate::error::{Error, Result};
+use crate::evidence_gate::EvidenceGate;
 use crate::metrics::Metrics;
 use crate::store::{ProducerClaim, Store};
 use crate::writer::Writer;
@@ -116,6 +118,16 @@ pub struct LedgerTuning {
         default_value_t = 10_000
     )]
     pub shutdown_grace_ms: u64,
+    /// The durability policy for evidence outside the canonical chain (S22): 0 (the default)
+    /// lets decisions go on however far the forwarder falls behind; N refuses new reservations
+    /// and approvals (`EVIDENCE_BACKLOG`) while the oldest unforwarded audit event is older than
+    /// N seconds. Evidence is never dropped either way.
+    #[arg(
+        long,
+        env = "SPENDGUARD_LEDGER_MAX_EVIDENCE_LAG_SECONDS",
+        default_value_t = 0
+    )]
+    pub max_evidence_lag_seconds: u64,
 }
 
 impl Default for LedgerTuning {
@@ -128,6 +140,7 @@ impl Default for LedgerTuning {
             max_message_bytes: 65_536,
             migrate_on_start: true,
             shutdown_grace_ms: 10_000,
+            max_evidence_lag_seconds: 0,
         }
     }
 }
@@ -237,7 +250,13 @@ pub async fn start(
         usize::from(tuning.pipeline_depth),
         metrics.clone(),
     );
-    let service = grpc::LedgerGrpc::new(writer, store.clone(), metrics.clone());
+    let evidence_gate = Arc::new(EvidenceGate::new(tuning.max_evidence_lag_seconds));
+    let service = grpc::LedgerGrpc::new(
+        writer,
+        store.clone(),
+        metrics.clone(),
+        evidence_gate.clone(),
+    );
     let addr = listener
         .local_addr()
         .map_err(|e| Error::Startup(format!("listener: {e}")))?;
@@ -265,6 +284,11 @@ pub async fn start(
             instance_id.to_owned(),
             lock,
             claim_tx,
+        )),
+        tokio::spawn(evidence_gate::watch(
+            store.clone(),
+            evidence_gate,
+            metrics.clone(),
         )),
         tokio::spawn(refresh_gauges(store.clone(), metrics)),
     ];

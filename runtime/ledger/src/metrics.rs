@@ -64,6 +64,8 @@ pub struct Metrics {
     pub open_reservations: Gauge,
     /// Audit events not yet forwarded into the canonical chain.
     pub evidence_unforwarded: Gauge,
+    /// Age of the oldest of them, in seconds (0 when none).
+    pub evidence_oldest_unforwarded_age_seconds: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -87,6 +89,7 @@ impl Metrics {
             batch_phase: Family::new_with_constructor(latency_histogram),
             open_reservations: Gauge::default(),
             evidence_unforwarded: Gauge::default(),
+            evidence_oldest_unforwarded_age_seconds: Gauge::default(),
         };
         let registry = registry.sub_registry_with_prefix("spendguard_ledger");
         registry.register(
@@ -128,6 +131,11 @@ impl Metrics {
             "evidence_unforwarded",
             "Audit events in the outbox not yet forwarded into the canonical chain (a lag, not a loss)",
             metrics.evidence_unforwarded.clone(),
+        );
+        registry.register(
+            "evidence_oldest_unforwarded_age_seconds",
+            "Age of the oldest audit event not yet forwarded into the canonical chain (0 when none)",
+            metrics.evidence_oldest_unforwarded_age_seconds.clone(),
         );
         metrics
     }

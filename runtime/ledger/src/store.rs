@@ -665,6 +665,24 @@ impl Store {
         .await?)
     }
 
+    /// Age, on the database clock, of the oldest audit event not yet forwarded into the
+    /// canonical chain (the first unforwarded event of each producer; one primary-key probe per
+    /// producer); `None` when nothing waits.
+    ///
+    /// # Errors
+    /// [`Error::Database`].
+    pub async fn oldest_unforwarded_age_ms(&self) -> Result<Option<i64>> {
+        Ok(sqlx::query_scalar(
+            "SELECT (extract(epoch FROM now() - min(o.occurred_at)) * 1000)::bigint
+               FROM audit_producers p
+               LEFT JOIN forwarder_cursors c USING (producer_instance_id)
+               JOIN audit_outbox o ON o.producer_instance_id = p.producer_instance_id
+                                  AND o.producer_sequence = coalesce(c.next_sequence, 1)",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     /// Number of open reservations (for the gauge).
     ///
     /// # Errors

@@ -1233,6 +1233,7 @@ fn ledger_error(status: &tonic::Status) -> SidecarError {
         Some(C::Overloaded | C::DependencyUnavailable | C::ShuttingDown) => {
             SidecarError::DependencyUnavailable(message)
         }
+        Some(C::EvidenceBacklog) => SidecarError::EvidenceBacklog(message),
         Some(_) => SidecarError::Internal(message),
         // No ErrorDetail: a transport failure (connection refused, timeout).
         None => SidecarError::DependencyUnavailable(format!("{:?}: {message}", status.code())),

@@ -59,6 +59,11 @@ pub enum SidecarError {
     /// The ledger is unreachable or failed (fail closed).
     #[error("ledger unavailable: {0}")]
     DependencyUnavailable(String),
+    /// The ledger refuses new spend while audit evidence waits outside the canonical chain past
+    /// its configured bound (S22's durability policy): an explicit refusal, never a reason to
+    /// fail open.
+    #[error("ledger refuses new spend: {0}")]
+    EvidenceBacklog(String),
     /// The ledger does not know this sidecar's tenant or budgets: a configuration error, never
     /// a reason to fail open.
     #[error("guard misconfigured: {0}")]
@@ -89,6 +94,7 @@ impl SidecarError {
             Self::UsageInvalid(_) => "USAGE_INVALID",
             Self::LeaseUnavailable(_) => "LEASE_UNAVAILABLE",
             Self::DependencyUnavailable(_) => "DEPENDENCY_UNAVAILABLE",
+            Self::EvidenceBacklog(_) => "EVIDENCE_BACKLOG",
             Self::Misconfigured(_) => "GUARD_MISCONFIGURED",
             Self::UpstreamUnavailable(_) => "UPSTREAM_UNAVAILABLE",
             Self::Internal(_) => "INTERNAL",
@@ -110,9 +116,10 @@ impl SidecarError {
             | Self::CallAlreadyResolved(_)
             | Self::NoReservation(_)
             | Self::ReservationExpired(_) => StatusCode::CONFLICT,
-            Self::LeaseUnavailable(_) | Self::DependencyUnavailable(_) | Self::Misconfigured(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::LeaseUnavailable(_)
+            | Self::DependencyUnavailable(_)
+            | Self::EvidenceBacklog(_)
+            | Self::Misconfigured(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

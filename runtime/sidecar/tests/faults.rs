@@ -479,3 +479,59 @@ async fn a_fail_open_spool_carries_records_across_a_restart_during_an_outage() {
     stack.stop_sidecar().await;
     assert_eq!(spooled_bytes(), 0, "a drained spool is empty");
 }
+
+#[tokio::test]
+async fn a_ledger_refusing_new_spend_for_an_evidence_backlog_fails_closed_even_under_fail_open() {
+    // Goal: S22's durability policy reaches the caller as an explicit refusal: a ledger bounding
+    // how long evidence may wait outside the canonical chain refuses new spend with
+    // EVIDENCE_BACKLOG, and the sidecar answers 503 EVIDENCE_BACKLOG, never fail-open (the
+    // ledger answered; it is not an outage), with nothing forwarded upstream. Method: a fail-open
+    // contract; the ledger restarted with a 1 s bound and no forwarder running (the stack's
+    // setup events age); decide until the refusal shows, then a proxied call.
+    let mut stack = Stack::start(Options {
+        contract: json!({"fail_policy": "open"}),
+        ..Options::default()
+    })
+    .await;
+    stack.ledger.stop().await;
+    let tuning = spendguard_testkit::ledger::LedgerTuning {
+        max_evidence_lag_seconds: 1,
+        ..Default::default()
+    };
+    stack.restart_ledger_tuned(&tuning).await;
+    let mut refused = None;
+    for i in 0..100 {
+        let reply = post_json(
+            &stack.url("/v1/spendguard/decide"),
+            &[],
+            &json!({"call_id": format!("c-{i}"), "provider": "openai", "model": "gpt-4o-mini",
+                    "input_tokens_upper_bound": 100, "max_output_tokens": 10}),
+        )
+        .await;
+        if reply.status != 200 {
+            refused = Some(reply);
+            break;
+        }
+        assert_eq!(reply.json()["fail_open"], false, "{}", reply.json());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refused = refused.expect("refused once the oldest event is older than 1 s");
+    assert_eq!(refused.status, 503);
+    assert_eq!(
+        refused.json()["error"]["code"],
+        "EVIDENCE_BACKLOG",
+        "{}",
+        refused.json()
+    );
+    let proxied = post_json(
+        &stack.url("/v1/chat/completions"),
+        &[OPENAI_KEY],
+        &chat_body("gpt-4o-mini", false),
+    )
+    .await;
+    assert_eq!(proxied.status, 503);
+    assert_eq!(proxied.json()["error"]["code"], "EVIDENCE_BACKLOG");
+    assert_eq!(proxied.json()["error"]["type"], "spendguard_unavailable");
+    assert!(stack.upstream_requests().is_empty(), "nothing went out");
+    assert!(stack.sidecar().decider.fail_open_queue().is_empty());
+}

@@ -3,8 +3,9 @@
 
 use crate::postgres::PgCluster;
 use anyhow::Result;
+pub use spendguard_ledger::LedgerTuning;
+use spendguard_ledger::RunningLedger;
 use spendguard_ledger::store::{ProducerClaim, ProducerCursor, Store};
-use spendguard_ledger::{LedgerTuning, RunningLedger};
 use spendguard_proto::ledger::v1 as pb;
 use std::sync::OnceLock;
 use tonic::transport::Channel;
@@ -61,12 +62,25 @@ impl TestLedger {
         instance_id: &str,
         addr: std::net::SocketAddr,
     ) -> Result<Self> {
+        Self::start_tuned(database_url, instance_id, addr, &LedgerTuning::default()).await
+    }
+
+    /// [`TestLedger::start_at`] with `tuning` instead of the defaults.
+    ///
+    /// # Errors
+    /// When the server cannot start or bind.
+    pub async fn start_tuned(
+        database_url: &str,
+        instance_id: &str,
+        addr: std::net::SocketAddr,
+        tuning: &LedgerTuning,
+    ) -> Result<Self> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let mut registry = prometheus_client::registry::Registry::default();
         let ledger = spendguard_ledger::start(
             database_url,
             instance_id,
-            &LedgerTuning::default(),
+            tuning,
             crate::signing::test_signing(instance_id),
             listener,
             &mut registry,

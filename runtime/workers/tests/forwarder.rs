@@ -440,3 +440,130 @@ async fn the_ledger_counts_the_events_the_forwarder_has_not_moved_yet() {
         "the gauge is registered"
     );
 }
+
+#[tokio::test]
+async fn a_ledger_bounding_evidence_lag_refuses_new_spend_until_the_forwarder_catches_up() {
+    // Goal: S22's configured durability policy. With a bound of 1 s on how long evidence may wait
+    // outside the canonical chain, a forwarder that is down makes the ledger refuse new
+    // reservations and approvals (EVIDENCE_BACKLOG, nothing written) while settlements go on;
+    // once the forwarder has moved the backlog, reservations are admitted again. No event is
+    // dropped either way. Method: a ledger with the bound, activity, no forwarder until the
+    // refusal shows; then a commit, an approval, the gauge; then one forwarder pass.
+    use spendguard_proto::ledger::v1 as pb;
+    use spendguard_testkit::ledger::{LedgerTuning, shared_cluster};
+    let database_url = shared_cluster().create_database().await.unwrap();
+    let tuning = LedgerTuning {
+        max_evidence_lag_seconds: 1,
+        ..LedgerTuning::default()
+    };
+    let mut ledger = TestLedger::start_tuned(
+        &database_url,
+        "ledger-0",
+        "127.0.0.1:0".parse().unwrap(),
+        &tuning,
+    )
+    .await
+    .unwrap();
+    let fencing = ledger.tenant_with_lease("acme").await.unwrap();
+    ledger.budget("acme", "b", 1_000_000).await.unwrap();
+    let open = ledger
+        .client
+        .reserve_set(reserve_request("acme", "before", &["b"], 100, &fencing))
+        .await
+        .expect("admitted while the backlog is young")
+        .into_inner();
+    let Some(pb::reserve_set_response::Outcome::Reserved(open)) = open.outcome else {
+        panic!("denied")
+    };
+    let mut refused = None;
+    for i in 0..100 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let key = format!("during-{i}");
+        match ledger
+            .client
+            .reserve_set(reserve_request("acme", &key, &["b"], 100, &fencing))
+            .await
+        {
+            Ok(_) => {}
+            Err(status) => {
+                refused = Some(status);
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("refused once the oldest event is older than 1 s");
+    assert_eq!(
+        spendguard_proto::ledger::error_code(&refused),
+        Some(pb::ErrorCode::EvidenceBacklog),
+        "{refused:?}"
+    );
+    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    let pool = ledger.store().pool().clone();
+    let outbox_before: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_outbox")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    // Approvals are new exposure too.
+    let approval = ledger
+        .client
+        .create_approval(pb::CreateApprovalRequest {
+            tenant_id: "acme".into(),
+            idempotency_key: "approve-me".into(),
+            budget_ids: vec!["b".into()],
+            budget_id: "b".into(),
+            amount_nano_usd: 100,
+            fencing: Some(fencing.clone()),
+            ttl_ms: 60_000,
+            reason_code: "SOFT_CAP_REACHED".into(),
+            pricing: Some(spendguard_testkit::ledger::test_pricing()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        spendguard_proto::ledger::error_code(&approval),
+        Some(pb::ErrorCode::EvidenceBacklog)
+    );
+    let after_refusals: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_outbox")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(after_refusals, outbox_before, "a refusal writes nothing");
+    // Settling what is open ends exposure: still accepted.
+    ledger
+        .client
+        .commit(pb::CommitRequest {
+            tenant_id: "acme".into(),
+            reservation_id: open.reservation_id,
+            actual_nano_usd: 60,
+            fencing: Some(fencing.clone()),
+        })
+        .await
+        .expect("commits go on");
+    assert!(
+        ledger.metrics_text().lines().any(|l| l
+            .starts_with("spendguard_ledger_evidence_oldest_unforwarded_age_seconds ")
+            && !l.ends_with(" 0")),
+        "{}",
+        ledger.metrics_text()
+    );
+
+    forwarder(&pool).pass().await.unwrap();
+    let mut admitted = false;
+    for i in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let key = format!("after-{i}");
+        if ledger
+            .client
+            .reserve_set(reserve_request("acme", &key, &["b"], 100, &fencing))
+            .await
+            .is_ok()
+        {
+            admitted = true;
+            break;
+        }
+    }
+    assert!(admitted, "admitted again once the backlog is forwarded");
+    // Everything written before the pass, the refusals' time included, is in the chain.
+    assert!(verify_chain(&pool, "acme").await.unwrap() >= 3);
+}

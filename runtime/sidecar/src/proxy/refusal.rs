@@ -70,6 +70,7 @@ pub fn error(api: Api, error: &SidecarError) -> Response {
         (
             SidecarError::LeaseUnavailable(_)
             | SidecarError::DependencyUnavailable(_)
+            | SidecarError::EvidenceBacklog(_)
             | SidecarError::Misconfigured(_),
             _,
         ) => "spendguard_unavailable",

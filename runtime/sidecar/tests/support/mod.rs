@@ -210,6 +210,17 @@ impl Stack {
             .unwrap();
     }
 
+    /// Starts the ledger again (after `self.ledger.stop()`) with `tuning`.
+    pub async fn restart_ledger_tuned(
+        &mut self,
+        tuning: &spendguard_testkit::ledger::LedgerTuning,
+    ) {
+        let database_url = self.ledger.database_url.clone();
+        self.ledger = TestLedger::start_tuned(&database_url, "ledger-0", self.ledger_addr, tuning)
+            .await
+            .unwrap();
+    }
+
     /// Waits (up to 20 s) for the sidecar's fail-open queue to drain; whether it did.
     pub async fn fail_open_drained(&self) -> bool {
         for _ in 0..400 {
