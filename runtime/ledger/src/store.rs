@@ -666,8 +666,9 @@ impl Store {
     }
 
     /// Age, on the database clock, of the oldest audit event not yet forwarded into the
-    /// canonical chain (the first unforwarded event of each producer; one primary-key probe per
-    /// producer); `None` when nothing waits.
+    /// canonical chain: for each producer, the first event at or after its forwarder cursor (one
+    /// index probe per producer; "at or after", so a gap that stalls the forwarder still counts
+    /// the events behind it); `None` when nothing waits.
     ///
     /// # Errors
     /// [`Error::Database`].
@@ -676,8 +677,11 @@ impl Store {
             "SELECT (extract(epoch FROM now() - min(o.occurred_at)) * 1000)::bigint
                FROM audit_producers p
                LEFT JOIN forwarder_cursors c USING (producer_instance_id)
-               JOIN audit_outbox o ON o.producer_instance_id = p.producer_instance_id
-                                  AND o.producer_sequence = coalesce(c.next_sequence, 1)",
+               CROSS JOIN LATERAL (
+                   SELECT occurred_at FROM audit_outbox o
+                    WHERE o.producer_instance_id = p.producer_instance_id
+                      AND o.producer_sequence >= coalesce(c.next_sequence, 1)
+                    ORDER BY o.producer_sequence LIMIT 1) o",
         )
         .fetch_one(&self.pool)
         .await?)

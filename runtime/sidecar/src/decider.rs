@@ -315,22 +315,42 @@ impl Decider {
         if decision.decision == Verdict::Stop {
             decision.evidence_id = Some(Uuid::new_v4().to_string());
         }
-        let answered = self.record(&input.call_id, fingerprint, decision);
+        let mut answered = self.record(&input.call_id, fingerprint, decision);
         // A STOP answered for the first time is published; its replays point at that record.
-        if answered.decision == Verdict::Stop && !answered.replayed {
-            self.stops.push(self.stop_record(&input, &answered));
+        // Past the queue's bound it is published only as part of a count: no record carries
+        // its id, so the answer carries none.
+        if answered.decision == Verdict::Stop
+            && !answered.replayed
+            && !self.stops.push(self.stop_record(&input, &answered))
+        {
+            answered.evidence_id = None;
+            if let Some(entry) = lock(&self.calls).get_mut(&input.call_id) {
+                entry.decision.evidence_id = None;
+            }
         }
         Ok(answered)
     }
 
-    /// The evidence of a STOP, as RecordStops will send it.
+    /// The evidence of a STOP, as RecordStops will send it. Caller-supplied text (the model
+    /// appears in the context and in some details) is fitted to the ledger's limits, so a STOP
+    /// of an odd request is still recorded.
     fn stop_record(&self, input: &DecideInput, decision: &Decision) -> pb::StopRecord {
         let decided_at = unix_ms_now();
+        let mut context = self.ledger_context(input, decision.pricing_stale);
+        for text in [
+            &mut context.run_id,
+            &mut context.workflow_id,
+            &mut context.provider,
+            &mut context.model,
+            &mut context.contract_version,
+        ] {
+            *text = fit_text(text, STOP_CONTEXT_LEN_MAX);
+        }
         pb::StopRecord {
             record_id: decision.evidence_id.clone().unwrap_or_default(),
             call_id: input.call_id.clone(),
             reason: decision.reason.to_owned(),
-            detail: decision.detail.clone(),
+            detail: fit_text(&decision.detail, STOP_DETAIL_LEN_MAX),
             budget_id: decision.budget_id.clone().unwrap_or_default(),
             worst_case_nano_usd: decision.worst_case_nano_usd,
             first_decided_at_unix_ms: decided_at,
@@ -338,50 +358,45 @@ impl Decider {
             count: 1,
             // The epoch held when it decided; a contract STOP is answered without one too.
             fencing_epoch: self.lease.epoch_for_settlement().unwrap_or(0),
-            context: Some(self.ledger_context(input, decision.pricing_stale)),
+            context: Some(context),
         }
     }
 
     /// Sends up to one batch of queued STOP records to the ledger. Returns whether the ledger
-    /// could not take it (the batch is queued again; the caller backs off).
+    /// could not take it (the records are queued again; the caller backs off). Cancel-safe: a
+    /// send dropped mid-way (a deadline, an abort) puts its unconfirmed records back.
     pub async fn publish_stops(&self) -> bool {
-        let batch = self.stops.take(STOP_BATCH_MAX);
+        let mut batch = self.stops.take(STOP_BATCH_MAX);
         if batch.is_empty() {
             return false;
         }
-        match self.send_stops(batch.clone()).await {
+        match self.send_stops(batch.records().cloned().collect()).await {
             Ok(()) => {
-                self.stops.published(batch.len());
+                batch.published();
                 false
             }
             // Malformed, or an id bound to other fields: no retry can change the answer. The
             // request fails as a whole, so each record is tried alone and only the bad ones are
-            // dropped.
+            // set aside.
             Err(SendFailure::Refused(reason) | SendFailure::Conflict(reason)) => {
                 if batch.len() == 1 {
-                    self.drop_stops(1, &reason);
+                    self.refuse_stop(batch.refused_first(), &reason);
                     return false;
                 }
-                let mut records = batch.into_iter();
-                while let Some(record) = records.next() {
-                    match self.send_stops(vec![record.clone()]).await {
-                        Ok(()) => self.stops.published(1),
-                        Err(SendFailure::Refused(reason) | SendFailure::Conflict(reason)) => {
-                            self.drop_stops(1, &reason);
+                while let Some(record) = batch.first() {
+                    match self.send_stops(vec![record]).await {
+                        Ok(()) => batch.published_first(),
+                        Err(SendFailure::Refused(why) | SendFailure::Conflict(why)) => {
+                            self.refuse_stop(batch.refused_first(), &why);
                         }
-                        Err(SendFailure::Unavailable(_) | SendFailure::Retry(_)) => {
-                            // Gone again mid-way: this record and the rest wait for the next pass.
-                            self.stops
-                                .put_back(std::iter::once(record).chain(records).collect());
-                            return true;
-                        }
+                        // Gone again mid-way: the rest waits for the next pass.
+                        Err(SendFailure::Unavailable(_) | SendFailure::Retry(_)) => return true,
                     }
                 }
                 false
             }
             Err(SendFailure::Unavailable(reason) | SendFailure::Retry(reason)) => {
                 tracing::debug!(records = batch.len(), %reason, "STOP records wait for the ledger");
-                self.stops.put_back(batch);
                 true
             }
         }
@@ -403,10 +418,21 @@ impl Decider {
             .map_err(|status| fail_open_failure(&status))
     }
 
-    fn drop_stops(&self, count: usize, reason: &str) {
-        self.stops.dropped(count);
-        error!(records = count, %reason,
-               "ledger refused STOP records; dropped: these STOP decisions are missing from the audit chain");
+    /// A record the ledger refused for good: a call's STOP is still published, as part of its
+    /// reason's count; a summary refused for good (a bug) is dropped and logged.
+    fn refuse_stop(&self, record: Option<pb::StopRecord>, reason: &str) {
+        let Some(record) = record else {
+            return;
+        };
+        if record.call_id.is_empty() {
+            self.stops.dropped(1);
+            error!(count = record.count, stop_reason = %record.reason, %reason,
+                   "ledger refused a STOP summary; dropped: these STOP decisions are missing from the audit chain");
+        } else {
+            warn!(call_id = %record.call_id, stop_reason = %record.reason, %reason,
+                  "ledger refused a STOP record; it is published as part of its reason's count");
+            self.stops.unpublish(record);
+        }
     }
 
     fn replay(
@@ -1240,6 +1266,25 @@ fn ledger_error(status: &tonic::Status) -> SidecarError {
     }
 }
 
+/// The ledger's limit on a decision context's text fields (bytes).
+const STOP_CONTEXT_LEN_MAX: usize = 256;
+/// The ledger's limit on a stop record's detail (bytes).
+const STOP_DETAIL_LEN_MAX: usize = 1_024;
+
+/// `text` without control characters (the ledger refuses them), cut to at most `max` bytes on a
+/// character boundary (the ledger refuses longer), marked with `…` when cut.
+fn fit_text(text: &str, max: usize) -> String {
+    let clean: String = text.chars().filter(|c| !c.is_control()).collect();
+    if clean.len() <= max {
+        return clean;
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !clean.is_char_boundary(end) {
+        end = end.saturating_sub(1);
+    }
+    format!("{}…", &clean[..end])
+}
+
 /// Now, in Unix milliseconds (at least 1: the ledger refuses 0).
 fn unix_ms_now() -> i64 {
     std::time::SystemTime::now()
@@ -1292,6 +1337,17 @@ mod tests {
 
     fn failure(error: LedgerServiceError) -> SendFailure {
         fail_open_failure(&status(&error))
+    }
+
+    #[test]
+    fn stop_text_is_fitted_to_the_ledgers_limits() {
+        assert_eq!(fit_text("gpt-4o", 256), "gpt-4o");
+        assert_eq!(fit_text("a\u{0}b\nc", 256), "abc");
+        let long = "é".repeat(300);
+        let fitted = fit_text(&long, 256);
+        assert!(fitted.len() <= 256, "{}", fitted.len());
+        assert!(fitted.ends_with('…'));
+        assert!(fitted.starts_with("éé"));
     }
 
     #[test]

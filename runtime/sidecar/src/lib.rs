@@ -219,9 +219,15 @@ impl RunningSidecar {
             fail_open_task.abort();
         }
         drain_fail_open(&self.decider, self.fail_open_drain).await;
-        // A publish in progress is never cancelled (its batch would be lost): the loop ends at its
-        // next wait, within one RPC timeout.
-        let _ = self.stops_task.await;
+        // The loop ends at its next wait; a publish still running past the deadline is aborted,
+        // which puts its unconfirmed records back for the drain (publishing is cancel-safe).
+        let mut stops_task = self.stops_task;
+        if tokio::time::timeout(self.fail_open_drain, &mut stops_task)
+            .await
+            .is_err()
+        {
+            stops_task.abort();
+        }
         drain_stops(&self.decider, self.fail_open_drain).await;
     }
 }
@@ -400,7 +406,8 @@ async fn publish_stops_loop(decider: Arc<Decider>, mut stopped: watch::Receiver<
             _ = stopped.wait_for(|s| *s) => return,
             () = work => {}
         }
-        // Outside the select: a publish in progress is never cancelled.
+        // Outside the select, so a stop signal does not cut a send short (cutting it would be
+        // safe: unconfirmed records go back).
         backoff = if decider.publish_stops().await {
             fail_open::next_backoff(backoff)
         } else {
@@ -410,7 +417,8 @@ async fn publish_stops_loop(decider: Arc<Decider>, mut stopped: watch::Receiver<
 }
 
 /// Shutdown: sends the queued STOP records until none is left or `deadline` passes; what is
-/// left is logged at ERROR (those STOPs are not in the audit chain).
+/// left, a send cut short by the deadline included (its records go back first), is logged at
+/// ERROR: those STOPs may be missing from the audit chain.
 async fn drain_stops(decider: &Decider, deadline: Duration) {
     let evidence = decider.stop_evidence();
     let drained = tokio::time::timeout(deadline, async {

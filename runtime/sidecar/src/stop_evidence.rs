@@ -41,6 +41,9 @@ struct Overflow {
 struct Inner {
     queue: VecDeque<pb::StopRecord>,
     overflow: BTreeMap<String, Overflow>,
+    /// Summaries made from `overflow` that the ledger has not taken yet, by reason: sent again
+    /// with the same id, and never more than one per reason (so retries cannot grow the queue).
+    summaries: BTreeMap<String, pb::StopRecord>,
 }
 
 #[derive(Clone, Default)]
@@ -111,69 +114,81 @@ impl StopEvidence {
         );
     }
 
-    /// Queues the record of a STOP that was just answered; past the bound, counts it under its
-    /// reason instead.
-    pub fn push(&self, record: pb::StopRecord) {
+    /// Queues the record of a STOP that was just answered. Past the bound, counts it under its
+    /// reason instead and returns false: no record will carry its id.
+    pub fn push(&self, record: pb::StopRecord) -> bool {
         let mut inner = lock(&self.inner);
-        if inner.queue.len() < self.capacity {
+        let queued = inner.queue.len() < self.capacity;
+        if queued {
             inner.queue.push_back(record);
             self.metrics.queued.set(gauge_value(inner.queue.len()));
         } else {
             self.metrics.unpublished.inc();
-            let at = record.first_decided_at_unix_ms;
-            inner
-                .overflow
-                .entry(record.reason)
-                .and_modify(|o| {
-                    o.count = o.count.saturating_add(1);
-                    o.first_unix_ms = o.first_unix_ms.min(at);
-                    o.last_unix_ms = o.last_unix_ms.max(at);
-                })
-                .or_insert(Overflow {
-                    count: 1,
-                    first_unix_ms: at,
-                    last_unix_ms: at,
-                });
+            count(&mut inner.overflow, record);
         }
         drop(inner);
         self.wake.notify_one();
+        queued
     }
 
-    /// Takes up to `max` records to send: first a summary record for each reason counted past
-    /// the bound (they leave the counts: from here on they are records like any other), then the
-    /// oldest queued.
-    pub fn take(&self, max: usize) -> Vec<pb::StopRecord> {
+    /// Counts, under its reason, a call's record the ledger refused for good, so that the STOP is
+    /// still published, as part of a count.
+    pub fn unpublish(&self, record: pb::StopRecord) {
+        self.metrics.unpublished.inc();
+        count(&mut lock(&self.inner).overflow, record);
+    }
+
+    /// Takes up to `max` records to send: the summaries of STOPs counted past the bound first
+    /// (one per reason; a new one only once the ledger took the previous), then the oldest
+    /// queued. Records not confirmed through the returned guard go back when it is dropped, so a
+    /// send cancelled at any point loses nothing.
+    pub fn take(&self, max: usize) -> InFlight<'_> {
         let mut inner = lock(&self.inner);
-        let mut batch = Vec::new();
-        while batch.len() < max {
-            let Some((reason, overflow)) = inner.overflow.pop_first() else {
+        let Inner {
+            queue,
+            overflow,
+            summaries,
+        } = &mut *inner;
+        let ready: Vec<String> = overflow
+            .keys()
+            .filter(|reason| !summaries.contains_key(*reason))
+            .cloned()
+            .collect();
+        for reason in ready {
+            if let Some(counted) = overflow.remove(&reason) {
+                let record = summary(reason.clone(), counted, self.capacity);
+                summaries.insert(reason, record);
+            }
+        }
+        let mut records: VecDeque<pb::StopRecord> = summaries.values().take(max).cloned().collect();
+        for record in &records {
+            summaries.remove(&record.reason);
+        }
+        while records.len() < max {
+            let Some(record) = queue.pop_front() else {
                 break;
             };
-            batch.push(summary(reason, overflow, self.capacity));
+            records.push_back(record);
         }
-        while batch.len() < max {
-            let Some(record) = inner.queue.pop_front() else {
-                break;
-            };
-            batch.push(record);
+        self.metrics.queued.set(gauge_value(queue.len()));
+        InFlight {
+            evidence: self,
+            records,
         }
-        self.metrics.queued.set(gauge_value(inner.queue.len()));
-        batch
     }
 
-    /// Puts back, in front and in order, a batch the ledger could not take yet (it may briefly
-    /// hold more than the bound: these were admitted already).
-    pub fn put_back(&self, batch: Vec<pb::StopRecord>) {
+    /// Puts back, in front and in order, records the ledger did not take (the queue may briefly
+    /// hold more than the bound: these were admitted already). Summaries go back to their reason.
+    fn put_back(&self, records: impl DoubleEndedIterator<Item = pb::StopRecord>) {
         let mut inner = lock(&self.inner);
-        for record in batch.into_iter().rev() {
-            inner.queue.push_front(record);
+        for record in records.rev() {
+            if record.call_id.is_empty() {
+                inner.summaries.insert(record.reason.clone(), record);
+            } else {
+                inner.queue.push_front(record);
+            }
         }
         self.metrics.queued.set(gauge_value(inner.queue.len()));
-    }
-
-    /// Counts records the ledger wrote or had written.
-    pub fn published(&self, count: usize) {
-        self.metrics.published.inc_by(count as u64);
     }
 
     /// Counts records the ledger refused for good.
@@ -184,7 +199,7 @@ impl StopEvidence {
     /// Whether nothing waits: no record, no count.
     pub fn is_empty(&self) -> bool {
         let inner = lock(&self.inner);
-        inner.queue.is_empty() && inner.overflow.is_empty()
+        inner.queue.is_empty() && inner.overflow.is_empty() && inner.summaries.is_empty()
     }
 
     /// Records queued.
@@ -203,12 +218,91 @@ impl StopEvidence {
         let records = inner.queue.len();
         inner.queue.clear();
         self.metrics.queued.set(0);
-        let overflow = std::mem::take(&mut inner.overflow)
+        let mut overflow: BTreeMap<String, u64> = std::mem::take(&mut inner.overflow)
             .into_iter()
             .map(|(reason, o)| (reason, o.count))
             .collect();
+        for (reason, summary) in std::mem::take(&mut inner.summaries) {
+            let counted = overflow.entry(reason).or_default();
+            *counted = counted.saturating_add(summary.count);
+        }
         Abandoned { records, overflow }
     }
+}
+
+/// A batch taken for sending. Records are confirmed one by one or all at once; whatever is not
+/// confirmed when the guard is dropped (a failed send, or one cancelled by a deadline or an
+/// abort) goes back to the queue.
+pub struct InFlight<'a> {
+    evidence: &'a StopEvidence,
+    records: VecDeque<pb::StopRecord>,
+}
+
+impl InFlight<'_> {
+    /// The records not confirmed yet, oldest first.
+    pub fn records(&self) -> impl Iterator<Item = &pb::StopRecord> {
+        self.records.iter()
+    }
+
+    /// A copy of the oldest record not confirmed yet.
+    pub fn first(&self) -> Option<pb::StopRecord> {
+        self.records.front().cloned()
+    }
+
+    /// How many are not confirmed yet.
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    /// Whether every record is confirmed.
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// The ledger wrote (or had written) every record.
+    pub fn published(&mut self) {
+        let count = self.records.len();
+        self.records.clear();
+        self.evidence.metrics.published.inc_by(count as u64);
+    }
+
+    /// The ledger wrote the oldest record.
+    pub fn published_first(&mut self) {
+        if self.records.pop_front().is_some() {
+            self.evidence.metrics.published.inc();
+        }
+    }
+
+    /// The ledger refused the oldest record for good: returned, so the caller can count it.
+    pub fn refused_first(&mut self) -> Option<pb::StopRecord> {
+        self.records.pop_front()
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if !self.records.is_empty() {
+            self.evidence
+                .put_back(std::mem::take(&mut self.records).into_iter());
+        }
+    }
+}
+
+/// Adds one STOP to the per-reason counts.
+fn count(overflow: &mut BTreeMap<String, Overflow>, record: pb::StopRecord) {
+    let at = record.first_decided_at_unix_ms;
+    overflow
+        .entry(record.reason)
+        .and_modify(|o| {
+            o.count = o.count.saturating_add(1);
+            o.first_unix_ms = o.first_unix_ms.min(at);
+            o.last_unix_ms = o.last_unix_ms.max(at);
+        })
+        .or_insert(Overflow {
+            count: 1,
+            first_unix_ms: at,
+            last_unix_ms: at,
+        });
 }
 
 /// The summary record of `overflow.count` STOPs with `reason` that were not published one by one.
@@ -258,30 +352,32 @@ mod tests {
         }
     }
 
+    fn calls(batch: &InFlight<'_>) -> Vec<(String, String, u64)> {
+        batch
+            .records()
+            .map(|r| (r.call_id.clone(), r.reason.clone(), r.count))
+            .collect()
+    }
+
     #[test]
     fn past_the_bound_stops_are_counted_per_reason_and_sent_first_as_summaries() {
         let evidence = StopEvidence::new(2);
-        evidence.push(stop("a", "MODEL_DENIED", 10));
-        evidence.push(stop("b", "MODEL_DENIED", 11));
-        evidence.push(stop("c", "MODEL_DENIED", 14));
-        evidence.push(stop("d", "BUDGET_EXHAUSTED", 13));
-        evidence.push(stop("e", "MODEL_DENIED", 12));
+        assert!(evidence.push(stop("a", "MODEL_DENIED", 10)));
+        assert!(evidence.push(stop("b", "MODEL_DENIED", 11)));
+        assert!(!evidence.push(stop("c", "MODEL_DENIED", 14)));
+        assert!(!evidence.push(stop("d", "BUDGET_EXHAUSTED", 13)));
+        assert!(!evidence.push(stop("e", "MODEL_DENIED", 12)));
         assert_eq!(evidence.len(), 2);
-        let batch = evidence.take(10);
-        let summaries: Vec<_> = batch
-            .iter()
-            .map(|r| (r.call_id.as_str(), r.reason.as_str(), r.count))
-            .collect();
-        assert_eq!(
-            summaries,
-            [
-                ("", "BUDGET_EXHAUSTED", 1),
-                ("", "MODEL_DENIED", 2),
-                ("a", "MODEL_DENIED", 1),
-                ("b", "MODEL_DENIED", 1),
-            ]
-        );
-        let model_denied = &batch[1];
+        let mut batch = evidence.take(10);
+        let expected = [
+            ("", "BUDGET_EXHAUSTED", 1),
+            ("", "MODEL_DENIED", 2),
+            ("a", "MODEL_DENIED", 1),
+            ("b", "MODEL_DENIED", 1),
+        ]
+        .map(|(c, r, n)| (c.to_owned(), r.to_owned(), n));
+        assert_eq!(calls(&batch), expected);
+        let model_denied = batch.records().nth(1).unwrap();
         assert_eq!(
             (
                 model_denied.first_decided_at_unix_ms,
@@ -290,32 +386,90 @@ mod tests {
             (12, 14)
         );
         assert!(model_denied.detail.contains("2 STOP decisions"));
+        batch.published();
+        drop(batch);
         assert!(evidence.is_empty());
     }
 
     #[test]
-    fn a_batch_put_back_is_sent_again_first_with_the_same_ids() {
+    fn records_not_confirmed_go_back_first_with_the_same_ids() {
         let evidence = StopEvidence::new(10);
         for (i, call) in ["a", "b", "c"].into_iter().enumerate() {
             evidence.push(stop(call, "MODEL_DENIED", i as i64 + 1));
         }
-        let first = evidence.take(2);
+        let first: Vec<pb::StopRecord> = evidence.take(2).records().cloned().collect();
+        // Dropped unconfirmed: a failed or cancelled send.
         evidence.push(stop("d", "MODEL_DENIED", 9));
-        evidence.put_back(first.clone());
-        let again = evidence.take(2);
-        assert_eq!(again, first);
-        let rest: Vec<_> = evidence.take(10).into_iter().map(|r| r.call_id).collect();
-        assert_eq!(rest, ["c", "d"]);
+        let mut again = evidence.take(2);
+        assert_eq!(again.records().cloned().collect::<Vec<_>>(), first);
+        again.published_first();
+        drop(again);
+        let rest: Vec<String> = evidence
+            .take(10)
+            .records()
+            .map(|r| r.call_id.clone())
+            .collect();
+        assert_eq!(rest, ["b", "c", "d"]);
     }
 
     #[test]
-    fn abandon_reports_records_and_counts_left() {
+    fn failed_sends_neither_multiply_summaries_nor_grow_the_queue() {
+        let evidence = StopEvidence::new(1);
+        evidence.push(stop("a", "MODEL_DENIED", 1));
+        evidence.push(stop("b", "MODEL_DENIED", 2));
+        evidence.push(stop("c", "MODEL_DENIED", 3));
+        let first = evidence.take(10);
+        let summary_id = first.records().next().unwrap().record_id.clone();
+        assert_eq!(first.len(), 2);
+        drop(first);
+        for attempt in 0..5 {
+            evidence.push(stop(
+                &format!("late-{attempt}"),
+                "MODEL_DENIED",
+                10 + attempt,
+            ));
+            let retry = evidence.take(10);
+            let summaries: Vec<&pb::StopRecord> =
+                retry.records().filter(|r| r.call_id.is_empty()).collect();
+            assert_eq!(summaries.len(), 1, "one summary per reason in flight");
+            assert_eq!(summaries[0].record_id, summary_id, "sent again, same id");
+            assert_eq!(summaries[0].count, 2);
+            assert_eq!(retry.len(), 2, "the queue stays at its bound");
+        }
+        let mut accepted = evidence.take(10);
+        accepted.published();
+        drop(accepted);
+        let next = evidence.take(10);
+        let summary = next.records().next().unwrap();
+        assert_ne!(summary.record_id, summary_id);
+        assert_eq!(summary.count, 5, "the STOPs counted meanwhile");
+    }
+
+    #[test]
+    fn a_refused_call_record_is_published_as_a_count() {
+        let evidence = StopEvidence::new(10);
+        evidence.push(stop("a", "MODEL_DENIED", 1));
+        let mut batch = evidence.take(10);
+        let refused = batch.refused_first().unwrap();
+        drop(batch);
+        evidence.unpublish(refused);
+        let next = evidence.take(10);
+        assert_eq!(
+            calls(&next),
+            [(String::new(), "MODEL_DENIED".to_owned(), 1)]
+        );
+    }
+
+    #[test]
+    fn abandon_reports_records_counts_and_pending_summaries() {
         let evidence = StopEvidence::new(1);
         evidence.push(stop("a", "MODEL_DENIED", 1));
         evidence.push(stop("b", "PRICING_STALE", 2));
+        drop(evidence.take(10));
+        evidence.push(stop("c", "PRICING_STALE", 3));
         let left = evidence.abandon();
         assert_eq!(left.records, 1);
-        assert_eq!(left.overflow.get("PRICING_STALE"), Some(&1));
+        assert_eq!(left.overflow.get("PRICING_STALE"), Some(&2));
         assert!(evidence.is_empty());
     }
 }

@@ -88,6 +88,11 @@ async fn every_stop_is_published_once_under_the_id_its_answer_carries() {
     let again = decide(&stack, "c-over", "gpt-4o-mini").await;
     assert_eq!(again["replayed"], true);
     assert_eq!(again["evidence_id"], over["evidence_id"]);
+    // A model name no ledger field could hold (too long, a control character) is still recorded,
+    // fitted to the ledger's limits.
+    let odd_model = format!("{}\u{7}", "m".repeat(300));
+    let odd = decide(&stack, "c-odd", &odd_model).await;
+    assert_eq!(odd["reason"], "MODEL_PRICE_UNKNOWN", "{odd}");
     // Concurrent retries of one call: each may reach the ledger before any answer is stored;
     // all are answered with the first decision, and only that one is published.
     let mut tries = tokio::task::JoinSet::new();
@@ -125,18 +130,22 @@ async fn every_stop_is_published_once_under_the_id_its_answer_carries() {
     assert_eq!(allowed["decision"], "CONTINUE");
     assert!(allowed["evidence_id"].is_null());
 
-    let stopped = published(&stack, "decision.stopped", 4).await;
+    let stopped = published(&stack, "decision.stopped", 5).await;
     let ids: Vec<&Value> = stopped.iter().map(|e| &e["data"]["record_id"]).collect();
     assert_eq!(
         ids,
         [
             &denied["evidence_id"],
             &over["evidence_id"],
+            &odd["evidence_id"],
             &race_evidence,
             &proxied_evidence
         ],
         "one event per STOP, none for the replays"
     );
+    let fitted = stopped[2]["data"]["context"]["model"].as_str().unwrap();
+    assert!(fitted.len() <= 256 && fitted.ends_with('…'), "{fitted}");
+    assert!(!fitted.contains('\u{7}'));
     let ledger_stop = &stopped[1]["data"];
     assert_eq!(ledger_stop["call_id"], "c-over");
     assert_eq!(ledger_stop["reason"], "BUDGET_EXHAUSTED");
@@ -158,7 +167,7 @@ async fn every_stop_is_published_once_under_the_id_its_answer_carries() {
     assert_eq!(stack.balance().await.reserved_nano_usd, 0);
     let metrics = stack.metrics_text();
     assert!(
-        metrics.contains("spendguard_sidecar_stop_evidence_published_total 4"),
+        metrics.contains("spendguard_sidecar_stop_evidence_published_total 5"),
         "{metrics}"
     );
 }
@@ -176,9 +185,11 @@ async fn stops_past_the_queue_bound_are_published_as_a_count_not_lost() {
     })
     .await;
     stack.ledger.stop().await;
+    let mut answers = Vec::new();
     for i in 0..5 {
         let stop = decide(&stack, &format!("c-{i}"), "gpt-4-denied").await;
         assert_eq!(stop["decision"], "STOP");
+        answers.push(stop);
     }
     // Two queued and three counted; more queued and fewer counted when a failed send was in
     // flight meanwhile (it puts its records back, past the bound).
@@ -203,6 +214,13 @@ async fn stops_past_the_queue_bound_are_published_as_a_count_not_lost() {
         "every STOP is published or counted: {calls:?}"
     );
     assert_eq!(calls[..2], [json!("c-0"), json!("c-1")]);
+    // Only a STOP published one by one names a record; a counted one names none.
+    let named: Vec<Value> = answers
+        .iter()
+        .filter(|a| !a["evidence_id"].is_null())
+        .map(|a| a["call_id"].clone())
+        .collect();
+    assert_eq!(named, calls);
     let metrics = stack.metrics_text();
     assert!(
         metrics.contains(&format!(
@@ -214,29 +232,30 @@ async fn stops_past_the_queue_bound_are_published_as_a_count_not_lost() {
 
 #[tokio::test]
 async fn shutdown_publishes_the_stops_still_queued() {
-    // Goal: SIGTERM does not lose queued STOP records. Method: the ledger away for a moment, so
-    // the publisher backs off with a STOP queued; the ledger back, and the sidecar shut down at
-    // once: the record is in the outbox when shutdown returns.
+    // Goal: SIGTERM does not lose queued STOP records. Method: a STOP queued while the ledger is
+    // away; shutdown starts with the ledger still away (so the background publisher cannot send
+    // it before it stops), and the ledger comes back during the drain: the record is in the
+    // outbox when shutdown returns.
     let mut stack = Stack::start(Options::default()).await;
     stack.ledger.stop().await;
     let stop = decide(&stack, "c-late", "gpt-4-denied").await;
     assert_eq!(stop["decision"], "STOP");
-    // Long enough for a few failed sends (the backoff doubles from 100 ms), short of the lease
-    // grace.
-    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let sidecar = stack.sidecar.take().unwrap();
+    let shutdown = tokio::spawn(sidecar.shutdown());
+    tokio::time::sleep(Duration::from_millis(500)).await;
     stack.restart_ledger().await;
-    stack.stop_sidecar().await;
+    shutdown.await.unwrap();
     let stopped = events(&stack, "decision.stopped").await;
     assert_eq!(stopped.len(), 1);
     assert_eq!(stopped[0]["data"]["record_id"], stop["evidence_id"]);
 }
 
 #[tokio::test]
-async fn a_record_the_ledger_refuses_drops_only_itself() {
+async fn a_record_the_ledger_refuses_is_published_as_a_count_and_holds_back_no_other() {
     // Goal: RecordStops fails a request as a whole, so one malformed record must not take the
-    // rest of its batch down. Method: with the ledger away (so both go in one batch), a
+    // rest of its batch down, and the STOP it stands for is still published, as a count. Method: with the ledger away (so both go in one batch), a
     // malformed record queued ahead of a real STOP, as a bug would queue it; the ledger back:
-    // the STOP is published, and the malformed one is counted dropped.
+    // the STOP is published, and the malformed one arrives as a summary of one.
     let mut stack = Stack::start(Options::default()).await;
     stack.ledger.stop().await;
     let evidence = stack.sidecar().decider.stop_evidence();
@@ -262,9 +281,16 @@ async fn a_record_the_ledger_refuses_drops_only_itself() {
     let stopped = published(&stack, "decision.stopped", 1).await;
     assert_eq!(stopped.len(), 1);
     assert_eq!(stopped[0]["data"]["record_id"], stop["evidence_id"]);
+    let summaries = published(&stack, "decision.stops_unpublished", 1).await;
+    assert_eq!(summaries[0]["data"]["count"], 1);
+    assert_eq!(summaries[0]["data"]["reason"], "MODEL_DENIED");
     let metrics = stack.metrics_text();
     assert!(
-        metrics.contains("spendguard_sidecar_stop_evidence_dropped_total 1"),
+        metrics.contains("spendguard_sidecar_stop_evidence_unpublished_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("spendguard_sidecar_stop_evidence_dropped_total 0"),
         "{metrics}"
     );
 }

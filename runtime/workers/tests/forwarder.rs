@@ -443,7 +443,7 @@ async fn the_ledger_counts_the_events_the_forwarder_has_not_moved_yet() {
 
 #[tokio::test]
 async fn a_ledger_bounding_evidence_lag_refuses_new_spend_until_the_forwarder_catches_up() {
-    // Goal: S22's configured durability policy. With a bound of 1 s on how long evidence may wait
+    // Goal: S22's configured durability policy. With a bound of 2 s on how long evidence may wait
     // outside the canonical chain, a forwarder that is down makes the ledger refuse new
     // reservations and approvals (EVIDENCE_BACKLOG, nothing written) while settlements go on;
     // once the forwarder has moved the backlog, reservations are admitted again. No event is
@@ -453,7 +453,7 @@ async fn a_ledger_bounding_evidence_lag_refuses_new_spend_until_the_forwarder_ca
     use spendguard_testkit::ledger::{LedgerTuning, shared_cluster};
     let database_url = shared_cluster().create_database().await.unwrap();
     let tuning = LedgerTuning {
-        max_evidence_lag_seconds: 1,
+        max_evidence_lag_seconds: 2,
         ..LedgerTuning::default()
     };
     let mut ledger = TestLedger::start_tuned(
@@ -491,7 +491,7 @@ async fn a_ledger_bounding_evidence_lag_refuses_new_spend_until_the_forwarder_ca
             }
         }
     }
-    let refused = refused.expect("refused once the oldest event is older than 1 s");
+    let refused = refused.expect("refused once the oldest event is older than 2 s");
     assert_eq!(
         spendguard_proto::ledger::error_code(&refused),
         Some(pb::ErrorCode::EvidenceBacklog),
