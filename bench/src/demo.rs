@@ -110,10 +110,13 @@ pub(crate) async fn demo(spendguard_bin: &Path) -> Result<()> {
     let LedgerProcess {
         child: ledger,
         port,
+        control_port,
         ..
     } = LedgerProcess::spawn(spendguard_bin, &url, "demo-ledger").await?;
     let ledger = Child(ledger);
-    println!("`spendguard ledger` on 127.0.0.1:{port}");
+    println!(
+        "`spendguard ledger` on 127.0.0.1:{port} (data path), 127.0.0.1:{control_port} (control)"
+    );
 
     plane.install_crds(&root.join("crds/generated/spendguard.io.yaml"));
     let operator = Child(
@@ -122,7 +125,7 @@ pub(crate) async fn demo(spendguard_bin: &Path) -> Result<()> {
             .env("KUBECONFIG", plane.kubeconfig(User::Admin))
             .env(
                 "SPENDGUARD_OPERATOR_LEDGER_ADDR",
-                format!("http://127.0.0.1:{port}"),
+                format!("http://127.0.0.1:{control_port}"),
             )
             .env(
                 "SPENDGUARD_ADMIN_ADDR",

@@ -97,8 +97,10 @@ pub(crate) async fn bench_ledger(
         None
     } else {
         let errors = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let control: std::net::SocketAddr =
+            format!("127.0.0.1:{}", process.control_port).parse()?;
         let task = tokio::spawn(sweep_every(
-            connect(addr).await?,
+            connect(control).await?,
             sweep_interval,
             errors.clone(),
         ));

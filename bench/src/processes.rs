@@ -7,8 +7,12 @@ use std::time::Duration;
 /// `spendguard ledger` running as its own process, as in production.
 pub(crate) struct LedgerProcess {
     pub(crate) child: tokio::process::Child,
+    /// On the control listener.
     pub(crate) client: LedgerClient,
+    /// Data path.
     pub(crate) port: u16,
+    /// Control listener.
+    pub(crate) control_port: u16,
     pub(crate) admin_port: u16,
 }
 
@@ -19,6 +23,7 @@ impl LedgerProcess {
         instance_id: &str,
     ) -> Result<Self> {
         let port = spendguard_testkit::free_port();
+        let control_port = spendguard_testkit::free_port();
         let admin_port = spendguard_testkit::free_port();
         let child = tokio::process::Command::new(spendguard_bin)
             .arg("ledger")
@@ -26,18 +31,25 @@ impl LedgerProcess {
             .env("SPENDGUARD_LEDGER_INSTANCE_ID", instance_id)
             .envs(spendguard_testkit::signing::ledger_env()?)
             .env("SPENDGUARD_LEDGER_LISTEN_ADDR", format!("127.0.0.1:{port}"))
+            .env(
+                "SPENDGUARD_LEDGER_CONTROL_LISTEN_ADDR",
+                format!("127.0.0.1:{control_port}"),
+            )
             .env("SPENDGUARD_ADMIN_ADDR", format!("127.0.0.1:{admin_port}"))
             .env("SPENDGUARD_LOG", "warn")
             .kill_on_drop(true)
             .spawn()
             .context("starting spendguard ledger")?;
-        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        // Setup (tenants, budgets, pricing) and sweeps go to the control listener, as the operator's
+        // and the sweeper's do; load and sidecars use `port`, the data path.
+        let control: std::net::SocketAddr = format!("127.0.0.1:{control_port}").parse()?;
         for _ in 0..100 {
-            if let Ok(client) = connect(addr).await {
+            if let Ok(client) = connect(control).await {
                 return Ok(Self {
                     child,
                     client,
                     port,
+                    control_port,
                     admin_port,
                 });
             }

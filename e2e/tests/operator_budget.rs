@@ -166,7 +166,7 @@ async fn ledger_outage_shows_as_ready_false_and_recovers() {
     let plane = plane_with_crds().await;
     let mut ledger = TestLedger::start().await.unwrap();
     let database_url = ledger.database_url.clone();
-    let addr = ledger.ledger.as_ref().unwrap().addr;
+    let addr = ledger.ledger.as_ref().unwrap().control_addr;
     // The operator keeps one lazily reconnecting channel to the ledger's address.
     let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
         .unwrap()
@@ -210,8 +210,9 @@ async fn ledger_outage_shows_as_ready_false_and_recovers() {
     .await;
     assert_eq!(wait_for_event(&plane, "LedgerUnavailable").await, "Warning");
 
-    // The ledger comes back on the same address: the retry reconciles.
-    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    // The ledger comes back on the same (control) address: the retry reconciles.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let control_listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let mut registry = Default::default();
     let restarted = spendguard_ledger::start(
         &database_url,
@@ -219,6 +220,7 @@ async fn ledger_outage_shows_as_ready_false_and_recovers() {
         &Default::default(),
         spendguard_testkit::signing::test_signing("ledger-0"),
         listener,
+        control_listener,
         &mut registry,
     )
     .await

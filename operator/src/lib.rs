@@ -73,11 +73,12 @@ pub struct OperatorArgs {
     /// Shared flags.
     #[command(flatten)]
     pub common: CommonArgs,
-    /// Ledger gRPC address.
+    /// The ledger's control gRPC address (`SPENDGUARD_LEDGER_CONTROL_LISTEN_ADDR`): the operator
+    /// registers tenants, budgets, pricing and signing keys and resolves approvals.
     #[arg(
         long,
         env = "SPENDGUARD_OPERATOR_LEDGER_ADDR",
-        default_value = "http://127.0.0.1:7100"
+        default_value = "http://127.0.0.1:7101"
     )]
     pub ledger_addr: String,
     /// Leader election (S1).
@@ -164,7 +165,7 @@ impl OperatorArgs {
             .map_err(|e| error::Error::Startup(e.to_string()))?;
         let approvals = approvals.settings(&leader.namespace)?;
         let webhook_config = webhook
-            .config(&leader.namespace, &ledger_addr)
+            .config(&leader.namespace)
             .map_err(|e| error::Error::Startup(format!("{}: {e}", e.code())))?;
         common
             .init_tracing()

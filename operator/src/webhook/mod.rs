@@ -167,7 +167,9 @@ pub struct WebhookArgs {
     /// Image of the injected sidecar (required while the webhooks are enabled).
     #[arg(long = "sidecar-image", env = "SPENDGUARD_SIDECAR_IMAGE")]
     pub sidecar_image: Option<String>,
-    /// Ledger gRPC URL given to injected sidecars (default: the operator's own ledger address).
+    /// The ledger's data-path gRPC URL given to injected sidecars (required while the webhooks
+    /// are enabled). Never the control address the operator itself uses: sidecars run beside
+    /// the agents, which must not reach the control listener.
     #[arg(long = "sidecar-ledger-url", env = "SPENDGUARD_SIDECAR_LEDGER_URL")]
     pub sidecar_ledger_url: Option<String>,
 }
@@ -201,12 +203,8 @@ impl WebhookArgs {
     /// The configuration, or `None` when disabled.
     ///
     /// # Errors
-    /// [`WebhookError::Config`] when enabled without a sidecar image.
-    pub fn config(
-        &self,
-        namespace: &str,
-        operator_ledger_addr: &str,
-    ) -> Result<Option<WebhookConfig>, WebhookError> {
+    /// [`WebhookError::Config`] when enabled without a sidecar image or a sidecar ledger URL.
+    pub fn config(&self, namespace: &str) -> Result<Option<WebhookConfig>, WebhookError> {
         if !self.enabled {
             return Ok(None);
         }
@@ -217,6 +215,15 @@ impl WebhookArgs {
             .ok_or_else(|| {
                 WebhookError::Config(
                     "SPENDGUARD_SIDECAR_IMAGE is required while the webhooks are enabled".into(),
+                )
+            })?;
+        let ledger_url = self
+            .sidecar_ledger_url
+            .clone()
+            .filter(|u| !u.is_empty())
+            .ok_or_else(|| {
+                WebhookError::Config(
+                    "SPENDGUARD_SIDECAR_LEDGER_URL (the ledger's data-path address) is required while the webhooks are enabled".into(),
                 )
             })?;
         let service = &self.service;
@@ -239,11 +246,7 @@ impl WebhookArgs {
             },
             inject: inject::InjectConfig {
                 image,
-                ledger_url: self
-                    .sidecar_ledger_url
-                    .clone()
-                    .filter(|u| !u.is_empty())
-                    .unwrap_or_else(|| operator_ledger_addr.to_owned()),
+                ledger_url,
                 operator_namespace: namespace.to_owned(),
             },
             approvals: approve::ApprovalConfig {
@@ -415,12 +418,16 @@ mod tests {
 
     #[test]
     fn off_unless_enabled_and_then_the_sidecar_image_is_required() {
-        assert!(parse(&[]).config("ns", "http://ledger").unwrap().is_none());
+        assert!(parse(&[]).config("ns").unwrap().is_none());
         let error = parse(&["--webhook-enabled", "true"])
-            .config("ns", "http://ledger")
+            .config("ns")
             .unwrap_err();
         assert_eq!(error.code(), "WEBHOOK_CONFIG");
         assert!(error.to_string().contains("SPENDGUARD_SIDECAR_IMAGE"));
+        let error = parse(&["--webhook-enabled", "true", "--sidecar-image", "img:1"])
+            .config("ns")
+            .unwrap_err();
+        assert!(error.to_string().contains("SPENDGUARD_SIDECAR_LEDGER_URL"));
     }
 
     #[test]
@@ -430,12 +437,14 @@ mod tests {
             "true",
             "--sidecar-image",
             "img:1",
+            "--sidecar-ledger-url",
+            "http://ledger:7100",
             "--webhook-extra-sans",
             "127.0.0.1,localhost",
             "--validating-webhook-configuration",
             "",
         ])
-        .config("spendguard-system", "http://ledger:7100")
+        .config("spendguard-system")
         .unwrap()
         .unwrap();
         assert_eq!(config.addr, "0.0.0.0:8443".parse().unwrap());
@@ -463,7 +472,6 @@ mod tests {
             "system:serviceaccount:spendguard-system:spendguard-operator"
         );
         assert_eq!(config.inject.image, "img:1");
-        // Sidecars default to the ledger the operator uses.
         assert_eq!(config.inject.ledger_url, "http://ledger:7100");
         assert_eq!(config.inject.operator_namespace, "spendguard-system");
         assert_eq!(config.ca_secret, "spendguard-webhook-ca");

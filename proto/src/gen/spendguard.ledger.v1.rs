@@ -697,6 +697,11 @@ pub enum ErrorCode {
     FencingScopeNotFound = 23,
     /// \[NOT_FOUND\] Also returned for an approval of another tenant.
     ApprovalNotFound = 24,
+    /// \[PERMISSION_DENIED\] The request (or this use of it) is served on the control listener only
+    /// (SPENDGUARD_LEDGER_CONTROL_LISTEN_ADDR): tenants, budgets, pricing, signing keys, approval
+    /// decisions, retention, sweeps and forced lease takeovers. The data-path listener, which
+    /// sidecars use, may create a run budget (`runs/…`, lifetime, no soft cap) but not change one.
+    PermissionDenied = 30,
     /// \[FAILED_PRECONDITION\] The presented epoch is not the scope's current epoch.
     FencingEpochStale = 40,
     /// \[FAILED_PRECONDITION\] Another owner holds an unexpired lease (acquire without force).
@@ -760,6 +765,7 @@ impl ErrorCode {
             Self::ReservationNotFound => "ERROR_CODE_RESERVATION_NOT_FOUND",
             Self::FencingScopeNotFound => "ERROR_CODE_FENCING_SCOPE_NOT_FOUND",
             Self::ApprovalNotFound => "ERROR_CODE_APPROVAL_NOT_FOUND",
+            Self::PermissionDenied => "ERROR_CODE_PERMISSION_DENIED",
             Self::FencingEpochStale => "ERROR_CODE_FENCING_EPOCH_STALE",
             Self::FencingLeaseHeld => "ERROR_CODE_FENCING_LEASE_HELD",
             Self::FencingLeaseExpired => "ERROR_CODE_FENCING_LEASE_EXPIRED",
@@ -800,6 +806,7 @@ impl ErrorCode {
             "ERROR_CODE_RESERVATION_NOT_FOUND" => Some(Self::ReservationNotFound),
             "ERROR_CODE_FENCING_SCOPE_NOT_FOUND" => Some(Self::FencingScopeNotFound),
             "ERROR_CODE_APPROVAL_NOT_FOUND" => Some(Self::ApprovalNotFound),
+            "ERROR_CODE_PERMISSION_DENIED" => Some(Self::PermissionDenied),
             "ERROR_CODE_FENCING_EPOCH_STALE" => Some(Self::FencingEpochStale),
             "ERROR_CODE_FENCING_LEASE_HELD" => Some(Self::FencingLeaseHeld),
             "ERROR_CODE_FENCING_LEASE_EXPIRED" => Some(Self::FencingLeaseExpired),

@@ -13,6 +13,8 @@ pub enum ErrorClass {
     InvalidArgument,
     /// A referenced object does not exist (or belongs to another tenant).
     NotFound,
+    /// The caller may not make this request where it made it (the data-path listener).
+    PermissionDenied,
     /// The request is well formed but the state forbids it.
     FailedPrecondition,
     /// Transient: retry later.
@@ -61,6 +63,7 @@ error_codes! {
     ReservationNotFound = "RESERVATION_NOT_FOUND" => NotFound,
     FencingScopeNotFound = "FENCING_SCOPE_NOT_FOUND" => NotFound,
     ApprovalNotFound = "APPROVAL_NOT_FOUND" => NotFound,
+    PermissionDenied = "PERMISSION_DENIED" => PermissionDenied,
     FencingEpochStale = "FENCING_EPOCH_STALE" => FailedPrecondition,
     FencingLeaseHeld = "FENCING_LEASE_HELD" => FailedPrecondition,
     FencingLeaseExpired = "FENCING_LEASE_EXPIRED" => FailedPrecondition,
@@ -236,6 +239,9 @@ pub enum LedgerError {
     /// The approval expired before it was resolved.
     #[error("approval {0} expired")]
     ApprovalExpired(Uuid),
+    /// Only the control listener serves this request (or this use of it).
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
 }
 
 impl LedgerError {
@@ -269,6 +275,7 @@ impl LedgerError {
             Self::ApprovalNotFound(_) => ErrorCode::ApprovalNotFound,
             Self::ApprovalAlreadyResolved { .. } => ErrorCode::ApprovalAlreadyResolved,
             Self::ApprovalExpired(_) => ErrorCode::ApprovalExpired,
+            Self::PermissionDenied(_) => ErrorCode::PermissionDenied,
         }
     }
 

@@ -245,6 +245,9 @@ pub struct UpsertBudget {
     pub budget_id: String,
     /// The budget's definition.
     pub definition: BudgetRow,
+    /// Only create it, or repeat its definition (the data path's run budgets): changing an
+    /// existing budget is PERMISSION_DENIED.
+    pub create_only: bool,
 }
 
 /// Register a pricing snapshot for a tenant: reservations must name a registered version and
@@ -2411,6 +2414,12 @@ impl Planner {
             start: b.definition.window.start_containing(self.state.now),
         };
         let previous = self.state.budgets.get(&key);
+        if b.create_only && previous.is_some_and(|p| p != &b.definition) {
+            return Err(LedgerError::PermissionDenied(format!(
+                "budget {} exists with another definition; only the control listener changes it",
+                b.budget_id
+            )));
+        }
         if previous == Some(&b.definition) {
             return Ok(Outcome::BudgetUpserted {
                 created: false,

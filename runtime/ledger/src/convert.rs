@@ -372,6 +372,7 @@ pub fn upsert_budget(r: &pb::UpsertBudgetRequest) -> Result<UpsertBudget> {
             soft_cap,
             window,
         },
+        create_only: false,
     })
 }
 
@@ -912,6 +913,7 @@ pub fn error_code_to_proto(code: ErrorCode) -> pb::ErrorCode {
         ErrorCode::Internal => pb::ErrorCode::Internal,
         ErrorCode::ApproverRequired => pb::ErrorCode::ApproverRequired,
         ErrorCode::ApprovalNotFound => pb::ErrorCode::ApprovalNotFound,
+        ErrorCode::PermissionDenied => pb::ErrorCode::PermissionDenied,
         ErrorCode::ApprovalAlreadyResolved => pb::ErrorCode::ApprovalAlreadyResolved,
         ErrorCode::ApprovalExpired => pb::ErrorCode::ApprovalExpired,
     }

@@ -20,6 +20,19 @@ use tracing::{instrument, warn};
 /// Header carrying the stable error code of a failed RPC.
 pub const ERROR_CODE_HEADER: &str = "spendguard-error-code";
 
+/// Which listener a request came in on: what it may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// The data path (sidecars): decisions, settlements, their evidence, the caller's own lease,
+    /// and creating a run budget.
+    DataPath,
+    /// Everything: the control plane (the operator, the workers) and administrators.
+    Control,
+}
+
+/// Prefix of the run budgets sidecars create for per-run limits.
+const RUN_BUDGET_PREFIX: &str = "runs/";
+
 /// The Ledger gRPC service.
 #[derive(Clone)]
 pub struct LedgerGrpc {
@@ -27,21 +40,34 @@ pub struct LedgerGrpc {
     store: Store,
     metrics: Metrics,
     evidence_gate: Arc<EvidenceGate>,
+    access: Access,
 }
 
 impl LedgerGrpc {
-    /// Wires the service.
+    /// Wires the service for one listener.
     pub fn new(
         writer: Writer,
         store: Store,
         metrics: Metrics,
         evidence_gate: Arc<EvidenceGate>,
+        access: Access,
     ) -> Self {
         Self {
             writer,
             store,
             metrics,
             evidence_gate,
+            access,
+        }
+    }
+
+    /// Refuses `what` on the data-path listener.
+    fn control_only(&self, what: &str) -> Result<(), Error> {
+        match self.access {
+            Access::Control => Ok(()),
+            Access::DataPath => Err(Error::Refused(LedgerError::PermissionDenied(format!(
+                "{what} is served on the control listener only"
+            )))),
         }
     }
 
@@ -81,6 +107,7 @@ pub fn status(error: &Error) -> Status {
     let grpc = match code.class() {
         ErrorClass::InvalidArgument => tonic::Code::InvalidArgument,
         ErrorClass::NotFound => tonic::Code::NotFound,
+        ErrorClass::PermissionDenied => tonic::Code::PermissionDenied,
         ErrorClass::FailedPrecondition => tonic::Code::FailedPrecondition,
         ErrorClass::Unavailable => tonic::Code::Unavailable,
         ErrorClass::Internal => tonic::Code::Internal,
@@ -207,6 +234,7 @@ impl pb::ledger_server::Ledger for LedgerGrpc {
         request: Request<pb::SweepExpiredRequest>,
     ) -> Result<Response<pb::SweepExpiredResponse>, Status> {
         self.run("SweepExpired", async {
+            self.control_only("SweepExpired")?;
             let max = convert::sweep(request.get_ref())?;
             match self.submit(Command::SweepExpired(max)).await? {
                 Outcome::Swept {
@@ -228,6 +256,9 @@ impl pb::ledger_server::Ledger for LedgerGrpc {
         request: Request<pb::AcquireFencingLeaseRequest>,
     ) -> Result<Response<pb::AcquireFencingLeaseResponse>, Status> {
         self.run("AcquireFencingLease", async {
+            if request.get_ref().force {
+                self.control_only("a forced takeover")?;
+            }
             let command = convert::acquire_lease(request.get_ref())?;
             match self.submit(Command::AcquireLease(command)).await? {
                 Outcome::Lease(grant) => Ok(pb::AcquireFencingLeaseResponse {
@@ -247,6 +278,7 @@ impl pb::ledger_server::Ledger for LedgerGrpc {
         request: Request<pb::UpsertTenantRequest>,
     ) -> Result<Response<pb::UpsertTenantResponse>, Status> {
         self.run("UpsertTenant", async {
+            self.control_only("UpsertTenant")?;
             let command = convert::upsert_tenant(request.get_ref())?;
             match self.submit(Command::UpsertTenant(command)).await? {
                 Outcome::TenantUpserted { created } => Ok(pb::UpsertTenantResponse { created }),
@@ -262,7 +294,18 @@ impl pb::ledger_server::Ledger for LedgerGrpc {
         request: Request<pb::UpsertBudgetRequest>,
     ) -> Result<Response<pb::UpsertBudgetResponse>, Status> {
         self.run("UpsertBudget", async {
-            let command = convert::upsert_budget(request.get_ref())?;
+            let mut command = convert::upsert_budget(request.get_ref())?;
+            if self.access == Access::DataPath {
+                // A sidecar creates the budget of a run it guards (the contract's per-run limit);
+                // it may not change any budget, nor create one a tenant's spend depends on.
+                let run_budget = command.budget_id.starts_with(RUN_BUDGET_PREFIX)
+                    && command.definition.window == spendguard_core::window::BudgetWindow::Lifetime
+                    && command.definition.soft_cap.is_none();
+                if !run_budget {
+                    self.control_only("UpsertBudget of a budget other than a run's (runs/…, lifetime, no soft cap)")?;
+                }
+                command.create_only = true;
+            }
             match self.submit(Command::UpsertBudget(command)).await? {
                 Outcome::BudgetUpserted { created, balance } => Ok(pb::UpsertBudgetResponse {
                     created,
@@ -280,6 +323,7 @@ impl pb::ledger_server::Ledger for LedgerGrpc {
         request: Request<pb::RegisterPricingRequest>,
     ) -> Result<Response<pb::RegisterPricingResponse>, Status> {
         self.run("RegisterPricing", async {
+            self.control_only("RegisterPricing")?;
             let command = convert::register_pricing(request.get_ref())?;
             match self.submit(Command::RegisterPricing(command)).await? {
                 Outcome::PricingRegistered { created } => {
@@ -297,6 +341,7 @@ impl pb::ledger_server::Ledger for LedgerGrpc {
         request: Request<pb::RegisterSigningKeyRequest>,
     ) -> Result<Response<pb::RegisterSigningKeyResponse>, Status> {
         self.run("RegisterSigningKey", async {
+            self.control_only("RegisterSigningKey")?;
             let command = convert::register_signing_key(request.get_ref())?;
             match self.submit(Command::RegisterSigningKey(command)).await? {
                 Outcome::SigningKeyRegistered { created, changed } => {
@@ -375,6 +420,7 @@ impl pb::ledger_server::Ledger for LedgerGrpc {
         request: Request<pb::ResolveApprovalRequest>,
     ) -> Result<Response<pb::ResolveApprovalResponse>, Status> {
         self.run("ResolveApproval", async {
+            self.control_only("ResolveApproval")?;
             let command = convert::resolve_approval(request.get_ref())?;
             match self.submit(Command::ResolveApproval(command)).await? {
                 Outcome::Approval { approval, replayed } => Ok(pb::ResolveApprovalResponse {
@@ -393,6 +439,7 @@ impl pb::ledger_server::Ledger for LedgerGrpc {
         request: Request<pb::ListApprovalsRequest>,
     ) -> Result<Response<pb::ListApprovalsResponse>, Status> {
         self.run("ListApprovals", async {
+            self.control_only("ListApprovals")?;
             let query = convert::list_approvals(request.get_ref())?;
             let (approvals, more) = self
                 .store
@@ -441,6 +488,7 @@ impl pb::ledger_server::Ledger for LedgerGrpc {
         request: Request<pb::UpsertRetentionPolicyRequest>,
     ) -> Result<Response<pb::UpsertRetentionPolicyResponse>, Status> {
         self.run("UpsertRetentionPolicy", async {
+            self.control_only("UpsertRetentionPolicy")?;
             let command = convert::upsert_retention_policy(request.get_ref())?;
             let tenant_id = command.tenant_id.clone();
             match self.submit(Command::UpsertRetentionPolicy(command)).await? {
@@ -468,6 +516,7 @@ impl pb::ledger_server::Ledger for LedgerGrpc {
         request: Request<pb::GetRetentionPolicyRequest>,
     ) -> Result<Response<pb::GetRetentionPolicyResponse>, Status> {
         self.run("GetRetentionPolicy", async {
+            self.control_only("GetRetentionPolicy")?;
             let tenant_id = &request.get_ref().tenant_id;
             spendguard_core::ids::check_name("tenant_id", tenant_id)?;
             let policy = self.store.retention_policy(tenant_id).await?;

@@ -49,13 +49,23 @@ pub struct LedgerArgs {
     /// Shared flags.
     #[command(flatten)]
     pub common: CommonArgs,
-    /// gRPC listen address.
+    /// Data-path gRPC listen address (sidecars): decisions, settlements, their evidence, leases
+    /// and run budgets.
     #[arg(
         long,
         env = "SPENDGUARD_LEDGER_LISTEN_ADDR",
         default_value = "127.0.0.1:7100"
     )]
     pub listen_addr: SocketAddr,
+    /// Control gRPC listen address (the operator, the workers, administrators): every RPC,
+    /// including tenants, budgets, pricing, signing keys, approval decisions and sweeps. Expose
+    /// it to the control plane only (the chart's NetworkPolicy does).
+    #[arg(
+        long,
+        env = "SPENDGUARD_LEDGER_CONTROL_LISTEN_ADDR",
+        default_value = "127.0.0.1:7101"
+    )]
+    pub control_listen_addr: SocketAddr,
     /// PostgreSQL URL. Prefer --database-url-file in production so it stays out of the env.
     #[arg(
         long,
@@ -147,13 +157,15 @@ impl Default for LedgerTuning {
 
 /// A running ledger.
 pub struct RunningLedger {
-    /// Bound gRPC address.
+    /// Bound data-path gRPC address.
     pub addr: SocketAddr,
+    /// Bound control gRPC address.
+    pub control_addr: SocketAddr,
     /// The store (tests inspect the database through it).
     pub store: Store,
     claim: watch::Receiver<Option<ProducerClaim>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    server: JoinHandle<Result<(), tonic::transport::Error>>,
+    stop: watch::Sender<bool>,
+    servers: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
     writer: JoinHandle<()>,
     background: Vec<JoinHandle<()>>,
 }
@@ -181,14 +193,14 @@ impl RunningLedger {
 
     /// Stops accepting RPCs, lets in-flight ones finish, drains the writer and frees the
     /// producer id.
-    pub async fn shutdown(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        match self.server.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => warn!(error = %e, "grpc server ended with an error"),
-            Err(e) => warn!(error = %e, "grpc server task failed"),
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for server in self.servers {
+            match server.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(error = %e, "grpc server ended with an error"),
+                Err(e) => warn!(error = %e, "grpc server task failed"),
+            }
         }
         // The server owned the last writer handles; the writer ends once its queue is drained.
         if let Err(e) = self.writer.await {
@@ -200,8 +212,9 @@ impl RunningLedger {
     }
 }
 
-/// Starts the ledger on `listener`: migrate (optionally), publish the signing key, claim the
-/// producer id, start the writer and serve gRPC. Every audit event is signed with `signing`
+/// Starts the ledger: migrate (optionally), publish the signing key, claim the producer id,
+/// start the writer and serve gRPC, the data path on `listener` and every RPC on
+/// `control_listener`. Every audit event is signed with `signing`
 /// (unsigned only when it is [`Signing::Disabled`], which the demo profile alone can build).
 ///
 /// # Errors
@@ -213,6 +226,7 @@ pub async fn start(
     tuning: &LedgerTuning,
     signing: Signing,
     listener: TcpListener,
+    control_listener: TcpListener,
     registry: &mut Registry,
 ) -> Result<RunningLedger> {
     spendguard_core::ids::check_name("instance_id", instance_id)?;
@@ -251,32 +265,35 @@ pub async fn start(
         metrics.clone(),
     );
     let evidence_gate = Arc::new(EvidenceGate::new(tuning.max_evidence_lag_seconds));
-    let service = grpc::LedgerGrpc::new(
-        writer,
-        store.clone(),
-        metrics.clone(),
-        evidence_gate.clone(),
-    );
     let addr = listener
         .local_addr()
         .map_err(|e| Error::Startup(format!("listener: {e}")))?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let max_message_bytes = tuning.max_message_bytes;
-    let server = tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = stopped.await;
-            info!("ledger draining in-flight requests");
-        };
-        let serve = tonic::transport::Server::builder()
-            .add_service(service.into_server(max_message_bytes))
-            .serve_with_incoming_shutdown(
-                // Without TCP_NODELAY, Nagle's algorithm and delayed ACKs stall small replies by
-                // tens of milliseconds.
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                shutdown,
-            );
-        serve.await
-    });
+    let control_addr = control_listener
+        .local_addr()
+        .map_err(|e| Error::Startup(format!("control listener: {e}")))?;
+    let (stop, stopped) = watch::channel(false);
+    let servers = [
+        (listener, grpc::Access::DataPath),
+        (control_listener, grpc::Access::Control),
+    ]
+    .into_iter()
+    .map(|(listener, access)| {
+        let service = grpc::LedgerGrpc::new(
+            writer.clone(),
+            store.clone(),
+            metrics.clone(),
+            evidence_gate.clone(),
+            access,
+        );
+        tokio::spawn(serve(
+            service,
+            listener,
+            tuning.max_message_bytes,
+            stopped.clone(),
+        ))
+    })
+    .collect();
+    drop(writer);
     let background = vec![
         tokio::spawn(watch_producer_claim(
             store.clone(),
@@ -294,13 +311,36 @@ pub async fn start(
     ];
     Ok(RunningLedger {
         addr,
+        control_addr,
         store,
         claim: claim_rx,
-        stop: Some(stop),
-        server,
+        stop,
+        servers,
         writer: writer_task,
         background,
     })
+}
+
+/// Serves `service` on `listener` until `stopped`, then lets in-flight requests finish.
+async fn serve(
+    service: grpc::LedgerGrpc,
+    listener: TcpListener,
+    max_message_bytes: usize,
+    mut stopped: watch::Receiver<bool>,
+) -> Result<(), tonic::transport::Error> {
+    let shutdown = async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
+        info!("ledger draining in-flight requests");
+    };
+    tonic::transport::Server::builder()
+        .add_service(service.into_server(max_message_bytes))
+        .serve_with_incoming_shutdown(
+            // Without TCP_NODELAY, Nagle's algorithm and delayed ACKs stall small replies by
+            // tens of milliseconds.
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
+        .await
 }
 
 /// Keeps the producer claim alive; on a lost session, stops writes (fail closed) and re-claims.
@@ -361,6 +401,7 @@ impl LedgerArgs {
         let Self {
             common,
             listen_addr,
+            control_listen_addr,
             database_url,
             database_url_file,
             instance_id,
@@ -386,6 +427,9 @@ impl LedgerArgs {
         let listener = TcpListener::bind(listen_addr)
             .await
             .map_err(|e| Error::Startup(format!("binding {listen_addr}: {e}")))?;
+        let control_listener = TcpListener::bind(control_listen_addr)
+            .await
+            .map_err(|e| Error::Startup(format!("binding {control_listen_addr}: {e}")))?;
         let mut registry = Registry::default();
         let ledger = start(
             &database_url,
@@ -393,6 +437,7 @@ impl LedgerArgs {
             &tuning,
             signing,
             listener,
+            control_listener,
             &mut registry,
         )
         .await?;
@@ -403,7 +448,7 @@ impl LedgerArgs {
         let admin_task = tokio::spawn(admin.serve(async move {
             let _ = admin_stopped.await;
         }));
-        info!(addr = %ledger.addr, "ledger serving");
+        info!(addr = %ledger.addr, control_addr = %ledger.control_addr, "ledger serving");
         spendguard_platform::shutdown::signalled().await;
         let grace = Duration::from_millis(tuning.shutdown_grace_ms);
         if tokio::time::timeout(grace, ledger.shutdown())

@@ -1253,7 +1253,9 @@ fn ledger_error(status: &tonic::Status) -> SidecarError {
             SidecarError::LeaseUnavailable(message)
         }
         Some(C::IdempotencyConflict) => SidecarError::IdempotencyConflict(message),
-        Some(C::TenantNotFound | C::BudgetNotFound | C::BudgetInvalid) => {
+        // PERMISSION_DENIED: a run budget exists with another limit (the contract's per-run
+        // limit changed under a live run), or the sidecar was pointed at a listener that refuses it.
+        Some(C::TenantNotFound | C::BudgetNotFound | C::BudgetInvalid | C::PermissionDenied) => {
             SidecarError::Misconfigured(message)
         }
         Some(C::Overloaded | C::DependencyUnavailable | C::ShuttingDown) => {
@@ -1304,6 +1306,7 @@ fn fail_open_failure(status: &tonic::Status) -> SendFailure {
             SendFailure::Unavailable(format!("{:?}: {message}", status.code()))
         }
         Some(C::IdempotencyConflict) => SendFailure::Conflict(message),
+        Some(C::PermissionDenied) => SendFailure::Refused(message),
         Some(_) if status.code() == tonic::Code::InvalidArgument => SendFailure::Refused(message),
         Some(_) => SendFailure::Retry(message),
     }

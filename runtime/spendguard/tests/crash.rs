@@ -19,7 +19,16 @@ fn spawn_ledger(url: &str, port: u16) -> Child {
         .env("SPENDGUARD_LEDGER_DATABASE_URL", url)
         .env("SPENDGUARD_LEDGER_INSTANCE_ID", "ledger-crash")
         .envs(spendguard_testkit::signing::ledger_env().expect("signing key"))
-        .env("SPENDGUARD_LEDGER_LISTEN_ADDR", format!("127.0.0.1:{port}"))
+        // The drill drives setup, load and sweeps through one client: the control listener
+        // serves every RPC.
+        .env(
+            "SPENDGUARD_LEDGER_LISTEN_ADDR",
+            format!("127.0.0.1:{}", free_port()),
+        )
+        .env(
+            "SPENDGUARD_LEDGER_CONTROL_LISTEN_ADDR",
+            format!("127.0.0.1:{port}"),
+        )
         .env(
             "SPENDGUARD_ADMIN_ADDR",
             format!("127.0.0.1:{}", free_port()),

@@ -23,6 +23,10 @@ async fn health_readiness_metrics_and_graceful_shutdown() {
         .env("SPENDGUARD_LEDGER_INSTANCE_ID", "ledger-ops")
         .envs(spendguard_testkit::signing::ledger_env().unwrap())
         .env("SPENDGUARD_LEDGER_LISTEN_ADDR", format!("127.0.0.1:{port}"))
+        .env(
+            "SPENDGUARD_LEDGER_CONTROL_LISTEN_ADDR",
+            format!("127.0.0.1:{}", free_port()),
+        )
         .env("SPENDGUARD_ADMIN_ADDR", format!("127.0.0.1:{admin}"))
         .env("SPENDGUARD_LOG", "error")
         .kill_on_drop(true)

@@ -36,7 +36,7 @@ async fn standby_takes_over_when_the_leader_is_killed() {
     let plane = ControlPlane::start().expect("control plane");
     plane.install_crds(&std::path::Path::new(ROOT).join("crds/generated/spendguard.io.yaml"));
     let ledger = TestLedger::start().await.unwrap();
-    let port = ledger.ledger.as_ref().unwrap().addr.port();
+    let port = ledger.ledger.as_ref().unwrap().control_addr.port();
     let mut a = operator(&plane, port, "op-a");
     let mut b = operator(&plane, port, "op-b");
 

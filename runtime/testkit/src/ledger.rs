@@ -76,6 +76,7 @@ impl TestLedger {
         tuning: &LedgerTuning,
     ) -> Result<Self> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
+        let control_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let mut registry = prometheus_client::registry::Registry::default();
         let ledger = spendguard_ledger::start(
             database_url,
@@ -83,10 +84,13 @@ impl TestLedger {
             tuning,
             crate::signing::test_signing(instance_id),
             listener,
+            control_listener,
             &mut registry,
         )
         .await?;
-        let client = connect(ledger.addr).await?;
+        // Tests set up tenants, budgets and pricing as the operator does: on the control
+        // listener. Sidecars under test use `ledger.addr`, the data path.
+        let client = connect(ledger.control_addr).await?;
         Ok(Self {
             database_url: database_url.to_owned(),
             ledger: Some(ledger),
