@@ -135,7 +135,7 @@ async fn pricing_versions_publish_their_identity() {
 
 #[tokio::test]
 async fn contract_bundles_compile_into_verifiable_config_maps() {
-    let (plane, context, _ledger) = setup().await;
+    let (plane, context, ledger) = setup().await;
     let operator = tokio::spawn(controller::contract_bundle::run(context));
     let reason = [
         "get",
@@ -248,5 +248,21 @@ async fn contract_bundles_compile_into_verifiable_config_maps() {
         None,
     );
     assert!(message.contains("no published_at"), "{message}");
+    // Refused before anything reached the ledger: the undated pricing was never registered for
+    // the tenant (the dated one, compiled above, was).
+    let registered = |version: &'static str| {
+        let pool = ledger.store().pool().clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM pricing_registrations WHERE version = $1",
+            )
+            .bind(version)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(registered("pricing-2026-11-01").await, 1);
+    assert_eq!(registered("pricing-undated").await, 0);
     operator.abort();
 }

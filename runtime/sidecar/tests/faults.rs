@@ -535,3 +535,44 @@ async fn a_ledger_refusing_new_spend_for_an_evidence_backlog_fails_closed_even_u
     assert!(stack.upstream_requests().is_empty(), "nothing went out");
     assert!(stack.sidecar().decider.fail_open_queue().is_empty());
 }
+
+#[tokio::test]
+async fn a_fail_open_call_on_stale_pricing_is_recorded_with_both_markers() {
+    // Goal: S22's two explicit exceptions compose and both show in the evidence: a call let
+    // through fail-open while the pricing is older than the contract accepts (under
+    // `on_stale: continue`) is recorded, once the ledger answers, as `decision.fail_open` whose
+    // context carries `"pricing_stale": true`. Method: such a contract and pricing, the ledger
+    // stopped, one proxied call, the ledger back; then read the event.
+    let mut stack = Stack::start(Options {
+        contract: json!({"fail_policy": "open",
+                         "pricing_max_age": {"hours": 24, "on_stale": "continue"}}),
+        pricing_published_at: Some("2020-01-01T00:00:00Z".into()),
+        ..Options::default()
+    })
+    .await;
+    stack.ledger.stop().await;
+    let reply = post_json(
+        &stack.url("/v1/chat/completions"),
+        &[OPENAI_KEY],
+        &chat_body("gpt-4o-mini", false),
+    )
+    .await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    stack.restart_ledger().await;
+    assert!(stack.fail_open_drained().await);
+    let rows: Vec<Vec<u8>> = sqlx::query_scalar(
+        "SELECT canonical_event FROM audit_outbox WHERE event_type = 'decision.fail_open'",
+    )
+    .fetch_all(stack.ledger.store().pool())
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 1);
+    let event: serde_json::Value = serde_json::from_slice(&rows[0]).unwrap();
+    assert_eq!(event["data"]["context"]["pricing_stale"], true, "{event}");
+    assert_eq!(event["data"]["overrun"], true, "{event}");
+}

@@ -16,7 +16,7 @@ async fn get(port: u16, path: &str) -> (u16, String) {
 async fn health_readiness_metrics_and_graceful_shutdown() {
     let cluster = PgCluster::start(&[("fsync", "off")]).unwrap();
     let url = cluster.create_database().await.unwrap();
-    let (port, admin) = (free_port(), free_port());
+    let (port, control, admin) = (free_port(), free_port(), free_port());
     let mut ledger = Command::new(env!("CARGO_BIN_EXE_spendguard"))
         .arg("ledger")
         .env("SPENDGUARD_LEDGER_DATABASE_URL", &url)
@@ -25,7 +25,7 @@ async fn health_readiness_metrics_and_graceful_shutdown() {
         .env("SPENDGUARD_LEDGER_LISTEN_ADDR", format!("127.0.0.1:{port}"))
         .env(
             "SPENDGUARD_LEDGER_CONTROL_LISTEN_ADDR",
-            format!("127.0.0.1:{}", free_port()),
+            format!("127.0.0.1:{control}"),
         )
         .env("SPENDGUARD_ADMIN_ADDR", format!("127.0.0.1:{admin}"))
         .env("SPENDGUARD_LOG", "error")
@@ -47,7 +47,18 @@ async fn health_readiness_metrics_and_graceful_shutdown() {
     assert!(ready, "ledger never became ready");
     assert_eq!(get(admin, "/healthz").await.0, 200);
 
-    let mut client = connect(format!("127.0.0.1:{port}").parse().unwrap())
+    // Tenants are set up on the control listener; the data path refuses it.
+    let mut data = connect(format!("127.0.0.1:{port}").parse().unwrap())
+        .await
+        .unwrap();
+    let refused = spendguard_testkit::ledger::tenant(&mut data, "t")
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{refused:#}").contains("PERMISSION_DENIED"),
+        "{refused:#}"
+    );
+    let mut client = connect(format!("127.0.0.1:{control}").parse().unwrap())
         .await
         .unwrap();
     spendguard_testkit::ledger::tenant(&mut client, "t")
@@ -63,7 +74,13 @@ async fn health_readiness_metrics_and_graceful_shutdown() {
     let (status, metrics) = get(admin, "/metrics").await;
     assert_eq!(status, 200);
     assert!(
-        metrics.contains(r#"spendguard_ledger_rpc_duration_seconds_count{rpc="UpsertTenant"} 1"#),
+        metrics.contains(r#"spendguard_ledger_rpc_duration_seconds_count{rpc="UpsertTenant"} 2"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            r#"spendguard_ledger_rpc_errors_total{rpc="UpsertTenant",code="PERMISSION_DENIED"} 1"#
+        ),
         "{metrics}"
     );
     assert!(
