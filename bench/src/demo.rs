@@ -221,12 +221,38 @@ pub(crate) async fn demo(spendguard_bin: &Path) -> Result<()> {
         "\n$ kubectl get budgets\n{}",
         kubectl(&plane, &["get", "budgets", "-n", "default"], None)?
     );
+    let pool = sqlx::PgPool::connect(&url).await?;
+    // The sidecar publishes the STOP's evidence right after answering it.
+    let mut stopped: Option<Vec<u8>> = None;
+    for _ in 0..50 {
+        stopped = sqlx::query_scalar(
+            "SELECT canonical_event FROM audit_outbox
+              WHERE event_type = 'decision.stopped' ORDER BY producer_sequence LIMIT 1",
+        )
+        .fetch_optional(&pool)
+        .await?;
+        if stopped.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stop_event = stopped.context("the STOP's evidence never reached the ledger")?;
+    let stop_event: serde_json::Value = serde_json::from_slice(&stop_event)?;
+    println!(
+        "STOP evidence: decision.stopped {} (call {}, {}, worst case {} nano-USD)",
+        stop_event["data"]["record_id"].as_str().unwrap_or("?"),
+        stop_event["data"]["call_id"].as_str().unwrap_or("?"),
+        stop_event["data"]["reason"].as_str().unwrap_or("?"),
+        stop_event["data"]["worst_case_nano_usd"]
+            .as_str()
+            .unwrap_or("?"),
+    );
     let (events, signed): (i64, i64) =
         sqlx::query_as("SELECT count(*), count(signature) FROM audit_outbox")
-            .fetch_one(&sqlx::PgPool::connect(&url).await?)
+            .fetch_one(&pool)
             .await?;
     println!(
-        "audit outbox: {events} canonical events ({signed} signed with the ledger's Ed25519 key), each written in the transaction that moved the money"
+        "audit outbox: {events} canonical events ({signed} signed with the ledger's Ed25519 key), each written in the transaction of its decision or money movement"
     );
     sidecar.stop().await?;
     mock.stop().await?;
