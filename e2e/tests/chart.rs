@@ -220,9 +220,22 @@ fn rendered_chart_passes_server_side_dry_run() {
         "role.rbac.authorization.k8s.io/spendguard-operator-webhook created (server dry run)",
         "role.rbac.authorization.k8s.io/spendguard-operator-leases created (server dry run)",
         "rolebinding.rbac.authorization.k8s.io/spendguard-operator-leases created (server dry run)",
+        "networkpolicy.networking.k8s.io/spendguard-ledger created (server dry run)",
     ] {
         assert!(text.contains(object), "missing {object:?} in:\n{text}");
     }
+    // The control plane talks to the ledger's control port; sidecars get the data path.
+    let value_after = |name: &str| {
+        let mut lines = rendered.lines();
+        lines.find(|l| l.trim() == format!("- name: {name}"));
+        lines.next().unwrap_or_default().trim().to_owned()
+    };
+    assert!(value_after("SPENDGUARD_OPERATOR_LEDGER_ADDR").ends_with(":7101\""));
+    assert!(
+        value_after("SPENDGUARD_LEDGER_URL").ends_with(":7101\""),
+        "the TTL sweeper"
+    );
+    assert!(value_after("SPENDGUARD_SIDECAR_LEDGER_URL").ends_with(":7100\""));
     leases_are_granted_only_in_the_release_namespace(&plane, &rendered);
 }
 

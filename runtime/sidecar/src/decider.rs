@@ -856,14 +856,23 @@ impl Decider {
     async fn send_fail_open(&self, ready: crate::fail_open::Ready) -> Result<(), SendFailure> {
         if let Some((budget_id, limit)) = &ready.run_budget {
             let limit = NanoUsd::new(*limit).map_err(|e| SendFailure::Refused(e.to_string()))?;
-            // One classification for both RPCs of a record: the same answer keeps or drops it.
-            self.ensure_run_budget(budget_id, limit).await.map_err(
-                |status| match fail_open_failure(&status) {
-                    // Only RecordFailOpen's own conflict can mean "already recorded".
-                    SendFailure::Conflict(reason) => SendFailure::Refused(reason),
-                    other => other,
-                },
-            )?;
+            match self.ensure_run_budget(budget_id, limit).await {
+                Ok(()) => {}
+                // The run's budget exists with another limit (the contract's per-run limit
+                // changed, or someone else created it): it exists, which is all the record
+                // needs. Dropping the record would lose the call's spend.
+                Err(status) if error_code(&status) == Some(pb::ErrorCode::PermissionDenied) => {
+                    warn!(budget_id = %budget_id, "run budget exists with another limit; recording the fail-open call against it");
+                }
+                // One classification for both RPCs of a record: the same answer keeps or drops it.
+                Err(status) => {
+                    return Err(match fail_open_failure(&status) {
+                        // Only RecordFailOpen's own conflict can mean "already recorded".
+                        SendFailure::Conflict(reason) => SendFailure::Refused(reason),
+                        other => other,
+                    });
+                }
+            }
         }
         let response = self
             .ledger

@@ -576,3 +576,54 @@ async fn a_fail_open_call_on_stale_pricing_is_recorded_with_both_markers() {
     assert_eq!(event["data"]["context"]["pricing_stale"], true, "{event}");
     assert_eq!(event["data"]["overrun"], true, "{event}");
 }
+
+#[tokio::test]
+async fn a_fail_open_call_whose_run_budget_has_another_limit_is_still_recorded() {
+    // Goal: a fail-open call's spend is never dropped because its run's budget cannot be created
+    // the way the contract says (it exists with another limit: the contract's per-run limit
+    // changed, or it was created elsewhere; the data path refuses to change it). Method: the
+    // run's budget created beforehand with another limit, the ledger stopped, one proxied call
+    // of that run (fail-open), the ledger back: one `decision.fail_open`, its cost booked as
+    // overrun on the run's budget.
+    let mut stack = Stack::start(Options {
+        contract: json!({"fail_policy": "open", "per_run_limit_nano_usd": 1_000_000_000}),
+        ..Options::default()
+    })
+    .await;
+    stack
+        .ledger
+        .client
+        .upsert_budget(pb::UpsertBudgetRequest {
+            tenant_id: TENANT.into(),
+            budget_id: "runs/run-7".into(),
+            limit_nano_usd: 5_000_000_000,
+            soft_cap_nano_usd: 0,
+            window: pb::BudgetWindow::Lifetime.into(),
+        })
+        .await
+        .unwrap();
+    stack.ledger.stop().await;
+    let reply = post_json(
+        &stack.url("/v1/chat/completions"),
+        &[OPENAI_KEY, ("x-spendguard-run-id", "run-7")],
+        &chat_body("gpt-4o-mini", false),
+    )
+    .await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    stack.restart_ledger().await;
+    assert!(stack.fail_open_drained().await);
+    let (events, total) = fail_open_events(&stack).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(total, 10_950);
+    let run = stack.ledger.balance(TENANT, "runs/run-7").await.unwrap();
+    assert_eq!(run.overrun_nano_usd, 10_950);
+    assert_eq!(
+        run.limit_nano_usd, 5_000_000_000,
+        "the data path did not change it"
+    );
+}

@@ -52,8 +52,8 @@ impl TestLedger {
         Self::start_at(database_url, instance_id, "127.0.0.1:0".parse()?).await
     }
 
-    /// Starts a ledger on an existing database at `addr` (a restart on the address clients
-    /// already use).
+    /// Starts a ledger on an existing database with its data path at `addr` (a restart on the
+    /// address sidecars already use; the control listener, which `client` uses, gets a new port).
     ///
     /// # Errors
     /// When the server cannot start or bind.
