@@ -152,6 +152,7 @@ def test_tight_budget_stops(stack: Stack, call_id: str) -> None:
     # The refusal's signed evidence is published under this id (a UUID).
     evidence_id = err.decision_response.evidence_id
     assert evidence_id is not None and len(evidence_id) == 36
+    assert err.evidence_id == evidence_id
 
 
 def test_tight_budget_unchecked_returns_stop(stack: Stack, call_id: str) -> None:

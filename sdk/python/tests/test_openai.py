@@ -143,6 +143,8 @@ def test_tight_budget_raises_budget_exceeded(stack: Stack, mock: MockUpstream, m
     assert isinstance(err, openai.APIStatusError)
     assert err.status_code == 402
     assert err.type == "spendguard_budget_exceeded"
+    # The refusal's signed evidence is published under this id.
+    assert err.evidence_id is not None and len(err.evidence_id) == 36
     mock.assert_never_saw(marker)
 
 

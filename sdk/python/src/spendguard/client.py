@@ -150,6 +150,7 @@ def _check_decision(decision: Decision) -> Decision:
         "approval_id": decision.approval_id,
         "call_id": decision.call_id,
         "decision_response": decision,
+        "evidence_id": decision.evidence_id,
     }
     message = decision.detail or decision.reason
     if decision.decision == "STOP":

@@ -10,7 +10,9 @@ Every exception carries:
 - `code`: the stable wire code (`BUDGET_EXHAUSTED`, `DEPENDENCY_UNAVAILABLE`, `INVALID_ARGUMENT`, ...);
 - `reason`: the decision reason code for refusals (equal to `code` for proxy refusals), else None;
 - `decision`: `"STOP"` or `"REQUIRE_APPROVAL"` for refusals, else None;
-- `status_code`: the HTTP status, when there was one.
+- `status_code`: the HTTP status, when there was one;
+- `evidence_id`: for a STOP, the id of the ledger's signed record of the refusal
+  (`decision.stopped`), else None.
 
 Attribute names deliberately avoid the ones the provider exceptions use for something else
 (`type`, `body`, `response`, `request`), because the guarded clients raise classes that are both.
@@ -62,6 +64,8 @@ class SpendGuardError(Exception):
     call_id: str | None
     field: str | None
     decision_response: Decision | None
+    # STOP: the id of the ledger's signed record of the refusal (`decision.stopped`).
+    evidence_id: str | None
 
     def __init__(
         self,
@@ -75,6 +79,7 @@ class SpendGuardError(Exception):
         call_id: str | None = None,
         field: str | None = None,
         decision_response: Decision | None = None,
+        evidence_id: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -87,6 +92,7 @@ class SpendGuardError(Exception):
             call_id=call_id,
             field=field,
             decision_response=decision_response,
+            evidence_id=evidence_id,
         )
 
     def _fill(
@@ -100,6 +106,7 @@ class SpendGuardError(Exception):
         call_id: str | None = None,
         field: str | None = None,
         decision_response: Decision | None = None,
+        evidence_id: str | None = None,
     ) -> None:
         self.code = code
         self.reason = reason
@@ -109,6 +116,7 @@ class SpendGuardError(Exception):
         self.call_id = call_id
         self.field = field
         self.decision_response = decision_response
+        self.evidence_id = evidence_id
 
     def plain(self) -> SpendGuardError:
         """A copy as the public SpendGuard class only (drops any provider base class).
@@ -127,6 +135,7 @@ class SpendGuardError(Exception):
             call_id=self.call_id,
             field=self.field,
             decision_response=self.decision_response,
+            evidence_id=self.evidence_id,
         )
         return copy
 
@@ -246,6 +255,7 @@ def refusal_from_parts(
     code = _header(headers, SPENDGUARD_CODE_HEADER) or body_code
     message = err.get("message") if isinstance(err.get("message"), str) else None
     approval_id = err.get("approval_id") if isinstance(err.get("approval_id"), str) else None
+    evidence_id = err.get("evidence_id") if isinstance(err.get("evidence_id"), str) else None
 
     cls: type[SpendGuardError] | None = None
     decision: str | None = None
@@ -276,6 +286,7 @@ def refusal_from_parts(
         "status_code": status_code,
         "approval_id": approval_id,
         "call_id": _header(headers, "x-spendguard-call-id"),
+        "evidence_id": evidence_id,
     }
 
 
