@@ -57,6 +57,22 @@ fn budget(
     }
 }
 
+/// A soft-cap approval of 100 nano-USD on "team", as a sidecar opens it.
+fn approval_request(key: &str, fencing: &pb::FencingToken) -> pb::CreateApprovalRequest {
+    pb::CreateApprovalRequest {
+        tenant_id: T.into(),
+        idempotency_key: key.into(),
+        budget_ids: vec!["team".into()],
+        budget_id: "team".into(),
+        amount_nano_usd: 100,
+        fencing: Some(fencing.clone()),
+        ttl_ms: 60_000,
+        reason_code: "SOFT_CAP_REACHED".into(),
+        pricing: Some(test_pricing()),
+        ..Default::default()
+    }
+}
+
 #[tokio::test]
 async fn the_data_path_refuses_every_control_rpc_and_nothing_changes() {
     // Goal: what would let an agent spend past its limits (a larger budget, an approval of its
@@ -67,18 +83,7 @@ async fn the_data_path_refuses_every_control_rpc_and_nothing_changes() {
     // An approval pending on the control side, for the resolve attempt.
     let approval = ledger
         .client
-        .create_approval(pb::CreateApprovalRequest {
-            tenant_id: T.into(),
-            idempotency_key: "needs-a-human".into(),
-            budget_ids: vec!["team".into()],
-            budget_id: "team".into(),
-            amount_nano_usd: 100,
-            fencing: Some(fencing.clone()),
-            ttl_ms: 60_000,
-            reason_code: "SOFT_CAP_REACHED".into(),
-            pricing: Some(test_pricing()),
-            ..Default::default()
-        })
+        .create_approval(approval_request("needs-a-human", &fencing))
         .await
         .unwrap()
         .into_inner()
@@ -278,18 +283,7 @@ async fn the_data_path_serves_what_a_sidecar_does() {
     .await
     .unwrap();
     let approval = data
-        .create_approval(pb::CreateApprovalRequest {
-            tenant_id: T.into(),
-            idempotency_key: "k3".into(),
-            budget_ids: vec!["team".into()],
-            budget_id: "team".into(),
-            amount_nano_usd: 100,
-            fencing: Some(fencing.clone()),
-            ttl_ms: 60_000,
-            reason_code: "SOFT_CAP_REACHED".into(),
-            pricing: Some(test_pricing()),
-            ..Default::default()
-        })
+        .create_approval(approval_request("k3", &fencing))
         .await
         .unwrap()
         .into_inner()

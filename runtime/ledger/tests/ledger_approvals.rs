@@ -7,7 +7,7 @@
 
 use spendguard_proto::ledger::error_code;
 use spendguard_proto::ledger::v1 as pb;
-use spendguard_testkit::ledger::{reserve_request, test_pricing};
+use spendguard_testkit::ledger::{outbox_events, reserve_request, test_pricing};
 use spendguard_testkit::{TestLedger, invariants};
 
 const T: &str = "tenant-a";
@@ -158,22 +158,16 @@ async fn create_then_approve_is_audited_and_moves_no_money() {
         ["approval.created", "approval.approved"]
     );
     // The event carries the approver and the immutable context.
-    let bytes: Vec<u8> = sqlx::query_scalar(
-        "SELECT canonical_event FROM audit_outbox WHERE event_type = 'approval.approved'",
-    )
-    .fetch_one(ledger.store().pool())
-    .await
-    .unwrap();
-    let event: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    let approved = outbox_events(ledger.store().pool(), "approval.approved")
+        .await
+        .unwrap();
+    let event = &approved[0];
     assert_eq!(event["data"]["approver"], "alice@example.com");
     assert_eq!(event["data"]["approval_id"], approval.approval_id.as_str());
-    let bytes: Vec<u8> = sqlx::query_scalar(
-        "SELECT canonical_event FROM audit_outbox WHERE event_type = 'approval.created'",
-    )
-    .fetch_one(ledger.store().pool())
-    .await
-    .unwrap();
-    let event: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    let created = outbox_events(ledger.store().pool(), "approval.created")
+        .await
+        .unwrap();
+    let event = &created[0];
     assert_eq!(event["data"]["context"]["decision"]["model"], "gpt-test");
     assert_eq!(event["data"]["amount_nano_usd"], "700");
     invariants::check(ledger.store().pool()).await.unwrap();

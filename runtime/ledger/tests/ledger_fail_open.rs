@@ -9,7 +9,7 @@
 
 use spendguard_proto::ledger::error_code;
 use spendguard_proto::ledger::v1 as pb;
-use spendguard_testkit::ledger::{reserve_request, test_pricing};
+use spendguard_testkit::ledger::{outbox_events, reserve_request, test_pricing};
 use spendguard_testkit::{TestLedger, invariants};
 
 const T: &str = "tenant-a";
@@ -65,16 +65,9 @@ async fn balance(ledger: &mut TestLedger, budget: &str) -> pb::BudgetBalance {
 
 /// `decision.fail_open` events in the outbox, as parsed canonical JSON.
 async fn fail_open_events(ledger: &TestLedger) -> Vec<serde_json::Value> {
-    let rows: Vec<Vec<u8>> = sqlx::query_scalar(
-        "SELECT canonical_event FROM audit_outbox WHERE event_type = 'decision.fail_open'
-          ORDER BY producer_sequence",
-    )
-    .fetch_all(ledger.store().pool())
-    .await
-    .unwrap();
-    rows.iter()
-        .map(|bytes| serde_json::from_slice(bytes).unwrap())
-        .collect()
+    outbox_events(ledger.store().pool(), "decision.fail_open")
+        .await
+        .unwrap()
 }
 
 async fn count(ledger: &TestLedger, sql: &'static str) -> i64 {

@@ -4,6 +4,7 @@
 
 use spendguard_proto::ledger::error_code;
 use spendguard_proto::ledger::v1 as pb;
+use spendguard_testkit::ledger::outbox_events;
 use spendguard_testkit::{TestLedger, invariants};
 
 const T: &str = "tenant-a";
@@ -17,16 +18,9 @@ fn request(days: u32, redact: Option<u32>) -> pb::UpsertRetentionPolicyRequest {
 }
 
 async fn retention_events(ledger: &TestLedger) -> Vec<serde_json::Value> {
-    let rows: Vec<Vec<u8>> = sqlx::query_scalar(
-        "SELECT canonical_event FROM audit_outbox WHERE event_type = 'retention_policy.upserted'
-          ORDER BY producer_sequence",
-    )
-    .fetch_all(ledger.store().pool())
-    .await
-    .unwrap();
-    rows.iter()
-        .map(|b| serde_json::from_slice(b).unwrap())
-        .collect()
+    outbox_events(ledger.store().pool(), "retention_policy.upserted")
+        .await
+        .unwrap()
 }
 
 #[tokio::test]

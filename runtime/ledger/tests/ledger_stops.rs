@@ -8,7 +8,7 @@
 
 use spendguard_proto::ledger::error_code;
 use spendguard_proto::ledger::v1 as pb;
-use spendguard_testkit::ledger::{reserve_request, test_pricing};
+use spendguard_testkit::ledger::{outbox_events, reserve_request, test_pricing};
 use spendguard_testkit::{TestLedger, invariants};
 
 const T: &str = "tenant-a";
@@ -73,18 +73,10 @@ const ID_1: &str = "6f1c2a3b-0000-4000-8000-000000000001";
 const ID_2: &str = "6f1c2a3b-0000-4000-8000-000000000002";
 const ID_3: &str = "6f1c2a3b-0000-4000-8000-000000000003";
 
-/// Events of `event_type` in the outbox, as parsed canonical JSON, in sequence order.
 async fn events(ledger: &TestLedger, event_type: &str) -> Vec<serde_json::Value> {
-    let rows: Vec<Vec<u8>> = sqlx::query_scalar(
-        "SELECT canonical_event FROM audit_outbox WHERE event_type = $1 ORDER BY producer_sequence",
-    )
-    .bind(event_type)
-    .fetch_all(ledger.store().pool())
-    .await
-    .unwrap();
-    rows.iter()
-        .map(|bytes| serde_json::from_slice(bytes).unwrap())
-        .collect()
+    outbox_events(ledger.store().pool(), event_type)
+        .await
+        .unwrap()
 }
 
 async fn count(ledger: &TestLedger, sql: &'static str) -> i64 {

@@ -22,6 +22,7 @@ use crate::error::SidecarError;
 use crate::fail_open::{FailOpenQueue, SendFailure};
 use crate::lease::Lease;
 use crate::stop_evidence::{STOP_BATCH_MAX, StopEvidence};
+use crate::sync::lock;
 use serde::Serialize;
 use spendguard_core::contract::{
     BudgetAfterReserve, Bundle, CHOICES_MAX, Call, FailPolicy, Planned, PricingAge, ReasonCode,
@@ -1331,13 +1332,6 @@ fn settle_error(call_id: &str, status: &tonic::Status) -> SidecarError {
         }
         _ => ledger_error(status),
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding the lock leaves plain data intact; keep serving.
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

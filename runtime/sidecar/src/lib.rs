@@ -23,6 +23,7 @@ pub mod lease;
 pub mod metrics;
 pub mod proxy;
 pub mod stop_evidence;
+mod sync;
 
 use crate::decider::{Decider, Identity};
 use crate::error::SidecarError;

@@ -108,3 +108,8 @@ impl Metrics {
             .inc();
     }
 }
+
+/// A length as a gauge's value.
+pub(crate) fn gauge_value(len: usize) -> i64 {
+    i64::try_from(len).unwrap_or(i64::MAX)
+}

@@ -14,6 +14,8 @@
 //! What no record can cover: the queue's content when the process dies (SIGKILL, OOM); SIGTERM
 //! sends it first (within the evidence drain deadline) and logs what is left at ERROR.
 
+use crate::metrics::gauge_value;
+use crate::sync::lock;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -323,17 +325,6 @@ fn summary(reason: String, overflow: Overflow, capacity: usize) -> pb::StopRecor
         fencing_epoch: 0,
         context: None,
     }
-}
-
-fn gauge_value(len: usize) -> i64 {
-    i64::try_from(len).unwrap_or(i64::MAX)
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding the lock leaves plain data intact; keep serving.
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

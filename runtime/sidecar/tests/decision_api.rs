@@ -554,14 +554,7 @@ async fn decide_json(stack: &Stack, call_id: &str, max_output_tokens: u32) -> se
 
 /// The `reservation.reserved` events in the ledger's outbox, parsed.
 async fn reservation_events(stack: &Stack) -> Vec<serde_json::Value> {
-    let rows: Vec<Vec<u8>> = sqlx::query_scalar(
-        "SELECT canonical_event FROM audit_outbox WHERE event_type = 'reservation.reserved'
-          ORDER BY producer_sequence",
-    )
-    .fetch_all(stack.ledger.store().pool())
-    .await
-    .unwrap();
-    rows.iter()
-        .map(|bytes| serde_json::from_slice(bytes).unwrap())
-        .collect()
+    spendguard_testkit::ledger::outbox_events(stack.ledger.store().pool(), "reservation.reserved")
+        .await
+        .unwrap()
 }

@@ -565,14 +565,14 @@ async fn a_fail_open_call_on_stale_pricing_is_recorded_with_both_markers() {
     );
     stack.restart_ledger().await;
     assert!(stack.fail_open_drained().await);
-    let rows: Vec<Vec<u8>> = sqlx::query_scalar(
-        "SELECT canonical_event FROM audit_outbox WHERE event_type = 'decision.fail_open'",
+    let events = spendguard_testkit::ledger::outbox_events(
+        stack.ledger.store().pool(),
+        "decision.fail_open",
     )
-    .fetch_all(stack.ledger.store().pool())
     .await
     .unwrap();
-    assert_eq!(rows.len(), 1);
-    let event: serde_json::Value = serde_json::from_slice(&rows[0]).unwrap();
+    assert_eq!(events.len(), 1);
+    let event = &events[0];
     assert_eq!(event["data"]["context"]["pricing_stale"], true, "{event}");
     assert_eq!(event["data"]["overrun"], true, "{event}");
 }

@@ -37,16 +37,9 @@ async fn decide(stack: &Stack, call_id: &str, model: &str) -> Value {
 
 /// Events of `event_type` in the ledger's outbox, parsed, in sequence order.
 async fn events(stack: &Stack, event_type: &str) -> Vec<Value> {
-    let rows: Vec<Vec<u8>> = sqlx::query_scalar(
-        "SELECT canonical_event FROM audit_outbox WHERE event_type = $1 ORDER BY producer_sequence",
-    )
-    .bind(event_type)
-    .fetch_all(stack.ledger.store().pool())
-    .await
-    .unwrap();
-    rows.iter()
-        .map(|bytes| serde_json::from_slice(bytes).unwrap())
-        .collect()
+    spendguard_testkit::ledger::outbox_events(stack.ledger.store().pool(), event_type)
+        .await
+        .unwrap()
 }
 
 /// Waits (up to 20 s) until the sidecar has nothing left to publish and the outbox holds at

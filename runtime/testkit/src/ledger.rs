@@ -280,6 +280,27 @@ pub async fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
     Ok((status, body))
 }
 
+/// The audit outbox's events of `event_type`, parsed from their canonical bytes, in producer
+/// sequence order.
+///
+/// # Errors
+/// Database failures, or bytes that are not JSON.
+pub async fn outbox_events(
+    pool: &sqlx::PgPool,
+    event_type: &str,
+) -> Result<Vec<serde_json::Value>> {
+    let rows: Vec<Vec<u8>> = sqlx::query_scalar(
+        "SELECT canonical_event FROM audit_outbox WHERE event_type = $1
+          ORDER BY producer_instance_id, producer_sequence",
+    )
+    .bind(event_type)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|bytes| Ok(serde_json::from_slice(bytes)?))
+        .collect()
+}
+
 /// Connects a client to `addr`.
 ///
 /// # Errors

@@ -23,6 +23,8 @@
 pub mod spool;
 
 use crate::error::SidecarError;
+use crate::metrics::gauge_value;
+use crate::sync::lock;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -487,17 +489,6 @@ pub struct Abandoned {
     pub records: Vec<pb::RecordFailOpenRequest>,
     /// Whether they stay in the spool for the next start (else they are lost).
     pub kept: bool,
-}
-
-fn gauge_value(len: usize) -> i64 {
-    i64::try_from(len).unwrap_or(i64::MAX)
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding the lock leaves plain data intact; keep serving.
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The next backoff after a pass that left records behind: doubling, capped.
