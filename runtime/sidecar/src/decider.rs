@@ -21,6 +21,7 @@ use crate::bundle::pricing_ref;
 use crate::error::SidecarError;
 use crate::fail_open::{FailOpenQueue, SendFailure};
 use crate::lease::Lease;
+use crate::metrics::DecisionLatency;
 use crate::stop_evidence::{STOP_BATCH_MAX, StopEvidence};
 use crate::sync::lock;
 use serde::Serialize;
@@ -218,6 +219,7 @@ pub struct Decider {
     run_budgets: Mutex<HashSet<String>>,
     fail_open: Arc<FailOpenQueue>,
     stops: Arc<StopEvidence>,
+    latency: DecisionLatency,
 }
 
 impl Decider {
@@ -241,7 +243,13 @@ impl Decider {
             run_budgets: Mutex::new(HashSet::new()),
             fail_open,
             stops,
+            latency: DecisionLatency::default(),
         }
+    }
+
+    /// Registers the decision latency histogram.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        self.latency.register(registry);
     }
 
     /// The queue of STOP records waiting for the ledger.
@@ -272,6 +280,14 @@ impl Decider {
     /// [`SidecarError`] when the input is malformed, the call id was used with other fields, or
     /// the ledger or lease is unavailable under a fail-closed contract.
     pub async fn decide(&self, input: DecideInput) -> Result<Decision, SidecarError> {
+        let started = Instant::now();
+        let answer = self.decide_untimed(input).await;
+        let outcome = answer.as_ref().map_or("ERROR", |d| d.decision.as_str());
+        self.latency.observe(outcome, started.elapsed());
+        answer
+    }
+
+    async fn decide_untimed(&self, input: DecideInput) -> Result<Decision, SidecarError> {
         check_call_id(&input.call_id)?;
         if let Some(run_id) = &input.run_id {
             spendguard_core::ids::check_name("run_id", run_id)

@@ -301,6 +301,7 @@ pub async fn start(
         fail_open,
         stops,
     ));
+    decider.register_metrics(registry);
     let metrics = Metrics::register(registry);
     let upstream = Upstream::new(UpstreamConfig {
         openai_base_url: tuning.openai_base_url.clone(),

@@ -6,6 +6,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -106,6 +107,50 @@ impl Metrics {
         self.settlements
             .get_or_create(&SettlementLabels { outcome })
             .inc();
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    decision: &'static str,
+}
+
+fn decision_histogram() -> Histogram {
+    // 100 µs .. ~1.6 s: a decision is a ledger round trip, or none.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 15))
+}
+
+/// How long decisions take, from the decide call to its answer, by outcome (`CONTINUE`, `STOP`,
+/// `REQUIRE_APPROVAL`, or `ERROR` for a request answered without a decision): the decision
+/// latency SLO (S23) of every entry point, the proxy and both decision APIs.
+#[derive(Clone)]
+pub struct DecisionLatency {
+    seconds: Family<OutcomeLabels, Histogram, fn() -> Histogram>,
+}
+
+impl Default for DecisionLatency {
+    fn default() -> Self {
+        Self {
+            seconds: Family::new_with_constructor(decision_histogram),
+        }
+    }
+}
+
+impl DecisionLatency {
+    /// Registers `spendguard_sidecar_decision_duration_seconds{decision}`.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.sub_registry_with_prefix("spendguard_sidecar").register(
+            "decision_duration_seconds",
+            "Time from a decide request to its answer, by outcome (ERROR: answered without a decision)",
+            self.seconds.clone(),
+        );
+    }
+
+    /// Records one decide.
+    pub fn observe(&self, decision: &'static str, elapsed: std::time::Duration) {
+        self.seconds
+            .get_or_create(&OutcomeLabels { decision })
+            .observe(elapsed.as_secs_f64());
     }
 }
 

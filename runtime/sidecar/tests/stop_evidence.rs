@@ -163,6 +163,12 @@ async fn every_stop_is_published_once_under_the_id_its_answer_carries() {
         metrics.contains("spendguard_sidecar_stop_evidence_published_total 5"),
         "{metrics}"
     );
+    // Every decide is timed, from every entry point: the decision API's 4 + 8 tries, the proxy's.
+    assert!(
+        metrics
+            .contains(r#"spendguard_sidecar_decision_duration_seconds_count{decision="STOP"} 13"#),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
