@@ -586,6 +586,12 @@ pub struct RecordStops {
 /// Most records one RecordStops carries.
 pub const STOP_RECORDS_MAX: usize = 256;
 
+/// Longest free-text field of a request (decision context values, display names, reasons).
+pub const TEXT_LEN_MAX: usize = 256;
+
+/// Longest detail of a stop record.
+pub const STOP_DETAIL_LEN_MAX: usize = 1_024;
+
 /// One STOP decision, or a summary of several that were not published one by one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct StopRecord {

@@ -8,8 +8,8 @@ use spendguard_core::plan::{
     ApprovalState, Balance, BudgetRow, Commit, CreateApproval, DecisionContext, Fencing,
     PricingRef, RESERVE_SET_BUDGETS_MAX, RETENTION_DAYS_MAX, RecordFailOpen, RecordStops,
     RegisterPricing, RegisterSigningKey, Release, ReservationState, ReserveSet, ResolveApproval,
-    RetentionPolicy, STOP_RECORDS_MAX, SYSTEM_TENANT_ID, SigningKeyRow, StopRecord, UpsertBudget,
-    UpsertRetentionPolicy, UpsertTenant,
+    RetentionPolicy, STOP_DETAIL_LEN_MAX, STOP_RECORDS_MAX, SYSTEM_TENANT_ID, SigningKeyRow,
+    StopRecord, TEXT_LEN_MAX, UpsertBudget, UpsertRetentionPolicy, UpsertTenant,
 };
 use spendguard_core::window::BudgetWindow;
 use spendguard_core::{ErrorCode, LedgerError, NanoUsd};
@@ -24,8 +24,6 @@ pub const RESERVATION_TTL_MS_MAX: u32 = 3_600_000;
 pub const SWEEP_MAX: u32 = 10_000;
 /// Most budgets one GetBalances call reads.
 pub const BALANCES_BUDGETS_MAX: usize = 256;
-/// Longest free-text field (context values, display names).
-const TEXT_LEN_MAX: usize = 256;
 
 type Result<T> = std::result::Result<T, LedgerError>;
 
@@ -492,9 +490,6 @@ pub fn record_fail_open(r: &pb::RecordFailOpenRequest) -> Result<RecordFailOpen>
         context,
     })
 }
-
-/// Longest stop detail.
-const STOP_DETAIL_LEN_MAX: usize = 1_024;
 
 fn unix_ms(field: &'static str, value: i64) -> Result<chrono::DateTime<chrono::Utc>> {
     (value > 0)

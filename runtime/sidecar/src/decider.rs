@@ -22,7 +22,7 @@ use crate::error::SidecarError;
 use crate::fail_open::{FailOpenQueue, SendFailure};
 use crate::lease::Lease;
 use crate::metrics::DecisionLatency;
-use crate::stop_evidence::{STOP_BATCH_MAX, StopEvidence};
+use crate::stop_evidence::StopEvidence;
 use crate::sync::lock;
 use serde::Serialize;
 use spendguard_core::contract::{
@@ -30,6 +30,7 @@ use spendguard_core::contract::{
     evaluate_balances, evaluate_call, pricing_age,
 };
 use spendguard_core::money::NanoUsd;
+use spendguard_core::plan::{STOP_DETAIL_LEN_MAX, STOP_RECORDS_MAX, TEXT_LEN_MAX};
 use spendguard_core::pricing::{PricingError, Provider, TokenUsage};
 use spendguard_proto::ledger::error_code;
 use spendguard_proto::ledger::v1 as pb;
@@ -361,7 +362,7 @@ impl Decider {
             &mut context.model,
             &mut context.contract_version,
         ] {
-            *text = fit_text(text, STOP_CONTEXT_LEN_MAX);
+            *text = fit_text(text, TEXT_LEN_MAX);
         }
         pb::StopRecord {
             record_id: decision.evidence_id.clone().unwrap_or_default(),
@@ -383,7 +384,7 @@ impl Decider {
     /// could not take it (the records are queued again; the caller backs off). Cancel-safe: a
     /// send dropped mid-way (a deadline, an abort) puts its unconfirmed records back.
     pub async fn publish_stops(&self) -> bool {
-        let mut batch = self.stops.take(STOP_BATCH_MAX);
+        let mut batch = self.stops.take(STOP_RECORDS_MAX);
         if batch.is_empty() {
             return false;
         }
@@ -1293,11 +1294,6 @@ fn ledger_error(status: &tonic::Status) -> SidecarError {
         None => SidecarError::DependencyUnavailable(format!("{:?}: {message}", status.code())),
     }
 }
-
-/// The ledger's limit on a decision context's text fields (bytes).
-const STOP_CONTEXT_LEN_MAX: usize = 256;
-/// The ledger's limit on a stop record's detail (bytes).
-const STOP_DETAIL_LEN_MAX: usize = 1_024;
 
 /// `text` without control characters (the ledger refuses them), cut to at most `max` bytes on a
 /// character boundary (the ledger refuses longer), marked with `…` when cut.

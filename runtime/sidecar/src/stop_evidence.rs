@@ -3,7 +3,7 @@
 //!
 //! A STOP moves no money, so it is answered at once and published after the fact: the decider
 //! queues one record per fresh STOP, and a background task sends what has queued to the ledger's
-//! `RecordStops` (at most [`STOP_BATCH_MAX`] a request; records queued while one is in flight go
+//! `RecordStops` (at most `STOP_RECORDS_MAX` a request; records queued while one is in flight go
 //! in the next, so a burst batches itself). The ledger writes one immutable row and one signed
 //! audit event per record.
 //!
@@ -27,9 +27,6 @@ use uuid::Uuid;
 
 /// Default bound of the queue (records).
 pub const STOP_EVIDENCE_QUEUE_DEFAULT: usize = 4_096;
-
-/// Most records one `RecordStops` carries (the ledger's limit).
-pub const STOP_BATCH_MAX: usize = 256;
 
 /// STOPs not queued because the queue was full, for one reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
