@@ -112,6 +112,11 @@ async fn every_stop_is_published_once_under_the_id_its_answer_carries() {
     assert_eq!(proxied.status, 402);
     let proxied_evidence = proxied.json()["error"]["evidence_id"].clone();
     assert_eq!(
+        proxied.header("x-spendguard-evidence-id"),
+        proxied_evidence.as_str(),
+        "the header names the same record"
+    );
+    assert_eq!(
         proxied_evidence.as_str().map(str::len),
         Some(36),
         "{}",

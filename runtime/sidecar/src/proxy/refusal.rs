@@ -19,6 +19,8 @@ pub const DECISION_HEADER: &str = "x-spendguard-decision";
 pub const CALL_ID_HEADER: &str = "x-spendguard-call-id";
 /// `x-spendguard-reservation-id`.
 pub const RESERVATION_HEADER: &str = "x-spendguard-reservation-id";
+/// `x-spendguard-evidence-id`: a STOP's ledger record (`decision.stopped`).
+pub const EVIDENCE_HEADER: &str = "x-spendguard-evidence-id";
 
 /// A STOP or REQUIRE_APPROVAL decision: 402 Payment Required.
 pub fn decision(api: Api, decision: &Decision) -> Response {
@@ -59,6 +61,9 @@ pub fn decision(api: Api, decision: &Decision) -> Response {
     );
     set_header(&mut response, DECISION_HEADER, decision.decision.as_str());
     set_header(&mut response, CALL_ID_HEADER, &decision.call_id);
+    if let Some(evidence_id) = &decision.evidence_id {
+        set_header(&mut response, EVIDENCE_HEADER, evidence_id);
+    }
     response
 }
 
