@@ -42,3 +42,37 @@ fn every_environment_variable_is_in_its_reference_file() {
     workers.extend(env_vars::<spendguard_workers::SweeperArgs>());
     assert_listed("workers.env", &workers);
 }
+
+#[test]
+fn every_variable_the_chart_sets_is_one_a_component_reads() {
+    // A misspelt variable in a template would be ignored silently and its setting lost. The
+    // reference files list exactly what the components read (checked above).
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+    let mut known = String::new();
+    for file in ["ledger.env", "sidecar.env", "operator.env", "workers.env"] {
+        known += &std::fs::read_to_string(format!("{root}/config/{file}")).unwrap();
+    }
+    let known: Vec<&str> = known
+        .lines()
+        .filter_map(|line| line.split_once('=').map(|(name, _)| name.trim()))
+        .collect();
+    let templates = std::fs::read_dir(format!("{root}/charts/spendguard/templates")).unwrap();
+    let mut checked = 0;
+    for template in templates {
+        let path = template.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        for name in text
+            .lines()
+            .filter_map(|line| line.trim().strip_prefix("- name: "))
+            .filter(|name| name.starts_with("SPENDGUARD_") || name.starts_with("POD_"))
+        {
+            assert!(
+                known.contains(&name),
+                "{} sets {name}, which no component reads",
+                path.display()
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 20, "only {checked} variables found in the chart");
+}
