@@ -256,6 +256,8 @@ def refusal_from_parts(
     message = err.get("message") if isinstance(err.get("message"), str) else None
     approval_id = err.get("approval_id") if isinstance(err.get("approval_id"), str) else None
     evidence_id = err.get("evidence_id") if isinstance(err.get("evidence_id"), str) else None
+    # The header survives a proxy in between that rewrote the body.
+    evidence_id = evidence_id or _header(headers, "x-spendguard-evidence-id")
 
     cls: type[SpendGuardError] | None = None
     decision: str | None = None
