@@ -583,6 +583,10 @@ pub struct RecordStops {
     pub stops: Vec<StopRecord>,
 }
 
+/// Prefix of a run's own budget id (`runs/<run id>`): the budget a sidecar creates for a
+/// contract's per-run limit, and the only kind the ledger's data path lets it create.
+pub const RUN_BUDGET_PREFIX: &str = "runs/";
+
 /// Most records one RecordStops carries.
 pub const STOP_RECORDS_MAX: usize = 256;
 

@@ -9,7 +9,7 @@ use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::writer::Writer;
 use prost::Message;
-use spendguard_core::plan::{Command, Outcome};
+use spendguard_core::plan::{Command, Outcome, RUN_BUDGET_PREFIX};
 use spendguard_core::{ErrorClass, LedgerError};
 use spendguard_proto::ledger::v1 as pb;
 use std::sync::Arc;
@@ -29,9 +29,6 @@ pub enum Access {
     /// Everything: the control plane (the operator, the workers) and administrators.
     Control,
 }
-
-/// Prefix of the run budgets sidecars create for per-run limits.
-const RUN_BUDGET_PREFIX: &str = "runs/";
 
 /// The Ledger gRPC service.
 #[derive(Clone)]

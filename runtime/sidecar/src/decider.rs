@@ -30,7 +30,9 @@ use spendguard_core::contract::{
     evaluate_balances, evaluate_call, pricing_age,
 };
 use spendguard_core::money::NanoUsd;
-use spendguard_core::plan::{STOP_DETAIL_LEN_MAX, STOP_RECORDS_MAX, TEXT_LEN_MAX};
+use spendguard_core::plan::{
+    RUN_BUDGET_PREFIX, STOP_DETAIL_LEN_MAX, STOP_RECORDS_MAX, TEXT_LEN_MAX,
+};
 use spendguard_core::pricing::{PricingError, Provider, TokenUsage};
 use spendguard_proto::ledger::error_code;
 use spendguard_proto::ledger::v1 as pb;
@@ -330,23 +332,11 @@ impl Decider {
             }
             other => other?,
         };
-        if decision.decision == Verdict::Stop {
+        let stop = (decision.decision == Verdict::Stop).then(|| {
             decision.evidence_id = Some(Uuid::new_v4().to_string());
-        }
-        let mut answered = self.record(&input.call_id, fingerprint, decision);
-        // A STOP answered for the first time is published; its replays point at that record.
-        // Past the queue's bound it is published only as part of a count: no record carries
-        // its id, so the answer carries none.
-        if answered.decision == Verdict::Stop
-            && !answered.replayed
-            && !self.stops.push(self.stop_record(&input, &answered))
-        {
-            answered.evidence_id = None;
-            if let Some(entry) = lock(&self.calls).get_mut(&input.call_id) {
-                entry.decision.evidence_id = None;
-            }
-        }
-        Ok(answered)
+            self.stop_record(&input, &decision)
+        });
+        Ok(self.record(&input.call_id, fingerprint, decision, stop))
     }
 
     /// The evidence of a STOP, as RecordStops will send it. Caller-supplied text (the model
@@ -433,7 +423,7 @@ impl Decider {
             .record_stops(request)
             .await
             .map(|_| ())
-            .map_err(|status| fail_open_failure(&status))
+            .map_err(|status| evidence_send_failure(&status))
     }
 
     /// A record the ledger refused for good: a call's STOP is still published, as part of its
@@ -471,8 +461,17 @@ impl Decider {
     }
 
     /// Stores a fresh decision; a concurrent decide of the same call id that finished first wins,
-    /// and this one is answered as its replay (the ledger made both the same reservation).
-    fn record(&self, call_id: &str, fingerprint: Fingerprint, decision: Decision) -> Decision {
+    /// and this one is answered as its replay (the ledger made both the same reservation). A
+    /// STOP's `stop` record is published only when its decision is the one kept, so replays point
+    /// at that record; past the queue's bound it is published only as part of a count, no record
+    /// carries its id, and the answer carries none.
+    fn record(
+        &self,
+        call_id: &str,
+        fingerprint: Fingerprint,
+        mut decision: Decision,
+        stop: Option<pb::StopRecord>,
+    ) -> Decision {
         let mut calls = lock(&self.calls);
         if let Some(existing) = calls.get(call_id) {
             let mut replay = existing.decision.clone();
@@ -482,6 +481,11 @@ impl Decider {
                 self.fail_open.withdraw(call_id);
             }
             return replay;
+        }
+        if let Some(stop) = stop
+            && !self.stops.push(stop)
+        {
+            decision.evidence_id = None;
         }
         calls.insert(
             call_id.to_owned(),
@@ -884,7 +888,7 @@ impl Decider {
                 }
                 // One classification for both RPCs of a record: the same answer keeps or drops it.
                 Err(status) => {
-                    return Err(match fail_open_failure(&status) {
+                    return Err(match evidence_send_failure(&status) {
                         // Only RecordFailOpen's own conflict can mean "already recorded".
                         SendFailure::Conflict(reason) => SendFailure::Refused(reason),
                         other => other,
@@ -897,7 +901,7 @@ impl Decider {
             .clone()
             .record_fail_open(ready.request)
             .await
-            .map_err(|status| fail_open_failure(&status))?
+            .map_err(|status| evidence_send_failure(&status))?
             .into_inner();
         if response.epoch_stale {
             warn!(record_id = %response.record_id, epoch_current = response.epoch_current,
@@ -1252,9 +1256,6 @@ pub fn check_call_id(call_id: &str) -> Result<(), SidecarError> {
     }
 }
 
-/// Prefix of a run's own budget id.
-const RUN_BUDGET_PREFIX: &str = "runs/";
-
 /// Longest run id: its budget id (`runs/<run id>`) must fit a budget id's 253 characters.
 const RUN_ID_LEN_MAX: usize = 253 - RUN_BUDGET_PREFIX.len();
 
@@ -1317,10 +1318,11 @@ fn unix_ms_now() -> i64 {
         .max(1)
 }
 
-/// Classifies a failed RecordFailOpen. Only an answer that can never change (a malformed
-/// record, or its call id bound to other fields) is a refusal; anything else keeps the record,
-/// because dropping it loses the call's spend and its evidence.
-fn fail_open_failure(status: &tonic::Status) -> SendFailure {
+/// Classifies a failed evidence send (RecordFailOpen, RecordStops). Only an answer that can never
+/// change (a malformed record, an id bound to other fields, a request this listener refuses) is
+/// a refusal; anything else keeps the record, because dropping it loses evidence (and, for a
+/// fail-open call, its spend).
+fn evidence_send_failure(status: &tonic::Status) -> SendFailure {
     use pb::ErrorCode as C;
     let message = status.message().to_owned();
     match error_code(status) {
@@ -1354,7 +1356,7 @@ mod tests {
     use spendguard_ledger::grpc::status;
 
     fn failure(error: LedgerServiceError) -> SendFailure {
-        fail_open_failure(&status(&error))
+        evidence_send_failure(&status(&error))
     }
 
     #[test]
@@ -1372,7 +1374,7 @@ mod tests {
     fn only_answers_that_cannot_change_drop_a_fail_open_record() {
         // Transport failures and an overloaded or unreachable database: wait for the ledger.
         assert!(matches!(
-            fail_open_failure(&tonic::Status::unavailable("connection refused")),
+            evidence_send_failure(&tonic::Status::unavailable("connection refused")),
             SendFailure::Unavailable(_)
         ));
         assert!(matches!(
