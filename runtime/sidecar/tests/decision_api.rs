@@ -537,19 +537,9 @@ async fn aged_pricing_stack(on_stale: Option<&str>, published_at: &str) -> Stack
 
 /// The HTTP decide of [`decide_body`], answered 200, as JSON.
 async fn decide_json(stack: &Stack, call_id: &str, max_output_tokens: u32) -> serde_json::Value {
-    let answer = post_json(
-        &stack.url("/v1/spendguard/decide"),
-        &[],
-        &decide_body(call_id, max_output_tokens),
-    )
-    .await;
-    assert_eq!(
-        answer.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&answer.body)
-    );
-    answer.json()
+    stack
+        .decide_ok(&decide_body(call_id, max_output_tokens))
+        .await
 }
 
 /// The `reservation.reserved` events in the ledger's outbox, parsed.

@@ -20,19 +20,7 @@ fn decide_body(call_id: &str, model: &str) -> Value {
 }
 
 async fn decide(stack: &Stack, call_id: &str, model: &str) -> Value {
-    let answer = post_json(
-        &stack.url("/v1/spendguard/decide"),
-        &[],
-        &decide_body(call_id, model),
-    )
-    .await;
-    assert_eq!(
-        answer.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&answer.body)
-    );
-    answer.json()
+    stack.decide_ok(&decide_body(call_id, model)).await
 }
 
 /// Events of `event_type` in the ledger's outbox, parsed, in sequence order.

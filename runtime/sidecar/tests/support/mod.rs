@@ -266,6 +266,18 @@ impl Stack {
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
+
+    /// An HTTP decide of `body`, answered 200 (a decision, whatever it is), as JSON.
+    pub async fn decide_ok(&self, body: &Value) -> Value {
+        let answer = post_json(&self.url("/v1/spendguard/decide"), &[], body).await;
+        assert_eq!(
+            answer.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&answer.body)
+        );
+        answer.json()
+    }
 }
 
 pub struct Reply {
