@@ -77,6 +77,7 @@ error_codes! {
     SigningKeyRevocationIrreversible = "SIGNING_KEY_REVOCATION_IRREVERSIBLE" => FailedPrecondition,
     ApprovalAlreadyResolved = "APPROVAL_ALREADY_RESOLVED" => FailedPrecondition,
     ApprovalExpired = "APPROVAL_EXPIRED" => FailedPrecondition,
+    CreditUnavailable = "CREDIT_UNAVAILABLE" => FailedPrecondition,
     ProducerInstanceConflict = "PRODUCER_INSTANCE_CONFLICT" => Unavailable,
     Overloaded = "OVERLOADED" => Unavailable,
     DependencyUnavailable = "DEPENDENCY_UNAVAILABLE" => Unavailable,
@@ -242,6 +243,15 @@ pub enum LedgerError {
     /// Only the control listener serves this request (or this use of it).
     #[error("permission denied: {0}")]
     PermissionDenied(String),
+    /// A draw names a credit it cannot take from: not a credit of this scope and budgets, no
+    /// longer open, in a window that has ended, or without enough left.
+    #[error("credit {id} cannot be drawn from: {reason}")]
+    CreditUnavailable {
+        /// The credit reservation.
+        id: Uuid,
+        /// Why.
+        reason: String,
+    },
 }
 
 impl LedgerError {
@@ -276,6 +286,7 @@ impl LedgerError {
             Self::ApprovalAlreadyResolved { .. } => ErrorCode::ApprovalAlreadyResolved,
             Self::ApprovalExpired(_) => ErrorCode::ApprovalExpired,
             Self::PermissionDenied(_) => ErrorCode::PermissionDenied,
+            Self::CreditUnavailable { .. } => ErrorCode::CreditUnavailable,
         }
     }
 

@@ -99,6 +99,33 @@ pub struct ReserveSet {
     /// pricing age limit is the same request.
     #[serde(serialize_with = "context_of")]
     pub context: DecisionContext,
+    /// Whether this opens a credit or draws from one. Left out of the fingerprint when `None`, so
+    /// an ordinary reservation's fingerprint is what it was before credits existed.
+    #[serde(skip_serializing_if = "Credit::is_none")]
+    pub credit: Credit,
+}
+
+/// How a ReserveSet relates to credits: money a sidecar reserves once and then admits calls
+/// inside without waiting for the ledger (docs/design/credits.md).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Credit {
+    /// An ordinary reservation, taken from the budgets' headroom.
+    #[default]
+    None,
+    /// Opens a credit: reserved from the budgets' headroom, drawn from by later ReserveSets,
+    /// never committed.
+    Open,
+    /// A call's reservation taken from this open credit (same tenant, scope and budgets)
+    /// instead of the budgets' headroom.
+    DrawFrom(Uuid),
+}
+
+impl Credit {
+    /// An ordinary reservation.
+    pub fn is_none(&self) -> bool {
+        *self == Self::None
+    }
 }
 
 /// The UUIDv5 of `(tenant_id, key)` in `namespace`: a retry finds its row by primary key, with no
@@ -826,6 +853,12 @@ pub struct ReservationRow {
     pub expires_at: DateTime<Utc>,
     /// Resolution, once resolved.
     pub resolution: Option<Resolution>,
+    /// A credit (drawn from, never committed).
+    pub is_credit: bool,
+    /// For a credit: how much calls have drawn from it so far.
+    pub drawn: NanoUsd,
+    /// For a call's reservation drawn from a credit: that credit.
+    pub drawn_from: Option<Uuid>,
 }
 
 impl ReservationRow {
@@ -833,6 +866,12 @@ impl ReservationRow {
     pub fn state(&self) -> ReservationState {
         self.resolution
             .map_or(ReservationState::Reserved, |r| r.state)
+    }
+
+    /// What the reservation holds of the budgets' reserved money while open: its amount, less
+    /// what calls drew from it if it is a credit (that money is held by their reservations).
+    pub fn undrawn(&self) -> NanoUsd {
+        self.amount.saturating_sub(self.drawn)
     }
 }
 
@@ -909,6 +948,9 @@ impl Needs {
                         .insert((r.tenant_id.clone(), r.pricing.version.clone()));
                     needs.scope_ids.insert(r.fencing.scope_id.clone());
                     needs.reservation_ids.insert(r.reservation_id());
+                    if let Credit::DrawFrom(credit) = r.credit {
+                        needs.reservation_ids.insert(credit);
+                    }
                     for budget_id in &r.budget_ids {
                         needs.budgets.insert(BudgetKey {
                             tenant_id: r.tenant_id.clone(),
@@ -1058,6 +1100,8 @@ pub enum Outcome {
         /// Where the reservation stands now: `Reserved` unless a replay finds it resolved, in
         /// which case nothing may be spent under it any more.
         state: ReservationState,
+        /// For a credit, or a reservation drawn from one: what the credit has left to draw.
+        credit_remaining: Option<NanoUsd>,
         /// A retry of an earlier identical request.
         replayed: bool,
     },
@@ -1238,6 +1282,9 @@ pub struct Effects {
     pub new_reservations: Vec<ReservationRow>,
     /// Existing reservations resolved.
     pub resolutions: Vec<(Uuid, Resolution)>,
+    /// Credits drawn from, with their new drawn total (written with their resolution when the
+    /// batch also resolves them).
+    pub credit_draws: BTreeMap<Uuid, NanoUsd>,
     /// Journal entries.
     pub entries: Vec<JournalEntry>,
     /// Approvals to insert (ids), a subset of `approvals`.
@@ -1273,6 +1320,7 @@ impl Effects {
             lease_events,
             new_reservations: _,
             resolutions: _,
+            credit_draws,
             entries: _,
             new_approval_ids,
             approvals,
@@ -1282,6 +1330,7 @@ impl Effects {
             events: _,
         } = self;
         tenants.is_empty()
+            && credit_draws.is_empty()
             && budgets.is_empty()
             && pricing.is_empty()
             && signing_keys.is_empty()
@@ -1486,6 +1535,7 @@ impl Planner {
                     }
                     state => state,
                 },
+                credit_remaining: self.credit_remaining(existing),
                 replayed: true,
             });
         }
@@ -1500,42 +1550,46 @@ impl Planner {
                 sha256_hex: r.pricing.sha256_hex.clone(),
             });
         }
-        let mut windows = Vec::with_capacity(r.budget_ids.len());
-        for budget_id in &r.budget_ids {
-            let budget = BudgetKey {
-                tenant_id: r.tenant_id.clone(),
-                budget_id: budget_id.clone(),
-            };
-            let Some(definition) = self.state.budgets.get(&budget) else {
-                return Err(LedgerError::BudgetNotFound {
-                    tenant_id: r.tenant_id.clone(),
-                    budget_id: budget_id.clone(),
-                });
-            };
-            let start = definition.window.start_containing(self.state.now);
-            windows.push(WindowKey { budget, start });
-        }
-        for key in &windows {
-            let remaining = self.window(key).remaining();
-            if r.amount > remaining {
-                return Ok(Outcome::Denied {
-                    budget_id: key.budget.budget_id.clone(),
-                    remaining,
-                });
+        let drawn_from = match r.credit {
+            Credit::DrawFrom(credit) => Some(credit),
+            Credit::None | Credit::Open => None,
+        };
+        let windows = match drawn_from {
+            Some(credit) => self.drawable_credit(r, credit)?,
+            None => {
+                let windows = self.current_windows(&r.tenant_id, &r.budget_ids)?;
+                for key in &windows {
+                    let remaining = self.window(key).remaining();
+                    if r.amount > remaining {
+                        return Ok(Outcome::Denied {
+                            budget_id: key.budget.budget_id.clone(),
+                            remaining,
+                        });
+                    }
+                }
+                windows
             }
-        }
+        };
         let expires_at = self
             .state
             .now
             .checked_add_signed(Duration::milliseconds(i64::from(r.ttl_ms)))
             .unwrap_or(self.state.now);
+        // A drawn reservation moves no money into the budgets' reserved: its credit holds it
+        // already, and hands it over by counting it drawn (released at the credit's end
+        // without it). Its reserve entry (of 0) still records it in the journal.
+        let held = if drawn_from.is_some() {
+            NanoUsd::ZERO
+        } else {
+            r.amount
+        };
         for key in &windows {
             self.open_window(key);
             self.journal(
                 key,
                 Some(reservation_id),
                 EntryKind::Reserve,
-                [0, delta(r.amount), 0, 0],
+                [0, delta(held), 0, 0],
             );
         }
         let row = ReservationRow {
@@ -1549,35 +1603,164 @@ impl Planner {
             fencing_epoch: r.fencing.epoch,
             expires_at,
             resolution: None,
+            is_credit: r.credit == Credit::Open,
+            drawn: NanoUsd::ZERO,
+            drawn_from,
         };
+        if let Some(credit) = drawn_from {
+            self.draw(credit, r.amount);
+        }
+        let credit_remaining = self.credit_remaining(&row);
         self.state.reservations.insert(row.id, row.clone());
         self.effects.new_reservations.push(row);
         let window_data: Vec<_> = windows
             .iter()
             .map(|w| json!({"budget_id": w.budget.budget_id, "window_start": format_time(w.start)}))
             .collect();
-        self.event(
-            &r.tenant_id,
-            "reservation.reserved",
-            json!({
-                "reservation_id": reservation_id.to_string(),
-                "idempotency_key": r.idempotency_key,
-                "amount_nano_usd": r.amount.get().to_string(),
-                "windows": window_data,
-                "fencing": {"scope_id": r.fencing.scope_id, "epoch": r.fencing.epoch},
-                "expires_at": format_time(expires_at),
-                "pricing": r.pricing,
-                "context": r.context,
-            }),
-        );
+        let mut data = json!({
+            "reservation_id": reservation_id.to_string(),
+            "idempotency_key": r.idempotency_key,
+            "amount_nano_usd": r.amount.get().to_string(),
+            "windows": window_data,
+            "fencing": {"scope_id": r.fencing.scope_id, "epoch": r.fencing.epoch},
+            "expires_at": format_time(expires_at),
+            "pricing": r.pricing,
+            "context": r.context,
+        });
+        // Only credits and their draws carry credit members: other events keep their shape.
+        match r.credit {
+            Credit::None => {}
+            Credit::Open => data["credit"] = json!(true),
+            Credit::DrawFrom(credit) => {
+                data["drawn_from_reservation_id"] = json!(credit.to_string());
+            }
+        }
+        self.event(&r.tenant_id, "reservation.reserved", data);
         Ok(Outcome::Reserved {
             reservation_id,
             amount: r.amount,
             expires_at,
             balances: windows.iter().map(|w| self.balance(w)).collect(),
             state: ReservationState::Reserved,
+            credit_remaining,
             replayed: false,
         })
+    }
+
+    /// The current window of each budget, in request order.
+    fn current_windows(
+        &self,
+        tenant_id: &str,
+        budget_ids: &[String],
+    ) -> Result<Vec<WindowKey>, LedgerError> {
+        let mut windows = Vec::with_capacity(budget_ids.len());
+        for budget_id in budget_ids {
+            let budget = BudgetKey {
+                tenant_id: tenant_id.to_owned(),
+                budget_id: budget_id.clone(),
+            };
+            let Some(definition) = self.state.budgets.get(&budget) else {
+                return Err(LedgerError::BudgetNotFound {
+                    tenant_id: tenant_id.to_owned(),
+                    budget_id: budget_id.clone(),
+                });
+            };
+            let start = definition.window.start_containing(self.state.now);
+            windows.push(WindowKey { budget, start });
+        }
+        Ok(windows)
+    }
+
+    /// The windows of the credit `r` draws from, once it is known to cover `r`: an open,
+    /// unexpired credit of the same tenant, scope and budgets (in order), in windows that are
+    /// still current, with at least `r.amount` undrawn.
+    fn drawable_credit(&self, r: &ReserveSet, id: Uuid) -> Result<Vec<WindowKey>, LedgerError> {
+        let unavailable = |reason: String| LedgerError::CreditUnavailable { id, reason };
+        let credit = self
+            .state
+            .reservations
+            .get(&id)
+            .filter(|c| c.tenant_id == r.tenant_id)
+            .ok_or(LedgerError::ReservationNotFound(id))?;
+        if !credit.is_credit {
+            return Err(unavailable("the reservation is not a credit".into()));
+        }
+        if credit.fencing_scope_id != r.fencing.scope_id {
+            return Err(unavailable(
+                "the credit belongs to another fencing scope".into(),
+            ));
+        }
+        if !credit
+            .windows
+            .iter()
+            .map(|w| &w.budget.budget_id)
+            .eq(r.budget_ids.iter())
+        {
+            return Err(unavailable(
+                "budget_ids are not the credit's, in its order".into(),
+            ));
+        }
+        if let Some(done) = credit.resolution {
+            return Err(unavailable(format!(
+                "the credit is {}",
+                done.state.as_str()
+            )));
+        }
+        if credit.expires_at <= self.state.now {
+            return Err(unavailable("the credit expired".into()));
+        }
+        // Money drawn now belongs to the current window: a credit of an ended one is spent.
+        if self.current_windows(&r.tenant_id, &r.budget_ids)? != credit.windows {
+            return Err(unavailable(
+                "a budget window of the credit has ended".into(),
+            ));
+        }
+        let left = credit.undrawn();
+        if r.amount > left {
+            return Err(unavailable(format!(
+                "{} nano-USD left, {} asked",
+                left.get(),
+                r.amount.get()
+            )));
+        }
+        Ok(credit.windows.clone())
+    }
+
+    /// Counts `amount` as drawn from `credit` (which [`Self::drawable_credit`] checked).
+    fn draw(&mut self, credit: Uuid, amount: NanoUsd) {
+        let Some(row) = self.state.reservations.get_mut(&credit) else {
+            return;
+        };
+        // At most the credit's amount: `drawable_credit` checked `amount` against what is left.
+        row.drawn = row.drawn.checked_add(amount).unwrap_or(row.amount);
+        let drawn = row.drawn;
+        // A credit opened in this batch is written once, with its drawn total.
+        match self
+            .effects
+            .new_reservations
+            .iter_mut()
+            .find(|r| r.id == credit)
+        {
+            Some(new) => new.drawn = drawn,
+            None => {
+                self.effects.credit_draws.insert(credit, drawn);
+            }
+        }
+    }
+
+    /// What the credit of `row` (itself, or the one it was drawn from) has left to draw.
+    fn credit_remaining(&self, row: &ReservationRow) -> Option<NanoUsd> {
+        if row.is_credit {
+            return Some(
+                self.state
+                    .reservations
+                    .get(&row.id)
+                    .unwrap_or(row)
+                    .undrawn(),
+            );
+        }
+        let credit = self.state.reservations.get(&row.drawn_from?)?;
+        Some(credit.undrawn())
     }
 
     /// Finds a reservation of `tenant_id` presented with `fencing`.
@@ -1636,6 +1819,13 @@ impl Planner {
 
     fn commit(&mut self, c: &Commit) -> Result<Outcome, LedgerError> {
         let row = self.reservation(&c.tenant_id, c.reservation_id, &c.fencing)?;
+        if row.is_credit {
+            return Err(LedgerError::InvalidArgument {
+                field: "reservation_id",
+                reason: "a credit is drawn from, never committed; release it to return the rest"
+                    .to_owned(),
+            });
+        }
         match row.resolution {
             Some(done) if done.state == ReservationState::Committed => {
                 if done.actual != c.actual {
@@ -1733,7 +1923,9 @@ impl Planner {
             None => {}
         }
         self.check_settle(row, &r.tenant_id, &r.fencing)?;
-        let amount = row.amount;
+        // A credit returns what was not drawn; its draws are released or committed on their own.
+        let amount = row.undrawn();
+        let credit_drawn = row.is_credit.then_some(row.drawn);
         let windows = row.windows.clone();
         for key in &windows {
             self.journal(
@@ -1752,16 +1944,16 @@ impl Planner {
             epoch: r.fencing.epoch,
         };
         self.resolve(r.reservation_id, resolution);
-        self.event(
-            &r.tenant_id,
-            "reservation.released",
-            json!({
-                "reservation_id": r.reservation_id.to_string(),
-                "released_nano_usd": amount.get().to_string(),
-                "reason": r.reason,
-                "fencing": {"scope_id": r.fencing.scope_id, "epoch": r.fencing.epoch},
-            }),
-        );
+        let mut data = json!({
+            "reservation_id": r.reservation_id.to_string(),
+            "released_nano_usd": amount.get().to_string(),
+            "reason": r.reason,
+            "fencing": {"scope_id": r.fencing.scope_id, "epoch": r.fencing.epoch},
+        });
+        if let Some(drawn) = credit_drawn {
+            data["credit_drawn_nano_usd"] = json!(drawn.get().to_string());
+        }
+        self.event(&r.tenant_id, "reservation.released", data);
         Ok(Outcome::Released {
             reservation_id: r.reservation_id,
             released: amount,
@@ -1783,7 +1975,8 @@ impl Planner {
                 continue;
             }
             let (amount, windows, tenant_id) =
-                (row.amount, row.windows.clone(), row.tenant_id.clone());
+                (row.undrawn(), row.windows.clone(), row.tenant_id.clone());
+            let credit_drawn = row.is_credit.then_some(row.drawn);
             for key in &windows {
                 self.journal(
                     key,
@@ -1801,11 +1994,11 @@ impl Planner {
                 epoch: 0,
             };
             self.resolve(id, resolution);
-            self.event(
-                &tenant_id,
-                "reservation.expired",
-                json!({"reservation_id": id.to_string(), "released_nano_usd": amount.get().to_string()}),
-            );
+            let mut data = json!({"reservation_id": id.to_string(), "released_nano_usd": amount.get().to_string()});
+            if let Some(drawn) = credit_drawn {
+                data["credit_drawn_nano_usd"] = json!(drawn.get().to_string());
+            }
+            self.event(&tenant_id, "reservation.expired", data);
             expired = expired.saturating_add(1);
         }
         let mut approvals = 0u32;
@@ -2498,6 +2691,7 @@ mod fingerprint_tests {
                 call_id: "k".into(),
                 ..DecisionContext::default()
             },
+            credit: Credit::None,
         }
     }
 
@@ -2574,5 +2768,153 @@ mod fingerprint_tests {
             },
         };
         assert_eq!(approval(false).fingerprint(), approval(true).fingerprint());
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::arithmetic_side_effects)]
+mod credit_tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    const TENANT: &str = "t";
+    const SCOPE: &str = "s";
+
+    /// A snapshot at `now` with a daily budget `b` and an open credit of 500 opened in the window
+    /// that starts at `credit_window`.
+    fn with_credit(now: DateTime<Utc>, credit_window: DateTime<Utc>) -> (Snapshot, Uuid) {
+        let budget = BudgetKey {
+            tenant_id: TENANT.into(),
+            budget_id: "b".into(),
+        };
+        let window = WindowKey {
+            budget: budget.clone(),
+            start: credit_window,
+        };
+        let credit = ReservationRow {
+            id: Uuid::from_u128(7),
+            tenant_id: TENANT.into(),
+            idempotency_key: "credit".into(),
+            fingerprint: String::new(),
+            windows: vec![window.clone()],
+            amount: NanoUsd::new(500).unwrap(),
+            fencing_scope_id: SCOPE.into(),
+            fencing_epoch: 1,
+            expires_at: now + Duration::hours(1),
+            resolution: None,
+            is_credit: true,
+            drawn: NanoUsd::ZERO,
+            drawn_from: None,
+        };
+        let mut snapshot = Snapshot {
+            now,
+            ..Snapshot::default()
+        };
+        snapshot.tenants.insert(TENANT.into(), TENANT.into());
+        snapshot.budgets.insert(
+            budget,
+            BudgetRow {
+                limit: NanoUsd::new(1_000).unwrap(),
+                soft_cap: None,
+                window: BudgetWindow::CalendarDayUtc,
+            },
+        );
+        snapshot.windows.insert(
+            window,
+            WindowRow {
+                limit: NanoUsd::new(1_000).unwrap(),
+                reserved: NanoUsd::new(500).unwrap(),
+                ..WindowRow::default()
+            },
+        );
+        snapshot.scopes.insert(
+            SCOPE.into(),
+            LeaseState {
+                tenant_id: TENANT.into(),
+                owner: "w".into(),
+                epoch: 1,
+                expires_at: now + Duration::hours(1),
+            },
+        );
+        snapshot
+            .pricing
+            .insert((TENANT.into(), "p".into()), "ab".repeat(32));
+        snapshot.reservations.insert(credit.id, credit.clone());
+        (snapshot, credit.id)
+    }
+
+    fn draw(credit: Uuid, amount: i64) -> Command {
+        Command::ReserveSet(ReserveSet {
+            tenant_id: TENANT.into(),
+            idempotency_key: "call".into(),
+            budget_ids: vec!["b".into()],
+            amount: NanoUsd::new(amount).unwrap(),
+            fencing: Fencing {
+                scope_id: SCOPE.into(),
+                epoch: 1,
+            },
+            ttl_ms: 60_000,
+            pricing: PricingRef {
+                version: "p".into(),
+                sha256_hex: "ab".repeat(32),
+            },
+            context: DecisionContext::default(),
+            credit: Credit::DrawFrom(credit),
+        })
+    }
+
+    #[test]
+    fn a_credit_of_a_window_that_ended_cannot_be_drawn() {
+        let today = Utc.with_ymd_and_hms(2026, 11, 26, 0, 0, 0).unwrap();
+        let now = today + Duration::minutes(1);
+        let (snapshot, credit) = with_credit(now, today - Duration::days(1));
+        let (outcomes, effects) = plan_batch(snapshot, &[draw(credit, 100)]);
+        assert_eq!(
+            outcomes[0].as_ref().unwrap_err().code(),
+            crate::ErrorCode::CreditUnavailable
+        );
+        assert!(effects.is_empty());
+
+        // The same credit in the current window is drawn, without touching the window's money.
+        let (snapshot, credit) = with_credit(now, today);
+        let (outcomes, effects) = plan_batch(snapshot, &[draw(credit, 100)]);
+        assert!(
+            matches!(
+                outcomes[0],
+                Ok(Outcome::Reserved {
+                    credit_remaining: Some(left),
+                    ..
+                }) if left.get() == 400
+            ),
+            "{outcomes:?}"
+        );
+        assert_eq!(
+            effects.credit_draws.get(&credit).map(|d| d.get()),
+            Some(100)
+        );
+        assert!(effects.entries.iter().all(|e| e.reserved_delta == 0));
+    }
+
+    #[test]
+    fn only_credits_and_their_draws_change_a_reservations_fingerprint() {
+        let Command::ReserveSet(drawn) = draw(Uuid::from_u128(7), 100) else {
+            unreachable!()
+        };
+        let plain = ReserveSet {
+            credit: Credit::None,
+            ..drawn.clone()
+        };
+        let open = ReserveSet {
+            credit: Credit::Open,
+            ..drawn.clone()
+        };
+        // An ordinary request serializes as it did before credits existed.
+        let json = serde_json::to_value(&plain).unwrap();
+        assert!(json.get("credit").is_none(), "{json}");
+        let fingerprints: BTreeSet<String> = [&plain, &open, &drawn]
+            .iter()
+            .map(|r| r.fingerprint())
+            .collect();
+        assert_eq!(fingerprints.len(), 3);
     }
 }

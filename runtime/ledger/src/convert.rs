@@ -5,7 +5,7 @@ use spendguard_core::ids::{check_idempotency_key, check_name, check_text, parse_
 use spendguard_core::lease::{AcquireLease, LEASE_TTL_MS_MAX, LEASE_TTL_MS_MIN, LeaseOutcome};
 use spendguard_core::plan::{
     APPROVAL_TTL_MS_MAX, APPROVAL_TTL_MS_MIN, ApprovalContext, ApprovalDecision, ApprovalRow,
-    ApprovalState, Balance, BudgetRow, Commit, CreateApproval, DecisionContext, Fencing,
+    ApprovalState, Balance, BudgetRow, Commit, CreateApproval, Credit, DecisionContext, Fencing,
     PricingRef, RESERVE_SET_BUDGETS_MAX, RETENTION_DAYS_MAX, RecordFailOpen, RecordStops,
     RegisterPricing, RegisterSigningKey, Release, ReservationState, ReserveSet, ResolveApproval,
     RetentionPolicy, STOP_DETAIL_LEN_MAX, STOP_RECORDS_MAX, SYSTEM_TENANT_ID, SigningKeyRow,
@@ -161,7 +161,23 @@ pub fn reserve_set(r: &pb::ReserveSetRequest) -> Result<ReserveSet> {
         )?,
         pricing: pricing(r.pricing.as_ref())?,
         context: context(r.context.as_ref())?,
+        credit: credit(r)?,
     })
+}
+
+fn credit(r: &pb::ReserveSetRequest) -> Result<Credit> {
+    match (r.credit, r.draw_from_reservation_id.is_empty()) {
+        (false, true) => Ok(Credit::None),
+        (true, true) => Ok(Credit::Open),
+        (false, false) => Ok(Credit::DrawFrom(parse_reservation_id(
+            "draw_from_reservation_id",
+            &r.draw_from_reservation_id,
+        )?)),
+        (true, false) => Err(LedgerError::InvalidArgument {
+            field: "draw_from_reservation_id",
+            reason: "a credit cannot be drawn from another credit".into(),
+        }),
+    }
 }
 
 /// Validates a Commit request.
@@ -911,6 +927,7 @@ pub fn error_code_to_proto(code: ErrorCode) -> pb::ErrorCode {
         ErrorCode::PermissionDenied => pb::ErrorCode::PermissionDenied,
         ErrorCode::ApprovalAlreadyResolved => pb::ErrorCode::ApprovalAlreadyResolved,
         ErrorCode::ApprovalExpired => pb::ErrorCode::ApprovalExpired,
+        ErrorCode::CreditUnavailable => pb::ErrorCode::CreditUnavailable,
     }
 }
 

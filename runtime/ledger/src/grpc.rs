@@ -9,7 +9,7 @@ use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::writer::Writer;
 use prost::Message;
-use spendguard_core::plan::{Command, Outcome, RUN_BUDGET_PREFIX};
+use spendguard_core::plan::{Command, Credit, Outcome, RUN_BUDGET_PREFIX};
 use spendguard_core::{ErrorClass, LedgerError};
 use spendguard_proto::ledger::v1 as pb;
 use std::sync::Arc;
@@ -139,7 +139,12 @@ impl pb::ledger_server::Ledger for LedgerGrpc {
     ) -> Result<Response<pb::ReserveSetResponse>, Status> {
         self.run("ReserveSet", async {
             let command = convert::reserve_set(request.get_ref())?;
-            self.evidence_gate.admit()?;
+            // A draw records a call its sidecar already admitted inside money the ledger holds:
+            // refusing it would lose that call's evidence, not stop the call. Opening a credit
+            // is a new decision and waits for the evidence like any reservation.
+            if !matches!(command.credit, Credit::DrawFrom(_)) {
+                self.evidence_gate.admit()?;
+            }
             match self.submit(Command::ReserveSet(command)).await? {
                 Outcome::Reserved {
                     reservation_id,
@@ -147,6 +152,7 @@ impl pb::ledger_server::Ledger for LedgerGrpc {
                     expires_at,
                     balances,
                     state,
+                    credit_remaining,
                     replayed,
                 } => Ok(pb::ReserveSetResponse {
                     outcome: Some(pb::reserve_set_response::Outcome::Reserved(
@@ -156,6 +162,7 @@ impl pb::ledger_server::Ledger for LedgerGrpc {
                             expires_at_unix_ms: expires_at.timestamp_millis(),
                             balances: balances.iter().map(convert::balance_to_proto).collect(),
                             state: convert::reservation_state(state).into(),
+                            credit_remaining_nano_usd: credit_remaining.map_or(0, |c| c.get()),
                         },
                     )),
                     replayed,

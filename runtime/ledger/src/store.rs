@@ -743,6 +743,9 @@ struct ReservationJson {
     committed_nano_usd: Option<i64>,
     released_nano_usd: Option<i64>,
     overrun_nano_usd: Option<i64>,
+    is_credit: bool,
+    drawn_nano_usd: i64,
+    drawn_from_reservation_id: Option<Uuid>,
 }
 
 /// A tenant as `load_batch.sql` returns it.
@@ -1163,6 +1166,9 @@ fn reservation_from_json(r: ReservationJson) -> Result<ReservationRow> {
         fencing_epoch: epoch(r.fencing_epoch)?,
         expires_at: r.expires_at,
         resolution,
+        is_credit: r.is_credit,
+        drawn: money(r.drawn_nano_usd)?,
+        drawn_from: r.drawn_from_reservation_id,
     })
 }
 
@@ -1286,8 +1292,40 @@ async fn write(
     // Before the journal: the overrun entries name these records.
     write_fail_open_records(tx, effects).await?;
     write_stop_records(tx, now, effects).await?;
+    // Before any resolution of the same credits in the hot path's statement (one statement
+    // cannot update a row twice).
+    write_credit_draws(tx, effects).await?;
     // ...the hot path is one statement.
     write_money_and_outbox(tx, cursor, now, effects, signer).await
+}
+
+/// Credits' new drawn totals (only the load path draws: the cached path refuses such batches).
+async fn write_credit_draws(tx: &mut Transaction<'_, Postgres>, effects: &Effects) -> Result<()> {
+    if effects.credit_draws.is_empty() {
+        return Ok(());
+    }
+    let (ids, drawn): (Vec<Uuid>, Vec<i64>) = effects
+        .credit_draws
+        .iter()
+        .map(|(id, drawn)| (*id, drawn.get()))
+        .unzip();
+    let updated = sqlx::query(
+        "UPDATE reservations r SET drawn_nano_usd = u.drawn
+           FROM unnest($1::uuid[], $2::bigint[]) AS u(id, drawn)
+          WHERE r.reservation_id = u.id AND r.reservation_id = ANY($1) AND r.is_credit",
+    )
+    .bind(&ids)
+    .bind(&drawn)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    if u64::try_from(ids.len()).ok() != Some(updated) {
+        return Err(Error::Invariant(format!(
+            "{updated} of {} credits found to draw from",
+            ids.len()
+        )));
+    }
+    Ok(())
 }
 
 async fn write_tenants_and_budgets(
@@ -1747,7 +1785,7 @@ impl EffectParams {
             .iter()
             .map(|r| {
                 let resolution = r.resolution;
-                serde_json::json!({
+                let mut row = serde_json::json!({
                     "reservation_id": r.id,
                     "tenant_id": r.tenant_id,
                     "idempotency_key": r.idempotency_key,
@@ -1764,7 +1802,16 @@ impl EffectParams {
                     "committed": resolution.map(|x| x.committed.get()),
                     "released": resolution.map(|x| x.released.get()),
                     "overrun": resolution.map(|x| x.overrun.get()),
-                })
+                });
+                // Credit members only where they apply: the hot path's rows stay as small.
+                if r.is_credit {
+                    row["is_credit"] = true.into();
+                    row["drawn"] = r.drawn.get().into();
+                }
+                if let Some(credit) = r.drawn_from {
+                    row["drawn_from"] = credit.to_string().into();
+                }
+                row
             })
             .collect();
 

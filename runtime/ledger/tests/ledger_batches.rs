@@ -4,7 +4,7 @@
 
 use spendguard_core::NanoUsd;
 use spendguard_core::plan::{
-    Command, Commit, DecisionContext, Fencing, Outcome, PricingRef, Release, ReserveSet,
+    Command, Commit, Credit, DecisionContext, Fencing, Outcome, PricingRef, Release, ReserveSet,
 };
 use spendguard_testkit::{TestLedger, invariants};
 
@@ -24,6 +24,7 @@ fn reserve(key: &str, amount: i64, fencing: &Fencing) -> ReserveSet {
             sha256_hex: "ab".repeat(32),
         },
         context: DecisionContext::default(),
+        credit: Credit::None,
     }
 }
 

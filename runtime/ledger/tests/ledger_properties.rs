@@ -1,5 +1,5 @@
-//! Property test: random sequences of reserve, commit, release and replay against the real
-//! ledger and a tiny model. Outcomes match the model, and afterwards every database invariant
+//! Property test: random sequences of reserve, commit, release and replay, and of credits opened,
+//! drawn from and released, against the real ledger and a tiny model. Outcomes match the model, and afterwards every database invariant
 //! holds (journal sums to balances, no overspend, resolve-once, contiguous producer sequences).
 #![allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
 
@@ -18,6 +18,8 @@ enum Op {
     Commit { pick: usize, actual: i64 },
     Release { pick: usize },
     Replay { pick: usize },
+    OpenCredit { mask: u8, amount: i64 },
+    Draw { pick: usize, amount: i64 },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -26,15 +28,26 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0usize..64, 0i64..300).prop_map(|(pick, actual)| Op::Commit { pick, actual }),
         1 => (0usize..64).prop_map(|pick| Op::Release { pick }),
         1 => (0usize..64).prop_map(|pick| Op::Replay { pick }),
+        1 => (1u8..8, 1i64..400).prop_map(|(mask, amount)| Op::OpenCredit { mask, amount }),
+        2 => (0usize..64, 1i64..120).prop_map(|(pick, amount)| Op::Draw { pick, amount }),
     ]
 }
 
 struct Open {
     id: String,
-    key: String,
+    /// What a replay sends again.
+    request: pb::ReserveSetRequest,
     mask: u8,
     amount: i64,
     resolved: bool,
+    is_credit: bool,
+    /// For a credit: drawn so far.
+    drawn: i64,
+}
+
+/// What a reservation holds of its budgets' reserved money while open.
+fn held(o: &Open) -> i64 {
+    o.amount - o.drawn
 }
 
 /// Model of one budget: spent (committed + overrun) and reserved.
@@ -54,16 +67,20 @@ async fn run(ops: Vec<Op>) {
     let mut open: Vec<Open> = Vec::new();
     for (n, op) in ops.into_iter().enumerate() {
         match op {
-            Op::Reserve { mask, amount } => {
+            Op::Reserve { mask, amount } | Op::OpenCredit { mask, amount } => {
+                let is_credit = matches!(op, Op::OpenCredit { .. });
                 let chosen: Vec<usize> = (0..3).filter(|i| mask & (1 << i) != 0).collect();
                 let names: Vec<&str> = chosen.iter().map(|&i| BUDGETS[i]).collect();
                 let fits = chosen
                     .iter()
                     .all(|&i| model[i].used + model[i].reserved + amount <= LIMITS[i]);
-                let key = format!("k{n}");
+                let request = pb::ReserveSetRequest {
+                    credit: is_credit,
+                    ..reserve_request(T, &format!("k{n}"), &names, amount, &fencing)
+                };
                 let response = ledger
                     .client
-                    .reserve_set(reserve_request(T, &key, &names, amount, &fencing))
+                    .reserve_set(request.clone())
                     .await
                     .unwrap()
                     .into_inner();
@@ -75,10 +92,12 @@ async fn run(ops: Vec<Op>) {
                         }
                         open.push(Open {
                             id: r.reservation_id,
-                            key,
+                            request,
                             mask,
                             amount,
                             resolved: false,
+                            is_credit,
+                            drawn: 0,
                         });
                     }
                     Some(pb::reserve_set_response::Outcome::Denied(_)) => {
@@ -102,6 +121,10 @@ async fn run(ops: Vec<Op>) {
                         fencing: Some(fencing.clone()),
                     })
                     .await;
+                if o.is_credit {
+                    assert!(result.is_err(), "a credit was committed");
+                    continue;
+                }
                 if o.resolved {
                     assert!(result.is_err() || result.unwrap().into_inner().replayed);
                     continue;
@@ -133,9 +156,10 @@ async fn run(ops: Vec<Op>) {
                     assert!(result.is_err() || result.unwrap().into_inner().replayed);
                     continue;
                 }
-                result.unwrap();
+                let released = result.unwrap().into_inner().released_nano_usd;
+                assert_eq!(released, held(o));
                 for i in (0..3).filter(|i| o.mask & (1 << i) != 0) {
-                    model[i].reserved -= o.amount;
+                    model[i].reserved -= held(o);
                 }
                 o.resolved = true;
             }
@@ -143,17 +167,55 @@ async fn run(ops: Vec<Op>) {
                 let Some(o) = (!open.is_empty()).then(|| &open[pick % open.len()]) else {
                     continue;
                 };
-                let names: Vec<&str> = (0..3)
-                    .filter(|i| o.mask & (1 << i) != 0)
-                    .map(|i| BUDGETS[i])
-                    .collect();
                 let response = ledger
                     .client
-                    .reserve_set(reserve_request(T, &o.key, &names, o.amount, &fencing))
+                    .reserve_set(o.request.clone())
                     .await
                     .unwrap()
                     .into_inner();
                 assert!(response.replayed);
+            }
+            Op::Draw { pick, amount } => {
+                let credits: Vec<usize> = (0..open.len()).filter(|&i| open[i].is_credit).collect();
+                if credits.is_empty() {
+                    continue;
+                }
+                let c = credits[pick % credits.len()];
+                let (credit_id, mask) = (open[c].id.clone(), open[c].mask);
+                let names: Vec<&str> = (0..3)
+                    .filter(|i| mask & (1 << i) != 0)
+                    .map(|i| BUDGETS[i])
+                    .collect();
+                let request = pb::ReserveSetRequest {
+                    draw_from_reservation_id: credit_id,
+                    ..reserve_request(T, &format!("k{n}"), &names, amount, &fencing)
+                };
+                let result = ledger.client.reserve_set(request.clone()).await;
+                if open[c].resolved || amount > held(&open[c]) {
+                    let status = result.unwrap_err();
+                    assert_eq!(
+                        spendguard_proto::ledger::error_code(&status),
+                        Some(pb::ErrorCode::CreditUnavailable),
+                        "{status:?}"
+                    );
+                    continue;
+                }
+                let response = result.unwrap().into_inner();
+                let Some(pb::reserve_set_response::Outcome::Reserved(r)) = response.outcome else {
+                    panic!("{response:?}");
+                };
+                // The budgets' money does not move: it passes from the credit to the draw.
+                open[c].drawn += amount;
+                assert_eq!(r.credit_remaining_nano_usd, held(&open[c]));
+                open.push(Open {
+                    id: r.reservation_id,
+                    request,
+                    mask,
+                    amount,
+                    resolved: false,
+                    is_credit: false,
+                    drawn: 0,
+                });
             }
         }
     }

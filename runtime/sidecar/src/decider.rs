@@ -573,6 +573,7 @@ impl Decider {
             ttl_ms: u32::try_from(self.reservation_ttl.as_millis()).unwrap_or(u32::MAX),
             pricing: Some(pricing_ref(&self.bundle.pricing)),
             context: Some(self.ledger_context(input, pricing_stale)),
+            ..Default::default()
         };
         let response = match self.ledger.clone().reserve_set(request).await {
             Ok(response) => response.into_inner(),

@@ -4,7 +4,8 @@ use anyhow::{Result, ensure};
 use sqlx::{PgPool, Row};
 
 /// Asserts: journal sums equal window balances; window reserved equals the open reservations'
-/// amounts; no window overspent; every resolved reservation has exactly one resolution entry per
+/// amounts (a credit's less what calls drew from it); a credit's drawn total is the sum of its
+/// draws; no window overspent; every resolved reservation has exactly one resolution entry per
 /// budget; every fail-open record has one overrun entry of its cost per budget; producer
 /// sequences are contiguous from 1 with the counter just past the last.
 ///
@@ -30,7 +31,8 @@ pub async fn check(pool: &PgPool) -> Result<()> {
 
     let reserved_mismatch: Vec<String> = sqlx::query_scalar(
         "SELECT w.budget_id FROM budget_windows w
-           LEFT JOIN (SELECT r.tenant_id, b.budget_id, b.window_start, sum(r.amount_nano_usd) open
+           LEFT JOIN (SELECT r.tenant_id, b.budget_id, b.window_start,
+                             sum(r.amount_nano_usd - r.drawn_nano_usd) open
                         FROM reservations r, unnest(r.budget_ids, r.window_starts) AS b(budget_id, window_start)
                        WHERE r.state = 'reserved' GROUP BY 1, 2, 3) o
                   USING (tenant_id, budget_id, window_start)
@@ -41,6 +43,30 @@ pub async fn check(pool: &PgPool) -> Result<()> {
     ensure!(
         reserved_mismatch.is_empty(),
         "reserved differs from open reservations for {reserved_mismatch:?}"
+    );
+
+    // A credit's drawn total is the sum of the reservations drawn from it, each of the credit's
+    // tenant, scope and budgets.
+    let credit_mismatch: Vec<String> = sqlx::query_scalar(
+        "SELECT c.reservation_id::text FROM reservations c
+          WHERE c.is_credit
+            AND (c.drawn_nano_usd <> coalesce((SELECT sum(d.amount_nano_usd) FROM reservations d
+                                                WHERE d.drawn_from_reservation_id = c.reservation_id), 0)
+                 OR EXISTS (SELECT 1 FROM reservations d
+                             WHERE d.drawn_from_reservation_id = c.reservation_id
+                               AND (d.tenant_id, d.fencing_scope_id, d.budget_ids, d.window_starts)
+                                   IS DISTINCT FROM (c.tenant_id, c.fencing_scope_id, c.budget_ids, c.window_starts)))
+         UNION ALL
+         SELECT d.reservation_id::text FROM reservations d
+          WHERE d.drawn_from_reservation_id IS NOT NULL
+            AND NOT EXISTS (SELECT 1 FROM reservations c
+                             WHERE c.reservation_id = d.drawn_from_reservation_id AND c.is_credit)",
+    )
+    .fetch_all(pool)
+    .await?;
+    ensure!(
+        credit_mismatch.is_empty(),
+        "credits whose draws do not add up: {credit_mismatch:?}"
     );
 
     let overspent: i64 = sqlx::query_scalar(

@@ -356,5 +356,6 @@ pub fn reserve_request(
             model: "gpt-test".into(),
             ..Default::default()
         }),
+        ..Default::default()
     }
 }

@@ -8,7 +8,8 @@ SELECT now() AS now,
        (SELECT coalesce(json_agg(r), '[]'::json) FROM (
             SELECT reservation_id, tenant_id, idempotency_key, request_sha256, budget_ids, window_starts,
                    amount_nano_usd, fencing_scope_id, fencing_epoch, expires_at, state, resolved_epoch,
-                   actual_nano_usd, committed_nano_usd, released_nano_usd, overrun_nano_usd
+                   actual_nano_usd, committed_nano_usd, released_nano_usd, overrun_nano_usd,
+                   is_credit, drawn_nano_usd, drawn_from_reservation_id
               FROM reservations WHERE reservation_id = ANY($2) ORDER BY reservation_id FOR UPDATE) r) AS reservations,
        (SELECT coalesce(json_agg(t), '[]'::json) FROM (
             SELECT tenant_id, display_name FROM tenants WHERE tenant_id = ANY($3)) t) AS tenants,

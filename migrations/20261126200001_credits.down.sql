@@ -1,0 +1,45 @@
+-- Refused while credits exist: their draws' reserve entries carry 0, which only the credit
+-- columns explain. Release or let expire every credit, then migrate down.
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM reservations WHERE is_credit OR drawn_from_reservation_id IS NOT NULL) THEN
+        RAISE EXCEPTION 'credits exist; the journal needs the credit columns to balance';
+    END IF;
+END $$;
+
+CREATE OR REPLACE FUNCTION reservations_resolve_once() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        RAISE EXCEPTION 'reservations are never deleted' USING ERRCODE = 'integrity_constraint_violation';
+    END IF;
+    IF OLD.state <> 'reserved' THEN
+        RAISE EXCEPTION 'reservation % is already %', OLD.reservation_id, OLD.state
+            USING ERRCODE = 'integrity_constraint_violation';
+    END IF;
+    IF (NEW.reservation_id, NEW.tenant_id, NEW.idempotency_key, NEW.request_sha256, NEW.budget_ids,
+        NEW.window_starts, NEW.amount_nano_usd, NEW.fencing_scope_id, NEW.fencing_epoch,
+        NEW.created_at, NEW.expires_at)
+       IS DISTINCT FROM
+       (OLD.reservation_id, OLD.tenant_id, OLD.idempotency_key, OLD.request_sha256, OLD.budget_ids,
+        OLD.window_starts, OLD.amount_nano_usd, OLD.fencing_scope_id, OLD.fencing_epoch,
+        OLD.created_at, OLD.expires_at) THEN
+        RAISE EXCEPTION 'reservation % identity is immutable', OLD.reservation_id
+            USING ERRCODE = 'integrity_constraint_violation';
+    END IF;
+    RETURN NEW;
+END $$;
+
+ALTER TABLE reservations DROP CONSTRAINT reservations_resolution_complete;
+ALTER TABLE reservations ADD CONSTRAINT reservations_resolution_complete CHECK (
+    (state = 'reserved') = (resolved_at IS NULL)
+    AND (state = 'reserved' OR committed_nano_usd + released_nano_usd = amount_nano_usd)
+) NOT VALID;
+
+ALTER TABLE reservations
+    DROP CONSTRAINT reservations_drawn_within_amount,
+    DROP CONSTRAINT reservations_only_credits_are_drawn,
+    DROP CONSTRAINT reservations_credits_are_not_drawn_from_credits,
+    DROP CONSTRAINT reservations_credits_are_never_committed,
+    DROP COLUMN is_credit,
+    DROP COLUMN drawn_nano_usd,
+    DROP COLUMN drawn_from_reservation_id;
