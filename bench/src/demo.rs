@@ -170,6 +170,7 @@ pub(crate) async fn demo(spendguard_bin: &Path) -> Result<()> {
         bundle_dir.path(),
         mock_port,
         "agent-pod",
+        &[],
     )
     .await?;
     println!(

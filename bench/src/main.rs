@@ -75,6 +75,10 @@ enum Mode {
         /// Closed-loop clients of the maximum-rate run.
         #[arg(long, default_value_t = 64)]
         clients: usize,
+        /// The sidecar's credit size (SPENDGUARD_CREDIT_NANO_USD); 0 reserves every call
+        /// before forwarding it.
+        #[arg(long, default_value_t = 0)]
+        credit_nano_usd: i64,
         /// Path of the spendguard binary (`spendguard-mock-provider` must sit next to it).
         #[arg(long)]
         spendguard_bin: std::path::PathBuf,
@@ -114,6 +118,7 @@ async fn main() -> Result<()> {
             seconds,
             rates,
             clients,
+            credit_nano_usd,
             spendguard_bin,
         } => {
             proxy::bench_proxy(
@@ -121,6 +126,7 @@ async fn main() -> Result<()> {
                 &rates,
                 Duration::from_secs(seconds),
                 clients,
+                credit_nano_usd,
             )
             .await
         }

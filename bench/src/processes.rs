@@ -119,11 +119,13 @@ pub(crate) async fn spawn_sidecar(
     bundle_dir: &std::path::Path,
     mock_port: u16,
     workload: &str,
+    extra_env: &[(&str, String)],
 ) -> Result<(Child, u16)> {
     let port = spendguard_testkit::free_port();
     let admin_port = spendguard_testkit::free_port();
     let child = tokio::process::Command::new(spendguard_bin)
         .arg("sidecar")
+        .envs(extra_env.iter().map(|(k, v)| (*k, v.as_str())))
         .env(
             "SPENDGUARD_LEDGER_URL",
             format!("http://127.0.0.1:{ledger_port}"),

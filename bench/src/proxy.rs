@@ -104,6 +104,7 @@ pub(crate) async fn bench_proxy(
     rates: &[u64],
     duration: Duration,
     clients: usize,
+    credit_nano_usd: i64,
 ) -> Result<()> {
     let cluster = PgCluster::start(&[("max_connections", "200"), ("shared_buffers", "256MB")])?;
     let url = cluster.create_database().await?;
@@ -140,6 +141,7 @@ pub(crate) async fn bench_proxy(
         dir.path(),
         mock_port,
         "bench-pod",
+        &[("SPENDGUARD_CREDIT_NANO_USD", credit_nano_usd.to_string())],
     )
     .await?;
     let direct = format!("http://127.0.0.1:{mock_port}/v1/chat/completions");
@@ -154,8 +156,15 @@ pub(crate) async fn bench_proxy(
     paced(&client, &guarded, 200, Duration::from_secs(1)).await?;
 
     println!(
-        "proxy benchmark: non-streaming chat calls, {}s per rate; PostgreSQL 15 local (fsync=on synchronous_commit=on); every component its own process",
-        duration.as_secs()
+        "proxy benchmark: non-streaming chat calls, {}s per rate; PostgreSQL 15 local (fsync=on synchronous_commit=on); every component its own process; {}",
+        duration.as_secs(),
+        if credit_nano_usd > 0 {
+            format!(
+                "credits of {credit_nano_usd} nano-USD (calls admitted inside them, drawn in the background)"
+            )
+        } else {
+            "no credits (every call reserves before it is forwarded)".to_owned()
+        }
     );
     println!(
         "{:<12} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12}",

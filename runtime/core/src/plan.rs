@@ -99,9 +99,12 @@ pub struct ReserveSet {
     /// pricing age limit is the same request.
     #[serde(serialize_with = "context_of")]
     pub context: DecisionContext,
-    /// Whether this opens a credit or draws from one. Left out of the fingerprint when `None`, so
-    /// an ordinary reservation's fingerprint is what it was before credits existed.
-    #[serde(skip_serializing_if = "Credit::is_none")]
+    /// Whether this opens a credit or draws from one. Only opening a credit enters the
+    /// fingerprint: a draw reserves the same call as an ordinary request, whichever credit funds
+    /// it, so a retry through another credit (after a sidecar restart) or without one replays
+    /// the call's reservation instead of reserving it twice; and an ordinary reservation's
+    /// fingerprint is what it was before credits existed.
+    #[serde(skip_serializing_if = "Credit::is_not_open")]
     pub credit: Credit,
 }
 
@@ -125,6 +128,11 @@ impl Credit {
     /// An ordinary reservation.
     pub fn is_none(&self) -> bool {
         *self == Self::None
+    }
+
+    /// Anything but opening a credit.
+    pub fn is_not_open(&self) -> bool {
+        *self != Self::Open
     }
 }
 
@@ -178,6 +186,12 @@ fn canonical_sha256<T: serde::Serialize>(request: &T) -> String {
 
 /// Namespace of reservation ids (UUIDv5 over tenant and idempotency key).
 const RESERVATION_ID_NAMESPACE: Uuid = Uuid::from_u128(0x5b7e_2a4c_9d61_4f0e_8c3a_0d1e_6f2b_7a91);
+
+/// The id of the reservation `(tenant_id, idempotency_key)` makes, which a sidecar admitting a
+/// call from its credit answers before the ledger has recorded the draw.
+pub fn reservation_id_for(tenant_id: &str, idempotency_key: &str) -> Uuid {
+    keyed_id(&RESERVATION_ID_NAMESPACE, tenant_id, idempotency_key)
+}
 
 impl ReserveSet {
     /// The reservation's id, derived from `(tenant_id, idempotency_key)`: a retry finds its
@@ -2896,7 +2910,7 @@ mod credit_tests {
     }
 
     #[test]
-    fn only_credits_and_their_draws_change_a_reservations_fingerprint() {
+    fn only_opening_a_credit_changes_a_reservations_fingerprint() {
         let Command::ReserveSet(drawn) = draw(Uuid::from_u128(7), 100) else {
             unreachable!()
         };
@@ -2911,10 +2925,17 @@ mod credit_tests {
         // An ordinary request serializes as it did before credits existed.
         let json = serde_json::to_value(&plain).unwrap();
         assert!(json.get("credit").is_none(), "{json}");
-        let fingerprints: BTreeSet<String> = [&plain, &open, &drawn]
-            .iter()
-            .map(|r| r.fingerprint())
-            .collect();
-        assert_eq!(fingerprints.len(), 3);
+        // A draw is the same call whichever credit funds it.
+        let other_credit = ReserveSet {
+            credit: Credit::DrawFrom(Uuid::from_u128(8)),
+            ..drawn.clone()
+        };
+        assert_eq!(drawn.fingerprint(), plain.fingerprint());
+        assert_eq!(other_credit.fingerprint(), plain.fingerprint());
+        assert_ne!(open.fingerprint(), plain.fingerprint());
+        assert_eq!(
+            reservation_id_for(&drawn.tenant_id, &drawn.idempotency_key),
+            drawn.reservation_id()
+        );
     }
 }

@@ -48,6 +48,16 @@ impl BudgetWindow {
         };
         Utc.from_utc_datetime(&date.and_time(chrono::NaiveTime::MIN))
     }
+
+    /// When the window that starts at `start` ends (the next one starts); `None` for a lifetime
+    /// window, which never ends.
+    pub fn end_of(self, start: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        match self {
+            Self::Lifetime => None,
+            Self::CalendarDayUtc => start.checked_add_days(chrono::Days::new(1)),
+            Self::CalendarMonthUtc => start.checked_add_months(chrono::Months::new(1)),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -57,6 +67,30 @@ mod tests {
 
     fn at(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    #[test]
+    fn a_window_ends_where_the_next_starts() {
+        let day = BudgetWindow::CalendarDayUtc;
+        let month = BudgetWindow::CalendarMonthUtc;
+        for now in [
+            "2026-01-31T23:59:59Z",
+            "2026-02-28T12:00:00Z",
+            "2024-02-29T00:00:00Z",
+        ] {
+            let now = at(now);
+            for window in [day, month] {
+                let end = window.end_of(window.start_containing(now)).unwrap();
+                assert!(end > now);
+                assert_eq!(window.start_containing(end), end, "{window:?} {now}");
+                assert_ne!(window.start_containing(end), window.start_containing(now));
+            }
+        }
+        assert_eq!(
+            month.end_of(at("2026-01-01T00:00:00Z")),
+            Some(at("2026-02-01T00:00:00Z"))
+        );
+        assert_eq!(BudgetWindow::Lifetime.end_of(DateTime::UNIX_EPOCH), None);
     }
 
     #[test]

@@ -18,6 +18,7 @@
 //! commit or release get the original answer (`replayed`) instead of a second effect.
 
 use crate::bundle::pricing_ref;
+use crate::credit::{CreditDriver, CreditPolicy, DrawState};
 use crate::error::SidecarError;
 use crate::fail_open::{FailOpenQueue, SendFailure};
 use crate::lease::Lease;
@@ -31,7 +32,7 @@ use spendguard_core::contract::{
 };
 use spendguard_core::money::NanoUsd;
 use spendguard_core::plan::{
-    RUN_BUDGET_PREFIX, STOP_DETAIL_LEN_MAX, STOP_RECORDS_MAX, TEXT_LEN_MAX,
+    RUN_BUDGET_PREFIX, STOP_DETAIL_LEN_MAX, STOP_RECORDS_MAX, TEXT_LEN_MAX, reservation_id_for,
 };
 use spendguard_core::pricing::{PricingError, Provider, TokenUsage};
 use spendguard_proto::ledger::error_code;
@@ -39,6 +40,7 @@ use spendguard_proto::ledger::v1 as pb;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 use tracing::{error, warn};
@@ -211,6 +213,18 @@ struct CallEntry {
     decided_at: Instant,
 }
 
+/// A call admitted inside a credit, until it is settled.
+struct CreditCall {
+    /// Its draw.
+    draw: watch::Receiver<DrawState>,
+    /// Its record as a fail-open call, should the draw be lost.
+    fail_open: pb::RecordFailOpenRequest,
+    worst_case_nano_usd: i64,
+    /// The fail-open record was queued.
+    recorded: bool,
+    decided_at: Instant,
+}
+
 /// Decides and settles calls for one tenant and workload.
 pub struct Decider {
     ledger: LedgerClient,
@@ -223,6 +237,8 @@ pub struct Decider {
     fail_open: Arc<FailOpenQueue>,
     stops: Arc<StopEvidence>,
     latency: DecisionLatency,
+    credits: Option<Arc<CreditDriver>>,
+    credit_calls: Mutex<HashMap<String, CreditCall>>,
 }
 
 impl Decider {
@@ -247,12 +263,36 @@ impl Decider {
             fail_open,
             stops,
             latency: DecisionLatency::default(),
+            credits: None,
+            credit_calls: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Registers the decision latency histogram.
+    /// Admits calls of the sidecar's own budgets inside credits of `policy`
+    /// (docs/design/credits.md).
+    #[must_use]
+    pub fn with_credits(mut self, policy: CreditPolicy) -> Self {
+        self.credits = Some(Arc::new(CreditDriver::new(
+            policy,
+            self.ledger.clone(),
+            self.lease.clone(),
+            self.bundle.clone(),
+            self.identity.clone(),
+        )));
+        self
+    }
+
+    /// The credits, when enabled.
+    pub fn credits(&self) -> Option<&CreditDriver> {
+        self.credits.as_deref()
+    }
+
+    /// Registers the decision latency histogram (and the credit metrics).
     pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
         self.latency.register(registry);
+        if let Some(credits) = &self.credits {
+            credits.pool().register(registry);
+        }
     }
 
     /// The queue of STOP records waiting for the ledger.
@@ -575,6 +615,26 @@ impl Decider {
             context: Some(self.ledger_context(input, pricing_stale)),
             ..Default::default()
         };
+        // A call of the sidecar's own budgets (no run budget) may be admitted inside a credit.
+        if run_budget_limit.is_none()
+            && let Some(credits) = &self.credits
+            && let Some((credit, expires)) = credits.admit(planned.reserve.get(), epoch)
+        {
+            let fail_open = FailOpenContext {
+                epoch,
+                budget_ids,
+                run_budget: None,
+                worst_case_nano_usd: planned.reserve.get(),
+                pricing_stale,
+            };
+            return Ok(self.admit_from_credit(
+                input,
+                &planned,
+                request,
+                (credit, expires),
+                &fail_open,
+            ));
+        }
         let response = match self.ledger.clone().reserve_set(request).await {
             Ok(response) => response.into_inner(),
             Err(status) => {
@@ -672,6 +732,92 @@ impl Decider {
         };
         decision.replayed = replayed;
         Ok(decision)
+    }
+
+    /// CONTINUE inside `credit`: the call's reservation is drawn from it in the background, under
+    /// the id the ledger will give it.
+    fn admit_from_credit(
+        &self,
+        input: &DecideInput,
+        planned: &Planned,
+        request: pb::ReserveSetRequest,
+        (credit, expires): (String, Instant),
+        context: &FailOpenContext,
+    ) -> Decision {
+        let Some(credits) = &self.credits else {
+            unreachable!("admitted from a credit without credits")
+        };
+        let reservation_id = reservation_id_for(&self.identity.tenant_id, &input.call_id);
+        let draw = credits.spawn_draw(
+            credit.clone(),
+            expires,
+            pb::ReserveSetRequest {
+                draw_from_reservation_id: credit,
+                ..request
+            },
+        );
+        // A concurrent decide of the same call may have drawn first: its draw stands (the
+        // ledger answers this one as a replay of it).
+        lock(&self.credit_calls)
+            .entry(input.call_id.clone())
+            .or_insert_with(|| CreditCall {
+                draw,
+                fail_open: self.fail_open_request(input, context),
+                worst_case_nano_usd: planned.reserve.get(),
+                recorded: false,
+                decided_at: Instant::now(),
+            });
+        let mut decision = self.decision(
+            input,
+            Verdict::Continue,
+            ReasonCode::WithinBudget.as_str(),
+            String::new(),
+        );
+        decision.reservation_id = Some(reservation_id.to_string());
+        decision.reserved_nano_usd = planned.reserve.get();
+        decision.max_output_tokens = Some(planned.max_output_tokens);
+        decision
+    }
+
+    /// Waits for the draw of a call admitted inside a credit. `true` when it was lost: the call
+    /// is then queued as a fail-open call (once), and settles as one.
+    ///
+    /// # Errors
+    /// The fail-open queue refused the record (full, or shutting down): the call's evidence and
+    /// spend would be lost, so the settlement fails and may be retried.
+    async fn draw_lost(&self, call_id: &str) -> Result<bool, SidecarError> {
+        let Some(mut draw) = lock(&self.credit_calls)
+            .get(call_id)
+            .map(|c| c.draw.clone())
+        else {
+            return Ok(false);
+        };
+        let state = draw
+            .wait_for(|s| *s != DrawState::Pending)
+            .await
+            .map(|s| s.clone())
+            .unwrap_or_else(|_| DrawState::Lost("the draw was abandoned".into()));
+        if state == DrawState::Drawn {
+            return Ok(false);
+        }
+        let (request, worst_case) = {
+            let calls = lock(&self.credit_calls);
+            match calls.get(call_id) {
+                Some(c) if !c.recorded => (c.fail_open.clone(), c.worst_case_nano_usd),
+                _ => return Ok(true),
+            }
+        };
+        let queue = self.fail_open.clone();
+        tokio::task::spawn_blocking(move || queue.admit(request, worst_case, None))
+            .await
+            .map_err(|e| SidecarError::Internal(format!("fail-open admission: {e}")))?
+            .inspect_err(|e| {
+                error!(call_id, error = %e, "a call admitted inside a credit was not drawn and cannot be queued as a fail-open call");
+            })?;
+        if let Some(c) = lock(&self.credit_calls).get_mut(call_id) {
+            c.recorded = true;
+        }
+        Ok(true)
     }
 
     /// The REQUIRE_APPROVAL this call was answered with, if the ledger holds an approval opened
@@ -981,7 +1127,7 @@ impl Decider {
             Some(_) => return Err(SidecarError::CallAlreadyResolved(call_id.to_owned())),
             None => {}
         }
-        if decision.fail_open {
+        if decision.fail_open || self.draw_lost(call_id).await? {
             warn!(
                 call_id,
                 actual_nano_usd = actual.get(),
@@ -1047,7 +1193,7 @@ impl Decider {
             }
             None => {}
         }
-        if decision.fail_open {
+        if decision.fail_open || self.draw_lost(call_id).await? {
             // Nothing was spent (or the caller says so): the record still goes to the ledger.
             self.fail_open.settle(call_id, 0);
             let released = Released {
@@ -1166,9 +1312,10 @@ impl Decider {
     /// Forgets calls decided more than `age` ago (their reservations expired on the ledger by
     /// then). Returns how many were dropped.
     pub fn forget_older_than(&self, age: Duration) -> usize {
+        let now = Instant::now();
+        lock(&self.credit_calls).retain(|_, call| now.duration_since(call.decided_at) < age);
         let mut calls = lock(&self.calls);
         let before = calls.len();
-        let now = Instant::now();
         calls.retain(|_, entry| now.duration_since(entry.decided_at) < age);
         before - calls.len()
     }

@@ -16,6 +16,7 @@
 
 pub mod api;
 pub mod bundle;
+pub mod credit;
 pub mod decider;
 pub mod error;
 pub mod fail_open;
@@ -161,6 +162,25 @@ pub struct SidecarTuning {
         value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000)
     )]
     pub stop_evidence_queue_records: usize,
+    /// Amount of each credit, nano-USD (docs/design/credits.md): calls of the sidecar's own
+    /// budgets are admitted inside it without waiting for the ledger, and their reservations are
+    /// drawn from it in the background. 0 (the default) reserves every call synchronously.
+    /// Credits are off under a contract that asks for approval above soft caps.
+    #[arg(
+        long,
+        env = "SPENDGUARD_CREDIT_NANO_USD",
+        default_value_t = 0,
+        value_parser = clap::builder::RangedI64ValueParser::<i64>::new().range(0..=1_000_000_000_000_000_000)
+    )]
+    pub credit_nano_usd: i64,
+    /// How long each credit lives on the ledger; it admits calls for the first three quarters.
+    #[arg(
+        long,
+        env = "SPENDGUARD_CREDIT_TTL_MS",
+        default_value_t = 60_000,
+        value_parser = clap::builder::RangedU64ValueParser::<u64>::new().range(credit::CREDIT_TTL_MS_MIN..=credit::CREDIT_TTL_MS_MAX)
+    )]
+    pub credit_ttl_ms: u64,
 }
 
 /// A running sidecar.
@@ -210,6 +230,10 @@ impl RunningSidecar {
                 open = self.decider.open_reservations(),
                 "shutdown grace elapsed with calls in flight; the ledger's TTL sweep releases them"
             );
+        }
+        // Settled calls' draws have landed; what the credits did not admit goes back now.
+        if let Some(credits) = self.decider.credits() {
+            credits.close(self.fail_open_drain).await;
         }
         // The loop stops at its next wait; a pass in progress ends within one RPC timeout.
         let mut fail_open_task = self.fail_open_task;
@@ -292,7 +316,7 @@ pub async fn start(
     let stops = Arc::new(StopEvidence::new(tuning.stop_evidence_queue_records));
     stops.register(registry);
     Metrics::register_pricing(registry, &loaded.bundle);
-    let decider = Arc::new(Decider::new(
+    let mut decider = Decider::new(
         ledger,
         lease.clone(),
         Arc::new(loaded.bundle),
@@ -300,7 +324,14 @@ pub async fn start(
         reservation_ttl,
         fail_open,
         stops,
-    ));
+    );
+    if tuning.credit_nano_usd > 0 {
+        decider = decider.with_credits(credit::CreditPolicy {
+            amount_nano_usd: tuning.credit_nano_usd,
+            ttl: Duration::from_millis(tuning.credit_ttl_ms),
+        });
+    }
+    let decider = Arc::new(decider);
     decider.register_metrics(registry);
     let metrics = Metrics::register(registry);
     let upstream = Upstream::new(UpstreamConfig {

@@ -1,0 +1,304 @@
+//! Credits: money this sidecar reserves in the ledger once, then admits calls inside without a
+//! ledger round trip on the request path (docs/design/credits.md).
+//!
+//! ```text
+//! admit(worst case) ─ current credit has it ─► taken locally ─► CONTINUE at once
+//!        │                                        └► draw (background): ReserveSet draw_from ─► Drawn
+//!        │                                           retried while the ledger is away; refused for
+//!        │                                           good, or past the credit's life ─► Lost: the
+//!        │                                           call is recorded as a fail-open call at settlement
+//!        └─ no credit, or not enough ─► None: the call reserves synchronously, as without credits
+//! low, ending, or absent ─► open the next credit (one at a time, in the background) ─► the old
+//!                            one retires and is released once the draws taken from it landed
+//! ```
+//!
+//! The ledger stays the authority over money: a credit is a reservation of the sidecar's
+//! budgets, so nothing admitted inside it can take them past their limits, and every call's own
+//! reservation (drawn from the credit) is committed or released like any other.
+
+mod pool;
+
+pub use pool::{CREDIT_TTL_MS_MAX, CREDIT_TTL_MS_MIN, CreditPolicy, Credits, Opened, Take};
+
+use crate::bundle::pricing_ref;
+use crate::decider::Identity;
+use crate::lease::Lease;
+use spendguard_core::contract::Bundle;
+use spendguard_core::window::BudgetWindow;
+use spendguard_proto::ledger::error_code;
+use spendguard_proto::ledger::v1 as pb;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+use tonic::transport::Channel;
+use tracing::{info, warn};
+use uuid::Uuid;
+
+type LedgerClient = pb::ledger_client::LedgerClient<Channel>;
+
+/// After a credit could not be opened (budget too low for one, ledger away), calls reserve one
+/// by one for this long before the next try.
+const QUIET_AFTER_FAILURE: Duration = Duration::from_secs(1);
+/// Longest wait between tries of a draw while the ledger does not answer.
+const DRAW_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Where a call's draw stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DrawState {
+    /// Not answered yet.
+    Pending,
+    /// The ledger holds the call's reservation.
+    Drawn,
+    /// The ledger will not record it as a draw (why): the call must be recorded another way.
+    Lost(String),
+}
+
+/// Opens, draws from and releases this sidecar's credits.
+pub struct CreditDriver {
+    pool: Credits,
+    ledger: LedgerClient,
+    lease: Lease,
+    bundle: Arc<Bundle>,
+    identity: Identity,
+    tasks: TaskTracker,
+}
+
+impl CreditDriver {
+    /// A driver with no credit yet: the first admission opens one.
+    pub fn new(
+        policy: CreditPolicy,
+        ledger: LedgerClient,
+        lease: Lease,
+        bundle: Arc<Bundle>,
+        identity: Identity,
+    ) -> Self {
+        Self {
+            pool: Credits::new(policy),
+            ledger,
+            lease,
+            bundle,
+            identity,
+            tasks: TaskTracker::new(),
+        }
+    }
+
+    /// The local count (metrics, tests).
+    pub fn pool(&self) -> &Credits {
+        &self.pool
+    }
+
+    /// Takes `amount` from the current credit for a call decided under `epoch`: the credit's id
+    /// and when its draws stop trying, or `None` (reserve synchronously). Opens the next credit
+    /// and releases retired ones in the background as needed.
+    pub fn admit(self: &Arc<Self>, amount: i64, epoch: u64) -> Option<(String, Instant)> {
+        let take = self.pool.take(amount, epoch, Instant::now());
+        for id in take.release {
+            self.spawn_release(id);
+        }
+        if take.open_next {
+            let this = self.clone();
+            self.tasks.spawn(async move { this.open(epoch).await });
+        }
+        take.credit
+    }
+
+    /// Records a call admitted from `credit` in the ledger, in the background: `request` is the
+    /// call's ReserveSet drawing from it. The returned state ends `Drawn` or `Lost`.
+    pub fn spawn_draw(
+        self: &Arc<Self>,
+        credit: String,
+        expires: Instant,
+        request: pb::ReserveSetRequest,
+    ) -> watch::Receiver<DrawState> {
+        let (state, watched) = watch::channel(DrawState::Pending);
+        let this = self.clone();
+        self.tasks.spawn(async move {
+            let outcome = this.draw(request, expires).await;
+            if let DrawState::Lost(reason) = &outcome {
+                warn!(%credit, %reason, "a call admitted inside a credit could not be drawn from it; it is recorded as a fail-open call");
+            }
+            let retired = this
+                .pool
+                .draw_done(&credit, matches!(outcome, DrawState::Lost(_)));
+            if let Some(id) = retired {
+                this.release(&id).await;
+            }
+            let _ = state.send(outcome);
+        });
+        watched
+    }
+
+    /// Shutdown: admits nothing more, waits (up to `deadline`) for the draws in flight, and
+    /// releases every credit, so what they did not admit goes back to the budgets now instead
+    /// of at their expiry.
+    pub async fn close(&self, deadline: Duration) {
+        for id in self.pool.close() {
+            self.release(&id).await;
+        }
+        self.tasks.close();
+        if tokio::time::timeout(deadline, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                "shutdown deadline passed with credit draws in flight; their credits lapse at their TTL"
+            );
+        }
+    }
+
+    async fn open(&self, epoch: u64) {
+        let policy = self.pool.policy();
+        let sent = Instant::now();
+        let sent_wall = chrono::Utc::now();
+        let request = pb::ReserveSetRequest {
+            tenant_id: self.identity.tenant_id.clone(),
+            idempotency_key: format!("credit/{}", Uuid::new_v4()),
+            budget_ids: self.identity.budget_ids.clone(),
+            amount_nano_usd: policy.amount_nano_usd,
+            fencing: Some(pb::FencingToken {
+                scope_id: self.identity.scope_id.clone(),
+                epoch,
+            }),
+            ttl_ms: u32::try_from(policy.ttl.as_millis()).unwrap_or(u32::MAX),
+            pricing: Some(pricing_ref(&self.bundle.pricing)),
+            context: Some(pb::DecisionContext {
+                contract_version: self.bundle.contract.version.clone(),
+                ..pb::DecisionContext::default()
+            }),
+            credit: true,
+            ..pb::ReserveSetRequest::default()
+        };
+        let reserved = match self.ledger.clone().reserve_set(request).await {
+            Ok(response) => match response.into_inner().outcome {
+                Some(pb::reserve_set_response::Outcome::Reserved(reserved)) => reserved,
+                Some(pb::reserve_set_response::Outcome::Denied(denied)) => {
+                    info!(budget_id = %denied.budget_id, remaining_nano_usd = denied.remaining_nano_usd,
+                          "no room for a credit; calls reserve one by one");
+                    self.pool.not_opened(Instant::now(), QUIET_AFTER_FAILURE);
+                    return;
+                }
+                None => {
+                    self.pool.not_opened(Instant::now(), QUIET_AFTER_FAILURE);
+                    return;
+                }
+            },
+            Err(status) => {
+                warn!(error = %status.message(), "could not open a credit; calls reserve one by one");
+                self.pool.not_opened(Instant::now(), QUIET_AFTER_FAILURE);
+                return;
+            }
+        };
+        // Whether a call crosses a soft cap is known only from the ledger's answer to its own
+        // reservation (and a retried call that once asked for approval must ask again, which
+        // only its reservation tells): under a contract that asks for approval there, budgets
+        // with a soft cap get no credit. Checked again at each credit, so a soft cap added
+        // later applies to credit admissions from the next credit on.
+        if self.bundle.contract.approval_above_soft_cap
+            && reserved.balances.iter().any(|b| b.soft_cap_nano_usd > 0)
+        {
+            info!(
+                "a budget has a soft cap and the contract asks for approval above it: no credits; calls reserve one by one"
+            );
+            self.pool.not_opened(Instant::now(), policy.ttl);
+            self.release(&reserved.reservation_id).await;
+            return;
+        }
+        // Admit until a margin before the credit lapses on the ledger (measured from before the
+        // request, so never later than the ledger's clock makes it) and before any of its budget
+        // windows ends (a draw is refused once its window has ended).
+        let margin = policy.admit_margin();
+        let mut admit_until = sent + policy.ttl.saturating_sub(margin);
+        for balance in &reserved.balances {
+            if let Some(end) = window_end(balance) {
+                let left = (end - sent_wall).to_std().unwrap_or_default();
+                admit_until = admit_until.min(sent + left.saturating_sub(margin));
+            }
+        }
+        let opened = Opened {
+            id: reserved.reservation_id,
+            amount_nano_usd: reserved.amount_nano_usd,
+            epoch,
+            admit_until,
+            expires: sent + policy.ttl,
+        };
+        for id in self.pool.opened(opened) {
+            self.release(&id).await;
+        }
+    }
+
+    async fn draw(&self, request: pb::ReserveSetRequest, expires: Instant) -> DrawState {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let status = match self.ledger.clone().reserve_set(request.clone()).await {
+                Ok(response) => {
+                    let response = response.into_inner();
+                    return match response.outcome {
+                        // A retry (after a restart) of a call whose reservation was settled: this
+                        // admission is a second call under its id, which that reservation does
+                        // not cover.
+                        Some(pb::reserve_set_response::Outcome::Reserved(r))
+                            if response.replayed
+                                && r.state != pb::ReservationState::Open as i32 =>
+                        {
+                            DrawState::Lost("the call id's reservation was already settled".into())
+                        }
+                        Some(pb::reserve_set_response::Outcome::Reserved(_)) => DrawState::Drawn,
+                        other => DrawState::Lost(format!("unexpected answer {other:?}")),
+                    };
+                }
+                Err(status) => status,
+            };
+            let transient = matches!(
+                error_code(&status),
+                None | Some(
+                    pb::ErrorCode::Overloaded
+                        | pb::ErrorCode::DependencyUnavailable
+                        | pb::ErrorCode::ShuttingDown
+                )
+            );
+            if !transient || Instant::now() + backoff >= expires {
+                return DrawState::Lost(format!("{:?}: {}", status.code(), status.message()));
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(DRAW_BACKOFF_MAX);
+        }
+    }
+
+    fn spawn_release(self: &Arc<Self>, id: String) {
+        let this = self.clone();
+        self.tasks.spawn(async move { this.release(&id).await });
+    }
+
+    /// Returns what `id` did not admit to the budgets. Failing that, it lapses at its TTL.
+    async fn release(&self, id: &str) {
+        let Ok(epoch) = self.lease.epoch_for_settlement() else {
+            warn!(credit = %id, "no lease to release a credit with; it lapses at its TTL");
+            return;
+        };
+        let request = pb::ReleaseRequest {
+            tenant_id: self.identity.tenant_id.clone(),
+            reservation_id: id.to_owned(),
+            fencing: Some(pb::FencingToken {
+                scope_id: self.identity.scope_id.clone(),
+                epoch,
+            }),
+            reason: "credit_retired".into(),
+        };
+        if let Err(status) = self.ledger.clone().release(request).await {
+            warn!(credit = %id, error = %status.message(), "could not release a credit; it lapses at its TTL");
+        }
+    }
+}
+
+/// When the window of `balance` ends, for a renewing budget.
+fn window_end(balance: &pb::BudgetBalance) -> Option<chrono::DateTime<chrono::Utc>> {
+    let window = match pb::BudgetWindow::try_from(balance.window).ok()? {
+        pb::BudgetWindow::CalendarDayUtc => BudgetWindow::CalendarDayUtc,
+        pb::BudgetWindow::CalendarMonthUtc => BudgetWindow::CalendarMonthUtc,
+        _ => return None,
+    };
+    let start = chrono::DateTime::from_timestamp_millis(balance.window_start_unix_ms)?;
+    window.end_of(start)
+}

@@ -1,0 +1,339 @@
+//! The local count of a sidecar's credits: what each has left to admit, which one is current,
+//! and when to open the next (the ledger calls are in `mod.rs`).
+
+use crate::sync::lock;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Smallest credit lifetime: a credit stops admitting a quarter of its lifetime before it lapses
+/// on the ledger, which must leave its draws seconds to land.
+pub const CREDIT_TTL_MS_MIN: u64 = 8_000;
+/// Largest credit lifetime (the ledger's largest reservation TTL).
+pub const CREDIT_TTL_MS_MAX: u64 = 3_600_000;
+
+/// How a sidecar uses credits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreditPolicy {
+    /// Amount of each credit, nano-USD (> 0).
+    pub amount_nano_usd: i64,
+    /// How long each credit lives on the ledger.
+    pub ttl: Duration,
+}
+
+impl CreditPolicy {
+    /// Stop admitting this long before the credit lapses on the ledger: its last draws must
+    /// still land, and the sidecar's and the database's clocks may differ by some seconds.
+    pub fn admit_margin(&self) -> Duration {
+        self.ttl / 4
+    }
+
+    /// Below this much left, the next credit is opened (the current one still admits meanwhile).
+    fn low_water(&self) -> i64 {
+        self.amount_nano_usd / 4
+    }
+}
+
+/// A credit the ledger opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Opened {
+    /// Its reservation id.
+    pub id: String,
+    /// Its amount.
+    pub amount_nano_usd: i64,
+    /// The fencing epoch it was opened under (a new epoch means another process: it stops).
+    pub epoch: u64,
+    /// Admit nothing from it from this instant on.
+    pub admit_until: Instant,
+    /// Its draws stop trying at this instant: the ledger expires it about then.
+    pub expires: Instant,
+}
+
+/// What [`Credits::take`] decided.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Take {
+    /// The credit the amount was taken from: the call is admitted.
+    pub credit: Option<(String, Instant)>,
+    /// Open the next credit now (this call is the one that asks; others do not).
+    pub open_next: bool,
+    /// Credits retired with no draw in flight: release them.
+    pub release: Vec<String>,
+}
+
+#[derive(Debug)]
+struct Slot {
+    opened: Opened,
+    remaining: i64,
+    /// Draws taken from it that have not landed yet.
+    pending: u32,
+}
+
+#[derive(Debug, Default)]
+struct Pool {
+    current: Option<Slot>,
+    /// Credits no longer admitting, by id, with their draws in flight: released at 0.
+    retired: HashMap<String, Slot>,
+    opening: bool,
+    /// No new credit before this (after a denial or a failure).
+    quiet_until: Option<Instant>,
+    closed: bool,
+}
+
+/// The local count of this sidecar's credits.
+#[derive(Debug)]
+pub struct Credits {
+    policy: CreditPolicy,
+    pool: Mutex<Pool>,
+    admitted: Counter,
+    lost: Counter,
+    opened: Counter,
+    remaining: Gauge,
+}
+
+impl Credits {
+    /// No credit yet: the first admission asks for one.
+    pub fn new(policy: CreditPolicy) -> Self {
+        Self {
+            policy,
+            pool: Mutex::new(Pool::default()),
+            admitted: Counter::default(),
+            lost: Counter::default(),
+            opened: Counter::default(),
+            remaining: Gauge::default(),
+        }
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> CreditPolicy {
+        self.policy
+    }
+
+    /// Registers the credit metrics.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "spendguard_sidecar_credit_admitted",
+            "Calls admitted inside a credit, without a ledger round trip on the request path",
+            self.admitted.clone(),
+        );
+        registry.register(
+            "spendguard_sidecar_credit_draws_lost",
+            "Calls admitted inside a credit whose draw the ledger refused for good; each is recorded as a fail-open call instead",
+            self.lost.clone(),
+        );
+        registry.register(
+            "spendguard_sidecar_credits_opened",
+            "Credits the ledger opened for this sidecar",
+            self.opened.clone(),
+        );
+        registry.register(
+            "spendguard_sidecar_credit_remaining_nano_usd",
+            "What the current credit has left to admit",
+            self.remaining.clone(),
+        );
+    }
+
+    /// Takes `amount` for a call decided under `epoch` at `now`, if the current credit has it.
+    pub fn take(&self, amount: i64, epoch: u64, now: Instant) -> Take {
+        let mut pool = lock(&self.pool);
+        let mut take = Take::default();
+        if pool.closed {
+            return take;
+        }
+        if let Some(slot) = &pool.current
+            && (slot.opened.epoch != epoch || now >= slot.opened.admit_until)
+        {
+            retire_current(&mut pool, &mut take.release);
+        }
+        if let Some(slot) = &mut pool.current
+            && slot.remaining >= amount
+        {
+            slot.remaining = slot.remaining.saturating_sub(amount);
+            slot.pending = slot.pending.saturating_add(1);
+            take.credit = Some((slot.opened.id.clone(), slot.opened.expires));
+            self.admitted.inc();
+        }
+        let wanted = match &pool.current {
+            None => true,
+            Some(slot) => {
+                slot.remaining < self.policy.low_water().max(amount)
+                    || slot.opened.admit_until.saturating_duration_since(now)
+                        < self.policy.admit_margin()
+            }
+        };
+        if wanted && !pool.opening && pool.quiet_until.is_none_or(|t| now >= t) {
+            pool.opening = true;
+            take.open_next = true;
+        }
+        self.remaining
+            .set(pool.current.as_ref().map_or(0, |s| s.remaining));
+        take
+    }
+
+    /// A credit the ledger opened becomes the current one; the previous one retires. Returns
+    /// the credits to release now (retired with no draw in flight, or this one if closed).
+    pub fn opened(&self, opened: Opened) -> Vec<String> {
+        let mut pool = lock(&self.pool);
+        pool.opening = false;
+        pool.quiet_until = None;
+        self.opened.inc();
+        if pool.closed {
+            return vec![opened.id];
+        }
+        let mut release = Vec::new();
+        retire_current(&mut pool, &mut release);
+        pool.current = Some(Slot {
+            remaining: opened.amount_nano_usd,
+            opened,
+            pending: 0,
+        });
+        self.remaining
+            .set(pool.current.as_ref().map_or(0, |s| s.remaining));
+        release
+    }
+
+    /// Opening failed or was not wanted (a denial, a soft cap): no new credit before `quiet`
+    /// has passed; calls reserve synchronously meanwhile.
+    pub fn not_opened(&self, now: Instant, quiet: Duration) {
+        let mut pool = lock(&self.pool);
+        pool.opening = false;
+        pool.quiet_until = Some(now + quiet);
+    }
+
+    /// A draw from `credit` ended (landed or lost). Returns the credit if it is retired and this
+    /// was its last draw in flight: release it.
+    pub fn draw_done(&self, credit: &str, lost: bool) -> Option<String> {
+        if lost {
+            self.lost.inc();
+        }
+        let mut pool = lock(&self.pool);
+        if let Some(slot) = pool.current.as_mut().filter(|s| s.opened.id == credit) {
+            slot.pending = slot.pending.saturating_sub(1);
+            return None;
+        }
+        let slot = pool.retired.get_mut(credit)?;
+        slot.pending = slot.pending.saturating_sub(1);
+        if slot.pending > 0 {
+            return None;
+        }
+        pool.retired.remove(credit).map(|s| s.opened.id)
+    }
+
+    /// Shutdown: nothing more is admitted or opened. Returns every credit with no draw in flight
+    /// (all of them once the draws drained): release them.
+    pub fn close(&self) -> Vec<String> {
+        let mut pool = lock(&self.pool);
+        pool.closed = true;
+        let mut release = Vec::new();
+        retire_current(&mut pool, &mut release);
+        let idle: Vec<String> = pool
+            .retired
+            .iter()
+            .filter(|(_, s)| s.pending == 0)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &idle {
+            pool.retired.remove(id);
+        }
+        release.extend(idle);
+        self.remaining.set(0);
+        release
+    }
+}
+
+/// Moves the current credit to the retired ones; pushes it to `release` if no draw is in flight.
+fn retire_current(pool: &mut Pool, release: &mut Vec<String>) {
+    if let Some(slot) = pool.current.take() {
+        if slot.pending == 0 {
+            release.push(slot.opened.id);
+        } else {
+            pool.retired.insert(slot.opened.id.clone(), slot);
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::arithmetic_side_effects)]
+mod tests {
+    use super::*;
+
+    fn policy() -> CreditPolicy {
+        CreditPolicy {
+            amount_nano_usd: 1_000,
+            ttl: Duration::from_secs(40),
+        }
+    }
+
+    fn opened(id: &str, now: Instant) -> Opened {
+        Opened {
+            id: id.into(),
+            amount_nano_usd: 1_000,
+            epoch: 1,
+            admit_until: now + Duration::from_secs(30),
+            expires: now + Duration::from_secs(40),
+        }
+    }
+
+    #[test]
+    fn admits_only_what_the_credit_holds_and_asks_for_the_next_once() {
+        let credits = Credits::new(policy());
+        let now = Instant::now();
+        // No credit: nothing admitted, and this caller opens one; the next caller does not.
+        let first = credits.take(100, 1, now);
+        assert_eq!((first.credit.is_none(), first.open_next), (true, true));
+        assert!(!credits.take(100, 1, now).open_next);
+        assert!(credits.opened(opened("a", now)).is_empty());
+        let mut admitted = 0;
+        for _ in 0..20 {
+            if credits.take(300, 1, now).credit.is_some() {
+                admitted += 300;
+            }
+        }
+        assert_eq!(admitted, 900, "never more than the credit holds");
+        // Below the low water mark the next credit was asked for once.
+        credits.not_opened(now, Duration::from_secs(1));
+        assert!(
+            !credits.take(300, 1, now).open_next,
+            "quiet after a failure"
+        );
+        assert!(credits.take(300, 1, now + Duration::from_secs(2)).open_next);
+    }
+
+    #[test]
+    fn a_retired_credit_is_released_after_its_last_draw_lands() {
+        let credits = Credits::new(policy());
+        let now = Instant::now();
+        credits.take(1, 1, now);
+        credits.opened(opened("a", now));
+        let (a, _) = credits.take(100, 1, now).credit.unwrap();
+        credits.take(100, 1, now);
+        // The next credit arrives while two draws from "a" are in flight.
+        assert!(credits.opened(opened("b", now)).is_empty());
+        assert_eq!(credits.take(100, 1, now).credit.unwrap().0, "b");
+        assert_eq!(credits.draw_done(&a, false), None);
+        assert_eq!(credits.draw_done(&a, true), Some("a".to_owned()));
+        // "b" is current: its draws never release it.
+        assert_eq!(credits.draw_done("b", false), None);
+        assert_eq!(credits.close(), vec!["b".to_owned()]);
+        assert!(credits.take(1, 1, now).credit.is_none(), "closed");
+    }
+
+    #[test]
+    fn a_credit_stops_admitting_near_its_end_and_under_another_epoch() {
+        let credits = Credits::new(policy());
+        let now = Instant::now();
+        credits.take(1, 1, now);
+        credits.opened(opened("a", now));
+        let late = credits.take(1, 1, now + Duration::from_secs(30));
+        assert_eq!(late.credit, None);
+        assert_eq!(late.release, vec!["a".to_owned()]);
+        assert!(late.open_next);
+        credits.opened(opened("b", now));
+        let other_epoch = credits.take(1, 2, now);
+        assert_eq!(other_epoch.credit, None);
+        assert_eq!(other_epoch.release, vec!["b".to_owned()]);
+    }
+}

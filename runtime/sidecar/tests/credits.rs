@@ -1,0 +1,323 @@
+//! Credits (docs/design/credits.md): the sidecar admits calls inside money it reserved once, and
+//! the ledger still records every call's reservation, settles it, and never lets the budget be
+//! overspent. Real ledger and PostgreSQL, the mock provider, the proxy.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use serde_json::json;
+use std::time::Duration;
+use support::*;
+
+/// The proxy's worst case for `chat_body("gpt-4o-mini", false)`: (body bytes + 64) input tokens
+/// at 150 nano-USD and the contract's 4096 output tokens at 600 nano-USD.
+fn worst_case() -> i64 {
+    let body = serde_json::to_vec(&chat_body("gpt-4o-mini", false)).unwrap();
+    (i64::try_from(body.len()).unwrap() + 64) * 150 + 4096 * 600
+}
+
+/// What the mock reports for one call, priced.
+const COMMITTED_PER_CALL: i64 = 10_950;
+
+async fn chat(stack: &Stack) -> Reply {
+    post_json(
+        &stack.url("/v1/chat/completions"),
+        &[OPENAI_KEY],
+        &chat_body("gpt-4o-mini", false),
+    )
+    .await
+}
+
+async fn count(stack: &Stack, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql)
+        .fetch_one(stack.ledger.store().pool())
+        .await
+        .unwrap()
+}
+
+/// Waits (up to 10 s) until the ledger holds `n` open credits.
+async fn open_credits(stack: &Stack, n: i64) {
+    for _ in 0..400 {
+        let open = count(
+            stack,
+            "SELECT count(*) FROM reservations WHERE is_credit AND state = 'reserved'",
+        )
+        .await;
+        if open == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("expected {n} open credits");
+}
+
+fn metric(stack: &Stack, name: &str) -> f64 {
+    stack
+        .metrics_text()
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn calls_inside_credits_are_drawn_settled_and_the_credits_returned() {
+    // Just under three worst cases per credit: each holds two calls and runs low after them, so
+    // several are opened, retired and released while calls go on (and a third call must not be
+    // taken from what is left).
+    let credit = 3 * worst_case() - 1;
+    let mut stack = Stack::start(Options {
+        flags: vec![format!("--credit-nano-usd={credit}")],
+        ..Options::default()
+    })
+    .await;
+    let calls = 12;
+    for _ in 0..calls {
+        let reply = chat(&stack).await;
+        assert_eq!(
+            reply.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        // Give the background opening a moment, as traffic would.
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    stack.wait_no_open_calls().await;
+    let drawn = count(
+        &stack,
+        "SELECT count(*) FROM reservations WHERE drawn_from_reservation_id IS NOT NULL",
+    )
+    .await;
+    let credits = count(&stack, "SELECT count(*) FROM reservations WHERE is_credit").await;
+    assert!(
+        drawn >= 6,
+        "most calls were admitted inside a credit ({drawn})"
+    );
+    assert!(
+        credits >= 2,
+        "credits were opened as they ran low ({credits})"
+    );
+    // Every call, drawn or not, is one committed reservation of its own.
+    assert_eq!(
+        count(
+            &stack,
+            "SELECT count(*) FROM reservations WHERE NOT is_credit AND state = 'committed'"
+        )
+        .await,
+        calls
+    );
+    assert!(metric(&stack, "spendguard_sidecar_credit_admitted_total") >= 6.0);
+    assert_eq!(
+        metric(&stack, "spendguard_sidecar_credit_draws_lost_total"),
+        0.0
+    );
+
+    // Shutdown returns what the credits did not admit: nothing stays reserved.
+    stack.stop_sidecar().await;
+    assert_eq!(
+        count(
+            &stack,
+            "SELECT count(*) FROM reservations WHERE is_credit AND state <> 'released'"
+        )
+        .await,
+        0
+    );
+    let balance = stack.balance().await;
+    assert_eq!(balance.reserved_nano_usd, 0);
+    assert_eq!(balance.committed_nano_usd, calls * COMMITTED_PER_CALL);
+    assert_eq!(balance.overrun_nano_usd, 0);
+    assert_eq!(
+        stack.upstream_requests().len(),
+        usize::try_from(calls).unwrap()
+    );
+    let reserved = spendguard_testkit::ledger::outbox_events(
+        stack.ledger.store().pool(),
+        "reservation.reserved",
+    )
+    .await
+    .unwrap();
+    let drawn_events = reserved
+        .iter()
+        .filter(|e| e["data"]["drawn_from_reservation_id"].is_string())
+        .count();
+    assert_eq!(
+        i64::try_from(drawn_events).unwrap(),
+        drawn,
+        "every draw is evidenced"
+    );
+    spendguard_testkit::invariants::check(stack.ledger.store().pool())
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_inside_credits_never_pass_the_limit() {
+    let limit = 30 * worst_case();
+    let mut stack = Stack::start(Options {
+        limit,
+        // Just under ten worst cases: a tenth call must not be taken from what is left.
+        flags: vec![format!("--credit-nano-usd={}", 10 * worst_case() - 1)],
+        ..Options::default()
+    })
+    .await;
+    // Warm: the first call opens the first credit.
+    assert_eq!(chat(&stack).await.status, 200);
+    open_credits(&stack, 1).await;
+    let body = serde_json::to_vec(&chat_body("gpt-4o-mini", false)).unwrap();
+    let url = stack.url("/v1/chat/completions");
+    let calls: Vec<_> = (0..120)
+        .map(|_| {
+            let (url, body) = (url.clone(), body.clone());
+            tokio::spawn(async move {
+                post(&url, &[OPENAI_KEY, ("x-mock-latency-ms", "200")], &body).await
+            })
+        })
+        .collect();
+    let mut continued = 1;
+    for call in calls {
+        let reply = call.await.unwrap();
+        match reply.status {
+            200 => continued += 1,
+            402 => assert_eq!(reply.json()["error"]["code"], "BUDGET_EXHAUSTED"),
+            other => panic!(
+                "unexpected {other}: {}",
+                String::from_utf8_lossy(&reply.body)
+            ),
+        }
+    }
+    assert!(continued < 121, "the budget did not fit every call at once");
+    stack.wait_no_open_calls().await;
+    let drawn = count(
+        &stack,
+        "SELECT count(*) FROM reservations WHERE drawn_from_reservation_id IS NOT NULL",
+    )
+    .await;
+    println!("continued {continued}, drawn from credits {drawn}");
+    assert!(drawn >= 5, "calls were admitted inside credits ({drawn})");
+    stack.stop_sidecar().await;
+    let balance = stack.balance().await;
+    assert_eq!(balance.reserved_nano_usd, 0);
+    assert_eq!(balance.committed_nano_usd, continued * COMMITTED_PER_CALL);
+    // Nothing was admitted that its credit did not hold: no draw was lost, no spend went
+    // around a reservation.
+    assert_eq!(balance.overrun_nano_usd, 0);
+    assert_eq!(
+        count(&stack, "SELECT count(*) FROM fail_open_records").await,
+        0
+    );
+    spendguard_testkit::invariants::check(stack.ledger.store().pool())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_call_whose_draw_is_refused_is_recorded_as_a_fail_open_call() {
+    let mut stack = Stack::start(Options {
+        flags: vec![format!("--credit-nano-usd={}", 20 * worst_case())],
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(chat(&stack).await.status, 200);
+    open_credits(&stack, 1).await;
+    // Someone releases the sidecar's credit behind its back (with its scope's epoch).
+    let pool = stack.ledger.store().pool().clone();
+    let (credit, scope, epoch): (uuid::Uuid, String, i64) = sqlx::query_as(
+        "SELECT r.reservation_id, r.fencing_scope_id, f.epoch FROM reservations r
+           JOIN fencing_scopes f ON f.scope_id = r.fencing_scope_id
+          WHERE r.is_credit AND r.state = 'reserved'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    stack
+        .ledger
+        .client
+        .release(spendguard_proto::ledger::v1::ReleaseRequest {
+            tenant_id: TENANT.into(),
+            reservation_id: credit.to_string(),
+            fencing: Some(spendguard_proto::ledger::v1::FencingToken {
+                scope_id: scope,
+                epoch: u64::try_from(epoch).unwrap(),
+            }),
+            reason: "test".into(),
+        })
+        .await
+        .unwrap();
+
+    // The sidecar still counts on it: the call goes through, its draw is refused, and the call
+    // is recorded with its cost as a fail-open call instead of being lost.
+    assert_eq!(chat(&stack).await.status, 200);
+    stack.wait_no_open_calls().await;
+    assert!(stack.fail_open_drained().await);
+    assert_eq!(
+        metric(&stack, "spendguard_sidecar_credit_draws_lost_total"),
+        1.0
+    );
+    let actual: i64 = sqlx::query_scalar("SELECT actual_nano_usd FROM fail_open_records")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(actual, COMMITTED_PER_CALL);
+    let balance = stack.balance().await;
+    assert_eq!(balance.committed_nano_usd, COMMITTED_PER_CALL);
+    assert_eq!(balance.overrun_nano_usd, COMMITTED_PER_CALL);
+    spendguard_testkit::invariants::check(&pool).await.unwrap();
+}
+
+#[tokio::test]
+async fn without_room_for_a_credit_or_under_approvals_calls_reserve_one_by_one() {
+    // A credit larger than the budget is denied: calls reserve one by one and still stop at
+    // the limit.
+    let limit = 2 * worst_case();
+    let stack = Stack::start(Options {
+        limit,
+        flags: vec![format!("--credit-nano-usd={}", 20 * worst_case())],
+        mock: spendguard_mock_provider::MockConfig::default(),
+        ..Options::default()
+    })
+    .await;
+    for _ in 0..3 {
+        assert_eq!(chat(&stack).await.status, 200);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    stack.wait_no_open_calls().await;
+    assert_eq!(
+        count(&stack, "SELECT count(*) FROM reservations WHERE is_credit").await,
+        0
+    );
+    assert_eq!(
+        metric(&stack, "spendguard_sidecar_credits_opened_total"),
+        0.0
+    );
+
+    // Under a contract that asks for approval above soft caps, a budget with a soft cap gets
+    // no credit (the one opened to find out is released at once).
+    let stack = Stack::start(Options {
+        soft_cap: 50 * worst_case(),
+        contract: json!({"approval_above_soft_cap": true}),
+        flags: vec![format!("--credit-nano-usd={}", 20 * worst_case())],
+        ..Options::default()
+    })
+    .await;
+    for _ in 0..3 {
+        assert_eq!(chat(&stack).await.status, 200);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    stack.wait_no_open_calls().await;
+    assert_eq!(
+        count(
+            &stack,
+            "SELECT count(*) FROM reservations WHERE drawn_from_reservation_id IS NOT NULL"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(
+            &stack,
+            "SELECT count(*) FROM reservations WHERE is_credit AND state = 'reserved'"
+        )
+        .await,
+        0
+    );
+}
