@@ -1531,9 +1531,10 @@ impl Planner {
                 // A UUIDv5 collision: astronomically unlikely, refused rather than merged.
                 return Err(LedgerError::IdempotencyConflict(r.idempotency_key.clone()));
             }
-            if existing.fingerprint != fingerprint
-                && existing.fingerprint != r.fingerprint_before_2026_11_26(existing.fencing_epoch)
-            {
+            // Rows written before 2026-11-26 hold the old form; no credit existed then.
+            let old_form = r.credit != Credit::Open
+                && existing.fingerprint == r.fingerprint_before_2026_11_26(existing.fencing_epoch);
+            if existing.fingerprint != fingerprint && !old_form {
                 return Err(LedgerError::IdempotencyConflict(r.idempotency_key.clone()));
             }
             return Ok(Outcome::Reserved {

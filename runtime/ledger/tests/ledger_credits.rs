@@ -244,6 +244,24 @@ async fn concurrent_draws_never_take_more_than_the_credit_and_retries_replay() {
     };
     assert_eq!(replay.credit_remaining_nano_usd, 0);
     assert_eq!(outbox_count(&ledger).await, before);
+    // A retry through another credit (a sidecar restarted) is the same call: it replays, and
+    // the other credit is not drawn from.
+    let other = reserve(&mut ledger, open_credit("credit-2", 100, &fencing)).await;
+    let through_other = ledger
+        .client
+        .reserve_set(draw(&other.reservation_id, key, 50, &fencing))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(through_other.replayed);
+    let drawn_from_other: i64 = sqlx::query_scalar(
+        "SELECT drawn_nano_usd FROM reservations WHERE reservation_id = $1::uuid",
+    )
+    .bind(&other.reservation_id)
+    .fetch_one(ledger.store().pool())
+    .await
+    .unwrap();
+    assert_eq!(drawn_from_other, 0);
     // The same key asking for another amount is another request.
     assert_eq!(
         refused(&mut ledger, draw(&credit.reservation_id, key, 40, &fencing)).await,

@@ -18,7 +18,7 @@
 //! commit or release get the original answer (`replayed`) instead of a second effect.
 
 use crate::bundle::pricing_ref;
-use crate::credit::{CreditDriver, CreditPolicy, DrawState};
+use crate::credit::{CreditDriver, CreditPolicy, DrawState, IfLost};
 use crate::error::SidecarError;
 use crate::fail_open::{FailOpenQueue, SendFailure};
 use crate::lease::Lease;
@@ -217,11 +217,6 @@ struct CallEntry {
 struct CreditCall {
     /// Its draw.
     draw: watch::Receiver<DrawState>,
-    /// Its record as a fail-open call, should the draw be lost.
-    fail_open: pb::RecordFailOpenRequest,
-    worst_case_nano_usd: i64,
-    /// The fail-open record was queued.
-    recorded: bool,
     decided_at: Instant,
 }
 
@@ -755,6 +750,11 @@ impl Decider {
                 draw_from_reservation_id: credit,
                 ..request
             },
+            IfLost {
+                queue: self.fail_open.clone(),
+                record: self.fail_open_request(input, context),
+                worst_case_nano_usd: planned.reserve.get(),
+            },
         );
         // A concurrent decide of the same call may have drawn first: its draw stands (the
         // ledger answers this one as a replay of it).
@@ -762,9 +762,6 @@ impl Decider {
             .entry(input.call_id.clone())
             .or_insert_with(|| CreditCall {
                 draw,
-                fail_open: self.fail_open_request(input, context),
-                worst_case_nano_usd: planned.reserve.get(),
-                recorded: false,
                 decided_at: Instant::now(),
             });
         let mut decision = self.decision(
@@ -779,45 +776,19 @@ impl Decider {
         decision
     }
 
-    /// Waits for the draw of a call admitted inside a credit. `true` when it was lost: the call
-    /// is then queued as a fail-open call (once), and settles as one.
-    ///
-    /// # Errors
-    /// The fail-open queue refused the record (full, or shutting down): the call's evidence and
-    /// spend would be lost, so the settlement fails and may be retried.
-    async fn draw_lost(&self, call_id: &str) -> Result<bool, SidecarError> {
-        let Some(mut draw) = lock(&self.credit_calls)
+    /// For a call admitted inside a credit, how its draw ended (`Drawn` with the reservation id
+    /// to settle, or `Lost`: the call was queued as a fail-open call and settles as one); `None`
+    /// for any other call.
+    async fn credit_draw(&self, call_id: &str) -> Option<DrawState> {
+        let mut draw = lock(&self.credit_calls)
             .get(call_id)
-            .map(|c| c.draw.clone())
-        else {
-            return Ok(false);
-        };
+            .map(|c| c.draw.clone())?;
         let state = draw
             .wait_for(|s| *s != DrawState::Pending)
             .await
             .map(|s| s.clone())
             .unwrap_or_else(|_| DrawState::Lost("the draw was abandoned".into()));
-        if state == DrawState::Drawn {
-            return Ok(false);
-        }
-        let (request, worst_case) = {
-            let calls = lock(&self.credit_calls);
-            match calls.get(call_id) {
-                Some(c) if !c.recorded => (c.fail_open.clone(), c.worst_case_nano_usd),
-                _ => return Ok(true),
-            }
-        };
-        let queue = self.fail_open.clone();
-        tokio::task::spawn_blocking(move || queue.admit(request, worst_case, None))
-            .await
-            .map_err(|e| SidecarError::Internal(format!("fail-open admission: {e}")))?
-            .inspect_err(|e| {
-                error!(call_id, error = %e, "a call admitted inside a credit was not drawn and cannot be queued as a fail-open call");
-            })?;
-        if let Some(c) = lock(&self.credit_calls).get_mut(call_id) {
-            c.recorded = true;
-        }
-        Ok(true)
+        Some(state)
     }
 
     /// The REQUIRE_APPROVAL this call was answered with, if the ledger holds an approval opened
@@ -1127,7 +1098,8 @@ impl Decider {
             Some(_) => return Err(SidecarError::CallAlreadyResolved(call_id.to_owned())),
             None => {}
         }
-        if decision.fail_open || self.draw_lost(call_id).await? {
+        let draw = self.credit_draw(call_id).await;
+        if decision.fail_open || matches!(draw, Some(DrawState::Lost(_))) {
             warn!(
                 call_id,
                 actual_nano_usd = actual.get(),
@@ -1143,9 +1115,12 @@ impl Decider {
             };
             return Ok(self.settle(call_id, Settlement::Committed(committed)));
         }
-        let reservation_id = decision
-            .reservation_id
-            .ok_or_else(|| SidecarError::NoReservation(call_id.to_owned()))?;
+        let reservation_id = match draw {
+            Some(DrawState::Drawn(id)) => id,
+            _ => decision
+                .reservation_id
+                .ok_or_else(|| SidecarError::NoReservation(call_id.to_owned()))?,
+        };
         let epoch = self
             .lease
             .epoch_for_settlement()
@@ -1193,7 +1168,8 @@ impl Decider {
             }
             None => {}
         }
-        if decision.fail_open || self.draw_lost(call_id).await? {
+        let draw = self.credit_draw(call_id).await;
+        if decision.fail_open || matches!(draw, Some(DrawState::Lost(_))) {
             // Nothing was spent (or the caller says so): the record still goes to the ledger.
             self.fail_open.settle(call_id, 0);
             let released = Released {
@@ -1202,9 +1178,12 @@ impl Decider {
             };
             return Ok(self.settle(call_id, Settlement::Released(released)));
         }
-        let reservation_id = decision
-            .reservation_id
-            .ok_or_else(|| SidecarError::NoReservation(call_id.to_owned()))?;
+        let reservation_id = match draw {
+            Some(DrawState::Drawn(id)) => id,
+            _ => decision
+                .reservation_id
+                .ok_or_else(|| SidecarError::NoReservation(call_id.to_owned()))?,
+        };
         let released_nano_usd = self.release_reservation(&reservation_id, reason).await?;
         let released = Released {
             released_nano_usd,

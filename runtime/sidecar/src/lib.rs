@@ -231,7 +231,8 @@ impl RunningSidecar {
                 "shutdown grace elapsed with calls in flight; the ledger's TTL sweep releases them"
             );
         }
-        // Settled calls' draws have landed; what the credits did not admit goes back now.
+        // Settled calls' draws have landed (those of calls still in flight past the grace end
+        // by their credit's life); what the credits did not admit goes back now.
         if let Some(credits) = self.decider.credits() {
             credits.close(self.fail_open_drain).await;
         }

@@ -244,19 +244,52 @@ async fn a_call_whose_draw_is_refused_is_recorded_as_a_fail_open_call() {
         .await
         .unwrap();
 
-    // The sidecar still counts on it: the call goes through, its draw is refused, and the call
-    // is recorded with its cost as a fail-open call instead of being lost.
+    // The sidecar still counts on it. A call decided inside it is queued as a fail-open call
+    // as soon as its draw is refused, before (and whether or not) it settles.
+    let decided = stack
+        .decide_ok(
+            &json!({"call_id": "unsettled", "provider": "openai", "model": "gpt-4o-mini",
+                           "input_tokens_upper_bound": 1_000, "max_output_tokens": 1_000}),
+        )
+        .await;
+    assert_eq!(decided["decision"], "CONTINUE");
+    let queue = stack.sidecar().decider.fail_open_queue();
+    for _ in 0..200 {
+        if queue.len() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(queue.len(), 1, "queued without a settlement");
+    // A proxied call goes through, its draw is refused, and it is recorded with its cost.
     assert_eq!(chat(&stack).await.status, 200);
+    let released = post_json(
+        &stack.url("/v1/spendguard/release"),
+        &[],
+        &json!({"call_id": "unsettled", "reason": "not needed"}),
+    )
+    .await;
+    assert_eq!(
+        released.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&released.body)
+    );
     stack.wait_no_open_calls().await;
     assert!(stack.fail_open_drained().await);
     assert_eq!(
         metric(&stack, "spendguard_sidecar_credit_draws_lost_total"),
-        1.0
+        2.0
     );
-    let actual: i64 = sqlx::query_scalar("SELECT actual_nano_usd FROM fail_open_records")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let actuals: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT call_id, actual_nano_usd FROM fail_open_records ORDER BY actual_nano_usd",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(actuals.len(), 2);
+    assert_eq!(actuals[0], ("unsettled".to_owned(), 0));
+    let actual = actuals[1].1;
     assert_eq!(actual, COMMITTED_PER_CALL);
     let balance = stack.balance().await;
     assert_eq!(balance.committed_nano_usd, COMMITTED_PER_CALL);

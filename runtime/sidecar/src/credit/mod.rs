@@ -6,22 +6,26 @@
 //!        │                                        └► draw (background): ReserveSet draw_from ─► Drawn
 //!        │                                           retried while the ledger is away; refused for
 //!        │                                           good, or past the credit's life ─► Lost: the
-//!        │                                           call is recorded as a fail-open call at settlement
+//!        │                                           call is queued as a fail-open call at once
 //!        └─ no credit, or not enough ─► None: the call reserves synchronously, as without credits
 //! low, ending, or absent ─► open the next credit (one at a time, in the background) ─► the old
 //!                            one retires and is released once the draws taken from it landed
 //! ```
 //!
 //! The ledger stays the authority over money: a credit is a reservation of the sidecar's
-//! budgets, so nothing admitted inside it can take them past their limits, and every call's own
-//! reservation (drawn from the credit) is committed or released like any other.
+//! budgets, and every call admitted inside it is drawn from it (its own reservation, committed or
+//! released like any other). The exception is a lost draw: that call's spend reaches the ledger
+//! as a fail-open record, i.e. as overrun after the fact (docs/design/credits.md, failure modes).
 
 mod pool;
 
-pub use pool::{CREDIT_TTL_MS_MAX, CREDIT_TTL_MS_MIN, CreditPolicy, Credits, Opened, Take};
+pub use pool::{
+    CREDIT_TTL_MS_MAX, CREDIT_TTL_MS_MIN, CreditPolicy, Credits, DRAWS_IN_FLIGHT_MAX, Opened, Take,
+};
 
 use crate::bundle::pricing_ref;
 use crate::decider::Identity;
+use crate::fail_open::FailOpenQueue;
 use crate::lease::Lease;
 use spendguard_core::contract::Bundle;
 use spendguard_core::window::BudgetWindow;
@@ -33,7 +37,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tonic::transport::Channel;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 use uuid::Uuid;
 
 type LedgerClient = pb::ledger_client::LedgerClient<Channel>;
@@ -49,10 +53,21 @@ const DRAW_BACKOFF_MAX: Duration = Duration::from_secs(1);
 pub enum DrawState {
     /// Not answered yet.
     Pending,
-    /// The ledger holds the call's reservation.
-    Drawn,
+    /// The ledger holds the call's reservation, under this id.
+    Drawn(String),
     /// The ledger will not record it as a draw (why): the call must be recorded another way.
     Lost(String),
+}
+
+/// What records a call whose draw is lost: its fail-open record, queued at once (so a call that
+/// never settles is still recorded, at its worst case, by the queue's settle deadline).
+pub struct IfLost {
+    /// The fail-open queue.
+    pub queue: Arc<FailOpenQueue>,
+    /// The call's record.
+    pub record: pb::RecordFailOpenRequest,
+    /// Its worst case.
+    pub worst_case_nano_usd: i64,
 }
 
 /// Opens, draws from and releases this sidecar's credits.
@@ -105,27 +120,43 @@ impl CreditDriver {
     }
 
     /// Records a call admitted from `credit` in the ledger, in the background: `request` is the
-    /// call's ReserveSet drawing from it. The returned state ends `Drawn` or `Lost`.
+    /// call's ReserveSet drawing from it. The returned state ends `Drawn` or `Lost`; a lost call
+    /// is queued as `if_lost` says before its state says so.
     pub fn spawn_draw(
         self: &Arc<Self>,
         credit: String,
         expires: Instant,
         request: pb::ReserveSetRequest,
+        if_lost: IfLost,
     ) -> watch::Receiver<DrawState> {
         let (state, watched) = watch::channel(DrawState::Pending);
         let this = self.clone();
         self.tasks.spawn(async move {
             let outcome = this.draw(request, expires).await;
             if let DrawState::Lost(reason) = &outcome {
-                warn!(%credit, %reason, "a call admitted inside a credit could not be drawn from it; it is recorded as a fail-open call");
+                let call_id = if_lost.record.call_id.clone();
+                warn!(%credit, %call_id, %reason, "a call admitted inside a credit could not be drawn from it; it is recorded as a fail-open call");
+                let IfLost {
+                    queue,
+                    record,
+                    worst_case_nano_usd,
+                } = if_lost;
+                let queued = tokio::task::spawn_blocking(move || {
+                    queue.admit(record, worst_case_nano_usd, None)
+                })
+                .await;
+                if !matches!(queued, Ok(Ok(()))) {
+                    error!(%call_id, "a call admitted inside a credit was neither drawn nor queued as a fail-open call: its spend and evidence are missing from the ledger");
+                }
             }
             let retired = this
                 .pool
                 .draw_done(&credit, matches!(outcome, DrawState::Lost(_)));
+            // The settlement waiting for this answer need not wait for a release too.
+            let _ = state.send(outcome);
             if let Some(id) = retired {
                 this.release(&id).await;
             }
-            let _ = state.send(outcome);
         });
         watched
     }
@@ -177,6 +208,11 @@ impl CreditDriver {
                     info!(budget_id = %denied.budget_id, remaining_nano_usd = denied.remaining_nano_usd,
                           "no room for a credit; calls reserve one by one");
                     self.pool.not_opened(Instant::now(), QUIET_AFTER_FAILURE);
+                    // Near the budget's end, a remainder held here would refuse calls that the
+                    // budget could still take one by one.
+                    for id in self.pool.retire() {
+                        self.release(&id).await;
+                    }
                     return;
                 }
                 None => {
@@ -228,34 +264,56 @@ impl CreditDriver {
         }
     }
 
-    async fn draw(&self, request: pb::ReserveSetRequest, expires: Instant) -> DrawState {
+    async fn draw(&self, mut request: pb::ReserveSetRequest, expires: Instant) -> DrawState {
         let mut backoff = Duration::from_millis(50);
+        let mut drawn_again = false;
         loop {
             let status = match self.ledger.clone().reserve_set(request.clone()).await {
                 Ok(response) => {
                     let response = response.into_inner();
-                    return match response.outcome {
-                        // A retry (after a restart) of a call whose reservation was settled: this
-                        // admission is a second call under its id, which that reservation does
-                        // not cover.
+                    match response.outcome {
+                        // A retry (after a restart) of a call whose reservation was settled:
+                        // this admission is a second call under its id, which went out inside
+                        // the credit. It is drawn under a key of its own, so its money and
+                        // evidence are those of a call like any other.
                         Some(pb::reserve_set_response::Outcome::Reserved(r))
                             if response.replayed
-                                && r.state != pb::ReservationState::Open as i32 =>
+                                && r.state != pb::ReservationState::Open as i32
+                                && !drawn_again =>
                         {
-                            DrawState::Lost("the call id's reservation was already settled".into())
+                            warn!(call_id = %request.idempotency_key,
+                                  "a settled call id was admitted again inside a credit; it is drawn as a call of its own");
+                            drawn_again = true;
+                            request.idempotency_key =
+                                format!("{}/again/{}", request.idempotency_key, Uuid::new_v4());
+                            continue;
                         }
-                        Some(pb::reserve_set_response::Outcome::Reserved(_)) => DrawState::Drawn,
-                        other => DrawState::Lost(format!("unexpected answer {other:?}")),
-                    };
+                        Some(pb::reserve_set_response::Outcome::Reserved(r)) => {
+                            return DrawState::Drawn(r.reservation_id);
+                        }
+                        other => return DrawState::Lost(format!("unexpected answer {other:?}")),
+                    }
                 }
                 Err(status) => status,
             };
+            let code = error_code(&status);
+            // The same scope under a newer epoch (this process re-acquired its lease) may draw
+            // from its credit: the call was decided under a lease this process held.
+            if code == Some(pb::ErrorCode::FencingEpochStale)
+                && let Some(fencing) = request.fencing.as_mut()
+                && let Ok(current) = self.lease.epoch_for_settlement()
+                && current > fencing.epoch
+            {
+                fencing.epoch = current;
+                continue;
+            }
             let transient = matches!(
-                error_code(&status),
+                code,
                 None | Some(
                     pb::ErrorCode::Overloaded
                         | pb::ErrorCode::DependencyUnavailable
                         | pb::ErrorCode::ShuttingDown
+                        | pb::ErrorCode::FencingLeaseExpired
                 )
             );
             if !transient || Instant::now() + backoff >= expires {

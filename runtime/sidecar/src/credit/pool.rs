@@ -15,6 +15,9 @@ use tokio::time::Instant;
 pub const CREDIT_TTL_MS_MIN: u64 = 8_000;
 /// Largest credit lifetime (the ledger's largest reservation TTL).
 pub const CREDIT_TTL_MS_MAX: u64 = 3_600_000;
+/// Draws in flight past which calls are no longer admitted inside credits but reserve one by one:
+/// waiting for the ledger is the back pressure that keeps a slow ledger from falling behind.
+pub const DRAWS_IN_FLIGHT_MAX: u32 = 256;
 
 /// How a sidecar uses credits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +83,8 @@ struct Pool {
     opening: bool,
     /// No new credit before this (after a denial or a failure).
     quiet_until: Option<Instant>,
+    /// Draws in flight, over every credit.
+    in_flight: u32,
     closed: bool,
 }
 
@@ -138,7 +143,8 @@ impl Credits {
 
     /// Takes `amount` for a call decided under `epoch` at `now`, if the current credit has it.
     pub fn take(&self, amount: i64, epoch: u64, now: Instant) -> Take {
-        let mut pool = lock(&self.pool);
+        let mut guard = lock(&self.pool);
+        let pool = &mut *guard;
         let mut take = Take::default();
         if pool.closed {
             return take;
@@ -146,24 +152,29 @@ impl Credits {
         if let Some(slot) = &pool.current
             && (slot.opened.epoch != epoch || now >= slot.opened.admit_until)
         {
-            retire_current(&mut pool, &mut take.release);
+            retire_current(pool, &mut take.release);
         }
+        let room = pool.in_flight < DRAWS_IN_FLIGHT_MAX;
         if let Some(slot) = &mut pool.current
+            && room
             && slot.remaining >= amount
         {
             slot.remaining = slot.remaining.saturating_sub(amount);
             slot.pending = slot.pending.saturating_add(1);
+            pool.in_flight = pool.in_flight.saturating_add(1);
             take.credit = Some((slot.opened.id.clone(), slot.opened.expires));
             self.admitted.inc();
         }
-        let wanted = match &pool.current {
-            None => true,
-            Some(slot) => {
-                slot.remaining < self.policy.low_water().max(amount)
-                    || slot.opened.admit_until.saturating_duration_since(now)
-                        < self.policy.admit_margin()
-            }
-        };
+        // A call larger than a whole credit never fits one: it asks for none.
+        let wanted = amount <= self.policy.amount_nano_usd
+            && match &pool.current {
+                None => true,
+                Some(slot) => {
+                    slot.remaining < self.policy.low_water().max(amount)
+                        || slot.opened.admit_until.saturating_duration_since(now)
+                            < self.policy.admit_margin()
+                }
+            };
         if wanted && !pool.opening && pool.quiet_until.is_none_or(|t| now >= t) {
             pool.opening = true;
             take.open_next = true;
@@ -203,6 +214,18 @@ impl Credits {
         pool.quiet_until = Some(now + quiet);
     }
 
+    /// The budgets have no room for another credit: the current one stops admitting, so what it
+    /// has left (less than calls need, or it would not have asked) goes back to the budgets once
+    /// its draws landed, where calls reserving one by one can use it. Returns it if no draw is
+    /// in flight: release it.
+    pub fn retire(&self) -> Vec<String> {
+        let mut pool = lock(&self.pool);
+        let mut release = Vec::new();
+        retire_current(&mut pool, &mut release);
+        self.remaining.set(0);
+        release
+    }
+
     /// A draw from `credit` ended (landed or lost). Returns the credit if it is retired and this
     /// was its last draw in flight: release it.
     pub fn draw_done(&self, credit: &str, lost: bool) -> Option<String> {
@@ -210,6 +233,7 @@ impl Credits {
             self.lost.inc();
         }
         let mut pool = lock(&self.pool);
+        pool.in_flight = pool.in_flight.saturating_sub(1);
         if let Some(slot) = pool.current.as_mut().filter(|s| s.opened.id == credit) {
             slot.pending = slot.pending.saturating_sub(1);
             return None;
