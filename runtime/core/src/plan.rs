@@ -1321,8 +1321,9 @@ impl Effects {
         self.events.is_empty()
     }
 
-    /// Whether the batch only moves money: reservations, resolutions, journal and events (what
-    /// the ledger's cached path writes). Destructured so that a new kind of effect must decide.
+    /// Whether the batch only moves money: reservations, resolutions, credits' drawn totals,
+    /// journal and events (what the ledger's cached path writes). Destructured so that a new
+    /// kind of effect must decide.
     pub fn only_moves_money(&self) -> bool {
         let Self {
             tenants,
@@ -1334,7 +1335,7 @@ impl Effects {
             lease_events,
             new_reservations: _,
             resolutions: _,
-            credit_draws,
+            credit_draws: _,
             entries: _,
             new_approval_ids,
             approvals,
@@ -1344,7 +1345,6 @@ impl Effects {
             events: _,
         } = self;
         tenants.is_empty()
-            && credit_draws.is_empty()
             && budgets.is_empty()
             && pricing.is_empty()
             && signing_keys.is_empty()

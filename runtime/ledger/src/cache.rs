@@ -15,9 +15,11 @@
 //! tolerance (a lease or reservation expiring, a window rolling over) takes the load path.
 
 use chrono::{DateTime, Duration, Utc};
+use spendguard_core::NanoUsd;
 use spendguard_core::lease::LeaseState;
 use spendguard_core::plan::{
-    BudgetKey, BudgetRow, Command, PricingKey, ReservationRow, Snapshot, WindowKey, WindowRow,
+    BudgetKey, BudgetRow, Command, Credit, PricingKey, ReservationRow, Snapshot, WindowKey,
+    WindowRow,
 };
 use std::collections::{BTreeMap, HashMap};
 use uuid::Uuid;
@@ -57,6 +59,9 @@ pub struct Expected {
     /// Reservation ids the plan took as open: another replica may have settled one (and the
     /// windows may have come back to the same values), so the guard checks they still are.
     pub open_reservations: Vec<Uuid>,
+    /// Credits the plan drew from, with the drawn total it read: another replica may have drawn
+    /// from one, so the statement checks the total before writing the new one.
+    pub credit_drawn: BTreeMap<Uuid, NanoUsd>,
 }
 
 impl HotCache {
@@ -103,9 +108,8 @@ impl HotCache {
         let mut expected = Expected::default();
         for command in commands {
             match command {
-                // Credits and their draws are rare next to calls and change a credit's drawn
-                // total, which the guard does not check: the load path.
-                Command::ReserveSet(r) if !r.credit.is_none() => return None,
+                // Opening a credit is rare next to calls: the load path.
+                Command::ReserveSet(r) if r.credit == Credit::Open => return None,
                 Command::ReserveSet(r) => {
                     let tenant = self.tenants.get(&r.tenant_id)?;
                     snapshot.tenants.insert(r.tenant_id.clone(), tenant.clone());
@@ -148,6 +152,20 @@ impl HotCache {
                         snapshot.budgets.insert(key.clone(), budget.clone());
                         expected.budgets.insert(key, budget.clone());
                     }
+                    if let Credit::DrawFrom(id) = r.credit {
+                        // A credit the cache does not hold open, or of another tenant (the load
+                        // path answers that), or one that lapses within the tolerance.
+                        let credit = self.reservations.get(&id)?;
+                        if !credit.is_credit || credit.tenant_id != r.tenant_id {
+                            return None;
+                        }
+                        let drawn = snapshot
+                            .reservations
+                            .get(&id)
+                            .map_or(credit.drawn, |c| c.drawn);
+                        self.reservation_row(credit, now, &mut snapshot, &mut expected)?;
+                        expected.credit_drawn.entry(id).or_insert(drawn);
+                    }
                 }
                 Command::Commit(c) => {
                     self.scope(&c.fencing.scope_id, now, &mut snapshot, &mut expected)?;
@@ -181,6 +199,7 @@ impl HotCache {
         Some(())
     }
 
+    /// An open reservation a command settles: never a credit (its release takes the load path).
     fn reservation(
         &self,
         row: &ReservationRow,
@@ -188,7 +207,21 @@ impl HotCache {
         snapshot: &mut Snapshot,
         expected: &mut Expected,
     ) -> Option<()> {
-        if near(row.expires_at, now) || row.is_credit {
+        if row.is_credit {
+            return None;
+        }
+        self.reservation_row(row, now, snapshot, expected)
+    }
+
+    /// An open reservation the plan reads, with its windows and budgets.
+    fn reservation_row(
+        &self,
+        row: &ReservationRow,
+        now: DateTime<Utc>,
+        snapshot: &mut Snapshot,
+        expected: &mut Expected,
+    ) -> Option<()> {
+        if near(row.expires_at, now) {
             return None;
         }
         for window in &row.windows {
@@ -202,7 +235,11 @@ impl HotCache {
                 .budgets
                 .insert(window.budget.clone(), budget.clone());
         }
-        snapshot.reservations.insert(row.id, row.clone());
+        // Already in the snapshot (a second draw from one credit): keep the batch's own copy.
+        snapshot
+            .reservations
+            .entry(row.id)
+            .or_insert_with(|| row.clone());
         expected.open_reservations.push(row.id);
         Some(())
     }

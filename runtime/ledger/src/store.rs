@@ -469,6 +469,9 @@ impl Store {
         if !effects.only_moves_money() || effects.is_empty() {
             return Err(Error::Stale);
         }
+        // One statement cannot update a row twice: a credit drawn from and resolved in one batch
+        // takes the load path (which cannot happen today: resolving a credit does).
+        let credits = CreditDraws::of(&effects, expected)?;
         let effects = EffectParams::of(cursor, now, &effects, self.signer.as_deref()).await?;
         let next_sequence = effects.next_sequence;
         Ok(PreparedBatch {
@@ -477,13 +480,14 @@ impl Store {
             next_sequence,
             plan: started.elapsed(),
             statement: CachedStatement {
-                shape: CachedShape::of(&effects),
+                shape: CachedShape::of(&effects, &credits),
                 params: CachedParams {
                     effects,
                     guard: GuardParams::of(expected),
                     clock_tolerance_ms: CLOCK_TOLERANCE.num_milliseconds() as f64,
                     absent_reservations: expected.absent_reservations.clone(),
                     open_reservations: expected.open_reservations.clone(),
+                    credits,
                 },
             },
         })
@@ -1667,6 +1671,7 @@ async fn write_money_and_outbox(
 const EFFECTS_NEW_RESERVATIONS: &str = include_str!("store/effects_new_reservations.sql");
 const EFFECTS_RESOLUTIONS: &str = include_str!("store/effects_resolutions.sql");
 const EFFECTS_JOURNAL: &str = include_str!("store/effects_journal.sql");
+const EFFECTS_CREDIT_DRAWS: &str = include_str!("store/effects_credit_draws.sql");
 
 /// The write path's statement: the effects and the producer check.
 static WRITE_BATCH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
@@ -1688,10 +1693,15 @@ pub enum CachedShape {
     Resolutions = 1,
     /// Both.
     Mixed = 2,
+    /// Draws from credits, with any new reservations and resolutions.
+    Draws = 3,
 }
 
 impl CachedShape {
-    fn of(effects: &EffectParams) -> Self {
+    fn of(effects: &EffectParams, credits: &CreditDraws) -> Self {
+        if !credits.ids.is_empty() {
+            return Self::Draws;
+        }
         let reserves = effects
             .new_reservations
             .as_array()
@@ -1707,7 +1717,7 @@ impl CachedShape {
 /// The cached path's statements, one per [`CachedShape`] in its order: the guard, the effects,
 /// and one check of everything, which fails the statement (so nothing of the batch is written)
 /// unless the batch was planned on fresh rows.
-static CACHED_BATCHES: std::sync::LazyLock<[String; 3]> = std::sync::LazyLock::new(|| {
+static CACHED_BATCHES: std::sync::LazyLock<[String; 4]> = std::sync::LazyLock::new(|| {
     let statement = |effects: String, resolutions_checked: &str| {
         format!(
             "WITH {},\n{effects}\nSELECT spendguard_require_fresh(
@@ -1724,18 +1734,27 @@ static CACHED_BATCHES: std::sync::LazyLock<[String; 3]> = std::sync::LazyLock::n
         )
     };
     let resolved = "(SELECT count(*) FROM resolutions) = cardinality($3::uuid[])";
+    let no_draws = "cardinality($52::uuid[]) = 0";
     [
         statement(
             format!("{EFFECTS_NEW_RESERVATIONS},\n{EFFECTS_JOURNAL}"),
-            "cardinality($3::uuid[]) = 0",
+            &format!("cardinality($3::uuid[]) = 0 AND {no_draws}"),
         ),
         statement(
             format!("{EFFECTS_RESOLUTIONS},\n{EFFECTS_JOURNAL}"),
-            &format!("{resolved} AND jsonb_array_length($1::jsonb) = 0"),
+            &format!("{resolved} AND jsonb_array_length($1::jsonb) = 0 AND {no_draws}"),
         ),
         statement(
             format!("{EFFECTS_NEW_RESERVATIONS},\n{EFFECTS_RESOLUTIONS},\n{EFFECTS_JOURNAL}"),
-            resolved,
+            &format!("{resolved} AND {no_draws}"),
+        ),
+        statement(
+            format!(
+                "{EFFECTS_NEW_RESERVATIONS},\n{EFFECTS_RESOLUTIONS},\n{EFFECTS_CREDIT_DRAWS},\n{EFFECTS_JOURNAL}"
+            ),
+            &format!(
+                "{resolved} AND (SELECT count(*) FROM credit_draws) = cardinality($52::uuid[])"
+            ),
         ),
     ]
 });
@@ -2052,13 +2071,41 @@ impl GuardParams {
 }
 
 /// Everything the cached statement binds: the batch's effects ($1–$31), the guard ($32–$48),
-/// the clock tolerance ($49) and the reservation ids planned as new ($50) and as open ($51).
+/// the clock tolerance ($49), the reservation ids planned as new ($50) and as open ($51), and
+/// the credits drawn from ($52–$54).
 struct CachedParams {
     effects: EffectParams,
     guard: GuardParams,
     clock_tolerance_ms: f64,
     absent_reservations: Vec<Uuid>,
     open_reservations: Vec<Uuid>,
+    credits: CreditDraws,
+}
+
+/// Credits a cached batch draws from ($52–$54): id, what the batch drew, and the drawn total
+/// the plan read.
+#[derive(Default)]
+struct CreditDraws {
+    ids: Vec<Uuid>,
+    delta: Vec<i64>,
+    drawn_before: Vec<i64>,
+}
+
+impl CreditDraws {
+    fn of(effects: &Effects, expected: &Expected) -> Result<Self> {
+        let mut credits = Self::default();
+        for (id, drawn) in &effects.credit_draws {
+            let before = expected.credit_drawn.get(id);
+            let resolved = effects.resolutions.iter().any(|(r, _)| r == id);
+            let (Some(before), false) = (before, resolved) else {
+                return Err(Error::Stale);
+            };
+            credits.ids.push(*id);
+            credits.delta.push(drawn.get().saturating_sub(before.get()));
+            credits.drawn_before.push(before.get());
+        }
+        Ok(credits)
+    }
 }
 
 /// The cached statement's parameter types, in order; the same types sqlx binds on the load
@@ -2116,6 +2163,10 @@ static CACHED_BATCH_TYPES: &[PgType] = &[
     PgType::FLOAT8,
     PgType::UUID_ARRAY,
     PgType::UUID_ARRAY,
+    // Credits drawn from.
+    PgType::UUID_ARRAY,
+    PgType::INT8_ARRAY,
+    PgType::INT8_ARRAY,
 ];
 
 impl pipeline::Params for CachedParams {
@@ -2177,6 +2228,9 @@ impl pipeline::Params for CachedParams {
             &self.clock_tolerance_ms,
             &self.absent_reservations,
             &self.open_reservations,
+            &self.credits.ids,
+            &self.credits.delta,
+            &self.credits.drawn_before,
         ]
     }
 }

@@ -547,3 +547,36 @@ async fn the_database_keeps_draws_within_their_credit_even_against_direct_writes
     }
     invariants::check(&pool).await.unwrap();
 }
+
+#[tokio::test]
+async fn draws_take_the_cached_path_and_see_another_replicas_draws() {
+    let (mut a, fencing) = setup().await;
+    let credit = reserve(&mut a, open_credit("credit-1", 500, &fencing)).await;
+    reserve(&mut a, draw(&credit.reservation_id, "a-1", 100, &fencing)).await;
+    let cached = a.batches("cached");
+    let second = reserve(&mut a, draw(&credit.reservation_id, "a-2", 50, &fencing)).await;
+    assert_eq!(second.credit_remaining_nano_usd, 350);
+    assert!(
+        a.batches("cached") > cached,
+        "a draw is planned on the writer's cache"
+    );
+
+    // Another replica draws from the same credit: this writer's memory of it is stale.
+    let mut b = TestLedger::start_on(&a.database_url, "ledger-1")
+        .await
+        .unwrap();
+    reserve(&mut b, draw(&credit.reservation_id, "b-1", 300, &fencing)).await;
+    // This writer remembers 150 drawn, 350 left; 50 are. Planned on its memory, a draw of 350
+    // would fit, and would even write a drawn total (500) the database accepts: the statement's
+    // check of the total it read is what refuses it, and the load path answers.
+    let stale = a.batches("cached_stale");
+    assert_eq!(
+        refused(&mut a, draw(&credit.reservation_id, "a-3", 350, &fencing)).await,
+        pb::ErrorCode::CreditUnavailable
+    );
+    assert!(a.batches("cached_stale") > stale, "{}", a.metrics_text());
+    let last = reserve(&mut a, draw(&credit.reservation_id, "a-4", 50, &fencing)).await;
+    assert_eq!(last.credit_remaining_nano_usd, 0);
+    assert_eq!(money(&mut a, "run").await, (500, 0));
+    invariants::check(a.store().pool()).await.unwrap();
+}
