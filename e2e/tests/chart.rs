@@ -158,6 +158,23 @@ fn values_are_validated() {
         "approvals.approverGroups[0]=",
     ]);
     assert!(!ok && text.contains("approverGroups"), "{text}");
+
+    // Credits for injected sidecars: off by default, an integer (never `5e+09`), never negative.
+    let (ok, text) = helm(&["template", "sg", CHART]);
+    assert!(
+        ok && text.contains("name: SPENDGUARD_SIDECAR_CREDIT_NANO_USD\n              value: \"0\""),
+        "{text}"
+    );
+    let (ok, text) = helm(&[
+        "template",
+        "sg",
+        CHART,
+        "--set",
+        "sidecar.creditNanoUsd=5000000000",
+    ]);
+    assert!(ok && text.contains("value: \"5000000000\""), "{text}");
+    let (ok, text) = helm(&["template", "sg", CHART, "--set", "sidecar.creditNanoUsd=-1"]);
+    assert!(!ok && text.contains("creditNanoUsd"), "{text}");
 }
 
 #[test]

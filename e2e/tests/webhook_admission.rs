@@ -34,6 +34,7 @@ fn config() -> WebhookConfig {
             image: IMAGE.into(),
             ledger_url: LEDGER_URL.into(),
             operator_namespace: OPERATOR_NAMESPACE.into(),
+            credit_nano_usd: 0,
         },
         approvals: approve::ApprovalConfig {
             operator_username: format!(

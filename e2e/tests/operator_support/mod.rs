@@ -183,6 +183,7 @@ pub(crate) async fn start_approvals_webhook(
             image: "ghcr.io/spendguard/spendguard:0.1.0".into(),
             ledger_url: "http://spendguard-ledger.spendguard-system.svc:7100".into(),
             operator_namespace: namespace.into(),
+            credit_nano_usd: 0,
         },
         approvals: approve::ApprovalConfig {
             operator_username: operator_username(namespace),

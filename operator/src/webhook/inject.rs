@@ -66,6 +66,9 @@ pub struct InjectConfig {
     /// The operator's namespace: never injected (its pods must start even when the webhook is
     /// down).
     pub operator_namespace: String,
+    /// The sidecars' credit size (`SPENDGUARD_CREDIT_NANO_USD`; docs/design/credits.md); 0 sets
+    /// nothing, so every call reserves before it is forwarded.
+    pub credit_nano_usd: i64,
 }
 
 /// Why an opted-in pod is refused. Each has a stable code that starts the denial message.
@@ -168,32 +171,39 @@ fn quantities(cpu: &str, memory: &str) -> BTreeMap<String, Quantity> {
 
 /// The sidecar container.
 pub fn sidecar(config: &InjectConfig) -> Container {
+    let mut environment = vec![
+        env("SPENDGUARD_LEDGER_URL", &config.ledger_url),
+        env("SPENDGUARD_BUNDLE_DIR", BUNDLE_DIR),
+        env("SPENDGUARD_FAIL_OPEN_SPOOL_DIR", SPOOL_DIR),
+        EnvVar {
+            name: "SPENDGUARD_WORKLOAD_INSTANCE_ID".into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.name".into(),
+                    ..ObjectFieldSelector::default()
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        },
+        env("SPENDGUARD_SIDECAR_LISTEN", SIDECAR_LISTEN),
+        env("SPENDGUARD_SIDECAR_GRPC_LISTEN", SIDECAR_GRPC_LISTEN),
+        env("SPENDGUARD_ADMIN_ADDR", &format!("0.0.0.0:{ADMIN_PORT}")),
+        env("SPENDGUARD_LOG_FORMAT", "json"),
+    ];
+    if config.credit_nano_usd > 0 {
+        environment.push(env(
+            "SPENDGUARD_CREDIT_NANO_USD",
+            &config.credit_nano_usd.to_string(),
+        ));
+    }
     Container {
         name: SIDECAR_NAME.into(),
         image: Some(config.image.clone()),
         args: Some(vec!["sidecar".into()]),
         // Native sidecar: starts before the app, runs beside it, stops after it.
         restart_policy: Some("Always".into()),
-        env: Some(vec![
-            env("SPENDGUARD_LEDGER_URL", &config.ledger_url),
-            env("SPENDGUARD_BUNDLE_DIR", BUNDLE_DIR),
-            env("SPENDGUARD_FAIL_OPEN_SPOOL_DIR", SPOOL_DIR),
-            EnvVar {
-                name: "SPENDGUARD_WORKLOAD_INSTANCE_ID".into(),
-                value_from: Some(EnvVarSource {
-                    field_ref: Some(ObjectFieldSelector {
-                        field_path: "metadata.name".into(),
-                        ..ObjectFieldSelector::default()
-                    }),
-                    ..EnvVarSource::default()
-                }),
-                ..EnvVar::default()
-            },
-            env("SPENDGUARD_SIDECAR_LISTEN", SIDECAR_LISTEN),
-            env("SPENDGUARD_SIDECAR_GRPC_LISTEN", SIDECAR_GRPC_LISTEN),
-            env("SPENDGUARD_ADMIN_ADDR", &format!("0.0.0.0:{ADMIN_PORT}")),
-            env("SPENDGUARD_LOG_FORMAT", "json"),
-        ]),
+        env: Some(environment),
         // Ready only while the fencing lease is held, so the pod is not Ready without a guard.
         readiness_probe: Some(probe("/readyz", 5, 2)),
         liveness_probe: Some(probe("/healthz", 10, 3)),
@@ -371,6 +381,7 @@ mod tests {
             image: "ghcr.io/spendguard/spendguard:0.1.0".into(),
             ledger_url: "http://spendguard-ledger.spendguard-system.svc:7100".into(),
             operator_namespace: "spendguard-system".into(),
+            credit_nano_usd: 0,
         }
     }
 
@@ -433,6 +444,23 @@ mod tests {
             "127.0.0.1:8787"
         );
         assert_eq!(value("SPENDGUARD_ADMIN_ADDR")["value"], "0.0.0.0:9464");
+        assert!(
+            env.iter()
+                .all(|e| e["name"] != "SPENDGUARD_CREDIT_NANO_USD"),
+            "no credits unless configured"
+        );
+        let with_credits = serde_json::to_value(super::sidecar(&InjectConfig {
+            credit_nano_usd: 5_000_000_000,
+            ..config()
+        }))
+        .unwrap();
+        assert!(
+            with_credits["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["name"] == "SPENDGUARD_CREDIT_NANO_USD" && e["value"] == "5000000000")
+        );
         assert_eq!(sidecar["readinessProbe"]["httpGet"]["path"], "/readyz");
         assert_eq!(sidecar["readinessProbe"]["httpGet"]["port"], 9464);
         assert_eq!(sidecar["livenessProbe"]["httpGet"]["path"], "/healthz");

@@ -172,6 +172,15 @@ pub struct WebhookArgs {
     /// the agents, which must not reach the control listener.
     #[arg(long = "sidecar-ledger-url", env = "SPENDGUARD_SIDECAR_LEDGER_URL")]
     pub sidecar_ledger_url: Option<String>,
+    /// Credit size given to injected sidecars (their `SPENDGUARD_CREDIT_NANO_USD`;
+    /// docs/design/credits.md). 0, the default, leaves credits off.
+    #[arg(
+        long = "sidecar-credit-nano-usd",
+        env = "SPENDGUARD_SIDECAR_CREDIT_NANO_USD",
+        default_value_t = 0,
+        value_parser = clap::builder::RangedI64ValueParser::<i64>::new().range(0..=1_000_000_000_000_000_000)
+    )]
+    pub sidecar_credit_nano_usd: i64,
 }
 
 /// Everything the webhook server needs, resolved from flags.
@@ -248,6 +257,7 @@ impl WebhookArgs {
                 image,
                 ledger_url,
                 operator_namespace: namespace.to_owned(),
+                credit_nano_usd: self.sidecar_credit_nano_usd,
             },
             approvals: approve::ApprovalConfig {
                 operator_username: self

@@ -235,7 +235,7 @@ impl HotCache {
                 .budgets
                 .insert(window.budget.clone(), budget.clone());
         }
-        // Already in the snapshot (a second draw from one credit): keep the batch's own copy.
+        // A second command on one reservation (two draws from one credit) reads the same row.
         snapshot
             .reservations
             .entry(row.id)

@@ -469,8 +469,8 @@ impl Store {
         if !effects.only_moves_money() || effects.is_empty() {
             return Err(Error::Stale);
         }
-        // One statement cannot update a row twice: a credit drawn from and resolved in one batch
-        // takes the load path (which cannot happen today: resolving a credit does).
+        // The credits the plan read, with what it drew from each (the statement checks each one's
+        // total, so even a refused draw's answer rests on a fresh total).
         let credits = CreditDraws::of(&effects, expected)?;
         let effects = EffectParams::of(cursor, now, &effects, self.signer.as_deref()).await?;
         let next_sequence = effects.next_sequence;
@@ -1303,7 +1303,8 @@ async fn write(
     write_money_and_outbox(tx, cursor, now, effects, signer).await
 }
 
-/// Credits' new drawn totals (only the load path draws: the cached path refuses such batches).
+/// Credits' new drawn totals, on the load path (whose rows are locked, so the totals are exact;
+/// the cached path writes them in its own statement, `store/effects_credit_draws.sql`).
 async fn write_credit_draws(tx: &mut Transaction<'_, Postgres>, effects: &Effects) -> Result<()> {
     if effects.credit_draws.is_empty() {
         return Ok(());
@@ -2092,14 +2093,24 @@ struct CreditDraws {
 }
 
 impl CreditDraws {
+    /// Every credit the plan read, with the batch's draws from it (0 for a credit whose draw
+    /// was refused). A credit drawn from that the plan did not read from the cache, or one the
+    /// batch also resolves (one statement cannot update a row twice; releasing a credit takes the
+    /// load path anyway), sends the batch to the load path.
     fn of(effects: &Effects, expected: &Expected) -> Result<Self> {
+        if effects
+            .credit_draws
+            .keys()
+            .any(|id| !expected.credit_drawn.contains_key(id))
+        {
+            return Err(Error::Stale);
+        }
         let mut credits = Self::default();
-        for (id, drawn) in &effects.credit_draws {
-            let before = expected.credit_drawn.get(id);
-            let resolved = effects.resolutions.iter().any(|(r, _)| r == id);
-            let (Some(before), false) = (before, resolved) else {
+        for (id, before) in &expected.credit_drawn {
+            if effects.resolutions.iter().any(|(r, _)| r == id) {
                 return Err(Error::Stale);
-            };
+            }
+            let drawn = effects.credit_draws.get(id).unwrap_or(before);
             credits.ids.push(*id);
             credits.delta.push(drawn.get().saturating_sub(before.get()));
             credits.drawn_before.push(before.get());

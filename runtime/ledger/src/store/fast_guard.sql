@@ -16,7 +16,8 @@ guard_scopes AS (
      ORDER BY f.scope_id
        FOR SHARE OF f
 ), guard_reservations AS (
-    -- The open reservations the batch resolves ($51), locked before any budget or window.
+    -- The open reservations the batch resolves or draws from ($51), locked before any budget
+    -- or window.
     SELECT 1 FROM reservations
      WHERE reservation_id = ANY($51::uuid[]) AND state = 'reserved'
      ORDER BY reservation_id
