@@ -282,3 +282,152 @@ async fn kill_dash_nine_during_an_outage_keeps_fail_open_evidence() {
     spendguard_testkit::invariants::check(&pool).await.unwrap();
     ledger.stop().await;
 }
+
+/// Reservations of the ledger by kind and state: (credits open, draws open, draws settled).
+async fn credit_rows(pool: &sqlx::PgPool) -> (i64, i64, i64) {
+    sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE is_credit AND state = 'reserved'),
+                count(*) FILTER (WHERE drawn_from_reservation_id IS NOT NULL AND state = 'reserved'),
+                count(*) FILTER (WHERE drawn_from_reservation_id IS NOT NULL AND state = 'committed')
+           FROM reservations",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// Crash drill for credits (docs/design/credits.md): a sidecar admitting calls inside a credit is
+/// killed with calls in flight. Nothing is overspent, the credit and the unsettled draws lapse
+/// at their TTLs and give their money back, and a restarted sidecar opens a credit of its own.
+#[tokio::test]
+async fn kill_dash_nine_with_calls_inside_a_credit_leaves_nothing_held() {
+    const CREDITS_TENANT: &str = "tenant-credits";
+    let mut ledger = TestLedger::start().await.unwrap();
+    let addr = ledger.ledger.as_ref().unwrap().addr;
+    let pool = ledger.store().pool().clone();
+    spendguard_testkit::ledger::tenant(&mut ledger.client, CREDITS_TENANT)
+        .await
+        .unwrap();
+    spendguard_testkit::ledger::budget(&mut ledger.client, CREDITS_TENANT, BUDGET, 100_000_000_000)
+        .await
+        .unwrap();
+    let pricing: spendguard_core::pricing::PricingSnapshot = serde_json::from_value(json!({
+        "version": "crash-2026-11",
+        "entries": [{"provider": "openai", "model": "gpt-4o-mini",
+                     "price": {"input": 150_000_000, "cached_input": 75_000_000,
+                               "cache_write": 150_000_000, "output": 600_000_000}}]}))
+    .unwrap();
+    let snapshot = spendguard_core::pricing::Pricing::new(pricing.clone()).unwrap();
+    spendguard_testkit::ledger::register_pricing(
+        &mut ledger.client,
+        CREDITS_TENANT,
+        spendguard_sidecar::bundle::pricing_ref(&snapshot),
+    )
+    .await
+    .unwrap();
+    let contract: spendguard_core::contract::Contract =
+        serde_json::from_value(json!({"version": "crash", "max_output_tokens": 64})).unwrap();
+    let bundle = tempfile::tempdir().unwrap();
+    let (bytes, sha) = spendguard_core::contract::Bundle::canonical(&contract, &pricing).unwrap();
+    spendguard_sidecar::bundle::write(bundle.path(), &bytes, &sha, CREDITS_TENANT, &[BUDGET])
+        .unwrap();
+    let mock = spendguard_mock_provider::MockProvider::new(
+        spendguard_mock_provider::MockConfig::default(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mock_port = listener.local_addr().unwrap().port();
+    mock.spawn(listener);
+    let spawn = |spool: &Path| {
+        let (port, admin) = (free_port(), free_port());
+        let mut command = sidecar_command(
+            addr,
+            bundle.path(),
+            spool,
+            mock_port,
+            ("agent-credits", port, admin),
+        );
+        command
+            .env("SPENDGUARD_CREDIT_NANO_USD", "5000000")
+            .env("SPENDGUARD_CREDIT_TTL_MS", "8000")
+            .env("SPENDGUARD_RESERVATION_TTL_MS", "9000");
+        (
+            command.spawn().expect("spawn spendguard sidecar"),
+            port,
+            admin,
+        )
+    };
+    let ready = async |admin: u16| {
+        for _ in 0..200 {
+            if matches!(http_get(admin, "/readyz").await, Ok((200, _))) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("sidecar did not become ready");
+    };
+
+    let spool = tempfile::tempdir().unwrap();
+    let (mut first, port, admin) = spawn(spool.path());
+    ready(admin).await;
+    // The first call opens the credit; the next ones are admitted inside it.
+    for _ in 0..4 {
+        assert_eq!(chat(port).await, 200);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for _ in 0..200 {
+        if commits(admin).await == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // Two calls still streaming when the process dies; their draws land first.
+    let (_a, status_a) = open_stream(port).await;
+    let (_b, status_b) = open_stream(port).await;
+    assert_eq!((status_a, status_b), (200, 200));
+    for _ in 0..200 {
+        if credit_rows(&pool).await.1 == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let (credits, open_draws, settled_draws) = credit_rows(&pool).await;
+    assert_eq!(credits, 1);
+    assert_eq!(open_draws, 2, "the streaming calls' draws landed");
+    assert!(settled_draws >= 2, "calls were admitted inside the credit");
+    first.kill().await.unwrap(); // SIGKILL: the credit is not released.
+    let held = ledger.balance(CREDITS_TENANT, BUDGET).await.unwrap();
+    assert!(held.reserved_nano_usd > 0);
+
+    // Past the credit's and the draws' TTLs the sweep returns everything they held.
+    tokio::time::sleep(Duration::from_millis(9_500)).await;
+    ledger
+        .client
+        .sweep_expired(spendguard_proto::ledger::v1::SweepExpiredRequest {
+            max_reservations: 100,
+        })
+        .await
+        .unwrap();
+    let balance = ledger.balance(CREDITS_TENANT, BUDGET).await.unwrap();
+    assert_eq!(balance.reserved_nano_usd, 0);
+    assert_eq!(balance.committed_nano_usd, 4 * 10_950);
+    assert_eq!(credit_rows(&pool).await.0, 0);
+    spendguard_testkit::invariants::check(&pool).await.unwrap();
+
+    // The restarted sidecar (a new epoch) opens a credit of its own and goes on.
+    let (mut second, port, admin) = spawn(spool.path());
+    ready(admin).await;
+    for _ in 0..3 {
+        assert_eq!(chat(port).await, 200);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for _ in 0..200 {
+        if commits(admin).await == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(credit_rows(&pool).await.0, 1);
+    second.kill().await.unwrap();
+    spendguard_testkit::invariants::check(&pool).await.unwrap();
+    ledger.stop().await;
+}
