@@ -37,6 +37,9 @@ pub enum Error {
     /// Configuration or startup failed.
     #[error("startup failed: {0}")]
     Startup(String),
+    /// A gRPC server ended without being asked to: the process exits so it is restarted.
+    #[error("stopped serving: {0}")]
+    ServingStopped(String),
     /// Applying migrations failed.
     #[error("migration failed: {0}")]
     Migration(String),
@@ -95,7 +98,7 @@ impl Error {
             Self::Refused(e) => e.code(),
             Self::ProducerInstanceConflict(_) => ErrorCode::ProducerInstanceConflict,
             Self::Overloaded => ErrorCode::Overloaded,
-            Self::ShuttingDown => ErrorCode::ShuttingDown,
+            Self::ShuttingDown | Self::ServingStopped(_) => ErrorCode::ShuttingDown,
             Self::EvidenceBacklog { .. } => ErrorCode::EvidenceBacklog,
             Self::Database(_) => ErrorCode::DependencyUnavailable,
             Self::Invariant(_) | Self::Migration(_) | Self::Startup(_) | Self::Stale => {

@@ -191,6 +191,13 @@ impl RunningLedger {
         })
     }
 
+    /// Resolves when the ledger stopped serving on its own (a gRPC server ended without being
+    /// asked): the process should exit, so that it is restarted.
+    pub async fn failed(&self) {
+        let mut stopped = self.stop.subscribe();
+        let _ = stopped.wait_for(|stop| *stop).await;
+    }
+
     /// Stops accepting RPCs, lets in-flight ones finish, drains the writer and frees the
     /// producer id.
     pub async fn shutdown(self) {
@@ -289,7 +296,7 @@ pub async fn start(
             service,
             listener,
             tuning.max_message_bytes,
-            stopped.clone(),
+            (stop.clone(), stopped.clone()),
         ))
     })
     .collect();
@@ -326,12 +333,40 @@ async fn serve(
     service: grpc::LedgerGrpc,
     listener: TcpListener,
     max_message_bytes: usize,
-    mut stopped: watch::Receiver<bool>,
+    (stop, mut stopped): (watch::Sender<bool>, watch::Receiver<bool>),
 ) -> Result<(), tonic::transport::Error> {
     let shutdown = async move {
         let _ = stopped.wait_for(|stop| *stop).await;
         info!("ledger draining in-flight requests");
     };
+    stop_all_if_it_ends_unasked(
+        serve_until(service, listener, max_message_bytes, shutdown),
+        stop,
+    )
+    .await
+}
+
+/// Runs one of the ledger's servers. If it ends without a stop having been asked for (an
+/// accept error), it stops the whole ledger: a process serving only one of its two listeners
+/// would look healthy while sidecars or the operator are refused.
+async fn stop_all_if_it_ends_unasked<R: std::fmt::Debug>(
+    server: impl std::future::Future<Output = R>,
+    stop: watch::Sender<bool>,
+) -> R {
+    let served = server.await;
+    if !*stop.borrow() {
+        error!(result = ?served, "a gRPC server of the ledger ended on its own; stopping the ledger");
+        let _ = stop.send(true);
+    }
+    served
+}
+
+async fn serve_until(
+    service: grpc::LedgerGrpc,
+    listener: TcpListener,
+    max_message_bytes: usize,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
         .add_service(service.into_server(max_message_bytes))
         .serve_with_incoming_shutdown(
@@ -449,7 +484,10 @@ impl LedgerArgs {
             let _ = admin_stopped.await;
         }));
         info!(addr = %ledger.addr, control_addr = %ledger.control_addr, "ledger serving");
-        spendguard_platform::shutdown::signalled().await;
+        let failed = tokio::select! {
+            () = spendguard_platform::shutdown::signalled() => false,
+            () = ledger.failed() => true,
+        };
         let grace = Duration::from_millis(tuning.shutdown_grace_ms);
         if tokio::time::timeout(grace, ledger.shutdown())
             .await
@@ -459,7 +497,39 @@ impl LedgerArgs {
         }
         let _ = admin_stop.send(());
         let _ = admin_task.await;
+        if failed {
+            return Err(Error::ServingStopped(
+                "a gRPC server ended on its own; exiting so that the ledger is restarted".into(),
+            ));
+        }
         info!("ledger stopped");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_server_that_ends_unasked_stops_the_ledger_and_an_asked_stop_is_quiet() {
+        let (stop, stopped) = watch::channel(false);
+        let _keep = stopped.clone();
+        stop_all_if_it_ends_unasked(async {}, stop.clone()).await;
+        assert!(
+            *stopped.borrow(),
+            "the other server drains and the process exits"
+        );
+
+        let (stop, mut stopped) = watch::channel(false);
+        let asked = stop.clone();
+        let server = async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        };
+        let running = tokio::spawn(stop_all_if_it_ends_unasked(server, stop.clone()));
+        asked.send(true).unwrap();
+        running.await.unwrap();
+        assert!(*stop.borrow());
     }
 }
