@@ -147,15 +147,17 @@ async fn fail_open_events(pool: &sqlx::PgPool) -> Vec<(String, i64, i64)> {
     .unwrap()
 }
 
-#[tokio::test]
-async fn kill_dash_nine_during_an_outage_keeps_fail_open_evidence() {
+/// A ledger with tenant `tenant`, its budget and pricing registered, the bundle of `contract`
+/// written for a sidecar, and the mock provider serving: (ledger, bundle directory, mock port).
+async fn data_path(
+    tenant: &str,
+    contract: serde_json::Value,
+) -> (TestLedger, tempfile::TempDir, u16) {
     let mut ledger = TestLedger::start().await.unwrap();
-    let addr = ledger.ledger.as_ref().unwrap().addr;
-    let database_url = ledger.database_url.clone();
-    spendguard_testkit::ledger::tenant(&mut ledger.client, TENANT)
+    spendguard_testkit::ledger::tenant(&mut ledger.client, tenant)
         .await
         .unwrap();
-    spendguard_testkit::ledger::budget(&mut ledger.client, TENANT, BUDGET, 100_000_000_000)
+    spendguard_testkit::ledger::budget(&mut ledger.client, tenant, BUDGET, 100_000_000_000)
         .await
         .unwrap();
     let pricing: spendguard_core::pricing::PricingSnapshot = serde_json::from_value(json!({
@@ -167,24 +169,33 @@ async fn kill_dash_nine_during_an_outage_keeps_fail_open_evidence() {
     let snapshot = spendguard_core::pricing::Pricing::new(pricing.clone()).unwrap();
     spendguard_testkit::ledger::register_pricing(
         &mut ledger.client,
-        TENANT,
+        tenant,
         spendguard_sidecar::bundle::pricing_ref(&snapshot),
     )
     .await
     .unwrap();
-    let contract: spendguard_core::contract::Contract = serde_json::from_value(
-        json!({"version": "crash", "max_output_tokens": 64, "fail_policy": "open"}),
-    )
-    .unwrap();
+    let contract: spendguard_core::contract::Contract = serde_json::from_value(contract).unwrap();
     let bundle = tempfile::tempdir().unwrap();
     let (bytes, sha) = spendguard_core::contract::Bundle::canonical(&contract, &pricing).unwrap();
-    spendguard_sidecar::bundle::write(bundle.path(), &bytes, &sha, TENANT, &[BUDGET]).unwrap();
+    spendguard_sidecar::bundle::write(bundle.path(), &bytes, &sha, tenant, &[BUDGET]).unwrap();
     let mock = spendguard_mock_provider::MockProvider::new(
         spendguard_mock_provider::MockConfig::default(),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mock_port = listener.local_addr().unwrap().port();
     mock.spawn(listener);
+    (ledger, bundle, mock_port)
+}
+
+#[tokio::test]
+async fn kill_dash_nine_during_an_outage_keeps_fail_open_evidence() {
+    let (mut ledger, bundle, mock_port) = data_path(
+        TENANT,
+        json!({"version": "crash", "max_output_tokens": 64, "fail_policy": "open"}),
+    )
+    .await;
+    let addr = ledger.ledger.as_ref().unwrap().addr;
+    let database_url = ledger.database_url.clone();
     let spool = tempfile::tempdir().unwrap();
 
     let mut first = spawn_sidecar(addr, bundle.path(), spool.path(), mock_port).await;
@@ -302,41 +313,13 @@ async fn credit_rows(pool: &sqlx::PgPool) -> (i64, i64, i64) {
 #[tokio::test]
 async fn kill_dash_nine_with_calls_inside_a_credit_leaves_nothing_held() {
     const CREDITS_TENANT: &str = "tenant-credits";
-    let mut ledger = TestLedger::start().await.unwrap();
+    let (mut ledger, bundle, mock_port) = data_path(
+        CREDITS_TENANT,
+        json!({"version": "crash", "max_output_tokens": 64}),
+    )
+    .await;
     let addr = ledger.ledger.as_ref().unwrap().addr;
     let pool = ledger.store().pool().clone();
-    spendguard_testkit::ledger::tenant(&mut ledger.client, CREDITS_TENANT)
-        .await
-        .unwrap();
-    spendguard_testkit::ledger::budget(&mut ledger.client, CREDITS_TENANT, BUDGET, 100_000_000_000)
-        .await
-        .unwrap();
-    let pricing: spendguard_core::pricing::PricingSnapshot = serde_json::from_value(json!({
-        "version": "crash-2026-11",
-        "entries": [{"provider": "openai", "model": "gpt-4o-mini",
-                     "price": {"input": 150_000_000, "cached_input": 75_000_000,
-                               "cache_write": 150_000_000, "output": 600_000_000}}]}))
-    .unwrap();
-    let snapshot = spendguard_core::pricing::Pricing::new(pricing.clone()).unwrap();
-    spendguard_testkit::ledger::register_pricing(
-        &mut ledger.client,
-        CREDITS_TENANT,
-        spendguard_sidecar::bundle::pricing_ref(&snapshot),
-    )
-    .await
-    .unwrap();
-    let contract: spendguard_core::contract::Contract =
-        serde_json::from_value(json!({"version": "crash", "max_output_tokens": 64})).unwrap();
-    let bundle = tempfile::tempdir().unwrap();
-    let (bytes, sha) = spendguard_core::contract::Bundle::canonical(&contract, &pricing).unwrap();
-    spendguard_sidecar::bundle::write(bundle.path(), &bytes, &sha, CREDITS_TENANT, &[BUDGET])
-        .unwrap();
-    let mock = spendguard_mock_provider::MockProvider::new(
-        spendguard_mock_provider::MockConfig::default(),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mock_port = listener.local_addr().unwrap().port();
-    mock.spawn(listener);
     let spawn = |spool: &Path| {
         let (port, admin) = (free_port(), free_port());
         let mut command = sidecar_command(
