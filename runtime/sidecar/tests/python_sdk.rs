@@ -29,25 +29,11 @@ fn venv_python(repo: &Path) -> String {
         .to_owned()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn python_sdk_and_real_clients() {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let python = venv_python(&repo);
-    let main = Stack::start(Options::default()).await;
-    // No call's worst case fits: every priced call is STOP / BUDGET_EXHAUSTED.
-    let tight = Stack::start(Options {
-        limit: 1_000_000,
-        ..Options::default()
-    })
-    .await;
-    // Every worst case crosses the soft cap: REQUIRE_APPROVAL / SOFT_CAP_REACHED.
-    let softcap = Stack::start(Options {
-        limit: 100_000_000_000,
-        soft_cap: 1_000_000,
-        ..Options::default()
-    })
-    .await;
+/// Runs the SDK's pytest suite against `main` (every kind of call), `tight` (every priced call
+/// STOPs) and `softcap` (every call needs approval).
+async fn pytest(python: &str, repo: &Path, main: &Stack, tight: &Stack, softcap: &Stack) {
     let output = tokio::task::spawn_blocking({
+        let (python, repo) = (python.to_owned(), repo.to_owned());
         let (url, tight, softcap, mock) = (
             main.base.clone(),
             tight.base.clone(),
@@ -82,5 +68,68 @@ async fn python_sdk_and_real_clients() {
     );
     println!("{report}");
     assert!(output.status.success(), "pytest failed:\n{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_sdk_and_real_clients() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let python = venv_python(&repo);
+    let main = Stack::start(Options::default()).await;
+    // No call's worst case fits: every priced call is STOP / BUDGET_EXHAUSTED.
+    let tight = Stack::start(Options {
+        limit: 1_000_000,
+        ..Options::default()
+    })
+    .await;
+    // Every worst case crosses the soft cap: REQUIRE_APPROVAL / SOFT_CAP_REACHED.
+    let softcap = Stack::start(Options {
+        limit: 100_000_000_000,
+        soft_cap: 1_000_000,
+        ..Options::default()
+    })
+    .await;
+    pytest(&python, &repo, &main, &tight, &softcap).await;
+
+    // The same clients, unchanged, against a sidecar admitting calls inside credits
+    // (docs/design/credits.md): the tight budget has no room for a credit and the soft-capped
+    // one gets none, so their sidecars reserve call by call as before.
+    let credit = format!("--credit-nano-usd={}", 10_000_000_000_i64);
+    let with_credits = |options: Options| Options {
+        flags: vec![credit.clone()],
+        ..options
+    };
+    let main_credits = Stack::start(with_credits(Options::default())).await;
+    let tight_credits = Stack::start(with_credits(Options {
+        limit: 1_000_000,
+        ..Options::default()
+    }))
+    .await;
+    let softcap_credits = Stack::start(with_credits(Options {
+        limit: 100_000_000_000,
+        soft_cap: 1_000_000,
+        ..Options::default()
+    }))
+    .await;
+    pytest(
+        &python,
+        &repo,
+        &main_credits,
+        &tight_credits,
+        &softcap_credits,
+    )
+    .await;
+    let drawn: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM reservations WHERE drawn_from_reservation_id IS NOT NULL",
+    )
+    .fetch_one(main_credits.ledger.store().pool())
+    .await
+    .unwrap();
+    assert!(
+        drawn > 0,
+        "the real clients' calls were admitted inside credits"
+    );
+    spendguard_testkit::invariants::check(main_credits.ledger.store().pool())
+        .await
+        .unwrap();
     drop((main, tight, softcap));
 }
