@@ -25,6 +25,11 @@ pub const INJECT_LABEL: &str = "spendguard.io/inject";
 pub const BUNDLE_ANNOTATION: &str = "spendguard.io/bundle";
 /// Annotation asking for OPENAI_BASE_URL / ANTHROPIC_BASE_URL in every app container.
 pub const SET_BASE_URLS_ANNOTATION: &str = "spendguard.io/set-base-urls";
+/// Annotation setting this pod's credit size in nano-USD (docs/design/credits.md), over the
+/// operator's default; `"0"` turns credits off for the pod.
+pub const CREDIT_ANNOTATION: &str = "spendguard.io/credit-nano-usd";
+/// Largest credit (the ledger's largest amount).
+const CREDIT_NANO_USD_MAX: i64 = 1_000_000_000_000_000_000;
 /// Annotation recording the injected sidecar image.
 pub const INJECTED_ANNOTATION: &str = "spendguard.io/injected";
 /// Name of the injected container; its presence makes injection a no-op.
@@ -87,6 +92,11 @@ pub enum InjectError {
     /// The pod already uses a name injection needs.
     #[error("pod already has a volume named {0}, which SpendGuard injection reserves")]
     ReservedName(&'static str),
+    /// The credit annotation is not a whole number of nano-USD in range.
+    #[error(
+        "annotation {CREDIT_ANNOTATION}={0:?} is not a whole number of nano-USD from 0 to {CREDIT_NANO_USD_MAX}"
+    )]
+    CreditInvalid(String),
 }
 
 impl InjectError {
@@ -96,6 +106,7 @@ impl InjectError {
             Self::BundleMissing => "SPENDGUARD_BUNDLE_MISSING",
             Self::BundleNameInvalid(_) => "SPENDGUARD_BUNDLE_NAME_INVALID",
             Self::ReservedName(_) => "SPENDGUARD_RESERVED_NAME",
+            Self::CreditInvalid(_) => "SPENDGUARD_CREDIT_INVALID",
         }
     }
 }
@@ -295,6 +306,20 @@ fn push(ops: &mut Vec<PatchOperation>, exists: bool, path: &[&str], item: Value)
     }
 }
 
+/// The pod's credit size: its annotation's, else `default`.
+fn credit_nano_usd(pod: &Pod, default: i64) -> Result<i64, InjectError> {
+    let Some(value) = annotation(pod, CREDIT_ANNOTATION) else {
+        return Ok(default);
+    };
+    value
+        .parse::<i64>()
+        .ok()
+        .filter(|n| {
+            (0..=CREDIT_NANO_USD_MAX).contains(n) && value.bytes().all(|b| b.is_ascii_digit())
+        })
+        .ok_or_else(|| InjectError::CreditInvalid(value.to_owned()))
+}
+
 /// The JSON patch injecting the sidecar into `pod` in `namespace`: empty when the pod is not
 /// ours to change (not opted in, already injected, or in the operator's namespace).
 ///
@@ -322,6 +347,10 @@ pub fn patch(
             return Err(InjectError::ReservedName(reserved));
         }
     }
+    let config = &InjectConfig {
+        credit_nano_usd: credit_nano_usd(pod, config.credit_nano_usd)?,
+        ..config.clone()
+    };
 
     let mut ops = Vec::new();
     // First init container, so that it runs before any other init container that may call an LLM.
@@ -586,5 +615,46 @@ mod tests {
                 InjectError::ReservedName(reserved)
             );
         }
+
+        for bad in ["", "abc", "-1", "+5", "1e9", "5.0", "1000000000000000001"] {
+            let mut invalid = opted_in_pod();
+            invalid["metadata"]["annotations"][CREDIT_ANNOTATION] = json!(bad);
+            let error = patch(&pod(invalid), "team", &config()).unwrap_err();
+            assert_eq!(error, InjectError::CreditInvalid(bad.to_owned()), "{bad:?}");
+            assert_eq!(error.code(), "SPENDGUARD_CREDIT_INVALID");
+        }
+    }
+
+    #[test]
+    fn a_pod_annotation_sets_or_turns_off_its_credit() {
+        let credit_env = |annotation: Option<&str>, default: i64| {
+            let mut value = opted_in_pod();
+            if let Some(credit) = annotation {
+                value["metadata"]["annotations"][CREDIT_ANNOTATION] = json!(credit);
+            }
+            let config = InjectConfig {
+                credit_nano_usd: default,
+                ..config()
+            };
+            let ops = serde_json::to_value(patch(&pod(value), "team", &config).unwrap()).unwrap();
+            ops.as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|op| {
+                    let sidecar = &op["value"];
+                    sidecar
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_else(|| vec![sidecar.clone()])
+                })
+                .filter(|c| c["name"] == SIDECAR_NAME)
+                .flat_map(|c| c["env"].as_array().cloned().unwrap_or_default())
+                .find(|e| e["name"] == "SPENDGUARD_CREDIT_NANO_USD")
+                .map(|e| e["value"].as_str().unwrap().to_owned())
+        };
+        assert_eq!(credit_env(None, 0), None);
+        assert_eq!(credit_env(None, 9_000), Some("9000".to_owned()));
+        assert_eq!(credit_env(Some("7000"), 0), Some("7000".to_owned()));
+        assert_eq!(credit_env(Some("0"), 9_000), None, "0 turns credits off");
     }
 }
