@@ -1,9 +1,11 @@
--- Refused while credits exist: their draws' reserve entries carry 0, which only the credit
--- columns explain. Release or let expire every credit, then migrate down.
+-- Refused while a credit is open: code without credits would release its whole amount, money
+-- its draws still hold. Release them (or let them expire), then migrate down. Rows of resolved
+-- credits and of draws stay; without the columns, a draw's reserve entry of 0 is no longer
+-- explained by its credit, but every balance stays right.
 DO $$
 BEGIN
-    IF EXISTS (SELECT 1 FROM reservations WHERE is_credit OR drawn_from_reservation_id IS NOT NULL) THEN
-        RAISE EXCEPTION 'credits exist; the journal needs the credit columns to balance';
+    IF EXISTS (SELECT 1 FROM reservations WHERE is_credit AND state = 'reserved') THEN
+        RAISE EXCEPTION 'open credits exist; release them before migrating down';
     END IF;
 END $$;
 
