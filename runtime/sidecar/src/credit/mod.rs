@@ -246,11 +246,25 @@ impl CreditDriver {
         // windows ends (a draw is refused once its window has ended).
         let margin = policy.admit_margin();
         let mut admit_until = sent + policy.ttl.saturating_sub(margin);
+        let mut window_left = None::<Duration>;
         for balance in &reserved.balances {
             if let Some(end) = window_end(balance) {
                 let left = (end - sent_wall).to_std().unwrap_or_default();
+                window_left = Some(window_left.map_or(left, |l| l.min(left)));
                 admit_until = admit_until.min(sent + left.saturating_sub(margin));
             }
+        }
+        // Opened too close to a budget window's end to admit anything: give it back, and open
+        // none until the next window (else every call would open and release one).
+        if admit_until <= Instant::now() {
+            let quiet = window_left.unwrap_or(QUIET_AFTER_FAILURE) + QUIET_AFTER_FAILURE;
+            info!(
+                ?quiet,
+                "a budget window ends within the credit's margin; calls reserve one by one until the next window"
+            );
+            self.pool.not_opened(Instant::now(), quiet);
+            self.release(&reserved.reservation_id).await;
+            return;
         }
         let opened = Opened {
             id: reserved.reservation_id,
