@@ -748,8 +748,9 @@ pub enum ErrorCode {
     /// \[FAILED_PRECONDITION\] The approval expired before it was resolved.
     ApprovalExpired = 53,
     /// \[FAILED_PRECONDITION\] A ReserveSet drawing from a credit (draw_from_reservation_id) names a
-    /// reservation that is not an open credit of the same tenant, fencing scope and budgets, whose
-    /// window has ended, or that has less left than the amount. Nothing was written.
+    /// reservation of its tenant that is not a credit, belongs to another fencing scope or other
+    /// budgets, is resolved or expired, whose window has ended, or that has less left than the
+    /// amount (an unknown id, or another tenant's, is RESERVATION_NOT_FOUND). Nothing was written.
     CreditUnavailable = 54,
     /// \[UNAVAILABLE\] The ledger's write queue is full; retry with backoff.
     Overloaded = 60,
