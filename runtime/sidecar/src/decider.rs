@@ -264,17 +264,28 @@ impl Decider {
     }
 
     /// Admits calls of the sidecar's own budgets inside credits of `policy`
-    /// (docs/design/credits.md).
+    /// (docs/design/credits.md); `record` keeps the open credits' ids for a restarted sidecar of
+    /// the pod to release.
     #[must_use]
-    pub fn with_credits(mut self, policy: CreditPolicy) -> Self {
+    pub fn with_credits(
+        mut self,
+        policy: CreditPolicy,
+        record: Option<std::path::PathBuf>,
+    ) -> Self {
         self.credits = Some(Arc::new(CreditDriver::new(
             policy,
             self.ledger.clone(),
             self.lease.clone(),
             self.bundle.clone(),
             self.identity.clone(),
+            record,
         )));
         self
+    }
+
+    /// The credits, when enabled, to hand to a task.
+    pub fn credits_handle(&self) -> Option<Arc<CreditDriver>> {
+        self.credits.clone()
     }
 
     /// The credits, when enabled.

@@ -327,10 +327,17 @@ pub async fn start(
         stops,
     );
     if tuning.credit_nano_usd > 0 {
-        decider = decider.with_credits(credit::CreditPolicy {
-            amount_nano_usd: tuning.credit_nano_usd,
-            ttl: Duration::from_millis(tuning.credit_ttl_ms),
-        });
+        decider = decider.with_credits(
+            credit::CreditPolicy {
+                amount_nano_usd: tuning.credit_nano_usd,
+                ttl: Duration::from_millis(tuning.credit_ttl_ms),
+            },
+            // The spool directory belongs to this process alone (it holds its lock).
+            tuning
+                .fail_open_spool_dir
+                .as_ref()
+                .map(|dir| dir.join("open-credits")),
+        );
     }
     let decider = Arc::new(decider);
     decider.register_metrics(registry);
@@ -362,6 +369,15 @@ pub async fn start(
             .await;
     };
     let gate = tokio::spawn(serving);
+    if let Some(credits) = decider.credits_handle() {
+        let mut held = lease.clone();
+        tokio::spawn(async move {
+            let _ = held
+                .wait_for(|s| matches!(s, LeaseState::Held { .. }))
+                .await;
+            credits.release_left_over().await;
+        });
+    }
     let http_stopped = stopped.clone();
     let http = tokio::spawn(async move {
         let _ = gate.await;

@@ -308,8 +308,9 @@ async fn credit_rows(pool: &sqlx::PgPool) -> (i64, i64, i64) {
 }
 
 /// Crash drill for credits (docs/design/credits.md): a sidecar admitting calls inside a credit is
-/// killed with calls in flight. Nothing is overspent, the credit and the unsettled draws lapse
-/// at their TTLs and give their money back, and a restarted sidecar opens a credit of its own.
+/// killed with calls in flight. Nothing is overspent; the restarted sidecar of the pod releases
+/// the credit its predecessor left and opens its own; the unsettled draws lapse at their TTL and
+/// give their money back.
 #[tokio::test]
 async fn kill_dash_nine_with_calls_inside_a_credit_leaves_nothing_held() {
     const CREDITS_TENANT: &str = "tenant-credits";
@@ -377,28 +378,53 @@ async fn kill_dash_nine_with_calls_inside_a_credit_leaves_nothing_held() {
     assert_eq!(credits, 1);
     assert_eq!(open_draws, 2, "the streaming calls' draws landed");
     assert!(settled_draws >= 2, "calls were admitted inside the credit");
+    let old_credit: String = sqlx::query_scalar(
+        "SELECT reservation_id::text FROM reservations WHERE is_credit AND state = 'reserved'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let open_draws: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(amount_nano_usd), 0)::bigint FROM reservations
+          WHERE drawn_from_reservation_id IS NOT NULL AND state = 'reserved'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
     first.kill().await.unwrap(); // SIGKILL: the credit is not released.
     let held = ledger.balance(CREDITS_TENANT, BUDGET).await.unwrap();
-    assert!(held.reserved_nano_usd > 0);
+    assert!(
+        held.reserved_nano_usd > open_draws,
+        "the credit still holds money"
+    );
 
-    // Past the credit's and the draws' TTLs the sweep returns everything they held.
-    tokio::time::sleep(Duration::from_millis(9_500)).await;
-    ledger
-        .client
-        .sweep_expired(spendguard_proto::ledger::v1::SweepExpiredRequest {
-            max_reservations: 100,
-        })
-        .await
-        .unwrap();
-    let balance = ledger.balance(CREDITS_TENANT, BUDGET).await.unwrap();
-    assert_eq!(balance.reserved_nano_usd, 0);
-    assert_eq!(balance.committed_nano_usd, 4 * 10_950);
-    assert_eq!(credit_rows(&pool).await.0, 0);
-    spendguard_testkit::invariants::check(&pool).await.unwrap();
-
-    // The restarted sidecar (a new epoch) opens a credit of its own and goes on.
+    // The restarted sidecar of the pod (a new epoch, the same spool directory) releases the
+    // credit its predecessor left at once, not at its TTL; the draws that landed keep theirs.
     let (mut second, port, admin) = spawn(spool.path());
     ready(admin).await;
+    let state_of_old = || {
+        let (pool, id) = (pool.clone(), old_credit.clone());
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "SELECT state FROM reservations WHERE reservation_id = $1::uuid",
+            )
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    for _ in 0..200 {
+        if state_of_old().await == "released" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(state_of_old().await, "released");
+    let balance = ledger.balance(CREDITS_TENANT, BUDGET).await.unwrap();
+    assert_eq!(balance.reserved_nano_usd, open_draws);
+
+    // It opens a credit of its own and goes on.
     for _ in 0..3 {
         assert_eq!(chat(port).await, 200);
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -411,6 +437,20 @@ async fn kill_dash_nine_with_calls_inside_a_credit_leaves_nothing_held() {
     }
     assert_eq!(credit_rows(&pool).await.0, 1);
     second.kill().await.unwrap();
+
+    // Past the credits' and the draws' TTLs the sweep returns everything they held.
+    tokio::time::sleep(Duration::from_millis(9_500)).await;
+    ledger
+        .client
+        .sweep_expired(spendguard_proto::ledger::v1::SweepExpiredRequest {
+            max_reservations: 100,
+        })
+        .await
+        .unwrap();
+    let balance = ledger.balance(CREDITS_TENANT, BUDGET).await.unwrap();
+    assert_eq!(balance.reserved_nano_usd, 0);
+    assert_eq!(balance.committed_nano_usd, 7 * 10_950);
+    assert_eq!(credit_rows(&pool).await.0, 0);
     spendguard_testkit::invariants::check(&pool).await.unwrap();
     ledger.stop().await;
 }

@@ -27,11 +27,14 @@ use crate::bundle::pricing_ref;
 use crate::decider::Identity;
 use crate::fail_open::FailOpenQueue;
 use crate::lease::Lease;
+use crate::sync::lock;
 use spendguard_core::contract::Bundle;
 use spendguard_core::window::BudgetWindow;
 use spendguard_proto::ledger::error_code;
 use spendguard_proto::ledger::v1 as pb;
-use std::sync::Arc;
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -78,16 +81,71 @@ pub struct CreditDriver {
     bundle: Arc<Bundle>,
     identity: Identity,
     tasks: TaskTracker,
+    record: Option<OpenCredits>,
+}
+
+/// The ids of this sidecar's credits not yet released, kept in a file of the pod's spool
+/// directory (an emptyDir, held by one process at a time): a sidecar restarted in the same pod
+/// releases its predecessor's credits at once instead of leaving them held until their TTL.
+struct OpenCredits {
+    path: PathBuf,
+    ids: Mutex<BTreeSet<String>>,
+    /// What the file held when this process started.
+    left_over: Vec<String>,
+}
+
+impl OpenCredits {
+    fn load(path: PathBuf) -> Self {
+        let left_over: Vec<String> = std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|id| Uuid::try_parse(id).is_ok())
+            .map(str::to_owned)
+            .collect();
+        Self {
+            path,
+            ids: Mutex::new(left_over.iter().cloned().collect()),
+            left_over,
+        }
+    }
+
+    fn add(&self, id: &str) {
+        let mut ids = lock(&self.ids);
+        ids.insert(id.to_owned());
+        self.write(&ids);
+    }
+
+    fn remove(&self, id: &str) {
+        let mut ids = lock(&self.ids);
+        if ids.remove(id) {
+            self.write(&ids);
+        }
+    }
+
+    /// Replaces the file (write and rename, so a crash leaves the old list or the new one).
+    fn write(&self, ids: &BTreeSet<String>) {
+        let text: String = ids.iter().map(|id| format!("{id}\n")).collect();
+        let temporary = self.path.with_extension("tmp");
+        let written =
+            std::fs::write(&temporary, text).and_then(|()| std::fs::rename(&temporary, &self.path));
+        if let Err(e) = written {
+            warn!(path = %self.path.display(), error = %e,
+                  "could not record the open credits; after a restart they lapse at their TTL");
+        }
+    }
 }
 
 impl CreditDriver {
-    /// A driver with no credit yet: the first admission opens one.
+    /// A driver with no credit yet: the first admission opens one. With `record` (a file in
+    /// the pod's spool directory), the ids of open credits are kept there, and those a previous
+    /// process left are released by [`Self::release_left_over`].
     pub fn new(
         policy: CreditPolicy,
         ledger: LedgerClient,
         lease: Lease,
         bundle: Arc<Bundle>,
         identity: Identity,
+        record: Option<PathBuf>,
     ) -> Self {
         Self {
             pool: Credits::new(policy),
@@ -96,6 +154,20 @@ impl CreditDriver {
             bundle,
             identity,
             tasks: TaskTracker::new(),
+            record: record.map(OpenCredits::load),
+        }
+    }
+
+    /// Releases the credits a previous process of this pod left open (it was killed, or its
+    /// releases failed), once this process holds the lease: what they did not admit goes back
+    /// now instead of at their TTL. Draws of theirs that landed keep their money.
+    pub async fn release_left_over(&self) {
+        let Some(record) = &self.record else {
+            return;
+        };
+        for id in &record.left_over {
+            info!(credit = %id, "releasing a credit a previous sidecar of this pod left open");
+            self.release(id).await;
         }
     }
 
@@ -273,6 +345,9 @@ impl CreditDriver {
             admit_until,
             expires: sent + policy.ttl,
         };
+        if let Some(record) = &self.record {
+            record.add(&opened.id);
+        }
         for id in self.pool.opened(opened) {
             self.release(&id).await;
         }
@@ -358,8 +433,23 @@ impl CreditDriver {
             }),
             reason: "credit_retired".into(),
         };
-        if let Err(status) = self.ledger.clone().release(request).await {
-            warn!(credit = %id, error = %status.message(), "could not release a credit; it lapses at its TTL");
+        let answered = match self.ledger.clone().release(request).await {
+            Ok(_) => true,
+            Err(status) => {
+                warn!(credit = %id, error = %status.message(), "could not release a credit; it lapses at its TTL");
+                // Refused for good (already resolved, another epoch): nothing to retry.
+                !matches!(
+                    error_code(&status),
+                    None | Some(
+                        pb::ErrorCode::Overloaded
+                            | pb::ErrorCode::DependencyUnavailable
+                            | pb::ErrorCode::ShuttingDown
+                    )
+                )
+            }
+        };
+        if answered && let Some(record) = &self.record {
+            record.remove(id);
         }
     }
 }
