@@ -175,6 +175,8 @@ fn values_are_validated() {
     assert!(ok && text.contains("value: \"5000000000\""), "{text}");
     let (ok, text) = helm(&["template", "sg", CHART, "--set", "sidecar.creditNanoUsd=-1"]);
     assert!(!ok && text.contains("creditNanoUsd"), "{text}");
+    let (ok, text) = helm(&["template", "sg", CHART, "--set", "sidecar.creditTtlMs=1000"]);
+    assert!(!ok && text.contains("creditTtlMs"), "{text}");
 }
 
 #[test]

@@ -35,6 +35,7 @@ fn config() -> WebhookConfig {
             ledger_url: LEDGER_URL.into(),
             operator_namespace: OPERATOR_NAMESPACE.into(),
             credit_nano_usd: 0,
+            credit_ttl_ms: 60_000,
         },
         approvals: approve::ApprovalConfig {
             operator_username: format!(

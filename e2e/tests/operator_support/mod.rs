@@ -184,6 +184,7 @@ pub(crate) async fn start_approvals_webhook(
             ledger_url: "http://spendguard-ledger.spendguard-system.svc:7100".into(),
             operator_namespace: namespace.into(),
             credit_nano_usd: 0,
+            credit_ttl_ms: 60_000,
         },
         approvals: approve::ApprovalConfig {
             operator_username: operator_username(namespace),

@@ -74,6 +74,8 @@ pub struct InjectConfig {
     /// The sidecars' credit size (`SPENDGUARD_CREDIT_NANO_USD`; docs/design/credits.md); 0 sets
     /// nothing, so every call reserves before it is forwarded.
     pub credit_nano_usd: i64,
+    /// Their credits' lifetime (`SPENDGUARD_CREDIT_TTL_MS`), set only with credits on.
+    pub credit_ttl_ms: u64,
 }
 
 /// Why an opted-in pod is refused. Each has a stable code that starts the denial message.
@@ -206,6 +208,10 @@ pub fn sidecar(config: &InjectConfig) -> Container {
         environment.push(env(
             "SPENDGUARD_CREDIT_NANO_USD",
             &config.credit_nano_usd.to_string(),
+        ));
+        environment.push(env(
+            "SPENDGUARD_CREDIT_TTL_MS",
+            &config.credit_ttl_ms.to_string(),
         ));
     }
     Container {
@@ -411,6 +417,7 @@ mod tests {
             ledger_url: "http://spendguard-ledger.spendguard-system.svc:7100".into(),
             operator_namespace: "spendguard-system".into(),
             credit_nano_usd: 0,
+            credit_ttl_ms: 60_000,
         }
     }
 
@@ -489,6 +496,13 @@ mod tests {
                 .unwrap()
                 .iter()
                 .any(|e| e["name"] == "SPENDGUARD_CREDIT_NANO_USD" && e["value"] == "5000000000")
+        );
+        assert!(
+            with_credits["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["name"] == "SPENDGUARD_CREDIT_TTL_MS" && e["value"] == "60000")
         );
         assert_eq!(sidecar["readinessProbe"]["httpGet"]["path"], "/readyz");
         assert_eq!(sidecar["readinessProbe"]["httpGet"]["port"], 9464);

@@ -181,6 +181,15 @@ pub struct WebhookArgs {
         value_parser = clap::builder::RangedI64ValueParser::<i64>::new().range(0..=1_000_000_000_000_000_000)
     )]
     pub sidecar_credit_nano_usd: i64,
+    /// Credit lifetime given to injected sidecars that use credits (their
+    /// `SPENDGUARD_CREDIT_TTL_MS`).
+    #[arg(
+        long = "sidecar-credit-ttl-ms",
+        env = "SPENDGUARD_SIDECAR_CREDIT_TTL_MS",
+        default_value_t = 60_000,
+        value_parser = clap::builder::RangedU64ValueParser::<u64>::new().range(8_000..=3_600_000)
+    )]
+    pub sidecar_credit_ttl_ms: u64,
 }
 
 /// Everything the webhook server needs, resolved from flags.
@@ -258,6 +267,7 @@ impl WebhookArgs {
                 ledger_url,
                 operator_namespace: namespace.to_owned(),
                 credit_nano_usd: self.sidecar_credit_nano_usd,
+                credit_ttl_ms: self.sidecar_credit_ttl_ms,
             },
             approvals: approve::ApprovalConfig {
                 operator_username: self
