@@ -125,11 +125,6 @@ pub enum Credit {
 }
 
 impl Credit {
-    /// An ordinary reservation.
-    pub fn is_none(&self) -> bool {
-        *self == Self::None
-    }
-
     /// Anything but opening a credit.
     pub fn is_not_open(&self) -> bool {
         *self != Self::Open
