@@ -791,6 +791,8 @@ impl Decider {
     /// to settle, or `Lost`: the call was queued as a fail-open call and settles as one); `None`
     /// for any other call.
     async fn credit_draw(&self, call_id: &str) -> Option<DrawState> {
+        // Without credits, the settlement path takes no lock for them.
+        self.credits.as_ref()?;
         let mut draw = lock(&self.credit_calls)
             .get(call_id)
             .map(|c| c.draw.clone())?;
@@ -1463,15 +1465,25 @@ fn unix_ms_now() -> i64 {
 fn evidence_send_failure(status: &tonic::Status) -> SendFailure {
     use pb::ErrorCode as C;
     let message = status.message().to_owned();
+    if ledger_away(status) {
+        return SendFailure::Unavailable(format!("{:?}: {message}", status.code()));
+    }
     match error_code(status) {
-        None | Some(C::Overloaded | C::DependencyUnavailable | C::ShuttingDown) => {
-            SendFailure::Unavailable(format!("{:?}: {message}", status.code()))
-        }
         Some(C::IdempotencyConflict) => SendFailure::Conflict(message),
         Some(C::PermissionDenied) => SendFailure::Refused(message),
-        Some(_) if status.code() == tonic::Code::InvalidArgument => SendFailure::Refused(message),
-        Some(_) => SendFailure::Retry(message),
+        _ if status.code() == tonic::Code::InvalidArgument => SendFailure::Refused(message),
+        _ => SendFailure::Retry(message),
     }
+}
+
+/// Whether a failed ledger RPC says only that the ledger is away for now (unreachable,
+/// overloaded, shutting down): the same request may be answered later.
+pub(crate) fn ledger_away(status: &tonic::Status) -> bool {
+    use pb::ErrorCode as C;
+    matches!(
+        error_code(status),
+        None | Some(C::Overloaded | C::DependencyUnavailable | C::ShuttingDown)
+    )
 }
 
 /// Maps a failed ledger RPC of a settlement.

@@ -24,7 +24,7 @@ pub use pool::{
 };
 
 use crate::bundle::pricing_ref;
-use crate::decider::Identity;
+use crate::decider::{Identity, ledger_away};
 use crate::fail_open::FailOpenQueue;
 use crate::lease::Lease;
 use crate::sync::lock;
@@ -396,15 +396,9 @@ impl CreditDriver {
                 fencing.epoch = current;
                 continue;
             }
-            let transient = matches!(
-                code,
-                None | Some(
-                    pb::ErrorCode::Overloaded
-                        | pb::ErrorCode::DependencyUnavailable
-                        | pb::ErrorCode::ShuttingDown
-                        | pb::ErrorCode::FencingLeaseExpired
-                )
-            );
+            // The lease lapsed on the ledger's clock: the keeper renews it, then the draw lands.
+            let transient =
+                ledger_away(&status) || code == Some(pb::ErrorCode::FencingLeaseExpired);
             if !transient || Instant::now() + backoff >= expires {
                 return DrawState::Lost(format!("{:?}: {}", status.code(), status.message()));
             }
@@ -438,14 +432,7 @@ impl CreditDriver {
             Err(status) => {
                 warn!(credit = %id, error = %status.message(), "could not release a credit; it lapses at its TTL");
                 // Refused for good (already resolved, another epoch): nothing to retry.
-                !matches!(
-                    error_code(&status),
-                    None | Some(
-                        pb::ErrorCode::Overloaded
-                            | pb::ErrorCode::DependencyUnavailable
-                            | pb::ErrorCode::ShuttingDown
-                    )
-                )
+                !ledger_away(&status)
             }
         };
         if answered && let Some(record) = &self.record {
