@@ -327,6 +327,27 @@ mod tests {
     }
 
     #[test]
+    fn a_call_larger_than_a_credit_asks_for_none_and_draws_in_flight_are_bounded() {
+        let credits = Credits::new(policy());
+        let now = Instant::now();
+        assert!(
+            !credits.take(1_001, 1, now).open_next,
+            "no credit would hold it"
+        );
+        assert!(credits.take(1, 1, now).open_next);
+        credits.opened(Opened {
+            amount_nano_usd: 1_000_000,
+            ..opened("a", now)
+        });
+        let admitted = (0..300)
+            .filter(|_| credits.take(1, 1, now).credit.is_some())
+            .count();
+        assert_eq!(admitted, DRAWS_IN_FLIGHT_MAX as usize, "back pressure");
+        credits.draw_done("a", false);
+        assert!(credits.take(1, 1, now).credit.is_some(), "room again");
+    }
+
+    #[test]
     fn a_retired_credit_is_released_after_its_last_draw_lands() {
         let credits = Credits::new(policy());
         let now = Instant::now();
