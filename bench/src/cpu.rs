@@ -1,5 +1,6 @@
-//! CPU time a measured phase used, from `/proc`: the whole machine, the ledger process and the
-//! load generator (this process); the rest is PostgreSQL and whatever else ran.
+//! CPU time a measured phase used, from `/proc`: the whole machine, the named processes (the
+//! ledger, the sidecar) and the load generator (this process); the rest is PostgreSQL and
+//! whatever else ran.
 //!
 //! Throughput on this shared two-core machine moves by a third between consecutive runs of one
 //! binary, so a change worth 10% cannot be seen in pairs/s. CPU time per pair says how much work
@@ -12,24 +13,29 @@ use anyhow::{Context, Result};
 const TICKS_PER_SECOND: f64 = 100.0;
 
 /// Cumulative CPU ticks at one instant.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Sample {
     busy: u64,
     steal: u64,
     total: u64,
-    ledger: u64,
+    /// Each named process's ticks, in the order asked for.
+    processes: Vec<(&'static str, u64)>,
     load: u64,
 }
 
-/// Reads the machine's and the two processes' CPU ticks so far.
-pub(crate) fn sample(ledger_pid: u32) -> Result<Sample> {
+/// Reads the machine's, the named processes' and this process's CPU ticks so far.
+pub(crate) fn sample(processes: &[(&'static str, u32)]) -> Result<Sample> {
     let stat = std::fs::read_to_string("/proc/stat")?;
     let (busy, steal, total) = machine_ticks(&stat).context("parsing /proc/stat")?;
+    let processes = processes
+        .iter()
+        .map(|&(name, pid)| Ok((name, process_ticks(&format!("/proc/{pid}/stat"))?)))
+        .collect::<Result<_>>()?;
     Ok(Sample {
         busy,
         steal,
         total,
-        ledger: process_ticks(&format!("/proc/{ledger_pid}/stat"))?,
+        processes,
         load: process_ticks("/proc/self/stat")?,
     })
 }
@@ -71,25 +77,30 @@ fn process_ticks(path: &str) -> Result<u64> {
     Ok(ticks(14)? + ticks(15)?)
 }
 
-/// Prints how busy the machine was between `before` and `after`, and the CPU time per pair.
+/// Prints how busy the machine was between `before` and `after`, and the CPU time per unit of
+/// work (`unit`: a pair, a call).
 #[allow(clippy::cast_precision_loss)] // Tick counts far below 2^52.
-pub(crate) fn report(before: Sample, after: Sample, pairs: usize) {
+pub(crate) fn report(before: &Sample, after: &Sample, units: usize, unit: &str) {
     let ticks = |a: u64, b: u64| b.saturating_sub(a) as f64;
     let total = ticks(before.total, after.total).max(1.0);
     let busy = ticks(before.busy, after.busy);
-    let ledger = ticks(before.ledger, after.ledger);
     let load = ticks(before.load, after.load);
-    let rest = (busy - ledger - load).max(0.0);
     let cores = std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
-    let per_pair = |t: f64| t / TICKS_PER_SECOND * 1e6 / (pairs.max(1) as f64);
+    let per_unit = |t: f64| t / TICKS_PER_SECOND * 1e6 / (units.max(1) as f64);
+    let mut named = String::new();
+    let mut accounted = load;
+    for ((name, b), (_, a)) in before.processes.iter().zip(&after.processes) {
+        let used = ticks(*b, *a);
+        accounted += used;
+        named.push_str(&format!("{name} {:.0}, ", per_unit(used)));
+    }
     println!(
-        "  cpu: {:.0}% of {cores:.0} cores busy, steal {:.1}%; per pair {:.0} us: ledger {:.0}, load generator {:.0}, PostgreSQL and the rest {:.0}",
+        "  cpu: {:.0}% of {cores:.0} cores busy, steal {:.1}%; per {unit} {:.0} us: {named}load generator {:.0}, PostgreSQL and the rest {:.0}",
         busy / total * 100.0,
         ticks(before.steal, after.steal) / total * 100.0,
-        per_pair(busy),
-        per_pair(ledger),
-        per_pair(load),
-        per_pair(rest),
+        per_unit(busy),
+        per_unit(load),
+        per_unit((busy - accounted).max(0.0)),
     );
 }
 

@@ -41,6 +41,8 @@ async fn pair(
             reservation_id: r.reservation_id,
             actual_nano_usd: 700,
             fencing: Some(fencing.clone()),
+            // A pair's latency includes its Commit: this client waits on it.
+            deferrable: false,
         })
         .await?;
     Ok((reserved, committing.elapsed()))
@@ -109,7 +111,7 @@ pub(crate) async fn bench_ledger(
     for (name, spread) in [("hot budget", false), ("100 budgets", true)] {
         for &clients in client_counts {
             quiesce(&url).await?;
-            let cpu_before = cpu::sample(ledger_pid)?;
+            let cpu_before = cpu::sample(&[("ledger", ledger_pid)])?;
             let deadline = Instant::now() + duration;
             let started = Instant::now();
             let mut tasks = Vec::new();
@@ -138,17 +140,17 @@ pub(crate) async fn bench_ledger(
             for task in tasks {
                 all.extend(task.await??);
             }
-            let cpu_after = cpu::sample(ledger_pid)?;
+            let cpu_after = cpu::sample(&[("ledger", ledger_pid)])?;
             let pairs = all.len();
             report(name, clients, started.elapsed(), all);
-            cpu::report(cpu_before, cpu_after, pairs);
+            cpu::report(&cpu_before, &cpu_after, pairs, "pair");
         }
     }
     // Paced: a fixed offered rate on the hot budget, latency measured from each pair's start.
     let interval = Duration::from_secs_f64(1.0 / paced_rate as f64);
     let count = usize::try_from(paced_rate * duration.as_secs())?;
     quiesce(&url).await?;
-    let cpu_before = cpu::sample(ledger_pid)?;
+    let cpu_before = cpu::sample(&[("ledger", ledger_pid)])?;
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(count);
     let mut ticker = tokio::time::interval(interval);
@@ -171,7 +173,7 @@ pub(crate) async fn bench_ledger(
         reserves.push(reserve);
         commits.push(commit);
     }
-    let cpu_after = cpu::sample(ledger_pid)?;
+    let cpu_after = cpu::sample(&[("ledger", ledger_pid)])?;
     report(
         &format!("paced {paced_rate}/s hot"),
         0,
@@ -180,7 +182,7 @@ pub(crate) async fn bench_ledger(
     );
     report_calls("  of which ReserveSet", reserves);
     report_calls("  of which Commit", commits);
-    cpu::report(cpu_before, cpu_after, count);
+    cpu::report(&cpu_before, &cpu_after, count, "pair");
     if let Some((task, errors)) = sweeper {
         task.abort();
         report_sweeper(task.await, &errors)?;
@@ -232,6 +234,22 @@ fn report_sweeper(
 
 /// The writer's batch statistics, from the ledger's `/metrics`: how many commands shared each
 /// statement, and where a batch's time went.
+/// The writer's batches and the commands they carried so far, from the ledger's `/metrics`.
+pub(crate) async fn writer_totals(admin_port: u16) -> Result<(f64, f64)> {
+    let (_, metrics) = http_get(admin_port, "/metrics").await?;
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    Ok((
+        value("spendguard_ledger_batch_commands_count "),
+        value("spendguard_ledger_batch_commands_sum "),
+    ))
+}
+
 pub(crate) async fn report_writer(admin_port: u16) -> Result<()> {
     let (_, metrics) = http_get(admin_port, "/metrics").await?;
     let value = |name: &str| -> f64 {

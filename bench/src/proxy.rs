@@ -6,10 +6,11 @@
 //! is a non-streaming OpenAI chat completion: through the sidecar it is decided (one ReserveSet),
 //! forwarded, and settled (one Commit, in the background).
 
+use crate::cpu;
 use crate::processes::{LedgerProcess, spawn_mock, spawn_sidecar};
 use crate::quiesce::quiesce;
 use crate::stats::percentile;
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -144,6 +145,11 @@ pub(crate) async fn bench_proxy(
         &[("SPENDGUARD_CREDIT_NANO_USD", credit_nano_usd.to_string())],
     )
     .await?;
+    let processes = [
+        ("ledger", ledger.child.id().context("the ledger exited")?),
+        ("sidecar", sidecar.0.id().context("the sidecar exited")?),
+        ("mock", mock.0.id().context("the mock exited")?),
+    ];
     let direct = format!("http://127.0.0.1:{mock_port}/v1/chat/completions");
     let guarded = format!("http://127.0.0.1:{sidecar_port}/v1/chat/completions");
     let mut connector = HttpConnector::new();
@@ -174,7 +180,11 @@ pub(crate) async fn bench_proxy(
         quiesce(&url).await?;
         let d = paced(&client, &direct, rate, duration).await?;
         quiesce(&url).await?;
+        let writer_before = crate::ledger::writer_totals(ledger.admin_port).await?;
+        let cpu_before = cpu::sample(&processes)?;
         let g = paced(&client, &guarded, rate, duration).await?;
+        let cpu_after = cpu::sample(&processes)?;
+        let writer_after = crate::ledger::writer_totals(ledger.admin_port).await?;
         let (d50, d99) = (percentile(&d, 0.50), percentile(&d, 0.99));
         let (g50, g99) = (percentile(&g, 0.50), percentile(&g, 0.99));
         println!(
@@ -186,6 +196,12 @@ pub(crate) async fn bench_proxy(
             ms(g99),
             ms(g50) - ms(d50),
             ms(g99) - ms(d99),
+        );
+        cpu::report(&cpu_before, &cpu_after, g.len(), "call");
+        let batches = writer_after.0 - writer_before.0;
+        println!(
+            "  ledger: {batches:.0} batches, {:.1} commands per batch",
+            (writer_after.1 - writer_before.1) / batches.max(1.0)
         );
     }
     quiesce(&url).await?;

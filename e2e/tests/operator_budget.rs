@@ -303,6 +303,7 @@ async fn deleting_a_budget_closes_its_ledger_budget_and_keeps_history() {
             reservation_id: reservation.reservation_id,
             actual_nano_usd: 100_000_000,
             fencing: Some(fencing.clone()),
+            deferrable: false,
         })
         .await
         .unwrap();

@@ -84,6 +84,7 @@ async fn budget_cleanup_closes_the_ledger_budget_then_removes_the_finalizer() {
             reservation_id: reservation.reservation_id,
             actual_nano_usd: 120,
             fencing: Some(fencing.clone()),
+            deferrable: false,
         })
         .await
         .unwrap();

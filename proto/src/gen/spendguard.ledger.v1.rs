@@ -84,6 +84,13 @@ pub struct ReserveSetRequest {
     /// Exclusive with `credit`.
     #[prost(string, tag = "10")]
     pub draw_from_reservation_id: ::prost::alloc::string::String,
+    /// Nobody waits on this answer for anything user-visible (a settlement or credit draw sent in
+    /// the background): the ledger may hold it up to its defer window (SPENDGUARD_LEDGER_DEFER_MAX_US,
+    /// 5 ms by default) so that it shares a transaction with others; any request without it sends
+    /// what is held at once. Changes when the request is written, never its outcome, and is not
+    /// part of its idempotency fingerprint.
+    #[prost(bool, tag = "11")]
+    pub deferrable: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -176,6 +183,13 @@ pub struct CommitRequest {
     pub actual_nano_usd: i64,
     #[prost(message, optional, tag = "4")]
     pub fencing: ::core::option::Option<FencingToken>,
+    /// Nobody waits on this answer for anything user-visible (a settlement or credit draw sent in
+    /// the background): the ledger may hold it up to its defer window (SPENDGUARD_LEDGER_DEFER_MAX_US,
+    /// 5 ms by default) so that it shares a transaction with others; any request without it sends
+    /// what is held at once. Changes when the request is written, never its outcome, and is not
+    /// part of its idempotency fingerprint.
+    #[prost(bool, tag = "5")]
+    pub deferrable: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -206,6 +220,13 @@ pub struct ReleaseRequest {
     /// Short reason for the audit trail, e.g. "upstream_error", "client_disconnect".
     #[prost(string, tag = "4")]
     pub reason: ::prost::alloc::string::String,
+    /// Nobody waits on this answer for anything user-visible (a settlement or credit draw sent in
+    /// the background): the ledger may hold it up to its defer window (SPENDGUARD_LEDGER_DEFER_MAX_US,
+    /// 5 ms by default) so that it shares a transaction with others; any request without it sends
+    /// what is held at once. Changes when the request is written, never its outcome, and is not
+    /// part of its idempotency fingerprint.
+    #[prost(bool, tag = "5")]
+    pub deferrable: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

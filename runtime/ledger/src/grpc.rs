@@ -7,7 +7,7 @@ use crate::error::Error;
 use crate::evidence_gate::EvidenceGate;
 use crate::metrics::Metrics;
 use crate::store::Store;
-use crate::writer::Writer;
+use crate::writer::{Urgency, Writer};
 use prost::Message;
 use spendguard_core::plan::{Command, Credit, Outcome, RUN_BUDGET_PREFIX};
 use spendguard_core::{ErrorClass, LedgerError};
@@ -94,7 +94,17 @@ impl LedgerGrpc {
     }
 
     async fn submit(&self, command: Command) -> Result<Outcome, Error> {
-        self.writer.submit(command).await
+        self.writer.submit(command, Urgency::Now).await
+    }
+
+    /// [`Self::submit`] for a request that may say nobody waits on its answer.
+    async fn submit_as(&self, command: Command, deferrable: bool) -> Result<Outcome, Error> {
+        let urgency = if deferrable {
+            Urgency::Deferrable
+        } else {
+            Urgency::Now
+        };
+        self.writer.submit(command, urgency).await
     }
 }
 
@@ -145,7 +155,11 @@ impl pb::ledger_server::Ledger for LedgerGrpc {
             if !matches!(command.credit, Credit::DrawFrom(_)) {
                 self.evidence_gate.admit()?;
             }
-            match self.submit(Command::ReserveSet(command)).await? {
+            let deferrable = request.get_ref().deferrable;
+            match self
+                .submit_as(Command::ReserveSet(command), deferrable)
+                .await?
+            {
                 Outcome::Reserved {
                     reservation_id,
                     amount,
@@ -191,7 +205,8 @@ impl pb::ledger_server::Ledger for LedgerGrpc {
     ) -> Result<Response<pb::CommitResponse>, Status> {
         self.run("Commit", async {
             let command = convert::commit(request.get_ref())?;
-            match self.submit(Command::Commit(command)).await? {
+            let deferrable = request.get_ref().deferrable;
+            match self.submit_as(Command::Commit(command), deferrable).await? {
                 Outcome::Committed {
                     reservation_id,
                     resolution,
@@ -216,7 +231,11 @@ impl pb::ledger_server::Ledger for LedgerGrpc {
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         self.run("Release", async {
             let command = convert::release(request.get_ref())?;
-            match self.submit(Command::Release(command)).await? {
+            let deferrable = request.get_ref().deferrable;
+            match self
+                .submit_as(Command::Release(command), deferrable)
+                .await?
+            {
                 Outcome::Released {
                     reservation_id,
                     released,

@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::evidence_gate::EvidenceGate;
 use crate::metrics::Metrics;
 use crate::store::{ProducerClaim, Store};
-use crate::writer::Writer;
+use crate::writer::{Batching, Writer};
 use clap::Args;
 use prometheus_client::registry::Registry;
 use spendguard_evidence::{Signer, Signing, SigningArgs};
@@ -106,6 +106,16 @@ pub struct LedgerTuning {
         default_value_t = 1_000
     )]
     pub batch_linger_us: u64,
+    /// Longest a batch of deferrable commands only (settlements and credit draws a sidecar sends
+    /// in the background, nobody waiting on them) is held for more to share its transaction
+    /// (microseconds; 0 never holds). An urgent command sends a held batch at once.
+    #[arg(
+        long,
+        env = "SPENDGUARD_LEDGER_DEFER_MAX_US",
+        default_value_t = 5_000,
+        value_parser = clap::value_parser!(u64).range(0..=100_000)
+    )]
+    pub defer_max_us: u64,
     /// Cached-path batches sent to PostgreSQL before the oldest is answered (1 to 4). 2 keeps
     /// the next batch queued behind the running one; 1 waits for each answer before sending.
     #[arg(long, env = "SPENDGUARD_LEDGER_PIPELINE_DEPTH", default_value_t = 2,
@@ -146,6 +156,7 @@ impl Default for LedgerTuning {
             db_pool_size: 8,
             queue_capacity: 8192,
             batch_linger_us: 1_000,
+            defer_max_us: 5_000,
             pipeline_depth: 2,
             max_message_bytes: 65_536,
             migrate_on_start: true,
@@ -267,8 +278,11 @@ pub async fn start(
         store.clone(),
         claim_rx.clone(),
         tuning.queue_capacity,
-        Duration::from_micros(tuning.batch_linger_us),
-        usize::from(tuning.pipeline_depth),
+        Batching {
+            linger_for: Duration::from_micros(tuning.batch_linger_us),
+            defer_for: Duration::from_micros(tuning.defer_max_us),
+            pipeline_depth: usize::from(tuning.pipeline_depth),
+        },
         metrics.clone(),
     );
     let evidence_gate = Arc::new(EvidenceGate::new(tuning.max_evidence_lag_seconds));

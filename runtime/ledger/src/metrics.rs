@@ -51,10 +51,18 @@ pub struct PathLabels {
     pub path: &'static str,
 }
 
+/// Labels of the written-commands counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UrgencyLabels {
+    /// now | deferrable (the request said nobody waits on its answer).
+    pub urgency: &'static str,
+}
+
 /// Ledger metrics.
 #[derive(Clone)]
 pub struct Metrics {
     batch_path: Family<PathLabels, Counter>,
+    commands: Family<UrgencyLabels, Counter>,
     rpc_duration: Family<RpcLabels, Histogram>,
     rpc_errors: Family<ErrorLabels, Counter>,
     batch_commands: Histogram,
@@ -82,6 +90,7 @@ impl Metrics {
             rpc_duration: Family::new_with_constructor(latency_histogram),
             rpc_errors: Family::default(),
             batch_path: Family::default(),
+            commands: Family::default(),
             batch_commands: Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(1.0, 2.0, 10),
             ),
@@ -106,6 +115,11 @@ impl Metrics {
             "batches",
             "Group-commit batches by path: cached, cached_stale (refused by the guard, then loaded), loaded",
             metrics.batch_path.clone(),
+        );
+        registry.register(
+            "commands",
+            "Commands handed to the writer, by urgency: now, or deferrable (held up to the defer window for a shared transaction)",
+            metrics.commands.clone(),
         );
         registry.register(
             "batch_commands",
@@ -155,6 +169,13 @@ impl Metrics {
                 .get_or_create(&ErrorLabels { rpc, code })
                 .inc();
         }
+    }
+
+    /// Counts `n` commands of one urgency handed to a batch.
+    pub fn observe_commands(&self, urgency: &'static str, n: usize) {
+        self.commands
+            .get_or_create(&UrgencyLabels { urgency })
+            .inc_by(n as u64);
     }
 
     /// Counts a batch's path. A high `cached_stale` rate means another writer (a second

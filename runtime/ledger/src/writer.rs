@@ -9,6 +9,11 @@
 //! Hot batches go out on the cached path (`cache.rs`) and are pipelined: while one runs in
 //! PostgreSQL, the next is planned on its effects and sent behind it on the same session, so the
 //! database never waits for the writer (docs/design/ledger-cached-path.md).
+//!
+//! Commands nobody waits on ([`Urgency::Deferrable`]: settlements and credit draws a sidecar
+//! sends in the background) may be held up to the defer window so that fewer, larger
+//! transactions carry them; the first urgent command sends whatever is held with it
+//! (docs/design/deferrable-commands.md).
 
 use crate::cache::HotCache;
 use crate::error::{Error, Result};
@@ -25,12 +30,47 @@ use tracing::{Instrument, debug, error, info_span};
 /// batch stays well under a millisecond of planning and a few of SQL.
 pub const BATCH_COMMANDS_MAX: usize = 256;
 
+/// Most commands a held batch of deferrable commands waits for: past it the batch goes out even
+/// inside its window, so one statement stays a few milliseconds of SQL at most.
+pub const HELD_COMMANDS_MAX: usize = 32;
+
 type Reply = oneshot::Sender<Result<Outcome>>;
+
+/// How soon a command's caller needs its answer. Never changes the outcome, only when the
+/// command's transaction starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Urgency {
+    /// Someone waits on the answer: it goes out with the next batch.
+    Now,
+    /// Nobody waits on it for anything user-visible (a settlement or credit draw sent in the
+    /// background): it may wait up to the defer window for others to share its transaction.
+    Deferrable,
+}
+
+/// One command waiting for the writer.
+struct Queued {
+    command: Command,
+    reply: Reply,
+    urgency: Urgency,
+    /// When it was submitted: a held batch leaves at most the defer window after its first.
+    submitted: Instant,
+}
 
 /// Handle to submit commands to the writer.
 #[derive(Clone)]
 pub struct Writer {
-    queue: mpsc::Sender<(Command, Reply)>,
+    queue: mpsc::Sender<Queued>,
+}
+
+/// How the writer forms batches.
+#[derive(Debug, Clone, Copy)]
+pub struct Batching {
+    /// Longest a batch waits for stragglers when the previous batch was larger.
+    pub linger_for: std::time::Duration,
+    /// Longest a batch of deferrable commands only is held for more (zero: never held).
+    pub defer_for: std::time::Duration,
+    /// Cached batches in flight at once (at least one).
+    pub pipeline_depth: usize,
 }
 
 impl Writer {
@@ -39,18 +79,15 @@ impl Writer {
         store: Store,
         claim: watch::Receiver<Option<ProducerClaim>>,
         queue_capacity: usize,
-        linger_for: std::time::Duration,
-        pipeline_depth: usize,
+        batching: Batching,
         metrics: Metrics,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (queue, receiver) = mpsc::channel(queue_capacity);
-        let task = tokio::spawn(run(
-            store,
-            claim,
-            receiver,
-            (linger_for, pipeline_depth.max(1)),
-            metrics,
-        ));
+        let batching = Batching {
+            pipeline_depth: batching.pipeline_depth.max(1),
+            ..batching
+        };
+        let task = tokio::spawn(run(store, claim, receiver, batching, metrics));
         (Self { queue }, task)
     }
 
@@ -59,9 +96,15 @@ impl Writer {
     /// # Errors
     /// [`Error::Overloaded`] when the queue is full, [`Error::ShuttingDown`] when the writer is
     /// gone, or the command's own error.
-    pub async fn submit(&self, command: Command) -> Result<Outcome> {
+    pub async fn submit(&self, command: Command, urgency: Urgency) -> Result<Outcome> {
         let (reply, outcome) = oneshot::channel();
-        self.queue.try_send((command, reply)).map_err(|e| match e {
+        let queued = Queued {
+            command,
+            reply,
+            urgency,
+            submitted: Instant::now(),
+        };
+        self.queue.try_send(queued).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => Error::Overloaded,
             mpsc::error::TrySendError::Closed(_) => Error::ShuttingDown,
         })?;
@@ -93,10 +136,11 @@ struct State {
 async fn run(
     store: Store,
     claim: watch::Receiver<Option<ProducerClaim>>,
-    mut receiver: mpsc::Receiver<(Command, Reply)>,
-    (linger_for, depth): (std::time::Duration, usize),
+    mut receiver: mpsc::Receiver<Queued>,
+    batching: Batching,
     metrics: Metrics,
 ) {
+    let depth = batching.pipeline_depth;
     let mut state = State {
         store,
         claim,
@@ -113,32 +157,34 @@ async fn run(
             state.answer_oldest().await;
             continue;
         }
+        let was_empty = batch.is_empty();
         if !closed {
             if state.in_flight.is_empty() {
                 if batch.is_empty() && receiver.recv_many(&mut batch, BATCH_COMMANDS_MAX).await == 0
                 {
                     closed = true;
-                } else {
-                    linger(&mut receiver, &mut batch, previous_size, linger_for).await;
+                } else if was_empty {
+                    // (Not again for a held batch: its hold already waits, up to its deadline.)
+                    linger(
+                        &mut receiver,
+                        &mut batch,
+                        previous_size,
+                        batching.linger_for,
+                    )
+                    .await;
                 }
             } else if batch.is_empty() {
                 // A batch is running: whatever arrives meanwhile is sent at once behind it, so
                 // PostgreSQL starts it the moment the running one commits. (Waiting for the
                 // next batch to grow as large was measured: fewer statements, but higher
                 // latency and no more throughput.)
-                let Some(oldest) = state.in_flight.front_mut() else {
-                    continue;
-                };
-                let room = BATCH_COMMANDS_MAX - batch.len();
-                let event = tokio::select! {
-                    biased;
-                    answer = &mut oldest.answer => Err(answer),
-                    received = receiver.recv_many(&mut batch, room) => Ok(received),
-                };
-                match event {
-                    Err(answer) => state.answered(answer).await,
-                    Ok(0) => closed = true,
-                    Ok(_) => {}
+                match state
+                    .answer_or_receive(&mut receiver, &mut batch, None)
+                    .await
+                {
+                    Event::Answered | Event::Received => {}
+                    Event::Closed => closed = true,
+                    Event::HoldOver => unreachable!("no deadline was given"),
                 }
                 continue;
             }
@@ -149,8 +195,29 @@ async fn run(
             }
             continue;
         }
-        previous_size = batch.len();
-        let (commands, replies): (Vec<Command>, Vec<Reply>) = batch.drain(..).unzip();
+        if !closed && let Some(deadline) = hold_until(&batch, batching.defer_for) {
+            match state
+                .answer_or_receive(&mut receiver, &mut batch, Some(deadline))
+                .await
+            {
+                Event::Answered | Event::Received => continue,
+                Event::Closed => closed = true,
+                Event::HoldOver => {}
+            }
+        }
+        let deferrable = batch
+            .iter()
+            .filter(|q| q.urgency == Urgency::Deferrable)
+            .count();
+        // The linger waits for a burst of urgent commands to come back as large; held
+        // deferrable ones are not coming back, and nobody should wait for them.
+        previous_size = (batch.len() - deferrable).max(1);
+        state.metrics.observe_commands("deferrable", deferrable);
+        state
+            .metrics
+            .observe_commands("now", batch.len() - deferrable);
+        let (commands, replies): (Vec<Command>, Vec<Reply>) =
+            batch.drain(..).map(|q| (q.command, q.reply)).unzip();
         state.start(commands, replies).await;
     }
     while !state.in_flight.is_empty() {
@@ -159,7 +226,68 @@ async fn run(
     debug!("ledger writer stopped");
 }
 
+/// What ended a wait of the writer.
+enum Event {
+    /// The oldest batch in flight was answered.
+    Answered,
+    /// Commands arrived.
+    Received,
+    /// Every handle is gone.
+    Closed,
+    /// The held batch's window ended.
+    HoldOver,
+}
+
+/// Until when `batch` may be held for more commands: only while every command in it is
+/// deferrable, it is smaller than [`HELD_COMMANDS_MAX`], and its first command was submitted
+/// less than `defer_for` ago. `None` sends it now.
+fn hold_until(batch: &[Queued], defer_for: std::time::Duration) -> Option<Instant> {
+    let deadline = batch.first()?.submitted + defer_for;
+    let holdable = !defer_for.is_zero()
+        && batch.len() < HELD_COMMANDS_MAX
+        && batch.iter().all(|q| q.urgency == Urgency::Deferrable);
+    (holdable && Instant::now() < deadline).then_some(deadline)
+}
+
 impl State {
+    /// Waits for the first of: the oldest batch in flight answered (handled here), commands
+    /// arriving (added to `batch`), or `deadline`.
+    async fn answer_or_receive(
+        &mut self,
+        receiver: &mut mpsc::Receiver<Queued>,
+        batch: &mut Vec<Queued>,
+        deadline: Option<Instant>,
+    ) -> Event {
+        let room = BATCH_COMMANDS_MAX - batch.len();
+        let oldest = async {
+            match self.in_flight.front_mut() {
+                Some(oldest) => (&mut oldest.answer).await,
+                None => std::future::pending().await,
+            }
+        };
+        let hold_over = async {
+            match deadline {
+                Some(deadline) => tokio::time::sleep_until(deadline).await,
+                None => std::future::pending().await,
+            }
+        };
+        let event = tokio::select! {
+            biased;
+            answer = oldest => Err(answer),
+            received = receiver.recv_many(batch, room) => Ok(Some(received)),
+            () = hold_over => Ok(None),
+        };
+        match event {
+            Err(answer) => {
+                self.answered(answer).await;
+                Event::Answered
+            }
+            Ok(Some(0)) => Event::Closed,
+            Ok(Some(_)) => Event::Received,
+            Ok(None) => Event::HoldOver,
+        }
+    }
+
     /// Starts one batch: sent on the cached path if the cache can plan it (its answer is
     /// collected later), otherwise run on the load path once nothing is in flight.
     async fn start(&mut self, commands: Vec<Command>, replies: Vec<Reply>) {
@@ -315,8 +443,8 @@ fn reply(replies: Vec<Reply>, results: impl Iterator<Item = Result<Outcome>>) {
 /// loaded ledger (previous batch of one) never waits. Tokio timers tick in milliseconds, so the
 /// wait is rounded up to the next millisecond.
 async fn linger(
-    receiver: &mut mpsc::Receiver<(Command, Reply)>,
-    batch: &mut Vec<(Command, Reply)>,
+    receiver: &mut mpsc::Receiver<Queued>,
+    batch: &mut Vec<Queued>,
     previous_size: usize,
     linger_for: std::time::Duration,
 ) {
@@ -419,8 +547,17 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    fn command() -> (Command, Reply) {
-        (Command::SweepExpired(1), oneshot::channel().0)
+    fn command() -> Queued {
+        queued(Urgency::Now)
+    }
+
+    fn queued(urgency: Urgency) -> Queued {
+        Queued {
+            command: Command::SweepExpired(1),
+            reply: oneshot::channel().0,
+            urgency,
+            submitted: Instant::now(),
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -451,5 +588,32 @@ mod tests {
             (batch.len(), started.elapsed()),
             (1, Duration::from_millis(10))
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_small_batches_of_deferrable_commands_are_held_and_only_inside_their_window() {
+        let window = Duration::from_millis(5);
+        let submitted = Instant::now();
+        let deferrable: Vec<Queued> = (0..3).map(|_| queued(Urgency::Deferrable)).collect();
+        assert_eq!(hold_until(&deferrable, window), Some(submitted + window));
+        assert_eq!(hold_until(&[], window), None);
+        // A zero window never holds.
+        assert_eq!(hold_until(&deferrable, Duration::ZERO), None);
+        // One urgent command sends everything held with it.
+        let mut mixed = deferrable;
+        mixed.push(queued(Urgency::Now));
+        assert_eq!(hold_until(&mixed, window), None);
+        // A full batch goes out inside its window.
+        let mut full: Vec<Queued> = (0..HELD_COMMANDS_MAX)
+            .map(|_| queued(Urgency::Deferrable))
+            .collect();
+        assert_eq!(hold_until(&full, window), None);
+        assert!(hold_until(&full[1..], window).is_some());
+        // The window counts from the first command's submission, not from the latest.
+        tokio::time::advance(window / 2).await;
+        full.push(queued(Urgency::Deferrable));
+        assert_eq!(hold_until(&full[2..], window), Some(submitted + window));
+        tokio::time::advance(window / 2).await;
+        assert_eq!(hold_until(&full[2..], window), None);
     }
 }

@@ -272,6 +272,7 @@ async fn the_data_path_serves_what_a_sidecar_does() {
         reservation_id: reserved.reservation_id,
         actual_nano_usd: 60,
         fencing: Some(fencing.clone()),
+        deferrable: false,
     })
     .await
     .unwrap();

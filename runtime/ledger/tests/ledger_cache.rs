@@ -110,6 +110,7 @@ async fn hot_reserves_and_commits_take_the_cached_path_and_stay_exact() {
                 reservation_id: id,
                 actual_nano_usd: 7,
                 fencing: Some(fencing.clone()),
+                deferrable: false,
             })
             .await
             .unwrap();
@@ -212,6 +213,7 @@ async fn replaying_a_settled_reservation_is_answered_as_a_replay() {
             reservation_id: id.clone(),
             fencing: Some(fencing.clone()),
             reason: "done".into(),
+            deferrable: false,
         })
         .await
         .unwrap();
@@ -449,6 +451,7 @@ async fn each_batch_takes_the_statement_for_its_effects_and_no_statement_drops_e
                 reservation_id: r.reservation_id().to_string(),
                 actual_nano_usd: 4,
                 fencing: Some(token.clone()),
+                deferrable: false,
             })
             .unwrap(),
         )

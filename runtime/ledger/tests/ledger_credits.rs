@@ -70,6 +70,7 @@ fn release(id: &str, fencing: &pb::FencingToken) -> pb::ReleaseRequest {
         reservation_id: id.into(),
         fencing: Some(fencing.clone()),
         reason: "done".into(),
+        deferrable: false,
     }
 }
 
@@ -134,6 +135,7 @@ async fn draws_settle_like_calls_and_the_credit_returns_only_what_was_not_drawn(
             reservation_id: d1.reservation_id.clone(),
             actual_nano_usd: 150,
             fencing: Some(fencing.clone()),
+            deferrable: false,
         })
         .await
         .unwrap()
@@ -398,6 +400,7 @@ async fn a_credit_refuses_what_it_cannot_cover_and_writes_nothing() {
             reservation_id: credit.reservation_id.clone(),
             actual_nano_usd: 10,
             fencing: Some(fencing.clone()),
+            deferrable: false,
         })
         .await
         .unwrap_err();
@@ -476,6 +479,7 @@ async fn an_expired_credit_returns_what_was_not_drawn_and_its_draws_live_on() {
             reservation_id: call.reservation_id.clone(),
             actual_nano_usd: 100,
             fencing: Some(fencing.clone()),
+            deferrable: false,
         })
         .await
         .unwrap();

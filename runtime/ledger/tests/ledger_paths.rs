@@ -80,6 +80,7 @@ async fn reserve_then_commit_releases_the_rest_on_every_budget() {
             reservation_id: r.reservation_id.clone(),
             actual_nano_usd: 120,
             fencing: Some(fencing.clone()),
+            deferrable: false,
         })
         .await
         .unwrap()
@@ -125,6 +126,7 @@ async fn commit_above_the_reservation_is_a_flagged_overrun_never_dropped() {
             reservation_id: r.reservation_id,
             actual_nano_usd: 150,
             fencing: Some(fencing),
+            deferrable: false,
         })
         .await
         .unwrap()
@@ -183,6 +185,7 @@ async fn release_returns_everything_and_retries_replay() {
         reservation_id: r.reservation_id.clone(),
         fencing: Some(fencing.clone()),
         reason: "client_disconnect".into(),
+        deferrable: false,
     };
     let first = ledger
         .client
@@ -208,6 +211,7 @@ async fn release_returns_everything_and_retries_replay() {
             reservation_id: r.reservation_id.clone(),
             actual_nano_usd: 1,
             fencing: Some(fencing.clone()),
+            deferrable: false,
         })
         .await
         .unwrap_err();
@@ -266,6 +270,7 @@ async fn idempotent_reserve_and_commit() {
         reservation_id: id,
         actual_nano_usd: 100,
         fencing: Some(fencing),
+        deferrable: false,
     };
     assert!(
         !ledger
@@ -379,6 +384,7 @@ async fn expiry_runs_on_the_database_clock_and_late_settlement_is_refused() {
             reservation_id: r.reservation_id.clone(),
             actual_nano_usd: 1,
             fencing: Some(fencing.clone()),
+            deferrable: false,
         })
         .await
         .unwrap_err();
@@ -405,6 +411,7 @@ async fn expiry_runs_on_the_database_clock_and_late_settlement_is_refused() {
         reservation_id: r.reservation_id,
         fencing: Some(fencing.clone()),
         reason: String::new(),
+        deferrable: false,
     };
     assert_eq!(
         code(&ledger.client.release(release).await.unwrap_err()),
@@ -426,6 +433,7 @@ async fn expiry_runs_on_the_database_clock_and_late_settlement_is_refused() {
             reservation_id: keep.reservation_id,
             actual_nano_usd: 100,
             fencing: Some(fencing),
+            deferrable: false,
         })
         .await
         .unwrap();
@@ -628,6 +636,7 @@ async fn every_audit_event_is_signed_by_a_registered_key() {
             reservation_id: r.reservation_id,
             actual_nano_usd: 30,
             fencing: Some(fencing.clone()),
+            deferrable: false,
         })
         .await
         .unwrap();
@@ -888,6 +897,7 @@ async fn bad_input_gets_its_stable_code_and_writes_nothing() {
                 reservation_id: "not-a-uuid".into(),
                 actual_nano_usd: 1,
                 fencing: Some(fencing.clone()),
+                deferrable: false,
             },
             pb::ErrorCode::IdMalformed,
         ),
@@ -897,6 +907,7 @@ async fn bad_input_gets_its_stable_code_and_writes_nothing() {
                 reservation_id: uuid::Uuid::new_v4().to_string(),
                 actual_nano_usd: 1,
                 fencing: Some(fencing.clone()),
+                deferrable: false,
             },
             pb::ErrorCode::ReservationNotFound,
         ),
@@ -906,6 +917,7 @@ async fn bad_input_gets_its_stable_code_and_writes_nothing() {
                 reservation_id: uuid::Uuid::new_v4().to_string(),
                 actual_nano_usd: -5,
                 fencing: Some(fencing.clone()),
+                deferrable: false,
             },
             pb::ErrorCode::AmountInvalid,
         ),
@@ -987,6 +999,7 @@ async fn tenants_cannot_touch_each_other() {
             reservation_id: r.reservation_id,
             fencing: Some(fencing_b.clone()),
             reason: String::new(),
+            deferrable: false,
         })
         .await
         .unwrap_err();
@@ -1072,6 +1085,7 @@ async fn leases_renew_take_over_and_fence_stale_writers() {
             reservation_id: r.reservation_id.clone(),
             fencing: Some(fencing.clone()),
             reason: String::new(),
+            deferrable: false,
         })
         .await
         .unwrap_err();
@@ -1087,6 +1101,7 @@ async fn leases_renew_take_over_and_fence_stale_writers() {
             reservation_id: r.reservation_id,
             fencing: Some(fresh),
             reason: "takeover".into(),
+            deferrable: false,
         })
         .await
         .unwrap();
@@ -1471,6 +1486,7 @@ async fn a_reserve_retried_after_a_restart_replays_and_a_stale_or_foreign_retry_
             reservation_id: first.reservation_id,
             actual_nano_usd: 100,
             fencing: Some(current),
+            deferrable: false,
         })
         .await
         .unwrap()

@@ -119,6 +119,7 @@ async fn run(ops: Vec<Op>) {
                         reservation_id: o.id.clone(),
                         actual_nano_usd: actual,
                         fencing: Some(fencing.clone()),
+                        deferrable: false,
                     })
                     .await;
                 if o.is_credit {
@@ -150,6 +151,7 @@ async fn run(ops: Vec<Op>) {
                         reservation_id: o.id.clone(),
                         fencing: Some(fencing.clone()),
                         reason: "p".into(),
+                        deferrable: false,
                     })
                     .await;
                 if o.resolved {

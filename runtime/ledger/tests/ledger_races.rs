@@ -89,6 +89,7 @@ async fn two_ledger_replicas_cannot_overspend_one_budget() {
                     reservation_id: reservation.reservation_id,
                     actual_nano_usd: 1,
                     fencing: Some(fencing),
+                    deferrable: false,
                 })
                 .await
                 .unwrap();
@@ -270,6 +271,7 @@ async fn a_cached_commit_and_another_replica_holding_its_reservation_do_not_dead
         reservation_id,
         actual_nano_usd: 5,
         fencing: Some(fencing.clone()),
+        deferrable: false,
     };
     let warm = reservation_id(
         ledger

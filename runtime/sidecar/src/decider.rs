@@ -86,6 +86,9 @@ pub struct DecideInput {
     pub run_id: Option<String>,
     /// Workflow, for the audit trail.
     pub workflow_id: Option<String>,
+    /// Who waits on the call's settlement. Inside a credit the settlement waits for the call's
+    /// draw, so the draw is sent as urgent as the settlement will be.
+    pub settles: Waiter,
 }
 
 /// The three outcomes.
@@ -186,6 +189,16 @@ pub enum Spend {
     /// The provider may have billed but reported nothing (a stream cut short): the whole
     /// reservation is committed, since it is the only amount that cannot undercount.
     Unreported,
+}
+
+/// Whether anyone waits on a settlement's answer. The ledger may hold a settlement nobody waits
+/// on for a few milliseconds to write it with others (its defer window).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waiter {
+    /// The decision API's caller waits for its Commit or Release.
+    Caller,
+    /// The proxy settles in the background, after the response went out.
+    Nobody,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -695,8 +708,12 @@ impl Decider {
                 // open (the release after the approval failed): the call is that REQUIRE_APPROVAL
                 // whatever the balances say now, so an approval always means that answer.
                 if replayed && let Some(mut earlier) = self.approval_opened_for(input).await? {
-                    self.release_reservation(&reserved.reservation_id, "approval_required")
-                        .await?;
+                    self.release_reservation(
+                        &reserved.reservation_id,
+                        "approval_required",
+                        Waiter::Caller,
+                    )
+                    .await?;
                     earlier.replayed = true;
                     return Ok(earlier);
                 }
@@ -722,8 +739,12 @@ impl Decider {
                         )
                         .await?;
                     // Approval comes before any spend: the reservation goes back at once.
-                    self.release_reservation(&reserved.reservation_id, "approval_required")
-                        .await?;
+                    self.release_reservation(
+                        &reserved.reservation_id,
+                        "approval_required",
+                        Waiter::Caller,
+                    )
+                    .await?;
                     self.require_approval(input, crossed, approval_id)
                 } else {
                     let mut decision =
@@ -759,6 +780,8 @@ impl Decider {
             expires,
             pb::ReserveSetRequest {
                 draw_from_reservation_id: credit,
+                // The call is already admitted: only its settlement may wait on the draw.
+                deferrable: input.settles == Waiter::Nobody,
                 ..request
             },
             IfLost {
@@ -1098,7 +1121,12 @@ impl Decider {
     /// # Errors
     /// [`SidecarError`] when the call is unknown, holds no reservation, was released or expired,
     /// or the ledger is unavailable (retry later; the reservation's TTL bounds the wait).
-    pub async fn commit(&self, call_id: &str, spend: Spend) -> Result<Committed, SidecarError> {
+    pub async fn commit(
+        &self,
+        call_id: &str,
+        spend: Spend,
+        waiter: Waiter,
+    ) -> Result<Committed, SidecarError> {
         let (decision, settled, fingerprint) = self.open_call(call_id)?;
         let actual = self.price(&decision, &fingerprint, spend)?;
         match settled {
@@ -1146,6 +1174,7 @@ impl Decider {
                 reservation_id,
                 actual_nano_usd: actual.get(),
                 fencing: Some(self.fencing(epoch)),
+                deferrable: waiter == Waiter::Nobody,
             })
             .await
             .map_err(|status| settle_error(call_id, &status))?
@@ -1165,7 +1194,12 @@ impl Decider {
     ///
     /// # Errors
     /// As [`Decider::commit`].
-    pub async fn release(&self, call_id: &str, reason: &str) -> Result<Released, SidecarError> {
+    pub async fn release(
+        &self,
+        call_id: &str,
+        reason: &str,
+        waiter: Waiter,
+    ) -> Result<Released, SidecarError> {
         spendguard_core::ids::check_text("reason", reason, 64)
             .map_err(|e| SidecarError::invalid("reason", e.to_string()))?;
         let (decision, settled, _) = self.open_call(call_id)?;
@@ -1197,7 +1231,9 @@ impl Decider {
                 .reservation_id
                 .ok_or_else(|| SidecarError::NoReservation(call_id.to_owned()))?,
         };
-        let released_nano_usd = self.release_reservation(&reservation_id, reason).await?;
+        let released_nano_usd = self
+            .release_reservation(&reservation_id, reason, waiter)
+            .await?;
         let released = Released {
             released_nano_usd,
             replayed: false,
@@ -1209,6 +1245,7 @@ impl Decider {
         &self,
         reservation_id: &str,
         reason: &str,
+        waiter: Waiter,
     ) -> Result<i64, SidecarError> {
         let epoch = self
             .lease
@@ -1222,6 +1259,7 @@ impl Decider {
                 reservation_id: reservation_id.to_owned(),
                 fencing: Some(self.fencing(epoch)),
                 reason: reason.to_owned(),
+                deferrable: waiter == Waiter::Nobody,
             })
             .await
             .map_err(|status| settle_error(reservation_id, &status))?;

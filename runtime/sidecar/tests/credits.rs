@@ -122,6 +122,10 @@ async fn calls_inside_credits_are_drawn_settled_and_the_credits_returned() {
         .await,
         0
     );
+    // Draws and settlements are sent in the background, each as a request the ledger may hold
+    // to batch (openings are not: a call may wait on one; nor are the releases at shutdown),
+    // and so are the releases of credits retired on the way.
+    assert!(stack.ledger.commands("deferrable") >= u64::try_from(drawn + calls).unwrap());
     let balance = stack.balance().await;
     assert_eq!(balance.reserved_nano_usd, 0);
     assert_eq!(balance.committed_nano_usd, calls * COMMITTED_PER_CALL);
@@ -148,6 +152,51 @@ async fn calls_inside_credits_are_drawn_settled_and_the_credits_returned() {
     spendguard_testkit::invariants::check(stack.ledger.store().pool())
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn a_call_settled_through_the_decision_api_is_drawn_urgently() {
+    // Goal: a decision-API caller waits for its Commit, and a Commit inside a credit waits for
+    // the call's draw, so neither may be held by the ledger's defer window. Method: the
+    // ledger's count of commands by urgency across a decide and commit through the API, the
+    // call admitted inside a credit.
+    let mut stack = Stack::start(Options {
+        flags: vec![format!("--credit-nano-usd={}", 10 * worst_case())],
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(chat(&stack).await.status, 200);
+    open_credits(&stack, 1).await;
+    stack.wait_no_open_calls().await;
+    let admitted = metric(&stack, "spendguard_sidecar_credit_admitted_total");
+    let deferrable = stack.ledger.commands("deferrable");
+    let decided = stack
+        .decide_ok(
+            &json!({"call_id": "api", "provider": "openai", "model": "gpt-4o-mini",
+                    "input_tokens_upper_bound": 1_000, "max_output_tokens": 1_000}),
+        )
+        .await;
+    assert_eq!(decided["decision"], "CONTINUE");
+    assert_eq!(
+        metric(&stack, "spendguard_sidecar_credit_admitted_total"),
+        admitted + 1.0,
+        "admitted inside the credit"
+    );
+    let committed = post_json(
+        &stack.url("/v1/spendguard/commit"),
+        &[],
+        &json!({"call_id": "api", "usage_format": "openai_chat",
+                "usage": {"prompt_tokens": 10, "completion_tokens": 10}}),
+    )
+    .await;
+    assert_eq!(committed.status, 200);
+    assert_eq!(stack.ledger.commands("deferrable"), deferrable);
+    let drawn = count(
+        &stack,
+        "SELECT count(*) FROM reservations WHERE drawn_from_reservation_id IS NOT NULL AND state = 'committed'",
+    )
+    .await;
+    assert!(drawn >= 1, "the API call was drawn and committed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -240,6 +289,7 @@ async fn a_call_whose_draw_is_refused_is_recorded_as_a_fail_open_call() {
                 epoch: u64::try_from(epoch).unwrap(),
             }),
             reason: "test".into(),
+            deferrable: false,
         })
         .await
         .unwrap();

@@ -248,6 +248,55 @@ async fn soft_cap_stack() -> Stack {
     .await
 }
 
+#[tokio::test]
+async fn only_settlements_nobody_waits_on_may_be_held_by_the_ledger() {
+    // Goal: the proxy's settlements (sent after the response went out) ask the ledger to batch
+    // them (`deferrable`); a Commit or Release through the decision API, whose caller waits,
+    // never does, nor does a decision. Method: the ledger's count of commands by urgency.
+    let mut stack = Stack::start(Options::default()).await;
+    let deferrable = stack.ledger.commands("deferrable");
+    for _ in 0..3 {
+        let reply = post_json(
+            &stack.url("/v1/chat/completions"),
+            &[OPENAI_KEY],
+            &chat_body("gpt-4o-mini", false),
+        )
+        .await;
+        assert_eq!(reply.status, 200);
+    }
+    stack.settled_balance().await;
+    stack.wait_no_open_calls().await;
+    assert_eq!(stack.ledger.commands("deferrable"), deferrable + 3);
+
+    let now = stack.ledger.commands("now");
+    for (call_id, path, settle) in [
+        (
+            "api-commit",
+            "/v1/spendguard/commit",
+            json!({"usage_format": "openai_chat", "usage": {"prompt_tokens": 1, "completion_tokens": 1}}),
+        ),
+        (
+            "api-release",
+            "/v1/spendguard/release",
+            json!({"reason": "not_called"}),
+        ),
+    ] {
+        stack.decide_ok(&decide_body(call_id, 100)).await;
+        let mut body = settle;
+        body["call_id"] = json!(call_id);
+        let reply = post_json(&stack.url(path), &[], &body).await;
+        assert_eq!(
+            reply.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+    }
+    assert_eq!(stack.ledger.commands("deferrable"), deferrable + 3);
+    // Two decisions and two settlements, and the sidecar's lease renewals meanwhile.
+    assert!(stack.ledger.commands("now") >= now + 4);
+}
+
 /// A decide body of 1,000 input tokens: 150,000 nano-USD, plus 600 per output token.
 fn decide_body(call_id: &str, max_output_tokens: u32) -> serde_json::Value {
     json!({"call_id": call_id, "provider": "openai", "model": "gpt-4o-mini",

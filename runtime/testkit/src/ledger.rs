@@ -148,6 +148,18 @@ impl TestLedger {
             .map_or(0, |v| v.trim().parse().expect("a counter"))
     }
 
+    /// The writer's `spendguard_ledger_commands_total{urgency}` counter: `now` or `deferrable`.
+    ///
+    /// # Panics
+    /// On a counter that is not a number.
+    pub fn commands(&self, urgency: &str) -> u64 {
+        let needle = format!("spendguard_ledger_commands_total{{urgency=\"{urgency}\"}} ");
+        self.metrics_text()
+            .lines()
+            .find_map(|line| line.strip_prefix(&needle))
+            .map_or(0, |v| v.trim().parse().expect("a counter"))
+    }
+
     /// Graceful shutdown.
     pub async fn stop(&mut self) {
         if let Some(ledger) = self.ledger.take() {

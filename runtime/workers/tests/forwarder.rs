@@ -537,6 +537,7 @@ async fn a_ledger_bounding_evidence_lag_refuses_new_spend_until_the_forwarder_ca
             reservation_id: open.reservation_id,
             actual_nano_usd: 60,
             fencing: Some(fencing.clone()),
+            deferrable: false,
         })
         .await
         .expect("commits go on");

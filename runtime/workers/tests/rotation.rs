@@ -41,6 +41,7 @@ async fn pairs(mut client: LedgerClient<Channel>, fencing: pb::FencingToken, tag
                 reservation_id: r.reservation_id,
                 actual_nano_usd: 60,
                 fencing: Some(fencing.clone()),
+                deferrable: false,
             })
             .await
             .unwrap_or_else(|e| panic!("{tag}-{i}: commit failed during the drill: {e}"));

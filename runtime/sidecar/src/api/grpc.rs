@@ -2,7 +2,7 @@
 //! `spendguard-error-code` metadata.
 
 use super::{parse_provider, parse_usage};
-use crate::decider::{DecideInput, Decider, Verdict};
+use crate::decider::{DecideInput, Decider, Verdict, Waiter};
 use crate::error::SidecarError;
 use spendguard_proto::sidecar::v1 as pb;
 use std::sync::Arc;
@@ -48,6 +48,8 @@ impl pb::sidecar_server::Sidecar for SidecarService {
             choices: r.choices.unwrap_or(1),
             run_id: optional(r.run_id),
             workflow_id: optional(r.workflow_id),
+            // The caller settles through this API and waits for the answer.
+            settles: Waiter::Caller,
         };
         let d = self.decider.decide(input).await.map_err(|e| status(&e))?;
         Ok(Response::new(pb::DecideResponse {
@@ -86,7 +88,7 @@ impl pb::sidecar_server::Sidecar for SidecarService {
         let spend = parse_usage(&r.usage_format, &usage).map_err(|e| status(&e))?;
         let c = self
             .decider
-            .commit(&r.call_id, spend)
+            .commit(&r.call_id, spend, Waiter::Caller)
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(pb::CommitResponse {
@@ -111,7 +113,7 @@ impl pb::sidecar_server::Sidecar for SidecarService {
         };
         let released = self
             .decider
-            .release(&r.call_id, &reason)
+            .release(&r.call_id, &reason, Waiter::Caller)
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(pb::ReleaseResponse {

@@ -2,7 +2,7 @@
 //! Errors: `{"error": {"code", "message", "field"}}` with the code's HTTP status.
 
 use super::{parse_provider, parse_usage};
-use crate::decider::{Committed, DecideInput, Decider, Released};
+use crate::decider::{Committed, DecideInput, Decider, Released, Waiter};
 use crate::error::SidecarError;
 use crate::metrics::Metrics;
 use axum::extract::State;
@@ -130,6 +130,8 @@ async fn decide(
         choices,
         run_id: optional_text(b.run_id),
         workflow_id: optional_text(b.workflow_id),
+        // The caller settles through this API and waits for the answer.
+        settles: Waiter::Caller,
     };
     let decision = state.decider.decide(input).await.map_err(ApiError)?;
     if !decision.replayed {
@@ -146,7 +148,7 @@ async fn commit(
     let spend = parse_usage(&b.usage_format, &b.usage).map_err(ApiError)?;
     let result = state
         .decider
-        .commit(&b.call_id, spend)
+        .commit(&b.call_id, spend, Waiter::Caller)
         .await
         .map_err(ApiError)?;
     Ok(Json(Settled {
@@ -162,7 +164,7 @@ async fn release(
     let b = body(parsed)?;
     let result = state
         .decider
-        .release(&b.call_id, &b.reason)
+        .release(&b.call_id, &b.reason, Waiter::Caller)
         .await
         .map_err(ApiError)?;
     Ok(Json(Settled {

@@ -24,7 +24,7 @@ pub use pool::{
 };
 
 use crate::bundle::pricing_ref;
-use crate::decider::{Identity, ledger_away};
+use crate::decider::{Identity, Waiter, ledger_away};
 use crate::fail_open::FailOpenQueue;
 use crate::lease::Lease;
 use crate::sync::lock;
@@ -167,7 +167,7 @@ impl CreditDriver {
         };
         for id in &record.left_over {
             info!(credit = %id, "releasing a credit a previous sidecar of this pod left open");
-            self.release(id).await;
+            self.release(id, Waiter::Caller).await;
         }
     }
 
@@ -227,7 +227,7 @@ impl CreditDriver {
             // The settlement waiting for this answer need not wait for a release too.
             let _ = state.send(outcome);
             if let Some(id) = retired {
-                this.release(&id).await;
+                this.release(&id, Waiter::Nobody).await;
             }
         });
         watched
@@ -238,7 +238,7 @@ impl CreditDriver {
     /// of at their expiry.
     pub async fn close(&self, deadline: Duration) {
         for id in self.pool.close() {
-            self.release(&id).await;
+            self.release(&id, Waiter::Caller).await;
         }
         self.tasks.close();
         if tokio::time::timeout(deadline, self.tasks.wait())
@@ -283,7 +283,7 @@ impl CreditDriver {
                     // Near the budget's end, a remainder held here would refuse calls that the
                     // budget could still take one by one.
                     for id in self.pool.retire() {
-                        self.release(&id).await;
+                        self.release(&id, Waiter::Nobody).await;
                     }
                     return;
                 }
@@ -310,7 +310,7 @@ impl CreditDriver {
                 "a budget has a soft cap and the contract asks for approval above it: no credits; calls reserve one by one"
             );
             self.pool.not_opened(Instant::now(), policy.ttl);
-            self.release(&reserved.reservation_id).await;
+            self.release(&reserved.reservation_id, Waiter::Nobody).await;
             return;
         }
         // Admit until a margin before the credit lapses on the ledger (measured from before the
@@ -335,7 +335,7 @@ impl CreditDriver {
                 "a budget window ends within the credit's margin; calls reserve one by one until the next window"
             );
             self.pool.not_opened(Instant::now(), quiet);
-            self.release(&reserved.reservation_id).await;
+            self.release(&reserved.reservation_id, Waiter::Nobody).await;
             return;
         }
         let opened = Opened {
@@ -349,7 +349,7 @@ impl CreditDriver {
             record.add(&opened.id);
         }
         for id in self.pool.opened(opened) {
-            self.release(&id).await;
+            self.release(&id, Waiter::Nobody).await;
         }
     }
 
@@ -409,11 +409,12 @@ impl CreditDriver {
 
     fn spawn_release(self: &Arc<Self>, id: String) {
         let this = self.clone();
-        self.tasks.spawn(async move { this.release(&id).await });
+        self.tasks
+            .spawn(async move { this.release(&id, Waiter::Nobody).await });
     }
 
     /// Returns what `id` did not admit to the budgets. Failing that, it lapses at its TTL.
-    async fn release(&self, id: &str) {
+    async fn release(&self, id: &str, waiter: Waiter) {
         let Ok(epoch) = self.lease.epoch_for_settlement() else {
             warn!(credit = %id, "no lease to release a credit with; it lapses at its TTL");
             return;
@@ -426,6 +427,9 @@ impl CreditDriver {
                 epoch,
             }),
             reason: "credit_retired".into(),
+            // In the background the money may go back a few milliseconds later; at shutdown
+            // and start-up the sidecar waits on it.
+            deferrable: waiter == Waiter::Nobody,
         };
         let answered = match self.ledger.clone().release(request).await {
             Ok(_) => true,

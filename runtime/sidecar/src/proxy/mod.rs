@@ -16,7 +16,7 @@ pub mod request;
 pub mod upstream;
 pub mod usage;
 
-use crate::decider::{DecideInput, Decider, Spend, Verdict};
+use crate::decider::{DecideInput, Decider, Spend, Verdict, Waiter};
 use crate::error::SidecarError;
 use crate::metrics::Metrics;
 use axum::Router;
@@ -153,6 +153,7 @@ impl Proxy {
                 choices: request.choices,
                 run_id: header_text(&headers, "x-spendguard-run-id"),
                 workflow_id: header_text(&headers, "x-spendguard-workflow-id"),
+                settles: Waiter::Nobody,
             })
             .await?;
         self.metrics.decision(decision.decision, decision.reason);
@@ -303,8 +304,14 @@ async fn settle_with_retries(
     let mut backoff = Duration::from_millis(50);
     loop {
         let result = match outcome {
-            Outcome::Commit(spend) => decider.commit(&call_id, spend).await.map(|_| "commit"),
-            Outcome::Release(reason) => decider.release(&call_id, reason).await.map(|_| "release"),
+            Outcome::Commit(spend) => decider
+                .commit(&call_id, spend, Waiter::Nobody)
+                .await
+                .map(|_| "commit"),
+            Outcome::Release(reason) => decider
+                .release(&call_id, reason, Waiter::Nobody)
+                .await
+                .map(|_| "release"),
         };
         match result {
             Ok(kind) => {

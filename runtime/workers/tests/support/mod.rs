@@ -33,6 +33,7 @@ pub async fn tenant_activity(ledger: &mut TestLedger, tenant: &str, calls: usize
                 reservation_id: r.reservation_id,
                 actual_nano_usd: 60,
                 fencing: Some(fencing.clone()),
+                deferrable: false,
             })
             .await
             .unwrap();
