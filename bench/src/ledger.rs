@@ -48,6 +48,18 @@ async fn pair(
     Ok((reserved, committing.elapsed()))
 }
 
+/// `--pg-setting NAME=VALUE` arguments as settings.
+pub(crate) fn pg_settings(extra: &[String]) -> Result<Vec<(&str, &str)>> {
+    extra
+        .iter()
+        .map(|setting| {
+            setting
+                .split_once('=')
+                .context("--pg-setting takes NAME=VALUE")
+        })
+        .collect()
+}
+
 pub(crate) async fn bench_ledger(
     duration: Duration,
     client_counts: &[usize],
@@ -62,12 +74,7 @@ pub(crate) async fn bench_ledger(
         ("shared_buffers", "256MB"),
         ("shared_preload_libraries", "pg_stat_statements"),
     ];
-    for setting in extra {
-        let (name, value) = setting
-            .split_once('=')
-            .context("--pg-setting takes NAME=VALUE")?;
-        settings.push((name, value));
-    }
+    settings.extend(pg_settings(extra)?);
     let cluster = PgCluster::start(&settings)?;
     let url = cluster.create_database().await?;
     let mut process = LedgerProcess::spawn(spendguard_bin, &url, "bench-ledger").await?;

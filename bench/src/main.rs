@@ -79,6 +79,9 @@ enum Mode {
         /// before forwarding it.
         #[arg(long, default_value_t = 0)]
         credit_nano_usd: i64,
+        /// Extra PostgreSQL settings, NAME=VALUE.
+        #[arg(long = "pg-setting")]
+        pg_settings: Vec<String>,
         /// Path of the spendguard binary (`spendguard-mock-provider` must sit next to it).
         #[arg(long)]
         spendguard_bin: std::path::PathBuf,
@@ -119,6 +122,7 @@ async fn main() -> Result<()> {
             rates,
             clients,
             credit_nano_usd,
+            pg_settings,
             spendguard_bin,
         } => {
             proxy::bench_proxy(
@@ -127,6 +131,7 @@ async fn main() -> Result<()> {
                 Duration::from_secs(seconds),
                 clients,
                 credit_nano_usd,
+                &pg_settings,
             )
             .await
         }

@@ -41,6 +41,7 @@ async fn call(client: &HttpClient, url: &str) -> Result<()> {
 }
 
 /// Offers `rate` calls/s for `duration`; latency is measured from each call's scheduled start.
+/// Latencies come back in schedule order.
 async fn paced(
     client: &HttpClient,
     url: &str,
@@ -64,8 +65,60 @@ async fn paced(
     for task in tasks {
         latencies.push(task.await??);
     }
-    latencies.sort();
     Ok(latencies)
+}
+
+/// Calls slower than this are reported by when they were scheduled.
+const SLOW: Duration = Duration::from_millis(5);
+
+/// Runs of consecutive slow calls (by schedule), so a tail from one stall tells itself apart
+/// from a tail spread over the phase: `(first call's scheduled offset, calls, slowest)`.
+fn slow_runs(latencies: &[Duration], interval: Duration) -> Vec<(Duration, usize, Duration)> {
+    let mut runs: Vec<(Duration, usize, Duration)> = Vec::new();
+    let mut previous_slow = false;
+    for (n, &latency) in latencies.iter().enumerate() {
+        let slow = latency >= SLOW;
+        if slow
+            && previous_slow
+            && let Some(run) = runs.last_mut()
+        {
+            run.1 += 1;
+            run.2 = run.2.max(latency);
+        } else if slow {
+            runs.push((interval.mul_f64(n as f64), 1, latency));
+        }
+        previous_slow = slow;
+    }
+    runs.sort_by_key(|run| std::cmp::Reverse(run.1));
+    runs
+}
+
+/// Prints how many calls were slow and the longest runs of them.
+fn report_slow(latencies: &[Duration], rate: u64) {
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let runs = slow_runs(latencies, interval);
+    let slow: usize = runs.iter().map(|r| r.1).sum();
+    let longest: Vec<String> = runs
+        .iter()
+        .take(3)
+        .map(|(at, calls, worst)| {
+            format!(
+                "{calls} from {:.2}s (worst {:.1} ms)",
+                at.as_secs_f64(),
+                ms(*worst)
+            )
+        })
+        .collect();
+    println!(
+        "  slow (>= {} ms): {slow} calls in {} runs; longest: {}",
+        SLOW.as_millis(),
+        runs.len(),
+        if longest.is_empty() {
+            "none".to_owned()
+        } else {
+            longest.join(", ")
+        }
+    );
 }
 
 /// `clients` closed loops for `duration`: completed calls per second.
@@ -106,8 +159,11 @@ pub(crate) async fn bench_proxy(
     duration: Duration,
     clients: usize,
     credit_nano_usd: i64,
+    extra: &[String],
 ) -> Result<()> {
-    let cluster = PgCluster::start(&[("max_connections", "200"), ("shared_buffers", "256MB")])?;
+    let mut settings = vec![("max_connections", "200"), ("shared_buffers", "256MB")];
+    settings.extend(crate::ledger::pg_settings(extra)?);
+    let cluster = PgCluster::start(&settings)?;
     let url = cluster.create_database().await?;
     let mut ledger = LedgerProcess::spawn(spendguard_bin, &url, "bench-ledger").await?;
     spendguard_testkit::ledger::tenant(&mut ledger.client, "bench").await?;
@@ -185,6 +241,10 @@ pub(crate) async fn bench_proxy(
         let g = paced(&client, &guarded, rate, duration).await?;
         let cpu_after = cpu::sample(&processes)?;
         let writer_after = crate::ledger::writer_totals(ledger.admin_port).await?;
+        let g_in_order = g.clone();
+        let (mut d, mut g) = (d, g);
+        d.sort();
+        g.sort();
         let (d50, d99) = (percentile(&d, 0.50), percentile(&d, 0.99));
         let (g50, g99) = (percentile(&g, 0.50), percentile(&g, 0.99));
         println!(
@@ -198,6 +258,7 @@ pub(crate) async fn bench_proxy(
             ms(g99) - ms(d99),
         );
         cpu::report(&cpu_before, &cpu_after, g.len(), "call");
+        report_slow(&g_in_order, rate);
         let batches = writer_after.0 - writer_before.0;
         println!(
             "  ledger: {batches:.0} batches, {:.1} commands per batch",
@@ -217,4 +278,32 @@ pub(crate) async fn bench_proxy(
     ledger.child.start_kill()?;
     ledger.child.wait().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slow_runs_group_consecutive_slow_calls_longest_first() {
+        let ms = Duration::from_millis;
+        let latencies = [
+            ms(1),
+            ms(6),
+            ms(9),
+            ms(2),
+            ms(5),
+            ms(1),
+            ms(7),
+            ms(8),
+            ms(30),
+            ms(1),
+        ];
+        let runs = slow_runs(&latencies, ms(1));
+        assert_eq!(
+            runs,
+            vec![(ms(6), 3, ms(30)), (ms(1), 2, ms(9)), (ms(4), 1, ms(5))]
+        );
+        assert!(slow_runs(&[ms(1), ms(4)], ms(1)).is_empty());
+    }
 }

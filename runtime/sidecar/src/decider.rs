@@ -240,7 +240,11 @@ pub struct Decider {
     bundle: Arc<Bundle>,
     identity: Identity,
     reservation_ttl: Duration,
-    calls: Mutex<HashMap<String, CallEntry>>,
+    /// Boxed: growing the table moves every entry under the lock, and a table of whole entries
+    /// (hundreds of bytes each, kept for the reservation TTL + 5 min) made each doubling
+    /// page-fault megabytes while every decision waited (stalls of 25–35 ms at 1,000 calls/s,
+    /// docs/benchmarks.md).
+    calls: Mutex<HashMap<String, Box<CallEntry>>>,
     run_budgets: Mutex<HashSet<String>>,
     fail_open: Arc<FailOpenQueue>,
     stops: Arc<StopEvidence>,
@@ -548,12 +552,12 @@ impl Decider {
         }
         calls.insert(
             call_id.to_owned(),
-            CallEntry {
+            Box::new(CallEntry {
                 fingerprint,
                 decision: decision.clone(),
                 settlement: None,
                 decided_at: Instant::now(),
-            },
+            }),
         );
         decision
     }

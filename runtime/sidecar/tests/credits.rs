@@ -160,7 +160,7 @@ async fn a_call_settled_through_the_decision_api_is_drawn_urgently() {
     // the call's draw, so neither may be held by the ledger's defer window. Method: the
     // ledger's count of commands by urgency across a decide and commit through the API, the
     // call admitted inside a credit.
-    let mut stack = Stack::start(Options {
+    let stack = Stack::start(Options {
         flags: vec![format!("--credit-nano-usd={}", 10 * worst_case())],
         ..Options::default()
     })
@@ -402,5 +402,64 @@ async fn without_room_for_a_credit_or_under_approvals_calls_reserve_one_by_one()
         )
         .await,
         0
+    );
+}
+
+#[tokio::test]
+async fn a_denied_credit_retires_the_current_one_so_its_remainder_goes_back() {
+    // Goal: near a budget's end the next credit is denied, and the current one is retired and
+    // released after its last draw, instead of holding its remainder (which could refuse calls
+    // the budget can still take one by one) until its TTL. Method: a credit of 1.2 worst cases
+    // on a budget of 2.3: the first call opens it, the second is drawn from it and leaves it
+    // low, the next credit does not fit.
+    let w = worst_case();
+    let mut stack = Stack::start(Options {
+        limit: 23 * w / 10,
+        flags: vec![format!("--credit-nano-usd={}", 12 * w / 10)],
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(chat(&stack).await.status, 200);
+    open_credits(&stack, 1).await;
+    stack.wait_no_open_calls().await;
+    assert_eq!(chat(&stack).await.status, 200);
+    // The draw goes out in the background (and the ledger may hold it a moment).
+    let mut drawn = 0;
+    for _ in 0..400 {
+        drawn = count(
+            &stack,
+            "SELECT count(*) FROM reservations WHERE drawn_from_reservation_id IS NOT NULL",
+        )
+        .await;
+        if drawn == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(drawn, 1, "the second call was drawn from the credit");
+    // The credit is released while the sidecar runs (not at shutdown, not at its TTL), and
+    // nothing stays reserved.
+    open_credits(&stack, 0).await;
+    stack.wait_no_open_calls().await;
+    let balance = stack.settled_balance().await;
+    assert_eq!(balance.committed_nano_usd, 2 * COMMITTED_PER_CALL);
+    assert_eq!(
+        count(
+            &stack,
+            "SELECT count(*) FROM reservations WHERE is_credit AND state = 'released'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        metric(&stack, "spendguard_sidecar_credits_opened_total"),
+        1.0
+    );
+    // Calls go on, reserved one by one.
+    assert_eq!(chat(&stack).await.status, 200);
+    stack.wait_no_open_calls().await;
+    assert_eq!(
+        stack.settled_balance().await.committed_nano_usd,
+        3 * COMMITTED_PER_CALL
     );
 }
