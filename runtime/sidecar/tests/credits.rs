@@ -463,3 +463,59 @@ async fn a_denied_credit_retires_the_current_one_so_its_remainder_goes_back() {
         3 * COMMITTED_PER_CALL
     );
 }
+
+#[tokio::test]
+async fn draws_of_calls_admitted_during_an_outage_land_under_the_leases_next_epoch() {
+    // Goal: calls admitted inside a credit while the ledger is away are recorded once it is
+    // back, even though the sidecar's lease lapsed meanwhile and was taken again under a new
+    // epoch: their draws are sent again under it (the scope is the same), not lost to
+    // fail-open records. Method: the ledger stopped past the lease TTL (3 s in these tests).
+    let mut stack = Stack::start(Options {
+        flags: vec![format!("--credit-nano-usd={}", 10 * worst_case())],
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(chat(&stack).await.status, 200);
+    open_credits(&stack, 1).await;
+    stack.wait_no_open_calls().await;
+    let epoch_before: i64 = sqlx::query_scalar("SELECT max(epoch) FROM fencing_scopes")
+        .fetch_one(stack.ledger.store().pool())
+        .await
+        .unwrap();
+
+    stack.ledger.stop().await;
+    for _ in 0..2 {
+        assert_eq!(chat(&stack).await.status, 200, "admitted inside the credit");
+    }
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    stack.restart_ledger().await;
+    stack.wait_no_open_calls().await;
+
+    let epoch_after: i64 = sqlx::query_scalar("SELECT max(epoch) FROM fencing_scopes")
+        .fetch_one(stack.ledger.store().pool())
+        .await
+        .unwrap();
+    assert!(epoch_after > epoch_before, "the lease was taken again");
+    let drawn: Vec<i64> = sqlx::query_scalar(
+        "SELECT fencing_epoch FROM reservations
+          WHERE drawn_from_reservation_id IS NOT NULL AND state = 'committed' ORDER BY 1",
+    )
+    .fetch_all(stack.ledger.store().pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        drawn,
+        vec![epoch_after, epoch_after],
+        "both drawn, under the new epoch"
+    );
+    assert_eq!(
+        metric(&stack, "spendguard_sidecar_credit_draws_lost_total"),
+        0.0
+    );
+    assert_eq!(
+        count(&stack, "SELECT count(*) FROM fail_open_records").await,
+        0
+    );
+    let balance = stack.balance().await;
+    assert_eq!(balance.committed_nano_usd, 3 * COMMITTED_PER_CALL);
+}
