@@ -164,7 +164,7 @@ pub(crate) async fn demo(spendguard_bin: &Path) -> Result<()> {
     println!("compiled bundle {} mounted for the sidecar", &sha[..12]);
     // Each reply reports 3000 output tokens of gpt-5 ($10 per million): $0.03 per call.
     let (mock, mock_port) = spawn_mock(spendguard_bin, 3_000).await?;
-    let (sidecar, sidecar_port) = spawn_sidecar(
+    let (sidecar, sidecar_port, _) = spawn_sidecar(
         spendguard_bin,
         port,
         bundle_dir.path(),

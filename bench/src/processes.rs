@@ -120,7 +120,7 @@ pub(crate) async fn spawn_sidecar(
     mock_port: u16,
     workload: &str,
     extra_env: &[(&str, String)],
-) -> Result<(Child, u16)> {
+) -> Result<(Child, u16, u16)> {
     let port = spendguard_testkit::free_port();
     let admin_port = spendguard_testkit::free_port();
     let child = tokio::process::Command::new(spendguard_bin)
@@ -151,5 +151,5 @@ pub(crate) async fn spawn_sidecar(
         .spawn()
         .context("starting spendguard sidecar")?;
     wait_http_ok(admin_port, "/readyz", "sidecar").await?;
-    Ok((Child(child), port))
+    Ok((Child(child), port, admin_port))
 }

@@ -68,6 +68,26 @@ async fn paced(
     Ok(latencies)
 }
 
+/// The sidecar's calls admitted inside a credit and its decisions so far, from its `/metrics`.
+async fn admitted_inside_credits(admin_port: u16) -> Result<(f64, f64)> {
+    let (_, metrics) = spendguard_testkit::ledger::http_get(admin_port, "/metrics").await?;
+    let mut admitted = 0.0;
+    let mut decisions = 0.0;
+    for line in metrics.lines() {
+        let value = || {
+            line.rsplit_once(' ')
+                .and_then(|(_, v)| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        if line.starts_with("spendguard_sidecar_credit_admitted_total ") {
+            admitted += value();
+        } else if line.starts_with("spendguard_sidecar_decisions_total{") {
+            decisions += value();
+        }
+    }
+    Ok((admitted, decisions))
+}
+
 /// Calls slower than this are reported by when they were scheduled.
 const SLOW: Duration = Duration::from_millis(5);
 
@@ -192,7 +212,7 @@ pub(crate) async fn bench_proxy(
     let (bytes, sha) = Bundle::canonical(&contract, &pricing)?;
     spendguard_sidecar::bundle::write(dir.path(), &bytes, &sha, "bench", &["bench/llm"])?;
     let (mock, mock_port) = spawn_mock(spendguard_bin, 16).await?;
-    let (sidecar, sidecar_port) = spawn_sidecar(
+    let (sidecar, sidecar_port, sidecar_admin) = spawn_sidecar(
         spendguard_bin,
         ledger.port,
         dir.path(),
@@ -237,9 +257,11 @@ pub(crate) async fn bench_proxy(
         let d = paced(&client, &direct, rate, duration).await?;
         quiesce(&url).await?;
         let writer_before = crate::ledger::writer_totals(ledger.admin_port).await?;
+        let admitted_before = admitted_inside_credits(sidecar_admin).await?;
         let cpu_before = cpu::sample(&processes)?;
         let g = paced(&client, &guarded, rate, duration).await?;
         let cpu_after = cpu::sample(&processes)?;
+        let admitted_after = admitted_inside_credits(sidecar_admin).await?;
         let writer_after = crate::ledger::writer_totals(ledger.admin_port).await?;
         let g_in_order = g.clone();
         let (mut d, mut g) = (d, g);
@@ -259,6 +281,13 @@ pub(crate) async fn bench_proxy(
         );
         cpu::report(&cpu_before, &cpu_after, g.len(), "call");
         report_slow(&g_in_order, rate);
+        if credit_nano_usd > 0 {
+            println!(
+                "  sidecar: {:.0} of {:.0} decisions admitted inside a credit (the rest reserved one by one)",
+                admitted_after.0 - admitted_before.0,
+                admitted_after.1 - admitted_before.1
+            );
+        }
         let batches = writer_after.0 - writer_before.0;
         println!(
             "  ledger: {batches:.0} batches, {:.1} commands per batch",

@@ -233,6 +233,12 @@ struct CreditCall {
     decided_at: Instant,
 }
 
+/// Calls the call tables hold before they first grow. With the default reservation TTL (15 min,
+/// plus 5 min kept), a pod making up to ~23 calls/s never grows them. Busier pods still pay a
+/// growth now and then, more rarely as the table gets larger (sharding the tables is the fix
+/// if that shows).
+const CALLS_PRESIZED: usize = 28_000;
+
 /// Decides and settles calls for one tenant and workload.
 pub struct Decider {
     ledger: LedgerClient,
@@ -240,10 +246,12 @@ pub struct Decider {
     bundle: Arc<Bundle>,
     identity: Identity,
     reservation_ttl: Duration,
-    /// Boxed: growing the table moves every entry under the lock, and a table of whole entries
-    /// (hundreds of bytes each, kept for the reservation TTL + 5 min) made each doubling
-    /// page-fault megabytes while every decision waited (stalls of 25–35 ms at 1,000 calls/s,
-    /// docs/benchmarks.md).
+    /// Growing a table rehashes and moves every entry while every decision waits for the lock,
+    /// and on two busy cores that showed as stalls of 15–40 ms at 1,000 calls/s
+    /// (docs/benchmarks.md). So the entries are boxed (a few hundred bytes each, kept for the
+    /// reservation TTL + 5 min; growing moves 32 bytes per call), and both tables start with
+    /// room for [`CALLS_PRESIZED`] calls. Only the control bytes are touched up front, so the
+    /// resident cost grows with use.
     calls: Mutex<HashMap<String, Box<CallEntry>>>,
     run_budgets: Mutex<HashSet<String>>,
     fail_open: Arc<FailOpenQueue>,
@@ -270,13 +278,13 @@ impl Decider {
             bundle,
             identity,
             reservation_ttl,
-            calls: Mutex::new(HashMap::new()),
+            calls: Mutex::new(HashMap::with_capacity(CALLS_PRESIZED)),
             run_budgets: Mutex::new(HashSet::new()),
             fail_open,
             stops,
             latency: DecisionLatency::default(),
             credits: None,
-            credit_calls: Mutex::new(HashMap::new()),
+            credit_calls: Mutex::new(HashMap::with_capacity(CALLS_PRESIZED)),
         }
     }
 
