@@ -24,7 +24,7 @@ use crate::fail_open::{FailOpenQueue, SendFailure};
 use crate::lease::Lease;
 use crate::metrics::DecisionLatency;
 use crate::stop_evidence::StopEvidence;
-use crate::sync::lock;
+use crate::sync::{Sharded, lock};
 use serde::Serialize;
 use spendguard_core::contract::{
     BudgetAfterReserve, Bundle, CHOICES_MAX, Call, FailPolicy, Planned, PricingAge, ReasonCode,
@@ -37,7 +37,7 @@ use spendguard_core::plan::{
 use spendguard_core::pricing::{PricingError, Provider, TokenUsage};
 use spendguard_proto::ledger::error_code;
 use spendguard_proto::ledger::v1 as pb;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -233,10 +233,9 @@ struct CreditCall {
     decided_at: Instant,
 }
 
-/// Calls the call tables hold before they first grow. With the default reservation TTL (15 min,
-/// plus 5 min kept), a pod making up to ~23 calls/s never grows them. Busier pods still pay a
-/// growth now and then, more rarely as the table gets larger (sharding the tables is the fix
-/// if that shows).
+/// Calls the call tables hold before a shard first grows. With the default reservation TTL (15
+/// min, plus 5 min kept), a pod making up to ~23 calls/s never grows them. Busier pods grow a
+/// shard now and then (a sixteenth of the calls at a time).
 const CALLS_PRESIZED: usize = 28_000;
 
 /// Decides and settles calls for one tenant and workload.
@@ -246,19 +245,16 @@ pub struct Decider {
     bundle: Arc<Bundle>,
     identity: Identity,
     reservation_ttl: Duration,
-    /// Growing a table rehashes and moves every entry while every decision waits for the lock,
-    /// and on two busy cores that showed as stalls of 15–40 ms at 1,000 calls/s
-    /// (docs/benchmarks.md). So the entries are boxed (a few hundred bytes each, kept for the
-    /// reservation TTL + 5 min; growing moves 32 bytes per call), and both tables start with
-    /// room for [`CALLS_PRESIZED`] calls. Only the control bytes are touched up front, so the
-    /// resident cost grows with use.
-    calls: Mutex<HashMap<String, Box<CallEntry>>>,
+    /// Calls decided, kept for the reservation TTL + 5 min. Sharded, with boxed entries (a few
+    /// hundred bytes each, so a growing shard moves 32 bytes per call), and presized: growing
+    /// a table holds up every decision of its shard (docs/benchmarks.md, "14:30").
+    calls: Sharded<Box<CallEntry>>,
     run_budgets: Mutex<HashSet<String>>,
     fail_open: Arc<FailOpenQueue>,
     stops: Arc<StopEvidence>,
     latency: DecisionLatency,
     credits: Option<Arc<CreditDriver>>,
-    credit_calls: Mutex<HashMap<String, CreditCall>>,
+    credit_calls: Sharded<CreditCall>,
 }
 
 impl Decider {
@@ -278,13 +274,13 @@ impl Decider {
             bundle,
             identity,
             reservation_ttl,
-            calls: Mutex::new(HashMap::with_capacity(CALLS_PRESIZED)),
+            calls: Sharded::with_capacity(CALLS_PRESIZED),
             run_budgets: Mutex::new(HashSet::new()),
             fail_open,
             stops,
             latency: DecisionLatency::default(),
             credits: None,
-            credit_calls: Mutex::new(HashMap::with_capacity(CALLS_PRESIZED)),
+            credit_calls: Sharded::with_capacity(CALLS_PRESIZED),
         }
     }
 
@@ -519,7 +515,7 @@ impl Decider {
         call_id: &str,
         fingerprint: &Fingerprint,
     ) -> Result<Option<Decision>, SidecarError> {
-        let calls = lock(&self.calls);
+        let calls = self.calls.shard(call_id);
         let Some(entry) = calls.get(call_id) else {
             return Ok(None);
         };
@@ -543,7 +539,7 @@ impl Decider {
         mut decision: Decision,
         stop: Option<pb::StopRecord>,
     ) -> Decision {
-        let mut calls = lock(&self.calls);
+        let mut calls = self.calls.shard(call_id);
         if let Some(existing) = calls.get(call_id) {
             let mut replay = existing.decision.clone();
             replay.replayed = true;
@@ -804,7 +800,8 @@ impl Decider {
         );
         // A concurrent decide of the same call may have drawn first: its draw stands (the
         // ledger answers this one as a replay of it).
-        lock(&self.credit_calls)
+        self.credit_calls
+            .shard(&input.call_id)
             .entry(input.call_id.clone())
             .or_insert_with(|| CreditCall {
                 draw,
@@ -828,7 +825,9 @@ impl Decider {
     async fn credit_draw(&self, call_id: &str) -> Option<DrawState> {
         // Without credits, the settlement path takes no lock for them.
         self.credits.as_ref()?;
-        let mut draw = lock(&self.credit_calls)
+        let mut draw = self
+            .credit_calls
+            .shard(call_id)
             .get(call_id)
             .map(|c| c.draw.clone())?;
         let state = draw
@@ -1284,7 +1283,7 @@ impl Decider {
         call_id: &str,
     ) -> Result<(Decision, Option<Settlement>, Fingerprint), SidecarError> {
         check_call_id(call_id)?;
-        let calls = lock(&self.calls);
+        let calls = self.calls.shard(call_id);
         let entry = calls
             .get(call_id)
             .ok_or_else(|| SidecarError::CallNotFound(call_id.to_owned()))?;
@@ -1302,7 +1301,7 @@ impl Decider {
     where
         T: From<Settlement>,
     {
-        let mut calls = lock(&self.calls);
+        let mut calls = self.calls.shard(call_id);
         let stored = match calls.get_mut(call_id) {
             Some(entry) => *entry.settlement.get_or_insert(settlement),
             None => settlement,
@@ -1355,19 +1354,21 @@ impl Decider {
     /// then). Returns how many were dropped.
     pub fn forget_older_than(&self, age: Duration) -> usize {
         let now = Instant::now();
-        lock(&self.credit_calls).retain(|_, call| now.duration_since(call.decided_at) < age);
-        let mut calls = lock(&self.calls);
-        let before = calls.len();
-        calls.retain(|_, entry| now.duration_since(entry.decided_at) < age);
-        before - calls.len()
+        self.credit_calls
+            .retain(|call| now.duration_since(call.decided_at) < age);
+        let mut dropped = 0;
+        self.calls.retain(|entry| {
+            let keep = now.duration_since(entry.decided_at) < age;
+            dropped += usize::from(!keep);
+            keep
+        });
+        dropped
     }
 
     /// Calls holding a reservation that is not settled yet.
     pub fn open_reservations(&self) -> usize {
-        lock(&self.calls)
-            .values()
-            .filter(|e| e.decision.reservation_id.is_some() && e.settlement.is_none())
-            .count()
+        self.calls
+            .count(|e| e.decision.reservation_id.is_some() && e.settlement.is_none())
     }
 
     /// How long a reservation lives on the ledger.
