@@ -233,9 +233,10 @@ struct CreditCall {
     decided_at: Instant,
 }
 
-/// Calls the call tables hold before a shard first grows. With the default reservation TTL (15
-/// min, plus 5 min kept), a pod making up to ~23 calls/s never grows them. Busier pods grow a
-/// shard now and then (a sixteenth of the calls at a time).
+/// Calls the call tables are presized for (16 shards of 1,792 slots). Entries live up to the
+/// reservation TTL + 5 min + one forget interval (21 min with the default TTL), so a pod making
+/// up to ~21 calls/s never grows them. Busier pods grow a shard now and then (a sixteenth of
+/// the calls at a time).
 const CALLS_PRESIZED: usize = 28_000;
 
 /// Decides and settles calls for one tenant and workload.
@@ -280,7 +281,8 @@ impl Decider {
             stops,
             latency: DecisionLatency::default(),
             credits: None,
-            credit_calls: Sharded::with_capacity(CALLS_PRESIZED),
+            // Presized only with credits (`with_credits`).
+            credit_calls: Sharded::with_capacity(0),
         }
     }
 
@@ -301,6 +303,7 @@ impl Decider {
             self.identity.clone(),
             record,
         )));
+        self.credit_calls = Sharded::with_capacity(CALLS_PRESIZED);
         self
     }
 

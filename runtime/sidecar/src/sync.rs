@@ -53,12 +53,20 @@ impl<V> Sharded<V> {
     }
 }
 
-/// FNV-1a of the key: cheap, and stable within the process. (Each shard's own table keeps the
-/// standard library's keyed hash, so a caller choosing call ids can at worst crowd one shard.)
+/// FNV-1a of the key, finished with MurmurHash3's 64-bit mix so that every bit of every byte
+/// reaches the shard (FNV-1a's low bits depend only on the bytes' low bits, so `'1'`, `'A'` and
+/// `'a'` would share a shard; its high bits barely depend on the last bytes). Cheap, and stable
+/// within the process. Each shard's own table keeps the standard library's keyed hash, so a
+/// caller choosing call ids can at worst crowd one shard.
 fn shard_of(key: &str) -> usize {
-    let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+    let mut hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
         (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
     });
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    hash ^= hash >> 33;
     // The remainder is below SHARDS, so it fits.
     usize::try_from(hash % SHARDS as u64).unwrap_or(0)
 }
@@ -79,6 +87,13 @@ mod tests {
         assert_eq!(table.count(|_| true), 1_000);
         let used = table.shards.iter().filter(|s| !lock(s).is_empty()).count();
         assert_eq!(used, SHARDS);
+        // Keys that differ only in a byte's high bits need not share a shard.
+        let shards: std::collections::HashSet<usize> =
+            ["call-1", "call-A", "call-a", "call-Q", "call-q"]
+                .iter()
+                .map(|k| shard_of(k))
+                .collect();
+        assert!(shards.len() > 1, "{shards:?}");
         table.retain(|v| v % 2 == 0);
         assert_eq!(table.count(|_| true), 500);
         assert_eq!(table.count(|v| v % 2 == 1), 0);
