@@ -239,33 +239,30 @@ fn report_sweeper(
     Ok(())
 }
 
-/// The writer's batch statistics, from the ledger's `/metrics`: how many commands shared each
-/// statement, and where a batch's time went.
+/// The value of the sample line that starts with `name` (a metric name, its labels and a
+/// space) in Prometheus text, 0 when absent.
+fn metric_value(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// The writer's batches and the commands they carried so far, from the ledger's `/metrics`.
 pub(crate) async fn writer_totals(admin_port: u16) -> Result<(f64, f64)> {
     let (_, metrics) = http_get(admin_port, "/metrics").await?;
-    let value = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0.0)
-    };
     Ok((
-        value("spendguard_ledger_batch_commands_count "),
-        value("spendguard_ledger_batch_commands_sum "),
+        metric_value(&metrics, "spendguard_ledger_batch_commands_count "),
+        metric_value(&metrics, "spendguard_ledger_batch_commands_sum "),
     ))
 }
 
+/// The writer's batch statistics, from the ledger's `/metrics`: how many commands shared each
+/// statement, and where a batch's time went.
 pub(crate) async fn report_writer(admin_port: u16) -> Result<()> {
     let (_, metrics) = http_get(admin_port, "/metrics").await?;
-    let value = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0.0)
-    };
+    let value = |name: &str| metric_value(&metrics, name);
     let batches = value("spendguard_ledger_batch_commands_count ");
     println!(
         "\nwriter: {batches:.0} batches, {:.1} commands/batch, {:.2} ms/batch",

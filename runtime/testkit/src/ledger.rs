@@ -141,11 +141,9 @@ impl TestLedger {
     /// # Panics
     /// On a counter that is not a number.
     pub fn batches(&self, path: &str) -> u64 {
-        let needle = format!("spendguard_ledger_batches_total{{path=\"{path}\"}} ");
-        self.metrics_text()
-            .lines()
-            .find_map(|line| line.strip_prefix(&needle))
-            .map_or(0, |v| v.trim().parse().expect("a counter"))
+        self.counter(&format!(
+            "spendguard_ledger_batches_total{{path=\"{path}\"}} "
+        ))
     }
 
     /// The writer's `spendguard_ledger_commands_total{urgency}` counter: `now` or `deferrable`.
@@ -153,10 +151,17 @@ impl TestLedger {
     /// # Panics
     /// On a counter that is not a number.
     pub fn commands(&self, urgency: &str) -> u64 {
-        let needle = format!("spendguard_ledger_commands_total{{urgency=\"{urgency}\"}} ");
+        self.counter(&format!(
+            "spendguard_ledger_commands_total{{urgency=\"{urgency}\"}} "
+        ))
+    }
+
+    /// The counter whose sample line starts with `needle` (name, labels, space); 0 before it
+    /// exists.
+    fn counter(&self, needle: &str) -> u64 {
         self.metrics_text()
             .lines()
-            .find_map(|line| line.strip_prefix(&needle))
+            .find_map(|line| line.strip_prefix(needle))
             .map_or(0, |v| v.trim().parse().expect("a counter"))
     }
 
