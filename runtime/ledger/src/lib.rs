@@ -274,15 +274,19 @@ pub async fn start(
     );
     let (claim_tx, claim_rx) = watch::channel(Some(claim));
     let metrics = Metrics::register(registry);
+    let (stop, stopped) = watch::channel(false);
     let (writer, writer_task) = Writer::spawn(
         store.clone(),
         claim_rx.clone(),
         tuning.queue_capacity,
-        Batching {
-            linger_for: Duration::from_micros(tuning.batch_linger_us),
-            defer_for: Duration::from_micros(tuning.defer_max_us),
-            pipeline_depth: usize::from(tuning.pipeline_depth),
-        },
+        (
+            Batching {
+                linger_for: Duration::from_micros(tuning.batch_linger_us),
+                defer_for: Duration::from_micros(tuning.defer_max_us),
+                pipeline_depth: usize::from(tuning.pipeline_depth),
+            },
+            stopped.clone(),
+        ),
         metrics.clone(),
     );
     let evidence_gate = Arc::new(EvidenceGate::new(tuning.max_evidence_lag_seconds));
@@ -292,7 +296,6 @@ pub async fn start(
     let control_addr = control_listener
         .local_addr()
         .map_err(|e| Error::Startup(format!("control listener: {e}")))?;
-    let (stop, stopped) = watch::channel(false);
     let servers = [
         (listener, grpc::Access::DataPath),
         (control_listener, grpc::Access::Control),

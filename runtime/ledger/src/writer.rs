@@ -75,11 +75,14 @@ pub struct Batching {
 
 impl Writer {
     /// Starts the writer task. It stops when every handle is dropped, after draining the queue.
+    /// Once `stopping` turns true (the ledger is shutting down), nothing is held any more: the
+    /// RPCs waiting on held commands must end for the servers to stop, and the queue closes only
+    /// after that.
     pub fn spawn(
         store: Store,
         claim: watch::Receiver<Option<ProducerClaim>>,
         queue_capacity: usize,
-        batching: Batching,
+        (batching, stopping): (Batching, watch::Receiver<bool>),
         metrics: Metrics,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (queue, receiver) = mpsc::channel(queue_capacity);
@@ -87,7 +90,7 @@ impl Writer {
             pipeline_depth: batching.pipeline_depth.max(1),
             ..batching
         };
-        let task = tokio::spawn(run(store, claim, receiver, batching, metrics));
+        let task = tokio::spawn(run(store, claim, receiver, (batching, stopping), metrics));
         (Self { queue }, task)
     }
 
@@ -137,7 +140,7 @@ async fn run(
     store: Store,
     claim: watch::Receiver<Option<ProducerClaim>>,
     mut receiver: mpsc::Receiver<Queued>,
-    batching: Batching,
+    (batching, mut stopping): (Batching, watch::Receiver<bool>),
     metrics: Metrics,
 ) {
     let depth = batching.pipeline_depth;
@@ -184,7 +187,7 @@ async fn run(
                 {
                     Event::Answered | Event::Received => {}
                     Event::Closed => closed = true,
-                    Event::HoldOver => unreachable!("no deadline was given"),
+                    Event::HoldOver | Event::Stopping => unreachable!("no hold was given"),
                 }
                 continue;
             }
@@ -195,12 +198,20 @@ async fn run(
             }
             continue;
         }
-        if !closed && let Some(deadline) = hold_until(&batch, batching.defer_for) {
+        if !closed
+            && !shutting_down(&stopping)
+            && let Some(deadline) = hold_until(&batch, batching.defer_for)
+        {
+            let hold = Hold {
+                deadline,
+                stopping: &mut stopping,
+            };
             match state
-                .answer_or_receive(&mut receiver, &mut batch, Some(deadline))
+                .answer_or_receive(&mut receiver, &mut batch, Some(hold))
                 .await
             {
-                Event::Answered | Event::Received => continue,
+                // (A stop is seen by the loop: nothing is held any more.)
+                Event::Answered | Event::Received | Event::Stopping => continue,
                 Event::Closed => closed = true,
                 Event::HoldOver => {}
             }
@@ -226,6 +237,11 @@ async fn run(
     debug!("ledger writer stopped");
 }
 
+/// Whether the ledger is shutting down (a stop asked, or its handle gone).
+fn shutting_down(stopping: &watch::Receiver<bool>) -> bool {
+    *stopping.borrow() || stopping.has_changed().is_err()
+}
+
 /// What ended a wait of the writer.
 enum Event {
     /// The oldest batch in flight was answered.
@@ -236,6 +252,14 @@ enum Event {
     Closed,
     /// The held batch's window ended.
     HoldOver,
+    /// The ledger is shutting down: a held batch leaves now.
+    Stopping,
+}
+
+/// A held batch's wait: until its window ends or the ledger starts shutting down.
+struct Hold<'a> {
+    deadline: Instant,
+    stopping: &'a mut watch::Receiver<bool>,
 }
 
 /// Until when `batch` may be held for more commands: only while every command in it is
@@ -251,12 +275,12 @@ fn hold_until(batch: &[Queued], defer_for: std::time::Duration) -> Option<Instan
 
 impl State {
     /// Waits for the first of: the oldest batch in flight answered (handled here), commands
-    /// arriving (added to `batch`), or `deadline`.
+    /// arriving (added to `batch`), or the end of `hold` (its deadline, or a stop).
     async fn answer_or_receive(
         &mut self,
         receiver: &mut mpsc::Receiver<Queued>,
         batch: &mut Vec<Queued>,
-        deadline: Option<Instant>,
+        hold: Option<Hold<'_>>,
     ) -> Event {
         let room = BATCH_COMMANDS_MAX - batch.len();
         let oldest = async {
@@ -266,25 +290,28 @@ impl State {
             }
         };
         let hold_over = async {
-            match deadline {
-                Some(deadline) => tokio::time::sleep_until(deadline).await,
+            match hold {
+                Some(Hold { deadline, stopping }) => tokio::select! {
+                    () = tokio::time::sleep_until(deadline) => Event::HoldOver,
+                    _ = stopping.wait_for(|stop| *stop) => Event::Stopping,
+                },
                 None => std::future::pending().await,
             }
         };
         let event = tokio::select! {
             biased;
             answer = oldest => Err(answer),
-            received = receiver.recv_many(batch, room) => Ok(Some(received)),
-            () = hold_over => Ok(None),
+            received = receiver.recv_many(batch, room) => Ok(Ok(received)),
+            over = hold_over => Ok(Err(over)),
         };
         match event {
             Err(answer) => {
                 self.answered(answer).await;
                 Event::Answered
             }
-            Ok(Some(0)) => Event::Closed,
-            Ok(Some(_)) => Event::Received,
-            Ok(None) => Event::HoldOver,
+            Ok(Ok(0)) => Event::Closed,
+            Ok(Ok(_)) => Event::Received,
+            Ok(Err(over)) => over,
         }
     }
 

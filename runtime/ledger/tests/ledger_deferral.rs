@@ -202,3 +202,30 @@ async fn a_held_batch_leaves_when_its_window_ends_or_when_it_is_full() {
     assert_eq!(open_reservations(&ledger, &ids).await, 0);
     invariants::check(ledger.store().pool()).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_graceful_stop_sends_held_requests_at_once() {
+    // A window nothing reaches: only the stop can send the held commits. The servers wait for
+    // in-flight RPCs before the writer's queue closes, so the writer must stop holding first.
+    let (mut ledger, fencing) = ledger_with_window(Duration::from_secs(600)).await;
+    let ids = reserved(&mut ledger, &fencing, "call", 3).await;
+    let commits = commit_in_background(&ledger, &fencing, &ids);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(commits.iter().all(|c| !c.is_finished()), "held");
+
+    let pool = ledger.store().pool().clone();
+    tokio::time::timeout(LIVENESS, ledger.stop())
+        .await
+        .expect("the stop waited for the held requests' window");
+    let answers = answers(commits).await;
+    assert!(answers.iter().all(|a| a.committed_nano_usd == 60));
+    let committed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM reservations WHERE reservation_id::text = ANY($1) AND state = 'committed'",
+    )
+    .bind(&ids)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(committed, 3);
+    invariants::check(&pool).await.unwrap();
+}
