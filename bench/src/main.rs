@@ -75,8 +75,9 @@ enum Mode {
         /// Closed-loop clients of the maximum-rate run.
         #[arg(long, default_value_t = 64)]
         clients: usize,
-        /// The sidecar's credit size (SPENDGUARD_CREDIT_NANO_USD); 0 reserves every call
-        /// before forwarding it.
+        /// The sidecar's largest credit (SPENDGUARD_CREDIT_NANO_USD; sized on its demand unless
+        /// SPENDGUARD_CREDIT_AHEAD_MS=0 is in the environment); 0 reserves every call before
+        /// forwarding it.
         #[arg(long, default_value_t = 0)]
         credit_nano_usd: i64,
         /// Extra PostgreSQL settings, NAME=VALUE.

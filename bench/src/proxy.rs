@@ -69,10 +69,11 @@ async fn paced(
 }
 
 /// The sidecar's calls admitted inside a credit and its decisions so far, from its `/metrics`.
-async fn admitted_inside_credits(admin_port: u16) -> Result<(f64, f64)> {
+async fn admitted_inside_credits(admin_port: u16) -> Result<(f64, f64, f64)> {
     let (_, metrics) = spendguard_testkit::ledger::http_get(admin_port, "/metrics").await?;
     let mut admitted = 0.0;
     let mut decisions = 0.0;
+    let mut opened = 0.0;
     for line in metrics.lines() {
         let value = || {
             line.rsplit_once(' ')
@@ -83,9 +84,11 @@ async fn admitted_inside_credits(admin_port: u16) -> Result<(f64, f64)> {
             admitted += value();
         } else if line.starts_with("spendguard_sidecar_decisions_total{") {
             decisions += value();
+        } else if line.starts_with("spendguard_sidecar_credits_opened_total ") {
+            opened += value();
         }
     }
-    Ok((admitted, decisions))
+    Ok((admitted, decisions, opened))
 }
 
 /// Calls slower than this are reported by when they were scheduled.
@@ -242,7 +245,7 @@ pub(crate) async fn bench_proxy(
         duration.as_secs(),
         if credit_nano_usd > 0 {
             format!(
-                "credits of {credit_nano_usd} nano-USD (calls admitted inside them, drawn in the background)"
+                "credits of up to {credit_nano_usd} nano-USD, sized on the sidecar's demand unless SPENDGUARD_CREDIT_AHEAD_MS=0 (calls admitted inside them, drawn in the background)"
             )
         } else {
             "no credits (every call reserves before it is forwarded)".to_owned()
@@ -283,9 +286,10 @@ pub(crate) async fn bench_proxy(
         report_slow(&g_in_order, rate);
         if credit_nano_usd > 0 {
             println!(
-                "  sidecar: {:.0} of {:.0} decisions admitted inside a credit (the rest reserved one by one)",
+                "  sidecar: {:.0} of {:.0} decisions admitted inside a credit (the rest reserved one by one); {:.0} credits opened",
                 admitted_after.0 - admitted_before.0,
-                admitted_after.1 - admitted_before.1
+                admitted_after.1 - admitted_before.1,
+                admitted_after.2 - admitted_before.2
             );
         }
         let batches = writer_after.0 - writer_before.0;

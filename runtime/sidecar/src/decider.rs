@@ -18,7 +18,7 @@
 //! commit or release get the original answer (`replayed`) instead of a second effect.
 
 use crate::bundle::pricing_ref;
-use crate::credit::{CreditDriver, CreditPolicy, DrawState, IfLost};
+use crate::credit::{CreditDriver, CreditPolicy, DrawState, JournalError, PendingDraw};
 use crate::error::SidecarError;
 use crate::fail_open::{FailOpenQueue, SendFailure};
 use crate::lease::Lease;
@@ -287,24 +287,27 @@ impl Decider {
     }
 
     /// Admits calls of the sidecar's own budgets inside credits of `policy`
-    /// (docs/design/credits.md); `record` keeps the open credits' ids for a restarted sidecar of
-    /// the pod to release.
-    #[must_use]
+    /// (docs/design/credits.md); in `spool` (the pod's spool directory) the open credits' ids and
+    /// the admissions not yet drawn are kept for a restarted sidecar of the pod.
+    ///
+    /// # Errors
+    /// The draw journal in `spool` cannot be read or written.
     pub fn with_credits(
         mut self,
         policy: CreditPolicy,
-        record: Option<std::path::PathBuf>,
-    ) -> Self {
+        spool: Option<&std::path::Path>,
+    ) -> Result<Self, JournalError> {
         self.credits = Some(Arc::new(CreditDriver::new(
             policy,
             self.ledger.clone(),
             self.lease.clone(),
             self.bundle.clone(),
             self.identity.clone(),
-            record,
-        )));
+            self.fail_open.clone(),
+            spool,
+        )?));
         self.credit_calls = Sharded::with_capacity(CALLS_PRESIZED);
-        self
+        Ok(self)
     }
 
     /// The credits, when enabled, to hand to a task.
@@ -789,15 +792,14 @@ impl Decider {
         let draw = credits.spawn_draw(
             credit.clone(),
             expires,
-            pb::ReserveSetRequest {
-                draw_from_reservation_id: credit,
-                // The call is already admitted: only its settlement may wait on the draw.
-                deferrable: input.settles == Waiter::Nobody,
-                ..request
-            },
-            IfLost {
-                queue: self.fail_open.clone(),
-                record: self.fail_open_request(input, context),
+            PendingDraw {
+                draw: pb::ReserveSetRequest {
+                    draw_from_reservation_id: credit,
+                    // The call is already admitted: only its settlement may wait on the draw.
+                    deferrable: input.settles == Waiter::Nobody,
+                    ..request
+                },
+                if_lost: self.fail_open_request(input, context),
                 worst_case_nano_usd: planned.reserve.get(),
             },
         );

@@ -20,6 +20,7 @@ pub mod credit;
 pub mod decider;
 pub mod error;
 pub mod fail_open;
+mod frames;
 pub mod lease;
 pub mod metrics;
 pub mod proxy;
@@ -162,10 +163,10 @@ pub struct SidecarTuning {
         value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000)
     )]
     pub stop_evidence_queue_records: usize,
-    /// Amount of each credit, nano-USD (docs/design/credits.md): calls of the sidecar's own
-    /// budgets are admitted inside it without waiting for the ledger, and their reservations are
-    /// drawn from it in the background. 0 (the default) reserves every call synchronously.
-    /// Credits are off under a contract that asks for approval above soft caps.
+    /// Largest credit, nano-USD (docs/design/credits.md): calls of the sidecar's own budgets are
+    /// admitted inside a credit without waiting for the ledger, and their reservations are drawn
+    /// from it in the background. 0 (the default) reserves every call synchronously. Credits
+    /// are off under a contract that asks for approval above soft caps.
     #[arg(
         long,
         env = "SPENDGUARD_CREDIT_NANO_USD",
@@ -173,6 +174,16 @@ pub struct SidecarTuning {
         value_parser = clap::builder::RangedI64ValueParser::<i64>::new().range(0..=1_000_000_000_000_000_000)
     )]
     pub credit_nano_usd: i64,
+    /// How much of the sidecar's demand each credit holds: the worst cases of the calls asked
+    /// for in the last second, times this (at most `credit_nano_usd`); a credit is opened only
+    /// if it holds 8 calls like the one asking. 0: every credit is `credit_nano_usd`.
+    #[arg(
+        long,
+        env = "SPENDGUARD_CREDIT_AHEAD_MS",
+        default_value_t = 2_000,
+        value_parser = clap::builder::RangedU64ValueParser::<u64>::new().range(0..=600_000)
+    )]
+    pub credit_ahead_ms: u64,
     /// How long each credit lives on the ledger; it admits calls for the first three quarters.
     #[arg(
         long,
@@ -327,17 +338,19 @@ pub async fn start(
         stops,
     );
     if tuning.credit_nano_usd > 0 {
-        decider = decider.with_credits(
-            credit::CreditPolicy {
-                amount_nano_usd: tuning.credit_nano_usd,
-                ttl: Duration::from_millis(tuning.credit_ttl_ms),
-            },
-            // The spool directory belongs to this process alone (it holds its lock).
-            tuning
-                .fail_open_spool_dir
-                .as_ref()
-                .map(|dir| dir.join("open-credits")),
-        );
+        decider = decider
+            .with_credits(
+                credit::CreditPolicy {
+                    max_nano_usd: tuning.credit_nano_usd,
+                    ahead: Duration::from_millis(tuning.credit_ahead_ms),
+                    ttl: Duration::from_millis(tuning.credit_ttl_ms),
+                },
+                // The spool directory belongs to this process alone (it holds its lock).
+                tuning.fail_open_spool_dir.as_deref(),
+            )
+            .map_err(|e| {
+                SidecarError::invalid("fail_open_spool_dir", format!("{}: {e}", e.code()))
+            })?;
     }
     let decider = Arc::new(decider);
     decider.register_metrics(registry);
@@ -375,7 +388,7 @@ pub async fn start(
             let _ = held
                 .wait_for(|s| matches!(s, LeaseState::Held { .. }))
                 .await;
-            credits.release_left_over().await;
+            credits.recover_left_over().await;
         });
     }
     let http_stopped = stopped.clone();

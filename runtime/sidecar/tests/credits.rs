@@ -66,7 +66,10 @@ async fn calls_inside_credits_are_drawn_settled_and_the_credits_returned() {
     // taken from what is left).
     let credit = 3 * worst_case() - 1;
     let mut stack = Stack::start(Options {
-        flags: vec![format!("--credit-nano-usd={credit}")],
+        flags: vec![
+            format!("--credit-nano-usd={credit}"),
+            "--credit-ahead-ms=0".into(),
+        ],
         ..Options::default()
     })
     .await;
@@ -161,7 +164,10 @@ async fn a_call_settled_through_the_decision_api_is_drawn_urgently() {
     // ledger's count of commands by urgency across a decide and commit through the API, the
     // call admitted inside a credit.
     let stack = Stack::start(Options {
-        flags: vec![format!("--credit-nano-usd={}", 10 * worst_case())],
+        flags: vec![
+            format!("--credit-nano-usd={}", 10 * worst_case()),
+            "--credit-ahead-ms=0".into(),
+        ],
         ..Options::default()
     })
     .await;
@@ -205,7 +211,10 @@ async fn concurrent_calls_inside_credits_never_pass_the_limit() {
     let mut stack = Stack::start(Options {
         limit,
         // Just under ten worst cases: a tenth call must not be taken from what is left.
-        flags: vec![format!("--credit-nano-usd={}", 10 * worst_case() - 1)],
+        flags: vec![
+            format!("--credit-nano-usd={}", 10 * worst_case() - 1),
+            "--credit-ahead-ms=0".into(),
+        ],
         ..Options::default()
     })
     .await;
@@ -262,7 +271,10 @@ async fn concurrent_calls_inside_credits_never_pass_the_limit() {
 #[tokio::test]
 async fn a_call_whose_draw_is_refused_is_recorded_as_a_fail_open_call() {
     let mut stack = Stack::start(Options {
-        flags: vec![format!("--credit-nano-usd={}", 20 * worst_case())],
+        flags: vec![
+            format!("--credit-nano-usd={}", 20 * worst_case()),
+            "--credit-ahead-ms=0".into(),
+        ],
         ..Options::default()
     })
     .await;
@@ -354,7 +366,10 @@ async fn without_room_for_a_credit_or_under_approvals_calls_reserve_one_by_one()
     let limit = 2 * worst_case();
     let stack = Stack::start(Options {
         limit,
-        flags: vec![format!("--credit-nano-usd={}", 20 * worst_case())],
+        flags: vec![
+            format!("--credit-nano-usd={}", 20 * worst_case()),
+            "--credit-ahead-ms=0".into(),
+        ],
         mock: spendguard_mock_provider::MockConfig::default(),
         ..Options::default()
     })
@@ -378,7 +393,10 @@ async fn without_room_for_a_credit_or_under_approvals_calls_reserve_one_by_one()
     let stack = Stack::start(Options {
         soft_cap: 50 * worst_case(),
         contract: json!({"approval_above_soft_cap": true}),
-        flags: vec![format!("--credit-nano-usd={}", 20 * worst_case())],
+        flags: vec![
+            format!("--credit-nano-usd={}", 20 * worst_case()),
+            "--credit-ahead-ms=0".into(),
+        ],
         ..Options::default()
     })
     .await;
@@ -415,7 +433,10 @@ async fn a_denied_credit_retires_the_current_one_so_its_remainder_goes_back() {
     let w = worst_case();
     let mut stack = Stack::start(Options {
         limit: 23 * w / 10,
-        flags: vec![format!("--credit-nano-usd={}", 12 * w / 10)],
+        flags: vec![
+            format!("--credit-nano-usd={}", 12 * w / 10),
+            "--credit-ahead-ms=0".into(),
+        ],
         ..Options::default()
     })
     .await;
@@ -478,7 +499,10 @@ async fn draws_of_calls_admitted_during_an_outage_land_under_the_leases_next_epo
     // epoch: their draws are sent again under it (the scope is the same), not lost to
     // fail-open records. Method: the ledger stopped past the lease TTL (3 s in these tests).
     let mut stack = Stack::start(Options {
-        flags: vec![format!("--credit-nano-usd={}", 10 * worst_case())],
+        flags: vec![
+            format!("--credit-nano-usd={}", 10 * worst_case()),
+            "--credit-ahead-ms=0".into(),
+        ],
         ..Options::default()
     })
     .await;
@@ -525,4 +549,55 @@ async fn draws_of_calls_admitted_during_an_outage_land_under_the_leases_next_epo
     );
     let balance = stack.balance().await;
     assert_eq!(balance.committed_nano_usd, 3 * COMMITTED_PER_CALL);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_pod_holds_no_credit_and_a_busy_one_holds_its_recent_demand() {
+    // The largest credit is far above the budget's needs: only the sizing keeps credits small.
+    let mut stack = Stack::start(Options {
+        flags: vec![
+            "--credit-nano-usd=1000000000000".into(),
+            "--credit-ahead-ms=2000".into(),
+        ],
+        ..Options::default()
+    })
+    .await;
+    // Three calls a second apart: each second's demand is one worst case, under the eight a
+    // credit must hold. They reserve one by one.
+    for _ in 0..3 {
+        assert_eq!(chat(&stack).await.status, 200);
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+    }
+    let credits = || count(&stack, "SELECT count(*) FROM reservations WHERE is_credit");
+    assert_eq!(credits().await, 0, "a quiet pod holds no money idle");
+
+    // A burst of 40 calls: the demand of the last second asks for a credit of 2 s of it.
+    let body = serde_json::to_vec(&chat_body("gpt-4o-mini", false)).unwrap();
+    let url = stack.url("/v1/chat/completions");
+    let burst: Vec<_> = (0..40)
+        .map(|_| {
+            let (url, body) = (url.clone(), body.clone());
+            tokio::spawn(async move { post(&url, &[OPENAI_KEY], &body).await })
+        })
+        .collect();
+    for call in burst {
+        assert_eq!(call.await.unwrap().status, 200);
+    }
+    open_credits(&stack, 1).await;
+    let amount: i64 = sqlx::query_scalar(
+        "SELECT amount_nano_usd FROM reservations WHERE is_credit ORDER BY created_at LIMIT 1",
+    )
+    .fetch_one(stack.ledger.store().pool())
+    .await
+    .unwrap();
+    let w = worst_case();
+    assert!(
+        (8 * w..=2 * 41 * w).contains(&amount),
+        "sized on the last second's demand (at most 41 calls, 2 s ahead): {amount} for a worst case of {w}"
+    );
+    stack.stop_sidecar().await;
+    assert_eq!(stack.balance().await.reserved_nano_usd, 0);
+    spendguard_testkit::invariants::check(stack.ledger.store().pool())
+        .await
+        .unwrap();
 }

@@ -65,13 +65,51 @@ async fn spawn_sidecar(
     let child = sidecar_command(ledger, bundle, spool, mock, ("agent-crash", port, admin))
         .spawn()
         .expect("spawn spendguard sidecar");
+    wait_ready(admin).await;
+    Sidecar { child, port, admin }
+}
+
+/// A sidecar of workload `workload` admitting calls inside credits of 0.005 USD that live
+/// `credit_ttl_ms`, ready.
+async fn spawn_credits_sidecar(
+    (ledger, bundle, spool, mock): (std::net::SocketAddr, &Path, &Path, u16),
+    workload: &str,
+    credit_ttl_ms: u32,
+) -> Sidecar {
+    let (port, admin) = (free_port(), free_port());
+    let mut command = sidecar_command(ledger, bundle, spool, mock, (workload, port, admin));
+    command
+        .env("SPENDGUARD_CREDIT_NANO_USD", "5000000")
+        .env("SPENDGUARD_CREDIT_AHEAD_MS", "0")
+        .env("SPENDGUARD_CREDIT_TTL_MS", credit_ttl_ms.to_string())
+        .env(
+            "SPENDGUARD_RESERVATION_TTL_MS",
+            (credit_ttl_ms + 1_000).to_string(),
+        );
+    let child = command.spawn().expect("spawn spendguard sidecar");
+    wait_ready(admin).await;
+    Sidecar { child, port, admin }
+}
+
+async fn wait_ready(admin: u16) {
     for _ in 0..200 {
         if matches!(http_get(admin, "/readyz").await, Ok((200, _))) {
-            return Sidecar { child, port, admin };
+            return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("sidecar did not become ready");
+}
+
+/// Waits up to 5 s for `done`, else fails with `what`.
+async fn eventually<F: Future<Output = bool>>(what: &str, mut done: impl FnMut() -> F) {
+    for _ in 0..200 {
+        if done().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("timed out waiting until {what}");
 }
 
 fn chat_request(stream: bool, extra_headers: &str) -> String {
@@ -321,38 +359,13 @@ async fn kill_dash_nine_with_calls_inside_a_credit_leaves_nothing_held() {
     .await;
     let addr = ledger.ledger.as_ref().unwrap().addr;
     let pool = ledger.store().pool().clone();
-    let spawn = |spool: &Path| {
-        let (port, admin) = (free_port(), free_port());
-        let mut command = sidecar_command(
-            addr,
-            bundle.path(),
-            spool,
-            mock_port,
-            ("agent-credits", port, admin),
-        );
-        command
-            .env("SPENDGUARD_CREDIT_NANO_USD", "5000000")
-            .env("SPENDGUARD_CREDIT_TTL_MS", "8000")
-            .env("SPENDGUARD_RESERVATION_TTL_MS", "9000");
-        (
-            command.spawn().expect("spawn spendguard sidecar"),
-            port,
-            admin,
-        )
-    };
-    let ready = async |admin: u16| {
-        for _ in 0..200 {
-            if matches!(http_get(admin, "/readyz").await, Ok((200, _))) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("sidecar did not become ready");
-    };
-
     let spool = tempfile::tempdir().unwrap();
-    let (mut first, port, admin) = spawn(spool.path());
-    ready(admin).await;
+    let stack = (addr, bundle.path(), spool.path(), mock_port);
+    let Sidecar {
+        child: mut first,
+        port,
+        admin,
+    } = spawn_credits_sidecar(stack, "agent-credits", 8_000).await;
     // The first call opens the credit; the next ones are admitted inside it.
     for _ in 0..4 {
         assert_eq!(chat(port).await, 200);
@@ -400,8 +413,11 @@ async fn kill_dash_nine_with_calls_inside_a_credit_leaves_nothing_held() {
 
     // The restarted sidecar of the pod (a new epoch, the same spool directory) releases the
     // credit its predecessor left at once, not at its TTL; the draws that landed keep theirs.
-    let (mut second, port, admin) = spawn(spool.path());
-    ready(admin).await;
+    let Sidecar {
+        child: mut second,
+        port,
+        admin,
+    } = spawn_credits_sidecar(stack, "agent-credits", 8_000).await;
     let state_of_old = || {
         let (pool, id) = (pool.clone(), old_credit.clone());
         async move {
@@ -451,6 +467,110 @@ async fn kill_dash_nine_with_calls_inside_a_credit_leaves_nothing_held() {
     assert_eq!(balance.reserved_nano_usd, 0);
     assert_eq!(balance.committed_nano_usd, 7 * 10_950);
     assert_eq!(credit_rows(&pool).await.0, 0);
+    spendguard_testkit::invariants::check(&pool).await.unwrap();
+    ledger.stop().await;
+}
+
+/// The draws taken from credit `credit`: (how many, how many still open).
+async fn draws_of(pool: &sqlx::PgPool, credit: &str) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE state = 'reserved')
+           FROM reservations WHERE drawn_from_reservation_id = $1::uuid",
+    )
+    .bind(credit)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// Crash drill for the draw journal (docs/design/credits.md): calls admitted inside a credit
+/// while the ledger is away, whose draws cannot land, survive a kill -9 of the sidecar. Its
+/// successor in the pod draws them from the credit that admitted them before releasing it, so
+/// each keeps its reservation and its evidence, and none becomes a fail-open record.
+#[tokio::test]
+async fn kill_dash_nine_before_draws_land_keeps_the_calls_reservations() {
+    const JOURNAL_TENANT: &str = "tenant-journal";
+    let (mut ledger, bundle, mock_port) = data_path(
+        JOURNAL_TENANT,
+        json!({"version": "crash", "max_output_tokens": 64}),
+    )
+    .await;
+    let addr = ledger.ledger.as_ref().unwrap().addr;
+    let database_url = ledger.database_url.clone();
+    let pool = ledger.store().pool().clone();
+    let spool = tempfile::tempdir().unwrap();
+    let stack = (addr, bundle.path(), spool.path(), mock_port);
+    let mut first = spawn_credits_sidecar(stack, "agent-journal", 30_000).await;
+    // The first call opens the credit; wait until it is open and what was drawn has landed.
+    assert_eq!(chat(first.port).await, 200);
+    eventually("the credit is open", || async {
+        credit_rows(&pool).await.0 == 1
+    })
+    .await;
+    eventually("the first call is settled", || async {
+        commits(first.admin).await == 1
+    })
+    .await;
+    let credit: String = sqlx::query_scalar(
+        "SELECT reservation_id::text FROM reservations WHERE is_credit AND state = 'reserved'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let (drawn_before, _) = draws_of(&pool, &credit).await;
+
+    // The ledger goes away: calls go on inside the credit, their draws retry.
+    ledger.stop().await;
+    for _ in 0..3 {
+        assert_eq!(chat(first.port).await, 200, "admitted inside the credit");
+    }
+    first.child.kill().await.unwrap(); // SIGKILL before any of those draws could land.
+
+    let mut ledger = TestLedger::start_at(&database_url, "ledger-0", addr)
+        .await
+        .unwrap();
+    assert_eq!(draws_of(&pool, &credit).await.0, drawn_before);
+    let _second = spawn_credits_sidecar(stack, "agent-journal", 30_000).await;
+    let released = || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT state FROM reservations WHERE reservation_id = $1::uuid",
+        )
+        .bind(&credit)
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+            == "released"
+    };
+    eventually("the predecessor's credit is released", released).await;
+    assert_eq!(
+        draws_of(&pool, &credit).await,
+        (drawn_before + 3, 3),
+        "the three calls were drawn from their credit before its release, and stay open (never settled)"
+    );
+    let evidence: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_outbox
+          WHERE event_type = 'reservation.reserved'
+            AND convert_from(canonical_event, 'UTF8')::jsonb #>> '{data,drawn_from_reservation_id}' = $1",
+    )
+    .bind(&credit)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(evidence, drawn_before + 3, "each draw has its event");
+    assert!(
+        fail_open_events(&pool).await.is_empty(),
+        "none was recorded as a fail-open call"
+    );
+    // What the credit held beyond its draws went back; the open draws hold their worst case.
+    let open_draws: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(amount_nano_usd), 0)::bigint FROM reservations
+          WHERE drawn_from_reservation_id IS NOT NULL AND state = 'reserved'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let balance = ledger.balance(JOURNAL_TENANT, BUDGET).await.unwrap();
+    assert_eq!(balance.reserved_nano_usd, open_draws);
     spendguard_testkit::invariants::check(&pool).await.unwrap();
     ledger.stop().await;
 }

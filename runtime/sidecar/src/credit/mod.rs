@@ -16,11 +16,16 @@
 //! budgets, and every call admitted inside it is drawn from it (its own reservation, committed or
 //! released like any other). The exception is a lost draw: that call's spend reaches the ledger
 //! as a fail-open record, i.e. as overrun after the fact (docs/design/credits.md, failure modes).
+//! With a spool directory, each admission is journaled before its CONTINUE (`journal.rs`), so a
+//! sidecar restarted after a kill -9 draws what its predecessor admitted and never drew.
 
+mod journal;
 mod pool;
 
+pub use journal::{DrawJournal, JOURNAL_FILE, JournalError, LeftOver, PendingDraw};
 pub use pool::{
-    CREDIT_TTL_MS_MAX, CREDIT_TTL_MS_MIN, CreditPolicy, Credits, DRAWS_IN_FLIGHT_MAX, Opened, Take,
+    CALLS_PER_CREDIT_MIN, CREDIT_TTL_MS_MAX, CREDIT_TTL_MS_MIN, CreditPolicy, Credits,
+    DRAWS_IN_FLIGHT_MAX, Opened, Take,
 };
 
 use crate::bundle::pricing_ref;
@@ -33,7 +38,7 @@ use spendguard_core::window::BudgetWindow;
 use spendguard_proto::ledger::error_code;
 use spendguard_proto::ledger::v1 as pb;
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -62,15 +67,17 @@ pub enum DrawState {
     Lost(String),
 }
 
-/// What records a call whose draw is lost: its fail-open record, queued at once (so a call that
-/// never settles is still recorded, at its worst case, by the queue's settle deadline).
-pub struct IfLost {
-    /// The fail-open queue.
-    pub queue: Arc<FailOpenQueue>,
-    /// The call's record.
-    pub record: pb::RecordFailOpenRequest,
-    /// Its worst case.
-    pub worst_case_nano_usd: i64,
+/// What an answer that replays an already settled reservation means to a draw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SettledReplay {
+    /// A call admitted now under a call id already settled: a second call, drawn under a key
+    /// of its own.
+    SecondCall,
+    /// A journaled draw of a previous process: its key (the one it sent) landed and was
+    /// settled since. (Or a retry of the call on this process settled the call id first: then
+    /// two calls went out under one reservation, as a retry of a call reserved one by one does
+    /// after a restart.)
+    Landed,
 }
 
 /// Opens, draws from and releases this sidecar's credits.
@@ -81,7 +88,13 @@ pub struct CreditDriver {
     bundle: Arc<Bundle>,
     identity: Identity,
     tasks: TaskTracker,
+    /// Records a call whose draw is lost, at once (so a call that never settles is still
+    /// recorded, at its worst case, by the queue's settle deadline).
+    fail_open: Arc<FailOpenQueue>,
     record: Option<OpenCredits>,
+    journal: Option<DrawJournal>,
+    /// What a previous process of the pod journaled and did not record.
+    left_over: Mutex<LeftOver>,
 }
 
 /// The ids of this sidecar's credits not yet released, kept in a file of the pod's spool
@@ -136,32 +149,76 @@ impl OpenCredits {
 }
 
 impl CreditDriver {
-    /// A driver with no credit yet: the first admission opens one. With `record` (a file in
-    /// the pod's spool directory), the ids of open credits are kept there, and those a previous
-    /// process left are released by [`Self::release_left_over`].
+    /// A driver with no credit yet: the first admission opens one. With `spool` (the pod's
+    /// spool directory, whose lock this process holds), the ids of open credits and the
+    /// admissions whose draws have not landed are kept there, and what a previous process left
+    /// is taken up by [`Self::recover_left_over`].
+    ///
+    /// # Errors
+    /// The draw journal cannot be read or written.
     pub fn new(
         policy: CreditPolicy,
         ledger: LedgerClient,
         lease: Lease,
         bundle: Arc<Bundle>,
         identity: Identity,
-        record: Option<PathBuf>,
-    ) -> Self {
-        Self {
+        fail_open: Arc<FailOpenQueue>,
+        spool: Option<&Path>,
+    ) -> Result<Self, JournalError> {
+        let (journal, left_over) = match spool {
+            Some(dir) => {
+                let (journal, left_over) = DrawJournal::open(dir)?;
+                (Some(journal), left_over)
+            }
+            None => (None, LeftOver::default()),
+        };
+        Ok(Self {
             pool: Credits::new(policy),
             ledger,
             lease,
             bundle,
             identity,
             tasks: TaskTracker::new(),
-            record: record.map(OpenCredits::load),
-        }
+            fail_open,
+            record: spool.map(|dir| OpenCredits::load(dir.join("open-credits"))),
+            journal,
+            left_over: Mutex::new(left_over),
+        })
     }
 
-    /// Releases the credits a previous process of this pod left open (it was killed, or its
-    /// releases failed), once this process holds the lease: what they did not admit goes back
-    /// now instead of at their TTL. Draws of theirs that landed keep their money.
-    pub async fn release_left_over(&self) {
+    /// Takes up what a previous process of this pod left (it was killed, or its releases
+    /// failed), once this process holds the lease. First the draws it journaled and did not
+    /// land, so those calls get their reservation (and evidence) from the credit that admitted
+    /// them; then its credits are released, so what they did not admit goes back now instead of
+    /// at their TTL.
+    pub async fn recover_left_over(self: &Arc<Self>) {
+        let LeftOver { to_draw, to_record } = std::mem::take(&mut *lock(&self.left_over));
+        if !to_draw.is_empty() || !to_record.is_empty() {
+            info!(
+                draws = to_draw.len(),
+                lost = to_record.len(),
+                "taking up the calls a previous sidecar of this pod admitted inside its credits"
+            );
+        }
+        // Refused for good before the restart: their fail-open records (again, if they were
+        // queued: the ledger answers a record it holds as a replay).
+        for pending in to_record {
+            self.finish_draw(pending, &DrawState::Lost("refused before a restart".into()))
+                .await;
+        }
+        // A draw retries while the ledger is away; the predecessor's credit lapses within a TTL.
+        let expires = Instant::now() + self.pool.policy().ttl;
+        let mut redraws = tokio::task::JoinSet::new();
+        for mut pending in to_draw {
+            let this = self.clone();
+            redraws.spawn(async move {
+                let outcome = this
+                    .draw(&mut pending, expires, SettledReplay::Landed)
+                    .await;
+                this.finish_draw(pending, &outcome).await;
+            });
+        }
+        redraws.join_all().await;
         let Some(record) = &self.record else {
             return;
         };
@@ -184,43 +241,41 @@ impl CreditDriver {
         for id in take.release {
             self.spawn_release(id);
         }
-        if take.open_next {
+        if let Some(amount) = take.open_next {
             let this = self.clone();
-            self.tasks.spawn(async move { this.open(epoch).await });
+            self.tasks
+                .spawn(async move { this.open(amount, epoch).await });
         }
         take.credit
     }
 
-    /// Records a call admitted from `credit` in the ledger, in the background: `request` is the
-    /// call's ReserveSet drawing from it. The returned state ends `Drawn` or `Lost`; a lost call
-    /// is queued as `if_lost` says before its state says so.
+    /// Records a call admitted from `credit` in the ledger, in the background: `pending.draw` is
+    /// the call's ReserveSet drawing from it. The admission is journaled first (call this before
+    /// answering CONTINUE). The returned state ends `Drawn` or `Lost`; a lost call is queued as
+    /// a fail-open call (`pending.if_lost`) before its state says so.
     pub fn spawn_draw(
         self: &Arc<Self>,
         credit: String,
         expires: Instant,
-        request: pb::ReserveSetRequest,
-        if_lost: IfLost,
+        pending: PendingDraw,
     ) -> watch::Receiver<DrawState> {
+        if let Some(journal) = &self.journal
+            && let Err(e) = journal.admitted(&pending)
+        {
+            error!(call_id = %pending.call_id(), code = e.code(), error = %e,
+                   "could not journal a call admitted inside a credit: a kill -9 before its draw lands would leave it unrecorded");
+        }
         let (state, watched) = watch::channel(DrawState::Pending);
         let this = self.clone();
         self.tasks.spawn(async move {
-            let outcome = this.draw(request, expires).await;
-            if let DrawState::Lost(reason) = &outcome {
-                let call_id = if_lost.record.call_id.clone();
-                warn!(%credit, %call_id, %reason, "a call admitted inside a credit could not be drawn from it; it is recorded as a fail-open call");
-                let IfLost {
-                    queue,
-                    record,
-                    worst_case_nano_usd,
-                } = if_lost;
-                let queued = tokio::task::spawn_blocking(move || {
-                    queue.admit(record, worst_case_nano_usd, None)
-                })
+            let mut pending = pending;
+            let outcome = this
+                .draw(&mut pending, expires, SettledReplay::SecondCall)
                 .await;
-                if !matches!(queued, Ok(Ok(()))) {
-                    error!(%call_id, "a call admitted inside a credit was neither drawn nor queued as a fail-open call: its spend and evidence are missing from the ledger");
-                }
+            if let DrawState::Lost(reason) = &outcome {
+                warn!(%credit, call_id = %pending.call_id(), %reason, "a call admitted inside a credit could not be drawn from it; it is recorded as a fail-open call");
             }
+            this.finish_draw(pending, &outcome).await;
             let retired = this
                 .pool
                 .draw_done(&credit, matches!(outcome, DrawState::Lost(_)));
@@ -251,7 +306,49 @@ impl CreditDriver {
         }
     }
 
-    async fn open(&self, epoch: u64) {
+    /// After a draw's outcome: a lost call is queued as a fail-open call, and the journal
+    /// forgets the admission once the call is recorded either way.
+    async fn finish_draw(&self, pending: PendingDraw, outcome: &DrawState) {
+        let call_id = pending.call_id().to_owned();
+        let recorded = match outcome {
+            DrawState::Drawn(_) => true,
+            DrawState::Pending => false,
+            DrawState::Lost(_) => {
+                if let Some(journal) = &self.journal
+                    && let Err(e) = journal.lost(&call_id)
+                {
+                    warn!(%call_id, code = e.code(), error = %e, "could not journal a lost draw; a restart before it is recorded draws the call again");
+                }
+                let queue = self.fail_open.clone();
+                let PendingDraw {
+                    if_lost,
+                    worst_case_nano_usd,
+                    ..
+                } = pending;
+                let queued = tokio::task::spawn_blocking(move || {
+                    // Queued before a restart (its spool kept it): that record stands.
+                    if queue.worst_case(&if_lost.call_id).is_some() {
+                        return Ok(());
+                    }
+                    queue.admit(if_lost, worst_case_nano_usd, None)
+                })
+                .await;
+                let queued = matches!(queued, Ok(Ok(())));
+                if !queued {
+                    error!(%call_id, "a call admitted inside a credit was neither drawn nor queued as a fail-open call: its spend and evidence are missing from the ledger");
+                }
+                queued
+            }
+        };
+        if recorded
+            && let Some(journal) = &self.journal
+            && let Err(e) = journal.done(&call_id)
+        {
+            warn!(%call_id, code = e.code(), error = %e, "could not mark a call recorded in the journal; a restart takes it up again (answered as a replay)");
+        }
+    }
+
+    async fn open(&self, amount_nano_usd: i64, epoch: u64) {
         let policy = self.pool.policy();
         let sent = Instant::now();
         let sent_wall = chrono::Utc::now();
@@ -259,7 +356,7 @@ impl CreditDriver {
             tenant_id: self.identity.tenant_id.clone(),
             idempotency_key: format!("credit/{}", Uuid::new_v4()),
             budget_ids: self.identity.budget_ids.clone(),
-            amount_nano_usd: policy.amount_nano_usd,
+            amount_nano_usd,
             fencing: Some(pb::FencingToken {
                 scope_id: self.identity.scope_id.clone(),
                 epoch,
@@ -353,11 +450,18 @@ impl CreditDriver {
         }
     }
 
-    async fn draw(&self, mut request: pb::ReserveSetRequest, expires: Instant) -> DrawState {
+    /// Sends `pending`'s draw until it lands or is refused for good (its request may change: a
+    /// newer epoch, a key of its own).
+    async fn draw(
+        &self,
+        pending: &mut PendingDraw,
+        expires: Instant,
+        settled_replay: SettledReplay,
+    ) -> DrawState {
         let mut backoff = Duration::from_millis(50);
         let mut drawn_again = false;
         loop {
-            let status = match self.ledger.clone().reserve_set(request.clone()).await {
+            let status = match self.ledger.clone().reserve_set(pending.draw.clone()).await {
                 Ok(response) => {
                     let response = response.into_inner();
                     match response.outcome {
@@ -368,13 +472,25 @@ impl CreditDriver {
                         Some(pb::reserve_set_response::Outcome::Reserved(r))
                             if response.replayed
                                 && r.state != pb::ReservationState::Open as i32
+                                && settled_replay == SettledReplay::SecondCall
                                 && !drawn_again =>
                         {
-                            warn!(call_id = %request.idempotency_key,
+                            warn!(call_id = %pending.draw.idempotency_key,
                                   "a settled call id was admitted again inside a credit; it is drawn as a call of its own");
                             drawn_again = true;
-                            request.idempotency_key =
-                                format!("{}/again/{}", request.idempotency_key, Uuid::new_v4());
+                            pending.draw.idempotency_key = format!(
+                                "{}/again/{}",
+                                pending.draw.idempotency_key,
+                                Uuid::new_v4()
+                            );
+                            // A restart must draw the key that is sent (the call id's own
+                            // reservation was settled: drawing it would replay that one).
+                            if let Some(journal) = &self.journal
+                                && let Err(e) = journal.admitted(pending)
+                            {
+                                warn!(call_id = %pending.call_id(), code = e.code(), error = %e,
+                                      "could not journal a draw sent under a key of its own");
+                            }
                             continue;
                         }
                         Some(pb::reserve_set_response::Outcome::Reserved(r)) => {
@@ -389,7 +505,7 @@ impl CreditDriver {
             // The same scope under a newer epoch (this process re-acquired its lease) may draw
             // from its credit: the call was decided under a lease this process held.
             if code == Some(pb::ErrorCode::FencingEpochStale)
-                && let Some(fencing) = request.fencing.as_mut()
+                && let Some(fencing) = pending.draw.fencing.as_mut()
                 && let Ok(current) = self.lease.epoch_for_settlement()
                 && current > fencing.epoch
             {

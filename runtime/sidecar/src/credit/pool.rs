@@ -19,11 +19,24 @@ pub const CREDIT_TTL_MS_MAX: u64 = 3_600_000;
 /// waiting for the ledger is the back pressure that keeps a slow ledger from falling behind.
 pub const DRAWS_IN_FLIGHT_MAX: u32 = 256;
 
+/// With a sized credit, the next one is asked for only if it would hold this many calls like
+/// the one asking: fewer are not worth a credit's two ledger writes, and a quiet pod (whose
+/// recent demand is a few calls) holds no money idle.
+pub const CALLS_PER_CREDIT_MIN: i64 = 8;
+
+/// Demand is measured over the last second, in buckets of this length.
+const DEMAND_BUCKET: Duration = Duration::from_millis(100);
+const DEMAND_BUCKETS: usize = 10;
+
 /// How a sidecar uses credits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CreditPolicy {
-    /// Amount of each credit, nano-USD (> 0).
-    pub amount_nano_usd: i64,
+    /// Largest credit, nano-USD (> 0); the amount of every credit when `ahead` is zero.
+    pub max_nano_usd: i64,
+    /// Each credit holds this much of the sidecar's demand (the worst cases of the calls it was
+    /// asked to decide in the last second), at most `max_nano_usd`. Zero: every credit is
+    /// `max_nano_usd`.
+    pub ahead: Duration,
     /// How long each credit lives on the ledger.
     pub ttl: Duration,
 }
@@ -35,9 +48,49 @@ impl CreditPolicy {
         self.ttl / 4
     }
 
-    /// Below this much left, the next credit is opened (the current one still admits meanwhile).
-    fn low_water(&self) -> i64 {
-        self.amount_nano_usd / 4
+    /// The next credit's amount for `demand_per_second`, and whether it is worth asking for a
+    /// call of `amount` (it must hold that call; a sized one, [`CALLS_PER_CREDIT_MIN`] of them).
+    fn next_credit(&self, demand_per_second: i64, amount: i64) -> Option<i64> {
+        if self.ahead.is_zero() {
+            return (amount <= self.max_nano_usd).then_some(self.max_nano_usd);
+        }
+        let ahead_ms = i64::try_from(self.ahead.as_millis()).unwrap_or(i64::MAX);
+        let sized = i128::from(demand_per_second) * i128::from(ahead_ms) / 1_000;
+        let sized = i64::try_from(sized)
+            .unwrap_or(i64::MAX)
+            .min(self.max_nano_usd);
+        (sized >= amount.saturating_mul(CALLS_PER_CREDIT_MIN)).then_some(sized)
+    }
+}
+
+/// The worst cases of the calls asked for in the last second (integer nano-USD per bucket).
+#[derive(Debug, Default)]
+struct Demand {
+    buckets: [i64; DEMAND_BUCKETS],
+    /// The bucket `newest` covers from here; unset before the first call.
+    newest_start: Option<Instant>,
+    newest: usize,
+}
+
+impl Demand {
+    /// Adds `amount` at `now` and returns the last second's total.
+    fn record(&mut self, amount: i64, now: Instant) -> i64 {
+        let start = *self.newest_start.get_or_insert(now);
+        let elapsed = now.saturating_duration_since(start);
+        let steps =
+            usize::try_from(elapsed.as_nanos() / DEMAND_BUCKET.as_nanos()).unwrap_or(usize::MAX);
+        if steps > 0 {
+            for i in 1..=steps.min(DEMAND_BUCKETS) {
+                self.buckets[(self.newest + i) % DEMAND_BUCKETS] = 0;
+            }
+            self.newest = (self.newest + steps) % DEMAND_BUCKETS;
+            let step = u32::try_from(steps).unwrap_or(u32::MAX);
+            self.newest_start = Some(start + DEMAND_BUCKET.saturating_mul(step));
+        }
+        self.buckets[self.newest] = self.buckets[self.newest].saturating_add(amount);
+        self.buckets
+            .iter()
+            .fold(0i64, |sum, b| sum.saturating_add(*b))
     }
 }
 
@@ -61,8 +114,8 @@ pub struct Opened {
 pub struct Take {
     /// The credit the amount was taken from: the call is admitted.
     pub credit: Option<(String, Instant)>,
-    /// Open the next credit now (this call is the one that asks; others do not).
-    pub open_next: bool,
+    /// Open the next credit now, of this amount (this call is the one that asks; others do not).
+    pub open_next: Option<i64>,
     /// Credits retired with no draw in flight: release them.
     pub release: Vec<String>,
 }
@@ -86,6 +139,7 @@ struct Pool {
     /// Draws in flight, over every credit.
     in_flight: u32,
     closed: bool,
+    demand: Demand,
 }
 
 /// The local count of this sidecar's credits.
@@ -149,6 +203,7 @@ impl Credits {
         if pool.closed {
             return take;
         }
+        let demand_per_second = pool.demand.record(amount, now);
         if let Some(slot) = &pool.current
             && (slot.opened.epoch != epoch || now >= slot.opened.admit_until)
         {
@@ -165,19 +220,22 @@ impl Credits {
             take.credit = Some((slot.opened.id.clone(), slot.opened.expires));
             self.admitted.inc();
         }
-        // A call larger than a whole credit never fits one: it asks for none.
-        let wanted = amount <= self.policy.amount_nano_usd
+        // A call larger than the next credit never fits one: it asks for none.
+        let next = self.policy.next_credit(demand_per_second, amount);
+        let wanted = next.is_some()
             && match &pool.current {
                 None => true,
                 Some(slot) => {
-                    slot.remaining < self.policy.low_water().max(amount)
+                    // Below a quarter of what it held, the next one is opened (this one still
+                    // admits meanwhile).
+                    slot.remaining < (slot.opened.amount_nano_usd / 4).max(amount)
                         || slot.opened.admit_until.saturating_duration_since(now)
                             < self.policy.admit_margin()
                 }
             };
         if wanted && !pool.opening && pool.quiet_until.is_none_or(|t| now >= t) {
             pool.opening = true;
-            take.open_next = true;
+            take.open_next = next;
         }
         self.remaining
             .set(pool.current.as_ref().map_or(0, |s| s.remaining));
@@ -286,7 +344,8 @@ mod tests {
 
     fn policy() -> CreditPolicy {
         CreditPolicy {
-            amount_nano_usd: 1_000,
+            max_nano_usd: 1_000,
+            ahead: Duration::ZERO,
             ttl: Duration::from_secs(40),
         }
     }
@@ -307,8 +366,11 @@ mod tests {
         let now = Instant::now();
         // No credit: nothing admitted, and this caller opens one; the next caller does not.
         let first = credits.take(100, 1, now);
-        assert_eq!((first.credit.is_none(), first.open_next), (true, true));
-        assert!(!credits.take(100, 1, now).open_next);
+        assert_eq!(
+            (first.credit.is_none(), first.open_next),
+            (true, Some(1_000))
+        );
+        assert!(credits.take(100, 1, now).open_next.is_none());
         assert!(credits.opened(opened("a", now)).is_empty());
         let mut admitted = 0;
         for _ in 0..20 {
@@ -320,10 +382,15 @@ mod tests {
         // Below the low water mark the next credit was asked for once.
         credits.not_opened(now, Duration::from_secs(1));
         assert!(
-            !credits.take(300, 1, now).open_next,
+            credits.take(300, 1, now).open_next.is_none(),
             "quiet after a failure"
         );
-        assert!(credits.take(300, 1, now + Duration::from_secs(2)).open_next);
+        assert!(
+            credits
+                .take(300, 1, now + Duration::from_secs(2))
+                .open_next
+                .is_some()
+        );
     }
 
     #[test]
@@ -331,10 +398,10 @@ mod tests {
         let credits = Credits::new(policy());
         let now = Instant::now();
         assert!(
-            !credits.take(1_001, 1, now).open_next,
+            credits.take(1_001, 1, now).open_next.is_none(),
             "no credit would hold it"
         );
-        assert!(credits.take(1, 1, now).open_next);
+        assert!(credits.take(1, 1, now).open_next.is_some());
         credits.opened(Opened {
             amount_nano_usd: 1_000_000,
             ..opened("a", now)
@@ -375,10 +442,69 @@ mod tests {
         let late = credits.take(1, 1, now + Duration::from_secs(30));
         assert_eq!(late.credit, None);
         assert_eq!(late.release, vec!["a".to_owned()]);
-        assert!(late.open_next);
+        assert!(late.open_next.is_some());
         credits.opened(opened("b", now));
         let other_epoch = credits.take(1, 2, now);
         assert_eq!(other_epoch.credit, None);
         assert_eq!(other_epoch.release, vec!["b".to_owned()]);
+    }
+
+    #[test]
+    fn a_sized_credit_holds_the_demand_of_the_last_second_ahead() {
+        let credits = Credits::new(CreditPolicy {
+            max_nano_usd: 1_000_000,
+            ahead: Duration::from_secs(2),
+            ttl: Duration::from_secs(40),
+        });
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        // A quiet pod: a few calls of 100 are not worth a credit (2 s of them is under 8 calls).
+        for ms in [0, 300, 600] {
+            assert_eq!(credits.take(100, 1, at(ms)).open_next, None);
+        }
+        // The fourth call within the second: 400 a second, 800 ahead, 8 calls of 100.
+        assert_eq!(credits.take(100, 1, at(900)).open_next, Some(800));
+        credits.opened(Opened {
+            amount_nano_usd: 800,
+            ..opened("a", start)
+        });
+        // A busier second: 50 calls of 100 from 2.0 s on; the first second's calls have left
+        // the window. The credit runs low and the next is sized on the new demand.
+        let mut asked = Vec::new();
+        for i in 0..50 {
+            if let Some(amount) = credits.take(100, 1, at(2_000 + i * 10)).open_next {
+                asked.push((i, amount));
+            }
+        }
+        assert_eq!(
+            asked,
+            vec![(6, 1_400)],
+            "asked once, when 100 of 800 were left (under a quarter), for 2 s of 700 a second"
+        );
+        // One ask while a credit is being opened, however busy; capped at the largest credit.
+        credits.not_opened(at(2_500), Duration::ZERO);
+        let asks = (0..10_000)
+            .filter(|i| {
+                credits
+                    .take(100, 1, at(2_600 + i / 100))
+                    .open_next
+                    .is_some()
+            })
+            .count();
+        assert_eq!(asks, 1);
+        credits.not_opened(at(2_700), Duration::ZERO);
+        assert_eq!(credits.take(100, 1, at(2_700)).open_next, Some(1_000_000));
+    }
+
+    #[test]
+    fn demand_forgets_what_is_older_than_a_second() {
+        let mut demand = Demand::default();
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        assert_eq!(demand.record(5, at(0)), 5);
+        assert_eq!(demand.record(7, at(950)), 12);
+        assert_eq!(demand.record(1, at(1_050)), 8, "the first bucket left");
+        assert_eq!(demand.record(0, at(1_999)), 1);
+        assert_eq!(demand.record(3, at(60_000)), 3, "a long pause clears all");
     }
 }

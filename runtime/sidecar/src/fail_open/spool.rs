@@ -2,8 +2,7 @@
 //! of its own (an emptyDir in Kubernetes, so it survives a restart of the sidecar container).
 //!
 //! ```text
-//! file   := frame*
-//! frame  := len: u32 LE | crc32(payload): u32 LE | payload (len bytes)
+//! file   := frame*                                       (crate::frames)
 //! payload:= 1 | worst_case: i64 | settled: u8 | run_budget? | RecordFailOpenRequest (protobuf)
 //!                                                                                   admitted
 //!         | 2 | actual: i64 | call_id (UTF-8)                                     settled
@@ -27,9 +26,10 @@
 //! bounded ([`SPOOL_BYTES_MAX`], below the emptyDir's size limit, whose overflow would evict
 //! the pod): past it, admissions are refused and fail-open decisions fail closed.
 
+use crate::frames::{self, open_append, push_frame, sync_dir, write_new};
 use prost::Message as _;
 use spendguard_proto::ledger::v1 as pb;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
 
@@ -40,9 +40,6 @@ pub const SPOOL_FILE: &str = "fail-open.spool";
 /// a lock on it would not hold). A second process on the same directory would interleave its
 /// frames with ours, replay our records as its own and rewrite the file under us.
 pub const LOCK_FILE: &str = "fail-open.lock";
-
-/// Largest frame accepted on replay: a record is about 1 KiB, so anything larger is damage.
-const FRAME_MAX_BYTES: u32 = 1 << 20;
 
 /// Frames appended since the last rewrite before the file is rewritten as a snapshot, at least.
 const COMPACT_MIN_FRAMES: usize = 4_096;
@@ -160,7 +157,7 @@ impl Spool {
             ));
             // One copy is kept (the newest), so repeated damage cannot fill the volume.
             remove_damaged_copies(dir).map_err(io_at(dir))?;
-            write_durably(&damaged, &bytes).map_err(io_at(&damaged))?;
+            write_new(&damaged, &bytes, true).map_err(io_at(&damaged))?;
             sync_dir(dir).map_err(io_at(dir))?;
             tracing::error!(path = %path.display(), frames_skipped = replayed.damaged,
                             bytes_unread = unread, copy = %damaged.display(),
@@ -248,7 +245,7 @@ impl Spool {
         for record in records {
             push_frame(&mut bytes, &admitted_payload(record));
         }
-        let file = write_durably(&temporary, &bytes)
+        let file = write_new(&temporary, &bytes, true)
             .and_then(|file| std::fs::rename(&temporary, &self.path).map(|()| file))
             .map_err(|source| {
                 let _ = std::fs::remove_file(&temporary);
@@ -294,18 +291,6 @@ fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> SpoolError + use<> {
     move |source| SpoolError::Io { path, source }
 }
 
-/// Creates `path` (mode 0600, replacing it), writes `bytes` and flushes them; the handle appends.
-fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<File> {
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    let mut file = private_append().create_new(true).open(path)?;
-    file.write_all(bytes)?;
-    file.sync_data()?;
-    Ok(file)
-}
-
 fn remove_damaged_copies(dir: &Path) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
@@ -318,10 +303,6 @@ fn remove_damaged_copies(dir: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
-}
-
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir).and_then(|d| d.sync_all())
 }
 
 /// Takes the directory's lock without waiting: a spool held by a live process is refused, not
@@ -337,27 +318,6 @@ fn lock_dir(dir: &Path) -> Result<File, SpoolError> {
         }),
         Err(std::fs::TryLockError::Error(e)) => Err(io_at(&lock)(e)),
     }
-}
-
-fn open_append(path: &Path) -> std::io::Result<File> {
-    private_append().create(true).open(path)
-}
-
-/// Options for a spool file: appended to, readable by its owner only.
-fn private_append() -> OpenOptions {
-    let mut options = OpenOptions::new();
-    options.append(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    options
-}
-
-fn push_frame(out: &mut Vec<u8>, payload: &[u8]) {
-    // Payloads are built here and bounded far below u32::MAX (a record is about 1 KiB).
-    let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
-    out.extend_from_slice(payload);
 }
 
 /// An admission frame; a settled record is written settled (an admission followed by its
@@ -388,36 +348,15 @@ struct Replayed {
     read: usize,
     /// Frames skipped for a failed checksum or an unreadable payload.
     damaged: usize,
-    /// Whether the replay ended in a frame cut short (a header or payload past the end).
+    /// Whether the replay ended in a frame cut short.
     torn_tail: bool,
 }
 
-/// Reads frames to the end. After a frame that fails its checksum or cannot be read, it
-/// resynchronises on the next offset where a good frame starts (a damaged length cannot be
-/// trusted), counting the skipped span as damage; a frame cut short with no good frame after it
-/// is a torn tail.
+/// Reads the frames (`frames::read`) and applies their entries in order.
 fn replay(bytes: &[u8]) -> Replayed {
+    let frames = frames::read(bytes, Entry::parse);
     let mut records: Vec<SpooledRecord> = Vec::new();
-    let mut at = 0;
-    let mut damaged = 0;
-    let torn_tail = loop {
-        let frame = frame_at(bytes, at);
-        let parsed = match frame {
-            Frame::End => break false,
-            Frame::Good { payload, next } => Entry::parse(payload).map(|entry| (entry, next)),
-            Frame::Damaged | Frame::Torn => None,
-        };
-        let Some((entry, next)) = parsed else {
-            match resync(bytes, at + 1) {
-                Some(good) => {
-                    damaged += 1;
-                    at = good;
-                    continue;
-                }
-                None => break matches!(frame, Frame::Torn),
-            }
-        };
-        at = next;
+    for entry in frames.entries {
         match entry {
             Entry::Admitted(record) => {
                 records.retain(|r| r.request.call_id != record.request.call_id);
@@ -433,56 +372,12 @@ fn replay(bytes: &[u8]) -> Replayed {
             }
             Entry::Done { call_id } => records.retain(|r| r.request.call_id != call_id),
         }
-    };
+    }
     Replayed {
         records,
-        read: at,
-        damaged,
-        torn_tail,
-    }
-}
-
-/// The first offset from `from` where a frame with a good checksum and a readable entry starts.
-fn resync(bytes: &[u8], from: usize) -> Option<usize> {
-    (from..bytes.len()).find(|&at| {
-        matches!(frame_at(bytes, at), Frame::Good { payload, .. } if Entry::parse(payload).is_some())
-    })
-}
-
-#[derive(Clone, Copy)]
-enum Frame<'a> {
-    End,
-    Good {
-        payload: &'a [u8],
-        next: usize,
-    },
-    /// A failed checksum, or a length no frame can have.
-    Damaged,
-    /// A header or payload past the end.
-    Torn,
-}
-
-fn frame_at(bytes: &[u8], at: usize) -> Frame<'_> {
-    if at >= bytes.len() {
-        return Frame::End;
-    }
-    let Some(header) = bytes.get(at..at.saturating_add(8)) else {
-        return Frame::Torn;
-    };
-    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
-    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-    if len > FRAME_MAX_BYTES {
-        return Frame::Damaged;
-    }
-    let start = at + 8;
-    let next = start + len as usize;
-    let Some(payload) = bytes.get(start..next) else {
-        return Frame::Torn;
-    };
-    if crc32fast::hash(payload) == crc {
-        Frame::Good { payload, next }
-    } else {
-        Frame::Damaged
+        read: frames.read,
+        damaged: frames.damaged,
+        torn_tail: frames.torn_tail,
     }
 }
 
@@ -612,7 +507,7 @@ mod tests {
         spool.admitted(&record("a", 1, None)).unwrap();
         drop(spool);
         // A crash in the middle of the next frame's header.
-        let mut file = OpenOptions::new()
+        let mut file = std::fs::OpenOptions::new()
             .append(true)
             .open(dir.path().join(SPOOL_FILE))
             .unwrap();
