@@ -68,9 +68,13 @@ pub enum SidecarError {
     /// a reason to fail open.
     #[error("guard misconfigured: {0}")]
     Misconfigured(String),
-    /// The upstream provider could not be reached or timed out.
-    #[error("upstream provider failed: {0}")]
+    /// The upstream provider could not be reached: nothing was sent to it.
+    #[error("upstream provider unreachable: {0}")]
     UpstreamUnavailable(String),
+    /// The request went to the upstream provider, and no whole answer came back (a timeout, or
+    /// the connection lost): the provider may bill the call.
+    #[error("upstream provider did not answer: {0}")]
+    UpstreamNoAnswer(String),
     /// A bug; nothing was reserved.
     #[error("internal error: {0}")]
     Internal(String),
@@ -97,6 +101,7 @@ impl SidecarError {
             Self::EvidenceBacklog(_) => "EVIDENCE_BACKLOG",
             Self::Misconfigured(_) => "GUARD_MISCONFIGURED",
             Self::UpstreamUnavailable(_) => "UPSTREAM_UNAVAILABLE",
+            Self::UpstreamNoAnswer(_) => "UPSTREAM_NO_ANSWER",
             Self::Internal(_) => "INTERNAL",
         }
     }
@@ -121,6 +126,7 @@ impl SidecarError {
             | Self::EvidenceBacklog(_)
             | Self::Misconfigured(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
+            Self::UpstreamNoAnswer(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -381,6 +381,112 @@ async fn upstream_failures_release_and_cut_streams_commit_the_worst_case() {
     );
 }
 
+/// What the stack's ledger reserved, over every reservation.
+async fn reserved_total(stack: &Stack) -> i64 {
+    sqlx::query_scalar("SELECT coalesce(sum(amount_nano_usd), 0)::bigint FROM reservations")
+        .fetch_one(stack.ledger.store().pool())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_provider_that_never_answers_is_billed_at_the_worst_case() {
+    let mut stack = Stack::start(Options {
+        flags: vec!["--upstream-timeout-ms=400".into()],
+        ..Options::default()
+    })
+    .await;
+    let chat = stack.url("/v1/chat/completions");
+    // No response headers within the timeout: 504, and the request went out, so the provider
+    // may bill it: the whole reservation is committed, never released.
+    let silent = post_json(
+        &chat,
+        &[OPENAI_KEY, ("x-mock-fail", "hang")],
+        &chat_body("gpt-4o-mini", false),
+    )
+    .await;
+    assert_eq!(silent.status, 504);
+    assert_eq!(silent.json()["error"]["code"], "UPSTREAM_NO_ANSWER");
+    assert_eq!(silent.json()["error"]["type"], "api_error");
+    let reserved = reserved_total(&stack).await;
+    assert!(reserved > 0);
+    let balance = stack.settled_balance().await;
+    assert_eq!(balance.reserved_nano_usd, 0, "nothing leaks");
+    assert_eq!(balance.committed_nano_usd, reserved);
+
+    // A stream that goes silent past the timeout between chunks ends, and is billed likewise.
+    let idle = client()
+        .request(request(
+            &chat,
+            &[OPENAI_KEY, ("x-mock-chunk-delay-ms", "1500")],
+            serde_json::to_vec(&chat_body("gpt-4o-mini", true)).unwrap(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(idle.status(), 200);
+    {
+        use http_body_util::BodyExt;
+        let _ = idle.into_body().collect().await; // ends with an error: idle past the timeout
+    }
+    let balance = stack.settled_balance().await;
+    assert_eq!(balance.reserved_nano_usd, 0, "nothing leaks");
+    assert_eq!(balance.committed_nano_usd, reserved_total(&stack).await);
+    assert!(
+        balance.committed_nano_usd > reserved,
+        "the stream's worst case too"
+    );
+    stack.wait_no_open_calls().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_provider_gets_nothing_and_the_reservation_goes_back() {
+    let closed = format!("http://127.0.0.1:{}", spendguard_testkit::free_port());
+    let mut stack = Stack::start(Options {
+        flags: vec![format!("--anthropic-base-url={closed}")],
+        ..Options::default()
+    })
+    .await;
+    let refused = post_json(
+        &stack.url("/v1/messages"),
+        &[ANTHROPIC_KEY],
+        &messages_body(false),
+    )
+    .await;
+    assert_eq!(refused.status, 502);
+    assert_eq!(refused.json()["type"], "error", "Anthropic's error shape");
+    assert_eq!(refused.json()["error"]["code"], "UPSTREAM_UNAVAILABLE");
+    assert!(reserved_total(&stack).await > 0, "it was reserved first");
+    let balance = stack.settled_balance().await;
+    assert_eq!(balance.reserved_nano_usd, 0);
+    assert_eq!(
+        balance.committed_nano_usd, 0,
+        "nothing reached the provider: nothing is billed"
+    );
+    stack.wait_no_open_calls().await;
+}
+
+#[tokio::test]
+async fn a_client_gone_before_the_answer_leaves_nothing_open() {
+    let mut stack = Stack::start(Options::default()).await;
+    let body = serde_json::to_vec(&chat_body("gpt-4o-mini", false)).unwrap();
+    let url = stack.url("/v1/chat/completions");
+    // The client gives up while the provider is still working on the call.
+    let gave_up = tokio::time::timeout(
+        std::time::Duration::from_millis(300),
+        post(&url, &[OPENAI_KEY, ("x-mock-latency-ms", "2000")], &body),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the client left before the answer");
+    let reserved = reserved_total(&stack).await;
+    let balance = stack.settled_balance().await;
+    assert_eq!(balance.reserved_nano_usd, 0, "nothing leaks");
+    assert_eq!(
+        balance.committed_nano_usd, reserved,
+        "the provider may bill a call it received: its worst case is committed"
+    );
+    stack.wait_no_open_calls().await;
+}
+
 #[tokio::test]
 async fn client_disconnect_mid_stream_resolves_the_reservation() {
     let mut stack = Stack::start(Options::default()).await;

@@ -186,7 +186,16 @@ impl Proxy {
         {
             Ok(response) => response,
             Err(e) => {
-                settlement.finish(Outcome::Release("upstream_unavailable"));
+                // Unreachable: nothing was sent, the money goes back. Sent without a whole
+                // answer: the provider may bill the call, so its worst case is committed, as for
+                // a stream cut short.
+                let outcome = match e {
+                    SidecarError::UpstreamUnavailable(_) => {
+                        Outcome::Release("upstream_unavailable")
+                    }
+                    _ => Outcome::Commit(Spend::Unreported),
+                };
+                settlement.finish(outcome);
                 return Err(e);
             }
         };
@@ -221,7 +230,7 @@ impl Proxy {
                         Outcome::Release("upstream_error")
                     };
                     settlement.finish(outcome);
-                    return Err(SidecarError::UpstreamUnavailable(
+                    return Err(SidecarError::UpstreamNoAnswer(
                         "response body could not be read".into(),
                     ));
                 }
@@ -378,9 +387,7 @@ impl futures_core::Stream for MeteredStream {
                 }
                 Poll::Ready(Some(Err(e))) => {
                     this.settle();
-                    return Poll::Ready(Some(Err(SidecarError::UpstreamUnavailable(
-                        e.to_string(),
-                    ))));
+                    return Poll::Ready(Some(Err(SidecarError::UpstreamNoAnswer(e.to_string()))));
                 }
                 Poll::Ready(None) => {
                     this.settle();
@@ -389,7 +396,7 @@ impl futures_core::Stream for MeteredStream {
                 Poll::Pending => {
                     if this.idle.as_mut().poll(cx).is_ready() {
                         this.settle();
-                        return Poll::Ready(Some(Err(SidecarError::UpstreamUnavailable(
+                        return Poll::Ready(Some(Err(SidecarError::UpstreamNoAnswer(
                             "stream idle past the upstream timeout".into(),
                         ))));
                     }

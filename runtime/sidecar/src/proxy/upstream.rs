@@ -96,7 +96,8 @@ impl Upstream {
     /// and uncompressed responses (usage must be readable).
     ///
     /// # Errors
-    /// [`SidecarError::UpstreamUnavailable`] on connection failure or timeout.
+    /// [`SidecarError::UpstreamUnavailable`] when the connection fails (nothing was sent);
+    /// [`SidecarError::UpstreamNoAnswer`] on a timeout or a failure after sending.
     pub async fn send(
         &self,
         api: Api,
@@ -150,9 +151,11 @@ impl Upstream {
         }
         match tokio::time::timeout(self.config.timeout, self.client.request(request)).await {
             Ok(Ok(response)) => Ok(response),
-            // The error's Display never includes headers, so credentials cannot leak here.
-            Ok(Err(e)) => Err(SidecarError::UpstreamUnavailable(e.to_string())),
-            Err(_) => Err(SidecarError::UpstreamUnavailable(format!(
+            // The error's Display never includes headers, so credentials cannot leak here. Only
+            // a failed connection proves nothing reached the provider.
+            Ok(Err(e)) if e.is_connect() => Err(SidecarError::UpstreamUnavailable(e.to_string())),
+            Ok(Err(e)) => Err(SidecarError::UpstreamNoAnswer(e.to_string())),
+            Err(_) => Err(SidecarError::UpstreamNoAnswer(format!(
                 "no response within {:?}",
                 self.config.timeout
             ))),

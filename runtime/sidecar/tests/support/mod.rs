@@ -142,6 +142,9 @@ impl Stack {
             "--upstream-timeout-ms=5000".into(),
             "--shutdown-grace-ms=5000".into(),
         ];
+        // A test's flag replaces the stack's own of the same name.
+        let name = |arg: &str| arg.split('=').next().unwrap_or_default().to_owned();
+        argv.retain(|arg| !options.flags.iter().any(|flag| name(flag) == name(arg)));
         argv.extend(options.flags);
         let args = Cli::parse_from(argv).args;
         let mut stack = Self {
