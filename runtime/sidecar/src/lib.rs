@@ -375,13 +375,13 @@ pub async fn start(
     let grpc_addr = local_addr(&grpc_listener)?;
 
     // Serve only once the lease is held: before that every decision would fail closed anyway.
-    let mut first_lease = lease.clone();
-    let serving = async move {
-        first_lease
+    let first_lease = |mut lease: Lease| async move {
+        let _ = lease
             .wait_for(|s| !matches!(s, LeaseState::Acquiring))
             .await;
     };
-    let gate = tokio::spawn(serving);
+    let gate = tokio::spawn(first_lease(lease.clone()));
+    let grpc_gate = first_lease(lease.clone());
     if let Some(credits) = decider.credits_handle() {
         let mut held = lease.clone();
         tokio::spawn(async move {
@@ -408,6 +408,7 @@ pub async fn start(
     let grpc_service = api::grpc::SidecarService::new(decider.clone());
     let grpc_stopped = stopped.clone();
     let grpc = tokio::spawn(async move {
+        grpc_gate.await;
         let incoming =
             tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
         let served = tonic::transport::Server::builder()

@@ -30,14 +30,15 @@ fn venv_python(repo: &Path) -> String {
 }
 
 /// Runs the SDK's pytest suite against `main` (every kind of call), `tight` (every priced call
-/// STOPs) and `softcap` (every call needs approval).
-async fn pytest(python: &str, repo: &Path, main: &Stack, tight: &Stack, softcap: &Stack) {
+/// STOPs), `softcap` (every call needs approval) and `down` (its ledger is gone).
+async fn pytest(python: &str, repo: &Path, [main, tight, softcap, down]: [&Stack; 4]) {
     let output = tokio::task::spawn_blocking({
         let (python, repo) = (python.to_owned(), repo.to_owned());
-        let (url, tight, softcap, mock) = (
+        let (url, tight, softcap, down, mock) = (
             main.base.clone(),
             tight.base.clone(),
             softcap.base.clone(),
+            down.base.clone(),
             main.mock_url.clone(),
         );
         move || {
@@ -54,6 +55,7 @@ async fn pytest(python: &str, repo: &Path, main: &Stack, tight: &Stack, softcap:
                 .env("SPENDGUARD_URL", url)
                 .env("SPENDGUARD_TIGHT_URL", tight)
                 .env("SPENDGUARD_SOFTCAP_URL", softcap)
+                .env("SPENDGUARD_DOWN_URL", down)
                 .env("SPENDGUARD_MOCK_URL", mock)
                 .output()
                 .expect("run pytest")
@@ -88,7 +90,10 @@ async fn python_sdk_and_real_clients() {
         ..Options::default()
     })
     .await;
-    pytest(&python, &repo, &main, &tight, &softcap).await;
+    // Its ledger stops once the sidecar holds its lease: every call fails closed (503).
+    let mut down = Stack::start(Options::default()).await;
+    down.ledger.stop().await;
+    pytest(&python, &repo, [&main, &tight, &softcap, &down]).await;
 
     // The same clients, unchanged, against a sidecar admitting calls inside credits
     // (docs/design/credits.md): the tight budget has no room for a credit and the soft-capped
@@ -114,9 +119,7 @@ async fn python_sdk_and_real_clients() {
     pytest(
         &python,
         &repo,
-        &main_credits,
-        &tight_credits,
-        &softcap_credits,
+        [&main_credits, &tight_credits, &softcap_credits, &down],
     )
     .await;
     let drawn: i64 = sqlx::query_scalar(
@@ -132,5 +135,5 @@ async fn python_sdk_and_real_clients() {
     spendguard_testkit::invariants::check(main_credits.ledger.store().pool())
         .await
         .unwrap();
-    drop((main, tight, softcap));
+    drop((main, tight, softcap, down));
 }

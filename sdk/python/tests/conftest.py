@@ -6,6 +6,7 @@ The Rust integration test `python_sdk` (crate spendguard-sidecar) starts them an
                           gpt-4-denied denied by the contract; contract max_output_tokens 4096)
 - SPENDGUARD_TIGHT_URL    sidecar whose budget is too small for any call (STOP BUDGET_EXHAUSTED)
 - SPENDGUARD_SOFTCAP_URL  sidecar whose soft cap is crossed (REQUIRE_APPROVAL SOFT_CAP_REACHED)
+- SPENDGUARD_DOWN_URL     sidecar whose ledger is gone (fails closed: 503)
 - SPENDGUARD_MOCK_URL     the mock provider; GET /_mock/requests lists what it received
 
 Without them every test FAILS (never skips): a green run must mean the SDK met a real sidecar.
@@ -37,6 +38,7 @@ def stack() -> Stack:
         url=env["SPENDGUARD_URL"],
         tight_url=env["SPENDGUARD_TIGHT_URL"],
         softcap_url=env["SPENDGUARD_SOFTCAP_URL"],
+        down_url=env["SPENDGUARD_DOWN_URL"],
         mock_url=env["SPENDGUARD_MOCK_URL"],
     )
 

@@ -9,7 +9,13 @@ from typing import Any
 import httpx
 
 RUN_HINT = "run through `cargo test -p spendguard-sidecar --test python_sdk` or `make test`"
-REQUIRED_ENV = ("SPENDGUARD_URL", "SPENDGUARD_TIGHT_URL", "SPENDGUARD_SOFTCAP_URL", "SPENDGUARD_MOCK_URL")
+REQUIRED_ENV = (
+    "SPENDGUARD_URL",
+    "SPENDGUARD_TIGHT_URL",
+    "SPENDGUARD_SOFTCAP_URL",
+    "SPENDGUARD_DOWN_URL",
+    "SPENDGUARD_MOCK_URL",
+)
 
 OPENAI_MODEL = "gpt-4o-mini"
 ANTHROPIC_MODEL = "claude-sonnet-4-5"
@@ -25,6 +31,7 @@ class Stack:
     url: str
     tight_url: str
     softcap_url: str
+    down_url: str
     mock_url: str
 
 

@@ -35,3 +35,27 @@ def test_the_evidence_header_stands_in_for_a_rewritten_body() -> None:
     assert fields["evidence_id"] == EVIDENCE
     err = cls(fields.pop("message"), **fields)
     assert err.evidence_id == EVIDENCE
+
+
+def test_resolved_approvals_map_to_their_own_exceptions() -> None:
+    # The codes a resumed call gets once its approval was denied or expired (S16).
+    cases = (("APPROVAL_DENIED", spendguard.ApprovalDenied), ("APPROVAL_EXPIRED", spendguard.ApprovalExpired))
+    for code, cls in cases:
+        body = {"error": {"type": "spendguard_budget_exceeded", "code": code, "approval_id": "a-1"}}
+        refusal = refusal_from_parts(402, {"x-spendguard-code": code}, body)
+        assert refusal is not None
+        found, fields = refusal
+        assert found is cls
+        assert fields["approval_id"] == "a-1"
+        assert not issubclass(cls, spendguard.BudgetExceeded), "not a budget STOP"
+
+
+def test_an_unavailable_guard_is_not_a_refusal_of_the_call() -> None:
+    body = {"error": {"type": "spendguard_unavailable", "code": "DEPENDENCY_UNAVAILABLE"}}
+    refusal = refusal_from_parts(503, {}, body)
+    assert refusal is not None
+    cls, fields = refusal
+    assert cls is spendguard.GuardUnavailable
+    assert fields["decision"] is None and fields["reason"] is None
+    # A provider's own 503 (no SpendGuard type or code) stays the provider's error.
+    assert refusal_from_parts(503, {}, {"error": {"type": "overloaded_error"}}) is None

@@ -1,0 +1,143 @@
+//! Operations of the `spendguard sidecar` binary (S4): it refuses a bundle that is not what its
+//! hash says, before it takes any lease; it is live but not ready until it holds its fencing
+//! lease, ready while it holds it, and not ready again once the lease is lost.
+#![allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
+
+use serde_json::json;
+use spendguard_testkit::free_port;
+use spendguard_testkit::ledger::{TestLedger, http_get};
+use std::time::Duration;
+
+mod support;
+use support::*;
+
+const TENANT: &str = "tenant-ops";
+
+/// Runs the sidecar on `bundle` until it exits (it must, within 30 s): its stderr.
+async fn refused(ledger: std::net::SocketAddr, bundle: &std::path::Path, mock: u16) -> String {
+    let spool = tempfile::tempdir().unwrap();
+    let run = sidecar_command(
+        ledger,
+        bundle,
+        spool.path(),
+        mock,
+        ("agent-ops", free_port(), free_port()),
+    )
+    .output();
+    let output = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("a sidecar with a bad bundle kept running")
+        .unwrap();
+    assert!(!output.status.success());
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn a_bundle_that_is_not_what_its_hash_says_refuses_startup() {
+    let (mut ledger, bundle, mock) =
+        data_path(TENANT, json!({"version": "ops", "max_output_tokens": 64})).await;
+    let addr = ledger.ledger.as_ref().unwrap().addr;
+    let pool = ledger.store().pool().clone();
+    let original = std::fs::read(bundle.path().join("bundle.json")).unwrap();
+
+    // One byte changed (a price): the bytes no longer hash to the id the operator wrote.
+    let text = String::from_utf8(original.clone()).unwrap();
+    let tampered = text.replacen("600000000", "600000001", 1);
+    assert_ne!(tampered, text);
+    std::fs::write(bundle.path().join("bundle.json"), &tampered).unwrap();
+    let stderr = refused(addr, bundle.path(), mock).await;
+    assert!(
+        stderr.contains("INVALID_ARGUMENT") && stderr.contains("does not match"),
+        "{stderr}"
+    );
+
+    // A field nobody compiled: refused, though the fields it knows still hash to the id.
+    let mut value: serde_json::Value = serde_json::from_slice(&original).unwrap();
+    value["contract"]["surprise"] = json!(true);
+    std::fs::write(
+        bundle.path().join("bundle.json"),
+        serde_json::to_vec(&value).unwrap(),
+    )
+    .unwrap();
+    let stderr = refused(addr, bundle.path(), mock).await;
+    assert!(
+        stderr.contains("INVALID_ARGUMENT") && stderr.contains("surprise"),
+        "{stderr}"
+    );
+
+    let leases: i64 = sqlx::query_scalar("SELECT count(*) FROM fencing_scopes")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(leases, 0, "refused before taking any lease");
+    ledger.stop().await;
+}
+
+async fn probe(admin: u16, path: &str) -> u16 {
+    http_get(admin, path).await.map_or(0, |(status, _)| status)
+}
+
+/// Waits up to `within` for `path` on `admin` to answer `status`.
+async fn answers(admin: u16, path: &str, status: u16, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if probe(admin, path).await == status {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn live_always_and_ready_only_while_the_lease_is_held() {
+    let (mut ledger, bundle, mock) =
+        data_path(TENANT, json!({"version": "ops", "max_output_tokens": 64})).await;
+    let addr = ledger.ledger.as_ref().unwrap().addr;
+    let database_url = ledger.database_url.clone();
+    // The ledger is away when the sidecar starts: it cannot take its lease.
+    ledger.stop().await;
+    let spool = tempfile::tempdir().unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let mut sidecar = sidecar_command(
+        addr,
+        bundle.path(),
+        spool.path(),
+        mock,
+        ("agent-ops", port, admin),
+    )
+    .env("SPENDGUARD_LEASE_TTL_MS", "3000")
+    .env("SPENDGUARD_LEASE_GRACE_MS", "1500")
+    .env("SPENDGUARD_LEASE_SAFETY_MARGIN_MS", "200")
+    .spawn()
+    .unwrap();
+    assert!(
+        answers(admin, "/healthz", 200, Duration::from_secs(10)).await,
+        "live"
+    );
+    assert_eq!(
+        probe(admin, "/readyz").await,
+        503,
+        "not ready without a lease"
+    );
+    // Nor does it serve calls: the proxy answers nothing before the lease.
+    let served = tokio::time::timeout(Duration::from_millis(500), chat(port)).await;
+    assert!(served.is_err(), "no answer before the lease");
+
+    // The ledger comes back: the lease is taken, and the sidecar is ready and serves.
+    let mut ledger = TestLedger::start_at(&database_url, "ledger-0", addr)
+        .await
+        .unwrap();
+    assert!(answers(admin, "/readyz", 200, Duration::from_secs(10)).await);
+    assert_eq!(chat(port).await, 200);
+
+    // The ledger goes away again: past the lease's grace the sidecar is no longer ready, and
+    // still live (a restart would not bring the ledger back).
+    ledger.stop().await;
+    assert!(
+        answers(admin, "/readyz", 503, Duration::from_secs(10)).await,
+        "not ready once the lease is lost"
+    );
+    assert_eq!(probe(admin, "/healthz").await, 200);
+    sidecar.kill().await.unwrap();
+}
