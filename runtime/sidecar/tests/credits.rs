@@ -601,3 +601,50 @@ async fn a_quiet_pod_holds_no_credit_and_a_busy_one_holds_its_recent_demand() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_draw_refused_as_stale_stops_the_credits_and_later_calls_fail_closed() {
+    let mut stack = Stack::start(Options {
+        flags: vec![
+            format!("--credit-nano-usd={}", 20 * worst_case()),
+            "--credit-ahead-ms=0".into(),
+        ],
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(chat(&stack).await.status, 200);
+    open_credits(&stack, 1).await;
+    // Another holder forces the scope to a newer epoch behind the sidecar's back.
+    stack
+        .ledger
+        .client
+        .acquire_fencing_lease(spendguard_proto::ledger::v1::AcquireFencingLeaseRequest {
+            scope_id: format!("{TENANT}/{WORKLOAD}"),
+            tenant_id: TENANT.into(),
+            workload_instance_id: "admin".into(),
+            ttl_ms: 60_000,
+            expected_epoch: 0,
+            force: true,
+        })
+        .await
+        .unwrap();
+    // The next call is admitted inside the credit (it asks nobody); the ledger refuses its draw
+    // as stale, so it is recorded as a fail-open call, and the credit stops admitting.
+    assert_eq!(chat(&stack).await.status, 200);
+    for _ in 0..200 {
+        if metric(&stack, "spendguard_sidecar_credit_draws_lost_total") >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(
+        metric(&stack, "spendguard_sidecar_credit_draws_lost_total"),
+        1.0
+    );
+    // From then on calls reserve synchronously, and the ledger refuses them: fail closed.
+    for _ in 0..3 {
+        let refused = chat(&stack).await;
+        assert_eq!(refused.status, 503);
+        assert_eq!(refused.json()["error"]["code"], "LEASE_UNAVAILABLE");
+    }
+}

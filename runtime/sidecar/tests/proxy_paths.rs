@@ -463,6 +463,38 @@ async fn an_unreachable_provider_gets_nothing_and_the_reservation_goes_back() {
         "nothing reached the provider: nothing is billed"
     );
     stack.wait_no_open_calls().await;
+
+    // A provider that accepts the connection and never completes the TLS handshake: no request
+    // was written, so the timeout releases the reservation rather than billing it.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_url = format!("https://127.0.0.1:{}", silent.local_addr().unwrap().port());
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((connection, _)) = silent.accept().await {
+            open.push(connection);
+        }
+    });
+    let mut stack = Stack::start(Options {
+        flags: vec![
+            format!("--openai-base-url={silent_url}"),
+            "--upstream-timeout-ms=400".into(),
+        ],
+        ..Options::default()
+    })
+    .await;
+    let refused = post_json(
+        &stack.url("/v1/chat/completions"),
+        &[OPENAI_KEY],
+        &chat_body("gpt-4o-mini", false),
+    )
+    .await;
+    assert_eq!(refused.status, 502);
+    assert_eq!(refused.json()["error"]["code"], "UPSTREAM_UNAVAILABLE");
+    assert!(reserved_total(&stack).await > 0, "it was reserved first");
+    let balance = stack.settled_balance().await;
+    assert_eq!(balance.committed_nano_usd, 0, "no request was written");
+    stack.wait_no_open_calls().await;
+    held.abort();
 }
 
 #[tokio::test]

@@ -12,17 +12,18 @@
 //!          | 3 | call_id (UTF-8)                                             lost
 //! ```
 //!
-//! Entries are keyed by the call id (the fail-open record's): a draw sent again under a key of
-//! its own (`<call id>/again/<uuid>`) is admitted again under the same call id, so a restart
-//! draws the key that was sent. *Lost* is written before a refused draw's fail-open record is
+//! Entries are keyed by the call id (the fail-open record's) and the credit it was admitted
+//! from: a draw sent again under an idempotency key of its own (`<call id>/again/<uuid>`) is
+//! admitted again under the same entry key, so a restart draws the key that was sent; a client's
+//! retry of the call id on a restarted sidecar (another credit) is an entry of its own. *Lost* is written before a refused draw's fail-open record is
 //! queued: a restart queues that record again (the ledger answers a record it holds as a replay)
 //! instead of drawing the call a second time.
 //!
 //! Entries are written, not flushed: the page cache survives the process, which is what a kill -9
 //! or an OOM kill takes. A lost or torn entry leaves that call as it was without the journal
-//! (docs/design/credits.md). The file is rewritten as a snapshot of its live entries (at most
-//! the draws in flight) once the frames since the last rewrite reach 4,096 and four times the
-//! live entries, so it stays small.
+//! (docs/design/credits.md). The file is rewritten as a snapshot of its live entries (the draws
+//! in flight, and lost draws whose fail-open record could not be queued) once the frames since
+//! the last rewrite reach 4,096 and four times the live entries, so it stays small.
 
 use crate::frames::{self, open_append, push_frame};
 use prost::Message as _;
@@ -81,6 +82,12 @@ impl PendingDraw {
     pub fn call_id(&self) -> &str {
         &self.if_lost.call_id
     }
+
+    /// The journal's key of this admission: the call id and the credit it was admitted from (a
+    /// UUID, so the last `@` splits them).
+    pub fn key(&self) -> String {
+        format!("{}@{}", self.call_id(), self.draw.draw_from_reservation_id)
+    }
 }
 
 /// What a previous process left in the journal.
@@ -104,7 +111,7 @@ struct State {
     file: File,
     /// Length of the file after the last good write.
     len: u64,
-    /// The live entries by call id: what a rewrite keeps.
+    /// The live entries by key ([`PendingDraw::key`]): what a rewrite keeps.
     live: HashMap<String, Live>,
     frames_since_rewrite: usize,
 }
@@ -141,30 +148,30 @@ impl DrawJournal {
             tracing::error!(path = %path.display(), frames_skipped = frames.damaged,
                             "credit draw journal damaged: the calls in those frames are not drawn after this restart");
         }
-        // In admission order, so the left-over draws are sent in the order they were admitted.
-        let mut live: Vec<(String, Live)> = Vec::new();
+        let mut live: HashMap<String, Live> = HashMap::new();
         for entry in frames.entries {
             match entry {
-                Entry::Admitted { call_id, payload } => {
-                    live.retain(|(id, _)| *id != call_id);
-                    live.push((
-                        call_id,
+                Entry::Admitted { key, payload } => {
+                    live.insert(
+                        key,
                         Live {
                             payload,
                             lost: false,
                         },
-                    ));
+                    );
                 }
-                Entry::Lost { call_id } => {
-                    if let Some((_, entry)) = live.iter_mut().find(|(id, _)| *id == call_id) {
+                Entry::Lost { key } => {
+                    if let Some(entry) = live.get_mut(&key) {
                         entry.lost = true;
                     }
                 }
-                Entry::Done { call_id } => live.retain(|(id, _)| *id != call_id),
+                Entry::Done { key } => {
+                    live.remove(&key);
+                }
             }
         }
         let mut left_over = LeftOver::default();
-        for (_, entry) in &live {
+        for entry in live.values() {
             if let Some(draw) = entry.payload.get(1..).and_then(parse_admitted) {
                 if entry.lost {
                     left_over.to_record.push(draw);
@@ -177,7 +184,7 @@ impl DrawJournal {
             state: Mutex::new(State {
                 file: open_append(&path).map_err(io)?,
                 len: 0,
-                live: live.into_iter().collect(),
+                live,
                 frames_since_rewrite: 0,
             }),
             path,
@@ -197,7 +204,7 @@ impl DrawJournal {
         let mut state = crate::sync::lock(&self.state);
         self.append(&mut state, &payload)?;
         state.live.insert(
-            draw.call_id().to_owned(),
+            draw.key(),
             Live {
                 payload,
                 lost: false,
@@ -206,18 +213,18 @@ impl DrawJournal {
         Ok(())
     }
 
-    /// Writes that the draw of `call_id` was refused for good, before its fail-open record is
+    /// Writes that the draw of entry `key` was refused for good, before its fail-open record is
     /// queued: a restart queues the record instead of drawing the call.
     ///
     /// # Errors
     /// [`JournalError::Io`]: a restart would draw it again (refused again, most likely).
-    pub fn lost(&self, call_id: &str) -> Result<(), JournalError> {
+    pub fn lost(&self, key: &str) -> Result<(), JournalError> {
         let mut state = crate::sync::lock(&self.state);
-        if !state.live.contains_key(call_id) {
+        if !state.live.contains_key(key) {
             return Ok(());
         }
-        self.append(&mut state, &marker(LOST, call_id))?;
-        if let Some(entry) = state.live.get_mut(call_id) {
+        self.append(&mut state, &marker(LOST, key))?;
+        if let Some(entry) = state.live.get_mut(key) {
             entry.lost = true;
         }
         Ok(())
@@ -229,13 +236,13 @@ impl DrawJournal {
     /// # Errors
     /// [`JournalError::Io`]: the done frame was not written, and a restart takes the call up
     /// again (a draw the ledger answers as a replay, or a fail-open record it holds already).
-    pub fn done(&self, call_id: &str) -> Result<(), JournalError> {
+    pub fn done(&self, key: &str) -> Result<(), JournalError> {
         let mut state = crate::sync::lock(&self.state);
-        if !state.live.contains_key(call_id) {
+        if !state.live.contains_key(key) {
             return Ok(());
         }
-        self.append(&mut state, &marker(DONE, call_id))?;
-        state.live.remove(call_id);
+        self.append(&mut state, &marker(DONE, key))?;
+        state.live.remove(key);
         if state.frames_since_rewrite >= COMPACT_MIN_FRAMES.max(state.live.len() * 4)
             && let Err(e) = self.rewrite(&mut state)
         {
@@ -279,10 +286,10 @@ impl DrawJournal {
             source,
         };
         let mut bytes = Vec::new();
-        for (call_id, entry) in &state.live {
+        for (key, entry) in &state.live {
             push_frame(&mut bytes, &entry.payload);
             if entry.lost {
-                push_frame(&mut bytes, &marker(LOST, call_id));
+                push_frame(&mut bytes, &marker(LOST, key));
             }
         }
         let temporary = self.path.with_extension("journal.new");
@@ -299,9 +306,9 @@ impl DrawJournal {
     }
 }
 
-fn marker(kind: u8, call_id: &str) -> Vec<u8> {
+fn marker(kind: u8, key: &str) -> Vec<u8> {
     let mut payload = vec![kind];
-    payload.extend_from_slice(call_id.as_bytes());
+    payload.extend_from_slice(key.as_bytes());
     payload
 }
 
@@ -331,9 +338,9 @@ fn parse_admitted(rest: &[u8]) -> Option<PendingDraw> {
 }
 
 enum Entry {
-    Admitted { call_id: String, payload: Vec<u8> },
-    Lost { call_id: String },
-    Done { call_id: String },
+    Admitted { key: String, payload: Vec<u8> },
+    Lost { key: String },
+    Done { key: String },
 }
 
 impl Entry {
@@ -341,14 +348,14 @@ impl Entry {
         let (&kind, rest) = payload.split_first()?;
         match kind {
             ADMITTED => Some(Self::Admitted {
-                call_id: parse_admitted(rest)?.if_lost.call_id,
+                key: parse_admitted(rest)?.key(),
                 payload: payload.to_vec(),
             }),
             LOST => Some(Self::Lost {
-                call_id: std::str::from_utf8(rest).ok()?.to_owned(),
+                key: std::str::from_utf8(rest).ok()?.to_owned(),
             }),
             DONE => Some(Self::Done {
-                call_id: std::str::from_utf8(rest).ok()?.to_owned(),
+                key: std::str::from_utf8(rest).ok()?.to_owned(),
             }),
             _ => None,
         }
@@ -378,6 +385,13 @@ mod tests {
         }
     }
 
+    /// What `open` returned, in key order (entries are kept by key, in no order).
+    fn sorted(mut left: LeftOver) -> LeftOver {
+        left.to_draw.sort_by_key(PendingDraw::key);
+        left.to_record.sort_by_key(PendingDraw::key);
+        left
+    }
+
     #[test]
     fn a_reopened_journal_holds_the_draws_admitted_and_not_done() {
         let dir = tempfile::tempdir().unwrap();
@@ -386,32 +400,36 @@ mod tests {
         for (id, cost) in [("a", 1), ("b", 2), ("c", 3), ("d", 4)] {
             journal.admitted(&pending(id, cost)).unwrap();
         }
-        journal.done("b").unwrap();
-        journal.done("unknown").unwrap();
-        journal.lost("d").unwrap();
+        journal.done(&pending("b", 2).key()).unwrap();
+        journal.done("unknown@credit-1").unwrap();
+        journal.lost(&pending("d", 4).key()).unwrap();
         // "c" is sent again under a key of its own: that key is what a restart draws.
         let mut again = pending("c", 3);
         again.draw.idempotency_key = "c/again/1".into();
         journal.admitted(&again).unwrap();
-        assert_eq!(journal.len(), 3);
+        // "a" retried by its client and admitted from another credit: an entry of its own.
+        let mut retried = pending("a", 1);
+        retried.draw.draw_from_reservation_id = "credit-2".into();
+        journal.admitted(&retried).unwrap();
+        assert_eq!(journal.len(), 4);
         drop(journal); // as a kill -9 would: nothing more is written
 
         let (journal, left) = DrawJournal::open(dir.path()).unwrap();
         assert_eq!(
-            left,
+            sorted(left),
             LeftOver {
-                to_draw: vec![pending("a", 1), again.clone()],
+                to_draw: vec![pending("a", 1), retried.clone(), again.clone()],
                 to_record: vec![pending("d", 4)],
             }
         );
         // They stay until done, across another restart (and its rewrite).
-        journal.done("a").unwrap();
+        journal.done(&pending("a", 1).key()).unwrap();
         drop(journal);
         let (_, left) = DrawJournal::open(dir.path()).unwrap();
         assert_eq!(
-            left,
+            sorted(left),
             LeftOver {
-                to_draw: vec![again],
+                to_draw: vec![retried, again],
                 to_record: vec![pending("d", 4)],
             }
         );
@@ -424,7 +442,7 @@ mod tests {
         for i in 0..COMPACT_MIN_FRAMES {
             let id = format!("call-{i}");
             journal.admitted(&pending(&id, 1)).unwrap();
-            journal.done(&id).unwrap();
+            journal.done(&pending(&id, 1).key()).unwrap();
         }
         journal.admitted(&pending("kept", 7)).unwrap();
         let path = dir.path().join(JOURNAL_FILE);

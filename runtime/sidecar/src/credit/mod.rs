@@ -310,12 +310,13 @@ impl CreditDriver {
     /// forgets the admission once the call is recorded either way.
     async fn finish_draw(&self, pending: PendingDraw, outcome: &DrawState) {
         let call_id = pending.call_id().to_owned();
+        let key = pending.key();
         let recorded = match outcome {
             DrawState::Drawn(_) => true,
             DrawState::Pending => false,
             DrawState::Lost(_) => {
                 if let Some(journal) = &self.journal
-                    && let Err(e) = journal.lost(&call_id)
+                    && let Err(e) = journal.lost(&key)
                 {
                     warn!(%call_id, code = e.code(), error = %e, "could not journal a lost draw; a restart before it is recorded draws the call again");
                 }
@@ -342,7 +343,7 @@ impl CreditDriver {
         };
         if recorded
             && let Some(journal) = &self.journal
-            && let Err(e) = journal.done(&call_id)
+            && let Err(e) = journal.done(&key)
         {
             warn!(%call_id, code = e.code(), error = %e, "could not mark a call recorded in the journal; a restart takes it up again (answered as a replay)");
         }
@@ -506,11 +507,19 @@ impl CreditDriver {
             // from its credit: the call was decided under a lease this process held.
             if code == Some(pb::ErrorCode::FencingEpochStale)
                 && let Some(fencing) = pending.draw.fencing.as_mut()
-                && let Ok(current) = self.lease.epoch_for_settlement()
-                && current > fencing.epoch
             {
-                fencing.epoch = current;
-                continue;
+                if let Ok(current) = self.lease.epoch_for_settlement()
+                    && current > fencing.epoch
+                {
+                    fencing.epoch = current;
+                    continue;
+                }
+                // Fenced: the calls after this one must not go out inside a credit, unasked.
+                warn!(
+                    epoch = fencing.epoch,
+                    "a draw was refused as stale: the scope has a newer epoch; credits stop admitting"
+                );
+                self.pool.fence(fencing.epoch);
             }
             // The lease lapsed on the ledger's clock: the keeper renews it, then the draw lands.
             let transient =

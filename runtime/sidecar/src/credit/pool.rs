@@ -21,7 +21,7 @@ pub const DRAWS_IN_FLIGHT_MAX: u32 = 256;
 
 /// With a sized credit, the next one is asked for only if it would hold this many calls like
 /// the one asking: fewer are not worth a credit's two ledger writes, and a quiet pod (whose
-/// recent demand is a few calls) holds no money idle.
+/// recent demand is a few calls) opens none.
 pub const CALLS_PER_CREDIT_MIN: i64 = 8;
 
 /// Demand is measured over the last second, in buckets of this length.
@@ -59,7 +59,7 @@ impl CreditPolicy {
         let sized = i64::try_from(sized)
             .unwrap_or(i64::MAX)
             .min(self.max_nano_usd);
-        (sized >= amount.saturating_mul(CALLS_PER_CREDIT_MIN)).then_some(sized)
+        (sized > 0 && sized >= amount.saturating_mul(CALLS_PER_CREDIT_MIN)).then_some(sized)
     }
 }
 
@@ -140,6 +140,9 @@ struct Pool {
     in_flight: u32,
     closed: bool,
     demand: Demand,
+    /// The ledger refused a draw under this epoch as stale: nothing decided under it (or an
+    /// older one) is admitted inside a credit any more.
+    fenced_through: u64,
 }
 
 /// The local count of this sidecar's credits.
@@ -204,6 +207,13 @@ impl Credits {
             return take;
         }
         let demand_per_second = pool.demand.record(amount, now);
+        if epoch <= pool.fenced_through {
+            // Another holder has the scope: the call reserves synchronously, and the ledger
+            // refuses it (fail closed) unless the lease moved on to a newer epoch of ours.
+            retire_current(pool, &mut take.release);
+            self.remaining.set(0);
+            return take;
+        }
         if let Some(slot) = &pool.current
             && (slot.opened.epoch != epoch || now >= slot.opened.admit_until)
         {
@@ -222,17 +232,18 @@ impl Credits {
         }
         // A call larger than the next credit never fits one: it asks for none.
         let next = self.policy.next_credit(demand_per_second, amount);
-        let wanted = next.is_some()
-            && match &pool.current {
-                None => true,
-                Some(slot) => {
-                    // Below a quarter of what it held, the next one is opened (this one still
-                    // admits meanwhile).
-                    slot.remaining < (slot.opened.amount_nano_usd / 4).max(amount)
-                        || slot.opened.admit_until.saturating_duration_since(now)
-                            < self.policy.admit_margin()
-                }
-            };
+        let wanted = match (&pool.current, next) {
+            (_, None) => false,
+            (None, Some(_)) => true,
+            (Some(slot), Some(next)) => {
+                let ending = slot.opened.admit_until.saturating_duration_since(now)
+                    < self.policy.admit_margin();
+                // Below a quarter of what it held, the next one is opened (this one still admits
+                // meanwhile); one smaller than what this one has left would only churn.
+                let low = slot.remaining < (slot.opened.amount_nano_usd / 4).max(amount);
+                ending || (low && next > slot.remaining)
+            }
+        };
         if wanted && !pool.opening && pool.quiet_until.is_none_or(|t| now >= t) {
             pool.opening = true;
             take.open_next = next;
@@ -282,6 +293,18 @@ impl Credits {
         retire_current(&mut pool, &mut release);
         self.remaining.set(0);
         release
+    }
+
+    /// The ledger refused a draw made under `epoch` as stale, and the lease holds nothing newer:
+    /// the scope was taken over (or forced forward). No call decided under `epoch` or an older
+    /// one is admitted inside a credit from now on, and the current credit retires (its release
+    /// would be refused as stale too: it lapses at its TTL).
+    pub fn fence(&self, epoch: u64) {
+        let mut pool = lock(&self.pool);
+        pool.fenced_through = pool.fenced_through.max(epoch);
+        let mut release = Vec::new();
+        retire_current(&mut pool, &mut release);
+        self.remaining.set(0);
     }
 
     /// A draw from `credit` ended (landed or lost). Returns the credit if it is retired and this
@@ -506,5 +529,38 @@ mod tests {
         assert_eq!(demand.record(1, at(1_050)), 8, "the first bucket left");
         assert_eq!(demand.record(0, at(1_999)), 1);
         assert_eq!(demand.record(3, at(60_000)), 3, "a long pause clears all");
+    }
+
+    #[test]
+    fn no_credit_for_free_calls_nor_one_smaller_than_what_is_left() {
+        let sized = CreditPolicy {
+            max_nano_usd: 1_000_000,
+            ahead: Duration::from_secs(2),
+            ttl: Duration::from_secs(40),
+        };
+        assert_eq!(sized.next_credit(0, 0), None, "a free call needs no credit");
+        let credits = Credits::new(sized);
+        let now = Instant::now();
+        let earlier = now - Duration::from_secs(5);
+        credits.opened(Opened {
+            amount_nano_usd: 10_000,
+            ..opened("a", now)
+        });
+        // A busy spell takes it to 2,400 left (under a quarter), then the pod goes quiet.
+        for _ in 0..76 {
+            assert!(credits.take(100, 1, earlier).credit.is_some());
+        }
+        credits.not_opened(earlier, Duration::ZERO);
+        // Calls come back slowly: the demand of the last second sizes a next credit smaller
+        // than what this one has left, so none is asked for until it would be larger.
+        let asked: Vec<_> = (0..9)
+            .map(|_| credits.take(100, 1, now).open_next)
+            .collect();
+        let mut expected = vec![None; 8];
+        expected.push(Some(1_800));
+        assert_eq!(
+            asked, expected,
+            "asked when 1,500 were left, for 2 s of 900 a second"
+        );
     }
 }

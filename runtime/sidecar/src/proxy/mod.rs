@@ -186,14 +186,12 @@ impl Proxy {
         {
             Ok(response) => response,
             Err(e) => {
-                // Unreachable: nothing was sent, the money goes back. Sent without a whole
-                // answer: the provider may bill the call, so its worst case is committed, as for
-                // a stream cut short.
+                // Sent without an answer: the provider may bill the call, so its worst case is
+                // committed, as for a stream cut short. Anything else sent nothing (no
+                // connection, handed back unsent, not built): the money goes back.
                 let outcome = match e {
-                    SidecarError::UpstreamUnavailable(_) => {
-                        Outcome::Release("upstream_unavailable")
-                    }
-                    _ => Outcome::Commit(Spend::Unreported),
+                    SidecarError::UpstreamNoAnswer(_) => Outcome::Commit(Spend::Unreported),
+                    _ => Outcome::Release("upstream_unavailable"),
                 };
                 settlement.finish(outcome);
                 return Err(e);
@@ -223,16 +221,20 @@ impl Proxy {
             .await;
             let bytes = match read {
                 Ok(Ok(collected)) => collected.to_bytes(),
-                _ => {
-                    let outcome = if status.is_success() {
-                        Outcome::Commit(Spend::Unreported)
-                    } else {
-                        Outcome::Release("upstream_error")
-                    };
-                    settlement.finish(outcome);
+                _ if status.is_success() => {
+                    // Answered, but not readable in full (cut, late, or too large): its usage is
+                    // unknown, so its worst case is committed.
+                    settlement.finish(Outcome::Commit(Spend::Unreported));
                     return Err(SidecarError::UpstreamNoAnswer(
-                        "response body could not be read".into(),
+                        "the provider's answer could not be read in full".into(),
                     ));
+                }
+                _ => {
+                    // Providers do not bill requests they refused or failed.
+                    settlement.finish(Outcome::Release("upstream_error"));
+                    return Err(SidecarError::UpstreamUnavailable(format!(
+                        "the provider answered {status} with a body that could not be read"
+                    )));
                 }
             };
             settlement.finish(settle_body(api, status, &bytes));

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{HttpConnector, capture_connection};
 use hyper_util::rt::TokioExecutor;
 use std::time::Duration;
 
@@ -57,6 +57,16 @@ fn is_forwardable(name: &HeaderName) -> bool {
     ) && !name.as_str().starts_with("x-spendguard-")
 }
 
+/// Longest wait for a connection to the provider (TCP; the upstream timeout when shorter).
+const CONNECT_TIMEOUT_MAX: Duration = Duration::from_secs(10);
+
+/// Whether hyper gave the request back without writing it (the connection closed first).
+fn handed_back_unsent(error: &hyper_util::client::legacy::Error) -> bool {
+    std::error::Error::source(error)
+        .and_then(|source| source.downcast_ref::<hyper::Error>())
+        .is_some_and(hyper::Error::is_canceled)
+}
+
 impl Upstream {
     /// Builds the client.
     ///
@@ -72,14 +82,20 @@ impl Upstream {
         tcp.enforce_http(false);
         // No Nagle delay on the request path (hyper's default keeps it on).
         tcp.set_nodelay(true);
+        // A provider that drops connection attempts is reported as unreachable (nothing sent),
+        // not as a call without an answer.
+        tcp.set_connect_timeout(Some(config.timeout.min(CONNECT_TIMEOUT_MAX)));
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_native_roots()
             .map_err(|e| SidecarError::Internal(format!("root certificates: {e}")))?
             .https_or_http()
             .enable_http1()
             .wrap_connector(tcp);
+        // Idle connections go before providers' load balancers close them (often at 60 s): a
+        // request written into a connection the far end is closing gets no answer, and is then
+        // committed at its worst case although nothing processed it.
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
         Ok(Self {
             client,
@@ -96,8 +112,10 @@ impl Upstream {
     /// and uncompressed responses (usage must be readable).
     ///
     /// # Errors
-    /// [`SidecarError::UpstreamUnavailable`] when the connection fails (nothing was sent);
-    /// [`SidecarError::UpstreamNoAnswer`] on a timeout or a failure after sending.
+    /// [`SidecarError::UpstreamUnavailable`] when nothing reached the provider (no connection, or
+    /// the request handed back unsent); [`SidecarError::UpstreamNoAnswer`] when the request went
+    /// into a connection and no answer came (a timeout, a connection lost); `Internal` when the
+    /// request could not be built (nothing sent).
     pub async fn send(
         &self,
         api: Api,
@@ -117,6 +135,7 @@ impl Upstream {
         let mut request = Request::post(uri)
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| SidecarError::Internal(e.to_string()))?;
+        let connection = capture_connection(&mut request);
         let headers = request.headers_mut();
         for (name, value) in client_headers {
             if is_forwardable(name) {
@@ -149,12 +168,20 @@ impl Upstream {
                 }
             }
         }
-        match tokio::time::timeout(self.config.timeout, self.client.request(request)).await {
+        let answer = tokio::time::timeout(self.config.timeout, self.client.request(request)).await;
+        // The request reached a connection only once one was handed to it (TCP and TLS up).
+        let connected = connection.connection_metadata().is_some();
+        match answer {
             Ok(Ok(response)) => Ok(response),
-            // The error's Display never includes headers, so credentials cannot leak here. Only
-            // a failed connection proves nothing reached the provider.
-            Ok(Err(e)) if e.is_connect() => Err(SidecarError::UpstreamUnavailable(e.to_string())),
+            // The error's Display never includes headers, so credentials cannot leak here.
+            Ok(Err(e)) if !connected || e.is_connect() || handed_back_unsent(&e) => {
+                Err(SidecarError::UpstreamUnavailable(e.to_string()))
+            }
             Ok(Err(e)) => Err(SidecarError::UpstreamNoAnswer(e.to_string())),
+            Err(_) if !connected => Err(SidecarError::UpstreamUnavailable(format!(
+                "no connection within {:?}",
+                self.config.timeout
+            ))),
             Err(_) => Err(SidecarError::UpstreamNoAnswer(format!(
                 "no response within {:?}",
                 self.config.timeout
