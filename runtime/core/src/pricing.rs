@@ -143,6 +143,10 @@ pub enum PricingError {
     /// A usage report was internally inconsistent (e.g. more cached than prompt tokens).
     #[error("usage report is inconsistent: {0}")]
     InconsistentUsage(&'static str),
+    /// A usage report bills something snapshots have no price for (audio tokens, server-side
+    /// tool requests): pricing it as text would under-count, so it is refused.
+    #[error("usage report has {0}, which pricing snapshots do not price")]
+    UnpricedUsage(&'static str),
     /// The cost overflowed the money bounds.
     #[error("cost out of range: {0}")]
     Money(#[from] MoneyError),
@@ -326,6 +330,9 @@ pub struct OpenAiInputDetails {
     /// Written to the cache.
     #[serde(default)]
     pub cache_write_tokens: Option<u64>,
+    /// Audio (not priced: refused when non-zero).
+    #[serde(default)]
+    pub audio_tokens: Option<u64>,
 }
 
 /// OpenAI output details (subsets of the output total).
@@ -334,6 +341,9 @@ pub struct OpenAiOutputDetails {
     /// Reasoning.
     #[serde(default)]
     pub reasoning_tokens: Option<u64>,
+    /// Audio (not priced: refused when non-zero).
+    #[serde(default)]
+    pub audio_tokens: Option<u64>,
 }
 
 /// Anthropic Messages `usage`.
@@ -355,6 +365,10 @@ pub struct AnthropicUsage {
     /// Output breakdown.
     #[serde(default)]
     pub output_tokens_details: Option<AnthropicOutputDetails>,
+    /// Server-side tool requests (web search, web fetch), billed per request: not priced,
+    /// refused when any is non-zero.
+    #[serde(default)]
+    pub server_tool_use: Option<BTreeMap<String, serde_json::Value>>,
 }
 
 /// Anthropic cache writes by TTL.
@@ -393,6 +407,11 @@ fn openai(
     outputs: Option<OpenAiOutputDetails>,
 ) -> Result<TokenUsage, PricingError> {
     let inputs = inputs.unwrap_or_default();
+    if inputs.audio_tokens.unwrap_or(0) > 0
+        || outputs.unwrap_or_default().audio_tokens.unwrap_or(0) > 0
+    {
+        return Err(PricingError::UnpricedUsage("audio tokens"));
+    }
     let cached_input = inputs.cached_tokens.unwrap_or(0);
     let cache_write = inputs.cache_write_tokens.unwrap_or(0);
     let reasoning = outputs.unwrap_or_default().reasoning_tokens.unwrap_or(0);
@@ -448,6 +467,13 @@ impl TokenUsage {
     /// [`PricingError::InconsistentUsage`] when the TTL breakdown exceeds the cache-write total or
     /// thinking exceeds output.
     pub fn from_anthropic(u: &AnthropicUsage) -> Result<Self, PricingError> {
+        let tool_requests = u.server_tool_use.iter().flat_map(BTreeMap::values);
+        if tool_requests
+            .into_iter()
+            .any(|n| n.as_u64().is_none_or(|n| n > 0))
+        {
+            return Err(PricingError::UnpricedUsage("server tool requests"));
+        }
         let writes = u.cache_creation_input_tokens.unwrap_or(0);
         let by_ttl = u.cache_creation.unwrap_or_default();
         let write_1h = by_ttl.ephemeral_1h_input_tokens.unwrap_or(0);
@@ -737,13 +763,45 @@ mod tests {
     }
 
     #[test]
+    fn usage_snapshots_cannot_price_is_refused_not_priced_as_text() {
+        let chat: OpenAiChatUsage = serde_json::from_str(
+            r#"{"prompt_tokens":10,"completion_tokens":5,
+                "prompt_tokens_details":{"cached_tokens":0,"audio_tokens":3}}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            TokenUsage::from_openai_chat(&chat),
+            Err(PricingError::UnpricedUsage("audio tokens"))
+        ));
+        let responses: OpenAiResponsesUsage = serde_json::from_str(
+            r#"{"input_tokens":10,"output_tokens":5,"output_tokens_details":{"audio_tokens":1}}"#,
+        )
+        .unwrap();
+        assert!(TokenUsage::from_openai_responses(&responses).is_err());
+        let searched: AnthropicUsage = serde_json::from_str(
+            r#"{"input_tokens":10,"output_tokens":5,"server_tool_use":{"web_search_requests":2}}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            TokenUsage::from_anthropic(&searched),
+            Err(PricingError::UnpricedUsage("server tool requests"))
+        ));
+        // Zero counts are what every plain call reports: priced as usual.
+        let plain: AnthropicUsage = serde_json::from_str(
+            r#"{"input_tokens":10,"output_tokens":5,"server_tool_use":{"web_search_requests":0}}"#,
+        )
+        .unwrap();
+        assert!(TokenUsage::from_anthropic(&plain).is_ok());
+    }
+
+    #[test]
     fn inconsistent_usage_is_refused() {
         let usage = OpenAiChatUsage {
             prompt_tokens: 10,
             completion_tokens: 5,
             prompt_tokens_details: Some(OpenAiInputDetails {
                 cached_tokens: Some(11),
-                cache_write_tokens: None,
+                ..OpenAiInputDetails::default()
             }),
             completion_tokens_details: None,
         };

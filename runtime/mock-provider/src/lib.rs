@@ -7,8 +7,9 @@
 //!   `length` / `stop_reason` `max_tokens` when capped), one word per token.
 //!
 //! Per-request overrides (headers): `x-mock-output-tokens`, `x-mock-latency-ms`,
-//! `x-mock-chunk-delay-ms`, and `x-mock-fail` = `status:<code>` | `drop-mid-stream` | `hang` |
-//! `no-usage`. A request without credentials gets the provider's 401.
+//! `x-mock-chunk-delay-ms`, `x-mock-cached-tokens` (input read from the prompt cache, at most the
+//! input: a subset of OpenAI's input total, *outside* Anthropic's `input_tokens`, as each
+//! documents), and `x-mock-fail` = `status:<code>` | `drop-mid-stream` | `hang` | `no-usage`. A request without credentials gets the provider's 401.
 //! `GET /_mock/requests` lists what was received (path, headers, body); `DELETE` clears it.
 
 use axum::Router;
@@ -75,6 +76,8 @@ struct Plan {
     stream: bool,
     include_usage: bool,
     input_tokens: u64,
+    /// Of the input, read from the prompt cache.
+    cached_tokens: u64,
     /// Output tokens of each choice.
     output_tokens: u32,
     /// Chat completions asked for (`n`); 1 for the other APIs.
@@ -289,6 +292,7 @@ async fn serve(mock: MockProvider, api: Api, headers: HeaderMap, bytes: Bytes) -
                 .and_then(|s| s.parse().ok())
                 .map(Failure::Status),
         });
+    let input = input_tokens(api, &body);
     let plan = Plan {
         api,
         stream: body.get("stream").and_then(Value::as_bool).unwrap_or(false),
@@ -296,7 +300,10 @@ async fn serve(mock: MockProvider, api: Api, headers: HeaderMap, bytes: Bytes) -
             .pointer("/stream_options/include_usage")
             .and_then(Value::as_bool)
             .unwrap_or(false),
-        input_tokens: input_tokens(api, &body),
+        input_tokens: input,
+        cached_tokens: header_u64(&headers, "x-mock-cached-tokens")
+            .unwrap_or(0)
+            .min(input),
         output_tokens,
         choices,
         capped: output_tokens < wanted,
@@ -343,25 +350,26 @@ fn text(tokens: u32) -> String {
 
 fn usage(plan: &Plan) -> Value {
     // The input is billed once; the output of every choice.
-    let (i, o) = (
+    let (i, o, c) = (
         plan.input_tokens,
         u64::from(plan.output_tokens) * u64::from(plan.choices),
+        plan.cached_tokens,
     );
     match plan.api {
         Api::Chat => json!({
             "prompt_tokens": i, "completion_tokens": o, "total_tokens": i + o,
-            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+            "prompt_tokens_details": {"cached_tokens": c, "audio_tokens": 0},
             "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
                 "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}
         }),
         Api::Responses => json!({
-            "input_tokens": i, "input_tokens_details": {"cached_tokens": 0},
+            "input_tokens": i, "input_tokens_details": {"cached_tokens": c},
             "output_tokens": o, "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": i + o
         }),
         Api::Messages => json!({
-            "input_tokens": i, "output_tokens": o,
-            "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
+            "input_tokens": i - c, "output_tokens": o,
+            "cache_creation_input_tokens": 0, "cache_read_input_tokens": c,
             "service_tier": "standard"
         }),
     }

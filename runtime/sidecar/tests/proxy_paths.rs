@@ -381,6 +381,55 @@ async fn upstream_failures_release_and_cut_streams_commit_the_worst_case() {
     );
 }
 
+#[tokio::test]
+async fn cached_input_is_priced_as_each_provider_reports_it() {
+    // The same call twice, the second with 4 of its input tokens read from the prompt cache:
+    // OpenAI counts them inside `prompt_tokens` (a subset), Anthropic outside `input_tokens`.
+    // Either way the second costs exactly 4 tokens' difference between input and cached input.
+    let mut stack = Stack::start(Options::default()).await;
+    let mut committed = Vec::new();
+    for (path, key, body, stream) in [
+        (
+            "/v1/chat/completions",
+            OPENAI_KEY,
+            chat_body("gpt-4o-mini", false),
+            false,
+        ),
+        (
+            "/v1/chat/completions",
+            OPENAI_KEY,
+            chat_body("gpt-4o-mini", true),
+            true,
+        ),
+        ("/v1/messages", ANTHROPIC_KEY, messages_body(false), false),
+        ("/v1/messages", ANTHROPIC_KEY, messages_body(true), true),
+    ] {
+        let mut costs = Vec::new();
+        for cached in ["0", "4"] {
+            let before = stack.settled_balance().await.committed_nano_usd;
+            let reply = post_json(
+                &stack.url(path),
+                &[key, ("x-mock-cached-tokens", cached)],
+                &body,
+            )
+            .await;
+            assert_eq!(reply.status, 200, "{path} stream={stream}");
+            costs.push(stack.settled_balance().await.committed_nano_usd - before);
+        }
+        committed.push((path, stream, costs[0] - costs[1]));
+    }
+    // $0.15 and $0.075 per million (gpt-4o-mini); $3 and $0.30 (Claude Sonnet).
+    assert_eq!(
+        committed,
+        vec![
+            ("/v1/chat/completions", false, 4 * (150 - 75)),
+            ("/v1/chat/completions", true, 4 * (150 - 75)),
+            ("/v1/messages", false, 4 * (3_000 - 300)),
+            ("/v1/messages", true, 4 * (3_000 - 300)),
+        ]
+    );
+}
+
 /// What the stack's ledger reserved, over every reservation.
 async fn reserved_total(stack: &Stack) -> i64 {
     sqlx::query_scalar("SELECT coalesce(sum(amount_nano_usd), 0)::bigint FROM reservations")
