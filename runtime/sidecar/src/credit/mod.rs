@@ -207,18 +207,25 @@ impl CreditDriver {
                 .await;
         }
         // A draw retries while the ledger is away; the predecessor's credit lapses within a TTL.
+        // At most DRAWS_IN_FLIGHT_MAX at a time, as the sidecar's own draws.
         let expires = Instant::now() + self.pool.policy().ttl;
-        let mut redraws = tokio::task::JoinSet::new();
-        for mut pending in to_draw {
-            let this = self.clone();
-            redraws.spawn(async move {
-                let outcome = this
-                    .draw(&mut pending, expires, SettledReplay::Landed)
-                    .await;
-                this.finish_draw(pending, &outcome).await;
-            });
+        let mut to_draw = to_draw.into_iter();
+        loop {
+            let mut redraws = tokio::task::JoinSet::new();
+            for mut pending in to_draw.by_ref().take(DRAWS_IN_FLIGHT_MAX as usize) {
+                let this = self.clone();
+                redraws.spawn(async move {
+                    let outcome = this
+                        .draw(&mut pending, expires, SettledReplay::Landed)
+                        .await;
+                    this.finish_draw(pending, &outcome).await;
+                });
+            }
+            if redraws.is_empty() {
+                break;
+            }
+            redraws.join_all().await;
         }
-        redraws.join_all().await;
         let Some(record) = &self.record else {
             return;
         };
