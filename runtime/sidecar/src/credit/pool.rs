@@ -209,8 +209,9 @@ impl Credits {
         let demand_per_second = pool.demand.record(amount, now);
         if epoch <= pool.fenced_through {
             // Another holder has the scope: the call reserves synchronously, and the ledger
-            // refuses it (fail closed) unless the lease moved on to a newer epoch of ours.
-            retire_current(pool, &mut take.release);
+            // refuses it (fail closed) unless the lease moved on to a newer epoch of ours. A
+            // credit opened meanwhile under the fenced epoch is dropped, as `fence` does.
+            pool.current = None;
             self.remaining.set(0);
             return take;
         }
@@ -297,13 +298,12 @@ impl Credits {
 
     /// The ledger refused a draw made under `epoch` as stale, and the lease holds nothing newer:
     /// the scope was taken over (or forced forward). No call decided under `epoch` or an older
-    /// one is admitted inside a credit from now on, and the current credit retires (its release
-    /// would be refused as stale too: it lapses at its TTL).
+    /// one is admitted inside a credit from now on, and the current credit is dropped (its
+    /// release would be refused as stale too: it lapses at its TTL).
     pub fn fence(&self, epoch: u64) {
         let mut pool = lock(&self.pool);
         pool.fenced_through = pool.fenced_through.max(epoch);
-        let mut release = Vec::new();
-        retire_current(&mut pool, &mut release);
+        pool.current = None;
         self.remaining.set(0);
     }
 
