@@ -66,10 +66,7 @@ async fn calls_inside_credits_are_drawn_settled_and_the_credits_returned() {
     // taken from what is left).
     let credit = 3 * worst_case() - 1;
     let mut stack = Stack::start(Options {
-        flags: vec![
-            format!("--credit-nano-usd={credit}"),
-            "--credit-ahead-ms=0".into(),
-        ],
+        flags: fixed_credits(credit),
         ..Options::default()
     })
     .await;
@@ -164,10 +161,7 @@ async fn a_call_settled_through_the_decision_api_is_drawn_urgently() {
     // ledger's count of commands by urgency across a decide and commit through the API, the
     // call admitted inside a credit.
     let stack = Stack::start(Options {
-        flags: vec![
-            format!("--credit-nano-usd={}", 10 * worst_case()),
-            "--credit-ahead-ms=0".into(),
-        ],
+        flags: fixed_credits(10 * worst_case()),
         ..Options::default()
     })
     .await;
@@ -211,10 +205,7 @@ async fn concurrent_calls_inside_credits_never_pass_the_limit() {
     let mut stack = Stack::start(Options {
         limit,
         // Just under ten worst cases: a tenth call must not be taken from what is left.
-        flags: vec![
-            format!("--credit-nano-usd={}", 10 * worst_case() - 1),
-            "--credit-ahead-ms=0".into(),
-        ],
+        flags: fixed_credits(10 * worst_case() - 1),
         ..Options::default()
     })
     .await;
@@ -271,10 +262,7 @@ async fn concurrent_calls_inside_credits_never_pass_the_limit() {
 #[tokio::test]
 async fn a_call_whose_draw_is_refused_is_recorded_as_a_fail_open_call() {
     let mut stack = Stack::start(Options {
-        flags: vec![
-            format!("--credit-nano-usd={}", 20 * worst_case()),
-            "--credit-ahead-ms=0".into(),
-        ],
+        flags: fixed_credits(20 * worst_case()),
         ..Options::default()
     })
     .await;
@@ -366,10 +354,7 @@ async fn without_room_for_a_credit_or_under_approvals_calls_reserve_one_by_one()
     let limit = 2 * worst_case();
     let stack = Stack::start(Options {
         limit,
-        flags: vec![
-            format!("--credit-nano-usd={}", 20 * worst_case()),
-            "--credit-ahead-ms=0".into(),
-        ],
+        flags: fixed_credits(20 * worst_case()),
         mock: spendguard_mock_provider::MockConfig::default(),
         ..Options::default()
     })
@@ -393,10 +378,7 @@ async fn without_room_for_a_credit_or_under_approvals_calls_reserve_one_by_one()
     let stack = Stack::start(Options {
         soft_cap: 50 * worst_case(),
         contract: json!({"approval_above_soft_cap": true}),
-        flags: vec![
-            format!("--credit-nano-usd={}", 20 * worst_case()),
-            "--credit-ahead-ms=0".into(),
-        ],
+        flags: fixed_credits(20 * worst_case()),
         ..Options::default()
     })
     .await;
@@ -433,10 +415,7 @@ async fn a_denied_credit_retires_the_current_one_so_its_remainder_goes_back() {
     let w = worst_case();
     let mut stack = Stack::start(Options {
         limit: 23 * w / 10,
-        flags: vec![
-            format!("--credit-nano-usd={}", 12 * w / 10),
-            "--credit-ahead-ms=0".into(),
-        ],
+        flags: fixed_credits(12 * w / 10),
         ..Options::default()
     })
     .await;
@@ -499,10 +478,7 @@ async fn draws_of_calls_admitted_during_an_outage_land_under_the_leases_next_epo
     // epoch: their draws are sent again under it (the scope is the same), not lost to
     // fail-open records. Method: the ledger stopped past the lease TTL (3 s in these tests).
     let mut stack = Stack::start(Options {
-        flags: vec![
-            format!("--credit-nano-usd={}", 10 * worst_case()),
-            "--credit-ahead-ms=0".into(),
-        ],
+        flags: fixed_credits(10 * worst_case()),
         ..Options::default()
     })
     .await;
@@ -605,29 +581,14 @@ async fn a_quiet_pod_holds_no_credit_and_a_busy_one_holds_its_recent_demand() {
 #[tokio::test]
 async fn a_draw_refused_as_stale_stops_the_credits_and_later_calls_fail_closed() {
     let mut stack = Stack::start(Options {
-        flags: vec![
-            format!("--credit-nano-usd={}", 20 * worst_case()),
-            "--credit-ahead-ms=0".into(),
-        ],
+        flags: fixed_credits(20 * worst_case()),
         ..Options::default()
     })
     .await;
     assert_eq!(chat(&stack).await.status, 200);
     open_credits(&stack, 1).await;
     // Another holder forces the scope to a newer epoch behind the sidecar's back.
-    stack
-        .ledger
-        .client
-        .acquire_fencing_lease(spendguard_proto::ledger::v1::AcquireFencingLeaseRequest {
-            scope_id: format!("{TENANT}/{WORKLOAD}"),
-            tenant_id: TENANT.into(),
-            workload_instance_id: "admin".into(),
-            ttl_ms: 60_000,
-            expected_epoch: 0,
-            force: true,
-        })
-        .await
-        .unwrap();
+    stack.force_epoch_forward().await;
     // The next call is admitted inside the credit (it asks nobody); the ledger refuses its draw
     // as stale, so it is recorded as a fail-open call, and the credit stops admitting.
     assert_eq!(chat(&stack).await.status, 200);

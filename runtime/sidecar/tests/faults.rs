@@ -86,19 +86,7 @@ async fn epoch_forced_forward_fails_the_next_decision_closed() {
             .status,
         200
     );
-    stack
-        .ledger
-        .client
-        .acquire_fencing_lease(pb::AcquireFencingLeaseRequest {
-            scope_id: format!("{TENANT}/{WORKLOAD}"),
-            tenant_id: TENANT.into(),
-            workload_instance_id: "admin".into(),
-            ttl_ms: 60_000,
-            expected_epoch: 0,
-            force: true,
-        })
-        .await
-        .unwrap();
+    stack.force_epoch_forward().await;
     let refused = post_json(&chat, &[OPENAI_KEY], &chat_body("gpt-4o-mini", false)).await;
     assert_eq!(refused.status, 503);
     assert_eq!(refused.json()["error"]["code"], "LEASE_UNAVAILABLE");

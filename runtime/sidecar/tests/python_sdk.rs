@@ -8,7 +8,7 @@ mod support;
 
 use std::path::Path;
 use std::process::Command;
-use support::{Options, Stack};
+use support::{Options, Stack, fixed_credits};
 
 fn venv_python(repo: &Path) -> String {
     let out = Command::new("bash")
@@ -98,10 +98,8 @@ async fn python_sdk_and_real_clients() {
     // The same clients, unchanged, against a sidecar admitting calls inside credits
     // (docs/design/credits.md): the tight budget has no room for a credit and the soft-capped
     // one gets none, so their sidecars reserve call by call as before.
-    let credit = format!("--credit-nano-usd={}", 10_000_000_000_i64);
     let with_credits = |options: Options| Options {
-        // Fixed credits: the SDK's calls are too few for a sized one.
-        flags: vec![credit.clone(), "--credit-ahead-ms=0".into()],
+        flags: fixed_credits(10_000_000_000),
         ..options
     };
     let main_credits = Stack::start(with_credits(Options::default())).await;

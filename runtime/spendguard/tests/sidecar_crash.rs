@@ -137,20 +137,14 @@ async fn kill_dash_nine_during_an_outage_keeps_fail_open_evidence() {
         }
     };
     let epoch_before = epoch().await;
-    let intruder = sidecar_command(
+    let stderr = refused_startup(sidecar_command(
         addr,
         bundle.path(),
         spool.path(),
         mock_port,
         ("agent-crash", free_port(), free_port()),
-    )
-    .output();
-    let intruder = tokio::time::timeout(Duration::from_secs(30), intruder)
-        .await
-        .expect("a second sidecar on the spool kept running")
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&intruder.stderr);
-    assert!(!intruder.status.success(), "{stderr}");
+    ))
+    .await;
     assert!(stderr.contains("FAIL_OPEN_SPOOL_IN_USE"), "{stderr}");
     assert_eq!(
         epoch().await,
@@ -230,6 +224,25 @@ async fn credit_rows(pool: &sqlx::PgPool) -> (i64, i64, i64) {
     .unwrap()
 }
 
+/// The id of the one open credit.
+async fn open_credit_id(pool: &sqlx::PgPool) -> String {
+    sqlx::query_scalar(
+        "SELECT reservation_id::text FROM reservations WHERE is_credit AND state = 'reserved'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// The state of reservation `id`.
+async fn reservation_state(pool: &sqlx::PgPool, id: &str) -> String {
+    sqlx::query_scalar("SELECT state FROM reservations WHERE reservation_id = $1::uuid")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
 /// Crash drill for credits (docs/design/credits.md): a sidecar admitting calls inside a credit is
 /// killed with calls in flight. Nothing is overspent; the restarted sidecar of the pod releases
 /// the credit its predecessor left and opens its own; the unsettled draws lapse at their TTL and
@@ -256,32 +269,23 @@ async fn kill_dash_nine_with_calls_inside_a_credit_leaves_nothing_held() {
         assert_eq!(chat(port).await, 200);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    for _ in 0..200 {
-        if commits(admin).await == 4 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    eventually("the four calls are settled", || async {
+        commits(admin).await == 4
+    })
+    .await;
     // Two calls still streaming when the process dies; their draws land first.
     let (_a, status_a) = open_stream(port).await;
     let (_b, status_b) = open_stream(port).await;
     assert_eq!((status_a, status_b), (200, 200));
-    for _ in 0..200 {
-        if credit_rows(&pool).await.1 == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    eventually("the streaming calls' draws landed", || async {
+        credit_rows(&pool).await.1 == 2
+    })
+    .await;
     let (credits, open_draws, settled_draws) = credit_rows(&pool).await;
     assert_eq!(credits, 1);
     assert_eq!(open_draws, 2, "the streaming calls' draws landed");
     assert!(settled_draws >= 2, "calls were admitted inside the credit");
-    let old_credit: String = sqlx::query_scalar(
-        "SELECT reservation_id::text FROM reservations WHERE is_credit AND state = 'reserved'",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let old_credit = open_credit_id(&pool).await;
     let open_draws: i64 = sqlx::query_scalar(
         "SELECT coalesce(sum(amount_nano_usd), 0)::bigint FROM reservations
           WHERE drawn_from_reservation_id IS NOT NULL AND state = 'reserved'",
@@ -303,25 +307,10 @@ async fn kill_dash_nine_with_calls_inside_a_credit_leaves_nothing_held() {
         port,
         admin,
     } = spawn_credits_sidecar(stack, "agent-credits", 8_000).await;
-    let state_of_old = || {
-        let (pool, id) = (pool.clone(), old_credit.clone());
-        async move {
-            sqlx::query_scalar::<_, String>(
-                "SELECT state FROM reservations WHERE reservation_id = $1::uuid",
-            )
-            .bind(id)
-            .fetch_one(&pool)
-            .await
-            .unwrap()
-        }
-    };
-    for _ in 0..200 {
-        if state_of_old().await == "released" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert_eq!(state_of_old().await, "released");
+    eventually("the predecessor's credit is released", || async {
+        reservation_state(&pool, &old_credit).await == "released"
+    })
+    .await;
     let balance = ledger.balance(CREDITS_TENANT, BUDGET).await.unwrap();
     assert_eq!(balance.reserved_nano_usd, open_draws);
 
@@ -330,12 +319,10 @@ async fn kill_dash_nine_with_calls_inside_a_credit_leaves_nothing_held() {
         assert_eq!(chat(port).await, 200);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    for _ in 0..200 {
-        if commits(admin).await == 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    eventually("the three calls are settled", || async {
+        commits(admin).await == 3
+    })
+    .await;
     assert_eq!(credit_rows(&pool).await.0, 1);
     second.kill().await.unwrap();
 
@@ -396,12 +383,7 @@ async fn kill_dash_nine_before_draws_land_keeps_the_calls_reservations() {
         commits(first.admin).await == 1
     })
     .await;
-    let credit: String = sqlx::query_scalar(
-        "SELECT reservation_id::text FROM reservations WHERE is_credit AND state = 'reserved'",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let credit = open_credit_id(&pool).await;
     let (drawn_before, _) = draws_of(&pool, &credit).await;
 
     // The ledger goes away: calls go on inside the credit, their draws retry.
@@ -416,17 +398,10 @@ async fn kill_dash_nine_before_draws_land_keeps_the_calls_reservations() {
         .unwrap();
     assert_eq!(draws_of(&pool, &credit).await.0, drawn_before);
     let _second = spawn_credits_sidecar(stack, "agent-journal", 30_000).await;
-    let released = || async {
-        sqlx::query_scalar::<_, String>(
-            "SELECT state FROM reservations WHERE reservation_id = $1::uuid",
-        )
-        .bind(&credit)
-        .fetch_one(&pool)
-        .await
-        .unwrap()
-            == "released"
-    };
-    eventually("the predecessor's credit is released", released).await;
+    eventually("the predecessor's credit is released", || async {
+        reservation_state(&pool, &credit).await == "released"
+    })
+    .await;
     assert_eq!(
         draws_of(&pool, &credit).await,
         (drawn_before + 3, 3),

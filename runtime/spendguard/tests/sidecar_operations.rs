@@ -16,20 +16,14 @@ const TENANT: &str = "tenant-ops";
 /// Runs the sidecar on `bundle` until it exits (it must, within 30 s): its stderr.
 async fn refused(ledger: std::net::SocketAddr, bundle: &std::path::Path, mock: u16) -> String {
     let spool = tempfile::tempdir().unwrap();
-    let run = sidecar_command(
+    refused_startup(sidecar_command(
         ledger,
         bundle,
         spool.path(),
         mock,
         ("agent-ops", free_port(), free_port()),
-    )
-    .output();
-    let output = tokio::time::timeout(Duration::from_secs(30), run)
-        .await
-        .expect("a sidecar with a bad bundle kept running")
-        .unwrap();
-    assert!(!output.status.success());
-    String::from_utf8_lossy(&output.stderr).into_owned()
+    ))
+    .await
 }
 
 #[tokio::test]
@@ -73,6 +67,28 @@ async fn a_bundle_that_is_not_what_its_hash_says_refuses_startup() {
     ledger.stop().await;
 }
 
+/// A decision over the sidecar's gRPC API on `port`.
+async fn decide(port: u16) -> Result<(), String> {
+    use spendguard_proto::sidecar::v1 as sc;
+    let mut client = sc::sidecar_client::SidecarClient::connect(format!("http://127.0.0.1:{port}"))
+        .await
+        .map_err(|e| e.to_string())?;
+    client
+        .decide(sc::DecideRequest {
+            call_id: uuid::Uuid::new_v4().to_string(),
+            provider: "openai".into(),
+            model: "gpt-4o-mini".into(),
+            input_tokens_upper_bound: 100,
+            max_output_tokens: Some(10),
+            choices: None,
+            run_id: String::new(),
+            workflow_id: String::new(),
+        })
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
 async fn probe(admin: u16, path: &str) -> u16 {
     http_get(admin, path).await.map_or(0, |(status, _)| status)
 }
@@ -98,13 +114,17 @@ async fn live_always_and_ready_only_while_the_lease_is_held() {
     // The ledger is away when the sidecar starts: it cannot take its lease.
     ledger.stop().await;
     let spool = tempfile::tempdir().unwrap();
-    let (port, admin) = (free_port(), free_port());
+    let (port, admin, grpc) = (free_port(), free_port(), free_port());
     let mut sidecar = sidecar_command(
         addr,
         bundle.path(),
         spool.path(),
         mock,
         ("agent-ops", port, admin),
+    )
+    .env(
+        "SPENDGUARD_SIDECAR_GRPC_LISTEN",
+        format!("127.0.0.1:{grpc}"),
     )
     .env("SPENDGUARD_LEASE_TTL_MS", "3000")
     .env("SPENDGUARD_LEASE_GRACE_MS", "1500")
@@ -123,6 +143,11 @@ async fn live_always_and_ready_only_while_the_lease_is_held() {
     // Nor does it serve calls: the proxy answers nothing before the lease.
     let served = tokio::time::timeout(Duration::from_millis(500), chat(port)).await;
     assert!(served.is_err(), "no answer before the lease");
+    let decided = tokio::time::timeout(Duration::from_millis(500), decide(grpc)).await;
+    assert!(
+        decided.is_err(),
+        "no gRPC answer before the lease: {decided:?}"
+    );
 
     // The ledger comes back: the lease is taken, and the sidecar is ready and serves.
     let mut ledger = TestLedger::start_at(&database_url, "ledger-0", addr)
@@ -130,6 +155,10 @@ async fn live_always_and_ready_only_while_the_lease_is_held() {
         .unwrap();
     assert!(answers(admin, "/readyz", 200, Duration::from_secs(10)).await);
     assert_eq!(chat(port).await, 200);
+    assert!(
+        decide(grpc).await.is_ok(),
+        "the gRPC decision API serves too"
+    );
 
     // The ledger goes away again: past the lease's grace the sidecar is no longer ready, and
     // still live (a restart would not bring the ledger back).

@@ -52,6 +52,15 @@ pub fn contract(extra: Value) -> Contract {
     serde_json::from_value(base).unwrap()
 }
 
+/// Flags for credits of a fixed `nano_usd` each (not sized on demand: a test's few calls would
+/// open none).
+pub fn fixed_credits(nano_usd: i64) -> Vec<String> {
+    vec![
+        format!("--credit-nano-usd={nano_usd}"),
+        "--credit-ahead-ms=0".into(),
+    ]
+}
+
 pub struct Options {
     pub limit: i64,
     pub soft_cap: i64,
@@ -233,6 +242,23 @@ impl Stack {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         self.sidecar().decider.fail_open_queue().is_empty()
+    }
+
+    /// Another holder forces the sidecar's fencing scope to a newer epoch (an administrator's
+    /// forced acquire), behind the sidecar's back.
+    pub async fn force_epoch_forward(&mut self) {
+        self.ledger
+            .client
+            .acquire_fencing_lease(pb::AcquireFencingLeaseRequest {
+                scope_id: format!("{TENANT}/{WORKLOAD}"),
+                tenant_id: TENANT.into(),
+                workload_instance_id: "admin".into(),
+                ttl_ms: 60_000,
+                expected_epoch: 0,
+                force: true,
+            })
+            .await
+            .unwrap();
     }
 
     /// Waits until no reservation of this sidecar is open, then returns the balance.

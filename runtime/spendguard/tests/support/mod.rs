@@ -45,6 +45,18 @@ pub fn sidecar_command(
     command
 }
 
+/// Runs `sidecar` until it exits, which it must do within 30 s and unsuccessfully (it refuses to
+/// start): its stderr.
+pub async fn refused_startup(mut sidecar: Command) -> String {
+    let output = tokio::time::timeout(Duration::from_secs(30), sidecar.output())
+        .await
+        .expect("a sidecar that must refuse to start kept running")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(!output.status.success(), "{stderr}");
+    stderr
+}
+
 /// Waits (up to 10 s) until the sidecar on `admin` is ready.
 pub async fn wait_ready(admin: u16) {
     for _ in 0..200 {
