@@ -93,6 +93,19 @@ impl LedgerGrpc {
         })
     }
 
+    /// The evidence gate for a request that may create new exposure: while it refuses, a request
+    /// whose row `exists` already is still let through, so a retry is answered as the replay it
+    /// is (writing nothing) instead of failing like new spend.
+    async fn admit_new_spend(
+        &self,
+        exists: impl Future<Output = Result<bool, Error>>,
+    ) -> Result<(), Error> {
+        match self.evidence_gate.admit() {
+            Err(refused) if !exists.await? => Err(refused),
+            _ => Ok(()),
+        }
+    }
+
     async fn submit(&self, command: Command) -> Result<Outcome, Error> {
         self.writer.submit(command, Urgency::Now).await
     }
@@ -153,7 +166,8 @@ impl pb::ledger_server::Ledger for LedgerGrpc {
             // refusing it would lose that call's evidence, not stop the call. Opening a credit
             // is a new decision and waits for the evidence like any reservation.
             if !matches!(command.credit, Credit::DrawFrom(_)) {
-                self.evidence_gate.admit()?;
+                self.admit_new_spend(self.store.holds_reservation(command.reservation_id()))
+                    .await?;
             }
             let deferrable = request.get_ref().deferrable;
             match self
@@ -383,7 +397,8 @@ impl pb::ledger_server::Ledger for LedgerGrpc {
     ) -> Result<Response<pb::CreateApprovalResponse>, Status> {
         self.run("CreateApproval", async {
             let command = convert::create_approval(request.get_ref())?;
-            self.evidence_gate.admit()?;
+            self.admit_new_spend(self.store.holds_approval(command.approval_id()))
+                .await?;
             match self.submit(Command::CreateApproval(command)).await? {
                 Outcome::Approval { approval, replayed } => Ok(pb::CreateApprovalResponse {
                     approval: Some(convert::approval_to_proto(&approval)),

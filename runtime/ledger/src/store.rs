@@ -691,6 +691,33 @@ impl Store {
         .await?)
     }
 
+    /// Whether the reservation `id` exists (in any state): a ReserveSet naming it is a replay
+    /// (or a conflict), never new spend, since reservations are never deleted.
+    ///
+    /// # Errors
+    /// [`Error::Database`].
+    pub async fn holds_reservation(&self, id: Uuid) -> Result<bool> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM reservations WHERE reservation_id = $1)",
+        )
+        .bind(id)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// Whether the approval `id` exists (in any state): see [`Self::holds_reservation`].
+    ///
+    /// # Errors
+    /// [`Error::Database`].
+    pub async fn holds_approval(&self, id: Uuid) -> Result<bool> {
+        Ok(
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM approvals WHERE approval_id = $1)")
+                .bind(id)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
     /// Number of open reservations (for the gauge).
     ///
     /// # Errors

@@ -445,7 +445,8 @@ async fn the_ledger_counts_the_events_the_forwarder_has_not_moved_yet() {
 async fn a_ledger_bounding_evidence_lag_refuses_new_spend_until_the_forwarder_catches_up() {
     // Goal: S22's configured durability policy. With a bound of 2 s on how long evidence may wait
     // outside the canonical chain, a forwarder that is down makes the ledger refuse new
-    // reservations and approvals (EVIDENCE_BACKLOG, nothing written) while settlements go on;
+    // reservations and approvals (EVIDENCE_BACKLOG, nothing written) while settlements and
+    // retries of what exists already (answered as replays) go on;
     // once the forwarder has moved the backlog, reservations are admitted again. No event is
     // dropped either way. Method: a ledger with the bound, activity, no forwarder until the
     // refusal shows; then a commit, an approval, the gauge; then one forwarder pass.
@@ -475,7 +476,7 @@ async fn a_ledger_bounding_evidence_lag_refuses_new_spend_until_the_forwarder_ca
     let Some(pb::reserve_set_response::Outcome::Reserved(open)) = open.outcome else {
         panic!("denied")
     };
-    let mut refused = None;
+    let (mut refused, mut refused_key) = (None, None);
     for i in 0..100 {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         let key = format!("during-{i}");
@@ -487,6 +488,7 @@ async fn a_ledger_bounding_evidence_lag_refuses_new_spend_until_the_forwarder_ca
             Ok(_) => {}
             Err(status) => {
                 refused = Some(status);
+                refused_key = Some(key);
                 break;
             }
         }
@@ -522,6 +524,29 @@ async fn a_ledger_bounding_evidence_lag_refuses_new_spend_until_the_forwarder_ca
         .unwrap_err();
     assert_eq!(
         spendguard_proto::ledger::error_code(&approval),
+        Some(pb::ErrorCode::EvidenceBacklog)
+    );
+    // A retry of a reservation made before the backlog is its replay: answered, nothing written.
+    // The request that was refused is still refused: it would be new spend.
+    let retried = ledger
+        .client
+        .reserve_set(reserve_request("acme", "before", &["b"], 100, &fencing))
+        .await
+        .expect("a retry of an existing reservation is answered")
+        .into_inner();
+    assert!(retried.replayed);
+    let Some(pb::reserve_set_response::Outcome::Reserved(replayed)) = retried.outcome else {
+        panic!("denied")
+    };
+    assert_eq!(replayed.reservation_id, open.reservation_id);
+    let refused_key = refused_key.expect("a key was refused");
+    let again = ledger
+        .client
+        .reserve_set(reserve_request("acme", &refused_key, &["b"], 100, &fencing))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        spendguard_proto::ledger::error_code(&again),
         Some(pb::ErrorCode::EvidenceBacklog)
     );
     let after_refusals: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_outbox")
