@@ -142,6 +142,12 @@ pub enum ReasonCode {
     SoftCapReached,
     /// The pricing snapshot is older than the contract accepts, and the contract stops then.
     PricingStale,
+    /// A call that needed approval goes ahead: its approval was approved (S16 resume).
+    Approved,
+    /// A call that needed approval is refused: its approver denied it.
+    ApprovalDenied,
+    /// A call that needed approval is refused: nobody decided before the approval expired.
+    ApprovalExpired,
 }
 
 impl ReasonCode {
@@ -157,6 +163,9 @@ impl ReasonCode {
             Self::BudgetExhausted => "BUDGET_EXHAUSTED",
             Self::SoftCapReached => "SOFT_CAP_REACHED",
             Self::PricingStale => "PRICING_STALE",
+            Self::Approved => "APPROVED",
+            Self::ApprovalDenied => "APPROVAL_DENIED",
+            Self::ApprovalExpired => "APPROVAL_EXPIRED",
         }
     }
 }

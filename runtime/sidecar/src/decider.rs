@@ -133,7 +133,9 @@ pub struct Decision {
     pub max_output_tokens: Option<u32>,
     /// Budget that stopped the call or crossed its soft cap.
     pub budget_id: Option<String>,
-    /// The ledger approval to wait for (REQUIRE_APPROVAL): it exists, pending, in the ledger.
+    /// The ledger approval to wait for (REQUIRE_APPROVAL: it exists in the ledger), the one a
+    /// resumed call goes ahead under (CONTINUE, reason `APPROVED`), or the one that refused it
+    /// (STOP `APPROVAL_DENIED` or `APPROVAL_EXPIRED`).
     pub approval_id: Option<String>,
     /// Contract version that decided.
     pub contract_version: String,
@@ -395,9 +397,12 @@ impl Decider {
             workflow_id: input.workflow_id.clone(),
         };
         if let Some(replay) = self.replay(&input.call_id, &fingerprint)? {
+            if replay.decision == Verdict::RequireApproval {
+                return self.follow_approval(&input, fingerprint, replay).await;
+            }
             return Ok(replay);
         }
-        let mut decision = match self.decide_fresh(&input).await {
+        let mut decision = match self.decide_fresh(&input, None).await {
             // The ledger found this call's reservation resolved: a concurrent decide of the same
             // call id may have finished (and settled) first; then this one is its replay.
             Err(e @ SidecarError::CallAlreadyResolved(_)) => {
@@ -405,6 +410,11 @@ impl Decider {
             }
             other => other?,
         };
+        // A call the sidecar forgot, whose approval the ledger holds: where that approval stands
+        // now decides (a fresh REQUIRE_APPROVAL is not replayed and needs no second look).
+        if decision.decision == Verdict::RequireApproval && decision.replayed {
+            return self.follow_approval(&input, fingerprint, decision).await;
+        }
         let stop = (decision.decision == Verdict::Stop).then(|| {
             decision.evidence_id = Some(Uuid::new_v4().to_string());
             self.stop_record(&input, &decision)
@@ -447,6 +457,26 @@ impl Decider {
     /// could not take it (the records are queued again; the caller backs off). Cancel-safe: a
     /// send dropped mid-way (a deadline, an abort) puts its unconfirmed records back.
     pub async fn publish_stops(&self) -> bool {
+        // What a previous process of the pod left under another bundle or scope goes first, as
+        // it was decided. Cancelled mid-way, the group stays journaled for the next start.
+        if let Some(request) = self.stops.take_foreign() {
+            return match self.send_stop_request(request.clone()).await {
+                Ok(()) => {
+                    self.stops.foreign_settled(&request, true);
+                    false
+                }
+                Err(SendFailure::Refused(reason) | SendFailure::Conflict(reason)) => {
+                    error!(records = request.stops.len(), %reason,
+                           "ledger refused STOP records a previous sidecar of this pod left; dropped: these STOP decisions are missing from the audit chain");
+                    self.stops.foreign_settled(&request, false);
+                    false
+                }
+                Err(SendFailure::Unavailable(_) | SendFailure::Retry(_)) => {
+                    self.stops.put_back_foreign(request);
+                    true
+                }
+            };
+        }
         let mut batch = self.stops.take(STOP_RECORDS_MAX);
         if batch.is_empty() {
             return false;
@@ -485,12 +515,13 @@ impl Decider {
 
     async fn send_stops(&self, stops: Vec<pb::StopRecord>) -> Result<(), SendFailure> {
         let request = pb::RecordStopsRequest {
-            tenant_id: self.identity.tenant_id.clone(),
-            fencing_scope_id: self.identity.scope_id.clone(),
-            pricing: Some(pricing_ref(&self.bundle.pricing)),
-            contract_sha256_hex: self.bundle.sha256_hex.clone(),
             stops,
+            ..stop_envelope(&self.identity, &self.bundle)
         };
+        self.send_stop_request(request).await
+    }
+
+    async fn send_stop_request(&self, request: pb::RecordStopsRequest) -> Result<(), SendFailure> {
         self.ledger
             .clone()
             .record_stops(request)
@@ -506,7 +537,7 @@ impl Decider {
             return;
         };
         if record.call_id.is_empty() {
-            self.stops.dropped(1);
+            self.stops.dropped(&record);
             error!(count = record.count, stop_reason = %record.reason, %reason,
                    "ledger refused a STOP summary; dropped: these STOP decisions are missing from the audit chain");
         } else {
@@ -572,7 +603,13 @@ impl Decider {
         decision
     }
 
-    async fn decide_fresh(&self, input: &DecideInput) -> Result<Decision, SidecarError> {
+    /// Decides a call the sidecar has no answer for: the contract, then the ledger. `approved`:
+    /// the call resumes under that approval (S16).
+    async fn decide_fresh(
+        &self,
+        input: &DecideInput,
+        approved: Option<&Approved>,
+    ) -> Result<Decision, SidecarError> {
         let contract = &self.bundle.contract;
         let call = Call {
             provider: input.provider,
@@ -596,20 +633,32 @@ impl Decider {
                 return Ok(decision);
             }
         };
-        let mut decision = self.decide_planned(input, planned, pricing_stale).await?;
+        let mut decision = self
+            .decide_planned(input, planned, pricing_stale, approved)
+            .await?;
         decision.pricing_stale = pricing_stale;
         Ok(decision)
     }
 
     /// Reserves a call the contract lets through (and whose pricing it accepts) and decides on
     /// the ledger's answer. `pricing_stale` marks every record the ledger keeps of it.
+    /// `approved`: the call resumes under that approval, with a reservation of its own (keyed by
+    /// the call and the approval), and no soft cap asks again; the ledger still checks every
+    /// hard cap.
     async fn decide_planned(
         &self,
         input: &DecideInput,
         planned: Planned,
         pricing_stale: bool,
+        approved: Option<&Approved>,
     ) -> Result<Decision, SidecarError> {
         let contract = &self.bundle.contract;
+        if let Some(approved) = approved
+            && planned.reserve.get() > approved.amount_nano_usd
+        {
+            // A retry of the call prices the same; more than was approved is another call.
+            return Err(SidecarError::IdempotencyConflict(input.call_id.clone()));
+        }
         let epoch = match self.lease.epoch_for_decision() {
             Ok(epoch) => epoch,
             Err(e) => return Err(SidecarError::LeaseUnavailable(e.to_string())),
@@ -639,7 +688,10 @@ impl Decider {
         }
         let request = pb::ReserveSetRequest {
             tenant_id: self.identity.tenant_id.clone(),
-            idempotency_key: input.call_id.clone(),
+            idempotency_key: approved.map_or_else(
+                || input.call_id.clone(),
+                |a| resume_key(&input.call_id, &a.approval_id),
+            ),
             budget_ids: budget_ids.clone(),
             amount_nano_usd: planned.reserve.get(),
             fencing: Some(self.fencing(epoch)),
@@ -650,6 +702,7 @@ impl Decider {
         };
         // A call of the sidecar's own budgets (no run budget) may be admitted inside a credit.
         if run_budget_limit.is_none()
+            && approved.is_none()
             && let Some(credits) = &self.credits
             && let Some((credit, expires)) = credits.admit(planned.reserve.get(), epoch)
         {
@@ -711,7 +764,10 @@ impl Decider {
                 // now. A REQUIRE_APPROVAL released it at once: that decision is answered again,
                 // with its approval; anything else is refused.
                 let released = reserved.state == pb::ReservationState::Released as i32;
-                if released && let Some(earlier) = self.approval_opened_for(input).await? {
+                if released
+                    && approved.is_none()
+                    && let Some(earlier) = self.approval_opened_for(input).await?
+                {
                     earlier
                 } else {
                     return Err(SidecarError::CallAlreadyResolved(input.call_id.clone()));
@@ -721,7 +777,10 @@ impl Decider {
                 // A replay of a call that already opened an approval, whose reservation is still
                 // open (the release after the approval failed): the call is that REQUIRE_APPROVAL
                 // whatever the balances say now, so an approval always means that answer.
-                if replayed && let Some(mut earlier) = self.approval_opened_for(input).await? {
+                if replayed
+                    && approved.is_none()
+                    && let Some(mut earlier) = self.approval_opened_for(input).await?
+                {
                     self.release_reservation(
                         &reserved.reservation_id,
                         "approval_required",
@@ -733,7 +792,11 @@ impl Decider {
                 }
                 let after: Vec<BudgetAfterReserve> =
                     reserved.balances.iter().map(budget_after).collect();
-                let (reason, crossed) = evaluate_balances(contract, &after);
+                let (reason, crossed) = match approved {
+                    // The approver saw the call cross a soft cap and let it go ahead.
+                    Some(_) => (ReasonCode::Approved, None),
+                    None => evaluate_balances(contract, &after),
+                };
                 if reason == ReasonCode::SoftCapReached {
                     let crossed = crossed
                         .or_else(|| budget_ids.first().cloned())
@@ -763,6 +826,7 @@ impl Decider {
                 } else {
                     let mut decision =
                         self.decision(input, Verdict::Continue, reason.as_str(), String::new());
+                    decision.approval_id = approved.map(|a| a.approval_id.clone());
                     decision.reservation_id = Some(reserved.reservation_id);
                     decision.reserved_nano_usd = reserved.amount_nano_usd;
                     decision.max_output_tokens = Some(planned.max_output_tokens);
@@ -856,16 +920,147 @@ impl Decider {
     ) -> Result<Option<Decision>, SidecarError> {
         let approval_id =
             spendguard_core::plan::approval_id_for(&self.identity.tenant_id, &input.call_id);
+        let approval = self.get_approval(&approval_id.to_string()).await?;
+        Ok(approval.map(|a| self.require_approval(input, a.budget_id, a.approval_id)))
+    }
+
+    /// The ledger's approval `approval_id` of this tenant, in whatever state it is now.
+    ///
+    /// # Errors
+    /// The ledger's failure (fail closed: the retry may try again).
+    async fn get_approval(&self, approval_id: &str) -> Result<Option<pb::Approval>, SidecarError> {
         let request = pb::GetApprovalRequest {
             tenant_id: self.identity.tenant_id.clone(),
-            approval_id: approval_id.to_string(),
+            approval_id: approval_id.to_owned(),
         };
-        let approval = match self.ledger.clone().get_approval(request).await {
-            Ok(response) => response.into_inner().approval,
-            Err(status) if error_code(&status) == Some(pb::ErrorCode::ApprovalNotFound) => None,
-            Err(status) => return Err(ledger_error(&status)),
+        match self.ledger.clone().get_approval(request).await {
+            Ok(response) => Ok(response.into_inner().approval),
+            Err(status) if error_code(&status) == Some(pb::ErrorCode::ApprovalNotFound) => Ok(None),
+            Err(status) => Err(ledger_error(&status)),
+        }
+    }
+
+    /// A retry of a call answered REQUIRE_APPROVAL (S16): where its approval stands now decides.
+    /// Pending: REQUIRE_APPROVAL again. Denied (or cancelled): STOP `APPROVAL_DENIED`. Expired:
+    /// STOP `APPROVAL_EXPIRED`. Approved: the call resumes through the contract and a fresh
+    /// reservation of its own ([`resume_key`]), so approving never skips a check and a resumed
+    /// call reserves once however often it is retried. The answer replaces `earlier` in the call
+    /// table. Those STOPs publish no stop record: the approval's own event (`approval.denied`,
+    /// `approval.expired`) is their evidence.
+    ///
+    /// # Errors
+    /// The ledger's failure, fail closed whatever the contract's fail policy (a call past a soft
+    /// cap never goes ahead unrecorded).
+    async fn follow_approval(
+        &self,
+        input: &DecideInput,
+        fingerprint: Fingerprint,
+        mut earlier: Decision,
+    ) -> Result<Decision, SidecarError> {
+        earlier.replayed = true;
+        let Some(approval_id) = earlier.approval_id.clone() else {
+            return Ok(earlier);
         };
-        Ok(approval.map(|a| self.require_approval(input, a.budget_id, a.approval_id)))
+        let approval = self.get_approval(&approval_id).await?.ok_or_else(|| {
+            SidecarError::Internal(format!("approval {approval_id} is not in the ledger"))
+        })?;
+        let state =
+            pb::ApprovalState::try_from(approval.state).unwrap_or(pb::ApprovalState::Unspecified);
+        let refused = |reason: ReasonCode, detail: String| {
+            let mut decision = self.decision(input, Verdict::Stop, reason.as_str(), detail);
+            decision.budget_id = Some(approval.budget_id.clone());
+            decision.approval_id = Some(approval_id.clone());
+            decision
+        };
+        let decision = match state {
+            // Stored too when the sidecar had forgotten the call: the next retry asks the
+            // approval alone, without replaying the call's reservation.
+            pb::ApprovalState::Pending => earlier,
+            pb::ApprovalState::Denied | pb::ApprovalState::Cancelled => refused(
+                ReasonCode::ApprovalDenied,
+                format!(
+                    "approval {approval_id} was denied by {}: {}",
+                    approval.resolved_by, approval.resolution_reason
+                ),
+            ),
+            pb::ApprovalState::Expired => refused(
+                ReasonCode::ApprovalExpired,
+                format!("approval {approval_id} expired before anyone decided it"),
+            ),
+            pb::ApprovalState::Approved => {
+                let approved = Approved {
+                    approval_id: approval_id.clone(),
+                    amount_nano_usd: approval.amount_nano_usd,
+                };
+                let mut decision = self.decide_fresh(input, Some(&approved)).await?;
+                // Approved, then stopped by a hard cap or the contract: a STOP like any other.
+                if decision.decision == Verdict::Stop {
+                    decision.evidence_id = Some(Uuid::new_v4().to_string());
+                    let stop = self.stop_record(input, &decision);
+                    return Ok(self.supersede(&input.call_id, fingerprint, decision, Some(stop)));
+                }
+                decision
+            }
+            pb::ApprovalState::Unspecified => {
+                return Err(SidecarError::Internal(format!(
+                    "approval {approval_id} is in no known state"
+                )));
+            }
+        };
+        Ok(self.supersede(&input.call_id, fingerprint, decision, None))
+    }
+
+    /// Stores the answer that follows a REQUIRE_APPROVAL once its approval was decided: it
+    /// replaces that REQUIRE_APPROVAL (or is stored, for a call the sidecar had forgotten). A
+    /// concurrent retry that stored its answer first wins, and this one is its replay (a resumed
+    /// call's retries share one reservation, so both answers hold the same). `stop`: the record
+    /// of a STOP answer, published if it is the one kept.
+    fn supersede(
+        &self,
+        call_id: &str,
+        fingerprint: Fingerprint,
+        mut decision: Decision,
+        stop: Option<pb::StopRecord>,
+    ) -> Decision {
+        let mut calls = self.calls.shard(call_id);
+        if let Some(entry) = calls.get(call_id)
+            && entry.decision.decision != Verdict::RequireApproval
+        {
+            let mut replay = entry.decision.clone();
+            replay.replayed = true;
+            if decision.fail_open && !replay.fail_open {
+                // This decision is discarded and nothing goes through under it.
+                self.fail_open.withdraw(call_id);
+            }
+            return replay;
+        }
+        if calls.contains_key(call_id) && decision.decision == Verdict::Continue {
+            // The first CONTINUE this process answers for the call (it held REQUIRE_APPROVAL):
+            // the one that goes ahead, though the ledger may have answered its reservation as
+            // a replay of a concurrent retry's (which then gets this answer as its replay).
+            decision.replayed = false;
+        }
+        // Published only when this answer is the one kept (as in `record`).
+        if let Some(stop) = stop
+            && !self.stops.push(stop)
+        {
+            decision.evidence_id = None;
+        }
+        if let Some(entry) = calls.get_mut(call_id) {
+            entry.decision = decision.clone();
+            entry.decided_at = Instant::now();
+            return decision;
+        }
+        calls.insert(
+            call_id.to_owned(),
+            Box::new(CallEntry {
+                fingerprint,
+                decision: decision.clone(),
+                settlement: None,
+                decided_at: Instant::now(),
+            }),
+        );
+        decision
     }
 
     /// REQUIRE_APPROVAL: the call would take `crossed` past its soft cap (the only reason an
@@ -1430,6 +1625,33 @@ fn budget_after(balance: &pb::BudgetBalance) -> BudgetAfterReserve {
             .flatten(),
         used_and_reserved: NanoUsd::new(used).unwrap_or(NanoUsd::ZERO),
     }
+}
+
+/// What every RecordStops request of this sidecar carries besides its records.
+pub fn stop_envelope(identity: &Identity, bundle: &Bundle) -> pb::RecordStopsRequest {
+    pb::RecordStopsRequest {
+        tenant_id: identity.tenant_id.clone(),
+        fencing_scope_id: identity.scope_id.clone(),
+        pricing: Some(pricing_ref(&bundle.pricing)),
+        contract_sha256_hex: bundle.sha256_hex.clone(),
+        stops: Vec::new(),
+    }
+}
+
+/// An approval a call resumes under (S16).
+#[derive(Debug, Clone)]
+struct Approved {
+    approval_id: String,
+    /// What the approver saw the call's worst case as: the resumed call may reserve up to it.
+    amount_nano_usd: i64,
+}
+
+/// The idempotency key of a call's reservation once it resumes under `approval_id`: the call's
+/// first reservation was released when it asked for approval, so the resumed one needs a key of
+/// its own, and the approval in it means another approval of the call reserves again. A call id
+/// holds no `/`, so the key names one call and one approval.
+pub fn resume_key(call_id: &str, approval_id: &str) -> String {
+    format!("{call_id}/approved/{approval_id}")
 }
 
 /// Checks a call id: 1 to 128 of `[A-Za-z0-9._:-]`.

@@ -21,6 +21,7 @@ pub mod decider;
 pub mod error;
 pub mod fail_open;
 mod frames;
+mod journal;
 pub mod lease;
 pub mod metrics;
 pub mod proxy;
@@ -145,8 +146,8 @@ pub struct SidecarTuning {
     pub fail_open_queue_records: usize,
     /// Directory of the fail-open spool (an emptyDir): each fail-open record is flushed there
     /// before its call goes through, and records left by a crash or a shutdown during an outage
-    /// are sent by the next start. Unset: records are held in memory only, and a crash while the
-    /// ledger is down loses them.
+    /// are sent by the next start. STOP records and credit admissions are journaled there too.
+    /// Unset: records are held in memory only, and a crash while the ledger is down loses them.
     #[arg(long, env = "SPENDGUARD_FAIL_OPEN_SPOOL_DIR")]
     pub fail_open_spool_dir: Option<PathBuf>,
     /// On shutdown, how long to keep sending queued fail-open records after in-flight calls
@@ -155,7 +156,8 @@ pub struct SidecarTuning {
     pub fail_open_drain_ms: u64,
     /// STOP records held until the ledger records them (S22). When full, further STOPs are
     /// counted per reason and published as one summary record each (`decision.stops_unpublished`).
-    /// On shutdown they are sent within the fail-open drain deadline too.
+    /// On shutdown they are sent within the fail-open drain deadline too; with a spool, what is
+    /// left (or left by a kill) is published by the next start.
     #[arg(
         long,
         env = "SPENDGUARD_STOP_EVIDENCE_QUEUE_RECORDS",
@@ -325,7 +327,16 @@ pub async fn start(
     let lease_task = tokio::spawn(keeper.run(wait_true(stopped.clone())));
 
     fail_open.register(registry);
-    let stops = Arc::new(StopEvidence::new(tuning.stop_evidence_queue_records));
+    let stops = Arc::new(match &tuning.fail_open_spool_dir {
+        // The spool directory belongs to this process alone (the fail-open queue holds its lock).
+        Some(dir) => StopEvidence::with_journal(
+            tuning.stop_evidence_queue_records,
+            dir,
+            decider::stop_envelope(&identity, &loaded.bundle),
+        )
+        .map_err(|e| SidecarError::invalid("fail_open_spool_dir", format!("{}: {e}", e.code())))?,
+        None => StopEvidence::new(tuning.stop_evidence_queue_records),
+    });
     stops.register(registry);
     Metrics::register_pricing(registry, &loaded.bundle);
     let mut decider = Decider::new(
@@ -481,8 +492,9 @@ async fn publish_stops_loop(decider: Arc<Decider>, mut stopped: watch::Receiver<
 }
 
 /// Shutdown: sends the queued STOP records until none is left or `deadline` passes; what is
-/// left, a send cut short by the deadline included (its records go back first), is logged at
-/// ERROR: those STOPs may be missing from the audit chain.
+/// left, a send cut short by the deadline included (its records go back first), stays in the
+/// spool's journal for the next start, or without a spool is logged at ERROR: those STOPs may be
+/// missing from the audit chain.
 async fn drain_stops(decider: &Decider, deadline: Duration) {
     let evidence = decider.stop_evidence();
     let drained = tokio::time::timeout(deadline, async {
@@ -497,8 +509,13 @@ async fn drain_stops(decider: &Decider, deadline: Duration) {
     .await;
     let left = evidence.abandon();
     if drained.is_err() && !left.is_empty() {
-        error!(records = left.records, unpublished_by_reason = ?left.overflow,
-               "shutdown deadline passed with STOP records unpublished: these STOP decisions are not in the audit chain");
+        if left.journaled {
+            warn!(records = left.records, unpublished_by_reason = ?left.overflow,
+                  "shutdown deadline passed with STOP records unpublished; they stay in the spool and the next start publishes them");
+        } else {
+            error!(records = left.records, unpublished_by_reason = ?left.overflow,
+                   "shutdown deadline passed with STOP records unpublished and no spool: these STOP decisions are not in the audit chain");
+        }
     }
 }
 

@@ -8,19 +8,29 @@
 //! audit event per record.
 //!
 //! The queue is bounded, so a denial storm cannot grow the sidecar's memory or write the ledger
-//! as fast as calls are refused. Past the bound a STOP is not queued but counted, per reason, with
-//! the times of the first and last; the next request carries each count as a summary record
-//! (`decision.stops_unpublished`): those STOPs are explicitly marked as not published one by one.
-//! What no record can cover: the queue's content when the process dies (SIGKILL, OOM); SIGTERM
-//! sends it first (within the evidence drain deadline) and logs what is left at ERROR.
+//! as fast as calls are refused. Past the bound a STOP is not queued but counted in its reason's
+//! summary record (`decision.stops_unpublished`), whose id is chosen at its first STOP: those
+//! STOPs are explicitly marked as not published one by one. The next request carries each
+//! summary; STOPs counted while it is in flight start a summary of their own.
+//!
+//! With a spool directory, every record queued and every summary's count is journaled
+//! (`stop-records.journal`, a keyed journal of `crate::journal`) before the STOP is answered, and
+//! marked done once the ledger has it: a sidecar restarted after a kill -9 or an OOM kill, or
+//! after a shutdown whose drain deadline passed, publishes what its predecessor left. Without one,
+//! what is queued when the process dies is lost; SIGTERM sends it first (within the evidence
+//! drain deadline) and logs what is left at ERROR.
 
+use crate::journal::{Journal, JournalError};
 use crate::metrics::gauge_value;
 use crate::sync::lock;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use prost::Message as _;
+use spendguard_core::plan::STOP_RECORDS_MAX;
 use spendguard_proto::ledger::v1 as pb;
 use std::collections::{BTreeMap, VecDeque};
+use std::path::Path;
 use std::sync::Mutex;
 use tokio::sync::Notify;
 use uuid::Uuid;
@@ -28,19 +38,19 @@ use uuid::Uuid;
 /// Default bound of the queue (records).
 pub const STOP_EVIDENCE_QUEUE_DEFAULT: usize = 4_096;
 
-/// STOPs not queued because the queue was full, for one reason.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Overflow {
-    count: u64,
-    first_unix_ms: i64,
-    last_unix_ms: i64,
-}
+/// The journal's file name inside the spool directory (whose lock the fail-open spool holds).
+pub const STOP_JOURNAL_FILE: &str = "stop-records.journal";
 
 #[derive(Debug, Default)]
 struct Inner {
+    /// Records a previous process left under another envelope (another bundle, pricing or
+    /// scope): sent as they were decided, a request per group, before anything else.
+    foreign: VecDeque<pb::RecordStopsRequest>,
     queue: VecDeque<pb::StopRecord>,
-    overflow: BTreeMap<String, Overflow>,
-    /// Summaries made from `overflow` that the ledger has not taken yet, by reason: sent again
+    /// Per reason, the summary counting the STOPs that found the queue full, not taken for
+    /// sending yet.
+    overflow: BTreeMap<String, pb::StopRecord>,
+    /// Summaries taken from `overflow` that the ledger has not taken yet, by reason: sent again
     /// with the same id, and never more than one per reason (so retries cannot grow the queue).
     summaries: BTreeMap<String, pb::StopRecord>,
 }
@@ -59,6 +69,10 @@ pub struct StopEvidence {
     capacity: usize,
     wake: Notify,
     metrics: StopMetrics,
+    journal: Option<Journal>,
+    /// What this process's RecordStops requests say besides their records (tenant, scope,
+    /// pricing, bundle): journaled with each record, so a restart sends it as it was decided.
+    envelope: pb::RecordStopsRequest,
 }
 
 /// What [`StopEvidence::abandon`] let go of at shutdown.
@@ -68,6 +82,8 @@ pub struct Abandoned {
     pub records: usize,
     /// STOPs counted past the bound and never summarised to the ledger, by reason.
     pub overflow: BTreeMap<String, u64>,
+    /// Whether they stay in the journal, for the next start to publish.
+    pub journaled: bool,
 }
 
 impl Abandoned {
@@ -78,14 +94,96 @@ impl Abandoned {
 }
 
 impl StopEvidence {
-    /// A queue holding at most `capacity` records (at least 1).
+    /// A queue holding at most `capacity` records (at least 1), in memory only.
     pub fn new(capacity: usize) -> Self {
         Self {
             inner: Mutex::new(Inner::default()),
             capacity: capacity.max(1),
             wake: Notify::new(),
             metrics: StopMetrics::default(),
+            journal: None,
+            envelope: pb::RecordStopsRequest::default(),
         }
+    }
+
+    /// A queue journaled in `spool` (the pod's spool directory, whose lock this process holds),
+    /// holding first what a previous process of the pod journaled and did not publish (past the
+    /// bound if need be: those STOPs were answered already). `envelope`: what this process's
+    /// requests carry besides their records; a record left under another one is sent under its
+    /// own.
+    ///
+    /// # Errors
+    /// The journal cannot be read or written.
+    pub fn with_journal(
+        capacity: usize,
+        spool: &Path,
+        envelope: pb::RecordStopsRequest,
+    ) -> Result<Self, JournalError> {
+        let (journal, left) = Journal::open(spool, STOP_JOURNAL_FILE, |body| {
+            decode(body).map(|(_, record)| record.record_id)
+        })?;
+        let mut left: Vec<(pb::RecordStopsRequest, pb::StopRecord)> = left
+            .into_values()
+            .filter_map(|entry| decode(&entry.body))
+            .collect();
+        left.sort_by(|(_, a), (_, b)| {
+            (a.first_decided_at_unix_ms, &a.record_id)
+                .cmp(&(b.first_decided_at_unix_ms, &b.record_id))
+        });
+        if !left.is_empty() {
+            tracing::info!(
+                records = left.len(),
+                "publishing the STOP records a previous sidecar of this pod left"
+            );
+        }
+        let mut inner = Inner::default();
+        for (decided_under, record) in left {
+            if decided_under == envelope {
+                inner.queue.push_back(record);
+                continue;
+            }
+            match inner.foreign.iter_mut().find(|group| {
+                group.stops.len() < STOP_RECORDS_MAX && same_envelope(group, &decided_under)
+            }) {
+                Some(group) => group.stops.push(record),
+                None => inner.foreign.push_back(pb::RecordStopsRequest {
+                    stops: vec![record],
+                    ..decided_under
+                }),
+            }
+        }
+        let evidence = Self {
+            journal: Some(journal),
+            envelope,
+            ..Self::new(capacity)
+        };
+        evidence.metrics.queued.set(gauge_value(inner.queue.len()));
+        *lock(&evidence.inner) = inner;
+        Ok(evidence)
+    }
+
+    /// A group of records a previous process left under another envelope, as the request that
+    /// sends them; settle it with [`Self::foreign_settled`], or [`Self::put_back_foreign`].
+    pub fn take_foreign(&self) -> Option<pb::RecordStopsRequest> {
+        lock(&self.inner).foreign.pop_front()
+    }
+
+    /// The ledger took (`published`) or refused for good a foreign group: no longer journaled.
+    pub fn foreign_settled(&self, request: &pb::RecordStopsRequest, published: bool) {
+        let count = request.stops.len() as u64;
+        if published {
+            self.metrics.published.inc_by(count);
+        } else {
+            self.metrics.dropped.inc_by(count);
+        }
+        for record in &request.stops {
+            self.journal_done(&record.record_id);
+        }
+    }
+
+    /// A foreign group the ledger did not take: sent again first.
+    pub fn put_back_foreign(&self, request: pb::RecordStopsRequest) {
+        lock(&self.inner).foreign.push_front(request);
     }
 
     /// Registers the queue's metrics under the `spendguard_sidecar` prefix.
@@ -113,28 +211,35 @@ impl StopEvidence {
         );
     }
 
-    /// Queues the record of a STOP that was just answered. Past the bound, counts it under its
-    /// reason instead and returns false: no record will carry its id.
+    /// Queues the record of a STOP that is about to be answered (journaled first). Past the
+    /// bound, counts it in its reason's summary instead and returns false: no record will carry
+    /// its id.
     pub fn push(&self, record: pb::StopRecord) -> bool {
         let mut inner = lock(&self.inner);
         let queued = inner.queue.len() < self.capacity;
         if queued {
+            self.journal_put(&record);
             inner.queue.push_back(record);
             self.metrics.queued.set(gauge_value(inner.queue.len()));
         } else {
             self.metrics.unpublished.inc();
-            count(&mut inner.overflow, record);
+            let summary = count(&mut inner.overflow, &record, self.capacity);
+            self.journal_put(summary);
         }
         drop(inner);
         self.wake.notify_one();
         queued
     }
 
-    /// Counts, under its reason, a call's record the ledger refused for good, so that the STOP is
-    /// still published, as part of a count.
+    /// Counts, in its reason's summary, a call's record the ledger refused for good, so that the
+    /// STOP is still published, as part of a count.
     pub fn unpublish(&self, record: pb::StopRecord) {
         self.metrics.unpublished.inc();
-        count(&mut lock(&self.inner).overflow, record);
+        let mut inner = lock(&self.inner);
+        let summary = count(&mut inner.overflow, &record, self.capacity);
+        // The count first: a kill between the two counts the STOP twice rather than not at all.
+        self.journal_put(summary);
+        self.journal_done(&record.record_id);
     }
 
     /// Takes up to `max` records to send: the summaries of STOPs counted past the bound first
@@ -147,6 +252,7 @@ impl StopEvidence {
             queue,
             overflow,
             summaries,
+            ..
         } = &mut *inner;
         let ready: Vec<String> = overflow
             .keys()
@@ -154,9 +260,8 @@ impl StopEvidence {
             .cloned()
             .collect();
         for reason in ready {
-            if let Some(counted) = overflow.remove(&reason) {
-                let record = summary(reason.clone(), counted, self.capacity);
-                summaries.insert(reason, record);
+            if let Some(summary) = overflow.remove(&reason) {
+                summaries.insert(reason, summary);
             }
         }
         let mut records: VecDeque<pb::StopRecord> = summaries.values().take(max).cloned().collect();
@@ -177,11 +282,12 @@ impl StopEvidence {
     }
 
     /// Puts back, in front and in order, records the ledger did not take (the queue may briefly
-    /// hold more than the bound: these were admitted already). Summaries go back to their reason.
+    /// hold more than the bound: these were admitted already). A summary goes back to its reason,
+    /// or to the queue when its reason holds another (one a previous process left).
     fn put_back(&self, records: impl DoubleEndedIterator<Item = pb::StopRecord>) {
         let mut inner = lock(&self.inner);
         for record in records.rev() {
-            if record.call_id.is_empty() {
+            if record.call_id.is_empty() && !inner.summaries.contains_key(&record.reason) {
                 inner.summaries.insert(record.reason.clone(), record);
             } else {
                 inner.queue.push_front(record);
@@ -190,15 +296,19 @@ impl StopEvidence {
         self.metrics.queued.set(gauge_value(inner.queue.len()));
     }
 
-    /// Counts records the ledger refused for good.
-    pub fn dropped(&self, count: usize) {
-        self.metrics.dropped.inc_by(count as u64);
+    /// A summary the ledger refused for good: counted, and no longer journaled.
+    pub fn dropped(&self, record: &pb::StopRecord) {
+        self.metrics.dropped.inc();
+        self.journal_done(&record.record_id);
     }
 
     /// Whether nothing waits: no record, no count.
     pub fn is_empty(&self) -> bool {
         let inner = lock(&self.inner);
-        inner.queue.is_empty() && inner.overflow.is_empty() && inner.summaries.is_empty()
+        inner.queue.is_empty()
+            && inner.overflow.is_empty()
+            && inner.summaries.is_empty()
+            && inner.foreign.is_empty()
     }
 
     /// Records queued.
@@ -211,21 +321,49 @@ impl StopEvidence {
         self.wake.notified().await;
     }
 
-    /// Empties the queue at shutdown, returning what was never sent.
+    /// Empties the queue at shutdown, returning what was never sent (it stays journaled).
     pub fn abandon(&self) -> Abandoned {
         let mut inner = lock(&self.inner);
-        let records = inner.queue.len();
+        let foreign: usize = inner.foreign.drain(..).map(|group| group.stops.len()).sum();
+        let records = inner.queue.len() + foreign;
         inner.queue.clear();
         self.metrics.queued.set(0);
-        let mut overflow: BTreeMap<String, u64> = std::mem::take(&mut inner.overflow)
-            .into_iter()
-            .map(|(reason, o)| (reason, o.count))
-            .collect();
-        for (reason, summary) in std::mem::take(&mut inner.summaries) {
-            let counted = overflow.entry(reason).or_default();
+        let mut overflow: BTreeMap<String, u64> = BTreeMap::new();
+        let summaries = std::mem::take(&mut inner.overflow)
+            .into_values()
+            .chain(std::mem::take(&mut inner.summaries).into_values());
+        for summary in summaries {
+            let counted = overflow.entry(summary.reason).or_default();
             *counted = counted.saturating_add(summary.count);
         }
-        Abandoned { records, overflow }
+        Abandoned {
+            records,
+            overflow,
+            journaled: self.journal.is_some(),
+        }
+    }
+
+    fn journal_put(&self, record: &pb::StopRecord) {
+        let Some(journal) = &self.journal else {
+            return;
+        };
+        let entry = pb::RecordStopsRequest {
+            stops: vec![record.clone()],
+            ..self.envelope.clone()
+        };
+        if let Err(e) = journal.put(&record.record_id, &entry.encode_to_vec()) {
+            tracing::warn!(code = e.code(), error = %e, reason = %record.reason,
+                           "could not journal a STOP record: a kill -9 before it is published loses it");
+        }
+    }
+
+    fn journal_done(&self, record_id: &str) {
+        if let Some(journal) = &self.journal
+            && let Err(e) = journal.done(record_id)
+        {
+            tracing::warn!(code = e.code(), error = %e, %record_id,
+                           "could not mark a STOP record published in the journal; a restart sends it again (answered as a replay)");
+        }
     }
 }
 
@@ -261,18 +399,22 @@ impl InFlight<'_> {
     /// The ledger wrote (or had written) every record.
     pub fn published(&mut self) {
         let count = self.records.len();
-        self.records.clear();
+        for record in std::mem::take(&mut self.records) {
+            self.evidence.journal_done(&record.record_id);
+        }
         self.evidence.metrics.published.inc_by(count as u64);
     }
 
     /// The ledger wrote the oldest record.
     pub fn published_first(&mut self) {
-        if self.records.pop_front().is_some() {
+        if let Some(record) = self.records.pop_front() {
+            self.evidence.journal_done(&record.record_id);
             self.evidence.metrics.published.inc();
         }
     }
 
-    /// The ledger refused the oldest record for good: returned, so the caller can count it.
+    /// The ledger refused the oldest record for good: returned, so the caller can count it
+    /// ([`StopEvidence::unpublish`]) or drop it ([`StopEvidence::dropped`]).
     pub fn refused_first(&mut self) -> Option<pb::StopRecord> {
         self.records.pop_front()
     }
@@ -287,41 +429,54 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Adds one STOP to the per-reason counts.
-fn count(overflow: &mut BTreeMap<String, Overflow>, record: pb::StopRecord) {
-    let at = record.first_decided_at_unix_ms;
-    overflow
-        .entry(record.reason)
-        .and_modify(|o| {
-            o.count = o.count.saturating_add(1);
-            o.first_unix_ms = o.first_unix_ms.min(at);
-            o.last_unix_ms = o.last_unix_ms.max(at);
-        })
-        .or_insert(Overflow {
-            count: 1,
-            first_unix_ms: at,
-            last_unix_ms: at,
-        });
+/// A journal entry: the envelope its record was decided under, and the record.
+fn decode(body: &[u8]) -> Option<(pb::RecordStopsRequest, pb::StopRecord)> {
+    let mut entry = pb::RecordStopsRequest::decode(body).ok()?;
+    let record = entry.stops.pop().filter(|r| !r.record_id.is_empty())?;
+    entry.stops.is_empty().then_some((entry, record))
 }
 
-/// The summary record of `overflow.count` STOPs with `reason` that were not published one by one.
-fn summary(reason: String, overflow: Overflow, capacity: usize) -> pb::StopRecord {
-    pb::StopRecord {
-        record_id: Uuid::new_v4().to_string(),
-        call_id: String::new(),
-        detail: format!(
-            "{} STOP decisions ({reason}) were not published one by one: the sidecar's evidence queue ({capacity} records) was full",
-            overflow.count
-        ),
-        reason,
-        budget_id: String::new(),
-        worst_case_nano_usd: 0,
-        first_decided_at_unix_ms: overflow.first_unix_ms,
-        last_decided_at_unix_ms: overflow.last_unix_ms,
-        count: overflow.count,
-        fencing_epoch: 0,
-        context: None,
-    }
+/// Whether `group` was decided under `envelope` (which holds no records).
+fn same_envelope(group: &pb::RecordStopsRequest, envelope: &pb::RecordStopsRequest) -> bool {
+    group.tenant_id == envelope.tenant_id
+        && group.fencing_scope_id == envelope.fencing_scope_id
+        && group.pricing == envelope.pricing
+        && group.contract_sha256_hex == envelope.contract_sha256_hex
+}
+
+/// Adds one STOP to its reason's summary (a new one, with an id of its own, at the first) and
+/// returns the summary.
+fn count<'a>(
+    overflow: &'a mut BTreeMap<String, pb::StopRecord>,
+    record: &pb::StopRecord,
+    capacity: usize,
+) -> &'a pb::StopRecord {
+    let at = record.first_decided_at_unix_ms;
+    let summary = overflow
+        .entry(record.reason.clone())
+        .and_modify(|s| {
+            s.count = s.count.saturating_add(1);
+            s.first_decided_at_unix_ms = s.first_decided_at_unix_ms.min(at);
+            s.last_decided_at_unix_ms = s.last_decided_at_unix_ms.max(at);
+        })
+        .or_insert_with(|| pb::StopRecord {
+            record_id: Uuid::new_v4().to_string(),
+            call_id: String::new(),
+            detail: String::new(),
+            reason: record.reason.clone(),
+            budget_id: String::new(),
+            worst_case_nano_usd: 0,
+            first_decided_at_unix_ms: at,
+            last_decided_at_unix_ms: at,
+            count: 1,
+            fencing_epoch: 0,
+            context: None,
+        });
+    summary.detail = format!(
+        "{} STOP decisions ({}) were not published one by one: the sidecar's evidence queue ({capacity} records) was full",
+        summary.count, summary.reason
+    );
+    summary
 }
 
 #[cfg(test)]
@@ -338,6 +493,54 @@ mod tests {
             count: 1,
             ..Default::default()
         }
+    }
+
+    fn envelope(bundle: &str) -> pb::RecordStopsRequest {
+        pb::RecordStopsRequest {
+            tenant_id: "t".into(),
+            fencing_scope_id: "t/agent".into(),
+            contract_sha256_hex: bundle.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn records_left_under_another_bundle_are_sent_as_they_were_decided() {
+        let dir = tempfile::tempdir().unwrap();
+        let evidence = StopEvidence::with_journal(10, dir.path(), envelope("bundle-a")).unwrap();
+        evidence.push(stop("a", "MODEL_DENIED", 1));
+        evidence.push(stop("b", "MODEL_DENIED", 2));
+        drop(evidence);
+
+        // Restarted on a new bundle: its own records go in its queue, the old ones apart.
+        let evidence = StopEvidence::with_journal(10, dir.path(), envelope("bundle-b")).unwrap();
+        assert_eq!(evidence.len(), 0);
+        assert!(!evidence.is_empty());
+        let group = evidence.take_foreign().unwrap();
+        assert_eq!(group.contract_sha256_hex, "bundle-a");
+        let calls: Vec<&str> = group.stops.iter().map(|r| r.call_id.as_str()).collect();
+        assert_eq!(calls, ["a", "b"]);
+        assert!(evidence.take_foreign().is_none());
+        evidence.put_back_foreign(group); // the ledger did not answer
+        let group = evidence.take_foreign().unwrap();
+        evidence.foreign_settled(&group, true);
+        assert!(evidence.is_empty());
+        evidence.push(stop("c", "MODEL_DENIED", 3));
+        drop(evidence);
+
+        let evidence = StopEvidence::with_journal(10, dir.path(), envelope("bundle-b")).unwrap();
+        assert!(
+            evidence.take_foreign().is_none(),
+            "settled: no longer journaled"
+        );
+        let batch = evidence.take(10);
+        assert_eq!(
+            batch
+                .records()
+                .map(|r| r.call_id.as_str())
+                .collect::<Vec<_>>(),
+            ["c"]
+        );
     }
 
     fn calls(batch: &InFlight<'_>) -> Vec<(String, String, u64)> {
@@ -446,6 +649,79 @@ mod tests {
             calls(&next),
             [(String::new(), "MODEL_DENIED".to_owned(), 1)]
         );
+    }
+
+    #[test]
+    fn a_restart_on_the_journal_publishes_what_its_predecessor_did_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let evidence = StopEvidence::with_journal(2, dir.path(), envelope("bundle-a")).unwrap();
+        assert!(evidence.is_empty());
+        evidence.push(stop("a", "MODEL_DENIED", 1));
+        evidence.push(stop("b", "MODEL_DENIED", 2));
+        evidence.push(stop("c", "MODEL_DENIED", 3)); // counted
+        evidence.push(stop("d", "MODEL_DENIED", 4)); // counted
+        let mut batch = evidence.take(10);
+        assert_eq!(batch.len(), 3);
+        let published_summary = batch.first().unwrap();
+        assert_eq!(published_summary.count, 2);
+        batch.published_first(); // the summary; "a" and "b" go back
+        drop(batch);
+        evidence.push(stop("e", "PRICING_STALE", 5)); // counted in a summary of its own
+        drop(evidence); // as a kill -9 would: nothing more is written
+
+        let evidence = StopEvidence::with_journal(2, dir.path(), envelope("bundle-a")).unwrap();
+        assert_eq!(
+            evidence.len(),
+            3,
+            "restored past the bound: they were answered already"
+        );
+        let mut batch = evidence.take(10);
+        assert_eq!(
+            calls(&batch),
+            [
+                ("a", "MODEL_DENIED", 1),
+                ("b", "MODEL_DENIED", 1),
+                ("", "PRICING_STALE", 1)
+            ]
+            .map(|(c, r, n)| (c.to_owned(), r.to_owned(), n))
+        );
+        assert!(
+            batch
+                .records()
+                .all(|r| r.record_id != published_summary.record_id),
+            "the published summary is not sent again"
+        );
+        assert!(
+            batch
+                .records()
+                .nth(2)
+                .unwrap()
+                .detail
+                .contains("1 STOP decisions")
+        );
+        batch.published();
+        drop(batch);
+        drop(evidence);
+        let evidence = StopEvidence::with_journal(2, dir.path(), envelope("bundle-a")).unwrap();
+        assert!(evidence.is_empty(), "everything published is done");
+    }
+
+    #[test]
+    fn a_record_refused_for_good_is_journaled_as_its_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let evidence = StopEvidence::with_journal(10, dir.path(), envelope("bundle-a")).unwrap();
+        evidence.push(stop("a", "MODEL_DENIED", 1));
+        let mut batch = evidence.take(10);
+        let refused = batch.refused_first().unwrap();
+        drop(batch);
+        evidence.unpublish(refused.clone());
+        drop(evidence);
+        let evidence = StopEvidence::with_journal(10, dir.path(), envelope("bundle-a")).unwrap();
+        let batch = evidence.take(10);
+        let left: Vec<&pb::StopRecord> = batch.records().collect();
+        assert_eq!(left.len(), 1);
+        assert_eq!((left[0].call_id.as_str(), left[0].count), ("", 1));
+        assert_ne!(left[0].record_id, refused.record_id);
     }
 
     #[test]

@@ -34,12 +34,14 @@ fn venv_python(repo: &Path) -> String {
 async fn pytest(python: &str, repo: &Path, [main, tight, softcap, down]: [&Stack; 4]) {
     let output = tokio::task::spawn_blocking({
         let (python, repo) = (python.to_owned(), repo.to_owned());
-        let (url, tight, softcap, down, mock) = (
+        // Every stack's mock, the main one first: refusals are looked for at all of them.
+        let mocks = [main, tight, softcap, down].map(|stack| stack.mock_url.clone());
+        let (url, tight, softcap_url, down, mock) = (
             main.base.clone(),
             tight.base.clone(),
             softcap.base.clone(),
             down.base.clone(),
-            main.mock_url.clone(),
+            mocks.join(","),
         );
         move || {
             Command::new(python)
@@ -54,7 +56,7 @@ async fn pytest(python: &str, repo: &Path, [main, tight, softcap, down]: [&Stack
                 .current_dir(repo)
                 .env("SPENDGUARD_URL", url)
                 .env("SPENDGUARD_TIGHT_URL", tight)
-                .env("SPENDGUARD_SOFTCAP_URL", softcap)
+                .env("SPENDGUARD_SOFTCAP_URL", softcap_url)
                 .env("SPENDGUARD_DOWN_URL", down)
                 .env("SPENDGUARD_MOCK_URL", mock)
                 .output()
@@ -70,6 +72,52 @@ async fn pytest(python: &str, repo: &Path, [main, tight, softcap, down]: [&Stack
     );
     println!("{report}");
     assert!(output.status.success(), "pytest failed:\n{report}");
+}
+
+/// Plays the human approver of `stack` (as `kubectl spendguard approve`/`deny` would, through the
+/// operator): a pending approval of a call named `approve-*` is approved, `deny-*` denied; the
+/// rest stay pending.
+fn approver(stack: &Stack) -> tokio::task::JoinHandle<()> {
+    use spendguard_proto::ledger::v1 as pb;
+    let mut ledger = stack.ledger.client.clone();
+    tokio::spawn(async move {
+        let mut page_token = String::new();
+        loop {
+            let page = ledger
+                .list_approvals(pb::ListApprovalsRequest {
+                    tenant_id: support::TENANT.into(),
+                    state: pb::ApprovalState::Pending.into(),
+                    page_size: 500,
+                    page_token: std::mem::take(&mut page_token),
+                })
+                .await
+                .map(|r| r.into_inner())
+                .unwrap_or_default();
+            page_token = page.next_page_token;
+            for approval in page.approvals {
+                let call_id = approval.context.map(|c| c.call_id).unwrap_or_default();
+                let decision = if call_id.starts_with("approve-") {
+                    pb::ApprovalDecision::Approve
+                } else if call_id.starts_with("deny-") {
+                    pb::ApprovalDecision::Deny
+                } else {
+                    continue;
+                };
+                let _ = ledger
+                    .resolve_approval(pb::ResolveApprovalRequest {
+                        tenant_id: support::TENANT.into(),
+                        approval_id: approval.approval_id,
+                        decision: decision.into(),
+                        approver: "pytest-approver".into(),
+                        reason: "decided by the test harness".into(),
+                    })
+                    .await;
+            }
+            if page_token.is_empty() {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -93,7 +141,9 @@ async fn python_sdk_and_real_clients() {
     // Its ledger stops once the sidecar holds its lease: every call fails closed (503).
     let mut down = Stack::start(Options::default()).await;
     down.ledger.stop().await;
+    let approving = approver(&softcap);
     pytest(&python, &repo, [&main, &tight, &softcap, &down]).await;
+    approving.abort();
 
     // The same clients, unchanged, against a sidecar admitting calls inside credits
     // (docs/design/credits.md): the tight budget has no room for a credit and the soft-capped
@@ -114,12 +164,14 @@ async fn python_sdk_and_real_clients() {
         ..Options::default()
     }))
     .await;
+    let approving = approver(&softcap_credits);
     pytest(
         &python,
         &repo,
         [&main_credits, &tight_credits, &softcap_credits, &down],
     )
     .await;
+    approving.abort();
     let drawn: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM reservations WHERE drawn_from_reservation_id IS NOT NULL",
     )

@@ -1,6 +1,7 @@
-//! Crash drill for fail-open evidence (S22): calls let through while the ledger is down survive a
-//! kill -9 of the `spendguard sidecar` process. The next process on the same spool records each
-//! of them exactly once once the ledger is back.
+//! Crash drills for what the sidecar keeps in its spool across a kill -9 of the `spendguard
+//! sidecar` process: fail-open evidence (S22; calls let through while the ledger is down are
+//! recorded exactly once by the next process on the same spool once the ledger is back), credits
+//! and their draw journal, and STOP evidence.
 #![allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
 
 use serde_json::json;
@@ -433,4 +434,88 @@ async fn kill_dash_nine_before_draws_land_keeps_the_calls_reservations() {
     assert_eq!(balance.reserved_nano_usd, open_draws);
     spendguard_testkit::invariants::check(&pool).await.unwrap();
     ledger.stop().await;
+}
+
+/// The STOP events in the outbox: (record id, call id or "", how many STOPs each stands for).
+async fn stop_events(pool: &sqlx::PgPool) -> Vec<(String, String, i64)> {
+    sqlx::query_as(
+        "SELECT e #>> '{data,record_id}', coalesce(e #>> '{data,call_id}', ''),
+                (e #>> '{data,count}')::bigint
+           FROM (SELECT convert_from(canonical_event, 'UTF8')::jsonb AS e FROM audit_outbox
+                  WHERE event_type IN ('decision.stopped', 'decision.stops_unpublished')
+                  ORDER BY producer_instance_id, producer_sequence) x",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// Crash drill for STOP evidence (S22: each decision outcome is auditable or explicitly marked
+/// as not published): STOPs answered while the ledger is away survive a kill -9 of the sidecar,
+/// one by one or, past the queue's bound, as their reason's count. The next process on the
+/// same spool publishes each of them once the ledger is back.
+#[tokio::test]
+async fn kill_dash_nine_keeps_the_stops_the_ledger_has_not_taken() {
+    const STOPS_TENANT: &str = "tenant-stops";
+    let (mut ledger, bundle, mock_port) = data_path(
+        STOPS_TENANT,
+        json!({"version": "crash", "max_output_tokens": 64, "deny_models": ["gpt-4o-mini"]}),
+    )
+    .await;
+    let addr = ledger.ledger.as_ref().unwrap().addr;
+    let database_url = ledger.database_url.clone();
+    let pool = ledger.store().pool().clone();
+    let spool = tempfile::tempdir().unwrap();
+    let spawn = || async {
+        let (port, admin) = (free_port(), free_port());
+        let mut command = sidecar_command(
+            addr,
+            bundle.path(),
+            spool.path(),
+            mock_port,
+            ("agent-stops", port, admin),
+        );
+        command.env("SPENDGUARD_STOP_EVIDENCE_QUEUE_RECORDS", "2");
+        let child = command.spawn().expect("spawn spendguard sidecar");
+        wait_ready(admin).await;
+        Sidecar { child, port, admin }
+    };
+    let mut first = spawn().await;
+    ledger.stop().await;
+    for _ in 0..5 {
+        assert_eq!(chat(first.port).await, 402, "the contract denies the model");
+    }
+    first.child.kill().await.unwrap(); // SIGKILL: nothing is drained on the way out.
+
+    let _ledger = TestLedger::start_at(&database_url, "ledger-0", addr)
+        .await
+        .unwrap();
+    assert!(stop_events(&pool).await.is_empty(), "nothing published yet");
+    let _second = spawn().await;
+    // Two (or, when failed sends were in flight, more) queued one by one; the rest counted.
+    eventually("the five STOPs are published", || async {
+        stop_events(&pool).await.iter().map(|e| e.2).sum::<i64>() >= 5
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await; // nothing more arrives
+    let events = stop_events(&pool).await;
+    assert_eq!(
+        events.iter().map(|e| e.2).sum::<i64>(),
+        5,
+        "each STOP published once: {events:?}"
+    );
+    let calls: Vec<&str> = events
+        .iter()
+        .filter(|e| !e.1.is_empty())
+        .map(|e| e.1.as_str())
+        .collect();
+    assert!(
+        calls.len() >= 2,
+        "at least the queue's bound one by one: {events:?}"
+    );
+    let distinct: std::collections::BTreeSet<&str> = calls.iter().copied().collect();
+    assert_eq!(distinct.len(), calls.len(), "no call twice: {events:?}");
+    let records: std::collections::BTreeSet<&str> = events.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(records.len(), events.len(), "no record twice: {events:?}");
+    spendguard_testkit::invariants::check(&pool).await.unwrap();
 }

@@ -7,7 +7,8 @@ The Rust integration test `python_sdk` (crate spendguard-sidecar) starts them an
 - SPENDGUARD_TIGHT_URL    sidecar whose budget is too small for any call (STOP BUDGET_EXHAUSTED)
 - SPENDGUARD_SOFTCAP_URL  sidecar whose soft cap is crossed (REQUIRE_APPROVAL SOFT_CAP_REACHED)
 - SPENDGUARD_DOWN_URL     sidecar whose ledger is gone (fails closed: 503)
-- SPENDGUARD_MOCK_URL     the mock provider; GET /_mock/requests lists what it received
+- SPENDGUARD_MOCK_URL     the mock provider; GET /_mock/requests lists what it received; a comma-
+                          separated list of every stack's mock (the main one first)
 
 Without them every test FAILS (never skips): a green run must mean the SDK met a real sidecar.
 """
@@ -45,7 +46,7 @@ def stack() -> Stack:
 
 @pytest.fixture(scope="session")
 def mock(stack: Stack) -> MockUpstream:
-    return MockUpstream(stack.mock_url)
+    return MockUpstream(stack.mock_url.split(","))
 
 
 @pytest.fixture

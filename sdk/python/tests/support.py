@@ -38,15 +38,20 @@ class Stack:
 class MockUpstream:
     """Reads what the mock provider received, to check what the sidecar forwarded (or did not)."""
 
-    def __init__(self, url: str) -> None:
-        self.url = url
+    def __init__(self, urls: list[str]) -> None:
+        # Every stack's sidecar has a mock of its own: a refusal by the tight or soft-capped one
+        # must be looked for at its mock, so every mock is read.
+        self.urls = urls
 
     def requests(self) -> list[dict[str, Any]]:
-        response = httpx.get(f"{self.url}/_mock/requests", timeout=10)
-        response.raise_for_status()
-        data = response.json()
-        assert isinstance(data, list), f"/_mock/requests must be a list, got {data!r}"
-        return data
+        found: list[dict[str, Any]] = []
+        for url in self.urls:
+            response = httpx.get(f"{url}/_mock/requests", timeout=10)
+            response.raise_for_status()
+            data = response.json()
+            assert isinstance(data, list), f"/_mock/requests must be a list, got {data!r}"
+            found.extend(data)
+        return found
 
     @staticmethod
     def body(request: dict[str, Any]) -> Any:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import time
+import uuid
 
 import pytest
 
@@ -175,6 +177,47 @@ def test_soft_cap_requires_approval(stack: Stack, call_id: str) -> None:
     assert info.value.reason == "SOFT_CAP_REACHED"
     # The ledger holds a pending approval under this id (a UUID).
     assert info.value.approval_id is not None and len(info.value.approval_id) == 36
+
+
+def _retry_until_decided(soft: spendguard.SpendGuard, call_id: str) -> spendguard.Decision:
+    """Retries the call while its approval is pending (the harness's approver decides within ~50 ms)."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return soft.decide(provider="openai", model=OPENAI_MODEL, input_tokens_upper_bound=100, call_id=call_id)
+        except spendguard.ApprovalRequired:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def test_a_denied_approval_raises_approval_denied(stack: Stack) -> None:
+    # The harness's approver denies approvals of calls named `deny-*` (S16).
+    call_id = f"deny-{uuid.uuid4().hex}"
+    with spendguard.SpendGuard(stack.softcap_url) as soft:
+        with pytest.raises(spendguard.ApprovalRequired) as asked:
+            soft.decide(provider="openai", model=OPENAI_MODEL, input_tokens_upper_bound=100, call_id=call_id)
+        with pytest.raises(spendguard.ApprovalDenied) as info:
+            _retry_until_decided(soft, call_id)
+    assert info.value.reason == "APPROVAL_DENIED"
+    assert info.value.decision == "STOP"
+    assert info.value.approval_id == asked.value.approval_id
+    assert not isinstance(info.value, spendguard.BudgetExceeded)
+
+
+def test_an_approved_call_resumes_and_settles(stack: Stack) -> None:
+    # The harness's approver approves approvals of calls named `approve-*` (S16).
+    call_id = f"approve-{uuid.uuid4().hex}"
+    with spendguard.SpendGuard(stack.softcap_url) as soft:
+        with pytest.raises(spendguard.ApprovalRequired) as asked:
+            soft.decide(provider="openai", model=OPENAI_MODEL, input_tokens_upper_bound=100, call_id=call_id)
+        decision = _retry_until_decided(soft, call_id)
+        assert decision.decision == "CONTINUE"
+        assert decision.reason == "APPROVED"
+        assert decision.approval_id == asked.value.approval_id
+        assert decision.reservation_id is not None
+        committed = soft.commit(call_id, usage={"prompt_tokens": 10, "completion_tokens": 10}, usage_format="openai_chat")
+    assert committed.actual_nano_usd == 10 * 150 + 10 * 600
 
 
 def test_denied_model_stops(sg: spendguard.SpendGuard, call_id: str) -> None:

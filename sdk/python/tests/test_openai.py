@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+import uuid
 from typing import Any
 
 import openai
@@ -178,6 +180,31 @@ def test_soft_cap_raises_approval_required(stack: Stack, mock: MockUpstream, mar
     assert isinstance(info.value, openai.APIStatusError)
     assert info.value.type == "spendguard_approval_required"
     assert info.value.approval_id is not None and len(info.value.approval_id) == 36
+    mock.assert_never_saw(marker)
+
+
+def test_a_denied_approval_raises_approval_denied(stack: Stack, mock: MockUpstream, marker: str) -> None:
+    # An unchanged call retried under its own call id (`x-spendguard-call-id`) once a human decided
+    # (S16); the harness's approver denies approvals of calls named `deny-*`.
+    client = spendguard.openai.OpenAI(sidecar_url=stack.softcap_url, api_key=OPENAI_KEY)
+    headers = {"x-spendguard-call-id": f"deny-{uuid.uuid4().hex}"}
+    with pytest.raises(spendguard.ApprovalRequired) as asked:
+        chat(client, marker, extra_headers=headers)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            chat(client, marker, extra_headers=headers)
+        except spendguard.ApprovalRequired:
+            assert time.monotonic() < deadline, "the approver never decided"
+            time.sleep(0.05)
+            continue
+        except spendguard.ApprovalDenied as denied:
+            assert denied.reason == "APPROVAL_DENIED"
+            assert denied.approval_id == asked.value.approval_id
+            assert isinstance(denied, openai.APIStatusError)
+            assert denied.status_code == 402
+            break
+        pytest.fail("a denied call went through")
     mock.assert_never_saw(marker)
 
 

@@ -22,7 +22,8 @@
 mod journal;
 mod pool;
 
-pub use journal::{DrawJournal, JOURNAL_FILE, JournalError, LeftOver, PendingDraw};
+pub use crate::journal::JournalError;
+pub use journal::{DrawJournal, JOURNAL_FILE, LeftOver, PendingDraw};
 pub use pool::{
     CALLS_PER_CREDIT_MIN, CREDIT_TTL_MS_MAX, CREDIT_TTL_MS_MIN, CreditPolicy, Credits,
     DRAWS_IN_FLIGHT_MAX, Opened, Take,

@@ -157,8 +157,9 @@ impl Proxy {
             })
             .await?;
         self.metrics.decision(decision.decision, decision.reason);
-        if decision.replayed {
-            // The proxy forwards a call id once: a retry must not spend twice.
+        if decision.replayed && decision.decision == Verdict::Continue {
+            // The proxy forwards a call id once: a retry must not spend twice. A refusal is
+            // answered again (a call waiting for approval is retried until it is decided).
             return Err(SidecarError::CallIdReused(call_id));
         }
         if decision.decision != Verdict::Continue {

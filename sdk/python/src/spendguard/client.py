@@ -19,6 +19,8 @@ import httpx
 
 from ._config import new_call_id, sidecar_url
 from .errors import (
+    ApprovalDenied,
+    ApprovalExpired,
     ApprovalRequired,
     BudgetExceeded,
     CallAlreadyResolved,
@@ -153,6 +155,11 @@ def _check_decision(decision: Decision) -> Decision:
         "evidence_id": decision.evidence_id,
     }
     message = decision.detail or decision.reason
+    # A call retried after its approval was decided (S16): the approver's answer, not a budget.
+    if decision.decision == "STOP" and decision.reason == "APPROVAL_DENIED":
+        raise ApprovalDenied(message, **common)
+    if decision.decision == "STOP" and decision.reason == "APPROVAL_EXPIRED":
+        raise ApprovalExpired(message, **common)
     if decision.decision == "STOP":
         raise BudgetExceeded(message, **common)
     if decision.decision == "REQUIRE_APPROVAL":
