@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import json
+import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+
+import spendguard
+
+T = TypeVar("T")
 
 RUN_HINT = "run through `cargo test -p spendguard-sidecar --test python_sdk` or `make test`"
 REQUIRED_ENV = (
@@ -78,3 +85,21 @@ class MockUpstream:
     def assert_never_saw(self, marker: str) -> None:
         found = self.with_marker(marker)
         assert not found, f"a refused call reached the upstream: {found!r}"
+
+
+def decided_call_id(decision: str) -> str:
+    """A call id the harness's approver decides (`approve` or `deny`) once it asks for approval."""
+    return f"{decision}-{uuid.uuid4().hex}"
+
+
+def when_decided(call: Callable[[], T], timeout: float = 10.0) -> T:
+    """Retries `call` while it raises ApprovalRequired (the harness's approver decides within
+    ~50 ms); returns what it returns then, or lets what it raises then through."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return call()
+        except spendguard.ApprovalRequired:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)

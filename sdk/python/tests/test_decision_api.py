@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import time
-import uuid
 
 import pytest
 
 import spendguard
 
-from support import CONTRACT_MAX_OUTPUT_TOKENS, DENIED_MODEL, OPENAI_MODEL, Stack
+from support import CONTRACT_MAX_OUTPUT_TOKENS, DENIED_MODEL, OPENAI_MODEL, Stack, decided_call_id, when_decided
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # Well inside the worst case reserved below (1000 input tokens, 100 output tokens).
@@ -179,26 +177,18 @@ def test_soft_cap_requires_approval(stack: Stack, call_id: str) -> None:
     assert info.value.approval_id is not None and len(info.value.approval_id) == 36
 
 
-def _retry_until_decided(soft: spendguard.SpendGuard, call_id: str) -> spendguard.Decision:
-    """Retries the call while its approval is pending (the harness's approver decides within ~50 ms)."""
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            return soft.decide(provider="openai", model=OPENAI_MODEL, input_tokens_upper_bound=100, call_id=call_id)
-        except spendguard.ApprovalRequired:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
 def test_a_denied_approval_raises_approval_denied(stack: Stack) -> None:
     # The harness's approver denies approvals of calls named `deny-*` (S16).
-    call_id = f"deny-{uuid.uuid4().hex}"
+    call_id = decided_call_id("deny")
     with spendguard.SpendGuard(stack.softcap_url) as soft:
+
+        def decide() -> spendguard.Decision:
+            return soft.decide(provider="openai", model=OPENAI_MODEL, input_tokens_upper_bound=100, call_id=call_id)
+
         with pytest.raises(spendguard.ApprovalRequired) as asked:
-            soft.decide(provider="openai", model=OPENAI_MODEL, input_tokens_upper_bound=100, call_id=call_id)
+            decide()
         with pytest.raises(spendguard.ApprovalDenied) as info:
-            _retry_until_decided(soft, call_id)
+            when_decided(decide)
     assert info.value.reason == "APPROVAL_DENIED"
     assert info.value.decision == "STOP"
     assert info.value.approval_id == asked.value.approval_id
@@ -207,11 +197,15 @@ def test_a_denied_approval_raises_approval_denied(stack: Stack) -> None:
 
 def test_an_approved_call_resumes_and_settles(stack: Stack) -> None:
     # The harness's approver approves approvals of calls named `approve-*` (S16).
-    call_id = f"approve-{uuid.uuid4().hex}"
+    call_id = decided_call_id("approve")
     with spendguard.SpendGuard(stack.softcap_url) as soft:
+
+        def decide() -> spendguard.Decision:
+            return soft.decide(provider="openai", model=OPENAI_MODEL, input_tokens_upper_bound=100, call_id=call_id)
+
         with pytest.raises(spendguard.ApprovalRequired) as asked:
-            soft.decide(provider="openai", model=OPENAI_MODEL, input_tokens_upper_bound=100, call_id=call_id)
-        decision = _retry_until_decided(soft, call_id)
+            decide()
+        decision = when_decided(decide)
         assert decision.decision == "CONTINUE"
         assert decision.reason == "APPROVED"
         assert decision.approval_id == asked.value.approval_id

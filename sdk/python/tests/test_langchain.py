@@ -8,7 +8,7 @@ from langchain_openai import ChatOpenAI
 import spendguard
 import spendguard.langchain
 
-from support import DENIED_MODEL, OPENAI_KEY, OPENAI_MODEL, MockUpstream, Stack
+from support import DENIED_MODEL, OPENAI_KEY, OPENAI_MODEL, MockUpstream, Stack, decided_call_id, when_decided
 
 
 def plain(url: str) -> ChatOpenAI:
@@ -82,3 +82,28 @@ def test_soft_cap_and_denied_model(stack: Stack) -> None:
     with pytest.raises(spendguard.BudgetExceeded) as denied:
         guarded(stack.url, model=DENIED_MODEL).invoke("hi")
     assert denied.value.reason == "MODEL_DENIED"
+
+
+def test_approval_outcomes_are_not_hidden(stack: Stack) -> None:
+    # S16: LangChain surfaces the approver's answer as SpendGuard's exception; an approved call
+    # goes through on the retry. The harness's approver decides `approve-*` and `deny-*` calls.
+    def model(decision: str) -> spendguard.langchain.ChatOpenAI:
+        return spendguard.langchain.ChatOpenAI(
+            model=OPENAI_MODEL,
+            sidecar_url=stack.softcap_url,
+            api_key=OPENAI_KEY,
+            default_headers={"x-spendguard-call-id": decided_call_id(decision)},
+        )
+
+    denying = model("deny")
+    with pytest.raises(spendguard.ApprovalRequired):
+        denying.invoke("hi")
+    with pytest.raises(spendguard.ApprovalDenied) as denied:
+        when_decided(lambda: denying.invoke("hi"))
+    assert denied.value.reason == "APPROVAL_DENIED"
+
+    approving = model("approve")
+    with pytest.raises(spendguard.ApprovalRequired):
+        approving.invoke("hi")
+    reply = when_decided(lambda: approving.invoke("hi"))
+    assert reply.content

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-import uuid
 from typing import Any
 
 import openai
@@ -12,7 +10,16 @@ import pytest
 import spendguard
 import spendguard.openai
 
-from support import CONTRACT_MAX_OUTPUT_TOKENS, DENIED_MODEL, OPENAI_KEY, OPENAI_MODEL, MockUpstream, Stack
+from support import (
+    CONTRACT_MAX_OUTPUT_TOKENS,
+    DENIED_MODEL,
+    OPENAI_KEY,
+    OPENAI_MODEL,
+    MockUpstream,
+    Stack,
+    decided_call_id,
+    when_decided,
+)
 
 
 def plain(url: str) -> openai.OpenAI:
@@ -187,24 +194,15 @@ def test_a_denied_approval_raises_approval_denied(stack: Stack, mock: MockUpstre
     # An unchanged call retried under its own call id (`x-spendguard-call-id`) once a human decided
     # (S16); the harness's approver denies approvals of calls named `deny-*`.
     client = spendguard.openai.OpenAI(sidecar_url=stack.softcap_url, api_key=OPENAI_KEY)
-    headers = {"x-spendguard-call-id": f"deny-{uuid.uuid4().hex}"}
+    headers = {"x-spendguard-call-id": decided_call_id("deny")}
     with pytest.raises(spendguard.ApprovalRequired) as asked:
         chat(client, marker, extra_headers=headers)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            chat(client, marker, extra_headers=headers)
-        except spendguard.ApprovalRequired:
-            assert time.monotonic() < deadline, "the approver never decided"
-            time.sleep(0.05)
-            continue
-        except spendguard.ApprovalDenied as denied:
-            assert denied.reason == "APPROVAL_DENIED"
-            assert denied.approval_id == asked.value.approval_id
-            assert isinstance(denied, openai.APIStatusError)
-            assert denied.status_code == 402
-            break
-        pytest.fail("a denied call went through")
+    with pytest.raises(spendguard.ApprovalDenied) as denied:
+        when_decided(lambda: chat(client, marker, extra_headers=headers))
+    assert denied.value.reason == "APPROVAL_DENIED"
+    assert denied.value.approval_id == asked.value.approval_id
+    assert isinstance(denied.value, openai.APIStatusError)
+    assert denied.value.status_code == 402
     mock.assert_never_saw(marker)
 
 

@@ -11,7 +11,7 @@ from pydantic_ai.providers.openai import OpenAIProvider
 import spendguard
 import spendguard.pydantic_ai
 
-from support import DENIED_MODEL, OPENAI_KEY, OPENAI_MODEL, MockUpstream, Stack
+from support import DENIED_MODEL, OPENAI_KEY, OPENAI_MODEL, MockUpstream, Stack, decided_call_id, when_decided
 
 
 def plain_agent(url: str) -> Agent:
@@ -72,3 +72,29 @@ def test_soft_cap_and_denied_model(stack: Stack) -> None:
     with pytest.raises(spendguard.BudgetExceeded) as denied:
         guarded_agent(stack.url, model=DENIED_MODEL).run_sync("hi")
     assert denied.value.reason == "MODEL_DENIED"
+
+
+def test_approval_outcomes_are_not_hidden(stack: Stack) -> None:
+    # S16: the agent surfaces the approver's answer as SpendGuard's exception; an approved call
+    # goes through on the retry. The harness's approver decides `approve-*` and `deny-*` calls.
+    def agent(decision: str) -> Agent:
+        headers = {"x-spendguard-call-id": decided_call_id(decision)}
+        model = spendguard.pydantic_ai.openai_model(
+            OPENAI_MODEL,
+            sidecar_url=stack.softcap_url,
+            api_key=OPENAI_KEY,
+            client_kwargs={"default_headers": headers},
+        )
+        return Agent(model)
+
+    denying = agent("deny")
+    with pytest.raises(spendguard.ApprovalRequired):
+        denying.run_sync("hi")
+    with pytest.raises(spendguard.ApprovalDenied) as denied:
+        when_decided(lambda: denying.run_sync("hi"))
+    assert denied.value.reason == "APPROVAL_DENIED"
+
+    approving = agent("approve")
+    with pytest.raises(spendguard.ApprovalRequired):
+        approving.run_sync("hi")
+    assert when_decided(lambda: approving.run_sync("hi")).output
