@@ -573,18 +573,56 @@ impl Decider {
         &self,
         call_id: &str,
         fingerprint: Fingerprint,
+        decision: Decision,
+        stop: Option<pb::StopRecord>,
+    ) -> Decision {
+        self.keep(call_id, fingerprint, decision, stop, |_| false)
+    }
+
+    /// Stores the answer that follows a REQUIRE_APPROVAL once its approval was decided: it
+    /// replaces that REQUIRE_APPROVAL (or is stored, for a call the sidecar had forgotten). A
+    /// concurrent retry that stored its answer first wins, and this one is its replay (a resumed
+    /// call's retries share one reservation, so both answers hold the same). `stop`: as for
+    /// [`Self::record`].
+    fn supersede(
+        &self,
+        call_id: &str,
+        fingerprint: Fingerprint,
+        decision: Decision,
+        stop: Option<pb::StopRecord>,
+    ) -> Decision {
+        self.keep(call_id, fingerprint, decision, stop, |stored| {
+            stored.decision == Verdict::RequireApproval
+        })
+    }
+
+    /// Stores `decision` as the call's answer unless the call table holds one that `replaceable`
+    /// refuses to give up: then that one is the answer, as a replay, and this one is discarded.
+    fn keep(
+        &self,
+        call_id: &str,
+        fingerprint: Fingerprint,
         mut decision: Decision,
         stop: Option<pb::StopRecord>,
+        replaceable: impl Fn(&Decision) -> bool,
     ) -> Decision {
         let mut calls = self.calls.shard(call_id);
         if let Some(existing) = calls.get(call_id) {
-            let mut replay = existing.decision.clone();
-            replay.replayed = true;
-            if decision.fail_open && !replay.fail_open {
-                // This decision is discarded and nothing goes through under it.
-                self.fail_open.withdraw(call_id);
+            if !replaceable(&existing.decision) {
+                let mut replay = existing.decision.clone();
+                replay.replayed = true;
+                if decision.fail_open && !replay.fail_open {
+                    // This decision is discarded and nothing goes through under it.
+                    self.fail_open.withdraw(call_id);
+                }
+                return replay;
             }
-            return replay;
+            if decision.decision == Verdict::Continue {
+                // The first CONTINUE this process answers for the call (it held REQUIRE_APPROVAL):
+                // the one that goes ahead, though the ledger may have answered its reservation
+                // as a replay of a concurrent retry's (which then gets this answer as its replay).
+                decision.replayed = false;
+            }
         }
         if let Some(stop) = stop
             && !self.stops.push(stop)
@@ -1008,59 +1046,6 @@ impl Decider {
             }
         };
         Ok(self.supersede(&input.call_id, fingerprint, decision, None))
-    }
-
-    /// Stores the answer that follows a REQUIRE_APPROVAL once its approval was decided: it
-    /// replaces that REQUIRE_APPROVAL (or is stored, for a call the sidecar had forgotten). A
-    /// concurrent retry that stored its answer first wins, and this one is its replay (a resumed
-    /// call's retries share one reservation, so both answers hold the same). `stop`: the record
-    /// of a STOP answer, published if it is the one kept.
-    fn supersede(
-        &self,
-        call_id: &str,
-        fingerprint: Fingerprint,
-        mut decision: Decision,
-        stop: Option<pb::StopRecord>,
-    ) -> Decision {
-        let mut calls = self.calls.shard(call_id);
-        if let Some(entry) = calls.get(call_id)
-            && entry.decision.decision != Verdict::RequireApproval
-        {
-            let mut replay = entry.decision.clone();
-            replay.replayed = true;
-            if decision.fail_open && !replay.fail_open {
-                // This decision is discarded and nothing goes through under it.
-                self.fail_open.withdraw(call_id);
-            }
-            return replay;
-        }
-        if calls.contains_key(call_id) && decision.decision == Verdict::Continue {
-            // The first CONTINUE this process answers for the call (it held REQUIRE_APPROVAL):
-            // the one that goes ahead, though the ledger may have answered its reservation as
-            // a replay of a concurrent retry's (which then gets this answer as its replay).
-            decision.replayed = false;
-        }
-        // Published only when this answer is the one kept (as in `record`).
-        if let Some(stop) = stop
-            && !self.stops.push(stop)
-        {
-            decision.evidence_id = None;
-        }
-        if let Some(entry) = calls.get_mut(call_id) {
-            entry.decision = decision.clone();
-            entry.decided_at = Instant::now();
-            return decision;
-        }
-        calls.insert(
-            call_id.to_owned(),
-            Box::new(CallEntry {
-                fingerprint,
-                decision: decision.clone(),
-                settlement: None,
-                decided_at: Instant::now(),
-            }),
-        );
-        decision
     }
 
     /// REQUIRE_APPROVAL: the call would take `crossed` past its soft cap (the only reason an
