@@ -100,9 +100,18 @@ impl LedgerGrpc {
         &self,
         exists: impl Future<Output = Result<bool, Error>>,
     ) -> Result<(), Error> {
-        match self.evidence_gate.admit() {
-            Err(refused) if !exists.await? => Err(refused),
-            _ => Ok(()),
+        let Err(refused) = self.evidence_gate.admit() else {
+            return Ok(());
+        };
+        match exists.await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(refused),
+            // Still a refusal: a lookup error must not turn into an unavailable ledger, which
+            // a fail-open contract would let through.
+            Err(e) => {
+                warn!(error = %e, "could not tell a retry from new spend; refused as new spend");
+                Err(refused)
+            }
         }
     }
 

@@ -458,25 +458,46 @@ impl Decider {
     /// send dropped mid-way (a deadline, an abort) puts its unconfirmed records back.
     pub async fn publish_stops(&self) -> bool {
         // What a previous process of the pod left under another bundle or scope goes first, as
-        // it was decided. Cancelled mid-way, the group stays journaled for the next start.
-        if let Some(request) = self.stops.take_foreign() {
-            return match self.send_stop_request(request.clone()).await {
-                Ok(()) => {
-                    self.stops.foreign_settled(&request, true);
-                    false
-                }
-                Err(SendFailure::Refused(reason) | SendFailure::Conflict(reason)) => {
-                    error!(records = request.stops.len(), %reason,
-                           "ledger refused STOP records a previous sidecar of this pod left; dropped: these STOP decisions are missing from the audit chain");
-                    self.stops.foreign_settled(&request, false);
-                    false
-                }
-                Err(SendFailure::Unavailable(_) | SendFailure::Retry(_)) => {
-                    self.stops.put_back_foreign(request);
-                    true
-                }
-            };
+        // it was decided; a group the ledger does not take waits its turn behind the others,
+        // and this process's own records go out in the same pass either way.
+        let foreign_failed = self.publish_foreign_stops().await;
+        let own_failed = self.publish_own_stops().await;
+        foreign_failed || own_failed
+    }
+
+    /// Sends the oldest foreign group (records a previous process left under another envelope).
+    /// Returns whether the ledger could not take it. Cancel-safe: the group leaves the queue
+    /// only once the ledger answered for it.
+    async fn publish_foreign_stops(&self) -> bool {
+        let Some(request) = self.stops.first_foreign() else {
+            return false;
+        };
+        match self.send_stop_request(request.clone()).await {
+            Ok(()) => {
+                self.stops.foreign_settled(true);
+                false
+            }
+            // One bad record fails the request: each is tried alone, so only it is set aside.
+            Err(SendFailure::Refused(_) | SendFailure::Conflict(_)) if request.stops.len() > 1 => {
+                self.stops.split_first_foreign();
+                false
+            }
+            Err(SendFailure::Refused(reason) | SendFailure::Conflict(reason)) => {
+                error!(record_id = ?request.stops.first().map(|r| &r.record_id), %reason,
+                       "ledger refused a STOP record a previous sidecar of this pod left; dropped: that STOP decision is missing from the audit chain");
+                self.stops.foreign_settled(false);
+                false
+            }
+            Err(SendFailure::Unavailable(_) | SendFailure::Retry(_)) => {
+                self.stops.rotate_foreign();
+                true
+            }
         }
+    }
+
+    /// Sends up to one batch of this process's queued STOP records. Returns whether the ledger
+    /// could not take it.
+    async fn publish_own_stops(&self) -> bool {
         let mut batch = self.stops.take(STOP_RECORDS_MAX);
         if batch.is_empty() {
             return false;
@@ -682,7 +703,7 @@ impl Decider {
     /// the ledger's answer. `pricing_stale` marks every record the ledger keeps of it.
     /// `approved`: the call resumes under that approval, with a reservation of its own (keyed by
     /// the call and the approval), and no soft cap asks again; the ledger still checks every
-    /// hard cap.
+    /// hard cap, and an unavailable ledger fails it closed whatever the fail policy.
     async fn decide_planned(
         &self,
         input: &DecideInput,
@@ -712,6 +733,9 @@ impl Decider {
                 .await
                 .map_err(|status| ledger_error(&status))
             {
+                if approved.is_some() {
+                    return Err(e); // a resumed call never goes ahead unrecorded
+                }
                 let fail_open = FailOpenContext {
                     epoch,
                     budget_ids,
@@ -763,6 +787,10 @@ impl Decider {
             Ok(response) => response.into_inner(),
             Err(status) => {
                 let error = ledger_error(&status);
+                if approved.is_some() {
+                    // A resumed call never goes ahead unrecorded: its retry resumes it later.
+                    return Err(error);
+                }
                 let fail_open = FailOpenContext {
                     epoch,
                     budget_ids,

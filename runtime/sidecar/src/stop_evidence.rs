@@ -162,28 +162,51 @@ impl StopEvidence {
         Ok(evidence)
     }
 
-    /// A group of records a previous process left under another envelope, as the request that
-    /// sends them; settle it with [`Self::foreign_settled`], or [`Self::put_back_foreign`].
-    pub fn take_foreign(&self) -> Option<pb::RecordStopsRequest> {
-        lock(&self.inner).foreign.pop_front()
+    /// The oldest group of records a previous process left under another envelope, as the
+    /// request that sends it. It stays first until [`Self::foreign_settled`],
+    /// [`Self::split_first_foreign`] or [`Self::rotate_foreign`].
+    pub fn first_foreign(&self) -> Option<pb::RecordStopsRequest> {
+        lock(&self.inner).foreign.front().cloned()
     }
 
-    /// The ledger took (`published`) or refused for good a foreign group: no longer journaled.
-    pub fn foreign_settled(&self, request: &pb::RecordStopsRequest, published: bool) {
-        let count = request.stops.len() as u64;
+    /// The ledger took (`published`) or refused for good the first foreign group: it is no
+    /// longer queued or journaled.
+    pub fn foreign_settled(&self, published: bool) {
+        let Some(group) = lock(&self.inner).foreign.pop_front() else {
+            return;
+        };
+        let count = group.stops.len() as u64;
         if published {
             self.metrics.published.inc_by(count);
         } else {
             self.metrics.dropped.inc_by(count);
         }
-        for record in &request.stops {
+        for record in &group.stops {
             self.journal_done(&record.record_id);
         }
     }
 
-    /// A foreign group the ledger did not take: sent again first.
-    pub fn put_back_foreign(&self, request: pb::RecordStopsRequest) {
-        lock(&self.inner).foreign.push_front(request);
+    /// Replaces the first foreign group by one group per record, in order (one record the ledger
+    /// refuses then holds back no other).
+    pub fn split_first_foreign(&self) {
+        let mut inner = lock(&self.inner);
+        let Some(mut group) = inner.foreign.pop_front() else {
+            return;
+        };
+        for record in std::mem::take(&mut group.stops).into_iter().rev() {
+            inner.foreign.push_front(pb::RecordStopsRequest {
+                stops: vec![record],
+                ..group.clone()
+            });
+        }
+    }
+
+    /// The ledger did not answer for the first foreign group: it goes behind the others.
+    pub fn rotate_foreign(&self) {
+        let mut inner = lock(&self.inner);
+        if let Some(group) = inner.foreign.pop_front() {
+            inner.foreign.push_back(group);
+        }
     }
 
     /// Registers the queue's metrics under the `spendguard_sidecar` prefix.
@@ -516,21 +539,27 @@ mod tests {
         let evidence = StopEvidence::with_journal(10, dir.path(), envelope("bundle-b")).unwrap();
         assert_eq!(evidence.len(), 0);
         assert!(!evidence.is_empty());
-        let group = evidence.take_foreign().unwrap();
+        let group = evidence.first_foreign().unwrap();
         assert_eq!(group.contract_sha256_hex, "bundle-a");
         let calls: Vec<&str> = group.stops.iter().map(|r| r.call_id.as_str()).collect();
         assert_eq!(calls, ["a", "b"]);
-        assert!(evidence.take_foreign().is_none());
-        evidence.put_back_foreign(group); // the ledger did not answer
-        let group = evidence.take_foreign().unwrap();
-        evidence.foreign_settled(&group, true);
+        evidence.rotate_foreign(); // the ledger did not answer
+        assert_eq!(evidence.first_foreign(), Some(group));
+        evidence.split_first_foreign(); // the ledger refused the request: each alone
+        let first = evidence.first_foreign().unwrap();
+        assert_eq!(first.stops.len(), 1);
+        assert_eq!(first.stops[0].call_id, "a");
+        assert_eq!(first.contract_sha256_hex, "bundle-a");
+        evidence.foreign_settled(false); // "a" refused for good
+        assert_eq!(evidence.first_foreign().unwrap().stops[0].call_id, "b");
+        evidence.foreign_settled(true);
         assert!(evidence.is_empty());
         evidence.push(stop("c", "MODEL_DENIED", 3));
         drop(evidence);
 
         let evidence = StopEvidence::with_journal(10, dir.path(), envelope("bundle-b")).unwrap();
         assert!(
-            evidence.take_foreign().is_none(),
+            evidence.first_foreign().is_none(),
             "settled: no longer journaled"
         );
         let batch = evidence.take(10);
