@@ -1,6 +1,8 @@
 //! `spendguard-bench demo` (the `make demo` scenario): PostgreSQL, the control plane, the ledger,
-//! the operator, the mock provider and a sidecar on the bundle the operator compiled; then a small
-//! agent on the real `openai` client runs until the hard cap stops it.
+//! the operator (with its approvals webhook), the mock provider and a sidecar on the bundle the
+//! operator compiled; then a small agent on the real `openai` client runs until the hard cap
+//! stops it. Past the budget's soft cap each call waits for a human: an approver decides it with
+//! `kubectl spendguard approve`, and the agent's retry resumes the call (S16).
 
 use crate::processes::{Child, LedgerProcess, spawn_mock, spawn_sidecar};
 use anyhow::{Context, Result, bail};
@@ -19,7 +21,7 @@ fn kubectl(plane: &ControlPlane, args: &[&str], stdin: Option<&str>) -> Result<S
 const DEMO_RESOURCES: &str = "apiVersion: spendguard.io/v1alpha1
 kind: Budget
 metadata: {name: demo-agent, namespace: default}
-spec: {tenant: demo, limit: \"0.20\", window: CalendarMonthUTC}
+spec: {tenant: demo, limit: \"0.20\", softCap: \"0.10\", window: CalendarMonthUTC}
 ---
 apiVersion: spendguard.io/v1alpha1
 kind: ContractBundle
@@ -81,6 +83,114 @@ async fn mount_bundle(plane: &ControlPlane, dir: &Path) -> Result<()> {
     bail!("the operator did not compile ContractBundle demo-agent")
 }
 
+/// The approvals webhook configuration as the chart writes it, except that clientConfig is a
+/// URL (the operator runs on this machine); the operator fills in caBundle.
+fn approvals_webhook_configuration(port: u16) -> String {
+    format!(
+        r#"apiVersion: admissionregistration.k8s.io/v1
+kind: MutatingWebhookConfiguration
+metadata: {{name: spendguard-approvals}}
+webhooks:
+  - name: approve.spendguard.io
+    clientConfig: {{url: "https://127.0.0.1:{port}/approve"}}
+    rules:
+      - apiGroups: ["spendguard.io"]
+        apiVersions: ["v1alpha1"]
+        operations: ["UPDATE"]
+        resources: ["approvalrequests/status"]
+        scope: Namespaced
+    failurePolicy: Fail
+    matchPolicy: Equivalent
+    sideEffects: None
+    admissionReviewVersions: ["v1"]
+    timeoutSeconds: 10
+    reinvocationPolicy: IfNeeded
+"#
+    )
+}
+
+/// Runs `kubectl spendguard ARGS` (the plugin in tools/, through kubectl's plugin dispatch) as
+/// the approver.
+fn approver_kubectl(plane: &ControlPlane, root: &Path, args: &[&str]) -> Result<String> {
+    let bin = spendguard_testkit::control_plane::binaries_dir();
+    let path = format!(
+        "{}:{}:{}",
+        root.join("tools").display(),
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = std::process::Command::new(bin.join("kubectl"))
+        .arg("spendguard")
+        .args(args)
+        .env("PATH", path)
+        .env("KUBECONFIG", plane.kubeconfig(User::Approver))
+        .output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        bail!("kubectl spendguard {args:?} failed: {text}");
+    }
+    Ok(text)
+}
+
+/// Plays the human approver while `agent` runs: every ApprovalRequest the operator mirrors
+/// Pending is approved with `kubectl spendguard approve`, as its approver would.
+async fn approve_while_running(
+    plane: &ControlPlane,
+    root: &Path,
+    agent: &mut tokio::process::Child,
+) -> Result<std::process::ExitStatus> {
+    let mut decided = std::collections::BTreeSet::new();
+    loop {
+        if let Some(status) = agent.try_wait()? {
+            return Ok(status);
+        }
+        let pending = kubectl(
+            plane,
+            &[
+                "get",
+                "approvalrequests",
+                "-n",
+                "default",
+                "-o",
+                "jsonpath={range .items[?(@.status.phase==\"Pending\")]}{.metadata.name}{\"\\n\"}{end}",
+            ],
+            None,
+        )?;
+        for name in pending.lines().filter(|n| !n.is_empty()) {
+            if !decided.insert(name.to_owned()) {
+                continue;
+            }
+            println!("  $ kubectl spendguard list -n default   # as the approver");
+            for line in approver_kubectl(plane, root, &["list", "-n", "default"])?.lines() {
+                println!("  {line}");
+            }
+            println!(
+                "  $ kubectl spendguard approve {name} -n default --reason \"research within plan\""
+            );
+            let out = approver_kubectl(
+                plane,
+                root,
+                &[
+                    "approve",
+                    name,
+                    "-n",
+                    "default",
+                    "--reason",
+                    "research within plan",
+                ],
+            )?;
+            for line in out.lines() {
+                println!("  {line}");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn venv_python(root: &Path) -> Result<String> {
     let out = std::process::Command::new("bash")
         .arg(root.join("sdk/python/scripts/venv.sh"))
@@ -119,6 +229,20 @@ pub(crate) async fn demo(spendguard_bin: &Path) -> Result<()> {
     );
 
     plane.install_crds(&root.join("crds/generated/spendguard.io.yaml"));
+    // Approvers may approve in `default` (the example Role); the approvals webhook stamps who did.
+    let webhook_port = spendguard_testkit::free_port();
+    kubectl(
+        &plane,
+        &["apply", "-f", "-"],
+        Some(&std::fs::read_to_string(
+            root.join("config/examples/approver-rbac.yaml"),
+        )?),
+    )?;
+    kubectl(
+        &plane,
+        &["apply", "-f", "-"],
+        Some(&approvals_webhook_configuration(webhook_port)),
+    )?;
     let operator = Child(
         tokio::process::Command::new(spendguard_bin)
             .arg("operator")
@@ -131,11 +255,47 @@ pub(crate) async fn demo(spendguard_bin: &Path) -> Result<()> {
                 "SPENDGUARD_ADMIN_ADDR",
                 format!("127.0.0.1:{}", spendguard_testkit::free_port()),
             )
+            // Its approvals webhook, on this machine; the operator acts as `admin` here.
+            .env("SPENDGUARD_WEBHOOK_ENABLED", "true")
+            .env(
+                "SPENDGUARD_WEBHOOK_ADDR",
+                format!("127.0.0.1:{webhook_port}"),
+            )
+            .env("SPENDGUARD_WEBHOOK_EXTRA_SANS", "127.0.0.1")
+            .env("SPENDGUARD_MUTATING_WEBHOOK_CONFIGURATION", "")
+            .env("SPENDGUARD_VALIDATING_WEBHOOK_CONFIGURATION", "")
+            .env("SPENDGUARD_WEBHOOK_OPERATOR_USERNAME", User::Admin.name())
+            .env(
+                "SPENDGUARD_SIDECAR_IMAGE",
+                "ghcr.io/spendguard/spendguard:demo",
+            )
+            .env(
+                "SPENDGUARD_SIDECAR_LEDGER_URL",
+                format!("http://127.0.0.1:{port}"),
+            )
+            .env("SPENDGUARD_APPROVALS_NAMESPACE", "default")
+            .env("SPENDGUARD_APPROVALS_POLL_INTERVAL_MS", "300")
             .env("SPENDGUARD_LOG", "error")
             .kill_on_drop(true)
             .spawn()
             .context("starting spendguard operator")?,
     );
+    for _ in 0..150 {
+        let bundle = kubectl(
+            &plane,
+            &[
+                "get",
+                "mutatingwebhookconfiguration/spendguard-approvals",
+                "-o",
+                "jsonpath={.webhooks[0].clientConfig.caBundle}",
+            ],
+            None,
+        )?;
+        if !bundle.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     println!("`spendguard operator` reconciling SpendGuard resources\n");
     println!("$ kubectl apply -f config/examples/pricing-version.yaml");
     kubectl(
@@ -177,11 +337,12 @@ pub(crate) async fn demo(spendguard_bin: &Path) -> Result<()> {
         "`spendguard sidecar` on 127.0.0.1:{sidecar_port} (fencing lease held), upstream: mock provider\n"
     );
     println!("$ python sdk/python/examples/agent.py");
-    let status = tokio::process::Command::new(&python)
+    let mut agent = tokio::process::Command::new(&python)
         .arg(root.join("sdk/python/examples/agent.py"))
         .env("SPENDGUARD_URL", format!("http://127.0.0.1:{sidecar_port}"))
-        .status()
-        .await?;
+        .kill_on_drop(true)
+        .spawn()?;
+    let status = approve_while_running(&plane, root, &mut agent).await?;
     if !status.success() {
         bail!("the demo agent failed");
     }
