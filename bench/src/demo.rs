@@ -136,8 +136,13 @@ fn approver_kubectl(plane: &ControlPlane, root: &Path, args: &[&str]) -> Result<
     Ok(text)
 }
 
+/// The demo approver denies the approval request with this number (1-based) and approves the
+/// others.
+const DENIED_REQUEST: usize = 3;
+
 /// Plays the human approver while `agent` runs: every ApprovalRequest the operator mirrors
-/// Pending is approved with `kubectl spendguard approve`, as its approver would.
+/// Pending is decided with `kubectl spendguard approve` (or `deny`, the
+/// [`DENIED_REQUEST`]th), as its approver would.
 async fn approve_while_running(
     plane: &ControlPlane,
     root: &Path,
@@ -168,20 +173,16 @@ async fn approve_while_running(
             for line in approver_kubectl(plane, root, &["list", "-n", "default"])?.lines() {
                 println!("  {line}");
             }
-            println!(
-                "  $ kubectl spendguard approve {name} -n default --reason \"research within plan\""
-            );
+            let (verb, reason) = if decided.len() == DENIED_REQUEST {
+                ("deny", "not worth it at this point")
+            } else {
+                ("approve", "research within plan")
+            };
+            println!("  $ kubectl spendguard {verb} {name} -n default --reason \"{reason}\"");
             let out = approver_kubectl(
                 plane,
                 root,
-                &[
-                    "approve",
-                    name,
-                    "-n",
-                    "default",
-                    "--reason",
-                    "research within plan",
-                ],
+                &[verb, name, "-n", "default", "--reason", reason],
             )?;
             for line in out.lines() {
                 println!("  {line}");
@@ -409,6 +410,19 @@ pub(crate) async fn demo(spendguard_bin: &Path) -> Result<()> {
             .as_str()
             .unwrap_or("?"),
     );
+    // The approvers' decisions are evidence too, with the identity the webhook stamped.
+    let decisions: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT event_type, e #>> '{data,approval_id}', coalesce(e #>> '{data,approver}', '')
+           FROM (SELECT event_type, producer_sequence,
+                        convert_from(canonical_event, 'UTF8')::jsonb AS e FROM audit_outbox
+                  WHERE event_type IN ('approval.approved', 'approval.denied')) x
+          ORDER BY producer_sequence",
+    )
+    .fetch_all(&pool)
+    .await?;
+    for (event, approval, by) in &decisions {
+        println!("approval evidence: {event} {approval} (by {by})");
+    }
     let (events, signed): (i64, i64) =
         sqlx::query_as("SELECT count(*), count(signature) FROM audit_outbox")
             .fetch_one(&pool)

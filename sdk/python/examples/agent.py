@@ -3,7 +3,8 @@
 The OpenAI client is the real `openai` package; the only change is where it points (the
 sidecar) and that SpendGuard refusals raise `spendguard.BudgetExceeded`. Past the budget's soft
 cap a call needs a human's approval (`spendguard.ApprovalRequired`): the agent retries it under
-its own call id until the approver decided, and goes on if approved (S16).
+its own call id until the approver decided; approved, the call goes through; denied, the agent
+skips that step (S16).
 """
 
 from __future__ import annotations
@@ -46,11 +47,16 @@ def main() -> int:
                     return 1
                 time.sleep(0.5)
             except (spendguard.ApprovalDenied, spendguard.ApprovalExpired) as refused:
-                print(f"call {call}: STOP      {refused.reason} (approval {refused.approval_id})")
-                return 0
+                # A human said no to this step (or nobody answered): skip it, go on with the next.
+                print(f"call {call}: STOP      {refused.reason} (approval {refused.approval_id}): skipping this step")
+                sys.stdout.flush()
+                raw = None
+                break
             except spendguard.BudgetExceeded as stop:
                 print(f"call {call}: STOP      {stop.reason} — {stop.message}")
                 return 0
+        if raw is None:
+            continue
         completion = raw.parse()
         usage = completion.usage
         decision = raw.headers.get("x-spendguard-decision", "?")
