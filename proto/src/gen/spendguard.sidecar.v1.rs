@@ -50,7 +50,9 @@ pub struct DecideResponse {
     /// The budget that stopped the call or crossed its soft cap.
     #[prost(string, tag = "8")]
     pub budget_id: ::prost::alloc::string::String,
-    /// Set for REQUIRE_APPROVAL once approvals exist.
+    /// The ledger approval: the one to wait for (REQUIRE_APPROVAL), the one a resumed call goes
+    /// ahead under (CONTINUE, reason APPROVED), or the one that ended it (STOP APPROVAL_DENIED,
+    /// APPROVAL_EXPIRED).
     #[prost(string, tag = "9")]
     pub approval_id: ::prost::alloc::string::String,
     #[prost(string, tag = "10")]
@@ -73,7 +75,8 @@ pub struct DecideResponse {
     #[prost(bool, tag = "16")]
     pub pricing_stale: bool,
     /// STOP: the id of the ledger's stop record (`decision.stopped` event) for this decision; the
-    /// sidecar publishes it in the background, within about a second. Empty otherwise.
+    /// sidecar publishes it in the background, within about a second. Empty otherwise, and for
+    /// APPROVAL_DENIED / APPROVAL_EXPIRED, whose record is the approval's own event.
     #[prost(string, tag = "17")]
     pub evidence_id: ::prost::alloc::string::String,
 }

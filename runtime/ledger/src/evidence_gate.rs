@@ -12,7 +12,8 @@
 //!   CreateApproval are refused with `EVIDENCE_BACKLOG` (fail closed) until it is forwarded.
 //!   Commits, releases, sweeps, leases and evidence records (fail-open, STOP) go on: they end
 //!   exposure or record what already happened. So do retries of a reservation or approval that
-//!   exists already: they are answered as the replays they are, and write nothing.
+//!   exists already: they are answered as the replays they are (or as conflicts), and write
+//!   nothing.
 //!
 //! The age is read from the database every second (its clock, the events' `occurred_at`), so a
 //! backlog is seen, and cleared, within a second.

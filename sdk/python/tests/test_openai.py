@@ -200,6 +200,7 @@ def test_a_denied_approval_raises_approval_denied(stack: Stack, mock: MockUpstre
     with pytest.raises(spendguard.ApprovalDenied) as denied:
         when_decided(lambda: chat(client, marker, extra_headers=headers))
     assert denied.value.reason == "APPROVAL_DENIED"
+    assert denied.value.decision == "STOP"
     assert denied.value.approval_id == asked.value.approval_id
     assert isinstance(denied.value, openai.APIStatusError)
     assert denied.value.status_code == 402

@@ -12,7 +12,8 @@ Every exception carries:
 - `decision`: `"STOP"` or `"REQUIRE_APPROVAL"` for refusals, else None;
 - `status_code`: the HTTP status, when there was one;
 - `evidence_id`: for a STOP, the id of the ledger's signed record of the refusal
-  (`decision.stopped`), else None.
+  (`decision.stopped`), else None; None too for `ApprovalDenied` / `ApprovalExpired`, whose
+  record is the approval's own event (named by `approval_id`).
 
 Attribute names deliberately avoid the ones the provider exceptions use for something else
 (`type`, `body`, `response`, `request`), because the guarded clients raise classes that are both.
@@ -262,9 +263,9 @@ def refusal_from_parts(
     cls: type[SpendGuardError] | None = None
     decision: str | None = None
     if code == "APPROVAL_DENIED":
-        cls = ApprovalDenied
+        cls, decision = ApprovalDenied, "STOP"
     elif code == "APPROVAL_EXPIRED":
-        cls = ApprovalExpired
+        cls, decision = ApprovalExpired, "STOP"
     elif etype == "spendguard_budget_exceeded":
         cls, decision = BudgetExceeded, "STOP"
     elif etype == "spendguard_approval_required":
