@@ -269,3 +269,37 @@ async fn a_denied_or_expired_approval_stops_the_call_by_name() {
     );
     assert_eq!(stack.balance().await.reserved_nano_usd, 0);
 }
+
+#[tokio::test]
+async fn a_call_waiting_for_approval_never_fails_open() {
+    // Goal: a call past a soft cap never goes ahead unrecorded, even under an explicitly
+    // fail-open contract: with the ledger gone, its retry after approval is 503, nothing is let
+    // through and no fail-open record is queued; once the ledger is back the retry resumes it.
+    // Method: approve, stop the ledger, retry; restart it, retry.
+    let mut stack = Stack::start(Options {
+        limit: 100_000_000,
+        soft_cap: 500_000,
+        contract: json!({"fail_policy": "open"}),
+        ..Options::default()
+    })
+    .await;
+    let approval_id = ask(&stack, "c-open").await;
+    resolve(&mut stack, &approval_id, pb::ApprovalDecision::Approve).await;
+    stack.ledger.stop().await;
+    let refused = post_json(
+        &stack.url("/v1/spendguard/decide"),
+        &[],
+        &decide_body("c-open"),
+    )
+    .await;
+    assert_eq!(refused.status, 503, "{}", refused.json());
+    assert_eq!(refused.json()["error"]["code"], "DEPENDENCY_UNAVAILABLE");
+    assert!(stack.sidecar().decider.fail_open_queue().is_empty());
+    assert!(stack.upstream_requests().is_empty());
+
+    stack.restart_ledger().await;
+    let resumed = decide(&stack, "c-open").await;
+    assert_eq!(resumed["decision"], "CONTINUE", "{resumed}");
+    assert_eq!(resumed["reason"], "APPROVED");
+    assert_eq!(resumed["fail_open"], false);
+}
