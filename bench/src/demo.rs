@@ -7,7 +7,7 @@
 use crate::processes::{Child, LedgerProcess, spawn_mock, spawn_sidecar};
 use anyhow::{Context, Result, bail};
 use spendguard_testkit::PgCluster;
-use spendguard_testkit::control_plane::{ControlPlane, User};
+use spendguard_testkit::control_plane::{ControlPlane, User, approvals_webhook_configuration};
 use std::path::Path;
 use std::time::Duration;
 
@@ -81,32 +81,6 @@ async fn mount_bundle(plane: &ControlPlane, dir: &Path) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     bail!("the operator did not compile ContractBundle demo-agent")
-}
-
-/// The approvals webhook configuration as the chart writes it, except that clientConfig is a
-/// URL (the operator runs on this machine); the operator fills in caBundle.
-fn approvals_webhook_configuration(port: u16) -> String {
-    format!(
-        r#"apiVersion: admissionregistration.k8s.io/v1
-kind: MutatingWebhookConfiguration
-metadata: {{name: spendguard-approvals}}
-webhooks:
-  - name: approve.spendguard.io
-    clientConfig: {{url: "https://127.0.0.1:{port}/approve"}}
-    rules:
-      - apiGroups: ["spendguard.io"]
-        apiVersions: ["v1alpha1"]
-        operations: ["UPDATE"]
-        resources: ["approvalrequests/status"]
-        scope: Namespaced
-    failurePolicy: Fail
-    matchPolicy: Equivalent
-    sideEffects: None
-    admissionReviewVersions: ["v1"]
-    timeoutSeconds: 10
-    reinvocationPolicy: IfNeeded
-"#
-    )
 }
 
 /// Runs `kubectl spendguard ARGS` (the plugin in tools/, through kubectl's plugin dispatch) as

@@ -77,7 +77,7 @@ async fn the_stamped_approver_is_the_one_the_ledger_records() {
     );
     plane.admin(
         &["apply", "-f", "-"],
-        Some(&operator_support::approvals_webhook_configuration(port)),
+        Some(&spendguard_testkit::control_plane::approvals_webhook_configuration(port)),
     );
     let _webhook = operator_support::start_approvals_webhook(&plane, NAMESPACE, port).await;
 

@@ -82,7 +82,7 @@ fn setup(port: u16, requests: &[(&str, &str)]) -> ControlPlane {
     }
     plane.admin(
         &["apply", "-f", "-"],
-        Some(&operator_support::approvals_webhook_configuration(port)),
+        Some(&spendguard_testkit::control_plane::approvals_webhook_configuration(port)),
     );
     plane
 }

@@ -134,34 +134,6 @@ pub(crate) async fn ledger_record(ledger: &TestLedger, approval: &pb::Approval) 
         .expect("approval in the answer")
 }
 
-/// The approvals webhook configuration as the chart writes it (templates/webhook.yaml), except
-/// that clientConfig is a URL (the server runs in this process) and caBundle is left for the
-/// operator to fill.
-pub(crate) fn approvals_webhook_configuration(port: u16) -> String {
-    format!(
-        r#"
-apiVersion: admissionregistration.k8s.io/v1
-kind: MutatingWebhookConfiguration
-metadata: {{name: spendguard-approvals}}
-webhooks:
-  - name: approve.spendguard.io
-    clientConfig: {{url: "https://127.0.0.1:{port}/approve"}}
-    rules:
-      - apiGroups: ["spendguard.io"]
-        apiVersions: ["v1alpha1"]
-        operations: ["UPDATE"]
-        resources: ["approvalrequests/status"]
-        scope: Namespaced
-    failurePolicy: Fail
-    matchPolicy: Equivalent
-    sideEffects: None
-    admissionReviewVersions: ["v1"]
-    timeoutSeconds: 10
-    reinvocationPolicy: IfNeeded
-"#
-    )
-}
-
 /// Starts the approvals webhook on `port` as the chart's operator ServiceAccount in `namespace`,
 /// and waits until it has patched its CA into the configuration (so the apiserver trusts it).
 pub(crate) async fn start_approvals_webhook(

@@ -78,6 +78,34 @@ pub fn binaries_dir() -> PathBuf {
     )
 }
 
+/// The approvals webhook configuration as the chart writes it (templates/webhook.yaml), except
+/// that clientConfig is a URL (the webhook server runs on this machine) and caBundle is left for
+/// the operator to fill.
+pub fn approvals_webhook_configuration(port: u16) -> String {
+    format!(
+        r#"
+apiVersion: admissionregistration.k8s.io/v1
+kind: MutatingWebhookConfiguration
+metadata: {{name: spendguard-approvals}}
+webhooks:
+  - name: approve.spendguard.io
+    clientConfig: {{url: "https://127.0.0.1:{port}/approve"}}
+    rules:
+      - apiGroups: ["spendguard.io"]
+        apiVersions: ["v1alpha1"]
+        operations: ["UPDATE"]
+        resources: ["approvalrequests/status"]
+        scope: Namespaced
+    failurePolicy: Fail
+    matchPolicy: Equivalent
+    sideEffects: None
+    admissionReviewVersions: ["v1"]
+    timeoutSeconds: 10
+    reinvocationPolicy: IfNeeded
+"#
+    )
+}
+
 impl ControlPlane {
     /// Starts etcd and kube-apiserver and waits until `/readyz` answers 200.
     ///
