@@ -733,10 +733,8 @@ impl Decider {
                 .await
                 .map_err(|status| ledger_error(&status))
             {
-                if approved.is_some() {
-                    return Err(e); // a resumed call never goes ahead unrecorded
-                }
                 let fail_open = FailOpenContext {
+                    resumed: approved.is_some(),
                     epoch,
                     budget_ids,
                     run_budget: run_budget_limit,
@@ -769,6 +767,7 @@ impl Decider {
             && let Some((credit, expires)) = credits.admit(planned.reserve.get(), epoch)
         {
             let fail_open = FailOpenContext {
+                resumed: false,
                 epoch,
                 budget_ids,
                 run_budget: None,
@@ -787,11 +786,8 @@ impl Decider {
             Ok(response) => response.into_inner(),
             Err(status) => {
                 let error = ledger_error(&status);
-                if approved.is_some() {
-                    // A resumed call never goes ahead unrecorded: its retry resumes it later.
-                    return Err(error);
-                }
                 let fail_open = FailOpenContext {
+                    resumed: approved.is_some(),
                     epoch,
                     budget_ids,
                     run_budget: run_budget_limit,
@@ -1152,6 +1148,7 @@ impl Decider {
         context: FailOpenContext,
     ) -> Result<Decision, SidecarError> {
         let open = self.bundle.contract.fail_policy == FailPolicy::Open
+            && !context.resumed
             && matches!(error, SidecarError::DependencyUnavailable(_));
         if !open {
             return Err(error);
@@ -1592,6 +1589,9 @@ impl Decider {
 
 /// What a fail-open decision's record needs from the decision in progress.
 struct FailOpenContext {
+    /// The call resumes under an approval: it never goes ahead unrecorded, whatever the fail
+    /// policy (its retry resumes it once the ledger is back).
+    resumed: bool,
     epoch: u64,
     budget_ids: Vec<String>,
     run_budget: Option<(String, i64)>,

@@ -28,19 +28,7 @@ async fn soft_cap_stack(limit: i64) -> Stack {
 }
 
 async fn decide(stack: &Stack, call_id: &str) -> Value {
-    let reply = post_json(
-        &stack.url("/v1/spendguard/decide"),
-        &[],
-        &decide_body(call_id),
-    )
-    .await;
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
-    reply.json()
+    stack.decide_ok(&decide_body(call_id)).await
 }
 
 /// Asks for approval with `call_id` and returns the approval's id.
