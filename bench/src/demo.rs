@@ -83,31 +83,12 @@ async fn mount_bundle(plane: &ControlPlane, dir: &Path) -> Result<()> {
     bail!("the operator did not compile ContractBundle demo-agent")
 }
 
-/// Runs `kubectl spendguard ARGS` (the plugin in tools/, through kubectl's plugin dispatch) as
-/// the approver.
-fn approver_kubectl(plane: &ControlPlane, root: &Path, args: &[&str]) -> Result<String> {
-    let bin = spendguard_testkit::control_plane::binaries_dir();
-    let path = format!(
-        "{}:{}:{}",
-        root.join("tools").display(),
-        bin.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let out = std::process::Command::new(bin.join("kubectl"))
-        .arg("spendguard")
-        .args(args)
-        .env("PATH", path)
-        .env("KUBECONFIG", plane.kubeconfig(User::Approver))
-        .output()?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if !out.status.success() {
-        bail!("kubectl spendguard {args:?} failed: {text}");
+/// Runs `kubectl spendguard ARGS` as the approver.
+fn approver_kubectl(plane: &ControlPlane, args: &[&str]) -> Result<String> {
+    match plane.run_plugin(User::Approver, args) {
+        (true, text) => Ok(text),
+        (false, text) => bail!("kubectl spendguard {args:?} failed: {text}"),
     }
-    Ok(text)
 }
 
 /// The demo approver denies the approval request with this number (1-based) and approves the
@@ -119,7 +100,6 @@ const DENIED_REQUEST: usize = 3;
 /// [`DENIED_REQUEST`]th), as its approver would.
 async fn approve_while_running(
     plane: &ControlPlane,
-    root: &Path,
     agent: &mut tokio::process::Child,
 ) -> Result<std::process::ExitStatus> {
     let mut decided = std::collections::BTreeSet::new();
@@ -144,7 +124,7 @@ async fn approve_while_running(
                 continue;
             }
             println!("  $ kubectl spendguard list -n default   # as the approver");
-            for line in approver_kubectl(plane, root, &["list", "-n", "default"])?.lines() {
+            for line in approver_kubectl(plane, &["list", "-n", "default"])?.lines() {
                 println!("  {line}");
             }
             let (verb, reason) = if decided.len() == DENIED_REQUEST {
@@ -153,11 +133,7 @@ async fn approve_while_running(
                 ("approve", "research within plan")
             };
             println!("  $ kubectl spendguard {verb} {name} -n default --reason \"{reason}\"");
-            let out = approver_kubectl(
-                plane,
-                root,
-                &[verb, name, "-n", "default", "--reason", reason],
-            )?;
+            let out = approver_kubectl(plane, &[verb, name, "-n", "default", "--reason", reason])?;
             for line in out.lines() {
                 println!("  {line}");
             }
@@ -317,7 +293,7 @@ pub(crate) async fn demo(spendguard_bin: &Path) -> Result<()> {
         .env("SPENDGUARD_URL", format!("http://127.0.0.1:{sidecar_port}"))
         .kill_on_drop(true)
         .spawn()?;
-    let status = approve_while_running(&plane, root, &mut agent).await?;
+    let status = approve_while_running(&plane, &mut agent).await?;
     if !status.success() {
         bail!("the demo agent failed");
     }

@@ -9,10 +9,9 @@
 mod operator_support;
 
 use serde_json::Value;
-use spendguard_testkit::control_plane::{ControlPlane, User, binaries_dir};
+use spendguard_testkit::control_plane::{ControlPlane, User};
 use spendguard_testkit::free_port;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
@@ -365,30 +364,6 @@ async fn decisions_need_the_approve_verb_and_carry_the_callers_identity() {
     assert_pending(&plane, TEAM, "c");
 }
 
-/// Runs `kubectl spendguard ARGS` as `user` through kubectl's plugin dispatch: the plugin
-/// directory and the built kubectl come first on PATH, the user's kubeconfig is KUBECONFIG.
-fn plugin(plane: &ControlPlane, user: User, args: &[&str]) -> (bool, String) {
-    let path = format!(
-        "{}:{}:{}",
-        Path::new(ROOT).join("tools").display(),
-        binaries_dir().display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let out = Command::new(binaries_dir().join("kubectl"))
-        .arg("spendguard")
-        .args(args)
-        .env("PATH", path)
-        .env("KUBECONFIG", plane.kubeconfig(user))
-        .output()
-        .expect("run kubectl");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_kubectl_plugin_approves_denies_and_explains_refusals() {
     // Goal: `kubectl spendguard approve|deny|list` as approvers use it. Method: the plugin runs
@@ -398,7 +373,7 @@ async fn the_kubectl_plugin_approves_denies_and_explains_refusals() {
     let _webhook =
         operator_support::start_approvals_webhook(&plane, OPERATOR_NAMESPACE, port).await;
 
-    let (ok, text) = plugin(&plane, User::Approver, &["list", "-n", TEAM]);
+    let (ok, text) = plane.run_plugin(User::Approver, &["list", "-n", TEAM]);
     assert!(ok, "{text}");
     assert!(text.starts_with("NAMESPACE\tNAME\tTENANT"), "{text}");
     for name in ["p1", "p2", "p3"] {
@@ -409,8 +384,7 @@ async fn the_kubectl_plugin_approves_denies_and_explains_refusals() {
     }
 
     let reason = "known \"batch\" job\\nightly";
-    let (ok, text) = plugin(
-        &plane,
+    let (ok, text) = plane.run_plugin(
         User::Approver,
         &["approve", "p1", "-n", TEAM, "--reason", reason],
     );
@@ -424,7 +398,7 @@ async fn the_kubectl_plugin_approves_denies_and_explains_refusals() {
     assert_eq!(approved["decisionReason"], reason);
 
     // Already decided: the plugin says so (and by whom) instead of sending the write.
-    let (ok, text) = plugin(&plane, User::Approver, &["deny", "p1", "-n", TEAM]);
+    let (ok, text) = plane.run_plugin(User::Approver, &["deny", "p1", "-n", TEAM]);
     assert!(
         !ok && text.contains("error: ApprovalRequest team/p1 is already Approved (by approver at")
             && text.contains("a decision cannot change"),
@@ -432,14 +406,14 @@ async fn the_kubectl_plugin_approves_denies_and_explains_refusals() {
     );
     assert_eq!(status(&plane, TEAM, "p1"), approved);
 
-    let (ok, text) = plugin(&plane, User::Approver, &["deny", "--namespace=team", "p2"]);
+    let (ok, text) = plane.run_plugin(User::Approver, &["deny", "--namespace=team", "p2"]);
     assert!(
         ok && text.starts_with("ApprovalRequest team/p2 denied by approver at "),
         "{text}"
     );
     assert_eq!(status(&plane, TEAM, "p2")["phase"], "Denied");
 
-    let (ok, text) = plugin(&plane, User::Approver, &["approve", "nope", "-n", TEAM]);
+    let (ok, text) = plane.run_plugin(User::Approver, &["approve", "nope", "-n", TEAM]);
     assert!(
         !ok && text.contains(r#"approvalrequests.spendguard.io "nope" not found"#),
         "{text}"
@@ -447,25 +421,25 @@ async fn the_kubectl_plugin_approves_denies_and_explains_refusals() {
 
     // The viewer may patch status but lacks the approve verb: the webhook's message reaches
     // the terminal, and nothing changes.
-    let (ok, text) = plugin(&plane, User::Viewer, &["approve", "p3", "-n", TEAM]);
+    let (ok, text) = plane.run_plugin(User::Viewer, &["approve", "p3", "-n", TEAM]);
     assert!(
         !ok && text.contains("SPENDGUARD_APPROVAL_FORBIDDEN")
             && text.contains(r#"user "viewer" may not approve or deny"#),
         "{text}"
     );
     // The outsider cannot even read it.
-    let (ok, text) = plugin(&plane, User::Outsider, &["approve", "p3", "-n", TEAM]);
+    let (ok, text) = plane.run_plugin(User::Outsider, &["approve", "p3", "-n", TEAM]);
     assert!(
         !ok && text.contains(r#"User "outsider" cannot get resource "approvalrequests""#),
         "{text}"
     );
     assert_pending(&plane, TEAM, "p3");
 
-    let (ok, text) = plugin(&plane, User::Approver, &["list", "-n", TEAM]);
+    let (ok, text) = plane.run_plugin(User::Approver, &["list", "-n", TEAM]);
     assert!(
         ok && text.contains("team\tp3\t") && !text.contains("\tp1\t"),
         "{text}"
     );
-    let (ok, text) = plugin(&plane, User::Approver, &["approve", "-n", TEAM]);
+    let (ok, text) = plane.run_plugin(User::Approver, &["approve", "-n", TEAM]);
     assert!(!ok && text.contains("approve needs the NAME"), "{text}");
 }

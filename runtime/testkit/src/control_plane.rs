@@ -304,6 +304,36 @@ impl ControlPlane {
         command
     }
 
+    /// Runs `kubectl spendguard ARGS` (the plugin in the repository's `tools/`) as `user`
+    /// through kubectl's plugin dispatch, as an approver runs it: the plugin directory and the
+    /// built kubectl come first on PATH, the user's kubeconfig is KUBECONFIG. Success and
+    /// combined output.
+    ///
+    /// # Panics
+    /// When kubectl cannot be started.
+    pub fn run_plugin(&self, user: User, args: &[&str]) -> (bool, String) {
+        let tools = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools");
+        let path = format!(
+            "{}:{}:{}",
+            tools.display(),
+            self.bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let out = Command::new(self.bin.join("kubectl"))
+            .arg("spendguard")
+            .args(args)
+            .env("PATH", path)
+            .env("KUBECONFIG", self.kubeconfig(user))
+            .output()
+            .expect("run kubectl");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
     /// Runs kubectl as `user` with optional stdin: success and combined output.
     ///
     /// # Panics
