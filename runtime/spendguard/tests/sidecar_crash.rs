@@ -453,7 +453,8 @@ async fn stop_events(pool: &sqlx::PgPool) -> Vec<(String, String, i64)> {
 /// Crash drill for STOP evidence (S22: each decision outcome is auditable or explicitly marked
 /// as not published): STOPs answered while the ledger is away survive a kill -9 of the sidecar,
 /// one by one or, past the queue's bound, as their reason's count. The next process on the
-/// same spool publishes each of them once the ledger is back.
+/// same spool, started on a changed bundle, publishes each of them once the ledger is back,
+/// under the bundle it was decided under.
 #[tokio::test]
 async fn kill_dash_nine_keeps_the_stops_the_ledger_has_not_taken() {
     const STOPS_TENANT: &str = "tenant-stops";
@@ -466,32 +467,41 @@ async fn kill_dash_nine_keeps_the_stops_the_ledger_has_not_taken() {
     let database_url = ledger.database_url.clone();
     let pool = ledger.store().pool().clone();
     let spool = tempfile::tempdir().unwrap();
-    let spawn = || async {
+    let spawn = |bundle: &Path| {
         let (port, admin) = (free_port(), free_port());
         let mut command = sidecar_command(
             addr,
-            bundle.path(),
+            bundle,
             spool.path(),
             mock_port,
             ("agent-stops", port, admin),
         );
         command.env("SPENDGUARD_STOP_EVIDENCE_QUEUE_RECORDS", "2");
         let child = command.spawn().expect("spawn spendguard sidecar");
-        wait_ready(admin).await;
         Sidecar { child, port, admin }
     };
-    let mut first = spawn().await;
+    let mut first = spawn(bundle.path());
+    wait_ready(first.admin).await;
     ledger.stop().await;
     for _ in 0..5 {
         assert_eq!(chat(first.port).await, 402, "the contract denies the model");
     }
+    let decided_under = std::fs::read_to_string(bundle.path().join("bundle.sha256")).unwrap();
     first.child.kill().await.unwrap(); // SIGKILL: nothing is drained on the way out.
 
     let _ledger = TestLedger::start_at(&database_url, "ledger-0", addr)
         .await
         .unwrap();
     assert!(stop_events(&pool).await.is_empty(), "nothing published yet");
-    let _second = spawn().await;
+    // The pod's bundle changed meanwhile: the successor decides under another contract, and
+    // publishes its predecessor's STOPs under the bundle they were decided under.
+    let (changed, changed_sha) = write_bundle(
+        STOPS_TENANT,
+        json!({"version": "crash-2", "max_output_tokens": 64, "deny_models": ["gpt-4o-mini"]}),
+    );
+    assert_ne!(changed_sha, decided_under.trim());
+    let second = spawn(changed.path());
+    wait_ready(second.admin).await;
     // Two (or, when failed sends were in flight, more) queued one by one; the rest counted.
     eventually("the five STOPs are published", || async {
         stop_events(&pool).await.iter().map(|e| e.2).sum::<i64>() >= 5
@@ -517,5 +527,13 @@ async fn kill_dash_nine_keeps_the_stops_the_ledger_has_not_taken() {
     assert_eq!(distinct.len(), calls.len(), "no call twice: {events:?}");
     let records: std::collections::BTreeSet<&str> = events.iter().map(|e| e.0.as_str()).collect();
     assert_eq!(records.len(), events.len(), "no record twice: {events:?}");
+    let bundles: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT convert_from(canonical_event, 'UTF8')::jsonb #>> '{data,contract_sha256_hex}'
+           FROM audit_outbox WHERE event_type IN ('decision.stopped', 'decision.stops_unpublished')",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(bundles, [decided_under.trim()], "as they were decided");
     spendguard_testkit::invariants::check(&pool).await.unwrap();
 }

@@ -68,6 +68,26 @@ pub async fn wait_ready(admin: u16) {
     panic!("sidecar did not become ready");
 }
 
+/// The pricing every binary test registers: gpt-4o-mini at $0.15 / $0.60 per million tokens.
+fn pricing() -> spendguard_core::pricing::PricingSnapshot {
+    serde_json::from_value(json!({
+        "version": "crash-2026-11",
+        "entries": [{"provider": "openai", "model": "gpt-4o-mini",
+                     "price": {"input": 150_000_000, "cached_input": 75_000_000,
+                               "cache_write": 150_000_000, "output": 600_000_000}}]}))
+    .unwrap()
+}
+
+/// A directory holding the bundle of `contract` (with [`pricing`]) for a sidecar of `tenant`,
+/// as the operator's ConfigMap mounts it; returns it and the bundle's hash.
+pub fn write_bundle(tenant: &str, contract: serde_json::Value) -> (tempfile::TempDir, String) {
+    let contract: spendguard_core::contract::Contract = serde_json::from_value(contract).unwrap();
+    let bundle = tempfile::tempdir().unwrap();
+    let (bytes, sha) = spendguard_core::contract::Bundle::canonical(&contract, &pricing()).unwrap();
+    spendguard_sidecar::bundle::write(bundle.path(), &bytes, &sha, tenant, &[BUDGET]).unwrap();
+    (bundle, sha)
+}
+
 /// A ledger with tenant `tenant`, its budget and pricing registered, the bundle of `contract`
 /// written for a sidecar, and the mock provider serving: (ledger, bundle directory, mock port).
 pub async fn data_path(
@@ -81,13 +101,7 @@ pub async fn data_path(
     spendguard_testkit::ledger::budget(&mut ledger.client, tenant, BUDGET, 100_000_000_000)
         .await
         .unwrap();
-    let pricing: spendguard_core::pricing::PricingSnapshot = serde_json::from_value(json!({
-        "version": "crash-2026-11",
-        "entries": [{"provider": "openai", "model": "gpt-4o-mini",
-                     "price": {"input": 150_000_000, "cached_input": 75_000_000,
-                               "cache_write": 150_000_000, "output": 600_000_000}}]}))
-    .unwrap();
-    let snapshot = spendguard_core::pricing::Pricing::new(pricing.clone()).unwrap();
+    let snapshot = spendguard_core::pricing::Pricing::new(pricing()).unwrap();
     spendguard_testkit::ledger::register_pricing(
         &mut ledger.client,
         tenant,
@@ -95,10 +109,7 @@ pub async fn data_path(
     )
     .await
     .unwrap();
-    let contract: spendguard_core::contract::Contract = serde_json::from_value(contract).unwrap();
-    let bundle = tempfile::tempdir().unwrap();
-    let (bytes, sha) = spendguard_core::contract::Bundle::canonical(&contract, &pricing).unwrap();
-    spendguard_sidecar::bundle::write(bundle.path(), &bytes, &sha, tenant, &[BUDGET]).unwrap();
+    let (bundle, _) = write_bundle(tenant, contract);
     let mock = spendguard_mock_provider::MockProvider::new(
         spendguard_mock_provider::MockConfig::default(),
     );
