@@ -402,7 +402,7 @@ impl Decider {
             }
             return Ok(replay);
         }
-        let mut decision = match self.decide_fresh(&input, None).await {
+        let decision = match self.decide_fresh(&input, None).await {
             // The ledger found this call's reservation resolved: a concurrent decide of the same
             // call id may have finished (and settled) first; then this one is its replay.
             Err(e @ SidecarError::CallAlreadyResolved(_)) => {
@@ -415,11 +415,23 @@ impl Decider {
         if decision.decision == Verdict::RequireApproval && decision.replayed {
             return self.follow_approval(&input, fingerprint, decision).await;
         }
-        let stop = (decision.decision == Verdict::Stop).then(|| {
-            decision.evidence_id = Some(Uuid::new_v4().to_string());
-            self.stop_record(&input, &decision)
-        });
+        let (decision, stop) = self.with_stop_record(&input, decision);
         Ok(self.record(&input.call_id, fingerprint, decision, stop))
+    }
+
+    /// A STOP gets its evidence id and the stop record that publishes it; any other answer
+    /// passes as it is.
+    fn with_stop_record(
+        &self,
+        input: &DecideInput,
+        mut decision: Decision,
+    ) -> (Decision, Option<pb::StopRecord>) {
+        if decision.decision != Verdict::Stop {
+            return (decision, None);
+        }
+        decision.evidence_id = Some(Uuid::new_v4().to_string());
+        let stop = self.stop_record(input, &decision);
+        (decision, Some(stop))
     }
 
     /// The evidence of a STOP, as RecordStops will send it. Caller-supplied text (the model
@@ -1007,8 +1019,9 @@ impl Decider {
     /// STOP `APPROVAL_EXPIRED`. Approved: the call resumes through the contract and a fresh
     /// reservation of its own ([`resume_key`]), so approving never skips a check and a resumed
     /// call reserves once however often it is retried. The answer replaces `earlier` in the call
-    /// table. Those STOPs publish no stop record: the approval's own event (`approval.denied`,
-    /// `approval.expired`) is their evidence.
+    /// table. Every STOP publishes its stop record, as any STOP does: an auditor finds each STOP
+    /// answer's `evidence_id`, and beside it the approval's own event (`approval.denied`,
+    /// `approval.expired`).
     ///
     /// # Errors
     /// The ledger's failure, fail closed whatever the contract's fail policy (a call past a soft
@@ -1032,6 +1045,7 @@ impl Decider {
             let mut decision = self.decision(input, Verdict::Stop, reason.as_str(), detail);
             decision.budget_id = Some(approval.budget_id.clone());
             decision.approval_id = Some(approval_id.clone());
+            decision.worst_case_nano_usd = approval.amount_nano_usd;
             decision
         };
         let decision = match state {
@@ -1054,14 +1068,8 @@ impl Decider {
                     approval_id: approval_id.clone(),
                     amount_nano_usd: approval.amount_nano_usd,
                 };
-                let mut decision = self.decide_fresh(input, Some(&approved)).await?;
-                // Approved, then stopped by a hard cap or the contract: a STOP like any other.
-                if decision.decision == Verdict::Stop {
-                    decision.evidence_id = Some(Uuid::new_v4().to_string());
-                    let stop = self.stop_record(input, &decision);
-                    return Ok(self.supersede(&input.call_id, fingerprint, decision, Some(stop)));
-                }
-                decision
+                // Approved, then maybe stopped by a hard cap or the contract.
+                self.decide_fresh(input, Some(&approved)).await?
             }
             pb::ApprovalState::Unspecified => {
                 return Err(SidecarError::Internal(format!(
@@ -1069,7 +1077,8 @@ impl Decider {
                 )));
             }
         };
-        Ok(self.supersede(&input.call_id, fingerprint, decision, None))
+        let (decision, stop) = self.with_stop_record(input, decision);
+        Ok(self.supersede(&input.call_id, fingerprint, decision, stop))
     }
 
     /// REQUIRE_APPROVAL: the call would take `crossed` past its soft cap (the only reason an

@@ -225,6 +225,7 @@ async fn a_denied_or_expired_approval_stops_the_call_by_name() {
         .into_inner();
     assert_eq!(swept.approvals_expired, 1);
 
+    let mut evidence = Vec::new();
     for (call_id, approval_id, code) in [
         ("c-denied", &denied, "APPROVAL_DENIED"),
         ("c-expired", &expired, "APPROVAL_EXPIRED"),
@@ -234,7 +235,13 @@ async fn a_denied_or_expired_approval_stops_the_call_by_name() {
         assert_eq!(stop["reason"], code);
         assert_eq!(stop["approval_id"], approval_id.as_str());
         assert_eq!(stop["budget_id"], BUDGET);
-        assert_eq!(decide(&stack, call_id).await["reason"], code, "a retry");
+        let retry = decide(&stack, call_id).await;
+        assert_eq!(retry["reason"], code, "a retry");
+        assert_eq!(
+            retry["evidence_id"], stop["evidence_id"],
+            "a retry is the same STOP"
+        );
+        evidence.push((call_id, code, stop["evidence_id"].clone()));
     }
     let refused = proxied(&stack, "p-denied").await;
     assert_eq!(refused.status, 402, "{}", refused.json());
@@ -245,6 +252,31 @@ async fn a_denied_or_expired_approval_stops_the_call_by_name() {
     );
     assert_eq!(refused.header("x-spendguard-code"), Some("APPROVAL_DENIED"));
     assert!(stack.upstream_requests().is_empty());
+    evidence.push((
+        "p-denied",
+        "APPROVAL_DENIED",
+        refused.json()["error"]["evidence_id"].clone(),
+    ));
+
+    // Each of those STOPs is published once, under the id its answer carried, with the
+    // approval's amount as its worst case (the retries published nothing more).
+    let stopped = stack.published("decision.stopped", 3).await;
+    let published: Vec<(&str, &str, Value)> = stopped
+        .iter()
+        .map(|event| {
+            let data = &event["data"];
+            if data["call_id"] != "p-denied" {
+                assert_eq!(data["worst_case_nano_usd"], BIG.to_string(), "{data}");
+            }
+            assert_eq!(data["budget_id"], BUDGET);
+            (
+                data["call_id"].as_str().unwrap(),
+                data["reason"].as_str().unwrap(),
+                data["record_id"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(published, evidence);
 
     stack
         .sidecar()

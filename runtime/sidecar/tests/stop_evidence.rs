@@ -23,30 +23,6 @@ async fn decide(stack: &Stack, call_id: &str, model: &str) -> Value {
     stack.decide_ok(&decide_body(call_id, model)).await
 }
 
-/// Events of `event_type` in the ledger's outbox, parsed, in sequence order.
-async fn events(stack: &Stack, event_type: &str) -> Vec<Value> {
-    spendguard_testkit::ledger::outbox_events(stack.ledger.store().pool(), event_type)
-        .await
-        .unwrap()
-}
-
-/// Waits (up to 20 s) until the sidecar has nothing left to publish and the outbox holds at
-/// least `at_least` events of `event_type`; returns them.
-async fn published(stack: &Stack, event_type: &str, at_least: usize) -> Vec<Value> {
-    for _ in 0..400 {
-        let found = events(stack, event_type).await;
-        if found.len() >= at_least && stack.sidecar().decider.stop_evidence().is_empty() {
-            return found;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!(
-        "{event_type}: {} events, {} records still queued",
-        events(stack, event_type).await.len(),
-        stack.sidecar().decider.stop_evidence().len()
-    );
-}
-
 #[tokio::test]
 async fn every_stop_is_published_once_under_the_id_its_answer_carries() {
     // Goal: contract STOPs and ledger STOPs, answered through the decision API or the proxy,
@@ -116,7 +92,7 @@ async fn every_stop_is_published_once_under_the_id_its_answer_carries() {
     assert_eq!(allowed["decision"], "CONTINUE");
     assert!(allowed["evidence_id"].is_null());
 
-    let stopped = published(&stack, "decision.stopped", 5).await;
+    let stopped = stack.published("decision.stopped", 5).await;
     let ids: Vec<&Value> = stopped.iter().map(|e| &e["data"]["record_id"]).collect();
     assert_eq!(
         ids,
@@ -188,14 +164,15 @@ async fn stops_past_the_queue_bound_are_published_as_a_count_not_lost() {
     let queued = stack.sidecar().decider.stop_evidence().len();
     assert!((2..=4).contains(&queued), "{queued} queued");
     stack.restart_ledger().await;
-    let summaries = published(&stack, "decision.stops_unpublished", 1).await;
+    let summaries = stack.published("decision.stops_unpublished", 1).await;
     assert_eq!(summaries.len(), 1);
     let summary = &summaries[0]["data"];
     let counted = summary["count"].as_u64().unwrap();
     assert!((1..=3).contains(&counted), "{summary}");
     assert_eq!(summary["reason"], "MODEL_DENIED");
     assert!(summary["call_id"].is_null());
-    let calls: Vec<Value> = events(&stack, "decision.stopped")
+    let calls: Vec<Value> = stack
+        .events("decision.stopped")
         .await
         .iter()
         .map(|e| e["data"]["call_id"].clone())
@@ -237,7 +214,7 @@ async fn shutdown_publishes_the_stops_still_queued() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     stack.restart_ledger().await;
     shutdown.await.unwrap();
-    let stopped = events(&stack, "decision.stopped").await;
+    let stopped = stack.events("decision.stopped").await;
     assert_eq!(stopped.len(), 1);
     assert_eq!(stopped[0]["data"]["record_id"], stop["evidence_id"]);
 }
@@ -270,10 +247,10 @@ async fn a_record_the_ledger_refuses_is_published_as_a_count_and_holds_back_no_o
     }
     assert_eq!(evidence.len(), 2);
     stack.restart_ledger().await;
-    let stopped = published(&stack, "decision.stopped", 1).await;
+    let stopped = stack.published("decision.stopped", 1).await;
     assert_eq!(stopped.len(), 1);
     assert_eq!(stopped[0]["data"]["record_id"], stop["evidence_id"]);
-    let summaries = published(&stack, "decision.stops_unpublished", 1).await;
+    let summaries = stack.published("decision.stops_unpublished", 1).await;
     assert_eq!(summaries[0]["data"]["count"], 1);
     assert_eq!(summaries[0]["data"]["reason"], "MODEL_DENIED");
     let metrics = stack.metrics_text();

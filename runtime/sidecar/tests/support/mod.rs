@@ -288,6 +288,30 @@ impl Stack {
         );
     }
 
+    /// Events of `event_type` in the ledger's outbox, parsed, in sequence order.
+    pub async fn events(&self, event_type: &str) -> Vec<Value> {
+        spendguard_testkit::ledger::outbox_events(self.ledger.store().pool(), event_type)
+            .await
+            .unwrap()
+    }
+
+    /// Waits (up to 20 s) until the sidecar has no STOP record left to publish and the outbox
+    /// holds at least `at_least` events of `event_type`; returns them.
+    pub async fn published(&self, event_type: &str, at_least: usize) -> Vec<Value> {
+        for _ in 0..400 {
+            let found = self.events(event_type).await;
+            if found.len() >= at_least && self.sidecar().decider.stop_evidence().is_empty() {
+                return found;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "{event_type}: {} events, {} records still queued",
+            self.events(event_type).await.len(),
+            self.sidecar().decider.stop_evidence().len()
+        );
+    }
+
     pub fn upstream_requests(&self) -> Vec<Value> {
         self.mock.requests()
     }
