@@ -293,9 +293,11 @@ async fn a_denied_or_expired_approval_stops_the_call_by_name() {
 #[tokio::test]
 async fn a_call_waiting_for_approval_never_fails_open() {
     // Goal: a call past a soft cap never goes ahead unrecorded, even under an explicitly
-    // fail-open contract: with the ledger gone, its retry after approval is 503, nothing is let
-    // through and no fail-open record is queued; once the ledger is back the retry resumes it.
-    // Method: approve, stop the ledger, retry; restart it, retry.
+    // fail-open contract: with the ledger gone (GetApproval fails), and with a ledger that
+    // reads the approval but cannot reserve, its retry after approval is 503, nothing is let
+    // through and no fail-open record is queued; once the ledger is whole the retry resumes it.
+    // Method: approve, stop the ledger, retry; restart it and lock its budget windows past
+    // its lock timeout, retry; unlock, retry.
     let mut stack = Stack::start(Options {
         limit: 100_000_000,
         soft_cap: 500_000,
@@ -317,7 +319,31 @@ async fn a_call_waiting_for_approval_never_fails_open() {
     assert!(stack.sidecar().decider.fail_open_queue().is_empty());
     assert!(stack.upstream_requests().is_empty());
 
+    // The ledger answers GetApproval but cannot reserve (its budget windows are locked away
+    // past its lock timeout): the resumed call's own reservation failed, and that too is 503.
     stack.restart_ledger().await;
+    let pool = stack.ledger.store().pool().clone();
+    let mut locker = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE budget_windows IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *locker)
+        .await
+        .unwrap();
+    let refused = post_json(
+        &stack.url("/v1/spendguard/decide"),
+        &[],
+        &decide_body("c-open"),
+    )
+    .await;
+    assert_eq!(refused.status, 503, "{}", refused.json());
+    assert_eq!(refused.json()["error"]["code"], "DEPENDENCY_UNAVAILABLE");
+    assert!(stack.sidecar().decider.fail_open_queue().is_empty());
+    locker.rollback().await.unwrap();
+    stack.wait_lease_held().await;
+    assert!(
+        reservations_of(&stack, "c-open/approved/").await.is_empty(),
+        "the refused resume reserved nothing"
+    );
+
     let resumed = decide(&stack, "c-open").await;
     assert_eq!(resumed["decision"], "CONTINUE", "{resumed}");
     assert_eq!(resumed["reason"], "APPROVED");

@@ -446,7 +446,8 @@ async fn a_ledger_bounding_evidence_lag_refuses_new_spend_until_the_forwarder_ca
     // Goal: S22's configured durability policy. With a bound of 2 s on how long evidence may wait
     // outside the canonical chain, a forwarder that is down makes the ledger refuse new
     // reservations and approvals (EVIDENCE_BACKLOG, nothing written) while settlements and
-    // retries of what exists already (answered as replays) go on;
+    // retries of what exists already (answered as replays) go on, and a retry it cannot tell
+    // from new spend is refused;
     // once the forwarder has moved the backlog, reservations are admitted again. No event is
     // dropped either way. Method: a ledger with the bound, activity, no forwarder until the
     // refusal shows; then a commit, an approval, the gauge; then one forwarder pass.
@@ -548,6 +549,26 @@ async fn a_ledger_bounding_evidence_lag_refuses_new_spend_until_the_forwarder_ca
     assert_eq!(
         spendguard_proto::ledger::error_code(&again),
         Some(pb::ErrorCode::EvidenceBacklog)
+    );
+    // A retry the ledger cannot look up (the reservations are out of reach) is refused as new
+    // spend, never answered as an unavailable ledger, which a fail-open contract lets through.
+    sqlx::query("ALTER TABLE reservations RENAME TO reservations_out_of_reach")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let unknown = ledger
+        .client
+        .reserve_set(reserve_request("acme", "before", &["b"], 100, &fencing))
+        .await
+        .unwrap_err();
+    sqlx::query("ALTER TABLE reservations_out_of_reach RENAME TO reservations")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        spendguard_proto::ledger::error_code(&unknown),
+        Some(pb::ErrorCode::EvidenceBacklog),
+        "{unknown:?}"
     );
     let after_refusals: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_outbox")
         .fetch_one(&pool)

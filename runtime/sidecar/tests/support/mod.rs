@@ -179,16 +179,21 @@ impl Stack {
         let sidecar = spendguard_sidecar::start(&self.args, http, grpc, &mut registry)
             .await
             .unwrap();
-        let mut lease = sidecar.lease.clone();
+        self.base = format!("http://{}", sidecar.http_addr);
+        self.sidecar = Some(sidecar);
+        self.registry = Some(registry);
+        self.wait_lease_held().await;
+    }
+
+    /// Waits (up to 10 s) until the sidecar holds its lease.
+    pub async fn wait_lease_held(&self) {
+        let mut lease = self.sidecar().lease.clone();
         tokio::time::timeout(
             Duration::from_secs(10),
             lease.wait_for(|s| matches!(s, spendguard_sidecar::lease::LeaseState::Held { .. })),
         )
         .await
-        .expect("sidecar acquires its lease");
-        self.base = format!("http://{}", sidecar.http_addr);
-        self.sidecar = Some(sidecar);
-        self.registry = Some(registry);
+        .expect("sidecar holds its lease");
     }
 
     /// The running sidecar's metrics, as `/metrics` would show them.
