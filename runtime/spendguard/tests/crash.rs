@@ -4,59 +4,24 @@
 #![allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
 
 use spendguard_proto::ledger::v1 as pb;
-use spendguard_testkit::ledger::{LedgerClient, connect, reserve_request, shared_cluster};
+use spendguard_testkit::ledger::{reserve_request, shared_cluster};
 use spendguard_testkit::{free_port, invariants};
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
+
+mod support;
+use support::{ledger_command, wait_for_ledger};
 
 const T: &str = "tenant-crash";
 
+/// The ledger process; the drill drives set-up, load and sweeps through one client on the
+/// control listener, which serves every RPC.
 fn spawn_ledger(url: &str, port: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_spendguard"))
-        .arg("ledger")
-        .env("SPENDGUARD_LEDGER_DATABASE_URL", url)
-        .env("SPENDGUARD_LEDGER_INSTANCE_ID", "ledger-crash")
-        .envs(spendguard_testkit::signing::ledger_env().expect("signing key"))
-        // The drill drives setup, load and sweeps through one client: the control listener
-        // serves every RPC.
-        .env(
-            "SPENDGUARD_LEDGER_LISTEN_ADDR",
-            format!("127.0.0.1:{}", free_port()),
-        )
-        .env(
-            "SPENDGUARD_LEDGER_CONTROL_LISTEN_ADDR",
-            format!("127.0.0.1:{port}"),
-        )
-        .env(
-            "SPENDGUARD_ADMIN_ADDR",
-            format!("127.0.0.1:{}", free_port()),
-        )
-        .env("SPENDGUARD_LOG", "warn")
-        .kill_on_drop(true)
+    ledger_command(url, free_port(), port)
         .spawn()
         .expect("spawn spendguard ledger")
-}
-
-async fn wait_for(port: u16) -> LedgerClient {
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
-    for _ in 0..200 {
-        if let Ok(mut client) = connect(addr).await {
-            // Connected is not serving: the producer claim may still be held by the dead session.
-            if client
-                .sweep_expired(pb::SweepExpiredRequest {
-                    max_reservations: 1,
-                })
-                .await
-                .is_ok()
-            {
-                return client;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("ledger on port {port} did not come up");
 }
 
 #[derive(Default)]
@@ -70,7 +35,7 @@ async fn kill_dash_nine_under_load_loses_nothing() {
     let url = shared_cluster().create_database().await.unwrap();
     let port = free_port();
     let mut ledger = spawn_ledger(&url, port);
-    let mut client = wait_for(port).await;
+    let mut client = wait_for_ledger(port).await;
     spendguard_testkit::ledger::tenant(&mut client, T)
         .await
         .unwrap();
@@ -166,7 +131,7 @@ async fn kill_dash_nine_under_load_loses_nothing() {
     );
 
     let mut ledger = spawn_ledger(&url, port);
-    let mut client = wait_for(port).await;
+    let mut client = wait_for_ledger(port).await;
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
     for id in &acked.reserved {
         let state: String =

@@ -1,7 +1,8 @@
 //! Crash drills for what the sidecar keeps in its spool across a kill -9 of the `spendguard
 //! sidecar` process: fail-open evidence (S22; calls let through while the ledger is down are
 //! recorded exactly once by the next process on the same spool once the ledger is back), credits
-//! and their draw journal, and STOP evidence.
+//! and their draw journal, and STOP evidence. Also the other way round: the `spendguard ledger`
+//! process killed under a sidecar's calls.
 #![allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
 
 use serde_json::json;
@@ -536,4 +537,99 @@ async fn kill_dash_nine_keeps_the_stops_the_ledger_has_not_taken() {
     .unwrap();
     assert_eq!(bundles, [decided_under.trim()], "as they were decided");
     spendguard_testkit::invariants::check(&pool).await.unwrap();
+}
+
+/// Per reservation of the tenant's calls: (state, commit entries in its journal).
+async fn settlements(pool: &sqlx::PgPool) -> Vec<(String, i64)> {
+    sqlx::query_as(
+        "SELECT r.state, (SELECT count(*) FROM ledger_entries e
+                           WHERE e.reservation_id = r.reservation_id AND e.kind = 'commit')
+           FROM reservations r WHERE r.tenant_id = $1 ORDER BY r.created_at",
+    )
+    .bind(TENANT)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn kill_dash_nine_of_the_ledger_fails_new_calls_closed_and_settles_each_call_once() {
+    // Goal: issue 3's fault "the ledger killed mid-run makes new calls fail closed while
+    // in-flight ones never commit twice", with the ledger as its own process killed by SIGKILL
+    // (nothing drained, answers lost mid-flight). Method: 8 calls in flight whose upstream
+    // answers 0.1–1.5 s later, the ledger killed at 0.6 s, while some have settled, some are
+    // settling and some still wait upstream; a new call is 503; every in-flight call is
+    // answered 200 while the ledger is down, so those answered after the kill settle into the
+    // outage and retry; the ledger restarts on the same ports; each call settles exactly once,
+    // at its usage.
+    let url = spendguard_testkit::ledger::shared_cluster()
+        .create_database()
+        .await
+        .unwrap();
+    let (data, control) = (free_port(), free_port());
+    let mut ledger = ledger_command(&url, data, control).spawn().unwrap();
+    register_data_path(&mut wait_for_ledger(control).await, TENANT).await;
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let (bundle, _) = write_bundle(TENANT, json!({"version": "crash", "max_output_tokens": 64}));
+    let spool = tempfile::tempdir().unwrap();
+    let data_addr = format!("127.0.0.1:{data}").parse().unwrap();
+    let sidecar = spawn_sidecar(data_addr, bundle.path(), spool.path(), spawn_mock()).await;
+
+    let started = tokio::time::Instant::now();
+    let in_flight: Vec<_> = (0..8)
+        .map(|n| {
+            let headers = format!("x-mock-latency-ms: {}\r\n", 100 + 200 * n);
+            tokio::spawn(async move { chat_with(sidecar.port, &headers).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    ledger.kill().await.unwrap(); // SIGKILL
+    let refused = chat_with(sidecar.port, "").await;
+    assert_eq!(status_of(&refused), 503, "{refused}");
+    assert!(refused.contains("DEPENDENCY_UNAVAILABLE"), "{refused}");
+
+    for call in in_flight {
+        let response = call.await.unwrap();
+        assert_eq!(status_of(&response), 200, "{response}");
+    }
+    tokio::time::sleep_until(started + Duration::from_millis(2_000)).await;
+    // Five by the schedule; at least the last three on a slow machine.
+    let waiting = settlements(&pool)
+        .await
+        .iter()
+        .filter(|(state, _)| state == "reserved")
+        .count();
+    assert!(
+        waiting >= 3,
+        "the calls answered after the kill wait to settle: {waiting}"
+    );
+
+    let _ledger = ledger_command(&url, data, control).spawn().unwrap();
+    wait_for_ledger(control).await;
+    // Settlements retry until the ledger answers: each call is committed once, at the usage
+    // the mock reported (9 input + 16 output tokens of gpt-4o-mini: 10,950 nano-USD).
+    let mut settled = Vec::new();
+    for _ in 0..200 {
+        settled = settlements(&pool).await;
+        if settled.iter().all(|(state, _)| state != "reserved") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        settled,
+        vec![("committed".to_owned(), 1); 8],
+        "8 reservations, none for the refused call, each committed once"
+    );
+    let committed: i64 = sqlx::query_scalar(
+        "SELECT committed_nano_usd FROM budget_windows WHERE tenant_id = $1 AND budget_id = $2",
+    )
+    .bind(TENANT)
+    .bind(BUDGET)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(committed, 8 * 10_950);
+    spendguard_testkit::invariants::check(&pool).await.unwrap();
+    drop(sidecar);
 }

@@ -2,8 +2,9 @@
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)] // Each test binary uses a part; tests fail loudly.
 
 use serde_json::json;
+use spendguard_proto::ledger::v1 as pb;
 use spendguard_testkit::free_port;
-use spendguard_testkit::ledger::{TestLedger, http_get};
+use spendguard_testkit::ledger::{LedgerClient, TestLedger, connect, http_get};
 use std::path::Path;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -68,13 +69,17 @@ pub async fn wait_ready(admin: u16) {
     panic!("sidecar did not become ready");
 }
 
-/// The pricing every binary test registers: gpt-4o-mini at $0.15 / $0.60 per million tokens.
+/// The pricing every binary test registers: gpt-4o-mini at $0.15 / $0.60 per million tokens,
+/// claude-sonnet-4-5 at $3 / $15.
 fn pricing() -> spendguard_core::pricing::PricingSnapshot {
     serde_json::from_value(json!({
         "version": "crash-2026-11",
         "entries": [{"provider": "openai", "model": "gpt-4o-mini",
                      "price": {"input": 150_000_000, "cached_input": 75_000_000,
-                               "cache_write": 150_000_000, "output": 600_000_000}}]}))
+                               "cache_write": 150_000_000, "output": 600_000_000}},
+                    {"provider": "anthropic", "model": "claude-sonnet-4-5",
+                     "price": {"input": 3_000_000_000_i64, "cached_input": 300_000_000,
+                               "cache_write": 3_750_000_000_i64, "output": 15_000_000_000_i64}}]}))
     .unwrap()
 }
 
@@ -95,28 +100,102 @@ pub async fn data_path(
     contract: serde_json::Value,
 ) -> (TestLedger, tempfile::TempDir, u16) {
     let mut ledger = TestLedger::start().await.unwrap();
-    spendguard_testkit::ledger::tenant(&mut ledger.client, tenant)
+    register_data_path(&mut ledger.client, tenant).await;
+    let (bundle, _) = write_bundle(tenant, contract);
+    (ledger, bundle, spawn_mock())
+}
+
+/// What the operator registers for a sidecar of `tenant`: the tenant, [`BUDGET`] (100 USD) and
+/// the bundle's pricing.
+pub async fn register_data_path(client: &mut LedgerClient, tenant: &str) {
+    spendguard_testkit::ledger::tenant(client, tenant)
         .await
         .unwrap();
-    spendguard_testkit::ledger::budget(&mut ledger.client, tenant, BUDGET, 100_000_000_000)
+    spendguard_testkit::ledger::budget(client, tenant, BUDGET, 100_000_000_000)
         .await
         .unwrap();
     let snapshot = spendguard_core::pricing::Pricing::new(pricing()).unwrap();
     spendguard_testkit::ledger::register_pricing(
-        &mut ledger.client,
+        client,
         tenant,
         spendguard_sidecar::bundle::pricing_ref(&snapshot),
     )
     .await
     .unwrap();
-    let (bundle, _) = write_bundle(tenant, contract);
+}
+
+/// The mock provider, serving in this process with its default usage: its port.
+pub fn spawn_mock() -> u16 {
     let mock = spendguard_mock_provider::MockProvider::new(
         spendguard_mock_provider::MockConfig::default(),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let mock_port = listener.local_addr().unwrap().port();
-    mock.spawn(listener);
-    (ledger, bundle, mock_port)
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    mock.spawn(tokio::net::TcpListener::from_std(listener).unwrap());
+    port
+}
+
+/// The `spendguard ledger` process on database `url`: sidecars' RPCs on port `data`, the
+/// operator's (and the tests' set-up) on `control`.
+pub fn ledger_command(url: &str, data: u16, control: u16) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_spendguard"));
+    command
+        .arg("ledger")
+        .env("SPENDGUARD_LEDGER_DATABASE_URL", url)
+        .env("SPENDGUARD_LEDGER_INSTANCE_ID", "ledger-crash")
+        .envs(spendguard_testkit::signing::ledger_env().expect("signing key"))
+        .env("SPENDGUARD_LEDGER_LISTEN_ADDR", format!("127.0.0.1:{data}"))
+        .env(
+            "SPENDGUARD_LEDGER_CONTROL_LISTEN_ADDR",
+            format!("127.0.0.1:{control}"),
+        )
+        .env(
+            "SPENDGUARD_ADMIN_ADDR",
+            format!("127.0.0.1:{}", free_port()),
+        )
+        .env("SPENDGUARD_LOG", "warn")
+        .kill_on_drop(true);
+    command
+}
+
+/// Waits (up to 20 s) until the ledger serves on `control`: a client of it.
+pub async fn wait_for_ledger(control: u16) -> LedgerClient {
+    let addr = format!("127.0.0.1:{control}").parse().unwrap();
+    for _ in 0..200 {
+        if let Ok(mut client) = connect(addr).await {
+            // Connected is not serving: the producer claim may still be held by the dead session.
+            if client
+                .sweep_expired(pb::SweepExpiredRequest {
+                    max_reservations: 1,
+                })
+                .await
+                .is_ok()
+            {
+                return client;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("ledger on port {control} did not come up");
+}
+
+/// A proxied call of `path` with `body` and `headers` (each ending in CRLF), read to the end:
+/// the whole response.
+pub async fn proxy_call(port: u16, path: &str, headers: &str, body: &serde_json::Value) -> String {
+    let body = body.to_string();
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n{headers}\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
 }
 
 pub fn chat_request(stream: bool, extra_headers: &str) -> String {
@@ -140,14 +219,20 @@ pub fn status_of(response: &str) -> u16 {
 
 /// A proxied chat call, read to the end; its HTTP status.
 pub async fn chat(port: u16) -> u16 {
+    status_of(&chat_with(port, "").await)
+}
+
+/// A proxied chat call with `extra_headers` (each ending in CRLF), read to the end: the whole
+/// response.
+pub async fn chat_with(port: u16, extra_headers: &str) -> String {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
     stream
-        .write_all(chat_request(false, "").as_bytes())
+        .write_all(chat_request(false, extra_headers).as_bytes())
         .await
         .unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
-    status_of(&response)
+    response
 }
