@@ -29,9 +29,6 @@ pub enum SidecarError {
     /// server-side tool): its worst case is unknown, so it is refused (fail closed).
     #[error("input cannot be bounded: {0}")]
     UnboundedInput(String),
-    /// A feature of the provider API that the guard does not support yet.
-    #[error("unsupported: {0}")]
-    Unsupported(String),
     /// The call id was already used for another decision (the proxy never forwards twice).
     #[error("call id {0} was already used")]
     CallIdReused(String),
@@ -88,7 +85,6 @@ impl SidecarError {
             Self::InvalidJson(_) => "INVALID_JSON",
             Self::RequestTooLarge { .. } => "REQUEST_TOO_LARGE",
             Self::UnboundedInput(_) => "UNBOUNDED_INPUT",
-            Self::Unsupported(_) => "UNSUPPORTED",
             Self::CallIdReused(_) => "CALL_ID_REUSED",
             Self::IdempotencyConflict(_) => "IDEMPOTENCY_CONFLICT",
             Self::CallNotFound(_) => "CALL_NOT_FOUND",
@@ -112,7 +108,6 @@ impl SidecarError {
             Self::InvalidArgument { .. }
             | Self::InvalidJson(_)
             | Self::UnboundedInput(_)
-            | Self::Unsupported(_)
             | Self::UsageInvalid(_) => StatusCode::BAD_REQUEST,
             Self::RequestTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::CallNotFound(_) => StatusCode::NOT_FOUND,

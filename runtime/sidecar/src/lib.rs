@@ -369,8 +369,12 @@ pub async fn start(
     let upstream = Upstream::new(UpstreamConfig {
         openai_base_url: tuning.openai_base_url.clone(),
         anthropic_base_url: tuning.anthropic_base_url.clone(),
-        openai_api_key: read_key(tuning.openai_api_key_file.as_ref())?,
-        anthropic_api_key: read_key(tuning.anthropic_api_key_file.as_ref())?,
+        openai_authorization: read_key(tuning.openai_api_key_file.as_ref())?
+            .map(|key| proxy::upstream::openai_authorization(&key))
+            .transpose()?,
+        anthropic_api_key: read_key(tuning.anthropic_api_key_file.as_ref())?
+            .map(|key| proxy::upstream::anthropic_api_key(&key))
+            .transpose()?,
         timeout: Duration::from_millis(tuning.upstream_timeout_ms),
     })?;
     let settlements = TaskTracker::new();

@@ -187,6 +187,84 @@ async fn http_errors_have_stable_codes_and_change_nothing() {
 }
 
 #[tokio::test]
+async fn settlements_without_money_and_a_misconfigured_guard_have_stable_codes() {
+    // Goal: the decision API's remaining stable codes, each over HTTP with its status:
+    // NO_RESERVATION (settling a call that was refused), RESERVATION_EXPIRED (settling a call
+    // whose reservation the ledger expired), GUARD_MISCONFIGURED (the ledger holds the run's
+    // budget with another limit than the contract's), and nothing moves for any of them.
+    let mut stack = Stack::start(Options {
+        contract: json!({"per_run_limit_nano_usd": 5_000_000}),
+        flags: vec!["--reservation-ttl-ms=1000".into()],
+        ..Options::default()
+    })
+    .await;
+    let base = stack.url("");
+    let settle = |path: &'static str, call_id: &'static str| {
+        let url = format!("{base}{path}");
+        async move {
+            post_json(
+                &url,
+                &[],
+                &json!({"call_id": call_id, "usage_format": "openai_chat",
+                        "usage": {"prompt_tokens": 1, "completion_tokens": 1}}),
+            )
+            .await
+        }
+    };
+
+    let refused = stack
+        .decide_ok(&json!({"call_id": "c-stopped", "provider": "openai",
+                           "model": "gpt-unknown", "input_tokens_upper_bound": 1}))
+        .await;
+    assert_eq!(refused["decision"], "STOP", "{refused}");
+    let reply = settle("/v1/spendguard/commit", "c-stopped").await;
+    assert_eq!(reply.status, 409, "{}", reply.json());
+    assert_eq!(reply.json()["error"]["code"], "NO_RESERVATION");
+
+    // Its TTL (1 s) passed before the commit; the sweep has not run yet.
+    let allowed = stack.decide_ok(&decide_body("c-late", 100)).await;
+    assert_eq!(allowed["decision"], "CONTINUE", "{allowed}");
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    let reply = settle("/v1/spendguard/commit", "c-late").await;
+    assert_eq!(reply.status, 409, "{}", reply.json());
+    assert_eq!(reply.json()["error"]["code"], "RESERVATION_EXPIRED");
+
+    // The run's budget, as an operator (or an earlier contract) set it: 1 USD, not 0.005.
+    stack
+        .ledger
+        .client
+        .upsert_budget(spendguard_proto::ledger::v1::UpsertBudgetRequest {
+            tenant_id: TENANT.into(),
+            budget_id: "runs/r-1".into(),
+            limit_nano_usd: 1_000_000_000,
+            soft_cap_nano_usd: 0,
+            window: spendguard_proto::ledger::v1::BudgetWindow::Lifetime.into(),
+        })
+        .await
+        .unwrap();
+    let mut run_call = decide_body("c-run", 100);
+    run_call["run_id"] = json!("r-1");
+    let reply = post_json(&stack.url("/v1/spendguard/decide"), &[], &run_call).await;
+    assert_eq!(reply.status, 503, "{}", reply.json());
+    assert_eq!(reply.json()["error"]["code"], "GUARD_MISCONFIGURED");
+
+    stack
+        .ledger
+        .client
+        .sweep_expired(spendguard_proto::ledger::v1::SweepExpiredRequest {
+            max_reservations: 10,
+        })
+        .await
+        .unwrap();
+    let balance = stack.balance().await;
+    assert_eq!(
+        (balance.reserved_nano_usd, balance.committed_nano_usd),
+        (0, 0),
+        "nothing held or spent"
+    );
+}
+
+#[tokio::test]
 async fn grpc_soft_cap_decision_names_a_pending_ledger_approval() {
     // Goal: REQUIRE_APPROVAL carries the id of an approval the ledger holds as pending, a replay
     // names the same one, and nothing stays reserved. Method: a soft cap below every worst case.

@@ -31,6 +31,15 @@ async fn openai_chat_commits_reported_usage_and_enforces_the_output_cap() {
     let body = reply.json();
     assert_eq!(body["usage"]["prompt_tokens"], 9);
     assert_eq!(reply.header("x-spendguard-decision"), Some("CONTINUE"));
+    assert_eq!(reply.header("x-spendguard-reason"), Some("WITHIN_BUDGET"));
+    assert_eq!(
+        reply.header("x-spendguard-contract-version"),
+        Some("test-contract")
+    );
+    assert_eq!(
+        reply.header("x-spendguard-pricing-version"),
+        Some("test-2026-11")
+    );
     assert!(reply.header("x-spendguard-reservation-id").is_some());
 
     let balance = stack.settled_balance().await;
@@ -44,6 +53,51 @@ async fn openai_chat_commits_reported_usage_and_enforces_the_output_cap() {
     // The app's own key passed through; the guard's headers did not.
     assert_eq!(sent[0]["headers"]["authorization"], "Bearer sk-app-test");
     assert!(sent[0]["headers"].get("x-spendguard-call-id").is_none());
+}
+
+#[tokio::test]
+async fn configured_keys_replace_the_apps_own_which_otherwise_pass_through() {
+    // Goal: "upstream base URLs and keys are configuration; the app's own API key passes
+    // through by default". Method: a stack without key files sends each app key as it came
+    // (OpenAI `Authorization`, Anthropic `x-api-key`); one given key files sends those instead.
+    async fn calls(stack: &Stack) -> Vec<Value> {
+        for (path, key, body) in [
+            (
+                "/v1/chat/completions",
+                OPENAI_KEY,
+                chat_body("gpt-4o-mini", false),
+            ),
+            ("/v1/messages", ANTHROPIC_KEY, messages_body(false)),
+        ] {
+            let reply = post_json(&stack.url(path), &[key], &body).await;
+            assert_eq!(reply.status, 200, "{path}: {}", reply.json());
+        }
+        stack.upstream_requests()
+    }
+    let plain = Stack::start(Options::default()).await;
+    let sent = calls(&plain).await;
+    assert_eq!(sent[0]["headers"]["authorization"], "Bearer sk-app-test");
+    assert_eq!(sent[1]["headers"]["x-api-key"], "sk-ant-app-test");
+
+    let keys = tempfile::tempdir().unwrap();
+    let openai = keys.path().join("openai");
+    let anthropic = keys.path().join("anthropic");
+    std::fs::write(&openai, "sk-configured-openai\n").unwrap();
+    std::fs::write(&anthropic, "sk-ant-configured\n").unwrap();
+    let configured = Stack::start(Options {
+        flags: vec![
+            format!("--openai-api-key-file={}", openai.display()),
+            format!("--anthropic-api-key-file={}", anthropic.display()),
+        ],
+        ..Options::default()
+    })
+    .await;
+    let sent = calls(&configured).await;
+    assert_eq!(
+        sent[0]["headers"]["authorization"],
+        "Bearer sk-configured-openai"
+    );
+    assert_eq!(sent[1]["headers"]["x-api-key"], "sk-ant-configured");
 }
 
 #[tokio::test]
@@ -186,7 +240,14 @@ async fn stop_decisions_are_402_in_the_provider_format_and_reserve_nothing() {
     let error = &denied.json()["error"];
     assert_eq!(error["code"], "MODEL_DENIED");
     assert_eq!(error["type"], "spendguard_budget_exceeded");
+    assert_eq!(error["contract_version"], "test-contract");
+    assert_eq!(error["pricing_version"], "test-2026-11");
     assert_eq!(denied.header("x-spendguard-code"), Some("MODEL_DENIED"));
+    assert_eq!(denied.header("x-spendguard-reason"), Some("MODEL_DENIED"));
+    assert_eq!(
+        denied.header("x-spendguard-pricing-version"),
+        Some("test-2026-11")
+    );
 
     let exhausted = post_json(
         &stack.url("/v1/messages"),
@@ -268,62 +329,126 @@ async fn soft_cap_requires_approval_and_returns_the_reservation() {
 
 #[tokio::test]
 async fn bad_input_is_refused_in_the_provider_format_with_nothing_reserved() {
+    // Goal: issue 3's bad input (malformed JSON, an unknown model, negative or absurd output
+    // limits, an oversized body) and input the guard cannot bound, on each of the three APIs,
+    // streaming and not: a 4xx (402 for the contract's refusals) in that provider's own error
+    // format with the stable code in the body and the header, nothing reserved and nothing sent
+    // upstream. Each API names its output limit differently, so each is checked on its own.
     let mut stack = Stack::start(Options {
         flags: vec!["--max-body-bytes=2048".into()],
         ..Options::default()
     })
     .await;
-    let chat = stack.url("/v1/chat/completions");
-    let cases: Vec<(Vec<u8>, u16, &str)> = vec![
-        (b"{not json".to_vec(), 400, "INVALID_JSON"),
-        (
-            serde_json::to_vec(&json!({"model": "gpt-4o-mini", "messages": [], "max_tokens": -5}))
-                .unwrap(),
-            400,
-            "INVALID_ARGUMENT",
-        ),
-        (
-            serde_json::to_vec(
-                &json!({"model": "gpt-4o-mini", "messages": [], "max_tokens": 1_000_000_000_000_i64}),
-            )
-            .unwrap(),
-            400,
-            "INVALID_ARGUMENT",
-        ),
-        (
-            serde_json::to_vec(&json!({"model": "gpt-4o-mini", "messages": [], "max_tokens": 5000}))
-                .unwrap(),
-            402,
-            "MAX_OUTPUT_TOKENS_ABOVE_CAP",
-        ),
-        (
-            serde_json::to_vec(&chat_body("gpt-unknown", false)).unwrap(),
-            402,
-            "MODEL_PRICE_UNKNOWN",
-        ),
-        (
-            serde_json::to_vec(&json!({"model": "gpt-4o-mini",
-                "messages": [{"role": "user", "content": "x".repeat(4096)}]}))
-            .unwrap(),
-            413,
-            "REQUEST_TOO_LARGE",
-        ),
-    ];
-    for (body, status, code) in cases {
-        let reply = post(&chat, &[OPENAI_KEY], &body).await;
-        assert_eq!(
-            reply.status,
-            status,
-            "{code}: {}",
-            String::from_utf8_lossy(&reply.body)
-        );
-        assert_eq!(reply.json()["error"]["code"], code);
-        assert_eq!(reply.header("x-spendguard-code"), Some(code));
+    struct Api {
+        path: &'static str,
+        key: (&'static str, &'static str),
+        model: &'static str,
+        limit: &'static str,
+        body: fn(&str) -> Value,
+        unbounded: Value,
+        anthropic: bool,
     }
-    let anthropic = post(&stack.url("/v1/messages"), &[ANTHROPIC_KEY], b"[]").await;
-    assert_eq!(anthropic.status, 400);
-    assert_eq!(anthropic.json()["type"], "error");
-    assert_eq!(anthropic.json()["error"]["type"], "invalid_request_error");
+    let apis = [
+        Api {
+            path: "/v1/chat/completions",
+            key: OPENAI_KEY,
+            model: "gpt-4o-mini",
+            limit: "max_tokens",
+            body: |model| json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}),
+            unbounded: json!({"model": "gpt-4o-mini", "web_search_options": {},
+                              "messages": [{"role": "user", "content": "hi"}]}),
+            anthropic: false,
+        },
+        Api {
+            path: "/v1/responses",
+            key: OPENAI_KEY,
+            model: "gpt-4o-mini",
+            limit: "max_output_tokens",
+            body: |model| json!({"model": model, "input": "hi"}),
+            unbounded: json!({"model": "gpt-4o-mini", "input": "hi",
+                              "previous_response_id": "resp_123"}),
+            anthropic: false,
+        },
+        Api {
+            path: "/v1/messages",
+            key: ANTHROPIC_KEY,
+            model: "claude-sonnet-4-5",
+            limit: "max_tokens",
+            body: |model| {
+                json!({"model": model, "max_tokens": 100,
+                                 "messages": [{"role": "user", "content": "hi"}]})
+            },
+            unbounded: json!({"model": "claude-sonnet-4-5", "max_tokens": 100,
+                              "mcp_servers": [{"type": "url", "url": "https://mcp.example", "name": "x"}],
+                              "messages": [{"role": "user", "content": "hi"}]}),
+            anthropic: true,
+        },
+    ];
+    for api in &apis {
+        for stream in [false, true] {
+            let with = |mut body: Value, limit: Option<Value>| {
+                body["stream"] = json!(stream);
+                if let Some(limit) = limit {
+                    body[api.limit] = limit;
+                }
+                serde_json::to_vec(&body).unwrap()
+            };
+            let mut oversized = (api.body)(api.model);
+            oversized["messages"] = json!([{"role": "user", "content": "x".repeat(4096)}]);
+            oversized["input"] = json!("x".repeat(4096));
+            let cases: Vec<(Vec<u8>, u16, &str)> = vec![
+                (b"{not json".to_vec(), 400, "INVALID_JSON"),
+                (
+                    with((api.body)(api.model), Some(json!(-5))),
+                    400,
+                    "INVALID_ARGUMENT",
+                ),
+                (
+                    with((api.body)(api.model), Some(json!(1_000_000_000_000_i64))),
+                    400,
+                    "INVALID_ARGUMENT",
+                ),
+                (
+                    with((api.body)(api.model), Some(json!(5000))),
+                    402,
+                    "MAX_OUTPUT_TOKENS_ABOVE_CAP",
+                ),
+                (
+                    with((api.body)("model-unknown"), None),
+                    402,
+                    "MODEL_PRICE_UNKNOWN",
+                ),
+                (with(oversized, None), 413, "REQUEST_TOO_LARGE"),
+                (with(api.unbounded.clone(), None), 400, "UNBOUNDED_INPUT"),
+            ];
+            for (body, status, code) in cases {
+                let reply = post(&stack.url(api.path), &[api.key], &body).await;
+                let what = format!("{} stream={stream} {code}", api.path);
+                assert_eq!(
+                    reply.status,
+                    status,
+                    "{what}: {}",
+                    String::from_utf8_lossy(&reply.body)
+                );
+                let error = &reply.json()["error"];
+                assert_eq!(error["code"], code, "{what}");
+                assert_eq!(reply.header("x-spendguard-code"), Some(code), "{what}");
+                let kind = error["type"].as_str().unwrap_or_default();
+                if api.anthropic {
+                    assert_eq!(reply.json()["type"], "error", "{what}");
+                    let expected = match status {
+                        413 => "request_too_large",
+                        402 => "spendguard_budget_exceeded",
+                        _ => "invalid_request_error",
+                    };
+                    assert_eq!(kind, expected, "{what}");
+                } else {
+                    assert!(reply.json().get("type").is_none(), "{what}");
+                    assert!(error.get("param").is_some(), "{what}: OpenAI's shape");
+                }
+            }
+        }
+    }
 
     let balance = stack.balance().await;
     assert_eq!(

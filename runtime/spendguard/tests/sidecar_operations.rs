@@ -1,6 +1,7 @@
 //! Operations of the `spendguard sidecar` binary (S4): it refuses a bundle that is not what its
 //! hash says, before it takes any lease; it is live but not ready until it holds its fencing
-//! lease, ready while it holds it, and not ready again once the lease is lost.
+//! lease, ready while it holds it, and not ready again once the lease is lost. No API key
+//! reaches its logs, and SIGTERM ends it cleanly.
 #![allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
 
 use serde_json::json;
@@ -169,4 +170,103 @@ async fn live_always_and_ready_only_while_the_lease_is_held() {
     );
     assert_eq!(probe(admin, "/healthz").await, 200);
     sidecar.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn no_api_key_reaches_the_logs_even_at_trace_and_sigterm_ends_cleanly() {
+    // Goal: issue 3's "the app's own API key passes through by default and is never logged",
+    // and a configured key neither, with every crate logging at trace; and the binary's SIGTERM
+    // wiring: it drains and exits 0. Method: the sidecar binary at SPENDGUARD_LOG=trace with a
+    // configured Anthropic key file; an OpenAI call passing the app's key, one the provider
+    // fails (500), an Anthropic call sent with the configured key, a refused call; then SIGTERM,
+    // and its whole stderr holds neither key.
+    const APP_KEY: &str = "sk-app-secret-5f0e3c";
+    const CONFIGURED_KEY: &str = "sk-ant-configured-7a1c9d";
+    let (mut ledger, bundle, mock) =
+        data_path(TENANT, json!({"version": "ops", "max_output_tokens": 64})).await;
+    let addr = ledger.ledger.as_ref().unwrap().addr;
+    let keys = tempfile::tempdir().unwrap();
+    let key_file = keys.path().join("anthropic-key");
+    std::fs::write(&key_file, format!("{CONFIGURED_KEY}\n")).unwrap();
+    let spool = tempfile::tempdir().unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let mut sidecar = sidecar_command(
+        addr,
+        bundle.path(),
+        spool.path(),
+        mock,
+        ("agent-keys", port, admin),
+    )
+    .env("SPENDGUARD_LOG", "trace")
+    .env("SPENDGUARD_ANTHROPIC_API_KEY_FILE", &key_file)
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    // Read as it comes: trace output would fill the pipe and stall the sidecar.
+    let mut stderr = sidecar.stderr.take().unwrap();
+    let logs = tokio::spawn(async move {
+        let mut out = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut stderr, &mut out)
+            .await
+            .unwrap();
+        out
+    });
+    wait_ready(admin).await;
+
+    let openai = format!("Authorization: Bearer {APP_KEY}\r\n");
+    let chat = json!({"model": "gpt-4o-mini",
+                      "messages": [{"role": "user", "content": "Say hello in one word."}]});
+    let ok = proxy_call(port, "/v1/chat/completions", &openai, &chat).await;
+    assert_eq!(status_of(&ok), 200, "{ok}");
+    let failed = proxy_call(
+        port,
+        "/v1/chat/completions",
+        &format!("{openai}x-mock-fail: status:500\r\n"),
+        &chat,
+    )
+    .await;
+    assert_eq!(status_of(&failed), 500, "{failed}");
+    let messages = json!({"model": "claude-sonnet-4-5", "max_tokens": 32,
+                          "messages": [{"role": "user", "content": "Say hello."}]});
+    let anthropic = proxy_call(
+        port,
+        "/v1/messages",
+        &format!("x-api-key: {APP_KEY}\r\nanthropic-version: 2023-06-01\r\n"),
+        &messages,
+    )
+    .await;
+    assert_eq!(status_of(&anthropic), 200, "{anthropic}");
+    let refused = proxy_call(
+        port,
+        "/v1/chat/completions",
+        &openai,
+        &json!({"model": "gpt-unknown", "messages": []}),
+    )
+    .await;
+    assert_eq!(status_of(&refused), 402, "{refused}");
+
+    let pid = sidecar.id().unwrap();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = tokio::time::timeout(Duration::from_secs(30), sidecar.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    let logs = String::from_utf8_lossy(&logs.await.unwrap()).into_owned();
+    assert!(
+        logs.contains("TRACE") && logs.contains(&format!("connected to 127.0.0.1:{mock}")),
+        "trace logging was on and saw the upstream connections: {}",
+        &logs[..logs.len().min(3000)]
+    );
+    for key in [APP_KEY, CONFIGURED_KEY] {
+        let leaked: Vec<&str> = logs.lines().filter(|line| line.contains(key)).collect();
+        assert!(leaked.is_empty(), "{key} in the logs: {leaked:#?}");
+    }
+    ledger.stop().await;
 }

@@ -28,7 +28,7 @@ use axum::routing::post;
 use http_body_util::BodyExt;
 use hyper::body::Body as _;
 use hyper::body::Incoming;
-use refusal::{CALL_ID_HEADER, DECISION_HEADER, RESERVATION_HEADER, set_header};
+use refusal::{CALL_ID_HEADER, RESERVATION_HEADER, set_decision_headers, set_header};
 use request::{Api, ProviderRequest};
 use std::future::Future as _;
 use std::pin::Pin;
@@ -243,8 +243,7 @@ impl Proxy {
             Body::from(bytes)
         };
         let mut response = (status, out_headers, body).into_response();
-        set_header(&mut response, DECISION_HEADER, decision.decision.as_str());
-        set_header(&mut response, CALL_ID_HEADER, &call_id);
+        set_decision_headers(&mut response, &decision);
         if let Some(reservation) = &decision.reservation_id {
             set_header(&mut response, RESERVATION_HEADER, reservation);
         }

@@ -21,6 +21,26 @@ pub const CALL_ID_HEADER: &str = "x-spendguard-call-id";
 pub const RESERVATION_HEADER: &str = "x-spendguard-reservation-id";
 /// `x-spendguard-evidence-id`: a STOP's ledger record (`decision.stopped`).
 pub const EVIDENCE_HEADER: &str = "x-spendguard-evidence-id";
+/// `x-spendguard-reason`: the decision's stable reason code.
+pub const REASON_HEADER: &str = "x-spendguard-reason";
+/// `x-spendguard-contract-version`: the contract that decided.
+pub const CONTRACT_VERSION_HEADER: &str = "x-spendguard-contract-version";
+/// `x-spendguard-pricing-version`: the pricing snapshot the call was priced from.
+pub const PRICING_VERSION_HEADER: &str = "x-spendguard-pricing-version";
+
+/// What every proxied answer says of its decision, CONTINUE or not: the verdict, the call id,
+/// the reason code and the contract and pricing versions.
+pub fn set_decision_headers(response: &mut Response, decision: &Decision) {
+    set_header(response, DECISION_HEADER, decision.decision.as_str());
+    set_header(response, CALL_ID_HEADER, &decision.call_id);
+    set_header(response, REASON_HEADER, decision.reason);
+    set_header(
+        response,
+        CONTRACT_VERSION_HEADER,
+        &decision.contract_version,
+    );
+    set_header(response, PRICING_VERSION_HEADER, &decision.pricing_version);
+}
 
 /// A STOP or REQUIRE_APPROVAL decision: 402 Payment Required.
 pub fn decision(api: Api, decision: &Decision) -> Response {
@@ -51,6 +71,10 @@ pub fn decision(api: Api, decision: &Decision) -> Response {
         "contract_version".into(),
         decision.contract_version.clone().into(),
     );
+    extra.insert(
+        "pricing_version".into(),
+        decision.pricing_version.clone().into(),
+    );
     let mut response = body(
         api,
         StatusCode::PAYMENT_REQUIRED,
@@ -59,8 +83,7 @@ pub fn decision(api: Api, decision: &Decision) -> Response {
         &message,
         extra,
     );
-    set_header(&mut response, DECISION_HEADER, decision.decision.as_str());
-    set_header(&mut response, CALL_ID_HEADER, &decision.call_id);
+    set_decision_headers(&mut response, decision);
     if let Some(evidence_id) = &decision.evidence_id {
         set_header(&mut response, EVIDENCE_HEADER, evidence_id);
     }

@@ -99,7 +99,7 @@ impl ProviderRequest {
     ///
     /// # Errors
     /// [`SidecarError::InvalidJson`], [`SidecarError::InvalidArgument`] (model, stream, output
-    /// limits), [`SidecarError::UnboundedInput`] or [`SidecarError::Unsupported`].
+    /// limits) or [`SidecarError::UnboundedInput`].
     pub fn parse(api: Api, bytes: &[u8]) -> Result<Self, SidecarError> {
         let value: Value =
             serde_json::from_slice(bytes).map_err(|e| SidecarError::InvalidJson(e.to_string()))?;

@@ -24,12 +24,37 @@ pub struct UpstreamConfig {
     pub openai_base_url: String,
     /// Anthropic origin, e.g. `https://api.anthropic.com`.
     pub anthropic_base_url: String,
-    /// Replaces the app's `Authorization` for OpenAI when set.
-    pub openai_api_key: Option<String>,
-    /// Replaces the app's `x-api-key` for Anthropic when set.
-    pub anthropic_api_key: Option<String>,
+    /// Replaces the app's `Authorization` for OpenAI when set (see [`openai_authorization`]).
+    pub openai_authorization: Option<HeaderValue>,
+    /// Replaces the app's `x-api-key` for Anthropic when set (see [`anthropic_api_key`]).
+    pub anthropic_api_key: Option<HeaderValue>,
     /// Time allowed until response headers, and between stream chunks.
     pub timeout: Duration,
+}
+
+/// The `Authorization` value carrying OpenAI key `key`, marked sensitive: its `Debug` prints
+/// `Sensitive`, so no log line can show it, and HTTP/2 never indexes it.
+///
+/// # Errors
+/// The key is not a valid header value.
+pub fn openai_authorization(key: &str) -> Result<HeaderValue, SidecarError> {
+    sensitive(&format!("Bearer {key}"))
+}
+
+/// The `x-api-key` value carrying Anthropic key `key`, marked sensitive.
+///
+/// # Errors
+/// The key is not a valid header value.
+pub fn anthropic_api_key(key: &str) -> Result<HeaderValue, SidecarError> {
+    sensitive(key)
+}
+
+fn sensitive(value: &str) -> Result<HeaderValue, SidecarError> {
+    let mut value = HeaderValue::from_str(value).map_err(|_| {
+        SidecarError::invalid("api_key_file", "the key is not a valid header value")
+    })?;
+    value.set_sensitive(true);
+    Ok(value)
 }
 
 /// The upstream client.
@@ -139,7 +164,12 @@ impl Upstream {
         let headers = request.headers_mut();
         for (name, value) in client_headers {
             if is_forwardable(name) {
-                headers.append(name.clone(), value.clone());
+                let mut value = value.clone();
+                // The app's own key passes through, never into a log.
+                if name == header::AUTHORIZATION || name == "x-api-key" {
+                    value.set_sensitive(true);
+                }
+                headers.append(name.clone(), value);
             }
         }
         headers.insert(
@@ -152,22 +182,18 @@ impl Upstream {
         );
         match api {
             Api::OpenAiChat | Api::OpenAiResponses => {
-                if let Some(key) = &self.config.openai_api_key {
-                    let value = HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
-                        SidecarError::Internal("OpenAI key is not a header value".into())
-                    })?;
-                    headers.insert(header::AUTHORIZATION, value);
+                if let Some(value) = &self.config.openai_authorization {
+                    headers.insert(header::AUTHORIZATION, value.clone());
                 }
             }
             Api::AnthropicMessages => {
-                if let Some(key) = &self.config.anthropic_api_key {
-                    let value = HeaderValue::from_str(key).map_err(|_| {
-                        SidecarError::Internal("Anthropic key is not a header value".into())
-                    })?;
-                    headers.insert("x-api-key", value);
+                if let Some(value) = &self.config.anthropic_api_key {
+                    headers.insert("x-api-key", value.clone());
                 }
             }
         }
+        // Keys print as `Sensitive` (marked above and in the configuration).
+        tracing::trace!(uri = %request.uri(), headers = ?request.headers(), "sending upstream");
         let answer = tokio::time::timeout(self.config.timeout, self.client.request(request)).await;
         // The request reached a connection only once one was handed to it (TCP and TLS up).
         let connected = connection.connection_metadata().is_some();
@@ -199,4 +225,29 @@ pub fn response_headers(upstream: &HeaderMap) -> HeaderMap {
         }
     }
     headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configured_keys_never_print() {
+        let config = UpstreamConfig {
+            openai_base_url: "https://api.openai.com".into(),
+            anthropic_base_url: "https://api.anthropic.com".into(),
+            openai_authorization: Some(openai_authorization("sk-openai-secret").unwrap()),
+            anthropic_api_key: Some(anthropic_api_key("sk-ant-secret").unwrap()),
+            timeout: Duration::from_secs(1),
+        };
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("secret"), "{printed}");
+        assert!(printed.contains("Sensitive"), "{printed}");
+        assert_eq!(
+            config.openai_authorization.unwrap().to_str().unwrap(),
+            "Bearer sk-openai-secret",
+            "still sent as it is"
+        );
+        assert!(anthropic_api_key("line\nbreak").is_err());
+    }
 }
