@@ -40,8 +40,6 @@ use tracing::{error, info, warn};
 
 /// How often the producer claim's session is checked; a lost session stops writes within this.
 const PRODUCER_PING_INTERVAL: Duration = Duration::from_secs(1);
-/// How often the open-reservations gauge is refreshed.
-const GAUGE_REFRESH_INTERVAL: Duration = Duration::from_secs(10);
 
 /// `spendguard ledger` flags.
 #[derive(Debug, Clone, Args)]
@@ -148,6 +146,15 @@ pub struct LedgerTuning {
         default_value_t = 0
     )]
     pub max_evidence_lag_seconds: u64,
+    /// How often the gauges that need a database count (open reservations, unforwarded
+    /// evidence) are refreshed, in milliseconds. Each refresh is two counts.
+    #[arg(
+        long,
+        env = "SPENDGUARD_LEDGER_GAUGE_REFRESH_MS",
+        default_value_t = 10_000,
+        value_parser = clap::value_parser!(u64).range(100..=600_000)
+    )]
+    pub gauge_refresh_ms: u64,
 }
 
 impl Default for LedgerTuning {
@@ -162,6 +169,7 @@ impl Default for LedgerTuning {
             migrate_on_start: true,
             shutdown_grace_ms: 10_000,
             max_evidence_lag_seconds: 0,
+            gauge_refresh_ms: 10_000,
         }
     }
 }
@@ -331,7 +339,11 @@ pub async fn start(
             evidence_gate,
             metrics.clone(),
         )),
-        tokio::spawn(refresh_gauges(store.clone(), metrics)),
+        tokio::spawn(refresh_gauges(
+            store.clone(),
+            metrics,
+            Duration::from_millis(tuning.gauge_refresh_ms),
+        )),
     ];
     Ok(RunningLedger {
         addr,
@@ -426,7 +438,7 @@ async fn watch_producer_claim(
 }
 
 /// Keeps the gauges that need a database count (open reservations, unforwarded evidence) fresh.
-async fn refresh_gauges(store: Store, metrics: Metrics) {
+async fn refresh_gauges(store: Store, metrics: Metrics, interval: Duration) {
     loop {
         match store.open_reservations().await {
             Ok(open) => {
@@ -440,7 +452,7 @@ async fn refresh_gauges(store: Store, metrics: Metrics) {
             }
             Err(e) => warn!(error = %e, "counting unforwarded audit events failed"),
         }
-        tokio::time::sleep(GAUGE_REFRESH_INTERVAL).await;
+        tokio::time::sleep(interval).await;
     }
 }
 

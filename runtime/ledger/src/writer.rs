@@ -587,6 +587,56 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_full_queue_is_overloaded_and_a_gone_writer_is_shutting_down() {
+        // A full queue answers at once, without waiting: OVERLOADED, gRPC UNAVAILABLE.
+        let (queue, mut receiver) = mpsc::channel(1);
+        let writer = Writer { queue };
+        queue_one(&writer);
+        let full = writer.submit(Command::SweepExpired(1), Urgency::Now).await;
+        let full = full.expect_err("the queue is full");
+        assert!(matches!(full, Error::Overloaded), "{full:?}");
+        let status = crate::grpc::status(&full);
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert_eq!(
+            status.metadata().get("spendguard-error-code").unwrap(),
+            "OVERLOADED"
+        );
+
+        // A writer that took the command and ended without answering: SHUTTING_DOWN.
+        assert!(
+            receiver.recv().await.is_some(),
+            "the writer takes the queued one"
+        );
+        let taker = tokio::spawn(async move {
+            drop(receiver.recv().await); // the next, dropped unanswered
+            receiver
+        });
+        let dropped = writer.submit(Command::SweepExpired(1), Urgency::Now).await;
+        assert!(matches!(dropped, Err(Error::ShuttingDown)), "{dropped:?}");
+        // A writer that is gone: SHUTTING_DOWN at once.
+        drop(taker.await.unwrap());
+        let gone = writer
+            .submit(Command::SweepExpired(1), Urgency::Now)
+            .await
+            .expect_err("the writer is gone");
+        assert!(matches!(gone, Error::ShuttingDown), "{gone:?}");
+        let status = crate::grpc::status(&gone);
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert_eq!(
+            status.metadata().get("spendguard-error-code").unwrap(),
+            "SHUTTING_DOWN"
+        );
+    }
+
+    /// Fills one slot of `writer`'s queue without waiting for an answer.
+    fn queue_one(writer: &Writer) {
+        writer
+            .queue
+            .try_send(command())
+            .unwrap_or_else(|_| panic!("a free slot"));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn linger_waits_for_stragglers_only_after_a_larger_batch() {
         let (sender, mut receiver) = mpsc::channel(16);

@@ -717,6 +717,15 @@ async fn upserts_are_idempotent() {
 #[tokio::test]
 async fn bad_input_gets_its_stable_code_and_writes_nothing() {
     let (mut ledger, fencing) = setup().await;
+    // An open reservation, for settlements that name it with bad fencing.
+    let open = reserved(
+        ledger
+            .client
+            .reserve_set(reserve_request(T, "open-1", &["run"], 10, &fencing))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
     let before = outbox_count(&ledger).await;
     let ok = reserve_request(T, "k", &["run"], 10, &fencing);
     let cases: Vec<(&str, pb::ReserveSetRequest, pb::ErrorCode)> = vec![
@@ -928,6 +937,39 @@ async fn bad_input_gets_its_stable_code_and_writes_nothing() {
             expected
         );
     }
+    // Settling needs the scope's current epoch too: none, 0 or a stale one is refused.
+    let zero = pb::FencingToken {
+        epoch: 0,
+        ..fencing.clone()
+    };
+    let stale = pb::FencingToken {
+        epoch: fencing.epoch + 1,
+        ..fencing.clone()
+    };
+    for (name, token, expected) in [
+        ("missing fencing", None, pb::ErrorCode::FencingEpochMissing),
+        ("epoch zero", Some(zero), pb::ErrorCode::FencingEpochMissing),
+        ("stale epoch", Some(stale), pb::ErrorCode::FencingEpochStale),
+    ] {
+        let commit = pb::CommitRequest {
+            tenant_id: T.into(),
+            reservation_id: open.reservation_id.clone(),
+            actual_nano_usd: 1,
+            fencing: token.clone(),
+            deferrable: false,
+        };
+        let err = ledger.client.commit(commit).await.unwrap_err();
+        assert_eq!(code(&err), expected, "commit, {name}");
+        let release = pb::ReleaseRequest {
+            tenant_id: T.into(),
+            reservation_id: open.reservation_id.clone(),
+            fencing: token,
+            reason: String::new(),
+            deferrable: false,
+        };
+        let err = ledger.client.release(release).await.unwrap_err();
+        assert_eq!(code(&err), expected, "release, {name}");
+    }
     let bad_budget = pb::UpsertBudgetRequest {
         tenant_id: T.into(),
         budget_id: "b".into(),
@@ -971,11 +1013,11 @@ async fn bad_input_gets_its_stable_code_and_writes_nothing() {
         before,
         "refused requests write nothing"
     );
-    let reservations: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations")
-        .fetch_one(ledger.store().pool())
+    let reservations: Vec<String> = sqlx::query_scalar("SELECT state FROM reservations")
+        .fetch_all(ledger.store().pool())
         .await
         .unwrap();
-    assert_eq!(reservations, 0);
+    assert_eq!(reservations, ["reserved"], "only the open one, still open");
 }
 
 #[tokio::test]
@@ -991,12 +1033,14 @@ async fn tenants_cannot_touch_each_other() {
             .unwrap()
             .into_inner(),
     );
-    // Tenant B cannot settle A's reservation, nor use A's scope, nor reserve on A's budget.
+    // Tenant B cannot settle A's reservation, nor use A's scope, nor reserve on A's budget;
+    // none of it writes anything.
+    let events = outbox_count(&ledger).await;
     let err = ledger
         .client
         .release(pb::ReleaseRequest {
             tenant_id: "tenant-b".into(),
-            reservation_id: r.reservation_id,
+            reservation_id: r.reservation_id.clone(),
             fencing: Some(fencing_b.clone()),
             reason: String::new(),
             deferrable: false,
@@ -1019,6 +1063,18 @@ async fn tenants_cannot_touch_each_other() {
         .await
         .unwrap_err();
     assert_eq!(code(&err), pb::ErrorCode::BudgetNotFound);
+    assert_eq!(
+        outbox_count(&ledger).await,
+        events,
+        "refusals write nothing"
+    );
+    let state: String =
+        sqlx::query_scalar("SELECT state FROM reservations WHERE reservation_id = $1::uuid")
+            .bind(&r.reservation_id)
+            .fetch_one(ledger.store().pool())
+            .await
+            .unwrap();
+    assert_eq!(state, "reserved", "A's reservation is untouched");
     invariants::check(ledger.store().pool()).await.unwrap();
 }
 
@@ -1565,4 +1621,138 @@ async fn a_reservation_written_before_the_fingerprint_change_still_replays() {
     let conflict = other.client.reserve_set(changed).await.unwrap_err();
     assert_eq!(code(&conflict), pb::ErrorCode::IdempotencyConflict);
     invariants::check(other.store().pool()).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_stuck_database_is_overloaded_at_once_and_unavailable_at_its_lock_timeout() {
+    // Goal: OVERLOADED and DEPENDENCY_UNAVAILABLE through the RPCs, writing nothing. Method: a
+    // ledger whose queue holds one command; its budget windows locked away by another session;
+    // 32 concurrent ReserveSets. Those the writer holds wait for the lock and get
+    // DEPENDENCY_UNAVAILABLE at its lock timeout (2 s); the rest, past the full queue, get
+    // OVERLOADED at once. Once the lock is gone nothing was reserved and a ReserveSet goes
+    // through.
+    use spendguard_testkit::ledger::{LedgerTuning, shared_cluster};
+    let database_url = shared_cluster().create_database().await.unwrap();
+    let tuning = LedgerTuning {
+        queue_capacity: 1,
+        ..LedgerTuning::default()
+    };
+    let mut ledger = TestLedger::start_tuned(
+        &database_url,
+        "ledger-0",
+        "127.0.0.1:0".parse().unwrap(),
+        &tuning,
+    )
+    .await
+    .unwrap();
+    let fencing = ledger.tenant_with_lease(T).await.unwrap();
+    ledger.budget(T, "run", 1_000_000).await.unwrap();
+    let events = outbox_count(&ledger).await;
+    let pool = ledger.store().pool().clone();
+    let mut locker = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE budget_windows IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *locker)
+        .await
+        .unwrap();
+    let attempts: Vec<_> = (0..32)
+        .map(|n| {
+            let (mut client, fencing) = (ledger.client.clone(), fencing.clone());
+            tokio::spawn(async move {
+                let started = std::time::Instant::now();
+                let request = reserve_request(T, &format!("stuck-{n}"), &["run"], 100, &fencing);
+                let answer = client.reserve_set(request).await;
+                (answer, started.elapsed())
+            })
+        })
+        .collect();
+    let mut by_code = std::collections::BTreeMap::<&str, Vec<std::time::Duration>>::new();
+    for attempt in attempts {
+        let (answer, took) = attempt.await.unwrap();
+        let status = answer.expect_err("nothing goes through a locked database");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        by_code
+            .entry(code(&status).as_str_name())
+            .or_default()
+            .push(took);
+    }
+    locker.rollback().await.unwrap();
+    let overloaded = by_code.remove("ERROR_CODE_OVERLOADED").unwrap_or_default();
+    let unavailable = by_code
+        .remove("ERROR_CODE_DEPENDENCY_UNAVAILABLE")
+        .unwrap_or_default();
+    assert!(by_code.is_empty(), "only those two codes: {by_code:?}");
+    assert!(!overloaded.is_empty() && !unavailable.is_empty());
+    assert!(
+        unavailable
+            .iter()
+            .all(|took| *took >= std::time::Duration::from_millis(1_500)),
+        "waited for the lock: {unavailable:?}"
+    );
+    let reserved: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(reserved, 0);
+    assert_eq!(outbox_count(&ledger).await, events, "nothing written");
+    ledger
+        .client
+        .reserve_set(reserve_request(T, "after", &["run"], 100, &fencing))
+        .await
+        .expect("served again once the database is");
+    invariants::check(&pool).await.unwrap();
+}
+
+/// Waits (up to 10 s) until the ledger's open-reservations gauge reads `open`.
+async fn gauge_reads(ledger: &TestLedger, open: i64) {
+    let line = format!("spendguard_ledger_open_reservations {open}");
+    for _ in 0..200 {
+        if ledger.metrics_text().lines().any(|l| l == line) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("never read `{line}`:\n{}", ledger.metrics_text());
+}
+
+#[tokio::test]
+async fn the_open_reservations_gauge_counts_what_is_held() {
+    use spendguard_testkit::ledger::{LedgerTuning, shared_cluster};
+    let database_url = shared_cluster().create_database().await.unwrap();
+    let tuning = LedgerTuning {
+        gauge_refresh_ms: 100,
+        ..LedgerTuning::default()
+    };
+    let mut ledger = TestLedger::start_tuned(
+        &database_url,
+        "ledger-0",
+        "127.0.0.1:0".parse().unwrap(),
+        &tuning,
+    )
+    .await
+    .unwrap();
+    let fencing = ledger.tenant_with_lease(T).await.unwrap();
+    ledger.budget(T, "run", 1_000).await.unwrap();
+    gauge_reads(&ledger, 0).await;
+    let mut held = Vec::new();
+    for key in ["g-1", "g-2"] {
+        let response = ledger
+            .client
+            .reserve_set(reserve_request(T, key, &["run"], 100, &fencing))
+            .await
+            .unwrap();
+        held.push(reserved(response.into_inner()).reservation_id);
+    }
+    gauge_reads(&ledger, 2).await;
+    ledger
+        .client
+        .commit(pb::CommitRequest {
+            tenant_id: T.into(),
+            reservation_id: held[0].clone(),
+            actual_nano_usd: 40,
+            fencing: Some(fencing.clone()),
+            deferrable: false,
+        })
+        .await
+        .unwrap();
+    gauge_reads(&ledger, 1).await;
 }

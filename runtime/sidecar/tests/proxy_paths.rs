@@ -695,29 +695,51 @@ async fn a_client_gone_before_the_answer_leaves_nothing_open() {
 
 #[tokio::test]
 async fn client_disconnect_mid_stream_resolves_the_reservation() {
+    // Goal: a client gone mid-stream never leaks its reservation, on each streaming API: it is
+    // committed at the worst case it reserved (the provider may bill what it generated).
     let mut stack = Stack::start(Options::default()).await;
-    let response = client()
-        .request(request(
-            &stack.url("/v1/messages"),
-            &[ANTHROPIC_KEY, ("x-mock-chunk-delay-ms", "200")],
-            serde_json::to_vec(&messages_body(true)).unwrap(),
-        ))
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let mut body = response.into_body();
-    {
-        use http_body_util::BodyExt;
-        let first = body.frame().await.unwrap().unwrap();
-        assert!(first.is_data());
+    let streams = [
+        (
+            "/v1/chat/completions",
+            OPENAI_KEY,
+            chat_body("gpt-4o-mini", true),
+        ),
+        (
+            "/v1/responses",
+            OPENAI_KEY,
+            json!({"model": "gpt-4o-mini", "input": "hi", "stream": true}),
+        ),
+        ("/v1/messages", ANTHROPIC_KEY, messages_body(true)),
+    ];
+    for (path, key, stream) in streams {
+        let committed_before = stack.balance().await.committed_nano_usd;
+        let response = client()
+            .request(request(
+                &stack.url(path),
+                &[key, ("x-mock-chunk-delay-ms", "200")],
+                serde_json::to_vec(&stream).unwrap(),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        let mut body = response.into_body();
+        {
+            use http_body_util::BodyExt;
+            let first = body.frame().await.unwrap().unwrap();
+            assert!(first.is_data(), "{path}");
+        }
+        let held = stack.balance().await.reserved_nano_usd;
+        assert!(held > 0, "{path}: the stream holds its reservation");
+        drop(body); // the client goes away mid-stream
+        let balance = stack.settled_balance().await;
+        assert_eq!(balance.reserved_nano_usd, 0, "{path}");
+        assert_eq!(
+            balance.committed_nano_usd - committed_before,
+            held,
+            "{path}"
+        );
+        stack.wait_no_open_calls().await;
     }
-    let held = stack.balance().await.reserved_nano_usd;
-    assert!(held > 0, "the stream holds its reservation");
-    drop(body); // the client goes away mid-stream
-    let balance = stack.settled_balance().await;
-    assert_eq!(balance.reserved_nano_usd, 0);
-    assert_eq!(balance.committed_nano_usd, held);
-    stack.wait_no_open_calls().await;
 }
 
 #[tokio::test]
