@@ -207,6 +207,12 @@ pub struct CommitResponse {
     pub overrun_nano_usd: i64,
     #[prost(bool, tag = "5")]
     pub replayed: bool,
+    /// The commit came after the reservation's TTL (the call outlived it): nothing was committed
+    /// (what it held went back to the budgets when it expired), and all of actual is booked as an
+    /// overrun against its budgets (`reservation.committed_late`); the reservation stays expired.
+    /// committed is then 0, released its amount and overrun the actual.
+    #[prost(bool, tag = "6")]
+    pub late: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -750,7 +756,9 @@ pub enum ErrorCode {
     IdempotencyConflict = 43,
     /// \[FAILED_PRECONDITION\] The reservation was already resolved another way.
     ReservationAlreadyResolved = 44,
-    /// \[FAILED_PRECONDITION\] The reservation expired before it was committed or released.
+    /// \[FAILED_PRECONDITION\] Release of a reservation whose TTL passed: what it held went back to
+    /// the budgets (or goes back at the sweep). A Commit after the TTL is not refused: it is booked
+    /// late (CommitResponse.late).
     ReservationExpired = 45,
     /// Not an error status: the denial reason in ReserveSetResponse when a budget lacks headroom.
     BudgetExhausted = 46,

@@ -75,8 +75,7 @@ pub struct DecideResponse {
     #[prost(bool, tag = "16")]
     pub pricing_stale: bool,
     /// STOP: the id of the ledger's stop record (`decision.stopped` event) for this decision; the
-    /// sidecar publishes it in the background, within about a second. Empty otherwise, and for
-    /// APPROVAL_DENIED / APPROVAL_EXPIRED, whose record is the approval's own event.
+    /// sidecar publishes it in the background, within about a second. Empty otherwise.
     #[prost(string, tag = "17")]
     pub evidence_id: ::prost::alloc::string::String,
 }
@@ -109,6 +108,10 @@ pub struct CommitResponse {
     pub overrun_nano_usd: i64,
     #[prost(bool, tag = "6")]
     pub replayed: bool,
+    /// The call outlived its reservation's TTL: the ledger booked all of the usage as an overrun
+    /// (nothing committed, the reservation expired), so the spend is recorded all the same.
+    #[prost(bool, tag = "7")]
+    pub late: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

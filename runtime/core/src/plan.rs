@@ -1291,6 +1291,9 @@ pub struct Effects {
     pub new_reservations: Vec<ReservationRow>,
     /// Existing reservations resolved.
     pub resolutions: Vec<(Uuid, Resolution)>,
+    /// Usage committed after a reservation had expired in an earlier batch: the expired row's
+    /// actual and overrun (both that amount; see `Planner::commit_late`).
+    pub late_usage: Vec<(Uuid, NanoUsd)>,
     /// Credits drawn from, with their new drawn total (written with their resolution when the
     /// batch also resolves them).
     pub credit_draws: BTreeMap<Uuid, NanoUsd>,
@@ -1330,6 +1333,7 @@ impl Effects {
             lease_events,
             new_reservations: _,
             resolutions: _,
+            late_usage,
             credit_draws: _,
             entries: _,
             new_approval_ids,
@@ -1340,6 +1344,7 @@ impl Effects {
             events: _,
         } = self;
         tenants.is_empty()
+            && late_usage.is_empty()
             && budgets.is_empty()
             && pricing.is_empty()
             && signing_keys.is_empty()
@@ -1795,7 +1800,8 @@ impl Planner {
         Ok(row)
     }
 
-    /// Fencing and expiry checks shared by Commit and Release, after replays were answered.
+    /// Fencing and expiry checks shared by Commit and Release, after replays were answered (a
+    /// Commit past the TTL never gets here: see `commit_late`).
     fn check_settle(
         &self,
         row: &ReservationRow,
@@ -1849,12 +1855,16 @@ impl Planner {
                     replayed: true,
                 });
             }
+            Some(done) if done.state == ReservationState::Expired => {
+                return self.commit_late(c, Some(done));
+            }
             Some(done) => {
                 return Err(LedgerError::ReservationAlreadyResolved {
                     id: row.id,
                     state: done.state.as_str(),
                 });
             }
+            None if row.expires_at <= self.state.now => return self.commit_late(c, None),
             None => {}
         }
         self.check_settle(row, &c.tenant_id, &c.fencing)?;
@@ -1914,6 +1924,131 @@ impl Planner {
         })
     }
 
+    /// A commit that arrives after its reservation's TTL (the call outlived it): the spend
+    /// happened, so it is booked, never dropped. Nothing the reservation held is committed: that
+    /// went back to the budgets when it expired (now, if the sweep has not run yet), and all of
+    /// `actual` is an overrun entry against the reservation's own windows, flagged by its event
+    /// (`reservation.committed_late`). The row stays `expired`, carrying the late actual as its
+    /// actual and overrun. Retried with the same actual it replays; with another it conflicts.
+    /// `expired`: the resolution the sweep left, if it ran.
+    fn commit_late(
+        &mut self,
+        c: &Commit,
+        expired: Option<Resolution>,
+    ) -> Result<Outcome, LedgerError> {
+        if let Some(done) = expired
+            && (done.actual == c.actual || !done.actual.is_zero())
+        {
+            // Booked before (or nothing to book): the same actual replays, another conflicts.
+            if done.actual != c.actual {
+                return Err(LedgerError::IdempotencyConflict(
+                    c.reservation_id.to_string(),
+                ));
+            }
+            return Ok(Outcome::Committed {
+                reservation_id: c.reservation_id,
+                resolution: done,
+                replayed: true,
+            });
+        }
+        let scope = self.state.scopes.get(&c.fencing.scope_id);
+        check_fencing(
+            &c.fencing.scope_id,
+            &c.tenant_id,
+            c.fencing.epoch,
+            scope,
+            None,
+        )?;
+        let row = self
+            .state
+            .reservations
+            .get(&c.reservation_id)
+            .ok_or(LedgerError::ReservationNotFound(c.reservation_id))?;
+        let (amount, windows) = (row.amount, row.windows.clone());
+        for key in &windows {
+            self.window(key)
+                .overrun
+                .checked_add(c.actual)
+                .map_err(money_error("actual_nano_usd"))?;
+        }
+        if expired.is_none() {
+            // Expired now, as the sweep would have: what it held goes back.
+            for key in &windows {
+                self.journal(
+                    key,
+                    Some(c.reservation_id),
+                    EntryKind::Expire,
+                    [0, negative(amount), 0, 0],
+                );
+            }
+            self.event(
+                &c.tenant_id,
+                "reservation.expired",
+                json!({"reservation_id": c.reservation_id.to_string(),
+                       "released_nano_usd": amount.get().to_string()}),
+            );
+        }
+        if !c.actual.is_zero() {
+            for key in &windows {
+                self.journal(
+                    key,
+                    Some(c.reservation_id),
+                    EntryKind::Overrun,
+                    [0, 0, 0, delta(c.actual)],
+                );
+            }
+        }
+        let resolution = Resolution {
+            state: ReservationState::Expired,
+            actual: c.actual,
+            committed: NanoUsd::ZERO,
+            released: amount,
+            overrun: c.actual,
+            epoch: 0,
+        };
+        match expired {
+            None => self.resolve(c.reservation_id, resolution),
+            Some(_) => self.book_late(c.reservation_id, resolution),
+        }
+        self.event(
+            &c.tenant_id,
+            "reservation.committed_late",
+            json!({
+                "reservation_id": c.reservation_id.to_string(),
+                "actual_nano_usd": c.actual.get().to_string(),
+                "overrun_nano_usd": c.actual.get().to_string(),
+                "fencing": {"scope_id": c.fencing.scope_id, "epoch": c.fencing.epoch},
+            }),
+        );
+        Ok(Outcome::Committed {
+            reservation_id: c.reservation_id,
+            resolution,
+            replayed: false,
+        })
+    }
+
+    /// Records late usage on a reservation already expired: in this batch's own resolution of it
+    /// (a sweep earlier in the batch), else as a late booking on the stored row.
+    fn book_late(&mut self, id: Uuid, resolution: Resolution) {
+        if let Some(row) = self.state.reservations.get_mut(&id) {
+            row.resolution = Some(resolution);
+        }
+        if let Some(new) = self
+            .effects
+            .new_reservations
+            .iter_mut()
+            .find(|r| r.id == id)
+        {
+            new.resolution = Some(resolution);
+        } else if let Some((_, resolved)) =
+            self.effects.resolutions.iter_mut().find(|(r, _)| *r == id)
+        {
+            *resolved = resolution;
+        } else {
+            self.effects.late_usage.push((id, resolution.actual));
+        }
+    }
+
     fn release(&mut self, r: &Release) -> Result<Outcome, LedgerError> {
         let row = self.reservation(&r.tenant_id, r.reservation_id, &r.fencing)?;
         match row.resolution {
@@ -1923,6 +2058,10 @@ impl Planner {
                     released: done.released,
                     replayed: true,
                 });
+            }
+            // What it held went back when it expired: nothing is left to release.
+            Some(done) if done.state == ReservationState::Expired => {
+                return Err(LedgerError::ReservationExpired(row.id));
             }
             Some(done) => {
                 return Err(LedgerError::ReservationAlreadyResolved {
@@ -2781,9 +2920,10 @@ mod fingerprint_tests {
     }
 }
 
+/// Credits, draws and late commits, planned on hand-made snapshots.
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::arithmetic_side_effects)]
-mod credit_tests {
+mod settlement_tests {
     use super::*;
     use chrono::TimeZone;
 
@@ -2903,6 +3043,112 @@ mod credit_tests {
             Some(100)
         );
         assert!(effects.entries.iter().all(|e| e.reserved_delta == 0));
+    }
+
+    /// A snapshot holding reservation 9 (500 of budget `b`, not a credit) whose TTL ended a
+    /// minute ago, swept (`resolution`) or not.
+    fn with_lapsed(resolution: Option<Resolution>) -> (Snapshot, Uuid) {
+        let now = Utc.with_ymd_and_hms(2026, 11, 26, 12, 0, 0).unwrap();
+        let (mut snapshot, credit) = with_credit(
+            now,
+            now.date_naive().and_hms_opt(0, 0, 0).unwrap().and_utc(),
+        );
+        let mut lapsed = snapshot.reservations.remove(&credit).unwrap();
+        lapsed.id = Uuid::from_u128(9);
+        lapsed.is_credit = false;
+        lapsed.expires_at = now - Duration::minutes(1);
+        lapsed.resolution = resolution;
+        if resolution.is_some() {
+            // Swept earlier: its 500 is back in the window.
+            for window in snapshot.windows.values_mut() {
+                window.reserved = NanoUsd::ZERO;
+            }
+        } else {
+            snapshot.expired_candidates.push(lapsed.id);
+        }
+        snapshot.reservations.insert(lapsed.id, lapsed.clone());
+        (snapshot, lapsed.id)
+    }
+
+    fn commit_of(id: Uuid, actual: i64) -> Command {
+        Command::Commit(Commit {
+            tenant_id: TENANT.into(),
+            reservation_id: id,
+            actual: NanoUsd::new(actual).unwrap(),
+            fencing: Fencing {
+                scope_id: SCOPE.into(),
+                epoch: 1,
+            },
+        })
+    }
+
+    #[test]
+    fn a_commit_after_the_ttl_is_booked_late_in_one_resolution() {
+        // Swept and committed in one batch: one resolution of the row (a statement cannot update
+        // a row twice), carrying the late usage; an expire entry and an overrun entry.
+        let (snapshot, id) = with_lapsed(None);
+        let (outcomes, effects) =
+            plan_batch(snapshot, &[Command::SweepExpired(10), commit_of(id, 300)]);
+        let Ok(Outcome::Committed {
+            resolution,
+            replayed: false,
+            ..
+        }) = &outcomes[1]
+        else {
+            panic!("{outcomes:?}")
+        };
+        assert_eq!(resolution.state, ReservationState::Expired);
+        assert_eq!(
+            (
+                resolution.actual.get(),
+                resolution.overrun.get(),
+                resolution.released.get()
+            ),
+            (300, 300, 500)
+        );
+        assert_eq!(effects.resolutions, vec![(id, *resolution)]);
+        assert!(effects.late_usage.is_empty() && effects.only_moves_money());
+        let deltas: Vec<(EntryKind, i64, i64)> = effects
+            .entries
+            .iter()
+            .map(|e| (e.kind, e.reserved_delta, e.overrun_delta))
+            .collect();
+        assert_eq!(
+            deltas,
+            [(EntryKind::Expire, -500, 0), (EntryKind::Overrun, 0, 300)]
+        );
+
+        // Swept in an earlier batch: the stored row takes the late usage (the load path only).
+        let swept = Resolution {
+            state: ReservationState::Expired,
+            actual: NanoUsd::ZERO,
+            committed: NanoUsd::ZERO,
+            released: NanoUsd::new(500).unwrap(),
+            overrun: NanoUsd::ZERO,
+            epoch: 0,
+        };
+        let (snapshot, id) = with_lapsed(Some(swept));
+        let (outcomes, effects) = plan_batch(
+            snapshot,
+            &[commit_of(id, 300), commit_of(id, 300), commit_of(id, 301)],
+        );
+        assert!(matches!(
+            outcomes[0],
+            Ok(Outcome::Committed {
+                replayed: false,
+                ..
+            })
+        ));
+        assert!(matches!(
+            outcomes[1],
+            Ok(Outcome::Committed { replayed: true, .. })
+        ));
+        assert_eq!(
+            outcomes[2].as_ref().unwrap_err().code(),
+            crate::ErrorCode::IdempotencyConflict
+        );
+        assert_eq!(effects.late_usage, vec![(id, NanoUsd::new(300).unwrap())]);
+        assert!(effects.resolutions.is_empty() && !effects.only_moves_money());
     }
 
     #[test]

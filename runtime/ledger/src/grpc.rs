@@ -9,7 +9,7 @@ use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::writer::{Urgency, Writer};
 use prost::Message;
-use spendguard_core::plan::{Command, Credit, Outcome, RUN_BUDGET_PREFIX};
+use spendguard_core::plan::{Command, Credit, Outcome, RUN_BUDGET_PREFIX, ReservationState};
 use spendguard_core::{ErrorClass, LedgerError};
 use spendguard_proto::ledger::v1 as pb;
 use std::sync::Arc;
@@ -240,6 +240,7 @@ impl pb::ledger_server::Ledger for LedgerGrpc {
                     released_nano_usd: resolution.released.get(),
                     overrun_nano_usd: resolution.overrun.get(),
                     replayed,
+                    late: resolution.state == ReservationState::Expired,
                 }),
                 other => Err(unexpected(other)),
             }

@@ -1326,8 +1326,41 @@ async fn write(
     // Before any resolution of the same credits in the hot path's statement (one statement
     // cannot update a row twice).
     write_credit_draws(tx, effects).await?;
+    write_late_usage(tx, effects).await?;
     // ...the hot path is one statement.
     write_money_and_outbox(tx, cursor, now, effects, signer).await
+}
+
+/// Usage committed after a reservation expired in an earlier transaction, on its expired row
+/// (the load path only: `Effects::only_moves_money`). The row must still carry no usage; the
+/// resolve-once trigger allows exactly this one change of an expired row.
+async fn write_late_usage(tx: &mut Transaction<'_, Postgres>, effects: &Effects) -> Result<()> {
+    if effects.late_usage.is_empty() {
+        return Ok(());
+    }
+    let (ids, actual): (Vec<Uuid>, Vec<i64>) = effects
+        .late_usage
+        .iter()
+        .map(|(id, actual)| (*id, actual.get()))
+        .unzip();
+    let updated = sqlx::query(
+        "UPDATE reservations r SET actual_nano_usd = u.actual, overrun_nano_usd = u.actual
+           FROM unnest($1::uuid[], $2::bigint[]) AS u(id, actual)
+          WHERE r.reservation_id = u.id AND r.reservation_id = ANY($1)
+            AND r.state = 'expired' AND r.actual_nano_usd = 0 AND r.overrun_nano_usd = 0",
+    )
+    .bind(&ids)
+    .bind(&actual)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    if updated != ids.len() as u64 {
+        return Err(Error::Invariant(format!(
+            "late usage: {updated} of {} expired reservations still carried no usage",
+            ids.len()
+        )));
+    }
+    Ok(())
 }
 
 /// Credits' new drawn totals, on the load path (whose rows are locked, so the totals are exact;

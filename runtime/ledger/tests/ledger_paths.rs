@@ -346,98 +346,185 @@ async fn denial_names_the_budget_and_reserves_nothing_anywhere() {
 }
 
 #[tokio::test]
-async fn expiry_runs_on_the_database_clock_and_late_settlement_is_refused() {
+async fn expiry_runs_on_the_database_clock_and_a_late_commit_is_booked_as_an_overrun() {
+    // Goal: a reservation lapses at its TTL on the database clock (the sweep expires it once;
+    // a release after is RESERVATION_EXPIRED), and the usage of a call that outlived it is
+    // booked, never dropped: a commit after the TTL, before or after the sweep, leaves the
+    // reservation expired (what it held back in the budgets) and books all of its actual as an
+    // overrun on the reservation's own windows, flagged late; its retry replays, another actual
+    // conflicts.
     let (mut ledger, fencing) = setup().await;
-    let mut request = reserve_request(T, "short", &["run", "tenant"], 500, &fencing);
-    request.ttl_ms = 1_000;
-    let r = reserved(
-        ledger
-            .client
-            .reserve_set(request)
-            .await
-            .unwrap()
-            .into_inner(),
-    );
-    let keep = reserved(
-        ledger
-            .client
-            .reserve_set(reserve_request(T, "long", &["run"], 100, &fencing))
-            .await
-            .unwrap()
-            .into_inner(),
-    );
-    // Not yet expired: the sweep leaves it alone.
-    let swept = ledger
+    let short = |key: &str, budgets: &[&str], amount: i64| {
+        let mut request = reserve_request(T, key, budgets, amount, &fencing);
+        request.ttl_ms = 1_000;
+        request
+    };
+    let mut reserve = async |request: pb::ReserveSetRequest| {
+        reserved(
+            ledger
+                .client
+                .reserve_set(request)
+                .await
+                .unwrap()
+                .into_inner(),
+        )
+    };
+    let r1 = reserve(short("short-1", &["run", "tenant"], 500)).await;
+    let r2 = reserve(short("short-2", &["run"], 200)).await;
+    let keep = reserve(reserve_request(T, "long", &["run"], 100, &fencing)).await;
+    let sweep = |ledger: &mut TestLedger| {
+        let mut client = ledger.client.clone();
+        async move {
+            client
+                .sweep_expired(pb::SweepExpiredRequest {
+                    max_reservations: 100,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .expired
+        }
+    };
+    assert_eq!(sweep(&mut ledger).await, 0, "not yet expired");
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    // Lapsed but not swept yet: a replay already reports it expired (nothing may be spent).
+    let replay = ledger
         .client
-        .sweep_expired(pb::SweepExpiredRequest {
-            max_reservations: 100,
-        })
+        .reserve_set(short("short-1", &["run", "tenant"], 500))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(swept.expired, 0);
-    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
-    let err = ledger
-        .client
-        .commit(pb::CommitRequest {
-            tenant_id: T.into(),
-            reservation_id: r.reservation_id.clone(),
-            actual_nano_usd: 1,
-            fencing: Some(fencing.clone()),
-            deferrable: false,
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(code(&err), pb::ErrorCode::ReservationExpired);
-    // Lapsed but not swept yet: a replay already reports it expired (nothing may be spent).
-    let mut retry = reserve_request(T, "short", &["run", "tenant"], 500, &fencing);
-    retry.ttl_ms = 1_000;
-    let replay = ledger.client.reserve_set(retry).await.unwrap().into_inner();
     assert!(replay.replayed);
     assert_eq!(reserved(replay).state(), pb::ReservationState::Expired);
-    let swept = ledger
+
+    let commit = |id: &str, actual: i64| pb::CommitRequest {
+        tenant_id: T.into(),
+        reservation_id: id.to_owned(),
+        actual_nano_usd: actual,
+        fencing: Some(fencing.clone()),
+        deferrable: false,
+    };
+    // Before the sweep: expired now, and all 700 booked late.
+    let late = ledger
         .client
-        .sweep_expired(pb::SweepExpiredRequest {
-            max_reservations: 100,
-        })
+        .commit(commit(&r1.reservation_id, 700))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(swept.expired, 1);
-    let b = balance(&mut ledger, "run").await;
-    assert_eq!((b.reserved_nano_usd, b.committed_nano_usd), (100, 0));
+    assert!(late.late && !late.replayed, "{late:?}");
+    assert_eq!(
+        (
+            late.committed_nano_usd,
+            late.released_nano_usd,
+            late.overrun_nano_usd
+        ),
+        (0, 500, 700)
+    );
+    let again = ledger
+        .client
+        .commit(commit(&r1.reservation_id, 700))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.late && again.replayed);
+    let other = ledger
+        .client
+        .commit(commit(&r1.reservation_id, 701))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&other), pb::ErrorCode::IdempotencyConflict);
+    assert_eq!(
+        sweep(&mut ledger).await,
+        1,
+        "only the second is left to expire"
+    );
+    assert_eq!(
+        sweep(&mut ledger).await,
+        0,
+        "an expired reservation expires once"
+    );
+
+    // After the sweep: nothing left to release; a commit books its 50 late on the expired row.
     let release = pb::ReleaseRequest {
         tenant_id: T.into(),
-        reservation_id: r.reservation_id,
+        reservation_id: r2.reservation_id.clone(),
         fencing: Some(fencing.clone()),
         reason: String::new(),
         deferrable: false,
     };
     assert_eq!(
         code(&ledger.client.release(release).await.unwrap_err()),
-        pb::ErrorCode::ReservationAlreadyResolved
+        pb::ErrorCode::ReservationExpired
     );
-    let again = ledger
+    let late = ledger
         .client
-        .sweep_expired(pb::SweepExpiredRequest {
-            max_reservations: 100,
-        })
+        .commit(commit(&r2.reservation_id, 50))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(again.expired, 0, "an expired reservation expires once");
+    assert!(late.late && !late.replayed, "{late:?}");
+    assert_eq!(
+        (
+            late.committed_nano_usd,
+            late.released_nano_usd,
+            late.overrun_nano_usd
+        ),
+        (0, 200, 50)
+    );
+    assert!(
+        ledger
+            .client
+            .commit(commit(&r2.reservation_id, 50))
+            .await
+            .unwrap()
+            .into_inner()
+            .replayed
+    );
+
+    let run = balance(&mut ledger, "run").await;
+    assert_eq!(
+        (
+            run.reserved_nano_usd,
+            run.committed_nano_usd,
+            run.overrun_nano_usd
+        ),
+        (100, 0, 750),
+        "only the live reservation is held; both late usages are booked"
+    );
+    let tenant = balance(&mut ledger, "tenant").await;
+    assert_eq!(
+        (tenant.reserved_nano_usd, tenant.overrun_nano_usd),
+        (0, 700)
+    );
+    let pool = ledger.store().pool().clone();
+    let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT state, actual_nano_usd, overrun_nano_usd FROM reservations
+          WHERE reservation_id = ANY($1::uuid[]) ORDER BY amount_nano_usd DESC",
+    )
+    .bind(vec![r1.reservation_id.clone(), r2.reservation_id.clone()])
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        [("expired".into(), 700, 700), ("expired".into(), 50, 50)]
+    );
+    let flagged: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_outbox WHERE event_type = 'reservation.committed_late'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        flagged, 2,
+        "one event per late booking, none for the replays"
+    );
     ledger
         .client
-        .commit(pb::CommitRequest {
-            tenant_id: T.into(),
-            reservation_id: keep.reservation_id,
-            actual_nano_usd: 100,
-            fencing: Some(fencing),
-            deferrable: false,
-        })
+        .commit(commit(&keep.reservation_id, 100))
         .await
         .unwrap();
-    invariants::check(ledger.store().pool()).await.unwrap();
+    invariants::check(&pool).await.unwrap();
 }
 
 #[tokio::test]
@@ -1682,6 +1769,12 @@ async fn a_stuck_database_is_overloaded_at_once_and_unavailable_at_its_lock_time
         .unwrap_or_default();
     assert!(by_code.is_empty(), "only those two codes: {by_code:?}");
     assert!(!overloaded.is_empty() && !unavailable.is_empty());
+    assert!(
+        overloaded
+            .iter()
+            .all(|took| *took < std::time::Duration::from_millis(1_500)),
+        "refused without waiting for the lock: {overloaded:?}"
+    );
     assert!(
         unavailable
             .iter()

@@ -172,6 +172,8 @@ pub struct Committed {
     pub overrun_nano_usd: i64,
     /// Answers a retry.
     pub replayed: bool,
+    /// The call outlived its reservation's TTL: all of its usage was booked as an overrun.
+    pub late: bool,
 }
 
 /// The result of a release.
@@ -1383,6 +1385,7 @@ impl Decider {
                 released_nano_usd: 0,
                 overrun_nano_usd: actual.get(),
                 replayed: false,
+                late: false,
             };
             return Ok(self.settle(call_id, Settlement::Committed(committed)));
         }
@@ -1409,12 +1412,20 @@ impl Decider {
             .await
             .map_err(|status| settle_error(call_id, &status))?
             .into_inner();
+        if response.late {
+            warn!(
+                call_id,
+                actual_nano_usd = actual.get(),
+                "the call outlived its reservation's TTL; the ledger booked its usage as an overrun"
+            );
+        }
         let committed = Committed {
             actual_nano_usd: actual.get(),
             committed_nano_usd: response.committed_nano_usd,
             released_nano_usd: response.released_nano_usd,
             overrun_nano_usd: response.overrun_nano_usd,
             replayed: false,
+            late: response.late,
         };
         Ok(self.settle(call_id, Settlement::Committed(committed)))
     }
@@ -1618,6 +1629,7 @@ impl From<Settlement> for Committed {
                 released_nano_usd: r.released_nano_usd,
                 overrun_nano_usd: 0,
                 replayed: true,
+                late: false,
             },
         }
     }

@@ -277,6 +277,12 @@ async fn a_denied_or_expired_approval_stops_the_call_by_name() {
         })
         .collect();
     assert_eq!(published, evidence);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        stack.events("decision.stopped").await.len(),
+        3,
+        "nothing more is published"
+    );
 
     stack
         .sidecar()

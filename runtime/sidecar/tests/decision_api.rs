@@ -189,9 +189,10 @@ async fn http_errors_have_stable_codes_and_change_nothing() {
 #[tokio::test]
 async fn settlements_without_money_and_a_misconfigured_guard_have_stable_codes() {
     // Goal: the decision API's remaining stable codes, each over HTTP with its status:
-    // NO_RESERVATION (settling a call that was refused), RESERVATION_EXPIRED (settling a call
-    // whose reservation the ledger expired), GUARD_MISCONFIGURED (the ledger holds the run's
-    // budget with another limit than the contract's), and nothing moves for any of them.
+    // NO_RESERVATION (settling a call that was refused), RESERVATION_EXPIRED (releasing a call
+    // whose reservation's TTL passed), GUARD_MISCONFIGURED (the ledger holds the run's budget
+    // with another limit than the contract's), and nothing moves for any of them; while a
+    // commit after the TTL is booked late, its usage all overrun, never dropped.
     let mut stack = Stack::start(Options {
         contract: json!({"per_run_limit_nano_usd": 5_000_000}),
         flags: vec!["--reservation-ttl-ms=1000".into()],
@@ -221,13 +222,27 @@ async fn settlements_without_money_and_a_misconfigured_guard_have_stable_codes()
     assert_eq!(reply.status, 409, "{}", reply.json());
     assert_eq!(reply.json()["error"]["code"], "NO_RESERVATION");
 
-    // Its TTL (1 s) passed before the commit; the sweep has not run yet.
-    let allowed = stack.decide_ok(&decide_body("c-late", 100)).await;
-    assert_eq!(allowed["decision"], "CONTINUE", "{allowed}");
+    // Their TTL (1 s) passed before they settle; the sweep has not run yet.
+    for call_id in ["c-late", "c-gone"] {
+        let allowed = stack.decide_ok(&decide_body(call_id, 100)).await;
+        assert_eq!(allowed["decision"], "CONTINUE", "{allowed}");
+    }
     tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
-    let reply = settle("/v1/spendguard/commit", "c-late").await;
+    let reply = post_json(
+        &stack.url("/v1/spendguard/release"),
+        &[],
+        &json!({"call_id": "c-gone", "reason": "client_gone"}),
+    )
+    .await;
     assert_eq!(reply.status, 409, "{}", reply.json());
     assert_eq!(reply.json()["error"]["code"], "RESERVATION_EXPIRED");
+    let late = settle("/v1/spendguard/commit", "c-late").await;
+    assert_eq!(late.status, 200, "{}", late.json());
+    let late = late.json();
+    assert_eq!(late["late"], true, "{late}");
+    assert_eq!(late["committed_nano_usd"], 0);
+    let overrun = late["overrun_nano_usd"].as_i64().unwrap();
+    assert!(overrun > 0 && late["actual_nano_usd"] == overrun, "{late}");
 
     // The run's budget, as an operator (or an earlier contract) set it: 1 USD, not 0.005.
     stack
@@ -260,7 +275,11 @@ async fn settlements_without_money_and_a_misconfigured_guard_have_stable_codes()
     assert_eq!(
         (balance.reserved_nano_usd, balance.committed_nano_usd),
         (0, 0),
-        "nothing held or spent"
+        "nothing held or committed"
+    );
+    assert_eq!(
+        balance.overrun_nano_usd, overrun,
+        "the late usage is booked"
     );
 }
 

@@ -743,6 +743,47 @@ async fn client_disconnect_mid_stream_resolves_the_reservation() {
 }
 
 #[tokio::test]
+async fn a_call_that_outlives_its_reservation_is_still_billed() {
+    // Goal: "committed with whatever usage the provider reported", also for a call that outlives
+    // its reservation's TTL: the ledger books its usage late, all as an overrun, and the
+    // sidecar counts it as such. Method: reservations of 1 s, a provider answering in 1.5 s.
+    let mut stack = Stack::start(Options {
+        flags: vec!["--reservation-ttl-ms=1000".into()],
+        ..Options::default()
+    })
+    .await;
+    let reply = post_json(
+        &stack.url("/v1/chat/completions"),
+        &[OPENAI_KEY, ("x-mock-latency-ms", "1500")],
+        &chat_body("gpt-4o-mini", false),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.json());
+    let mut booked = 0;
+    for _ in 0..100 {
+        booked = stack.balance().await.overrun_nano_usd;
+        if booked > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(booked, HELLO_CHAT_COST, "all of its usage, as an overrun");
+    let balance = stack.balance().await;
+    assert_eq!(
+        (balance.reserved_nano_usd, balance.committed_nano_usd),
+        (0, 0)
+    );
+    stack.wait_no_open_calls().await;
+    assert!(
+        stack
+            .metrics_text()
+            .contains(r#"spendguard_sidecar_settlements_total{outcome="commit_late"} 1"#),
+        "{}",
+        stack.metrics_text()
+    );
+}
+
+#[tokio::test]
 async fn a_call_id_is_forwarded_once() {
     let mut stack = Stack::start(Options::default()).await;
     let headers = [OPENAI_KEY, ("x-spendguard-call-id", "call-once")];

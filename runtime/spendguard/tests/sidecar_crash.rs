@@ -556,12 +556,10 @@ async fn settlements(pool: &sqlx::PgPool) -> Vec<(String, i64)> {
 async fn kill_dash_nine_of_the_ledger_fails_new_calls_closed_and_settles_each_call_once() {
     // Goal: issue 3's fault "the ledger killed mid-run makes new calls fail closed while
     // in-flight ones never commit twice", with the ledger as its own process killed by SIGKILL
-    // (nothing drained, answers lost mid-flight). Method: 8 calls in flight whose upstream
-    // answers 0.1–1.5 s later, the ledger killed at 0.6 s, while some have settled, some are
-    // settling and some still wait upstream; a new call is 503; every in-flight call is
-    // answered 200 while the ledger is down, so those answered after the kill settle into the
-    // outage and retry; the ledger restarts on the same ports; each call settles exactly once,
-    // at its usage.
+    // (nothing drained). Method: 8 calls reserve; 3 of them answer upstream at once and settle,
+    // 5 answer 3 s later; the ledger is killed in between, so a new call is 503, the 5 are
+    // answered 200 during the outage and their settlements retry; the ledger restarts on the
+    // same ports, and each call settles exactly once, at its usage.
     let url = spendguard_testkit::ledger::shared_cluster()
         .create_database()
         .await
@@ -575,34 +573,36 @@ async fn kill_dash_nine_of_the_ledger_fails_new_calls_closed_and_settles_each_ca
     let data_addr = format!("127.0.0.1:{data}").parse().unwrap();
     let sidecar = spawn_sidecar(data_addr, bundle.path(), spool.path(), spawn_mock()).await;
 
-    let started = tokio::time::Instant::now();
     let in_flight: Vec<_> = (0..8)
         .map(|n| {
-            let headers = format!("x-mock-latency-ms: {}\r\n", 100 + 200 * n);
+            let latency = if n < 3 { 0 } else { 3_000 };
+            let headers = format!("x-mock-latency-ms: {latency}\r\n");
             tokio::spawn(async move { chat_with(sidecar.port, &headers).await })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    let in_state =
+        |rows: &[(String, i64)], state: &str| rows.iter().filter(|(s, _)| s == state).count();
+    eventually("8 calls reserved and 3 settled", || {
+        let pool = pool.clone();
+        async move {
+            let rows = settlements(&pool).await;
+            rows.len() == 8 && in_state(&rows, "committed") == 3
+        }
+    })
+    .await;
     ledger.kill().await.unwrap(); // SIGKILL
+    assert_eq!(
+        in_state(&settlements(&pool).await, "reserved"),
+        5,
+        "in flight when the ledger died"
+    );
     let refused = chat_with(sidecar.port, "").await;
     assert_eq!(status_of(&refused), 503, "{refused}");
     assert!(refused.contains("DEPENDENCY_UNAVAILABLE"), "{refused}");
-
     for call in in_flight {
         let response = call.await.unwrap();
         assert_eq!(status_of(&response), 200, "{response}");
     }
-    tokio::time::sleep_until(started + Duration::from_millis(2_000)).await;
-    // Five by the schedule; at least the last three on a slow machine.
-    let waiting = settlements(&pool)
-        .await
-        .iter()
-        .filter(|(state, _)| state == "reserved")
-        .count();
-    assert!(
-        waiting >= 3,
-        "the calls answered after the kill wait to settle: {waiting}"
-    );
 
     let _ledger = ledger_command(&url, data, control).spawn().unwrap();
     wait_for_ledger(control).await;

@@ -6,7 +6,8 @@ use sqlx::{PgPool, Row};
 /// Asserts: journal sums equal window balances; window reserved equals the open reservations'
 /// amounts (a credit's less what calls drew from it); a credit's drawn total is the sum of its
 /// draws; no window overspent; every resolved reservation has exactly one resolution entry per
-/// budget; every fail-open record has one overrun entry of its cost per budget; producer
+/// budget, and overrun entries adding up to its overrun; every fail-open record has one overrun
+/// entry of its cost per budget; producer
 /// sequences are contiguous from 1 with the counter just past the last.
 ///
 /// # Errors
@@ -90,6 +91,23 @@ pub async fn check(pool: &PgPool) -> Result<()> {
     ensure!(
         resolution_counts == 0,
         "{resolution_counts} reservations with wrong reserve/resolution entries"
+    );
+
+    // A reservation's overrun (above its amount, or all of a commit after its TTL) is its
+    // overrun entries, per budget.
+    let overrun_mismatch: Vec<String> = sqlx::query_scalar(
+        "SELECT r.reservation_id::text FROM reservations r,
+                unnest(r.budget_ids, r.window_starts) AS b(budget_id, window_start)
+          WHERE coalesce(r.overrun_nano_usd, 0) <>
+                coalesce((SELECT sum(e.overrun_delta) FROM ledger_entries e
+                           WHERE e.reservation_id = r.reservation_id AND e.kind = 'overrun'
+                             AND e.budget_id = b.budget_id AND e.window_start = b.window_start), 0)",
+    )
+    .fetch_all(pool)
+    .await?;
+    ensure!(
+        overrun_mismatch.is_empty(),
+        "reservations whose overrun is not their overrun entries: {overrun_mismatch:?}"
     );
 
     // A fail-open record (S22) carries its cost as exactly one overrun entry per budget (none

@@ -98,6 +98,7 @@ impl pb::sidecar_server::Sidecar for SidecarService {
             released_nano_usd: c.released_nano_usd,
             overrun_nano_usd: c.overrun_nano_usd,
             replayed: c.replayed,
+            late: c.late,
         }))
     }
 

@@ -318,7 +318,7 @@ async fn settle_with_retries(
             Outcome::Commit(spend) => decider
                 .commit(&call_id, spend, Waiter::Nobody)
                 .await
-                .map(|_| "commit"),
+                .map(|c| if c.late { "commit_late" } else { "commit" }),
             Outcome::Release(reason) => decider
                 .release(&call_id, reason, Waiter::Nobody)
                 .await

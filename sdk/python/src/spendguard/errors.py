@@ -12,8 +12,8 @@ Every exception carries:
 - `decision`: `"STOP"` or `"REQUIRE_APPROVAL"` for refusals, else None;
 - `status_code`: the HTTP status, when there was one;
 - `evidence_id`: for a STOP, the id of the ledger's signed record of the refusal
-  (`decision.stopped`), else None; None too for `ApprovalDenied` / `ApprovalExpired`, whose
-  record is the approval's own event (named by `approval_id`).
+  (`decision.stopped`), else None; for `ApprovalDenied` / `ApprovalExpired`, `approval_id` also
+  names the approval whose own event records who decided.
 
 Attribute names deliberately avoid the ones the provider exceptions use for something else
 (`type`, `body`, `response`, `request`), because the guarded clients raise classes that are both.

@@ -129,6 +129,8 @@ class CommitResult:
     released_nano_usd: int
     overrun_nano_usd: int
     replayed: bool
+    # The call outlived its reservation's TTL: all of its usage was booked as an overrun.
+    late: bool = False
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> CommitResult:
@@ -139,6 +141,7 @@ class CommitResult:
             released_nano_usd=_int(data, "released_nano_usd"),
             overrun_nano_usd=_int(data, "overrun_nano_usd"),
             replayed=bool(data.get("replayed", False)),
+            late=bool(data.get("late", False)),
         )
 
 
