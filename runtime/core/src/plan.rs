@@ -1292,8 +1292,9 @@ pub struct Effects {
     /// Existing reservations resolved.
     pub resolutions: Vec<(Uuid, Resolution)>,
     /// Usage committed after a reservation had expired in an earlier batch: the expired row's
-    /// actual and overrun (both that amount; see `Planner::commit_late`).
-    pub late_usage: Vec<(Uuid, NanoUsd)>,
+    /// actual and overrun (both that amount) and the committing epoch as its resolved epoch
+    /// (see `Planner::commit_late`).
+    pub late_usage: Vec<(Uuid, NanoUsd, u64)>,
     /// Credits drawn from, with their new drawn total (written with their resolution when the
     /// batch also resolves them).
     pub credit_draws: BTreeMap<Uuid, NanoUsd>,
@@ -1543,7 +1544,7 @@ impl Planner {
                 expires_at: existing.expires_at,
                 balances: existing.windows.iter().map(|w| self.balance(w)).collect(),
                 // Past its expiry it is spent, whether or not the sweep has reached it yet: a
-                // Commit would be refused (RESERVATION_EXPIRED).
+                // Commit is booked late, all of it an overrun (`commit_late`).
                 state: match existing.state() {
                     ReservationState::Reserved if existing.expires_at <= self.state.now => {
                         ReservationState::Expired
@@ -1929,17 +1930,19 @@ impl Planner {
     /// went back to the budgets when it expired (now, if the sweep has not run yet), and all of
     /// `actual` is an overrun entry against the reservation's own windows, flagged by its event
     /// (`reservation.committed_late`). The row stays `expired`, carrying the late actual as its
-    /// actual and overrun. Retried with the same actual it replays; with another it conflicts.
-    /// `expired`: the resolution the sweep left, if it ran.
+    /// actual and overrun and the committing epoch as its resolved epoch (which the sweep leaves
+    /// at none: that is how a late commit is told from a plain expiry). Retried with the same
+    /// actual it replays; with another (0 included) it conflicts. `expired`: the resolution the
+    /// sweep left, if it ran.
     fn commit_late(
         &mut self,
         c: &Commit,
         expired: Option<Resolution>,
     ) -> Result<Outcome, LedgerError> {
         if let Some(done) = expired
-            && (done.actual == c.actual || !done.actual.is_zero())
+            && done.epoch != 0
         {
-            // Booked before (or nothing to book): the same actual replays, another conflicts.
+            // Committed late before: the same actual replays, another conflicts.
             if done.actual != c.actual {
                 return Err(LedgerError::IdempotencyConflict(
                     c.reservation_id.to_string(),
@@ -2004,7 +2007,7 @@ impl Planner {
             committed: NanoUsd::ZERO,
             released: amount,
             overrun: c.actual,
-            epoch: 0,
+            epoch: c.fencing.epoch,
         };
         match expired {
             None => self.resolve(c.reservation_id, resolution),
@@ -2045,7 +2048,9 @@ impl Planner {
         {
             *resolved = resolution;
         } else {
-            self.effects.late_usage.push((id, resolution.actual));
+            self.effects
+                .late_usage
+                .push((id, resolution.actual, resolution.epoch));
         }
     }
 
@@ -3106,6 +3111,10 @@ mod settlement_tests {
             ),
             (300, 300, 500)
         );
+        assert_eq!(
+            resolution.epoch, 1,
+            "the committing epoch marks a late commit"
+        );
         assert_eq!(effects.resolutions, vec![(id, *resolution)]);
         assert!(effects.late_usage.is_empty() && effects.only_moves_money());
         let deltas: Vec<(EntryKind, i64, i64)> = effects
@@ -3147,8 +3156,28 @@ mod settlement_tests {
             outcomes[2].as_ref().unwrap_err().code(),
             crate::ErrorCode::IdempotencyConflict
         );
-        assert_eq!(effects.late_usage, vec![(id, NanoUsd::new(300).unwrap())]);
+        assert_eq!(
+            effects.late_usage,
+            vec![(id, NanoUsd::new(300).unwrap(), 1)]
+        );
         assert!(effects.resolutions.is_empty() && !effects.only_moves_money());
+
+        // A late commit of 0 is a commit too: it books nothing, and another actual conflicts.
+        let (snapshot, id) = with_lapsed(Some(swept));
+        let (outcomes, effects) = plan_batch(snapshot, &[commit_of(id, 0), commit_of(id, 300)]);
+        assert!(matches!(
+            outcomes[0],
+            Ok(Outcome::Committed {
+                replayed: false,
+                ..
+            })
+        ));
+        assert_eq!(
+            outcomes[1].as_ref().unwrap_err().code(),
+            crate::ErrorCode::IdempotencyConflict
+        );
+        assert_eq!(effects.late_usage, vec![(id, NanoUsd::ZERO, 1)]);
+        assert!(effects.entries.is_empty(), "nothing to book");
     }
 
     #[test]

@@ -1331,26 +1331,33 @@ async fn write(
     write_money_and_outbox(tx, cursor, now, effects, signer).await
 }
 
-/// Usage committed after a reservation expired in an earlier transaction, on its expired row
-/// (the load path only: `Effects::only_moves_money`). The row must still carry no usage; the
-/// resolve-once trigger allows exactly this one change of an expired row.
+/// Usage committed after a reservation expired in an earlier transaction, on its expired row,
+/// with the committing epoch as its resolved epoch (the load path only:
+/// `Effects::only_moves_money`). The row must still be a plain expiry (no usage, no resolved
+/// epoch); the resolve-once trigger allows exactly this one change of an expired row.
 async fn write_late_usage(tx: &mut Transaction<'_, Postgres>, effects: &Effects) -> Result<()> {
     if effects.late_usage.is_empty() {
         return Ok(());
     }
-    let (ids, actual): (Vec<Uuid>, Vec<i64>) = effects
-        .late_usage
-        .iter()
-        .map(|(id, actual)| (*id, actual.get()))
-        .unzip();
+    let mut ids = Vec::with_capacity(effects.late_usage.len());
+    let mut actual = Vec::with_capacity(effects.late_usage.len());
+    let mut epochs = Vec::with_capacity(effects.late_usage.len());
+    for (id, amount, epoch) in &effects.late_usage {
+        ids.push(*id);
+        actual.push(amount.get());
+        epochs.push(to_i64(*epoch)?);
+    }
     let updated = sqlx::query(
-        "UPDATE reservations r SET actual_nano_usd = u.actual, overrun_nano_usd = u.actual
-           FROM unnest($1::uuid[], $2::bigint[]) AS u(id, actual)
+        "UPDATE reservations r
+            SET actual_nano_usd = u.actual, overrun_nano_usd = u.actual, resolved_epoch = u.epoch
+           FROM unnest($1::uuid[], $2::bigint[], $3::bigint[]) AS u(id, actual, epoch)
           WHERE r.reservation_id = u.id AND r.reservation_id = ANY($1)
-            AND r.state = 'expired' AND r.actual_nano_usd = 0 AND r.overrun_nano_usd = 0",
+            AND r.state = 'expired' AND r.resolved_epoch IS NULL
+            AND r.actual_nano_usd = 0 AND r.overrun_nano_usd = 0",
     )
     .bind(&ids)
     .bind(&actual)
+    .bind(&epochs)
     .execute(&mut **tx)
     .await?
     .rows_affected();

@@ -497,17 +497,22 @@ async fn expiry_runs_on_the_database_clock_and_a_late_commit_is_booked_as_an_ove
         (0, 700)
     );
     let pool = ledger.store().pool().clone();
-    let rows: Vec<(String, i64, i64)> = sqlx::query_as(
-        "SELECT state, actual_nano_usd, overrun_nano_usd FROM reservations
+    let rows: Vec<(String, i64, i64, Option<i64>)> = sqlx::query_as(
+        "SELECT state, actual_nano_usd, overrun_nano_usd, resolved_epoch FROM reservations
           WHERE reservation_id = ANY($1::uuid[]) ORDER BY amount_nano_usd DESC",
     )
     .bind(vec![r1.reservation_id.clone(), r2.reservation_id.clone()])
     .fetch_all(&pool)
     .await
     .unwrap();
+    let epoch = Some(i64::try_from(fencing.epoch).unwrap());
     assert_eq!(
         rows,
-        [("expired".into(), 700, 700), ("expired".into(), 50, 50)]
+        [
+            ("expired".into(), 700, 700, epoch),
+            ("expired".into(), 50, 50, epoch)
+        ],
+        "each carries its late usage and the committing epoch"
     );
     let flagged: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM audit_outbox WHERE event_type = 'reservation.committed_late'",
@@ -1368,6 +1373,63 @@ async fn database_constraints_hold_even_if_application_code_is_wrong() {
             .execute(&pool)
             .await;
     assert!(twice.is_err());
+    // An expired row takes its late usage once (with the committing epoch), and nothing else.
+    sqlx::query("UPDATE reservations SET state = 'expired' WHERE reservation_id = $1")
+        .bind(id)
+        .execute(&pool)
+        .await
+        .expect_err("a released row cannot become expired");
+    let expired = reserved(
+        ledger
+            .client
+            .reserve_set({
+                let mut request = reserve_request(T, "lapses", &["run"], 10, &fencing);
+                request.ttl_ms = 1_000;
+                request
+            })
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let expired = uuid::Uuid::parse_str(&expired.reservation_id).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    ledger
+        .client
+        .sweep_expired(pb::SweepExpiredRequest {
+            max_reservations: 10,
+        })
+        .await
+        .unwrap();
+    let late = |set: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "UPDATE reservations SET {set} WHERE reservation_id = $1"
+            )))
+            .bind(expired)
+            .execute(&pool)
+            .await
+        }
+    };
+    for wrong in [
+        // No committing epoch: it would still read as a plain expiry.
+        "actual_nano_usd = 5, overrun_nano_usd = 5",
+        // Usage that is not all overrun.
+        "actual_nano_usd = 5, overrun_nano_usd = 4, resolved_epoch = 1",
+        // Money moved on the row.
+        "actual_nano_usd = 5, overrun_nano_usd = 5, resolved_epoch = 1, released_nano_usd = 0, committed_nano_usd = 10",
+    ] {
+        assert!(late(wrong).await.is_err(), "the database accepted: {wrong}");
+    }
+    late("actual_nano_usd = 5, overrun_nano_usd = 5, resolved_epoch = 1")
+        .await
+        .expect("a late usage, once");
+    assert!(
+        late("actual_nano_usd = 6, overrun_nano_usd = 6, resolved_epoch = 1")
+            .await
+            .is_err(),
+        "and never twice"
+    );
 }
 
 /// RFC 8032 test vector public keys (valid, not small-order).
