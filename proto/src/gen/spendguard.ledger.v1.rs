@@ -794,6 +794,12 @@ pub enum ErrorCode {
     /// unforwarded event is older: ReserveSet and CreateApproval are refused until the forwarder
     /// catches up; settlements, leases and evidence records go on. Nothing was written.
     EvidenceBacklog = 64,
+    /// \[UNAVAILABLE\] The ledger cannot sign the audit evidence of the request (its signing key
+    /// is unavailable: a KMS key disabled, deleted or denied, or KMS unreachable); no effect is
+    /// written without its signed evidence, so nothing was written. The message names the
+    /// signer's own code (SIGNING_KEY_UNAVAILABLE, SIGNING_BACKEND_UNAVAILABLE, ...). Never a
+    /// reason to fail open: the call could not be recorded.
+    SigningUnavailable = 65,
 }
 impl ErrorCode {
     /// String value of the enum field names used in the ProtoBuf definition.
@@ -839,6 +845,7 @@ impl ErrorCode {
             Self::ShuttingDown => "ERROR_CODE_SHUTTING_DOWN",
             Self::Internal => "ERROR_CODE_INTERNAL",
             Self::EvidenceBacklog => "ERROR_CODE_EVIDENCE_BACKLOG",
+            Self::SigningUnavailable => "ERROR_CODE_SIGNING_UNAVAILABLE",
         }
     }
     /// Creates an enum from field names used in the ProtoBuf definition.
@@ -885,6 +892,7 @@ impl ErrorCode {
             "ERROR_CODE_SHUTTING_DOWN" => Some(Self::ShuttingDown),
             "ERROR_CODE_INTERNAL" => Some(Self::Internal),
             "ERROR_CODE_EVIDENCE_BACKLOG" => Some(Self::EvidenceBacklog),
+            "ERROR_CODE_SIGNING_UNAVAILABLE" => Some(Self::SigningUnavailable),
             _ => None,
         }
     }

@@ -83,6 +83,7 @@ error_codes! {
     DependencyUnavailable = "DEPENDENCY_UNAVAILABLE" => Unavailable,
     ShuttingDown = "SHUTTING_DOWN" => Unavailable,
     EvidenceBacklog = "EVIDENCE_BACKLOG" => Unavailable,
+    SigningUnavailable = "SIGNING_UNAVAILABLE" => Unavailable,
     Internal = "INTERNAL" => Internal,
 }
 

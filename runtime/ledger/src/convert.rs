@@ -921,6 +921,7 @@ pub fn error_code_to_proto(code: ErrorCode) -> pb::ErrorCode {
         ErrorCode::DependencyUnavailable => pb::ErrorCode::DependencyUnavailable,
         ErrorCode::ShuttingDown => pb::ErrorCode::ShuttingDown,
         ErrorCode::EvidenceBacklog => pb::ErrorCode::EvidenceBacklog,
+        ErrorCode::SigningUnavailable => pb::ErrorCode::SigningUnavailable,
         ErrorCode::Internal => pb::ErrorCode::Internal,
         ErrorCode::ApproverRequired => pb::ErrorCode::ApproverRequired,
         ErrorCode::ApprovalNotFound => pb::ErrorCode::ApprovalNotFound,

@@ -31,6 +31,10 @@ pub enum Error {
     /// The database failed or is unreachable; the transaction rolled back.
     #[error("database unavailable: {0}")]
     Database(String),
+    /// An audit event could not be signed, so its batch wrote nothing (no effect without its
+    /// evidence): the signer's stable code and message.
+    #[error("audit evidence cannot be signed: {0}")]
+    Signing(String),
     /// A database invariant fired: a bug, caught before anything was written.
     #[error("ledger invariant violated: {0}")]
     Invariant(String),
@@ -101,6 +105,7 @@ impl Error {
             Self::ShuttingDown | Self::ServingStopped(_) => ErrorCode::ShuttingDown,
             Self::EvidenceBacklog { .. } => ErrorCode::EvidenceBacklog,
             Self::Database(_) => ErrorCode::DependencyUnavailable,
+            Self::Signing(_) => ErrorCode::SigningUnavailable,
             Self::Invariant(_) | Self::Migration(_) | Self::Startup(_) | Self::Stale => {
                 ErrorCode::Internal
             }

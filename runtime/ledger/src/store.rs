@@ -1977,7 +1977,7 @@ impl EffectParams {
                     let signed = signer
                         .sign(&event.bytes)
                         .await
-                        .map_err(|e| Error::Database(format!("signing audit event: {e}")))?;
+                        .map_err(|e| Error::Signing(format!("{}: {e}", e.code())))?;
                     s_keys.push(Some(signed.key_id));
                     s_algorithms.push(Some(signed.algorithm.as_str()));
                     s_times.push(Some(signed.signed_at));

@@ -1756,6 +1756,25 @@ async fn a_reservation_written_before_the_fingerprint_change_still_replays() {
         .await
         .unwrap()
         .into_inner();
+    assert_eq!(
+        restarted.epoch,
+        fencing.epoch + 1,
+        "a restart takes the next epoch"
+    );
+    let last: (String, i64, i64) = sqlx::query_as(
+        "SELECT outcome, previous_epoch, epoch FROM fencing_scope_events
+          WHERE scope_id = $1 ORDER BY event_id DESC LIMIT 1",
+    )
+    .bind(&fencing.scope_id)
+    .fetch_one(other.store().pool())
+    .await
+    .unwrap();
+    let epoch = i64::try_from(fencing.epoch).unwrap();
+    assert_eq!(
+        last,
+        ("restarted".to_owned(), epoch, epoch + 1),
+        "the restart is in the scope's history"
+    );
     let mut next_epoch = request.clone();
     next_epoch.fencing = Some(pb::FencingToken {
         scope_id: fencing.scope_id.clone(),

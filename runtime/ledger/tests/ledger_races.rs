@@ -169,6 +169,102 @@ async fn two_contenders_for_one_expired_scope_exactly_one_wins() {
     invariants::check(ledger.store().pool()).await.unwrap();
 }
 
+/// Six contenders for `scope_id`, alternating between two ledger clients: the winners' leases.
+/// Every loser is refused FENCING_LEASE_HELD.
+async fn contend(
+    clients: [&spendguard_testkit::ledger::LedgerClient; 2],
+    scope_id: &str,
+) -> Vec<pb::AcquireFencingLeaseResponse> {
+    let mut tasks = Vec::new();
+    for n in 0..6 {
+        let mut client = clients[n % 2].clone();
+        let scope_id = scope_id.to_owned();
+        tasks.push(tokio::spawn(async move {
+            client
+                .acquire_fencing_lease(pb::AcquireFencingLeaseRequest {
+                    scope_id,
+                    tenant_id: T.into(),
+                    workload_instance_id: format!("pod-{n}"),
+                    ttl_ms: 60_000,
+                    expected_epoch: 0,
+                    force: false,
+                })
+                .await
+        }));
+    }
+    let mut winners = Vec::new();
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(lease) => winners.push(lease.into_inner()),
+            Err(status) => assert_eq!(
+                spendguard_proto::ledger::error_code(&status),
+                Some(pb::ErrorCode::FencingLeaseHeld),
+                "{status:?}"
+            ),
+        }
+    }
+    winners
+}
+
+#[tokio::test]
+async fn contenders_on_two_replicas_leave_one_winner_per_scope() {
+    // Goal: S3's compare-and-set across ledger processes, where no process memory orders the
+    // contenders and only the database does: for an expired scope and for a scope nobody held
+    // yet, exactly one contender wins, the epoch rises by exactly one, and exactly one history
+    // row records the win.
+    let mut a = TestLedger::start().await.unwrap();
+    let first = a.tenant_with_lease(T).await.unwrap();
+    let b = TestLedger::start_on(&a.database_url, "ledger-1")
+        .await
+        .unwrap();
+    a.client
+        .acquire_fencing_lease(pb::AcquireFencingLeaseRequest {
+            scope_id: first.scope_id.clone(),
+            tenant_id: T.into(),
+            workload_instance_id: format!("{T}-w"),
+            ttl_ms: 1_000,
+            expected_epoch: first.epoch,
+            force: false,
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    let pool = a.store().pool().clone();
+    let history = |scope_id: String| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_as::<_, (String, i64)>(
+                "SELECT outcome, epoch FROM fencing_scope_events WHERE scope_id = $1 ORDER BY event_id",
+            )
+            .bind(scope_id)
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let before = history(first.scope_id.clone()).await.len();
+
+    let taken = contend([&a.client, &b.client], &first.scope_id).await;
+    assert_eq!(taken.len(), 1, "one winner of the expired scope");
+    let epoch = i64::try_from(first.epoch + 1).unwrap();
+    assert_eq!(
+        taken[0].epoch,
+        first.epoch + 1,
+        "the epoch rises by exactly one"
+    );
+    assert_eq!(
+        history(first.scope_id.clone()).await[before..],
+        [("taken_over".to_owned(), epoch)]
+    );
+
+    let fresh = format!("{T}/fresh");
+    let acquired = contend([&a.client, &b.client], &fresh).await;
+    assert_eq!(acquired.len(), 1, "one winner of the new scope");
+    assert_eq!(acquired[0].epoch, 1);
+    assert_eq!(history(fresh).await, [("acquired".to_owned(), 1)]);
+    invariants::check(&pool).await.unwrap();
+}
+
 #[tokio::test]
 async fn two_processes_claiming_one_producer_id_fail_closed() {
     let ledger = TestLedger::start().await.unwrap();

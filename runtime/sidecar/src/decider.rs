@@ -1742,6 +1742,7 @@ fn ledger_error(status: &tonic::Status) -> SidecarError {
             SidecarError::DependencyUnavailable(message)
         }
         Some(C::EvidenceBacklog) => SidecarError::EvidenceBacklog(message),
+        Some(C::SigningUnavailable) => SidecarError::SigningUnavailable(message),
         Some(_) => SidecarError::Internal(message),
         // No ErrorDetail: a transport failure (connection refused, timeout).
         None => SidecarError::DependencyUnavailable(format!("{:?}: {message}", status.code())),

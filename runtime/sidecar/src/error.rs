@@ -61,6 +61,10 @@ pub enum SidecarError {
     /// fail open.
     #[error("ledger refuses new spend: {0}")]
     EvidenceBacklog(String),
+    /// The ledger cannot sign the call's audit evidence (its signing key is unavailable), so it
+    /// recorded nothing: never a reason to fail open, since the call could not be recorded.
+    #[error("ledger cannot sign evidence: {0}")]
+    SigningUnavailable(String),
     /// The ledger does not know this sidecar's tenant or budgets: a configuration error, never
     /// a reason to fail open.
     #[error("guard misconfigured: {0}")]
@@ -95,6 +99,7 @@ impl SidecarError {
             Self::LeaseUnavailable(_) => "LEASE_UNAVAILABLE",
             Self::DependencyUnavailable(_) => "DEPENDENCY_UNAVAILABLE",
             Self::EvidenceBacklog(_) => "EVIDENCE_BACKLOG",
+            Self::SigningUnavailable(_) => "SIGNING_UNAVAILABLE",
             Self::Misconfigured(_) => "GUARD_MISCONFIGURED",
             Self::UpstreamUnavailable(_) => "UPSTREAM_UNAVAILABLE",
             Self::UpstreamNoAnswer(_) => "UPSTREAM_NO_ANSWER",
@@ -119,6 +124,7 @@ impl SidecarError {
             Self::LeaseUnavailable(_)
             | Self::DependencyUnavailable(_)
             | Self::EvidenceBacklog(_)
+            | Self::SigningUnavailable(_)
             | Self::Misconfigured(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamNoAnswer(_) => StatusCode::GATEWAY_TIMEOUT,

@@ -313,6 +313,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_held_lease_past_its_local_deadline_gives_no_epoch_to_decide_with() {
+        // S4: no decision may use a stale cached epoch, even if the keeper stalled and never
+        // moved the state on: the deadline alone refuses it. Settlements of in-flight calls
+        // still get it (the ledger fences them if the scope moved on).
+        let now = Instant::now();
+        let held = |valid_until| LeaseState::Held {
+            epoch: 7,
+            valid_until,
+            renewed_at: now,
+        };
+        let (keeper, state) = watch::channel(held(now + Duration::from_secs(60)));
+        let lease = Lease { state };
+        assert_eq!(lease.epoch_for_decision().unwrap(), 7);
+        let lapsed = now.checked_sub(Duration::from_millis(1)).unwrap_or(now);
+        keeper.send_replace(held(lapsed));
+        assert!(matches!(
+            lease.epoch_for_decision(),
+            Err(LeaseError::Draining)
+        ));
+        assert_eq!(lease.epoch_for_settlement().unwrap(), 7);
+    }
+
+    #[test]
     fn retries_are_spread_over_the_second_half_of_the_wait() {
         let wait = Duration::from_millis(1_000);
         let waits: Vec<Duration> = (0..200).map(|_| jittered(wait)).collect();

@@ -78,19 +78,58 @@ async fn ledger_down_fails_closed_and_in_flight_calls_settle_once_after_it_retur
 
 #[tokio::test]
 async fn epoch_forced_forward_fails_the_next_decision_closed() {
-    let mut stack = Stack::start(Options::default()).await;
-    let chat = stack.url("/v1/chat/completions");
-    assert_eq!(
-        post_json(&chat, &[OPENAI_KEY], &chat_body("gpt-4o-mini", false))
-            .await
-            .status,
-        200
-    );
-    stack.force_epoch_forward().await;
-    let refused = post_json(&chat, &[OPENAI_KEY], &chat_body("gpt-4o-mini", false)).await;
-    assert_eq!(refused.status, 503);
+    // Goal: a forced epoch fails the next decision closed, also under an explicitly fail-open
+    // contract: fail-open is for a ledger that cannot answer, never for one that says this
+    // sidecar is fenced.
+    for contract in [json!({}), json!({"fail_policy": "open"})] {
+        let mut stack = Stack::start(Options {
+            contract: contract.clone(),
+            ..Options::default()
+        })
+        .await;
+        let chat = stack.url("/v1/chat/completions");
+        assert_eq!(
+            post_json(&chat, &[OPENAI_KEY], &chat_body("gpt-4o-mini", false))
+                .await
+                .status,
+            200
+        );
+        stack.force_epoch_forward().await;
+        let refused = post_json(&chat, &[OPENAI_KEY], &chat_body("gpt-4o-mini", false)).await;
+        assert_eq!(refused.status, 503, "{contract}");
+        assert_eq!(refused.json()["error"]["code"], "LEASE_UNAVAILABLE");
+        assert_eq!(stack.upstream_requests().len(), 1, "{contract}");
+        assert!(stack.sidecar().decider.fail_open_queue().is_empty());
+    }
+}
+
+#[tokio::test]
+async fn a_lease_lapsed_past_its_grace_fails_closed_under_a_fail_open_contract() {
+    // Goal: fail-open covers a ledger away within the lease's grace, not a sidecar whose lease
+    // has lapsed: once it drains, calls are 503 LEASE_UNAVAILABLE and nothing goes ahead.
+    let mut stack = Stack::start(Options {
+        contract: json!({"fail_policy": "open"}),
+        ..Options::default()
+    })
+    .await;
+    stack.ledger.stop().await;
+    let mut lease = stack.sidecar().lease.clone();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(15),
+        lease.wait_for(|s| !matches!(s, spendguard_sidecar::lease::LeaseState::Held { .. })),
+    )
+    .await
+    .expect("the lease lapses past its grace");
+    let refused = post_json(
+        &stack.url("/v1/chat/completions"),
+        &[OPENAI_KEY],
+        &chat_body("gpt-4o-mini", false),
+    )
+    .await;
+    assert_eq!(refused.status, 503, "{}", refused.json());
     assert_eq!(refused.json()["error"]["code"], "LEASE_UNAVAILABLE");
-    assert_eq!(stack.upstream_requests().len(), 1);
+    assert!(stack.upstream_requests().is_empty());
+    assert!(stack.sidecar().decider.fail_open_queue().is_empty());
 }
 
 #[tokio::test]

@@ -1,7 +1,8 @@
 //! Operations of the `spendguard sidecar` binary (S4): it refuses a bundle that is not what its
 //! hash says, before it takes any lease; it is live but not ready until it holds its fencing
 //! lease, ready while it holds it, and not ready again once the lease is lost. No API key
-//! reaches its logs, and SIGTERM ends it cleanly.
+//! reaches its logs, and SIGTERM ends it cleanly. A ledger that cannot sign evidence never
+//! lets a call through, even under a fail-open contract.
 #![allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
 
 use serde_json::json;
@@ -269,4 +270,69 @@ async fn no_api_key_reaches_the_logs_even_at_trace_and_sigterm_ends_cleanly() {
         assert!(leaked.is_empty(), "{key} in the logs: {leaked:#?}");
     }
     ledger.stop().await;
+}
+
+#[tokio::test]
+async fn a_ledger_that_cannot_sign_evidence_never_lets_a_call_through() {
+    // Goal: S22's matrix, "signing never fails open": a ledger signing with KMS whose key
+    // disappears answers SIGNING_UNAVAILABLE and writes nothing, and the sidecar answers 503,
+    // even under an explicitly fail-open contract (a call that cannot be recorded does not go
+    // ahead unrecorded). Method: the ledger process signs with a KMS key in moto; one call goes
+    // through; moto forgets the key; the next call is 503 and nothing is queued as fail-open.
+    let moto = spendguard_testkit::moto::MotoServer::start();
+    let kms_key = moto.create_p256_signing_key();
+    let url = spendguard_testkit::ledger::shared_cluster()
+        .create_database()
+        .await
+        .unwrap();
+    let (data, control) = (free_port(), free_port());
+    let _ledger = ledger_command(&url, data, control)
+        .env("SPENDGUARD_SIGNING_MODE", "kms")
+        .env_remove("SPENDGUARD_SIGNING_KEY_FILE")
+        .env("SPENDGUARD_SIGNING_KMS_KEY", &kms_key)
+        .env(
+            "SPENDGUARD_SIGNING_KMS_REGION",
+            spendguard_testkit::moto::REGION,
+        )
+        .env("SPENDGUARD_SIGNING_KMS_ENDPOINT_URL", moto.endpoint())
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .spawn()
+        .unwrap();
+    register_data_path(&mut wait_for_ledger(control).await, TENANT).await;
+    let (bundle, _) = write_bundle(
+        TENANT,
+        json!({"version": "ops", "max_output_tokens": 64, "fail_policy": "open"}),
+    );
+    let spool = tempfile::tempdir().unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let data_addr = format!("127.0.0.1:{data}").parse().unwrap();
+    let mut sidecar = sidecar_command(
+        data_addr,
+        bundle.path(),
+        spool.path(),
+        spawn_mock(),
+        ("agent-kms", port, admin),
+    )
+    .spawn()
+    .unwrap();
+    wait_ready(admin).await;
+    assert_eq!(chat(port).await, 200, "signed and recorded");
+
+    moto.reset(); // the key is gone
+    let refused = chat_with(port, "").await;
+    assert_eq!(status_of(&refused), 503, "{refused}");
+    assert!(refused.contains("SIGNING_UNAVAILABLE"), "{refused}");
+    let (_, metrics) = http_get(admin, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains("spendguard_sidecar_fail_open_queued_total 0"),
+        "nothing went ahead fail-open: {metrics}"
+    );
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let reservations: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(reservations, 1, "the refused call reserved nothing");
+    sidecar.kill().await.unwrap();
 }

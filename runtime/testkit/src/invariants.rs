@@ -7,7 +7,7 @@ use sqlx::{PgPool, Row};
 /// amounts (a credit's less what calls drew from it); a credit's drawn total is the sum of its
 /// draws; no window overspent; every resolved reservation has exactly one resolution entry per
 /// budget, and overrun entries adding up to its overrun; every fail-open record has one overrun
-/// entry of its cost per budget; producer
+/// entry of its cost per budget; every scope's epoch is the newest in its history; producer
 /// sequences are contiguous from 1 with the counter just past the last.
 ///
 /// # Errors
@@ -91,6 +91,19 @@ pub async fn check(pool: &PgPool) -> Result<()> {
     ensure!(
         resolution_counts == 0,
         "{resolution_counts} reservations with wrong reserve/resolution entries"
+    );
+
+    // Every scope's epoch is the newest epoch its history records (S3: every acquire writes one).
+    let unrecorded_epochs: Vec<String> = sqlx::query_scalar(
+        "SELECT f.scope_id FROM fencing_scopes f
+          WHERE f.epoch IS DISTINCT FROM (SELECT max(e.epoch) FROM fencing_scope_events e
+                                           WHERE e.scope_id = f.scope_id)",
+    )
+    .fetch_all(pool)
+    .await?;
+    ensure!(
+        unrecorded_epochs.is_empty(),
+        "scopes whose epoch their history does not record: {unrecorded_epochs:?}"
     );
 
     // A reservation's overrun (above its amount, or all of a commit after its TTL) is its

@@ -104,6 +104,48 @@ impl MotoServer {
         format!("http://{}", self.addr)
     }
 
+    /// Creates an `ECC_NIST_P256` `SIGN_VERIFY` key (KMS `CreateKey`, over its JSON protocol)
+    /// and returns its id: a key a `spendguard ledger` process can sign with in KMS mode.
+    ///
+    /// # Panics
+    /// When moto does not create it.
+    pub fn create_p256_signing_key(&self) -> String {
+        let body = r#"{"KeySpec":"ECC_NIST_P256","KeyUsage":"SIGN_VERIFY","Description":"spendguard test"}"#;
+        let mut stream = TcpStream::connect(self.addr).expect("connect to moto");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("read timeout");
+        write!(
+            stream,
+            "POST / HTTP/1.1\r\nHost: {}\r\nContent-Type: application/x-amz-json-1.1\r\n\
+             X-Amz-Target: TrentService.CreateKey\r\n\
+             Authorization: AWS4-HMAC-SHA256 Credential=test/20260101/{REGION}/kms/aws4_request, SignedHeaders=host, Signature=0\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            self.addr,
+            body.len()
+        )
+        .expect("send CreateKey");
+        let mut response = String::new();
+        stream
+            .read_to_string(&mut response)
+            .expect("read CreateKey response");
+        assert!(
+            response.starts_with("HTTP/1.1 200"),
+            "moto CreateKey failed: {response}"
+        );
+        let json = response
+            .find('{')
+            .zip(response.rfind('}'))
+            .and_then(|(start, end)| {
+                serde_json::from_str::<serde_json::Value>(&response[start..=end]).ok()
+            })
+            .unwrap_or_else(|| panic!("moto CreateKey answered no JSON: {response}"));
+        json["KeyMetadata"]["KeyId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no KeyId in {json}"))
+            .to_owned()
+    }
+
     /// Drops everything moto holds (moto's `/moto-api/reset`): keys, aliases, buckets, objects.
     ///
     /// # Panics

@@ -128,6 +128,11 @@ async fn forge(
 }
 
 fn event(sequence: u64, amount: &str) -> (Vec<u8>, Vec<u8>) {
+    event_of("forger", sequence, amount)
+}
+
+/// Canonical bytes and hash of an event stamped by `producer` at `sequence`.
+fn event_of(producer: &str, sequence: u64, amount: &str) -> (Vec<u8>, Vec<u8>) {
     let draft = EventDraft {
         tenant_id: "acme".into(),
         event_type: "reservation.committed",
@@ -135,7 +140,7 @@ fn event(sequence: u64, amount: &str) -> (Vec<u8>, Vec<u8>) {
     };
     let stamped = draft
         .stamp(&ProducerStamp {
-            producer_instance_id: "forger".into(),
+            producer_instance_id: producer.into(),
             producer_sequence: sequence,
             occurred_at: Utc::now(),
         })
@@ -169,7 +174,7 @@ async fn invalid_events_are_quarantined_with_their_reason_and_never_chained() {
     let unknown = signer(9);
     sqlx::query(
         "INSERT INTO audit_producers (producer_instance_id, claim_token, next_sequence)
-         VALUES ('forger', gen_random_uuid(), 6)",
+         VALUES ('forger', gen_random_uuid(), 8)",
     )
     .execute(&pool)
     .await
@@ -185,8 +190,15 @@ async fn invalid_events_are_quarantined_with_their_reason_and_never_chained() {
     let _ = h3;
     let (b4, _) = event(4, "4");
     forge(&pool, 4, &b4, &[0u8; 32], Some(&registered), &b4).await; // hash does not match bytes
-    let (b5, h5) = event(5, "5");
-    forge(&pool, 5, &b5, &h5, Some(&registered), &b5).await; // valid
+    // Signed and hashed as they are, but naming another producer, or another sequence, than
+    // the row they sit in: the signature envelope takes the producer from the row, so only
+    // this comparison keeps one producer's event from passing as another's.
+    let (b5, h5) = event_of("ledger-0", 5, "5");
+    forge(&pool, 5, &b5, &h5, Some(&registered), &b5).await;
+    let (b6, h6) = event(60, "6");
+    forge(&pool, 6, &b6, &h6, Some(&registered), &b6).await;
+    let (b7, h7) = event(7, "7");
+    forge(&pool, 7, &b7, &h7, Some(&registered), &b7).await; // valid
 
     let report = forwarder(&pool).pass().await.unwrap();
     let reasons: Vec<&str> = report.quarantined.iter().map(|(r, _)| r.as_str()).collect();
@@ -196,6 +208,8 @@ async fn invalid_events_are_quarantined_with_their_reason_and_never_chained() {
             "UNSIGNED",
             "KEY_UNKNOWN",
             "SIGNATURE_INVALID",
+            "SCHEMA_INVALID",
+            "SCHEMA_INVALID",
             "SCHEMA_INVALID"
         ]
     );
@@ -207,24 +221,29 @@ async fn invalid_events_are_quarantined_with_their_reason_and_never_chained() {
     .unwrap();
     assert_eq!(
         chained,
-        [5],
+        [7],
         "only the valid forged-producer event is chained"
     );
-    let stored: Vec<(i64, String)> = sqlx::query_as(
-        "SELECT producer_sequence, reason_code FROM audit_quarantine ORDER BY producer_sequence",
+    let stored: Vec<(i64, String, String)> = sqlx::query_as(
+        "SELECT producer_sequence, reason_code, detail FROM audit_quarantine ORDER BY producer_sequence",
     )
     .fetch_all(&pool)
     .await
     .unwrap();
-    assert_eq!(stored.len(), 4);
-    assert_eq!(stored[2], (3, "SIGNATURE_INVALID".to_owned()));
+    assert_eq!(stored.len(), 6);
+    assert_eq!(
+        (stored[2].0, stored[2].1.as_str()),
+        (3, "SIGNATURE_INVALID")
+    );
+    assert!(stored[4].2.contains("producer_instance_id"), "{stored:?}");
+    assert!(stored[5].2.contains("producer_sequence"), "{stored:?}");
     let events = count(
         &pool,
         "SELECT count(*) FROM audit_outbox WHERE tenant_id = $1",
         "acme",
     )
     .await;
-    assert_eq!(verify_chain(&pool, "acme").await.unwrap(), events - 4);
+    assert_eq!(verify_chain(&pool, "acme").await.unwrap(), events - 6);
     // Quarantine is evidence too: append-only, and its rows never move into the chain later.
     let edit = sqlx::query("UPDATE audit_quarantine SET reason_code = 'OK'")
         .execute(&pool)

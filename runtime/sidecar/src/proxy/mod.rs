@@ -330,8 +330,12 @@ async fn settle_with_retries(
                 debug!(call_id, kind, "settled");
                 return;
             }
+            // The ledger away, the lease lapsed, or evidence that cannot be signed for now: the
+            // same settlement may land later.
             Err(
-                e @ (SidecarError::DependencyUnavailable(_) | SidecarError::LeaseUnavailable(_)),
+                e @ (SidecarError::DependencyUnavailable(_)
+                | SidecarError::LeaseUnavailable(_)
+                | SidecarError::SigningUnavailable(_)),
             ) if Instant::now() + backoff < deadline => {
                 debug!(call_id, error = %e, "settlement retry");
                 tokio::time::sleep(backoff).await;

@@ -99,6 +99,7 @@ pub fn error(api: Api, error: &SidecarError) -> Response {
             SidecarError::LeaseUnavailable(_)
             | SidecarError::DependencyUnavailable(_)
             | SidecarError::EvidenceBacklog(_)
+            | SidecarError::SigningUnavailable(_)
             | SidecarError::Misconfigured(_),
             _,
         ) => "spendguard_unavailable",

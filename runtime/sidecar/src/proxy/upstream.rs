@@ -194,8 +194,12 @@ impl Upstream {
         }
         // Names only, and the path without its query: any header or query parameter may carry a
         // credential (`api-key`, `cookie`, `?key=`), not only the keys marked sensitive above.
-        let names: Vec<&str> = request.headers().keys().map(HeaderName::as_str).collect();
-        tracing::trace!(path = request.uri().path(), headers = ?names, "sending upstream");
+        // (Field values are evaluated only when the event is enabled.)
+        tracing::trace!(
+            path = request.uri().path(),
+            headers = ?request.headers().keys().map(HeaderName::as_str).collect::<Vec<_>>(),
+            "sending upstream"
+        );
         let answer = tokio::time::timeout(self.config.timeout, self.client.request(request)).await;
         // The request reached a connection only once one was handed to it (TCP and TLS up).
         let connected = connection.connection_metadata().is_some();
