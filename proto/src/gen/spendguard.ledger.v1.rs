@@ -49,6 +49,12 @@ pub struct DecisionContext {
     /// continues then (S22): the evidence is marked. Absent from events when false.
     #[prost(bool, tag = "7")]
     pub pricing_stale: bool,
+    /// The approval (UUID) a call goes ahead under after a human approved it (S16): on a
+    /// ReserveSet the ledger checks that it is the tenant's, approved, for the same budgets and at
+    /// least the amount (APPROVAL_NOT_FOUND, APPROVAL_NOT_APPROVED, INVALID_ARGUMENT), and the
+    /// reservation's events name it. Empty otherwise (absent from events).
+    #[prost(string, tag = "8")]
+    pub approval_id: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -781,6 +787,9 @@ pub enum ErrorCode {
     /// budgets, is resolved or expired, whose window has ended, or that has less left than the
     /// amount (an unknown id, or another tenant's, is RESERVATION_NOT_FOUND). Nothing was written.
     CreditUnavailable = 54,
+    /// \[FAILED_PRECONDITION\] A ReserveSet names an approval (context.approval_id) that is not
+    /// approved: pending, denied, expired or cancelled. Nothing was written.
+    ApprovalNotApproved = 55,
     /// \[UNAVAILABLE\] The ledger's write queue is full; retry with backoff.
     Overloaded = 60,
     /// \[UNAVAILABLE\] The database is unreachable or failed; nothing was written.
@@ -840,6 +849,7 @@ impl ErrorCode {
             Self::ApprovalAlreadyResolved => "ERROR_CODE_APPROVAL_ALREADY_RESOLVED",
             Self::ApprovalExpired => "ERROR_CODE_APPROVAL_EXPIRED",
             Self::CreditUnavailable => "ERROR_CODE_CREDIT_UNAVAILABLE",
+            Self::ApprovalNotApproved => "ERROR_CODE_APPROVAL_NOT_APPROVED",
             Self::Overloaded => "ERROR_CODE_OVERLOADED",
             Self::DependencyUnavailable => "ERROR_CODE_DEPENDENCY_UNAVAILABLE",
             Self::ShuttingDown => "ERROR_CODE_SHUTTING_DOWN",
@@ -887,6 +897,7 @@ impl ErrorCode {
             "ERROR_CODE_APPROVAL_ALREADY_RESOLVED" => Some(Self::ApprovalAlreadyResolved),
             "ERROR_CODE_APPROVAL_EXPIRED" => Some(Self::ApprovalExpired),
             "ERROR_CODE_CREDIT_UNAVAILABLE" => Some(Self::CreditUnavailable),
+            "ERROR_CODE_APPROVAL_NOT_APPROVED" => Some(Self::ApprovalNotApproved),
             "ERROR_CODE_OVERLOADED" => Some(Self::Overloaded),
             "ERROR_CODE_DEPENDENCY_UNAVAILABLE" => Some(Self::DependencyUnavailable),
             "ERROR_CODE_SHUTTING_DOWN" => Some(Self::ShuttingDown),

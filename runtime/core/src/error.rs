@@ -78,6 +78,7 @@ error_codes! {
     ApprovalAlreadyResolved = "APPROVAL_ALREADY_RESOLVED" => FailedPrecondition,
     ApprovalExpired = "APPROVAL_EXPIRED" => FailedPrecondition,
     CreditUnavailable = "CREDIT_UNAVAILABLE" => FailedPrecondition,
+    ApprovalNotApproved = "APPROVAL_NOT_APPROVED" => FailedPrecondition,
     ProducerInstanceConflict = "PRODUCER_INSTANCE_CONFLICT" => Unavailable,
     Overloaded = "OVERLOADED" => Unavailable,
     DependencyUnavailable = "DEPENDENCY_UNAVAILABLE" => Unavailable,
@@ -241,6 +242,14 @@ pub enum LedgerError {
     /// The approval expired before it was resolved.
     #[error("approval {0} expired")]
     ApprovalExpired(Uuid),
+    /// A reservation names an approval that is not approved.
+    #[error("approval {id} is {state}, not approved")]
+    ApprovalNotApproved {
+        /// Approval.
+        id: Uuid,
+        /// Its state.
+        state: &'static str,
+    },
     /// Only the control listener serves this request (or this use of it).
     #[error("permission denied: {0}")]
     PermissionDenied(String),
@@ -286,6 +295,7 @@ impl LedgerError {
             Self::ApprovalNotFound(_) => ErrorCode::ApprovalNotFound,
             Self::ApprovalAlreadyResolved { .. } => ErrorCode::ApprovalAlreadyResolved,
             Self::ApprovalExpired(_) => ErrorCode::ApprovalExpired,
+            Self::ApprovalNotApproved { .. } => ErrorCode::ApprovalNotApproved,
             Self::PermissionDenied(_) => ErrorCode::PermissionDenied,
             Self::CreditUnavailable { .. } => ErrorCode::CreditUnavailable,
         }

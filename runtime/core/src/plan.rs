@@ -70,6 +70,10 @@ pub struct DecisionContext {
     /// they were before the field existed.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pricing_stale: bool,
+    /// The approval a resumed call goes ahead under (S16; a ReserveSet checks it). Serialized
+    /// only when set, like `pricing_stale`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval_id: Option<Uuid>,
 }
 
 /// Reserve `amount` against every budget in `budget_ids`, all or nothing.
@@ -960,6 +964,9 @@ impl Needs {
                     if let Credit::DrawFrom(credit) = r.credit {
                         needs.reservation_ids.insert(credit);
                     }
+                    if let Some(approval) = r.context.approval_id {
+                        needs.approval_ids.insert(approval);
+                    }
                     for budget_id in &r.budget_ids {
                         needs.budgets.insert(BudgetKey {
                             tenant_id: r.tenant_id.clone(),
@@ -1566,6 +1573,9 @@ impl Planner {
                 sha256_hex: r.pricing.sha256_hex.clone(),
             });
         }
+        if let Some(approval) = r.context.approval_id {
+            self.check_approved(r, approval)?;
+        }
         let drawn_from = match r.credit {
             Credit::DrawFrom(credit) => Some(credit),
             Credit::None | Credit::Open => None,
@@ -1923,6 +1933,41 @@ impl Planner {
             resolution,
             replayed: false,
         })
+    }
+
+    /// A reservation that names the approval it goes ahead under (S16): the tenant's approval,
+    /// approved, asked for the same budgets, and for at least this amount (the human approved
+    /// that worst case, not more). The soft cap itself is the sidecar's question; this check
+    /// makes the approval the reservation's evidence names one that really let it go ahead.
+    fn check_approved(&self, r: &ReserveSet, approval_id: Uuid) -> Result<(), LedgerError> {
+        let approval = self
+            .state
+            .approvals
+            .get(&approval_id)
+            .filter(|a| a.tenant_id == r.tenant_id)
+            .ok_or(LedgerError::ApprovalNotFound(approval_id))?;
+        if approval.state != ApprovalState::Approved {
+            return Err(LedgerError::ApprovalNotApproved {
+                id: approval_id,
+                state: approval.state.as_str(),
+            });
+        }
+        if approval.budget_ids != r.budget_ids {
+            return Err(LedgerError::InvalidArgument {
+                field: "context.approval_id",
+                reason: "the approval was asked for other budgets".to_owned(),
+            });
+        }
+        if r.amount > approval.amount {
+            return Err(LedgerError::InvalidArgument {
+                field: "context.approval_id",
+                reason: format!(
+                    "the approval covers {} nano-USD, less than this reservation",
+                    approval.amount.get()
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// A commit that arrives after its reservation's TTL (the call outlived it): the spend

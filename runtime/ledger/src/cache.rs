@@ -111,6 +111,11 @@ impl HotCache {
                 // Opening a credit is rare next to calls: the load path.
                 Command::ReserveSet(r) if r.credit == Credit::Open => return None,
                 Command::ReserveSet(r) => {
+                    // A reservation under an approval is checked against the approval's row,
+                    // which only the load path reads (approvals are rare).
+                    if r.context.approval_id.is_some() {
+                        return None;
+                    }
                     let tenant = self.tenants.get(&r.tenant_id)?;
                     snapshot.tenants.insert(r.tenant_id.clone(), tenant.clone());
                     let pricing_key = (r.tenant_id.clone(), r.pricing.version.clone());

@@ -129,6 +129,14 @@ fn context(value: Option<&pb::DecisionContext>) -> Result<DecisionContext> {
     ] {
         check_text(field, text, TEXT_LEN_MAX)?;
     }
+    let approval_id = if value.approval_id.is_empty() {
+        None
+    } else {
+        Some(parse_reservation_id(
+            "context.approval_id",
+            &value.approval_id,
+        )?)
+    };
     Ok(DecisionContext {
         run_id: value.run_id,
         workflow_id: value.workflow_id,
@@ -137,6 +145,7 @@ fn context(value: Option<&pb::DecisionContext>) -> Result<DecisionContext> {
         model: value.model,
         contract_version: value.contract_version,
         pricing_stale: value.pricing_stale,
+        approval_id,
     })
 }
 
@@ -789,6 +798,7 @@ pub fn approval_to_proto(a: &ApprovalRow) -> pb::Approval {
             model: d.model.clone(),
             contract_version: d.contract_version.clone(),
             pricing_stale: d.pricing_stale,
+            approval_id: d.approval_id.map(|id| id.to_string()).unwrap_or_default(),
         }),
         created_at_unix_ms: a.created_at.timestamp_millis(),
         expires_at_unix_ms: a.expires_at.timestamp_millis(),
@@ -929,6 +939,7 @@ pub fn error_code_to_proto(code: ErrorCode) -> pb::ErrorCode {
         ErrorCode::ApprovalAlreadyResolved => pb::ErrorCode::ApprovalAlreadyResolved,
         ErrorCode::ApprovalExpired => pb::ErrorCode::ApprovalExpired,
         ErrorCode::CreditUnavailable => pb::ErrorCode::CreditUnavailable,
+        ErrorCode::ApprovalNotApproved => pb::ErrorCode::ApprovalNotApproved,
     }
 }
 

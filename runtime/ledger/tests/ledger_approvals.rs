@@ -848,3 +848,116 @@ async fn concurrent_resolutions_decide_once() {
     assert_eq!(resolutions.len(), 1, "{resolutions:?}");
     invariants::check(ledger.store().pool()).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_reservation_under_an_approval_is_checked_against_it_and_names_it() {
+    // Goal (S16): a ReserveSet that names the approval it goes ahead under is refused, with a
+    // stable code and nothing written, unless that approval is the tenant's, approved, asked
+    // for the same budgets and for at least the amount; the reservation then names it in its
+    // signed event, so the evidence ties the spend to the human decision.
+    let (mut ledger, fencing) = setup().await;
+    let approval = create(&mut ledger, create_request("call-1", &fencing)).await;
+    let denied = create(&mut ledger, create_request("call-2", &fencing)).await;
+    let under = |approval_id: &str, budgets: &[&str], amount: i64| {
+        let mut request = reserve_request(
+            T,
+            &format!("call-1/approved/{approval_id}"),
+            budgets,
+            amount,
+            &fencing,
+        );
+        request.context = Some(pb::DecisionContext {
+            call_id: "call-1".into(),
+            approval_id: approval_id.into(),
+            ..Default::default()
+        });
+        request
+    };
+    let both = ["team", "tenant"];
+    let written = events(&ledger).await.len();
+    let client = ledger.client.clone();
+    let refused = |request: pb::ReserveSetRequest| {
+        let mut client = client.clone();
+        async move { code(&client.reserve_set(request).await.unwrap_err()) }
+    };
+    assert_eq!(
+        refused(under(&approval.approval_id, &both, 700)).await,
+        pb::ErrorCode::ApprovalNotApproved,
+        "pending"
+    );
+    ledger
+        .client
+        .resolve_approval(resolve_request(
+            &approval.approval_id,
+            pb::ApprovalDecision::Approve,
+            "alice@example.com",
+        ))
+        .await
+        .unwrap();
+    ledger
+        .client
+        .resolve_approval(resolve_request(
+            &denied.approval_id,
+            pb::ApprovalDecision::Deny,
+            "alice@example.com",
+        ))
+        .await
+        .unwrap();
+    let written = written + 2; // the two decisions
+    for (name, request, expected) in [
+        (
+            "denied",
+            under(&denied.approval_id, &both, 700),
+            pb::ErrorCode::ApprovalNotApproved,
+        ),
+        (
+            "more than approved",
+            under(&approval.approval_id, &both, 701),
+            pb::ErrorCode::InvalidArgument,
+        ),
+        (
+            "other budgets",
+            under(&approval.approval_id, &["team"], 700),
+            pb::ErrorCode::InvalidArgument,
+        ),
+        (
+            "unknown",
+            under(&uuid::Uuid::new_v4().to_string(), &both, 700),
+            pb::ErrorCode::ApprovalNotFound,
+        ),
+        (
+            "malformed",
+            under("not-a-uuid", &both, 700),
+            pb::ErrorCode::IdMalformed,
+        ),
+    ] {
+        assert_eq!(refused(request).await, expected, "{name}");
+    }
+    assert_eq!(
+        events(&ledger).await.len(),
+        written,
+        "refusals write nothing"
+    );
+
+    let reserved = ledger
+        .client
+        .reserve_set(under(&approval.approval_id, &both, 650))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        matches!(
+            reserved.outcome,
+            Some(pb::reserve_set_response::Outcome::Reserved(_))
+        ),
+        "{reserved:?}"
+    );
+    let reserved_events = outbox_events(ledger.store().pool(), "reservation.reserved")
+        .await
+        .unwrap();
+    assert_eq!(
+        reserved_events.last().unwrap()["data"]["context"]["approval_id"],
+        approval.approval_id.as_str()
+    );
+    invariants::check(ledger.store().pool()).await.unwrap();
+}

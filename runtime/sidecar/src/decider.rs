@@ -771,7 +771,12 @@ impl Decider {
             fencing: Some(self.fencing(epoch)),
             ttl_ms: u32::try_from(self.reservation_ttl.as_millis()).unwrap_or(u32::MAX),
             pricing: Some(pricing_ref(&self.bundle.pricing)),
-            context: Some(self.ledger_context(input, pricing_stale)),
+            // A resumed call names its approval: the ledger checks it and records it with the
+            // reservation.
+            context: Some(pb::DecisionContext {
+                approval_id: approved.map(|a| a.approval_id.clone()).unwrap_or_default(),
+                ..self.ledger_context(input, pricing_stale)
+            }),
             ..Default::default()
         };
         // A call of the sidecar's own budgets (no run budget) may be admitted inside a credit.
@@ -1218,6 +1223,7 @@ impl Decider {
             model: input.model.clone(),
             contract_version: self.bundle.contract.version.clone(),
             pricing_stale,
+            approval_id: String::new(),
         }
     }
 

@@ -108,6 +108,17 @@ async fn an_approved_call_resumes_once_under_a_reservation_of_its_own() {
             ),
         ]
     );
+    // The resumed reservation's signed event names the approval it goes ahead under; the
+    // first one's does not.
+    let contexts: Vec<Value> = stack
+        .events("reservation.reserved")
+        .await
+        .iter()
+        .map(|e| e["data"]["context"].clone())
+        .collect();
+    assert_eq!(contexts.len(), 2, "{contexts:?}");
+    assert!(contexts[0].get("approval_id").is_none(), "{contexts:?}");
+    assert_eq!(contexts[1]["approval_id"], approval_id.as_str());
 
     let committed = post_json(
         &stack.url("/v1/spendguard/commit"),
