@@ -40,7 +40,14 @@ impl Error {
         match self {
             Self::Kube(_) => "KubernetesApiError",
             Self::Ledger { code, .. }
-                if code == "DEPENDENCY_UNAVAILABLE" || code == "UNAVAILABLE" =>
+                if matches!(
+                    code.as_str(),
+                    "DEPENDENCY_UNAVAILABLE"
+                        | "UNAVAILABLE"
+                        | "OVERLOADED"
+                        | "SHUTTING_DOWN"
+                        | "SIGNING_UNAVAILABLE"
+                ) =>
             {
                 "LedgerUnavailable"
             }
@@ -85,5 +92,28 @@ impl From<kube::runtime::finalizer::Error<Error>> for Error {
             Finalizer::UnnamedObject => Self::InvalidSpec("object has no name".into()),
             Finalizer::InvalidFinalizer => Self::InvalidSpec("invalid finalizer name".into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ledger_that_is_away_or_cannot_sign_is_unavailable_and_a_refusal_is_not() {
+        let ledger = |code: &str| Error::Ledger {
+            code: code.to_owned(),
+            message: String::new(),
+        };
+        for away in [
+            "DEPENDENCY_UNAVAILABLE",
+            "UNAVAILABLE",
+            "OVERLOADED",
+            "SHUTTING_DOWN",
+            "SIGNING_UNAVAILABLE",
+        ] {
+            assert_eq!(ledger(away).reason(), "LedgerUnavailable", "{away}");
+        }
+        assert_eq!(ledger("BUDGET_INVALID").reason(), "LedgerRefused");
     }
 }

@@ -148,10 +148,13 @@ fn scope_of<S: serde::Serializer>(fencing: &Fencing, serializer: S) -> Result<S:
 
 impl DecisionContext {
     /// This context as it enters an idempotency fingerprint: without the `pricing_stale`
-    /// marker, which depends on when the sidecar decided, not on what it asked.
-    fn without_stale_marker(&self) -> Self {
+    /// marker, which depends on when the sidecar decided, not on what it asked; and without the
+    /// approval id, which the resumed call's key already names (`<call id>/approved/<id>`), so
+    /// a resumed reservation written before the field existed still replays.
+    fn fingerprinted(&self) -> Self {
         Self {
             pricing_stale: false,
+            approval_id: None,
             ..self.clone()
         }
     }
@@ -162,7 +165,7 @@ fn context_of<S: serde::Serializer>(
     context: &DecisionContext,
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
-    context.without_stale_marker().serialize(serializer)
+    context.fingerprinted().serialize(serializer)
 }
 
 /// An approval's context as it enters a fingerprint.
@@ -171,7 +174,7 @@ fn approval_context_of<S: serde::Serializer>(
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
     ApprovalContext {
-        decision: context.decision.without_stale_marker(),
+        decision: context.decision.fingerprinted(),
         ..context.clone()
     }
     .serialize(serializer)
@@ -2913,6 +2916,16 @@ mod fingerprint_tests {
         };
         assert_eq!(a.fingerprint(), later_epoch.fingerprint());
         assert_eq!(a.fingerprint(), marked.fingerprint());
+        // A resumed reservation written before approval ids were sent replays for a sidecar
+        // that sends one (its key names the approval already).
+        let naming_its_approval = ReserveSet {
+            context: DecisionContext {
+                approval_id: Some(Uuid::from_u128(5)),
+                ..a.context.clone()
+            },
+            ..a.clone()
+        };
+        assert_eq!(a.fingerprint(), naming_its_approval.fingerprint());
         let other_scope = ReserveSet {
             fencing: Fencing {
                 scope_id: "s2".into(),

@@ -741,24 +741,33 @@ impl Decider {
         if let (Some(run_id), Some(limit)) = (&input.run_id, contract.per_run_limit_nano_usd) {
             let run_budget = run_budget_id(run_id);
             budget_ids.push(run_budget.clone());
-            run_budget_limit = Some((run_budget.clone(), limit.get()));
-            if let Err(e) = self
+            run_budget_limit = Some((run_budget, limit.get()));
+        }
+        if let Some(approved) = approved
+            && approved.budget_ids != budget_ids
+        {
+            // The sidecar's budgets changed since the call asked (a new bundle, a per-run limit):
+            // the approval was for another call.
+            return Err(SidecarError::IdempotencyConflict(input.call_id.clone()));
+        }
+        if let (Some((run_budget, _)), Some(limit)) =
+            (run_budget_limit.clone(), contract.per_run_limit_nano_usd)
+            && let Err(e) = self
                 .ensure_run_budget(&run_budget, limit)
                 .await
                 .map_err(|status| ledger_error(&status))
-            {
-                let fail_open = FailOpenContext {
-                    resumed: approved.is_some(),
-                    epoch,
-                    budget_ids,
-                    run_budget: run_budget_limit,
-                    worst_case_nano_usd: planned.reserve.get(),
-                    pricing_stale,
-                };
-                return self
-                    .unavailable(input, planned.max_output_tokens, e, fail_open)
-                    .await;
-            }
+        {
+            let fail_open = FailOpenContext {
+                resumed: approved.is_some(),
+                epoch,
+                budget_ids,
+                run_budget: run_budget_limit,
+                worst_case_nano_usd: planned.reserve.get(),
+                pricing_stale,
+            };
+            return self
+                .unavailable(input, planned.max_output_tokens, e, fail_open)
+                .await;
         }
         let request = pb::ReserveSetRequest {
             tenant_id: self.identity.tenant_id.clone(),
@@ -1074,6 +1083,7 @@ impl Decider {
                 let approved = Approved {
                     approval_id: approval_id.clone(),
                     amount_nano_usd: approval.amount_nano_usd,
+                    budget_ids: approval.budget_ids.clone(),
                 };
                 // Approved, then maybe stopped by a hard cap or the contract.
                 self.decide_fresh(input, Some(&approved)).await?
@@ -1684,6 +1694,8 @@ struct Approved {
     approval_id: String,
     /// What the approver saw the call's worst case as: the resumed call may reserve up to it.
     amount_nano_usd: i64,
+    /// The budgets the approval was asked for: the resumed call reserves against the same.
+    budget_ids: Vec<String>,
 }
 
 /// The idempotency key of a call's reservation once it resumes under `approval_id`: the call's
@@ -1738,7 +1750,11 @@ fn ledger_error(status: &tonic::Status) -> SidecarError {
         | Some(C::FencingScopeNotFound | C::FencingEpochMissing) => {
             SidecarError::LeaseUnavailable(message)
         }
-        Some(C::IdempotencyConflict) => SidecarError::IdempotencyConflict(message),
+        // A resumed call the ledger finds its approval does not cover (the sidecar checks the
+        // amount and budgets first; this is the ledger's word on it): another call.
+        Some(C::IdempotencyConflict | C::ApprovalNotApproved | C::ApprovalNotFound) => {
+            SidecarError::IdempotencyConflict(message)
+        }
         // PERMISSION_DENIED: a run budget exists with another limit (the contract's per-run
         // limit changed under a live run), or the sidecar was pointed at a listener that refuses it.
         Some(C::TenantNotFound | C::BudgetNotFound | C::BudgetInvalid | C::PermissionDenied) => {
@@ -1796,12 +1812,15 @@ fn evidence_send_failure(status: &tonic::Status) -> SendFailure {
 }
 
 /// Whether a failed ledger RPC says only that the ledger is away for now (unreachable,
-/// overloaded, shutting down): the same request may be answered later.
+/// overloaded, shutting down, unable to sign evidence): the same request may be answered later.
+/// (Never a reason to fail open: only [`SidecarError::DependencyUnavailable`] is.)
 pub(crate) fn ledger_away(status: &tonic::Status) -> bool {
     use pb::ErrorCode as C;
     matches!(
         error_code(status),
-        None | Some(C::Overloaded | C::DependencyUnavailable | C::ShuttingDown)
+        None | Some(
+            C::Overloaded | C::DependencyUnavailable | C::ShuttingDown | C::SigningUnavailable
+        )
     )
 }
 
@@ -1853,6 +1872,20 @@ mod tests {
         assert!(matches!(
             failure(LedgerServiceError::Database("down".into())),
             SendFailure::Unavailable(_)
+        ));
+        // A ledger that cannot sign for now is away too (credit draws wait for it instead of
+        // giving up), and never a reason to fail open.
+        let unsigned = status(&LedgerServiceError::Signing(
+            "SIGNING_KEY_UNAVAILABLE".into(),
+        ));
+        assert!(ledger_away(&unsigned));
+        assert!(matches!(
+            evidence_send_failure(&unsigned),
+            SendFailure::Unavailable(_)
+        ));
+        assert!(matches!(
+            ledger_error(&unsigned),
+            SidecarError::SigningUnavailable(_)
         ));
         // The ledger answered, but the answer can pass: keep the record, without a limit.
         assert!(matches!(
