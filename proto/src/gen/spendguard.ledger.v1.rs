@@ -1212,7 +1212,8 @@ pub mod ledger_client {
                 .insert(GrpcMethod::new("spendguard.ledger.v1.Ledger", "ReserveSet"));
             self.inner.unary(req, path, codec).await
         }
-        /// Commit actual usage; the rest of the reservation is released in the same transaction.
+        /// Commit actual usage; the rest of the reservation is released in the same transaction. After
+        /// the reservation's TTL it is booked late, all of it an overrun (CommitResponse.late).
         pub async fn commit(
             &mut self,
             request: impl tonic::IntoRequest<super::CommitRequest>,
@@ -1702,7 +1703,8 @@ pub mod ledger_server {
             tonic::Response<super::ReserveSetResponse>,
             tonic::Status,
         >;
-        /// Commit actual usage; the rest of the reservation is released in the same transaction.
+        /// Commit actual usage; the rest of the reservation is released in the same transaction. After
+        /// the reservation's TTL it is booked late, all of it an overrun (CommitResponse.late).
         async fn commit(
             &self,
             request: tonic::Request<super::CommitRequest>,

@@ -192,7 +192,7 @@ pub enum LedgerError {
         /// Its final state.
         state: &'static str,
     },
-    /// The reservation's TTL passed.
+    /// Release after the reservation's TTL (a Commit is booked late instead).
     #[error("reservation {0} expired")]
     ReservationExpired(Uuid),
     /// The pricing snapshot (version and hash) is not registered for the tenant.

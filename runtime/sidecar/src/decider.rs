@@ -1367,8 +1367,9 @@ impl Decider {
     /// A retry after success returns the original amounts with `replayed`.
     ///
     /// # Errors
-    /// [`SidecarError`] when the call is unknown, holds no reservation, was released or expired,
-    /// or the ledger is unavailable (retry later; the reservation's TTL bounds the wait).
+    /// [`SidecarError`] when the call is unknown, holds no reservation or was released, or the
+    /// ledger is unavailable (retry later; the reservation's TTL bounds the wait). A commit after
+    /// the TTL is booked late ([`Committed::late`]).
     pub async fn commit(
         &self,
         call_id: &str,
@@ -1766,6 +1767,11 @@ fn ledger_error(status: &tonic::Status) -> SidecarError {
         Some(C::EvidenceBacklog) => SidecarError::EvidenceBacklog(message),
         Some(C::SigningUnavailable) => SidecarError::SigningUnavailable(message),
         Some(_) => SidecarError::Internal(message),
+        // A code this sidecar does not know (a newer ledger): the ledger answered, so it is not
+        // an unreachable ledger, which a fail-open contract would let through. Fail closed.
+        None if answered_with_detail(status) => SidecarError::Internal(format!(
+            "the ledger answered with an error code this sidecar does not know: {message}"
+        )),
         // No ErrorDetail: a transport failure (connection refused, timeout).
         None => SidecarError::DependencyUnavailable(format!("{:?}: {message}", status.code())),
     }
@@ -1809,6 +1815,13 @@ fn evidence_send_failure(status: &tonic::Status) -> SendFailure {
         _ if status.code() == tonic::Code::InvalidArgument => SendFailure::Refused(message),
         _ => SendFailure::Retry(message),
     }
+}
+
+/// Whether the ledger itself answered `status` (it carries an error detail with a code), as
+/// opposed to the transport failing before any answer.
+fn answered_with_detail(status: &tonic::Status) -> bool {
+    use prost::Message as _;
+    pb::ErrorDetail::decode(status.details()).is_ok_and(|detail| detail.code != 0)
 }
 
 /// Whether a failed ledger RPC says only that the ledger is away for now (unreachable,
@@ -1886,6 +1899,24 @@ mod tests {
         assert!(matches!(
             ledger_error(&unsigned),
             SidecarError::SigningUnavailable(_)
+        ));
+        // A code this sidecar does not know (a newer ledger's) fails closed, never as an
+        // unreachable ledger (which a fail-open contract lets through); a bare transport error
+        // is the unreachable ledger.
+        let newer = tonic::Status::with_details(
+            tonic::Code::Unavailable,
+            "SOMETHING_NEW: x",
+            prost::Message::encode_to_vec(&pb::ErrorDetail {
+                code: 999,
+                message: "SOMETHING_NEW: x".into(),
+                field: String::new(),
+            })
+            .into(),
+        );
+        assert!(matches!(ledger_error(&newer), SidecarError::Internal(_)));
+        assert!(matches!(
+            ledger_error(&tonic::Status::unavailable("connection refused")),
+            SidecarError::DependencyUnavailable(_)
         ));
         // The ledger answered, but the answer can pass: keep the record, without a limit.
         assert!(matches!(

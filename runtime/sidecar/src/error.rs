@@ -44,7 +44,7 @@ pub enum SidecarError {
     /// The decision was not a CONTINUE with a reservation.
     #[error("call {0} holds no reservation")]
     NoReservation(String),
-    /// The reservation expired before it was settled.
+    /// The reservation expired before it was released (a commit after the TTL is booked late).
     #[error("the reservation of call {0} expired")]
     ReservationExpired(String),
     /// The usage report does not parse.
