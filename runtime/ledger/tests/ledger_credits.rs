@@ -584,3 +584,75 @@ async fn draws_take_the_cached_path_and_see_another_replicas_draws() {
     assert_eq!(money(&mut a, "run").await, (500, 0));
     invariants::check(a.store().pool()).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_draw_that_outlives_its_ttl_is_booked_late_and_its_credit_keeps_account() {
+    // Goal: a commit after the TTL of a reservation drawn from a credit is booked late like any
+    // other (all of it overrun, nothing committed), and the budgets' reserved money still
+    // matches what is open: the draw's held amount leaves reserved once, by its expiry, and the
+    // credit's release returns only what was never drawn. Method: a credit, a draw of 1 s,
+    // once swept by the commit itself and once by the sweep.
+    let (mut ledger, fencing) = setup().await;
+    let credit = reserve(&mut ledger, open_credit("credit-1", 500, &fencing)).await;
+    let short = |key: &str, amount: i64| pb::ReserveSetRequest {
+        ttl_ms: 1_000,
+        ..draw(&credit.reservation_id, key, amount, &fencing)
+    };
+    let unswept = reserve(&mut ledger, short("call-1", 120)).await;
+    let swept = reserve(&mut ledger, short("call-2", 80)).await;
+    assert_eq!(
+        money(&mut ledger, "run").await,
+        (500, 0),
+        "the credit holds it all"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    let commit = |id: &str, actual: i64| pb::CommitRequest {
+        tenant_id: T.into(),
+        reservation_id: id.into(),
+        actual_nano_usd: actual,
+        fencing: Some(fencing.clone()),
+        deferrable: false,
+    };
+    let late = ledger
+        .client
+        .commit(commit(&unswept.reservation_id, 90))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(late.late);
+    assert_eq!(
+        money(&mut ledger, "run").await,
+        (380, 0),
+        "its 120 left reserved"
+    );
+    ledger
+        .client
+        .sweep_expired(pb::SweepExpiredRequest {
+            max_reservations: 100,
+        })
+        .await
+        .unwrap();
+    let late = ledger
+        .client
+        .commit(commit(&swept.reservation_id, 70))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(late.late);
+    ledger
+        .client
+        .release(release(&credit.reservation_id, &fencing))
+        .await
+        .unwrap();
+    let run = ledger.balance(T, "run").await.unwrap();
+    assert_eq!(
+        (
+            run.reserved_nano_usd,
+            run.committed_nano_usd,
+            run.overrun_nano_usd
+        ),
+        (0, 0, 160),
+        "nothing held, both late usages booked as overrun"
+    );
+    invariants::check(ledger.store().pool()).await.unwrap();
+}
