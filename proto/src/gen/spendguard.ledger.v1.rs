@@ -50,8 +50,8 @@ pub struct DecisionContext {
     #[prost(bool, tag = "7")]
     pub pricing_stale: bool,
     /// The approval (UUID; else ID_MALFORMED) a call goes ahead under after a human approved it
-    /// (S16): on a ReserveSet the ledger checks that it is the tenant's, approved, for the same
-    /// budgets and at least the amount (APPROVAL_NOT_FOUND, APPROVAL_NOT_APPROVED,
+    /// (S16): on a ReserveSet the ledger checks that it is the tenant's, asked for this call
+    /// (context.call_id), approved, for the same budgets and at least the amount (APPROVAL_NOT_FOUND, APPROVAL_NOT_APPROVED,
     /// INVALID_ARGUMENT), and the reservation's events name it. Not part of the idempotency
     /// fingerprint (a resumed call's key names its approval). Empty otherwise (absent from events).
     #[prost(string, tag = "8")]

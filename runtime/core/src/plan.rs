@@ -1939,8 +1939,8 @@ impl Planner {
     }
 
     /// A reservation that names the approval it goes ahead under (S16): the tenant's approval,
-    /// approved, asked for the same budgets, and for at least this amount (the human approved
-    /// that worst case, not more). The soft cap itself is the sidecar's question; this check
+    /// asked for this call, approved, for the same budgets, and for at least this amount (the
+    /// human approved that worst case, not more). The soft cap itself is the sidecar's question; this check
     /// makes the approval the reservation's evidence names one that really let it go ahead.
     fn check_approved(&self, r: &ReserveSet, approval_id: Uuid) -> Result<(), LedgerError> {
         let approval = self
@@ -1949,6 +1949,14 @@ impl Planner {
             .get(&approval_id)
             .filter(|a| a.tenant_id == r.tenant_id)
             .ok_or(LedgerError::ApprovalNotFound(approval_id))?;
+        // An approval is asked under the call's id (its idempotency key), and the resumed call
+        // names itself in its context: one human decision lets one call go ahead.
+        if approval.idempotency_key != r.context.call_id {
+            return Err(LedgerError::InvalidArgument {
+                field: "context.approval_id",
+                reason: "the approval was asked for another call".to_owned(),
+            });
+        }
         if approval.state != ApprovalState::Approved {
             return Err(LedgerError::ApprovalNotApproved {
                 id: approval_id,

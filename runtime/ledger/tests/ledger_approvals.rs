@@ -907,7 +907,15 @@ async fn a_reservation_under_an_approval_is_checked_against_it_and_names_it() {
     for (name, request, expected) in [
         (
             "denied",
-            under(&denied.approval_id, &both, 700),
+            pb::ReserveSetRequest {
+                idempotency_key: format!("call-2/approved/{}", denied.approval_id),
+                context: Some(pb::DecisionContext {
+                    call_id: "call-2".into(),
+                    approval_id: denied.approval_id.clone(),
+                    ..Default::default()
+                }),
+                ..under(&denied.approval_id, &both, 700)
+            },
             pb::ErrorCode::ApprovalNotApproved,
         ),
         (
@@ -924,6 +932,18 @@ async fn a_reservation_under_an_approval_is_checked_against_it_and_names_it() {
             "unknown",
             under(&uuid::Uuid::new_v4().to_string(), &both, 700),
             pb::ErrorCode::ApprovalNotFound,
+        ),
+        (
+            "another call",
+            pb::ReserveSetRequest {
+                context: Some(pb::DecisionContext {
+                    call_id: "call-9".into(),
+                    approval_id: approval.approval_id.clone(),
+                    ..Default::default()
+                }),
+                ..under(&approval.approval_id, &both, 700)
+            },
+            pb::ErrorCode::InvalidArgument,
         ),
         (
             "malformed",

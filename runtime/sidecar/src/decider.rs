@@ -441,7 +441,11 @@ impl Decider {
     /// of an odd request is still recorded.
     fn stop_record(&self, input: &DecideInput, decision: &Decision) -> pb::StopRecord {
         let decided_at = unix_ms_now();
-        let mut context = self.ledger_context(input, decision.pricing_stale);
+        let mut context = pb::DecisionContext {
+            // A STOP of a call waiting for approval, or resumed under one, names it.
+            approval_id: decision.approval_id.clone().unwrap_or_default(),
+            ..self.ledger_context(input, decision.pricing_stale)
+        };
         for text in [
             &mut context.run_id,
             &mut context.workflow_id,
@@ -1831,10 +1835,8 @@ pub(crate) fn ledger_away(status: &tonic::Status) -> bool {
     use pb::ErrorCode as C;
     matches!(
         error_code(status),
-        None | Some(
-            C::Overloaded | C::DependencyUnavailable | C::ShuttingDown | C::SigningUnavailable
-        )
-    )
+        Some(C::Overloaded | C::DependencyUnavailable | C::ShuttingDown | C::SigningUnavailable)
+    ) || (error_code(status).is_none() && !answered_with_detail(status))
 }
 
 /// Maps a failed ledger RPC of a settlement.

@@ -784,6 +784,54 @@ async fn a_call_that_outlives_its_reservation_is_still_billed() {
 }
 
 #[tokio::test]
+async fn a_commit_keeps_being_offered_past_the_ttl_while_the_ledger_is_away() {
+    // Goal: a proxied call's usage is not dropped because the ledger was away until after the
+    // reservation's TTL: the settlement keeps retrying (a release would not: it is moot after
+    // the TTL), and the ledger books it late once it is back. Method: reservations of 1 s (a
+    // lease long enough to stay held), the ledger stopped while the call waits upstream and
+    // restarted 2 s later.
+    let mut stack = Stack::start(Options {
+        flags: vec![
+            "--reservation-ttl-ms=1000".into(),
+            "--lease-ttl-ms=20000".into(),
+            "--lease-grace-ms=15000".into(),
+        ],
+        ..Options::default()
+    })
+    .await;
+    let url = stack.url("/v1/chat/completions");
+    let call = tokio::spawn(async move {
+        post_json(
+            &url,
+            &[OPENAI_KEY, ("x-mock-latency-ms", "300")],
+            &chat_body("gpt-4o-mini", false),
+        )
+        .await
+    });
+    for _ in 0..100 {
+        if stack.balance().await.reserved_nano_usd > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    stack.ledger.stop().await;
+    let reply = call.await.unwrap();
+    assert_eq!(reply.status, 200, "answered while the ledger is away");
+    tokio::time::sleep(std::time::Duration::from_millis(2_000)).await;
+    stack.restart_ledger().await;
+    let mut booked = 0;
+    for _ in 0..200 {
+        booked = stack.balance().await.overrun_nano_usd;
+        if booked > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(booked, HELLO_CHAT_COST, "booked late, in full");
+    assert_eq!(stack.balance().await.reserved_nano_usd, 0);
+}
+
+#[tokio::test]
 async fn a_call_id_is_forwarded_once() {
     let mut stack = Stack::start(Options::default()).await;
     let headers = [OPENAI_KEY, ("x-spendguard-call-id", "call-once")];

@@ -305,13 +305,25 @@ impl Drop for Settlement {
     }
 }
 
+/// How long a proxied call's commit keeps being retried while the ledger is away: the ledger
+/// books a commit that arrives after the reservation's TTL, so giving up at the TTL would drop
+/// usage the ledger could still record.
+const COMMIT_RETRY_MAX: Duration = Duration::from_secs(24 * 60 * 60);
+
 async fn settle_with_retries(
     decider: Arc<Decider>,
     metrics: Metrics,
     call_id: String,
     outcome: Outcome,
 ) {
-    let deadline = Instant::now() + decider.reservation_ttl();
+    // A release is moot past the reservation's TTL (the sweep returns the money); a commit is
+    // not: the ledger books it late, so the usage the provider reported keeps being offered
+    // for much longer.
+    let patience = match outcome {
+        Outcome::Commit(_) => COMMIT_RETRY_MAX.max(decider.reservation_ttl()),
+        Outcome::Release(_) => decider.reservation_ttl(),
+    };
+    let deadline = Instant::now() + patience;
     let mut backoff = Duration::from_millis(50);
     loop {
         let result = match outcome {
@@ -343,8 +355,16 @@ async fn settle_with_retries(
             }
             Err(e) => {
                 metrics.settlement("failed");
-                warn!(call_id, code = e.code(), error = %e,
-                      "settlement failed; the ledger's TTL sweep releases the reservation");
+                match outcome {
+                    Outcome::Commit(_) => {
+                        warn!(call_id, code = e.code(), error = %e,
+                              "commit failed: the call's usage is not recorded; the TTL sweep returns its reservation");
+                    }
+                    Outcome::Release(_) => {
+                        warn!(call_id, code = e.code(), error = %e,
+                              "release failed; the ledger's TTL sweep releases the reservation");
+                    }
+                }
                 return;
             }
         }
