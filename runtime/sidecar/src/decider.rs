@@ -747,30 +747,24 @@ impl Decider {
             budget_ids.push(run_budget.clone());
             run_budget_limit = Some((run_budget, limit.get()));
         }
-        if let Some(approved) = approved
-            && approved.budget_ids != budget_ids
-        {
-            // The sidecar's budgets changed since the call asked (a new bundle, a per-run limit):
-            // the approval was for another call.
-            return Err(SidecarError::IdempotencyConflict(input.call_id.clone()));
-        }
+        // What a fail-open record of this call would carry (built only when one is needed).
+        let fail_open = |budget_ids: Vec<String>| FailOpenContext {
+            resumed: approved.is_some(),
+            epoch,
+            budget_ids,
+            run_budget: run_budget_limit.clone(),
+            worst_case_nano_usd: planned.reserve.get(),
+            pricing_stale,
+        };
         if let (Some((run_budget, _)), Some(limit)) =
-            (run_budget_limit.clone(), contract.per_run_limit_nano_usd)
+            (&run_budget_limit, contract.per_run_limit_nano_usd)
             && let Err(e) = self
-                .ensure_run_budget(&run_budget, limit)
+                .ensure_run_budget(run_budget, limit)
                 .await
                 .map_err(|status| ledger_error(&status))
         {
-            let fail_open = FailOpenContext {
-                resumed: approved.is_some(),
-                epoch,
-                budget_ids,
-                run_budget: run_budget_limit,
-                worst_case_nano_usd: planned.reserve.get(),
-                pricing_stale,
-            };
             return self
-                .unavailable(input, planned.max_output_tokens, e, fail_open)
+                .unavailable(input, planned.max_output_tokens, e, fail_open(budget_ids))
                 .await;
         }
         let request = pb::ReserveSetRequest {
@@ -798,36 +792,25 @@ impl Decider {
             && let Some(credits) = &self.credits
             && let Some((credit, expires)) = credits.admit(planned.reserve.get(), epoch)
         {
-            let fail_open = FailOpenContext {
-                resumed: false,
-                epoch,
-                budget_ids,
-                run_budget: None,
-                worst_case_nano_usd: planned.reserve.get(),
-                pricing_stale,
-            };
             return Ok(self.admit_from_credit(
                 input,
                 &planned,
                 request,
                 (credit, expires),
-                &fail_open,
+                &fail_open(budget_ids),
             ));
         }
         let response = match self.ledger.clone().reserve_set(request).await {
             Ok(response) => response.into_inner(),
             Err(status) => {
                 let error = ledger_error(&status);
-                let fail_open = FailOpenContext {
-                    resumed: approved.is_some(),
-                    epoch,
-                    budget_ids,
-                    run_budget: run_budget_limit,
-                    worst_case_nano_usd: planned.reserve.get(),
-                    pricing_stale,
-                };
                 return self
-                    .unavailable(input, planned.max_output_tokens, error, fail_open)
+                    .unavailable(
+                        input,
+                        planned.max_output_tokens,
+                        error,
+                        fail_open(budget_ids),
+                    )
                     .await;
             }
         };
@@ -1087,7 +1070,6 @@ impl Decider {
                 let approved = Approved {
                     approval_id: approval_id.clone(),
                     amount_nano_usd: approval.amount_nano_usd,
-                    budget_ids: approval.budget_ids.clone(),
                 };
                 // Approved, then maybe stopped by a hard cap or the contract.
                 self.decide_fresh(input, Some(&approved)).await?
@@ -1699,8 +1681,6 @@ struct Approved {
     approval_id: String,
     /// What the approver saw the call's worst case as: the resumed call may reserve up to it.
     amount_nano_usd: i64,
-    /// The budgets the approval was asked for: the resumed call reserves against the same.
-    budget_ids: Vec<String>,
 }
 
 /// The idempotency key of a call's reservation once it resumes under `approval_id`: the call's
@@ -1756,7 +1736,8 @@ fn ledger_error(status: &tonic::Status) -> SidecarError {
             SidecarError::LeaseUnavailable(message)
         }
         // A resumed call the ledger finds its approval does not cover (the sidecar checks the
-        // amount and budgets first; this is the ledger's word on it): another call.
+        // amount first; other budgets already conflict with the call's first reservation):
+        // another call.
         Some(C::IdempotencyConflict | C::ApprovalNotApproved | C::ApprovalNotFound) => {
             SidecarError::IdempotencyConflict(message)
         }
@@ -1833,10 +1814,15 @@ fn answered_with_detail(status: &tonic::Status) -> bool {
 /// (Never a reason to fail open: only [`SidecarError::DependencyUnavailable`] is.)
 pub(crate) fn ledger_away(status: &tonic::Status) -> bool {
     use pb::ErrorCode as C;
-    matches!(
-        error_code(status),
-        Some(C::Overloaded | C::DependencyUnavailable | C::ShuttingDown | C::SigningUnavailable)
-    ) || (error_code(status).is_none() && !answered_with_detail(status))
+    match error_code(status) {
+        Some(code) => matches!(
+            code,
+            C::Overloaded | C::DependencyUnavailable | C::ShuttingDown | C::SigningUnavailable
+        ),
+        // No answer at all (a transport failure), unless it carried a code this sidecar does
+        // not know.
+        None => !answered_with_detail(status),
+    }
 }
 
 /// Maps a failed ledger RPC of a settlement.
