@@ -5,7 +5,7 @@
 
 use spendguard_ledger::LedgerTuning;
 use spendguard_proto::ledger::v1 as pb;
-use spendguard_testkit::ledger::{reserve_request, shared_cluster};
+use spendguard_testkit::ledger::reserve_request;
 use spendguard_testkit::{TestLedger, invariants};
 use std::time::Duration;
 use tokio::task::JoinHandle;
@@ -16,15 +16,11 @@ const T: &str = "tenant-defer";
 const LIVENESS: Duration = Duration::from_secs(20);
 
 async fn ledger_with_window(window: Duration) -> (TestLedger, pb::FencingToken) {
-    let url = shared_cluster().create_database().await.unwrap();
     let tuning = LedgerTuning {
         defer_max_us: u64::try_from(window.as_micros()).unwrap(),
         ..LedgerTuning::default()
     };
-    let mut ledger =
-        TestLedger::start_tuned(&url, "ledger-0", "127.0.0.1:0".parse().unwrap(), &tuning)
-            .await
-            .unwrap();
+    let mut ledger = TestLedger::start_with(&tuning).await.unwrap();
     let fencing = ledger.tenant_with_lease(T).await.unwrap();
     ledger.budget(T, "b", 1_000_000).await.unwrap();
     (ledger, fencing)

@@ -1352,6 +1352,8 @@ async fn database_constraints_hold_even_if_application_code_is_wrong() {
         "UPDATE audit_outbox SET event_type = 'x'".to_owned(),
         // An epoch minted out of thin air.
         "UPDATE fencing_scopes SET epoch = epoch + 5".to_owned(),
+        // A scope handed over without a new epoch.
+        "UPDATE fencing_scopes SET owner_workload_id = 'thief'".to_owned(),
         // A sequence nobody allocated.
         "INSERT INTO audit_outbox SELECT producer_instance_id, producer_sequence + 1000, tenant_id, event_type, occurred_at, canonical_event, event_sha256 FROM audit_outbox LIMIT 1".to_owned(),
     ];
@@ -1799,20 +1801,11 @@ async fn a_stuck_database_is_overloaded_at_once_and_unavailable_at_its_lock_time
     // DEPENDENCY_UNAVAILABLE at its lock timeout (2 s); the rest, past the full queue, get
     // OVERLOADED at once. Once the lock is gone nothing was reserved and a ReserveSet goes
     // through.
-    use spendguard_testkit::ledger::{LedgerTuning, shared_cluster};
-    let database_url = shared_cluster().create_database().await.unwrap();
-    let tuning = LedgerTuning {
+    let tuning = spendguard_testkit::ledger::LedgerTuning {
         queue_capacity: 1,
-        ..LedgerTuning::default()
+        ..Default::default()
     };
-    let mut ledger = TestLedger::start_tuned(
-        &database_url,
-        "ledger-0",
-        "127.0.0.1:0".parse().unwrap(),
-        &tuning,
-    )
-    .await
-    .unwrap();
+    let mut ledger = TestLedger::start_with(&tuning).await.unwrap();
     let fencing = ledger.tenant_with_lease(T).await.unwrap();
     ledger.budget(T, "run", 1_000_000).await.unwrap();
     let events = outbox_count(&ledger).await;
@@ -1890,20 +1883,11 @@ async fn gauge_reads(ledger: &TestLedger, open: i64) {
 
 #[tokio::test]
 async fn the_open_reservations_gauge_counts_what_is_held() {
-    use spendguard_testkit::ledger::{LedgerTuning, shared_cluster};
-    let database_url = shared_cluster().create_database().await.unwrap();
-    let tuning = LedgerTuning {
+    let tuning = spendguard_testkit::ledger::LedgerTuning {
         gauge_refresh_ms: 100,
-        ..LedgerTuning::default()
+        ..Default::default()
     };
-    let mut ledger = TestLedger::start_tuned(
-        &database_url,
-        "ledger-0",
-        "127.0.0.1:0".parse().unwrap(),
-        &tuning,
-    )
-    .await
-    .unwrap();
+    let mut ledger = TestLedger::start_with(&tuning).await.unwrap();
     let fencing = ledger.tenant_with_lease(T).await.unwrap();
     ledger.budget(T, "run", 1_000).await.unwrap();
     gauge_reads(&ledger, 0).await;

@@ -108,47 +108,8 @@ async fn two_ledger_replicas_cannot_overspend_one_budget() {
 async fn two_contenders_for_one_expired_scope_exactly_one_wins() {
     let mut ledger = TestLedger::start().await.unwrap();
     let first = ledger.tenant_with_lease(T).await.unwrap();
-    // Shorten the lease by renewing with the minimum TTL, then let it lapse.
-    ledger
-        .client
-        .acquire_fencing_lease(pb::AcquireFencingLeaseRequest {
-            scope_id: first.scope_id.clone(),
-            tenant_id: T.into(),
-            workload_instance_id: format!("{T}-w"),
-            ttl_ms: 1_000,
-            expected_epoch: first.epoch,
-            force: false,
-        })
-        .await
-        .unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
-    let mut tasks = Vec::new();
-    for contender in ["pod-x", "pod-y", "pod-z"] {
-        let mut client = ledger.client.clone();
-        let scope_id = first.scope_id.clone();
-        tasks.push(tokio::spawn(async move {
-            client
-                .acquire_fencing_lease(pb::AcquireFencingLeaseRequest {
-                    scope_id,
-                    tenant_id: T.into(),
-                    workload_instance_id: contender.into(),
-                    ttl_ms: 60_000,
-                    expected_epoch: 0,
-                    force: false,
-                })
-                .await
-        }));
-    }
-    let mut winners = Vec::new();
-    for task in tasks {
-        match task.await.unwrap() {
-            Ok(lease) => winners.push(lease.into_inner()),
-            Err(status) => assert_eq!(
-                spendguard_proto::ledger::error_code(&status),
-                Some(pb::ErrorCode::FencingLeaseHeld)
-            ),
-        }
-    }
+    lapse(&ledger.client, &first).await;
+    let winners = contend([&ledger.client, &ledger.client], &first.scope_id).await;
     assert_eq!(winners.len(), 1);
     assert_eq!(
         winners[0].epoch,
@@ -167,6 +128,23 @@ async fn two_contenders_for_one_expired_scope_exactly_one_wins() {
         Some(pb::ErrorCode::FencingEpochStale)
     );
     invariants::check(ledger.store().pool()).await.unwrap();
+}
+
+/// Shortens `lease` (renewing it with the minimum TTL) and lets it lapse.
+async fn lapse(client: &spendguard_testkit::ledger::LedgerClient, lease: &pb::FencingToken) {
+    client
+        .clone()
+        .acquire_fencing_lease(pb::AcquireFencingLeaseRequest {
+            scope_id: lease.scope_id.clone(),
+            tenant_id: T.into(),
+            workload_instance_id: format!("{T}-w"),
+            ttl_ms: 1_000,
+            expected_epoch: lease.epoch,
+            force: false,
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
 }
 
 /// Six contenders for `scope_id`, alternating between two ledger clients: the winners' leases.
@@ -217,18 +195,7 @@ async fn contenders_on_two_replicas_leave_one_winner_per_scope() {
     let b = TestLedger::start_on(&a.database_url, "ledger-1")
         .await
         .unwrap();
-    a.client
-        .acquire_fencing_lease(pb::AcquireFencingLeaseRequest {
-            scope_id: first.scope_id.clone(),
-            tenant_id: T.into(),
-            workload_instance_id: format!("{T}-w"),
-            ttl_ms: 1_000,
-            expected_epoch: first.epoch,
-            force: false,
-        })
-        .await
-        .unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    lapse(&a.client, &first).await;
     let pool = a.store().pool().clone();
     let history = |scope_id: String| {
         let pool = pool.clone();

@@ -31,6 +31,16 @@ async fn decide(stack: &Stack, call_id: &str) -> Value {
     stack.decide_ok(&decide_body(call_id)).await
 }
 
+/// A decide of `call_id` over HTTP, whatever its status.
+async fn decide_reply(stack: &Stack, call_id: &str) -> Reply {
+    post_json(
+        &stack.url("/v1/spendguard/decide"),
+        &[],
+        &decide_body(call_id),
+    )
+    .await
+}
+
 /// Asks for approval with `call_id` and returns the approval's id.
 async fn ask(stack: &Stack, call_id: &str) -> String {
     let asked = decide(stack, call_id).await;
@@ -136,12 +146,7 @@ async fn an_approved_call_resumes_once_under_a_reservation_of_its_own() {
         .sidecar()
         .decider
         .forget_older_than(std::time::Duration::ZERO);
-    let forgotten = post_json(
-        &stack.url("/v1/spendguard/decide"),
-        &[],
-        &decide_body("c-1"),
-    )
-    .await;
+    let forgotten = decide_reply(&stack, "c-1").await;
     assert_eq!(forgotten.status, 409, "{}", forgotten.json());
     assert_eq!(forgotten.json()["error"]["code"], "CALL_ALREADY_RESOLVED");
     assert_eq!(stack.balance().await.reserved_nano_usd, 0);
@@ -325,12 +330,7 @@ async fn a_call_waiting_for_approval_never_fails_open() {
     let approval_id = ask(&stack, "c-open").await;
     resolve(&mut stack, &approval_id, pb::ApprovalDecision::Approve).await;
     stack.ledger.stop().await;
-    let refused = post_json(
-        &stack.url("/v1/spendguard/decide"),
-        &[],
-        &decide_body("c-open"),
-    )
-    .await;
+    let refused = decide_reply(&stack, "c-open").await;
     assert_eq!(refused.status, 503, "{}", refused.json());
     assert_eq!(refused.json()["error"]["code"], "DEPENDENCY_UNAVAILABLE");
     assert!(stack.sidecar().decider.fail_open_queue().is_empty());
@@ -345,12 +345,7 @@ async fn a_call_waiting_for_approval_never_fails_open() {
         .execute(&mut *locker)
         .await
         .unwrap();
-    let refused = post_json(
-        &stack.url("/v1/spendguard/decide"),
-        &[],
-        &decide_body("c-open"),
-    )
-    .await;
+    let refused = decide_reply(&stack, "c-open").await;
     assert_eq!(refused.status, 503, "{}", refused.json());
     assert_eq!(refused.json()["error"]["code"], "DEPENDENCY_UNAVAILABLE");
     assert!(stack.sidecar().decider.fail_open_queue().is_empty());

@@ -8,6 +8,8 @@ use spendguard_testkit::{PgCluster, free_port};
 use std::time::Duration;
 use tokio::process::Command;
 
+mod support;
+
 async fn get(port: u16, path: &str) -> (u16, String) {
     http_get(port, path).await.unwrap()
 }
@@ -114,17 +116,5 @@ async fn health_readiness_metrics_and_graceful_shutdown() {
     );
 
     // SIGTERM: drains and exits successfully.
-    let pid = ledger.id().unwrap();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = tokio::time::timeout(Duration::from_secs(15), ledger.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(status.success(), "exit status {status:?}");
+    support::terminates_cleanly(&mut ledger, Duration::from_secs(15)).await;
 }

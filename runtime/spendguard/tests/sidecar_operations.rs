@@ -246,19 +246,7 @@ async fn no_api_key_reaches_the_logs_even_at_trace_and_sigterm_ends_cleanly() {
     .await;
     assert_eq!(status_of(&refused), 402, "{refused}");
 
-    let pid = sidecar.id().unwrap();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = tokio::time::timeout(Duration::from_secs(30), sidecar.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(status.success(), "exit status {status:?}");
+    terminates_cleanly(&mut sidecar, Duration::from_secs(30)).await;
     let logs = String::from_utf8_lossy(&logs.await.unwrap()).into_owned();
     assert!(
         logs.contains("TRACE") && logs.contains(&format!("connected to 127.0.0.1:{mock}")),

@@ -44,6 +44,15 @@ impl TestLedger {
         Self::start_on(&database_url, "ledger-0").await
     }
 
+    /// [`TestLedger::start`] with `tuning` instead of the defaults.
+    ///
+    /// # Errors
+    /// When the database or server cannot start.
+    pub async fn start_with(tuning: &LedgerTuning) -> Result<Self> {
+        let database_url = shared_cluster().create_database().await?;
+        Self::start_tuned(&database_url, "ledger-0", "127.0.0.1:0".parse()?, tuning).await
+    }
+
     /// Starts a ledger on an existing database.
     ///
     /// # Errors

@@ -110,28 +110,13 @@ impl MotoServer {
     /// # Panics
     /// When moto does not create it.
     pub fn create_p256_signing_key(&self) -> String {
-        let body = r#"{"KeySpec":"ECC_NIST_P256","KeyUsage":"SIGN_VERIFY","Description":"spendguard test"}"#;
-        let mut stream = TcpStream::connect(self.addr).expect("connect to moto");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("read timeout");
-        write!(
-            stream,
-            "POST / HTTP/1.1\r\nHost: {}\r\nContent-Type: application/x-amz-json-1.1\r\n\
-             X-Amz-Target: TrentService.CreateKey\r\n\
-             Authorization: AWS4-HMAC-SHA256 Credential=test/20260101/{REGION}/kms/aws4_request, SignedHeaders=host, Signature=0\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            self.addr,
-            body.len()
-        )
-        .expect("send CreateKey");
-        let mut response = String::new();
-        stream
-            .read_to_string(&mut response)
-            .expect("read CreateKey response");
-        assert!(
-            response.starts_with("HTTP/1.1 200"),
-            "moto CreateKey failed: {response}"
+        let response = self.post(
+            "/",
+            &format!(
+                "Content-Type: application/x-amz-json-1.1\r\nX-Amz-Target: TrentService.CreateKey\r\n\
+                 Authorization: AWS4-HMAC-SHA256 Credential=test/20260101/{REGION}/kms/aws4_request, SignedHeaders=host, Signature=0\r\n"
+            ),
+            r#"{"KeySpec":"ECC_NIST_P256","KeyUsage":"SIGN_VERIFY","Description":"spendguard test"}"#,
         );
         let json = response
             .find('{')
@@ -151,24 +136,32 @@ impl MotoServer {
     /// # Panics
     /// When moto does not answer 200.
     pub fn reset(&self) {
+        self.post("/moto-api/reset", "", "");
+    }
+
+    /// POSTs `body` to `path` with `headers` (each ending in CRLF): the whole response, which
+    /// must be a 200.
+    fn post(&self, path: &str, headers: &str, body: &str) -> String {
         let mut stream = TcpStream::connect(self.addr).expect("connect to moto");
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .expect("read timeout");
         write!(
             stream,
-            "POST /moto-api/reset HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-            self.addr
+            "POST {path} HTTP/1.1\r\nHost: {}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            self.addr,
+            body.len()
         )
-        .expect("send reset");
+        .expect("send to moto");
         let mut response = String::new();
         stream
             .read_to_string(&mut response)
-            .expect("read reset response");
+            .expect("read moto's response");
         assert!(
             response.starts_with("HTTP/1.1 200"),
-            "moto reset failed: {response}"
+            "moto {path} failed: {response}"
         );
+        response
     }
 }
 

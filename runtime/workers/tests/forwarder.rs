@@ -471,20 +471,11 @@ async fn a_ledger_bounding_evidence_lag_refuses_new_spend_until_the_forwarder_ca
     // dropped either way. Method: a ledger with the bound, activity, no forwarder until the
     // refusal shows; then a commit, an approval, the gauge; then one forwarder pass.
     use spendguard_proto::ledger::v1 as pb;
-    use spendguard_testkit::ledger::{LedgerTuning, shared_cluster};
-    let database_url = shared_cluster().create_database().await.unwrap();
-    let tuning = LedgerTuning {
+    let tuning = spendguard_testkit::ledger::LedgerTuning {
         max_evidence_lag_seconds: 2,
-        ..LedgerTuning::default()
+        ..Default::default()
     };
-    let mut ledger = TestLedger::start_tuned(
-        &database_url,
-        "ledger-0",
-        "127.0.0.1:0".parse().unwrap(),
-        &tuning,
-    )
-    .await
-    .unwrap();
+    let mut ledger = TestLedger::start_with(&tuning).await.unwrap();
     let fencing = ledger.tenant_with_lease("acme").await.unwrap();
     ledger.budget("acme", "b", 1_000_000).await.unwrap();
     let open = ledger

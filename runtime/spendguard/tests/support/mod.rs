@@ -46,6 +46,24 @@ pub fn sidecar_command(
     command
 }
 
+/// Sends SIGTERM to `child` and asserts it exits successfully within `within` (it drains and
+/// shuts down cleanly).
+pub async fn terminates_cleanly(child: &mut tokio::process::Child, within: Duration) {
+    let pid = child.id().expect("the process is running");
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = tokio::time::timeout(within, child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}
+
 /// Runs `sidecar` until it exits, which it must do within 30 s and unsuccessfully (it refuses to
 /// start): its stderr.
 pub async fn refused_startup(mut sidecar: Command) -> String {
