@@ -12,6 +12,7 @@
 //! to another key id. The envelope is at most a few hundred bytes, so AWS KMS always takes it as a
 //! RAW message (RAW is limited to 4096 bytes; DIGEST is avoided, see docs/design/evidence-signing.md).
 
+use crate::batch::Inclusion;
 use chrono::{DateTime, SecondsFormat, Timelike, Utc};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -21,6 +22,10 @@ use std::str::FromStr;
 /// Schema tag inside every envelope; it separates signatures over events from anything else a
 /// SpendGuard key signs (checkpoints use the C2SP note format, which can never parse as this).
 pub const ENVELOPE_SCHEMA: &str = "spendguard.signature.v1";
+
+/// Schema tag of a batch envelope: a signature over the Merkle root of several events
+/// ([`crate::batch`]). A different tag, so a batch root can never pass for one event's sha256.
+pub const BATCH_ENVELOPE_SCHEMA: &str = "spendguard.batch-signature.v1";
 
 /// Longest key id or producer id, in bytes. Keeps the envelope far below KMS's 4096-byte RAW limit.
 pub const IDENTIFIER_LEN_MAX: usize = 128;
@@ -97,21 +102,91 @@ pub struct Signed {
     pub producer_id: String,
     /// Signature bytes: 64 for both algorithms (ECDSA as r‖s, low S).
     pub signature: Vec<u8>,
+    /// Set when the signature covers a batch: where this event sits in it. `None` for a
+    /// signature over this one event.
+    pub inclusion: Option<Inclusion>,
 }
 
 impl Signed {
-    /// The exact bytes this signature covers, given the event's canonical bytes.
+    /// The exact bytes this signature covers, given the event's canonical bytes: the event's
+    /// own envelope, or the envelope of the batch root its inclusion proof leads to.
     ///
     /// # Errors
-    /// When the metadata cannot be part of an envelope (see [`signing_input`]).
+    /// When the metadata cannot be part of an envelope (see [`signing_input`]), or the inclusion
+    /// proof does not fit its index and count ([`EnvelopeError::InclusionInvalid`]).
     pub fn signing_input(&self, canonical_event: &[u8]) -> Result<Vec<u8>, EnvelopeError> {
-        signing_input(
-            &self.key_id,
-            self.algorithm,
-            self.signed_at,
-            &self.producer_id,
-            canonical_event,
+        match &self.inclusion {
+            None => signing_input(
+                &self.key_id,
+                self.algorithm,
+                self.signed_at,
+                &self.producer_id,
+                canonical_event,
+            ),
+            Some(inclusion) => {
+                let event_sha256: [u8; 32] = Sha256::digest(canonical_event).into();
+                let root = inclusion
+                    .root(&event_sha256)
+                    .ok_or(EnvelopeError::InclusionInvalid)?;
+                batch_signing_input(
+                    &self.key_id,
+                    self.algorithm,
+                    self.signed_at,
+                    &self.producer_id,
+                    &root,
+                    inclusion.count,
+                )
+            }
+        }
+    }
+}
+
+/// The bytes a signer signs: an event or batch envelope rendered by this module. Signers take
+/// nothing else, so a producer key never signs bytes that are not an envelope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope(Vec<u8>);
+
+impl Envelope {
+    /// The envelope of one event ([`signing_input`]).
+    ///
+    /// # Errors
+    /// As [`signing_input`].
+    pub fn of_event(
+        key_id: &str,
+        algorithm: Algorithm,
+        signed_at: DateTime<Utc>,
+        producer_id: &str,
+        canonical_event: &[u8],
+    ) -> Result<Self, EnvelopeError> {
+        signing_input(key_id, algorithm, signed_at, producer_id, canonical_event).map(Self)
+    }
+
+    /// The envelope of a batch ([`batch_signing_input`]).
+    ///
+    /// # Errors
+    /// As [`batch_signing_input`].
+    pub fn of_batch(
+        key_id: &str,
+        algorithm: Algorithm,
+        signed_at: DateTime<Utc>,
+        producer_id: &str,
+        events_root: &[u8; 32],
+        event_count: u32,
+    ) -> Result<Self, EnvelopeError> {
+        batch_signing_input(
+            key_id,
+            algorithm,
+            signed_at,
+            producer_id,
+            events_root,
+            event_count,
         )
+        .map(Self)
+    }
+
+    /// The canonical bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
     }
 }
 
@@ -130,6 +205,15 @@ pub enum EnvelopeError {
     /// An algorithm name this version does not know.
     #[error("unknown signature algorithm {0:?}")]
     AlgorithmUnknown(String),
+    /// A batch inclusion proof whose path does not fit its index and count.
+    #[error("inclusion proof does not fit its index and count")]
+    InclusionInvalid,
+    /// A batch of no events, or of more than [`crate::batch::BATCH_EVENTS_MAX`].
+    #[error(
+        "a batch signature covers 1..={} events",
+        crate::batch::BATCH_EVENTS_MAX
+    )]
+    BatchSizeInvalid,
 }
 
 /// Checks a key id or producer id.
@@ -207,6 +291,44 @@ pub fn signing_input(
     Ok(bytes)
 }
 
+/// Renders the envelope of a batch signature: the Merkle root of the batch's events
+/// ([`crate::batch::BatchTree`]) and their count, with the same metadata as [`signing_input`].
+///
+/// # Errors
+/// As [`signing_input`].
+///
+/// # Guarantees
+/// As [`signing_input`]; its schema tag differs from the single-event envelope's, so no batch
+/// envelope equals any event envelope.
+pub fn batch_signing_input(
+    key_id: &str,
+    algorithm: Algorithm,
+    signed_at: DateTime<Utc>,
+    producer_id: &str,
+    events_root: &[u8; 32],
+    event_count: u32,
+) -> Result<Vec<u8>, EnvelopeError> {
+    check_identifier("key_id", key_id)?;
+    check_identifier("producer_id", producer_id)?;
+    check_signed_at(signed_at)?;
+    let envelope = json!({
+        "schema": BATCH_ENVELOPE_SCHEMA,
+        "key_id": key_id,
+        "algorithm": algorithm.as_str(),
+        "signed_at": signed_at.to_rfc3339_opts(SecondsFormat::Millis, true),
+        "producer_id": producer_id,
+        "events_root": hex::encode(events_root),
+        "event_count": event_count,
+    });
+    let bytes = serde_json_canonicalizer::to_vec(&envelope)
+        .expect("an object of strings and an integer always canonicalizes");
+    assert!(
+        bytes.len() <= ENVELOPE_LEN_MAX,
+        "envelope bounded by its checked fields"
+    );
+    Ok(bytes)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -234,6 +356,42 @@ mod tests {
                 r#""schema":"spendguard.signature.v1","signed_at":"2026-01-01T00:00:00.123Z"}"#
             )
         );
+    }
+
+    #[test]
+    fn batch_envelope_is_canonical_pinned_and_never_an_event_envelope() {
+        // Goal: the batch envelope bytes are a stored contract too, and carry their own schema.
+        let at = Utc.timestamp_millis_opt(1_767_225_600_123).unwrap();
+        let bytes = batch_signing_input(
+            "ed25519:0011223344556677",
+            Algorithm::Ed25519,
+            at,
+            "ledger-0",
+            &[0xab; 32],
+            3,
+        )
+        .unwrap();
+        assert_eq!(
+            String::from_utf8(bytes).unwrap(),
+            concat!(
+                r#"{"algorithm":"ed25519","event_count":3,"#,
+                r#""events_root":"abababababababababababababababababababababababababababababababab","#,
+                r#""key_id":"ed25519:0011223344556677","producer_id":"ledger-0","#,
+                r#""schema":"spendguard.batch-signature.v1","signed_at":"2026-01-01T00:00:00.123Z"}"#
+            )
+        );
+        let longest = "x".repeat(IDENTIFIER_LEN_MAX);
+        let max_at = Utc.timestamp_millis_opt(253_402_300_799_999).unwrap();
+        let bytes = batch_signing_input(
+            &longest,
+            Algorithm::EcdsaP256Sha256,
+            max_at,
+            &longest,
+            &[0xff; 32],
+            u32::MAX,
+        )
+        .unwrap();
+        assert!(bytes.len() <= ENVELOPE_LEN_MAX);
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! it is returned, so a misrouted key or a corrupted response never reaches the evidence.
 
 use crate::config::{ConfigError, SigningMode};
-use crate::envelope::{Algorithm, Signed, check_identifier, signing_input};
+use crate::envelope::{Algorithm, Envelope, check_identifier};
 use crate::signer::{SignError, Signer};
 use crate::verify::PublicKey;
 use aws_config::{BehaviorVersion, Region, timeout::TimeoutConfig};
@@ -19,7 +19,6 @@ use aws_sdk_kms::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::{KeySpec, KeyUsageType, MessageType, SigningAlgorithmSpec};
 use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
-use chrono::{DateTime, Utc};
 use p256::ecdsa::signature::Verifier as _;
 use std::fmt;
 use std::time::Duration;
@@ -190,23 +189,13 @@ impl Signer for KmsSigner {
         &self.public_key
     }
 
-    async fn sign_at(
-        &self,
-        canonical_event: &[u8],
-        signed_at: DateTime<Utc>,
-    ) -> Result<Signed, SignError> {
-        let message = signing_input(
-            &self.key_id,
-            Algorithm::EcdsaP256Sha256,
-            signed_at,
-            &self.producer_id,
-            canonical_event,
-        )?;
+    async fn sign_envelope(&self, envelope: &Envelope) -> Result<Vec<u8>, SignError> {
+        let message = envelope.as_bytes();
         let output = self
             .client
             .sign()
             .key_id(&self.kms_key)
-            .message(Blob::new(message.clone()))
+            .message(Blob::new(message))
             .message_type(MessageType::Raw)
             .signing_algorithm(SigningAlgorithmSpec::EcdsaSha256)
             .send()
@@ -219,19 +208,13 @@ impl Signer for KmsSigner {
             .map_err(|_| SignError::BackendInvalidResponse("signature is not DER ECDSA"))?;
         let signature = signature.normalize_s().unwrap_or(signature);
         self.verifying_key
-            .verify(&message, &signature)
+            .verify(message, &signature)
             .map_err(|_| {
                 SignError::BackendInvalidResponse(
                     "signature does not verify under the key's public key",
                 )
             })?;
-        Ok(Signed {
-            key_id: self.key_id.clone(),
-            algorithm: Algorithm::EcdsaP256Sha256,
-            signed_at,
-            producer_id: self.producer_id.clone(),
-            signature: signature.to_bytes().to_vec(),
-        })
+        Ok(signature.to_bytes().to_vec())
     }
 }
 

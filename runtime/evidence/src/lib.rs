@@ -5,7 +5,8 @@
 //! producer (ledger, sidecar, …)                       verifier (canonical ingest, audit verify)
 //!   EventDraft::stamp ─► canonical bytes ──────────────────────────────┐
 //!   Signer::sign(bytes) ─► Signed { key_id, algorithm, signed_at,      │
-//!        │                          producer_id, signature }  ─────────┤
+//!   Signer::sign_batch(…)           producer_id, signature,            │
+//!        │                          inclusion (batch only) }  ─────────┤
 //!        ├─ LocalEd25519Signer (PKCS#8 PEM file / Secret)              ▼
 //!        └─ KmsSigner (AWS KMS ECDSA_SHA_256, P-256)       KeyRegistry::verify(signed, bytes)
 //!                                                            key known? algorithm? signature
@@ -17,6 +18,7 @@
 //! event bytes together with the key id, algorithm, signing time and producer id. See
 //! docs/design/evidence-signing.md for the design and its rejected alternatives.
 
+pub mod batch;
 pub mod code;
 pub mod config;
 pub mod envelope;
@@ -25,9 +27,10 @@ pub mod local;
 pub mod signer;
 pub mod verify;
 
+pub use batch::{BatchTree, Inclusion};
 pub use code::EvidenceCode;
 pub use config::{ConfigError, Profile, Signing, SigningArgs, SigningMode};
-pub use envelope::{Algorithm, Signed};
+pub use envelope::{Algorithm, Envelope, Signed};
 pub use kms::{KmsSettings, KmsSigner};
 pub use local::LocalEd25519Signer;
 pub use signer::{ProducerSigner, SignError, Signer};

@@ -3,10 +3,9 @@
 //! Generate a key with `openssl genpkey -algorithm ed25519 -out signing.pem`.
 
 use crate::config::ConfigError;
-use crate::envelope::{Algorithm, Signed, check_identifier, signing_input};
+use crate::envelope::{Algorithm, Envelope, check_identifier};
 use crate::signer::{SignError, Signer};
 use crate::verify::PublicKey;
-use chrono::{DateTime, Utc};
 use ed25519_dalek::pkcs8::DecodePrivateKey as _;
 use std::fmt;
 use std::io::Read as _;
@@ -138,26 +137,8 @@ impl Signer for LocalEd25519Signer {
         &self.public_key
     }
 
-    async fn sign_at(
-        &self,
-        canonical_event: &[u8],
-        signed_at: DateTime<Utc>,
-    ) -> Result<Signed, SignError> {
+    async fn sign_envelope(&self, envelope: &Envelope) -> Result<Vec<u8>, SignError> {
         use ed25519_dalek::Signer as _;
-        let message = signing_input(
-            &self.key_id,
-            Algorithm::Ed25519,
-            signed_at,
-            &self.producer_id,
-            canonical_event,
-        )?;
-        let signature = self.key.sign(&message);
-        Ok(Signed {
-            key_id: self.key_id.clone(),
-            algorithm: Algorithm::Ed25519,
-            signed_at,
-            producer_id: self.producer_id.clone(),
-            signature: signature.to_bytes().to_vec(),
-        })
+        Ok(self.key.sign(envelope.as_bytes()).to_bytes().to_vec())
     }
 }

@@ -1,17 +1,22 @@
 //! The producer-side signing interface and the signers a process can run with.
 
+use crate::batch::{BatchTree, Inclusion};
 use crate::code::EvidenceCode;
-use crate::envelope::{Algorithm, EnvelopeError, Signed, now_ms};
+use crate::envelope::{Algorithm, Envelope, EnvelopeError, Signed, now_ms};
 use crate::kms::KmsSigner;
 use crate::local::LocalEd25519Signer;
 use crate::verify::{KeyError, KeyRecord, PublicKey};
 use chrono::{DateTime, Utc};
+use sha2::{Digest, Sha256};
 use std::future::Future;
 
-/// Signs canonical event bytes. Implementations hold (or reach) one private key.
+/// Signs canonical event bytes, one event at a time or a batch under one signature.
+/// Implementations hold (or reach) one private key and sign envelopes only.
 ///
-/// The signature covers the envelope of [`crate::envelope::signing_input`]: the sha256 of the
-/// exact canonical bytes plus the key id, algorithm, signing time and producer id.
+/// A single signature covers the envelope of [`crate::envelope::signing_input`]: the sha256 of
+/// the exact canonical bytes plus the key id, algorithm, signing time and producer id. A batch
+/// signature covers the same metadata with the Merkle root of the batch's events
+/// ([`crate::batch`]), and each event gets its inclusion proof.
 pub trait Signer: Send + Sync {
     /// The key's registry id.
     fn key_id(&self) -> &str;
@@ -25,18 +30,39 @@ pub trait Signer: Send + Sync {
     /// The public key, to publish in the key registry and to check own signatures.
     fn public_key(&self) -> &PublicKey;
 
-    /// Signs with an explicit signing time (whole milliseconds). Producers call [`Signer::sign`];
-    /// this exists for tests and for tools that re-sign at a recorded instant.
+    /// The signature bytes over one envelope (64 bytes; ECDSA as r‖s, low S).
     ///
     /// # Errors
     /// [`SignError`]; nothing is retried here beyond the backend client's own bounded retries.
+    fn sign_envelope(
+        &self,
+        envelope: &Envelope,
+    ) -> impl Future<Output = Result<Vec<u8>, SignError>> + Send;
+
+    /// Signs one event with an explicit signing time (whole milliseconds). Producers call
+    /// [`Signer::sign`]; this exists for tests and for tools that re-sign at a recorded instant.
+    ///
+    /// # Errors
+    /// As [`Signer::sign_envelope`], and [`SignError::Input`] for metadata no envelope can hold.
     fn sign_at(
         &self,
         canonical_event: &[u8],
         signed_at: DateTime<Utc>,
-    ) -> impl Future<Output = Result<Signed, SignError>> + Send;
+    ) -> impl Future<Output = Result<Signed, SignError>> + Send {
+        async move {
+            let envelope = Envelope::of_event(
+                self.key_id(),
+                self.algorithm(),
+                signed_at,
+                self.producer_id(),
+                canonical_event,
+            )?;
+            let signature = self.sign_envelope(&envelope).await?;
+            Ok(signed_by(self, signed_at, signature, None))
+        }
+    }
 
-    /// Signs at the current time (UTC, truncated to milliseconds).
+    /// Signs one event at the current time (UTC, truncated to milliseconds).
     ///
     /// # Errors
     /// As [`Signer::sign_at`].
@@ -45,6 +71,52 @@ pub trait Signer: Send + Sync {
         canonical_event: &[u8],
     ) -> impl Future<Output = Result<Signed, SignError>> + Send {
         self.sign_at(canonical_event, now_ms())
+    }
+
+    /// Signs a batch of events with one signature: one [`Signed`] per event, in order, each
+    /// sharing the signature and carrying its own inclusion proof.
+    ///
+    /// # Errors
+    /// As [`Signer::sign_at`]; [`EnvelopeError::BatchSizeInvalid`] (as [`SignError::Input`]) for
+    /// no events or more than [`crate::batch::BATCH_EVENTS_MAX`].
+    fn sign_batch_at(
+        &self,
+        canonical_events: &[&[u8]],
+        signed_at: DateTime<Utc>,
+    ) -> impl Future<Output = Result<Vec<Signed>, SignError>> + Send {
+        async move {
+            let hashes: Vec<[u8; 32]> = canonical_events
+                .iter()
+                .map(|event| Sha256::digest(event).into())
+                .collect();
+            let tree = BatchTree::of(&hashes).ok_or(EnvelopeError::BatchSizeInvalid)?;
+            let count = u32::try_from(hashes.len()).map_err(|_| EnvelopeError::BatchSizeInvalid)?;
+            let envelope = Envelope::of_batch(
+                self.key_id(),
+                self.algorithm(),
+                signed_at,
+                self.producer_id(),
+                &tree.root,
+                count,
+            )?;
+            let signature = self.sign_envelope(&envelope).await?;
+            Ok(tree
+                .inclusions
+                .into_iter()
+                .map(|inclusion| signed_by(self, signed_at, signature.clone(), Some(inclusion)))
+                .collect())
+        }
+    }
+
+    /// [`Signer::sign_batch_at`] at the current time (UTC, truncated to milliseconds).
+    ///
+    /// # Errors
+    /// As [`Signer::sign_batch_at`].
+    fn sign_batch(
+        &self,
+        canonical_events: &[&[u8]],
+    ) -> impl Future<Output = Result<Vec<Signed>, SignError>> + Send {
+        self.sign_batch_at(canonical_events, now_ms())
     }
 
     /// The registry record that publishes this signer's key for a validity window.
@@ -63,6 +135,23 @@ pub trait Signer: Send + Sync {
             valid_from,
             valid_until,
         )
+    }
+}
+
+/// A [`Signed`] of this signer's key and producer.
+fn signed_by<S: Signer + ?Sized>(
+    signer: &S,
+    signed_at: DateTime<Utc>,
+    signature: Vec<u8>,
+    inclusion: Option<Inclusion>,
+) -> Signed {
+    Signed {
+        key_id: signer.key_id().to_owned(),
+        algorithm: signer.algorithm(),
+        signed_at,
+        producer_id: signer.producer_id().to_owned(),
+        signature,
+        inclusion,
     }
 }
 
@@ -150,14 +239,10 @@ impl Signer for ProducerSigner {
         }
     }
 
-    async fn sign_at(
-        &self,
-        canonical_event: &[u8],
-        signed_at: DateTime<Utc>,
-    ) -> Result<Signed, SignError> {
+    async fn sign_envelope(&self, envelope: &Envelope) -> Result<Vec<u8>, SignError> {
         match self {
-            Self::Local(s) => s.sign_at(canonical_event, signed_at).await,
-            Self::Kms(s) => s.sign_at(canonical_event, signed_at).await,
+            Self::Local(s) => s.sign_envelope(envelope).await,
+            Self::Kms(s) => s.sign_envelope(envelope).await,
         }
     }
 }

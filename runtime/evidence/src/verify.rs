@@ -427,6 +427,9 @@ impl KeyRegistry {
                 EnvelopeError::IdentifierInvalid { .. } => VerifyError::Malformed("producer id"),
                 EnvelopeError::SignedAtInvalid => VerifyError::Malformed("signed_at"),
                 EnvelopeError::AlgorithmUnknown(_) => VerifyError::Malformed("algorithm"),
+                EnvelopeError::InclusionInvalid | EnvelopeError::BatchSizeInvalid => {
+                    VerifyError::Malformed("inclusion proof")
+                }
             })?;
         record
             .public_key

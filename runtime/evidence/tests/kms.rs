@@ -111,6 +111,22 @@ async fn kms_signatures_verify_with_the_get_public_key_spki() {
     let signed_big = signer.sign(&big).await.unwrap();
     registry.verify(&signed_big, &big).unwrap();
 
+    // A batch takes one KMS signature (low S, like every other) and each event verifies alone.
+    let batch: Vec<Vec<u8>> = (10..15).map(|i| audit_event(i, "batch")).collect();
+    let refs: Vec<&[u8]> = batch.iter().map(Vec::as_slice).collect();
+    let signed_batch = signer.sign_batch(&refs).await.unwrap();
+    for (event, s) in batch.iter().zip(&signed_batch) {
+        assert_eq!(s.signature, signed_batch[0].signature);
+        registry.verify(s, event).unwrap();
+    }
+    assert_eq!(
+        registry
+            .verify(&signed_batch[1], &batch[2])
+            .unwrap_err()
+            .code(),
+        EvidenceCode::SignatureInvalid
+    );
+
     // Revocation and windows apply to KMS keys exactly as to local ones.
     registry.revoke(signer.key_id(), signed.signed_at).unwrap();
     assert_eq!(
@@ -257,6 +273,7 @@ async fn signing_args_build_a_kms_signer_from_the_standard_aws_chain() {
         signed_at: t(signed_at_ms.parse().unwrap()),
         producer_id: "child-0".to_owned(),
         signature: hex::decode(signature_hex).unwrap(),
+        inclusion: None,
     };
     let spki = public_key_spki(&client, &kms_key).await;
     let mut registry = KeyRegistry::new();

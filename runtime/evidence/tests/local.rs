@@ -617,3 +617,111 @@ async fn private_key_material_never_appears_in_debug_display_errors_or_logs() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_batch_signature_verifies_each_event_alone_and_nothing_else() {
+    // Goal: one signature over a batch still proves every event on its own, and no event can be
+    // swapped, moved within the batch, lifted into another batch or passed off as singly signed.
+    // Method: sign batches of several sizes, verify each event with only its own row (bytes,
+    // signature, inclusion), then tamper with each part and expect the precise refusal.
+    let signer = LocalEd25519Signer::from_signing_key(
+        ed25519_dalek::SigningKey::from_bytes(&[31; 32]),
+        None,
+        "ledger-0",
+    )
+    .unwrap();
+    let mut registry = KeyRegistry::new();
+    registry
+        .upsert(signer.key_record(t(0), None).unwrap())
+        .unwrap();
+    for n in [1, 2, 3, 7, 8, 9] {
+        let events: Vec<Vec<u8>> = (0..n).map(|i| audit_event(i, "batch")).collect();
+        let refs: Vec<&[u8]> = events.iter().map(Vec::as_slice).collect();
+        let signed = signer.sign_batch(&refs).await.unwrap();
+        assert_eq!(signed.len(), events.len());
+        for (event, s) in events.iter().zip(&signed) {
+            registry.verify(s, event).unwrap();
+            assert_eq!(s.signature, signed[0].signature, "one signature per batch");
+        }
+        if n > 1 {
+            // Another event of the same batch under this event's proof.
+            assert_eq!(
+                code(registry.verify(&signed[0], &events[1])),
+                EvidenceCode::SignatureInvalid
+            );
+        }
+        let last = signed.last().unwrap();
+        let last_event = events.last().unwrap();
+        // The batch signature without its proof is not a signature over the event alone.
+        let unproven = Signed {
+            inclusion: None,
+            ..last.clone()
+        };
+        assert_eq!(
+            code(registry.verify(&unproven, last_event)),
+            EvidenceCode::SignatureInvalid
+        );
+        // A path that does not fit its place is malformed, not merely invalid.
+        let mut ragged = last.clone();
+        ragged.inclusion.as_mut().unwrap().path.push([0; 32]);
+        assert_eq!(
+            code(registry.verify(&ragged, last_event)),
+            EvidenceCode::SignatureMalformed
+        );
+        let mut recounted = last.clone();
+        recounted.inclusion.as_mut().unwrap().count += 1;
+        assert!(matches!(
+            code(registry.verify(&recounted, last_event)),
+            EvidenceCode::SignatureInvalid | EvidenceCode::SignatureMalformed
+        ));
+        // The time and producer are covered as in a single signature.
+        let later = Signed {
+            signed_at: last.signed_at + Duration::milliseconds(1),
+            ..last.clone()
+        };
+        assert_eq!(
+            code(registry.verify(&later, last_event)),
+            EvidenceCode::SignatureInvalid
+        );
+    }
+
+    // An event signed alone cannot borrow a batch's proof, and a batch's event cannot be lifted
+    // into another batch's signature.
+    let a: Vec<Vec<u8>> = (0..4).map(|i| audit_event(i, "a")).collect();
+    let b: Vec<Vec<u8>> = (0..4).map(|i| audit_event(i, "b")).collect();
+    let signed_a = signer
+        .sign_batch(&a.iter().map(Vec::as_slice).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let signed_b = signer
+        .sign_batch_at(
+            &b.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+            signed_a[0].signed_at,
+        )
+        .await
+        .unwrap();
+    let lifted = Signed {
+        inclusion: signed_a[2].inclusion.clone(),
+        ..signed_b[2].clone()
+    };
+    assert_eq!(
+        code(registry.verify(&lifted, &a[2])),
+        EvidenceCode::SignatureInvalid
+    );
+    registry.verify(&lifted, &b[2]).unwrap_err();
+    let single = signer.sign(&a[0]).await.unwrap();
+    let borrowed = Signed {
+        inclusion: signed_a[0].inclusion.clone(),
+        ..single
+    };
+    assert_eq!(
+        code(registry.verify(&borrowed, &a[0])),
+        EvidenceCode::SignatureInvalid
+    );
+
+    // No batch of nothing.
+    assert_eq!(
+        signer.sign_batch(&[]).await.unwrap_err().code(),
+        EvidenceCode::SigningInputInvalid
+    );
+}

@@ -38,7 +38,7 @@ use spendguard_core::plan::{
 };
 use spendguard_core::window::BudgetWindow;
 use spendguard_core::{LedgerError, NanoUsd};
-use spendguard_evidence::{KeyRecord, ProducerSigner, Signer};
+use spendguard_evidence::{Inclusion, KeyRecord, ProducerSigner, Signer};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow, PgSslMode};
 use sqlx::types::Json;
 use sqlx::{Connection, PgConnection, PgPool, Postgres, Row, Transaction};
@@ -1789,20 +1789,20 @@ static CACHED_BATCHES: std::sync::LazyLock<[String; 4]> = std::sync::LazyLock::n
     let statement = |effects: String, resolutions_checked: &str| {
         format!(
             "WITH {},\n{effects}\nSELECT spendguard_require_fresh(
-            (SELECT count(*) FROM guard_scopes) = cardinality($32::text[])
+            (SELECT count(*) FROM guard_scopes) = cardinality($33::text[])
             AND (SELECT count(*) FROM guard_reservations)
-                = cardinality(ARRAY(SELECT DISTINCT unnest($51::uuid[])))
-            AND (SELECT count(*) FROM guard_budgets) = cardinality($37::text[])
-            AND (SELECT count(*) FROM guard_windows) = cardinality($42::text[])
+                = cardinality(ARRAY(SELECT DISTINCT unnest($52::uuid[])))
+            AND (SELECT count(*) FROM guard_budgets) = cardinality($38::text[])
+            AND (SELECT count(*) FROM guard_windows) = cardinality($43::text[])
             AND {resolutions_checked}
             AND (SELECT count(*) FROM allocated) = 1
-            AND NOT EXISTS (SELECT 1 FROM reservations WHERE reservation_id = ANY($50::uuid[]))
-            AND abs(extract(epoch FROM now() - $2::timestamptz)) * 1000 < $49)",
+            AND NOT EXISTS (SELECT 1 FROM reservations WHERE reservation_id = ANY($51::uuid[]))
+            AND abs(extract(epoch FROM now() - $2::timestamptz)) * 1000 < $50)",
             include_str!("store/fast_guard.sql"),
         )
     };
     let resolved = "(SELECT count(*) FROM resolutions) = cardinality($3::uuid[])";
-    let no_draws = "cardinality($52::uuid[]) = 0";
+    let no_draws = "cardinality($53::uuid[]) = 0";
     [
         statement(
             format!("{EFFECTS_NEW_RESERVATIONS},\n{EFFECTS_JOURNAL}"),
@@ -1821,7 +1821,7 @@ static CACHED_BATCHES: std::sync::LazyLock<[String; 4]> = std::sync::LazyLock::n
                 "{EFFECTS_NEW_RESERVATIONS},\n{EFFECTS_RESOLUTIONS},\n{EFFECTS_CREDIT_DRAWS},\n{EFFECTS_JOURNAL}"
             ),
             &format!(
-                "{resolved} AND (SELECT count(*) FROM credit_draws) = cardinality($52::uuid[])"
+                "{resolved} AND (SELECT count(*) FROM credit_draws) = cardinality($53::uuid[])"
             ),
         ),
     ]
@@ -1829,7 +1829,7 @@ static CACHED_BATCHES: std::sync::LazyLock<[String; 4]> = std::sync::LazyLock::n
 
 type ScalarQuery<'q, O> = sqlx::query::QueryScalar<'q, Postgres, O, sqlx::postgres::PgArguments>;
 
-/// The bound parameters ($1–$31) of a batch's effects (`store/effects_*.sql`), with every event signed.
+/// The bound parameters ($1–$32) of a batch's effects (`store/effects_*.sql`), with every event signed.
 struct EffectParams {
     now: DateTime<Utc>,
     new_reservations: serde_json::Value,
@@ -1858,6 +1858,8 @@ struct EffectParams {
     s_algorithms: Vec<Option<&'static str>>,
     s_times: Vec<Option<DateTime<Utc>>>,
     s_signatures: Vec<Option<Vec<u8>>>,
+    /// Each event's place in its batch signature ([`spendguard_evidence::Inclusion`]).
+    s_inclusions: Vec<Option<Vec<u8>>>,
 }
 
 impl EffectParams {
@@ -1955,12 +1957,8 @@ impl EffectParams {
         let mut sequences = Vec::with_capacity(effects.events.len());
         let mut o_tenants = Vec::with_capacity(effects.events.len());
         let mut o_types = Vec::with_capacity(effects.events.len());
-        let mut o_bytes = Vec::with_capacity(effects.events.len());
         let mut o_hashes = Vec::with_capacity(effects.events.len());
-        let mut s_keys: Vec<Option<String>> = Vec::with_capacity(effects.events.len());
-        let mut s_algorithms: Vec<Option<&'static str>> = Vec::with_capacity(effects.events.len());
-        let mut s_times: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(effects.events.len());
-        let mut s_signatures: Vec<Option<Vec<u8>>> = Vec::with_capacity(effects.events.len());
+        let mut stamped = Vec::with_capacity(effects.events.len());
         for (sequence, draft) in (first..).zip(&effects.events) {
             let stamp = ProducerStamp {
                 producer_instance_id: cursor.claim.producer_instance_id.clone(),
@@ -1970,32 +1968,52 @@ impl EffectParams {
             let event = draft
                 .stamp(&stamp)
                 .map_err(|e| Error::Invariant(format!("event not canonical: {e}")))?;
-            // The signature covers the exact stored bytes; a signing failure fails the batch (no
-            // effect without evidence).
-            match signer {
-                Some(signer) => {
-                    let signed = signer
-                        .sign(&event.bytes)
-                        .await
-                        .map_err(|e| Error::Signing(format!("{}: {e}", e.code())))?;
-                    s_keys.push(Some(signed.key_id));
-                    s_algorithms.push(Some(signed.algorithm.as_str()));
-                    s_times.push(Some(signed.signed_at));
-                    s_signatures.push(Some(signed.signature));
+            sequences.push(to_i64(sequence)?);
+            o_tenants.push(draft.tenant_id.clone());
+            o_types.push(draft.event_type);
+            o_hashes.push(event.sha256.to_vec());
+            stamped.push(event.bytes);
+        }
+        // One signature over the batch's events (their Merkle root), each row keeping its
+        // inclusion proof: one signing operation per batch instead of per event (a KMS round
+        // trip each). A signing failure fails the batch: no effect without evidence.
+        let signed = match signer {
+            Some(signer) if !stamped.is_empty() => {
+                let refs: Vec<&[u8]> = stamped.iter().map(Vec::as_slice).collect();
+                let signed = signer
+                    .sign_batch(&refs)
+                    .await
+                    .map_err(|e| Error::Signing(format!("{}: {e}", e.code())))?;
+                Some(signed)
+            }
+            _ => None,
+        };
+        let mut s_keys: Vec<Option<String>> = Vec::with_capacity(stamped.len());
+        let mut s_algorithms: Vec<Option<&'static str>> = Vec::with_capacity(stamped.len());
+        let mut s_times: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(stamped.len());
+        let mut s_signatures: Vec<Option<Vec<u8>>> = Vec::with_capacity(stamped.len());
+        let mut s_inclusions: Vec<Option<Vec<u8>>> = Vec::with_capacity(stamped.len());
+        match signed {
+            Some(signed) => {
+                for s in signed {
+                    s_keys.push(Some(s.key_id));
+                    s_algorithms.push(Some(s.algorithm.as_str()));
+                    s_times.push(Some(s.signed_at));
+                    s_signatures.push(Some(s.signature));
+                    s_inclusions.push(s.inclusion.as_ref().map(Inclusion::to_bytes));
                 }
-                None => {
+            }
+            None => {
+                for _ in &stamped {
                     s_keys.push(None);
                     s_algorithms.push(None);
                     s_times.push(None);
                     s_signatures.push(None);
+                    s_inclusions.push(None);
                 }
             }
-            sequences.push(to_i64(sequence)?);
-            o_tenants.push(draft.tenant_id.clone());
-            o_types.push(draft.event_type);
-            o_bytes.push(event.bytes);
-            o_hashes.push(event.sha256.to_vec());
         }
+        let o_bytes = stamped;
 
         Ok(Self {
             now,
@@ -2024,10 +2042,11 @@ impl EffectParams {
             s_algorithms,
             s_times,
             s_signatures,
+            s_inclusions,
         })
     }
 
-    /// Binds $1–$31.
+    /// Binds $1–$32.
     fn bind<'q, O>(&'q self, query: ScalarQuery<'q, O>) -> ScalarQuery<'q, O> {
         let [r_actual, r_committed, r_released, r_overrun] = &self.resolved_money;
         let [d_limit, d_reserved, d_committed, d_overrun] = &self.e_deltas;
@@ -2063,10 +2082,11 @@ impl EffectParams {
             .bind(&self.s_algorithms)
             .bind(&self.s_times)
             .bind(&self.s_signatures)
+            .bind(&self.s_inclusions)
     }
 }
 
-/// The guard's parameters ($32–$48): the rows a cached batch was planned on.
+/// The guard's parameters ($33–$49): the rows a cached batch was planned on.
 struct GuardParams {
     scope_ids: Vec<String>,
     scope_tenants: Vec<String>,
@@ -2138,9 +2158,9 @@ impl GuardParams {
     }
 }
 
-/// Everything the cached statement binds: the batch's effects ($1–$31), the guard ($32–$48),
-/// the clock tolerance ($49), the reservation ids planned as new ($50) and as open ($51), and
-/// the credits drawn from ($52–$54).
+/// Everything the cached statement binds: the batch's effects ($1–$32), the guard ($33–$49),
+/// the clock tolerance ($50), the reservation ids planned as new ($51) and as open ($52), and
+/// the credits drawn from ($53–$55).
 struct CachedParams {
     effects: EffectParams,
     guard: GuardParams,
@@ -2150,7 +2170,7 @@ struct CachedParams {
     credits: CreditDraws,
 }
 
-/// Credits a cached batch draws from ($52–$54): id, what the batch drew, and the drawn total
+/// Credits a cached batch draws from ($53–$55): id, what the batch drew, and the drawn total
 /// the plan read.
 #[derive(Default)]
 struct CreditDraws {
@@ -2220,6 +2240,7 @@ static CACHED_BATCH_TYPES: &[PgType] = &[
     PgType::TEXT_ARRAY,
     PgType::TIMESTAMPTZ_ARRAY,
     PgType::BYTEA_ARRAY,
+    PgType::BYTEA_ARRAY,
     // The guard.
     PgType::TEXT_ARRAY,
     PgType::TEXT_ARRAY,
@@ -2286,6 +2307,7 @@ impl pipeline::Params for CachedParams {
             &e.s_algorithms,
             &e.s_times,
             &e.s_signatures,
+            &e.s_inclusions,
             &g.scope_ids,
             &g.scope_tenants,
             &g.scope_owners,

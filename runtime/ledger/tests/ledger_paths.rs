@@ -711,7 +711,7 @@ async fn reservations_need_registered_pricing_and_registrations_are_immutable() 
 
 #[tokio::test]
 async fn every_audit_event_is_signed_by_a_registered_key() {
-    use spendguard_evidence::{Algorithm, KeyRecord, KeyRegistry, Signed};
+    use spendguard_evidence::{Algorithm, Inclusion, KeyRecord, KeyRegistry, Signed};
     let (mut ledger, fencing) = setup().await;
     let r = reserved(
         ledger
@@ -753,35 +753,66 @@ async fn every_audit_event_is_signed_by_a_registered_key() {
         Option<String>,
         Option<chrono::DateTime<chrono::Utc>>,
         Option<Vec<u8>>,
+        Option<Vec<u8>>,
     );
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT canonical_event, producer_instance_id, signing_key_id, signing_algorithm, signed_at,
-                signature FROM audit_outbox ORDER BY producer_sequence",
+                signature, signature_inclusion FROM audit_outbox ORDER BY producer_sequence",
     )
     .fetch_all(pool)
     .await
     .unwrap();
     assert!(rows.len() >= 5);
-    for (bytes, producer, key_id, algorithm, signed_at, signature) in rows {
+    // Every row is batch-signed: one signature per write batch, the row's proof places it.
+    let mut batches: std::collections::HashMap<Vec<u8>, Vec<Inclusion>> =
+        std::collections::HashMap::new();
+    for (bytes, producer, key_id, algorithm, signed_at, signature, inclusion) in rows {
+        let inclusion = Inclusion::from_bytes(&inclusion.expect("batch-signed")).unwrap();
         let signed = Signed {
             key_id: key_id.expect("signed"),
             algorithm: algorithm.expect("signed").parse().unwrap(),
             signed_at: signed_at.expect("signed"),
             producer_id: producer,
             signature: signature.expect("signed"),
+            inclusion: Some(inclusion.clone()),
         };
         registry.verify(&signed, &bytes).unwrap();
         let mut tampered = bytes.clone();
         tampered[bytes.len() / 2] ^= 1;
         assert!(registry.verify(&signed, &tampered).is_err());
+        batches.entry(signed.signature).or_default().push(inclusion);
     }
-    // A half-signed row is refused by the database itself.
-    let half = sqlx::query(
-        "UPDATE audit_outbox SET signature = NULL WHERE producer_sequence = (SELECT min(producer_sequence) FROM audit_outbox)",
-    )
-    .execute(pool)
-    .await;
-    assert!(half.is_err());
+    // Each signature's rows are exactly the places 0..count of its batch.
+    for inclusions in batches.values() {
+        let count = inclusions[0].count;
+        let mut places: Vec<u32> = inclusions.iter().map(|i| i.index).collect();
+        places.sort_unstable();
+        assert!(inclusions.iter().all(|i| i.count == count));
+        assert_eq!(places, (0..count).collect::<Vec<_>>());
+    }
+    // A half-signed row, or a proof without a signature, is refused by the database itself
+    // (an insert: the outbox is append-only, so an update would fail on that trigger instead).
+    for (columns, constraint) in [
+        ("signing_key_id", "audit_outbox_signature_complete"),
+        ("signature_inclusion", "audit_outbox_inclusion_signed"),
+    ] {
+        // The column lists are this test's constants.
+        let error = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO audit_outbox (producer_instance_id, producer_sequence, tenant_id, event_type,
+                                       occurred_at, canonical_event, event_sha256, {columns})
+             SELECT producer_instance_id, producer_sequence + 1000000, tenant_id, event_type,
+                    occurred_at, canonical_event, event_sha256, {columns}
+               FROM audit_outbox ORDER BY producer_sequence LIMIT 1"
+        )))
+        .execute(pool)
+        .await
+        .unwrap_err();
+        assert_eq!(
+            error.as_database_error().and_then(|e| e.constraint()),
+            Some(constraint),
+            "{error}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -25,7 +25,9 @@ use prometheus_client::registry::Registry;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use spendguard_core::audit::EVENT_SCHEMA;
-use spendguard_evidence::{Algorithm, KeyRecord, KeyRegistry, LocalEd25519Signer, Signed};
+use spendguard_evidence::{
+    Algorithm, Inclusion, KeyRecord, KeyRegistry, LocalEd25519Signer, Signed,
+};
 use sqlx::{PgPool, Postgres, Transaction};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -127,6 +129,8 @@ struct OutboxRow {
     algorithm: Option<String>,
     signed_at: Option<DateTime<Utc>>,
     signature: Option<Vec<u8>>,
+    /// The event's place in a batch signature; `None` when the signature covers it alone.
+    inclusion: Option<Vec<u8>>,
 }
 
 impl Forwarder {
@@ -318,10 +322,11 @@ async fn outbox_rows(
         Option<String>,
         Option<DateTime<Utc>>,
         Option<Vec<u8>>,
+        Option<Vec<u8>>,
     );
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT producer_sequence, tenant_id, event_type, occurred_at, canonical_event, event_sha256,
-                signing_key_id, signing_algorithm, signed_at, signature
+                signing_key_id, signing_algorithm, signed_at, signature, signature_inclusion
            FROM audit_outbox WHERE producer_instance_id = $1 AND producer_sequence >= $2
           ORDER BY producer_sequence LIMIT $3",
     )
@@ -344,6 +349,7 @@ async fn outbox_rows(
             algorithm: r.7,
             signed_at: r.8,
             signature: r.9,
+            inclusion: r.10,
         })
         .collect())
 }
@@ -390,12 +396,19 @@ fn check(row: &OutboxRow, registry: &KeyRegistry, strict: bool) -> Result<(), (S
     let algorithm: Algorithm = algorithm
         .parse()
         .map_err(|e| ("SIGNATURE_MALFORMED".to_owned(), format!("{e}")))?;
+    let inclusion = row
+        .inclusion
+        .as_deref()
+        .map(Inclusion::from_bytes)
+        .transpose()
+        .map_err(|e| ("SIGNATURE_MALFORMED".to_owned(), format!("{e}")))?;
     let signed = Signed {
         key_id,
         algorithm,
         signed_at,
         producer_id: row.producer.clone(),
         signature,
+        inclusion,
     };
     registry
         .verify(&signed, &row.bytes)
@@ -427,8 +440,9 @@ async fn append(
     sqlx::query(
         "INSERT INTO audit_chain (tenant_id, chain_seq, producer_instance_id, producer_sequence, event_type,
                                   occurred_at, canonical_event, event_sha256, signing_key_id,
-                                  signing_algorithm, signed_at, signature, prev_chain_hash, chain_hash)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                                  signing_algorithm, signed_at, signature, prev_chain_hash, chain_hash,
+                                  signature_inclusion)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
     )
     .bind(&row.tenant_id)
     .bind(seq + 1)
@@ -444,6 +458,7 @@ async fn append(
     .bind(&row.signature)
     .bind(prev.to_vec())
     .bind(next.to_vec())
+    .bind(&row.inclusion)
     .execute(&mut **tx)
     .await?;
     heads.insert(row.tenant_id.clone(), (seq + 1, next));
@@ -459,8 +474,9 @@ async fn quarantine(
     sqlx::query(
         "INSERT INTO audit_quarantine (producer_instance_id, producer_sequence, tenant_id, event_type,
                                        reason_code, detail, canonical_event, event_sha256,
-                                       signing_key_id, signing_algorithm, signed_at, signature)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                                       signing_key_id, signing_algorithm, signed_at, signature,
+                                       signature_inclusion)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
     )
     .bind(&row.producer)
     .bind(row.sequence)
@@ -474,6 +490,7 @@ async fn quarantine(
     .bind(&row.algorithm)
     .bind(row.signed_at)
     .bind(&row.signature)
+    .bind(&row.inclusion)
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -12,6 +12,7 @@ use clap::Parser as _;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use spendguard_core::audit::{EventDraft, ProducerStamp};
+use spendguard_evidence::Inclusion;
 use spendguard_testkit::TestLedger;
 use spendguard_workers::audit::AuditCommand;
 use spendguard_workers::audit::export::{ExportOptions, connect_read_only, export};
@@ -461,6 +462,37 @@ async fn tampering_fails_verification_with_its_own_code() {
                 edit_lines(dir, |lines| {
                     alter_event(&mut lines[2]);
                     relink(lines, 2);
+                });
+            }),
+        ),
+        (
+            "an event's batch inclusion proof placing it in another batch",
+            "SIGNATURE_INVALID",
+            Box::new(|dir| {
+                edit_lines(dir, |lines| {
+                    // The ledger signs each write batch once and the proof places the event in
+                    // it; a well-formed proof for a batch that was never signed fails.
+                    let foreign = Inclusion {
+                        index: 1,
+                        count: 2,
+                        path: vec![[0x5a; 32]],
+                    };
+                    assert!(lines[2]["signature"]["inclusion"].is_string());
+                    lines[2]["signature"]["inclusion"] = BASE64.encode(foreign.to_bytes()).into();
+                });
+            }),
+        ),
+        (
+            "an event's batch inclusion proof cut short",
+            "SIGNATURE_MALFORMED",
+            Box::new(|dir| {
+                edit_lines(dir, |lines| {
+                    let proof = lines[2]["signature"]["inclusion"]
+                        .as_str()
+                        .unwrap()
+                        .to_owned();
+                    let bytes = BASE64.decode(proof).unwrap();
+                    lines[2]["signature"]["inclusion"] = BASE64.encode(&bytes[..5]).into();
                 });
             }),
         ),

@@ -89,7 +89,6 @@ async fn signed_events_are_chained_per_tenant_exactly_once() {
 }
 
 /// Inserts an outbox row for producer `forger` as an attacker with database access would.
-#[allow(clippy::too_many_arguments)]
 async fn forge(
     pool: &PgPool,
     sequence: u64,
@@ -98,22 +97,36 @@ async fn forge(
     signer: Option<&LocalEd25519Signer>,
     signed_bytes: &[u8],
 ) {
-    let (key, algorithm, at, signature) = match signer {
-        Some(s) => {
-            let signed = s.sign(signed_bytes).await.unwrap();
-            (
-                Some(signed.key_id),
-                Some(signed.algorithm.as_str()),
-                Some(signed.signed_at),
-                Some(signed.signature),
-            )
-        }
-        None => (None, None, None, None),
+    let signed = match signer {
+        Some(s) => Some(s.sign(signed_bytes).await.unwrap()),
+        None => None,
+    };
+    insert_row(pool, sequence, bytes, sha256, signed).await;
+}
+
+/// Inserts an outbox row for producer `forger` with the signature given.
+async fn insert_row(
+    pool: &PgPool,
+    sequence: u64,
+    bytes: &[u8],
+    sha256: &[u8],
+    signed: Option<spendguard_evidence::Signed>,
+) {
+    let (key, algorithm, at, signature, inclusion) = match signed {
+        Some(signed) => (
+            Some(signed.key_id),
+            Some(signed.algorithm.as_str()),
+            Some(signed.signed_at),
+            Some(signed.signature),
+            signed.inclusion.map(|i| i.to_bytes()),
+        ),
+        None => (None, None, None, None, None),
     };
     sqlx::query(
         "INSERT INTO audit_outbox (producer_instance_id, producer_sequence, tenant_id, event_type, occurred_at,
-                                   canonical_event, event_sha256, signing_key_id, signing_algorithm, signed_at, signature)
-         VALUES ('forger', $1, 'acme', 'reservation.committed', now(), $2, $3, $4, $5, $6, $7)",
+                                   canonical_event, event_sha256, signing_key_id, signing_algorithm, signed_at,
+                                   signature, signature_inclusion)
+         VALUES ('forger', $1, 'acme', 'reservation.committed', now(), $2, $3, $4, $5, $6, $7, $8)",
     )
     .bind(i64::try_from(sequence).unwrap())
     .bind(bytes)
@@ -122,6 +135,7 @@ async fn forge(
     .bind(algorithm)
     .bind(at)
     .bind(signature)
+    .bind(inclusion)
     .execute(pool)
     .await
     .unwrap();
@@ -174,7 +188,7 @@ async fn invalid_events_are_quarantined_with_their_reason_and_never_chained() {
     let unknown = signer(9);
     sqlx::query(
         "INSERT INTO audit_producers (producer_instance_id, claim_token, next_sequence)
-         VALUES ('forger', gen_random_uuid(), 8)",
+         VALUES ('forger', gen_random_uuid(), 11)",
     )
     .execute(&pool)
     .await
@@ -199,6 +213,23 @@ async fn invalid_events_are_quarantined_with_their_reason_and_never_chained() {
     forge(&pool, 6, &b6, &h6, Some(&registered), &b6).await;
     let (b7, h7) = event(7, "7");
     forge(&pool, 7, &b7, &h7, Some(&registered), &b7).await; // valid
+    // Three events under one batch signature: the first as signed, the second with its proof cut
+    // short, the third with the second's proof (a valid proof of another event).
+    let batch: Vec<(Vec<u8>, Vec<u8>)> = (8..11).map(|s| event(s, "8")).collect();
+    let refs: Vec<&[u8]> = batch.iter().map(|(b, _)| b.as_slice()).collect();
+    let signed = registered.sign_batch(&refs).await.unwrap();
+    insert_row(&pool, 8, &batch[0].0, &batch[0].1, Some(signed[0].clone())).await;
+    let mut cut = signed[1].clone();
+    cut.inclusion.as_mut().unwrap().path.clear();
+    cut.inclusion.as_mut().unwrap().path.push([0; 32]);
+    cut.inclusion.as_mut().unwrap().path.push([0; 32]);
+    cut.inclusion.as_mut().unwrap().path.push([0; 32]);
+    insert_row(&pool, 9, &batch[1].0, &batch[1].1, Some(cut)).await;
+    let borrowed = spendguard_evidence::Signed {
+        inclusion: signed[1].inclusion.clone(),
+        ..signed[2].clone()
+    };
+    insert_row(&pool, 10, &batch[2].0, &batch[2].1, Some(borrowed)).await;
 
     let report = forwarder(&pool).pass().await.unwrap();
     let reasons: Vec<&str> = report.quarantined.iter().map(|(r, _)| r.as_str()).collect();
@@ -210,7 +241,9 @@ async fn invalid_events_are_quarantined_with_their_reason_and_never_chained() {
             "SIGNATURE_INVALID",
             "SCHEMA_INVALID",
             "SCHEMA_INVALID",
-            "SCHEMA_INVALID"
+            "SCHEMA_INVALID",
+            "SIGNATURE_MALFORMED",
+            "SIGNATURE_INVALID"
         ]
     );
     let chained: Vec<i64> = sqlx::query_scalar(
@@ -221,8 +254,8 @@ async fn invalid_events_are_quarantined_with_their_reason_and_never_chained() {
     .unwrap();
     assert_eq!(
         chained,
-        [7],
-        "only the valid forged-producer event is chained"
+        [7, 8],
+        "only the valid forged-producer events are chained"
     );
     let stored: Vec<(i64, String, String)> = sqlx::query_as(
         "SELECT producer_sequence, reason_code, detail FROM audit_quarantine ORDER BY producer_sequence",
@@ -230,7 +263,11 @@ async fn invalid_events_are_quarantined_with_their_reason_and_never_chained() {
     .fetch_all(&pool)
     .await
     .unwrap();
-    assert_eq!(stored.len(), 6);
+    assert_eq!(stored.len(), 8);
+    assert!(
+        stored[6].2.contains("inclusion") && stored[7].0 == 10,
+        "{stored:?}"
+    );
     assert_eq!(
         (stored[2].0, stored[2].1.as_str()),
         (3, "SIGNATURE_INVALID")
@@ -243,7 +280,7 @@ async fn invalid_events_are_quarantined_with_their_reason_and_never_chained() {
         "acme",
     )
     .await;
-    assert_eq!(verify_chain(&pool, "acme").await.unwrap(), events - 6);
+    assert_eq!(verify_chain(&pool, "acme").await.unwrap(), events - 8);
     // Quarantine is evidence too: append-only, and its rows never move into the chain later.
     let edit = sqlx::query("UPDATE audit_quarantine SET reason_code = 'OK'")
         .execute(&pool)

@@ -1,13 +1,13 @@
 -- The credits a cached batch draws from (a data-modifying CTE; see effects_journal.sql): each
--- one's drawn total rises by what the batch drew ($53). It must still be open with the total
--- the plan read ($54), since another replica may have drawn from it; the final check fails the
+-- one's drawn total rises by what the batch drew ($54). It must still be open with the total
+-- the plan read ($55), since another replica may have drawn from it; the final check fails the
 -- statement unless every credit was found so. The rise is relative, so even a wrong expectation
 -- could not write a total below what is drawn: the `drawn <= amount` check stays exact.
 credit_draws AS (
     UPDATE reservations r SET drawn_nano_usd = r.drawn_nano_usd + u.delta
-      FROM unnest($52::uuid[], $53::bigint[], $54::bigint[]) AS u(id, delta, drawn_before)
+      FROM unnest($53::uuid[], $54::bigint[], $55::bigint[]) AS u(id, delta, drawn_before)
      WHERE r.reservation_id = u.id
-       AND r.reservation_id = ANY($52) -- lets the planner probe the primary key instead of scanning
+       AND r.reservation_id = ANY($53) -- lets the planner probe the primary key instead of scanning
        AND r.is_credit AND r.state = 'reserved' AND r.drawn_nano_usd = u.drawn_before
     RETURNING 1
 )

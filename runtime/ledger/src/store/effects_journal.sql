@@ -18,10 +18,11 @@ entries AS (
 ), outbox AS (
     INSERT INTO audit_outbox (producer_instance_id, producer_sequence, tenant_id, event_type, occurred_at,
                               canonical_event, event_sha256, signing_key_id, signing_algorithm, signed_at,
-                              signature)
-    SELECT $19, u.s, u.t, u.e, $2, u.b, u.h, u.k, u.a, u.at, u.sig
+                              signature, signature_inclusion)
+    SELECT $19, u.s, u.t, u.e, $2, u.b, u.h, u.k, u.a, u.at, u.sig, u.inc
       FROM unnest($23::bigint[], $24::text[], $25::text[], $26::bytea[], $27::bytea[], $28::text[],
-                  $29::text[], $30::timestamptz[], $31::bytea[]) AS u(s, t, e, b, h, k, a, at, sig)
+                  $29::text[], $30::timestamptz[], $31::bytea[], $32::bytea[])
+           AS u(s, t, e, b, h, k, a, at, sig, inc)
      WHERE EXISTS (SELECT 1 FROM allocated)
     RETURNING 1
 )

@@ -9,22 +9,22 @@
 -- load path wait for each other's rows in one order and do not deadlock.
 guard_scopes AS (
     SELECT 1 FROM fencing_scopes f
-      JOIN unnest($32::text[], $33::text[], $34::text[], $35::bigint[], $36::timestamptz[])
+      JOIN unnest($33::text[], $34::text[], $35::text[], $36::bigint[], $37::timestamptz[])
            AS g(scope_id, tenant_id, owner, epoch, expires_at) ON f.scope_id = g.scope_id
      WHERE f.tenant_id = g.tenant_id AND f.owner_workload_id = g.owner AND f.epoch = g.epoch
        AND f.expires_at = g.expires_at
      ORDER BY f.scope_id
        FOR SHARE OF f
 ), guard_reservations AS (
-    -- The open reservations the batch resolves or draws from ($51), locked before any budget
+    -- The open reservations the batch resolves or draws from ($52), locked before any budget
     -- or window.
     SELECT 1 FROM reservations
-     WHERE reservation_id = ANY($51::uuid[]) AND state = 'reserved'
+     WHERE reservation_id = ANY($52::uuid[]) AND state = 'reserved'
      ORDER BY reservation_id
        FOR UPDATE
 ), guard_budgets AS (
     SELECT 1 FROM budgets b
-      JOIN unnest($37::text[], $38::text[], $39::bigint[], $40::bigint[], $41::text[])
+      JOIN unnest($38::text[], $39::text[], $40::bigint[], $41::bigint[], $42::text[])
            AS g(tenant_id, budget_id, limit_nano_usd, soft_cap_nano_usd, window_kind)
         ON b.tenant_id = g.tenant_id AND b.budget_id = g.budget_id
      WHERE b.limit_nano_usd = g.limit_nano_usd
@@ -34,8 +34,8 @@ guard_scopes AS (
        FOR SHARE OF b
 ), guard_windows AS (
     SELECT 1 FROM budget_windows w
-      JOIN unnest($42::text[], $43::text[], $44::timestamptz[], $45::bigint[], $46::bigint[],
-                  $47::bigint[], $48::bigint[])
+      JOIN unnest($43::text[], $44::text[], $45::timestamptz[], $46::bigint[], $47::bigint[],
+                  $48::bigint[], $49::bigint[])
            AS g(tenant_id, budget_id, window_start, limit_nano_usd, reserved_nano_usd,
                 committed_nano_usd, overrun_nano_usd)
         ON w.tenant_id = g.tenant_id AND w.budget_id = g.budget_id AND w.window_start = g.window_start

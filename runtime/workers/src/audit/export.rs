@@ -194,6 +194,7 @@ type ChainRow = (
     Option<Vec<u8>>,
     Vec<u8>,
     Vec<u8>,
+    Option<Vec<u8>>,
 );
 
 /// Exports `options.tenant_id` into the directory `dir` ([`export_to`] a [`Sink::Directory`]).
@@ -289,7 +290,7 @@ pub async fn export_to(
         let rows: Vec<ChainRow> = sqlx::query_as(
             "SELECT chain_seq, producer_instance_id, producer_sequence, event_type, occurred_at,
                     canonical_event, event_sha256, signing_key_id, signing_algorithm, signed_at,
-                    signature, prev_chain_hash, chain_hash
+                    signature, prev_chain_hash, chain_hash, signature_inclusion
                FROM audit_chain WHERE tenant_id = $1 AND chain_seq >= $2 AND chain_seq <= $3
               ORDER BY chain_seq LIMIT $4",
         )
@@ -449,7 +450,8 @@ fn to_line(
     let (seq, producer, producer_seq, event_type, occurred_at, bytes, sha, key_id, algorithm) = (
         row.0, row.1, row.2, row.3, row.4, row.5, row.6, row.7, row.8,
     );
-    let (signed_at, signature, prev_hash, chain_hash) = (row.9, row.10, row.11, row.12);
+    let (signed_at, signature, prev_hash, chain_hash, inclusion) =
+        (row.9, row.10, row.11, row.12, row.13);
     if seq != expected {
         return Err(inconsistent(tenant, expected, "missing"));
     }
@@ -475,6 +477,7 @@ fn to_line(
             algorithm,
             signed_at,
             signature: BASE64.encode(signature),
+            inclusion: inclusion.map(|proof| BASE64.encode(proof)),
         }),
         _ => None,
     };

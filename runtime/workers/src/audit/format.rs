@@ -73,6 +73,10 @@ pub struct SignatureMeta {
     pub signed_at: DateTime<Utc>,
     /// Signature bytes, standard base64.
     pub signature: String,
+    /// For a batch signature, the event's inclusion proof (`spendguard_evidence::Inclusion`'s
+    /// stored form), standard base64; absent when the signature covers this event alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inclusion: Option<String>,
 }
 
 /// The export's table of contents and commit point: a batch exists once the manifest lists it.

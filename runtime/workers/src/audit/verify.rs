@@ -40,7 +40,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use spendguard_core::audit::EVENT_SCHEMA;
-use spendguard_evidence::{Algorithm, KeyRecord, KeyRegistry, Signed, VerifyError};
+use spendguard_evidence::{Algorithm, Inclusion, KeyRecord, KeyRegistry, Signed, VerifyError};
 use std::path::{Path, PathBuf};
 
 /// Verification settings.
@@ -543,6 +543,19 @@ fn verify_event(
                 signature: BASE64
                     .decode(&meta.signature)
                     .map_err(|e| malformed(format!("signature: {e}")))?,
+                inclusion: meta
+                    .inclusion
+                    .as_ref()
+                    .map(|proof| {
+                        let bytes = BASE64
+                            .decode(proof)
+                            .map_err(|e| malformed(format!("inclusion: {e}")))?;
+                        Inclusion::from_bytes(&bytes).map_err(|_| VerifyFailure::Signature {
+                            chain_seq: seq,
+                            source: VerifyError::Malformed("inclusion proof"),
+                        })
+                    })
+                    .transpose()?,
             };
             chain
                 .registry
