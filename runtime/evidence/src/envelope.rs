@@ -147,11 +147,12 @@ impl Signed {
 pub struct Envelope(Vec<u8>);
 
 impl Envelope {
-    /// The envelope of one event ([`signing_input`]).
+    /// The envelope of one event ([`signing_input`]). Crate-private: the signer's provided
+    /// methods render envelopes with its own key id, algorithm and producer only.
     ///
     /// # Errors
     /// As [`signing_input`].
-    pub fn of_event(
+    pub(crate) fn of_event(
         key_id: &str,
         algorithm: Algorithm,
         signed_at: DateTime<Utc>,
@@ -161,11 +162,11 @@ impl Envelope {
         signing_input(key_id, algorithm, signed_at, producer_id, canonical_event).map(Self)
     }
 
-    /// The envelope of a batch ([`batch_signing_input`]).
+    /// The envelope of a batch ([`batch_signing_input`]); crate-private like [`Envelope::of_event`].
     ///
     /// # Errors
     /// As [`batch_signing_input`].
-    pub fn of_batch(
+    pub(crate) fn of_batch(
         key_id: &str,
         algorithm: Algorithm,
         signed_at: DateTime<Utc>,

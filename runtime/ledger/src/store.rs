@@ -38,7 +38,7 @@ use spendguard_core::plan::{
 };
 use spendguard_core::window::BudgetWindow;
 use spendguard_core::{LedgerError, NanoUsd};
-use spendguard_evidence::{Inclusion, KeyRecord, ProducerSigner, Signer};
+use spendguard_evidence::{Inclusion, KeyRecord, ProducerSigner, Signed, Signer};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow, PgSslMode};
 use sqlx::types::Json;
 use sqlx::{Connection, PgConnection, PgPool, Postgres, Row, Transaction};
@@ -1974,44 +1974,44 @@ impl EffectParams {
             o_hashes.push(event.sha256.to_vec());
             stamped.push(event.bytes);
         }
-        // One signature over the batch's events (their Merkle root), each row keeping its
-        // inclusion proof: one signing operation per batch instead of per event (a KMS round
-        // trip each). A signing failure fails the batch: no effect without evidence.
-        let signed = match signer {
-            Some(signer) if !stamped.is_empty() => {
-                let refs: Vec<&[u8]> = stamped.iter().map(Vec::as_slice).collect();
-                let signed = signer
-                    .sign_batch(&refs)
-                    .await
-                    .map_err(|e| Error::Signing(format!("{}: {e}", e.code())))?;
-                Some(signed)
+        // One signature per tenant of the batch, over the Merkle root of that tenant's events,
+        // each row keeping its inclusion proof: a signing operation per batch and tenant instead
+        // of per event (a KMS round trip each). Per tenant, so that a proof (exported with the
+        // tenant's evidence) holds no hash of another tenant's events. A signing failure fails
+        // the batch: no effect without evidence.
+        let mut signed: Vec<Option<Signed>> = vec![None; stamped.len()];
+        if let Some(signer) = signer {
+            let mut by_tenant: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+            for (at, tenant) in o_tenants.iter().enumerate() {
+                by_tenant.entry(tenant.as_str()).or_default().push(at);
             }
-            _ => None,
-        };
+            let groups = by_tenant.into_values().map(|places| {
+                let events: Vec<&[u8]> = places.iter().map(|&at| stamped[at].as_slice()).collect();
+                async move { signer.sign_batch(&events).await.map(|s| (places, s)) }
+            });
+            for (places, group) in futures_util::future::try_join_all(groups)
+                .await
+                .map_err(|e| Error::Signing(format!("{}: {e}", e.code())))?
+            {
+                for (at, s) in places.into_iter().zip(group) {
+                    signed[at] = Some(s);
+                }
+            }
+        }
         let mut s_keys: Vec<Option<String>> = Vec::with_capacity(stamped.len());
         let mut s_algorithms: Vec<Option<&'static str>> = Vec::with_capacity(stamped.len());
         let mut s_times: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(stamped.len());
         let mut s_signatures: Vec<Option<Vec<u8>>> = Vec::with_capacity(stamped.len());
         let mut s_inclusions: Vec<Option<Vec<u8>>> = Vec::with_capacity(stamped.len());
-        match signed {
-            Some(signed) => {
-                for s in signed {
-                    s_keys.push(Some(s.key_id));
-                    s_algorithms.push(Some(s.algorithm.as_str()));
-                    s_times.push(Some(s.signed_at));
-                    s_signatures.push(Some(s.signature));
-                    s_inclusions.push(s.inclusion.as_ref().map(Inclusion::to_bytes));
-                }
-            }
-            None => {
-                for _ in &stamped {
-                    s_keys.push(None);
-                    s_algorithms.push(None);
-                    s_times.push(None);
-                    s_signatures.push(None);
-                    s_inclusions.push(None);
-                }
-            }
+        for s in signed {
+            s_inclusions.push(
+                s.as_ref()
+                    .and_then(|s| s.inclusion.as_ref().map(Inclusion::to_bytes)),
+            );
+            s_keys.push(s.as_ref().map(|s| s.key_id.clone()));
+            s_algorithms.push(s.as_ref().map(|s| s.algorithm.as_str()));
+            s_times.push(s.as_ref().map(|s| s.signed_at));
+            s_signatures.push(s.map(|s| s.signature));
         }
         let o_bytes = stamped;
 

@@ -118,3 +118,103 @@ async fn one_batch_equals_sequential_execution() {
     );
     invariants::check(store.pool()).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_batch_is_signed_once_per_tenant_and_each_event_verifies_alone() {
+    // Goal: one write batch holding two tenants' events carries one signature per tenant, so a
+    // tenant's inclusion proofs (exported with its evidence) hold no hash of the other tenant's
+    // events, and every row verifies from its own bytes and proof.
+    use spendguard_evidence::{Algorithm, Inclusion, KeyRecord, KeyRegistry, Signed};
+    let mut ledger = TestLedger::start().await.unwrap();
+    let mut fencings = Vec::new();
+    for tenant in [T, "tenant-other"] {
+        let token = ledger.tenant_with_lease(tenant).await.unwrap();
+        ledger.budget(tenant, "b", 1_000).await.unwrap();
+        fencings.push(Fencing {
+            scope_id: token.scope_id.clone(),
+            epoch: token.epoch,
+        });
+    }
+    let store = ledger.store().clone();
+    let mut cursor = ledger.producer_cursor().await.unwrap();
+    let before = cursor.next_sequence;
+    let commands: Vec<Command> = (0..6)
+        .map(|i| {
+            let tenant = [T, "tenant-other"][i % 2];
+            Command::ReserveSet(ReserveSet {
+                tenant_id: tenant.into(),
+                ..reserve(&format!("mixed-{i}"), 10, &fencings[i % 2])
+            })
+        })
+        .collect();
+    let outcomes = store.run_batch(&mut cursor, &commands).await.unwrap();
+    assert!(
+        outcomes
+            .outcomes
+            .iter()
+            .all(|o| matches!(o, Ok(Outcome::Reserved { .. })))
+    );
+
+    let pool = store.pool();
+    let mut registry = KeyRegistry::new();
+    let keys: Vec<(String, String, Vec<u8>, chrono::DateTime<chrono::Utc>)> =
+        sqlx::query_as("SELECT key_id, algorithm, public_key, valid_from FROM signing_keys")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    for (id, algorithm, public_key, from) in keys {
+        let algorithm: Algorithm = algorithm.parse().unwrap();
+        registry
+            .upsert(KeyRecord::new(id, algorithm, &public_key, from, None).unwrap())
+            .unwrap();
+    }
+    type Row = (
+        String,
+        Vec<u8>,
+        String,
+        String,
+        String,
+        chrono::DateTime<chrono::Utc>,
+        Vec<u8>,
+        Vec<u8>,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT tenant_id, canonical_event, producer_instance_id, signing_key_id, signing_algorithm,
+                signed_at, signature, signature_inclusion
+           FROM audit_outbox WHERE producer_sequence >= $1 ORDER BY producer_sequence",
+    )
+    .bind(i64::try_from(before).unwrap())
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 6, "one reservation.reserved per command");
+    let mut tenants_by_signature: std::collections::HashMap<Vec<u8>, Vec<(String, u32, u32)>> =
+        std::collections::HashMap::new();
+    for (tenant, bytes, producer, key_id, algorithm, signed_at, signature, inclusion) in rows {
+        let inclusion = Inclusion::from_bytes(&inclusion).unwrap();
+        let signed = Signed {
+            key_id,
+            algorithm: algorithm.parse().unwrap(),
+            signed_at,
+            producer_id: producer,
+            signature: signature.clone(),
+            inclusion: Some(inclusion.clone()),
+        };
+        registry.verify(&signed, &bytes).unwrap();
+        tenants_by_signature.entry(signature).or_default().push((
+            tenant,
+            inclusion.index,
+            inclusion.count,
+        ));
+    }
+    assert_eq!(tenants_by_signature.len(), 2, "one signature per tenant");
+    for rows in tenants_by_signature.values() {
+        assert!(
+            rows.iter()
+                .all(|(tenant, _, count)| *tenant == rows[0].0 && *count == 3)
+        );
+        let mut places: Vec<u32> = rows.iter().map(|(_, index, _)| *index).collect();
+        places.sort_unstable();
+        assert_eq!(places, [0, 1, 2]);
+    }
+}

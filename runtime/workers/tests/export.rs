@@ -415,6 +415,29 @@ fn relink(lines: &mut [Value], from: usize) {
 }
 
 #[tokio::test]
+async fn exports_of_the_previous_format_still_verify() {
+    // Goal: v1 exports (written before batch signatures) stay verifiable: the verifier reads both
+    // format tags; the exporter writes v2.
+    let (ledger, _pool) = two_tenants().await;
+    let reader = connect_read_only(&ledger.database_url).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    export(&reader, dir.path(), &options("acme", 1_000))
+        .await
+        .unwrap();
+    assert_eq!(manifest(dir.path()).format, "spendguard.audit-export.v2");
+    let mut keys: Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("keys.json")).unwrap()).unwrap();
+    keys["format"] = "spendguard.audit-export.v1".into();
+    let bytes = serde_json::to_vec(&keys).unwrap();
+    std::fs::write(dir.path().join("keys.json"), &bytes).unwrap();
+    let mut m = manifest(dir.path());
+    m.format = "spendguard.audit-export.v1".into();
+    m.keys_sha256 = sha256_hex(&bytes);
+    write_manifest(dir.path(), &m);
+    verify(dir.path(), &VerifyOptions::default()).unwrap();
+}
+
+#[tokio::test]
 async fn tampering_fails_verification_with_its_own_code() {
     let (ledger, _pool) = two_tenants().await;
     let reader = connect_read_only(&ledger.database_url).await.unwrap();
@@ -463,6 +486,15 @@ async fn tampering_fails_verification_with_its_own_code() {
                     alter_event(&mut lines[2]);
                     relink(lines, 2);
                 });
+            }),
+        ),
+        (
+            "a format this verifier does not know",
+            "MANIFEST_INVALID",
+            Box::new(|dir| {
+                let mut m = manifest(dir);
+                m.format = "spendguard.audit-export.v9".into();
+                write_manifest(dir, &m);
             }),
         ),
         (

@@ -1,4 +1,4 @@
-//! The on-disk export format (`spendguard.audit-export.v1`), shared by the exporter and the
+//! The on-disk export format (`spendguard.audit-export.v2`; v1 had no inclusion proofs), shared by the exporter and the
 //! offline verifier. Field names are a stored contract: auditors keep these files for years.
 //!
 //! ```text
@@ -18,8 +18,12 @@ use sha2::{Digest, Sha256};
 use std::io::Write as _;
 use std::path::Path;
 
-/// Format tag in the manifest and keys file.
-pub const FORMAT: &str = "spendguard.audit-export.v1";
+/// Format tag in the manifest and keys file that the exporter writes. v2 added a batch
+/// signature's inclusion proof to an event line's signature (`SignatureMeta::inclusion`).
+pub const FORMAT: &str = "spendguard.audit-export.v2";
+
+/// Every format tag the verifier reads: v1 exports (single-event signatures only) stay verifiable.
+pub const FORMATS_READ: &[&str] = &["spendguard.audit-export.v1", FORMAT];
 /// The manifest's file name.
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// The keys file's name.

@@ -30,8 +30,8 @@
 //! size (from an independently obtained checkpoint) can tell.
 
 use super::format::{
-    BatchEntry, CHECKPOINT_FILE, EventLine, FORMAT, KEYS_FILE, KeysFile, MANIFEST_FILE, Manifest,
-    batch_file_name, sha256_hex,
+    BatchEntry, CHECKPOINT_FILE, EventLine, FORMATS_READ, KEYS_FILE, KeysFile, MANIFEST_FILE,
+    Manifest, batch_file_name, sha256_hex,
 };
 use super::sink::{S3Store, SinkError};
 use crate::chain::{GENESIS, link};
@@ -234,7 +234,7 @@ fn read(path: &Path) -> Result<Vec<u8>, VerifyFailure> {
 pub fn verify(dir: &Path, options: &VerifyOptions) -> Result<VerifyReport, VerifyFailure> {
     let manifest: Manifest = serde_json::from_slice(&read(&dir.join(MANIFEST_FILE))?)
         .map_err(|e| VerifyFailure::ManifestInvalid(e.to_string()))?;
-    if manifest.format != FORMAT {
+    if !FORMATS_READ.contains(&manifest.format.as_str()) {
         return Err(VerifyFailure::ManifestInvalid(format!(
             "unknown format {:?}",
             manifest.format
@@ -407,7 +407,7 @@ fn hash32(hex_hash: &str) -> Option<[u8; 32]> {
 fn registry(bytes: &[u8]) -> Result<KeyRegistry, VerifyFailure> {
     let invalid = |reason: String| VerifyFailure::KeysInvalid(reason);
     let file: KeysFile = serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?;
-    if file.format != FORMAT {
+    if !FORMATS_READ.contains(&file.format.as_str()) {
         return Err(invalid(format!("unknown format {:?}", file.format)));
     }
     let mut registry = KeyRegistry::new();
