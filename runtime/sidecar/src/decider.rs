@@ -23,8 +23,10 @@ use crate::error::SidecarError;
 use crate::fail_open::{FailOpenQueue, SendFailure};
 use crate::lease::Lease;
 use crate::metrics::DecisionLatency;
+use crate::pending_commits::{PendingCommit, PendingCommits};
 use crate::stop_evidence::StopEvidence;
 use crate::sync::{Sharded, lock};
+use chrono::Utc;
 use serde::Serialize;
 use spendguard_core::contract::{
     BudgetAfterReserve, Bundle, CHOICES_MAX, Call, FailPolicy, Planned, PricingAge, ReasonCode,
@@ -260,6 +262,8 @@ pub struct Decider {
     latency: DecisionLatency,
     credits: Option<Arc<CreditDriver>>,
     credit_calls: Sharded<CreditCall>,
+    /// Background commits the ledger has not taken, kept for the next process.
+    pending_commits: PendingCommits,
 }
 
 impl Decider {
@@ -287,7 +291,15 @@ impl Decider {
             credits: None,
             // Presized only with credits (`with_credits`).
             credit_calls: Sharded::with_capacity(0),
+            pending_commits: PendingCommits::in_memory(),
         }
+    }
+
+    /// Keeps background commits the ledger could not take in `pending` (the pod's spool), for
+    /// a restarted sidecar to send (`pending_commits.rs`).
+    pub fn with_pending_commits(mut self, pending: PendingCommits) -> Self {
+        self.pending_commits = pending;
+        self
     }
 
     /// Admits calls of the sidecar's own budgets inside credits of `policy`
@@ -1398,23 +1410,39 @@ impl Decider {
                 .reservation_id
                 .ok_or_else(|| SidecarError::NoReservation(call_id.to_owned()))?,
         };
+        // A background commit the ledger cannot take now is spooled before the error goes
+        // back to the retry loop: a process killed meanwhile leaves it to the next one.
+        let pending = |error: SidecarError| {
+            if waiter == Waiter::Nobody && error.settlement_may_land_later() {
+                self.pending_commits.hold(&PendingCommit {
+                    call_id: call_id.to_owned(),
+                    reservation_id: reservation_id.clone(),
+                    actual_nano_usd: actual.get(),
+                    since_unix_ms: Utc::now().timestamp_millis(),
+                });
+            } else {
+                self.pending_commits.settled(call_id);
+            }
+            error
+        };
         let epoch = self
             .lease
             .epoch_for_settlement()
-            .map_err(|e| SidecarError::LeaseUnavailable(e.to_string()))?;
+            .map_err(|e| pending(SidecarError::LeaseUnavailable(e.to_string())))?;
         let response = self
             .ledger
             .clone()
             .commit(pb::CommitRequest {
                 tenant_id: self.identity.tenant_id.clone(),
-                reservation_id,
+                reservation_id: reservation_id.clone(),
                 actual_nano_usd: actual.get(),
                 fencing: Some(self.fencing(epoch)),
                 deferrable: waiter == Waiter::Nobody,
             })
             .await
-            .map_err(|status| settle_error(call_id, &status))?
+            .map_err(|status| pending(settle_error(call_id, &status)))?
             .into_inner();
+        self.pending_commits.settled(call_id);
         if response.late {
             warn!(
                 call_id,
@@ -1431,6 +1459,46 @@ impl Decider {
             late: response.late,
         };
         Ok(self.settle(call_id, Settlement::Committed(committed)))
+    }
+
+    /// Sends a commit a previous process of this pod left in the spool (`pending_commits.rs`),
+    /// by reservation id (this process never saw the call): `Ok(late)` once the ledger has it,
+    /// then forgotten; a refusal that cannot pass later forgets it too.
+    ///
+    /// # Errors
+    /// The ledger's refusal; while [`SidecarError::settlement_may_land_later`], it stays.
+    pub async fn commit_left_over(&self, commit: &PendingCommit) -> Result<bool, SidecarError> {
+        let sent: Result<bool, SidecarError> = async {
+            let epoch = self
+                .lease
+                .epoch_for_settlement()
+                .map_err(|e| SidecarError::LeaseUnavailable(e.to_string()))?;
+            let response = self
+                .ledger
+                .clone()
+                .commit(pb::CommitRequest {
+                    tenant_id: self.identity.tenant_id.clone(),
+                    reservation_id: commit.reservation_id.clone(),
+                    actual_nano_usd: commit.actual_nano_usd,
+                    fencing: Some(self.fencing(epoch)),
+                    deferrable: true,
+                })
+                .await
+                .map_err(|status| settle_error(&commit.call_id, &status))?
+                .into_inner();
+            Ok(response.late)
+        }
+        .await;
+        match &sent {
+            Err(e) if e.settlement_may_land_later() => {}
+            _ => self.pending_commits.settled(&commit.call_id),
+        }
+        sent
+    }
+
+    /// Forgets a background commit's spooled entry: its retries have given up.
+    pub fn abandon_pending_commit(&self, call_id: &str) {
+        self.pending_commits.settled(call_id);
     }
 
     /// Releases a CONTINUE decision's reservation. A retry returns the original amount with

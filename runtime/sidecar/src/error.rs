@@ -107,6 +107,17 @@ impl SidecarError {
         }
     }
 
+    /// Whether a settlement refused with this error may land if sent again later: the ledger
+    /// away, the lease lapsed, or evidence that cannot be signed for now.
+    pub const fn settlement_may_land_later(&self) -> bool {
+        matches!(
+            self,
+            Self::DependencyUnavailable(_)
+                | Self::LeaseUnavailable(_)
+                | Self::SigningUnavailable(_)
+        )
+    }
+
     /// The HTTP status of the error.
     pub const fn http_status(&self) -> StatusCode {
         match self {

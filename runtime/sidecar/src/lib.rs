@@ -24,6 +24,7 @@ mod frames;
 mod journal;
 pub mod lease;
 pub mod metrics;
+pub mod pending_commits;
 pub mod proxy;
 pub mod stop_evidence;
 mod sync;
@@ -33,6 +34,7 @@ use crate::error::SidecarError;
 use crate::fail_open::FailOpenQueue;
 use crate::lease::{Lease, LeaseConfig, LeaseKeeper, LeaseState};
 use crate::metrics::Metrics;
+use crate::pending_commits::PendingCommits;
 use crate::proxy::upstream::{Upstream, UpstreamConfig};
 use crate::stop_evidence::StopEvidence;
 use axum::serve::ListenerExt as _;
@@ -363,6 +365,18 @@ pub async fn start(
                 SidecarError::invalid("fail_open_spool_dir", format!("{}: {e}", e.code()))
             })?;
     }
+    // The spool directory belongs to this process alone (the fail-open queue holds its lock).
+    let left_commits = match &tuning.fail_open_spool_dir {
+        Some(dir) => {
+            let (pending, left) = PendingCommits::open(dir, chrono::Utc::now().timestamp_millis())
+                .map_err(|e| {
+                    SidecarError::invalid("fail_open_spool_dir", format!("{}: {e}", e.code()))
+                })?;
+            decider = decider.with_pending_commits(pending);
+            left
+        }
+        None => Vec::new(),
+    };
     let decider = Arc::new(decider);
     decider.register_metrics(registry);
     let metrics = Metrics::register(registry);
@@ -385,7 +399,7 @@ pub async fn start(
         settlements: settlements.clone(),
         metrics: metrics.clone(),
     };
-    let router = proxy::routes(proxy).merge(api::http::routes(decider.clone(), metrics));
+    let router = proxy::routes(proxy).merge(api::http::routes(decider.clone(), metrics.clone()));
     let http_addr = local_addr(&http_listener)?;
     let grpc_addr = local_addr(&grpc_listener)?;
 
@@ -397,6 +411,15 @@ pub async fn start(
     };
     let gate = tokio::spawn(first_lease(lease.clone()));
     let grpc_gate = first_lease(lease.clone());
+    if !left_commits.is_empty() {
+        let (mut held, decider, metrics) = (lease.clone(), decider.clone(), metrics);
+        settlements.spawn(async move {
+            let _ = held
+                .wait_for(|s| matches!(s, LeaseState::Held { .. }))
+                .await;
+            proxy::resume_pending_commits(decider, metrics, left_commits).await;
+        });
+    }
     if let Some(credits) = decider.credits_handle() {
         let mut held = lease.clone();
         tokio::spawn(async move {

@@ -633,3 +633,89 @@ async fn kill_dash_nine_of_the_ledger_fails_new_calls_closed_and_settles_each_ca
     spendguard_testkit::invariants::check(&pool).await.unwrap();
     drop(sidecar);
 }
+
+#[tokio::test]
+async fn kill_dash_nine_while_the_ledger_is_away_keeps_the_calls_commits() {
+    // Goal: usage a sidecar could not commit because the ledger was away is not lost when that
+    // sidecar dies: the next process on the pod's spool commits it once the ledger is back.
+    // Method: 3 calls reserve and are answered 2 s later; the ledger is killed meanwhile, so
+    // their commits fail and are spooled; the sidecar is killed with SIGKILL; the ledger and a
+    // new sidecar on the same spool start, and each call is committed once, at its usage.
+    // (Without the spool the three reservations stay held until their TTL, then expire.)
+    let url = spendguard_testkit::ledger::shared_cluster()
+        .create_database()
+        .await
+        .unwrap();
+    let (data, control) = (free_port(), free_port());
+    let mut ledger = ledger_command(&url, data, control).spawn().unwrap();
+    register_data_path(&mut wait_for_ledger(control).await, TENANT).await;
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let (bundle, _) = write_bundle(TENANT, json!({"version": "crash", "max_output_tokens": 64}));
+    let spool = tempfile::tempdir().unwrap();
+    let data_addr = format!("127.0.0.1:{data}").parse().unwrap();
+    let mock = spawn_mock();
+    let mut first = spawn_sidecar(data_addr, bundle.path(), spool.path(), mock).await;
+
+    let port = first.port;
+    let in_flight: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(async move { chat_with(port, "x-mock-latency-ms: 2000\r\n").await }))
+        .collect();
+    eventually("3 calls reserved", || {
+        let pool = pool.clone();
+        async move { settlements(&pool).await.len() == 3 }
+    })
+    .await;
+    ledger.kill().await.unwrap(); // SIGKILL
+    for call in in_flight {
+        let response = call.await.unwrap();
+        assert_eq!(status_of(&response), 200, "{response}");
+    }
+    let ids: Vec<String> = sqlx::query_scalar(
+        "SELECT reservation_id::text FROM reservations WHERE tenant_id = $1 AND state = 'reserved'",
+    )
+    .bind(TENANT)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(ids.len(), 3);
+    let journal = spool.path().join("pending-commits.journal");
+    eventually("the 3 failed commits spooled", || {
+        let (journal, ids) = (journal.clone(), ids.clone());
+        async move {
+            let bytes = std::fs::read(&journal).unwrap_or_default();
+            let text = String::from_utf8_lossy(&bytes);
+            ids.iter().all(|id| text.contains(id.as_str()))
+        }
+    })
+    .await;
+    first.child.kill().await.unwrap(); // SIGKILL: nothing drained.
+
+    let _ledger = ledger_command(&url, data, control).spawn().unwrap();
+    wait_for_ledger(control).await;
+    let second = spawn_sidecar(data_addr, bundle.path(), spool.path(), mock).await;
+    let mut settled = Vec::new();
+    for _ in 0..200 {
+        settled = settlements(&pool).await;
+        if settled.iter().all(|(state, _)| state != "reserved") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        settled,
+        vec![("committed".to_owned(), 1); 3],
+        "each call committed once, by the process that never saw it"
+    );
+    // At the usage the mock reported (9 input + 16 output tokens of gpt-4o-mini).
+    let committed: i64 = sqlx::query_scalar(
+        "SELECT committed_nano_usd FROM budget_windows WHERE tenant_id = $1 AND budget_id = $2",
+    )
+    .bind(TENANT)
+    .bind(BUDGET)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(committed, 3 * 10_950);
+    assert_eq!(commits(second.admin).await, 3);
+    spendguard_testkit::invariants::check(&pool).await.unwrap();
+}

@@ -19,6 +19,7 @@ pub mod usage;
 use crate::decider::{DecideInput, Decider, Spend, Verdict, Waiter};
 use crate::error::SidecarError;
 use crate::metrics::Metrics;
+use crate::pending_commits::{PENDING_MAX, PendingCommit};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{RawQuery, State};
@@ -307,8 +308,8 @@ impl Drop for Settlement {
 
 /// How long a proxied call's commit keeps being retried while the ledger is away: the ledger
 /// books a commit that arrives after the reservation's TTL, so giving up at the TTL would drop
-/// usage the ledger could still record.
-const COMMIT_RETRY_MAX: Duration = Duration::from_secs(24 * 60 * 60);
+/// usage the ledger could still record. The spooled entry of a commit has the same bound.
+const COMMIT_RETRY_MAX: Duration = PENDING_MAX;
 
 async fn settle_with_retries(
     decider: Arc<Decider>,
@@ -318,15 +319,13 @@ async fn settle_with_retries(
 ) {
     // A release is moot past the reservation's TTL (the sweep returns the money); a commit is
     // not: the ledger books it late, so the usage the provider reported keeps being offered
-    // for much longer.
+    // for much longer (and is spooled for the next process meanwhile, see `Decider::commit`).
     let patience = match outcome {
         Outcome::Commit(_) => COMMIT_RETRY_MAX.max(decider.reservation_ttl()),
         Outcome::Release(_) => decider.reservation_ttl(),
     };
-    let deadline = Instant::now() + patience;
-    let mut backoff = Duration::from_millis(50);
-    loop {
-        let result = match outcome {
+    let settled = retry_settlement(Instant::now() + patience, &call_id, || async {
+        match outcome {
             Outcome::Commit(spend) => decider
                 .commit(&call_id, spend, Waiter::Nobody)
                 .await
@@ -335,38 +334,95 @@ async fn settle_with_retries(
                 .release(&call_id, reason, Waiter::Nobody)
                 .await
                 .map(|_| "release"),
-        };
-        match result {
-            Ok(kind) => {
-                metrics.settlement(kind);
-                debug!(call_id, kind, "settled");
-                return;
+        }
+    })
+    .await;
+    match settled {
+        Ok(kind) => metrics.settlement(kind),
+        Err(e) => {
+            metrics.settlement("failed");
+            match outcome {
+                Outcome::Commit(_) => {
+                    decider.abandon_pending_commit(&call_id);
+                    warn!(call_id, code = e.code(), error = %e,
+                          "commit failed: the call's usage is not recorded; the TTL sweep returns its reservation");
+                }
+                Outcome::Release(_) => {
+                    warn!(call_id, code = e.code(), error = %e,
+                          "release failed; the ledger's TTL sweep releases the reservation");
+                }
             }
-            // The ledger away, the lease lapsed, or evidence that cannot be signed for now: the
-            // same settlement may land later.
-            Err(
-                e @ (SidecarError::DependencyUnavailable(_)
-                | SidecarError::LeaseUnavailable(_)
-                | SidecarError::SigningUnavailable(_)),
-            ) if Instant::now() + backoff < deadline => {
+        }
+    }
+}
+
+/// Sends the commits a previous process of this pod left in the spool, each until the ledger
+/// has it (booked late if past its TTL) or its 24 h bound passes.
+pub async fn resume_pending_commits(
+    decider: Arc<Decider>,
+    metrics: Metrics,
+    left: Vec<PendingCommit>,
+) {
+    if !left.is_empty() {
+        warn!(
+            commits = left.len(),
+            "sending the commits a previous sidecar of this pod could not settle"
+        );
+    }
+    // One after the other: the first waits for the ledger to come back, the rest then land in
+    // a round trip each, and a large spool never floods the ledger.
+    for commit in left {
+        {
+            // The bound runs from the first failure, in the previous process.
+            let elapsed = chrono::DateTime::from_timestamp_millis(commit.since_unix_ms)
+                .and_then(|since| (chrono::Utc::now() - since).to_std().ok())
+                .unwrap_or_default();
+            let deadline = Instant::now() + PENDING_MAX.saturating_sub(elapsed);
+            let settled = retry_settlement(deadline, &commit.call_id, || async {
+                decider
+                    .commit_left_over(&commit)
+                    .await
+                    .map(|late| if late { "commit_late" } else { "commit" })
+            })
+            .await;
+            match settled {
+                Ok(kind) => metrics.settlement(kind),
+                Err(e) => {
+                    metrics.settlement("failed");
+                    decider.abandon_pending_commit(&commit.call_id);
+                    warn!(call_id = commit.call_id, reservation_id = commit.reservation_id,
+                          code = e.code(), error = %e,
+                          "a commit left by a previous process failed: the call's usage is not recorded");
+                }
+            }
+        }
+    }
+}
+
+/// Runs `attempt` until it succeeds, fails for good, or `deadline` passes while its failures
+/// may still land later (backing off from 50 ms to 2 s).
+async fn retry_settlement<F, Fut>(
+    deadline: Instant,
+    call_id: &str,
+    mut attempt: F,
+) -> Result<&'static str, SidecarError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<&'static str, SidecarError>>,
+{
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match attempt().await {
+            Ok(kind) => {
+                debug!(call_id, kind, "settled");
+                return Ok(kind);
+            }
+            Err(e) if e.settlement_may_land_later() && Instant::now() + backoff < deadline => {
                 debug!(call_id, error = %e, "settlement retry");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
-            Err(e) => {
-                metrics.settlement("failed");
-                match outcome {
-                    Outcome::Commit(_) => {
-                        warn!(call_id, code = e.code(), error = %e,
-                              "commit failed: the call's usage is not recorded; the TTL sweep returns its reservation");
-                    }
-                    Outcome::Release(_) => {
-                        warn!(call_id, code = e.code(), error = %e,
-                              "release failed; the ledger's TTL sweep releases the reservation");
-                    }
-                }
-                return;
-            }
+            Err(e) => return Err(e),
         }
     }
 }

@@ -1,0 +1,182 @@
+//! Commits the ledger could not take yet, kept in the spool so that a sidecar killed (or
+//! stopped) while the ledger is away does not lose the usage of the calls it was still settling.
+//!
+//! ```text
+//! proxied call answered ─► Commit(actual) ─ledger away─► put {call, reservation, actual, since}
+//!                            │ (retried in memory)            │
+//!                            └─ committed / refused ─► done   └─ next start: Commit again, by
+//!                                                                reservation id, until booked
+//! ```
+//!
+//! Only commits nobody waits on are kept (the proxy's background settlements): a decision-API
+//! caller got the error and owns its retry. A commit that lands writes a done frame only when
+//! it had been put, so the settlement path touches the disk only while the ledger is away. A
+//! retried commit is idempotent at the ledger (same reservation, same actual), so a commit that
+//! landed just before a kill and is sent again by the next process replays.
+//!
+//! Entries older than [`PENDING_MAX`] are dropped (with a warning naming the call) rather than
+//! retried forever; that is the same bound the running process keeps.
+
+use crate::journal::{Journal, JournalError};
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+use tracing::{error, warn};
+
+/// The spool file.
+pub(crate) const PENDING_COMMITS_FILE: &str = "pending-commits.journal";
+
+/// How long a commit is offered to the ledger at most, across restarts: the ledger books a commit
+/// that arrives after the reservation's TTL, so this is far longer than any TTL.
+pub const PENDING_MAX: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// One commit the ledger has not taken yet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingCommit {
+    /// The call whose usage this is (the journal's key).
+    pub call_id: String,
+    /// The reservation (or credit draw) the usage is committed to.
+    pub reservation_id: String,
+    /// The priced usage.
+    pub actual_nano_usd: i64,
+    /// When the first attempt failed (Unix ms, wall clock): the start of [`PENDING_MAX`].
+    pub since_unix_ms: i64,
+}
+
+/// The journal of pending commits, or nothing without a spool.
+#[derive(Debug, Default)]
+pub struct PendingCommits {
+    journal: Option<Journal>,
+    /// Calls with a live entry: a retry does not rewrite it (its `since` stays the first
+    /// failure's), and a settlement of a call never held touches no file.
+    held: Mutex<HashSet<String>>,
+}
+
+impl PendingCommits {
+    /// Without a spool: pending commits live only in the running process.
+    pub fn in_memory() -> Self {
+        Self::default()
+    }
+
+    /// Opens the journal in the spool `dir` and returns the commits a previous process left,
+    /// oldest first, without those past [`PENDING_MAX`] at `now_unix_ms` (dropped here).
+    ///
+    /// # Errors
+    /// [`JournalError::Io`] when the file cannot be read or written.
+    pub fn open(dir: &Path, now_unix_ms: i64) -> Result<(Self, Vec<PendingCommit>), JournalError> {
+        let (journal, left) = Journal::open(dir, PENDING_COMMITS_FILE, |body| {
+            serde_json::from_slice::<PendingCommit>(body)
+                .ok()
+                .map(|p| p.call_id)
+        })?;
+        let pending = Self {
+            journal: Some(journal),
+            held: Mutex::new(left.keys().cloned().collect()),
+        };
+        let mut kept = Vec::new();
+        for entry in left.into_values() {
+            let Ok(commit) = serde_json::from_slice::<PendingCommit>(&entry.body) else {
+                continue;
+            };
+            if pending.expired(&commit, now_unix_ms) {
+                warn!(
+                    call_id = commit.call_id,
+                    reservation_id = commit.reservation_id,
+                    actual_nano_usd = commit.actual_nano_usd,
+                    "a commit left by a previous process is past its 24 h bound; its usage is not recorded"
+                );
+                pending.settled(&commit.call_id);
+            } else {
+                kept.push(commit);
+            }
+        }
+        kept.sort_by_key(|c| c.since_unix_ms);
+        Ok((pending, kept))
+    }
+
+    /// Whether `commit` is past [`PENDING_MAX`] at `now_unix_ms`.
+    pub fn expired(&self, commit: &PendingCommit, now_unix_ms: i64) -> bool {
+        let max = i64::try_from(PENDING_MAX.as_millis()).unwrap_or(i64::MAX);
+        now_unix_ms.saturating_sub(commit.since_unix_ms) > max
+    }
+
+    /// Keeps `commit` for the next process, unless the call is held already (then its first
+    /// entry, with the first failure's `since`, stays).
+    pub fn hold(&self, commit: &PendingCommit) {
+        let Some(journal) = &self.journal else {
+            return;
+        };
+        if !crate::sync::lock(&self.held).insert(commit.call_id.clone()) {
+            return;
+        }
+        let Ok(body) = serde_json::to_vec(commit) else {
+            return;
+        };
+        if let Err(e) = journal.put(&commit.call_id, &body) {
+            error!(call_id = commit.call_id, code = e.code(), error = %e,
+                   "a commit the ledger has not taken could not be spooled: a restart before it lands loses the call's usage");
+        }
+    }
+
+    /// Forgets the call's pending commit, if it had one: it landed, or will never land.
+    pub fn settled(&self, call_id: &str) {
+        if !crate::sync::lock(&self.held).remove(call_id) {
+            return;
+        }
+        if let Some(journal) = &self.journal
+            && let Err(e) = journal.done(call_id)
+        {
+            warn!(call_id, code = e.code(), error = %e,
+                  "a landed commit could not be marked done: the next start sends it again (it replays)");
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn commit(call: &str, since: i64) -> PendingCommit {
+        PendingCommit {
+            call_id: call.into(),
+            reservation_id: format!("r-{call}"),
+            actual_nano_usd: 10_950,
+            since_unix_ms: since,
+        }
+    }
+
+    #[test]
+    fn held_commits_survive_a_restart_until_settled_or_past_their_bound() {
+        // Goal: what a process holds and never settles is handed to the next one, oldest
+        // first; what it settled is not; what is past 24 h is dropped (and forgotten).
+        let dir = tempfile::tempdir().unwrap();
+        let day = i64::try_from(PENDING_MAX.as_millis()).unwrap();
+        let now = 10 * day;
+        {
+            let (pending, left) = PendingCommits::open(dir.path(), now).unwrap();
+            assert!(left.is_empty());
+            pending.hold(&commit("b", now - 2_000));
+            pending.hold(&commit("a", now - 1_000));
+            // A retry's failure keeps the first entry (its since).
+            pending.hold(&commit("a", now));
+            pending.hold(&commit("settled", now));
+            pending.hold(&commit("old", now - day - 1));
+            pending.settled("settled");
+            pending.settled("never-held");
+        }
+        let (_, left) = PendingCommits::open(dir.path(), now).unwrap();
+        assert_eq!(
+            left,
+            vec![commit("b", now - 2_000), commit("a", now - 1_000)]
+        );
+        let (_, again) = PendingCommits::open(dir.path(), now).unwrap();
+        assert_eq!(
+            again.len(),
+            2,
+            "the old entry was forgotten, the others kept"
+        );
+    }
+}
