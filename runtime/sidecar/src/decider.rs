@@ -1412,16 +1412,19 @@ impl Decider {
         };
         // A background commit the ledger cannot take now is spooled before the error goes
         // back to the retry loop: a process killed meanwhile leaves it to the next one.
+        // Only the background path keeps entries: a decision-API caller got the error.
         let pending = |error: SidecarError| {
-            if waiter == Waiter::Nobody && error.settlement_may_land_later() {
-                self.pending_commits.hold(&PendingCommit {
-                    call_id: call_id.to_owned(),
-                    reservation_id: reservation_id.clone(),
-                    actual_nano_usd: actual.get(),
-                    since_unix_ms: Utc::now().timestamp_millis(),
-                });
-            } else {
-                self.pending_commits.settled(call_id);
+            if waiter == Waiter::Nobody {
+                if error.settlement_may_land_later() {
+                    self.pending_commits.hold(&PendingCommit {
+                        call_id: call_id.to_owned(),
+                        reservation_id: reservation_id.clone(),
+                        actual_nano_usd: actual.get(),
+                        since_unix_ms: Utc::now().timestamp_millis(),
+                    });
+                } else {
+                    self.pending_commits.settled(call_id);
+                }
             }
             error
         };
@@ -1461,9 +1464,10 @@ impl Decider {
         Ok(self.settle(call_id, Settlement::Committed(committed)))
     }
 
-    /// Sends a commit a previous process of this pod left in the spool (`pending_commits.rs`),
-    /// by reservation id (this process never saw the call): `Ok(late)` once the ledger has it,
-    /// then forgotten; a refusal that cannot pass later forgets it too.
+    /// Sends a pending commit by reservation id: one a previous process of this pod left in the
+    /// spool (this process never saw the call), or a retry of this process's own
+    /// (`pending_commits.rs`). `Ok(late)` once the ledger has it, then forgotten; a refusal that
+    /// cannot pass later forgets it too.
     ///
     /// # Errors
     /// The ledger's refusal; while [`SidecarError::settlement_may_land_later`], it stays.
@@ -1499,6 +1503,12 @@ impl Decider {
     /// Forgets a background commit's spooled entry: its retries have given up.
     pub fn abandon_pending_commit(&self, call_id: &str) {
         self.pending_commits.settled(call_id);
+    }
+
+    /// The call's background commit, once its first attempt failed: retries send it by
+    /// reservation id, so it settles even after the call table forgot the call.
+    pub fn pending_commit(&self, call_id: &str) -> Option<PendingCommit> {
+        self.pending_commits.get(call_id)
     }
 
     /// Releases a CONTINUE decision's reservation. A retry returns the original amount with

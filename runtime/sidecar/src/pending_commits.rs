@@ -19,7 +19,7 @@
 
 use crate::journal::{Journal, JournalError};
 use serde::{Deserialize, Serialize};
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -45,13 +45,14 @@ pub struct PendingCommit {
     pub since_unix_ms: i64,
 }
 
-/// The journal of pending commits, or nothing without a spool.
+/// Pending commits by call: in memory always (the retry loop sends them by reservation id, so a
+/// call the call table has forgotten still settles), and in the spool's journal when there is one.
 #[derive(Debug, Default)]
 pub struct PendingCommits {
     journal: Option<Journal>,
     /// Calls with a live entry: a retry does not rewrite it (its `since` stays the first
     /// failure's), and a settlement of a call never held touches no file.
-    held: Mutex<HashSet<String>>,
+    held: Mutex<HashMap<String, PendingCommit>>,
 }
 
 impl PendingCommits {
@@ -73,13 +74,14 @@ impl PendingCommits {
         })?;
         let pending = Self {
             journal: Some(journal),
-            held: Mutex::new(left.keys().cloned().collect()),
+            held: Mutex::new(HashMap::new()),
         };
         let mut kept = Vec::new();
         for entry in left.into_values() {
             let Ok(commit) = serde_json::from_slice::<PendingCommit>(&entry.body) else {
                 continue;
             };
+            crate::sync::lock(&pending.held).insert(commit.call_id.clone(), commit.clone());
             if pending.expired(&commit, now_unix_ms) {
                 warn!(
                     call_id = commit.call_id,
@@ -102,27 +104,46 @@ impl PendingCommits {
         now_unix_ms.saturating_sub(commit.since_unix_ms) > max
     }
 
-    /// Keeps `commit` for the next process, unless the call is held already (then its first
-    /// entry, with the first failure's `since`, stays).
+    /// Keeps `commit` (for this process's retries, and in the spool for the next process),
+    /// unless the call is held already: then its first entry, with the first failure's `since`,
+    /// stays.
     pub fn hold(&self, commit: &PendingCommit) {
+        {
+            let mut held = crate::sync::lock(&self.held);
+            if held.contains_key(&commit.call_id) {
+                return;
+            }
+            held.insert(commit.call_id.clone(), commit.clone());
+        }
         let Some(journal) = &self.journal else {
             return;
         };
-        if !crate::sync::lock(&self.held).insert(commit.call_id.clone()) {
-            return;
+        let written = serde_json::to_vec(commit)
+            .map_err(|e| e.to_string())
+            .and_then(|body| {
+                journal
+                    .put(&commit.call_id, &body)
+                    .map_err(|e| format!("{}: {e}", e.code()))
+            });
+        if let Err(error) = written {
+            // Not held in the spool: the next failure of the call tries again.
+            crate::sync::lock(&self.held).remove(&commit.call_id);
+            error!(
+                call_id = commit.call_id,
+                error,
+                "a commit the ledger has not taken could not be spooled: a restart before it lands loses the call's usage"
+            );
         }
-        let Ok(body) = serde_json::to_vec(commit) else {
-            return;
-        };
-        if let Err(e) = journal.put(&commit.call_id, &body) {
-            error!(call_id = commit.call_id, code = e.code(), error = %e,
-                   "a commit the ledger has not taken could not be spooled: a restart before it lands loses the call's usage");
-        }
+    }
+
+    /// The call's pending commit, once its first attempt failed.
+    pub fn get(&self, call_id: &str) -> Option<PendingCommit> {
+        crate::sync::lock(&self.held).get(call_id).cloned()
     }
 
     /// Forgets the call's pending commit, if it had one: it landed, or will never land.
     pub fn settled(&self, call_id: &str) {
-        if !crate::sync::lock(&self.held).remove(call_id) {
+        if crate::sync::lock(&self.held).remove(call_id).is_none() {
             return;
         }
         if let Some(journal) = &self.journal
@@ -162,6 +183,7 @@ mod tests {
             pending.hold(&commit("a", now - 1_000));
             // A retry's failure keeps the first entry (its since).
             pending.hold(&commit("a", now));
+            assert_eq!(pending.get("a"), Some(commit("a", now - 1_000)));
             pending.hold(&commit("settled", now));
             pending.hold(&commit("old", now - day - 1));
             pending.settled("settled");

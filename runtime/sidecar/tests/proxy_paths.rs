@@ -789,7 +789,7 @@ async fn a_commit_keeps_being_offered_past_the_ttl_while_the_ledger_is_away() {
     // reservation's TTL: the settlement keeps retrying (a release would not: it is moot after
     // the TTL), and the ledger books it late once it is back. Method: reservations of 1 s (a
     // lease long enough to stay held), the ledger stopped while the call waits upstream and
-    // restarted 2 s later.
+    // restarted 2 s later, the call table having forgotten the call meanwhile.
     let mut stack = Stack::start(Options {
         flags: vec![
             "--reservation-ttl-ms=1000".into(),
@@ -818,6 +818,16 @@ async fn a_commit_keeps_being_offered_past_the_ttl_while_the_ledger_is_away() {
     let reply = call.await.unwrap();
     assert_eq!(reply.status, 200, "answered while the ledger is away");
     tokio::time::sleep(std::time::Duration::from_millis(2_000)).await;
+    // The call table forgets calls (TTL + 5 min after their decision in production, long before
+    // a commit's 24 h bound): the retries send the pending commit by reservation id, so this
+    // does not end them.
+    assert_eq!(
+        stack
+            .sidecar()
+            .decider
+            .forget_older_than(std::time::Duration::ZERO),
+        1
+    );
     stack.restart_ledger().await;
     let mut booked = 0;
     for _ in 0..200 {

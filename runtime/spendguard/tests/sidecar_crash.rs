@@ -638,7 +638,7 @@ async fn kill_dash_nine_of_the_ledger_fails_new_calls_closed_and_settles_each_ca
 async fn kill_dash_nine_while_the_ledger_is_away_keeps_the_calls_commits() {
     // Goal: usage a sidecar could not commit because the ledger was away is not lost when that
     // sidecar dies: the next process on the pod's spool commits it once the ledger is back.
-    // Method: 3 calls reserve and are answered 2 s later; the ledger is killed meanwhile, so
+    // Method: 3 calls reserve and are answered 3 s later; the ledger is killed meanwhile, so
     // their commits fail and are spooled; the sidecar is killed with SIGKILL; the ledger and a
     // new sidecar on the same spool start, and each call is committed once, at its usage.
     // (Without the spool the three reservations stay held until their TTL, then expire.)
@@ -658,7 +658,7 @@ async fn kill_dash_nine_while_the_ledger_is_away_keeps_the_calls_commits() {
 
     let port = first.port;
     let in_flight: Vec<_> = (0..3)
-        .map(|_| tokio::spawn(async move { chat_with(port, "x-mock-latency-ms: 2000\r\n").await }))
+        .map(|_| tokio::spawn(async move { chat_with(port, "x-mock-latency-ms: 3000\r\n").await }))
         .collect();
     eventually("3 calls reserved", || {
         let pool = pool.clone();
@@ -716,6 +716,9 @@ async fn kill_dash_nine_while_the_ledger_is_away_keeps_the_calls_commits() {
     .await
     .unwrap();
     assert_eq!(committed, 3 * 10_950);
-    assert_eq!(commits(second.admin).await, 3);
+    eventually("the new process counts the 3 commits", || async {
+        commits(second.admin).await == 3
+    })
+    .await;
     spendguard_testkit::invariants::check(&pool).await.unwrap();
 }

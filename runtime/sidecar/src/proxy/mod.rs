@@ -324,12 +324,19 @@ async fn settle_with_retries(
         Outcome::Commit(_) => COMMIT_RETRY_MAX.max(decider.reservation_ttl()),
         Outcome::Release(_) => decider.reservation_ttl(),
     };
+    let kind = |late: bool| if late { "commit_late" } else { "commit" };
     let settled = retry_settlement(Instant::now() + patience, &call_id, || async {
         match outcome {
-            Outcome::Commit(spend) => decider
-                .commit(&call_id, spend, Waiter::Nobody)
-                .await
-                .map(|c| if c.late { "commit_late" } else { "commit" }),
+            // After a failed first attempt the commit is pending (and spooled): retries send it
+            // by reservation id, which needs no call-table entry (the table forgets calls
+            // TTL + 5 min after their decision, long before a commit's 24 h bound).
+            Outcome::Commit(spend) => match decider.pending_commit(&call_id) {
+                Some(pending) => decider.commit_left_over(&pending).await.map(kind),
+                None => decider
+                    .commit(&call_id, spend, Waiter::Nobody)
+                    .await
+                    .map(|c| kind(c.late)),
+            },
             Outcome::Release(reason) => decider
                 .release(&call_id, reason, Waiter::Nobody)
                 .await
