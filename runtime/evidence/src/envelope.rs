@@ -272,24 +272,37 @@ pub fn signing_input(
     producer_id: &str,
     canonical_event: &[u8],
 ) -> Result<Vec<u8>, EnvelopeError> {
-    check_identifier("key_id", key_id)?;
-    check_identifier("producer_id", producer_id)?;
-    check_signed_at(signed_at)?;
-    let envelope = json!({
+    check_metadata(key_id, producer_id, signed_at)?;
+    Ok(render(&json!({
         "schema": ENVELOPE_SCHEMA,
         "key_id": key_id,
         "algorithm": algorithm.as_str(),
         "signed_at": signed_at.to_rfc3339_opts(SecondsFormat::Millis, true),
         "producer_id": producer_id,
         "event_sha256": hex::encode(Sha256::digest(canonical_event)),
-    });
-    let bytes = serde_json_canonicalizer::to_vec(&envelope)
-        .expect("an object of strings always canonicalizes");
+    })))
+}
+
+/// Checks the metadata every envelope carries.
+fn check_metadata(
+    key_id: &str,
+    producer_id: &str,
+    signed_at: DateTime<Utc>,
+) -> Result<(), EnvelopeError> {
+    check_identifier("key_id", key_id)?;
+    check_identifier("producer_id", producer_id)?;
+    check_signed_at(signed_at)
+}
+
+/// The canonical bytes of an envelope whose fields were checked.
+fn render(envelope: &serde_json::Value) -> Vec<u8> {
+    let bytes = serde_json_canonicalizer::to_vec(envelope)
+        .expect("an object of strings and integers always canonicalizes");
     assert!(
         bytes.len() <= ENVELOPE_LEN_MAX,
         "envelope bounded by its checked fields"
     );
-    Ok(bytes)
+    bytes
 }
 
 /// Renders the envelope of a batch signature: the Merkle root of the batch's events
@@ -309,10 +322,8 @@ pub fn batch_signing_input(
     events_root: &[u8; 32],
     event_count: u32,
 ) -> Result<Vec<u8>, EnvelopeError> {
-    check_identifier("key_id", key_id)?;
-    check_identifier("producer_id", producer_id)?;
-    check_signed_at(signed_at)?;
-    let envelope = json!({
+    check_metadata(key_id, producer_id, signed_at)?;
+    Ok(render(&json!({
         "schema": BATCH_ENVELOPE_SCHEMA,
         "key_id": key_id,
         "algorithm": algorithm.as_str(),
@@ -320,14 +331,7 @@ pub fn batch_signing_input(
         "producer_id": producer_id,
         "events_root": hex::encode(events_root),
         "event_count": event_count,
-    });
-    let bytes = serde_json_canonicalizer::to_vec(&envelope)
-        .expect("an object of strings and an integer always canonicalizes");
-    assert!(
-        bytes.len() <= ENVELOPE_LEN_MAX,
-        "envelope bounded by its checked fields"
-    );
-    Ok(bytes)
+    })))
 }
 
 #[cfg(test)]

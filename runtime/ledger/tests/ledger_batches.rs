@@ -124,7 +124,7 @@ async fn a_batch_is_signed_once_per_tenant_and_each_event_verifies_alone() {
     // Goal: one write batch holding two tenants' events carries one signature per tenant, so a
     // tenant's inclusion proofs (exported with its evidence) hold no hash of the other tenant's
     // events, and every row verifies from its own bytes and proof.
-    use spendguard_evidence::{Algorithm, Inclusion, KeyRecord, KeyRegistry, Signed};
+    use spendguard_evidence::{Inclusion, Signed};
     let mut ledger = TestLedger::start().await.unwrap();
     let mut fencings = Vec::new();
     for tenant in [T, "tenant-other"] {
@@ -156,18 +156,7 @@ async fn a_batch_is_signed_once_per_tenant_and_each_event_verifies_alone() {
     );
 
     let pool = store.pool();
-    let mut registry = KeyRegistry::new();
-    let keys: Vec<(String, String, Vec<u8>, chrono::DateTime<chrono::Utc>)> =
-        sqlx::query_as("SELECT key_id, algorithm, public_key, valid_from FROM signing_keys")
-            .fetch_all(pool)
-            .await
-            .unwrap();
-    for (id, algorithm, public_key, from) in keys {
-        let algorithm: Algorithm = algorithm.parse().unwrap();
-        registry
-            .upsert(KeyRecord::new(id, algorithm, &public_key, from, None).unwrap())
-            .unwrap();
-    }
+    let registry = spendguard_testkit::signing::registry(pool).await.unwrap();
     type Row = (
         String,
         Vec<u8>,

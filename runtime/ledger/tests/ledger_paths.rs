@@ -711,7 +711,7 @@ async fn reservations_need_registered_pricing_and_registrations_are_immutable() 
 
 #[tokio::test]
 async fn every_audit_event_is_signed_by_a_registered_key() {
-    use spendguard_evidence::{Algorithm, Inclusion, KeyRecord, KeyRegistry, Signed};
+    use spendguard_evidence::{Inclusion, Signed};
     let (mut ledger, fencing) = setup().await;
     let r = reserved(
         ledger
@@ -733,19 +733,15 @@ async fn every_audit_event_is_signed_by_a_registered_key() {
         .await
         .unwrap();
     let pool = ledger.store().pool();
-    let keys: Vec<(String, String, Vec<u8>, chrono::DateTime<chrono::Utc>)> =
-        sqlx::query_as("SELECT key_id, algorithm, public_key, valid_from FROM signing_keys")
-            .fetch_all(pool)
+    assert_eq!(
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM signing_keys")
+            .fetch_one(pool)
             .await
-            .unwrap();
-    assert_eq!(keys.len(), 1, "the ledger published its key at startup");
-    let mut registry = KeyRegistry::new();
-    for (id, algorithm, public_key, from) in keys {
-        let algorithm: Algorithm = algorithm.parse().unwrap();
-        registry
-            .upsert(KeyRecord::new(id, algorithm, &public_key, from, None).unwrap())
-            .unwrap();
-    }
+            .unwrap(),
+        1,
+        "the ledger published its key at startup"
+    );
+    let registry = spendguard_testkit::signing::registry(pool).await.unwrap();
     type Row = (
         Vec<u8>,
         String,

@@ -1428,23 +1428,15 @@ impl Decider {
             }
             error
         };
-        let epoch = self
-            .lease
-            .epoch_for_settlement()
-            .map_err(|e| pending(SidecarError::LeaseUnavailable(e.to_string())))?;
         let response = self
-            .ledger
-            .clone()
-            .commit(pb::CommitRequest {
-                tenant_id: self.identity.tenant_id.clone(),
-                reservation_id: reservation_id.clone(),
-                actual_nano_usd: actual.get(),
-                fencing: Some(self.fencing(epoch)),
-                deferrable: waiter == Waiter::Nobody,
-            })
+            .commit_reservation(
+                call_id,
+                &reservation_id,
+                actual.get(),
+                waiter == Waiter::Nobody,
+            )
             .await
-            .map_err(|status| pending(settle_error(call_id, &status)))?
-            .into_inner();
+            .map_err(pending)?;
         self.pending_commits.settled(call_id);
         if response.late {
             warn!(
@@ -1472,32 +1464,47 @@ impl Decider {
     /// # Errors
     /// The ledger's refusal; while [`SidecarError::settlement_may_land_later`], it stays.
     pub async fn commit_left_over(&self, commit: &PendingCommit) -> Result<bool, SidecarError> {
-        let sent: Result<bool, SidecarError> = async {
-            let epoch = self
-                .lease
-                .epoch_for_settlement()
-                .map_err(|e| SidecarError::LeaseUnavailable(e.to_string()))?;
-            let response = self
-                .ledger
-                .clone()
-                .commit(pb::CommitRequest {
-                    tenant_id: self.identity.tenant_id.clone(),
-                    reservation_id: commit.reservation_id.clone(),
-                    actual_nano_usd: commit.actual_nano_usd,
-                    fencing: Some(self.fencing(epoch)),
-                    deferrable: true,
-                })
-                .await
-                .map_err(|status| settle_error(&commit.call_id, &status))?
-                .into_inner();
-            Ok(response.late)
-        }
-        .await;
+        let sent = self
+            .commit_reservation(
+                &commit.call_id,
+                &commit.reservation_id,
+                commit.actual_nano_usd,
+                true,
+            )
+            .await
+            .map(|response| response.late);
         match &sent {
             Err(e) if e.settlement_may_land_later() => {}
             _ => self.pending_commits.settled(&commit.call_id),
         }
         sent
+    }
+
+    /// Commits `actual` to the reservation under this sidecar's current epoch (a reservation made
+    /// under an earlier epoch of the same scope included).
+    async fn commit_reservation(
+        &self,
+        call_id: &str,
+        reservation_id: &str,
+        actual_nano_usd: i64,
+        deferrable: bool,
+    ) -> Result<pb::CommitResponse, SidecarError> {
+        let epoch = self
+            .lease
+            .epoch_for_settlement()
+            .map_err(|e| SidecarError::LeaseUnavailable(e.to_string()))?;
+        self.ledger
+            .clone()
+            .commit(pb::CommitRequest {
+                tenant_id: self.identity.tenant_id.clone(),
+                reservation_id: reservation_id.to_owned(),
+                actual_nano_usd,
+                fencing: Some(self.fencing(epoch)),
+                deferrable,
+            })
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|status| settle_error(call_id, &status))
     }
 
     /// Forgets a background commit's spooled entry: its retries have given up.

@@ -552,6 +552,31 @@ async fn settlements(pool: &sqlx::PgPool) -> Vec<(String, i64)> {
     .unwrap()
 }
 
+/// [`settlements`] once no reservation is held any more, or after 20 s.
+async fn settlements_once_none_held(pool: &sqlx::PgPool) -> Vec<(String, i64)> {
+    let mut settled = Vec::new();
+    for _ in 0..200 {
+        settled = settlements(pool).await;
+        if settled.iter().all(|(state, _)| state != "reserved") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    settled
+}
+
+/// What the tenant's budget has committed.
+async fn committed_nano_usd(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT committed_nano_usd FROM budget_windows WHERE tenant_id = $1 AND budget_id = $2",
+    )
+    .bind(TENANT)
+    .bind(BUDGET)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
 #[tokio::test]
 async fn kill_dash_nine_of_the_ledger_fails_new_calls_closed_and_settles_each_call_once() {
     // Goal: issue 3's fault "the ledger killed mid-run makes new calls fail closed while
@@ -608,27 +633,13 @@ async fn kill_dash_nine_of_the_ledger_fails_new_calls_closed_and_settles_each_ca
     wait_for_ledger(control).await;
     // Settlements retry until the ledger answers: each call is committed once, at the usage
     // the mock reported (9 input + 16 output tokens of gpt-4o-mini: 10,950 nano-USD).
-    let mut settled = Vec::new();
-    for _ in 0..200 {
-        settled = settlements(&pool).await;
-        if settled.iter().all(|(state, _)| state != "reserved") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let settled = settlements_once_none_held(&pool).await;
     assert_eq!(
         settled,
         vec![("committed".to_owned(), 1); 8],
         "8 reservations, none for the refused call, each committed once"
     );
-    let committed: i64 = sqlx::query_scalar(
-        "SELECT committed_nano_usd FROM budget_windows WHERE tenant_id = $1 AND budget_id = $2",
-    )
-    .bind(TENANT)
-    .bind(BUDGET)
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let committed = committed_nano_usd(&pool).await;
     assert_eq!(committed, 8 * 10_950);
     spendguard_testkit::invariants::check(&pool).await.unwrap();
     drop(sidecar);
@@ -693,28 +704,14 @@ async fn kill_dash_nine_while_the_ledger_is_away_keeps_the_calls_commits() {
     let _ledger = ledger_command(&url, data, control).spawn().unwrap();
     wait_for_ledger(control).await;
     let second = spawn_sidecar(data_addr, bundle.path(), spool.path(), mock).await;
-    let mut settled = Vec::new();
-    for _ in 0..200 {
-        settled = settlements(&pool).await;
-        if settled.iter().all(|(state, _)| state != "reserved") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let settled = settlements_once_none_held(&pool).await;
     assert_eq!(
         settled,
         vec![("committed".to_owned(), 1); 3],
         "each call committed once, by the process that never saw it"
     );
     // At the usage the mock reported (9 input + 16 output tokens of gpt-4o-mini).
-    let committed: i64 = sqlx::query_scalar(
-        "SELECT committed_nano_usd FROM budget_windows WHERE tenant_id = $1 AND budget_id = $2",
-    )
-    .bind(TENANT)
-    .bind(BUDGET)
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let committed = committed_nano_usd(&pool).await;
     assert_eq!(committed, 3 * 10_950);
     eventually("the new process counts the 3 commits", || async {
         commits(second.admin).await == 3

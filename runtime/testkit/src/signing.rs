@@ -55,3 +55,28 @@ pub fn ledger_env() -> Result<[(&'static str, String); 2]> {
         ),
     ])
 }
+
+/// The key registry as the database's `signing_keys` publish it (windows open-ended), for tests
+/// that verify stored evidence the way an auditor would.
+///
+/// # Errors
+/// A query failure or a stored key that does not parse.
+pub async fn registry(pool: &sqlx::PgPool) -> Result<spendguard_evidence::KeyRegistry> {
+    use spendguard_evidence::{Algorithm, KeyRecord, KeyRegistry};
+    type Row = (
+        String,
+        String,
+        Vec<u8>,
+        sqlx::types::chrono::DateTime<sqlx::types::chrono::Utc>,
+    );
+    let keys: Vec<Row> =
+        sqlx::query_as("SELECT key_id, algorithm, public_key, valid_from FROM signing_keys")
+            .fetch_all(pool)
+            .await?;
+    let mut registry = KeyRegistry::new();
+    for (id, algorithm, public_key, from) in keys {
+        let algorithm: Algorithm = algorithm.parse()?;
+        registry.upsert(KeyRecord::new(id, algorithm, &public_key, from, None)?)?;
+    }
+    Ok(registry)
+}
