@@ -34,4 +34,4 @@ pub use envelope::{Algorithm, Envelope, Signed};
 pub use kms::{KmsSettings, KmsSigner};
 pub use local::LocalEd25519Signer;
 pub use signer::{ProducerSigner, SignError, Signer};
-pub use verify::{KeyError, KeyRecord, KeyRegistry, PublicKey, VerifyError};
+pub use verify::{KeyError, KeyRecord, KeyRegistry, PublicKey, VerifiedSignatures, VerifyError};

@@ -329,6 +329,27 @@ fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
+/// Signatures a registry has already found valid over their envelopes, so the rows of one
+/// batch signature pay one cryptographic check between them ([`KeyRegistry::verify_cached`]).
+/// Only the cryptographic step is skipped: key lookup, algorithm, revocation and window are
+/// judged for every event. Bounded: it forgets everything past [`VerifiedSignatures::CAPACITY`].
+#[derive(Debug, Default)]
+pub struct VerifiedSignatures {
+    /// (key id, envelope, signature) found valid.
+    valid: std::collections::HashSet<(String, Vec<u8>, Vec<u8>)>,
+    checks: u64,
+}
+
+impl VerifiedSignatures {
+    /// Most entries kept; a pass of the forwarder reads a few hundred rows.
+    pub const CAPACITY: usize = 4_096;
+
+    /// Cryptographic signature checks made through this cache (the ones it could not skip).
+    pub fn checks(&self) -> u64 {
+        self.checks
+    }
+}
+
 /// Public keys by id. Fed from SigningKey CRs (and, for KMS keys, GetPublicKey) by the caller;
 /// readers that share it across tasks wrap it (an `Arc` swapped on change).
 #[derive(Debug, Clone, Default)]
@@ -410,6 +431,22 @@ impl KeyRegistry {
         signed: &Signed,
         canonical_event: &[u8],
     ) -> Result<&KeyRecord, VerifyError> {
+        self.verify_cached(signed, canonical_event, &mut VerifiedSignatures::default())
+    }
+
+    /// [`KeyRegistry::verify`], skipping the cryptographic check of a signature `cache` has
+    /// already found valid over the same envelope under the same key (another event of the same
+    /// batch). The same guarantees hold: the envelope is still rebuilt from these bytes and this
+    /// proof, so an event outside the batch never matches a cached entry.
+    ///
+    /// # Errors
+    /// As [`KeyRegistry::verify`].
+    pub fn verify_cached(
+        &self,
+        signed: &Signed,
+        canonical_event: &[u8],
+        cache: &mut VerifiedSignatures,
+    ) -> Result<&KeyRecord, VerifyError> {
         let record = self
             .keys
             .get(&signed.key_id)
@@ -431,15 +468,23 @@ impl KeyRegistry {
                     VerifyError::Malformed("inclusion proof")
                 }
             })?;
-        record
-            .public_key
-            .verify(&message, &signed.signature)
-            .map_err(|check| match check {
-                SignatureCheck::Malformed => VerifyError::Malformed("signature encoding"),
-                SignatureCheck::Invalid => VerifyError::SignatureInvalid {
-                    key_id: record.key_id.clone(),
-                },
-            })?;
+        let entry = (record.key_id.clone(), message, signed.signature.clone());
+        if !cache.valid.contains(&entry) {
+            cache.checks += 1;
+            record
+                .public_key
+                .verify(&entry.1, &signed.signature)
+                .map_err(|check| match check {
+                    SignatureCheck::Malformed => VerifyError::Malformed("signature encoding"),
+                    SignatureCheck::Invalid => VerifyError::SignatureInvalid {
+                        key_id: record.key_id.clone(),
+                    },
+                })?;
+            if cache.valid.len() >= VerifiedSignatures::CAPACITY {
+                cache.valid.clear();
+            }
+            cache.valid.insert(entry);
+        }
         if let Some(revoked_at) = record.revoked_at
             && signed.signed_at >= revoked_at
         {

@@ -10,7 +10,7 @@ use chrono::{DateTime, Duration, Utc};
 use clap::Parser;
 use spendguard_evidence::{
     Algorithm, ConfigError, EvidenceCode, KeyRecord, KeyRegistry, LocalEd25519Signer, Signed,
-    Signer, Signing, SigningArgs, VerifyError,
+    Signer, Signing, SigningArgs, VerifiedSignatures, VerifyError,
 };
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -723,5 +723,45 @@ async fn a_batch_signature_verifies_each_event_alone_and_nothing_else() {
     assert_eq!(
         signer.sign_batch(&[]).await.unwrap_err().code(),
         EvidenceCode::SigningInputInvalid
+    );
+}
+
+#[tokio::test]
+async fn a_batch_pays_one_signature_check_and_every_event_is_still_judged() {
+    // Goal: with a cache of verified signatures, the events of one batch cost one cryptographic
+    // check, while each event is still tied to its own bytes and proof, and revocation and
+    // windows are still judged per event.
+    let signer = LocalEd25519Signer::from_signing_key(
+        ed25519_dalek::SigningKey::from_bytes(&[41; 32]),
+        None,
+        "ledger-0",
+    )
+    .unwrap();
+    let mut registry = KeyRegistry::new();
+    registry
+        .upsert(signer.key_record(t(0), None).unwrap())
+        .unwrap();
+    let events: Vec<Vec<u8>> = (0..8).map(|i| audit_event(i, "cached")).collect();
+    let refs: Vec<&[u8]> = events.iter().map(Vec::as_slice).collect();
+    let signed = signer.sign_batch_at(&refs, t(5_000)).await.unwrap();
+    let mut cache = VerifiedSignatures::default();
+    for (event, s) in events.iter().zip(&signed) {
+        registry.verify_cached(s, event, &mut cache).unwrap();
+    }
+    assert_eq!(cache.checks(), 1, "one check for the whole batch");
+
+    // Another event under a cached signature rebuilds another envelope: checked, and refused.
+    let mut tampered = events[3].clone();
+    tampered[10] ^= 1;
+    assert_eq!(
+        code(registry.verify_cached(&signed[3], &tampered, &mut cache)),
+        EvidenceCode::SignatureInvalid
+    );
+    assert_eq!(cache.checks(), 2);
+    // Revocation is judged on a cached signature too.
+    registry.revoke(signer.key_id(), t(4_000)).unwrap();
+    assert_eq!(
+        code(registry.verify_cached(&signed[0], &events[0], &mut cache)),
+        EvidenceCode::KeyRevoked
     );
 }

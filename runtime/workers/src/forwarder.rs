@@ -26,7 +26,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use spendguard_core::audit::EVENT_SCHEMA;
 use spendguard_evidence::{
-    Algorithm, Inclusion, KeyRecord, KeyRegistry, LocalEd25519Signer, Signed,
+    Algorithm, Inclusion, KeyRecord, KeyRegistry, LocalEd25519Signer, Signed, VerifiedSignatures,
 };
 use sqlx::{PgPool, Postgres, Transaction};
 use std::collections::HashMap;
@@ -168,6 +168,8 @@ impl Forwarder {
     pub async fn pass(&self) -> Result<PassReport, ForwardError> {
         let mut tx = self.pool.begin().await?;
         let registry = load_registry(&mut tx).await?;
+        // The rows of one batch signature share it: one cryptographic check for all of them.
+        let mut verified = VerifiedSignatures::default();
         let producers: Vec<(String, Option<i64>)> = sqlx::query_as(
             "SELECT p.producer_instance_id, c.next_sequence
                FROM audit_producers p LEFT JOIN forwarder_cursors c USING (producer_instance_id)
@@ -185,7 +187,7 @@ impl Forwarder {
                 if row.sequence != next {
                     break; // Not visible yet; sequences are contiguous per producer.
                 }
-                match check(&row, &registry, self.strict) {
+                match check(&row, &registry, &mut verified, self.strict) {
                     Ok(()) => {
                         append(&mut tx, &mut heads, &row).await?;
                         report.accepted += 1;
@@ -355,7 +357,12 @@ async fn outbox_rows(
 }
 
 /// The quarantine reason and detail of a row, or `Ok` when it may enter the chain.
-fn check(row: &OutboxRow, registry: &KeyRegistry, strict: bool) -> Result<(), (String, String)> {
+fn check(
+    row: &OutboxRow,
+    registry: &KeyRegistry,
+    verified: &mut VerifiedSignatures,
+    strict: bool,
+) -> Result<(), (String, String)> {
     let schema = |detail: String| ("SCHEMA_INVALID".to_owned(), detail);
     let digest: [u8; 32] = Sha256::digest(&row.bytes).into();
     if row.sha256 != digest {
@@ -411,7 +418,7 @@ fn check(row: &OutboxRow, registry: &KeyRegistry, strict: bool) -> Result<(), (S
         inclusion,
     };
     registry
-        .verify(&signed, &row.bytes)
+        .verify_cached(&signed, &row.bytes, verified)
         .map(|_| ())
         .map_err(|e| (e.code().as_str().to_owned(), e.to_string()))
 }

@@ -40,7 +40,9 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use spendguard_core::audit::EVENT_SCHEMA;
-use spendguard_evidence::{Algorithm, Inclusion, KeyRecord, KeyRegistry, Signed, VerifyError};
+use spendguard_evidence::{
+    Algorithm, Inclusion, KeyRecord, KeyRegistry, Signed, VerifiedSignatures, VerifyError,
+};
 use std::path::{Path, PathBuf};
 
 /// Verification settings.
@@ -303,6 +305,7 @@ pub fn verify(dir: &Path, options: &VerifyOptions) -> Result<VerifyReport, Verif
             .as_ref()
             .map(|cp| i64::try_from(cp.size).unwrap_or(i64::MAX)),
         checkpoint_hash: None,
+        verified: VerifiedSignatures::default(),
     };
     if chain.next_seq == Some(1) && chain.prev != Some(GENESIS) {
         return Err(VerifyFailure::ChainBroken {
@@ -452,6 +455,8 @@ struct ChainState<'a> {
     /// Position a checkpoint names, and the verified chain hash found there.
     checkpoint_at: Option<i64>,
     checkpoint_hash: Option<[u8; 32]>,
+    /// Batch signatures already checked (events of one batch share one).
+    verified: VerifiedSignatures,
 }
 
 fn verify_batch(
@@ -559,7 +564,7 @@ fn verify_event(
             };
             chain
                 .registry
-                .verify(&signed, &bytes)
+                .verify_cached(&signed, &bytes, &mut chain.verified)
                 .map_err(|source| VerifyFailure::Signature {
                     chain_seq: seq,
                     source,
