@@ -552,6 +552,50 @@ async fn settlements(pool: &sqlx::PgPool) -> Vec<(String, i64)> {
     .unwrap()
 }
 
+/// A `spendguard ledger` process on a fresh database, with the tenant's data path registered,
+/// and a bundle for its sidecars.
+struct LedgerProcess {
+    url: String,
+    data: u16,
+    control: u16,
+    child: Child,
+    pool: sqlx::PgPool,
+    data_addr: std::net::SocketAddr,
+    bundle: tempfile::TempDir,
+}
+
+impl LedgerProcess {
+    async fn start() -> Self {
+        let url = spendguard_testkit::ledger::shared_cluster()
+            .create_database()
+            .await
+            .unwrap();
+        let (data, control) = (free_port(), free_port());
+        let child = ledger_command(&url, data, control).spawn().unwrap();
+        register_data_path(&mut wait_for_ledger(control).await, TENANT).await;
+        let pool = sqlx::PgPool::connect(&url).await.unwrap();
+        let (bundle, _) =
+            write_bundle(TENANT, json!({"version": "crash", "max_output_tokens": 64}));
+        Self {
+            data_addr: format!("127.0.0.1:{data}").parse().unwrap(),
+            url,
+            data,
+            control,
+            child,
+            pool,
+            bundle,
+        }
+    }
+
+    /// Starts the ledger again on the same database and ports (after its child was killed).
+    async fn restart(&mut self) {
+        self.child = ledger_command(&self.url, self.data, self.control)
+            .spawn()
+            .unwrap();
+        wait_for_ledger(self.control).await;
+    }
+}
+
 /// [`settlements`] once no reservation is held any more, or after 20 s.
 async fn settlements_once_none_held(pool: &sqlx::PgPool) -> Vec<(String, i64)> {
     let mut settled = Vec::new();
@@ -585,18 +629,10 @@ async fn kill_dash_nine_of_the_ledger_fails_new_calls_closed_and_settles_each_ca
     // 5 answer 3 s later; the ledger is killed in between, so a new call is 503, the 5 are
     // answered 200 during the outage and their settlements retry; the ledger restarts on the
     // same ports, and each call settles exactly once, at its usage.
-    let url = spendguard_testkit::ledger::shared_cluster()
-        .create_database()
-        .await
-        .unwrap();
-    let (data, control) = (free_port(), free_port());
-    let mut ledger = ledger_command(&url, data, control).spawn().unwrap();
-    register_data_path(&mut wait_for_ledger(control).await, TENANT).await;
-    let pool = sqlx::PgPool::connect(&url).await.unwrap();
-    let (bundle, _) = write_bundle(TENANT, json!({"version": "crash", "max_output_tokens": 64}));
+    let mut ledger = LedgerProcess::start().await;
+    let (pool, data_addr) = (ledger.pool.clone(), ledger.data_addr);
     let spool = tempfile::tempdir().unwrap();
-    let data_addr = format!("127.0.0.1:{data}").parse().unwrap();
-    let sidecar = spawn_sidecar(data_addr, bundle.path(), spool.path(), spawn_mock()).await;
+    let sidecar = spawn_sidecar(data_addr, ledger.bundle.path(), spool.path(), spawn_mock()).await;
 
     let in_flight: Vec<_> = (0..8)
         .map(|n| {
@@ -615,7 +651,7 @@ async fn kill_dash_nine_of_the_ledger_fails_new_calls_closed_and_settles_each_ca
         }
     })
     .await;
-    ledger.kill().await.unwrap(); // SIGKILL
+    ledger.child.kill().await.unwrap(); // SIGKILL
     assert_eq!(
         in_state(&settlements(&pool).await, "reserved"),
         5,
@@ -629,8 +665,7 @@ async fn kill_dash_nine_of_the_ledger_fails_new_calls_closed_and_settles_each_ca
         assert_eq!(status_of(&response), 200, "{response}");
     }
 
-    let _ledger = ledger_command(&url, data, control).spawn().unwrap();
-    wait_for_ledger(control).await;
+    ledger.restart().await;
     // Settlements retry until the ledger answers: each call is committed once, at the usage
     // the mock reported (9 input + 16 output tokens of gpt-4o-mini: 10,950 nano-USD).
     let settled = settlements_once_none_held(&pool).await;
@@ -653,19 +688,11 @@ async fn kill_dash_nine_while_the_ledger_is_away_keeps_the_calls_commits() {
     // their commits fail and are spooled; the sidecar is killed with SIGKILL; the ledger and a
     // new sidecar on the same spool start, and each call is committed once, at its usage.
     // (Without the spool the three reservations stay held until their TTL, then expire.)
-    let url = spendguard_testkit::ledger::shared_cluster()
-        .create_database()
-        .await
-        .unwrap();
-    let (data, control) = (free_port(), free_port());
-    let mut ledger = ledger_command(&url, data, control).spawn().unwrap();
-    register_data_path(&mut wait_for_ledger(control).await, TENANT).await;
-    let pool = sqlx::PgPool::connect(&url).await.unwrap();
-    let (bundle, _) = write_bundle(TENANT, json!({"version": "crash", "max_output_tokens": 64}));
+    let mut ledger = LedgerProcess::start().await;
+    let (pool, data_addr) = (ledger.pool.clone(), ledger.data_addr);
     let spool = tempfile::tempdir().unwrap();
-    let data_addr = format!("127.0.0.1:{data}").parse().unwrap();
     let mock = spawn_mock();
-    let mut first = spawn_sidecar(data_addr, bundle.path(), spool.path(), mock).await;
+    let mut first = spawn_sidecar(data_addr, ledger.bundle.path(), spool.path(), mock).await;
 
     let port = first.port;
     let in_flight: Vec<_> = (0..3)
@@ -676,7 +703,7 @@ async fn kill_dash_nine_while_the_ledger_is_away_keeps_the_calls_commits() {
         async move { settlements(&pool).await.len() == 3 }
     })
     .await;
-    ledger.kill().await.unwrap(); // SIGKILL
+    ledger.child.kill().await.unwrap(); // SIGKILL
     for call in in_flight {
         let response = call.await.unwrap();
         assert_eq!(status_of(&response), 200, "{response}");
@@ -701,9 +728,8 @@ async fn kill_dash_nine_while_the_ledger_is_away_keeps_the_calls_commits() {
     .await;
     first.child.kill().await.unwrap(); // SIGKILL: nothing drained.
 
-    let _ledger = ledger_command(&url, data, control).spawn().unwrap();
-    wait_for_ledger(control).await;
-    let second = spawn_sidecar(data_addr, bundle.path(), spool.path(), mock).await;
+    ledger.restart().await;
+    let second = spawn_sidecar(data_addr, ledger.bundle.path(), spool.path(), mock).await;
     let settled = settlements_once_none_held(&pool).await;
     assert_eq!(
         settled,
