@@ -84,12 +84,26 @@ pub trait Signer: Send + Sync {
         canonical_events: &[&[u8]],
         signed_at: DateTime<Utc>,
     ) -> impl Future<Output = Result<Vec<Signed>, SignError>> + Send {
+        let hashes: Vec<[u8; 32]> = canonical_events
+            .iter()
+            .map(|event| Sha256::digest(event).into())
+            .collect();
+        async move { self.sign_batch_of_hashes_at(&hashes, signed_at).await }
+    }
+
+    /// [`Signer::sign_batch_at`] for events given by their sha256 (a producer that stamped them
+    /// has it already), in order.
+    ///
+    /// # Errors
+    /// As [`Signer::sign_batch_at`].
+    fn sign_batch_of_hashes_at(
+        &self,
+        event_sha256s: &[[u8; 32]],
+        signed_at: DateTime<Utc>,
+    ) -> impl Future<Output = Result<Vec<Signed>, SignError>> + Send {
         async move {
-            let hashes: Vec<[u8; 32]> = canonical_events
-                .iter()
-                .map(|event| Sha256::digest(event).into())
-                .collect();
-            let tree = BatchTree::of(&hashes).ok_or(EnvelopeError::BatchSizeInvalid)?;
+            let hashes = event_sha256s;
+            let tree = BatchTree::of(hashes).ok_or(EnvelopeError::BatchSizeInvalid)?;
             let count = u32::try_from(hashes.len()).map_err(|_| EnvelopeError::BatchSizeInvalid)?;
             let envelope = Envelope::of_batch(
                 self.key_id(),

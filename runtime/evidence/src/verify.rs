@@ -335,8 +335,8 @@ fn rfc3339(t: DateTime<Utc>) -> String {
 /// judged for every event. Bounded: it forgets everything past [`VerifiedSignatures::CAPACITY`].
 #[derive(Debug, Default)]
 pub struct VerifiedSignatures {
-    /// (key id, envelope, signature) found valid.
-    valid: std::collections::HashSet<(String, Vec<u8>, Vec<u8>)>,
+    /// (envelope, signature) found valid; the envelope names the key.
+    valid: std::collections::HashSet<(Vec<u8>, Vec<u8>)>,
     checks: u64,
 }
 
@@ -431,7 +431,7 @@ impl KeyRegistry {
         signed: &Signed,
         canonical_event: &[u8],
     ) -> Result<&KeyRecord, VerifyError> {
-        self.verify_cached(signed, canonical_event, &mut VerifiedSignatures::default())
+        self.check(signed, canonical_event, None)
     }
 
     /// [`KeyRegistry::verify`], skipping the cryptographic check of a signature `cache` has
@@ -446,6 +446,16 @@ impl KeyRegistry {
         signed: &Signed,
         canonical_event: &[u8],
         cache: &mut VerifiedSignatures,
+    ) -> Result<&KeyRecord, VerifyError> {
+        self.check(signed, canonical_event, Some(cache))
+    }
+
+    /// [`KeyRegistry::verify`] through `cache` when there is one.
+    fn check(
+        &self,
+        signed: &Signed,
+        canonical_event: &[u8],
+        mut cache: Option<&mut VerifiedSignatures>,
     ) -> Result<&KeyRecord, VerifyError> {
         let record = self
             .keys
@@ -468,22 +478,30 @@ impl KeyRegistry {
                     VerifyError::Malformed("inclusion proof")
                 }
             })?;
-        let entry = (record.key_id.clone(), message, signed.signature.clone());
-        if !cache.valid.contains(&entry) {
-            cache.checks += 1;
+        let cached = cache.as_ref().is_some_and(|cache| {
+            cache
+                .valid
+                .contains(&(message.clone(), signed.signature.clone()))
+        });
+        if !cached {
+            if let Some(cache) = cache.as_mut() {
+                cache.checks += 1;
+            }
             record
                 .public_key
-                .verify(&entry.1, &signed.signature)
+                .verify(&message, &signed.signature)
                 .map_err(|check| match check {
                     SignatureCheck::Malformed => VerifyError::Malformed("signature encoding"),
                     SignatureCheck::Invalid => VerifyError::SignatureInvalid {
                         key_id: record.key_id.clone(),
                     },
                 })?;
-            if cache.valid.len() >= VerifiedSignatures::CAPACITY {
-                cache.valid.clear();
+            if let Some(cache) = cache {
+                if cache.valid.len() >= VerifiedSignatures::CAPACITY {
+                    cache.valid.clear();
+                }
+                cache.valid.insert((message, signed.signature.clone()));
             }
-            cache.valid.insert(entry);
         }
         if let Some(revoked_at) = record.revoked_at
             && signed.signed_at >= revoked_at

@@ -38,6 +38,7 @@ use spendguard_core::plan::{
 };
 use spendguard_core::window::BudgetWindow;
 use spendguard_core::{LedgerError, NanoUsd};
+use spendguard_evidence::envelope::now_ms;
 use spendguard_evidence::{Inclusion, KeyRecord, ProducerSigner, Signed, Signer};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow, PgSslMode};
 use sqlx::types::Json;
@@ -1959,6 +1960,7 @@ impl EffectParams {
         let mut o_types = Vec::with_capacity(effects.events.len());
         let mut o_hashes = Vec::with_capacity(effects.events.len());
         let mut stamped = Vec::with_capacity(effects.events.len());
+        let mut digests: Vec<[u8; 32]> = Vec::with_capacity(effects.events.len());
         for (sequence, draft) in (first..).zip(&effects.events) {
             let stamp = ProducerStamp {
                 producer_instance_id: cursor.claim.producer_instance_id.clone(),
@@ -1972,6 +1974,7 @@ impl EffectParams {
             o_tenants.push(draft.tenant_id.clone());
             o_types.push(draft.event_type);
             o_hashes.push(event.sha256.to_vec());
+            digests.push(event.sha256);
             stamped.push(event.bytes);
         }
         // One signature per tenant of the batch, over the Merkle root of that tenant's events,
@@ -1986,8 +1989,14 @@ impl EffectParams {
                 by_tenant.entry(tenant.as_str()).or_default().push(at);
             }
             let groups = by_tenant.into_values().map(|places| {
-                let events: Vec<&[u8]> = places.iter().map(|&at| stamped[at].as_slice()).collect();
-                async move { signer.sign_batch(&events).await.map(|s| (places, s)) }
+                // The stamp hashed each event already: the tree is built from those hashes.
+                let hashes: Vec<[u8; 32]> = places.iter().map(|&at| digests[at]).collect();
+                async move {
+                    signer
+                        .sign_batch_of_hashes_at(&hashes, now_ms())
+                        .await
+                        .map(|s| (places, s))
+                }
             });
             for (places, group) in futures_util::future::try_join_all(groups)
                 .await

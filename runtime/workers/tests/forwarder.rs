@@ -213,8 +213,8 @@ async fn invalid_events_are_quarantined_with_their_reason_and_never_chained() {
     forge(&pool, 6, &b6, &h6, Some(&registered), &b6).await;
     let (b7, h7) = event(7, "7");
     forge(&pool, 7, &b7, &h7, Some(&registered), &b7).await; // valid
-    // Three events under one batch signature: the first as signed, the second with its proof cut
-    // short, the third with the second's proof (a valid proof of another event).
+    // Three events under one batch signature: the first as signed, the second with a path too
+    // long for its place, the third with the second's proof (a valid proof of another event).
     let batch: Vec<(Vec<u8>, Vec<u8>)> = (8..11).map(|s| event(s, "8")).collect();
     let refs: Vec<&[u8]> = batch.iter().map(|(b, _)| b.as_slice()).collect();
     let signed = registered.sign_batch(&refs).await.unwrap();
