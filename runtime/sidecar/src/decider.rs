@@ -1412,19 +1412,16 @@ impl Decider {
         };
         // A background commit the ledger cannot take now is spooled before the error goes
         // back to the retry loop: a process killed meanwhile leaves it to the next one.
-        // Only the background path keeps entries: a decision-API caller got the error.
+        // Only the background path keeps entries: a decision-API caller got the error. A call
+        // with a pending commit is retried by reservation id (`commit_left_over`), never here.
         let pending = |error: SidecarError| {
-            if waiter == Waiter::Nobody {
-                if error.settlement_may_land_later() {
-                    self.pending_commits.hold(&PendingCommit {
-                        call_id: call_id.to_owned(),
-                        reservation_id: reservation_id.clone(),
-                        actual_nano_usd: actual.get(),
-                        since_unix_ms: Utc::now().timestamp_millis(),
-                    });
-                } else {
-                    self.pending_commits.settled(call_id);
-                }
+            if waiter == Waiter::Nobody && error.settlement_may_land_later() {
+                self.pending_commits.hold(&PendingCommit {
+                    call_id: call_id.to_owned(),
+                    reservation_id: reservation_id.clone(),
+                    actual_nano_usd: actual.get(),
+                    since_unix_ms: Utc::now().timestamp_millis(),
+                });
             }
             error
         };
@@ -1437,7 +1434,6 @@ impl Decider {
             )
             .await
             .map_err(pending)?;
-        self.pending_commits.settled(call_id);
         if response.late {
             warn!(
                 call_id,
@@ -1987,10 +1983,13 @@ mod tests {
             .into(),
         );
         assert!(matches!(ledger_error(&newer), SidecarError::Internal(_)));
+        assert!(!ledger_away(&newer), "credit draws and evidence sends too");
+        let refused = tonic::Status::unavailable("connection refused");
         assert!(matches!(
-            ledger_error(&tonic::Status::unavailable("connection refused")),
+            ledger_error(&refused),
             SidecarError::DependencyUnavailable(_)
         ));
+        assert!(ledger_away(&refused));
         // The ledger answered, but the answer can pass: keep the record, without a limit.
         assert!(matches!(
             failure(LedgerServiceError::ProducerInstanceConflict(

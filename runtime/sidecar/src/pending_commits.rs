@@ -45,13 +45,21 @@ pub struct PendingCommit {
     pub since_unix_ms: i64,
 }
 
+impl PendingCommit {
+    /// How much of [`PENDING_MAX`] is left at `now_unix_ms` (the bound runs from the first
+    /// failure, possibly in a previous process).
+    pub fn time_left(&self, now_unix_ms: i64) -> Duration {
+        let elapsed = u64::try_from(now_unix_ms.saturating_sub(self.since_unix_ms)).unwrap_or(0);
+        PENDING_MAX.saturating_sub(Duration::from_millis(elapsed))
+    }
+}
+
 /// Pending commits by call: in memory always (the retry loop sends them by reservation id, so a
 /// call the call table has forgotten still settles), and in the spool's journal when there is one.
 #[derive(Debug, Default)]
 pub struct PendingCommits {
     journal: Option<Journal>,
-    /// Calls with a live entry: a retry does not rewrite it (its `since` stays the first
-    /// failure's), and a settlement of a call never held touches no file.
+    /// Pending commits by call id (a settlement of a call never held touches no file).
     held: Mutex<HashMap<String, PendingCommit>>,
 }
 
@@ -82,7 +90,7 @@ impl PendingCommits {
                 continue;
             };
             crate::sync::lock(&pending.held).insert(commit.call_id.clone(), commit.clone());
-            if pending.expired(&commit, now_unix_ms) {
+            if commit.time_left(now_unix_ms).is_zero() {
                 warn!(
                     call_id = commit.call_id,
                     reservation_id = commit.reservation_id,
@@ -98,23 +106,10 @@ impl PendingCommits {
         Ok((pending, kept))
     }
 
-    /// Whether `commit` is past [`PENDING_MAX`] at `now_unix_ms`.
-    pub fn expired(&self, commit: &PendingCommit, now_unix_ms: i64) -> bool {
-        let max = i64::try_from(PENDING_MAX.as_millis()).unwrap_or(i64::MAX);
-        now_unix_ms.saturating_sub(commit.since_unix_ms) > max
-    }
-
-    /// Keeps `commit` (for this process's retries, and in the spool for the next process),
-    /// unless the call is held already: then its first entry, with the first failure's `since`,
-    /// stays.
+    /// Keeps `commit`: in memory for this process's retries, and in the spool for the next
+    /// process (a failed write is logged: the retries go on, a restart would lose it).
     pub fn hold(&self, commit: &PendingCommit) {
-        {
-            let mut held = crate::sync::lock(&self.held);
-            if held.contains_key(&commit.call_id) {
-                return;
-            }
-            held.insert(commit.call_id.clone(), commit.clone());
-        }
+        crate::sync::lock(&self.held).insert(commit.call_id.clone(), commit.clone());
         let Some(journal) = &self.journal else {
             return;
         };
@@ -126,8 +121,6 @@ impl PendingCommits {
                     .map_err(|e| format!("{}: {e}", e.code()))
             });
         if let Err(error) = written {
-            // Not held in the spool: the next failure of the call tries again.
-            crate::sync::lock(&self.held).remove(&commit.call_id);
             error!(
                 call_id = commit.call_id,
                 error,
@@ -181,8 +174,6 @@ mod tests {
             assert!(left.is_empty());
             pending.hold(&commit("b", now - 2_000));
             pending.hold(&commit("a", now - 1_000));
-            // A retry's failure keeps the first entry (its since).
-            pending.hold(&commit("a", now));
             assert_eq!(pending.get("a"), Some(commit("a", now - 1_000)));
             pending.hold(&commit("settled", now));
             pending.hold(&commit("old", now - day - 1));
@@ -194,7 +185,9 @@ mod tests {
             left,
             vec![commit("b", now - 2_000), commit("a", now - 1_000)]
         );
-        let (_, again) = PendingCommits::open(dir.path(), now).unwrap();
+        // Reopened at an instant where "old" would still be within its bound: it was forgotten
+        // (a done frame), not merely filtered out again.
+        let (_, again) = PendingCommits::open(dir.path(), now - 10).unwrap();
         assert_eq!(
             again.len(),
             2,

@@ -19,7 +19,7 @@ pub mod usage;
 use crate::decider::{DecideInput, Decider, Spend, Verdict, Waiter};
 use crate::error::SidecarError;
 use crate::metrics::Metrics;
-use crate::pending_commits::{PENDING_MAX, PendingCommit};
+use crate::pending_commits::PendingCommit;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{RawQuery, State};
@@ -306,55 +306,42 @@ impl Drop for Settlement {
     }
 }
 
-/// How long a proxied call's commit keeps being retried while the ledger is away: the ledger
-/// books a commit that arrives after the reservation's TTL, so giving up at the TTL would drop
-/// usage the ledger could still record. The spooled entry of a commit has the same bound.
-const COMMIT_RETRY_MAX: Duration = PENDING_MAX;
-
 async fn settle_with_retries(
     decider: Arc<Decider>,
     metrics: Metrics,
     call_id: String,
     outcome: Outcome,
 ) {
-    // A release is moot past the reservation's TTL (the sweep returns the money); a commit is
-    // not: the ledger books it late, so the usage the provider reported keeps being offered
-    // for much longer (and is spooled for the next process meanwhile, see `Decider::commit`).
-    let patience = match outcome {
-        Outcome::Commit(_) => COMMIT_RETRY_MAX.max(decider.reservation_ttl()),
-        Outcome::Release(_) => decider.reservation_ttl(),
-    };
-    let kind = |late: bool| if late { "commit_late" } else { "commit" };
-    let settled = retry_settlement(Instant::now() + patience, &call_id, || async {
-        match outcome {
-            // After a failed first attempt the commit is pending (and spooled): retries send it
-            // by reservation id, which needs no call-table entry (the table forgets calls
-            // TTL + 5 min after their decision, long before a commit's 24 h bound).
-            Outcome::Commit(spend) => match decider.pending_commit(&call_id) {
-                Some(pending) => decider.commit_left_over(&pending).await.map(kind),
-                None => decider
-                    .commit(&call_id, spend, Waiter::Nobody)
-                    .await
-                    .map(|c| kind(c.late)),
-            },
-            Outcome::Release(reason) => decider
-                .release(&call_id, reason, Waiter::Nobody)
-                .await
-                .map(|_| "release"),
-        }
-    })
-    .await;
-    match settled {
-        Ok(kind) => metrics.settlement(kind),
-        Err(e) => {
-            metrics.settlement("failed");
-            match outcome {
-                Outcome::Commit(_) => {
-                    decider.abandon_pending_commit(&call_id);
+    match outcome {
+        // The first attempt goes through the call table. One that fails for now leaves a pending
+        // commit (spooled for the next process, see `Decider::commit`), retried by reservation
+        // id: that needs no call-table entry (the table forgets calls TTL + 5 min after their
+        // decision, long before a commit's 24 h bound), and a release would be moot past the
+        // TTL while a commit is not: the ledger books it late.
+        Outcome::Commit(spend) => match decider.commit(&call_id, spend, Waiter::Nobody).await {
+            Ok(committed) => metrics.settlement(commit_kind(committed.late)),
+            Err(e) => match decider.pending_commit(&call_id) {
+                Some(pending) => commit_pending(&decider, &metrics, &pending).await,
+                None => {
+                    metrics.settlement("failed");
                     warn!(call_id, code = e.code(), error = %e,
                           "commit failed: the call's usage is not recorded; the TTL sweep returns its reservation");
                 }
-                Outcome::Release(_) => {
+            },
+        },
+        Outcome::Release(reason) => {
+            let deadline = Instant::now() + decider.reservation_ttl();
+            let released = retry_settlement(deadline, &call_id, || async {
+                decider
+                    .release(&call_id, reason, Waiter::Nobody)
+                    .await
+                    .map(|_| "release")
+            })
+            .await;
+            match released {
+                Ok(kind) => metrics.settlement(kind),
+                Err(e) => {
+                    metrics.settlement("failed");
                     warn!(call_id, code = e.code(), error = %e,
                           "release failed; the ledger's TTL sweep releases the reservation");
                 }
@@ -363,8 +350,34 @@ async fn settle_with_retries(
     }
 }
 
-/// Sends the commits a previous process of this pod left in the spool, each until the ledger
-/// has it (booked late if past its TTL) or its 24 h bound passes.
+/// The settlement metric's outcome of a commit.
+fn commit_kind(late: bool) -> &'static str {
+    if late { "commit_late" } else { "commit" }
+}
+
+/// Sends a pending commit by reservation id until the ledger has it (booked late if past its
+/// TTL), it is refused for good, or [`PENDING_MAX`] after its first failure.
+async fn commit_pending(decider: &Decider, metrics: &Metrics, pending: &PendingCommit) {
+    let deadline = Instant::now() + pending.time_left(chrono::Utc::now().timestamp_millis());
+    let committed = retry_settlement(deadline, &pending.call_id, || async {
+        decider.commit_left_over(pending).await.map(commit_kind)
+    })
+    .await;
+    match committed {
+        Ok(kind) => metrics.settlement(kind),
+        Err(e) => {
+            metrics.settlement("failed");
+            decider.abandon_pending_commit(&pending.call_id);
+            warn!(call_id = pending.call_id, reservation_id = pending.reservation_id,
+                  code = e.code(), error = %e,
+                  "commit failed: the call's usage is not recorded");
+        }
+    }
+}
+
+/// Sends the commits a previous process of this pod left in the spool, one after the other:
+/// the first waits for the ledger to come back, the rest then land in a round trip each, and a
+/// large spool never floods the ledger.
 pub async fn resume_pending_commits(
     decider: Arc<Decider>,
     metrics: Metrics,
@@ -376,33 +389,8 @@ pub async fn resume_pending_commits(
             "sending the commits a previous sidecar of this pod could not settle"
         );
     }
-    // One after the other: the first waits for the ledger to come back, the rest then land in
-    // a round trip each, and a large spool never floods the ledger.
-    for commit in left {
-        {
-            // The bound runs from the first failure, in the previous process.
-            let elapsed = chrono::DateTime::from_timestamp_millis(commit.since_unix_ms)
-                .and_then(|since| (chrono::Utc::now() - since).to_std().ok())
-                .unwrap_or_default();
-            let deadline = Instant::now() + PENDING_MAX.saturating_sub(elapsed);
-            let settled = retry_settlement(deadline, &commit.call_id, || async {
-                decider
-                    .commit_left_over(&commit)
-                    .await
-                    .map(|late| if late { "commit_late" } else { "commit" })
-            })
-            .await;
-            match settled {
-                Ok(kind) => metrics.settlement(kind),
-                Err(e) => {
-                    metrics.settlement("failed");
-                    decider.abandon_pending_commit(&commit.call_id);
-                    warn!(call_id = commit.call_id, reservation_id = commit.reservation_id,
-                          code = e.code(), error = %e,
-                          "a commit left by a previous process failed: the call's usage is not recorded");
-                }
-            }
-        }
+    for pending in &left {
+        commit_pending(&decider, &metrics, pending).await;
     }
 }
 
