@@ -1822,12 +1822,17 @@ impl Planner {
         tenant_id: &str,
         fencing: &Fencing,
     ) -> Result<(), LedgerError> {
-        let scope = self.state.scopes.get(&fencing.scope_id);
-        check_fencing(&fencing.scope_id, tenant_id, fencing.epoch, scope, None)?;
+        self.check_epoch(tenant_id, fencing)?;
         if row.expires_at <= self.state.now {
             return Err(LedgerError::ReservationExpired(row.id));
         }
         Ok(())
+    }
+
+    /// The settling caller's epoch is its scope's current one.
+    fn check_epoch(&self, tenant_id: &str, fencing: &Fencing) -> Result<(), LedgerError> {
+        let scope = self.state.scopes.get(&fencing.scope_id);
+        check_fencing(&fencing.scope_id, tenant_id, fencing.epoch, scope, None)
     }
 
     /// Records a resolution. A reservation created in this same batch is written once, already
@@ -1870,7 +1875,8 @@ impl Planner {
                 });
             }
             Some(done) if done.state == ReservationState::Expired => {
-                return self.commit_late(c, Some(done));
+                let windows = row.windows.clone();
+                return self.commit_late(c, windows, Some(done));
             }
             Some(done) => {
                 return Err(LedgerError::ReservationAlreadyResolved {
@@ -1878,7 +1884,10 @@ impl Planner {
                     state: done.state.as_str(),
                 });
             }
-            None if row.expires_at <= self.state.now => return self.commit_late(c, None),
+            None if row.expires_at <= self.state.now => {
+                let windows = row.windows.clone();
+                return self.commit_late(c, windows, None);
+            }
             None => {}
         }
         self.check_settle(row, &c.tenant_id, &c.fencing)?;
@@ -1993,6 +2002,7 @@ impl Planner {
     fn commit_late(
         &mut self,
         c: &Commit,
+        windows: Vec<WindowKey>,
         expired: Option<Resolution>,
     ) -> Result<Outcome, LedgerError> {
         if let Some(done) = expired
@@ -2010,43 +2020,18 @@ impl Planner {
                 replayed: true,
             });
         }
-        let scope = self.state.scopes.get(&c.fencing.scope_id);
-        check_fencing(
-            &c.fencing.scope_id,
-            &c.tenant_id,
-            c.fencing.epoch,
-            scope,
-            None,
-        )?;
-        let row = self
-            .state
-            .reservations
-            .get(&c.reservation_id)
-            .ok_or(LedgerError::ReservationNotFound(c.reservation_id))?;
-        let (amount, windows) = (row.amount, row.windows.clone());
+        self.check_epoch(&c.tenant_id, &c.fencing)?;
         for key in &windows {
             self.window(key)
                 .overrun
                 .checked_add(c.actual)
                 .map_err(money_error("actual_nano_usd"))?;
         }
-        if expired.is_none() {
-            // Expired now, as the sweep would have: what it held goes back.
-            for key in &windows {
-                self.journal(
-                    key,
-                    Some(c.reservation_id),
-                    EntryKind::Expire,
-                    [0, negative(amount), 0, 0],
-                );
-            }
-            self.event(
-                &c.tenant_id,
-                "reservation.expired",
-                json!({"reservation_id": c.reservation_id.to_string(),
-                       "released_nano_usd": amount.get().to_string()}),
-            );
-        }
+        // Not swept yet: expired now, exactly as the sweep would, so what it held goes back.
+        let released = match expired {
+            Some(done) => done.released,
+            None => self.expire_reservation(c.reservation_id),
+        };
         if !c.actual.is_zero() {
             for key in &windows {
                 self.journal(
@@ -2061,14 +2046,11 @@ impl Planner {
             state: ReservationState::Expired,
             actual: c.actual,
             committed: NanoUsd::ZERO,
-            released: amount,
+            released,
             overrun: c.actual,
             epoch: c.fencing.epoch,
         };
-        match expired {
-            None => self.resolve(c.reservation_id, resolution),
-            Some(_) => self.book_late(c.reservation_id, resolution),
-        }
+        self.book_late(c.reservation_id, resolution);
         self.event(
             &c.tenant_id,
             "reservation.committed_late",
@@ -2087,7 +2069,9 @@ impl Planner {
     }
 
     /// Records late usage on a reservation already expired: in this batch's own resolution of it
-    /// (a sweep earlier in the batch), else as a late booking on the stored row.
+    /// (the sweep's or the late commit's own expiry, earlier in the batch; a reservation made in
+    /// this batch expires in it only with a zero TTL, which the RPC layer refuses), else as a late
+    /// booking on the stored row.
     fn book_late(&mut self, id: Uuid, resolution: Resolution) {
         if let Some(row) = self.state.reservations.get_mut(&id) {
             row.resolution = Some(resolution);
@@ -2184,31 +2168,7 @@ impl Planner {
             if row.resolution.is_some() || row.expires_at > self.state.now {
                 continue;
             }
-            let (amount, windows, tenant_id) =
-                (row.undrawn(), row.windows.clone(), row.tenant_id.clone());
-            let credit_drawn = row.is_credit.then_some(row.drawn);
-            for key in &windows {
-                self.journal(
-                    key,
-                    Some(id),
-                    EntryKind::Expire,
-                    [0, negative(amount), 0, 0],
-                );
-            }
-            let resolution = Resolution {
-                state: ReservationState::Expired,
-                actual: NanoUsd::ZERO,
-                committed: NanoUsd::ZERO,
-                released: amount,
-                overrun: NanoUsd::ZERO,
-                epoch: 0,
-            };
-            self.resolve(id, resolution);
-            let mut data = json!({"reservation_id": id.to_string(), "released_nano_usd": amount.get().to_string()});
-            if let Some(drawn) = credit_drawn {
-                data["credit_drawn_nano_usd"] = json!(drawn.get().to_string());
-            }
-            self.event(&tenant_id, "reservation.expired", data);
+            self.expire_reservation(id);
             expired = expired.saturating_add(1);
         }
         let mut approvals = 0u32;
@@ -2229,6 +2189,42 @@ impl Planner {
             reservations: expired,
             approvals,
         }
+    }
+
+    /// Expires an open reservation past its TTL: what it still holds (a credit: what was not
+    /// drawn) goes back to its windows, its row resolves `expired` with no epoch (no caller
+    /// settled it), and `reservation.expired` is its event. Returns the amount released. Used by
+    /// the sweep and by a commit that finds its reservation past the TTL before the sweep did.
+    fn expire_reservation(&mut self, id: Uuid) -> NanoUsd {
+        let Some(row) = self.state.reservations.get(&id) else {
+            return NanoUsd::ZERO;
+        };
+        let (amount, windows, tenant_id) =
+            (row.undrawn(), row.windows.clone(), row.tenant_id.clone());
+        let credit_drawn = row.is_credit.then_some(row.drawn);
+        for key in &windows {
+            self.journal(
+                key,
+                Some(id),
+                EntryKind::Expire,
+                [0, negative(amount), 0, 0],
+            );
+        }
+        let resolution = Resolution {
+            state: ReservationState::Expired,
+            actual: NanoUsd::ZERO,
+            committed: NanoUsd::ZERO,
+            released: amount,
+            overrun: NanoUsd::ZERO,
+            epoch: 0,
+        };
+        self.resolve(id, resolution);
+        let mut data = json!({"reservation_id": id.to_string(), "released_nano_usd": amount.get().to_string()});
+        if let Some(drawn) = credit_drawn {
+            data["credit_drawn_nano_usd"] = json!(drawn.get().to_string());
+        }
+        self.event(&tenant_id, "reservation.expired", data);
+        amount
     }
 
     fn upsert_retention_policy(
