@@ -1,6 +1,9 @@
 //! Reconcile errors. Each becomes a status condition reason, a Warning Event and a metric label,
 //! never a crash.
 
+use spendguard_proto::ledger::v1::ErrorCode;
+use spendguard_proto::ledger::{Answer, is_away};
+
 /// What can go wrong reconciling.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -39,18 +42,7 @@ impl Error {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::Kube(_) => "KubernetesApiError",
-            Self::Ledger { code, .. }
-                if matches!(
-                    code.as_str(),
-                    "DEPENDENCY_UNAVAILABLE"
-                        | "UNAVAILABLE"
-                        | "OVERLOADED"
-                        | "SHUTTING_DOWN"
-                        | "SIGNING_UNAVAILABLE"
-                ) =>
-            {
-                "LedgerUnavailable"
-            }
+            Self::Ledger { code, .. } if ledger_away(code) => "LedgerUnavailable",
             Self::Ledger { .. } => "LedgerRefused",
             Self::InvalidSpec(_) => "InvalidSpec",
             Self::PricingVersionNotFound(_) => "PricingVersionNotFound",
@@ -62,15 +54,15 @@ impl Error {
     /// From a ledger gRPC status. Statuses without a SpendGuard error detail come from the
     /// transport (connection refused, deadline) and count as the ledger being unavailable.
     pub fn ledger(status: &tonic::Status) -> Self {
-        use spendguard_proto::ledger::error_code;
-        let detail = error_code(status);
-        let code = match detail {
-            Some(c) => c.as_str_name().trim_start_matches("ERROR_CODE_").to_owned(),
-            None => match status.code() {
+        let code = match Answer::of(status) {
+            Answer::Code(c) => c.as_str_name().trim_start_matches(CODE_PREFIX).to_owned(),
+            // A newer ledger's code: it answered, so this is a refusal, not an outage.
+            Answer::UnknownCode(n) => format!("UNKNOWN_CODE_{n}"),
+            Answer::NoDetail => match status.code() {
                 tonic::Code::Unavailable
                 | tonic::Code::DeadlineExceeded
                 | tonic::Code::Cancelled
-                | tonic::Code::Unknown => "UNAVAILABLE".to_owned(),
+                | tonic::Code::Unknown => TRANSPORT_UNAVAILABLE.to_owned(),
                 other => format!("GRPC_{other:?}").to_uppercase(),
             },
         };
@@ -79,6 +71,18 @@ impl Error {
             message: status.message().to_owned(),
         }
     }
+}
+
+/// The prefix protobuf puts on the ledger's code names (`ERROR_CODE_BUDGET_INVALID`).
+const CODE_PREFIX: &str = "ERROR_CODE_";
+/// The code of a ledger that did not answer at all (connection refused, deadline).
+const TRANSPORT_UNAVAILABLE: &str = "UNAVAILABLE";
+
+/// Whether `code` says the ledger is away for now rather than refusing: the shared list of
+/// `spendguard_proto::ledger::is_away`, or no answer at all.
+fn ledger_away(code: &str) -> bool {
+    code == TRANSPORT_UNAVAILABLE
+        || ErrorCode::from_str_name(&format!("{CODE_PREFIX}{code}")).is_some_and(is_away)
 }
 
 impl From<kube::runtime::finalizer::Error<Error>> for Error {
@@ -115,5 +119,42 @@ mod tests {
             assert_eq!(ledger(away).reason(), "LedgerUnavailable", "{away}");
         }
         assert_eq!(ledger("BUDGET_INVALID").reason(), "LedgerRefused");
+        assert_eq!(ledger("UNKNOWN_CODE_9999").reason(), "LedgerRefused");
+    }
+
+    #[test]
+    fn a_status_is_read_as_the_ledgers_code_an_unknown_code_or_no_answer() {
+        use prost::Message as _;
+        use spendguard_proto::ledger::v1::ErrorDetail;
+        let with_detail = |grpc: tonic::Code, code: i32| {
+            let detail = ErrorDetail {
+                code,
+                ..ErrorDetail::default()
+            };
+            tonic::Status::with_details(grpc, "m", detail.encode_to_vec().into())
+        };
+        let read = |status: tonic::Status| match Error::ledger(&status) {
+            Error::Ledger { code, .. } => code,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            read(with_detail(
+                tonic::Code::FailedPrecondition,
+                ErrorCode::BudgetInvalid as i32
+            )),
+            "BUDGET_INVALID"
+        );
+        // A newer ledger's code on UNAVAILABLE is still the ledger answering.
+        let unknown = read(with_detail(tonic::Code::Unavailable, 9999));
+        assert_eq!(unknown, "UNKNOWN_CODE_9999");
+        assert_eq!(
+            Error::ledger(&with_detail(tonic::Code::Unavailable, 9999)).reason(),
+            "LedgerRefused"
+        );
+        assert_eq!(read(tonic::Status::unavailable("refused")), "UNAVAILABLE");
+        assert_eq!(
+            read(tonic::Status::unimplemented("old ledger")),
+            "GRPC_UNIMPLEMENTED"
+        );
     }
 }

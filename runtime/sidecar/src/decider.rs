@@ -37,8 +37,8 @@ use spendguard_core::plan::{
     RUN_BUDGET_PREFIX, STOP_DETAIL_LEN_MAX, STOP_RECORDS_MAX, TEXT_LEN_MAX, reservation_id_for,
 };
 use spendguard_core::pricing::{PricingError, Provider, TokenUsage};
-use spendguard_proto::ledger::error_code;
 use spendguard_proto::ledger::v1 as pb;
+use spendguard_proto::ledger::{Answer, error_code};
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -1467,13 +1467,27 @@ impl Decider {
                 commit.actual_nano_usd,
                 true,
             )
-            .await
-            .map(|response| response.late);
+            .await;
         match &sent {
-            Err(e) if e.settlement_may_land_later() => {}
-            _ => self.pending_commits.settled(&commit.call_id),
+            Err(e) if e.settlement_may_land_later() => return sent.map(|response| response.late),
+            Err(_) => {}
+            // A call this process still knows is settled now, as if its first attempt had landed.
+            Ok(response) => {
+                let _: Committed = self.settle(
+                    &commit.call_id,
+                    Settlement::Committed(Committed {
+                        actual_nano_usd: commit.actual_nano_usd,
+                        committed_nano_usd: response.committed_nano_usd,
+                        released_nano_usd: response.released_nano_usd,
+                        overrun_nano_usd: response.overrun_nano_usd,
+                        replayed: false,
+                        late: response.late,
+                    }),
+                );
+            }
         }
-        sent
+        self.pending_commits.settled(&commit.call_id);
+        sent.map(|response| response.late)
     }
 
     /// Commits `actual` to the reservation under this sidecar's current epoch (a reservation made
@@ -1679,10 +1693,20 @@ impl Decider {
         dropped
     }
 
-    /// Calls holding a reservation that is not settled yet.
+    /// Calls holding a reservation that is not settled yet and has no pending commit (the
+    /// ledger's TTL sweep releases those if the process stops now).
     pub fn open_reservations(&self) -> usize {
-        self.calls
-            .count(|e| e.decision.reservation_id.is_some() && e.settlement.is_none())
+        self.calls.count(|e| {
+            e.decision.reservation_id.is_some()
+                && e.settlement.is_none()
+                && !self.pending_commits.contains(&e.decision.call_id)
+        })
+    }
+
+    /// Commits the ledger has not taken yet, kept for retries (and in the spool, for the pod's
+    /// next process).
+    pub fn pending_commits(&self) -> usize {
+        self.pending_commits.len()
     }
 
     /// How long a reservation lives on the ledger.
@@ -1811,35 +1835,44 @@ fn reservation_resolved(state: i32) -> bool {
 fn ledger_error(status: &tonic::Status) -> SidecarError {
     use pb::ErrorCode as C;
     let message = status.message().to_owned();
-    match error_code(status) {
-        Some(C::FencingEpochStale | C::FencingLeaseHeld | C::FencingLeaseExpired)
-        | Some(C::FencingScopeNotFound | C::FencingEpochMissing) => {
-            SidecarError::LeaseUnavailable(message)
+    let code = match Answer::of(status) {
+        Answer::Code(code) => code,
+        // A code this sidecar does not know (a newer ledger): the ledger answered, so it is not
+        // an unreachable ledger, which a fail-open contract would let through.
+        Answer::UnknownCode(code) => {
+            return SidecarError::Internal(format!(
+                "the ledger answered with error code {code}, which this sidecar does not know: \
+                 {message}"
+            ));
         }
+        // No ErrorDetail: a transport failure (connection refused, timeout).
+        Answer::NoDetail => {
+            return SidecarError::DependencyUnavailable(format!("{:?}: {message}", status.code()));
+        }
+    };
+    match code {
+        C::FencingEpochStale
+        | C::FencingLeaseHeld
+        | C::FencingLeaseExpired
+        | C::FencingScopeNotFound
+        | C::FencingEpochMissing => SidecarError::LeaseUnavailable(message),
         // A resumed call the ledger finds its approval does not cover (the sidecar checks the
         // amount first; other budgets already conflict with the call's first reservation):
         // another call.
-        Some(C::IdempotencyConflict | C::ApprovalNotApproved | C::ApprovalNotFound) => {
+        C::IdempotencyConflict | C::ApprovalNotApproved | C::ApprovalNotFound => {
             SidecarError::IdempotencyConflict(message)
         }
         // PERMISSION_DENIED: a run budget exists with another limit (the contract's per-run
         // limit changed under a live run), or the sidecar was pointed at a listener that refuses it.
-        Some(C::TenantNotFound | C::BudgetNotFound | C::BudgetInvalid | C::PermissionDenied) => {
+        C::TenantNotFound | C::BudgetNotFound | C::BudgetInvalid | C::PermissionDenied => {
             SidecarError::Misconfigured(message)
         }
-        Some(C::Overloaded | C::DependencyUnavailable | C::ShuttingDown) => {
+        C::Overloaded | C::DependencyUnavailable | C::ShuttingDown => {
             SidecarError::DependencyUnavailable(message)
         }
-        Some(C::EvidenceBacklog) => SidecarError::EvidenceBacklog(message),
-        Some(C::SigningUnavailable) => SidecarError::SigningUnavailable(message),
-        Some(_) => SidecarError::Internal(message),
-        // A code this sidecar does not know (a newer ledger): the ledger answered, so it is not
-        // an unreachable ledger, which a fail-open contract would let through. Fail closed.
-        None if answered_with_detail(status) => SidecarError::Internal(format!(
-            "the ledger answered with an error code this sidecar does not know: {message}"
-        )),
-        // No ErrorDetail: a transport failure (connection refused, timeout).
-        None => SidecarError::DependencyUnavailable(format!("{:?}: {message}", status.code())),
+        C::EvidenceBacklog => SidecarError::EvidenceBacklog(message),
+        C::SigningUnavailable => SidecarError::SigningUnavailable(message),
+        _ => SidecarError::Internal(message),
     }
 }
 
@@ -1883,27 +1916,11 @@ fn evidence_send_failure(status: &tonic::Status) -> SendFailure {
     }
 }
 
-/// Whether the ledger itself answered `status` (it carries an error detail with a code), as
-/// opposed to the transport failing before any answer.
-fn answered_with_detail(status: &tonic::Status) -> bool {
-    use prost::Message as _;
-    pb::ErrorDetail::decode(status.details()).is_ok_and(|detail| detail.code != 0)
-}
-
 /// Whether a failed ledger RPC says only that the ledger is away for now (unreachable,
 /// overloaded, shutting down, unable to sign evidence): the same request may be answered later.
 /// (Never a reason to fail open: only [`SidecarError::DependencyUnavailable`] is.)
 pub(crate) fn ledger_away(status: &tonic::Status) -> bool {
-    use pb::ErrorCode as C;
-    match error_code(status) {
-        Some(code) => matches!(
-            code,
-            C::Overloaded | C::DependencyUnavailable | C::ShuttingDown | C::SigningUnavailable
-        ),
-        // No answer at all (a transport failure), unless it carried a code this sidecar does
-        // not know.
-        None => !answered_with_detail(status),
-    }
+    Answer::of(status).ledger_away()
 }
 
 /// Maps a failed ledger RPC of a settlement.
