@@ -243,7 +243,8 @@ impl RunningSidecar {
         if tokio::time::timeout(self.grace, drain).await.is_err() {
             warn!(
                 open = self.decider.open_reservations(),
-                "shutdown grace elapsed with calls in flight; the ledger's TTL sweep releases them"
+                pending_commits = self.decider.pending_commits(),
+                "shutdown grace elapsed with calls in flight: the ledger's TTL sweep releases the open reservations; pending commits are sent by the pod's next process if the pod has a spool"
             );
         }
         // Settled calls' draws have landed (those of calls still in flight past the grace end

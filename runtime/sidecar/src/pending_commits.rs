@@ -134,6 +134,21 @@ impl PendingCommits {
         crate::sync::lock(&self.held).get(call_id).cloned()
     }
 
+    /// Whether the call has a pending commit.
+    pub fn contains(&self, call_id: &str) -> bool {
+        crate::sync::lock(&self.held).contains_key(call_id)
+    }
+
+    /// How many commits are pending (the next process sends those still pending at exit).
+    pub fn len(&self) -> usize {
+        crate::sync::lock(&self.held).len()
+    }
+
+    /// Whether no commit is pending.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Forgets the call's pending commit, if it had one: it landed, or will never land.
     pub fn settled(&self, call_id: &str) {
         if crate::sync::lock(&self.held).remove(call_id).is_none() {

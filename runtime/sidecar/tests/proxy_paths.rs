@@ -842,6 +842,65 @@ async fn a_commit_keeps_being_offered_past_the_ttl_while_the_ledger_is_away() {
 }
 
 #[tokio::test]
+async fn a_commit_that_lands_on_retry_settles_its_call() {
+    // Goal: a proxied call whose commit waited for the ledger is settled in the call table once
+    // the retry lands (the shutdown warning counts open reservations from that table). Method:
+    // the ledger stopped while the call waits upstream; while it is away the call counts as a
+    // pending commit, not an open reservation; once it is back and the commit landed, as neither.
+    let mut stack = Stack::start(Options {
+        flags: vec![
+            "--lease-ttl-ms=20000".into(),
+            "--lease-grace-ms=15000".into(),
+        ],
+        ..Options::default()
+    })
+    .await;
+    let url = stack.url("/v1/chat/completions");
+    let call = tokio::spawn(async move {
+        post_json(
+            &url,
+            &[OPENAI_KEY, ("x-mock-latency-ms", "300")],
+            &chat_body("gpt-4o-mini", false),
+        )
+        .await
+    });
+    for _ in 0..100 {
+        if stack.balance().await.reserved_nano_usd > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    stack.ledger.stop().await;
+    assert_eq!(call.await.unwrap().status, 200);
+    let decider = &stack.sidecar().decider;
+    for _ in 0..100 {
+        if decider.pending_commits() == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(decider.pending_commits(), 1, "the first attempt failed");
+    assert_eq!(
+        decider.open_reservations(),
+        0,
+        "a pending commit is not left to the TTL"
+    );
+    stack.restart_ledger().await;
+    let mut committed = 0;
+    for _ in 0..200 {
+        committed = stack.balance().await.committed_nano_usd;
+        if committed > 0 && stack.sidecar().decider.pending_commits() == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(committed, HELLO_CHAT_COST);
+    let decider = &stack.sidecar().decider;
+    assert_eq!(decider.pending_commits(), 0);
+    assert_eq!(decider.open_reservations(), 0, "settled in the call table");
+}
+
+#[tokio::test]
 async fn a_call_id_is_forwarded_once() {
     let mut stack = Stack::start(Options::default()).await;
     let headers = [OPENAI_KEY, ("x-spendguard-call-id", "call-once")];

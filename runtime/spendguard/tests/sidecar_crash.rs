@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
 
 use serde_json::json;
+use spendguard_sidecar::pending_commits::{PendingCommit, PendingCommits};
 use spendguard_testkit::free_port;
 use spendguard_testkit::ledger::{TestLedger, http_get};
 use std::path::Path;
@@ -743,5 +744,67 @@ async fn kill_dash_nine_while_the_ledger_is_away_keeps_the_calls_commits() {
         commits(second.admin).await == 3
     })
     .await;
+    spendguard_testkit::invariants::check(&pool).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_commit_sent_again_after_it_landed_replays_and_a_landed_commit_spools_nothing() {
+    // Goal: two claims of docs/design/sidecar-data-path.md ("Commits survive the sidecar"). A
+    // commit that lands at once writes nothing to the spool. A commit whose done frame was lost
+    // (a kill between the ledger's answer and the frame) is sent again by the pod's next process
+    // and replays: the call is committed once, and the entry is marked done. Method: one call
+    // committed; the sidecar killed; the spool then holds that commit as pending, written through
+    // the sidecar's own journal type; a new sidecar on the spool resends it.
+    let ledger = LedgerProcess::start().await;
+    let (pool, data_addr) = (ledger.pool.clone(), ledger.data_addr);
+    let spool = tempfile::tempdir().unwrap();
+    let mock = spawn_mock();
+    let mut first = spawn_sidecar(data_addr, ledger.bundle.path(), spool.path(), mock).await;
+    let response = chat_with(first.port, "").await;
+    assert_eq!(status_of(&response), 200, "{response}");
+    let committed_once = vec![("committed".to_owned(), 1)];
+    eventually("the call committed", || {
+        let (pool, committed_once) = (pool.clone(), committed_once.clone());
+        async move { settlements(&pool).await == committed_once }
+    })
+    .await;
+    first.child.kill().await.unwrap(); // SIGKILL
+    let journal = spool.path().join("pending-commits.journal");
+    let spooled = std::fs::metadata(&journal).map_or(0, |m| m.len());
+    assert_eq!(spooled, 0, "a commit that landed at once writes nothing");
+
+    let reservation_id: String =
+        sqlx::query_scalar("SELECT reservation_id::text FROM reservations WHERE tenant_id = $1")
+            .bind(TENANT)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let now_ms = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap();
+    let (pending, left) = PendingCommits::open(spool.path(), now_ms).unwrap();
+    assert!(left.is_empty());
+    pending.hold(&PendingCommit {
+        call_id: "done-frame-lost".into(),
+        reservation_id,
+        actual_nano_usd: 10_950,
+        since_unix_ms: now_ms,
+    });
+    drop(pending);
+
+    let mut second = spawn_sidecar(data_addr, ledger.bundle.path(), spool.path(), mock).await;
+    eventually("the resent commit answered as landed", || async {
+        commits(second.admin).await == 1
+    })
+    .await;
+    second.child.kill().await.unwrap();
+    assert_eq!(settlements(&pool).await, committed_once, "committed once");
+    assert_eq!(committed_nano_usd(&pool).await, 10_950);
+    let (_, left) = PendingCommits::open(spool.path(), now_ms).unwrap();
+    assert!(left.is_empty(), "marked done: {left:?}");
     spendguard_testkit::invariants::check(&pool).await.unwrap();
 }
