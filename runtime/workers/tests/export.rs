@@ -435,6 +435,28 @@ async fn exports_of_the_previous_format_still_verify() {
     m.keys_sha256 = sha256_hex(&bytes);
     write_manifest(dir.path(), &m);
     verify(dir.path(), &VerifyOptions::default()).unwrap();
+    // Resuming it would mix formats in one directory: refused, and nothing is written.
+    let before = files_of(dir.path());
+    let resume = ExportOptions {
+        resume: true,
+        ..options("acme", 1_000)
+    };
+    let refused = export(&reader, dir.path(), &resume).await.unwrap_err();
+    assert_eq!(refused.code(), "MANIFEST_INVALID", "{refused}");
+    assert!(refused.to_string().contains("new directory"), "{refused}");
+    assert_eq!(files_of(dir.path()), before);
+}
+
+/// Every file of `dir` with its bytes, by name.
+fn files_of(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| {
+            let entry = entry.unwrap();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            (name, std::fs::read(entry.path()).unwrap())
+        })
+        .collect()
 }
 
 #[tokio::test]

@@ -11,8 +11,9 @@
 //! or must find byte-identical (S3, where batch objects are never overwritten).
 
 use super::format::{
-    BatchEntry, CHECKPOINT_FILE, Cursor, EventLine, FORMAT, KEYS_FILE, KeyEntry, KeysFile,
-    MANIFEST_FILE, Manifest, Range, SignatureMeta, batch_file_name, sha256_hex, to_pretty,
+    BatchEntry, CHECKPOINT_FILE, Cursor, EventLine, FORMAT, FORMATS_READ, KEYS_FILE, KeyEntry,
+    KeysFile, MANIFEST_FILE, Manifest, Range, SignatureMeta, batch_file_name, sha256_hex,
+    to_pretty,
 };
 use super::sink::{Sink, SinkError};
 use crate::chain::{GENESIS, link};
@@ -403,7 +404,16 @@ async fn prepare(sink: &Sink, options: &ExportOptions) -> Result<(Manifest, bool
     };
     let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
     if manifest.format != FORMAT {
-        return Err(invalid(format!("unknown format {:?}", manifest.format)));
+        // An older format still verifies, but a directory holds one format: a new one is needed.
+        let why = if FORMATS_READ.contains(&manifest.format.as_str()) {
+            format!(
+                "format {:?} cannot be resumed in {FORMAT}; export to a new directory",
+                manifest.format
+            )
+        } else {
+            format!("unknown format {:?}", manifest.format)
+        };
+        return Err(invalid(why));
     }
     if manifest.tenant_id != options.tenant_id {
         return Err(ExportError::TenantMismatch {
