@@ -21,11 +21,12 @@ use crate::bundle::pricing_ref;
 use crate::credit::{CreditDriver, CreditPolicy, DrawState, JournalError, PendingDraw};
 use crate::error::SidecarError;
 use crate::fail_open::{FailOpenQueue, SendFailure};
+use crate::known_budgets::KnownBudgets;
 use crate::lease::Lease;
 use crate::metrics::DecisionLatency;
 use crate::pending_commits::{PendingCommit, PendingCommits};
 use crate::stop_evidence::StopEvidence;
-use crate::sync::{Sharded, lock};
+use crate::sync::Sharded;
 use chrono::Utc;
 use serde::Serialize;
 use spendguard_core::contract::{
@@ -39,8 +40,7 @@ use spendguard_core::plan::{
 use spendguard_core::pricing::{PricingError, Provider, TokenUsage};
 use spendguard_proto::ledger::v1 as pb;
 use spendguard_proto::ledger::{Answer, error_code};
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -256,7 +256,7 @@ pub struct Decider {
     /// hundred bytes each, so a growing shard moves 32 bytes per call), and presized: growing
     /// a table holds up every decision of its shard (docs/benchmarks.md, "14:30").
     calls: Sharded<Box<CallEntry>>,
-    run_budgets: Mutex<HashSet<String>>,
+    run_budgets: KnownBudgets,
     fail_open: Arc<FailOpenQueue>,
     stops: Arc<StopEvidence>,
     latency: DecisionLatency,
@@ -284,7 +284,7 @@ impl Decider {
             identity,
             reservation_ttl,
             calls: Sharded::with_capacity(CALLS_PRESIZED),
-            run_budgets: Mutex::new(HashSet::new()),
+            run_budgets: KnownBudgets::default(),
             fail_open,
             stops,
             latency: DecisionLatency::default(),
@@ -1344,7 +1344,7 @@ impl Decider {
         budget_id: &str,
         limit: NanoUsd,
     ) -> Result<(), tonic::Status> {
-        if lock(&self.run_budgets).contains(budget_id) {
+        if self.run_budgets.contains(budget_id) {
             return Ok(());
         }
         self.ledger
@@ -1357,7 +1357,7 @@ impl Decider {
                 window: pb::BudgetWindow::Lifetime.into(),
             })
             .await?;
-        lock(&self.run_budgets).insert(budget_id.to_owned());
+        self.run_budgets.insert(budget_id);
         Ok(())
     }
 

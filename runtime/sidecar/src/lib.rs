@@ -22,6 +22,7 @@ pub mod error;
 pub mod fail_open;
 mod frames;
 mod journal;
+mod known_budgets;
 pub mod lease;
 pub mod metrics;
 pub mod pending_commits;
