@@ -25,6 +25,7 @@ use crate::known_budgets::KnownBudgets;
 use crate::lease::Lease;
 use crate::metrics::DecisionLatency;
 use crate::pending_commits::{PendingCommit, PendingCommits};
+use crate::settling::{Settling, SettlingGuard};
 use crate::stop_evidence::StopEvidence;
 use crate::sync::Sharded;
 use chrono::Utc;
@@ -245,6 +246,10 @@ struct CreditCall {
 /// the calls at a time).
 const CALLS_PRESIZED: usize = 28_000;
 
+/// The longest a refusal for lack of budget waits for this sidecar's earlier settlements to land
+/// before it stands (they normally take a few milliseconds).
+pub const SETTLING_WAIT_MAX: Duration = Duration::from_millis(500);
+
 /// Decides and settles calls for one tenant and workload.
 pub struct Decider {
     ledger: LedgerClient,
@@ -257,6 +262,9 @@ pub struct Decider {
     /// a table holds up every decision of its shard (docs/benchmarks.md, "14:30").
     calls: Sharded<Box<CallEntry>>,
     run_budgets: KnownBudgets,
+    /// Background settlements in flight: a refusal for lack of budget waits for those started
+    /// before it (`settling.rs`).
+    settling: Arc<Settling>,
     fail_open: Arc<FailOpenQueue>,
     stops: Arc<StopEvidence>,
     latency: DecisionLatency,
@@ -285,6 +293,7 @@ impl Decider {
             reservation_ttl,
             calls: Sharded::with_capacity(CALLS_PRESIZED),
             run_budgets: KnownBudgets::default(),
+            settling: Arc::default(),
             fail_open,
             stops,
             latency: DecisionLatency::default(),
@@ -347,6 +356,12 @@ impl Decider {
     /// The queue of STOP records waiting for the ledger.
     pub fn stop_evidence(&self) -> &StopEvidence {
         &self.stops
+    }
+
+    /// Marks a background settlement started: a refusal for lack of budget waits for it (up to
+    /// [`SETTLING_WAIT_MAX`]) before it stands. Hold the guard until the first attempt returned.
+    pub fn settlement_started(&self) -> SettlingGuard {
+        self.settling.start()
     }
 
     /// The queue of fail-open records waiting for the ledger.
@@ -779,7 +794,8 @@ impl Decider {
                 .unavailable(input, planned.max_output_tokens, e, fail_open(budget_ids))
                 .await;
         }
-        let request = pb::ReserveSetRequest {
+        // Built again only for the retry after a refusal (below).
+        let reserve_request = || pb::ReserveSetRequest {
             tenant_id: self.identity.tenant_id.clone(),
             idempotency_key: approved.map_or_else(
                 || input.call_id.clone(),
@@ -798,6 +814,7 @@ impl Decider {
             }),
             ..Default::default()
         };
+        let request = reserve_request();
         // A call of the sidecar's own budgets (no run budget) may be admitted inside a credit.
         if run_budget_limit.is_none()
             && approved.is_none()
@@ -812,7 +829,18 @@ impl Decider {
                 &fail_open(budget_ids),
             ));
         }
-        let response = match self.ledger.clone().reserve_set(request).await {
+        let mut sent = self.ledger.clone().reserve_set(request).await;
+        if let Ok(response) = &sent
+            && matches!(
+                response.get_ref().outcome,
+                Some(pb::reserve_set_response::Outcome::Denied(_))
+            )
+            && self.settling.wait_for_earlier(SETTLING_WAIT_MAX).await
+        {
+            // A refusal writes nothing, so the same key reserves now if the budget has room.
+            sent = self.ledger.clone().reserve_set(reserve_request()).await;
+        }
+        let response = match sent {
             Ok(response) => response.into_inner(),
             Err(status) => {
                 let error = ledger_error(&status);
@@ -881,11 +909,20 @@ impl Decider {
                 }
                 let after: Vec<BudgetAfterReserve> =
                     reserved.balances.iter().map(budget_after).collect();
-                let (reason, crossed) = match approved {
+                let (mut reason, mut crossed) = match approved {
                     // The approver saw the call cross a soft cap and let it go ahead.
                     Some(_) => (ReasonCode::Approved, None),
                     None => evaluate_balances(contract, &after),
                 };
+                // Crossed while this sidecar's own earlier settlements were in flight: judged
+                // again on the balances once they landed (this reservation is still held).
+                if reason == ReasonCode::SoftCapReached
+                    && self.settling.wait_for_earlier(SETTLING_WAIT_MAX).await
+                {
+                    let now = self.balances(&budget_ids).await?;
+                    let after: Vec<BudgetAfterReserve> = now.iter().map(budget_after).collect();
+                    (reason, crossed) = evaluate_balances(contract, &after);
+                }
                 if reason == ReasonCode::SoftCapReached {
                     let crossed = crossed
                         .or_else(|| budget_ids.first().cloned())
@@ -1337,6 +1374,25 @@ impl Decider {
             evidence_id: None,
             worst_case_nano_usd: 0,
         }
+    }
+
+    /// The current balances of `budget_ids`.
+    ///
+    /// # Errors
+    /// The ledger's failure (fail closed: the caller's retry decides again).
+    async fn balances(
+        &self,
+        budget_ids: &[String],
+    ) -> Result<Vec<pb::BudgetBalance>, SidecarError> {
+        self.ledger
+            .clone()
+            .get_balances(pb::GetBalancesRequest {
+                tenant_id: self.identity.tenant_id.clone(),
+                budget_ids: budget_ids.to_vec(),
+            })
+            .await
+            .map(|response| response.into_inner().balances)
+            .map_err(|status| ledger_error(&status))
     }
 
     async fn ensure_run_budget(

@@ -27,6 +27,7 @@ pub mod lease;
 pub mod metrics;
 pub mod pending_commits;
 pub mod proxy;
+pub mod settling;
 pub mod stop_evidence;
 mod sync;
 

@@ -3,7 +3,7 @@
 
 mod support;
 
-use serde_json::json;
+use serde_json::{Value, json};
 use spendguard_proto::sidecar::v1 as pb;
 use support::*;
 
@@ -693,4 +693,89 @@ async fn reservation_events(stack: &Stack) -> Vec<serde_json::Value> {
     spendguard_testkit::ledger::outbox_events(stack.ledger.store().pool(), "reservation.reserved")
         .await
         .unwrap()
+}
+
+/// Decides `call_id` over HTTP in the background (its answer as JSON).
+fn decide_in_background(stack: &Stack, call_id: &str) -> tokio::task::JoinHandle<Value> {
+    let url = stack.url("/v1/spendguard/decide");
+    let body = decide_body(call_id, 100);
+    tokio::spawn(async move {
+        let reply = post_json(&url, &[], &body).await;
+        assert_eq!(
+            reply.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        reply.json()
+    })
+}
+
+/// Settles `call_id` as the proxy's background settlement would, while `decide` waits: the
+/// settlement is marked started first, then the call is committed (1 + 1 tokens, 750 nano-USD).
+async fn commit_while_waiting(
+    stack: &Stack,
+    call_id: &str,
+    decide: &tokio::task::JoinHandle<Value>,
+) {
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(
+        !decide.is_finished(),
+        "the decision waits for the settlement in flight"
+    );
+    let reply = post_json(
+        &stack.url("/v1/spendguard/commit"),
+        &[],
+        &json!({"call_id": call_id, "usage_format": "openai_chat",
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1}}),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.json());
+}
+
+#[tokio::test]
+async fn a_refusal_for_lack_of_budget_waits_for_the_settlements_in_flight() {
+    // Goal: an agent calling one LLM after another is not refused because the previous call's
+    // reservation was still held while its background commit was on its way (the demo's last
+    // calls varied with this timing). Method: a budget that fits one worst case (210,000) but
+    // not two; call A holds its reservation and a settlement is marked in flight, as the proxy
+    // marks it before the answer's end reaches the client; call B is decided meanwhile and must
+    // wait; A commits 750; B reserves. A third call, with nothing in flight, is refused at once.
+    let stack = Stack::start(Options {
+        limit: 300_000,
+        ..Options::default()
+    })
+    .await;
+    let held = stack.decide_ok(&decide_body("a-held", 100)).await;
+    assert_eq!(held["decision"], "CONTINUE", "{held}");
+    let in_flight = stack.sidecar().decider.settlement_started();
+    let next = decide_in_background(&stack, "b-next");
+    commit_while_waiting(&stack, "a-held", &next).await;
+    drop(in_flight);
+    let next = next.await.unwrap();
+    assert_eq!(next["decision"], "CONTINUE", "{next}");
+    let over = stack.decide_ok(&decide_body("c-over", 100)).await;
+    assert_eq!(over["decision"], "STOP", "{over}");
+    assert_eq!(over["reason"], "BUDGET_EXHAUSTED", "{over}");
+}
+
+#[tokio::test]
+async fn a_soft_cap_is_judged_again_once_the_settlements_in_flight_landed() {
+    // Goal: as above for the soft cap: a call is not sent for approval because the previous
+    // call's reservation was still held while its commit was on its way. Method: a soft cap of
+    // 300,000 and calls of 210,000 worst case; B's reservation crosses it while A's is held and
+    // A's settlement is in flight; once A committed 750, B is judged on the balances again.
+    let stack = Stack::start(Options {
+        soft_cap: 300_000,
+        ..Options::default()
+    })
+    .await;
+    let held = stack.decide_ok(&decide_body("a-held", 100)).await;
+    assert_eq!(held["decision"], "CONTINUE", "{held}");
+    let in_flight = stack.sidecar().decider.settlement_started();
+    let next = decide_in_background(&stack, "b-next");
+    commit_while_waiting(&stack, "a-held", &next).await;
+    drop(in_flight);
+    let next = next.await.unwrap();
+    assert_eq!(next["decision"], "CONTINUE", "{next}");
 }

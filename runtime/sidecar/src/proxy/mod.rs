@@ -20,6 +20,7 @@ use crate::decider::{DecideInput, Decider, Spend, Verdict, Waiter};
 use crate::error::SidecarError;
 use crate::metrics::Metrics;
 use crate::pending_commits::PendingCommit;
+use crate::settling::SettlingGuard;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{RawQuery, State};
@@ -292,9 +293,11 @@ impl Settlement {
         let decider = self.proxy.decider.clone();
         let metrics = self.proxy.metrics.clone();
         let call_id = self.call_id.clone();
-        self.proxy
-            .settlements
-            .spawn(settle_with_retries(decider, metrics, call_id, outcome));
+        // Marked before the answer's end reaches the client, so its next call sees it.
+        let started = decider.settlement_started();
+        self.proxy.settlements.spawn(settle_with_retries(
+            decider, metrics, call_id, outcome, started,
+        ));
     }
 }
 
@@ -311,31 +314,42 @@ async fn settle_with_retries(
     metrics: Metrics,
     call_id: String,
     outcome: Outcome,
+    started: SettlingGuard,
 ) {
+    // Refusals for lack of budget wait for the first attempt only (`started` is dropped after
+    // it): retries go on without holding them up.
     match outcome {
         // The first attempt goes through the call table. One that fails for now leaves a pending
         // commit (spooled for the next process, see `Decider::commit`), retried by reservation
         // id: that needs no call-table entry (the table forgets calls TTL + 5 min after their
         // decision, long before a commit's 24 h bound), and a release would be moot past the
         // TTL while a commit is not: the ledger books it late.
-        Outcome::Commit(spend) => match decider.commit(&call_id, spend, Waiter::Nobody).await {
-            Ok(committed) => metrics.settlement(commit_kind(committed.late)),
-            Err(e) => match decider.pending_commit(&call_id) {
-                Some(pending) => commit_pending(&decider, &metrics, &pending).await,
-                None => {
-                    metrics.settlement("failed");
-                    warn!(call_id, code = e.code(), error = %e,
+        Outcome::Commit(spend) => {
+            match first_attempt(decider.commit(&call_id, spend, Waiter::Nobody), started).await {
+                Ok(committed) => metrics.settlement(commit_kind(committed.late)),
+                Err(e) => match decider.pending_commit(&call_id) {
+                    Some(pending) => commit_pending(&decider, &metrics, &pending).await,
+                    None => {
+                        metrics.settlement("failed");
+                        warn!(call_id, code = e.code(), error = %e,
                           "commit failed: the call's usage is not recorded; the TTL sweep returns its reservation");
-                }
-            },
-        },
+                    }
+                },
+            }
+        }
         Outcome::Release(reason) => {
             let deadline = Instant::now() + decider.reservation_ttl();
-            let released = retry_settlement(deadline, &call_id, || async {
-                decider
-                    .release(&call_id, reason, Waiter::Nobody)
-                    .await
+            let mut started = Some(started);
+            let released = retry_settlement(deadline, &call_id, || {
+                let attempt = decider.release(&call_id, reason, Waiter::Nobody);
+                let started = started.take();
+                async move {
+                    match started {
+                        Some(started) => first_attempt(attempt, started).await,
+                        None => attempt.await,
+                    }
                     .map(|_| "release")
+                }
             })
             .await;
             match released {
@@ -348,6 +362,17 @@ async fn settle_with_retries(
             }
         }
     }
+}
+
+/// Runs a settlement's first attempt, then marks the settlement no longer in flight for
+/// refusals to wait on.
+async fn first_attempt<T>(
+    attempt: impl std::future::Future<Output = T>,
+    started: SettlingGuard,
+) -> T {
+    let done = attempt.await;
+    drop(started);
+    done
 }
 
 /// The settlement metric's outcome of a commit.
