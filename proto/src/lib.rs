@@ -57,7 +57,7 @@ pub mod ledger {
 
     /// The codes that say the ledger cannot answer for now (unreachable database, overloaded,
     /// shutting down, unable to sign evidence), as opposed to a refusal of the request. One list
-    /// for every client (sidecar, operator, workers).
+    /// for every client (the sidecar and the operator).
     pub fn is_away(code: v1::ErrorCode) -> bool {
         use v1::ErrorCode as C;
         matches!(

@@ -836,9 +836,12 @@ impl Decider {
                 Some(pb::reserve_set_response::Outcome::Denied(_))
             )
             && self.settling.wait_for_earlier(SETTLING_WAIT_MAX).await
-        {
             // A refusal writes nothing, so the same key reserves now if the budget has room.
-            sent = self.ledger.clone().reserve_set(reserve_request()).await;
+            // Only an answer replaces the refusal: a retry that fails (the ledger went away, the
+            // lease moved) must not turn a STOP into a 503, let alone a fail-open call.
+            && let Ok(again) = self.ledger.clone().reserve_set(reserve_request()).await
+        {
+            sent = Ok(again);
         }
         let response = match sent {
             Ok(response) => response.into_inner(),
@@ -915,11 +918,12 @@ impl Decider {
                     None => evaluate_balances(contract, &after),
                 };
                 // Crossed while this sidecar's own earlier settlements were in flight: judged
-                // again on the balances once they landed (this reservation is still held).
+                // again on the balances once they landed (this reservation is still held), if
+                // they can be read and are of the windows it was reserved in; else it stands.
                 if reason == ReasonCode::SoftCapReached
                     && self.settling.wait_for_earlier(SETTLING_WAIT_MAX).await
+                    && let Some(now) = self.balances_of_windows(&reserved.balances).await
                 {
-                    let now = self.balances(&budget_ids).await?;
                     let after: Vec<BudgetAfterReserve> = now.iter().map(budget_after).collect();
                     (reason, crossed) = evaluate_balances(contract, &after);
                 }
@@ -1012,6 +1016,31 @@ impl Decider {
         decision.reserved_nano_usd = planned.reserve.get();
         decision.max_output_tokens = Some(planned.max_output_tokens);
         decision
+    }
+
+    /// Spools the commit of a call admitted inside a credit whose draw has not landed yet (the
+    /// ledger is away, typically), under the reservation id the draw will have: a process
+    /// killed before the draw lands leaves both to the pod's next process, which draws the call
+    /// again (the draw journal) and then sends this commit (`lib.rs`). Whether it was spooled.
+    fn hold_until_drawn(&self, call_id: &str, decision: &Decision, actual: NanoUsd) -> bool {
+        if self.credits.is_none() {
+            return false;
+        }
+        let drawing = self
+            .credit_calls
+            .shard(call_id)
+            .get(call_id)
+            .is_some_and(|c| *c.draw.borrow() == DrawState::Pending);
+        let Some(reservation_id) = decision.reservation_id.clone().filter(|_| drawing) else {
+            return false;
+        };
+        self.pending_commits.hold(&PendingCommit {
+            call_id: call_id.to_owned(),
+            reservation_id,
+            actual_nano_usd: actual.get(),
+            since_unix_ms: Utc::now().timestamp_millis(),
+        });
+        true
     }
 
     /// For a call admitted inside a credit, how its draw ended (`Drawn` with the reservation id
@@ -1376,23 +1405,30 @@ impl Decider {
         }
     }
 
-    /// The current balances of `budget_ids`.
-    ///
-    /// # Errors
-    /// The ledger's failure (fail closed: the caller's retry decides again).
-    async fn balances(
+    /// The current balances of the budgets of `reserved` (a reservation's balances), or `None`
+    /// when they cannot be read or a window has rolled over since (another window's balance says
+    /// nothing about this reservation's).
+    async fn balances_of_windows(
         &self,
-        budget_ids: &[String],
-    ) -> Result<Vec<pb::BudgetBalance>, SidecarError> {
-        self.ledger
+        reserved: &[pb::BudgetBalance],
+    ) -> Option<Vec<pb::BudgetBalance>> {
+        let now = self
+            .ledger
             .clone()
             .get_balances(pb::GetBalancesRequest {
                 tenant_id: self.identity.tenant_id.clone(),
-                budget_ids: budget_ids.to_vec(),
+                budget_ids: reserved.iter().map(|b| b.budget_id.clone()).collect(),
             })
             .await
-            .map(|response| response.into_inner().balances)
-            .map_err(|status| ledger_error(&status))
+            .ok()?
+            .into_inner()
+            .balances;
+        let same_windows = now.len() == reserved.len()
+            && now.iter().zip(reserved).all(|(now, then)| {
+                now.budget_id == then.budget_id
+                    && now.window_start_unix_ms == then.window_start_unix_ms
+            });
+        same_windows.then_some(now)
     }
 
     async fn ensure_run_budget(
@@ -1442,6 +1478,8 @@ impl Decider {
             Some(_) => return Err(SidecarError::CallAlreadyResolved(call_id.to_owned())),
             None => {}
         }
+        let held_before_draw =
+            waiter == Waiter::Nobody && self.hold_until_drawn(call_id, &decision, actual);
         let draw = self.credit_draw(call_id).await;
         if decision.fail_open || matches!(draw, Some(DrawState::Lost(_))) {
             warn!(
@@ -1450,6 +1488,9 @@ impl Decider {
                 "fail-open call settled without a reservation; its cost goes to the ledger with its record"
             );
             self.fail_open.settle(call_id, actual.get());
+            if held_before_draw {
+                self.pending_commits.settled(call_id);
+            }
             let committed = Committed {
                 actual_nano_usd: actual.get(),
                 committed_nano_usd: 0,
@@ -1470,26 +1511,35 @@ impl Decider {
         // back to the retry loop: a process killed meanwhile leaves it to the next one.
         // Only the background path keeps entries: a decision-API caller got the error. A call
         // with a pending commit is retried by reservation id (`commit_left_over`), never here.
-        let pending = |error: SidecarError| {
-            if waiter == Waiter::Nobody && error.settlement_may_land_later() {
-                self.pending_commits.hold(&PendingCommit {
-                    call_id: call_id.to_owned(),
-                    reservation_id: reservation_id.clone(),
-                    actual_nano_usd: actual.get(),
-                    since_unix_ms: Utc::now().timestamp_millis(),
-                });
-            }
-            error
-        };
-        let response = self
+        let sent = self
             .commit_reservation(
                 call_id,
                 &reservation_id,
                 actual.get(),
                 waiter == Waiter::Nobody,
             )
-            .await
-            .map_err(pending)?;
+            .await;
+        let response = match sent {
+            Ok(response) => {
+                if held_before_draw {
+                    self.pending_commits.settled(call_id);
+                }
+                response
+            }
+            Err(error) => {
+                if waiter == Waiter::Nobody && error.settlement_may_land_later() {
+                    self.pending_commits.hold(&PendingCommit {
+                        call_id: call_id.to_owned(),
+                        reservation_id,
+                        actual_nano_usd: actual.get(),
+                        since_unix_ms: Utc::now().timestamp_millis(),
+                    });
+                } else if held_before_draw {
+                    self.pending_commits.settled(call_id);
+                }
+                return Err(error);
+            }
+        };
         if response.late {
             warn!(
                 call_id,

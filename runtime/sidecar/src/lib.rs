@@ -414,22 +414,20 @@ pub async fn start(
     };
     let gate = tokio::spawn(first_lease(lease.clone()));
     let grpc_gate = first_lease(lease.clone());
-    if !left_commits.is_empty() {
+    // What a previous process of the pod left, once the lease is held: first the calls it
+    // admitted inside credits and did not draw (drawn again now), then its pending commits,
+    // among them those of such calls, which need their draw to have landed.
+    let credits = decider.credits_handle();
+    if !left_commits.is_empty() || credits.is_some() {
         let (mut held, decider, metrics) = (lease.clone(), decider.clone(), metrics);
         settlements.spawn(async move {
             let _ = held
                 .wait_for(|s| matches!(s, LeaseState::Held { .. }))
                 .await;
+            if let Some(credits) = credits {
+                credits.recover_left_over().await;
+            }
             proxy::resume_pending_commits(decider, metrics, left_commits).await;
-        });
-    }
-    if let Some(credits) = decider.credits_handle() {
-        let mut held = lease.clone();
-        tokio::spawn(async move {
-            let _ = held
-                .wait_for(|s| matches!(s, LeaseState::Held { .. }))
-                .await;
-            credits.recover_left_over().await;
         });
     }
     let http_stopped = stopped.clone();

@@ -779,3 +779,30 @@ async fn a_soft_cap_is_judged_again_once_the_settlements_in_flight_landed() {
     let next = next.await.unwrap();
     assert_eq!(next["decision"], "CONTINUE", "{next}");
 }
+
+#[tokio::test]
+async fn a_refusal_stands_when_its_retry_cannot_reach_the_ledger() {
+    // Goal: the retry after waiting for settlements never turns the ledger's refusal into a 503,
+    // let alone a fail-open CONTINUE. Method: as above under a fail-open contract, but the
+    // ledger stops while the refused call waits, so its retry cannot be sent.
+    let mut stack = Stack::start(Options {
+        limit: 300_000,
+        contract: json!({"fail_policy": "open"}),
+        ..Options::default()
+    })
+    .await;
+    let held = stack.decide_ok(&decide_body("a-held", 100)).await;
+    assert_eq!(held["decision"], "CONTINUE", "{held}");
+    let in_flight = stack.sidecar().decider.settlement_started();
+    let next = decide_in_background(&stack, "b-next");
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(
+        !next.is_finished(),
+        "the decision waits for the settlement in flight"
+    );
+    stack.ledger.stop().await;
+    drop(in_flight);
+    let next = next.await.unwrap();
+    assert_eq!(next["decision"], "STOP", "{next}");
+    assert_eq!(next["reason"], "BUDGET_EXHAUSTED", "{next}");
+}

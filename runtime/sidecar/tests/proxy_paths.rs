@@ -859,7 +859,7 @@ async fn a_commit_that_lands_on_retry_settles_its_call() {
     let call = tokio::spawn(async move {
         post_json(
             &url,
-            &[OPENAI_KEY, ("x-mock-latency-ms", "300")],
+            &[OPENAI_KEY, ("x-mock-latency-ms", "1500")],
             &chat_body("gpt-4o-mini", false),
         )
         .await

@@ -361,9 +361,10 @@ async fn draws_of(pool: &sqlx::PgPool, credit: &str) -> (i64, i64) {
 /// Crash drill for the draw journal (docs/design/credits.md): calls admitted inside a credit
 /// while the ledger is away, whose draws cannot land, survive a kill -9 of the sidecar. Its
 /// successor in the pod draws them from the credit that admitted them before releasing it, so
-/// each keeps its reservation and its evidence, and none becomes a fail-open record.
+/// each keeps its reservation and its evidence, and none becomes a fail-open record; then it
+/// commits their usage, which the killed process had spooled while their draws were pending.
 #[tokio::test]
-async fn kill_dash_nine_before_draws_land_keeps_the_calls_reservations() {
+async fn kill_dash_nine_before_draws_land_keeps_the_calls_reservations_and_commits() {
     const JOURNAL_TENANT: &str = "tenant-journal";
     let (mut ledger, bundle, mock_port) = data_path(
         JOURNAL_TENANT,
@@ -388,12 +389,30 @@ async fn kill_dash_nine_before_draws_land_keeps_the_calls_reservations() {
     .await;
     let credit = open_credit_id(&pool).await;
     let (drawn_before, _) = draws_of(&pool, &credit).await;
+    let committed_before = ledger
+        .balance(JOURNAL_TENANT, BUDGET)
+        .await
+        .unwrap()
+        .committed_nano_usd;
 
     // The ledger goes away: calls go on inside the credit, their draws retry.
     ledger.stop().await;
     for _ in 0..3 {
         assert_eq!(chat(first.port).await, 200, "admitted inside the credit");
     }
+    // Answered, so their usage is known: their commits wait for the draws, spooled meanwhile.
+    let journal = spool.path().join("pending-commits.journal");
+    eventually("the 3 commits spooled", || {
+        let journal = journal.clone();
+        async move {
+            let bytes = std::fs::read(&journal).unwrap_or_default();
+            String::from_utf8_lossy(&bytes)
+                .matches("reservation_id")
+                .count()
+                >= 3
+        }
+    })
+    .await;
     first.child.kill().await.unwrap(); // SIGKILL before any of those draws could land.
 
     let mut ledger = TestLedger::start_at(&database_url, "ledger-0", addr)
@@ -406,10 +425,14 @@ async fn kill_dash_nine_before_draws_land_keeps_the_calls_reservations() {
     })
     .await;
     assert_eq!(
-        draws_of(&pool, &credit).await,
-        (drawn_before + 3, 3),
-        "the three calls were drawn from their credit before its release, and stay open (never settled)"
+        draws_of(&pool, &credit).await.0,
+        drawn_before + 3,
+        "the three calls were drawn from their credit before its release"
     );
+    eventually("the three draws committed", || async {
+        draws_of(&pool, &credit).await.1 == 0
+    })
+    .await;
     let evidence: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM audit_outbox
           WHERE event_type = 'reservation.reserved'
@@ -424,16 +447,20 @@ async fn kill_dash_nine_before_draws_land_keeps_the_calls_reservations() {
         fail_open_events(&pool).await.is_empty(),
         "none was recorded as a fail-open call"
     );
-    // What the credit held beyond its draws went back; the open draws hold their worst case.
-    let open_draws: i64 = sqlx::query_scalar(
-        "SELECT coalesce(sum(amount_nano_usd), 0)::bigint FROM reservations
-          WHERE drawn_from_reservation_id IS NOT NULL AND state = 'reserved'",
+    // Each of the three committed once, at the usage the mock reported (10,950 nano-USD), and
+    // nothing is held any more: what the credit held beyond its draws went back with its release.
+    let commits: Vec<i64> = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM ledger_entries e
+                  WHERE e.reservation_id = r.reservation_id AND e.kind = 'commit')
+           FROM reservations r WHERE r.drawn_from_reservation_id IS NOT NULL",
     )
-    .fetch_one(&pool)
+    .fetch_all(&pool)
     .await
     .unwrap();
+    assert_eq!(commits, vec![1; usize::try_from(drawn_before + 3).unwrap()]);
     let balance = ledger.balance(JOURNAL_TENANT, BUDGET).await.unwrap();
-    assert_eq!(balance.reserved_nano_usd, open_draws);
+    assert_eq!(balance.reserved_nano_usd, 0);
+    assert_eq!(balance.committed_nano_usd, committed_before + 3 * 10_950);
     spendguard_testkit::invariants::check(&pool).await.unwrap();
     ledger.stop().await;
 }
@@ -760,7 +787,7 @@ async fn a_commit_sent_again_after_it_landed_replays_and_a_landed_commit_spools_
     let spool = tempfile::tempdir().unwrap();
     let mock = spawn_mock();
     let mut first = spawn_sidecar(data_addr, ledger.bundle.path(), spool.path(), mock).await;
-    let response = chat_with(first.port, "").await;
+    let response = chat_with(first.port, "x-spendguard-call-id: crash-call-1\r\n").await;
     assert_eq!(status_of(&response), 200, "{response}");
     let committed_once = vec![("committed".to_owned(), 1)];
     eventually("the call committed", || {
@@ -789,7 +816,7 @@ async fn a_commit_sent_again_after_it_landed_replays_and_a_landed_commit_spools_
     let (pending, left) = PendingCommits::open(spool.path(), now_ms).unwrap();
     assert!(left.is_empty());
     pending.hold(&PendingCommit {
-        call_id: "done-frame-lost".into(),
+        call_id: "crash-call-1".into(),
         reservation_id,
         actual_nano_usd: 10_950,
         since_unix_ms: now_ms,

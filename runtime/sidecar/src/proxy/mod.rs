@@ -171,6 +171,7 @@ impl Proxy {
             proxy: self.clone(),
             call_id: call_id.clone(),
             armed: true,
+            started: None,
         };
         let max_output_tokens = decision
             .max_output_tokens
@@ -281,6 +282,9 @@ struct Settlement {
     proxy: Proxy,
     call_id: String,
     armed: bool,
+    /// Marked in flight before the client can see the answer's end, so its next call, refused
+    /// for lack of budget, waits for this settlement (`settling.rs`).
+    started: Option<SettlingGuard>,
 }
 
 impl Settlement {
@@ -289,12 +293,22 @@ impl Settlement {
         self.spawn(outcome);
     }
 
-    fn spawn(&self, outcome: Outcome) {
+    /// Marks the settlement in flight now (a stream's terminal event is on its way to the
+    /// client; the settlement itself comes when the body ends).
+    fn mark_started(&mut self) {
+        if self.started.is_none() {
+            self.started = Some(self.proxy.decider.settlement_started());
+        }
+    }
+
+    fn spawn(&mut self, outcome: Outcome) {
         let decider = self.proxy.decider.clone();
         let metrics = self.proxy.metrics.clone();
         let call_id = self.call_id.clone();
-        // Marked before the answer's end reaches the client, so its next call sees it.
-        let started = decider.settlement_started();
+        let started = self
+            .started
+            .take()
+            .unwrap_or_else(|| decider.settlement_started());
         self.proxy.settlements.spawn(settle_with_retries(
             decider, metrics, call_id, outcome, started,
         ));
@@ -482,6 +496,11 @@ impl futures_core::Stream for MeteredStream {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Ok(data) = frame.into_data() {
                         this.watcher.feed(&data);
+                        if this.watcher.is_complete()
+                            && let Some(settlement) = this.settlement.as_mut()
+                        {
+                            settlement.mark_started();
+                        }
                         let next = Instant::now() + this.idle_timeout;
                         this.idle.as_mut().reset(next);
                         return Poll::Ready(Some(Ok(data)));

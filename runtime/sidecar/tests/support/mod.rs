@@ -281,16 +281,17 @@ impl Stack {
     /// Waits until the sidecar holds no unsettled call (its table is updated right after the
     /// ledger answers a settlement, so it can trail the ledger's balance by a moment).
     pub async fn wait_no_open_calls(&self) {
+        let open = || {
+            let decider = &self.sidecar().decider;
+            decider.open_reservations() + decider.pending_commits()
+        };
         for _ in 0..200 {
-            if self.sidecar().decider.open_reservations() == 0 {
+            if open() == 0 {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        panic!(
-            "{} calls still open in the sidecar",
-            self.sidecar().decider.open_reservations()
-        );
+        panic!("{} calls still open in the sidecar", open());
     }
 
     /// Events of `event_type` in the ledger's outbox, parsed, in sequence order.
