@@ -1056,19 +1056,25 @@ async fn bad_input_gets_its_stable_code_and_writes_nothing() {
             expected
         );
     }
-    // Settling needs the scope's current epoch too: none, 0 or a stale one is refused.
+    // Settling needs the scope's current epoch too: none, 0 or another one is refused. An epoch
+    // ahead of the scope's (one the caller minted) is refused as stale; an epoch behind it (the
+    // pre-takeover writer) is tested with the takeover below.
     let zero = pb::FencingToken {
         epoch: 0,
         ..fencing.clone()
     };
-    let stale = pb::FencingToken {
+    let ahead = pb::FencingToken {
         epoch: fencing.epoch + 1,
         ..fencing.clone()
     };
     for (name, token, expected) in [
         ("missing fencing", None, pb::ErrorCode::FencingEpochMissing),
         ("epoch zero", Some(zero), pb::ErrorCode::FencingEpochMissing),
-        ("stale epoch", Some(stale), pb::ErrorCode::FencingEpochStale),
+        (
+            "epoch ahead of the scope's",
+            Some(ahead),
+            pb::ErrorCode::FencingEpochStale,
+        ),
     ] {
         let commit = pb::CommitRequest {
             tenant_id: T.into(),

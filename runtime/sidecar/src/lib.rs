@@ -310,9 +310,7 @@ pub async fn start(
     let fail_open = Arc::new(match &tuning.fail_open_spool_dir {
         Some(dir) => {
             FailOpenQueue::with_spool(tuning.fail_open_queue_records, reservation_ttl, dir)
-                .map_err(|e| {
-                    SidecarError::invalid("fail_open_spool_dir", format!("{}: {e}", e.code()))
-                })?
+                .map_err(|e| spool_error(e.code(), &e))?
         }
         None => FailOpenQueue::new(tuning.fail_open_queue_records, reservation_ttl),
     });
@@ -339,7 +337,7 @@ pub async fn start(
             dir,
             decider::stop_envelope(&identity, &loaded.bundle),
         )
-        .map_err(|e| SidecarError::invalid("fail_open_spool_dir", format!("{}: {e}", e.code())))?,
+        .map_err(|e| spool_error(e.code(), &e))?,
         None => StopEvidence::new(tuning.stop_evidence_queue_records),
     });
     stops.register(registry);
@@ -364,17 +362,13 @@ pub async fn start(
                 // The spool directory belongs to this process alone (it holds its lock).
                 tuning.fail_open_spool_dir.as_deref(),
             )
-            .map_err(|e| {
-                SidecarError::invalid("fail_open_spool_dir", format!("{}: {e}", e.code()))
-            })?;
+            .map_err(|e| spool_error(e.code(), &e))?;
     }
     // The spool directory belongs to this process alone (the fail-open queue holds its lock).
     let left_commits = match &tuning.fail_open_spool_dir {
         Some(dir) => {
             let (pending, left) = PendingCommits::open(dir, chrono::Utc::now().timestamp_millis())
-                .map_err(|e| {
-                    SidecarError::invalid("fail_open_spool_dir", format!("{}: {e}", e.code()))
-                })?;
+                .map_err(|e| spool_error(e.code(), &e))?;
             decider = decider.with_pending_commits(pending);
             left
         }
@@ -622,6 +616,11 @@ fn local_addr(listener: &TcpListener) -> Result<SocketAddr, SidecarError> {
     listener
         .local_addr()
         .map_err(|e| SidecarError::Internal(e.to_string()))
+}
+
+/// A spool directory the sidecar cannot use (its lock, a journal in it): refused at startup.
+fn spool_error(code: &str, error: &dyn std::fmt::Display) -> SidecarError {
+    SidecarError::invalid("fail_open_spool_dir", format!("{code}: {error}"))
 }
 
 fn read_key(path: Option<&PathBuf>) -> Result<Option<String>, SidecarError> {

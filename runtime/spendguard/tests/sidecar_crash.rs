@@ -580,50 +580,6 @@ async fn settlements(pool: &sqlx::PgPool) -> Vec<(String, i64)> {
     .unwrap()
 }
 
-/// A `spendguard ledger` process on a fresh database, with the tenant's data path registered,
-/// and a bundle for its sidecars.
-struct LedgerProcess {
-    url: String,
-    data: u16,
-    control: u16,
-    child: Child,
-    pool: sqlx::PgPool,
-    data_addr: std::net::SocketAddr,
-    bundle: tempfile::TempDir,
-}
-
-impl LedgerProcess {
-    async fn start() -> Self {
-        let url = spendguard_testkit::ledger::shared_cluster()
-            .create_database()
-            .await
-            .unwrap();
-        let (data, control) = (free_port(), free_port());
-        let child = ledger_command(&url, data, control).spawn().unwrap();
-        register_data_path(&mut wait_for_ledger(control).await, TENANT).await;
-        let pool = sqlx::PgPool::connect(&url).await.unwrap();
-        let (bundle, _) =
-            write_bundle(TENANT, json!({"version": "crash", "max_output_tokens": 64}));
-        Self {
-            data_addr: format!("127.0.0.1:{data}").parse().unwrap(),
-            url,
-            data,
-            control,
-            child,
-            pool,
-            bundle,
-        }
-    }
-
-    /// Starts the ledger again on the same database and ports (after its child was killed).
-    async fn restart(&mut self) {
-        self.child = ledger_command(&self.url, self.data, self.control)
-            .spawn()
-            .unwrap();
-        wait_for_ledger(self.control).await;
-    }
-}
-
 /// [`settlements`] once no reservation is held any more, or after 20 s.
 async fn settlements_once_none_held(pool: &sqlx::PgPool) -> Vec<(String, i64)> {
     let mut settled = Vec::new();
@@ -657,7 +613,8 @@ async fn kill_dash_nine_of_the_ledger_fails_new_calls_closed_and_settles_each_ca
     // 5 answer 3 s later; the ledger is killed in between, so a new call is 503, the 5 are
     // answered 200 during the outage and their settlements retry; the ledger restarts on the
     // same ports, and each call settles exactly once, at its usage.
-    let mut ledger = LedgerProcess::start().await;
+    let mut ledger =
+        LedgerProcess::start(TENANT, json!({"version": "crash", "max_output_tokens": 64})).await;
     let (pool, data_addr) = (ledger.pool.clone(), ledger.data_addr);
     let spool = tempfile::tempdir().unwrap();
     let sidecar = spawn_sidecar(data_addr, ledger.bundle.path(), spool.path(), spawn_mock()).await;
@@ -716,7 +673,8 @@ async fn kill_dash_nine_while_the_ledger_is_away_keeps_the_calls_commits() {
     // their commits fail and are spooled; the sidecar is killed with SIGKILL; the ledger and a
     // new sidecar on the same spool start, and each call is committed once, at its usage.
     // (Without the spool the three reservations stay held until their TTL, then expire.)
-    let mut ledger = LedgerProcess::start().await;
+    let mut ledger =
+        LedgerProcess::start(TENANT, json!({"version": "crash", "max_output_tokens": 64})).await;
     let (pool, data_addr) = (ledger.pool.clone(), ledger.data_addr);
     let spool = tempfile::tempdir().unwrap();
     let mock = spawn_mock();
@@ -782,7 +740,8 @@ async fn a_commit_sent_again_after_it_landed_replays_and_a_landed_commit_spools_
     // and replays: the call is committed once, and the entry is marked done. Method: one call
     // committed; the sidecar killed; the spool then holds that commit as pending, written through
     // the sidecar's own journal type; a new sidecar on the spool resends it.
-    let ledger = LedgerProcess::start().await;
+    let ledger =
+        LedgerProcess::start(TENANT, json!({"version": "crash", "max_output_tokens": 64})).await;
     let (pool, data_addr) = (ledger.pool.clone(), ledger.data_addr);
     let spool = tempfile::tempdir().unwrap();
     let mock = spawn_mock();

@@ -268,36 +268,30 @@ async fn a_ledger_that_cannot_sign_evidence_never_lets_a_call_through() {
     // ahead unrecorded). Method: the ledger process signs with a KMS key in moto; one call goes
     // through; moto forgets the key; the next call is 503 and nothing is queued as fail-open.
     let moto = spendguard_testkit::moto::MotoServer::start();
-    let kms_key = moto.create_p256_signing_key();
-    let url = spendguard_testkit::ledger::shared_cluster()
-        .create_database()
-        .await
-        .unwrap();
-    let (data, control) = (free_port(), free_port());
-    let _ledger = ledger_command(&url, data, control)
-        .env("SPENDGUARD_SIGNING_MODE", "kms")
-        .env_remove("SPENDGUARD_SIGNING_KEY_FILE")
-        .env("SPENDGUARD_SIGNING_KMS_KEY", &kms_key)
-        .env(
-            "SPENDGUARD_SIGNING_KMS_REGION",
-            spendguard_testkit::moto::REGION,
-        )
-        .env("SPENDGUARD_SIGNING_KMS_ENDPOINT_URL", moto.endpoint())
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .spawn()
-        .unwrap();
-    register_data_path(&mut wait_for_ledger(control).await, TENANT).await;
-    let (bundle, _) = write_bundle(
+    let (endpoint, key) = (moto.endpoint(), moto.create_p256_signing_key());
+    let ledger = LedgerProcess::start_with(
         TENANT,
         json!({"version": "ops", "max_output_tokens": 64, "fail_policy": "open"}),
-    );
+        move |ledger| {
+            ledger
+                .env("SPENDGUARD_SIGNING_MODE", "kms")
+                .env_remove("SPENDGUARD_SIGNING_KEY_FILE")
+                .env("SPENDGUARD_SIGNING_KMS_KEY", &key)
+                .env(
+                    "SPENDGUARD_SIGNING_KMS_REGION",
+                    spendguard_testkit::moto::REGION,
+                )
+                .env("SPENDGUARD_SIGNING_KMS_ENDPOINT_URL", &endpoint)
+                .env("AWS_ACCESS_KEY_ID", "test")
+                .env("AWS_SECRET_ACCESS_KEY", "test");
+        },
+    )
+    .await;
     let spool = tempfile::tempdir().unwrap();
     let (port, admin) = (free_port(), free_port());
-    let data_addr = format!("127.0.0.1:{data}").parse().unwrap();
     let mut sidecar = sidecar_command(
-        data_addr,
-        bundle.path(),
+        ledger.data_addr,
+        ledger.bundle.path(),
         spool.path(),
         spawn_mock(),
         ("agent-kms", port, admin),
@@ -316,9 +310,8 @@ async fn a_ledger_that_cannot_sign_evidence_never_lets_a_call_through() {
         metrics.contains("spendguard_sidecar_fail_open_queued_total 0"),
         "nothing went ahead fail-open: {metrics}"
     );
-    let pool = sqlx::PgPool::connect(&url).await.unwrap();
     let reservations: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations")
-        .fetch_one(&pool)
+        .fetch_one(&ledger.pool)
         .await
         .unwrap();
     assert_eq!(reservations, 1, "the refused call reserved nothing");

@@ -254,3 +254,61 @@ pub async fn chat_with(port: u16, extra_headers: &str) -> String {
     stream.read_to_string(&mut response).await.unwrap();
     response
 }
+
+/// A `spendguard ledger` process on a fresh database, with a tenant's data path registered, and
+/// a bundle for its sidecars; restarted on the same database and ports after a kill.
+pub struct LedgerProcess {
+    pub url: String,
+    pub data: u16,
+    pub control: u16,
+    pub child: tokio::process::Child,
+    pub pool: sqlx::PgPool,
+    pub data_addr: std::net::SocketAddr,
+    pub bundle: tempfile::TempDir,
+    configure: Box<dyn Fn(&mut Command) + Send + Sync>,
+}
+
+impl LedgerProcess {
+    /// The ledger with `tenant`'s data path, and the bundle of `contract`.
+    pub async fn start(tenant: &str, contract: serde_json::Value) -> Self {
+        Self::start_with(tenant, contract, |_| {}).await
+    }
+
+    /// As [`Self::start`], with `configure` applied to the ledger's command (its environment),
+    /// at every start.
+    pub async fn start_with(
+        tenant: &str,
+        contract: serde_json::Value,
+        configure: impl Fn(&mut Command) + Send + Sync + 'static,
+    ) -> Self {
+        let url = spendguard_testkit::ledger::shared_cluster()
+            .create_database()
+            .await
+            .unwrap();
+        let (data, control) = (free_port(), free_port());
+        let mut command = ledger_command(&url, data, control);
+        configure(&mut command);
+        let child = command.spawn().unwrap();
+        register_data_path(&mut wait_for_ledger(control).await, tenant).await;
+        let pool = sqlx::PgPool::connect(&url).await.unwrap();
+        let (bundle, _) = write_bundle(tenant, contract);
+        Self {
+            data_addr: format!("127.0.0.1:{data}").parse().unwrap(),
+            url,
+            data,
+            control,
+            child,
+            pool,
+            bundle,
+            configure: Box::new(configure),
+        }
+    }
+
+    /// Starts the ledger again on the same database and ports (after its child was killed).
+    pub async fn restart(&mut self) {
+        let mut command = ledger_command(&self.url, self.data, self.control);
+        (self.configure)(&mut command);
+        self.child = command.spawn().unwrap();
+        wait_for_ledger(self.control).await;
+    }
+}
