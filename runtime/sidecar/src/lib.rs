@@ -452,6 +452,9 @@ pub async fn start(
             warn!(error = %e, "grpc server failed");
         }
     });
+    if let Some(credits) = decider.credits_handle() {
+        tokio::spawn(credits.release_when_quiet(wait_true(stopped.clone())));
+    }
     let fail_open_task = tokio::spawn(record_fail_open_loop(decider.clone(), stopped.clone()));
     let stops_task = tokio::spawn(publish_stops_loop(decider.clone(), stopped.clone()));
     let forget = {

@@ -609,3 +609,34 @@ async fn a_draw_refused_as_stale_stops_the_credits_and_later_calls_fail_closed()
         assert_eq!(refused.json()["error"]["code"], "LEASE_UNAVAILABLE");
     }
 }
+
+#[tokio::test]
+async fn a_pod_that_goes_quiet_releases_its_credit_before_it_lapses() {
+    // Goal: an idle pod does not hold money other pods' calls could use until its credit lapses.
+    // Method: credits of 8 s (quiet after a quarter of that, 2 s); one call opens a credit and
+    // nothing follows; the credit is released (not expired) well before its TTL.
+    let mut stack = Stack::start(Options {
+        flags: [
+            fixed_credits(20 * worst_case()),
+            vec!["--credit-ttl-ms=8000".into()],
+        ]
+        .concat(),
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(chat(&stack).await.status, 200);
+    open_credits(&stack, 1).await;
+    // Without a call, nothing else retires it: it would stay open until it expired at 8 s.
+    open_credits(&stack, 0).await;
+    assert_eq!(
+        count(
+            &stack,
+            "SELECT count(*) FROM reservations WHERE is_credit AND state = 'released'"
+        )
+        .await,
+        1,
+        "released, not expired"
+    );
+    stack.wait_no_open_calls().await;
+    assert_eq!(stack.balance().await.reserved_nano_usd, 0);
+}

@@ -296,6 +296,24 @@ impl CreditDriver {
         watched
     }
 
+    /// Until `stop`: releases the current credit once the pod has been quiet for
+    /// [`CreditPolicy::quiet`], so an idle pod does not hold money until its credit lapses.
+    pub async fn release_when_quiet(self: Arc<Self>, stop: impl std::future::Future<Output = ()>) {
+        tokio::pin!(stop);
+        let mut tick = tokio::time::interval(self.pool.policy().quiet() / 4);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = &mut stop => return,
+            }
+            for id in self.pool.retire_if_quiet(Instant::now()) {
+                info!(credit = %id, "the pod went quiet: releasing its credit");
+                self.release(&id, Waiter::Nobody).await;
+            }
+        }
+    }
+
     /// Shutdown: admits nothing more, waits (up to `deadline`) for the draws in flight, and
     /// releases every credit, so what they did not admit goes back to the budgets now instead
     /// of at their expiry.

@@ -48,6 +48,14 @@ impl CreditPolicy {
         self.ttl / 4
     }
 
+    /// A pod asked to decide nothing for this long releases its current credit: idle, it would
+    /// hold money other pods' calls could use until it lapsed. Twice what a credit is sized to
+    /// hold, and not under the admit margin, so a steady slow caller does not open and release a
+    /// credit for every call.
+    pub fn quiet(&self) -> Duration {
+        self.ahead.saturating_mul(2).max(self.admit_margin())
+    }
+
     /// The next credit's amount for `demand_per_second`, and whether it is worth asking for a
     /// call of `amount` (it must hold that call; a sized one, [`CALLS_PER_CREDIT_MIN`] of them).
     fn next_credit(&self, demand_per_second: i64, amount: i64) -> Option<i64> {
@@ -140,6 +148,8 @@ struct Pool {
     in_flight: u32,
     closed: bool,
     demand: Demand,
+    /// When a call last asked for a credit admission.
+    last_take: Option<Instant>,
     /// The ledger refused a draw under this epoch as stale: nothing decided under it (or an
     /// older one) is admitted inside a credit any more.
     fenced_through: u64,
@@ -207,6 +217,7 @@ impl Credits {
             return take;
         }
         let demand_per_second = pool.demand.record(amount, now);
+        pool.last_take = Some(now);
         if epoch <= pool.fenced_through {
             // Another holder has the scope: the call reserves synchronously, and the ledger
             // refuses it (fail closed) unless the lease moved on to a newer epoch of ours. A
@@ -291,6 +302,23 @@ impl Credits {
     pub fn retire(&self) -> Vec<String> {
         let mut pool = lock(&self.pool);
         let mut release = Vec::new();
+        retire_current(&mut pool, &mut release);
+        self.remaining.set(0);
+        release
+    }
+
+    /// The pod has asked for nothing for [`CreditPolicy::quiet`] by `now`: the current credit
+    /// stops admitting. Returns it if no draw is in flight (release it; otherwise its last
+    /// draw's end returns it, as for any retired credit).
+    pub fn retire_if_quiet(&self, now: Instant) -> Vec<String> {
+        let mut pool = lock(&self.pool);
+        let quiet = pool
+            .last_take
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.policy.quiet());
+        let mut release = Vec::new();
+        if pool.closed || pool.current.is_none() || !quiet {
+            return release;
+        }
         retire_current(&mut pool, &mut release);
         self.remaining.set(0);
         release
@@ -381,6 +409,57 @@ mod tests {
             admit_until: now + Duration::from_secs(30),
             expires: now + Duration::from_secs(40),
         }
+    }
+
+    #[test]
+    fn a_quiet_pod_retires_its_credit_once_its_draws_landed() {
+        // Quiet is a quarter of the TTL here (10 s): the fixed-size policy has no `ahead`.
+        let credits = Credits::new(policy());
+        assert_eq!(policy().quiet(), Duration::from_secs(10));
+        let start = Instant::now();
+        assert!(credits.take(100, 1, start).open_next.is_some());
+        assert!(credits.opened(opened("a", start)).is_empty());
+        let admitted = credits.take(100, 1, start + Duration::from_secs(1));
+        assert!(admitted.credit.is_some());
+        let asked_last = start + Duration::from_secs(1);
+        assert!(
+            credits
+                .retire_if_quiet(asked_last + Duration::from_millis(9_999))
+                .is_empty(),
+            "not quiet yet"
+        );
+        // Quiet, with one draw in flight: retired now, released when the draw ends.
+        assert!(
+            credits
+                .retire_if_quiet(asked_last + Duration::from_secs(10))
+                .is_empty()
+        );
+        assert!(
+            credits
+                .take(100, 1, asked_last + Duration::from_secs(10))
+                .credit
+                .is_none(),
+            "a retired credit admits nothing"
+        );
+        assert_eq!(credits.draw_done("a", false), Some("a".to_owned()));
+        // A credit with no draw in flight is returned at once.
+        let later = asked_last + Duration::from_secs(11);
+        assert!(credits.opened(opened("b", later)).is_empty());
+        assert_eq!(
+            credits.retire_if_quiet(later + Duration::from_secs(10)),
+            vec!["b".to_owned()]
+        );
+        assert!(
+            credits
+                .retire_if_quiet(later + Duration::from_secs(20))
+                .is_empty()
+        );
+        // Sized credits wait twice what they hold, if that is longer.
+        let sized = CreditPolicy {
+            ahead: Duration::from_secs(8),
+            ..policy()
+        };
+        assert_eq!(sized.quiet(), Duration::from_secs(16));
     }
 
     #[test]
