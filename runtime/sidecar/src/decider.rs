@@ -1505,8 +1505,23 @@ impl Decider {
             Some(DrawState::Drawn(id)) => id,
             _ => decision
                 .reservation_id
+                .clone()
                 .ok_or_else(|| SidecarError::NoReservation(call_id.to_owned()))?,
         };
+        // Spooled before the draw under the call's own key, and drawn under a key of its own (a
+        // reused call id): the spooled entry must name the reservation the commit goes to.
+        if held_before_draw && decision.reservation_id.as_deref() != Some(reservation_id.as_str()) {
+            let since_unix_ms = self
+                .pending_commits
+                .get(call_id)
+                .map_or_else(|| Utc::now().timestamp_millis(), |p| p.since_unix_ms);
+            self.pending_commits.hold(&PendingCommit {
+                call_id: call_id.to_owned(),
+                reservation_id: reservation_id.clone(),
+                actual_nano_usd: actual.get(),
+                since_unix_ms,
+            });
+        }
         // A background commit the ledger cannot take now is spooled before the error goes
         // back to the retry loop: a process killed meanwhile leaves it to the next one.
         // Only the background path keeps entries: a decision-API caller got the error. A call
@@ -1566,6 +1581,15 @@ impl Decider {
     /// # Errors
     /// The ledger's refusal; while [`SidecarError::settlement_may_land_later`], it stays.
     pub async fn commit_left_over(&self, commit: &PendingCommit) -> Result<bool, SidecarError> {
+        // A call admitted inside a credit whose draw was lost after all (its predecessor's, or
+        // at the redraw): its fail-open record is queued, unsettled, at its worst case. Its
+        // usage settles that record, as if the commit had found the draw lost.
+        if self.fail_open.worst_case(&commit.call_id).is_some() {
+            self.fail_open
+                .settle(&commit.call_id, commit.actual_nano_usd);
+            self.pending_commits.settled(&commit.call_id);
+            return Ok(false);
+        }
         let sent = self
             .commit_reservation(
                 &commit.call_id,
@@ -1621,6 +1645,12 @@ impl Decider {
             .await
             .map(tonic::Response::into_inner)
             .map_err(|status| settle_error(call_id, &status))
+    }
+
+    /// Keeps `commit` as the call's pending commit (in the spool, if there is one), replacing
+    /// what was kept for the call.
+    pub fn hold_pending_commit(&self, commit: &PendingCommit) {
+        self.pending_commits.hold(commit);
     }
 
     /// Forgets a background commit's spooled entry: its retries have given up.

@@ -42,6 +42,7 @@ use crate::stop_evidence::StopEvidence;
 use axum::serve::ListenerExt as _;
 use prometheus_client::registry::Registry;
 use spendguard_platform::{AdminServer, CommonArgs, Readiness};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -198,6 +199,15 @@ pub struct SidecarTuning {
         value_parser = clap::builder::RangedU64ValueParser::<u64>::new().range(credit::CREDIT_TTL_MS_MIN..=credit::CREDIT_TTL_MS_MAX)
     )]
     pub credit_ttl_ms: u64,
+    /// A pod asked to decide nothing for this long releases its current credit (0: twice
+    /// `credit_ahead_ms`, at least a quarter of `credit_ttl_ms`).
+    #[arg(
+        long,
+        env = "SPENDGUARD_CREDIT_QUIET_MS",
+        default_value_t = 0,
+        value_parser = clap::builder::RangedU64ValueParser::<u64>::new().range(0..=credit::CREDIT_TTL_MS_MAX)
+    )]
+    pub credit_quiet_ms: u64,
 }
 
 /// A running sidecar.
@@ -358,6 +368,8 @@ pub async fn start(
                     max_nano_usd: tuning.credit_nano_usd,
                     ahead: Duration::from_millis(tuning.credit_ahead_ms),
                     ttl: Duration::from_millis(tuning.credit_ttl_ms),
+                    quiet: (tuning.credit_quiet_ms > 0)
+                        .then(|| Duration::from_millis(tuning.credit_quiet_ms)),
                 },
                 // The spool directory belongs to this process alone (it holds its lock).
                 tuning.fail_open_spool_dir.as_deref(),
@@ -415,13 +427,18 @@ pub async fn start(
     if !left_commits.is_empty() || credits.is_some() {
         let (mut held, decider, metrics) = (lease.clone(), decider.clone(), metrics);
         settlements.spawn(async move {
-            let _ = held
+            // A process stopped before it ever held the lease leaves everything to the next.
+            let state = held
                 .wait_for(|s| matches!(s, LeaseState::Held { .. }))
                 .await;
-            if let Some(credits) = credits {
-                credits.recover_left_over().await;
+            if !matches!(state, LeaseState::Held { .. }) {
+                return;
             }
-            proxy::resume_pending_commits(decider, metrics, left_commits).await;
+            let drawn = match credits {
+                Some(credits) => credits.recover_left_over().await,
+                None => HashMap::new(),
+            };
+            proxy::resume_pending_commits(decider, metrics, left_commits, &drawn).await;
         });
     }
     let http_stopped = stopped.clone();

@@ -10,8 +10,10 @@
 //!
 //! Only commits nobody waits on are kept (the proxy's background settlements): a decision-API
 //! caller got the error and owns its retry. A commit that lands writes a done frame only when
-//! it had been put, so the settlement path touches the disk only while the ledger is away. A
-//! retried commit is idempotent at the ledger (same reservation, same actual), so a commit that
+//! it had been put, so the settlement path touches the disk only while the ledger is away, or
+//! for a call admitted inside a credit whose draw has not landed when the call is answered (its
+//! commit is put before it waits for the draw, under the reservation id the draw will have; the
+//! next start sends it after drawing the call again). A retried commit is idempotent at the ledger (same reservation, same actual), so a commit that
 //! landed just before a kill and is sent again by the next process replays.
 //!
 //! Entries older than [`PENDING_MAX`] are dropped (with a warning naming the call) rather than
@@ -41,7 +43,8 @@ pub struct PendingCommit {
     pub reservation_id: String,
     /// The priced usage.
     pub actual_nano_usd: i64,
-    /// When the first attempt failed (Unix ms, wall clock): the start of [`PENDING_MAX`].
+    /// When the commit was first kept (its first attempt failed, or it waited for its credit
+    /// draw; Unix ms, wall clock): the start of [`PENDING_MAX`].
     pub since_unix_ms: i64,
 }
 

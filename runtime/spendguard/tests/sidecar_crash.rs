@@ -52,6 +52,8 @@ async fn spawn_credits_sidecar(
     command
         .env("SPENDGUARD_CREDIT_NANO_USD", "5000000")
         .env("SPENDGUARD_CREDIT_AHEAD_MS", "0")
+        // The drills keep their credit however long a step takes.
+        .env("SPENDGUARD_CREDIT_QUIET_MS", "3600000")
         .env("SPENDGUARD_CREDIT_TTL_MS", credit_ttl_ms.to_string())
         .env(
             "SPENDGUARD_RESERVATION_TTL_MS",
@@ -406,10 +408,11 @@ async fn kill_dash_nine_before_draws_land_keeps_the_calls_reservations_and_commi
         let journal = journal.clone();
         async move {
             let bytes = std::fs::read(&journal).unwrap_or_default();
-            String::from_utf8_lossy(&bytes)
+            // Put frames, those of the earlier calls' settled entries included.
+            let puts = String::from_utf8_lossy(&bytes)
                 .matches("reservation_id")
-                .count()
-                >= 3
+                .count();
+            puts >= 3 + usize::try_from(drawn_before).unwrap()
         }
     })
     .await;
@@ -463,6 +466,79 @@ async fn kill_dash_nine_before_draws_land_keeps_the_calls_reservations_and_commi
     assert_eq!(balance.committed_nano_usd, committed_before + 3 * 10_950);
     spendguard_testkit::invariants::check(&pool).await.unwrap();
     ledger.stop().await;
+}
+
+/// As the drill above, but the credit lapses during the outage, so the restarted sidecar's
+/// redraws are refused for good: each answered call is then recorded as a fail-open call at the
+/// usage its commit carried (spooled while its draw was pending), not at its worst case.
+#[tokio::test]
+async fn kill_dash_nine_before_draws_land_records_lost_draws_at_their_usage() {
+    const LAPSE_TENANT: &str = "tenant-lapse";
+    let (mut ledger, bundle, mock_port) = data_path(
+        LAPSE_TENANT,
+        json!({"version": "crash", "max_output_tokens": 64}),
+    )
+    .await;
+    let addr = ledger.ledger.as_ref().unwrap().addr;
+    let database_url = ledger.database_url.clone();
+    let pool = ledger.store().pool().clone();
+    let spool = tempfile::tempdir().unwrap();
+    let stack = (addr, bundle.path(), spool.path(), mock_port);
+    let mut first = spawn_credits_sidecar(stack, "agent-lapse", 8_000).await;
+    assert_eq!(chat(first.port).await, 200);
+    eventually("the credit is open", || async {
+        credit_rows(&pool).await.0 == 1
+    })
+    .await;
+    let opened = std::time::Instant::now();
+    let draws = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM reservations WHERE drawn_from_reservation_id IS NOT NULL",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    let drawn_before = draws().await;
+    ledger.stop().await;
+    for _ in 0..2 {
+        assert_eq!(chat(first.port).await, 200, "admitted inside the credit");
+    }
+    let journal = spool.path().join("pending-commits.journal");
+    eventually("the 2 commits spooled", || {
+        let journal = journal.clone();
+        async move {
+            let bytes = std::fs::read(&journal).unwrap_or_default();
+            String::from_utf8_lossy(&bytes)
+                .matches("reservation_id")
+                .count()
+                >= 2 + usize::try_from(drawn_before).unwrap()
+        }
+    })
+    .await;
+    first.child.kill().await.unwrap(); // SIGKILL before the draws could land.
+    // The credit (8 s) has lapsed on the ledger's clock by the time it is back.
+    tokio::time::sleep(Duration::from_millis(9_000).saturating_sub(opened.elapsed())).await;
+    let _ledger = TestLedger::start_at(&database_url, "ledger-0", addr)
+        .await
+        .unwrap();
+    let _second = spawn_credits_sidecar(stack, "agent-lapse", 8_000).await;
+    // Settled records are sent at once; unsettled ones only at the settle deadline (9 s), at
+    // their worst case.
+    eventually("the 2 calls recorded as fail-open calls", || async {
+        fail_open_events(&pool).await.len() == 2
+    })
+    .await;
+    let costs: Vec<i64> = fail_open_events(&pool)
+        .await
+        .into_iter()
+        .map(|(_, count, cost)| {
+            assert_eq!(count, 1);
+            cost
+        })
+        .collect();
+    assert_eq!(costs, vec![10_950; 2], "at the usage the mock reported");
+    assert_eq!(draws().await, drawn_before, "neither draw landed");
 }
 
 /// The STOP events in the outbox: (record id, call id or "", how many STOPs each stands for).

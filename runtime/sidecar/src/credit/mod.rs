@@ -38,7 +38,7 @@ use spendguard_core::contract::Bundle;
 use spendguard_core::window::BudgetWindow;
 use spendguard_proto::ledger::error_code;
 use spendguard_proto::ledger::v1 as pb;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -191,8 +191,11 @@ impl CreditDriver {
     /// failed), once this process holds the lease. First the draws it journaled and did not
     /// land, so those calls get their reservation (and evidence) from the credit that admitted
     /// them; then its credits are released, so what they did not admit goes back now instead of
-    /// at their TTL.
-    pub async fn recover_left_over(self: &Arc<Self>) {
+    /// at their TTL. Returns the reservation each redrawn call got, by call id (a draw sent
+    /// under a key of its own has another id than its call's): the predecessor's commits of
+    /// those calls go there.
+    pub async fn recover_left_over(self: &Arc<Self>) -> HashMap<String, String> {
+        let mut drawn = HashMap::new();
         let LeftOver { to_draw, to_record } = std::mem::take(&mut *lock(&self.left_over));
         if !to_draw.is_empty() || !to_record.is_empty() {
             info!(
@@ -219,21 +222,26 @@ impl CreditDriver {
                     let outcome = this
                         .draw(&mut pending, expires, SettledReplay::Landed)
                         .await;
+                    let call_id = pending.call_id().to_owned();
                     this.finish_draw(pending, &outcome).await;
+                    match outcome {
+                        DrawState::Drawn(id) => Some((call_id, id)),
+                        DrawState::Pending | DrawState::Lost(_) => None,
+                    }
                 });
             }
             if redraws.is_empty() {
                 break;
             }
-            redraws.join_all().await;
+            drawn.extend(redraws.join_all().await.into_iter().flatten());
         }
-        let Some(record) = &self.record else {
-            return;
-        };
-        for id in &record.left_over {
-            info!(credit = %id, "releasing a credit a previous sidecar of this pod left open");
-            self.release(id, Waiter::Caller).await;
+        if let Some(record) = &self.record {
+            for id in &record.left_over {
+                info!(credit = %id, "releasing a credit a previous sidecar of this pod left open");
+                self.release(id, Waiter::Caller).await;
+            }
         }
+        drawn
     }
 
     /// The local count (metrics, tests).
@@ -300,7 +308,8 @@ impl CreditDriver {
     /// [`CreditPolicy::quiet`], so an idle pod does not hold money until its credit lapses.
     pub async fn release_when_quiet(self: Arc<Self>, stop: impl std::future::Future<Output = ()>) {
         tokio::pin!(stop);
-        let mut tick = tokio::time::interval(self.pool.policy().quiet() / 4);
+        let period = (self.pool.policy().quiet() / 4).max(Duration::from_millis(100));
+        let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -309,7 +318,7 @@ impl CreditDriver {
             }
             for id in self.pool.retire_if_quiet(Instant::now()) {
                 info!(credit = %id, "the pod went quiet: releasing its credit");
-                self.release(&id, Waiter::Nobody).await;
+                self.spawn_release(id);
             }
         }
     }

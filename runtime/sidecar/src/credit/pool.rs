@@ -39,6 +39,9 @@ pub struct CreditPolicy {
     pub ahead: Duration,
     /// How long each credit lives on the ledger.
     pub ttl: Duration,
+    /// How long a pod asked nothing goes before it releases its current credit; `None`: the
+    /// default of [`CreditPolicy::quiet`].
+    pub quiet: Option<Duration>,
 }
 
 impl CreditPolicy {
@@ -53,7 +56,8 @@ impl CreditPolicy {
     /// hold, and not under the admit margin, so a steady slow caller does not open and release a
     /// credit for every call.
     pub fn quiet(&self) -> Duration {
-        self.ahead.saturating_mul(2).max(self.admit_margin())
+        self.quiet
+            .unwrap_or_else(|| self.ahead.saturating_mul(2).max(self.admit_margin()))
     }
 
     /// The next credit's amount for `demand_per_second`, and whether it is worth asking for a
@@ -150,6 +154,10 @@ struct Pool {
     demand: Demand,
     /// When a call last asked for a credit admission.
     last_take: Option<Instant>,
+    /// The current credit was retired because the pod went quiet: the next one is opened only
+    /// once calls come again within the quiet period of each other (a slow caller gets none,
+    /// instead of opening and releasing one per call).
+    retired_quiet: bool,
     /// The ledger refused a draw under this epoch as stale: nothing decided under it (or an
     /// older one) is admitted inside a credit any more.
     fenced_through: u64,
@@ -217,7 +225,13 @@ impl Credits {
             return take;
         }
         let demand_per_second = pool.demand.record(amount, now);
+        let active = pool
+            .last_take
+            .is_some_and(|t| now.saturating_duration_since(t) < self.policy.quiet());
         pool.last_take = Some(now);
+        if pool.retired_quiet && active {
+            pool.retired_quiet = false;
+        }
         if epoch <= pool.fenced_through {
             // Another holder has the scope: the call reserves synchronously, and the ledger
             // refuses it (fail closed) unless the lease moved on to a newer epoch of ours. A
@@ -256,7 +270,11 @@ impl Credits {
                 ending || (low && next > slot.remaining)
             }
         };
-        if wanted && !pool.opening && pool.quiet_until.is_none_or(|t| now >= t) {
+        if wanted
+            && !pool.opening
+            && !pool.retired_quiet
+            && pool.quiet_until.is_none_or(|t| now >= t)
+        {
             pool.opening = true;
             take.open_next = next;
         }
@@ -320,6 +338,7 @@ impl Credits {
             return release;
         }
         retire_current(&mut pool, &mut release);
+        pool.retired_quiet = true;
         self.remaining.set(0);
         release
     }
@@ -398,6 +417,7 @@ mod tests {
             max_nano_usd: 1_000,
             ahead: Duration::ZERO,
             ttl: Duration::from_secs(40),
+            quiet: None,
         }
     }
 
@@ -453,6 +473,16 @@ mod tests {
             credits
                 .retire_if_quiet(later + Duration::from_secs(20))
                 .is_empty()
+        );
+        // After a quiet spell the first call opens nothing (a slow caller would open and
+        // release a credit per call); a second one within the quiet period does.
+        let back = later + Duration::from_secs(30);
+        assert!(credits.take(100, 1, back).open_next.is_none());
+        assert!(
+            credits
+                .take(100, 1, back + Duration::from_secs(1))
+                .open_next
+                .is_some()
         );
         // Sized credits wait twice what they hold, if that is longer.
         let sized = CreditPolicy {
@@ -557,6 +587,7 @@ mod tests {
             max_nano_usd: 1_000_000,
             ahead: Duration::from_secs(2),
             ttl: Duration::from_secs(40),
+            quiet: None,
         });
         let start = Instant::now();
         let at = |ms: u64| start + Duration::from_millis(ms);
@@ -616,6 +647,7 @@ mod tests {
             max_nano_usd: 1_000_000,
             ahead: Duration::from_secs(2),
             ttl: Duration::from_secs(40),
+            quiet: None,
         };
         assert_eq!(sized.next_credit(0, 0), None, "a free call needs no credit");
         let credits = Credits::new(sized);

@@ -32,6 +32,7 @@ use hyper::body::Body as _;
 use hyper::body::Incoming;
 use refusal::{CALL_ID_HEADER, RESERVATION_HEADER, set_decision_headers, set_header};
 use request::{Api, ProviderRequest};
+use std::collections::HashMap;
 use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -421,6 +422,7 @@ pub async fn resume_pending_commits(
     decider: Arc<Decider>,
     metrics: Metrics,
     left: Vec<PendingCommit>,
+    drawn: &HashMap<String, String>,
 ) {
     if !left.is_empty() {
         warn!(
@@ -428,8 +430,16 @@ pub async fn resume_pending_commits(
             "sending the commits a previous sidecar of this pod could not settle"
         );
     }
-    for pending in &left {
-        commit_pending(&decider, &metrics, pending).await;
+    for mut pending in left {
+        // A call of a credit drawn again just now: its commit goes to the reservation the
+        // draw got, which differs from the spooled one for a draw sent under a key of its own.
+        if let Some(id) = drawn.get(&pending.call_id)
+            && *id != pending.reservation_id
+        {
+            pending.reservation_id.clone_from(id);
+            decider.hold_pending_commit(&pending);
+        }
+        commit_pending(&decider, &metrics, &pending).await;
     }
 }
 
