@@ -733,6 +733,20 @@ async fn commit_while_waiting(
     assert_eq!(reply.status, 200, "{}", reply.json());
 }
 
+/// Call A decided and holding its reservation, a settlement marked in flight as the proxy marks
+/// A's, and call B being decided meanwhile: (A's in-flight mark, B's answer to come).
+async fn b_decided_while_a_settles(
+    stack: &Stack,
+) -> (
+    spendguard_sidecar::settling::SettlingGuard,
+    tokio::task::JoinHandle<Value>,
+) {
+    let held = stack.decide_ok(&decide_body("a-held", 100)).await;
+    assert_eq!(held["decision"], "CONTINUE", "{held}");
+    let in_flight = stack.sidecar().decider.settlement_started();
+    (in_flight, decide_in_background(stack, "b-next"))
+}
+
 #[tokio::test]
 async fn a_refusal_for_lack_of_budget_waits_for_the_settlements_in_flight() {
     // Goal: an agent calling one LLM after another is not refused because the previous call's
@@ -746,10 +760,7 @@ async fn a_refusal_for_lack_of_budget_waits_for_the_settlements_in_flight() {
         ..Options::default()
     })
     .await;
-    let held = stack.decide_ok(&decide_body("a-held", 100)).await;
-    assert_eq!(held["decision"], "CONTINUE", "{held}");
-    let in_flight = stack.sidecar().decider.settlement_started();
-    let next = decide_in_background(&stack, "b-next");
+    let (in_flight, next) = b_decided_while_a_settles(&stack).await;
     commit_while_waiting(&stack, "a-held", &next).await;
     drop(in_flight);
     let next = next.await.unwrap();
@@ -770,10 +781,7 @@ async fn a_soft_cap_is_judged_again_once_the_settlements_in_flight_landed() {
         ..Options::default()
     })
     .await;
-    let held = stack.decide_ok(&decide_body("a-held", 100)).await;
-    assert_eq!(held["decision"], "CONTINUE", "{held}");
-    let in_flight = stack.sidecar().decider.settlement_started();
-    let next = decide_in_background(&stack, "b-next");
+    let (in_flight, next) = b_decided_while_a_settles(&stack).await;
     commit_while_waiting(&stack, "a-held", &next).await;
     drop(in_flight);
     let next = next.await.unwrap();
@@ -791,10 +799,7 @@ async fn a_refusal_stands_when_its_retry_cannot_reach_the_ledger() {
         ..Options::default()
     })
     .await;
-    let held = stack.decide_ok(&decide_body("a-held", 100)).await;
-    assert_eq!(held["decision"], "CONTINUE", "{held}");
-    let in_flight = stack.sidecar().decider.settlement_started();
-    let next = decide_in_background(&stack, "b-next");
+    let (in_flight, next) = b_decided_while_a_settles(&stack).await;
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     assert!(
         !next.is_finished(),

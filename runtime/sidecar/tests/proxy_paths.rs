@@ -783,6 +783,32 @@ async fn a_call_that_outlives_its_reservation_is_still_billed() {
     );
 }
 
+/// Sends a chat call the mock answers after `latency_ms`, and stops the ledger once the call
+/// reserved (so its settlement finds the ledger away): the call's reply to come.
+async fn answered_after_the_ledger_stopped(
+    stack: &mut Stack,
+    latency_ms: u32,
+) -> tokio::task::JoinHandle<Reply> {
+    let url = stack.url("/v1/chat/completions");
+    let latency = latency_ms.to_string();
+    let call = tokio::spawn(async move {
+        post_json(
+            &url,
+            &[OPENAI_KEY, ("x-mock-latency-ms", latency.as_str())],
+            &chat_body("gpt-4o-mini", false),
+        )
+        .await
+    });
+    for _ in 0..100 {
+        if stack.balance().await.reserved_nano_usd > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    stack.ledger.stop().await;
+    call
+}
+
 #[tokio::test]
 async fn a_commit_keeps_being_offered_past_the_ttl_while_the_ledger_is_away() {
     // Goal: a proxied call's usage is not dropped because the ledger was away until after the
@@ -799,22 +825,7 @@ async fn a_commit_keeps_being_offered_past_the_ttl_while_the_ledger_is_away() {
         ..Options::default()
     })
     .await;
-    let url = stack.url("/v1/chat/completions");
-    let call = tokio::spawn(async move {
-        post_json(
-            &url,
-            &[OPENAI_KEY, ("x-mock-latency-ms", "300")],
-            &chat_body("gpt-4o-mini", false),
-        )
-        .await
-    });
-    for _ in 0..100 {
-        if stack.balance().await.reserved_nano_usd > 0 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    stack.ledger.stop().await;
+    let call = answered_after_the_ledger_stopped(&mut stack, 300).await;
     let reply = call.await.unwrap();
     assert_eq!(reply.status, 200, "answered while the ledger is away");
     tokio::time::sleep(std::time::Duration::from_millis(2_000)).await;
@@ -855,22 +866,7 @@ async fn a_commit_that_lands_on_retry_settles_its_call() {
         ..Options::default()
     })
     .await;
-    let url = stack.url("/v1/chat/completions");
-    let call = tokio::spawn(async move {
-        post_json(
-            &url,
-            &[OPENAI_KEY, ("x-mock-latency-ms", "1500")],
-            &chat_body("gpt-4o-mini", false),
-        )
-        .await
-    });
-    for _ in 0..100 {
-        if stack.balance().await.reserved_nano_usd > 0 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    stack.ledger.stop().await;
+    let call = answered_after_the_ledger_stopped(&mut stack, 1_500).await;
     assert_eq!(call.await.unwrap().status, 200);
     let decider = &stack.sidecar().decider;
     for _ in 0..100 {

@@ -360,6 +360,23 @@ async fn draws_of(pool: &sqlx::PgPool, credit: &str) -> (i64, i64) {
     .unwrap()
 }
 
+/// Waits until `pending-commits.journal` in `spool` holds at least `puts` put frames (those of
+/// entries settled since included).
+async fn commits_spooled(spool: &Path, puts: usize) {
+    let journal = spool.join("pending-commits.journal");
+    eventually("the commits spooled", || {
+        let journal = journal.clone();
+        async move {
+            let bytes = std::fs::read(&journal).unwrap_or_default();
+            String::from_utf8_lossy(&bytes)
+                .matches("reservation_id")
+                .count()
+                >= puts
+        }
+    })
+    .await;
+}
+
 /// Crash drill for the draw journal (docs/design/credits.md): calls admitted inside a credit
 /// while the ledger is away, whose draws cannot land, survive a kill -9 of the sidecar. Its
 /// successor in the pod draws them from the credit that admitted them before releasing it, so
@@ -403,19 +420,7 @@ async fn kill_dash_nine_before_draws_land_keeps_the_calls_reservations_and_commi
         assert_eq!(chat(first.port).await, 200, "admitted inside the credit");
     }
     // Answered, so their usage is known: their commits wait for the draws, spooled meanwhile.
-    let journal = spool.path().join("pending-commits.journal");
-    eventually("the 3 commits spooled", || {
-        let journal = journal.clone();
-        async move {
-            let bytes = std::fs::read(&journal).unwrap_or_default();
-            // Put frames, those of the earlier calls' settled entries included.
-            let puts = String::from_utf8_lossy(&bytes)
-                .matches("reservation_id")
-                .count();
-            puts >= 3 + usize::try_from(drawn_before).unwrap()
-        }
-    })
-    .await;
+    commits_spooled(spool.path(), 3 + usize::try_from(drawn_before).unwrap()).await;
     first.child.kill().await.unwrap(); // SIGKILL before any of those draws could land.
 
     let mut ledger = TestLedger::start_at(&database_url, "ledger-0", addr)
@@ -504,18 +509,7 @@ async fn kill_dash_nine_before_draws_land_records_lost_draws_at_their_usage() {
     for _ in 0..2 {
         assert_eq!(chat(first.port).await, 200, "admitted inside the credit");
     }
-    let journal = spool.path().join("pending-commits.journal");
-    eventually("the 2 commits spooled", || {
-        let journal = journal.clone();
-        async move {
-            let bytes = std::fs::read(&journal).unwrap_or_default();
-            String::from_utf8_lossy(&bytes)
-                .matches("reservation_id")
-                .count()
-                >= 2 + usize::try_from(drawn_before).unwrap()
-        }
-    })
-    .await;
+    commits_spooled(spool.path(), 2 + usize::try_from(drawn_before).unwrap()).await;
     first.child.kill().await.unwrap(); // SIGKILL before the draws could land.
     // The credit (8 s) has lapsed on the ledger's clock by the time it is back.
     tokio::time::sleep(Duration::from_millis(9_000).saturating_sub(opened.elapsed())).await;
