@@ -1508,18 +1508,21 @@ impl Decider {
                 .clone()
                 .ok_or_else(|| SidecarError::NoReservation(call_id.to_owned()))?,
         };
+        // Kept since before the draw: the 24 h bound runs from then.
+        let since_unix_ms = || {
+            self.pending_commits
+                .get(call_id)
+                .filter(|_| held_before_draw)
+                .map_or_else(|| Utc::now().timestamp_millis(), |p| p.since_unix_ms)
+        };
         // Spooled before the draw under the call's own key, and drawn under a key of its own (a
         // reused call id): the spooled entry must name the reservation the commit goes to.
         if held_before_draw && decision.reservation_id.as_deref() != Some(reservation_id.as_str()) {
-            let since_unix_ms = self
-                .pending_commits
-                .get(call_id)
-                .map_or_else(|| Utc::now().timestamp_millis(), |p| p.since_unix_ms);
             self.pending_commits.hold(&PendingCommit {
                 call_id: call_id.to_owned(),
                 reservation_id: reservation_id.clone(),
                 actual_nano_usd: actual.get(),
-                since_unix_ms,
+                since_unix_ms: since_unix_ms(),
             });
         }
         // A background commit the ledger cannot take now is spooled before the error goes
@@ -1547,7 +1550,7 @@ impl Decider {
                         call_id: call_id.to_owned(),
                         reservation_id,
                         actual_nano_usd: actual.get(),
-                        since_unix_ms: Utc::now().timestamp_millis(),
+                        since_unix_ms: since_unix_ms(),
                     });
                 } else if held_before_draw {
                     self.pending_commits.settled(call_id);
