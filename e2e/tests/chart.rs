@@ -177,6 +177,23 @@ fn values_are_validated() {
     assert!(!ok && text.contains("creditNanoUsd"), "{text}");
     let (ok, text) = helm(&["template", "sg", CHART, "--set", "sidecar.creditTtlMs=1000"]);
     assert!(!ok && text.contains("creditTtlMs"), "{text}");
+    let (ok, text) = helm(&[
+        "template",
+        "sg",
+        CHART,
+        "--set",
+        "sidecar.creditAheadMs=1500,sidecar.creditQuietMs=30000",
+    ]);
+    assert!(
+        ok && text
+            .contains("name: SPENDGUARD_SIDECAR_CREDIT_AHEAD_MS\n              value: \"1500\"")
+            && text.contains(
+                "name: SPENDGUARD_SIDECAR_CREDIT_QUIET_MS\n              value: \"30000\""
+            ),
+        "{text}"
+    );
+    let (ok, text) = helm(&["template", "sg", CHART, "--set", "sidecar.creditQuietMs=-1"]);
+    assert!(!ok && text.contains("creditQuietMs"), "{text}");
 }
 
 #[test]

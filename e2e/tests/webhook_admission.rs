@@ -36,6 +36,8 @@ fn config() -> WebhookConfig {
             operator_namespace: OPERATOR_NAMESPACE.into(),
             credit_nano_usd: 0,
             credit_ttl_ms: 60_000,
+            credit_ahead_ms: 2_000,
+            credit_quiet_ms: 0,
         },
         approvals: approve::ApprovalConfig {
             operator_username: format!(

@@ -157,6 +157,8 @@ pub(crate) async fn start_approvals_webhook(
             operator_namespace: namespace.into(),
             credit_nano_usd: 0,
             credit_ttl_ms: 60_000,
+            credit_ahead_ms: 2_000,
+            credit_quiet_ms: 0,
         },
         approvals: approve::ApprovalConfig {
             operator_username: operator_username(namespace),

@@ -76,6 +76,10 @@ pub struct InjectConfig {
     pub credit_nano_usd: i64,
     /// Their credits' lifetime (`SPENDGUARD_CREDIT_TTL_MS`), set only with credits on.
     pub credit_ttl_ms: u64,
+    /// Their credits' sizing (`SPENDGUARD_CREDIT_AHEAD_MS`), set only with credits on.
+    pub credit_ahead_ms: u64,
+    /// Their quiet period (`SPENDGUARD_CREDIT_QUIET_MS`), set only with credits on.
+    pub credit_quiet_ms: u64,
 }
 
 /// Why an opted-in pod is refused. Each has a stable code that starts the denial message.
@@ -212,6 +216,14 @@ pub fn sidecar(config: &InjectConfig) -> Container {
         environment.push(env(
             "SPENDGUARD_CREDIT_TTL_MS",
             &config.credit_ttl_ms.to_string(),
+        ));
+        environment.push(env(
+            "SPENDGUARD_CREDIT_AHEAD_MS",
+            &config.credit_ahead_ms.to_string(),
+        ));
+        environment.push(env(
+            "SPENDGUARD_CREDIT_QUIET_MS",
+            &config.credit_quiet_ms.to_string(),
         ));
     }
     Container {
@@ -418,6 +430,8 @@ mod tests {
             operator_namespace: "spendguard-system".into(),
             credit_nano_usd: 0,
             credit_ttl_ms: 60_000,
+            credit_ahead_ms: 2_000,
+            credit_quiet_ms: 0,
         }
     }
 
@@ -487,6 +501,8 @@ mod tests {
         );
         let with_credits = serde_json::to_value(super::sidecar(&InjectConfig {
             credit_nano_usd: 5_000_000_000,
+            credit_ahead_ms: 1_500,
+            credit_quiet_ms: 30_000,
             ..config()
         }))
         .unwrap();
@@ -504,6 +520,19 @@ mod tests {
                 .iter()
                 .any(|e| e["name"] == "SPENDGUARD_CREDIT_TTL_MS" && e["value"] == "60000")
         );
+        for (name, value) in [
+            ("SPENDGUARD_CREDIT_AHEAD_MS", "1500"),
+            ("SPENDGUARD_CREDIT_QUIET_MS", "30000"),
+        ] {
+            assert!(
+                with_credits["env"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|e| e["name"] == name && e["value"] == value),
+                "{name}"
+            );
+        }
         assert_eq!(sidecar["readinessProbe"]["httpGet"]["path"], "/readyz");
         assert_eq!(sidecar["readinessProbe"]["httpGet"]["port"], 9464);
         assert_eq!(sidecar["livenessProbe"]["httpGet"]["path"], "/healthz");

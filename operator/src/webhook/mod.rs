@@ -190,6 +190,24 @@ pub struct WebhookArgs {
         value_parser = clap::builder::RangedU64ValueParser::<u64>::new().range(8_000..=3_600_000)
     )]
     pub sidecar_credit_ttl_ms: u64,
+    /// Credit sizing given to injected sidecars that use credits (their
+    /// `SPENDGUARD_CREDIT_AHEAD_MS`).
+    #[arg(
+        long = "sidecar-credit-ahead-ms",
+        env = "SPENDGUARD_SIDECAR_CREDIT_AHEAD_MS",
+        default_value_t = 2_000,
+        value_parser = clap::builder::RangedU64ValueParser::<u64>::new().range(0..=600_000)
+    )]
+    pub sidecar_credit_ahead_ms: u64,
+    /// Quiet period given to injected sidecars that use credits (their
+    /// `SPENDGUARD_CREDIT_QUIET_MS`; 0: their derived default).
+    #[arg(
+        long = "sidecar-credit-quiet-ms",
+        env = "SPENDGUARD_SIDECAR_CREDIT_QUIET_MS",
+        default_value_t = 0,
+        value_parser = clap::builder::RangedU64ValueParser::<u64>::new().range(0..=3_600_000)
+    )]
+    pub sidecar_credit_quiet_ms: u64,
 }
 
 /// Everything the webhook server needs, resolved from flags.
@@ -268,6 +286,8 @@ impl WebhookArgs {
                 operator_namespace: namespace.to_owned(),
                 credit_nano_usd: self.sidecar_credit_nano_usd,
                 credit_ttl_ms: self.sidecar_credit_ttl_ms,
+                credit_ahead_ms: self.sidecar_credit_ahead_ms,
+                credit_quiet_ms: self.sidecar_credit_quiet_ms,
             },
             approvals: approve::ApprovalConfig {
                 operator_username: self
