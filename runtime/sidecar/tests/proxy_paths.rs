@@ -1007,3 +1007,37 @@ async fn per_run_budgets_stop_a_run_without_stopping_others() {
     assert_eq!(malformed.status, 400);
     assert_eq!(malformed.json()["error"]["code"], "INVALID_ARGUMENT");
 }
+
+#[tokio::test]
+async fn a_left_over_commit_is_given_up_at_its_bound_counted_from_when_it_was_first_kept() {
+    // Goal: the 24 h bound of a pending commit runs from when it was first kept, across
+    // restarts, not from the resume. Method: a commit a previous process kept 24 h minus 300 ms
+    // ago, resumed while the ledger is away: it is given up within its last 300 ms (retried for
+    // a day otherwise; the test's 10 s timeout fails it) and forgotten.
+    let mut stack = Stack::start(Options::default()).await;
+    stack.ledger.stop().await;
+    let day = i64::try_from(spendguard_sidecar::pending_commits::PENDING_MAX.as_millis()).unwrap();
+    let pending = spendguard_sidecar::pending_commits::PendingCommit {
+        call_id: "kept-yesterday".into(),
+        reservation_id: uuid::Uuid::new_v4().to_string(),
+        actual_nano_usd: HELLO_CHAT_COST,
+        since_unix_ms: chrono::Utc::now().timestamp_millis() - day + 300,
+    };
+    let decider = stack.sidecar().decider.clone();
+    decider.hold_pending_commit(&pending);
+    assert_eq!(decider.pending_commits(), 1);
+    let metrics = spendguard_sidecar::metrics::Metrics::register(
+        &mut prometheus_client::registry::Registry::default(),
+    );
+    let drawn = std::collections::HashMap::new();
+    let resumed = spendguard_sidecar::proxy::resume_pending_commits(
+        decider.clone(),
+        metrics,
+        vec![pending],
+        &drawn,
+    );
+    tokio::time::timeout(std::time::Duration::from_secs(10), resumed)
+        .await
+        .expect("given up at its bound");
+    assert_eq!(decider.pending_commits(), 0, "forgotten once given up");
+}
