@@ -2117,27 +2117,12 @@ impl Planner {
             None => {}
         }
         self.check_settle(row, &r.tenant_id, &r.fencing)?;
-        // A credit returns what was not drawn; its draws are released or committed on their own.
-        let amount = row.undrawn();
-        let credit_drawn = row.is_credit.then_some(row.drawn);
-        let windows = row.windows.clone();
-        for key in &windows {
-            self.journal(
-                key,
-                Some(r.reservation_id),
-                EntryKind::Release,
-                [0, negative(amount), 0, 0],
-            );
-        }
-        let resolution = Resolution {
-            state: ReservationState::Released,
-            actual: NanoUsd::ZERO,
-            committed: NanoUsd::ZERO,
-            released: amount,
-            overrun: NanoUsd::ZERO,
-            epoch: r.fencing.epoch,
-        };
-        self.resolve(r.reservation_id, resolution);
+        let (amount, credit_drawn) = self.give_back(
+            r.reservation_id,
+            EntryKind::Release,
+            ReservationState::Released,
+            r.fencing.epoch,
+        );
         let mut data = json!({
             "reservation_id": r.reservation_id.to_string(),
             "released_nano_usd": amount.get().to_string(),
@@ -2196,35 +2181,53 @@ impl Planner {
     /// settled it), and `reservation.expired` is its event. Returns the amount released. Used by
     /// the sweep and by a commit that finds its reservation past the TTL before the sweep did.
     fn expire_reservation(&mut self, id: Uuid) -> NanoUsd {
-        let Some(row) = self.state.reservations.get(&id) else {
+        let Some(tenant_id) = self
+            .state
+            .reservations
+            .get(&id)
+            .map(|r| r.tenant_id.clone())
+        else {
             return NanoUsd::ZERO;
         };
-        let (amount, windows, tenant_id) =
-            (row.undrawn(), row.windows.clone(), row.tenant_id.clone());
-        let credit_drawn = row.is_credit.then_some(row.drawn);
-        for key in &windows {
-            self.journal(
-                key,
-                Some(id),
-                EntryKind::Expire,
-                [0, negative(amount), 0, 0],
-            );
-        }
-        let resolution = Resolution {
-            state: ReservationState::Expired,
-            actual: NanoUsd::ZERO,
-            committed: NanoUsd::ZERO,
-            released: amount,
-            overrun: NanoUsd::ZERO,
-            epoch: 0,
-        };
-        self.resolve(id, resolution);
+        let (amount, credit_drawn) =
+            self.give_back(id, EntryKind::Expire, ReservationState::Expired, 0);
         let mut data = json!({"reservation_id": id.to_string(), "released_nano_usd": amount.get().to_string()});
         if let Some(drawn) = credit_drawn {
             data["credit_drawn_nano_usd"] = json!(drawn.get().to_string());
         }
         self.event(&tenant_id, "reservation.expired", data);
         amount
+    }
+
+    /// Returns what an open reservation still holds to its windows (a credit: what was not
+    /// drawn; its draws are released or committed on their own) as `kind` entries, and resolves
+    /// it `state` under `epoch` (0: nobody settled it). Returns the amount and, for a credit,
+    /// what was drawn from it.
+    fn give_back(
+        &mut self,
+        id: Uuid,
+        kind: EntryKind,
+        state: ReservationState,
+        epoch: u64,
+    ) -> (NanoUsd, Option<NanoUsd>) {
+        let Some(row) = self.state.reservations.get(&id) else {
+            return (NanoUsd::ZERO, None);
+        };
+        let (amount, windows) = (row.undrawn(), row.windows.clone());
+        let credit_drawn = row.is_credit.then_some(row.drawn);
+        for key in &windows {
+            self.journal(key, Some(id), kind, [0, negative(amount), 0, 0]);
+        }
+        let resolution = Resolution {
+            state,
+            actual: NanoUsd::ZERO,
+            committed: NanoUsd::ZERO,
+            released: amount,
+            overrun: NanoUsd::ZERO,
+            epoch,
+        };
+        self.resolve(id, resolution);
+        (amount, credit_drawn)
     }
 
     fn upsert_retention_policy(
