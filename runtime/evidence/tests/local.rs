@@ -618,14 +618,10 @@ async fn private_key_material_never_appears_in_debug_display_errors_or_logs() {
     }
 }
 
-#[tokio::test]
-async fn a_batch_signature_verifies_each_event_alone_and_nothing_else() {
-    // Goal: one signature over a batch still proves every event on its own, and no event can be
-    // swapped, moved within the batch, lifted into another batch or passed off as singly signed.
-    // Method: sign batches of several sizes, verify each event with only its own row (bytes,
-    // signature, inclusion), then tamper with each part and expect the precise refusal.
+/// A signer of producer `ledger-0` with the key of `seed`, and a registry holding that key.
+fn signer_and_registry(seed: u8) -> (LocalEd25519Signer, KeyRegistry) {
     let signer = LocalEd25519Signer::from_signing_key(
-        ed25519_dalek::SigningKey::from_bytes(&[31; 32]),
+        ed25519_dalek::SigningKey::from_bytes(&[seed; 32]),
         None,
         "ledger-0",
     )
@@ -634,6 +630,16 @@ async fn a_batch_signature_verifies_each_event_alone_and_nothing_else() {
     registry
         .upsert(signer.key_record(t(0), None).unwrap())
         .unwrap();
+    (signer, registry)
+}
+
+#[tokio::test]
+async fn a_batch_signature_verifies_each_event_alone_and_nothing_else() {
+    // Goal: one signature over a batch still proves every event on its own, and no event can be
+    // swapped, moved within the batch, lifted into another batch or passed off as singly signed.
+    // Method: sign batches of several sizes, verify each event with only its own row (bytes,
+    // signature, inclusion), then tamper with each part and expect the precise refusal.
+    let (signer, registry) = signer_and_registry(31);
     for n in [1, 2, 3, 7, 8, 9] {
         let events: Vec<Vec<u8>> = (0..n).map(|i| audit_event(i, "batch")).collect();
         let refs: Vec<&[u8]> = events.iter().map(Vec::as_slice).collect();
@@ -731,16 +737,7 @@ async fn a_batch_pays_one_signature_check_and_every_event_is_still_judged() {
     // Goal: with a cache of verified signatures, the events of one batch cost one cryptographic
     // check, while each event is still tied to its own bytes and proof, and revocation and
     // windows are still judged per event.
-    let signer = LocalEd25519Signer::from_signing_key(
-        ed25519_dalek::SigningKey::from_bytes(&[41; 32]),
-        None,
-        "ledger-0",
-    )
-    .unwrap();
-    let mut registry = KeyRegistry::new();
-    registry
-        .upsert(signer.key_record(t(0), None).unwrap())
-        .unwrap();
+    let (signer, mut registry) = signer_and_registry(41);
     let events: Vec<Vec<u8>> = (0..8).map(|i| audit_event(i, "cached")).collect();
     let refs: Vec<&[u8]> = events.iter().map(Vec::as_slice).collect();
     let signed = signer.sign_batch_at(&refs, t(5_000)).await.unwrap();

@@ -711,13 +711,15 @@ fn decide_in_background(stack: &Stack, call_id: &str) -> tokio::task::JoinHandle
     })
 }
 
-/// Settles `call_id` as the proxy's background settlement would, while `decide` waits: the
-/// settlement is marked started first, then the call is committed (1 + 1 tokens, 750 nano-USD).
-async fn commit_while_waiting(
+/// Settles call A (`a-held`) as the proxy's background settlement would while B's decision
+/// waits: A is committed (1 + 1 tokens, 750 nano-USD), then its in-flight mark ends. B's answer.
+async fn a_commits_while_b_waits(
     stack: &Stack,
-    call_id: &str,
-    decide: &tokio::task::JoinHandle<Value>,
-) {
+    (in_flight, decide): (
+        spendguard_sidecar::settling::SettlingGuard,
+        tokio::task::JoinHandle<Value>,
+    ),
+) -> Value {
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     assert!(
         !decide.is_finished(),
@@ -726,11 +728,13 @@ async fn commit_while_waiting(
     let reply = post_json(
         &stack.url("/v1/spendguard/commit"),
         &[],
-        &json!({"call_id": call_id, "usage_format": "openai_chat",
+        &json!({"call_id": "a-held", "usage_format": "openai_chat",
                 "usage": {"prompt_tokens": 1, "completion_tokens": 1}}),
     )
     .await;
     assert_eq!(reply.status, 200, "{}", reply.json());
+    drop(in_flight);
+    decide.await.unwrap()
 }
 
 /// Call A decided and holding its reservation, a settlement marked in flight as the proxy marks
@@ -760,10 +764,7 @@ async fn a_refusal_for_lack_of_budget_waits_for_the_settlements_in_flight() {
         ..Options::default()
     })
     .await;
-    let (in_flight, next) = b_decided_while_a_settles(&stack).await;
-    commit_while_waiting(&stack, "a-held", &next).await;
-    drop(in_flight);
-    let next = next.await.unwrap();
+    let next = a_commits_while_b_waits(&stack, b_decided_while_a_settles(&stack).await).await;
     assert_eq!(next["decision"], "CONTINUE", "{next}");
     let over = stack.decide_ok(&decide_body("c-over", 100)).await;
     assert_eq!(over["decision"], "STOP", "{over}");
@@ -781,10 +782,7 @@ async fn a_soft_cap_is_judged_again_once_the_settlements_in_flight_landed() {
         ..Options::default()
     })
     .await;
-    let (in_flight, next) = b_decided_while_a_settles(&stack).await;
-    commit_while_waiting(&stack, "a-held", &next).await;
-    drop(in_flight);
-    let next = next.await.unwrap();
+    let next = a_commits_while_b_waits(&stack, b_decided_while_a_settles(&stack).await).await;
     assert_eq!(next["decision"], "CONTINUE", "{next}");
 }
 

@@ -377,6 +377,93 @@ async fn commits_spooled(spool: &Path, puts: usize) {
     .await;
 }
 
+/// The start of the draw-journal drills: a ledger with `tenant`'s data path, and a credits
+/// sidecar of `workload` (credits living `credit_ttl_ms`) on a spool, whose first call opened a
+/// credit.
+struct CreditDrill {
+    ledger: TestLedger,
+    addr: std::net::SocketAddr,
+    database_url: String,
+    pool: sqlx::PgPool,
+    bundle: tempfile::TempDir,
+    spool: tempfile::TempDir,
+    mock_port: u16,
+    workload: &'static str,
+    credit_ttl_ms: u32,
+    first: Sidecar,
+}
+
+impl CreditDrill {
+    async fn start(tenant: &str, workload: &'static str, credit_ttl_ms: u32) -> Self {
+        let (ledger, bundle, mock_port) =
+            data_path(tenant, json!({"version": "crash", "max_output_tokens": 64})).await;
+        let addr = ledger.ledger.as_ref().unwrap().addr;
+        let spool = tempfile::tempdir().unwrap();
+        let first = spawn_credits_sidecar(
+            (addr, bundle.path(), spool.path(), mock_port),
+            workload,
+            credit_ttl_ms,
+        )
+        .await;
+        let drill = Self {
+            database_url: ledger.database_url.clone(),
+            pool: ledger.store().pool().clone(),
+            ledger,
+            addr,
+            bundle,
+            spool,
+            mock_port,
+            workload,
+            credit_ttl_ms,
+            first,
+        };
+        assert_eq!(chat(drill.first.port).await, 200);
+        eventually("the credit is open", || async {
+            credit_rows(&drill.pool).await.0 == 1
+        })
+        .await;
+        drill
+    }
+
+    /// The ledger stops; `calls` more calls are admitted inside the credit and answered, their
+    /// commits spooled while their draws wait (`drawn_before`: the calls drawn before, whose
+    /// entries may be in the journal too); then the sidecar is killed with SIGKILL.
+    async fn calls_during_an_outage_then_kill(&mut self, calls: usize, drawn_before: i64) {
+        self.ledger.stop().await;
+        for _ in 0..calls {
+            assert_eq!(
+                chat(self.first.port).await,
+                200,
+                "admitted inside the credit"
+            );
+        }
+        commits_spooled(
+            self.spool.path(),
+            calls + usize::try_from(drawn_before).unwrap(),
+        )
+        .await;
+        self.first.child.kill().await.unwrap();
+    }
+
+    /// The ledger again, on the same database and address.
+    async fn restart_ledger(&self) -> TestLedger {
+        TestLedger::start_at(&self.database_url, "ledger-0", self.addr)
+            .await
+            .unwrap()
+    }
+
+    /// The pod's next sidecar, on the same spool.
+    async fn spawn_sidecar(&self) -> Sidecar {
+        let stack = (
+            self.addr,
+            self.bundle.path(),
+            self.spool.path(),
+            self.mock_port,
+        );
+        spawn_credits_sidecar(stack, self.workload, self.credit_ttl_ms).await
+    }
+}
+
 /// Crash drill for the draw journal (docs/design/credits.md): calls admitted inside a credit
 /// while the ledger is away, whose draws cannot land, survive a kill -9 of the sidecar. Its
 /// successor in the pod draws them from the credit that admitted them before releasing it, so
@@ -385,49 +472,28 @@ async fn commits_spooled(spool: &Path, puts: usize) {
 #[tokio::test]
 async fn kill_dash_nine_before_draws_land_keeps_the_calls_reservations_and_commits() {
     const JOURNAL_TENANT: &str = "tenant-journal";
-    let (mut ledger, bundle, mock_port) = data_path(
-        JOURNAL_TENANT,
-        json!({"version": "crash", "max_output_tokens": 64}),
-    )
-    .await;
-    let addr = ledger.ledger.as_ref().unwrap().addr;
-    let database_url = ledger.database_url.clone();
-    let pool = ledger.store().pool().clone();
-    let spool = tempfile::tempdir().unwrap();
-    let stack = (addr, bundle.path(), spool.path(), mock_port);
-    let mut first = spawn_credits_sidecar(stack, "agent-journal", 30_000).await;
-    // The first call opens the credit; wait until it is open and what was drawn has landed.
-    assert_eq!(chat(first.port).await, 200);
-    eventually("the credit is open", || async {
-        credit_rows(&pool).await.0 == 1
-    })
-    .await;
+    let mut drill = CreditDrill::start(JOURNAL_TENANT, "agent-journal", 30_000).await;
+    let pool = drill.pool.clone();
+    // Wait until what the first call drew has landed.
     eventually("the first call is settled", || async {
-        commits(first.admin).await == 1
+        commits(drill.first.admin).await == 1
     })
     .await;
     let credit = open_credit_id(&pool).await;
     let (drawn_before, _) = draws_of(&pool, &credit).await;
-    let committed_before = ledger
+    let committed_before = drill
+        .ledger
         .balance(JOURNAL_TENANT, BUDGET)
         .await
         .unwrap()
         .committed_nano_usd;
 
-    // The ledger goes away: calls go on inside the credit, their draws retry.
-    ledger.stop().await;
-    for _ in 0..3 {
-        assert_eq!(chat(first.port).await, 200, "admitted inside the credit");
-    }
-    // Answered, so their usage is known: their commits wait for the draws, spooled meanwhile.
-    commits_spooled(spool.path(), 3 + usize::try_from(drawn_before).unwrap()).await;
-    first.child.kill().await.unwrap(); // SIGKILL before any of those draws could land.
-
-    let mut ledger = TestLedger::start_at(&database_url, "ledger-0", addr)
-        .await
-        .unwrap();
+    drill
+        .calls_during_an_outage_then_kill(3, drawn_before)
+        .await;
+    let mut ledger = drill.restart_ledger().await;
     assert_eq!(draws_of(&pool, &credit).await.0, drawn_before);
-    let _second = spawn_credits_sidecar(stack, "agent-journal", 30_000).await;
+    let _second = drill.spawn_sidecar().await;
     eventually("the predecessor's credit is released", || async {
         reservation_state(&pool, &credit).await == "released"
     })
@@ -478,45 +544,18 @@ async fn kill_dash_nine_before_draws_land_keeps_the_calls_reservations_and_commi
 /// usage its commit carried (spooled while its draw was pending), not at its worst case.
 #[tokio::test]
 async fn kill_dash_nine_before_draws_land_records_lost_draws_at_their_usage() {
-    const LAPSE_TENANT: &str = "tenant-lapse";
-    let (mut ledger, bundle, mock_port) = data_path(
-        LAPSE_TENANT,
-        json!({"version": "crash", "max_output_tokens": 64}),
-    )
-    .await;
-    let addr = ledger.ledger.as_ref().unwrap().addr;
-    let database_url = ledger.database_url.clone();
-    let pool = ledger.store().pool().clone();
-    let spool = tempfile::tempdir().unwrap();
-    let stack = (addr, bundle.path(), spool.path(), mock_port);
-    let mut first = spawn_credits_sidecar(stack, "agent-lapse", 8_000).await;
-    assert_eq!(chat(first.port).await, 200);
-    eventually("the credit is open", || async {
-        credit_rows(&pool).await.0 == 1
-    })
-    .await;
+    let mut drill = CreditDrill::start("tenant-lapse", "agent-lapse", 8_000).await;
     let opened = std::time::Instant::now();
-    let draws = || async {
-        sqlx::query_scalar::<_, i64>(
-            "SELECT count(*) FROM reservations WHERE drawn_from_reservation_id IS NOT NULL",
-        )
-        .fetch_one(&pool)
-        .await
-        .unwrap()
-    };
-    let drawn_before = draws().await;
-    ledger.stop().await;
-    for _ in 0..2 {
-        assert_eq!(chat(first.port).await, 200, "admitted inside the credit");
-    }
-    commits_spooled(spool.path(), 2 + usize::try_from(drawn_before).unwrap()).await;
-    first.child.kill().await.unwrap(); // SIGKILL before the draws could land.
+    let pool = drill.pool.clone();
+    let credit = open_credit_id(&pool).await;
+    let (drawn_before, _) = draws_of(&pool, &credit).await;
+    drill
+        .calls_during_an_outage_then_kill(2, drawn_before)
+        .await;
     // The credit (8 s) has lapsed on the ledger's clock by the time it is back.
     tokio::time::sleep(Duration::from_millis(9_000).saturating_sub(opened.elapsed())).await;
-    let _ledger = TestLedger::start_at(&database_url, "ledger-0", addr)
-        .await
-        .unwrap();
-    let _second = spawn_credits_sidecar(stack, "agent-lapse", 8_000).await;
+    let _ledger = drill.restart_ledger().await;
+    let _second = drill.spawn_sidecar().await;
     // Settled records are sent at once; unsettled ones only at the settle deadline (9 s), at
     // their worst case.
     eventually("the 2 calls recorded as fail-open calls", || async {
@@ -532,7 +571,11 @@ async fn kill_dash_nine_before_draws_land_records_lost_draws_at_their_usage() {
         })
         .collect();
     assert_eq!(costs, vec![10_950; 2], "at the usage the mock reported");
-    assert_eq!(draws().await, drawn_before, "neither draw landed");
+    assert_eq!(
+        draws_of(&pool, &credit).await.0,
+        drawn_before,
+        "neither draw landed"
+    );
 }
 
 /// The STOP events in the outbox: (record id, call id or "", how many STOPs each stands for).
