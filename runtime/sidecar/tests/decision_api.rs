@@ -809,3 +809,34 @@ async fn a_refusal_stands_when_its_retry_cannot_reach_the_ledger() {
     assert_eq!(next["decision"], "STOP", "{next}");
     assert_eq!(next["reason"], "BUDGET_EXHAUSTED", "{next}");
 }
+
+#[tokio::test]
+async fn a_crossed_soft_cap_stands_when_the_balances_cannot_be_read_again() {
+    // Goal: the soft cap is judged again only on balances that were read; a ledger gone during
+    // the wait leaves the first verdict (approval needed), which then cannot be recorded: 503,
+    // never a CONTINUE. Method: as the soft-cap test, with the ledger stopped during the wait.
+    let mut stack = Stack::start(Options {
+        soft_cap: 300_000,
+        ..Options::default()
+    })
+    .await;
+    let held = stack.decide_ok(&decide_body("a-held", 100)).await;
+    assert_eq!(held["decision"], "CONTINUE", "{held}");
+    let in_flight = stack.sidecar().decider.settlement_started();
+    let url = stack.url("/v1/spendguard/decide");
+    let next = tokio::spawn(async move { post_json(&url, &[], &decide_body("b-next", 100)).await });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(
+        !next.is_finished(),
+        "the decision waits for the settlement in flight"
+    );
+    stack.ledger.stop().await;
+    drop(in_flight);
+    let reply = next.await.unwrap();
+    assert_eq!(
+        reply.status,
+        503,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+}
