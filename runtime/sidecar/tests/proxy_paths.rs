@@ -743,6 +743,48 @@ async fn client_disconnect_mid_stream_resolves_the_reservation() {
 }
 
 #[tokio::test]
+async fn the_next_call_waits_for_a_stream_whose_usage_went_out() {
+    // Goal: a stream's settlement is marked in flight when its usage event passes, so a client
+    // that sends its next call on reading the usage (before the stream's end) is not refused
+    // because the stream's worst case was still held. Method: a budget that fits one worst case
+    // (4,096 output tokens at $0.60/M: ~2.46 M) but not two; stream A's `[DONE]` comes 100 ms
+    // after its usage chunk; call B is sent as soon as the usage was read, and must go through.
+    // Without the mark, A's settlement starts only at the stream's end and B is refused at once.
+    use http_body_util::BodyExt;
+    let mut stack = Stack::start(Options {
+        limit: 4_000_000,
+        ..Options::default()
+    })
+    .await;
+    let url = stack.url("/v1/chat/completions");
+    let response = client()
+        .request(request(
+            &url,
+            &[OPENAI_KEY, ("x-mock-chunk-delay-ms", "100")],
+            serde_json::to_vec(&chat_body("gpt-4o-mini", true)).unwrap(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut seen = String::new();
+    while !seen.contains("\"prompt_tokens\"") {
+        let frame = body.frame().await.expect("the usage chunk comes").unwrap();
+        if let Ok(data) = frame.into_data() {
+            seen.push_str(&String::from_utf8_lossy(&data));
+        }
+    }
+    assert!(!seen.contains("[DONE]"), "the stream has not ended: {seen}");
+    let rest = tokio::spawn(async move { body.collect().await.unwrap().to_bytes() });
+    let next = post_json(&url, &[OPENAI_KEY], &chat_body("gpt-4o-mini", false)).await;
+    assert_eq!(next.status, 200, "{:?}", next.json());
+    let rest = String::from_utf8(rest.await.unwrap().to_vec()).unwrap();
+    assert!(rest.ends_with("data: [DONE]\n\n"), "{rest}");
+    let balance = stack.settled_balance().await;
+    assert_eq!(balance.committed_nano_usd, 2 * HELLO_CHAT_COST);
+}
+
+#[tokio::test]
 async fn a_call_that_outlives_its_reservation_is_still_billed() {
     // Goal: "committed with whatever usage the provider reported", also for a call that outlives
     // its reservation's TTL: the ledger books its usage late, all as an overrun, and the
