@@ -1423,12 +1423,7 @@ impl Decider {
             .ok()?
             .into_inner()
             .balances;
-        let same_windows = now.len() == reserved.len()
-            && now.iter().zip(reserved).all(|(now, then)| {
-                now.budget_id == then.budget_id
-                    && now.window_start_unix_ms == then.window_start_unix_ms
-            });
-        same_windows.then_some(now)
+        of_same_windows(now, reserved)
     }
 
     async fn ensure_run_budget(
@@ -2074,6 +2069,20 @@ fn settle_error(call_id: &str, status: &tonic::Status) -> SidecarError {
     }
 }
 
+/// Balances read after a reservation, if they are of the windows it reserved in (the same
+/// budgets, in the same order, with the same window starts): a window that rolled over meanwhile
+/// says nothing about the reservation's, so its verdict is not judged again on it.
+fn of_same_windows(
+    now: Vec<pb::BudgetBalance>,
+    reserved: &[pb::BudgetBalance],
+) -> Option<Vec<pb::BudgetBalance>> {
+    let same_windows = now.len() == reserved.len()
+        && now.iter().zip(reserved).all(|(now, then)| {
+            now.budget_id == then.budget_id && now.window_start_unix_ms == then.window_start_unix_ms
+        });
+    same_windows.then_some(now)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2178,5 +2187,30 @@ mod tests {
             })),
             SendFailure::Refused(_)
         ));
+    }
+
+    #[test]
+    fn a_soft_cap_is_judged_again_only_on_balances_of_the_reserved_windows() {
+        let balance = |budget: &str, window_start: i64, reserved: i64| pb::BudgetBalance {
+            budget_id: budget.into(),
+            window_start_unix_ms: window_start,
+            reserved_nano_usd: reserved,
+            ..Default::default()
+        };
+        let day = 86_400_000;
+        let reserved = [balance("team", day, 900), balance("tenant", 0, 900)];
+        let later = vec![balance("team", day, 300), balance("tenant", 0, 300)];
+        assert_eq!(of_same_windows(later.clone(), &reserved), Some(later));
+        // The day rolled over between the reservation and the read: the new day's balance
+        // (nearly empty) must not clear a soft cap the old day's reservation crossed.
+        let rolled = vec![balance("team", 2 * day, 0), balance("tenant", 0, 300)];
+        assert_eq!(of_same_windows(rolled, &reserved), None);
+        // Another budget, or fewer balances, than were reserved.
+        let other = vec![balance("other", day, 0), balance("tenant", 0, 300)];
+        assert_eq!(of_same_windows(other, &reserved), None);
+        assert_eq!(
+            of_same_windows(vec![balance("team", day, 0)], &reserved),
+            None
+        );
     }
 }
