@@ -1573,12 +1573,15 @@ impl Decider {
 
     /// Sends a pending commit by reservation id: one a previous process of this pod left in the
     /// spool (this process never saw the call), or a retry of this process's own
-    /// (`pending_commits.rs`). `Ok(late)` once the ledger has it, then forgotten; a refusal that
-    /// cannot pass later forgets it too.
+    /// (`pending_commits.rs`). `Ok` once the ledger has it (or the call's fail-open record took
+    /// its usage), then forgotten; a refusal that cannot pass later forgets it too.
     ///
     /// # Errors
     /// The ledger's refusal; while [`SidecarError::settlement_may_land_later`], it stays.
-    pub async fn commit_left_over(&self, commit: &PendingCommit) -> Result<bool, SidecarError> {
+    pub async fn commit_left_over(
+        &self,
+        commit: &PendingCommit,
+    ) -> Result<LeftOverSettled, SidecarError> {
         // A call admitted inside a credit whose draw was lost after all (its predecessor's, or
         // at the redraw): its fail-open record is queued, unsettled, at its worst case. Its
         // usage settles that record, as if the commit had found the draw lost.
@@ -1586,7 +1589,7 @@ impl Decider {
             self.fail_open
                 .settle(&commit.call_id, commit.actual_nano_usd);
             self.pending_commits.settled(&commit.call_id);
-            return Ok(false);
+            return Ok(LeftOverSettled::FailOpenRecord);
         }
         let sent = self
             .commit_reservation(
@@ -1597,7 +1600,7 @@ impl Decider {
             )
             .await;
         match &sent {
-            Err(e) if e.settlement_may_land_later() => return sent.map(|response| response.late),
+            Err(e) if e.settlement_may_land_later() => return sent.map(LeftOverSettled::from),
             Err(_) => {}
             // A call this process still knows is settled now, as if its first attempt had landed.
             Ok(response) => {
@@ -1615,7 +1618,7 @@ impl Decider {
             }
         }
         self.pending_commits.settled(&commit.call_id);
-        sent.map(|response| response.late)
+        sent.map(LeftOverSettled::from)
     }
 
     /// Commits `actual` to the reservation under this sidecar's current epoch (a reservation made
@@ -2066,6 +2069,38 @@ fn settle_error(call_id: &str, status: &tonic::Status) -> SidecarError {
             SidecarError::CallAlreadyResolved(call_id.to_owned())
         }
         _ => ledger_error(status),
+    }
+}
+
+/// Where a left-over commit's usage went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeftOverSettled {
+    /// Committed to its reservation.
+    Committed,
+    /// Committed after its reservation's TTL: booked late, all of it overrun.
+    CommittedLate,
+    /// Its credit draw was lost: the call's fail-open record took its usage instead.
+    FailOpenRecord,
+}
+
+impl LeftOverSettled {
+    /// The settlement metric's outcome.
+    pub fn outcome(self) -> &'static str {
+        match self {
+            Self::Committed => "commit",
+            Self::CommittedLate => "commit_late",
+            Self::FailOpenRecord => "fail_open",
+        }
+    }
+}
+
+impl From<pb::CommitResponse> for LeftOverSettled {
+    fn from(response: pb::CommitResponse) -> Self {
+        if response.late {
+            Self::CommittedLate
+        } else {
+            Self::Committed
+        }
     }
 }
 

@@ -91,12 +91,18 @@ async fn open_stream(port: u16) -> (tokio::net::TcpStream, u16) {
     (stream, status)
 }
 
-/// Settlements the sidecar has made, from its metrics.
+/// Commits the sidecar has made, from its metrics.
 async fn commits(admin: u16) -> u64 {
+    settlements_counted(admin, "commit").await
+}
+
+/// Settlements the sidecar has made with `outcome`, from its metrics.
+async fn settlements_counted(admin: u16, outcome: &str) -> u64 {
     let (_, metrics) = http_get(admin, "/metrics").await.unwrap();
+    let series = format!("spendguard_sidecar_settlements_total{{outcome=\"{outcome}\"}}");
     metrics
         .lines()
-        .find(|l| l.starts_with("spendguard_sidecar_settlements_total{outcome=\"commit\"}"))
+        .find(|l| l.starts_with(&series))
         .and_then(|l| l.split_whitespace().last())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
@@ -555,7 +561,7 @@ async fn kill_dash_nine_before_draws_land_records_lost_draws_at_their_usage() {
     // The credit (8 s) has lapsed on the ledger's clock by the time it is back.
     tokio::time::sleep(Duration::from_millis(9_000).saturating_sub(opened.elapsed())).await;
     let _ledger = drill.restart_ledger().await;
-    let _second = drill.spawn_sidecar().await;
+    let second = drill.spawn_sidecar().await;
     // Settled records are sent at once; unsettled ones only at the settle deadline (9 s), at
     // their worst case.
     eventually("the 2 calls recorded as fail-open calls", || async {
@@ -571,6 +577,12 @@ async fn kill_dash_nine_before_draws_land_records_lost_draws_at_their_usage() {
         })
         .collect();
     assert_eq!(costs, vec![10_950; 2], "at the usage the mock reported");
+    assert_eq!(
+        settlements_counted(second.admin, "fail_open").await,
+        2,
+        "the kept commits settled the fail-open records, and are counted as such"
+    );
+    assert_eq!(settlements_counted(second.admin, "commit").await, 0);
     assert_eq!(
         draws_of(&pool, &credit).await.0,
         drawn_before,

@@ -16,7 +16,7 @@ pub mod request;
 pub mod upstream;
 pub mod usage;
 
-use crate::decider::{DecideInput, Decider, Spend, Verdict, Waiter};
+use crate::decider::{DecideInput, Decider, LeftOverSettled, Spend, Verdict, Waiter};
 use crate::error::SidecarError;
 use crate::metrics::Metrics;
 use crate::pending_commits::PendingCommit;
@@ -400,7 +400,10 @@ fn commit_kind(late: bool) -> &'static str {
 async fn commit_pending(decider: &Decider, metrics: &Metrics, pending: &PendingCommit) {
     let deadline = Instant::now() + pending.time_left(chrono::Utc::now().timestamp_millis());
     let committed = retry_settlement(deadline, &pending.call_id, || async {
-        decider.commit_left_over(pending).await.map(commit_kind)
+        decider
+            .commit_left_over(pending)
+            .await
+            .map(LeftOverSettled::outcome)
     })
     .await;
     match committed {
