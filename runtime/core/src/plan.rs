@@ -784,6 +784,21 @@ pub struct WindowRow {
 }
 
 impl WindowRow {
+    /// This window under its budget's limit `budget_limit`, which may have been lowered since
+    /// the window took its limit: brought down to it, but never below what the window holds
+    /// (committed and reserved), as lowering a limit does (`upsert_budget`). A window clamped at
+    /// its usage by a lowered limit would otherwise hand out again what its reservations
+    /// release afterwards.
+    #[must_use]
+    pub fn under_budget_limit(self, budget_limit: NanoUsd) -> Self {
+        let held = self.committed.get().saturating_add(self.reserved.get());
+        let floor = budget_limit.get().max(held);
+        match NanoUsd::new(floor) {
+            Ok(limit) if limit < self.limit => Self { limit, ..self },
+            _ => self,
+        }
+    }
+
     /// What a new reservation may still take.
     pub fn remaining(&self) -> NanoUsd {
         self.limit
@@ -1462,6 +1477,15 @@ impl Planner {
     }
 
     /// Creates the window (journaling its limit) if this batch is its first use.
+    /// A current window's money under its budget's limit ([`WindowRow::under_budget_limit`]).
+    fn current_window(&self, key: &WindowKey) -> WindowRow {
+        let row = self.window(key);
+        match self.state.budgets.get(&key.budget) {
+            Some(budget) => row.under_budget_limit(budget.limit),
+            None => row,
+        }
+    }
+
     fn open_window(&mut self, key: &WindowKey) {
         if self.state.windows.contains_key(key) {
             return;
@@ -1588,7 +1612,7 @@ impl Planner {
             None => {
                 let windows = self.current_windows(&r.tenant_id, &r.budget_ids)?;
                 for key in &windows {
-                    let remaining = self.window(key).remaining();
+                    let remaining = self.current_window(key).remaining();
                     if r.amount > remaining {
                         return Ok(Outcome::Denied {
                             budget_id: key.budget.budget_id.clone(),
@@ -1614,6 +1638,14 @@ impl Planner {
         };
         for key in &windows {
             self.open_window(key);
+            if drawn_from.is_none() {
+                // A window clamped at its usage by a lowered limit comes down to the budget's
+                // limit first, so the database's check holds this reservation to it.
+                let lowered = self.current_window(key).limit.get() - self.window(key).limit.get();
+                if lowered != 0 {
+                    self.journal(key, None, EntryKind::LimitSet, [lowered, 0, 0, 0]);
+                }
+            }
             self.journal(
                 key,
                 Some(reservation_id),

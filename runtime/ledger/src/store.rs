@@ -556,7 +556,8 @@ impl Store {
                     .unwrap_or(WindowRow {
                         limit: budget.limit,
                         ..WindowRow::default()
-                    });
+                    })
+                    .under_budget_limit(budget.limit);
                 Ok(Balance {
                     budget_id: budget_id.clone(),
                     window: budget.window,

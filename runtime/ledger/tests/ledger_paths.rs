@@ -604,6 +604,69 @@ async fn lowering_a_limit_below_usage_clamps_the_current_window_and_stops_spendi
         denied.outcome,
         Some(pb::reserve_set_response::Outcome::Denied(_))
     ));
+    // What the open reservation releases afterwards is not spendable again: the limit is 100.
+    let held = reserved(
+        ledger
+            .client
+            .reserve_set(reserve_request(T, "k", &["run"], 600, &fencing))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    ledger
+        .client
+        .commit(pb::CommitRequest {
+            tenant_id: T.into(),
+            reservation_id: held.reservation_id,
+            actual_nano_usd: 40,
+            fencing: Some(fencing.clone()),
+            deferrable: false,
+        })
+        .await
+        .unwrap();
+    let b = balance(&mut ledger, "run").await;
+    assert_eq!(
+        (b.limit_nano_usd, b.committed_nano_usd, b.remaining_nano_usd),
+        (100, 40, 60),
+        "the 560 released is not room under a limit of 100"
+    );
+    let over = ledger
+        .client
+        .reserve_set(reserve_request(T, "k3", &["run"], 61, &fencing))
+        .await
+        .unwrap()
+        .into_inner();
+    match over.outcome {
+        Some(pb::reserve_set_response::Outcome::Denied(d)) => {
+            assert_eq!(d.remaining_nano_usd, 60);
+        }
+        other => panic!("expected a denial, got {other:?}"),
+    }
+    let fits = reserved(
+        ledger
+            .client
+            .reserve_set(reserve_request(T, "k4", &["run"], 60, &fencing))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!(
+        (
+            fits.balances[0].limit_nano_usd,
+            fits.balances[0].remaining_nano_usd
+        ),
+        (100, 0)
+    );
+    // The window's stored limit came down with that reservation, so the database's own check
+    // holds it to the budget's limit.
+    let stored: i64 = sqlx::query_scalar(
+        "SELECT limit_nano_usd FROM budget_windows WHERE tenant_id = $1 AND budget_id = 'run'",
+    )
+    .bind(T)
+    .fetch_one(ledger.store().pool())
+    .await
+    .unwrap();
+    assert_eq!(stored, 100);
     // Raising it again takes effect at once.
     ledger
         .client
@@ -616,7 +679,7 @@ async fn lowering_a_limit_below_usage_clamps_the_current_window_and_stops_spendi
         })
         .await
         .unwrap();
-    assert_eq!(balance(&mut ledger, "run").await.remaining_nano_usd, 1_400);
+    assert_eq!(balance(&mut ledger, "run").await.remaining_nano_usd, 1_900);
     invariants::check(ledger.store().pool()).await.unwrap();
 }
 
