@@ -2338,6 +2338,13 @@ impl Planner {
                 replayed: true,
             });
         }
+        if f.fencing.epoch > epoch_current {
+            return Err(epoch_never_issued(
+                &f.fencing.scope_id,
+                f.fencing.epoch,
+                epoch_current,
+            ));
+        }
         let registered = self
             .state
             .pricing
@@ -2454,6 +2461,16 @@ impl Planner {
                 }
                 Some(_) => {
                     return Err(LedgerError::IdempotencyConflict(stop.record_id.to_string()));
+                }
+                None if stop
+                    .fencing_epoch
+                    .is_some_and(|epoch| epoch > epoch_current) =>
+                {
+                    return Err(epoch_never_issued(
+                        &r.fencing_scope_id,
+                        stop.fencing_epoch.unwrap_or_default(),
+                        epoch_current,
+                    ));
                 }
                 None => fresh.push((stop, fingerprint)),
             }
@@ -2905,6 +2922,17 @@ impl Planner {
             created,
             balance: self.balance(&window_key),
         })
+    }
+}
+
+/// The refusal of an after-the-fact record (fail-open, STOP) that presents an epoch its scope
+/// never had: records keep the epoch a sidecar decided under, which may be older than the
+/// scope's now, never newer.
+fn epoch_never_issued(scope_id: &str, presented: u64, current: u64) -> LedgerError {
+    LedgerError::FencingEpochStale {
+        scope_id: scope_id.to_owned(),
+        presented,
+        current,
     }
 }
 

@@ -22,6 +22,9 @@ pub const RESERVATION_TTL_MS_MIN: u32 = 1_000;
 pub const RESERVATION_TTL_MS_MAX: u32 = 3_600_000;
 /// Most reservations one sweep call expires.
 pub const SWEEP_MAX: u32 = 10_000;
+/// The largest integer a JSON number carries exactly (2^53 - 1): audit events are RFC 8785
+/// canonical JSON, whose numbers are IEEE doubles.
+pub const JSON_SAFE_INTEGER_MAX: u64 = (1 << 53) - 1;
 /// Most budgets one GetBalances call reads.
 pub const BALANCES_BUDGETS_MAX: usize = 256;
 
@@ -620,14 +623,16 @@ fn stop_record(s: &pb::StopRecord) -> Result<StopRecord> {
         }
         Some(s.call_id.clone())
     };
+    // Events carry the count as a JSON number, exact only up to 2^53 - 1 (RFC 8785 numbers are
+    // IEEE doubles): a larger count would be signed rounded.
     let count_ok = match &call_id {
         Some(_) => s.count == 1,
-        None => (1..=i64::MAX.unsigned_abs()).contains(&s.count),
+        None => (1..=JSON_SAFE_INTEGER_MAX).contains(&s.count),
     };
     if !count_ok {
         return Err(LedgerError::InvalidArgument {
             field: "stops.count",
-            reason: "must be 1 for a call, and from 1 to 2^63-1 for a summary".into(),
+            reason: "must be 1 for a call, and from 1 to 2^53-1 for a summary".into(),
         });
     }
     if call_id.is_some() && first != last {

@@ -325,6 +325,16 @@ async fn bad_input_is_refused_with_stable_codes_and_nothing_written() {
             pb::ErrorCode::FencingEpochMissing,
         ),
         (
+            "an epoch the scope never had",
+            |r| r.fencing.as_mut().unwrap().epoch += 1,
+            pb::ErrorCode::FencingEpochStale,
+        ),
+        (
+            "an epoch past what the database holds",
+            |r| r.fencing.as_mut().unwrap().epoch = 1 << 63,
+            pb::ErrorCode::FencingEpochStale,
+        ),
+        (
             "epoch 0",
             |r| r.fencing.as_mut().unwrap().epoch = 0,
             pb::ErrorCode::FencingEpochMissing,

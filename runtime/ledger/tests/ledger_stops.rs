@@ -367,6 +367,16 @@ async fn bad_input_is_refused_with_stable_codes_and_nothing_written() {
             |r| r.fencing_scope_id = "other-scope".into(),
             pb::ErrorCode::FencingScopeNotFound,
         ),
+        (
+            "an epoch the scope never had",
+            |r| r.stops[0].fencing_epoch += 1,
+            pb::ErrorCode::FencingEpochStale,
+        ),
+        (
+            "a summary beyond what a JSON number holds exactly",
+            |r| r.stops[0] = summary(ID_1, 1 << 53),
+            pb::ErrorCode::InvalidArgument,
+        ),
     ];
     for (name, breaker, expected) in cases {
         let mut broken = request(&fencing, vec![stop(ID_1, "call-1", fencing.epoch)]);
