@@ -1641,7 +1641,11 @@ impl Planner {
             if drawn_from.is_none() {
                 // A window clamped at its usage by a lowered limit comes down to the budget's
                 // limit first, so the database's check holds this reservation to it.
-                let lowered = self.current_window(key).limit.get() - self.window(key).limit.get();
+                let lowered = self
+                    .current_window(key)
+                    .limit
+                    .get()
+                    .saturating_sub(self.window(key).limit.get());
                 if lowered != 0 {
                     self.journal(key, None, EntryKind::LimitSet, [lowered, 0, 0, 0]);
                 }

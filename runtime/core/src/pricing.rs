@@ -127,6 +127,10 @@ pub enum PricingError {
         /// Model.
         model: String,
     },
+    /// The provider billed the call at a service tier the snapshot has no prices for (OpenAI
+    /// `priority` or `scale`): its usage cannot be priced from the snapshot.
+    #[error("the call was served at service tier {0:?}, which the pricing snapshot does not price")]
+    UnpricedServiceTier(String),
     /// `published_at` is not an RFC 3339 timestamp.
     #[error("pricing snapshot published_at {0:?} is not an RFC 3339 timestamp")]
     PublishedAtInvalid(String),

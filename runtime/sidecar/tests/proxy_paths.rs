@@ -333,7 +333,8 @@ async fn bad_input_is_refused_in_the_provider_format_with_nothing_reserved() {
     // limits, an oversized body) and input the guard cannot bound, on each of the three APIs,
     // streaming and not: a 4xx (402 for the contract's refusals) in that provider's own error
     // format with the stable code in the body and the header, nothing reserved and nothing sent
-    // upstream. Each API names its output limit differently, so each is checked on its own.
+    // upstream. Each API names its output limit differently, so each is checked on its own. An
+    // OpenAI service tier the pricing does not price is refused likewise.
     let mut stack = Stack::start(Options {
         flags: vec!["--max-body-bytes=2048".into()],
         ..Options::default()
@@ -396,7 +397,7 @@ async fn bad_input_is_refused_in_the_provider_format_with_nothing_reserved() {
             let mut oversized = (api.body)(api.model);
             oversized["messages"] = json!([{"role": "user", "content": "x".repeat(4096)}]);
             oversized["input"] = json!("x".repeat(4096));
-            let cases: Vec<(Vec<u8>, u16, &str)> = vec![
+            let mut cases: Vec<(Vec<u8>, u16, &str)> = vec![
                 (b"{not json".to_vec(), 400, "INVALID_JSON"),
                 (
                     with((api.body)(api.model), Some(json!(-5))),
@@ -421,6 +422,11 @@ async fn bad_input_is_refused_in_the_provider_format_with_nothing_reserved() {
                 (with(oversized, None), 413, "REQUEST_TOO_LARGE"),
                 (with(api.unbounded.clone(), None), 400, "UNBOUNDED_INPUT"),
             ];
+            if !api.anthropic {
+                let mut priority = (api.body)(api.model);
+                priority["service_tier"] = json!("priority");
+                cases.push((with(priority, None), 400, "UNPRICED_SERVICE_TIER"));
+            }
             for (body, status, code) in cases {
                 let reply = post(&stack.url(api.path), &[api.key], &body).await;
                 let what = format!("{} stream={stream} {code}", api.path);

@@ -264,7 +264,7 @@ fn settle_body(api: Api, status: StatusCode, body: &Bytes) -> Outcome {
     match usage::from_body(api, body) {
         Some(Ok(usage)) => Outcome::Commit(Spend::Usage(usage)),
         Some(Err(e)) => {
-            warn!(error = %e, "upstream usage did not parse; committing the reservation");
+            warn!(error = %e, "upstream usage cannot be priced; committing the reservation");
             Outcome::Commit(Spend::Unreported)
         }
         None => Outcome::Commit(Spend::Unreported),
@@ -489,6 +489,10 @@ impl MeteredStream {
         if let Some(settlement) = self.settlement.take() {
             let spend = match self.watcher.usage() {
                 Some(Ok(usage)) if self.watcher.is_complete() => Spend::Usage(usage),
+                Some(Err(e)) => {
+                    warn!(error = %e, "streamed usage cannot be priced; committing the reservation");
+                    Spend::Unreported
+                }
                 _ => Spend::Unreported,
             };
             settlement.finish(Outcome::Commit(spend));

@@ -1,20 +1,20 @@
 //! Provider requests as the guard sees them: which API, which model, an input bound that cannot
 //! undercount, the output limit, and the body to forward with that limit enforced.
 //!
-//! The input bound is the request body's byte length plus fixed allowances. Every prompt token
-//! comes from at least one byte of text in the body (JSON escaping only adds bytes), and the
-//! per-message framing tokens are fewer than the bytes of the JSON framing around each message.
-//! What bytes cannot bound is refused (fail closed): stored conversations, files, audio and
-//! server-side tools, whose cost is unknown before the call.
+//! The input bound is the byte length of the body sent upstream (or the client's, if longer) plus
+//! fixed allowances. Every prompt token comes from at least one byte of text in the body (JSON
+//! escaping only adds bytes), and the per-message framing tokens are fewer than the bytes of the
+//! JSON framing around each message. The body is forwarded re-serialized, and a number can grow
+//! then (`1e15` becomes `1000000000000000.0`), so both lengths count. What bytes cannot bound is
+//! refused (fail closed): stored conversations and items, files, audio and server-side tools,
+//! whose cost is unknown before the call; and service tiers billed at prices the snapshot does
+//! not hold.
 
 use crate::error::SidecarError;
 use serde_json::{Map, Value};
 use spendguard_core::contract::CHOICES_MAX;
 use spendguard_core::pricing::Provider;
 
-/// Tokens allowed per image part: above every documented per-image cost (OpenAI high-detail and
-/// patch-based images, Anthropic's ~1.15 megapixel cap).
-pub const IMAGE_TOKENS_MAX: u64 = 3_000;
 /// Tokens allowed for the tool-use system prompt providers add when tools are present.
 pub const TOOLS_OVERHEAD_TOKENS: u64 = 1_000;
 /// Fixed allowance for request framing.
@@ -63,6 +63,31 @@ impl Api {
         match self {
             Self::OpenAiChat | Self::OpenAiResponses => &["function", "custom"],
             Self::AnthropicMessages => &["custom"],
+        }
+    }
+
+    /// Tokens allowed per image part: above every documented per-image cost of the provider.
+    /// OpenAI: the largest is gpt-4o-mini at high detail, 2,833 + 8 tiles × 5,667 = 48,169
+    /// (an image is scaled to fit 2,048 px, then its short side to 768 px: at most 2 × 4 tiles
+    /// of 512 px); patch-based models stop at 1,536 patches × 2.46 = 3,779. Anthropic resizes an
+    /// image to about 1.15 megapixels, ~1,600 tokens (w × h / 750). Per-model figures belong in
+    /// the pricing snapshot once it carries them.
+    pub const fn image_tokens_max(self) -> u64 {
+        match self {
+            Self::OpenAiChat | Self::OpenAiResponses => 50_000,
+            Self::AnthropicMessages => 10_000,
+        }
+    }
+
+    /// Service tiers billed at prices the pricing snapshot holds (absent, or one of these):
+    /// OpenAI's `priority` costs more per token and `scale` is billed from reserved units, so
+    /// neither can be priced from the snapshot's per-token prices; `flex` costs less (its usage
+    /// priced at the standard prices over-counts, never under). Anthropic's `service_tier`
+    /// chooses between capacities billed at standard prices.
+    pub const fn priced_service_tiers(self) -> Option<&'static [&'static str]> {
+        match self {
+            Self::OpenAiChat | Self::OpenAiResponses => Some(&["auto", "default", "flex"]),
+            Self::AnthropicMessages => None,
         }
     }
 
@@ -150,6 +175,17 @@ impl ProviderRequest {
                 )));
             }
         }
+        if let Some(priced) = api.priced_service_tiers() {
+            match body.get("service_tier") {
+                None | Some(Value::Null) => {}
+                Some(Value::String(tier)) if priced.contains(&tier.as_str()) => {}
+                Some(tier) => {
+                    return Err(SidecarError::UnpricedServiceTier(format!(
+                        "`service_tier: {tier}` is billed at prices the pricing snapshot does not hold"
+                    )));
+                }
+            }
+        }
         let mut allowance = Allowance::default();
         allowance.scan(api, &body)?;
         if let Some(Value::Array(tools)) = body.get("tools") {
@@ -165,7 +201,8 @@ impl ProviderRequest {
                 allowance.tokens = allowance.tokens.saturating_add(TOOLS_OVERHEAD_TOKENS);
             }
         }
-        let bytes_len = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
+        let sent_len = serialized_len(&body)?;
+        let bytes_len = u64::try_from(bytes.len()).unwrap_or(u64::MAX).max(sent_len);
         Ok(Self {
             api,
             model,
@@ -205,6 +242,26 @@ impl ProviderRequest {
     }
 }
 
+/// How many bytes `body` serializes to (what is forwarded, before the guard's few additions),
+/// counted without building them.
+fn serialized_len(body: &Map<String, Value>) -> Result<u64, SidecarError> {
+    struct Count(u64);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 = self
+                .0
+                .saturating_add(u64::try_from(buf.len()).unwrap_or(u64::MAX));
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, body).map_err(|e| SidecarError::Internal(e.to_string()))?;
+    Ok(count.0)
+}
+
 fn output_limit(field: &'static str, value: Option<&Value>) -> Result<Option<u32>, SidecarError> {
     match value {
         None | Some(Value::Null) => Ok(None),
@@ -233,22 +290,37 @@ impl Allowance {
         };
         for root in roots {
             if let Some(value) = body.get(*root) {
-                self.walk(value, 0)?;
+                self.walk(api, value, 0)?;
             }
         }
         Ok(())
     }
 
-    fn walk(&mut self, value: &Value, depth: usize) -> Result<(), SidecarError> {
+    fn walk(&mut self, api: Api, value: &Value, depth: usize) -> Result<(), SidecarError> {
         if depth > 64 {
             return Err(SidecarError::invalid("messages", "nested too deeply"));
         }
         match value {
-            Value::Array(items) => items.iter().try_for_each(|v| self.walk(v, depth + 1)),
+            Value::Array(items) => items.iter().try_for_each(|v| self.walk(api, v, depth + 1)),
             Value::Object(object) => {
                 match object.get("type").and_then(Value::as_str) {
                     Some("image_url" | "input_image" | "image") => {
-                        self.tokens = self.tokens.saturating_add(IMAGE_TOKENS_MAX);
+                        self.tokens = self.tokens.saturating_add(api.image_tokens_max());
+                    }
+                    // Responses input that names a stored item instead of carrying it: a
+                    // reference, or reasoning without its encrypted content.
+                    Some(kind @ "item_reference") => {
+                        return Err(SidecarError::UnboundedInput(format!(
+                            "`{kind}` input pulls in a stored item the request body does not show"
+                        )));
+                    }
+                    Some("reasoning")
+                        if api == Api::OpenAiResponses
+                            && object.get("encrypted_content").is_none_or(Value::is_null) =>
+                    {
+                        return Err(SidecarError::UnboundedInput(
+                            "`reasoning` input without `encrypted_content` pulls in stored reasoning the request body does not show".into(),
+                        ));
                     }
                     Some(
                         kind @ ("file" | "input_file" | "document" | "input_audio" | "audio"
@@ -260,7 +332,9 @@ impl Allowance {
                     }
                     _ => {}
                 }
-                object.values().try_for_each(|v| self.walk(v, depth + 1))
+                object
+                    .values()
+                    .try_for_each(|v| self.walk(api, v, depth + 1))
             }
             _ => Ok(()),
         }
@@ -292,10 +366,52 @@ mod tests {
         assert_eq!(
             r.input_tokens_upper_bound,
             with_image.len() as u64
-                + IMAGE_TOKENS_MAX
+                + Api::OpenAiChat.image_tokens_max()
                 + TOOLS_OVERHEAD_TOKENS
                 + BASE_OVERHEAD_TOKENS
         );
+    }
+
+    #[test]
+    fn numbers_that_grow_when_forwarded_count_at_their_forwarded_length() {
+        // `1e15` is forwarded as `1000000000000000.0`: the bound counts what is sent.
+        let numbers = vec!["1e15"; 100].join(",");
+        let body = format!(
+            r#"{{"model":"c","max_tokens":5,"messages":[{{"role":"assistant","content":[{{"type":"tool_use","id":"t","name":"f","input":{{"v":[{numbers}]}}}}]}}]}}"#
+        );
+        let r = parse(Api::AnthropicMessages, &body).unwrap();
+        let sent = r.clone().into_upstream_body(5).unwrap();
+        assert!(
+            sent.len() > body.len() + 1_000,
+            "{} {}",
+            sent.len(),
+            body.len()
+        );
+        assert!(
+            r.input_tokens_upper_bound >= sent.len() as u64 + BASE_OVERHEAD_TOKENS,
+            "{} < {}",
+            r.input_tokens_upper_bound,
+            sent.len()
+        );
+    }
+
+    #[test]
+    fn service_tiers_priced_elsewhere_are_refused() {
+        for api in [Api::OpenAiChat, Api::OpenAiResponses] {
+            for tier in [r#""priority""#, r#""scale""#, r#""turbo""#, "1"] {
+                let body =
+                    format!(r#"{{"model":"m","messages":[],"input":"x","service_tier":{tier}}}"#);
+                let err = parse(api, &body).unwrap_err();
+                assert_eq!(err.code(), "UNPRICED_SERVICE_TIER", "{api:?} {tier}");
+            }
+            for tier in [r#""auto""#, r#""default""#, r#""flex""#, "null"] {
+                let body =
+                    format!(r#"{{"model":"m","messages":[],"input":"x","service_tier":{tier}}}"#);
+                assert!(parse(api, &body).is_ok(), "{api:?} {tier}");
+            }
+        }
+        let anthropic = r#"{"model":"c","max_tokens":5,"messages":[],"service_tier":"auto"}"#;
+        assert!(parse(Api::AnthropicMessages, anthropic).is_ok());
     }
 
     #[test]
@@ -359,6 +475,14 @@ mod tests {
                 Api::AnthropicMessages,
                 r#"{"model":"c","max_tokens":5,"messages":[],"tools":[{"type":"web_search_20250305","name":"w"}]}"#,
             ),
+            (
+                Api::OpenAiResponses,
+                r#"{"model":"m","input":[{"type":"item_reference","id":"msg_1"}]}"#,
+            ),
+            (
+                Api::OpenAiResponses,
+                r#"{"model":"m","input":[{"type":"reasoning","id":"rs_1","summary":[]}]}"#,
+            ),
         ];
         for (api, body) in cases {
             assert_eq!(
@@ -367,6 +491,14 @@ mod tests {
                 "{body}"
             );
         }
+        assert!(
+            parse(
+                Api::OpenAiResponses,
+                r#"{"model":"m","input":[{"type":"reasoning","id":"rs_1","summary":[],"encrypted_content":"gAAAA"}]}"#
+            )
+            .is_ok(),
+            "reasoning carried in the body is bounded by its bytes"
+        );
         assert_eq!(
             parse(Api::OpenAiChat, r#"{"model":"m","messages":[],"n":3}"#)
                 .unwrap()

@@ -15,7 +15,22 @@ const LINE_LEN_MAX: usize = 1 << 20;
 pub fn from_body(api: Api, body: &[u8]) -> Option<Result<TokenUsage, PricingError>> {
     let value: Value = serde_json::from_slice(body).ok()?;
     let usage = value.get("usage")?.as_object()?;
+    if let Some(tier) = unpriced_tier(api, value.get("service_tier")) {
+        return Some(Err(PricingError::UnpricedServiceTier(tier)));
+    }
     Some(to_tokens(api, usage))
+}
+
+/// The service tier a response says it was served at, when the snapshot's prices do not apply
+/// to it (OpenAI reports it at the top of a chat response or chunk, and of a Responses object).
+fn unpriced_tier(api: Api, tier: Option<&Value>) -> Option<String> {
+    let priced = api.priced_service_tiers()?;
+    match tier? {
+        Value::Null => None,
+        Value::String(tier) if priced.contains(&tier.as_str()) => None,
+        Value::String(tier) => Some(tier.clone()),
+        other => Some(other.to_string()),
+    }
 }
 
 /// Converts a provider `usage` object.
@@ -52,6 +67,8 @@ pub struct StreamUsage {
     line: Vec<u8>,
     skipping_long_line: bool,
     usage: Option<Map<String, Value>>,
+    /// A service tier the response was served at that the snapshot does not price.
+    unpriced_tier: Option<String>,
     complete: bool,
 }
 
@@ -63,6 +80,7 @@ impl StreamUsage {
             line: Vec::new(),
             skipping_long_line: false,
             usage: None,
+            unpriced_tier: None,
             complete: false,
         }
     }
@@ -89,7 +107,11 @@ impl StreamUsage {
 
     /// The usage seen so far, if any.
     pub fn usage(&self) -> Option<Result<TokenUsage, PricingError>> {
-        self.usage.as_ref().map(|u| to_tokens(self.api, u))
+        let usage = self.usage.as_ref()?;
+        Some(match &self.unpriced_tier {
+            Some(tier) => Err(PricingError::UnpricedServiceTier(tier.clone())),
+            None => to_tokens(self.api, usage),
+        })
     }
 
     /// Whether the stream reported its final usage (the terminal event was seen).
@@ -113,6 +135,7 @@ impl StreamUsage {
             Api::OpenAiChat => {
                 if let Some(Value::Object(usage)) = event.get("usage") {
                     self.usage = Some(usage.clone());
+                    self.unpriced_tier = unpriced_tier(self.api, event.get("service_tier"));
                     self.complete = true;
                 }
             }
@@ -121,10 +144,13 @@ impl StreamUsage {
                     event.get("type").and_then(Value::as_str),
                     Some("response.completed" | "response.incomplete" | "response.failed")
                 );
+                let response = event.get("response");
                 if let (true, Some(Value::Object(usage))) =
-                    (terminal, event.get("response").and_then(|r| r.get("usage")))
+                    (terminal, response.and_then(|r| r.get("usage")))
                 {
                     self.usage = Some(usage.clone());
+                    self.unpriced_tier =
+                        unpriced_tier(self.api, response.and_then(|r| r.get("service_tier")));
                     self.complete = true;
                 }
             }
@@ -228,6 +254,30 @@ mod tests {
         assert!(watcher.line.is_empty());
         watcher.feed(b"tail\ndata: {\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1}}\n");
         assert!(watcher.usage().is_some());
+    }
+
+    #[test]
+    fn usage_served_at_an_unpriced_tier_is_not_priced() {
+        let unpriced = |usage: Option<Result<TokenUsage, PricingError>>| matches!(usage, Some(Err(PricingError::UnpricedServiceTier(t))) if t == "priority");
+        let body =
+            br#"{"service_tier":"priority","usage":{"prompt_tokens":1,"completion_tokens":1}}"#;
+        assert!(unpriced(from_body(Api::OpenAiChat, body)));
+        let body =
+            br#"{"service_tier":"default","usage":{"prompt_tokens":1,"completion_tokens":1}}"#;
+        assert!(matches!(from_body(Api::OpenAiChat, body), Some(Ok(_))));
+        let body = br#"{"object":"response","service_tier":"priority","usage":{"input_tokens":1,"output_tokens":1}}"#;
+        assert!(unpriced(from_body(Api::OpenAiResponses, body)));
+
+        let mut chat = StreamUsage::new(Api::OpenAiChat);
+        chat.feed(b"data: {\"service_tier\":\"priority\",\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1}}\n");
+        assert!(chat.is_complete());
+        assert!(unpriced(chat.usage()));
+        let mut responses = StreamUsage::new(Api::OpenAiResponses);
+        responses.feed(b"data: {\"type\":\"response.completed\",\"response\":{\"service_tier\":\"priority\",\"usage\":{\"input_tokens\":9,\"output_tokens\":4}}}\n");
+        assert!(unpriced(responses.usage()));
+        let mut flex = StreamUsage::new(Api::OpenAiResponses);
+        flex.feed(b"data: {\"type\":\"response.completed\",\"response\":{\"service_tier\":\"flex\",\"usage\":{\"input_tokens\":9,\"output_tokens\":4}}}\n");
+        assert!(matches!(flex.usage(), Some(Ok(_))));
     }
 
     #[test]
