@@ -102,30 +102,37 @@ async fn configured_keys_replace_the_apps_own_which_otherwise_pass_through() {
 
 #[tokio::test]
 async fn openai_chat_stream_passes_chunks_through_and_commits_final_usage() {
+    // Goal: a chat stream passes through, its usage is committed, and the usage chunk the guard
+    // asked for reaches the client only if the client asked for it too (an unchanged client
+    // reading `chunk.choices[0]` would fail on a chunk without choices).
     let mut stack = Stack::start(Options::default()).await;
-    let reply = post_json(
-        &stack.url("/v1/chat/completions"),
-        &[OPENAI_KEY],
-        &chat_body("gpt-4o-mini", true),
-    )
-    .await;
-    assert_eq!(reply.status, 200);
-    assert!(
-        reply
-            .header("content-type")
-            .unwrap()
-            .starts_with("text/event-stream")
-    );
-    let text = String::from_utf8(reply.body.to_vec()).unwrap();
-    let events: Vec<&str> = text.lines().filter(|l| l.starts_with("data: ")).collect();
-    // role chunk + 16 content chunks + finish chunk + usage chunk + [DONE]
-    assert_eq!(events.len(), 20, "{text}");
-    assert_eq!(*events.last().unwrap(), "data: [DONE]");
-
+    let mut asking = chat_body("gpt-4o-mini", true);
+    asking["stream_options"] = json!({"include_usage": true});
+    for (body, usage_shown) in [(chat_body("gpt-4o-mini", true), false), (asking, true)] {
+        let reply = post_json(&stack.url("/v1/chat/completions"), &[OPENAI_KEY], &body).await;
+        assert_eq!(reply.status, 200);
+        assert!(
+            reply
+                .header("content-type")
+                .unwrap()
+                .starts_with("text/event-stream")
+        );
+        let text = String::from_utf8(reply.body.to_vec()).unwrap();
+        let events: Vec<&str> = text.lines().filter(|l| l.starts_with("data: ")).collect();
+        // role chunk + 16 content chunks + finish chunk (+ usage chunk) + [DONE]
+        assert_eq!(events.len(), 19 + usize::from(usage_shown), "{text}");
+        assert_eq!(*events.last().unwrap(), "data: [DONE]");
+        let usage_chunks = events
+            .iter()
+            .filter(|e| e.contains("\"choices\":[]") && e.contains("\"prompt_tokens\""))
+            .count();
+        assert_eq!(usage_chunks, usize::from(usage_shown), "{text}");
+        assert!(text.ends_with("data: [DONE]\n\n"));
+    }
     let sent = stack.upstream_requests();
     assert_eq!(sent[0]["body"]["stream_options"]["include_usage"], true);
     let balance = stack.settled_balance().await;
-    assert_eq!(balance.committed_nano_usd, HELLO_CHAT_COST);
+    assert_eq!(balance.committed_nano_usd, 2 * HELLO_CHAT_COST);
 }
 
 #[tokio::test]
@@ -174,8 +181,9 @@ async fn several_choices_reserve_every_output_and_commit_their_usage() {
     assert_eq!(streamed.status, 200);
     let text = String::from_utf8(streamed.body.to_vec()).unwrap();
     let events = text.lines().filter(|l| l.starts_with("data: ")).count();
-    // Per choice: a role chunk, 16 content chunks and a finish chunk; then usage and [DONE].
-    assert_eq!(events, 2 * 18 + 2, "{text}");
+    // Per choice: a role chunk, 16 content chunks and a finish chunk; then [DONE] (the usage
+    // chunk the guard asked for is not shown to a client that did not ask).
+    assert_eq!(events, 2 * 18 + 1, "{text}");
     let balance = stack.settled_balance().await;
     assert_eq!(
         balance.committed_nano_usd,
@@ -763,11 +771,13 @@ async fn the_next_call_waits_for_a_stream_whose_usage_went_out() {
     })
     .await;
     let url = stack.url("/v1/chat/completions");
+    let mut asking = chat_body("gpt-4o-mini", true);
+    asking["stream_options"] = json!({"include_usage": true});
     let response = client()
         .request(request(
             &url,
             &[OPENAI_KEY, ("x-mock-chunk-delay-ms", "100")],
-            serde_json::to_vec(&chat_body("gpt-4o-mini", true)).unwrap(),
+            serde_json::to_vec(&asking).unwrap(),
         ))
         .await
         .unwrap();

@@ -87,8 +87,12 @@ def test_chat_completion_stream(stack: Stack, mock: MockUpstream, marker: str) -
     stream = client.chat.completions.create(
         model=OPENAI_MODEL, messages=[{"role": "user", "content": f"count {marker}"}], stream=True
     )
-    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    chunks = list(stream)
+    # What an unchanged client reads: every chunk has a choice. The usage chunk the sidecar asked
+    # for on its behalf (it needs it to commit) is not shown to a client that did not ask.
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert text
+    assert all(c.usage is None for c in chunks)
 
     forwarded = mock.one_with_marker(marker, "/v1/chat/completions")
     assert forwarded["stream"] is True

@@ -11,6 +11,7 @@
 //! Settlements run in the background (they only lower what the reservation already holds) and
 //! are retried while the ledger is unreachable, within the reservation's TTL.
 
+pub mod hidden_usage;
 pub mod refusal;
 pub mod request;
 pub mod upstream;
@@ -27,6 +28,7 @@ use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use hidden_usage::HiddenUsage;
 use http_body_util::BodyExt;
 use hyper::body::Body as _;
 use hyper::body::Incoming;
@@ -177,6 +179,7 @@ impl Proxy {
         let max_output_tokens = decision
             .max_output_tokens
             .ok_or_else(|| SidecarError::Internal("CONTINUE without an output limit".into()))?;
+        let hides_usage_chunk = request.hides_usage_chunk;
         let upstream_body = match request.into_upstream_body(max_output_tokens) {
             Ok(body) => body,
             Err(e) => {
@@ -214,6 +217,7 @@ impl Proxy {
             Body::from_stream(MeteredStream {
                 inner: upstream_body,
                 watcher: StreamUsage::new(api),
+                hidden_usage: hides_usage_chunk.then(HiddenUsage::default),
                 settlement: Some(settlement),
                 idle: Box::pin(tokio::time::sleep(self.upstream.timeout())),
                 idle_timeout: self.upstream.timeout(),
@@ -479,6 +483,8 @@ where
 struct MeteredStream {
     inner: Incoming,
     watcher: StreamUsage,
+    /// Set when the client did not ask for the usage chunk the guard asked for.
+    hidden_usage: Option<HiddenUsage>,
     settlement: Option<Settlement>,
     idle: Pin<Box<Sleep>>,
     idle_timeout: Duration,
@@ -520,7 +526,13 @@ impl futures_core::Stream for MeteredStream {
                         }
                         let next = Instant::now() + this.idle_timeout;
                         this.idle.as_mut().reset(next);
-                        return Poll::Ready(Some(Ok(data)));
+                        let data = match this.hidden_usage.as_mut() {
+                            Some(filter) => filter.push(&data),
+                            None => data,
+                        };
+                        if !data.is_empty() {
+                            return Poll::Ready(Some(Ok(data)));
+                        }
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
@@ -529,7 +541,12 @@ impl futures_core::Stream for MeteredStream {
                 }
                 Poll::Ready(None) => {
                     this.settle();
-                    return Poll::Ready(None);
+                    // An unfinished last event still goes out (the next poll ends the stream).
+                    let tail = this.hidden_usage.as_mut().map(HiddenUsage::finish);
+                    return match tail {
+                        Some(tail) if !tail.is_empty() => Poll::Ready(Some(Ok(tail))),
+                        _ => Poll::Ready(None),
+                    };
                 }
                 Poll::Pending => {
                     if this.idle.as_mut().poll(cx).is_ready() {

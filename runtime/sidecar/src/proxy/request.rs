@@ -116,6 +116,9 @@ pub struct ProviderRequest {
     pub choices: u32,
     /// Input tokens that cannot undercount.
     pub input_tokens_upper_bound: u64,
+    /// An OpenAI chat stream whose client did not ask for its usage chunk: the guard asks for
+    /// it, and hides it from the client (`hidden_usage.rs`).
+    pub hides_usage_chunk: bool,
     body: Map<String, Value>,
 }
 
@@ -201,6 +204,13 @@ impl ProviderRequest {
                 allowance.tokens = allowance.tokens.saturating_add(TOOLS_OVERHEAD_TOKENS);
             }
         }
+        let hides_usage_chunk = api == Api::OpenAiChat
+            && stream
+            && body
+                .get("stream_options")
+                .and_then(|o| o.get("include_usage"))
+                .and_then(Value::as_bool)
+                != Some(true);
         let sent_len = serialized_len(&body)?;
         let bytes_len = u64::try_from(bytes.len()).unwrap_or(u64::MAX).max(sent_len);
         Ok(Self {
@@ -212,6 +222,7 @@ impl ProviderRequest {
             input_tokens_upper_bound: bytes_len
                 .saturating_add(allowance.tokens)
                 .saturating_add(BASE_OVERHEAD_TOKENS),
+            hides_usage_chunk,
             body,
         })
     }
@@ -415,6 +426,28 @@ mod tests {
     }
 
     #[test]
+    fn only_chat_streams_whose_client_did_not_ask_hide_the_usage_chunk() {
+        let hides = |api: Api, body: &str| parse(api, body).unwrap().hides_usage_chunk;
+        assert!(hides(
+            Api::OpenAiChat,
+            r#"{"model":"m","messages":[],"stream":true}"#
+        ));
+        assert!(hides(
+            Api::OpenAiChat,
+            r#"{"model":"m","messages":[],"stream":true,"stream_options":{"include_usage":false}}"#
+        ));
+        assert!(!hides(
+            Api::OpenAiChat,
+            r#"{"model":"m","messages":[],"stream":true,"stream_options":{"include_usage":true}}"#
+        ));
+        assert!(!hides(Api::OpenAiChat, r#"{"model":"m","messages":[]}"#));
+        assert!(!hides(
+            Api::OpenAiResponses,
+            r#"{"model":"m","input":"x","stream":true}"#
+        ));
+    }
+
+    #[test]
     fn output_limits_are_validated() {
         for bad in ["-1", "0", "1.5", "\"10\"", "99999999999"] {
             let body = format!(r#"{{"model":"m","messages":[],"max_tokens":{bad}}}"#);
@@ -435,6 +468,7 @@ mod tests {
             r#"{"model":"m","messages":[],"stream":true,"stream_options":{"include_obfuscation":false}}"#,
         )
         .unwrap();
+        assert!(r.hides_usage_chunk, "the client did not ask for usage");
         let out: Value = serde_json::from_slice(&r.into_upstream_body(512).unwrap()).unwrap();
         assert_eq!(out["max_completion_tokens"], 512);
         assert_eq!(out["stream_options"]["include_usage"], true);
