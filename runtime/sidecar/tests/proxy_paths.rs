@@ -708,6 +708,61 @@ async fn a_client_gone_before_the_answer_leaves_nothing_open() {
 }
 
 #[tokio::test]
+async fn a_client_gone_while_its_reservation_is_made_leaves_nothing_held() {
+    // Goal: a client that goes away while the ledger is still reserving for its call (its
+    // handler is dropped mid-decision) does not leave the worst case held until the
+    // reservation's TTL (15 min here): the CONTINUE nobody forwards is released. Method: a
+    // transaction holds the budget's window row, so the reservation waits for it; the client
+    // gives up; the row is let go and the reservation lands.
+    let mut stack = Stack::start(Options::default()).await;
+    let url = stack.url("/v1/chat/completions");
+    let first = post_json(&url, &[OPENAI_KEY], &chat_body("gpt-4o-mini", false)).await;
+    assert_eq!(first.status, 200, "opens the window");
+    stack.settled_balance().await;
+    let pool = stack.ledger.store().pool().clone();
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM budget_windows WHERE budget_id = $1 FOR UPDATE")
+        .bind(BUDGET)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let body = serde_json::to_vec(&chat_body("gpt-4o-mini", false)).unwrap();
+    let gave_up = tokio::time::timeout(
+        std::time::Duration::from_millis(500),
+        post(&url, &[OPENAI_KEY], &body),
+    )
+    .await;
+    assert!(
+        gave_up.is_err(),
+        "the client left while the ledger reserved"
+    );
+    holder.rollback().await.unwrap();
+    let mut released = false;
+    for _ in 0..100 {
+        let reserves: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM reservations WHERE state = 'released' AND budget_ids = ARRAY[$1]",
+        )
+        .bind(BUDGET)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if reserves == 1 {
+            released = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(released, "the reservation made for nobody was released");
+    let balance = stack.settled_balance().await;
+    assert_eq!(
+        (balance.reserved_nano_usd, balance.committed_nano_usd),
+        (0, HELLO_CHAT_COST),
+        "only the first call is spent"
+    );
+    assert_eq!(stack.upstream_requests().len(), 1, "nothing forwarded");
+}
+
+#[tokio::test]
 async fn client_disconnect_mid_stream_resolves_the_reservation() {
     // Goal: a client gone mid-stream never leaks its reservation, on each streaming API: it is
     // committed at the worst case it reserved (the provider may bill what it generated).

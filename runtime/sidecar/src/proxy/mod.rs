@@ -17,7 +17,7 @@ pub mod request;
 pub mod upstream;
 pub mod usage;
 
-use crate::decider::{DecideInput, Decider, LeftOverSettled, Spend, Verdict, Waiter};
+use crate::decider::{DecideInput, Decider, Decision, LeftOverSettled, Spend, Verdict, Waiter};
 use crate::error::SidecarError;
 use crate::metrics::Metrics;
 use crate::pending_commits::PendingCommit;
@@ -148,8 +148,7 @@ impl Proxy {
             None => uuid::Uuid::new_v4().to_string(),
         };
         let decision = self
-            .decider
-            .decide(DecideInput {
+            .decide_detached(DecideInput {
                 call_id: call_id.clone(),
                 provider: api.provider(),
                 model: request.model.clone(),
@@ -256,6 +255,39 @@ impl Proxy {
             set_header(&mut response, RESERVATION_HEADER, reservation);
         }
         Ok(response)
+    }
+}
+
+impl Proxy {
+    /// Decides in a task of its own: a client gone while the ledger reserves for its call drops
+    /// the handler, not the decision, and a CONTINUE nobody will forward is released at once
+    /// instead of holding its worst case until the reservation's TTL. (A replayed CONTINUE
+    /// belongs to the call that made it and is left alone.)
+    async fn decide_detached(&self, input: DecideInput) -> Result<Decision, SidecarError> {
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let decider = self.decider.clone();
+        let metrics = self.metrics.clone();
+        let call_id = input.call_id.clone();
+        self.settlements.spawn(async move {
+            let decided = decider.decide(input).await;
+            if let Err(Ok(decision)) = answer.send(decided)
+                && decision.decision == Verdict::Continue
+                && !decision.replayed
+            {
+                let started = decider.settlement_started();
+                settle_with_retries(
+                    decider,
+                    metrics,
+                    call_id,
+                    Outcome::Release("client_gone"),
+                    started,
+                )
+                .await;
+            }
+        });
+        answered
+            .await
+            .map_err(|_| SidecarError::Internal("the decision ended without an answer".into()))?
     }
 }
 
