@@ -179,6 +179,8 @@ impl Proxy {
             .max_output_tokens
             .ok_or_else(|| SidecarError::Internal("CONTINUE without an output limit".into()))?;
         let hides_usage_chunk = request.hides_usage_chunk;
+        let request_len = bytes.len();
+        let output_bound = u64::from(max_output_tokens).saturating_mul(u64::from(request.choices));
         let upstream_body = match request.into_upstream_body(max_output_tokens) {
             Ok(body) => body,
             Err(e) => {
@@ -215,7 +217,7 @@ impl Proxy {
         let body = if status.is_success() && is_stream {
             Body::from_stream(MeteredStream {
                 inner: upstream_body,
-                watcher: StreamUsage::new(api),
+                watcher: StreamUsage::new(api, usage::line_len_max(api, request_len, output_bound)),
                 hidden_usage: hides_usage_chunk.then(HiddenUsage::default),
                 settlement: Some(settlement),
                 idle: Box::pin(tokio::time::sleep(self.upstream.timeout())),

@@ -7,9 +7,33 @@ use spendguard_core::pricing::{
     AnthropicUsage, OpenAiChatUsage, OpenAiResponsesUsage, PricingError, TokenUsage,
 };
 
-/// Longest SSE line inspected; longer lines (large content deltas) cannot carry usage we need
-/// and are skipped without buffering them whole.
+/// Longest SSE line inspected on chat and Anthropic streams, whose usage events are small;
+/// longer lines (large content deltas) cannot carry usage and are skipped without buffering them
+/// whole.
 const LINE_LEN_MAX: usize = 1 << 20;
+
+/// Bytes allowed per output token when bounding a Responses terminal event, which echoes the
+/// output text JSON-escaped: a token is a few characters, and escaping at most sextuples one.
+const ECHOED_BYTES_PER_OUTPUT_TOKEN: usize = 32;
+
+/// Longest SSE line inspected on a stream of `api` for a request of `request_len` bytes allowed
+/// `max_output_tokens`. A Responses stream's usage comes in its terminal event, which carries the
+/// whole response object: the output text, and the request's instructions and tools echoed. So
+/// its bound grows with the request and the output limit (twice the request for escaping, plus
+/// the output, plus 1 MiB); a line past it is skipped and the call committed at its worst case.
+pub fn line_len_max(api: Api, request_len: usize, max_output_tokens: u64) -> usize {
+    match api {
+        Api::OpenAiResponses => {
+            let output = usize::try_from(max_output_tokens)
+                .unwrap_or(usize::MAX)
+                .saturating_mul(ECHOED_BYTES_PER_OUTPUT_TOKEN);
+            LINE_LEN_MAX
+                .saturating_add(request_len.saturating_mul(2))
+                .saturating_add(output)
+        }
+        Api::OpenAiChat | Api::AnthropicMessages => LINE_LEN_MAX,
+    }
+}
 
 /// Usage from a non-streaming response body. `None` when the body has no `usage` object.
 pub fn from_body(api: Api, body: &[u8]) -> Option<Result<TokenUsage, PricingError>> {
@@ -64,6 +88,7 @@ pub fn to_tokens(api: Api, usage: &Map<String, Value>) -> Result<TokenUsage, Pri
 #[derive(Debug)]
 pub struct StreamUsage {
     api: Api,
+    line_len_max: usize,
     line: Vec<u8>,
     skipping_long_line: bool,
     usage: Option<Map<String, Value>>,
@@ -73,10 +98,11 @@ pub struct StreamUsage {
 }
 
 impl StreamUsage {
-    /// A watcher for `api`.
-    pub fn new(api: Api) -> Self {
+    /// A watcher for `api` that inspects lines up to `line_len_max` bytes ([`line_len_max`]).
+    pub fn new(api: Api, line_len_max: usize) -> Self {
         Self {
             api,
+            line_len_max,
             line: Vec::new(),
             skipping_long_line: false,
             usage: None,
@@ -98,7 +124,7 @@ impl StreamUsage {
         }
         if !self.skipping_long_line {
             self.line.extend_from_slice(bytes);
-            if self.line.len() > LINE_LEN_MAX {
+            if self.line.len() > self.line_len_max {
                 self.line.clear();
                 self.skipping_long_line = true;
             }
@@ -197,7 +223,7 @@ mod tests {
             "\"prompt_tokens_details\":{\"cached_tokens\":4}}}\n\n",
             "data: [DONE]\n\n"
         );
-        let mut watcher = StreamUsage::new(Api::OpenAiChat);
+        let mut watcher = StreamUsage::new(Api::OpenAiChat, LINE_LEN_MAX);
         for chunk in stream.as_bytes().chunks(7) {
             watcher.feed(chunk);
         }
@@ -216,7 +242,7 @@ mod tests {
             "event: message_delta\n",
             "data: {\"type\":\"message_delta\",\"delta\":{},\"usage\":{\"output_tokens\":42}}\n\n",
         );
-        let mut watcher = StreamUsage::new(Api::AnthropicMessages);
+        let mut watcher = StreamUsage::new(Api::AnthropicMessages, LINE_LEN_MAX);
         watcher.feed(stream.as_bytes());
         let usage = watcher.usage().unwrap().unwrap();
         assert_eq!(usage.uncached_input, 20);
@@ -227,7 +253,7 @@ mod tests {
 
     #[test]
     fn anthropic_stream_cut_after_start_is_partial() {
-        let mut watcher = StreamUsage::new(Api::AnthropicMessages);
+        let mut watcher = StreamUsage::new(Api::AnthropicMessages, LINE_LEN_MAX);
         watcher.feed(b"data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":20,\"output_tokens\":1}}}\n");
         assert!(!watcher.is_complete());
         assert_eq!(watcher.usage().unwrap().unwrap().uncached_input, 20);
@@ -235,7 +261,7 @@ mod tests {
 
     #[test]
     fn responses_terminal_event_only() {
-        let mut watcher = StreamUsage::new(Api::OpenAiResponses);
+        let mut watcher = StreamUsage::new(Api::OpenAiResponses, LINE_LEN_MAX);
         watcher.feed(b"data: {\"type\":\"response.created\",\"response\":{\"usage\":null}}\n");
         assert!(watcher.usage().is_none());
         watcher.feed(b"data: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":9,\"output_tokens\":4,\"output_tokens_details\":{\"reasoning_tokens\":2}}}}\n");
@@ -248,7 +274,7 @@ mod tests {
 
     #[test]
     fn long_lines_are_skipped_not_buffered() {
-        let mut watcher = StreamUsage::new(Api::OpenAiChat);
+        let mut watcher = StreamUsage::new(Api::OpenAiChat, LINE_LEN_MAX);
         watcher.feed(b"data: ");
         watcher.feed(&vec![b'x'; LINE_LEN_MAX + 10]);
         assert!(watcher.line.is_empty());
@@ -268,16 +294,39 @@ mod tests {
         let body = br#"{"object":"response","service_tier":"priority","usage":{"input_tokens":1,"output_tokens":1}}"#;
         assert!(unpriced(from_body(Api::OpenAiResponses, body)));
 
-        let mut chat = StreamUsage::new(Api::OpenAiChat);
+        let mut chat = StreamUsage::new(Api::OpenAiChat, LINE_LEN_MAX);
         chat.feed(b"data: {\"service_tier\":\"priority\",\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1}}\n");
         assert!(chat.is_complete());
         assert!(unpriced(chat.usage()));
-        let mut responses = StreamUsage::new(Api::OpenAiResponses);
+        let mut responses = StreamUsage::new(Api::OpenAiResponses, LINE_LEN_MAX);
         responses.feed(b"data: {\"type\":\"response.completed\",\"response\":{\"service_tier\":\"priority\",\"usage\":{\"input_tokens\":9,\"output_tokens\":4}}}\n");
         assert!(unpriced(responses.usage()));
-        let mut flex = StreamUsage::new(Api::OpenAiResponses);
+        let mut flex = StreamUsage::new(Api::OpenAiResponses, LINE_LEN_MAX);
         flex.feed(b"data: {\"type\":\"response.completed\",\"response\":{\"service_tier\":\"flex\",\"usage\":{\"input_tokens\":9,\"output_tokens\":4}}}\n");
         assert!(matches!(flex.usage(), Some(Ok(_))));
+    }
+
+    #[test]
+    fn a_responses_terminal_event_longer_than_a_mebibyte_still_reports_usage() {
+        // Instructions of 1.5 MiB, echoed in `response.completed`.
+        let instructions = "i".repeat(3 << 19);
+        let request_len = instructions.len() + 100;
+        let event = format!(
+            "data: {{\"type\":\"response.completed\",\"response\":{{\"instructions\":\"{instructions}\",\"usage\":{{\"input_tokens\":9,\"output_tokens\":4}}}}}}\n"
+        );
+        let limit = line_len_max(Api::OpenAiResponses, request_len, 4_096);
+        assert!(event.len() > LINE_LEN_MAX && event.len() < limit);
+        let mut watcher = StreamUsage::new(Api::OpenAiResponses, limit);
+        for chunk in event.as_bytes().chunks(16 << 10) {
+            watcher.feed(chunk);
+        }
+        assert!(watcher.is_complete());
+        assert_eq!(watcher.usage().unwrap().unwrap().output, 4);
+        assert_eq!(
+            line_len_max(Api::OpenAiChat, request_len, 4_096),
+            LINE_LEN_MAX,
+            "chat usage chunks are small"
+        );
     }
 
     #[test]
