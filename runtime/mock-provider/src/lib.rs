@@ -9,7 +9,8 @@
 //! Per-request overrides (headers): `x-mock-output-tokens`, `x-mock-latency-ms`,
 //! `x-mock-chunk-delay-ms`, `x-mock-cached-tokens` (input read from the prompt cache, at most the
 //! input: a subset of OpenAI's input total, *outside* Anthropic's `input_tokens`, as each
-//! documents), and `x-mock-fail` = `status:<code>` | `drop-mid-stream` | `hang` | `no-usage`. A request without credentials gets the provider's 401.
+//! documents), and `x-mock-fail` = `status:<code>` | `drop-mid-stream` | `hang` | `no-usage` |
+//! `over-limit` (a provider that bills more output than the request's limit allowed). A request without credentials gets the provider's 401.
 //! `GET /_mock/requests` lists what was received (path, headers, body); `DELETE` clears it.
 
 use axum::Router;
@@ -68,6 +69,7 @@ enum Failure {
     DropMidStream,
     Hang,
     NoUsage,
+    OverLimit,
 }
 
 struct Plan {
@@ -264,7 +266,25 @@ async fn serve(mock: MockProvider, api: Api, headers: HeaderMap, bytes: Bytes) -
         .map_or(mock.config.output_tokens, |v| {
             u32::try_from(v).unwrap_or(u32::MAX)
         });
-    let output_tokens = limit.map_or(wanted, |l| wanted.min(u32::try_from(l).unwrap_or(u32::MAX)));
+    let failure = headers
+        .get("x-mock-fail")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| match v {
+            "drop-mid-stream" => Some(Failure::DropMidStream),
+            "hang" => Some(Failure::Hang),
+            "no-usage" => Some(Failure::NoUsage),
+            "over-limit" => Some(Failure::OverLimit),
+            other => other
+                .strip_prefix("status:")
+                .and_then(|s| s.parse().ok())
+                .map(Failure::Status),
+        });
+    let output_tokens = match limit {
+        Some(l) if !matches!(failure, Some(Failure::OverLimit)) => {
+            wanted.min(u32::try_from(l).unwrap_or(u32::MAX))
+        }
+        _ => wanted,
+    };
     // OpenAI accepts `n` from 1 to 128 on chat completions (and bills every choice's output).
     let choices = match (api, body.get("n")) {
         (Api::Chat, Some(n)) if !n.is_null() => match n.as_u64() {
@@ -280,18 +300,6 @@ async fn serve(mock: MockProvider, api: Api, headers: HeaderMap, bytes: Bytes) -
         },
         _ => 1,
     };
-    let failure = headers
-        .get("x-mock-fail")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| match v {
-            "drop-mid-stream" => Some(Failure::DropMidStream),
-            "hang" => Some(Failure::Hang),
-            "no-usage" => Some(Failure::NoUsage),
-            other => other
-                .strip_prefix("status:")
-                .and_then(|s| s.parse().ok())
-                .map(Failure::Status),
-        });
     let input = input_tokens(api, &body);
     let plan = Plan {
         api,

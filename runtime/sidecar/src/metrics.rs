@@ -31,6 +31,7 @@ pub struct Metrics {
     decisions: Family<DecisionLabels, Counter>,
     errors: Family<CodeLabels, Counter>,
     settlements: Family<SettlementLabels, Counter>,
+    overruns: Counter,
 }
 
 impl Metrics {
@@ -40,6 +41,7 @@ impl Metrics {
             decisions: Family::default(),
             errors: Family::default(),
             settlements: Family::default(),
+            overruns: Counter::default(),
         };
         let registry = registry.sub_registry_with_prefix("spendguard_sidecar");
         registry.register(
@@ -56,6 +58,11 @@ impl Metrics {
             "settlements",
             "Proxy settlements by outcome (commit, release, failed)",
             metrics.settlements.clone(),
+        );
+        registry.register(
+            "overruns",
+            "Proxied calls whose reported usage cost more than the worst case reserved for them (the guard's bound undercounted)",
+            metrics.overruns.clone(),
         );
         metrics
     }
@@ -100,6 +107,11 @@ impl Metrics {
     /// Counts a refusal without a decision.
     pub fn proxy_error(&self, code: &'static str) {
         self.errors.get_or_create(&CodeLabels { code }).inc();
+    }
+
+    /// Counts a proxied call whose usage cost more than its reserved worst case.
+    pub fn overrun(&self) {
+        self.overruns.inc();
     }
 
     /// Counts a settlement.

@@ -708,6 +708,49 @@ async fn a_client_gone_before_the_answer_leaves_nothing_open() {
 }
 
 #[tokio::test]
+async fn usage_above_the_worst_case_is_booked_as_an_overrun_and_counted() {
+    // Goal: a provider that bills more than the worst case the guard reserved (the guard's bound
+    // undercounted, or the provider ignored the limit) is booked in full, the excess as the
+    // ledger's flagged overrun, and counted by the sidecar (`overruns_total`) so it can alert.
+    // Method: a limit of 10 output tokens, a provider that bills 2,000.
+    let mut stack = Stack::start(Options::default()).await;
+    let mut body = chat_body("gpt-4o-mini", false);
+    body["max_tokens"] = json!(10);
+    let reply = post_json(
+        &stack.url("/v1/chat/completions"),
+        &[
+            OPENAI_KEY,
+            ("x-mock-output-tokens", "2000"),
+            ("x-mock-fail", "over-limit"),
+        ],
+        &body,
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.json()["usage"]["completion_tokens"], 2000);
+    let balance = stack.settled_balance().await;
+    // 9 prompt tokens at $0.15/M, 2,000 output tokens at $0.60/M.
+    assert_eq!(
+        balance.committed_nano_usd + balance.overrun_nano_usd,
+        1_350 + 2_000 * 600
+    );
+    assert!(balance.overrun_nano_usd > 0, "{balance:?}");
+    // The sidecar counts it once the ledger answered its commit.
+    let mut metrics = stack.metrics_text();
+    for _ in 0..40 {
+        if metrics.contains("spendguard_sidecar_overruns_total 1") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        metrics = stack.metrics_text();
+    }
+    assert!(
+        metrics.contains("spendguard_sidecar_overruns_total 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
 async fn a_client_gone_while_its_reservation_is_made_leaves_nothing_held() {
     // Goal: a client that goes away while the ledger is still reserving for its call (its
     // handler is dropped mid-decision) does not leave the worst case held until the

@@ -379,7 +379,18 @@ async fn settle_with_retries(
         // TTL while a commit is not: the ledger books it late.
         Outcome::Commit(spend) => {
             match first_attempt(decider.commit(&call_id, spend, Waiter::Nobody), started).await {
-                Ok(committed) => metrics.settlement(commit_kind(committed.late)),
+                Ok(committed) => {
+                    metrics.settlement(commit_kind(committed.late));
+                    // A late commit is all overrun by design; otherwise the bound undercounted.
+                    if committed.overrun_nano_usd > 0 && !committed.late {
+                        metrics.overrun();
+                        warn!(
+                            call_id,
+                            overrun_nano_usd = committed.overrun_nano_usd,
+                            "the call cost more than its worst case; the ledger booked the rest as an overrun"
+                        );
+                    }
+                }
                 Err(e) => match decider.pending_commit(&call_id) {
                     Some(pending) => commit_pending(&decider, &metrics, &pending).await,
                     None => {
