@@ -29,10 +29,11 @@ pub enum SidecarError {
     /// server-side tool): its worst case is unknown, so it is refused (fail closed).
     #[error("input cannot be bounded: {0}")]
     UnboundedInput(String),
-    /// The request asks for a service tier billed at prices the pricing snapshot does not hold
-    /// (OpenAI `priority`, `scale`): its cost cannot be bounded or priced (fail closed).
-    #[error("service tier not priced: {0}")]
-    UnpricedServiceTier(String),
+    /// The request asks for a pricing tier the pricing snapshot does not hold (OpenAI
+    /// `service_tier` `priority` or `scale`; Anthropic's long-context pricing): its cost cannot
+    /// be bounded or priced (fail closed).
+    #[error("pricing tier not in the snapshot: {0}")]
+    UnpricedTier(String),
     /// The call id was already used for another decision (the proxy never forwards twice).
     #[error("call id {0} was already used")]
     CallIdReused(String),
@@ -93,7 +94,7 @@ impl SidecarError {
             Self::InvalidJson(_) => "INVALID_JSON",
             Self::RequestTooLarge { .. } => "REQUEST_TOO_LARGE",
             Self::UnboundedInput(_) => "UNBOUNDED_INPUT",
-            Self::UnpricedServiceTier(_) => "UNPRICED_SERVICE_TIER",
+            Self::UnpricedTier(_) => "UNPRICED_TIER",
             Self::CallIdReused(_) => "CALL_ID_REUSED",
             Self::IdempotencyConflict(_) => "IDEMPOTENCY_CONFLICT",
             Self::CallNotFound(_) => "CALL_NOT_FOUND",
@@ -129,7 +130,7 @@ impl SidecarError {
             Self::InvalidArgument { .. }
             | Self::InvalidJson(_)
             | Self::UnboundedInput(_)
-            | Self::UnpricedServiceTier(_)
+            | Self::UnpricedTier(_)
             | Self::UsageInvalid(_) => StatusCode::BAD_REQUEST,
             Self::RequestTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::CallNotFound(_) => StatusCode::NOT_FOUND,

@@ -433,7 +433,7 @@ async fn bad_input_is_refused_in_the_provider_format_with_nothing_reserved() {
             if !api.anthropic {
                 let mut priority = (api.body)(api.model);
                 priority["service_tier"] = json!("priority");
-                cases.push((with(priority, None), 400, "UNPRICED_SERVICE_TIER"));
+                cases.push((with(priority, None), 400, "UNPRICED_TIER"));
             }
             for (body, status, code) in cases {
                 let reply = post(&stack.url(api.path), &[api.key], &body).await;

@@ -143,6 +143,12 @@ impl Proxy {
                 limit_bytes: self.body_limit_bytes,
             })?;
         let request = ProviderRequest::parse(api, &bytes)?;
+        request.check_long_context(
+            headers
+                .get_all("anthropic-beta")
+                .iter()
+                .filter_map(|v| v.to_str().ok()),
+        )?;
         let call_id = match header_text(&headers, CALL_ID_HEADER) {
             Some(id) => id,
             None => uuid::Uuid::new_v4().to_string(),

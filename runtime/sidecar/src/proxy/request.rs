@@ -17,6 +17,9 @@ use spendguard_core::pricing::Provider;
 
 /// Tokens allowed for the tool-use system prompt providers add when tools are present.
 pub const TOOLS_OVERHEAD_TOKENS: u64 = 1_000;
+/// Input tokens above which Anthropic bills a request sent with the 1M-context beta at its
+/// long-context prices (twice the input price, one and a half the output price).
+pub const ANTHROPIC_LONG_CONTEXT_TOKENS: u64 = 200_000;
 /// Fixed allowance for request framing.
 pub const BASE_OVERHEAD_TOKENS: u64 = 64;
 
@@ -123,6 +126,34 @@ pub struct ProviderRequest {
 }
 
 impl ProviderRequest {
+    /// Refuses a request whose price depends on a tier the snapshot does not hold, given the
+    /// `anthropic-beta` header values: Anthropic's 1M-context beta bills input above
+    /// [`ANTHROPIC_LONG_CONTEXT_TOKENS`] at long-context prices (without the beta, such input is
+    /// refused by Anthropic). A request that may reach it is refused; one bound below it is
+    /// billed at the standard prices.
+    ///
+    /// # Errors
+    /// [`SidecarError::UnpricedTier`].
+    pub fn check_long_context<'a>(
+        &self,
+        betas: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), SidecarError> {
+        let long_context_beta = betas
+            .into_iter()
+            .flat_map(|v| v.split(','))
+            .any(|beta| beta.trim().starts_with("context-1m"));
+        if self.api == Api::AnthropicMessages
+            && long_context_beta
+            && self.input_tokens_upper_bound > ANTHROPIC_LONG_CONTEXT_TOKENS
+        {
+            return Err(SidecarError::UnpricedTier(format!(
+                "with the context-1m beta, input above {ANTHROPIC_LONG_CONTEXT_TOKENS} tokens is billed at long-context prices the pricing snapshot does not hold (this request's input bound is {})",
+                self.input_tokens_upper_bound
+            )));
+        }
+        Ok(())
+    }
+
     /// Parses and checks a request body.
     ///
     /// # Errors
@@ -183,7 +214,7 @@ impl ProviderRequest {
                 None | Some(Value::Null) => {}
                 Some(Value::String(tier)) if priced.contains(&tier.as_str()) => {}
                 Some(tier) => {
-                    return Err(SidecarError::UnpricedServiceTier(format!(
+                    return Err(SidecarError::UnpricedTier(format!(
                         "`service_tier: {tier}` is billed at prices the pricing snapshot does not hold"
                     )));
                 }
@@ -413,7 +444,7 @@ mod tests {
                 let body =
                     format!(r#"{{"model":"m","messages":[],"input":"x","service_tier":{tier}}}"#);
                 let err = parse(api, &body).unwrap_err();
-                assert_eq!(err.code(), "UNPRICED_SERVICE_TIER", "{api:?} {tier}");
+                assert_eq!(err.code(), "UNPRICED_TIER", "{api:?} {tier}");
             }
             for tier in [r#""auto""#, r#""default""#, r#""flex""#, "null"] {
                 let body =
@@ -445,6 +476,30 @@ mod tests {
             Api::OpenAiResponses,
             r#"{"model":"m","input":"x","stream":true}"#
         ));
+    }
+
+    #[test]
+    fn long_context_input_with_the_1m_beta_is_refused() {
+        let long = format!(
+            r#"{{"model":"c","max_tokens":5,"messages":[{{"role":"user","content":"{}"}}]}}"#,
+            "x".repeat(200_000)
+        );
+        let r = parse(Api::AnthropicMessages, &long).unwrap();
+        let beta = "prompt-caching-2024-07-31, context-1m-2025-08-07";
+        assert_eq!(
+            r.check_long_context([beta]).unwrap_err().code(),
+            "UNPRICED_TIER"
+        );
+        assert!(
+            r.check_long_context(["prompt-caching-2024-07-31"]).is_ok(),
+            "without the beta, Anthropic refuses such input itself"
+        );
+        let short = parse(
+            Api::AnthropicMessages,
+            r#"{"model":"c","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .unwrap();
+        assert!(short.check_long_context([beta]).is_ok());
     }
 
     #[test]
