@@ -612,7 +612,8 @@ pub struct RecordFailOpenRequest {
     #[prost(int64, tag = "4")]
     pub actual_nano_usd: i64,
     /// The scope and epoch that were current in the sidecar when it decided. Recorded as presented:
-    /// an epoch older than the scope's current one is accepted and flagged `epoch_stale`.
+    /// an epoch older than the scope's current one is accepted and flagged `epoch_stale`; a newer
+    /// one (never issued) is FENCING_EPOCH_STALE.
     #[prost(message, optional, tag = "5")]
     pub fencing: ::core::option::Option<FencingToken>,
     /// Pricing snapshot the cost was computed with (must be registered for the tenant).
@@ -658,7 +659,8 @@ pub struct StopRecord {
     pub first_decided_at_unix_ms: i64,
     #[prost(int64, tag = "8")]
     pub last_decided_at_unix_ms: i64,
-    /// How many STOPs the record stands for: 1 for a call; 1 or more for a summary.
+    /// How many STOPs the record stands for: 1 for a call; 1 to 2^53-1 for a summary (the event
+    /// carries it as a JSON number, exact up to there).
     #[prost(uint64, tag = "9")]
     pub count: u64,
     /// The fencing epoch the sidecar held when it decided; 0 when it held none (a contract STOP
@@ -1621,7 +1623,8 @@ pub mod ledger_client {
         /// budget (nothing was reserved), plus the audit event `decision.fail_open`, in one transaction.
         /// Idempotent by (tenant_id, call_id): same fields → the same record, `replayed`; different
         /// fields → IDEMPOTENCY_CONFLICT. The fencing epoch is recorded as presented and is NOT required
-        /// to be current (the lease may have moved on while the ledger was down).
+        /// to be current (the lease may have moved on while the ledger was down); one the scope never
+        /// had (above its current epoch) is FENCING_EPOCH_STALE and writes nothing.
         pub async fn record_fail_open(
             &mut self,
             request: impl tonic::IntoRequest<super::RecordFailOpenRequest>,
@@ -1654,7 +1657,8 @@ pub mod ledger_client {
         /// summary of STOPs the sidecar could not publish one by one), in one transaction. Moves no
         /// money. Idempotent by record id: a record already written with the same fields is `replayed`;
         /// with other fields the whole request is IDEMPOTENCY_CONFLICT and nothing is written. The
-        /// fencing scope must be the tenant's; epochs are recorded as presented.
+        /// fencing scope must be the tenant's; epochs are recorded as presented (one above the scope's
+        /// current epoch, which it never had, is FENCING_EPOCH_STALE and nothing is written).
         pub async fn record_stops(
             &mut self,
             request: impl tonic::IntoRequest<super::RecordStopsRequest>,
@@ -1837,7 +1841,8 @@ pub mod ledger_server {
         /// budget (nothing was reserved), plus the audit event `decision.fail_open`, in one transaction.
         /// Idempotent by (tenant_id, call_id): same fields → the same record, `replayed`; different
         /// fields → IDEMPOTENCY_CONFLICT. The fencing epoch is recorded as presented and is NOT required
-        /// to be current (the lease may have moved on while the ledger was down).
+        /// to be current (the lease may have moved on while the ledger was down); one the scope never
+        /// had (above its current epoch) is FENCING_EPOCH_STALE and writes nothing.
         async fn record_fail_open(
             &self,
             request: tonic::Request<super::RecordFailOpenRequest>,
@@ -1851,7 +1856,8 @@ pub mod ledger_server {
         /// summary of STOPs the sidecar could not publish one by one), in one transaction. Moves no
         /// money. Idempotent by record id: a record already written with the same fields is `replayed`;
         /// with other fields the whole request is IDEMPOTENCY_CONFLICT and nothing is written. The
-        /// fencing scope must be the tenant's; epochs are recorded as presented.
+        /// fencing scope must be the tenant's; epochs are recorded as presented (one above the scope's
+        /// current epoch, which it never had, is FENCING_EPOCH_STALE and nothing is written).
         async fn record_stops(
             &self,
             request: tonic::Request<super::RecordStopsRequest>,
