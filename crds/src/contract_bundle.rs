@@ -87,8 +87,16 @@ pub struct ContractBundleSpec {
     /// Name of the PricingVersion to price calls with.
     #[schemars(length(min = 1, max = 253))]
     pub pricing_version: String,
-    /// Budgets every call reserves against (names of Budgets in this namespace).
-    #[schemars(length(min = 1, max = 8), inner(length(max = 253)))]
+    /// Budgets every call reserves against (names of Budgets in this namespace). At most 7: a
+    /// ReserveSet holds 8 budgets, and a call with a run id adds its run's own. Each becomes the
+    /// ledger budget `<namespace>/<name>`, at most 253 characters, so a name is at most 189.
+    #[schemars(
+        length(min = 1, max = 7),
+        inner(
+            length(min = 1, max = 189),
+            regex(pattern = r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$")
+        )
+    )]
     pub budgets: Vec<String>,
     /// Models allowed (empty: every priced model).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

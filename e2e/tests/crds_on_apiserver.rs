@@ -73,6 +73,31 @@ fn crds_install_accept_examples_and_enforce_rules() {
     let (ok, text) = apply(&plane, &budget("10.1234567891", "0"));
     assert!(!ok && text.contains("spec.limit"), "{text}");
 
+    // A ContractBundle names at most 7 Budgets (a call with a run id adds an 8th, the ledger's
+    // most), each a Kubernetes object name: what the sidecar would refuse at start never gets in.
+    let bundle =
+        std::fs::read_to_string(format!("{ROOT}/config/examples/contract-bundle.yaml")).unwrap();
+    let eight = (1..=8)
+        .map(|i| format!("\"b{i}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let (ok, text) = apply(
+        &plane,
+        &bundle.replace(
+            r#"budgets: ["team-research"]"#,
+            &format!("budgets: [{eight}]"),
+        ),
+    );
+    assert!(!ok && text.contains("spec.budgets"), "{text}");
+    let (ok, text) = apply(
+        &plane,
+        &bundle.replace(
+            r#"budgets: ["team-research"]"#,
+            r#"budgets: ["Team-Research"]"#,
+        ),
+    );
+    assert!(!ok && text.contains("spec.budgets"), "{text}");
+
     // PricingVersion is immutable.
     let pricing =
         std::fs::read_to_string(format!("{ROOT}/config/examples/pricing-version.yaml")).unwrap();

@@ -58,6 +58,9 @@ async fn setup() -> (
     let settings = Settings {
         namespace: NAMESPACE.into(),
         poll_interval: Duration::from_millis(200),
+        // As the operator serving the approvals webhook runs; here an admin's status patch
+        // stands in for the identity the webhook stamps (webhook_approvals.rs tests that).
+        approver_stamped_by_webhook: true,
     };
     let operator = tokio::spawn(approval_request::run(context, settings));
     (plane, ledger, fencing, operator)
@@ -512,6 +515,7 @@ async fn mirror_and_expiry_send_exactly_these_requests() {
         settings: Settings {
             namespace: NAMESPACE.into(),
             poll_interval: Duration::from_millis(200),
+            approver_stamped_by_webhook: true,
         },
     });
     // Still pending, due in ten minutes: AwaitingDecision, looked at again at the cap.

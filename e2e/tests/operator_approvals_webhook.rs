@@ -94,6 +94,7 @@ async fn the_stamped_approver_is_the_one_the_ledger_records() {
     let settings = Settings {
         namespace: NAMESPACE.into(),
         poll_interval: Duration::from_millis(200),
+        approver_stamped_by_webhook: true,
     };
     let operator = tokio::spawn(approval_request::run(context, settings));
 

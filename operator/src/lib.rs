@@ -163,7 +163,7 @@ impl OperatorArgs {
         } = self;
         let mode = spendguard_leader::Mode::parse(&leader.mode)
             .map_err(|e| error::Error::Startup(e.to_string()))?;
-        let approvals = approvals.settings(&leader.namespace)?;
+        let approvals = approvals.settings(&leader.namespace, webhook.enabled)?;
         let webhook_config = webhook
             .config(&leader.namespace)
             .map_err(|e| error::Error::Startup(format!("{}: {e}", e.code())))?;

@@ -99,14 +99,23 @@ pub struct Settings {
     pub namespace: String,
     /// Mirror period, and the re-read period of overdue pending requests.
     pub poll_interval: Duration,
+    /// Whether this operator serves the approvals webhook, which stamps `decidedBy` from the
+    /// apiserver's user info (`webhook.enabled`). Without it, anyone allowed to patch the
+    /// status could write any approver's name, so no decision is forwarded.
+    pub approver_stamped_by_webhook: bool,
 }
 
 impl ApprovalArgs {
-    /// The settings, with `operator_namespace` as the default namespace.
+    /// The settings, with `operator_namespace` as the default namespace; `webhook_enabled`: this
+    /// operator serves the admission webhooks (the approvals webhook among them).
     ///
     /// # Errors
     /// A poll interval outside 100 ms to 10 minutes (never replaced by a default).
-    pub fn settings(&self, operator_namespace: &str) -> Result<Settings, Error> {
+    pub fn settings(
+        &self,
+        operator_namespace: &str,
+        webhook_enabled: bool,
+    ) -> Result<Settings, Error> {
         let Self {
             approvals_namespace,
             approvals_poll_interval_ms,
@@ -125,6 +134,7 @@ impl ApprovalArgs {
         Ok(Settings {
             namespace: namespace.to_owned(),
             poll_interval: Duration::from_millis(*approvals_poll_interval_ms),
+            approver_stamped_by_webhook: webhook_enabled,
         })
     }
 }
@@ -403,6 +413,8 @@ pub mod reason {
     pub const LEDGER_DECIDED_OTHERWISE: &str = "LedgerDecidedOtherwise";
     /// The decision has no `decidedBy` stamped by the webhook, so it is not forwarded.
     pub const APPROVER_IDENTITY_MISSING: &str = "ApproverIdentityMissing";
+    /// The approvals webhook is not enabled, so no `decidedBy` can be trusted: not forwarded.
+    pub const APPROVER_UNVERIFIED: &str = "ApproverUnverified";
     /// The spec is not the ledger's record of that approval, so the decision is not forwarded.
     pub const SPEC_MISMATCH: &str = "SpecMismatch";
 }
@@ -461,15 +473,16 @@ pub async fn reconcile(
     shared: Arc<ApprovalContext>,
 ) -> Result<Action, Error> {
     let ctx = &shared.ctx;
-    let work = apply(&request, ctx, shared.settings.poll_interval);
+    let work = apply(&request, ctx, &shared.settings);
     super::observed(ctx, request.as_ref(), work).await
 }
 
 async fn apply(
     request: &ApprovalRequest,
     ctx: &Context,
-    poll_interval: Duration,
+    settings: &Settings,
 ) -> Result<Action, Error> {
+    let poll_interval = settings.poll_interval;
     let api: Api<ApprovalRequest> =
         Api::namespaced(ctx.kube.clone(), &request.namespace().unwrap_or_default());
     let status = request.status.clone().unwrap_or_default();
@@ -484,7 +497,7 @@ async fn apply(
                 return Ok(Action::await_change()); // Forwarded once; the ledger keeps it.
             }
             (
-                decided(request, &status, ctx).await?,
+                decided(request, &status, ctx, settings).await?,
                 Action::await_change(),
             )
         }
@@ -560,7 +573,20 @@ async fn decided(
     request: &ApprovalRequest,
     status: &ApprovalRequestStatus,
     ctx: &Context,
+    settings: &Settings,
 ) -> Result<Outcome, Error> {
+    if !settings.approver_stamped_by_webhook {
+        let message = "the approvals webhook is not enabled (webhook.enabled=false), so \
+                       decidedBy was not stamped from the approver's identity and could name \
+                       anyone; the decision was not sent to the ledger"
+            .to_owned();
+        return Ok(Outcome::new(
+            false,
+            reason::APPROVER_UNVERIFIED,
+            message,
+            true,
+        ));
+    }
     let approver = status.decided_by.as_deref().map(str::trim).unwrap_or("");
     if approver.is_empty() {
         let message = "the decision has no decidedBy stamped by the approvals webhook, so it \
@@ -843,6 +869,7 @@ mod tests {
             settings: Settings {
                 namespace: "spendguard".into(),
                 poll_interval: Duration::from_secs(1),
+                approver_stamped_by_webhook: true,
             },
         };
         (Arc::new(shared), api)
@@ -915,20 +942,27 @@ mod tests {
             approvals_namespace: String::new(),
             approvals_poll_interval_ms: 5_000,
         };
-        let settings = args.settings("spendguard-system").unwrap();
+        let settings = args.settings("spendguard-system", true).unwrap();
         assert_eq!(settings.namespace, "spendguard-system");
+        assert!(settings.approver_stamped_by_webhook);
+        assert!(
+            !args
+                .settings("spendguard-system", false)
+                .unwrap()
+                .approver_stamped_by_webhook
+        );
         assert_eq!(settings.poll_interval, Duration::from_secs(5));
         let own = ApprovalArgs {
             approvals_namespace: "approvals".into(),
             approvals_poll_interval_ms: 5_000,
         };
-        assert_eq!(own.settings("x").unwrap().namespace, "approvals");
+        assert_eq!(own.settings("x", true).unwrap().namespace, "approvals");
         for bad in [0, 99, 600_001] {
             let args = ApprovalArgs {
                 approvals_namespace: String::new(),
                 approvals_poll_interval_ms: bad,
             };
-            assert!(args.settings("x").is_err(), "{bad}");
+            assert!(args.settings("x", true).is_err(), "{bad}");
         }
     }
 
@@ -950,7 +984,10 @@ mod tests {
             ])
             .unwrap();
         let args = crate::OperatorArgs::from_arg_matches(&matches).unwrap();
-        let settings = args.approvals.settings("spendguard-system").unwrap();
+        let settings = args
+            .approvals
+            .settings("spendguard-system", args.webhook.enabled)
+            .unwrap();
         assert_eq!(settings.namespace, "approvals");
         assert_eq!(settings.poll_interval, Duration::from_millis(250));
     }
@@ -985,6 +1022,38 @@ mod tests {
         assert_eq!(
             (&event["type"], &event["reason"]),
             (&json!("Warning"), &json!(reason::APPROVER_IDENTITY_MISSING))
+        );
+        assert_eq!(task.await.unwrap().unwrap(), Action::await_change());
+        api.expect_no_request().await;
+    }
+
+    // Goal: without the approvals webhook (webhook.enabled=false) nobody's `decidedBy` is
+    // trusted: anyone who may patch the status could have written any name. A decision that
+    // names an approver is not forwarded; it shows as Resolved=False ApproverUnverified.
+    #[tokio::test]
+    async fn without_the_webhook_no_decision_is_forwarded() {
+        let (shared, mut api) = shared();
+        let unverified = ApprovalContext {
+            ctx: shared.ctx.clone(),
+            settings: Settings {
+                approver_stamped_by_webhook: false,
+                ..shared.settings.clone()
+            },
+        };
+        let decided = object(Some(
+            json!({"phase": "Approved", "decidedBy": "cfo@example.com"}),
+        ));
+        let task = tokio::spawn(reconcile(parse(&decided), Arc::new(unverified)));
+        let body = api.expect_apply(STATUS_PATH, &decided).await;
+        let resolved = condition_of(&body, RESOLVED);
+        assert_eq!(
+            (&resolved["status"], &resolved["reason"]),
+            (&json!("False"), &json!(reason::APPROVER_UNVERIFIED))
+        );
+        let event = api.expect_event("spendguard").await;
+        assert_eq!(
+            (&event["type"], &event["reason"]),
+            (&json!("Warning"), &json!(reason::APPROVER_UNVERIFIED))
         );
         assert_eq!(task.await.unwrap().unwrap(), Action::await_change());
         api.expect_no_request().await;
