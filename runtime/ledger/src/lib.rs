@@ -17,14 +17,16 @@ pub mod convert;
 pub mod error;
 pub mod evidence_gate;
 pub mod grpc;
+pub mod key_standing;
 pub mod metrics;
 pub mod store;
 pub mod writer;
 
 use crate::error::{Error, Result};
 use crate::evidence_gate::EvidenceGate;
+use crate::key_standing::KeyStanding;
 use crate::metrics::Metrics;
-use crate::store::{ProducerClaim, Store};
+use crate::store::{EventSigner, ProducerClaim, Store};
 use crate::writer::{Batching, Writer};
 use clap::Args;
 use prometheus_client::registry::Registry;
@@ -260,6 +262,7 @@ pub async fn start(
     if tuning.migrate_on_start {
         store.migrate().await?;
     }
+    let mut key_standing = None;
     match signing {
         Signing::Enabled(signer) => {
             let record = signer
@@ -270,8 +273,22 @@ pub async fn start(
                 )
                 .map_err(|e| Error::Startup(format!("signing key: {e}")))?;
             store.register_signing_key(&record).await?;
+            // The registry may hold the key revoked, or its window closed, since an earlier
+            // start: such a key signs nothing, so the ledger does not start with it.
+            let window = store
+                .signing_key_window(&record.key_id)
+                .await?
+                .ok_or_else(|| Error::Startup(format!("signing key {} vanished", record.key_id)))?;
+            let standing = Arc::new(KeyStanding::new(record.key_id.clone(), window));
+            standing
+                .check(spendguard_evidence::envelope::now_ms())
+                .map_err(Error::Startup)?;
             info!(key_id = %record.key_id, algorithm = record.algorithm().as_str(), "audit events are signed");
-            store = store.with_signer(Arc::new(signer));
+            store = store.with_signer(Arc::new(EventSigner {
+                signer,
+                standing: standing.clone(),
+            }));
+            key_standing = Some(standing);
         }
         Signing::Disabled => warn!("audit events are NOT signed (demo profile)"),
     }
@@ -326,7 +343,7 @@ pub async fn start(
     })
     .collect();
     drop(writer);
-    let background = vec![
+    let mut background = vec![
         tokio::spawn(watch_producer_claim(
             store.clone(),
             database_url.to_owned(),
@@ -345,6 +362,9 @@ pub async fn start(
             Duration::from_millis(tuning.gauge_refresh_ms),
         )),
     ];
+    if let Some(standing) = key_standing {
+        background.push(tokio::spawn(key_standing::watch(store.clone(), standing)));
+    }
     Ok(RunningLedger {
         addr,
         control_addr,

@@ -27,6 +27,7 @@ pub use pipeline::Sent;
 
 use crate::cache::{CLOCK_TOLERANCE, Expected};
 use crate::error::{Error, Result};
+use crate::key_standing::{KeyStanding, KeyWindow};
 use chrono::{DateTime, Utc};
 use spendguard_core::audit::{ProducerStamp, format_time};
 use spendguard_core::lease::LeaseState;
@@ -59,6 +60,16 @@ const STATEMENT_TIMEOUT_MS: u64 = 5_000;
 /// How long a batch waits for a row lock held by another transaction.
 const LOCK_TIMEOUT_MS: u64 = 2_000;
 
+/// What signs a batch's events: the producer's signer, and its key's standing in the registry
+/// (a revoked key, or one outside its window, signs nothing: `key_standing.rs`).
+#[derive(Debug)]
+pub struct EventSigner {
+    /// The signer.
+    pub signer: ProducerSigner,
+    /// Its key's registry row, kept current.
+    pub standing: Arc<KeyStanding>,
+}
+
 /// A connection pool plus this process's producer identity.
 #[derive(Clone)]
 pub struct Store {
@@ -66,7 +77,7 @@ pub struct Store {
     /// The cached path's session (see [`cached_path_options`]).
     cached_path: Arc<tokio::sync::Mutex<pipeline::Pipeline>>,
     /// Signs every audit event (S6); `None` only under the demo profile.
-    signer: Option<Arc<ProducerSigner>>,
+    signer: Option<Arc<EventSigner>>,
 }
 
 /// Where one batch spent its time (exported as metrics, so a slow ledger says why).
@@ -276,9 +287,30 @@ impl Store {
 
     /// Signs every audit event this store writes with `signer`.
     #[must_use]
-    pub fn with_signer(mut self, signer: Arc<ProducerSigner>) -> Self {
+    pub fn with_signer(mut self, signer: Arc<EventSigner>) -> Self {
         self.signer = Some(signer);
         self
+    }
+
+    /// The registry's validity window of `key_id`, if it is registered.
+    ///
+    /// # Errors
+    /// [`Error::Database`].
+    pub async fn signing_key_window(&self, key_id: &str) -> Result<Option<KeyWindow>> {
+        let row = sqlx::query(
+            "SELECT valid_from, valid_until, revoked_at FROM signing_keys WHERE key_id = $1",
+        )
+        .bind(key_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| {
+            Ok(KeyWindow {
+                valid_from: row.try_get("valid_from")?,
+                valid_until: row.try_get("valid_until")?,
+                revoked_at: row.try_get("revoked_at")?,
+            })
+        })
+        .transpose()
     }
 
     /// Publishes `record` in the key registry (`signing_keys`). Additive: a key id that exists
@@ -436,6 +468,17 @@ impl Store {
         let written = Instant::now();
         tx.commit().await?;
         cursor.next_sequence = next_sequence;
+        // A change to this ledger's own key takes effect for the next batch, not at the next
+        // registry read: a revoked key signs nothing more here.
+        if let Some(signer) = &self.signer
+            && let Some(key) = effects.signing_keys.get(signer.standing.key_id())
+        {
+            signer.standing.set(KeyWindow {
+                valid_from: key.valid_from,
+                valid_until: key.valid_until,
+                revoked_at: key.revoked_at,
+            });
+        }
         Ok(Committed {
             outcomes,
             timings: BatchTimings {
@@ -1315,7 +1358,7 @@ async fn write(
     now: DateTime<Utc>,
     existing: &Existing<'_>,
     effects: &Effects,
-    signer: Option<&ProducerSigner>,
+    signer: Option<&EventSigner>,
 ) -> Result<u64> {
     // Rare paths (admin, leases, first use of a window) get their own statements...
     write_tenants_and_budgets(tx, existing.signing_keys, effects).await?;
@@ -1720,7 +1763,7 @@ async fn write_money_and_outbox(
     cursor: &ProducerCursor,
     now: DateTime<Utc>,
     effects: &Effects,
-    signer: Option<&ProducerSigner>,
+    signer: Option<&EventSigner>,
 ) -> Result<u64> {
     let params = EffectParams::of(cursor, now, effects, signer).await?;
     let allocated: i64 = params
@@ -1869,7 +1912,7 @@ impl EffectParams {
         cursor: &ProducerCursor,
         now: DateTime<Utc>,
         effects: &Effects,
-        signer: Option<&ProducerSigner>,
+        signer: Option<&EventSigner>,
     ) -> Result<Self> {
         let new_reservations: Vec<serde_json::Value> = effects
             .new_reservations
@@ -1984,7 +2027,9 @@ impl EffectParams {
         // tenant's evidence) holds no hash of another tenant's events. A signing failure fails
         // the batch: no effect without evidence.
         let mut signed: Vec<Option<Signed>> = vec![None; stamped.len()];
-        if let Some(signer) = signer {
+        if let Some(EventSigner { signer, standing }) = signer {
+            let signed_at = now_ms();
+            standing.check(signed_at).map_err(Error::Signing)?;
             let mut by_tenant: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
             for (at, tenant) in o_tenants.iter().enumerate() {
                 by_tenant.entry(tenant.as_str()).or_default().push(at);
@@ -1994,7 +2039,7 @@ impl EffectParams {
                 let hashes: Vec<[u8; 32]> = places.iter().map(|&at| digests[at]).collect();
                 async move {
                     signer
-                        .sign_batch_of_hashes_at(&hashes, now_ms())
+                        .sign_batch_of_hashes_at(&hashes, signed_at)
                         .await
                         .map(|s| (places, s))
                 }

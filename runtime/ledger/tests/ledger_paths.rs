@@ -1556,6 +1556,81 @@ async fn signing_key_events(ledger: &TestLedger) -> Vec<(String, String)> {
 }
 
 #[tokio::test]
+async fn a_revoked_ledger_key_signs_nothing_more_and_does_not_start_again() {
+    // Goal: a ledger whose own signing key is revoked in the registry signs nothing more (what
+    // it signed after the revocation would be quarantined at ingest: money moved without
+    // evidence that can be chained), and a ledger does not start with a revoked key. Method: a
+    // second ledger on the same database with a fixed key; the key revoked through the control
+    // listener; its next ReserveSet is SIGNING_UNAVAILABLE and writes nothing; a third start
+    // with that key fails.
+    let (ledger, fencing) = setup().await;
+    let seed = [7u8; 32];
+    let start = |instance: &'static str| {
+        let database_url = ledger.database_url.clone();
+        async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let control = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            spendguard_ledger::start(
+                &database_url,
+                instance,
+                &spendguard_ledger::LedgerTuning::default(),
+                spendguard_testkit::signing::signing_with_seed(seed, instance),
+                listener,
+                control,
+                &mut prometheus_client::registry::Registry::default(),
+            )
+            .await
+        }
+    };
+    let second = start("ledger-keyed").await.unwrap();
+    let mut data = spendguard_testkit::ledger::connect(second.addr)
+        .await
+        .unwrap();
+    let mut control = spendguard_testkit::ledger::connect(second.control_addr)
+        .await
+        .unwrap();
+    let reserve = |key: &str| reserve_request(T, key, &["run"], 10, &fencing);
+    reserved(
+        data.reserve_set(reserve("signed"))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let pool = ledger.store().pool();
+    let (key_id, public_key, valid_from): (String, Vec<u8>, chrono::DateTime<chrono::Utc>) =
+        sqlx::query_as(
+            "SELECT s.key_id, s.public_key, s.valid_from FROM signing_keys s
+               JOIN audit_outbox o ON o.signing_key_id = s.key_id
+              WHERE o.producer_instance_id = 'ledger-keyed' LIMIT 1",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    control
+        .register_signing_key(pb::RegisterSigningKeyRequest {
+            key_id: key_id.clone(),
+            algorithm: "ed25519".into(),
+            public_key,
+            valid_from_unix_ms: valid_from.timestamp_millis(),
+            valid_until_unix_ms: 0,
+            revoked_at_unix_ms: chrono::Utc::now().timestamp_millis(),
+        })
+        .await
+        .unwrap();
+    let events = outbox_count(&ledger).await;
+    let refused = data.reserve_set(reserve("after")).await.unwrap_err();
+    assert_eq!(code(&refused), pb::ErrorCode::SigningUnavailable);
+    assert!(refused.message().contains("revoked"), "{refused:?}");
+    assert_eq!(outbox_count(&ledger).await, events, "nothing written");
+    let again = start("ledger-keyed-again").await;
+    let Err(error) = again else {
+        panic!("a ledger started with a revoked key");
+    };
+    assert!(error.to_string().contains("revoked"), "{error}");
+    invariants::check(pool).await.unwrap();
+}
+
+#[tokio::test]
 async fn signing_keys_register_revoke_and_never_un_revoke() {
     let (mut ledger, _fencing) = setup().await;
     let key_id = "ed25519:feed0000cafe0001";

@@ -13,10 +13,19 @@ pub fn test_signing(producer_id: &str) -> Signing {
     let mut seed = [0u8; 32];
     seed[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
     seed[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+    signing_with_seed(seed, producer_id)
+}
+
+/// An in-process signer with the Ed25519 key of `seed`: the same key (and key id) every call,
+/// for tests that start a ledger again with the key of an earlier one.
+///
+/// # Panics
+/// Never in practice: every 32-byte seed is a valid Ed25519 key.
+pub fn signing_with_seed(seed: [u8; 32], producer_id: &str) -> Signing {
     let key = ed25519_dalek::SigningKey::from_bytes(&seed);
     #[allow(clippy::expect_used)]
     let signer = LocalEd25519Signer::from_signing_key(key, None, producer_id)
-        .expect("a random Ed25519 key is valid");
+        .expect("an Ed25519 key from a seed is valid");
     Signing::Enabled(ProducerSigner::Local(signer))
 }
 
