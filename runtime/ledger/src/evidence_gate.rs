@@ -16,14 +16,17 @@
 //!   nothing.
 //!
 //! The age is read from the database every second (its clock, the events' `occurred_at`), so a
-//! backlog is seen, and cleared, within a second.
+//! backlog is seen, and cleared, within a second. A bounded gate that cannot read the age fails
+//! closed: once its reads have failed for longer than the bound, it refuses as if the backlog
+//! were that old (the writes may still succeed while that query fails, and the backlog grows
+//! unseen).
 
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::store::Store;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tracing::warn;
 
 /// How often the oldest unforwarded event's age is read.
@@ -32,11 +35,17 @@ pub const EVIDENCE_LAG_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 /// Nothing waits (or the age is not known yet).
 const NOTHING_WAITING: i64 = -1;
 
+/// The age reads are not failing.
+const READING: i64 = -1;
+
 /// Admits or refuses new spend by the age of the oldest unforwarded audit event.
 #[derive(Debug)]
 pub struct EvidenceGate {
     limit_ms: Option<i64>,
     oldest_age_ms: AtomicI64,
+    /// Since when the age reads fail (ms after `started`), or [`READING`].
+    failing_since_ms: AtomicI64,
+    started: Instant,
 }
 
 impl EvidenceGate {
@@ -47,7 +56,13 @@ impl EvidenceGate {
         Self {
             limit_ms,
             oldest_age_ms: AtomicI64::new(NOTHING_WAITING),
+            failing_since_ms: AtomicI64::new(READING),
+            started: Instant::now(),
         }
+    }
+
+    fn elapsed_ms(&self) -> i64 {
+        i64::try_from(self.started.elapsed().as_millis()).unwrap_or(i64::MAX)
     }
 
     /// Whether new spend may be reserved now.
@@ -58,7 +73,13 @@ impl EvidenceGate {
         let Some(limit_ms) = self.limit_ms else {
             return Ok(());
         };
-        let age_ms = self.oldest_age_ms.load(Ordering::Relaxed);
+        let mut age_ms = self.oldest_age_ms.load(Ordering::Relaxed);
+        let failing_since = self.failing_since_ms.load(Ordering::Relaxed);
+        if failing_since != READING {
+            // Unknown for that long: at least that old, as far as this gate can tell.
+            let unread_for = self.elapsed_ms().saturating_sub(failing_since);
+            age_ms = age_ms.max(0).saturating_add(unread_for);
+        }
         if age_ms > limit_ms {
             Err(Error::EvidenceBacklog { age_ms, limit_ms })
         } else {
@@ -70,11 +91,24 @@ impl EvidenceGate {
     pub fn observe(&self, oldest_age_ms: Option<i64>) {
         self.oldest_age_ms
             .store(oldest_age_ms.unwrap_or(NOTHING_WAITING), Ordering::Relaxed);
+        self.failing_since_ms.store(READING, Ordering::Relaxed);
+    }
+
+    /// Records that the age could not be read (the first failure of a run starts the clock).
+    pub fn read_failed(&self) {
+        let now = self.elapsed_ms();
+        let _ = self.failing_since_ms.compare_exchange(
+            READING,
+            now,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
     }
 }
 
 /// Reads the oldest unforwarded event's age every second into `gate` and the gauge. A failed
-/// read keeps the last value (the database being away fails reservations anyway).
+/// read keeps the last value, and a bounded gate closes once the reads have failed for longer
+/// than its bound ([`EvidenceGate::read_failed`]).
 pub async fn watch(store: Store, gate: Arc<EvidenceGate>, metrics: Metrics) {
     loop {
         match store.oldest_unforwarded_age_ms().await {
@@ -84,7 +118,10 @@ pub async fn watch(store: Store, gate: Arc<EvidenceGate>, metrics: Metrics) {
                     .evidence_oldest_unforwarded_age_seconds
                     .set(age_ms.map_or(0, |ms| ms / 1_000));
             }
-            Err(e) => warn!(error = %e, "reading the age of unforwarded audit events failed"),
+            Err(e) => {
+                gate.read_failed();
+                warn!(error = %e, "reading the age of unforwarded audit events failed");
+            }
         }
         tokio::time::sleep(EVIDENCE_LAG_REFRESH_INTERVAL).await;
     }
@@ -117,5 +154,30 @@ mod tests {
         ));
         gate.observe(None);
         assert!(gate.admit().is_ok());
+    }
+
+    #[test]
+    fn a_bounded_gate_closes_once_its_reads_have_failed_past_the_bound() {
+        let gate = EvidenceGate::new(1);
+        gate.observe(None);
+        gate.read_failed();
+        assert!(gate.admit().is_ok(), "a failure just now: within the bound");
+        std::thread::sleep(Duration::from_millis(1_100));
+        gate.read_failed(); // a later failure does not restart the clock
+        assert!(
+            matches!(
+                gate.admit(),
+                Err(Error::EvidenceBacklog {
+                    limit_ms: 1_000,
+                    ..
+                })
+            ),
+            "unread for longer than the bound"
+        );
+        gate.observe(None);
+        assert!(gate.admit().is_ok(), "read again: open");
+        let unbounded = EvidenceGate::new(0);
+        unbounded.read_failed();
+        assert!(unbounded.admit().is_ok());
     }
 }
