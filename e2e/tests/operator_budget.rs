@@ -128,7 +128,8 @@ async fn budget_cr_reconciles_into_the_ledger() {
         150_250_000_000
     );
 
-    // Spend in the ledger shows in status after the next reconcile (a metadata touch triggers one).
+    // Spend in the ledger shows in status after the next reconcile: the 30 s refresh, or at once
+    // after an annotation change (its own status writes do not trigger one).
     let fencing = ledger.tenant_with_lease("acme").await.unwrap();
     ledger
         .client

@@ -16,7 +16,9 @@ use futures::StreamExt;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::finalizer::{self, finalizer};
-use kube::runtime::watcher;
+use kube::runtime::reflector;
+use kube::runtime::utils::{Predicate as _, PredicateConfig, WatchStreamExt as _, predicates};
+use kube::runtime::watcher::{self, watcher};
 use kube::{Resource, ResourceExt};
 use spendguard_crds::budget::{Budget, BudgetStatus, BudgetWindow};
 use spendguard_crds::condition::Condition;
@@ -208,10 +210,31 @@ pub fn error_policy(budget: Arc<Budget>, error: &Error, ctx: Arc<Context>) -> Ac
     Action::requeue(delay)
 }
 
+/// What triggers a reconcile besides the timed refresh: a new spec (generation), a finalizer
+/// change, a deletion request, an annotation change (`kubectl annotate` refreshes the balances
+/// now). Not the controller's own status writes: a Budget being spent from
+/// shows new balances at every read, so a status write per pass would trigger the next pass at
+/// once, calling the ledger and writing the apiserver at round-trip speed. The balances are
+/// refreshed every [`REFRESH_INTERVAL`] instead.
+fn reconcile_trigger(budget: &Budget) -> Option<u64> {
+    let deleting = budget.meta().deletion_timestamp.is_some();
+    predicates::generation
+        .combine(predicates::finalizers)
+        .combine(predicates::annotations)
+        .hash_property(budget)
+        .map(|hash| hash ^ u64::from(deleting))
+}
+
 /// Runs the Budget controller until its watch ends.
 pub async fn run(ctx: Context) {
     let api: Api<Budget> = Api::all(ctx.kube.clone());
-    Controller::new(api, watcher::Config::default())
+    let (reader, writer) = reflector::store();
+    let triggers = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(reconcile_trigger, PredicateConfig::default());
+    Controller::for_stream(triggers, reader)
         .run(reconcile, error_policy, Arc::new(ctx))
         .for_each(|result| async move {
             if let Err(error) = result {
@@ -362,5 +385,32 @@ mod tests {
             condition["lastTransitionTime"]
         );
         api.expect_no_request().await;
+    }
+
+    // Goal: the controller's own status writes (new balances at every read) do not trigger a
+    // reconcile; a new spec, a finalizer change, an annotation or a deletion request does.
+    #[test]
+    fn only_spec_finalizer_and_deletion_changes_trigger_a_reconcile() {
+        let before = reconcile_trigger(&parse(&object("100", None))).unwrap();
+        let balances = |reserved: &str| {
+            json!({"limit": "100", "reserved": reserved, "committed": "2", "remaining": "97",
+                   "observedGeneration": 2})
+        };
+        let spent = parse(&object("100", Some(balances("1"))));
+        let spent_more = parse(&object("100", Some(balances("5"))));
+        assert_eq!(reconcile_trigger(&spent), Some(before));
+        assert_eq!(reconcile_trigger(&spent_more), Some(before));
+        let mut edited = object("200", None);
+        edited["metadata"]["generation"] = json!(3);
+        assert_ne!(reconcile_trigger(&parse(&edited)), Some(before));
+        let mut unfinalized = object("100", None);
+        unfinalized["metadata"]["finalizers"] = json!([]);
+        assert_ne!(reconcile_trigger(&parse(&unfinalized)), Some(before));
+        let mut touched = object("100", None);
+        touched["metadata"]["annotations"] = json!({"touch": "1"});
+        assert_ne!(reconcile_trigger(&parse(&touched)), Some(before));
+        let mut deleting = object("100", None);
+        deleting["metadata"]["deletionTimestamp"] = json!("2026-11-25T00:00:00Z");
+        assert_ne!(reconcile_trigger(&parse(&deleting)), Some(before));
     }
 }
