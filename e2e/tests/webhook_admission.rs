@@ -140,7 +140,33 @@ async fn start_replicas(
             .unwrap();
         assert_eq!(changed, 0);
     }
+    // A configuration that is missing does not keep the others on a stale CA: they are patched,
+    // and the failure is reported after. Then the replicas' CA goes back.
+    let with_missing = ca_bundle::Configurations {
+        mutating: Some("spendguard-missing".into()),
+        ..config().configurations
+    };
+    let other_ca = "-----BEGIN CERTIFICATE-----\nb3RoZXI=\n-----END CERTIFICATE-----\n";
+    let failed = ca_bundle::patch(client, &with_missing, other_ca).await;
+    assert!(failed.is_err(), "the missing configuration is reported");
+    let patched = plane.admin(&["get", CONFIGURATIONS[1], "-o", CA_BUNDLE], None);
+    assert_eq!(
+        base64_decode(patched.trim()),
+        other_ca.as_bytes(),
+        "the validator was patched though the injector's name was missing"
+    );
+    let restored = ca_bundle::patch(client, &config().configurations, &replicas[0].ca_pem)
+        .await
+        .unwrap();
+    assert_eq!(restored, 1, "the validator's webhook");
     replicas
+}
+
+fn base64_decode(text: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .unwrap()
 }
 
 fn pod(name: &str, namespace: &str, labels: &str, annotations: &str, env: &str) -> String {

@@ -35,37 +35,71 @@ pub async fn patch(
     configurations: &Configurations,
     ca_pem: &str,
 ) -> Result<usize, WebhookError> {
+    // Every configuration is tried, so one that is missing or refused does not keep the others
+    // on a stale CA (they would fail closed); the first failure is reported after.
     let mut changed = 0;
+    let mut first_failure = None;
     let mutating = [&configurations.mutating, &configurations.approvals];
     for name in mutating.into_iter().flatten() {
         let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-        let current = get(&api, name).await?;
-        let stale: Vec<String> = current
-            .webhooks
-            .iter()
-            .flatten()
-            .filter(|w| {
-                w.client_config.ca_bundle.as_ref().map(|b| &b.0[..]) != Some(ca_pem.as_bytes())
-            })
-            .map(|w| w.name.clone())
-            .collect();
-        changed += apply(&api, name, &stale, ca_pem).await?;
+        match patch_one(
+            &api,
+            name,
+            ca_pem,
+            |c| c.webhooks.as_deref(),
+            |w| (&w.name, &w.client_config.ca_bundle),
+        )
+        .await
+        {
+            Ok(n) => changed += n,
+            Err(e) => {
+                first_failure.get_or_insert(e);
+            }
+        }
     }
     if let Some(name) = &configurations.validating {
         let api: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
-        let current = get(&api, name).await?;
-        let stale: Vec<String> = current
-            .webhooks
-            .iter()
-            .flatten()
-            .filter(|w| {
-                w.client_config.ca_bundle.as_ref().map(|b| &b.0[..]) != Some(ca_pem.as_bytes())
-            })
-            .map(|w| w.name.clone())
-            .collect();
-        changed += apply(&api, name, &stale, ca_pem).await?;
+        match patch_one(
+            &api,
+            name,
+            ca_pem,
+            |c| c.webhooks.as_deref(),
+            |w| (&w.name, &w.client_config.ca_bundle),
+        )
+        .await
+        {
+            Ok(n) => changed += n,
+            Err(e) => {
+                first_failure.get_or_insert(e);
+            }
+        }
     }
-    Ok(changed)
+    match first_failure {
+        None => Ok(changed),
+        Some(failure) => Err(failure),
+    }
+}
+
+/// Patches the webhooks of configuration `name` whose `caBundle` is not `ca_pem`.
+async fn patch_one<K, W>(
+    api: &Api<K>,
+    name: &str,
+    ca_pem: &str,
+    webhooks: impl Fn(&K) -> Option<&[W]>,
+    name_and_bundle: impl Fn(&W) -> (&String, &Option<ByteString>),
+) -> Result<usize, WebhookError>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let current = get(api, name).await?;
+    let stale: Vec<String> = webhooks(&current)
+        .unwrap_or_default()
+        .iter()
+        .map(&name_and_bundle)
+        .filter(|(_, bundle)| bundle.as_ref().map(|b| &b.0[..]) != Some(ca_pem.as_bytes()))
+        .map(|(name, _)| name.clone())
+        .collect();
+    apply(api, name, &stale, ca_pem).await
 }
 
 async fn get<K>(api: &Api<K>, name: &str) -> Result<K, WebhookError>

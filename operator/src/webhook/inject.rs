@@ -236,6 +236,11 @@ pub fn sidecar(config: &InjectConfig) -> Container {
         // Ready only while the fencing lease is held, so the pod is not Ready without a guard.
         readiness_probe: Some(probe("/readyz", 5, 2)),
         liveness_probe: Some(probe("/healthz", 10, 3)),
+        // The app's containers start once this passes (a native sidecar's startup probe holds
+        // them back): the admin port answers only after the proxy's listeners are bound, so the
+        // app's first call finds the sidecar listening. Not /readyz: a ledger that is down at
+        // start must not keep the app from starting (its calls get the sidecar's 503s).
+        startup_probe: Some(probe("/healthz", 1, 120)),
         resources: Some(ResourceRequirements {
             requests: Some(quantities("50m", "64Mi")),
             limits: Some(quantities("1", "256Mi")),
@@ -536,6 +541,8 @@ mod tests {
         assert_eq!(sidecar["readinessProbe"]["httpGet"]["path"], "/readyz");
         assert_eq!(sidecar["readinessProbe"]["httpGet"]["port"], 9464);
         assert_eq!(sidecar["livenessProbe"]["httpGet"]["path"], "/healthz");
+        assert_eq!(sidecar["startupProbe"]["httpGet"]["path"], "/healthz");
+        assert_eq!(sidecar["startupProbe"]["httpGet"]["port"], 9464);
         let security = &sidecar["securityContext"];
         assert_eq!(security["runAsNonRoot"], true);
         assert_eq!(security["readOnlyRootFilesystem"], true);

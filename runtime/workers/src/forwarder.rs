@@ -27,6 +27,7 @@ use sha2::{Digest, Sha256};
 use spendguard_core::audit::EVENT_SCHEMA;
 use spendguard_evidence::{
     Algorithm, Inclusion, KeyRecord, KeyRegistry, LocalEd25519Signer, Signed, VerifiedSignatures,
+    VerifyError,
 };
 use sqlx::{PgPool, Postgres, Transaction};
 use std::collections::HashMap;
@@ -168,6 +169,10 @@ impl Forwarder {
     pub async fn pass(&self) -> Result<PassReport, ForwardError> {
         let mut tx = self.pool.begin().await?;
         let registry = load_registry(&mut tx).await?;
+        // The database clock: an event signed later than this (plus the skew) is quarantined.
+        let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")
+            .fetch_one(&mut *tx)
+            .await?;
         // The rows of one batch signature share it: one cryptographic check for all of them.
         let mut verified = VerifiedSignatures::default();
         let producers: Vec<(String, Option<i64>)> = sqlx::query_as(
@@ -187,7 +192,7 @@ impl Forwarder {
                 if row.sequence != next {
                     break; // Not visible yet; sequences are contiguous per producer.
                 }
-                match check(&row, &registry, &mut verified, self.strict) {
+                match check(&row, &registry, &mut verified, self.strict, now) {
                     Ok(()) => {
                         append(&mut tx, &mut heads, &row).await?;
                         report.accepted += 1;
@@ -362,6 +367,7 @@ fn check(
     registry: &KeyRegistry,
     verified: &mut VerifiedSignatures,
     strict: bool,
+    now: DateTime<Utc>,
 ) -> Result<(), (String, String)> {
     let schema = |detail: String| ("SCHEMA_INVALID".to_owned(), detail);
     let digest: [u8; 32] = Sha256::digest(&row.bytes).into();
@@ -417,11 +423,24 @@ fn check(
         signature,
         inclusion,
     };
+    let verify_error = |e: VerifyError| (e.code().as_str().to_owned(), e.to_string());
     registry
         .verify_cached(&signed, &row.bytes, verified)
-        .map(|_| ())
-        .map_err(|e| (e.code().as_str().to_owned(), e.to_string()))
+        .map_err(verify_error)?;
+    // A signing time ahead of the database clock (beyond clock skew) is a producer clock gone
+    // wrong or an event pre-dated into a key's future window: either way, not chained.
+    if signed.signed_at > now + MAX_SIGNED_AT_AHEAD {
+        return Err(verify_error(VerifyError::SignedAtInFuture {
+            signed_at: signed.signed_at.to_rfc3339(),
+            now: now.to_rfc3339(),
+        }));
+    }
+    Ok(())
 }
+
+/// How far a signing time may run ahead of the database clock (the producers' and the database's
+/// clocks drift apart by far less).
+pub const MAX_SIGNED_AT_AHEAD: chrono::Duration = chrono::Duration::minutes(5);
 
 async fn append(
     tx: &mut Transaction<'_, Postgres>,

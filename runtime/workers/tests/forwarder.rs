@@ -188,7 +188,7 @@ async fn invalid_events_are_quarantined_with_their_reason_and_never_chained() {
     let unknown = signer(9);
     sqlx::query(
         "INSERT INTO audit_producers (producer_instance_id, claim_token, next_sequence)
-         VALUES ('forger', gen_random_uuid(), 11)",
+         VALUES ('forger', gen_random_uuid(), 12)",
     )
     .execute(&pool)
     .await
@@ -230,6 +230,16 @@ async fn invalid_events_are_quarantined_with_their_reason_and_never_chained() {
         ..signed[2].clone()
     };
     insert_row(&pool, 10, &batch[2].0, &batch[2].1, Some(borrowed)).await;
+    // Signed by a registered key, an hour ahead of the database clock.
+    let (b11, h11) = event(11, "11");
+    let ahead = registered
+        .sign_at(
+            &b11,
+            spendguard_evidence::envelope::now_ms() + chrono::Duration::hours(1),
+        )
+        .await
+        .unwrap();
+    insert_row(&pool, 11, &b11, &h11, Some(ahead)).await;
 
     let report = forwarder(&pool).pass().await.unwrap();
     let reasons: Vec<&str> = report.quarantined.iter().map(|(r, _)| r.as_str()).collect();
@@ -243,7 +253,8 @@ async fn invalid_events_are_quarantined_with_their_reason_and_never_chained() {
             "SCHEMA_INVALID",
             "SCHEMA_INVALID",
             "SIGNATURE_MALFORMED",
-            "SIGNATURE_INVALID"
+            "SIGNATURE_INVALID",
+            "SIGNED_AT_IN_FUTURE"
         ]
     );
     let chained: Vec<i64> = sqlx::query_scalar(
@@ -263,7 +274,7 @@ async fn invalid_events_are_quarantined_with_their_reason_and_never_chained() {
     .fetch_all(&pool)
     .await
     .unwrap();
-    assert_eq!(stored.len(), 8);
+    assert_eq!(stored.len(), 9);
     assert!(
         stored[6].2.contains("inclusion") && stored[7].0 == 10,
         "{stored:?}"
@@ -280,7 +291,7 @@ async fn invalid_events_are_quarantined_with_their_reason_and_never_chained() {
         "acme",
     )
     .await;
-    assert_eq!(verify_chain(&pool, "acme").await.unwrap(), events - 8);
+    assert_eq!(verify_chain(&pool, "acme").await.unwrap(), events - 9);
     // Quarantine is evidence too: append-only, and its rows never move into the chain later.
     let edit = sqlx::query("UPDATE audit_quarantine SET reason_code = 'OK'")
         .execute(&pool)
