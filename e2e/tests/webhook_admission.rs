@@ -141,24 +141,40 @@ async fn start_replicas(
         assert_eq!(changed, 0);
     }
     // A configuration that is missing does not keep the others on a stale CA: they are patched,
-    // and the failure is reported after. Then the replicas' CA goes back.
+    // and the failure is reported after. On a spare configuration the running replicas do not
+    // look after (their upkeep would put their CA back at any moment).
+    let spare = r#"{"apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingWebhookConfiguration", "metadata": {"name": "spendguard-spare"},
+        "webhooks": [{"name": "spare.spendguard.io", "rules": [], "failurePolicy": "Ignore",
+            "clientConfig": {"url": "https://127.0.0.1:1/never"},
+            "sideEffects": "None", "admissionReviewVersions": ["v1"]}]}"#;
+    plane.admin(&["apply", "-f", "-"], Some(spare));
     let with_missing = ca_bundle::Configurations {
         mutating: Some("spendguard-missing".into()),
-        ..config().configurations
+        validating: Some("spendguard-spare".into()),
+        approvals: None,
     };
     let other_ca = "-----BEGIN CERTIFICATE-----\nb3RoZXI=\n-----END CERTIFICATE-----\n";
     let failed = ca_bundle::patch(client, &with_missing, other_ca).await;
     assert!(failed.is_err(), "the missing configuration is reported");
-    let patched = plane.admin(&["get", CONFIGURATIONS[1], "-o", CA_BUNDLE], None);
+    let patched = plane.admin(
+        &[
+            "get",
+            "validatingwebhookconfiguration/spendguard-spare",
+            "-o",
+            CA_BUNDLE,
+        ],
+        None,
+    );
     assert_eq!(
         base64_decode(patched.trim()),
         other_ca.as_bytes(),
-        "the validator was patched though the injector's name was missing"
+        "the spare configuration was patched though the first name was missing"
     );
-    let restored = ca_bundle::patch(client, &config().configurations, &replicas[0].ca_pem)
-        .await
-        .unwrap();
-    assert_eq!(restored, 1, "the validator's webhook");
+    plane.admin(
+        &["delete", "validatingwebhookconfiguration/spendguard-spare"],
+        None,
+    );
     replicas
 }
 

@@ -6,7 +6,8 @@
 use super::WebhookError;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
-    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+    MutatingWebhook, MutatingWebhookConfiguration, ValidatingWebhook,
+    ValidatingWebhookConfiguration,
 };
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
@@ -37,67 +38,55 @@ pub async fn patch(
 ) -> Result<usize, WebhookError> {
     // Every configuration is tried, so one that is missing or refused does not keep the others
     // on a stale CA (they would fail closed); the first failure is reported after.
-    let mut changed = 0;
-    let mut first_failure = None;
+    let mut results = Vec::new();
     let mutating = [&configurations.mutating, &configurations.approvals];
     for name in mutating.into_iter().flatten() {
         let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-        match patch_one(
-            &api,
-            name,
-            ca_pem,
-            |c| c.webhooks.as_deref(),
-            |w| (&w.name, &w.client_config.ca_bundle),
-        )
-        .await
-        {
-            Ok(n) => changed += n,
-            Err(e) => {
-                first_failure.get_or_insert(e);
-            }
-        }
+        let webhooks = |c: &MutatingWebhookConfiguration| c.webhooks.clone().unwrap_or_default();
+        let patched = patch_one(&api, name, ca_pem, webhooks, |w: MutatingWebhook| {
+            (w.name, w.client_config.ca_bundle)
+        });
+        results.push(patched.await);
     }
     if let Some(name) = &configurations.validating {
         let api: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
-        match patch_one(
-            &api,
-            name,
-            ca_pem,
-            |c| c.webhooks.as_deref(),
-            |w| (&w.name, &w.client_config.ca_bundle),
-        )
-        .await
-        {
+        let webhooks = |c: &ValidatingWebhookConfiguration| c.webhooks.clone().unwrap_or_default();
+        let patched = patch_one(&api, name, ca_pem, webhooks, |w: ValidatingWebhook| {
+            (w.name, w.client_config.ca_bundle)
+        });
+        results.push(patched.await);
+    }
+    let mut changed = 0;
+    let mut first_failure = None;
+    for result in results {
+        match result {
             Ok(n) => changed += n,
             Err(e) => {
                 first_failure.get_or_insert(e);
             }
         }
     }
-    match first_failure {
-        None => Ok(changed),
-        Some(failure) => Err(failure),
-    }
+    first_failure.map_or(Ok(changed), Err)
 }
 
-/// Patches the webhooks of configuration `name` whose `caBundle` is not `ca_pem`.
+/// Patches the webhooks of configuration `name` whose `caBundle` is not `ca_pem`
+/// (`webhooks` lists a configuration's webhooks, `name_and_bundle` reads one's name and bundle).
 async fn patch_one<K, W>(
     api: &Api<K>,
     name: &str,
     ca_pem: &str,
-    webhooks: impl Fn(&K) -> Option<&[W]>,
-    name_and_bundle: impl Fn(&W) -> (&String, &Option<ByteString>),
+    webhooks: impl Fn(&K) -> Vec<W>,
+    name_and_bundle: impl Fn(W) -> (String, Option<ByteString>),
 ) -> Result<usize, WebhookError>
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
     let current = get(api, name).await?;
     let stale: Vec<String> = webhooks(&current)
-        .unwrap_or_default()
-        .iter()
-        .map(&name_and_bundle)
+        .into_iter()
+        .map(name_and_bundle)
         .filter(|(_, bundle)| bundle.as_ref().map(|b| &b.0[..]) != Some(ca_pem.as_bytes()))
-        .map(|(name, _)| name.clone())
+        .map(|(name, _)| name)
         .collect();
     apply(api, name, &stale, ca_pem).await
 }
