@@ -576,6 +576,33 @@ async fn tampering_fails_verification_with_its_own_code() {
             }),
         ),
         (
+            "two events swapped, positions and links recomputed",
+            "PRODUCER_SEQUENCE_OUT_OF_ORDER",
+            Box::new(|dir| {
+                edit_lines(dir, |lines| {
+                    lines.swap(1, 2);
+                    let (first, second) =
+                        (lines[2]["chain_seq"].clone(), lines[1]["chain_seq"].clone());
+                    lines[1]["chain_seq"] = first;
+                    lines[2]["chain_seq"] = second;
+                    lines[1]["prev_chain_hash"] = lines[0]["chain_hash"].clone();
+                    relink(lines, 1);
+                });
+            }),
+        ),
+        (
+            "an event repeated in place of the next, positions and links recomputed",
+            "PRODUCER_SEQUENCE_OUT_OF_ORDER",
+            Box::new(|dir| {
+                edit_lines(dir, |lines| {
+                    let mut repeated = lines[1].clone();
+                    repeated["chain_seq"] = lines[2]["chain_seq"].clone();
+                    lines[2] = repeated;
+                    relink(lines, 1);
+                });
+            }),
+        ),
+        (
             "a forged link that the next event agrees with",
             "CHAIN_BROKEN",
             Box::new(|dir| {

@@ -13,6 +13,10 @@
 //!      (`TENANT_MISMATCH`, `EVENT_METADATA_MISMATCH`): the signed bytes, not the line, are the truth;
 //!    - the signature through evidence's `KeyRegistry` (signed time inside the key's window, not
 //!      revoked): `UNSIGNED`, `KEY_UNKNOWN`, `SIGNATURE_INVALID`, `KEY_REVOKED`, …;
+//!    - each producer's signed sequence rises along the chain (`PRODUCER_SEQUENCE_OUT_OF_ORDER`):
+//!      ingest appends a producer's events in its sequence order, and the sequence is in the
+//!      signed bytes, so a duplicated or reordered event is caught even when its positions and
+//!      links were recomputed (a deleted one is not: other tenants' events leave gaps anyway);
 //!    - the link: `prev_chain_hash` continues the previous event and
 //!      `chain_hash = chain::link(prev, event_sha256)` (`CHAIN_BROKEN`);
 //! 4. the manifest's cursor names the last event (`MANIFEST_MISMATCH`);
@@ -43,6 +47,7 @@ use spendguard_core::audit::EVENT_SCHEMA;
 use spendguard_evidence::{
     Algorithm, Inclusion, KeyRecord, KeyRegistry, Signed, VerifiedSignatures, VerifyError,
 };
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// Verification settings.
@@ -188,6 +193,18 @@ pub enum VerifyFailure {
     /// The export's location (an S3 prefix) cannot be read.
     #[error(transparent)]
     Source(SinkError),
+    /// A producer's signed sequence does not rise along the chain: an event repeated or moved.
+    #[error("event {chain_seq}: producer {producer} sequence {sequence} after {previous}")]
+    ProducerSequenceOutOfOrder {
+        /// Position.
+        chain_seq: i64,
+        /// Producer.
+        producer: String,
+        /// This event's sequence.
+        sequence: i64,
+        /// The producer's sequence before it in the chain.
+        previous: i64,
+    },
     /// A link does not continue the previous one or does not recompute.
     #[error("event {chain_seq}: {what} breaks the chain")]
     ChainBroken {
@@ -214,6 +231,7 @@ impl VerifyFailure {
             Self::Unsigned { .. } => "UNSIGNED",
             Self::Signature { source, .. } => source.code().as_str(),
             Self::ChainBroken { .. } => "CHAIN_BROKEN",
+            Self::ProducerSequenceOutOfOrder { .. } => "PRODUCER_SEQUENCE_OUT_OF_ORDER",
             Self::CheckpointMissing => "CHECKPOINT_MISSING",
             Self::CheckpointInvalid(_) => "CHECKPOINT_INVALID",
             Self::CheckpointMismatch(_) => "CHECKPOINT_MISMATCH",
@@ -301,6 +319,7 @@ pub fn verify(dir: &Path, options: &VerifyOptions) -> Result<VerifyReport, Verif
             None => None,
         },
         events: 0,
+        producer_sequences: HashMap::new(),
         checkpoint_at: checkpoint
             .as_ref()
             .map(|cp| i64::try_from(cp.size).unwrap_or(i64::MAX)),
@@ -457,6 +476,8 @@ struct ChainState<'a> {
     checkpoint_hash: Option<[u8; 32]>,
     /// Batch signatures already checked (events of one batch share one).
     verified: VerifiedSignatures,
+    /// Each producer's last sequence seen along the chain.
+    producer_sequences: HashMap<String, i64>,
 }
 
 fn verify_batch(
@@ -570,6 +591,19 @@ fn verify_event(
                     source,
                 })?;
         }
+    }
+    // The sequence is the signed one (check_canonical compared it with the signed bytes).
+    if let Some(previous) = chain
+        .producer_sequences
+        .insert(line.producer_instance_id.clone(), line.producer_sequence)
+        && line.producer_sequence <= previous
+    {
+        return Err(VerifyFailure::ProducerSequenceOutOfOrder {
+            chain_seq: seq,
+            producer: line.producer_instance_id.clone(),
+            sequence: line.producer_sequence,
+            previous,
+        });
     }
     // Set from the manifest's anchor before the first event, then from each verified link.
     let prev = chain.prev.unwrap_or(GENESIS);
