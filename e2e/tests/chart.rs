@@ -67,6 +67,15 @@ fn values_are_validated() {
             && text.contains("spendguard-ttl-sweeper"),
         "{text}"
     );
+    // Without leader election a rollout must not overlap two singletons: the operator and both
+    // workers are replaced, not rolled (the ledger, which needs no leader, still rolls).
+    assert_eq!(
+        text.matches("strategy: {type: Recreate}").count(),
+        3,
+        "{text}"
+    );
+    let (ok, text) = helm(&["template", "sg", CHART]);
+    assert!(ok && !text.contains("Recreate"), "{text}");
     let (ok, text) = helm(&["template", "sg", CHART, "--set", "operator.replicas=2"]);
     assert!(
         ok && text.contains("replicas: 2"),
