@@ -1581,7 +1581,7 @@ impl Decider {
     pub async fn commit_left_over(
         &self,
         commit: &PendingCommit,
-    ) -> Result<LeftOverSettled, SidecarError> {
+    ) -> Result<CommitOutcome, SidecarError> {
         // A call admitted inside a credit whose draw was lost after all (its predecessor's, or
         // at the redraw): its fail-open record is queued, unsettled, at its worst case. Its
         // usage settles that record, as if the commit had found the draw lost.
@@ -1589,7 +1589,7 @@ impl Decider {
             self.fail_open
                 .settle(&commit.call_id, commit.actual_nano_usd);
             self.pending_commits.settled(&commit.call_id);
-            return Ok(LeftOverSettled::FailOpenRecord);
+            return Ok(CommitOutcome::FailOpenRecord);
         }
         let sent = self
             .commit_reservation(
@@ -1600,7 +1600,9 @@ impl Decider {
             )
             .await;
         match &sent {
-            Err(e) if e.settlement_may_land_later() => return sent.map(LeftOverSettled::from),
+            Err(e) if e.settlement_may_land_later() => {
+                return sent.map(|response| CommitOutcome::of(response.late));
+            }
             Err(_) => {}
             // A call this process still knows is settled now, as if its first attempt had landed.
             Ok(response) => {
@@ -1618,7 +1620,7 @@ impl Decider {
             }
         }
         self.pending_commits.settled(&commit.call_id);
-        sent.map(LeftOverSettled::from)
+        sent.map(|response| CommitOutcome::of(response.late))
     }
 
     /// Commits `actual` to the reservation under this sidecar's current epoch (a reservation made
@@ -2072,9 +2074,9 @@ fn settle_error(call_id: &str, status: &tonic::Status) -> SidecarError {
     }
 }
 
-/// Where a left-over commit's usage went.
+/// Where a commit's usage went: the settlement metric's outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LeftOverSettled {
+pub enum CommitOutcome {
     /// Committed to its reservation.
     Committed,
     /// Committed after its reservation's TTL: booked late, all of it overrun.
@@ -2083,23 +2085,22 @@ pub enum LeftOverSettled {
     FailOpenRecord,
 }
 
-impl LeftOverSettled {
+impl CommitOutcome {
+    /// A commit the ledger took, `late` or not.
+    pub const fn of(late: bool) -> Self {
+        if late {
+            Self::CommittedLate
+        } else {
+            Self::Committed
+        }
+    }
+
     /// The settlement metric's outcome.
-    pub fn outcome(self) -> &'static str {
+    pub const fn outcome(self) -> &'static str {
         match self {
             Self::Committed => "commit",
             Self::CommittedLate => "commit_late",
             Self::FailOpenRecord => "fail_open",
-        }
-    }
-}
-
-impl From<pb::CommitResponse> for LeftOverSettled {
-    fn from(response: pb::CommitResponse) -> Self {
-        if response.late {
-            Self::CommittedLate
-        } else {
-            Self::Committed
         }
     }
 }

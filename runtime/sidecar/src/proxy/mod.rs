@@ -17,7 +17,7 @@ pub mod request;
 pub mod upstream;
 pub mod usage;
 
-use crate::decider::{DecideInput, Decider, Decision, LeftOverSettled, Spend, Verdict, Waiter};
+use crate::decider::{CommitOutcome, DecideInput, Decider, Decision, Spend, Verdict, Waiter};
 use crate::error::SidecarError;
 use crate::metrics::Metrics;
 use crate::pending_commits::PendingCommit;
@@ -386,7 +386,7 @@ async fn settle_with_retries(
         Outcome::Commit(spend) => {
             match first_attempt(decider.commit(&call_id, spend, Waiter::Nobody), started).await {
                 Ok(committed) => {
-                    metrics.settlement(commit_kind(committed.late));
+                    metrics.settlement(CommitOutcome::of(committed.late).outcome());
                     // A late commit is all overrun by design; otherwise the bound undercounted.
                     if committed.overrun_nano_usd > 0 && !committed.late {
                         metrics.overrun();
@@ -445,11 +445,6 @@ async fn first_attempt<T>(
     done
 }
 
-/// The settlement metric's outcome of a commit.
-fn commit_kind(late: bool) -> &'static str {
-    if late { "commit_late" } else { "commit" }
-}
-
 /// Sends a pending commit by reservation id until the ledger has it (booked late if past its
 /// TTL), it is refused for good, or [`PENDING_MAX`] after its first failure.
 async fn commit_pending(decider: &Decider, metrics: &Metrics, pending: &PendingCommit) {
@@ -458,7 +453,7 @@ async fn commit_pending(decider: &Decider, metrics: &Metrics, pending: &PendingC
         decider
             .commit_left_over(pending)
             .await
-            .map(LeftOverSettled::outcome)
+            .map(CommitOutcome::outcome)
     })
     .await;
     match committed {
