@@ -209,22 +209,22 @@ pub fn sidecar(config: &InjectConfig) -> Container {
         env("SPENDGUARD_LOG_FORMAT", "json"),
     ];
     if config.credit_nano_usd > 0 {
-        environment.push(env(
-            "SPENDGUARD_CREDIT_NANO_USD",
-            &config.credit_nano_usd.to_string(),
-        ));
-        environment.push(env(
-            "SPENDGUARD_CREDIT_TTL_MS",
-            &config.credit_ttl_ms.to_string(),
-        ));
-        environment.push(env(
-            "SPENDGUARD_CREDIT_AHEAD_MS",
-            &config.credit_ahead_ms.to_string(),
-        ));
-        environment.push(env(
-            "SPENDGUARD_CREDIT_QUIET_MS",
-            &config.credit_quiet_ms.to_string(),
-        ));
+        let credits = [
+            (
+                "SPENDGUARD_CREDIT_NANO_USD",
+                config.credit_nano_usd.to_string(),
+            ),
+            ("SPENDGUARD_CREDIT_TTL_MS", config.credit_ttl_ms.to_string()),
+            (
+                "SPENDGUARD_CREDIT_AHEAD_MS",
+                config.credit_ahead_ms.to_string(),
+            ),
+            (
+                "SPENDGUARD_CREDIT_QUIET_MS",
+                config.credit_quiet_ms.to_string(),
+            ),
+        ];
+        environment.extend(credits.iter().map(|(name, value)| env(name, value)));
     }
     Container {
         name: SIDECAR_NAME.into(),
