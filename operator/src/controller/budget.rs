@@ -212,17 +212,17 @@ pub fn error_policy(budget: Arc<Budget>, error: &Error, ctx: Arc<Context>) -> Ac
 
 /// What triggers a reconcile besides the timed refresh: a new spec (generation), a finalizer
 /// change, a deletion request, an annotation change (`kubectl annotate` refreshes the balances
-/// now). Not the controller's own status writes: a Budget being spent from
-/// shows new balances at every read, so a status write per pass would trigger the next pass at
+/// now). Not the controller's own status writes: a Budget being spent from shows new balances
+/// at every read, so a status write per pass would trigger the next pass at
 /// once, calling the ledger and writing the apiserver at round-trip speed. The balances are
 /// refreshed every [`REFRESH_INTERVAL`] instead.
 fn reconcile_trigger(budget: &Budget) -> Option<u64> {
-    let deleting = budget.meta().deletion_timestamp.is_some();
+    let deletion_requested = |b: &Budget| b.meta().deletion_timestamp.as_ref().map(|_| 1);
     predicates::generation
         .combine(predicates::finalizers)
         .combine(predicates::annotations)
+        .combine(deletion_requested)
         .hash_property(budget)
-        .map(|hash| hash ^ u64::from(deleting))
 }
 
 /// Runs the Budget controller until its watch ends.
