@@ -875,6 +875,28 @@ mod tests {
         (Arc::new(shared), api)
     }
 
+    /// The reconcile's status write of `object`: its Resolved condition is `(status, reason)`,
+    /// with an Event of `event_type` giving the same reason. Returns the written body.
+    async fn expect_resolved(
+        api: &mut ApiServer,
+        object: &Value,
+        (status, reason): (&str, &str),
+        event_type: &str,
+    ) -> Value {
+        let body = api.expect_apply(STATUS_PATH, object).await;
+        let resolved = condition_of(&body, RESOLVED);
+        assert_eq!(
+            (&resolved["status"], &resolved["reason"]),
+            (&json!(status), &json!(reason))
+        );
+        let event = api.expect_event("spendguard").await;
+        assert_eq!(
+            (&event["type"], &event["reason"]),
+            (&json!(event_type), &json!(reason))
+        );
+        body
+    }
+
     fn condition_of<'a>(body: &'a Value, type_: &str) -> &'a Value {
         body["status"]["conditions"]
             .as_array()
@@ -1002,7 +1024,13 @@ mod tests {
             json!({"phase": "Approved", "decisionReason": "trust me"}),
         ));
         let task = tokio::spawn(reconcile(parse(&decided), shared));
-        let body = api.expect_apply(STATUS_PATH, &decided).await;
+        let body = expect_resolved(
+            &mut api,
+            &decided,
+            ("False", reason::APPROVER_IDENTITY_MISSING),
+            "Warning",
+        )
+        .await;
         assert_eq!(
             body["status"]
                 .as_object()
@@ -1012,17 +1040,7 @@ mod tests {
             ["conditions"],
             "the operator's condition write owns no decision field"
         );
-        let resolved = condition_of(&body, RESOLVED);
-        assert_eq!(
-            (&resolved["status"], &resolved["reason"]),
-            (&json!("False"), &json!(reason::APPROVER_IDENTITY_MISSING))
-        );
         assert_eq!(condition_of(&body, "Ready")["status"], "True");
-        let event = api.expect_event("spendguard").await;
-        assert_eq!(
-            (&event["type"], &event["reason"]),
-            (&json!("Warning"), &json!(reason::APPROVER_IDENTITY_MISSING))
-        );
         assert_eq!(task.await.unwrap().unwrap(), Action::await_change());
         api.expect_no_request().await;
     }
@@ -1044,17 +1062,8 @@ mod tests {
             json!({"phase": "Approved", "decidedBy": "cfo@example.com"}),
         ));
         let task = tokio::spawn(reconcile(parse(&decided), Arc::new(unverified)));
-        let body = api.expect_apply(STATUS_PATH, &decided).await;
-        let resolved = condition_of(&body, RESOLVED);
-        assert_eq!(
-            (&resolved["status"], &resolved["reason"]),
-            (&json!("False"), &json!(reason::APPROVER_UNVERIFIED))
-        );
-        let event = api.expect_event("spendguard").await;
-        assert_eq!(
-            (&event["type"], &event["reason"]),
-            (&json!("Warning"), &json!(reason::APPROVER_UNVERIFIED))
-        );
+        let resolved = ("False", reason::APPROVER_UNVERIFIED);
+        expect_resolved(&mut api, &decided, resolved, "Warning").await;
         assert_eq!(task.await.unwrap().unwrap(), Action::await_change());
         api.expect_no_request().await;
     }
@@ -1104,17 +1113,8 @@ mod tests {
             json!({"phase": "Expired", "decidedBy": "system:serviceaccount:sg:op"}),
         ));
         let task = tokio::spawn(reconcile(parse(&expired), shared.clone()));
-        let body = api.expect_apply(STATUS_PATH, &expired).await;
-        let resolved = condition_of(&body, RESOLVED);
-        assert_eq!(
-            (&resolved["status"], &resolved["reason"]),
-            (&json!("True"), &json!(reason::LEDGER_EXPIRED))
-        );
-        let event = api.expect_event("spendguard").await;
-        assert_eq!(
-            (&event["type"], &event["reason"]),
-            (&json!("Normal"), &json!(reason::LEDGER_EXPIRED))
-        );
+        let resolved = ("True", reason::LEDGER_EXPIRED);
+        let body = expect_resolved(&mut api, &expired, resolved, "Normal").await;
         assert_eq!(task.await.unwrap().unwrap(), Action::await_change());
         let mut marked = expired.clone();
         marked["status"] = body["status"].clone();

@@ -711,6 +711,27 @@ fn decide_in_background(stack: &Stack, call_id: &str) -> tokio::task::JoinHandle
     })
 }
 
+/// Gives B's decision time to reach the wait, and checks that it waits for A's settlement.
+async fn assert_b_waits<T>(decide: &tokio::task::JoinHandle<T>) {
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(
+        !decide.is_finished(),
+        "the decision waits for the settlement in flight"
+    );
+}
+
+/// The ledger stops while B waits for A's settlement in flight, which then ends: B's retry
+/// after the wait cannot reach the ledger.
+async fn ledger_gone_while_b_waits<T>(
+    stack: &mut Stack,
+    in_flight: spendguard_sidecar::settling::SettlingGuard,
+    decide: &tokio::task::JoinHandle<T>,
+) {
+    assert_b_waits(decide).await;
+    stack.ledger.stop().await;
+    drop(in_flight);
+}
+
 /// Settles call A (`a-held`) as the proxy's background settlement would while B's decision
 /// waits: A is committed (1 + 1 tokens, 750 nano-USD), then its in-flight mark ends. B's answer.
 async fn a_commits_while_b_waits(
@@ -720,11 +741,7 @@ async fn a_commits_while_b_waits(
         tokio::task::JoinHandle<Value>,
     ),
 ) -> Value {
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    assert!(
-        !decide.is_finished(),
-        "the decision waits for the settlement in flight"
-    );
+    assert_b_waits(&decide).await;
     let reply = post_json(
         &stack.url("/v1/spendguard/commit"),
         &[],
@@ -798,13 +815,7 @@ async fn a_refusal_stands_when_its_retry_cannot_reach_the_ledger() {
     })
     .await;
     let (in_flight, next) = b_decided_while_a_settles(&stack).await;
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    assert!(
-        !next.is_finished(),
-        "the decision waits for the settlement in flight"
-    );
-    stack.ledger.stop().await;
-    drop(in_flight);
+    ledger_gone_while_b_waits(&mut stack, in_flight, &next).await;
     let next = next.await.unwrap();
     assert_eq!(next["decision"], "STOP", "{next}");
     assert_eq!(next["reason"], "BUDGET_EXHAUSTED", "{next}");
@@ -825,13 +836,7 @@ async fn a_crossed_soft_cap_stands_when_the_balances_cannot_be_read_again() {
     let in_flight = stack.sidecar().decider.settlement_started();
     let url = stack.url("/v1/spendguard/decide");
     let next = tokio::spawn(async move { post_json(&url, &[], &decide_body("b-next", 100)).await });
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    assert!(
-        !next.is_finished(),
-        "the decision waits for the settlement in flight"
-    );
-    stack.ledger.stop().await;
-    drop(in_flight);
+    ledger_gone_while_b_waits(&mut stack, in_flight, &next).await;
     let reply = next.await.unwrap();
     assert_eq!(
         reply.status,
