@@ -1601,7 +1601,8 @@ impl Decider {
             .await;
         match &sent {
             Err(e) if e.settlement_may_land_later() => {
-                return sent.map(|response| CommitOutcome::of(response.late));
+                return sent
+                    .map(|response| CommitOutcome::of(response.late, response.overrun_nano_usd));
             }
             Err(_) => {}
             // A call this process still knows is settled now, as if its first attempt had landed.
@@ -1620,7 +1621,7 @@ impl Decider {
             }
         }
         self.pending_commits.settled(&commit.call_id);
-        sent.map(|response| CommitOutcome::of(response.late))
+        sent.map(|response| CommitOutcome::of(response.late, response.overrun_nano_usd))
     }
 
     /// Commits `actual` to the reservation under this sidecar's current epoch (a reservation made
@@ -2074,11 +2075,15 @@ fn settle_error(call_id: &str, status: &tonic::Status) -> SidecarError {
     }
 }
 
-/// Where a commit's usage went: the settlement metric's outcome.
+/// Where a commit's usage went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CommitOutcome {
-    /// Committed to its reservation.
-    Committed,
+    /// Committed to its reservation; usage above it, if any, booked as an overrun (the guard's
+    /// worst case undercounted).
+    Committed {
+        /// What the usage cost above the reservation.
+        overrun_nano_usd: i64,
+    },
     /// Committed after its reservation's TTL: booked late, all of it overrun.
     CommittedLate,
     /// Its credit draw was lost: the call's fail-open record took its usage instead.
@@ -2086,19 +2091,19 @@ pub enum CommitOutcome {
 }
 
 impl CommitOutcome {
-    /// A commit the ledger took, `late` or not.
-    pub const fn of(late: bool) -> Self {
+    /// A commit the ledger took: late, or on time with `overrun_nano_usd` above its reservation.
+    pub const fn of(late: bool, overrun_nano_usd: i64) -> Self {
         if late {
             Self::CommittedLate
         } else {
-            Self::Committed
+            Self::Committed { overrun_nano_usd }
         }
     }
 
     /// The settlement metric's outcome.
     pub const fn outcome(self) -> &'static str {
         match self {
-            Self::Committed => "commit",
+            Self::Committed { .. } => "commit",
             Self::CommittedLate => "commit_late",
             Self::FailOpenRecord => "fail_open",
         }

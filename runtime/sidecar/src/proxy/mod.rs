@@ -385,18 +385,11 @@ async fn settle_with_retries(
         // TTL while a commit is not: the ledger books it late.
         Outcome::Commit(spend) => {
             match first_attempt(decider.commit(&call_id, spend, Waiter::Nobody), started).await {
-                Ok(committed) => {
-                    metrics.settlement(CommitOutcome::of(committed.late).outcome());
-                    // A late commit is all overrun by design; otherwise the bound undercounted.
-                    if committed.overrun_nano_usd > 0 && !committed.late {
-                        metrics.overrun();
-                        warn!(
-                            call_id,
-                            overrun_nano_usd = committed.overrun_nano_usd,
-                            "the call cost more than its worst case; the ledger booked the rest as an overrun"
-                        );
-                    }
-                }
+                Ok(committed) => record_commit(
+                    &metrics,
+                    &call_id,
+                    CommitOutcome::of(committed.late, committed.overrun_nano_usd),
+                ),
                 Err(e) => match decider.pending_commit(&call_id) {
                     Some(pending) => commit_pending(&decider, &metrics, &pending).await,
                     None => {
@@ -418,12 +411,11 @@ async fn settle_with_retries(
                         Some(started) => first_attempt(attempt, started).await,
                         None => attempt.await,
                     }
-                    .map(|_| "release")
                 }
             })
             .await;
             match released {
-                Ok(kind) => metrics.settlement(kind),
+                Ok(_) => metrics.settlement("release"),
                 Err(e) => {
                     metrics.settlement("failed");
                     warn!(call_id, code = e.code(), error = %e,
@@ -445,19 +437,32 @@ async fn first_attempt<T>(
     done
 }
 
+/// Counts a commit that landed, and an overrun when the usage cost more than the worst case the
+/// guard reserved (a late commit is all overrun by design, and not counted as one).
+fn record_commit(metrics: &Metrics, call_id: &str, outcome: CommitOutcome) {
+    metrics.settlement(outcome.outcome());
+    if let CommitOutcome::Committed { overrun_nano_usd } = outcome
+        && overrun_nano_usd > 0
+    {
+        metrics.overrun();
+        warn!(
+            call_id,
+            overrun_nano_usd,
+            "the call cost more than its worst case; the ledger booked the rest as an overrun"
+        );
+    }
+}
+
 /// Sends a pending commit by reservation id until the ledger has it (booked late if past its
 /// TTL), it is refused for good, or [`PENDING_MAX`] after its first failure.
 async fn commit_pending(decider: &Decider, metrics: &Metrics, pending: &PendingCommit) {
     let deadline = Instant::now() + pending.time_left(chrono::Utc::now().timestamp_millis());
-    let committed = retry_settlement(deadline, &pending.call_id, || async {
-        decider
-            .commit_left_over(pending)
-            .await
-            .map(CommitOutcome::outcome)
+    let committed = retry_settlement(deadline, &pending.call_id, || {
+        decider.commit_left_over(pending)
     })
     .await;
     match committed {
-        Ok(kind) => metrics.settlement(kind),
+        Ok(outcome) => record_commit(metrics, &pending.call_id, outcome),
         Err(e) => {
             metrics.settlement("failed");
             decider.abandon_pending_commit(&pending.call_id);
@@ -498,21 +503,21 @@ pub async fn resume_pending_commits(
 
 /// Runs `attempt` until it succeeds, fails for good, or `deadline` passes while its failures
 /// may still land later (backing off from 50 ms to 2 s).
-async fn retry_settlement<F, Fut>(
+async fn retry_settlement<T, F, Fut>(
     deadline: Instant,
     call_id: &str,
     mut attempt: F,
-) -> Result<&'static str, SidecarError>
+) -> Result<T, SidecarError>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<&'static str, SidecarError>>,
+    Fut: std::future::Future<Output = Result<T, SidecarError>>,
 {
     let mut backoff = Duration::from_millis(50);
     loop {
         match attempt().await {
-            Ok(kind) => {
-                debug!(call_id, kind, "settled");
-                return Ok(kind);
+            Ok(settled) => {
+                debug!(call_id, "settled");
+                return Ok(settled);
             }
             Err(e) if e.settlement_may_land_later() && Instant::now() + backoff < deadline => {
                 debug!(call_id, error = %e, "settlement retry");
