@@ -205,6 +205,29 @@ pub struct KeyRecord {
 }
 
 impl KeyRecord {
+    /// Why a signature made at `signed_at` would not verify under this record's revocation and
+    /// window (`KEY_REVOKED`, `KEY_OUTSIDE_WINDOW`), if it would not. Verification applies it
+    /// after the signature holds; a producer applies it before signing.
+    pub fn refusal_at(&self, signed_at: DateTime<Utc>) -> Option<VerifyError> {
+        if let Some(revoked_at) = self.revoked_at
+            && signed_at >= revoked_at
+        {
+            return Some(VerifyError::KeyRevoked {
+                key_id: self.key_id.clone(),
+                revoked_at: rfc3339(revoked_at),
+                signed_at: rfc3339(signed_at),
+            });
+        }
+        let after_start = signed_at >= self.valid_from;
+        let before_end = self.valid_until.is_none_or(|until| signed_at < until);
+        (!(after_start && before_end)).then(|| VerifyError::KeyOutsideWindow {
+            key_id: self.key_id.clone(),
+            valid_from: rfc3339(self.valid_from),
+            valid_until: self.valid_until.map_or_else(|| "open".to_owned(), rfc3339),
+            signed_at: rfc3339(signed_at),
+        })
+    }
+
     /// Builds a record from stored or CR fields.
     ///
     /// # Errors
@@ -503,30 +526,10 @@ impl KeyRegistry {
                 cache.valid.insert((message, signed.signature.clone()));
             }
         }
-        if let Some(revoked_at) = record.revoked_at
-            && signed.signed_at >= revoked_at
-        {
-            return Err(VerifyError::KeyRevoked {
-                key_id: record.key_id.clone(),
-                revoked_at: rfc3339(revoked_at),
-                signed_at: rfc3339(signed.signed_at),
-            });
+        match record.refusal_at(signed.signed_at) {
+            Some(refused) => Err(refused),
+            None => Ok(record),
         }
-        let after_start = signed.signed_at >= record.valid_from;
-        let before_end = record
-            .valid_until
-            .is_none_or(|until| signed.signed_at < until);
-        if !(after_start && before_end) {
-            return Err(VerifyError::KeyOutsideWindow {
-                key_id: record.key_id.clone(),
-                valid_from: rfc3339(record.valid_from),
-                valid_until: record
-                    .valid_until
-                    .map_or_else(|| "open".to_owned(), rfc3339),
-                signed_at: rfc3339(signed.signed_at),
-            });
-        }
-        Ok(record)
     }
 
     /// [`KeyRegistry::verify`], and also refuses signing times later than `now + max_future_skew`
@@ -542,14 +545,43 @@ impl KeyRegistry {
         max_future_skew: Duration,
     ) -> Result<&KeyRecord, VerifyError> {
         let record = self.verify(signed, canonical_event)?;
-        if signed.signed_at > now + max_future_skew {
-            return Err(VerifyError::SignedAtInFuture {
-                signed_at: rfc3339(signed.signed_at),
-                now: rfc3339(now),
-            });
-        }
+        not_in_future(signed, now, max_future_skew)?;
         Ok(record)
     }
+
+    /// [`KeyRegistry::verify_at`] through `cache` ([`KeyRegistry::verify_cached`]): canonical
+    /// ingest's check.
+    ///
+    /// # Errors
+    /// As [`KeyRegistry::verify_at`].
+    pub fn verify_cached_at(
+        &self,
+        signed: &Signed,
+        canonical_event: &[u8],
+        cache: &mut VerifiedSignatures,
+        now: DateTime<Utc>,
+        max_future_skew: Duration,
+    ) -> Result<&KeyRecord, VerifyError> {
+        let record = self.check(signed, canonical_event, Some(cache))?;
+        not_in_future(signed, now, max_future_skew)?;
+        Ok(record)
+    }
+}
+
+/// Refuses a signing time later than `now + max_future_skew`: a producer cannot pre-date
+/// evidence into a key's future window.
+fn not_in_future(
+    signed: &Signed,
+    now: DateTime<Utc>,
+    max_future_skew: Duration,
+) -> Result<(), VerifyError> {
+    if signed.signed_at > now + max_future_skew {
+        return Err(VerifyError::SignedAtInFuture {
+            signed_at: rfc3339(signed.signed_at),
+            now: rfc3339(now),
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -27,7 +27,6 @@ use sha2::{Digest, Sha256};
 use spendguard_core::audit::EVENT_SCHEMA;
 use spendguard_evidence::{
     Algorithm, Inclusion, KeyRecord, KeyRegistry, LocalEd25519Signer, Signed, VerifiedSignatures,
-    VerifyError,
 };
 use sqlx::{PgPool, Postgres, Transaction};
 use std::collections::HashMap;
@@ -423,19 +422,12 @@ fn check(
         signature,
         inclusion,
     };
-    let verify_error = |e: VerifyError| (e.code().as_str().to_owned(), e.to_string());
-    registry
-        .verify_cached(&signed, &row.bytes, verified)
-        .map_err(verify_error)?;
     // A signing time ahead of the database clock (beyond clock skew) is a producer clock gone
     // wrong or an event pre-dated into a key's future window: either way, not chained.
-    if signed.signed_at > now + MAX_SIGNED_AT_AHEAD {
-        return Err(verify_error(VerifyError::SignedAtInFuture {
-            signed_at: signed.signed_at.to_rfc3339(),
-            now: now.to_rfc3339(),
-        }));
-    }
-    Ok(())
+    registry
+        .verify_cached_at(&signed, &row.bytes, verified, now, MAX_SIGNED_AT_AHEAD)
+        .map(|_| ())
+        .map_err(|e| (e.code().as_str().to_owned(), e.to_string()))
 }
 
 /// How far a signing time may run ahead of the database clock (the producers' and the database's
