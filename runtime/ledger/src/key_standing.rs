@@ -12,6 +12,7 @@
 
 use crate::store::Store;
 use chrono::{DateTime, Utc};
+use spendguard_evidence::KeyRecord;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tracing::{error, warn};
@@ -19,7 +20,7 @@ use tracing::{error, warn};
 /// How often the registry row is read again.
 pub const KEY_STANDING_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 
-/// A key's validity in the registry.
+/// A key's validity in the registry (the part of its row that can change).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyWindow {
     /// Start of validity.
@@ -30,42 +31,21 @@ pub struct KeyWindow {
     pub revoked_at: Option<DateTime<Utc>>,
 }
 
-impl KeyWindow {
-    /// Why a signature made at `at` would not verify, if it would not.
-    pub fn refusal(&self, at: DateTime<Utc>) -> Option<String> {
-        if let Some(revoked_at) = self.revoked_at
-            && at >= revoked_at
-        {
-            return Some(format!("was revoked at {}", revoked_at.to_rfc3339()));
-        }
-        if at < self.valid_from {
-            return Some(format!(
-                "is valid only from {}",
-                self.valid_from.to_rfc3339()
-            ));
-        }
-        if let Some(valid_until) = self.valid_until
-            && at >= valid_until
-        {
-            return Some(format!("was valid until {}", valid_until.to_rfc3339()));
-        }
-        None
-    }
-}
-
-/// The standing of the key this ledger signs with.
+/// The standing of the key this ledger signs with: its registry record, judged by the same
+/// rule verification applies ([`KeyRecord::refusal_at`]).
 #[derive(Debug)]
 pub struct KeyStanding {
+    /// The record's key id, which never changes (read on every batch that writes keys).
     key_id: String,
-    window: RwLock<KeyWindow>,
+    record: RwLock<KeyRecord>,
 }
 
 impl KeyStanding {
-    /// The standing of `key_id` as read from the registry.
-    pub fn new(key_id: String, window: KeyWindow) -> Self {
+    /// The standing of `record` (its window as the registry holds it).
+    pub fn new(record: KeyRecord) -> Self {
         Self {
-            key_id,
-            window: RwLock::new(window),
+            key_id: record.key_id.clone(),
+            record: RwLock::new(record),
         }
     }
 
@@ -74,10 +54,12 @@ impl KeyStanding {
         &self.key_id
     }
 
-    /// Records the registry's current row.
+    /// Records the registry's current window.
     pub fn set(&self, window: KeyWindow) {
-        if let Ok(mut current) = self.window.write() {
-            *current = window;
+        if let Ok(mut record) = self.record.write() {
+            record.valid_from = window.valid_from;
+            record.valid_until = window.valid_until;
+            record.revoked_at = window.revoked_at;
         }
     }
 
@@ -86,15 +68,14 @@ impl KeyStanding {
     /// # Errors
     /// Why not: revoked, or outside its window (the message names the key and the instant).
     pub fn check(&self, at: DateTime<Utc>) -> Result<(), String> {
-        let window = self
-            .window
+        let record = self
+            .record
             .read()
-            .map_or_else(|poisoned| *poisoned.into_inner(), |w| *w);
-        match window.refusal(at) {
+            .map_err(|_| "key standing poisoned".to_owned())?;
+        match record.refusal_at(at) {
             None => Ok(()),
             Some(why) => Err(format!(
-                "signing key {} {why}: it signs nothing more; run the ledger with a new key",
-                self.key_id
+                "{why}: the ledger signs nothing more with it; run it with a new key"
             )),
         }
     }
@@ -103,23 +84,17 @@ impl KeyStanding {
 /// Reads the key's registry row every [`KEY_STANDING_REFRESH_INTERVAL`] into `standing`. A failed
 /// read keeps the last row (the database being away fails every write anyway).
 pub async fn watch(store: Store, standing: Arc<KeyStanding>) {
+    let key_id = standing.key_id();
     loop {
         tokio::time::sleep(KEY_STANDING_REFRESH_INTERVAL).await;
-        match store.signing_key_window(standing.key_id()).await {
+        match store.signing_key_window(key_id).await {
             Ok(Some(window)) => {
-                if let Some(why) = window.refusal(Utc::now()) {
-                    error!(
-                        key_id = standing.key_id(),
-                        why,
-                        "the ledger's signing key may not sign: writes fail until it runs with a new key"
-                    );
-                }
                 standing.set(window);
+                if let Err(why) = standing.check(Utc::now()) {
+                    error!(why, "writes fail until the ledger runs with a new key");
+                }
             }
-            Ok(None) => warn!(
-                key_id = standing.key_id(),
-                "the ledger's signing key is not in the registry"
-            ),
+            Ok(None) => warn!(key_id, "the ledger's signing key is not in the registry"),
             Err(e) => warn!(error = %e, "reading the signing key's registry row failed"),
         }
     }
@@ -135,14 +110,15 @@ mod tests {
 
     #[test]
     fn a_key_signs_only_inside_its_window_and_before_its_revocation() {
-        let standing = KeyStanding::new(
-            "k1".into(),
-            KeyWindow {
-                valid_from: at(0),
-                valid_until: None,
-                revoked_at: None,
-            },
-        );
+        use spendguard_evidence::Signer as _;
+        let spendguard_evidence::Signing::Enabled(signer) =
+            spendguard_testkit::signing::signing_with_seed([1; 32], "p")
+        else {
+            panic!("a signer");
+        };
+        let record = signer.key_record(at(0), None).unwrap();
+        let key_id = record.key_id.clone();
+        let standing = KeyStanding::new(record);
         assert!(standing.check(at(0)).is_ok());
         assert!(standing.check(at(-1)).is_err(), "before its start");
         standing.set(KeyWindow {
@@ -152,7 +128,10 @@ mod tests {
         });
         assert!(standing.check(at(99)).is_ok());
         let closed = standing.check(at(100)).unwrap_err();
-        assert!(closed.contains("k1 was valid until"), "{closed}");
+        assert!(
+            closed.contains(&format!("key {key_id} is valid")),
+            "{closed}"
+        );
         standing.set(KeyWindow {
             valid_from: at(0),
             valid_until: None,
@@ -160,6 +139,9 @@ mod tests {
         });
         assert!(standing.check(at(49)).is_ok());
         let revoked = standing.check(at(50)).unwrap_err();
-        assert!(revoked.contains("k1 was revoked at"), "{revoked}");
+        assert!(
+            revoked.contains(&format!("key {key_id} was revoked at")),
+            "{revoked}"
+        );
     }
 }

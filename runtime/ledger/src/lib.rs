@@ -279,11 +279,12 @@ pub async fn start(
                 .signing_key_window(&record.key_id)
                 .await?
                 .ok_or_else(|| Error::Startup(format!("signing key {} vanished", record.key_id)))?;
-            let standing = Arc::new(KeyStanding::new(record.key_id.clone(), window));
+            info!(key_id = %record.key_id, algorithm = record.algorithm().as_str(), "audit events are signed");
+            let standing = Arc::new(KeyStanding::new(record));
+            standing.set(window);
             standing
                 .check(spendguard_evidence::envelope::now_ms())
                 .map_err(Error::Startup)?;
-            info!(key_id = %record.key_id, algorithm = record.algorithm().as_str(), "audit events are signed");
             store = store.with_signer(Arc::new(EventSigner {
                 signer,
                 standing: standing.clone(),
