@@ -87,10 +87,22 @@ impl Api {
     /// neither can be priced from the snapshot's per-token prices; `flex` costs less (its usage
     /// priced at the standard prices over-counts, never under). Anthropic's `service_tier`
     /// chooses between capacities billed at standard prices.
-    pub const fn priced_service_tiers(self) -> Option<&'static [&'static str]> {
+    const fn priced_service_tiers(self) -> Option<&'static [&'static str]> {
         match self {
             Self::OpenAiChat | Self::OpenAiResponses => Some(&["auto", "default", "flex"]),
             Self::AnthropicMessages => None,
+        }
+    }
+
+    /// A `service_tier` (asked for in a request, or reported in a response) the snapshot does
+    /// not price, if it is one.
+    pub fn unpriced_tier(self, tier: Option<&Value>) -> Option<String> {
+        let priced = self.priced_service_tiers()?;
+        match tier? {
+            Value::Null => None,
+            Value::String(tier) if priced.contains(&tier.as_str()) => None,
+            Value::String(tier) => Some(tier.clone()),
+            other => Some(other.to_string()),
         }
     }
 
@@ -209,16 +221,10 @@ impl ProviderRequest {
                 )));
             }
         }
-        if let Some(priced) = api.priced_service_tiers() {
-            match body.get("service_tier") {
-                None | Some(Value::Null) => {}
-                Some(Value::String(tier)) if priced.contains(&tier.as_str()) => {}
-                Some(tier) => {
-                    return Err(SidecarError::UnpricedTier(format!(
-                        "`service_tier: {tier}` is billed at prices the pricing snapshot does not hold"
-                    )));
-                }
-            }
+        if let Some(tier) = api.unpriced_tier(body.get("service_tier")) {
+            return Err(SidecarError::UnpricedTier(format!(
+                "`service_tier: {tier}` is billed at prices the pricing snapshot does not hold"
+            )));
         }
         let mut allowance = Allowance::default();
         allowance.scan(api, &body)?;

@@ -39,22 +39,10 @@ pub fn line_len_max(api: Api, request_len: usize, max_output_tokens: u64) -> usi
 pub fn from_body(api: Api, body: &[u8]) -> Option<Result<TokenUsage, PricingError>> {
     let value: Value = serde_json::from_slice(body).ok()?;
     let usage = value.get("usage")?.as_object()?;
-    if let Some(tier) = unpriced_tier(api, value.get("service_tier")) {
+    if let Some(tier) = api.unpriced_tier(value.get("service_tier")) {
         return Some(Err(PricingError::UnpricedServiceTier(tier)));
     }
     Some(to_tokens(api, usage))
-}
-
-/// The service tier a response says it was served at, when the snapshot's prices do not apply
-/// to it (OpenAI reports it at the top of a chat response or chunk, and of a Responses object).
-fn unpriced_tier(api: Api, tier: Option<&Value>) -> Option<String> {
-    let priced = api.priced_service_tiers()?;
-    match tier? {
-        Value::Null => None,
-        Value::String(tier) if priced.contains(&tier.as_str()) => None,
-        Value::String(tier) => Some(tier.clone()),
-        other => Some(other.to_string()),
-    }
 }
 
 /// Converts a provider `usage` object.
@@ -161,7 +149,7 @@ impl StreamUsage {
             Api::OpenAiChat => {
                 if let Some(Value::Object(usage)) = event.get("usage") {
                     self.usage = Some(usage.clone());
-                    self.unpriced_tier = unpriced_tier(self.api, event.get("service_tier"));
+                    self.unpriced_tier = self.api.unpriced_tier(event.get("service_tier"));
                     self.complete = true;
                 }
             }
@@ -175,8 +163,9 @@ impl StreamUsage {
                     (terminal, response.and_then(|r| r.get("usage")))
                 {
                     self.usage = Some(usage.clone());
-                    self.unpriced_tier =
-                        unpriced_tier(self.api, response.and_then(|r| r.get("service_tier")));
+                    self.unpriced_tier = self
+                        .api
+                        .unpriced_tier(response.and_then(|r| r.get("service_tier")));
                     self.complete = true;
                 }
             }
