@@ -1476,7 +1476,6 @@ impl Planner {
             })
     }
 
-    /// Creates the window (journaling its limit) if this batch is its first use.
     /// A current window's money under its budget's limit ([`WindowRow::under_budget_limit`]).
     fn current_window(&self, key: &WindowKey) -> WindowRow {
         let row = self.window(key);
@@ -1486,6 +1485,7 @@ impl Planner {
         }
     }
 
+    /// Creates the window (journaling its limit) if this batch is its first use.
     fn open_window(&mut self, key: &WindowKey) {
         if self.state.windows.contains_key(key) {
             return;
