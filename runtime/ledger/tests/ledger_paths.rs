@@ -1562,10 +1562,10 @@ async fn a_revoked_ledger_key_signs_nothing_more_and_does_not_start_again() {
     // evidence that can be chained), and a ledger does not start with a revoked key. Method: a
     // second ledger on the same database with a fixed key; the key revoked through the control
     // listener; its next ReserveSet is SIGNING_UNAVAILABLE and writes nothing; a third start
-    // with that key fails.
+    // with that key fails. Then a fourth ledger, whose key is revoked in the registry behind its
+    // back (as through another replica), stops signing once it reads the registry again.
     let (ledger, fencing) = setup().await;
-    let seed = [7u8; 32];
-    let start = |instance: &'static str| {
+    let start = |instance: &'static str, seed: [u8; 32]| {
         let database_url = ledger.database_url.clone();
         async move {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1582,7 +1582,7 @@ async fn a_revoked_ledger_key_signs_nothing_more_and_does_not_start_again() {
             .await
         }
     };
-    let second = start("ledger-keyed").await.unwrap();
+    let second = start("ledger-keyed", [7; 32]).await.unwrap();
     let mut data = spendguard_testkit::ledger::connect(second.addr)
         .await
         .unwrap();
@@ -1622,11 +1622,41 @@ async fn a_revoked_ledger_key_signs_nothing_more_and_does_not_start_again() {
     assert_eq!(code(&refused), pb::ErrorCode::SigningUnavailable);
     assert!(refused.message().contains("revoked"), "{refused:?}");
     assert_eq!(outbox_count(&ledger).await, events, "nothing written");
-    let again = start("ledger-keyed-again").await;
+    let again = start("ledger-keyed-again", [7; 32]).await;
     let Err(error) = again else {
         panic!("a ledger started with a revoked key");
     };
     assert!(error.to_string().contains("revoked"), "{error}");
+
+    let watched = start("ledger-watched", [8; 32]).await.unwrap();
+    let mut data = spendguard_testkit::ledger::connect(watched.addr)
+        .await
+        .unwrap();
+    reserved(
+        data.reserve_set(reserve("w-signed"))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    sqlx::query(
+        "UPDATE signing_keys SET revoked_at = now() WHERE key_id IN
+           (SELECT signing_key_id FROM audit_outbox WHERE producer_instance_id = 'ledger-watched')",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    let mut refused = None;
+    for attempt in 0..50 {
+        match data.reserve_set(reserve(&format!("w-{attempt}"))).await {
+            Err(status) => {
+                refused = Some(status);
+                break;
+            }
+            Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+        }
+    }
+    let refused = refused.expect("refused once the registry was read again");
+    assert_eq!(code(&refused), pb::ErrorCode::SigningUnavailable);
     invariants::check(pool).await.unwrap();
 }
 
