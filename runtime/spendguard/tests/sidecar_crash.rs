@@ -96,6 +96,13 @@ async fn commits(admin: u16) -> u64 {
     settlements_counted(admin, "commit").await
 }
 
+/// How many calls the mock provider received: each was forwarded, so its decision's answer had
+/// reached the sidecar (a reservation in the database alone does not say so).
+async fn forwarded(mock: u16) -> usize {
+    let (_, requests) = http_get(mock, "/_mock/requests").await.unwrap();
+    serde_json::from_str::<Vec<serde_json::Value>>(&requests).map_or(0, |r| r.len())
+}
+
 /// Settlements the sidecar has made with `outcome`, from its metrics.
 async fn settlements_counted(admin: u16, outcome: &str) -> u64 {
     let (_, metrics) = http_get(admin, "/metrics").await.unwrap();
@@ -742,7 +749,8 @@ async fn kill_dash_nine_of_the_ledger_fails_new_calls_closed_and_settles_each_ca
         LedgerProcess::start(TENANT, json!({"version": "crash", "max_output_tokens": 64})).await;
     let (pool, data_addr) = (ledger.pool.clone(), ledger.data_addr);
     let spool = tempfile::tempdir().unwrap();
-    let sidecar = spawn_sidecar(data_addr, ledger.bundle.path(), spool.path(), spawn_mock()).await;
+    let mock = spawn_mock();
+    let sidecar = spawn_sidecar(data_addr, ledger.bundle.path(), spool.path(), mock).await;
 
     let in_flight: Vec<_> = (0..8)
         .map(|n| {
@@ -753,11 +761,11 @@ async fn kill_dash_nine_of_the_ledger_fails_new_calls_closed_and_settles_each_ca
         .collect();
     let in_state =
         |rows: &[(String, i64)], state: &str| rows.iter().filter(|(s, _)| s == state).count();
-    eventually("8 calls reserved and 3 settled", || {
+    eventually("8 calls forwarded and 3 settled", || {
         let pool = pool.clone();
         async move {
             let rows = settlements(&pool).await;
-            rows.len() == 8 && in_state(&rows, "committed") == 3
+            forwarded(mock).await == 8 && rows.len() == 8 && in_state(&rows, "committed") == 3
         }
     })
     .await;
@@ -809,11 +817,14 @@ async fn kill_dash_nine_while_the_ledger_is_away_keeps_the_calls_commits() {
     let in_flight: Vec<_> = (0..3)
         .map(|_| tokio::spawn(async move { chat_with(port, "x-mock-latency-ms: 3000\r\n").await }))
         .collect();
-    eventually("3 calls reserved", || {
-        let pool = pool.clone();
-        async move { settlements(&pool).await.len() == 3 }
-    })
+    // Forwarded to the provider: each decision's answer reached the sidecar (its reservation in
+    // the database alone does not say so, and a ledger killed before answering fails the call).
+    eventually(
+        "3 calls forwarded",
+        || async move { forwarded(mock).await == 3 },
+    )
     .await;
+    assert_eq!(settlements(&pool).await.len(), 3, "3 calls reserved");
     ledger.child.kill().await.unwrap(); // SIGKILL
     for call in in_flight {
         let response = call.await.unwrap();
