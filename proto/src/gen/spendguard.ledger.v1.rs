@@ -397,6 +397,21 @@ pub struct GetBalancesResponse {
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CheckFencingRequest {
+    #[prost(string, tag = "1")]
+    pub tenant_id: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "2")]
+    pub fencing: ::core::option::Option<FencingToken>,
+}
+#[allow(clippy::all)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CheckFencingResponse {
+    /// The lease's expiry on the database clock.
+    #[prost(int64, tag = "1")]
+    pub expires_at_unix_ms: i64,
+}
+#[allow(clippy::all)]
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct CreateApprovalRequest {
     #[prost(string, tag = "1")]
     pub tenant_id: ::prost::alloc::string::String,
@@ -1448,6 +1463,36 @@ pub mod ledger_client {
                 .insert(GrpcMethod::new("spendguard.ledger.v1.Ledger", "GetBalances"));
             self.inner.unary(req, path, codec).await
         }
+        /// Read-only: whether a fencing token may take on new exposure now, checked exactly as a
+        /// ReserveSet checks it (the scope is the tenant's, the epoch is its current one, and the lease
+        /// has not expired on the database clock), against the database, not a cache. A sidecar asks
+        /// this before it admits a call inside a credit, so such a decision never rests on a stale
+        /// epoch and fails closed when the ledger is away. FENCING_EPOCH_MISSING, FENCING_SCOPE_NOT_FOUND,
+        /// FENCING_EPOCH_STALE or FENCING_LEASE_EXPIRED; writes nothing.
+        pub async fn check_fencing(
+            &mut self,
+            request: impl tonic::IntoRequest<super::CheckFencingRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::CheckFencingResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/spendguard.ledger.v1.Ledger/CheckFencing",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("spendguard.ledger.v1.Ledger", "CheckFencing"));
+            self.inner.unary(req, path, codec).await
+        }
         /// Open a pending approval for a call that would cross a soft cap (S14). Fenced like
         /// ReserveSet (the sidecar calls it). Idempotent by (tenant_id, idempotency_key): same fields →
         /// the same approval, `replayed`; different fields → IDEMPOTENCY_CONFLICT. Reserves no money.
@@ -1777,6 +1822,19 @@ pub mod ledger_server {
             request: tonic::Request<super::GetBalancesRequest>,
         ) -> std::result::Result<
             tonic::Response<super::GetBalancesResponse>,
+            tonic::Status,
+        >;
+        /// Read-only: whether a fencing token may take on new exposure now, checked exactly as a
+        /// ReserveSet checks it (the scope is the tenant's, the epoch is its current one, and the lease
+        /// has not expired on the database clock), against the database, not a cache. A sidecar asks
+        /// this before it admits a call inside a credit, so such a decision never rests on a stale
+        /// epoch and fails closed when the ledger is away. FENCING_EPOCH_MISSING, FENCING_SCOPE_NOT_FOUND,
+        /// FENCING_EPOCH_STALE or FENCING_LEASE_EXPIRED; writes nothing.
+        async fn check_fencing(
+            &self,
+            request: tonic::Request<super::CheckFencingRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::CheckFencingResponse>,
             tonic::Status,
         >;
         /// Open a pending approval for a call that would cross a soft cap (S14). Fenced like
@@ -2371,6 +2429,51 @@ pub mod ledger_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = GetBalancesSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/spendguard.ledger.v1.Ledger/CheckFencing" => {
+                    #[allow(non_camel_case_types)]
+                    struct CheckFencingSvc<T: Ledger>(pub Arc<T>);
+                    impl<
+                        T: Ledger,
+                    > tonic::server::UnaryService<super::CheckFencingRequest>
+                    for CheckFencingSvc<T> {
+                        type Response = super::CheckFencingResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::CheckFencingRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as Ledger>::check_fencing(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = CheckFencingSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

@@ -411,6 +411,15 @@ pub fn balances_request(r: &pb::GetBalancesRequest) -> Result<Vec<String>> {
     budget_ids("budget_ids", &r.budget_ids, BALANCES_BUDGETS_MAX)
 }
 
+/// Validates a CheckFencing request: the tenant and the fencing token (epoch 0 refused).
+///
+/// # Errors
+/// The first invalid field.
+pub fn check_fencing_request(r: &pb::CheckFencingRequest) -> Result<Fencing> {
+    check_name("tenant_id", &r.tenant_id)?;
+    fencing(r.fencing.as_ref())
+}
+
 /// Most approvals one ListApprovals page returns.
 pub const APPROVALS_PAGE_MAX: u32 = 500;
 /// Page size when the request leaves it 0.

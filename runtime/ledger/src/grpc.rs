@@ -9,6 +9,7 @@ use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::writer::{Urgency, Writer};
 use prost::Message;
+use spendguard_core::lease::check_fencing;
 use spendguard_core::plan::{Command, Credit, Outcome, RUN_BUDGET_PREFIX, ReservationState};
 use spendguard_core::{ErrorClass, LedgerError};
 use spendguard_proto::ledger::v1 as pb;
@@ -591,6 +592,32 @@ impl pb::ledger_server::Ledger for LedgerGrpc {
                 .await?;
             Ok(pb::GetBalancesResponse {
                 balances: balances.iter().map(convert::balance_to_proto).collect(),
+            })
+        })
+        .await
+    }
+
+    #[instrument(skip_all, fields(tenant_id = %request.get_ref().tenant_id))]
+    async fn check_fencing(
+        &self,
+        request: Request<pb::CheckFencingRequest>,
+    ) -> Result<Response<pb::CheckFencingResponse>, Status> {
+        self.run("CheckFencing", async {
+            let fencing = convert::check_fencing_request(request.get_ref())?;
+            let (lease, now) = self.store.fencing_lease(&fencing.scope_id).await?;
+            // The check a ReserveSet makes: new exposure needs the current epoch and an
+            // unexpired lease.
+            check_fencing(
+                &fencing.scope_id,
+                &request.get_ref().tenant_id,
+                fencing.epoch,
+                lease.as_ref(),
+                Some(now),
+            )
+            .map_err(Error::Refused)?;
+            let expires_at = lease.map_or(now, |l| l.expires_at);
+            Ok(pb::CheckFencingResponse {
+                expires_at_unix_ms: expires_at.timestamp_millis(),
             })
         })
         .await

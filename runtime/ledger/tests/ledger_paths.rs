@@ -2115,3 +2115,140 @@ async fn the_open_reservations_gauge_counts_what_is_held() {
         .unwrap();
     gauge_reads(&ledger, 1).await;
 }
+
+#[tokio::test]
+async fn check_fencing_reads_the_lease_as_a_reservation_would_and_writes_nothing() {
+    // Goal: CheckFencing (what a sidecar asks before admitting a call inside a credit) answers
+    // exactly as a ReserveSet's fencing check would, from the database itself: a current token
+    // passes; a stale, expired, unknown, foreign or zero one is refused with its stable code;
+    // an epoch moved forward in the database behind the ledger's caches is seen at once; and
+    // nothing is written.
+    let (mut ledger, fencing) = setup().await;
+    let check = |tenant: &str, token: Option<pb::FencingToken>| pb::CheckFencingRequest {
+        tenant_id: tenant.into(),
+        fencing: token,
+    };
+    let token = |epoch: u64| {
+        Some(pb::FencingToken {
+            scope_id: fencing.scope_id.clone(),
+            epoch,
+        })
+    };
+    ledger.tenant_with_lease("tenant-b").await.unwrap();
+    let written = outbox_count(&ledger).await;
+    let current = ledger
+        .client
+        .check_fencing(check(T, Some(fencing.clone())))
+        .await
+        .unwrap()
+        .into_inner();
+    let stored: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT expires_at FROM fencing_scopes WHERE scope_id = $1")
+            .bind(&fencing.scope_id)
+            .fetch_one(ledger.store().pool())
+            .await
+            .unwrap();
+    assert_eq!(current.expires_at_unix_ms, stored.timestamp_millis());
+
+    let unknown = pb::FencingToken {
+        scope_id: "tenant-a/nobody".into(),
+        epoch: 1,
+    };
+    for (name, request, expected) in [
+        (
+            "epoch 0",
+            check(T, token(0)),
+            pb::ErrorCode::FencingEpochMissing,
+        ),
+        (
+            "no token",
+            check(T, None),
+            pb::ErrorCode::FencingEpochMissing,
+        ),
+        (
+            "an epoch it never had",
+            check(T, token(fencing.epoch + 1)),
+            pb::ErrorCode::FencingEpochStale,
+        ),
+        (
+            "unknown scope",
+            check(T, Some(unknown)),
+            pb::ErrorCode::FencingScopeNotFound,
+        ),
+        (
+            "another tenant's scope",
+            check("tenant-b", Some(fencing.clone())),
+            pb::ErrorCode::FencingScopeNotFound,
+        ),
+        (
+            "malformed tenant",
+            check("bad tenant!", Some(fencing.clone())),
+            pb::ErrorCode::IdMalformed,
+        ),
+    ] {
+        let refused = ledger.client.check_fencing(request).await.unwrap_err();
+        assert_eq!(code(&refused), expected, "{name}");
+    }
+
+    // Moved forward in the database, not through the ledger: the next check sees it, as the
+    // next reservation would.
+    // (With its history row, as an administrator's forced acquire would write.)
+    sqlx::query(
+        "WITH moved AS (UPDATE fencing_scopes SET epoch = epoch + 1, owner_workload_id = 'admin'
+                         WHERE scope_id = $1 RETURNING *)
+         INSERT INTO fencing_scope_events
+                (scope_id, tenant_id, workload_instance_id, outcome, previous_epoch, epoch, expires_at)
+         SELECT scope_id, tenant_id, owner_workload_id, 'forced', epoch - 1, epoch, expires_at FROM moved",
+    )
+    .bind(&fencing.scope_id)
+    .execute(ledger.store().pool())
+    .await
+    .unwrap();
+    let stale = ledger
+        .client
+        .check_fencing(check(T, Some(fencing.clone())))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&stale), pb::ErrorCode::FencingEpochStale);
+    ledger
+        .client
+        .check_fencing(check(T, token(fencing.epoch + 1)))
+        .await
+        .unwrap();
+
+    // Expired on the database clock: refused, as new exposure is.
+    sqlx::query(
+        "UPDATE fencing_scopes SET expires_at = now() - interval '1 second' WHERE scope_id = $1",
+    )
+    .bind(&fencing.scope_id)
+    .execute(ledger.store().pool())
+    .await
+    .unwrap();
+    let expired = ledger
+        .client
+        .check_fencing(check(T, token(fencing.epoch + 1)))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&expired), pb::ErrorCode::FencingLeaseExpired);
+    let reserve = ledger
+        .client
+        .reserve_set(reserve_request(
+            T,
+            "after-expiry",
+            &["run"],
+            1,
+            &pb::FencingToken {
+                scope_id: fencing.scope_id.clone(),
+                epoch: fencing.epoch + 1,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        code(&reserve),
+        pb::ErrorCode::FencingLeaseExpired,
+        "the same answer"
+    );
+    assert_eq!(outbox_count(&ledger).await, written, "checks write nothing");
+    invariants::check(ledger.store().pool()).await.unwrap();
+}

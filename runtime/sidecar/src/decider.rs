@@ -18,7 +18,7 @@
 //! commit or release get the original answer (`replayed`) instead of a second effect.
 
 use crate::bundle::pricing_ref;
-use crate::credit::{CreditDriver, CreditPolicy, DrawState, JournalError, PendingDraw};
+use crate::credit::{Admission, CreditDriver, CreditPolicy, DrawState, JournalError, PendingDraw};
 use crate::error::SidecarError;
 use crate::fail_open::{FailOpenQueue, SendFailure};
 use crate::known_budgets::KnownBudgets;
@@ -819,15 +819,34 @@ impl Decider {
         if run_budget_limit.is_none()
             && approved.is_none()
             && let Some(credits) = &self.credits
-            && let Some((credit, expires)) = credits.admit(planned.reserve.get(), epoch)
         {
-            return Ok(self.admit_from_credit(
-                input,
-                &planned,
-                request,
-                (credit, expires),
-                &fail_open(budget_ids),
-            ));
+            let admit_while_away = contract.fail_policy == FailPolicy::Open;
+            match credits
+                .admit(planned.reserve.get(), epoch, admit_while_away)
+                .await
+            {
+                Admission::Admitted { credit, expires } => {
+                    return Ok(self.admit_from_credit(
+                        input,
+                        &planned,
+                        request,
+                        (credit, expires),
+                        &fail_open(budget_ids),
+                    ));
+                }
+                Admission::NotInCredit => {}
+                // As a ReserveSet refused or unanswered: fail closed (or open, by contract).
+                Admission::Refused(status) => {
+                    return self
+                        .unavailable(
+                            input,
+                            planned.max_output_tokens,
+                            ledger_error(&status),
+                            fail_open(budget_ids),
+                        )
+                        .await;
+                }
+            }
         }
         let mut sent = self.ledger.clone().reserve_set(request).await;
         if let Ok(response) = &sent

@@ -476,9 +476,12 @@ async fn draws_of_calls_admitted_during_an_outage_land_under_the_leases_next_epo
     // Goal: calls admitted inside a credit while the ledger is away are recorded once it is
     // back, even though the sidecar's lease lapsed meanwhile and was taken again under a new
     // epoch: their draws are sent again under it (the scope is the same), not lost to
-    // fail-open records. Method: the ledger stopped past the lease TTL (3 s in these tests).
+    // fail-open records. Under a fail-open contract only: the fail-closed default refuses calls
+    // the ledger cannot confirm (above). Method: the ledger stopped past the lease TTL (3 s in
+    // these tests).
     let mut stack = Stack::start(Options {
         flags: fixed_credits(10 * worst_case()),
+        contract: json!({"fail_policy": "open"}),
         ..Options::default()
     })
     .await;
@@ -579,7 +582,11 @@ async fn a_quiet_pod_holds_no_credit_and_a_busy_one_holds_its_recent_demand() {
 }
 
 #[tokio::test]
-async fn a_draw_refused_as_stale_stops_the_credits_and_later_calls_fail_closed() {
+async fn a_call_inside_a_credit_fails_closed_at_once_when_the_epoch_is_forced_forward() {
+    // Goal (issue 3, S4): "the epoch forced forward in the database makes the next decision
+    // fail closed" holds inside a credit too: the sidecar confirms its epoch with the ledger
+    // (CheckFencing, a read) before it admits a call inside a credit, so no call goes out on a
+    // stale epoch, none is recorded as a lost draw, and the credit keeps its money.
     let mut stack = Stack::start(Options {
         flags: fixed_credits(20 * worst_case()),
         ..Options::default()
@@ -587,27 +594,91 @@ async fn a_draw_refused_as_stale_stops_the_credits_and_later_calls_fail_closed()
     .await;
     assert_eq!(chat(&stack).await.status, 200);
     open_credits(&stack, 1).await;
-    // Another holder forces the scope to a newer epoch behind the sidecar's back.
-    stack.force_epoch_forward().await;
-    // The next call is admitted inside the credit (it asks nobody); the ledger refuses its draw
-    // as stale, so it is recorded as a fail-open call, and the credit stops admitting.
-    assert_eq!(chat(&stack).await.status, 200);
-    for _ in 0..200 {
-        if metric(&stack, "spendguard_sidecar_credit_draws_lost_total") >= 1.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    stack.wait_no_open_calls().await;
+    assert_eq!(chat(&stack).await.status, 200, "admitted inside the credit");
     assert_eq!(
-        metric(&stack, "spendguard_sidecar_credit_draws_lost_total"),
+        metric(&stack, "spendguard_sidecar_credit_admitted_total"),
         1.0
     );
-    // From then on calls reserve synchronously, and the ledger refuses them: fail closed.
+    let remaining = metric(&stack, "spendguard_sidecar_credit_remaining_nano_usd");
+    let forwarded = stack.upstream_requests().len();
+    // Another holder forces the scope to a newer epoch behind the sidecar's back.
+    stack.force_epoch_forward().await;
     for _ in 0..3 {
         let refused = chat(&stack).await;
         assert_eq!(refused.status, 503);
         assert_eq!(refused.json()["error"]["code"], "LEASE_UNAVAILABLE");
     }
+    assert_eq!(
+        stack.upstream_requests().len(),
+        forwarded,
+        "nothing went out"
+    );
+    assert_eq!(
+        metric(&stack, "spendguard_sidecar_credit_admitted_total"),
+        1.0,
+        "none admitted inside the credit"
+    );
+    assert_eq!(
+        metric(&stack, "spendguard_sidecar_credit_remaining_nano_usd"),
+        remaining,
+        "what the refused calls took went back to the credit"
+    );
+    assert_eq!(
+        metric(&stack, "spendguard_sidecar_credit_draws_lost_total"),
+        0.0
+    );
+    assert_eq!(
+        count(&stack, "SELECT count(*) FROM fail_open_records").await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_call_inside_a_credit_fails_closed_while_the_ledger_is_away() {
+    // Goal (issue 3): "ledger unreachable is 503 DEPENDENCY_UNAVAILABLE (fail-closed)" holds
+    // with credits on: a credit holds money, but without the ledger's answer the sidecar does
+    // not know its lease is still current, so under the default (fail-closed) contract the call
+    // is refused and goes nowhere; once the ledger is back, calls are admitted inside the credit
+    // again.
+    let mut stack = Stack::start(Options {
+        flags: fixed_credits(20 * worst_case()),
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(chat(&stack).await.status, 200);
+    open_credits(&stack, 1).await;
+    stack.wait_no_open_calls().await;
+    let forwarded = stack.upstream_requests().len();
+    stack.ledger.stop().await;
+    for _ in 0..2 {
+        let refused = chat(&stack).await;
+        assert_eq!(refused.status, 503);
+        assert_eq!(refused.json()["error"]["code"], "DEPENDENCY_UNAVAILABLE");
+    }
+    assert_eq!(
+        stack.upstream_requests().len(),
+        forwarded,
+        "nothing went out"
+    );
+    stack.restart_ledger().await;
+    let mut admitted = false;
+    for _ in 0..100 {
+        if chat(&stack).await.status == 200 {
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(admitted, "calls go on once the ledger is back");
+    assert_eq!(
+        metric(&stack, "spendguard_sidecar_credit_draws_lost_total"),
+        0.0
+    );
+    assert_eq!(
+        count(&stack, "SELECT count(*) FROM fail_open_records").await,
+        0
+    );
 }
 
 #[tokio::test]

@@ -408,8 +408,10 @@ struct CreditDrill {
 
 impl CreditDrill {
     async fn start(tenant: &str, workload: &'static str, credit_ttl_ms: u32) -> Self {
-        let (ledger, bundle, mock_port) =
-            data_path(tenant, json!({"version": "crash", "max_output_tokens": 64})).await;
+        // Fail-open: only such a contract admits calls inside a credit while the ledger is away
+        // (the default refuses what the ledger cannot confirm).
+        let contract = json!({"version": "crash", "max_output_tokens": 64, "fail_policy": "open"});
+        let (ledger, bundle, mock_port) = data_path(tenant, contract).await;
         let addr = ledger.ledger.as_ref().unwrap().addr;
         let spool = tempfile::tempdir().unwrap();
         let first = spawn_credits_sidecar(

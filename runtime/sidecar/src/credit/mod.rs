@@ -57,6 +57,23 @@ const QUIET_AFTER_FAILURE: Duration = Duration::from_secs(1);
 /// Longest wait between tries of a draw while the ledger does not answer.
 const DRAW_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
+/// What [`CreditDriver::admit`] decided for a call.
+#[derive(Debug)]
+pub enum Admission {
+    /// Admitted inside `credit` (its draws stop trying at `expires`): CONTINUE, and draw.
+    Admitted {
+        /// The credit's reservation id.
+        credit: String,
+        /// When its draws stop trying.
+        expires: Instant,
+    },
+    /// No credit holds the call: it reserves one by one.
+    NotInCredit,
+    /// A credit held the call, but the ledger did not confirm the lease (refused it, or did not
+    /// answer): the call is decided as a ReserveSet failing with this status would be.
+    Refused(tonic::Status),
+}
+
 /// Where a call's draw stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DrawState {
@@ -249,10 +266,20 @@ impl CreditDriver {
         &self.pool
     }
 
-    /// Takes `amount` from the current credit for a call decided under `epoch`: the credit's id
-    /// and when its draws stop trying, or `None` (reserve synchronously). Opens the next credit
-    /// and releases retired ones in the background as needed.
-    pub fn admit(self: &Arc<Self>, amount: i64, epoch: u64) -> Option<(String, Instant)> {
+    /// Admits a call of worst case `amount` decided under `epoch` inside the current credit, if
+    /// it has the amount and the ledger confirms `epoch` is current (CheckFencing: a read, no
+    /// write): so a call admitted inside a credit never goes ahead on a stale epoch, and fails
+    /// closed with the ledger away, as a call reserved one by one does. With `admit_while_away`
+    /// (a fail-open contract) a ledger that does not answer the check still admits the call:
+    /// the credit holds its money, where a call reserved one by one would go through as a
+    /// fail-open record holding none. Opens the next credit and releases retired ones in the
+    /// background as needed.
+    pub async fn admit(
+        self: &Arc<Self>,
+        amount: i64,
+        epoch: u64,
+        admit_while_away: bool,
+    ) -> Admission {
         let take = self.pool.take(amount, epoch, Instant::now());
         for id in take.release {
             self.spawn_release(id);
@@ -262,7 +289,42 @@ impl CreditDriver {
             self.tasks
                 .spawn(async move { this.open(amount, epoch).await });
         }
-        take.credit
+        let Some((credit, expires)) = take.credit else {
+            return Admission::NotInCredit;
+        };
+        let check = pb::CheckFencingRequest {
+            tenant_id: self.identity.tenant_id.clone(),
+            fencing: Some(pb::FencingToken {
+                scope_id: self.identity.scope_id.clone(),
+                epoch,
+            }),
+        };
+        match self.ledger.clone().check_fencing(check).await {
+            Ok(_) => {
+                self.pool.admitted();
+                Admission::Admitted { credit, expires }
+            }
+            // A ledger older than CheckFencing (the upgrade order puts the ledger first, but a
+            // rollback may not): the call reserves one by one, which checks the epoch.
+            Err(status) if status.code() == tonic::Code::Unimplemented => {
+                warn!("the ledger does not serve CheckFencing; calls reserve one by one");
+                if let Some(id) = self.pool.untake(&credit, amount) {
+                    self.spawn_release(id);
+                }
+                Admission::NotInCredit
+            }
+            Err(status) if admit_while_away && ledger_away(&status) => {
+                warn!(error = %status, "the ledger did not confirm the lease; a fail-open contract admits the call inside the credit that holds its money");
+                self.pool.admitted();
+                Admission::Admitted { credit, expires }
+            }
+            Err(status) => {
+                if let Some(id) = self.pool.untake(&credit, amount) {
+                    self.spawn_release(id);
+                }
+                Admission::Refused(status)
+            }
+        }
     }
 
     /// Records a call admitted from `credit` in the ledger, in the background: `pending.draw` is

@@ -254,7 +254,6 @@ impl Credits {
             slot.pending = slot.pending.saturating_add(1);
             pool.in_flight = pool.in_flight.saturating_add(1);
             take.credit = Some((slot.opened.id.clone(), slot.opened.expires));
-            self.admitted.inc();
         }
         // A call larger than the next credit never fits one: it asks for none.
         let next = self.policy.next_credit(demand_per_second, amount);
@@ -354,16 +353,38 @@ impl Credits {
         self.remaining.set(0);
     }
 
+    /// A call taken from a credit was admitted (its lease confirmed): it is counted, and its
+    /// draw follows.
+    pub fn admitted(&self) {
+        self.admitted.inc();
+    }
+
+    /// A call taken from `credit` was not admitted after all (its lease could not be confirmed
+    /// as current): its amount goes back to the credit if that one still admits. Returns the
+    /// credit if it is retired and this was the last call taken from it in flight: release it.
+    pub fn untake(&self, credit: &str, amount: i64) -> Option<String> {
+        self.end_pending(credit, amount)
+    }
+
     /// A draw from `credit` ended (landed or lost). Returns the credit if it is retired and this
     /// was its last draw in flight: release it.
     pub fn draw_done(&self, credit: &str, lost: bool) -> Option<String> {
         if lost {
             self.lost.inc();
         }
+        self.end_pending(credit, 0)
+    }
+
+    /// One call taken from `credit` is no longer in flight; `give_back` returns to it if it is
+    /// still the current credit.
+    fn end_pending(&self, credit: &str, give_back: i64) -> Option<String> {
         let mut pool = lock(&self.pool);
         pool.in_flight = pool.in_flight.saturating_sub(1);
         if let Some(slot) = pool.current.as_mut().filter(|s| s.opened.id == credit) {
             slot.pending = slot.pending.saturating_sub(1);
+            slot.remaining = slot.remaining.saturating_add(give_back);
+            let remaining = slot.remaining;
+            self.remaining.set(remaining);
             return None;
         }
         let slot = pool.retired.get_mut(credit)?;
