@@ -360,6 +360,15 @@ pub fn approval_id_for(tenant_id: &str, idempotency_key: &str) -> Uuid {
     keyed_id(&APPROVAL_ID_NAMESPACE, tenant_id, idempotency_key)
 }
 
+/// The idempotency key of a call's reservation once it resumes under `approval_id`: the call's
+/// first reservation was released when it asked for approval, so the resumed one needs a key of
+/// its own. The ledger accepts a reservation under an approval only with this key, so one human
+/// decision backs one reservation: its id is UUIDv5 of the key, and every retry replays it. A
+/// call id holds no `/`, so the key names one call and one approval.
+pub fn resume_key(call_id: &str, approval_id: &Uuid) -> String {
+    format!("{call_id}/approved/{approval_id}")
+}
+
 impl CreateApproval {
     /// The approval's id, derived from `(tenant_id, idempotency_key)`.
     pub fn approval_id(&self) -> Uuid {
@@ -2000,6 +2009,16 @@ impl Planner {
             return Err(LedgerError::InvalidArgument {
                 field: "context.approval_id",
                 reason: "the approval was asked for another call".to_owned(),
+            });
+        }
+        // And only under the key that names the approval: another key would be another
+        // reservation, and one approval would back as many calls as keys were tried.
+        if r.idempotency_key != resume_key(&approval.idempotency_key, &approval_id) {
+            return Err(LedgerError::InvalidArgument {
+                field: "idempotency_key",
+                reason: format!(
+                    "a call resumed under approval {approval_id} reserves under `<call id>/approved/<approval id>`, once"
+                ),
             });
         }
         if approval.state != ApprovalState::Approved {

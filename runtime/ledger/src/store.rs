@@ -22,6 +22,7 @@
 
 mod pgpass;
 mod pipeline;
+mod reads;
 
 pub use pipeline::Sent;
 
@@ -74,9 +75,8 @@ pub struct EventSigner {
 #[derive(Clone)]
 pub struct Store {
     pool: PgPool,
-    /// Sessions for the data path's single-row reads (see [`read_options`]), apart from the
-    /// pool the writer's load path waits on, so a fencing check never queues behind a batch.
-    reads: PgPool,
+    /// The data path's reads on the request path (see [`reads`]).
+    reads: Arc<reads::Reads>,
     /// The cached path's session (see [`cached_path_options`]).
     cached_path: Arc<tokio::sync::Mutex<pipeline::Pipeline>>,
     /// Signs every audit event (S6); `None` only under the demo profile.
@@ -193,22 +193,6 @@ fn options(database_url: &str) -> Result<PgConnectOptions> {
     ]))
 }
 
-/// The read sessions' options: those of the pool, but with PostgreSQL's default plan caching,
-/// since their statements look up one row by key (a generic plan is right, and saves planning
-/// each check).
-fn read_options(database_url: &str) -> Result<PgConnectOptions> {
-    let options = PgConnectOptions::from_str(database_url).map_err(Error::from)?;
-    Ok(options
-        .application_name("spendguard-ledger-reads")
-        .options([
-            ("statement_timeout", STATEMENT_TIMEOUT_MS.to_string()),
-            ("lock_timeout", LOCK_TIMEOUT_MS.to_string()),
-        ]))
-}
-
-/// Sessions of the read pool: few statements at a time, each a key lookup.
-const READ_SESSIONS_MAX: u32 = 4;
-
 /// The cached path's session: its one statement touches a handful of rows by key, so it is
 /// planned once per session (a generic plan) with scans other than index lookups disabled, so
 /// that plan cannot turn into a table scan as tables grow. Saves planning the statement on
@@ -297,14 +281,15 @@ impl Store {
             // timeout before this one is answered.
             Duration::from_millis(STATEMENT_TIMEOUT_MS * 5),
         )));
-        // Opened on first use (`spendguard migrate` never uses it). No ping before each use:
-        // that is a second round trip per check, and a broken session fails its read, which
-        // is retried once on another (`fencing_lease`).
-        let reads = PgPoolOptions::new()
-            .max_connections(READ_SESSIONS_MAX)
-            .test_before_acquire(false)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_lazy_with(read_options(database_url)?);
+        // Opened on first use (`spendguard migrate` never uses it). Its statements look up one
+        // row by key, so the cached path's session settings (a generic plan, index lookups
+        // only) suit them too.
+        let mut reads_config = cached_path_config(database_url)?;
+        reads_config.application_name("spendguard-ledger-reads");
+        let reads = Arc::new(reads::Reads::new(
+            reads_config,
+            Duration::from_millis(STATEMENT_TIMEOUT_MS * 2),
+        ));
         Ok(Self {
             pool,
             reads,
@@ -313,44 +298,16 @@ impl Store {
         })
     }
 
-    /// The fencing lease of `scope_id` as the database holds it now, and the database clock's
-    /// now, read on the read sessions (committed state: no lock, no cache). `None` for an
-    /// unknown scope. A read that fails is tried once more (a session broken since its last
-    /// use, as after a database restart, fails its first statement).
+    /// The fencing lease of `scope_id` as committed now (`None` for an unknown scope), and the
+    /// database clock's now: a read on the read session (no lock, no cache).
     ///
     /// # Errors
-    /// [`Error::Database`] when both reads fail.
+    /// [`Error::Database`].
     pub async fn fencing_lease(
         &self,
         scope_id: &str,
     ) -> Result<(Option<LeaseState>, DateTime<Utc>)> {
-        let read = || {
-            sqlx::query(
-                "SELECT now() AS now, s.tenant_id, s.owner_workload_id, s.epoch, s.expires_at
-                   FROM (SELECT 1) AS one
-                   LEFT JOIN fencing_scopes AS s ON s.scope_id = $1",
-            )
-            .bind(scope_id)
-            .fetch_one(&self.reads)
-        };
-        let row = match read().await {
-            Ok(row) => row,
-            Err(first) => {
-                tracing::debug!(error = %first, "fencing read failed; trying another session");
-                read().await?
-            }
-        };
-        let now: DateTime<Utc> = row.try_get("now")?;
-        let Some(stored_epoch) = row.try_get::<Option<i64>, _>("epoch")? else {
-            return Ok((None, now));
-        };
-        let lease = LeaseState {
-            tenant_id: row.try_get("tenant_id")?,
-            owner: row.try_get("owner_workload_id")?,
-            epoch: epoch(stored_epoch)?,
-            expires_at: row.try_get("expires_at")?,
-        };
-        Ok((Some(lease), now))
+        self.reads.fencing_lease(scope_id).await
     }
 
     /// Signs every audit event this store writes with `signer`.

@@ -950,6 +950,14 @@ async fn a_reservation_under_an_approval_is_checked_against_it_and_names_it() {
             under("not-a-uuid", &both, 700),
             pb::ErrorCode::IdMalformed,
         ),
+        (
+            "another key for the same call and approval",
+            pb::ReserveSetRequest {
+                idempotency_key: "call-1".into(),
+                ..under(&approval.approval_id, &both, 700)
+            },
+            pb::ErrorCode::InvalidArgument,
+        ),
     ] {
         assert_eq!(refused(request).await, expected, "{name}");
     }
@@ -979,5 +987,32 @@ async fn a_reservation_under_an_approval_is_checked_against_it_and_names_it() {
         reserved_events.last().unwrap()["data"]["context"]["approval_id"],
         approval.approval_id.as_str()
     );
+    // One decision backs one reservation: a retry replays it, and no other key reserves again
+    // under the approval (one approval would otherwise let as many calls go ahead).
+    let retried = ledger
+        .client
+        .reserve_set(under(&approval.approval_id, &both, 650))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(retried.replayed);
+    for key in [
+        format!("call-1/approved/{}/2", approval.approval_id),
+        format!("call-1/approved/{}", approval.approval_id.to_uppercase()),
+    ] {
+        let again = pb::ReserveSetRequest {
+            idempotency_key: key.clone(),
+            ..under(&approval.approval_id, &both, 650)
+        };
+        let refused = ledger.client.reserve_set(again).await.unwrap_err();
+        assert_eq!(code(&refused), pb::ErrorCode::InvalidArgument, "{key}");
+    }
+    let under_approval: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM reservations WHERE idempotency_key LIKE 'call-1/%'",
+    )
+    .fetch_one(ledger.store().pool())
+    .await
+    .unwrap();
+    assert_eq!(under_approval, 1);
     invariants::check(ledger.store().pool()).await.unwrap();
 }

@@ -1947,12 +1947,14 @@ struct Approved {
     amount_nano_usd: i64,
 }
 
-/// The idempotency key of a call's reservation once it resumes under `approval_id`: the call's
-/// first reservation was released when it asked for approval, so the resumed one needs a key of
-/// its own, and the approval in it means another approval of the call reserves again. A call id
-/// holds no `/`, so the key names one call and one approval.
+/// The idempotency key of a call's reservation once it resumes under `approval_id` (the
+/// ledger's id, a UUID): [`spendguard_core::plan::resume_key`]. An id that is not a UUID (the
+/// ledger never answers one) is used as it is, and the ledger refuses it.
 pub fn resume_key(call_id: &str, approval_id: &str) -> String {
-    format!("{call_id}/approved/{approval_id}")
+    match uuid::Uuid::try_parse(approval_id) {
+        Ok(id) => spendguard_core::plan::resume_key(call_id, &id),
+        Err(_) => format!("{call_id}/approved/{approval_id}"),
+    }
 }
 
 /// Checks a call id: 1 to 128 of `[A-Za-z0-9._:-]`.

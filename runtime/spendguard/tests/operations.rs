@@ -96,11 +96,27 @@ async fn health_readiness_metrics_and_graceful_shutdown() {
         "{metrics}"
     );
 
-    // Database gone: not ready, still alive.
+    // The fencing check's read session is open before the database goes.
+    let fencing = spendguard_testkit::ledger::tenant_with_lease(&mut client, "t-lease")
+        .await
+        .unwrap();
+    let check = || pb::CheckFencingRequest {
+        tenant_id: "t-lease".into(),
+        fencing: Some(fencing.clone()),
+    };
+    data.check_fencing(check()).await.unwrap();
+
+    // Database gone: not ready, still alive; a fencing check fails as the ledger away.
     cluster.stop_immediately().unwrap();
     let (status, body) = get(admin, "/readyz").await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(get(admin, "/healthz").await.0, 200);
+    let away = data.check_fencing(check()).await.unwrap_err();
+    assert_eq!(
+        spendguard_proto::ledger::error_code(&away),
+        Some(pb::ErrorCode::DependencyUnavailable),
+        "{away:?}"
+    );
     cluster.restart().unwrap();
     let mut back = false;
     for _ in 0..100 {
@@ -114,6 +130,8 @@ async fn health_readiness_metrics_and_graceful_shutdown() {
         back,
         "ledger did not become ready again after the database returned"
     );
+    // The read session broke with the database: the next check opens another.
+    data.check_fencing(check()).await.unwrap();
 
     // SIGTERM: drains and exits successfully.
     support::terminates_cleanly(&mut ledger, Duration::from_secs(15)).await;
