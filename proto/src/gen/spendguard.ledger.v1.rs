@@ -808,6 +808,9 @@ pub enum ErrorCode {
     /// \[FAILED_PRECONDITION\] A ReserveSet names an approval (context.approval_id) that is not
     /// approved: pending, denied, expired or cancelled. Nothing was written.
     ApprovalNotApproved = 55,
+    /// \[FAILED_PRECONDITION\] The request would change (extend, clear or move) a signing key's
+    /// validity end that has passed on the database clock: signatures made after it stay invalid.
+    SigningKeyWindowClosed = 56,
     /// \[UNAVAILABLE\] The ledger's write queue is full; retry with backoff.
     Overloaded = 60,
     /// \[UNAVAILABLE\] The database is unreachable or failed; nothing was written.
@@ -868,6 +871,7 @@ impl ErrorCode {
             Self::ApprovalExpired => "ERROR_CODE_APPROVAL_EXPIRED",
             Self::CreditUnavailable => "ERROR_CODE_CREDIT_UNAVAILABLE",
             Self::ApprovalNotApproved => "ERROR_CODE_APPROVAL_NOT_APPROVED",
+            Self::SigningKeyWindowClosed => "ERROR_CODE_SIGNING_KEY_WINDOW_CLOSED",
             Self::Overloaded => "ERROR_CODE_OVERLOADED",
             Self::DependencyUnavailable => "ERROR_CODE_DEPENDENCY_UNAVAILABLE",
             Self::ShuttingDown => "ERROR_CODE_SHUTTING_DOWN",
@@ -916,6 +920,7 @@ impl ErrorCode {
             "ERROR_CODE_APPROVAL_EXPIRED" => Some(Self::ApprovalExpired),
             "ERROR_CODE_CREDIT_UNAVAILABLE" => Some(Self::CreditUnavailable),
             "ERROR_CODE_APPROVAL_NOT_APPROVED" => Some(Self::ApprovalNotApproved),
+            "ERROR_CODE_SIGNING_KEY_WINDOW_CLOSED" => Some(Self::SigningKeyWindowClosed),
             "ERROR_CODE_OVERLOADED" => Some(Self::Overloaded),
             "ERROR_CODE_DEPENDENCY_UNAVAILABLE" => Some(Self::DependencyUnavailable),
             "ERROR_CODE_SHUTTING_DOWN" => Some(Self::ShuttingDown),
@@ -1410,7 +1415,8 @@ pub mod ledger_client {
         /// Admin: publish a producer public key in the evidence key registry (`signing_keys`, S7), or
         /// change its validity end or revocation (called by the operator for SigningKey CRs). A key id
         /// keeps its algorithm, public key and start forever (SIGNING_KEY_CONFLICT); a revocation can
-        /// only be set or moved earlier (SIGNING_KEY_REVOCATION_IRREVERSIBLE). Every change writes an
+        /// only be set or moved earlier (SIGNING_KEY_REVOCATION_IRREVERSIBLE); a validity end that has
+        /// passed is final (SIGNING_KEY_WINDOW_CLOSED). Every change writes an
         /// audit event under the reserved tenant `spendguard-system`; an identical repeat writes nothing.
         pub async fn register_signing_key(
             &mut self,
@@ -1807,7 +1813,8 @@ pub mod ledger_server {
         /// Admin: publish a producer public key in the evidence key registry (`signing_keys`, S7), or
         /// change its validity end or revocation (called by the operator for SigningKey CRs). A key id
         /// keeps its algorithm, public key and start forever (SIGNING_KEY_CONFLICT); a revocation can
-        /// only be set or moved earlier (SIGNING_KEY_REVOCATION_IRREVERSIBLE). Every change writes an
+        /// only be set or moved earlier (SIGNING_KEY_REVOCATION_IRREVERSIBLE); a validity end that has
+        /// passed is final (SIGNING_KEY_WINDOW_CLOSED). Every change writes an
         /// audit event under the reserved tenant `spendguard-system`; an identical repeat writes nothing.
         async fn register_signing_key(
             &self,

@@ -75,6 +75,7 @@ error_codes! {
     PricingConflict = "PRICING_CONFLICT" => FailedPrecondition,
     SigningKeyConflict = "SIGNING_KEY_CONFLICT" => FailedPrecondition,
     SigningKeyRevocationIrreversible = "SIGNING_KEY_REVOCATION_IRREVERSIBLE" => FailedPrecondition,
+    SigningKeyWindowClosed = "SIGNING_KEY_WINDOW_CLOSED" => FailedPrecondition,
     ApprovalAlreadyResolved = "APPROVAL_ALREADY_RESOLVED" => FailedPrecondition,
     ApprovalExpired = "APPROVAL_EXPIRED" => FailedPrecondition,
     CreditUnavailable = "CREDIT_UNAVAILABLE" => FailedPrecondition,
@@ -225,6 +226,14 @@ pub enum LedgerError {
         /// Key id.
         key_id: String,
     },
+    /// The request would change a validity end that has passed.
+    #[error(
+        "signing key {key_id}: its validity ended, and an end that has passed is final; register a new key"
+    )]
+    SigningKeyWindowClosed {
+        /// Key id.
+        key_id: String,
+    },
     /// ResolveApproval without an approver identity.
     #[error("an approver identity is required")]
     ApproverRequired,
@@ -291,6 +300,7 @@ impl LedgerError {
             Self::SigningKeyRevocationIrreversible { .. } => {
                 ErrorCode::SigningKeyRevocationIrreversible
             }
+            Self::SigningKeyWindowClosed { .. } => ErrorCode::SigningKeyWindowClosed,
             Self::ApproverRequired => ErrorCode::ApproverRequired,
             Self::ApprovalNotFound(_) => ErrorCode::ApprovalNotFound,
             Self::ApprovalAlreadyResolved { .. } => ErrorCode::ApprovalAlreadyResolved,

@@ -2852,6 +2852,17 @@ impl Planner {
                 changed: false,
             });
         }
+        // An end that has passed is final: reopening it would make signatures made after it
+        // (with a key that may have leaked since) valid again. Closing a window that is still
+        // open, even at an instant already past (a rotation closes the old key's window just
+        // after its last signature), stays allowed; revocation is how past signatures lose trust.
+        if old.valid_until != new.valid_until
+            && old.valid_until.is_some_and(|end| end <= self.state.now)
+        {
+            return Err(LedgerError::SigningKeyWindowClosed {
+                key_id: k.key_id.clone(),
+            });
+        }
         if old.valid_until != new.valid_until {
             self.event(
                 SYSTEM_TENANT_ID,

@@ -940,6 +940,7 @@ pub fn error_code_to_proto(code: ErrorCode) -> pb::ErrorCode {
         ErrorCode::SigningKeyRevocationIrreversible => {
             pb::ErrorCode::SigningKeyRevocationIrreversible
         }
+        ErrorCode::SigningKeyWindowClosed => pb::ErrorCode::SigningKeyWindowClosed,
         ErrorCode::ProducerInstanceConflict => pb::ErrorCode::ProducerInstanceConflict,
         ErrorCode::Overloaded => pb::ErrorCode::Overloaded,
         ErrorCode::DependencyUnavailable => pb::ErrorCode::DependencyUnavailable,

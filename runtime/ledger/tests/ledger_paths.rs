@@ -2252,3 +2252,89 @@ async fn check_fencing_reads_the_lease_as_a_reservation_would_and_writes_nothing
     assert_eq!(outbox_count(&ledger).await, written, "checks write nothing");
     invariants::check(ledger.store().pool()).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_signing_key_window_that_has_ended_is_final() {
+    // Goal: reopening a key's validity end that has passed would make signatures made after it
+    // (with a key that may have leaked since) valid again. The ledger refuses any change of such
+    // an end with SIGNING_KEY_WINDOW_CLOSED and writes nothing; the database refuses it too.
+    // Closing a window that is still open, even at an instant already past (a rotation closes
+    // the old key's window just after its last signature), stays allowed, and so does revoking
+    // an ended key.
+    let (mut ledger, _) = setup().await;
+    let ended = pb::RegisterSigningKeyRequest {
+        valid_from_unix_ms: 1_735_689_600_000,  // 2025-01-01
+        valid_until_unix_ms: 1_767_225_600_000, // 2026-01-01: passed
+        ..signing_key_request("k-ended", ED25519_KEY_1)
+    };
+    ledger
+        .client
+        .register_signing_key(ended.clone())
+        .await
+        .unwrap();
+    let before = outbox_count(&ledger).await;
+    for (name, valid_until) in [
+        ("extended", 1_798_761_600_000),
+        ("cleared", 0),
+        ("moved earlier", 1_767_225_599_000),
+    ] {
+        let change = pb::RegisterSigningKeyRequest {
+            valid_until_unix_ms: valid_until,
+            ..ended.clone()
+        };
+        let refused = ledger
+            .client
+            .register_signing_key(change)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            code(&refused),
+            pb::ErrorCode::SigningKeyWindowClosed,
+            "{name}"
+        );
+    }
+    assert_eq!(outbox_count(&ledger).await, before, "nothing written");
+    let direct = sqlx::query("UPDATE signing_keys SET valid_until = NULL WHERE key_id = 'k-ended'")
+        .execute(ledger.store().pool())
+        .await
+        .unwrap_err();
+    assert!(direct.to_string().contains("final"), "{direct}");
+
+    // Revoking the ended key, and closing an open window in the past, are allowed.
+    let revoked = pb::RegisterSigningKeyRequest {
+        revoked_at_unix_ms: 1_766_000_000_000,
+        ..ended
+    };
+    assert!(
+        ledger
+            .client
+            .register_signing_key(revoked)
+            .await
+            .unwrap()
+            .into_inner()
+            .changed
+    );
+    let open = pb::RegisterSigningKeyRequest {
+        valid_until_unix_ms: 0,
+        ..signing_key_request("k-rotated", ED25519_KEY_2)
+    };
+    ledger
+        .client
+        .register_signing_key(open.clone())
+        .await
+        .unwrap();
+    let closed = pb::RegisterSigningKeyRequest {
+        valid_until_unix_ms: 1_769_904_000_000, // 2026-02-01: already past
+        ..open
+    };
+    assert!(
+        ledger
+            .client
+            .register_signing_key(closed)
+            .await
+            .unwrap()
+            .into_inner()
+            .changed
+    );
+    invariants::check(ledger.store().pool()).await.unwrap();
+}
