@@ -213,6 +213,46 @@ async fn contract_bundles_compile_into_verifiable_config_maps() {
     );
     assert_eq!(bundle.contract.pricing_max_age, None);
 
+    // Sidecars trust the ConfigMap (its hash sits beside it), so the operator re-asserts it: an
+    // edit of the bundle and its hash is undone, and a deleted ConfigMap comes back, with no
+    // change to the ContractBundle.
+    let config_map_name = "spendguard-bundle-research-agent";
+    let bundle_json = [&config_map[..], &["jsonpath={.data.bundle\\.json}"]].concat();
+    plane.admin(
+        &[
+            "patch",
+            "configmap",
+            config_map_name,
+            "-n",
+            "default",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"data":{"bundle.json":"{}","bundle.sha256":"00"}}"#,
+        ],
+        None,
+    );
+    plane.poll(&bundle_json, |json| json == bytes).await;
+    assert_eq!(
+        plane.admin(
+            &[&config_map[..], &["jsonpath={.data.bundle\\.sha256}"]].concat(),
+            None
+        ),
+        sha
+    );
+    plane.admin(
+        &[
+            "delete",
+            "configmap",
+            config_map_name,
+            "-n",
+            "default",
+            "--wait=false",
+        ],
+        None,
+    );
+    plane.poll(&bundle_json, |json| json == bytes).await;
+
     // S22: a contract that limits its pricing's age compiles with the limit and its policy, and
     // one that limits the age of undated pricing is an invalid spec (nothing compiled).
     let limited = example("contract-bundle").replace(

@@ -161,6 +161,28 @@ async fn the_chart_rbac_covers_every_controller_write() {
     plane.admin(&["apply", "-f", "-"], Some(&rendered_operator()));
     assert_eq!(can_i("events.events.k8s.io"), "yes");
     assert_eq!(can_i("events"), "yes");
+    // Writes to the custom resources are patches only: no `update` of whole objects.
+    let can = |verb: &str, subresource: &str| {
+        let (_, answer) = plane.run_kubectl(
+            User::Admin,
+            &[
+                "auth",
+                "can-i",
+                verb,
+                "budgets.spendguard.io",
+                &format!("--subresource={subresource}"),
+                "-n",
+                "default",
+                &account,
+            ],
+            None,
+        );
+        answer.trim().to_owned()
+    };
+    for subresource in ["", "status"] {
+        assert_eq!(can("patch", subresource), "yes", "patch {subresource}");
+        assert_eq!(can("update", subresource), "no", "update {subresource}");
+    }
     // Leader election: the Lease verbs in the release namespace only (a Role, not the
     // ClusterRole).
     let can_i_lease = |verb: &str, namespace: &str| {

@@ -28,6 +28,9 @@ use tracing::{instrument, warn};
 
 use super::FIELD_MANAGER;
 
+/// Label naming the ContractBundle a ConfigMap holds; the controller watches only those.
+const BUNDLE_LABEL: &str = "spendguard.io/contract-bundle";
+
 /// Name of the ConfigMap holding a bundle.
 pub fn config_map_name(bundle: &ContractBundle) -> String {
     format!("spendguard-bundle-{}", bundle.name_any())
@@ -166,7 +169,7 @@ async fn compile(bundle: &ContractBundle, ctx: &Context) -> Result<Action, Error
         "metadata": {
             "name": config_map_name(bundle),
             "namespace": namespace,
-            "labels": {"app.kubernetes.io/part-of": "spendguard", "spendguard.io/contract-bundle": bundle.name_any()},
+            "labels": {"app.kubernetes.io/part-of": "spendguard", BUNDLE_LABEL: bundle.name_any()},
             "ownerReferences": bundle.controller_owner_ref(&()).map(|o| vec![o]).unwrap_or_default(),
         },
         "data": data,
@@ -246,13 +249,17 @@ pub fn error_policy(bundle: Arc<ContractBundle>, error: &Error, ctx: Arc<Context
 }
 
 /// Runs the ContractBundle controller until its watch ends. A PricingVersion change requeues
-/// the bundles that use it.
+/// the bundles that use it. A change to a bundle's ConfigMap (an edit, a deletion) requeues its
+/// bundle, whose reconcile applies the compiled content again: sidecars trust the ConfigMap
+/// (its hash sits beside it), so it is re-asserted rather than left as someone edited it.
 pub async fn run(ctx: Context) {
     let bundles: Api<ContractBundle> = Api::all(ctx.kube.clone());
     let pricing: Api<PricingVersion> = Api::all(ctx.kube.clone());
+    let config_maps: Api<ConfigMap> = Api::all(ctx.kube.clone());
     let controller = Controller::new(bundles, watcher::Config::default());
     let store = controller.store();
     controller
+        .owns(config_maps, watcher::Config::default().labels(BUNDLE_LABEL))
         .watches(
             pricing,
             watcher::Config::default(),
