@@ -168,8 +168,16 @@ fn values_are_validated() {
     ]);
     assert!(!ok && text.contains("approverGroups"), "{text}");
 
-    // Credits for injected sidecars: off by default, an integer (never `5e+09`), never negative.
+    // Credits for injected sidecars: on by default (largest credit 10 USD), an integer (never
+    // `1e+10`), never negative, 0 turns them off.
     let (ok, text) = helm(&["template", "sg", CHART]);
+    assert!(
+        ok && text.contains(
+            "name: SPENDGUARD_SIDECAR_CREDIT_NANO_USD\n              value: \"10000000000\""
+        ),
+        "{text}"
+    );
+    let (ok, text) = helm(&["template", "sg", CHART, "--set", "sidecar.creditNanoUsd=0"]);
     assert!(
         ok && text.contains("name: SPENDGUARD_SIDECAR_CREDIT_NANO_USD\n              value: \"0\""),
         "{text}"
