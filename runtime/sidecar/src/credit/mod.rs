@@ -1,8 +1,9 @@
 //! Credits: money this sidecar reserves in the ledger once, then admits calls inside without a
-//! ledger round trip on the request path (docs/design/credits.md).
+//! ledger write on the request path, only a read that confirms the lease (docs/design/credits.md).
 //!
 //! ```text
-//! admit(worst case) ─ current credit has it ─► taken locally ─► CONTINUE at once
+//! admit(worst case) ─ current credit has it ─► taken locally ─► CheckFencing ─► CONTINUE
+//!        │                 refused, or unanswered (fail-closed) ◄─┘ (amount given back: 503)
 //!        │                                        └► draw (background): ReserveSet draw_from ─► Drawn
 //!        │                                           retried while the ledger is away; refused for
 //!        │                                           good, or past the credit's life ─► Lost: the

@@ -124,7 +124,8 @@ pub struct Opened {
 /// What [`Credits::take`] decided.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Take {
-    /// The credit the amount was taken from: the call is admitted.
+    /// The credit the amount was taken from: the call is admitted once its lease is confirmed
+    /// (else the amount goes back: [`Credits::untake`]).
     pub credit: Option<(String, Instant)>,
     /// Open the next credit now, of this amount (this call is the one that asks; others do not).
     pub open_next: Option<i64>,
@@ -196,7 +197,7 @@ impl Credits {
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "spendguard_sidecar_credit_admitted",
-            "Calls admitted inside a credit, without a ledger round trip on the request path",
+            "Calls admitted inside a credit (their lease confirmed by a read), without a ledger write on the request path",
             self.admitted.clone(),
         );
         registry.register(
