@@ -810,6 +810,8 @@ pub enum ErrorCode {
     ApprovalNotApproved = 55,
     /// \[FAILED_PRECONDITION\] The request would change (extend, clear or move) a signing key's
     /// validity end that has passed on the database clock: signatures made after it stay invalid.
+    /// A request that revokes the key is not refused for this: the revocation applies and the
+    /// ended window stays as stored.
     SigningKeyWindowClosed = 56,
     /// \[UNAVAILABLE\] The ledger's write queue is full; retry with backoff.
     Overloaded = 60,

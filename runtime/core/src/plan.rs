@@ -2846,21 +2846,31 @@ impl Planner {
                 key_id: k.key_id.clone(),
             });
         }
-        if old == *new {
-            return Ok(Outcome::SigningKeyRegistered {
-                created: false,
-                changed: false,
-            });
-        }
         // An end that has passed is final: reopening it would make signatures made after it
         // (with a key that may have leaked since) valid again. Closing a window that is still
         // open, even at an instant already past (a rotation closes the old key's window just
         // after its last signature), stays allowed; revocation is how past signatures lose trust.
-        if old.valid_until != new.valid_until
-            && old.valid_until.is_some_and(|end| end <= self.state.now)
-        {
-            return Err(LedgerError::SigningKeyWindowClosed {
-                key_id: k.key_id.clone(),
+        let ended = old.valid_until.is_some_and(|end| end <= self.state.now);
+        let mut kept;
+        let new = if ended && old.valid_until != new.valid_until {
+            if new.revoked_at.is_none() {
+                return Err(LedgerError::SigningKeyWindowClosed {
+                    key_id: k.key_id.clone(),
+                });
+            }
+            // A revocation is never held back by a window change it arrives with (the
+            // SigningKey controller sends the whole spec): it applies, and the ended window
+            // stays as it was, which only narrows what verifies.
+            kept = new.clone();
+            kept.valid_until = old.valid_until;
+            &kept
+        } else {
+            new
+        };
+        if old == *new {
+            return Ok(Outcome::SigningKeyRegistered {
+                created: false,
+                changed: false,
             });
         }
         if old.valid_until != new.valid_until {

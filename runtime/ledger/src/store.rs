@@ -58,6 +58,9 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations"
 
 /// How long one statement may run before the batch fails (and rolls back).
 const STATEMENT_TIMEOUT_MS: u64 = 5_000;
+/// Longest wait for a data-path read (or for its session to open) before the session counts as
+/// broken.
+const READ_ANSWER_DEADLINE: Duration = Duration::from_millis(1_500);
 /// How long a batch waits for a row lock held by another transaction.
 const LOCK_TIMEOUT_MS: u64 = 2_000;
 
@@ -286,10 +289,9 @@ impl Store {
         // only) suit them too.
         let mut reads_config = cached_path_config(database_url)?;
         reads_config.application_name("spendguard-ledger-reads");
-        let reads = Arc::new(reads::Reads::new(
-            reads_config,
-            Duration::from_millis(STATEMENT_TIMEOUT_MS * 2),
-        ));
+        // Well inside a sidecar's 5 s RPC deadline, so a half-open session is replaced (and the
+        // read tried again) while the sidecar still waits: a one-row read takes milliseconds.
+        let reads = Arc::new(reads::Reads::new(reads_config, READ_ANSWER_DEADLINE));
         Ok(Self {
             pool,
             reads,

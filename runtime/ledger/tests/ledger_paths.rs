@@ -1540,7 +1540,8 @@ fn signing_key_request(key_id: &str, public_key_hex: &str) -> pb::RegisterSignin
         algorithm: "ed25519".into(),
         public_key: hex::decode(public_key_hex).unwrap(),
         valid_from_unix_ms: 1_767_225_600_000,
-        valid_until_unix_ms: 1_798_761_600_000,
+        // 2100-01-01: far enough that tests changing the window never meet an ended one.
+        valid_until_unix_ms: 4_102_444_800_000,
         revoked_at_unix_ms: 0,
     }
 }
@@ -2300,19 +2301,40 @@ async fn a_signing_key_window_that_has_ended_is_final() {
         .unwrap_err();
     assert!(direct.to_string().contains("final"), "{direct}");
 
-    // Revoking the ended key, and closing an open window in the past, are allowed.
+    // Revoking the ended key is allowed, also when the request carries a changed end (the
+    // SigningKey controller sends the whole spec, maybe with a `notAfter` edited after the end
+    // passed): the revocation applies and the ended window stays. Closing an open window in
+    // the past is allowed too.
     let revoked = pb::RegisterSigningKeyRequest {
         revoked_at_unix_ms: 1_766_000_000_000,
-        ..ended
+        valid_until_unix_ms: 1_798_761_600_000,
+        ..ended.clone()
     };
     assert!(
         ledger
+            .client
+            .register_signing_key(revoked.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .changed
+    );
+    let (valid_until, revoked_at): (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>) =
+        sqlx::query_as("SELECT valid_until, revoked_at FROM signing_keys WHERE key_id = 'k-ended'")
+            .fetch_one(ledger.store().pool())
+            .await
+            .unwrap();
+    assert_eq!(valid_until.timestamp_millis(), ended.valid_until_unix_ms);
+    assert_eq!(revoked_at.timestamp_millis(), 1_766_000_000_000);
+    assert!(
+        !ledger
             .client
             .register_signing_key(revoked)
             .await
             .unwrap()
             .into_inner()
-            .changed
+            .changed,
+        "a repeat changes nothing"
     );
     let open = pb::RegisterSigningKeyRequest {
         valid_until_unix_ms: 0,

@@ -682,6 +682,64 @@ async fn a_call_inside_a_credit_fails_closed_while_the_ledger_is_away() {
 }
 
 #[tokio::test]
+async fn a_decision_dropped_during_its_lease_check_gives_its_amount_back() {
+    // Goal: a decide API client that goes away while the sidecar waits for the ledger's lease
+    // check (a ledger that accepts connections and never answers) does not leave its amount
+    // taken from the credit: the credit's remainder is what it was, and nothing is counted as
+    // admitted. Without the give-back, every such call would hold part of the credit (and a
+    // place among the draws in flight) for good.
+    let mut stack = Stack::start(Options {
+        flags: fixed_credits(20 * worst_case()),
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(chat(&stack).await.status, 200);
+    open_credits(&stack, 1).await;
+    stack.wait_no_open_calls().await;
+    let remaining = metric(&stack, "spendguard_sidecar_credit_remaining_nano_usd");
+    let admitted = metric(&stack, "spendguard_sidecar_credit_admitted_total");
+    assert!(remaining > 0.0);
+
+    // The ledger's address now accepts connections and never answers.
+    stack.ledger.stop().await;
+    let silent = std::net::TcpListener::bind(stack.ledger_addr).unwrap();
+    let held = std::thread::spawn(move || {
+        let mut connections = Vec::new();
+        for connection in silent.incoming().take(4) {
+            connections.push(connection);
+        }
+        std::thread::sleep(Duration::from_secs(30));
+        drop(connections);
+    });
+    let body = json!({"call_id": "gone", "provider": "openai", "model": "gpt-4o-mini",
+                      "input_tokens_upper_bound": 1_000, "max_output_tokens": 1_000});
+    let url = stack.url("/v1/spendguard/decide");
+    let gave_up =
+        tokio::time::timeout(Duration::from_millis(1_500), post_json(&url, &[], &body)).await;
+    assert!(gave_up.is_err(), "the lease check cannot be answered");
+    // The sidecar notices the closed connection when it next polls it; the check itself waits
+    // up to its 5 s deadline, which the dropped decision no longer does.
+    let mut given_back = false;
+    for _ in 0..100 {
+        if metric(&stack, "spendguard_sidecar_credit_remaining_nano_usd") == remaining {
+            given_back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        given_back,
+        "remaining {} instead of {remaining}",
+        metric(&stack, "spendguard_sidecar_credit_remaining_nano_usd")
+    );
+    assert_eq!(
+        metric(&stack, "spendguard_sidecar_credit_admitted_total"),
+        admitted
+    );
+    drop(held);
+}
+
+#[tokio::test]
 async fn a_pod_that_goes_quiet_releases_its_credit_before_it_lapses() {
     // Goal: an idle pod does not hold money other pods' calls could use until its credit lapses.
     // Method: credits of 8 s (quiet after a quarter of that, 2 s); one call opens a credit and

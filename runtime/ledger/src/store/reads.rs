@@ -11,7 +11,7 @@ use crate::error::Error;
 use chrono::{DateTime, Utc};
 use spendguard_core::lease::LeaseState;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio_postgres::{Client, Config, NoTls, Row, Statement};
 use tracing::warn;
 
@@ -27,10 +27,21 @@ struct Session {
     fencing_lease: Statement,
 }
 
+/// After a failed open, reads fail at once for this long instead of each trying to connect
+/// (a database that is down or unreachable would otherwise queue every check behind a connect).
+const REOPEN_AFTER: Duration = Duration::from_secs(1);
+
+/// The session slot: the open session, or when opening last failed.
+#[derive(Default)]
+struct Slot {
+    session: Option<Arc<Session>>,
+    failed_open_at: Option<Instant>,
+}
+
 /// The read session, opened on first use and again after it broke.
 pub(super) struct Reads {
     config: Config,
-    session: tokio::sync::Mutex<Option<Arc<Session>>>,
+    slot: tokio::sync::Mutex<Slot>,
     /// A read not answered within this counts as a broken session (a half-open connection).
     answer_deadline: Duration,
 }
@@ -40,15 +51,16 @@ impl Reads {
     pub(super) fn new(config: Config, answer_deadline: Duration) -> Self {
         Self {
             config,
-            session: tokio::sync::Mutex::new(None),
+            slot: tokio::sync::Mutex::new(Slot::default()),
             answer_deadline,
         }
     }
 
     /// The fencing lease of `scope_id` as committed now (`None` for an unknown scope), and the
-    /// database clock's now. A read that fails for a reason other than the database's own
-    /// refusal (a session broken since its last use, as after a database restart, or one that
-    /// does not answer) is tried once more on a new session.
+    /// database clock's now. Any failure drops the session (the next read opens another, which
+    /// also prepares the statement again after a migration). A read that failed because the
+    /// session broke (since its last use, as after a database restart, or not answering) is
+    /// tried once more on a new session.
     ///
     /// # Errors
     /// [`Error::Database`] when the session cannot be opened or both reads fail.
@@ -66,17 +78,22 @@ impl Reads {
                     .query_one(&session.fencing_lease, &[&scope_id]),
             )
             .await;
-            let failure = match read {
+            let (failure, session_broke) = match read {
                 Ok(Ok(row)) => return lease_of(&row),
-                Ok(Err(e)) if e.as_db_error().is_some() => return Err(Error::from(e)),
-                Ok(Err(e)) => Error::from(e),
-                Err(_) => Error::Database(format!(
-                    "no answer from the read session within {:?}",
-                    self.answer_deadline
-                )),
+                Ok(Err(e)) => {
+                    let broke = e.as_db_error().is_none_or(|db| session_ended(db.code()));
+                    (Error::from(e), broke)
+                }
+                Err(_) => (
+                    Error::Database(format!(
+                        "no answer from the read session within {:?}",
+                        self.answer_deadline
+                    )),
+                    true,
+                ),
             };
             self.forget(&session).await;
-            if tried_again {
+            if tried_again || !session_broke {
                 return Err(failure);
             }
             tried_again = true;
@@ -84,10 +101,45 @@ impl Reads {
     }
 
     async fn session(&self) -> Result<Arc<Session>, Error> {
-        let mut slot = self.session.lock().await;
-        if let Some(session) = slot.as_ref().filter(|s| !s.client.is_closed()) {
+        let mut slot = self.slot.lock().await;
+        if let Some(session) = slot.session.as_ref().filter(|s| !s.client.is_closed()) {
             return Ok(Arc::clone(session));
         }
+        slot.session = None;
+        if slot
+            .failed_open_at
+            .is_some_and(|at| at.elapsed() < REOPEN_AFTER)
+        {
+            return Err(Error::Database(
+                "read session unavailable; retrying shortly".into(),
+            ));
+        }
+        // Connecting and preparing are bounded like a read, so a database that does not answer
+        // holds the slot (and the reads queued on it) for one deadline at most.
+        let opened = tokio::time::timeout(self.answer_deadline, self.open()).await;
+        match opened {
+            Ok(Ok(session)) => {
+                let session = Arc::new(session);
+                slot.session = Some(Arc::clone(&session));
+                slot.failed_open_at = None;
+                Ok(session)
+            }
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot open the read session");
+                slot.failed_open_at = Some(Instant::now());
+                Err(e)
+            }
+            Err(_) => {
+                slot.failed_open_at = Some(Instant::now());
+                Err(Error::Database(format!(
+                    "the read session did not open within {:?}",
+                    self.answer_deadline
+                )))
+            }
+        }
+    }
+
+    async fn open(&self) -> Result<Session, Error> {
         let (client, connection) = self.config.connect(NoTls).await.map_err(Error::from)?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -95,22 +147,32 @@ impl Reads {
             }
         });
         let fencing_lease = client.prepare(FENCING_LEASE).await.map_err(Error::from)?;
-        let session = Arc::new(Session {
+        Ok(Session {
             client,
             fencing_lease,
-        });
-        *slot = Some(Arc::clone(&session));
-        Ok(session)
+        })
     }
 
     /// Drops `session` if it is still the current one, so the next read opens another (dropping
     /// the client closes a half-open connection too).
     async fn forget(&self, session: &Arc<Session>) {
-        let mut slot = self.session.lock().await;
-        if slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, session)) {
-            *slot = None;
+        let mut slot = self.slot.lock().await;
+        if slot
+            .session
+            .as_ref()
+            .is_some_and(|s| Arc::ptr_eq(s, session))
+        {
+            slot.session = None;
         }
     }
+}
+
+/// Whether a database error says the session itself ended (connection exceptions, class 08;
+/// operator intervention such as an administrator's shutdown, class 57), so another session
+/// may answer: unlike a refusal of the statement.
+fn session_ended(code: &tokio_postgres::error::SqlState) -> bool {
+    let code = code.code();
+    code.starts_with("08") || code.starts_with("57")
 }
 
 fn lease_of(row: &Row) -> Result<(Option<LeaseState>, DateTime<Utc>), Error> {

@@ -41,6 +41,7 @@ use spendguard_proto::ledger::error_code;
 use spendguard_proto::ledger::v1 as pb;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -73,6 +74,30 @@ pub enum Admission {
     /// A credit held the call, but the ledger did not confirm the lease (refused it, or did not
     /// answer): the call is decided as a ReserveSet failing with this status would be.
     Refused(tonic::Status),
+}
+
+/// A call's amount taken from a credit while its lease check is in flight: unless it was
+/// admitted, dropping it gives the amount back (and releases the credit if it retired meanwhile
+/// and this was the last call taken from it).
+struct Taken<'a> {
+    driver: &'a Arc<CreditDriver>,
+    credit: String,
+    amount: i64,
+    admitted: bool,
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        if self.admitted {
+            return;
+        }
+        if let Some(id) = self.driver.pool.untake(&self.credit, self.amount) {
+            // Dropped outside a runtime (its shutdown), the credit lapses at its TTL instead.
+            if tokio::runtime::Handle::try_current().is_ok() {
+                self.driver.spawn_release(id);
+            }
+        }
+    }
 }
 
 /// Where a call's draw stands.
@@ -114,6 +139,8 @@ pub struct CreditDriver {
     journal: Option<DrawJournal>,
     /// What a previous process of the pod journaled and did not record.
     left_over: Mutex<LeftOver>,
+    /// The ledger answered the lease check UNIMPLEMENTED (an older ledger): no credits.
+    no_lease_check: AtomicBool,
 }
 
 /// The ids of this sidecar's credits not yet released, kept in a file of the pod's spool
@@ -202,6 +229,7 @@ impl CreditDriver {
             record: spool.map(|dir| OpenCredits::load(dir.join("open-credits"))),
             journal,
             left_over: Mutex::new(left_over),
+            no_lease_check: AtomicBool::new(false),
         })
     }
 
@@ -281,6 +309,10 @@ impl CreditDriver {
         epoch: u64,
         admit_while_away: bool,
     ) -> Admission {
+        // The ledger does not serve the lease check: credits would only hold money.
+        if self.no_lease_check.load(Ordering::Relaxed) {
+            return Admission::NotInCredit;
+        }
         let take = self.pool.take(amount, epoch, Instant::now());
         for id in take.release {
             self.spawn_release(id);
@@ -293,6 +325,15 @@ impl CreditDriver {
         let Some((credit, expires)) = take.credit else {
             return Admission::NotInCredit;
         };
+        // Given back unless admitted, also when this future is dropped during the check (a
+        // decide API client that went away): else the credit would count it as in flight for
+        // good, and never be released.
+        let mut taken = Taken {
+            driver: self,
+            credit: credit.clone(),
+            amount,
+            admitted: false,
+        };
         let check = pb::CheckFencingRequest {
             tenant_id: self.identity.tenant_id.clone(),
             fencing: Some(pb::FencingToken {
@@ -302,29 +343,33 @@ impl CreditDriver {
         };
         match self.ledger.clone().check_fencing(check).await {
             Ok(_) => {
+                taken.admitted = true;
                 self.pool.admitted();
                 Admission::Admitted { credit, expires }
             }
             // A ledger older than CheckFencing (the upgrade order puts the ledger first, but a
-            // rollback may not): the call reserves one by one, which checks the epoch.
+            // rollback may not): no call is admitted inside a credit by this process any more
+            // (each reserves one by one, which checks the epoch), and the current credit goes
+            // back instead of holding money nothing will use.
             Err(status) if status.code() == tonic::Code::Unimplemented => {
-                warn!("the ledger does not serve CheckFencing; calls reserve one by one");
-                if let Some(id) = self.pool.untake(&credit, amount) {
+                if !self.no_lease_check.swap(true, Ordering::Relaxed) {
+                    warn!(
+                        "the ledger does not serve CheckFencing: credits are off until this sidecar restarts; calls reserve one by one"
+                    );
+                }
+                drop(taken);
+                for id in self.pool.retire() {
                     self.spawn_release(id);
                 }
                 Admission::NotInCredit
             }
             Err(status) if admit_while_away && ledger_away(&status) => {
                 warn!(error = %status, "the ledger did not confirm the lease; a fail-open contract admits the call inside the credit that holds its money");
+                taken.admitted = true;
                 self.pool.admitted();
                 Admission::Admitted { credit, expires }
             }
-            Err(status) => {
-                if let Some(id) = self.pool.untake(&credit, amount) {
-                    self.spawn_release(id);
-                }
-                Admission::Refused(status)
-            }
+            Err(status) => Admission::Refused(status),
         }
     }
 
