@@ -10,7 +10,10 @@
 //! `x-mock-chunk-delay-ms`, `x-mock-cached-tokens` (input read from the prompt cache, at most the
 //! input: a subset of OpenAI's input total, *outside* Anthropic's `input_tokens`, as each
 //! documents), and `x-mock-fail` = `status:<code>` | `drop-mid-stream` | `hang` | `no-usage` |
-//! `over-limit` (a provider that bills more output than the request's limit allowed). A request without credentials gets the provider's 401.
+//! `over-limit` (a provider that bills more output than the request's limit allowed), and
+//! `x-mock-service-tier` (the tier a Chat Completions answer reports, `default` unless set, as a
+//! project whose default tier is `priority` would get it; in every stream chunk when set). A
+//! request without credentials gets the provider's 401.
 //! `GET /_mock/requests` lists what was received (path, headers, body); `DELETE` clears it.
 
 use axum::Router;
@@ -88,6 +91,8 @@ struct Plan {
     latency: Duration,
     chunk_delay: Duration,
     failure: Option<Failure>,
+    /// The service tier a Chat Completions answer reports, when the request set one.
+    service_tier: Option<String>,
     id: u64,
 }
 
@@ -322,6 +327,10 @@ async fn serve(mock: MockProvider, api: Api, headers: HeaderMap, bytes: Bytes) -
             header_u64(&headers, "x-mock-chunk-delay-ms").unwrap_or(mock.config.chunk_delay_ms),
         ),
         failure,
+        service_tier: headers
+            .get("x-mock-service-tier")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
         id: mock.counter.fetch_add(1, Ordering::Relaxed),
         model,
     };
@@ -408,7 +417,7 @@ fn whole(plan: &Plan) -> Value {
         Api::Chat => json!({
             "id": format!("chatcmpl-mock-{}", plan.id), "object": "chat.completion",
             "created": 1_764_000_000, "model": plan.model, "system_fingerprint": "fp_mock",
-            "service_tier": "default",
+            "service_tier": plan.service_tier.as_deref().unwrap_or("default"),
             "choices": (0..plan.choices).map(|index| json!(
                 {"index": index, "message": {"role": "assistant", "content": t, "refusal": null, "annotations": []},
                  "logprobs": null, "finish_reason": if plan.capped { "length" } else { "stop" }})).collect::<Vec<_>>(),
@@ -446,6 +455,9 @@ fn events(plan: &Plan) -> Vec<(Option<&'static str>, Value)> {
                 if plan.include_usage {
                     c["usage"] = Value::Null;
                 }
+                if let Some(tier) = &plan.service_tier {
+                    c["service_tier"] = json!(tier);
+                }
                 c
             };
             for index in 0..plan.choices {
@@ -474,8 +486,12 @@ fn events(plan: &Plan) -> Vec<(Option<&'static str>, Value)> {
                 ));
             }
             if plan.include_usage && !no_usage {
-                out.push((None, json!({"id": id, "object": "chat.completion.chunk", "created": 1_764_000_000,
-                    "model": plan.model, "system_fingerprint": "fp_mock", "choices": [], "usage": usage(plan)})));
+                let mut last = json!({"id": id, "object": "chat.completion.chunk", "created": 1_764_000_000,
+                    "model": plan.model, "system_fingerprint": "fp_mock", "choices": [], "usage": usage(plan)});
+                if let Some(tier) = &plan.service_tier {
+                    last["service_tier"] = json!(tier);
+                }
+                out.push((None, last));
             }
         }
         Api::Responses => {

@@ -1197,3 +1197,55 @@ async fn a_left_over_commit_is_given_up_at_its_bound_counted_from_when_it_was_fi
         .expect("given up at its bound");
     assert_eq!(decider.pending_commits(), 0, "forgotten once given up");
 }
+
+#[tokio::test]
+async fn an_answer_billed_at_an_unpriced_tier_is_committed_at_its_worst_case() {
+    // Goal: a request that asked for no tier can still be served (and billed) at one the pricing
+    // snapshot does not hold, e.g. by a project whose default tier is `priority`. The answer
+    // passes through, and its usage is not priced at the standard rate: the call is committed
+    // at its worst case (the most it was allowed to cost), streamed or not.
+    let mut stack = Stack::start(Options::default()).await;
+    let chat = stack.url("/v1/chat/completions");
+    let whole = post_json(
+        &chat,
+        &[OPENAI_KEY, ("x-mock-service-tier", "priority")],
+        &chat_body("gpt-4o-mini", false),
+    )
+    .await;
+    assert_eq!(
+        whole.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&whole.body)
+    );
+    assert_eq!(whole.json()["service_tier"], "priority");
+    let reserved = reserved_total(&stack).await;
+    let balance = stack.settled_balance().await;
+    assert_eq!(
+        balance.committed_nano_usd, reserved,
+        "the worst case, not the usage"
+    );
+    assert!(reserved > HELLO_CHAT_COST);
+
+    let streamed = post_json(
+        &chat,
+        &[OPENAI_KEY, ("x-mock-service-tier", "priority")],
+        &chat_body("gpt-4o-mini", true),
+    )
+    .await;
+    assert_eq!(streamed.status, 200);
+    let reserved = reserved_total(&stack).await;
+    let balance = stack.settled_balance().await;
+    assert_eq!(balance.committed_nano_usd, reserved);
+
+    // The tier the snapshot prices is committed at its usage, as always.
+    let standard = post_json(
+        &chat,
+        &[OPENAI_KEY, ("x-mock-service-tier", "default")],
+        &chat_body("gpt-4o-mini", false),
+    )
+    .await;
+    assert_eq!(standard.status, 200);
+    let balance = stack.settled_balance().await;
+    assert_eq!(balance.committed_nano_usd, reserved + HELLO_CHAT_COST);
+}
