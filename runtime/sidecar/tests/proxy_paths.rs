@@ -1249,3 +1249,44 @@ async fn an_answer_billed_at_an_unpriced_tier_is_committed_at_its_worst_case() {
     let balance = stack.settled_balance().await;
     assert_eq!(balance.committed_nano_usd, reserved + HELLO_CHAT_COST);
 }
+
+#[tokio::test]
+async fn anthropic_long_context_input_under_the_1m_beta_is_refused_as_an_unpriced_tier() {
+    // Goal: with Anthropic's `context-1m` beta, input above 200k tokens is billed at
+    // long-context prices the snapshot does not hold, so such a request is refused before
+    // anything is reserved or sent: 400 `UNPRICED_TIER` in Anthropic's error format, read from
+    // the `anthropic-beta` header as clients send it (a comma-separated list). The same input
+    // without the beta, and the beta with short input, go through.
+    let mut stack = Stack::start(Options::default()).await;
+    let messages = stack.url("/v1/messages");
+    let mut long = messages_body(false);
+    long["messages"][0]["content"] = json!("word ".repeat(50_000)); // 250 kB of text
+    let beta = (
+        "anthropic-beta",
+        "prompt-caching-2024-07-31, context-1m-2025-08-07",
+    );
+    let version = ("anthropic-version", "2023-06-01");
+    let refused = post_json(&messages, &[ANTHROPIC_KEY, version, beta], &long).await;
+    assert_eq!(
+        refused.status,
+        400,
+        "{}",
+        String::from_utf8_lossy(&refused.body)
+    );
+    assert_eq!(refused.json()["type"], "error");
+    assert_eq!(refused.json()["error"]["code"], "UNPRICED_TIER");
+    assert!(stack.upstream_requests().is_empty(), "nothing sent");
+    assert_eq!(reserved_total(&stack).await, 0, "nothing reserved");
+
+    let without_beta = post_json(&messages, &[ANTHROPIC_KEY, version], &long).await;
+    assert_eq!(without_beta.status, 200);
+    let short = post_json(
+        &messages,
+        &[ANTHROPIC_KEY, version, beta],
+        &messages_body(false),
+    )
+    .await;
+    assert_eq!(short.status, 200);
+    assert_eq!(stack.upstream_requests().len(), 2);
+    assert_eq!(stack.settled_balance().await.reserved_nano_usd, 0);
+}
