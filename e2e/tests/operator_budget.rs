@@ -13,6 +13,7 @@ use spendguard_testkit::control_plane::{ControlPlane, User};
 use spendguard_testkit::ledger::{LedgerClient, http_get, reserve_request};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 
@@ -97,8 +98,21 @@ async fn budget_cr_reconciles_into_the_ledger() {
     let plane = plane_with_crds().await;
     let mut ledger = TestLedger::start().await.unwrap();
     let kube = plane.client(User::Admin).await.unwrap();
-    let (context, _registry) = context(kube, ledger.client.clone());
+    let (context, registry) = context(kube, ledger.client.clone());
     let operator = tokio::spawn(controller::budget::run(context));
+    let reconciles = || {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(
+                    "spendguard_operator_reconcile_duration_seconds_count{kind=\"Budget\"} ",
+                )?
+                .parse::<u64>()
+                .ok()
+            })
+            .unwrap_or(0)
+    };
 
     let budget = example_budget();
     plane.admin(&["apply", "-f", "-"], Some(&budget));
@@ -127,6 +141,35 @@ async fn budget_cr_reconciles_into_the_ledger() {
         balance(&ledger.client).await.limit_nano_usd,
         150_250_000_000
     );
+
+    // Status writes (the controller's own, or anyone's) trigger no reconcile: a Budget being
+    // spent from is not reconciled at round-trip speed. Settled first (the spec change's
+    // reconcile wrote status), then a status-only patch: the count stays, and so does the
+    // patched field until a real trigger.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let settled = reconciles();
+    assert!(settled >= 2, "{settled}");
+    plane.admin(
+        &[
+            "patch",
+            "budget",
+            "team-research",
+            "-n",
+            "default",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"remaining":"1"}}"#,
+        ],
+        None,
+    );
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(
+        reconciles(),
+        settled,
+        "a status write reconciled the Budget"
+    );
+    wait_for(&plane, "{.status.remaining}", "1").await;
 
     // Spend in the ledger shows in status after the next reconcile: the 30 s refresh, or at once
     // after an annotation change (its own status writes do not trigger one).
