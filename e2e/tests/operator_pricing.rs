@@ -135,7 +135,7 @@ async fn pricing_versions_publish_their_identity() {
 
 #[tokio::test]
 async fn contract_bundles_compile_into_verifiable_config_maps() {
-    let (plane, context, ledger) = setup().await;
+    let (plane, context, mut ledger) = setup().await;
     let operator = tokio::spawn(controller::contract_bundle::run(context));
     let reason = [
         "get",
@@ -252,6 +252,34 @@ async fn contract_bundles_compile_into_verifiable_config_maps() {
         None,
     );
     plane.poll(&bundle_json, |json| json == bytes).await;
+    // Also while the ledger is away: the compiled bundle's pricing was registered before.
+    let (database_url, address, control_address) = {
+        let running = ledger.ledger.as_ref().unwrap();
+        (
+            ledger.database_url.clone(),
+            running.addr,
+            running.control_addr,
+        )
+    };
+    ledger.stop().await;
+    plane.admin(
+        &[
+            "patch",
+            "configmap",
+            config_map_name,
+            "-n",
+            "default",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"data":{"bundle.json":"{}"}}"#,
+        ],
+        None,
+    );
+    plane.poll(&bundle_json, |json| json == bytes).await;
+    let ledger = TestLedger::start_at_both(&database_url, "ledger-0", address, control_address)
+        .await
+        .unwrap();
 
     // S22: a contract that limits its pricing's age compiles with the limit and its policy, and
     // one that limits the age of undated pricing is an invalid spec (nothing compiled).

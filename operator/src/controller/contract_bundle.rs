@@ -148,7 +148,17 @@ async fn compile(bundle: &ContractBundle, ctx: &Context) -> Result<Action, Error
     // an invalid spec.
     let (bytes, sha256) =
         Bundle::canonical(&contract, &snapshot).map_err(|e| Error::InvalidSpec(e.to_string()))?;
-    register_pricing(ctx, &bundle.spec.tenant, &snapshot).await?;
+    // A bundle compiled before had its pricing registered then (registrations are immutable):
+    // its ConfigMap is applied first, so an edited or deleted one is put back even while the
+    // ledger is away. A new bundle's pricing is registered first, so no sidecar loads a bundle
+    // the ledger would refuse (PRICING_UNKNOWN).
+    let compiled_before = bundle
+        .status
+        .as_ref()
+        .is_some_and(|s| s.bundle_sha256 == sha256);
+    if !compiled_before {
+        register_pricing(ctx, &bundle.spec.tenant, &snapshot).await?;
+    }
     let budgets: Vec<String> = bundle
         .spec
         .budgets
@@ -183,6 +193,10 @@ async fn compile(bundle: &ContractBundle, ctx: &Context) -> Result<Action, Error
         )
         .await
         .map_err(Error::Kube)?;
+    if compiled_before {
+        // Again, idempotent: a ledger restored from an older backup gets it back.
+        register_pricing(ctx, &bundle.spec.tenant, &snapshot).await?;
+    }
     let condition = ready(
         bundle,
         "True",

@@ -84,8 +84,44 @@ impl TestLedger {
         addr: std::net::SocketAddr,
         tuning: &LedgerTuning,
     ) -> Result<Self> {
+        Self::start_listening(
+            database_url,
+            instance_id,
+            (addr, "127.0.0.1:0".parse()?),
+            tuning,
+        )
+        .await
+    }
+
+    /// Starts a ledger on an existing database with its data path at `addr` and its control
+    /// listener at `control_addr`: a restart that the clients of both listeners (an operator's
+    /// too) reach again.
+    ///
+    /// # Errors
+    /// When the server cannot start or bind.
+    pub async fn start_at_both(
+        database_url: &str,
+        instance_id: &str,
+        addr: std::net::SocketAddr,
+        control_addr: std::net::SocketAddr,
+    ) -> Result<Self> {
+        Self::start_listening(
+            database_url,
+            instance_id,
+            (addr, control_addr),
+            &LedgerTuning::default(),
+        )
+        .await
+    }
+
+    async fn start_listening(
+        database_url: &str,
+        instance_id: &str,
+        (addr, control_addr): (std::net::SocketAddr, std::net::SocketAddr),
+        tuning: &LedgerTuning,
+    ) -> Result<Self> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
-        let control_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let control_listener = tokio::net::TcpListener::bind(control_addr).await?;
         let mut registry = prometheus_client::registry::Registry::default();
         let ledger = spendguard_ledger::start(
             database_url,
