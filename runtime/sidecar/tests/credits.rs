@@ -740,6 +740,81 @@ async fn a_decision_dropped_during_its_lease_check_gives_its_amount_back() {
 }
 
 #[tokio::test]
+async fn a_settled_call_id_sent_again_after_a_restart_is_drawn_and_committed_as_a_call_of_its_own()
+{
+    // Goal (docs/design/credits.md): a call id the sidecar does not remember (sent again after
+    // a restart) whose reservation the ledger already settled is admitted inside the credit
+    // like any call; its draw finds the settled reservation, so it is drawn again under a key
+    // of its own (`<call id>/again/<uuid>`), and its commit goes to that reservation, not to
+    // the settled one: both calls are booked, each at its usage, and nothing stays open.
+    let mut stack = Stack::start(Options {
+        flags: fixed_credits(20 * worst_case()),
+        ..Options::default()
+    })
+    .await;
+    let call = |stack: &Stack, id: &'static str| {
+        let url = stack.url("/v1/chat/completions");
+        async move {
+            post_json(
+                &url,
+                &[OPENAI_KEY, ("x-spendguard-call-id", id)],
+                &chat_body("gpt-4o-mini", false),
+            )
+            .await
+        }
+    };
+    let opened = |stack: &Stack| metric(stack, "spendguard_sidecar_credits_opened_total");
+    assert_eq!(call(&stack, "warm-1").await.status, 200);
+    for _ in 0..200 {
+        if opened(&stack) >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(call(&stack, "dup").await.status, 200);
+    stack.wait_no_open_calls().await;
+
+    stack.stop_sidecar().await;
+    stack.start_sidecar().await;
+    assert_eq!(call(&stack, "warm-2").await.status, 200);
+    for _ in 0..200 {
+        if opened(&stack) >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let admitted = metric(&stack, "spendguard_sidecar_credit_admitted_total");
+    assert_eq!(call(&stack, "dup").await.status, 200, "admitted again");
+    assert_eq!(
+        metric(&stack, "spendguard_sidecar_credit_admitted_total"),
+        admitted + 1.0,
+        "inside the credit"
+    );
+    stack.wait_no_open_calls().await;
+    let rows: Vec<(String, String, Option<i64>)> = sqlx::query_as(
+        "SELECT idempotency_key, state, actual_nano_usd FROM reservations
+          WHERE idempotency_key LIKE 'dup%' ORDER BY created_at",
+    )
+    .fetch_all(stack.ledger.store().pool())
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows[0].0, "dup");
+    assert!(rows[1].0.starts_with("dup/again/"), "{rows:?}");
+    for (key, state, actual) in &rows {
+        assert_eq!(state, "committed", "{key}");
+        assert_eq!(*actual, Some(COMMITTED_PER_CALL), "{key}");
+    }
+    assert_eq!(
+        metric(&stack, "spendguard_sidecar_credit_draws_lost_total"),
+        0.0
+    );
+    stack.stop_sidecar().await;
+    let balance = stack.settled_balance().await;
+    assert_eq!(balance.committed_nano_usd, 4 * COMMITTED_PER_CALL);
+}
+
+#[tokio::test]
 async fn a_pod_that_goes_quiet_releases_its_credit_before_it_lapses() {
     // Goal: an idle pod does not hold money other pods' calls could use until its credit lapses.
     // Method: credits of 8 s (quiet after a quarter of that, 2 s); one call opens a credit and
