@@ -152,16 +152,18 @@ impl AcquireLease {
 /// (commit, release) only needs the current epoch, so a holder whose renewal is late can still
 /// return money rather than leak it.
 ///
+/// Returns the lease that accepted the token.
+///
 /// # Errors
 /// [`LedgerError::FencingScopeNotFound`], [`LedgerError::FencingEpochStale`] or
 /// [`LedgerError::FencingLeaseExpired`].
-pub fn check_fencing(
+pub fn check_fencing<'a>(
     scope_id: &str,
     tenant_id: &str,
     presented_epoch: u64,
-    current: Option<&LeaseState>,
+    current: Option<&'a LeaseState>,
     require_unexpired_at: Option<DateTime<Utc>>,
-) -> Result<(), LedgerError> {
+) -> Result<&'a LeaseState, LedgerError> {
     let scope = current
         .filter(|s| s.tenant_id == tenant_id)
         .ok_or_else(|| LedgerError::FencingScopeNotFound(scope_id.to_owned()))?;
@@ -177,7 +179,7 @@ pub fn check_fencing(
     {
         return Err(LedgerError::FencingLeaseExpired(scope_id.to_owned()));
     }
-    Ok(())
+    Ok(scope)
 }
 
 #[cfg(test)]
@@ -287,8 +289,12 @@ mod tests {
     #[test]
     fn fencing_check() {
         let s = held("a", 3, 1_000);
-        assert!(check_fencing("s", "t", 3, Some(&s), Some(now())).is_ok());
-        let code = |r: Result<(), LedgerError>| r.unwrap_err().code();
+        assert_eq!(
+            check_fencing("s", "t", 3, Some(&s), Some(now())),
+            Ok(&s),
+            "the lease that accepted it"
+        );
+        let code = |r: Result<&LeaseState, LedgerError>| r.unwrap_err().code();
         assert_eq!(
             code(check_fencing("s", "t", 2, Some(&s), None)),
             ErrorCode::FencingEpochStale

@@ -364,8 +364,9 @@ pub fn approval_id_for(tenant_id: &str, idempotency_key: &str) -> Uuid {
 /// first reservation was released when it asked for approval, so the resumed one needs a key of
 /// its own. The ledger accepts a reservation under an approval only with this key, so one human
 /// decision backs one reservation: its id is UUIDv5 of the key, and every retry replays it. A
-/// call id holds no `/`, so the key names one call and one approval.
-pub fn resume_key(call_id: &str, approval_id: &Uuid) -> String {
+/// call id holds no `/`, so the key names one call and one approval. `approval_id` as the ledger
+/// writes it (a hyphenated lower-case UUID).
+pub fn resume_key(call_id: &str, approval_id: &str) -> String {
     format!("{call_id}/approved/{approval_id}")
 }
 
@@ -1877,7 +1878,7 @@ impl Planner {
     /// The settling caller's epoch is its scope's current one.
     fn check_epoch(&self, tenant_id: &str, fencing: &Fencing) -> Result<(), LedgerError> {
         let scope = self.state.scopes.get(&fencing.scope_id);
-        check_fencing(&fencing.scope_id, tenant_id, fencing.epoch, scope, None)
+        check_fencing(&fencing.scope_id, tenant_id, fencing.epoch, scope, None).map(|_| ())
     }
 
     /// Records a resolution. A reservation created in this same batch is written once, already
@@ -2013,7 +2014,7 @@ impl Planner {
         }
         // And only under the key that names the approval: another key would be another
         // reservation, and one approval would back as many calls as keys were tried.
-        if r.idempotency_key != resume_key(&approval.idempotency_key, &approval_id) {
+        if r.idempotency_key != resume_key(&approval.idempotency_key, &approval_id.to_string()) {
             return Err(LedgerError::InvalidArgument {
                 field: "idempotency_key",
                 reason: format!(

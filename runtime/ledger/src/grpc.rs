@@ -607,7 +607,7 @@ impl pb::ledger_server::Ledger for LedgerGrpc {
             let (lease, now) = self.store.fencing_lease(&fencing.scope_id).await?;
             // The check a ReserveSet makes: new exposure needs the current epoch and an
             // unexpired lease.
-            check_fencing(
+            let lease = check_fencing(
                 &fencing.scope_id,
                 &request.get_ref().tenant_id,
                 fencing.epoch,
@@ -615,9 +615,8 @@ impl pb::ledger_server::Ledger for LedgerGrpc {
                 Some(now),
             )
             .map_err(Error::Refused)?;
-            let expires_at = lease.map_or(now, |l| l.expires_at);
             Ok(pb::CheckFencingResponse {
-                expires_at_unix_ms: expires_at.timestamp_millis(),
+                expires_at_unix_ms: lease.expires_at.timestamp_millis(),
             })
         })
         .await

@@ -447,6 +447,13 @@ fn events(plan: &Plan) -> Vec<(Option<&'static str>, Value)> {
     match plan.api {
         Api::Chat => {
             let id = format!("chatcmpl-mock-{}", plan.id);
+            // Every chunk names the tier the request set (OpenAI's chunks carry `service_tier`).
+            let tiered = |mut chunk: Value| {
+                if let Some(tier) = &plan.service_tier {
+                    chunk["service_tier"] = json!(tier);
+                }
+                chunk
+            };
             // One choice per chunk, the choices interleaved, as OpenAI streams `n` > 1.
             let chunk = |index: u32, delta: Value, finish: Value| {
                 let mut c = json!({"id": id, "object": "chat.completion.chunk", "created": 1_764_000_000,
@@ -455,10 +462,7 @@ fn events(plan: &Plan) -> Vec<(Option<&'static str>, Value)> {
                 if plan.include_usage {
                     c["usage"] = Value::Null;
                 }
-                if let Some(tier) = &plan.service_tier {
-                    c["service_tier"] = json!(tier);
-                }
-                c
+                tiered(c)
             };
             for index in 0..plan.choices {
                 out.push((
@@ -486,12 +490,8 @@ fn events(plan: &Plan) -> Vec<(Option<&'static str>, Value)> {
                 ));
             }
             if plan.include_usage && !no_usage {
-                let mut last = json!({"id": id, "object": "chat.completion.chunk", "created": 1_764_000_000,
-                    "model": plan.model, "system_fingerprint": "fp_mock", "choices": [], "usage": usage(plan)});
-                if let Some(tier) = &plan.service_tier {
-                    last["service_tier"] = json!(tier);
-                }
-                out.push((None, last));
+                out.push((None, tiered(json!({"id": id, "object": "chat.completion.chunk", "created": 1_764_000_000,
+                    "model": plan.model, "system_fingerprint": "fp_mock", "choices": [], "usage": usage(plan)}))));
             }
         }
         Api::Responses => {

@@ -37,6 +37,7 @@ use spendguard_core::contract::{
 use spendguard_core::money::NanoUsd;
 use spendguard_core::plan::{
     RUN_BUDGET_PREFIX, STOP_DETAIL_LEN_MAX, STOP_RECORDS_MAX, TEXT_LEN_MAX, reservation_id_for,
+    resume_key,
 };
 use spendguard_core::pricing::{PricingError, Provider, TokenUsage};
 use spendguard_proto::ledger::v1 as pb;
@@ -1945,16 +1946,6 @@ struct Approved {
     approval_id: String,
     /// What the approver saw the call's worst case as: the resumed call may reserve up to it.
     amount_nano_usd: i64,
-}
-
-/// The idempotency key of a call's reservation once it resumes under `approval_id` (the
-/// ledger's id, a UUID): [`spendguard_core::plan::resume_key`]. An id that is not a UUID (the
-/// ledger never answers one) is used as it is, and the ledger refuses it.
-pub fn resume_key(call_id: &str, approval_id: &str) -> String {
-    match uuid::Uuid::try_parse(approval_id) {
-        Ok(id) => spendguard_core::plan::resume_key(call_id, &id),
-        Err(_) => format!("{call_id}/approved/{approval_id}"),
-    }
 }
 
 /// Checks a call id: 1 to 128 of `[A-Za-z0-9._:-]`.

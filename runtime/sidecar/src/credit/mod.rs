@@ -82,8 +82,21 @@ pub enum Admission {
 struct Taken<'a> {
     driver: &'a Arc<CreditDriver>,
     credit: String,
+    expires: Instant,
     amount: i64,
     admitted: bool,
+}
+
+impl Taken<'_> {
+    /// The call is admitted: counted, and its amount stays taken (its draw follows).
+    fn admit(mut self) -> Admission {
+        self.admitted = true;
+        self.driver.pool.admitted();
+        Admission::Admitted {
+            credit: std::mem::take(&mut self.credit),
+            expires: self.expires,
+        }
+    }
 }
 
 impl Drop for Taken<'_> {
@@ -328,9 +341,10 @@ impl CreditDriver {
         // Given back unless admitted, also when this future is dropped during the check (a
         // decide API client that went away): else the credit would count it as in flight for
         // good, and never be released.
-        let mut taken = Taken {
+        let taken = Taken {
             driver: self,
-            credit: credit.clone(),
+            credit,
+            expires,
             amount,
             admitted: false,
         };
@@ -342,11 +356,7 @@ impl CreditDriver {
             }),
         };
         match self.ledger.clone().check_fencing(check).await {
-            Ok(_) => {
-                taken.admitted = true;
-                self.pool.admitted();
-                Admission::Admitted { credit, expires }
-            }
+            Ok(_) => taken.admit(),
             // A ledger older than CheckFencing (the upgrade order puts the ledger first, but a
             // rollback may not): no call is admitted inside a credit by this process any more
             // (each reserves one by one, which checks the epoch), and the current credit goes
@@ -365,9 +375,7 @@ impl CreditDriver {
             }
             Err(status) if admit_while_away && ledger_away(&status) => {
                 warn!(error = %status, "the ledger did not confirm the lease; a fail-open contract admits the call inside the credit that holds its money");
-                taken.admitted = true;
-                self.pool.admitted();
-                Admission::Admitted { credit, expires }
+                taken.admit()
             }
             Err(status) => Admission::Refused(status),
         }
