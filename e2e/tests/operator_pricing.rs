@@ -218,20 +218,15 @@ async fn contract_bundles_compile_into_verifiable_config_maps() {
     // change to the ContractBundle.
     let config_map_name = "spendguard-bundle-research-agent";
     let bundle_json = [&config_map[..], &["jsonpath={.data.bundle\\.json}"]].concat();
-    plane.admin(
-        &[
-            "patch",
-            "configmap",
-            config_map_name,
-            "-n",
-            "default",
-            "--type",
-            "merge",
-            "-p",
-            r#"{"data":{"bundle.json":"{}","bundle.sha256":"00"}}"#,
-        ],
-        None,
-    );
+    let edit_config_map = |data: &str| {
+        let patch = format!(r#"{{"data":{data}}}"#);
+        let args = ["patch", "configmap", config_map_name, "-n", "default"];
+        plane.admin(
+            &[&args[..], &["--type", "merge", "-p", &patch]].concat(),
+            None,
+        );
+    };
+    edit_config_map(r#"{"bundle.json":"{}","bundle.sha256":"00"}"#);
     plane.poll(&bundle_json, |json| json == bytes).await;
     assert_eq!(
         plane.admin(
@@ -262,20 +257,7 @@ async fn contract_bundles_compile_into_verifiable_config_maps() {
         )
     };
     ledger.stop().await;
-    plane.admin(
-        &[
-            "patch",
-            "configmap",
-            config_map_name,
-            "-n",
-            "default",
-            "--type",
-            "merge",
-            "-p",
-            r#"{"data":{"bundle.json":"{}"}}"#,
-        ],
-        None,
-    );
+    edit_config_map(r#"{"bundle.json":"{}"}"#);
     plane.poll(&bundle_json, |json| json == bytes).await;
     let ledger = TestLedger::start_at_both(&database_url, "ledger-0", address, control_address)
         .await

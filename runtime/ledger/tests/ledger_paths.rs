@@ -2263,16 +2263,21 @@ async fn a_signing_key_window_that_has_ended_is_final() {
     // the old key's window just after its last signature), stays allowed, and so does revoking
     // an ended key.
     let (mut ledger, _) = setup().await;
+    let client = ledger.client.clone();
+    // Whether a registration the ledger took changed the registry.
+    let changed = |request: pb::RegisterSigningKeyRequest| {
+        let mut client = client.clone();
+        async move {
+            let answer = client.register_signing_key(request).await.unwrap();
+            answer.into_inner().changed
+        }
+    };
     let ended = pb::RegisterSigningKeyRequest {
         valid_from_unix_ms: 1_735_689_600_000,  // 2025-01-01
         valid_until_unix_ms: 1_767_225_600_000, // 2026-01-01: passed
         ..signing_key_request("k-ended", ED25519_KEY_1)
     };
-    ledger
-        .client
-        .register_signing_key(ended.clone())
-        .await
-        .unwrap();
+    assert!(changed(ended.clone()).await);
     let before = outbox_count(&ledger).await;
     for (name, valid_until) in [
         ("extended", 1_798_761_600_000),
@@ -2310,15 +2315,7 @@ async fn a_signing_key_window_that_has_ended_is_final() {
         valid_until_unix_ms: 1_798_761_600_000,
         ..ended.clone()
     };
-    assert!(
-        ledger
-            .client
-            .register_signing_key(revoked.clone())
-            .await
-            .unwrap()
-            .into_inner()
-            .changed
-    );
+    assert!(changed(revoked.clone()).await);
     let (valid_until, revoked_at): (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>) =
         sqlx::query_as("SELECT valid_until, revoked_at FROM signing_keys WHERE key_id = 'k-ended'")
             .fetch_one(ledger.store().pool())
@@ -2326,37 +2323,16 @@ async fn a_signing_key_window_that_has_ended_is_final() {
             .unwrap();
     assert_eq!(valid_until.timestamp_millis(), ended.valid_until_unix_ms);
     assert_eq!(revoked_at.timestamp_millis(), 1_766_000_000_000);
-    assert!(
-        !ledger
-            .client
-            .register_signing_key(revoked)
-            .await
-            .unwrap()
-            .into_inner()
-            .changed,
-        "a repeat changes nothing"
-    );
+    assert!(!changed(revoked).await, "a repeat changes nothing");
     let open = pb::RegisterSigningKeyRequest {
         valid_until_unix_ms: 0,
         ..signing_key_request("k-rotated", ED25519_KEY_2)
     };
-    ledger
-        .client
-        .register_signing_key(open.clone())
-        .await
-        .unwrap();
+    assert!(changed(open.clone()).await);
     let closed = pb::RegisterSigningKeyRequest {
         valid_until_unix_ms: 1_769_904_000_000, // 2026-02-01: already past
         ..open
     };
-    assert!(
-        ledger
-            .client
-            .register_signing_key(closed)
-            .await
-            .unwrap()
-            .into_inner()
-            .changed
-    );
+    assert!(changed(closed).await);
     invariants::check(ledger.store().pool()).await.unwrap();
 }

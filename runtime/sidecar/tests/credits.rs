@@ -59,6 +59,31 @@ fn metric(stack: &Stack, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// A stack whose sidecar holds an open credit of 20 worst cases, with no call in flight.
+async fn with_an_open_credit() -> Stack {
+    let stack = Stack::start(Options {
+        flags: fixed_credits(20 * worst_case()),
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(chat(&stack).await.status, 200);
+    open_credits(&stack, 1).await;
+    stack.wait_no_open_calls().await;
+    stack
+}
+
+/// No call admitted inside a credit lost its draw, and none became a fail-open record.
+async fn nothing_lost(stack: &Stack) {
+    assert_eq!(
+        metric(stack, "spendguard_sidecar_credit_draws_lost_total"),
+        0.0
+    );
+    assert_eq!(
+        count(stack, "SELECT count(*) FROM fail_open_records").await,
+        0
+    );
+}
+
 #[tokio::test]
 async fn calls_inside_credits_are_drawn_settled_and_the_credits_returned() {
     // Just under three worst cases per credit: each holds two calls and runs low after them, so
@@ -518,14 +543,7 @@ async fn draws_of_calls_admitted_during_an_outage_land_under_the_leases_next_epo
         vec![epoch_after, epoch_after],
         "both drawn, under the new epoch"
     );
-    assert_eq!(
-        metric(&stack, "spendguard_sidecar_credit_draws_lost_total"),
-        0.0
-    );
-    assert_eq!(
-        count(&stack, "SELECT count(*) FROM fail_open_records").await,
-        0
-    );
+    nothing_lost(&stack).await;
     let balance = stack.balance().await;
     assert_eq!(balance.committed_nano_usd, 3 * COMMITTED_PER_CALL);
 }
@@ -587,14 +605,7 @@ async fn a_call_inside_a_credit_fails_closed_at_once_when_the_epoch_is_forced_fo
     // fail closed" holds inside a credit too: the sidecar confirms its epoch with the ledger
     // (CheckFencing, a read) before it admits a call inside a credit, so no call goes out on a
     // stale epoch, none is recorded as a lost draw, and the credit keeps its money.
-    let mut stack = Stack::start(Options {
-        flags: fixed_credits(20 * worst_case()),
-        ..Options::default()
-    })
-    .await;
-    assert_eq!(chat(&stack).await.status, 200);
-    open_credits(&stack, 1).await;
-    stack.wait_no_open_calls().await;
+    let mut stack = with_an_open_credit().await;
     assert_eq!(chat(&stack).await.status, 200, "admitted inside the credit");
     assert_eq!(
         metric(&stack, "spendguard_sidecar_credit_admitted_total"),
@@ -624,14 +635,7 @@ async fn a_call_inside_a_credit_fails_closed_at_once_when_the_epoch_is_forced_fo
         remaining,
         "what the refused calls took went back to the credit"
     );
-    assert_eq!(
-        metric(&stack, "spendguard_sidecar_credit_draws_lost_total"),
-        0.0
-    );
-    assert_eq!(
-        count(&stack, "SELECT count(*) FROM fail_open_records").await,
-        0
-    );
+    nothing_lost(&stack).await;
 }
 
 #[tokio::test]
@@ -641,14 +645,7 @@ async fn a_call_inside_a_credit_fails_closed_while_the_ledger_is_away() {
     // not know its lease is still current, so under the default (fail-closed) contract the call
     // is refused and goes nowhere; once the ledger is back, calls are admitted inside the credit
     // again.
-    let mut stack = Stack::start(Options {
-        flags: fixed_credits(20 * worst_case()),
-        ..Options::default()
-    })
-    .await;
-    assert_eq!(chat(&stack).await.status, 200);
-    open_credits(&stack, 1).await;
-    stack.wait_no_open_calls().await;
+    let mut stack = with_an_open_credit().await;
     let forwarded = stack.upstream_requests().len();
     stack.ledger.stop().await;
     for _ in 0..2 {
@@ -671,14 +668,7 @@ async fn a_call_inside_a_credit_fails_closed_while_the_ledger_is_away() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(admitted, "calls go on once the ledger is back");
-    assert_eq!(
-        metric(&stack, "spendguard_sidecar_credit_draws_lost_total"),
-        0.0
-    );
-    assert_eq!(
-        count(&stack, "SELECT count(*) FROM fail_open_records").await,
-        0
-    );
+    nothing_lost(&stack).await;
 }
 
 #[tokio::test]
@@ -688,14 +678,7 @@ async fn a_decision_dropped_during_its_lease_check_gives_its_amount_back() {
     // taken from the credit: the credit's remainder is what it was, and nothing is counted as
     // admitted. Without the give-back, every such call would hold part of the credit (and a
     // place among the draws in flight) for good.
-    let mut stack = Stack::start(Options {
-        flags: fixed_credits(20 * worst_case()),
-        ..Options::default()
-    })
-    .await;
-    assert_eq!(chat(&stack).await.status, 200);
-    open_credits(&stack, 1).await;
-    stack.wait_no_open_calls().await;
+    let mut stack = with_an_open_credit().await;
     let remaining = metric(&stack, "spendguard_sidecar_credit_remaining_nano_usd");
     let admitted = metric(&stack, "spendguard_sidecar_credit_admitted_total");
     assert!(remaining > 0.0);
