@@ -2251,6 +2251,23 @@ async fn check_fencing_reads_the_lease_as_a_reservation_would_and_writes_nothing
         "the same answer"
     );
     assert_eq!(outbox_count(&ledger).await, written, "checks write nothing");
+
+    // The read session's backend ends (an administrator's termination, as a database restart
+    // does): the next check is still answered, on a new session.
+    let terminated: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+          WHERE application_name = 'spendguard-ledger-reads'",
+    )
+    .fetch_all(ledger.store().pool())
+    .await
+    .unwrap();
+    assert_eq!(terminated, [true], "one read session was open");
+    let again = ledger
+        .client
+        .check_fencing(check(T, token(fencing.epoch + 1)))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&again), pb::ErrorCode::FencingLeaseExpired, "answered");
     invariants::check(ledger.store().pool()).await.unwrap();
 }
 
