@@ -68,12 +68,22 @@ async fn paced(
     Ok(latencies)
 }
 
-/// The sidecar's calls admitted inside a credit and its decisions so far, from its `/metrics`.
-async fn admitted_inside_credits(admin_port: u16) -> Result<(f64, f64, f64)> {
+/// The sidecar's credit counters so far, from its `/metrics`.
+#[derive(Default)]
+struct CreditCounts {
+    /// Calls admitted inside a credit.
+    admitted: f64,
+    /// Decisions, whatever their outcome.
+    decisions: f64,
+    /// Credits opened.
+    opened: f64,
+    /// Lease checks sent (concurrent calls share one).
+    lease_checks: f64,
+}
+
+async fn credit_counts(admin_port: u16) -> Result<CreditCounts> {
     let (_, metrics) = spendguard_testkit::ledger::http_get(admin_port, "/metrics").await?;
-    let mut admitted = 0.0;
-    let mut decisions = 0.0;
-    let mut opened = 0.0;
+    let mut counts = CreditCounts::default();
     for line in metrics.lines() {
         let value = || {
             line.rsplit_once(' ')
@@ -81,14 +91,16 @@ async fn admitted_inside_credits(admin_port: u16) -> Result<(f64, f64, f64)> {
                 .unwrap_or(0.0)
         };
         if line.starts_with("spendguard_sidecar_credit_admitted_total ") {
-            admitted += value();
+            counts.admitted += value();
         } else if line.starts_with("spendguard_sidecar_decisions_total{") {
-            decisions += value();
+            counts.decisions += value();
         } else if line.starts_with("spendguard_sidecar_credits_opened_total ") {
-            opened += value();
+            counts.opened += value();
+        } else if line.starts_with("spendguard_sidecar_lease_checks_total ") {
+            counts.lease_checks += value();
         }
     }
-    Ok((admitted, decisions, opened))
+    Ok(counts)
 }
 
 /// Calls slower than this are reported by when they were scheduled.
@@ -260,11 +272,11 @@ pub(crate) async fn bench_proxy(
         let d = paced(&client, &direct, rate, duration).await?;
         quiesce(&url).await?;
         let writer_before = crate::ledger::writer_totals(ledger.admin_port).await?;
-        let admitted_before = admitted_inside_credits(sidecar_admin).await?;
+        let credits_before = credit_counts(sidecar_admin).await?;
         let cpu_before = cpu::sample(&processes)?;
         let g = paced(&client, &guarded, rate, duration).await?;
         let cpu_after = cpu::sample(&processes)?;
-        let admitted_after = admitted_inside_credits(sidecar_admin).await?;
+        let credits_after = credit_counts(sidecar_admin).await?;
         let writer_after = crate::ledger::writer_totals(ledger.admin_port).await?;
         let g_in_order = g.clone();
         let (mut d, mut g) = (d, g);
@@ -286,10 +298,11 @@ pub(crate) async fn bench_proxy(
         report_slow(&g_in_order, rate);
         if credit_nano_usd > 0 {
             println!(
-                "  sidecar: {:.0} of {:.0} decisions admitted inside a credit (the rest reserved one by one); {:.0} credits opened",
-                admitted_after.0 - admitted_before.0,
-                admitted_after.1 - admitted_before.1,
-                admitted_after.2 - admitted_before.2
+                "  sidecar: {:.0} of {:.0} decisions admitted inside a credit (the rest reserved one by one); {:.0} credits opened; {:.0} lease checks",
+                credits_after.admitted - credits_before.admitted,
+                credits_after.decisions - credits_before.decisions,
+                credits_after.opened - credits_before.opened,
+                credits_after.lease_checks - credits_before.lease_checks
             );
         }
         let batches = writer_after.0 - writer_before.0;

@@ -350,7 +350,7 @@ impl Decider {
     pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
         self.latency.register(registry);
         if let Some(credits) = &self.credits {
-            credits.pool().register(registry);
+            credits.register(registry);
         }
     }
 

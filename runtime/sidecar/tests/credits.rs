@@ -638,6 +638,105 @@ async fn a_call_inside_a_credit_fails_closed_at_once_when_the_epoch_is_forced_fo
     nothing_lost(&stack).await;
 }
 
+/// How many CheckFencing reads the ledger answered.
+fn lease_checks_answered(stack: &Stack) -> u64 {
+    stack
+        .ledger
+        .metrics_text()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("spendguard_ledger_rpc_duration_seconds_count{rpc=\"CheckFencing\"} ")
+        })
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_inside_a_credit_share_their_lease_checks() {
+    // Goal: at a high call rate the lease check does not cost the ledger a read per call.
+    // Calls that ask while a check is in flight gather and share the next one, which is sent
+    // after all of them asked (so each still sees an epoch forced forward before it asked:
+    // the test above). 64 calls at once take far fewer reads than calls, every one admitted.
+    let stack = Stack::start(Options {
+        flags: fixed_credits(200 * worst_case()),
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(chat(&stack).await.status, 200);
+    open_credits(&stack, 1).await;
+    stack.wait_no_open_calls().await;
+    let admitted = metric(&stack, "spendguard_sidecar_credit_admitted_total");
+    let checks = lease_checks_answered(&stack);
+    let calls: Vec<_> = (0..64)
+        .map(|_| {
+            let stack_url = stack.url("/v1/chat/completions");
+            tokio::spawn(async move {
+                post_json(&stack_url, &[OPENAI_KEY], &chat_body("gpt-4o-mini", false))
+                    .await
+                    .status
+            })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap(), 200);
+    }
+    assert_eq!(
+        metric(&stack, "spendguard_sidecar_credit_admitted_total") - admitted,
+        64.0,
+        "every call admitted inside the credit"
+    );
+    let reads = lease_checks_answered(&stack) - checks;
+    println!("64 calls, {reads} lease checks");
+    assert!((1..48).contains(&reads), "{reads} reads for 64 calls");
+    assert_eq!(
+        metric(&stack, "spendguard_sidecar_lease_checks_total"),
+        f64::from(u32::try_from(lease_checks_answered(&stack)).unwrap()),
+        "the sidecar counts what it sent"
+    );
+    stack.wait_no_open_calls().await;
+    nothing_lost(&stack).await;
+}
+
+#[tokio::test]
+async fn against_a_ledger_without_the_lease_check_calls_reserve_one_by_one_and_no_credit_is_held() {
+    // Goal: a ledger older than CheckFencing (a rollback of the ledger alone) answers the lease
+    // check UNIMPLEMENTED. No call may go ahead unchecked inside a credit, and none may be
+    // refused for it: each reserves one by one (which checks its epoch), and the credit already
+    // open goes back, since it would only hold money. No other credit is opened.
+    let stack = Stack::start(Options {
+        flags: fixed_credits(20 * worst_case()),
+        old_ledger: true,
+        ..Options::default()
+    })
+    .await;
+    // The first call finds no credit: it reserves one by one and asks for one.
+    assert_eq!(chat(&stack).await.status, 200);
+    open_credits(&stack, 1).await;
+    for _ in 0..5 {
+        assert_eq!(chat(&stack).await.status, 200);
+    }
+    open_credits(&stack, 0).await;
+    stack.wait_no_open_calls().await;
+    assert_eq!(
+        metric(&stack, "spendguard_sidecar_credit_admitted_total"),
+        0.0
+    );
+    assert_eq!(
+        metric(&stack, "spendguard_sidecar_credits_opened_total"),
+        1.0
+    );
+    assert_eq!(
+        count(
+            &stack,
+            "SELECT count(*) FROM reservations \
+              WHERE NOT is_credit AND drawn_from_reservation_id IS NULL AND state = 'committed'"
+        )
+        .await,
+        6,
+        "every call reserved and committed on its own"
+    );
+    nothing_lost(&stack).await;
+}
+
 #[tokio::test]
 async fn a_call_inside_a_credit_fails_closed_while_the_ledger_is_away() {
     // Goal (issue 3): "ledger unreachable is 503 DEPENDENCY_UNAVAILABLE (fail-closed)" holds

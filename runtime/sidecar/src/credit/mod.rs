@@ -21,10 +21,12 @@
 //! sidecar restarted after a kill -9 draws what its predecessor admitted and never drew.
 
 mod journal;
+mod lease_check;
 mod pool;
 
 pub use crate::journal::JournalError;
 pub use journal::{DrawJournal, JOURNAL_FILE, LeftOver, PendingDraw};
+pub use lease_check::LeaseChecks;
 pub use pool::{
     CALLS_PER_CREDIT_MIN, CREDIT_TTL_MS_MAX, CREDIT_TTL_MS_MIN, CreditPolicy, Credits,
     DRAWS_IN_FLIGHT_MAX, Opened, Take,
@@ -88,10 +90,14 @@ struct Taken<'a> {
 }
 
 impl Taken<'_> {
-    /// The call is admitted: counted, and its amount stays taken (its draw follows).
+    /// The call is admitted: counted, and its amount stays taken (its draw follows). Unless the
+    /// credits closed (shutdown) during its check: then it is given back, and the call reserves
+    /// one by one, as any call after the close does.
     fn admit(mut self) -> Admission {
+        if !self.driver.pool.admitted() {
+            return Admission::NotInCredit;
+        }
         self.admitted = true;
-        self.driver.pool.admitted();
         Admission::Admitted {
             credit: std::mem::take(&mut self.credit),
             expires: self.expires,
@@ -152,6 +158,8 @@ pub struct CreditDriver {
     journal: Option<DrawJournal>,
     /// What a previous process of the pod journaled and did not record.
     left_over: Mutex<LeftOver>,
+    /// Confirms the epoch of each admission.
+    checks: Arc<LeaseChecks>,
     /// The ledger answered the lease check UNIMPLEMENTED (an older ledger): no credits.
     no_lease_check: AtomicBool,
 }
@@ -231,8 +239,14 @@ impl CreditDriver {
             }
             None => (None, LeftOver::default()),
         };
+        let checks = Arc::new(LeaseChecks::new(
+            ledger.clone(),
+            identity.tenant_id.clone(),
+            identity.scope_id.clone(),
+        ));
         Ok(Self {
             pool: Credits::new(policy),
+            checks,
             ledger,
             lease,
             bundle,
@@ -308,6 +322,12 @@ impl CreditDriver {
         &self.pool
     }
 
+    /// Registers the credit and lease check metrics.
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        self.pool.register(registry);
+        self.checks.register(registry);
+    }
+
     /// Admits a call of worst case `amount` decided under `epoch` inside the current credit, if
     /// it has the amount and the ledger confirms `epoch` is current (CheckFencing: a read, no
     /// write): so a call admitted inside a credit never goes ahead on a stale epoch, and fails
@@ -348,15 +368,8 @@ impl CreditDriver {
             amount,
             admitted: false,
         };
-        let check = pb::CheckFencingRequest {
-            tenant_id: self.identity.tenant_id.clone(),
-            fencing: Some(pb::FencingToken {
-                scope_id: self.identity.scope_id.clone(),
-                epoch,
-            }),
-        };
-        match self.ledger.clone().check_fencing(check).await {
-            Ok(_) => taken.admit(),
+        match self.checks.confirm(epoch).await {
+            Ok(()) => taken.admit(),
             // A ledger older than CheckFencing (the upgrade order puts the ledger first, but a
             // rollback may not): no call is admitted inside a credit by this process any more
             // (each reserves one by one, which checks the epoch), and the current credit goes

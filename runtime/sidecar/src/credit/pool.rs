@@ -355,9 +355,15 @@ impl Credits {
     }
 
     /// A call taken from a credit was admitted (its lease confirmed): it is counted, and its
-    /// draw follows.
-    pub fn admitted(&self) {
+    /// draw follows. False once the credits closed (shutdown): nothing is admitted after the
+    /// close, even a call taken before it (give it back with [`Self::untake`]).
+    pub fn admitted(&self) -> bool {
+        let pool = lock(&self.pool);
+        if pool.closed {
+            return false;
+        }
         self.admitted.inc();
+        true
     }
 
     /// A call taken from `credit` was not admitted after all (its lease could not be confirmed
@@ -585,6 +591,19 @@ mod tests {
         assert_eq!(credits.draw_done("b", false), None);
         assert_eq!(credits.close(), vec!["b".to_owned()]);
         assert!(credits.take(1, 1, now).credit.is_none(), "closed");
+    }
+
+    #[test]
+    fn a_call_taken_before_the_close_is_not_admitted_after_it() {
+        let credits = Credits::new(policy());
+        let now = Instant::now();
+        credits.take(1, 1, now);
+        credits.opened(opened("a", now));
+        let (a, _) = credits.take(100, 1, now).credit.unwrap();
+        // Its lease check is in flight when the sidecar shuts down: the credit waits for it.
+        assert!(credits.close().is_empty());
+        assert!(!credits.admitted(), "admitted after the close");
+        assert_eq!(credits.untake(&a, 100), Some("a".to_owned()));
     }
 
     #[test]

@@ -17,6 +17,8 @@ use spendguard_sidecar::{RunningSidecar, SidecarArgs};
 use spendguard_testkit::TestLedger;
 use std::time::Duration;
 
+pub mod old_ledger;
+
 pub const TENANT: &str = "acme";
 pub const BUDGET: &str = "team/llm";
 pub const WORKLOAD: &str = "agent-0";
@@ -69,6 +71,9 @@ pub struct Options {
     pub flags: Vec<String>,
     /// The pricing snapshot's `published_at` (RFC 3339); none by default.
     pub pricing_published_at: Option<String>,
+    /// The sidecar talks to the ledger through a front that answers as a release without
+    /// CheckFencing (`old_ledger.rs`).
+    pub old_ledger: bool,
 }
 
 impl Default for Options {
@@ -80,6 +85,7 @@ impl Default for Options {
             mock: MockConfig::default(),
             flags: Vec::new(),
             pricing_published_at: None,
+            old_ledger: false,
         }
     }
 }
@@ -138,9 +144,14 @@ impl Stack {
         let dir = tempfile::tempdir().unwrap();
         let (bytes, sha) = Bundle::canonical(&contract(options.contract), &pricing).unwrap();
         spendguard_sidecar::bundle::write(dir.path(), &bytes, &sha, TENANT, &[BUDGET]).unwrap();
+        let sidecar_ledger = if options.old_ledger {
+            old_ledger::start(ledger_addr).await
+        } else {
+            ledger_addr
+        };
         let mut argv: Vec<String> = vec![
             "sidecar".into(),
-            format!("--ledger-url=http://{ledger_addr}"),
+            format!("--ledger-url=http://{sidecar_ledger}"),
             format!("--bundle-dir={}", dir.path().display()),
             format!("--workload-instance-id={WORKLOAD}"),
             format!("--openai-base-url=http://{mock_addr}"),

@@ -1,0 +1,132 @@
+//! The lease check of calls admitted inside a credit, several calls per ledger read.
+//!
+//! Every admission must see the ledger confirm its epoch (CheckFencing) by a read that started
+//! after the call asked: then an epoch forced forward, or a ledger stopped, before a call asks
+//! is what that call's check sees. Calls asking while a check is in flight cannot join it (it
+//! may have read already); they gather in the next round, which is sent as soon as the check in
+//! flight is answered, and all of them take its answer. One check in flight at a time, so at a
+//! high call rate the ledger reads about once per round trip instead of once per call, and an
+//! idle sidecar's call is checked at once.
+//!
+//! ```text
+//! confirm(epoch) ─► joins the gathering round of its epoch (or opens one, which a task sends)
+//!                   round: waits for the check in flight ─► leaves `gathering` ─► CheckFencing
+//!                   ─► every call of the round gets the answer
+//! ```
+
+use crate::sync::lock;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+use spendguard_proto::ledger::v1 as pb;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Semaphore, watch};
+
+type LedgerClient = pb::ledger_client::LedgerClient<tonic::transport::Channel>;
+
+/// Checks in flight at once. One: a round sent while another is in flight would only read
+/// again what that one is reading, and under load the next round gathers the calls meanwhile.
+const IN_FLIGHT: usize = 1;
+/// The longest a call waits for its round's answer (the channel's own deadline bounds one
+/// check; a round may first wait for the one in flight).
+const ANSWER_WAIT: Duration = Duration::from_secs(5);
+
+/// A round's answer: the epoch is current (`Ok`), or the ledger's status.
+type Answer = Result<(), tonic::Status>;
+
+/// Confirms fencing epochs for one scope, coalescing concurrent calls.
+pub struct LeaseChecks {
+    ledger: LedgerClient,
+    tenant_id: String,
+    scope_id: String,
+    /// Rounds not sent yet, by epoch (calls decided under different epochs are not one read).
+    gathering: Mutex<HashMap<u64, watch::Sender<Option<Answer>>>>,
+    in_flight: Semaphore,
+    sent: Counter,
+    confirmed: Counter,
+}
+
+impl LeaseChecks {
+    /// Checks for `scope_id` of `tenant_id` on `ledger`.
+    pub fn new(ledger: LedgerClient, tenant_id: String, scope_id: String) -> Self {
+        Self {
+            ledger,
+            tenant_id,
+            scope_id,
+            gathering: Mutex::new(HashMap::new()),
+            in_flight: Semaphore::new(IN_FLIGHT),
+            sent: Counter::default(),
+            confirmed: Counter::default(),
+        }
+    }
+
+    /// Registers the check metrics.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "spendguard_sidecar_lease_checks",
+            "Lease checks (CheckFencing reads) sent for calls admitted inside a credit; concurrent calls share one",
+            self.sent.clone(),
+        );
+        registry.register(
+            "spendguard_sidecar_lease_checks_confirmed_calls",
+            "Calls whose epoch a lease check confirmed",
+            self.confirmed.clone(),
+        );
+    }
+
+    /// Whether `epoch` is current, by a ledger read sent after this call. A round not answered
+    /// within [`ANSWER_WAIT`] is `DEADLINE_EXCEEDED` (the ledger is away).
+    pub async fn confirm(self: &Arc<Self>, epoch: u64) -> Answer {
+        let mut answer = {
+            let mut gathering = lock(&self.gathering);
+            if let Some(round) = gathering.get(&epoch) {
+                round.subscribe()
+            } else {
+                let (round, answer) = watch::channel(None);
+                gathering.insert(epoch, round);
+                // A task of its own sends the round: the calls in it may go away meanwhile.
+                tokio::spawn(self.clone().send_round(epoch));
+                answer
+            }
+        };
+        let waited = tokio::time::timeout(ANSWER_WAIT, answer.wait_for(Option::is_some)).await;
+        let answer = match waited {
+            Ok(Ok(answer)) => (*answer).clone().unwrap_or_else(|| Err(abandoned())),
+            // The round's task ended without an answer (the runtime is shutting down).
+            Ok(Err(_)) => Err(abandoned()),
+            Err(_) => Err(tonic::Status::deadline_exceeded(
+                "the lease check was not answered in time",
+            )),
+        };
+        if answer.is_ok() {
+            self.confirmed.inc();
+        }
+        answer
+    }
+
+    /// Sends the round of `epoch` once no other check is in flight, and answers its calls.
+    async fn send_round(self: Arc<Self>, epoch: u64) {
+        let permit = self.in_flight.acquire().await;
+        // From here on, calls asking start the next round: this one's read may begin any time.
+        let round = lock(&self.gathering).remove(&epoch);
+        let Some(round) = round else {
+            return;
+        };
+        self.sent.inc();
+        let check = pb::CheckFencingRequest {
+            tenant_id: self.tenant_id.clone(),
+            fencing: Some(pb::FencingToken {
+                scope_id: self.scope_id.clone(),
+                epoch,
+            }),
+        };
+        let answer = self.ledger.clone().check_fencing(check).await.map(|_| ());
+        drop(permit);
+        round.send_replace(Some(answer));
+    }
+}
+
+fn abandoned() -> tonic::Status {
+    tonic::Status::unavailable("the lease check was abandoned")
+}
