@@ -211,6 +211,27 @@ fn values_are_validated() {
     );
     let (ok, text) = helm(&["template", "sg", CHART, "--set", "sidecar.creditQuietMs=-1"]);
     assert!(!ok && text.contains("creditQuietMs"), "{text}");
+
+    // The database's CA: none by default (the URL's sslmode and the system's roots decide);
+    // a Secret's `ca.crt` reaches the ledger and the outbox forwarder, the two that connect.
+    let (ok, text) = helm(&["template", "sg", CHART]);
+    assert!(ok && !text.contains("PGSSLROOTCERT"), "{text}");
+    let (ok, text) = helm(&[
+        "template",
+        "sg",
+        CHART,
+        "--set",
+        "ledger.databaseCaSecret=db-ca",
+    ]);
+    assert!(ok, "{text}");
+    let root = "name: PGSSLROOTCERT\n              value: /var/run/spendguard/db-ca/ca.crt";
+    assert_eq!(text.matches(root).count(), 2, "{text}");
+    assert_eq!(text.matches("secretName: db-ca").count(), 2, "{text}");
+    assert_eq!(
+        text.matches("mountPath: /var/run/spendguard/db-ca").count(),
+        2,
+        "{text}"
+    );
 }
 
 #[test]

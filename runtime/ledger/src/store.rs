@@ -23,6 +23,7 @@
 mod pgpass;
 mod pipeline;
 mod reads;
+pub mod tls;
 
 pub use pipeline::Sent;
 
@@ -254,6 +255,19 @@ fn cached_path_config(database_url: &str) -> Result<tokio_postgres::Config> {
     Ok(config)
 }
 
+/// How the ledger's own sessions (the cached path's, the reads') connect to `database_url`:
+/// as [`cached_path_config`] says, with TLS as its `sslmode` says (`tls.rs`).
+///
+/// # Errors
+/// [`Error::Database`] for a URL sqlx does not read; [`Error::Startup`] for TLS files that
+/// cannot be read or used.
+pub fn session_config(database_url: &str) -> Result<tls::SessionConfig> {
+    Ok(tls::SessionConfig {
+        pg: cached_path_config(database_url)?,
+        tls: tls::PgTls::from_options(&PgConnectOptions::from_str(database_url)?)?,
+    })
+}
+
 /// The password in `database_url`, percent-decoded.
 fn url_password(database_url: &str) -> Option<String> {
     let url = url::Url::parse(database_url).ok()?;
@@ -268,16 +282,20 @@ impl Store {
     /// Connects a pool of `max_connections`.
     ///
     /// # Errors
-    /// [`Error::Database`] when the URL is invalid or the database unreachable.
+    /// [`Error::Database`] when the URL is invalid or the database unreachable;
+    /// [`Error::Startup`] when its TLS files cannot be read or used.
     pub async fn connect(database_url: &str, max_connections: u32) -> Result<Self> {
+        // First: a root or key that cannot be used is named as such, not as a failed connect.
+        let cached_path_session = session_config(database_url)?;
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(options(database_url)?)
             .await
             .map_err(Error::from)?;
+        let mut reads_session = cached_path_session.clone();
         let cached_path = Arc::new(tokio::sync::Mutex::new(pipeline::Pipeline::new(
-            cached_path_config(database_url)?,
+            cached_path_session,
             &*CACHED_BATCHES,
             CACHED_BATCH_TYPES,
             // Up to four batches in flight (the depth's limit) may each run to the statement
@@ -287,11 +305,10 @@ impl Store {
         // Opened on first use (`spendguard migrate` never uses it). Its statements look up one
         // row by key, so the cached path's session settings (a generic plan, index lookups
         // only) suit them too.
-        let mut reads_config = cached_path_config(database_url)?;
-        reads_config.application_name("spendguard-ledger-reads");
+        reads_session.pg.application_name("spendguard-ledger-reads");
         // Well inside a sidecar's 5 s RPC deadline, so a half-open session is replaced (and the
         // read tried again) while the sidecar still waits: a one-row read takes milliseconds.
-        let reads = Arc::new(reads::Reads::new(reads_config, READ_ANSWER_DEADLINE));
+        let reads = Arc::new(reads::Reads::new(reads_session, READ_ANSWER_DEADLINE));
         Ok(Self {
             pool,
             reads,

@@ -6,6 +6,7 @@ pub mod invariants;
 pub mod ledger;
 pub mod moto;
 pub mod postgres;
+pub mod postgres_tls;
 mod process;
 pub mod signing;
 

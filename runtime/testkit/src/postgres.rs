@@ -24,7 +24,7 @@ pub struct PgCluster {
     databases: AtomicU32,
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()

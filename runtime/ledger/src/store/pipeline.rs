@@ -15,6 +15,7 @@
 //! connection), is dropped and reopened for the next batch; a failed open is retried at most
 //! once per [`REOPEN_AFTER`], so meanwhile batches take the load path at once.
 
+use super::tls::SessionConfig;
 use crate::error::Error;
 use futures_util::StreamExt;
 use std::future::Future;
@@ -24,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{Client, Config, NoTls, Statement};
+use tokio_postgres::{Client, Statement};
 use tracing::warn;
 
 /// The answer to one sent statement: `Ok` once it committed.
@@ -42,7 +43,7 @@ const REOPEN_AFTER: Duration = Duration::from_secs(1);
 /// Statements (all with the same parameter types), prepared once per session and executed by
 /// [`Pipeline::send`] on that one session, each behind the ones sent before it.
 pub(super) struct Pipeline {
-    config: Config,
+    config: SessionConfig,
     /// The statements, prepared on every session opened; [`Pipeline::send`] names one by index.
     sqls: &'static [String],
     types: &'static [Type],
@@ -62,7 +63,7 @@ impl Pipeline {
     /// A pipeline that connects with `config` on first use and prepares `sqls` with `types`; an
     /// answer that takes longer than `answer_deadline` counts as a broken connection.
     pub(super) fn new(
-        config: Config,
+        config: SessionConfig,
         sqls: &'static [String],
         types: &'static [Type],
         answer_deadline: Duration,
@@ -168,7 +169,7 @@ impl Pipeline {
     }
 
     async fn connect(&self) -> Result<Open, Error> {
-        let (client, connection) = self.config.connect(NoTls).await.map_err(Error::from)?;
+        let (client, connection) = self.config.connect().await.map_err(Error::from)?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 warn!(error = %e, "cached-path session closed");

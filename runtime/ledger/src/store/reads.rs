@@ -7,12 +7,13 @@
 //! callers on the one session, each its own implicit transaction, so a read sees what was
 //! committed before it started.
 
+use super::tls::SessionConfig;
 use crate::error::Error;
 use chrono::{DateTime, Utc};
 use spendguard_core::lease::LeaseState;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio_postgres::{Client, Config, NoTls, Row, Statement};
+use tokio_postgres::{Client, Row, Statement};
 use tracing::warn;
 
 /// The scope's lease, if the scope exists, and the database clock, in one row.
@@ -40,7 +41,7 @@ struct Slot {
 
 /// The read session, opened on first use and again after it broke.
 pub(super) struct Reads {
-    config: Config,
+    config: SessionConfig,
     slot: tokio::sync::Mutex<Slot>,
     /// A read not answered within this counts as a broken session (a half-open connection).
     answer_deadline: Duration,
@@ -48,7 +49,7 @@ pub(super) struct Reads {
 
 impl Reads {
     /// Reads that connect with `config` when first needed.
-    pub(super) fn new(config: Config, answer_deadline: Duration) -> Self {
+    pub(super) fn new(config: SessionConfig, answer_deadline: Duration) -> Self {
         Self {
             config,
             slot: tokio::sync::Mutex::new(Slot::default()),
@@ -140,7 +141,7 @@ impl Reads {
     }
 
     async fn open(&self) -> Result<Session, Error> {
-        let (client, connection) = self.config.connect(NoTls).await.map_err(Error::from)?;
+        let (client, connection) = self.config.connect().await.map_err(Error::from)?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 warn!(error = %e, "read session closed");

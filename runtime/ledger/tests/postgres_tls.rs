@@ -1,0 +1,193 @@
+//! TLS to PostgreSQL: the ledger connects every one of its sessions (sqlx's pool, the cached
+//! path's, the reads') to a server that accepts only TLS, verifying the server's certificate as
+//! the URL's `sslmode` says. A real PostgreSQL 15 cluster with `hostssl` lines only and a test CA.
+#![allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
+
+use spendguard_ledger::store::session_config;
+use spendguard_proto::ledger::v1 as pb;
+use spendguard_testkit::TestLedger;
+use spendguard_testkit::ledger::reserve_request;
+use spendguard_testkit::postgres_tls::TlsCluster;
+use std::sync::OnceLock;
+
+const T: &str = "tenant-tls";
+
+fn cluster() -> &'static TlsCluster {
+    static CLUSTER: OnceLock<TlsCluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| TlsCluster::start().unwrap())
+}
+
+/// Whether the ledger's own session for `url` opens, and is encrypted by the server's account.
+async fn session_opens(url: &str) -> Result<bool, String> {
+    let config = session_config(url).map_err(|e| e.to_string())?;
+    let (client, connection) = config.connect().await.map_err(|e| format!("{e:?}"))?;
+    tokio::spawn(connection);
+    let row = client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(row.get(0))
+}
+
+#[tokio::test]
+async fn the_ledger_serves_with_every_session_encrypted_and_the_server_verified() {
+    // Goal: a ledger pointed at a database that requires TLS, with `sslmode=verify-full` and
+    // the database's CA, starts (migrations over the pool), takes the cached path and answers
+    // a lease check (its two sessions of its own), and PostgreSQL counts every session of the
+    // ledger as encrypted.
+    let tls = cluster();
+    let database = tls.create_database().await.unwrap();
+    let ca = tls.ca.display().to_string();
+    let url = tls.url(
+        "localhost",
+        &database,
+        &format!("sslmode=verify-full&sslrootcert={ca}"),
+    );
+    let mut ledger = TestLedger::start_on(&url, "ledger-0").await.unwrap();
+    let fencing = ledger.tenant_with_lease(T).await.unwrap();
+    ledger.budget(T, "run", 1_000_000).await.unwrap();
+    for n in 0..4 {
+        let reserved = ledger
+            .client
+            .reserve_set(reserve_request(
+                T,
+                &format!("k{n}"),
+                &["run"],
+                100,
+                &fencing,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let Some(pb::reserve_set_response::Outcome::Reserved(reserved)) = reserved.outcome else {
+            panic!("not reserved: {reserved:?}");
+        };
+        ledger
+            .client
+            .commit(pb::CommitRequest {
+                tenant_id: T.into(),
+                reservation_id: reserved.reservation_id,
+                actual_nano_usd: 60,
+                fencing: Some(fencing.clone()),
+                deferrable: false,
+            })
+            .await
+            .unwrap();
+    }
+    assert!(
+        ledger.batches("cached") > 0,
+        "the cached path's session was used"
+    );
+    ledger
+        .client
+        .check_fencing(pb::CheckFencingRequest {
+            tenant_id: T.into(),
+            fencing: Some(fencing.clone()),
+        })
+        .await
+        .unwrap();
+    let sessions: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT a.application_name, s.ssl FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
+          WHERE a.datname = current_database() AND a.application_name LIKE 'spendguard-ledger%'",
+    )
+    .fetch_all(ledger.store().pool())
+    .await
+    .unwrap();
+    for name in ["spendguard-ledger", "spendguard-ledger-reads"] {
+        assert!(
+            sessions.iter().any(|(n, _)| n == name),
+            "no {name} session: {sessions:?}"
+        );
+    }
+    assert!(
+        sessions.iter().all(|(_, ssl)| *ssl),
+        "a session in the clear: {sessions:?}"
+    );
+    let balance = ledger.balance(T, "run").await.unwrap();
+    assert_eq!(balance.committed_nano_usd, 240);
+}
+
+#[tokio::test]
+async fn the_ledgers_sessions_verify_the_server_as_sslmode_says() {
+    // Goal: the ledger's own sessions (cached path, reads) check the server's certificate as
+    // libpq and sqlx do: verify-full checks the chain and the host name, verify-ca the chain
+    // only, require encrypts without checking; a server outside the given root is refused;
+    // and the server refuses a session in the clear.
+    let tls = cluster();
+    let database = tls.create_database().await.unwrap();
+    let ca = tls.ca.display().to_string();
+    let other = tls.other_ca.display().to_string();
+    let url = |host: &str, query: &str| tls.url(host, &database, query);
+    let opens = |url: String| async move { session_opens(&url).await };
+
+    let full = format!("sslmode=verify-full&sslrootcert={ca}");
+    assert_eq!(opens(url("localhost", &full)).await, Ok(true));
+    let wrong_name = opens(url("127.0.0.1", &full)).await.unwrap_err();
+    assert!(wrong_name.contains("NotValidForName"), "{wrong_name}");
+
+    let chain_only = format!("sslmode=verify-ca&sslrootcert={ca}");
+    assert_eq!(opens(url("127.0.0.1", &chain_only)).await, Ok(true));
+    let unknown_issuer = opens(url(
+        "localhost",
+        &format!("sslmode=verify-ca&sslrootcert={other}"),
+    ))
+    .await
+    .unwrap_err();
+    assert!(unknown_issuer.contains("UnknownIssuer"), "{unknown_issuer}");
+
+    let unchecked = format!("sslmode=require&sslrootcert={other}");
+    assert_eq!(opens(url("127.0.0.1", &unchecked)).await, Ok(true));
+    assert_eq!(opens(url("127.0.0.1", "sslmode=prefer")).await, Ok(true));
+
+    let clear = opens(url("127.0.0.1", "sslmode=disable"))
+        .await
+        .unwrap_err();
+    assert!(clear.contains("no encryption"), "{clear}");
+}
+
+#[tokio::test]
+async fn unusable_tls_files_stop_the_start_with_their_name() {
+    // Goal: a root certificate that is missing or holds no certificate, or a client
+    // certificate without its key, fails the ledger's start naming the problem, before it
+    // connects anything.
+    let tls = cluster();
+    let database = tls.create_database().await.unwrap();
+    let url = |query: &str| tls.url("localhost", &database, query);
+    let missing = TestLedger::start_on(
+        &url("sslmode=verify-full&sslrootcert=/nonexistent/ca.pem"),
+        "ledger-0",
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| format!("{e:#}"))
+    .unwrap_err();
+    assert!(missing.contains("/nonexistent/ca.pem"), "{missing}");
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "not a certificate\n").unwrap();
+    let empty = session_config(&url(&format!(
+        "sslmode=verify-ca&sslrootcert={}",
+        empty.display()
+    )))
+    .unwrap_err()
+    .to_string();
+    assert!(empty.contains("no PEM certificate"), "{empty}");
+    let ca = tls.ca.display().to_string();
+    let half = session_config(&url(&format!("sslmode=verify-ca&sslcert={ca}")))
+        .unwrap_err()
+        .to_string();
+    assert!(half.contains("sslcert and sslkey go together"), "{half}");
+    let count: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE tablename = 'budgets'")
+            .fetch_one(
+                &sqlx::PgPool::connect(&url(&format!("sslmode=verify-full&sslrootcert={ca}")))
+                    .await
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+    assert_eq!(count, 0, "nothing was migrated");
+}
