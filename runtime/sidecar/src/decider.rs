@@ -46,6 +46,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use tonic::transport::Channel;
 use tracing::{error, warn};
 use uuid::Uuid;
@@ -826,12 +827,16 @@ impl Decider {
                 .admit(planned.reserve.get(), epoch, admit_while_away)
                 .await
             {
-                Admission::Admitted { credit, expires } => {
+                Admission::Admitted {
+                    credit,
+                    expires,
+                    held,
+                } => {
                     return Ok(self.admit_from_credit(
                         input,
                         &planned,
                         request,
-                        (credit, expires),
+                        (credit, expires, held),
                         &fail_open(budget_ids),
                     ));
                 }
@@ -996,7 +1001,7 @@ impl Decider {
         input: &DecideInput,
         planned: &Planned,
         request: pb::ReserveSetRequest,
-        (credit, expires): (String, Instant),
+        (credit, expires, held): (String, Instant, TaskTrackerToken),
         context: &FailOpenContext,
     ) -> Decision {
         let Some(credits) = &self.credits else {
@@ -1004,8 +1009,7 @@ impl Decider {
         };
         let reservation_id = reservation_id_for(&self.identity.tenant_id, &input.call_id);
         let draw = credits.spawn_draw(
-            credit.clone(),
-            expires,
+            (credit.clone(), expires, held),
             PendingDraw {
                 draw: pb::ReserveSetRequest {
                     draw_from_reservation_id: credit,

@@ -696,6 +696,68 @@ async fn concurrent_calls_inside_a_credit_share_their_lease_checks() {
     nothing_lost(&stack).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_that_ask_while_a_check_is_in_flight_are_told_by_a_read_sent_after_it() {
+    // Goal: sharing lease checks never hands a call the answer of a read made before it
+    // asked. Call 1's check has read the lease (current) and its answer is held in flight;
+    // eight calls ask meanwhile; then the epoch is forced forward in the database, and the
+    // answer let go. Call 1 goes ahead on its read. The eight must not take that answer: they
+    // share one read, sent after it, which sees the forced epoch, so all are refused and
+    // nothing of theirs goes out. (Joining the check in flight would admit all eight.)
+    let gate = ledger_front::Gate::closed();
+    let mut stack = Stack::start(Options {
+        flags: fixed_credits(200 * worst_case()),
+        ledger_front: Some(ledger_front::CheckFencing::Held(gate.clone())),
+        ..Options::default()
+    })
+    .await;
+    // The first call reserves one by one (no credit yet, no check) and opens a credit.
+    assert_eq!(chat(&stack).await.status, 200);
+    open_credits(&stack, 1).await;
+    stack.wait_no_open_calls().await;
+    let forwarded = stack.upstream_requests().len();
+    let url = stack.url("/v1/chat/completions");
+    let call = || {
+        let url = url.clone();
+        tokio::spawn(async move {
+            post_json(&url, &[OPENAI_KEY], &chat_body("gpt-4o-mini", false)).await
+        })
+    };
+    let first = call();
+    gate.holding(1).await;
+    let later: Vec<_> = (0..8).map(|_| call()).collect();
+    // They reach the sidecar and wait for the check in flight.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stack.force_epoch_forward().await;
+    gate.open();
+    assert_eq!(first.await.unwrap().status, 200, "checked before the force");
+    for call in later {
+        let refused = call.await.unwrap();
+        assert_eq!(refused.status, 503);
+        assert_eq!(refused.json()["error"]["code"], "LEASE_UNAVAILABLE");
+    }
+    assert_eq!(
+        gate.sent.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "one read for call 1, one shared by the eight"
+    );
+    assert_eq!(stack.upstream_requests().len(), forwarded + 1);
+    stack.wait_no_open_calls().await;
+    // Call 1's draw, sent after the force, is refused as stale: the documented window between
+    // a check and its draw. It is recorded as a fail-open call, not lost.
+    assert_eq!(
+        metric(&stack, "spendguard_sidecar_credit_draws_lost_total"),
+        1.0
+    );
+    for _ in 0..200 {
+        if count(&stack, "SELECT count(*) FROM fail_open_records").await == 1 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("call 1 was not recorded as a fail-open call");
+}
+
 #[tokio::test]
 async fn against_a_ledger_without_the_lease_check_calls_reserve_one_by_one_and_no_credit_is_held() {
     // Goal: a ledger older than CheckFencing (a rollback of the ledger alone) answers the lease
@@ -704,7 +766,7 @@ async fn against_a_ledger_without_the_lease_check_calls_reserve_one_by_one_and_n
     // open goes back, since it would only hold money. No other credit is opened.
     let stack = Stack::start(Options {
         flags: fixed_credits(20 * worst_case()),
-        old_ledger: true,
+        ledger_front: Some(ledger_front::CheckFencing::Unimplemented),
         ..Options::default()
     })
     .await;

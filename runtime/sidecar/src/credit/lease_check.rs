@@ -93,7 +93,7 @@ impl LeaseChecks {
         let waited = tokio::time::timeout(ANSWER_WAIT, answer.wait_for(Option::is_some)).await;
         let answer = match waited {
             Ok(Ok(answer)) => (*answer).clone().unwrap_or_else(|| Err(abandoned())),
-            // The round's task ended without an answer (the runtime is shutting down).
+            // The round's task was dropped after it was sent (the runtime is shutting down).
             Ok(Err(_)) => Err(abandoned()),
             Err(_) => Err(tonic::Status::deadline_exceeded(
                 "the lease check was not answered in time",
@@ -107,10 +107,14 @@ impl LeaseChecks {
 
     /// Sends the round of `epoch` once no other check is in flight, and answers its calls.
     async fn send_round(self: Arc<Self>, epoch: u64) {
+        let unsent = Unsent {
+            checks: &self,
+            epoch,
+            armed: true,
+        };
         let permit = self.in_flight.acquire().await;
         // From here on, calls asking start the next round: this one's read may begin any time.
-        let round = lock(&self.gathering).remove(&epoch);
-        let Some(round) = round else {
+        let Some(round) = unsent.leave() else {
             return;
         };
         self.sent.inc();
@@ -124,6 +128,31 @@ impl LeaseChecks {
         let answer = self.ledger.clone().check_fencing(check).await.map(|_| ());
         drop(permit);
         round.send_replace(Some(answer));
+    }
+}
+
+/// A round waiting to be sent. Should its task be dropped first (the runtime shutting down), the
+/// round leaves the gathering set anyway: later calls open a round of their own instead of
+/// joining one nobody sends.
+struct Unsent<'a> {
+    checks: &'a LeaseChecks,
+    epoch: u64,
+    armed: bool,
+}
+
+impl Unsent<'_> {
+    /// The round leaves the gathering set, to be sent.
+    fn leave(mut self) -> Option<watch::Sender<Option<Answer>>> {
+        self.armed = false;
+        lock(&self.checks.gathering).remove(&self.epoch)
+    }
+}
+
+impl Drop for Unsent<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            lock(&self.checks.gathering).remove(&self.epoch);
+        }
     }
 }
 

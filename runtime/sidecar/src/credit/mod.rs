@@ -49,6 +49,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use tonic::transport::Channel;
 use tracing::{error, info, warn};
 use uuid::Uuid;
@@ -70,6 +71,8 @@ pub enum Admission {
         credit: String,
         /// When its draws stop trying.
         expires: Instant,
+        /// Keeps [`CreditDriver::close`] waiting until the draw is spawned.
+        held: TaskTrackerToken,
     },
     /// No credit holds the call: it reserves one by one.
     NotInCredit,
@@ -87,6 +90,9 @@ struct Taken<'a> {
     expires: Instant,
     amount: i64,
     admitted: bool,
+    /// Keeps [`CreditDriver::close`] waiting for this call: until its draw is spawned, or its
+    /// amount given back (and the credit's release spawned, if it was the last).
+    held: Option<TaskTrackerToken>,
 }
 
 impl Taken<'_> {
@@ -101,6 +107,10 @@ impl Taken<'_> {
         Admission::Admitted {
             credit: std::mem::take(&mut self.credit),
             expires: self.expires,
+            held: self
+                .held
+                .take()
+                .unwrap_or_else(|| self.driver.tasks.token()),
         }
     }
 }
@@ -367,6 +377,7 @@ impl CreditDriver {
             expires,
             amount,
             admitted: false,
+            held: Some(self.tasks.token()),
         };
         match self.checks.confirm(epoch).await {
             Ok(()) => taken.admit(),
@@ -400,8 +411,7 @@ impl CreditDriver {
     /// a fail-open call (`pending.if_lost`) before its state says so.
     pub fn spawn_draw(
         self: &Arc<Self>,
-        credit: String,
-        expires: Instant,
+        (credit, expires, held): (String, Instant, TaskTrackerToken),
         pending: PendingDraw,
     ) -> watch::Receiver<DrawState> {
         if let Some(journal) = &self.journal
@@ -430,6 +440,8 @@ impl CreditDriver {
                 this.release(&id, Waiter::Nobody).await;
             }
         });
+        // The draw is tracked now: a close waits for it instead.
+        drop(held);
         watched
     }
 
@@ -612,6 +624,14 @@ impl CreditDriver {
         }
         for id in self.pool.opened(opened) {
             self.release(&id, Waiter::Nobody).await;
+        }
+        // A lease check answered UNIMPLEMENTED while this credit was opening: nothing will be
+        // admitted inside it. (That answer sets the flag before it retires the current credit,
+        // so this credit is retired by one of the two.)
+        if self.no_lease_check.load(Ordering::Relaxed) {
+            for id in self.pool.retire() {
+                self.release(&id, Waiter::Nobody).await;
+            }
         }
     }
 

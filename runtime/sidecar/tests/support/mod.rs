@@ -17,7 +17,7 @@ use spendguard_sidecar::{RunningSidecar, SidecarArgs};
 use spendguard_testkit::TestLedger;
 use std::time::Duration;
 
-pub mod old_ledger;
+pub mod ledger_front;
 
 pub const TENANT: &str = "acme";
 pub const BUDGET: &str = "team/llm";
@@ -71,9 +71,9 @@ pub struct Options {
     pub flags: Vec<String>,
     /// The pricing snapshot's `published_at` (RFC 3339); none by default.
     pub pricing_published_at: Option<String>,
-    /// The sidecar talks to the ledger through a front that answers as a release without
-    /// CheckFencing (`old_ledger.rs`).
-    pub old_ledger: bool,
+    /// The sidecar talks to the ledger through a front that answers CheckFencing so
+    /// (`ledger_front.rs`); directly when `None`.
+    pub ledger_front: Option<ledger_front::CheckFencing>,
 }
 
 impl Default for Options {
@@ -85,7 +85,7 @@ impl Default for Options {
             mock: MockConfig::default(),
             flags: Vec::new(),
             pricing_published_at: None,
-            old_ledger: false,
+            ledger_front: None,
         }
     }
 }
@@ -144,10 +144,9 @@ impl Stack {
         let dir = tempfile::tempdir().unwrap();
         let (bytes, sha) = Bundle::canonical(&contract(options.contract), &pricing).unwrap();
         spendguard_sidecar::bundle::write(dir.path(), &bytes, &sha, TENANT, &[BUDGET]).unwrap();
-        let sidecar_ledger = if options.old_ledger {
-            old_ledger::start(ledger_addr).await
-        } else {
-            ledger_addr
+        let sidecar_ledger = match options.ledger_front {
+            Some(check_fencing) => ledger_front::start(ledger_addr, check_fencing).await,
+            None => ledger_addr,
         };
         let mut argv: Vec<String> = vec![
             "sidecar".into(),
