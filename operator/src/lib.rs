@@ -213,9 +213,11 @@ impl OperatorArgs {
             .database_url
             .as_deref()
             .map(|url| {
-                sqlx::postgres::PgPoolOptions::new()
-                    .max_connections(2)
-                    .connect_lazy(url)
+                spendguard_postgres::connect_options(url).map(|options| {
+                    sqlx::postgres::PgPoolOptions::new()
+                        .max_connections(2)
+                        .connect_lazy_with(options)
+                })
             })
             .transpose()
             .map_err(|e| error::Error::Startup(format!("leader database: {e}")))?;

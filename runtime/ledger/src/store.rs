@@ -47,7 +47,6 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow, PgSslMode};
 use sqlx::types::Json;
 use sqlx::{Connection, PgConnection, PgPool, Postgres, Row, Transaction};
 use std::collections::{BTreeMap, BTreeSet};
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -185,8 +184,14 @@ impl ProducerLock {
     }
 }
 
+/// `database_url` as every component reads it (`spendguard_postgres`).
+fn read_url(database_url: &str) -> Result<PgConnectOptions> {
+    spendguard_postgres::connect_options(database_url)
+        .map_err(|e| Error::Startup(format!("{}: {e}", e.code())))
+}
+
 fn options(database_url: &str) -> Result<PgConnectOptions> {
-    let options = PgConnectOptions::from_str(database_url).map_err(Error::from)?;
+    let options = read_url(database_url)?;
     Ok(options.application_name("spendguard-ledger").options([
         ("statement_timeout", STATEMENT_TIMEOUT_MS.to_string()),
         ("lock_timeout", LOCK_TIMEOUT_MS.to_string()),
@@ -208,7 +213,7 @@ fn options(database_url: &str) -> Result<PgConnectOptions> {
 /// `PGPASSWORD`, else the password file (`PGPASSFILE` or `~/.pgpass`).
 fn cached_path_config(database_url: &str) -> Result<tokio_postgres::Config> {
     use tokio_postgres::config::SslMode;
-    let url = PgConnectOptions::from_str(database_url).map_err(Error::from)?;
+    let url = read_url(database_url)?;
     let mut config = tokio_postgres::Config::new();
     match url.get_socket() {
         Some(directory) => config.host_path(directory),
@@ -264,7 +269,7 @@ fn cached_path_config(database_url: &str) -> Result<tokio_postgres::Config> {
 pub fn session_config(database_url: &str) -> Result<tls::SessionConfig> {
     Ok(tls::SessionConfig {
         pg: cached_path_config(database_url)?,
-        tls: tls::PgTls::from_options(&PgConnectOptions::from_str(database_url)?)?,
+        tls: tls::PgTls::from_options(&read_url(database_url)?)?,
     })
 }
 

@@ -113,9 +113,11 @@ async fn the_ledger_serves_with_every_session_encrypted_and_the_server_verified(
 #[tokio::test]
 async fn the_ledgers_sessions_verify_the_server_as_sslmode_says() {
     // Goal: the ledger's own sessions (cached path, reads) check the server's certificate as
-    // libpq and sqlx do: verify-full checks the chain and the host name, verify-ca the chain
-    // only, require encrypts without checking; a server outside the given root is refused;
-    // and the server refuses a session in the clear.
+    // sslmode says: verify-full checks the chain and the host name, require and prefer (and
+    // allow, read as prefer) encrypt without checking; a server outside the given root is
+    // refused; verify-ca is refused outright (the pool would also trust the system's public
+    // roots, and without the name check that verifies nothing); the server refuses a session
+    // in the clear.
     let tls = cluster();
     let database = tls.create_database().await.unwrap();
     let ca = tls.ca.display().to_string();
@@ -128,19 +130,28 @@ async fn the_ledgers_sessions_verify_the_server_as_sslmode_says() {
     let wrong_name = opens(url("127.0.0.1", &full)).await.unwrap_err();
     assert!(wrong_name.contains("NotValidForName"), "{wrong_name}");
 
-    let chain_only = format!("sslmode=verify-ca&sslrootcert={ca}");
-    assert_eq!(opens(url("127.0.0.1", &chain_only)).await, Ok(true));
     let unknown_issuer = opens(url(
         "localhost",
-        &format!("sslmode=verify-ca&sslrootcert={other}"),
+        &format!("sslmode=verify-full&sslrootcert={other}"),
     ))
     .await
     .unwrap_err();
     assert!(unknown_issuer.contains("UnknownIssuer"), "{unknown_issuer}");
+    let chain_only = opens(url(
+        "localhost",
+        &format!("sslmode=verify-ca&sslrootcert={ca}"),
+    ))
+    .await
+    .unwrap_err();
+    assert!(
+        chain_only.contains("POSTGRES_VERIFY_CA_REFUSED") && chain_only.contains("verify-full"),
+        "{chain_only}"
+    );
 
     let unchecked = format!("sslmode=require&sslrootcert={other}");
     assert_eq!(opens(url("127.0.0.1", &unchecked)).await, Ok(true));
     assert_eq!(opens(url("127.0.0.1", "sslmode=prefer")).await, Ok(true));
+    assert_eq!(opens(url("127.0.0.1", "sslmode=allow")).await, Ok(true));
 
     let clear = opens(url("127.0.0.1", "sslmode=disable"))
         .await
@@ -169,17 +180,22 @@ async fn unusable_tls_files_stop_the_start_with_their_name() {
     let empty = dir.path().join("empty.pem");
     std::fs::write(&empty, "not a certificate\n").unwrap();
     let empty = session_config(&url(&format!(
-        "sslmode=verify-ca&sslrootcert={}",
+        "sslmode=verify-full&sslrootcert={}",
         empty.display()
     )))
     .unwrap_err()
     .to_string();
-    assert!(empty.contains("no PEM certificate"), "{empty}");
+    assert!(
+        empty.contains("no PEM certificate") && empty.contains("empty.pem"),
+        "{empty}"
+    );
     let ca = tls.ca.display().to_string();
-    let half = session_config(&url(&format!("sslmode=verify-ca&sslcert={ca}")))
-        .unwrap_err()
-        .to_string();
-    assert!(half.contains("sslcert and sslkey go together"), "{half}");
+    let half = session_config(&url(&format!(
+        "sslmode=verify-full&sslrootcert={ca}&sslcert={ca}"
+    )))
+    .unwrap_err()
+    .to_string();
+    assert!(half.contains("needs both sslcert and sslkey"), "{half}");
     let count: i64 =
         sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE tablename = 'budgets'")
             .fetch_one(
@@ -190,4 +206,48 @@ async fn unusable_tls_files_stop_the_start_with_their_name() {
             .await
             .unwrap();
     assert_eq!(count, 0, "nothing was migrated");
+}
+
+#[tokio::test]
+async fn over_a_unix_socket_every_session_opens_without_tls() {
+    // Goal: a URL naming a socket directory works for every session of the ledger, as it did
+    // before TLS: a socket has no host name and never uses TLS (whatever sslmode says short of
+    // requiring it), so the ledger's own sessions must not fail while making their connector.
+    let cluster = spendguard_testkit::ledger::shared_cluster();
+    let url = cluster.create_database().await.unwrap();
+    let database = url.rsplit('/').next().unwrap();
+    let socket = format!(
+        "postgres://postgres@localhost/{database}?host={}&port={}",
+        cluster.path().display(),
+        cluster.port()
+    );
+    assert_eq!(session_opens(&socket).await, Ok(false));
+    let mut ledger = TestLedger::start_on(&socket, "ledger-0").await.unwrap();
+    let fencing = ledger.tenant_with_lease(T).await.unwrap();
+    ledger.budget(T, "run", 1_000_000).await.unwrap();
+    for n in 0..4 {
+        ledger
+            .client
+            .reserve_set(reserve_request(
+                T,
+                &format!("k{n}"),
+                &["run"],
+                100,
+                &fencing,
+            ))
+            .await
+            .unwrap();
+    }
+    assert!(
+        ledger.batches("cached") > 0,
+        "the cached path's session opened"
+    );
+    ledger
+        .client
+        .check_fencing(pb::CheckFencingRequest {
+            tenant_id: T.into(),
+            fencing: Some(fencing),
+        })
+        .await
+        .unwrap();
 }

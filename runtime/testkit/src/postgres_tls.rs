@@ -4,7 +4,7 @@
 //! through the other. A second CA signed nothing the server holds.
 
 use crate::postgres::{PgCluster, is_root};
-use crate::process::run;
+use crate::process::{cleanup_after_exit, run};
 use anyhow::Result;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use std::path::PathBuf;
@@ -39,6 +39,8 @@ impl TlsCluster {
         let files = tempfile::Builder::new()
             .prefix("spendguard-pg-tls-")
             .tempdir()?;
+        // A cluster kept in a static is never dropped: its key goes when the process does.
+        cleanup_after_exit(&format!("rm -rf {}", files.path().display()))?;
         let (ca_params, ca_key, ca_pem) = ca("spendguard test CA")?;
         let (_, _, other_pem) = ca("another test CA")?;
         let server_key = KeyPair::generate()?;

@@ -189,7 +189,7 @@ impl WorkerCommand {
                 let checkpoint_signer = checkpoint_signer(&args, strict)?;
                 let pool = sqlx::postgres::PgPoolOptions::new()
                     .max_connections(4)
-                    .connect(&args.database_url)
+                    .connect_with(spendguard_postgres::connect_options(&args.database_url)?)
                     .await?;
                 let leader = args
                     .lease
@@ -218,7 +218,7 @@ impl WorkerCommand {
                     Some(url) => Some(
                         sqlx::postgres::PgPoolOptions::new()
                             .max_connections(2)
-                            .connect_lazy(url)?,
+                            .connect_lazy_with(spendguard_postgres::connect_options(url)?),
                     ),
                     None => None,
                 };

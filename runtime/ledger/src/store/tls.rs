@@ -1,17 +1,18 @@
 //! TLS for the ledger's own PostgreSQL sessions (the cached path's and the reads'), set up from
-//! sqlx's reading of the same URL and `PGSSL*` environment as the pool, so both kinds of
-//! session connect alike. The modes mean what sqlx (and libpq) mean:
+//! the same reading of the URL and `PGSSL*` environment as the pool
+//! ([`spendguard_postgres::connect_options`], which also refuses `verify-ca` and reads `allow`
+//! as `prefer`). The modes:
 //!
 //! | `sslmode` | encrypted | server certificate checked |
 //! |---|---|---|
 //! | `disable` | no | — |
-//! | `allow`, `prefer` | if the server offers it | no |
+//! | `prefer` (and `allow`) | if the server offers it | no |
 //! | `require` | yes | no |
-//! | `verify-ca` | yes | signed by a root (`sslrootcert`, else the system's) |
-//! | `verify-full` | yes | as `verify-ca`, and issued for the host connected to |
+//! | `verify-full` | yes | signed by `sslrootcert` (else a system root), issued for the host |
 //!
-//! `sslcert` and `sslkey` present a client certificate. Everything is read once, at start: a
-//! root or key that cannot be read fails the start, not the first batch.
+//! `sslcert` and `sslkey` present a client certificate. The files are read at start (a bad one
+//! fails the start) and again for every session opened, so a rotated certificate or root is
+//! used from the next session on, as the pool does.
 
 use crate::error::{Error, Result};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -20,7 +21,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::ParsedCertificate;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
-use sqlx::ConnectOptions;
+use spendguard_postgres::{Source, TlsFiles, tls_files};
 use sqlx::postgres::{PgConnectOptions, PgSslMode};
 use std::future::Future;
 use std::io;
@@ -43,7 +44,7 @@ impl SessionConfig {
     /// Opens a session; the returned connection must be polled (spawned) for it to work.
     ///
     /// # Errors
-    /// As tokio-postgres connects.
+    /// As tokio-postgres connects (a TLS file that became unusable is a TLS error).
     pub async fn connect(
         &self,
     ) -> std::result::Result<
@@ -58,132 +59,120 @@ impl SessionConfig {
 }
 
 /// Connects the ledger's tokio-postgres sessions with TLS as `sslmode` asks.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct PgTls {
     /// `None` under `sslmode=disable` (tokio-postgres makes a connector, and never uses it).
-    config: Option<Arc<ClientConfig>>,
+    settings: Option<Arc<Settings>>,
 }
 
-impl std::fmt::Debug for PgTls {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PgTls")
-            .field("enabled", &self.config.is_some())
-            .finish()
-    }
+#[derive(Debug)]
+struct Settings {
+    verify: bool,
+    files: TlsFiles,
 }
 
 impl PgTls {
-    /// TLS as `options` (the pool's reading of the URL and environment) asks.
+    /// TLS as `options` (read by [`spendguard_postgres::connect_options`]) asks.
     ///
     /// # Errors
-    /// [`Error::Startup`] when a root, certificate or key cannot be read or used, or a verifying
-    /// mode has no root to verify with.
+    /// [`Error::Startup`] when a root, certificate or key cannot be read or used (named), or
+    /// `verify-full` has no root to verify with, or the mode is `verify-ca`.
     pub fn from_options(options: &PgConnectOptions) -> Result<Self> {
-        let mode = options.get_ssl_mode();
-        if matches!(mode, PgSslMode::Disable) {
-            return Ok(Self { config: None });
-        }
-        let files = CertificateFiles::of(options);
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier: Arc<dyn ServerCertVerifier> = match mode {
-            PgSslMode::VerifyCa | PgSslMode::VerifyFull => Arc::new(VerifyChain {
-                roots: Arc::new(roots(files.root.as_ref())?),
-                provider: provider.clone(),
-                check_name: matches!(mode, PgSslMode::VerifyFull),
-            }),
-            _ => Arc::new(EncryptOnly {
-                provider: provider.clone(),
-            }),
-        };
-        let builder = ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(startup)?
-            .dangerous()
-            .with_custom_certificate_verifier(verifier);
-        let config = match (files.cert, files.key) {
-            (Some(cert), Some(key)) => {
-                let chain = certificates(&cert)?;
-                let key = PrivateKeyDer::from_pem_slice(&cert_bytes(&key)?)
-                    .map_err(|e| Error::Startup(format!("PostgreSQL client key (sslkey): {e}")))?;
-                builder.with_client_auth_cert(chain, key).map_err(startup)?
-            }
-            (None, None) => builder.with_no_client_auth(),
-            _ => {
+        let verify = match options.get_ssl_mode() {
+            PgSslMode::Disable => return Ok(Self { settings: None }),
+            PgSslMode::VerifyFull => true,
+            PgSslMode::VerifyCa => {
                 return Err(Error::Startup(
-                    "PostgreSQL client certificate: sslcert and sslkey go together".into(),
+                    spendguard_postgres::UrlError::VerifyCaRefused.to_string(),
                 ));
             }
+            PgSslMode::Allow | PgSslMode::Prefer | PgSslMode::Require => false,
         };
+        let settings = Settings {
+            verify,
+            files: tls_files(options),
+        };
+        // Read now, so a file that cannot be used fails the start.
+        settings.client_config().map_err(Error::Startup)?;
         Ok(Self {
-            config: Some(Arc::new(config)),
+            settings: Some(Arc::new(settings)),
         })
     }
 }
 
-fn startup(e: impl std::fmt::Display) -> Error {
-    Error::Startup(format!("PostgreSQL TLS: {e}"))
-}
-
-/// A certificate or key as sqlx holds it: a file, or PEM inline in the URL or environment.
-enum Source {
-    File(std::path::PathBuf),
-    Inline(Vec<u8>),
-}
-
-struct CertificateFiles {
-    root: Option<Source>,
-    cert: Option<Source>,
-    key: Option<Source>,
-}
-
-impl CertificateFiles {
-    /// sqlx keeps these private; its URL form writes each as `file: <path>` or the PEM itself.
-    fn of(options: &PgConnectOptions) -> Self {
-        let url = options.to_url_lossy();
-        let find = |name: &str| {
-            url.query_pairs()
-                .find(|(key, _)| key == name)
-                .map(|(_, value)| match value.strip_prefix("file: ") {
-                    Some(path) => Source::File(path.into()),
-                    None => Source::Inline(value.as_bytes().to_vec()),
-                })
+impl Settings {
+    /// A client configuration from the files as they are now.
+    fn client_config(&self) -> std::result::Result<Arc<ClientConfig>, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let chain = match (&self.files.cert, &self.files.key) {
+            (Some(cert), Some(key)) => Some((
+                certificates(cert, "sslcert")?,
+                PrivateKeyDer::from_pem_slice(&read(key, "sslkey")?)
+                    .map_err(|e| format!("PostgreSQL TLS: client key (sslkey) {key}: {e}"))?,
+            )),
+            (None, None) => None,
+            _ => {
+                return Err(
+                    "PostgreSQL TLS: a client certificate needs both sslcert and sslkey".into(),
+                );
+            }
         };
-        Self {
-            root: find("sslrootcert"),
-            cert: find("sslcert"),
-            key: find("sslkey"),
-        }
+        let verifier: Arc<dyn ServerCertVerifier> = if self.verify {
+            Arc::new(VerifyFull {
+                roots: Arc::new(roots(self.files.root.as_ref())?),
+                provider: provider.clone(),
+            })
+        } else {
+            Arc::new(EncryptOnly {
+                provider: provider.clone(),
+            })
+        };
+        let builder = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("PostgreSQL TLS: {e}"))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier);
+        let config = match chain {
+            Some((chain, key)) => builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("PostgreSQL TLS: client certificate: {e}"))?,
+            None => builder.with_no_client_auth(),
+        };
+        Ok(Arc::new(config))
     }
 }
 
-fn cert_bytes(source: &Source) -> Result<Vec<u8>> {
-    match source {
-        Source::Inline(pem) => Ok(pem.clone()),
-        Source::File(path) => std::fs::read(path)
-            .map_err(|e| Error::Startup(format!("PostgreSQL TLS: {}: {e}", path.display()))),
-    }
+fn read(source: &Source, what: &str) -> std::result::Result<Vec<u8>, String> {
+    source
+        .read()
+        .map_err(|e| format!("PostgreSQL TLS: {what} {source}: {e}"))
 }
 
-fn certificates(source: &Source) -> Result<Vec<CertificateDer<'static>>> {
-    let pem = cert_bytes(source)?;
+fn certificates(
+    source: &Source,
+    what: &str,
+) -> std::result::Result<Vec<CertificateDer<'static>>, String> {
+    let pem = read(source, what)?;
     let certificates = CertificateDer::pem_slice_iter(&pem)
         .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(startup)?;
+        .map_err(|e| format!("PostgreSQL TLS: {what} {source}: {e}"))?;
     if certificates.is_empty() {
-        return Err(startup("no PEM certificate found"));
+        return Err(format!(
+            "PostgreSQL TLS: {what} {source}: no PEM certificate found"
+        ));
     }
     Ok(certificates)
 }
 
 /// `sslrootcert`'s certificates, else the system's.
-fn roots(root: Option<&Source>) -> Result<RootCertStore> {
+fn roots(root: Option<&Source>) -> std::result::Result<RootCertStore, String> {
     let mut store = RootCertStore::empty();
     match root {
         Some(source) => {
-            for certificate in certificates(source)? {
-                store.add(certificate).map_err(|e| {
-                    Error::Startup(format!("PostgreSQL root certificate (sslrootcert): {e}"))
-                })?;
+            for certificate in certificates(source, "sslrootcert")? {
+                store
+                    .add(certificate)
+                    .map_err(|e| format!("PostgreSQL TLS: sslrootcert {source}: {e}"))?;
             }
         }
         None => {
@@ -192,23 +181,22 @@ fn roots(root: Option<&Source>) -> Result<RootCertStore> {
         }
     }
     if store.is_empty() {
-        return Err(Error::Startup(
-            "PostgreSQL TLS: sslmode verify-ca or verify-full needs a root certificate (sslrootcert), and the system has none".into(),
-        ));
+        return Err(
+            "PostgreSQL TLS: sslmode=verify-full needs a root certificate (sslrootcert), and the system has none".into(),
+        );
     }
     Ok(store)
 }
 
-/// `verify-ca` and `verify-full`: the server's chain must end at a root; under `verify-full`
-/// the certificate must also name the host connected to.
+/// `verify-full`: the server's chain must end at a root, and its certificate name the host
+/// connected to (rustls' own checks).
 #[derive(Debug)]
-struct VerifyChain {
+struct VerifyFull {
     roots: Arc<RootCertStore>,
     provider: Arc<CryptoProvider>,
-    check_name: bool,
 }
 
-impl ServerCertVerifier for VerifyChain {
+impl ServerCertVerifier for VerifyFull {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -225,9 +213,7 @@ impl ServerCertVerifier for VerifyChain {
             now,
             self.provider.signature_verification_algorithms.all,
         )?;
-        if self.check_name {
-            rustls::client::verify_server_name(&certificate, server_name)?;
-        }
+        rustls::client::verify_server_name(&certificate, server_name)?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -329,19 +315,25 @@ where
     type Error = io::Error;
 
     fn make_tls_connect(&mut self, host: &str) -> io::Result<PgTlsConnect> {
-        let name = ServerName::try_from(host.to_owned())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        Ok(PgTlsConnect {
-            config: self.config.clone(),
-            name,
-        })
+        // A Unix socket has no host name (tokio-postgres asks with ""): it never uses TLS, and
+        // must not fail here.
+        let name = ServerName::try_from(host.to_owned()).ok();
+        let config = match &self.settings {
+            Some(settings) if name.is_some() => Some(
+                settings
+                    .client_config()
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?,
+            ),
+            _ => None,
+        };
+        Ok(PgTlsConnect { config, name })
     }
 }
 
 /// One connection's TLS handshake.
 pub struct PgTlsConnect {
     config: Option<Arc<ClientConfig>>,
-    name: ServerName<'static>,
+    name: Option<ServerName<'static>>,
 }
 
 impl<S> TlsConnect<S> for PgTlsConnect
@@ -354,11 +346,13 @@ where
 
     fn connect(self, stream: S) -> Self::Future {
         Box::pin(async move {
-            let config = self.config.ok_or_else(|| {
-                io::Error::other("TLS asked for under sslmode=disable (a tokio-postgres change?)")
-            })?;
+            let (Some(config), Some(name)) = (self.config, self.name) else {
+                return Err(io::Error::other(
+                    "TLS asked for under sslmode=disable or without a host name (a tokio-postgres change?)",
+                ));
+            };
             let stream = tokio_rustls::TlsConnector::from(config)
-                .connect(self.name, stream)
+                .connect(name, stream)
                 .await?;
             Ok(PgTlsStream(stream))
         })

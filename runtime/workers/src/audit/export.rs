@@ -22,10 +22,9 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgPoolOptions;
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::str::FromStr as _;
 
 /// Largest accepted batch size; bounds the memory of one batch.
 pub const BATCH_SIZE_MAX: usize = 100_000;
@@ -136,6 +135,9 @@ pub enum ExportError {
         /// Tree size of the published checkpoint.
         tree_size: u64,
     },
+    /// The database URL (or the `PGSSL*` environment beside it) is refused.
+    #[error(transparent)]
+    DatabaseUrl(#[from] spendguard_postgres::UrlError),
     /// The database failed.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
@@ -156,6 +158,7 @@ impl ExportError {
             Self::CheckpointRollback { .. } => "EXPORT_CHECKPOINT_ROLLBACK",
             Self::CheckpointFork { .. } => "EXPORT_CHECKPOINT_FORK",
             Self::PublishedCheckpointInvalid { .. } => "EXPORT_PUBLISHED_CHECKPOINT_INVALID",
+            Self::DatabaseUrl(error) => error.code(),
             Self::Database(_) => "DEPENDENCY_UNAVAILABLE",
         }
     }
@@ -169,7 +172,7 @@ impl ExportError {
 /// # Errors
 /// A bad URL or an unreachable database.
 pub async fn connect_read_only(database_url: &str) -> Result<PgPool, ExportError> {
-    let options = PgConnectOptions::from_str(database_url)?
+    let options = spendguard_postgres::connect_options(database_url)?
         .options([
             ("default_transaction_read_only", "on"),
             ("statement_timeout", "30s"),
