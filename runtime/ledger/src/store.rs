@@ -269,7 +269,7 @@ fn cached_path_config(database_url: &str) -> Result<tokio_postgres::Config> {
 pub fn session_config(database_url: &str) -> Result<tls::SessionConfig> {
     Ok(tls::SessionConfig {
         pg: cached_path_config(database_url)?,
-        tls: tls::PgTls::from_options(&read_url(database_url)?)?,
+        tls: tls::PgTls::from_url(database_url, &read_url(database_url)?)?,
     })
 }
 
@@ -287,8 +287,8 @@ impl Store {
     /// Connects a pool of `max_connections`.
     ///
     /// # Errors
-    /// [`Error::Database`] when the URL is invalid or the database unreachable;
-    /// [`Error::Startup`] when its TLS files cannot be read or used.
+    /// [`Error::Startup`] when the URL (or the `PGSSL*` environment) is refused or its TLS files
+    /// cannot be read or used; [`Error::Database`] when the database is unreachable.
     pub async fn connect(database_url: &str, max_connections: u32) -> Result<Self> {
         // First: a root or key that cannot be used is named as such, not as a failed connect.
         let cached_path_session = session_config(database_url)?;

@@ -12,11 +12,11 @@
 //! - `sslmode=require` with a root certificate encrypts without checking the server, as sqlx
 //!   does (libpq would check the chain): logged as a warning, since the root suggests otherwise.
 
-use sqlx::ConnectOptions;
 use sqlx::postgres::{PgConnectOptions, PgSslMode};
 use std::path::PathBuf;
 use std::str::FromStr;
 use tracing::warn;
+use url::Url;
 
 /// A PostgreSQL URL, or the environment beside it, that no component connects with.
 #[derive(Debug, thiserror::Error)]
@@ -60,18 +60,39 @@ const SSL_MODES: [&str; 6] = [
     "verify-full",
 ];
 
+/// The URL parameters sqlx reads for each setting (the last one given wins, as in sqlx).
+const MODE_PARAMETERS: [&str; 2] = ["sslmode", "ssl-mode"];
+const ROOT_PARAMETERS: [&str; 3] = ["sslrootcert", "ssl-root-cert", "ssl-ca"];
+const CERT_PARAMETERS: [&str; 2] = ["sslcert", "ssl-cert"];
+const KEY_PARAMETERS: [&str; 2] = ["sslkey", "ssl-key"];
+
 /// The connect options of `url`, as every component connects.
 ///
 /// # Errors
 /// [`UrlError`].
 pub fn connect_options(url: &str) -> Result<PgConnectOptions, UrlError> {
-    if let Ok(mode) = std::env::var("PGSSLMODE")
+    connect_options_with(url, &|name| std::env::var(name).ok())
+}
+
+/// [`connect_options`] with the environment read through `env`.
+fn connect_options_with(
+    url: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<PgConnectOptions, UrlError> {
+    let parsed = Url::parse(url).map_err(|e| UrlError::Invalid(e.to_string()))?;
+    // What sqlx takes from the environment only where the URL does not say.
+    if parameter(&parsed, &MODE_PARAMETERS).is_none()
+        && let Some(mode) = env("PGSSLMODE")
         && !SSL_MODES.contains(&mode.as_str())
     {
         return Err(UrlError::SslMode(mode));
     }
-    for name in ["PGSSLROOTCERT", "PGSSLCERT", "PGSSLKEY"] {
-        if std::env::var_os(name).is_some_and(|v| v.is_empty()) {
+    for (name, parameters) in [
+        ("PGSSLROOTCERT", &ROOT_PARAMETERS[..]),
+        ("PGSSLCERT", &CERT_PARAMETERS[..]),
+        ("PGSSLKEY", &KEY_PARAMETERS[..]),
+    ] {
+        if parameter(&parsed, parameters).is_none() && env(name).is_some_and(|v| v.is_empty()) {
             return Err(UrlError::EmptyVariable(name));
         }
     }
@@ -80,7 +101,7 @@ pub fn connect_options(url: &str) -> Result<PgConnectOptions, UrlError> {
     match options.get_ssl_mode() {
         PgSslMode::Allow => options = options.ssl_mode(PgSslMode::Prefer),
         PgSslMode::VerifyCa => return Err(UrlError::VerifyCaRefused),
-        PgSslMode::Require if tls_files(&options).root.is_some() => warn!(
+        PgSslMode::Require if tls_files_with(url, env)?.root.is_some() => warn!(
             "sslmode=require with a root certificate: the connection is encrypted, but the server's certificate is not checked; use sslmode=verify-full"
         ),
         _ => {}
@@ -88,7 +109,15 @@ pub fn connect_options(url: &str) -> Result<PgConnectOptions, UrlError> {
     Ok(options)
 }
 
-/// A certificate or key as sqlx holds it: a file (URL parameters always are), or PEM given
+/// The last value of any of `names` in the URL's query.
+fn parameter(url: &Url, names: &[&str]) -> Option<String> {
+    url.query_pairs()
+        .filter(|(key, _)| names.contains(&key.as_ref()))
+        .last()
+        .map(|(_, value)| value.into_owned())
+}
+
+/// A certificate or key as sqlx reads it: a file (URL parameters always are), or PEM given
 /// inline in a `PGSSL*` variable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
@@ -118,6 +147,16 @@ impl Source {
             Self::Inline(pem) => Ok(pem.clone()),
         }
     }
+
+    /// A `PGSSL*` value as sqlx reads it: PEM if it looks like PEM, else a path.
+    fn from_variable(value: String) -> Self {
+        let trimmed = value.trim();
+        if trimmed.starts_with("-----BEGIN") && trimmed.ends_with("-----") {
+            Self::Inline(value.into_bytes())
+        } else {
+            Self::File(value.into())
+        }
+    }
 }
 
 /// The TLS files of a connection.
@@ -131,23 +170,28 @@ pub struct TlsFiles {
     pub key: Option<Source>,
 }
 
-/// The TLS files `options` names. sqlx keeps them private; its URL form writes each as
-/// `file: <path>` or as the PEM itself.
-pub fn tls_files(options: &PgConnectOptions) -> TlsFiles {
-    let url = options.to_url_lossy();
-    let find = |name: &str| {
-        url.query_pairs()
-            .find(|(key, _)| key == name)
-            .map(|(_, value)| match value.strip_prefix("file: ") {
-                Some(path) => Source::File(path.into()),
-                None => Source::Inline(value.as_bytes().to_vec()),
-            })
+/// The TLS files `url` names, as sqlx reads them: the URL's parameter, else the `PGSSL*`
+/// variable. (Read here rather than from sqlx, which keeps them private and can only give
+/// them back through a URL it cannot build for every host it accepts.)
+///
+/// # Errors
+/// [`UrlError::Invalid`].
+pub fn tls_files(url: &str) -> Result<TlsFiles, UrlError> {
+    tls_files_with(url, &|name| std::env::var(name).ok())
+}
+
+fn tls_files_with(url: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<TlsFiles, UrlError> {
+    let parsed = Url::parse(url).map_err(|e| UrlError::Invalid(e.to_string()))?;
+    let find = |parameters: &[&str], variable: &str| {
+        parameter(&parsed, parameters)
+            .map(|path| Source::File(path.into()))
+            .or_else(|| env(variable).map(Source::from_variable))
     };
-    TlsFiles {
-        root: find("sslrootcert"),
-        cert: find("sslcert"),
-        key: find("sslkey"),
-    }
+    Ok(TlsFiles {
+        root: find(&ROOT_PARAMETERS, "PGSSLROOTCERT"),
+        cert: find(&CERT_PARAMETERS, "PGSSLCERT"),
+        key: find(&KEY_PARAMETERS, "PGSSLKEY"),
+    })
 }
 
 #[cfg(test)]
@@ -155,9 +199,13 @@ pub fn tls_files(options: &PgConnectOptions) -> TlsFiles {
 mod tests {
     use super::*;
 
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
     #[test]
     fn tls_modes_mean_no_less_than_libpq() {
-        let mode = |url: &str| connect_options(url).map(|o| o.get_ssl_mode());
+        let mode = |url: &str| connect_options_with(url, &no_env).map(|o| o.get_ssl_mode());
         assert!(matches!(
             mode("postgres://u@db/x?sslmode=allow"),
             Ok(PgSslMode::Prefer)
@@ -181,21 +229,52 @@ mod tests {
     }
 
     #[test]
-    fn tls_files_are_read_back_from_the_url_exactly() {
-        let options = connect_options(
-            "postgres://u@db/x?sslmode=verify-full&sslrootcert=/etc/my%20ca/r%26d.pem&sslcert=/c.pem&sslkey=/k.pem",
+    fn the_environment_is_checked_only_where_the_url_does_not_say() {
+        let env = |name: &str| match name {
+            "PGSSLMODE" => Some("verify_full".to_owned()),
+            "PGSSLROOTCERT" => Some(String::new()),
+            _ => None,
+        };
+        assert!(matches!(
+            connect_options_with("postgres://u@db/x", &env),
+            Err(UrlError::SslMode(_))
+        ));
+        assert!(matches!(
+            connect_options_with("postgres://u@db/x?sslmode=require", &env),
+            Err(UrlError::EmptyVariable("PGSSLROOTCERT"))
+        ));
+        assert!(
+            connect_options_with(
+                "postgres://u@db/x?sslmode=verify-full&sslrootcert=/ca.pem",
+                &env
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn tls_files_come_from_the_url_else_the_environment() {
+        let files = tls_files_with(
+            "postgres://u@db/x?sslmode=verify-full&ssl-ca=/old.pem&sslrootcert=/etc/my%20ca/r%26d.pem&sslcert=/c.pem",
+            &|name| (name == "PGSSLKEY").then(|| "/k.pem".to_owned()),
         )
         .unwrap();
         assert_eq!(
-            tls_files(&options),
+            files,
             TlsFiles {
                 root: Some(Source::File("/etc/my ca/r&d.pem".into())),
                 cert: Some(Source::File("/c.pem".into())),
                 key: Some(Source::File("/k.pem".into())),
             }
         );
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".to_owned();
+        let inline = tls_files_with("postgres:///x", &|name| {
+            (name == "PGSSLROOTCERT").then(|| pem.clone())
+        })
+        .unwrap();
+        assert_eq!(inline.root, Some(Source::Inline(pem.into_bytes())));
         assert_eq!(
-            tls_files(&connect_options("postgres://u@db/x").unwrap()),
+            tls_files_with("postgres://u@db/x", &no_env).unwrap(),
             TlsFiles::default()
         );
     }

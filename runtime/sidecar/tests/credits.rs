@@ -736,11 +736,10 @@ async fn calls_that_ask_while_a_check_is_in_flight_are_told_by_a_read_sent_after
         assert_eq!(refused.status, 503);
         assert_eq!(refused.json()["error"]["code"], "LEASE_UNAVAILABLE");
     }
-    assert_eq!(
-        gate.sent.load(std::sync::atomic::Ordering::SeqCst),
-        2,
-        "one read for call 1, one shared by the eight"
-    );
+    // One read for call 1, one shared by the eight (a call slow to reach the sidecar would
+    // open a third, after the force too).
+    let reads = gate.sent.load(std::sync::atomic::Ordering::SeqCst);
+    assert!((2..=3).contains(&reads), "{reads} reads");
     assert_eq!(stack.upstream_requests().len(), forwarded + 1);
     stack.wait_no_open_calls().await;
     // Call 1's draw, sent after the force, is refused as stale: the documented window between

@@ -72,12 +72,12 @@ struct Settings {
 }
 
 impl PgTls {
-    /// TLS as `options` (read by [`spendguard_postgres::connect_options`]) asks.
+    /// TLS as `url`, read into `options` by [`spendguard_postgres::connect_options`], asks.
     ///
     /// # Errors
     /// [`Error::Startup`] when a root, certificate or key cannot be read or used (named), or
     /// `verify-full` has no root to verify with, or the mode is `verify-ca`.
-    pub fn from_options(options: &PgConnectOptions) -> Result<Self> {
+    pub fn from_url(url: &str, options: &PgConnectOptions) -> Result<Self> {
         let verify = match options.get_ssl_mode() {
             PgSslMode::Disable => return Ok(Self { settings: None }),
             PgSslMode::VerifyFull => true,
@@ -90,7 +90,7 @@ impl PgTls {
         };
         let settings = Settings {
             verify,
-            files: tls_files(options),
+            files: tls_files(url).map_err(|e| Error::Startup(e.to_string()))?,
         };
         // Read now, so a file that cannot be used fails the start.
         settings.client_config().map_err(Error::Startup)?;

@@ -86,7 +86,12 @@ impl LeaseChecks {
                 let (round, answer) = watch::channel(None);
                 gathering.insert(epoch, round);
                 // A task of its own sends the round: the calls in it may go away meanwhile.
-                tokio::spawn(self.clone().send_round(epoch));
+                let unsent = Unsent {
+                    checks: self.clone(),
+                    epoch,
+                    armed: true,
+                };
+                tokio::spawn(unsent.send());
                 answer
             }
         };
@@ -104,43 +109,42 @@ impl LeaseChecks {
         }
         answer
     }
+}
 
-    /// Sends the round of `epoch` once no other check is in flight, and answers its calls.
-    async fn send_round(self: Arc<Self>, epoch: u64) {
-        let unsent = Unsent {
-            checks: &self,
-            epoch,
-            armed: true,
-        };
-        let permit = self.in_flight.acquire().await;
+impl Unsent {
+    /// Sends the round once no other check is in flight, and answers its calls.
+    async fn send(self) {
+        let checks = self.checks.clone();
+        let epoch = self.epoch;
+        let permit = checks.in_flight.acquire().await;
         // From here on, calls asking start the next round: this one's read may begin any time.
-        let Some(round) = unsent.leave() else {
+        let Some(round) = self.leave() else {
             return;
         };
-        self.sent.inc();
+        checks.sent.inc();
         let check = pb::CheckFencingRequest {
-            tenant_id: self.tenant_id.clone(),
+            tenant_id: checks.tenant_id.clone(),
             fencing: Some(pb::FencingToken {
-                scope_id: self.scope_id.clone(),
+                scope_id: checks.scope_id.clone(),
                 epoch,
             }),
         };
-        let answer = self.ledger.clone().check_fencing(check).await.map(|_| ());
+        let answer = checks.ledger.clone().check_fencing(check).await.map(|_| ());
         drop(permit);
         round.send_replace(Some(answer));
     }
 }
 
-/// A round waiting to be sent. Should its task be dropped first (the runtime shutting down), the
-/// round leaves the gathering set anyway: later calls open a round of their own instead of
-/// joining one nobody sends.
-struct Unsent<'a> {
-    checks: &'a LeaseChecks,
+/// A round waiting to be sent, made before its task is spawned. Should the task be dropped
+/// first (the runtime shutting down, even before its first poll), the round leaves the gathering
+/// set anyway: later calls open a round of their own instead of joining one nobody sends.
+struct Unsent {
+    checks: Arc<LeaseChecks>,
     epoch: u64,
     armed: bool,
 }
 
-impl Unsent<'_> {
+impl Unsent {
     /// The round leaves the gathering set, to be sent.
     fn leave(mut self) -> Option<watch::Sender<Option<Answer>>> {
         self.armed = false;
@@ -148,7 +152,7 @@ impl Unsent<'_> {
     }
 }
 
-impl Drop for Unsent<'_> {
+impl Drop for Unsent {
     fn drop(&mut self) {
         if self.armed {
             lock(&self.checks.gathering).remove(&self.epoch);
