@@ -1339,6 +1339,9 @@ pub struct Effects {
     pub new_approval_ids: BTreeSet<Uuid>,
     /// Final state of every approval created or resolved by the batch.
     pub approvals: BTreeMap<Uuid, ApprovalRow>,
+    /// Reservations made under an approval, as (approval, reservation): one per approval, which
+    /// the database holds too (`approval_uses`).
+    pub approval_uses: Vec<(Uuid, Uuid)>,
     /// Retention policies to insert or update (final state).
     pub retention_policies: BTreeMap<String, RetentionPolicy>,
     /// Fail-open records to insert (written before the journal entries that name them).
@@ -1374,6 +1377,7 @@ impl Effects {
             entries: _,
             new_approval_ids,
             approvals,
+            approval_uses,
             retention_policies,
             fail_open_records,
             stop_records,
@@ -1389,6 +1393,7 @@ impl Effects {
             && lease_events.is_empty()
             && new_approval_ids.is_empty()
             && approvals.is_empty()
+            && approval_uses.is_empty()
             && retention_policies.is_empty()
             && fail_open_records.is_empty()
             && stop_records.is_empty()
@@ -1688,6 +1693,9 @@ impl Planner {
         let credit_remaining = self.credit_remaining(&row);
         self.state.reservations.insert(row.id, row.clone());
         self.effects.new_reservations.push(row);
+        if let Some(approval) = r.context.approval_id {
+            self.effects.approval_uses.push((approval, reservation_id));
+        }
         let window_data: Vec<_> = windows
             .iter()
             .map(|w| json!({"budget_id": w.budget.budget_id, "window_start": format_time(w.start)}))

@@ -1422,7 +1422,10 @@ async fn write(
     write_credit_draws(tx, effects).await?;
     write_late_usage(tx, effects).await?;
     // ...the hot path is one statement.
-    write_money_and_outbox(tx, cursor, now, effects, signer).await
+    let next_sequence = write_money_and_outbox(tx, cursor, now, effects, signer).await?;
+    // After the reservations they name.
+    write_approval_uses(tx, effects).await?;
+    Ok(next_sequence)
 }
 
 /// Usage committed after a reservation expired in an earlier transaction, on its expired row,
@@ -1677,6 +1680,25 @@ async fn write_retention_policies(
 /// statement is untouched). A plain INSERT for a new approval: if another replica created it
 /// first, the primary key fails this batch instead of writing a second `approval.created`.
 /// The table's trigger re-checks that a resolution leaves `pending` once and changes nothing else.
+/// One row per reservation made under an approval: the table's keys hold one reservation per
+/// approval even if the planner's check were wrong.
+async fn write_approval_uses(tx: &mut Transaction<'_, Postgres>, effects: &Effects) -> Result<()> {
+    if effects.approval_uses.is_empty() {
+        return Ok(());
+    }
+    let (approvals, reservations): (Vec<Uuid>, Vec<Uuid>) =
+        effects.approval_uses.iter().copied().unzip();
+    sqlx::query(
+        "INSERT INTO approval_uses (approval_id, reservation_id)
+         SELECT * FROM unnest($1::uuid[], $2::uuid[])",
+    )
+    .bind(&approvals)
+    .bind(&reservations)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
 async fn write_approvals(tx: &mut Transaction<'_, Postgres>, effects: &Effects) -> Result<()> {
     for (id, a) in &effects.approvals {
         if effects.new_approval_ids.contains(id) {

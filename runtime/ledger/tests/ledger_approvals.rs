@@ -1014,5 +1014,113 @@ async fn a_reservation_under_an_approval_is_checked_against_it_and_names_it() {
     .await
     .unwrap();
     assert_eq!(under_approval, 1);
+    // The database holds it too: the reservation is the approval's one use, and a second
+    // use (as a wrong planner would write) or any change of it is refused.
+    let Some(pb::reserve_set_response::Outcome::Reserved(reserved)) = reserved.outcome else {
+        unreachable!()
+    };
+    let uses: Vec<(uuid::Uuid, uuid::Uuid)> =
+        sqlx::query_as("SELECT approval_id, reservation_id FROM approval_uses")
+            .fetch_all(ledger.store().pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        uses,
+        [(
+            approval.approval_id.parse().unwrap(),
+            reserved.reservation_id.parse().unwrap()
+        )]
+    );
+    let plain = ledger
+        .client
+        .reserve_set(reserve_request(T, "plain", &both, 10, &fencing))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(pb::reserve_set_response::Outcome::Reserved(plain)) = plain.outcome else {
+        panic!("not reserved: {plain:?}")
+    };
+    let other: uuid::Uuid = plain.reservation_id.parse().unwrap();
+    for (what, sql) in [
+        (
+            "a second use",
+            "INSERT INTO approval_uses (approval_id, reservation_id) VALUES ($1, $2)",
+        ),
+        (
+            "a changed use",
+            "UPDATE approval_uses SET reservation_id = $2 WHERE approval_id = $1",
+        ),
+        (
+            "a deleted use",
+            "DELETE FROM approval_uses WHERE approval_id = $1 AND $2::uuid IS NOT NULL",
+        ),
+    ] {
+        let refused = sqlx::query(sql)
+            .bind(approval.approval_id.parse::<uuid::Uuid>().unwrap())
+            .bind(other)
+            .execute(ledger.store().pool())
+            .await;
+        assert!(refused.is_err(), "{what} was written");
+    }
     invariants::check(ledger.store().pool()).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_approval_uses_migration_backfills_reservations_made_before_it() {
+    // Goal: a database upgraded with reservations already made under approvals gets their
+    // uses from the keys that name the approvals, so the one-use rule holds for them too.
+    // (Reverting the migration and applying it again stands for the upgrade.)
+    let (mut ledger, fencing) = setup().await;
+    let approval = create(&mut ledger, create_request("call-1", &fencing)).await;
+    ledger
+        .client
+        .resolve_approval(resolve_request(
+            &approval.approval_id,
+            pb::ApprovalDecision::Approve,
+            "alice@example.com",
+        ))
+        .await
+        .unwrap();
+    let mut request = reserve_request(
+        T,
+        &format!("call-1/approved/{}", approval.approval_id),
+        &["team", "tenant"],
+        650,
+        &fencing,
+    );
+    request.context = Some(pb::DecisionContext {
+        call_id: "call-1".into(),
+        approval_id: approval.approval_id.clone(),
+        ..Default::default()
+    });
+    ledger.client.reserve_set(request).await.unwrap();
+    // A reservation whose key merely looks like one is not taken for a use.
+    ledger
+        .client
+        .reserve_set(reserve_request(
+            T,
+            &format!("x/approved/{}", uuid::Uuid::new_v4()),
+            &["tenant"],
+            10,
+            &fencing,
+        ))
+        .await
+        .unwrap();
+    let uses = || async {
+        sqlx::query_as::<_, (uuid::Uuid, String)>(
+            "SELECT u.approval_id, r.idempotency_key
+               FROM approval_uses u JOIN reservations r USING (reservation_id)",
+        )
+        .fetch_all(ledger.store().pool())
+        .await
+        .unwrap()
+    };
+    let written = uses().await;
+    assert_eq!(written.len(), 1);
+    spendguard_ledger::store::MIGRATOR
+        .undo(ledger.store().pool(), 20_261_127_200_001)
+        .await
+        .unwrap();
+    ledger.store().migrate().await.unwrap();
+    assert_eq!(uses().await, written);
 }

@@ -1,0 +1,2 @@
+DROP TABLE approval_uses;
+DROP FUNCTION approval_uses_final();
