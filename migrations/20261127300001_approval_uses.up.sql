@@ -19,13 +19,14 @@ END $$;
 CREATE TRIGGER approval_uses_final BEFORE UPDATE OR DELETE ON approval_uses
     FOR EACH ROW EXECUTE FUNCTION approval_uses_final();
 
--- Reservations made under an approval before this table: the key names the approval. Where an
--- approval backed more than one (possible before the key check of 2026-11-27), the first
--- stands; the others stay, as history, without a row.
+-- Reservations made under an approval before this table: exactly the one the planner makes, keyed
+-- `<the approval's call id>/approved/<approval id>`, found by the reservations' unique key index
+-- from the (few) approvals, never by scanning reservations (the ledger's sessions, migrations
+-- included, run under a 5 s statement timeout). A reservation made before the key check of
+-- 2026-11-27 under another key gets no row: that approval can still back its one resumed call.
 INSERT INTO approval_uses (approval_id, reservation_id, created_at)
-SELECT DISTINCT ON (a.approval_id) a.approval_id, r.reservation_id, r.created_at
-  FROM reservations r
-  JOIN approvals a
-    ON a.tenant_id = r.tenant_id
-   AND a.approval_id::text = substring(r.idempotency_key from '/approved/([0-9a-f-]{36})$')
- ORDER BY a.approval_id, r.created_at, r.reservation_id;
+SELECT a.approval_id, r.reservation_id, r.created_at
+  FROM approvals a
+  JOIN reservations r
+    ON r.tenant_id = a.tenant_id
+   AND r.idempotency_key = a.idempotency_key || '/approved/' || a.approval_id::text;

@@ -1676,10 +1676,6 @@ async fn write_retention_policies(
     Ok(())
 }
 
-/// Approvals created or resolved by the batch, one statement each (a rare path, so the hot
-/// statement is untouched). A plain INSERT for a new approval: if another replica created it
-/// first, the primary key fails this batch instead of writing a second `approval.created`.
-/// The table's trigger re-checks that a resolution leaves `pending` once and changes nothing else.
 /// One row per reservation made under an approval: the table's keys hold one reservation per
 /// approval even if the planner's check were wrong.
 async fn write_approval_uses(tx: &mut Transaction<'_, Postgres>, effects: &Effects) -> Result<()> {
@@ -1699,6 +1695,10 @@ async fn write_approval_uses(tx: &mut Transaction<'_, Postgres>, effects: &Effec
     Ok(())
 }
 
+/// Approvals created or resolved by the batch, one statement each (a rare path, so the hot
+/// statement is untouched). A plain INSERT for a new approval: if another replica created it
+/// first, the primary key fails this batch instead of writing a second `approval.created`.
+/// The table's trigger re-checks that a resolution leaves `pending` once and changes nothing else.
 async fn write_approvals(tx: &mut Transaction<'_, Postgres>, effects: &Effects) -> Result<()> {
     for (id, a) in &effects.approvals {
         if effects.new_approval_ids.contains(id) {

@@ -1059,8 +1059,11 @@ async fn a_reservation_under_an_approval_is_checked_against_it_and_names_it() {
             .bind(approval.approval_id.parse::<uuid::Uuid>().unwrap())
             .bind(other)
             .execute(ledger.store().pool())
-            .await;
-        assert!(refused.is_err(), "{what} was written");
+            .await
+            .unwrap_err();
+        // Class 23 (integrity): the writer isolates such a command and commits the others.
+        let state = refused.as_database_error().and_then(|e| e.code()).unwrap();
+        assert!(state.starts_with("23"), "{what}: {state} {refused}");
     }
     invariants::check(ledger.store().pool()).await.unwrap();
 }
@@ -1081,6 +1084,19 @@ async fn the_approval_uses_migration_backfills_reservations_made_before_it() {
         ))
         .await
         .unwrap();
+    // Keys that merely look like a use are not taken for one: another call's prefix before
+    // the real approval's id (an ordinary reservation, made before the resume), and a key of
+    // no approval.
+    for key in [
+        format!("x/approved/{}", approval.approval_id),
+        format!("call-1/approved/{}", uuid::Uuid::new_v4()),
+    ] {
+        ledger
+            .client
+            .reserve_set(reserve_request(T, &key, &["tenant"], 10, &fencing))
+            .await
+            .unwrap();
+    }
     let mut request = reserve_request(
         T,
         &format!("call-1/approved/{}", approval.approval_id),
@@ -1094,18 +1110,6 @@ async fn the_approval_uses_migration_backfills_reservations_made_before_it() {
         ..Default::default()
     });
     ledger.client.reserve_set(request).await.unwrap();
-    // A reservation whose key merely looks like one is not taken for a use.
-    ledger
-        .client
-        .reserve_set(reserve_request(
-            T,
-            &format!("x/approved/{}", uuid::Uuid::new_v4()),
-            &["tenant"],
-            10,
-            &fencing,
-        ))
-        .await
-        .unwrap();
     let uses = || async {
         sqlx::query_as::<_, (uuid::Uuid, String)>(
             "SELECT u.approval_id, r.idempotency_key

@@ -33,10 +33,12 @@ impl Relay {
         let accepting = relay.clone();
         tokio::spawn(async move {
             loop {
-                let (client, _) = listener.accept().await.unwrap();
-                let server = TcpStream::connect(("127.0.0.1", postgres_port))
-                    .await
-                    .unwrap();
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", postgres_port)).await else {
+                    continue;
+                };
                 let id = accepting.opened.fetch_add(1, Ordering::SeqCst) + 1;
                 let reads = Arc::new(AtomicBool::new(false));
                 let (client_in, client_out) = client.into_split();
@@ -78,7 +80,8 @@ impl Relay {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
-            // The startup message names the session (the bench and tests use no TLS here).
+            // The startup message names the session: under the default sslmode=prefer the session
+            // first asks for TLS, this cluster declines, and the startup goes in the clear.
             if from_client
                 && buffer[..n]
                     .windows(23)
@@ -129,8 +132,8 @@ async fn a_check_whose_read_session_goes_silent_is_answered_on_a_new_session() {
         "answered on the silenced session? {took:?}"
     );
     assert!(took < Duration::from_secs(5), "{took:?}");
-    // The new session answers at once.
+    // The new session answers within the read deadline (not through another retry).
     let started = Instant::now();
     ledger.client.check_fencing(check).await.unwrap();
-    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(started.elapsed() < Duration::from_millis(1_500));
 }
