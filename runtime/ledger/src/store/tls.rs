@@ -117,16 +117,14 @@ impl Settings {
                 );
             }
         };
-        let verifier: Arc<dyn ServerCertVerifier> = if self.verify {
-            Arc::new(VerifyFull {
-                roots: Arc::new(roots(self.files.root.as_ref())?),
-                provider: provider.clone(),
-            })
-        } else {
-            Arc::new(EncryptOnly {
-                provider: provider.clone(),
-            })
-        };
+        let verifier = Arc::new(ServerCheck {
+            roots: if self.verify {
+                Some(Arc::new(roots(self.files.root.as_ref())?))
+            } else {
+                None
+            },
+            provider: provider.clone(),
+        });
         let builder = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("PostgreSQL TLS: {e}"))?
@@ -188,15 +186,17 @@ fn roots(root: Option<&Source>) -> std::result::Result<RootCertStore, String> {
     Ok(store)
 }
 
-/// `verify-full`: the server's chain must end at a root, and its certificate name the host
-/// connected to (rustls' own checks).
+/// Checks the server as `sslmode` says. With `roots` (`verify-full`): the chain must end at one
+/// of them and the certificate name the host connected to (rustls' own checks). Without
+/// (`prefer`, `require`): the certificate is not checked (libpq's and sqlx's meaning). Either
+/// way the handshake's signatures are checked against the certificate shown.
 #[derive(Debug)]
-struct VerifyFull {
-    roots: Arc<RootCertStore>,
+struct ServerCheck {
+    roots: Option<Arc<RootCertStore>>,
     provider: Arc<CryptoProvider>,
 }
 
-impl ServerCertVerifier for VerifyFull {
+impl ServerCertVerifier for ServerCheck {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -205,69 +205,17 @@ impl ServerCertVerifier for VerifyFull {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        let certificate = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &certificate,
-            &self.roots,
-            intermediates,
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
-        rustls::client::verify_server_name(&certificate, server_name)?;
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-/// `allow`, `prefer` and `require`: encrypted, with the server's certificate unchecked (libpq's
-/// and sqlx's meaning). The handshake's signatures are still checked against that certificate.
-#[derive(Debug)]
-struct EncryptOnly {
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for EncryptOnly {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        if let Some(roots) = &self.roots {
+            let certificate = ParsedCertificate::try_from(end_entity)?;
+            rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &certificate,
+                roots,
+                intermediates,
+                now,
+                self.provider.signature_verification_algorithms.all,
+            )?;
+            rustls::client::verify_server_name(&certificate, server_name)?;
+        }
         Ok(ServerCertVerified::assertion())
     }
 
