@@ -849,6 +849,28 @@ async fn concurrent_resolutions_decide_once() {
     invariants::check(ledger.store().pool()).await.unwrap();
 }
 
+/// The ReserveSet of `call-1` resumed under `approval_id`: the key and context a sidecar sends.
+fn resumed(
+    approval_id: &str,
+    budgets: &[&str],
+    amount: i64,
+    fencing: &pb::FencingToken,
+) -> pb::ReserveSetRequest {
+    let mut request = reserve_request(
+        T,
+        &format!("call-1/approved/{approval_id}"),
+        budgets,
+        amount,
+        fencing,
+    );
+    request.context = Some(pb::DecisionContext {
+        call_id: "call-1".into(),
+        approval_id: approval_id.into(),
+        ..Default::default()
+    });
+    request
+}
+
 #[tokio::test]
 async fn a_reservation_under_an_approval_is_checked_against_it_and_names_it() {
     // Goal (S16): a ReserveSet that names the approval it goes ahead under is refused, with a
@@ -859,19 +881,7 @@ async fn a_reservation_under_an_approval_is_checked_against_it_and_names_it() {
     let approval = create(&mut ledger, create_request("call-1", &fencing)).await;
     let denied = create(&mut ledger, create_request("call-2", &fencing)).await;
     let under = |approval_id: &str, budgets: &[&str], amount: i64| {
-        let mut request = reserve_request(
-            T,
-            &format!("call-1/approved/{approval_id}"),
-            budgets,
-            amount,
-            &fencing,
-        );
-        request.context = Some(pb::DecisionContext {
-            call_id: "call-1".into(),
-            approval_id: approval_id.into(),
-            ..Default::default()
-        });
-        request
+        resumed(approval_id, budgets, amount, &fencing)
     };
     let both = ["team", "tenant"];
     let written = events(&ledger).await.len();
@@ -1097,19 +1107,16 @@ async fn the_approval_uses_migration_backfills_reservations_made_before_it() {
             .await
             .unwrap();
     }
-    let mut request = reserve_request(
-        T,
-        &format!("call-1/approved/{}", approval.approval_id),
-        &["team", "tenant"],
-        650,
-        &fencing,
-    );
-    request.context = Some(pb::DecisionContext {
-        call_id: "call-1".into(),
-        approval_id: approval.approval_id.clone(),
-        ..Default::default()
-    });
-    ledger.client.reserve_set(request).await.unwrap();
+    ledger
+        .client
+        .reserve_set(resumed(
+            &approval.approval_id,
+            &["team", "tenant"],
+            650,
+            &fencing,
+        ))
+        .await
+        .unwrap();
     let uses = || async {
         sqlx::query_as::<_, (uuid::Uuid, String)>(
             "SELECT u.approval_id, r.idempotency_key

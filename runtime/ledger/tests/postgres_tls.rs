@@ -32,21 +32,11 @@ async fn session_opens(url: &str) -> Result<bool, String> {
     Ok(row.get(0))
 }
 
-#[tokio::test]
-async fn the_ledger_serves_with_every_session_encrypted_and_the_server_verified() {
-    // Goal: a ledger pointed at a database that requires TLS, with `sslmode=verify-full` and
-    // the database's CA, starts (migrations over the pool), takes the cached path and answers
-    // a lease check (its two sessions of its own), and PostgreSQL counts every session of the
-    // ledger as encrypted.
-    let tls = cluster();
-    let database = tls.create_database().await.unwrap();
-    let ca = tls.ca.display().to_string();
-    let url = tls.url(
-        "localhost",
-        &database,
-        &format!("sslmode=verify-full&sslrootcert={ca}"),
-    );
-    let mut ledger = TestLedger::start_on(&url, "ledger-0").await.unwrap();
+/// Starts a ledger on `url` and uses every session it opens: the pool (migrations, the load
+/// path), the cached path's (four reserve+commit pairs on one budget) and the reads' (a lease
+/// check). Fails unless each of them worked.
+async fn ledger_using_every_session(url: &str) -> TestLedger {
+    let mut ledger = TestLedger::start_on(url, "ledger-0").await.unwrap();
     let fencing = ledger.tenant_with_lease(T).await.unwrap();
     ledger.budget(T, "run", 1_000_000).await.unwrap();
     for n in 0..4 {
@@ -85,10 +75,28 @@ async fn the_ledger_serves_with_every_session_encrypted_and_the_server_verified(
         .client
         .check_fencing(pb::CheckFencingRequest {
             tenant_id: T.into(),
-            fencing: Some(fencing.clone()),
+            fencing: Some(fencing),
         })
         .await
         .unwrap();
+    ledger
+}
+
+#[tokio::test]
+async fn the_ledger_serves_with_every_session_encrypted_and_the_server_verified() {
+    // Goal: a ledger pointed at a database that requires TLS, with `sslmode=verify-full` and
+    // the database's CA, starts (migrations over the pool), takes the cached path and answers
+    // a lease check (its two sessions of its own), and PostgreSQL counts every session of the
+    // ledger as encrypted.
+    let tls = cluster();
+    let database = tls.create_database().await.unwrap();
+    let ca = tls.ca.display().to_string();
+    let url = tls.url(
+        "localhost",
+        &database,
+        &format!("sslmode=verify-full&sslrootcert={ca}"),
+    );
+    let mut ledger = ledger_using_every_session(&url).await;
     let sessions: Vec<(String, bool)> = sqlx::query_as(
         "SELECT a.application_name, s.ssl FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
           WHERE a.datname = current_database() AND a.application_name LIKE 'spendguard-ledger%'",
@@ -222,32 +230,5 @@ async fn over_a_unix_socket_every_session_opens_without_tls() {
         cluster.port()
     );
     assert_eq!(session_opens(&socket).await, Ok(false));
-    let mut ledger = TestLedger::start_on(&socket, "ledger-0").await.unwrap();
-    let fencing = ledger.tenant_with_lease(T).await.unwrap();
-    ledger.budget(T, "run", 1_000_000).await.unwrap();
-    for n in 0..4 {
-        ledger
-            .client
-            .reserve_set(reserve_request(
-                T,
-                &format!("k{n}"),
-                &["run"],
-                100,
-                &fencing,
-            ))
-            .await
-            .unwrap();
-    }
-    assert!(
-        ledger.batches("cached") > 0,
-        "the cached path's session opened"
-    );
-    ledger
-        .client
-        .check_fencing(pb::CheckFencingRequest {
-            tenant_id: T.into(),
-            fencing: Some(fencing),
-        })
-        .await
-        .unwrap();
+    ledger_using_every_session(&socket).await;
 }

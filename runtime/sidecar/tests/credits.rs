@@ -59,17 +59,23 @@ fn metric(stack: &Stack, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// A stack whose sidecar holds an open credit of 20 worst cases, with no call in flight.
-async fn with_an_open_credit() -> Stack {
-    let stack = Stack::start(Options {
-        flags: fixed_credits(20 * worst_case()),
-        ..Options::default()
-    })
-    .await;
+/// A stack started with `options` whose sidecar holds an open credit (its first call, reserved
+/// one by one, asked for it), with no call in flight.
+async fn stack_with_an_open_credit(options: Options) -> Stack {
+    let stack = Stack::start(options).await;
     assert_eq!(chat(&stack).await.status, 200);
     open_credits(&stack, 1).await;
     stack.wait_no_open_calls().await;
     stack
+}
+
+/// A stack whose sidecar holds an open credit of 20 worst cases, with no call in flight.
+async fn with_an_open_credit() -> Stack {
+    stack_with_an_open_credit(Options {
+        flags: fixed_credits(20 * worst_case()),
+        ..Options::default()
+    })
+    .await
 }
 
 /// No call admitted inside a credit lost its draw, and none became a fail-open record.
@@ -185,14 +191,11 @@ async fn a_call_settled_through_the_decision_api_is_drawn_urgently() {
     // the call's draw, so neither may be held by the ledger's defer window. Method: the
     // ledger's count of commands by urgency across a decide and commit through the API, the
     // call admitted inside a credit.
-    let stack = Stack::start(Options {
+    let stack = stack_with_an_open_credit(Options {
         flags: fixed_credits(10 * worst_case()),
         ..Options::default()
     })
     .await;
-    assert_eq!(chat(&stack).await.status, 200);
-    open_credits(&stack, 1).await;
-    stack.wait_no_open_calls().await;
     let admitted = metric(&stack, "spendguard_sidecar_credit_admitted_total");
     let deferrable = stack.ledger.commands("deferrable");
     let decided = stack
@@ -438,15 +441,12 @@ async fn a_denied_credit_retires_the_current_one_so_its_remainder_goes_back() {
     // on a budget of 2.3: the first call opens it, the second is drawn from it and leaves it
     // low, the next credit does not fit.
     let w = worst_case();
-    let mut stack = Stack::start(Options {
+    let mut stack = stack_with_an_open_credit(Options {
         limit: 23 * w / 10,
         flags: fixed_credits(12 * w / 10),
         ..Options::default()
     })
     .await;
-    assert_eq!(chat(&stack).await.status, 200);
-    open_credits(&stack, 1).await;
-    stack.wait_no_open_calls().await;
     assert_eq!(chat(&stack).await.status, 200);
     // The draw goes out in the background (and the ledger may hold it a moment).
     let mut drawn = 0;
@@ -504,15 +504,12 @@ async fn draws_of_calls_admitted_during_an_outage_land_under_the_leases_next_epo
     // fail-open records. Under a fail-open contract only: the fail-closed default refuses calls
     // the ledger cannot confirm (above). Method: the ledger stopped past the lease TTL (3 s in
     // these tests).
-    let mut stack = Stack::start(Options {
+    let mut stack = stack_with_an_open_credit(Options {
         flags: fixed_credits(10 * worst_case()),
         contract: json!({"fail_policy": "open"}),
         ..Options::default()
     })
     .await;
-    assert_eq!(chat(&stack).await.status, 200);
-    open_credits(&stack, 1).await;
-    stack.wait_no_open_calls().await;
     let epoch_before: i64 = sqlx::query_scalar("SELECT max(epoch) FROM fencing_scopes")
         .fetch_one(stack.ledger.store().pool())
         .await
@@ -656,14 +653,11 @@ async fn concurrent_calls_inside_a_credit_share_their_lease_checks() {
     // Calls that ask while a check is in flight gather and share the next one, which is sent
     // after all of them asked (so each still sees an epoch forced forward before it asked:
     // the test above). 64 calls at once take far fewer reads than calls, every one admitted.
-    let stack = Stack::start(Options {
+    let stack = stack_with_an_open_credit(Options {
         flags: fixed_credits(200 * worst_case()),
         ..Options::default()
     })
     .await;
-    assert_eq!(chat(&stack).await.status, 200);
-    open_credits(&stack, 1).await;
-    stack.wait_no_open_calls().await;
     let admitted = metric(&stack, "spendguard_sidecar_credit_admitted_total");
     let checks = lease_checks_answered(&stack);
     let calls: Vec<_> = (0..64)
@@ -705,16 +699,13 @@ async fn calls_that_ask_while_a_check_is_in_flight_are_told_by_a_read_sent_after
     // share one read, sent after it, which sees the forced epoch, so all are refused and
     // nothing of theirs goes out. (Joining the check in flight would admit all eight.)
     let gate = ledger_front::Gate::closed();
-    let mut stack = Stack::start(Options {
+    let mut stack = stack_with_an_open_credit(Options {
         flags: fixed_credits(200 * worst_case()),
         ledger_front: Some(ledger_front::CheckFencing::Held(gate.clone())),
         ..Options::default()
     })
     .await;
-    // The first call reserves one by one (no credit yet, no check) and opens a credit.
-    assert_eq!(chat(&stack).await.status, 200);
-    open_credits(&stack, 1).await;
-    stack.wait_no_open_calls().await;
+    // (Its first call reserved one by one: no lease check went through the gate yet.)
     let forwarded = stack.upstream_requests().len();
     let url = stack.url("/v1/chat/completions");
     let call = || {
