@@ -44,7 +44,6 @@ pub struct LeaseChecks {
     gathering: Mutex<HashMap<u64, watch::Sender<Option<Answer>>>>,
     in_flight: Semaphore,
     sent: Counter,
-    confirmed: Counter,
 }
 
 impl LeaseChecks {
@@ -57,21 +56,15 @@ impl LeaseChecks {
             gathering: Mutex::new(HashMap::new()),
             in_flight: Semaphore::new(IN_FLIGHT),
             sent: Counter::default(),
-            confirmed: Counter::default(),
         }
     }
 
-    /// Registers the check metrics.
+    /// Registers the check metric.
     pub fn register(&self, registry: &mut Registry) {
         registry.register(
             "spendguard_sidecar_lease_checks",
             "Lease checks (CheckFencing reads) sent for calls admitted inside a credit; concurrent calls share one",
             self.sent.clone(),
-        );
-        registry.register(
-            "spendguard_sidecar_lease_checks_confirmed_calls",
-            "Calls whose epoch a lease check confirmed",
-            self.confirmed.clone(),
         );
     }
 
@@ -96,18 +89,14 @@ impl LeaseChecks {
             }
         };
         let waited = tokio::time::timeout(ANSWER_WAIT, answer.wait_for(Option::is_some)).await;
-        let answer = match waited {
+        match waited {
             Ok(Ok(answer)) => (*answer).clone().unwrap_or_else(|| Err(abandoned())),
             // The round's task was dropped after it was sent (the runtime is shutting down).
             Ok(Err(_)) => Err(abandoned()),
             Err(_) => Err(tonic::Status::deadline_exceeded(
                 "the lease check was not answered in time",
             )),
-        };
-        if answer.is_ok() {
-            self.confirmed.inc();
         }
-        answer
     }
 }
 
