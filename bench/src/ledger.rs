@@ -157,6 +157,7 @@ pub(crate) async fn bench_ledger(
     let interval = Duration::from_secs_f64(1.0 / paced_rate as f64);
     let count = usize::try_from(paced_rate * duration.as_secs())?;
     quiesce(&url).await?;
+    let metrics_before = metrics_now(process.admin_port).await?;
     let cpu_before = cpu::sample(&[("ledger", ledger_pid)])?;
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(count);
@@ -190,11 +191,12 @@ pub(crate) async fn bench_ledger(
     report_calls("  of which ReserveSet", reserves);
     report_calls("  of which Commit", commits);
     cpu::report(&cpu_before, &cpu_after, count, "pair");
+    report_writer(process.admin_port, Some(&metrics_before)).await?;
     if let Some((task, errors)) = sweeper {
         task.abort();
         report_sweeper(task.await, &errors)?;
     }
-    report_writer(process.admin_port).await?;
+    report_writer(process.admin_port, None).await?;
     report_statements(&url).await?;
     process.child.start_kill()?;
     process.child.wait().await?;
@@ -258,14 +260,38 @@ pub(crate) async fn writer_totals(admin_port: u16) -> Result<(f64, f64)> {
     ))
 }
 
+/// The ledger's `/metrics` text now.
+pub(crate) async fn metrics_now(admin_port: u16) -> Result<String> {
+    Ok(http_get(admin_port, "/metrics").await?.1)
+}
+
 /// The writer's batch statistics, from the ledger's `/metrics`: how many commands shared each
-/// statement, and where a batch's time went.
-pub(crate) async fn report_writer(admin_port: u16) -> Result<()> {
-    let (_, metrics) = http_get(admin_port, "/metrics").await?;
-    let value = |name: &str| metric_value(&metrics, name);
+/// statement, and where a batch's time went. Over the whole run, or since `since` (an earlier
+/// `/metrics` text) for one phase, with the ledger's own mean time per RPC, so the time a
+/// client measured splits into the ledger's and the transport's.
+pub(crate) async fn report_writer(admin_port: u16, since: Option<&str>) -> Result<()> {
+    let metrics = metrics_now(admin_port).await?;
+    let value =
+        |name: &str| metric_value(&metrics, name) - since.map_or(0.0, |m| metric_value(m, name));
     let batches = value("spendguard_ledger_batch_commands_count ");
+    if since.is_some() {
+        for rpc in ["ReserveSet", "Commit"] {
+            let labels = format!("{{rpc=\"{rpc}\"}} ");
+            let calls = value(&format!(
+                "spendguard_ledger_rpc_duration_seconds_count{labels}"
+            ));
+            println!(
+                "  in the ledger: {rpc} {:.3} ms/call",
+                value(&format!(
+                    "spendguard_ledger_rpc_duration_seconds_sum{labels}"
+                )) * 1e3
+                    / calls.max(1.0)
+            );
+        }
+    }
     println!(
-        "\nwriter: {batches:.0} batches, {:.1} commands/batch, {:.2} ms/batch",
+        "{}writer: {batches:.0} batches, {:.1} commands/batch, {:.2} ms/batch",
+        if since.is_some() { "  " } else { "\n" },
         value("spendguard_ledger_batch_commands_sum ") / batches.max(1.0),
         value("spendguard_ledger_batch_duration_seconds_sum ") * 1e3 / batches.max(1.0)
     );

@@ -318,7 +318,7 @@ pub(crate) async fn bench_proxy(
     println!(
         "max sustained ({clients} closed-loop clients): direct {max_direct:.0} calls/s, through the sidecar {max_guarded:.0} calls/s"
     );
-    crate::ledger::report_writer(ledger.admin_port).await?;
+    crate::ledger::report_writer(ledger.admin_port, None).await?;
     sidecar.stop().await?;
     mock.stop().await?;
     ledger.child.start_kill()?;
