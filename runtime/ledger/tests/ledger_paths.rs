@@ -1530,6 +1530,236 @@ async fn database_constraints_hold_even_if_application_code_is_wrong() {
     );
 }
 
+/// The row rules of reservations, the journal and the outbox (checked by triggers since
+/// migration 20261127400001, by CHECK constraints before): each one, broken alone on a row that
+/// otherwise passes, is refused with check_violation naming it, on insert and on update.
+#[tokio::test]
+async fn every_row_rule_is_refused_by_the_database_under_its_name() {
+    let (mut ledger, fencing) = setup().await;
+    let r = reserved(
+        ledger
+            .client
+            .reserve_set(reserve_request(T, "k", &["run"], 10, &fencing))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let pool = ledger.store().pool().clone();
+    let id = uuid::Uuid::parse_str(&r.reservation_id).unwrap();
+    let refused_as = |sql: String, rule: &'static str| {
+        let pool = pool.clone();
+        async move {
+            let error = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                .execute(&pool)
+                .await
+                .expect_err(&format!("the database accepted: {sql}"));
+            let database = error.as_database_error().unwrap();
+            assert_eq!(
+                (database.code().as_deref(), database.constraint()),
+                (Some("23514"), Some(rule)),
+                "{sql}: {error}"
+            );
+        }
+    };
+    // A copy of the open reservation under a new id and key, with some columns replaced.
+    const COLUMNS: [&str; 19] = [
+        "tenant_id",
+        "request_sha256",
+        "budget_ids",
+        "window_starts",
+        "amount_nano_usd",
+        "fencing_scope_id",
+        "fencing_epoch",
+        "created_at",
+        "expires_at",
+        "state",
+        "resolved_at",
+        "resolved_epoch",
+        "actual_nano_usd",
+        "committed_nano_usd",
+        "released_nano_usd",
+        "overrun_nano_usd",
+        "is_credit",
+        "drawn_nano_usd",
+        "drawn_from_reservation_id",
+    ];
+    let copy = |replaced: &[(&str, &str)]| {
+        let values: Vec<String> = COLUMNS
+            .iter()
+            .map(|column| {
+                replaced
+                    .iter()
+                    .find(|(c, _)| c == column)
+                    .map_or_else(|| (*column).to_owned(), |(_, v)| (*v).to_owned())
+            })
+            .collect();
+        format!(
+            "INSERT INTO reservations (reservation_id, idempotency_key, {})
+             SELECT gen_random_uuid(), gen_random_uuid()::text, {} FROM reservations
+              WHERE reservation_id = '{id}'",
+            COLUMNS.join(", "),
+            values.join(", ")
+        )
+    };
+    // The copy itself passes: each case below fails on its own change.
+    sqlx::query(sqlx::AssertSqlSafe(copy(&[])))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let resolved = |committed: &'static str, released: &'static str| {
+        [
+            ("state", "'committed'"),
+            ("resolved_at", "now()"),
+            ("committed_nano_usd", committed),
+            ("released_nano_usd", released),
+        ]
+    };
+    let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
+        (
+            vec![("budget_ids", "'{}'"), ("window_starts", "'{}'")],
+            "reservations_budget_ids_check",
+        ),
+        (
+            vec![("window_starts", "window_starts || now()")],
+            "reservations_one_window_per_budget",
+        ),
+        (
+            vec![("amount_nano_usd", "0")],
+            "reservations_amount_nano_usd_check",
+        ),
+        (
+            vec![("amount_nano_usd", "1000000000000000001")],
+            "reservations_amount_nano_usd_check",
+        ),
+        (
+            vec![("fencing_epoch", "0")],
+            "reservations_fencing_epoch_check",
+        ),
+        (
+            vec![("expires_at", "created_at")],
+            "reservations_expires_after_created",
+        ),
+        (
+            vec![
+                ("state", "'lost'"),
+                ("resolved_at", "now()"),
+                ("committed_nano_usd", "0"),
+                ("released_nano_usd", "amount_nano_usd"),
+            ],
+            "reservations_state_check",
+        ),
+        (
+            vec![("actual_nano_usd", "-1")],
+            "reservations_actual_nano_usd_check",
+        ),
+        (
+            resolved("-1", "amount_nano_usd + 1").to_vec(),
+            "reservations_committed_nano_usd_check",
+        ),
+        (
+            resolved("amount_nano_usd + 1", "-1").to_vec(),
+            "reservations_released_nano_usd_check",
+        ),
+        (
+            vec![("overrun_nano_usd", "-1")],
+            "reservations_overrun_nano_usd_check",
+        ),
+        (
+            resolved("1", "1").to_vec(),
+            "reservations_resolution_complete",
+        ),
+        (
+            vec![("resolved_at", "now()")],
+            "reservations_resolution_complete",
+        ),
+        (
+            vec![
+                ("is_credit", "true"),
+                ("drawn_nano_usd", "amount_nano_usd + 1"),
+            ],
+            "reservations_drawn_within_amount",
+        ),
+        (
+            vec![("drawn_nano_usd", "1")],
+            "reservations_only_credits_are_drawn",
+        ),
+        (
+            vec![
+                ("is_credit", "true"),
+                ("drawn_from_reservation_id", "reservation_id"),
+            ],
+            "reservations_credits_are_not_drawn_from_credits",
+        ),
+        (
+            [
+                resolved("amount_nano_usd", "0").to_vec(),
+                vec![("is_credit", "true")],
+            ]
+            .concat(),
+            "reservations_credits_are_never_committed",
+        ),
+    ];
+    for (replaced, rule) in cases {
+        refused_as(copy(&replaced), rule).await;
+    }
+    // On update too: the open reservation resolved with a negative commit.
+    refused_as(
+        format!(
+            "UPDATE reservations SET state = 'committed', resolved_at = now(), actual_nano_usd = 0,
+                    committed_nano_usd = -1, released_nano_usd = amount_nano_usd + 1
+              WHERE reservation_id = '{id}'"
+        ),
+        "reservations_committed_nano_usd_check",
+    )
+    .await;
+    // The journal: an unknown kind, and a money entry naming no reservation.
+    let entry = |kind: &str, reservation: &str| {
+        format!(
+            "INSERT INTO ledger_entries (tenant_id, budget_id, window_start, reservation_id, kind)
+             SELECT tenant_id, budget_id, window_start, {reservation}, '{kind}'
+               FROM budget_windows WHERE budget_id = 'run'"
+        )
+    };
+    refused_as(
+        entry("bonus", &format!("'{id}'::uuid")),
+        "ledger_entries_kind_check",
+    )
+    .await;
+    refused_as(
+        entry("reserve", "NULL"),
+        "ledger_entries_reservation_matches_kind",
+    )
+    .await;
+    refused_as(
+        entry("limit_set", &format!("'{id}'::uuid")),
+        "ledger_entries_reservation_matches_kind",
+    )
+    .await;
+    // The outbox: a sequence below 1 and a digest that is not 32 bytes (the signature rules are
+    // `every_audit_event_is_signed_by_a_registered_key`'s cases). The second row's sequence was
+    // never allocated either: the row rule is refused first, as the CHECK was.
+    for (sequence, digest, rule) in [
+        ("0", "event_sha256", "audit_outbox_producer_sequence_check"),
+        (
+            "producer_sequence + 1000000",
+            "'\\x00'::bytea",
+            "audit_outbox_event_sha256_check",
+        ),
+    ] {
+        refused_as(
+            format!(
+                "INSERT INTO audit_outbox (producer_instance_id, producer_sequence, tenant_id,
+                                           event_type, occurred_at, canonical_event, event_sha256)
+                 SELECT producer_instance_id, {sequence}, tenant_id, event_type, occurred_at,
+                        canonical_event, {digest}
+                   FROM audit_outbox ORDER BY producer_sequence LIMIT 1"
+            ),
+            rule,
+        )
+        .await;
+    }
+}
+
 /// RFC 8032 test vector public keys (valid, not small-order).
 const ED25519_KEY_1: &str = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a";
 const ED25519_KEY_2: &str = "3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c";
