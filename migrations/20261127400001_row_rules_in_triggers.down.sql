@@ -1,6 +1,8 @@
--- Back to the CHECK constraints of before 20261127400001 (added NOT VALID: the rows written
--- meanwhile were checked by the triggers, and validating would scan the tables under the
--- migration's statement timeout), and the two statement triggers' earlier bodies.
+-- Back to the CHECK constraints of before 20261127400001, and the two statement triggers'
+-- earlier bodies. One difference: every CHECK comes back NOT VALID (pg_constraint.convalidated
+-- false), also the 15 that were validated before. The rows written meanwhile were checked by the
+-- triggers, and validating would scan the tables under the migration's statement timeout; run
+-- ALTER TABLE ... VALIDATE CONSTRAINT by hand if it matters.
 ALTER TABLE reservations
     ADD CONSTRAINT reservations_budget_ids_check
         CHECK (cardinality(budget_ids) BETWEEN 1 AND 8) NOT VALID,
@@ -105,4 +107,4 @@ BEGIN
     RETURN NULL;
 END $$;
 
-DROP FUNCTION spendguard_row_rule_broken(text, text);
+DROP FUNCTION spendguard_row_rule_broken(text, text, text);

@@ -12,16 +12,20 @@
 -- Dropping a CHECK scans nothing. The triggers check every row written from now on, as the
 -- CHECKs did; rows written before were checked by them.
 
--- Raises what a broken CHECK raised: check_violation, with the table and the rule's name.
-CREATE FUNCTION spendguard_row_rule_broken(relation text, rule text) RETURNS void
-LANGUAGE plpgsql AS $$
+-- Raises what a broken CHECK raised: check_violation, with the schema, the table and the
+-- rule's name.
+CREATE FUNCTION spendguard_row_rule_broken(schema_name text, relation text, rule text)
+RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
     RAISE EXCEPTION 'new row for relation "%" violates check constraint "%"', relation, rule
-        USING ERRCODE = 'check_violation', TABLE = relation, CONSTRAINT = rule;
+        USING ERRCODE = 'check_violation', SCHEMA = schema_name, TABLE = relation,
+              CONSTRAINT = rule;
 END $$;
 
--- One expression per row. Each WHEN is a former CHECK under its name (two unnamed ones got
--- names); a rule that evaluates to NULL passes, as a CHECK does.
+-- One expression per row. Each WHEN is a former CHECK under its name (the two PostgreSQL had
+-- named `reservations_check` and `reservations_check1` got names that say what they hold); a
+-- rule that evaluates to NULL passes, as a CHECK does. When several break, the first WHEN
+-- names the error.
 CREATE FUNCTION reservations_row_rules() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     broken text;
@@ -54,7 +58,7 @@ BEGIN
             THEN 'reservations_credits_are_never_committed'
     END;
     IF broken IS NOT NULL THEN
-        PERFORM spendguard_row_rule_broken(TG_TABLE_NAME, broken);
+        PERFORM spendguard_row_rule_broken(TG_TABLE_SCHEMA, TG_TABLE_NAME, broken);
     END IF;
     RETURN NEW;
 END $$;
@@ -62,6 +66,9 @@ END $$;
 -- the row as it will be stored. A later BEFORE trigger that changes NEW must sort before it.
 CREATE TRIGGER reservations_row_rules BEFORE INSERT OR UPDATE ON reservations
     FOR EACH ROW EXECUTE FUNCTION reservations_row_rules();
+-- It only checks, so it may fire where a CHECK would and ordinary triggers do not: under
+-- session_replication_role = replica (logical replication's apply, pg_restore's data load).
+ALTER TABLE reservations ENABLE ALWAYS TRIGGER reservations_row_rules;
 
 ALTER TABLE reservations
     DROP CONSTRAINT reservations_budget_ids_check,
@@ -81,7 +88,8 @@ ALTER TABLE reservations
     DROP CONSTRAINT reservations_credits_are_never_committed;
 
 -- The journal's statement trigger reads its new entries once: their row rules (the two CHECKs
--- it had), the reservations they name, the windows they move. The rest is unchanged from
+-- it had; the one PostgreSQL had named `ledger_entries_check` is now
+-- `ledger_entries_reservation_matches_kind`), the reservations they name, the windows they move. The rest is unchanged from
 -- 20261125300001_fail_open_records.
 CREATE OR REPLACE FUNCTION ledger_entries_apply() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
@@ -109,7 +117,7 @@ BEGIN
       INTO broken, ids, tenants, budgets, wanted
       FROM inserted i;
     IF broken IS NOT NULL THEN
-        PERFORM spendguard_row_rule_broken('ledger_entries', broken);
+        PERFORM spendguard_row_rule_broken(TG_TABLE_SCHEMA, TG_TABLE_NAME, broken);
     END IF;
     -- `= ANY(array)` keeps these lookups on the primary key: a join against the transition table
     -- (which has no statistics) can be planned as a scan of the whole table.
@@ -176,7 +184,7 @@ BEGIN
       INTO broken, unallocated
       FROM inserted i LEFT JOIN audit_producers p USING (producer_instance_id);
     IF broken IS NOT NULL THEN
-        PERFORM spendguard_row_rule_broken('audit_outbox', broken);
+        PERFORM spendguard_row_rule_broken(TG_TABLE_SCHEMA, TG_TABLE_NAME, broken);
     END IF;
     IF unallocated THEN
         RAISE EXCEPTION 'audit outbox sequence was not allocated from its producer'

@@ -1532,7 +1532,9 @@ async fn database_constraints_hold_even_if_application_code_is_wrong() {
 
 /// The row rules of reservations, the journal and the outbox (checked by triggers since
 /// migration 20261127400001, by CHECK constraints before): each one, broken alone on a row that
-/// otherwise passes, is refused with check_violation naming it, on insert and on update.
+/// otherwise passes, is refused on insert with check_violation naming it; some reservation
+/// rules on update too, and under `session_replication_role = replica`, where ordinary triggers
+/// do not fire.
 #[tokio::test]
 async fn every_row_rule_is_refused_by_the_database_under_its_name() {
     let (mut ledger, fencing) = setup().await;
@@ -1620,6 +1622,13 @@ async fn every_row_rule_is_refused_by_the_database_under_its_name() {
             "reservations_budget_ids_check",
         ),
         (
+            vec![
+                ("budget_ids", "array_fill('run'::text, ARRAY[9])"),
+                ("window_starts", "array_fill(now(), ARRAY[9])"),
+            ],
+            "reservations_budget_ids_check",
+        ),
+        (
             vec![("window_starts", "window_starts || now()")],
             "reservations_one_window_per_budget",
         ),
@@ -1674,6 +1683,18 @@ async fn every_row_rule_is_refused_by_the_database_under_its_name() {
         ),
         (
             vec![
+                ("state", "'released'"),
+                ("committed_nano_usd", "0"),
+                ("released_nano_usd", "amount_nano_usd"),
+            ],
+            "reservations_resolution_complete",
+        ),
+        (
+            vec![("is_credit", "true"), ("drawn_nano_usd", "-1")],
+            "reservations_drawn_within_amount",
+        ),
+        (
+            vec![
                 ("is_credit", "true"),
                 ("drawn_nano_usd", "amount_nano_usd + 1"),
             ],
@@ -1702,16 +1723,61 @@ async fn every_row_rule_is_refused_by_the_database_under_its_name() {
     for (replaced, rule) in cases {
         refused_as(copy(&replaced), rule).await;
     }
-    // On update too: the open reservation resolved with a negative commit.
-    refused_as(
-        format!(
-            "UPDATE reservations SET state = 'committed', resolved_at = now(), actual_nano_usd = 0,
-                    committed_nano_usd = -1, released_nano_usd = amount_nano_usd + 1
-              WHERE reservation_id = '{id}'"
+    // On update too: the open reservation resolved with a negative commit, without accounting
+    // for its amount, or into an unknown state.
+    for (set, rule) in [
+        (
+            "state = 'committed', resolved_at = now(), actual_nano_usd = 0,
+             committed_nano_usd = -1, released_nano_usd = amount_nano_usd + 1",
+            "reservations_committed_nano_usd_check",
         ),
-        "reservations_committed_nano_usd_check",
+        (
+            "state = 'committed', resolved_at = now(), actual_nano_usd = 1,
+             committed_nano_usd = 1, released_nano_usd = 1",
+            "reservations_resolution_complete",
+        ),
+        (
+            "state = 'lost', resolved_at = now(), committed_nano_usd = 0,
+             released_nano_usd = amount_nano_usd",
+            "reservations_state_check",
+        ),
+    ] {
+        refused_as(
+            format!("UPDATE reservations SET {set} WHERE reservation_id = '{id}'"),
+            rule,
+        )
+        .await;
+    }
+    // The reservation rules judge the row as stored: they are the last BEFORE row trigger (by
+    // name, PostgreSQL's order), and fire even where ordinary triggers do not.
+    let before_row_triggers: Vec<(String, String)> = sqlx::query_as(
+        "SELECT tgname::text, tgenabled::text FROM pg_trigger
+          WHERE tgrelid = 'reservations'::regclass AND NOT tgisinternal
+            AND tgtype & 3 = 3 -- FOR EACH ROW, BEFORE
+          ORDER BY tgname",
     )
-    .await;
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        before_row_triggers.last(),
+        Some(&("reservations_row_rules".to_owned(), "A".to_owned())),
+        "{before_row_triggers:?}"
+    );
+    let mut replica = pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL session_replication_role = replica")
+        .execute(&mut *replica)
+        .await
+        .unwrap();
+    let error = sqlx::query(sqlx::AssertSqlSafe(copy(&[("fencing_epoch", "0")])))
+        .execute(&mut *replica)
+        .await
+        .expect_err("the rules hold under session_replication_role = replica");
+    assert_eq!(
+        error.as_database_error().and_then(|e| e.constraint()),
+        Some("reservations_fencing_epoch_check")
+    );
+    drop(replica);
     // The journal: an unknown kind, and a money entry naming no reservation.
     let entry = |kind: &str, reservation: &str| {
         format!(
