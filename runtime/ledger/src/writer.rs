@@ -8,8 +8,9 @@
 //!
 //! Hot batches go out on the cached path (`cache.rs`) and are pipelined: while one runs in
 //! PostgreSQL, the next gathers until it is as large, then is planned on its effects and sent
-//! behind it on the same session, so under load the database never waits for the writer, and
-//! at moderate rates it runs fewer, fuller statements (docs/design/ledger-cached-path.md).
+//! behind it on the same session, so the database can start it the moment the running one
+//! commits; a next batch that stays smaller goes once nothing is in flight, so moderate rates
+//! make fewer, fuller statements (docs/design/ledger-cached-path.md).
 //!
 //! Commands nobody waits on ([`Urgency::Deferrable`]: settlements and credit draws a sidecar
 //! sends in the background) may be held up to the defer window so that fewer, larger
@@ -177,10 +178,15 @@ async fn run(
                     )
                     .await;
                 }
-            } else if batch.len() < state.newest_in_flight_len() {
-                // A batch is running: what arrives meanwhile is sent behind it once it is as
-                // large, so PostgreSQL starts it the moment the running one commits; until
-                // then it grows, or goes alone when the running one is answered.
+            } else if batch.is_empty()
+                || (batch.len() < state.newest_in_flight_len()
+                    && !shutting_down(&stopping)
+                    && hold_until(&batch, batching.defer_for).is_none())
+            {
+                // Batches are in flight: what arrives meanwhile is sent behind them once it is
+                // as large as the newest, so PostgreSQL starts it the moment that one commits;
+                // until then it grows, or goes once nothing is in flight. (A held batch waits
+                // under its own deadline below; a stopping ledger sends what it has.)
                 match state
                     .answer_or_receive(&mut receiver, &mut batch, None)
                     .await
