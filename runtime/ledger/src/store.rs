@@ -322,6 +322,22 @@ impl Store {
         })
     }
 
+    /// Whether a sweep would find anything now: an open reservation or a pending approval past
+    /// its expiry on the database clock (both on their partial indexes). A read on the pool, so
+    /// the sweeper's idle ticks, the usual case, need not pass through the writer, whose load
+    /// path would drain the pipeline of hot batches for a sweep with nothing to do.
+    ///
+    /// # Errors
+    /// [`Error::Database`].
+    pub async fn anything_expired(&self) -> Result<bool> {
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM reservations WHERE state = 'reserved' AND expires_at <= now())
+                 OR EXISTS (SELECT 1 FROM approvals WHERE state = 'pending' AND expires_at <= now())",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     /// The fencing lease of `scope_id` as committed now (`None` for an unknown scope), and the
     /// database clock's now: a read on the read session (no lock, no cache).
     ///

@@ -385,7 +385,13 @@ async fn expiry_runs_on_the_database_clock_and_a_late_commit_is_booked_as_an_ove
                 .expired
         }
     };
+    let loaded = ledger.batches("loaded");
     assert_eq!(sweep(&mut ledger).await, 0, "not yet expired");
+    assert_eq!(
+        ledger.batches("loaded"),
+        loaded,
+        "a sweep with nothing to do is answered without the writer's load path"
+    );
     tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
     // Lapsed but not swept yet: a replay already reports it expired (nothing may be spent).
     let replay = ledger
@@ -433,11 +439,13 @@ async fn expiry_runs_on_the_database_clock_and_a_late_commit_is_booked_as_an_ove
         .await
         .unwrap_err();
     assert_eq!(code(&other), pb::ErrorCode::IdempotencyConflict);
+    let loaded = ledger.batches("loaded");
     assert_eq!(
         sweep(&mut ledger).await,
         1,
         "only the second is left to expire"
     );
+    assert_eq!(ledger.batches("loaded"), loaded + 1, "a sweep that expires");
     assert_eq!(
         sweep(&mut ledger).await,
         0,
