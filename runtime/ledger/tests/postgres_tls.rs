@@ -7,7 +7,7 @@ use spendguard_ledger::store::session_config;
 use spendguard_proto::ledger::v1 as pb;
 use spendguard_testkit::TestLedger;
 use spendguard_testkit::ledger::reserve_request;
-use spendguard_testkit::postgres_tls::TlsCluster;
+use spendguard_testkit::postgres_tls::{CERTIFICATE_USER, TlsCluster};
 use std::sync::OnceLock;
 
 const T: &str = "tenant-tls";
@@ -165,6 +165,59 @@ async fn the_ledgers_sessions_verify_the_server_as_sslmode_says() {
         .await
         .unwrap_err();
     assert!(clear.contains("no encryption"), "{clear}");
+}
+
+#[tokio::test]
+async fn every_session_presents_the_client_certificate_a_server_asks_for() {
+    // Goal: with `sslcert` and `sslkey`, every session of the ledger (the pool, the cached
+    // path's, the reads') presents the client certificate, so a role the server lets in only
+    // with a certificate (`cert` authentication) works; the same URL without them is refused.
+    let tls = cluster();
+    let database = tls.create_certificate_user_database().await.unwrap();
+    let (ca, cert, key) = (
+        tls.ca.display().to_string(),
+        tls.client_cert.display().to_string(),
+        tls.client_key.display().to_string(),
+    );
+    let url = |query: &str| tls.url_as(CERTIFICATE_USER, "localhost", &database, query);
+    let without = format!("sslmode=verify-full&sslrootcert={ca}");
+    let refused = TestLedger::start_on(&url(&without), "ledger-0")
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("{e:#}"))
+        .unwrap_err();
+    assert!(refused.contains("certificate"), "{refused}");
+    assert!(
+        session_opens(&url(&without))
+            .await
+            .unwrap_err()
+            .contains("certificate"),
+        "the ledger's own session is refused too"
+    );
+
+    let mut ledger =
+        ledger_using_every_session(&url(&format!("{without}&sslcert={cert}&sslkey={key}"))).await;
+    let sessions: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT a.application_name, s.client_dn FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
+          WHERE a.datname = current_database() AND a.application_name LIKE 'spendguard-ledger%'",
+    )
+    .fetch_all(ledger.store().pool())
+    .await
+    .unwrap();
+    for name in ["spendguard-ledger", "spendguard-ledger-reads"] {
+        assert!(
+            sessions.iter().any(|(n, _)| n == name),
+            "no {name} session: {sessions:?}"
+        );
+    }
+    let dn = format!("/CN={CERTIFICATE_USER}");
+    assert!(
+        sessions
+            .iter()
+            .all(|(_, d)| d.as_deref() == Some(dn.as_str())),
+        "a session without the certificate: {sessions:?}"
+    );
+    ledger.stop().await;
 }
 
 #[tokio::test]
