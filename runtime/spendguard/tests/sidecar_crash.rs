@@ -31,12 +31,10 @@ async fn spawn_sidecar(
     spool: &Path,
     mock: u16,
 ) -> Sidecar {
-    let port = free_port();
-    let admin = free_port();
-    let child = sidecar_command(ledger, bundle, spool, mock, ("agent-crash", port, admin))
-        .spawn()
-        .expect("spawn spendguard sidecar");
-    wait_ready(admin).await;
+    let (child, port, admin) = spawn_ready(|port, admin| {
+        sidecar_command(ledger, bundle, spool, mock, ("agent-crash", port, admin))
+    })
+    .await;
     Sidecar { child, port, admin }
 }
 
@@ -47,20 +45,21 @@ async fn spawn_credits_sidecar(
     workload: &str,
     credit_ttl_ms: u32,
 ) -> Sidecar {
-    let (port, admin) = (free_port(), free_port());
-    let mut command = sidecar_command(ledger, bundle, spool, mock, (workload, port, admin));
-    command
-        .env("SPENDGUARD_CREDIT_NANO_USD", "5000000")
-        .env("SPENDGUARD_CREDIT_AHEAD_MS", "0")
-        // The drills keep their credit however long a step takes.
-        .env("SPENDGUARD_CREDIT_QUIET_MS", "3600000")
-        .env("SPENDGUARD_CREDIT_TTL_MS", credit_ttl_ms.to_string())
-        .env(
-            "SPENDGUARD_RESERVATION_TTL_MS",
-            (credit_ttl_ms + 1_000).to_string(),
-        );
-    let child = command.spawn().expect("spawn spendguard sidecar");
-    wait_ready(admin).await;
+    let (child, port, admin) = spawn_ready(|port, admin| {
+        let mut command = sidecar_command(ledger, bundle, spool, mock, (workload, port, admin));
+        command
+            .env("SPENDGUARD_CREDIT_NANO_USD", "5000000")
+            .env("SPENDGUARD_CREDIT_AHEAD_MS", "0")
+            // The drills keep their credit however long a step takes.
+            .env("SPENDGUARD_CREDIT_QUIET_MS", "3600000")
+            .env("SPENDGUARD_CREDIT_TTL_MS", credit_ttl_ms.to_string())
+            .env(
+                "SPENDGUARD_RESERVATION_TTL_MS",
+                (credit_ttl_ms + 1_000).to_string(),
+            );
+        command
+    })
+    .await;
     Sidecar { child, port, admin }
 }
 
@@ -630,21 +629,22 @@ async fn kill_dash_nine_keeps_the_stops_the_ledger_has_not_taken() {
     let database_url = ledger.database_url.clone();
     let pool = ledger.store().pool().clone();
     let spool = tempfile::tempdir().unwrap();
-    let spawn = |bundle: &Path| {
-        let (port, admin) = (free_port(), free_port());
-        let mut command = sidecar_command(
-            addr,
-            bundle,
-            spool.path(),
-            mock_port,
-            ("agent-stops", port, admin),
-        );
-        command.env("SPENDGUARD_STOP_EVIDENCE_QUEUE_RECORDS", "2");
-        let child = command.spawn().expect("spawn spendguard sidecar");
+    let spawn = async |bundle: &Path| {
+        let (child, port, admin) = spawn_ready(|port, admin| {
+            let mut command = sidecar_command(
+                addr,
+                bundle,
+                spool.path(),
+                mock_port,
+                ("agent-stops", port, admin),
+            );
+            command.env("SPENDGUARD_STOP_EVIDENCE_QUEUE_RECORDS", "2");
+            command
+        })
+        .await;
         Sidecar { child, port, admin }
     };
-    let mut first = spawn(bundle.path());
-    wait_ready(first.admin).await;
+    let mut first = spawn(bundle.path()).await;
     ledger.stop().await;
     for _ in 0..5 {
         assert_eq!(chat(first.port).await, 402, "the contract denies the model");
@@ -663,8 +663,7 @@ async fn kill_dash_nine_keeps_the_stops_the_ledger_has_not_taken() {
         json!({"version": "crash-2", "max_output_tokens": 64, "deny_models": ["gpt-4o-mini"]}),
     );
     assert_ne!(changed_sha, decided_under.trim());
-    let second = spawn(changed.path());
-    wait_ready(second.admin).await;
+    let _second = spawn(changed.path()).await;
     // Two (or, when failed sends were in flight, more) queued one by one; the rest counted.
     eventually("the five STOPs are published", || async {
         stop_events(&pool).await.iter().map(|e| e.2).sum::<i64>() >= 5

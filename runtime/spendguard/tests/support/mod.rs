@@ -76,6 +76,38 @@ pub async fn refused_startup(mut sidecar: Command) -> String {
     stderr
 }
 
+/// Spawns what `command` builds for a data port and an admin port, ready. A port picked free
+/// can be taken before the child binds it (a binary's tests run in parallel, and every outgoing
+/// connection takes an ephemeral port), so a child that exits before it is ready is started
+/// again on fresh ports, up to three times; a child that fails to start for any other reason
+/// fails all three.
+pub async fn spawn_ready(
+    mut command: impl FnMut(u16, u16) -> Command,
+) -> (tokio::process::Child, u16, u16) {
+    for _ in 0..3 {
+        let (port, admin) = (free_port(), free_port());
+        let mut child = command(port, admin).spawn().expect("spawn");
+        if ready_unless_exited(&mut child, admin).await {
+            return (child, port, admin);
+        }
+    }
+    panic!("the process exited before it was ready, three times");
+}
+
+/// Waits (up to 10 s) until `child` on `admin` is ready: false when it exits first.
+async fn ready_unless_exited(child: &mut tokio::process::Child, admin: u16) -> bool {
+    for _ in 0..200 {
+        if matches!(http_get(admin, "/readyz").await, Ok((200, _))) {
+            return true;
+        }
+        if child.try_wait().expect("the child's status").is_some() {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("not ready within 10 s");
+}
+
 /// Waits (up to 10 s) until the sidecar on `admin` is ready.
 pub async fn wait_ready(admin: u16) {
     for _ in 0..200 {
