@@ -181,12 +181,13 @@ async fn run(
             } else if batch.is_empty()
                 || (batch.len() < state.newest_in_flight_len()
                     && !shutting_down(&stopping)
-                    && hold_until(&batch, batching.defer_for).is_none())
+                    && batch.iter().any(|q| q.urgency == Urgency::Now))
             {
                 // Batches are in flight: what arrives meanwhile is sent behind them once it is
                 // as large as the newest, so PostgreSQL starts it the moment that one commits;
-                // until then it grows, or goes once nothing is in flight. (A held batch waits
-                // under its own deadline below; a stopping ledger sends what it has.)
+                // until then it grows, or goes once nothing is in flight. (Deferrable commands
+                // alone wait only under their own window, below; a stopping ledger sends what
+                // it has.)
                 match state
                     .answer_or_receive(&mut receiver, &mut batch, None)
                     .await
