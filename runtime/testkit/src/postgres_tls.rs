@@ -132,11 +132,12 @@ impl TlsCluster {
             .connect(&self.cluster.url("postgres"))
             .await?;
         // Tests of one binary may race to create the role: a duplicate is fine.
-        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "CREATE ROLE {CERTIFICATE_USER} LOGIN"
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DO $$ BEGIN CREATE ROLE {CERTIFICATE_USER} LOGIN;
+             EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
         )))
         .execute(&admin)
-        .await;
+        .await?;
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "ALTER DATABASE {database} OWNER TO {CERTIFICATE_USER}"
         )))
