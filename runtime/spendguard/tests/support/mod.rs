@@ -78,30 +78,56 @@ pub async fn refused_startup(mut sidecar: Command) -> String {
 
 /// Spawns what `command` builds for a data port and an admin port, ready. A port picked free
 /// can be taken before the child binds it (a binary's tests run in parallel, and every outgoing
-/// connection takes an ephemeral port), so a child that exits before it is ready is started
-/// again on fresh ports, up to three times; a child that fails to start for any other reason
-/// fails all three.
+/// connection takes an ephemeral port), so a child that exits before it is ready because an
+/// address was in use is started again on fresh ports, up to three times. Any other exit
+/// before ready fails the test. The child's stderr is forwarded to the test's.
 pub async fn spawn_ready(
     mut command: impl FnMut(u16, u16) -> Command,
 ) -> (tokio::process::Child, u16, u16) {
     for _ in 0..3 {
         let (port, admin) = (free_port(), free_port());
-        let mut child = command(port, admin).spawn().expect("spawn");
+        let mut child = command(port, admin)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let address_in_use = forward_stderr(&mut child);
         if ready_unless_exited(&mut child, admin).await {
             return (child, port, admin);
         }
+        let status = child.wait().await.expect("the child's status");
+        assert!(
+            address_in_use.await.unwrap(),
+            "exited before it was ready ({status}), not for an address in use: its stderr is above"
+        );
     }
-    panic!("the process exited before it was ready, three times");
+    panic!("an address was in use three times");
 }
 
-/// Waits (up to 10 s) until `child` on `admin` is ready: false when it exits first.
+/// Copies `child`'s stderr to this process's, line by line, until it closes; answers whether a
+/// line said an address was in use.
+fn forward_stderr(child: &mut tokio::process::Child) -> tokio::task::JoinHandle<bool> {
+    let stderr = child.stderr.take().expect("stderr is piped");
+    tokio::spawn(async move {
+        let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stderr));
+        let mut in_use = false;
+        while let Ok(Some(line)) = lines.next_line().await {
+            in_use |= line.contains("Address already in use");
+            eprintln!("{line}");
+        }
+        in_use
+    })
+}
+
+/// Waits (up to 10 s) until `child` on `admin` is ready: false when it exits first (also right
+/// after a ready answer, which then came from whoever holds the port).
 async fn ready_unless_exited(child: &mut tokio::process::Child, admin: u16) -> bool {
     for _ in 0..200 {
-        if matches!(http_get(admin, "/readyz").await, Ok((200, _))) {
-            return true;
-        }
+        let ready = matches!(http_get(admin, "/readyz").await, Ok((200, _)));
         if child.try_wait().expect("the child's status").is_some() {
             return false;
+        }
+        if ready {
+            return true;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
