@@ -288,17 +288,17 @@ async fn a_ledger_that_cannot_sign_evidence_never_lets_a_call_through() {
     )
     .await;
     let spool = tempfile::tempdir().unwrap();
-    let (port, admin) = (free_port(), free_port());
-    let mut sidecar = sidecar_command(
-        ledger.data_addr,
-        ledger.bundle.path(),
-        spool.path(),
-        spawn_mock(),
-        ("agent-kms", port, admin),
-    )
-    .spawn()
-    .unwrap();
-    wait_ready(admin).await;
+    let mock = spawn_mock();
+    let (mut sidecar, port, admin) = spawn_ready(|port, admin| {
+        sidecar_command(
+            ledger.data_addr,
+            ledger.bundle.path(),
+            spool.path(),
+            mock,
+            ("agent-kms", port, admin),
+        )
+    })
+    .await;
     assert_eq!(chat(port).await, 200, "signed and recorded");
 
     moto.reset(); // the key is gone
