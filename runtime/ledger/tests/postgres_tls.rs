@@ -82,6 +82,26 @@ async fn ledger_using_every_session(url: &str) -> TestLedger {
     ledger
 }
 
+/// The ledger's sessions PostgreSQL lists (the pool's and the cached path's share a name):
+/// name, whether encrypted, the client certificate's name. Fails unless both names are there.
+async fn ledger_sessions(ledger: &TestLedger) -> Vec<(String, bool, Option<String>)> {
+    let sessions: Vec<(String, bool, Option<String>)> = sqlx::query_as(
+        "SELECT a.application_name, s.ssl, s.client_dn
+           FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
+          WHERE a.datname = current_database() AND a.application_name LIKE 'spendguard-ledger%'",
+    )
+    .fetch_all(ledger.store().pool())
+    .await
+    .unwrap();
+    for name in ["spendguard-ledger", "spendguard-ledger-reads"] {
+        assert!(
+            sessions.iter().any(|(n, _, _)| n == name),
+            "no {name} session: {sessions:?}"
+        );
+    }
+    sessions
+}
+
 #[tokio::test]
 async fn the_ledger_serves_with_every_session_encrypted_and_the_server_verified() {
     // Goal: a ledger pointed at a database that requires TLS, with `sslmode=verify-full` and
@@ -97,21 +117,9 @@ async fn the_ledger_serves_with_every_session_encrypted_and_the_server_verified(
         &format!("sslmode=verify-full&sslrootcert={ca}"),
     );
     let mut ledger = ledger_using_every_session(&url).await;
-    let sessions: Vec<(String, bool)> = sqlx::query_as(
-        "SELECT a.application_name, s.ssl FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
-          WHERE a.datname = current_database() AND a.application_name LIKE 'spendguard-ledger%'",
-    )
-    .fetch_all(ledger.store().pool())
-    .await
-    .unwrap();
-    for name in ["spendguard-ledger", "spendguard-ledger-reads"] {
-        assert!(
-            sessions.iter().any(|(n, _)| n == name),
-            "no {name} session: {sessions:?}"
-        );
-    }
+    let sessions = ledger_sessions(&ledger).await;
     assert!(
-        sessions.iter().all(|(_, ssl)| *ssl),
+        sessions.iter().all(|(_, ssl, _)| *ssl),
         "a session in the clear: {sessions:?}"
     );
     let balance = ledger.balance(T, "run").await.unwrap();
@@ -197,26 +205,76 @@ async fn every_session_presents_the_client_certificate_a_server_asks_for() {
 
     let mut ledger =
         ledger_using_every_session(&url(&format!("{without}&sslcert={cert}&sslkey={key}"))).await;
-    let sessions: Vec<(String, Option<String>)> = sqlx::query_as(
-        "SELECT a.application_name, s.client_dn FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
-          WHERE a.datname = current_database() AND a.application_name LIKE 'spendguard-ledger%'",
-    )
-    .fetch_all(ledger.store().pool())
-    .await
-    .unwrap();
-    for name in ["spendguard-ledger", "spendguard-ledger-reads"] {
-        assert!(
-            sessions.iter().any(|(n, _)| n == name),
-            "no {name} session: {sessions:?}"
-        );
-    }
+    let sessions = ledger_sessions(&ledger).await;
     let dn = format!("/CN={CERTIFICATE_USER}");
     assert!(
         sessions
             .iter()
-            .all(|(_, d)| d.as_deref() == Some(dn.as_str())),
+            .all(|(_, _, d)| d.as_deref() == Some(dn.as_str())),
         "a session without the certificate: {sessions:?}"
     );
+    ledger.stop().await;
+}
+
+#[tokio::test]
+async fn a_new_session_reads_the_root_certificate_file_again() {
+    // Goal: the TLS files are read for every session the ledger opens, so a rotated root
+    // certificate takes effect without a restart. The reads session, closed by the server,
+    // reopens under the file's content at that moment: refused while it names another CA,
+    // verified again once it names the server's.
+    let tls = cluster();
+    let database = tls.create_database().await.unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let root = files.path().join("root.pem");
+    std::fs::copy(&tls.ca, &root).unwrap();
+    let url = tls.url(
+        "localhost",
+        &database,
+        &format!("sslmode=verify-full&sslrootcert={}", root.display()),
+    );
+    let mut ledger = TestLedger::start_on(&url, "ledger-0").await.unwrap();
+    let fencing = ledger.tenant_with_lease(T).await.unwrap();
+    let mut client = ledger.client.clone();
+    let mut check = async || {
+        client
+            .check_fencing(pb::CheckFencingRequest {
+                tenant_id: T.into(),
+                fencing: Some(fencing.clone()),
+            })
+            .await
+    };
+    check().await.expect("the first reads session verifies");
+    let admin = sqlx::PgPool::connect(&tls.url(
+        "localhost",
+        &database,
+        &format!("sslmode=verify-full&sslrootcert={}", tls.ca.display()),
+    ))
+    .await
+    .unwrap();
+    let close_reads_session = async || {
+        let closed: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE datname = current_database() AND application_name = 'spendguard-ledger-reads'",
+        )
+        .fetch_all(&admin)
+        .await
+        .unwrap();
+        assert_eq!(closed, vec![true], "one reads session, closed");
+    };
+
+    std::fs::copy(&tls.other_ca, &root).unwrap();
+    close_reads_session().await;
+    let refused = check()
+        .await
+        .expect_err("a session opened under the other CA");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+
+    std::fs::copy(&tls.ca, &root).unwrap();
+    // A failed open is retried at most once a second.
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    check()
+        .await
+        .expect("verified again under the restored root");
     ledger.stop().await;
 }
 
