@@ -1431,8 +1431,9 @@ async fn outbox_events_are_canonical_and_sequenced() {
     invariants::check(ledger.store().pool()).await.unwrap();
 }
 
-#[tokio::test]
-async fn database_constraints_hold_even_if_application_code_is_wrong() {
+/// A ledger holding one open reservation of 10 on `run` (key `k`): the ledger, its lease, its
+/// pool and the reservation's id.
+async fn with_an_open_reservation() -> (TestLedger, pb::FencingToken, sqlx::PgPool, uuid::Uuid) {
     let (mut ledger, fencing) = setup().await;
     let r = reserved(
         ledger
@@ -1444,6 +1445,12 @@ async fn database_constraints_hold_even_if_application_code_is_wrong() {
     );
     let pool = ledger.store().pool().clone();
     let id = uuid::Uuid::parse_str(&r.reservation_id).unwrap();
+    (ledger, fencing, pool, id)
+}
+
+#[tokio::test]
+async fn database_constraints_hold_even_if_application_code_is_wrong() {
+    let (mut ledger, fencing, pool, id) = with_an_open_reservation().await;
     let attempts = [
         // Money moved without a journal entry.
         "UPDATE budget_windows SET committed_nano_usd = committed_nano_usd + 1".to_owned(),
@@ -1545,17 +1552,7 @@ async fn database_constraints_hold_even_if_application_code_is_wrong() {
 /// do not fire.
 #[tokio::test]
 async fn every_row_rule_is_refused_by_the_database_under_its_name() {
-    let (mut ledger, fencing) = setup().await;
-    let r = reserved(
-        ledger
-            .client
-            .reserve_set(reserve_request(T, "k", &["run"], 10, &fencing))
-            .await
-            .unwrap()
-            .into_inner(),
-    );
-    let pool = ledger.store().pool().clone();
-    let id = uuid::Uuid::parse_str(&r.reservation_id).unwrap();
+    let (_ledger, _, pool, id) = with_an_open_reservation().await;
     let refused_as = |sql: String, rule: &'static str| {
         let pool = pool.clone();
         async move {
