@@ -1560,10 +1560,22 @@ async fn every_row_rule_is_refused_by_the_database_under_its_name() {
                 .execute(&pool)
                 .await
                 .expect_err(&format!("the database accepted: {sql}"));
-            let database = error.as_database_error().unwrap();
+            let database = error
+                .as_database_error()
+                .unwrap()
+                .downcast_ref::<sqlx::postgres::PgDatabaseError>();
+            // Each rule is named after its table, as the CHECKs were.
+            let table = ["reservations", "ledger_entries", "audit_outbox"]
+                .into_iter()
+                .find(|t| rule.starts_with(t));
             assert_eq!(
-                (database.code().as_deref(), database.constraint()),
-                (Some("23514"), Some(rule)),
+                (
+                    database.code(),
+                    database.constraint(),
+                    database.schema(),
+                    database.table()
+                ),
+                ("23514", Some(rule), Some("public"), table),
                 "{sql}: {error}"
             );
         }
