@@ -260,6 +260,51 @@ fn cached_path_config(database_url: &str) -> Result<tokio_postgres::Config> {
     Ok(config)
 }
 
+/// The plans the cached path's session makes for its statements, one per [`CachedShape`], as
+/// `EXPLAIN (FORMAT JSON)` gives them: a session configured as the writer's (one generic plan
+/// each, index lookups only), with no parameter values. For checks that every row is found by
+/// its key, so that a statement's cost cannot grow with a table (tests/ledger_cache.rs).
+///
+/// # Errors
+/// As [`session_config`]; [`Error::Database`] when the database refuses a statement.
+pub async fn cached_path_plans(database_url: &str) -> Result<Vec<serde_json::Value>> {
+    let (client, connection) = session_config(database_url)?.connect().await?;
+    let connection = tokio::spawn(connection);
+    let types = CACHED_BATCH_TYPES
+        .iter()
+        .map(PgType::name)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let nulls = vec!["NULL"; CACHED_BATCH_TYPES.len()].join(", ");
+    let mut plans = Vec::with_capacity(CACHED_BATCHES.len());
+    for (shape, statement) in CACHED_BATCHES.iter().enumerate() {
+        client
+            .batch_execute(&format!(
+                "PREPARE spendguard_shape_{shape} ({types}) AS {statement}"
+            ))
+            .await?;
+        let rows = client
+            .simple_query(&format!(
+                "EXPLAIN (FORMAT JSON) EXECUTE spendguard_shape_{shape} ({nulls})"
+            ))
+            .await?;
+        let text = rows
+            .iter()
+            .find_map(|message| match message {
+                tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0),
+                _ => None,
+            })
+            .ok_or_else(|| Error::Database("EXPLAIN returned no plan".into()))?;
+        plans.push(
+            serde_json::from_str(text)
+                .map_err(|e| Error::Database(format!("EXPLAIN returned no JSON: {e}")))?,
+        );
+    }
+    drop(client);
+    let _ = connection.await;
+    Ok(plans)
+}
+
 /// How the ledger's own sessions (the cached path's, the reads') connect to `database_url`:
 /// as [`cached_path_config`] says, with TLS as its `sslmode` says (`tls.rs`).
 ///
@@ -1922,7 +1967,7 @@ static CACHED_BATCHES: std::sync::LazyLock<[String; 4]> = std::sync::LazyLock::n
         format!(
             "WITH {},\n{effects}\nSELECT spendguard_require_fresh(
             (SELECT count(*) FROM guard_scopes) = cardinality($33::text[])
-            AND (SELECT count(*) FROM guard_reservations)
+            AND (SELECT count(*) FROM guard_reservations WHERE state = 'reserved')
                 = cardinality(ARRAY(SELECT DISTINCT unnest($52::uuid[])))
             AND (SELECT count(*) FROM guard_budgets) = cardinality($38::text[])
             AND (SELECT count(*) FROM guard_windows) = cardinality($43::text[])

@@ -16,10 +16,13 @@ guard_scopes AS (
      ORDER BY f.scope_id
        FOR SHARE OF f
 ), guard_reservations AS (
-    -- The open reservations the batch resolves or draws from ($52), locked before any budget
-    -- or window.
-    SELECT 1 FROM reservations
-     WHERE reservation_id = ANY($52::uuid[]) AND state = 'reserved'
+    -- The reservations the batch resolves or draws from ($52), locked before any budget or
+    -- window; the final check counts those still open. Found by primary key alone: with a
+    -- condition on `state` here, the session's one generic plan may read every open
+    -- reservation through `reservations_open_by_expiry` and filter them, so every statement
+    -- would cost as much as there are calls in flight (tests/ledger_cache.rs checks the plans).
+    SELECT state FROM reservations
+     WHERE reservation_id = ANY($52::uuid[])
      ORDER BY reservation_id
        FOR UPDATE
 ), guard_budgets AS (
