@@ -48,6 +48,42 @@ async fn pair(
     Ok((reserved, committing.elapsed()))
 }
 
+/// Reserves `count` times on budget "held" (a budget of its own, so the phases' budgets keep
+/// their room) with the longest TTL, and never commits: the calls a fleet has in flight.
+async fn hold_open(
+    control: &mut LedgerClient,
+    channels: &[LedgerClient],
+    fencing: &pb::FencingToken,
+    count: usize,
+) -> Result<()> {
+    if count == 0 {
+        return Ok(());
+    }
+    budget(control, T, "held", 1_000_000_000_000_000).await?;
+    let workers = 64.min(count);
+    let mut tasks = Vec::with_capacity(workers);
+    for w in 0..workers {
+        let mut client = channels[w % channels.len()].clone();
+        let fencing = fencing.clone();
+        tasks.push(tokio::spawn(async move {
+            for n in (w..count).step_by(workers) {
+                let mut request =
+                    reserve_request(T, &format!("held-{n}"), &["held"], 1_000, &fencing);
+                request.ttl_ms = 3_600_000;
+                let response = client.reserve_set(request).await?.into_inner();
+                let Some(pb::reserve_set_response::Outcome::Reserved(_)) = response.outcome else {
+                    bail!("holding a reservation open was denied: {response:?}")
+                };
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(())
+}
+
 /// `--pg-setting NAME=VALUE` arguments as settings.
 pub(crate) fn pg_settings(extra: &[String]) -> Result<Vec<(&str, &str)>> {
     extra
@@ -67,6 +103,7 @@ pub(crate) async fn bench_ledger(
     extra: &[String],
     (hold_seconds, sweep_interval): (u64, Duration),
     spendguard_bin: &std::path::Path,
+    (open_reservations, paced_trace): (usize, Option<&std::path::Path>),
 ) -> Result<()> {
     // Durable settings: PostgreSQL defaults (fsync on, synchronous_commit on) unless overridden.
     let mut settings = vec![
@@ -96,8 +133,9 @@ pub(crate) async fn bench_ledger(
         )
         .await?;
     }
+    hold_open(&mut process.client, &channels, &fencing, open_reservations).await?;
     println!(
-        "ledger benchmark: {}s per scenario, clients spread over {} gRPC connections, PostgreSQL 15 local (defaults: fsync=on synchronous_commit=on), extra settings {extra:?}, TTL sweep every {sweep_interval:?}",
+        "ledger benchmark: {}s per scenario, clients spread over {} gRPC connections, PostgreSQL 15 local (defaults: fsync=on synchronous_commit=on), extra settings {extra:?}, TTL sweep every {sweep_interval:?}, {open_reservations} reservations held open",
         duration.as_secs(),
         channels.len()
     );
@@ -170,16 +208,34 @@ pub(crate) async fn bench_ledger(
         tasks.push(tokio::spawn(async move {
             let t = Instant::now();
             let rpcs = pair(&mut client, &fencing, &format!("paced-{n}"), "hot").await?;
-            anyhow::Ok((t.elapsed(), rpcs))
+            anyhow::Ok((t - started, t.elapsed(), rpcs))
         }));
     }
     let mut latencies = Vec::with_capacity(count);
     let (mut reserves, mut commits) = (Vec::with_capacity(count), Vec::with_capacity(count));
+    // Offsets are from the phase's start, given as Unix time to line it up with other records.
+    let mut trace = format!(
+        "# started at unix_us={}\nstart_us,reserve_us,commit_us,pair_us\n",
+        (std::time::SystemTime::now() - started.elapsed())
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_micros()
+    );
     for task in tasks {
-        let (total, (reserve, commit)) = task.await??;
+        let (start, total, (reserve, commit)) = task.await??;
+        let us = |d: Duration| d.as_micros();
+        trace += &format!(
+            "{},{},{},{}\n",
+            us(start),
+            us(reserve),
+            us(commit),
+            us(total)
+        );
         latencies.push(total);
         reserves.push(reserve);
         commits.push(commit);
+    }
+    if let Some(path) = paced_trace {
+        std::fs::write(path, trace).with_context(|| format!("writing {}", path.display()))?;
     }
     let cpu_after = cpu::sample(&[("ledger", ledger_pid)])?;
     report(

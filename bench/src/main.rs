@@ -63,6 +63,14 @@ enum Mode {
         /// production (its default); 0 runs no sweeper.
         #[arg(long, default_value_t = 1_000)]
         sweep_interval_ms: u64,
+        /// Reservations left open on a budget of their own through every phase, as a fleet's
+        /// calls in flight are (each holds one until its call ends).
+        #[arg(long, default_value_t = 0)]
+        open_reservations: usize,
+        /// Write each paced pair (start offset, ReserveSet, Commit and pair latency, in
+        /// microseconds) to this CSV file, to see when the slow ones happened.
+        #[arg(long)]
+        paced_trace: Option<std::path::PathBuf>,
     },
     /// Latency the sidecar adds over calling the upstream directly, and its maximum rate.
     Proxy {
@@ -107,6 +115,8 @@ async fn main() -> Result<()> {
             pg_settings,
             spendguard_bin,
             sweep_interval_ms,
+            paced_trace,
+            open_reservations,
         } => {
             ledger::bench_ledger(
                 Duration::from_secs(seconds),
@@ -115,6 +125,7 @@ async fn main() -> Result<()> {
                 &pg_settings,
                 (hold_seconds, Duration::from_millis(sweep_interval_ms)),
                 &spendguard_bin,
+                (open_reservations, paced_trace.as_deref()),
             )
             .await
         }
