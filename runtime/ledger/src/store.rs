@@ -260,6 +260,7 @@ fn cached_path_config(database_url: &str) -> Result<tokio_postgres::Config> {
     Ok(config)
 }
 
+#[doc(hidden)] // For tests: not part of the ledger's interface.
 /// The plans the cached path's session makes for its statements, one per [`CachedShape`], as
 /// `EXPLAIN (FORMAT JSON)` gives them: a session configured as the writer's (one generic plan
 /// each, index lookups only), with no parameter values. For checks that every row is found by
@@ -2370,12 +2371,18 @@ impl CreditDraws {
     /// Every credit the plan read, with the batch's draws from it (0 for a credit whose draw
     /// was refused). A credit drawn from that the plan did not read from the cache, or one the
     /// batch also resolves (one statement cannot update a row twice; releasing a credit takes the
-    /// load path anyway), sends the batch to the load path.
+    /// load path anyway), sends the batch to the load path. So does a credit the guard would not
+    /// lock as an open reservation: the draws' UPDATE checks no state of its own
+    /// (`store/effects_credit_draws.sql`).
     fn of(effects: &Effects, expected: &Expected) -> Result<Self> {
         if effects
             .credit_draws
             .keys()
             .any(|id| !expected.credit_drawn.contains_key(id))
+            || expected
+                .credit_drawn
+                .keys()
+                .any(|id| !expected.open_reservations.contains(id))
         {
             return Err(Error::Stale);
         }
