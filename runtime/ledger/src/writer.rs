@@ -178,16 +178,11 @@ async fn run(
                     )
                     .await;
                 }
-            } else if batch.is_empty()
-                || (batch.len() < state.newest_in_flight_len()
-                    && !shutting_down(&stopping)
-                    && batch.iter().any(|q| q.urgency == Urgency::Now))
-            {
-                // Batches are in flight: what arrives meanwhile is sent behind them once it is
-                // as large as the newest, so PostgreSQL starts it the moment that one commits;
-                // until then it grows, or goes once nothing is in flight. (Deferrable commands
-                // alone wait only under their own window, below; a stopping ledger sends what
-                // it has.)
+            } else if waits_behind_in_flight(
+                &batch,
+                state.newest_in_flight_len(),
+                shutting_down(&stopping),
+            ) {
                 match state
                     .answer_or_receive(&mut receiver, &mut batch, None)
                     .await
@@ -242,6 +237,18 @@ async fn run(
         state.answer_oldest().await;
     }
     debug!("ledger writer stopped");
+}
+
+/// Whether `batch`, waiting while batches are in flight, keeps waiting (for an answer or for
+/// more commands) instead of going behind them. It goes once it is as large as the newest in
+/// flight, so PostgreSQL starts it the moment that one commits; until then it grows, or goes
+/// once nothing is in flight. An empty batch always waits. Deferrable commands alone wait only
+/// under their own window (`hold_until`), and a stopping ledger sends what it has.
+fn waits_behind_in_flight(batch: &[Queued], newest_in_flight: usize, stopping: bool) -> bool {
+    batch.is_empty()
+        || (batch.len() < newest_in_flight
+            && !stopping
+            && batch.iter().any(|q| q.urgency == Urgency::Now))
 }
 
 /// Whether the ledger is shutting down (a stop asked, or its handle gone).
@@ -647,6 +654,28 @@ mod tests {
             .queue
             .try_send(command())
             .unwrap_or_else(|_| panic!("a free slot"));
+    }
+
+    #[tokio::test]
+    async fn what_arrives_behind_a_batch_in_flight_goes_once_it_is_as_large() {
+        let now = |n: usize| (0..n).map(|_| command()).collect::<Vec<_>>();
+        // Nothing waiting: wait for an answer or for commands, stopping or not.
+        assert!(waits_behind_in_flight(&[], 3, false));
+        assert!(waits_behind_in_flight(&[], 3, true));
+        // Smaller than the newest batch in flight: it grows first.
+        assert!(waits_behind_in_flight(&now(1), 3, false));
+        assert!(waits_behind_in_flight(&now(2), 3, false));
+        // As large, or larger: it goes behind.
+        assert!(!waits_behind_in_flight(&now(3), 3, false));
+        assert!(!waits_behind_in_flight(&now(4), 3, false));
+        // A stopping ledger sends what it has.
+        assert!(!waits_behind_in_flight(&now(1), 3, true));
+        // Deferrable commands alone wait under their own window, not for a full batch; one
+        // urgent command among them makes the batch wait to grow.
+        let mut deferrable = vec![queued(Urgency::Deferrable)];
+        assert!(!waits_behind_in_flight(&deferrable, 3, false));
+        deferrable.push(command());
+        assert!(waits_behind_in_flight(&deferrable, 3, false));
     }
 
     #[tokio::test(start_paused = true)]
