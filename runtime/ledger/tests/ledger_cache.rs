@@ -39,10 +39,75 @@ fn reserve_command(
     amount: i64,
     fencing: &pb::FencingToken,
 ) -> spendguard_core::plan::Command {
-    let request = reserve_request(T, key, &[budget], amount, fencing);
+    reserve_set(&reserve_request(T, key, &[budget], amount, fencing))
+}
+
+/// The core command of a ReserveSet request.
+fn reserve_set(request: &pb::ReserveSetRequest) -> spendguard_core::plan::Command {
     spendguard_core::plan::Command::ReserveSet(
-        spendguard_ledger::convert::reserve_set(&request).unwrap(),
+        spendguard_ledger::convert::reserve_set(request).unwrap(),
     )
+}
+
+/// A writer after its first batch: a ledger with a `hot` budget of 1,000, and a cache that
+/// holds as open the reservation a request made (run on the load path, then remembered).
+struct CachedOpen {
+    /// Keeps the ledger (and its database) up.
+    _ledger: TestLedger,
+    token: pb::FencingToken,
+    store: spendguard_ledger::store::Store,
+    cursor: spendguard_ledger::store::ProducerCursor,
+    cache: spendguard_ledger::cache::HotCache,
+    /// The open reservation's id.
+    id: uuid::Uuid,
+}
+
+impl CachedOpen {
+    async fn start(request: impl FnOnce(&pb::FencingToken) -> pb::ReserveSetRequest) -> Self {
+        use spendguard_core::plan::Command;
+        let mut ledger = TestLedger::start().await.unwrap();
+        let token = ledger.tenant_with_lease(T).await.unwrap();
+        ledger.budget(T, "hot", 1_000).await.unwrap();
+        let store = ledger.store().clone();
+        let mut cursor = ledger.producer_cursor().await.unwrap();
+        let command = reserve_set(&request(&token));
+        let Command::ReserveSet(ref set) = command else {
+            unreachable!()
+        };
+        let id = set.reservation_id();
+        let committed = store
+            .run_batch(&mut cursor, std::slice::from_ref(&command))
+            .await
+            .unwrap();
+        let mut cache = spendguard_ledger::cache::HotCache::default();
+        remember(&mut cache, committed);
+        Self {
+            _ledger: ledger,
+            token,
+            store,
+            cursor,
+            cache,
+            id,
+        }
+    }
+
+    /// The lease's fencing, as a planned command carries it.
+    fn fencing(&self) -> spendguard_core::plan::Fencing {
+        spendguard_core::plan::Fencing {
+            scope_id: self.token.scope_id.clone(),
+            epoch: self.token.epoch,
+        }
+    }
+
+    /// A release of the open reservation, as another replica would send it behind the cache.
+    fn release(&self) -> spendguard_core::plan::Command {
+        spendguard_core::plan::Command::Release(spendguard_core::plan::Release {
+            tenant_id: T.into(),
+            reservation_id: self.id,
+            fencing: self.fencing(),
+            reason: "behind the cache".into(),
+        })
+    }
 }
 
 /// One cached batch prepared, sent alone and awaited, as the writer does with nothing in flight.
@@ -243,62 +308,49 @@ async fn settled_and_open_reservations(ledger: &TestLedger, settled: i32, open: 
 
 /// The draws' UPDATE checks no state of its own (a condition on state would let the generic
 /// plan read every open reservation): a credit settled behind the cache must be refused by the
-/// guard, which the final check reads before the draws, as stale (SQLSTATE SG001), not by the
-/// resolve-once trigger's integrity error from an UPDATE of a released credit.
+/// guard's count of open reservations, which the final check reads before the draws, as stale
+/// (SQLSTATE SG001), not by the resolve-once trigger's integrity error from an UPDATE of a
+/// released credit. (A-B-A, as in `a_reservation_settled_behind_the_cache_…`: nothing else the
+/// guard reads has changed.)
 #[tokio::test]
 async fn a_credit_released_behind_the_cache_is_refused_as_stale_before_it_is_drawn_from() {
-    use spendguard_core::plan::{Command, Fencing, Release};
-    use spendguard_ledger::cache::HotCache;
     use spendguard_ledger::error::Error;
 
-    let mut ledger = TestLedger::start().await.unwrap();
-    let token = ledger.tenant_with_lease(T).await.unwrap();
-    ledger.budget(T, "hot", 1_000).await.unwrap();
-    let store = ledger.store().clone();
-    let mut cursor = ledger.producer_cursor().await.unwrap();
-    let mut cache = HotCache::default();
-    let command = |request: pb::ReserveSetRequest| {
-        Command::ReserveSet(spendguard_ledger::convert::reserve_set(&request).unwrap())
-    };
-    let credit = command(pb::ReserveSetRequest {
+    let mut credit = CachedOpen::start(|token| pb::ReserveSetRequest {
         credit: true,
-        ..reserve_request(T, "credit", &["hot"], 500, &token)
-    });
-    let Command::ReserveSet(ref credit_set) = credit else {
-        unreachable!()
-    };
-    let credit_id = credit_set.reservation_id();
-    let committed = store
-        .run_batch(&mut cursor, std::slice::from_ref(&credit))
-        .await
-        .unwrap();
-    remember(&mut cache, committed);
-
-    // Behind the cache, as another replica would: the credit is released.
-    store
-        .run_batch(
-            &mut cursor,
-            &[Command::Release(Release {
-                tenant_id: T.into(),
-                reservation_id: credit_id,
-                fencing: Fencing {
-                    scope_id: token.scope_id.clone(),
-                    epoch: token.epoch,
-                },
-                reason: "behind the cache".into(),
-            })],
-        )
+        ..reserve_request(T, "credit", &["hot"], 500, token)
+    })
+    .await;
+    // Behind the cache: the credit is released and as much reserved again under another key,
+    // so the window holds the remembered values and only the credit's state has changed.
+    let behind = [
+        credit.release(),
+        reserve_command("other", "hot", 500, &credit.token),
+    ];
+    credit
+        .store
+        .run_batch(&mut credit.cursor, &behind)
         .await
         .unwrap();
 
-    let draw = [command(pb::ReserveSetRequest {
-        draw_from_reservation_id: credit_id.to_string(),
-        ..reserve_request(T, "call", &["hot"], 100, &token)
+    let draw = [reserve_set(&pb::ReserveSetRequest {
+        draw_from_reservation_id: credit.id.to_string(),
+        ..reserve_request(T, "call", &["hot"], 100, &credit.token)
     })];
-    let (snapshot, expected) = cache.snapshot_for(&draw).expect("every row is cached");
-    let result = run_cached(&store, &mut cursor, snapshot, &expected, &draw).await;
+    let (snapshot, expected) = credit
+        .cache
+        .snapshot_for(&draw)
+        .expect("every row is cached");
+    let result = run_cached(
+        &credit.store,
+        &mut credit.cursor,
+        snapshot,
+        &expected,
+        &draw,
+    )
+    .await;
     assert!(matches!(result, Err(Error::Stale)), "{result:?}");
-    invariants::check(store.pool()).await.unwrap();
+    invariants::check(credit.store.pool()).await.unwrap();
 }
 
 #[tokio::test]
@@ -433,67 +485,37 @@ async fn a_reservation_settled_behind_the_cache_fails_the_guard_though_the_windo
     // A cached batch that reads R as open — a commit with a stale epoch, which writes nothing for
     // R — next to a write must be refused: the load path would answer that R is settled.
     use spendguard_core::NanoUsd;
-    use spendguard_core::plan::{Command, Commit, Fencing, Release};
-    use spendguard_ledger::cache::HotCache;
+    use spendguard_core::plan::{Command, Commit, Fencing};
     use spendguard_ledger::error::Error;
 
-    let mut ledger = TestLedger::start().await.unwrap();
-    let token = ledger.tenant_with_lease(T).await.unwrap();
-    ledger.budget(T, "hot", 1_000).await.unwrap();
-    let fencing = Fencing {
-        scope_id: token.scope_id.clone(),
-        epoch: token.epoch,
-    };
+    let mut r = CachedOpen::start(|token| reserve_request(T, "r", &["hot"], 10, token)).await;
+    let token = r.token.clone();
     let reserve = |key: &str, amount: i64| reserve_command(key, "hot", amount, &token);
-    let store = ledger.store().clone();
-    let mut cursor = ledger.producer_cursor().await.unwrap();
-    let mut cache = HotCache::default();
-
-    let r = reserve("r", 10);
-    let Command::ReserveSet(ref r_set) = r else {
-        unreachable!()
-    };
-    let r_id = r_set.reservation_id();
-    let committed = store
-        .run_batch(&mut cursor, std::slice::from_ref(&r))
-        .await
-        .unwrap();
-    remember(&mut cache, committed);
 
     // Behind the cache: release R, reserve 10 again. The window is back to reserved = 10.
-    store
-        .run_batch(
-            &mut cursor,
-            &[
-                Command::Release(Release {
-                    tenant_id: T.into(),
-                    reservation_id: r_id,
-                    fencing: fencing.clone(),
-                    reason: "behind the cache".into(),
-                }),
-                reserve("r2", 10),
-            ],
-        )
-        .await
-        .unwrap();
+    let behind = [r.release(), reserve("r2", 10)];
+    r.store.run_batch(&mut r.cursor, &behind).await.unwrap();
 
     let stale = Fencing {
-        epoch: fencing.epoch + 1,
-        ..fencing.clone()
+        epoch: token.epoch + 1,
+        ..r.fencing()
     };
     let commands = [
         Command::Commit(Commit {
             tenant_id: T.into(),
-            reservation_id: r_id,
+            reservation_id: r.id,
             actual: NanoUsd::new(5).unwrap(),
             fencing: stale,
         }),
         reserve("r3", 1),
     ];
-    let (snapshot, expected) = cache.snapshot_for(&commands).expect("every row is cached");
-    let result = run_cached(&store, &mut cursor, snapshot, &expected, &commands).await;
+    let (snapshot, expected) = r
+        .cache
+        .snapshot_for(&commands)
+        .expect("every row is cached");
+    let result = run_cached(&r.store, &mut r.cursor, snapshot, &expected, &commands).await;
     assert!(matches!(result, Err(Error::Stale)), "{result:?}");
-    invariants::check(store.pool()).await.unwrap();
+    invariants::check(r.store.pool()).await.unwrap();
 }
 
 #[tokio::test]
