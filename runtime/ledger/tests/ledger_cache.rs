@@ -205,16 +205,7 @@ async fn hot_reserves_and_commits_take_the_cached_path_and_stay_exact() {
 async fn the_cached_statements_probe_reservations_by_key_and_read_no_partial_index() {
     let mut ledger = TestLedger::start().await.unwrap();
     ledger.tenant_with_lease(T).await.unwrap();
-    let partial: Vec<String> = sqlx::query_scalar(
-        "SELECT indexrelid::regclass::text FROM pg_index WHERE indpred IS NOT NULL",
-    )
-    .fetch_all(ledger.store().pool())
-    .await
-    .unwrap();
-    assert!(
-        partial.contains(&"reservations_open_by_expiry".to_owned()),
-        "{partial:?}"
-    );
+    let partial = partial_indexes(&ledger).await;
     for statistics in ["empty", "analysed"] {
         if statistics == "analysed" {
             settled_and_open_reservations(&ledger, 20_000, 200).await;
@@ -250,6 +241,167 @@ async fn the_cached_statements_probe_reservations_by_key_and_read_no_partial_ind
             }
         }
     }
+}
+
+/// The same for everything else the ledger runs: the triggers' queries (inside the cached
+/// path's session, on generic plans, and inside the load path's, on custom plans) and the load
+/// path's statements. On a custom plan an empty array makes `x = ANY('{}')` false, and a false
+/// condition lets the planner read any index whole, the partial one of every open reservation
+/// included: the journal trigger's lookup did so for every window opening and limit, the load
+/// path's resolutions for every batch without one. Every session of a database set to log
+/// each plan (`auto_explain`, nested statements included) serves reserves, commits, a denial,
+/// a credit and its draws, and a budget's upsert; no plan may read a partial index without an
+/// index condition (but the gauge that counts open reservations, which means to), and every
+/// trigger query finds reservations by primary key.
+#[tokio::test]
+async fn no_query_of_the_ledger_reads_a_partial_index_whole() {
+    let cluster = spendguard_testkit::ledger::shared_cluster();
+    let url = cluster.create_database().await.unwrap();
+    let database = url.rsplit('/').next().unwrap().to_owned();
+    let admin = sqlx::PgPool::connect(&url).await.unwrap();
+    for setting in [
+        "session_preload_libraries = 'auto_explain'",
+        "auto_explain.log_min_duration = 0",
+        "auto_explain.log_nested_statements = on",
+        "auto_explain.log_format = json",
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "ALTER DATABASE {database} SET {setting}"
+        )))
+        .execute(&admin)
+        .await
+        .unwrap();
+    }
+    admin.close().await;
+    let mut ledger = TestLedger::start_on(&url, "ledger-0").await.unwrap();
+    // Plans from here on: not the migrations' (run once, on an empty database).
+    let logged_before = cluster.log().len();
+    let fencing = ledger.tenant_with_lease(T).await.unwrap();
+    ledger.budget(T, "hot", 1_000).await.unwrap();
+    for i in 0..6 {
+        let id = reserved_id(reserve(&mut ledger, &format!("k{i}"), 10, &fencing).await);
+        ledger
+            .client
+            .commit(pb::CommitRequest {
+                tenant_id: T.into(),
+                reservation_id: id,
+                actual_nano_usd: 7,
+                fencing: Some(fencing.clone()),
+                deferrable: false,
+            })
+            .await
+            .unwrap();
+    }
+    let credit = ledger
+        .client
+        .reserve_set(pb::ReserveSetRequest {
+            credit: true,
+            ..reserve_request(T, "credit", &["hot"], 500, &fencing)
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .outcome
+        .map(reserved_id)
+        .unwrap();
+    for i in 0..3 {
+        ledger
+            .client
+            .reserve_set(pb::ReserveSetRequest {
+                draw_from_reservation_id: credit.clone(),
+                ..reserve_request(T, &format!("draw-{i}"), &["hot"], 10, &fencing)
+            })
+            .await
+            .unwrap();
+    }
+    // Denied (the credit holds most of the budget), and a second budget opens its window.
+    let denied = reserve(&mut ledger, "too-much", 900, &fencing).await;
+    assert!(
+        !matches!(denied, pb::reserve_set_response::Outcome::Reserved(_)),
+        "{denied:?}"
+    );
+    ledger.budget(T, "other", 1_000).await.unwrap();
+    assert!(ledger.batches("cached") > 0, "{}", ledger.metrics_text());
+
+    let partial = partial_indexes(&ledger).await;
+    let plans = logged_plans(&cluster.log()[logged_before..]);
+    let text =
+        |plan: &serde_json::Value| plan["Query Text"].as_str().unwrap_or_default().to_owned();
+    let triggers = plans
+        .iter()
+        .filter(|plan| text(plan).contains("inserted"))
+        .count();
+    assert!(
+        triggers >= 3,
+        "the statement triggers' queries were not logged: {} plans",
+        plans.len()
+    );
+    for plan in &plans {
+        if text(plan).contains("count(*) FROM reservations WHERE state = 'reserved'") {
+            continue; // The open reservations gauge: it reads the partial index to count it.
+        }
+        let mut reads = Vec::new();
+        table_reads(&plan["Plan"], &mut reads);
+        for read in &reads {
+            assert!(
+                !(read.ends_with("without an index condition")
+                    && partial
+                        .iter()
+                        .any(|index| read.contains(&format!("\"{index}\"")))),
+                "{read}: a partial index read whole\n{plan:#}"
+            );
+            assert!(
+                !text(plan).contains("inserted")
+                    || !read.starts_with("reservations ")
+                    || read.ends_with("\"reservations_pkey\") with an index condition"),
+                "{read}\n{plan:#}"
+            );
+        }
+    }
+}
+
+/// The partial indexes of the ledger's schema, by name.
+async fn partial_indexes(ledger: &TestLedger) -> Vec<String> {
+    let partial: Vec<String> = sqlx::query_scalar(
+        "SELECT indexrelid::regclass::text FROM pg_index WHERE indpred IS NOT NULL",
+    )
+    .fetch_all(ledger.store().pool())
+    .await
+    .unwrap();
+    assert!(
+        partial.contains(&"reservations_open_by_expiry".to_owned()),
+        "{partial:?}"
+    );
+    partial
+}
+
+/// The plans `auto_explain` logged (JSON) in the server `log` (of the shared cluster, where
+/// only the database this test set up logs plans).
+fn logged_plans(log: &str) -> Vec<serde_json::Value> {
+    let mut plans = Vec::new();
+    let mut entry: Option<String> = None;
+    let flush = |entry: &mut Option<String>, plans: &mut Vec<serde_json::Value>| {
+        if let Some(text) = entry.take()
+            && let Ok(plan) = serde_json::from_str::<serde_json::Value>(&text)
+        {
+            plans.push(plan);
+        }
+    };
+    for line in log.lines() {
+        if line.starts_with('\t') || line.starts_with(' ') {
+            if let Some(text) = entry.as_mut() {
+                text.push_str(line.trim_start());
+                text.push('\n');
+            }
+            continue;
+        }
+        flush(&mut entry, &mut plans);
+        if line.contains("plan:") {
+            entry = Some(String::new());
+        }
+    }
+    flush(&mut entry, &mut plans);
+    plans
 }
 
 /// Each read of a table in `node` and below it, as

@@ -7,5 +7,9 @@ resolutions AS (
            AS u(id, state, epoch, actual, committed, released, overrun)
      WHERE r.reservation_id = u.id
        AND r.reservation_id = ANY($3) -- lets the planner probe the primary key instead of scanning
+       -- With no resolution, a custom plan (the load path's) reads `ANY('{}')` as false, and a
+       -- false condition lets it pick any index, such as the partial one of every open
+       -- reservation, and read it whole; this folds to false first, so nothing is read.
+       AND cardinality($3::uuid[]) > 0
     RETURNING 1
 )

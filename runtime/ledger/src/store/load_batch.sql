@@ -1,6 +1,9 @@
 -- Locks and reads everything a batch decides on, in one round trip and in the fixed lock order
 -- (scopes, reservations, then budgets; windows follow in a second query because their keys
--- depend on the budgets). Target-list subqueries run left to right.
+-- depend on the budgets). Target-list subqueries run left to right. `cardinality(..) > 0`: on
+-- these custom plans an empty array makes `ANY('{}')` false, and a false condition lets the
+-- planner read any index whole (the partial one of open reservations); the check folds to
+-- false first, so nothing is read.
 SELECT now() AS now,
        (SELECT coalesce(json_agg(s), '[]'::json) FROM (
             SELECT scope_id, tenant_id, owner_workload_id, epoch, expires_at
@@ -10,7 +13,8 @@ SELECT now() AS now,
                    amount_nano_usd, fencing_scope_id, fencing_epoch, expires_at, state, resolved_epoch,
                    actual_nano_usd, committed_nano_usd, released_nano_usd, overrun_nano_usd,
                    is_credit, drawn_nano_usd, drawn_from_reservation_id
-              FROM reservations WHERE reservation_id = ANY($2) ORDER BY reservation_id FOR UPDATE) r) AS reservations,
+              FROM reservations WHERE reservation_id = ANY($2) AND cardinality($2) > 0
+             ORDER BY reservation_id FOR UPDATE) r) AS reservations,
        (SELECT coalesce(json_agg(t), '[]'::json) FROM (
             SELECT tenant_id, display_name FROM tenants WHERE tenant_id = ANY($3)) t) AS tenants,
        (SELECT coalesce(json_agg(b), '[]'::json) FROM (
