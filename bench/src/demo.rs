@@ -274,7 +274,7 @@ pub(crate) async fn demo(spendguard_bin: &Path) -> Result<()> {
     let sha = std::fs::read_to_string(bundle_dir.path().join("bundle.sha256"))?;
     println!("compiled bundle {} mounted for the sidecar", &sha[..12]);
     // Each reply reports 3000 output tokens of gpt-5 ($10 per million): $0.03 per call.
-    let (mock, mock_port) = spawn_mock(spendguard_bin, 3_000).await?;
+    let (mock, mock_port) = spawn_mock(spendguard_bin, 3_000, 0).await?;
     let (sidecar, sidecar_port, _) = spawn_sidecar(
         spendguard_bin,
         port,

@@ -91,6 +91,10 @@ enum Mode {
         /// Extra PostgreSQL settings, NAME=VALUE.
         #[arg(long = "pg-setting")]
         pg_settings: Vec<String>,
+        /// How long the mock upstream takes to answer: calls stay in flight (each holding its
+        /// reservation) that long, as a real model's do.
+        #[arg(long, default_value_t = 0)]
+        upstream_latency_ms: u64,
         /// Path of the spendguard binary (`spendguard-mock-provider` must sit next to it).
         #[arg(long)]
         spendguard_bin: std::path::PathBuf,
@@ -135,6 +139,7 @@ async fn main() -> Result<()> {
             clients,
             credit_nano_usd,
             pg_settings,
+            upstream_latency_ms,
             spendguard_bin,
         } => {
             proxy::bench_proxy(
@@ -143,7 +148,7 @@ async fn main() -> Result<()> {
                 Duration::from_secs(seconds),
                 clients,
                 credit_nano_usd,
-                &pg_settings,
+                (&pg_settings, upstream_latency_ms),
             )
             .await
         }

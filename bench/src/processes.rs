@@ -85,6 +85,7 @@ async fn wait_http_ok(port: u16, path: &str, what: &str) -> Result<()> {
 pub(crate) async fn spawn_mock(
     spendguard_bin: &std::path::Path,
     output_tokens: u32,
+    latency_ms: u64,
 ) -> Result<(Child, u16)> {
     let port = spendguard_testkit::free_port();
     let bin = spendguard_bin.with_file_name("spendguard-mock-provider");
@@ -94,6 +95,8 @@ pub(crate) async fn spawn_mock(
             &format!("127.0.0.1:{port}"),
             "--output-tokens",
             &output_tokens.to_string(),
+            "--latency-ms",
+            &latency_ms.to_string(),
         ])
         .stdout(std::process::Stdio::null())
         .kill_on_drop(true)

@@ -194,7 +194,7 @@ pub(crate) async fn bench_proxy(
     duration: Duration,
     clients: usize,
     credit_nano_usd: i64,
-    extra: &[String],
+    (extra, upstream_latency_ms): (&[String], u64),
 ) -> Result<()> {
     let mut settings = vec![("max_connections", "200"), ("shared_buffers", "256MB")];
     settings.extend(crate::ledger::pg_settings(extra)?);
@@ -226,7 +226,7 @@ pub(crate) async fn bench_proxy(
     .await?;
     let (bytes, sha) = Bundle::canonical(&contract, &pricing)?;
     spendguard_sidecar::bundle::write(dir.path(), &bytes, &sha, "bench", &["bench/llm"])?;
-    let (mock, mock_port) = spawn_mock(spendguard_bin, 16).await?;
+    let (mock, mock_port) = spawn_mock(spendguard_bin, 16, upstream_latency_ms).await?;
     let (sidecar, sidecar_port, sidecar_admin) = spawn_sidecar(
         spendguard_bin,
         ledger.port,
@@ -253,7 +253,7 @@ pub(crate) async fn bench_proxy(
     paced(&client, &guarded, 200, Duration::from_secs(1)).await?;
 
     println!(
-        "proxy benchmark: non-streaming chat calls, {}s per rate; PostgreSQL 15 local (fsync=on synchronous_commit=on); every component its own process; {}",
+        "proxy benchmark: non-streaming chat calls, {}s per rate, the upstream answering after {upstream_latency_ms} ms; PostgreSQL 15 local (fsync=on synchronous_commit=on); every component its own process; {}",
         duration.as_secs(),
         if credit_nano_usd > 0 {
             format!(
