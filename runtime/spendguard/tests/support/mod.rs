@@ -76,46 +76,20 @@ pub async fn refused_startup(mut sidecar: Command) -> String {
     stderr
 }
 
-/// Spawns what `command` builds for a data port and an admin port, ready. A port picked free
-/// can be taken before the child binds it (a binary's tests run in parallel, and every outgoing
-/// connection takes an ephemeral port), so a child that exits before it is ready because an
-/// address was in use is started again on fresh ports, up to three times. Any other exit
-/// before ready fails the test. The child's stderr is forwarded to the test's.
+/// Spawns what `command` builds for a data port and an admin port, and waits until it is
+/// ready. The ports come from `free_port`, below the kernel's ephemeral range, so no outgoing
+/// connection can take one before the child binds it. A child that exits before it is ready
+/// fails the test with its status (its stderr, inherited, says why).
 pub async fn spawn_ready(
-    mut command: impl FnMut(u16, u16) -> Command,
+    command: impl FnOnce(u16, u16) -> Command,
 ) -> (tokio::process::Child, u16, u16) {
-    for _ in 0..3 {
-        let (port, admin) = (free_port(), free_port());
-        let mut child = command(port, admin)
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        let address_in_use = forward_stderr(&mut child);
-        if ready_unless_exited(&mut child, admin).await {
-            return (child, port, admin);
-        }
+    let (port, admin) = (free_port(), free_port());
+    let mut child = command(port, admin).spawn().expect("spawn");
+    if !ready_unless_exited(&mut child, admin).await {
         let status = child.wait().await.expect("the child's status");
-        assert!(
-            address_in_use.await.unwrap(),
-            "exited before it was ready ({status}), not for an address in use: its stderr is above"
-        );
+        panic!("exited before it was ready ({status})");
     }
-    panic!("an address was in use three times");
-}
-
-/// Copies `child`'s stderr to this process's, line by line, until it closes; answers whether a
-/// line said an address was in use.
-fn forward_stderr(child: &mut tokio::process::Child) -> tokio::task::JoinHandle<bool> {
-    let stderr = child.stderr.take().expect("stderr is piped");
-    tokio::spawn(async move {
-        let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stderr));
-        let mut in_use = false;
-        while let Ok(Some(line)) = lines.next_line().await {
-            in_use |= line.contains("Address already in use");
-            eprintln!("{line}");
-        }
-        in_use
-    })
+    (child, port, admin)
 }
 
 /// Waits (up to 10 s) until `child` on `admin` is ready: false when it exits first (also right
