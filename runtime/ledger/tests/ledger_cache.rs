@@ -32,6 +32,22 @@ fn reserved_id(outcome: pb::reserve_set_response::Outcome) -> String {
     }
 }
 
+/// Reserves 10 on `hot` under `key` and commits 7 of it.
+async fn reserve_and_commit(ledger: &mut TestLedger, key: &str, fencing: &pb::FencingToken) {
+    let id = reserved_id(reserve(ledger, key, 10, fencing).await);
+    ledger
+        .client
+        .commit(pb::CommitRequest {
+            tenant_id: T.into(),
+            reservation_id: id,
+            actual_nano_usd: 7,
+            fencing: Some(fencing.clone()),
+            deferrable: false,
+        })
+        .await
+        .unwrap();
+}
+
 /// The core command of [`reserve_request`] (store-level tests drive the writer's store directly).
 fn reserve_command(
     key: &str,
@@ -167,18 +183,7 @@ async fn hot_reserves_and_commits_take_the_cached_path_and_stay_exact() {
     let fencing = ledger.tenant_with_lease(T).await.unwrap();
     ledger.budget(T, "hot", 1_000).await.unwrap();
     for i in 0..20 {
-        let id = reserved_id(reserve(&mut ledger, &format!("k{i}"), 10, &fencing).await);
-        ledger
-            .client
-            .commit(pb::CommitRequest {
-                tenant_id: T.into(),
-                reservation_id: id,
-                actual_nano_usd: 7,
-                fencing: Some(fencing.clone()),
-                deferrable: false,
-            })
-            .await
-            .unwrap();
+        reserve_and_commit(&mut ledger, &format!("k{i}"), &fencing).await;
     }
     // The first reserve loads the rows; every later command is planned on the cache.
     assert!(ledger.batches("cached") >= 35, "{}", ledger.metrics_text());
@@ -279,18 +284,7 @@ async fn no_query_of_the_ledger_reads_a_partial_index_whole() {
     let fencing = ledger.tenant_with_lease(T).await.unwrap();
     ledger.budget(T, "hot", 1_000).await.unwrap();
     for i in 0..6 {
-        let id = reserved_id(reserve(&mut ledger, &format!("k{i}"), 10, &fencing).await);
-        ledger
-            .client
-            .commit(pb::CommitRequest {
-                tenant_id: T.into(),
-                reservation_id: id,
-                actual_nano_usd: 7,
-                fencing: Some(fencing.clone()),
-                deferrable: false,
-            })
-            .await
-            .unwrap();
+        reserve_and_commit(&mut ledger, &format!("k{i}"), &fencing).await;
     }
     let credit = ledger
         .client
