@@ -84,6 +84,32 @@ async fn hold_open(
     Ok(())
 }
 
+/// Writes the paced pairs as CSV: each one's start (from the phase's start, which the header
+/// gives as Unix time to line it up with other records) and its latencies, in microseconds.
+fn write_trace(
+    path: &std::path::Path,
+    started: Instant,
+    starts: &[Duration],
+    (reserves, commits, pairs): (&[Duration], &[Duration], &[Duration]),
+) -> Result<()> {
+    let us = |d: &Duration| d.as_micros();
+    let mut trace = format!(
+        "# started at unix_us={}\nstart_us,reserve_us,commit_us,pair_us\n",
+        us(&(std::time::SystemTime::now() - started.elapsed())
+            .duration_since(std::time::UNIX_EPOCH)?)
+    );
+    for (((start, reserve), commit), pair) in starts.iter().zip(reserves).zip(commits).zip(pairs) {
+        trace += &format!(
+            "{},{},{},{}\n",
+            us(start),
+            us(reserve),
+            us(commit),
+            us(pair)
+        );
+    }
+    std::fs::write(path, trace).with_context(|| format!("writing {}", path.display()))
+}
+
 /// `--pg-setting NAME=VALUE` arguments as settings.
 pub(crate) fn pg_settings(extra: &[String]) -> Result<Vec<(&str, &str)>> {
     extra
@@ -213,29 +239,16 @@ pub(crate) async fn bench_ledger(
     }
     let mut latencies = Vec::with_capacity(count);
     let (mut reserves, mut commits) = (Vec::with_capacity(count), Vec::with_capacity(count));
-    // Offsets are from the phase's start, given as Unix time to line it up with other records.
-    let mut trace = format!(
-        "# started at unix_us={}\nstart_us,reserve_us,commit_us,pair_us\n",
-        (std::time::SystemTime::now() - started.elapsed())
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_micros()
-    );
+    let mut starts = Vec::with_capacity(count);
     for task in tasks {
         let (start, total, (reserve, commit)) = task.await??;
-        let us = |d: Duration| d.as_micros();
-        trace += &format!(
-            "{},{},{},{}\n",
-            us(start),
-            us(reserve),
-            us(commit),
-            us(total)
-        );
+        starts.push(start);
         latencies.push(total);
         reserves.push(reserve);
         commits.push(commit);
     }
     if let Some(path) = paced_trace {
-        std::fs::write(path, trace).with_context(|| format!("writing {}", path.display()))?;
+        write_trace(path, started, &starts, (&reserves, &commits, &latencies))?;
     }
     let cpu_after = cpu::sample(&[("ledger", ledger_pid)])?;
     report(
