@@ -536,27 +536,15 @@ async fn execute_loaded(
     metrics.observe_path(BatchPath::Loaded);
     match store.run_batch(current, commands).await {
         Ok(committed) => finish(committed, cache),
-        Err(e) if e.is_isolatable() && commands.len() > 1 => {
-            debug!(error = %e, commands = commands.len(), "batch failed; retrying commands singly");
+        // A rule broke: one command is bad, or the batch lost a race with another replica to
+        // create a row (a window, a scope nobody held, a retry's reservation). Each command runs
+        // again alone, on a fresh load: a bad one is refused without its neighbours, and a lost
+        // race is answered as if it had come second (the lease held, the replay). A batch of
+        // one runs again too, once.
+        Err(e) if e.is_isolatable() => {
+            debug!(error = %e, commands = commands.len(), "batch failed; running its commands singly");
             cache.clear();
-            let mut results = Vec::with_capacity(commands.len());
-            for command in commands {
-                let result = match store
-                    .run_batch(current, std::slice::from_ref(command))
-                    .await
-                {
-                    Ok(committed) => committed.outcomes.into_iter().next().map_or_else(
-                        || Err(Error::Invariant("no outcome".into())),
-                        |o| o.map_err(Error::from),
-                    ),
-                    Err(e) => Err(e),
-                };
-                if let Err(Error::Invariant(reason)) = &result {
-                    error!(%reason, "ledger invariant violated; command refused");
-                }
-                results.push(result);
-            }
-            (results, None)
+            (run_singly(store, claim, cursor, commands).await, None)
         }
         Err(e) => {
             if let Error::Invariant(reason) = &e {
@@ -568,6 +556,51 @@ async fn execute_loaded(
             refuse_all(e)
         }
     }
+}
+
+/// Runs each of `commands` as a batch of its own, on the load path.
+async fn run_singly(
+    store: &Store,
+    claim: &ProducerClaim,
+    cursor: &mut Option<ProducerCursor>,
+    commands: &[Command],
+) -> Vec<Result<Outcome>> {
+    let mut results = Vec::with_capacity(commands.len());
+    for command in commands {
+        if cursor.is_none() {
+            match store.producer_cursor(claim).await {
+                Ok(fresh) => *cursor = Some(fresh),
+                Err(e) => {
+                    results.push(Err(e));
+                    continue;
+                }
+            }
+        }
+        let Some(current) = cursor.as_mut() else {
+            results.push(Err(Error::Invariant("no producer cursor".into())));
+            continue;
+        };
+        let result = match store
+            .run_batch(current, std::slice::from_ref(command))
+            .await
+        {
+            Ok(committed) => committed.outcomes.into_iter().next().map_or_else(
+                || Err(Error::Invariant("no outcome".into())),
+                |o| o.map_err(Error::from),
+            ),
+            Err(e) => Err(e),
+        };
+        match &result {
+            Err(Error::Invariant(reason)) => {
+                error!(%reason, "ledger invariant violated; command refused");
+            }
+            // The commit may or may not have happened: read the sequence again before the next.
+            Err(_) => *cursor = None,
+            Ok(_) => {}
+        }
+        results.push(result);
+    }
+    results
 }
 
 /// Remembers a committed batch's rows and answers its commands.

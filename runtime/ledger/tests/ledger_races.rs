@@ -288,6 +288,60 @@ async fn a_stolen_producer_claim_stops_writes() {
 }
 
 /// The id of the reservation a ReserveSet made.
+#[tokio::test]
+async fn a_lone_command_that_loses_an_insert_race_to_another_replica_gets_the_second_answer() {
+    // Goal: a command that loses a race to another replica on a row both create (a scope nobody
+    // held, the same idempotency key) is answered as if it had arrived second, also when it is
+    // alone in its batch: the lease held, or the replay. Before, only a batch of several was
+    // re-run, and a lone command got INTERNAL for the unique violation. Each round sends one
+    // command to each replica at once, so each writer's batch holds just that command.
+    let mut a = TestLedger::start().await.unwrap();
+    let fencing = a.tenant_with_lease(T).await.unwrap();
+    a.budget(T, "b", 1_000_000).await.unwrap();
+    let b = TestLedger::start_on(&a.database_url, "ledger-1")
+        .await
+        .unwrap();
+    let acquire = |client: &spendguard_testkit::ledger::LedgerClient, scope: &str, owner: &str| {
+        let mut client = client.clone();
+        let request = pb::AcquireFencingLeaseRequest {
+            scope_id: scope.to_owned(),
+            tenant_id: T.into(),
+            workload_instance_id: owner.to_owned(),
+            ttl_ms: 60_000,
+            expected_epoch: 0,
+            force: false,
+        };
+        async move { client.acquire_fencing_lease(request).await }
+    };
+    for round in 0..40 {
+        let scope = format!("{T}/race-{round}");
+        let (x, y) = tokio::join!(
+            acquire(&a.client, &scope, "pod-a"),
+            acquire(&b.client, &scope, "pod-b")
+        );
+        let (won, lost): (Vec<_>, Vec<_>) = [x, y].into_iter().partition(Result::is_ok);
+        assert_eq!((won.len(), lost.len()), (1, 1), "round {round}: {lost:?}");
+        let lost = lost.into_iter().next().unwrap().unwrap_err();
+        assert_eq!(
+            spendguard_proto::ledger::error_code(&lost),
+            Some(pb::ErrorCode::FencingLeaseHeld),
+            "round {round}: {lost:?}"
+        );
+
+        let request = reserve_request(T, &format!("key-{round}"), &["b"], 10, &fencing);
+        let (mut to_a, mut to_b) = (a.client.clone(), b.client.clone());
+        let (x, y) = tokio::join!(to_a.reserve_set(request.clone()), to_b.reserve_set(request));
+        let (x, y) = (x.unwrap().into_inner(), y.unwrap().into_inner());
+        assert_eq!(
+            [x.replayed, y.replayed].iter().filter(|r| **r).count(),
+            1,
+            "round {round}: one answer is the replay"
+        );
+        assert_eq!(reservation_id(x), reservation_id(y), "round {round}");
+    }
+    invariants::check(a.store().pool()).await.unwrap();
+}
+
 fn reservation_id(response: pb::ReserveSetResponse) -> String {
     match response.outcome {
         Some(pb::reserve_set_response::Outcome::Reserved(r)) => r.reservation_id,
