@@ -6,6 +6,7 @@ use crate::convert;
 use crate::error::Error;
 use crate::evidence_gate::EvidenceGate;
 use crate::metrics::Metrics;
+use crate::oversized::SizeLimited;
 use crate::store::Store;
 use crate::writer::{Urgency, Writer};
 use prost::Message;
@@ -69,9 +70,16 @@ impl LedgerGrpc {
         }
     }
 
-    /// The tonic server wrapper with the message size limit applied.
-    pub fn into_server(self, max_message_bytes: usize) -> pb::ledger_server::LedgerServer<Self> {
-        pb::ledger_server::LedgerServer::new(self).max_decoding_message_size(max_message_bytes)
+    /// The tonic server wrapper with the message size limit applied: a larger message is
+    /// refused with `REQUEST_TOO_LARGE` (`oversized.rs`).
+    pub fn into_server(
+        self,
+        max_message_bytes: usize,
+    ) -> SizeLimited<pb::ledger_server::LedgerServer<Self>> {
+        SizeLimited::new(
+            pb::ledger_server::LedgerServer::new(self).max_decoding_message_size(max_message_bytes),
+            max_message_bytes,
+        )
     }
 
     async fn run<T>(

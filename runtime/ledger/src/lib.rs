@@ -19,6 +19,7 @@ pub mod evidence_gate;
 pub mod grpc;
 pub mod key_standing;
 pub mod metrics;
+pub mod oversized;
 pub mod store;
 pub mod writer;
 

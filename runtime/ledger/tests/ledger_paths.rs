@@ -1079,15 +1079,22 @@ async fn bad_input_gets_its_stable_code_and_writes_nothing() {
             "{name}"
         );
     }
-    // A request beyond the transport limit is refused before parsing.
+    // A request beyond the transport limit (64 KiB) is refused before parsing, with the same
+    // stable code as a field too long, and writes nothing.
     let huge = pb::ReserveSetRequest {
         idempotency_key: "k".repeat(70_000),
         ..ok.clone()
     };
+    let err = ledger.client.reserve_set(huge).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert_eq!(code(&err), pb::ErrorCode::RequestTooLarge, "{err:?}");
     assert_eq!(
-        ledger.client.reserve_set(huge).await.unwrap_err().code(),
-        tonic::Code::OutOfRange
+        err.metadata()
+            .get("spendguard-error-code")
+            .and_then(|v| v.to_str().ok()),
+        Some("REQUEST_TOO_LARGE")
     );
+    assert!(err.message().contains("of 65536"), "{err:?}");
 
     let commit_cases: Vec<(pb::CommitRequest, pb::ErrorCode)> = vec![
         (
