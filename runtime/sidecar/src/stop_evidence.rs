@@ -38,6 +38,12 @@ use uuid::Uuid;
 /// Default bound of the queue (records).
 pub const STOP_EVIDENCE_QUEUE_DEFAULT: usize = 4_096;
 
+/// Most bytes of records one request carries. The ledger refuses a message over its limit (64 KiB
+/// by default) before reading it: 256 records of long model names and details would pass that.
+/// Half the default leaves room for the envelope; a ledger configured lower still answers
+/// `REQUEST_TOO_LARGE`, and the batch is then sent one record at a time.
+pub const STOP_BATCH_BYTES_MAX: usize = 32 * 1024;
+
 /// The journal's file name inside the spool directory (whose lock the fail-open spool holds).
 pub const STOP_JOURNAL_FILE: &str = "stop-records.journal";
 
@@ -265,10 +271,11 @@ impl StopEvidence {
         self.journal_done(&record.record_id);
     }
 
-    /// Takes up to `max` records to send: the summaries of STOPs counted past the bound first
-    /// (one per reason; a new one only once the ledger took the previous), then the oldest
-    /// queued. Records not confirmed through the returned guard go back when it is dropped, so a
-    /// send cancelled at any point loses nothing.
+    /// Takes up to `max` records, and no more than [`STOP_BATCH_BYTES_MAX`] of them but at least
+    /// one, to send: the summaries of STOPs counted past the bound first (one per reason; a new
+    /// one only once the ledger took the previous), then the oldest queued. Records not
+    /// confirmed through the returned guard go back when it is dropped, so a send cancelled at
+    /// any point loses nothing.
     pub fn take(&self, max: usize) -> InFlight<'_> {
         let mut inner = lock(&self.inner);
         let Inner {
@@ -287,11 +294,27 @@ impl StopEvidence {
                 summaries.insert(reason, summary);
             }
         }
-        let mut records: VecDeque<pb::StopRecord> = summaries.values().take(max).cloned().collect();
-        for record in &records {
-            summaries.remove(&record.reason);
+        let mut records: VecDeque<pb::StopRecord> = VecDeque::new();
+        let mut bytes = 0;
+        // Within the request: its length-delimited field, a tag and a length of up to 3 bytes.
+        let mut fits = |record: &pb::StopRecord, records: &VecDeque<pb::StopRecord>| {
+            let size = record.encoded_len() + 4;
+            let fits =
+                records.len() < max && (records.is_empty() || bytes + size <= STOP_BATCH_BYTES_MAX);
+            if fits {
+                bytes += size;
+            }
+            fits
+        };
+        let reasons: Vec<String> = summaries.keys().cloned().collect();
+        for reason in reasons {
+            if summaries.get(&reason).is_some_and(|s| fits(s, &records))
+                && let Some(summary) = summaries.remove(&reason)
+            {
+                records.push_back(summary);
+            }
         }
-        while records.len() < max {
+        while queue.front().is_some_and(|r| fits(r, &records)) {
             let Some(record) = queue.pop_front() else {
                 break;
             };
@@ -570,6 +593,54 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["c"]
         );
+    }
+
+    #[test]
+    fn a_batch_stays_within_the_byte_bound_and_the_rest_waits_for_the_next() {
+        // 256 STOPs of a long model name and detail are over 64 KiB, the ledger's message limit.
+        let evidence = StopEvidence::new(1_000);
+        for n in 0..STOP_RECORDS_MAX {
+            evidence.push(pb::StopRecord {
+                detail: "d".repeat(512),
+                ..stop(&format!("call-{n}"), "MODEL_DENIED", 1)
+            });
+        }
+        let taken: Vec<pb::StopRecord> = {
+            let mut batch = evidence.take(STOP_RECORDS_MAX);
+            let taken = batch.records().cloned().collect();
+            batch.published();
+            taken
+        };
+        let request = pb::RecordStopsRequest {
+            stops: taken.clone(),
+            ..envelope("bundle")
+        };
+        assert!(
+            request.encoded_len() <= STOP_BATCH_BYTES_MAX + 100,
+            "{}",
+            request.encoded_len()
+        );
+        assert!(
+            taken.len() > 1 && taken.len() < STOP_RECORDS_MAX,
+            "{}",
+            taken.len()
+        );
+        assert_eq!(taken[0].call_id, "call-0", "oldest first");
+        assert_eq!(evidence.len(), STOP_RECORDS_MAX - taken.len());
+        let next = evidence.take(STOP_RECORDS_MAX);
+        assert_eq!(
+            next.first().map(|r| r.call_id),
+            Some(format!("call-{}", taken.len())),
+            "the rest waits, in order"
+        );
+        // A record larger than the bound alone is still taken, alone (the ledger judges it).
+        let big = StopEvidence::new(10);
+        big.push(pb::StopRecord {
+            detail: "d".repeat(STOP_BATCH_BYTES_MAX),
+            ..stop("big", "MODEL_DENIED", 1)
+        });
+        big.push(stop("small", "MODEL_DENIED", 2));
+        assert_eq!(big.take(10).len(), 1);
     }
 
     fn calls(batch: &InFlight<'_>) -> Vec<(String, String, u64)> {
