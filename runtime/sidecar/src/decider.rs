@@ -406,6 +406,14 @@ impl Decider {
                 SidecarError::invalid("run_id", format!("at most {RUN_ID_LEN_MAX} characters"))
             })?;
         }
+        // The ledger refuses a context text over its limit or with a control character. Found
+        // only there, a call admitted inside a credit would have a draw and a fail-open record
+        // the ledger both refuse: its spend recorded nowhere. (The model needs no check: a name
+        // no pricing holds is a STOP, whose record fits it.)
+        if let Some(workflow_id) = &input.workflow_id {
+            spendguard_core::ids::check_text("workflow_id", workflow_id, TEXT_LEN_MAX)
+                .map_err(|e| SidecarError::invalid("workflow_id", e.to_string()))?;
+        }
         if input.max_output_tokens == Some(0) {
             return Err(SidecarError::invalid(
                 "max_output_tokens",

@@ -148,8 +148,11 @@ impl StopEvidence {
                 inner.queue.push_back(record);
                 continue;
             }
+            let size = record.encoded_len() + 4;
             match inner.foreign.iter_mut().find(|group| {
-                group.stops.len() < STOP_RECORDS_MAX && same_envelope(group, &decided_under)
+                group.stops.len() < STOP_RECORDS_MAX
+                    && group.encoded_len() + size <= STOP_BATCH_BYTES_MAX
+                    && same_envelope(group, &decided_under)
             }) {
                 Some(group) => group.stops.push(record),
                 None => inner.foreign.push_back(pb::RecordStopsRequest {
@@ -641,6 +644,32 @@ mod tests {
         });
         big.push(stop("small", "MODEL_DENIED", 2));
         assert_eq!(big.take(10).len(), 1);
+    }
+
+    #[test]
+    fn records_left_under_another_bundle_are_grouped_within_the_byte_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let evidence = StopEvidence::with_journal(200, dir.path(), envelope("bundle-a")).unwrap();
+        for n in 0..100 {
+            evidence.push(pb::StopRecord {
+                detail: "d".repeat(1_000),
+                ..stop(&format!("call-{n:03}"), "MODEL_DENIED", n)
+            });
+        }
+        drop(evidence);
+        let evidence = StopEvidence::with_journal(200, dir.path(), envelope("bundle-b")).unwrap();
+        let mut sent = Vec::new();
+        while let Some(group) = evidence.first_foreign() {
+            assert!(
+                group.encoded_len() <= STOP_BATCH_BYTES_MAX,
+                "{}",
+                group.encoded_len()
+            );
+            sent.extend(group.stops.iter().map(|r| r.call_id.clone()));
+            evidence.foreign_settled(true);
+        }
+        let expected: Vec<String> = (0..100).map(|n| format!("call-{n:03}")).collect();
+        assert_eq!(sent, expected, "every record, in order");
     }
 
     fn calls(batch: &InFlight<'_>) -> Vec<(String, String, u64)> {

@@ -144,6 +144,17 @@ async fn http_errors_have_stable_codes_and_change_nothing() {
             400,
             "INVALID_ARGUMENT",
         ),
+        // A workflow id the ledger could not record (too long; a control character).
+        (
+            json!({"call_id": "h-1", "provider": "openai", "model": "gpt-4o-mini", "input_tokens_upper_bound": 1, "workflow_id": "w".repeat(257)}),
+            400,
+            "INVALID_ARGUMENT",
+        ),
+        (
+            json!({"call_id": "h-1", "provider": "openai", "model": "gpt-4o-mini", "input_tokens_upper_bound": 1, "workflow_id": "wf\t1"}),
+            400,
+            "INVALID_ARGUMENT",
+        ),
         // A valid name, but too long to prefix with `runs/` as the run's own budget id.
         (
             json!({"call_id": "h-1", "provider": "openai", "model": "gpt-4o-mini", "input_tokens_upper_bound": 1, "run_id": "r".repeat(250)}),
