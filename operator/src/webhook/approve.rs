@@ -23,6 +23,7 @@ use k8s_openapi::api::authorization::v1::{
 use kube::api::{Api, PostParams};
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, Operation};
+use spendguard_core::plan::TEXT_LEN_MAX;
 use spendguard_crds::approval_request::{ApprovalPhase, ApprovalRequestStatus};
 use std::time::Duration;
 use tracing::{info, warn};
@@ -60,6 +61,8 @@ pub enum Code {
     OperatorCannotDecide,
     /// A decision without a username to stamp.
     Anonymous,
+    /// A username the ledger cannot record as the approver (too long, a control character).
+    ApproverUnrecordable,
     /// The SubjectAccessReview failed (fail closed).
     AuthorizationFailed,
     /// The status does not deserialize.
@@ -76,6 +79,7 @@ impl Code {
             Self::ExpiryReserved => "SPENDGUARD_APPROVAL_EXPIRY_RESERVED",
             Self::OperatorCannotDecide => "SPENDGUARD_APPROVAL_OPERATOR_CANNOT_DECIDE",
             Self::Anonymous => "SPENDGUARD_APPROVAL_ANONYMOUS",
+            Self::ApproverUnrecordable => "SPENDGUARD_APPROVAL_APPROVER_UNRECORDABLE",
             Self::AuthorizationFailed => "SPENDGUARD_APPROVAL_AUTHORIZATION_FAILED",
             Self::Malformed => "SPENDGUARD_MALFORMED",
         }
@@ -195,6 +199,18 @@ pub fn assess(
             Code::Anonymous,
             "a decision needs an authenticated user to record as decidedBy".into(),
         ),
+        // Admitted, the decision would reach the ledger, be refused there on every retry, and
+        // the approval would expire with nothing said to the approver.
+        ApprovalPhase::Approved | ApprovalPhase::Denied
+            if spendguard_core::ids::check_text("approver", username, TEXT_LEN_MAX).is_err() =>
+        {
+            refuse(
+                Code::ApproverUnrecordable,
+                format!(
+                    "the ledger records an approver's username of at most {TEXT_LEN_MAX} bytes                      without control characters; this one cannot be recorded, so the decision                      is refused: decide as a user with a shorter name"
+                ),
+            )
+        }
         phase @ (ApprovalPhase::Approved | ApprovalPhase::Denied) => Assessment::Authorize(phase),
     }
 }
@@ -476,6 +492,33 @@ mod tests {
             ),
             Assessment::Admit
         );
+    }
+
+    #[test]
+    fn a_username_the_ledger_cannot_record_cannot_decide() {
+        let config = config();
+        let decided = status(json!({"phase": "Approved"}));
+        for username in ["a".repeat(TEXT_LEN_MAX + 1), "oidc:ann\u{7}".to_owned()] {
+            assert_eq!(
+                refusal_code(&assess(
+                    Some(&pending()),
+                    Some(&decided),
+                    &username,
+                    &config
+                )),
+                Code::ApproverUnrecordable,
+                "{username:?}"
+            );
+        }
+        assert!(matches!(
+            assess(
+                Some(&pending()),
+                Some(&decided),
+                &"a".repeat(TEXT_LEN_MAX),
+                &config
+            ),
+            Assessment::Authorize(ApprovalPhase::Approved)
+        ));
     }
 
     #[test]
