@@ -598,7 +598,12 @@ async fn drain_fail_open(decider: &Decider, deadline: Duration) {
     let drained = tokio::time::timeout(deadline, async {
         let mut backoff = Duration::ZERO;
         while !queue.is_empty() {
-            if decider.record_fail_open_batch(true).await > 0 {
+            decider.record_fail_open_batch(true).await;
+            // Still queued: the ledger is away, asked for a retry, or refused a record (dropped
+            // after a few refusals). Wait before the next pass, or the drain would send the same
+            // records back to back until the deadline and spend a record's refusals in
+            // milliseconds.
+            if !queue.is_empty() {
                 backoff = fail_open::next_backoff(backoff);
                 tokio::time::sleep(backoff).await;
             }
