@@ -207,7 +207,9 @@ pub fn assess(
             refuse(
                 Code::ApproverUnrecordable,
                 format!(
-                    "the ledger records an approver's username of at most {TEXT_LEN_MAX} bytes                      without control characters; this one cannot be recorded, so the decision                      is refused: decide as a user with a shorter name"
+                    "the ledger records an approver's username of at most {TEXT_LEN_MAX} bytes \
+                     without control characters; this one cannot be recorded, so the decision \
+                     is refused: decide as a user with a shorter name"
                 ),
             )
         }
@@ -510,6 +512,21 @@ mod tests {
                 "{username:?}"
             );
         }
+        let Assessment::Refuse(refusal) = assess(
+            Some(&pending()),
+            Some(&decided),
+            &"a".repeat(TEXT_LEN_MAX + 1),
+            &config,
+        ) else {
+            panic!("refused");
+        };
+        assert!(
+            refusal
+                .message
+                .contains("bytes without control characters; this one"),
+            "{}",
+            refusal.message
+        );
         assert!(matches!(
             assess(
                 Some(&pending()),
