@@ -148,12 +148,18 @@ impl StopEvidence {
                 inner.queue.push_back(record);
                 continue;
             }
+            // Into its envelope's newest group while that has room, so each envelope's records
+            // go out in the order they were decided.
             let size = record.encoded_len() + 4;
-            match inner.foreign.iter_mut().find(|group| {
-                group.stops.len() < STOP_RECORDS_MAX
-                    && group.encoded_len() + size <= STOP_BATCH_BYTES_MAX
-                    && same_envelope(group, &decided_under)
-            }) {
+            match inner
+                .foreign
+                .iter_mut()
+                .rev()
+                .find(|group| same_envelope(group, &decided_under))
+                .filter(|group| {
+                    group.stops.len() < STOP_RECORDS_MAX
+                        && group.encoded_len() + size <= STOP_BATCH_BYTES_MAX
+                }) {
                 Some(group) => group.stops.push(record),
                 None => inner.foreign.push_back(pb::RecordStopsRequest {
                     stops: vec![record],
@@ -649,15 +655,21 @@ mod tests {
     #[test]
     fn records_left_under_another_bundle_are_grouped_within_the_byte_bound() {
         let dir = tempfile::tempdir().unwrap();
-        let evidence = StopEvidence::with_journal(200, dir.path(), envelope("bundle-a")).unwrap();
-        for n in 0..100 {
+        let evidence = StopEvidence::with_journal(400, dir.path(), envelope("bundle-a")).unwrap();
+        // Sizes vary (50 to ~1,000 bytes), so at a group's end a small record could fit where
+        // the large one before it did not.
+        for n in 0..300 {
             evidence.push(pb::StopRecord {
-                detail: "d".repeat(1_000),
-                ..stop(&format!("call-{n:03}"), "MODEL_DENIED", n)
+                detail: "d".repeat(50 + (n * 379) % 950),
+                ..stop(
+                    &format!("call-{n:03}"),
+                    "MODEL_DENIED",
+                    i64::try_from(n).unwrap(),
+                )
             });
         }
         drop(evidence);
-        let evidence = StopEvidence::with_journal(200, dir.path(), envelope("bundle-b")).unwrap();
+        let evidence = StopEvidence::with_journal(400, dir.path(), envelope("bundle-b")).unwrap();
         let mut sent = Vec::new();
         while let Some(group) = evidence.first_foreign() {
             assert!(
@@ -668,7 +680,7 @@ mod tests {
             sent.extend(group.stops.iter().map(|r| r.call_id.clone()));
             evidence.foreign_settled(true);
         }
-        let expected: Vec<String> = (0..100).map(|n| format!("call-{n:03}")).collect();
+        let expected: Vec<String> = (0..300).map(|n| format!("call-{n:03}")).collect();
         assert_eq!(sent, expected, "every record, in order");
     }
 
