@@ -598,14 +598,17 @@ async fn drain_fail_open(decider: &Decider, deadline: Duration) {
     let drained = tokio::time::timeout(deadline, async {
         let mut backoff = Duration::ZERO;
         while !queue.is_empty() {
-            decider.record_fail_open_batch(true).await;
-            // Still queued: the ledger is away, asked for a retry, or refused a record (dropped
-            // after a few refusals). Wait before the next pass, or the drain would send the same
-            // records back to back until the deadline and spend a record's refusals in
-            // milliseconds.
-            if !queue.is_empty() {
+            let before = queue.len();
+            let away = decider.record_fail_open_batch(true).await > 0;
+            // A pass takes at most a batch, so a queue that shrank goes on at once. One that did
+            // not (the ledger is away, asked for a retry, or refused a record, which is dropped
+            // after a few refusals) waits first: otherwise the drain would send the same records
+            // back to back until the deadline and spend a record's refusals in milliseconds.
+            if away || queue.len() >= before {
                 backoff = fail_open::next_backoff(backoff);
                 tokio::time::sleep(backoff).await;
+            } else {
+                backoff = Duration::ZERO;
             }
         }
     })
