@@ -588,15 +588,15 @@ async fn run_singly(
                 || Err(Error::Invariant("no outcome".into())),
                 |o| o.map_err(Error::from),
             ),
-            Err(e) => Err(e),
-        };
-        match &result {
-            Err(Error::Invariant(reason)) => {
-                error!(%reason, "ledger invariant violated; command refused");
-            }
+            Err(Error::Invariant(reason)) => Err(Error::Invariant(reason)),
             // The commit may or may not have happened: read the sequence again before the next.
-            Err(_) => *cursor = None,
-            Ok(_) => {}
+            Err(e) => {
+                *cursor = None;
+                Err(e)
+            }
+        };
+        if let Err(Error::Invariant(reason)) = &result {
+            error!(%reason, "ledger invariant violated; command refused");
         }
         results.push(result);
     }
