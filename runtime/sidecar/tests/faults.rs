@@ -454,6 +454,50 @@ async fn shutdown_sends_queued_fail_open_records_within_its_deadline() {
 }
 
 #[tokio::test]
+async fn shutdown_sends_a_queue_many_passes_long_within_its_deadline() {
+    // Goal: a queue much longer than one pass of the drain (64 records) is sent within the
+    // deadline once the ledger answers: the drain goes on at once after a pass that shrank the
+    // queue, and waits only after one that did not. (A version that waited after every pass
+    // with records left, doubling from 100 ms, sent at most seven passes, 448 records, in 8 s.)
+    // Method: 500 fail-open decisions with the ledger down (unsettled, so only the drain sends
+    // them), the ledger back, the sidecar stopped at once.
+    const CALLS: usize = 500;
+    let mut stack = Stack::start(Options {
+        contract: json!({"fail_policy": "open"}),
+        flags: vec!["--fail-open-drain-ms=8000".into()],
+        ..Options::default()
+    })
+    .await;
+    stack.ledger.stop().await;
+    let url = stack.url("/v1/spendguard/decide");
+    let mut calls = tokio::task::JoinSet::new();
+    for n in 0..CALLS {
+        let url = url.clone();
+        calls.spawn(async move {
+            let body = json!({"call_id": format!("c-{n}"), "provider": "openai",
+                              "model": "gpt-4o-mini", "input_tokens_upper_bound": 10,
+                              "max_output_tokens": 10});
+            post_json(&url, &[], &body).await.json()
+        });
+        if calls.len() >= 16 {
+            let decision = calls.join_next().await.unwrap().unwrap();
+            assert_eq!(decision["fail_open"], true, "{decision}");
+        }
+    }
+    for decision in calls.join_all().await {
+        assert_eq!(decision["fail_open"], true, "{decision}");
+    }
+    let decider = stack.sidecar().decider.clone();
+    assert_eq!(decider.fail_open_queue().len(), CALLS);
+    stack.restart_ledger().await;
+    stack.stop_sidecar().await;
+    assert!(decider.fail_open_queue().is_empty());
+    let (events, _) = fail_open_events(&stack).await;
+    assert_eq!(events.len(), CALLS, "every record reached the ledger");
+    assert!(events.iter().all(|(_, n)| *n == 1), "each once");
+}
+
+#[tokio::test]
 async fn a_fail_open_spool_carries_records_across_a_restart_during_an_outage() {
     // Goal: with a spool, calls let through during an outage keep their evidence even when the
     // sidecar stops before the ledger returns: the next start sends each record exactly once.
