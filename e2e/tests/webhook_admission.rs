@@ -534,6 +534,68 @@ async fn the_validating_webhook_refuses_what_cel_cannot_see() {
         ),
         "{text}"
     );
+
+    // A bundle admitted while its Budget did not exist, whose Budget then came with another
+    // tenant: its spec cannot change, but it can still be labelled, and a finalizer (another
+    // controller's, or the garbage collector's `foregroundDeletion`) can still be taken off to
+    // finish its deletion.
+    let late = bundle
+        .replace("name: research-agent", "name: late")
+        .replace("budgets: [\"team-research\"]", "budgets: [\"later\"]");
+    let (ok, text) = apply(&late);
+    assert!(ok && text.contains("SPENDGUARD_BUDGET_NOT_FOUND"), "{text}");
+    let (ok, text) = apply(
+        r#"{"apiVersion": "spendguard.io/v1alpha1", "kind": "Budget",
+            "metadata": {"name": "later", "namespace": "team"},
+            "spec": {"tenant": "globex", "limit": "10", "window": "Lifetime"}}"#,
+    );
+    assert!(ok, "{text}");
+    let (ok, text) = apply(&late.replace("maxOutputTokens: 4096", "maxOutputTokens: 2048"));
+    assert!(!ok && text.contains("SPENDGUARD_TENANT_MISMATCH"), "{text}");
+    let kubectl = |args: &[&str]| plane.run_kubectl(User::Admin, args, None);
+    let (ok, text) = kubectl(&[
+        "label",
+        "-n",
+        "team",
+        "contractbundle",
+        "late",
+        "owner=research",
+    ]);
+    assert!(ok, "a label is not judged again: {text}");
+    let finalizers = |value: &str| format!(r#"{{"metadata": {{"finalizers": {value}}}}}"#);
+    let (ok, text) = kubectl(&[
+        "patch",
+        "-n",
+        "team",
+        "contractbundle",
+        "late",
+        "--type=merge",
+        "-p",
+        &finalizers(r#"["example.com/hold"]"#),
+    ]);
+    assert!(ok, "{text}");
+    let (ok, text) = kubectl(&[
+        "delete",
+        "-n",
+        "team",
+        "contractbundle",
+        "late",
+        "--wait=false",
+    ]);
+    assert!(ok, "{text}");
+    let (ok, text) = kubectl(&[
+        "patch",
+        "-n",
+        "team",
+        "contractbundle",
+        "late",
+        "--type=merge",
+        "-p",
+        &finalizers("null"),
+    ]);
+    assert!(ok, "a finalizer can be taken off: {text}");
+    let (ok, text) = kubectl(&["get", "-n", "team", "contractbundle", "late"]);
+    assert!(!ok && text.contains("NotFound"), "{text}");
     for replica in replicas {
         replica.task.abort();
     }

@@ -83,6 +83,7 @@ pub async fn validate(
         Err(e) => return Json(AdmissionResponse::invalid(e).into_review()),
     };
     let verdict = match (&request.operation, &request.object) {
+        (Operation::Update, Some(object)) if !judged_again(&request, object) => Verdict::default(),
         (Operation::Create | Operation::Update, Some(object)) => {
             verdict(&state.kube, &request, object).await
         }
@@ -97,6 +98,21 @@ pub async fn validate(
         response = response.deny(message);
     }
     Json(response.into_review())
+}
+
+/// Whether an UPDATE is judged again: only when it changes the spec, and never once the object
+/// is being deleted. Labels, annotations, finalizers (the garbage collector's
+/// `foregroundDeletion` among them) and status pass as they are: a reference that changed since
+/// (another tenant's Budget of the same name) or a stricter rule must not make an object
+/// impossible to label or to delete.
+fn judged_again(request: &AdmissionRequest<DynamicObject>, object: &DynamicObject) -> bool {
+    if object.metadata.deletion_timestamp.is_some() {
+        return false;
+    }
+    request
+        .old_object
+        .as_ref()
+        .is_none_or(|old| old.data.get("spec") != object.data.get("spec"))
 }
 
 fn parse<K: DeserializeOwned>(object: &DynamicObject) -> Result<K, Verdict> {
