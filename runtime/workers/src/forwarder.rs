@@ -167,6 +167,14 @@ impl Forwarder {
     /// [`ForwardError`]; the transaction is rolled back and the next pass retries.
     pub async fn pass(&self) -> Result<PassReport, ForwardError> {
         let mut tx = self.pool.begin().await?;
+        // One snapshot for the registry and the rows: a key is registered before anything it
+        // signs, so every row the pass sees is signed by a key it sees. Under READ COMMITTED a
+        // key registered between the two reads left its first rows quarantined as KEY_UNKNOWN,
+        // for good. A forwarder that overlaps this one now fails on a serialization conflict
+        // where it failed on the cursor's compare-and-set; either way the pass is retried.
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            .execute(&mut *tx)
+            .await?;
         let registry = load_registry(&mut tx).await?;
         // The database clock: an event signed later than this (plus the skew) is quarantined.
         let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()")

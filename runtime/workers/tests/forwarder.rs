@@ -301,6 +301,90 @@ async fn invalid_events_are_quarantined_with_their_reason_and_never_chained() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_registered_during_a_pass_is_read_with_the_rows_it_signed() {
+    // Goal: a pass reads the key registry and the outbox from one snapshot. A key is registered
+    // before anything it signs, so the rows a pass sees are signed by keys it sees. Before, each
+    // statement had its own snapshot: a pass that loaded the registry before a key was
+    // registered, and read the key's first rows after, quarantined them as KEY_UNKNOWN, for
+    // good. Method: hold a lock the pass waits on after it loaded the registry; meanwhile
+    // register a key and commit a row it signed; then let the pass go on.
+    let mut ledger = TestLedger::start().await.unwrap();
+    tenant_activity(&mut ledger, "acme", 1, "k").await;
+    let pool = ledger.store().pool().clone();
+    sqlx::query(
+        "INSERT INTO audit_producers (producer_instance_id, claim_token, next_sequence)
+         VALUES ('forger', gen_random_uuid(), 2)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    forwarder(&pool).pass().await.unwrap();
+
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE audit_producers IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let pass = tokio::spawn({
+        let pool = pool.clone();
+        async move { forwarder(&pool).pass().await }
+    });
+    while sqlx::query_scalar::<_, i64>(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap()
+        == 0
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let key = signer(11);
+    let record = key
+        .key_record(Utc::now() - chrono::Duration::hours(1), None)
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO signing_keys (key_id, algorithm, public_key, valid_from) VALUES ($1, 'ed25519', $2, $3)",
+    )
+    .bind(&record.key_id)
+    .bind(record.public_key.to_bytes())
+    .bind(record.valid_from)
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+    let (bytes, sha256) = event(1, "1");
+    let signed = key.sign(&bytes).await.unwrap();
+    sqlx::query(
+        "INSERT INTO audit_outbox (producer_instance_id, producer_sequence, tenant_id, event_type, occurred_at,
+                                   canonical_event, event_sha256, signing_key_id, signing_algorithm, signed_at,
+                                   signature)
+         VALUES ('forger', 1, 'acme', 'reservation.committed', now(), $1, $2, $3, $4, $5, $6)",
+    )
+    .bind(&bytes)
+    .bind(&sha256)
+    .bind(&signed.key_id)
+    .bind(signed.algorithm.as_str())
+    .bind(signed.signed_at)
+    .bind(&signed.signature)
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+    holder.commit().await.unwrap();
+
+    let first = pass.await.unwrap().unwrap();
+    assert!(first.quarantined.is_empty(), "{:?}", first.quarantined);
+    let second = forwarder(&pool).pass().await.unwrap();
+    assert!(second.quarantined.is_empty(), "{:?}", second.quarantined);
+    let chained: Vec<i64> = sqlx::query_scalar(
+        "SELECT producer_sequence FROM audit_chain WHERE producer_instance_id = 'forger'",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(chained, [1], "chained, once the pass saw both");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overlapping_forwarders_never_forward_a_row_twice() {
     let mut ledger = TestLedger::start().await.unwrap();
     let pool = ledger.store().pool().clone();
