@@ -41,7 +41,7 @@ use spendguard_core::plan::{
 };
 use spendguard_core::window::BudgetWindow;
 use spendguard_core::{LedgerError, NanoUsd};
-use spendguard_evidence::envelope::now_ms;
+use spendguard_evidence::envelope::truncate_to_ms;
 use spendguard_evidence::{Inclusion, KeyRecord, ProducerSigner, Signed, Signer};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow, PgSslMode};
 use sqlx::types::Json;
@@ -2161,7 +2161,11 @@ impl EffectParams {
         // the batch: no effect without evidence.
         let mut signed: Vec<Option<Signed>> = vec![None; stamped.len()];
         if let Some(EventSigner { signer, standing }) = signer {
-            let signed_at = now_ms();
+            // On the database's clock, the batch's own time (the events' `occurred_at`), as
+            // ingest judges it and the key windows are set: a ledger host whose clock ran ahead
+            // would otherwise pass its own key check and sign events ingest quarantines as
+            // signed in the future, while the money moved.
+            let signed_at = truncate_to_ms(now);
             standing.check(signed_at).map_err(Error::Signing)?;
             let mut by_tenant: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
             for (at, tenant) in o_tenants.iter().enumerate() {

@@ -120,6 +120,57 @@ async fn one_batch_equals_sequential_execution() {
 }
 
 #[tokio::test]
+async fn events_are_signed_at_the_batch_time_on_the_database_clock() {
+    // Goal: an event's `signed_at` is its batch's time on the database's clock (`occurred_at`,
+    // to the millisecond), on the load path and the cached path alike, so a ledger host whose
+    // own clock drifts cannot sign events that ingest refuses as signed in the future. Before,
+    // it was the host's clock when signing, a little later (and any amount off).
+    use spendguard_proto::ledger::v1 as pb;
+    let mut ledger = TestLedger::start().await.unwrap();
+    let fencing = ledger.tenant_with_lease(T).await.unwrap();
+    ledger.budget(T, "b", 1_000_000).await.unwrap();
+    for i in 0..30 {
+        let reserved = ledger
+            .client
+            .reserve_set(spendguard_testkit::ledger::reserve_request(
+                T,
+                &format!("clock-{i}"),
+                &["b"],
+                10,
+                &fencing,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let Some(pb::reserve_set_response::Outcome::Reserved(r)) = reserved.outcome else {
+            panic!("{reserved:?}");
+        };
+        ledger
+            .client
+            .commit(pb::CommitRequest {
+                tenant_id: T.into(),
+                reservation_id: r.reservation_id,
+                actual_nano_usd: 5,
+                fencing: Some(fencing.clone()),
+                deferrable: false,
+            })
+            .await
+            .unwrap();
+    }
+    assert!(ledger.batches("cached") > 0, "{}", ledger.metrics_text());
+    let (signed, off): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE signed_at IS NOT NULL),
+                count(*) FILTER (WHERE signed_at IS DISTINCT FROM date_trunc('milliseconds', occurred_at))
+           FROM audit_outbox",
+    )
+    .fetch_one(ledger.store().pool())
+    .await
+    .unwrap();
+    assert!(signed >= 60, "{signed}");
+    assert_eq!(off, 0, "events signed at another time than their batch's");
+}
+
+#[tokio::test]
 async fn a_batch_is_signed_once_per_tenant_and_each_event_verifies_alone() {
     // Goal: one write batch holding two tenants' events carries one signature per tenant, so a
     // tenant's inclusion proofs (exported with its evidence) hold no hash of the other tenant's
