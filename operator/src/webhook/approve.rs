@@ -63,6 +63,8 @@ pub enum Code {
     Anonymous,
     /// A username the ledger cannot record as the approver (too long, a control character).
     ApproverUnrecordable,
+    /// `status.conditions` written by someone other than the operator.
+    ConditionsReserved,
     /// The SubjectAccessReview failed (fail closed).
     AuthorizationFailed,
     /// The status does not deserialize.
@@ -80,6 +82,7 @@ impl Code {
             Self::OperatorCannotDecide => "SPENDGUARD_APPROVAL_OPERATOR_CANNOT_DECIDE",
             Self::Anonymous => "SPENDGUARD_APPROVAL_ANONYMOUS",
             Self::ApproverUnrecordable => "SPENDGUARD_APPROVAL_APPROVER_UNRECORDABLE",
+            Self::ConditionsReserved => "SPENDGUARD_APPROVAL_CONDITIONS_RESERVED",
             Self::AuthorizationFailed => "SPENDGUARD_APPROVAL_AUTHORIZATION_FAILED",
             Self::Malformed => "SPENDGUARD_MALFORMED",
         }
@@ -149,6 +152,7 @@ fn decision(
 ///   only by `config.operator_username` ([`Assessment::Stamp`]); the operator never approves.
 /// - A pending request never carries a client-set `decidedBy`, `decidedAt` or
 ///   `decisionReason`.
+/// - Only the operator writes `conditions`.
 pub fn assess(
     old: Option<&ApprovalRequestStatus>,
     new: Option<&ApprovalRequestStatus>,
@@ -158,6 +162,15 @@ pub fn assess(
     let empty = ApprovalRequestStatus::default();
     let old = old.unwrap_or(&empty);
     let new = new.unwrap_or(&empty);
+    // The conditions are the operator's record of what the ledger did: `Resolved=True` tells
+    // it a decision was forwarded. Written by anyone else, they could keep a decision from ever
+    // reaching the ledger, and the approval would expire.
+    if old.conditions != new.conditions && username != config.operator_username {
+        return refuse(
+            Code::ConditionsReserved,
+            "status.conditions are written by the SpendGuard operator only".into(),
+        );
+    }
     if old.phase != ApprovalPhase::Pending {
         if decision(old) == decision(new) {
             return Assessment::Admit;
@@ -494,6 +507,39 @@ mod tests {
             ),
             Assessment::Admit
         );
+    }
+
+    #[test]
+    fn only_the_operator_writes_conditions() {
+        let config = config();
+        let resolved = json!([{"type": "Resolved", "status": "True", "reason": "LedgerResolved",
+                               "message": "m", "lastTransitionTime": "2026-11-25T18:00:00Z"}]);
+        for (old, new) in [
+            (
+                pending(),
+                status(json!({"phase": "Pending", "conditions": resolved})),
+            ),
+            (
+                pending(),
+                status(json!({"phase": "Approved", "conditions": resolved})),
+            ),
+            (approved(), {
+                let mut forged = approved();
+                forged.conditions = status(json!({"conditions": resolved})).conditions;
+                forged
+            }),
+        ] {
+            assert_eq!(
+                refusal_code(&assess(Some(&old), Some(&new), "approver", &config)),
+                Code::ConditionsReserved,
+                "{new:?}"
+            );
+        }
+        let written = status(json!({"phase": "Pending", "conditions": resolved}));
+        assert!(matches!(
+            assess(Some(&pending()), Some(&written), OPERATOR, &config),
+            Assessment::Admit
+        ));
     }
 
     #[test]
