@@ -266,12 +266,16 @@ pub async fn start(
     let mut key_standing = None;
     match signing {
         Signing::Enabled(signer) => {
+            // On the database's clock, which events are signed by (the batch's time), in whole
+            // milliseconds like them: on the host's, a host clock ahead of the database's would
+            // put every batch's signing time before the window until the host's clock passed.
+            let db_now: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
+                .fetch_one(store.pool())
+                .await
+                .map_err(|e| Error::Startup(format!("database clock: {e}")))?;
+            let now = spendguard_evidence::envelope::truncate_to_ms(db_now);
             let record = signer
-                // Whole milliseconds, like signing times, so the first signature is in the window.
-                .key_record(
-                    spendguard_evidence::envelope::truncate_to_ms(chrono::Utc::now()),
-                    None,
-                )
+                .key_record(now, None)
                 .map_err(|e| Error::Startup(format!("signing key: {e}")))?;
             store.register_signing_key(&record).await?;
             // The registry may hold the key revoked, or its window closed, since an earlier
@@ -283,9 +287,7 @@ pub async fn start(
             info!(key_id = %record.key_id, algorithm = record.algorithm().as_str(), "audit events are signed");
             let standing = Arc::new(KeyStanding::new(record));
             standing.set(window);
-            standing
-                .check(spendguard_evidence::envelope::now_ms())
-                .map_err(Error::Startup)?;
+            standing.check(now).map_err(Error::Startup)?;
             store = store.with_signer(Arc::new(EventSigner {
                 signer,
                 standing: standing.clone(),
