@@ -50,16 +50,35 @@ pub enum ForwardError {
     /// A checkpoint could not be signed (the pass rolled back).
     #[error("checkpoint: {0}")]
     Checkpoint(#[from] crate::checkpoint::CheckpointError),
+    /// Another forwarder's pass wrote what this one read or writes (overlapping leaders): a
+    /// serialization conflict of the pass's snapshot, or a chain row it inserted first. The
+    /// pass rolled back.
+    #[error("a concurrent forwarder pass: {0}")]
+    Overlapped(sqlx::Error),
     /// The database failed.
     #[error("database: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(sqlx::Error),
+}
+
+impl From<sqlx::Error> for ForwardError {
+    fn from(error: sqlx::Error) -> Self {
+        let code = error
+            .as_database_error()
+            .and_then(|e| e.code())
+            .map(|c| c.into_owned());
+        match code.as_deref() {
+            // serialization_failure, unique_violation: only another pass makes either here.
+            Some("40001" | "23505") => Self::Overlapped(error),
+            _ => Self::Database(error),
+        }
+    }
 }
 
 impl ForwardError {
     /// The stable code.
     pub const fn code(&self) -> &'static str {
         match self {
-            Self::CursorConflict(_) => "FORWARDER_CURSOR_CONFLICT",
+            Self::CursorConflict(_) | Self::Overlapped(_) => "FORWARDER_CURSOR_CONFLICT",
             Self::KeyInvalid { .. } => "SIGNING_KEY_INVALID",
             Self::Checkpoint(_) => "CHECKPOINT_INVALID",
             Self::Database(_) => "DEPENDENCY_UNAVAILABLE",
