@@ -100,15 +100,11 @@ pub async fn validate(
     Json(response.into_review())
 }
 
-/// Whether an UPDATE is judged again: only when it changes the spec, and never once the object
-/// is being deleted. Labels, annotations, finalizers (the garbage collector's
-/// `foregroundDeletion` among them) and status pass as they are: a reference that changed since
-/// (another tenant's Budget of the same name) or a stricter rule must not make an object
-/// impossible to label or to delete.
+/// Whether an UPDATE is judged again: only when it changes the spec. Labels, annotations,
+/// finalizers (the garbage collector's `foregroundDeletion` among them) and status pass as they
+/// are: a reference that changed since (another tenant's Budget of the same name) or a stricter
+/// rule must not make an object impossible to label or to delete.
 fn judged_again(request: &AdmissionRequest<DynamicObject>, object: &DynamicObject) -> bool {
-    if object.metadata.deletion_timestamp.is_some() {
-        return false;
-    }
     request
         .old_object
         .as_ref()
