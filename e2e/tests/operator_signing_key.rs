@@ -69,7 +69,8 @@ async fn row(ledger: &TestLedger, key_id: &str) -> Row {
 // Goal: a SigningKey becomes a `signing_keys` row (derived key id, raw key, window); status
 // carries the key id and Ready=True Registered with one Normal Event. Then `revoked: true` is
 // stamped once into status.revokedAt (own field manager, before the ledger call) and lands in
-// the row; a later reconcile reuses the stamp, and a later time is refused by the ledger.
+// the row; a later reconcile reuses the stamp, a retry on a cache that lags the stamp reads it
+// fresh instead of stamping again, and a later time is refused by the ledger.
 #[tokio::test]
 async fn a_signing_key_is_registered_then_revoked_once() {
     let ledger = TestLedger::start().await.unwrap();
@@ -107,6 +108,10 @@ async fn a_signing_key_is_registered_then_revoked_once() {
     // Revoke: the stamp is written first, under its own field manager.
     let revoked = object(true, Some(body["status"].clone()));
     let task = tokio::spawn(signing_key::reconcile(parse(&revoked), ctx.clone()));
+    // Read fresh first: the cached object may lag a stamp written before.
+    api.expect(Method::GET, STATUS_PATH)
+        .await
+        .respond(StatusCode::OK, &revoked);
     let stamp = api.expect(Method::PATCH, STATUS_PATH).await;
     stamp.assert_query(&["fieldManager=spendguard-operator-revocation", "force=true"]);
     let stamped_at = stamp.body["status"]["revokedAt"]
@@ -138,6 +143,19 @@ async fn a_signing_key_is_registered_then_revoked_once() {
     api.expect_apply(STATUS_PATH, &again).await;
     task.await.unwrap().unwrap();
     api.expect_no_request().await; // Still Revoked: no second Event.
+    assert_eq!(row(&ledger, &key_id).await.4.unwrap(), revoked_at);
+
+    // A retry whose cached object has not seen the stamp yet (the stamp was written, the ledger
+    // call failed) reads it fresh and sends the same time: no second, later stamp, which the
+    // ledger would refuse as irreversible for good.
+    let lagging = object(true, Some(body["status"].clone()));
+    let task = tokio::spawn(signing_key::reconcile(parse(&lagging), ctx.clone()));
+    api.expect(Method::GET, STATUS_PATH)
+        .await
+        .respond(StatusCode::OK, &again);
+    api.expect_apply(STATUS_PATH, &again).await;
+    task.await.unwrap().unwrap();
+    api.expect_no_request().await;
     assert_eq!(row(&ledger, &key_id).await.4.unwrap(), revoked_at);
 
     // A later revocation time (status edited by hand) is refused by the ledger.

@@ -96,9 +96,19 @@ async fn apply(key: &SigningKey, ctx: &Context) -> Result<Action, Error> {
         (false, _) => None,
         (true, Some(at)) => Some(at),
         (true, None) => {
-            let at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-            stamp_revocation(&api, key, &at).await?;
-            Some(at)
+            // The object may come from a cache behind a stamp an earlier attempt wrote (its
+            // ledger call failed after): read it fresh, so the time is stamped once and a
+            // revocation never moves later.
+            let fresh = api.get_status(&key.name_any()).await.map_err(Error::Kube)?;
+            match fresh.status.and_then(|s| s.revoked_at) {
+                Some(at) => Some(at),
+                None => {
+                    let at =
+                        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+                    stamp_revocation(&api, key, &at).await?;
+                    Some(at)
+                }
+            }
         }
     };
     let request = request(key, revoked_at.as_deref())?;
