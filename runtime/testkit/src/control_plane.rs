@@ -378,16 +378,28 @@ impl ControlPlane {
     /// When applying or waiting fails.
     pub fn install_crds(&self, path: &Path) {
         self.admin(&["apply", "-f", &path.display().to_string()], None);
-        self.admin(
-            &[
-                "wait",
-                "--for=condition=Established",
-                "--timeout=60s",
-                "--all",
-                "crd",
-            ],
-            None,
-        );
+        // `kubectl wait` fails at once, rather than waiting, on a CRD whose status the
+        // apiserver has not written yet (".status.conditions accessor error: <nil>"): try again
+        // until the deadline.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let wait = [
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "--all",
+            "crd",
+        ];
+        loop {
+            let (ok, text) = self.run_kubectl(User::Admin, &wait, None);
+            if ok {
+                return;
+            }
+            assert!(
+                text.contains("accessor error") && std::time::Instant::now() < deadline,
+                "kubectl {wait:?}: {text}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
     }
 
     /// Polls kubectl `args` (as admin) until `want` accepts the output; returns it.
