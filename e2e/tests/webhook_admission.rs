@@ -562,17 +562,20 @@ async fn the_validating_webhook_refuses_what_cel_cannot_see() {
         "owner=research",
     ]);
     assert!(ok, "a label is not judged again: {text}");
-    let finalizers = |value: &str| format!(r#"{{"metadata": {{"finalizers": {value}}}}}"#);
-    let (ok, text) = kubectl(&[
-        "patch",
-        "-n",
-        "team",
-        "contractbundle",
-        "late",
-        "--type=merge",
-        "-p",
-        &finalizers(r#"["example.com/hold"]"#),
-    ]);
+    let finalizers = |value: &str| {
+        let patch = format!(r#"{{"metadata": {{"finalizers": {value}}}}}"#);
+        kubectl(&[
+            "patch",
+            "-n",
+            "team",
+            "contractbundle",
+            "late",
+            "--type=merge",
+            "-p",
+            &patch,
+        ])
+    };
+    let (ok, text) = finalizers(r#"["example.com/hold"]"#);
     assert!(ok, "{text}");
     let (ok, text) = kubectl(&[
         "delete",
@@ -583,16 +586,7 @@ async fn the_validating_webhook_refuses_what_cel_cannot_see() {
         "--wait=false",
     ]);
     assert!(ok, "{text}");
-    let (ok, text) = kubectl(&[
-        "patch",
-        "-n",
-        "team",
-        "contractbundle",
-        "late",
-        "--type=merge",
-        "-p",
-        &finalizers("null"),
-    ]);
+    let (ok, text) = finalizers("null");
     assert!(ok, "a finalizer can be taken off: {text}");
     let (ok, text) = kubectl(&["get", "-n", "team", "contractbundle", "late"]);
     assert!(!ok && text.contains("NotFound"), "{text}");

@@ -162,6 +162,22 @@ fn event_of(producer: &str, sequence: u64, amount: &str) -> (Vec<u8>, Vec<u8>) {
     (stamped.bytes, stamped.sha256.to_vec())
 }
 
+/// Registers `key` in the evidence key registry, valid from an hour ago.
+async fn register<'e>(executor: impl sqlx::PgExecutor<'e>, key: &LocalEd25519Signer) {
+    let record = key
+        .key_record(Utc::now() - chrono::Duration::hours(1), None)
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO signing_keys (key_id, algorithm, public_key, valid_from) VALUES ($1, 'ed25519', $2, $3)",
+    )
+    .bind(&record.key_id)
+    .bind(record.public_key.to_bytes())
+    .bind(record.valid_from)
+    .execute(executor)
+    .await
+    .unwrap();
+}
+
 fn signer(seed: u8) -> LocalEd25519Signer {
     let key = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
     LocalEd25519Signer::from_signing_key(key, None, "forger").unwrap()
@@ -173,18 +189,7 @@ async fn invalid_events_are_quarantined_with_their_reason_and_never_chained() {
     tenant_activity(&mut ledger, "acme", 1, "k").await;
     let pool = ledger.store().pool().clone();
     let registered = signer(7);
-    let record = registered
-        .key_record(Utc::now() - chrono::Duration::hours(1), None)
-        .unwrap();
-    sqlx::query(
-        "INSERT INTO signing_keys (key_id, algorithm, public_key, valid_from) VALUES ($1, 'ed25519', $2, $3)",
-    )
-    .bind(&record.key_id)
-    .bind(record.public_key.to_bytes())
-    .bind(record.valid_from)
-    .execute(&pool)
-    .await
-    .unwrap();
+    register(&pool, &registered).await;
     let unknown = signer(9);
     sqlx::query(
         "INSERT INTO audit_producers (producer_instance_id, claim_token, next_sequence)
@@ -340,18 +345,7 @@ async fn a_key_registered_during_a_pass_is_read_with_the_rows_it_signed() {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     let key = signer(11);
-    let record = key
-        .key_record(Utc::now() - chrono::Duration::hours(1), None)
-        .unwrap();
-    sqlx::query(
-        "INSERT INTO signing_keys (key_id, algorithm, public_key, valid_from) VALUES ($1, 'ed25519', $2, $3)",
-    )
-    .bind(&record.key_id)
-    .bind(record.public_key.to_bytes())
-    .bind(record.valid_from)
-    .execute(&mut *holder)
-    .await
-    .unwrap();
+    register(&mut *holder, &key).await;
     let (bytes, sha256) = event(1, "1");
     let signed = key.sign(&bytes).await.unwrap();
     sqlx::query(
