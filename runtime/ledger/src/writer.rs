@@ -522,16 +522,9 @@ async fn execute_loaded(
         cache.clear();
         return refuse_all(Error::ProducerInstanceConflict("unclaimed".into()));
     };
-    // (Re)read the sequence after a (re)claim or after a batch whose outcome left it uncertain.
-    if cursor.as_ref().is_none_or(|c| c.claim != *claim) {
-        cache.clear();
-        match store.producer_cursor(claim).await {
-            Ok(fresh) => *cursor = Some(fresh),
-            Err(e) => return refuse_all(e),
-        }
-    }
-    let Some(current) = cursor.as_mut() else {
-        return refuse_all(Error::Invariant("no producer cursor".into()));
+    let current = match current_cursor(store, claim, cursor, cache).await {
+        Ok(current) => current,
+        Err(e) => return refuse_all(e),
     };
     metrics.observe_path(BatchPath::Loaded);
     match store.run_batch(current, commands).await {
@@ -544,7 +537,10 @@ async fn execute_loaded(
         Err(e) if e.is_isolatable() => {
             debug!(error = %e, commands = commands.len(), "batch failed; running its commands singly");
             cache.clear();
-            (run_singly(store, claim, cursor, commands).await, None)
+            (
+                run_singly(store, claim, cursor, cache, commands).await,
+                None,
+            )
         }
         Err(e) => {
             if let Error::Invariant(reason) = &e {
@@ -558,40 +554,52 @@ async fn execute_loaded(
     }
 }
 
+/// The producer cursor of `claim`, read again after a (re)claim or after a batch whose outcome
+/// left it uncertain (`None`); the cache, planned on the old sequence, is cleared then.
+async fn current_cursor<'c>(
+    store: &Store,
+    claim: &ProducerClaim,
+    cursor: &'c mut Option<ProducerCursor>,
+    cache: &mut HotCache,
+) -> Result<&'c mut ProducerCursor> {
+    if cursor.as_ref().is_none_or(|c| c.claim != *claim) {
+        cache.clear();
+        *cursor = Some(store.producer_cursor(claim).await?);
+    }
+    cursor
+        .as_mut()
+        .ok_or_else(|| Error::Invariant("no producer cursor".into()))
+}
+
 /// Runs each of `commands` as a batch of its own, on the load path.
 async fn run_singly(
     store: &Store,
     claim: &ProducerClaim,
     cursor: &mut Option<ProducerCursor>,
+    cache: &mut HotCache,
     commands: &[Command],
 ) -> Vec<Result<Outcome>> {
     let mut results = Vec::with_capacity(commands.len());
     for command in commands {
-        if cursor.is_none() {
-            match store.producer_cursor(claim).await {
-                Ok(fresh) => *cursor = Some(fresh),
-                Err(e) => {
-                    results.push(Err(e));
-                    continue;
-                }
+        let ran = match current_cursor(store, claim, cursor, cache).await {
+            Ok(current) => {
+                store
+                    .run_batch(current, std::slice::from_ref(command))
+                    .await
             }
-        }
-        let Some(current) = cursor.as_mut() else {
-            results.push(Err(Error::Invariant("no producer cursor".into())));
-            continue;
+            Err(e) => Err(e),
         };
-        let result = match store
-            .run_batch(current, std::slice::from_ref(command))
-            .await
-        {
+        let result = match ran {
             Ok(committed) => committed.outcomes.into_iter().next().map_or_else(
                 || Err(Error::Invariant("no outcome".into())),
                 |o| o.map_err(Error::from),
             ),
-            Err(Error::Invariant(reason)) => Err(Error::Invariant(reason)),
-            // The commit may or may not have happened: read the sequence again before the next.
             Err(e) => {
-                *cursor = None;
+                // Unless a rule refused it (rolled back), the commit may or may not have
+                // happened: read the sequence again before the next.
+                if !matches!(e, Error::Invariant(_)) {
+                    *cursor = None;
+                }
                 Err(e)
             }
         };
@@ -689,8 +697,8 @@ mod tests {
             .unwrap_or_else(|_| panic!("a free slot"));
     }
 
-    #[tokio::test]
-    async fn what_arrives_behind_a_batch_in_flight_goes_once_it_is_as_large() {
+    #[test]
+    fn what_arrives_behind_a_batch_in_flight_goes_once_it_is_as_large() {
         let now = |n: usize| (0..n).map(|_| command()).collect::<Vec<_>>();
         // Nothing waiting: wait for an answer or for commands, stopping or not.
         assert!(waits_behind_in_flight(&[], 3, false));
