@@ -600,13 +600,13 @@ async fn drain_fail_open(decider: &Decider, deadline: Duration) {
         while !queue.is_empty() {
             let before = queue.len();
             let taken = before.min(fail_open::DRAIN_BATCH_RECORDS_MAX);
-            let away = decider.record_fail_open_batch(true).await > 0;
-            // A pass takes at most a batch. When all it took left the queue, the next goes on at
-            // once. When some stayed (the ledger is away, asked for a retry, or refused a record,
-            // which is dropped after a few refusals), the next waits: otherwise the drain would
-            // send them back to back until the deadline and spend a record's refusals in
-            // milliseconds.
-            if away || before.saturating_sub(queue.len()) < taken {
+            decider.record_fail_open_batch(true).await;
+            // A pass takes a batch (everything is ready when forced). When all of it left the
+            // queue, the next goes on at once. When some stayed (the ledger is away, asked for
+            // a retry, or refused a record, which is dropped after a few refusals), the next
+            // waits: otherwise the drain would send them back to back until the deadline and
+            // spend a record's refusals in milliseconds.
+            if before.saturating_sub(queue.len()) < taken {
                 backoff = fail_open::next_backoff(backoff);
                 tokio::time::sleep(backoff).await;
             } else {
