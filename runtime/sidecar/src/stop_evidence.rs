@@ -150,7 +150,7 @@ impl StopEvidence {
             }
             // Into its envelope's newest group while that has room, so each envelope's records
             // go out in the order they were decided.
-            let size = record.encoded_len() + 4;
+            let size = size_in_request(&record);
             match inner
                 .foreign
                 .iter_mut()
@@ -305,9 +305,8 @@ impl StopEvidence {
         }
         let mut records: VecDeque<pb::StopRecord> = VecDeque::new();
         let mut bytes = 0;
-        // Within the request: its length-delimited field, a tag and a length of up to 3 bytes.
         let mut fits = |record: &pb::StopRecord, records: &VecDeque<pb::StopRecord>| {
-            let size = record.encoded_len() + 4;
+            let size = size_in_request(record);
             let fits =
                 records.len() < max && (records.is_empty() || bytes + size <= STOP_BATCH_BYTES_MAX);
             if fits {
@@ -489,6 +488,12 @@ fn decode(body: &[u8]) -> Option<(pb::RecordStopsRequest, pb::StopRecord)> {
     let mut entry = pb::RecordStopsRequest::decode(body).ok()?;
     let record = entry.stops.pop().filter(|r| !r.record_id.is_empty())?;
     entry.stops.is_empty().then_some((entry, record))
+}
+
+/// The bytes `record` adds to a RecordStops request: its own, and as a length-delimited field a
+/// tag and a length of up to 3 bytes.
+fn size_in_request(record: &pb::StopRecord) -> usize {
+    record.encoded_len() + 4
 }
 
 /// Whether `group` was decided under `envelope` (which holds no records).
