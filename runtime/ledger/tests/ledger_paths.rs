@@ -1095,6 +1095,8 @@ async fn bad_input_gets_its_stable_code_and_writes_nothing() {
         Some("REQUEST_TOO_LARGE")
     );
     assert!(err.message().contains("of 65536"), "{err:?}");
+    let detail = <pb::ErrorDetail as prost::Message>::decode(err.details()).unwrap();
+    assert_eq!(detail.field, "request (bytes)");
 
     let commit_cases: Vec<(pb::CommitRequest, pb::ErrorCode)> = vec![
         (
