@@ -51,20 +51,17 @@ impl Error {
         }
     }
 
-    /// From a ledger gRPC status. Statuses without a SpendGuard error detail come from the
-    /// transport (connection refused, deadline) and count as the ledger being unavailable.
+    /// From a ledger gRPC status. A status without a SpendGuard error detail counts as the
+    /// ledger being unavailable when its gRPC code says the transport failed (connection
+    /// refused, deadline: `spendguard_proto::ledger::is_transport_failure`); any other is named
+    /// by its gRPC code (`GRPC_UNIMPLEMENTED`) and is a refusal.
     pub fn ledger(status: &tonic::Status) -> Self {
         let code = match Answer::of(status) {
             Answer::Code(c) => c.as_str_name().trim_start_matches(CODE_PREFIX).to_owned(),
             // A newer ledger's code: it answered, so this is a refusal, not an outage.
             Answer::UnknownCode(n) => format!("UNKNOWN_CODE_{n}"),
-            Answer::NoDetail => match status.code() {
-                tonic::Code::Unavailable
-                | tonic::Code::DeadlineExceeded
-                | tonic::Code::Cancelled
-                | tonic::Code::Unknown => TRANSPORT_UNAVAILABLE.to_owned(),
-                other => format!("GRPC_{other:?}").to_uppercase(),
-            },
+            Answer::NoAnswer(_) => TRANSPORT_UNAVAILABLE.to_owned(),
+            Answer::Unreadable(other) => format!("GRPC_{other:?}").to_uppercase(),
         };
         Self::Ledger {
             code,

@@ -12,7 +12,7 @@ pub mod ledger {
     }
 
     /// What a failed ledger RPC's status says, from the `ErrorDetail` the ledger encodes in the
-    /// status details.
+    /// status details, or, without one, from the gRPC code alone.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     pub enum Answer {
         /// The ledger answered with this stable code.
@@ -20,9 +20,17 @@ pub mod ledger {
         /// The ledger answered with a code this build does not know (a newer ledger). It did
         /// answer, so callers must not take it for an unreachable ledger.
         UnknownCode(i32),
-        /// No SpendGuard detail: the transport failed before the ledger answered (connection
-        /// refused, reset, deadline).
-        NoDetail,
+        /// No answer: the transport failed before the ledger answered (connection refused or
+        /// reset, deadline, cancelled). A status without a detail under a code
+        /// [`is_transport_failure`] accepts.
+        NoAnswer(tonic::Code),
+        /// A status without a SpendGuard detail under any other gRPC code: something answered,
+        /// but not with the ledger's answer. A ledger older than the method (`UNIMPLEMENTED`), a
+        /// proxy or mesh in between (`PERMISSION_DENIED`, `UNAUTHENTICATED`), a stream reset
+        /// mid-answer (`INTERNAL`), a message over a limit (`RESOURCE_EXHAUSTED`). Nothing says
+        /// the ledger is merely away, so it is no reason to fail open; nor is it a refusal,
+        /// so nothing may be dropped for it.
+        Unreadable(tonic::Code),
     }
 
     impl Answer {
@@ -32,7 +40,8 @@ pub mod ledger {
             match v1::ErrorDetail::decode(status.details()) {
                 Ok(detail) if detail.code != 0 => v1::ErrorCode::try_from(detail.code)
                     .map_or(Self::UnknownCode(detail.code), Self::Code),
-                _ => Self::NoDetail,
+                _ if is_transport_failure(status.code()) => Self::NoAnswer(status.code()),
+                _ => Self::Unreadable(status.code()),
             }
         }
 
@@ -40,8 +49,13 @@ pub mod ledger {
         pub fn code(self) -> Option<v1::ErrorCode> {
             match self {
                 Self::Code(code) => Some(code),
-                Self::UnknownCode(_) | Self::NoDetail => None,
+                Self::UnknownCode(_) | Self::NoAnswer(_) | Self::Unreadable(_) => None,
             }
+        }
+
+        /// Whether the ledger itself answered (with a SpendGuard detail, known or not).
+        pub fn from_the_ledger(self) -> bool {
+            matches!(self, Self::Code(_) | Self::UnknownCode(_))
         }
 
         /// Whether the answer says only that the ledger is away for now, so the same request may
@@ -49,10 +63,25 @@ pub mod ledger {
         pub fn ledger_away(self) -> bool {
             match self {
                 Self::Code(code) => is_away(code),
-                Self::UnknownCode(_) => false,
-                Self::NoDetail => true,
+                Self::NoAnswer(_) => true,
+                Self::UnknownCode(_) | Self::Unreadable(_) => false,
             }
         }
+    }
+
+    /// The gRPC codes a status without a SpendGuard detail carries when the call never reached
+    /// an answer: the connection was refused or broke (`UNAVAILABLE`, and `UNKNOWN`, which tonic
+    /// gives a transport error it cannot classify), the deadline passed (`DEADLINE_EXCEEDED`)
+    /// or the call was cancelled (`CANCELLED`). A service mesh answers an unreachable ledger
+    /// `UNAVAILABLE` too (HTTP 502, 503 and 504 map to it). One list for every client.
+    pub fn is_transport_failure(code: tonic::Code) -> bool {
+        matches!(
+            code,
+            tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Cancelled
+                | tonic::Code::Unknown
+        )
     }
 
     /// The codes that say the ledger cannot answer for now (unreachable database, overloaded,
@@ -71,6 +100,69 @@ pub mod ledger {
     /// two must be told apart.
     pub fn error_code(status: &tonic::Status) -> Option<v1::ErrorCode> {
         Answer::of(status).code()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::{Answer, v1};
+
+        fn with_detail(code: tonic::Code, detail: i32) -> tonic::Status {
+            let detail = v1::ErrorDetail {
+                code: detail,
+                message: "x".into(),
+                field: String::new(),
+            };
+            tonic::Status::with_details(code, "x", prost::Message::encode_to_vec(&detail).into())
+        }
+
+        #[test]
+        fn only_a_transport_failure_without_a_detail_is_no_answer() {
+            use tonic::Code as G;
+            for code in [
+                G::Unavailable,
+                G::DeadlineExceeded,
+                G::Cancelled,
+                G::Unknown,
+            ] {
+                let answer = Answer::of(&tonic::Status::new(code, "x"));
+                assert_eq!(answer, Answer::NoAnswer(code));
+                assert!(answer.ledger_away() && !answer.from_the_ledger());
+            }
+            for code in [
+                G::Unimplemented,
+                G::Internal,
+                G::OutOfRange,
+                G::ResourceExhausted,
+                G::PermissionDenied,
+                G::Unauthenticated,
+                G::InvalidArgument,
+                G::FailedPrecondition,
+                G::NotFound,
+                G::DataLoss,
+            ] {
+                let answer = Answer::of(&tonic::Status::new(code, "x"));
+                assert_eq!(answer, Answer::Unreadable(code));
+                assert!(!answer.ledger_away() && !answer.from_the_ledger());
+            }
+        }
+
+        #[test]
+        fn a_detail_decides_whatever_the_grpc_code() {
+            let away = Answer::of(&with_detail(
+                tonic::Code::Unavailable,
+                v1::ErrorCode::DependencyUnavailable as i32,
+            ));
+            assert_eq!(away, Answer::Code(v1::ErrorCode::DependencyUnavailable));
+            assert!(away.ledger_away() && away.from_the_ledger());
+            let refused = Answer::of(&with_detail(
+                tonic::Code::Unavailable,
+                v1::ErrorCode::BudgetExhausted as i32,
+            ));
+            assert!(!refused.ledger_away() && refused.from_the_ledger());
+            let newer = Answer::of(&with_detail(tonic::Code::Unavailable, 9_999));
+            assert_eq!(newer, Answer::UnknownCode(9_999));
+            assert!(!newer.ledger_away() && newer.from_the_ledger());
+        }
     }
 }
 

@@ -2004,14 +2004,20 @@ fn ledger_error(status: &tonic::Status) -> SidecarError {
         // A code this sidecar does not know (a newer ledger): the ledger answered, so it is not
         // an unreachable ledger, which a fail-open contract would let through.
         Answer::UnknownCode(code) => {
-            return SidecarError::Internal(format!(
+            return SidecarError::LedgerAnswerUnreadable(format!(
                 "the ledger answered with error code {code}, which this sidecar does not know: \
                  {message}"
             ));
         }
-        // No ErrorDetail: a transport failure (connection refused, timeout).
-        Answer::NoDetail => {
-            return SidecarError::DependencyUnavailable(format!("{:?}: {message}", status.code()));
+        // No ErrorDetail, and the transport failed (connection refused, timeout).
+        Answer::NoAnswer(grpc) => {
+            return SidecarError::DependencyUnavailable(format!("{grpc:?}: {message}"));
+        }
+        // No ErrorDetail under another gRPC code: not the ledger's answer.
+        Answer::Unreadable(grpc) => {
+            return SidecarError::LedgerAnswerUnreadable(format!(
+                "{grpc:?} without the ledger's error detail: {message}"
+            ));
         }
     };
     match code {
@@ -2072,10 +2078,15 @@ fn evidence_send_failure(status: &tonic::Status) -> SendFailure {
     if ledger_away(status) {
         return SendFailure::Unavailable(format!("{:?}: {message}", status.code()));
     }
-    match error_code(status) {
+    let answer = Answer::of(status);
+    match answer.code() {
         Some(C::IdempotencyConflict) => SendFailure::Conflict(message),
         Some(C::PermissionDenied) => SendFailure::Refused(message),
-        _ if status.code() == tonic::Code::InvalidArgument => SendFailure::Refused(message),
+        // Only the ledger's own word refuses a record: a bare INVALID_ARGUMENT may come from
+        // something in between, and dropping the record would lose its evidence.
+        _ if answer.from_the_ledger() && status.code() == tonic::Code::InvalidArgument => {
+            SendFailure::Refused(message)
+        }
         _ => SendFailure::Retry(message),
     }
 }
@@ -2212,7 +2223,10 @@ mod tests {
             })
             .into(),
         );
-        assert!(matches!(ledger_error(&newer), SidecarError::Internal(_)));
+        assert!(matches!(
+            ledger_error(&newer),
+            SidecarError::LedgerAnswerUnreadable(_)
+        ));
         assert!(!ledger_away(&newer), "credit draws and evidence sends too");
         let refused = tonic::Status::unavailable("connection refused");
         assert!(matches!(
@@ -2252,6 +2266,28 @@ mod tests {
             })),
             SendFailure::Refused(_)
         ));
+        // Without the ledger's detail nothing is refused for good, and only a transport failure
+        // is the ledger away: a method a ledger does not serve, a proxy's refusal or a reset
+        // stream is neither a reason to fail open nor one to drop evidence.
+        for code in [
+            tonic::Code::Unimplemented,
+            tonic::Code::Internal,
+            tonic::Code::InvalidArgument,
+            tonic::Code::PermissionDenied,
+        ] {
+            let bare = tonic::Status::new(code, "not the ledger");
+            assert!(!ledger_away(&bare), "{code:?}");
+            assert!(
+                matches!(evidence_send_failure(&bare), SendFailure::Retry(_)),
+                "{code:?}"
+            );
+            let error = ledger_error(&bare);
+            assert!(
+                matches!(error, SidecarError::LedgerAnswerUnreadable(_)),
+                "{code:?}"
+            );
+            assert!(error.settlement_may_land_later(), "{code:?}");
+        }
     }
 
     #[test]

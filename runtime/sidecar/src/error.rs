@@ -61,6 +61,13 @@ pub enum SidecarError {
     /// The ledger is unreachable or failed (fail closed).
     #[error("ledger unavailable: {0}")]
     DependencyUnavailable(String),
+    /// Something answered in the ledger's place without the ledger's answer (no SpendGuard
+    /// error detail under a gRPC code that is not a transport failure: a ledger older than the
+    /// method, a proxy in between, a stream reset), or the ledger answered with a code this
+    /// sidecar does not know. Never a reason to fail open, since nothing says the ledger is
+    /// merely away; a settlement refused so is kept and offered again.
+    #[error("the ledger's answer cannot be read: {0}")]
+    LedgerAnswerUnreadable(String),
     /// The ledger refuses new spend while audit evidence waits outside the canonical chain past
     /// its configured bound (S22's durability policy): an explicit refusal, never a reason to
     /// fail open.
@@ -104,6 +111,7 @@ impl SidecarError {
             Self::UsageInvalid(_) => "USAGE_INVALID",
             Self::LeaseUnavailable(_) => "LEASE_UNAVAILABLE",
             Self::DependencyUnavailable(_) => "DEPENDENCY_UNAVAILABLE",
+            Self::LedgerAnswerUnreadable(_) => "LEDGER_ANSWER_UNREADABLE",
             Self::EvidenceBacklog(_) => "EVIDENCE_BACKLOG",
             Self::SigningUnavailable(_) => "SIGNING_UNAVAILABLE",
             Self::Misconfigured(_) => "GUARD_MISCONFIGURED",
@@ -114,11 +122,13 @@ impl SidecarError {
     }
 
     /// Whether a settlement refused with this error may land if sent again later: the ledger
-    /// away, the lease lapsed, or evidence that cannot be signed for now.
+    /// away, the lease lapsed, evidence that cannot be signed for now, or an answer that was
+    /// not the ledger's (dropping the settlement would lose the call's spend).
     pub const fn settlement_may_land_later(&self) -> bool {
         matches!(
             self,
             Self::DependencyUnavailable(_)
+                | Self::LedgerAnswerUnreadable(_)
                 | Self::LeaseUnavailable(_)
                 | Self::SigningUnavailable(_)
         )
@@ -144,7 +154,9 @@ impl SidecarError {
             | Self::EvidenceBacklog(_)
             | Self::SigningUnavailable(_)
             | Self::Misconfigured(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
+            Self::UpstreamUnavailable(_) | Self::LedgerAnswerUnreadable(_) => {
+                StatusCode::BAD_GATEWAY
+            }
             Self::UpstreamNoAnswer(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

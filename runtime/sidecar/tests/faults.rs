@@ -1,5 +1,5 @@
 //! Faults on the data path: the ledger going away, the epoch forced forward, a restart, an
-//! explicit fail-open contract, and a drain on shutdown.
+//! explicit fail-open contract, answers that are not the ledger's, and a drain on shutdown.
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -697,4 +697,123 @@ async fn a_fail_open_call_whose_run_budget_has_another_limit_is_still_recorded()
         run.limit_nano_usd, 5_000_000_000,
         "the data path did not change it"
     );
+}
+
+#[tokio::test]
+async fn a_fail_open_contract_lets_calls_through_only_when_the_ledger_cannot_be_reached() {
+    // Goal: a fail-open contract lets a call through when the ledger cannot be reached, never
+    // on an answer that is not the ledger's. A status without SpendGuard's error detail under a
+    // transport failure's gRPC code (UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED, UNKNOWN) is the
+    // ledger away; under any other (a ledger without the method, a proxy's refusal, a reset
+    // stream) it fails closed, 502 LEDGER_ANSWER_UNREADABLE, and nothing reaches the provider.
+    // A commit or a fail-open record answered so is kept and lands once the ledger answers.
+    // Method: the sidecar reaches the ledger through a front that answers chosen methods
+    // itself, bare.
+    let bare = std::sync::Arc::new(ledger_front::Bare::default());
+    let mut stack = Stack::start(Options {
+        contract: json!({"fail_policy": "open"}),
+        bare_answers: Some(bare.clone()),
+        ..Options::default()
+    })
+    .await;
+    let chat = stack.url("/v1/chat/completions");
+    let unreadable = [
+        tonic::Code::Unimplemented,
+        tonic::Code::Internal,
+        tonic::Code::PermissionDenied,
+        tonic::Code::Unauthenticated,
+        tonic::Code::ResourceExhausted,
+        tonic::Code::InvalidArgument,
+        tonic::Code::OutOfRange,
+    ];
+    for code in unreadable {
+        bare.answer("ReserveSet", code);
+        let refused = post_json(&chat, &[OPENAI_KEY], &chat_body("gpt-4o-mini", false)).await;
+        assert_eq!(
+            refused.status,
+            502,
+            "{code:?}: {}",
+            String::from_utf8_lossy(&refused.body)
+        );
+        assert_eq!(
+            refused.json()["error"]["code"],
+            "LEDGER_ANSWER_UNREADABLE",
+            "{code:?}"
+        );
+    }
+    assert_eq!(bare.given("ReserveSet"), unreadable.len());
+    assert!(stack.upstream_requests().is_empty());
+    assert_eq!(stack.sidecar().decider.fail_open_queue().len(), 0);
+
+    // The fail-open records wait while RecordFailOpen is answered bare INVALID_ARGUMENT, past
+    // the attempts a refusal by the ledger would use up.
+    bare.answer("RecordFailOpen", tonic::Code::InvalidArgument);
+    let transport = [
+        tonic::Code::Unavailable,
+        tonic::Code::DeadlineExceeded,
+        tonic::Code::Cancelled,
+        tonic::Code::Unknown,
+    ];
+    let mut let_through = Vec::new();
+    for code in transport {
+        bare.answer("ReserveSet", code);
+        let open = post_json(&chat, &[OPENAI_KEY], &chat_body("gpt-4o-mini", false)).await;
+        assert_eq!(
+            open.status,
+            200,
+            "{code:?}: {}",
+            String::from_utf8_lossy(&open.body)
+        );
+        assert_eq!(
+            open.header("x-spendguard-reason"),
+            Some("FAIL_OPEN"),
+            "{code:?}"
+        );
+        let_through.push(open.header("x-spendguard-call-id").unwrap().to_owned());
+    }
+    assert_eq!(stack.upstream_requests().len(), transport.len());
+    let attempts = usize::try_from(spendguard_sidecar::fail_open::RECORD_ATTEMPTS_MAX).unwrap();
+    // Each pass sends every record: wait until each was offered more often than a refusal allows.
+    bare.wait_given("RecordFailOpen", transport.len() * (attempts + 1))
+        .await;
+    assert_eq!(
+        stack.sidecar().decider.fail_open_queue().len(),
+        transport.len(),
+        "no record is dropped for an answer that was not the ledger's"
+    );
+
+    // A commit answered bare INTERNAL (a stream reset) is kept and offered again.
+    bare.forward_all();
+    bare.answer("Commit", tonic::Code::Internal);
+    let held = post_json(&chat, &[OPENAI_KEY], &chat_body("gpt-4o-mini", false)).await;
+    assert_eq!(held.status, 200);
+    assert_ne!(held.header("x-spendguard-reason"), Some("FAIL_OPEN"));
+    bare.wait_given("Commit", 2).await;
+    assert!(stack.balance().await.reserved_nano_usd > 0);
+    bare.forward_all();
+
+    assert!(stack.fail_open_drained().await);
+    let (events, total) = fail_open_events(&stack).await;
+    let_through.sort();
+    let expected: Vec<(String, i64)> = let_through.iter().map(|c| (c.clone(), 1)).collect();
+    assert_eq!(
+        events, expected,
+        "one decision.fail_open per call let through"
+    );
+    // Each call reported 9 input + 16 output tokens: 10_950 nano-USD.
+    assert_eq!(total, 4 * 10_950);
+    let mut balance = stack.balance().await;
+    for _ in 0..400 {
+        if balance.reserved_nano_usd == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        balance = stack.balance().await;
+    }
+    assert_eq!(balance.reserved_nano_usd, 0, "the held commit landed");
+    assert_eq!(balance.committed_nano_usd, 10_950);
+    assert_eq!(balance.overrun_nano_usd, 4 * 10_950);
+    spendguard_testkit::invariants::check(stack.ledger.store().pool())
+        .await
+        .unwrap();
 }

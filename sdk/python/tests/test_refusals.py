@@ -57,5 +57,14 @@ def test_an_unavailable_guard_is_not_a_refusal_of_the_call() -> None:
     cls, fields = refusal
     assert cls is spendguard.GuardUnavailable
     assert fields["decision"] is None and fields["reason"] is None
+    # Something answered in the ledger's place: the guard could not decide either (502).
+    unreadable = {"error": {"type": "spendguard_unavailable", "code": "LEDGER_ANSWER_UNREADABLE"}}
+    refusal = refusal_from_parts(502, {}, unreadable)
+    assert refusal is not None and refusal[0] is spendguard.GuardUnavailable
+    # ... also from the decision API, whose error body has no type.
+    refusal = refusal_from_parts(502, {}, {"error": {"code": "LEDGER_ANSWER_UNREADABLE"}})
+    assert refusal is not None and refusal[0] is spendguard.GuardUnavailable
+    # A provider's own 502 stays the provider's error.
+    assert refusal_from_parts(502, {}, {"error": {"type": "api_error", "code": "bad_gateway"}}) is None
     # A provider's own 503 (no SpendGuard type or code) stays the provider's error.
     assert refusal_from_parts(503, {}, {"error": {"type": "overloaded_error"}}) is None

@@ -98,6 +98,7 @@ pub fn error(api: Api, error: &SidecarError) -> Response {
         (
             SidecarError::LeaseUnavailable(_)
             | SidecarError::DependencyUnavailable(_)
+            | SidecarError::LedgerAnswerUnreadable(_)
             | SidecarError::EvidenceBacklog(_)
             | SidecarError::SigningUnavailable(_)
             | SidecarError::Misconfigured(_),

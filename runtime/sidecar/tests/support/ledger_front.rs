@@ -1,15 +1,19 @@
-//! The real ledger behind a gRPC front that forwards every RPC unchanged, except CheckFencing
-//! when told otherwise:
-//! - [`CheckFencing::Unimplemented`]: answered as tonic answers a method its server does not
-//!   have (`UNIMPLEMENTED`, trailers only): a ledger released before CheckFencing;
-//! - [`CheckFencing::Held`]: forwarded at once, its answer held until the test lets it go: a
-//!   check in flight for as long as a test needs, whose read happened when it was sent.
+//! The real ledger behind a gRPC front that forwards every RPC unchanged, except:
+//! - CheckFencing, when told otherwise:
+//!   - [`CheckFencing::Unimplemented`]: answered as tonic answers a method its server does not
+//!     have (`UNIMPLEMENTED`, trailers only): a ledger released before CheckFencing;
+//!   - [`CheckFencing::Held`]: forwarded at once, its answer held until the test lets it go: a
+//!     check in flight for as long as a test needs, whose read happened when it was sent;
+//! - any method the test names in [`Bare`] while it does: answered with that gRPC code and no
+//!   SpendGuard error detail (trailers only), without reaching the ledger: what a proxy, a mesh,
+//!   an older ledger or a broken transport answers in the ledger's place.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tokio::sync::watch;
 use tonic::body::Body;
@@ -62,10 +66,67 @@ impl Gate {
     }
 }
 
+/// The methods the front answers itself, bare, and with which gRPC code.
+#[derive(Default)]
+pub struct Bare {
+    answers: Mutex<HashMap<String, tonic::Code>>,
+    /// How often each method was answered bare.
+    given: Mutex<HashMap<String, usize>>,
+}
+
+impl Bare {
+    /// Answers `method` (`ReserveSet`, `Commit`, ...) with `code` and no detail from now on.
+    pub fn answer(&self, method: &str, code: tonic::Code) {
+        self.answers
+            .lock()
+            .unwrap()
+            .insert(format!("/spendguard.ledger.v1.Ledger/{method}"), code);
+    }
+
+    /// Forwards every method again.
+    pub fn forward_all(&self) {
+        self.answers.lock().unwrap().clear();
+    }
+
+    /// How many times `method` was answered bare so far.
+    pub fn given(&self, method: &str) -> usize {
+        let path = format!("/spendguard.ledger.v1.Ledger/{method}");
+        self.given.lock().unwrap().get(&path).copied().unwrap_or(0)
+    }
+
+    /// Waits until `method` was answered bare at least `n` times.
+    pub async fn wait_given(&self, method: &str, n: usize) {
+        for _ in 0..400 {
+            if self.given(method) >= n {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!(
+            "{method} was answered bare {} times, not {n}",
+            self.given(method)
+        );
+    }
+
+    fn code_for(&self, path: &str) -> Option<tonic::Code> {
+        let code = self.answers.lock().unwrap().get(path).copied();
+        if code.is_some() {
+            *self
+                .given
+                .lock()
+                .unwrap()
+                .entry(path.to_owned())
+                .or_default() += 1;
+        }
+        code
+    }
+}
+
 #[derive(Clone)]
 struct Front {
     ledger: Channel,
-    check_fencing: CheckFencing,
+    check_fencing: Option<CheckFencing>,
+    bare: Arc<Bare>,
 }
 
 impl NamedService for Front {
@@ -84,13 +145,17 @@ impl Service<http::Request<Body>> for Front {
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let mut ledger = self.ledger.clone();
         let check_fencing = self.check_fencing.clone();
+        let bare = self.bare.code_for(request.uri().path());
         Box::pin(async move {
+            if let Some(code) = bare {
+                return Ok(tonic::Status::new(code, "answered by the front").into_http());
+            }
             let gate = match (request.uri().path() == CHECK_FENCING, check_fencing) {
-                (true, CheckFencing::Unimplemented) => {
+                (true, Some(CheckFencing::Unimplemented)) => {
                     return Ok(tonic::Status::unimplemented("").into_http());
                 }
-                (true, CheckFencing::Held(gate)) => Some(gate),
-                (false, _) => None,
+                (true, Some(CheckFencing::Held(gate))) => Some(gate),
+                _ => None,
             };
             if let Some(gate) = &gate {
                 gate.sent.fetch_add(1, Ordering::SeqCst);
@@ -118,7 +183,8 @@ impl Service<http::Request<Body>> for Front {
 /// Serves a front of the ledger at `ledger` on a new loopback address, until the test ends.
 pub async fn start(
     ledger: std::net::SocketAddr,
-    check_fencing: CheckFencing,
+    check_fencing: Option<CheckFencing>,
+    bare: Arc<Bare>,
 ) -> std::net::SocketAddr {
     let channel = Endpoint::from_shared(format!("http://{ledger}"))
         .unwrap()
@@ -130,6 +196,7 @@ pub async fn start(
             .add_service(Front {
                 ledger: channel,
                 check_fencing,
+                bare,
             })
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
     );

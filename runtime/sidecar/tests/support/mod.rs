@@ -72,8 +72,11 @@ pub struct Options {
     /// The pricing snapshot's `published_at` (RFC 3339); none by default.
     pub pricing_published_at: Option<String>,
     /// The sidecar talks to the ledger through a front that answers CheckFencing so
-    /// (`ledger_front.rs`); directly when `None`.
+    /// (`ledger_front.rs`); directly when `None` and `bare_answers` is `None`.
     pub ledger_front: Option<ledger_front::CheckFencing>,
+    /// The sidecar talks to the ledger through a front that answers the methods named here
+    /// itself, without a SpendGuard error detail (`ledger_front.rs`).
+    pub bare_answers: Option<std::sync::Arc<ledger_front::Bare>>,
 }
 
 impl Default for Options {
@@ -86,6 +89,7 @@ impl Default for Options {
             flags: Vec::new(),
             pricing_published_at: None,
             ledger_front: None,
+            bare_answers: None,
         }
     }
 }
@@ -144,9 +148,11 @@ impl Stack {
         let dir = tempfile::tempdir().unwrap();
         let (bytes, sha) = Bundle::canonical(&contract(options.contract), &pricing).unwrap();
         spendguard_sidecar::bundle::write(dir.path(), &bytes, &sha, TENANT, &[BUDGET]).unwrap();
-        let sidecar_ledger = match options.ledger_front {
-            Some(check_fencing) => ledger_front::start(ledger_addr, check_fencing).await,
-            None => ledger_addr,
+        let sidecar_ledger = match (options.ledger_front, options.bare_answers) {
+            (None, None) => ledger_addr,
+            (check_fencing, bare) => {
+                ledger_front::start(ledger_addr, check_fencing, bare.unwrap_or_default()).await
+            }
         };
         let mut argv: Vec<String> = vec![
             "sidecar".into(),

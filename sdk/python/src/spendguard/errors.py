@@ -45,8 +45,16 @@ __all__ = [
 
 SPENDGUARD_CODE_HEADER = "x-spendguard-code"
 
+# The guard could not decide. All are 503 but LEDGER_ANSWER_UNREADABLE (502: something answered
+# in the ledger's place).
 _UNAVAILABLE_CODES = frozenset(
-    {"DEPENDENCY_UNAVAILABLE", "LEASE_UNAVAILABLE", "EVIDENCE_BACKLOG", "SIGNING_UNAVAILABLE"}
+    {
+        "DEPENDENCY_UNAVAILABLE",
+        "LEASE_UNAVAILABLE",
+        "EVIDENCE_BACKLOG",
+        "SIGNING_UNAVAILABLE",
+        "LEDGER_ANSWER_UNREADABLE",
+    }
 )
 
 
@@ -272,7 +280,9 @@ def refusal_from_parts(
         cls, decision = BudgetExceeded, "STOP"
     elif etype == "spendguard_approval_required":
         cls, decision = ApprovalRequired, "REQUIRE_APPROVAL"
-    elif etype == "spendguard_unavailable" or (code in _UNAVAILABLE_CODES and status_code == 503):
+    elif etype == "spendguard_unavailable" or (
+        code in _UNAVAILABLE_CODES and status_code in (502, 503)
+    ):
         cls = GuardUnavailable
     elif (
         code is not None
