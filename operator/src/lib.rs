@@ -47,6 +47,8 @@ pub struct Context {
     pub metrics: Arc<metrics::Metrics>,
     /// Per-object retry backoff.
     pub backoff: Arc<backoff::Backoff>,
+    /// Set once the leadership term this context works for has ended.
+    term_ended: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Context {
@@ -63,7 +65,31 @@ impl Context {
             ledger,
             metrics,
             backoff: Arc::default(),
+            term_ended: Arc::new(tokio::sync::watch::Sender::new(false)),
         }
+    }
+
+    /// A context for a new leadership term: the same clients, a fresh backoff, and a term of its
+    /// own, which [`Context::end_term`] ends.
+    #[must_use]
+    pub fn next_term(&self) -> Self {
+        Self {
+            backoff: Arc::default(),
+            term_ended: Arc::new(tokio::sync::watch::Sender::new(false)),
+            ..self.clone()
+        }
+    }
+
+    /// Ends this context's term: work it left running in the background is abandoned.
+    pub fn end_term(&self) {
+        self.term_ended.send_replace(true);
+    }
+
+    /// Resolves once this context's term has ended.
+    pub async fn term_ended(&self) {
+        let mut ended = self.term_ended.subscribe();
+        // The sender lives in `self`, so the channel cannot close while this waits.
+        let _ = ended.wait_for(|ended| *ended).await;
     }
 }
 
@@ -246,42 +272,54 @@ impl OperatorArgs {
 /// How often a standby checks whether it became leader, and a leader whether it still is.
 const LEADERSHIP_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// Waits for leadership, then runs the controllers until it is lost. Losing it ends the process
-/// (client-go's rule): a restarted pod rejoins as a standby, and no controller keeps a stale
-/// cache or half-finished work.
+/// Waits for leadership, then runs the controllers until it is lost, and so on for every term.
+///
+/// Losing leadership stops the controllers (their watches, caches and reconciles in flight are
+/// dropped, and the status writes they left in the background are abandoned with their term),
+/// and the replica goes back to standby. It does not exit, as client-go's controllers do: its
+/// admission webhooks serve through the loss, so a single replica does not refuse every pod
+/// injection, CR write and approval decision (`failurePolicy: Fail`) while it restarts. The
+/// next term starts from fresh caches, as after a restart.
 async fn lead(
     handle: spendguard_leader::LeaderHandle,
     context: Context,
     running: admin::ControllersRunning,
     approvals: controller::approval_request::Settings,
 ) -> Result<(), error::Error> {
-    context.metrics.set_leader(false);
-    while !handle.is_leader() {
-        tokio::time::sleep(LEADERSHIP_POLL).await;
-    }
-    tracing::info!("leading: controllers started");
-    context.metrics.set_leader(true);
-    running.set(true);
-    let lost = async {
-        while handle.is_leader() {
+    loop {
+        context.metrics.set_leader(false);
+        while !handle.is_leader() {
             tokio::time::sleep(LEADERSHIP_POLL).await;
         }
+        tracing::info!("leading: controllers started");
+        let term = context.next_term();
+        context.metrics.set_leader(true);
+        running.set(true);
+        let lost = async {
+            while handle.is_leader() {
+                tokio::time::sleep(LEADERSHIP_POLL).await;
+            }
+        };
+        let controllers = async {
+            tokio::join!(
+                controller::budget::run(term.clone()),
+                controller::pricing_version::run(term.clone()),
+                controller::contract_bundle::run(term.clone()),
+                controller::signing_key::run(term.clone()),
+                controller::retention_policy::run(term.clone()),
+                controller::approval_request::run(term.clone(), approvals.clone())
+            );
+        };
+        let ended = tokio::select! {
+            () = controllers => true,
+            () = lost => false,
+        };
+        running.set(false);
+        term.end_term();
+        if ended {
+            return Ok(());
+        }
         context.metrics.set_leader(false);
-        running.set(false);
-    };
-    let controllers = async {
-        tokio::join!(
-            controller::budget::run(context.clone()),
-            controller::pricing_version::run(context.clone()),
-            controller::contract_bundle::run(context.clone()),
-            controller::signing_key::run(context.clone()),
-            controller::retention_policy::run(context.clone()),
-            controller::approval_request::run(context.clone(), approvals)
-        );
-        running.set(false);
-    };
-    tokio::select! {
-        () = controllers => Ok(()),
-        () = lost => Err(error::Error::Startup("lost leadership; exiting so a standby can take over".into())),
+        tracing::warn!("lost leadership: controllers stopped; serving the webhooks as a standby");
     }
 }

@@ -132,13 +132,21 @@ pub fn report_failure<K, S>(
     S: Serialize + Send + Sync + 'static,
 {
     let events = ctx.events.clone();
+    let term = ctx.clone();
     tokio::spawn(async move {
-        if let Err(error) = patch_status(&api, object.as_ref(), &status).await {
-            tracing::warn!(%error, "writing failure condition failed");
-            return;
+        let report = async {
+            if let Err(error) = patch_status(&api, object.as_ref(), &status).await {
+                tracing::warn!(%error, "writing failure condition failed");
+                return;
+            }
+            events
+                .on_transition(object.as_ref(), &previous, &next)
+                .await;
+        };
+        // A replica that lost its lease writes nothing after its successor may have started.
+        tokio::select! {
+            () = term.term_ended() => {}
+            () = report => {}
         }
-        events
-            .on_transition(object.as_ref(), &previous, &next)
-            .await;
     });
 }

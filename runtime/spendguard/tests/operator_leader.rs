@@ -1,14 +1,25 @@
 //! Two `spendguard operator` processes elect one leader on a real apiserver; killing it (-9)
 //! hands the work to the other within the lease TTL, and the ledger sees no duplicate writes.
+//! A leader that loses its lease stays up as a standby and leads again later.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly on purpose.
 
 use spendguard_testkit::control_plane::{ControlPlane, User};
+use spendguard_testkit::ledger::http_get;
 use spendguard_testkit::{TestLedger, free_port};
 use tokio::process::{Child, Command};
 
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
 
 fn operator(plane: &ControlPlane, ledger_port: u16, name: &str) -> Child {
+    operator_with_admin(plane, ledger_port, name, free_port())
+}
+
+fn operator_with_admin(
+    plane: &ControlPlane,
+    ledger_port: u16,
+    name: &str,
+    admin_port: u16,
+) -> Child {
     Command::new(env!("CARGO_BIN_EXE_spendguard"))
         .arg("operator")
         .env("KUBECONFIG", plane.kubeconfig(User::Admin))
@@ -16,10 +27,7 @@ fn operator(plane: &ControlPlane, ledger_port: u16, name: &str) -> Child {
             "SPENDGUARD_OPERATOR_LEDGER_ADDR",
             format!("http://127.0.0.1:{ledger_port}"),
         )
-        .env(
-            "SPENDGUARD_ADMIN_ADDR",
-            format!("127.0.0.1:{}", free_port()),
-        )
+        .env("SPENDGUARD_ADMIN_ADDR", format!("127.0.0.1:{admin_port}"))
         .env("SPENDGUARD_LEADER_ELECTION_MODE", "k8s")
         .env("SPENDGUARD_LEADER_RENEW_INTERVAL_MS", "300")
         .env("SPENDGUARD_LEADER_TTL_MS", "2000")
@@ -96,4 +104,104 @@ async fn standby_takes_over_when_the_leader_is_killed() {
     );
     let _ = a.start_kill();
     let _ = b.start_kill();
+}
+
+/// The operator's `spendguard_operator_leader` gauge, once its admin server answers.
+async fn leader_gauge(admin_port: u16) -> Option<u8> {
+    let (status, body) = http_get(admin_port, "/metrics").await.ok()?;
+    if status != 200 {
+        return None;
+    }
+    body.lines()
+        .find_map(|line| line.strip_prefix("spendguard_operator_leader "))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+async fn wait_for_gauge(admin_port: u16, want: u8) {
+    for _ in 0..300 {
+        if leader_gauge(admin_port).await == Some(want) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!(
+        "leader gauge never became {want}: {:?}",
+        leader_gauge(admin_port).await
+    );
+}
+
+#[tokio::test]
+async fn a_leader_that_loses_its_lease_stays_up_as_a_standby_and_leads_again() {
+    // Goal: losing the lease stops the controllers, not the process, so the webhooks it serves
+    // stay up (with one replica and `failurePolicy: Fail`, an exit would refuse every pod
+    // injection, CR write and approval decision until the restart). While standby it
+    // reconciles nothing; once it leads again its controllers run from fresh caches.
+    // Method: another holder takes the Lease (as a contender's first write would); since that
+    // holder never renews, the operator takes the Lease back after a TTL.
+    let plane = ControlPlane::start().expect("control plane");
+    plane.install_crds(&std::path::Path::new(ROOT).join("crds/generated/spendguard.io.yaml"));
+    let ledger = TestLedger::start().await.unwrap();
+    let port = ledger.ledger.as_ref().unwrap().control_addr.port();
+    let admin_port = free_port();
+    let mut op = operator_with_admin(&plane, port, "op-a", admin_port);
+
+    let budget = std::fs::read_to_string(format!("{ROOT}/config/examples/budget.yaml")).unwrap();
+    plane.admin(&["apply", "-f", "-"], Some(&budget));
+    let ready = [
+        "get",
+        "budget",
+        "team-research",
+        "-n",
+        "default",
+        "-o",
+        "jsonpath={.status.conditions[0].status}/{.status.limit}",
+    ];
+    plane.poll(&ready, |t| t == "True/100").await;
+    let holder_of = [
+        "get",
+        "lease",
+        "spendguard-operator",
+        "-n",
+        "default",
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ];
+    plane.poll(&holder_of, |t| t == "op-a").await;
+    wait_for_gauge(admin_port, 1).await;
+
+    plane.admin(
+        &[
+            "patch",
+            "lease",
+            "spendguard-operator",
+            "-n",
+            "default",
+            "--type=merge",
+            "-p",
+            r#"{"spec": {"holderIdentity": "intruder"}}"#,
+        ],
+        None,
+    );
+    wait_for_gauge(admin_port, 0).await;
+    assert!(
+        op.try_wait().unwrap().is_none(),
+        "the operator exited on losing its lease"
+    );
+    let (ready_status, _) = http_get(admin_port, "/readyz").await.unwrap();
+    assert_eq!(
+        ready_status, 200,
+        "a standby is ready: it serves the webhooks"
+    );
+
+    // The intruder never renews: after a TTL the operator leads again, and its new controllers
+    // reconcile a change.
+    plane.poll(&holder_of, |t| t == "op-a").await;
+    wait_for_gauge(admin_port, 1).await;
+    plane.admin(
+        &["apply", "-f", "-"],
+        Some(&budget.replace("\"100.00\"", "\"120.00\"")),
+    );
+    plane.poll(&ready, |t| t == "True/120").await;
+    assert!(op.try_wait().unwrap().is_none());
+    let _ = op.start_kill();
 }
