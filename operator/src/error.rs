@@ -123,12 +123,20 @@ mod tests {
     fn a_status_is_read_as_the_ledgers_code_an_unknown_code_or_no_answer() {
         use prost::Message as _;
         use spendguard_proto::ledger::v1::ErrorDetail;
+        // As the ledger answers: the detail, and the header naming its code.
         let with_detail = |grpc: tonic::Code, code: i32| {
             let detail = ErrorDetail {
                 code,
                 ..ErrorDetail::default()
             };
-            tonic::Status::with_details(grpc, "m", detail.encode_to_vec().into())
+            let mut status = tonic::Status::with_details(grpc, "m", detail.encode_to_vec().into());
+            let name = ErrorCode::try_from(code)
+                .map_or("SOMETHING_NEW", spendguard_proto::ledger::code_name);
+            status.metadata_mut().insert(
+                spendguard_proto::ledger::ERROR_CODE_HEADER,
+                name.parse().unwrap(),
+            );
+            status
         };
         let read = |status: tonic::Status| match Error::ledger(&status) {
             Error::Ledger { code, .. } => code,

@@ -33,15 +33,39 @@ pub mod ledger {
         Unreadable(tonic::Code),
     }
 
+    /// The metadata key under which the ledger names its stable code in every status it answers,
+    /// beside the `ErrorDetail`.
+    pub const ERROR_CODE_HEADER: &str = "spendguard-error-code";
+
     impl Answer {
-        /// Reads `status`.
+        /// Reads `status`. A detail counts as the ledger's only beside the ledger's
+        /// [`ERROR_CODE_HEADER`], which must name the same code: a peer in between may put its
+        /// own detail (`google.rpc.Status` decodes as an `ErrorDetail` too).
         pub fn of(status: &tonic::Status) -> Self {
             use prost::Message;
-            match v1::ErrorDetail::decode(status.details()) {
-                Ok(detail) if detail.code != 0 => v1::ErrorCode::try_from(detail.code)
-                    .map_or(Self::UnknownCode(detail.code), Self::Code),
-                _ if is_transport_failure(status.code()) => Self::NoAnswer(status.code()),
-                _ => Self::Unreadable(status.code()),
+            let header = status
+                .metadata()
+                .get(ERROR_CODE_HEADER)
+                .and_then(|value| value.to_str().ok());
+            let fallback = || {
+                if is_transport_failure(status.code()) {
+                    Self::NoAnswer(status.code())
+                } else {
+                    Self::Unreadable(status.code())
+                }
+            };
+            let (Ok(detail), Some(header)) = (v1::ErrorDetail::decode(status.details()), header)
+            else {
+                return fallback();
+            };
+            if detail.code == 0 {
+                return fallback();
+            }
+            match v1::ErrorCode::try_from(detail.code) {
+                Ok(code) if code_name(code) == header => Self::Code(code),
+                // A detail its header contradicts is not the ledger's.
+                Ok(_) => Self::Unreadable(status.code()),
+                Err(_) => Self::UnknownCode(detail.code),
             }
         }
 
@@ -69,11 +93,19 @@ pub mod ledger {
         }
     }
 
+    /// A code's name as the ledger writes it in [`ERROR_CODE_HEADER`] (`BUDGET_EXHAUSTED`).
+    pub fn code_name(code: v1::ErrorCode) -> &'static str {
+        let name = code.as_str_name();
+        name.strip_prefix("ERROR_CODE_").unwrap_or(name)
+    }
+
     /// The gRPC codes a status without a SpendGuard detail carries when the call never reached
     /// an answer: the connection was refused or broke (`UNAVAILABLE`, and `UNKNOWN`, which tonic
     /// gives a transport error it cannot classify), the deadline passed (`DEADLINE_EXCEEDED`)
     /// or the call was cancelled (`CANCELLED`). A service mesh answers an unreachable ledger
-    /// `UNAVAILABLE` too (HTTP 502, 503 and 504 map to it). One list for every client.
+    /// `UNAVAILABLE` too (tonic maps HTTP 429, 502, 503 and 504 without a gRPC status to it).
+    /// HTTP codes tonic does not map (an ingress's 500 in front of the ledger) become `UNKNOWN`,
+    /// so they read as an unreachable ledger too. One list for every client.
     pub fn is_transport_failure(code: tonic::Code) -> bool {
         matches!(
             code,
@@ -106,13 +138,33 @@ pub mod ledger {
     mod tests {
         use super::{Answer, v1};
 
+        /// A status as the ledger answers: the detail, and the header naming its code.
         fn with_detail(code: tonic::Code, detail: i32) -> tonic::Status {
+            let name = v1::ErrorCode::try_from(detail).map_or("SOMETHING_NEW", super::code_name);
+            with_detail_named(code, detail, Some(name))
+        }
+
+        fn with_detail_named(
+            code: tonic::Code,
+            detail: i32,
+            header: Option<&str>,
+        ) -> tonic::Status {
             let detail = v1::ErrorDetail {
                 code: detail,
                 message: "x".into(),
                 field: String::new(),
             };
-            tonic::Status::with_details(code, "x", prost::Message::encode_to_vec(&detail).into())
+            let mut status = tonic::Status::with_details(
+                code,
+                "x",
+                prost::Message::encode_to_vec(&detail).into(),
+            );
+            if let Some(header) = header {
+                status
+                    .metadata_mut()
+                    .insert(super::ERROR_CODE_HEADER, header.parse().unwrap());
+            }
+            status
         }
 
         #[test]
@@ -162,6 +214,35 @@ pub mod ledger {
             let newer = Answer::of(&with_detail(tonic::Code::Unavailable, 9_999));
             assert_eq!(newer, Answer::UnknownCode(9_999));
             assert!(!newer.ledger_away() && newer.from_the_ledger());
+        }
+
+        #[test]
+        fn a_detail_without_the_ledgers_header_is_not_the_ledgers() {
+            // A proxy's `google.rpc.Status {code: 3}` decodes as ErrorDetail {code: 3}.
+            let code = v1::ErrorCode::try_from(3).unwrap();
+            let bare = with_detail_named(tonic::Code::InvalidArgument, 3, None);
+            assert_eq!(
+                Answer::of(&bare),
+                Answer::Unreadable(tonic::Code::InvalidArgument)
+            );
+            let unavailable = with_detail_named(tonic::Code::Unavailable, 3, None);
+            assert_eq!(
+                Answer::of(&unavailable),
+                Answer::NoAnswer(tonic::Code::Unavailable)
+            );
+            let contradicted =
+                with_detail_named(tonic::Code::InvalidArgument, 3, Some("BUDGET_EXHAUSTED"));
+            assert_ne!(super::code_name(code), "BUDGET_EXHAUSTED");
+            assert_eq!(
+                Answer::of(&contradicted),
+                Answer::Unreadable(tonic::Code::InvalidArgument)
+            );
+            let named = with_detail_named(
+                tonic::Code::InvalidArgument,
+                3,
+                Some(super::code_name(code)),
+            );
+            assert_eq!(Answer::of(&named), Answer::Code(code));
         }
     }
 }

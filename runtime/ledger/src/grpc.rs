@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status};
 use tracing::{instrument, warn};
 
 /// Header carrying the stable error code of a failed RPC.
-pub const ERROR_CODE_HEADER: &str = "spendguard-error-code";
+pub const ERROR_CODE_HEADER: &str = spendguard_proto::ledger::ERROR_CODE_HEADER;
 
 /// Which listener a request came in on: what it may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

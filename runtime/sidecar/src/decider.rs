@@ -2075,18 +2075,17 @@ fn unix_ms_now() -> i64 {
 fn evidence_send_failure(status: &tonic::Status) -> SendFailure {
     use pb::ErrorCode as C;
     let message = status.message().to_owned();
-    if ledger_away(status) {
+    let answer = Answer::of(status);
+    // Only the ledger's own word can refuse a record. An answer that is not the ledger's (an
+    // older ledger without the method, a proxy in between) waits as if the ledger were away:
+    // kept, and offered again after a backoff.
+    if answer.ledger_away() || !answer.from_the_ledger() {
         return SendFailure::Unavailable(format!("{:?}: {message}", status.code()));
     }
-    let answer = Answer::of(status);
     match answer.code() {
         Some(C::IdempotencyConflict) => SendFailure::Conflict(message),
         Some(C::PermissionDenied) => SendFailure::Refused(message),
-        // Only the ledger's own word refuses a record: a bare INVALID_ARGUMENT may come from
-        // something in between, and dropping the record would lose its evidence.
-        _ if answer.from_the_ledger() && status.code() == tonic::Code::InvalidArgument => {
-            SendFailure::Refused(message)
-        }
+        _ if status.code() == tonic::Code::InvalidArgument => SendFailure::Refused(message),
         _ => SendFailure::Retry(message),
     }
 }
@@ -2213,7 +2212,7 @@ mod tests {
         // A code this sidecar does not know (a newer ledger's) fails closed, never as an
         // unreachable ledger (which a fail-open contract lets through); a bare transport error
         // is the unreachable ledger.
-        let newer = tonic::Status::with_details(
+        let mut newer = tonic::Status::with_details(
             tonic::Code::Unavailable,
             "SOMETHING_NEW: x",
             prost::Message::encode_to_vec(&pb::ErrorDetail {
@@ -2223,6 +2222,11 @@ mod tests {
             })
             .into(),
         );
+        newer.metadata_mut().insert(
+            spendguard_proto::ledger::ERROR_CODE_HEADER,
+            "SOMETHING_NEW".parse().unwrap(),
+        );
+        assert_eq!(Answer::of(&newer), Answer::UnknownCode(999));
         assert!(matches!(
             ledger_error(&newer),
             SidecarError::LedgerAnswerUnreadable(_)
@@ -2278,7 +2282,7 @@ mod tests {
             let bare = tonic::Status::new(code, "not the ledger");
             assert!(!ledger_away(&bare), "{code:?}");
             assert!(
-                matches!(evidence_send_failure(&bare), SendFailure::Retry(_)),
+                matches!(evidence_send_failure(&bare), SendFailure::Unavailable(_)),
                 "{code:?}"
             );
             let error = ledger_error(&bare);

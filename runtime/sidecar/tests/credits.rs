@@ -978,3 +978,33 @@ async fn a_pod_that_goes_quiet_releases_its_credit_before_it_lapses() {
     stack.wait_no_open_calls().await;
     assert_eq!(stack.balance().await.reserved_nano_usd, 0);
 }
+
+#[tokio::test]
+async fn a_draw_answered_by_something_other_than_the_ledger_is_retried_not_lost() {
+    // Goal: a draw (the ReserveSet of a call admitted inside a credit) answered without the
+    // ledger's detail under a code that is not a transport failure's (a stream reset in a
+    // proxy: INTERNAL) is no refusal. It is offered again until the ledger answers, and the
+    // call is neither lost nor recorded as a fail-open call.
+    let bare = std::sync::Arc::new(ledger_front::Bare::default());
+    let stack = stack_with_an_open_credit(Options {
+        flags: fixed_credits(20 * worst_case()),
+        bare_answers: Some(bare.clone()),
+        ..Options::default()
+    })
+    .await;
+    bare.answer("ReserveSet", tonic::Code::Internal);
+    assert_eq!(chat(&stack).await.status, 200);
+    bare.wait_given("ReserveSet", 2).await;
+    bare.forward_all();
+    stack.wait_no_open_calls().await;
+    nothing_lost(&stack).await;
+    assert_eq!(
+        count(
+            &stack,
+            "SELECT count(*) FROM reservations WHERE drawn_from_reservation_id IS NOT NULL"
+        )
+        .await,
+        1,
+        "the call was drawn from its credit"
+    );
+}

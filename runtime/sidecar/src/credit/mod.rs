@@ -39,8 +39,8 @@ use crate::lease::Lease;
 use crate::sync::lock;
 use spendguard_core::contract::Bundle;
 use spendguard_core::window::BudgetWindow;
-use spendguard_proto::ledger::error_code;
 use spendguard_proto::ledger::v1 as pb;
+use spendguard_proto::ledger::{Answer, error_code};
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -706,8 +706,11 @@ impl CreditDriver {
                 self.pool.fence(fencing.epoch);
             }
             // The lease lapsed on the ledger's clock: the keeper renews it, then the draw lands.
-            let transient =
-                ledger_away(&status) || code == Some(pb::ErrorCode::FencingLeaseExpired);
+            // An answer that is not the ledger's (a reset stream) is no refusal either.
+            let answer = Answer::of(&status);
+            let transient = answer.ledger_away()
+                || !answer.from_the_ledger()
+                || code == Some(pb::ErrorCode::FencingLeaseExpired);
             if !transient || Instant::now() + backoff >= expires {
                 return DrawState::Lost(format!("{:?}: {}", status.code(), status.message()));
             }
@@ -744,8 +747,10 @@ impl CreditDriver {
             Ok(_) => true,
             Err(status) => {
                 warn!(credit = %id, error = %status.message(), "could not release a credit; it lapses at its TTL");
-                // Refused for good (already resolved, another epoch): nothing to retry.
-                !ledger_away(&status)
+                // Refused for good (already resolved, another epoch): nothing to retry. Only
+                // the ledger's own answer says so.
+                let answer = Answer::of(&status);
+                answer.from_the_ledger() && !answer.ledger_away()
             }
         };
         if answered && let Some(record) = &self.record {

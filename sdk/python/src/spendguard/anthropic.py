@@ -57,7 +57,7 @@ class AnthropicApprovalExpired(_anthropic.APIStatusError, _errors.ApprovalExpire
 
 
 class AnthropicGuardUnavailable(_anthropic.APIStatusError, _errors.GuardUnavailable):  # pyright: ignore[reportIncompatibleVariableOverride]
-    """The guard could not decide (HTTP 503); fail-closed."""
+    """The guard could not decide (HTTP 503, or 502 `LEDGER_ANSWER_UNREADABLE`); fail-closed."""
 
 
 _MIXED: dict[type[_errors.SpendGuardError], type[_anthropic.APIStatusError]] = {

@@ -60,7 +60,7 @@ class OpenAIApprovalExpired(_openai.APIStatusError, _errors.ApprovalExpired):  #
 
 
 class OpenAIGuardUnavailable(_openai.APIStatusError, _errors.GuardUnavailable):  # pyright: ignore[reportIncompatibleVariableOverride]
-    """The guard could not decide (HTTP 503); fail-closed."""
+    """The guard could not decide (HTTP 503, or 502 `LEDGER_ANSWER_UNREADABLE`); fail-closed."""
 
 
 _MIXED: dict[type[_errors.SpendGuardError], type[_openai.APIStatusError]] = {
