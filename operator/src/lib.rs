@@ -69,12 +69,11 @@ impl Context {
         }
     }
 
-    /// A context for a new leadership term: the same clients, a fresh backoff, and a term of its
+    /// A context for a new leadership term: the same clients and backoff, and a term of its
     /// own, which [`Context::end_term`] ends.
     #[must_use]
     pub fn next_term(&self) -> Self {
         Self {
-            backoff: Arc::default(),
             term_ended: Arc::new(tokio::sync::watch::Sender::new(false)),
             ..self.clone()
         }
@@ -269,17 +268,16 @@ impl OperatorArgs {
     }
 }
 
-/// How often a standby checks whether it became leader, and a leader whether it still is.
-const LEADERSHIP_POLL: std::time::Duration = std::time::Duration::from_millis(100);
-
 /// Waits for leadership, then runs the controllers until it is lost, and so on for every term.
 ///
-/// Losing leadership stops the controllers (their watches, caches and reconciles in flight are
-/// dropped, and the status writes they left in the background are abandoned with their term),
-/// and the replica goes back to standby. It does not exit, as client-go's controllers do: its
-/// admission webhooks serve through the loss, so a single replica does not refuse every pod
-/// injection, CR write and approval decision (`failurePolicy: Fail`) while it restarts. The
-/// next term starts from fresh caches, as after a restart.
+/// Losing leadership stops the controllers at once (their watches, caches and reconciles in
+/// flight are dropped, and the status writes they left in the background are abandoned with
+/// their term), and the replica goes back to standby. Unlike client-go's and controller-runtime's
+/// controllers, which exit, it stays up: its admission webhooks serve through the loss, so a
+/// single replica does not refuse every pod injection, CR write and approval decision
+/// (`failurePolicy: Fail`) while it restarts. The next term starts from fresh caches, as after a
+/// restart; the per-object retry backoff carries over, as a restart's crash-loop delay would
+/// have damped a flapping lease.
 async fn lead(
     handle: spendguard_leader::LeaderHandle,
     context: Context,
@@ -288,18 +286,11 @@ async fn lead(
 ) -> Result<(), error::Error> {
     loop {
         context.metrics.set_leader(false);
-        while !handle.is_leader() {
-            tokio::time::sleep(LEADERSHIP_POLL).await;
-        }
+        handle.led().await;
         tracing::info!("leading: controllers started");
         let term = context.next_term();
         context.metrics.set_leader(true);
         running.set(true);
-        let lost = async {
-            while handle.is_leader() {
-                tokio::time::sleep(LEADERSHIP_POLL).await;
-            }
-        };
         let controllers = async {
             tokio::join!(
                 controller::budget::run(term.clone()),
@@ -312,14 +303,13 @@ async fn lead(
         };
         let ended = tokio::select! {
             () = controllers => true,
-            () = lost => false,
+            () = handle.lost() => false,
         };
         running.set(false);
         term.end_term();
         if ended {
             return Ok(());
         }
-        context.metrics.set_leader(false);
-        tracing::warn!("lost leadership: controllers stopped; serving the webhooks as a standby");
+        tracing::warn!("lost leadership: controllers stopped; standing by");
     }
 }

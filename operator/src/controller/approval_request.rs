@@ -775,7 +775,8 @@ fn names(store: &Store<ApprovalRequest>) -> HashSet<String> {
     store.state().iter().map(|r| r.name_any()).collect()
 }
 
-/// Mirrors pending ledger approvals every `settings.poll_interval` until the process ends.
+/// Mirrors pending ledger approvals every `settings.poll_interval` until its leadership term
+/// ends (the controllers are dropped).
 /// A failed pass is logged and counted; the next pass retries.
 async fn mirror_loop(ctx: Context, settings: Settings, store: Store<ApprovalRequest>) {
     if store.wait_until_ready().await.is_err() {

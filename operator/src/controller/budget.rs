@@ -387,6 +387,26 @@ mod tests {
         api.expect_no_request().await;
     }
 
+    // Goal: a replica whose leadership term has ended writes no failure status or Event, even
+    // from a reconcile that failed just before: its successor may be reconciling already.
+    #[tokio::test]
+    async fn a_failure_reported_after_the_term_ended_writes_nothing() {
+        let (ctx, mut api, _registry) =
+            mock_apiserver::context(mock_apiserver::unreachable_ledger());
+        let error = Error::Ledger {
+            code: "BUDGET_INVALID".into(),
+            message: "soft cap above limit".into(),
+        };
+        let term = ctx.next_term();
+        term.end_term();
+        let _ = error_policy(parse(&object("100", None)), &error, Arc::new(term));
+        api.expect_no_request().await;
+        // The same failure in a term still running is written.
+        let ready = object("100", None);
+        let _ = error_policy(parse(&ready), &error, Arc::new(ctx.next_term()));
+        let _ = api.expect_apply(STATUS_PATH, &ready).await;
+    }
+
     // Goal: the controller's own status writes (new balances at every read) do not trigger a
     // reconcile; a new spec, a finalizer change, an annotation or a deletion request does.
     #[test]

@@ -143,8 +143,10 @@ pub fn report_failure<K, S>(
                 .on_transition(object.as_ref(), &previous, &next)
                 .await;
         };
-        // A replica that lost its lease writes nothing after its successor may have started.
+        // A replica that lost its lease writes nothing after its successor may have started:
+        // checked first, so a task first polled after the term ended sends nothing.
         tokio::select! {
+            biased;
             () = term.term_ended() => {}
             () = report => {}
         }

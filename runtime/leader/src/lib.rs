@@ -118,6 +118,45 @@ impl LeaderHandle {
     pub fn state(&self) -> Leadership {
         *self.state.borrow()
     }
+
+    /// Resolves once this candidate leads (at once if it does).
+    pub async fn led(&self) {
+        let mut state = self.state.clone();
+        loop {
+            if self.is_leader() {
+                return;
+            }
+            // The elector is gone (never for a running one): nothing will ever lead here.
+            if state.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Resolves once work may no longer start: at the moment the state leaves `Leader`, or
+    /// its deadline passes on the monotonic clock, whichever comes first (not at the next
+    /// poll, which could come after a successor took over).
+    pub async fn lost(&self) {
+        let mut state = self.state.clone();
+        loop {
+            let Leadership::Leader { valid_until } = *state.borrow_and_update() else {
+                return;
+            };
+            if Instant::now() >= valid_until {
+                return;
+            }
+            tokio::select! {
+                changed = state.changed() => {
+                    // The elector is gone: the deadline still ends the leadership.
+                    if changed.is_err() {
+                        tokio::time::sleep_until(valid_until).await;
+                        return;
+                    }
+                }
+                () = tokio::time::sleep_until(valid_until) => return,
+            }
+        }
+    }
 }
 
 /// What the candidate last saw of the Lease, and when.
@@ -312,5 +351,87 @@ fn next_state(next: Option<Leadership>, current: Leadership) -> Leadership {
         (Some(state), _) => state,
         (None, Leadership::Leader { valid_until }) if Instant::now() < valid_until => current,
         (None, _) => Leadership::Unknown,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{LeaderHandle, Leadership};
+    use std::time::Duration;
+    use tokio::sync::watch;
+    use tokio::time::{Instant, timeout};
+
+    fn handle(state: Leadership) -> (watch::Sender<Leadership>, LeaderHandle) {
+        let (sender, state) = watch::channel(state);
+        (sender, LeaderHandle { state })
+    }
+
+    fn leader_for(millis: u64) -> Leadership {
+        Leadership::Leader {
+            valid_until: Instant::now() + Duration::from_millis(millis),
+        }
+    }
+
+    #[tokio::test]
+    async fn leadership_is_lost_when_another_leads_not_at_a_later_poll() {
+        let (sender, handle) = handle(leader_for(60_000));
+        let lost = tokio::spawn({
+            let handle = handle.clone();
+            async move { handle.lost().await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!lost.is_finished(), "lost while the lease is valid");
+        sender.send_replace(Leadership::Standby);
+        timeout(Duration::from_secs(5), lost)
+            .await
+            .expect("noticed the change")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn leadership_is_lost_at_its_deadline_unless_renewed() {
+        let (sender, handle) = handle(leader_for(300));
+        let started = Instant::now();
+        let lost = tokio::spawn({
+            let handle = handle.clone();
+            async move { handle.lost().await }
+        });
+        // Renewals move the deadline: still leading past the first one.
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            sender.send_replace(leader_for(300));
+        }
+        assert!(!lost.is_finished(), "lost although renewed");
+        timeout(Duration::from_secs(5), lost)
+            .await
+            .expect("lost at the deadline, with nothing sent")
+            .unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(600 + 300));
+        assert!(!handle.is_leader());
+    }
+
+    #[tokio::test]
+    async fn a_candidate_leads_once_the_state_says_so() {
+        let (sender, handle) = handle(Leadership::Unknown);
+        let led = tokio::spawn({
+            let handle = handle.clone();
+            async move { handle.led().await }
+        });
+        sender.send_replace(Leadership::Standby);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!led.is_finished(), "led as a standby");
+        sender.send_replace(leader_for(60_000));
+        timeout(Duration::from_secs(5), led)
+            .await
+            .expect("noticed the lead")
+            .unwrap();
+        // A handle that leads already resolves at once, and so does one that lost already.
+        timeout(Duration::from_millis(100), handle.led())
+            .await
+            .unwrap();
+        sender.send_replace(Leadership::Unknown);
+        timeout(Duration::from_millis(100), handle.lost())
+            .await
+            .unwrap();
     }
 }

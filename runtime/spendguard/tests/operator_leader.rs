@@ -135,9 +135,9 @@ async fn a_leader_that_loses_its_lease_stays_up_as_a_standby_and_leads_again() {
     // Goal: losing the lease stops the controllers, not the process, so the webhooks it serves
     // stay up (with one replica and `failurePolicy: Fail`, an exit would refuse every pod
     // injection, CR write and approval decision until the restart). While standby it
-    // reconciles nothing; once it leads again its controllers run from fresh caches.
-    // Method: another holder takes the Lease (as a contender's first write would); since that
-    // holder never renews, the operator takes the Lease back after a TTL.
+    // reconciles nothing; once it leads again its new controllers reconcile.
+    // Method: another holder takes the Lease and renews it for a while; once that holder stops
+    // renewing, the operator takes the Lease back after a TTL.
     let plane = ControlPlane::start().expect("control plane");
     plane.install_crds(&std::path::Path::new(ROOT).join("crds/generated/spendguard.io.yaml"));
     let ledger = TestLedger::start().await.unwrap();
@@ -169,19 +169,32 @@ async fn a_leader_that_loses_its_lease_stays_up_as_a_standby_and_leads_again() {
     plane.poll(&holder_of, |t| t == "op-a").await;
     wait_for_gauge(admin_port, 1).await;
 
-    plane.admin(
-        &[
-            "patch",
-            "lease",
-            "spendguard-operator",
-            "-n",
-            "default",
-            "--type=merge",
-            "-p",
-            r#"{"spec": {"holderIdentity": "intruder"}}"#,
-        ],
-        None,
-    );
+    // Another holder takes the Lease and renews it, as a leader would.
+    let intruder_renews = |plane: &ControlPlane| {
+        let now = std::process::Command::new("date")
+            .args(["-u", "+%Y-%m-%dT%H:%M:%S.%6NZ"])
+            .output()
+            .unwrap();
+        let now = String::from_utf8(now.stdout).unwrap();
+        let patch = format!(
+            r#"{{"spec": {{"holderIdentity": "intruder", "renewTime": "{}"}}}}"#,
+            now.trim()
+        );
+        plane.admin(
+            &[
+                "patch",
+                "lease",
+                "spendguard-operator",
+                "-n",
+                "default",
+                "--type=merge",
+                "-p",
+                &patch,
+            ],
+            None,
+        );
+    };
+    intruder_renews(&plane);
     wait_for_gauge(admin_port, 0).await;
     assert!(
         op.try_wait().unwrap().is_none(),
@@ -193,15 +206,41 @@ async fn a_leader_that_loses_its_lease_stays_up_as_a_standby_and_leads_again() {
         "a standby is ready: it serves the webhooks"
     );
 
-    // The intruder never renews: after a TTL the operator leads again, and its new controllers
-    // reconcile a change.
-    plane.poll(&holder_of, |t| t == "op-a").await;
-    wait_for_gauge(admin_port, 1).await;
+    // While the other holder renews, a change is not reconciled here.
     plane.admin(
         &["apply", "-f", "-"],
-        Some(&budget.replace("\"100.00\"", "\"120.00\"")),
+        Some(&budget.replace("\"100.00\"", "\"110.00\"")),
     );
-    plane.poll(&ready, |t| t == "True/120").await;
+    for _ in 0..10 {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        intruder_renews(&plane);
+        assert_eq!(
+            plane.admin(&ready, None),
+            "True/100",
+            "a standby reconciled"
+        );
+    }
+    assert_eq!(leader_gauge(admin_port).await, Some(0));
+
+    // The other holder stops renewing: after a TTL the operator leads again, and its new
+    // controllers reconcile the change.
+    plane.poll(&holder_of, |t| t == "op-a").await;
+    wait_for_gauge(admin_port, 1).await;
+    plane.poll(&ready, |t| t == "True/110").await;
     assert!(op.try_wait().unwrap().is_none());
+    // Each spec change reached the ledger once: the one before the loss and the one after.
+    let counts: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT event_type, count(*) FROM audit_outbox WHERE event_type IN ('tenant.upserted', 'budget.upserted') GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(ledger.store().pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        counts,
+        [
+            ("budget.upserted".to_owned(), 2),
+            ("tenant.upserted".to_owned(), 1)
+        ]
+    );
     let _ = op.start_kill();
 }
