@@ -31,6 +31,7 @@ use clap::Args;
 use prometheus_client::registry::Registry;
 use spendguard_platform::{AdminServer, CommonArgs};
 use spendguard_proto::ledger::v1::ledger_client::LedgerClient;
+use std::collections::HashMap;
 use std::sync::Arc;
 use tonic::transport::Channel;
 
@@ -49,6 +50,9 @@ pub struct Context {
     pub backoff: Arc<backoff::Backoff>,
     /// Set once the leadership term this context works for has ended.
     term_ended: Arc<tokio::sync::watch::Sender<bool>>,
+    /// The failure status write still running for an object (by `object_key`): its next
+    /// reconcile waits for it, so a late failure never lands over a newer outcome.
+    failure_reports: Arc<std::sync::Mutex<HashMap<String, tokio::task::JoinHandle<()>>>>,
 }
 
 impl Context {
@@ -66,6 +70,34 @@ impl Context {
             metrics,
             backoff: Arc::default(),
             term_ended: Arc::new(tokio::sync::watch::Sender::new(false)),
+            failure_reports: Arc::default(),
+        }
+    }
+
+    /// Keeps `report`, the failure status write for the object `key`, until the object's next
+    /// reconcile ([`Context::after_failure_report`]). A report still running for the same key
+    /// (never, as each follows a reconcile that waited for the one before) is superseded.
+    pub fn hold_failure_report(&self, key: String, report: tokio::task::JoinHandle<()>) {
+        let mut reports = self
+            .failure_reports
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Objects deleted after a failure leave finished reports behind: drop those.
+        reports.retain(|_, report| !report.is_finished());
+        if let Some(superseded) = reports.insert(key, report) {
+            superseded.abort();
+        }
+    }
+
+    /// Waits for the failure status write of the object `key`, if one is still running.
+    pub async fn after_failure_report(&self, key: &str) {
+        let report = self
+            .failure_reports
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(key);
+        if let Some(report) = report {
+            let _ = report.await;
         }
     }
 
@@ -75,6 +107,7 @@ impl Context {
     pub fn next_term(&self) -> Self {
         Self {
             term_ended: Arc::new(tokio::sync::watch::Sender::new(false)),
+            failure_reports: Arc::default(),
             ..self.clone()
         }
     }

@@ -287,6 +287,35 @@ mod tests {
         api.expect_no_request().await;
     }
 
+    // Goal: a failure's status write, spawned by the error policy, lands before anything the
+    // object's next reconcile writes: a slow one would otherwise overwrite a newer outcome.
+    #[tokio::test]
+    async fn the_next_reconcile_waits_for_the_last_failures_status_write() {
+        let (ctx, mut api, _registry) =
+            mock_apiserver::context(mock_apiserver::unreachable_ledger());
+        let mut new = object("100", None);
+        new["metadata"]
+            .as_object_mut()
+            .unwrap()
+            .remove("finalizers");
+        let error = Error::Ledger {
+            code: "BUDGET_INVALID".into(),
+            message: "soft cap above limit".into(),
+        };
+        let _ = error_policy(parse(&new), &error, ctx.clone());
+        let failure = api.expect(mock_apiserver::Method::PATCH, STATUS_PATH).await;
+        // The retry starts while the failure is still being written: it sends nothing yet.
+        let task = tokio::spawn(reconcile(parse(&new), ctx));
+        api.expect_no_request().await;
+        failure.respond(mock_apiserver::StatusCode::OK, &new);
+        let _ = api.expect_event("team").await;
+        let request = api.expect(mock_apiserver::Method::PATCH, OBJECT_PATH).await;
+        let mut answer = new.clone();
+        answer["metadata"]["finalizers"] = json!([FINALIZER]);
+        request.respond(mock_apiserver::StatusCode::OK, &answer);
+        assert_eq!(task.await.unwrap().unwrap(), Action::await_change());
+    }
+
     // Goal: a Budget deleted after its finalizer is gone needs nothing (no ledger, no API).
     #[tokio::test]
     async fn a_deleted_budget_without_the_finalizer_is_left_alone() {

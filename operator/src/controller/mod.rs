@@ -87,6 +87,9 @@ where
     K: Resource<DynamicType = ()>,
     F: Future<Output = Result<Action, Error>>,
 {
+    let key = object_key(object);
+    // The last failure's status write first: a success must not be overwritten by it.
+    ctx.after_failure_report(&key).await;
     let started = tokio::time::Instant::now();
     let result = reconcile.await;
     let kind = kind_label(&K::kind(&()));
@@ -94,7 +97,7 @@ where
     ctx.metrics
         .reconciled(kind, seconds, result.as_ref().err().map(Error::reason));
     if result.is_ok() {
-        ctx.backoff.succeeded(&object_key(object));
+        ctx.backoff.succeeded(&key);
     }
     result
 }
@@ -114,6 +117,8 @@ fn kind_label(kind: &str) -> &'static str {
 
 /// Writes status and then publishes the Event for its Ready transition (if any), off the
 /// controller's path: error policies are synchronous, and the next reconcile retries anyway.
+/// That next reconcile of the object waits for this write first ([`observed`]), so a slow
+/// failure write never lands over the newer outcome.
 pub fn report_failure<K, S>(
     ctx: &Context,
     api: Api<K>,
@@ -133,7 +138,8 @@ pub fn report_failure<K, S>(
 {
     let events = ctx.events.clone();
     let term = ctx.clone();
-    tokio::spawn(async move {
+    let key = object_key(object.as_ref());
+    let report = tokio::spawn(async move {
         let report = async {
             if let Err(error) = patch_status(&api, object.as_ref(), &status).await {
                 tracing::warn!(%error, "writing failure condition failed");
@@ -151,4 +157,5 @@ pub fn report_failure<K, S>(
             () = report => {}
         }
     });
+    ctx.hold_failure_report(key, report);
 }

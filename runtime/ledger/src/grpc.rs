@@ -76,9 +76,11 @@ impl LedgerGrpc {
         self,
         max_message_bytes: usize,
     ) -> SizeLimited<pb::ledger_server::LedgerServer<Self>> {
+        let metrics = self.metrics.clone();
         SizeLimited::new(
             pb::ledger_server::LedgerServer::new(self).max_decoding_message_size(max_message_bytes),
             max_message_bytes,
+            metrics,
         )
     }
 

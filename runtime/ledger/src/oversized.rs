@@ -5,32 +5,72 @@
 //! that answer into `INVALID_ARGUMENT` with the stable code `REQUEST_TOO_LARGE` (header and
 //! `ErrorDetail`), so a caller handles it like any refused field. Nothing was read or written.
 //! The ledger's handlers never answer `OUT_OF_RANGE` themselves, so only the transport's refusal
-//! is rewritten.
+//! is rewritten. It is counted like every refusal (`rpc_errors_total`, under its method's name),
+//! though no handler ran.
 
 use crate::error::Error;
 use crate::grpc::status;
+use crate::metrics::Metrics;
+use spendguard_core::ErrorCode;
 use spendguard_core::LedgerError;
 use std::task::{Context, Poll};
+use tokio::time::Instant;
 use tonic::body::Body;
 use tonic::codegen::http::{Request, Response};
 use tonic::codegen::{BoxFuture, Service};
 use tonic::server::NamedService;
 
+/// The ledger's RPCs, as `proto/spendguard/ledger/v1/ledger.proto` names them (a unit test
+/// checks the list against the file): the metric label of a refused message's method.
+pub const RPCS: &[&str] = &[
+    "ReserveSet",
+    "Commit",
+    "Release",
+    "SweepExpired",
+    "AcquireFencingLease",
+    "UpsertTenant",
+    "UpsertBudget",
+    "RegisterPricing",
+    "RegisterSigningKey",
+    "GetBalances",
+    "CheckFencing",
+    "CreateApproval",
+    "ResolveApproval",
+    "ListApprovals",
+    "GetApproval",
+    "RecordFailOpen",
+    "RecordStops",
+    "UpsertRetentionPolicy",
+    "GetRetentionPolicy",
+];
+
 /// `inner` with its transport's size refusal answered as `REQUEST_TOO_LARGE`.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SizeLimited<S> {
     inner: S,
     max_message_bytes: usize,
+    metrics: Metrics,
 }
 
 impl<S> SizeLimited<S> {
-    /// Wraps `inner`, whose decoding limit is `max_message_bytes`.
-    pub fn new(inner: S, max_message_bytes: usize) -> Self {
+    /// Wraps `inner`, whose decoding limit is `max_message_bytes`; refusals are counted in
+    /// `metrics`.
+    pub fn new(inner: S, max_message_bytes: usize, metrics: Metrics) -> Self {
         Self {
             inner,
             max_message_bytes,
+            metrics,
         }
     }
+}
+
+/// The metric label of the method `path` names (`/spendguard.ledger.v1.Ledger/ReserveSet`).
+fn rpc_of(path: &str) -> &'static str {
+    let method = path.rsplit('/').next().unwrap_or_default();
+    RPCS.iter()
+        .find(|rpc| **rpc == method)
+        .copied()
+        .unwrap_or("unknown")
 }
 
 impl<S, B> Service<Request<B>> for SizeLimited<S>
@@ -48,16 +88,26 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let max = self.max_message_bytes;
+        let rpc = rpc_of(request.uri().path());
+        let metrics = self.metrics.clone();
+        let started = Instant::now();
         let answer = self.inner.call(request);
         Box::pin(async move {
             let response = answer.await?;
             Ok(match refused_size(&response) {
-                Some(len) => status(&Error::Refused(LedgerError::RequestTooLarge {
-                    field: "request (bytes)",
-                    len: len.unwrap_or(max.saturating_add(1)),
-                    max,
-                }))
-                .into_http(),
+                Some(len) => {
+                    metrics.observe_rpc(
+                        rpc,
+                        started.elapsed(),
+                        Some(ErrorCode::RequestTooLarge.as_str()),
+                    );
+                    status(&Error::Refused(LedgerError::RequestTooLarge {
+                        field: "request (bytes)",
+                        len: len.unwrap_or(max.saturating_add(1)),
+                        max,
+                    }))
+                    .into_http()
+                }
                 None => response,
             })
         })
@@ -94,6 +144,26 @@ fn found_bytes(message: &str) -> Option<usize> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_rpc_list_is_the_services() {
+        let proto = include_str!("../../../proto/spendguard/ledger/v1/ledger.proto");
+        let mut declared: Vec<&str> = proto
+            .lines()
+            .filter_map(|line| line.trim().strip_prefix("rpc "))
+            .filter_map(|rest| rest.split('(').next())
+            .map(str::trim)
+            .collect();
+        let mut listed = RPCS.to_vec();
+        declared.sort_unstable();
+        listed.sort_unstable();
+        assert_eq!(listed, declared);
+        assert_eq!(
+            rpc_of("/spendguard.ledger.v1.Ledger/ReserveSet"),
+            "ReserveSet"
+        );
+        assert_eq!(rpc_of("/spendguard.ledger.v1.Ledger/Nope"), "unknown");
+    }
 
     #[test]
     fn the_size_is_read_from_tonics_message_plain_or_percent_encoded() {

@@ -1085,6 +1085,7 @@ async fn bad_input_gets_its_stable_code_and_writes_nothing() {
         idempotency_key: "k".repeat(70_000),
         ..ok.clone()
     };
+    let too_large_before = too_large_counted(&ledger);
     let err = ledger.client.reserve_set(huge).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     assert_eq!(code(&err), pb::ErrorCode::RequestTooLarge, "{err:?}");
@@ -1097,6 +1098,8 @@ async fn bad_input_gets_its_stable_code_and_writes_nothing() {
     assert!(err.message().contains("of 65536"), "{err:?}");
     let detail = <pb::ErrorDetail as prost::Message>::decode(err.details()).unwrap();
     assert_eq!(detail.field, "request (bytes)");
+    // Counted like every refusal, though no handler ran.
+    assert_eq!(too_large_counted(&ledger), too_large_before + 1);
 
     let commit_cases: Vec<(pb::CommitRequest, pb::ErrorCode)> = vec![
         (
@@ -2391,6 +2394,17 @@ async fn a_stuck_database_is_overloaded_at_once_and_unavailable_at_its_lock_time
         .await
         .expect("served again once the database is");
     invariants::check(&pool).await.unwrap();
+}
+
+/// ReserveSets refused `REQUEST_TOO_LARGE`, as the ledger's metrics count them.
+fn too_large_counted(ledger: &TestLedger) -> u64 {
+    let counted =
+        r#"spendguard_ledger_rpc_errors_total{rpc="ReserveSet",code="REQUEST_TOO_LARGE"} "#;
+    ledger
+        .metrics_text()
+        .lines()
+        .find_map(|l| l.strip_prefix(counted)?.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// Waits (up to 10 s) until the ledger's open-reservations gauge reads `open`.
