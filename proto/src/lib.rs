@@ -40,30 +40,32 @@ pub mod ledger {
     impl Answer {
         /// Reads `status`. A detail counts as the ledger's only beside the ledger's
         /// [`ERROR_CODE_HEADER`], which must name the same code: a peer in between may put its
-        /// own detail (`google.rpc.Status` decodes as an `ErrorDetail` too).
+        /// own detail (`google.rpc.Status` decodes as an `ErrorDetail` too). Only a status
+        /// without any detail can be no answer at all: a transport failure raised in this
+        /// process carries none, and a detail that cannot be checked (its header lost on the
+        /// way, or contradicting it) may be the ledger saying "never fail open"
+        /// (`EVIDENCE_BACKLOG` comes under `UNAVAILABLE`), so it is unreadable, not away.
         pub fn of(status: &tonic::Status) -> Self {
             use prost::Message;
+            if status.details().is_empty() {
+                return if is_transport_failure(status.code()) {
+                    Self::NoAnswer(status.code())
+                } else {
+                    Self::Unreadable(status.code())
+                };
+            }
             let header = status
                 .metadata()
                 .get(ERROR_CODE_HEADER)
                 .and_then(|value| value.to_str().ok());
-            let fallback = || {
-                if is_transport_failure(status.code()) {
-                    Self::NoAnswer(status.code())
-                } else {
-                    Self::Unreadable(status.code())
-                }
-            };
             let (Ok(detail), Some(header)) = (v1::ErrorDetail::decode(status.details()), header)
             else {
-                return fallback();
+                return Self::Unreadable(status.code());
             };
-            if detail.code == 0 {
-                return fallback();
-            }
             match v1::ErrorCode::try_from(detail.code) {
-                Ok(code) if code_name(code) == header => Self::Code(code),
-                // A detail its header contradicts is not the ledger's.
+                Ok(code) if code != v1::ErrorCode::Unspecified && code_name(code) == header => {
+                    Self::Code(code)
+                }
                 Ok(_) => Self::Unreadable(status.code()),
                 Err(_) => Self::UnknownCode(detail.code),
             }
@@ -225,11 +227,15 @@ pub mod ledger {
                 Answer::of(&bare),
                 Answer::Unreadable(tonic::Code::InvalidArgument)
             );
-            let unavailable = with_detail_named(tonic::Code::Unavailable, 3, None);
+            // The ledger's own detail whose header was lost on the way (EVIDENCE_BACKLOG comes
+            // under UNAVAILABLE): not an unreachable ledger, which could fail open.
+            let backlog = v1::ErrorCode::EvidenceBacklog as i32;
+            let unavailable = with_detail_named(tonic::Code::Unavailable, backlog, None);
             assert_eq!(
                 Answer::of(&unavailable),
-                Answer::NoAnswer(tonic::Code::Unavailable)
+                Answer::Unreadable(tonic::Code::Unavailable)
             );
+            assert!(!Answer::of(&unavailable).ledger_away());
             let contradicted =
                 with_detail_named(tonic::Code::InvalidArgument, 3, Some("BUDGET_EXHAUSTED"));
             assert_ne!(super::code_name(code), "BUDGET_EXHAUSTED");

@@ -115,6 +115,10 @@ fn kind_label(kind: &str) -> &'static str {
     }
 }
 
+/// How long a failure's status write and Event may take before they are given up: the object's
+/// next reconcile waits for them.
+pub const FAILURE_REPORT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Writes status and then publishes the Event for its Ready transition (if any), off the
 /// controller's path: error policies are synchronous, and the next reconcile retries anyway.
 /// That next reconcile of the object waits for this write first ([`observed`]), so a slow
@@ -150,11 +154,15 @@ pub fn report_failure<K, S>(
                 .await;
         };
         // A replica that lost its lease writes nothing after its successor may have started:
-        // checked first, so a task first polled after the term ended sends nothing.
+        // checked first, so a task first polled after the term ended sends nothing. Bounded,
+        // since the object's next reconcile waits for it (kube's client has no read timeout).
         tokio::select! {
             biased;
             () = term.term_ended() => {}
             () = report => {}
+            () = tokio::time::sleep(FAILURE_REPORT_TIMEOUT) => {
+                tracing::warn!("writing failure condition timed out");
+            }
         }
     });
     ctx.hold_failure_report(key, report);

@@ -543,7 +543,9 @@ impl Decider {
                 self.stops.foreign_settled(false);
                 false
             }
-            Err(SendFailure::Unavailable(_) | SendFailure::Retry(_)) => {
+            Err(
+                SendFailure::Unavailable(_) | SendFailure::NotTheLedger(_) | SendFailure::Retry(_),
+            ) => {
                 self.stops.rotate_foreign();
                 true
             }
@@ -577,12 +579,20 @@ impl Decider {
                             self.refuse_stop(batch.refused_first(), &why);
                         }
                         // Gone again mid-way: the rest waits for the next pass.
-                        Err(SendFailure::Unavailable(_) | SendFailure::Retry(_)) => return true,
+                        Err(
+                            SendFailure::Unavailable(_)
+                            | SendFailure::NotTheLedger(_)
+                            | SendFailure::Retry(_),
+                        ) => return true,
                     }
                 }
                 false
             }
-            Err(SendFailure::Unavailable(reason) | SendFailure::Retry(reason)) => {
+            Err(
+                SendFailure::Unavailable(reason)
+                | SendFailure::NotTheLedger(reason)
+                | SendFailure::Retry(reason),
+            ) => {
                 tracing::debug!(records = batch.len(), %reason, "STOP records wait for the ledger");
                 true
             }
@@ -1335,10 +1345,12 @@ impl Decider {
 
     /// Sends the fail-open records that are ready (settled, or past the settle deadline, or
     /// all when `force`) to the ledger, one RecordFailOpen each. Returns how many are still
-    /// queued because the ledger did not answer (the caller backs off and calls again).
+    /// queued because the ledger did not answer, or something else answered in its place (the
+    /// caller backs off and calls again).
     pub async fn record_fail_open_batch(&self, force: bool) -> usize {
         let ready = self.fail_open.ready(force);
         let total = ready.len();
+        let mut not_the_ledger = 0;
         for (sent, ready) in ready.into_iter().enumerate() {
             let call_id = ready.request.call_id.clone();
             let settlement_lost = ready.settlement_lost;
@@ -1357,6 +1369,11 @@ impl Decider {
                     tracing::debug!(call_id = %call_id, %reason, "fail-open records wait for the ledger");
                     return total - sent;
                 }
+                Err(SendFailure::NotTheLedger(reason)) => {
+                    // Perhaps this record's alone (a proxy's size rule): the others go on.
+                    warn!(call_id = %call_id, %reason, "something other than the ledger answered a fail-open record; will retry");
+                    not_the_ledger += 1;
+                }
                 Err(SendFailure::Retry(reason)) => {
                     warn!(call_id = %call_id, %reason, "ledger could not record a fail-open record yet; will retry");
                 }
@@ -1370,7 +1387,7 @@ impl Decider {
                 }
             }
         }
-        0
+        not_the_ledger
     }
 
     async fn send_fail_open(&self, ready: crate::fail_open::Ready) -> Result<(), SendFailure> {
@@ -2076,11 +2093,14 @@ fn evidence_send_failure(status: &tonic::Status) -> SendFailure {
     use pb::ErrorCode as C;
     let message = status.message().to_owned();
     let answer = Answer::of(status);
-    // Only the ledger's own word can refuse a record. An answer that is not the ledger's (an
-    // older ledger without the method, a proxy in between) waits as if the ledger were away:
-    // kept, and offered again after a backoff.
-    if answer.ledger_away() || !answer.from_the_ledger() {
+    if answer.ledger_away() {
         return SendFailure::Unavailable(format!("{:?}: {message}", status.code()));
+    }
+    // Only the ledger's own word can refuse a record. An answer that is not the ledger's (an
+    // older ledger without the method, a proxy in between) keeps it, and is offered again
+    // after a backoff.
+    if !answer.from_the_ledger() {
+        return SendFailure::NotTheLedger(format!("{:?}: {message}", status.code()));
     }
     match answer.code() {
         Some(C::IdempotencyConflict) => SendFailure::Conflict(message),
@@ -2282,7 +2302,7 @@ mod tests {
             let bare = tonic::Status::new(code, "not the ledger");
             assert!(!ledger_away(&bare), "{code:?}");
             assert!(
-                matches!(evidence_send_failure(&bare), SendFailure::Unavailable(_)),
+                matches!(evidence_send_failure(&bare), SendFailure::NotTheLedger(_)),
                 "{code:?}"
             );
             let error = ledger_error(&bare);

@@ -751,8 +751,7 @@ async fn a_fail_open_contract_lets_calls_through_only_when_the_ledger_cannot_be_
     assert_eq!(stack.sidecar().decider.fail_open_queue().len(), 0);
 
     // The fail-open records wait while RecordFailOpen is answered bare INVALID_ARGUMENT: kept,
-    // and offered again with a backoff, as while the ledger is away (which refusal counts
-    // towards dropping a record is pinned by the decider's unit test).
+    // with no attempt counted, and offered again after a backoff.
     bare.answer("RecordFailOpen", tonic::Code::InvalidArgument);
     let transport = [
         tonic::Code::Unavailable,
@@ -779,7 +778,10 @@ async fn a_fail_open_contract_lets_calls_through_only_when_the_ledger_cannot_be_
     }
     assert_eq!(stack.upstream_requests().len(), transport.len());
     let attempts = usize::try_from(spendguard_sidecar::fail_open::RECORD_ATTEMPTS_MAX).unwrap();
-    bare.wait_given("RecordFailOpen", attempts + 1).await;
+    // Each pass offers every record (a refusal may be one record's alone), then backs off:
+    // wait until each was offered more often than a refusal by the ledger allows.
+    bare.wait_given("RecordFailOpen", transport.len() * (attempts + 1))
+        .await;
     assert_eq!(
         stack.sidecar().decider.fail_open_queue().len(),
         transport.len(),

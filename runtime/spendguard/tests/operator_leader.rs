@@ -11,7 +11,7 @@ use tokio::process::{Child, Command};
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
 
 fn operator(plane: &ControlPlane, ledger_port: u16, name: &str) -> Child {
-    operator_with_admin(plane, ledger_port, name, free_port())
+    operator_with_admin(plane, ledger_port, name, free_port(), 2_000)
 }
 
 fn operator_with_admin(
@@ -19,6 +19,7 @@ fn operator_with_admin(
     ledger_port: u16,
     name: &str,
     admin_port: u16,
+    ttl_ms: u32,
 ) -> Child {
     Command::new(env!("CARGO_BIN_EXE_spendguard"))
         .arg("operator")
@@ -30,7 +31,7 @@ fn operator_with_admin(
         .env("SPENDGUARD_ADMIN_ADDR", format!("127.0.0.1:{admin_port}"))
         .env("SPENDGUARD_LEADER_ELECTION_MODE", "k8s")
         .env("SPENDGUARD_LEADER_RENEW_INTERVAL_MS", "300")
-        .env("SPENDGUARD_LEADER_TTL_MS", "2000")
+        .env("SPENDGUARD_LEADER_TTL_MS", ttl_ms.to_string())
         .env("POD_NAME", name)
         .env("POD_NAMESPACE", "default")
         .env("SPENDGUARD_LOG", "error")
@@ -143,7 +144,9 @@ async fn a_leader_that_loses_its_lease_stays_up_as_a_standby_and_leads_again() {
     let ledger = TestLedger::start().await.unwrap();
     let port = ledger.ledger.as_ref().unwrap().control_addr.port();
     let admin_port = free_port();
-    let mut op = operator_with_admin(&plane, port, "op-a", admin_port);
+    // A TTL well above the other holder's renewal gaps (three kubectl runs and a 300 ms sleep
+    // on a loaded machine), so the operator cannot take the Lease back while it renews.
+    let mut op = operator_with_admin(&plane, port, "op-a", admin_port, 8_000);
 
     let budget = std::fs::read_to_string(format!("{ROOT}/config/examples/budget.yaml")).unwrap();
     plane.admin(&["apply", "-f", "-"], Some(&budget));

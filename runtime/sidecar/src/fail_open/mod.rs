@@ -59,6 +59,11 @@ pub const DRAIN_BACKOFF_MIN: Duration = Duration::from_millis(100);
 pub enum SendFailure {
     /// The ledger did not answer (or was overloaded): keep the record and retry.
     Unavailable(String),
+    /// Something other than the ledger answered (a status without the ledger's detail, not a
+    /// transport failure: an older ledger without the method, a proxy refusing this request):
+    /// keep the record, with no attempt counted, go on with the next one (the refusal may be
+    /// this record's alone), and back off before the next pass.
+    NotTheLedger(String),
     /// The ledger answered with an error that can pass (its producer id being re-claimed after
     /// an outage, a pricing version or budget not registered yet, an internal error): keep the
     /// record, with no attempt limit, and go on with the next one. The queue's bound, not a
