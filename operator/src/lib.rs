@@ -319,7 +319,10 @@ async fn lead(
 ) -> Result<(), error::Error> {
     loop {
         context.metrics.set_leader(false);
-        handle.led().await;
+        handle
+            .led()
+            .await
+            .map_err(|e| error::Error::Startup(e.to_string()))?;
         tracing::info!("leading: controllers started");
         let term = context.next_term();
         context.metrics.set_leader(true);

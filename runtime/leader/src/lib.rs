@@ -120,15 +120,23 @@ impl LeaderHandle {
     }
 
     /// Resolves once this candidate leads (at once if it does).
-    pub async fn led(&self) {
+    ///
+    /// # Errors
+    /// [`ElectorGone`] when the elector task has ended (it panicked) and this candidate does not
+    /// lead: nothing will ever make it lead, so the caller should stop rather than stand by for
+    /// good.
+    pub async fn led(&self) -> Result<(), ElectorGone> {
         let mut state = self.state.clone();
         loop {
             if self.is_leader() {
-                return;
+                return Ok(());
             }
-            // The elector is gone (never for a running one): nothing will ever lead here.
             if state.changed().await.is_err() {
-                std::future::pending::<()>().await;
+                return if self.is_leader() {
+                    Ok(())
+                } else {
+                    Err(ElectorGone)
+                };
             }
         }
     }
@@ -289,7 +297,8 @@ impl Elector {
     /// Runs rounds forever (drop the task to stop; the lease then lapses after its TTL).
     pub async fn run(mut self) {
         loop {
-            let next = self.round().await;
+            let ttl = self.config.ttl;
+            let next = bounded_round(ttl, self.round()).await;
             let current = *self.state.borrow();
             let new_state = next_state(next, current);
             if matches!(current, Leadership::Leader { .. })
@@ -299,6 +308,30 @@ impl Elector {
             }
             self.state.send_replace(new_state);
             tokio::time::sleep(self.config.renew_interval).await;
+        }
+    }
+}
+
+/// The elector task ended: its candidate can never lead again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the leader elector stopped")]
+pub struct ElectorGone;
+
+/// Runs one round, bounded by `ttl`: a request the apiserver or database never answers (the
+/// clients have no read timeout) would otherwise freeze the state, and the candidate could not
+/// lead again until the connection broke.
+async fn bounded_round(
+    ttl: Duration,
+    round: impl std::future::Future<Output = Option<Leadership>>,
+) -> Option<Leadership> {
+    match tokio::time::timeout(ttl, round).await {
+        Ok(next) => next,
+        Err(_) => {
+            warn!(
+                timeout_ms = ttl.as_millis(),
+                "a leader election round did not finish in time"
+            );
+            None
         }
     }
 }
@@ -428,14 +461,45 @@ mod tests {
         timeout(Duration::from_secs(5), led)
             .await
             .expect("noticed the lead")
+            .unwrap()
             .unwrap();
         // A handle that leads already resolves at once, and so does one that lost already.
         timeout(Duration::from_millis(100), handle.led())
             .await
+            .unwrap()
             .unwrap();
         sender.send_replace(Leadership::Unknown);
         timeout(Duration::from_millis(100), handle.lost())
             .await
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_candidate_whose_elector_stopped_is_told_so() {
+        let (sender, handle) = handle(Leadership::Standby);
+        drop(sender);
+        let gone = timeout(Duration::from_secs(5), handle.led())
+            .await
+            .expect("not left waiting for good");
+        assert_eq!(gone, Err(super::ElectorGone));
+        // One that never needs an elector leads.
+        assert_eq!(LeaderHandle::always().led().await, Ok(()));
+    }
+
+    #[tokio::test]
+    async fn a_round_that_never_finishes_counts_as_no_answer() {
+        let next = timeout(
+            Duration::from_secs(5),
+            super::bounded_round(
+                Duration::from_millis(100),
+                std::future::pending::<Option<Leadership>>(),
+            ),
+        )
+        .await
+        .expect("the round is bounded");
+        assert_eq!(next, None);
+        let answered =
+            super::bounded_round(Duration::from_secs(5), async { Some(Leadership::Standby) }).await;
+        assert_eq!(answered, Some(Leadership::Standby));
     }
 }

@@ -78,7 +78,7 @@ impl PgElector {
     /// Runs rounds forever (drop the task to stop; the lease then lapses after its TTL).
     pub async fn run(self) {
         loop {
-            let next = self.round().await;
+            let next = super::bounded_round(self.config.ttl, self.round()).await;
             let current = *self.state.borrow();
             let new_state = next_state(next, current);
             if !matches!(current, Leadership::Leader { .. })
