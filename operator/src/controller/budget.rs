@@ -262,11 +262,7 @@ mod tests {
     async fn a_new_budget_gets_the_finalizer_before_any_ledger_write() {
         let (ctx, mut api, _registry) =
             mock_apiserver::context(mock_apiserver::unreachable_ledger());
-        let mut new = object("100", None);
-        new["metadata"]
-            .as_object_mut()
-            .unwrap()
-            .remove("finalizers");
+        let new = new_object("100");
         let task = tokio::spawn(reconcile(parse(&new), ctx));
         let request = api.expect(mock_apiserver::Method::PATCH, OBJECT_PATH).await;
         assert_eq!(
@@ -293,11 +289,7 @@ mod tests {
     async fn the_next_reconcile_waits_for_the_last_failures_status_write() {
         let (ctx, mut api, _registry) =
             mock_apiserver::context(mock_apiserver::unreachable_ledger());
-        let mut new = object("100", None);
-        new["metadata"]
-            .as_object_mut()
-            .unwrap()
-            .remove("finalizers");
+        let new = new_object("100");
         let error = Error::Ledger {
             code: "BUDGET_INVALID".into(),
             message: "soft cap above limit".into(),
@@ -327,6 +319,16 @@ mod tests {
         let action = reconcile(parse(&deleted), ctx).await.unwrap();
         assert_eq!(action, Action::await_change());
         api.expect_no_request().await;
+    }
+
+    /// A Budget just created: no finalizer yet, no status.
+    fn new_object(limit: &str) -> Value {
+        let mut new = object(limit, None);
+        new["metadata"]
+            .as_object_mut()
+            .unwrap()
+            .remove("finalizers");
+        new
     }
 
     fn object(limit: &str, status: Option<Value>) -> Value {

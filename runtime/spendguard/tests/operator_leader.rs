@@ -40,56 +40,44 @@ fn operator_with_admin(
         .unwrap()
 }
 
-#[tokio::test]
-async fn standby_takes_over_when_the_leader_is_killed() {
+/// `kubectl get` of the example Budget's Ready status and limit (`True/100`).
+const READY: [&str; 7] = [
+    "get",
+    "budget",
+    "team-research",
+    "-n",
+    "default",
+    "-o",
+    "jsonpath={.status.conditions[0].status}/{.status.limit}",
+];
+
+/// `kubectl get` of the operator Lease's holder.
+const HOLDER_OF: [&str; 7] = [
+    "get",
+    "lease",
+    "spendguard-operator",
+    "-n",
+    "default",
+    "-o",
+    "jsonpath={.spec.holderIdentity}",
+];
+
+/// A control plane with the CRDs, a ledger, and the example Budget (limit 100) as text.
+async fn plane_ledger_and_budget() -> (ControlPlane, TestLedger, String) {
     let plane = ControlPlane::start().expect("control plane");
     plane.install_crds(&std::path::Path::new(ROOT).join("crds/generated/spendguard.io.yaml"));
     let ledger = TestLedger::start().await.unwrap();
-    let port = ledger.ledger.as_ref().unwrap().control_addr.port();
-    let mut a = operator(&plane, port, "op-a");
-    let mut b = operator(&plane, port, "op-b");
-
     let budget = std::fs::read_to_string(format!("{ROOT}/config/examples/budget.yaml")).unwrap();
-    plane.admin(&["apply", "-f", "-"], Some(&budget));
-    let ready = [
-        "get",
-        "budget",
-        "team-research",
-        "-n",
-        "default",
-        "-o",
-        "jsonpath={.status.conditions[0].status}/{.status.limit}",
-    ];
-    plane.poll(&ready, |t| t == "True/100").await;
-    let holder_of = [
-        "get",
-        "lease",
-        "spendguard-operator",
-        "-n",
-        "default",
-        "-o",
-        "jsonpath={.spec.holderIdentity}",
-    ];
-    let leader = plane.poll(&holder_of, |t| t == "op-a" || t == "op-b").await;
+    (plane, ledger, budget)
+}
 
-    // kill -9 the leader: its lease is not released; the standby takes over after the TTL.
-    let (dead, survivor) = if leader == "op-a" {
-        (&mut a, "op-b")
-    } else {
-        (&mut b, "op-a")
-    };
-    dead.start_kill().unwrap();
-    dead.wait().await.unwrap();
-    plane.poll(&holder_of, |t| t == survivor).await;
+/// The example Budget with another limit (`"100.00"` in the file).
+fn with_limit(budget: &str, limit: &str) -> String {
+    budget.replace("\"100.00\"", &format!("\"{limit}\""))
+}
 
-    // The new leader reconciles changes.
-    plane.admin(
-        &["apply", "-f", "-"],
-        Some(&budget.replace("\"100.00\"", "\"120.00\"")),
-    );
-    plane.poll(&ready, |t| t == "True/120").await;
-
-    // No duplicate ledger writes: one tenant event, one budget event per spec change.
+/// No duplicate ledger writes: one tenant event, and one budget event per spec change.
+async fn assert_upserts(ledger: &TestLedger, budget_changes: i64) {
     let counts: Vec<(String, i64)> = sqlx::query_as(
         "SELECT event_type, count(*) FROM audit_outbox WHERE event_type IN ('tenant.upserted', 'budget.upserted') GROUP BY 1 ORDER BY 1",
     )
@@ -99,10 +87,37 @@ async fn standby_takes_over_when_the_leader_is_killed() {
     assert_eq!(
         counts,
         [
-            ("budget.upserted".to_owned(), 2),
+            ("budget.upserted".to_owned(), budget_changes),
             ("tenant.upserted".to_owned(), 1)
         ]
     );
+}
+
+#[tokio::test]
+async fn standby_takes_over_when_the_leader_is_killed() {
+    let (plane, ledger, budget) = plane_ledger_and_budget().await;
+    let port = ledger.ledger.as_ref().unwrap().control_addr.port();
+    let mut a = operator(&plane, port, "op-a");
+    let mut b = operator(&plane, port, "op-b");
+
+    plane.admin(&["apply", "-f", "-"], Some(&budget));
+    plane.poll(&READY, |t| t == "True/100").await;
+    let leader = plane.poll(&HOLDER_OF, |t| t == "op-a" || t == "op-b").await;
+
+    // kill -9 the leader: its lease is not released; the standby takes over after the TTL.
+    let (dead, survivor) = if leader == "op-a" {
+        (&mut a, "op-b")
+    } else {
+        (&mut b, "op-a")
+    };
+    dead.start_kill().unwrap();
+    dead.wait().await.unwrap();
+    plane.poll(&HOLDER_OF, |t| t == survivor).await;
+
+    // The new leader reconciles changes.
+    plane.admin(&["apply", "-f", "-"], Some(&with_limit(&budget, "120.00")));
+    plane.poll(&READY, |t| t == "True/120").await;
+    assert_upserts(&ledger, 2).await;
     let _ = a.start_kill();
     let _ = b.start_kill();
 }
@@ -139,37 +154,15 @@ async fn a_leader_that_loses_its_lease_stays_up_as_a_standby_and_leads_again() {
     // reconciles nothing; once it leads again its new controllers reconcile.
     // Method: another holder takes the Lease and renews it for a while; once that holder stops
     // renewing, the operator takes the Lease back after a TTL.
-    let plane = ControlPlane::start().expect("control plane");
-    plane.install_crds(&std::path::Path::new(ROOT).join("crds/generated/spendguard.io.yaml"));
-    let ledger = TestLedger::start().await.unwrap();
+    let (plane, ledger, budget) = plane_ledger_and_budget().await;
     let port = ledger.ledger.as_ref().unwrap().control_addr.port();
     let admin_port = free_port();
     // A TTL well above the other holder's renewal gaps (three kubectl runs and a 300 ms sleep
     // on a loaded machine), so the operator cannot take the Lease back while it renews.
     let mut op = operator_with_admin(&plane, port, "op-a", admin_port, 8_000);
-
-    let budget = std::fs::read_to_string(format!("{ROOT}/config/examples/budget.yaml")).unwrap();
     plane.admin(&["apply", "-f", "-"], Some(&budget));
-    let ready = [
-        "get",
-        "budget",
-        "team-research",
-        "-n",
-        "default",
-        "-o",
-        "jsonpath={.status.conditions[0].status}/{.status.limit}",
-    ];
-    plane.poll(&ready, |t| t == "True/100").await;
-    let holder_of = [
-        "get",
-        "lease",
-        "spendguard-operator",
-        "-n",
-        "default",
-        "-o",
-        "jsonpath={.spec.holderIdentity}",
-    ];
-    plane.poll(&holder_of, |t| t == "op-a").await;
+    plane.poll(&READY, |t| t == "True/100").await;
+    plane.poll(&HOLDER_OF, |t| t == "op-a").await;
     wait_for_gauge(admin_port, 1).await;
 
     // Another holder takes the Lease and renews it, as a leader would.
@@ -210,15 +203,12 @@ async fn a_leader_that_loses_its_lease_stays_up_as_a_standby_and_leads_again() {
     );
 
     // While the other holder renews, a change is not reconciled here.
-    plane.admin(
-        &["apply", "-f", "-"],
-        Some(&budget.replace("\"100.00\"", "\"110.00\"")),
-    );
+    plane.admin(&["apply", "-f", "-"], Some(&with_limit(&budget, "110.00")));
     for _ in 0..10 {
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         intruder_renews(&plane);
         assert_eq!(
-            plane.admin(&ready, None),
+            plane.admin(&READY, None),
             "True/100",
             "a standby reconciled"
         );
@@ -227,23 +217,11 @@ async fn a_leader_that_loses_its_lease_stays_up_as_a_standby_and_leads_again() {
 
     // The other holder stops renewing: after a TTL the operator leads again, and its new
     // controllers reconcile the change.
-    plane.poll(&holder_of, |t| t == "op-a").await;
+    plane.poll(&HOLDER_OF, |t| t == "op-a").await;
     wait_for_gauge(admin_port, 1).await;
-    plane.poll(&ready, |t| t == "True/110").await;
+    plane.poll(&READY, |t| t == "True/110").await;
     assert!(op.try_wait().unwrap().is_none());
     // Each spec change reached the ledger once: the one before the loss and the one after.
-    let counts: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT event_type, count(*) FROM audit_outbox WHERE event_type IN ('tenant.upserted', 'budget.upserted') GROUP BY 1 ORDER BY 1",
-    )
-    .fetch_all(ledger.store().pool())
-    .await
-    .unwrap();
-    assert_eq!(
-        counts,
-        [
-            ("budget.upserted".to_owned(), 2),
-            ("tenant.upserted".to_owned(), 1)
-        ]
-    );
+    assert_upserts(&ledger, 2).await;
     let _ = op.start_kill();
 }
