@@ -84,6 +84,13 @@ pub mod ledger {
             matches!(self, Self::Code(_) | Self::UnknownCode(_))
         }
 
+        /// Whether the ledger itself refused the request: its own answer, and not one that says
+        /// it is away. Anything else (no answer, an answer that is not the ledger's) may change
+        /// if the request is sent again.
+        pub fn ledger_refused(self) -> bool {
+            self.from_the_ledger() && !self.ledger_away()
+        }
+
         /// Whether the answer says only that the ledger is away for now, so the same request may
         /// be answered later: no answer at all, or a code that says so ([`is_away`]).
         pub fn ledger_away(self) -> bool {
@@ -197,6 +204,7 @@ pub mod ledger {
                 let answer = Answer::of(&tonic::Status::new(code, "x"));
                 assert_eq!(answer, Answer::Unreadable(code));
                 assert!(!answer.ledger_away() && !answer.from_the_ledger());
+                assert!(!answer.ledger_refused());
             }
         }
 
@@ -213,6 +221,7 @@ pub mod ledger {
                 v1::ErrorCode::BudgetExhausted as i32,
             ));
             assert!(!refused.ledger_away() && refused.from_the_ledger());
+            assert!(refused.ledger_refused() && !away.ledger_refused());
             let newer = Answer::of(&with_detail(tonic::Code::Unavailable, 9_999));
             assert_eq!(newer, Answer::UnknownCode(9_999));
             assert!(!newer.ledger_away() && newer.from_the_ledger());

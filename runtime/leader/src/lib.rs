@@ -154,13 +154,8 @@ impl LeaderHandle {
                 return;
             }
             tokio::select! {
-                changed = state.changed() => {
-                    // The elector is gone: the deadline still ends the leadership.
-                    if changed.is_err() {
-                        tokio::time::sleep_until(valid_until).await;
-                        return;
-                    }
-                }
+                // An elector gone (an error) disables this branch: the deadline still ends it.
+                Ok(()) = state.changed() => {}
                 () = tokio::time::sleep_until(valid_until) => return,
             }
         }

@@ -39,8 +39,8 @@ use crate::lease::Lease;
 use crate::sync::lock;
 use spendguard_core::contract::Bundle;
 use spendguard_core::window::BudgetWindow;
+use spendguard_proto::ledger::Answer;
 use spendguard_proto::ledger::v1 as pb;
-use spendguard_proto::ledger::{Answer, error_code};
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -686,7 +686,8 @@ impl CreditDriver {
                 }
                 Err(status) => status,
             };
-            let code = error_code(&status);
+            let answer = Answer::of(&status);
+            let code = answer.code();
             // The same scope under a newer epoch (this process re-acquired its lease) may draw
             // from its credit: the call was decided under a lease this process held.
             if code == Some(pb::ErrorCode::FencingEpochStale)
@@ -707,10 +708,8 @@ impl CreditDriver {
             }
             // The lease lapsed on the ledger's clock: the keeper renews it, then the draw lands.
             // An answer that is not the ledger's (a reset stream) is no refusal either.
-            let answer = Answer::of(&status);
-            let transient = answer.ledger_away()
-                || !answer.from_the_ledger()
-                || code == Some(pb::ErrorCode::FencingLeaseExpired);
+            let transient =
+                !answer.ledger_refused() || code == Some(pb::ErrorCode::FencingLeaseExpired);
             if !transient || Instant::now() + backoff >= expires {
                 return DrawState::Lost(format!("{:?}: {}", status.code(), status.message()));
             }
@@ -749,8 +748,7 @@ impl CreditDriver {
                 warn!(credit = %id, error = %status.message(), "could not release a credit; it lapses at its TTL");
                 // Refused for good (already resolved, another epoch): nothing to retry. Only
                 // the ledger's own answer says so.
-                let answer = Answer::of(&status);
-                answer.from_the_ledger() && !answer.ledger_away()
+                Answer::of(&status).ledger_refused()
             }
         };
         if answered && let Some(record) = &self.record {
