@@ -429,6 +429,8 @@ mod tests {
             message: "soft cap above limit".into(),
         };
         let term = ctx.next_term();
+        // A new term keeps the per-object backoff, as a restart's crash-loop delay would.
+        assert!(Arc::ptr_eq(&ctx.backoff, &term.backoff));
         term.end_term();
         let _ = error_policy(parse(&object("100", None)), &error, Arc::new(term));
         api.expect_no_request().await;

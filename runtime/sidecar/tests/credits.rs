@@ -51,14 +51,6 @@ async fn open_credits(stack: &Stack, n: i64) {
     panic!("expected {n} open credits");
 }
 
-fn metric(stack: &Stack, name: &str) -> f64 {
-    stack
-        .metrics_text()
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// A stack started with `options` whose sidecar holds an open credit (its first call, reserved
 /// one by one, asked for it), with no call in flight.
 async fn stack_with_an_open_credit(options: Options) -> Stack {
@@ -81,7 +73,7 @@ async fn with_an_open_credit() -> Stack {
 /// No call admitted inside a credit lost its draw, and none became a fail-open record.
 async fn nothing_lost(stack: &Stack) {
     assert_eq!(
-        metric(stack, "spendguard_sidecar_credit_draws_lost_total"),
+        stack.metric("spendguard_sidecar_credit_draws_lost_total"),
         0.0
     );
     assert_eq!(
@@ -137,9 +129,9 @@ async fn calls_inside_credits_are_drawn_settled_and_the_credits_returned() {
         .await,
         calls
     );
-    assert!(metric(&stack, "spendguard_sidecar_credit_admitted_total") >= 6.0);
+    assert!(stack.metric("spendguard_sidecar_credit_admitted_total") >= 6.0);
     assert_eq!(
-        metric(&stack, "spendguard_sidecar_credit_draws_lost_total"),
+        stack.metric("spendguard_sidecar_credit_draws_lost_total"),
         0.0
     );
 
@@ -196,7 +188,7 @@ async fn a_call_settled_through_the_decision_api_is_drawn_urgently() {
         ..Options::default()
     })
     .await;
-    let admitted = metric(&stack, "spendguard_sidecar_credit_admitted_total");
+    let admitted = stack.metric("spendguard_sidecar_credit_admitted_total");
     let deferrable = stack.ledger.commands("deferrable");
     let decided = stack
         .decide_ok(
@@ -206,7 +198,7 @@ async fn a_call_settled_through_the_decision_api_is_drawn_urgently() {
         .await;
     assert_eq!(decided["decision"], "CONTINUE");
     assert_eq!(
-        metric(&stack, "spendguard_sidecar_credit_admitted_total"),
+        stack.metric("spendguard_sidecar_credit_admitted_total"),
         admitted + 1.0,
         "admitted inside the credit"
     );
@@ -356,7 +348,7 @@ async fn a_call_whose_draw_is_refused_is_recorded_as_a_fail_open_call() {
     stack.wait_no_open_calls().await;
     assert!(stack.fail_open_drained().await);
     assert_eq!(
-        metric(&stack, "spendguard_sidecar_credit_draws_lost_total"),
+        stack.metric("spendguard_sidecar_credit_draws_lost_total"),
         2.0
     );
     let actuals: Vec<(String, i64)> = sqlx::query_as(
@@ -396,10 +388,7 @@ async fn without_room_for_a_credit_or_under_approvals_calls_reserve_one_by_one()
         count(&stack, "SELECT count(*) FROM reservations WHERE is_credit").await,
         0
     );
-    assert_eq!(
-        metric(&stack, "spendguard_sidecar_credits_opened_total"),
-        0.0
-    );
+    assert_eq!(stack.metric("spendguard_sidecar_credits_opened_total"), 0.0);
 
     // Under a contract that asks for approval above soft caps, a budget with a soft cap gets
     // no credit (the one opened to find out is released at once).
@@ -476,10 +465,7 @@ async fn a_denied_credit_retires_the_current_one_so_its_remainder_goes_back() {
         .await,
         1
     );
-    assert_eq!(
-        metric(&stack, "spendguard_sidecar_credits_opened_total"),
-        1.0
-    );
+    assert_eq!(stack.metric("spendguard_sidecar_credits_opened_total"), 1.0);
     // Calls go on (reserved one by one, or inside a new credit once the pool's quiet second
     // after the denial has passed and the budget has room for one).
     assert_eq!(chat(&stack).await.status, 200);
@@ -605,10 +591,10 @@ async fn a_call_inside_a_credit_fails_closed_at_once_when_the_epoch_is_forced_fo
     let mut stack = with_an_open_credit().await;
     assert_eq!(chat(&stack).await.status, 200, "admitted inside the credit");
     assert_eq!(
-        metric(&stack, "spendguard_sidecar_credit_admitted_total"),
+        stack.metric("spendguard_sidecar_credit_admitted_total"),
         1.0
     );
-    let remaining = metric(&stack, "spendguard_sidecar_credit_remaining_nano_usd");
+    let remaining = stack.metric("spendguard_sidecar_credit_remaining_nano_usd");
     let forwarded = stack.upstream_requests().len();
     // Another holder forces the scope to a newer epoch behind the sidecar's back.
     stack.force_epoch_forward().await;
@@ -623,12 +609,12 @@ async fn a_call_inside_a_credit_fails_closed_at_once_when_the_epoch_is_forced_fo
         "nothing went out"
     );
     assert_eq!(
-        metric(&stack, "spendguard_sidecar_credit_admitted_total"),
+        stack.metric("spendguard_sidecar_credit_admitted_total"),
         1.0,
         "none admitted inside the credit"
     );
     assert_eq!(
-        metric(&stack, "spendguard_sidecar_credit_remaining_nano_usd"),
+        stack.metric("spendguard_sidecar_credit_remaining_nano_usd"),
         remaining,
         "what the refused calls took went back to the credit"
     );
@@ -658,7 +644,7 @@ async fn concurrent_calls_inside_a_credit_share_their_lease_checks() {
         ..Options::default()
     })
     .await;
-    let admitted = metric(&stack, "spendguard_sidecar_credit_admitted_total");
+    let admitted = stack.metric("spendguard_sidecar_credit_admitted_total");
     let checks = lease_checks_answered(&stack);
     let calls: Vec<_> = (0..64)
         .map(|_| {
@@ -674,7 +660,7 @@ async fn concurrent_calls_inside_a_credit_share_their_lease_checks() {
         assert_eq!(call.await.unwrap(), 200);
     }
     assert_eq!(
-        metric(&stack, "spendguard_sidecar_credit_admitted_total") - admitted,
+        stack.metric("spendguard_sidecar_credit_admitted_total") - admitted,
         64.0,
         "every call admitted inside the credit"
     );
@@ -682,7 +668,7 @@ async fn concurrent_calls_inside_a_credit_share_their_lease_checks() {
     println!("64 calls, {reads} lease checks");
     assert!((1..48).contains(&reads), "{reads} reads for 64 calls");
     assert_eq!(
-        metric(&stack, "spendguard_sidecar_lease_checks_total"),
+        stack.metric("spendguard_sidecar_lease_checks_total"),
         f64::from(u32::try_from(lease_checks_answered(&stack)).unwrap()),
         "the sidecar counts what it sent"
     );
@@ -736,7 +722,7 @@ async fn calls_that_ask_while_a_check_is_in_flight_are_told_by_a_read_sent_after
     // Call 1's draw, sent after the force, is refused as stale: the documented window between
     // a check and its draw. It is recorded as a fail-open call, not lost.
     assert_eq!(
-        metric(&stack, "spendguard_sidecar_credit_draws_lost_total"),
+        stack.metric("spendguard_sidecar_credit_draws_lost_total"),
         1.0
     );
     for _ in 0..200 {
@@ -769,13 +755,10 @@ async fn against_a_ledger_without_the_lease_check_calls_reserve_one_by_one_and_n
     open_credits(&stack, 0).await;
     stack.wait_no_open_calls().await;
     assert_eq!(
-        metric(&stack, "spendguard_sidecar_credit_admitted_total"),
+        stack.metric("spendguard_sidecar_credit_admitted_total"),
         0.0
     );
-    assert_eq!(
-        metric(&stack, "spendguard_sidecar_credits_opened_total"),
-        1.0
-    );
+    assert_eq!(stack.metric("spendguard_sidecar_credits_opened_total"), 1.0);
     assert_eq!(
         count(
             &stack,
@@ -830,8 +813,8 @@ async fn a_decision_dropped_during_its_lease_check_gives_its_amount_back() {
     // admitted. Without the give-back, every such call would hold part of the credit (and a
     // place among the draws in flight) for good.
     let mut stack = with_an_open_credit().await;
-    let remaining = metric(&stack, "spendguard_sidecar_credit_remaining_nano_usd");
-    let admitted = metric(&stack, "spendguard_sidecar_credit_admitted_total");
+    let remaining = stack.metric("spendguard_sidecar_credit_remaining_nano_usd");
+    let admitted = stack.metric("spendguard_sidecar_credit_admitted_total");
     assert!(remaining > 0.0);
 
     // The ledger's address now accepts connections and never answers.
@@ -855,7 +838,7 @@ async fn a_decision_dropped_during_its_lease_check_gives_its_amount_back() {
     // up to its 5 s deadline, which the dropped decision no longer does.
     let mut given_back = false;
     for _ in 0..100 {
-        if metric(&stack, "spendguard_sidecar_credit_remaining_nano_usd") == remaining {
+        if stack.metric("spendguard_sidecar_credit_remaining_nano_usd") == remaining {
             given_back = true;
             break;
         }
@@ -864,10 +847,10 @@ async fn a_decision_dropped_during_its_lease_check_gives_its_amount_back() {
     assert!(
         given_back,
         "remaining {} instead of {remaining}",
-        metric(&stack, "spendguard_sidecar_credit_remaining_nano_usd")
+        stack.metric("spendguard_sidecar_credit_remaining_nano_usd")
     );
     assert_eq!(
-        metric(&stack, "spendguard_sidecar_credit_admitted_total"),
+        stack.metric("spendguard_sidecar_credit_admitted_total"),
         admitted
     );
     drop(held);
@@ -897,7 +880,7 @@ async fn a_settled_call_id_sent_again_after_a_restart_is_drawn_and_committed_as_
             .await
         }
     };
-    let opened = |stack: &Stack| metric(stack, "spendguard_sidecar_credits_opened_total");
+    let opened = |stack: &Stack| stack.metric("spendguard_sidecar_credits_opened_total");
     assert_eq!(call(&stack, "warm-1").await.status, 200);
     for _ in 0..200 {
         if opened(&stack) >= 1.0 {
@@ -917,10 +900,10 @@ async fn a_settled_call_id_sent_again_after_a_restart_is_drawn_and_committed_as_
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    let admitted = metric(&stack, "spendguard_sidecar_credit_admitted_total");
+    let admitted = stack.metric("spendguard_sidecar_credit_admitted_total");
     assert_eq!(call(&stack, "dup").await.status, 200, "admitted again");
     assert_eq!(
-        metric(&stack, "spendguard_sidecar_credit_admitted_total"),
+        stack.metric("spendguard_sidecar_credit_admitted_total"),
         admitted + 1.0,
         "inside the credit"
     );
@@ -940,7 +923,7 @@ async fn a_settled_call_id_sent_again_after_a_restart_is_drawn_and_committed_as_
         assert_eq!(*actual, Some(COMMITTED_PER_CALL), "{key}");
     }
     assert_eq!(
-        metric(&stack, "spendguard_sidecar_credit_draws_lost_total"),
+        stack.metric("spendguard_sidecar_credit_draws_lost_total"),
         0.0
     );
     stack.stop_sidecar().await;

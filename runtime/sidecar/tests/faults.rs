@@ -787,12 +787,12 @@ async fn a_fail_open_contract_lets_calls_through_only_when_the_ledger_cannot_be_
         transport.len(),
         "no record is dropped for an answer that was not the ledger's"
     );
-    let dropped = stack
-        .metrics_text()
-        .lines()
-        .find_map(|l| l.strip_prefix("spendguard_sidecar_fail_open_dropped_total "))
-        .map(str::to_owned);
-    assert_eq!(dropped.as_deref(), Some("0"));
+    let dropped = "spendguard_sidecar_fail_open_dropped_total";
+    assert!(
+        stack.metrics_text().contains(dropped),
+        "the counter is exported"
+    );
+    assert_eq!(stack.metric(dropped), 0.0);
 
     // A commit answered bare INTERNAL (a stream reset) is kept and offered again.
     bare.forward_all();

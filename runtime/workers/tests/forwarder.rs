@@ -89,8 +89,8 @@ async fn signed_events_are_chained_per_tenant_exactly_once() {
 }
 
 /// Inserts an outbox row for producer `forger` as an attacker with database access would.
-async fn forge(
-    pool: &PgPool,
+async fn forge<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
     sequence: u64,
     bytes: &[u8],
     sha256: &[u8],
@@ -101,12 +101,12 @@ async fn forge(
         Some(s) => Some(s.sign(signed_bytes).await.unwrap()),
         None => None,
     };
-    insert_row(pool, sequence, bytes, sha256, signed).await;
+    insert_row(executor, sequence, bytes, sha256, signed).await;
 }
 
 /// Inserts an outbox row for producer `forger` with the signature given.
-async fn insert_row(
-    pool: &PgPool,
+async fn insert_row<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
     sequence: u64,
     bytes: &[u8],
     sha256: &[u8],
@@ -136,7 +136,7 @@ async fn insert_row(
     .bind(at)
     .bind(signature)
     .bind(inclusion)
-    .execute(pool)
+    .execute(executor)
     .await
     .unwrap();
 }
@@ -347,22 +347,7 @@ async fn a_key_registered_during_a_pass_is_read_with_the_rows_it_signed() {
     let key = signer(11);
     register(&mut *holder, &key).await;
     let (bytes, sha256) = event(1, "1");
-    let signed = key.sign(&bytes).await.unwrap();
-    sqlx::query(
-        "INSERT INTO audit_outbox (producer_instance_id, producer_sequence, tenant_id, event_type, occurred_at,
-                                   canonical_event, event_sha256, signing_key_id, signing_algorithm, signed_at,
-                                   signature)
-         VALUES ('forger', 1, 'acme', 'reservation.committed', now(), $1, $2, $3, $4, $5, $6)",
-    )
-    .bind(&bytes)
-    .bind(&sha256)
-    .bind(&signed.key_id)
-    .bind(signed.algorithm.as_str())
-    .bind(signed.signed_at)
-    .bind(&signed.signature)
-    .execute(&mut *holder)
-    .await
-    .unwrap();
+    forge(&mut *holder, 1, &bytes, &sha256, Some(&key), &bytes).await;
     holder.commit().await.unwrap();
 
     let first = pass.await.unwrap().unwrap();

@@ -66,6 +66,11 @@ impl Gate {
     }
 }
 
+/// The request path of the ledger's `method`.
+fn path(method: &str) -> String {
+    format!("/spendguard.ledger.v1.Ledger/{method}")
+}
+
 /// The methods the front answers itself, bare, and with which gRPC code.
 #[derive(Default)]
 pub struct Bare {
@@ -77,10 +82,7 @@ pub struct Bare {
 impl Bare {
     /// Answers `method` (`ReserveSet`, `Commit`, ...) with `code` and no detail from now on.
     pub fn answer(&self, method: &str, code: tonic::Code) {
-        self.answers
-            .lock()
-            .unwrap()
-            .insert(format!("/spendguard.ledger.v1.Ledger/{method}"), code);
+        self.answers.lock().unwrap().insert(path(method), code);
     }
 
     /// Forwards every method again.
@@ -90,8 +92,12 @@ impl Bare {
 
     /// How many times `method` was answered bare so far.
     pub fn given(&self, method: &str) -> usize {
-        let path = format!("/spendguard.ledger.v1.Ledger/{method}");
-        self.given.lock().unwrap().get(&path).copied().unwrap_or(0)
+        self.given
+            .lock()
+            .unwrap()
+            .get(&path(method))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Waits until `method` was answered bare at least `n` times.

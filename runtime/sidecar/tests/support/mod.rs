@@ -221,6 +221,14 @@ impl Stack {
         text
     }
 
+    /// The value of the metric sample `name` (with its labels, if any), 0 when not exported.
+    pub fn metric(&self, name: &str) -> f64 {
+        self.metrics_text()
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
     pub async fn stop_sidecar(&mut self) {
         if let Some(sidecar) = self.sidecar.take() {
             sidecar.shutdown().await;
