@@ -259,7 +259,7 @@ async fn ledger_outage_shows_as_ready_false_and_recovers() {
     let control_listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let mut registry = Default::default();
     let restarted = spendguard_ledger::start(
-        &database_url,
+        &spendguard_testkit::postgres::runtime_url(&database_url),
         "ledger-0",
         &Default::default(),
         spendguard_testkit::signing::test_signing("ledger-0"),

@@ -44,6 +44,12 @@ pub enum Error {
     /// A gRPC server ended without being asked to: the process exits so it is restarted.
     #[error("stopped serving: {0}")]
     ServingStopped(String),
+    /// The database role can bypass the ledger's rules (a superuser, or a member of a table's
+    /// owner): refused at startup unless explicitly allowed.
+    #[error(
+        "the database role {0}: it could truncate the journal or switch the ledger's rules off. Connect as a member of spendguard_runtime (the owner runs `spendguard migrate`), or set SPENDGUARD_LEDGER_ALLOW_PRIVILEGED_DATABASE_ROLE=true for a local demo"
+    )]
+    DatabaseRolePrivileged(String),
     /// Applying migrations failed.
     #[error("migration failed: {0}")]
     Migration(String),
@@ -106,9 +112,20 @@ impl Error {
             Self::EvidenceBacklog { .. } => ErrorCode::EvidenceBacklog,
             Self::Database(_) => ErrorCode::DependencyUnavailable,
             Self::Signing(_) => ErrorCode::SigningUnavailable,
-            Self::Invariant(_) | Self::Migration(_) | Self::Startup(_) | Self::Stale => {
-                ErrorCode::Internal
-            }
+            Self::Invariant(_)
+            | Self::Migration(_)
+            | Self::Startup(_)
+            | Self::DatabaseRolePrivileged(_)
+            | Self::Stale => ErrorCode::Internal,
+        }
+    }
+
+    /// The stable code a failed start reports: the RPC code, or for a refusal that only
+    /// startup makes, its own.
+    pub fn startup_code(&self) -> &'static str {
+        match self {
+            Self::DatabaseRolePrivileged(_) => "LEDGER_DATABASE_ROLE_PRIVILEGED",
+            other => other.code().as_str(),
         }
     }
 

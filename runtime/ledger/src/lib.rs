@@ -129,9 +129,18 @@ pub struct LedgerTuning {
         default_value_t = 65_536
     )]
     pub max_message_bytes: usize,
-    /// Apply migrations at startup (under the migrator's advisory lock).
-    #[arg(long, env = "SPENDGUARD_LEDGER_MIGRATE_ON_START", default_value_t = true, action = clap::ArgAction::Set)]
+    /// Apply migrations at startup (under the migrator's advisory lock). Only the owner of the
+    /// tables can, so this needs `--allow-privileged-database-role` too; in production the
+    /// owner runs `spendguard migrate` (the chart's hook Job) and the ledger connects as a
+    /// member of `spendguard_runtime`.
+    #[arg(long, env = "SPENDGUARD_LEDGER_MIGRATE_ON_START", default_value_t = false, action = clap::ArgAction::Set)]
     pub migrate_on_start: bool,
+    /// Serve even when the database role is a superuser or can act as the owner of the
+    /// ledger's tables, which could truncate the journal or switch its rules off. Without it
+    /// such a role is refused at startup (`LEDGER_DATABASE_ROLE_PRIVILEGED`); a local demo
+    /// that migrates on start sets it.
+    #[arg(long, env = "SPENDGUARD_LEDGER_ALLOW_PRIVILEGED_DATABASE_ROLE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub allow_privileged_database_role: bool,
     /// How long shutdown waits for in-flight RPCs.
     #[arg(
         long,
@@ -169,7 +178,8 @@ impl Default for LedgerTuning {
             defer_max_us: 5_000,
             pipeline_depth: 2,
             max_message_bytes: 65_536,
-            migrate_on_start: true,
+            migrate_on_start: false,
+            allow_privileged_database_role: false,
             shutdown_grace_ms: 10_000,
             max_evidence_lag_seconds: 0,
             gauge_refresh_ms: 10_000,
@@ -262,6 +272,14 @@ pub async fn start(
     let mut store = Store::connect(database_url, tuning.db_pool_size).await?;
     if tuning.migrate_on_start {
         store.migrate().await?;
+    }
+    match store.privileges().await? {
+        Some(privileged) if tuning.allow_privileged_database_role => warn!(
+            %privileged,
+            "the database role can switch the ledger's rules off: allowed by --allow-privileged-database-role"
+        ),
+        Some(privileged) => return Err(Error::DatabaseRolePrivileged(privileged)),
+        None => {}
     }
     let mut key_standing = None;
     match signing {

@@ -1068,7 +1068,7 @@ async fn a_reservation_under_an_approval_is_checked_against_it_and_names_it() {
         let refused = sqlx::query(sql)
             .bind(approval.approval_id.parse::<uuid::Uuid>().unwrap())
             .bind(other)
-            .execute(ledger.store().pool())
+            .execute(&ledger.owner)
             .await
             .unwrap_err();
         // Class 23 (integrity): the writer isolates such a command and commits the others.
@@ -1129,9 +1129,12 @@ async fn the_approval_uses_migration_backfills_reservations_made_before_it() {
     let written = uses().await;
     assert_eq!(written.len(), 1);
     spendguard_ledger::store::MIGRATOR
-        .undo(ledger.store().pool(), 20_261_127_200_001)
+        .undo(&ledger.owner, 20_261_127_200_001)
         .await
         .unwrap();
-    ledger.store().migrate().await.unwrap();
+    spendguard_ledger::store::MIGRATOR
+        .run(&ledger.owner)
+        .await
+        .unwrap();
     assert_eq!(uses().await, written);
 }

@@ -266,10 +266,7 @@ async fn fail_open_records_are_immutable() {
         "UPDATE fail_open_records SET actual_nano_usd = 1",
         "DELETE FROM fail_open_records",
     ] {
-        let error = sqlx::query(sql)
-            .execute(ledger.store().pool())
-            .await
-            .unwrap_err();
+        let error = sqlx::query(sql).execute(&ledger.owner).await.unwrap_err();
         assert!(error.to_string().contains("immutable"), "{error}");
     }
     invariants::check(ledger.store().pool()).await.unwrap();

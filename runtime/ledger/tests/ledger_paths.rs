@@ -1443,8 +1443,8 @@ async fn outbox_events_are_canonical_and_sequenced() {
     invariants::check(ledger.store().pool()).await.unwrap();
 }
 
-/// A ledger holding one open reservation of 10 on `run` (key `k`): the ledger, its lease, its
-/// pool and the reservation's id.
+/// A ledger holding one open reservation of 10 on `run` (key `k`): the ledger, its lease, a
+/// pool as the tables' owner (the rules hold against it too) and the reservation's id.
 async fn with_an_open_reservation() -> (TestLedger, pb::FencingToken, sqlx::PgPool, uuid::Uuid) {
     let (mut ledger, fencing) = setup().await;
     let r = reserved(
@@ -1455,7 +1455,7 @@ async fn with_an_open_reservation() -> (TestLedger, pb::FencingToken, sqlx::PgPo
             .unwrap()
             .into_inner(),
     );
-    let pool = ledger.store().pool().clone();
+    let pool = ledger.owner.clone();
     let id = uuid::Uuid::parse_str(&r.reservation_id).unwrap();
     (ledger, fencing, pool, id)
 }
@@ -1897,7 +1897,7 @@ async fn a_revoked_ledger_key_signs_nothing_more_and_does_not_start_again() {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let control = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             spendguard_ledger::start(
-                &database_url,
+                &spendguard_testkit::postgres::runtime_url(&database_url),
                 instance,
                 &spendguard_ledger::LedgerTuning::default(),
                 spendguard_testkit::signing::signing_with_seed(seed, instance),
@@ -2250,7 +2250,7 @@ async fn a_reservation_written_before_the_fingerprint_change_still_replays() {
     let old = spendguard_ledger::convert::reserve_set(&request)
         .unwrap()
         .fingerprint_before_2026_11_26(fencing.epoch);
-    let mut tx = ledger.store().pool().begin().await.unwrap();
+    let mut tx = ledger.owner.begin().await.unwrap();
     sqlx::query("ALTER TABLE reservations DISABLE TRIGGER reservations_resolve_once")
         .execute(&mut *tx)
         .await

@@ -231,10 +231,7 @@ async fn stop_records_are_immutable() {
         "UPDATE stop_records SET reason = 'MODEL_DENIED'",
         "DELETE FROM stop_records",
     ] {
-        let error = sqlx::query(sql)
-            .execute(ledger.store().pool())
-            .await
-            .unwrap_err();
+        let error = sqlx::query(sql).execute(&ledger.owner).await.unwrap_err();
         assert!(error.to_string().contains("immutable"), "{sql}: {error}");
     }
     assert_eq!(count(&ledger, "SELECT count(*) FROM stop_records").await, 1);

@@ -194,6 +194,32 @@ fn tls_files_with(url: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Tls
     })
 }
 
+/// What lets the role of `pool` bypass the ledger's database rules, if anything: it is a
+/// superuser, or a member of the owner of a table in the current schema (an owner can
+/// truncate, alter, or disable triggers; a member can `SET ROLE` to it). The ledger's processes
+/// refuse such a role (docs/design/ledger-database-roles.md).
+///
+/// # Errors
+/// When the database cannot be asked.
+pub async fn privileged(pool: &sqlx::PgPool) -> Result<Option<String>, sqlx::Error> {
+    let (role, superuser, owned): (String, bool, Option<String>) = sqlx::query_as(
+        "SELECT current_user::text, r.rolsuper,
+                (SELECT string_agg(c.relname::text, ', ' ORDER BY c.relname)
+                   FROM pg_class c
+                  WHERE c.relnamespace = current_schema()::regnamespace
+                    AND c.relkind IN ('r', 'p')
+                    AND pg_has_role(current_user, c.relowner, 'MEMBER'))
+           FROM pg_roles r WHERE r.rolname = current_user",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(if superuser {
+        Some(format!("{role} is a superuser"))
+    } else {
+        owned.map(|tables| format!("{role} owns (or may act as the owner of) {tables}"))
+    })
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

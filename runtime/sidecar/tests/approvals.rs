@@ -213,7 +213,7 @@ async fn a_denied_or_expired_approval_stops_the_call_by_name() {
 
     resolve(&mut stack, &denied, pb::ApprovalDecision::Deny).await;
     resolve(&mut stack, &proxy_approval, pb::ApprovalDecision::Deny).await;
-    let pool = stack.ledger.store().pool().clone();
+    let pool = stack.ledger.owner.clone();
     sqlx::query("ALTER TABLE approvals DISABLE TRIGGER approvals_resolve_once")
         .execute(&pool)
         .await

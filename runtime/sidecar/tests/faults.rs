@@ -226,7 +226,7 @@ async fn an_approval_the_ledger_cannot_record_fails_closed_even_under_fail_open(
     let decide_url = stack.url("/v1/spendguard/decide");
     let body = json!({"call_id": "c-approval", "provider": "openai", "model": "gpt-4o-mini",
                       "input_tokens_upper_bound": 100, "max_output_tokens": 10});
-    let pool = stack.ledger.store().pool().clone();
+    let pool = stack.ledger.owner.clone();
     for sql in [
         "CREATE FUNCTION test_approvals_unavailable() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN RAISE EXCEPTION 'simulated lock timeout' USING ERRCODE = 'lock_not_available'; END $$",

@@ -57,7 +57,7 @@ fn main() -> anyhow::Result<()> {
             Component::Ledger(args) => args
                 .run()
                 .await
-                .map_err(|e| anyhow::anyhow!("{}: {e}", e.code().as_str())),
+                .map_err(|e| anyhow::anyhow!("{}: {e}", e.startup_code())),
             Component::Sidecar(args) => args.run().await,
             Component::Worker { kind } => kind.run().await,
             Component::Audit { kind } => {

@@ -33,6 +33,7 @@ struct Acked {
 #[tokio::test]
 async fn kill_dash_nine_under_load_loses_nothing() {
     let url = shared_cluster().create_database().await.unwrap();
+    spendguard_testkit::ledger::migrate(&url).await.unwrap();
     let port = free_port();
     let mut ledger = spawn_ledger(&url, port);
     let mut client = wait_for_ledger(port).await;

@@ -14,14 +14,13 @@ async fn get(port: u16, path: &str) -> (u16, String) {
     http_get(port, path).await.unwrap()
 }
 
-#[tokio::test]
-async fn health_readiness_metrics_and_graceful_shutdown() {
-    let cluster = PgCluster::start(&[("fsync", "off")]).unwrap();
-    let url = cluster.create_database().await.unwrap();
-    let (port, control, admin) = (free_port(), free_port(), free_port());
-    let mut ledger = Command::new(env!("CARGO_BIN_EXE_spendguard"))
+/// `spendguard ledger` on `url` with the data path on `port`, the control listener on `control`
+/// and the admin server on `admin`.
+fn ledger(url: &str, (port, control, admin): (u16, u16, u16)) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_spendguard"));
+    command
         .arg("ledger")
-        .env("SPENDGUARD_LEDGER_DATABASE_URL", &url)
+        .env("SPENDGUARD_LEDGER_DATABASE_URL", url)
         .env("SPENDGUARD_LEDGER_INSTANCE_ID", "ledger-ops")
         .envs(spendguard_testkit::signing::ledger_env().unwrap())
         .env("SPENDGUARD_LEDGER_LISTEN_ADDR", format!("127.0.0.1:{port}"))
@@ -31,9 +30,72 @@ async fn health_readiness_metrics_and_graceful_shutdown() {
         )
         .env("SPENDGUARD_ADMIN_ADDR", format!("127.0.0.1:{admin}"))
         .env("SPENDGUARD_LOG", "error")
-        .kill_on_drop(true)
-        .spawn()
+        .kill_on_drop(true);
+    command
+}
+
+#[tokio::test]
+async fn the_production_set_up_migrates_as_the_owner_and_serves_as_the_runtime_role() {
+    // Goal: the ledger does not serve as a role that could switch its rules off (the cluster's
+    // superuser owns every table here), migrating on start included; `spendguard migrate`
+    // applies the schema as the owner, after which the ledger serves as a member of
+    // spendguard_runtime. Method: the binaries, in the order the chart runs them.
+    let url = spendguard_testkit::ledger::shared_cluster()
+        .create_database()
+        .await
         .unwrap();
+    let runtime = spendguard_testkit::postgres::runtime_url(&url);
+    let migrate = |url: &str| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_spendguard"));
+        command
+            .arg("migrate")
+            .env("SPENDGUARD_LEDGER_DATABASE_URL", url);
+        command
+    };
+    // The runtime role cannot migrate: it may not create tables in the schema.
+    let refused = migrate(&runtime).output().await.unwrap();
+    assert!(!refused.status.success());
+    let applied = migrate(&url).output().await.unwrap();
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    let ports = (free_port(), free_port(), free_port());
+    for migrate_on_start in ["false", "true"] {
+        let refused = ledger(&url, ports)
+            .env("SPENDGUARD_LEDGER_MIGRATE_ON_START", migrate_on_start)
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success(), "{stderr}");
+        assert!(
+            stderr.contains("LEDGER_DATABASE_ROLE_PRIVILEGED")
+                && stderr.contains("postgres is a superuser"),
+            "{stderr}"
+        );
+    }
+    let mut serving = ledger(&runtime, ports).spawn().unwrap();
+    let mut client = support::wait_for_ledger(ports.1).await;
+    spendguard_testkit::ledger::tenant(&mut client, "t")
+        .await
+        .unwrap();
+    support::terminates_cleanly(&mut serving, Duration::from_secs(15)).await;
+}
+
+#[tokio::test]
+async fn health_readiness_metrics_and_graceful_shutdown() {
+    let cluster = PgCluster::start(&[("fsync", "off")]).unwrap();
+    let url = cluster.create_database().await.unwrap();
+    spendguard_testkit::ledger::migrate(&url).await.unwrap();
+    let (port, control, admin) = (free_port(), free_port(), free_port());
+    let mut ledger = ledger(
+        &spendguard_testkit::postgres::runtime_url(&url),
+        (port, control, admin),
+    )
+    .spawn()
+    .unwrap();
     let mut ready = false;
     for _ in 0..100 {
         if tokio::net::TcpStream::connect(("127.0.0.1", admin))

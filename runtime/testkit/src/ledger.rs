@@ -23,10 +23,27 @@ pub fn shared_cluster() -> &'static PgCluster {
     })
 }
 
+/// Applies the migrations to `database_url` as its owner, as `spendguard migrate` does before a
+/// ledger starts (the ledger itself logs in as a member of `spendguard_runtime`).
+///
+/// # Errors
+/// When the database refuses.
+pub async fn migrate(database_url: &str) -> Result<()> {
+    let owner = Store::connect(database_url, 1).await?;
+    owner.migrate().await?;
+    owner.pool().close().await;
+    Ok(())
+}
+
 /// A ledger serving on a loopback port.
 pub struct TestLedger {
-    /// Database URL.
+    /// The owner's URL of its database (the ledger connects as [`crate::postgres::RUNTIME_LOGIN`]
+    /// instead): tests forge and inspect rows through it.
     pub database_url: String,
+    /// A pool on [`Self::database_url`]: as the owner, for tests that go around the ledger to
+    /// check the database's own rules, or to forge what an older version wrote. (The ledger's
+    /// [`Self::store`] is the runtime role's.)
+    pub owner: sqlx::PgPool,
     /// The running ledger.
     pub ledger: Option<RunningLedger>,
     /// A connected client.
@@ -123,8 +140,9 @@ impl TestLedger {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let control_listener = tokio::net::TcpListener::bind(control_addr).await?;
         let mut registry = prometheus_client::registry::Registry::default();
+        migrate(database_url).await?;
         let ledger = spendguard_ledger::start(
-            database_url,
+            &crate::postgres::runtime_url(database_url),
             instance_id,
             tuning,
             crate::signing::test_signing(instance_id),
@@ -138,6 +156,9 @@ impl TestLedger {
         let client = connect(ledger.control_addr).await?;
         Ok(Self {
             database_url: database_url.to_owned(),
+            owner: sqlx::postgres::PgPoolOptions::new()
+                .max_connections(2)
+                .connect_lazy(database_url)?,
             ledger: Some(ledger),
             client,
             registry,

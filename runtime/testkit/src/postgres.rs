@@ -15,6 +15,21 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 const DEFAULT_PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
+/// The login every test cluster has for SpendGuard's processes: a member of the group role
+/// `spendguard_runtime` (migration `20261127600001_runtime_role`), owning nothing.
+pub const RUNTIME_LOGIN: &str = "spendguard_app";
+
+/// `url` (the owner's, as [`PgCluster::create_database`] returns it) logged in as
+/// [`RUNTIME_LOGIN`] instead: what the ledger and the forwarder connect with.
+///
+/// # Panics
+/// When `url` is not a URL.
+pub fn runtime_url(url: &str) -> String {
+    let mut url = url::Url::parse(url).expect("a PostgreSQL URL");
+    url.set_username(RUNTIME_LOGIN).expect("a URL with a user");
+    url.to_string()
+}
+
 /// A running cluster.
 pub struct PgCluster {
     dir: tempfile::TempDir,
@@ -171,6 +186,19 @@ impl PgCluster {
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
             .execute(&admin)
             .await?;
+        // The roles an administrator creates once per cluster (docs/ledger.md, "Database
+        // roles"); tests in parallel may race to create them, and one of them wins.
+        for role in [
+            "CREATE ROLE spendguard_runtime NOLOGIN",
+            &format!("CREATE ROLE {RUNTIME_LOGIN} LOGIN IN ROLE spendguard_runtime"),
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DO $$ BEGIN {role}; \
+                 EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
+            )))
+            .execute(&admin)
+            .await?;
+        }
         admin.close().await;
         Ok(self.url(&name))
     }

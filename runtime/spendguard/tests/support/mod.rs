@@ -186,13 +186,17 @@ pub fn spawn_mock() -> u16 {
     port
 }
 
-/// The `spendguard ledger` process on database `url`: sidecars' RPCs on port `data`, the
-/// operator's (and the tests' set-up) on `control`.
+/// The `spendguard ledger` process on database `url` (the owner's URL of a migrated database;
+/// the process logs in as the runtime role): sidecars' RPCs on port `data`, the operator's (and
+/// the tests' set-up) on `control`.
 pub fn ledger_command(url: &str, data: u16, control: u16) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_spendguard"));
     command
         .arg("ledger")
-        .env("SPENDGUARD_LEDGER_DATABASE_URL", url)
+        .env(
+            "SPENDGUARD_LEDGER_DATABASE_URL",
+            spendguard_testkit::postgres::runtime_url(url),
+        )
         .env("SPENDGUARD_LEDGER_INSTANCE_ID", "ledger-crash")
         .envs(spendguard_testkit::signing::ledger_env().expect("signing key"))
         .env("SPENDGUARD_LEDGER_LISTEN_ADDR", format!("127.0.0.1:{data}"))
@@ -317,6 +321,7 @@ impl LedgerProcess {
             .create_database()
             .await
             .unwrap();
+        spendguard_testkit::ledger::migrate(&url).await.unwrap();
         let (data, control) = (free_port(), free_port());
         let mut command = ledger_command(&url, data, control);
         configure(&mut command);
