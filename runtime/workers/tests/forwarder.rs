@@ -676,7 +676,7 @@ async fn a_ledger_bounding_evidence_lag_refuses_new_spend_until_the_forwarder_ca
     // A retry the ledger cannot look up (the reservations are out of reach) is refused as new
     // spend, never answered as an unavailable ledger, which a fail-open contract lets through.
     sqlx::query("ALTER TABLE reservations RENAME TO reservations_out_of_reach")
-        .execute(&pool)
+        .execute(&ledger.owner)
         .await
         .unwrap();
     let unknown = ledger
@@ -685,7 +685,7 @@ async fn a_ledger_bounding_evidence_lag_refuses_new_spend_until_the_forwarder_ca
         .await
         .unwrap_err();
     sqlx::query("ALTER TABLE reservations_out_of_reach RENAME TO reservations")
-        .execute(&pool)
+        .execute(&ledger.owner)
         .await
         .unwrap();
     assert_eq!(
