@@ -213,7 +213,8 @@ fn values_are_validated() {
     assert!(!ok && text.contains("creditQuietMs"), "{text}");
 
     // The database's CA: none by default (the URL's sslmode and the system's roots decide);
-    // a Secret's `ca.crt` reaches the ledger and the outbox forwarder, the two that connect.
+    // a Secret's `ca.crt` reaches the three that connect: the ledger, the outbox forwarder and
+    // the migration Job.
     let (ok, text) = helm(&["template", "sg", CHART]);
     assert!(ok && !text.contains("PGSSLROOTCERT"), "{text}");
     let (ok, text) = helm(&[
@@ -225,13 +226,41 @@ fn values_are_validated() {
     ]);
     assert!(ok, "{text}");
     let root = "name: PGSSLROOTCERT\n              value: /var/run/spendguard/db-ca/ca.crt";
-    assert_eq!(text.matches(root).count(), 2, "{text}");
-    assert_eq!(text.matches("secretName: db-ca").count(), 2, "{text}");
+    assert_eq!(text.matches(root).count(), 3, "{text}");
+    assert_eq!(text.matches("secretName: db-ca").count(), 3, "{text}");
     assert_eq!(
         text.matches("mountPath: /var/run/spendguard/db-ca").count(),
-        2,
+        3,
         "{text}"
     );
+
+    // Database roles: the owner's URL goes to the migration Job only, a hook that runs before
+    // install and upgrade; the ledger and the forwarder get the runtime login's Secret.
+    let (ok, text) = helm(&["template", "sg", CHART]);
+    assert!(ok, "{text}");
+    let job = text
+        .split("\n---")
+        .find(|doc| doc.contains("kind: Job"))
+        .expect("a migration Job");
+    assert!(
+        job.contains("args: [\"migrate\"]")
+            && job.contains("\"helm.sh/hook\": pre-install,pre-upgrade")
+            && job.contains("secretKeyRef: {name: spendguard-db-owner, key: url}"),
+        "{job}"
+    );
+    assert_eq!(text.matches("spendguard-db-owner").count(), 1, "{text}");
+    assert!(
+        !text.contains("SPENDGUARD_LEDGER_MIGRATE_ON_START"),
+        "{text}"
+    );
+    let (ok, text) = helm(&[
+        "template",
+        "sg",
+        CHART,
+        "--set",
+        "ledger.ownerDatabaseSecret=",
+    ]);
+    assert!(!ok && text.contains("ownerDatabaseSecret"), "{text}");
 }
 
 #[test]
@@ -295,6 +324,7 @@ fn rendered_chart_passes_server_side_dry_run() {
         "role.rbac.authorization.k8s.io/spendguard-operator-leases created (server dry run)",
         "rolebinding.rbac.authorization.k8s.io/spendguard-operator-leases created (server dry run)",
         "networkpolicy.networking.k8s.io/spendguard-ledger created (server dry run)",
+        "job.batch/spendguard-migrate created (server dry run)",
     ] {
         assert!(text.contains(object), "missing {object:?} in:\n{text}");
     }
