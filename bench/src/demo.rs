@@ -176,7 +176,8 @@ pub(crate) async fn demo(spendguard_bin: &Path) -> Result<()> {
     } = LedgerProcess::spawn(spendguard_bin, &url, "demo-ledger").await?;
     let ledger = Child(ledger);
     println!(
-        "`spendguard ledger` on 127.0.0.1:{port} (data path), 127.0.0.1:{control_port} (control)"
+        "`spendguard migrate` as the database owner; `spendguard ledger` as {} (a member of spendguard_runtime: no TRUNCATE, no DDL) on 127.0.0.1:{port} (data path), 127.0.0.1:{control_port} (control)",
+        spendguard_testkit::postgres::RUNTIME_LOGIN
     );
 
     plane.install_crds(&root.join("crds/generated/spendguard.io.yaml"));
@@ -410,7 +411,10 @@ async fn audit_trail(spendguard_bin: &Path, url: &str, events: i64) -> Result<()
     let forwarder = Child(
         tokio::process::Command::new(spendguard_bin)
             .args(["worker", "outbox-forwarder"])
-            .env("SPENDGUARD_LEDGER_DATABASE_URL", url)
+            .env(
+                "SPENDGUARD_LEDGER_DATABASE_URL",
+                spendguard_testkit::postgres::runtime_url(url),
+            )
             .env("SPENDGUARD_LEADER_ELECTION_MODE", "disabled")
             .env("SPENDGUARD_CHECKPOINT_KEY_FILE", &checkpoint_key)
             .env(
@@ -442,9 +446,10 @@ async fn audit_trail(spendguard_bin: &Path, url: &str, events: i64) -> Result<()
     let out = dir.path().join("demo-audit");
     let run = |args: Vec<String>| {
         let mut command = std::process::Command::new(spendguard_bin);
-        command
-            .args(&args)
-            .env("SPENDGUARD_LEDGER_DATABASE_URL", url);
+        command.args(&args).env(
+            "SPENDGUARD_LEDGER_DATABASE_URL",
+            spendguard_testkit::postgres::runtime_url(url),
+        );
         command
     };
     println!("$ spendguard audit export --tenant demo --out demo-audit");

@@ -4,7 +4,8 @@ use anyhow::{Context, Result, bail};
 use spendguard_testkit::ledger::{LedgerClient, connect};
 use std::time::Duration;
 
-/// `spendguard ledger` running as its own process, as in production.
+/// `spendguard ledger` running as its own process, as in production: `url` is the owner's,
+/// which migrates; the ledger serves as the runtime role.
 pub(crate) struct LedgerProcess {
     pub(crate) child: tokio::process::Child,
     /// On the control listener.
@@ -25,9 +26,24 @@ impl LedgerProcess {
         let port = spendguard_testkit::free_port();
         let control_port = spendguard_testkit::free_port();
         let admin_port = spendguard_testkit::free_port();
+        // As the chart does: the owner migrates, the ledger logs in as the runtime role.
+        let migrated = tokio::process::Command::new(spendguard_bin)
+            .arg("migrate")
+            .env("SPENDGUARD_LEDGER_DATABASE_URL", url)
+            .output()
+            .await
+            .context("running spendguard migrate")?;
+        anyhow::ensure!(
+            migrated.status.success(),
+            "spendguard migrate failed: {}",
+            String::from_utf8_lossy(&migrated.stderr)
+        );
         let child = tokio::process::Command::new(spendguard_bin)
             .arg("ledger")
-            .env("SPENDGUARD_LEDGER_DATABASE_URL", url)
+            .env(
+                "SPENDGUARD_LEDGER_DATABASE_URL",
+                spendguard_testkit::postgres::runtime_url(url),
+            )
             .env("SPENDGUARD_LEDGER_INSTANCE_ID", instance_id)
             .envs(spendguard_testkit::signing::ledger_env()?)
             .env("SPENDGUARD_LEDGER_LISTEN_ADDR", format!("127.0.0.1:{port}"))
