@@ -39,7 +39,8 @@ async fn the_production_set_up_migrates_as_the_owner_and_serves_as_the_runtime_r
     // Goal: the ledger does not serve as a role that could switch its rules off (the cluster's
     // superuser owns every table here), migrating on start included; `spendguard migrate`
     // applies the schema as the owner, after which the ledger serves as a member of
-    // spendguard_runtime. Method: the binaries, in the order the chart runs them.
+    // spendguard_runtime; the outbox forwarder likewise. Method: the binaries, in the order
+    // the chart runs them.
     let url = spendguard_testkit::ledger::shared_cluster()
         .create_database()
         .await
@@ -63,11 +64,15 @@ async fn the_production_set_up_migrates_as_the_owner_and_serves_as_the_runtime_r
     );
     let ports = (free_port(), free_port(), free_port());
     for migrate_on_start in ["false", "true"] {
-        let refused = ledger(&url, ports)
-            .env("SPENDGUARD_LEDGER_MIGRATE_ON_START", migrate_on_start)
-            .output()
-            .await
-            .unwrap();
+        let refused = tokio::time::timeout(
+            Duration::from_secs(30),
+            ledger(&url, ports)
+                .env("SPENDGUARD_LEDGER_MIGRATE_ON_START", migrate_on_start)
+                .output(),
+        )
+        .await
+        .expect("the ledger served as the superuser")
+        .unwrap();
         let stderr = String::from_utf8_lossy(&refused.stderr);
         assert!(!refused.status.success(), "{stderr}");
         assert!(
@@ -81,6 +86,47 @@ async fn the_production_set_up_migrates_as_the_owner_and_serves_as_the_runtime_r
     spendguard_testkit::ledger::tenant(&mut client, "t")
         .await
         .unwrap();
+    // The outbox forwarder holds itself to the same rule.
+    let forwarder = |url: &str, admin: u16| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_spendguard"));
+        command
+            .args(["worker", "outbox-forwarder"])
+            .env("SPENDGUARD_LEDGER_DATABASE_URL", url)
+            .env("SPENDGUARD_LEADER_ELECTION_MODE", "disabled")
+            .env("SPENDGUARD_PROFILE", "demo")
+            .env("SPENDGUARD_ADMIN_ADDR", format!("127.0.0.1:{admin}"))
+            .env("SPENDGUARD_LOG", "error")
+            .kill_on_drop(true);
+        command
+    };
+    let refused = tokio::time::timeout(
+        Duration::from_secs(30),
+        forwarder(&url, free_port()).output(),
+    )
+    .await
+    .expect("the forwarder ran as the superuser")
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("FORWARDER_DATABASE_ROLE_PRIVILEGED"),
+        "{stderr}"
+    );
+    let admin = free_port();
+    let mut forwarding = forwarder(&runtime, admin).spawn().unwrap();
+    let mut healthy = false;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", admin))
+            .await
+            .is_ok()
+            && get(admin, "/healthz").await.0 == 200
+        {
+            healthy = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(healthy, "the forwarder did not serve as the runtime role");
+    support::terminates_cleanly(&mut forwarding, Duration::from_secs(15)).await;
     support::terminates_cleanly(&mut serving, Duration::from_secs(15)).await;
 }
 
