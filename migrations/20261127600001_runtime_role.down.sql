@@ -1,5 +1,6 @@
--- Revokes what 20261127600001_runtime_role.up.sql granted and drops its TRUNCATE triggers. The
--- group role stays: roles belong to the cluster, and other databases may grant to it.
+-- Revokes what 20261127600001_runtime_role.up.sql granted, drops its TRUNCATE triggers and
+-- gives PUBLIC back its default TEMPORARY on the database. The group role stays: roles belong
+-- to the cluster, and other databases may grant to it.
 DO $$
 DECLARE
     t text;
@@ -16,6 +17,11 @@ BEGIN
     END LOOP;
 END $$;
 DROP FUNCTION spendguard_refuse_truncate();
+DO $$
+BEGIN
+    EXECUTE format('GRANT TEMPORARY ON DATABASE %I TO PUBLIC', current_database());
+    EXECUTE format('REVOKE USAGE ON SCHEMA %I FROM spendguard_runtime', current_schema());
+END $$;
 REVOKE ALL ON _sqlx_migrations FROM spendguard_runtime;
 REVOKE UPDATE (record_id) ON fail_open_records FROM spendguard_runtime;
 REVOKE ALL ON SEQUENCE audit_quarantine_quarantine_id_seq FROM spendguard_runtime;

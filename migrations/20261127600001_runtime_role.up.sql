@@ -32,6 +32,20 @@ BEGIN
     END IF;
 END $$;
 
+-- No temporary objects for anyone but the owner: a table in the session's temporary schema
+-- shadows the real one of the same name in the rules' unqualified lookups, and a temporary
+-- trigger function could move money at a trigger depth the rules trust. The database is
+-- SpendGuard's own. (Only its owner may revoke: under another role this is a warning and does
+-- nothing, and the ledger then refuses to start, naming the statement.)
+DO $$
+BEGIN
+    EXECUTE format('REVOKE TEMPORARY ON DATABASE %I FROM PUBLIC', current_database());
+END $$;
+DO $$
+BEGIN
+    EXECUTE format('GRANT USAGE ON SCHEMA %I TO spendguard_runtime', current_schema());
+END $$;
+
 -- Every table has its decision here; tests/database_roles.rs fails on a table without one.
 GRANT SELECT ON _sqlx_migrations TO spendguard_runtime;  -- /readyz: every migration applied
 GRANT SELECT, INSERT, UPDATE ON

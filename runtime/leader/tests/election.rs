@@ -89,8 +89,15 @@ async fn postgres_one_leader_and_takeover_after_ttl() {
         .create_database()
         .await
         .unwrap();
-    let pool = sqlx::PgPool::connect(&database_url).await.unwrap();
-    sqlx::migrate!("../../migrations").run(&pool).await.unwrap();
+    let owner = sqlx::PgPool::connect(&database_url).await.unwrap();
+    sqlx::migrate!("../../migrations")
+        .run(&owner)
+        .await
+        .unwrap();
+    // As the workers and the operator run: the runtime login.
+    let pool = sqlx::PgPool::connect(&spendguard_testkit::postgres::runtime_url(&database_url))
+        .await
+        .unwrap();
     let (a, handle_a) = spendguard_leader::PgElector::new(pool.clone(), config("pod-a")).unwrap();
     let (b, handle_b) = spendguard_leader::PgElector::new(pool.clone(), config("pod-b")).unwrap();
     assert!(

@@ -270,9 +270,8 @@ pub async fn start(
 ) -> Result<RunningLedger> {
     spendguard_core::ids::check_name("instance_id", instance_id)?;
     let mut store = Store::connect(database_url, tuning.db_pool_size).await?;
-    if tuning.migrate_on_start {
-        store.migrate().await?;
-    }
+    // Before migrating: a role that may migrate is one the ledger does not serve as, unless
+    // allowed.
     match store.privileges().await? {
         Some(privileged) if tuning.allow_privileged_database_role => warn!(
             %privileged,
@@ -280,6 +279,9 @@ pub async fn start(
         ),
         Some(privileged) => return Err(Error::DatabaseRolePrivileged(privileged)),
         None => {}
+    }
+    if tuning.migrate_on_start {
+        store.migrate().await?;
     }
     let mut key_standing = None;
     match signing {

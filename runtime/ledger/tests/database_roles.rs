@@ -151,6 +151,8 @@ async fn the_runtime_role_cannot_switch_the_rules_off() {
         "DROP TRIGGER ledger_entries_append_only ON ledger_entries",
         "CREATE OR REPLACE FUNCTION append_only() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$",
         "CREATE TABLE ledger_entries_shadow (id int)",
+        // A temporary table would shadow the one the journal's rule reads.
+        "CREATE TEMPORARY TABLE reservations (id int)",
         "SET session_replication_role = replica",
     ] {
         let refused = refused(&runtime, sql).await;
@@ -191,62 +193,113 @@ async fn no_ledger_table_can_be_truncated_even_by_its_owner() {
     }
 }
 
+/// Starts a ledger on `url` logged in as `login`.
+async fn start_as(
+    url: &str,
+    login: &str,
+    allow: bool,
+) -> spendguard_ledger::error::Result<spendguard_ledger::RunningLedger> {
+    let mut url = url::Url::parse(url).unwrap();
+    url.set_username(login).unwrap();
+    let tuning = LedgerTuning {
+        allow_privileged_database_role: allow,
+        ..LedgerTuning::default()
+    };
+    spendguard_ledger::start(
+        url.as_str(),
+        "ledger-roles",
+        &tuning,
+        spendguard_testkit::signing::test_signing("ledger-roles"),
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        &mut prometheus_client::registry::Registry::default(),
+    )
+    .await
+}
+
 #[tokio::test]
-async fn the_ledger_refuses_a_role_that_may_act_as_an_owner_unless_allowed() {
-    // Goal: a ledger does not serve as a role that could switch its rules off, found through
-    // role membership too, unless told to. Method: a login that is a member of
-    // spendguard_runtime and also of the owner of one table (as a careless grant would make
-    // it); the start is refused naming the table; with the allowance it serves.
-    let url = shared_cluster().create_database().await.unwrap();
-    migrate(&url).await.unwrap();
-    let owner = PgPool::connect(&url).await.unwrap();
-    for sql in [
-        "CREATE ROLE roles_test_owner NOLOGIN",
-        "CREATE ROLE roles_test_login LOGIN IN ROLE spendguard_runtime, roles_test_owner",
-        "ALTER TABLE stop_records OWNER TO roles_test_owner",
-    ] {
-        owner.execute(sql).await.unwrap();
-    }
-    let mut login = url::Url::parse(&url).unwrap();
-    login.set_username("roles_test_login").unwrap();
-    let start = |allow: bool| {
-        let login = login.to_string();
-        async move {
-            let tuning = LedgerTuning {
-                allow_privileged_database_role: allow,
-                ..LedgerTuning::default()
-            };
-            spendguard_ledger::start(
-                &login,
-                "ledger-roles",
-                &tuning,
-                spendguard_testkit::signing::test_signing("ledger-roles"),
-                tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-                tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-                &mut prometheus_client::registry::Registry::default(),
-            )
-            .await
+async fn the_ledger_refuses_a_role_that_could_act_as_an_owner_unless_allowed() {
+    // Goal: a ledger does not serve as a role that could switch its rules off, however it
+    // could: through membership in the owner of a table or function, by owning the schema
+    // (whose owner may drop what is in it), by CREATEROLE (which may grant itself any
+    // membership), by temporary tables or objects of its own in the schema (which would shadow
+    // the tables the rules read), or by setting session_replication_role; unless told to. Method: for each, a login that is also a member of
+    // spendguard_runtime, on a database of its own; the start is refused, naming why; with the
+    // allowance the first serves.
+    let cases: [(&str, &[&str], &str); 6] = [
+        (
+            "roles_test_member",
+            &[
+                "CREATE ROLE roles_test_owner NOLOGIN",
+                "CREATE ROLE roles_test_member LOGIN IN ROLE spendguard_runtime, roles_test_owner",
+                "ALTER TABLE stop_records OWNER TO roles_test_owner",
+                "ALTER FUNCTION append_only() OWNER TO roles_test_owner",
+            ],
+            "roles_test_member owns (or may act as the owner of) stop_records; \
+             roles_test_member owns (or may act as the owner of) the functions append_only()",
+        ),
+        (
+            "roles_test_database_owner",
+            &[
+                "CREATE ROLE roles_test_database_owner LOGIN IN ROLE spendguard_runtime",
+                "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I OWNER TO roles_test_database_owner', current_database()); END $$",
+            ],
+            "roles_test_database_owner owns (or may act as the owner of) the schema public",
+        ),
+        (
+            "roles_test_creator",
+            &["CREATE ROLE roles_test_creator LOGIN CREATEROLE IN ROLE spendguard_runtime"],
+            "roles_test_creator may create roles (CREATEROLE)",
+        ),
+        (
+            "roles_test_temporary",
+            &[
+                "CREATE ROLE roles_test_temporary LOGIN IN ROLE spendguard_runtime",
+                "DO $$ BEGIN EXECUTE format('GRANT TEMPORARY ON DATABASE %I TO roles_test_temporary', current_database()); END $$",
+            ],
+            "roles_test_temporary may create temporary tables (REVOKE TEMPORARY ON DATABASE",
+        ),
+        (
+            "roles_test_schema_writer",
+            &[
+                "CREATE ROLE roles_test_schema_writer LOGIN IN ROLE spendguard_runtime",
+                "GRANT CREATE ON SCHEMA public TO roles_test_schema_writer",
+            ],
+            "roles_test_schema_writer may create objects in the schema public",
+        ),
+        (
+            "roles_test_replica",
+            &[
+                "CREATE ROLE roles_test_replica LOGIN IN ROLE spendguard_runtime",
+                "GRANT SET ON PARAMETER session_replication_role TO roles_test_replica",
+            ],
+            "roles_test_replica may set session_replication_role",
+        ),
+    ];
+    for (login, set_up, why) in cases {
+        let url = shared_cluster().create_database().await.unwrap();
+        migrate(&url).await.unwrap();
+        let owner = PgPool::connect(&url).await.unwrap();
+        for sql in set_up {
+            owner.execute(*sql).await.unwrap();
         }
-    };
-    let Err(refused) = start(false).await else {
-        panic!("a ledger served as a member of a table's owner");
-    };
-    assert_eq!(refused.startup_code(), "LEDGER_DATABASE_ROLE_PRIVILEGED");
-    assert!(
-        refused
-            .to_string()
-            .contains("roles_test_login owns (or may act as the owner of) stop_records"),
-        "{refused}"
-    );
-    start(true).await.unwrap().shutdown().await;
+        let Err(refused) = start_as(&url, login, false).await else {
+            panic!("a ledger served as {login}");
+        };
+        assert_eq!(refused.startup_code(), "LEDGER_DATABASE_ROLE_PRIVILEGED");
+        assert!(refused.to_string().contains(why), "{refused}");
+        if login == "roles_test_member" {
+            start_as(&url, login, true).await.unwrap().shutdown().await;
+        }
+    }
 }
 
 #[tokio::test]
 async fn the_migration_creates_the_group_role_or_says_who_must() {
     // Goal: on a cluster without spendguard_runtime the first migration creates it; a migrating
     // role that may not create roles (a managed database's owner) gets a clear error instead,
-    // and migrates once an administrator has created it. Method: a cluster of its own, without the roles the test clusters
-    // are given.
+    // and migrates once an administrator has created it. Method: a cluster of its own,
+    // without the roles the test clusters are given.
     let cluster = PgCluster::start(&[("fsync", "off")]).unwrap();
     let admin = PgPool::connect(&cluster.url("postgres")).await.unwrap();
     for sql in [

@@ -194,30 +194,64 @@ fn tls_files_with(url: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Tls
     })
 }
 
-/// What lets the role of `pool` bypass the ledger's database rules, if anything: it is a
-/// superuser, or a member of the owner of a table in the current schema (an owner can
-/// truncate, alter, or disable triggers; a member can `SET ROLE` to it). The ledger's processes
-/// refuse such a role (docs/design/ledger-database-roles.md).
+/// What lets the role of `pool` bypass the ledger's database rules, if anything (one line per
+/// reason). The ledger's processes refuse such a role (docs/design/ledger-database-roles.md):
+/// - a superuser (the only reason then given), or a member of `pg_execute_server_program` or
+///   `pg_write_server_files` (the server's files);
+/// - CREATEROLE (in PostgreSQL 15 it may grant itself membership in any other role);
+/// - a member of the owner of the current schema (who may drop what is in it) or of a table,
+///   sequence or function there (an owner can truncate, alter, disable triggers or replace a
+///   rule's body; a member can `SET ROLE` to it);
+/// - SET on `session_replication_role` (ordinary triggers off for the session);
+/// - temporary objects, or CREATE on the database or on a schema of the search path: an
+///   object of its own named like a table the rules read would shadow it in their unqualified
+///   lookups.
 ///
 /// # Errors
 /// When the database cannot be asked.
 pub async fn privileged(pool: &sqlx::PgPool) -> Result<Option<String>, sqlx::Error> {
-    let (role, superuser, owned): (String, bool, Option<String>) = sqlx::query_as(
-        "SELECT current_user::text, r.rolsuper,
-                (SELECT string_agg(c.relname::text, ', ' ORDER BY c.relname)
-                   FROM pg_class c
-                  WHERE c.relnamespace = current_schema()::regnamespace
-                    AND c.relkind IN ('r', 'p')
-                    AND pg_has_role(current_user, c.relowner, 'MEMBER'))
-           FROM pg_roles r WHERE r.rolname = current_user",
+    let (role, reasons): (String, Vec<String>) = sqlx::query_as(
+        "SELECT current_user::text,
+                CASE WHEN r.rolsuper THEN ARRAY['is a superuser'] ELSE array_remove(ARRAY[
+           CASE WHEN pg_has_role(current_user, 'pg_execute_server_program', 'MEMBER')
+                  OR pg_has_role(current_user, 'pg_write_server_files', 'MEMBER')
+                THEN 'may run programs or write files on the database server' END,
+           CASE WHEN r.rolcreaterole
+                THEN 'may create roles (CREATEROLE), and so make itself a member of the owner' END,
+           CASE WHEN pg_has_role(current_user, n.nspowner, 'MEMBER')
+                THEN 'owns (or may act as the owner of) the schema ' || n.nspname::text END,
+           (SELECT 'owns (or may act as the owner of) ' || string_agg(c.relname::text, ', ' ORDER BY c.relname)
+              FROM pg_class c
+             WHERE c.relnamespace = n.oid AND c.relkind IN ('r', 'p', 'S', 'v', 'm', 'f')
+               AND pg_has_role(current_user, c.relowner, 'MEMBER')),
+           (SELECT 'owns (or may act as the owner of) the functions '
+                   || string_agg(DISTINCT p.proname::text || '()', ', ')
+              FROM pg_proc p
+             WHERE p.pronamespace = n.oid AND pg_has_role(current_user, p.proowner, 'MEMBER')),
+           CASE WHEN has_parameter_privilege('session_replication_role', 'SET')
+                THEN 'may set session_replication_role' END,
+           CASE WHEN has_database_privilege(current_database(), 'TEMPORARY')
+                THEN format('may create temporary tables (REVOKE TEMPORARY ON DATABASE %I FROM PUBLIC)',
+                            current_database()) END,
+           CASE WHEN has_database_privilege(current_database(), 'CREATE')
+                THEN 'may create schemas in the database' END,
+           (SELECT 'may create objects in the schema ' || string_agg(s::text, ', ')
+              FROM unnest(current_schemas(false)) s
+             WHERE has_schema_privilege(s, 'CREATE'))
+         ], NULL) END
+           FROM pg_roles r
+           LEFT JOIN pg_namespace n ON n.oid = current_schema()::regnamespace
+          WHERE r.rolname = current_user",
     )
     .fetch_one(pool)
     .await?;
-    Ok(if superuser {
-        Some(format!("{role} is a superuser"))
-    } else {
-        owned.map(|tables| format!("{role} owns (or may act as the owner of) {tables}"))
-    })
+    Ok((!reasons.is_empty()).then(|| {
+        reasons
+            .iter()
+            .map(|reason| format!("{role} {reason}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }))
 }
 
 #[cfg(test)]
