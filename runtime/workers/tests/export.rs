@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 use spendguard_core::audit::{EventDraft, ProducerStamp};
 use spendguard_evidence::Inclusion;
 use spendguard_testkit::TestLedger;
+use spendguard_testkit::postgres::runtime_url;
 use spendguard_workers::audit::AuditCommand;
 use spendguard_workers::audit::export::{ExportOptions, connect_read_only, export};
 use spendguard_workers::audit::format::{Manifest, Range, sha256_hex};
@@ -88,7 +89,9 @@ async fn two_tenants() -> (TestLedger, PgPool) {
 #[tokio::test]
 async fn a_tenant_export_verifies_and_holds_only_that_tenant() {
     let (ledger, pool) = two_tenants().await;
-    let reader = connect_read_only(&ledger.database_url).await.unwrap();
+    let reader = connect_read_only(&runtime_url(&ledger.database_url))
+        .await
+        .unwrap();
     // The exporter's sessions cannot write, whatever it runs.
     let write = sqlx::query("INSERT INTO forwarder_cursors VALUES ('x', 1)")
         .execute(&reader)
@@ -153,7 +156,9 @@ async fn a_tenant_export_verifies_and_holds_only_that_tenant() {
 #[tokio::test]
 async fn cross_tenant_attempts_are_refused() {
     let (ledger, _pool) = two_tenants().await;
-    let reader = connect_read_only(&ledger.database_url).await.unwrap();
+    let reader = connect_read_only(&runtime_url(&ledger.database_url))
+        .await
+        .unwrap();
     let acme = tempfile::tempdir().unwrap();
     export(&reader, acme.path(), &options("acme", 100))
         .await
@@ -204,7 +209,9 @@ async fn a_resumed_export_equals_a_one_shot_export() {
     tenant_activity(&mut ledger, "acme", 4, "a").await;
     let pool = ledger.store().pool().clone();
     forward(&pool).await;
-    let reader = connect_read_only(&ledger.database_url).await.unwrap();
+    let reader = connect_read_only(&runtime_url(&ledger.database_url))
+        .await
+        .unwrap();
 
     // Interrupted: one batch, then a crash that left a half-written next batch file.
     let resumed = tempfile::tempdir().unwrap();
@@ -255,7 +262,9 @@ async fn a_resumed_export_equals_a_one_shot_export() {
         let mut other = TestLedger::start().await.unwrap();
         tenant_activity(&mut other, "acme", calls, "o").await;
         forward(other.store().pool()).await;
-        let other_reader = connect_read_only(&other.database_url).await.unwrap();
+        let other_reader = connect_read_only(&runtime_url(&other.database_url))
+            .await
+            .unwrap();
         let before = std::fs::read(resumed.path().join("manifest.json")).unwrap();
         let error = export(&other_reader, resumed.path(), &resume)
             .await
@@ -292,7 +301,9 @@ async fn a_date_range_exports_a_contiguous_anchored_segment() {
     tenant_activity(&mut ledger, "acme", 3, "b").await;
     let pool = ledger.store().pool().clone();
     forward(&pool).await;
-    let reader = connect_read_only(&ledger.database_url).await.unwrap();
+    let reader = connect_read_only(&runtime_url(&ledger.database_url))
+        .await
+        .unwrap();
     let ranged = |from, to| ExportOptions {
         range: Range { from, to },
         ..options("acme", 2)
@@ -419,7 +430,9 @@ async fn exports_of_the_previous_format_still_verify() {
     // Goal: v1 exports (written before batch signatures) stay verifiable: the verifier reads both
     // format tags; the exporter writes v2.
     let (ledger, _pool) = two_tenants().await;
-    let reader = connect_read_only(&ledger.database_url).await.unwrap();
+    let reader = connect_read_only(&runtime_url(&ledger.database_url))
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     export(&reader, dir.path(), &options("acme", 1_000))
         .await
@@ -462,7 +475,9 @@ fn files_of(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
 #[tokio::test]
 async fn tampering_fails_verification_with_its_own_code() {
     let (ledger, _pool) = two_tenants().await;
-    let reader = connect_read_only(&ledger.database_url).await.unwrap();
+    let reader = connect_read_only(&runtime_url(&ledger.database_url))
+        .await
+        .unwrap();
     let original = tempfile::tempdir().unwrap();
     export(&reader, original.path(), &options("acme", 1_000))
         .await
@@ -749,7 +764,9 @@ async fn unsigned_demo_events_verify_only_when_allowed() {
     let demo = Forwarder::new(pool.clone(), false, 1_000, ForwarderMetrics::default());
     assert_eq!(demo.pass().await.unwrap().accepted, 1);
 
-    let reader = connect_read_only(&ledger.database_url).await.unwrap();
+    let reader = connect_read_only(&runtime_url(&ledger.database_url))
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     export(&reader, dir.path(), &options("acme", 100))
         .await
@@ -787,7 +804,8 @@ async fn the_cli_exports_resumes_and_verifies_with_stable_codes() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("acme");
     let out = out.to_str().unwrap();
-    let url = ledger.database_url.as_str();
+    let url = runtime_url(&ledger.database_url);
+    let url = url.as_str();
     let base = [
         "export",
         "--database-url",
@@ -853,7 +871,9 @@ async fn a_checkpoint_catches_a_cut_tail_with_a_rewritten_manifest() {
     assert!(report.quarantined.is_empty());
     let len = chain_len(&pool, "acme").await;
 
-    let reader = connect_read_only(&ledger.database_url).await.unwrap();
+    let reader = connect_read_only(&runtime_url(&ledger.database_url))
+        .await
+        .unwrap();
     let original = tempfile::tempdir().unwrap();
     export(&reader, original.path(), &options("acme", 100))
         .await

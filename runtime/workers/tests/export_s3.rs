@@ -13,6 +13,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::Value;
 use spendguard_testkit::TestLedger;
 use spendguard_testkit::moto::{MotoServer, REGION};
+use spendguard_testkit::postgres::runtime_url;
 use spendguard_workers::audit::export::{
     ExportOptions, ExportReport, connect_read_only, export, export_to,
 };
@@ -205,7 +206,9 @@ async fn an_s3_export_verifies_from_the_bucket_and_holds_only_that_tenant() {
     tenant_activity(&mut ledger, "globex", 3, "g").await;
     let pool = ledger.store().pool().clone();
     forward(&pool).await;
-    let reader = connect_read_only(&ledger.database_url).await.unwrap();
+    let reader = connect_read_only(&runtime_url(&ledger.database_url))
+        .await
+        .unwrap();
     let (_moto, s3) = moto_bucket().await;
 
     for tenant in ["acme", "globex"] {
@@ -341,7 +344,9 @@ async fn an_interrupted_s3_export_resumes_without_duplicates_or_gaps() {
     tenant_activity(&mut ledger, "acme", 4, "a").await;
     let pool = ledger.store().pool().clone();
     forward(&pool).await;
-    let reader = connect_read_only(&ledger.database_url).await.unwrap();
+    let reader = connect_read_only(&runtime_url(&ledger.database_url))
+        .await
+        .unwrap();
     let (_moto, s3) = moto_bucket().await;
     let bounded = ExportOptions {
         max_batches: Some(1),
@@ -434,7 +439,9 @@ async fn storage_failures_have_stable_codes_and_claim_nothing() {
     tenant_activity(&mut ledger, "acme", 2, "a").await;
     let pool = ledger.store().pool().clone();
     forward(&pool).await;
-    let reader = connect_read_only(&ledger.database_url).await.unwrap();
+    let reader = connect_read_only(&runtime_url(&ledger.database_url))
+        .await
+        .unwrap();
     let (moto, s3) = moto_bucket().await;
 
     let missing = Sink::S3(S3Store::from_client(s3.clone(), "no-such-bucket", "x/"));
@@ -495,7 +502,9 @@ async fn published_checkpoints_catch_an_export_cut_back_to_an_older_checkpoint()
     tenant_activity(&mut ledger, "globex", 2, "g").await;
     let pool = ledger.store().pool().clone();
     let public = forward_with_checkpoints(&pool).await;
-    let reader = connect_read_only(&ledger.database_url).await.unwrap();
+    let reader = connect_read_only(&runtime_url(&ledger.database_url))
+        .await
+        .unwrap();
     let (_moto, s3) = moto_bucket().await;
     export_to(&reader, &sink(&s3, "old/"), &options("acme", 100))
         .await
@@ -573,7 +582,9 @@ async fn published_checkpoints_catch_an_export_cut_back_to_an_older_checkpoint()
         let mut other = TestLedger::start().await.unwrap();
         tenant_activity(&mut other, "acme", calls, "o").await;
         forward_with_checkpoints(other.store().pool()).await;
-        let other_reader = connect_read_only(&other.database_url).await.unwrap();
+        let other_reader = connect_read_only(&runtime_url(&other.database_url))
+            .await
+            .unwrap();
         let error = publish_checkpoints(&other_reader, &sink(&s3, "pub/"), &["acme".to_owned()])
             .await
             .unwrap_err();
@@ -695,13 +706,11 @@ async fn the_cli_exports_publishes_and_verifies_through_s3() {
     let public = forward_with_checkpoints(&pool).await;
     let len = chain_len(&pool, "acme").await;
     let (moto, s3) = moto_bucket().await;
+    let runtime = runtime_url(&ledger.database_url);
     let endpoint = moto.endpoint();
     let aws = [
         ("SPENDGUARD_S3_ENDPOINT", endpoint.as_str()),
-        (
-            "SPENDGUARD_LEDGER_DATABASE_URL",
-            ledger.database_url.as_str(),
-        ),
+        ("SPENDGUARD_LEDGER_DATABASE_URL", runtime.as_str()),
         ("AWS_ACCESS_KEY_ID", "testing"),
         ("AWS_SECRET_ACCESS_KEY", "testing"),
         ("AWS_REGION", REGION),

@@ -9,6 +9,7 @@ use spendguard_proto::ledger::v1 as pb;
 use spendguard_proto::ledger::v1::ledger_client::LedgerClient;
 use spendguard_testkit::TestLedger;
 use spendguard_testkit::ledger::reserve_request;
+use spendguard_testkit::postgres::runtime_url;
 use spendguard_workers::audit::export::{ExportOptions, connect_read_only, export};
 use spendguard_workers::audit::format::Range;
 use spendguard_workers::audit::verify::{VerifyOptions, verify};
@@ -133,7 +134,9 @@ async fn a_key_rotation_drill_loses_no_call_and_no_event() {
     assert!(events >= 90, "{events}");
 
     // 6. Offline: the export verifies, events signed by both keys included.
-    let reader = connect_read_only(&new.database_url).await.unwrap();
+    let reader = connect_read_only(&runtime_url(&new.database_url))
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let options = ExportOptions {
         tenant_id: T.into(),
