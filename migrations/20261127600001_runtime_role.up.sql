@@ -8,8 +8,9 @@
 --   * the migrations run as the owner (`spendguard migrate`, a Helm hook Job);
 --   * the ledger and the outbox forwarder log in as a role that is a member of the group role
 --     `spendguard_runtime`, owns nothing, and holds exactly the privileges below: SELECT and
---     INSERT everywhere it writes, UPDATE only where rows change or are upserted (and on one
---     column where an immutable row is only locked FOR UPDATE), DELETE and TRUNCATE nowhere;
+--     INSERT everywhere it writes, UPDATE only where rows change or are upserted (of the
+--     columns that change, where that is a few; of one column where an immutable row is only
+--     locked FOR UPDATE), DELETE and TRUNCATE nowhere;
 --   * TRUNCATE is refused on every ledger table, for the owner too (a statement trigger):
 --     history leaves only by DELETE, which the row triggers judge (retention, S19).
 --
@@ -49,8 +50,19 @@ END $$;
 -- Every table has its decision here; tests/database_roles.rs fails on a table without one.
 GRANT SELECT ON _sqlx_migrations TO spendguard_runtime;  -- /readyz: every migration applied
 GRANT SELECT, INSERT, UPDATE ON
-    tenants, budgets, budget_windows, reservations, fencing_scopes, audit_producers, approvals,
-    retention_policies, signing_keys, audit_chain_heads, forwarder_cursors, leader_leases
+    reservations, fencing_scopes, audit_producers, approvals, signing_keys, audit_chain_heads,
+    forwarder_cursors, leader_leases
+    TO spendguard_runtime;
+-- Where only some columns change, only they may: a window's money (which the journal's trigger
+-- applies; its key moved would take the money away from the window the ledger reads), a
+-- budget's settings, a tenant's name, a retention policy's terms.
+GRANT SELECT, INSERT ON tenants, budgets, budget_windows, retention_policies TO spendguard_runtime;
+GRANT UPDATE (display_name, updated_at) ON tenants TO spendguard_runtime;
+GRANT UPDATE (limit_nano_usd, soft_cap_nano_usd, window_kind, updated_at) ON budgets
+    TO spendguard_runtime;
+GRANT UPDATE (limit_nano_usd, reserved_nano_usd, committed_nano_usd, overrun_nano_usd)
+    ON budget_windows TO spendguard_runtime;
+GRANT UPDATE (audit_retention_days, redact_payloads_after_days, updated_at) ON retention_policies
     TO spendguard_runtime;
 GRANT SELECT, INSERT ON
     ledger_entries, fencing_scope_events, audit_outbox, approval_uses, fail_open_records,

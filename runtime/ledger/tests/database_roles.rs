@@ -10,22 +10,50 @@ use spendguard_testkit::ledger::{TestLedger, migrate, shared_cluster};
 use spendguard_testkit::postgres::runtime_url;
 use sqlx::{Executor, PgPool};
 
-/// Tables the runtime role may UPDATE (rows that change or are upserted); every other table
-/// it may only read and append to (`fail_open_records` also has one column updatable, which
-/// `FOR UPDATE` needs; its trigger refuses changes).
-const UPDATED: [&str; 12] = [
+/// Tables the runtime role may UPDATE whole (rows that change or are upserted); the others it
+/// may only read and append to, or UPDATE only the columns of [`UPDATED_COLUMNS`].
+const UPDATED: [&str; 8] = [
     "approvals",
     "audit_chain_heads",
     "audit_producers",
-    "budget_windows",
-    "budgets",
     "fencing_scopes",
     "forwarder_cursors",
     "leader_leases",
     "reservations",
-    "retention_policies",
     "signing_keys",
-    "tenants",
+];
+
+/// Columns the runtime role may UPDATE in tables it may not UPDATE whole (`fail_open_records`:
+/// for its `FOR UPDATE` lock only; its trigger refuses changes), in column order.
+const UPDATED_COLUMNS: [(&str, &[&str]); 5] = [
+    (
+        "budget_windows",
+        &[
+            "limit_nano_usd",
+            "reserved_nano_usd",
+            "committed_nano_usd",
+            "overrun_nano_usd",
+        ],
+    ),
+    (
+        "budgets",
+        &[
+            "limit_nano_usd",
+            "soft_cap_nano_usd",
+            "window_kind",
+            "updated_at",
+        ],
+    ),
+    ("fail_open_records", &["record_id"]),
+    (
+        "retention_policies",
+        &[
+            "audit_retention_days",
+            "redact_payloads_after_days",
+            "updated_at",
+        ],
+    ),
+    ("tenants", &["display_name", "updated_at"]),
 ];
 
 async fn tables(pool: &PgPool) -> Vec<String> {
@@ -76,20 +104,18 @@ async fn every_table_grants_the_runtime_role_exactly_its_decision() {
             "SELECT attname::text FROM pg_attribute
               WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped
                 AND has_column_privilege('spendguard_runtime', attrelid, attnum, 'UPDATE')
-                AND NOT has_table_privilege('spendguard_runtime', attrelid, 'UPDATE')",
+                AND NOT has_table_privilege('spendguard_runtime', attrelid, 'UPDATE')
+              ORDER BY attnum",
         )
         .bind(&table)
         .fetch_all(&owner)
         .await
         .unwrap();
-        let locked: &[&str] = match table.as_str() {
-            "fail_open_records" => &["record_id"],
-            _ => &[],
-        };
-        assert_eq!(
-            columns, locked,
-            "{table}: columns updatable for a lock only"
-        );
+        let want_columns = UPDATED_COLUMNS
+            .iter()
+            .find(|(name, _)| *name == table)
+            .map_or(&[][..], |(_, columns)| *columns);
+        assert_eq!(columns, want_columns, "{table}: columns it may update");
     }
     let owns: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_class WHERE relowner = 'spendguard_runtime'::regrole",
@@ -146,6 +172,9 @@ async fn the_runtime_role_cannot_switch_the_rules_off() {
         "TRUNCATE audit_outbox CASCADE",
         "DELETE FROM reservations",
         "UPDATE ledger_entries SET committed_delta = 0",
+        // A window's money moved away from the key the ledger reads it by.
+        "UPDATE budget_windows SET window_start = window_start - interval '1 day'",
+        "UPDATE budgets SET budget_id = budget_id || '-old'",
         "ALTER TABLE ledger_entries DISABLE TRIGGER ALL",
         "ALTER TABLE reservations DISABLE TRIGGER reservations_row_rules",
         "DROP TRIGGER ledger_entries_append_only ON ledger_entries",
@@ -184,9 +213,10 @@ async fn no_ledger_table_can_be_truncated_even_by_its_owner() {
             .await
             .unwrap();
         for table in &all {
+            // With CASCADE past the foreign keys: the table's own trigger refuses first.
             let refused = refused(&owner, &format!("TRUNCATE {table} CASCADE")).await;
             assert!(
-                refused.starts_with("23000 ") && refused.contains("cannot be truncated"),
+                refused.starts_with(&format!("23000 {table} cannot be truncated")),
                 "{role}, {table}: {refused}"
             );
         }
@@ -219,14 +249,16 @@ async fn start_as(
 
 #[tokio::test]
 async fn the_ledger_refuses_a_role_that_could_act_as_an_owner_unless_allowed() {
-    // Goal: a ledger does not serve as a role that could switch its rules off, however it
+    // Goal: a ledger does not serve as a login that could get around its rules, however it
     // could: through membership in the owner of a table or function, by owning the schema
     // (whose owner may drop what is in it), by CREATEROLE (which may grant itself any
-    // membership), by temporary tables or objects of its own in the schema (which would shadow
-    // the tables the rules read), or by setting session_replication_role; unless told to. Method: for each, a login that is also a member of
-    // spendguard_runtime, on a database of its own; the start is refused, naming why; with the
-    // allowance the first serves.
-    let cases: [(&str, &[&str], &str); 6] = [
+    // membership), by temporary tables or objects of its own in a schema (which would shadow
+    // what the rules read), by session_replication_role (settable, or set for it), by running
+    // as another role than its login, or by a privilege the decision does not grant; roles it
+    // belongs to without inheriting count too; unless told to. Method: for each, a login that
+    // is also a member of spendguard_runtime, on a database of its own; the start is refused,
+    // naming why; with the allowance the first serves.
+    let cases: [(&str, &[&str], &str); 11] = [
         (
             "roles_test_member",
             &[
@@ -235,8 +267,8 @@ async fn the_ledger_refuses_a_role_that_could_act_as_an_owner_unless_allowed() {
                 "ALTER TABLE stop_records OWNER TO roles_test_owner",
                 "ALTER FUNCTION append_only() OWNER TO roles_test_owner",
             ],
-            "roles_test_member owns (or may act as the owner of) stop_records; \
-             roles_test_member owns (or may act as the owner of) the functions append_only()",
+            "roles_test_member owns (or may act as the owner of) public.append_only(), \
+             public.stop_records",
         ),
         (
             "roles_test_database_owner",
@@ -244,12 +276,12 @@ async fn the_ledger_refuses_a_role_that_could_act_as_an_owner_unless_allowed() {
                 "CREATE ROLE roles_test_database_owner LOGIN IN ROLE spendguard_runtime",
                 "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I OWNER TO roles_test_database_owner', current_database()); END $$",
             ],
-            "roles_test_database_owner owns (or may act as the owner of) the schema public",
+            "roles_test_database_owner owns (or may act as the owner of) schema public",
         ),
         (
             "roles_test_creator",
             &["CREATE ROLE roles_test_creator LOGIN CREATEROLE IN ROLE spendguard_runtime"],
-            "roles_test_creator may create roles (CREATEROLE)",
+            "roles_test_creator may create roles (CREATEROLE: roles_test_creator)",
         ),
         (
             "roles_test_temporary",
@@ -265,7 +297,7 @@ async fn the_ledger_refuses_a_role_that_could_act_as_an_owner_unless_allowed() {
                 "CREATE ROLE roles_test_schema_writer LOGIN IN ROLE spendguard_runtime",
                 "GRANT CREATE ON SCHEMA public TO roles_test_schema_writer",
             ],
-            "roles_test_schema_writer may create objects in the schema public",
+            "roles_test_schema_writer may create objects in the schemas public",
         ),
         (
             "roles_test_replica",
@@ -274,6 +306,49 @@ async fn the_ledger_refuses_a_role_that_could_act_as_an_owner_unless_allowed() {
                 "GRANT SET ON PARAMETER session_replication_role TO roles_test_replica",
             ],
             "roles_test_replica may set session_replication_role",
+        ),
+        (
+            "roles_test_replica_session",
+            &[
+                "CREATE ROLE roles_test_replica_session LOGIN IN ROLE spendguard_runtime",
+                "ALTER ROLE roles_test_replica_session SET session_replication_role = replica",
+            ],
+            "roles_test_replica_session has session_replication_role = replica",
+        ),
+        (
+            "roles_test_switcher",
+            &[
+                "CREATE ROLE roles_test_switcher LOGIN IN ROLE spendguard_runtime",
+                "ALTER ROLE roles_test_switcher SET role = spendguard_runtime",
+            ],
+            "roles_test_switcher runs as spendguard_runtime by SET ROLE",
+        ),
+        (
+            // Not inherited, but one SET ROLE away.
+            "roles_test_noinherit",
+            &[
+                "CREATE ROLE roles_test_schema_writers NOLOGIN",
+                "GRANT CREATE ON SCHEMA public TO roles_test_schema_writers",
+                "CREATE ROLE roles_test_noinherit LOGIN NOINHERIT \
+                 IN ROLE spendguard_runtime, roles_test_schema_writers",
+            ],
+            "roles_test_noinherit may create objects in the schemas public",
+        ),
+        (
+            "roles_test_super_member",
+            &[
+                "CREATE ROLE roles_test_supers NOLOGIN SUPERUSER",
+                "CREATE ROLE roles_test_super_member LOGIN IN ROLE spendguard_runtime, roles_test_supers",
+            ],
+            "roles_test_super_member may become a superuser (SET ROLE roles_test_supers)",
+        ),
+        (
+            "roles_test_deleter",
+            &[
+                "CREATE ROLE roles_test_deleter LOGIN IN ROLE spendguard_runtime",
+                "GRANT DELETE ON audit_producers TO roles_test_deleter",
+            ],
+            "roles_test_deleter may delete audit_producers",
         ),
     ];
     for (login, set_up, why) in cases {

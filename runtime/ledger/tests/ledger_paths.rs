@@ -2336,7 +2336,7 @@ async fn a_stuck_database_is_overloaded_at_once_and_unavailable_at_its_lock_time
     let fencing = ledger.tenant_with_lease(T).await.unwrap();
     ledger.budget(T, "run", 1_000_000).await.unwrap();
     let events = outbox_count(&ledger).await;
-    let pool = ledger.store().pool().clone();
+    let pool = ledger.owner.clone();
     let mut locker = pool.begin().await.unwrap();
     sqlx::query("LOCK TABLE budget_windows IN ACCESS EXCLUSIVE MODE")
         .execute(&mut *locker)

@@ -194,65 +194,93 @@ fn tls_files_with(url: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Tls
     })
 }
 
-/// What lets the role of `pool` bypass the ledger's database rules, if anything (one line per
-/// reason). The ledger's processes refuse such a role (docs/design/ledger-database-roles.md):
-/// - a superuser (the only reason then given), or a member of `pg_execute_server_program` or
-///   `pg_write_server_files` (the server's files);
-/// - CREATEROLE (in PostgreSQL 15 it may grant itself membership in any other role);
-/// - a member of the owner of the current schema (who may drop what is in it) or of a table,
-///   sequence or function there (an owner can truncate, alter, disable triggers or replace a
-///   rule's body; a member can `SET ROLE` to it);
-/// - SET on `session_replication_role` (ordinary triggers off for the session);
-/// - temporary objects, or CREATE on the database or on a schema of the search path: an
-///   object of its own named like a table the rules read would shadow it in their unqualified
-///   lookups.
+/// What lets the login of `pool` get around the ledger's database rules, if anything (each
+/// reason named). The ledger's processes refuse such a login
+/// (docs/design/ledger-database-roles.md). Judged for the session's login and every role it
+/// is a member of (it may `SET ROLE` to any of them, NOINHERIT or not):
+/// - a superuser (then the only reason given), a member of `pg_execute_server_program` or
+///   `pg_write_server_files` (the server's files), or CREATEROLE (in PostgreSQL 15 it may grant
+///   itself membership in any other role);
+/// - a session running as another role (`SET ROLE`, which `RESET ROLE` undoes);
+/// - owning a schema (whose owner may drop what is in it), a table, sequence or function (an
+///   owner can truncate, alter, disable triggers or replace a rule's body);
+/// - `session_replication_role` set, or SET on it (ordinary triggers off);
+/// - temporary tables, or CREATE on the database or any schema: an object of its own named like
+///   a table or function the rules use would shadow it through the search path it chooses;
+/// - DELETE, TRUNCATE, TRIGGER or REFERENCES on a ledger table (none is granted).
 ///
 /// # Errors
 /// When the database cannot be asked.
 pub async fn privileged(pool: &sqlx::PgPool) -> Result<Option<String>, sqlx::Error> {
-    let (role, reasons): (String, Vec<String>) = sqlx::query_as(
-        "SELECT current_user::text,
-                CASE WHEN r.rolsuper THEN ARRAY['is a superuser'] ELSE array_remove(ARRAY[
-           CASE WHEN pg_has_role(current_user, 'pg_execute_server_program', 'MEMBER')
-                  OR pg_has_role(current_user, 'pg_write_server_files', 'MEMBER')
-                THEN 'may run programs or write files on the database server' END,
-           CASE WHEN r.rolcreaterole
-                THEN 'may create roles (CREATEROLE), and so make itself a member of the owner' END,
-           CASE WHEN pg_has_role(current_user, n.nspowner, 'MEMBER')
-                THEN 'owns (or may act as the owner of) the schema ' || n.nspname::text END,
-           (SELECT 'owns (or may act as the owner of) ' || string_agg(c.relname::text, ', ' ORDER BY c.relname)
-              FROM pg_class c
-             WHERE c.relnamespace = n.oid AND c.relkind IN ('r', 'p', 'S', 'v', 'm', 'f')
-               AND pg_has_role(current_user, c.relowner, 'MEMBER')),
-           (SELECT 'owns (or may act as the owner of) the functions '
-                   || string_agg(DISTINCT p.proname::text || '()', ', ')
-              FROM pg_proc p
-             WHERE p.pronamespace = n.oid AND pg_has_role(current_user, p.proowner, 'MEMBER')),
-           CASE WHEN has_parameter_privilege('session_replication_role', 'SET')
-                THEN 'may set session_replication_role' END,
-           CASE WHEN has_database_privilege(current_database(), 'TEMPORARY')
-                THEN format('may create temporary tables (REVOKE TEMPORARY ON DATABASE %I FROM PUBLIC)',
-                            current_database()) END,
-           CASE WHEN has_database_privilege(current_database(), 'CREATE')
-                THEN 'may create schemas in the database' END,
-           (SELECT 'may create objects in the schema ' || string_agg(s::text, ', ')
-              FROM unnest(current_schemas(false)) s
-             WHERE has_schema_privilege(s, 'CREATE'))
-         ], NULL) END
-           FROM pg_roles r
-           LEFT JOIN pg_namespace n ON n.oid = current_schema()::regnamespace
-          WHERE r.rolname = current_user",
-    )
-    .fetch_one(pool)
-    .await?;
+    let (login, reasons): (String, Vec<String>) =
+        sqlx::query_as(PRIVILEGED).fetch_one(pool).await?;
     Ok((!reasons.is_empty()).then(|| {
         reasons
             .iter()
-            .map(|reason| format!("{role} {reason}"))
+            .map(|reason| format!("{login} {reason}"))
             .collect::<Vec<_>>()
             .join("; ")
     }))
 }
+
+/// The reasons of [`privileged`], for `session_user`.
+const PRIVILEGED: &str = r"
+WITH roles AS (
+    SELECT oid, rolname::text AS name, rolsuper, rolcreaterole
+      FROM pg_roles WHERE pg_has_role(session_user, oid, 'MEMBER')
+), user_schemas AS (
+    SELECT oid, nspname::text AS name, nspowner FROM pg_namespace
+     WHERE nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')
+       AND nspname NOT LIKE 'pg\_temp\_%' AND nspname NOT LIKE 'pg\_toast\_temp\_%'
+), owned AS (
+    SELECT 'schema ' || n.name AS what FROM user_schemas n JOIN roles r ON r.oid = n.nspowner
+    UNION ALL
+    SELECT n.name || '.' || c.relname FROM pg_class c
+      JOIN user_schemas n ON n.oid = c.relnamespace JOIN roles r ON r.oid = c.relowner
+     WHERE c.relkind IN ('r', 'p', 'S', 'v', 'm', 'f')
+    UNION ALL
+    SELECT DISTINCT n.name || '.' || p.proname || '()' FROM pg_proc p
+      JOIN user_schemas n ON n.oid = p.pronamespace JOIN roles r ON r.oid = p.proowner
+)
+SELECT session_user::text,
+       CASE WHEN EXISTS (SELECT 1 FROM roles WHERE rolsuper)
+       THEN ARRAY[CASE WHEN EXISTS (SELECT 1 FROM roles WHERE rolsuper AND name = session_user)
+                  THEN 'is a superuser'
+                  ELSE 'may become a superuser (SET ROLE '
+                       || (SELECT string_agg(name, ', ' ORDER BY name) FROM roles WHERE rolsuper)
+                       || ')' END]
+       ELSE array_remove(ARRAY[
+           CASE WHEN session_user <> current_user
+                THEN 'runs as ' || current_user || ' by SET ROLE, which RESET ROLE undoes' END,
+           CASE WHEN pg_has_role(session_user, 'pg_execute_server_program', 'MEMBER')
+                  OR pg_has_role(session_user, 'pg_write_server_files', 'MEMBER')
+                THEN 'may run programs or write files on the database server' END,
+           (SELECT 'may create roles (CREATEROLE: ' || string_agg(name, ', ' ORDER BY name)
+                   || '), and so make itself a member of the owner'
+              FROM roles WHERE rolcreaterole HAVING count(*) > 0),
+           (SELECT 'owns (or may act as the owner of) '
+                   || array_to_string((array_agg(what ORDER BY what))[1:5], ', ')
+                   || CASE WHEN count(*) > 5 THEN format(' and %s more', count(*) - 5) ELSE '' END
+              FROM owned HAVING count(*) > 0),
+           CASE WHEN current_setting('session_replication_role') <> 'origin'
+                THEN 'has session_replication_role = ' || current_setting('session_replication_role')
+                     || ' (ordinary triggers off)' END,
+           (SELECT 'may set session_replication_role' FROM roles
+             WHERE has_parameter_privilege(oid, 'session_replication_role', 'SET') LIMIT 1),
+           (SELECT format('may create temporary tables (REVOKE TEMPORARY ON DATABASE %I FROM PUBLIC)',
+                          current_database())
+              FROM roles WHERE has_database_privilege(oid, current_database(), 'TEMPORARY') LIMIT 1),
+           (SELECT 'may create schemas in the database' FROM roles
+             WHERE has_database_privilege(oid, current_database(), 'CREATE') LIMIT 1),
+           (SELECT 'may create objects in the schemas ' || string_agg(DISTINCT n.name, ', ')
+              FROM user_schemas n, roles r
+             WHERE has_schema_privilege(r.oid, n.oid, 'CREATE') HAVING count(*) > 0),
+           (SELECT 'may ' || string_agg(DISTINCT lower(p) || ' ' || c.relname, ', ')
+              FROM pg_class c, roles r, unnest(ARRAY['DELETE', 'TRUNCATE', 'TRIGGER', 'REFERENCES']) p
+             WHERE c.relnamespace = (SELECT oid FROM pg_namespace WHERE nspname = current_schema())
+               AND c.relkind IN ('r', 'p') AND has_table_privilege(r.oid, c.oid, p)
+            HAVING count(*) > 0)
+       ], NULL) END";
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]

@@ -339,7 +339,7 @@ async fn a_call_waiting_for_approval_never_fails_open() {
     // The ledger answers GetApproval but cannot reserve (its budget windows are locked away
     // past its lock timeout): the resumed call's own reservation failed, and that too is 503.
     stack.restart_ledger().await;
-    let pool = stack.ledger.store().pool().clone();
+    let pool = stack.ledger.owner.clone();
     let mut locker = pool.begin().await.unwrap();
     sqlx::query("LOCK TABLE budget_windows IN ACCESS EXCLUSIVE MODE")
         .execute(&mut *locker)
