@@ -3,17 +3,15 @@
 -- to the cluster, and other databases may grant to it.
 DO $$
 DECLARE
-    t text;
+    t record;
 BEGIN
-    FOREACH t IN ARRAY ARRAY['tenants', 'budgets', 'budget_windows', 'reservations',
-                             'ledger_entries', 'fencing_scopes', 'fencing_scope_events',
-                             'audit_producers', 'audit_outbox', 'approvals', 'approval_uses',
-                             'fail_open_records', 'stop_records', 'retention_policies',
-                             'pricing_registrations', 'signing_keys', 'audit_chain',
-                             'audit_chain_heads', 'audit_checkpoints', 'audit_quarantine',
-                             'forwarder_cursors', 'leader_leases'] LOOP
-        EXECUTE format('DROP TRIGGER %I ON %I', t || '_never_truncated', t);
-        EXECUTE format('REVOKE ALL ON %I FROM spendguard_runtime', t);
+    FOR t IN SELECT tg.tgname, c.relname FROM pg_trigger tg JOIN pg_class c ON c.oid = tg.tgrelid
+              WHERE tg.tgfoid = 'spendguard_refuse_truncate'::regproc LOOP
+        EXECUTE format('DROP TRIGGER %I ON %I', t.tgname, t.relname);
+    END LOOP;
+    -- Column grants go with the table's.
+    FOR t IN SELECT tablename FROM pg_tables WHERE schemaname = current_schema() LOOP
+        EXECUTE format('REVOKE ALL ON %I FROM spendguard_runtime', t.tablename);
     END LOOP;
 END $$;
 DROP FUNCTION spendguard_refuse_truncate();
@@ -22,6 +20,4 @@ BEGIN
     EXECUTE format('GRANT TEMPORARY ON DATABASE %I TO PUBLIC', current_database());
     EXECUTE format('REVOKE USAGE ON SCHEMA %I FROM spendguard_runtime', current_schema());
 END $$;
-REVOKE ALL ON _sqlx_migrations FROM spendguard_runtime;
-REVOKE UPDATE (record_id) ON fail_open_records FROM spendguard_runtime;
 REVOKE ALL ON SEQUENCE audit_quarantine_quarantine_id_seq FROM spendguard_runtime;

@@ -14,6 +14,21 @@ async fn get(port: u16, path: &str) -> (u16, String) {
     http_get(port, path).await.unwrap()
 }
 
+/// Whether the admin server on `port` answers 200 on `path` within 10 s.
+async fn answers_ok(port: u16, path: &str) -> bool {
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+            && get(port, path).await.0 == 200
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
 /// `spendguard ledger` on `url` with the data path on `port`, the control listener on `control`
 /// and the admin server on `admin`.
 fn ledger(url: &str, (port, control, admin): (u16, u16, u16)) -> Command {
@@ -113,19 +128,10 @@ async fn the_production_set_up_migrates_as_the_owner_and_serves_as_the_runtime_r
     );
     let admin = free_port();
     let mut forwarding = forwarder(&runtime, admin).spawn().unwrap();
-    let mut healthy = false;
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", admin))
-            .await
-            .is_ok()
-            && get(admin, "/healthz").await.0 == 200
-        {
-            healthy = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(healthy, "the forwarder did not serve as the runtime role");
+    assert!(
+        answers_ok(admin, "/healthz").await,
+        "the forwarder did not serve as the runtime role"
+    );
     support::terminates_cleanly(&mut forwarding, Duration::from_secs(15)).await;
     support::terminates_cleanly(&mut serving, Duration::from_secs(15)).await;
 }
@@ -142,19 +148,10 @@ async fn health_readiness_metrics_and_graceful_shutdown() {
     )
     .spawn()
     .unwrap();
-    let mut ready = false;
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", admin))
-            .await
-            .is_ok()
-            && get(admin, "/readyz").await.0 == 200
-        {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(ready, "ledger never became ready");
+    assert!(
+        answers_ok(admin, "/readyz").await,
+        "ledger never became ready"
+    );
     assert_eq!(get(admin, "/healthz").await.0, 200);
 
     // Tenants are set up on the control listener; the data path refuses it.
