@@ -373,8 +373,8 @@ async fn the_ledger_refuses_a_role_that_could_act_as_an_owner_unless_allowed() {
 async fn the_migration_creates_the_group_role_or_says_who_must() {
     // Goal: on a cluster without spendguard_runtime the first migration creates it; a migrating
     // role that may not create roles (a managed database's owner) gets a clear error instead,
-    // and migrates once an administrator has created it. Method: a cluster of its own,
-    // without the roles the test clusters are given.
+    // and migrates once an administrator has created it, after which a runtime login serves.
+    // Method: a cluster of its own, without the roles the test clusters are given.
     let cluster = PgCluster::start(&[("fsync", "off")]).unwrap();
     let admin = PgPool::connect(&cluster.url("postgres")).await.unwrap();
     for sql in [
@@ -412,4 +412,15 @@ async fn the_migration_creates_the_group_role_or_says_who_must() {
     .await
     .unwrap();
     assert!(granted);
+    // The set-up docs/ledger.md gives, end to end: the database's owner migrated (so it could
+    // revoke TEMPORARY), and a ledger serves as a runtime login.
+    admin
+        .execute("CREATE ROLE plain_runtime LOGIN IN ROLE spendguard_runtime")
+        .await
+        .unwrap();
+    start_as(plain.as_str(), "plain_runtime", false)
+        .await
+        .unwrap()
+        .shutdown()
+        .await;
 }
