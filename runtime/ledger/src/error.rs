@@ -44,11 +44,10 @@ pub enum Error {
     /// A gRPC server ended without being asked to: the process exits so it is restarted.
     #[error("stopped serving: {0}")]
     ServingStopped(String),
-    /// The database role can bypass the ledger's rules (a superuser, or a member of a table's
-    /// owner): refused at startup unless explicitly allowed.
-    #[error(
-        "the database role {0}: it could truncate the journal or switch the ledger's rules off. Connect as a member of spendguard_runtime (the owner runs `spendguard migrate`), or set SPENDGUARD_LEDGER_ALLOW_PRIVILEGED_DATABASE_ROLE=true for a local demo"
-    )]
+    /// The database login could get around the ledger's rules
+    /// ([`spendguard_postgres::RoleError::Privileged`], whose message this is): refused at
+    /// startup unless explicitly allowed.
+    #[error("{0}")]
     DatabaseRolePrivileged(String),
     /// Applying migrations failed.
     #[error("migration failed: {0}")]

@@ -272,14 +272,18 @@ pub async fn start(
     let mut store = Store::connect(database_url, tuning.db_pool_size).await?;
     // Before migrating: a role that may migrate is one the ledger does not serve as, unless
     // allowed.
-    match store.privileges().await? {
-        Some(privileged) if tuning.allow_privileged_database_role => warn!(
-            %privileged,
-            "the database role can switch the ledger's rules off: allowed by --allow-privileged-database-role"
-        ),
-        Some(privileged) => return Err(Error::DatabaseRolePrivileged(privileged)),
-        None => {}
-    }
+    spendguard_postgres::require_unprivileged(
+        store.pool(),
+        tuning.allow_privileged_database_role,
+        "SPENDGUARD_LEDGER_ALLOW_PRIVILEGED_DATABASE_ROLE",
+    )
+    .await
+    .map_err(|e| match e {
+        spendguard_postgres::RoleError::Database(e) => Error::from(e),
+        privileged @ spendguard_postgres::RoleError::Privileged { .. } => {
+            Error::DatabaseRolePrivileged(privileged.to_string())
+        }
+    })?;
     if tuning.migrate_on_start {
         store.migrate().await?;
     }

@@ -472,15 +472,6 @@ impl Store {
         Ok(())
     }
 
-    /// What makes this pool's role able to bypass the ledger's rules, if anything
-    /// ([`spendguard_postgres::privileged`]).
-    ///
-    /// # Errors
-    /// [`Error::Database`].
-    pub async fn privileges(&self) -> Result<Option<String>> {
-        Ok(spendguard_postgres::privileged(&self.pool).await?)
-    }
-
     /// Whether the database answers and every embedded migration is applied.
     pub async fn ready(&self) -> bool {
         let applied: Result<Vec<i64>, sqlx::Error> =

@@ -194,6 +194,48 @@ fn tls_files_with(url: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Tls
     })
 }
 
+/// Why a process does not serve on its database login.
+#[derive(Debug, thiserror::Error)]
+pub enum RoleError {
+    /// The login could get around the ledger's rules ([`privileged`]), and no setting allows it.
+    #[error(
+        "the database role {reasons}: it could truncate the ledger's tables or switch its rules off. Connect as a member of spendguard_runtime (the owner runs `spendguard migrate`), or set {allow_variable}=true for a local demo"
+    )]
+    Privileged {
+        /// Every reason, named.
+        reasons: String,
+        /// The setting that would allow it.
+        allow_variable: &'static str,
+    },
+    /// The database could not be asked.
+    #[error("database role check: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// Refuses a login that could get around the ledger's rules ([`privileged`]), unless `allowed`
+/// (by the setting `allow_variable`), which logs a warning instead: the one rule every process
+/// that writes the ledger's tables starts by.
+///
+/// # Errors
+/// [`RoleError`].
+pub async fn require_unprivileged(
+    pool: &sqlx::PgPool,
+    allowed: bool,
+    allow_variable: &'static str,
+) -> Result<(), RoleError> {
+    match privileged(pool).await? {
+        Some(reasons) if allowed => {
+            warn!(%reasons, "the database role could switch the ledger's rules off: allowed by {allow_variable}");
+            Ok(())
+        }
+        Some(reasons) => Err(RoleError::Privileged {
+            reasons,
+            allow_variable,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// What lets the login of `pool` get around the ledger's database rules, if anything (each
 /// reason named). The ledger's processes refuse such a login
 /// (docs/design/ledger-database-roles.md). Judged for the session's login and every role it

@@ -99,8 +99,9 @@ pub struct ForwarderArgs {
     /// `production` (strict: unsigned events are quarantined) or `demo`.
     #[arg(long, env = "SPENDGUARD_PROFILE", default_value = "production")]
     pub profile: String,
-    /// Run even when the database role is a superuser or can act as the owner of the ledger's
-    /// tables (refused otherwise, as the ledger refuses it: docs/design/ledger-database-roles.md).
+    /// Run even when the database login could get around the ledger's rules (a superuser, an
+    /// owner, ...; refused otherwise, as the ledger refuses it:
+    /// docs/design/ledger-database-roles.md).
     #[arg(long, env = "SPENDGUARD_FORWARDER_ALLOW_PRIVILEGED_DATABASE_ROLE", default_value_t = false, action = clap::ArgAction::Set)]
     pub allow_privileged_database_role: bool,
     /// Rows per producer per pass.
@@ -195,16 +196,18 @@ impl WorkerCommand {
                     .max_connections(4)
                     .connect_with(spendguard_postgres::connect_options(&args.database_url)?)
                     .await?;
-                match spendguard_postgres::privileged(&pool).await? {
-                    Some(privileged) if args.allow_privileged_database_role => tracing::warn!(
-                        %privileged,
-                        "the database role can switch the ledger's rules off: allowed by --allow-privileged-database-role"
-                    ),
-                    Some(privileged) => anyhow::bail!(
-                        "FORWARDER_DATABASE_ROLE_PRIVILEGED: the database role {privileged}: it could truncate the audit chain or switch the ledger's rules off. Connect as a member of spendguard_runtime, or set SPENDGUARD_FORWARDER_ALLOW_PRIVILEGED_DATABASE_ROLE=true for a local demo"
-                    ),
-                    None => {}
-                }
+                spendguard_postgres::require_unprivileged(
+                    &pool,
+                    args.allow_privileged_database_role,
+                    "SPENDGUARD_FORWARDER_ALLOW_PRIVILEGED_DATABASE_ROLE",
+                )
+                .await
+                .map_err(|e| match e {
+                    spendguard_postgres::RoleError::Privileged { .. } => {
+                        anyhow::anyhow!("FORWARDER_DATABASE_ROLE_PRIVILEGED: {e}")
+                    }
+                    spendguard_postgres::RoleError::Database(_) => anyhow::Error::new(e),
+                })?;
                 let leader = args
                     .lease
                     .leader("spendguard-outbox-forwarder", Some(pool.clone()))
