@@ -217,10 +217,17 @@ mod tests {
     proptest! {
         #[test]
         fn ratio_ceil_is_the_least_upper_bound(n in 0u128..1u128 << 90, d in 1u128..1u128 << 40) {
-            if let Ok(v) = NanoUsd::from_ratio_ceil(n, d) {
-                let v = u128::try_from(v.get()).unwrap();
-                prop_assert!(v * d >= n);
-                prop_assert!(v == 0 || (v - 1) * d < n);
+            match NanoUsd::from_ratio_ceil(n, d) {
+                Ok(v) => {
+                    let v = u128::try_from(v.get()).unwrap();
+                    prop_assert!(v * d >= n);
+                    prop_assert!(v == 0 || (v - 1) * d < n);
+                }
+                // Refused only when the least upper bound is beyond the largest amount.
+                Err(e) => {
+                    prop_assert_eq!(e, MoneyError::TooLarge);
+                    prop_assert!(n.div_ceil(d) > u128::try_from(AMOUNT_MAX_NANO_USD).unwrap());
+                }
             }
         }
 

@@ -141,17 +141,22 @@ impl LedgerGrpc {
     }
 }
 
-/// Converts an error into a status with the stable code attached.
-pub fn status(error: &Error) -> Status {
-    let code = error.code();
-    let grpc = match code.class() {
+/// The gRPC status of a class of errors.
+fn grpc_code(class: ErrorClass) -> tonic::Code {
+    match class {
         ErrorClass::InvalidArgument => tonic::Code::InvalidArgument,
         ErrorClass::NotFound => tonic::Code::NotFound,
         ErrorClass::PermissionDenied => tonic::Code::PermissionDenied,
         ErrorClass::FailedPrecondition => tonic::Code::FailedPrecondition,
         ErrorClass::Unavailable => tonic::Code::Unavailable,
         ErrorClass::Internal => tonic::Code::Internal,
-    };
+    }
+}
+
+/// Converts an error into a status with the stable code attached.
+pub fn status(error: &Error) -> Status {
+    let code = error.code();
+    let grpc = grpc_code(code.class());
     let field = match error {
         Error::Refused(e) => e.field(),
         _ => "",
@@ -637,5 +642,62 @@ impl pb::ledger_server::Ledger for LedgerGrpc {
             })
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spendguard_core::ErrorCode;
+    use std::collections::BTreeMap;
+
+    /// The status family the proto documents for each code: `// [FAMILY] ...` opening the
+    /// comment above it; None for a code documented without one.
+    fn documented_families() -> BTreeMap<&'static str, Option<&'static str>> {
+        let proto = include_str!("../../../proto/spendguard/ledger/v1/ledger.proto");
+        let mut families = BTreeMap::new();
+        let mut comment_opened = false;
+        let mut family = None;
+        for line in proto.lines().map(str::trim) {
+            if let Some(comment) = line.strip_prefix("//") {
+                if !comment_opened {
+                    family = comment
+                        .trim()
+                        .strip_prefix('[')
+                        .and_then(|c| c.split(']').next());
+                }
+                comment_opened = true;
+                continue;
+            }
+            if let Some(name) = line.strip_prefix("ERROR_CODE_") {
+                let name = name.split([' ', '=']).next().unwrap_or_default();
+                families.insert(name, family);
+            }
+            comment_opened = false;
+            family = None;
+        }
+        families
+    }
+
+    #[test]
+    fn every_code_has_the_status_the_proto_documents() {
+        let families = documented_families();
+        for code in ErrorCode::ALL {
+            let documented = families.get(code.as_str()).copied().flatten();
+            let expected = match documented {
+                Some("INVALID_ARGUMENT") => tonic::Code::InvalidArgument,
+                Some("NOT_FOUND") => tonic::Code::NotFound,
+                Some("PERMISSION_DENIED") => tonic::Code::PermissionDenied,
+                Some("FAILED_PRECONDITION") => tonic::Code::FailedPrecondition,
+                Some("UNAVAILABLE") => tonic::Code::Unavailable,
+                Some("INTERNAL") => tonic::Code::Internal,
+                // Only the denial reason is never an error status.
+                None if *code == ErrorCode::BudgetExhausted => continue,
+                other => panic!("{}: documented as {other:?}", code.as_str()),
+            };
+            assert_eq!(grpc_code(code.class()), expected, "{}", code.as_str());
+        }
+        // The parse found the proto's codes, not a handful.
+        assert!(families.len() > 30, "{families:?}");
     }
 }

@@ -39,10 +39,24 @@ struct Open {
     request: pb::ReserveSetRequest,
     mask: u8,
     amount: i64,
-    resolved: bool,
+    resolved: Option<Resolved>,
     is_credit: bool,
     /// For a credit: drawn so far.
     drawn: i64,
+}
+
+/// How a reservation of the model was resolved, which decides what a second resolution gets.
+#[derive(Debug, Clone, Copy)]
+enum Resolved {
+    /// With this actual usage.
+    Committed(i64),
+    /// Giving back this much.
+    Released(i64),
+}
+
+/// The stable code of a refused call.
+fn refused_with<T: std::fmt::Debug>(result: Result<T, tonic::Status>) -> Option<pb::ErrorCode> {
+    spendguard_proto::ledger::error_code(&result.expect_err("refused"))
 }
 
 /// What a reservation holds of its budgets' reserved money while open.
@@ -95,7 +109,7 @@ async fn run(ops: Vec<Op>) {
                             request,
                             mask,
                             amount,
-                            resolved: false,
+                            resolved: None,
                             is_credit,
                             drawn: 0,
                         });
@@ -123,20 +137,42 @@ async fn run(ops: Vec<Op>) {
                     })
                     .await;
                 if o.is_credit {
-                    assert!(result.is_err(), "a credit was committed");
+                    let code = refused_with(result);
+                    assert_eq!(
+                        code,
+                        Some(pb::ErrorCode::InvalidArgument),
+                        "a credit committed"
+                    );
                     continue;
                 }
-                if o.resolved {
-                    assert!(result.is_err() || result.unwrap().into_inner().replayed);
-                    continue;
+                match o.resolved {
+                    // The same commit again is its replay; another actual conflicts with it.
+                    Some(Resolved::Committed(first)) if first == actual => {
+                        let c = result.unwrap().into_inner();
+                        assert!(c.replayed);
+                        assert_eq!(c.committed_nano_usd + c.overrun_nano_usd, actual);
+                        continue;
+                    }
+                    Some(Resolved::Committed(_)) => {
+                        let code = refused_with(result);
+                        assert_eq!(code, Some(pb::ErrorCode::IdempotencyConflict));
+                        continue;
+                    }
+                    Some(Resolved::Released(_)) => {
+                        let code = refused_with(result);
+                        assert_eq!(code, Some(pb::ErrorCode::ReservationAlreadyResolved));
+                        continue;
+                    }
+                    None => {}
                 }
                 let c = result.unwrap().into_inner();
+                assert!(!c.replayed);
                 assert_eq!(c.committed_nano_usd + c.overrun_nano_usd, actual);
                 for i in (0..3).filter(|i| o.mask & (1 << i) != 0) {
                     model[i].reserved -= o.amount;
                     model[i].used += actual;
                 }
-                o.resolved = true;
+                o.resolved = Some(Resolved::Committed(actual));
             }
             Op::Release { pick } => {
                 if open.is_empty() {
@@ -154,16 +190,27 @@ async fn run(ops: Vec<Op>) {
                         deferrable: false,
                     })
                     .await;
-                if o.resolved {
-                    assert!(result.is_err() || result.unwrap().into_inner().replayed);
-                    continue;
+                match o.resolved {
+                    Some(Resolved::Released(first)) => {
+                        let r = result.unwrap().into_inner();
+                        assert!(r.replayed);
+                        assert_eq!(r.released_nano_usd, first);
+                        continue;
+                    }
+                    Some(Resolved::Committed(_)) => {
+                        let code = refused_with(result);
+                        assert_eq!(code, Some(pb::ErrorCode::ReservationAlreadyResolved));
+                        continue;
+                    }
+                    None => {}
                 }
-                let released = result.unwrap().into_inner().released_nano_usd;
-                assert_eq!(released, held(o));
+                let r = result.unwrap().into_inner();
+                assert!(!r.replayed);
+                assert_eq!(r.released_nano_usd, held(o));
                 for i in (0..3).filter(|i| o.mask & (1 << i) != 0) {
                     model[i].reserved -= held(o);
                 }
-                o.resolved = true;
+                o.resolved = Some(Resolved::Released(held(o)));
             }
             Op::Replay { pick } => {
                 let Some(o) = (!open.is_empty()).then(|| &open[pick % open.len()]) else {
@@ -176,6 +223,10 @@ async fn run(ops: Vec<Op>) {
                     .unwrap()
                     .into_inner();
                 assert!(response.replayed);
+                let Some(pb::reserve_set_response::Outcome::Reserved(r)) = response.outcome else {
+                    panic!("a replay of a reservation: {response:?}");
+                };
+                assert_eq!(r.reservation_id, o.id);
             }
             Op::Draw { pick, amount } => {
                 let credits: Vec<usize> = (0..open.len()).filter(|&i| open[i].is_credit).collect();
@@ -193,7 +244,7 @@ async fn run(ops: Vec<Op>) {
                     ..reserve_request(T, &format!("k{n}"), &names, amount, &fencing)
                 };
                 let result = ledger.client.reserve_set(request.clone()).await;
-                if open[c].resolved || amount > held(&open[c]) {
+                if open[c].resolved.is_some() || amount > held(&open[c]) {
                     let status = result.unwrap_err();
                     assert_eq!(
                         spendguard_proto::ledger::error_code(&status),
@@ -214,7 +265,7 @@ async fn run(ops: Vec<Op>) {
                     request,
                     mask,
                     amount,
-                    resolved: false,
+                    resolved: None,
                     is_credit: false,
                     drawn: 0,
                 });
@@ -231,7 +282,9 @@ async fn run(ops: Vec<Op>) {
         .unwrap()
         .into_inner()
         .balances;
+    assert_eq!(balances.len(), BUDGETS.len());
     for (i, b) in balances.iter().enumerate() {
+        assert_eq!(b.budget_id, BUDGETS[i]);
         assert_eq!(b.reserved_nano_usd, model[i].reserved, "{}", b.budget_id);
         assert_eq!(
             b.committed_nano_usd + b.overrun_nano_usd,

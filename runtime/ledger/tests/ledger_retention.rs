@@ -5,6 +5,7 @@
 use spendguard_proto::ledger::error_code;
 use spendguard_proto::ledger::v1 as pb;
 use spendguard_testkit::ledger::outbox_events;
+use spendguard_testkit::postgres::refusal;
 use spendguard_testkit::{TestLedger, invariants};
 
 const T: &str = "tenant-a";
@@ -150,13 +151,25 @@ async fn bad_policies_get_stable_codes_and_write_nothing() {
         .upsert_retention_policy(request(30, Some(7)))
         .await
         .unwrap();
-    for sql in [
-        "UPDATE retention_policies SET redact_payloads_after_days = 31",
-        "UPDATE retention_policies SET audit_retention_days = 0",
-        "INSERT INTO retention_policies (tenant_id, audit_retention_days) VALUES ('tenant-z', 30)",
+    for (sql, code, rule) in [
+        (
+            "UPDATE retention_policies SET redact_payloads_after_days = 31",
+            "23514",
+            "retention_redaction_within_retention",
+        ),
+        (
+            "UPDATE retention_policies SET audit_retention_days = 0",
+            "23514",
+            "retention_policies_audit_retention_days_check",
+        ),
+        (
+            "INSERT INTO retention_policies (tenant_id, audit_retention_days) VALUES ('tenant-z', 30)",
+            "23503",
+            "retention_policies_tenant_id_fkey",
+        ),
     ] {
-        let result = sqlx::query(sql).execute(ledger.store().pool()).await;
-        assert!(result.is_err(), "the database accepted: {sql}");
+        let refused = refusal(ledger.store().pool(), sql).await;
+        assert!(refused.is(code, rule), "{sql}: {refused:?}");
     }
     invariants::check(ledger.store().pool()).await.unwrap();
 }

@@ -145,7 +145,18 @@ async fn kill_dash_nine_under_load_loses_nothing() {
             assert_eq!(state, "committed", "{id}");
         }
     }
-    // Every reservation that was reserved but not committed can still be settled exactly once.
+    // Every acknowledged effect has its audit event: one per reservation, one per commit.
+    for (event_type, acknowledged) in [
+        ("reservation.reserved", &acked.reserved),
+        ("reservation.committed", &acked.committed),
+    ] {
+        let named = events_by_reservation(&pool, event_type).await;
+        for id in acknowledged {
+            assert_eq!(named.get(id), Some(&1), "{event_type} of {id}");
+        }
+    }
+    // Every reservation that was reserved but not committed can still be settled exactly once:
+    // committed now unless its commit landed before the kill without its answer (a replay).
     for id in acked.reserved.difference(&acked.committed) {
         let commit = pb::CommitRequest {
             tenant_id: T.into(),
@@ -155,10 +166,14 @@ async fn kill_dash_nine_under_load_loses_nothing() {
             deferrable: false,
         };
         let first = client.commit(commit.clone()).await.unwrap().into_inner();
-        assert!(
-            client.commit(commit).await.unwrap().into_inner().replayed,
-            "{first:?}"
-        );
+        assert_eq!((first.committed_nano_usd, first.overrun_nano_usd), (7, 0));
+        let again = client.commit(commit).await.unwrap().into_inner();
+        assert!(again.replayed, "{first:?}");
+        assert_eq!(again.committed_nano_usd, 7);
+    }
+    let committed = events_by_reservation(&pool, "reservation.committed").await;
+    for id in &acked.reserved {
+        assert_eq!(committed.get(id), Some(&1), "one commit event for {id}");
     }
     // The restarted process continues the same producer's sequence with no gap.
     client
@@ -168,4 +183,20 @@ async fn kill_dash_nine_under_load_loses_nothing() {
     invariants::check(&pool).await.unwrap();
     ledger.start_kill().unwrap();
     ledger.wait().await.unwrap();
+}
+
+/// How many `event_type` events the outbox holds per reservation they name.
+async fn events_by_reservation(
+    pool: &sqlx::PgPool,
+    event_type: &str,
+) -> std::collections::BTreeMap<String, usize> {
+    let mut named = std::collections::BTreeMap::new();
+    for event in spendguard_testkit::ledger::outbox_events(pool, event_type)
+        .await
+        .unwrap()
+    {
+        let id = event["data"]["reservation_id"].as_str().unwrap().to_owned();
+        *named.entry(id).or_insert(0) += 1;
+    }
+    named
 }

@@ -176,8 +176,12 @@ async fn health_readiness_metrics_and_graceful_shutdown() {
             tenant_id: "t".into(),
             budget_ids: vec!["missing".into()],
         })
-        .await;
-    assert!(refused.is_err());
+        .await
+        .unwrap_err();
+    assert_eq!(
+        spendguard_proto::ledger::error_code(&refused),
+        Some(pb::ErrorCode::BudgetNotFound)
+    );
     let (status, metrics) = get(admin, "/metrics").await;
     assert_eq!(status, 200);
     assert!(

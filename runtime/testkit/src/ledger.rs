@@ -17,7 +17,8 @@ pub type LedgerClient = pb::ledger_client::LedgerClient<Channel>;
 pub fn shared_cluster() -> &'static PgCluster {
     static CLUSTER: OnceLock<PgCluster> = OnceLock::new();
     CLUSTER.get_or_init(|| {
-        // fsync off: tests check logic, not durability (the crash test and benchmarks run with it on).
+        // fsync off: tests check logic, not durability. The crash test kills the ledger, not
+        // PostgreSQL, whose writes the OS keeps; the benchmarks run with fsync on.
         PgCluster::start(&[("fsync", "off"), ("max_connections", "400")])
             .expect("start the test PostgreSQL cluster")
     })

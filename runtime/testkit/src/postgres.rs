@@ -30,6 +30,45 @@ pub fn runtime_url(url: &str) -> String {
     url.to_string()
 }
 
+/// How the database refused a statement: tests of its rules assert which rule refused, since
+/// "some error" also passes for a typo, a missing privilege or another rule.
+#[derive(Debug)]
+pub struct Refusal {
+    /// The SQLSTATE.
+    pub code: String,
+    /// The constraint it names (CHECKs, and the row rules that stand for them).
+    pub constraint: Option<String>,
+    pub message: String,
+}
+
+impl Refusal {
+    /// SQLSTATE `code`, with `rule` as the constraint's name or within the message.
+    pub fn is(&self, code: &str, rule: &str) -> bool {
+        self.code == code
+            && (self.constraint.as_deref() == Some(rule) || self.message.contains(rule))
+    }
+}
+
+/// Runs `sql` on `pool` and returns the database's refusal.
+///
+/// # Panics
+/// When the database accepts `sql`, or the error is not the database's.
+pub async fn refusal(pool: &sqlx::PgPool, sql: &str) -> Refusal {
+    let error = sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
+        .execute(pool)
+        .await
+        .expect_err(&format!("the database accepted: {sql}"));
+    let database = error
+        .as_database_error()
+        .unwrap_or_else(|| panic!("{sql}: {error}"))
+        .downcast_ref::<sqlx::postgres::PgDatabaseError>();
+    Refusal {
+        code: database.code().to_owned(),
+        constraint: database.constraint().map(str::to_owned),
+        message: database.message().to_owned(),
+    }
+}
+
 /// A running cluster.
 pub struct PgCluster {
     dir: tempfile::TempDir,
