@@ -415,7 +415,9 @@ pub struct CheckFencingResponse {
 pub struct CreateApprovalRequest {
     #[prost(string, tag = "1")]
     pub tenant_id: ::prost::alloc::string::String,
-    /// The sidecar uses the call id (the same key as the call's ReserveSet; the ids differ).
+    /// The sidecar uses the call id (the same key as the call's ReserveSet; the ids differ). At
+    /// most 154 characters (ID_MALFORMED): the call resumes under
+    /// `<call id>/approved/<approval id>`, an idempotency key of at most 200.
     #[prost(string, tag = "2")]
     pub idempotency_key: ::prost::alloc::string::String,
     /// 1 to 8 distinct budgets of the tenant the call reserves against.

@@ -11,6 +11,10 @@ pub const NAME_LEN_MAX: usize = 253;
 /// Longest idempotency key.
 pub const IDEMPOTENCY_KEY_LEN_MAX: usize = 200;
 
+/// The longest call id an approval may be asked under: the call resumes under
+/// `<call id>/approved/<approval id>` (`plan::resume_key`), which must fit an idempotency key.
+pub const APPROVAL_CALL_ID_LEN_MAX: usize = IDEMPOTENCY_KEY_LEN_MAX - "/approved/".len() - 36;
+
 /// Checks a tenant, budget, scope or workload instance id.
 ///
 /// # Errors
@@ -109,6 +113,13 @@ mod tests {
         assert!(check_idempotency_key("k", "").is_err());
         assert!(check_idempotency_key("k", "a b").is_err());
         assert!(check_idempotency_key("k", &"k".repeat(201)).is_err());
+        // The longest call id an approval takes still resumes under a valid key, exactly full.
+        let resumed = crate::plan::resume_key(
+            &"c".repeat(APPROVAL_CALL_ID_LEN_MAX),
+            &uuid::Uuid::new_v4().to_string(),
+        );
+        assert_eq!(resumed.len(), IDEMPOTENCY_KEY_LEN_MAX);
+        assert!(check_idempotency_key("k", &resumed).is_ok());
     }
 
     #[test]

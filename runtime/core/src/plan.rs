@@ -17,7 +17,7 @@
 
 use crate::audit::{EventDraft, format_time};
 use crate::error::LedgerError;
-use crate::lease::{AcquireLease, LeaseGrant, LeaseState, check_fencing};
+use crate::lease::{AcquireLease, LeaseGrant, LeaseOutcome, LeaseState, check_fencing};
 use crate::money::{MoneyError, NanoUsd};
 use crate::window::BudgetWindow;
 use chrono::{DateTime, Duration, Utc};
@@ -2759,7 +2759,9 @@ impl Planner {
                 "previous_epoch": grant.previous_epoch,
                 "epoch": grant.state.epoch,
                 "expires_at": format_time(grant.state.expires_at),
-                "forced": a.force,
+                // Whether the force flag took the lease before its expiry, not whether the flag
+                // was sent: a forced acquire of an expired lease is a plain takeover.
+                "forced": grant.outcome == LeaseOutcome::Forced,
             }),
         );
         Ok(Outcome::Lease(grant))

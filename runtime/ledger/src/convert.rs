@@ -1,7 +1,10 @@
 //! Wire (proto) ⇄ domain conversion. Every request is validated here, before it can reach the
 //! writer queue or SQL, so bad input changes nothing.
 
-use spendguard_core::ids::{check_idempotency_key, check_name, check_text, parse_reservation_id};
+use spendguard_core::ids::{
+    APPROVAL_CALL_ID_LEN_MAX, IDEMPOTENCY_KEY_LEN_MAX, check_idempotency_key, check_name,
+    check_text, parse_reservation_id,
+};
 use spendguard_core::lease::{AcquireLease, LEASE_TTL_MS_MAX, LEASE_TTL_MS_MIN, LeaseOutcome};
 use spendguard_core::plan::{
     APPROVAL_TTL_MS_MAX, APPROVAL_TTL_MS_MIN, ApprovalContext, ApprovalDecision, ApprovalRow,
@@ -448,6 +451,17 @@ fn sha256_hex_or_empty(field: &'static str, value: &str) -> Result<()> {
 pub fn create_approval(r: &pb::CreateApprovalRequest) -> Result<CreateApproval> {
     check_name("tenant_id", &r.tenant_id)?;
     check_idempotency_key("idempotency_key", &r.idempotency_key)?;
+    if r.idempotency_key.len() > APPROVAL_CALL_ID_LEN_MAX {
+        // Refused now rather than approved and then unusable.
+        return Err(LedgerError::IdMalformed {
+            field: "idempotency_key",
+            reason: format!(
+                "at most {APPROVAL_CALL_ID_LEN_MAX} characters: the call resumes under \
+                 `<call id>/approved/<approval id>`, an idempotency key of at most \
+                 {IDEMPOTENCY_KEY_LEN_MAX}"
+            ),
+        });
+    }
     let budgets = budget_ids("budget_ids", &r.budget_ids, RESERVE_SET_BUDGETS_MAX)?;
     check_name("budget_id", &r.budget_id)?;
     if !budgets.contains(&r.budget_id) {

@@ -11,6 +11,19 @@ pub enum Error {
     /// Another live process claims this ledger's producer instance id (S2): fail closed.
     #[error("producer instance id {0} is claimed by another live process")]
     ProducerInstanceConflict(String),
+    /// This ledger's claim on its producer instance id ended with its claim session: it writes
+    /// nothing until it has claimed the id again.
+    #[error(
+        "this ledger lost its claim on its producer instance id; it writes nothing until it claims the id again"
+    )]
+    ProducerClaimLost,
+    /// A batch found its producer's claim token or next sequence changed: another process
+    /// claimed the id, or an earlier batch committed though its answer was lost. Nothing was
+    /// written; the next batch reads the sequence again.
+    #[error(
+        "producer instance id {0} changed under this batch (claimed by another process, or an earlier batch committed without its answer); nothing was written"
+    )]
+    ProducerSequenceMoved(String),
     /// The write queue is full.
     #[error("the ledger write queue is full")]
     Overloaded,
@@ -105,7 +118,9 @@ impl Error {
     pub fn code(&self) -> ErrorCode {
         match self {
             Self::Refused(e) => e.code(),
-            Self::ProducerInstanceConflict(_) => ErrorCode::ProducerInstanceConflict,
+            Self::ProducerInstanceConflict(_)
+            | Self::ProducerClaimLost
+            | Self::ProducerSequenceMoved(_) => ErrorCode::ProducerInstanceConflict,
             Self::Overloaded => ErrorCode::Overloaded,
             Self::ShuttingDown | Self::ServingStopped(_) => ErrorCode::ShuttingDown,
             Self::EvidenceBacklog { .. } => ErrorCode::EvidenceBacklog,

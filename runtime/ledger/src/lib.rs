@@ -287,6 +287,13 @@ pub async fn start(
     if tuning.migrate_on_start {
         store.migrate().await?;
     }
+    // Claimed before anything is written, the signing key's registration included: a second
+    // process started with this id by mistake is refused before it leaves a trace.
+    let (claim, lock) = store.claim_producer(database_url, instance_id).await?;
+    info!(
+        producer_instance_id = instance_id,
+        "producer instance id claimed"
+    );
     let mut key_standing = None;
     match signing {
         Signing::Enabled(signer) => {
@@ -301,30 +308,28 @@ pub async fn start(
             let record = signer
                 .key_record(now, None)
                 .map_err(|e| Error::Startup(format!("signing key: {e}")))?;
-            store.register_signing_key(&record).await?;
-            // The registry may hold the key revoked, or its window closed, since an earlier
-            // start: such a key signs nothing, so the ledger does not start with it.
-            let window = store
-                .signing_key_window(&record.key_id)
-                .await?
-                .ok_or_else(|| Error::Startup(format!("signing key {} vanished", record.key_id)))?;
-            info!(key_id = %record.key_id, algorithm = record.algorithm().as_str(), "audit events are signed");
-            let standing = Arc::new(KeyStanding::new(record));
-            standing.set(window);
-            standing.check(now).map_err(Error::Startup)?;
+            let key_id = record.key_id.clone();
+            let standing = Arc::new(KeyStanding::new(record.clone()));
             store = store.with_signer(Arc::new(EventSigner {
                 signer,
                 standing: standing.clone(),
             }));
+            // A new key is published with its audit event, signed by itself (its window opens
+            // at `now`, before the batch's time).
+            store.publish_own_key(&record, &claim).await?;
+            // The registry may hold the key revoked, or its window closed, since an earlier
+            // start: such a key signs nothing, so the ledger does not start with it.
+            let window = store
+                .signing_key_window(&key_id)
+                .await?
+                .ok_or_else(|| Error::Startup(format!("signing key {key_id} vanished")))?;
+            standing.set(window);
+            standing.check(now).map_err(Error::Startup)?;
+            info!(key_id = %key_id, algorithm = record.algorithm().as_str(), "audit events are signed");
             key_standing = Some(standing);
         }
         Signing::Disabled => warn!("audit events are NOT signed (demo profile)"),
     }
-    let (claim, lock) = store.claim_producer(database_url, instance_id).await?;
-    info!(
-        producer_instance_id = instance_id,
-        "producer instance id claimed"
-    );
     let (claim_tx, claim_rx) = watch::channel(Some(claim));
     let metrics = Metrics::register(registry);
     let (stop, stopped) = watch::channel(false);

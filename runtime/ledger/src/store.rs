@@ -35,9 +35,9 @@ use spendguard_core::audit::{ProducerStamp, format_time};
 use spendguard_core::lease::LeaseState;
 use spendguard_core::plan::{
     ApprovalContext, ApprovalRow, ApprovalState, Balance, BudgetKey, BudgetRow, Command, Effects,
-    FailOpenRow, Needs, Outcome, ReservationRow, ReservationState, Resolution, RetentionPolicy,
-    SigningKeyRow, Snapshot, StopRow, WindowKey, WindowRow, plan_batch_keeping_state,
-    windows_needed,
+    FailOpenRow, Needs, Outcome, RegisterSigningKey, ReservationRow, ReservationState, Resolution,
+    RetentionPolicy, SigningKeyRow, Snapshot, StopRow, WindowKey, WindowRow,
+    plan_batch_keeping_state, windows_needed,
 };
 use spendguard_core::window::BudgetWindow;
 use spendguard_core::{LedgerError, NanoUsd};
@@ -424,38 +424,71 @@ impl Store {
         .transpose()
     }
 
-    /// Publishes `record` in the key registry (`signing_keys`). Additive: a key id that exists
-    /// with the same key is left alone; one with another key is refused.
+    /// Publishes this ledger's own key, `record`, in the key registry (`signing_keys`) as
+    /// `claim`'s producer, unless the registry holds it already. Publication is a batch like
+    /// RegisterSigningKey's, so it writes its signed `signing_key.registered` event: a key
+    /// appears in the registry only with evidence that it did (S7: a rotation is itself
+    /// audited). A key id that exists with the same public key is left alone (its window and
+    /// revocation as the registry holds them); one with another public key is refused.
     ///
     /// # Errors
-    /// [`Error::Startup`] for a key id already bound to another key, [`Error::Database`].
-    pub async fn register_signing_key(&self, record: &KeyRecord) -> Result<()> {
-        let inserted = sqlx::query(
-            "INSERT INTO signing_keys (key_id, algorithm, public_key, valid_from, valid_until)
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (key_id) DO NOTHING",
-        )
-        .bind(&record.key_id)
-        .bind(record.algorithm().as_str())
-        .bind(record.public_key.to_bytes())
-        .bind(record.valid_from)
-        .bind(record.valid_until)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        if inserted == 0 {
-            let existing: Vec<u8> =
-                sqlx::query_scalar("SELECT public_key FROM signing_keys WHERE key_id = $1")
-                    .bind(&record.key_id)
-                    .fetch_one(&self.pool)
-                    .await?;
-            if existing != record.public_key.to_bytes() {
-                return Err(Error::Startup(format!(
-                    "signing key id {} is registered with another public key",
-                    record.key_id
-                )));
+    /// [`Error::Startup`] for a key id already bound to another key, or a publication refused;
+    /// [`Error::Database`].
+    pub async fn publish_own_key(&self, record: &KeyRecord, claim: &ProducerClaim) -> Result<()> {
+        if !self.own_key_registered(record).await? {
+            let mut cursor = self.producer_cursor(claim).await?;
+            let command = Command::RegisterSigningKey(RegisterSigningKey {
+                key_id: record.key_id.clone(),
+                key: SigningKeyRow {
+                    algorithm: record.algorithm().as_str().to_owned(),
+                    public_key: record.public_key.to_bytes(),
+                    valid_from: record.valid_from,
+                    valid_until: record.valid_until,
+                    revoked_at: None,
+                },
+            });
+            let mut committed = self.run_batch(&mut cursor, &[command]).await?;
+            match committed.outcomes.remove(0) {
+                Ok(_) => {}
+                // Another process published the same key id at the same moment, with its own
+                // start: judged below like a key registered earlier.
+                Err(LedgerError::SigningKeyConflict { .. }) => {
+                    if !self.own_key_registered(record).await? {
+                        return Err(Error::Startup(format!(
+                            "signing key {} could not be published",
+                            record.key_id
+                        )));
+                    }
+                }
+                Err(refused) => {
+                    return Err(Error::Startup(format!(
+                        "publishing signing key {}: {refused}",
+                        record.key_id
+                    )));
+                }
             }
         }
         Ok(())
+    }
+
+    /// Whether the registry holds `record`'s key id, with its public key.
+    ///
+    /// # Errors
+    /// [`Error::Startup`] when it holds the id with another public key; [`Error::Database`].
+    async fn own_key_registered(&self, record: &KeyRecord) -> Result<bool> {
+        let existing: Option<Vec<u8>> =
+            sqlx::query_scalar("SELECT public_key FROM signing_keys WHERE key_id = $1")
+                .bind(&record.key_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        match existing {
+            None => Ok(false),
+            Some(key) if key == record.public_key.to_bytes() => Ok(true),
+            Some(_) => Err(Error::Startup(format!(
+                "signing key id {} is registered with another public key",
+                record.key_id
+            ))),
+        }
     }
 
     /// The pool (tests inspect tables through it).
@@ -530,7 +563,7 @@ impl Store {
     /// Reads the producer's next sequence, checking the claim is still ours.
     ///
     /// # Errors
-    /// [`Error::ProducerInstanceConflict`] when another process re-claimed the id.
+    /// [`Error::ProducerSequenceMoved`] when another process re-claimed the id.
     pub async fn producer_cursor(&self, claim: &ProducerClaim) -> Result<ProducerCursor> {
         let next: Option<i64> = sqlx::query_scalar(
             "SELECT next_sequence FROM audit_producers WHERE producer_instance_id = $1 AND claim_token = $2",
@@ -539,8 +572,8 @@ impl Store {
         .bind(claim.claim_token)
         .fetch_optional(&self.pool)
         .await?;
-        let next = next
-            .ok_or_else(|| Error::ProducerInstanceConflict(claim.producer_instance_id.clone()))?;
+        let next =
+            next.ok_or_else(|| Error::ProducerSequenceMoved(claim.producer_instance_id.clone()))?;
         Ok(ProducerCursor {
             claim: claim.clone(),
             next_sequence: epoch(next)?,
@@ -991,7 +1024,20 @@ async fn load(
             .execute(&mut **tx)
             .await?;
         }
-        // SKIP LOCKED never waits, so taking these next cannot break the lock order.
+        // Then the reservations the batch names, waiting for them in the lock order, before
+        // it holds any candidate: a candidate held while it waits for a named one could be
+        // the row the holder of that one waits for next (a deadlock between replicas).
+        if !needs.reservation_ids.is_empty() {
+            let named: Vec<Uuid> = needs.reservation_ids.iter().copied().collect();
+            sqlx::query(
+                "SELECT 1 FROM reservations WHERE reservation_id = ANY($1)
+                  ORDER BY reservation_id FOR UPDATE",
+            )
+            .bind(&named)
+            .execute(&mut **tx)
+            .await?;
+        }
+        // SKIP LOCKED never waits, so taking these last cannot break the lock order.
         expired_candidates = sqlx::query_scalar(
             "SELECT reservation_id FROM reservations WHERE state = 'reserved' AND expires_at <= now()
              ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED",
@@ -1152,7 +1198,9 @@ fn retention_from_row(row: &PgRow) -> Result<(RetentionPolicy, DateTime<Utc>)> {
 
 /// Approvals the batch names, and pending ones past their expiry when it sweeps: a separate
 /// query (approvals are rare; the hot path's load statement stays as it is), locked last in the
-/// lock order, sorted by id. Sweep candidates are taken with SKIP LOCKED, which never waits.
+/// lock order, sorted by id. Sweep candidates are taken after the named ones, with SKIP LOCKED,
+/// which never waits: a candidate held while the batch waits for a named approval could be the
+/// one the holder of that approval waits for next.
 async fn load_approvals(
     tx: &mut Transaction<'_, Postgres>,
     needs: &Needs,
@@ -1160,6 +1208,15 @@ async fn load_approvals(
 ) -> Result<()> {
     let mut ids: BTreeSet<Uuid> = needs.approval_ids.clone();
     if needs.sweep_max > 0 {
+        if !ids.is_empty() {
+            let named: Vec<Uuid> = ids.iter().copied().collect();
+            sqlx::query(
+                "SELECT 1 FROM approvals WHERE approval_id = ANY($1) ORDER BY approval_id FOR UPDATE",
+            )
+            .bind(&named)
+            .execute(&mut **tx)
+            .await?;
+        }
         snapshot.expired_approval_candidates = sqlx::query_scalar(
             "SELECT approval_id FROM approvals WHERE state = 'pending' AND expires_at <= now()
              ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED",
@@ -1907,7 +1964,7 @@ async fn write_money_and_outbox(
         .await?;
     if allocated != 1 {
         // Someone else owns the id now, or our view of the sequence is stale: roll back.
-        return Err(Error::ProducerInstanceConflict(
+        return Err(Error::ProducerSequenceMoved(
             cursor.claim.producer_instance_id.clone(),
         ));
     }

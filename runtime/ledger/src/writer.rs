@@ -520,7 +520,7 @@ async fn execute_loaded(
     let refuse_all = |e: Error| (commands.iter().map(|_| Err(e.clone())).collect(), None);
     let Some(claim) = claim else {
         cache.clear();
-        return refuse_all(Error::ProducerInstanceConflict("unclaimed".into()));
+        return refuse_all(Error::ProducerClaimLost);
     };
     let current = match current_cursor(store, claim, cursor, cache).await {
         Ok(current) => current,

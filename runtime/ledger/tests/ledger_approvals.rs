@@ -8,6 +8,7 @@
 use spendguard_proto::ledger::error_code;
 use spendguard_proto::ledger::v1 as pb;
 use spendguard_testkit::ledger::{outbox_events, reserve_request, test_pricing};
+use spendguard_testkit::postgres::refusal;
 use spendguard_testkit::{TestLedger, invariants};
 
 const T: &str = "tenant-a";
@@ -339,18 +340,36 @@ async fn the_database_keeps_context_immutable_and_resolution_single() {
     // amount or context, to resolve it twice, to approve without an approver, or to delete it.
     let (mut ledger, fencing) = setup().await;
     let approval = create(&mut ledger, create_request("call-1", &fencing)).await;
-    let pool = ledger.store().pool().clone();
+    // As the tables' owner: the runtime role may not even try some of these (DELETE), and the
+    // rules must hold against the owner too.
+    let pool = ledger.owner.clone();
     let id = uuid::Uuid::parse_str(&approval.approval_id).unwrap();
+    let immutable = format!("approval {id} amount and decision context are immutable");
     let refused = [
-        "UPDATE approvals SET context = context || '{\"reason_code\": \"X\"}'",
-        "UPDATE approvals SET amount_nano_usd = 1",
-        "UPDATE approvals SET expires_at = expires_at + interval '1 day'",
-        "UPDATE approvals SET state = 'approved', resolved_at = now()",
-        "DELETE FROM approvals",
+        (
+            "UPDATE approvals SET context = context || '{\"reason_code\": \"X\"}'",
+            ("23000", immutable.as_str()),
+        ),
+        (
+            "UPDATE approvals SET amount_nano_usd = 1",
+            ("23000", &immutable),
+        ),
+        (
+            "UPDATE approvals SET expires_at = expires_at + interval '1 day'",
+            ("23000", &immutable),
+        ),
+        (
+            "UPDATE approvals SET state = 'approved', resolved_at = now()",
+            ("23514", "approvals_resolution_complete"),
+        ),
+        (
+            "DELETE FROM approvals",
+            ("23000", "approvals are never deleted"),
+        ),
     ];
-    for sql in refused {
-        let result = sqlx::query(sql).execute(&pool).await;
-        assert!(result.is_err(), "the database accepted: {sql}");
+    for (sql, (code, rule)) in refused {
+        let refused = refusal(&pool, sql).await;
+        assert!(refused.is(code, rule), "{sql}: {refused:?}");
     }
     sqlx::query(
         "UPDATE approvals SET state = 'denied', resolved_at = now(), resolved_by = 'x' WHERE approval_id = $1",
@@ -359,23 +378,28 @@ async fn the_database_keeps_context_immutable_and_resolution_single() {
     .execute(&pool)
     .await
     .unwrap();
-    let twice = sqlx::query(
-        "UPDATE approvals SET state = 'approved', resolved_by = 'y' WHERE approval_id = $1",
+    let twice = refusal(
+        &pool,
+        "UPDATE approvals SET state = 'approved', resolved_by = 'y'",
     )
-    .bind(id)
-    .execute(&pool)
     .await;
-    assert!(twice.is_err(), "an approval leaves pending at most once");
-    let orphan = sqlx::query(
+    assert!(
+        twice.is("23000", &format!("approval {id} is already denied")),
+        "an approval leaves pending at most once: {twice:?}"
+    );
+    let orphan = refusal(
+        &pool,
         "INSERT INTO approvals (approval_id, tenant_id, idempotency_key, request_sha256, budget_ids,
              budget_id, amount_nano_usd, context, fencing_scope_id, fencing_epoch, created_at, expires_at)
          SELECT gen_random_uuid(), 'tenant-z', 'k2', request_sha256, budget_ids, budget_id,
                 amount_nano_usd, context, fencing_scope_id, fencing_epoch, created_at, expires_at
            FROM approvals",
     )
-    .execute(&pool)
     .await;
-    assert!(orphan.is_err(), "an approval needs an existing tenant");
+    assert!(
+        orphan.is("23503", "approval for an unknown tenant"),
+        "an approval needs an existing tenant: {orphan:?}"
+    );
 }
 
 #[tokio::test]
@@ -384,6 +408,15 @@ async fn bad_input_gets_its_stable_code_and_writes_nothing() {
     let ok = create_request("k", &fencing);
     let before = events(&ledger).await.len();
     let cases: Vec<(&str, pb::CreateApprovalRequest, pb::ErrorCode)> = vec![
+        (
+            // `<call id>/approved/<approval id>` would not fit an idempotency key.
+            "call id too long to resume under",
+            pb::CreateApprovalRequest {
+                idempotency_key: "k".repeat(155),
+                ..ok.clone()
+            },
+            pb::ErrorCode::IdMalformed,
+        ),
         (
             "unknown tenant",
             pb::CreateApprovalRequest {
@@ -1137,4 +1170,77 @@ async fn the_approval_uses_migration_backfills_reservations_made_before_it() {
         .await
         .unwrap();
     assert_eq!(uses().await, written);
+}
+
+#[tokio::test]
+async fn a_sweep_batch_waits_for_the_approvals_it_names_before_it_holds_any_candidate() {
+    // Goal: as for reservations (tests/ledger_batches.rs), a batch that sweeps and resolves
+    // approval X cannot deadlock with a session that holds X and then wants Y, a pending approval
+    // past its expiry that the sweep would take (ids ordered X < Y).
+    let (mut ledger, fencing) = setup().await;
+    let x = create(&mut ledger, create_request("call-x", &fencing)).await;
+    let x_id = uuid::Uuid::parse_str(&x.approval_id).unwrap();
+    let y_key = (0..)
+        .map(|n| format!("call-y{n}"))
+        .find(|key| spendguard_core::plan::approval_id_for(T, key) > x_id)
+        .unwrap();
+    let y = create(
+        &mut ledger,
+        pb::CreateApprovalRequest {
+            ttl_ms: 1_000,
+            ..create_request(&y_key, &fencing)
+        },
+    )
+    .await;
+    let y_id = uuid::Uuid::parse_str(&y.approval_id).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+
+    let store = ledger.store().clone();
+    let mut cursor = ledger.producer_cursor().await.unwrap();
+    let mut other = ledger.owner.begin().await.unwrap();
+    sqlx::query("SET LOCAL lock_timeout = '5s'")
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    sqlx::query("SELECT 1 FROM approvals WHERE approval_id = $1 FOR UPDATE")
+        .bind(x_id)
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let batch = tokio::spawn(async move {
+        let commands = [
+            spendguard_core::plan::Command::SweepExpired(10),
+            spendguard_core::plan::Command::ResolveApproval(
+                spendguard_core::plan::ResolveApproval {
+                    tenant_id: T.into(),
+                    approval_id: x_id,
+                    decision: spendguard_core::plan::ApprovalDecision::Approve,
+                    approver: "alice".into(),
+                    reason: String::new(),
+                },
+            ),
+        ];
+        store.run_batch(&mut cursor, &commands).await
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!batch.is_finished(), "the batch waits for X");
+    sqlx::query("SELECT 1 FROM approvals WHERE approval_id = $1 FOR UPDATE")
+        .bind(y_id)
+        .execute(&mut *other)
+        .await
+        .expect("Y is free: the waiting batch holds no candidate");
+    other.commit().await.unwrap();
+    let outcomes = batch.await.unwrap().expect("the batch ran").outcomes;
+    assert!(
+        matches!(
+            outcomes[0],
+            Ok(spendguard_core::plan::Outcome::Swept {
+                reservations: 0,
+                approvals: 1
+            })
+        ),
+        "{outcomes:?}"
+    );
+    assert!(outcomes[1].is_ok(), "{outcomes:?}");
+    invariants::check(ledger.store().pool()).await.unwrap();
 }

@@ -258,3 +258,86 @@ async fn a_batch_is_signed_once_per_tenant_and_each_event_verifies_alone() {
         assert_eq!(places, [0, 1, 2]);
     }
 }
+
+#[tokio::test]
+async fn a_sweep_batch_waits_for_the_reservations_it_names_before_it_holds_any_candidate() {
+    // Goal: a batch that sweeps and commits X, on one replica, cannot deadlock with a session on
+    // another that holds X and then wants Y, an expired reservation the sweep would take.
+    // Reservation ids are ordered X < Y, so a batch that held its candidate Y while it waited
+    // for X in the lock order would close the cycle.
+    let mut ledger = TestLedger::start().await.unwrap();
+    let token = ledger.tenant_with_lease(T).await.unwrap();
+    ledger.budget(T, "b", 100).await.unwrap();
+    let fencing = Fencing {
+        scope_id: token.scope_id.clone(),
+        epoch: token.epoch,
+    };
+    let store = ledger.store().clone();
+    let mut cursor = ledger.producer_cursor().await.unwrap();
+    let x = reserve("x", 10, &fencing);
+    let y = (0..)
+        .map(|n| ReserveSet {
+            ttl_ms: 1_000,
+            ..reserve(&format!("y{n}"), 10, &fencing)
+        })
+        .find(|y| y.reservation_id() > x.reservation_id())
+        .unwrap();
+    let (x_id, y_id) = (x.reservation_id(), y.reservation_id());
+    store
+        .run_batch(
+            &mut cursor,
+            &[Command::ReserveSet(x), Command::ReserveSet(y)],
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+
+    // The other replica's session: holds X.
+    let mut other = ledger.owner.begin().await.unwrap();
+    sqlx::query("SET LOCAL lock_timeout = '5s'")
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    sqlx::query("SELECT 1 FROM reservations WHERE reservation_id = $1 FOR UPDATE")
+        .bind(x_id)
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let batch = tokio::spawn(async move {
+        let commands = [
+            Command::SweepExpired(10),
+            Command::Commit(Commit {
+                tenant_id: T.into(),
+                reservation_id: x_id,
+                actual: NanoUsd::new(5).unwrap(),
+                fencing,
+            }),
+        ];
+        store.run_batch(&mut cursor, &commands).await
+    });
+    // Let the batch reach its wait for X; then the session wants Y.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!batch.is_finished(), "the batch waits for X");
+    sqlx::query("SELECT 1 FROM reservations WHERE reservation_id = $1 FOR UPDATE")
+        .bind(y_id)
+        .execute(&mut *other)
+        .await
+        .expect("Y is free: the waiting batch holds no candidate");
+    other.commit().await.unwrap();
+    let outcomes = batch.await.unwrap().expect("the batch ran").outcomes;
+    assert!(
+        matches!(
+            outcomes[0],
+            Ok(Outcome::Swept {
+                reservations: 1,
+                approvals: 0
+            })
+        ),
+        "{outcomes:?}"
+    );
+    assert!(
+        matches!(outcomes[1], Ok(Outcome::Committed { .. })),
+        "{outcomes:?}"
+    );
+    invariants::check(ledger.store().pool()).await.unwrap();
+}

@@ -2,9 +2,11 @@
 //! real ledger on a real PostgreSQL database. After each test the database invariants are checked.
 #![allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
 
+use spendguard_core::money::AMOUNT_MAX_NANO_USD as AMOUNT_MAX;
 use spendguard_proto::ledger::error_code;
 use spendguard_proto::ledger::v1 as pb;
 use spendguard_testkit::ledger::reserve_request;
+use spendguard_testkit::postgres::refusal;
 use spendguard_testkit::{TestLedger, invariants};
 
 const T: &str = "tenant-a";
@@ -917,6 +919,7 @@ async fn bad_input_gets_its_stable_code_and_writes_nothing() {
             .into_inner(),
     );
     let before = outbox_count(&ledger).await;
+    let journal_before = journal(&ledger).await;
     let ok = reserve_request(T, "k", &["run"], 10, &fencing);
     let cases: Vec<(&str, pb::ReserveSetRequest, pb::ErrorCode)> = vec![
         (
@@ -939,6 +942,14 @@ async fn bad_input_gets_its_stable_code_and_writes_nothing() {
             "overflowing amount",
             pb::ReserveSetRequest {
                 amount_nano_usd: i64::MAX,
+                ..ok.clone()
+            },
+            pb::ErrorCode::AmountInvalid,
+        ),
+        (
+            "one past the largest amount",
+            pb::ReserveSetRequest {
+                amount_nano_usd: AMOUNT_MAX + 1,
                 ..ok.clone()
             },
             pb::ErrorCode::AmountInvalid,
@@ -971,6 +982,25 @@ async fn bad_input_gets_its_stable_code_and_writes_nothing() {
             "malformed key",
             pb::ReserveSetRequest {
                 idempotency_key: "has space".into(),
+                ..ok.clone()
+            },
+            pb::ErrorCode::IdMalformed,
+        ),
+        (
+            "malformed budget",
+            pb::ReserveSetRequest {
+                budget_ids: vec!["Run".into()],
+                ..ok.clone()
+            },
+            pb::ErrorCode::IdMalformed,
+        ),
+        (
+            "malformed scope",
+            pb::ReserveSetRequest {
+                fencing: Some(pb::FencingToken {
+                    scope_id: "a scope".into(),
+                    ..fencing.clone()
+                }),
                 ..ok.clone()
             },
             pb::ErrorCode::IdMalformed,
@@ -1132,6 +1162,26 @@ async fn bad_input_gets_its_stable_code_and_writes_nothing() {
             },
             pb::ErrorCode::AmountInvalid,
         ),
+        (
+            pb::CommitRequest {
+                tenant_id: T.into(),
+                reservation_id: open.reservation_id.clone(),
+                actual_nano_usd: AMOUNT_MAX + 1,
+                fencing: Some(fencing.clone()),
+                deferrable: false,
+            },
+            pb::ErrorCode::AmountInvalid,
+        ),
+        (
+            pb::CommitRequest {
+                tenant_id: T.into(),
+                reservation_id: open.reservation_id.clone(),
+                actual_nano_usd: i64::MAX,
+                fencing: Some(fencing.clone()),
+                deferrable: false,
+            },
+            pb::ErrorCode::AmountInvalid,
+        ),
     ];
     for (request, expected) in commit_cases {
         assert_eq!(
@@ -1226,6 +1276,85 @@ async fn bad_input_gets_its_stable_code_and_writes_nothing() {
         .await
         .unwrap();
     assert_eq!(reservations, ["reserved"], "only the open one, still open");
+    assert_eq!(
+        journal(&ledger).await,
+        journal_before,
+        "nor any journal entry or balance"
+    );
+    invariants::check(ledger.store().pool()).await.unwrap();
+}
+
+/// The journal's length and every window's balances: what a refused request must not change.
+async fn journal(ledger: &TestLedger) -> (i64, Vec<(String, i64, i64, i64, i64)>) {
+    let pool = ledger.store().pool();
+    let entries = sqlx::query_scalar("SELECT count(*) FROM ledger_entries")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let windows = sqlx::query_as(
+        "SELECT budget_id, limit_nano_usd, reserved_nano_usd, committed_nano_usd, overrun_nano_usd
+           FROM budget_windows ORDER BY tenant_id, budget_id, window_start",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    (entries, windows)
+}
+
+#[tokio::test]
+async fn a_plan_the_database_refuses_is_internal_and_fails_only_itself() {
+    // Goal: when a database rule refuses what the ledger planned (a bug in the ledger, or a rule
+    // it does not know), the call gets INTERNAL, nothing of it is written, and the calls batched
+    // with it still succeed.
+    let (mut ledger, fencing) = setup().await;
+    // Warm the writer's cache, so the refused call takes the cached path first.
+    reserved(
+        ledger
+            .client
+            .reserve_set(reserve_request(T, "warm", &["run"], 10, &fencing))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    // A rule only the database knows: no reservation of 77.
+    sqlx::query(
+        "ALTER TABLE reservations ADD CONSTRAINT no_77 CHECK (amount_nano_usd <> 77) NOT VALID",
+    )
+    .execute(&ledger.owner)
+    .await
+    .unwrap();
+    let before = (outbox_count(&ledger).await, journal(&ledger).await);
+    let calls: Vec<_> = [("refused", 77), ("neighbour-1", 10), ("neighbour-2", 11)]
+        .into_iter()
+        .map(|(key, amount)| {
+            let mut client = ledger.client.clone();
+            let request = reserve_request(T, key, &["run"], amount, &fencing);
+            tokio::spawn(async move { client.reserve_set(request).await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for call in calls {
+        answers.push(call.await.unwrap());
+    }
+    let refused = answers.remove(0).unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Internal, "{refused:?}");
+    assert_eq!(code(&refused), pb::ErrorCode::Internal);
+    for answer in answers {
+        reserved(answer.unwrap().into_inner());
+    }
+    // The neighbours wrote their two events and entries; the refused call nothing.
+    let after = (outbox_count(&ledger).await, journal(&ledger).await);
+    assert_eq!(after.0, before.0 + 2);
+    assert_eq!(after.1.0, before.1.0 + 2);
+    let run = balance(&mut ledger, "run").await;
+    assert_eq!(run.reserved_nano_usd, 10 + 10 + 11);
+    let keys: Vec<String> =
+        sqlx::query_scalar("SELECT idempotency_key FROM reservations ORDER BY 1")
+            .fetch_all(&ledger.owner)
+            .await
+            .unwrap();
+    assert_eq!(keys, ["neighbour-1", "neighbour-2", "warm"]);
+    invariants::check(ledger.store().pool()).await.unwrap();
 }
 
 #[tokio::test]
@@ -1256,6 +1385,31 @@ async fn tenants_cannot_touch_each_other() {
         .await
         .unwrap_err();
     assert_eq!(code(&err), pb::ErrorCode::ReservationNotFound);
+    let err = ledger
+        .client
+        .commit(pb::CommitRequest {
+            tenant_id: "tenant-b".into(),
+            reservation_id: r.reservation_id.clone(),
+            actual_nano_usd: 1,
+            fencing: Some(fencing_b.clone()),
+            deferrable: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), pb::ErrorCode::ReservationNotFound);
+    // A's budget `tenant`, named by B with B's own lease: B has no such budget.
+    let err = ledger
+        .client
+        .reserve_set(reserve_request(
+            "tenant-b",
+            "k",
+            &["tenant"],
+            10,
+            &fencing_b,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(code(&err), pb::ErrorCode::BudgetNotFound);
     let err = ledger
         .client
         .reserve_set(reserve_request("tenant-b", "k", &["run"], 10, &fencing_a))
@@ -1331,9 +1485,10 @@ async fn leases_renew_take_over_and_fence_stale_writers() {
         .await
         .unwrap_err();
     assert_eq!(code(&expired), pb::ErrorCode::FencingLeaseExpired);
+    // With the force flag too, an expired lease is taken over, not forced.
     let taken = ledger
         .client
-        .acquire_fencing_lease(acquire("other", 0, false, 60_000))
+        .acquire_fencing_lease(acquire("other", 0, true, 60_000))
         .await
         .unwrap()
         .into_inner();
@@ -1391,6 +1546,30 @@ async fn leases_renew_take_over_and_fence_stale_writers() {
             .await
             .unwrap();
     assert_eq!(history, ["acquired", "renewed", "taken_over", "forced"]);
+    // The audit events say the same: only the takeover before expiry was forced.
+    let events =
+        spendguard_testkit::ledger::outbox_events(ledger.store().pool(), "fencing.lease_acquired")
+            .await
+            .unwrap();
+    let said: Vec<(&str, bool)> = events
+        .iter()
+        .map(|e| {
+            let data = &e["data"];
+            (
+                data["outcome"].as_str().unwrap(),
+                data["forced"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        said,
+        [
+            ("acquired", false),
+            ("renewed", false),
+            ("taken_over", false),
+            ("forced", true)
+        ]
+    );
     invariants::check(ledger.store().pool()).await.unwrap();
 }
 
@@ -1432,6 +1611,8 @@ async fn outbox_events_are_canonical_and_sequenced() {
     assert_eq!(
         types,
         [
+            // The ledger's own key, published at its start with its evidence.
+            "signing_key.registered",
             "tenant.upserted",
             "pricing.registered",
             "fencing.lease_acquired",
@@ -1463,28 +1644,53 @@ async fn with_an_open_reservation() -> (TestLedger, pb::FencingToken, sqlx::PgPo
 #[tokio::test]
 async fn database_constraints_hold_even_if_application_code_is_wrong() {
     let (mut ledger, fencing, pool, id) = with_an_open_reservation().await;
+    // Each attempt with the refusal it must get: SQLSTATE, and the rule's name or its message.
+    // A refusal for another reason (a typo, a missing privilege, another rule) fails the test.
     let attempts = [
-        // Money moved without a journal entry.
-        "UPDATE budget_windows SET committed_nano_usd = committed_nano_usd + 1".to_owned(),
-        // A journal entry that would overspend.
-        format!("INSERT INTO ledger_entries (tenant_id, budget_id, window_start, reservation_id, kind, reserved_delta) SELECT tenant_id, budget_id, window_start, '{}', 'commit', 5000 FROM budget_windows WHERE budget_id = 'run'", uuid::Uuid::new_v4()),
-        // Negative reserved.
-        format!("INSERT INTO ledger_entries (tenant_id, budget_id, window_start, reservation_id, kind, reserved_delta) SELECT tenant_id, budget_id, window_start, '{id}', 'release', -11 FROM budget_windows WHERE budget_id = 'run'"),
+        (
+            "UPDATE budget_windows SET committed_nano_usd = committed_nano_usd + 1".to_owned(),
+            ("23000", "money changes only through ledger_entries"),
+        ),
+        (
+            // A journal entry, for the open reservation, that would overspend.
+            format!("INSERT INTO ledger_entries (tenant_id, budget_id, window_start, reservation_id, kind, committed_delta) SELECT tenant_id, budget_id, window_start, '{id}', 'commit', 991 FROM budget_windows WHERE budget_id = 'run'"),
+            ("23514", "budget_windows_no_overspend"),
+        ),
+        (
+            format!("INSERT INTO ledger_entries (tenant_id, budget_id, window_start, reservation_id, kind, reserved_delta) SELECT tenant_id, budget_id, window_start, '{id}', 'release', -11 FROM budget_windows WHERE budget_id = 'run'"),
+            ("23514", "budget_windows_reserved_nano_usd_check"),
+        ),
+        (
+            // An entry for a reservation that does not exist.
+            format!("INSERT INTO ledger_entries (tenant_id, budget_id, window_start, reservation_id, kind, reserved_delta) SELECT tenant_id, budget_id, window_start, '{}', 'reserve', 1 FROM budget_windows WHERE budget_id = 'run'", uuid::Uuid::new_v4()),
+            ("23503", "journal entry for an unknown reservation"),
+        ),
         // History rewritten.
-        "DELETE FROM ledger_entries".to_owned(),
-        "UPDATE audit_outbox SET event_type = 'x'".to_owned(),
-        // An epoch minted out of thin air.
-        "UPDATE fencing_scopes SET epoch = epoch + 5".to_owned(),
-        // A scope handed over without a new epoch.
-        "UPDATE fencing_scopes SET owner_workload_id = 'thief'".to_owned(),
-        // A sequence nobody allocated.
-        "INSERT INTO audit_outbox SELECT producer_instance_id, producer_sequence + 1000, tenant_id, event_type, occurred_at, canonical_event, event_sha256 FROM audit_outbox LIMIT 1".to_owned(),
+        ("DELETE FROM ledger_entries".to_owned(), ("23000", "ledger_entries is append-only")),
+        (
+            "UPDATE audit_outbox SET event_type = 'x'".to_owned(),
+            ("23000", "audit_outbox is append-only"),
+        ),
+        (
+            "UPDATE fencing_scopes SET epoch = epoch + 5".to_owned(),
+            ("23000", "may only rise by one"),
+        ),
+        (
+            "UPDATE fencing_scopes SET owner_workload_id = 'thief'".to_owned(),
+            ("23000", "changes hands only with a new epoch"),
+        ),
+        (
+            // A sequence nobody allocated, on a copy of a signed event.
+            "INSERT INTO audit_outbox (producer_instance_id, producer_sequence, tenant_id, event_type, occurred_at, canonical_event, event_sha256, signing_key_id, signing_algorithm, signed_at, signature, signature_inclusion) SELECT producer_instance_id, producer_sequence + 1000, tenant_id, event_type, occurred_at, canonical_event, event_sha256, signing_key_id, signing_algorithm, signed_at, signature, signature_inclusion FROM audit_outbox LIMIT 1".to_owned(),
+            ("23000", "sequence was not allocated from its producer"),
+        ),
     ];
-    for sql in attempts {
-        let result = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
-            .execute(&pool)
-            .await;
-        assert!(result.is_err(), "the database accepted: {sql}");
+    for (sql, (code, rule)) in &attempts {
+        let refused = refusal(&pool, sql).await;
+        assert!(
+            refused.is(code, rule),
+            "{sql}: {refused:?}, not {code} {rule}"
+        );
     }
     // Resolving twice is refused by the trigger.
     sqlx::query("UPDATE reservations SET state = 'released', resolved_at = now(), committed_nano_usd = 0, released_nano_usd = amount_nano_usd WHERE reservation_id = $1")
@@ -1492,18 +1698,19 @@ async fn database_constraints_hold_even_if_application_code_is_wrong() {
         .execute(&pool)
         .await
         .unwrap();
-    let twice =
-        sqlx::query("UPDATE reservations SET state = 'committed' WHERE reservation_id = $1")
-            .bind(id)
-            .execute(&pool)
-            .await;
-    assert!(twice.is_err());
+    for sql in [
+        format!(
+            "UPDATE reservations SET state = 'committed', committed_nano_usd = amount_nano_usd, released_nano_usd = 0 WHERE reservation_id = '{id}'"
+        ),
+        format!("UPDATE reservations SET state = 'expired' WHERE reservation_id = '{id}'"),
+    ] {
+        let refused = refusal(&pool, &sql).await;
+        assert!(
+            refused.is("23000", &format!("reservation {id} is already released")),
+            "{sql}: {refused:?}"
+        );
+    }
     // An expired row takes its late usage once (with the committing epoch), and nothing else.
-    sqlx::query("UPDATE reservations SET state = 'expired' WHERE reservation_id = $1")
-        .bind(id)
-        .execute(&pool)
-        .await
-        .expect_err("a released row cannot become expired");
     let expired = reserved(
         ledger
             .client
@@ -1525,17 +1732,9 @@ async fn database_constraints_hold_even_if_application_code_is_wrong() {
         })
         .await
         .unwrap();
-    let late = |set: &'static str| {
-        let pool = pool.clone();
-        async move {
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "UPDATE reservations SET {set} WHERE reservation_id = $1"
-            )))
-            .bind(expired)
-            .execute(&pool)
-            .await
-        }
-    };
+    let late =
+        |set: &str| format!("UPDATE reservations SET {set} WHERE reservation_id = '{expired}'");
+    let already_expired = format!("reservation {expired} is already expired");
     for wrong in [
         // No committing epoch: it would still read as a plain expiry.
         "actual_nano_usd = 5, overrun_nano_usd = 5",
@@ -1544,16 +1743,22 @@ async fn database_constraints_hold_even_if_application_code_is_wrong() {
         // Money moved on the row.
         "actual_nano_usd = 5, overrun_nano_usd = 5, resolved_epoch = 1, released_nano_usd = 0, committed_nano_usd = 10",
     ] {
-        assert!(late(wrong).await.is_err(), "the database accepted: {wrong}");
+        let refused = refusal(&pool, &late(wrong)).await;
+        assert!(
+            refused.is("23000", &already_expired),
+            "{wrong}: {refused:?}"
+        );
     }
-    late("actual_nano_usd = 5, overrun_nano_usd = 5, resolved_epoch = 1")
+    let once = late("actual_nano_usd = 5, overrun_nano_usd = 5, resolved_epoch = 1");
+    sqlx::query(sqlx::AssertSqlSafe(once))
+        .execute(&pool)
         .await
         .expect("a late usage, once");
+    let twice = late("actual_nano_usd = 6, overrun_nano_usd = 6, resolved_epoch = 1");
+    let refused = refusal(&pool, &twice).await;
     assert!(
-        late("actual_nano_usd = 6, overrun_nano_usd = 6, resolved_epoch = 1")
-            .await
-            .is_err(),
-        "and never twice"
+        refused.is("23000", &already_expired),
+        "and never twice: {refused:?}"
     );
 }
 
@@ -1871,14 +2076,96 @@ fn signing_key_request(key_id: &str, public_key_hex: &str) -> pb::RegisterSignin
     }
 }
 
-async fn signing_key_events(ledger: &TestLedger) -> Vec<(String, String)> {
+/// The tenant and type of every audit event about `key_id` (not the ledger's own key's).
+async fn signing_key_events(ledger: &TestLedger, key_id: &str) -> Vec<(String, String)> {
     sqlx::query_as(
         "SELECT tenant_id, event_type FROM audit_outbox
-          WHERE event_type LIKE 'signing_key.%' ORDER BY producer_sequence",
+          WHERE event_type LIKE 'signing_key.%'
+            AND convert_from(canonical_event, 'UTF8')::jsonb -> 'data' ->> 'key_id' = $1
+          ORDER BY producer_sequence",
     )
+    .bind(key_id)
     .fetch_all(ledger.store().pool())
     .await
     .unwrap()
+}
+
+#[tokio::test]
+async fn a_ledger_publishes_its_own_key_once_with_signed_evidence() {
+    // Goal: a key enters the registry only with an audit event (S7: a rotation is itself
+    // audited), also the key a ledger publishes for itself at start; a restart with a key the
+    // registry holds writes nothing.
+    let (ledger, _) = setup().await;
+    let start = || {
+        let database_url = ledger.database_url.clone();
+        async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let control = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            spendguard_ledger::start(
+                &spendguard_testkit::postgres::runtime_url(&database_url),
+                "ledger-rotated",
+                &spendguard_ledger::LedgerTuning::default(),
+                spendguard_testkit::signing::signing_with_seed([9; 32], "ledger-rotated"),
+                listener,
+                control,
+                &mut prometheus_client::registry::Registry::default(),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let pool = ledger.store().pool();
+    // (key id, signing key id, producer) of every registration event.
+    let registrations = || async {
+        let rows: Vec<(Vec<u8>, Option<String>, String)> = sqlx::query_as(
+            "SELECT canonical_event, signing_key_id, producer_instance_id FROM audit_outbox
+              WHERE event_type = 'signing_key.registered' ORDER BY producer_instance_id",
+        )
+        .fetch_all(pool)
+        .await
+        .unwrap();
+        rows.into_iter()
+            .map(|(bytes, signed_by, producer)| {
+                let event: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+                let key_id = event["data"]["key_id"].as_str().unwrap().to_owned();
+                (key_id, signed_by.unwrap(), producer)
+            })
+            .collect::<Vec<_>>()
+    };
+    let keys = || async {
+        sqlx::query_scalar::<_, String>("SELECT key_id FROM signing_keys ORDER BY key_id")
+            .fetch_all(pool)
+            .await
+            .unwrap()
+    };
+    // The first ledger's key (`setup`): one event, signed by the key it registers.
+    let first = registrations().await;
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(first[0].0, first[0].1);
+    assert_eq!(keys().await, [first[0].0.clone()]);
+
+    let rotated = start().await;
+    let after = registrations().await;
+    assert_eq!(after.len(), 2, "{after:?}");
+    let new = after.iter().find(|r| r.2 == "ledger-rotated").unwrap();
+    assert_eq!(new.0, new.1, "signed by the key it registers");
+    let mut expected = vec![first[0].0.clone(), new.0.clone()];
+    expected.sort();
+    assert_eq!(
+        keys().await,
+        expected,
+        "every key in the registry has its event"
+    );
+
+    rotated.shutdown().await;
+    let restarted = start().await;
+    assert_eq!(
+        registrations().await,
+        after,
+        "a known key is not published again"
+    );
+    restarted.shutdown().await;
+    invariants::check(pool).await.unwrap();
 }
 
 #[tokio::test]
@@ -2011,7 +2298,7 @@ async fn signing_keys_register_revoke_and_never_un_revoke() {
     assert_eq!(row.1, hex::decode(ED25519_KEY_1).unwrap());
     assert!(row.2.is_none());
     assert_eq!(
-        signing_key_events(&ledger).await,
+        signing_key_events(&ledger, key_id).await,
         vec![("spendguard-system".into(), "signing_key.registered".into())]
     );
 
@@ -2120,7 +2407,7 @@ async fn signing_keys_register_revoke_and_never_un_revoke() {
             .unwrap();
     assert_eq!(revoked_at.timestamp_millis(), earlier.revoked_at_unix_ms);
 
-    let types: Vec<String> = signing_key_events(&ledger)
+    let types: Vec<String> = signing_key_events(&ledger, key_id)
         .await
         .into_iter()
         .map(|(tenant, event_type)| {

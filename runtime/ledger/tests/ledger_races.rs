@@ -29,7 +29,10 @@ async fn two_hundred_concurrent_reserves_against_room_for_fifty() {
     for task in tasks {
         match task.await.unwrap().outcome {
             Some(pb::reserve_set_response::Outcome::Reserved(_)) => granted += 1,
-            Some(pb::reserve_set_response::Outcome::Denied(d)) => assert_eq!(d.budget_id, "hot"),
+            Some(pb::reserve_set_response::Outcome::Denied(d)) => {
+                assert_eq!(d.budget_id, "hot");
+                assert_eq!(d.code(), pb::ErrorCode::BudgetExhausted);
+            }
             None => panic!("no outcome"),
         }
     }
@@ -247,6 +250,12 @@ async fn two_processes_claiming_one_producer_id_fail_closed() {
         }
         Ok(_) => panic!("a second process claimed a live producer id"),
     }
+    // Refused before it wrote anything: its own signing key (another random one) included.
+    let keys: i64 = sqlx::query_scalar("SELECT count(*) FROM signing_keys")
+        .fetch_one(&ledger.owner)
+        .await
+        .unwrap();
+    assert_eq!(keys, 1, "only the first process's key is registered");
     // Once the first stops, the id is free at once (restart without waiting for a TTL).
     let mut ledger = ledger;
     let url = ledger.database_url.clone();

@@ -522,11 +522,14 @@ async fn published_checkpoints_catch_an_export_cut_back_to_an_older_checkpoint()
         .collect();
     let globex_len = u64::try_from(chain_len(&pool, "globex").await).unwrap();
     let acme_len = u64::try_from(len).unwrap();
+    // The ledger's own key registration is the system tenant's chain, checkpointed too.
+    let system_len = u64::try_from(chain_len(&pool, "spendguard-system").await).unwrap();
     assert_eq!(
         summary,
         [
             ("acme".to_owned(), acme_len, true),
-            ("globex".to_owned(), globex_len, true)
+            ("globex".to_owned(), globex_len, true),
+            ("spendguard-system".to_owned(), system_len, true)
         ]
     );
     let newest: String = sqlx::query_scalar(
