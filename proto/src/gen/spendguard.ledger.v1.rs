@@ -788,7 +788,9 @@ pub enum ErrorCode {
     ReservationExpired = 45,
     /// Not an error status: the denial reason in ReserveSetResponse when a budget lacks headroom.
     BudgetExhausted = 46,
-    /// \[UNAVAILABLE\] Another live process claims this ledger's producer instance id.
+    /// \[UNAVAILABLE\] Another live process claims this ledger's producer instance id; or this
+    /// ledger lost its claim; or a batch found the producer's claim or next sequence changed under
+    /// it (the message says which). Nothing was written.
     ProducerInstanceConflict = 47,
     /// \[FAILED_PRECONDITION\] The reservation's pricing version and hash are not registered for the tenant.
     PricingUnknown = 48,

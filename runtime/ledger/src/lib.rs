@@ -251,14 +251,17 @@ impl RunningLedger {
     }
 }
 
-/// Starts the ledger: migrate (optionally), publish the signing key, claim the producer id,
-/// start the writer and serve gRPC, the data path on `listener` and every RPC on
-/// `control_listener`. Every audit event is signed with `signing`
-/// (unsigned only when it is [`Signing::Disabled`], which the demo profile alone can build).
+/// Starts the ledger: check its database role, migrate (optionally), claim the producer id,
+/// publish the signing key (with its audit event, if the registry lacks it), start the writer
+/// and serve gRPC, the data path on `listener` and every RPC on `control_listener`. Every
+/// audit event is signed with `signing` (unsigned only when it is [`Signing::Disabled`], which
+/// the demo profile alone can build).
 ///
 /// # Errors
-/// [`Error::Database`], [`Error::Migration`], [`Error::ProducerInstanceConflict`], or
-/// [`Error::Startup`] for a signing key id already bound to another key.
+/// [`Error::DatabaseRolePrivileged`], [`Error::Database`], [`Error::Migration`],
+/// [`Error::ProducerInstanceConflict`], [`Error::Signing`] when the key cannot sign its own
+/// registration, or [`Error::Startup`] for a signing key id already bound to another key, a
+/// key the registry holds revoked or outside its window, or a publication refused.
 pub async fn start(
     database_url: &str,
     instance_id: &str,
@@ -300,11 +303,7 @@ pub async fn start(
             // On the database's clock, which events are signed by (the batch's time), in whole
             // milliseconds like them: on the host's, a host clock ahead of the database's would
             // put every batch's signing time before the window until the host's clock passed.
-            let db_now: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
-                .fetch_one(store.pool())
-                .await
-                .map_err(|e| Error::Startup(format!("database clock: {e}")))?;
-            let now = spendguard_evidence::envelope::truncate_to_ms(db_now);
+            let now = database_clock(&store).await?;
             let record = signer
                 .key_record(now, None)
                 .map_err(|e| Error::Startup(format!("signing key: {e}")))?;
@@ -324,7 +323,11 @@ pub async fn start(
                 .await?
                 .ok_or_else(|| Error::Startup(format!("signing key {key_id} vanished")))?;
             standing.set(window);
-            standing.check(now).map_err(Error::Startup)?;
+            // At a fresh reading of the database clock: a replica that published the same key
+            // first opened its window at its own, later, start.
+            standing
+                .check(database_clock(&store).await?)
+                .map_err(Error::Startup)?;
             info!(key_id = %key_id, algorithm = record.algorithm().as_str(), "audit events are signed");
             key_standing = Some(standing);
         }
@@ -587,6 +590,15 @@ impl LedgerArgs {
         info!("ledger stopped");
         Ok(())
     }
+}
+
+/// The database clock in whole milliseconds, as events are signed.
+async fn database_clock(store: &Store) -> Result<chrono::DateTime<chrono::Utc>> {
+    let now: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(store.pool())
+        .await
+        .map_err(|e| Error::Startup(format!("database clock: {e}")))?;
+    Ok(spendguard_evidence::envelope::truncate_to_ms(now))
 }
 
 #[cfg(test)]

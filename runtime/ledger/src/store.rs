@@ -435,40 +435,40 @@ impl Store {
     /// [`Error::Startup`] for a key id already bound to another key, or a publication refused;
     /// [`Error::Database`].
     pub async fn publish_own_key(&self, record: &KeyRecord, claim: &ProducerClaim) -> Result<()> {
-        if !self.own_key_registered(record).await? {
-            let mut cursor = self.producer_cursor(claim).await?;
-            let command = Command::RegisterSigningKey(RegisterSigningKey {
-                key_id: record.key_id.clone(),
-                key: SigningKeyRow {
-                    algorithm: record.algorithm().as_str().to_owned(),
-                    public_key: record.public_key.to_bytes(),
-                    valid_from: record.valid_from,
-                    valid_until: record.valid_until,
-                    revoked_at: None,
-                },
-            });
-            let mut committed = self.run_batch(&mut cursor, &[command]).await?;
-            match committed.outcomes.remove(0) {
-                Ok(_) => {}
-                // Another process published the same key id at the same moment, with its own
-                // start: judged below like a key registered earlier.
-                Err(LedgerError::SigningKeyConflict { .. }) => {
-                    if !self.own_key_registered(record).await? {
-                        return Err(Error::Startup(format!(
-                            "signing key {} could not be published",
-                            record.key_id
-                        )));
-                    }
-                }
-                Err(refused) => {
-                    return Err(Error::Startup(format!(
-                        "publishing signing key {}: {refused}",
-                        record.key_id
-                    )));
-                }
-            }
+        if self.own_key_registered(record).await? {
+            return Ok(());
         }
-        Ok(())
+        let mut cursor = self.producer_cursor(claim).await?;
+        let command = Command::RegisterSigningKey(RegisterSigningKey {
+            key_id: record.key_id.clone(),
+            key: SigningKeyRow {
+                algorithm: record.algorithm().as_str().to_owned(),
+                public_key: record.public_key.to_bytes(),
+                valid_from: record.valid_from,
+                valid_until: record.valid_until,
+                revoked_at: None,
+            },
+        });
+        let refused = match self.run_batch(&mut cursor, &[command]).await {
+            Ok(mut committed) => match committed.outcomes.remove(0) {
+                Ok(_) => return Ok(()),
+                Err(refused) => refused.to_string(),
+            },
+            // Replicas sharing one key start together: the other's row, committed while this
+            // batch's insert waited, makes it a unique violation (a row that did not exist
+            // could not be locked first).
+            Err(Error::Invariant(message)) => message,
+            Err(e) => return Err(e),
+        };
+        // Another process published the key first (a conflict on its own start, or the unique
+        // violation above): judged like a key registered earlier.
+        if self.own_key_registered(record).await? {
+            return Ok(());
+        }
+        Err(Error::Startup(format!(
+            "publishing signing key {}: {refused}",
+            record.key_id
+        )))
     }
 
     /// Whether the registry holds `record`'s key id, with its public key.

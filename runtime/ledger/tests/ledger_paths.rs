@@ -2096,16 +2096,16 @@ async fn a_ledger_publishes_its_own_key_once_with_signed_evidence() {
     // audited), also the key a ledger publishes for itself at start; a restart with a key the
     // registry holds writes nothing.
     let (ledger, _) = setup().await;
-    let start = || {
+    let start_as = |instance: &'static str, seed: [u8; 32]| {
         let database_url = ledger.database_url.clone();
         async move {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let control = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             spendguard_ledger::start(
                 &spendguard_testkit::postgres::runtime_url(&database_url),
-                "ledger-rotated",
+                instance,
                 &spendguard_ledger::LedgerTuning::default(),
-                spendguard_testkit::signing::signing_with_seed([9; 32], "ledger-rotated"),
+                spendguard_testkit::signing::signing_with_seed(seed, instance),
                 listener,
                 control,
                 &mut prometheus_client::registry::Registry::default(),
@@ -2114,6 +2114,7 @@ async fn a_ledger_publishes_its_own_key_once_with_signed_evidence() {
             .unwrap()
         }
     };
+    let start = || start_as("ledger-rotated", [9; 32]);
     let pool = ledger.store().pool();
     // (key id, signing key id, producer) of every registration event.
     let registrations = || async {
@@ -2165,6 +2166,41 @@ async fn a_ledger_publishes_its_own_key_once_with_signed_evidence() {
         "a known key is not published again"
     );
     restarted.shutdown().await;
+
+    // Two replicas sharing a new key start together. Inserts into the registry wait behind a
+    // table lock until both have found the key missing and tried to publish it: one insert
+    // wins, the other's is a unique violation, and that replica accepts the winner's row.
+    let mut blocker = ledger.owner.begin().await.unwrap();
+    sqlx::query("LOCK TABLE signing_keys IN SHARE ROW EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let a = tokio::spawn(start_as("ledger-a", [5; 32]));
+    let b = tokio::spawn(start_as("ledger-b", [5; 32]));
+    let waiting = |n: i64| async move {
+        for _ in 0..100 {
+            let waiters: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                  WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO signing_keys%'",
+            )
+            .fetch_one(pool)
+            .await
+            .unwrap();
+            if waiters == n {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("{n} inserts into the registry never waited together");
+    };
+    waiting(2).await;
+    blocker.commit().await.unwrap();
+    let (a, b) = (a.await.unwrap(), b.await.unwrap());
+    let shared = registrations().await;
+    assert_eq!(shared.len(), 3, "one event for the shared key: {shared:?}");
+    assert_eq!(keys().await.len(), 3);
+    a.shutdown().await;
+    b.shutdown().await;
     invariants::check(pool).await.unwrap();
 }
 
