@@ -441,6 +441,19 @@ async fn expiry_runs_on_the_database_clock_and_a_late_commit_is_booked_as_an_ove
         .await
         .unwrap_err();
     assert_eq!(code(&other), pb::ErrorCode::IdempotencyConflict);
+    // Lapsed, not swept: a release is RESERVATION_EXPIRED too, and writes nothing (the sweep
+    // below still finds r2 open).
+    let release = pb::ReleaseRequest {
+        tenant_id: T.into(),
+        reservation_id: r2.reservation_id.clone(),
+        fencing: Some(fencing.clone()),
+        reason: String::new(),
+        deferrable: false,
+    };
+    assert_eq!(
+        code(&ledger.client.release(release.clone()).await.unwrap_err()),
+        pb::ErrorCode::ReservationExpired
+    );
     let loaded = ledger.batches("loaded");
     assert_eq!(
         sweep(&mut ledger).await,
@@ -455,13 +468,6 @@ async fn expiry_runs_on_the_database_clock_and_a_late_commit_is_booked_as_an_ove
     );
 
     // After the sweep: nothing left to release; a commit books its 50 late on the expired row.
-    let release = pb::ReleaseRequest {
-        tenant_id: T.into(),
-        reservation_id: r2.reservation_id.clone(),
-        fencing: Some(fencing.clone()),
-        reason: String::new(),
-        deferrable: false,
-    };
     assert_eq!(
         code(&ledger.client.release(release).await.unwrap_err()),
         pb::ErrorCode::ReservationExpired
