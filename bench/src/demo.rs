@@ -158,7 +158,7 @@ fn venv_python(root: &Path) -> Result<String> {
 }
 
 pub(crate) async fn demo(spendguard_bin: &Path) -> Result<()> {
-    let root = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    let root = spendguard_testkit::paths::repo_root();
     let python = venv_python(root)?;
     let cluster = PgCluster::start(&[])?;
     let url = cluster.create_database().await?;

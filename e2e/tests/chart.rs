@@ -7,7 +7,11 @@ use spendguard_testkit::control_plane::{ControlPlane, User, binaries_dir};
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/spendguard");
+/// The chart of the checkout under test (`spendguard_testkit::paths`).
+fn chart() -> &'static str {
+    static CHART: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    CHART.get_or_init(|| format!("{}/charts/spendguard", spendguard_testkit::paths::REPO_ROOT))
+}
 
 fn helm(args: &[&str]) -> (bool, String) {
     let out = Command::new(binaries_dir().join("helm"))
@@ -26,12 +30,12 @@ fn helm(args: &[&str]) -> (bool, String) {
 
 #[test]
 fn values_are_validated() {
-    let (ok, text) = helm(&["lint", CHART]);
+    let (ok, text) = helm(&["lint", chart()]);
     assert!(ok, "{text}");
     let disabled_two = [
         "template",
         "sg",
-        CHART,
+        chart(),
         "--set",
         "operator.replicas=2",
         "--set",
@@ -46,7 +50,7 @@ fn values_are_validated() {
     let (ok, text) = helm(&[
         "template",
         "sg",
-        CHART,
+        chart(),
         "--set",
         "leaderElection.mode=disabled",
         "--set",
@@ -56,7 +60,7 @@ fn values_are_validated() {
     let (ok, text) = helm(&[
         "template",
         "sg",
-        CHART,
+        chart(),
         "--set",
         "leaderElection.mode=disabled",
         "--set",
@@ -74,9 +78,9 @@ fn values_are_validated() {
         3,
         "{text}"
     );
-    let (ok, text) = helm(&["template", "sg", CHART]);
+    let (ok, text) = helm(&["template", "sg", chart()]);
     assert!(ok && !text.contains("Recreate"), "{text}");
-    let (ok, text) = helm(&["template", "sg", CHART, "--set", "operator.replicas=2"]);
+    let (ok, text) = helm(&["template", "sg", chart(), "--set", "operator.replicas=2"]);
     assert!(
         ok && text.contains("replicas: 2"),
         "two replicas with k8s leader election: {text}"
@@ -84,19 +88,19 @@ fn values_are_validated() {
     let (ok, text) = helm(&[
         "template",
         "sg",
-        CHART,
+        chart(),
         "--set",
         "leaderElection.ttlMs=1000",
         "--set",
         "leaderElection.renewIntervalMs=2000",
     ]);
     assert!(!ok && text.contains("ttlMs must be greater"), "{text}");
-    let (ok, text) = helm(&["template", "sg", CHART, "--set", "ledger.typo=1"]);
+    let (ok, text) = helm(&["template", "sg", chart(), "--set", "ledger.typo=1"]);
     assert!(!ok && text.contains("typo"), "{text}");
     let (ok, text) = helm(&[
         "template",
         "sg",
-        CHART,
+        chart(),
         "--set",
         "leaderElection.mode=postgres",
     ]);
@@ -105,25 +109,37 @@ fn values_are_validated() {
     let (ok, text) = helm(&[
         "template",
         "sg",
-        CHART,
+        chart(),
         "--set",
         "ledger.signing.mode=disabled",
     ]);
     assert!(!ok && text.contains("mode"), "{text}");
-    let (ok, text) = helm(&["template", "sg", CHART, "--set", "ledger.signing.mode=kms"]);
+    let (ok, text) = helm(&[
+        "template",
+        "sg",
+        chart(),
+        "--set",
+        "ledger.signing.mode=kms",
+    ]);
     assert!(!ok && text.contains("kmsKey"), "{text}");
-    let (ok, text) = helm(&["template", "sg", CHART, "--set", "leaderElection.mode=etcd"]);
+    let (ok, text) = helm(&[
+        "template",
+        "sg",
+        chart(),
+        "--set",
+        "leaderElection.mode=etcd",
+    ]);
     assert!(!ok && text.contains("mode"), "{text}");
     // Webhooks: on by default with the sidecar image defaulting to the chart's image; off
     // removes the configurations and tells the operator not to serve.
-    let (ok, text) = helm(&["template", "sg", CHART, "--namespace", "sg-system"]);
+    let (ok, text) = helm(&["template", "sg", chart(), "--namespace", "sg-system"]);
     assert!(
         ok && text.contains("kind: MutatingWebhookConfiguration")
             && text.contains("values: [\"sg-system\"]")
             && text.contains("value: \"ghcr.io/spendguard/spendguard:0.1.0\""),
         "{text}"
     );
-    let (ok, text) = helm(&["template", "sg", CHART, "--set", "webhook.enabled=false"]);
+    let (ok, text) = helm(&["template", "sg", chart(), "--set", "webhook.enabled=false"]);
     assert!(
         ok && !text.contains("WebhookConfiguration") && text.contains("value: \"false\""),
         "{text}"
@@ -131,14 +147,14 @@ fn values_are_validated() {
     let (ok, text) = helm(&[
         "template",
         "sg",
-        CHART,
+        chart(),
         "--set",
         "webhook.injectionFailurePolicy=Maybe",
     ]);
     assert!(!ok && text.contains("injectionFailurePolicy"), "{text}");
 
     // Approvers: the ClusterRole always, a cluster-wide binding only for listed groups.
-    let (ok, text) = helm(&["template", "sg", CHART]);
+    let (ok, text) = helm(&["template", "sg", chart()]);
     assert!(
         ok && text.contains("name: spendguard-approver")
             && text.contains(r#"verbs: ["get", "list", "watch", "approve"]"#)
@@ -148,7 +164,7 @@ fn values_are_validated() {
     let (ok, text) = helm(&[
         "template",
         "sg",
-        CHART,
+        chart(),
         "--set",
         "approvals.approverGroups={finance,sre}",
     ]);
@@ -162,7 +178,7 @@ fn values_are_validated() {
     let (ok, text) = helm(&[
         "template",
         "sg",
-        CHART,
+        chart(),
         "--set",
         "approvals.approverGroups[0]=",
     ]);
@@ -170,14 +186,20 @@ fn values_are_validated() {
 
     // Credits for injected sidecars: on by default (largest credit 10 USD), an integer (never
     // `1e+10`), never negative, 0 turns them off.
-    let (ok, text) = helm(&["template", "sg", CHART]);
+    let (ok, text) = helm(&["template", "sg", chart()]);
     assert!(
         ok && text.contains(
             "name: SPENDGUARD_SIDECAR_CREDIT_NANO_USD\n              value: \"10000000000\""
         ),
         "{text}"
     );
-    let (ok, text) = helm(&["template", "sg", CHART, "--set", "sidecar.creditNanoUsd=0"]);
+    let (ok, text) = helm(&[
+        "template",
+        "sg",
+        chart(),
+        "--set",
+        "sidecar.creditNanoUsd=0",
+    ]);
     assert!(
         ok && text.contains("name: SPENDGUARD_SIDECAR_CREDIT_NANO_USD\n              value: \"0\""),
         "{text}"
@@ -185,19 +207,31 @@ fn values_are_validated() {
     let (ok, text) = helm(&[
         "template",
         "sg",
-        CHART,
+        chart(),
         "--set",
         "sidecar.creditNanoUsd=5000000000",
     ]);
     assert!(ok && text.contains("value: \"5000000000\""), "{text}");
-    let (ok, text) = helm(&["template", "sg", CHART, "--set", "sidecar.creditNanoUsd=-1"]);
+    let (ok, text) = helm(&[
+        "template",
+        "sg",
+        chart(),
+        "--set",
+        "sidecar.creditNanoUsd=-1",
+    ]);
     assert!(!ok && text.contains("creditNanoUsd"), "{text}");
-    let (ok, text) = helm(&["template", "sg", CHART, "--set", "sidecar.creditTtlMs=1000"]);
+    let (ok, text) = helm(&[
+        "template",
+        "sg",
+        chart(),
+        "--set",
+        "sidecar.creditTtlMs=1000",
+    ]);
     assert!(!ok && text.contains("creditTtlMs"), "{text}");
     let (ok, text) = helm(&[
         "template",
         "sg",
-        CHART,
+        chart(),
         "--set",
         "sidecar.creditAheadMs=1500,sidecar.creditQuietMs=30000",
     ]);
@@ -209,18 +243,24 @@ fn values_are_validated() {
             ),
         "{text}"
     );
-    let (ok, text) = helm(&["template", "sg", CHART, "--set", "sidecar.creditQuietMs=-1"]);
+    let (ok, text) = helm(&[
+        "template",
+        "sg",
+        chart(),
+        "--set",
+        "sidecar.creditQuietMs=-1",
+    ]);
     assert!(!ok && text.contains("creditQuietMs"), "{text}");
 
     // The database's CA: none by default (the URL's sslmode and the system's roots decide);
     // a Secret's `ca.crt` reaches the three that connect: the ledger, the outbox forwarder and
     // the migration Job.
-    let (ok, text) = helm(&["template", "sg", CHART]);
+    let (ok, text) = helm(&["template", "sg", chart()]);
     assert!(ok && !text.contains("PGSSLROOTCERT"), "{text}");
     let (ok, text) = helm(&[
         "template",
         "sg",
-        CHART,
+        chart(),
         "--set",
         "ledger.databaseCaSecret=db-ca",
     ]);
@@ -236,7 +276,7 @@ fn values_are_validated() {
 
     // Database roles: the owner's URL goes to the migration Job only, a hook that runs before
     // install and upgrade; the ledger and the forwarder get the runtime login's Secret.
-    let (ok, text) = helm(&["template", "sg", CHART]);
+    let (ok, text) = helm(&["template", "sg", chart()]);
     assert!(ok, "{text}");
     let job = text
         .split("\n---")
@@ -256,7 +296,7 @@ fn values_are_validated() {
     let (ok, text) = helm(&[
         "template",
         "sg",
-        CHART,
+        chart(),
         "--set",
         "ledger.ownerDatabaseSecret=",
     ]);
@@ -268,7 +308,7 @@ fn rendered_chart_passes_server_side_dry_run() {
     let (ok, rendered) = helm(&[
         "template",
         "sg",
-        CHART,
+        chart(),
         "--namespace",
         "spendguard-system",
         "--include-crds",

@@ -8,7 +8,8 @@ fn apply(plane: &ControlPlane, yaml: &str) -> (bool, String) {
     plane.run_kubectl(User::Admin, &["apply", "-f", "-"], Some(yaml))
 }
 
-const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+/// The checkout, as cargo names it to this run (`spendguard_testkit::paths`).
+const ROOT: &spendguard_testkit::paths::RepoRoot = spendguard_testkit::paths::REPO_ROOT;
 
 #[test]
 fn crds_install_accept_examples_and_enforce_rules() {

@@ -22,7 +22,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+/// The checkout, as cargo names it to this run (`spendguard_testkit::paths`).
+const ROOT: &spendguard_testkit::paths::RepoRoot = spendguard_testkit::paths::REPO_ROOT;
 /// The release namespace: the operator's, and (as the chart sets it) the approvals namespace.
 const NAMESPACE: &str = "spendguard-system";
 const OPERATOR: &str = "system:serviceaccount:spendguard-system:spendguard-operator";

@@ -11,7 +11,8 @@ use spendguard_testkit::TestLedger;
 use spendguard_testkit::control_plane::{ControlPlane, User};
 use std::path::Path;
 
-const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+/// The checkout, as cargo names it to this run (`spendguard_testkit::paths`).
+const ROOT: &spendguard_testkit::paths::RepoRoot = spendguard_testkit::paths::REPO_ROOT;
 
 fn example(name: &str) -> String {
     std::fs::read_to_string(format!("{ROOT}/config/examples/{name}.yaml")).unwrap()

@@ -15,7 +15,8 @@ use spendguard_testkit::control_plane::ControlPlane;
 use std::path::Path;
 use std::sync::Arc;
 
-const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+/// The checkout, as cargo names it to this run (`spendguard_testkit::paths`).
+const ROOT: &spendguard_testkit::paths::RepoRoot = spendguard_testkit::paths::REPO_ROOT;
 const NAMESPACE: &str = "spendguard";
 
 fn example() -> String {

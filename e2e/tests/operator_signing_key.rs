@@ -16,7 +16,8 @@ use spendguard_testkit::control_plane::{ControlPlane, User};
 use std::path::Path;
 use std::sync::Arc;
 
-const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+/// The checkout, as cargo names it to this run (`spendguard_testkit::paths`).
+const ROOT: &spendguard_testkit::paths::RepoRoot = spendguard_testkit::paths::REPO_ROOT;
 
 const STATUS_PATH: &str = "/apis/spendguard.io/v1alpha1/signingkeys/ledger-2026-11/status";
 

@@ -14,7 +14,8 @@ use spendguard_testkit::free_port;
 use std::path::Path;
 use std::time::Duration;
 
-const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+/// The checkout, as cargo names it to this run (`spendguard_testkit::paths`).
+const ROOT: &spendguard_testkit::paths::RepoRoot = spendguard_testkit::paths::REPO_ROOT;
 const OPERATOR_NAMESPACE: &str = "spendguard-system";
 const IMAGE: &str = "ghcr.io/spendguard/spendguard:0.1.0";
 const LEDGER_URL: &str = "http://spendguard-ledger.spendguard-system.svc:7100";

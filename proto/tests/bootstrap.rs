@@ -4,7 +4,7 @@
 //! `protobuf-compiler`, installed by `make deps`). Run with `SPENDGUARD_PROTO_BLESS=1` to rewrite
 //! `src/gen` after changing a .proto file.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 const PROTOS: &[&str] = &[
     "spendguard/ledger/v1/ledger.proto",
@@ -13,7 +13,11 @@ const PROTOS: &[&str] = &[
 
 #[test]
 fn generated_code_is_up_to_date() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // As cargo names this package to the run: `env!` would name the checkout that compiled the
+    // test, which a target directory shared by two checkouts reuses.
+    let root = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| env!("CARGO_MANIFEST_DIR").into(), PathBuf::from);
+    let root = root.as_path();
     let committed = root.join("src/gen");
     let out = tempfile::tempdir().expect("temp dir");
     let protos: Vec<PathBuf> = PROTOS.iter().map(|p| root.join(p)).collect();

@@ -6,15 +6,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     match std::env::args().nth(1).as_deref() {
         Some("-") => print!("{yaml}"),
         _ => {
+            // As `cargo run` names this package (the checkout it runs in), else as compiled.
+            let package = std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(
+                || env!("CARGO_MANIFEST_DIR").into(),
+                std::path::PathBuf::from,
+            );
             for path in [
-                concat!(env!("CARGO_MANIFEST_DIR"), "/generated/spendguard.io.yaml"),
-                concat!(
-                    env!("CARGO_MANIFEST_DIR"),
-                    "/../charts/spendguard/crds/spendguard.io.yaml"
-                ),
+                package.join("generated/spendguard.io.yaml"),
+                package.join("../charts/spendguard/crds/spendguard.io.yaml"),
             ] {
-                std::fs::write(path, &yaml)?;
-                eprintln!("wrote {path}");
+                std::fs::write(&path, &yaml)?;
+                eprintln!("wrote {}", path.display());
             }
         }
     }

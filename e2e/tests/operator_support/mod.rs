@@ -15,7 +15,8 @@ use std::time::Duration;
 /// Tenant of the approvals these tests open (budget `team`).
 pub(crate) const TENANT: &str = "acme";
 
-const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+/// The checkout, as cargo names it to this run (`spendguard_testkit::paths`).
+const ROOT: &spendguard_testkit::paths::RepoRoot = spendguard_testkit::paths::REPO_ROOT;
 
 /// `helm template` of `templates` for a release in `namespace`.
 fn render(namespace: &str, templates: &[&str]) -> String {

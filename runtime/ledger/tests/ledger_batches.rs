@@ -6,6 +6,7 @@ use spendguard_core::NanoUsd;
 use spendguard_core::plan::{
     Command, Commit, Credit, DecisionContext, Fencing, Outcome, PricingRef, Release, ReserveSet,
 };
+use spendguard_ledger::store::{ProducerCursor, Store};
 use spendguard_testkit::{TestLedger, invariants};
 
 const T: &str = "tenant-batch";
@@ -28,8 +29,9 @@ fn reserve(key: &str, amount: i64, fencing: &Fencing) -> ReserveSet {
     }
 }
 
-#[tokio::test]
-async fn one_batch_equals_sequential_execution() {
+/// A ledger with tenant T, its lease and budget `b` of 100; the ledger's store and a cursor on
+/// its writer's producer claim, for batches run beside the idle writer.
+async fn setup() -> (TestLedger, Fencing, Store, ProducerCursor) {
     let mut ledger = TestLedger::start().await.unwrap();
     let token = ledger.tenant_with_lease(T).await.unwrap();
     ledger.budget(T, "b", 100).await.unwrap();
@@ -38,7 +40,13 @@ async fn one_batch_equals_sequential_execution() {
         epoch: token.epoch,
     };
     let store = ledger.store().clone();
-    let mut cursor = ledger.producer_cursor().await.unwrap();
+    let cursor = ledger.producer_cursor().await.unwrap();
+    (ledger, fencing, store, cursor)
+}
+
+#[tokio::test]
+async fn one_batch_equals_sequential_execution() {
+    let (_ledger, fencing, store, mut cursor) = setup().await;
 
     let first = reserve("a", 60, &fencing);
     let a_id = first.reservation_id();
@@ -265,15 +273,7 @@ async fn a_sweep_batch_waits_for_the_reservations_it_names_before_it_holds_any_c
     // another that holds X and then wants Y, an expired reservation the sweep would take.
     // Reservation ids are ordered X < Y, so a batch that held its candidate Y while it waited
     // for X in the lock order would close the cycle.
-    let mut ledger = TestLedger::start().await.unwrap();
-    let token = ledger.tenant_with_lease(T).await.unwrap();
-    ledger.budget(T, "b", 100).await.unwrap();
-    let fencing = Fencing {
-        scope_id: token.scope_id.clone(),
-        epoch: token.epoch,
-    };
-    let store = ledger.store().clone();
-    let mut cursor = ledger.producer_cursor().await.unwrap();
+    let (ledger, fencing, store, mut cursor) = setup().await;
     let x = reserve("x", 10, &fencing);
     let y = (0..)
         .map(|n| ReserveSet {

@@ -2096,6 +2096,27 @@ async fn signing_key_events(ledger: &TestLedger, key_id: &str) -> Vec<(String, S
     .unwrap()
 }
 
+/// Another ledger on the database of `database_url` (the owner's), as `instance`, signing with
+/// the Ed25519 key of `seed`: the same key every start with the same seed.
+async fn start_keyed(
+    database_url: String,
+    instance: &'static str,
+    seed: [u8; 32],
+) -> Result<spendguard_ledger::RunningLedger, spendguard_ledger::error::Error> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let control = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    spendguard_ledger::start(
+        &spendguard_testkit::postgres::runtime_url(&database_url),
+        instance,
+        &spendguard_ledger::LedgerTuning::default(),
+        spendguard_testkit::signing::signing_with_seed(seed, instance),
+        listener,
+        control,
+        &mut prometheus_client::registry::Registry::default(),
+    )
+    .await
+}
+
 #[tokio::test]
 async fn a_ledger_publishes_its_own_key_once_with_signed_evidence() {
     // Goal: a key enters the registry only with an audit event (S7: a rotation is itself
@@ -2103,22 +2124,8 @@ async fn a_ledger_publishes_its_own_key_once_with_signed_evidence() {
     // registry holds writes nothing.
     let (ledger, _) = setup().await;
     let start_as = |instance: &'static str, seed: [u8; 32]| {
-        let database_url = ledger.database_url.clone();
-        async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let control = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            spendguard_ledger::start(
-                &spendguard_testkit::postgres::runtime_url(&database_url),
-                instance,
-                &spendguard_ledger::LedgerTuning::default(),
-                spendguard_testkit::signing::signing_with_seed(seed, instance),
-                listener,
-                control,
-                &mut prometheus_client::registry::Registry::default(),
-            )
-            .await
-            .unwrap()
-        }
+        let started = start_keyed(ledger.database_url.clone(), instance, seed);
+        async move { started.await.unwrap() }
     };
     let start = || start_as("ledger-rotated", [9; 32]);
     let pool = ledger.store().pool();
@@ -2221,21 +2228,7 @@ async fn a_revoked_ledger_key_signs_nothing_more_and_does_not_start_again() {
     // back (as through another replica), stops signing once it reads the registry again.
     let (ledger, fencing) = setup().await;
     let start = |instance: &'static str, seed: [u8; 32]| {
-        let database_url = ledger.database_url.clone();
-        async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let control = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            spendguard_ledger::start(
-                &spendguard_testkit::postgres::runtime_url(&database_url),
-                instance,
-                &spendguard_ledger::LedgerTuning::default(),
-                spendguard_testkit::signing::signing_with_seed(seed, instance),
-                listener,
-                control,
-                &mut prometheus_client::registry::Registry::default(),
-            )
-            .await
-        }
+        start_keyed(ledger.database_url.clone(), instance, seed)
     };
     let second = start("ledger-keyed", [7; 32]).await.unwrap();
     let mut data = spendguard_testkit::ledger::connect(second.addr)

@@ -122,7 +122,7 @@ fn approver(stack: &Stack) -> tokio::task::JoinHandle<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_sdk_and_real_clients() {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let repo = spendguard_testkit::paths::repo_root().to_path_buf();
     let python = venv_python(&repo);
     let main = Stack::start(Options::default()).await;
     // No call's worst case fits: every priced call is STOP / BUDGET_EXHAUSTED.

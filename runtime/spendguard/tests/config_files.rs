@@ -14,7 +14,7 @@ fn env_vars<A: Args>() -> Vec<String> {
 }
 
 fn assert_listed(file: &str, vars: &[String]) {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/").to_owned() + file;
+    let path = format!("{}/config/{file}", spendguard_testkit::paths::REPO_ROOT);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
     let listed: Vec<&str> = text
         .lines()
@@ -47,7 +47,7 @@ fn every_environment_variable_is_in_its_reference_file() {
 fn every_variable_the_chart_sets_is_one_a_component_reads() {
     // A misspelt variable in a template would be ignored silently and its setting lost. The
     // reference files list exactly what the components read (checked above).
-    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+    let root = spendguard_testkit::paths::REPO_ROOT;
     let mut known = String::new();
     for file in ["ledger.env", "sidecar.env", "operator.env", "workers.env"] {
         known += &std::fs::read_to_string(format!("{root}/config/{file}")).unwrap();

@@ -8,7 +8,8 @@ use spendguard_testkit::ledger::http_get;
 use spendguard_testkit::{TestLedger, free_port};
 use tokio::process::{Child, Command};
 
-const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+/// The checkout, as cargo names it to this run (`spendguard_testkit::paths`).
+const ROOT: &spendguard_testkit::paths::RepoRoot = spendguard_testkit::paths::REPO_ROOT;
 
 fn operator(plane: &ControlPlane, ledger_port: u16, name: &str) -> Child {
     operator_with_admin(plane, ledger_port, name, free_port(), 2_000)

@@ -312,7 +312,7 @@ impl ControlPlane {
     /// # Panics
     /// When kubectl cannot be started.
     pub fn run_plugin(&self, user: User, args: &[&str]) -> (bool, String) {
-        let tools = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools");
+        let tools = crate::paths::repo_root().join("tools");
         let path = format!(
             "{}:{}:{}",
             tools.display(),

@@ -5,6 +5,7 @@ pub mod control_plane;
 pub mod invariants;
 pub mod ledger;
 pub mod moto;
+pub mod paths;
 mod ports;
 pub mod postgres;
 pub mod postgres_tls;

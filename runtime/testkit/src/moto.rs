@@ -8,7 +8,7 @@
 
 use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -32,7 +32,7 @@ impl MotoServer {
     /// With moto's own output when it cannot start: a test that needs moto fails loudly rather
     /// than skipping.
     pub fn start() -> Self {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("moto/moto-venv.sh");
+        let script = crate::paths::repo_root().join("runtime/testkit/moto/moto-venv.sh");
         let venv = Command::new("bash")
             .arg(&script)
             .stderr(Stdio::inherit())
