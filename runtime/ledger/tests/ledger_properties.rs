@@ -298,7 +298,7 @@ async fn run(ops: Vec<Op>) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
     #[test]
     fn random_sequences_keep_every_invariant(ops in proptest::collection::vec(op(), 1..40)) {
         tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap().block_on(run(ops));
