@@ -8,7 +8,7 @@
 use spendguard_proto::ledger::error_code;
 use spendguard_proto::ledger::v1 as pb;
 use spendguard_testkit::ledger::{outbox_events, reserve_request, test_pricing};
-use spendguard_testkit::postgres::refusal;
+use spendguard_testkit::postgres::{OtherReplica, await_ledger_lock_waits, refusal};
 use spendguard_testkit::{TestLedger, invariants};
 
 const T: &str = "tenant-a";
@@ -1197,16 +1197,8 @@ async fn a_sweep_batch_waits_for_the_approvals_it_names_before_it_holds_any_cand
 
     let store = ledger.store().clone();
     let mut cursor = ledger.producer_cursor().await.unwrap();
-    let mut other = ledger.owner.begin().await.unwrap();
-    sqlx::query("SET LOCAL lock_timeout = '5s'")
-        .execute(&mut *other)
-        .await
-        .unwrap();
-    sqlx::query("SELECT 1 FROM approvals WHERE approval_id = $1 FOR UPDATE")
-        .bind(x_id)
-        .execute(&mut *other)
-        .await
-        .unwrap();
+    let mut other = OtherReplica::begin(&ledger.owner).await;
+    other.lock("approvals", "approval_id", x_id).await.unwrap();
     let batch = tokio::spawn(async move {
         let commands = [
             spendguard_core::plan::Command::SweepExpired(10),
@@ -1222,14 +1214,13 @@ async fn a_sweep_batch_waits_for_the_approvals_it_names_before_it_holds_any_cand
         ];
         store.run_batch(&mut cursor, &commands).await
     });
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    assert!(!batch.is_finished(), "the batch waits for X");
-    sqlx::query("SELECT 1 FROM approvals WHERE approval_id = $1 FOR UPDATE")
-        .bind(y_id)
-        .execute(&mut *other)
+    // Once the batch waits for X, the session wants Y.
+    await_ledger_lock_waits(&ledger.owner, 1).await;
+    other
+        .lock("approvals", "approval_id", y_id)
         .await
         .expect("Y is free: the waiting batch holds no candidate");
-    other.commit().await.unwrap();
+    other.commit().await;
     let outcomes = batch.await.unwrap().expect("the batch ran").outcomes;
     assert!(
         matches!(

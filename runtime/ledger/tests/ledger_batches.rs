@@ -7,6 +7,7 @@ use spendguard_core::plan::{
     Command, Commit, Credit, DecisionContext, Fencing, Outcome, PricingRef, Release, ReserveSet,
 };
 use spendguard_ledger::store::{ProducerCursor, Store};
+use spendguard_testkit::postgres::{OtherReplica, await_ledger_lock_waits};
 use spendguard_testkit::{TestLedger, invariants};
 
 const T: &str = "tenant-batch";
@@ -293,14 +294,9 @@ async fn a_sweep_batch_waits_for_the_reservations_it_names_before_it_holds_any_c
     tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
 
     // The other replica's session: holds X.
-    let mut other = ledger.owner.begin().await.unwrap();
-    sqlx::query("SET LOCAL lock_timeout = '5s'")
-        .execute(&mut *other)
-        .await
-        .unwrap();
-    sqlx::query("SELECT 1 FROM reservations WHERE reservation_id = $1 FOR UPDATE")
-        .bind(x_id)
-        .execute(&mut *other)
+    let mut other = OtherReplica::begin(&ledger.owner).await;
+    other
+        .lock("reservations", "reservation_id", x_id)
         .await
         .unwrap();
     let batch = tokio::spawn(async move {
@@ -315,15 +311,13 @@ async fn a_sweep_batch_waits_for_the_reservations_it_names_before_it_holds_any_c
         ];
         store.run_batch(&mut cursor, &commands).await
     });
-    // Let the batch reach its wait for X; then the session wants Y.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    assert!(!batch.is_finished(), "the batch waits for X");
-    sqlx::query("SELECT 1 FROM reservations WHERE reservation_id = $1 FOR UPDATE")
-        .bind(y_id)
-        .execute(&mut *other)
+    // Once the batch waits for X, the session wants Y.
+    await_ledger_lock_waits(&ledger.owner, 1).await;
+    other
+        .lock("reservations", "reservation_id", y_id)
         .await
         .expect("Y is free: the waiting batch holds no candidate");
-    other.commit().await.unwrap();
+    other.commit().await;
     let outcomes = batch.await.unwrap().expect("the batch ran").outcomes;
     assert!(
         matches!(

@@ -6,7 +6,7 @@ use spendguard_core::money::AMOUNT_MAX_NANO_USD as AMOUNT_MAX;
 use spendguard_proto::ledger::error_code;
 use spendguard_proto::ledger::v1 as pb;
 use spendguard_testkit::ledger::reserve_request;
-use spendguard_testkit::postgres::refusal;
+use spendguard_testkit::postgres::{await_ledger_lock_waits, refusal};
 use spendguard_testkit::{TestLedger, invariants};
 
 const T: &str = "tenant-a";
@@ -2190,23 +2190,7 @@ async fn a_ledger_publishes_its_own_key_once_with_signed_evidence() {
         .unwrap();
     let a = tokio::spawn(start_as("ledger-a", [5; 32]));
     let b = tokio::spawn(start_as("ledger-b", [5; 32]));
-    let waiting = |n: i64| async move {
-        for _ in 0..100 {
-            let waiters: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity
-                  WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO signing_keys%'",
-            )
-            .fetch_one(pool)
-            .await
-            .unwrap();
-            if waiters == n {
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-        panic!("{n} inserts into the registry never waited together");
-    };
-    waiting(2).await;
+    await_ledger_lock_waits(&ledger.owner, 2).await;
     blocker.commit().await.unwrap();
     let (a, b) = (a.await.unwrap(), b.await.unwrap());
     let shared = registrations().await;

@@ -69,6 +69,70 @@ pub async fn refusal(pool: &sqlx::PgPool, sql: &str) -> Refusal {
     }
 }
 
+/// Another replica's transaction as a test plays it: it locks rows (`FOR UPDATE`) one at a time
+/// and holds them until [`OtherReplica::commit`]. Its lock waits end after 5 s, so a test
+/// whose ledger holds a row it should not fails instead of hanging.
+pub struct OtherReplica(sqlx::Transaction<'static, sqlx::Postgres>);
+
+impl OtherReplica {
+    /// Begins the transaction on `pool`.
+    ///
+    /// # Panics
+    /// When the database cannot be reached.
+    pub async fn begin(pool: &sqlx::PgPool) -> Self {
+        let mut tx = pool.begin().await.expect("begin");
+        sqlx::query("SET LOCAL lock_timeout = '5s'")
+            .execute(&mut *tx)
+            .await
+            .expect("set lock_timeout");
+        Self(tx)
+    }
+
+    /// Locks the row of `table` whose `key` column is `id`, waiting for it.
+    ///
+    /// # Errors
+    /// The database's, e.g. a deadlock or the lock timeout.
+    pub async fn lock(&mut self, table: &str, key: &str, id: uuid::Uuid) -> sqlx::Result<()> {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT 1 FROM {table} WHERE {key} = $1 FOR UPDATE"
+        )))
+        .bind(id)
+        .execute(&mut *self.0)
+        .await
+        .map(drop)
+    }
+
+    /// Commits, letting go of every row.
+    ///
+    /// # Panics
+    /// When the commit fails.
+    pub async fn commit(self) {
+        self.0.commit().await.expect("commit");
+    }
+}
+
+/// Waits until `n` sessions of the ledger's login ([`RUNTIME_LOGIN`]) wait for a lock: how a
+/// test knows a batch, or a ledger starting, reached a row or table another session holds.
+///
+/// # Panics
+/// After 10 s without.
+pub async fn await_ledger_lock_waits(pool: &sqlx::PgPool, n: i64) {
+    for _ in 0..200 {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND wait_event_type = 'Lock'",
+        )
+        .bind(RUNTIME_LOGIN)
+        .fetch_one(pool)
+        .await
+        .expect("pg_stat_activity");
+        if waiting == n {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("{n} sessions of {RUNTIME_LOGIN} never waited for a lock together");
+}
+
 /// A running cluster.
 pub struct PgCluster {
     dir: tempfile::TempDir,
