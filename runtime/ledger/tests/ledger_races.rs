@@ -296,7 +296,6 @@ async fn a_stolen_producer_claim_stops_writes() {
     assert_eq!(reservations, 0);
 }
 
-/// The id of the reservation a ReserveSet made.
 #[tokio::test]
 async fn a_lone_command_that_loses_an_insert_race_to_another_replica_gets_the_second_answer() {
     // Goal: a command that loses a race to another replica on a row both create (a scope nobody
