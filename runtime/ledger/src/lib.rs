@@ -38,7 +38,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 use tracing::{error, info, warn};
 
 /// How often the producer claim's session is checked; a lost session stops writes within this.
@@ -198,8 +198,10 @@ pub struct RunningLedger {
     claim: watch::Receiver<Option<ProducerClaim>>,
     stop: watch::Sender<bool>,
     servers: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
-    writer: JoinHandle<()>,
-    background: Vec<JoinHandle<()>>,
+    /// The writer, under [`stop_all_if_it_ends_unasked`].
+    writer: JoinHandle<Result<(), tokio::task::JoinError>>,
+    /// Tasks that run until the ledger stops (each also under [`stop_all_if_it_ends_unasked`]).
+    background: Vec<AbortHandle>,
 }
 
 impl RunningLedger {
@@ -223,8 +225,9 @@ impl RunningLedger {
         })
     }
 
-    /// Resolves when the ledger stopped serving on its own (a gRPC server ended without being
-    /// asked): the process should exit, so that it is restarted.
+    /// Resolves when the ledger stopped serving on its own (a gRPC server, the writer or a
+    /// background task ended without being asked, which for the writer and the tasks means a
+    /// panic): the process should exit, so that it is restarted.
     pub async fn failed(&self) {
         let mut stopped = self.stop.subscribe();
         let _ = stopped.wait_for(|stop| *stop).await;
@@ -242,8 +245,10 @@ impl RunningLedger {
             }
         }
         // The server owned the last writer handles; the writer ends once its queue is drained.
-        if let Err(e) = self.writer.await {
-            warn!(error = %e, "writer task failed");
+        match self.writer.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "writer task failed"),
+            Err(e) => warn!(error = %e, "writer's supervisor failed"),
         }
         for task in self.background {
             task.abort();
@@ -379,6 +384,14 @@ pub async fn start(
     })
     .collect();
     drop(writer);
+    // A writer that panicked would leave the ledger serving with every write refused
+    // (SHUTTING_DOWN) and nothing to restart it; a background task that did would leave the
+    // claim unwatched, the evidence gate or the key's standing frozen. Either stops the ledger.
+    let writer_task = tokio::spawn(stop_all_if_it_ends_unasked(
+        "writer",
+        writer_task,
+        stop.clone(),
+    ));
     let mut background = vec![
         tokio::spawn(watch_producer_claim(
             store.clone(),
@@ -401,6 +414,18 @@ pub async fn start(
     if let Some(standing) = key_standing {
         background.push(tokio::spawn(key_standing::watch(store.clone(), standing)));
     }
+    let background = background
+        .into_iter()
+        .map(|task| {
+            let abort = task.abort_handle();
+            tokio::spawn(stop_all_if_it_ends_unasked(
+                "background task",
+                task,
+                stop.clone(),
+            ));
+            abort
+        })
+        .collect();
     Ok(RunningLedger {
         addr,
         control_addr,
@@ -425,25 +450,29 @@ async fn serve(
         info!("ledger draining in-flight requests");
     };
     stop_all_if_it_ends_unasked(
+        "gRPC server",
         serve_until(service, listener, max_message_bytes, shutdown),
         stop,
     )
     .await
 }
 
-/// Runs one of the ledger's servers. If it ends without a stop having been asked for (an
-/// accept error), it stops the whole ledger: a process serving only one of its two listeners
-/// would look healthy while sidecars or the operator are refused.
+/// Runs one part of the ledger that should last until it stops: a server, the writer, a
+/// background task. If it ends without a stop having been asked for, it stops the whole ledger
+/// (`RunningLedger::failed`, and the process exits to be restarted). A process serving only one
+/// of its two listeners would look healthy while sidecars or the operator are refused; one whose
+/// writer panicked would refuse every write until someone restarted it.
 async fn stop_all_if_it_ends_unasked<R: std::fmt::Debug>(
-    server: impl std::future::Future<Output = R>,
+    what: &'static str,
+    task: impl std::future::Future<Output = R>,
     stop: watch::Sender<bool>,
 ) -> R {
-    let served = server.await;
+    let ended = task.await;
     if !*stop.borrow() {
-        error!(result = ?served, "a gRPC server of the ledger ended on its own; stopping the ledger");
+        error!(task = what, result = ?ended, "a part of the ledger ended on its own; stopping the ledger");
         let _ = stop.send(true);
     }
-    served
+    ended
 }
 
 async fn serve_until(
@@ -584,7 +613,9 @@ impl LedgerArgs {
         let _ = admin_task.await;
         if failed {
             return Err(Error::ServingStopped(
-                "a gRPC server ended on its own; exiting so that the ledger is restarted".into(),
+                "a gRPC server, the writer or a background task ended on its own; exiting so \
+                 that the ledger is restarted"
+                    .into(),
             ));
         }
         info!("ledger stopped");
@@ -609,10 +640,32 @@ mod tests {
     #[tokio::test]
     async fn a_server_that_ends_unasked_stops_the_ledger() {
         let (stop, stopped) = watch::channel(false);
-        stop_all_if_it_ends_unasked(async {}, stop).await;
+        stop_all_if_it_ends_unasked("gRPC server", async {}, stop).await;
         assert!(
             *stopped.borrow(),
             "the other server drains and the process exits"
         );
+    }
+
+    #[tokio::test]
+    async fn a_task_that_panics_stops_the_ledger() {
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(async { panic!("a bug in the writer") });
+        let ended = stop_all_if_it_ends_unasked("writer", task, stop).await;
+        assert!(ended.unwrap_err().is_panic());
+        assert!(*stopped.borrow(), "the servers drain and the process exits");
+    }
+
+    #[tokio::test]
+    async fn a_part_that_runs_on_does_not_stop_the_ledger() {
+        let (stop, stopped) = watch::channel(false);
+        let supervised = tokio::spawn(stop_all_if_it_ends_unasked(
+            "background task",
+            std::future::pending::<()>(),
+            stop,
+        ));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!*stopped.borrow());
+        supervised.abort();
     }
 }
