@@ -441,8 +441,9 @@ fn table_reads(node: &serde_json::Value, reads: &mut Vec<String>) {
     }
 }
 
-/// Writes `settled` committed and `open` open reservations of tenant T directly, then
-/// analyses the database, so plans are made on the statistics of a ledger in use.
+/// Writes `settled` committed and `open` open reservations of tenant T directly, under its
+/// fencing scope's current epoch (which the database requires), then analyses the database, so
+/// plans are made on the statistics of a ledger in use.
 async fn settled_and_open_reservations(ledger: &TestLedger, settled: i32, open: i32) {
     sqlx::query(
         "INSERT INTO reservations (reservation_id, tenant_id, idempotency_key, request_sha256,
@@ -450,16 +451,17 @@ async fn settled_and_open_reservations(ledger: &TestLedger, settled: i32, open: 
                 created_at, expires_at, state, resolved_at, resolved_epoch, actual_nano_usd,
                 committed_nano_usd, released_nano_usd, overrun_nano_usd)
          SELECT gen_random_uuid(), $1, 'seed-' || n, 'seed', ARRAY['seed'],
-                ARRAY['1970-01-01T00:00:00Z'::timestamptz], 10, 'seed', 1, now(),
+                ARRAY['1970-01-01T00:00:00Z'::timestamptz], 10, f.scope_id, f.epoch, now(),
                 now() + interval '1 hour',
                 CASE WHEN n <= $3 THEN 'reserved' ELSE 'committed' END,
                 CASE WHEN n <= $3 THEN NULL ELSE now() END,
-                CASE WHEN n <= $3 THEN NULL ELSE 1 END,
+                CASE WHEN n <= $3 THEN NULL ELSE f.epoch END,
                 CASE WHEN n <= $3 THEN NULL ELSE 7 END,
                 CASE WHEN n <= $3 THEN NULL ELSE 7 END,
                 CASE WHEN n <= $3 THEN NULL ELSE 3 END,
                 CASE WHEN n <= $3 THEN NULL ELSE 0 END
-           FROM generate_series(1, $2 + $3) AS n",
+           FROM generate_series(1, $2 + $3) AS n,
+                (SELECT scope_id, epoch FROM fencing_scopes WHERE tenant_id = $1) AS f",
     )
     .bind(T)
     .bind(settled)

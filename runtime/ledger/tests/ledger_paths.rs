@@ -1768,6 +1768,77 @@ async fn database_constraints_hold_even_if_application_code_is_wrong() {
     );
 }
 
+/// Fencing held by the database (migration 20261128000001), as money is: after a takeover, a
+/// reservation created or resolved under the old owner's epoch is refused even when it reaches
+/// the tables without the planner (whose FENCING_EPOCH_STALE comes first); under the new
+/// owner's epoch the same statements are written.
+#[tokio::test]
+async fn the_database_refuses_reservations_written_under_a_stale_epoch() {
+    let (mut ledger, fencing, pool, id) = with_an_open_reservation().await;
+    let takeover = ledger
+        .client
+        .acquire_fencing_lease(pb::AcquireFencingLeaseRequest {
+            scope_id: fencing.scope_id.clone(),
+            tenant_id: T.into(),
+            workload_instance_id: "another-workload".into(),
+            ttl_ms: 60_000,
+            expected_epoch: 0,
+            force: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (old, new) = (fencing.epoch, takeover.epoch);
+    assert_eq!(new, old + 1);
+    // A copy of the open reservation under another key, with its reserve entry.
+    let create = |key: &str, epoch: u64| {
+        format!(
+            "WITH created AS (
+                 INSERT INTO reservations (reservation_id, tenant_id, idempotency_key, request_sha256,
+                                           budget_ids, window_starts, amount_nano_usd, fencing_scope_id,
+                                           fencing_epoch, created_at, expires_at)
+                 SELECT gen_random_uuid(), tenant_id, '{key}', request_sha256, budget_ids, window_starts,
+                        amount_nano_usd, fencing_scope_id, {epoch}, now(), now() + interval '1 hour'
+                   FROM reservations WHERE reservation_id = '{id}'
+                 RETURNING reservation_id, amount_nano_usd)
+             INSERT INTO ledger_entries (tenant_id, budget_id, window_start, reservation_id, kind, reserved_delta)
+             SELECT w.tenant_id, w.budget_id, w.window_start, c.reservation_id, 'reserve', c.amount_nano_usd
+               FROM budget_windows w, created c WHERE w.budget_id = 'run'"
+        )
+    };
+    // The open reservation released, with its release entry.
+    let release = |epoch: u64| {
+        format!(
+            "WITH released AS (
+                 UPDATE reservations SET state = 'released', resolved_at = now(), resolved_epoch = {epoch},
+                        committed_nano_usd = 0, released_nano_usd = amount_nano_usd
+                  WHERE reservation_id = '{id}' RETURNING amount_nano_usd)
+             INSERT INTO ledger_entries (tenant_id, budget_id, window_start, reservation_id, kind, reserved_delta)
+             SELECT w.tenant_id, w.budget_id, w.window_start, '{id}', 'release', -r.amount_nano_usd
+               FROM budget_windows w, released r WHERE w.budget_id = 'run'"
+        )
+    };
+    for (sql, rule) in [
+        (create("by-the-old-owner", old), "created under an epoch"),
+        (create("never-issued", new + 1), "created under an epoch"),
+        (release(old), "resolved under an epoch"),
+    ] {
+        let refused = refusal(&pool, &sql).await;
+        assert!(refused.is("23000", rule), "{sql}: {refused:?}");
+    }
+    for sql in [create("by-the-new-owner", new), release(new)] {
+        sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+            .execute(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    let balance = ledger.balance(T, "run").await.unwrap();
+    assert_eq!(
+        balance.reserved_nano_usd, 10,
+        "the new one holds, the old one went back"
+    );
+}
+
 /// The row rules of reservations, the journal and the outbox (checked by triggers since
 /// migration 20261127400001, by CHECK constraints before): each one, broken alone on a row that
 /// otherwise passes, is refused on insert with check_violation naming it; some reservation
