@@ -1818,13 +1818,20 @@ async fn the_database_refuses_reservations_written_under_a_stale_epoch() {
                FROM budget_windows w, released r WHERE w.budget_id = 'run'"
         )
     };
-    for (sql, rule) in [
-        (create("by-the-old-owner", old), "created under an epoch"),
-        (create("never-issued", new + 1), "created under an epoch"),
-        (release(old), "resolved under an epoch"),
+    // The same trigger still names a reservation of an unknown tenant as such.
+    let unknown_tenant = create("of-nobody", new).replacen(
+        "SELECT gen_random_uuid(), tenant_id,",
+        "SELECT gen_random_uuid(), 'tenant-nobody',",
+        1,
+    );
+    for (sql, (code, rule)) in [
+        (create("by-the-old-owner", old), ("23000", "created under an epoch")),
+        (create("never-issued", new + 1), ("23000", "created under an epoch")),
+        (release(old), ("23000", "resolved under an epoch")),
+        (unknown_tenant, ("23503", "reservation for an unknown tenant")),
     ] {
         let refused = refusal(&pool, &sql).await;
-        assert!(refused.is("23000", rule), "{sql}: {refused:?}");
+        assert!(refused.is(code, rule), "{sql}: {refused:?}");
     }
     for sql in [create("by-the-new-owner", new), release(new)] {
         sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
