@@ -1825,10 +1825,19 @@ async fn the_database_refuses_reservations_written_under_a_stale_epoch() {
         1,
     );
     for (sql, (code, rule)) in [
-        (create("by-the-old-owner", old), ("23000", "created under an epoch")),
-        (create("never-issued", new + 1), ("23000", "created under an epoch")),
+        (
+            create("by-the-old-owner", old),
+            ("23000", "created under an epoch"),
+        ),
+        (
+            create("never-issued", new + 1),
+            ("23000", "created under an epoch"),
+        ),
         (release(old), ("23000", "resolved under an epoch")),
-        (unknown_tenant, ("23503", "reservation for an unknown tenant")),
+        (
+            unknown_tenant,
+            ("23503", "reservation for an unknown tenant"),
+        ),
     ] {
         let refused = refusal(&pool, &sql).await;
         assert!(refused.is(code, rule), "{sql}: {refused:?}");
