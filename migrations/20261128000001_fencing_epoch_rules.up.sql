@@ -1,9 +1,11 @@
 -- The database holds fencing (spec S3) as it holds money, even if the planner were wrong: a
 -- reservation is created, and resolved by a caller, only under its fencing scope's current epoch,
--- as of the end of the statement that writes it. The planner refuses a stale epoch first
--- (FENCING_EPOCH_STALE) and the cached path's guard locks the scope at the epoch it planned on,
--- so these rules only ever catch a bug. A batch that writes under epoch N and then restarts its
--- scope to N+1 is refused whole here and runs again one command at a time, as for any rule.
+-- as the money statement sees it (a batch's lease changes and late usage are written earlier in
+-- the same transaction). The planner refuses a stale epoch first (FENCING_EPOCH_STALE) and the
+-- cached path's guard locks the scope at the epoch it planned on, so a single command breaks
+-- these rules only through a bug. A batch that writes under epoch N and then restarts its scope
+-- to N+1 is refused whole (its lease change is already written) and runs again one command at a
+-- time, where each passes, as for any rule.
 -- Not checked: a sweep's expiry (no caller, no epoch); a fail-open record (no reservation; it
 -- keeps the epoch it was decided under, by design); a late commit of 0 on a reservation already
 -- swept (it writes no journal entry: docs/ledger.md).
@@ -68,9 +70,10 @@ BEGIN
     -- Only when some entry names a reservation (a window's opening or limit names none): with
     -- no id, a custom plan reads `ids = ANY('{}')` as false, and a false condition lets the
     -- planner pick any index, such as the partial one of every open reservation, whole.
-    -- An entry names a reservation in the statement that creates or resolves it, so a resolving
-    -- epoch found here is this statement's: it must be the scope's current one (spec S3). A
-    -- sweep's expiry has none.
+    -- An entry names a reservation only in the transaction that creates or resolves it (a late
+    -- commit's usage on a swept row is written just before this statement), so a resolving epoch
+    -- found here is this batch's: it must be the scope's current one (spec S3). A sweep's expiry
+    -- has none, and a reservation without one needs no scope row.
     found := 0;
     stale := 0;
     IF cardinality(ids) > 0 THEN
@@ -79,6 +82,7 @@ BEGIN
           INTO found, stale
           FROM reservations r
           LEFT JOIN fencing_scopes f ON f.scope_id = r.fencing_scope_id AND f.tenant_id = r.tenant_id
+                                    AND r.resolved_epoch IS NOT NULL
          WHERE r.reservation_id = ANY(ids)
            AND r.tenant_id = ALL (SELECT i.tenant_id FROM inserted i WHERE i.reservation_id = r.reservation_id);
     END IF;

@@ -445,7 +445,7 @@ fn table_reads(node: &serde_json::Value, reads: &mut Vec<String>) {
 /// fencing scope's current epoch (which the database requires), then analyses the database, so
 /// plans are made on the statistics of a ledger in use.
 async fn settled_and_open_reservations(ledger: &TestLedger, settled: i32, open: i32) {
-    sqlx::query(
+    let seeded = sqlx::query(
         "INSERT INTO reservations (reservation_id, tenant_id, idempotency_key, request_sha256,
                 budget_ids, window_starts, amount_nano_usd, fencing_scope_id, fencing_epoch,
                 created_at, expires_at, state, resolved_at, resolved_epoch, actual_nano_usd,
@@ -461,7 +461,8 @@ async fn settled_and_open_reservations(ledger: &TestLedger, settled: i32, open: 
                 CASE WHEN n <= $3 THEN NULL ELSE 3 END,
                 CASE WHEN n <= $3 THEN NULL ELSE 0 END
            FROM generate_series(1, $2 + $3) AS n,
-                (SELECT scope_id, epoch FROM fencing_scopes WHERE tenant_id = $1) AS f",
+                (SELECT scope_id, epoch FROM fencing_scopes WHERE tenant_id = $1
+                  ORDER BY scope_id LIMIT 1) AS f",
     )
     .bind(T)
     .bind(settled)
@@ -469,6 +470,11 @@ async fn settled_and_open_reservations(ledger: &TestLedger, settled: i32, open: 
     .execute(ledger.store().pool())
     .await
     .unwrap();
+    assert_eq!(
+        seeded.rows_affected(),
+        u64::try_from(settled + open).unwrap(),
+        "the tenant has a fencing scope to seed under"
+    );
     sqlx::query("ANALYZE")
         .execute(ledger.store().pool())
         .await

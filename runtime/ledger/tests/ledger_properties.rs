@@ -400,6 +400,8 @@ async fn run(ops: Vec<Op>) {
                 let Some(o) = (!open.is_empty()).then(|| &open[pick % open.len()]) else {
                     continue;
                 };
+                // Judged before the call, as for every operation: a slow answer must not turn it.
+                let state = o.state();
                 // A retry under the scope's next epoch (a restarted workload) replays too; a
                 // stale epoch is refused before the key is looked up.
                 let request = pb::ReserveSetRequest {
@@ -417,7 +419,7 @@ async fn run(ops: Vec<Op>) {
                     panic!("a replay of a reservation: {response:?}");
                 };
                 assert_eq!(r.reservation_id, o.id);
-                assert_eq!(r.state(), o.state(), "{}", o.id);
+                assert_eq!(r.state(), state, "{}", o.id);
             }
             Op::Draw {
                 pick,
@@ -431,6 +433,7 @@ async fn run(ops: Vec<Op>) {
                 }
                 let c = credits[pick % credits.len()];
                 let (credit_id, mask) = (open[c].id.clone(), open[c].mask);
+                let credit_lapsed = open[c].lapsed();
                 let names: Vec<&str> = chosen(mask).map(|i| BUDGETS[i]).collect();
                 let request = pb::ReserveSetRequest {
                     draw_from_reservation_id: credit_id,
@@ -444,7 +447,7 @@ async fn run(ops: Vec<Op>) {
                     continue;
                 }
                 let credit = &open[c];
-                if credit.resolved.is_some() || credit.lapsed() || amount > held(credit) {
+                if credit.resolved.is_some() || credit_lapsed || amount > held(credit) {
                     let status = result.unwrap_err();
                     assert_eq!(
                         spendguard_proto::ledger::error_code(&status),
