@@ -1686,6 +1686,18 @@ async fn database_constraints_hold_even_if_application_code_is_wrong() {
             ("23000", "changes hands only with a new epoch"),
         ),
         (
+            // A lease extended without its history row (checked at COMMIT).
+            "UPDATE fencing_scopes SET expires_at = expires_at + interval '1 hour'".to_owned(),
+            ("23000", "without its history row"),
+        ),
+        (
+            // A history row that does not name the change: another expiry.
+            "WITH moved AS (UPDATE fencing_scopes SET expires_at = expires_at + interval '1 hour' RETURNING *)
+             INSERT INTO fencing_scope_events (scope_id, tenant_id, workload_instance_id, outcome, previous_epoch, epoch, expires_at)
+             SELECT scope_id, tenant_id, owner_workload_id, 'renewed', epoch, epoch, expires_at - interval '1 second' FROM moved".to_owned(),
+            ("23000", "without its history row"),
+        ),
+        (
             // A sequence nobody allocated, on a copy of a signed event.
             "INSERT INTO audit_outbox (producer_instance_id, producer_sequence, tenant_id, event_type, occurred_at, canonical_event, event_sha256, signing_key_id, signing_algorithm, signed_at, signature, signature_inclusion) SELECT producer_instance_id, producer_sequence + 1000, tenant_id, event_type, occurred_at, canonical_event, event_sha256, signing_key_id, signing_algorithm, signed_at, signature, signature_inclusion FROM audit_outbox LIMIT 1".to_owned(),
             ("23000", "sequence was not allocated from its producer"),
@@ -2946,9 +2958,13 @@ async fn check_fencing_reads_the_lease_as_a_reservation_would_and_writes_nothing
         .await
         .unwrap();
 
-    // Expired on the database clock: refused, as new exposure is.
+    // Expired on the database clock: refused, as new exposure is. (With its history row too.)
     sqlx::query(
-        "UPDATE fencing_scopes SET expires_at = now() - interval '1 second' WHERE scope_id = $1",
+        "WITH lapsed AS (UPDATE fencing_scopes SET expires_at = now() - interval '1 second'
+                          WHERE scope_id = $1 RETURNING *)
+         INSERT INTO fencing_scope_events
+                (scope_id, tenant_id, workload_instance_id, outcome, previous_epoch, epoch, expires_at)
+         SELECT scope_id, tenant_id, owner_workload_id, 'renewed', epoch, epoch, expires_at FROM lapsed",
     )
     .bind(&fencing.scope_id)
     .execute(ledger.store().pool())
