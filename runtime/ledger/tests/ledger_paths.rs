@@ -1691,6 +1691,13 @@ async fn database_constraints_hold_even_if_application_code_is_wrong() {
             ("23000", "without its history row"),
         ),
         (
+            // Set to the expiry its acquire recorded: only a row of this transaction counts.
+            "UPDATE fencing_scopes f SET expires_at = (SELECT e.expires_at FROM fencing_scope_events e
+                WHERE e.scope_id = f.scope_id ORDER BY e.event_id LIMIT 1)"
+                .to_owned(),
+            ("23000", "without its history row"),
+        ),
+        (
             // A history row that does not name the change: another expiry.
             "WITH moved AS (UPDATE fencing_scopes SET expires_at = expires_at + interval '1 hour' RETURNING *)
              INSERT INTO fencing_scope_events (scope_id, tenant_id, workload_instance_id, outcome, previous_epoch, epoch, expires_at)
