@@ -8,7 +8,7 @@
 use spendguard_proto::ledger::error_code;
 use spendguard_proto::ledger::v1 as pb;
 use spendguard_testkit::ledger::{outbox_events, reserve_request, test_pricing};
-use spendguard_testkit::postgres::{OtherReplica, await_ledger_lock_waits, refusal};
+use spendguard_testkit::postgres::refusal;
 use spendguard_testkit::{TestLedger, invariants};
 
 const T: &str = "tenant-a";
@@ -1195,33 +1195,25 @@ async fn a_sweep_batch_waits_for_the_approvals_it_names_before_it_holds_any_cand
     let y_id = uuid::Uuid::parse_str(&y.approval_id).unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
 
-    let store = ledger.store().clone();
-    let mut cursor = ledger.producer_cursor().await.unwrap();
-    let mut other = OtherReplica::begin(&ledger.owner).await;
-    other.lock("approvals", "approval_id", x_id).await.unwrap();
-    let batch = tokio::spawn(async move {
-        let commands = [
-            spendguard_core::plan::Command::SweepExpired(10),
-            spendguard_core::plan::Command::ResolveApproval(
-                spendguard_core::plan::ResolveApproval {
-                    tenant_id: T.into(),
-                    approval_id: x_id,
-                    decision: spendguard_core::plan::ApprovalDecision::Approve,
-                    approver: "alice".into(),
-                    reason: String::new(),
-                },
-            ),
-        ];
-        store.run_batch(&mut cursor, &commands).await
-    });
-    // Once the batch waits for X, the session wants Y.
-    await_ledger_lock_waits(&ledger.owner, 1).await;
-    other
-        .lock("approvals", "approval_id", y_id)
-        .await
-        .expect("Y is free: the waiting batch holds no candidate");
-    other.commit().await;
-    let outcomes = batch.await.unwrap().expect("the batch ran").outcomes;
+    // Another replica holds X, then wants Y once the batch waits for X.
+    let outcomes = ledger
+        .batch_beside_another_replica(
+            ("approvals", "approval_id"),
+            (x_id, y_id),
+            vec![
+                spendguard_core::plan::Command::SweepExpired(10),
+                spendguard_core::plan::Command::ResolveApproval(
+                    spendguard_core::plan::ResolveApproval {
+                        tenant_id: T.into(),
+                        approval_id: x_id,
+                        decision: spendguard_core::plan::ApprovalDecision::Approve,
+                        approver: "alice".into(),
+                        reason: String::new(),
+                    },
+                ),
+            ],
+        )
+        .await;
     assert!(
         matches!(
             outcomes[0],

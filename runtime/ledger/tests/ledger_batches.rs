@@ -7,7 +7,6 @@ use spendguard_core::plan::{
     Command, Commit, Credit, DecisionContext, Fencing, Outcome, PricingRef, Release, ReserveSet,
 };
 use spendguard_ledger::store::{ProducerCursor, Store};
-use spendguard_testkit::postgres::{OtherReplica, await_ledger_lock_waits};
 use spendguard_testkit::{TestLedger, invariants};
 
 const T: &str = "tenant-batch";
@@ -293,32 +292,22 @@ async fn a_sweep_batch_waits_for_the_reservations_it_names_before_it_holds_any_c
         .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
 
-    // The other replica's session: holds X.
-    let mut other = OtherReplica::begin(&ledger.owner).await;
-    other
-        .lock("reservations", "reservation_id", x_id)
-        .await
-        .unwrap();
-    let batch = tokio::spawn(async move {
-        let commands = [
-            Command::SweepExpired(10),
-            Command::Commit(Commit {
-                tenant_id: T.into(),
-                reservation_id: x_id,
-                actual: NanoUsd::new(5).unwrap(),
-                fencing,
-            }),
-        ];
-        store.run_batch(&mut cursor, &commands).await
-    });
-    // Once the batch waits for X, the session wants Y.
-    await_ledger_lock_waits(&ledger.owner, 1).await;
-    other
-        .lock("reservations", "reservation_id", y_id)
-        .await
-        .expect("Y is free: the waiting batch holds no candidate");
-    other.commit().await;
-    let outcomes = batch.await.unwrap().expect("the batch ran").outcomes;
+    // Another replica holds X, then wants Y once the batch waits for X.
+    let outcomes = ledger
+        .batch_beside_another_replica(
+            ("reservations", "reservation_id"),
+            (x_id, y_id),
+            vec![
+                Command::SweepExpired(10),
+                Command::Commit(Commit {
+                    tenant_id: T.into(),
+                    reservation_id: x_id,
+                    actual: NanoUsd::new(5).unwrap(),
+                    fencing,
+                }),
+            ],
+        )
+        .await;
     assert!(
         matches!(
             outcomes[0],

@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
 
 use spendguard_proto::ledger::v1 as pb;
-use spendguard_testkit::ledger::reserve_request;
+use spendguard_testkit::ledger::{force_takeover, reserve_request};
 use spendguard_testkit::{TestLedger, invariants};
 
 const T: &str = "tenant-a";
@@ -574,20 +574,7 @@ async fn a_lease_taken_over_through_another_replica_fences_the_cached_epoch() {
     let mut b = TestLedger::start_on(&a.database_url, "ledger-1")
         .await
         .unwrap();
-    let taken = b
-        .client
-        .acquire_fencing_lease(pb::AcquireFencingLeaseRequest {
-            scope_id: fencing.scope_id.clone(),
-            tenant_id: T.into(),
-            workload_instance_id: "another-workload".into(),
-            ttl_ms: 600_000,
-            expected_epoch: 0,
-            force: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(taken.epoch, fencing.epoch + 1);
+    force_takeover(&mut b.client, T, &fencing).await.unwrap();
     let status = a
         .client
         .reserve_set(reserve_request(T, "a-3", &["hot"], 1, &fencing))

@@ -9,7 +9,7 @@
 
 use spendguard_proto::ledger::error_code;
 use spendguard_proto::ledger::v1 as pb;
-use spendguard_testkit::ledger::{outbox_events, reserve_request, test_pricing};
+use spendguard_testkit::ledger::{force_takeover, outbox_events, reserve_request, test_pricing};
 use spendguard_testkit::{TestLedger, invariants};
 
 const T: &str = "tenant-a";
@@ -200,20 +200,9 @@ async fn stale_epoch_is_recorded_as_presented() {
     // money was spent) and says which epoch decided and which was current. Method: take the
     // scope over (epoch + 1), then record with the old token.
     let (mut ledger, fencing) = setup().await;
-    let taken = ledger
-        .client
-        .acquire_fencing_lease(pb::AcquireFencingLeaseRequest {
-            scope_id: fencing.scope_id.clone(),
-            tenant_id: T.into(),
-            workload_instance_id: "another-pod".into(),
-            ttl_ms: 60_000,
-            expected_epoch: 0,
-            force: true,
-        })
+    let taken = force_takeover(&mut ledger.client, T, &fencing)
         .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(taken.epoch, fencing.epoch + 1);
+        .unwrap();
     let response = record(&mut ledger, request("call-1", 250, &fencing)).await;
     assert!(response.epoch_stale);
     assert_eq!(response.epoch_current, taken.epoch);

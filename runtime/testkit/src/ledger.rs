@@ -1,8 +1,10 @@
 //! An in-process ledger on a fresh database of a shared throwaway cluster, with a connected
 //! client and helpers to set up tenants, budgets and leases.
 
-use crate::postgres::PgCluster;
+use crate::postgres::{OtherReplica, PgCluster, await_ledger_lock_waits};
 use anyhow::Result;
+use spendguard_core::LedgerError;
+use spendguard_core::plan::{Command, Outcome};
 pub use spendguard_ledger::LedgerTuning;
 use spendguard_ledger::RunningLedger;
 use spendguard_ledger::store::{ProducerClaim, ProducerCursor, Store};
@@ -195,6 +197,43 @@ impl TestLedger {
         Ok(store.producer_cursor(&claim).await?)
     }
 
+    /// Runs one batch of `commands` on the ledger's store beside another replica's session that
+    /// holds the row `held` of `table` (keyed by its column `key`). Once the batch waits for that
+    /// row, the session asks for `wanted` as well, then commits. Had the batch taken `wanted`
+    /// before it waited for `held`, the two would deadlock: the session gets `wanted` only if
+    /// the batch did not, which is how a test shows a batch's lock order. Returns the batch's
+    /// outcomes.
+    ///
+    /// # Panics
+    /// When the session cannot lock `held` or `wanted` (the deadlock, or its lock timeout), or
+    /// the batch fails as a whole.
+    pub async fn batch_beside_another_replica(
+        &self,
+        (table, key): (&str, &str),
+        (held, wanted): (uuid::Uuid, uuid::Uuid),
+        commands: Vec<Command>,
+    ) -> Vec<std::result::Result<Outcome, LedgerError>> {
+        let store = self.store().clone();
+        let mut cursor = self.producer_cursor().await.expect("the producer's cursor");
+        let mut other = OtherReplica::begin(&self.owner).await;
+        other
+            .lock(table, key, held)
+            .await
+            .expect("the session holds the first row");
+        let batch = tokio::spawn(async move { store.run_batch(&mut cursor, &commands).await });
+        await_ledger_lock_waits(&self.owner, 1).await;
+        other
+            .lock(table, key, wanted)
+            .await
+            .expect("the second row is free: the waiting batch holds none of it");
+        other.commit().await;
+        batch
+            .await
+            .expect("the batch's task")
+            .expect("the batch ran")
+            .outcomes
+    }
+
     /// The ledger's metrics in the Prometheus text format.
     pub fn metrics_text(&self) -> String {
         let mut text = String::new();
@@ -315,6 +354,40 @@ pub async fn tenant_with_lease(
         .into_inner();
     Ok(pb::FencingToken {
         scope_id,
+        epoch: lease.epoch,
+    })
+}
+
+/// Another workload takes `fencing`'s scope of `tenant_id` over before its lease expires, as an
+/// administrator's forced acquire does: the epoch rises by one, and `fencing` is stale from then
+/// on. Returns the new holder's token.
+///
+/// # Errors
+/// RPC failures, or an epoch that did not rise by exactly one.
+pub async fn force_takeover(
+    client: &mut LedgerClient,
+    tenant_id: &str,
+    fencing: &pb::FencingToken,
+) -> Result<pb::FencingToken> {
+    let lease = client
+        .acquire_fencing_lease(pb::AcquireFencingLeaseRequest {
+            scope_id: fencing.scope_id.clone(),
+            tenant_id: tenant_id.into(),
+            workload_instance_id: "another-workload".into(),
+            ttl_ms: 600_000,
+            expected_epoch: 0,
+            force: true,
+        })
+        .await?
+        .into_inner();
+    anyhow::ensure!(
+        lease.epoch == fencing.epoch + 1,
+        "a takeover of epoch {} gave epoch {}",
+        fencing.epoch,
+        lease.epoch
+    );
+    Ok(pb::FencingToken {
+        scope_id: fencing.scope_id.clone(),
         epoch: lease.epoch,
     })
 }
