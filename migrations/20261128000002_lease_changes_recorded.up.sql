@@ -3,9 +3,9 @@
 -- holder, epoch or expiry is written must, by the end of its transaction, have a history row of
 -- that same transaction (`occurred_at` defaults to its start, now()) that names exactly that
 -- holder, epoch and expiry. An older row does not count: setting a lease back to an earlier
--- renewal's expiry would shorten it, and let a takeover in early, with no trace. The ledger writes the scope and then its history
--- rows (store.rs `write_leases`), so the check is deferred to COMMIT; a renewal writes a row too
--- (`renewed`), since its expiry changes. A refusal rolls the whole batch back (SQLSTATE 23000),
+-- renewal's expiry would shorten it, and let a takeover in early, with no trace. The ledger
+-- writes the scope and then its history rows (store.rs `write_leases`), so the check is deferred
+-- to COMMIT; a renewal writes a row too (`renewed`), since its expiry changes. A refusal rolls the whole batch back (SQLSTATE 23000),
 -- and the writer runs its commands again one at a time, as for any rule.
 
 -- The lookup below, and any reading of one scope's history, by key instead of the whole table.
