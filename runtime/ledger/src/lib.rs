@@ -32,6 +32,7 @@ use crate::writer::{Batching, Writer};
 use clap::Args;
 use prometheus_client::registry::Registry;
 use spendguard_evidence::{Signer, Signing, SigningArgs};
+use spendguard_platform::supervise::{spawn_supervised, stop_all_if_it_ends_unasked};
 use spendguard_platform::{AdminServer, CommonArgs, Readiness};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -198,9 +199,9 @@ pub struct RunningLedger {
     claim: watch::Receiver<Option<ProducerClaim>>,
     stop: watch::Sender<bool>,
     servers: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
-    /// The writer, under [`stop_all_if_it_ends_unasked`].
+    /// The writer, under [`stop_all_if_it_ends_unasked`] (`spendguard_platform::supervise`).
     writer: JoinHandle<Result<(), tokio::task::JoinError>>,
-    /// Tasks that run until the ledger stops (each also under [`stop_all_if_it_ends_unasked`]).
+    /// Tasks that run until the ledger stops (each also supervised: [`spawn_supervised`]).
     background: Vec<AbortHandle>,
 }
 
@@ -393,39 +394,45 @@ pub async fn start(
         stop.clone(),
     ));
     let mut background = vec![
-        tokio::spawn(watch_producer_claim(
-            store.clone(),
-            database_url.to_owned(),
-            instance_id.to_owned(),
-            lock,
-            claim_tx,
-        )),
-        tokio::spawn(evidence_gate::watch(
-            store.clone(),
-            evidence_gate,
-            metrics.clone(),
-        )),
-        tokio::spawn(refresh_gauges(
-            store.clone(),
-            metrics,
-            Duration::from_millis(tuning.gauge_refresh_ms),
-        )),
+        spawn_supervised(
+            "producer-claim watch",
+            watch_producer_claim(
+                store.clone(),
+                database_url.to_owned(),
+                instance_id.to_owned(),
+                lock,
+                claim_tx,
+            ),
+            &stop,
+        )
+        .abort_handle(),
+        spawn_supervised(
+            "evidence gate",
+            evidence_gate::watch(store.clone(), evidence_gate, metrics.clone()),
+            &stop,
+        )
+        .abort_handle(),
+        spawn_supervised(
+            "gauges",
+            refresh_gauges(
+                store.clone(),
+                metrics,
+                Duration::from_millis(tuning.gauge_refresh_ms),
+            ),
+            &stop,
+        )
+        .abort_handle(),
     ];
     if let Some(standing) = key_standing {
-        background.push(tokio::spawn(key_standing::watch(store.clone(), standing)));
+        background.push(
+            spawn_supervised(
+                "key-standing watch",
+                key_standing::watch(store.clone(), standing),
+                &stop,
+            )
+            .abort_handle(),
+        );
     }
-    let background = background
-        .into_iter()
-        .map(|task| {
-            let abort = task.abort_handle();
-            tokio::spawn(stop_all_if_it_ends_unasked(
-                "background task",
-                task,
-                stop.clone(),
-            ));
-            abort
-        })
-        .collect();
     Ok(RunningLedger {
         addr,
         control_addr,
@@ -455,24 +462,6 @@ async fn serve(
         stop,
     )
     .await
-}
-
-/// Runs one part of the ledger that should last until it stops: a server, the writer, a
-/// background task. If it ends without a stop having been asked for, it stops the whole ledger
-/// (`RunningLedger::failed`, and the process exits to be restarted). A process serving only one
-/// of its two listeners would look healthy while sidecars or the operator are refused; one whose
-/// writer panicked would refuse every write until someone restarted it.
-async fn stop_all_if_it_ends_unasked<R: std::fmt::Debug>(
-    what: &'static str,
-    task: impl std::future::Future<Output = R>,
-    stop: watch::Sender<bool>,
-) -> R {
-    let ended = task.await;
-    if !*stop.borrow() {
-        error!(task = what, result = ?ended, "a part of the ledger ended on its own; stopping the ledger");
-        let _ = stop.send(true);
-    }
-    ended
 }
 
 async fn serve_until(
@@ -630,42 +619,4 @@ async fn database_clock(store: &Store) -> Result<chrono::DateTime<chrono::Utc>> 
         .await
         .map_err(|e| Error::Startup(format!("database clock: {e}")))?;
     Ok(spendguard_evidence::envelope::truncate_to_ms(now))
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn a_server_that_ends_unasked_stops_the_ledger() {
-        let (stop, stopped) = watch::channel(false);
-        stop_all_if_it_ends_unasked("gRPC server", async {}, stop).await;
-        assert!(
-            *stopped.borrow(),
-            "the other server drains and the process exits"
-        );
-    }
-
-    #[tokio::test]
-    async fn a_task_that_panics_stops_the_ledger() {
-        let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(async { panic!("a bug in the writer") });
-        let ended = stop_all_if_it_ends_unasked("writer", task, stop).await;
-        assert!(ended.unwrap_err().is_panic());
-        assert!(*stopped.borrow(), "the servers drain and the process exits");
-    }
-
-    #[tokio::test]
-    async fn a_part_that_runs_on_does_not_stop_the_ledger() {
-        let (stop, stopped) = watch::channel(false);
-        let supervised = tokio::spawn(stop_all_if_it_ends_unasked(
-            "background task",
-            std::future::pending::<()>(),
-            stop,
-        ));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(!*stopped.borrow());
-        supervised.abort();
-    }
 }

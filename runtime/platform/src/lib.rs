@@ -1,8 +1,10 @@
 //! Process plumbing shared by every SpendGuard binary: logging, the admin HTTP server
-//! (`/healthz`, `/readyz`, `/metrics`) and shutdown signals.
+//! (`/healthz`, `/readyz`, `/metrics`), shutdown signals, and the supervision of a process's
+//! long-running parts.
 
 pub mod admin;
 pub mod shutdown;
+pub mod supervise;
 pub mod telemetry;
 
 pub use admin::{AdminServer, Readiness};

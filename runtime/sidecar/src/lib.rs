@@ -41,6 +41,7 @@ use crate::proxy::upstream::{Upstream, UpstreamConfig};
 use crate::stop_evidence::StopEvidence;
 use axum::serve::ListenerExt as _;
 use prometheus_client::registry::Registry;
+use spendguard_platform::supervise::{Supervised, spawn_supervised};
 use spendguard_platform::{AdminServer, CommonArgs, Readiness};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -49,7 +50,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
@@ -220,14 +220,20 @@ pub struct RunningSidecar {
     pub lease: Lease,
     /// The decider (tests inspect open reservations).
     pub decider: Arc<Decider>,
+    /// `true` asks every part to stop; a part that ends unasked sends it too (see
+    /// [`RunningSidecar::failed`]).
     stop: watch::Sender<bool>,
-    servers: Vec<JoinHandle<()>>,
-    lease_task: JoinHandle<()>,
+    // Every long-running part is supervised (`spendguard_platform::supervise`): one that ends
+    // on its own (a server that failed, a loop that panicked) stops the sidecar, which exits to
+    // be restarted. A dead lease keeper would otherwise leave the pod deciding nothing once the
+    // lease lapsed, and a dead publisher its evidence queued, until someone restarted it.
+    servers: Vec<Supervised<()>>,
+    lease_task: Supervised<()>,
     settlements: TaskTracker,
     grace: Duration,
-    fail_open_task: JoinHandle<()>,
+    fail_open_task: Supervised<()>,
     fail_open_drain: Duration,
-    stops_task: JoinHandle<()>,
+    stops_task: Supervised<()>,
 }
 
 impl RunningSidecar {
@@ -238,6 +244,14 @@ impl RunningSidecar {
             let ready = lease.epoch_for_decision().map(|_| ());
             Box::pin(async move { ready.map_err(|e| format!("no valid fencing lease: {e}")) })
         })
+    }
+
+    /// Resolves when the sidecar stopped on its own: a server, the lease keeper or a background
+    /// loop ended without being asked. The process should then drain and exit non-zero, so that
+    /// it is restarted.
+    pub async fn failed(&self) {
+        let mut stopped = self.stop.subscribe();
+        let _ = stopped.wait_for(|stop| *stop).await;
     }
 
     /// Drains: new decisions are refused at once, in-flight calls finish and settle (within the
@@ -337,7 +351,11 @@ pub async fn start(
     )
     .map_err(|e| SidecarError::invalid("lease", e.to_string()))?;
     let (stop, stopped) = watch::channel(false);
-    let lease_task = tokio::spawn(keeper.run(wait_true(stopped.clone())));
+    let lease_task = spawn_supervised(
+        "lease keeper",
+        keeper.run(wait_true(stopped.clone())),
+        &stop,
+    );
 
     fail_open.register(registry);
     let stops = Arc::new(match &tuning.fail_open_spool_dir {
@@ -442,52 +460,77 @@ pub async fn start(
         });
     }
     let http_stopped = stopped.clone();
-    let http = tokio::spawn(async move {
-        let _ = gate.await;
-        // No Nagle delay: SSE chunks and small responses leave as soon as they are written.
-        let listener = http_listener.tap_io(|stream| {
-            let _ = stream.set_nodelay(true);
-        });
-        let served = axum::serve(listener, router)
-            .with_graceful_shutdown(wait_true(http_stopped))
-            .await;
-        if let Err(e) = served {
-            warn!(error = %e, "http server failed");
-        }
-    });
+    let http = spawn_supervised(
+        "HTTP server",
+        async move {
+            let _ = gate.await;
+            // No Nagle delay: SSE chunks and small responses leave as soon as they are written.
+            let listener = http_listener.tap_io(|stream| {
+                let _ = stream.set_nodelay(true);
+            });
+            let served = axum::serve(listener, router)
+                .with_graceful_shutdown(wait_true(http_stopped))
+                .await;
+            if let Err(e) = served {
+                warn!(error = %e, "http server failed");
+            }
+        },
+        &stop,
+    );
     let grpc_service = api::grpc::SidecarService::new(decider.clone());
     let grpc_stopped = stopped.clone();
-    let grpc = tokio::spawn(async move {
-        grpc_gate.await;
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
-        let served = tonic::transport::Server::builder()
-            .add_service(grpc_service)
-            .serve_with_incoming_shutdown(incoming, wait_true(grpc_stopped))
-            .await;
-        if let Err(e) = served {
-            warn!(error = %e, "grpc server failed");
-        }
-    });
+    let grpc = spawn_supervised(
+        "gRPC server",
+        async move {
+            grpc_gate.await;
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+            let served = tonic::transport::Server::builder()
+                .add_service(grpc_service)
+                .serve_with_incoming_shutdown(incoming, wait_true(grpc_stopped))
+                .await;
+            if let Err(e) = served {
+                warn!(error = %e, "grpc server failed");
+            }
+        },
+        &stop,
+    );
     if let Some(credits) = decider.credits_handle() {
-        tokio::spawn(credits.release_when_quiet(wait_true(stopped.clone())));
+        // Detached: it ends with the stop; ending before it stops the sidecar.
+        drop(spawn_supervised(
+            "credit release when quiet",
+            credits.release_when_quiet(wait_true(stopped.clone())),
+            &stop,
+        ));
     }
-    let fail_open_task = tokio::spawn(record_fail_open_loop(decider.clone(), stopped.clone()));
-    let stops_task = tokio::spawn(publish_stops_loop(decider.clone(), stopped.clone()));
+    let fail_open_task = spawn_supervised(
+        "fail-open recorder",
+        record_fail_open_loop(decider.clone(), stopped.clone()),
+        &stop,
+    );
+    let stops_task = spawn_supervised(
+        "STOP publisher",
+        publish_stops_loop(decider.clone(), stopped.clone()),
+        &stop,
+    );
     let forget = {
         let decider = decider.clone();
         let mut stopped = stopped;
         // Calls older than their reservation's TTL are settled or expired on the ledger.
         let age = reservation_ttl + Duration::from_secs(300);
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = stopped.wait_for(|s| *s) => return,
-                    () = tokio::time::sleep(Duration::from_secs(60)) => {}
+        spawn_supervised(
+            "call-table pruning",
+            async move {
+                loop {
+                    tokio::select! {
+                        _ = stopped.wait_for(|s| *s) => return,
+                        () = tokio::time::sleep(Duration::from_secs(60)) => {}
+                    }
+                    decider.forget_older_than(age);
                 }
-                decider.forget_older_than(age);
-            }
-        })
+            },
+            &stop,
+        )
     };
     info!(%http_addr, %grpc_addr, bundle_sha256 = %decider.bundle().sha256_hex,
           contract_version = %decider.bundle().contract.version, "sidecar starting");
@@ -688,10 +731,19 @@ impl SidecarArgs {
         let admin_task = tokio::spawn(admin.serve(async move {
             let _ = admin_stopped.await;
         }));
-        spendguard_platform::shutdown::signalled().await;
+        let failed = tokio::select! {
+            () = spendguard_platform::shutdown::signalled() => false,
+            () = sidecar.failed() => true,
+        };
         sidecar.shutdown().await;
         let _ = admin_stop.send(());
         let _ = admin_task.await;
+        if failed {
+            anyhow::bail!(
+                "SIDECAR_STOPPED: a server, the lease keeper or a background loop ended on its \
+                 own; exiting so that the sidecar is restarted"
+            );
+        }
         info!("sidecar stopped");
         Ok(())
     }
