@@ -1,20 +1,25 @@
-//! Crash drill: kill -9 the `spendguard ledger` process under load and restart it. No
-//! acknowledged reservation or commit is lost, none is resolved twice, no outbox row is lost and
-//! producer sequences stay contiguous.
+//! Crash and shutdown drills: the `spendguard ledger` process killed (kill -9) or stopped
+//! (SIGTERM) under load, then restarted. No acknowledged reservation or commit is lost, none is
+//! resolved twice, no outbox row is lost and producer sequences stay contiguous; a SIGTERM also
+//! answers every call it accepted and half-does none.
 #![allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
 
 use spendguard_proto::ledger::v1 as pb;
+use spendguard_proto::ledger::v1::ledger_client::LedgerClient;
 use spendguard_testkit::ledger::{reserve_request, shared_cluster};
 use spendguard_testkit::{free_port, invariants};
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::process::Child;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
 
 mod support;
-use support::{ledger_command, wait_for_ledger};
+use support::{ledger_command, terminates_cleanly, wait_for_ledger};
 
 const T: &str = "tenant-crash";
+const WORKERS: usize = 16;
 
 /// The ledger process; the drill drives set-up, load and sweeps through one client on the
 /// control listener, which serves every RPC.
@@ -24,18 +29,20 @@ fn spawn_ledger(url: &str, port: u16) -> Child {
         .expect("spawn spendguard ledger")
 }
 
-#[derive(Default)]
-struct Acked {
-    reserved: BTreeSet<String>,
-    committed: BTreeSet<String>,
+/// A ledger with one tenant, one budget far larger than the load and one lease.
+struct Drill {
+    url: String,
+    port: u16,
+    ledger: Child,
+    client: LedgerClient<Channel>,
+    fencing: pb::FencingToken,
 }
 
-#[tokio::test]
-async fn kill_dash_nine_under_load_loses_nothing() {
+async fn start_drill() -> Drill {
     let url = shared_cluster().create_database().await.unwrap();
     spendguard_testkit::ledger::migrate(&url).await.unwrap();
     let port = free_port();
-    let mut ledger = spawn_ledger(&url, port);
+    let ledger = spawn_ledger(&url, port);
     let mut client = wait_for_ledger(port).await;
     spendguard_testkit::ledger::tenant(&mut client, T)
         .await
@@ -73,29 +80,58 @@ async fn kill_dash_nine_under_load_loses_nothing() {
         scope_id: "crash-scope".into(),
         epoch: lease.epoch,
     };
+    Drill {
+        url,
+        port,
+        ledger,
+        client,
+        fencing,
+    }
+}
 
+/// What the load was told.
+#[derive(Default)]
+struct Acked {
+    reserved: BTreeSet<String>,
+    committed: BTreeSet<String>,
+    /// The call each worker stopped on, and how it failed.
+    failed: Vec<(Failed, tonic::Status)>,
+}
+
+#[derive(Debug)]
+enum Failed {
+    /// A ReserveSet, by idempotency key.
+    Reserve(String),
+    /// A Commit, by reservation id.
+    Commit(String),
+}
+
+/// [`WORKERS`] clients looping ReserveSet + Commit on the budget until a call fails.
+fn start_load(drill: &Drill) -> (Arc<Mutex<Acked>>, Vec<JoinHandle<()>>) {
     let acked = Arc::new(Mutex::new(Acked::default()));
     let mut load = Vec::new();
-    for worker in 0..16 {
-        let (mut client, fencing, acked) = (client.clone(), fencing.clone(), acked.clone());
+    for worker in 0..WORKERS {
+        let (mut client, fencing, acked) =
+            (drill.client.clone(), drill.fencing.clone(), acked.clone());
         load.push(tokio::spawn(async move {
             for n in 0.. {
-                let Ok(response) = client
-                    .reserve_set(reserve_request(
-                        T,
-                        &format!("w{worker}-{n}"),
-                        &["b"],
-                        10,
-                        &fencing,
-                    ))
+                let key = format!("w{worker}-{n}");
+                let response = match client
+                    .reserve_set(reserve_request(T, &key, &["b"], 10, &fencing))
                     .await
-                else {
-                    return;
+                {
+                    Ok(response) => response.into_inner(),
+                    Err(status) => {
+                        acked
+                            .lock()
+                            .unwrap()
+                            .failed
+                            .push((Failed::Reserve(key), status));
+                        return;
+                    }
                 };
-                let Some(pb::reserve_set_response::Outcome::Reserved(r)) =
-                    response.into_inner().outcome
-                else {
-                    return;
+                let Some(pb::reserve_set_response::Outcome::Reserved(r)) = response.outcome else {
+                    panic!("the budget holds the whole load: {response:?}");
                 };
                 acked
                     .lock()
@@ -111,16 +147,23 @@ async fn kill_dash_nine_under_load_loses_nothing() {
                     // held commit acknowledged is as durable as any other.
                     deferrable: worker % 2 == 0,
                 };
-                if client.commit(commit).await.is_err() {
+                if let Err(status) = client.commit(commit).await {
+                    acked
+                        .lock()
+                        .unwrap()
+                        .failed
+                        .push((Failed::Commit(r.reservation_id), status));
                     return;
                 }
                 acked.lock().unwrap().committed.insert(r.reservation_id);
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
-    ledger.start_kill().unwrap(); // SIGKILL
-    ledger.wait().await.unwrap();
+    (acked, load)
+}
+
+/// Waits for the load to stop and returns what it was told.
+async fn load_stopped(acked: Arc<Mutex<Acked>>, load: Vec<JoinHandle<()>>) -> Acked {
     for task in load {
         task.await.unwrap();
     }
@@ -130,10 +173,20 @@ async fn kill_dash_nine_under_load_loses_nothing() {
         "the load ran ({} commits)",
         acked.committed.len()
     );
+    assert_eq!(
+        acked.failed.len(),
+        WORKERS,
+        "each worker stopped on one call"
+    );
+    acked
+}
 
-    let mut ledger = spawn_ledger(&url, port);
-    let mut client = wait_for_ledger(port).await;
-    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+/// After the restart: every acknowledged reservation and commit is in the database with its one
+/// audit event; every reservation not acknowledged as committed is committed now exactly once
+/// (or found committed by a commit that landed without its answer: a replay); the producer's
+/// sequence goes on with no gap.
+async fn check_nothing_lost(drill: &Drill, client: &mut LedgerClient<Channel>, acked: &Acked) {
+    let pool = sqlx::PgPool::connect(&drill.url).await.unwrap();
     for id in &acked.reserved {
         let state: String =
             sqlx::query_scalar("SELECT state FROM reservations WHERE reservation_id = $1::uuid")
@@ -155,14 +208,12 @@ async fn kill_dash_nine_under_load_loses_nothing() {
             assert_eq!(named.get(id), Some(&1), "{event_type} of {id}");
         }
     }
-    // Every reservation that was reserved but not committed can still be settled exactly once:
-    // committed now unless its commit landed before the kill without its answer (a replay).
     for id in acked.reserved.difference(&acked.committed) {
         let commit = pb::CommitRequest {
             tenant_id: T.into(),
             reservation_id: id.clone(),
             actual_nano_usd: 7,
-            fencing: Some(fencing.clone()),
+            fencing: Some(drill.fencing.clone()),
             deferrable: false,
         };
         let first = client.commit(commit.clone()).await.unwrap().into_inner();
@@ -177,12 +228,102 @@ async fn kill_dash_nine_under_load_loses_nothing() {
     }
     // The restarted process continues the same producer's sequence with no gap.
     client
-        .reserve_set(reserve_request(T, "after-restart", &["b"], 10, &fencing))
+        .reserve_set(reserve_request(
+            T,
+            "after-restart",
+            &["b"],
+            10,
+            &drill.fencing,
+        ))
         .await
         .unwrap();
     invariants::check(&pool).await.unwrap();
+}
+
+#[tokio::test]
+async fn kill_dash_nine_under_load_loses_nothing() {
+    let mut drill = start_drill().await;
+    let (acked, load) = start_load(&drill);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    drill.ledger.start_kill().unwrap(); // SIGKILL
+    drill.ledger.wait().await.unwrap();
+    let acked = load_stopped(acked, load).await;
+
+    let mut ledger = spawn_ledger(&drill.url, drill.port);
+    let mut client = wait_for_ledger(drill.port).await;
+    check_nothing_lost(&drill, &mut client, &acked).await;
     ledger.start_kill().unwrap();
     ledger.wait().await.unwrap();
+}
+
+#[tokio::test]
+async fn sigterm_under_load_answers_what_it_accepted_and_half_does_nothing() {
+    // Goal: a rolling update stops the ledger (SIGTERM) under load. It exits successfully within
+    // its grace period, having answered every call it accepted: a call that failed was never
+    // taken (refused at the transport once the servers stopped accepting, or SHUTTING_DOWN),
+    // so it wrote nothing, and sent again after the restart it lands exactly once. Method: the
+    // kill -9 drill's load and checks, plus the state of each worker's failed call.
+    let mut drill = start_drill().await;
+    let (acked, load) = start_load(&drill);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    terminates_cleanly(&mut drill.ledger, Duration::from_secs(15)).await;
+    let acked = load_stopped(acked, load).await;
+
+    let pool = sqlx::PgPool::connect(&drill.url).await.unwrap();
+    for (call, status) in &acked.failed {
+        let code = spendguard_proto::ledger::error_code(status);
+        assert!(
+            code.is_none() || code == Some(pb::ErrorCode::ShuttingDown),
+            "{call:?} failed with a ledger error other than SHUTTING_DOWN: {status:?}"
+        );
+        match call {
+            Failed::Reserve(key) => {
+                let rows: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM reservations WHERE tenant_id = $1 AND idempotency_key = $2",
+                )
+                .bind(T)
+                .bind(key)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                assert_eq!(rows, 0, "a ReserveSet that failed ({status:?}) wrote {key}");
+            }
+            Failed::Commit(id) => {
+                let state: String = sqlx::query_scalar(
+                    "SELECT state FROM reservations WHERE reservation_id = $1::uuid",
+                )
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                assert_eq!(
+                    state, "reserved",
+                    "a Commit that failed ({status:?}) resolved {id}"
+                );
+            }
+        }
+    }
+
+    let mut ledger = spawn_ledger(&drill.url, drill.port);
+    let mut client = wait_for_ledger(drill.port).await;
+    // A failed ReserveSet sent again is reserved once (and committed with the others below).
+    let mut acked = acked;
+    for (call, _) in &acked.failed {
+        if let Failed::Reserve(key) = call {
+            let again = client
+                .reserve_set(reserve_request(T, key, &["b"], 10, &drill.fencing))
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(!again.replayed, "it had not been written: {again:?}");
+            let Some(pb::reserve_set_response::Outcome::Reserved(r)) = again.outcome else {
+                panic!("{again:?}");
+            };
+            acked.reserved.insert(r.reservation_id);
+        }
+    }
+    check_nothing_lost(&drill, &mut client, &acked).await;
+    terminates_cleanly(&mut ledger, Duration::from_secs(15)).await;
 }
 
 /// How many `event_type` events the outbox holds per reservation they name.
