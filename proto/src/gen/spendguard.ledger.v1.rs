@@ -286,6 +286,14 @@ pub struct AcquireFencingLeaseRequest {
     /// Administrative takeover of an unexpired lease. Audited.
     #[prost(bool, tag = "6")]
     pub force: bool,
+    /// Optional key for retries of this one acquire (an idempotency key: 1 to 200 visible ASCII
+    /// characters), unique per scope. The first acquire with it is recorded with its fields;
+    /// a retry with the same scope, key and fields gets that first answer (`replayed`) and changes
+    /// nothing, even if the lease has moved on since (its epoch then tells the caller it lost); the
+    /// same key with other fields is IDEMPOTENCY_CONFLICT. Empty: every acquire is a new one, so an
+    /// acquire afresh sent twice raises the epoch twice.
+    #[prost(string, tag = "7")]
+    pub request_id: ::prost::alloc::string::String,
 }
 #[allow(clippy::all)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -296,6 +304,9 @@ pub struct AcquireFencingLeaseResponse {
     pub expires_at_unix_ms: i64,
     #[prost(enumeration = "LeaseOutcome", tag = "3")]
     pub outcome: i32,
+    /// True when this answers a retry of an acquire with the same request_id.
+    #[prost(bool, tag = "4")]
+    pub replayed: bool,
 }
 #[allow(clippy::all)]
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

@@ -7,6 +7,7 @@
 
 use crate::error::LedgerError;
 use chrono::{DateTime, Duration, Utc};
+use sha2::Digest as _;
 
 /// Shortest lease a caller may ask for.
 pub const LEASE_TTL_MS_MIN: u32 = 1_000;
@@ -41,6 +42,19 @@ pub struct AcquireLease {
     pub expected_epoch: u64,
     /// Administrative takeover of an unexpired lease.
     pub force: bool,
+    /// The caller's key for retries of this one acquire, unique per scope: a retry with the same
+    /// fields gets the first answer and changes nothing (see [`AcquireLease::fingerprint`]).
+    /// `None`: every acquire is a new one, so a retried acquire afresh raises the epoch again.
+    pub request_id: Option<String>,
+}
+
+/// An acquire recorded with its request id, as a retry of it finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedAcquire {
+    /// [`AcquireLease::fingerprint`] of the request that made it.
+    pub request_sha256: String,
+    /// What it was granted.
+    pub grant: LeaseGrant,
 }
 
 /// Which transition happened.
@@ -59,6 +73,19 @@ pub enum LeaseOutcome {
 }
 
 impl LeaseOutcome {
+    /// The outcome named `name` by [`LeaseOutcome::as_str`].
+    pub fn parse(name: &str) -> Option<Self> {
+        [
+            Self::Acquired,
+            Self::Renewed,
+            Self::Restarted,
+            Self::TakenOver,
+            Self::Forced,
+        ]
+        .into_iter()
+        .find(|o| o.as_str() == name)
+    }
+
     /// Name used in events.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -83,6 +110,28 @@ pub struct LeaseGrant {
 }
 
 impl AcquireLease {
+    /// sha256 over the canonical JSON of the fields a retry must repeat: all but the scope and the
+    /// request id, which name the recorded acquire.
+    pub fn fingerprint(&self) -> String {
+        #[derive(serde::Serialize)]
+        struct Fields<'a> {
+            tenant_id: &'a str,
+            workload_instance_id: &'a str,
+            ttl_ms: u32,
+            expected_epoch: u64,
+            force: bool,
+        }
+        let fields = Fields {
+            tenant_id: &self.tenant_id,
+            workload_instance_id: &self.workload_instance_id,
+            ttl_ms: self.ttl_ms,
+            expected_epoch: self.expected_epoch,
+            force: self.force,
+        };
+        let bytes = serde_json_canonicalizer::to_vec(&fields).unwrap_or_default();
+        hex::encode(sha2::Sha256::digest(bytes))
+    }
+
     /// Decides the transition from `current` at `now`.
     ///
     /// # Errors
@@ -200,7 +249,45 @@ mod tests {
             ttl_ms: 10_000,
             expected_epoch,
             force,
+            request_id: None,
         }
+    }
+
+    #[test]
+    fn a_retry_is_known_by_every_field_but_the_scope_and_request_id() {
+        let first = AcquireLease {
+            request_id: Some("r1".into()),
+            ..req("w", 0, false)
+        };
+        let retry = AcquireLease {
+            scope_id: "other".into(),
+            request_id: Some("r2".into()),
+            ..first.clone()
+        };
+        assert_eq!(first.fingerprint(), retry.fingerprint());
+        for changed in [
+            AcquireLease {
+                tenant_id: "t2".into(),
+                ..first.clone()
+            },
+            AcquireLease {
+                workload_instance_id: "w2".into(),
+                ..first.clone()
+            },
+            AcquireLease {
+                ttl_ms: 10_001,
+                ..first.clone()
+            },
+            req("w", 1, false),
+            req("w", 0, true),
+        ] {
+            assert_ne!(first.fingerprint(), changed.fingerprint(), "{changed:?}");
+        }
+        assert_eq!(
+            LeaseOutcome::parse(LeaseOutcome::TakenOver.as_str()),
+            Some(LeaseOutcome::TakenOver)
+        );
+        assert_eq!(LeaseOutcome::parse("stolen"), None);
     }
 
     fn held(owner: &str, epoch: u64, expires_in_ms: i64) -> LeaseState {

@@ -17,7 +17,9 @@
 
 use crate::audit::{EventDraft, format_time};
 use crate::error::LedgerError;
-use crate::lease::{AcquireLease, LeaseGrant, LeaseOutcome, LeaseState, check_fencing};
+use crate::lease::{
+    AcquireLease, LeaseGrant, LeaseOutcome, LeaseState, RecordedAcquire, check_fencing,
+};
 use crate::money::{MoneyError, NanoUsd};
 use crate::window::BudgetWindow;
 use chrono::{DateTime, Duration, Utc};
@@ -929,6 +931,8 @@ pub struct Snapshot {
     pub windows: BTreeMap<WindowKey, WindowRow>,
     /// Fencing scopes referenced that exist.
     pub scopes: BTreeMap<String, LeaseState>,
+    /// Acquires recorded with the request ids the batch's acquires carry, by (scope, request id).
+    pub lease_requests: BTreeMap<(String, String), RecordedAcquire>,
     /// Reservations referenced by id or idempotency key, and sweep candidates.
     pub reservations: BTreeMap<Uuid, ReservationRow>,
     /// Open reservations past their TTL, oldest first (locked for the sweep).
@@ -958,6 +962,8 @@ pub struct Needs {
     pub budgets: BTreeSet<BudgetKey>,
     /// Scopes.
     pub scope_ids: BTreeSet<String>,
+    /// Acquires to look up by (scope, request id).
+    pub lease_requests: BTreeSet<(String, String)>,
     /// Reservations by id (a ReserveSet's id is derived from its idempotency key).
     pub reservation_ids: BTreeSet<Uuid>,
     /// Sweep candidates to lock.
@@ -1016,6 +1022,11 @@ impl Needs {
                 Command::AcquireLease(a) => {
                     needs.tenant_ids.insert(a.tenant_id.clone());
                     needs.scope_ids.insert(a.scope_id.clone());
+                    if let Some(request_id) = &a.request_id {
+                        needs
+                            .lease_requests
+                            .insert((a.scope_id.clone(), request_id.clone()));
+                    }
                 }
                 Command::UpsertTenant(t) => {
                     needs.tenant_ids.insert(t.tenant_id.clone());
@@ -1216,7 +1227,12 @@ pub enum Outcome {
         replayed: u32,
     },
     /// Lease granted.
-    Lease(LeaseGrant),
+    Lease {
+        /// The grant (a replay's is the first answer, as it was then).
+        grant: LeaseGrant,
+        /// Whether this answers a retry of an acquire with the same request id.
+        replayed: bool,
+    },
     /// Tenant upserted.
     TenantUpserted {
         /// Newly created.
@@ -1303,6 +1319,8 @@ pub struct LeaseEvent {
     pub scope_id: String,
     /// Grant.
     pub grant: LeaseGrant,
+    /// The request id the acquire carried, with its fingerprint.
+    pub request: Option<(String, String)>,
 }
 
 /// Writes that make a batch's outcomes durable, in the order the store applies them.
@@ -2738,16 +2756,49 @@ impl Planner {
 
     fn acquire_lease(&mut self, a: &AcquireLease) -> Result<Outcome, LedgerError> {
         self.require_tenant(&a.tenant_id)?;
-        let grant = a.decide(self.state.scopes.get(&a.scope_id), self.state.now)?;
+        let current = self.state.scopes.get(&a.scope_id);
+        if current.is_some_and(|scope| scope.tenant_id != a.tenant_id) {
+            return Err(LedgerError::FencingScopeNotFound(a.scope_id.clone()));
+        }
+        let request = a
+            .request_id
+            .as_ref()
+            .map(|id| (id.clone(), a.fingerprint()));
+        if let Some((id, fingerprint)) = &request
+            && let Some(recorded) = self
+                .state
+                .lease_requests
+                .get(&(a.scope_id.clone(), id.clone()))
+        {
+            // A retry: the first answer, whatever the lease has become since; nothing changes.
+            if recorded.request_sha256 != *fingerprint {
+                return Err(LedgerError::IdempotencyConflict(id.clone()));
+            }
+            return Ok(Outcome::Lease {
+                grant: recorded.grant.clone(),
+                replayed: true,
+            });
+        }
+        let grant = a.decide(current, self.state.now)?;
         self.state
             .scopes
             .insert(a.scope_id.clone(), grant.state.clone());
         self.effects
             .leases
             .insert(a.scope_id.clone(), grant.state.clone());
+        if let Some((id, fingerprint)) = &request {
+            self.state.lease_requests.insert(
+                (a.scope_id.clone(), id.clone()),
+                RecordedAcquire {
+                    request_sha256: fingerprint.clone(),
+                    grant: grant.clone(),
+                },
+            );
+        }
         self.effects.lease_events.push(LeaseEvent {
             scope_id: a.scope_id.clone(),
             grant: grant.clone(),
+            request,
         });
         self.event(
             &a.tenant_id,
@@ -2764,7 +2815,10 @@ impl Planner {
                 "forced": grant.outcome == LeaseOutcome::Forced,
             }),
         );
-        Ok(Outcome::Lease(grant))
+        Ok(Outcome::Lease {
+            grant,
+            replayed: false,
+        })
     }
 
     fn upsert_tenant(&mut self, t: &UpsertTenant) -> Outcome {

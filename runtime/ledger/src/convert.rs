@@ -258,6 +258,12 @@ pub fn acquire_lease(r: &pb::AcquireFencingLeaseRequest) -> Result<AcquireLease>
         ttl_ms: ttl("ttl_ms", r.ttl_ms, LEASE_TTL_MS_MIN, LEASE_TTL_MS_MAX)?,
         expected_epoch: r.expected_epoch,
         force: r.force,
+        request_id: if r.request_id.is_empty() {
+            None
+        } else {
+            check_idempotency_key("request_id", &r.request_id)?;
+            Some(r.request_id.clone())
+        },
     })
 }
 

@@ -331,10 +331,11 @@ impl pb::ledger_server::Ledger for LedgerGrpc {
             }
             let command = convert::acquire_lease(request.get_ref())?;
             match self.submit(Command::AcquireLease(command)).await? {
-                Outcome::Lease(grant) => Ok(pb::AcquireFencingLeaseResponse {
+                Outcome::Lease { grant, replayed } => Ok(pb::AcquireFencingLeaseResponse {
                     epoch: grant.state.epoch,
                     expires_at_unix_ms: grant.state.expires_at.timestamp_millis(),
                     outcome: convert::lease_outcome_to_proto(grant.outcome).into(),
+                    replayed,
                 }),
                 other => Err(unexpected(other)),
             }

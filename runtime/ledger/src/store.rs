@@ -32,7 +32,7 @@ use crate::error::{Error, Result};
 use crate::key_standing::{KeyStanding, KeyWindow};
 use chrono::{DateTime, Utc};
 use spendguard_core::audit::{ProducerStamp, format_time};
-use spendguard_core::lease::LeaseState;
+use spendguard_core::lease::{LeaseGrant, LeaseOutcome, LeaseState, RecordedAcquire};
 use spendguard_core::plan::{
     ApprovalContext, ApprovalRow, ApprovalState, Balance, BudgetKey, BudgetRow, Command, Effects,
     FailOpenRow, Needs, Outcome, RegisterSigningKey, ReservationRow, ReservationState, Resolution,
@@ -1147,6 +1147,7 @@ async fn load(
     load_approvals(tx, &needs, &mut snapshot).await?;
     load_fail_open_records(tx, &needs, &mut snapshot).await?;
     load_stop_records(tx, &needs, &mut snapshot).await?;
+    load_lease_requests(tx, &needs, &mut snapshot).await?;
     load_retention_policies(tx, &needs, &mut snapshot).await?;
     Ok((snapshot, existing_scopes))
 }
@@ -1274,6 +1275,57 @@ async fn load_fail_open_records(
 
 /// Stop records the batch names (a rare path with its own query), by id. Not locked: a row is
 /// immutable, and a concurrent insert of the same id fails this batch on the primary key.
+/// The acquires recorded with the request ids the batch's acquires carry (an admin path with
+/// its own query; their scopes are locked already, and only an acquire under that lock writes
+/// a history row).
+async fn load_lease_requests(
+    tx: &mut Transaction<'_, Postgres>,
+    needs: &Needs,
+    snapshot: &mut Snapshot,
+) -> Result<()> {
+    if needs.lease_requests.is_empty() {
+        return Ok(());
+    }
+    let (scopes, ids): (Vec<&str>, Vec<&str>) = needs
+        .lease_requests
+        .iter()
+        .map(|(scope, id)| (scope.as_str(), id.as_str()))
+        .unzip();
+    let rows = sqlx::query(
+        "SELECT e.scope_id, e.request_id, e.request_sha256, e.tenant_id, e.workload_instance_id,
+                e.outcome, e.previous_epoch, e.epoch, e.expires_at
+           FROM fencing_scope_events e
+           JOIN unnest($1::text[], $2::text[]) AS k(scope_id, request_id)
+             ON e.scope_id = k.scope_id AND e.request_id = k.request_id",
+    )
+    .bind(&scopes)
+    .bind(&ids)
+    .fetch_all(&mut **tx)
+    .await?;
+    for row in &rows {
+        let outcome: String = row.try_get("outcome")?;
+        let grant = LeaseGrant {
+            outcome: LeaseOutcome::parse(&outcome)
+                .ok_or_else(|| Error::Invariant(format!("unknown lease outcome {outcome}")))?,
+            previous_epoch: epoch(row.try_get("previous_epoch")?)?,
+            state: LeaseState {
+                tenant_id: row.try_get("tenant_id")?,
+                owner: row.try_get("workload_instance_id")?,
+                epoch: epoch(row.try_get("epoch")?)?,
+                expires_at: row.try_get("expires_at")?,
+            },
+        };
+        snapshot.lease_requests.insert(
+            (row.try_get("scope_id")?, row.try_get("request_id")?),
+            RecordedAcquire {
+                request_sha256: row.try_get("request_sha256")?,
+                grant,
+            },
+        );
+    }
+    Ok(())
+}
+
 async fn load_stop_records(
     tx: &mut Transaction<'_, Postgres>,
     needs: &Needs,
@@ -1752,10 +1804,16 @@ async fn write_leases(
     }
     for event in &effects.lease_events {
         let grant = &event.grant;
+        let (request_id, request_sha256) = event
+            .request
+            .as_ref()
+            .map(|(id, sha)| (id.as_str(), sha.as_str()))
+            .unzip();
         sqlx::query(
             "INSERT INTO fencing_scope_events
-                (scope_id, tenant_id, workload_instance_id, outcome, previous_epoch, epoch, expires_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                (scope_id, tenant_id, workload_instance_id, outcome, previous_epoch, epoch, expires_at,
+                 request_id, request_sha256)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(&event.scope_id)
         .bind(&grant.state.tenant_id)
@@ -1764,6 +1822,8 @@ async fn write_leases(
         .bind(to_i64(grant.previous_epoch)?)
         .bind(to_i64(grant.state.epoch)?)
         .bind(grant.state.expires_at)
+        .bind(request_id)
+        .bind(request_sha256)
         .execute(&mut **tx)
         .await?;
     }

@@ -203,6 +203,7 @@ async fn the_data_path_refuses_every_control_rpc_and_nothing_changes() {
             ttl_ms: 10_000,
             expected_epoch: 0,
             force: true,
+            request_id: String::new(),
         })
         .await,
     );
@@ -239,6 +240,7 @@ async fn the_data_path_serves_what_a_sidecar_does() {
             ttl_ms: 600_000,
             expected_epoch: fencing.epoch,
             force: false,
+            request_id: String::new(),
         })
         .await
         .unwrap()

@@ -292,6 +292,7 @@ async fn a_credit_refuses_what_it_cannot_cover_and_writes_nothing() {
             ttl_ms: 600_000,
             expected_epoch: 0,
             force: false,
+            request_id: String::new(),
         })
         .await
         .unwrap()

@@ -33,6 +33,7 @@ fn lease_for(scope_id: &str, owner: &str) -> pb::AcquireFencingLeaseRequest {
         ttl_ms: 600_000,
         expected_epoch: 0,
         force: false,
+        request_id: String::new(),
     }
 }
 
@@ -1457,6 +1458,7 @@ async fn leases_renew_take_over_and_fence_stale_writers() {
             ttl_ms,
             expected_epoch,
             force,
+            request_id: String::new(),
         }
     };
     let renewed = ledger
@@ -1575,6 +1577,163 @@ async fn leases_renew_take_over_and_fence_stale_writers() {
             ("taken_over", false),
             ("forced", true)
         ]
+    );
+    invariants::check(ledger.store().pool()).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_lease_acquire_retried_with_its_request_id_is_answered_once_and_changes_nothing() {
+    // Goal: idempotency reaches AcquireFencingLease. An acquire afresh whose answer was lost,
+    // sent again with its request id, gets the first answer instead of raising the epoch again
+    // (which would fence out the epoch its first send had been granted); the same id with other
+    // fields is IDEMPOTENCY_CONFLICT; neither writes anything. Without an id, as before, every
+    // acquire is a new one.
+    let (ledger, _) = setup().await;
+    let with_id = |owner: &str, expected_epoch: u64, id: &str| pb::AcquireFencingLeaseRequest {
+        expected_epoch,
+        request_id: id.into(),
+        ..lease_for("retried", owner)
+    };
+    let history = |ledger: &TestLedger| {
+        let pool = ledger.store().pool().clone();
+        async move {
+            let rows: Vec<(i64, Option<String>)> = sqlx::query_as(
+                "SELECT epoch, request_id FROM fencing_scope_events
+                  WHERE scope_id = 'retried' ORDER BY event_id",
+            )
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            rows
+        }
+    };
+    let mut client = ledger.client.clone();
+    let first = client
+        .acquire_fencing_lease(with_id("w", 0, "start-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((first.epoch, first.replayed), (1, false));
+    let (outbox_before, scope_before) = (outbox_count(&ledger).await, history(&ledger).await);
+    let again = client
+        .acquire_fencing_lease(with_id("w", 0, "start-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        again,
+        pb::AcquireFencingLeaseResponse {
+            replayed: true,
+            ..first
+        },
+        "the first answer, expiry included"
+    );
+    for (field, other) in [
+        (
+            "ttl_ms",
+            pb::AcquireFencingLeaseRequest {
+                ttl_ms: 60_000,
+                ..with_id("w", 0, "start-1")
+            },
+        ),
+        ("workload_instance_id", with_id("w2", 0, "start-1")),
+        ("expected_epoch", with_id("w", 1, "start-1")),
+    ] {
+        let conflict = client.acquire_fencing_lease(other).await.unwrap_err();
+        assert_eq!(
+            code(&conflict),
+            pb::ErrorCode::IdempotencyConflict,
+            "{field}"
+        );
+    }
+    assert_eq!(
+        outbox_count(&ledger).await,
+        outbox_before,
+        "a replay and a conflict write no event"
+    );
+    assert_eq!(history(&ledger).await, scope_before, "nor any history");
+
+    // A renewal with its own id extends the lease once; its retry does not extend it again.
+    let renewed = client
+        .acquire_fencing_lease(with_id("w", 1, "renew-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let renewed_again = client
+        .acquire_fencing_lease(with_id("w", 1, "renew-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            renewed_again.epoch,
+            renewed_again.expires_at_unix_ms,
+            renewed_again.replayed
+        ),
+        (1, renewed.expires_at_unix_ms, true)
+    );
+    // Without an id, an acquire afresh sent twice is a restart twice: epochs 2 and 3.
+    for expected in [2, 3] {
+        let restarted = client
+            .acquire_fencing_lease(lease_for("retried", "w"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(restarted.epoch, expected);
+    }
+    // A retry that comes after the lease moved on still gets its first answer: epoch 1, which
+    // the caller's next write or renewal learns is stale.
+    let late = client
+        .acquire_fencing_lease(with_id("w", 0, "start-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((late.epoch, late.replayed), (1, true));
+    // Ids are per scope: the same id names a new acquire of another scope.
+    let elsewhere = client
+        .acquire_fencing_lease(pb::AcquireFencingLeaseRequest {
+            scope_id: "retried-elsewhere".into(),
+            ..with_id("w", 0, "start-1")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((elsewhere.epoch, elsewhere.replayed), (1, false));
+    // A malformed id is refused and writes nothing.
+    let (outbox_before, scope_before) = (outbox_count(&ledger).await, history(&ledger).await);
+    for bad in ["has space", &"k".repeat(201)] {
+        let refused = client
+            .acquire_fencing_lease(with_id("w", 0, bad))
+            .await
+            .unwrap_err();
+        assert_eq!(code(&refused), pb::ErrorCode::IdMalformed, "{bad}");
+    }
+    assert_eq!(outbox_count(&ledger).await, outbox_before);
+    assert_eq!(history(&ledger).await, scope_before);
+    assert_eq!(
+        history(&ledger).await,
+        [
+            (1, Some("start-1".to_owned())),
+            (1, Some("renew-1".to_owned())),
+            (2, None),
+            (3, None)
+        ]
+    );
+    // Two acquires with one id in one batch: the second is the first's replay.
+    let mut other_client = ledger.client.clone();
+    let (a, b) = tokio::join!(
+        other_client.acquire_fencing_lease(with_id("w", 3, "renew-2")),
+        client.acquire_fencing_lease(with_id("w", 3, "renew-2")),
+    );
+    let (a, b) = (a.unwrap().into_inner(), b.unwrap().into_inner());
+    assert_eq!(
+        (a.epoch, a.expires_at_unix_ms),
+        (b.epoch, b.expires_at_unix_ms)
+    );
+    assert!(
+        a.replayed != b.replayed,
+        "one of them was the acquire: {a:?} {b:?}"
     );
     invariants::check(ledger.store().pool()).await.unwrap();
 }

@@ -484,6 +484,7 @@ async fn run(ops: Vec<Op>) {
                         ttl_ms: 600_000,
                         expected_epoch: if restart { 0 } else { fencing.epoch },
                         force: false,
+                        request_id: String::new(),
                     })
                     .await
                     .unwrap()

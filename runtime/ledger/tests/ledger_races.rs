@@ -144,6 +144,7 @@ async fn lapse(client: &spendguard_testkit::ledger::LedgerClient, lease: &pb::Fe
             ttl_ms: 1_000,
             expected_epoch: lease.epoch,
             force: false,
+            request_id: String::new(),
         })
         .await
         .unwrap();
@@ -169,6 +170,7 @@ async fn contend(
                     ttl_ms: 60_000,
                     expected_epoch: 0,
                     force: false,
+                    request_id: String::new(),
                 })
                 .await
         }));
@@ -318,6 +320,7 @@ async fn a_lone_command_that_loses_an_insert_race_to_another_replica_gets_the_se
             ttl_ms: 60_000,
             expected_epoch: 0,
             force: false,
+            request_id: String::new(),
         };
         async move { client.acquire_fencing_lease(request).await }
     };
@@ -515,6 +518,7 @@ async fn a_sweep_batch_locks_its_scopes_before_its_candidates() {
                 ttl_ms: 600_000,
                 expected_epoch: epoch,
                 force: false,
+                request_id: String::new(),
             })
             .await
     });

@@ -138,6 +138,19 @@ pub struct LeaseKeeper {
     client: LedgerClient,
     config: LeaseConfig,
     state: watch::Sender<LeaseState>,
+    /// The request whose answer has not come: sent again with the same request id, so that an
+    /// acquire that landed without its answer is answered as it was instead of raising the
+    /// epoch once more.
+    unanswered: Option<Unanswered>,
+}
+
+/// An acquire or renewal sent and not answered yet.
+struct Unanswered {
+    expected_epoch: u64,
+    request_id: String,
+    /// When it was first sent: the ledger granted it no earlier, so a lease counted from here
+    /// never outlives the ledger's (a retry that is answered with the first grant included).
+    first_sent_at: Instant,
 }
 
 impl LeaseKeeper {
@@ -161,6 +174,7 @@ impl LeaseKeeper {
                 client,
                 config,
                 state,
+                unanswered: None,
             },
             Lease { state: receiver },
         ))
@@ -173,7 +187,23 @@ impl LeaseKeeper {
     /// One acquire or renewal. Returns the new state, or `None` when the ledger did not answer
     /// (the caller keeps the current state until the grace window runs out).
     async fn attempt(&mut self, expected_epoch: u64) -> Option<LeaseState> {
-        let sent_at = Instant::now();
+        let lease_life = self.config.ttl.saturating_sub(self.config.safety_margin);
+        let pending = match self.unanswered.take() {
+            // Past a lease's life, a grant counted from the first send would be over on arrival:
+            // a new request (an acquire afresh that had landed is then raised once more).
+            Some(pending)
+                if pending.expected_epoch == expected_epoch
+                    && pending.first_sent_at.elapsed() < lease_life =>
+            {
+                pending
+            }
+            _ => Unanswered {
+                expected_epoch,
+                request_id: format!("lease/{}", uuid::Uuid::new_v4()),
+                first_sent_at: Instant::now(),
+            },
+        };
+        let sent_at = pending.first_sent_at;
         let request = pb::AcquireFencingLeaseRequest {
             scope_id: self.config.scope_id.clone(),
             tenant_id: self.config.tenant_id.clone(),
@@ -181,10 +211,19 @@ impl LeaseKeeper {
             ttl_ms: self.ttl_ms(),
             expected_epoch,
             force: false,
+            request_id: pending.request_id.clone(),
         };
         let mut request = tonic::Request::new(request);
         request.set_timeout(self.config.ttl / 3);
-        match self.client.acquire_fencing_lease(request).await {
+        let answer = self.client.acquire_fencing_lease(request).await;
+        if answer
+            .as_ref()
+            .is_err_and(|status| spendguard_proto::ledger::error_code(status).is_none())
+        {
+            // No answer from the ledger (the transport failed): the request may have landed.
+            self.unanswered = Some(pending);
+        }
+        match answer {
             Ok(response) => {
                 let epoch = response.into_inner().epoch;
                 if epoch == 0 {
@@ -193,8 +232,7 @@ impl LeaseKeeper {
                 }
                 Some(LeaseState::Held {
                     epoch,
-                    valid_until: sent_at
-                        + self.config.ttl.saturating_sub(self.config.safety_margin),
+                    valid_until: sent_at + lease_life,
                     renewed_at: sent_at,
                 })
             }

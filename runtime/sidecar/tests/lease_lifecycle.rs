@@ -128,6 +128,7 @@ async fn acquire_renew_restart_and_takeover() {
             ttl_ms: 60_000,
             expected_epoch: 0,
             force: true,
+            request_id: String::new(),
         })
         .await
         .unwrap();

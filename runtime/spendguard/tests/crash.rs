@@ -75,6 +75,7 @@ async fn start_drill() -> Drill {
             ttl_ms: 600_000,
             expected_epoch: 0,
             force: false,
+            request_id: String::new(),
         })
         .await
         .unwrap()

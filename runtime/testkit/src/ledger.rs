@@ -349,6 +349,7 @@ pub async fn tenant_with_lease(
             ttl_ms: 600_000,
             expected_epoch: 0,
             force: false,
+            request_id: String::new(),
         })
         .await?
         .into_inner();
@@ -377,6 +378,7 @@ pub async fn force_takeover(
             ttl_ms: 600_000,
             expected_epoch: 0,
             force: true,
+            request_id: String::new(),
         })
         .await?
         .into_inner();

@@ -285,6 +285,7 @@ impl Stack {
                 ttl_ms: 60_000,
                 expected_epoch: 0,
                 force: true,
+                request_id: String::new(),
             })
             .await
             .unwrap();
