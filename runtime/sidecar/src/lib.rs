@@ -210,7 +210,8 @@ pub struct SidecarTuning {
     pub credit_quiet_ms: u64,
 }
 
-/// A running sidecar.
+/// A running sidecar. Stop it with [`RunningSidecar::shutdown`]: dropping it stops nothing (its
+/// supervisors hold the stop channel), so its servers and lease keeper would run on.
 pub struct RunningSidecar {
     /// Proxy and HTTP decision API.
     pub http_addr: SocketAddr,
@@ -285,6 +286,9 @@ impl RunningSidecar {
             .is_err()
         {
             fail_open_task.abort();
+            // Resolves once the aborted task is dropped, so what it held is back in the queue
+            // before the drain reads it.
+            let _ = (&mut fail_open_task).await;
         }
         drain_fail_open(&self.decider, self.fail_open_drain).await;
         // The loop ends at its next wait; a publish still running past the deadline is aborted,
@@ -295,6 +299,8 @@ impl RunningSidecar {
             .is_err()
         {
             stops_task.abort();
+            // Resolves once the aborted task is dropped: its unconfirmed records are back.
+            let _ = (&mut stops_task).await;
         }
         drain_stops(&self.decider, self.fail_open_drain).await;
     }
@@ -707,10 +713,12 @@ fn read_key(path: Option<&PathBuf>) -> Result<Option<String>, SidecarError> {
 }
 
 impl SidecarArgs {
-    /// Runs `spendguard sidecar` until SIGTERM/SIGINT, then drains.
+    /// Runs `spendguard sidecar` until SIGTERM/SIGINT, or until a server, the lease keeper or a
+    /// background loop ends on its own; then drains.
     ///
     /// # Errors
-    /// Startup failures (bundle, configuration, bind).
+    /// Startup failures (bundle, configuration, bind), and `SIDECAR_STOPPED` when a part ended
+    /// on its own (the process exits non-zero so that it is restarted).
     pub async fn run(self) -> anyhow::Result<()> {
         self.common.init_tracing()?;
         let bind = |addr: SocketAddr| async move {
