@@ -287,7 +287,8 @@ pub struct AcquireFencingLeaseRequest {
     #[prost(bool, tag = "6")]
     pub force: bool,
     /// Optional key for retries of this one acquire (an idempotency key: 1 to 200 visible ASCII
-    /// characters), unique per scope. The first acquire with it is recorded with its fields;
+    /// characters), unique per scope. The first acquire granted with it is recorded with its fields
+    /// (a refused one is not: the same id may be sent again);
     /// a retry with the same scope, key and fields gets that first answer (`replayed`) and changes
     /// nothing, even if the lease has moved on since (its epoch then tells the caller it lost); the
     /// same key with other fields is IDEMPOTENCY_CONFLICT. Empty: every acquire is a new one, so an

@@ -3443,4 +3443,60 @@ mod settlement_tests {
             drawn.reservation_id()
         );
     }
+
+    #[test]
+    fn two_acquires_with_one_request_id_in_one_batch_are_one_acquire_and_its_replay() {
+        let now = Utc.with_ymd_and_hms(2026, 11, 28, 6, 0, 0).unwrap();
+        let (snapshot, _) = with_credit(now, now);
+        let acquire = |expected_epoch: u64, request_id: &str| {
+            Command::AcquireLease(AcquireLease {
+                scope_id: SCOPE.into(),
+                tenant_id: TENANT.into(),
+                workload_instance_id: "w".into(),
+                ttl_ms: 10_000,
+                expected_epoch,
+                force: false,
+                request_id: Some(request_id.into()),
+            })
+        };
+        let (outcomes, effects) = plan_batch(
+            snapshot,
+            &[
+                acquire(0, "start"),
+                acquire(0, "start"),
+                acquire(1, "start"),
+            ],
+        );
+        let Ok(Outcome::Lease {
+            grant: first,
+            replayed: false,
+        }) = &outcomes[0]
+        else {
+            panic!("{outcomes:?}")
+        };
+        assert_eq!(
+            (first.outcome, first.state.epoch),
+            (LeaseOutcome::Restarted, 2)
+        );
+        assert_eq!(
+            outcomes[1],
+            Ok(Outcome::Lease {
+                grant: first.clone(),
+                replayed: true
+            })
+        );
+        assert_eq!(
+            outcomes[2].as_ref().unwrap_err().code(),
+            crate::ErrorCode::IdempotencyConflict
+        );
+        assert_eq!(effects.lease_events.len(), 1, "one history row");
+        assert_eq!(
+            effects.lease_events[0]
+                .request
+                .as_ref()
+                .map(|(id, _)| id.as_str()),
+            Some("start")
+        );
+        assert_eq!(effects.events.len(), 1, "one audit event");
+    }
 }

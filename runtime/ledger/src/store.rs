@@ -1273,8 +1273,6 @@ async fn load_fail_open_records(
     Ok(())
 }
 
-/// Stop records the batch names (a rare path with its own query), by id. Not locked: a row is
-/// immutable, and a concurrent insert of the same id fails this batch on the primary key.
 /// The acquires recorded with the request ids the batch's acquires carry (an admin path with
 /// its own query; their scopes are locked already, and only an acquire under that lock writes
 /// a history row).
@@ -1326,6 +1324,8 @@ async fn load_lease_requests(
     Ok(())
 }
 
+/// Stop records the batch names (a rare path with its own query), by id. Not locked: a row is
+/// immutable, and a concurrent insert of the same id fails this batch on the primary key.
 async fn load_stop_records(
     tx: &mut Transaction<'_, Postgres>,
     needs: &Needs,

@@ -138,9 +138,9 @@ pub struct LeaseKeeper {
     client: LedgerClient,
     config: LeaseConfig,
     state: watch::Sender<LeaseState>,
-    /// The request whose answer has not come: sent again with the same request id, so that an
-    /// acquire that landed without its answer is answered as it was instead of raising the
-    /// epoch once more.
+    /// The request whose outcome is unknown (no answer, or the ledger's "may or may not have
+    /// happened"): sent again with the same request id, so that an acquire that landed is
+    /// answered as it was instead of raising the epoch once more.
     unanswered: Option<Unanswered>,
 }
 
@@ -151,6 +151,22 @@ struct Unanswered {
     /// When it was first sent: the ledger granted it no earlier, so a lease counted from here
     /// never outlives the ledger's (a retry that is answered with the first grant included).
     first_sent_at: Instant,
+}
+
+/// Whether a failed acquire may have landed: no answer from the ledger, or one of its answers
+/// that say the outcome is unknown or the request was not taken. Resending its request id is
+/// then right (a landed one is replayed, one not taken is decided afresh); after a definite
+/// refusal nothing landed and the next attempt is a new one.
+fn outcome_unknown(status: &tonic::Status) -> bool {
+    matches!(
+        spendguard_proto::ledger::error_code(status),
+        None | Some(
+            pb::ErrorCode::DependencyUnavailable
+                | pb::ErrorCode::Internal
+                | pb::ErrorCode::Overloaded
+                | pb::ErrorCode::ShuttingDown
+        )
+    )
 }
 
 impl LeaseKeeper {
@@ -189,11 +205,12 @@ impl LeaseKeeper {
     async fn attempt(&mut self, expected_epoch: u64) -> Option<LeaseState> {
         let lease_life = self.config.ttl.saturating_sub(self.config.safety_margin);
         let pending = match self.unanswered.take() {
-            // Past a lease's life, a grant counted from the first send would be over on arrival:
-            // a new request (an acquire afresh that had landed is then raised once more).
+            // A grant is counted from the first send, so an id resent late would bring a lease
+            // with little life left: past half a lease's life, a new request (an acquire afresh
+            // that had landed is then raised once more, as without ids).
             Some(pending)
                 if pending.expected_epoch == expected_epoch
-                    && pending.first_sent_at.elapsed() < lease_life =>
+                    && pending.first_sent_at.elapsed() < lease_life / 2 =>
             {
                 pending
             }
@@ -203,7 +220,7 @@ impl LeaseKeeper {
                 first_sent_at: Instant::now(),
             },
         };
-        let sent_at = pending.first_sent_at;
+        let (granted_no_earlier, sent_at) = (pending.first_sent_at, Instant::now());
         let request = pb::AcquireFencingLeaseRequest {
             scope_id: self.config.scope_id.clone(),
             tenant_id: self.config.tenant_id.clone(),
@@ -216,11 +233,7 @@ impl LeaseKeeper {
         let mut request = tonic::Request::new(request);
         request.set_timeout(self.config.ttl / 3);
         let answer = self.client.acquire_fencing_lease(request).await;
-        if answer
-            .as_ref()
-            .is_err_and(|status| spendguard_proto::ledger::error_code(status).is_none())
-        {
-            // No answer from the ledger (the transport failed): the request may have landed.
+        if answer.as_ref().is_err_and(outcome_unknown) {
             self.unanswered = Some(pending);
         }
         match answer {
@@ -230,9 +243,11 @@ impl LeaseKeeper {
                     warn!("ledger returned epoch 0; refusing it");
                     return None;
                 }
+                // Valid from the first send of the id (the ledger's grant came no earlier); the
+                // grace for failing renewals counts from this answered one.
                 Some(LeaseState::Held {
                     epoch,
-                    valid_until: sent_at + lease_life,
+                    valid_until: granted_no_earlier + lease_life,
                     renewed_at: sent_at,
                 })
             }
@@ -298,9 +313,11 @@ impl LeaseKeeper {
             };
             self.state.send_replace(new_state);
             let wait = match (next, new_state) {
-                (Some(_), LeaseState::Held { .. }) => {
+                // Renew within half of what is left: a retried attempt's lease, counted from its
+                // first send, may have less left than a renewal period.
+                (Some(_), LeaseState::Held { valid_until, .. }) => {
                     retry_after = RETRY_FIRST;
-                    renew_every
+                    renew_every.min(valid_until.saturating_duration_since(now) / 2)
                 }
                 (None, LeaseState::Held { .. }) => {
                     let wait = jittered(retry_after.min(renew_every));

@@ -1,6 +1,7 @@
 //! S4 against the real ledger: no decision before acquire, renewal keeps the epoch, a restart
 //! bumps it (no reuse), a takeover or forced epoch makes the old holder fail closed, an unreachable
-//! ledger drains after the grace window, and shutdown drains at once.
+//! ledger drains after the grace window, shutdown drains at once, and an acquire whose answer
+//! was lost is answered once when the keeper sends it again.
 #![allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
 
 use spendguard_proto::ledger::v1 as pb;
@@ -258,5 +259,106 @@ async fn a_renewal_failed_by_a_slow_ledger_is_retried_before_the_lease_lapses() 
     // own deadline (ttl / 3) and the ledger's lock timeout end it before the row is let go.
     assert!(refused.is_empty(), "decisions refused: {refused:?}");
     let _ = stop.send(());
+    task.await.unwrap();
+}
+
+/// A TCP proxy to `target` that loses the answers of its first connection: it forwards what the
+/// client sends for `hold`, throws away what comes back, then closes. Later connections are
+/// relayed both ways.
+async fn proxy_losing_first_answers(
+    target: std::net::SocketAddr,
+    hold: Duration,
+) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut first = true;
+        loop {
+            let (inbound, _) = listener.accept().await.unwrap();
+            let outbound = tokio::net::TcpStream::connect(target).await.unwrap();
+            let lose_answers = std::mem::take(&mut first);
+            tokio::spawn(async move {
+                let (mut in_read, mut in_write) = inbound.into_split();
+                let (mut out_read, mut out_write) = outbound.into_split();
+                if lose_answers {
+                    let mut sink = tokio::io::sink();
+                    let _ = tokio::time::timeout(hold, async {
+                        tokio::join!(
+                            tokio::io::copy(&mut in_read, &mut out_write),
+                            tokio::io::copy(&mut out_read, &mut sink),
+                        )
+                    })
+                    .await;
+                    return; // Both connections close here.
+                }
+                let _ = tokio::join!(
+                    tokio::io::copy(&mut in_read, &mut out_write),
+                    tokio::io::copy(&mut out_read, &mut in_write),
+                );
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_acquire_whose_answer_was_lost_is_answered_once_when_retried() {
+    // Goal: the keeper's first acquire reaches the ledger and is granted, but its answer is lost
+    // (the connection dies). The keeper sends it again with the same request id and gets the
+    // first grant, epoch 1, instead of restarting to epoch 2 and fencing out the grant its first
+    // send had landed. Method: a proxy that relays the first connection's request and drops its
+    // answers; the ledger's RPC count shows both sends reached it, its history shows one acquire.
+    let ledger = setup().await;
+    let data = ledger.ledger.as_ref().unwrap().addr;
+    let proxy = proxy_losing_first_answers(data, Duration::from_millis(500)).await;
+    let client = spendguard_testkit::ledger::connect(proxy).await.unwrap();
+    // The defaults' proportions: a lease long enough that the retry, about 0.75 s after the
+    // first send, is within half its life and reuses the id.
+    let (keeper, mut lease) = LeaseKeeper::new(
+        client,
+        LeaseConfig {
+            ttl: Duration::from_secs(15),
+            grace: Duration::from_secs(9),
+            safety_margin: Duration::from_secs(1),
+            ..config("pod-a")
+        },
+    )
+    .unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(keeper.run(async move {
+        let _ = stopped.await;
+    }));
+    assert_eq!(held_epoch(&mut lease).await, 1, "the first grant, replayed");
+    let sends = ledger
+        .metrics_text()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                r#"spendguard_ledger_rpc_duration_seconds_count{rpc="AcquireFencingLease"} "#,
+            )
+            .map(|n| n.parse::<u64>().unwrap())
+        })
+        .unwrap_or(0);
+    assert!(
+        sends >= 2,
+        "the lost send and its retry both reached the ledger ({sends})"
+    );
+    let history: Vec<(i64, String, Option<String>)> = sqlx::query_as(
+        "SELECT epoch, outcome, request_id FROM fencing_scope_events
+          WHERE scope_id = 'tenant-s4/pod-a' ORDER BY event_id",
+    )
+    .fetch_all(&ledger.owner)
+    .await
+    .unwrap();
+    assert_eq!(history.len(), 1, "{history:?}");
+    assert_eq!((history[0].0, history[0].1.as_str()), (1, "acquired"));
+    assert!(
+        history[0]
+            .2
+            .as_deref()
+            .is_some_and(|id| id.starts_with("lease/")),
+        "{history:?}"
+    );
+    stop.send(()).unwrap();
     task.await.unwrap();
 }
