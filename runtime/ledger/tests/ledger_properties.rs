@@ -63,9 +63,16 @@ enum Op {
         stale: bool,
     },
     /// The workload asks for its scope again: renewing keeps the epoch, restarting raises it and
-    /// makes the one before stale.
+    /// makes the one before stale. `keyed`: with a request id of its own, so that it can be
+    /// retried.
     Lease {
         restart: bool,
+        keyed: bool,
+    },
+    /// An earlier keyed acquire sent again (its answer lost, say): it gets the first answer and
+    /// changes nothing, whatever the lease has become since.
+    LeaseRetry {
+        pick: usize,
     },
     /// SweepExpired, as the TTL worker calls it.
     Sweep,
@@ -92,7 +99,9 @@ fn op(time: bool) -> BoxedStrategy<Op> {
         2 => (0usize..64, 1i64..120, short(), stale()).prop_map(|(pick, amount, short, stale)| {
             Op::Draw { pick, amount, short, stale }
         }),
-        1 => proptest::bool::ANY.prop_map(|restart| Op::Lease { restart }),
+        1 => (proptest::bool::ANY, proptest::bool::ANY)
+            .prop_map(|(restart, keyed)| Op::Lease { restart, keyed }),
+        1 => (0usize..64).prop_map(|pick| Op::LeaseRetry { pick }),
         1 => Just(Op::Sweep),
     ];
     if time {
@@ -199,6 +208,11 @@ async fn run(ops: Vec<Op>) {
     }
     let mut model = [Model::default(); 3];
     let mut open: Vec<Open> = Vec::new();
+    // Keyed acquires and their first answers.
+    let mut acquires: Vec<(
+        pb::AcquireFencingLeaseRequest,
+        pb::AcquireFencingLeaseResponse,
+    )> = Vec::new();
     for (n, op) in ops.into_iter().enumerate() {
         settle(&open, matches!(op, Op::Pass)).await;
         let stale = match op {
@@ -208,7 +222,7 @@ async fn run(ops: Vec<Op>) {
             | Op::Replay { stale, .. }
             | Op::OpenCredit { stale, .. }
             | Op::Draw { stale, .. } => stale && stale_token.is_some(),
-            Op::Lease { .. } | Op::Sweep | Op::Pass => false,
+            Op::Lease { .. } | Op::LeaseRetry { .. } | Op::Sweep | Op::Pass => false,
         };
         let token = if stale {
             stale_token.clone().unwrap()
@@ -474,21 +488,30 @@ async fn run(ops: Vec<Op>) {
                     short: short.then(|| (sent, Instant::now())),
                 });
             }
-            Op::Lease { restart } => {
+            Op::Lease { restart, keyed } => {
+                let request = pb::AcquireFencingLeaseRequest {
+                    scope_id: fencing.scope_id.clone(),
+                    tenant_id: T.into(),
+                    workload_instance_id: format!("{T}-w"),
+                    ttl_ms: 600_000,
+                    expected_epoch: if restart { 0 } else { fencing.epoch },
+                    force: false,
+                    request_id: if keyed {
+                        format!("acquire-{n}")
+                    } else {
+                        String::new()
+                    },
+                };
                 let lease = ledger
                     .client
-                    .acquire_fencing_lease(pb::AcquireFencingLeaseRequest {
-                        scope_id: fencing.scope_id.clone(),
-                        tenant_id: T.into(),
-                        workload_instance_id: format!("{T}-w"),
-                        ttl_ms: 600_000,
-                        expected_epoch: if restart { 0 } else { fencing.epoch },
-                        force: false,
-                        request_id: String::new(),
-                    })
+                    .acquire_fencing_lease(request.clone())
                     .await
                     .unwrap()
                     .into_inner();
+                assert!(!lease.replayed);
+                if keyed {
+                    acquires.push((request, lease.clone()));
+                }
                 if restart {
                     assert_eq!(lease.outcome(), pb::LeaseOutcome::Restarted);
                     assert_eq!(lease.epoch, fencing.epoch + 1);
@@ -498,6 +521,26 @@ async fn run(ops: Vec<Op>) {
                     assert_eq!(lease.outcome(), pb::LeaseOutcome::Renewed);
                     assert_eq!(lease.epoch, fencing.epoch);
                 }
+            }
+            Op::LeaseRetry { pick } => {
+                if acquires.is_empty() {
+                    continue;
+                }
+                let (request, first) = &acquires[pick % acquires.len()];
+                let again = ledger
+                    .client
+                    .acquire_fencing_lease(request.clone())
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert_eq!(
+                    again,
+                    pb::AcquireFencingLeaseResponse {
+                        replayed: true,
+                        ..first.clone()
+                    }
+                );
+                // The model's epoch stays: the next operation under it must still pass.
             }
             Op::Sweep => {
                 // Every reservation past its TTL and still open expires, giving back what it
