@@ -111,6 +111,24 @@ fn op(time: bool) -> BoxedStrategy<Op> {
     }
 }
 
+/// The lease as stored and the length of its history: what a retried acquire must not change.
+async fn lease_rows(
+    ledger: &TestLedger,
+) -> (i64, Vec<(String, i64, chrono::DateTime<chrono::Utc>)>) {
+    let pool = ledger.store().pool();
+    let history: i64 = sqlx::query_scalar("SELECT count(*) FROM fencing_scope_events")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let scopes = sqlx::query_as(
+        "SELECT owner_workload_id, epoch, expires_at FROM fencing_scopes ORDER BY scope_id",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    (history, scopes)
+}
+
 struct Open {
     id: String,
     /// What a replay sends again.
@@ -510,7 +528,7 @@ async fn run(ops: Vec<Op>) {
                     .into_inner();
                 assert!(!lease.replayed);
                 if keyed {
-                    acquires.push((request, lease.clone()));
+                    acquires.push((request, lease));
                 }
                 if restart {
                     assert_eq!(lease.outcome(), pb::LeaseOutcome::Restarted);
@@ -527,6 +545,7 @@ async fn run(ops: Vec<Op>) {
                     continue;
                 }
                 let (request, first) = &acquires[pick % acquires.len()];
+                let before = lease_rows(&ledger).await;
                 let again = ledger
                     .client
                     .acquire_fencing_lease(request.clone())
@@ -537,9 +556,10 @@ async fn run(ops: Vec<Op>) {
                     again,
                     pb::AcquireFencingLeaseResponse {
                         replayed: true,
-                        ..first.clone()
+                        ..*first
                     }
                 );
+                assert_eq!(lease_rows(&ledger).await, before, "a retry changes nothing");
                 // The model's epoch stays: the next operation under it must still pass.
             }
             Op::Sweep => {

@@ -4,8 +4,9 @@
 //! # Guarantees
 //! - No epoch is handed out before an acquire succeeded, and never epoch 0.
 //! - A handed-out epoch is one the ledger confirmed within the last TTL, measured on this
-//!   process's monotonic clock from *before* the confirming request was sent, minus a safety
-//!   margin. A stale cached epoch cannot be used: the ledger refuses it anyway (FENCING_EPOCH_STALE),
+//!   process's monotonic clock from *before* the confirming request was first sent (a retry
+//!   carries the first send's request id, so its answer may be that send's grant), minus a
+//!   safety margin. A stale cached epoch cannot be used: the ledger refuses it anyway (FENCING_EPOCH_STALE),
 //!   and locally it expires.
 //! - When renewals keep failing past the grace window, new decisions are refused (draining,
 //!   fail closed) while the process stays alive to recover.
@@ -200,17 +201,19 @@ impl LeaseKeeper {
         u32::try_from(self.config.ttl.as_millis()).unwrap_or(u32::MAX)
     }
 
-    /// One acquire or renewal. Returns the new state, or `None` when the ledger did not answer
-    /// (the caller keeps the current state until the grace window runs out).
+    /// One acquire or renewal. Returns the new state, or `None` when it failed without saying
+    /// what the lease is now (no answer, or a refusal other than a takeover's or a held lease's):
+    /// the caller keeps the current state until the grace window runs out.
     async fn attempt(&mut self, expected_epoch: u64) -> Option<LeaseState> {
         let lease_life = self.config.ttl.saturating_sub(self.config.safety_margin);
         let pending = match self.unanswered.take() {
-            // A grant is counted from the first send, so an id resent late would bring a lease
-            // with little life left: past half a lease's life, a new request (an acquire afresh
-            // that had landed is then raised once more, as without ids).
+            // A grant is counted from the first send, so an id resent late brings a lease with
+            // little life left, which the next renewal (within half of what is left) replaces.
+            // Past a whole lease's life the answer would be over on arrival: a new request (an
+            // acquire afresh that had landed is then raised once more, as without ids).
             Some(pending)
                 if pending.expected_epoch == expected_epoch
-                    && pending.first_sent_at.elapsed() < lease_life / 2 =>
+                    && pending.first_sent_at.elapsed() < lease_life =>
             {
                 pending
             }
@@ -317,7 +320,9 @@ impl LeaseKeeper {
                 // first send, may have less left than a renewal period.
                 (Some(_), LeaseState::Held { valid_until, .. }) => {
                     retry_after = RETRY_FIRST;
-                    renew_every.min(valid_until.saturating_duration_since(now) / 2)
+                    renew_every
+                        .min(valid_until.saturating_duration_since(now) / 2)
+                        .max(RETRY_FIRST / 2)
                 }
                 (None, LeaseState::Held { .. }) => {
                     let wait = jittered(retry_after.min(renew_every));

@@ -310,10 +310,11 @@ async fn an_acquire_whose_answer_was_lost_is_answered_once_when_retried() {
     // answers; the ledger's RPC count shows both sends reached it, its history shows one acquire.
     let ledger = setup().await;
     let data = ledger.ledger.as_ref().unwrap().addr;
-    let proxy = proxy_losing_first_answers(data, Duration::from_millis(500)).await;
+    let proxy = proxy_losing_first_answers(data, Duration::from_secs(2)).await;
     let client = spendguard_testkit::ledger::connect(proxy).await.unwrap();
-    // The defaults' proportions: a lease long enough that the retry, about 0.75 s after the
-    // first send, is within half its life and reuses the id.
+    // The defaults' proportions: a lease long enough that the retry, about 2.25 s after the
+    // first send (the proxy holds the first connection 2 s), is within its life and reuses the
+    // id.
     let (keeper, mut lease) = LeaseKeeper::new(
         client,
         LeaseConfig {
