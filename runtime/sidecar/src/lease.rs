@@ -154,6 +154,53 @@ struct Unanswered {
     first_sent_at: Instant,
 }
 
+impl Unanswered {
+    /// The request to send at `now`: `pending` again if it is for the same expected epoch and
+    /// younger than a lease's life, otherwise a new one. A grant is counted from the first send,
+    /// so an id resent late brings a lease with little life left, which the next renewal
+    /// replaces; past a whole lease's life the answer would be over on arrival (an acquire afresh
+    /// that had landed is then raised once more, as without ids).
+    fn resend_or_new(
+        pending: Option<Self>,
+        expected_epoch: u64,
+        now: Instant,
+        lease_life: Duration,
+    ) -> Self {
+        match pending {
+            Some(pending)
+                if pending.expected_epoch == expected_epoch
+                    && now.saturating_duration_since(pending.first_sent_at) < lease_life =>
+            {
+                pending
+            }
+            _ => Self {
+                expected_epoch,
+                request_id: format!("lease/{}", uuid::Uuid::new_v4()),
+                first_sent_at: now,
+            },
+        }
+    }
+
+    /// The lease its answer grants: valid from its first send (the ledger's grant came no
+    /// earlier), with the grace for failing renewals counted from this send, which was answered.
+    fn granted(&self, epoch: u64, sent_at: Instant, lease_life: Duration) -> LeaseState {
+        LeaseState::Held {
+            epoch,
+            valid_until: self.first_sent_at + lease_life,
+            renewed_at: sent_at,
+        }
+    }
+}
+
+/// The pause after a granted renewal: the usual third of the TTL, or half of what is left of the
+/// lease when that is shorter (a retried attempt's lease, counted from its first send), but never
+/// under half of [`RETRY_FIRST`].
+fn renewal_wait(renew_every: Duration, valid_until: Instant, now: Instant) -> Duration {
+    renew_every
+        .min(valid_until.saturating_duration_since(now) / 2)
+        .max(RETRY_FIRST / 2)
+}
+
 /// Whether a failed acquire may have landed: no answer from the ledger, or one of its answers
 /// that say the outcome is unknown or the request was not taken. Resending its request id is
 /// then right (a landed one is replayed, one not taken is decided afresh); after a definite
@@ -206,24 +253,9 @@ impl LeaseKeeper {
     /// the caller keeps the current state until the grace window runs out.
     async fn attempt(&mut self, expected_epoch: u64) -> Option<LeaseState> {
         let lease_life = self.config.ttl.saturating_sub(self.config.safety_margin);
-        let pending = match self.unanswered.take() {
-            // A grant is counted from the first send, so an id resent late brings a lease with
-            // little life left, which the next renewal (within half of what is left) replaces.
-            // Past a whole lease's life the answer would be over on arrival: a new request (an
-            // acquire afresh that had landed is then raised once more, as without ids).
-            Some(pending)
-                if pending.expected_epoch == expected_epoch
-                    && pending.first_sent_at.elapsed() < lease_life =>
-            {
-                pending
-            }
-            _ => Unanswered {
-                expected_epoch,
-                request_id: format!("lease/{}", uuid::Uuid::new_v4()),
-                first_sent_at: Instant::now(),
-            },
-        };
-        let (granted_no_earlier, sent_at) = (pending.first_sent_at, Instant::now());
+        let sent_at = Instant::now();
+        let pending =
+            Unanswered::resend_or_new(self.unanswered.take(), expected_epoch, sent_at, lease_life);
         let request = pb::AcquireFencingLeaseRequest {
             scope_id: self.config.scope_id.clone(),
             tenant_id: self.config.tenant_id.clone(),
@@ -235,24 +267,19 @@ impl LeaseKeeper {
         };
         let mut request = tonic::Request::new(request);
         request.set_timeout(self.config.ttl / 3);
-        let answer = self.client.acquire_fencing_lease(request).await;
-        if answer.as_ref().is_err_and(outcome_unknown) {
-            self.unanswered = Some(pending);
-        }
-        match answer {
+        match self.client.acquire_fencing_lease(request).await {
             Ok(response) => {
                 let epoch = response.into_inner().epoch;
                 if epoch == 0 {
                     warn!("ledger returned epoch 0; refusing it");
                     return None;
                 }
-                // Valid from the first send of the id (the ledger's grant came no earlier); the
-                // grace for failing renewals counts from this answered one.
-                Some(LeaseState::Held {
-                    epoch,
-                    valid_until: granted_no_earlier + lease_life,
-                    renewed_at: sent_at,
-                })
+                Some(pending.granted(epoch, sent_at, lease_life))
+            }
+            Err(status) if outcome_unknown(&status) => {
+                warn!(error = %status.message(), "fencing lease request failed; it is sent again with its request id");
+                self.unanswered = Some(pending);
+                None
             }
             Err(status) => match spendguard_proto::ledger::error_code(&status) {
                 Some(pb::ErrorCode::FencingEpochStale) => Some(LeaseState::Lost),
@@ -316,13 +343,9 @@ impl LeaseKeeper {
             };
             self.state.send_replace(new_state);
             let wait = match (next, new_state) {
-                // Renew within half of what is left: a retried attempt's lease, counted from its
-                // first send, may have less left than a renewal period.
                 (Some(_), LeaseState::Held { valid_until, .. }) => {
                     retry_after = RETRY_FIRST;
-                    renew_every
-                        .min(valid_until.saturating_duration_since(now) / 2)
-                        .max(RETRY_FIRST / 2)
+                    renewal_wait(renew_every, valid_until, now)
                 }
                 (None, LeaseState::Held { .. }) => {
                     let wait = jittered(retry_after.min(renew_every));
@@ -393,6 +416,88 @@ mod tests {
             Err(LeaseError::Draining)
         ));
         assert_eq!(lease.epoch_for_settlement().unwrap(), 7);
+    }
+
+    #[test]
+    fn an_attempt_whose_outcome_is_unknown_is_resent_with_its_id_within_a_lease_life() {
+        let life = Duration::from_secs(14);
+        let start = Instant::now();
+        let first = Unanswered::resend_or_new(None, 0, start, life);
+        let (id, sent) = (first.request_id.clone(), first.first_sent_at);
+        let later = start + Duration::from_secs(5);
+        let again = Unanswered::resend_or_new(Some(first), 0, later, life);
+        assert_eq!((&again.request_id, again.first_sent_at), (&id, sent));
+        // A grant to the resent id counts from the first send; the grace from this one.
+        assert_eq!(
+            again.granted(3, later, life),
+            LeaseState::Held {
+                epoch: 3,
+                valid_until: start + life,
+                renewed_at: later,
+            }
+        );
+        // Another expected epoch, or a lease's life later: a new request.
+        let renewal = Unanswered::resend_or_new(Some(again), 3, later, life);
+        assert_ne!(renewal.request_id, id);
+        let stale = Unanswered::resend_or_new(Some(renewal), 3, later + life, life);
+        assert_eq!(stale.first_sent_at, later + life);
+
+        // A status as the ledger answers (its detail and the header naming its code), or, with
+        // no code, a transport failure.
+        let unknown = |code: Option<pb::ErrorCode>| {
+            let Some(code) = code else {
+                return outcome_unknown(&tonic::Status::unavailable("connection refused"));
+            };
+            let detail = pb::ErrorDetail {
+                code: code as i32,
+                message: "x".into(),
+                field: String::new(),
+            };
+            let mut status = tonic::Status::with_details(
+                tonic::Code::Unavailable,
+                "x",
+                prost::Message::encode_to_vec(&detail).into(),
+            );
+            status.metadata_mut().insert(
+                spendguard_proto::ledger::ERROR_CODE_HEADER,
+                spendguard_proto::ledger::code_name(code).parse().unwrap(),
+            );
+            outcome_unknown(&status)
+        };
+        assert!(unknown(None));
+        for code in [
+            pb::ErrorCode::DependencyUnavailable,
+            pb::ErrorCode::Internal,
+            pb::ErrorCode::Overloaded,
+            pb::ErrorCode::ShuttingDown,
+        ] {
+            assert!(unknown(Some(code)), "{code:?}");
+        }
+        for code in [
+            pb::ErrorCode::FencingLeaseHeld,
+            pb::ErrorCode::FencingEpochStale,
+            pb::ErrorCode::IdempotencyConflict,
+        ] {
+            assert!(!unknown(Some(code)), "{code:?}");
+        }
+    }
+
+    #[test]
+    fn a_renewal_comes_within_half_of_what_is_left_of_the_lease() {
+        let (every, now) = (Duration::from_secs(5), Instant::now());
+        assert_eq!(
+            renewal_wait(every, now + Duration::from_secs(14), now),
+            every
+        );
+        assert_eq!(
+            renewal_wait(every, now + Duration::from_secs(4), now),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            renewal_wait(every, now, now),
+            RETRY_FIRST / 2,
+            "never a busy loop"
+        );
     }
 
     #[test]
