@@ -45,6 +45,13 @@ pub struct CanonicalEvent {
     pub sha256: [u8; 32],
 }
 
+/// sha256 over the canonical (RFC 8785) JSON of a request: an idempotency fingerprint (of a
+/// reservation, an approval, a lease acquire, a record).
+pub(crate) fn canonical_sha256<T: serde::Serialize>(request: &T) -> String {
+    let bytes = serde_json_canonicalizer::to_vec(request).unwrap_or_default();
+    hex::encode(Sha256::digest(bytes))
+}
+
 /// Formats a time the way every event does: RFC 3339, UTC, microseconds.
 pub fn format_time(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Micros, true)

@@ -7,7 +7,6 @@
 
 use crate::error::LedgerError;
 use chrono::{DateTime, Duration, Utc};
-use sha2::Digest as _;
 
 /// Shortest lease a caller may ask for.
 pub const LEASE_TTL_MS_MIN: u32 = 1_000;
@@ -128,8 +127,7 @@ impl AcquireLease {
             expected_epoch: self.expected_epoch,
             force: self.force,
         };
-        let bytes = serde_json_canonicalizer::to_vec(&fields).unwrap_or_default();
-        hex::encode(sha2::Sha256::digest(bytes))
+        crate::audit::canonical_sha256(&fields)
     }
 
     /// Decides the transition from `current` at `now`.

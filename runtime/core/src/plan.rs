@@ -15,7 +15,7 @@
 //!   pending past its expiry is refused (`APPROVAL_EXPIRED`) and expires it in the same batch.
 //! - An approval leaves `pending` at most once and moves no money.
 
-use crate::audit::{EventDraft, format_time};
+use crate::audit::{EventDraft, canonical_sha256, format_time};
 use crate::error::LedgerError;
 use crate::lease::{
     AcquireLease, LeaseGrant, LeaseOutcome, LeaseState, RecordedAcquire, check_fencing,
@@ -180,12 +180,6 @@ fn approval_context_of<S: serde::Serializer>(
         ..context.clone()
     }
     .serialize(serializer)
-}
-
-/// sha256 over the canonical (RFC 8785) JSON of a request: an idempotency fingerprint.
-fn canonical_sha256<T: serde::Serialize>(request: &T) -> String {
-    let bytes = serde_json_canonicalizer::to_vec(request).unwrap_or_default();
-    hex::encode(Sha256::digest(bytes))
 }
 
 /// Namespace of reservation ids (UUIDv5 over tenant and idempotency key).
