@@ -201,20 +201,12 @@ fn renewal_wait(renew_every: Duration, valid_until: Instant, now: Instant) -> Du
         .max(RETRY_FIRST / 2)
 }
 
-/// Whether a failed acquire may have landed: no answer from the ledger, or one of its answers
-/// that say the outcome is unknown or the request was not taken. Resending its request id is
-/// then right (a landed one is replayed, one not taken is decided afresh); after a definite
-/// refusal nothing landed and the next attempt is a new one.
+/// Whether a failed acquire may have landed: anything but the ledger's own refusal (no answer,
+/// an answer that is not the ledger's, or one saying it is away, which covers its "may or may
+/// not have happened"). Resending its request id is then right (a landed one is replayed, one
+/// not taken is decided afresh); after a refusal nothing landed and the next attempt is new.
 fn outcome_unknown(status: &tonic::Status) -> bool {
-    matches!(
-        spendguard_proto::ledger::error_code(status),
-        None | Some(
-            pb::ErrorCode::DependencyUnavailable
-                | pb::ErrorCode::Internal
-                | pb::ErrorCode::Overloaded
-                | pb::ErrorCode::ShuttingDown
-        )
-    )
+    !spendguard_proto::ledger::Answer::of(status).ledger_refused()
 }
 
 impl LeaseKeeper {
@@ -467,16 +459,18 @@ mod tests {
         assert!(unknown(None));
         for code in [
             pb::ErrorCode::DependencyUnavailable,
-            pb::ErrorCode::Internal,
             pb::ErrorCode::Overloaded,
             pb::ErrorCode::ShuttingDown,
+            pb::ErrorCode::SigningUnavailable,
         ] {
             assert!(unknown(Some(code)), "{code:?}");
         }
+        // Refusals, INTERNAL among them (the ledger rolled the acquire back).
         for code in [
             pb::ErrorCode::FencingLeaseHeld,
             pb::ErrorCode::FencingEpochStale,
             pb::ErrorCode::IdempotencyConflict,
+            pb::ErrorCode::Internal,
         ] {
             assert!(!unknown(Some(code)), "{code:?}");
         }

@@ -251,8 +251,7 @@ impl RunningSidecar {
     /// loop ended without being asked. The process should then drain and exit non-zero, so that
     /// it is restarted.
     pub async fn failed(&self) {
-        let mut stopped = self.stop.subscribe();
-        let _ = stopped.wait_for(|stop| *stop).await;
+        wait_true(self.stop.subscribe()).await;
     }
 
     /// Drains: new decisions are refused at once, in-flight calls finish and settle (within the
