@@ -41,6 +41,10 @@ impl Provider {
     }
 }
 
+/// The largest price a snapshot may hold: 2^53, the largest integer an RFC 8785 double holds
+/// exactly, so the snapshot's hash tells every two prices apart.
+const PRICE_MAX: i64 = 1 << 53;
+
 /// Prices of one model in nano-USD per million tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -97,9 +101,11 @@ pub enum PricingError {
     /// The JSON did not parse or had unknown fields.
     #[error("pricing snapshot is malformed: {0}")]
     Malformed(String),
-    /// A price was negative.
-    #[error("price of {model} is negative")]
-    NegativePrice {
+    /// A price was negative, or above 2^53 nano-USD per million tokens: the snapshot's hash is
+    /// over RFC 8785 JSON, which prints numbers as doubles, so it could not tell two such prices
+    /// apart (and no model costs $9M per million tokens).
+    #[error("price of {model} is outside 0..=2^53 nano-USD per million tokens")]
+    PriceOutOfRange {
         /// Model.
         model: String,
     },
@@ -169,7 +175,7 @@ impl Pricing {
     /// Parses and validates a snapshot.
     ///
     /// # Errors
-    /// [`PricingError::Malformed`], [`PricingError::NegativePrice`] or
+    /// [`PricingError::Malformed`], [`PricingError::PriceOutOfRange`] or
     /// [`PricingError::DuplicateModel`].
     pub fn from_json(json: &[u8]) -> Result<Self, PricingError> {
         let snapshot: PricingSnapshot =
@@ -205,8 +211,8 @@ impl Pricing {
                 p.cache_write_1h.unwrap_or(0),
                 p.reasoning.unwrap_or(0),
             ];
-            if prices.iter().any(|&v| v < 0) {
-                return Err(PricingError::NegativePrice {
+            if prices.iter().any(|&v| !(0..=PRICE_MAX).contains(&v)) {
+                return Err(PricingError::PriceOutOfRange {
                     model: entry.model.clone(),
                 });
             }
@@ -624,7 +630,14 @@ mod tests {
         let negative = SNAPSHOT.replace("125000000,", "-1,");
         assert!(matches!(
             Pricing::from_json(negative.as_bytes()),
-            Err(PricingError::NegativePrice { .. })
+            Err(PricingError::PriceOutOfRange { .. })
+        ));
+        let at_most = SNAPSHOT.replace("125000000,", "9007199254740992,");
+        assert!(Pricing::from_json(at_most.as_bytes()).is_ok());
+        let too_large = SNAPSHOT.replace("125000000,", "9007199254740993,");
+        assert!(matches!(
+            Pricing::from_json(too_large.as_bytes()),
+            Err(PricingError::PriceOutOfRange { .. })
         ));
         let duplicate = SNAPSHOT.replace(
             r#""aliases": ["gpt-5-2025-08-07"]"#,
