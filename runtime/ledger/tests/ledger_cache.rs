@@ -587,6 +587,168 @@ async fn a_lease_taken_over_through_another_replica_fences_the_cached_epoch() {
     invariants::check(a.store().pool()).await.unwrap();
 }
 
+/// Upserts `hot` through `ledger` with `limit` and `window`.
+async fn upsert_hot(ledger: &mut TestLedger, limit: i64, window: pb::BudgetWindow) {
+    ledger
+        .client
+        .upsert_budget(pb::UpsertBudgetRequest {
+            tenant_id: T.into(),
+            budget_id: "hot".into(),
+            limit_nano_usd: limit,
+            soft_cap_nano_usd: 0,
+            window: window.into(),
+        })
+        .await
+        .unwrap();
+}
+
+/// Replica A, with a `hot` budget of 100 whose window and lease it has cached (two reserves
+/// of 10 went through it), and replica B on the same database.
+async fn a_cached_and_b() -> (TestLedger, TestLedger, pb::FencingToken) {
+    let mut a = TestLedger::start().await.unwrap();
+    let fencing = a.tenant_with_lease(T).await.unwrap();
+    a.budget(T, "hot", 100).await.unwrap();
+    for key in ["a-1", "a-2"] {
+        reserved_id(reserve(&mut a, key, 10, &fencing).await);
+    }
+    let b = TestLedger::start_on(&a.database_url, "ledger-1")
+        .await
+        .unwrap();
+    (a, b, fencing)
+}
+
+/// The `hot` window's limit as stored (GetBalances shows it under the budget's limit).
+async fn stored_window_limit(ledger: &TestLedger) -> i64 {
+    sqlx::query_scalar("SELECT limit_nano_usd FROM budget_windows WHERE budget_id = 'hot'")
+        .fetch_one(ledger.store().pool())
+        .await
+        .unwrap()
+}
+
+fn denied_remaining(outcome: pb::reserve_set_response::Outcome) -> i64 {
+    match outcome {
+        pb::reserve_set_response::Outcome::Denied(d) => d.remaining_nano_usd,
+        other => panic!("expected a denial, got {other:?}"),
+    }
+}
+
+// The next four tests each change, through replica B, one value that A's cached plan relies on
+// and that the database's own rules do not hold (`committed + reserved <= limit` ignores
+// overrun, a budget's lowered limit, its window kind and the lease's expiry). Only the guard's
+// compare of that value stops A's cached batch; without it each test fails.
+
+#[tokio::test]
+async fn an_overrun_recorded_through_another_replica_shrinks_what_the_cached_replica_grants() {
+    // A's cache: limit 100, reserved 20, overrun 0, so 80 fit. B records a fail-open call of 30:
+    // only the window's overrun changes, and 50 fit.
+    let (mut a, mut b, fencing) = a_cached_and_b().await;
+    b.client
+        .record_fail_open(pb::RecordFailOpenRequest {
+            tenant_id: T.into(),
+            call_id: "call-behind-the-cache".into(),
+            budget_ids: vec!["hot".into()],
+            actual_nano_usd: 30,
+            fencing: Some(fencing.clone()),
+            pricing: Some(spendguard_testkit::ledger::test_pricing()),
+            contract_sha256_hex: "cd".repeat(32),
+            decided_at_unix_ms: 1_764_000_000_000,
+            context: Some(pb::DecisionContext {
+                run_id: "run-1".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        denied_remaining(reserve(&mut a, "a-3", 60, &fencing).await),
+        50
+    );
+    reserved_id(reserve(&mut a, "a-4", 50, &fencing).await);
+    invariants::check(a.store().pool()).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_limit_lowered_through_another_replica_binds_the_cached_replica_though_the_window_is_unchanged()
+ {
+    // A reserves 60 more (80 held) and lowers the limit to 40 itself: the window is clamped at
+    // 80, and A's cache holds a budget of 40. B lowers it to 20: the window, still at its floor
+    // of 80, is not written. Once A releases the 60, its cache would let 20 more in (40 less the
+    // 20 held); the budget's 20 is all held. B's change reaches A only through the budget's guard.
+    let (mut a, mut b, fencing) = a_cached_and_b().await;
+    let held = reserved_id(reserve(&mut a, "a-3", 60, &fencing).await);
+    upsert_hot(&mut a, 40, pb::BudgetWindow::Lifetime).await;
+    assert_eq!(stored_window_limit(&a).await, 80);
+    upsert_hot(&mut b, 20, pb::BudgetWindow::Lifetime).await;
+    assert_eq!(stored_window_limit(&a).await, 80, "B wrote no window");
+    let stale_before = a.batches("cached_stale");
+    a.client
+        .release(pb::ReleaseRequest {
+            tenant_id: T.into(),
+            reservation_id: held,
+            fencing: Some(fencing.clone()),
+            reason: "done".into(),
+            deferrable: false,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        denied_remaining(reserve(&mut a, "a-4", 15, &fencing).await),
+        0
+    );
+    assert_eq!(
+        a.batches("cached_stale"),
+        stale_before + 1,
+        "a cached plan (the release's or the reserve's) was refused by its guard"
+    );
+    invariants::check(a.store().pool()).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_window_kind_changed_through_another_replica_is_charged_in_the_new_window() {
+    // A caches `hot` as a lifetime budget (20 of 100 reserved). B makes it daily: A's next
+    // reservation (which fits either view) belongs to today's window, which starts empty.
+    let (mut a, mut b, fencing) = a_cached_and_b().await;
+    upsert_hot(&mut b, 100, pb::BudgetWindow::CalendarDayUtc).await;
+    reserved_id(reserve(&mut a, "a-3", 50, &fencing).await);
+    let today = balance(&mut a).await;
+    assert_eq!(
+        (today.reserved_nano_usd, today.remaining_nano_usd),
+        (50, 50),
+        "{today:?}"
+    );
+    invariants::check(a.store().pool()).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_lease_shortened_through_another_replica_is_expired_for_the_cached_replica() {
+    // A caches the lease with ten minutes left. Its owner renews it through B for one second;
+    // once that has passed, A must refuse the epoch as expired.
+    let (mut a, mut b, fencing) = a_cached_and_b().await;
+    b.client
+        .acquire_fencing_lease(pb::AcquireFencingLeaseRequest {
+            scope_id: fencing.scope_id.clone(),
+            tenant_id: T.into(),
+            workload_instance_id: format!("{T}-w"),
+            ttl_ms: 1_000,
+            expected_epoch: fencing.epoch,
+            force: false,
+            request_id: String::new(),
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    let status = a
+        .client
+        .reserve_set(reserve_request(T, "a-3", &["hot"], 1, &fencing))
+        .await
+        .unwrap_err();
+    assert!(
+        status.message().contains("FENCING_LEASE_EXPIRED"),
+        "{status:?}"
+    );
+    invariants::check(a.store().pool()).await.unwrap();
+}
+
 #[tokio::test]
 async fn replaying_a_settled_reservation_is_answered_as_a_replay() {
     // A settled reservation leaves the cache; its key replayed must not be planned as new (a
