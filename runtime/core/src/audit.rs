@@ -47,9 +47,41 @@ pub struct CanonicalEvent {
 
 /// sha256 over the canonical (RFC 8785) JSON of a request: an idempotency fingerprint (of a
 /// reservation, an approval, a lease acquire, a record).
+///
+/// A fingerprint must tell apart every two requests that differ, and RFC 8785 prints every
+/// number as an IEEE double, so 2^53 + 1 and 2^53 + 2 (amounts up to 10^18 are valid) would hash
+/// alike and a retry with another amount would replay. Integers beyond ±2^53 are therefore
+/// hashed as their decimal strings; every smaller one keeps the bytes it always had, so the
+/// fingerprints stored before this rule (2026-11-28) still match.
 pub(crate) fn canonical_sha256<T: serde::Serialize>(request: &T) -> String {
-    let bytes = serde_json_canonicalizer::to_vec(request).unwrap_or_default();
+    let bytes = serde_json::to_value(request)
+        .map(exact_integers)
+        .and_then(|value| serde_json_canonicalizer::to_vec(&value))
+        .unwrap_or_default();
     hex::encode(Sha256::digest(bytes))
+}
+
+/// `value` with every integer a double cannot hold exactly replaced by its decimal string.
+fn exact_integers(value: Value) -> Value {
+    match value {
+        Value::Number(n) if !fits_a_double_exactly(&n) => Value::String(n.to_string()),
+        Value::Array(items) => Value::Array(items.into_iter().map(exact_integers).collect()),
+        Value::Object(members) => Value::Object(
+            members
+                .into_iter()
+                .map(|(name, member)| (name, exact_integers(member)))
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
+fn fits_a_double_exactly(n: &serde_json::Number) -> bool {
+    match (n.as_u64(), n.as_i64()) {
+        (Some(u), _) => u <= EXACT_INTEGER_MAX,
+        (None, Some(i)) => i.unsigned_abs() <= EXACT_INTEGER_MAX,
+        (None, None) => true, // a float: printed as RFC 8785 prints it
+    }
 }
 
 /// Formats a time the way every event does: RFC 3339, UTC, microseconds.
@@ -178,6 +210,60 @@ mod tests {
             proptest::prop_assert_eq!(
                 draft.envelope(&stamp).unwrap(),
                 draft.envelope_generic(&stamp).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn a_fingerprint_keeps_the_rfc_8785_bytes_of_integers_a_double_holds() {
+        for n in [0_i64, 1, -1, 600, 1 << 53, -(1 << 53)] {
+            let request = json!({"amount": n, "key": "k", "nested": [n, {"n": n}]});
+            assert_eq!(
+                canonical_sha256(&request),
+                hex::encode(Sha256::digest(
+                    serde_json_canonicalizer::to_vec(&request).unwrap()
+                )),
+                "{n}: a fingerprint stored before the exact-integer rule must still match"
+            );
+        }
+    }
+
+    #[test]
+    fn a_fingerprint_tells_apart_integers_a_double_cannot() {
+        let pairs: [(i64, i64); 4] = [
+            (1 << 53, (1 << 53) + 1),
+            (999_999_999_999_999_999, 1_000_000_000_000_000_000),
+            (-(1 << 53), -(1 << 53) - 1),
+            (i64::MAX - 1, i64::MAX),
+        ];
+        for (a, b) in pairs {
+            assert_eq!(
+                serde_json_canonicalizer::to_vec(&json!({"amount": a})).unwrap(),
+                serde_json_canonicalizer::to_vec(&json!({"amount": b})).unwrap(),
+                "RFC 8785 alone prints {a} and {b} alike"
+            );
+            assert_ne!(
+                canonical_sha256(&json!({"amount": a, "list": [1]})),
+                canonical_sha256(&json!({"amount": b, "list": [1]})),
+            );
+            assert_ne!(
+                canonical_sha256(&json!({"nested": [{"amount": a}]})),
+                canonical_sha256(&json!({"nested": [{"amount": b}]})),
+            );
+        }
+        assert_ne!(
+            canonical_sha256(&json!({"amount": u64::MAX})),
+            canonical_sha256(&json!({"amount": u64::MAX - 1})),
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn distinct_integers_have_distinct_fingerprints(a: i64, b: i64) {
+            proptest::prop_assume!(a != b);
+            proptest::prop_assert_ne!(
+                canonical_sha256(&json!({"amount": a})),
+                canonical_sha256(&json!({"amount": b}))
             );
         }
     }

@@ -1557,14 +1557,22 @@ impl Planner {
         debug_assert!(row.committed.get().saturating_add(row.reserved.get()) <= row.limit.get());
     }
 
+    /// A window's balance as GetBalances shows it: the current window under its budget's limit
+    /// ([`Planner::current_window`]), an older one (a replayed reservation's) as it stands.
     fn balance(&self, key: &WindowKey) -> Balance {
         let budget = self.state.budgets.get(&key.budget);
+        let current =
+            budget.is_some_and(|b| b.window.start_containing(self.state.now) == key.start);
         Balance {
             budget_id: key.budget.budget_id.clone(),
             window: budget.map_or(BudgetWindow::Lifetime, |b| b.window),
             window_start: key.start,
             soft_cap: budget.and_then(|b| b.soft_cap),
-            money: self.window(key),
+            money: if current {
+                self.current_window(key)
+            } else {
+                self.window(key)
+            },
         }
     }
 

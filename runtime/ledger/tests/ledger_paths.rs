@@ -303,6 +303,44 @@ async fn idempotent_reserve_and_commit() {
     invariants::check(ledger.store().pool()).await.unwrap();
 }
 
+/// Amounts run to 10^18 nano-USD, past 2^53, where RFC 8785 prints numbers as doubles: two such
+/// amounts one apart canonicalize alike, so the fingerprint hashes integers exactly.
+#[tokio::test]
+async fn a_retry_with_an_amount_one_nano_usd_apart_above_two_to_the_53_is_a_conflict() {
+    let (mut ledger, fencing) = setup().await;
+    ledger.budget(T, "large", AMOUNT_MAX).await.unwrap();
+    let request = reserve_request(T, "large", &["large"], AMOUNT_MAX - 1, &fencing);
+    let first = reserved(
+        ledger
+            .client
+            .reserve_set(request.clone())
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let events = outbox_count(&ledger).await;
+    let mut other = request.clone();
+    other.amount_nano_usd = AMOUNT_MAX;
+    assert_eq!(
+        code(&ledger.client.reserve_set(other).await.unwrap_err()),
+        pb::ErrorCode::IdempotencyConflict
+    );
+    let again = ledger
+        .client
+        .reserve_set(request)
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.replayed);
+    assert_eq!(reserved(again).reservation_id, first.reservation_id);
+    assert_eq!(outbox_count(&ledger).await, events, "neither retry wrote");
+    assert_eq!(
+        balance(&mut ledger, "large").await.reserved_nano_usd,
+        AMOUNT_MAX - 1
+    );
+    invariants::check(ledger.store().pool()).await.unwrap();
+}
+
 #[tokio::test]
 async fn denial_names_the_budget_and_reserves_nothing_anywhere() {
     let (mut ledger, fencing) = setup().await;
@@ -646,6 +684,19 @@ async fn lowering_a_limit_below_usage_clamps_the_current_window_and_stops_spendi
         (b.limit_nano_usd, b.committed_nano_usd, b.remaining_nano_usd),
         (100, 40, 60),
         "the 560 released is not room under a limit of 100"
+    );
+    // A replay of the reservation answers its window as GetBalances does, not the stored 600.
+    let replay = ledger
+        .client
+        .reserve_set(reserve_request(T, "k", &["run"], 600, &fencing))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(replay.replayed);
+    let shown = &reserved(replay).balances[0];
+    assert_eq!(
+        (shown.limit_nano_usd, shown.remaining_nano_usd),
+        (b.limit_nano_usd, b.remaining_nano_usd)
     );
     let over = ledger
         .client
