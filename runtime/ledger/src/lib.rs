@@ -168,6 +168,17 @@ pub struct LedgerTuning {
         value_parser = clap::value_parser!(u64).range(100..=600_000)
     )]
     pub gauge_refresh_ms: u64,
+    /// How long the cached path waits for a statement's answer before it counts its session as
+    /// broken (a half-open connection), in milliseconds. The default, five statement timeouts,
+    /// covers the batches queued ahead of it; the session's backend is then ended and confirmed
+    /// gone before its batches run again.
+    #[arg(
+        long,
+        env = "SPENDGUARD_LEDGER_CACHED_ANSWER_DEADLINE_MS",
+        default_value_t = 25_000,
+        value_parser = clap::value_parser!(u64).range(100..=600_000)
+    )]
+    pub cached_answer_deadline_ms: u64,
 }
 
 impl Default for LedgerTuning {
@@ -184,6 +195,7 @@ impl Default for LedgerTuning {
             shutdown_grace_ms: 10_000,
             max_evidence_lag_seconds: 0,
             gauge_refresh_ms: 10_000,
+            cached_answer_deadline_ms: 25_000,
         }
     }
 }
@@ -279,6 +291,9 @@ pub async fn start(
 ) -> Result<RunningLedger> {
     spendguard_core::ids::check_name("instance_id", instance_id)?;
     let mut store = Store::connect(database_url, tuning.db_pool_size).await?;
+    store
+        .set_cached_answer_deadline(Duration::from_millis(tuning.cached_answer_deadline_ms))
+        .await;
     // Before migrating: a role that may migrate is one the ledger does not serve as, unless
     // allowed.
     spendguard_postgres::require_unprivileged(

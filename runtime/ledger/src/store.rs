@@ -63,6 +63,10 @@ const STATEMENT_TIMEOUT_MS: u64 = 5_000;
 const READ_ANSWER_DEADLINE: Duration = Duration::from_millis(1_500);
 /// How long a batch waits for a row lock held by another transaction.
 const LOCK_TIMEOUT_MS: u64 = 2_000;
+/// How long ending a broken cached-path session's backend may take (milliseconds): a backend
+/// waiting on a lock or in the executor exits at once; one in a commit's WAL flush exits once
+/// the flush returns.
+pub const END_BACKEND_WAIT_MS: i64 = 5_000;
 
 /// What signs a batch's events: the producer's signer, and its key's standing in the registry
 /// (a revoked key, or one outside its window, signs nothing: `key_standing.rs`).
@@ -695,6 +699,55 @@ impl Store {
             .await
             .send(statement.shape as usize, statement.params)
             .await
+    }
+
+    /// Sets how long the cached path waits for an answer before it counts its session as broken
+    /// (`SPENDGUARD_LEDGER_CACHED_ANSWER_DEADLINE_MS`).
+    pub async fn set_cached_answer_deadline(&self, deadline: Duration) {
+        self.cached_path.lock().await.set_answer_deadline(deadline);
+    }
+
+    /// Ends the cached path's session if it broke (no answer within the deadline, or its
+    /// connection failed), and waits until its backend is gone. That backend does not know the
+    /// client gave up: statements already sent to it may still be running, and may commit. Run
+    /// again on the load path before they end, a batch could be answered as refused (its
+    /// producer sequence moved under it) while the statement it was first sent as commits after
+    /// all. Once the backend is gone, a rerun sees whatever it did, and a batch it committed is
+    /// answered as the replay it is.
+    ///
+    /// # Errors
+    /// [`Error::Database`] when the backend cannot be confirmed gone (the database unreachable,
+    /// or the backend still there after [`END_BACKEND_WAIT_MS`]): what it committed is then
+    /// unknown.
+    pub async fn end_broken_cached_session(&self) -> Result<()> {
+        let mut cached_path = self.cached_path.lock().await;
+        let Some(backend) = cached_path.broken_backend() else {
+            return Ok(());
+        };
+        // No row: the backend is gone already (a closed connection often means it died). With a
+        // timeout, pg_terminate_backend waits for the process to exit; false means it did not.
+        let ended: Option<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid, $3) FROM pg_stat_activity \
+              WHERE pid = $1 AND (extract(epoch FROM backend_start) * 1000000)::int8 = $2",
+        )
+        .bind(backend.pid)
+        .bind(backend.started_micros)
+        .bind(END_BACKEND_WAIT_MS)
+        .fetch_optional(&self.pool)
+        .await?;
+        if ended == Some(false) {
+            return Err(Error::Database(format!(
+                "the broken cached-path session's backend (pid {}) did not end within \
+                 {END_BACKEND_WAIT_MS} ms",
+                backend.pid
+            )));
+        }
+        tracing::warn!(
+            pid = backend.pid,
+            "cached-path session broke; its backend is gone, its batches run again"
+        );
+        cached_path.forget_broken();
+        Ok(())
     }
 
     /// Current-window balances of `budget_ids` (all must exist in `tenant_id`).

@@ -26,7 +26,7 @@ use spendguard_core::plan::{Command, Outcome};
 use std::collections::VecDeque;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
-use tracing::{Instrument, debug, error, info_span};
+use tracing::{Instrument, debug, error, info_span, warn};
 
 /// Most commands in one transaction: large enough to amortise a WAL flush, small enough that one
 /// batch stays well under a millisecond of planning and a few of SQL.
@@ -428,6 +428,18 @@ impl State {
                 Ok(()) => self.committed(later),
                 Err(_) => failed.push(later),
             }
+        }
+        // A session that broke may still be running what it was sent: it is ended first, so the
+        // load path sees whatever those statements did. If it cannot be confirmed gone, what
+        // they committed is unknown: their callers get that (an away code; they retry with
+        // their keys, which replay) and nothing runs again.
+        if let Err(e) = self.store.end_broken_cached_session().await {
+            warn!(error = %e, "cached-path batches answered as unknown");
+            for batch in failed {
+                let refusals = batch.commands.iter().map(|_| Err(e.clone()));
+                reply(batch.replies, refusals);
+            }
+            return;
         }
         for batch in failed {
             self.metrics.observe_path(BatchPath::CachedStale);

@@ -750,6 +750,79 @@ async fn a_lease_shortened_through_another_replica_is_expired_for_the_cached_rep
 }
 
 #[tokio::test]
+async fn a_cached_session_that_stops_answering_is_ended_before_its_batch_runs_again() {
+    // A reserve planned on the cache is sent, and its statement waits on a row lock another
+    // session holds, past the cached path's answer deadline (500 ms here). The session counts
+    // as broken, but its backend still waits for the lock and would reserve once it is free.
+    // The writer ends that backend before it runs the batch again on the load path, so the
+    // answer is one fresh reservation. Before 2026-11-28 the load path ran at once, behind the
+    // old statement in the lock's queue: the old one reserved, and the rerun found the
+    // reservation there (a replay, or a refusal on the producer sequence that moved under it).
+    let tuning = spendguard_testkit::ledger::LedgerTuning {
+        cached_answer_deadline_ms: 500,
+        ..Default::default()
+    };
+    let mut ledger = TestLedger::start_with(&tuning).await.unwrap();
+    let fencing = ledger.tenant_with_lease(T).await.unwrap();
+    ledger.budget(T, "hot", 1_000).await.unwrap();
+    for key in ["warm-1", "warm-2"] {
+        reserved_id(reserve(&mut ledger, key, 1, &fencing).await);
+    }
+    let mut locker = ledger.owner.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM budget_windows WHERE budget_id = 'hot' FOR UPDATE")
+        .execute(&mut *locker)
+        .await
+        .unwrap();
+    let (mut client, token) = (ledger.client.clone(), fencing.clone());
+    let call = tokio::spawn(async move {
+        client
+            .reserve_set(reserve_request(T, "stuck", &["hot"], 10, &token))
+            .await
+    });
+    let mut waiting = None;
+    for _ in 0..250 {
+        waiting = sqlx::query_scalar::<_, i32>(
+            "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+               AND query LIKE '%The guard of a batch planned on the writer''s cache%'",
+        )
+        .fetch_optional(&ledger.owner)
+        .await
+        .unwrap();
+        if waiting.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let old_backend = waiting.expect("the cached statement waits on the lock");
+    // Past the deadline the writer ends that backend. The lock is freed once it is gone (or
+    // after 1.5 s, inside the 2 s lock timeouts, if it never goes): the rerun waits for it.
+    let mut alive = true;
+    for _ in 0..75 {
+        alive = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)")
+            .bind(old_backend)
+            .fetch_one(&ledger.owner)
+            .await
+            .unwrap();
+        if !alive {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    locker.commit().await.unwrap();
+    assert!(!alive, "the broken session's backend was ended");
+    let answer = call.await.unwrap().unwrap().into_inner();
+    assert!(!answer.replayed, "{answer:?}");
+    reserved_id(answer.outcome.unwrap());
+    assert_eq!(balance(&mut ledger).await.reserved_nano_usd, 12);
+    // The next reserve takes the cached path again, on a new session.
+    let cached_before = ledger.batches("cached");
+    reserved_id(reserve(&mut ledger, "after", 1, &fencing).await);
+    reserved_id(reserve(&mut ledger, "after-2", 1, &fencing).await);
+    assert!(ledger.batches("cached") > cached_before);
+    invariants::check(ledger.store().pool()).await.unwrap();
+}
+
+#[tokio::test]
 async fn replaying_a_settled_reservation_is_answered_as_a_replay() {
     // A settled reservation leaves the cache; its key replayed must not be planned as new (a
     // denial writes nothing, so only the guard's absence check can tell).

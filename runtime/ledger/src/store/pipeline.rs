@@ -13,7 +13,10 @@
 //!
 //! A session that broke, or whose answer did not come within the deadline (a half-open
 //! connection), is dropped and reopened for the next batch; a failed open is retried at most
-//! once per [`REOPEN_AFTER`], so meanwhile batches take the load path at once.
+//! once per [`REOPEN_AFTER`], so meanwhile batches take the load path at once. What it was sent
+//! may still be running on its backend, which does not know the client gave up: the writer ends
+//! that backend ([`Pipeline::broken_backend`], `Store::end_broken_cached_session`) before it
+//! runs those batches again.
 
 use super::tls::SessionConfig;
 use crate::error::Error;
@@ -57,7 +60,21 @@ struct Open {
     statements: Vec<Statement>,
     /// Set by an answer that found the connection broken or never came.
     broken: Arc<AtomicBool>,
+    backend: Backend,
 }
+
+/// The server process of a session: its pid, and its start time, since a pid may be reused by a
+/// later backend once this one is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Backend {
+    pub(super) pid: i32,
+    /// `backend_start` in microseconds since the Unix epoch.
+    pub(super) started_micros: i64,
+}
+
+/// The session's own backend, as `pg_stat_activity` names it.
+const OWN_BACKEND: &str = "SELECT pid, (extract(epoch FROM backend_start) * 1000000)::int8 \
+                           FROM pg_stat_activity WHERE pid = pg_backend_pid()";
 
 impl Pipeline {
     /// A pipeline that connects with `config` on first use and prepares `sqls` with `types`; an
@@ -75,6 +92,27 @@ impl Pipeline {
             answer_deadline,
             open: None,
             failed_open_at: None,
+        }
+    }
+
+    /// Sets how long an answer may take before the session counts as broken.
+    pub(super) fn set_answer_deadline(&mut self, answer_deadline: Duration) {
+        self.answer_deadline = answer_deadline;
+    }
+
+    /// The backend of the session if it broke and has not been replaced yet: statements sent to
+    /// it may still be running there.
+    pub(super) fn broken_backend(&self) -> Option<Backend> {
+        self.open
+            .as_ref()
+            .filter(|o| o.client.is_closed() || o.broken.load(Ordering::Relaxed))
+            .map(|o| o.backend)
+    }
+
+    /// Drops a broken session (its backend is gone); the next send opens a new one.
+    pub(super) fn forget_broken(&mut self) {
+        if self.broken_backend().is_some() {
+            self.open = None;
         }
     }
 
@@ -184,10 +222,18 @@ impl Pipeline {
                     .map_err(Error::from)?,
             );
         }
+        let own = client
+            .query_one(OWN_BACKEND, &[])
+            .await
+            .map_err(Error::from)?;
         Ok(Open {
             client: Arc::new(client),
             statements,
             broken: Arc::new(AtomicBool::new(false)),
+            backend: Backend {
+                pid: own.try_get(0).map_err(Error::from)?,
+                started_micros: own.try_get(1).map_err(Error::from)?,
+            },
         })
     }
 }
