@@ -171,7 +171,8 @@ pub struct LedgerTuning {
     /// How long the cached path waits for a statement's answer before it counts its session as
     /// broken (a half-open connection), in milliseconds. The default, five statement timeouts,
     /// covers the batches queued ahead of it; the session's backend is then ended and confirmed
-    /// gone before its batches run again.
+    /// gone before its batches run again. Below the 5 s statement timeout, a statement that
+    /// only waits on a row lock also ends its session (tests use that).
     #[arg(
         long,
         env = "SPENDGUARD_LEDGER_CACHED_ANSWER_DEADLINE_MS",

@@ -65,8 +65,8 @@ const READ_ANSWER_DEADLINE: Duration = Duration::from_millis(1_500);
 const LOCK_TIMEOUT_MS: u64 = 2_000;
 /// How long ending a broken cached-path session's backend may take (milliseconds): a backend
 /// waiting on a lock or in the executor exits at once; one in a commit's WAL flush exits once
-/// the flush returns.
-pub const END_BACKEND_WAIT_MS: i64 = 5_000;
+/// the flush returns. Below the pool's statement timeout, so the wait ends first.
+pub const END_BACKEND_WAIT_MS: i64 = 4_000;
 
 /// What signs a batch's events: the producer's signer, and its key's standing in the registry
 /// (a revoked key, or one outside its window, signs nothing: `key_standing.rs`).
@@ -694,6 +694,8 @@ impl Store {
     /// # Errors
     /// [`Error::Database`] when the session cannot be opened.
     pub async fn send_cached(&self, statement: CachedStatement) -> Result<Sent> {
+        // A session that broke since the last send is ended before a new one opens.
+        self.end_broken_cached_session().await?;
         self.cached_path
             .lock()
             .await
@@ -735,7 +737,8 @@ impl Store {
         .bind(END_BACKEND_WAIT_MS)
         .fetch_optional(&self.pool)
         .await?;
-        if ended == Some(false) {
+        // False also when it exited between the read of `pg_stat_activity` and the signal.
+        if ended == Some(false) && backend_alive(&self.pool, backend).await? {
             return Err(Error::Database(format!(
                 "the broken cached-path session's backend (pid {}) did not end within \
                  {END_BACKEND_WAIT_MS} ms",
@@ -974,6 +977,18 @@ impl Store {
 }
 
 // === Loading ===
+
+/// Whether `backend` (a pid and its start time, since a pid may be reused) still runs.
+async fn backend_alive(pool: &PgPool, backend: pipeline::Backend) -> Result<bool> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1 \
+           AND (extract(epoch FROM backend_start) * 1000000)::int8 = $2)",
+    )
+    .bind(backend.pid)
+    .bind(backend.started_micros)
+    .fetch_one(pool)
+    .await?)
+}
 
 fn money(value: i64) -> Result<NanoUsd> {
     NanoUsd::new(value).map_err(|e| Error::Invariant(format!("stored amount out of range: {e}")))

@@ -796,16 +796,26 @@ async fn a_cached_session_that_stops_answering_is_ended_before_its_batch_runs_ag
     let old_backend = waiting.expect("the cached statement waits on the lock");
     // Past the deadline the writer ends that backend. The lock is freed once it is gone (or
     // after 1.5 s, inside the 2 s lock timeouts, if it never goes): the rerun waits for it.
+    // While it runs, no other session may wait for the lock: the rerun comes after it is gone.
     let mut alive = true;
     for _ in 0..75 {
-        alive = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)")
-            .bind(old_backend)
-            .fetch_one(&ledger.owner)
-            .await
-            .unwrap();
+        let (old, others): (bool, i64) = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1), \
+                    (SELECT count(*) FROM pg_stat_activity \
+                      WHERE wait_event_type = 'Lock' AND pid <> $1)",
+        )
+        .bind(old_backend)
+        .fetch_one(&ledger.owner)
+        .await
+        .unwrap();
+        alive = old;
         if !alive {
             break;
         }
+        assert_eq!(
+            others, 0,
+            "a batch ran again while the old backend still ran"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     locker.commit().await.unwrap();

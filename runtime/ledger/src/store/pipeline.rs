@@ -12,11 +12,11 @@
 //! Each statement is sent with its own Sync, so it is its own implicit transaction.
 //!
 //! A session that broke, or whose answer did not come within the deadline (a half-open
-//! connection), is dropped and reopened for the next batch; a failed open is retried at most
-//! once per [`REOPEN_AFTER`], so meanwhile batches take the load path at once. What it was sent
-//! may still be running on its backend, which does not know the client gave up: the writer ends
-//! that backend ([`Pipeline::broken_backend`], `Store::end_broken_cached_session`) before it
-//! runs those batches again.
+//! connection), is replaced only once its backend is confirmed gone: what it was sent may still
+//! be running there, since the backend does not know the client gave up
+//! ([`Pipeline::broken_backend`]; `Store::end_broken_cached_session` ends it, before the next
+//! send and before the writer runs those batches again). Until then sends fail and batches take
+//! the load path. A failed open is retried at most once per [`REOPEN_AFTER`].
 
 use super::tls::SessionConfig;
 use crate::error::Error;
@@ -109,7 +109,8 @@ impl Pipeline {
             .map(|o| o.backend)
     }
 
-    /// Drops a broken session (its backend is gone); the next send opens a new one.
+    /// Drops a broken session, once its backend is gone; the next send opens a new one. (Dropping
+    /// the client closes a half-open connection too.)
     pub(super) fn forget_broken(&mut self) {
         if self.broken_backend().is_some() {
             self.open = None;
@@ -172,13 +173,12 @@ impl Pipeline {
     }
 
     async fn open(&mut self) -> Result<&Open, Error> {
-        if self
-            .open
-            .as_ref()
-            .is_some_and(|o| o.client.is_closed() || o.broken.load(Ordering::Relaxed))
-        {
-            // Dropping the client closes a half-open connection too.
-            self.open = None;
+        if self.broken_backend().is_some() {
+            // Not replaced here: what it was sent may still run on its backend, which
+            // `Store::end_broken_cached_session` ends first, then calls `forget_broken`.
+            return Err(Error::Database(
+                "cached-path session broken; it is ended before a new one opens".into(),
+            ));
         }
         if self.open.is_none() {
             if self
