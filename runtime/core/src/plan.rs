@@ -3159,6 +3159,45 @@ mod fingerprint_tests {
         };
         assert_eq!(approval(false).fingerprint(), approval(true).fingerprint());
     }
+
+    #[test]
+    fn fingerprints_of_amounts_a_double_holds_are_the_bytes_stored_before_the_exact_rule() {
+        // Fingerprints stored before 2026-11-28 are sha256 of the request's own RFC 8785 bytes;
+        // the exact-integer rule (via a JSON tree) must give the same for every amount up to
+        // 2^53, through the real requests' Serialize, not only hand-made JSON.
+        fn rfc_8785_sha256<T: Serialize>(value: &T) -> String {
+            use sha2::Digest;
+            hex::encode(sha2::Sha256::digest(
+                serde_json_canonicalizer::to_vec(value).unwrap(),
+            ))
+        }
+        for amount in [1, 600, 1 << 53] {
+            let reserve = ReserveSet {
+                amount: NanoUsd::new(amount).unwrap(),
+                ..request()
+            };
+            assert_eq!(reserve.fingerprint(), rfc_8785_sha256(&reserve));
+            let approval = CreateApproval {
+                tenant_id: "t".into(),
+                idempotency_key: "k".into(),
+                budget_ids: vec!["b".into(), "c".into()],
+                budget_id: "c".into(),
+                amount: NanoUsd::new(amount).unwrap(),
+                fencing: Fencing {
+                    scope_id: "s".into(),
+                    epoch: 7,
+                },
+                ttl_ms: 60_000,
+                context: ApprovalContext::default(),
+            };
+            assert_eq!(approval.fingerprint(), rfc_8785_sha256(&approval));
+        }
+        let beyond = ReserveSet {
+            amount: NanoUsd::new((1 << 53) + 1).unwrap(),
+            ..request()
+        };
+        assert_ne!(beyond.fingerprint(), rfc_8785_sha256(&beyond));
+    }
 }
 
 /// Credits, draws and late commits, planned on hand-made snapshots.
