@@ -566,24 +566,9 @@ async fn a_cached_plan_on_changed_rows_is_refused_and_run_again_on_locked_rows()
 async fn a_lease_taken_over_through_another_replica_fences_the_cached_epoch() {
     // A caches the scope at epoch e. B hands the scope to a new workload (epoch e+1). A reserve
     // presented with epoch e to A must be refused as stale, although A's cache still says e.
-    let mut a = TestLedger::start().await.unwrap();
-    let fencing = a.tenant_with_lease(T).await.unwrap();
-    a.budget(T, "hot", 1_000).await.unwrap();
-    reserved_id(reserve(&mut a, "a-1", 1, &fencing).await);
-    reserved_id(reserve(&mut a, "a-2", 1, &fencing).await);
-    let mut b = TestLedger::start_on(&a.database_url, "ledger-1")
-        .await
-        .unwrap();
+    let (mut a, mut b, fencing) = a_cached_and_b().await;
     force_takeover(&mut b.client, T, &fencing).await.unwrap();
-    let status = a
-        .client
-        .reserve_set(reserve_request(T, "a-3", &["hot"], 1, &fencing))
-        .await
-        .unwrap_err();
-    assert!(
-        status.message().contains("FENCING_EPOCH_STALE"),
-        "{status:?}"
-    );
+    a_reserve_is_refused(&mut a, &fencing, "FENCING_EPOCH_STALE").await;
     invariants::check(a.store().pool()).await.unwrap();
 }
 
@@ -623,6 +608,16 @@ async fn stored_window_limit(ledger: &TestLedger) -> i64 {
         .fetch_one(ledger.store().pool())
         .await
         .unwrap()
+}
+
+/// A reserve of 1 through `a` under `fencing` is refused with `code`.
+async fn a_reserve_is_refused(a: &mut TestLedger, fencing: &pb::FencingToken, code: &str) {
+    let status = a
+        .client
+        .reserve_set(reserve_request(T, "a-refused", &["hot"], 1, fencing))
+        .await
+        .unwrap_err();
+    assert!(status.message().contains(code), "{status:?}");
 }
 
 fn denied_remaining(outcome: pb::reserve_set_response::Outcome) -> i64 {
@@ -737,15 +732,7 @@ async fn a_lease_shortened_through_another_replica_is_expired_for_the_cached_rep
         .await
         .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
-    let status = a
-        .client
-        .reserve_set(reserve_request(T, "a-3", &["hot"], 1, &fencing))
-        .await
-        .unwrap_err();
-    assert!(
-        status.message().contains("FENCING_LEASE_EXPIRED"),
-        "{status:?}"
-    );
+    a_reserve_is_refused(&mut a, &fencing, "FENCING_LEASE_EXPIRED").await;
     invariants::check(a.store().pool()).await.unwrap();
 }
 
