@@ -694,11 +694,10 @@ impl Store {
     /// # Errors
     /// [`Error::Database`] when the session cannot be opened.
     pub async fn send_cached(&self, statement: CachedStatement) -> Result<Sent> {
+        let mut cached_path = self.cached_path.lock().await;
         // A session that broke since the last send is ended before a new one opens.
-        self.end_broken_cached_session().await?;
-        self.cached_path
-            .lock()
-            .await
+        self.end_broken(&mut cached_path).await?;
+        cached_path
             .send(statement.shape as usize, statement.params)
             .await
     }
@@ -722,23 +721,27 @@ impl Store {
     /// or the backend still there after [`END_BACKEND_WAIT_MS`]): what it committed is then
     /// unknown.
     pub async fn end_broken_cached_session(&self) -> Result<()> {
-        let mut cached_path = self.cached_path.lock().await;
+        self.end_broken(&mut *self.cached_path.lock().await).await
+    }
+
+    /// [`Store::end_broken_cached_session`] with the cached path already locked.
+    async fn end_broken(&self, cached_path: &mut pipeline::Pipeline) -> Result<()> {
         let Some(backend) = cached_path.broken_backend() else {
             return Ok(());
         };
-        // No row: the backend is gone already (a closed connection often means it died). With a
-        // timeout, pg_terminate_backend waits for the process to exit; false means it did not.
-        let ended: Option<bool> = sqlx::query_scalar(
+        // With a timeout, pg_terminate_backend waits for the process to exit (no row: it is gone
+        // already; a closed connection often means it died). Whether it is gone is then read
+        // once, whatever the signal answered.
+        sqlx::query(
             "SELECT pg_terminate_backend(pid, $3) FROM pg_stat_activity \
               WHERE pid = $1 AND (extract(epoch FROM backend_start) * 1000000)::int8 = $2",
         )
         .bind(backend.pid)
         .bind(backend.started_micros)
         .bind(END_BACKEND_WAIT_MS)
-        .fetch_optional(&self.pool)
+        .execute(&self.pool)
         .await?;
-        // False also when it exited between the read of `pg_stat_activity` and the signal.
-        if ended == Some(false) && backend_alive(&self.pool, backend).await? {
+        if backend_alive(&self.pool, backend).await? {
             return Err(Error::Database(format!(
                 "the broken cached-path session's backend (pid {}) did not end within \
                  {END_BACKEND_WAIT_MS} ms",
