@@ -13,6 +13,7 @@
 //!   `reasoning_tokens` a subset of completion/output tokens.
 //! - Anthropic: `input_tokens` *excludes* cache reads and writes; `output_tokens` includes thinking.
 
+use crate::audit::EXACT_INTEGER_MAX;
 use crate::money::{MoneyError, NanoUsd};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -40,10 +41,6 @@ impl Provider {
         }
     }
 }
-
-/// The largest price a snapshot may hold: 2^53, the largest integer an RFC 8785 double holds
-/// exactly, so the snapshot's hash tells every two prices apart.
-const PRICE_MAX: i64 = 1 << 53;
 
 /// Prices of one model in nano-USD per million tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -211,7 +208,12 @@ impl Pricing {
                 p.cache_write_1h.unwrap_or(0),
                 p.reasoning.unwrap_or(0),
             ];
-            if prices.iter().any(|&v| !(0..=PRICE_MAX).contains(&v)) {
+            // At most 2^53, the largest integer an RFC 8785 double holds exactly, so the
+            // snapshot's hash tells every two prices apart.
+            if prices
+                .iter()
+                .any(|&v| !u64::try_from(v).is_ok_and(|v| v <= EXACT_INTEGER_MAX))
+            {
                 return Err(PricingError::PriceOutOfRange {
                     model: entry.model.clone(),
                 });
